@@ -1,0 +1,2 @@
+// Package bench is the load generator behind `make bench`.
+package bench

@@ -1,0 +1,119 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/config"
+	"github.com/wsrelay/wsrelay/shared/logging"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+)
+
+// Config is the egress configuration, read once at start from the
+// environment. The README's configuration table lists every variable.
+type Config struct {
+	// Port to listen on, on all interfaces. SCF requires 9000.
+	Port int `env:"PORT" envDefault:"9000"`
+
+	Redis redisconn.Config
+	Log   logging.Config
+
+	// InstanceID names this instance in the registry; empty means a random
+	// id chosen at start (the usual choice).
+	InstanceID string `env:"INSTANCE_ID"`
+
+	// IdleTimeout closes a connection (code 4000) after this long without
+	// a data frame either way. Zero disables it. Set it a little below the
+	// platform's idle timeout so the close is the server's, with a code.
+	IdleTimeout time.Duration `env:"IDLE_TIMEOUT" envDefault:"0s"`
+	// MaxLifetime closes a connection (code 4001) this long after it
+	// opened. Zero disables it. Set it a little below SCF's execution
+	// timeout.
+	MaxLifetime time.Duration `env:"MAX_LIFETIME" envDefault:"0s"`
+
+	// PingInterval is how often the server pings each socket; a peer that
+	// has not answered within 2×PingInterval is dropped.
+	PingInterval time.Duration `env:"PING_INTERVAL" envDefault:"25s"`
+	// WriteTimeout bounds each socket write.
+	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s"`
+	// MaxFrameBytes is the read limit per client frame (close 1009 above).
+	MaxFrameBytes int64 `env:"MAX_FRAME_BYTES" envDefault:"65536"`
+	// SendQueue is each connection's outgoing queue, in frames; a client
+	// that falls this far behind is closed with 4002 and resumes.
+	SendQueue int `env:"SEND_QUEUE" envDefault:"1024"`
+	// MaxSubscriptions per connection.
+	MaxSubscriptions int `env:"MAX_SUBSCRIPTIONS" envDefault:"100"`
+	// MaxFramesPerSecond a client may send; above it frames are refused
+	// with a rate_limited error. Zero means no limit.
+	MaxFramesPerSecond int `env:"MAX_FRAMES_PER_SECOND" envDefault:"50"`
+	// MaxConnections per instance; above it upgrades get 503. Zero means
+	// no limit.
+	MaxConnections int `env:"MAX_CONNECTIONS" envDefault:"0"`
+
+	// AllowedOrigins lists the browser origins (scheme://host[:port],
+	// comma-separated) that may open sockets; "*" allows any. Empty means
+	// only the egress's own origin. Clients without Origin are allowed.
+	AllowedOrigins string `env:"ALLOWED_ORIGINS"`
+
+	// RegistryTTL is how long a connection's registry record outlives its
+	// instance: records are refreshed every RegistryTTL/3, so a crashed
+	// instance's records vanish within RegistryTTL.
+	RegistryTTL time.Duration `env:"REGISTRY_TTL" envDefault:"30s"`
+	// ProbeInterval is how often the instance checks its Redis read path
+	// end to end (/readyz turns 503 after 3 missed probes).
+	ProbeInterval time.Duration `env:"PROBE_INTERVAL" envDefault:"5s"`
+	// ShutdownGrace bounds the drain on SIGTERM.
+	ShutdownGrace time.Duration `env:"SHUTDOWN_GRACE" envDefault:"10s"`
+}
+
+func loadConfig(getenv func(string) string) (Config, error) {
+	var c Config
+	if err := config.Load(getenv, &c); err != nil {
+		return c, err
+	}
+	var errs []error
+	if c.Port < 1 || c.Port > 65535 {
+		errs = append(errs, fmt.Errorf("PORT: %d is not a TCP port", c.Port))
+	}
+	if err := c.Redis.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.IdleTimeout != 0 && c.IdleTimeout < time.Second {
+		errs = append(errs, errors.New("IDLE_TIMEOUT must be 0 (off) or at least 1s"))
+	}
+	if c.MaxLifetime != 0 && c.MaxLifetime < time.Second {
+		errs = append(errs, errors.New("MAX_LIFETIME must be 0 (off) or at least 1s"))
+	}
+	if c.PingInterval < 100*time.Millisecond {
+		errs = append(errs, errors.New("PING_INTERVAL must be at least 100ms"))
+	}
+	if c.WriteTimeout <= 0 {
+		errs = append(errs, errors.New("WRITE_TIMEOUT must be positive"))
+	}
+	if c.MaxFrameBytes < 256 {
+		errs = append(errs, errors.New("MAX_FRAME_BYTES must be at least 256"))
+	}
+	if c.SendQueue < 16 {
+		errs = append(errs, errors.New("SEND_QUEUE must be at least 16"))
+	}
+	if c.MaxSubscriptions < 1 {
+		errs = append(errs, errors.New("MAX_SUBSCRIPTIONS must be at least 1"))
+	}
+	if c.MaxConnections < 0 {
+		errs = append(errs, errors.New("MAX_CONNECTIONS must not be negative"))
+	}
+	if c.RegistryTTL < time.Second {
+		errs = append(errs, errors.New("REGISTRY_TTL must be at least 1s"))
+	}
+	if c.ProbeInterval < 100*time.Millisecond {
+		errs = append(errs, errors.New("PROBE_INTERVAL must be at least 100ms"))
+	}
+	if c.ShutdownGrace < 0 {
+		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
+	}
+	if len(errs) > 0 {
+		return c, fmt.Errorf("configuration: %w", errors.Join(errs...))
+	}
+	return c, nil
+}

@@ -1,0 +1,457 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// replayBatch bounds every stream read (resume and catch-up).
+const replayBatch = 100
+
+// linger is how long the instance stays subscribed to a channel nobody
+// local listens to any more, so that churn does not become Redis churn.
+const linger = 10 * time.Second
+
+// chanState is one channel (or the instance inbox) this instance reads.
+//
+// last and ready are owned by the receive loop; subs and resuming are
+// guarded by mu, which the fan-out holds while it enqueues, so that a
+// subscriber added under mu sees exactly the messages fanned out after.
+type chanState struct {
+	name   string // channel name; empty for the inbox
+	stream string // stream key
+	notify string // shard channel
+
+	ready     chan struct{} // closed once the Redis subscription is live
+	confirmed bool          // receive loop only
+	last      stream.ID     // receive loop only: newest id delivered
+
+	mu       sync.Mutex
+	subs     map[*conn]struct{}
+	resuming map[*conn]*resumer
+	refs     int       // guarded by hub.mu
+	idleAt   time.Time // guarded by hub.mu: when refs dropped to 0
+}
+
+// resumer buffers live messages for a connection while it replays.
+type resumer struct {
+	buf      []queued
+	overflow bool
+}
+
+// hub owns this instance's Redis subscriptions and fans messages out.
+type hub struct {
+	log      *slog.Logger
+	rdb      redis.UniversalClient
+	keys     keys.Scheme
+	store    *stream.Store
+	instance string
+	maxBuf   int
+
+	mu         sync.Mutex
+	chans      map[string]*chanState // by notify key
+	inbox      *chanState
+	conns      map[string]*conn              // by connection id
+	users      map[string]map[*conn]struct{} // by user
+	ps         *redis.PubSub
+	psMu       sync.Mutex   // guards ps replacement and commands on it
+	lastRecv   atomic.Int64 // unix nanos of the last probe seen by the receive loop
+	reconnects atomic.Int64
+}
+
+func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instance string, maxBuf int) *hub {
+	h := &hub{
+		log:      log,
+		rdb:      rdb,
+		keys:     ks,
+		store:    stream.NewStore(rdb),
+		instance: instance,
+		maxBuf:   maxBuf,
+		chans:    make(map[string]*chanState),
+		conns:    make(map[string]*conn),
+		users:    make(map[string]map[*conn]struct{}),
+	}
+	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
+	h.chans[h.inbox.notify] = h.inbox
+	return h
+}
+
+// start subscribes the inbox and runs the receive loop until ctx is done.
+func (h *hub) run(ctx context.Context) {
+	h.psMu.Lock()
+	h.ps = h.rdb.SSubscribe(ctx)
+	_ = h.ps.SSubscribe(ctx, h.inbox.notify)
+	h.psMu.Unlock()
+	defer func() {
+		h.psMu.Lock()
+		h.ps.Close()
+		h.psMu.Unlock()
+	}()
+	backoff := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		msg, err := h.ps.ReceiveTimeout(ctx, time.Second)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			var ne interface{ Timeout() bool }
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			h.log.Warn("redis subscription error", "err", err.Error(), "retry_in", backoff.String())
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 2*time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "ssubscribe" {
+				h.onConfirmed(ctx, m.Channel)
+			}
+		case *redis.Message:
+			h.onMessage(ctx, m.Channel, m.Payload)
+		}
+	}
+}
+
+// resubscribe replaces the Pub/Sub connection: used when probes show the
+// read path is dead although the connection looks open.
+func (h *hub) resubscribe(ctx context.Context) {
+	h.mu.Lock()
+	names := make([]string, 0, len(h.chans))
+	for k := range h.chans {
+		names = append(names, k)
+	}
+	h.mu.Unlock()
+	h.psMu.Lock()
+	defer h.psMu.Unlock()
+	h.ps.Close()
+	h.ps = h.rdb.SSubscribe(ctx)
+	for _, n := range names {
+		_ = h.ps.SSubscribe(ctx, n)
+	}
+	h.reconnects.Add(1)
+}
+
+func (h *hub) state(notify string) *chanState {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.chans[notify]
+}
+
+// onConfirmed runs when Redis confirms a subscription: the first time,
+// the channel's position is read and waiting subscribers are released;
+// after a reconnect, everything published meanwhile is read from the
+// stream and delivered.
+func (h *hub) onConfirmed(ctx context.Context, notify string) {
+	cs := h.state(notify)
+	if cs == nil {
+		return
+	}
+	if !cs.confirmed {
+		last, err := h.store.LastID(ctx, cs.stream)
+		if err != nil {
+			h.log.Warn("read stream position", "err", err.Error())
+			// Stay unconfirmed; the next reconnect confirms again.
+			return
+		}
+		cs.last = last
+		cs.confirmed = true
+		close(cs.ready)
+		return
+	}
+	h.reconnects.Add(1)
+	h.catchUp(ctx, cs, stream.ID{MS: ^uint64(0)})
+}
+
+// catchUp delivers every stream entry after cs.last up to and including
+// upto, in bounded batches.
+func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
+	for {
+		entries, err := h.store.After(ctx, cs.stream, cs.last, replayBatch)
+		if err != nil {
+			h.log.Warn("catch up from stream", "err", err.Error())
+			return false
+		}
+		for i := range entries {
+			id := stream.MustParseID(entries[i].ID)
+			if upto.Less(id) {
+				return true
+			}
+			h.deliver(cs, id, entries[i].Route, entries[i].Frame(), entries[i].TS)
+		}
+		if len(entries) < replayBatch {
+			return true
+		}
+	}
+}
+
+func (h *hub) onMessage(ctx context.Context, notify, payload string) {
+	cs := h.state(notify)
+	if cs == nil || !cs.confirmed {
+		return
+	}
+	n, err := stream.ParseNotification(payload)
+	if err != nil {
+		h.log.Warn("malformed notification", "err", err.Error())
+		return
+	}
+	if n.Route.Kind() == stream.RouteProbe {
+		h.lastRecv.Store(time.Now().UnixNano())
+		return
+	}
+	if !cs.last.Less(n.ID) {
+		return // already delivered by a catch-up
+	}
+	if n.Prev != cs.last {
+		// A notification was lost (Redis reconnect): fill the gap from
+		// the stream, this message included.
+		if h.catchUp(ctx, cs, n.ID) && !cs.last.Less(n.ID) {
+			return
+		}
+	}
+	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS)
+}
+
+// deliver fans one message out. It encodes the frame once; each
+// subscriber's queue gets a pointer to it.
+func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64) {
+	cs.last = id
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
+	if err != nil {
+		return
+	}
+	q := queued{pm: pm, id: id, ts: ts}
+	if cs != h.inbox {
+		cs.mu.Lock()
+		for c := range cs.subs {
+			c.enqueue(q)
+		}
+		for c, r := range cs.resuming {
+			if len(r.buf) >= h.maxBuf {
+				r.overflow = true
+				continue
+			}
+			r.buf = append(r.buf, q)
+			_ = c
+		}
+		cs.mu.Unlock()
+		return
+	}
+	switch route.Kind() {
+	case stream.RouteConnection:
+		h.mu.Lock()
+		c := h.conns[route.Target()]
+		h.mu.Unlock()
+		if c != nil {
+			c.enqueue(q)
+		}
+	case stream.RouteUser:
+		h.mu.Lock()
+		var targets []*conn
+		for c := range h.users[route.Target()] {
+			targets = append(targets, c)
+		}
+		h.mu.Unlock()
+		for _, c := range targets {
+			c.enqueue(q)
+		}
+	case stream.RouteDisconnect:
+		h.mu.Lock()
+		c := h.conns[route.Target()]
+		h.mu.Unlock()
+		if c != nil {
+			go c.closeWith(4003, "disconnected by operator", true)
+		}
+	}
+}
+
+// acquire returns the live state of channel, subscribing in Redis if this
+// instance was not yet; it waits for the subscription to be live.
+func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
+	notify := h.keys.Notify(channel)
+	h.mu.Lock()
+	cs := h.chans[notify]
+	fresh := cs == nil
+	if fresh {
+		cs = &chanState{
+			name: channel, stream: h.keys.Stream(channel), notify: notify,
+			ready: make(chan struct{}), subs: make(map[*conn]struct{}),
+			resuming: make(map[*conn]*resumer),
+		}
+		h.chans[notify] = cs
+	}
+	cs.refs++
+	h.mu.Unlock()
+	if fresh {
+		h.psMu.Lock()
+		err := h.ps.SSubscribe(ctx, notify)
+		h.psMu.Unlock()
+		if err != nil {
+			h.log.Warn("subscribe in redis", "err", err.Error())
+		}
+	}
+	t := time.NewTimer(5 * time.Second)
+	defer t.Stop()
+	select {
+	case <-cs.ready:
+		return cs, nil
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	h.release(cs)
+	return nil, errUnavailable
+}
+
+var errUnavailable = errors.New("redis subscription not live")
+
+// release drops one reference; the sweeper unsubscribes states that stay
+// unreferenced for linger.
+func (h *hub) release(cs *chanState) {
+	h.mu.Lock()
+	cs.refs--
+	if cs.refs == 0 {
+		cs.idleAt = time.Now()
+	}
+	h.mu.Unlock()
+}
+
+// sweepIdle unsubscribes channels nobody local has listened to for linger.
+func (h *hub) sweepIdle(ctx context.Context, now time.Time) {
+	var drop []string
+	h.mu.Lock()
+	for k, cs := range h.chans {
+		if cs != h.inbox && cs.refs == 0 && now.Sub(cs.idleAt) >= linger {
+			select {
+			case <-cs.ready:
+			default:
+				continue // never confirmed: keep until it is, so confirmations pair up
+			}
+			delete(h.chans, k)
+			drop = append(drop, k)
+		}
+	}
+	h.mu.Unlock()
+	if len(drop) > 0 {
+		h.psMu.Lock()
+		_ = h.ps.SUnsubscribe(ctx, drop...)
+		h.psMu.Unlock()
+	}
+}
+
+// channelCount is the number of channels with local subscribers.
+func (h *hub) channelCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, cs := range h.chans {
+		if cs != h.inbox && cs.refs > 0 {
+			n++
+		}
+	}
+	return n
+}
+
+func (h *hub) addConn(c *conn) {
+	h.mu.Lock()
+	h.conns[c.id] = c
+	if c.user != "" {
+		m := h.users[c.user]
+		if m == nil {
+			m = make(map[*conn]struct{})
+			h.users[c.user] = m
+		}
+		m[c] = struct{}{}
+	}
+	h.mu.Unlock()
+}
+
+func (h *hub) removeConn(c *conn) {
+	h.mu.Lock()
+	delete(h.conns, c.id)
+	if m := h.users[c.user]; m != nil {
+		delete(m, c)
+		if len(m) == 0 {
+			delete(h.users, c.user)
+		}
+	}
+	h.mu.Unlock()
+}
+
+func (h *hub) snapshotConns() []*conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]*conn, 0, len(h.conns))
+	for _, c := range h.conns {
+		out = append(out, c)
+	}
+	return out
+}
+
+// probe publishes a liveness probe to this instance's inbox channel; the
+// receive loop records its arrival.
+func (h *hub) probe(ctx context.Context) error {
+	return h.rdb.SPublish(ctx, h.inbox.notify, "0-0\n0-0\n0\np:\n").Err()
+}
+
+// subscribeLive adds c to cs with no replay: c gets every message fanned
+// out after its "subscribed" frame, which is queued under the same lock.
+func (cs *chanState) subscribeLive(c *conn, reply queued) {
+	cs.mu.Lock()
+	cs.subs[c] = struct{}{}
+	c.enqueue(reply)
+	cs.mu.Unlock()
+}
+
+// startResume registers c as resuming: live messages are buffered for it.
+func (cs *chanState) startResume(c *conn) *resumer {
+	r := &resumer{}
+	cs.mu.Lock()
+	cs.resuming[c] = r
+	cs.mu.Unlock()
+	return r
+}
+
+// finishResume queues buffered messages newer than lastSent and makes c a
+// live subscriber. It reports false if the buffer overflowed (the caller
+// closes c as a slow consumer: it resumes again on reconnect).
+func (cs *chanState) finishResume(c *conn, r *resumer, lastSent stream.ID) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	delete(cs.resuming, c)
+	if r.overflow {
+		return false
+	}
+	for _, q := range r.buf {
+		if lastSent.Less(q.id) {
+			c.enqueue(q)
+		}
+	}
+	cs.subs[c] = struct{}{}
+	return true
+}
+
+func (cs *chanState) remove(c *conn) {
+	cs.mu.Lock()
+	delete(cs.subs, c)
+	delete(cs.resuming, c)
+	cs.mu.Unlock()
+}
+
+func isChannelNotify(k string) bool { return strings.Contains(k, "{c:") }

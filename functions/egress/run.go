@@ -1,0 +1,70 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/logging"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+)
+
+// run starts the egress and serves until ctx is done, then drains.
+func run(ctx context.Context, _ []string, getenv func(string) string, stdout, _ io.Writer) error {
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	log, err := logging.New(cfg.Log, stdout, "egress")
+	if err != nil {
+		return err
+	}
+	rdb, err := redisconn.New(cfg.Redis)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	return serve(ctx, log, ln, NewServer(cfg, log, rdb))
+}
+
+// serve runs s on ln until ctx is done: it stops accepting, drains the
+// sockets (close 1001, registry records removed) and returns.
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
+	hs := &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	log.Info("listening", "addr", ln.Addr().String(), "instance", s.instance)
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	ran := make(chan struct{})
+	go func() { s.Run(runCtx); close(ran) }()
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		stopRun()
+		<-ran
+		return err
+	case <-ctx.Done():
+	}
+	// Stop accepting first, then drain the hijacked sockets.
+	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownGrace+time.Second)
+	defer cancel()
+	_ = ln.Close()
+	<-ran
+	err := hs.Shutdown(sctx)
+	<-errc
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}

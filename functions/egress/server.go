@@ -1,0 +1,260 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/registry"
+)
+
+// Server is the egress: the WebSocket endpoint, the hub, and the loops
+// that keep the registry fresh and sockets alive.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	rdb      redis.UniversalClient
+	hub      *hub
+	reg      *registry.Registry
+	metrics  *metrics
+	instance string
+	upgrader websocket.Upgrader
+	mux      *http.ServeMux
+
+	open     atomic.Int64
+	draining atomic.Bool
+	wg       sync.WaitGroup // connection handlers
+}
+
+// NewServer builds an egress bound to rdb; Run starts its loops.
+func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server {
+	ks := keys.Scheme{Prefix: cfg.Redis.KeyPrefix}
+	instance := cfg.InstanceID
+	if instance == "" {
+		instance = randomID(9)
+	}
+	s := &Server{
+		cfg:      cfg,
+		log:      log.With("instance", instance),
+		rdb:      rdb,
+		reg:      registry.New(rdb, ks, cfg.RegistryTTL),
+		instance: instance,
+	}
+	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
+	s.metrics = newMetrics(s.hub)
+	s.upgrader = websocket.Upgrader{
+		ReadBufferSize:   512,
+		WriteBufferSize:  1024,
+		WriteBufferPool:  &sync.Pool{},
+		HandshakeTimeout: 10 * time.Second,
+		CheckOrigin:      s.checkOrigin,
+		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
+			writeHTTPError(w, status, "bad_handshake", reason.Error())
+		},
+	}
+	s.mux = http.NewServeMux()
+	s.routes()
+	return s
+}
+
+func (s *Server) routes() {
+	s.mux.HandleFunc("GET /ws", s.handleWS)
+	s.mux.HandleFunc("GET /healthz", s.handleHealthz)
+	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint; see docs/protocol.md")
+	})
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+func writeHTTPError(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	var body struct {
+		Error struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	body.Error.Code, body.Error.Message = code, msg
+	_ = json.NewEncoder(w).Encode(body)
+}
+
+func randomID(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// Run runs the hub and the maintenance loops until ctx is done, then
+// drains: every socket is closed with 1001 and its record removed.
+func (s *Server) Run(ctx context.Context) {
+	var loops sync.WaitGroup
+	hctx, stopHub := context.WithCancel(context.WithoutCancel(ctx))
+	loops.Add(1)
+	go func() { defer loops.Done(); s.hub.run(hctx) }()
+	loops.Add(1)
+	go func() { defer loops.Done(); s.maintain(hctx) }()
+	<-ctx.Done()
+	s.drain()
+	stopHub()
+	loops.Wait()
+}
+
+// drain closes every socket with 1001 and waits (up to ShutdownGrace) for
+// their handlers to remove their registry records.
+func (s *Server) drain() {
+	s.draining.Store(true)
+	conns := s.hub.snapshotConns()
+	s.log.Info("draining", "connections", len(conns))
+	for _, c := range conns {
+		go c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(s.cfg.ShutdownGrace):
+		s.log.Warn("drain grace period over", "left", s.open.Load())
+	}
+}
+
+// maintain runs the shared timers: pings, idle and lifetime closes, the
+// registry refresh, the read-path probe and unsubscribing idle channels.
+// One loop for all connections instead of timers per connection.
+func (s *Server) maintain(ctx context.Context) {
+	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2))
+	defer tick.Stop()
+	refreshEvery := s.cfg.RegistryTTL / 3
+	lastRefresh, lastProbe := time.Now(), time.Time{}
+	s.hub.lastRecv.Store(time.Now().UnixNano())
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			s.sweepConns(now)
+			if now.Sub(lastProbe) >= s.cfg.ProbeInterval {
+				lastProbe = now
+				pctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+				if err := s.hub.probe(pctx); err != nil {
+					s.log.Debug("probe failed", "err", err.Error())
+				}
+				cancel()
+				// The read path is dead while the connection looks open:
+				// replace it (the receive loop then catches up).
+				if time.Since(time.Unix(0, s.hub.lastRecv.Load())) > 4*s.cfg.ProbeInterval {
+					s.log.Warn("redis read path silent, resubscribing")
+					s.hub.resubscribe(ctx)
+					s.hub.lastRecv.Store(time.Now().UnixNano())
+				}
+			}
+			if now.Sub(lastRefresh) >= refreshEvery {
+				lastRefresh = now
+				s.refreshRegistry(ctx)
+			}
+			s.hub.sweepIdle(ctx, now)
+		}
+	}
+}
+
+func (s *Server) sweepConns(now time.Time) {
+	for _, c := range s.hub.snapshotConns() {
+		if s.cfg.MaxLifetime > 0 && now.Sub(c.openedAt) >= s.cfg.MaxLifetime {
+			go c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
+			continue
+		}
+		if s.cfg.IdleTimeout > 0 && now.Sub(time.Unix(0, c.lastData.Load())) >= s.cfg.IdleTimeout {
+			go c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
+			continue
+		}
+		if c.expired(now) {
+			go c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+			continue
+		}
+		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {
+			c.lastPing.Store(now.UnixNano())
+			_ = c.ws.WriteControl(websocket.PingMessage, nil, now.Add(s.cfg.WriteTimeout))
+		}
+	}
+}
+
+func (s *Server) refreshRegistry(ctx context.Context) {
+	conns := s.hub.snapshotConns()
+	recs := make([]*registry.Record, 0, len(conns))
+	for _, c := range conns {
+		recs = append(recs, c.recordCopy())
+	}
+	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
+	defer cancel()
+	if err := s.reg.Refresh(rctx, recs); err != nil {
+		s.log.Warn("registry refresh failed", "err", err.Error())
+	}
+}
+
+func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write([]byte(`{"status":"ok"}` + "\n"))
+}
+
+// handleReadyz is 200 only while Redis answers and the read path (the
+// Pub/Sub connection, checked by probes) is alive.
+func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+	defer cancel()
+	err := redisconn.Ping(ctx, s.rdb)
+	silent := time.Since(time.Unix(0, s.hub.lastRecv.Load())) > 3*s.cfg.ProbeInterval
+	select {
+	case <-s.hub.inbox.ready:
+	default:
+		silent = true
+	}
+	if err != nil || silent || s.draining.Load() {
+		w.Header().Set("Retry-After", "1")
+		writeHTTPError(w, http.StatusServiceUnavailable, "unavailable", "Redis or the stream read path is down, or the instance is draining")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write([]byte(`{"status":"ready"}` + "\n"))
+}
+
+// checkOrigin allows clients without an Origin header (not browsers), an
+// Origin listed in ALLOWED_ORIGINS ("*" allows all), and otherwise only an
+// Origin whose host is the request's Host.
+func (s *Server) checkOrigin(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	return originAllowed(s.cfg.AllowedOrigins, origin, r.Host)
+}
+
+func originAllowed(allowed, origin, host string) bool {
+	if allowed != "" {
+		for _, a := range strings.Split(allowed, ",") {
+			a = strings.TrimSpace(a)
+			if a == "*" || strings.EqualFold(a, origin) {
+				return true
+			}
+		}
+		return false
+	}
+	_, after, ok := strings.Cut(origin, "://")
+	return ok && strings.EqualFold(after, host)
+}

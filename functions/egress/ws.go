@@ -1,0 +1,152 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/registry"
+)
+
+// handleWS upgrades GET /ws and runs the connection to its end.
+func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
+	if s.draining.Load() {
+		w.Header().Set("Retry-After", "1")
+		writeHTTPError(w, http.StatusServiceUnavailable, "draining", "instance is shutting down; connect again")
+		return
+	}
+	id, aerr := s.authenticate(r)
+	if aerr != nil {
+		writeHTTPError(w, aerr.status, aerr.code, aerr.msg)
+		return
+	}
+	var initial []string
+	if q := r.URL.Query().Get("channels"); q != "" {
+		for _, ch := range strings.Split(q, ",") {
+			if !channel.ValidName(ch) {
+				writeHTTPError(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels: "+strconv.Quote(ch)+" is not a channel name")
+				return
+			}
+			initial = append(initial, ch)
+		}
+	}
+	if n := s.open.Add(1); s.cfg.MaxConnections > 0 && n > int64(s.cfg.MaxConnections) {
+		s.open.Add(-1)
+		w.Header().Set("Retry-After", "1")
+		writeHTTPError(w, http.StatusServiceUnavailable, "too_many_connections", "instance is full; connect again (another instance may take you)")
+		return
+	}
+	s.wg.Add(1)
+	defer s.wg.Done()
+	defer s.open.Add(-1)
+
+	ws, err := s.upgrader.Upgrade(w, r, id.responseHeader())
+	if err != nil {
+		return // the upgrader has answered
+	}
+	now := time.Now()
+	c := &conn{
+		s:        s,
+		ws:       ws,
+		id:       randomID(12),
+		user:     id.user,
+		allow:    id.allow,
+		exp:      id.exp,
+		openedAt: now,
+		wake:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+		subs:     make(map[string]*chanState),
+	}
+	c.lastData.Store(now.UnixNano())
+	c.lastPing.Store(now.UnixNano())
+	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+	err = s.reg.Put(rctx, c.recordCopy())
+	rcancel()
+	if err != nil {
+		s.log.Warn("registry unavailable at connect", "err", err.Error())
+		c.closeWith(protocol.CloseTryAgainLater, "registry unavailable: retry", true)
+		ws.Close()
+		return
+	}
+	s.hub.addConn(c)
+	s.metrics.connections.Inc()
+	go c.writeLoop()
+
+	user := c.user
+	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
+	for _, ch := range initial {
+		c.subscribe(ctx, ch, nil, nil)
+	}
+	c.readLoop(ctx)
+
+	// The connection has ended: forget it everywhere.
+	close(c.done)
+	s.hub.removeConn(c)
+	for ch := range c.subs {
+		c.subs[ch].remove(c)
+		s.hub.release(c.subs[ch])
+		s.metrics.subscriptions.Dec()
+	}
+	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
+	if err := s.reg.Remove(dctx, c.recordCopy()); err != nil {
+		s.log.Warn("registry remove failed (the record expires by itself)", "conn", c.id, "err", err.Error())
+	}
+	dcancel()
+	ws.Close()
+	s.metrics.connections.Dec()
+	c.logEnd()
+}
+
+// scfStatus maps a close to the status SCF reports for the invocation.
+func scfStatus(code int, byServer bool) int {
+	switch code {
+	case 1000, 1010, 1011:
+		return 200
+	case protocol.CloseIdleTimeout:
+		if byServer {
+			return 455
+		}
+	case protocol.CloseLifetime:
+		if byServer {
+			return 433
+		}
+	}
+	if byServer {
+		return 439
+	}
+	return 456
+}
+
+func (c *conn) logEnd() {
+	c.mu.Lock()
+	code, byServer, reason := c.closeCode, c.byServer, c.reason
+	c.mu.Unlock()
+	if code == 0 {
+		code, reason = 1006, "connection lost"
+	}
+	by := "client"
+	if byServer {
+		by = "server"
+	}
+	status := scfStatus(code, byServer)
+	c.s.metrics.closes.WithLabelValues(strconv.Itoa(status)).Inc()
+	c.s.log.Info("connection closed",
+		"conn", c.id,
+		"user", c.user,
+		"duration_ms", time.Since(c.openedAt).Milliseconds(),
+		"frames_in", c.framesIn.Load(),
+		"frames_out", c.framesOut.Load(),
+		"close_code", code,
+		"closed_by", by,
+		"reason", reason,
+		"scf_status", status,
+	)
+}

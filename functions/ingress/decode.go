@@ -1,0 +1,135 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+
+	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/channel"
+)
+
+// publishBody is one message as POSTed: {"data": …, "event": "…"}.
+type publishBody struct {
+	Channel string          // batch items only
+	Data    json.RawMessage // required, any JSON value but null
+	Event   string
+	From    string
+}
+
+// readBody checks the content type and reads at most limit bytes.
+func readBody(c *gin.Context, limit int64) ([]byte, error) {
+	ct := c.GetHeader("Content-Type")
+	mt, _, err := mime.ParseMediaType(ct)
+	if ct == "" || err != nil || (mt != "application/json" && !isJSONSuffix(mt)) {
+		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(c.Writer, c.Request.Body, limit))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, errf(http.StatusRequestEntityTooLarge, "payload_too_large", fmt.Sprintf("body is larger than %d bytes", limit))
+		}
+		return nil, errf(http.StatusBadRequest, "invalid_body", "could not read the request body")
+	}
+	return body, nil
+}
+
+func isJSONSuffix(mt string) bool {
+	return len(mt) > 5 && mt[len(mt)-5:] == "+json"
+}
+
+// decodeMessage parses and validates one message object. withChannel
+// requires a "channel" field (batch items).
+func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
+	var raw struct {
+		Channel *json.RawMessage `json:"channel"`
+		Data    json.RawMessage  `json:"data"`
+		Event   *json.RawMessage `json:"event"`
+		From    *json.RawMessage `json:"from"`
+	}
+	var p publishBody
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || b[0] != '{' {
+		return p, errf(400, "invalid_json", "body must be a JSON object")
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return p, errf(400, "invalid_json", "body is not valid JSON")
+	}
+	if withChannel {
+		if raw.Channel == nil {
+			return p, errf(400, "invalid_channel", `"channel" is required`)
+		}
+		if json.Unmarshal(*raw.Channel, &p.Channel) != nil || !channel.ValidName(p.Channel) {
+			return p, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+		}
+	}
+	if len(raw.Data) == 0 || string(raw.Data) == "null" {
+		return p, errf(400, "missing_data", `"data" is required and must not be null`)
+	}
+	p.Data = compact(raw.Data)
+	if raw.Event != nil && string(*raw.Event) != "null" {
+		if json.Unmarshal(*raw.Event, &p.Event) != nil || !channel.ValidEvent(p.Event) {
+			return p, errf(400, "invalid_event", `"event" must be a string of at most 64 printable ASCII characters without quotes or backslashes`)
+		}
+	}
+	if raw.From != nil && string(*raw.From) != "null" {
+		if json.Unmarshal(*raw.From, &p.From) != nil || !channel.ValidUser(p.From) {
+			return p, errf(400, "invalid_from", `"from" must be a user id of 1–128 characters [A-Za-z0-9_.:@-]`)
+		}
+	}
+	return p, nil
+}
+
+// compact removes insignificant whitespace so a frame is one line.
+func compact(b json.RawMessage) json.RawMessage {
+	var buf bytes.Buffer
+	if json.Compact(&buf, b) != nil {
+		return b
+	}
+	return buf.Bytes()
+}
+
+// decodeBatch parses {"messages": [...]}, validating every item; the
+// first bad item's index is reported and nothing is written.
+func decodeBatch(b []byte, maxItems int, maxItemBytes int64) ([]publishBody, error) {
+	var raw struct {
+		Messages *[]json.RawMessage `json:"messages"`
+	}
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || b[0] != '{' {
+		return nil, errf(400, "invalid_json", "body must be a JSON object")
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		var ute *json.UnmarshalTypeError
+		if errors.As(err, &ute) {
+			return nil, errf(400, "invalid_batch", `"messages" must be an array of message objects`)
+		}
+		return nil, errf(400, "invalid_json", "body is not valid JSON")
+	}
+	if raw.Messages == nil {
+		return nil, errf(400, "invalid_batch", `"messages" is required`)
+	}
+	items := *raw.Messages
+	if len(items) == 0 || len(items) > maxItems {
+		return nil, errf(400, "invalid_batch", fmt.Sprintf(`"messages" must hold 1–%d items`, maxItems))
+	}
+	out := make([]publishBody, len(items))
+	for i, it := range items {
+		if int64(len(it)) > maxItemBytes {
+			return nil, &indexedError{errf(413, "payload_too_large", fmt.Sprintf("message %d is larger than %d bytes", i, maxItemBytes)), i}
+		}
+		p, ae := decodeMessage(it, true)
+		if ae != nil {
+			ae.Message = fmt.Sprintf("message %d: %s", i, ae.Message)
+			return nil, &indexedError{ae, i}
+		}
+		out[i] = p
+	}
+	return out, nil
+}

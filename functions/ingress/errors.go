@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+
+	"github.com/gin-gonic/gin"
+)
+
+// apiError is an error a client caused or must know about: an HTTP status,
+// a snake_case code and a message for a human (docs/api.md lists them).
+type apiError struct {
+	Status     int
+	Code       string
+	Message    string
+	RetryAfter int // seconds; zero means no Retry-After header
+}
+
+func (e *apiError) Error() string { return e.Code + ": " + e.Message }
+
+func errf(status int, code, msg string) *apiError {
+	return &apiError{Status: status, Code: code, Message: msg}
+}
+
+type errorBody struct {
+	Error struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+		Index   *int   `json:"index,omitempty"`
+	} `json:"error"`
+}
+
+// indexedError is an apiError about one item of a batch.
+type indexedError struct {
+	*apiError
+	Index int
+}
+
+// writeError is the one place that maps errors to HTTP responses. Anything
+// that is not an apiError came from Redis (the only thing ingress talks
+// to): the client gets 503 with Retry-After and no detail; the log gets
+// the detail.
+func writeError(c *gin.Context, log *slog.Logger, err error) {
+	var body errorBody
+	var ae *apiError
+	var ie *indexedError
+	switch {
+	case errors.As(err, &ie):
+		ae = ie.apiError
+		idx := ie.Index
+		body.Error.Index = &idx
+	case errors.As(err, &ae):
+	case errors.Is(err, context.Canceled):
+		c.Abort()
+		return
+	default:
+		log.Warn("redis unavailable", "method", c.Request.Method, "route", c.FullPath(), "err", err.Error())
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
+	}
+	body.Error.Code = ae.Code
+	body.Error.Message = ae.Message
+	if ae.RetryAfter > 0 {
+		c.Header("Retry-After", strconv.Itoa(ae.RetryAfter))
+	}
+	c.AbortWithStatusJSON(ae.Status, body)
+}

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/http"
+
+	"github.com/gin-gonic/gin"
+	"github.com/redis/go-redis/v9"
+)
+
+// idemRecord is what an Idempotency-Key remembers.
+type idemRecord struct {
+	State    string          `json:"state"` // "pending" or "done"
+	Body     string          `json:"body"`  // sha256 of the request body
+	Status   int             `json:"status,omitempty"`
+	Response json.RawMessage `json:"response,omitempty"`
+}
+
+// idempotent runs write at most once per (credential, Idempotency-Key)
+// within the configured window, and answers a retry with the original
+// response (and the header Idempotent-Replayed: true). A key reused with
+// a different body is refused (422); a retry while the first attempt is
+// still writing gets 409 with Retry-After. Without the header, write just
+// runs.
+func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write func() (int, any, error)) {
+	key := c.GetHeader("Idempotency-Key")
+	if key == "" {
+		status, resp, err := write()
+		if err != nil {
+			writeError(c, s.log, err)
+			return
+		}
+		c.JSON(status, resp)
+		return
+	}
+	if len(key) > 255 || !printable(key) {
+		writeError(c, s.log, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
+		return
+	}
+	ctx := c.Request.Context()
+	digest := sha256.Sum256([]byte(who.id + "\x00" + c.Request.Method + " " + c.Request.URL.Path + "\x00" + key))
+	rkey := s.keys.Idempotency(hex.EncodeToString(digest[:16]))
+	bodySum := sha256.Sum256(body)
+	bodyHash := hex.EncodeToString(bodySum[:])
+
+	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash})
+	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.cfg.IdempotencyWindow).Result()
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if !ok {
+		s.replay(c, rkey, bodyHash)
+		return
+	}
+	status, resp, err := write()
+	if err != nil {
+		// Nothing (or, on a lost reply, possibly something) was written;
+		// free the key so the client's retry can proceed.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Redis.Timeout)
+		s.rdb.Del(dctx, rkey)
+		cancel()
+		writeError(c, s.log, err)
+		return
+	}
+	rb, _ := json.Marshal(resp)
+	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: rb})
+	if err := s.rdb.Set(context.WithoutCancel(ctx), rkey, done, s.cfg.IdempotencyWindow).Err(); err != nil {
+		s.log.Warn("idempotency record not saved", "err", err.Error())
+	}
+	c.Data(status, "application/json; charset=utf-8", rb)
+}
+
+func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
+	b, err := s.rdb.Get(c.Request.Context(), rkey).Bytes()
+	if errors.Is(err, redis.Nil) {
+		writeError(c, s.log, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key just finished; retry", RetryAfter: 1})
+		return
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	var rec idemRecord
+	if json.Unmarshal(b, &rec) != nil {
+		writeError(c, s.log, errf(500, "internal", "corrupt idempotency record"))
+		return
+	}
+	if rec.Body != bodyHash {
+		writeError(c, s.log, errf(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
+		return
+	}
+	if rec.State != "done" {
+		writeError(c, s.log, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key is still being processed; retry", RetryAfter: 1})
+		return
+	}
+	c.Header("Idempotent-Replayed", "true")
+	c.Data(rec.Status, "application/json; charset=utf-8", rec.Response)
+}
+
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}

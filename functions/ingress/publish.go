@@ -1,0 +1,356 @@
+package main
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+type publishResult struct {
+	ID      string `json:"id"`
+	Channel string `json:"channel"`
+}
+
+func (s *Server) channelLimits() stream.Limits {
+	return stream.Limits{
+		MaxLen:   s.cfg.HistorySize,
+		MaxAgeMS: s.cfg.HistoryTTL.Milliseconds(),
+		TTLMS:    s.cfg.HistoryTTL.Milliseconds(),
+	}
+}
+
+// inboxLimits bound an egress instance's inbox: a dead instance's inbox
+// expires by itself, even if written to after the instance died.
+func (s *Server) inboxLimits() stream.Limits {
+	return stream.Limits{MaxLen: 10000, MaxAgeMS: 2 * s.cfg.RegistryTTL.Milliseconds(), TTLMS: 2 * s.cfg.RegistryTTL.Milliseconds()}
+}
+
+func (s *Server) channelAppend(ch string, p publishBody, from string, now int64) stream.Append {
+	return stream.Append{
+		Stream: s.keys.Stream(ch),
+		Notify: s.keys.Notify(ch),
+		Msg:    stream.Message{Channel: ch, Event: p.Event, From: from, TS: now, Data: p.Data},
+		Limits: s.channelLimits(),
+	}
+}
+
+// handlePublish: POST /v1/channels/{channel}/messages.
+func (s *Server) handlePublish(c *gin.Context) {
+	ch := c.Param("channel")
+	if !channel.ValidName(ch) {
+		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
+		return
+	}
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayPublish(ch); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	p, ae := decodeMessage(body, false)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return
+	}
+	from, err := who.from(p.From)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	s.idempotent(c, who, body, func() (int, any, error) {
+		ids, err := s.store.Append(c.Request.Context(), []stream.Append{s.channelAppend(ch, p, from, time.Now().UnixMilli())})
+		if err != nil {
+			return 0, nil, err
+		}
+		return http.StatusAccepted, publishResult{ID: ids[0], Channel: ch}, nil
+	})
+}
+
+// handleBatch: POST /v1/messages. All items are validated before anything
+// is written.
+func (s *Server) handleBatch(c *gin.Context) {
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	body, err := s.readBody(c, s.cfg.MaxBatchBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	items, err := decodeBatch(body, s.cfg.MaxBatchItems, s.cfg.MaxMessageBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	now := time.Now().UnixMilli()
+	as := make([]stream.Append, len(items))
+	for i, p := range items {
+		if err := who.mayPublish(p.Channel); err != nil {
+			writeError(c, s.log, &indexedError{err.(*apiError), i})
+			return
+		}
+		from, err := who.from(p.From)
+		if err != nil {
+			writeError(c, s.log, &indexedError{err.(*apiError), i})
+			return
+		}
+		as[i] = s.channelAppend(p.Channel, p, from, now)
+	}
+	if err := s.allowPublishes(c, who, len(items)); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	s.idempotent(c, who, body, func() (int, any, error) {
+		ids, err := s.store.Append(c.Request.Context(), as)
+		if err != nil {
+			return 0, nil, err
+		}
+		res := make([]publishResult, len(ids))
+		for i, id := range ids {
+			res[i] = publishResult{ID: id, Channel: items[i].Channel}
+		}
+		return http.StatusAccepted, gin.H{"results": res}, nil
+	})
+}
+
+// handleSendToConnection: POST /v1/connections/{id}/messages.
+func (s *Server) handleSendToConnection(c *gin.Context) {
+	id := c.Param("id")
+	if !channel.ValidUser(id) {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayAdmin(); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	p, ae := decodeMessage(body, false)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return
+	}
+	rec, err := s.reg.Get(c.Request.Context(), id)
+	if err == registry.ErrNotFound {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	s.idempotent(c, who, body, func() (int, any, error) {
+		msg := stream.Message{Route: stream.ToConnection(id), Event: p.Event, From: p.From, TS: time.Now().UnixMilli(), Data: p.Data}
+		ids, err := s.store.Append(c.Request.Context(), []stream.Append{s.inboxAppend(rec.Instance, msg)})
+		if err != nil {
+			return 0, nil, err
+		}
+		return http.StatusAccepted, gin.H{"id": ids[0], "connection": id}, nil
+	})
+}
+
+func (s *Server) inboxAppend(instance string, msg stream.Message) stream.Append {
+	return stream.Append{
+		Stream: s.keys.Inbox(instance),
+		Notify: s.keys.InboxNotify(instance),
+		Msg:    msg,
+		Limits: s.inboxLimits(),
+	}
+}
+
+// handleSendToUser: POST /v1/users/{user}/messages. One append per egress
+// instance that holds a connection of the user.
+func (s *Server) handleSendToUser(c *gin.Context) {
+	user := c.Param("user")
+	if !channel.ValidUser(user) {
+		writeError(c, s.log, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
+		return
+	}
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayAdmin(); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	p, ae := decodeMessage(body, false)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return
+	}
+	s.idempotent(c, who, body, func() (int, any, error) {
+		recs, err := s.reg.User(c.Request.Context(), user, 10000)
+		if err != nil {
+			return 0, nil, err
+		}
+		instances := map[string]bool{}
+		var as []stream.Append
+		now := time.Now().UnixMilli()
+		for _, r := range recs {
+			if !instances[r.Instance] {
+				instances[r.Instance] = true
+				as = append(as, s.inboxAppend(r.Instance, stream.Message{Route: stream.ToUser(user), Event: p.Event, From: p.From, TS: now, Data: p.Data}))
+			}
+		}
+		if len(as) > 0 {
+			if _, err := s.store.Append(c.Request.Context(), as); err != nil {
+				return 0, nil, err
+			}
+		}
+		return http.StatusAccepted, gin.H{"user": user, "connections": len(recs)}, nil
+	})
+}
+
+// handleGetConnection: GET /v1/connections/{id}.
+func (s *Server) handleGetConnection(c *gin.Context) {
+	id := c.Param("id")
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayAdmin(); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if !channel.ValidUser(id) {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	rec, err := s.reg.Get(c.Request.Context(), id)
+	if err == registry.ErrNotFound {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	c.JSON(200, rec)
+}
+
+// handleChannelConnections: GET /v1/channels/{channel}/connections.
+func (s *Server) handleChannelConnections(c *gin.Context) {
+	ch := c.Param("channel")
+	if !channel.ValidName(ch) {
+		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
+		return
+	}
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayReadPresence(ch); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	limit, ae := parseLimit(c.Query("limit"), 1000, 10000)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return
+	}
+	recs, err := s.reg.Channel(c.Request.Context(), ch, int64(limit))
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	c.JSON(200, gin.H{"connections": recs})
+}
+
+func parseLimit(q string, def, max int) (int, *apiError) {
+	if q == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(q)
+	if err != nil || n < 1 || n > max {
+		return 0, errf(400, "invalid_limit", "limit must be an integer 1–"+strconv.Itoa(max))
+	}
+	return n, nil
+}
+
+// handleHistory: GET /v1/channels/{channel}/messages?after=&limit=.
+func (s *Server) handleHistory(c *gin.Context) {
+	ch := c.Param("channel")
+	if !channel.ValidName(ch) {
+		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
+		return
+	}
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayReadHistory(ch); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	limit, ae := parseLimit(c.Query("limit"), 100, 1000)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return
+	}
+	var entries []stream.Entry
+	after, hasAfter := c.GetQuery("after")
+	if hasAfter {
+		id, ok := stream.ParseID(after)
+		if !ok {
+			writeError(c, s.log, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
+			return
+		}
+		entries, err = s.store.After(c.Request.Context(), s.keys.Stream(ch), id, int64(limit))
+	} else {
+		entries, err = s.store.Latest(c.Request.Context(), s.keys.Stream(ch), int64(limit))
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	msgs := make([]stream.Decoded, 0, len(entries))
+	for i := range entries {
+		d, err := entries[i].Decode()
+		if err != nil {
+			s.log.Error("undecodable stream entry", "id", entries[i].ID, "err", err.Error())
+			continue
+		}
+		msgs = append(msgs, d)
+	}
+	next := after
+	if len(entries) > 0 {
+		next = entries[len(entries)-1].ID
+	}
+	resp := gin.H{"messages": msgs, "next": next}
+	c.JSON(200, resp)
+}

@@ -1,0 +1,25 @@
+package main
+
+import "github.com/gin-gonic/gin"
+
+// routes lists the whole ingress API (docs/api.md).
+func (s *Server) routes(r *gin.Engine) {
+	r.GET("/healthz", s.handleHealthz)
+	r.GET("/readyz", s.handleReadyz)
+
+	v1 := r.Group("/v1")
+	v1.POST("/channels/:channel/messages", s.handlePublish)
+	v1.GET("/channels/:channel/messages", s.handleHistory)
+	v1.GET("/channels/:channel/connections", s.handleChannelConnections)
+	v1.POST("/messages", s.handleBatch)
+	v1.POST("/connections/:id/messages", s.handleSendToConnection)
+	v1.GET("/connections/:id", s.handleGetConnection)
+	v1.POST("/users/:user/messages", s.handleSendToUser)
+
+	r.NoRoute(func(c *gin.Context) {
+		writeError(c, s.log, errf(404, "not_found", "no such endpoint; see docs/api.md"))
+	})
+	r.NoMethod(func(c *gin.Context) {
+		writeError(c, s.log, errf(405, "method_not_allowed", "method not allowed on this endpoint"))
+	})
+}

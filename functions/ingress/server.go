@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gin-gonic/gin"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// Server is the ingress HTTP surface.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	rdb   redis.UniversalClient
+	keys  keys.Scheme
+	store *stream.Store
+	reg   *registry.Registry
+	h     http.Handler
+
+	readyMu  sync.Mutex
+	readyAt  time.Time
+	readyErr error
+}
+
+func init() { gin.SetMode(gin.ReleaseMode) }
+
+// NewServer wires the ingress routes to rdb.
+func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
+	s := &Server{
+		cfg:   cfg,
+		log:   log,
+		rdb:   rdb,
+		keys:  ks,
+		store: stream.NewStore(rdb),
+		reg:   registry.New(rdb, ks, cfg.RegistryTTL),
+	}
+	r := gin.New()
+	r.HandleMethodNotAllowed = true
+	r.RedirectTrailingSlash = false
+	r.RedirectFixedPath = false
+	r.Use(gin.CustomRecovery(func(c *gin.Context, v any) {
+		s.log.Error("panic", "route", c.FullPath(), "panic", v)
+		writeError(c, s.log, errf(500, "internal", "internal error"))
+	}))
+	s.routes(r)
+	s.h = r
+	return s
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.h.ServeHTTP(w, r) }
+
+func (s *Server) handleHealthz(c *gin.Context) {
+	c.JSON(200, gin.H{"status": "ok"})
+}
+
+// handleReadyz answers 200 while Redis answers. The result is cached for
+// 500 ms so a probe storm does not become a Redis storm.
+func (s *Server) handleReadyz(c *gin.Context) {
+	s.readyMu.Lock()
+	if time.Since(s.readyAt) > 500*time.Millisecond {
+		ctx, cancel := context.WithTimeout(c.Request.Context(), time.Second)
+		s.readyErr = redisconn.Ping(ctx, s.rdb)
+		cancel()
+		s.readyAt = time.Now()
+	}
+	err := s.readyErr
+	s.readyMu.Unlock()
+	if err != nil {
+		c.Header("Retry-After", "1")
+		c.JSON(503, gin.H{"status": "unavailable", "redis": "down"})
+		return
+	}
+	c.JSON(200, gin.H{"status": "ready"})
+}

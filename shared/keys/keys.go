@@ -1,0 +1,49 @@
+// Package keys is the Redis key scheme shared by ingress and egress.
+//
+// Every key that belongs to one channel carries the hash tag {c:<channel>},
+// every key of one user {u:<user>}, of one egress instance {i:<instance>},
+// so that keys used together by one command or script live in one Redis
+// Cluster slot, while different channels spread over all masters.
+// Names are validated (package channel) before they get here.
+package keys
+
+// Scheme builds keys under one prefix. The zero Scheme uses no prefix;
+// production uses "wsr", tests a unique prefix each.
+type Scheme struct {
+	Prefix string
+}
+
+func (s Scheme) p() string {
+	if s.Prefix == "" {
+		return ""
+	}
+	return s.Prefix + ":"
+}
+
+// Stream is the channel's message stream (history and resume).
+func (s Scheme) Stream(channel string) string { return s.p() + "{c:" + channel + "}:s" }
+
+// Notify is the shard Pub/Sub channel on which each append to the channel's
+// stream is announced, with the message, to egress instances.
+func (s Scheme) Notify(channel string) string { return s.p() + "{c:" + channel + "}:n" }
+
+// ChannelConns is the sorted set of connection ids subscribed to channel,
+// scored by the unix-ms time their registration expires.
+func (s Scheme) ChannelConns(channel string) string { return s.p() + "{c:" + channel + "}:conns" }
+
+// Inbox is an egress instance's stream of targeted messages and commands.
+func (s Scheme) Inbox(instance string) string { return s.p() + "{i:" + instance + "}:s" }
+
+// InboxNotify announces appends to the instance's inbox.
+func (s Scheme) InboxNotify(instance string) string { return s.p() + "{i:" + instance + "}:n" }
+
+// Conn is one connection's registry record.
+func (s Scheme) Conn(id string) string { return s.p() + "{r:" + id + "}" }
+
+// UserConns is the sorted set of a user's connection ids, scored like
+// ChannelConns.
+func (s Scheme) UserConns(user string) string { return s.p() + "{u:" + user + "}:conns" }
+
+// Idempotency holds the outcome of a publish made with an Idempotency-Key;
+// digest is a hash of the credential and the key, never the key itself.
+func (s Scheme) Idempotency(digest string) string { return s.p() + "{k:" + digest + "}" }

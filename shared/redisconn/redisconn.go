@@ -1,0 +1,114 @@
+// Package redisconn turns the Redis settings shared by both functions into
+// a go-redis client: one node (REDIS_URL) or a cluster (REDIS_CLUSTER_ADDRS).
+package redisconn
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Config is the Redis part of each function's configuration.
+type Config struct {
+	// URL of a single Redis node: redis://[:password@]host:port[/db] or
+	// rediss:// for TLS. Ignored when ClusterAddrs is set.
+	URL string `env:"REDIS_URL" envDefault:"redis://127.0.0.1:6379/0"`
+	// ClusterAddrs, comma-separated host:port seed nodes, switches to Redis
+	// Cluster. Empty means single node.
+	ClusterAddrs string `env:"REDIS_CLUSTER_ADDRS"`
+	// Username and Password for the cluster (a single node takes them from
+	// the URL). Empty means none.
+	ClusterUsername string `env:"REDIS_CLUSTER_USERNAME"`
+	ClusterPassword string `env:"REDIS_CLUSTER_PASSWORD"`
+	// ClusterTLS enables TLS to the cluster nodes.
+	ClusterTLS bool `env:"REDIS_CLUSTER_TLS"`
+	// KeyPrefix starts every key; several deployments can share one Redis
+	// under different prefixes. Empty means no prefix.
+	KeyPrefix string `env:"REDIS_KEY_PREFIX" envDefault:"wsr"`
+	// Timeout bounds each Redis command and dial, so a dead Redis is
+	// reported (503) instead of hanging.
+	Timeout time.Duration `env:"REDIS_TIMEOUT" envDefault:"1s"`
+	// PoolSize per node; zero means go-redis's default (10 per CPU).
+	PoolSize int `env:"REDIS_POOL_SIZE"`
+}
+
+// Validate reports what is wrong with c.
+func (c Config) Validate() error {
+	var errs []error
+	if c.ClusterAddrs == "" {
+		if _, err := redis.ParseURL(c.URL); err != nil {
+			errs = append(errs, fmt.Errorf("REDIS_URL: %w", err))
+		}
+	} else {
+		for _, a := range strings.Split(c.ClusterAddrs, ",") {
+			if !strings.Contains(strings.TrimSpace(a), ":") {
+				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: %q is not host:port", a))
+			}
+		}
+	}
+	if c.Timeout <= 0 {
+		errs = append(errs, errors.New("REDIS_TIMEOUT must be positive"))
+	}
+	return errors.Join(errs...)
+}
+
+// IsCluster reports whether c selects Redis Cluster.
+func (c Config) IsCluster() bool { return c.ClusterAddrs != "" }
+
+// New returns a client for c. It does not dial; use Ping to check.
+func New(c Config) (redis.UniversalClient, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	if c.IsCluster() {
+		var addrs []string
+		for _, a := range strings.Split(c.ClusterAddrs, ",") {
+			addrs = append(addrs, strings.TrimSpace(a))
+		}
+		o := &redis.ClusterOptions{
+			Addrs:                 addrs,
+			Username:              c.ClusterUsername,
+			Password:              c.ClusterPassword,
+			DialTimeout:           c.Timeout,
+			ReadTimeout:           c.Timeout,
+			WriteTimeout:          c.Timeout,
+			ContextTimeoutEnabled: true,
+			PoolSize:              c.PoolSize,
+			MaxRedirects:          8,
+			DisableIdentity:       true,
+		}
+		if c.ClusterTLS {
+			o.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		return redis.NewClusterClient(o), nil
+	}
+	o, err := redis.ParseURL(c.URL)
+	if err != nil {
+		return nil, fmt.Errorf("REDIS_URL: %w", err)
+	}
+	o.DialTimeout = c.Timeout
+	o.ReadTimeout = c.Timeout
+	o.WriteTimeout = c.Timeout
+	o.ContextTimeoutEnabled = true
+	o.MaxRetries = 1
+	o.DisableIdentity = true
+	if c.PoolSize > 0 {
+		o.PoolSize = c.PoolSize
+	}
+	return redis.NewClient(o), nil
+}
+
+// Ping checks that Redis answers within the client's timeout.
+func Ping(ctx context.Context, rdb redis.UniversalClient) error {
+	if c, ok := rdb.(*redis.ClusterClient); ok {
+		return c.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
+			return n.Ping(ctx).Err()
+		})
+	}
+	return rdb.Ping(ctx).Err()
+}

@@ -1,0 +1,214 @@
+// Package redistest gives tests a real Redis: the one named by REDIS_URL,
+// else one answering on 127.0.0.1:6379, else a throwaway redis-server
+// started on a free port for the test process. It never mocks Redis.
+//
+// Each test gets its own key prefix, so tests run in parallel on one Redis
+// and clean up only their own keys.
+package redistest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+var (
+	once     sync.Once
+	baseURL  string
+	setupErr error
+	servers  []*Server
+	mu       sync.Mutex
+)
+
+// URL returns the redis:// URL of the Redis every test of this process
+// uses, starting a throwaway server if needed. It fails the test if no
+// Redis can be had.
+func URL(t testing.TB) string {
+	t.Helper()
+	once.Do(func() {
+		if u := os.Getenv("REDIS_URL"); u != "" {
+			baseURL = u
+			return
+		}
+		if c, err := net.DialTimeout("tcp", "127.0.0.1:6379", 200*time.Millisecond); err == nil {
+			c.Close()
+			baseURL = "redis://127.0.0.1:6379/0"
+			return
+		}
+		s, err := start(nil)
+		if err != nil {
+			setupErr = err
+			return
+		}
+		baseURL = s.URL()
+	})
+	if setupErr != nil {
+		t.Fatalf("redistest: no Redis: %v (install redis-server or set REDIS_URL)", setupErr)
+	}
+	return baseURL
+}
+
+// Prefix returns a key prefix unique to this test.
+func Prefix(t testing.TB) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return "t" + hex.EncodeToString(b)
+}
+
+// Client returns a client to the test Redis and a key prefix unique to t;
+// at the end of the test it deletes every key under the prefix.
+func Client(t testing.TB) (redis.UniversalClient, string) {
+	t.Helper()
+	o, err := redis.ParseURL(URL(t))
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	rdb := redis.NewClient(o)
+	prefix := Prefix(t)
+	t.Cleanup(func() {
+		Cleanup(rdb, prefix)
+		rdb.Close()
+	})
+	return rdb, prefix
+}
+
+// Cleanup deletes every key under prefix.
+func Cleanup(rdb redis.UniversalClient, prefix string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	del := func(ctx context.Context, c *redis.Client) error {
+		iter := c.Scan(ctx, 0, prefix+":*", 500).Iterator()
+		for iter.Next(ctx) {
+			c.Del(ctx, iter.Val())
+		}
+		return iter.Err()
+	}
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		_ = cc.ForEachMaster(ctx, del)
+		return
+	}
+	if c, ok := rdb.(*redis.Client); ok {
+		_ = del(ctx, c)
+	}
+}
+
+// Server is a redis-server process started by a test.
+type Server struct {
+	Port int
+	Dir  string
+	cmd  *exec.Cmd
+	args []string
+}
+
+// URL of the server.
+func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.Port) }
+
+// Addr is host:port.
+func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
+
+// Start starts a private redis-server for one test (for fault tests that
+// stop and restart it), stopped at the end of the test.
+func Start(t testing.TB, extra ...string) *Server {
+	t.Helper()
+	s, err := start(extra)
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// FreePort returns a TCP port free on 127.0.0.1 at the time of the call.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func start(extra []string) (*Server, error) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		return nil, fmt.Errorf("redis-server not found in PATH: %w", err)
+	}
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "redistest-")
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Port: port, Dir: dir}
+	s.args = append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir}, extra...)
+	if err := s.launch(bin); err != nil {
+		return nil, err
+	}
+	mu.Lock()
+	servers = append(servers, s)
+	mu.Unlock()
+	return s, nil
+}
+
+func (s *Server) launch(bin string) error {
+	s.cmd = exec.Command(bin, s.args...)
+	s.cmd.Stdout, s.cmd.Stderr = nil, nil
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		c := redis.NewClient(&redis.Options{Addr: s.Addr(), DialTimeout: 200 * time.Millisecond, DisableIdentity: true})
+		err := c.Ping(context.Background()).Err()
+		c.Close()
+		if err == nil {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = s.cmd.Process.Kill()
+	return fmt.Errorf("redis-server on port %d did not answer", s.Port)
+}
+
+// Stop kills the server (it keeps nothing: it runs without persistence).
+func (s *Server) Stop() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Kill()
+		_, _ = s.cmd.Process.Wait()
+		s.cmd = nil
+	}
+}
+
+// Restart starts the server again on the same port, empty.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop()
+	bin, _ := exec.LookPath("redis-server")
+	if err := s.launch(bin); err != nil {
+		t.Fatalf("redistest: restart: %v", err)
+	}
+}
+
+// StopAll stops every server this process started; call it from TestMain.
+func StopAll() {
+	mu.Lock()
+	defer mu.Unlock()
+	for _, s := range servers {
+		s.Stop()
+		os.RemoveAll(filepath.Clean(s.Dir))
+	}
+	servers = nil
+}

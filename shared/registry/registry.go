@@ -1,0 +1,195 @@
+// Package registry records live WebSocket connections in Redis: who is
+// connected, on which egress instance, subscribed to what.
+//
+// Each connection has one record key (JSON, with a TTL) and is a member of
+// two kinds of sorted sets: its user's and each subscribed channel's,
+// scored by the unix-ms time its registration expires. The owning egress
+// instance refreshes all of them every TTL/3; when an instance dies, its
+// records expire within TTL and its set members are ignored from then on
+// and removed by the next reader or writer of the set (each set also
+// carries a TTL, so a set nobody refreshes disappears whole).
+package registry
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+)
+
+// ErrNotFound is returned for a connection that is not registered.
+var ErrNotFound = errors.New("registry: no such connection")
+
+// Record is one connection's registration.
+type Record struct {
+	ID          string    `json:"id"`
+	User        string    `json:"user"`
+	Instance    string    `json:"instance"`
+	Channels    []string  `json:"channels"`
+	ConnectedAt time.Time `json:"connected_at"`
+}
+
+// Registry reads and writes records. It is safe for concurrent use.
+type Registry struct {
+	rdb  redis.UniversalClient
+	keys keys.Scheme
+	ttl  time.Duration
+}
+
+// New returns a Registry whose records live ttl unless refreshed.
+func New(rdb redis.UniversalClient, ks keys.Scheme, ttl time.Duration) *Registry {
+	return &Registry{rdb: rdb, keys: ks, ttl: ttl}
+}
+
+// TTL is how long a record outlives its last refresh.
+func (r *Registry) TTL() time.Duration { return r.ttl }
+
+func (r *Registry) expiry() float64 {
+	return float64(time.Now().Add(r.ttl).UnixMilli())
+}
+
+func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	p.Set(ctx, r.keys.Conn(rec.ID), b, r.ttl)
+	if rec.User != "" {
+		k := r.keys.UserConns(rec.User)
+		p.ZAdd(ctx, k, redis.Z{Score: score, Member: rec.ID})
+		p.PExpire(ctx, k, r.ttl)
+	}
+	for _, ch := range rec.Channels {
+		k := r.keys.ChannelConns(ch)
+		p.ZAdd(ctx, k, redis.Z{Score: score, Member: rec.ID})
+		p.PExpire(ctx, k, r.ttl)
+	}
+	return nil
+}
+
+// Put writes rec (creating or replacing it) and its set memberships.
+func (r *Registry) Put(ctx context.Context, rec *Record) error {
+	return r.Refresh(ctx, []*Record{rec})
+}
+
+// Refresh rewrites every record in recs with a fresh TTL, in pipelined
+// batches.
+func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
+	score := r.expiry()
+	const batch = 256
+	for len(recs) > 0 {
+		n := min(batch, len(recs))
+		_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, rec := range recs[:n] {
+				if err := r.write(ctx, p, rec, score); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("registry refresh: %w", err)
+		}
+		recs = recs[n:]
+	}
+	return nil
+}
+
+// LeaveChannel removes rec's membership of channel (rec.Channels is the
+// caller's to update).
+func (r *Registry) LeaveChannel(ctx context.Context, rec *Record, channel string) error {
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.ZRem(ctx, r.keys.ChannelConns(channel), rec.ID)
+		return r.write(ctx, p, rec, r.expiry())
+	})
+	if err != nil {
+		return fmt.Errorf("registry leave %s: %w", channel, err)
+	}
+	return nil
+}
+
+// Remove deletes rec and its memberships.
+func (r *Registry) Remove(ctx context.Context, rec *Record) error {
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.Del(ctx, r.keys.Conn(rec.ID))
+		if rec.User != "" {
+			p.ZRem(ctx, r.keys.UserConns(rec.User), rec.ID)
+		}
+		for _, ch := range rec.Channels {
+			p.ZRem(ctx, r.keys.ChannelConns(ch), rec.ID)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("registry remove %s: %w", rec.ID, err)
+	}
+	return nil
+}
+
+// Get returns the live record of connection id, or ErrNotFound.
+func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
+	b, err := r.rdb.Get(ctx, r.keys.Conn(id)).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("registry get: %w", err)
+	}
+	var rec Record
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Errorf("registry get %s: %w", id, err)
+	}
+	return &rec, nil
+}
+
+// members returns the live records of the set at key, at most limit, and
+// drops members whose registration has expired.
+func (r *Registry) members(ctx context.Context, key string, limit int64) ([]*Record, error) {
+	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	ids, err := r.rdb.ZRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + now, Max: "+inf", Count: limit}).Result()
+	if err != nil {
+		return nil, fmt.Errorf("registry members: %w", err)
+	}
+	r.rdb.ZRemRangeByScore(ctx, key, "-inf", now) // best effort cleanup
+	if len(ids) == 0 {
+		return []*Record{}, nil
+	}
+	cmds := make([]*redis.StringCmd, len(ids))
+	_, err = r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range ids {
+			cmds[i] = p.Get(ctx, r.keys.Conn(id))
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("registry members: %w", err)
+	}
+	out := make([]*Record, 0, len(ids))
+	for _, c := range cmds {
+		b, err := c.Bytes()
+		if err != nil {
+			continue // expired between the two reads
+		}
+		var rec Record
+		if json.Unmarshal(b, &rec) == nil {
+			out = append(out, &rec)
+		}
+	}
+	return out, nil
+}
+
+// Channel returns up to limit live connections subscribed to channel.
+func (r *Registry) Channel(ctx context.Context, channel string, limit int64) ([]*Record, error) {
+	return r.members(ctx, r.keys.ChannelConns(channel), limit)
+}
+
+// User returns up to limit live connections of user.
+func (r *Registry) User(ctx context.Context, user string, limit int64) ([]*Record, error) {
+	return r.members(ctx, r.keys.UserConns(user), limit)
+}
