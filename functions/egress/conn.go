@@ -249,6 +249,8 @@ func (c *conn) noteReadError(err error) {
 	var ce *websocket.CloseError
 	var ne net.Error
 	switch {
+	case errors.As(err, &ce) && ce.Code == websocket.CloseAbnormalClosure:
+		c.closeWith(1006, "connection lost", false)
 	case errors.As(err, &ce):
 		c.closeWith(ce.Code, "client closed", false)
 	case errors.Is(err, websocket.ErrReadLimit):
