@@ -1,0 +1,259 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	redistest.StopAll()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// cluster is two ingress and two egress processes on one Redis.
+type cluster struct {
+	ingress [2]*proc
+	egress  [2]*proc
+	prefix  string
+}
+
+func startCluster(t *testing.T, redisURL string, extra env) *cluster {
+	t.Helper()
+	c := &cluster{prefix: redistest.Prefix(t)}
+	e := env{"REDIS_URL": redisURL, "REDIS_KEY_PREFIX": c.prefix, "ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "3s", "PROBE_INTERVAL": "200ms"}
+	for k, v := range extra {
+		e[k] = v
+	}
+	for i := range 2 {
+		c.ingress[i] = start(t, "ingress", e)
+		c.egress[i] = start(t, "egress", e)
+	}
+	return c
+}
+
+// TestBroadcastAcrossInstances: subscribers on both egress instances get
+// every message published through either ingress, once, in order.
+func TestBroadcastAcrossInstances(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	subs := []*wsClient{
+		dial(t, c.egress[0].wsURL("channels=room-1")),
+		dial(t, c.egress[1].wsURL("")),
+		dial(t, c.egress[1].wsURL("channels=room-1,room-2")),
+	}
+	subs[0].waitFrame(func(f frame) bool { return f.Type == "subscribed" && f.Channel == "room-1" })
+	subs[1].subscribe("room-1")
+	subs[2].waitFrame(func(f frame) bool { return f.Type == "subscribed" && f.Channel == "room-2" })
+
+	var ids []string
+	for i := range 50 {
+		var res struct{ ID, Channel string }
+		st := post(t, c.ingress[i%2].URL+"/v1/channels/room-1/messages", map[string]any{"data": map[string]int{"n": i}, "event": "tick"}, &res)
+		if st != 202 || res.Channel != "room-1" {
+			t.Fatalf("publish %d: %d %+v", i, st, res)
+		}
+		ids = append(ids, res.ID)
+	}
+	for i, s := range subs {
+		got := s.waitMessages("room-1", len(ids))
+		time.Sleep(100 * time.Millisecond) // a duplicate would arrive now
+		got = s.messages("room-1")
+		checkSequence(t, fmt.Sprintf("subscriber %d", i), got, ids)
+		if got[0].Event != "tick" || string(got[0].Data) != `{"n":0}` {
+			t.Fatalf("first message: %+v", got[0])
+		}
+	}
+	if n := len(subs[2].messages("room-2")); n != 0 {
+		t.Fatalf("room-2 subscriber got %d messages", n)
+	}
+	t.Logf("published %d, delivered %d to 3 subscribers on 2 instances, lost 0, duplicated 0", len(ids), 3*len(ids))
+}
+
+// TestTargetedSends: to one connection and to every connection of a user,
+// wherever they are connected.
+func TestTargetedSends(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	a1 := dial(t, c.egress[0].wsURL("user=alice"))
+	a2 := dial(t, c.egress[1].wsURL("user=alice"))
+	b := dial(t, c.egress[1].wsURL("user=bob"))
+
+	var res map[string]any
+	if st := post(t, c.ingress[0].URL+"/v1/connections/"+a2.welcome.ConnectionID+"/messages", map[string]any{"data": "only a2"}, &res); st != 202 {
+		t.Fatalf("to connection: %d %v", st, res)
+	}
+	f := a2.waitFrame(func(f frame) bool { return f.Type == "message" })
+	if string(f.Data) != `"only a2"` || f.Target != "connection" || f.Channel != "" {
+		t.Fatalf("targeted frame: %+v", f)
+	}
+	if st := post(t, c.ingress[1].URL+"/v1/users/alice/messages", map[string]any{"data": "all alice"}, &res); st != 202 || res["connections"].(float64) != 2 {
+		t.Fatalf("to user: %d %v", st, res)
+	}
+	for _, cl := range []*wsClient{a1, a2} {
+		cl.waitFrame(func(f frame) bool { return f.Type == "message" && string(f.Data) == `"all alice"` && f.Target == "user" })
+	}
+	if st := post(t, c.ingress[0].URL+"/v1/connections/nope123/messages", map[string]any{"data": 1}, &res); st != 404 {
+		t.Fatalf("unknown connection: %d", st)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(b.messages("")); n != 0 {
+		t.Fatalf("bob got %d messages", n)
+	}
+	if n := len(a1.messages("")); n != 1 {
+		t.Fatalf("a1 got %d messages, want 1", n)
+	}
+}
+
+// TestUnsubscribe stops delivery to that socket only.
+func TestUnsubscribe(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	x := dial(t, c.egress[0].wsURL("channels=news"))
+	y := dial(t, c.egress[0].wsURL("channels=news"))
+	x.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	y.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	x.send(map[string]any{"type": "unsubscribe", "channel": "news", "ref": "u1"})
+	x.waitFrame(func(f frame) bool { return f.Type == "unsubscribed" && f.Channel == "news" })
+	post(t, c.ingress[0].URL+"/v1/channels/news/messages", map[string]any{"data": 1}, nil)
+	y.waitMessages("news", 1)
+	time.Sleep(100 * time.Millisecond)
+	if n := len(x.messages("news")); n != 0 {
+		t.Fatalf("unsubscribed socket got %d messages", n)
+	}
+	x.send(map[string]any{"type": "unsubscribe", "channel": "news"})
+	x.waitFrame(func(f frame) bool { return f.Type == "error" && f.Code == "not_subscribed" })
+}
+
+type connList struct {
+	Connections []struct {
+		ID, User, Instance string
+		ConnectedAt        string `json:"connected_at"`
+	}
+}
+
+// TestRegistryCleanup: a record disappears at once on disconnect, and
+// within REGISTRY_TTL after its egress process is killed.
+func TestRegistryCleanup(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	live := dial(t, c.egress[0].wsURL("channels=lobby&user=carol"))
+	doomed := dial(t, c.egress[1].wsURL("channels=lobby&user=dave"))
+	live.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	doomed.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+
+	var list connList
+	getJSON(t, c.ingress[0].URL+"/v1/channels/lobby/connections", &list)
+	if len(list.Connections) != 2 {
+		t.Fatalf("registry: %+v", list)
+	}
+	var rec map[string]any
+	if st := getJSON(t, c.ingress[0].URL+"/v1/connections/"+live.welcome.ConnectionID, &rec); st != 200 || rec["user"] != "carol" || rec["instance"] != live.welcome.Instance {
+		t.Fatalf("record: %d %v", st, rec)
+	}
+
+	// Disconnect: gone at once.
+	third := dial(t, c.egress[0].wsURL("user=erin"))
+	third.ws.Close()
+	waitFor(t, 5*time.Second, func() error {
+		return statusIs(getJSON(t, c.ingress[0].URL+"/v1/connections/"+third.welcome.ConnectionID, nil), 404)
+	})
+
+	// Kill -9: gone within REGISTRY_TTL (3 s) from the last refresh.
+	killed := time.Now()
+	c.egress[1].kill()
+	waitFor(t, 8*time.Second, func() error {
+		if err := statusIs(getJSON(t, c.ingress[0].URL+"/v1/connections/"+doomed.welcome.ConnectionID, nil), 404); err != nil {
+			return err
+		}
+		var l connList
+		getJSON(t, c.ingress[0].URL+"/v1/channels/lobby/connections", &l)
+		if len(l.Connections) != 1 || l.Connections[0].User != "carol" {
+			return fmt.Errorf("lobby still lists %+v", l.Connections)
+		}
+		return nil
+	})
+	t.Logf("killed instance's records gone after %s (REGISTRY_TTL=3s)", time.Since(killed).Round(100*time.Millisecond))
+}
+
+func statusIs(got, want int) error {
+	if got != want {
+		return fmt.Errorf("status %d, want %d", got, want)
+	}
+	return nil
+}
+
+// TestReadyzFollowsRedis: both functions' /readyz turn 503 when Redis goes
+// away and 200 again when it is back.
+func TestReadyzFollowsRedis(t *testing.T) {
+	srv := redistest.Start(t)
+	e := env{"REDIS_URL": srv.URL(), "ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "200ms"}
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	for _, p := range []*proc{in, eg} {
+		waitFor(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
+	}
+	srv.Stop()
+	for _, p := range []*proc{in, eg} {
+		waitFor(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 503) })
+		if err := httpStatus(p.URL+"/healthz", 200); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Restart(t)
+	for _, p := range []*proc{in, eg} {
+		waitFor(t, 10*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
+	}
+}
+
+// TestBadFrames: every bad frame gets its documented error and the
+// connection stays open.
+func TestBadFrames(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	w := dial(t, c.egress[0].wsURL(""))
+	cases := []struct {
+		raw  string
+		code string
+	}{
+		{`not json`, "invalid_json"},
+		{`{"type":"dance"}`, "unknown_type"},
+		{`{"channel":"x"}`, "invalid_frame"},
+		{`{"type":"subscribe","channel":"bad name"}`, "invalid_channel"},
+		{`{"type":"subscribe","channel":42}`, "invalid_frame"},
+		{`{"type":"subscribe","channel":"ok","after":"nope"}`, "invalid_after"},
+		{`{"type":"unsubscribe","channel":"never"}`, "not_subscribed"},
+		{`[1,2]`, "invalid_frame"},
+	}
+	for _, tc := range cases {
+		before := len(w.frames)
+		_ = before
+		if err := w.ws.WriteMessage(1, []byte(tc.raw)); err != nil {
+			t.Fatal(err)
+		}
+		w.waitFrame(func(f frame) bool { return f.Type == "error" && f.Code == tc.code })
+	}
+	w.subscribe("ok")
+	w.send(map[string]any{"type": "subscribe", "channel": "ok"})
+	w.waitFrame(func(f frame) bool { return f.Type == "error" && f.Code == "already_subscribed" })
+	if err := w.ws.WriteMessage(2, []byte{1, 2, 3}); err != nil {
+		t.Fatal(err)
+	}
+	w.waitFrame(func(f frame) bool { return f.Type == "error" && f.Code == "binary_frame" })
+	w.send(map[string]any{"type": "ping", "ref": 7})
+	w.waitFrame(func(f frame) bool { return f.Type == "pong" })
+	// An oversized frame closes with 1009.
+	big := strings.Repeat("x", 70000)
+	_ = w.ws.WriteMessage(1, []byte(`{"type":"ping","ref":"`+big+`"}`))
+	select {
+	case <-w.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("oversized frame did not close the connection")
+	}
+	if w.closeCode != 1009 {
+		t.Fatalf("close code %d, want 1009", w.closeCode)
+	}
+}
