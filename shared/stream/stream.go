@@ -32,9 +32,9 @@ if last[1] then prev = last[1][1] end
 local id
 local maxlen = tonumber(ARGV[5])
 if maxlen > 0 then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4])
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 else
-  id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4])
+  id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 end
 local maxage = tonumber(ARGV[6])
 if maxage > 0 then
@@ -201,37 +201,33 @@ func (s *Store) LastID(ctx context.Context, key string) (ID, error) {
 // count entries with ids greater than after) and whether the stream still
 // holds everything published after `after`.
 //
-// Recovery is decided from the stream itself: `after` is still in the
-// stream (streams lose entries only from the front, by trimming), or it is
-// exactly the stream's max-deleted-entry-id (it was the last entry
-// trimmed). A stream that lost data — trimmed past `after`, expired, or
-// recreated after Redis restarted without persistence or failed over to a
-// lagging replica — holds neither, so the answer is false. See
-// docs/protocol.md.
+// Recovery is decided from the stream itself. Each entry records the id of
+// the entry before it (field p, written by the append script), so the
+// chain proves continuity: `after` is still in the stream, or the oldest
+// entry after it names `after` as its predecessor (`after` itself was the
+// last entry trimmed). A stream that lost data — trimmed past `after`,
+// expired, or recreated after Redis restarted without persistence or
+// failed over to a replica that lagged — breaks the chain, so the answer
+// is false. See docs/protocol.md.
 func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) ([]Entry, bool, error) {
 	msgs, err := s.rdb.XRangeN(ctx, key, after.String(), "+", count+1).Result()
 	if err != nil {
 		return nil, false, fmt.Errorf("resume %s after %s: %w", key, after, err)
 	}
-	if len(msgs) > 0 && MustParseID(msgs[0].ID) == after {
+	if len(msgs) == 0 {
+		// Nothing at or after `after`: recovered only if `after` is the
+		// newest entry, which XRANGE would have returned.
+		return nil, false, nil
+	}
+	if MustParseID(msgs[0].ID) == after {
 		return entriesOf(msgs[1:]), true, nil
 	}
+	prev, _ := msgs[0].Values["p"].(string)
 	if len(msgs) > int(count) {
 		msgs = msgs[:count]
 	}
-	info, err := s.rdb.XInfoStream(ctx, key).Result()
-	if err != nil {
-		if isNoSuchKey(err) {
-			return entriesOf(msgs), false, nil
-		}
-		return nil, false, fmt.Errorf("resume %s: %w", key, err)
-	}
-	maxDel, _ := ParseID(info.MaxDeletedEntryID)
-	return entriesOf(msgs), maxDel == after && (!after.IsZero() || info.EntriesAdded == info.Length), nil
-}
-
-func isNoSuchKey(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "no such key")
+	p, ok := ParseID(prev)
+	return entriesOf(msgs), ok && p == after, nil
 }
 
 // Notification is a parsed append announcement.

@@ -1,0 +1,103 @@
+package stream
+
+import (
+	"context"
+	"encoding/json"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+var benchData = json.RawMessage(`{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"}`)
+
+// BenchmarkMessageFrame is the frame encoding each publish does once.
+func BenchmarkMessageFrame(b *testing.B) {
+	m := Message{Channel: "chat.room-42", Event: "say", TS: 1700000000000, Data: benchData}
+	b.ReportAllocs()
+	for b.Loop() {
+		h, t := m.Frame()
+		if len(h)+len(t) == 0 {
+			b.Fatal("empty frame")
+		}
+	}
+}
+
+// BenchmarkParseNotification is the egress's decode of one Pub/Sub
+// notification.
+func BenchmarkParseNotification(b *testing.B) {
+	m := Message{Channel: "chat.room-42", TS: 1700000000000, Data: benchData}
+	h, t := m.Frame()
+	payload := "1700000000000-0\n1700000000001-0\n1700000000000\n\n" + h + "1700000000001-0" + t
+	b.ReportAllocs()
+	b.SetBytes(int64(len(payload)))
+	for b.Loop() {
+		if _, err := ParseNotification(payload); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkEntryFrame rebuilds a frame read back from a stream (replay).
+func BenchmarkEntryFrame(b *testing.B) {
+	m := Message{Channel: "chat.room-42", TS: 1700000000000, Data: benchData}
+	h, t := m.Frame()
+	e := Entry{ID: "1700000000001-0", Head: h, Tail: t}
+	b.ReportAllocs()
+	for b.Loop() {
+		if len(e.Frame()) == 0 {
+			b.Fatal("empty")
+		}
+	}
+}
+
+// BenchmarkAppend is one publish's round trip to Redis (the Lua script),
+// one append per call and in pipelines of 16.
+func BenchmarkAppend(b *testing.B) {
+	rdb, prefix := redistest.Client(b)
+	ks := keys.Scheme{Prefix: prefix}
+	s := NewStore(rdb)
+	ctx := context.Background()
+	for _, n := range []int{1, 16} {
+		b.Run("batch="+strconv.Itoa(n), func(b *testing.B) {
+			as := make([]Append, n)
+			for i := range as {
+				ch := "bench" + strconv.Itoa(i)
+				as[i] = Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Limits: Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000},
+					Msg: Message{Channel: ch, TS: 1700000000000, Data: benchData}}
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := s.Append(ctx, as); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/append")
+		})
+	}
+}
+
+// BenchmarkAfter reads and decodes a batch of 100 stream entries (replay).
+func BenchmarkAfter(b *testing.B) {
+	rdb, prefix := redistest.Client(b)
+	ks := keys.Scheme{Prefix: prefix}
+	s := NewStore(rdb)
+	ctx := context.Background()
+	a := Append{Stream: ks.Stream("hist"), Notify: ks.Notify("hist"), Msg: Message{Channel: "hist", TS: 1700000000000, Data: benchData}}
+	as := make([]Append, 100)
+	for i := range as {
+		as[i] = a
+	}
+	if _, err := s.Append(ctx, as); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		es, err := s.After(ctx, a.Stream, Zero, 100)
+		if err != nil || len(es) != 100 {
+			b.Fatal(len(es), err)
+		}
+	}
+}

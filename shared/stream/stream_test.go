@@ -1,0 +1,379 @@
+package stream
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	redistest.StopAll()
+	os.Exit(code)
+}
+
+type env struct {
+	t     *testing.T
+	rdb   redis.UniversalClient
+	keys  keys.Scheme
+	store *Store
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	return &env{t: t, rdb: rdb, keys: keys.Scheme{Prefix: prefix}, store: NewStore(rdb)}
+}
+
+func (e *env) appendOf(ch string, data string, lim Limits) Append {
+	return Append{
+		Stream: e.keys.Stream(ch),
+		Notify: e.keys.Notify(ch),
+		Msg:    Message{Channel: ch, TS: time.Now().UnixMilli(), Data: json.RawMessage(data)},
+		Limits: lim,
+	}
+}
+
+// publish appends n messages to ch one pipeline each and returns their ids.
+func (e *env) publish(ch string, n int, lim Limits) []string {
+	e.t.Helper()
+	var ids []string
+	for i := range n {
+		got, err := e.store.Append(e.t.Context(), []Append{e.appendOf(ch, strconv.Itoa(i), lim)})
+		if err != nil {
+			e.t.Fatalf("append: %v", err)
+		}
+		ids = append(ids, got...)
+	}
+	return ids
+}
+
+func TestAppendIDsIncrease(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	// One pipeline over two channels, then single appends.
+	as := []Append{e.appendOf("a", "1", Limits{}), e.appendOf("b", "2", Limits{}), e.appendOf("a", "3", Limits{})}
+	ids, err := e.store.Append(t.Context(), as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids = append(ids, e.publish("a", 20, Limits{})...)
+	var prev ID
+	for i, s := range ids {
+		if i == 1 {
+			continue // channel b
+		}
+		id, ok := ParseID(s)
+		if !ok {
+			t.Fatalf("id %q does not parse", s)
+		}
+		if !prev.Less(id) {
+			t.Fatalf("id %d %s is not after %s", i, id, prev)
+		}
+		prev = id
+	}
+	if n := e.rdb.XLen(t.Context(), e.keys.Stream("a")).Val(); n != 22 {
+		t.Fatalf("XLEN a = %d, want 22", n)
+	}
+}
+
+// Append loads the script itself when Redis's script cache is empty.
+func TestAppendAfterScriptFlush(t *testing.T) {
+	// Not parallel: SCRIPT FLUSH affects every test on this Redis, which
+	// Append handles; it is this test that checks it.
+	e := newEnv(t)
+	if err := e.rdb.ScriptFlush(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if ids := e.publish("flush", 2, Limits{}); len(ids) != 2 {
+		t.Fatalf("ids = %v", ids)
+	}
+}
+
+// Each append announces itself on the channel's shard Pub/Sub channel;
+// the payload parses back to the appended entry, and prev chains.
+func TestNotification(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ps := e.rdb.SSubscribe(t.Context(), e.keys.Notify("n"))
+	defer ps.Close()
+	if _, err := ps.Receive(t.Context()); err != nil { // subscription confirmed
+		t.Fatal(err)
+	}
+	a := e.appendOf("n", `{"x":[1,2]}`, Limits{})
+	a.Msg.Event = "ev"
+	a.Msg.From = "alice"
+	ids, err := e.store.Append(t.Context(), []Append{a, a, a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := ps.Channel()
+	prev := Zero
+	for i := range 3 {
+		var m *redis.Message
+		select {
+		case m = <-ch:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("notification %d not received", i)
+		}
+		n, err := ParseNotification(m.Payload)
+		if err != nil {
+			t.Fatalf("parse %q: %v", m.Payload, err)
+		}
+		if n.IDStr != ids[i] || n.ID != MustParseID(ids[i]) || n.Prev != prev || n.TS != a.Msg.TS || n.Route != "" {
+			t.Fatalf("notification %d = %+v; want id %s prev %s ts %d", i, n, ids[i], prev, a.Msg.TS)
+		}
+		var d Decoded
+		if err := json.Unmarshal(n.Frame, &d); err != nil {
+			t.Fatalf("frame %s: %v", n.Frame, err)
+		}
+		if d.Type != "message" || d.Channel != "n" || d.ID != ids[i] || d.Event != "ev" || d.From != "alice" || string(d.Data) != `{"x":[1,2]}` {
+			t.Fatalf("frame = %s", n.Frame)
+		}
+		prev = n.ID
+	}
+}
+
+func TestParseNotificationErrors(t *testing.T) {
+	t.Parallel()
+	for _, p := range []string{"", "0-0", "0-0\n1-1\n5", "0-0\n1-1\n5\nroute", "x\n1-1\n5\n\n{}", "0-0\n1-x\n5\n\n{}"} {
+		if _, err := ParseNotification(p); err != ErrBadNotification {
+			t.Errorf("ParseNotification(%q) err = %v", p, err)
+		}
+	}
+	n, err := ParseNotification("1-2\n3-4\n99\nc:conn1\n{\"a\":\"b\nc\"}")
+	if err != nil || n.Prev != (ID{1, 2}) || n.ID != (ID{3, 4}) || n.TS != 99 || n.Route != "c:conn1" || string(n.Frame) != "{\"a\":\"b\nc\"}" {
+		t.Fatalf("parsed %+v, %v", n, err)
+	}
+}
+
+// MAXLEN trimming is approximate: the stream never drops below the limit
+// and stays within a node's worth (100 entries by default) of it.
+func TestMaxLenTrim(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.publish("m", 450, Limits{MaxLen: 100})
+	n := e.rdb.XLen(t.Context(), e.keys.Stream("m")).Val()
+	if n < 100 || n > 250 {
+		t.Fatalf("XLEN = %d after 450 appends with MaxLen 100", n)
+	}
+	// Latest still reads the newest entries.
+	es, err := e.store.Latest(t.Context(), e.keys.Stream("m"), 1)
+	if err != nil || len(es) != 1 || es[0].Tail == "" {
+		t.Fatalf("latest: %v %v", es, err)
+	}
+	if d, _ := es[0].Decode(); string(d.Data) != "449" {
+		t.Fatalf("newest data = %s", d.Data)
+	}
+}
+
+// MaxAge trims entries older than the limit, approximately: Redis drops
+// only whole radix-tree nodes (stream-node-max-entries, 100 by default)
+// whose entries are all too old.
+func TestMaxAgeTrim(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("age")
+	old := time.Now().Add(-time.Hour).UnixMilli()
+	_, err := e.rdb.Pipelined(t.Context(), func(p redis.Pipeliner) error {
+		for i := range 250 {
+			p.XAdd(t.Context(), &redis.XAddArgs{Stream: key, ID: fmt.Sprintf("%d-%d", old, i+1), Values: []any{"h", "x"}})
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := e.publish("age", 1, Limits{MaxAgeMS: time.Minute.Milliseconds()})
+	n := e.rdb.XLen(t.Context(), key).Val()
+	if n < 1 || n > 101 {
+		t.Fatalf("XLEN = %d after trimming 250 old entries (nodes of 100), want 1–101", n)
+	}
+	if last, _ := e.store.LastID(t.Context(), key); last.String() != ids[0] {
+		t.Fatalf("newest entry %s was trimmed", ids[0])
+	}
+	// Entries younger than the limit are kept.
+	e.publish("age", 300, Limits{MaxAgeMS: time.Minute.Milliseconds()})
+	if n2 := e.rdb.XLen(t.Context(), key).Val(); n2 < 301 {
+		t.Fatalf("XLEN = %d: young entries were trimmed", n2)
+	}
+}
+
+// TTL: the whole stream expires after its last append.
+func TestStreamTTL(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.publish("ttl", 1, Limits{TTLMS: 60000})
+	ttl := e.rdb.PTTL(t.Context(), e.keys.Stream("ttl")).Val()
+	if ttl <= 50*time.Second || ttl > time.Minute {
+		t.Fatalf("PTTL = %v", ttl)
+	}
+	e.publish("nottl", 1, Limits{})
+	if ttl := e.rdb.PTTL(t.Context(), e.keys.Stream("nottl")).Val(); ttl != -1 {
+		t.Fatalf("PTTL without TTL = %v", ttl)
+	}
+}
+
+func TestResume(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	for _, tc := range []struct {
+		name      string
+		setup     func(e *env, key string, ids []string) ID // returns after
+		wantRec   bool
+		wantFirst int // index into ids of the first entry returned; -1 none
+	}{
+		{"from the start of an intact stream", func(e *env, key string, ids []string) ID { return Zero }, true, 0},
+		{"from an entry still in the stream", func(e *env, key string, ids []string) ID { return MustParseID(ids[4]) }, true, 5},
+		{"from the newest entry", func(e *env, key string, ids []string) ID { return MustParseID(ids[9]) }, true, -1},
+		{"after trimming past it", func(e *env, key string, ids []string) ID {
+			e.rdb.XTrimMaxLen(ctx, key, 3)
+			return MustParseID(ids[2])
+		}, false, 7},
+		{"from exactly the last entry trimmed", func(e *env, key string, ids []string) ID {
+			// The oldest retained entry names it as its predecessor.
+			e.rdb.XTrimMaxLen(ctx, key, 6)
+			return MustParseID(ids[3])
+		}, true, 4},
+		{"from before the last entry trimmed", func(e *env, key string, ids []string) ID {
+			e.rdb.XTrimMaxLen(ctx, key, 6)
+			return MustParseID(ids[2])
+		}, false, 4},
+		{"from an id that was never in the stream", func(e *env, key string, ids []string) ID {
+			return ID{MS: MustParseID(ids[0]).MS - 1, Seq: 7}
+		}, false, 0},
+		{"from the start after trimming", func(e *env, key string, ids []string) ID {
+			e.rdb.XTrimMaxLen(ctx, key, 6)
+			return Zero
+		}, false, 4},
+		{"after the stream was deleted (data loss)", func(e *env, key string, ids []string) ID {
+			e.rdb.Del(ctx, key)
+			return MustParseID(ids[4])
+		}, false, -1},
+		{"after the stream was recreated (data loss)", func(e *env, key string, ids []string) ID {
+			e.rdb.Del(ctx, key)
+			e.publish("r", 2, Limits{})
+			return MustParseID(ids[4])
+		}, false, 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			key := e.keys.Stream("r")
+			ids := e.publish("r", 10, Limits{})
+			after := tc.setup(e, key, ids)
+			es, rec, err := e.store.Resume(ctx, key, after, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rec != tc.wantRec {
+				t.Errorf("recovered = %v, want %v", rec, tc.wantRec)
+			}
+			switch {
+			case tc.wantFirst < 0:
+				if len(es) != 0 {
+					t.Errorf("got %d entries, want none", len(es))
+				}
+			case tc.wantFirst >= len(ids):
+				if len(es) == 0 || !after.Less(MustParseID(es[0].ID)) {
+					t.Errorf("entries %v", es)
+				}
+			default:
+				if len(es) != len(ids)-tc.wantFirst || es[0].ID != ids[tc.wantFirst] {
+					t.Errorf("got %d entries from %v, want %d from %s", len(es), first(es), len(ids)-tc.wantFirst, ids[tc.wantFirst])
+				}
+			}
+		})
+	}
+}
+
+func first(es []Entry) string {
+	if len(es) == 0 {
+		return "none"
+	}
+	return es[0].ID
+}
+
+// Reads come in bounded batches that page through the stream in order.
+func TestBoundedBatches(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("b")
+	ids := e.publish("b", 25, Limits{})
+
+	es, rec, err := e.store.Resume(t.Context(), key, MustParseID(ids[0]), 10)
+	if err != nil || !rec || len(es) != 10 || es[0].ID != ids[1] {
+		t.Fatalf("resume: %d entries, recovered %v, %v", len(es), rec, err)
+	}
+	es, rec, err = e.store.Resume(t.Context(), key, Zero, 10)
+	if err != nil || !rec || len(es) != 10 || es[0].ID != ids[0] {
+		t.Fatalf("resume from zero: %d entries, recovered %v, %v", len(es), rec, err)
+	}
+
+	var got []string
+	after := Zero
+	for {
+		es, err := e.store.After(t.Context(), key, after, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(es) > 10 {
+			t.Fatalf("batch of %d", len(es))
+		}
+		if len(es) == 0 {
+			break
+		}
+		for _, x := range es {
+			got = append(got, x.ID)
+		}
+		after = MustParseID(es[len(es)-1].ID)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(ids) {
+		t.Fatalf("paged %v, want %v", got, ids)
+	}
+
+	latest, err := e.store.Latest(t.Context(), key, 3)
+	if err != nil || len(latest) != 3 || latest[0].ID != ids[22] || latest[2].ID != ids[24] {
+		t.Fatalf("latest: %v %v", latest, err)
+	}
+	last, err := e.store.LastID(t.Context(), key)
+	if err != nil || last.String() != ids[24] {
+		t.Fatalf("LastID = %v, %v", last, err)
+	}
+	if last, err := e.store.LastID(t.Context(), e.keys.Stream("missing")); err != nil || !last.IsZero() {
+		t.Fatalf("LastID of missing stream = %v, %v", last, err)
+	}
+}
+
+// Entries read back carry the route and ts they were appended with.
+func TestEntryFields(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a := Append{
+		Stream: e.keys.Inbox("i1"), Notify: e.keys.InboxNotify("i1"),
+		Msg: Message{Route: ToUser("bob"), TS: 1234, Data: json.RawMessage(`"hi"`)},
+	}
+	if _, err := e.store.Append(context.Background(), []Append{a}); err != nil {
+		t.Fatal(err)
+	}
+	es, err := e.store.Latest(t.Context(), e.keys.Inbox("i1"), 10)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("%v %v", es, err)
+	}
+	if es[0].Route != ToUser("bob") || es[0].TS != 1234 {
+		t.Fatalf("entry %+v", es[0])
+	}
+	d, err := es[0].Decode()
+	if err != nil || d.Target != "user" || d.Channel != "" || d.ID != es[0].ID || string(d.Data) != `"hi"` {
+		t.Fatalf("decoded %+v %v", d, err)
+	}
+}
