@@ -1,10 +1,22 @@
 package main
 
 import (
+	"errors"
+	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
+)
+
+// Subprotocol is the WebSocket subprotocol a client offers alongside its
+// token: new WebSocket(url, ["wsrelay", "token." + jwt]). The server
+// echoes "wsrelay", never the token.
+const (
+	Subprotocol   = "wsrelay"
+	tokenProtocol = "token."
 )
 
 // identity is who opened a connection.
@@ -27,12 +39,103 @@ func (id *identity) responseHeader() http.Header {
 	return http.Header{"Sec-WebSocket-Protocol": {id.proto}}
 }
 
-// authenticate identifies the client of an upgrade request. In anonymous
-// mode the optional `user` query parameter names the user.
-func (s *Server) authenticate(r *http.Request) (*identity, *authError) {
-	user := r.URL.Query().Get("user")
-	if user != "" && !channel.ValidUser(user) {
-		return nil, &authError{http.StatusBadRequest, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"}
+// security is what the egress checks tokens with, built once from Config.
+type security struct {
+	verifier *auth.Verifier
+	public   channel.Patterns
+	anon     bool
+}
+
+// checkSecurity reports what is wrong with the token settings, including
+// the rule that a non-anonymous egress needs a way to verify tokens.
+func (c *Config) checkSecurity() []error {
+	var errs []error
+	if _, err := auth.NewVerifier(c.JWTSecret, c.JWTPublicKey); err != nil {
+		errs = append(errs, err)
 	}
-	return &identity{user: user}, nil
+	if _, bad := channel.ParsePatterns(c.PublicChannels); bad != "" {
+		errs = append(errs, errors.New("PUBLIC_CHANNELS: "+bad+" is not a channel pattern"))
+	}
+	if !c.AllowAnonymous && c.JWTSecret == "" && c.JWTPublicKey == "" {
+		errs = append(errs, errors.New("no way to verify connection tokens: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256 PEM), or ALLOW_ANONYMOUS=true for local development only"))
+	}
+	return errs
+}
+
+// newSecurity builds the checks from cfg; settings loadConfig would refuse
+// fail closed (no token accepted, no public channel).
+func newSecurity(cfg Config, log *slog.Logger) *security {
+	sec := &security{anon: cfg.AllowAnonymous}
+	var err error
+	if sec.verifier, err = auth.NewVerifier(cfg.JWTSecret, cfg.JWTPublicKey); err != nil {
+		log.Error("JWT settings unusable: no token is accepted", "err", err.Error())
+	}
+	if ps, bad := channel.ParsePatterns(cfg.PublicChannels); bad == "" {
+		sec.public = ps
+	} else {
+		log.Error("PUBLIC_CHANNELS unusable: no public channel", "pattern", bad)
+	}
+	return sec
+}
+
+// warnSecurity logs, at start, settings that leave the egress open.
+func warnSecurity(log *slog.Logger, cfg Config) {
+	if cfg.AllowAnonymous {
+		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN CONNECT AND SUBSCRIBE TO ANY CHANNEL WITHOUT A TOKEN. For local development only; never deploy this.")
+	}
+	if cfg.JWTSecret != "" && len(cfg.JWTSecret) < 32 {
+		log.Warn("JWT_SECRET is shorter than 32 bytes: use a long random secret")
+	}
+}
+
+// allowFor is the subscribe check of a token: its channels claim or a
+// public channel.
+func (sec *security) allowFor(c *auth.Claims) func(string) bool {
+	own, public := c.Channels, sec.public
+	return func(ch string) bool { return own.Allows(ch) || public.Allows(ch) }
+}
+
+// tokenFrom finds the token of an upgrade request: the "token" query
+// parameter, else a "token.<jwt>" subprotocol. proto is the subprotocol
+// to echo ("wsrelay" when offered).
+func tokenFrom(r *http.Request) (token, proto string) {
+	token = r.URL.Query().Get("token")
+	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
+		for _, p := range strings.Split(h, ",") {
+			p = strings.TrimSpace(p)
+			switch {
+			case p == Subprotocol:
+				proto = Subprotocol
+			case strings.HasPrefix(p, tokenProtocol) && token == "":
+				token = p[len(tokenProtocol):]
+			}
+		}
+	}
+	return token, proto
+}
+
+// authenticate identifies the client of an upgrade request from its token
+// (401 when missing, invalid or expired). In anonymous mode a request
+// without a token is let in, its user named by the optional `user` query
+// parameter.
+func (s *Server) authenticate(r *http.Request) (*identity, *authError) {
+	token, proto := tokenFrom(r)
+	if token == "" {
+		if !s.sec.anon {
+			return nil, &authError{http.StatusUnauthorized, "unauthorized", "missing token: pass it as the token query parameter or the token.<jwt> subprotocol"}
+		}
+		user := r.URL.Query().Get("user")
+		if user != "" && !channel.ValidUser(user) {
+			return nil, &authError{http.StatusBadRequest, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"}
+		}
+		return &identity{user: user, proto: proto}, nil
+	}
+	claims, err := s.sec.verifier.Verify(token)
+	if err != nil {
+		if errors.Is(err, auth.ErrTokenExpired) {
+			return nil, &authError{http.StatusUnauthorized, "token_expired", "the token has expired; connect with a fresh one"}
+		}
+		return nil, &authError{http.StatusUnauthorized, "invalid_token", err.Error()}
+	}
+	return &identity{user: claims.Subject, allow: s.sec.allowFor(claims), exp: claims.Expires, proto: proto}, nil
 }

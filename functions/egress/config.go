@@ -56,6 +56,26 @@ type Config struct {
 	// only the egress's own origin. Clients without Origin are allowed.
 	AllowedOrigins string `env:"ALLOWED_ORIGINS"`
 
+	// AllowAnonymous accepts sockets without a token (the user then comes
+	// from the "user" query parameter) for local development; a token
+	// that is sent is still checked.
+	AllowAnonymous bool `env:"ALLOW_ANONYMOUS" envDefault:"false"`
+	// JWTSecret verifies HS256 connection tokens. Empty: no HS256 tokens.
+	JWTSecret string `env:"JWT_SECRET"`
+	// JWTPublicKey (PEM, "\n" allowed for newlines) verifies RS256 or
+	// ES256 connection tokens. Empty: none.
+	JWTPublicKey string `env:"JWT_PUBLIC_KEY"`
+	// PublicChannels are channel patterns (comma-separated) any holder of
+	// a valid token may subscribe to, besides its channels claim. Empty:
+	// none.
+	PublicChannels string `env:"PUBLIC_CHANNELS"`
+
+	// IngressURL is the public URL of the ingress (e.g.
+	// https://api.example.com), used by the demo page at / to publish and
+	// read presence. Empty means the page's own origin (both functions
+	// behind one reverse proxy).
+	IngressURL string `env:"INGRESS_URL"`
+
 	// RegistryTTL is how long a connection's registry record outlives its
 	// instance: records are refreshed every RegistryTTL/3, so a crashed
 	// instance's records vanish within RegistryTTL.
@@ -112,6 +132,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
 	}
+	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {
 		return c, fmt.Errorf("configuration: %w", errors.Join(errs...))
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/registry"
@@ -46,12 +47,13 @@ type conn struct {
 	framesIn  atomic.Int64
 	framesOut atomic.Int64
 
-	mu      sync.Mutex
-	queue   []queued
-	spare   []queued
-	closing bool
-	wake    chan struct{}
-	done    chan struct{}
+	mu       sync.Mutex
+	queue    []queued
+	spare    []queued
+	closing  bool
+	closeMsg []byte // close frame for the writer to send
+	wake     chan struct{}
+	done     chan struct{}
 
 	closeOnce sync.Once
 	closeCode int
@@ -121,7 +123,10 @@ func (c *conn) sendError(code, msg string, ref json.RawMessage) {
 	c.sendReply(&protocol.Reply{Type: protocol.TypeError, Code: code, Message: msg, Ref: ref})
 }
 
-// writeLoop writes queued frames until the conn closes.
+// writeLoop writes queued frames until the conn closes. When the server
+// closes the conn, the writer sends the close frame itself, right after
+// the frame it is writing, so the frame reaches even a client that was
+// slow; what was still queued is dropped (the client resumes).
 func (c *conn) writeLoop() {
 	for {
 		select {
@@ -131,6 +136,15 @@ func (c *conn) writeLoop() {
 		}
 		for {
 			c.mu.Lock()
+			if c.closeMsg != nil {
+				msg := c.closeMsg
+				c.mu.Unlock()
+				_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.WriteTimeout))
+				_ = c.ws.WriteMessage(websocket.CloseMessage, msg)
+				// Wait briefly for the client's close reply, then end.
+				_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
+				return
+			}
 			batch := c.queue
 			c.queue = c.spare[:0]
 			c.spare = nil
@@ -165,23 +179,40 @@ func (c *conn) writeLoop() {
 }
 
 // closeWith closes the connection once, recording who closed it and why.
-// The close frame is sent with a short deadline; the reader then ends.
+// A server close (other than 1006, a dead peer) hands the close frame to
+// the writer and drops the queue; the reader ends when the client answers
+// or after WriteTimeout plus a second. 1006 closes the socket at once.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.closing = true
 		c.closeCode, c.byServer, c.reason = code, byServer, reason
-		c.mu.Unlock()
+		clear(c.queue)
+		c.queue = nil
 		if byServer && code != 1006 {
-			msg := websocket.FormatCloseMessage(code, reason)
-			_ = c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+			c.closeMsg = websocket.FormatCloseMessage(code, reason)
 		}
-		// Let the reader see the client's close reply, or give up soon.
-		_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
-		if code == 1006 {
+		c.mu.Unlock()
+		switch {
+		case code == 1006:
 			_ = c.ws.NetConn().Close()
+		case byServer:
+			_ = c.ws.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
+			select {
+			case c.wake <- struct{}{}:
+			default:
+			}
+		default:
+			_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
+}
+
+// isClosing reports whether closeWith has run.
+func (c *conn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closing
 }
 
 // readLoop handles client frames until the connection ends.
@@ -190,6 +221,9 @@ func (c *conn) readLoop(ctx context.Context) {
 	c.ws.SetReadLimit(c.s.cfg.MaxFrameBytes)
 	_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
 	c.ws.SetPongHandler(func(string) error {
+		if c.isClosing() {
+			return nil
+		}
 		return c.ws.SetReadDeadline(time.Now().Add(pongWait))
 	})
 	c.ws.SetCloseHandler(func(code int, text string) error {
@@ -203,6 +237,9 @@ func (c *conn) readLoop(ctx context.Context) {
 		if err != nil {
 			c.noteReadError(err)
 			return
+		}
+		if c.isClosing() {
+			continue // drain until the client's close reply or the deadline
 		}
 		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
 		c.framesIn.Add(1)
@@ -325,7 +362,9 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 	cancel()
 	c.s.metrics.subscriptions.Inc()
 	if after == nil {
-		cs.subscribeLive(c, c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: ch, Ref: ref}))
+		cs.subscribeLive(c, func(pos stream.ID) queued {
+			return c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: ch, Position: pos.String(), Ref: ref})
+		})
 		return true
 	}
 	return c.resume(ctx, cs, *after, ref)
@@ -344,7 +383,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 		return false
 	}
 	rec := recovered
-	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Ref: ref}))
+	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: after.String(), Ref: ref}))
 	last := after
 	for {
 		for i := range entries {
@@ -448,8 +487,45 @@ func (c *conn) expired(now time.Time) bool {
 	return !c.exp.IsZero() && now.After(c.exp)
 }
 
-// refresh handles a "refresh" frame (a fresh token); without token auth
-// there is nothing to refresh.
+// refresh handles a "refresh" frame: a fresh token for the same user
+// replaces the connection's expiry and allowed channels, and is answered
+// with "refreshed". Subscriptions the new token no longer allows are
+// ended (an "unsubscribed" frame each). A bad token is an error frame; the
+// connection stays until the old token expires. Runs on the reader
+// goroutine, the only reader of c.allow; c.exp is shared with the sweep.
 func (c *conn) refresh(req *protocol.Request) {
-	c.sendError(protocol.CodeInvalidToken, "this server does not use tokens", req.Ref)
+	sec := c.s.sec
+	if sec.verifier == nil {
+		c.sendError(protocol.CodeInvalidToken, "this server does not accept tokens", req.Ref)
+		return
+	}
+	claims, err := sec.verifier.Verify(req.Token)
+	if err != nil {
+		msg := err.Error()
+		if errors.Is(err, auth.ErrTokenExpired) {
+			msg = "the new token has already expired"
+		}
+		c.sendError(protocol.CodeInvalidToken, msg, req.Ref)
+		c.abuse()
+		return
+	}
+	if claims.Subject != c.user {
+		c.sendError(protocol.CodeForbidden, "the new token is for another user", req.Ref)
+		c.abuse()
+		return
+	}
+	allow := sec.allowFor(claims)
+	c.mu.Lock()
+	c.exp = claims.Expires
+	c.allow = allow
+	c.mu.Unlock()
+	c.badFrames = 0
+	for ch := range c.subs {
+		if !allow(ch) {
+			c.subs[ch].remove(c)
+			c.dropSub(context.Background(), ch)
+			c.sendReply(&protocol.Reply{Type: protocol.TypeUnsubscribed, Channel: ch})
+		}
+	}
+	c.sendReply(&protocol.Reply{Type: protocol.TypeRefreshed, Ref: req.Ref})
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,7 +37,7 @@ type chanState struct {
 	last      stream.ID     // receive loop only: newest id delivered
 
 	mu       sync.Mutex
-	subs     map[*conn]struct{}
+	subs     map[*conn]stream.ID // value: skip messages up to this id (0: none)
 	resuming map[*conn]*resumer
 	refs     int       // guarded by hub.mu
 	idleAt   time.Time // guarded by hub.mu: when refs dropped to 0
@@ -64,9 +63,9 @@ type hub struct {
 	inbox      *chanState
 	conns      map[string]*conn              // by connection id
 	users      map[string]map[*conn]struct{} // by user
-	ps         *redis.PubSub
-	psMu       sync.Mutex   // guards ps replacement and commands on it
-	lastRecv   atomic.Int64 // unix nanos of the last probe seen by the receive loop
+	sub        *subscriber                   // set by run before its first use; see pubsub.go
+	psMu       sync.Mutex                    // guards sub
+	lastRecv   atomic.Int64                  // unix nanos of the last probe seen by the receive loop
 	reconnects atomic.Int64
 }
 
@@ -89,62 +88,40 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 
 // start subscribes the inbox and runs the receive loop until ctx is done.
 func (h *hub) run(ctx context.Context) {
+	sub := newSubscriber(h.log, h.rdb)
 	h.psMu.Lock()
-	h.ps = h.rdb.SSubscribe(ctx)
-	_ = h.ps.SSubscribe(ctx, h.inbox.notify)
+	h.sub = sub
 	h.psMu.Unlock()
-	defer func() {
-		h.psMu.Lock()
-		h.ps.Close()
-		h.psMu.Unlock()
-	}()
-	backoff := 50 * time.Millisecond
-	for ctx.Err() == nil {
-		msg, err := h.ps.ReceiveTimeout(ctx, time.Second)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
+	defer sub.Close()
+	// Errors are retried inside the subscriber (the inbox stays wanted).
+	_ = sub.Subscribe(ctx, h.inbox.notify)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-sub.Events():
+			if ev.confirmed {
+				h.onConfirmed(ctx, ev.channel)
+			} else {
+				h.onMessage(ctx, ev.channel, ev.payload)
 			}
-			var ne interface{ Timeout() bool }
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			h.log.Warn("redis subscription error", "err", err.Error(), "retry_in", backoff.String())
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
-			backoff = min(backoff*2, 2*time.Second)
-			continue
-		}
-		backoff = 50 * time.Millisecond
-		switch m := msg.(type) {
-		case *redis.Subscription:
-			if m.Kind == "ssubscribe" {
-				h.onConfirmed(ctx, m.Channel)
-			}
-		case *redis.Message:
-			h.onMessage(ctx, m.Channel, m.Payload)
 		}
 	}
 }
 
-// resubscribe replaces the Pub/Sub connection: used when probes show the
-// read path is dead although the connection looks open.
-func (h *hub) resubscribe(ctx context.Context) {
-	h.mu.Lock()
-	names := make([]string, 0, len(h.chans))
-	for k := range h.chans {
-		names = append(names, k)
-	}
-	h.mu.Unlock()
+// liveSub returns the subscriber, or nil before run started.
+func (h *hub) liveSub() *subscriber {
 	h.psMu.Lock()
 	defer h.psMu.Unlock()
-	h.ps.Close()
-	h.ps = h.rdb.SSubscribe(ctx)
-	for _, n := range names {
-		_ = h.ps.SSubscribe(ctx, n)
+	return h.sub
+}
+
+// resubscribe replaces the Pub/Sub connections: used when probes show the
+// read path is dead although the connections look open. The subscriber
+// keeps the set of wanted channels; it resolves each one's node again.
+func (h *hub) resubscribe(ctx context.Context) {
+	if sub := h.liveSub(); sub != nil {
+		sub.Reconnect(ctx)
 	}
 	h.reconnects.Add(1)
 }
@@ -232,7 +209,6 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 // deliver fans one message out. It encodes the frame once; each
 // subscriber's queue gets a pointer to it.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64) {
-	cs.last = id
 	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
 	if err != nil {
 		return
@@ -240,8 +216,13 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 	q := queued{pm: pm, id: id, ts: ts}
 	if cs != h.inbox {
 		cs.mu.Lock()
-		for c := range cs.subs {
-			c.enqueue(q)
+		// Written under mu so that a subscriber joining reads the id of
+		// the last message it will not get (its resume point).
+		cs.last = id
+		for c, skip := range cs.subs {
+			if skip.Less(id) {
+				c.enqueue(q)
+			}
 		}
 		for c, r := range cs.resuming {
 			if len(r.buf) >= h.maxBuf {
@@ -254,6 +235,7 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		cs.mu.Unlock()
 		return
 	}
+	cs.last = id
 	switch route.Kind() {
 	case stream.RouteConnection:
 		h.mu.Lock()
@@ -292,7 +274,7 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 	if fresh {
 		cs = &chanState{
 			name: channel, stream: h.keys.Stream(channel), notify: notify,
-			ready: make(chan struct{}), subs: make(map[*conn]struct{}),
+			ready: make(chan struct{}), subs: make(map[*conn]stream.ID),
 			resuming: make(map[*conn]*resumer),
 		}
 		h.chans[notify] = cs
@@ -300,9 +282,12 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 	cs.refs++
 	h.mu.Unlock()
 	if fresh {
-		h.psMu.Lock()
-		err := h.ps.SSubscribe(ctx, notify)
-		h.psMu.Unlock()
+		err := errClosedSubscriber
+		if sub := h.liveSub(); sub != nil {
+			// On an error the channel stays wanted: the subscriber
+			// retries, and the wait below bounds how long we give it.
+			err = sub.Subscribe(ctx, notify)
+		}
 		if err != nil {
 			h.log.Warn("subscribe in redis", "err", err.Error())
 		}
@@ -349,9 +334,23 @@ func (h *hub) sweepIdle(ctx context.Context, now time.Time) {
 	}
 	h.mu.Unlock()
 	if len(drop) > 0 {
-		h.psMu.Lock()
-		_ = h.ps.SUnsubscribe(ctx, drop...)
-		h.psMu.Unlock()
+		if sub := h.liveSub(); sub != nil {
+			_ = sub.Unsubscribe(ctx, drop...)
+			// A channel acquired again between the unlock above and the
+			// unsubscribe has lost its subscription: subscribe it again
+			// (a repeated confirmation only makes the hub catch up).
+			var again []string
+			h.mu.Lock()
+			for _, k := range drop {
+				if h.chans[k] != nil {
+					again = append(again, k)
+				}
+			}
+			h.mu.Unlock()
+			for _, k := range again {
+				_ = sub.Subscribe(ctx, k)
+			}
+		}
 	}
 }
 
@@ -411,11 +410,13 @@ func (h *hub) probe(ctx context.Context) error {
 }
 
 // subscribeLive adds c to cs with no replay: c gets every message fanned
-// out after its "subscribed" frame, which is queued under the same lock.
-func (cs *chanState) subscribeLive(c *conn, reply queued) {
+// out after its "subscribed" frame, which is queued under the same lock
+// and carries the id of the last message fanned out before (the point a
+// client resumes from if it is cut before its first message).
+func (cs *chanState) subscribeLive(c *conn, reply func(position stream.ID) queued) {
 	cs.mu.Lock()
-	cs.subs[c] = struct{}{}
-	c.enqueue(reply)
+	cs.subs[c] = stream.ID{}
+	c.enqueue(reply(cs.last))
 	cs.mu.Unlock()
 }
 
@@ -438,12 +439,15 @@ func (cs *chanState) finishResume(c *conn, r *resumer, lastSent stream.ID) bool 
 	if r.overflow {
 		return false
 	}
+
 	for _, q := range r.buf {
 		if lastSent.Less(q.id) {
 			c.enqueue(q)
 		}
 	}
-	cs.subs[c] = struct{}{}
+	// The replay may have read from the stream messages whose live
+	// notification has not arrived yet: skip those when they do.
+	cs.subs[c] = lastSent
 	return true
 }
 
@@ -453,5 +457,3 @@ func (cs *chanState) remove(c *conn) {
 	delete(cs.resuming, c)
 	cs.mu.Unlock()
 }
-
-func isChannelNotify(k string) bool { return strings.Contains(k, "{c:") }

@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // metrics are the egress's Prometheus metrics (docs/metrics.md). Labels
@@ -31,8 +32,9 @@ func newMetrics(h *hub) *metrics {
 	m.slowConsumers = prometheus.NewCounter(prometheus.CounterOpts{Name: "wsrelay_egress_slow_consumer_closes_total", Help: "Connections closed because their outgoing queue overflowed."})
 	m.closes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "wsrelay_egress_closes_total", Help: "Connections ended, by SCF-style status (200, 433, 439, 455, 456)."}, []string{"status"})
 	m.redisReconnects = prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "wsrelay_egress_redis_resubscribes_total", Help: "Redis Pub/Sub reconnects followed by a stream catch-up."}, func() float64 { return float64(h.reconnects.Load()) })
-	m.reg.MustRegister(m.connections, m.subscriptions, m.deliveries, m.deliveryLatency, m.slowConsumers, m.closes, m.redisReconnects,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	channels := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "wsrelay_egress_channels", Help: "Channels this instance reads because a local socket is subscribed."}, func() float64 { return float64(h.channelCount()) })
+	m.reg.MustRegister(channels, m.connections, m.subscriptions, m.deliveries, m.deliveryLatency, m.slowConsumers, m.closes, m.redisReconnects,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

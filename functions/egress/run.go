@@ -8,15 +8,24 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // run starts the egress and serves until ctx is done, then drains.
-func run(ctx context.Context, _ []string, getenv func(string) string, stdout, _ io.Writer) error {
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, _ io.Writer) error {
+	if slices.Contains(args[min(1, len(args)):], "-env") {
+		// The deploy tests and docs take the variable names from here.
+		for _, name := range config.Names(&Config{}) {
+			fmt.Fprintln(stdout, name)
+		}
+		return nil
+	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
@@ -25,6 +34,7 @@ func run(ctx context.Context, _ []string, getenv func(string) string, stdout, _ 
 	if err != nil {
 		return err
 	}
+	warnSecurity(log, cfg)
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err

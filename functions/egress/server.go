@@ -34,6 +34,7 @@ type Server struct {
 	instance string
 	upgrader websocket.Upgrader
 	mux      *http.ServeMux
+	sec      *security // token checks (auth.go)
 
 	open     atomic.Int64
 	draining atomic.Bool
@@ -54,6 +55,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		reg:      registry.New(rdb, ks, cfg.RegistryTTL),
 		instance: instance,
 	}
+	s.sec = newSecurity(cfg, s.log)
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{
@@ -75,6 +77,8 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /ws", s.handleWS)
 	s.mux.HandleFunc("GET /healthz", s.handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
+	s.mux.Handle("GET /client.js", handleClientJS())
+	s.mux.Handle("GET /{$}", handleDemo(s.cfg))
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint; see docs/protocol.md")
@@ -139,7 +143,7 @@ func (s *Server) drain() {
 // registry refresh, the read-path probe and unsubscribing idle channels.
 // One loop for all connections instead of timers per connection.
 func (s *Server) maintain(ctx context.Context) {
-	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2))
+	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2, s.cfg.ProbeInterval/2))
 	defer tick.Stop()
 	refreshEvery := s.cfg.RegistryTTL / 3
 	lastRefresh, lastProbe := time.Now(), time.Time{}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+
+	"github.com/gorilla/websocket"
 	"net/http"
 	"strconv"
 	"strings"
@@ -72,7 +74,8 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	rcancel()
 	if err != nil {
 		s.log.Warn("registry unavailable at connect", "err", err.Error())
-		c.closeWith(protocol.CloseTryAgainLater, "registry unavailable: retry", true)
+		msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
+		_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 		ws.Close()
 		return
 	}

@@ -1,8 +1,64 @@
 package main
 
 import (
+	"errors"
+	"log/slog"
+
 	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
 )
+
+// security is what the ingress checks credentials and limits with, built
+// once from Config.
+type security struct {
+	keys     auth.Keys
+	verifier *auth.Verifier
+	anon     bool
+	limits   publishLimits
+}
+
+// checkSecurity reports what is wrong with the credential settings,
+// including the rule that a non-anonymous ingress needs some credential.
+func (c *Config) checkSecurity() []error {
+	var errs []error
+	keys, err := auth.ParseKeys(c.APIKeys)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := auth.NewVerifier(c.JWTSecret, c.JWTPublicKey); err != nil {
+		errs = append(errs, err)
+	}
+	if !c.AllowAnonymous && keys.Len() == 0 && c.JWTSecret == "" && c.JWTPublicKey == "" {
+		errs = append(errs, errors.New("no credentials configured: set API_KEYS (backend keys) and/or JWT_SECRET (user tokens), or ALLOW_ANONYMOUS=true for local development only"))
+	}
+	for _, x := range []struct {
+		name string
+		v    float64
+	}{{"PUBLISH_RATE_PER_KEY", c.PublishRatePerKey}, {"PUBLISH_RATE_PER_IP", c.PublishRatePerIP}, {"PUBLISH_RATE_PER_USER", c.PublishRatePerUser}} {
+		if x.v < 0 {
+			errs = append(errs, errors.New(x.name+" must not be negative"))
+		}
+	}
+	if c.PublishBurstPerKey < 0 || c.PublishBurstPerIP < 0 || c.PublishBurstPerUser < 0 {
+		errs = append(errs, errors.New("PUBLISH_BURST_PER_* must not be negative"))
+	}
+	return errs
+}
+
+// newSecurity builds the checks from cfg. Settings that loadConfig would
+// refuse fail closed here: no key, no token is accepted.
+func newSecurity(cfg Config, log *slog.Logger) *security {
+	sec := &security{anon: cfg.AllowAnonymous, limits: newPublishLimits(cfg)}
+	var err error
+	if sec.keys, err = auth.ParseKeys(cfg.APIKeys); err != nil {
+		log.Error("API_KEYS unusable: no API key is accepted", "err", err.Error())
+	}
+	if sec.verifier, err = auth.NewVerifier(cfg.JWTSecret, cfg.JWTPublicKey); err != nil {
+		log.Error("JWT settings unusable: no user token is accepted", "err", err.Error())
+	}
+	return sec
+}
 
 // principal is who made a request: an API key, a user token, or nobody
 // (anonymous mode). Its methods answer nil or the apiError to return.
@@ -11,20 +67,108 @@ type principal struct {
 	// never the secret itself.
 	id   string
 	user string // user token's sub; empty otherwise
+
+	key    *auth.Key    // API key, or nil
+	claims *auth.Claims // user token, or nil
 }
 
-// authenticate identifies the caller.
+func (p *principal) anonymous() bool { return p.key == nil && p.claims == nil }
+
+func unauthorized(code, msg string) *apiError { return errf(401, code, msg) }
+
+func forbidden(msg string) *apiError { return errf(403, "forbidden", msg) }
+
+// authenticate identifies the caller from "Authorization: Bearer <x>",
+// where x is an API key or a user token (a JWT: exactly two dots; API keys
+// have none). No credential is 401 unless anonymous mode is on; a bad
+// credential is always 401.
 func (s *Server) authenticate(c *gin.Context) (*principal, error) {
-	return &principal{id: "anonymous"}, nil
+	h := c.GetHeader("Authorization")
+	if h == "" {
+		if s.sec.anon {
+			return &principal{id: "anonymous"}, nil
+		}
+		c.Header("WWW-Authenticate", `Bearer realm="wsrelay"`)
+		return nil, unauthorized("unauthorized", "missing credential: send Authorization: Bearer <API key or user token>")
+	}
+	cred, ok := auth.BearerCredential(h)
+	if !ok {
+		c.Header("WWW-Authenticate", `Bearer realm="wsrelay"`)
+		return nil, unauthorized("unauthorized", "the Authorization header must be: Bearer <API key or user token>")
+	}
+	if auth.IsToken(cred) {
+		claims, err := s.sec.verifier.Verify(cred)
+		if err != nil {
+			c.Header("WWW-Authenticate", `Bearer realm="wsrelay", error="invalid_token"`)
+			switch {
+			case errors.Is(err, auth.ErrTokenExpired):
+				return nil, unauthorized("token_expired", "the user token has expired; get a fresh one")
+			default:
+				return nil, unauthorized("invalid_token", err.Error())
+			}
+		}
+		return &principal{id: "user:" + claims.Subject, user: claims.Subject, claims: claims}, nil
+	}
+	k, ok := s.sec.keys.Lookup(cred)
+	if !ok {
+		c.Header("WWW-Authenticate", `Bearer realm="wsrelay"`)
+		return nil, unauthorized("unauthorized", "unknown API key")
+	}
+	return &principal{id: k.ID, key: k}, nil
 }
 
-func (p *principal) mayPublish(channel string) error      { return nil }
-func (p *principal) mayAdmin() error                      { return nil }
-func (p *principal) mayReadPresence(channel string) error { return nil }
-func (p *principal) mayReadHistory(channel string) error  { return nil }
+const userAdminMsg = "user tokens cannot send to connections or users, read the registry or disconnect: these need an API key with the admin scope"
 
-// from is the sender stamped on a message: a user token's sub always; a
-// backend's own "from" otherwise.
+func (p *principal) mayPublish(ch string) error {
+	switch {
+	case p.anonymous():
+		return nil
+	case p.claims != nil:
+		if p.claims.Publish.Allows(ch) {
+			return nil
+		}
+		return forbidden("this user token may not publish to " + ch + " (see its publish claim)")
+	case p.key.MayUseChannel(ch):
+		return nil
+	}
+	return forbidden("this API key may not publish to " + ch)
+}
+
+func (p *principal) mayAdmin() error {
+	switch {
+	case p.anonymous():
+		return nil
+	case p.claims != nil:
+		return forbidden(userAdminMsg)
+	case p.key.Admin:
+		return nil
+	}
+	return forbidden("this API key lacks the " + auth.AdminScope + " scope")
+}
+
+// mayReadPresence: the registry is admin-only.
+func (p *principal) mayReadPresence(string) error { return p.mayAdmin() }
+
+// mayReadHistory: an API key on its channels, or a user token whose
+// channels claim covers the channel.
+func (p *principal) mayReadHistory(ch string) error {
+	switch {
+	case p.anonymous():
+		return nil
+	case p.claims != nil:
+		if p.claims.Channels.Allows(ch) {
+			return nil
+		}
+		return forbidden("this user token may not read " + ch + " (see its channels claim)")
+	case p.key.MayUseChannel(ch):
+		return nil
+	}
+	return forbidden("this API key may not read " + ch)
+}
+
+// from is the sender stamped on a message: a user token's sub always (a
+// "from" in the body is ignored, so it cannot be forged); a backend's own
+// "from" otherwise.
 func (p *principal) from(bodyFrom string) (string, error) {
 	if p.user != "" {
 		return p.user, nil
@@ -32,10 +176,17 @@ func (p *principal) from(bodyFrom string) (string, error) {
 	return bodyFrom, nil
 }
 
-// allowPublishes applies publish rate limits for n messages.
-func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error { return nil }
-
 // readBody reads a JSON body of at most limit bytes.
 func (s *Server) readBody(c *gin.Context, limit int64) ([]byte, error) {
 	return readBody(c, limit)
+}
+
+// warnSecurity logs, at start, settings that leave the ingress open.
+func warnSecurity(log *slog.Logger, cfg Config) {
+	if cfg.AllowAnonymous {
+		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN PUBLISH, SEND AND READ WITHOUT A CREDENTIAL. For local development only; never deploy this.")
+	}
+	if cfg.JWTSecret != "" && len(cfg.JWTSecret) < 32 {
+		log.Warn("JWT_SECRET is shorter than 32 bytes: use a long random secret")
+	}
 }

@@ -39,6 +39,39 @@ type Config struct {
 	// RegistryTTL must equal the egress's: targeted messages to an instance
 	// are kept this long (twice) for it to catch up after a Redis blip.
 	RegistryTTL time.Duration `env:"REGISTRY_TTL" envDefault:"30s"`
+
+	// AllowAnonymous serves requests without a credential with full access
+	// (local development only); a credential that is sent is still checked.
+	AllowAnonymous bool `env:"ALLOW_ANONYMOUS" envDefault:"false"`
+	// APIKeys are the backends' keys, comma-separated, each optionally
+	// scoped: key=chat:*|news.*|+admin (docs/security.md). Empty: none.
+	APIKeys string `env:"API_KEYS"`
+	// JWTSecret verifies HS256 user tokens. Empty: no HS256 tokens.
+	JWTSecret string `env:"JWT_SECRET"`
+	// JWTPublicKey (PEM, "\n" allowed for newlines) verifies RS256 or
+	// ES256 user tokens. Empty: none.
+	JWTPublicKey string `env:"JWT_PUBLIC_KEY"`
+	// AllowedOrigins are the browser origins allowed by CORS (comma-
+	// separated scheme://host[:port]; "*" any). Empty: same host only.
+	AllowedOrigins string `env:"ALLOWED_ORIGINS"`
+
+	// PublishRatePerKey limits messages per second per API key; zero: off.
+	PublishRatePerKey float64 `env:"PUBLISH_RATE_PER_KEY" envDefault:"0"`
+	// PublishBurstPerKey is that limit's burst; zero: twice the rate.
+	PublishBurstPerKey int `env:"PUBLISH_BURST_PER_KEY" envDefault:"0"`
+	// PublishRatePerIP limits messages per second per client IP; zero: off.
+	PublishRatePerIP float64 `env:"PUBLISH_RATE_PER_IP" envDefault:"0"`
+	// PublishBurstPerIP is that limit's burst; zero: twice the rate.
+	PublishBurstPerIP int `env:"PUBLISH_BURST_PER_IP" envDefault:"0"`
+	// PublishRatePerUser limits messages per second per user token
+	// subject; zero: off. The default is SCF's per-connection figure.
+	PublishRatePerUser float64 `env:"PUBLISH_RATE_PER_USER" envDefault:"10"`
+	// PublishBurstPerUser is that limit's burst; zero: twice the rate.
+	PublishBurstPerUser int `env:"PUBLISH_BURST_PER_USER" envDefault:"20"`
+	// ClientIPHeader names the header the API gateway puts the client's
+	// address in (its last entry is used, e.g. X-Forwarded-For). Empty:
+	// the TCP peer address. Only set it behind a gateway that sets it.
+	ClientIPHeader string `env:"CLIENT_IP_HEADER"`
 }
 
 func loadConfig(getenv func(string) string) (Config, error) {
@@ -74,6 +107,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.RegistryTTL < time.Second {
 		errs = append(errs, errors.New("REGISTRY_TTL must be at least 1s"))
 	}
+	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {
 		return c, fmt.Errorf("configuration: %w", errors.Join(errs...))
 	}

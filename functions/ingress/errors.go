@@ -54,6 +54,7 @@ func writeError(c *gin.Context, log *slog.Logger, err error) {
 		body.Error.Index = &idx
 	case errors.As(err, &ae):
 	case errors.Is(err, context.Canceled):
+		c.Set(errorCodeKey, "canceled")
 		c.Abort()
 		return
 	default:
@@ -61,6 +62,7 @@ func writeError(c *gin.Context, log *slog.Logger, err error) {
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
 	}
 	body.Error.Code = ae.Code
+	c.Set(errorCodeKey, ae.Code)
 	body.Error.Message = ae.Message
 	if ae.RetryAfter > 0 {
 		c.Header("Retry-After", strconv.Itoa(ae.RetryAfter))

@@ -71,8 +71,12 @@ func (s *Server) handlePublish(c *gin.Context) {
 		writeError(c, s.log, err)
 		return
 	}
+	if err := s.allowPublishes(c, who, 1); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
 	s.idempotent(c, who, body, func() (int, any, error) {
-		ids, err := s.store.Append(c.Request.Context(), []stream.Append{s.channelAppend(ch, p, from, time.Now().UnixMilli())})
+		ids, err := s.appendStreams(c.Request.Context(), []stream.Append{s.channelAppend(ch, p, from, time.Now().UnixMilli())})
 		if err != nil {
 			return 0, nil, err
 		}
@@ -117,7 +121,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
-		ids, err := s.store.Append(c.Request.Context(), as)
+		ids, err := s.appendStreams(c.Request.Context(), as)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -166,7 +170,7 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
 		msg := stream.Message{Route: stream.ToConnection(id), Event: p.Event, From: p.From, TS: time.Now().UnixMilli(), Data: p.Data}
-		ids, err := s.store.Append(c.Request.Context(), []stream.Append{s.inboxAppend(rec.Instance, msg)})
+		ids, err := s.appendStreams(c.Request.Context(), []stream.Append{s.inboxAppend(rec.Instance, msg)})
 		if err != nil {
 			return 0, nil, err
 		}
@@ -225,7 +229,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 			}
 		}
 		if len(as) > 0 {
-			if _, err := s.store.Append(c.Request.Context(), as); err != nil {
+			if _, err := s.appendStreams(c.Request.Context(), as); err != nil {
 				return 0, nil, err
 			}
 		}

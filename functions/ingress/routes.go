@@ -4,8 +4,10 @@ import "github.com/gin-gonic/gin"
 
 // routes lists the whole ingress API (docs/api.md).
 func (s *Server) routes(r *gin.Engine) {
+	r.Use(s.cors) // before the routes, so preflights need no credential
 	r.GET("/healthz", s.handleHealthz)
 	r.GET("/readyz", s.handleReadyz)
+	r.GET("/metrics", s.metrics.handler())
 
 	v1 := r.Group("/v1")
 	v1.POST("/channels/:channel/messages", s.handlePublish)
@@ -14,6 +16,7 @@ func (s *Server) routes(r *gin.Engine) {
 	v1.POST("/messages", s.handleBatch)
 	v1.POST("/connections/:id/messages", s.handleSendToConnection)
 	v1.GET("/connections/:id", s.handleGetConnection)
+	v1.DELETE("/connections/:id", s.handleDisconnect)
 	v1.POST("/users/:user/messages", s.handleSendToUser)
 
 	r.NoRoute(func(c *gin.Context) {

@@ -8,9 +8,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
@@ -18,7 +20,14 @@ import (
 
 // run starts the ingress and serves until ctx is done. ready, when not
 // nil, receives the listening address (tests start on port 0).
-func run(ctx context.Context, _ []string, getenv func(string) string, stdout, _ io.Writer) error {
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, _ io.Writer) error {
+	if slices.Contains(args[min(1, len(args)):], "-env") {
+		// The deploy tests and docs take the variable names from here.
+		for _, name := range config.Names(&Config{}) {
+			fmt.Fprintln(stdout, name)
+		}
+		return nil
+	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
@@ -27,6 +36,7 @@ func run(ctx context.Context, _ []string, getenv func(string) string, stdout, _ 
 	if err != nil {
 		return err
 	}
+	warnSecurity(log, cfg)
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err

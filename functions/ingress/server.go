@@ -26,6 +26,9 @@ type Server struct {
 	reg   *registry.Registry
 	h     http.Handler
 
+	metrics *metrics
+	sec     *security // credentials and rate limits (auth.go)
+
 	readyMu  sync.Mutex
 	readyAt  time.Time
 	readyErr error
@@ -42,7 +45,11 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		keys:  ks,
 		store: stream.NewStore(rdb),
 		reg:   registry.New(rdb, ks, cfg.RegistryTTL),
+
+		metrics: newMetrics(),
 	}
+	s.sec = newSecurity(cfg, log)
+	rdb.AddHook(redisHook{s.metrics})
 	r := gin.New()
 	r.HandleMethodNotAllowed = true
 	r.RedirectTrailingSlash = false
@@ -51,6 +58,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		s.log.Error("panic", "route", c.FullPath(), "panic", v)
 		writeError(c, s.log, errf(500, "internal", "internal error"))
 	}))
+	r.Use(s.metrics.middleware)
 	s.routes(r)
 	s.h = r
 	return s

@@ -32,11 +32,46 @@ func Load(getenv func(string) string, cfg any) error {
 	if errors.As(err, &agg) {
 		msgs := make([]string, 0, len(agg.Errors))
 		for _, e := range agg.Errors {
-			msgs = append(msgs, e.Error())
+			msgs = append(msgs, describe(cfg, e))
 		}
 		return fmt.Errorf("configuration: %s", strings.Join(msgs, "; "))
 	}
 	return fmt.Errorf("configuration: %w", err)
+}
+
+// describe names the variable behind a parse error (the library names
+// only the Go field), so the operator knows what to fix.
+func describe(cfg any, err error) string {
+	var pe env.ParseError
+	if !errors.As(err, &pe) {
+		return err.Error()
+	}
+	var names []string
+	collectField(reflect.TypeOf(cfg), pe.Name, &names)
+	if len(names) != 1 {
+		return err.Error()
+	}
+	return fmt.Sprintf("%s: %v", names[0], pe.Err)
+}
+
+// collectField appends the variable names of the fields called field.
+func collectField(t reflect.Type, field string, names *[]string) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if name, _, _ := strings.Cut(f.Tag.Get("env"), ","); name != "" {
+			if f.Name == field {
+				*names = append(*names, name)
+			}
+			continue
+		}
+		collectField(f.Type, field, names)
+	}
 }
 
 // Names lists every environment variable cfg reads, sorted, including

@@ -124,6 +124,7 @@ type Reply struct {
 	Instance     string          `json:"instance,omitempty"`
 	Channel      string          `json:"channel,omitempty"`
 	Recovered    *bool           `json:"recovered,omitempty"`
+	Position     string          `json:"position,omitempty"` // subscribed: resume point`
 	Code         string          `json:"code,omitempty"`
 	Message      string          `json:"message,omitempty"`
 	Ref          json.RawMessage `json:"ref,omitempty"`

@@ -80,6 +80,7 @@ func New(c Config) (redis.UniversalClient, error) {
 			ContextTimeoutEnabled: true,
 			PoolSize:              c.PoolSize,
 			MaxRedirects:          8,
+			DialerRetries:         1, // one dial per attempt, as for a single node below
 			DisableIdentity:       true,
 		}
 		if c.ClusterTLS {
@@ -96,6 +97,9 @@ func New(c Config) (redis.UniversalClient, error) {
 	o.WriteTimeout = c.Timeout
 	o.ContextTimeoutEnabled = true
 	o.MaxRetries = 1
+	// One dial per attempt: go-redis's default (5 dials 100 ms apart, each
+	// up to Timeout) would hold a request for seconds before its 503.
+	o.DialerRetries = 1
 	o.DisableIdentity = true
 	if c.PoolSize > 0 {
 		o.PoolSize = c.PoolSize

@@ -1,0 +1,362 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+const testSecret = "test-secret-0123456789abcdef0123456789"
+
+type secEgress struct {
+	s   *Server
+	srv *httptest.Server
+}
+
+// startSecEgress runs an egress configured by env on the test Redis.
+func startSecEgress(t *testing.T, env map[string]string) *secEgress {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	env["REDIS_URL"] = redistest.URL(t)
+	env["REDIS_KEY_PREFIX"] = prefix
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { s.Run(ctx); close(ran) }()
+	srv := httptest.NewServer(s)
+	t.Cleanup(func() {
+		cancel()
+		<-ran
+		srv.Close()
+	})
+	return &secEgress{s: s, srv: srv}
+}
+
+func (e *secEgress) url(q url.Values) string {
+	return "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?" + q.Encode()
+}
+
+func (e *secEgress) dial(t *testing.T, q url.Values, hdr http.Header, protos ...string) (*websocket.Conn, *http.Response, error) {
+	t.Helper()
+	d := websocket.Dialer{Subprotocols: protos, HandshakeTimeout: 5 * time.Second}
+	ws, resp, err := d.Dial(e.url(q), hdr)
+	if ws != nil {
+		t.Cleanup(func() { ws.Close() })
+	}
+	return ws, resp, err
+}
+
+func token(t *testing.T, c auth.Claims) string {
+	t.Helper()
+	if c.Expires.IsZero() {
+		c.Expires = time.Now().Add(time.Hour)
+	}
+	tok, err := auth.SignHS256(testSecret, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// next reads frames until one of type typ (failing on timeout).
+func next(t *testing.T, ws *websocket.Conn, typ string) protocol.Reply {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		var r protocol.Reply
+		if err := ws.ReadJSON(&r); err != nil {
+			t.Fatalf("waiting for %s: %v", typ, err)
+		}
+		if r.Type == typ {
+			return r
+		}
+	}
+}
+
+func send(t *testing.T, ws *websocket.Conn, v any) {
+	t.Helper()
+	if err := ws.WriteJSON(v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// closeCode reads until the server closes the socket and returns the code.
+func closeCode(t *testing.T, ws *websocket.Conn, within time.Duration) int {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(within))
+	for {
+		if _, _, err := ws.ReadMessage(); err != nil {
+			var ce *websocket.CloseError
+			if errors.As(err, &ce) {
+				return ce.Code
+			}
+			t.Fatalf("no close frame: %v", err)
+		}
+	}
+}
+
+func TestEgressRefuseToStart(t *testing.T) {
+	t.Parallel()
+	_, err := loadConfig(func(string) string { return "" })
+	if err == nil {
+		t.Fatal("started without a way to verify tokens")
+	}
+	for _, w := range []string{"JWT_SECRET", "JWT_PUBLIC_KEY", "ALLOW_ANONYMOUS=true"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not name %s", err, w)
+		}
+	}
+	for _, env := range []map[string]string{{"JWT_SECRET": "x"}, {"ALLOW_ANONYMOUS": "true"}} {
+		if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
+			t.Errorf("%v: %v", env, err)
+		}
+	}
+	if _, err := loadConfig(func(k string) string {
+		return map[string]string{"JWT_SECRET": "x", "PUBLIC_CHANNELS": "ok.*,bad pattern"}[k]
+	}); err == nil || !strings.Contains(err.Error(), "PUBLIC_CHANNELS") {
+		t.Errorf("bad PUBLIC_CHANNELS: %v", err)
+	}
+}
+
+func TestEgressTokens(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret, "PUBLIC_CHANNELS": "news.*"})
+	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"room.*"}})
+	expired := token(t, auth.Claims{Subject: "alice", Expires: time.Now().Add(-time.Minute)})
+	forged, _ := auth.SignHS256("not-the-secret-0123456789abcdef", auth.Claims{Subject: "alice", Channels: []string{"*"}, Expires: time.Now().Add(time.Hour)})
+
+	for name, tc := range map[string]struct {
+		q    url.Values
+		code string
+	}{
+		"no token":  {url.Values{"user": {"alice"}}, "unauthorized"},
+		"expired":   {url.Values{"token": {expired}}, "token_expired"},
+		"forged":    {url.Values{"token": {forged}}, "invalid_token"},
+		"not a jwt": {url.Values{"token": {"abc"}}, "invalid_token"},
+	} {
+		_, resp, err := e.dial(t, tc.q, nil)
+		if err == nil || resp == nil || resp.StatusCode != 401 {
+			t.Errorf("%s: %v %v", name, err, resp)
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if !strings.Contains(string(body), `"`+tc.code+`"`) {
+			t.Errorf("%s: body %s", name, body)
+		}
+	}
+
+	// Query token; the user query parameter does not override sub.
+	ws, _, err := e.dial(t, url.Values{"token": {good}, "user": {"mallory"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := next(t, ws, protocol.TypeWelcome); w.User == nil || *w.User != "alice" {
+		t.Fatalf("welcome %+v", w)
+	}
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "room.1", "ref": 1})
+	next(t, ws, protocol.TypeSubscribed)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "news.eu", "ref": 2})
+	next(t, ws, protocol.TypeSubscribed)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "lobby", "ref": 3})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeForbidden || string(r.Ref) != "3" {
+		t.Fatalf("outside the claim: %+v", r)
+	}
+	send(t, ws, map[string]any{"type": "ping", "ref": 4})
+	next(t, ws, protocol.TypePong) // still open
+
+	// Subprotocol token; "wsrelay" is echoed, never the token.
+	ws2, resp, err := e.dial(t, nil, nil, Subprotocol, "token."+good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := resp.Header.Get("Sec-WebSocket-Protocol"); p != Subprotocol || ws2.Subprotocol() != Subprotocol {
+		t.Fatalf("subprotocol %q", p)
+	}
+	next(t, ws2, protocol.TypeWelcome)
+	// Initial channels go through the same check.
+	ws3, _, err := e.dial(t, url.Values{"token": {good}, "channels": {"room.2,lobby"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws3, protocol.TypeSubscribed)
+	if r := next(t, ws3, protocol.TypeError); r.Code != protocol.CodeForbidden {
+		t.Fatalf("initial channel outside the claim: %+v", r)
+	}
+}
+
+func TestEgressAnonymous(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET": testSecret})
+	ws, _, err := e.dial(t, url.Values{"user": {"dev"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := next(t, ws, protocol.TypeWelcome); *w.User != "dev" {
+		t.Fatalf("welcome %+v", w)
+	}
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "anything"})
+	next(t, ws, protocol.TypeSubscribed)
+	// A bad token is still refused.
+	if _, resp, err := e.dial(t, url.Values{"token": {"a.b.c"}}, nil); err == nil || resp.StatusCode != 401 {
+		t.Fatalf("bad token in anonymous mode: %v", err)
+	}
+}
+
+func TestEgressTokenExpiry(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+	// exp has one-second precision: expires 1–2 s from now.
+	short := token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}, Expires: time.Now().Add(2 * time.Second)})
+	ws, _, err := e.dial(t, url.Values{"token": {short}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	if code := closeCode(t, ws, 6*time.Second); code != protocol.CloseTokenExpired {
+		t.Fatalf("close %d, want %d", code, protocol.CloseTokenExpired)
+	}
+}
+
+func TestEgressRefresh(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+	oldExp := time.Now().Add(time.Minute)
+	ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a", "b"}, Expires: oldExp})}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "a"})
+	next(t, ws, protocol.TypeSubscribed)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "b"})
+	next(t, ws, protocol.TypeSubscribed)
+
+	// Refused refreshes leave the connection as it was.
+	send(t, ws, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "bob", Channels: []string{"*"}}), "ref": 1})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeForbidden {
+		t.Fatalf("other user: %+v", r)
+	}
+	send(t, ws, map[string]any{"type": "refresh", "token": "a.b.c", "ref": 2})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeInvalidToken {
+		t.Fatalf("bad token: %+v", r)
+	}
+	send(t, ws, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "alice", Expires: time.Now().Add(-time.Second)}), "ref": 3})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeInvalidToken {
+		t.Fatalf("expired token: %+v", r)
+	}
+
+	// A good refresh: later expiry, narrower channels (b is dropped).
+	send(t, ws, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "alice", Channels: []string{"a", "c"}, Expires: time.Now().Add(time.Hour)}), "ref": 4})
+	if r := next(t, ws, protocol.TypeUnsubscribed); r.Channel != "b" {
+		t.Fatalf("unsubscribed %+v", r)
+	}
+	if r := next(t, ws, protocol.TypeRefreshed); string(r.Ref) != "4" {
+		t.Fatalf("refreshed %+v", r)
+	}
+	conns := e.s.hub.snapshotConns()
+	if len(conns) != 1 || conns[0].expired(oldExp.Add(time.Second)) || !conns[0].expired(time.Now().Add(2*time.Hour)) {
+		t.Fatal("expiry not moved by the refresh")
+	}
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "c"})
+	next(t, ws, protocol.TypeSubscribed)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "b", "ref": 5})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeForbidden {
+		t.Fatalf("b after refresh: %+v", r)
+	}
+}
+
+func TestEgressOrigins(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "ALLOWED_ORIGINS": "https://app.example"})
+	if _, _, err := e.dial(t, nil, http.Header{"Origin": {"https://app.example"}}); err != nil {
+		t.Fatalf("allowed origin: %v", err)
+	}
+	if _, resp, err := e.dial(t, nil, http.Header{"Origin": {"https://evil.example"}}); err == nil || resp.StatusCode != 403 {
+		t.Fatalf("foreign origin: %v", err)
+	}
+	if _, _, err := e.dial(t, nil, nil); err != nil {
+		t.Fatalf("no origin: %v", err)
+	}
+}
+
+// Each limit: the allowed side, then the refused one.
+func TestEgressLimits(t *testing.T) {
+	t.Parallel()
+	t.Run("connections", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_CONNECTIONS": "1"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+		_, resp, err := e.dial(t, nil, nil)
+		if err == nil || resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+			t.Fatalf("over MAX_CONNECTIONS: %v", err)
+		}
+	})
+	t.Run("subscriptions", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_SUBSCRIPTIONS": "2"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ch := range []string{"a", "b"} {
+			send(t, ws, map[string]any{"type": "subscribe", "channel": ch})
+			next(t, ws, protocol.TypeSubscribed)
+		}
+		send(t, ws, map[string]any{"type": "subscribe", "channel": "c"})
+		if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeTooManySubs {
+			t.Fatalf("%+v", r)
+		}
+	})
+	t.Run("frame size", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAME_BYTES": "256"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		send(t, ws, map[string]any{"type": "ping", "channel": strings.Repeat("x", 200)})
+		next(t, ws, protocol.TypePong)
+		send(t, ws, map[string]any{"type": "ping", "channel": strings.Repeat("x", 300)})
+		if code := closeCode(t, ws, 5*time.Second); code != protocol.CloseTooBig {
+			t.Fatalf("close %d", code)
+		}
+	})
+	t.Run("frames per second", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "3"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 4; i++ {
+			send(t, ws, map[string]any{"type": "ping", "ref": i})
+		}
+		for i := 0; i < 3; i++ {
+			next(t, ws, protocol.TypePong)
+		}
+		if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeRateLimited {
+			t.Fatalf("%+v", r)
+		}
+	})
+}

@@ -1,0 +1,41 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+)
+
+// FuzzAuthenticate drives the upgrade's credential parsing with any query
+// token and subprotocol header: nothing panics, and only a token signed
+// with the secret yields an identity.
+func FuzzAuthenticate(f *testing.F) {
+	good, _ := auth.SignHS256(testSecret, auth.Claims{Subject: "alice", Channels: []string{"a.*"}, Expires: time.Unix(4102444800, 0)})
+	for _, s := range [][2]string{{good, ""}, {"", "wsrelay, token." + good}, {"a.b.c", "token."}, {"", "token.a.b.c,wsrelay"}, {"x", ","}} {
+		f.Add(s[0], s[1])
+	}
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"JWT_SECRET": testSecret}[k] })
+	if err != nil {
+		f.Fatal(err)
+	}
+	s := &Server{cfg: cfg, sec: newSecurity(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	f.Fuzz(func(t *testing.T, tok, protos string) {
+		r := httptest.NewRequest("GET", "/ws?"+url.Values{"token": {tok}}.Encode(), nil)
+		r.Header.Set("Sec-WebSocket-Protocol", protos)
+		id, aerr := s.authenticate(r)
+		if aerr != nil {
+			if aerr.status != 401 {
+				t.Fatalf("status %d", aerr.status)
+			}
+			return
+		}
+		if id.user != "alice" || id.allow == nil || id.exp.IsZero() || (id.proto != "" && id.proto != Subprotocol) {
+			t.Fatalf("identity %+v", id)
+		}
+	})
+}

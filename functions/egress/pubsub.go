@@ -1,0 +1,438 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Timing of the subscriber's repair work, derived from each other.
+const (
+	// regroupEvery is how often channels that are not settled (never
+	// placed, on a failing node, or unconfirmed) are placed again.
+	regroupEvery = 250 * time.Millisecond
+	// confirmWait is how long a SSUBSCRIBE may stay unconfirmed before it
+	// is sent again (possibly to another node: the slot may have moved).
+	confirmWait = 4 * regroupEvery
+	// receiveWait bounds one read of a node's Pub/Sub connection, so that
+	// its loop notices Close.
+	receiveWait = time.Second
+	// opTimeout bounds one subscribe or unsubscribe command; quickOp
+	// bounds a best-effort one on a failing node.
+	opTimeout = 2 * time.Second
+	quickOp   = 200 * time.Millisecond
+	// pingEvery: a node connection silent this long is pinged, so that a
+	// half-open connection (no error, no data) is noticed: one silent for
+	// deadAfter is replaced. The hub's probe covers only the inbox's node.
+	pingEvery = 10 * receiveWait
+	deadAfter = 3 * pingEvery
+)
+
+// psEvent is one thing read from a shard Pub/Sub connection that the hub
+// acts on: a subscription confirmation (the first one, or a repeat after a
+// reconnect or a move to another node: the hub then catches up from the
+// stream) or a message.
+type psEvent struct {
+	confirmed bool
+	channel   string // shard channel
+	payload   string // message only
+}
+
+// subscriber holds this instance's shard Pub/Sub subscriptions.
+//
+// On a single Redis it uses one Pub/Sub connection. On Redis Cluster a
+// shard channel can only be subscribed on the master that owns its slot,
+// so it keeps one Pub/Sub connection per master that owns a wanted
+// channel, each read by its own goroutine; all of them feed one event
+// stream (Events), read by the hub's receive loop. When a node fails or a
+// slot moves (failover, resharding), the affected channels are resolved
+// again and subscribed where they now live; the repeated confirmation
+// makes the hub read what it missed from the stream, so no message is
+// lost.
+//
+// Its methods are safe for concurrent use. Close stops every goroutine
+// it started and waits for them.
+type subscriber struct {
+	log     *slog.Logger
+	rdb     redis.UniversalClient
+	cluster *redis.ClusterClient // nil on a single node
+	events  chan psEvent
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	kick   chan struct{} // wakes the regroup loop; capacity 1
+
+	// mu serialises placement (which talks to Redis) and guards the maps.
+	// Node read loops never take it.
+	mu     sync.Mutex
+	nodes  map[string]*nodeSub // by node address ("" on a single node)
+	want   map[string]*nodeSub // by shard channel: where it is subscribed, nil if nowhere yet
+	closed bool
+}
+
+// nodeSub is one Pub/Sub connection to one node.
+type nodeSub struct {
+	addr   string
+	ps     *redis.PubSub
+	chans  map[string]struct{} // guarded by subscriber.mu
+	cancel context.CancelFunc
+
+	// failing is set by the read loop on an error and cleared by the next
+	// successful read (a timeout on an idle connection counts as one).
+	failing atomic.Bool
+	// lastRead is when the connection last delivered anything (unix ns).
+	lastRead atomic.Int64
+
+	mu     sync.Mutex
+	sentAt map[string]time.Time // channels sent SSUBSCRIBE but not confirmed yet
+}
+
+// newSubscriber starts the subscriber's repair loop; Close stops it.
+func newSubscriber(log *slog.Logger, rdb redis.UniversalClient) *subscriber {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &subscriber{
+		log:    log,
+		rdb:    rdb,
+		events: make(chan psEvent, 256),
+		ctx:    ctx,
+		cancel: cancel,
+		kick:   make(chan struct{}, 1),
+		nodes:  make(map[string]*nodeSub),
+		want:   make(map[string]*nodeSub),
+	}
+	s.cluster, _ = rdb.(*redis.ClusterClient)
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.regroupLoop() }()
+	return s
+}
+
+// Events is the single stream of confirmations and messages from every
+// node. It is never closed; stop reading when the subscriber's owner stops.
+func (s *subscriber) Events() <-chan psEvent { return s.events }
+
+// Subscribe subscribes the shard channel on the node that owns it. On an
+// error the channel stays wanted and is placed again by the repair loop;
+// the confirmation arrives on Events either way.
+func (s *subscriber) Subscribe(ctx context.Context, channel string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errClosedSubscriber
+	}
+	if _, ok := s.want[channel]; ok {
+		return nil
+	}
+	s.want[channel] = nil
+	err := s.placeLocked(ctx, channel)
+	if err != nil {
+		s.wake()
+	}
+	return err
+}
+
+// Unsubscribe drops the shard channels (no confirmation is reported).
+func (s *subscriber) Unsubscribe(ctx context.Context, channels ...string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	byNode := make(map[*nodeSub][]string)
+	for _, ch := range channels {
+		n, ok := s.want[ch]
+		delete(s.want, ch)
+		if ok && n != nil {
+			delete(n.chans, ch)
+			n.unsent(ch)
+			byNode[n] = append(byNode[n], ch)
+		}
+	}
+	var errs []error
+	for n, chs := range byNode {
+		if err := n.ps.SUnsubscribe(ctx, chs...); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.dropEmptyLocked()
+	return errors.Join(errs...)
+}
+
+// Reconnect replaces every Pub/Sub connection and subscribes every
+// channel again where it now lives (used when probes show the read path
+// is dead although the connections look open).
+func (s *subscriber) Reconnect(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	for addr, n := range s.nodes {
+		n.stop()
+		delete(s.nodes, addr)
+	}
+	for ch := range s.want {
+		s.want[ch] = nil
+	}
+	if s.cluster != nil {
+		s.cluster.ReloadState(ctx)
+	}
+	for ch := range s.want {
+		_ = s.placeLocked(ctx, ch)
+	}
+}
+
+// Close closes every connection and waits for the goroutines. It is
+// idempotent.
+func (s *subscriber) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		s.cancel()
+		for addr, n := range s.nodes {
+			n.stop()
+			delete(s.nodes, addr)
+		}
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+var errClosedSubscriber = errors.New("subscriber closed")
+
+func (s *subscriber) wake() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// resolve returns the address of the node owning channel's slot and a
+// client for it.
+func (s *subscriber) resolve(ctx context.Context, channel string) (string, redis.UniversalClient, error) {
+	if s.cluster == nil {
+		return "", s.rdb, nil
+	}
+	c, err := s.cluster.MasterForKey(ctx, channel)
+	if err != nil {
+		return "", nil, err
+	}
+	return c.Options().Addr, c, nil
+}
+
+// placeLocked subscribes channel on the node that owns it now, moving it
+// off the node it was on if that changed; if it stays on the same node
+// it sends SSUBSCRIBE again only while unconfirmed.
+func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
+	addr, client, err := s.resolve(ctx, channel)
+	if err != nil {
+		return err
+	}
+	old := s.want[channel]
+	if old != nil && old.addr == addr && !old.unconfirmedSince(channel, time.Now().Add(-confirmWait)) {
+		return nil
+	}
+	if old != nil && old.addr != addr {
+		delete(old.chans, channel)
+		old.unsent(channel)
+		wait := opTimeout
+		if old.failing.Load() {
+			wait = quickOp // it is most likely dead: do not stall placement
+		}
+		uctx, cancel := context.WithTimeout(ctx, wait)
+		_ = old.ps.SUnsubscribe(uctx, channel) // best effort
+		cancel()
+	}
+	n := s.nodes[addr]
+	if n == nil {
+		n = s.startNode(addr, client)
+	}
+	n.chans[channel] = struct{}{}
+	s.want[channel] = n
+	n.mu.Lock()
+	n.sentAt[channel] = time.Now()
+	n.mu.Unlock()
+	sctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	return n.ps.SSubscribe(sctx, channel)
+}
+
+func (s *subscriber) startNode(addr string, client redis.UniversalClient) *nodeSub {
+	ctx, cancel := context.WithCancel(s.ctx)
+	n := &nodeSub{
+		addr:   addr,
+		ps:     client.SSubscribe(ctx),
+		chans:  make(map[string]struct{}),
+		cancel: cancel,
+		sentAt: make(map[string]time.Time),
+	}
+	n.lastRead.Store(time.Now().UnixNano())
+	s.nodes[addr] = n
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.read(ctx, n) }()
+	return n
+}
+
+// dropEmptyLocked closes the connections of nodes no wanted channel is on.
+func (s *subscriber) dropEmptyLocked() {
+	for addr, n := range s.nodes {
+		if len(n.chans) == 0 {
+			n.stop()
+			delete(s.nodes, addr)
+		}
+	}
+}
+
+// read is one node's receive loop. go-redis reconnects the connection by
+// itself and subscribes its channels again; the repeated confirmations
+// reach the hub, which catches up.
+func (s *subscriber) read(ctx context.Context, n *nodeSub) {
+	backoff := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		msg, err := n.ps.ReceiveTimeout(ctx, receiveWait)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			var ne interface{ Timeout() bool }
+			if errors.As(err, &ne) && ne.Timeout() {
+				n.failing.Store(false)
+				if time.Since(time.Unix(0, n.lastRead.Load())) > pingEvery {
+					pctx, cancel := context.WithTimeout(ctx, quickOp)
+					_ = n.ps.Ping(pctx) // the pong counts as a read
+					cancel()
+				}
+				continue
+			}
+			// A dead node, or MOVED (the slot lives elsewhere now): the
+			// repair loop resolves this node's channels again.
+			if !n.failing.Swap(true) {
+				s.log.Warn("redis subscription error", "node", n.addr, "err", err.Error())
+			}
+			s.wake()
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		n.failing.Store(false)
+		n.lastRead.Store(time.Now().UnixNano())
+		var ev psEvent
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			switch m.Kind {
+			case "ssubscribe":
+				n.unsent(m.Channel)
+				ev = psEvent{confirmed: true, channel: m.Channel}
+			case "sunsubscribe":
+				// Our own unsubscribe, or sent by Redis itself when the
+				// slot moved away: if the channel is still wanted here,
+				// mark it so that it is placed again.
+				s.mu.Lock()
+				if s.want[m.Channel] == n {
+					n.mu.Lock()
+					n.sentAt[m.Channel] = time.Time{}
+					n.mu.Unlock()
+					s.wake()
+				}
+				s.mu.Unlock()
+				continue
+			default:
+				continue
+			}
+		case *redis.Message:
+			ev = psEvent{channel: m.Channel, payload: m.Payload}
+		default:
+			continue
+		}
+		select {
+		case s.events <- ev:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// regroupLoop places channels that are not settled: never placed, on a
+// failing node, or unconfirmed for confirmWait.
+func (s *subscriber) regroupLoop() {
+	t := time.NewTicker(regroupEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.kick:
+		case <-t.C:
+		}
+		s.regroup()
+	}
+}
+
+func (s *subscriber) regroup() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	now := time.Now()
+	for addr, n := range s.nodes {
+		if now.Sub(time.Unix(0, n.lastRead.Load())) > deadAfter {
+			// Silent although pinged: replace the connection.
+			s.log.Warn("redis subscription silent, reconnecting", "node", addr)
+			n.stop()
+			delete(s.nodes, addr)
+			for ch := range n.chans {
+				s.want[ch] = nil
+			}
+		}
+	}
+	stale := now.Add(-confirmWait)
+	var todo []string
+	for ch, n := range s.want {
+		if n == nil || n.failing.Load() || n.unconfirmedSince(ch, stale) {
+			todo = append(todo, ch)
+		}
+	}
+	if len(todo) == 0 {
+		return
+	}
+	if s.cluster != nil {
+		// Asynchronous: a later round sees the new slot owners.
+		s.cluster.ReloadState(s.ctx)
+	}
+	for _, ch := range todo {
+		if err := s.placeLocked(s.ctx, ch); err != nil && s.ctx.Err() == nil {
+			s.log.Debug("place shard channel", "channel", ch, "err", err.Error())
+		}
+	}
+	s.dropEmptyLocked()
+}
+
+// unconfirmedSince reports whether channel was sent SSUBSCRIBE before t
+// (or was dropped by Redis) and is not confirmed.
+func (n *nodeSub) unconfirmedSince(channel string, t time.Time) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	at, ok := n.sentAt[channel]
+	return ok && at.Before(t)
+}
+
+func (n *nodeSub) unsent(channel string) {
+	n.mu.Lock()
+	delete(n.sentAt, channel)
+	n.mu.Unlock()
+}
+
+// stop ends the node's read loop and closes its connection.
+func (n *nodeSub) stop() {
+	n.cancel()
+	_ = n.ps.Close()
+}

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"embed"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+)
+
+// The browser client and the demo page (docs/clients.md), built into the
+// binary so that a deployment serves them with nothing beside it.
+//
+//go:embed web/client.js web/index.html
+var webFiles embed.FS
+
+// webAsset is a file served from memory with a strong ETag.
+type webAsset struct {
+	body        []byte
+	etag        string
+	contentType string
+	cache       string
+}
+
+func newWebAsset(body []byte, contentType, cache string) *webAsset {
+	sum := sha256.Sum256(body)
+	return &webAsset{body: body, etag: `"` + hex.EncodeToString(sum[:8]) + `"`, contentType: contentType, cache: cache}
+}
+
+func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Content-Type", a.contentType)
+	h.Set("Cache-Control", a.cache)
+	h.Set("ETag", a.etag)
+	h.Set("X-Content-Type-Options", "nosniff")
+	if r.Header.Get("If-None-Match") == a.etag {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	_, _ = w.Write(a.body)
+}
+
+// handleClientJS serves GET /client.js. Clients revalidate after five
+// minutes (the ETag makes that cheap), so a deploy reaches them quickly.
+func handleClientJS() http.Handler {
+	b, _ := webFiles.ReadFile("web/client.js")
+	return newWebAsset(b, "text/javascript; charset=utf-8", "public, max-age=300")
+}
+
+// demoConfig is what the demo page learns from the server.
+type demoConfig struct {
+	// IngressURL is where the page POSTs messages and reads presence;
+	// empty means the page's own origin.
+	IngressURL string `json:"ingressURL"`
+}
+
+// handleDemo serves GET / (the chat demo), with the configuration injected
+// in place of the page's {{.}} placeholder.
+func handleDemo(cfg Config) http.Handler {
+	b, _ := webFiles.ReadFile("web/index.html")
+	js, _ := json.Marshal(demoConfig{IngressURL: cfg.IngressURL}) // escapes <, > and &
+	b = bytes.Replace(b, []byte("{{.}}"), js, 1)
+	return newWebAsset(b, "text/html; charset=utf-8", "no-cache")
+}

@@ -1,0 +1,261 @@
+// wsrelay browser client: one dependency-free ES module (docs/clients.md).
+//
+//   import { WsRelay } from "/client.js";
+//   const c = new WsRelay("wss://egress.example.com/ws", { getToken: () => fetchToken() });
+//   const sub = c.subscribe("room:1", {
+//     onMessage: (m) => show(m.data),
+//     onSubscribed: (recovered) => { if (!recovered) reload(); },
+//   });
+//   c.on("state", (s) => badge(s));
+//
+// It reconnects with exponential backoff and full jitter after every close
+// the server marks as retryable, resubscribes each channel with "after" set
+// to the last id it delivered (so nothing is lost or repeated), and tells
+// the application when a resume had a gap (recovered === false). It does not
+// reconnect after 4003 (disconnected by an operator), 1008 or 1009, and asks
+// getToken() for a fresh token after 4004 (token expired).
+
+const FINAL = new Set([4003, 1008, 1009]);
+const PLANNED = new Set([1001, 4000, 4001]);
+
+/** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
+export function compareIds(a, b) {
+  const [am, as = "0"] = String(a).split("-");
+  const [bm, bs = "0"] = String(b).split("-");
+  const x = BigInt(am), y = BigInt(bm);
+  if (x !== y) return x < y ? -1 : 1;
+  const p = BigInt(as), q = BigInt(bs);
+  return p === q ? 0 : p < q ? -1 : 1;
+}
+
+/**
+ * A connection to the egress that keeps its subscriptions alive.
+ *
+ * Options: token (string), getToken (async () => string, called before the
+ * first connect and after 4004), user (anonymous mode), minBackoff (ms, 500),
+ * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
+ * this long resets the backoff; planned rotations 1001/4000/4001 always do),
+ * WebSocket (constructor, for tests).
+ *
+ * Events (c.on(name, fn)): "state" (state, detail), "welcome" (frame),
+ * "error" (error frame or Error), "message" (targeted messages),
+ * "gap" ({channel}) when a resume could not recover everything,
+ * "close" ({code, reason}) for every socket close.
+ * States: "connecting", "connected", "disconnected", "closed".
+ */
+export class WsRelay {
+  constructor(url, opts = {}) {
+    this.url = url;
+    this.opts = opts;
+    this.minBackoff = opts.minBackoff ?? 500;
+    this.maxBackoff = opts.maxBackoff ?? 20000;
+    this.stableAfter = opts.stableAfter ?? 10000;
+    this.WS = opts.WebSocket ?? globalThis.WebSocket;
+    this.state = "disconnected";
+    this.subs = new Map(); // channel → subscription
+    this.refs = new Map(); // ref → subscription
+    this.listeners = new Map();
+    this.token = opts.token ?? "";
+    this.needToken = typeof opts.getToken === "function";
+    this.attempt = 0;
+    this.nextRef = 0;
+    this.ws = null;
+    this.timer = null;
+    this.closed = false;
+    // Connect after the caller's synchronous setup, so listeners added
+    // right after the constructor see the first "connecting".
+    queueMicrotask(() => this.connect());
+  }
+
+  /** Registers fn for event name; returns a function that removes it. */
+  on(name, fn) {
+    if (!this.listeners.has(name)) this.listeners.set(name, new Set());
+    this.listeners.get(name).add(fn);
+    return () => this.listeners.get(name)?.delete(fn);
+  }
+
+  emit(name, ...args) {
+    for (const fn of this.listeners.get(name) ?? []) {
+      try { fn(...args); } catch (e) { console.error(e); }
+    }
+  }
+
+  setState(s, detail) {
+    if (this.state === s) return;
+    this.state = s;
+    this.emit("state", s, detail);
+  }
+
+  /**
+   * Subscribes to channel until unsubscribe() or close(), across reconnects.
+   * handlers: onMessage(msg), onSubscribed(recovered), onError(frame),
+   * after (a message id to start after, e.g. one the app stored).
+   */
+  subscribe(channel, handlers = {}) {
+    if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
+    const sub = {
+      channel,
+      ref: ++this.nextRef,
+      handlers,
+      last: handlers.after ?? null,
+      unsubscribe: () => {
+        if (this.subs.get(channel) !== sub) return;
+        this.subs.delete(channel);
+        this.refs.delete(sub.ref);
+        this.send({ type: "unsubscribe", channel });
+      },
+      get lastId() { return sub.last; },
+    };
+    this.subs.set(channel, sub);
+    this.refs.set(sub.ref, sub);
+    if (this.state === "connected") this.sendSubscribe(sub);
+    return sub;
+  }
+
+  sendSubscribe(sub) {
+    const f = { type: "subscribe", channel: sub.channel, ref: sub.ref };
+    if (sub.last) f.after = sub.last;
+    this.send(f);
+  }
+
+  send(frame) {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(frame));
+  }
+
+  /** Closes the socket (1000) for good. */
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      try { ws.close(1000); } catch { /* already closed */ }
+    }
+    this.setState("closed");
+  }
+
+  /**
+   * Drops the socket abruptly, as a network failure would: the client then
+   * reconnects and resumes like after any lost connection. For demos/tests.
+   */
+  drop() {
+    if (!this.ws) return;
+    const ws = this.ws;
+    this.detach(ws);
+    try { ws.close(4999, "dropped by the application"); } catch { /* ignore */ }
+    this.lost({ code: 1006, reason: "dropped" }, ws.openedAt);
+  }
+
+  detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    if (this.ws === ws) this.ws = null;
+  }
+
+  async connect() {
+    if (this.closed) return;
+    this.setState("connecting");
+    if (this.needToken) {
+      try {
+        this.token = await this.opts.getToken();
+        this.needToken = false;
+      } catch (e) {
+        this.emit("error", e);
+        this.setState("disconnected", e);
+        this.schedule();
+        return;
+      }
+      if (this.closed) return;
+    }
+    const u = new URL(this.url, globalThis.location?.href);
+    if (u.protocol === "http:") u.protocol = "ws:";
+    if (u.protocol === "https:") u.protocol = "wss:";
+    if (this.token) u.searchParams.set("token", this.token);
+    if (this.opts.user) u.searchParams.set("user", this.opts.user);
+    let ws;
+    try {
+      ws = new this.WS(u.toString());
+    } catch (e) {
+      this.emit("error", e);
+      this.setState("disconnected", e);
+      this.schedule();
+      return;
+    }
+    this.ws = ws;
+    ws.openedAt = Date.now();
+    ws.welcomed = false;
+    ws.onopen = () => {
+      for (const sub of this.subs.values()) this.sendSubscribe(sub);
+    };
+    ws.onmessage = (ev) => this.dispatch(ws, ev.data);
+    ws.onclose = (ev) => {
+      this.detach(ws);
+      this.lost({ code: ev.code, reason: ev.reason }, ws.openedAt, ws.welcomed);
+    };
+    ws.onerror = () => { /* onclose follows */ };
+  }
+
+  lost(ev, openedAt, welcomed = true) {
+    this.emit("close", ev);
+    if (this.closed) return;
+    if (FINAL.has(ev.code)) {
+      this.closed = true;
+      this.setState("closed", ev);
+      return;
+    }
+    if (ev.code === 4004 && typeof this.opts.getToken === "function") this.needToken = true;
+    if (welcomed && (PLANNED.has(ev.code) || Date.now() - openedAt >= this.stableAfter)) this.attempt = 0;
+    this.setState("disconnected", ev);
+    this.schedule();
+  }
+
+  schedule() {
+    const ceil = Math.min(this.maxBackoff, this.minBackoff * 2 ** Math.min(this.attempt, 20));
+    this.attempt++;
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.connect(), Math.random() * ceil);
+  }
+
+  dispatch(ws, raw) {
+    let f;
+    try { f = JSON.parse(raw); } catch { return; }
+    switch (f.type) {
+      case "welcome":
+        ws.welcomed = true;
+        this.setState("connected", f);
+        this.emit("welcome", f);
+        break;
+      case "message": {
+        if (!f.channel) { this.emit("message", f); break; }
+        const sub = this.subs.get(f.channel);
+        if (!sub) break;
+        if (sub.last && compareIds(f.id, sub.last) <= 0) break; // duplicate
+        sub.last = f.id;
+        sub.handlers.onMessage?.(f);
+        break;
+      }
+      case "subscribed": {
+        const sub = this.subs.get(f.channel);
+        if (!sub) break;
+        const recovered = f.recovered !== false;
+        // A fresh subscription starts from the server's position, so a
+        // cut before its first message still resumes without a gap.
+        if (!sub.last && f.position) sub.last = f.position;
+        if (!recovered) this.emit("gap", { channel: f.channel });
+        sub.handlers.onSubscribed?.(recovered);
+        break;
+      }
+      case "error": {
+        const sub = typeof f.ref === "number" ? this.refs.get(f.ref) : undefined;
+        if (sub && f.code === "unavailable") {
+          // The server could not subscribe now: a reconnect retries it.
+          try { ws.close(1000, "retrying subscription"); } catch { /* ignore */ }
+        }
+        if (sub?.handlers.onError) sub.handlers.onError(f);
+        else this.emit("error", f);
+        break;
+      }
+    }
+  }
+}
+
+export default WsRelay;

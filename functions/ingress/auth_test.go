@@ -1,0 +1,480 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+const (
+	testSecret = "test-secret-0123456789abcdef0123456789"
+	fullKey    = "full-key-0123456789"
+	chatKey    = "chat-key-0123456789"
+	adminKey   = "admin-key-0123456789"
+)
+
+var testKeys = fullKey + "," + chatKey + "=chat:*|news.*," + adminKey + "=" + auth.AdminScope
+
+// syncBuffer collects log lines from concurrent handlers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// newSecEnv is a server configured by env (plus the test Redis), whose
+// log lines are kept in logs.
+func newSecEnv(t *testing.T, env map[string]string) (*testEnv, *syncBuffer) {
+	t.Helper()
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &syncBuffer{}
+	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}, logs
+}
+
+func bearer(cred string) []string { return []string{"Authorization", "Bearer " + cred} }
+
+func userToken(t *testing.T, c auth.Claims) string {
+	t.Helper()
+	if c.Expires.IsZero() {
+		c.Expires = time.Now().Add(time.Hour)
+	}
+	tok, err := auth.SignHS256(testSecret, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func expectStatus(t *testing.T, w *httptest.ResponseRecorder, status int) {
+	t.Helper()
+	if w.Code != status {
+		t.Fatalf("status = %d, want %d; body %s", w.Code, status, w.Body.String())
+	}
+}
+
+// noSecrets fails if any secret appears in the logs.
+func noSecrets(t *testing.T, logs *syncBuffer, secrets ...string) {
+	t.Helper()
+	out := logs.String()
+	for _, s := range secrets {
+		if strings.Contains(out, s) {
+			t.Errorf("a secret appears in the logs: %s", out)
+		}
+	}
+}
+
+func TestRefuseToStart(t *testing.T) {
+	t.Parallel()
+	_, err := loadConfig(func(string) string { return "" })
+	if err == nil {
+		t.Fatal("started with no credentials and without ALLOW_ANONYMOUS")
+	}
+	for _, w := range []string{"API_KEYS", "JWT_SECRET", "ALLOW_ANONYMOUS=true"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not name %s", err, w)
+		}
+	}
+	err = run(t.Context(), nil, func(string) string { return "" }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "API_KEYS") {
+		t.Errorf("run: %v", err)
+	}
+	for _, env := range []map[string]string{
+		{"API_KEYS": "k"},
+		{"JWT_SECRET": testSecret},
+		{"ALLOW_ANONYMOUS": "true"},
+	} {
+		if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
+			t.Errorf("%v: %v", env, err)
+		}
+	}
+	for name, env := range map[string]map[string]string{
+		"key with a dot":  {"API_KEYS": "sec.ret-key"},
+		"bad scope":       {"API_KEYS": "sec-ret-key=a b"},
+		"negative rate":   {"API_KEYS": "k", "PUBLISH_RATE_PER_IP": "-1"},
+		"bad public key":  {"JWT_PUBLIC_KEY": "nope"},
+		"duplicate key":   {"API_KEYS": "sec-ret-key,sec-ret-key"},
+		"empty key scope": {"API_KEYS": "sec-ret-key="},
+	} {
+		_, err := loadConfig(func(k string) string { return env[k] })
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		} else if strings.Contains(err.Error(), "sec-ret-key") || strings.Contains(err.Error(), "sec.ret-key") {
+			t.Errorf("%s: error holds the key: %v", name, err)
+		}
+	}
+}
+
+func TestAPIKeys(t *testing.T) {
+	t.Parallel()
+	e, logs := newSecEnv(t, map[string]string{"API_KEYS": testKeys})
+	msg := `{"data":1}`
+	for _, tc := range []struct {
+		name   string
+		hdr    []string
+		path   string
+		status int
+		code   string
+	}{
+		{"no credential", nil, "/v1/channels/chat:1/messages", 401, "unauthorized"},
+		{"unknown key", bearer("wrong-key"), "/v1/channels/chat:1/messages", 401, "unauthorized"},
+		{"not bearer", []string{"Authorization", "Basic " + fullKey}, "/v1/channels/chat:1/messages", 401, "unauthorized"},
+		{"key as a token", bearer(fullKey + ".x.y"), "/v1/channels/chat:1/messages", 401, "invalid_token"},
+		{"scoped key outside", bearer(chatKey), "/v1/channels/other/messages", 403, "forbidden"},
+		{"admin-only key publishing", bearer(adminKey), "/v1/channels/chat:1/messages", 403, "forbidden"},
+		{"scoped key targeted send", bearer(chatKey), "/v1/users/u1/messages", 403, "forbidden"},
+		{"scoped key sends to connection", bearer(chatKey), "/v1/connections/c1/messages", 403, "forbidden"},
+	} {
+		w := e.do("POST", tc.path, msg, tc.hdr...)
+		if w.Code != tc.status {
+			t.Errorf("%s: status %d, want %d: %s", tc.name, w.Code, tc.status, w.Body)
+			continue
+		}
+		if code, _ := errorOf(t, w); code != tc.code {
+			t.Errorf("%s: code %q, want %q", tc.name, code, tc.code)
+		}
+	}
+	if n := e.xlen("chat:1") + e.xlen("other"); n != 0 {
+		t.Fatalf("refused requests wrote %d messages", n)
+	}
+	if w := e.do("POST", "/v1/channels/chat:1/messages", msg); w.Header().Get("WWW-Authenticate") == "" {
+		t.Error("401 without WWW-Authenticate")
+	}
+
+	for _, tc := range []struct {
+		name, key, path string
+	}{
+		{"full key", fullKey, "/v1/channels/other/messages"},
+		{"scoped key", chatKey, "/v1/channels/chat:1/messages"},
+		{"scoped key second pattern", chatKey, "/v1/channels/news.eu/messages"},
+		{"admin key targeted send", adminKey, "/v1/users/u1/messages"},
+		{"full key targeted send", fullKey, "/v1/users/u1/messages"},
+	} {
+		if w := e.do("POST", tc.path, msg, bearer(tc.key)...); w.Code != 202 {
+			t.Errorf("%s: %d %s", tc.name, w.Code, w.Body)
+		}
+	}
+
+	// History: channel keys on their channels; registry reads: admin.
+	for _, tc := range []struct {
+		key, path string
+		status    int
+	}{
+		{chatKey, "/v1/channels/chat:1/messages", 200},
+		{chatKey, "/v1/channels/other/messages", 403},
+		{adminKey, "/v1/channels/chat:1/messages", 403},
+		{fullKey, "/v1/channels/other/messages", 200},
+		{chatKey, "/v1/channels/chat:1/connections", 403},
+		{adminKey, "/v1/channels/chat:1/connections", 200},
+		{fullKey, "/v1/channels/chat:1/connections", 200},
+		{chatKey, "/v1/connections/c1", 403},
+		{adminKey, "/v1/connections/c1", 404},
+	} {
+		if w := e.do("GET", tc.path, "", bearer(tc.key)...); w.Code != tc.status {
+			t.Errorf("GET %s: %d, want %d: %s", tc.path, w.Code, tc.status, w.Body)
+		}
+	}
+	noSecrets(t, logs, fullKey, chatKey, adminKey)
+}
+
+func TestUserTokens(t *testing.T) {
+	t.Parallel()
+	e, logs := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "JWT_SECRET": testSecret})
+	alice := userToken(t, auth.Claims{Subject: "alice", Publish: []string{"room.*"}, Channels: []string{"room.1"}})
+	expired := userToken(t, auth.Claims{Subject: "alice", Publish: []string{"room.*"}, Expires: time.Now().Add(-time.Minute)})
+	forged, _ := auth.SignHS256("not-the-secret-0123456789abcdef", auth.Claims{Subject: "alice", Publish: []string{"*"}, Expires: time.Now().Add(time.Hour)})
+
+	// Allowed, and "from" is the token's sub whatever the body says.
+	w := e.do("POST", "/v1/channels/room.1/messages", `{"data":"hi","from":"mallory"}`, bearer(alice)...)
+	expectStatus(t, w, 202)
+	w = e.do("GET", "/v1/channels/room.1/messages", "", bearer(alice)...)
+	expectStatus(t, w, 200)
+	if !strings.Contains(w.Body.String(), `"from":"alice"`) || strings.Contains(w.Body.String(), "mallory") {
+		t.Fatalf("history: %s", w.Body)
+	}
+
+	for _, tc := range []struct {
+		name         string
+		method, path string
+		body         string
+		tok          string
+		status       int
+		code         string
+	}{
+		{"wrong channel", "POST", "/v1/channels/lobby/messages", `{"data":1}`, alice, 403, "forbidden"},
+		{"expired", "POST", "/v1/channels/room.1/messages", `{"data":1}`, expired, 401, "token_expired"},
+		{"forged", "POST", "/v1/channels/room.1/messages", `{"data":1}`, forged, 401, "invalid_token"},
+		{"garbage", "POST", "/v1/channels/room.1/messages", `{"data":1}`, "a.b.c", 401, "invalid_token"},
+		{"batch item outside", "POST", "/v1/messages", `{"messages":[{"channel":"room.2","data":1},{"channel":"lobby","data":1}]}`, alice, 403, "forbidden"},
+		{"send to connection", "POST", "/v1/connections/c1/messages", `{"data":1}`, alice, 403, "forbidden"},
+		{"send to user", "POST", "/v1/users/bob/messages", `{"data":1}`, alice, 403, "forbidden"},
+		{"registry read", "GET", "/v1/connections/c1", "", alice, 403, "forbidden"},
+		{"presence read", "GET", "/v1/channels/room.1/connections", "", alice, 403, "forbidden"},
+		{"disconnect", "DELETE", "/v1/connections/c1", "", alice, 403, "forbidden"},
+		{"history outside channels", "GET", "/v1/channels/room.2/messages", "", alice, 403, "forbidden"},
+	} {
+		w := e.do(tc.method, tc.path, tc.body, bearer(tc.tok)...)
+		if w.Code != tc.status {
+			t.Errorf("%s: status %d, want %d: %s", tc.name, w.Code, tc.status, w.Body)
+			continue
+		}
+		if code, _ := errorOf(t, w); code != tc.code {
+			t.Errorf("%s: code %q, want %q", tc.name, code, tc.code)
+		}
+	}
+	if n := e.xlen("lobby") + e.xlen("room.2"); n != 0 {
+		t.Fatalf("refused publishes wrote %d messages", n)
+	}
+	// A batch inside the claim passes.
+	w = e.do("POST", "/v1/messages", `{"messages":[{"channel":"room.2","data":1},{"channel":"room.3","data":2}]}`, bearer(alice)...)
+	expectStatus(t, w, 202)
+	// An API key still works beside tokens, and may set from itself.
+	w = e.do("POST", "/v1/channels/room.9/messages", `{"data":1,"from":"system"}`, bearer(fullKey)...)
+	expectStatus(t, w, 202)
+	noSecrets(t, logs, fullKey, testSecret, alice, forged)
+}
+
+// With only API keys configured, a token is not accepted.
+func TestUserTokenWithoutSecret(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})
+	w := e.do("POST", "/v1/channels/room.1/messages", `{"data":1}`, bearer(userToken(t, auth.Claims{Subject: "a", Publish: []string{"*"}}))...)
+	expectError(t, w, 401, "invalid_token")
+}
+
+func TestAnonymousMode(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET": testSecret})
+	expectStatus(t, e.do("POST", "/v1/channels/c/messages", `{"data":1,"from":"me"}`), 202)
+	expectStatus(t, e.do("GET", "/v1/connections/c1", ""), 404) // admin routes open
+	// A credential that is sent is still checked.
+	expectError(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer("some-key")...), 401, "unauthorized")
+	forged, _ := auth.SignHS256("not-the-secret-0123456789abcdef", auth.Claims{Subject: "a", Publish: []string{"*"}, Expires: time.Now().Add(time.Hour)})
+	expectError(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(forged)...), 401, "invalid_token")
+	// And a user token still stamps from, and keeps its limits.
+	tok := userToken(t, auth.Claims{Subject: "bob", Publish: []string{"c"}, Channels: []string{"c"}})
+	expectStatus(t, e.do("POST", "/v1/channels/c/messages", `{"data":2,"from":"mallory"}`, bearer(tok)...), 202)
+	expectError(t, e.do("POST", "/v1/channels/d/messages", `{"data":2}`, bearer(tok)...), 403, "forbidden")
+	w := e.do("GET", "/v1/channels/c/messages", "")
+	if !strings.Contains(w.Body.String(), `"from":"bob"`) || strings.Contains(w.Body.String(), "mallory") {
+		t.Fatalf("history: %s", w.Body)
+	}
+}
+
+func TestDisconnect(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": testKeys})
+	reg := registry.New(e.rdb, e.keys, 30*time.Second)
+	rec := &registry.Record{ID: "conn1", User: "u", Instance: "inst1", Channels: []string{}, ConnectedAt: time.Now().UTC()}
+	if err := reg.Put(t.Context(), rec); err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, e.do("DELETE", "/v1/connections/conn1", ""), 401, "unauthorized")
+	expectError(t, e.do("DELETE", "/v1/connections/conn1", "", bearer(chatKey)...), 403, "forbidden")
+	expectError(t, e.do("DELETE", "/v1/connections/nope", "", bearer(adminKey)...), 404, "connection_not_found")
+	expectError(t, e.do("DELETE", "/v1/connections/bad%20id", "", bearer(adminKey)...), 404, "connection_not_found")
+	entries, _ := stream.NewStore(e.rdb).Latest(t.Context(), e.keys.Inbox("inst1"), 10)
+	if len(entries) != 0 {
+		t.Fatalf("refused disconnects wrote %d entries", len(entries))
+	}
+	expectStatus(t, e.do("DELETE", "/v1/connections/conn1", "", bearer(adminKey)...), 202)
+	entries, err := stream.NewStore(e.rdb).Latest(t.Context(), e.keys.Inbox("inst1"), 10)
+	if err != nil || len(entries) != 1 || entries[0].Route != stream.Disconnect("conn1") {
+		t.Fatalf("inbox: %v %+v", err, entries)
+	}
+}
+
+func TestRateLimits(t *testing.T) {
+	t.Parallel()
+	t.Run("per user default", func(t *testing.T) {
+		t.Parallel()
+		e, _ := newSecEnv(t, map[string]string{"JWT_SECRET": testSecret})
+		tok := userToken(t, auth.Claims{Subject: "u", Publish: []string{"*"}})
+		other := userToken(t, auth.Claims{Subject: "v", Publish: []string{"*"}})
+		// The default burst is 20 (rate 10/s): the 21st at once is refused.
+		var w *httptest.ResponseRecorder
+		for i := 0; i < 21; i++ {
+			w = e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(tok)...)
+			if i < 20 && w.Code != 202 {
+				t.Fatalf("publish %d: %d %s", i, w.Code, w.Body)
+			}
+		}
+		expectError(t, w, 429, "rate_limited")
+		if w.Header().Get("Retry-After") != "1" {
+			t.Errorf("Retry-After %q", w.Header().Get("Retry-After"))
+		}
+		if n := e.xlen("c"); n != 20 {
+			t.Errorf("%d messages written, want 20", n)
+		}
+		// Another user has a budget of its own.
+		expectStatus(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(other)...), 202)
+	})
+	t.Run("per key", func(t *testing.T) {
+		t.Parallel()
+		e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey + "," + chatKey, "PUBLISH_RATE_PER_KEY": "0.5", "PUBLISH_BURST_PER_KEY": "2"})
+		expectStatus(t, e.do("POST", "/v1/messages", `{"messages":[{"channel":"a","data":1},{"channel":"b","data":1}]}`, bearer(fullKey)...), 202)
+		w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`, bearer(fullKey)...)
+		expectError(t, w, 429, "rate_limited")
+		if w.Header().Get("Retry-After") != "2" {
+			t.Errorf("Retry-After %q, want 2", w.Header().Get("Retry-After"))
+		}
+		expectStatus(t, e.do("POST", "/v1/channels/a/messages", `{"data":1}`, bearer(chatKey)...), 202)
+		// A batch larger than the burst can never pass.
+		w = e.do("POST", "/v1/messages", `{"messages":[{"channel":"a","data":1},{"channel":"b","data":1},{"channel":"c","data":1}]}`, bearer(chatKey)...)
+		expectError(t, w, 429, "rate_limited")
+	})
+	t.Run("per key off by default", func(t *testing.T) {
+		t.Parallel()
+		e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})
+		for i := 0; i < 50; i++ {
+			expectStatus(t, e.do("POST", "/v1/channels/a/messages", `{"data":1}`, bearer(fullKey)...), 202)
+		}
+	})
+	t.Run("per ip", func(t *testing.T) {
+		t.Parallel()
+		e, _ := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PUBLISH_RATE_PER_IP": "1", "PUBLISH_BURST_PER_IP": "1", "CLIENT_IP_HEADER": "X-Forwarded-For"})
+		from := func(remote, xff string) int {
+			req := httptest.NewRequest("POST", "/v1/channels/a/messages", strings.NewReader(`{"data":1}`))
+			req.Header.Set("Content-Type", "application/json")
+			req.RemoteAddr = remote
+			if xff != "" {
+				req.Header.Set("X-Forwarded-For", xff)
+			}
+			w := httptest.NewRecorder()
+			e.srv.ServeHTTP(w, req)
+			return w.Code
+		}
+		// Behind the gateway, the last X-Forwarded-For entry is the client;
+		// the earlier ones are the client's to forge.
+		if c := from("10.0.0.1:1", "1.1.1.1, 9.9.9.9"); c != 202 {
+			t.Fatalf("first: %d", c)
+		}
+		if c := from("10.0.0.1:1", "2.2.2.2, 9.9.9.9"); c != 429 {
+			t.Fatalf("same client, forged first entry: %d", c)
+		}
+		if c := from("10.0.0.1:1", "8.8.8.8"); c != 202 {
+			t.Fatalf("other client: %d", c)
+		}
+		if c := from("10.0.0.2:1", ""); c != 202 {
+			t.Fatalf("no header: %d", c)
+		}
+		if c := from("10.0.0.2:2", ""); c != 429 {
+			t.Fatalf("same peer: %d", c)
+		}
+	})
+}
+
+func TestLimiterSetBounded(t *testing.T) {
+	t.Parallel()
+	ls := newLimiterSet(1, 1)
+	now := time.Now()
+	for i := 0; i < maxLimiters+500; i++ {
+		if d := ls.reserve(fmt.Sprint("k", i), 1, now); d != 0 {
+			t.Fatalf("fresh key %d limited", i)
+		}
+	}
+	if n := ls.len(); n > maxLimiters {
+		t.Fatalf("%d limiters kept, max %d", n, maxLimiters)
+	}
+	// Idle buckets are dropped at the next sweep.
+	ls.reserve("late", 1, now.Add(2*time.Minute))
+	if n := ls.len(); n != 1 {
+		t.Fatalf("%d limiters after all went idle", n)
+	}
+	if newLimiterSet(0, 5) != nil {
+		t.Fatal("zero rate should be off")
+	}
+}
+
+func TestCORS(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "ALLOWED_ORIGINS": "https://app.example, https://b.example"})
+	preflight := func(e *testEnv, origin string) *httptest.ResponseRecorder {
+		return e.do("OPTIONS", "/v1/channels/c/messages", "",
+			"Origin", origin, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization, content-type, idempotency-key")
+	}
+	w := preflight(e, "https://app.example")
+	expectStatus(t, w, 204)
+	h := w.Header()
+	if h.Get("Access-Control-Allow-Origin") != "https://app.example" || !strings.Contains(h.Get("Access-Control-Allow-Headers"), "Authorization") ||
+		!strings.Contains(h.Get("Access-Control-Allow-Headers"), "Content-Type") || !strings.Contains(h.Get("Access-Control-Allow-Headers"), "Idempotency-Key") ||
+		!strings.Contains(h.Get("Access-Control-Allow-Methods"), "POST") || !strings.Contains(strings.Join(h.Values("Vary"), ","), "Origin") {
+		t.Fatalf("preflight headers: %v", h)
+	}
+	if h.Get("Access-Control-Allow-Credentials") != "" {
+		t.Fatal("credentials allowed")
+	}
+	w = preflight(e, "https://evil.example")
+	expectError(t, w, 403, "origin_not_allowed")
+	if w.Header().Get("Access-Control-Allow-Origin") != "" {
+		t.Fatal("foreign origin granted")
+	}
+	// Actual requests.
+	w = e.do("POST", "/v1/channels/c/messages", `{"data":1}`, append(bearer(fullKey), "Origin", "https://b.example")...)
+	expectStatus(t, w, 202)
+	if w.Header().Get("Access-Control-Allow-Origin") != "https://b.example" || !strings.Contains(w.Header().Get("Access-Control-Expose-Headers"), "Retry-After") {
+		t.Fatalf("headers: %v", w.Header())
+	}
+	w = e.do("POST", "/v1/channels/c/messages", `{"data":1}`, append(bearer(fullKey), "Origin", "https://evil.example")...)
+	expectError(t, w, 403, "origin_not_allowed")
+	if n := e.xlen("c"); n != 1 {
+		t.Fatalf("%d messages, want 1", n)
+	}
+	// Without Origin (not a browser): no CORS headers, served.
+	w = e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(fullKey)...)
+	expectStatus(t, w, 202)
+	if w.Header().Get("Access-Control-Allow-Origin") != "" {
+		t.Fatal("CORS header without Origin")
+	}
+
+	star, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "ALLOWED_ORIGINS": "*"})
+	w = preflight(star, "https://any.example")
+	expectStatus(t, w, 204)
+	if w.Header().Get("Access-Control-Allow-Origin") != "*" {
+		t.Fatalf("star: %v", w.Header())
+	}
+	// Unset: only the ingress's own host (httptest requests are for example.com).
+	own, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})
+	expectStatus(t, preflight(own, "https://example.com"), 204)
+	expectStatus(t, preflight(own, "https://other.com"), 403)
+}
+
+// Open endpoints need no credential.
+func TestOpenEndpoints(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})
+	for _, p := range []string{"/healthz", "/readyz", "/metrics"} {
+		if w := e.do("GET", p, ""); w.Code != http.StatusOK {
+			t.Errorf("%s: %d %s", p, w.Code, w.Body)
+		}
+	}
+}

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoadConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig(func(k string) string { return map[string]string{"ALLOW_ANONYMOUS": "true"}[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		got, want any
+	}{
+		{"PORT", c.Port, 9000},
+		{"REDIS_URL", c.Redis.URL, "redis://127.0.0.1:6379/0"},
+		{"REDIS_KEY_PREFIX", c.Redis.KeyPrefix, "wsr"},
+		{"REDIS_TIMEOUT", c.Redis.Timeout, time.Second},
+		{"HISTORY_SIZE", c.HistorySize, int64(1000)},
+		{"HISTORY_TTL", c.HistoryTTL, 24 * time.Hour},
+		{"MAX_MESSAGE_BYTES", c.MaxMessageBytes, int64(65536)},
+		{"MAX_BATCH_BYTES", c.MaxBatchBytes, int64(4 << 20)},
+		{"MAX_BATCH_ITEMS", c.MaxBatchItems, 1000},
+		{"IDEMPOTENCY_WINDOW", c.IdempotencyWindow, 24 * time.Hour},
+		{"REGISTRY_TTL", c.RegistryTTL, 30 * time.Second},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s = %v, want %v", tc.name, tc.got, tc.want)
+		}
+	}
+}
+
+func TestLoadConfigSettings(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{
+		"PORT":              "8080",
+		"HISTORY_SIZE":      "0",
+		"HISTORY_TTL":       "1h",
+		"MAX_MESSAGE_BYTES": "1024",
+		"MAX_BATCH_BYTES":   "2048",
+		"MAX_BATCH_ITEMS":   "10",
+		"ALLOW_ANONYMOUS":   "true",
+	}
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Port != 8080 || c.HistorySize != 0 || c.HistoryTTL != time.Hour || c.MaxMessageBytes != 1024 || c.MaxBatchBytes != 2048 || c.MaxBatchItems != 10 {
+		t.Fatalf("config = %+v", c)
+	}
+}
+
+// Every bad variable is reported, in one error.
+func TestLoadConfigErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		want []string
+	}{
+		{"unparsable values together", map[string]string{"PORT": "x", "HISTORY_TTL": "forever", "MAX_BATCH_ITEMS": "many"},
+			[]string{"PORT", "HISTORY_TTL", "MAX_BATCH_ITEMS"}},
+		{"out of range together", map[string]string{
+			"PORT": "70000", "HISTORY_SIZE": "-1", "HISTORY_TTL": "-1s", "MAX_MESSAGE_BYTES": "10",
+			"MAX_BATCH_ITEMS": "1001", "IDEMPOTENCY_WINDOW": "10ms", "REGISTRY_TTL": "100ms", "REDIS_TIMEOUT": "0s",
+		}, []string{"PORT", "HISTORY_SIZE", "HISTORY_TTL", "MAX_MESSAGE_BYTES", "MAX_BATCH_ITEMS", "IDEMPOTENCY_WINDOW", "REGISTRY_TTL", "REDIS_TIMEOUT"}},
+		{"batch smaller than message", map[string]string{"MAX_MESSAGE_BYTES": "4096", "MAX_BATCH_BYTES": "1024"}, []string{"MAX_BATCH_BYTES"}},
+		{"bad redis url", map[string]string{"REDIS_URL": "http://x"}, []string{"REDIS_URL"}},
+		{"bad cluster addrs", map[string]string{"REDIS_CLUSTER_ADDRS": "a:1,nohost"}, []string{"REDIS_CLUSTER_ADDRS"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := loadConfig(func(k string) string { return tc.env[k] })
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %s", err, w)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"encoding/json"
+	"testing"
+
+	"github.com/wsrelay/wsrelay/shared/channel"
+)
+
+// FuzzDecodeMessage: no body panics the decoder; an accepted one has
+// valid JSON data, a valid event and from.
+func FuzzDecodeMessage(f *testing.F) {
+	for _, s := range []string{
+		`{"data":{"text":"hi"},"event":"chat","from":"u1"}`, `{"data":1}`, `{"data":null}`, `{}`, `[]`, ``, `{"data":"x","event":"a\"b"}`,
+		`{"data":1,"from":"a b"}`, `{"data":1,"event":null,"from":null}`, `{"data":1}{"data":2}`, `  {"data":[1,2,{"a":"\u0000"}]}  `,
+	} {
+		f.Add([]byte(s), false)
+		f.Add([]byte(s), true)
+	}
+	f.Add([]byte(`{"channel":"chat:1","data":1}`), true)
+	f.Fuzz(func(t *testing.T, b []byte, withChannel bool) {
+		p, ae := decodeMessage(b, withChannel)
+		if ae != nil {
+			if ae.Status != 400 || ae.Code == "" {
+				t.Fatalf("bad error %+v", ae)
+			}
+			return
+		}
+		if !json.Valid(p.Data) || string(p.Data) == "null" || !channel.ValidEvent(p.Event) || (p.From != "" && !channel.ValidUser(p.From)) {
+			t.Fatalf("accepted %q as %+v", b, p)
+		}
+		if withChannel && !channel.ValidName(p.Channel) {
+			t.Fatalf("accepted channel %q", p.Channel)
+		}
+	})
+}
+
+// FuzzDecodeBatch: no body panics; an accepted batch respects the limits.
+func FuzzDecodeBatch(f *testing.F) {
+	for _, s := range []string{
+		`{"messages":[{"channel":"a","data":1},{"channel":"b.c:d","data":{"x":[1]}}]}`, `{"messages":[]}`, `{"messages":{}}`,
+		`{"messages":[{"data":1}]}`, `{"messages":null}`, `{"messages":[1]}`, `{`, `{"messages":[{"channel":"a","data":1}],"x":1}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		items, err := decodeBatch(b, 3, 128)
+		if err != nil {
+			return
+		}
+		if len(items) == 0 || len(items) > 3 {
+			t.Fatalf("%d items accepted", len(items))
+		}
+		for _, it := range items {
+			if !channel.ValidName(it.Channel) || !json.Valid(it.Data) {
+				t.Fatalf("accepted %+v", it)
+			}
+		}
+	})
+}

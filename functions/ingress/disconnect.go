@@ -1,0 +1,49 @@
+package main
+
+import (
+	"time"
+
+	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// handleDisconnect: DELETE /v1/connections/{id} (admin). The egress
+// holding the connection closes it with 4003 (CloseDisconnected: do not
+// reconnect). 202: the request is queued on that instance's inbox; 404:
+// no live connection has that id.
+func (s *Server) handleDisconnect(c *gin.Context) {
+	id := c.Param("id")
+	who, err := s.authenticate(c)
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if err := who.mayAdmin(); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	if !channel.ValidUser(id) {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	ctx := c.Request.Context()
+	rec, err := s.reg.Get(ctx, id)
+	if err == registry.ErrNotFound {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	msg := stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")}
+	if _, err := s.store.Append(ctx, []stream.Append{s.inboxAppend(rec.Instance, msg)}); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
+	s.log.Info("disconnect requested", "conn", id, "instance", rec.Instance, "by", who.id)
+	c.JSON(202, gin.H{"connection": id, "status": "disconnecting"})
+}

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"math"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gin-gonic/gin"
+	"golang.org/x/time/rate"
+)
+
+// maxLimiters bounds each limiter set; beyond it, idle limiters are
+// evicted first, then arbitrary ones (which only resets their budget).
+const maxLimiters = 10000
+
+// limiterSet holds one token bucket per key (API key, IP, user).
+type limiterSet struct {
+	rate  rate.Limit
+	burst int
+	// idle is how long an unused bucket takes to refill: after that it
+	// equals a fresh one, so dropping it changes nothing.
+	idle time.Duration
+
+	mu        sync.Mutex
+	m         map[string]*limiterEntry
+	lastSweep time.Time
+}
+
+type limiterEntry struct {
+	lim  *rate.Limiter
+	seen time.Time
+}
+
+// newLimiterSet returns nil (no limit) when perSecond is zero. A zero
+// burst means twice the rate, at least 1.
+func newLimiterSet(perSecond float64, burst int) *limiterSet {
+	if perSecond <= 0 {
+		return nil
+	}
+	if burst <= 0 {
+		burst = max(1, int(math.Ceil(2*perSecond)))
+	}
+	idle := time.Duration(float64(burst) / perSecond * float64(time.Second))
+	return &limiterSet{rate: rate.Limit(perSecond), burst: burst, idle: max(idle, time.Second), m: map[string]*limiterEntry{}}
+}
+
+// reserve takes n tokens from key's bucket, or none: it returns how long
+// to wait before the n would be available (zero when taken), and -1 when n
+// exceeds the burst and can never be taken at once.
+func (ls *limiterSet) reserve(key string, n int, now time.Time) time.Duration {
+	if ls == nil {
+		return 0
+	}
+	if n > ls.burst {
+		return -1
+	}
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	e := ls.m[key]
+	if e == nil {
+		if len(ls.m) >= maxLimiters || now.Sub(ls.lastSweep) > time.Minute {
+			ls.sweep(now)
+		}
+		e = &limiterEntry{lim: rate.NewLimiter(ls.rate, ls.burst)}
+		ls.m[key] = e
+	}
+	e.seen = now
+	r := e.lim.ReserveN(now, n)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return d
+	}
+	return 0
+}
+
+// sweep drops idle buckets and, if still full, arbitrary ones. Called
+// with ls.mu held.
+func (ls *limiterSet) sweep(now time.Time) {
+	ls.lastSweep = now
+	for k, e := range ls.m {
+		if now.Sub(e.seen) > ls.idle {
+			delete(ls.m, k)
+		}
+	}
+	for k := range ls.m {
+		if len(ls.m) < maxLimiters {
+			break
+		}
+		delete(ls.m, k)
+	}
+}
+
+func (ls *limiterSet) len() int {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	return len(ls.m)
+}
+
+// publishLimits are the ingress's publish rate limits. Each is nil when
+// off.
+type publishLimits struct {
+	perKey, perIP, perUser *limiterSet
+	ipHeader               string
+}
+
+func newPublishLimits(cfg Config) publishLimits {
+	return publishLimits{
+		perKey:   newLimiterSet(cfg.PublishRatePerKey, cfg.PublishBurstPerKey),
+		perIP:    newLimiterSet(cfg.PublishRatePerIP, cfg.PublishBurstPerIP),
+		perUser:  newLimiterSet(cfg.PublishRatePerUser, cfg.PublishBurstPerUser),
+		ipHeader: cfg.ClientIPHeader,
+	}
+}
+
+// clientIP is the TCP peer, or the last entry of the configured gateway
+// header (the one the gateway itself added; earlier ones are the
+// client's to forge).
+func (pl *publishLimits) clientIP(c *gin.Context) string {
+	if pl.ipHeader != "" {
+		if v := c.Request.Header.Values(pl.ipHeader); len(v) > 0 {
+			last := v[len(v)-1]
+			if i := strings.LastIndexByte(last, ','); i >= 0 {
+				last = last[i+1:]
+			}
+			if ip := strings.TrimSpace(last); ip != "" {
+				return ip
+			}
+		}
+	}
+	host, _, err := net.SplitHostPort(c.Request.RemoteAddr)
+	if err != nil {
+		return c.Request.RemoteAddr
+	}
+	return host
+}
+
+// allowPublishes applies the publish rate limits for n messages: per
+// client IP, then per API key or per user token. Over a limit: 429
+// rate_limited with Retry-After, and nothing is taken from the other
+// buckets' budgets beyond those already passed.
+func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
+	pl := &s.sec.limits
+	now := time.Now()
+	type check struct {
+		set  *limiterSet
+		key  string
+		what string
+	}
+	checks := []check{{pl.perIP, "", "client IP"}}
+	if pl.perIP != nil {
+		checks[0].key = pl.clientIP(c)
+	}
+	switch {
+	case p.claims != nil:
+		checks = append(checks, check{pl.perUser, p.id, "user"})
+	case p.key != nil:
+		checks = append(checks, check{pl.perKey, p.id, "API key"})
+	}
+	for _, ch := range checks {
+		if ch.set == nil {
+			continue
+		}
+		d := ch.set.reserve(ch.key, n, now)
+		switch {
+		case d < 0:
+			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: 1,
+				Message: "batch of " + strconv.Itoa(n) + " messages exceeds the per-" + ch.what + " burst of " + strconv.Itoa(ch.set.burst) + "; send smaller batches"}
+		case d > 0:
+			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: int(math.Ceil(d.Seconds())),
+				Message: "publish rate limit per " + ch.what + " exceeded; retry after the Retry-After seconds"}
+		}
+	}
+	return nil
+}

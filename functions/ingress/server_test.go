@@ -1,0 +1,296 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// testEnv is an ingress Server on the test Redis under a key prefix of its
+// own.
+type testEnv struct {
+	t    *testing.T
+	srv  *Server
+	rdb  redis.UniversalClient
+	keys keys.Scheme
+}
+
+func testConfig(t *testing.T) Config {
+	t.Helper()
+	// Anonymous: these tests are about the core path (auth_test.go covers
+	// credentials).
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"ALLOW_ANONYMOUS": "true"}[k] })
+	if err != nil {
+		t.Fatalf("default config: %v", err)
+	}
+	return cfg
+}
+
+func newEnv(t *testing.T, tweak ...func(*Config)) *testEnv {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	cfg := testConfig(t)
+	for _, f := range tweak {
+		f(&cfg)
+	}
+	ks := keys.Scheme{Prefix: prefix}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
+}
+
+// do sends one request; a non-empty body is sent as application/json
+// unless a Content-Type header is given.
+func (e *testEnv) do(method, path, body string, hdr ...string) *httptest.ResponseRecorder {
+	e.t.Helper()
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req := httptest.NewRequest(method, path, r)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	w := httptest.NewRecorder()
+	e.srv.ServeHTTP(w, req)
+	return w
+}
+
+// errorOf decodes a JSON error body, failing the test if it is not one.
+func errorOf(t *testing.T, w *httptest.ResponseRecorder) (code string, index *int) {
+	t.Helper()
+	var b struct {
+		Error struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+			Index   *int   `json:"index"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &b); err != nil || b.Error.Code == "" || b.Error.Message == "" {
+		t.Fatalf("status %d: body %q is not a JSON error", w.Code, w.Body.String())
+	}
+	return b.Error.Code, b.Error.Index
+}
+
+// expectError checks status and code.
+func expectError(t *testing.T, w *httptest.ResponseRecorder, status int, code string) {
+	t.Helper()
+	if w.Code != status {
+		t.Fatalf("status = %d, want %d; body %s", w.Code, status, w.Body.String())
+	}
+	if got, _ := errorOf(t, w); got != code {
+		t.Fatalf("code = %q, want %q; body %s", got, code, w.Body.String())
+	}
+}
+
+// xlen is the length of channel ch's stream.
+func (e *testEnv) xlen(ch string) int64 {
+	e.t.Helper()
+	n, err := e.rdb.XLen(e.t.Context(), e.keys.Stream(ch)).Result()
+	if err != nil {
+		e.t.Fatalf("XLEN: %v", err)
+	}
+	return n
+}
+
+// checkFor polls f every 20 ms until it returns nil or total has passed.
+func checkFor(t *testing.T, total time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(total)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %v", total, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	w := e.do("GET", "/healthz", "")
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"ok"`) {
+		t.Fatalf("healthz: %d %s", w.Code, w.Body.String())
+	}
+}
+
+func TestNotFoundAndMethodNotAllowed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		code         string
+	}{
+		{"GET", "/nope", 404, "not_found"},
+		{"POST", "/v1/channels", 404, "not_found"},
+		{"GET", "/v1/channels/a/messages/extra", 404, "not_found"},
+		{"DELETE", "/v1/channels/a/messages", 405, "method_not_allowed"},
+		{"PUT", "/v1/messages", 405, "method_not_allowed"},
+		{"GET", "/v1/messages", 405, "method_not_allowed"},
+		{"POST", "/healthz", 405, "method_not_allowed"},
+	} {
+		t.Run(tc.method+tc.path, func(t *testing.T) {
+			expectError(t, e.do(tc.method, tc.path, ""), tc.status, tc.code)
+		})
+	}
+}
+
+// A server whose Redis is down answers publishes with 503 + Retry-After
+// within the configured timeout, and /readyz turns 503.
+func TestRedisDown(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+
+	if w := e.do("GET", "/readyz", ""); w.Code != 200 {
+		t.Fatalf("readyz with Redis up: %d %s", w.Code, w.Body.String())
+	}
+	if w := e.do("POST", "/v1/channels/up/messages", `{"data":1}`); w.Code != 202 {
+		t.Fatalf("publish with Redis up: %d %s", w.Code, w.Body.String())
+	}
+
+	rs.Stop()
+	for _, tc := range []struct{ name, method, path, body string }{
+		{"publish", "POST", "/v1/channels/down/messages", `{"data":1}`},
+		{"batch", "POST", "/v1/messages", `{"messages":[{"channel":"down","data":1}]}`},
+		{"history", "GET", "/v1/channels/down/messages", ""},
+		{"user", "POST", "/v1/users/u1/messages", `{"data":1}`},
+		{"connection", "GET", "/v1/connections/c1", ""},
+		{"presence", "GET", "/v1/channels/down/connections", ""},
+		{"idempotent publish", "POST", "/v1/channels/down/messages", `{"data":1}`},
+	} {
+		start := time.Now()
+		var hdr []string
+		if tc.name == "idempotent publish" {
+			hdr = []string{"Idempotency-Key", "k1"}
+		}
+		w := e.do(tc.method, tc.path, tc.body, hdr...)
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("%s: answered after %v", tc.name, d)
+		}
+		expectError(t, w, 503, "unavailable")
+		if w.Header().Get("Retry-After") == "" {
+			t.Errorf("%s: no Retry-After", tc.name)
+		}
+	}
+	m := e.do("GET", "/metrics", "").Body.String()
+	if !strings.Contains(m, `wsrelay_ingress_publishes_total{result="unavailable"} 4`) || strings.Contains(m, "wsrelay_ingress_redis_errors_total 0") {
+		t.Errorf("metrics do not show the outage:\n%s", m)
+	}
+	checkFor(t, 3*time.Second, func() error {
+		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
+			return fmt.Errorf("readyz = %d, want 503", w.Code)
+		}
+		return nil
+	})
+
+}
+
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.do("POST", "/v1/channels/secret-room/messages", `{"data":1}`)
+	e.do("POST", "/v1/channels/secret-room/messages", `{"nodata":1}`)
+	e.do("GET", "/v1/channels/secret-room/messages", "")
+	e.do("GET", "/nope", "")
+	w := e.do("GET", "/metrics", "")
+	if w.Code != 200 {
+		t.Fatalf("metrics: %d", w.Code)
+	}
+	body := w.Body.String()
+	for _, want := range []string{
+		`wsrelay_ingress_publishes_total{result="accepted"} 1`,
+		`wsrelay_ingress_publishes_total{result="missing_data"} 1`,
+		`wsrelay_ingress_messages_appended_total 1`,
+		`wsrelay_ingress_append_latency_seconds_count 1`,
+		`wsrelay_ingress_http_requests_total{method="POST",route="/v1/channels/:channel/messages",status="2xx"} 1`,
+		`wsrelay_ingress_http_requests_total{method="POST",route="/v1/channels/:channel/messages",status="4xx"} 1`,
+		`wsrelay_ingress_http_requests_total{method="GET",route="/v1/channels/:channel/messages",status="2xx"} 1`,
+		`wsrelay_ingress_http_requests_total{method="GET",route="unmatched",status="4xx"} 1`,
+		`wsrelay_ingress_redis_errors_total 0`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+			t.Log(body)
+		}
+	}
+	if strings.Contains(body, "secret-room") {
+		t.Error("a channel name appears in the metrics")
+	}
+}
+
+// A Redis that accepts connections and never answers (a hung server or a
+// black-holed route) gets the same 503 once REDIS_TIMEOUT passes.
+func TestRedisHung(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	rc := redisconn.Config{URL: "redis://" + ln.Addr().String() + "/0", Timeout: 300 * time.Millisecond}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	start := time.Now()
+	w := e.do("POST", "/v1/channels/hung/messages", `{"data":1}`)
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("answered after %v", d)
+	}
+	expectError(t, w, 503, "unavailable")
+}

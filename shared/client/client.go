@@ -1,0 +1,601 @@
+// Package client is the Go client of the egress WebSocket
+// (docs/clients.md): it connects, subscribes, and keeps the subscriptions
+// alive across every close the server marks as retryable, resuming each
+// channel from the last message id it delivered, so the application sees
+// every message once, in order, or is told (Recovered == false) that a
+// resume had a gap.
+//
+// It behaves like the JavaScript client served at /client.js: exponential
+// backoff with full jitter between attempts (0.5 s doubling to 20 s by
+// default), reset after a stable connection or a planned rotation (idle
+// timeout, lifetime, drain); no reconnect after 4003, 1008 or 1009; a
+// fresh token from GetToken after 4004.
+package client
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// State is the client's connection state.
+type State int
+
+// Connection states, in the order a connection goes through them.
+const (
+	StateConnecting   State = iota // dialling (first time or after a close)
+	StateConnected                 // welcomed by the server
+	StateDisconnected              // lost; a reconnect is scheduled
+	StateClosed                    // final: Close was called or the server refused us for good
+)
+
+func (s State) String() string {
+	switch s {
+	case StateConnecting:
+		return "connecting"
+	case StateConnected:
+		return "connected"
+	case StateDisconnected:
+		return "disconnected"
+	case StateClosed:
+		return "closed"
+	}
+	return "state(" + strconv.Itoa(int(s)) + ")"
+}
+
+// Defaults of Options' zero values.
+const (
+	DefaultMinBackoff  = 500 * time.Millisecond
+	DefaultMaxBackoff  = 20 * time.Second
+	DefaultStableAfter = 10 * time.Second
+	writeTimeout       = 10 * time.Second
+)
+
+// Options configure Dial. Only URL is required.
+type Options struct {
+	// URL of the egress socket, e.g. ws://127.0.0.1:8081/ws. Its query is
+	// kept; token and user are added to it.
+	URL string
+	// Token is a user token (JWT) sent as the token query parameter.
+	Token string
+	// GetToken, when set, is called for the token before the first dial
+	// and again after a 4004 (token expired) close or a 401 at the upgrade.
+	GetToken func(ctx context.Context) (string, error)
+	// User names the user in anonymous mode (the user query parameter).
+	User string
+
+	// MinBackoff and MaxBackoff bound the delay before a reconnect: the
+	// n-th consecutive attempt waits a random time in
+	// [0, min(MaxBackoff, MinBackoff·2ⁿ)]. Zero means the default
+	// (0.5 s and 20 s).
+	MinBackoff, MaxBackoff time.Duration
+	// StableAfter is how long a connection must have lasted for the
+	// backoff to start again from MinBackoff. Zero means 10 s. Planned
+	// rotations (codes 1001, 4000, 4001) reset the backoff whatever the
+	// connection's age.
+	StableAfter time.Duration
+
+	// Dialer dials the socket; nil means websocket.DefaultDialer.
+	Dialer *websocket.Dialer
+	// Header is sent with every upgrade request (e.g. Origin).
+	Header http.Header
+
+	// OnState, when set, is called on every state change, with the error
+	// that caused it (nil for a normal change). It is called from the
+	// client's goroutine and must not block.
+	OnState func(State, error)
+	// OnWelcome, when set, is called with each connection's welcome.
+	OnWelcome func(Welcome)
+	// OnMessage, when set, receives targeted messages (to this connection
+	// or user), which belong to no subscription.
+	OnMessage func(Message)
+	// OnError, when set, receives server error frames that belong to no
+	// subscription.
+	OnError func(*ServerError)
+}
+
+// Welcome is the server's first frame on each connection.
+type Welcome struct {
+	ConnectionID string `json:"connection_id"`
+	User         string `json:"user"`
+	Instance     string `json:"instance"`
+}
+
+// Message is a delivered message.
+type Message struct {
+	Channel string          `json:"channel,omitempty"` // empty for targeted messages
+	Target  string          `json:"target,omitempty"`  // "connection" or "user" for targeted messages
+	ID      string          `json:"id"`
+	Event   string          `json:"event,omitempty"`
+	From    string          `json:"from,omitempty"`
+	TS      int64           `json:"ts"` // publish time, unix milliseconds
+	Data    json.RawMessage `json:"data"`
+}
+
+// ServerError is an error frame of the server.
+type ServerError struct {
+	Code    string
+	Message string
+}
+
+func (e *ServerError) Error() string { return e.Code + ": " + e.Message }
+
+// CloseError is the close that ended the client for good.
+type CloseError struct {
+	Code   int
+	Reason string
+}
+
+func (e *CloseError) Error() string {
+	return fmt.Sprintf("closed by the server with %d (%s): not reconnecting", e.Code, e.Reason)
+}
+
+// ErrClosed is returned by calls on a closed client.
+var ErrClosed = errors.New("client: closed")
+
+// Handler receives one subscription's events. All its functions are
+// called from the client's single reader goroutine, one at a time, and
+// must not block for long (a blocked handler stalls every subscription).
+type Handler struct {
+	// After, when set, starts the subscription after this message id
+	// (e.g. a position the application stored) instead of at the live end.
+	After string
+	// OnMessage receives each message once, in id order.
+	OnMessage func(Message)
+	// OnSubscribed is called each time the server confirms the
+	// subscription. recovered is true for a plain subscribe and for a
+	// resume without a gap; false means messages were lost in between
+	// (they were trimmed from the stream) and the application should
+	// reload its state.
+	OnSubscribed func(recovered bool)
+	// OnError receives the server's refusals of this subscription
+	// (forbidden, invalid_channel, too_many_subscriptions, …). A refused
+	// subscription stays registered and is retried on the next connection,
+	// unless Unsubscribe is called.
+	OnError func(*ServerError)
+}
+
+// Subscription is one channel subscription of a Client.
+type Subscription struct {
+	c       *Client
+	channel string
+	ref     int
+	h       Handler
+	last    stream.ID // last delivered id; zero: none yet
+	hasLast bool
+}
+
+// Channel is the subscription's channel.
+func (s *Subscription) Channel() string { return s.channel }
+
+// LastID is the id of the last message delivered, or "" if none yet.
+func (s *Subscription) LastID() string {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	if !s.hasLast {
+		return ""
+	}
+	return idString(s.last)
+}
+
+// Unsubscribe ends the subscription; no handler call starts after it
+// returns, except one already running in the reader goroutine.
+func (s *Subscription) Unsubscribe() {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.subs[s.channel] != s {
+		return
+	}
+	delete(c.subs, s.channel)
+	delete(c.refs, s.ref)
+	if c.ws != nil {
+		_ = c.writeLocked(protocol.Request{Type: protocol.TypeUnsubscribe, Channel: s.channel})
+	}
+}
+
+// Client is a connection to the egress that reconnects by itself. Its
+// methods are safe for concurrent use.
+type Client struct {
+	opts   Options
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+
+	mu      sync.Mutex
+	ws      *websocket.Conn // nil while disconnected
+	subs    map[string]*Subscription
+	refs    map[int]*Subscription
+	nextRef int
+	state   State
+	err     error // why the client closed for good
+}
+
+// Dial starts a client. It returns at once: the client connects in the
+// background, so subscriptions made right away are sent on connect.
+// Close it to stop it.
+func Dial(opts Options) (*Client, error) {
+	if _, err := url.Parse(opts.URL); err != nil || opts.URL == "" {
+		return nil, fmt.Errorf("client: bad URL %q", opts.URL)
+	}
+	if opts.MinBackoff <= 0 {
+		opts.MinBackoff = DefaultMinBackoff
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = DefaultMaxBackoff
+	}
+	if opts.MaxBackoff < opts.MinBackoff {
+		opts.MaxBackoff = opts.MinBackoff
+	}
+	if opts.StableAfter <= 0 {
+		opts.StableAfter = DefaultStableAfter
+	}
+	if opts.Dialer == nil {
+		opts.Dialer = websocket.DefaultDialer
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Client{
+		opts:   opts,
+		ctx:    ctx,
+		cancel: cancel,
+		done:   make(chan struct{}),
+		subs:   make(map[string]*Subscription),
+		refs:   make(map[int]*Subscription),
+	}
+	go c.run()
+	return c, nil
+}
+
+// Subscribe subscribes to channel. The subscription lasts until
+// Unsubscribe or Close, across reconnects: each new connection resumes it
+// after the last id delivered.
+func (c *Client) Subscribe(channel string, h Handler) (*Subscription, error) {
+	var after stream.ID
+	if h.After != "" {
+		id, ok := stream.ParseID(h.After)
+		if !ok {
+			return nil, fmt.Errorf("client: After %q is not a message id", h.After)
+		}
+		after = id
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == StateClosed {
+		return nil, ErrClosed
+	}
+	if _, ok := c.subs[channel]; ok {
+		return nil, fmt.Errorf("client: already subscribed to %q", channel)
+	}
+	c.nextRef++
+	s := &Subscription{c: c, channel: channel, ref: c.nextRef, h: h, last: after, hasLast: h.After != ""}
+	c.subs[channel] = s
+	c.refs[s.ref] = s
+	if c.ws != nil {
+		_ = c.writeLocked(s.request())
+	}
+	return s, nil
+}
+
+// State is the current connection state.
+func (c *Client) State() State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// Err is why the client closed for good (a *CloseError, or the GetToken
+// error), or nil.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Done is closed when the client has stopped (Close, or a final close by
+// the server).
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Close closes the socket (1000) and waits for the client's goroutine. It
+// is idempotent.
+func (c *Client) Close() error {
+	c.once.Do(func() {
+		c.cancel()
+		c.mu.Lock()
+		if c.ws != nil {
+			_ = c.ws.WriteControl(websocket.CloseMessage,
+				websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+			_ = c.ws.Close()
+		}
+		c.mu.Unlock()
+	})
+	<-c.done
+	return nil
+}
+
+func (s *Subscription) request() protocol.Request {
+	r := protocol.Request{Type: protocol.TypeSubscribe, Channel: s.channel, Ref: json.RawMessage(strconv.Itoa(s.ref))}
+	if s.hasLast {
+		a := idString(s.last)
+		r.After = &a
+	}
+	return r
+}
+
+// writeLocked sends one frame; c.mu is held, which orders writes.
+func (c *Client) writeLocked(r protocol.Request) error {
+	b, _ := json.Marshal(r)
+	_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
+	return c.ws.WriteMessage(websocket.TextMessage, b)
+}
+
+func (c *Client) setState(s State, err error) {
+	c.mu.Lock()
+	changed := c.state != s
+	c.state = s
+	if s == StateClosed && err != nil {
+		c.err = err
+	}
+	c.mu.Unlock()
+	if changed && c.opts.OnState != nil {
+		c.opts.OnState(s, err)
+	}
+}
+
+// retryable reports whether the client reconnects after close code code.
+func retryable(code int) bool {
+	switch code {
+	case protocol.CloseDisconnected, protocol.ClosePolicy, protocol.CloseTooBig:
+		return false
+	}
+	return true
+}
+
+// planned reports whether code is a routine rotation, after which the
+// backoff starts over.
+func planned(code int) bool {
+	switch code {
+	case protocol.CloseGoingAway, protocol.CloseIdleTimeout, protocol.CloseLifetime:
+		return true
+	}
+	return false
+}
+
+// run connects and reconnects until Close or a final close.
+func (c *Client) run() {
+	defer close(c.done)
+	attempt := 0
+	token, freshToken := c.opts.Token, c.opts.GetToken != nil
+	for {
+		if c.ctx.Err() != nil {
+			c.setState(StateClosed, nil)
+			return
+		}
+		c.setState(StateConnecting, nil)
+		if freshToken {
+			t, err := c.opts.GetToken(c.ctx)
+			if err != nil {
+				if c.ctx.Err() != nil {
+					continue
+				}
+				c.setState(StateDisconnected, fmt.Errorf("client: get token: %w", err))
+				if !c.sleep(c.backoff(attempt)) {
+					continue
+				}
+				attempt++
+				continue
+			}
+			token, freshToken = t, false
+		}
+		started := time.Now()
+		code, welcomed, err := c.connect(token)
+		if c.ctx.Err() != nil {
+			continue
+		}
+		if !retryable(code) {
+			c.setState(StateClosed, err)
+			return
+		}
+		if code == protocol.CloseTokenExpired || code == http.StatusUnauthorized {
+			freshToken = c.opts.GetToken != nil
+		}
+		if welcomed && (planned(code) || time.Since(started) >= c.opts.StableAfter) {
+			attempt = 0
+		}
+		c.setState(StateDisconnected, err)
+		if !c.sleep(c.backoff(attempt)) {
+			continue
+		}
+		attempt++
+	}
+}
+
+// backoff is the full-jitter delay before attempt n (0-based).
+func (c *Client) backoff(n int) time.Duration {
+	ceil := c.opts.MinBackoff << min(n, 20)
+	if ceil > c.opts.MaxBackoff || ceil <= 0 {
+		ceil = c.opts.MaxBackoff
+	}
+	return rand.N(ceil + 1)
+}
+
+// sleep waits d; false if the client was closed meanwhile.
+func (c *Client) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+func (c *Client) dialURL(token string) string {
+	u, _ := url.Parse(c.opts.URL)
+	q := u.Query()
+	if token != "" {
+		q.Set("token", token)
+	}
+	if c.opts.User != "" {
+		q.Set("user", c.opts.User)
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// connect runs one connection to its end. code is the close code (1006
+// for a lost connection or a failed dial; an HTTP status for a refused
+// upgrade: 401 asks for a fresh token, other 4xx are retried too since the
+// cause may be temporary).
+func (c *Client) connect(token string) (code int, welcomed bool, err error) {
+	ws, resp, err := c.opts.Dialer.DialContext(c.ctx, c.dialURL(token), c.opts.Header)
+	if err != nil {
+		if resp != nil {
+			return resp.StatusCode, false, fmt.Errorf("client: upgrade refused: %s", resp.Status)
+		}
+		return 1006, false, fmt.Errorf("client: dial: %w", err)
+	}
+	c.mu.Lock()
+	if c.ctx.Err() != nil { // Close ran before c.ws was set
+		c.mu.Unlock()
+		ws.Close()
+		return websocket.CloseNormalClosure, false, nil
+	}
+	c.ws = ws
+	for _, s := range c.subs {
+		if err := c.writeLocked(s.request()); err != nil {
+			break // the read below reports the broken socket
+		}
+	}
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.ws = nil
+		c.mu.Unlock()
+		ws.Close()
+	}()
+
+	for {
+		_, data, err := ws.ReadMessage()
+		if err != nil {
+			var ce *websocket.CloseError
+			if errors.As(err, &ce) {
+				if !retryable(ce.Code) {
+					return ce.Code, welcomed, &CloseError{Code: ce.Code, Reason: ce.Text}
+				}
+				return ce.Code, welcomed, fmt.Errorf("client: closed by the server: %d %s", ce.Code, ce.Text)
+			}
+			return 1006, welcomed, fmt.Errorf("client: connection lost: %w", err)
+		}
+		if c.dispatch(data) {
+			welcomed = true
+		}
+	}
+}
+
+// frame is any server frame.
+type frame struct {
+	Type      string          `json:"type"`
+	Channel   string          `json:"channel"`
+	Recovered *bool           `json:"recovered"`
+	Position  string          `json:"position"`
+	Code      string          `json:"code"`
+	Message   string          `json:"message"`
+	Ref       json.RawMessage `json:"ref"`
+	Welcome
+}
+
+// dispatch handles one server frame; it reports whether it was a welcome.
+func (c *Client) dispatch(data []byte) bool {
+	var f frame
+	if err := json.Unmarshal(data, &f); err != nil {
+		return false
+	}
+	switch f.Type {
+	case protocol.TypeWelcome:
+		c.setState(StateConnected, nil)
+		if c.opts.OnWelcome != nil {
+			c.opts.OnWelcome(f.Welcome)
+		}
+		return true
+	case protocol.TypeMessage:
+		var m Message
+		if err := json.Unmarshal(data, &m); err != nil {
+			return false
+		}
+		if m.Channel == "" {
+			if c.opts.OnMessage != nil {
+				c.opts.OnMessage(m)
+			}
+			return false
+		}
+		id, ok := stream.ParseID(m.ID)
+		c.mu.Lock()
+		s := c.subs[m.Channel]
+		if s == nil || !ok || (s.hasLast && id.Compare(s.last) <= 0) {
+			c.mu.Unlock() // unsubscribed, or a duplicate
+			return false
+		}
+		s.last, s.hasLast = id, true
+		c.mu.Unlock()
+		if s.h.OnMessage != nil {
+			s.h.OnMessage(m)
+		}
+	case protocol.TypeSubscribed:
+		c.mu.Lock()
+		s := c.subs[f.Channel]
+		// A fresh subscription starts from the server's position, so a
+		// cut before its first message still resumes without a gap.
+		if s != nil && !s.hasLast {
+			if id, ok := stream.ParseID(f.Position); ok {
+				s.last, s.hasLast = id, true
+			}
+		}
+		c.mu.Unlock()
+		if s != nil && s.h.OnSubscribed != nil {
+			s.h.OnSubscribed(f.Recovered == nil || *f.Recovered)
+		}
+	case protocol.TypeError:
+		se := &ServerError{Code: f.Code, Message: f.Message}
+		var s *Subscription
+		if ref, err := strconv.Atoi(string(f.Ref)); err == nil {
+			c.mu.Lock()
+			s = c.refs[ref]
+			c.mu.Unlock()
+		}
+		if s != nil && f.Code == protocol.CodeUnavailable {
+			// The server could not subscribe now: reconnecting retries
+			// every subscription, resuming each where it was.
+			c.mu.Lock()
+			if c.ws != nil {
+				_ = c.ws.WriteControl(websocket.CloseMessage,
+					websocket.FormatCloseMessage(websocket.CloseNormalClosure, "retrying subscription"), time.Now().Add(time.Second))
+			}
+			c.mu.Unlock()
+		}
+		switch {
+		case s != nil && s.h.OnError != nil:
+			s.h.OnError(se)
+		case s == nil && c.opts.OnError != nil:
+			c.opts.OnError(se)
+		}
+	}
+	return false
+}
+
+func idString(id stream.ID) string {
+	return strconv.FormatUint(id.MS, 10) + "-" + strconv.FormatUint(id.Seq, 10)
+}

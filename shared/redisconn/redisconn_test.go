@@ -1,0 +1,108 @@
+package redisconn
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	redistest.StopAll()
+	os.Exit(code)
+}
+
+func TestValidate(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		c    Config
+		want []string // substrings of the error; nil means valid
+	}{
+		{"single", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second}, nil},
+		{"tls with password", Config{URL: "rediss://:pw@example.com:6380/2", Timeout: time.Second}, nil},
+		{"cluster", Config{ClusterAddrs: "a:1, b:2", Timeout: time.Second}, nil},
+		{"cluster ignores URL", Config{URL: "junk", ClusterAddrs: "a:1", Timeout: time.Second}, nil},
+		{"bad scheme", Config{URL: "http://x", Timeout: time.Second}, []string{"REDIS_URL"}},
+		{"bad cluster addr", Config{ClusterAddrs: "a:1,b", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", `"b"`}},
+		{"all bad", Config{URL: "nope://", Timeout: 0}, []string{"REDIS_URL", "REDIS_TIMEOUT"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.c.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				if _, err := New(tc.c); err != nil {
+					t.Fatalf("New: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %s", err, w)
+				}
+			}
+			if _, err := New(tc.c); err == nil {
+				t.Error("New accepted an invalid config")
+			}
+		})
+	}
+}
+
+func TestNew(t *testing.T) {
+	t.Parallel()
+	single, err := New(Config{URL: redistest.URL(t), Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer single.Close()
+	if _, ok := single.(*redis.Client); !ok {
+		t.Fatalf("single node client is %T", single)
+	}
+	if err := Ping(t.Context(), single); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	cluster, err := New(Config{ClusterAddrs: "127.0.0.1:1,127.0.0.1:2", Timeout: time.Second, ClusterTLS: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	if _, ok := cluster.(*redis.ClusterClient); !ok {
+		t.Fatalf("cluster client is %T", cluster)
+	}
+}
+
+// A Redis that is down is reported within about the timeout, not after
+// go-redis's default dial retries.
+func TestPingDown(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rdb, err := New(Config{URL: rs.URL(), Timeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	if err := Ping(t.Context(), rdb); err != nil {
+		t.Fatalf("Ping up: %v", err)
+	}
+	rs.Stop()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := Ping(ctx, rdb); err == nil {
+		t.Fatal("Ping of a stopped server succeeded")
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("Ping failed after %v", d)
+	}
+}

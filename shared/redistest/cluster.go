@@ -1,0 +1,267 @@
+package redistest
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// clusterNodeTimeout is the cluster-node-timeout of test clusters: a
+// stopped master is failed over within a few seconds.
+const clusterNodeTimeout = 1000 * time.Millisecond
+
+// Cluster is a Redis Cluster for a test: the one named by
+// REDIS_CLUSTER_ADDRS, or real redis-server processes started on free
+// ports and stopped at the end of the test.
+type Cluster struct {
+	addrs   []string
+	servers []*Server // nil when the cluster is external
+}
+
+// StartCluster returns a Redis Cluster of masters masters with
+// replicasPerMaster replicas each. When REDIS_CLUSTER_ADDRS is set it
+// returns that cluster instead (whatever its shape; Owned reports false).
+func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
+	t.Helper()
+	if env := os.Getenv("REDIS_CLUSTER_ADDRS"); env != "" {
+		c := &Cluster{}
+		for _, a := range strings.Split(env, ",") {
+			c.addrs = append(c.addrs, strings.TrimSpace(a))
+		}
+		return c
+	}
+	cli, err := exec.LookPath("redis-cli")
+	if err != nil {
+		t.Fatalf("redistest: redis-cli not found (it ships with redis-server): %v", err)
+	}
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redistest: redis-server not found: %v", err)
+	}
+	c := &Cluster{}
+	t.Cleanup(c.stop)
+	n := masters * (1 + replicasPerMaster)
+	for range n {
+		s, err := startClusterNode(bin)
+		if err != nil {
+			t.Fatalf("redistest: start cluster node: %v", err)
+		}
+		c.servers = append(c.servers, s)
+		c.addrs = append(c.addrs, s.Addr())
+	}
+	args := append([]string{"--cluster", "create"}, c.addrs...)
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerMaster), "--cluster-yes")
+	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
+		t.Fatalf("redistest: redis-cli --cluster create: %v\n%s", err, out)
+	}
+	if err := c.waitHealthy(n, masters, 30*time.Second); err != nil {
+		t.Fatalf("redistest: cluster not ready: %v", err)
+	}
+	return c
+}
+
+// startClusterNode starts one cluster-enabled node on a port whose
+// cluster bus port (port+10000) is free too.
+func startClusterNode(bin string) (*Server, error) {
+	var port int
+	for range 50 {
+		p, err := FreePort()
+		if err != nil {
+			return nil, err
+		}
+		if p+10000 > 65535 {
+			continue
+		}
+		if l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+10000)); err == nil {
+			l.Close()
+			port = p
+			break
+		}
+	}
+	if port == 0 {
+		return nil, fmt.Errorf("no free port pair for a cluster node")
+	}
+	dir, err := os.MkdirTemp("", "redistest-cluster-")
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Port: port, Dir: dir}
+	s.args = []string{
+		"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir,
+		"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+		"--cluster-node-timeout", strconv.FormatInt(clusterNodeTimeout.Milliseconds(), 10),
+		// Keep the other masters serving while one slot range fails over.
+		"--cluster-require-full-coverage", "no",
+		// A replica may always take over, however long it was cut off.
+		"--cluster-replica-validity-factor", "0",
+	}
+	if err := s.launch(bin); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	mu.Lock()
+	servers = append(servers, s)
+	mu.Unlock()
+	return s, nil
+}
+
+// waitHealthy polls until every running node reports cluster_state:ok,
+// knows every node, and the cluster has masters masters with all slots.
+func (c *Cluster) waitHealthy(nodes, masters int, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	var last error
+	for time.Now().Before(deadline) {
+		if last = c.healthy(nodes, masters); last == nil {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return last
+}
+
+func (c *Cluster) healthy(nodes, masters int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	for i, a := range c.addrs {
+		if c.servers != nil && c.servers[i].cmd == nil {
+			continue // stopped
+		}
+		rc := redis.NewClient(&redis.Options{Addr: a, DisableIdentity: true})
+		info, err := rc.ClusterInfo(ctx).Result()
+		if err == nil && !strings.Contains(info, "cluster_state:ok") {
+			err = fmt.Errorf("%s: cluster_state not ok", a)
+		}
+		if err == nil && !strings.Contains(info, "cluster_known_nodes:"+strconv.Itoa(nodes)+"\r") {
+			err = fmt.Errorf("%s: does not know all %d nodes yet", a, nodes)
+		}
+		if err == nil && !strings.Contains(info, "cluster_slots_ok:16384") {
+			err = fmt.Errorf("%s: not all slots ok", a)
+		}
+		var owners map[string]bool
+		if err == nil {
+			owners, err = slotOwners(ctx, rc)
+		}
+		rc.Close()
+		if err != nil {
+			return err
+		}
+		if len(owners) != masters {
+			return fmt.Errorf("%s: %d masters, want %d", a, len(owners), masters)
+		}
+	}
+	return nil
+}
+
+// Addrs are the nodes' host:port addresses (seed nodes for clients).
+func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
+
+// AddrsEnv is Addrs in the REDIS_CLUSTER_ADDRS form.
+func (c *Cluster) AddrsEnv() string { return strings.Join(c.addrs, ",") }
+
+// Owned reports whether the test started the cluster (and may stop nodes).
+func (c *Cluster) Owned() bool { return c.servers != nil }
+
+// Client returns a cluster client with short timeouts, closed at the end
+// of the test.
+func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
+	t.Helper()
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:           c.Addrs(),
+		DialTimeout:     500 * time.Millisecond,
+		ReadTimeout:     time.Second,
+		WriteTimeout:    time.Second,
+		MaxRedirects:    8,
+		DisableIdentity: true,
+	})
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
+// Index returns the index (for StopNode) of the node at addr, or -1.
+func (c *Cluster) Index(addr string) int {
+	for i, a := range c.addrs {
+		if a == addr {
+			return i
+		}
+	}
+	return -1
+}
+
+// StopNode kills node i (to make the cluster fail it over). It fails the
+// test on a cluster the test did not start.
+func (c *Cluster) StopNode(t testing.TB, i int) {
+	t.Helper()
+	if !c.Owned() {
+		t.Fatalf("redistest: cannot stop a node of REDIS_CLUSTER_ADDRS")
+	}
+	c.servers[i].Stop()
+}
+
+// WaitFailover polls until addr no longer owns any slot and the cluster
+// is ok again on every running node.
+func (c *Cluster) WaitFailover(t testing.TB, addr string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		if c.failedOver(addr) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("redistest: %s was not failed over within %s", addr, within)
+}
+
+func (c *Cluster) failedOver(addr string) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	for i, a := range c.addrs {
+		if a == addr || (c.servers != nil && c.servers[i].cmd == nil) {
+			continue
+		}
+		rc := redis.NewClient(&redis.Options{Addr: a, DisableIdentity: true})
+		info, err := rc.ClusterInfo(ctx).Result()
+		owners, err2 := slotOwners(ctx, rc)
+		rc.Close()
+		if err != nil || err2 != nil || !strings.Contains(info, "cluster_state:ok") ||
+			!strings.Contains(info, "cluster_slots_ok:16384") || owners[addr] {
+			return false
+		}
+	}
+	return true
+}
+
+// slotOwners returns the addresses of the masters that own slots, as
+// the node rc is connected to sees them.
+func slotOwners(ctx context.Context, rc *redis.Client) (map[string]bool, error) {
+	shards, err := rc.ClusterShards(ctx).Result()
+	if err != nil {
+		return nil, err
+	}
+	owners := map[string]bool{}
+	for _, s := range shards {
+		if len(s.Slots) == 0 {
+			continue
+		}
+		for _, n := range s.Nodes {
+			if n.Role == "master" && n.Health == "online" {
+				owners[net.JoinHostPort(n.IP, strconv.FormatInt(n.Port, 10))] = true
+			}
+		}
+	}
+	return owners, nil
+}
+
+func (c *Cluster) stop() {
+	for _, s := range c.servers {
+		s.Stop()
+		os.RemoveAll(s.Dir)
+	}
+}

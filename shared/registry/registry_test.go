@@ -1,0 +1,234 @@
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	redistest.StopAll()
+	os.Exit(code)
+}
+
+func newRegistry(t *testing.T, ttl time.Duration) (*Registry, keys.Scheme) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	return New(rdb, ks, ttl), ks
+}
+
+func ids(recs []*Record) []string {
+	out := make([]string, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, r.ID)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// checkFor polls f every 20 ms until it returns nil or total has passed.
+func checkFor(t *testing.T, total time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(total)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %v", total, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestPutGetRemove(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	if r.TTL() != time.Minute {
+		t.Fatalf("TTL = %v", r.TTL())
+	}
+	rec := &Record{ID: "c1", User: "alice", Instance: "i1", Channels: []string{"a", "b"}, ConnectedAt: time.UnixMilli(1700000000000).UTC()}
+	if err := r.Put(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	got, err := r.Get(ctx, "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ID != "c1" || got.User != "alice" || got.Instance != "i1" || !slices.Equal(got.Channels, []string{"a", "b"}) || !got.ConnectedAt.Equal(rec.ConnectedAt) {
+		t.Fatalf("Get = %+v", got)
+	}
+	for _, tc := range []struct {
+		name string
+		got  func() ([]*Record, error)
+		want []string
+	}{
+		{"channel a", func() ([]*Record, error) { return r.Channel(ctx, "a", 10) }, []string{"c1"}},
+		{"channel b", func() ([]*Record, error) { return r.Channel(ctx, "b", 10) }, []string{"c1"}},
+		{"channel c", func() ([]*Record, error) { return r.Channel(ctx, "c", 10) }, []string{}},
+		{"user alice", func() ([]*Record, error) { return r.User(ctx, "alice", 10) }, []string{"c1"}},
+		{"user bob", func() ([]*Record, error) { return r.User(ctx, "bob", 10) }, []string{}},
+	} {
+		recs, err := tc.got()
+		if err != nil || !slices.Equal(ids(recs), tc.want) {
+			t.Errorf("%s: %v, %v; want %v", tc.name, ids(recs), err, tc.want)
+		}
+	}
+
+	if err := r.Remove(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Get(ctx, "c1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get after Remove: %v", err)
+	}
+	if recs, _ := r.Channel(ctx, "a", 10); len(recs) != 0 {
+		t.Fatalf("channel a after Remove: %v", ids(recs))
+	}
+	if recs, _ := r.User(ctx, "alice", 10); len(recs) != 0 {
+		t.Fatalf("user after Remove: %v", ids(recs))
+	}
+}
+
+func TestGetMissing(t *testing.T) {
+	t.Parallel()
+	r, _ := newRegistry(t, time.Minute)
+	if _, err := r.Get(t.Context(), "nope"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get = %v", err)
+	}
+}
+
+func TestLeaveChannel(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	rec := &Record{ID: "c1", User: "u", Instance: "i", Channels: []string{"a", "b"}}
+	if err := r.Put(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.Channels = []string{"b"}
+	if err := r.LeaveChannel(ctx, rec, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _ := r.Channel(ctx, "a", 10); len(recs) != 0 {
+		t.Fatalf("channel a after leave: %v", ids(recs))
+	}
+	if recs, _ := r.Channel(ctx, "b", 10); !slices.Equal(ids(recs), []string{"c1"}) {
+		t.Fatalf("channel b after leave: %v", ids(recs))
+	}
+	got, err := r.Get(ctx, "c1")
+	if err != nil || !slices.Equal(got.Channels, []string{"b"}) {
+		t.Fatalf("record after leave: %+v %v", got, err)
+	}
+}
+
+// Records and memberships expire TTL after their last refresh; Refresh
+// keeps them alive.
+func TestExpiryAndRefresh(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Second)
+	kept := &Record{ID: "kept", User: "u", Instance: "i", Channels: []string{"a"}}
+	gone := &Record{ID: "gone", User: "u", Instance: "i", Channels: []string{"a"}}
+	if err := r.Refresh(ctx, []*Record{kept, gone}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	refreshDone := make(chan struct{})
+	go func() {
+		defer close(refreshDone)
+		for time.Since(start) < 2500*time.Millisecond {
+			_ = r.Refresh(ctx, []*Record{kept})
+			time.Sleep(200 * time.Millisecond)
+		}
+	}()
+	checkFor(t, 5*time.Second, func() error {
+		if _, err := r.Get(ctx, "gone"); !errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("gone still registered: %v", err)
+		}
+		return nil
+	})
+	if d := time.Since(start); d < 800*time.Millisecond {
+		t.Fatalf("record expired after %v, TTL 1s", d)
+	}
+	// The expired member is ignored by readers even if still in the sets.
+	for _, f := range []func() ([]*Record, error){
+		func() ([]*Record, error) { return r.Channel(ctx, "a", 10) },
+		func() ([]*Record, error) { return r.User(ctx, "u", 10) },
+	} {
+		recs, err := f()
+		if err != nil || !slices.Equal(ids(recs), []string{"kept"}) {
+			t.Fatalf("members = %v, %v; want [kept]", ids(recs), err)
+		}
+	}
+	<-refreshDone
+	if _, err := r.Get(ctx, "kept"); err != nil {
+		t.Fatalf("refreshed record: %v", err)
+	}
+	// Without refreshes everything, sets included, disappears.
+	checkFor(t, 5*time.Second, func() error {
+		for _, k := range []string{ks.Conn("kept"), ks.ChannelConns("a"), ks.UserConns("u")} {
+			if n := r.rdb.Exists(ctx, k).Val(); n != 0 {
+				return fmt.Errorf("%s still exists", k)
+			}
+		}
+		return nil
+	})
+}
+
+// A member whose record key is gone but whose set score is still live
+// (the record expired between the two reads, or was deleted) is skipped;
+// a member whose score is past is not returned even if its record lives.
+func TestMembersIgnoreStale(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	for _, id := range []string{"c1", "c2", "c3"} {
+		if err := r.Put(ctx, &Record{ID: id, User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.rdb.Del(ctx, ks.Conn("c2"))
+	r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: float64(time.Now().Add(-time.Second).UnixMilli()), Member: "c3"})
+	recs, err := r.Channel(ctx, "a", 10)
+	if err != nil || !slices.Equal(ids(recs), []string{"c1"}) {
+		t.Fatalf("Channel = %v, %v; want [c1]", ids(recs), err)
+	}
+	// The past member was cleaned out of the set.
+	if n := r.rdb.ZCard(ctx, ks.ChannelConns("a")).Val(); n != 2 {
+		t.Fatalf("ZCARD = %d, want 2 (c3 removed)", n)
+	}
+	// limit bounds the read.
+	if recs, _ := r.User(ctx, "u", 1); len(recs) != 1 {
+		t.Fatalf("User limit 1 = %v", ids(recs))
+	}
+}
+
+// Refresh writes more records than one pipeline batch.
+func TestRefreshMany(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	recs := make([]*Record, 600)
+	for i := range recs {
+		recs[i] = &Record{ID: fmt.Sprintf("c%d", i), Instance: "i", Channels: []string{"big"}}
+	}
+	if err := r.Refresh(ctx, recs); err != nil {
+		t.Fatal(err)
+	}
+	got, err := r.Channel(ctx, "big", 1000)
+	if err != nil || len(got) != 600 {
+		t.Fatalf("Channel = %d records, %v", len(got), err)
+	}
+}
