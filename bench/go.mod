@@ -3,3 +3,14 @@ module github.com/wsrelay/wsrelay/bench
 go 1.26.0
 
 replace github.com/wsrelay/wsrelay/shared => ../shared
+
+require (
+	github.com/gorilla/websocket v1.5.3
+	github.com/redis/go-redis/v9 v9.23.0
+)
+
+require (
+	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	go.uber.org/atomic v1.12.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
+)

@@ -63,9 +63,9 @@ func TestBroadcastAcrossInstances(t *testing.T) {
 		ids = append(ids, res.ID)
 	}
 	for i, s := range subs {
-		got := s.waitMessages("room-1", len(ids))
+		s.waitMessages("room-1", len(ids))
 		time.Sleep(100 * time.Millisecond) // a duplicate would arrive now
-		got = s.messages("room-1")
+		got := s.messages("room-1")
 		checkSequence(t, fmt.Sprintf("subscriber %d", i), got, ids)
 		if got[0].Event != "tick" || string(got[0].Data) != `{"n":0}` {
 			t.Fatalf("first message: %+v", got[0])
@@ -97,7 +97,9 @@ func TestTargetedSends(t *testing.T) {
 		t.Fatalf("to user: %d %v", st, res)
 	}
 	for _, cl := range []*wsClient{a1, a2} {
-		cl.waitFrame(func(f frame) bool { return f.Type == "message" && string(f.Data) == `"all alice"` && f.Target == "user" })
+		cl.waitFrame(func(f frame) bool {
+			return f.Type == "message" && string(f.Data) == `"all alice"` && f.Target == "user"
+		})
 	}
 	if st := post(t, c.ingress[0].URL+"/v1/connections/nope123/messages", map[string]any{"data": 1}, &res); st != 404 {
 		t.Fatalf("unknown connection: %d", st)

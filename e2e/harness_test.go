@@ -195,6 +195,23 @@ func post(t testing.TB, url string, body any, out any) int {
 	return resp.StatusCode
 }
 
+// postQuiet is post for background goroutines: it reports failure as
+// status 0 instead of failing the test.
+func postQuiet(url string, body any, out any) int {
+	b, _ := json.Marshal(body)
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Post(url, "application/json", bytes.NewReader(b))
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(resp.Body)
+	if out != nil && json.Unmarshal(rb, out) != nil {
+		return 0
+	}
+	return resp.StatusCode
+}
+
 func getJSON(t testing.TB, url string, out any) int {
 	t.Helper()
 	resp, err := http.Get(url)
@@ -230,13 +247,13 @@ type frame struct {
 
 // wsClient is a minimal test client: it collects frames in order.
 type wsClient struct {
-	t      testing.TB
-	ws     *websocket.Conn
-	mu     sync.Mutex
-	frames []frame
-	closed chan struct{}
+	t         testing.TB
+	ws        *websocket.Conn
+	mu        sync.Mutex
+	frames    []frame
+	closed    chan struct{}
 	closeCode int
-	welcome frame
+	welcome   frame
 }
 
 func dial(t testing.TB, url string) *wsClient {
@@ -340,7 +357,12 @@ func (c *wsClient) waitMessages(ch string, n int) []frame {
 func checkSequence(t testing.TB, who string, got []frame, want []string) {
 	t.Helper()
 	if len(got) != len(want) {
-		t.Fatalf("%s: got %d messages, want %d", who, len(got), len(want))
+		ids := make([]string, len(got))
+		for i := range got {
+			ids[i] = got[i].ID
+		}
+		lost, dup := compare(ids, want)
+		t.Fatalf("%s: got %d messages, want %d (lost %d, duplicated %d): %s", who, len(got), len(want), lost, dup, diff(ids, want))
 	}
 	for i := range want {
 		if got[i].ID != want[i] {
@@ -350,3 +372,17 @@ func checkSequence(t testing.TB, who string, got []frame, want []string) {
 }
 
 var _ = context.Background
+
+// diff describes the first difference between got and want.
+func diff(got, want []string) string {
+	for i := range min(len(got), len(want)) {
+		if got[i] != want[i] {
+			lo := max(0, i-2)
+			return fmt.Sprintf("first difference at %d: got %v, want %v", i, got[lo:min(len(got), i+3)], want[lo:min(len(want), i+3)])
+		}
+	}
+	if len(got) > len(want) {
+		return fmt.Sprintf("extra at the end: %v", got[len(want):])
+	}
+	return fmt.Sprintf("missing at the end: %v", want[len(got):])
+}

@@ -1,0 +1,362 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// base is the bench's clock origin: send times in payloads are monotonic
+// nanoseconds since base, so publisher and subscriber (same process) agree.
+var base = time.Now()
+
+func now() int64 { return int64(time.Since(base)) }
+
+// payload is the publish body: data carries the publish sequence number
+// and the send time, padded so that data is dataSize bytes.
+const dataSize = 100
+
+func payload(seq int, sent int64) []byte {
+	b := make([]byte, 0, dataSize+16)
+	b = append(b, `{"data":{"s":`...)
+	b = strconv.AppendInt(b, int64(seq), 10)
+	b = append(b, `,"t":`...)
+	b = strconv.AppendInt(b, sent, 10)
+	b = append(b, `,"p":"`...)
+	// data starts after `{"data":` (8 bytes); it ends with `"}` and the
+	// body with one more `}`.
+	for len(b)-8+2 < dataSize {
+		b = append(b, 'x')
+	}
+	return append(b, `"}}`...)
+}
+
+// subscriber is one bench WebSocket client subscribed to one channel.
+type subscriber struct {
+	ws       *websocket.Conn
+	seen     []byte // bitmap by publish sequence number
+	expected int
+	got      int
+	dups     int
+	lats     []uint32 // end-to-end latency, µs
+	last     int64    // receipt time of the last message, bench clock
+	done     chan struct{}
+}
+
+var (
+	smallDialer = &websocket.Dialer{ReadBufferSize: 512, WriteBufferSize: 256, HandshakeTimeout: 10 * time.Second}
+	subscribed  = []byte(`"type":"subscribed"`)
+	isMessage   = []byte(`"type":"message"`)
+	seqKey      = []byte(`"s":`)
+	sentKey     = []byte(`,"t":`)
+)
+
+// dialSubscriber opens a socket subscribed to ch and waits for the
+// "subscribed" reply. total is the number of publishes in the scenario.
+func dialSubscriber(ctx context.Context, egress *proc, ch string, total int, rcvd *atomic.Int64) (*subscriber, error) {
+	url := "ws://127.0.0.1:" + strconv.Itoa(egress.port) + "/ws?channels=" + ch
+	ws, resp, err := smallDialer.DialContext(ctx, url, nil)
+	if err != nil {
+		if resp != nil {
+			return nil, fmt.Errorf("dial %s: %w (HTTP %d)", ch, err, resp.StatusCode)
+		}
+		return nil, fmt.Errorf("dial %s: %w", ch, err)
+	}
+	_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			ws.Close()
+			return nil, fmt.Errorf("wait for subscribed on %s: %w", ch, err)
+		}
+		if bytes.Contains(b, subscribed) {
+			break
+		}
+	}
+	_ = ws.SetReadDeadline(time.Time{})
+	s := &subscriber{ws: ws, seen: make([]byte, (total+7)/8), done: make(chan struct{})}
+	go s.read(rcvd)
+	return s, nil
+}
+
+// read consumes frames until the socket closes. It reads each frame into
+// one reused buffer and parses only what it needs.
+func (s *subscriber) read(rcvd *atomic.Int64) {
+	defer close(s.done)
+	buf := make([]byte, 0, 512)
+	for {
+		_, r, err := s.ws.NextReader()
+		if err != nil {
+			return
+		}
+		buf = buf[:0]
+		for {
+			if len(buf) == cap(buf) {
+				buf = slices.Grow(buf, 512)
+			}
+			n, err := r.Read(buf[len(buf):cap(buf)])
+			buf = buf[:len(buf)+n]
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				return
+			}
+		}
+		t := now()
+		if !bytes.Contains(buf, isMessage) {
+			continue
+		}
+		seq, ok1 := intAfter(buf, seqKey)
+		sent, ok2 := intAfter(buf, sentKey)
+		if !ok1 || !ok2 || seq < 0 || int(seq) >= len(s.seen)*8 {
+			continue
+		}
+		if s.seen[seq/8]&(1<<(seq%8)) != 0 {
+			s.dups++
+			continue
+		}
+		s.seen[seq/8] |= 1 << (seq % 8)
+		s.got++
+		s.lats = append(s.lats, uint32(max(0, (t-sent)/1000)))
+		atomic.StoreInt64(&s.last, t)
+		rcvd.Add(1)
+	}
+}
+
+func intAfter(b, key []byte) (int64, bool) {
+	i := bytes.Index(b, key)
+	if i < 0 {
+		return 0, false
+	}
+	b = b[i+len(key):]
+	var n int64
+	j := 0
+	for j < len(b) && b[j] >= '0' && b[j] <= '9' {
+		n = n*10 + int64(b[j]-'0')
+		j++
+	}
+	return n, j > 0
+}
+
+func (s *subscriber) close() {
+	_ = s.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(1000, ""), time.Now().Add(time.Second))
+	s.ws.Close()
+	<-s.done
+}
+
+// dialMany opens n subscribers, chOf(i) naming each one's channel, with
+// bounded parallelism.
+func dialMany(ctx context.Context, egress *proc, n int, chOf func(int) string, total int, rcvd *atomic.Int64) ([]*subscriber, error) {
+	subs := make([]*subscriber, n)
+	var (
+		next  atomic.Int64
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+		first error
+	)
+	for range 32 {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				s, err := dialSubscriber(ctx, egress, chOf(i), total, rcvd)
+				if err != nil {
+					errMu.Lock()
+					if first == nil {
+						first = err
+					}
+					errMu.Unlock()
+					return
+				}
+				subs[i] = s
+			}
+		})
+	}
+	wg.Wait()
+	if first != nil {
+		closeAll(subs)
+		return nil, first
+	}
+	return subs, nil
+}
+
+func closeAll(subs []*subscriber) {
+	var wg sync.WaitGroup
+	for _, s := range subs {
+		if s != nil {
+			wg.Go(s.close)
+		}
+	}
+	wg.Wait()
+}
+
+// publisher posts messages to one ingress over a bounded pool of
+// keep-alive connections.
+type publisher struct {
+	base   string
+	client *http.Client
+}
+
+func newPublisher(ingress *proc, conns int) *publisher {
+	return &publisher{
+		base: ingress.base,
+		client: &http.Client{
+			Timeout: 10 * time.Second,
+			Transport: &http.Transport{
+				MaxIdleConns:        conns,
+				MaxIdleConnsPerHost: conns,
+				MaxConnsPerHost:     conns,
+				IdleConnTimeout:     time.Minute,
+			},
+		},
+	}
+}
+
+func (p *publisher) close() { p.client.CloseIdleConnections() }
+
+var errStatus = errors.New("unexpected status")
+
+// publish posts one message with sequence seq to ch and returns the
+// duration of the call.
+func (p *publisher) publish(ctx context.Context, ch string, seq int) (time.Duration, error) {
+	t0 := now()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.base+"/v1/channels/"+ch+"/messages", bytes.NewReader(payload(seq, t0)))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		return 0, fmt.Errorf("%w %d", errStatus, resp.StatusCode)
+	}
+	return time.Duration(now() - t0), nil
+}
+
+// pubStats is what a publishing phase measured.
+type pubStats struct {
+	ok, failed int
+	lats       []uint32 // call duration, µs
+	firstErr   error
+	start, end int64 // bench clock
+}
+
+// publishAll sends n messages, message i to chOf(i), from workers
+// concurrent publishers, as fast as they go.
+func (p *publisher) publishAll(ctx context.Context, n, workers int, chOf func(int) string) pubStats {
+	return p.publishUntil(ctx, n, workers, time.Time{}, chOf)
+}
+
+// publishUntil is publishAll bounded by deadline too (zero: none).
+func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline time.Time, chOf func(int) string) pubStats {
+	var (
+		next atomic.Int64
+		mu   sync.Mutex
+		st   pubStats
+		wg   sync.WaitGroup
+	)
+	st.start = now()
+	for range workers {
+		wg.Go(func() {
+			lats := make([]uint32, 0, 1024)
+			ok, failed := 0, 0
+			var ferr error
+			for ctx.Err() == nil {
+				i := int(next.Add(1) - 1)
+				if i >= n || (!deadline.IsZero() && time.Now().After(deadline)) {
+					break
+				}
+				d, err := p.publish(ctx, chOf(i), i)
+				if err != nil {
+					failed++
+					if ferr == nil {
+						ferr = err
+					}
+					continue
+				}
+				ok++
+				lats = append(lats, uint32(d/time.Microsecond))
+			}
+			mu.Lock()
+			st.ok += ok
+			st.failed += failed
+			st.lats = append(st.lats, lats...)
+			if st.firstErr == nil {
+				st.firstErr = ferr
+			}
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	st.end = now()
+	return st
+}
+
+// waitDelivered waits until rcvd reaches want, or nothing arrives for
+// quiet.
+func waitDelivered(ctx context.Context, rcvd *atomic.Int64, want int64, quiet time.Duration) {
+	last, lastChange := rcvd.Load(), time.Now()
+	for ctx.Err() == nil {
+		cur := rcvd.Load()
+		if cur >= want {
+			return
+		}
+		if cur != last {
+			last, lastChange = cur, time.Now()
+		} else if time.Since(lastChange) > quiet {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// delivery sums up what the subscribers saw.
+type delivery struct {
+	got, lost, dups int
+	last            int64
+	lats            []uint32
+}
+
+func collect(subs []*subscriber) delivery {
+	var d delivery
+	n := 0
+	for _, s := range subs {
+		n += len(s.lats)
+	}
+	d.lats = make([]uint32, 0, n)
+	for _, s := range subs {
+		d.got += s.got
+		d.dups += s.dups
+		d.lost += max(0, s.expected-s.got)
+		d.last = max(d.last, atomic.LoadInt64(&s.last))
+		d.lats = append(d.lats, s.lats...)
+	}
+	return d
+}
+
+// pct returns the p-th percentile of µs samples, in ms.
+func pct(samples []uint32, p float64) float64 {
+	if len(samples) == 0 {
+		return 0
+	}
+	slices.Sort(samples)
+	i := int(float64(len(samples)-1) * p / 100)
+	return float64(samples[i]) / 1000
+}

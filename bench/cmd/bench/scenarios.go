@@ -1,0 +1,389 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// sizes are the scenario parameters; -quick shrinks them.
+type sizes struct {
+	s1Subs, s1Pubs     int
+	s2Chans, s2Pubs    int
+	s3Conns            int
+	s4Conns            int
+	s4Dur              time.Duration
+	s5Reps             int
+	s6Procs, s6Chans   int
+	s6Pubs, publishers int
+}
+
+var full = sizes{
+	s1Subs: 1000, s1Pubs: 2000,
+	s2Chans: 1000, s2Pubs: 20000,
+	s3Conns: 10000,
+	s4Conns: 64, s4Dur: 10 * time.Second,
+	s5Reps:  10,
+	s6Procs: 20, s6Chans: 1000, s6Pubs: 10000,
+	publishers: 16,
+}
+
+var quick = sizes{
+	s1Subs: 200, s1Pubs: 500,
+	s2Chans: 200, s2Pubs: 4000,
+	s3Conns: 2000,
+	s4Conns: 64, s4Dur: 2 * time.Second,
+	s5Reps:  3,
+	s6Procs: 5, s6Chans: 200, s6Pubs: 2000,
+	publishers: 16,
+}
+
+// result is one run of one scenario: metric name → value.
+type result map[string]float64
+
+// bench runs scenarios against one Redis; each run gets fresh processes
+// and its own key prefix.
+type bench struct {
+	env   *env
+	sz    sizes
+	runID int
+	logf  func(format string, args ...any)
+}
+
+func (b *bench) prefix(s string) string {
+	b.runID++
+	return "b" + strconv.Itoa(b.runID) + s
+}
+
+// fanOut runs S1 and S2: nChans channels, subsPer subscribers each on one
+// egress, nPubs publishes spread round-robin over the channels.
+func (b *bench) fanOut(ctx context.Context, name string, nChans, subsTotal, nPubs int) (result, error) {
+	pfx := b.prefix(name)
+	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+	if err != nil {
+		return nil, err
+	}
+	defer kids.stop(ing.cmd)
+	eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "SEND_QUEUE=4096")
+	if err != nil {
+		return nil, err
+	}
+	defer kids.stop(eg.cmd)
+
+	ch := func(i int) string { return "ch" + strconv.Itoa(i%nChans) }
+	var rcvd atomic.Int64
+	subs, err := dialMany(ctx, eg, subsTotal, ch, nPubs, &rcvd)
+	if err != nil {
+		return nil, err
+	}
+	want := 0
+	for i, s := range subs {
+		// Subscriber i is on channel i%nChans; message j goes to j%nChans.
+		c := i % nChans
+		s.expected = nPubs / nChans
+		if c < nPubs%nChans {
+			s.expected++
+		}
+		want += s.expected
+	}
+	pub := newPublisher(ing, b.sz.publishers)
+	defer pub.close()
+	// CPU seconds of every process during the run: who the 2 cores went to.
+	pids := []int{ing.cmd.Process.Pid, eg.cmd.Process.Pid, b.env.redis.Process.Pid, os.Getpid()}
+	cpu0 := make([]int64, len(pids))
+	for i, p := range pids {
+		cpu0[i], _ = cpuTicks(p)
+	}
+	st := pub.publishAll(ctx, nPubs, b.sz.publishers, ch)
+	waitDelivered(ctx, &rcvd, int64(want), 3*time.Second)
+	cpu := make([]float64, len(pids))
+	for i, p := range pids {
+		c, _ := cpuTicks(p)
+		cpu[i] = float64(c-cpu0[i]) / 100
+	}
+	closeAll(subs)
+	d := collect(subs)
+	if st.failed > 0 {
+		b.logf("%s: %d publishes failed, first: %v", name, st.failed, st.firstErr)
+	}
+	secs := float64(d.last-st.start) / 1e9
+	r := result{
+		"p50 ms":        pct(d.lats, 50),
+		"p99 ms":        pct(d.lats, 99),
+		"lost":          float64(d.lost),
+		"dup":           float64(d.dups),
+		"pub fail":      float64(st.failed),
+		"pub/s":         float64(st.ok) / (float64(st.end-st.start) / 1e9),
+		"deliver/s":     float64(d.got) / secs,
+		"wall s":        secs,
+		"cpu ingress s": cpu[0], "cpu egress s": cpu[1], "cpu redis s": cpu[2], "cpu bench s": cpu[3],
+	}
+	return r, nil
+}
+
+func (b *bench) s1(ctx context.Context) (result, error) {
+	return b.fanOut(ctx, "s1", 1, b.sz.s1Subs, b.sz.s1Pubs)
+}
+
+func (b *bench) s2(ctx context.Context) (result, error) {
+	return b.fanOut(ctx, "s2", b.sz.s2Chans, b.sz.s2Chans, b.sz.s2Pubs)
+}
+
+// s3: idle subscribed sockets on one egress; RSS delta per connection.
+// Sockets share channels ten to one (1,000 channels for 10,000 sockets).
+func (b *bench) s3(ctx context.Context) (result, error) {
+	pfx := b.prefix("s3")
+	eg, _, err := b.env.startFunction(b.env.egressBin, pfx)
+	if err != nil {
+		return nil, err
+	}
+	defer kids.stop(eg.cmd)
+	var rcvd atomic.Int64
+	ch := func(i int) string { return "idle" + strconv.Itoa(i/10) }
+	warm, err := dialMany(ctx, eg, 10, ch, 1, &rcvd)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(warm)
+	if err := sleepCtx(ctx, time.Second); err != nil {
+		return nil, err
+	}
+	rss0, err := rssKiB(eg.cmd.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	go0 := goMetrics(eg)
+	n := b.sz.s3Conns
+	subs, err := dialMany(ctx, eg, n, func(i int) string { return ch(i + 10) }, 1, &rcvd)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(subs)
+	if err := sleepCtx(ctx, 2*time.Second); err != nil {
+		return nil, err
+	}
+	rss1, err := rssKiB(eg.cmd.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	go1 := goMetrics(eg)
+	per := func(k string) float64 { return (go1[k] - go0[k]) / float64(n) }
+	return result{
+		"heap KiB/conn":   per("go_memstats_heap_inuse_bytes") / 1024,
+		"stack KiB/conn":  per("go_memstats_stack_inuse_bytes") / 1024,
+		"goroutines/conn": per("go_goroutines"),
+		"KiB/conn":        float64(rss1-rss0) / float64(n),
+		"RSS MiB":         float64(rss1) / 1024,
+		"conns":           float64(n),
+		"base MiB":        float64(rss0) / 1024,
+		"after MiB":       float64(rss1) / 1024,
+	}, nil
+}
+
+// s4: ingest only, no subscribers, 64 keep-alive connections.
+func (b *bench) s4(ctx context.Context) (result, error) {
+	pfx := b.prefix("s4")
+	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+	if err != nil {
+		return nil, err
+	}
+	defer kids.stop(ing.cmd)
+	pub := newPublisher(ing, b.sz.s4Conns)
+	defer pub.close()
+	pids := []int{ing.cmd.Process.Pid, b.env.redis.Process.Pid, os.Getpid()}
+	cpu0 := make([]int64, len(pids))
+	for i, p := range pids {
+		cpu0[i], _ = cpuTicks(p)
+	}
+	st := pub.publishUntil(ctx, 1<<30, b.sz.s4Conns, time.Now().Add(b.sz.s4Dur), func(i int) string { return "in" + strconv.Itoa(i%1000) })
+	cpu := make([]float64, len(pids))
+	for i, p := range pids {
+		c, _ := cpuTicks(p)
+		cpu[i] = float64(c-cpu0[i]) / 100
+	}
+	if st.failed > 0 {
+		b.logf("s4: %d publishes failed, first: %v", st.failed, st.firstErr)
+	}
+	return result{
+		"pub/s":              float64(st.ok) / (float64(st.end-st.start) / 1e9),
+		"p50 ms":             pct(st.lats, 50),
+		"p99 ms":             pct(st.lats, 99),
+		"pub fail":           float64(st.failed),
+		"cpu µs/pub ingress": cpu[0] * 1e6 / float64(st.ok),
+		"cpu µs/pub redis":   cpu[1] * 1e6 / float64(st.ok),
+		"cpu µs/pub bench":   cpu[2] * 1e6 / float64(st.ok),
+	}, nil
+}
+
+// s5: exec to the first 200 on /readyz, median of reps starts.
+func (b *bench) s5(ctx context.Context) (result, error) {
+	r := result{}
+	for _, f := range []struct{ name, bin string }{{"ingress", b.env.ingressBin}, {"egress", b.env.egressBin}} {
+		var ds []float64
+		for range b.sz.s5Reps {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			p, d, err := b.env.startFunction(f.bin, b.prefix("s5"))
+			if err != nil {
+				return nil, err
+			}
+			kids.stop(p.cmd)
+			ds = append(ds, float64(d)/1e6)
+		}
+		slices.Sort(ds)
+		r[f.name+" ms"] = ds[len(ds)/2]
+	}
+	return r, nil
+}
+
+// publishSide are the commands a publish runs (the script and what it
+// calls); everything else in INFO commandstats during S6's publishing is
+// the egresses' (or the bench's INFO).
+var publishSide = map[string]bool{
+	"evalsha": true, "eval": true, "xrevrange": true, "xadd": true, "time": true,
+	"xtrim": true, "pexpire": true, "info": true,
+}
+
+// s6: one socket per egress process on its own channel, while other
+// channels take publishes.
+func (b *bench) s6(ctx context.Context) (result, error) {
+	pfx := b.prefix("s6")
+	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+	if err != nil {
+		return nil, err
+	}
+	defer kids.stop(ing.cmd)
+	n := b.sz.s6Procs
+	egs := make([]*proc, n)
+	subs := make([]*subscriber, n)
+	var rcvd atomic.Int64
+	defer func() {
+		closeAll(subs)
+		for _, p := range egs {
+			if p != nil {
+				kids.stop(p.cmd)
+			}
+		}
+	}()
+	for i := range n {
+		egs[i], _, err = b.env.startFunction(b.env.egressBin, pfx)
+		if err != nil {
+			return nil, err
+		}
+		subs[i], err = dialSubscriber(ctx, egs[i], "own"+strconv.Itoa(i), n, &rcvd)
+		if err != nil {
+			return nil, err
+		}
+		subs[i].expected = 1
+	}
+	pub := newPublisher(ing, b.sz.publishers)
+	defer pub.close()
+	// Warm the ingress's Redis pool so its connection setup (HELLO) falls
+	// outside the window.
+	pub.publishAll(ctx, 4*b.sz.publishers, b.sz.publishers, func(i int) string { return "warm" + strconv.Itoa(i) })
+	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+		return nil, err
+	}
+	stats0, err := commandStats(ctx, b.env)
+	if err != nil {
+		return nil, err
+	}
+	cpu0 := make([]int64, n)
+	for i, p := range egs {
+		cpu0[i], _ = cpuTicks(p.cmd.Process.Pid)
+	}
+	st := pub.publishAll(ctx, b.sz.s6Pubs, b.sz.publishers, func(i int) string { return "other" + strconv.Itoa(i%b.sz.s6Chans) })
+	if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+		return nil, err
+	}
+	stats1, err := commandStats(ctx, b.env)
+	if err != nil {
+		return nil, err
+	}
+	var maxCPU, maxRSS int64
+	for i, p := range egs {
+		c, _ := cpuTicks(p.cmd.Process.Pid)
+		maxCPU = max(maxCPU, c-cpu0[i])
+		rss, _ := rssKiB(p.cmd.Process.Pid)
+		maxRSS = max(maxRSS, rss)
+	}
+	scripts := stats1["evalsha"] - stats0["evalsha"] + stats1["eval"] - stats0["eval"]
+	var egressCmds int64
+	var detail []string
+	for k, v := range stats1 {
+		d := v - stats0[k]
+		if k == "spublish" {
+			d -= scripts
+		}
+		if d <= 0 || publishSide[k] {
+			continue
+		}
+		egressCmds += d
+		detail = append(detail, k+"="+strconv.FormatInt(d, 10))
+	}
+	slices.Sort(detail)
+	b.logf("s6: %d publishes in %.2fs; non-publish Redis commands meanwhile: %s", st.ok, float64(st.end-st.start)/1e9, strings.Join(detail, " "))
+	// Own channels still deliver: one message each, sent after the window.
+	for i := range n {
+		if _, err := pub.publish(ctx, "own"+strconv.Itoa(i), i); err != nil {
+			return nil, fmt.Errorf("publish to own channel: %w", err)
+		}
+	}
+	waitDelivered(ctx, &rcvd, int64(n), 3*time.Second)
+	closeAll(subs)
+	d := collect(subs)
+	subs = nil
+	return result{
+		"RSS MiB":  float64(maxRSS) / 1024,
+		"CPU ms":   float64(maxCPU) * 10,
+		"cmds":     float64(egressCmds) / float64(n),
+		"lost":     float64(d.lost),
+		"dup":      float64(d.dups),
+		"pub fail": float64(st.failed),
+	}, nil
+}
+
+// commandStats reads INFO commandstats as command → calls.
+func commandStats(ctx context.Context, e *env) (map[string]int64, error) {
+	s, err := e.rdb.Info(ctx, "commandstats").Result()
+	if err != nil {
+		return nil, fmt.Errorf("INFO commandstats: %w", err)
+	}
+	out := map[string]int64{}
+	for line := range strings.SplitSeq(s, "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
+		name, found := strings.CutPrefix(name, "cmdstat_")
+		if !ok || !found {
+			continue
+		}
+		calls, _, _ := strings.Cut(strings.TrimPrefix(rest, "calls="), ",")
+		out[name], _ = strconv.ParseInt(calls, 10, 64)
+	}
+	return out, nil
+}
+
+// goMetrics scrapes the egress's Go runtime gauges from /metrics, to split
+// RSS into heap and goroutine stacks.
+func goMetrics(p *proc) map[string]float64 {
+	out := map[string]float64{}
+	resp, err := probeClient.Get(p.base + "/metrics")
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for line := range strings.SplitSeq(string(body), "\n") {
+		name, val, ok := strings.Cut(line, " ")
+		if ok && strings.HasPrefix(name, "go_") {
+			out[name], _ = strconv.ParseFloat(val, 64)
+		}
+	}
+	return out
+}

@@ -1,0 +1,175 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/wsrelay/wsrelay/shared/client"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// clientPublisher publishes through the ingress with its own HTTP client,
+// so that its keep-alive connections can be closed (goleak).
+type clientPublisher struct {
+	hc      *http.Client
+	ingress string
+}
+
+func newClientPublisher(t testing.TB, ingress string) *clientPublisher {
+	p := &clientPublisher{hc: &http.Client{Transport: &http.Transport{}, Timeout: 5 * time.Second}, ingress: ingress}
+	t.Cleanup(p.hc.CloseIdleConnections)
+	return p
+}
+
+// publish posts data to channel ch and returns the message id.
+func (p *clientPublisher) publish(ch string, data any) (string, error) {
+	b, _ := json.Marshal(map[string]any{"data": data})
+	resp, err := p.hc.Post(p.ingress+"/v1/channels/"+ch+"/messages", "application/json", bytes.NewReader(b))
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusAccepted {
+		return "", fmt.Errorf("publish: %d %s", resp.StatusCode, rb)
+	}
+	var out struct{ ID string }
+	if err := json.Unmarshal(rb, &out); err != nil || out.ID == "" {
+		return "", fmt.Errorf("publish: bad answer %s", rb)
+	}
+	return out.ID, nil
+}
+
+// TestGoClientResumesAcrossServerCloses: the Go client, subscribed while
+// the egress cuts its connections (idle timeout 2 s, lifetime 3 s),
+// receives every message published meanwhile exactly once, in order, and
+// Close leaves no goroutine behind.
+func TestGoClientResumesAcrossServerCloses(t *testing.T) {
+	// Checked last, after the processes and their log readers are gone.
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"IDLE_TIMEOUT":     "2s",
+		"MAX_LIFETIME":     "3s",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+
+	var (
+		mu         sync.Mutex
+		got        []client.Message
+		subscribed []bool
+		states     []client.State
+	)
+	c, err := client.Dial(client.Options{
+		URL:        "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws",
+		User:       "go-client",
+		MinBackoff: 100 * time.Millisecond,
+		MaxBackoff: time.Second,
+		OnState: func(s client.State, _ error) {
+			mu.Lock()
+			states = append(states, s)
+			mu.Unlock()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, err := c.Subscribe("feed", client.Handler{
+		OnMessage: func(m client.Message) {
+			mu.Lock()
+			got = append(got, m)
+			mu.Unlock()
+		},
+		OnSubscribed: func(recovered bool) {
+			mu.Lock()
+			subscribed = append(subscribed, recovered)
+			mu.Unlock()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(subscribed) == 0 {
+			return fmt.Errorf("not subscribed yet")
+		}
+		return nil
+	})
+
+	// Publish for ~8 s: bursts, and one pause longer than the idle timeout
+	// so that both an idle close and lifetime closes happen under traffic.
+	var want []string
+	deadline := time.Now().Add(8 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		id, err := pub.publish("feed", map[string]int{"n": i})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, id)
+		switch {
+		case i == 20:
+			time.Sleep(2500 * time.Millisecond) // let the idle timeout fire
+		default:
+			time.Sleep(40 * time.Millisecond)
+		}
+	}
+	waitFor(t, 15*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(got) < len(want) {
+			return fmt.Errorf("%d of %d messages", len(got), len(want))
+		}
+		return nil
+	})
+	mu.Lock()
+	if len(got) != len(want) {
+		t.Fatalf("got %d messages, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i].ID != want[i] || got[i].Channel != "feed" {
+			t.Fatalf("message %d: %s on %q, want %s", i, got[i].ID, got[i].Channel, want[i])
+		}
+	}
+	connects := 0
+	for _, s := range states {
+		if s == client.StateConnected {
+			connects++
+		}
+	}
+	for i, r := range subscribed {
+		if !r {
+			t.Errorf("subscription %d: recovered=false, want true (nothing was trimmed)", i)
+		}
+	}
+	mu.Unlock()
+	if connects < 3 {
+		t.Errorf("connected %d times; the server's idle and lifetime closes should have forced at least 2 reconnects", connects)
+	}
+	if sub.LastID() != want[len(want)-1] {
+		t.Errorf("LastID %s, want %s", sub.LastID(), want[len(want)-1])
+	}
+	t.Logf("%d messages over %d connections, subscribed replies %v", len(want), connects, subscribed)
+
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c.State() != client.StateClosed {
+		t.Errorf("state after Close: %v", c.State())
+	}
+}

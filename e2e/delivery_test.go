@@ -1,0 +1,324 @@
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+func wsURLs(ps []*proc, q string) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.wsURL(q))
+	}
+	return out
+}
+
+func urls(ps []*proc) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.URL)
+	}
+	return out
+}
+
+// TestResumeSeam: clients subscribing with "after" while messages are
+// published get every message once, in order, across the replay/live
+// seam, and are told recovered=true.
+func TestResumeSeam(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	ing := urls(c.ingress[:])
+	// History before anyone subscribes.
+	var first struct{ ID string }
+	post(t, ing[0]+"/v1/channels/seam/messages", map[string]any{"data": "zero"}, &first)
+	pub := startPublisher(t, ing, "seam", time.Millisecond)
+	waitFor(t, 5*time.Second, func() error {
+		if pub.count() < 300 {
+			return fmt.Errorf("%d published", pub.count())
+		}
+		return nil
+	})
+	// Subscribe mid-stream, resuming from the first message.
+	var clients []*wsClient
+	for i := range 4 {
+		w := dial(t, c.egress[i%2].wsURL(""))
+		w.send(map[string]any{"type": "subscribe", "channel": "seam", "after": first.ID})
+		clients = append(clients, w)
+		time.Sleep(20 * time.Millisecond)
+	}
+	waitFor(t, 5*time.Second, func() error {
+		if pub.count() < 600 {
+			return fmt.Errorf("%d published", pub.count())
+		}
+		return nil
+	})
+	ids := pub.Stop()
+	for i, w := range clients {
+		s := w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+		if s.Recovered == nil || !*s.Recovered {
+			t.Fatalf("client %d: subscribed %+v, want recovered true", i, s)
+		}
+		w.waitMessages("seam", len(ids))
+		time.Sleep(100 * time.Millisecond) // a duplicate would arrive now
+		got := w.messages("seam")
+		checkSequence(t, fmt.Sprintf("client %d", i), got, ids)
+	}
+	t.Logf("published %d during 4 resumes; delivered %d; lost 0, duplicated 0", len(ids), 4*len(ids))
+}
+
+// TestRecoveredFalse: a resume is not recovered when the history was
+// trimmed past its position, or when Redis lost the data.
+func TestRecoveredFalse(t *testing.T) {
+	srv := redistest.Start(t)
+	e := env{"REDIS_URL": srv.URL(), "ALLOW_ANONYMOUS": "true", "HISTORY_SIZE": "10", "PROBE_INTERVAL": "200ms"}
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	var ids []string
+	for i := range 300 {
+		var res struct{ ID string }
+		post(t, in.URL+"/v1/channels/trim/messages", map[string]any{"data": i}, &res)
+		ids = append(ids, res.ID)
+	}
+	check := func(after string, want bool) {
+		t.Helper()
+		w := dial(t, eg.wsURL(""))
+		w.send(map[string]any{"type": "subscribe", "channel": "trim", "after": after})
+		s := w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+		if s.Recovered == nil || *s.Recovered != want {
+			t.Fatalf("after %s: recovered %v, want %v", after, s.Recovered, want)
+		}
+	}
+	check(ids[0], false)         // trimmed long ago
+	check(ids[len(ids)-2], true) // still retained
+	check(ids[len(ids)-1], true) // the newest
+	// Redis restarts empty; new messages get newer ids.
+	srv.Restart(t)
+	waitFor(t, 10*time.Second, func() error { return httpStatus(in.URL+"/readyz", 200) })
+	waitFor(t, 10*time.Second, func() error {
+		if st := postQuiet(in.URL+"/v1/channels/trim/messages", map[string]any{"data": "after restart"}, nil); st != 202 {
+			return fmt.Errorf("publish: %d", st)
+		}
+		return nil
+	})
+	waitFor(t, 10*time.Second, func() error { return httpStatus(eg.URL+"/readyz", 200) })
+	check(ids[len(ids)-1], false)
+}
+
+// TestSlowConsumer: a reader that stops reading is closed with 4002; fast
+// subscribers on the same channel get everything; the slow one resumes
+// and loses nothing still retained.
+func TestSlowConsumer(t *testing.T) {
+	// The stalled reader resumes reading before WRITE_TIMEOUT, so it gets
+	// the close frame after what was already in flight to it.
+	c := startCluster(t, redistest.URL(t), env{"SEND_QUEUE": "256", "WRITE_TIMEOUT": "60s", "HISTORY_SIZE": "10000"})
+	fast := []*wsClient{dial(t, c.egress[0].wsURL("channels=firehose")), dial(t, c.egress[0].wsURL("channels=firehose"))}
+	for _, f := range fast {
+		f.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	}
+	stalled := newStalledReader(t, c.egress[0].wsURL("channels=firehose"))
+
+	var ids []string
+	payload := make([]byte, 16*1024)
+	for i := range payload {
+		payload[i] = 'a' + byte(i%26)
+	}
+	// 32 MiB in batches: more than the kernel's socket buffers hold.
+	for b := range 20 {
+		var items []map[string]any
+		for i := range 100 {
+			items = append(items, map[string]any{"channel": "firehose", "data": string(payload), "event": fmt.Sprint(b*100 + i)})
+		}
+		var res struct{ Results []struct{ ID string } }
+		if st := post(t, c.ingress[b%2].URL+"/v1/messages", map[string]any{"messages": items}, &res); st != 202 {
+			t.Fatalf("publish batch %d: %d", b, st)
+		}
+		for _, r := range res.Results {
+			ids = append(ids, r.ID)
+		}
+		// Fast readers keep up (this test's machine may be slow).
+		for _, f := range fast {
+			f.waitMessages("firehose", len(ids))
+		}
+	}
+	code := stalled.waitClosed()
+	if code != 4002 {
+		t.Fatalf("stalled reader closed with %d, want 4002", code)
+	}
+	for i, f := range fast {
+		got := f.waitMessages("firehose", len(ids))
+		checkSequence(t, fmt.Sprintf("fast %d", i), got, ids)
+	}
+	// It comes back and resumes from the last id it had read.
+	r := newResumingClient(t, []string{c.egress[1].wsURL("")}, "firehose")
+	r.mu.Lock()
+	r.last["firehose"] = stalled.lastID
+	r.mu.Unlock()
+	rest := ids[slices.Index(ids, stalled.lastID)+1:]
+	if stalled.lastID == "" {
+		rest = ids
+	}
+	r.waitAll("firehose", rest)
+	r.mu.Lock()
+	rec := r.recovered
+	r.mu.Unlock()
+	if len(rec) == 0 || !rec[0] {
+		t.Fatalf("resume after the slow-consumer close: recovered %v, want true", rec)
+	}
+	t.Logf("stalled reader read %d of %d before close 4002, then resumed the other %d; fast readers got all %d", len(ids)-len(rest), len(ids), len(rest), len(ids))
+}
+
+// TestRedisOutage: Redis connections are cut for a while under a
+// continuous publisher; ingress answers 503 quickly meanwhile, egress keeps
+// its sockets and, once Redis is back, delivers everything acknowledged.
+func TestRedisOutage(t *testing.T) {
+	srv := redistest.Start(t)
+	proxy := newProxy(t, srv.Addr())
+	c := startCluster(t, "redis://"+proxy.Addr()+"/0", nil)
+	r := newResumingClient(t, wsURLs(c.egress[:], ""), "outage")
+	waitFor(t, 5*time.Second, func() error {
+		if len(r.ids("outage")) == 0 {
+			postQuiet(c.ingress[0].URL+"/v1/channels/outage/messages", map[string]any{"data": "warmup"}, nil)
+			return fmt.Errorf("not subscribed yet")
+		}
+		return nil
+	})
+	warm := r.ids("outage")
+	pub := startPublisher(t, urls(c.ingress[:]), "outage", 2*time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
+	proxy.Cut()
+	// Ingress fails fast while Redis is unreachable.
+	start := time.Now()
+	st := postQuiet(c.ingress[0].URL+"/v1/channels/outage/messages", map[string]any{"data": "x"}, nil)
+	if st != http.StatusServiceUnavailable || time.Since(start) > 2500*time.Millisecond {
+		t.Fatalf("publish during outage: %d after %s, want 503 within ~1s", st, time.Since(start))
+	}
+	time.Sleep(time.Second)
+	proxy.Heal()
+	time.Sleep(time.Second)
+	ids := append(warm, pub.Stop()...)
+	r.waitAll("outage", ids)
+	pub.mu.Lock()
+	fails := pub.fails
+	pub.mu.Unlock()
+	t.Logf("published %d (acknowledged), %d refused with 503 during the outage; delivered %d; lost 0, duplicated 0; socket closes: %v", len(ids), fails, len(r.ids("outage")), r.closeCodes())
+}
+
+// TestEgressSigtermAndSigkill: clients of an instance that is drained
+// (SIGTERM: close 1001, records removed, exit) or killed reconnect to the
+// other instance and lose nothing.
+func TestEgressSigtermAndSigkill(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), env{"SHUTDOWN_GRACE": "5s"})
+	var egs []*proc
+	egs = append(egs, c.egress[:]...)
+	third := start(t, "egress", env{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": c.prefix, "ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "3s"})
+	egs = append(egs, third)
+	// Each client starts on egress 0 and falls over to the next ones.
+	var clients []*resumingClient
+	for i := range 3 {
+		clients = append(clients, newResumingClient(t, wsURLs([]*proc{egs[0], egs[1], egs[2]}, fmt.Sprintf("user=u%d", i)), "drain"))
+	}
+	pub := startPublisher(t, urls(c.ingress[:]), "drain", 2*time.Millisecond)
+	waitFor(t, 5*time.Second, func() error {
+		for _, cl := range clients {
+			if len(cl.ids("drain")) < 20 {
+				return fmt.Errorf("clients not receiving yet")
+			}
+		}
+		return nil
+	})
+	var list connList
+	getJSON(t, c.ingress[0].URL+"/v1/channels/drain/connections", &list)
+	if len(list.Connections) != 3 {
+		t.Fatalf("registry before drain: %+v", list)
+	}
+	t0 := time.Now()
+	if err := egs[0].term(8 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("egress drained and exited in %s", time.Since(t0).Round(time.Millisecond))
+	// Its records were removed as it drained (the others re-registered).
+	for _, cl := range clients {
+		waitFor(t, 5*time.Second, func() error {
+			if codes := cl.closeCodes(); len(codes) == 0 || codes[0] != 1001 {
+				return fmt.Errorf("close codes %v, want 1001 first", codes)
+			}
+			return nil
+		})
+	}
+	time.Sleep(300 * time.Millisecond)
+	egs[1].kill()
+	time.Sleep(300 * time.Millisecond)
+	ids := pub.Stop()
+	for i, cl := range clients {
+		cl.waitFrom("drain", ids)
+		t.Logf("client %d: closes %v, received %d of %d", i, cl.closeCodes(), len(cl.ids("drain")), len(ids))
+	}
+	t.Logf("published %d through SIGTERM and SIGKILL of egress instances; lost 0, duplicated 0", len(ids))
+}
+
+// TestIdleAndLifetimeResume: the server's idle (4000) and lifetime (4001)
+// closes are followed by a lossless resume.
+func TestIdleAndLifetimeResume(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		e    env
+		code int
+		log  string
+	}{
+		{"idle", env{"IDLE_TIMEOUT": "1s"}, 4000, `"scf_status":455`},
+		{"lifetime", env{"MAX_LIFETIME": "1s"}, 4001, `"scf_status":433`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := startCluster(t, redistest.URL(t), tc.e)
+			r := newResumingClient(t, wsURLs(c.egress[:], ""), "cut")
+			var ids []string
+			deadline := time.Now().Add(4 * time.Second)
+			for time.Now().Before(deadline) {
+				var res struct{ ID string }
+				if st := postQuiet(c.ingress[0].URL+"/v1/channels/cut/messages", map[string]any{"data": len(ids)}, &res); st == 202 {
+					ids = append(ids, res.ID)
+				}
+				// Bursts with pauses longer than the idle timeout.
+				if len(ids)%50 == 0 {
+					time.Sleep(1500 * time.Millisecond)
+				}
+			}
+			r.waitFrom("cut", ids)
+			codes := r.closeCodes()
+			if !slices.Contains(codes, tc.code) {
+				t.Fatalf("close codes %v, want %d among them", codes, tc.code)
+			}
+			logs := c.egress[0].Logs() + c.egress[1].Logs()
+			if !containsAll(logs, tc.log) {
+				t.Fatalf("no connection log line with %s", tc.log)
+			}
+			t.Logf("published %d; closes %v; lost 0, duplicated 0", len(ids), codes)
+		})
+	}
+}
+
+func containsAll(s string, subs ...string) bool {
+	for _, x := range subs {
+		if !contains(s, x) {
+			return false
+		}
+	}
+	return true
+}
+
+func contains(s, sub string) bool {
+	return len(sub) == 0 || (len(s) >= len(sub) && indexOf(s, sub) >= 0)
+}
+
+func indexOf(s, sub string) int {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return i
+		}
+	}
+	return -1
+}

@@ -1,0 +1,149 @@
+package e2e
+
+import (
+	"archive/zip"
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// TestPackage builds the SCF code packages with `make package`, checks
+// their layout (exactly the binary and scf_bootstrap at the root, both
+// executable, the bootstrap a bash script with LF endings), then unzips
+// each and starts it through its scf_bootstrap as SCF would, on a free
+// port instead of 9000.
+func TestPackage(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Fatal("make is needed to test `make package`")
+	}
+	dist := t.TempDir()
+	cmd := exec.Command("make", "--no-print-directory", "package", "DIST="+dist)
+	cmd.Dir = repoRoot(t)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("make package: %v\n%s", err, out)
+	}
+	redisURL := redistest.URL(t)
+	for _, fn := range []string{"ingress", "egress"} {
+		t.Run(fn, func(t *testing.T) {
+			dir := t.TempDir()
+			unzip(t, filepath.Join(dist, fn+".zip"), dir, []string{fn, "scf_bootstrap"})
+			if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+				t.Skipf("the package is linux/amd64; this is %s/%s", runtime.GOOS, runtime.GOARCH)
+			}
+			runBootstrap(t, dir, redisURL)
+		})
+	}
+}
+
+// unzip extracts zipPath into dir, checking it holds exactly want, each
+// with the owner's exec bit, and that scf_bootstrap is a LF bash script.
+func unzip(t *testing.T, zipPath, dir string, want []string) {
+	t.Helper()
+	zr, err := zip.OpenReader(zipPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer zr.Close()
+	var names []string
+	for _, f := range zr.File {
+		names = append(names, f.Name)
+		if f.Mode()&0o100 == 0 {
+			t.Errorf("%s: %s has mode %v, want executable", zipPath, f.Name, f.Mode())
+		}
+		rc, err := f.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Name == "scf_bootstrap" {
+			if !bytes.HasPrefix(b, []byte("#!/bin/bash\n")) {
+				t.Errorf("scf_bootstrap does not start with #!/bin/bash and LF: %q", b[:min(len(b), 20)])
+			}
+			if bytes.ContainsRune(b, '\r') {
+				t.Error("scf_bootstrap has CR line endings; SCF cannot start it")
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(f.Name)), b, f.Mode().Perm()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slices.Sort(names)
+	slices.Sort(want)
+	if !slices.Equal(names, want) {
+		t.Fatalf("%s holds %q, want exactly %q at the root", zipPath, names, want)
+	}
+}
+
+// runBootstrap starts dir/scf_bootstrap and waits for /healthz.
+func runBootstrap(t *testing.T, dir, redisURL string) {
+	t.Helper()
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	cmd := exec.Command("./scf_bootstrap")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(),
+		"SCF_PORT_OVERRIDE="+strconv.Itoa(port),
+		"REDIS_URL="+redisURL,
+		"REDIS_KEY_PREFIX="+redistest.Prefix(t),
+		"ALLOW_ANONYMOUS=true",
+	)
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill() // exec in scf_bootstrap: this is the function itself
+		<-exited
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	})
+	waitFor(t, 20*time.Second, func() error {
+		select {
+		case err := <-exited:
+			exited <- err
+			return fmt.Errorf("scf_bootstrap exited: %v", err)
+		default:
+		}
+		return httpStatus("http://127.0.0.1:"+strconv.Itoa(port)+"/healthz", 200)
+	})
+}
+
+// syncBuffer is a bytes.Buffer safe for the process's writes and the
+// test's reads at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
