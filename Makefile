@@ -1,0 +1,84 @@
+# wsrelay: build, run, test and package the two functions.
+#
+# The repository is a Go workspace; `./...` does not cross modules, so every
+# module is listed here and each target walks the list.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+GO          ?= go
+MODULES     := shared functions/ingress functions/egress e2e bench
+FUNCTIONS   := ingress egress
+BIN         ?= bin
+DIST        ?= dist
+TEST_TIMEOUT ?= 20m
+FUZZTIME    ?= 3s
+# staticcheck 0.8.x is the first line that understands Go 1.26.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+# Debian packages the tests need: Redis for every Redis test, Chromium for
+# the browser test of the demo page.
+APT_DEPS    := redis-server:redis-server chromium:chromium
+SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: build run test bench package lint fuzz deps clean help
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+build: ## build bin/ingress and bin/egress for this machine
+	@mkdir -p $(BIN)
+	@for f in $(FUNCTIONS); do $(GO) build -o $(BIN)/$$f ./functions/$$f; done
+	@echo "built $(addprefix $(BIN)/,$(FUNCTIONS))"
+
+run: ## run both functions locally (throwaway Redis unless REDIS_URL is set)
+	@scripts/run.sh
+
+test: deps lint ## lint, race-test every module, then fuzz briefly
+	@failed=(); \
+	for m in $(MODULES); do \
+		echo "== go test $$m"; \
+		(cd $$m && $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...) || failed+=("$$m"); \
+	done; \
+	if (( $${#failed[@]} )); then echo "FAILED: go test in $${failed[*]}" >&2; exit 1; fi
+	@$(MAKE) --no-print-directory fuzz
+
+bench: ## run the benchmark harness (bench/cmd/bench)
+	@if [ -d bench/cmd/bench ]; then cd bench && $(GO) run ./cmd/bench $(BENCH_ARGS); \
+	else echo "bench: bench/cmd/bench does not exist yet" >&2; exit 1; fi
+
+package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/)
+	@for f in $(FUNCTIONS); do \
+		mkdir -p $(DIST)/$$f; \
+		CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags='-s -w' -o $(DIST)/$$f/$$f ./functions/$$f; \
+		install -m 755 functions/$$f/scf_bootstrap $(DIST)/$$f/scf_bootstrap; \
+		$(GO) run scripts/mkzip.go -o $(DIST)/$$f.zip $(DIST)/$$f/$$f $(DIST)/$$f/scf_bootstrap; \
+		echo "packaged $(DIST)/$$f.zip"; \
+	done
+
+lint: ## gofmt check, go vet and staticcheck on every module
+	@out=$$(gofmt -l $(MODULES) scripts); \
+	if [ -n "$$out" ]; then echo "gofmt needed on:" >&2; echo "$$out" >&2; exit 1; fi
+	@for m in $(MODULES); do echo "== vet $$m"; (cd $$m && $(GO) vet ./...); done
+	@for m in $(MODULES); do echo "== staticcheck $$m"; (cd $$m && $(GO) run $(STATICCHECK) ./...); done
+
+fuzz: ## run every Fuzz* target of every module for $(FUZZTIME)
+	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh $(MODULES)
+
+deps: ## install what the tests need (redis-server, chromium) and download modules
+	@missing=(); \
+	for d in $(APT_DEPS); do \
+		cmd=$${d%%:*}; pkg=$${d##*:}; \
+		command -v $$cmd >/dev/null || { [ $$cmd = chromium ] && command -v chromium-browser >/dev/null; } || missing+=("$$pkg"); \
+	done; \
+	if (( $${#missing[@]} )); then \
+		echo "== installing $${missing[*]}"; \
+		if ! { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends "$${missing[@]}"; }; then \
+			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, redis-server for the rest)" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	@for m in $(MODULES); do (cd $$m && $(GO) mod download); done
+
+clean: ## remove build outputs
+	rm -rf $(BIN) $(DIST)

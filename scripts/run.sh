@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# `make run`: both functions on this machine, ready for the demo page.
+#
+# Without REDIS_URL it starts a throwaway redis-server (installed with apt
+# if missing) on a free port, without persistence, in a temp dir. Ingress
+# listens on $INGRESS_PORT (8080), egress on $EGRESS_PORT (8081). Anonymous
+# access is on: this is for trying it out, not for production. Ctrl-C stops
+# everything this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+INGRESS_PORT=${INGRESS_PORT:-8080}
+EGRESS_PORT=${EGRESS_PORT:-8081}
+GO=${GO:-go}
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/wsrelay-run.XXXXXX")
+pids=()
+cleanup() {
+	trap - INT TERM EXIT
+	for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+	for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'echo; echo "stopping…"; exit 0' INT TERM
+
+# port_open reports whether something accepts TCP on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for waits up to 15 s for $2 (a command) to succeed, naming $1.
+wait_for() {
+	local what=$1
+	shift
+	for _ in $(seq 150); do
+		if "$@"; then return 0; fi
+		sleep 0.1
+	done
+	echo "run: $what did not come up; logs in $tmp" >&2
+	tail -n 20 "$tmp"/*.log >&2 || true
+	exit 1
+}
+
+for p in "$INGRESS_PORT" "$EGRESS_PORT"; do
+	if port_open "$p"; then
+		echo "run: port $p is taken; set INGRESS_PORT / EGRESS_PORT" >&2
+		exit 1
+	fi
+done
+
+if [[ -z "${REDIS_URL:-}" ]]; then
+	if ! command -v redis-server >/dev/null; then
+		echo "== installing redis-server"
+		sudo=""
+		[[ $(id -u) -ne 0 ]] && sudo=sudo
+		$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends redis-server
+	fi
+	redis_port=""
+	for _ in $(seq 50); do
+		p=$((20000 + RANDOM % 20000))
+		if ! port_open "$p"; then redis_port=$p; break; fi
+	done
+	[[ -n "$redis_port" ]] || { echo "run: no free port for Redis" >&2; exit 1; }
+	redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+		--dir "$tmp" --daemonize no >"$tmp/redis.log" 2>&1 &
+	pids+=($!)
+	wait_for "redis-server" port_open "$redis_port"
+	export REDIS_URL="redis://127.0.0.1:$redis_port/0"
+	echo "== throwaway Redis at $REDIS_URL (no persistence)"
+else
+	echo "== using REDIS_URL from the environment"
+fi
+
+echo "== building"
+mkdir -p "$tmp/bin"
+for f in ingress egress; do "$GO" build -o "$tmp/bin/$f" "./functions/$f"; done
+
+export ALLOW_ANONYMOUS=${ALLOW_ANONYMOUS:-true}
+export LOG_FORMAT=${LOG_FORMAT:-text}
+export ALLOWED_ORIGINS=${ALLOWED_ORIGINS:-http://localhost:$EGRESS_PORT,http://127.0.0.1:$EGRESS_PORT}
+export INGRESS_URL=${INGRESS_URL:-http://localhost:$INGRESS_PORT}
+
+PORT=$INGRESS_PORT "$tmp/bin/ingress" > >(sed -u 's/^/[ingress] /') 2>&1 &
+pids+=($!)
+PORT=$EGRESS_PORT "$tmp/bin/egress" > >(sed -u 's/^/[egress]  /') 2>&1 &
+pids+=($!)
+wait_for "ingress" port_open "$INGRESS_PORT"
+wait_for "egress" port_open "$EGRESS_PORT"
+
+cat <<MSG
+
+wsrelay is running (Ctrl-C stops it).
+
+  ingress  http://localhost:$INGRESS_PORT   (publish: POST /v1/channels/{channel}/messages)
+  egress   ws://localhost:$EGRESS_PORT/ws   (WebSocket)
+  demo     http://localhost:$EGRESS_PORT/   (open in a browser: subscribe, publish, watch)
+
+Subscribe from a browser console on the demo page:
+
+  ws = new WebSocket("ws://localhost:$EGRESS_PORT/ws"); ws.onmessage = e => console.log(e.data); ws.onopen = () => ws.send(JSON.stringify({type: "subscribe", channel: "demo"}))
+
+Publish from a shell:
+
+  curl -sS -X POST http://localhost:$INGRESS_PORT/v1/channels/demo/messages -H 'Content-Type: application/json' -d '{"data": {"text": "hello"}}'
+
+MSG
+
+# Stop everything as soon as either function exits: cleanly (status 0)
+# after a signal, or on an error (its log is above).
+status=0
+wait -n "${pids[@]}" || status=$?
+if ((status != 0)); then echo "run: a process exited with status $status; stopping" >&2; fi
+exit "$status"
