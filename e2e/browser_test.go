@@ -12,6 +12,7 @@ import (
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
@@ -135,11 +136,19 @@ func countString(list []string, s string) int {
 // tab whose socket is dropped gets the messages published meanwhile, in
 // order, once.
 func TestBrowserChatDemo(t *testing.T) {
+	const secret = "browser-test-secret-0123456789abcdef0123"
 	e := env{
 		"REDIS_URL":        redistest.URL(t),
 		"REDIS_KEY_PREFIX": redistest.Prefix(t),
-		"ALLOW_ANONYMOUS":  "true",
-		"ALLOWED_ORIGINS":  "*",
+		// Tab 1 uses a user token; tab 2 and the presence list are
+		// anonymous (ALLOW_ANONYMOUS still checks every token presented).
+		"ALLOW_ANONYMOUS": "true",
+		"JWT_SECRET":      secret,
+		"ALLOWED_ORIGINS": "*",
+	}
+	aliceToken, err := auth.SignHS256(secret, auth.Claims{Subject: "alice", Channels: []string{"e2e-*"}, Publish: []string{"e2e-*"}, Expires: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
 	}
 	ing := start(t, "ingress", e)
 	e["INGRESS_URL"] = ing.URL
@@ -156,10 +165,10 @@ func TestBrowserChatDemo(t *testing.T) {
 		t.Fatalf("open tab 2: %v", err)
 	}
 
-	join := func(tab context.Context, name string) {
+	join := func(tab context.Context, name, query string) {
 		t.Helper()
 		runIn(t, tab, "join as "+name,
-			chromedp.Navigate(eg.URL+"/"),
+			chromedp.Navigate(eg.URL+"/"+query),
 			chromedp.WaitVisible(chromedp.ID("name")),
 			chromedp.SetValue(chromedp.ID("name"), name),
 			chromedp.SetValue(chromedp.ID("room"), "e2e-room"),
@@ -168,12 +177,12 @@ func TestBrowserChatDemo(t *testing.T) {
 			chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)), // "joined": subscribed
 		)
 	}
-	join(tab1, "Alice")
-	join(tab2, "Bob")
+	join(tab1, "Alice", "?token="+aliceToken)
+	join(tab2, "Bob", "")
 
 	// Both are listed in the room (presence through the ingress).
 	evalIn(t, tab1, "members", chromedp.Poll[bool](
-		`(() => { const t = document.querySelector("#members").textContent; return t.includes("Alice") && t.includes("Bob"); })()`,
+		`(() => { const t = document.querySelector("#members").textContent; return t.includes("alice") && t.includes("Bob"); })()`,
 		chromedp.WithPollingTimeout(15*time.Second)))
 
 	// Typed in tab 1, shown in tab 2 (and in tab 1).
@@ -182,6 +191,11 @@ func TestBrowserChatDemo(t *testing.T) {
 		chromedp.Click(chromedp.ID("send")),
 	)
 	waitTexts(t, tab2, "tab 2", "hello from Alice")
+	// Published with Alice's user token from the page: the sender shown is
+	// the token's sub, stamped by the server.
+	evalIn(t, tab2, "verified sender", chromedp.Poll[bool](
+		`[...document.querySelectorAll("#messages .msg")].some(li => li.textContent.includes("hello from Alice") && li.querySelector(".who b").textContent === "alice")`,
+		chromedp.WithPollingTimeout(10*time.Second)))
 	waitTexts(t, tab1, "tab 1", "hello from Alice")
 
 	// Drop tab 2's socket and publish while it is down. The page's client
