@@ -21,9 +21,9 @@ import (
 // queued is one outgoing frame. Channel messages share one prepared frame
 // among all subscribers; replies have their own.
 type queued struct {
-	pm *websocket.PreparedMessage
-	id stream.ID // message id (zero for replies)
-	ts int64     // publish time, unix ms (zero for replies)
+	frame []byte    // a complete frame (wsFrame), shared, never modified
+	id    stream.ID // message id (zero for replies)
+	ts    int64     // publish time, unix ms (zero for replies)
 }
 
 // conn is one WebSocket connection.
@@ -51,9 +51,12 @@ type conn struct {
 	queue    []queued
 	spare    []queued
 	closing  bool
-	closeMsg []byte // close frame for the writer to send
+	closeMsg []byte   // close frame for the writer to send
+	ctrl     [][]byte // control frames for the writer to send first
 	wake     chan struct{}
-	done     chan struct{}
+	// writerDone is closed when writeLoop returns.
+	writerDone chan struct{}
+	done       chan struct{}
 
 	closeOnce sync.Once
 	closeCode int
@@ -113,8 +116,7 @@ func (c *conn) enqueueWait(ctx context.Context, q queued) bool {
 }
 
 func (c *conn) reply(r *protocol.Reply) queued {
-	pm, _ := websocket.NewPreparedMessage(websocket.TextMessage, r.Encode())
-	return queued{pm: pm}
+	return queued{frame: wsFrame(opText, r.Encode())}
 }
 
 func (c *conn) sendReply(r *protocol.Reply) { c.enqueue(c.reply(r)) }
@@ -123,51 +125,85 @@ func (c *conn) sendError(code, msg string, ref json.RawMessage) {
 	c.sendReply(&protocol.Reply{Type: protocol.TypeError, Code: code, Message: msg, Ref: ref})
 }
 
-// writeLoop writes queued frames until the conn closes. When the server
-// closes the conn, the writer sends the close frame itself, right after
-// the frame it is writing, so the frame reaches even a client that was
-// slow; what was still queued is dropped (the client resumes).
+// writeLoop is the only goroutine that writes to the socket after the
+// upgrade: data frames, pings, pongs and the close frame. It writes every
+// frame queued since its last write with one writev, so a busy socket costs
+// one system call per batch, not per message. When the server closes the
+// conn, the close frame follows the frames in flight, so it reaches even a
+// client that was slow; what was still queued is dropped (the client
+// resumes).
 func (c *conn) writeLoop() {
+	defer close(c.writerDone)
+	nc := c.ws.NetConn()
+	var vec [][]byte
 	for {
 		select {
 		case <-c.done:
+			// The reader has ended; a close frame still owed (the echo of
+			// the client's close) goes out before the socket is closed.
+			c.mu.Lock()
+			msg := c.closeMsg
+			c.mu.Unlock()
+			if msg != nil {
+				_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
+				_, _ = nc.Write(msg)
+			}
 			return
 		case <-c.wake:
 		}
 		for {
 			c.mu.Lock()
-			if c.closeMsg != nil {
-				msg := c.closeMsg
-				c.mu.Unlock()
-				_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.WriteTimeout))
-				_ = c.ws.WriteMessage(websocket.CloseMessage, msg)
-				// Wait briefly for the client's close reply, then end.
-				_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
-				return
+			closeMsg := c.closeMsg
+			vec = append(vec[:0], c.ctrl...)
+			clear(c.ctrl)
+			c.ctrl = c.ctrl[:0]
+			var batch []queued
+			if closeMsg == nil {
+				batch = c.queue
+				c.queue = c.spare[:0]
+				c.spare = nil
 			}
-			batch := c.queue
-			c.queue = c.spare[:0]
-			c.spare = nil
 			c.mu.Unlock()
-			if len(batch) == 0 {
+			for i := range batch {
+				vec = append(vec, batch[i].frame)
+			}
+			if closeMsg != nil {
+				vec = append(vec, closeMsg)
+			}
+			if len(vec) == 0 {
 				c.mu.Lock()
-				c.spare = batch
+				if c.spare == nil {
+					c.spare = batch
+				}
 				c.mu.Unlock()
 				break
 			}
 			now := time.Now()
-			_ = c.ws.SetWriteDeadline(now.Add(c.s.cfg.WriteTimeout))
-			for i := range batch {
-				if err := c.ws.WritePreparedMessage(batch[i].pm); err != nil {
-					c.closeWith(1006, "write failed", true)
-					return
-				}
-				if batch[i].ts > 0 {
-					c.s.metrics.observeDelivery(now, batch[i].ts)
-				}
+			_ = nc.SetWriteDeadline(now.Add(c.s.cfg.WriteTimeout))
+			bufs := net.Buffers(vec)
+			_, err := bufs.WriteTo(nc)
+			clear(vec)
+			if closeMsg != nil {
+				c.mu.Lock()
+				c.closeMsg = nil // sent
+				c.mu.Unlock()
+				// Wait briefly for the client's close reply, then end.
+				_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
+				return
 			}
-			c.framesOut.Add(int64(len(batch)))
-			c.lastData.Store(time.Now().UnixNano())
+			if err != nil {
+				c.closeWith(1006, "write failed", true)
+				return
+			}
+			if len(batch) > 0 {
+				for i := range batch {
+					if batch[i].ts > 0 {
+						c.s.metrics.observeDelivery(now, batch[i].ts)
+					}
+				}
+				c.framesOut.Add(int64(len(batch)))
+				c.lastData.Store(time.Now().UnixNano())
+			}
 			clear(batch)
 			c.mu.Lock()
 			if c.spare == nil {
@@ -177,6 +213,25 @@ func (c *conn) writeLoop() {
 		}
 	}
 }
+
+// control queues a control frame (ping, pong) for the writer, ahead of
+// queued data frames.
+func (c *conn) control(frame []byte) {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	c.ctrl = append(c.ctrl, frame)
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// ping queues a server ping.
+func (c *conn) ping() { c.control(pingFrame) }
 
 // closeWith closes the connection once, recording who closed it and why.
 // A server close (other than 1006, a dead peer) hands the close frame to
@@ -190,7 +245,7 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 		clear(c.queue)
 		c.queue = nil
 		if byServer && code != 1006 {
-			c.closeMsg = websocket.FormatCloseMessage(code, reason)
+			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
 		}
 		c.mu.Unlock()
 		switch {
@@ -228,8 +283,24 @@ func (c *conn) readLoop(ctx context.Context) {
 	})
 	c.ws.SetCloseHandler(func(code int, text string) error {
 		c.closeWith(code, "client closed", false)
-		msg := websocket.FormatCloseMessage(code, "")
-		_ = c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+		// Echo the close (through the writer, the socket's only writer).
+		c.mu.Lock()
+		if c.closeMsg == nil {
+			reply := closePayload(code, "")
+			if code == websocket.CloseNoStatusReceived {
+				reply = nil
+			}
+			c.closeMsg = wsFrame(opClose, reply)
+		}
+		c.mu.Unlock()
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+		return nil
+	})
+	c.ws.SetPingHandler(func(data string) error {
+		c.control(wsFrame(opPong, []byte(data)))
 		return nil
 	})
 	for {
@@ -388,8 +459,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	for {
 		for i := range entries {
 			id := stream.MustParseID(entries[i].ID)
-			pm, _ := websocket.NewPreparedMessage(websocket.TextMessage, entries[i].Frame())
-			if !c.enqueueWait(ctx, queued{pm: pm, id: id}) {
+			if !c.enqueueWait(ctx, queued{frame: wsFrame(opText, entries[i].Frame()), id: id}) {
 				cs.remove(c)
 				return false
 			}

@@ -8,7 +8,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
@@ -209,11 +208,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 // deliver fans one message out. It encodes the frame once; each
 // subscriber's queue gets a pointer to it.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64) {
-	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, frame)
-	if err != nil {
-		return
-	}
-	q := queued{pm: pm, id: id, ts: ts}
+	q := queued{frame: wsFrame(opText, frame), id: id, ts: ts}
 	if cs != h.inbox {
 		cs.mu.Lock()
 		// Written under mu so that a subscriber joining reads the id of

@@ -194,7 +194,7 @@ func (s *Server) sweepConns(now time.Time) {
 		}
 		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {
 			c.lastPing.Store(now.UnixNano())
-			_ = c.ws.WriteControl(websocket.PingMessage, nil, now.Add(s.cfg.WriteTimeout))
+			c.ping()
 		}
 	}
 }

@@ -42,26 +42,37 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusServiceUnavailable, "too_many_connections", "instance is full; connect again (another instance may take you)")
 		return
 	}
-	s.wg.Add(1)
-	defer s.wg.Done()
-	defer s.open.Add(-1)
-
 	ws, err := s.upgrader.Upgrade(w, r, id.responseHeader())
 	if err != nil {
+		s.open.Add(-1)
 		return // the upgrader has answered
 	}
+	// The connection runs in its own goroutine and this handler returns,
+	// so net/http's per-request state (request, response writer and their
+	// buffers) is freed instead of living as long as the socket.
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer s.open.Add(-1)
+		s.serveConn(ws, id, initial)
+	}()
+}
+
+// serveConn registers the connection, runs it to its end and cleans up.
+func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
 	now := time.Now()
 	c := &conn{
-		s:        s,
-		ws:       ws,
-		id:       randomID(12),
-		user:     id.user,
-		allow:    id.allow,
-		exp:      id.exp,
-		openedAt: now,
-		wake:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
-		subs:     make(map[string]*chanState),
+		s:          s,
+		ws:         ws,
+		id:         randomID(12),
+		user:       id.user,
+		allow:      id.allow,
+		exp:        id.exp,
+		openedAt:   now,
+		wake:       make(chan struct{}, 1),
+		writerDone: make(chan struct{}),
+		done:       make(chan struct{}),
+		subs:       make(map[string]*chanState),
 	}
 	c.lastData.Store(now.UnixNano())
 	c.lastPing.Store(now.UnixNano())
@@ -70,7 +81,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-	err = s.reg.Put(rctx, c.recordCopy())
+	err := s.reg.Put(rctx, c.recordCopy())
 	rcancel()
 	if err != nil {
 		s.log.Warn("registry unavailable at connect", "err", err.Error())
@@ -90,8 +101,10 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	}
 	c.readLoop(ctx)
 
-	// The connection has ended: forget it everywhere.
+	// The connection has ended: forget it everywhere. The writer sends
+	// what close frame it owes (bounded by its write deadline) first.
 	close(c.done)
+	<-c.writerDone
 	s.hub.removeConn(c)
 	for ch := range c.subs {
 		c.subs[ch].remove(c)

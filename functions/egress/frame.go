@@ -1,0 +1,49 @@
+package main
+
+import "encoding/binary"
+
+// WebSocket opcodes of the frames the server writes itself.
+const (
+	opText  = 0x1
+	opClose = 0x8
+	opPing  = 0x9
+	opPong  = 0xA
+)
+
+// wsFrame returns a complete, unmasked, final server frame (RFC 6455
+// §5.2): header and payload in one slice. A message's frame is built once
+// and the same bytes are written to every subscriber, many frames per
+// write (writev), instead of one write per frame.
+func wsFrame(op byte, payload []byte) []byte {
+	n := len(payload)
+	var b []byte
+	switch {
+	case n < 126:
+		b = make([]byte, 2, 2+n)
+		b[1] = byte(n)
+	case n <= 0xFFFF:
+		b = make([]byte, 4, 4+n)
+		b[1] = 126
+		binary.BigEndian.PutUint16(b[2:], uint16(n))
+	default:
+		b = make([]byte, 10, 10+n)
+		b[1] = 127
+		binary.BigEndian.PutUint64(b[2:], uint64(n))
+	}
+	b[0] = 0x80 | op
+	return append(b, payload...)
+}
+
+// closePayload is a close frame's payload: the code, then the reason,
+// truncated so that the control frame stays within 125 bytes.
+func closePayload(code int, reason string) []byte {
+	if len(reason) > 123 {
+		reason = reason[:123]
+	}
+	b := make([]byte, 2, 2+len(reason))
+	binary.BigEndian.PutUint16(b, uint16(code))
+	return append(b, reason...)
+}
+
+// pingFrame is the server's (empty) ping.
+var pingFrame = wsFrame(opPing, nil)
