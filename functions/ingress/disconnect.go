@@ -40,7 +40,7 @@ func (s *Server) handleDisconnect(c *gin.Context) {
 		return
 	}
 	msg := stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")}
-	if _, err := s.store.Append(ctx, []stream.Append{s.inboxAppend(rec.Instance, msg)}); err != nil {
+	if _, err := s.appendStreams(ctx, []stream.Append{s.inboxAppend(rec.Instance, msg)}); err != nil {
 		writeError(c, s.log, err)
 		return
 	}

@@ -100,10 +100,11 @@ func (m *metrics) middleware(c *gin.Context) {
 	}
 }
 
-// appendStreams is Store.Append, timed and counted.
+// appendStreams appends through the batcher (concurrent publishes share
+// Redis pipelines), timed and counted.
 func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]string, error) {
 	start := time.Now()
-	ids, err := s.store.Append(ctx, as)
+	ids, err := s.batcher.Append(ctx, as)
 	s.metrics.appendLatency.Observe(time.Since(start).Seconds())
 	if err == nil {
 		s.metrics.messages.Add(float64(len(ids)))

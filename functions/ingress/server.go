@@ -23,8 +23,10 @@ type Server struct {
 	rdb   redis.UniversalClient
 	keys  keys.Scheme
 	store *stream.Store
-	reg   *registry.Registry
-	h     http.Handler
+	// batcher coalesces concurrent publishes into shared pipelines.
+	batcher *stream.Batcher
+	reg     *registry.Registry
+	h       http.Handler
 
 	metrics *metrics
 	sec     *security // credentials and rate limits (auth.go)
@@ -38,13 +40,15 @@ func init() { gin.SetMode(gin.ReleaseMode) }
 
 // NewServer wires the ingress routes to rdb.
 func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
+	store := stream.NewStore(rdb)
 	s := &Server{
-		cfg:   cfg,
-		log:   log,
-		rdb:   rdb,
-		keys:  ks,
-		store: stream.NewStore(rdb),
-		reg:   registry.New(rdb, ks, cfg.RegistryTTL),
+		batcher: stream.NewBatcher(store, cfg.Redis.Timeout, 4, 256),
+		cfg:     cfg,
+		log:     log,
+		rdb:     rdb,
+		keys:    ks,
+		store:   store,
+		reg:     registry.New(rdb, ks, cfg.RegistryTTL),
 
 		metrics: newMetrics(),
 	}

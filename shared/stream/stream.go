@@ -75,10 +75,22 @@ func NewStore(rdb redis.UniversalClient) *Store { return &Store{rdb: rdb} }
 // On error, some appends may have been written: callers that need
 // at-most-once use an idempotency key (ingress).
 func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
+	ids, errs := s.appendEach(ctx, as)
+	for i, err := range errs {
+		if err != nil {
+			return nil, fmt.Errorf("append %d of %d: %w", i+1, len(as), err)
+		}
+	}
+	return ids, nil
+}
+
+// appendEach is Append with one result per append: in a pipeline, one
+// append failing does not fail the others.
+func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error) {
 	cmds := make([]*redis.Cmd, len(as))
 	args := make([][]any, len(as))
-	run := func(idx []int, load bool) error {
-		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	run := func(idx []int, load bool) {
+		_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, i := range idx {
 				a := &as[i]
 				if args[i] == nil {
@@ -94,41 +106,38 @@ func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
 			}
 			return nil
 		})
-		return err
 	}
 	all := make([]int, len(as))
 	for i := range all {
 		all[i] = i
 	}
-	err := run(all, false)
-	if err != nil {
-		// Scripts missing from the script cache did not run: run those
-		// again with the script's source. Any other error is final.
-		var retry []int
-		for i, c := range cmds {
-			if c.Err() != nil && redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
-				retry = append(retry, i)
-			}
-		}
-		if len(retry) > 0 {
-			err = run(retry, true)
+	run(all, false)
+	// Scripts missing from the script cache did not run: run those again
+	// with the script's source. Any other error is final.
+	var retry []int
+	for i, c := range cmds {
+		if c.Err() != nil && redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
+			retry = append(retry, i)
 		}
 	}
+	if len(retry) > 0 {
+		run(retry, true)
+	}
 	ids := make([]string, len(as))
+	errs := make([]error, len(as))
 	for i, c := range cmds {
 		if c.Err() != nil {
-			return nil, fmt.Errorf("append to %s: %w", as[i].Stream, c.Err())
+			errs[i] = fmt.Errorf("append to %s: %w", as[i].Stream, c.Err())
+			continue
 		}
 		id, ok := c.Val().(string)
 		if !ok {
-			return nil, fmt.Errorf("append to %s: unexpected reply %T", as[i].Stream, c.Val())
+			errs[i] = fmt.Errorf("append to %s: unexpected reply %T", as[i].Stream, c.Val())
+			continue
 		}
 		ids[i] = id
 	}
-	if err != nil {
-		return nil, err
-	}
-	return ids, nil
+	return ids, errs
 }
 
 // Entry is one stream entry read back.

@@ -1,0 +1,143 @@
+package stream
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// Batcher coalesces the appends of concurrent callers into shared
+// pipelines: under load, one Redis round trip (two system calls on each
+// side) carries many publishes instead of one. It starts no goroutine:
+// a caller that finds fewer than MaxInFlight pipelines running becomes a
+// leader, sends everything pending, and hands leadership to the oldest
+// waiting caller if more arrived meanwhile. An idle Batcher costs nothing
+// and needs no Close.
+//
+// Each append still runs as its own script, so results and errors are per
+// append; a pipeline's appends may interleave with others' in Redis, but
+// one caller's appends keep their order (they are sent in one pipeline).
+type Batcher struct {
+	store       *Store
+	timeout     time.Duration
+	maxInFlight int
+	maxBatch    int
+
+	mu      sync.Mutex
+	pending []*batchReq
+	leaders int
+}
+
+type batchReq struct {
+	as   []Append
+	wake chan struct{} // capacity 1: finished or promoted
+
+	// guarded by Batcher.mu
+	ids      []string
+	errs     []error
+	finished bool
+	promoted int // leaderships handed to this request, not yet exercised
+}
+
+// NewBatcher returns a Batcher over store. Each pipeline is bounded by
+// timeout (the callers' contexts cannot bound a shared pipeline); at most
+// maxInFlight pipelines run at once, each with at most maxBatch appends.
+func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) *Batcher {
+	return &Batcher{store: store, timeout: timeout, maxInFlight: max(1, maxInFlight), maxBatch: max(1, maxBatch)}
+}
+
+// Append appends as (in order, in one pipeline) and returns their ids, or
+// the first error. Like Store.Append, on error some appends may have been
+// written.
+func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
+	req := &batchReq{as: as, wake: make(chan struct{}, 1)}
+	b.mu.Lock()
+	b.pending = append(b.pending, req)
+	lead := b.leaders < b.maxInFlight
+	if lead {
+		b.leaders++
+	}
+	b.mu.Unlock()
+	for {
+		if lead {
+			b.flush()
+			lead = false
+		}
+		b.mu.Lock()
+		fin, pro := req.finished, req.promoted > 0
+		if pro {
+			req.promoted--
+		}
+		b.mu.Unlock()
+		if pro {
+			// Leadership was handed to us: exercise it even if another
+			// leader has already sent our appends, or it would be lost.
+			lead = true
+			continue
+		}
+		if fin {
+			break
+		}
+		<-req.wake
+	}
+	for _, err := range req.errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return req.ids, nil
+}
+
+// flush sends one pipeline of pending requests, then passes leadership on
+// (or gives it up when nothing is pending).
+func (b *Batcher) flush() {
+	b.mu.Lock()
+	var batch []*batchReq
+	n := 0
+	for len(b.pending) > 0 && (n == 0 || n+len(b.pending[0].as) <= b.maxBatch) {
+		r := b.pending[0]
+		b.pending[0] = nil
+		b.pending = b.pending[1:]
+		batch = append(batch, r)
+		n += len(r.as)
+	}
+	b.mu.Unlock()
+
+	if len(batch) > 0 {
+		all := make([]Append, 0, n)
+		for _, r := range batch {
+			all = append(all, r.as...)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
+		ids, errs := b.store.appendEach(ctx, all)
+		cancel()
+		b.mu.Lock()
+		off := 0
+		for _, r := range batch {
+			r.ids, r.errs = ids[off:off+len(r.as)], errs[off:off+len(r.as)]
+			off += len(r.as)
+			r.finished = true
+		}
+		b.mu.Unlock()
+		for _, r := range batch {
+			signal(r.wake)
+		}
+	}
+
+	b.mu.Lock()
+	if len(b.pending) > 0 {
+		next := b.pending[0]
+		next.promoted++
+		signal(next.wake)
+	} else {
+		b.leaders--
+	}
+	b.mu.Unlock()
+}
+
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
