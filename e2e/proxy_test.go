@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"io"
 	"net"
 	"sync"
 	"testing"
@@ -16,6 +15,7 @@ type tcpProxy struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
 	refuse bool
+	stall  chan struct{} // non-nil while stalled: closed by Unstall
 	wg     sync.WaitGroup
 }
 
@@ -65,7 +65,24 @@ func (p *tcpProxy) accept() {
 
 func (p *tcpProxy) pipe(dst, src net.Conn) {
 	defer p.wg.Done()
-	_, _ = io.Copy(dst, src)
+	buf := make([]byte, 32*1024)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.mu.Lock()
+			stall := p.stall
+			p.mu.Unlock()
+			if stall != nil {
+				<-stall // hold the bytes: the connection looks open but is silent
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
 	dst.Close()
 	src.Close()
 	p.mu.Lock()
@@ -84,6 +101,26 @@ func (p *tcpProxy) Cut() {
 	p.mu.Unlock()
 }
 
+// Stall keeps every connection open but forwards nothing (new ones too)
+// until Unstall: a Redis that hangs without an error.
+func (p *tcpProxy) Stall() {
+	p.mu.Lock()
+	if p.stall == nil {
+		p.stall = make(chan struct{})
+	}
+	p.mu.Unlock()
+}
+
+// Unstall forwards again what was held, and everything after.
+func (p *tcpProxy) Unstall() {
+	p.mu.Lock()
+	if p.stall != nil {
+		close(p.stall)
+		p.stall = nil
+	}
+	p.mu.Unlock()
+}
+
 // Heal accepts connections again.
 func (p *tcpProxy) Heal() {
 	p.mu.Lock()
@@ -93,6 +130,7 @@ func (p *tcpProxy) Heal() {
 
 func (p *tcpProxy) close() {
 	p.ln.Close()
+	p.Unstall()
 	p.Cut()
 	p.wg.Wait()
 }

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // resumingClient reconnects after every close, round-robin over urls, and
@@ -144,6 +146,55 @@ func (r *resumingClient) waitFrom(ch string, all []string) {
 		r.t.Fatalf("%s: first id %s was never published", ch, first)
 	}
 	r.waitAll(ch, all[i:])
+}
+
+// waitAcked is for publishers that see failures: a publish answered 503
+// may still have been written (its reply was lost), so the client may get
+// messages that were never acknowledged. It checks that every acknowledged
+// id from the client's first message on arrives, that nothing arrives
+// twice, and that ids arrive in stream order.
+func (r *resumingClient) waitAcked(ch string, acked []string) {
+	r.t.Helper()
+	ackedSet := map[string]bool{}
+	for _, id := range acked {
+		ackedSet[id] = true
+	}
+	var owed []string
+	waitFor(r.t, 20*time.Second, func() error {
+		got := r.ids(ch)
+		if len(got) == 0 {
+			return fmt.Errorf("nothing received on %s", ch)
+		}
+		first := stream.MustParseID(got[0])
+		owed = owed[:0]
+		for _, id := range acked {
+			if !stream.MustParseID(id).Less(first) {
+				owed = append(owed, id)
+			}
+		}
+		have := map[string]bool{}
+		for _, id := range got {
+			have[id] = true
+		}
+		for _, id := range owed {
+			if !have[id] {
+				return fmt.Errorf("acknowledged %s not received (%d received)", id, len(got))
+			}
+		}
+		return nil
+	})
+	time.Sleep(100 * time.Millisecond)
+	got := r.ids(ch)
+	extra := 0
+	for i, id := range got {
+		if i > 0 && !stream.MustParseID(got[i-1]).Less(stream.MustParseID(id)) {
+			r.t.Fatalf("%s: %s after %s: duplicate or out of order", ch, id, got[i-1])
+		}
+		if !ackedSet[id] {
+			extra++
+		}
+	}
+	r.t.Logf("%s: %d acknowledged owed, all received once in order; %d more received whose publish was answered with an error (written, reply lost)", ch, len(owed), extra)
 }
 
 // waitAll waits until the client has received len(want) messages on ch,
