@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -75,6 +77,28 @@ func TestBroadcastAcrossInstances(t *testing.T) {
 		t.Fatalf("room-2 subscriber got %d messages", n)
 	}
 	t.Logf("published %d, delivered %d to 3 subscribers on 2 instances, lost 0, duplicated 0", len(ids), 3*len(ids))
+
+	// The egress metrics count them, with bounded labels (no channel name).
+	m := metricsText(t, c.egress[1].URL)
+	for _, want := range []string{"wsrelay_egress_deliveries_total 100", "wsrelay_egress_connections 2", "wsrelay_egress_channels 2", "wsrelay_egress_stream_read_lag_seconds_count 50", "wsrelay_egress_delivery_latency_seconds_count 100"} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("egress /metrics lacks %q", want)
+		}
+	}
+	if strings.Contains(m, "room-1") {
+		t.Errorf("a channel name is a metric label")
+	}
+}
+
+func metricsText(t *testing.T, base string) string {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
 
 // TestTargetedSends: to one connection and to every connection of a user,

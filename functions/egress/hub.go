@@ -66,6 +66,11 @@ type hub struct {
 	psMu       sync.Mutex                    // guards sub
 	lastRecv   atomic.Int64                  // unix nanos of the last probe seen by the receive loop
 	reconnects atomic.Int64
+	// redisErrors counts failed Redis reads and subscribes (metrics).
+	redisErrors atomic.Int64
+	// readLag, when set, observes publish-to-receipt time of each
+	// notification: how far the read path runs behind (metrics).
+	readLag func(seconds float64)
 }
 
 func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instance string, maxBuf int) *hub {
@@ -143,6 +148,7 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 	if !cs.confirmed {
 		last, err := h.store.LastID(ctx, cs.stream)
 		if err != nil {
+			h.redisErrors.Add(1)
 			h.log.Warn("read stream position", "err", err.Error())
 			// Stay unconfirmed; the next reconnect confirms again.
 			return
@@ -162,6 +168,7 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 	for {
 		entries, err := h.store.After(ctx, cs.stream, cs.last, replayBatch)
 		if err != nil {
+			h.redisErrors.Add(1)
 			h.log.Warn("catch up from stream", "err", err.Error())
 			return false
 		}
@@ -191,6 +198,9 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	if n.Route.Kind() == stream.RouteProbe {
 		h.lastRecv.Store(time.Now().UnixNano())
 		return
+	}
+	if h.readLag != nil && n.TS > 0 {
+		h.readLag(float64(time.Now().UnixMilli()-n.TS) / 1000)
 	}
 	if !cs.last.Less(n.ID) {
 		return // already delivered by a catch-up
@@ -284,6 +294,7 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 			err = sub.Subscribe(ctx, notify)
 		}
 		if err != nil {
+			h.redisErrors.Add(1)
 			h.log.Warn("subscribe in redis", "err", err.Error())
 		}
 	}

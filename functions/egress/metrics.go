@@ -33,7 +33,13 @@ func newMetrics(h *hub) *metrics {
 	m.closes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "wsrelay_egress_closes_total", Help: "Connections ended, by SCF-style status (200, 433, 439, 455, 456)."}, []string{"status"})
 	m.redisReconnects = prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "wsrelay_egress_redis_resubscribes_total", Help: "Redis Pub/Sub reconnects followed by a stream catch-up."}, func() float64 { return float64(h.reconnects.Load()) })
 	channels := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "wsrelay_egress_channels", Help: "Channels this instance reads because a local socket is subscribed."}, func() float64 { return float64(h.channelCount()) })
-	m.reg.MustRegister(channels, m.connections, m.subscriptions, m.deliveries, m.deliveryLatency, m.slowConsumers, m.closes, m.redisReconnects,
+	readLag := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "wsrelay_egress_stream_read_lag_seconds", Help: "Publish timestamp to receipt of the message's notification by this instance (how far the read path runs behind).",
+		Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5},
+	})
+	h.readLag = readLag.Observe
+	redisErrors := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "wsrelay_egress_redis_errors_total", Help: "Failed Redis stream reads and subscribes."}, func() float64 { return float64(h.redisErrors.Load()) })
+	m.reg.MustRegister(readLag, redisErrors, channels, m.connections, m.subscriptions, m.deliveries, m.deliveryLatency, m.slowConsumers, m.closes, m.redisReconnects,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
