@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// TestServerLifecycleLeaksNothing runs an egress through its whole life —
+// sockets subscribed live and with resume, targeted and channel messages,
+// a server close, shutdown with sockets still open — and checks that every
+// goroutine it started (hub, subscriber, maintenance loop, connection
+// readers and writers) has ended.
+func TestServerLifecycleLeaksNothing(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+
+	url := redistest.URL(t)
+	o, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(o)
+	prefix := redistest.Prefix(t)
+	defer func() { redistest.Cleanup(rdb, prefix); rdb.Close() }()
+	env := map[string]string{"REDIS_URL": url, "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "200ms", "SHUTDOWN_GRACE": "2s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { s.Run(ctx); close(ran) }()
+	srv := httptest.NewServer(s)
+
+	ks := keys.Scheme{Prefix: prefix}
+	store := stream.NewStore(rdb)
+	publish := func(ch string) string {
+		ids, err := store.Append(context.Background(), []stream.Append{{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Msg: stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: []byte(`"x"`)}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ids[0]
+	}
+	first := publish("life")
+	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+	var socks []*websocket.Conn
+	for i := range 3 {
+		ws, _, err := websocket.DefaultDialer.Dial(wsURL+"?channels=life", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		socks = append(socks, ws)
+		if i == 2 {
+			_ = ws.WriteJSON(map[string]any{"type": "subscribe", "channel": "other", "after": first})
+		}
+		readUntil(t, ws, `"subscribed"`)
+	}
+	publish("life")
+	for _, ws := range socks {
+		readUntil(t, ws, `"type":"message"`)
+	}
+	// One socket closes itself; the others are open at shutdown.
+	_ = socks[0].WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(1000, "bye"))
+	socks[0].Close()
+
+	cancel()
+	<-ran
+	srv.Close()
+	for _, ws := range socks[1:] {
+		ws.Close()
+	}
+}
+
+func readUntil(t *testing.T, ws *websocket.Conn, substr string) {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("waiting for %s: %v", substr, err)
+		}
+		if strings.Contains(string(b), substr) {
+			return
+		}
+	}
+}
