@@ -56,6 +56,7 @@ var rows = []row{
 	{"S5 cold start", "ingress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "egress ms", "≤ 10", "56", 1},
 	{"S6 1 conn/instance", "RSS MiB", "≤ 10", "—", 1},
+	{"S6 1 conn/instance", "anon MiB", "", "—", 1},
 	{"S6 1 conn/instance", "CPU ms", "~0", "—", 0},
 	{"S6 1 conn/instance", "cmds", "registry only", "—", 1},
 	{"S6 1 conn/instance", "lost", "0", "", 0},

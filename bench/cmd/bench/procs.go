@@ -223,7 +223,10 @@ func waitReady(url string, t0 time.Time, limit time.Duration) (time.Duration, er
 }
 
 // rssKiB reads VmRSS of pid.
-func rssKiB(pid int) (int64, error) {
+func rssKiB(pid int) (int64, error) { return statusKiB(pid, "VmRSS:") }
+
+// statusKiB reads one kB field of /proc/<pid>/status (VmRSS:, RssAnon:).
+func statusKiB(pid int, field string) (int64, error) {
 	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0, err
@@ -231,12 +234,12 @@ func rssKiB(pid int) (int64, error) {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), field); ok {
 			v = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB"))
 			return strconv.ParseInt(v, 10, 64)
 		}
 	}
-	return 0, errors.New("VmRSS not found")
+	return 0, errors.New(field + " not found")
 }
 
 // cpuTicks reads utime+stime of pid, in clock ticks (USER_HZ, 100/s).

@@ -307,12 +307,16 @@ func (b *bench) s6(ctx context.Context) (result, error) {
 	if err != nil {
 		return nil, err
 	}
-	var maxCPU, maxRSS int64
+	var maxCPU, maxRSS, maxAnon int64
 	for i, p := range egs {
 		c, _ := cpuTicks(p.cmd.Process.Pid)
 		maxCPU = max(maxCPU, c-cpu0[i])
 		rss, _ := rssKiB(p.cmd.Process.Pid)
 		maxRSS = max(maxRSS, rss)
+		// Private memory: RSS minus the binary's file-backed pages, which
+		// every process of the same binary shares.
+		anon, _ := statusKiB(p.cmd.Process.Pid, "RssAnon:")
+		maxAnon = max(maxAnon, anon)
 	}
 	scripts := stats1["evalsha"] - stats0["evalsha"] + stats1["eval"] - stats0["eval"]
 	var egressCmds int64
@@ -342,6 +346,7 @@ func (b *bench) s6(ctx context.Context) (result, error) {
 	subs = nil
 	return result{
 		"RSS MiB":  float64(maxRSS) / 1024,
+		"anon MiB": float64(maxAnon) / 1024,
 		"CPU ms":   float64(maxCPU) * 10,
 		"cmds":     float64(egressCmds) / float64(n),
 		"lost":     float64(d.lost),
