@@ -19,6 +19,10 @@ type Config struct {
 	Redis redisconn.Config
 	Log   logging.Config
 
+	// DebugAddr, when set (e.g. 127.0.0.1:6060), serves Go's profiling
+	// endpoints (/debug/pprof/) there. Empty means off. Never expose it.
+	DebugAddr string `env:"DEBUG_ADDR"`
+
 	// InstanceID names this instance in the registry; empty means a random
 	// id chosen at start (the usual choice).
 	InstanceID string `env:"INSTANCE_ID"`

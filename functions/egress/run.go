@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/config"
+	"github.com/wsrelay/wsrelay/shared/debugserver"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
@@ -40,6 +41,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer rdb.Close()
+	_, waitDebug, err := debugserver.Start(ctx, cfg.DebugAddr, log)
+	if err != nil {
+		return fmt.Errorf("DEBUG_ADDR: %w", err)
+	}
+	defer waitDebug()
 	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)

@@ -19,6 +19,10 @@ type Config struct {
 	Redis redisconn.Config
 	Log   logging.Config
 
+	// DebugAddr, when set (e.g. 127.0.0.1:6060), serves Go's profiling
+	// endpoints (/debug/pprof/) there. Empty means off. Never expose it.
+	DebugAddr string `env:"DEBUG_ADDR"`
+
 	// HistorySize is how many messages each channel's stream keeps
 	// (approximately); zero keeps all, bounded only by HistoryTTL.
 	HistorySize int64 `env:"HISTORY_SIZE" envDefault:"1000"`
