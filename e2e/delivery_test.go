@@ -30,7 +30,21 @@ func urls(ps []*proc) []string {
 // published get every message once, in order, across the replay/live
 // seam, and are told recovered=true.
 func TestResumeSeam(t *testing.T) {
-	c := startCluster(t, redistest.URL(t), nil)
+	onEachRedis(t, testResumeSeam)
+}
+
+// onEachRedis runs a test against a single Redis and against a real
+// three-master Redis Cluster (REDIS_CLUSTER_ADDRS wins over REDIS_URL).
+func onEachRedis(t *testing.T, test func(t *testing.T, redisURL string, e env)) {
+	t.Run("single", func(t *testing.T) { test(t, redistest.URL(t), env{}) })
+	t.Run("cluster", func(t *testing.T) {
+		rc := redistest.StartCluster(t, 3, 0)
+		test(t, "redis://127.0.0.1:1/0", env{"REDIS_CLUSTER_ADDRS": rc.AddrsEnv()})
+	})
+}
+
+func testResumeSeam(t *testing.T, redisURL string, e env) {
+	c := startCluster(t, redisURL, e)
 	ing := urls(c.ingress[:])
 	// History before anyone subscribes.
 	var first struct{ ID string }
@@ -211,10 +225,15 @@ func TestRedisOutage(t *testing.T) {
 // (SIGTERM: close 1001, records removed, exit) or killed reconnect to the
 // other instance and lose nothing.
 func TestEgressSigtermAndSigkill(t *testing.T) {
-	c := startCluster(t, redistest.URL(t), env{"SHUTDOWN_GRACE": "5s"})
+	onEachRedis(t, testEgressSigtermAndSigkill)
+}
+
+func testEgressSigtermAndSigkill(t *testing.T, redisURL string, e env) {
+	e["SHUTDOWN_GRACE"] = "5s"
+	c := startCluster(t, redisURL, e)
 	var egs []*proc
 	egs = append(egs, c.egress[:]...)
-	third := start(t, "egress", env{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": c.prefix, "ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "3s"})
+	third := start(t, "egress", env{"REDIS_URL": redisURL, "REDIS_CLUSTER_ADDRS": e["REDIS_CLUSTER_ADDRS"], "REDIS_KEY_PREFIX": c.prefix, "ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "3s"})
 	egs = append(egs, third)
 	// Each client starts on egress 0 and falls over to the next ones.
 	var clients []*resumingClient
