@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/origin"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/registry"
@@ -242,23 +242,9 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 // Origin listed in ALLOWED_ORIGINS ("*" allows all), and otherwise only an
 // Origin whose host is the request's Host.
 func (s *Server) checkOrigin(r *http.Request) bool {
-	origin := r.Header.Get("Origin")
-	if origin == "" {
+	o := r.Header.Get("Origin")
+	if o == "" {
 		return true
 	}
-	return originAllowed(s.cfg.AllowedOrigins, origin, r.Host)
-}
-
-func originAllowed(allowed, origin, host string) bool {
-	if allowed != "" {
-		for _, a := range strings.Split(allowed, ",") {
-			a = strings.TrimSpace(a)
-			if a == "*" || strings.EqualFold(a, origin) {
-				return true
-			}
-		}
-		return false
-	}
-	_, after, ok := strings.Cut(origin, "://")
-	return ok && strings.EqualFold(after, host)
+	return origin.Allowed(s.cfg.AllowedOrigins, o, r.Host)
 }

@@ -2,9 +2,10 @@ package main
 
 import (
 	"net/http"
-	"strings"
 
 	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/origin"
 )
 
 // CORS headers. Credentials here are bearer tokens the page sets itself,
@@ -17,44 +18,18 @@ const (
 	corsMaxAge        = "600"
 )
 
-// originAllowed has the egress's semantics (functions/egress/server.go):
-// an origin listed in allowed ("*" allows any), or, when allowed is empty,
-// an origin whose host is the request's Host.
-func originAllowed(allowed, origin, host string) bool {
-	if allowed != "" {
-		for _, a := range strings.Split(allowed, ",") {
-			a = strings.TrimSpace(a)
-			if a == "*" || strings.EqualFold(a, origin) {
-				return true
-			}
-		}
-		return false
-	}
-	_, after, ok := strings.Cut(origin, "://")
-	return ok && strings.EqualFold(after, host)
-}
-
-func (s *Server) allowsAnyOrigin() bool {
-	for _, a := range strings.Split(s.cfg.AllowedOrigins, ",") {
-		if strings.TrimSpace(a) == "*" {
-			return true
-		}
-	}
-	return false
-}
-
 // cors answers preflights (no credential needed) and adds the CORS
 // headers to requests from allowed origins. A browser request from any
 // other origin is refused with 403 before it does anything; requests
 // without Origin (not from a browser) pass untouched.
 func (s *Server) cors(c *gin.Context) {
-	origin := c.GetHeader("Origin")
-	if origin == "" {
+	o := c.GetHeader("Origin")
+	if o == "" {
 		c.Next()
 		return
 	}
 	h := c.Writer.Header()
-	anyOrigin := s.allowsAnyOrigin()
+	anyOrigin := origin.AllowsAny(s.cfg.AllowedOrigins)
 	if !anyOrigin {
 		h.Add("Vary", "Origin")
 	}
@@ -63,14 +38,14 @@ func (s *Server) cors(c *gin.Context) {
 		h.Add("Vary", "Access-Control-Request-Method")
 		h.Add("Vary", "Access-Control-Request-Headers")
 	}
-	if !originAllowed(s.cfg.AllowedOrigins, origin, c.Request.Host) {
+	if !origin.Allowed(s.cfg.AllowedOrigins, o, c.Request.Host) {
 		writeError(c, s.log, errf(403, "origin_not_allowed", "this origin is not in ALLOWED_ORIGINS"))
 		return
 	}
 	if anyOrigin {
 		h.Set("Access-Control-Allow-Origin", "*")
 	} else {
-		h.Set("Access-Control-Allow-Origin", origin)
+		h.Set("Access-Control-Allow-Origin", o)
 	}
 	if preflight {
 		h.Set("Access-Control-Allow-Methods", corsAllowMethods)

@@ -5,8 +5,6 @@ import (
 
 	"github.com/gin-gonic/gin"
 
-	"github.com/wsrelay/wsrelay/shared/channel"
-	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -15,30 +13,16 @@ import (
 // reconnect). 202: the request is queued on that instance's inbox; 404:
 // no live connection has that id.
 func (s *Server) handleDisconnect(c *gin.Context) {
+	who, ok := s.admin(c)
+	if !ok {
+		return
+	}
 	id := c.Param("id")
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if err := who.mayAdmin(); err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if !channel.ValidUser(id) {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+	rec, ok := s.liveConnection(c, id)
+	if !ok {
 		return
 	}
 	ctx := c.Request.Context()
-	rec, err := s.reg.Get(ctx, id)
-	if err == registry.ErrNotFound {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return
-	}
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
 	msg := stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")}
 	if _, err := s.appendStreams(ctx, []stream.Append{s.inboxAppend(rec.Instance, msg)}); err != nil {
 		writeError(c, s.log, err)

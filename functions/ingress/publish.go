@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -135,37 +136,17 @@ func (s *Server) handleBatch(c *gin.Context) {
 
 // handleSendToConnection: POST /v1/connections/{id}/messages.
 func (s *Server) handleSendToConnection(c *gin.Context) {
+	who, ok := s.admin(c)
+	if !ok {
+		return
+	}
+	body, p, ok := s.readMessage(c)
+	if !ok {
+		return
+	}
 	id := c.Param("id")
-	if !channel.ValidUser(id) {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return
-	}
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if err := who.mayAdmin(); err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	p, ae := decodeMessage(body, false)
-	if ae != nil {
-		writeError(c, s.log, ae)
-		return
-	}
-	rec, err := s.reg.Get(c.Request.Context(), id)
-	if err == registry.ErrNotFound {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return
-	}
-	if err != nil {
-		writeError(c, s.log, err)
+	rec, ok := s.liveConnection(c, id)
+	if !ok {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
@@ -176,6 +157,55 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 		}
 		return http.StatusAccepted, gin.H{"id": ids[0], "connection": id}, nil
 	})
+}
+
+// admin authenticates the caller and requires the admin scope; on refusal
+// it has answered.
+func (s *Server) admin(c *gin.Context) (*principal, bool) {
+	who, err := s.authenticate(c)
+	if err == nil {
+		err = who.mayAdmin()
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return nil, false
+	}
+	return who, true
+}
+
+// readMessage reads and validates one message body; on refusal it has
+// answered.
+func (s *Server) readMessage(c *gin.Context) ([]byte, publishBody, bool) {
+	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	if err != nil {
+		writeError(c, s.log, err)
+		return nil, publishBody{}, false
+	}
+	p, ae := decodeMessage(body, false)
+	if ae != nil {
+		writeError(c, s.log, ae)
+		return nil, publishBody{}, false
+	}
+	return body, p, true
+}
+
+// liveConnection returns the registry record of connection id, or answers
+// 404 (an id that cannot be one of ours is simply not found).
+func (s *Server) liveConnection(c *gin.Context, id string) (*registry.Record, bool) {
+	var rec *registry.Record
+	err := registry.ErrNotFound
+	if channel.ValidUser(id) {
+		rec, err = s.reg.Get(c.Request.Context(), id)
+	}
+	if errors.Is(err, registry.ErrNotFound) {
+		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
+		return nil, false
+	}
+	if err != nil {
+		writeError(c, s.log, err)
+		return nil, false
+	}
+	return rec, true
 }
 
 func (s *Server) inboxAppend(instance string, msg stream.Message) stream.Append {
@@ -190,28 +220,17 @@ func (s *Server) inboxAppend(instance string, msg stream.Message) stream.Append 
 // handleSendToUser: POST /v1/users/{user}/messages. One append per egress
 // instance that holds a connection of the user.
 func (s *Server) handleSendToUser(c *gin.Context) {
+	who, ok := s.admin(c)
+	if !ok {
+		return
+	}
 	user := c.Param("user")
 	if !channel.ValidUser(user) {
 		writeError(c, s.log, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
 		return
 	}
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if err := who.mayAdmin(); err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	p, ae := decodeMessage(body, false)
-	if ae != nil {
-		writeError(c, s.log, ae)
+	body, p, ok := s.readMessage(c)
+	if !ok {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
@@ -239,27 +258,11 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 
 // handleGetConnection: GET /v1/connections/{id}.
 func (s *Server) handleGetConnection(c *gin.Context) {
-	id := c.Param("id")
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
+	if _, ok := s.admin(c); !ok {
 		return
 	}
-	if err := who.mayAdmin(); err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if !channel.ValidUser(id) {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return
-	}
-	rec, err := s.reg.Get(c.Request.Context(), id)
-	if err == registry.ErrNotFound {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return
-	}
-	if err != nil {
-		writeError(c, s.log, err)
+	rec, ok := s.liveConnection(c, c.Param("id"))
+	if !ok {
 		return
 	}
 	c.JSON(200, rec)

@@ -1,0 +1,28 @@
+package origin
+
+import "testing"
+
+func TestAllowed(t *testing.T) {
+	for _, tc := range []struct {
+		allowed, origin, host string
+		want                  bool
+	}{
+		{"", "http://example.com", "example.com", true},
+		{"", "https://example.com:8443", "example.com:8443", true},
+		{"", "http://evil.com", "example.com", false},
+		{"", "null", "example.com", false},
+		{"https://app.example.com", "https://app.example.com", "api.example.com", true},
+		{"https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "api.example.com", true},
+		{"https://app.example.com", "http://app.example.com", "api.example.com", false},
+		{"https://a.com, https://b.com", "https://b.com", "x", true},
+		{"https://a.com", "https://a.com.evil.com", "x", false},
+		{"*", "http://anything", "x", true},
+	} {
+		if got := Allowed(tc.allowed, tc.origin, tc.host); got != tc.want {
+			t.Errorf("Allowed(%q, %q, %q) = %v, want %v", tc.allowed, tc.origin, tc.host, got, tc.want)
+		}
+	}
+	if !AllowsAny("https://a.com, *") || AllowsAny("https://a.com") || AllowsAny("") {
+		t.Error("AllowsAny")
+	}
+}
