@@ -40,6 +40,14 @@ type Config struct {
 	// IdempotencyWindow is how long an Idempotency-Key is remembered.
 	IdempotencyWindow time.Duration `env:"IDEMPOTENCY_WINDOW" envDefault:"24h"`
 
+	// PublishWaitReplicas, when positive, answers 202 only once that many
+	// Redis replicas have the message (Redis WAIT), so a failover cannot
+	// lose an acknowledged publish; otherwise 503 (it may have been
+	// written: retry with the same Idempotency-Key). Zero: off.
+	PublishWaitReplicas int `env:"PUBLISH_WAIT_REPLICAS" envDefault:"0"`
+	// PublishWaitTimeout bounds that wait; it must be below REDIS_TIMEOUT.
+	PublishWaitTimeout time.Duration `env:"PUBLISH_WAIT_TIMEOUT" envDefault:"500ms"`
+
 	// RegistryTTL must equal the egress's: targeted messages to an instance
 	// are kept this long (twice) for it to catch up after a Redis blip.
 	RegistryTTL time.Duration `env:"REGISTRY_TTL" envDefault:"30s"`
@@ -107,6 +115,12 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	if c.IdempotencyWindow < time.Second {
 		errs = append(errs, errors.New("IDEMPOTENCY_WINDOW must be at least 1s"))
+	}
+	if c.PublishWaitReplicas < 0 {
+		errs = append(errs, errors.New("PUBLISH_WAIT_REPLICAS must not be negative"))
+	}
+	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout <= 0 || c.PublishWaitTimeout >= c.Redis.Timeout) {
+		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be positive and below REDIS_TIMEOUT"))
 	}
 	if c.RegistryTTL < time.Second {
 		errs = append(errs, errors.New("REGISTRY_TTL must be at least 1s"))

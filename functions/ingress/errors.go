@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"github.com/gin-gonic/gin"
+
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // apiError is an error a client caused or must know about: an HTTP status,
@@ -53,6 +55,9 @@ func writeError(c *gin.Context, log *slog.Logger, err error) {
 		idx := ie.Index
 		body.Error.Index = &idx
 	case errors.As(err, &ae):
+	case errors.Is(err, stream.ErrNotReplicated):
+		log.Warn("publish not replicated in time", "route", c.FullPath(), "err", err.Error())
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
 	case errors.Is(err, context.Canceled):
 		c.Set(errorCodeKey, "canceled")
 		c.Abort()

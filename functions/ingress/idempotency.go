@@ -10,6 +10,8 @@ import (
 
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // idemRecord is what an Idempotency-Key remembers.
@@ -47,6 +49,13 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	bodySum := sha256.Sum256(body)
 	bodyHash := hex.EncodeToString(bodySum[:])
 
+	// Each append of this request carries a once-key derived from the
+	// same digest and the body, checked and set inside the append script:
+	// a retry after an error whose outcome is unknown (a lost reply)
+	// returns the first attempt's ids instead of writing again.
+	onceSum := sha256.Sum256(append(digest[:], bodySum[:]...))
+	c.Set(onceDigestKey, hex.EncodeToString(onceSum[:16]))
+
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.cfg.IdempotencyWindow).Result()
 	if err != nil {
@@ -60,7 +69,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	status, resp, err := write()
 	if err != nil {
 		// Nothing (or, on a lost reply, possibly something) was written;
-		// free the key so the client's retry can proceed.
+		// free the key so the client's retry can proceed: the once-keys
+		// keep that retry from writing anything twice.
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Redis.Timeout)
 		s.rdb.Del(dctx, rkey)
 		cancel()
@@ -109,4 +119,21 @@ func printable(s string) bool {
 		}
 	}
 	return true
+}
+
+// onceDigestKey holds, in the gin context of a request with an
+// Idempotency-Key, the digest its appends' once-keys are built from.
+const onceDigestKey = "wsrelay.once"
+
+// appendFor appends for request c: with the request's once-keys when it
+// carries an Idempotency-Key.
+func (s *Server) appendFor(c *gin.Context, as []stream.Append) ([]string, error) {
+	if d := c.GetString(onceDigestKey); d != "" {
+		ttl := s.cfg.IdempotencyWindow.Milliseconds()
+		for i := range as {
+			as[i].Once = s.keys.Once(as[i].Stream, d, i)
+			as[i].OnceTTLMS = ttl
+		}
+	}
+	return s.appendStreams(c.Request.Context(), as)
 }

@@ -103,3 +103,57 @@ func TestIdempotencyInProgress(t *testing.T) {
 		t.Fatalf("XLEN = %d", n)
 	}
 }
+
+// TestIdempotentRetryAfterLostReply: the first attempt wrote but its
+// outcome was lost (here: its idempotency record is gone, as after an
+// error reply); the retry with the same key and body returns the first
+// ids and writes nothing, because each append carries a once-key checked
+// inside the append script. Batches and single publishes alike.
+func TestIdempotentRetryAfterLostReply(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	forget := func() {
+		t.Helper()
+		ctx := t.Context()
+		iter := e.rdb.Scan(ctx, 0, e.keys.Prefix+":{k:*", 100).Iterator()
+		n := 0
+		for iter.Next(ctx) {
+			e.rdb.Del(ctx, iter.Val())
+			n++
+		}
+		if n == 0 {
+			t.Fatal("no idempotency record to forget")
+		}
+	}
+	const body = `{"data":"once"}`
+	w1 := e.do("POST", "/v1/channels/lost/messages", body, "Idempotency-Key", "k1")
+	forget()
+	w2 := e.do("POST", "/v1/channels/lost/messages", body, "Idempotency-Key", "k1")
+	if w1.Code != 202 || w2.Code != 202 || decode[published](t, w1) != decode[published](t, w2) {
+		t.Fatalf("retry: %d %s then %d %s", w1.Code, w1.Body, w2.Code, w2.Body)
+	}
+	if n := e.xlen("lost"); n != 1 {
+		t.Fatalf("XLEN = %d after the retry, want 1", n)
+	}
+
+	const batch = `{"messages":[{"channel":"lb1","data":1},{"channel":"lb2","data":2},{"channel":"lb1","data":3}]}`
+	b1 := e.do("POST", "/v1/messages", batch, "Idempotency-Key", "k2")
+	forget()
+	b2 := e.do("POST", "/v1/messages", batch, "Idempotency-Key", "k2")
+	if b1.Code != 202 || b2.Code != 202 || b1.Body.String() != b2.Body.String() {
+		t.Fatalf("batch retry: %d %s then %d %s", b1.Code, b1.Body, b2.Code, b2.Body)
+	}
+	if e.xlen("lb1") != 2 || e.xlen("lb2") != 1 {
+		t.Fatalf("batch retry wrote again: lb1 %d, lb2 %d", e.xlen("lb1"), e.xlen("lb2"))
+	}
+
+	// The same key with another body is another request (once-keys cover
+	// the body): it writes.
+	forget()
+	if w := e.do("POST", "/v1/channels/lost/messages", `{"data":"other"}`, "Idempotency-Key", "k1"); w.Code != 202 {
+		t.Fatalf("other body: %d %s", w.Code, w.Body)
+	}
+	if n := e.xlen("lost"); n != 2 {
+		t.Fatalf("XLEN = %d, want 2", n)
+	}
+}

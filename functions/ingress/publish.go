@@ -77,7 +77,7 @@ func (s *Server) handlePublish(c *gin.Context) {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
-		ids, err := s.appendStreams(c.Request.Context(), []stream.Append{s.channelAppend(ch, p, from, time.Now().UnixMilli())})
+		ids, err := s.appendFor(c, []stream.Append{s.channelAppend(ch, p, from, time.Now().UnixMilli())})
 		if err != nil {
 			return 0, nil, err
 		}
@@ -122,7 +122,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
-		ids, err := s.appendStreams(c.Request.Context(), as)
+		ids, err := s.appendFor(c, as)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -151,7 +151,7 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
 		msg := stream.Message{Route: stream.ToConnection(id), Event: p.Event, From: p.From, TS: time.Now().UnixMilli(), Data: p.Data}
-		ids, err := s.appendStreams(c.Request.Context(), []stream.Append{s.inboxAppend(rec.Instance, msg)})
+		ids, err := s.appendFor(c, []stream.Append{s.inboxAppend(rec.Instance, msg)})
 		if err != nil {
 			return 0, nil, err
 		}
@@ -248,7 +248,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 			}
 		}
 		if len(as) > 0 {
-			if _, err := s.appendStreams(c.Request.Context(), as); err != nil {
+			if _, err := s.appendFor(c, as); err != nil {
 				return 0, nil, err
 			}
 		}

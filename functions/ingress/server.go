@@ -41,6 +41,7 @@ func init() { gin.SetMode(gin.ReleaseMode) }
 // NewServer wires the ingress routes to rdb.
 func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
 	store := stream.NewStore(rdb)
+	store.WaitForReplicas(cfg.PublishWaitReplicas, cfg.PublishWaitTimeout)
 	s := &Server{
 		batcher: stream.NewBatcher(store, cfg.Redis.Timeout, 4, 256),
 		cfg:     cfg,

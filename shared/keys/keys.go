@@ -7,6 +7,8 @@
 // Names are validated (package channel) before they get here.
 package keys
 
+import "strconv"
+
 // Scheme builds keys under one prefix. The zero Scheme uses no prefix;
 // production uses "wsr", tests a unique prefix each.
 type Scheme struct {
@@ -47,3 +49,10 @@ func (s Scheme) UserConns(user string) string { return s.p() + "{u:" + user + "}
 // Idempotency holds the outcome of a publish made with an Idempotency-Key;
 // digest is a hash of the credential and the key, never the key itself.
 func (s Scheme) Idempotency(digest string) string { return s.p() + "{k:" + digest + "}" }
+
+// Once is the at-most-once record of the i-th append of an idempotent
+// request (digest: of the credential, route and Idempotency-Key) to the
+// stream key streamKey; it shares the stream's hash tag.
+func (s Scheme) Once(streamKey, digest string, i int) string {
+	return streamKey + ":once:" + digest + ":" + strconv.Itoa(i)
+}

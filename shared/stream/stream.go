@@ -19,13 +19,20 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
 
-// appendScript: KEYS[1] stream, KEYS[2] notify channel (same slot).
-// ARGV: head, tail, route, ts, maxlen, maxage ms, ttl ms.
+// appendScript: KEYS[1] stream, KEYS[2] notify channel, optional KEYS[3]
+// once-key (all in one slot). ARGV: head, tail, route, ts, maxlen, maxage
+// ms, ttl ms, once-key ttl ms. With a once-key, an append already made
+// under that key returns its id and writes nothing.
 var appendScript = redis.NewScript(`
+if KEYS[3] then
+  local done = redis.call('GET', KEYS[3])
+  if done then return done end
+end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if last[1] then prev = last[1][1] end
@@ -45,6 +52,7 @@ end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
 redis.call('SPUBLISH', KEYS[2], prev .. '\n' .. id .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[1] .. id .. ARGV[2])
+if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[8]) end
 return id
 `)
 
@@ -61,15 +69,40 @@ type Append struct {
 	Notify string // shard channel, same hash tag as Stream
 	Msg    Message
 	Limits Limits
+	// Once, when set, is a key (same hash tag as Stream) that makes the
+	// append happen at most once: the script records the id there for
+	// OnceTTLMS and a later append with the same Once returns that id
+	// without writing. Idempotency-Key retries rely on it, so that a retry
+	// after a lost reply cannot write twice.
+	Once      string
+	OnceTTLMS int64
 }
 
 // Store appends to and reads from streams. It is safe for concurrent use.
 type Store struct {
 	rdb redis.UniversalClient
+
+	// waitReplicas, when positive, makes every append wait (Redis WAIT)
+	// until that many replicas have it, for at most waitTimeout.
+	waitReplicas int
+	waitTimeout  time.Duration
 }
 
 // NewStore returns a Store using rdb.
 func NewStore(rdb redis.UniversalClient) *Store { return &Store{rdb: rdb} }
+
+// ErrNotReplicated is returned for an append that Redis wrote but fewer
+// replicas than required acknowledged within the wait timeout: it may be
+// lost by a failover, so it is not reported as written.
+var ErrNotReplicated = errors.New("stream: append not acknowledged by enough replicas in time")
+
+// WaitForReplicas makes each append count as written only once n replicas
+// have it (Redis WAIT after the append pipeline, on the same connection,
+// bounded by timeout). Zero n turns it off (the default). Call it before
+// the Store is used.
+func (s *Store) WaitForReplicas(n int, timeout time.Duration) {
+	s.waitReplicas, s.waitTimeout = n, timeout
+}
 
 // Append writes every append in one pipeline and returns the ids in order.
 // On error, some appends may have been written: callers that need
@@ -87,45 +120,96 @@ func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
 // appendEach is Append with one result per append: in a pipeline, one
 // append failing does not fail the others.
 func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error) {
-	cmds := make([]*redis.Cmd, len(as))
-	args := make([][]any, len(as))
-	run := func(idx []int, load bool) {
-		_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	ids := make([]string, len(as))
+	errs := make([]error, len(as))
+	if s.waitReplicas <= 0 {
+		s.appendOn(ctx, s.rdb, as, allIndexes(len(as)), ids, errs)
+		return ids, errs
+	}
+	// WAIT counts the replicas that have every write made so far on the
+	// same connection: run each master's appends and its WAIT together, in
+	// one pipeline on that master.
+	cc, ok := s.rdb.(*redis.ClusterClient)
+	if !ok {
+		s.appendOn(ctx, s.rdb, as, allIndexes(len(as)), ids, errs)
+		return ids, errs
+	}
+	groups := make(map[*redis.Client][]int)
+	for i := range as {
+		node, err := cc.MasterForKey(ctx, as[i].Stream)
+		if err != nil {
+			errs[i] = fmt.Errorf("append to %s: %w", as[i].Stream, err)
+			continue
+		}
+		groups[node] = append(groups[node], i)
+	}
+	for node, idx := range groups {
+		s.appendOn(ctx, node, as, idx, ids, errs)
+	}
+	return ids, errs
+}
+
+func allIndexes(n int) []int {
+	idx := make([]int, n)
+	for i := range idx {
+		idx[i] = i
+	}
+	return idx
+}
+
+type pipeliner interface {
+	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
+}
+
+// appendOn runs the appends as[idx] in one pipeline on c (followed by WAIT
+// when the Store waits for replicas), filling ids and errs at idx.
+func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []int, ids []string, errs []error) {
+	cmds := make(map[int]*redis.Cmd, len(idx))
+	run := func(idx []int, load bool) *redis.Cmd {
+		var wait *redis.Cmd
+		_, _ = c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, i := range idx {
 				a := &as[i]
-				if args[i] == nil {
-					head, tail := a.Msg.Frame()
-					args[i] = []any{head, tail, string(a.Msg.Route), a.Msg.TS, a.Limits.MaxLen, a.Limits.MaxAgeMS, a.Limits.TTLMS}
-				}
+				head, tail := a.Msg.Frame()
+				args := []any{head, tail, string(a.Msg.Route), a.Msg.TS, a.Limits.MaxLen, a.Limits.MaxAgeMS, a.Limits.TTLMS, a.OnceTTLMS}
 				keys := []string{a.Stream, a.Notify}
-				if load {
-					cmds[i] = appendScript.Eval(ctx, p, keys, args[i]...)
-				} else {
-					cmds[i] = appendScript.EvalSha(ctx, p, keys, args[i]...)
+				if a.Once != "" {
+					keys = append(keys, a.Once)
 				}
+				if load {
+					cmds[i] = appendScript.Eval(ctx, p, keys, args...)
+				} else {
+					cmds[i] = appendScript.EvalSha(ctx, p, keys, args...)
+				}
+			}
+			if s.waitReplicas > 0 {
+				wait = p.Do(ctx, "WAIT", s.waitReplicas, s.waitTimeout.Milliseconds())
 			}
 			return nil
 		})
+		return wait
 	}
-	all := make([]int, len(as))
-	for i := range all {
-		all[i] = i
-	}
-	run(all, false)
+	wait := run(idx, false)
 	// Scripts missing from the script cache did not run: run those again
 	// with the script's source. Any other error is final.
 	var retry []int
-	for i, c := range cmds {
-		if c.Err() != nil && redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
+	for _, i := range idx {
+		if err := cmds[i].Err(); err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
 			retry = append(retry, i)
 		}
 	}
 	if len(retry) > 0 {
-		run(retry, true)
+		if w := run(retry, true); w != nil {
+			wait = w // the later WAIT covers the earlier writes too
+		}
 	}
-	ids := make([]string, len(as))
-	errs := make([]error, len(as))
-	for i, c := range cmds {
+	replicated := true
+	if wait != nil {
+		n, err := wait.Int()
+		replicated = err == nil && n >= s.waitReplicas
+	}
+	for _, i := range idx {
+		c := cmds[i]
 		if c.Err() != nil {
 			errs[i] = fmt.Errorf("append to %s: %w", as[i].Stream, c.Err())
 			continue
@@ -135,9 +219,12 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 			errs[i] = fmt.Errorf("append to %s: unexpected reply %T", as[i].Stream, c.Val())
 			continue
 		}
+		if !replicated {
+			errs[i] = fmt.Errorf("append to %s (written as %s): %w", as[i].Stream, id, ErrNotReplicated)
+			continue
+		}
 		ids[i] = id
 	}
-	return ids, errs
 }
 
 // Entry is one stream entry read back.
