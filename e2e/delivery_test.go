@@ -378,3 +378,33 @@ func TestRedisStall(t *testing.T) {
 	pub.mu.Unlock()
 	t.Logf("published %d acknowledged (%d refused with 503 during the stall); delivered all, in order; lost 0, duplicated 0; socket closes %v", len(ids), fails, r.closeCodes())
 }
+
+// TestResumeFromPosition: a client cut before its first message on a
+// channel resumes from the position in its "subscribed" reply and gets
+// what was published while it was away.
+func TestResumeFromPosition(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	var before struct{ ID string }
+	post(t, c.ingress[0].URL+"/v1/channels/pos/messages", map[string]any{"data": "before"}, &before)
+	w := dial(t, c.egress[0].wsURL("channels=pos"))
+	sub := w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	if sub.Position != before.ID {
+		t.Fatalf("position %q, want the last id before the subscription %q", sub.Position, before.ID)
+	}
+	w.ws.Close()
+	var ids []string
+	for i := range 3 {
+		var res struct{ ID string }
+		post(t, c.ingress[1].URL+"/v1/channels/pos/messages", map[string]any{"data": i}, &res)
+		ids = append(ids, res.ID)
+	}
+	w2 := dial(t, c.egress[1].wsURL(""))
+	w2.send(map[string]any{"type": "subscribe", "channel": "pos", "after": sub.Position})
+	s2 := w2.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	if s2.Recovered == nil || !*s2.Recovered {
+		t.Fatalf("resume from position: %+v", s2)
+	}
+	w2.waitMessages("pos", 3)
+	time.Sleep(100 * time.Millisecond)
+	checkSequence(t, "resumed client", w2.messages("pos"), ids)
+}

@@ -241,6 +241,7 @@ type frame struct {
 	From         string          `json:"from"`
 	Data         json.RawMessage `json:"data"`
 	Recovered    *bool           `json:"recovered"`
+	Position     string          `json:"position"`
 	Code         string          `json:"code"`
 	Message      string          `json:"message"`
 }
