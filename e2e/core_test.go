@@ -283,3 +283,22 @@ func TestBadFrames(t *testing.T) {
 		t.Fatalf("close code %d, want 1009", w.closeCode)
 	}
 }
+
+// TestTargetedSendToFreshInstance: on serverless platforms an instance is
+// started for one connection. A targeted send made right after that first
+// socket's "welcome" must arrive even though the instance had just
+// started (its inbox subscription is live before "welcome").
+func TestTargetedSendToFreshInstance(t *testing.T) {
+	e := env{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": redistest.Prefix(t), "ALLOW_ANONYMOUS": "true"}
+	in := start(t, "ingress", e)
+	for i := range 3 {
+		eg := start(t, "egress", e) // returns as soon as /healthz answers
+		w := dial(t, eg.wsURL("user=fresh"))
+		var res map[string]any
+		if st := post(t, in.URL+"/v1/connections/"+w.welcome.ConnectionID+"/messages", map[string]any{"data": i}, &res); st != 202 {
+			t.Fatalf("send %d: %d %v", i, st, res)
+		}
+		w.waitFrame(func(f frame) bool { return f.Type == "message" && f.Target == "connection" && string(f.Data) == fmt.Sprint(i) })
+		eg.kill()
+	}
+}

@@ -80,9 +80,21 @@ func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-	err := s.reg.Put(rctx, c.recordCopy())
-	rcancel()
+	// A targeted send made right after "welcome" must arrive, so the
+	// instance's inbox must be live first. On a freshly started instance
+	// (SCF starts one per connection) the first socket can get here
+	// before the inbox subscription is confirmed.
+	var err error
+	select {
+	case <-s.hub.inbox.ready:
+	case <-time.After(5 * time.Second):
+		err = errUnavailable
+	}
+	if err == nil {
+		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+		err = s.reg.Put(rctx, c.recordCopy())
+		rcancel()
+	}
 	if err != nil {
 		s.log.Warn("registry unavailable at connect", "err", err.Error())
 		msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
