@@ -146,12 +146,22 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		return
 	}
 	if !cs.confirmed {
-		last, err := h.store.LastID(ctx, cs.stream)
-		if err != nil {
+		// The subscription is live: read the stream's position, retrying
+		// while Redis fails (nothing else would confirm it again if the
+		// Pub/Sub connection stays up).
+		var last stream.ID
+		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+			var err error
+			if last, err = h.store.LastID(ctx, cs.stream); err == nil {
+				break
+			}
 			h.redisErrors.Add(1)
-			h.log.Warn("read stream position", "err", err.Error())
-			// Stay unconfirmed; the next reconnect confirms again.
-			return
+			h.log.Warn("read stream position", "err", err.Error(), "retry_in", wait.String())
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
 		}
 		cs.last = last
 		cs.confirmed = true

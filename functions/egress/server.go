@@ -38,6 +38,7 @@ type Server struct {
 
 	open     atomic.Int64
 	draining atomic.Bool
+	drainMu  sync.Mutex     // orders wg.Add (new sockets) before drain's Wait
 	wg       sync.WaitGroup // connection handlers
 }
 
@@ -124,7 +125,9 @@ func (s *Server) Run(ctx context.Context) {
 // drain closes every socket with 1001 and waits (up to ShutdownGrace) for
 // their handlers to remove their registry records.
 func (s *Server) drain() {
+	s.drainMu.Lock()
 	s.draining.Store(true)
+	s.drainMu.Unlock()
 	conns := s.hub.snapshotConns()
 	s.log.Info("draining", "connections", len(conns))
 	for _, c := range conns {

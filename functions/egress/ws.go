@@ -50,7 +50,20 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	// The connection runs in its own goroutine and this handler returns,
 	// so net/http's per-request state (request, response writer and their
 	// buffers) is freed instead of living as long as the socket.
+	// Add to the WaitGroup under drainMu, so that it never races with
+	// drain's Wait: a socket upgraded once draining has begun is closed
+	// at once (1001) instead.
+	s.drainMu.Lock()
+	if s.draining.Load() {
+		s.drainMu.Unlock()
+		s.open.Add(-1)
+		msg := websocket.FormatCloseMessage(protocol.CloseGoingAway, "server shutting down: reconnect")
+		_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+		ws.Close()
+		return
+	}
 	s.wg.Add(1)
+	s.drainMu.Unlock()
 	go func() {
 		defer s.wg.Done()
 		defer s.open.Add(-1)
@@ -105,6 +118,11 @@ func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
 	s.hub.addConn(c)
 	s.metrics.connections.Inc()
 	go c.writeLoop()
+	if s.draining.Load() {
+		// Draining began after this socket was accepted and before drain
+		// could see it: close it like the others.
+		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
+	}
 
 	user := c.user
 	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
