@@ -78,15 +78,22 @@ func (c *conn) enqueue(q queued) {
 	}
 	if len(c.queue) >= c.s.cfg.SendQueue {
 		c.mu.Unlock()
+		// closeWith does not block (the writer sends the close frame) and
+		// marks the conn closing, so this happens once per connection.
 		c.s.metrics.slowConsumers.Inc()
-		go c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
+		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
 		return
 	}
 	c.queue = append(c.queue, q)
+	wasIdle := len(c.queue) == 1
 	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
+	// The writer empties the queue before it waits again, so it needs a
+	// wake-up only when the queue was empty.
+	if wasIdle {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
 	}
 }
 
