@@ -188,6 +188,11 @@ func (e *env) startFunction(bin, prefix string, extra ...string) (*proc, time.Du
 		"MAX_SUBSCRIPTIONS=1000",
 		"PUBLISH_RATE_PER_USER=0", // the bench measures the system, not its limits
 	}, extra...)
+	// BENCH_DEBUG=1 gives each function a profiling port (DEBUG_ADDR on a
+	// free port, logged in its log file) to profile a scenario while it runs.
+	if os.Getenv("BENCH_DEBUG") != "" {
+		vars = append(vars, "DEBUG_ADDR=127.0.0.1:0")
+	}
 	t0 := time.Now()
 	cmd, err := kids.start(bin, nil, vars, logf)
 	if err != nil {
