@@ -23,9 +23,11 @@ const linger = 10 * time.Second
 
 // chanState is one channel (or the instance inbox) this instance reads.
 //
-// last and ready are owned by the receive loop; subs and resuming are
-// guarded by mu, which the fan-out holds while it enqueues, so that a
-// subscriber added under mu sees exactly the messages fanned out after.
+// The receive loop is the only writer of confirmed and last, and closes
+// ready. subs and resuming are guarded by mu, which the fan-out holds
+// while it enqueues (and while it advances last), so that a subscriber
+// added under mu gets exactly the messages fanned out after it, and reads
+// the id of the last one it does not get.
 type chanState struct {
 	name   string // channel name; empty for the inbox
 	stream string // stream key
@@ -33,7 +35,7 @@ type chanState struct {
 
 	ready     chan struct{} // closed once the Redis subscription is live
 	confirmed bool          // receive loop only
-	last      stream.ID     // receive loop only: newest id delivered
+	last      stream.ID     // newest id delivered; written by the receive loop (under mu once ready)
 
 	mu       sync.Mutex
 	subs     map[*conn]stream.ID // value: skip messages up to this id (0: none)
@@ -239,13 +241,12 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 				c.enqueue(q)
 			}
 		}
-		for c, r := range cs.resuming {
+		for _, r := range cs.resuming {
 			if len(r.buf) >= h.maxBuf {
 				r.overflow = true
 				continue
 			}
 			r.buf = append(r.buf, q)
-			_ = c
 		}
 		cs.mu.Unlock()
 		return
