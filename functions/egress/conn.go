@@ -28,11 +28,11 @@ type queued struct {
 
 // conn is one WebSocket connection.
 //
-// Concurrency: the reader goroutine (the HTTP handler) reads frames and
-// handles requests; a writer goroutine is the only one that writes data
-// frames; control frames (ping, close) are written by anyone, which
-// gorilla allows. The fan-out never blocks on a conn: enqueue appends to a
-// bounded queue or closes the conn as a slow consumer.
+// Concurrency: the reader goroutine (serveConn) reads frames and handles
+// requests; after the upgrade the writer goroutine (writeLoop) is the only
+// one that writes to the socket — data frames, pings, pongs and the close
+// frame are all handed to it. The fan-out never blocks on a conn: enqueue
+// appends to a bounded queue or closes the conn as a slow consumer.
 type conn struct {
 	s        *Server
 	ws       *websocket.Conn
