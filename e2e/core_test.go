@@ -298,7 +298,9 @@ func TestTargetedSendToFreshInstance(t *testing.T) {
 		if st := post(t, in.URL+"/v1/connections/"+w.welcome.ConnectionID+"/messages", map[string]any{"data": i}, &res); st != 202 {
 			t.Fatalf("send %d: %d %v", i, st, res)
 		}
-		w.waitFrame(func(f frame) bool { return f.Type == "message" && f.Target == "connection" && string(f.Data) == fmt.Sprint(i) })
+		w.waitFrame(func(f frame) bool {
+			return f.Type == "message" && f.Target == "connection" && string(f.Data) == fmt.Sprint(i)
+		})
 		eg.kill()
 	}
 }
