@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -371,8 +370,6 @@ func checkSequence(t testing.TB, who string, got []frame, want []string) {
 		}
 	}
 }
-
-var _ = context.Background
 
 // diff describes the first difference between got and want.
 func diff(got, want []string) string {

@@ -176,11 +176,6 @@ func (p *principal) from(bodyFrom string) (string, error) {
 	return bodyFrom, nil
 }
 
-// readBody reads a JSON body of at most limit bytes.
-func (s *Server) readBody(c *gin.Context, limit int64) ([]byte, error) {
-	return readBody(c, limit)
-}
-
 // warnSecurity logs, at start, settings that leave the ingress open.
 func warnSecurity(log *slog.Logger, cfg Config) {
 	if cfg.AllowAnonymous {

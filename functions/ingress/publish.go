@@ -57,7 +57,7 @@ func (s *Server) handlePublish(c *gin.Context) {
 		writeError(c, s.log, err)
 		return
 	}
-	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	body, err := readBody(c, s.cfg.MaxMessageBytes)
 	if err != nil {
 		writeError(c, s.log, err)
 		return
@@ -93,7 +93,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 		writeError(c, s.log, err)
 		return
 	}
-	body, err := s.readBody(c, s.cfg.MaxBatchBytes)
+	body, err := readBody(c, s.cfg.MaxBatchBytes)
 	if err != nil {
 		writeError(c, s.log, err)
 		return
@@ -176,7 +176,7 @@ func (s *Server) admin(c *gin.Context) (*principal, bool) {
 // readMessage reads and validates one message body; on refusal it has
 // answered.
 func (s *Server) readMessage(c *gin.Context) ([]byte, publishBody, bool) {
-	body, err := s.readBody(c, s.cfg.MaxMessageBytes)
+	body, err := readBody(c, s.cfg.MaxMessageBytes)
 	if err != nil {
 		writeError(c, s.log, err)
 		return nil, publishBody{}, false

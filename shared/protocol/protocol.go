@@ -59,7 +59,6 @@ const (
 	CloseSlowConsumer  = 4002 // outgoing queue overflowed: reconnect, resume
 	CloseDisconnected  = 4003 // disconnected by an operator: do not reconnect
 	CloseTokenExpired  = 4004 // token expired: reconnect with a fresh token
-	CloseRedisLost     = 4005 // unused: Redis outages keep sockets open
 )
 
 // Request is a client frame.
