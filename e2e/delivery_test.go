@@ -167,10 +167,7 @@ func TestSlowConsumer(t *testing.T) {
 		checkSequence(t, fmt.Sprintf("fast %d", i), got, ids)
 	}
 	// It comes back and resumes from the last id it had read.
-	r := newResumingClient(t, []string{c.egress[1].wsURL("")}, "firehose")
-	r.mu.Lock()
-	r.last["firehose"] = stalled.lastID
-	r.mu.Unlock()
+	r := newResumingClientFrom(t, []string{c.egress[1].wsURL("")}, map[string]string{"firehose": stalled.lastID}, "firehose")
 	rest := ids[slices.Index(ids, stalled.lastID)+1:]
 	if stalled.lastID == "" {
 		rest = ids

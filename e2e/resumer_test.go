@@ -32,7 +32,21 @@ type resumingClient struct {
 }
 
 func newResumingClient(t testing.TB, urls []string, channels ...string) *resumingClient {
-	r := &resumingClient{t: t, urls: urls, channels: channels, last: map[string]string{}, got: map[string][]string{}, stop: make(chan struct{}), done: make(chan struct{})}
+	return newResumingClientFrom(t, urls, nil, channels...)
+}
+
+// newResumingClientFrom starts with positions already known (channel →
+// last id read), as a client resuming after an earlier session does. They
+// are set before the first session starts, so its first subscribe carries
+// them.
+func newResumingClientFrom(t testing.TB, urls []string, from map[string]string, channels ...string) *resumingClient {
+	last := map[string]string{}
+	for ch, id := range from {
+		if id != "" {
+			last[ch] = id
+		}
+	}
+	r := &resumingClient{t: t, urls: urls, channels: channels, last: last, got: map[string][]string{}, stop: make(chan struct{}), done: make(chan struct{})}
 	go r.loop()
 	t.Cleanup(r.Close)
 	return r
