@@ -37,7 +37,9 @@ func newFanOut(n int) *fanOutFixture {
 			strings.Repeat("x", 90) + `"}}`),
 	}
 	for range n {
-		c := &conn{s: s, wake: make(chan struct{}, 1), done: make(chan struct{}), queue: make([]queued, 0, 64)}
+		// writing: as if a writer were running, so enqueue starts none
+		// (there is no socket).
+		c := &conn{s: s, writing: true, done: make(chan struct{}), queue: make([]*queued, 0, 64)}
 		f.conns = append(f.conns, c)
 		f.cs.subs[c] = stream.ID{}
 	}
@@ -50,10 +52,6 @@ func (f *fanOutFixture) deliver(seq uint64) {
 	f.h.deliver(f.cs, stream.ID{MS: 1700000000000, Seq: seq}, "", f.frame, 1700000000000)
 	for _, c := range f.conns {
 		c.queue = c.queue[:0]
-		select {
-		case <-c.wake:
-		default:
-		}
 	}
 }
 

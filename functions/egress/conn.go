@@ -18,8 +18,9 @@ import (
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
-// queued is one outgoing frame. Channel messages share one prepared frame
-// among all subscribers; replies have their own.
+// queued is one outgoing frame. A channel message is one queued value
+// shared by all its subscribers' queues (an entry is one pointer, so a
+// backlog of n messages costs a queue 8n bytes); replies have their own.
 type queued struct {
 	frame []byte    // a complete frame (wsFrame), shared, never modified
 	id    stream.ID // message id (zero for replies)
@@ -28,11 +29,14 @@ type queued struct {
 
 // conn is one WebSocket connection.
 //
-// Concurrency: the reader goroutine (serveConn) reads frames and handles
+// Concurrency: the reader goroutine (serve) reads frames and handles
 // requests; after the upgrade the writer goroutine (writeLoop) is the only
 // one that writes to the socket — data frames, pings, pongs and the close
-// frame are all handed to it. The fan-out never blocks on a conn: enqueue
-// appends to a bounded queue or closes the conn as a slow consumer.
+// frame are all handed to it. The writer runs only while there is
+// something to write: the first frame queued starts it and it ends when
+// the queue is empty, so an idle connection costs one goroutine, not two.
+// The fan-out never blocks on a conn: enqueue appends to a bounded queue
+// or closes the conn as a slow consumer.
 type conn struct {
 	s        *Server
 	ws       *websocket.Conn
@@ -47,16 +51,17 @@ type conn struct {
 	framesIn  atomic.Int64
 	framesOut atomic.Int64
 
-	mu       sync.Mutex
-	queue    []queued
-	spare    []queued
-	closing  bool
-	closeMsg []byte   // close frame for the writer to send
-	ctrl     [][]byte // control frames for the writer to send first
-	wake     chan struct{}
-	// writerDone is closed when writeLoop returns.
-	writerDone chan struct{}
-	done       chan struct{}
+	mu        sync.Mutex
+	queue     []*queued
+	spare     []*queued
+	closing   bool
+	closeMsg  []byte   // close frame for the writer to send
+	closeSent bool     // a close frame has been written
+	ctrl      [][]byte // control frames for the writer to send first
+	writing   bool     // a writer goroutine is running (or has ended the socket)
+	ended     bool     // serve is finishing: no writer starts any more
+	writers   sync.WaitGroup
+	done      chan struct{} // closed when the reader has ended
 
 	closeOnce sync.Once
 	closeCode int
@@ -70,7 +75,7 @@ type conn struct {
 	rate      rateWindow
 }
 
-func (c *conn) enqueue(q queued) {
+func (c *conn) enqueue(q *queued) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
@@ -85,21 +90,29 @@ func (c *conn) enqueue(q queued) {
 		return
 	}
 	c.queue = append(c.queue, q)
-	wasIdle := len(c.queue) == 1
+	c.startWriterLocked()
 	c.mu.Unlock()
-	// The writer empties the queue before it waits again, so it needs a
-	// wake-up only when the queue was empty.
-	if wasIdle {
-		select {
-		case c.wake <- struct{}{}:
-		default:
-		}
-	}
 }
+
+// startWriterLocked starts the writer unless one is running; c.mu is
+// held. The writer empties the queue before it ends, so a frame queued
+// while one runs needs nothing more.
+func (c *conn) startWriterLocked() {
+	if c.writing || c.ended {
+		return
+	}
+	c.writing = true
+	c.writers.Add(1)
+	go c.writeLoop()
+}
+
+// vecs pools the writers' iovec slices: a writer exists only while it has
+// frames to send, so the slice is not kept per connection.
+var vecs = sync.Pool{New: func() any { v := make([][]byte, 0, 16); return &v }}
 
 // enqueueWait is enqueue for replays: it waits for room instead of
 // closing, because the reader goroutine producing the replay can wait.
-func (c *conn) enqueueWait(ctx context.Context, q queued) bool {
+func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
 	for {
 		c.mu.Lock()
 		if c.closing {
@@ -122,8 +135,8 @@ func (c *conn) enqueueWait(ctx context.Context, q queued) bool {
 	}
 }
 
-func (c *conn) reply(r *protocol.Reply) queued {
-	return queued{frame: wsFrame(opText, r.Encode())}
+func (c *conn) reply(r *protocol.Reply) *queued {
+	return &queued{frame: wsFrame(opText, r.Encode())}
 }
 
 func (c *conn) sendReply(r *protocol.Reply) { c.enqueue(c.reply(r)) }
@@ -135,89 +148,97 @@ func (c *conn) sendError(code, msg string, ref json.RawMessage) {
 // writeLoop is the only goroutine that writes to the socket after the
 // upgrade: data frames, pings, pongs and the close frame. It writes every
 // frame queued since its last write with one writev, so a busy socket costs
-// one system call per batch, not per message. When the server closes the
-// conn, the close frame follows the frames in flight, so it reaches even a
-// client that was slow; what was still queued is dropped (the client
-// resumes).
+// one system call per batch, not per message, and it ends when nothing is
+// left. When the server closes the conn, the close frame follows the
+// frames in flight, so it reaches even a client that was slow; what was
+// still queued is dropped (the client resumes).
 func (c *conn) writeLoop() {
-	defer close(c.writerDone)
+	defer c.writers.Done()
 	nc := c.ws.NetConn()
-	var vec [][]byte
+	vp := vecs.Get().(*[][]byte)
+	vec := (*vp)[:0]
+	defer func() {
+		clear(vec)
+		*vp = vec[:0]
+		vecs.Put(vp)
+	}()
 	for {
-		select {
-		case <-c.done:
-			// The reader has ended; a close frame still owed (the echo of
-			// the client's close) goes out before the socket is closed.
-			c.mu.Lock()
-			msg := c.closeMsg
+		c.mu.Lock()
+		if len(c.ctrl) == 0 && len(c.queue) == 0 && c.closeMsg == nil {
+			c.writing = false
 			c.mu.Unlock()
-			if msg != nil {
-				_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
-				_, _ = nc.Write(msg)
-			}
 			return
-		case <-c.wake:
 		}
-		for {
+		closeMsg := c.closeMsg
+		vec = append(vec[:0], c.ctrl...)
+		clear(c.ctrl)
+		c.ctrl = c.ctrl[:0]
+		var batch []*queued
+		if closeMsg == nil {
+			batch = c.queue
+			c.queue = c.spare[:0]
+			c.spare = nil
+		}
+		c.mu.Unlock()
+		for i := range batch {
+			vec = append(vec, batch[i].frame)
+		}
+		if closeMsg != nil {
+			vec = append(vec, closeMsg)
+		}
+		now := time.Now()
+		_ = nc.SetWriteDeadline(now.Add(c.s.cfg.WriteTimeout))
+		bufs := net.Buffers(vec)
+		_, err := bufs.WriteTo(nc)
+		clear(vec)
+		if closeMsg != nil {
+			// The socket is done with: c.writing stays true, so no
+			// writer starts again.
 			c.mu.Lock()
-			closeMsg := c.closeMsg
-			vec = append(vec[:0], c.ctrl...)
-			clear(c.ctrl)
-			c.ctrl = c.ctrl[:0]
-			var batch []queued
-			if closeMsg == nil {
-				batch = c.queue
-				c.queue = c.spare[:0]
-				c.spare = nil
-			}
+			c.closeMsg, c.closeSent = nil, true
 			c.mu.Unlock()
+			// Wait briefly for the client's close reply, then end.
+			_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
+			return
+		}
+		if err != nil {
+			c.closeWith(1006, "write failed", true)
+			return // c.writing stays true: the socket is dead
+		}
+		if len(batch) > 0 {
 			for i := range batch {
-				vec = append(vec, batch[i].frame)
-			}
-			if closeMsg != nil {
-				vec = append(vec, closeMsg)
-			}
-			if len(vec) == 0 {
-				c.mu.Lock()
-				if c.spare == nil {
-					c.spare = batch
+				if batch[i].ts > 0 {
+					c.s.metrics.observeDelivery(now, batch[i].ts)
 				}
-				c.mu.Unlock()
-				break
 			}
-			now := time.Now()
-			_ = nc.SetWriteDeadline(now.Add(c.s.cfg.WriteTimeout))
-			bufs := net.Buffers(vec)
-			_, err := bufs.WriteTo(nc)
-			clear(vec)
-			if closeMsg != nil {
-				c.mu.Lock()
-				c.closeMsg = nil // sent
-				c.mu.Unlock()
-				// Wait briefly for the client's close reply, then end.
-				_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
-				return
-			}
-			if err != nil {
-				c.closeWith(1006, "write failed", true)
-				return
-			}
-			if len(batch) > 0 {
-				for i := range batch {
-					if batch[i].ts > 0 {
-						c.s.metrics.observeDelivery(now, batch[i].ts)
-					}
-				}
-				c.framesOut.Add(int64(len(batch)))
-				c.lastData.Store(time.Now().UnixNano())
-			}
-			clear(batch)
-			c.mu.Lock()
-			if c.spare == nil {
-				c.spare = batch[:0]
-			}
-			c.mu.Unlock()
+			c.framesOut.Add(int64(len(batch)))
+			c.lastData.Store(time.Now().UnixNano())
 		}
+		clear(batch)
+		c.mu.Lock()
+		if c.spare == nil {
+			c.spare = batch[:0]
+		}
+		c.mu.Unlock()
+	}
+}
+
+// finishWrites is called once by serve after the reader has ended: it
+// stops writers from starting, waits for a running one, and sends a close
+// frame still owed (the echo of the client's close).
+func (c *conn) finishWrites() {
+	c.mu.Lock()
+	c.ended = true
+	c.mu.Unlock()
+	c.writers.Wait()
+	c.mu.Lock()
+	msg := c.closeMsg
+	c.closeMsg = nil
+	c.mu.Unlock()
+	if msg != nil {
+		nc := c.ws.NetConn()
+		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = nc.Write(msg)
 	}
 }
 
@@ -230,11 +251,8 @@ func (c *conn) control(frame []byte) {
 		return
 	}
 	c.ctrl = append(c.ctrl, frame)
+	c.startWriterLocked()
 	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
 }
 
 // ping queues a server ping.
@@ -253,6 +271,7 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 		c.queue = nil
 		if byServer && code != 1006 {
 			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
+			c.startWriterLocked()
 		}
 		c.mu.Unlock()
 		switch {
@@ -260,10 +279,6 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			_ = c.ws.NetConn().Close()
 		case byServer:
 			_ = c.ws.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
-			select {
-			case c.wake <- struct{}{}:
-			default:
-			}
 		default:
 			_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
 		}
@@ -292,18 +307,15 @@ func (c *conn) readLoop(ctx context.Context) {
 		c.closeWith(code, "client closed", false)
 		// Echo the close (through the writer, the socket's only writer).
 		c.mu.Lock()
-		if c.closeMsg == nil {
+		if c.closeMsg == nil && !c.closeSent {
 			reply := closePayload(code, "")
 			if code == websocket.CloseNoStatusReceived {
 				reply = nil
 			}
 			c.closeMsg = wsFrame(opClose, reply)
+			c.startWriterLocked()
 		}
 		c.mu.Unlock()
-		select {
-		case c.wake <- struct{}{}:
-		default:
-		}
 		return nil
 	})
 	c.ws.SetPingHandler(func(data string) error {
@@ -320,34 +332,42 @@ func (c *conn) readLoop(ctx context.Context) {
 			continue // drain until the client's close reply or the deadline
 		}
 		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
-		c.framesIn.Add(1)
-		c.lastData.Store(time.Now().UnixNano())
-		if !c.rate.allow(time.Now(), c.s.cfg.MaxFramesPerSecond) {
-			c.sendError(protocol.CodeRateLimited, "too many frames per second", nil)
-			if c.abuse() {
-				return
-			}
-			continue
+		// The frame is handled on a short-lived goroutine while this one
+		// waits: decoding and a subscribe's Redis round trips need a deep
+		// stack, and a goroutine keeps a grown stack until a GC shrinks
+		// it. The reader lives as long as the socket and, this way, keeps
+		// the small stack its reads need (docs/benchmarks.md, S3).
+		stop := make(chan bool, 1)
+		go func() { stop <- c.onFrame(ctx, mt, data) }()
+		if <-stop {
+			return
 		}
-		if mt != websocket.TextMessage {
-			c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
-			if c.abuse() {
-				return
-			}
-			continue
-		}
-		req, err := protocol.Decode(data)
-		if err != nil {
-			var ef *protocol.ErrFrame
-			errors.As(err, &ef)
-			c.sendError(ef.Code, ef.Message, req.Ref)
-			if c.abuse() {
-				return
-			}
-			continue
-		}
-		c.handle(ctx, &req)
 	}
+}
+
+// onFrame handles one client data frame; it reports whether the
+// connection must end (too many bad frames). It runs while the reader
+// waits, so it owns the reader's state.
+func (c *conn) onFrame(ctx context.Context, mt int, data []byte) bool {
+	c.framesIn.Add(1)
+	c.lastData.Store(time.Now().UnixNano())
+	if !c.rate.allow(time.Now(), c.s.cfg.MaxFramesPerSecond) {
+		c.sendError(protocol.CodeRateLimited, "too many frames per second", nil)
+		return c.abuse()
+	}
+	if mt != websocket.TextMessage {
+		c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
+		return c.abuse()
+	}
+	req, err := protocol.Decode(data)
+	if err != nil {
+		var ef *protocol.ErrFrame
+		errors.As(err, &ef)
+		c.sendError(ef.Code, ef.Message, req.Ref)
+		return c.abuse()
+	}
+	c.handle(ctx, &req)
+	return false
 }
 
 // abuse counts a bad frame; ten in a row close the connection (1008).
@@ -440,7 +460,7 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 	cancel()
 	c.s.metrics.subscriptions.Inc()
 	if after == nil {
-		cs.subscribeLive(c, func(pos stream.ID) queued {
+		cs.subscribeLive(c, func(pos stream.ID) *queued {
 			return c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: ch, Position: pos.String(), Ref: ref})
 		})
 		return true
@@ -466,7 +486,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	for {
 		for i := range entries {
 			id := stream.MustParseID(entries[i].ID)
-			if !c.enqueueWait(ctx, queued{frame: wsFrame(opText, entries[i].Frame()), id: id}) {
+			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, entries[i].Frame()), id: id}) {
 				cs.remove(c)
 				return false
 			}

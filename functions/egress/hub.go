@@ -46,7 +46,7 @@ type chanState struct {
 
 // resumer buffers live messages for a connection while it replays.
 type resumer struct {
-	buf      []queued
+	buf      []*queued
 	overflow bool
 }
 
@@ -230,7 +230,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 // deliver fans one message out. It encodes the frame once; each
 // subscriber's queue gets a pointer to it.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64) {
-	q := queued{frame: wsFrame(opText, frame), id: id, ts: ts}
+	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts}
 	if cs != h.inbox {
 		cs.mu.Lock()
 		// Written under mu so that a subscriber joining reads the id of
@@ -430,7 +430,7 @@ func (h *hub) probe(ctx context.Context) error {
 // out after its "subscribed" frame, which is queued under the same lock
 // and carries the id of the last message fanned out before (the point a
 // client resumes from if it is cut before its first message).
-func (cs *chanState) subscribeLive(c *conn, reply func(position stream.ID) queued) {
+func (cs *chanState) subscribeLive(c *conn, reply func(position stream.ID) *queued) {
 	cs.mu.Lock()
 	cs.subs[c] = stream.ID{}
 	c.enqueue(reply(cs.last))

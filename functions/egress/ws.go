@@ -47,9 +47,11 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		s.open.Add(-1)
 		return // the upgrader has answered
 	}
-	// The connection runs in its own goroutine and this handler returns,
-	// so net/http's per-request state (request, response writer and their
-	// buffers) is freed instead of living as long as the socket.
+	// The connection is set up here, then read in a goroutine of its own
+	// and this handler returns, so net/http's per-request state (request,
+	// response writer and their buffers) is freed instead of living as
+	// long as the socket, and the long-lived reader starts with a small
+	// stack that the set-up's deep calls did not grow.
 	// Add to the WaitGroup under drainMu, so that it never races with
 	// drain's Wait: a socket upgraded once draining has begun is closed
 	// at once (1001) instead.
@@ -64,35 +66,41 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	}
 	s.wg.Add(1)
 	s.drainMu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	c := s.openConn(ctx, ws, id, initial)
+	if c == nil {
+		cancel()
+		s.open.Add(-1)
+		s.wg.Done()
+		return
+	}
 	go func() {
 		defer s.wg.Done()
 		defer s.open.Add(-1)
-		s.serveConn(ws, id, initial)
+		defer cancel()
+		c.serve(ctx)
 	}()
 }
 
-// serveConn registers the connection, runs it to its end and cleans up.
-func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
+// openConn registers the connection, says welcome and makes its initial
+// subscriptions. On failure it closes the socket and returns nil.
+func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity, initial []string) *conn {
 	now := time.Now()
 	c := &conn{
-		s:          s,
-		ws:         ws,
-		id:         randomID(12),
-		user:       id.user,
-		allow:      id.allow,
-		exp:        id.exp,
-		openedAt:   now,
-		wake:       make(chan struct{}, 1),
-		writerDone: make(chan struct{}),
-		done:       make(chan struct{}),
-		subs:       make(map[string]*chanState),
+		s:        s,
+		ws:       ws,
+		id:       randomID(12),
+		user:     id.user,
+		allow:    id.allow,
+		exp:      id.exp,
+		openedAt: now,
+		done:     make(chan struct{}),
+		subs:     make(map[string]*chanState),
 	}
 	c.lastData.Store(now.UnixNano())
 	c.lastPing.Store(now.UnixNano())
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	// A targeted send made right after "welcome" must arrive, so the
 	// instance's inbox must be live first. On a freshly started instance
 	// (SCF starts one per connection) the first socket can get here
@@ -113,11 +121,10 @@ func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
 		msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
 		_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 		ws.Close()
-		return
+		return nil
 	}
 	s.hub.addConn(c)
 	s.metrics.connections.Inc()
-	go c.writeLoop()
 	if s.draining.Load() {
 		// Draining began after this socket was accepted and before drain
 		// could see it: close it like the others.
@@ -129,12 +136,18 @@ func (s *Server) serveConn(ws *websocket.Conn, id *identity, initial []string) {
 	for _, ch := range initial {
 		c.subscribe(ctx, ch, nil, nil)
 	}
+	return c
+}
+
+// serve reads the connection to its end, then forgets it everywhere.
+func (c *conn) serve(ctx context.Context) {
+	s, ws := c.s, c.ws
 	c.readLoop(ctx)
 
-	// The connection has ended: forget it everywhere. The writer sends
-	// what close frame it owes (bounded by its write deadline) first.
+	// The connection has ended. The writer sends what close frame it owes
+	// (bounded by its write deadline) first.
 	close(c.done)
-	<-c.writerDone
+	c.finishWrites()
 	s.hub.removeConn(c)
 	for ch := range c.subs {
 		c.subs[ch].remove(c)
