@@ -196,7 +196,7 @@ func (c *conn) logEnd() {
 		by = "server"
 	}
 	status := scfStatus(code, byServer)
-	c.s.metrics.closes.WithLabelValues(strconv.Itoa(status)).Inc()
+	c.s.metrics.closed(status)
 	c.s.log.Info("connection closed",
 		"conn", c.id,
 		"user", c.user,

@@ -3,62 +3,93 @@ package main
 import (
 	"context"
 	"errors"
-	"strconv"
+	"sync"
 	"time"
 
+	vm "github.com/VictoriaMetrics/metrics"
 	"github.com/gin-gonic/gin"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
-// metrics are the ingress's Prometheus metrics (docs/metrics.md), on a
-// registry of their own. Labels take values from small fixed sets only:
-// route templates, status classes and error codes, never a channel name,
-// user or connection id.
+// metrics are the ingress's Prometheus metrics (docs/metrics.md), in a set
+// of their own so that servers sharing a process (tests) do not share
+// counters. Labels take values from small fixed sets only: methods, route
+// templates, status classes and error codes, never a channel name, user or
+// connection id.
 type metrics struct {
-	reg           *prometheus.Registry
-	publishes     *prometheus.CounterVec
-	messages      prometheus.Counter
-	appendLatency prometheus.Histogram
-	requests      *prometheus.CounterVec
-	redisErrors   prometheus.Counter
+	set           *vm.Set
+	publishes     counterVec[string]
+	messages      *vm.Counter
+	appendLatency *vm.PrometheusHistogram
+	requests      counterVec[requestKey]
+	redisErrors   *vm.Counter
+}
+
+// requestKey labels wsrelay_ingress_http_requests_total.
+type requestKey struct {
+	method, route string
+	class         byte // '1'…'5': the status class
 }
 
 func newMetrics() *metrics {
-	m := &metrics{reg: prometheus.NewRegistry()}
-	m.publishes = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "wsrelay_ingress_publishes_total",
-		Help: `Publish requests (channel, batch, connection, user), by result: "accepted" or the error code returned.`,
-	}, []string{"result"})
-	m.messages = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "wsrelay_ingress_messages_appended_total",
-		Help: "Stream entries appended (a batch counts each message; a user send each instance).",
-	})
-	m.appendLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name:    "wsrelay_ingress_append_latency_seconds",
-		Help:    "Time of one stream append round trip to Redis (one pipeline per request).",
-		Buckets: []float64{.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2},
-	})
-	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "wsrelay_ingress_http_requests_total",
-		Help: `HTTP requests, by method, route template ("unmatched" for none) and status class (2xx, 4xx, 5xx).`,
-	}, []string{"method", "route", "status"})
-	m.redisErrors = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "wsrelay_ingress_redis_errors_total",
-		Help: "Redis commands or pipelines that failed (timeouts, refused connections, server errors).",
-	})
-	m.reg.MustRegister(m.publishes, m.messages, m.appendLatency, m.requests, m.redisErrors,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	vm.ExposeMetadata(true) // # HELP / # TYPE lines, as scrapers expect
+	set := vm.NewSet()
+	m := &metrics{
+		set:      set,
+		messages: set.NewCounter("wsrelay_ingress_messages_appended_total"),
+		appendLatency: set.NewPrometheusHistogramExt("wsrelay_ingress_append_latency_seconds",
+			[]float64{.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2}),
+		redisErrors: set.NewCounter("wsrelay_ingress_redis_errors_total"),
+	}
+	m.publishes = counterVec[string]{set: set, series: func(result string) string {
+		return `wsrelay_ingress_publishes_total{result="` + result + `"}`
+	}}
+	m.requests = counterVec[requestKey]{set: set, series: func(k requestKey) string {
+		return `wsrelay_ingress_http_requests_total{method="` + k.method + `",route="` + k.route + `",status="` + string(k.class) + `xx"}`
+	}}
 	return m
 }
 
-// handler serves the registry in the Prometheus text format.
+// handler serves the set, then the Go runtime and process metrics, in the
+// Prometheus text format.
 func (m *metrics) handler() gin.HandlerFunc {
-	return gin.WrapH(promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	return func(c *gin.Context) {
+		c.Header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		c.Status(200)
+		m.set.WritePrometheus(c.Writer)
+		vm.WriteProcessMetrics(c.Writer)
+		vm.WriteFDMetrics(c.Writer)
+	}
+}
+
+// counterVec is a family of labelled counters, each created in the set at
+// its first use and then found by key without allocating.
+type counterVec[K comparable] struct {
+	set    *vm.Set
+	series func(K) string // the series name, labels included
+	mu     sync.RWMutex
+	m      map[K]*vm.Counter
+}
+
+func (v *counterVec[K]) get(k K) *vm.Counter {
+	v.mu.RLock()
+	c := v.m[k]
+	v.mu.RUnlock()
+	if c != nil {
+		return c
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if c = v.m[k]; c == nil {
+		if v.m == nil {
+			v.m = map[K]*vm.Counter{}
+		}
+		c = v.set.NewCounter(v.series(k))
+		v.m[k] = c
+	}
+	return c
 }
 
 // errorCodeKey is the gin context key under which writeError leaves the
@@ -71,6 +102,16 @@ var publishRoutes = map[string]bool{
 	"/v1/messages":                   true,
 	"/v1/connections/:id/messages":   true,
 	"/v1/users/:user/messages":       true,
+}
+
+// methodLabel keeps the method label to a fixed set: any other method a
+// client sends is counted as "other".
+func methodLabel(m string) string {
+	switch m {
+	case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS":
+		return m
+	}
+	return "other"
 }
 
 // middleware counts every request by route template and status class, and
@@ -87,7 +128,8 @@ func (m *metrics) middleware(c *gin.Context) {
 	if codeStr == "canceled" {
 		status = 499 // the client went away; nothing was written
 	}
-	m.requests.WithLabelValues(c.Request.Method, route, strconv.Itoa(status/100)+"xx").Inc()
+	class := byte('0' + status/100%10)
+	m.requests.get(requestKey{methodLabel(c.Request.Method), route, class}).Inc()
 	if c.Request.Method == "POST" && publishRoutes[route] {
 		result := "accepted"
 		switch {
@@ -96,7 +138,7 @@ func (m *metrics) middleware(c *gin.Context) {
 		case status >= 300:
 			result = "error"
 		}
-		m.publishes.WithLabelValues(result).Inc()
+		m.publishes.get(result).Inc()
 	}
 }
 
@@ -105,9 +147,9 @@ func (m *metrics) middleware(c *gin.Context) {
 func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]string, error) {
 	start := time.Now()
 	ids, err := s.batcher.Append(ctx, as)
-	s.metrics.appendLatency.Observe(time.Since(start).Seconds())
+	s.metrics.appendLatency.UpdateDuration(start)
 	if err == nil {
-		s.metrics.messages.Add(float64(len(ids)))
+		s.metrics.messages.Add(len(ids))
 	}
 	return ids, err
 }
