@@ -197,6 +197,13 @@ func (e *env) startFunction(bin, prefix string, extra ...string) (*proc, time.Du
 	if os.Getenv("BENCH_DEBUG") != "" {
 		vars = append(vars, "DEBUG_ADDR=127.0.0.1:0")
 	}
+	// Runtime settings given to the bench reach the functions too (e.g.
+	// GODEBUG=gctrace=1 to see their collections in the logs).
+	for _, k := range []string{"GODEBUG", "GOGC", "GOMEMLIMIT", "GOMAXPROCS"} {
+		if v, ok := os.LookupEnv(k); ok {
+			vars = append(vars, k+"="+v)
+		}
+	}
 	t0 := time.Now()
 	cmd, err := kids.start(bin, nil, vars, logf)
 	if err != nil {
