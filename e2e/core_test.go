@@ -284,6 +284,58 @@ func TestBadFrames(t *testing.T) {
 	}
 }
 
+// maskedFrame is a raw client frame (RFC 6455 §5.2, payload < 126 bytes),
+// written under gorilla's client so a test can send what gorilla would
+// not: fragments, a ping between them, protocol violations.
+func maskedFrame(b0 byte, payload string) []byte {
+	key := [4]byte{9, 8, 7, 6}
+	b := []byte{b0, 0x80 | byte(len(payload)), key[0], key[1], key[2], key[3]}
+	for i := range len(payload) {
+		b = append(b, payload[i]^key[i%4])
+	}
+	return b
+}
+
+// TestFramesOnTheWire: the egress reads frames itself (docs/design.md):
+// a fragmented request with a ping between its fragments works, and each
+// protocol violation closes the connection with 1002.
+func TestFramesOnTheWire(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	w := dial(t, c.egress[0].wsURL(""))
+	raw := append(maskedFrame(0x01, `{"type":"subscribe",`), maskedFrame(0x89, "hi")...)
+	raw = append(raw, maskedFrame(0x80, `"channel":"frag"}`)...)
+	if _, err := w.ws.NetConn().Write(raw); err != nil {
+		t.Fatal(err)
+	}
+	w.waitFrame(func(f frame) bool { return f.Type == "subscribed" && f.Channel == "frag" })
+
+	for name, bad := range map[string][]byte{
+		"unmasked":            {0x81, 0x01, 'x'},
+		"reserved bit":        maskedFrame(0xC1, "x"),
+		"unknown opcode":      maskedFrame(0x83, "x"),
+		"fragmented ping":     maskedFrame(0x09, ""),
+		"stray continuation":  maskedFrame(0x80, "x"),
+		"close code 1005":     maskedFrame(0x88, "\x03\xed"),
+		"one-byte close body": maskedFrame(0x88, "\x03"),
+	} {
+		w := dial(t, c.egress[0].wsURL(""))
+		if _, err := w.ws.NetConn().Write(bad); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-w.closed:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: the connection stayed open", name)
+		}
+		w.mu.Lock()
+		code := w.closeCode
+		w.mu.Unlock()
+		if code != 1002 {
+			t.Fatalf("%s: close code %d, want 1002", name, code)
+		}
+	}
+}
+
 // TestTargetedSendToFreshInstance: on serverless platforms an instance is
 // started for one connection. A targeted send made right after that first
 // socket's "welcome" must arrive even though the instance had just

@@ -9,8 +9,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/gorilla/websocket"
-
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
@@ -39,7 +37,7 @@ type queued struct {
 // or closes the conn as a slow consumer.
 type conn struct {
 	s        *Server
-	ws       *websocket.Conn
+	nc       net.Conn // the socket; gorilla/websocket only did the handshake
 	id       string
 	user     string
 	allow    func(channel string) bool // nil: any channel
@@ -48,6 +46,7 @@ type conn struct {
 
 	lastData  atomic.Int64 // unix nanos of the last data frame either way
 	lastPing  atomic.Int64
+	lastRead  atomic.Int64 // unix nanos of the last frame of any kind from the client
 	framesIn  atomic.Int64
 	framesOut atomic.Int64
 
@@ -69,6 +68,7 @@ type conn struct {
 	reason    string
 
 	// Owned by the reader goroutine.
+	fr        frameReader
 	subs      map[string]*chanState
 	rec       registry.Record
 	badFrames int
@@ -154,7 +154,7 @@ func (c *conn) sendError(code, msg string, ref json.RawMessage) {
 // still queued is dropped (the client resumes).
 func (c *conn) writeLoop() {
 	defer c.writers.Done()
-	nc := c.ws.NetConn()
+	nc := c.nc
 	vp := vecs.Get().(*[][]byte)
 	vec := (*vp)[:0]
 	defer func() {
@@ -198,7 +198,7 @@ func (c *conn) writeLoop() {
 			c.closeMsg, c.closeSent = nil, true
 			c.mu.Unlock()
 			// Wait briefly for the client's close reply, then end.
-			_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
+			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 			return
 		}
 		if err != nil {
@@ -236,7 +236,7 @@ func (c *conn) finishWrites() {
 	c.closeMsg = nil
 	c.mu.Unlock()
 	if msg != nil {
-		nc := c.ws.NetConn()
+		nc := c.nc
 		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = nc.Write(msg)
 	}
@@ -255,8 +255,36 @@ func (c *conn) control(frame []byte) {
 	c.mu.Unlock()
 }
 
-// ping queues a server ping.
-func (c *conn) ping() { c.control(pingFrame) }
+// ping sends a server ping. A socket with no writer running and nothing
+// queued gets it from the caller (the maintenance sweep) with one
+// non-blocking write, so keeping idle sockets alive starts no goroutines;
+// otherwise, or for what did not fit, the writer sends it.
+func (c *conn) ping() {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	if c.writing || c.ended || len(c.queue) > 0 || len(c.ctrl) > 0 {
+		c.ctrl = append(c.ctrl, pingFrame)
+		c.startWriterLocked()
+		c.mu.Unlock()
+		return
+	}
+	c.writing = true // the caller is the writer for this one write
+	c.mu.Unlock()
+	n := c.fr.writeNow(pingFrame)
+	c.mu.Lock()
+	c.writing = false
+	if n < len(pingFrame) && !c.closing {
+		// The rest goes first: nothing else was written meanwhile.
+		c.ctrl = append([][]byte{pingFrame[n:]}, c.ctrl...)
+	}
+	if len(c.ctrl) > 0 || len(c.queue) > 0 || c.closeMsg != nil {
+		c.startWriterLocked()
+	}
+	c.mu.Unlock()
+}
 
 // closeWith closes the connection once, recording who closed it and why.
 // A server close (other than 1006, a dead peer) hands the close frame to
@@ -276,11 +304,11 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 		c.mu.Unlock()
 		switch {
 		case code == 1006:
-			_ = c.ws.NetConn().Close()
+			_ = c.nc.Close()
 		case byServer:
-			_ = c.ws.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
+			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
 		default:
-			_ = c.ws.SetReadDeadline(time.Now().Add(time.Second))
+			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
 }
@@ -293,69 +321,76 @@ func (c *conn) isClosing() bool {
 }
 
 // readLoop handles client frames until the connection ends.
+// A peer that sends nothing, not even the pong to a ping, for
+// 2×PING_INTERVAL is dropped by the maintenance sweep (lastRead), not by a
+// read deadline: the reader's wait stays as shallow as it can be.
 func (c *conn) readLoop(ctx context.Context) {
-	pongWait := 2 * c.s.cfg.PingInterval
-	c.ws.SetReadLimit(c.s.cfg.MaxFrameBytes)
-	_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
-	c.ws.SetPongHandler(func(string) error {
-		if c.isClosing() {
-			return nil
-		}
-		return c.ws.SetReadDeadline(time.Now().Add(pongWait))
-	})
-	c.ws.SetCloseHandler(func(code int, text string) error {
-		c.closeWith(code, "client closed", false)
-		// Echo the close (through the writer, the socket's only writer).
-		c.mu.Lock()
-		if c.closeMsg == nil && !c.closeSent {
-			reply := closePayload(code, "")
-			if code == websocket.CloseNoStatusReceived {
-				reply = nil
-			}
-			c.closeMsg = wsFrame(opClose, reply)
-			c.startWriterLocked()
-		}
-		c.mu.Unlock()
-		return nil
-	})
-	c.ws.SetPingHandler(func(data string) error {
-		c.control(wsFrame(opPong, []byte(data)))
-		return nil
-	})
 	for {
-		mt, data, err := c.ws.ReadMessage()
+		op, p, err := c.fr.next()
 		if err != nil {
 			c.noteReadError(err)
 			return
 		}
+		c.lastRead.Store(time.Now().UnixNano())
+		switch op {
+		case opClose:
+			c.onClientClose(p)
+			return
+		case opPing:
+			c.control(wsFrame(opPong, p))
+			continue
+		case opPong:
+			continue
+		}
 		if c.isClosing() {
 			continue // drain until the client's close reply or the deadline
 		}
-		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
 		// The frame is handled on a short-lived goroutine while this one
 		// waits: decoding and a subscribe's Redis round trips need a deep
 		// stack, and a goroutine keeps a grown stack until a GC shrinks
 		// it. The reader lives as long as the socket and, this way, keeps
 		// the small stack its reads need (docs/benchmarks.md, S3).
 		stop := make(chan bool, 1)
-		go func() { stop <- c.onFrame(ctx, mt, data) }()
+		go func() { stop <- c.onFrame(ctx, op, p) }()
 		if <-stop {
 			return
 		}
 	}
 }
 
+// onClientClose handles the client's close frame: the connection ends, and
+// unless the server already sent its own close, the client's code is
+// echoed (RFC 6455 §5.5.1) through the writer, the socket's only writer.
+func (c *conn) onClientClose(p []byte) {
+	code, _, err := parseClose(p)
+	if err != nil {
+		c.closeWith(protocol.CloseProtocolError, err.Error(), true)
+		return
+	}
+	c.closeWith(code, "client closed", false)
+	c.mu.Lock()
+	if c.closeMsg == nil && !c.closeSent {
+		var reply []byte
+		if code != 1005 {
+			reply = closePayload(code, "")
+		}
+		c.closeMsg = wsFrame(opClose, reply)
+		c.startWriterLocked()
+	}
+	c.mu.Unlock()
+}
+
 // onFrame handles one client data frame; it reports whether the
 // connection must end (too many bad frames). It runs while the reader
 // waits, so it owns the reader's state.
-func (c *conn) onFrame(ctx context.Context, mt int, data []byte) bool {
+func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	c.framesIn.Add(1)
 	c.lastData.Store(time.Now().UnixNano())
 	if !c.rate.allow(time.Now(), c.s.cfg.MaxFramesPerSecond) {
 		c.sendError(protocol.CodeRateLimited, "too many frames per second", nil)
 		return c.abuse()
 	}
-	if mt != websocket.TextMessage {
+	if op != opText {
 		c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
 		return c.abuse()
 	}
@@ -381,14 +416,12 @@ func (c *conn) abuse() bool {
 }
 
 func (c *conn) noteReadError(err error) {
-	var ce *websocket.CloseError
+	var pe protocolError
 	var ne net.Error
 	switch {
-	case errors.As(err, &ce) && ce.Code == websocket.CloseAbnormalClosure:
-		c.closeWith(1006, "connection lost", false)
-	case errors.As(err, &ce):
-		c.closeWith(ce.Code, "client closed", false)
-	case errors.Is(err, websocket.ErrReadLimit):
+	case errors.As(err, &pe):
+		c.closeWith(protocol.CloseProtocolError, err.Error(), true)
+	case errors.Is(err, errTooBig):
 		c.closeWith(protocol.CloseTooBig, "frame too large", true)
 	case errors.As(err, &ne) && ne.Timeout():
 		c.closeWith(1006, "missed pong", true)

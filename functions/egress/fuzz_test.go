@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"io"
 	"log/slog"
 	"net/http/httptest"
@@ -36,6 +37,38 @@ func FuzzAuthenticate(f *testing.F) {
 		}
 		if id.user != "alice" || id.allow == nil || id.exp.IsZero() || (id.proto != "" && id.proto != Subprotocol) {
 			t.Fatalf("identity %+v", id)
+		}
+	})
+}
+
+// FuzzFrameReader: any byte stream from a client ends in messages, control
+// frames and at most one error — never a panic, never a message over the
+// limit, never a control frame over 125 bytes.
+func FuzzFrameReader(f *testing.F) {
+	f.Add(clientFrame(true, opText, []byte(`{"type":"subscribe","channel":"a"}`)))
+	f.Add(append(clientFrame(false, opText, []byte("he")), clientFrame(true, opContinuation, []byte("llo"))...))
+	f.Add(clientFrame(true, opClose, []byte{0x03, 0xE8}))
+	f.Add([]byte{0x81, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		const limit = 4096
+		var r frameReader
+		r.init(readerConn{r: bytes.NewReader(in)}, limit)
+		for {
+			op, p, err := r.next()
+			if err != nil {
+				return
+			}
+			switch {
+			case op >= opClose && len(p) > 125:
+				t.Fatalf("control frame of %d bytes", len(p))
+			case op < opClose && len(p) > limit:
+				t.Fatalf("message of %d bytes over the %d limit", len(p), limit)
+			case op != opText && op != opBinary && op != opClose && op != opPing && op != opPong:
+				t.Fatalf("returned opcode %#x", op)
+			}
+			if op == opClose {
+				_, _, _ = parseClose(p)
+			}
 		}
 	})
 }

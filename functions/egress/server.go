@@ -59,7 +59,9 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{
-		ReadBufferSize:   512,
+		// The upgrader's reader is never used after the handshake (the
+		// frameReader reads the socket): the smallest it allocates.
+		ReadBufferSize:   1,
 		WriteBufferSize:  1024,
 		WriteBufferPool:  &sync.Pool{},
 		HandshakeTimeout: 10 * time.Second,
@@ -192,6 +194,10 @@ func (s *Server) sweepConns(now time.Time) {
 		}
 		if c.expired(now) {
 			go c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+			continue
+		}
+		if now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
+			go c.closeWith(1006, "missed pong", true)
 			continue
 		}
 		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {

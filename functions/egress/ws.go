@@ -74,12 +74,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		s.wg.Done()
 		return
 	}
-	go func() {
-		defer s.wg.Done()
-		defer s.open.Add(-1)
-		defer cancel()
-		c.serve(ctx)
-	}()
+	go c.serve(ctx, cancel)
 }
 
 // openConn registers the connection, says welcome and makes its initial
@@ -88,7 +83,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	now := time.Now()
 	c := &conn{
 		s:        s,
-		ws:       ws,
+		nc:       ws.NetConn(),
 		id:       randomID(12),
 		user:     id.user,
 		allow:    id.allow,
@@ -97,7 +92,9 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		done:     make(chan struct{}),
 		subs:     make(map[string]*chanState),
 	}
+	c.fr.init(ws.NetConn(), s.cfg.MaxFrameBytes)
 	c.lastData.Store(now.UnixNano())
+	c.lastRead.Store(now.UnixNano())
 	c.lastPing.Store(now.UnixNano())
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
 
@@ -139,13 +136,22 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	return c
 }
 
-// serve reads the connection to its end, then forgets it everywhere.
-func (c *conn) serve(ctx context.Context) {
-	s, ws := c.s, c.ws
+// serve reads the connection to its end, then forgets it everywhere. It
+// is the reader goroutine's first frame, kept small (the clean-up is a call
+// of its own) because it is on the stack for the connection's whole life.
+func (c *conn) serve(ctx context.Context, cancel context.CancelFunc) {
 	c.readLoop(ctx)
+	c.finish(cancel)
+}
 
-	// The connection has ended. The writer sends what close frame it owes
-	// (bounded by its write deadline) first.
+// finish forgets an ended connection everywhere.
+func (c *conn) finish(cancel context.CancelFunc) {
+	s := c.s
+	defer s.wg.Done()
+	defer s.open.Add(-1)
+	defer cancel()
+	// The writer sends what close frame it owes (bounded by its write
+	// deadline) first.
 	close(c.done)
 	c.finishWrites()
 	s.hub.removeConn(c)
@@ -159,7 +165,7 @@ func (c *conn) serve(ctx context.Context) {
 		s.log.Warn("registry remove failed (the record expires by itself)", "conn", c.id, "err", err.Error())
 	}
 	dcancel()
-	ws.Close()
+	c.nc.Close()
 	s.metrics.connections.Dec()
 	c.logEnd()
 }

@@ -50,6 +50,7 @@ const (
 const (
 	CloseNormal        = 1000
 	CloseGoingAway     = 1001 // server shutting down: reconnect elsewhere, resume
+	CloseProtocolError = 1002 // a frame broke RFC 6455
 	ClosePolicy        = 1008 // repeated bad frames
 	CloseTooBig        = 1009 // frame over the read limit
 	CloseInternal      = 1011 // server error: reconnect, resume

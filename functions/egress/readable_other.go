@@ -1,0 +1,9 @@
+//go:build !linux
+
+package main
+
+// initRaw: elsewhere the reader reads through net.Conn.
+func (r *frameReader) initRaw() {}
+
+// writeNow: elsewhere the writer goroutine sends everything.
+func (r *frameReader) writeNow([]byte) int { return 0 }
