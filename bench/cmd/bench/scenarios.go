@@ -139,7 +139,9 @@ func (b *bench) s2(ctx context.Context) (result, error) {
 // Sockets share channels ten to one (1,000 channels for 10,000 sockets).
 func (b *bench) s3(ctx context.Context) (result, error) {
 	pfx := b.prefix("s3")
-	eg, _, err := b.env.startFunction(b.env.egressBin, pfx)
+	// Pings every 2 s, so that the idle period holds two ping/pong rounds:
+	// what an idle connection costs includes keeping it alive.
+	eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "PING_INTERVAL=2s")
 	if err != nil {
 		return nil, err
 	}
@@ -165,7 +167,7 @@ func (b *bench) s3(ctx context.Context) (result, error) {
 		return nil, err
 	}
 	defer closeAll(subs)
-	if err := sleepCtx(ctx, 2*time.Second); err != nil {
+	if err := sleepCtx(ctx, 5*time.Second); err != nil {
 		return nil, err
 	}
 	rss1, err := rssKiB(eg.cmd.Process.Pid)
