@@ -4,7 +4,8 @@
 // script that, atomically on the channel's slot: reads the id of the
 // stream's last entry (prev), XADDs the message with a Redis-assigned id,
 // trims by count and by age (approximately, so trimming stays O(1)
-// amortised and never blocks publishing), refreshes the stream's TTL, and
+// amortised and never blocks publishing; by age and the TTL refresh below
+// once per second of the stream's traffic), refreshes the stream's TTL, and
 // SPUBLISHes a notification "prev\nid\nts\nroute\nframe" on the channel's
 // shard Pub/Sub channel. Egress instances subscribe only to the shard
 // channels their sockets need; prev lets them see a gap (a notification
@@ -43,14 +44,18 @@ if maxlen > 0 then
 else
   id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 end
-local maxage = tonumber(ARGV[6])
-if maxage > 0 then
-  local t = redis.call('TIME')
-  local min = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - maxage
-  if min > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', min)) end
+-- Trimming by age and refreshing the TTL are done by the first append in
+-- each second of a stream's traffic (ids are milliseconds), which is as
+-- precise as needed and saves three commands per append on busy channels.
+local ms = tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1))
+local pms = tonumber(string.sub(prev, 1, string.find(prev, '-', 1, true) - 1))
+if math.floor(ms / 1000) ~= math.floor(pms / 1000) then
+  local maxage = tonumber(ARGV[6])
+  if maxage > 0 and ms > maxage then
+    redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - maxage))
+  end
+  if tonumber(ARGV[7]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
 end
-local ttl = tonumber(ARGV[7])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
 redis.call('SPUBLISH', KEYS[2], prev .. '\n' .. id .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[1] .. id .. ARGV[2])
 if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[8]) end
 return id
@@ -59,8 +64,8 @@ return id
 // Limits bound one stream. Zero means no bound of that kind.
 type Limits struct {
 	MaxLen   int64 // entries kept (approximately: Redis trims whole nodes)
-	MaxAgeMS int64 // entries older than this are trimmed on the next append
-	TTLMS    int64 // the whole stream expires this long after its last append
+	MaxAgeMS int64 // entries older than this are trimmed by a later append (the first in each second)
+	TTLMS    int64 // the whole stream expires this long (to within a second) after its last append
 }
 
 // Append is one message to append to one stream.
