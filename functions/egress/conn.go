@@ -271,7 +271,10 @@ func (c *conn) ping() {
 		c.mu.Unlock()
 		return
 	}
-	c.writing = true // the caller is the writer for this one write
+	// The caller is the writer for this one write (counted in c.writers,
+	// so that finishWrites waits for it too).
+	c.writing = true
+	c.writers.Add(1)
 	c.mu.Unlock()
 	n := c.fr.writeNow(pingFrame)
 	c.mu.Lock()
@@ -284,6 +287,7 @@ func (c *conn) ping() {
 		c.startWriterLocked()
 	}
 	c.mu.Unlock()
+	c.writers.Done()
 }
 
 // closeWith closes the connection once, recording who closed it and why.

@@ -1,0 +1,92 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// TestPingsAndMissedPongs: the maintenance sweep pings every socket each
+// PING_INTERVAL (an idle socket gets the ping from the sweep itself, with
+// no writer goroutine); a client that answers stays connected, and one
+// that goes silent is dropped once it has sent nothing for 2×PING_INTERVAL.
+func TestPingsAndMissedPongs(t *testing.T) {
+	rdb, prefix := redistest.Client(t)
+	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "200ms"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { s.Run(ctx); close(ran) }()
+	srv := httptest.NewServer(s)
+	defer func() { cancel(); <-ran; srv.Close() }()
+	<-s.hub.inbox.ready
+
+	dial := func() *websocket.Conn {
+		ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?channels=keepalive", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		readUntil(t, ws, `"subscribed"`)
+		_ = ws.SetReadDeadline(time.Time{})
+		return ws
+	}
+	readAll := func(ws *websocket.Conn) <-chan error {
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		return done
+	}
+	alive := dial()
+	defer alive.Close()
+	var pings atomic.Int32
+	alive.SetPingHandler(func(data string) error {
+		pings.Add(1)
+		return alive.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+	})
+	silent := dial()
+	defer silent.Close()
+	var silentPings atomic.Int32
+	silent.SetPingHandler(func(string) error { silentPings.Add(1); return nil })
+	aliveDone, silentDone := readAll(alive), readAll(silent)
+
+	start := time.Now()
+	select {
+	case <-silentDone:
+		if d := time.Since(start); d < 300*time.Millisecond {
+			t.Fatalf("silent client dropped after %v, before 2×PING_INTERVAL", d)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a client that answers no ping was not dropped")
+	}
+	if silentPings.Load() == 0 {
+		t.Fatal("the silent client was never pinged")
+	}
+	time.Sleep(time.Second)
+	select {
+	case err := <-aliveDone:
+		t.Fatalf("a client answering pings was dropped: %v", err)
+	default:
+	}
+	if n := pings.Load(); n < 4 {
+		t.Fatalf("%d pings in %v at PING_INTERVAL=200ms", n, time.Since(start))
+	}
+}
