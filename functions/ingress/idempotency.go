@@ -36,6 +36,11 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 			writeError(c, s.log, err)
 			return
 		}
+		if r, ok := resp.(publishResult); ok {
+			// The hot path's reply, without encoding/json's reflection.
+			c.Data(status, "application/json; charset=utf-8", r.appendJSON(make([]byte, 0, 64)))
+			return
+		}
 		c.JSON(status, resp)
 		return
 	}

@@ -18,6 +18,16 @@ type publishResult struct {
 	Channel string `json:"channel"`
 }
 
+// appendJSON appends r as JSON. Neither field needs escaping: ids are
+// "<ms>-<seq>" and channel names match channel.ValidName.
+func (r publishResult) appendJSON(b []byte) []byte {
+	b = append(b, `{"id":"`...)
+	b = append(b, r.ID...)
+	b = append(b, `","channel":"`...)
+	b = append(b, r.Channel...)
+	return append(b, `"}`...)
+}
+
 func (s *Server) channelLimits() stream.Limits {
 	return stream.Limits{
 		MaxLen:   s.cfg.HistorySize,

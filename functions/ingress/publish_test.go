@@ -360,3 +360,15 @@ func TestRegistryReads(t *testing.T) {
 	}
 	expectError(t, e.do("GET", "/v1/channels/-x/connections", ""), 400, "invalid_channel")
 }
+
+// The 202 reply written without encoding/json is the JSON encoding/json
+// would write, for every character a channel name may hold.
+func TestPublishResultJSON(t *testing.T) {
+	for _, ch := range []string{"a", "room-1", "A_b.c:d@e-f9", strings.Repeat("z", 128)} {
+		r := publishResult{ID: "1700000000000-42", Channel: ch}
+		want, _ := json.Marshal(r)
+		if got := r.appendJSON(nil); string(got) != string(want) {
+			t.Errorf("appendJSON = %s, want %s", got, want)
+		}
+	}
+}
