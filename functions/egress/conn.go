@@ -28,9 +28,10 @@ type queued struct {
 // conn is one WebSocket connection.
 //
 // Concurrency: the reader goroutine (serve) reads frames and handles
-// requests; after the upgrade the writer goroutine (writeLoop) is the only
-// one that writes to the socket — data frames, pings, pongs and the close
-// frame are all handed to it. The writer runs only while there is
+// requests; after the upgrade one writer at a time writes to the socket
+// (c.writing): the writer goroutine (writeLoop), which is handed data
+// frames, pongs and the close frame, or the maintenance sweep writing a
+// ping while no writer runs (ping). The writer runs only while there is
 // something to write: the first frame queued starts it and it ends when
 // the queue is empty, so an idle connection costs one goroutine, not two.
 // The fan-out never blocks on a conn: enqueue appends to a bounded queue
