@@ -1,18 +1,12 @@
 package main
 
 import (
-	"context"
-	"io"
-	"log/slog"
-	"net/http/httptest"
-	"strings"
+	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/gorilla/websocket"
-
-	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 // TestPingsAndMissedPongs: the maintenance sweep pings every socket each
@@ -20,22 +14,10 @@ import (
 // no writer goroutine); a client that answers stays connected, and one
 // that goes silent is dropped once it has sent nothing for 2×PING_INTERVAL.
 func TestPingsAndMissedPongs(t *testing.T) {
-	rdb, prefix := redistest.Client(t)
-	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "200ms"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan struct{})
-	go func() { s.Run(ctx); close(ran) }()
-	srv := httptest.NewServer(s)
-	defer func() { cancel(); <-ran; srv.Close() }()
-	<-s.hub.inbox.ready
-
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "200ms"})
+	<-e.s.hub.inbox.ready
 	dial := func() *websocket.Conn {
-		ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?channels=keepalive", nil)
+		ws, _, err := websocket.DefaultDialer.Dial(e.url(url.Values{"channels": {"keepalive"}}), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
