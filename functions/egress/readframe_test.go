@@ -228,3 +228,27 @@ func TestParseClose(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkFrameReader reads client frames: a 100-byte text message and a
+// pong, as an idle-but-alive subscriber sends them, from memory.
+func BenchmarkFrameReader(b *testing.B) {
+	msg := clientFrame(true, opText, []byte(`{"type":"subscribe","channel":"room-1","after":"1700000000000-0"}`+strings.Repeat(" ", 35)))
+	pong := clientFrame(true, opPong, nil)
+	stream := bytes.Repeat(append(append([]byte{}, msg...), pong...), 1024)
+	src := bytes.NewReader(stream)
+	var r frameReader
+	r.init(readerConn{r: src}, 1<<20)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(msg) + len(pong)))
+	for b.Loop() {
+		for range 2 {
+			if _, _, err := r.next(); err != nil {
+				src.Reset(stream)
+				r.r, r.w = 0, 0
+				if _, _, err := r.next(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	}
+}
