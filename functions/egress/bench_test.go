@@ -1,20 +1,10 @@
 package main
 
 import (
-	"context"
-	"io"
-	"log/slog"
-	"net/http/httptest"
-	"os"
-	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
 
-	"github.com/gorilla/websocket"
-
-	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -85,66 +75,4 @@ func TestFanOutAllocatesNothingPerSubscriber(t *testing.T) {
 		t.Fatalf("deliver allocates %.1f objects for 1 subscriber and %.1f for 1000: something is allocated per subscriber", one, many)
 	}
 	t.Logf("allocations per delivered message: %.1f (1 subscriber), %.1f (1000 subscribers)", one, many)
-}
-
-// TestIdleConnectionHeapProfile opens WSRELAY_IDLE_CONNS (default 2000)
-// idle subscribed sockets on a real egress Server and writes a heap
-// profile to $WSRELAY_HEAPPROFILE: where an idle connection's memory goes
-// (docs/benchmarks.md). Skipped unless WSRELAY_HEAPPROFILE is set.
-func TestIdleConnectionHeapProfile(t *testing.T) {
-	path := os.Getenv("WSRELAY_HEAPPROFILE")
-	if path == "" {
-		t.Skip("set WSRELAY_HEAPPROFILE=file to profile idle connections")
-	}
-	n := 2000
-	if v, err := strconv.Atoi(os.Getenv("WSRELAY_IDLE_CONNS")); err == nil && v > 0 {
-		n = v
-	}
-	rdb, prefix := redistest.Client(t)
-	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true", "LOG_LEVEL": "warn"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan struct{})
-	go func() { s.Run(ctx); close(ran) }()
-	hs := httptest.NewServer(s)
-	defer func() { hs.Close(); cancel(); <-ran }()
-	<-s.hub.inbox.ready
-
-	url := "ws" + strings.TrimPrefix(hs.URL, "http") + "/ws?channels="
-	d := &websocket.Dialer{ReadBufferSize: 256, WriteBufferSize: 256}
-	clients := make([]*websocket.Conn, 0, n)
-	defer func() {
-		for _, c := range clients {
-			c.Close()
-		}
-	}()
-	for i := range n {
-		c, _, err := d.Dial(url+"idle"+strconv.Itoa(i/10), nil)
-		if err != nil {
-			t.Fatalf("dial %d: %v", i, err)
-		}
-		for { // welcome, then subscribed
-			_, b, err := c.ReadMessage()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if strings.Contains(string(b), `"subscribed"`) {
-				break
-			}
-		}
-		clients = append(clients, c)
-	}
-	runtime.GC()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
-		t.Fatal(err)
-	}
 }
