@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -171,5 +172,88 @@ func TestGoClientResumesAcrossServerCloses(t *testing.T) {
 	}
 	if c.State() != client.StateClosed {
 		t.Errorf("state after Close: %v", c.State())
+	}
+}
+
+// TestAdminDisconnect: DELETE /v1/connections/{id} on an ingress closes
+// that socket on whichever egress holds it, with 4003; the Go client takes
+// 4003 as final: it stops instead of reconnecting, and reports the code.
+func TestAdminDisconnect(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	del := func(id string) int {
+		req, _ := http.NewRequest(http.MethodDelete, c.ingress[0].URL+"/v1/connections/"+id, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	// A raw socket on the other instance: closed with 4003.
+	w := dial(t, c.egress[1].wsURL(""))
+	if st := del(w.welcome.ConnectionID); st != http.StatusAccepted {
+		t.Fatalf("DELETE: %d", st)
+	}
+	select {
+	case <-w.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the socket was not closed")
+	}
+	w.mu.Lock()
+	code := w.closeCode
+	w.mu.Unlock()
+	if code != 4003 {
+		t.Fatalf("close code %d, want 4003", code)
+	}
+
+	// The Go client: one welcome, then it stops with the close code.
+	var (
+		mu       sync.Mutex
+		welcomes []string
+	)
+	gc, err := client.Dial(client.Options{
+		URL:        "ws" + strings.TrimPrefix(c.egress[0].URL, "http") + "/ws",
+		MinBackoff: 50 * time.Millisecond,
+		MaxBackoff: 100 * time.Millisecond,
+		OnWelcome: func(wl client.Welcome) {
+			mu.Lock()
+			welcomes = append(welcomes, wl.ConnectionID)
+			mu.Unlock()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	waitFor(t, 5*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(welcomes) == 0 {
+			return fmt.Errorf("no welcome yet")
+		}
+		return nil
+	})
+	mu.Lock()
+	id := welcomes[0]
+	mu.Unlock()
+	if st := del(id); st != http.StatusAccepted {
+		t.Fatalf("DELETE: %d", st)
+	}
+	select {
+	case <-gc.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the Go client did not stop after 4003")
+	}
+	var ce *client.CloseError
+	if !errors.As(gc.Err(), &ce) || ce.Code != 4003 {
+		t.Fatalf("Err() = %v, want a CloseError with 4003", gc.Err())
+	}
+	time.Sleep(300 * time.Millisecond) // several backoffs: no reconnect
+	mu.Lock()
+	n := len(welcomes)
+	mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d welcomes: the client reconnected after 4003", n)
 	}
 }

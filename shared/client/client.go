@@ -8,7 +8,7 @@
 // It behaves like the JavaScript client served at /client.js: exponential
 // backoff with full jitter between attempts (0.5 s doubling to 20 s by
 // default), reset after a stable connection or a planned rotation (idle
-// timeout, lifetime, drain); no reconnect after 4003, 1008 or 1009; a
+// timeout, lifetime, drain); no reconnect after 4003, 1002, 1008 or 1009; a
 // fresh token from GetToken after 4004.
 package client
 
@@ -357,7 +357,7 @@ func (c *Client) setState(s State, err error) {
 // retryable reports whether the client reconnects after close code code.
 func retryable(code int) bool {
 	switch code {
-	case protocol.CloseDisconnected, protocol.ClosePolicy, protocol.CloseTooBig:
+	case protocol.CloseDisconnected, protocol.CloseProtocolError, protocol.ClosePolicy, protocol.CloseTooBig:
 		return false
 	}
 	return true

@@ -12,10 +12,10 @@
 // the server marks as retryable, resubscribes each channel with "after" set
 // to the last id it delivered (so nothing is lost or repeated), and tells
 // the application when a resume had a gap (recovered === false). It does not
-// reconnect after 4003 (disconnected by an operator), 1008 or 1009, and asks
+// reconnect after 4003 (disconnected by an operator), 1002, 1008 or 1009, and asks
 // getToken() for a fresh token after 4004 (token expired).
 
-const FINAL = new Set([4003, 1008, 1009]);
+const FINAL = new Set([4003, 1002, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
