@@ -25,7 +25,8 @@ const readBufferSize = 256
 // them itself, so that an idle connection's only goroutine waits for the
 // next frame — data or control — a few small frames deep, in Go's poller,
 // and fits the smallest stack Go gives (2 KiB; docs/benchmarks.md, S3).
-// Only the reader goroutine uses it.
+// Only the reader goroutine uses it, but for writeNow (the sweep's pings),
+// which uses only raw, set once before the connection is shared.
 type frameReader struct {
 	buf    []byte // buf[r:w] is read but not consumed
 	r, w   int
