@@ -66,15 +66,18 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	}
 	s.wg.Add(1)
 	s.drainMu.Unlock()
-	ctx, cancel := context.WithCancel(context.Background())
+	// The connection's requests run on the reader's side, one at a time,
+	// and are over when it ends: nothing is left to cancel then, so they
+	// share a plain background context (a cancelable one would keep a
+	// map of its children, per socket, for nothing).
+	ctx := context.Background()
 	c := s.openConn(ctx, ws, id, initial)
 	if c == nil {
-		cancel()
 		s.open.Add(-1)
 		s.wg.Done()
 		return
 	}
-	go c.serve(ctx, cancel)
+	go c.serve(ctx)
 }
 
 // openConn registers the connection, says welcome and makes its initial
@@ -139,17 +142,16 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 // serve reads the connection to its end, then forgets it everywhere. It
 // is the reader goroutine's first frame, kept small (the clean-up is a call
 // of its own) because it is on the stack for the connection's whole life.
-func (c *conn) serve(ctx context.Context, cancel context.CancelFunc) {
+func (c *conn) serve(ctx context.Context) {
 	c.readLoop(ctx)
-	c.finish(cancel)
+	c.finish()
 }
 
 // finish forgets an ended connection everywhere.
-func (c *conn) finish(cancel context.CancelFunc) {
+func (c *conn) finish() {
 	s := c.s
 	defer s.wg.Done()
 	defer s.open.Add(-1)
-	defer cancel()
 	// The writer sends what close frame it owes (bounded by its write
 	// deadline) first.
 	close(c.done)
