@@ -36,12 +36,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 			writeError(c, s.log, err)
 			return
 		}
-		if r, ok := resp.(publishResult); ok {
-			// The hot path's reply, without encoding/json's reflection.
-			c.Data(status, "application/json; charset=utf-8", r.appendJSON(make([]byte, 0, 64)))
-			return
-		}
-		c.JSON(status, resp)
+		c.Data(status, jsonContentType, encodeReply(resp))
 		return
 	}
 	if len(key) > 255 || !printable(key) {
@@ -82,12 +77,12 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		writeError(c, s.log, err)
 		return
 	}
-	rb, _ := json.Marshal(resp)
+	rb := encodeReply(resp)
 	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: rb})
 	if err := s.rdb.Set(context.WithoutCancel(ctx), rkey, done, s.cfg.IdempotencyWindow).Err(); err != nil {
 		s.log.Warn("idempotency record not saved", "err", err.Error())
 	}
-	c.Data(status, "application/json; charset=utf-8", rb)
+	c.Data(status, jsonContentType, rb)
 }
 
 func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
@@ -114,7 +109,23 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
 		return
 	}
 	c.Header("Idempotent-Replayed", "true")
-	c.Data(rec.Status, "application/json; charset=utf-8", rec.Response)
+	c.Data(rec.Status, jsonContentType, rec.Response)
+}
+
+const jsonContentType = "application/json; charset=utf-8"
+
+// jsonAppender is a reply that writes its own JSON: the publish path's
+// 202, so the hot path does without encoding/json's reflection.
+type jsonAppender interface{ appendJSON([]byte) []byte }
+
+// encodeReply encodes a handler's reply: by the value itself when it can,
+// else with encoding/json (as gin's c.JSON does).
+func encodeReply(v any) []byte {
+	if a, ok := v.(jsonAppender); ok {
+		return a.appendJSON(make([]byte, 0, 64))
+	}
+	b, _ := json.Marshal(v)
+	return b
 }
 
 func printable(s string) bool {
