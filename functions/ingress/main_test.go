@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,11 +13,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	redistest.StopAll()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m) }
 
 // run serves on $PORT until its context ends, then returns nil.
 func TestRun(t *testing.T) {

@@ -2,7 +2,6 @@ package redisconn
 
 import (
 	"context"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -12,11 +11,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	redistest.StopAll()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m) }
 
 func TestValidate(t *testing.T) {
 	t.Parallel()

@@ -204,6 +204,15 @@ func (s *Server) Restart(t testing.TB) {
 	}
 }
 
+// Main runs a package's tests, then stops the servers they started and
+// exits with the tests' status: TestMain's whole body where nothing else
+// needs cleaning up.
+func Main(m *testing.M) {
+	code := m.Run()
+	StopAll()
+	os.Exit(code)
+}
+
 // StopAll stops every server this process started; call it from TestMain.
 func StopAll() {
 	mu.Lock()

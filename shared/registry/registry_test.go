@@ -3,7 +3,6 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"testing"
 	"time"
@@ -14,11 +13,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	redistest.StopAll()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { redistest.Main(m) }
 
 func newRegistry(t *testing.T, ttl time.Duration) (*Registry, keys.Scheme) {
 	t.Helper()
