@@ -56,3 +56,9 @@ func (s Scheme) Idempotency(digest string) string { return s.p() + "{k:" + diges
 func (s Scheme) Once(streamKey, digest string, i int) string {
 	return streamKey + ":once:" + digest + ":" + strconv.Itoa(i)
 }
+
+// Last caches the id of the last entry appended to the stream key
+// streamKey, so that the append script learns the predecessor of a new
+// entry with a GET instead of reading the whole previous entry; it shares
+// the stream's hash tag and its TTL.
+func Last(streamKey string) string { return streamKey + ":last" }

@@ -17,6 +17,8 @@ func TestScheme(t *testing.T) {
 		{p.UserConns("alice"), "wsr:{u:alice}:conns"},
 		{p.Idempotency("ab12"), "wsr:{k:ab12}"},
 		{Scheme{}.Stream("x"), "{c:x}:s"},
+		{Last(p.Stream("room-1")), "wsr:{c:room-1}:s:last"},
+		{Last(p.Inbox("i1")), "wsr:{i:i1}:s:last"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("key %q, want %q", tc.got, tc.want)
@@ -30,8 +32,8 @@ func TestHashTags(t *testing.T) {
 	t.Parallel()
 	s := Scheme{Prefix: "p"}
 	same := [][]string{
-		{s.Stream("a"), s.Notify("a"), s.ChannelConns("a")},
-		{s.Inbox("i"), s.InboxNotify("i")},
+		{s.Stream("a"), s.Notify("a"), s.ChannelConns("a"), Last(s.Stream("a")), s.Once(s.Stream("a"), "d", 0)},
+		{s.Inbox("i"), s.InboxNotify("i"), Last(s.Inbox("i"))},
 	}
 	for _, group := range same {
 		for _, k := range group[1:] {

@@ -84,7 +84,7 @@ func TestCluster(t *testing.T) {
 		var mu sync.Mutex
 		spread := map[string]int{}
 		err := rdb.ForEachMaster(ctx, func(ctx context.Context, n *redis.Client) error {
-			keys, err := n.Keys(ctx, ks.Prefix+":*").Result()
+			keys, err := n.Keys(ctx, ks.Prefix+":*}:s").Result()
 			if err != nil {
 				return err
 			}

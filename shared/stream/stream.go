@@ -2,7 +2,8 @@
 //
 // Each channel has one stream (keys.Scheme.Stream). An append is one Lua
 // script that, atomically on the channel's slot: reads the id of the
-// stream's last entry (prev), XADDs the message with a Redis-assigned id,
+// stream's last entry (prev, cached in the keys.Last key), XADDs the
+// message with a Redis-assigned id and records it as the new last id,
 // trims by count and by age (approximately, so trimming stays O(1)
 // amortised and never blocks publishing; by age and the TTL refresh below
 // once per second of the stream's traffic), refreshes the stream's TTL, and
@@ -23,20 +24,33 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
 )
 
-// appendScript: KEYS[1] stream, KEYS[2] notify channel, optional KEYS[3]
-// once-key (all in one slot). ARGV: head, tail, route, ts, maxlen, maxage
-// ms, ttl ms, once-key ttl ms. With a once-key, an append already made
-// under that key returns its id and writes nothing.
+// appendScript: KEYS[1] stream, KEYS[2] notify channel, KEYS[3] the
+// stream's last-id key (keys.Last), optional KEYS[4] once-key (all in one
+// slot). ARGV: head, tail, route, ts, maxlen, maxage ms, ttl ms, once-key
+// ttl ms. With a once-key, an append already made under that key returns
+// its id and writes nothing.
+//
+// The predecessor comes from the last-id key, which every append sets in
+// the same atomic step as its XADD; only when that key is missing (first
+// append, or expired or evicted) is it read from the stream. Reading the
+// previous entry instead would copy its whole body into Lua on every
+// append: 30 % of the script's time for 100-byte messages, more for larger
+// ones (docs/benchmarks.md).
 var appendScript = redis.NewScript(`
-if KEYS[3] then
-  local done = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local done = redis.call('GET', KEYS[4])
   if done then return done end
 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev = '0-0'
-if last[1] then prev = last[1][1] end
+local prev = redis.call('GET', KEYS[3])
+if not prev then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  prev = '0-0'
+  if last[1] then prev = last[1][1] end
+end
 local id
 local maxlen = tonumber(ARGV[5])
 if maxlen > 0 then
@@ -44,9 +58,16 @@ if maxlen > 0 then
 else
   id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 end
--- Trimming by age and refreshing the TTL are done by the first append in
--- each second of a stream's traffic (ids are milliseconds), which is as
--- precise as needed and saves three commands per append on busy channels.
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  redis.call('SET', KEYS[3], id, 'PX', ARGV[7])
+else
+  redis.call('SET', KEYS[3], id)
+end
+-- Trimming by age and refreshing the stream's TTL are done by the first
+-- append in each second of a stream's traffic (ids are milliseconds),
+-- which is as precise as needed and saves three commands per append on
+-- busy channels.
 local ms = tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1))
 local pms = tonumber(string.sub(prev, 1, string.find(prev, '-', 1, true) - 1))
 if math.floor(ms / 1000) ~= math.floor(pms / 1000) then
@@ -54,10 +75,10 @@ if math.floor(ms / 1000) ~= math.floor(pms / 1000) then
   if maxage > 0 and ms > maxage then
     redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - maxage))
   end
-  if tonumber(ARGV[7]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
 end
 redis.call('SPUBLISH', KEYS[2], prev .. '\n' .. id .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[1] .. id .. ARGV[2])
-if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[8]) end
+if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
 return id
 `)
 
@@ -177,14 +198,14 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []in
 				a := &as[i]
 				head, tail := a.Msg.Frame()
 				args := []any{head, tail, string(a.Msg.Route), a.Msg.TS, a.Limits.MaxLen, a.Limits.MaxAgeMS, a.Limits.TTLMS, a.OnceTTLMS}
-				keys := []string{a.Stream, a.Notify}
+				ks := []string{a.Stream, a.Notify, keys.Last(a.Stream)}
 				if a.Once != "" {
-					keys = append(keys, a.Once)
+					ks = append(ks, a.Once)
 				}
 				if load {
-					cmds[i] = appendScript.Eval(ctx, p, keys, args...)
+					cmds[i] = appendScript.Eval(ctx, p, ks, args...)
 				} else {
-					cmds[i] = appendScript.EvalSha(ctx, p, keys, args...)
+					cmds[i] = appendScript.EvalSha(ctx, p, ks, args...)
 				}
 			}
 			if s.waitReplicas > 0 {

@@ -216,6 +216,70 @@ func TestStreamTTL(t *testing.T) {
 	if ttl := e.rdb.PTTL(t.Context(), e.keys.Stream("nottl")).Val(); ttl != -1 {
 		t.Fatalf("PTTL without TTL = %v", ttl)
 	}
+	// The last-id key lives as long as its stream (a little longer: it is
+	// refreshed by every append, the stream once a second).
+	if ttl := e.rdb.PTTL(t.Context(), keys.Last(e.keys.Stream("ttl"))).Val(); ttl <= 50*time.Second || ttl > time.Minute {
+		t.Fatalf("last-id key PTTL = %v", ttl)
+	}
+	if ttl := e.rdb.PTTL(t.Context(), keys.Last(e.keys.Stream("nottl"))).Val(); ttl != -1 {
+		t.Fatalf("last-id key PTTL without TTL = %v", ttl)
+	}
+}
+
+// The predecessor an append records (field p and the notification's prev)
+// is the previous append's id, whether it comes from the last-id key or,
+// when that key is gone, from the stream itself.
+func TestPredecessor(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("pred")
+	prevOf := func(id string) string {
+		t.Helper()
+		msgs, err := e.rdb.XRangeN(ctx, key, id, id, 1).Result()
+		if err != nil || len(msgs) != 1 {
+			t.Fatalf("XRANGE %s: %v, %v", id, msgs, err)
+		}
+		p, _ := msgs[0].Values["p"].(string)
+		return p
+	}
+	ids := e.publish("pred", 3, Limits{TTLMS: 60000})
+	if got := prevOf(ids[0]); got != "0-0" {
+		t.Fatalf("first entry's p = %s, want 0-0", got)
+	}
+	if got := e.rdb.Get(ctx, keys.Last(key)).Val(); got != ids[2] {
+		t.Fatalf("last-id key = %q, want %s", got, ids[2])
+	}
+	// Key gone (expired or evicted apart from the stream): read from the stream.
+	if err := e.rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ids = append(ids, e.publish("pred", 1, Limits{TTLMS: 60000})...)
+	for i := 1; i < len(ids); i++ {
+		if got := prevOf(ids[i]); got != ids[i-1] {
+			t.Fatalf("entry %d's p = %s, want %s", i, got, ids[i-1])
+		}
+	}
+	// Stream gone, key still there (it outlives the stream by up to a
+	// second): the new entry names the last append, which is still the
+	// truth about what was published, so a client holding it resumes.
+	if err := e.rdb.Del(ctx, key).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// A recreated stream numbers from the clock again: let the millisecond
+	// of the last id pass, as the stream's TTL always does.
+	time.Sleep(2 * time.Millisecond)
+	next := e.publish("pred", 1, Limits{TTLMS: 60000})[0]
+	if got := prevOf(next); got != ids[len(ids)-1] {
+		t.Fatalf("after the stream expired, p = %s, want %s", got, ids[len(ids)-1])
+	}
+	entries, recovered, err := e.store.Resume(ctx, key, MustParseID(ids[len(ids)-1]), 10)
+	if err != nil || !recovered || len(entries) != 1 || entries[0].ID != next {
+		t.Fatalf("Resume from the last delivered id = %v, %v, %v", entries, recovered, err)
+	}
+	if _, recovered, _ := e.store.Resume(ctx, key, MustParseID(ids[0]), 10); recovered {
+		t.Fatal("Resume from an id whose successors expired reports recovered")
+	}
 }
 
 func TestResume(t *testing.T) {
