@@ -74,6 +74,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	short := fs.Bool("quick", false, "small sizes and one run: a smoke pass")
 	only := fs.String("only", "", "comma-separated scenarios to run (s1,…,s6); empty: all")
 	s4dur := fs.Duration("s4-duration", 0, "S4 duration (default 10s, 2s with -quick)")
+	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -86,6 +87,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	if *s4dur > 0 {
 		sz.s4Dur = *s4dur
+	}
+	if *s1pubs > 0 {
+		sz.s1Pubs = *s1pubs
 	}
 	limit := 9 * time.Minute
 	if *short {
