@@ -39,7 +39,8 @@ type Config struct {
 	// PingInterval is how often the server pings each socket; a peer that
 	// has not answered within 2×PingInterval is dropped.
 	PingInterval time.Duration `env:"PING_INTERVAL" envDefault:"25s"`
-	// WriteTimeout bounds each socket write.
+	// WriteTimeout: a socket that takes no data for this long (at least
+	// half of it) is dropped.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s"`
 	// MaxFrameBytes is the read limit per client frame (close 1009 above).
 	MaxFrameBytes int64 `env:"MAX_FRAME_BYTES" envDefault:"65536"`
