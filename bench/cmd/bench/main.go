@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"syscall"
@@ -74,6 +75,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	short := fs.Bool("quick", false, "small sizes and one run: a smoke pass")
 	only := fs.String("only", "", "comma-separated scenarios to run (s1,…,s6); empty: all")
 	s4dur := fs.Duration("s4-duration", 0, "S4 duration (default 10s, 2s with -quick)")
+	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -116,6 +118,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 	defer e.rdb.Close()
+	if *cpuprofile != "" {
+		// The generator shares the cores with what it measures: this
+		// shows what it costs them.
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	b := &bench{env: e, sz: sz, logf: func(f string, a ...any) { fmt.Fprintf(stderr, "bench: "+f+"\n", a...) }}
 
 	scen := []struct {
