@@ -66,7 +66,7 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 			return p, errf(400, "invalid_channel", `"channel" is required`)
 		}
 		if json.Unmarshal(*raw.Channel, &p.Channel) != nil || !channel.ValidName(p.Channel) {
-			return p, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+			return p, errInvalidChannel()
 		}
 	}
 	if len(raw.Data) == 0 || string(raw.Data) == "null" {

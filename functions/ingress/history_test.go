@@ -98,6 +98,7 @@ func TestHistory(t *testing.T) {
 		expectError(t, e.do("GET", "/v1/channels/h/messages"+tc.query, ""), 400, tc.code)
 	}
 	expectError(t, e.do("GET", "/v1/channels/"+strings.Repeat("h", 129)+"/messages", ""), 400, "invalid_channel")
+	expectError(t, e.do("GET", "/v1/channels/-h/connections", ""), 400, "invalid_channel")
 }
 
 // History keeps about HISTORY_SIZE messages per channel.

@@ -51,20 +51,37 @@ func (s *Server) channelAppend(ch string, p publishBody, from string, now int64)
 	}
 }
 
-// handlePublish: POST /v1/channels/{channel}/messages.
-func (s *Server) handlePublish(c *gin.Context) {
+// errInvalidChannel answers a channel name that channel.ValidName refuses.
+func errInvalidChannel() *apiError {
+	return errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+}
+
+// channelRoute begins every /v1/channels/{channel}/… handler, in the
+// order the API documents its errors: the channel name (400), the
+// credential (401), then the permission may grants (403). On false the
+// error has been written.
+func (s *Server) channelRoute(c *gin.Context, may func(*principal, string) error) (string, *principal, bool) {
 	ch := c.Param("channel")
 	if !channel.ValidName(ch) {
-		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
-		return
+		writeError(c, s.log, errInvalidChannel())
+		return "", nil, false
 	}
 	who, err := s.authenticate(c)
 	if err != nil {
 		writeError(c, s.log, err)
-		return
+		return "", nil, false
 	}
-	if err := who.mayPublish(ch); err != nil {
+	if err := may(who, ch); err != nil {
 		writeError(c, s.log, err)
+		return "", nil, false
+	}
+	return ch, who, true
+}
+
+// handlePublish: POST /v1/channels/{channel}/messages.
+func (s *Server) handlePublish(c *gin.Context) {
+	ch, who, ok := s.channelRoute(c, (*principal).mayPublish)
+	if !ok {
 		return
 	}
 	body, err := readBody(c, s.cfg.MaxMessageBytes)
@@ -280,18 +297,8 @@ func (s *Server) handleGetConnection(c *gin.Context) {
 
 // handleChannelConnections: GET /v1/channels/{channel}/connections.
 func (s *Server) handleChannelConnections(c *gin.Context) {
-	ch := c.Param("channel")
-	if !channel.ValidName(ch) {
-		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
-		return
-	}
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if err := who.mayReadPresence(ch); err != nil {
-		writeError(c, s.log, err)
+	ch, _, ok := s.channelRoute(c, (*principal).mayReadPresence)
+	if !ok {
 		return
 	}
 	limit, ae := parseLimit(c.Query("limit"), 1000, 10000)
@@ -320,18 +327,8 @@ func parseLimit(q string, def, max int) (int, *apiError) {
 
 // handleHistory: GET /v1/channels/{channel}/messages?after=&limit=.
 func (s *Server) handleHistory(c *gin.Context) {
-	ch := c.Param("channel")
-	if !channel.ValidName(ch) {
-		writeError(c, s.log, errf(400, "invalid_channel", "channel must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"))
-		return
-	}
-	who, err := s.authenticate(c)
-	if err != nil {
-		writeError(c, s.log, err)
-		return
-	}
-	if err := who.mayReadHistory(ch); err != nil {
-		writeError(c, s.log, err)
+	ch, _, ok := s.channelRoute(c, (*principal).mayReadHistory)
+	if !ok {
 		return
 	}
 	limit, ae := parseLimit(c.Query("limit"), 100, 1000)
@@ -339,7 +336,10 @@ func (s *Server) handleHistory(c *gin.Context) {
 		writeError(c, s.log, ae)
 		return
 	}
-	var entries []stream.Entry
+	var (
+		entries []stream.Entry
+		err     error
+	)
 	after, hasAfter := c.GetQuery("after")
 	if hasAfter {
 		id, ok := stream.ParseID(after)
