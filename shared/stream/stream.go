@@ -38,7 +38,7 @@ import (
 // the same atomic step as its XADD; only when that key is missing (first
 // append, or expired or evicted) is it read from the stream. Reading the
 // previous entry instead copied its whole body into Lua on every append:
-// a fifth of the script's time, for 100-byte messages as for 700-byte
+// a fifth of the script's time, for short messages as for 700-byte
 // ones (docs/benchmarks.md).
 var appendScript = redis.NewScript(`
 if KEYS[4] then
