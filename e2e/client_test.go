@@ -16,6 +16,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/client"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // clientPublisher publishes through the ingress with its own HTTP client,
@@ -104,7 +105,7 @@ func TestGoClientResumesAcrossServerCloses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error {
 		mu.Lock()
 		defer mu.Unlock()
 		if len(subscribed) == 0 {
@@ -130,7 +131,7 @@ func TestGoClientResumesAcrossServerCloses(t *testing.T) {
 			time.Sleep(40 * time.Millisecond)
 		}
 	}
-	waitFor(t, 15*time.Second, func() error {
+	testkit.Eventually(t, 15*time.Second, func() error {
 		mu.Lock()
 		defer mu.Unlock()
 		if len(got) < len(want) {
@@ -226,7 +227,7 @@ func TestAdminDisconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer gc.Close()
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		mu.Lock()
 		defer mu.Unlock()
 		if len(welcomes) == 0 {

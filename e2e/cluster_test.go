@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestOnRedisCluster runs the core paths with both functions on a real
@@ -106,7 +107,7 @@ func TestOnRedisCluster(t *testing.T) {
 			t.Fatalf("record: %d %v", st, rec)
 		}
 		a1.ws.Close()
-		waitFor(t, 5*time.Second, func() error {
+		testkit.Eventually(t, 5*time.Second, func() error {
 			var l connList
 			getJSON(t, c.ingress[0].URL+"/v1/channels/lobby/connections", &l)
 			if len(l.Connections) != 0 {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestMain(m *testing.M) {
@@ -185,14 +186,14 @@ func TestRegistryCleanup(t *testing.T) {
 	// Disconnect: gone at once.
 	third := dial(t, c.egress[0].wsURL("user=erin"))
 	third.ws.Close()
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		return statusIs(getJSON(t, c.ingress[0].URL+"/v1/connections/"+third.welcome.ConnectionID, nil), 404)
 	})
 
 	// Kill -9: gone within REGISTRY_TTL (3 s) from the last refresh.
 	killed := time.Now()
 	c.egress[1].kill()
-	waitFor(t, 8*time.Second, func() error {
+	testkit.Eventually(t, 8*time.Second, func() error {
 		if err := statusIs(getJSON(t, c.ingress[0].URL+"/v1/connections/"+doomed.welcome.ConnectionID, nil), 404); err != nil {
 			return err
 		}
@@ -221,18 +222,18 @@ func TestReadyzFollowsRedis(t *testing.T) {
 	in := start(t, "ingress", e)
 	eg := start(t, "egress", e)
 	for _, p := range []*proc{in, eg} {
-		waitFor(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
+		testkit.Eventually(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
 	}
 	srv.Stop()
 	for _, p := range []*proc{in, eg} {
-		waitFor(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 503) })
+		testkit.Eventually(t, 5*time.Second, func() error { return httpStatus(p.URL+"/readyz", 503) })
 		if err := httpStatus(p.URL+"/healthz", 200); err != nil {
 			t.Fatal(err)
 		}
 	}
 	srv.Restart(t)
 	for _, p := range []*proc{in, eg} {
-		waitFor(t, 10*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
+		testkit.Eventually(t, 10*time.Second, func() error { return httpStatus(p.URL+"/readyz", 200) })
 	}
 }
 

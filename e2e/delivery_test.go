@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func wsURLs(ps []*proc, q string) []string {
@@ -50,7 +51,7 @@ func testResumeSeam(t *testing.T, redisURL string, e env) {
 	var first struct{ ID string }
 	post(t, ing[0]+"/v1/channels/seam/messages", map[string]any{"data": "zero"}, &first)
 	pub := startPublisher(t, ing, "seam", time.Millisecond)
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		if pub.count() < 300 {
 			return fmt.Errorf("%d published", pub.count())
 		}
@@ -64,7 +65,7 @@ func testResumeSeam(t *testing.T, redisURL string, e env) {
 		clients = append(clients, w)
 		time.Sleep(20 * time.Millisecond)
 	}
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		if pub.count() < 600 {
 			return fmt.Errorf("%d published", pub.count())
 		}
@@ -111,14 +112,14 @@ func TestRecoveredFalse(t *testing.T) {
 	check(ids[len(ids)-1], true) // the newest
 	// Redis restarts empty; new messages get newer ids.
 	srv.Restart(t)
-	waitFor(t, 10*time.Second, func() error { return httpStatus(in.URL+"/readyz", 200) })
-	waitFor(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error { return httpStatus(in.URL+"/readyz", 200) })
+	testkit.Eventually(t, 10*time.Second, func() error {
 		if st := postQuiet(in.URL+"/v1/channels/trim/messages", map[string]any{"data": "after restart"}, nil); st != 202 {
 			return fmt.Errorf("publish: %d", st)
 		}
 		return nil
 	})
-	waitFor(t, 10*time.Second, func() error { return httpStatus(eg.URL+"/readyz", 200) })
+	testkit.Eventually(t, 10*time.Second, func() error { return httpStatus(eg.URL+"/readyz", 200) })
 	check(ids[len(ids)-1], false)
 }
 
@@ -190,7 +191,7 @@ func TestRedisOutage(t *testing.T) {
 	proxy := newProxy(t, srv.Addr())
 	c := startCluster(t, "redis://"+proxy.Addr()+"/0", nil)
 	r := newResumingClient(t, wsURLs(c.egress[:], ""), "outage")
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		if len(r.ids("outage")) == 0 {
 			postQuiet(c.ingress[0].URL+"/v1/channels/outage/messages", map[string]any{"data": "warmup"}, nil)
 			return fmt.Errorf("not subscribed yet")
@@ -238,7 +239,7 @@ func testEgressSigtermAndSigkill(t *testing.T, redisURL string, e env) {
 		clients = append(clients, newResumingClient(t, wsURLs([]*proc{egs[0], egs[1], egs[2]}, fmt.Sprintf("user=u%d", i)), "drain"))
 	}
 	pub := startPublisher(t, urls(c.ingress[:]), "drain", 2*time.Millisecond)
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		for _, cl := range clients {
 			if len(cl.ids("drain")) < 20 {
 				return fmt.Errorf("clients not receiving yet")
@@ -258,7 +259,7 @@ func testEgressSigtermAndSigkill(t *testing.T, redisURL string, e env) {
 	t.Logf("egress drained and exited in %s", time.Since(t0).Round(time.Millisecond))
 	// Its records were removed as it drained (the others re-registered).
 	for _, cl := range clients {
-		waitFor(t, 5*time.Second, func() error {
+		testkit.Eventually(t, 5*time.Second, func() error {
 			if codes := cl.closeCodes(); len(codes) == 0 || codes[0] != 1001 {
 				return fmt.Errorf("close codes %v, want 1001 first", codes)
 			}
@@ -349,7 +350,7 @@ func TestRedisStall(t *testing.T) {
 	proxy := newProxy(t, srv.Addr())
 	c := startCluster(t, "redis://"+proxy.Addr()+"/0", env{"PROBE_INTERVAL": "250ms"})
 	r := newResumingClient(t, wsURLs(c.egress[:], ""), "stall")
-	waitFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		if len(r.ids("stall")) == 0 {
 			postQuiet(c.ingress[0].URL+"/v1/channels/stall/messages", map[string]any{"data": "warmup"}, nil)
 			return fmt.Errorf("not subscribed yet")
@@ -364,9 +365,9 @@ func TestRedisStall(t *testing.T) {
 	if st != http.StatusServiceUnavailable || time.Since(start) > 3*time.Second {
 		t.Fatalf("publish while Redis hangs: %d after %s, want 503 within ~1s", st, time.Since(start))
 	}
-	waitFor(t, 10*time.Second, func() error { return httpStatus(c.egress[0].URL+"/readyz", 503) })
+	testkit.Eventually(t, 10*time.Second, func() error { return httpStatus(c.egress[0].URL+"/readyz", 503) })
 	proxy.Unstall()
-	waitFor(t, 10*time.Second, func() error { return httpStatus(c.egress[0].URL+"/readyz", 200) })
+	testkit.Eventually(t, 10*time.Second, func() error { return httpStatus(c.egress[0].URL+"/readyz", 200) })
 	time.Sleep(500 * time.Millisecond)
 	ids := pub.Stop()
 	r.waitAcked("stall", ids)

@@ -21,6 +21,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 var (
@@ -110,7 +111,7 @@ func start(t testing.TB, fn string, e env) *proc {
 			t.Logf("%s logs:\n%s", fn, p.Logs())
 		}
 	})
-	waitFor(t, 15*time.Second, func() error {
+	testkit.Eventually(t, 15*time.Second, func() error {
 		select {
 		case <-p.done:
 			return fmt.Errorf("%s exited: %s", fn, p.Logs())
@@ -160,20 +161,6 @@ func httpStatus(url string, want int) error {
 		return fmt.Errorf("GET %s: %d, want %d", url, resp.StatusCode, want)
 	}
 	return nil
-}
-
-// waitFor polls f every 20 ms until it returns nil or total passes.
-func waitFor(t testing.TB, total time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(total)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("timed out after %s: %v", total, err)
 }
 
 // post sends a JSON body and decodes the JSON answer.
@@ -307,7 +294,7 @@ func (c *wsClient) send(v any) {
 func (c *wsClient) waitFrame(ok func(frame) bool) frame {
 	c.t.Helper()
 	var got frame
-	waitFor(c.t, 10*time.Second, func() error {
+	testkit.Eventually(c.t, 10*time.Second, func() error {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		for _, f := range c.frames {
@@ -344,7 +331,7 @@ func (c *wsClient) messages(ch string) []frame {
 // waitMessages waits until n messages of channel ch arrived.
 func (c *wsClient) waitMessages(ch string, n int) []frame {
 	c.t.Helper()
-	waitFor(c.t, 15*time.Second, func() error {
+	testkit.Eventually(c.t, 15*time.Second, func() error {
 		if got := len(c.messages(ch)); got < n {
 			return fmt.Errorf("%d of %d messages on %q", got, n, ch)
 		}

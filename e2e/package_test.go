@@ -11,11 +11,11 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestPackage builds the SCF code packages with `make package`, checks
@@ -96,7 +96,7 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testkit.SyncBuffer
 	cmd := exec.Command("./scf_bootstrap")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(),
@@ -118,7 +118,7 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 			t.Logf("logs:\n%s", logs.String())
 		}
 	})
-	waitFor(t, 20*time.Second, func() error {
+	testkit.Eventually(t, 20*time.Second, func() error {
 		select {
 		case err := <-exited:
 			exited <- err
@@ -127,23 +127,4 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 		}
 		return httpStatus("http://127.0.0.1:"+strconv.Itoa(port)+"/healthz", 200)
 	})
-}
-
-// syncBuffer is a bytes.Buffer safe for the process's writes and the
-// test's reads at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // resumingClient reconnects after every close, round-robin over urls, and
@@ -148,7 +149,7 @@ func (r *resumingClient) closeCodes() []int {
 // publisher ran: it is owed everything from its first message on.
 func (r *resumingClient) waitFrom(ch string, all []string) {
 	r.t.Helper()
-	waitFor(r.t, 10*time.Second, func() error {
+	testkit.Eventually(r.t, 10*time.Second, func() error {
 		if len(r.ids(ch)) == 0 {
 			return fmt.Errorf("nothing received on %s", ch)
 		}
@@ -174,7 +175,7 @@ func (r *resumingClient) waitAcked(ch string, acked []string) {
 		ackedSet[id] = true
 	}
 	var owed []string
-	waitFor(r.t, 20*time.Second, func() error {
+	testkit.Eventually(r.t, 20*time.Second, func() error {
 		got := r.ids(ch)
 		if len(got) == 0 {
 			return fmt.Errorf("nothing received on %s", ch)
@@ -215,7 +216,7 @@ func (r *resumingClient) waitAcked(ch string, acked []string) {
 // then checks them against want: the same ids, in order, none twice.
 func (r *resumingClient) waitAll(ch string, want []string) {
 	r.t.Helper()
-	waitFor(r.t, 20*time.Second, func() error {
+	testkit.Eventually(r.t, 20*time.Second, func() error {
 		if n := len(r.ids(ch)); n < len(want) {
 			return fmt.Errorf("%d of %d messages on %s", n, len(want), ch)
 		}

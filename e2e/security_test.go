@@ -13,6 +13,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestAuthenticatedRunLeaksNoSecret runs both functions with every kind
@@ -30,7 +31,7 @@ func TestAuthenticatedRunLeaksNoSecret(t *testing.T) {
 	e := env{"REDIS_URL": redisURL, "API_KEYS": apiKey, "JWT_SECRET": jwtSecret, "LOG_LEVEL": "debug", "PROBE_INTERVAL": "500ms"}
 	in := start(t, "ingress", e)
 	eg := start(t, "egress", e)
-	waitFor(t, 5*time.Second, func() error { return httpStatus(eg.URL+"/readyz", 200) })
+	testkit.Eventually(t, 5*time.Second, func() error { return httpStatus(eg.URL+"/readyz", 200) })
 
 	userToken, err := auth.SignHS256(jwtSecret, auth.Claims{Subject: "alice", Channels: []string{"room-*"}, Publish: []string{"room-*"}, Expires: time.Now().Add(time.Hour)})
 	if err != nil {

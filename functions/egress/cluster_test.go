@@ -22,6 +22,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // clusterEgress is an egress served by httptest on a Redis Cluster.
@@ -136,7 +137,7 @@ func dialCollector(t *testing.T, srv *httptest.Server, chans []string) *collecto
 		}
 	}()
 	t.Cleanup(func() { ws.Close(); <-c.done })
-	poll(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		if len(c.subs) != len(chans) {
@@ -151,7 +152,7 @@ func dialCollector(t *testing.T, srv *httptest.Server, chans []string) *collecto
 // each channel's ids arrived once each, in publish order.
 func (c *collector) check(t *testing.T, acked map[string][]string, within time.Duration) {
 	t.Helper()
-	poll(t, within, func() error {
+	testkit.Eventually(t, within, func() error {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		for ch, want := range acked {
@@ -178,19 +179,6 @@ func (c *collector) check(t *testing.T, acked map[string][]string, within time.D
 			}
 			prev = id
 		}
-	}
-}
-
-func poll(t *testing.T, within time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	err := f()
-	for err != nil && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-		err = f()
-	}
-	if err != nil {
-		t.Fatalf("after %s: %v", within, err)
 	}
 }
 
@@ -296,7 +284,7 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 		}()
 	}
 	ackedOn := func(ch string) int { mu.Lock(); defer mu.Unlock(); return len(acked[ch]) }
-	poll(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error {
 		if ackedOn(chans[0]) < 20 {
 			return fmt.Errorf("only %d published", ackedOn(chans[0]))
 		}
@@ -316,7 +304,7 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 	t.Logf("failover of %s took %s", victim, time.Since(stopped).Round(time.Millisecond))
 
 	before := ackedOn(chans[0])
-	poll(t, 20*time.Second, func() error {
+	testkit.Eventually(t, 20*time.Second, func() error {
 		if ackedOn(chans[0]) < before+20 {
 			return fmt.Errorf("publishing on the failed-over master has not resumed")
 		}
@@ -337,7 +325,7 @@ func waitReplicaSynced(t *testing.T, addr string) {
 	t.Helper()
 	m := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
 	defer m.Close()
-	poll(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error {
 		info, err := m.Info(context.Background(), "replication").Result()
 		if err != nil {
 			return err
@@ -413,7 +401,7 @@ func TestSubscriberClose(t *testing.T) {
 			}
 			sub.Close()
 			sub.Close() // idempotent
-			poll(t, 5*time.Second, func() error {
+			testkit.Eventually(t, 5*time.Second, func() error {
 				buf := make([]byte, 1<<20)
 				stacks := string(buf[:runtime.Stack(buf, true)])
 				if strings.Contains(stacks, "(*subscriber)") {
@@ -583,7 +571,7 @@ func TestMeasureScaling(t *testing.T) {
 		start := time.Now()
 		publishMany(t, store, ks, others, 10)
 		publishMany(t, store, ks, []string{"mine"}, 100)
-		poll(t, 30*time.Second, func() error {
+		testkit.Eventually(t, 30*time.Second, func() error {
 			col.mu.Lock()
 			defer col.mu.Unlock()
 			if len(col.got["mine"]) < 100 {
@@ -634,7 +622,7 @@ func TestMeasureScaling(t *testing.T) {
 		c1, b1 := cost.cmds.Load(), cost.bytes.Load()
 		start = time.Now()
 		publishMany(t, stream.NewStore(pub), e.ks, chans, 1)
-		poll(t, 60*time.Second, func() error {
+		testkit.Eventually(t, 60*time.Second, func() error {
 			n := 0
 			for _, ch := range chans {
 				if cs := srvs.hub.state(e.ks.Notify(ch)); cs != nil && cs.confirmed && !cs.last.IsZero() {
@@ -691,7 +679,7 @@ func TestClusterReshard(t *testing.T) {
 		}()
 	}
 	count := func() int { mu.Lock(); defer mu.Unlock(); return len(acked[moved]) }
-	poll(t, 10*time.Second, func() error {
+	testkit.Eventually(t, 10*time.Second, func() error {
 		if count() < 20 {
 			return fmt.Errorf("%d published", count())
 		}
@@ -704,7 +692,7 @@ func TestClusterReshard(t *testing.T) {
 	}
 	t.Logf("slot %d of %s moved from %s to %s (client now routes to %s)", slot, moved, src, dst, m.Options().Addr)
 	before := count()
-	poll(t, 15*time.Second, func() error {
+	testkit.Eventually(t, 15*time.Second, func() error {
 		if count() < before+20 {
 			return fmt.Errorf("publishing after the move has not resumed")
 		}

@@ -1,14 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +15,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 const (
@@ -28,27 +27,9 @@ const (
 
 var testKeys = fullKey + "," + chatKey + "=chat:*|news.*," + adminKey + "=" + auth.AdminScope
 
-// syncBuffer collects log lines from concurrent handlers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // newSecEnv is a server configured by env (plus the test Redis), whose
 // log lines are kept in logs.
-func newSecEnv(t *testing.T, env map[string]string) (*testEnv, *syncBuffer) {
+func newSecEnv(t *testing.T, env map[string]string) (*testEnv, *testkit.SyncBuffer) {
 	t.Helper()
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
@@ -56,7 +37,7 @@ func newSecEnv(t *testing.T, env map[string]string) (*testEnv, *syncBuffer) {
 	}
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
-	logs := &syncBuffer{}
+	logs := &testkit.SyncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}, logs
 }
@@ -83,7 +64,7 @@ func expectStatus(t *testing.T, w *httptest.ResponseRecorder, status int) {
 }
 
 // noSecrets fails if any secret appears in the logs.
-func noSecrets(t *testing.T, logs *syncBuffer, secrets ...string) {
+func noSecrets(t *testing.T, logs *testkit.SyncBuffer, secrets ...string) {
 	t.Helper()
 	out := logs.String()
 	for _, s := range secrets {

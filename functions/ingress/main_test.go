@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestMain(m *testing.M) { redistest.Main(m) }
@@ -33,7 +34,7 @@ func TestRun(t *testing.T) {
 	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, io.Discard, io.Discard) }()
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/readyz", port)
-	checkFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		resp, err := http.Get(url)
 		if err != nil {
 			return err

@@ -17,6 +17,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // testEnv is an ingress Server on the test Redis under a key prefix of its
@@ -108,22 +109,6 @@ func (e *testEnv) xlen(ch string) int64 {
 	return n
 }
 
-// checkFor polls f every 20 ms until it returns nil or total has passed.
-func checkFor(t *testing.T, total time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(total)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %v", total, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func TestHealthz(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -206,7 +191,7 @@ func TestRedisDown(t *testing.T) {
 	if !strings.Contains(m, `wsrelay_ingress_publishes_total{result="unavailable"} 4`) || strings.Contains(m, "wsrelay_ingress_redis_errors_total 0") {
 		t.Errorf("metrics do not show the outage:\n%s", m)
 	}
-	checkFor(t, 3*time.Second, func() error {
+	testkit.Eventually(t, 3*time.Second, func() error {
 		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
 			return fmt.Errorf("readyz = %d, want 503", w.Code)
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestMain(m *testing.M) { redistest.Main(m) }
@@ -29,22 +30,6 @@ func ids(recs []*Record) []string {
 	}
 	slices.Sort(out)
 	return out
-}
-
-// checkFor polls f every 20 ms until it returns nil or total has passed.
-func checkFor(t *testing.T, total time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(total)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %v", total, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func TestPutGetRemove(t *testing.T) {
@@ -148,7 +133,7 @@ func TestExpiryAndRefresh(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 	}()
-	checkFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		if _, err := r.Get(ctx, "gone"); !errors.Is(err, ErrNotFound) {
 			return fmt.Errorf("gone still registered: %v", err)
 		}
@@ -172,7 +157,7 @@ func TestExpiryAndRefresh(t *testing.T) {
 		t.Fatalf("refreshed record: %v", err)
 	}
 	// Without refreshes everything, sets included, disappears.
-	checkFor(t, 5*time.Second, func() error {
+	testkit.Eventually(t, 5*time.Second, func() error {
 		for _, k := range []string{ks.Conn("kept"), ks.ChannelConns("a"), ks.UserConns("u")} {
 			if n := r.rdb.Exists(ctx, k).Val(); n != 0 {
 				return fmt.Errorf("%s still exists", k)
