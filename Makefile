@@ -13,6 +13,13 @@ FUNCTIONS   := ingress egress
 BIN         ?= bin
 DIST        ?= dist
 TEST_TIMEOUT ?= 20m
+# LEAN=1 packages a lean egress (-tags wsrelay_lean: no /metrics, no
+# profiling) for one-connection-per-instance deployments (docs/deployment.md).
+LEAN        ?=
+LEAN_TAG    := wsrelay_lean
+# The packages a lean build changes; make test and make lint also run them
+# with the tag.
+LEAN_PKGS   := shared/debugserver functions/egress
 FUZZTIME    ?= 3s
 # staticcheck 0.8.x is the first line that understands Go 1.26.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -40,6 +47,10 @@ test: deps lint ## lint, race-test every module, then fuzz briefly
 		echo "== go test $$m"; \
 		(cd $$m && $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...) || failed+=("$$m"); \
 	done; \
+	for p in $(LEAN_PKGS); do \
+		echo "== go test -tags $(LEAN_TAG) $$p"; \
+		(cd $$p && $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) -tags $(LEAN_TAG) .) || failed+=("$$p ($(LEAN_TAG))"); \
+	done; \
 	if (( $${#failed[@]} )); then echo "FAILED: go test in $${failed[*]}" >&2; exit 1; fi
 	@$(MAKE) --no-print-directory fuzz
 
@@ -47,13 +58,14 @@ bench: ## run the benchmark harness (bench/cmd/bench)
 	@if [ -d bench/cmd/bench ]; then cd bench && $(GO) run ./cmd/bench $(BENCH_ARGS); \
 	else echo "bench: bench/cmd/bench does not exist yet" >&2; exit 1; fi
 
-package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/)
+package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/); LEAN=1 for a lean egress
 	@for f in $(FUNCTIONS); do \
 		mkdir -p $(DIST)/$$f; \
-		CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags='-s -w' -o $(DIST)/$$f/$$f ./functions/$$f; \
+		tags=; if [ -n "$(LEAN)" ] && [ $$f = egress ]; then tags=$(LEAN_TAG); fi; \
+		CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -tags="$$tags" -ldflags='-s -w' -o $(DIST)/$$f/$$f ./functions/$$f; \
 		install -m 755 functions/$$f/scf_bootstrap $(DIST)/$$f/scf_bootstrap; \
 		$(GO) run scripts/mkzip.go -o $(DIST)/$$f.zip $(DIST)/$$f/$$f $(DIST)/$$f/scf_bootstrap; \
-		echo "packaged $(DIST)/$$f.zip"; \
+		echo "packaged $(DIST)/$$f.zip$${tags:+ ($$tags)}"; \
 	done
 
 lint: ## gofmt check, go vet and staticcheck on every module
@@ -61,6 +73,7 @@ lint: ## gofmt check, go vet and staticcheck on every module
 	if [ -n "$$out" ]; then echo "gofmt needed on:" >&2; echo "$$out" >&2; exit 1; fi
 	@for m in $(MODULES); do echo "== vet $$m"; (cd $$m && $(GO) vet ./...); done
 	@for m in $(MODULES); do echo "== staticcheck $$m"; (cd $$m && $(GO) run $(STATICCHECK) ./...); done
+	@for p in $(LEAN_PKGS); do echo "== vet, staticcheck -tags $(LEAN_TAG) $$p"; (cd $$p && $(GO) vet -tags $(LEAN_TAG) . && $(GO) run $(STATICCHECK) -tags $(LEAN_TAG) .); done
 
 fuzz: ## run every Fuzz* target of every module for $(FUZZTIME)
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh $(MODULES)

@@ -371,19 +371,6 @@ func (h *hub) sweepIdle(ctx context.Context, now time.Time) {
 	}
 }
 
-// channelCount is the number of channels with local subscribers.
-func (h *hub) channelCount() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	n := 0
-	for _, cs := range h.chans {
-		if cs != h.inbox && cs.refs > 0 {
-			n++
-		}
-	}
-	return n
-}
-
 func (h *hub) addConn(c *conn) {
 	h.mu.Lock()
 	h.conns[c.id] = c

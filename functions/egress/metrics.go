@@ -1,3 +1,5 @@
+//go:build !wsrelay_lean
+
 package main
 
 import (
@@ -68,4 +70,18 @@ func (m *metrics) observeDelivery(now time.Time, tsMS int64) {
 // fixed set, so the series stay few).
 func (m *metrics) closed(status int) {
 	m.set.GetOrCreateCounter(`wsrelay_egress_closes_total{status="` + strconv.Itoa(status) + `"}`).Inc()
+}
+
+// channelCount is the number of channels with local subscribers (the
+// wsrelay_egress_channels gauge).
+func (h *hub) channelCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, cs := range h.chans {
+		if cs != h.inbox && cs.refs > 0 {
+			n++
+		}
+	}
+	return n
 }

@@ -1,7 +1,5 @@
-// Package debugserver serves Go's profiling endpoints (net/http/pprof) on
-// an address of their own, off by default, so that an operator can profile
-// a function in production without exposing the profiles on its public
-// port.
+//go:build !wsrelay_lean
+
 package debugserver
 
 import (

@@ -1,3 +1,5 @@
+//go:build !wsrelay_lean
+
 package debugserver
 
 import (

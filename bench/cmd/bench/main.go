@@ -56,8 +56,9 @@ var rows = []row{
 	{"S4 ingest only", "pub fail", "0", "", 0},
 	{"S5 cold start", "ingress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "egress ms", "≤ 10", "56", 1},
-	{"S6 1 conn/instance", "RSS MiB", "≤ 10", "—", 1},
+	{"S6 1 conn/instance", "lean RSS MiB", "≤ 10", "—", 1},
 	{"S6 1 conn/instance", "anon MiB", "", "—", 1},
+	{"S6 1 conn/instance", "default RSS MiB", "", "—", 1},
 	{"S6 1 conn/instance", "CPU ms", "~0", "—", 0},
 	{"S6 1 conn/instance", "cmds", "registry only", "—", 1},
 	{"S6 1 conn/instance", "lost", "0", "", 0},
@@ -111,7 +112,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	fmt.Fprintf(stderr, "bench: logs in %s, RLIMIT_NOFILE %d\n", logDir, nofile)
 	e := &env{logDir: logDir}
-	if e.ingressBin, e.egressBin, err = buildBinaries(root); err != nil {
+	if e.ingressBin, e.egressBin, e.egressLeanBin, err = buildBinaries(root); err != nil {
 		return err
 	}
 	if err := e.startRedis(); err != nil {
@@ -183,7 +184,7 @@ func (r result) String() string {
 }
 
 func printTable(w io.Writer, results map[string][]result, runs int, sz sizes, took time.Duration) {
-	fmt.Fprintf(w, "\nwsrelay bench: %d run(s) per scenario, %s total; S1 %d subs × %d pubs, S2 %d ch × %d pubs, S3 %d conns, S4 %d conns %s, S5 %d starts, S6 %d procs × %d pubs on %d ch\n\n",
+	fmt.Fprintf(w, "\nwsrelay bench: %d run(s) per scenario, %s total; S1 %d subs × %d pubs, S2 %d ch × %d pubs, S3 %d conns, S4 %d conns %s, S5 %d starts, S6 %d lean procs (+1 default build) × %d pubs on %d ch\n\n",
 		runs, took.Round(time.Second), sz.s1Subs, sz.s1Pubs, sz.s2Chans, sz.s2Pubs, sz.s3Conns, sz.s4Conns, sz.s4Dur, sz.s5Reps, sz.s6Procs, sz.s6Pubs, sz.s6Chans)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "scenario\tmetric\tmedian\tmin–max\ttarget\tCentrifugo")

@@ -83,22 +83,27 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-// buildBinaries builds bin/bench/ingress and bin/bench/egress from the
-// repository root the way `make package` builds what ships to SCF (static,
-// trimmed, stripped), so memory and start-up figures are the deployed
-// binary's.
-func buildBinaries(root string) (ingress, egress string, err error) {
+// buildBinaries builds bin/bench/ingress, bin/bench/egress and
+// bin/bench/egress-lean from the repository root the way `make package`
+// builds what ships to SCF (static, trimmed, stripped; the lean egress
+// with -tags wsrelay_lean, as `make package LEAN=1`), so memory and
+// start-up figures are the deployed binaries'.
+func buildBinaries(root string) (ingress, egress, egressLean string, err error) {
 	bin := filepath.Join(root, "bin", "bench")
-	for _, f := range []string{"ingress", "egress"} {
-		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(bin, f), ".")
+	for _, b := range []struct{ fn, out, tags string }{
+		{"ingress", "ingress", ""},
+		{"egress", "egress", ""},
+		{"egress", "egress-lean", "wsrelay_lean"},
+	} {
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), ".")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		cmd.Dir = filepath.Join(root, "functions", f)
+		cmd.Dir = filepath.Join(root, "functions", b.fn)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
-			return "", "", fmt.Errorf("build %s: %w", f, err)
+			return "", "", "", fmt.Errorf("build %s: %w", b.out, err)
 		}
 	}
-	return filepath.Join(bin, "ingress"), filepath.Join(bin, "egress"), nil
+	return filepath.Join(bin, "ingress"), filepath.Join(bin, "egress"), filepath.Join(bin, "egress-lean"), nil
 }
 
 // repoRoot finds the directory holding go.work, upwards from the working
@@ -122,12 +127,12 @@ func repoRoot() (string, error) {
 
 // env is the bench's view of one running system: Redis, binaries, logs.
 type env struct {
-	ingressBin, egressBin string
-	redisURL              string
-	redisAddr             string
-	logDir                string
-	redis                 *exec.Cmd
-	rdb                   *redis.Client // the bench's own connection
+	ingressBin, egressBin, egressLeanBin string
+	redisURL                             string
+	redisAddr                            string
+	logDir                               string
+	redis                                *exec.Cmd
+	rdb                                  *redis.Client // the bench's own connection
 }
 
 // startRedis starts a redis-server with no persistence on a free port.

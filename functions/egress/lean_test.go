@@ -1,0 +1,44 @@
+//go:build wsrelay_lean
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/debugserver"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// A lean build answers /metrics with 404 not_built, refuses DEBUG_ADDR at
+// start, and otherwise serves as a default build does (the rest of the
+// suite runs with the tag too: make test).
+func TestLeanBuild(t *testing.T) {
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	resp, err := http.Get(e.srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Error struct{ Code string } `json:"error"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || resp.StatusCode != 404 || body.Error.Code != "not_built" {
+		t.Fatalf("GET /metrics: %d %+v %v, want 404 not_built", resp.StatusCode, body, err)
+	}
+
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": redistest.URL(t), "DEBUG_ADDR": "127.0.0.1:0"}
+	// Bounded: a build that accepted DEBUG_ADDR would serve until ctx ends.
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	err = run(ctx, nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	if !errors.Is(err, debugserver.ErrNotBuilt) || !strings.Contains(err.Error(), "DEBUG_ADDR") {
+		t.Fatalf("run with DEBUG_ADDR in a lean build: %v", err)
+	}
+}
