@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -37,16 +38,29 @@ func startSecEgress(t *testing.T, env map[string]string) *secEgress {
 		t.Fatal(err)
 	}
 	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	srv, _ := startEgress(t, s)
+	return &secEgress{s: s, srv: srv}
+}
+
+// startEgress runs s (its background loops, and HTTP on an httptest server)
+// until stop is called or the test ends. stop waits for the loops to end
+// and closes the server; it may be called more than once.
+func startEgress(t *testing.T, s *Server) (srv *httptest.Server, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan struct{})
 	go func() { s.Run(ctx); close(ran) }()
-	srv := httptest.NewServer(s)
-	t.Cleanup(func() {
-		cancel()
-		<-ran
-		srv.Close()
-	})
-	return &secEgress{s: s, srv: srv}
+	srv = httptest.NewServer(s)
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			<-ran
+			srv.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return srv, stop
 }
 
 func (e *secEgress) url(q url.Values) string {

@@ -46,17 +46,8 @@ func startClusterEgress(t *testing.T, rdb *redis.ClusterClient, addrs string) *c
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s := NewServer(cfg, log, rdb)
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan struct{})
-	go func() { s.Run(ctx); close(ran) }()
-	srv := httptest.NewServer(s)
-	t.Cleanup(func() {
-		cancel()
-		<-ran
-		srv.Close()
-		redistest.Cleanup(rdb, prefix)
-	})
+	t.Cleanup(func() { redistest.Cleanup(rdb, prefix) }) // after the server stops
+	srv, _ := startEgress(t, NewServer(cfg, log, rdb))
 	return &clusterEgress{srv: srv, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb)}
 }
 
@@ -553,12 +544,8 @@ func TestMeasureScaling(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := NewServer(cfg, slog.New(slog.DiscardHandler), egressRDB)
-		rctx, cancel := context.WithCancel(ctx)
-		ran := make(chan struct{})
-		go func() { s.Run(rctx); close(ran) }()
-		hs := httptest.NewServer(s)
-		defer func() { cancel(); <-ran; hs.Close(); egressRDB.Close() }()
+		hs, stop := startEgress(t, NewServer(cfg, slog.New(slog.DiscardHandler), egressRDB))
+		defer func() { stop(); egressRDB.Close() }()
 		col := dialCollector(t, hs, []string{"mine"})
 		ks := keys.Scheme{Prefix: prefix}
 		store := stream.NewStore(pub)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -39,11 +38,7 @@ func TestServerLifecycleLeaksNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan struct{})
-	go func() { s.Run(ctx); close(ran) }()
-	srv := httptest.NewServer(s)
+	srv, stop := startEgress(t, NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb))
 
 	ks := keys.Scheme{Prefix: prefix}
 	store := stream.NewStore(rdb)
@@ -76,9 +71,7 @@ func TestServerLifecycleLeaksNothing(t *testing.T) {
 	_ = socks[0].WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(1000, "bye"))
 	socks[0].Close()
 
-	cancel()
-	<-ran
-	srv.Close()
+	stop() // before the deferred leak check, which runs ahead of t.Cleanup
 	for _, ws := range socks[1:] {
 		ws.Close()
 	}
