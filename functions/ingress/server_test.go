@@ -52,6 +52,22 @@ func newEnv(t *testing.T, tweak ...func(*Config)) *testEnv {
 	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
 }
 
+// newEnvOn is a server on the Redis at url with a 300 ms Redis timeout,
+// for the tests of a Redis that is down or does not answer.
+func newEnvOn(t *testing.T, url string) *testEnv {
+	t.Helper()
+	rc := redisconn.Config{URL: url, Timeout: 300 * time.Millisecond}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	return &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+}
+
 // do sends one request; a non-empty body is sent as application/json
 // unless a Content-Type header is given.
 func (e *testEnv) do(method, path, body string, hdr ...string) *httptest.ResponseRecorder {
@@ -145,16 +161,7 @@ func TestNotFoundAndMethodNotAllowed(t *testing.T) {
 func TestRedisDown(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	cfg := testConfig(t)
-	cfg.Redis = rc
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := newEnvOn(t, rs.URL())
 
 	if w := e.do("GET", "/readyz", ""); w.Code != 200 {
 		t.Fatalf("readyz with Redis up: %d %s", w.Code, w.Body.String())
@@ -262,16 +269,7 @@ func TestRedisHung(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	rc := redisconn.Config{URL: "redis://" + ln.Addr().String() + "/0", Timeout: 300 * time.Millisecond}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	cfg := testConfig(t)
-	cfg.Redis = rc
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := newEnvOn(t, "redis://"+ln.Addr().String()+"/0")
 	start := time.Now()
 	w := e.do("POST", "/v1/channels/hung/messages", `{"data":1}`)
 	if d := time.Since(start); d > 2*time.Second {
