@@ -47,15 +47,30 @@ func describe(cfg any, err error) string {
 		return err.Error()
 	}
 	var names []string
-	collectField(reflect.TypeOf(cfg), pe.Name, &names)
+	eachVar(reflect.TypeOf(cfg), func(field, name string) {
+		if field == pe.Name {
+			names = append(names, name)
+		}
+	})
 	if len(names) != 1 {
 		return err.Error()
 	}
 	return fmt.Sprintf("%s: %v", names[0], pe.Err)
 }
 
-// collectField appends the variable names of the fields called field.
-func collectField(t reflect.Type, field string, names *[]string) {
+// Names lists every environment variable cfg reads, sorted, including
+// those of nested structs.
+func Names(cfg any) []string {
+	var names []string
+	eachVar(reflect.TypeOf(cfg), func(_, name string) { names = append(names, name) })
+	sort.Strings(names)
+	return names
+}
+
+// eachVar calls fn with the Go field name and the variable name of every
+// field of t (a struct, or a pointer to one) that has an `env` tag,
+// descending into untagged struct fields.
+func eachVar(t reflect.Type, fn func(field, name string)) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
@@ -65,42 +80,9 @@ func collectField(t reflect.Type, field string, names *[]string) {
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
 		if name, _, _ := strings.Cut(f.Tag.Get("env"), ","); name != "" {
-			if f.Name == field {
-				*names = append(*names, name)
-			}
+			fn(f.Name, name)
 			continue
 		}
-		collectField(f.Type, field, names)
-	}
-}
-
-// Names lists every environment variable cfg reads, sorted, including
-// those of nested structs.
-func Names(cfg any) []string {
-	var names []string
-	collect(reflect.TypeOf(cfg), &names)
-	sort.Strings(names)
-	return names
-}
-
-func collect(t reflect.Type, names *[]string) {
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	if t.Kind() != reflect.Struct {
-		return
-	}
-	for i := 0; i < t.NumField(); i++ {
-		f := t.Field(i)
-		if tag := f.Tag.Get("env"); tag != "" {
-			name, _, _ := strings.Cut(tag, ",")
-			if name != "" {
-				*names = append(*names, name)
-				continue
-			}
-		}
-		if f.Type.Kind() == reflect.Struct || (f.Type.Kind() == reflect.Pointer && f.Type.Elem().Kind() == reflect.Struct) {
-			collect(f.Type, names)
-		}
+		eachVar(f.Type, fn)
 	}
 }
