@@ -21,6 +21,10 @@ LEAN_TAG    := wsrelay_lean
 # with the tag.
 LEAN_PKGS   := shared/debugserver functions/egress
 FUZZTIME    ?= 3s
+# CENTRIFUGO=1 makes `make bench` also run S1–S5 on Centrifugo, built from
+# the Go module proxy at this version into bin/bench/, and compare.
+CENTRIFUGO  ?=
+CENTRIFUGO_MODULE := github.com/centrifugal/centrifugo/v6@v6.9.1
 # staticcheck 0.8.x is the first line that understands Go 1.26.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests need: Redis for every Redis test, Chromium for
@@ -54,9 +58,11 @@ test: deps lint ## lint, race-test every module, then fuzz briefly
 	if (( $${#failed[@]} )); then echo "FAILED: go test in $${failed[*]}" >&2; exit 1; fi
 	@$(MAKE) --no-print-directory fuzz
 
-bench: ## run the benchmark harness (bench/cmd/bench)
-	@if [ -d bench/cmd/bench ]; then cd bench && $(GO) run ./cmd/bench $(BENCH_ARGS); \
-	else echo "bench: bench/cmd/bench does not exist yet" >&2; exit 1; fi
+bench: ## run the benchmark harness (bench/cmd/bench); CENTRIFUGO=1 compares with Centrifugo in the same run
+	@if [ -n "$(CENTRIFUGO)" ]; then \
+		echo "bench: building $(CENTRIFUGO_MODULE) into bin/bench (minutes the first time)" >&2; \
+		GOBIN="$(CURDIR)/bin/bench" $(GO) install $(CENTRIFUGO_MODULE); fi
+	@cd bench && $(GO) run ./cmd/bench $(if $(CENTRIFUGO),-centrifugo "$(CURDIR)/bin/bench/centrifugo") $(BENCH_ARGS)
 
 package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/); LEAN=1 for a lean egress
 	@for f in $(FUNCTIONS); do \

@@ -50,8 +50,10 @@ type subscriber struct {
 	got      int
 	dups     int
 	lats     []uint32 // end-to-end latency, µs
+	seqs     []uint32 // the sequence number of each lats entry
 	last     int64    // receipt time of the last message, bench clock
 	done     chan struct{}
+	pings    bool // the server pings with empty commands (Centrifugo)
 }
 
 var (
@@ -59,16 +61,17 @@ var (
 	// gorilla's small default a subscriber makes one read syscall per one
 	// or two frames, and the load generator would take the CPU the egress
 	// needs on these shared cores. The bench's own memory is not measured.
-	dialer     = &websocket.Dialer{ReadBufferSize: 16 << 10, WriteBufferSize: 256, HandshakeTimeout: 10 * time.Second}
-	subscribed = []byte(`"type":"subscribed"`)
-	dataKey    = []byte(`"data":{"s":`) // only message frames carry it
-	sentKey    = []byte(`,"t":`)
+	dialer   = &websocket.Dialer{ReadBufferSize: 16 << 10, WriteBufferSize: 256, HandshakeTimeout: 10 * time.Second}
+	dataKey  = []byte(`"data":{"s":`) // only message frames carry it
+	emptyCmd = []byte(`{}`)
+	sentKey  = []byte(`,"t":`)
 )
 
-// dialSubscriber opens a socket subscribed to ch and waits for the
-// "subscribed" reply. total is the number of publishes in the scenario.
-func dialSubscriber(ctx context.Context, egress *proc, ch string, total int, rcvd *atomic.Int64) (*subscriber, error) {
-	url := "ws://127.0.0.1:" + strconv.Itoa(egress.port) + "/ws?channels=" + ch
+// dialSubscriber opens a socket to the system under test, subscribed to
+// ch, and waits for the subscription's confirmation. total is the number
+// of publishes in the scenario.
+func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *atomic.Int64) (*subscriber, error) {
+	url := "ws://127.0.0.1:" + strconv.Itoa(sys.sub.port) + sys.kind.wsPath(ch)
 	ws, resp, err := dialer.DialContext(ctx, url, nil)
 	if err != nil {
 		if resp != nil {
@@ -77,20 +80,14 @@ func dialSubscriber(ctx context.Context, egress *proc, ch string, total int, rcv
 		return nil, fmt.Errorf("dial %s: %w", ch, err)
 	}
 	_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
-	for {
-		_, b, err := ws.ReadMessage()
-		if err != nil {
-			ws.Close()
-			return nil, fmt.Errorf("wait for subscribed on %s: %w", ch, err)
-		}
-		if bytes.Contains(b, subscribed) {
-			break
-		}
+	if err := sys.kind.subscribe(ws, ch); err != nil {
+		ws.Close()
+		return nil, fmt.Errorf("subscribe to %s: %w", ch, err)
 	}
 	_ = ws.SetReadDeadline(time.Time{})
 	// lats has room for every message from the start: growing it while
 	// messages arrive would make garbage, and GC work, in the bench itself.
-	s := &subscriber{ws: ws, seen: make([]byte, (total+7)/8), lats: make([]uint32, 0, total), done: make(chan struct{})}
+	s := &subscriber{ws: ws, seen: make([]byte, (total+7)/8), lats: make([]uint32, 0, total), seqs: make([]uint32, 0, total), done: make(chan struct{}), pings: sys.kind == centrifugo}
 	go s.read(rcvd)
 	return s, nil
 }
@@ -120,37 +117,66 @@ func (s *subscriber) read(rcvd *atomic.Int64) {
 			}
 		}
 		t := now()
-		seq, sent, ok := parseData(buf)
-		if !ok || seq < 0 || int(seq) >= len(s.seen)*8 {
-			continue
+		if s.pings && bytes.Contains(buf, emptyCmd) {
+			// Centrifugo's ping, alone or among pushes: an empty
+			// command answers it. (close may write at the same time:
+			// gorilla allows WriteControl so.)
+			_ = s.ws.WriteMessage(websocket.TextMessage, emptyCmd)
 		}
-		if s.seen[seq/8]&(1<<(seq%8)) != 0 {
-			s.dups++
-			continue
+		// A frame holds one message (wsrelay) or several, one per line
+		// (Centrifugo).
+		for rest := buf; ; {
+			seq, sent, next, found := nextData(rest)
+			if !found {
+				break
+			}
+			rest = next
+			s.record(seq, sent, t, rcvd)
 		}
-		s.seen[seq/8] |= 1 << (seq % 8)
-		s.got++
-		s.lats = append(s.lats, uint32(max(0, (t-sent)/1000)))
-		atomic.StoreInt64(&s.last, t)
-		rcvd.Add(1)
 	}
 }
 
-// parseData finds the sequence number and send time in a message frame
-// with one scan (three scans were a fifth of the generator's CPU in S1,
-// taken from the cores the system under test needs).
-func parseData(frame []byte) (seq, sent int64, ok bool) {
-	i := bytes.Index(frame, dataKey)
-	if i < 0 {
-		return 0, 0, false
+// record counts one received message.
+func (s *subscriber) record(seq, sent, t int64, rcvd *atomic.Int64) {
+	if seq < 0 || int(seq) >= len(s.seen)*8 {
+		return
 	}
-	b := frame[i+len(dataKey):]
-	seq, n := leadingInt(b)
-	if n == 0 || !bytes.HasPrefix(b[n:], sentKey) {
-		return 0, 0, false
+	if s.seen[seq/8]&(1<<(seq%8)) != 0 {
+		s.dups++
+		return
 	}
-	sent, m := leadingInt(b[n+len(sentKey):])
-	return seq, sent, m > 0
+	s.seen[seq/8] |= 1 << (seq % 8)
+	s.got++
+	s.lats = append(s.lats, uint32(max(0, (t-sent)/1000)))
+	s.seqs = append(s.seqs, uint32(seq))
+	atomic.StoreInt64(&s.last, t)
+	rcvd.Add(1)
+}
+
+// nextData finds the first message in frame with one scan (three scans
+// were a fifth of the generator's CPU in S1, taken from the cores the
+// system under test needs): its sequence number, its send time and the
+// rest of the frame after it. A malformed message is skipped. found is
+// false when frame holds no further message.
+func nextData(frame []byte) (seq, sent int64, rest []byte, found bool) {
+	for {
+		i := bytes.Index(frame, dataKey)
+		if i < 0 {
+			return 0, 0, nil, false
+		}
+		b := frame[i+len(dataKey):]
+		frame = b
+		seq, n := leadingInt(b)
+		if n == 0 || !bytes.HasPrefix(b[n:], sentKey) {
+			continue
+		}
+		b = b[n+len(sentKey):]
+		sent, m := leadingInt(b)
+		if m == 0 {
+			continue
+		}
+		return seq, sent, b[m:], true
+	}
 }
 
 // leadingInt parses the decimal digits b starts with; n is how many.
@@ -170,7 +196,7 @@ func (s *subscriber) close() {
 
 // dialMany opens n subscribers, chOf(i) naming each one's channel, with
 // bounded parallelism.
-func dialMany(ctx context.Context, egress *proc, n int, chOf func(int) string, total int, rcvd *atomic.Int64) ([]*subscriber, error) {
+func dialMany(ctx context.Context, sys *sut, n int, chOf func(int) string, total int, rcvd *atomic.Int64) ([]*subscriber, error) {
 	subs := make([]*subscriber, n)
 	var (
 		next  atomic.Int64
@@ -185,7 +211,7 @@ func dialMany(ctx context.Context, egress *proc, n int, chOf func(int) string, t
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				s, err := dialSubscriber(ctx, egress, chOf(i), total, rcvd)
+				s, err := dialSubscriber(ctx, sys, chOf(i), total, rcvd)
 				if err != nil {
 					errMu.Lock()
 					if first == nil {
@@ -224,6 +250,7 @@ func closeAll(subs []*subscriber) {
 // cost about as much CPU per publish as the ingress itself (35 µs), which
 // the bench would otherwise charge to the system under test.
 type publisher struct {
+	kind kind
 	addr string
 	pool chan *httpConn // idle connections
 	sem  chan struct{}  // one token per open connection, at most conns
@@ -235,9 +262,10 @@ type httpConn struct {
 	buf []byte
 }
 
-func newPublisher(ingress *proc, conns int) *publisher {
+func newPublisher(sys *sut, conns int) *publisher {
 	return &publisher{
-		addr: "127.0.0.1:" + strconv.Itoa(ingress.port),
+		kind: sys.kind,
+		addr: "127.0.0.1:" + strconv.Itoa(sys.pub.port),
 		pool: make(chan *httpConn, conns),
 		sem:  make(chan struct{}, conns),
 	}
@@ -296,71 +324,70 @@ func (p *publisher) publish(ctx context.Context, ch string, seq int) (time.Durat
 	if err != nil {
 		return 0, err
 	}
-	body := payload(seq, t0)
-	b := hc.buf[:0]
-	b = append(b, "POST /v1/channels/"...)
-	b = append(b, ch...)
-	b = append(b, "/messages HTTP/1.1\r\nHost: "...)
-	b = append(b, p.addr...)
-	b = append(b, "\r\nContent-Type: application/json\r\nContent-Length: "...)
-	b = strconv.AppendInt(b, int64(len(body)), 10)
-	b = append(b, "\r\n\r\n"...)
-	b = append(b, body...)
-	hc.buf = b
+	hc.buf = p.kind.publishRequest(hc.buf[:0], p.addr, ch, payload(seq, t0))
+	b := hc.buf
 	_ = hc.c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := hc.c.Write(b); err != nil {
 		p.discard(hc)
 		return 0, err
 	}
-	status, err := readResponse(hc.r)
+	status, body, err := readResponse(hc.r)
 	if err != nil {
 		p.discard(hc)
 		return 0, err
 	}
+	err = p.kind.publishError(status, body)
 	p.pool <- hc
-	if status != 202 {
-		return 0, fmt.Errorf("%w %d", errStatus, status)
+	if err != nil {
+		return 0, err
 	}
 	return time.Duration(now() - t0), nil
 }
 
-// readResponse reads one HTTP/1.1 response with a Content-Length body,
-// discards the body and returns the status code.
-func readResponse(r *bufio.Reader) (int, error) {
+// readResponse reads one HTTP/1.1 response with a Content-Length body and
+// returns the status code and the body, which stays valid until the next
+// read from r.
+func readResponse(r *bufio.Reader) (int, []byte, error) {
 	line, err := r.ReadSlice('\n')
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	// "HTTP/1.1 202 Accepted\r\n"
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) {
-		return 0, fmt.Errorf("%w: status line %q", errResponse, line)
+		return 0, nil, fmt.Errorf("%w: status line %q", errResponse, line)
 	}
 	status, err := strconv.Atoi(string(line[9:12]))
 	if err != nil {
-		return 0, fmt.Errorf("%w: status line %q", errResponse, line)
+		return 0, nil, fmt.Errorf("%w: status line %q", errResponse, line)
 	}
 	length := -1
 	for {
 		line, err = r.ReadSlice('\n')
 		if err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 		if len(line) <= 2 {
 			break
 		}
 		if k, v, ok := bytes.Cut(line, []byte(":")); ok && bytes.EqualFold(k, []byte("Content-Length")) {
 			if length, err = strconv.Atoi(string(bytes.TrimSpace(v))); err != nil {
-				return 0, fmt.Errorf("%w: Content-Length %q", errResponse, v)
+				return 0, nil, fmt.Errorf("%w: Content-Length %q", errResponse, v)
 			}
 		}
 	}
 	if length < 0 {
-		return 0, fmt.Errorf("%w: no Content-Length", errResponse)
+		return 0, nil, fmt.Errorf("%w: no Content-Length", errResponse)
 	}
-	if _, err := r.Discard(length); err != nil {
-		return 0, err
+	if length > r.Size() {
+		_, err := r.Discard(length)
+		return status, nil, err
 	}
-	return status, nil
+	body, err := r.Peek(length)
+	if err != nil {
+		return 0, nil, err
+	}
+	_, _ = r.Discard(length)
+	return status, body, nil
 }
 
 // pubStats is what a publishing phase measured.
@@ -445,9 +472,13 @@ type delivery struct {
 	got, lost, dups int
 	last            int64
 	lats            []uint32
+	// byQuarter are the latencies of the messages of each quarter of the
+	// publishes, in publish order: a rising median from one to the next
+	// is a backlog that grows while publishing goes on.
+	byQuarter [4][]uint32
 }
 
-func collect(subs []*subscriber) delivery {
+func collect(subs []*subscriber, total int) delivery {
 	var d delivery
 	n := 0
 	for _, s := range subs {
@@ -460,6 +491,10 @@ func collect(subs []*subscriber) delivery {
 		d.lost += max(0, s.expected-s.got)
 		d.last = max(d.last, atomic.LoadInt64(&s.last))
 		d.lats = append(d.lats, s.lats...)
+		for i, seq := range s.seqs {
+			q := min(3, int(seq)*4/max(1, total))
+			d.byQuarter[q] = append(d.byQuarter[q], s.lats[i])
+		}
 	}
 	return d
 }

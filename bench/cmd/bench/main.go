@@ -2,6 +2,12 @@
 // real ingress and egress binaries and a throwaway redis-server, and
 // prints one table: median and min–max over -runs repetitions.
 //
+// With -centrifugo (make bench CENTRIFUGO=1) it runs S1–S5 on Centrifugo
+// too, each run of a scenario right after wsrelay's, and adds Centrifugo's
+// figures and the ratio to the table: on a shared, noisy machine a ratio
+// measured in one run says more than a comparison with figures from
+// another day.
+//
 // It builds bin/ingress and bin/egress, starts every process itself and
 // kills them all on the way out (normal end, error, panic or signal).
 package main
@@ -78,6 +84,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	s4dur := fs.Duration("s4-duration", 0, "S4 duration (default 10s, 2s with -quick)")
 	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
+	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -98,6 +105,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	if *short {
 		limit = 3 * time.Minute
 	}
+	kinds := []kind{wsrelay}
+	if *cfBin != "" {
+		kinds = append(kinds, centrifugo)
+		limit *= 2
+	}
 	ctx, cancel := context.WithTimeout(ctx, limit*time.Duration(max(1, *runs))/3+time.Minute)
 	defer cancel()
 
@@ -111,7 +123,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 	fmt.Fprintf(stderr, "bench: logs in %s, RLIMIT_NOFILE %d\n", logDir, nofile)
-	e := &env{logDir: logDir}
+	e := &env{logDir: logDir, centrifugoBin: *cfBin}
 	if e.ingressBin, e.egressBin, e.egressLeanBin, err = buildBinaries(root); err != nil {
 		return err
 	}
@@ -136,28 +148,38 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 
 	scen := []struct {
 		name string
-		fn   func(context.Context) (result, error)
+		fn   func(context.Context, kind) (result, error)
 	}{{"s1", b.s1}, {"s2", b.s2}, {"s3", b.s3}, {"s4", b.s4}, {"s5", b.s5}, {"s6", b.s6}}
-	results := map[string][]result{} // scenario prefix "S1" → runs
+	results := map[kind]map[string][]result{} // system → scenario prefix "S1" → runs
+	for _, k := range kinds {
+		results[k] = map[string][]result{}
+	}
 	start := time.Now()
 	for _, s := range scen {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), s.name) {
 			continue
 		}
 		for i := range *runs {
-			t0 := time.Now()
-			r, err := s.fn(ctx)
-			if ctx.Err() != nil {
-				// Interrupted or out of time: a partial run measures nothing.
-				return fmt.Errorf("stopped during %s run %d: %w", s.name, i+1, context.Cause(ctx))
+			// The systems take turns within each run, so that both see
+			// the machine in the same state.
+			for _, k := range kinds {
+				if k == centrifugo && s.name == "s6" {
+					continue // Centrifugo has no such mode
+				}
+				t0 := time.Now()
+				r, err := s.fn(ctx, k)
+				if ctx.Err() != nil {
+					// Interrupted or out of time: a partial run measures nothing.
+					return fmt.Errorf("stopped during %s %s run %d: %w", k, s.name, i+1, context.Cause(ctx))
+				}
+				if err != nil {
+					return fmt.Errorf("%s %s run %d: %w", k, s.name, i+1, err)
+				}
+				_, _ = e.rdb.FlushAll(ctx).Result()
+				b.logf("%s %s run %d (%.1fs): %s", k, s.name, i+1, time.Since(t0).Seconds(), r)
+				key := strings.ToUpper(s.name)
+				results[k][key] = append(results[k][key], r)
 			}
-			if err != nil {
-				return fmt.Errorf("%s run %d: %w", s.name, i+1, err)
-			}
-			_, _ = e.rdb.FlushAll(ctx).Result()
-			b.logf("%s run %d (%.1fs): %s", s.name, i+1, time.Since(t0).Seconds(), r)
-			key := strings.ToUpper(s.name)
-			results[key] = append(results[key], r)
 		}
 	}
 	printTable(stdout, results, *runs, sz, time.Since(start))
@@ -183,28 +205,55 @@ func (r result) String() string {
 	return strings.TrimSpace(sb.String())
 }
 
-func printTable(w io.Writer, results map[string][]result, runs int, sz sizes, took time.Duration) {
+// printTable prints wsrelay's figures, the targets and the issue's
+// Centrifugo reference, and, when Centrifugo ran in this run too, its
+// figures and wsrelay's as a ratio of them (wsrelay ÷ Centrifugo).
+func printTable(w io.Writer, results map[kind]map[string][]result, runs int, sz sizes, took time.Duration) {
 	fmt.Fprintf(w, "\nwsrelay bench: %d run(s) per scenario, %s total; S1 %d subs × %d pubs, S2 %d ch × %d pubs, S3 %d conns, S4 %d conns %s, S5 %d starts, S6 %d lean procs (+1 default build) × %d pubs on %d ch\n\n",
 		runs, took.Round(time.Second), sz.s1Subs, sz.s1Pubs, sz.s2Chans, sz.s2Pubs, sz.s3Conns, sz.s4Conns, sz.s4Dur, sz.s5Reps, sz.s6Procs, sz.s6Pubs, sz.s6Chans)
+	cf, compared := results[centrifugo]
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "scenario\tmetric\tmedian\tmin–max\ttarget\tCentrifugo")
+	if compared {
+		fmt.Fprintln(tw, "scenario\tmetric\tmedian\tmin–max\ttarget\tCentrifugo (issue)\tCentrifugo here\tmin–max\twsrelay ÷ here")
+	} else {
+		fmt.Fprintln(tw, "scenario\tmetric\tmedian\tmin–max\ttarget\tCentrifugo (issue)")
+	}
 	for _, r := range rows {
-		rs := results[r.scenario[:2]]
-		if len(rs) == 0 {
+		ours, ok := summarize(results[wsrelay][r.scenario[:2]], r.metric)
+		if !ok {
 			continue
 		}
-		var vals []float64
-		for _, x := range rs {
-			if v, ok := x[r.metric]; ok {
-				vals = append(vals, v)
+		f := func(v float64) string { return fmt.Sprintf("%.*f", r.digits, v) }
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s–%s\t%s\t%s", r.scenario, r.metric, f(ours.median), f(ours.min), f(ours.max), r.target, r.ref)
+		if compared {
+			if theirs, ok := summarize(cf[r.scenario[:2]], r.metric); ok {
+				ratio := "–"
+				if theirs.median != 0 {
+					ratio = fmt.Sprintf("%.2f×", ours.median/theirs.median)
+				}
+				fmt.Fprintf(tw, "\t%s\t%s–%s\t%s", f(theirs.median), f(theirs.min), f(theirs.max), ratio)
+			} else {
+				fmt.Fprint(tw, "\t–\t\t")
 			}
 		}
-		if len(vals) == 0 {
-			continue
-		}
-		slices.Sort(vals)
-		f := func(v float64) string { return fmt.Sprintf("%.*f", r.digits, v) }
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s–%s\t%s\t%s\n", r.scenario, r.metric, f(vals[len(vals)/2]), f(vals[0]), f(vals[len(vals)-1]), r.target, r.ref)
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
+}
+
+// spread is the median and range of one metric over runs.
+type spread struct{ median, min, max float64 }
+
+func summarize(runs []result, metric string) (spread, bool) {
+	var vals []float64
+	for _, x := range runs {
+		if v, ok := x[metric]; ok {
+			vals = append(vals, v)
+		}
+	}
+	if len(vals) == 0 {
+		return spread{}, false
+	}
+	slices.Sort(vals)
+	return spread{vals[len(vals)/2], vals[0], vals[len(vals)-1]}, true
 }

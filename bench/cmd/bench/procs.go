@@ -128,6 +128,7 @@ func repoRoot() (string, error) {
 // env is the bench's view of one running system: Redis, binaries, logs.
 type env struct {
 	ingressBin, egressBin, egressLeanBin string
+	centrifugoBin                        string // empty: not compared
 	redisURL                             string
 	redisAddr                            string
 	logDir                               string

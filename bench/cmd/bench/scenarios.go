@@ -61,24 +61,19 @@ func (b *bench) prefix(s string) string {
 	return "b" + strconv.Itoa(b.runID) + s
 }
 
-// fanOut runs S1 and S2: nChans channels, subsPer subscribers each on one
-// egress, nPubs publishes spread round-robin over the channels.
-func (b *bench) fanOut(ctx context.Context, name string, nChans, subsTotal, nPubs int) (result, error) {
-	pfx := b.prefix(name)
-	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+// fanOut runs S1 and S2 on system k: nChans channels, subsTotal
+// subscribers spread over them on one egress, nPubs publishes spread
+// round-robin over the channels.
+func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTotal, nPubs int) (result, error) {
+	sys, err := b.startSystem(k, b.prefix(name), "SEND_QUEUE=4096")
 	if err != nil {
 		return nil, err
 	}
-	defer kids.stop(ing.cmd)
-	eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "SEND_QUEUE=4096")
-	if err != nil {
-		return nil, err
-	}
-	defer kids.stop(eg.cmd)
+	defer sys.stop()
 
 	ch := func(i int) string { return "ch" + strconv.Itoa(i%nChans) }
 	var rcvd atomic.Int64
-	subs, err := dialMany(ctx, eg, subsTotal, ch, nPubs, &rcvd)
+	subs, err := dialMany(ctx, sys, subsTotal, ch, nPubs, &rcvd)
 	if err != nil {
 		return nil, err
 	}
@@ -92,63 +87,99 @@ func (b *bench) fanOut(ctx context.Context, name string, nChans, subsTotal, nPub
 		}
 		want += s.expected
 	}
-	pub := newPublisher(ing, b.sz.publishers)
+	pub := newPublisher(sys, b.sz.publishers)
 	defer pub.close()
 	// CPU seconds of every process during the run: who the 2 cores went to.
-	pids := []int{ing.cmd.Process.Pid, eg.cmd.Process.Pid, b.env.redis.Process.Pid, os.Getpid()}
-	cpu0 := make([]int64, len(pids))
-	for i, p := range pids {
-		cpu0[i], _ = cpuTicks(p)
-	}
+	cpu := newCPUMeter(sys, b.env)
 	st := pub.publishAll(ctx, nPubs, b.sz.publishers, ch)
 	waitDelivered(ctx, &rcvd, int64(want), 3*time.Second)
-	cpu := make([]float64, len(pids))
-	for i, p := range pids {
-		c, _ := cpuTicks(p)
-		cpu[i] = float64(c-cpu0[i]) / 100
-	}
+	used := cpu.seconds()
 	closeAll(subs)
-	d := collect(subs)
+	d := collect(subs, nPubs)
 	if st.failed > 0 {
 		b.logf("%s: %d publishes failed, first: %v", name, st.failed, st.firstErr)
 	}
 	secs := float64(d.last-st.start) / 1e9
 	r := result{
-		"p50 ms":        pct(d.lats, 50),
-		"p99 ms":        pct(d.lats, 99),
-		"lost":          float64(d.lost),
-		"dup":           float64(d.dups),
-		"pub fail":      float64(st.failed),
-		"pub/s":         float64(st.ok) / (float64(st.end-st.start) / 1e9),
-		"deliver/s":     float64(d.got) / secs,
-		"wall s":        secs,
-		"cpu ingress s": cpu[0], "cpu egress s": cpu[1], "cpu redis s": cpu[2], "cpu bench s": cpu[3],
+		"p50 ms":    pct(d.lats, 50),
+		"p99 ms":    pct(d.lats, 99),
+		"lost":      float64(d.lost),
+		"dup":       float64(d.dups),
+		"pub fail":  float64(st.failed),
+		"pub/s":     float64(st.ok) / (float64(st.end-st.start) / 1e9),
+		"deliver/s": float64(d.got) / secs,
+		"wall s":    secs,
+	}
+	for q, lats := range d.byQuarter {
+		r[fmt.Sprintf("p50 q%d ms", q+1)] = pct(lats, 50)
+	}
+	for who, sec := range used {
+		r["cpu "+who+" s"] = sec
 	}
 	return r, nil
 }
 
-func (b *bench) s1(ctx context.Context) (result, error) {
-	return b.fanOut(ctx, "s1", 1, b.sz.s1Subs, b.sz.s1Pubs)
+func (b *bench) s1(ctx context.Context, k kind) (result, error) {
+	return b.fanOut(ctx, k, "s1", 1, b.sz.s1Subs, b.sz.s1Pubs)
 }
 
-func (b *bench) s2(ctx context.Context) (result, error) {
-	return b.fanOut(ctx, "s2", b.sz.s2Chans, b.sz.s2Chans, b.sz.s2Pubs)
+func (b *bench) s2(ctx context.Context, k kind) (result, error) {
+	return b.fanOut(ctx, k, "s2", b.sz.s2Chans, b.sz.s2Chans, b.sz.s2Pubs)
+}
+
+// cpuMeter reads the CPU time the system's processes, Redis and the bench
+// itself use between its creation and seconds().
+type cpuMeter struct {
+	pids  map[string]int
+	start map[string]int64
+}
+
+func newCPUMeter(sys *sut, e *env) *cpuMeter {
+	m := &cpuMeter{pids: map[string]int{"redis": e.redis.Process.Pid, "bench": os.Getpid()}, start: map[string]int64{}}
+	for who, p := range sys.procs {
+		m.pids[who] = p.cmd.Process.Pid
+	}
+	for who, pid := range m.pids {
+		m.start[who], _ = cpuTicks(pid)
+	}
+	return m
+}
+
+// seconds returns the CPU seconds each process used so far.
+func (m *cpuMeter) seconds() map[string]float64 {
+	out := make(map[string]float64, len(m.pids))
+	for who, pid := range m.pids {
+		c, _ := cpuTicks(pid)
+		out[who] = float64(c-m.start[who]) / 100
+	}
+	return out
 }
 
 // s3: idle subscribed sockets on one egress; RSS delta per connection.
 // Sockets share channels ten to one (1,000 channels for 10,000 sockets).
-func (b *bench) s3(ctx context.Context) (result, error) {
+func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 	pfx := b.prefix("s3")
 	// Pings every 2 s, so that the idle period holds two ping/pong rounds:
 	// what an idle connection costs includes keeping it alive.
-	eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "PING_INTERVAL=2s")
-	if err != nil {
-		return nil, err
+	var sys *sut
+	if k == centrifugo {
+		p, _, err := b.env.startCentrifugo(pfx, 2*time.Second)
+		if err != nil {
+			return nil, err
+		}
+		sys = &sut{kind: k, sub: p, procs: map[string]*proc{"centrifugo": p}}
+	} else {
+		eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "PING_INTERVAL=2s")
+		if err != nil {
+			return nil, err
+		}
+		sys = &sut{kind: k, sub: eg, procs: map[string]*proc{"egress": eg}}
 	}
-	defer kids.stop(eg.cmd)
+	defer sys.stop()
+	pid := sys.sub.cmd.Process.Pid
 	var rcvd atomic.Int64
 	ch := func(i int) string { return "idle" + strconv.Itoa(i/10) }
-	warm, err := dialMany(ctx, eg, 10, ch, 1, &rcvd)
+	warm, err := dialMany(ctx, sys, 10, ch, 1, &rcvd)
 	if err != nil {
 		return nil, err
 	}
@@ -156,13 +187,13 @@ func (b *bench) s3(ctx context.Context) (result, error) {
 	if err := sleepCtx(ctx, time.Second); err != nil {
 		return nil, err
 	}
-	rss0, err := rssKiB(eg.cmd.Process.Pid)
+	rss0, err := rssKiB(pid)
 	if err != nil {
 		return nil, err
 	}
-	go0 := goMetrics(eg)
+	go0 := goMetrics(sys)
 	n := b.sz.s3Conns
-	subs, err := dialMany(ctx, eg, n, func(i int) string { return ch(i + 10) }, 1, &rcvd)
+	subs, err := dialMany(ctx, sys, n, func(i int) string { return ch(i + 10) }, 1, &rcvd)
 	if err != nil {
 		return nil, err
 	}
@@ -170,69 +201,87 @@ func (b *bench) s3(ctx context.Context) (result, error) {
 	if err := sleepCtx(ctx, 5*time.Second); err != nil {
 		return nil, err
 	}
-	rss1, err := rssKiB(eg.cmd.Process.Pid)
+	rss1, err := rssKiB(pid)
 	if err != nil {
 		return nil, err
 	}
-	go1 := goMetrics(eg)
-	per := func(k string) float64 { return (go1[k] - go0[k]) / float64(n) }
-	return result{
-		"heap KiB/conn":   per("go_memstats_heap_inuse_bytes") / 1024,
-		"stack KiB/conn":  per("go_memstats_stack_inuse_bytes") / 1024,
-		"goroutines/conn": per("go_goroutines"),
-		"KiB/conn":        float64(rss1-rss0) / float64(n),
-		"RSS MiB":         float64(rss1) / 1024,
-		"conns":           float64(n),
-		"base MiB":        float64(rss0) / 1024,
-		"after MiB":       float64(rss1) / 1024,
-	}, nil
+	r := result{
+		"KiB/conn":  float64(rss1-rss0) / float64(n),
+		"RSS MiB":   float64(rss1) / 1024,
+		"conns":     float64(n),
+		"base MiB":  float64(rss0) / 1024,
+		"after MiB": float64(rss1) / 1024,
+	}
+	if go1 := goMetrics(sys); len(go0) > 0 && len(go1) > 0 {
+		per := func(k string) float64 { return (go1[k] - go0[k]) / float64(n) }
+		r["heap KiB/conn"] = per("go_memstats_heap_inuse_bytes") / 1024
+		r["stack KiB/conn"] = per("go_memstats_stack_inuse_bytes") / 1024
+		r["goroutines/conn"] = per("go_goroutines")
+	}
+	return r, nil
 }
 
 // s4: ingest only, no subscribers, 64 keep-alive connections.
-func (b *bench) s4(ctx context.Context) (result, error) {
-	pfx := b.prefix("s4")
-	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
-	if err != nil {
-		return nil, err
+func (b *bench) s4(ctx context.Context, k kind) (result, error) {
+	var sys *sut
+	if k == centrifugo {
+		p, _, err := b.env.startCentrifugo(b.prefix("s4"), 25*time.Second)
+		if err != nil {
+			return nil, err
+		}
+		sys = &sut{kind: k, pub: p, procs: map[string]*proc{"centrifugo": p}}
+	} else {
+		ing, _, err := b.env.startFunction(b.env.ingressBin, b.prefix("s4"))
+		if err != nil {
+			return nil, err
+		}
+		sys = &sut{kind: k, pub: ing, procs: map[string]*proc{"ingress": ing}}
 	}
-	defer kids.stop(ing.cmd)
-	pub := newPublisher(ing, b.sz.s4Conns)
+	defer sys.stop()
+	pub := newPublisher(sys, b.sz.s4Conns)
 	defer pub.close()
-	pids := []int{ing.cmd.Process.Pid, b.env.redis.Process.Pid, os.Getpid()}
-	cpu0 := make([]int64, len(pids))
-	for i, p := range pids {
-		cpu0[i], _ = cpuTicks(p)
-	}
+	cpu := newCPUMeter(sys, b.env)
 	st := pub.publishUntil(ctx, 1<<30, b.sz.s4Conns, time.Now().Add(b.sz.s4Dur), func(i int) string { return "in" + strconv.Itoa(i%1000) })
-	cpu := make([]float64, len(pids))
-	for i, p := range pids {
-		c, _ := cpuTicks(p)
-		cpu[i] = float64(c-cpu0[i]) / 100
-	}
+	used := cpu.seconds()
 	if st.failed > 0 {
 		b.logf("s4: %d publishes failed, first: %v", st.failed, st.firstErr)
 	}
-	return result{
-		"pub/s":              float64(st.ok) / (float64(st.end-st.start) / 1e9),
-		"p50 ms":             pct(st.lats, 50),
-		"p99 ms":             pct(st.lats, 99),
-		"pub fail":           float64(st.failed),
-		"cpu µs/pub ingress": cpu[0] * 1e6 / float64(st.ok),
-		"cpu µs/pub redis":   cpu[1] * 1e6 / float64(st.ok),
-		"cpu µs/pub bench":   cpu[2] * 1e6 / float64(st.ok),
-	}, nil
+	r := result{
+		"pub/s":    float64(st.ok) / (float64(st.end-st.start) / 1e9),
+		"p50 ms":   pct(st.lats, 50),
+		"p99 ms":   pct(st.lats, 99),
+		"pub fail": float64(st.failed),
+	}
+	for who, sec := range used {
+		r["cpu µs/pub "+who] = sec * 1e6 / float64(max(1, st.ok))
+	}
+	return r, nil
 }
 
 // s5: exec to the first 200 on /readyz, median of reps starts.
-func (b *bench) s5(ctx context.Context) (result, error) {
+func (b *bench) s5(ctx context.Context, k kind) (result, error) {
+	type fn struct {
+		name  string
+		start func() (*proc, time.Duration, error)
+	}
+	fns := []fn{
+		{"ingress", func() (*proc, time.Duration, error) { return b.env.startFunction(b.env.ingressBin, b.prefix("s5")) }},
+		{"egress", func() (*proc, time.Duration, error) { return b.env.startFunction(b.env.egressBin, b.prefix("s5")) }},
+	}
+	if k == centrifugo {
+		// One process does both jobs: its start is both rows' figure.
+		fns = []fn{{"centrifugo", func() (*proc, time.Duration, error) {
+			return b.env.startCentrifugo(b.prefix("s5"), 25*time.Second)
+		}}}
+	}
 	r := result{}
-	for _, f := range []struct{ name, bin string }{{"ingress", b.env.ingressBin}, {"egress", b.env.egressBin}} {
+	for _, f := range fns {
 		var ds []float64
 		for range b.sz.s5Reps {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
-			p, d, err := b.env.startFunction(f.bin, b.prefix("s5"))
+			p, d, err := f.start()
 			if err != nil {
 				return nil, err
 			}
@@ -241,6 +290,9 @@ func (b *bench) s5(ctx context.Context) (result, error) {
 		}
 		slices.Sort(ds)
 		r[f.name+" ms"] = ds[len(ds)/2]
+	}
+	if v, ok := r["centrifugo ms"]; ok {
+		r["ingress ms"], r["egress ms"] = v, v
 	}
 	return r, nil
 }
@@ -257,7 +309,7 @@ var publishSide = map[string]bool{
 // channels take publishes. The processes are lean builds, as the
 // one-connection-per-instance deployment ships them (docs/deployment.md),
 // plus one default build whose RSS is reported beside theirs.
-func (b *bench) s6(ctx context.Context) (result, error) {
+func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	pfx := b.prefix("s6")
 	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
 	if err != nil {
@@ -285,13 +337,13 @@ func (b *bench) s6(ctx context.Context) (result, error) {
 		if err != nil {
 			return nil, err
 		}
-		subs[i], err = dialSubscriber(ctx, egs[i], "own"+strconv.Itoa(i), n, &rcvd)
+		subs[i], err = dialSubscriber(ctx, &sut{kind: wsrelay, sub: egs[i]}, "own"+strconv.Itoa(i), n, &rcvd)
 		if err != nil {
 			return nil, err
 		}
 		subs[i].expected = 1
 	}
-	pub := newPublisher(ing, b.sz.publishers)
+	pub := newPublisher(&sut{kind: wsrelay, pub: ing}, b.sz.publishers)
 	defer pub.close()
 	// Warm the ingress's Redis pool so its connection setup (HELLO) falls
 	// outside the window.
@@ -358,7 +410,7 @@ func (b *bench) s6(ctx context.Context) (result, error) {
 	}
 	waitDelivered(ctx, &rcvd, int64(n), 3*time.Second)
 	closeAll(subs)
-	d := collect(subs)
+	d := collect(subs, n)
 	subs = nil
 	return result{
 		"lean RSS MiB":    float64(maxRSS) / 1024,
@@ -391,11 +443,14 @@ func commandStats(ctx context.Context, e *env) (map[string]int64, error) {
 	return out, nil
 }
 
-// goMetrics scrapes the egress's Go runtime gauges from /metrics, to split
+// goMetrics scrapes the egress's Go runtime gauges (none for other systems) from /metrics, to split
 // RSS into heap and goroutine stacks.
-func goMetrics(p *proc) map[string]float64 {
+func goMetrics(sys *sut) map[string]float64 {
 	out := map[string]float64{}
-	resp, err := probeClient.Get(p.base + "/metrics")
+	if sys.kind != wsrelay {
+		return out
+	}
+	resp, err := probeClient.Get(sys.sub.base + "/metrics")
 	if err != nil {
 		return out
 	}
