@@ -401,11 +401,14 @@ type pubStats struct {
 // publishAll sends n messages, message i to chOf(i), from workers
 // concurrent publishers, as fast as they go.
 func (p *publisher) publishAll(ctx context.Context, n, workers int, chOf func(int) string) pubStats {
-	return p.publishUntil(ctx, n, workers, time.Time{}, chOf)
+	return p.publishUntil(ctx, n, workers, time.Time{}, 0, chOf)
 }
 
-// publishUntil is publishAll bounded by deadline too (zero: none).
-func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline time.Time, chOf func(int) string) pubStats {
+// publishUntil is publishAll bounded by deadline too (zero: none), and
+// paced at rate publishes per second in all if rate > 0: message i is
+// sent no earlier than i/rate seconds after the start (open loop, as long
+// as a worker is free).
+func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline time.Time, rate float64, chOf func(int) string) pubStats {
 	var (
 		next atomic.Int64
 		mu   sync.Mutex
@@ -422,6 +425,14 @@ func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline t
 				i := int(next.Add(1) - 1)
 				if i >= n || (!deadline.IsZero() && time.Now().After(deadline)) {
 					break
+				}
+				if rate > 0 {
+					at := time.Duration(float64(i) / rate * 1e9)
+					if wait := at - time.Duration(now()-st.start); wait > 0 {
+						if sleepCtx(ctx, wait) != nil {
+							break
+						}
+					}
 				}
 				d, err := p.publish(ctx, chOf(i), i)
 				if err != nil {

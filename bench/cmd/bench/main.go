@@ -51,6 +51,10 @@ var rows = []row{
 	{"S1 fan-out 1×N", "p99 ms", "≤ 43.5", "87", 1},
 	{"S1 fan-out 1×N", "lost", "0", "", 0},
 	{"S1 fan-out 1×N", "dup", "0", "", 0},
+	{"S1r same rate", "deliver/s", "", "", 0},
+	{"S1r same rate", "p50 ms", "", "", 1},
+	{"S1r same rate", "p99 ms", "", "", 1},
+	{"S1r same rate", "lost", "0", "", 0},
 	{"S2 N channels×1", "deliver/s", "≥ 16.4k", "10.9k", 0},
 	{"S2 N channels×1", "p50 ms", "", "1.3", 2},
 	{"S2 N channels×1", "p99 ms", "≤ 5", "5.1", 2},
@@ -80,10 +84,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	runs := fs.Int("runs", 3, "repetitions of each scenario")
 	short := fs.Bool("quick", false, "small sizes and one run: a smoke pass")
-	only := fs.String("only", "", "comma-separated scenarios to run (s1,…,s6); empty: all")
+	only := fs.String("only", "", "comma-separated scenarios to run (s1,s1r,s2,…,s6); empty: all")
 	s4dur := fs.Duration("s4-duration", 0, "S4 duration (default 10s, 2s with -quick)")
 	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
+	cfHistory := fs.Bool("centrifugo-history", false, "run Centrifugo with history and recovery (1,000 messages, 24 h, as wsrelay keeps by default) instead of its defaults (no history)")
 	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -123,7 +128,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 	fmt.Fprintf(stderr, "bench: logs in %s, RLIMIT_NOFILE %d\n", logDir, nofile)
-	e := &env{logDir: logDir, centrifugoBin: *cfBin}
+	e := &env{logDir: logDir, centrifugoBin: *cfBin, centrifugoHistory: *cfHistory}
 	if e.ingressBin, e.egressBin, e.egressLeanBin, err = buildBinaries(root); err != nil {
 		return err
 	}
@@ -149,7 +154,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	scen := []struct {
 		name string
 		fn   func(context.Context, kind) (result, error)
-	}{{"s1", b.s1}, {"s2", b.s2}, {"s3", b.s3}, {"s4", b.s4}, {"s5", b.s5}, {"s6", b.s6}}
+	}{{"s1", b.s1}, {"s1r", b.s1r}, {"s2", b.s2}, {"s3", b.s3}, {"s4", b.s4}, {"s5", b.s5}, {"s6", b.s6}}
 	results := map[kind]map[string][]result{} // system → scenario prefix "S1" → runs
 	for _, k := range kinds {
 		results[k] = map[string][]result{}
@@ -177,7 +182,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 				}
 				_, _ = e.rdb.FlushAll(ctx).Result()
 				b.logf("%s %s run %d (%.1fs): %s", k, s.name, i+1, time.Since(t0).Seconds(), r)
-				key := strings.ToUpper(s.name)
+				key := strings.ToUpper(s.name[:1]) + s.name[1:] // "S1", "S1r"
 				results[k][key] = append(results[k][key], r)
 			}
 		}
@@ -209,8 +214,8 @@ func (r result) String() string {
 // Centrifugo reference, and, when Centrifugo ran in this run too, its
 // figures and wsrelay's as a ratio of them (wsrelay ÷ Centrifugo).
 func printTable(w io.Writer, results map[kind]map[string][]result, runs int, sz sizes, took time.Duration) {
-	fmt.Fprintf(w, "\nwsrelay bench: %d run(s) per scenario, %s total; S1 %d subs × %d pubs, S2 %d ch × %d pubs, S3 %d conns, S4 %d conns %s, S5 %d starts, S6 %d lean procs (+1 default build) × %d pubs on %d ch\n\n",
-		runs, took.Round(time.Second), sz.s1Subs, sz.s1Pubs, sz.s2Chans, sz.s2Pubs, sz.s3Conns, sz.s4Conns, sz.s4Dur, sz.s5Reps, sz.s6Procs, sz.s6Pubs, sz.s6Chans)
+	fmt.Fprintf(w, "\nwsrelay bench: %d run(s) per scenario, %s total; S1 %d subs × %d pubs (S1r %d at %.0f/s), S2 %d ch × %d pubs, S3 %d conns, S4 %d conns %s, S5 %d starts, S6 %d lean procs (+1 default build) × %d pubs on %d ch\n\n",
+		runs, took.Round(time.Second), sz.s1Subs, sz.s1Pubs, sz.s1rPubs, sz.s1rRate, sz.s2Chans, sz.s2Pubs, sz.s3Conns, sz.s4Conns, sz.s4Dur, sz.s5Reps, sz.s6Procs, sz.s6Pubs, sz.s6Chans)
 	cf, compared := results[centrifugo]
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if compared {
@@ -219,14 +224,15 @@ func printTable(w io.Writer, results map[kind]map[string][]result, runs int, sz 
 		fmt.Fprintln(tw, "scenario\tmetric\tmedian\tmin–max\ttarget\tCentrifugo (issue)")
 	}
 	for _, r := range rows {
-		ours, ok := summarize(results[wsrelay][r.scenario[:2]], r.metric)
+		key := strings.Fields(r.scenario)[0]
+		ours, ok := summarize(results[wsrelay][key], r.metric)
 		if !ok {
 			continue
 		}
 		f := func(v float64) string { return fmt.Sprintf("%.*f", r.digits, v) }
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s–%s\t%s\t%s", r.scenario, r.metric, f(ours.median), f(ours.min), f(ours.max), r.target, r.ref)
 		if compared {
-			if theirs, ok := summarize(cf[r.scenario[:2]], r.metric); ok {
+			if theirs, ok := summarize(cf[key], r.metric); ok {
 				ratio := "–"
 				if theirs.median != 0 {
 					ratio = fmt.Sprintf("%.2f×", ours.median/theirs.median)

@@ -129,6 +129,7 @@ func repoRoot() (string, error) {
 type env struct {
 	ingressBin, egressBin, egressLeanBin string
 	centrifugoBin                        string // empty: not compared
+	centrifugoHistory                    bool   // Centrifugo keeps history, as wsrelay does
 	redisURL                             string
 	redisAddr                            string
 	logDir                               string

@@ -15,6 +15,8 @@ import (
 // sizes are the scenario parameters; -quick shrinks them.
 type sizes struct {
 	s1Subs, s1Pubs     int
+	s1rPubs            int
+	s1rRate            float64 // publishes/s
 	s2Chans, s2Pubs    int
 	s3Conns            int
 	s4Conns            int
@@ -26,6 +28,7 @@ type sizes struct {
 
 var full = sizes{
 	s1Subs: 1000, s1Pubs: 2000,
+	s1rPubs: 1000, s1rRate: 200,
 	s2Chans: 1000, s2Pubs: 20000,
 	s3Conns: 10000,
 	s4Conns: 64, s4Dur: 10 * time.Second,
@@ -36,6 +39,7 @@ var full = sizes{
 
 var quick = sizes{
 	s1Subs: 200, s1Pubs: 500,
+	s1rPubs: 200, s1rRate: 200,
 	s2Chans: 200, s2Pubs: 4000,
 	s3Conns: 2000,
 	s4Conns: 64, s4Dur: 2 * time.Second,
@@ -64,7 +68,7 @@ func (b *bench) prefix(s string) string {
 // fanOut runs S1 and S2 on system k: nChans channels, subsTotal
 // subscribers spread over them on one egress, nPubs publishes spread
 // round-robin over the channels.
-func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTotal, nPubs int) (result, error) {
+func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTotal, nPubs int, rate float64) (result, error) {
 	sys, err := b.startSystem(k, b.prefix(name), "SEND_QUEUE=4096")
 	if err != nil {
 		return nil, err
@@ -91,7 +95,7 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 	defer pub.close()
 	// CPU seconds of every process during the run: who the 2 cores went to.
 	cpu := newCPUMeter(sys, b.env)
-	st := pub.publishAll(ctx, nPubs, b.sz.publishers, ch)
+	st := pub.publishUntil(ctx, nPubs, b.sz.publishers, time.Time{}, rate, ch)
 	waitDelivered(ctx, &rcvd, int64(want), 3*time.Second)
 	used := cpu.seconds()
 	closeAll(subs)
@@ -120,11 +124,19 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 }
 
 func (b *bench) s1(ctx context.Context, k kind) (result, error) {
-	return b.fanOut(ctx, k, "s1", 1, b.sz.s1Subs, b.sz.s1Pubs)
+	return b.fanOut(ctx, k, "s1", 1, b.sz.s1Subs, b.sz.s1Pubs, 0)
+}
+
+// s1r is S1 at a fixed publish rate both systems can sustain: latency at
+// the same offered load, where S1 compares it at each one's saturation
+// (closed-loop publishers go as fast as the shared cores let them, so a
+// faster fan-out also gets faster publishers and as long a queue).
+func (b *bench) s1r(ctx context.Context, k kind) (result, error) {
+	return b.fanOut(ctx, k, "s1r", 1, b.sz.s1Subs, b.sz.s1rPubs, b.sz.s1rRate)
 }
 
 func (b *bench) s2(ctx context.Context, k kind) (result, error) {
-	return b.fanOut(ctx, k, "s2", b.sz.s2Chans, b.sz.s2Chans, b.sz.s2Pubs)
+	return b.fanOut(ctx, k, "s2", b.sz.s2Chans, b.sz.s2Chans, b.sz.s2Pubs, 0)
 }
 
 // cpuMeter reads the CPU time the system's processes, Redis and the bench
@@ -241,7 +253,7 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 	pub := newPublisher(sys, b.sz.s4Conns)
 	defer pub.close()
 	cpu := newCPUMeter(sys, b.env)
-	st := pub.publishUntil(ctx, 1<<30, b.sz.s4Conns, time.Now().Add(b.sz.s4Dur), func(i int) string { return "in" + strconv.Itoa(i%1000) })
+	st := pub.publishUntil(ctx, 1<<30, b.sz.s4Conns, time.Now().Add(b.sz.s4Dur), 0, func(i int) string { return "in" + strconv.Itoa(i%1000) })
 	used := cpu.seconds()
 	if st.failed > 0 {
 		b.logf("s4: %d publishes failed, first: %v", st.failed, st.firstErr)

@@ -73,7 +73,9 @@ const centrifugoAPIKey = "bench"
 // startCentrifugo starts Centrifugo with its Redis engine on the bench's
 // Redis, prefix pfx, and waits for /health. Clients connect without a
 // token and may subscribe to any channel (client.insecure), as wsrelay's
-// run with ALLOW_ANONYMOUS; otherwise it runs with its defaults.
+// run with ALLOW_ANONYMOUS; otherwise it runs with its defaults, which
+// keep no history (a client that reconnects cannot recover what it
+// missed) unless -centrifugo-history.
 func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Duration, error) {
 	port, err := freePort()
 	if err != nil {
@@ -92,6 +94,14 @@ func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Durat
 		"http_api":    map[string]any{"key": centrifugoAPIKey},
 		"health":      map[string]any{"enabled": true},
 		"usage_stats": map[string]any{"disabled": true},
+	}
+	if e.centrifugoHistory {
+		// What wsrelay keeps by default (HISTORY_SIZE, HISTORY_TTL), with
+		// recovery on: a client that reconnects loses nothing, as with
+		// wsrelay's resume.
+		cfg["channel"] = map[string]any{"without_namespace": map[string]any{
+			"history_size": 1000, "history_ttl": "24h", "force_recovery": true,
+		}}
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
