@@ -56,3 +56,21 @@ func BenchmarkPublish(b *testing.B) {
 		})
 	})
 }
+
+// BenchmarkDecodeMessage is the publish body's parsing and validation
+// alone, for a compact body and one with whitespace to remove.
+func BenchmarkDecodeMessage(b *testing.B) {
+	for name, body := range map[string][]byte{
+		"compact": []byte(`{"data":{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"},"event":"tick"}`),
+		"spaced":  []byte(`{"data": {"s": 12345, "t": 1700000000000000000, "p": "` + strings.Repeat("x", 57) + `"}, "event": "tick"}`),
+	} {
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := decodeMessage(body, false); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"testing"
 
@@ -18,6 +19,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		f.Add([]byte(s), true)
 	}
 	f.Add([]byte(`{"channel":"chat:1","data":1}`), true)
+	f.Add([]byte(`{"channel":null,"data":{ "a" : [ 1, "x y" ] }}`), true)
 	f.Fuzz(func(t *testing.T, b []byte, withChannel bool) {
 		p, ae := decodeMessage(b, withChannel)
 		if ae != nil {
@@ -31,6 +33,11 @@ func FuzzDecodeMessage(f *testing.F) {
 		}
 		if withChannel && !channel.ValidName(p.Channel) {
 			t.Fatalf("accepted channel %q", p.Channel)
+		}
+		// Data goes into a one-line frame: compact, whichever path.
+		var c bytes.Buffer
+		if err := json.Compact(&c, p.Data); err != nil || c.String() != string(p.Data) {
+			t.Fatalf("data %q of %q is not compact", p.Data, b)
 		}
 	})
 }

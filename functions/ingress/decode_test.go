@@ -1,0 +1,41 @@
+package main
+
+import "testing"
+
+// TestDecodeMessage: what a publish body becomes, and which error each bad
+// one gets.
+func TestDecodeMessage(t *testing.T) {
+	for _, tc := range []struct {
+		body        string
+		withChannel bool
+		data, event string // accepted: what they become
+		channel     string
+		code, msg   string // refused: the error
+	}{
+		{body: `{"data":{"a":[1,"x y"]},"event":"e"}`, data: `{"a":[1,"x y"]}`, event: "e"},
+		{body: ` { "data" : { "a" : [ 1 , "x y" ] } } `, data: `{"a":[1,"x y"]}`},
+		{body: "{\"data\":[1,\t2]}", data: `[1,2]`},
+		{body: "{\"data\":[1,\r\n2]}", data: `[1,2]`},
+		{body: `{"data":"tab\there"}`, data: `"tab\there"`},
+		{body: `{"data":1,"event":null,"from":null}`, data: `1`},
+		{body: `{"channel":"c:1","data":1}`, withChannel: true, data: `1`, channel: "c:1"},
+		{body: `{"data":1}`, withChannel: true, code: "invalid_channel", msg: `"channel" is required`},
+		{body: `{"channel":null,"data":1}`, withChannel: true, code: "invalid_channel", msg: `"channel" is required`},
+		{body: `{"channel":"a b","data":1}`, withChannel: true, code: "invalid_channel"},
+		{body: `{"data":null}`, code: "missing_data"},
+		{body: `{}`, code: "missing_data"},
+		{body: `[1]`, code: "invalid_json"},
+		{body: `{"data":1,"event":5}`, code: "invalid_event"},
+	} {
+		p, ae := decodeMessage([]byte(tc.body), tc.withChannel)
+		if tc.code != "" {
+			if ae == nil || ae.Code != tc.code || (tc.msg != "" && ae.Message != tc.msg) {
+				t.Errorf("%s: got %+v, %v; want %s %q", tc.body, p, ae, tc.code, tc.msg)
+			}
+			continue
+		}
+		if ae != nil || string(p.Data) != tc.data || p.Event != tc.event || p.Channel != tc.channel {
+			t.Errorf("%s: got data %s event %q channel %q, %v; want %s %q %q", tc.body, p.Data, p.Event, p.Channel, ae, tc.data, tc.event, tc.channel)
+		}
+	}
+}
