@@ -17,6 +17,11 @@ TEST_TIMEOUT ?= 20m
 # profiling) for one-connection-per-instance deployments (docs/deployment.md).
 LEAN        ?=
 LEAN_TAG    := wsrelay_lean
+# Build tags of each function's binary. nomsgpack is gin's own tag for
+# leaving out its MessagePack binding and rendering, which we do not use:
+# 6 MB less binary and about 1.5 ms less start-up (docs/benchmarks.md).
+TAGS_ingress := nomsgpack
+TAGS_egress  :=
 # The packages a lean build changes; make test and make lint also run them
 # with the tag.
 LEAN_PKGS   := shared/debugserver functions/egress
@@ -39,7 +44,8 @@ help: ## list the targets
 
 build: ## build bin/ingress and bin/egress for this machine
 	@mkdir -p $(BIN)
-	@for f in $(FUNCTIONS); do $(GO) build -o $(BIN)/$$f ./functions/$$f; done
+	@$(GO) build -tags="$(TAGS_ingress)" -o $(BIN)/ingress ./functions/ingress
+	@$(GO) build -tags="$(TAGS_egress)" -o $(BIN)/egress ./functions/egress
 	@echo "built $(addprefix $(BIN)/,$(FUNCTIONS))"
 
 run: ## run both functions locally (throwaway Redis unless REDIS_URL is set)
@@ -67,7 +73,9 @@ bench: ## run the benchmark harness (bench/cmd/bench); CENTRIFUGO=1 compares wit
 package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/); LEAN=1 for a lean egress
 	@for f in $(FUNCTIONS); do \
 		mkdir -p $(DIST)/$$f; \
-		tags=; if [ -n "$(LEAN)" ] && [ $$f = egress ]; then tags=$(LEAN_TAG); fi; \
+		tags="$(TAGS_ingress)"; if [ $$f = egress ]; then tags="$(TAGS_egress)"; fi; \
+		if [ -n "$(LEAN)" ] && [ $$f = egress ]; then tags="$$tags $(LEAN_TAG)"; fi; \
+		tags=$$(echo $$tags); \
 		CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -tags="$$tags" -ldflags='-s -w' -o $(DIST)/$$f/$$f ./functions/$$f; \
 		install -m 755 functions/$$f/scf_bootstrap $(DIST)/$$f/scf_bootstrap; \
 		$(GO) run scripts/mkzip.go -o $(DIST)/$$f.zip $(DIST)/$$f/$$f $(DIST)/$$f/scf_bootstrap; \

@@ -91,7 +91,7 @@ func freePort() (int, error) {
 func buildBinaries(root string) (ingress, egress, egressLean string, err error) {
 	bin := filepath.Join(root, "bin", "bench")
 	for _, b := range []struct{ fn, out, tags string }{
-		{"ingress", "ingress", ""},
+		{"ingress", "ingress", "nomsgpack"}, // as the Makefile's TAGS_ingress
 		{"egress", "egress", ""},
 		{"egress", "egress-lean", "wsrelay_lean"},
 	} {
