@@ -204,20 +204,32 @@ func (e *env) startFunction(bin, prefix string, extra ...string) (*proc, time.Du
 	if os.Getenv("BENCH_DEBUG") != "" {
 		vars = append(vars, "DEBUG_ADDR=127.0.0.1:0")
 	}
-	// Runtime settings given to the bench reach the functions too (e.g.
-	// GODEBUG=gctrace=1 to see their collections in the logs).
+	return startReady(bin, nil, append(vars, runtimeVars()...), port, "/readyz", logf)
+}
+
+// runtimeVars are the Go runtime settings given to the bench, which reach
+// every process it starts (e.g. GODEBUG=gctrace=1 to see their
+// collections in the logs).
+func runtimeVars() []string {
+	var vars []string
 	for _, k := range []string{"GODEBUG", "GOGC", "GOMEMLIMIT", "GOMAXPROCS"} {
 		if v, ok := os.LookupEnv(k); ok {
 			vars = append(vars, k+"="+v)
 		}
 	}
+	return vars
+}
+
+// startReady starts bin, listening on port, and waits until readyPath
+// answers 200. It returns the time from exec to that answer.
+func startReady(bin string, args, vars []string, port int, readyPath string, logf *os.File) (*proc, time.Duration, error) {
 	t0 := time.Now()
-	cmd, err := kids.start(bin, nil, vars, logf)
+	cmd, err := kids.start(bin, args, vars, logf)
 	if err != nil {
 		return nil, 0, err
 	}
 	p := &proc{cmd: cmd, port: port, base: "http://127.0.0.1:" + strconv.Itoa(port)}
-	d, err := waitReady(p.base+"/readyz", t0, 10*time.Second)
+	d, err := waitReady(p.base+readyPath, t0, 10*time.Second)
 	if err != nil {
 		kids.stop(cmd)
 		return nil, 0, fmt.Errorf("%s: %w", filepath.Base(bin), err)

@@ -116,24 +116,8 @@ func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Durat
 		return nil, 0, err
 	}
 	defer logf.Close()
-	vars := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.logDir}
-	for _, k := range []string{"GODEBUG", "GOGC", "GOMEMLIMIT", "GOMAXPROCS"} {
-		if v, ok := os.LookupEnv(k); ok {
-			vars = append(vars, k+"="+v)
-		}
-	}
-	t0 := time.Now()
-	cmd, err := kids.start(e.centrifugoBin, []string{"-c", path}, vars, logf)
-	if err != nil {
-		return nil, 0, err
-	}
-	p := &proc{cmd: cmd, port: port, base: "http://127.0.0.1:" + strconv.Itoa(port)}
-	d, err := waitReady(p.base+"/health", t0, 10*time.Second)
-	if err != nil {
-		kids.stop(cmd)
-		return nil, 0, fmt.Errorf("centrifugo: %w", err)
-	}
-	return p, d, nil
+	vars := append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.logDir}, runtimeVars()...)
+	return startReady(e.centrifugoBin, []string{"-c", path}, vars, port, "/health", logf)
 }
 
 // wsPath is the path, with query, a socket subscribing to ch dials.
