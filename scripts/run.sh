@@ -71,8 +71,8 @@ else
 fi
 
 echo "== building"
-mkdir -p "$tmp/bin"
-for f in ingress egress; do "$GO" build -o "$tmp/bin/$f" "./functions/$f"; done
+# The way make build builds them (with each function's build tags).
+make --no-print-directory build BIN="$tmp/bin" GO="$GO" >/dev/null
 
 export ALLOW_ANONYMOUS=${ALLOW_ANONYMOUS:-true}
 export LOG_FORMAT=${LOG_FORMAT:-text}
