@@ -49,7 +49,7 @@ func (s *sut) stop() {
 // environment for wsrelay's egress.
 func (b *bench) startSystem(k kind, pfx string, egressEnv ...string) (*sut, error) {
 	if k == centrifugo {
-		p, _, err := b.env.startCentrifugo(pfx, 25*time.Second)
+		p, _, err := b.env.startCentrifugo(pfx, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -75,7 +75,8 @@ const centrifugoAPIKey = "bench"
 // token and may subscribe to any channel (client.insecure), as wsrelay's
 // run with ALLOW_ANONYMOUS; otherwise it runs with its defaults, which
 // keep no history (a client that reconnects cannot recover what it
-// missed) unless -centrifugo-history.
+// missed) unless -centrifugo-history. ping > 0 sets its ping interval
+// (zero: its default, 25 s).
 func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Duration, error) {
 	port, err := freePort()
 	if err != nil {
@@ -87,13 +88,15 @@ func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Durat
 		"engine": map[string]any{"type": "redis", "redis": map[string]any{
 			"address": []string{e.redisURL}, "prefix": pfx,
 		}},
-		"client": map[string]any{
-			"insecure": true, "allowed_origins": []string{"*"},
-			"ping_interval": ping.String(), "pong_timeout": (ping / 2).String(),
-		},
+		"client":      map[string]any{"insecure": true, "allowed_origins": []string{"*"}},
 		"http_api":    map[string]any{"key": centrifugoAPIKey},
 		"health":      map[string]any{"enabled": true},
 		"usage_stats": map[string]any{"disabled": true},
+	}
+	if ping > 0 {
+		// S3's ping rounds, as wsrelay's PING_INTERVAL there.
+		client := cfg["client"].(map[string]any)
+		client["ping_interval"], client["pong_timeout"] = ping.String(), (ping / 2).String()
 	}
 	if e.centrifugoHistory {
 		// What wsrelay keeps by default (HISTORY_SIZE, HISTORY_TTL), with
