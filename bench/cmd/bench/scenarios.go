@@ -69,7 +69,7 @@ func (b *bench) prefix(s string) string {
 // subscribers spread over them on one egress, nPubs publishes spread
 // round-robin over the channels.
 func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTotal, nPubs int, rate float64) (result, error) {
-	sys, err := b.startSystem(k, b.prefix(name), "SEND_QUEUE=4096")
+	sys, err := b.startSystem(k, b.prefix(name), publishing|delivering, 0, "SEND_QUEUE=4096")
 	if err != nil {
 		return nil, err
 	}
@@ -173,19 +173,9 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 	pfx := b.prefix("s3")
 	// Pings every 2 s, so that the idle period holds two ping/pong rounds:
 	// what an idle connection costs includes keeping it alive.
-	var sys *sut
-	if k == centrifugo {
-		p, _, err := b.env.startCentrifugo(pfx, 2*time.Second)
-		if err != nil {
-			return nil, err
-		}
-		sys = &sut{kind: k, sub: p, procs: map[string]*proc{"centrifugo": p}}
-	} else {
-		eg, _, err := b.env.startFunction(b.env.egressBin, pfx, "PING_INTERVAL=2s")
-		if err != nil {
-			return nil, err
-		}
-		sys = &sut{kind: k, sub: eg, procs: map[string]*proc{"egress": eg}}
+	sys, err := b.startSystem(k, pfx, delivering, 2*time.Second)
+	if err != nil {
+		return nil, err
 	}
 	defer sys.stop()
 	pid := sys.sub.cmd.Process.Pid
@@ -235,19 +225,9 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 
 // s4: ingest only, no subscribers, 64 keep-alive connections.
 func (b *bench) s4(ctx context.Context, k kind) (result, error) {
-	var sys *sut
-	if k == centrifugo {
-		p, _, err := b.env.startCentrifugo(b.prefix("s4"), 0)
-		if err != nil {
-			return nil, err
-		}
-		sys = &sut{kind: k, pub: p, procs: map[string]*proc{"centrifugo": p}}
-	} else {
-		ing, _, err := b.env.startFunction(b.env.ingressBin, b.prefix("s4"))
-		if err != nil {
-			return nil, err
-		}
-		sys = &sut{kind: k, pub: ing, procs: map[string]*proc{"ingress": ing}}
+	sys, err := b.startSystem(k, b.prefix("s4"), publishing, 0)
+	if err != nil {
+		return nil, err
 	}
 	defer sys.stop()
 	pub := newPublisher(sys, b.sz.s4Conns)

@@ -45,26 +45,45 @@ func (s *sut) stop() {
 	}
 }
 
-// startSystem starts k with key prefix pfx. egressEnv is extra
-// environment for wsrelay's egress.
-func (b *bench) startSystem(k kind, pfx string, egressEnv ...string) (*sut, error) {
+// sides says which parts of a system a scenario needs.
+type sides int
+
+const (
+	publishing sides = 1 << iota // wsrelay's ingress
+	delivering                   // wsrelay's egress
+)
+
+// startSystem starts k with key prefix pfx: for wsrelay the functions
+// need names (the egress with egressEnv); Centrifugo is one process that
+// does both. ping > 0 sets the sockets' ping interval (zero: the default).
+func (b *bench) startSystem(k kind, pfx string, need sides, ping time.Duration, egressEnv ...string) (*sut, error) {
 	if k == centrifugo {
-		p, _, err := b.env.startCentrifugo(pfx, 0)
+		p, _, err := b.env.startCentrifugo(pfx, ping)
 		if err != nil {
 			return nil, err
 		}
 		return &sut{kind: k, pub: p, sub: p, procs: map[string]*proc{"centrifugo": p}}, nil
 	}
-	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
-	if err != nil {
-		return nil, err
+	sys := &sut{kind: k, procs: map[string]*proc{}}
+	if need&publishing != 0 {
+		ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+		if err != nil {
+			return nil, err
+		}
+		sys.pub, sys.procs["ingress"] = ing, ing
 	}
-	eg, _, err := b.env.startFunction(b.env.egressBin, pfx, egressEnv...)
-	if err != nil {
-		kids.stop(ing.cmd)
-		return nil, err
+	if need&delivering != 0 {
+		if ping > 0 {
+			egressEnv = append(egressEnv, "PING_INTERVAL="+ping.String())
+		}
+		eg, _, err := b.env.startFunction(b.env.egressBin, pfx, egressEnv...)
+		if err != nil {
+			sys.stop()
+			return nil, err
+		}
+		sys.sub, sys.procs["egress"] = eg, eg
 	}
-	return &sut{kind: k, pub: ing, sub: eg, procs: map[string]*proc{"ingress": ing, "egress": eg}}, nil
+	return sys, nil
 }
 
 // centrifugoAPIKey is the bench's Centrifugo's HTTP API key.
