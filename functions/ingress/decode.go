@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"unicode/utf8"
 
 	"github.com/gin-gonic/gin"
 
@@ -62,6 +63,12 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	}
 	if err := json.Unmarshal(b, &raw); err != nil {
 		return p, errf(400, "invalid_json", "body is not valid JSON")
+	}
+	// encoding/json copies RawMessages unchecked: invalid UTF-8 in data
+	// would reach WebSocket text frames, which a browser must answer by
+	// dropping the connection (RFC 6455 §8.1), at every resume too.
+	if !utf8.Valid(b) {
+		return p, errf(400, "invalid_json", "body is not valid UTF-8")
 	}
 	if withChannel {
 		if isNull(raw.Channel) {

@@ -26,6 +26,11 @@ func TestDecodeMessage(t *testing.T) {
 		{body: `{}`, code: "missing_data"},
 		{body: `[1]`, code: "invalid_json"},
 		{body: `{"data":1,"event":5}`, code: "invalid_event"},
+		// Not UTF-8, in data or anywhere else: browsers drop a socket
+		// that receives it in a text frame.
+		{body: "{\"data\":\"a\xff\xfe\"}", code: "invalid_json", msg: "body is not valid UTF-8"},
+		{body: "{\"data\":1,\"x\":\"\xc3\"}", code: "invalid_json", msg: "body is not valid UTF-8"},
+		{body: `{"data":"\udc00 é"}`, data: `"\udc00 é"`},
 	} {
 		p, ae := decodeMessage([]byte(tc.body), tc.withChannel)
 		if tc.code != "" {

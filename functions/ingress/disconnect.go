@@ -18,8 +18,9 @@ func (s *Server) handleDisconnect(c *gin.Context) {
 		return
 	}
 	id := c.Param("id")
-	rec, ok := s.liveConnection(c, id)
-	if !ok {
+	rec, err := s.liveConnection(c, id)
+	if err != nil {
+		writeError(c, s.log, err)
 		return
 	}
 	ctx := c.Request.Context()

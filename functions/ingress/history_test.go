@@ -83,6 +83,12 @@ func TestHistory(t *testing.T) {
 	if r := e.history("?after=0"); len(r.Messages) != 5 {
 		t.Fatalf("after=0: %d", len(r.Messages))
 	}
+	// The greatest id is a valid cursor with nothing after it (Redis
+	// refuses an exclusive range from it).
+	const maxID = "18446744073709551615-18446744073709551615"
+	if r := e.history("?after=" + maxID); len(r.Messages) != 0 || r.Next != maxID {
+		t.Fatalf("after the greatest id: %v next %s", idsOf(r.Messages), r.Next)
+	}
 
 	for _, tc := range []struct{ query, code string }{
 		{"?after=abc", "invalid_cursor"},

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
@@ -29,8 +30,8 @@ type idemRecord struct {
 // still writing gets 409 with Retry-After. Without the header, write just
 // runs.
 func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write func() (int, any, error)) {
-	key := c.GetHeader("Idempotency-Key")
-	if key == "" {
+	key, sent := c.Request.Header["Idempotency-Key"]
+	if !sent {
 		status, resp, err := write()
 		if err != nil {
 			writeError(c, s.log, err)
@@ -39,12 +40,12 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		c.Data(status, jsonContentType, encodeReply(resp))
 		return
 	}
-	if len(key) > 255 || !printable(key) {
+	if len(key) != 1 || len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
 		writeError(c, s.log, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
 		return
 	}
 	ctx := c.Request.Context()
-	digest := sha256.Sum256([]byte(who.id + "\x00" + c.Request.Method + " " + c.Request.URL.Path + "\x00" + key))
+	digest := sha256.Sum256([]byte(who.id + "\x00" + c.Request.Method + " " + c.Request.URL.Path + "\x00" + key[0]))
 	rkey := s.keys.Idempotency(hex.EncodeToString(digest[:16]))
 	bodySum := sha256.Sum256(body)
 	bodyHash := hex.EncodeToString(bodySum[:])
@@ -56,8 +57,13 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	onceSum := sha256.Sum256(append(digest[:], bodySum[:]...))
 	c.Set(onceDigestKey, hex.EncodeToString(onceSum[:16]))
 
+	// The claim expires soon after any request could have ended, so that a
+	// claim left behind (its DEL failed with Redis, or the process died)
+	// answers 409 for seconds, not for the whole window. A retry that
+	// overlaps a first attempt still running past it writes nothing twice:
+	// the once-keys see to that.
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash})
-	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.cfg.IdempotencyWindow).Result()
+	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
 		writeError(c, s.log, err)
 		return
@@ -83,6 +89,13 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.log.Warn("idempotency record not saved", "err", err.Error())
 	}
 	c.Data(status, jsonContentType, rb)
+}
+
+// pendingTTL is how long an Idempotency-Key's claim lasts without its
+// request finishing: well past what a request can take (its Redis calls,
+// each bounded by REDIS_TIMEOUT, and a replica wait), within the window.
+func (s *Server) pendingTTL() time.Duration {
+	return min(s.cfg.IdempotencyWindow, 10*s.cfg.Redis.Timeout+s.cfg.PublishWaitTimeout+5*time.Second)
 }
 
 func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
@@ -146,8 +159,14 @@ const onceDigestKey = "wsrelay.once"
 func (s *Server) appendFor(c *gin.Context, as []stream.Append) ([]string, error) {
 	if d := c.GetString(onceDigestKey); d != "" {
 		ttl := s.cfg.IdempotencyWindow.Milliseconds()
+		// Numbered per stream, not by position in the request: a user
+		// send's appends (one per instance) can come back from the
+		// registry in another order on a retry.
+		nth := make(map[string]int, len(as))
 		for i := range as {
-			as[i].Once = s.keys.Once(as[i].Stream, d, i)
+			n := nth[as[i].Stream]
+			nth[as[i].Stream] = n + 1
+			as[i].Once = s.keys.Once(as[i].Stream, d, n)
 			as[i].OnceTTLMS = ttl
 		}
 	}

@@ -1,9 +1,21 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
 )
 
 func TestIdempotentPublish(t *testing.T) {
@@ -44,7 +56,7 @@ func TestIdempotentPublish(t *testing.T) {
 		t.Fatalf("key after a rejected request: %d %v", w.Code, w.Header())
 	}
 
-	for _, key := range []string{strings.Repeat("k", 256), "tab\there", "ünï"} {
+	for _, key := range []string{"", strings.Repeat("k", 256), "tab\there", "ünï"} {
 		expectError(t, e.do("POST", "/v1/channels/i/messages", body, "Idempotency-Key", key), 400, "invalid_idempotency_key")
 	}
 }
@@ -155,5 +167,123 @@ func TestIdempotentRetryAfterLostReply(t *testing.T) {
 	}
 	if n := e.xlen("lost"); n != 2 {
 		t.Fatalf("XLEN = %d, want 2", n)
+	}
+}
+
+// TestIdempotentUserSendRetry: a send to a user writes one append per
+// egress instance, in the order the registry returns the user's
+// connections, which refreshes change. A retry after a lost reply must
+// still write nothing twice: once-keys are numbered per stream, not by
+// position in the request.
+func TestIdempotentUserSendRetry(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.register("ca", "bob", "inst-a")
+	time.Sleep(5 * time.Millisecond)
+	e.register("cb", "bob", "inst-b")
+	const body = `{"data":"x"}`
+	if w := e.do("POST", "/v1/users/bob/messages", body, "Idempotency-Key", "u-1"); w.Code != 202 {
+		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+	// The reply was lost (the record is gone, as after an error reply),
+	// and meanwhile a refresh moved ca behind cb in the user's set.
+	ks, err := e.rdb.Keys(t.Context(), e.keys.Prefix+":{k:*").Result()
+	if err != nil || len(ks) != 1 {
+		t.Fatalf("idempotency keys %v %v", ks, err)
+	}
+	e.rdb.Del(t.Context(), ks...)
+	time.Sleep(5 * time.Millisecond)
+	e.register("ca", "bob", "inst-a")
+	if w := e.do("POST", "/v1/users/bob/messages", body, "Idempotency-Key", "u-1"); w.Code != 202 {
+		t.Fatalf("retry: %d %s", w.Code, w.Body)
+	}
+	if a, b := len(e.inbox("inst-a")), len(e.inbox("inst-b")); a != 1 || b != 1 {
+		t.Fatalf("the retry wrote again: inst-a %d entries, inst-b %d, want 1 each", a, b)
+	}
+}
+
+// TestIdempotentSendAfterClose: a retry of an accepted send to a
+// connection gets the first reply even once the connection has gone.
+func TestIdempotentSendAfterClose(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.register("conn-9", "alice", "inst-a")
+	const body = `{"data":1}`
+	w1 := e.do("POST", "/v1/connections/conn-9/messages", body, "Idempotency-Key", "dm-1")
+	if w1.Code != 202 {
+		t.Fatalf("%d %s", w1.Code, w1.Body)
+	}
+	if err := e.srv.reg.Remove(t.Context(), &registry.Record{ID: "conn-9", User: "alice", Instance: "inst-a"}); err != nil {
+		t.Fatal(err)
+	}
+	w2 := e.do("POST", "/v1/connections/conn-9/messages", body, "Idempotency-Key", "dm-1")
+	if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || w2.Body.String() != w1.Body.String() {
+		t.Fatalf("retry: %d %s %v, want the replay of %s", w2.Code, w2.Body, w2.Header(), w1.Body)
+	}
+	// A new key finds no connection.
+	expectError(t, e.do("POST", "/v1/connections/conn-9/messages", body, "Idempotency-Key", "dm-2"), 404, "connection_not_found")
+}
+
+// failAppends makes appends and DEL fail while on, as a Redis that goes
+// away right after a request's idempotency claim.
+type failAppends struct{ on *atomic.Bool }
+
+var errGone = errors.New("i/o timeout (test)")
+
+func (h failAppends) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h failAppends) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.on.Load() && cmd.Name() == "del" {
+			cmd.SetErr(errGone)
+			return errGone
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h failAppends) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if h.on.Load() && (cmds[0].Name() == "evalsha" || cmds[0].Name() == "eval") {
+			for _, c := range cmds {
+				c.SetErr(errGone)
+			}
+			return errGone
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestIdempotencyClaimLeftBehind: when Redis goes away mid-request, the
+// 503 cannot free the key (its DEL fails too). The claim left behind
+// answers 409 only until it expires, soon after any request could have
+// ended, not for the whole IDEMPOTENCY_WINDOW.
+func TestIdempotencyClaimLeftBehind(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on atomic.Bool
+	rdb.AddHook(failAppends{&on})
+	ks := keys.Scheme{Prefix: prefix}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+
+	on.Store(true)
+	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 503, "unavailable")
+	on.Store(false)
+	claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+	if err != nil || len(claims) != 1 {
+		t.Fatalf("claims left %v %v, want the one", claims, err)
+	}
+	ttl := rdb.PTTL(t.Context(), claims[0]).Val()
+	if ttl <= 0 || ttl > e.srv.pendingTTL() || ttl > time.Minute {
+		t.Fatalf("claim expires in %v, want within %v", ttl, e.srv.pendingTTL())
+	}
+	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 409, "idempotency_in_progress")
+	// Once it has expired, the retry runs and writes once.
+	rdb.Del(t.Context(), claims[0])
+	if w := e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
+		t.Fatalf("retry after the claim expired: %d %s", w.Code, w.Body)
+	}
+	if n := e.xlen("p"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
 	}
 }

@@ -172,11 +172,13 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 		return
 	}
 	id := c.Param("id")
-	rec, ok := s.liveConnection(c, id)
-	if !ok {
-		return
-	}
 	s.idempotent(c, who, body, func() (int, any, error) {
+		// Looked up inside, so that a retry after the connection has
+		// gone still gets the first attempt's reply.
+		rec, err := s.liveConnection(c, id)
+		if err != nil {
+			return 0, nil, err
+		}
 		msg := stream.Message{Route: stream.ToConnection(id), Event: p.Event, From: p.From, TS: time.Now().UnixMilli(), Data: p.Data}
 		ids, err := s.appendFor(c, []stream.Append{s.inboxAppend(rec.Instance, msg)})
 		if err != nil {
@@ -216,23 +218,18 @@ func (s *Server) readMessage(c *gin.Context) ([]byte, publishBody, bool) {
 	return body, p, true
 }
 
-// liveConnection returns the registry record of connection id, or answers
-// 404 (an id that cannot be one of ours is simply not found).
-func (s *Server) liveConnection(c *gin.Context, id string) (*registry.Record, bool) {
+// liveConnection returns the registry record of connection id, or a 404
+// error (an id that cannot be one of ours is simply not found).
+func (s *Server) liveConnection(c *gin.Context, id string) (*registry.Record, error) {
 	var rec *registry.Record
 	err := registry.ErrNotFound
 	if channel.ValidUser(id) {
 		rec, err = s.reg.Get(c.Request.Context(), id)
 	}
 	if errors.Is(err, registry.ErrNotFound) {
-		writeError(c, s.log, errf(404, "connection_not_found", "no live connection with that id"))
-		return nil, false
+		return nil, errf(404, "connection_not_found", "no live connection with that id")
 	}
-	if err != nil {
-		writeError(c, s.log, err)
-		return nil, false
-	}
-	return rec, true
+	return rec, err
 }
 
 func (s *Server) inboxAppend(instance string, msg stream.Message) stream.Append {
@@ -288,8 +285,9 @@ func (s *Server) handleGetConnection(c *gin.Context) {
 	if _, ok := s.admin(c); !ok {
 		return
 	}
-	rec, ok := s.liveConnection(c, c.Param("id"))
-	if !ok {
+	rec, err := s.liveConnection(c, c.Param("id"))
+	if err != nil {
+		writeError(c, s.log, err)
 		return
 	}
 	c.JSON(200, rec)

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"math"
 	"strconv"
 	"strings"
 )
@@ -13,6 +14,9 @@ type ID struct {
 
 // Zero is the id before every entry ("0-0").
 var Zero ID
+
+// Max is the greatest stream id, 18446744073709551615-18446744073709551615.
+var Max = ID{MS: math.MaxUint64, Seq: math.MaxUint64}
 
 // ParseID parses "<ms>-<seq>" (or "<ms>", meaning seq 0). It rejects
 // anything else, so a parsed id is always safe to pass to Redis.

@@ -287,6 +287,9 @@ func entriesOf(msgs []redis.XMessage) []Entry {
 
 // After reads up to count entries with ids greater than after, oldest first.
 func (s *Store) After(ctx context.Context, key string, after ID, count int64) ([]Entry, error) {
+	if after == Max {
+		return nil, nil // nothing can follow it (and XRANGE refuses "(" of it)
+	}
 	msgs, err := s.rdb.XRangeN(ctx, key, "("+after.String(), "+", count).Result()
 	if err != nil {
 		return nil, fmt.Errorf("read %s after %s: %w", key, after, err)
