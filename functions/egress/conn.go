@@ -192,9 +192,7 @@ func (c *conn) writeLoop() {
 			vec = append(vec, closeMsg)
 		}
 		now := time.Now()
-		c.armWriteDeadline(now)
-		bufs := net.Buffers(vec)
-		_, err := bufs.WriteTo(nc)
+		err := c.writeAll(nc, net.Buffers(vec), now)
 		clear(vec)
 		if closeMsg != nil {
 			// The socket is done with: c.writing stays true, so no
@@ -207,8 +205,18 @@ func (c *conn) writeLoop() {
 			return
 		}
 		if err != nil {
+			// The socket is dead, or a frame on it is cut off mid-way:
+			// nothing more may go out on it, not even a close frame still
+			// owed (a server close begun before this write), which the
+			// peer would read as the cut frame's payload.
+			c.mu.Lock()
+			c.closeMsg, c.closeSent = nil, true
+			c.mu.Unlock()
 			c.closeWith(1006, "write failed", true)
-			return // c.writing stays true: the socket is dead
+			// closeWith may have run already, for the close owed: close
+			// the socket here too. c.writing stays true: it is dead.
+			_ = c.nc.Close()
+			return
 		}
 		if len(batch) > 0 {
 			for i := range batch {
@@ -225,6 +233,23 @@ func (c *conn) writeLoop() {
 			c.spare = batch[:0]
 		}
 		c.mu.Unlock()
+	}
+}
+
+// writeAll writes bufs whole. A write that times out having sent
+// something goes on with a fresh deadline, so that only a socket that
+// takes no data for WRITE_TIMEOUT is given up on (docs/protocol.md),
+// however long a large batch (a replay's backlog) takes to go out to a
+// reader that keeps reading. Only the writer calls it.
+func (c *conn) writeAll(nc net.Conn, bufs net.Buffers, now time.Time) error {
+	for {
+		c.armWriteDeadline(now)
+		n, err := bufs.WriteTo(nc) // consumes what it wrote, even on error
+		var ne net.Error
+		if err == nil || n == 0 || !errors.As(err, &ne) || !ne.Timeout() {
+			return err
+		}
+		now = time.Now()
 	}
 }
 
@@ -298,8 +323,9 @@ func (c *conn) ping() {
 	n := c.fr.writeNow(pingFrame)
 	c.mu.Lock()
 	c.writing = false
-	if n < len(pingFrame) && !c.closing {
-		// The rest goes first: nothing else was written meanwhile.
+	if n < len(pingFrame) && (n > 0 || !c.closing) {
+		// The rest goes first: nothing else was written meanwhile. Half
+		// a ping is finished even when closing: the close frame follows.
 		c.ctrl = append([][]byte{pingFrame[n:]}, c.ctrl...)
 	}
 	if len(c.ctrl) > 0 || len(c.queue) > 0 || c.closeMsg != nil {

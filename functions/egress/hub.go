@@ -175,15 +175,26 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 }
 
 // catchUp delivers every stream entry after cs.last up to and including
-// upto, in bounded batches.
+// upto, in bounded batches. A read that fails is retried, with backoff,
+// until it succeeds or ctx ends (false): giving up would let the next
+// delivery move cs.last past the gap, and the gap would be lost for every
+// subscriber here without any of them knowing.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
+	wait := 50 * time.Millisecond
 	for {
 		entries, err := h.store.After(ctx, cs.stream, cs.last, replayBatch)
 		if err != nil {
 			h.redisErrors.Add(1)
-			h.log.Warn("catch up from stream", "err", err.Error())
-			return false
+			h.log.Warn("catch up from stream", "stream", cs.stream, "err", err.Error(), "retry_in", wait.String())
+			select {
+			case <-ctx.Done():
+				return false
+			case <-time.After(wait):
+			}
+			wait = min(2*wait, time.Second)
+			continue
 		}
+		wait = 50 * time.Millisecond
 		for i := range entries {
 			id := stream.MustParseID(entries[i].ID)
 			if upto.Less(id) {
@@ -220,8 +231,8 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	if n.Prev != cs.last {
 		// A notification was lost (Redis reconnect): fill the gap from
 		// the stream, this message included.
-		if h.catchUp(ctx, cs, n.ID) && !cs.last.Less(n.ID) {
-			return
+		if !h.catchUp(ctx, cs, n.ID) || !cs.last.Less(n.ID) {
+			return // shutting down, or delivered from the stream
 		}
 	}
 	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS)

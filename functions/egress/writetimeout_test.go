@@ -2,9 +2,13 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
+	"io"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
 )
 
 // TestWriteTimeout: a peer that stops reading is dropped (1006, "write
@@ -50,6 +54,79 @@ func TestWriteTimeout(t *testing.T) {
 			t.Fatalf("closed with %d %q, want 1006 \"write failed\"", code, reason)
 		}
 		c.writers.Wait()
+	})
+
+	t.Run("slow but steady reader of one large batch", func(t *testing.T) {
+		c, client := newConn()
+		// Buffers of 64 KiB: with 4 KiB ones, loopback's 64 KiB segments
+		// make the receiver hold back its window updates, and the sender
+		// waits for TCP's persist timer instead of the reader.
+		_ = c.nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
+		_ = client.(*net.TCPConn).SetReadBuffer(64 << 10)
+		// One batch (a replay's backlog) that takes the reader several
+		// WRITE_TIMEOUTs to take: at most 16 KiB per read, a read every
+		// 2 ms or more, 1,000 frames of 8 KiB.
+		const frames = 1000
+		c.mu.Lock()
+		for range frames {
+			c.queue = append(c.queue, &queued{frame: frame})
+		}
+		c.startWriterLocked()
+		c.mu.Unlock()
+		start := time.Now()
+		buf := make([]byte, 16<<10)
+		for read := 0; read < frames*len(frame); {
+			_ = client.SetReadDeadline(time.Now().Add(2 * timeout))
+			n, err := client.Read(buf)
+			if err != nil {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				t.Fatalf("after %d of %d bytes in %v: %v (closed %d %q)", read, frames*len(frame), time.Since(start), err, c.closeCode, c.reason)
+			}
+			read += n
+			time.Sleep(2 * time.Millisecond)
+		}
+		if d := time.Since(start); d < 2*timeout {
+			t.Fatalf("the batch went out in %v, too fast to show anything", d)
+		}
+		if c.isClosing() {
+			t.Fatal("a reading peer was dropped")
+		}
+		c.closeWith(1006, "test over", true)
+		c.writers.Wait()
+	})
+
+	t.Run("close owed after a failed write", func(t *testing.T) {
+		c, client := newConn()
+		for range 100 {
+			c.enqueue(&queued{frame: frame})
+		}
+		time.Sleep(50 * time.Millisecond) // the writer is blocked: the peer reads nothing
+		c.closeWith(protocol.CloseSlowConsumer, "slow consumer", true)
+		c.writers.Wait() // its write fails, a frame cut off mid-way
+		// Now the peer reads, and the reader ends (serve finishes).
+		read := make(chan []byte)
+		go func() { b, _ := io.ReadAll(client); read <- b }()
+		c.finishWrites()
+		_ = c.nc.Close()
+		got := <-read
+		// Walk the whole frames; what follows them is a cut frame, which
+		// must not carry the close frame inside it.
+		pos := 0
+		for pos+4 <= len(got) { // our frames here have 2- or 4-byte headers
+			n, hdr := int(got[pos+1]&0x7f), 2
+			if n == 126 {
+				n, hdr = int(binary.BigEndian.Uint16(got[pos+2:])), 4
+			}
+			if pos+hdr+n > len(got) {
+				break
+			}
+			pos += hdr + n
+		}
+		closeFrame := wsFrame(opClose, closePayload(protocol.CloseSlowConsumer, "slow consumer"))
+		if pos < len(got) && bytes.HasSuffix(got, closeFrame) {
+			t.Fatalf("the close frame was written inside a frame cut off at byte %d of %d", pos, len(got))
+		}
 	})
 
 	t.Run("slow but steady reader", func(t *testing.T) {

@@ -123,6 +123,11 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		ws.Close()
 		return nil
 	}
+	// The welcome is queued before the hub can see the connection, so that
+	// it is the first frame even when a message to the user or to the
+	// connection is being delivered at this moment.
+	user := c.user
+	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
 	s.hub.addConn(c)
 	s.metrics.connections.Inc()
 	if s.draining.Load() {
@@ -131,8 +136,6 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
 	}
 
-	user := c.user
-	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
 	for _, ch := range initial {
 		c.subscribe(ctx, ch, nil, nil)
 	}
