@@ -60,7 +60,10 @@ else
 end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
-  redis.call('SET', KEYS[3], id, 'PX', ARGV[7])
+  -- The last id outlives its stream (twice the TTL), so that a stream
+  -- recreated after expiring continues the chain instead of starting a
+  -- new one at 0-0, which a client at position 0-0 would take for its own.
+  redis.call('SET', KEYS[3], id, 'PX', 2 * ttl)
 else
   redis.call('SET', KEYS[3], id)
 end
