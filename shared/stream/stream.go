@@ -43,7 +43,13 @@ import (
 var appendScript = redis.NewScript(`
 if KEYS[4] then
   local done = redis.call('GET', KEYS[4])
-  if done then return done end
+  if done then
+    -- A write, so that a WAIT after this call counts replicas that have
+    -- the first append too (Redis 7.2+ advances a connection's WAIT
+    -- offset only for commands that propagate).
+    redis.call('PEXPIRE', KEYS[4], ARGV[8])
+    return done
+  end
 end
 local prev = redis.call('GET', KEYS[3])
 if not prev then
