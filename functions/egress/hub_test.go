@@ -17,6 +17,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -145,4 +146,32 @@ func TestWelcomeIsFirst(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// TestRefreshKeepsNoEndedConnection: a registry refresh that overlaps a
+// connection's end does not leave its record behind (it would outlive
+// the socket by REGISTRY_TTL, with sends to it accepted and dropped).
+func TestRefreshKeepsNoEndedConnection(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	s := e.s
+	// A connection in the hub's snapshot that ends (done is closed first
+	// thing when it ends) before the refresh writes its record.
+	// A real socket and fresh liveness times, for the maintenance sweep
+	// should it run meanwhile.
+	server, _ := tcpPair(t)
+	c := &conn{s: s, nc: server, id: "ended-conn", done: make(chan struct{})}
+	c.lastRead.Store(time.Now().UnixNano())
+	c.lastPing.Store(time.Now().UnixNano())
+	c.rec = registry.Record{ID: c.id, Instance: s.instance, Channels: []string{}}
+	s.hub.addConn(c)
+	close(c.done)
+	if err := s.reg.Remove(t.Context(), c.recordCopy()); err != nil { // as its end does
+		t.Fatal(err)
+	}
+	s.refreshRegistry(t.Context())
+	s.hub.removeConn(c)
+	if rec, err := s.reg.Get(t.Context(), c.id); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("registry holds %+v, %v for a connection that has ended", rec, err)
+	}
 }

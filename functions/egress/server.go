@@ -218,6 +218,18 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 	if err := s.reg.Refresh(rctx, recs); err != nil {
 		s.log.Warn("registry refresh failed", "err", err.Error())
 	}
+	// A connection that ended meanwhile may have been removed from the
+	// registry before the refresh wrote its record back: remove it again,
+	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
+	for i, c := range conns {
+		select {
+		case <-c.done:
+			if err := s.reg.Remove(rctx, recs[i]); err != nil {
+				s.log.Warn("registry remove failed (the record expires by itself)", "conn", c.id, "err", err.Error())
+			}
+		default:
+		}
+	}
 }
 
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
