@@ -2,6 +2,7 @@ package stream
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 )
@@ -48,7 +49,10 @@ func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) 
 
 // Append appends as (in order, in one pipeline) and returns their ids, or
 // the first error. Like Store.Append, on error some appends may have been
-// written.
+// written. A caller whose ctx ends while its appends still wait for a
+// pipeline withdraws them and gets ctx's error (nothing was written);
+// once a pipeline has taken them, it waits for that pipeline, which the
+// Batcher's timeout bounds.
 func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
 	req := &batchReq{as: as, wake: make(chan struct{}, 1)}
 	b.mu.Lock()
@@ -58,6 +62,7 @@ func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
 		b.leaders++
 	}
 	b.mu.Unlock()
+	done := ctx.Done()
 	for {
 		if lead {
 			b.flush()
@@ -78,7 +83,23 @@ func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
 		if fin {
 			break
 		}
-		<-req.wake
+		select {
+		case <-req.wake:
+		case <-done:
+			b.mu.Lock()
+			if i := slices.Index(b.pending, req); i >= 0 {
+				// No pipeline has taken it: withdraw, handing on any
+				// leadership it was given.
+				b.pending = slices.Delete(b.pending, i, i+1)
+				for ; req.promoted > 0; req.promoted-- {
+					b.passLocked()
+				}
+				b.mu.Unlock()
+				return nil, ctx.Err()
+			}
+			b.mu.Unlock()
+			done = nil // taken: wait for its pipeline
+		}
 	}
 	for _, err := range req.errs {
 		if err != nil {
@@ -125,6 +146,13 @@ func (b *Batcher) flush() {
 	}
 
 	b.mu.Lock()
+	b.passLocked()
+	b.mu.Unlock()
+}
+
+// passLocked hands a leadership on to the oldest pending request, or gives
+// it up when nothing is pending. b.mu is held.
+func (b *Batcher) passLocked() {
 	if len(b.pending) > 0 {
 		next := b.pending[0]
 		next.promoted++
@@ -132,7 +160,6 @@ func (b *Batcher) flush() {
 	} else {
 		b.leaders--
 	}
-	b.mu.Unlock()
 }
 
 func signal(c chan struct{}) {

@@ -2,10 +2,16 @@ package stream
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -99,5 +105,95 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 	wg.Wait()
 	if results[0] == nil || results[1] != nil {
 		t.Fatalf("errors: broken %v, fine %v", results[0], results[1])
+	}
+}
+
+// TestBatcherCallerContext: a caller whose context ends while its appends
+// wait behind other pipelines gets its context's error at once, instead
+// of waiting its turn behind pipelines to a Redis that does not answer.
+func TestBatcherCallerContext(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() { // accepts, reads, never answers
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	rdb := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), MaxRetries: -1, DialerRetries: 1,
+		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond, DisableIdentity: true, Protocol: 2})
+	defer rdb.Close()
+	b := NewBatcher(NewStore(rdb), 300*time.Millisecond, 1, 1)
+	ap := []Append{{Stream: "{c:x}:s", Notify: "{c:x}:n", Msg: Message{Channel: "x", Data: []byte("1")}}}
+	var wg sync.WaitGroup
+	for range 3 { // three pipelines of 300 ms each ahead of it
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := b.Append(context.Background(), ap); err == nil {
+				t.Error("an append to a Redis that does not answer succeeded")
+			}
+		}()
+	}
+	time.Sleep(20 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = b.Append(ctx, ap)
+	if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > 250*time.Millisecond {
+		t.Fatalf("a caller with 50 ms left got %v after %v", err, took)
+	}
+	wg.Wait()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.leaders != 0 || len(b.pending) != 0 {
+		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
+	}
+}
+
+// TestBatcherCancellations: callers giving up at random moments. Every
+// caller returns, a caller told its context ended wrote nothing, one given
+// ids wrote once, and leadership is neither lost nor leaked.
+func TestBatcherCancellations(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	b := NewBatcher(NewStore(rdb), 2*time.Second, 2, 8)
+	const callers, each = 16, 40
+	var wg sync.WaitGroup
+	var written atomic.Int64
+	for c := range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration((c*each+i)%7)*100*time.Microsecond)
+				_, err := b.Append(ctx, []Append{{Stream: ks.Stream("k"), Notify: ks.Notify("k"), Msg: Message{Channel: "k", Data: []byte("1")}}})
+				cancel()
+				switch {
+				case err == nil:
+					written.Add(1)
+				case !errors.Is(err, context.DeadlineExceeded):
+					t.Errorf("append: %v", err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := rdb.XLen(context.Background(), ks.Stream("k")).Val(); n != written.Load() {
+		t.Fatalf("%d entries written, %d appends reported written", n, written.Load())
+	}
+	t.Logf("%d of %d appends written, the rest given up", written.Load(), callers*each)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.leaders != 0 || len(b.pending) != 0 {
+		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
 	}
 }
