@@ -356,6 +356,21 @@ func TestEgressLimits(t *testing.T) {
 			t.Fatalf("close %d", code)
 		}
 	})
+	t.Run("text that is not UTF-8", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+		if err := ws.WriteMessage(websocket.TextMessage, []byte("{\"type\":\"ping\",\"ref\":\"\xff\"}")); err != nil {
+			t.Fatal(err)
+		}
+		if code := closeCode(t, ws, 5*time.Second); code != protocol.CloseInvalidData {
+			t.Fatalf("close %d, want 1007", code)
+		}
+	})
 	t.Run("frames per second", func(t *testing.T) {
 		t.Parallel()
 		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "3"})

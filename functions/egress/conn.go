@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
@@ -442,6 +443,12 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	if op != opText {
 		c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
 		return c.abuse()
+	}
+	if !utf8.Valid(data) {
+		// RFC 6455 §8.1: an endpoint receiving invalid UTF-8 in a text
+		// message fails the connection.
+		c.closeWith(protocol.CloseInvalidData, "text frame is not UTF-8", true)
+		return true
 	}
 	req, err := protocol.Decode(data)
 	if err != nil {

@@ -45,6 +45,10 @@ func isJSONSuffix(mt string) bool {
 	return len(mt) > 5 && mt[len(mt)-5:] == "+json"
 }
 
+// jsonSpace is the whitespace JSON allows around a value (RFC 8259 §2);
+// bytes.TrimSpace would also strip Unicode spaces such as U+00A0.
+const jsonSpace = " \t\r\n"
+
 // decodeMessage parses and validates one message object. withChannel
 // requires a "channel" field (batch items).
 func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
@@ -57,7 +61,7 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 		From    json.RawMessage `json:"from"`
 	}
 	var p publishBody
-	b = bytes.TrimSpace(b)
+	b = bytes.Trim(b, jsonSpace)
 	if len(b) == 0 || b[0] != '{' {
 		return p, errf(400, "invalid_json", "body must be a JSON object")
 	}
@@ -119,7 +123,7 @@ func decodeBatch(b []byte, maxItems int, maxItemBytes int64) ([]publishBody, err
 	var raw struct {
 		Messages *[]json.RawMessage `json:"messages"`
 	}
-	b = bytes.TrimSpace(b)
+	b = bytes.Trim(b, jsonSpace)
 	if len(b) == 0 || b[0] != '{' {
 		return nil, errf(400, "invalid_json", "body must be a JSON object")
 	}

@@ -31,6 +31,8 @@ func TestDecodeMessage(t *testing.T) {
 		{body: "{\"data\":\"a\xff\xfe\"}", code: "invalid_json", msg: "body is not valid UTF-8"},
 		{body: "{\"data\":1,\"x\":\"\xc3\"}", code: "invalid_json", msg: "body is not valid UTF-8"},
 		{body: `{"data":"\udc00 é"}`, data: `"\udc00 é"`},
+		{body: "\u00a0{\"data\":1}", code: "invalid_json"}, // not JSON whitespace
+		{body: " \t\r\n{\"data\":1}\n", data: `1`},
 	} {
 		p, ae := decodeMessage([]byte(tc.body), tc.withChannel)
 		if tc.code != "" {

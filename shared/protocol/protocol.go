@@ -51,6 +51,7 @@ const (
 	CloseNormal        = 1000
 	CloseGoingAway     = 1001 // server shutting down: reconnect elsewhere, resume
 	CloseProtocolError = 1002 // a frame broke RFC 6455
+	CloseInvalidData   = 1007 // a text frame that is not UTF-8 (RFC 6455 §8.1)
 	ClosePolicy        = 1008 // repeated bad frames
 	CloseTooBig        = 1009 // frame over the read limit
 	CloseInternal      = 1011 // server error: reconnect, resume
