@@ -8,7 +8,7 @@
 // It behaves like the JavaScript client served at /client.js: exponential
 // backoff with full jitter between attempts (0.5 s doubling to 20 s by
 // default), reset after a stable connection or a planned rotation (idle
-// timeout, lifetime, drain); no reconnect after 4003, 1002, 1008 or 1009; a
+// timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009; a
 // fresh token from GetToken after 4004.
 package client
 
@@ -175,6 +175,12 @@ type Subscription struct {
 	h       Handler
 	last    stream.ID // last delivered id; zero: none yet
 	hasLast bool
+	// live: the server has answered this subscription's latest subscribe
+	// (its ref echoed) on the current connection. Until then, frames for
+	// the channel belong to an earlier subscription of the same channel
+	// (unsubscribed, its frames still on the wire) and are dropped: taken
+	// for this one, they would move its last id past a replay to come.
+	live bool
 }
 
 // Channel is the subscription's channel.
@@ -309,7 +315,8 @@ func (c *Client) Err() error {
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close closes the socket (1000) and waits for the client's goroutine. It
-// is idempotent.
+// is idempotent. Handlers run on that goroutine: a handler that wants the
+// client closed calls go c.Close(), since Close would wait for itself.
 func (c *Client) Close() error {
 	c.once.Do(func() {
 		c.cancel()
@@ -325,7 +332,10 @@ func (c *Client) Close() error {
 	return nil
 }
 
+// request is the subscribe frame for s; the subscription is not live
+// until the server answers it. c.mu is held.
 func (s *Subscription) request() protocol.Request {
+	s.live = false
 	r := protocol.Request{Type: protocol.TypeSubscribe, Channel: s.channel, Ref: json.RawMessage(strconv.Itoa(s.ref))}
 	if s.hasLast {
 		a := idString(s.last)
@@ -357,7 +367,7 @@ func (c *Client) setState(s State, err error) {
 // retryable reports whether the client reconnects after close code code.
 func retryable(code int) bool {
 	switch code {
-	case protocol.CloseDisconnected, protocol.CloseProtocolError, protocol.ClosePolicy, protocol.CloseTooBig:
+	case protocol.CloseDisconnected, protocol.CloseProtocolError, protocol.CloseInvalidData, protocol.ClosePolicy, protocol.CloseTooBig:
 		return false
 	}
 	return true
@@ -545,8 +555,8 @@ func (c *Client) dispatch(data []byte) bool {
 		id, ok := stream.ParseID(m.ID)
 		c.mu.Lock()
 		s := c.subs[m.Channel]
-		if s == nil || !ok || (s.hasLast && id.Compare(s.last) <= 0) {
-			c.mu.Unlock() // unsubscribed, or a duplicate
+		if s == nil || !s.live || !ok || (s.hasLast && id.Compare(s.last) <= 0) {
+			c.mu.Unlock() // unsubscribed, an earlier subscription's, or a duplicate
 			return false
 		}
 		s.last, s.hasLast = id, true
@@ -557,6 +567,12 @@ func (c *Client) dispatch(data []byte) bool {
 	case protocol.TypeSubscribed:
 		c.mu.Lock()
 		s := c.subs[f.Channel]
+		if s != nil && string(f.Ref) != strconv.Itoa(s.ref) {
+			s = nil // the answer to an earlier subscription of the channel
+		}
+		if s != nil {
+			s.live = true
+		}
 		// A fresh subscription starts from the server's position, so a
 		// cut before its first message still resumes without a gap.
 		if s != nil && !s.hasLast {

@@ -12,10 +12,12 @@
 // the server marks as retryable, resubscribes each channel with "after" set
 // to the last id it delivered (so nothing is lost or repeated), and tells
 // the application when a resume had a gap (recovered === false). It does not
-// reconnect after 4003 (disconnected by an operator), 1002, 1008 or 1009, and asks
-// getToken() for a fresh token after 4004 (token expired).
+// reconnect after 4003 (disconnected by an operator), 1002, 1007, 1008 or 1009, and
+// asks getToken() for a fresh token after 4004 (token expired) and after a
+// connection refused before its welcome (an expired token is refused at the
+// upgrade, which a browser reports only as a close).
 
-const FINAL = new Set([4003, 1002, 1008, 1009]);
+const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
@@ -108,11 +110,18 @@ export class WsRelay {
     };
     this.subs.set(channel, sub);
     this.refs.set(sub.ref, sub);
-    if (this.state === "connected") this.sendSubscribe(sub);
+    // While the socket is open (send() drops the frame otherwise); onopen
+    // sends the ones made before it opened.
+    this.sendSubscribe(sub);
     return sub;
   }
 
   sendSubscribe(sub) {
+    // Not live until the server answers this subscribe: frames for the
+    // channel until then belong to an earlier subscription of it (still on
+    // the wire after an unsubscribe) and would move sub.last past the
+    // replay to come.
+    sub.live = false;
     const f = { type: "subscribe", channel: sub.channel, ref: sub.ref };
     if (sub.last) f.after = sub.last;
     this.send(f);
@@ -202,7 +211,7 @@ export class WsRelay {
       this.setState("closed", ev);
       return;
     }
-    if (ev.code === 4004 && typeof this.opts.getToken === "function") this.needToken = true;
+    if ((ev.code === 4004 || !welcomed) && typeof this.opts.getToken === "function") this.needToken = true;
     if (welcomed && (PLANNED.has(ev.code) || Date.now() - openedAt >= this.stableAfter)) this.attempt = 0;
     this.setState("disconnected", ev);
     this.schedule();
@@ -227,7 +236,7 @@ export class WsRelay {
       case "message": {
         if (!f.channel) { this.emit("message", f); break; }
         const sub = this.subs.get(f.channel);
-        if (!sub) break;
+        if (!sub || !sub.live) break; // unsubscribed, or an earlier subscription's
         if (sub.last && compareIds(f.id, sub.last) <= 0) break; // duplicate
         sub.last = f.id;
         sub.handlers.onMessage?.(f);
@@ -235,7 +244,8 @@ export class WsRelay {
       }
       case "subscribed": {
         const sub = this.subs.get(f.channel);
-        if (!sub) break;
+        if (!sub || f.ref !== sub.ref) break; // unsubscribed, or an earlier subscription's
+        sub.live = true;
         const recovered = f.recovered !== false;
         // A fresh subscription starts from the server's position, so a
         // cut before its first message still resumes without a gap.

@@ -1,0 +1,124 @@
+package e2e
+
+import (
+	"testing"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// clientJSCases drive the browser client (/client.js) against a scripted
+// socket in the page: the cases where the wire's order matters and a real
+// server cannot be made to show it on demand. Each case resolves to "ok"
+// or to what went wrong.
+const clientJSCases = `(async () => {
+  const { WsRelay } = await import("/client.js");
+  const sockets = [];
+  class FakeWS {
+    constructor(url) { this.url = url; this.readyState = 0; this.sent = []; sockets.push(this); }
+    send(s) { this.sent.push(JSON.parse(s)); }
+    close() { this.readyState = 3; }
+    open() { this.readyState = 1; this.onopen?.(); }
+    recv(f) { this.onmessage?.({ data: JSON.stringify(f) }); }
+    shut(code) { this.readyState = 3; this.onclose?.({ code, reason: "" }); }
+  }
+  const settle = () => new Promise((r) => setTimeout(r, 20));
+  const results = {};
+  const newClient = (opts = {}) => new WsRelay("ws://127.0.0.1:1/ws", { WebSocket: FakeWS, minBackoff: 1, maxBackoff: 2, ...opts });
+
+  // An unsubscribe and an immediate resubscribe after the last id, while a
+  // message and a reply of the earlier subscription are still on the wire.
+  {
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    const ws = sockets[0];
+    ws.open();
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const first = c.subscribe("a", { onMessage() {} });
+    const ref1 = ws.sent.at(-1).ref;
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ref1 });
+    ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
+    first.unsubscribe();
+    const got = [];
+    let subscribed = 0;
+    c.subscribe("a", { after: first.lastId, onMessage: (m) => got.push(m.id), onSubscribed: () => subscribed++ });
+    const again = ws.sent.at(-1);
+    ws.recv({ type: "message", channel: "a", id: "4-0", ts: 1, data: 4 });
+    ws.recv({ type: "subscribed", channel: "a", position: "4-0", ref: ref1 });
+    ws.recv({ type: "unsubscribed", channel: "a" });
+    ws.recv({ type: "subscribed", channel: "a", recovered: true, position: "2-0", ref: again.ref });
+    ws.recv({ type: "message", channel: "a", id: "3-0", ts: 1, data: 3 });
+    ws.recv({ type: "message", channel: "a", id: "4-0", ts: 1, data: 4 });
+    results.resubscribe = again.after === "2-0" && got.join(" ") === "3-0 4-0" && subscribed === 1
+      ? "ok" : "after " + again.after + ", got [" + got + "], onSubscribed " + subscribed + " times";
+    c.close();
+  }
+
+  // A subscribe made after the socket opened and before the welcome is sent.
+  {
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    const ws = sockets[0];
+    ws.open();
+    c.subscribe("room", {});
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const subs = ws.sent.filter((f) => f.type === "subscribe" && f.channel === "room").length;
+    results.subscribeBeforeWelcome = subs === 1 ? "ok" : subs + " subscribe frames sent";
+    c.close();
+  }
+
+  // No reconnect after 1007.
+  {
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    sockets[0].shut(1007);
+    await settle();
+    results.final1007 = sockets.length === 1 && c.state === "closed" ? "ok" : sockets.length + " dials, state " + c.state;
+    c.close();
+  }
+
+  // A connection refused before its welcome (an expired token is refused
+  // at the upgrade, which the browser reports as a close) asks for a new
+  // token before the next dial.
+  {
+    sockets.length = 0;
+    let calls = 0;
+    const c = newClient({ getToken: async () => "t" + ++calls });
+    await settle();
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    sockets[0].shut(1006);
+    await settle();
+    sockets[1].shut(1006); // refused: no welcome
+    await settle();
+    const last = new URL(sockets.at(-1).url).searchParams.get("token");
+    results.tokenAfterRefusal = calls === 2 && last === "t2" ? "ok" : calls + " getToken calls, last dial with " + last;
+    c.close();
+  }
+  return results;
+})()`
+
+// TestBrowserClientJS runs clientJSCases in headless Chromium, the client
+// loaded from a real egress as an application would load it.
+func TestBrowserClientJS(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+	}
+	eg := start(t, "egress", e)
+	tab := newBrowser(t)
+	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
+	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal"} {
+		if got, ok := results[name]; !ok || got != "ok" {
+			t.Errorf("%s: %q", name, got)
+		}
+	}
+}
