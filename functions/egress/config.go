@@ -128,8 +128,13 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.MaxConnections < 0 {
 		errs = append(errs, errors.New("MAX_CONNECTIONS must not be negative"))
 	}
-	if c.RegistryTTL < time.Second {
-		errs = append(errs, errors.New("REGISTRY_TTL must be at least 1s"))
+	if c.MaxFramesPerSecond < 0 {
+		errs = append(errs, errors.New("MAX_FRAMES_PER_SECOND must not be negative (0: no limit)"))
+	}
+	if c.RegistryTTL < 3*time.Second {
+		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs
+		// once a second: below 3s a live connection's record can expire.
+		errs = append(errs, errors.New("REGISTRY_TTL must be at least 3s"))
 	}
 	if c.ProbeInterval < 100*time.Millisecond {
 		errs = append(errs, errors.New("PROBE_INTERVAL must be at least 100ms"))

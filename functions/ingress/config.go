@@ -122,8 +122,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout <= 0 || c.PublishWaitTimeout >= c.Redis.Timeout) {
 		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be positive and below REDIS_TIMEOUT"))
 	}
-	if c.RegistryTTL < time.Second {
-		errs = append(errs, errors.New("REGISTRY_TTL must be at least 1s"))
+	if c.RegistryTTL < 3*time.Second {
+		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs
+		// once a second: below 3s a live connection's record can expire.
+		errs = append(errs, errors.New("REGISTRY_TTL must be at least 3s"))
 	}
 	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {

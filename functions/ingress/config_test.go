@@ -71,6 +71,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"batch smaller than message", map[string]string{"MAX_MESSAGE_BYTES": "4096", "MAX_BATCH_BYTES": "1024"}, []string{"MAX_BATCH_BYTES"}},
 		{"bad redis url", map[string]string{"REDIS_URL": "http://x"}, []string{"REDIS_URL"}},
 		{"bad cluster addrs", map[string]string{"REDIS_CLUSTER_ADDRS": "a:1,nohost"}, []string{"REDIS_CLUSTER_ADDRS"}},
+		// Refreshed every REGISTRY_TTL/3 by a once-a-second sweep.
+		{"registry ttl under 3s", map[string]string{"REGISTRY_TTL": "2s"}, []string{"REGISTRY_TTL"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := loadConfig(func(k string) string { return tc.env[k] })

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
@@ -46,13 +47,16 @@ func (c Config) Validate() error {
 		}
 	} else {
 		for _, a := range strings.Split(c.ClusterAddrs, ",") {
-			if !strings.Contains(strings.TrimSpace(a), ":") {
+			if h, p, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil || h == "" || p == "" {
 				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: %q is not host:port", a))
 			}
 		}
 	}
 	if c.Timeout <= 0 {
 		errs = append(errs, errors.New("REDIS_TIMEOUT must be positive"))
+	}
+	if c.PoolSize < 0 {
+		errs = append(errs, errors.New("REDIS_POOL_SIZE must not be negative (0: go-redis's default)"))
 	}
 	return errors.Join(errs...)
 }

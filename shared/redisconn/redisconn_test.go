@@ -27,6 +27,10 @@ func TestValidate(t *testing.T) {
 		{"bad scheme", Config{URL: "http://x", Timeout: time.Second}, []string{"REDIS_URL"}},
 		{"bad cluster addr", Config{ClusterAddrs: "a:1,b", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", `"b"`}},
 		{"all bad", Config{URL: "nope://", Timeout: 0}, []string{"REDIS_URL", "REDIS_TIMEOUT"}},
+		{"cluster addr as a URL", Config{ClusterAddrs: "redis://127.0.0.1:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}},
+		{"cluster addr without a port", Config{ClusterAddrs: "a:", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}},
+		{"negative pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}},
+		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
