@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/protocol"
@@ -31,6 +32,13 @@ type secEgress struct {
 func startSecEgress(t *testing.T, env map[string]string) *secEgress {
 	t.Helper()
 	rdb, prefix := redistest.Client(t)
+	return startEgressOn(t, rdb, prefix, env)
+}
+
+// startEgressOn runs an egress configured by env on rdb (a test client,
+// perhaps with hooks) under key prefix.
+func startEgressOn(t *testing.T, rdb redis.UniversalClient, prefix string, env map[string]string) *secEgress {
+	t.Helper()
 	env["REDIS_URL"] = redistest.URL(t)
 	env["REDIS_KEY_PREFIX"] = prefix
 	cfg, err := loadConfig(func(k string) string { return env[k] })

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
-	"log/slog"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -51,14 +49,8 @@ func TestGapFillRetries(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	hook := &failXRange{}
 	rdb.AddHook(hook)
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	srv, _ := startEgress(t, s)
-	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?channels=room", nil)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?channels=room", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,13 +98,8 @@ func TestGapFillRetries(t *testing.T) {
 func TestWelcomeIsFirst(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	srv, _ := startEgress(t, s)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	s, srv := e.s, e.srv
 	ks := keys.Scheme{Prefix: prefix}
 	store := stream.NewStore(rdb)
 

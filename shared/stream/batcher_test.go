@@ -77,11 +77,7 @@ func TestBatcherConcurrent(t *testing.T) {
 			}
 		}
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.leaders != 0 || len(b.pending) != 0 {
-		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
-	}
+	assertIdle(t, b)
 }
 
 // TestBatcherErrorsStayPerAppend: an append that fails does not fail the
@@ -151,11 +147,7 @@ func TestBatcherCallerContext(t *testing.T) {
 		t.Fatalf("a caller with 50 ms left got %v after %v", err, took)
 	}
 	wg.Wait()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.leaders != 0 || len(b.pending) != 0 {
-		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
-	}
+	assertIdle(t, b)
 }
 
 // TestBatcherCancellations: callers giving up at random moments. Every
@@ -191,6 +183,13 @@ func TestBatcherCancellations(t *testing.T) {
 		t.Fatalf("%d entries written, %d appends reported written", n, written.Load())
 	}
 	t.Logf("%d of %d appends written, the rest given up", written.Load(), callers*each)
+	assertIdle(t, b)
+}
+
+// assertIdle fails unless b has no leader and nothing pending, as a
+// Batcher must once its callers have returned.
+func assertIdle(t *testing.T, b *Batcher) {
+	t.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.leaders != 0 || len(b.pending) != 0 {
