@@ -7,6 +7,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
+	"github.com/wsrelay/wsrelay/shared/origin"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
@@ -141,6 +142,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
+	}
+	if err := origin.Validate(c.AllowedOrigins); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {

@@ -30,7 +30,7 @@ func (c *Config) checkSecurity() []error {
 		errs = append(errs, err)
 	}
 	if !c.AllowAnonymous && keys.Len() == 0 && c.JWTSecret == "" && c.JWTPublicKey == "" {
-		errs = append(errs, errors.New("no credentials configured: set API_KEYS (backend keys) and/or JWT_SECRET (user tokens), or ALLOW_ANONYMOUS=true for local development only"))
+		errs = append(errs, errors.New("no credentials configured: set API_KEYS (backend keys) and/or JWT_SECRET or JWT_PUBLIC_KEY (user tokens), or ALLOW_ANONYMOUS=true for local development only"))
 	}
 	for _, x := range []struct {
 		name string

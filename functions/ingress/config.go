@@ -7,6 +7,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
+	"github.com/wsrelay/wsrelay/shared/origin"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
@@ -126,6 +127,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs
 		// once a second: below 3s a live connection's record can expire.
 		errs = append(errs, errors.New("REGISTRY_TTL must be at least 3s"))
+	}
+	if err := origin.Validate(c.AllowedOrigins); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {

@@ -73,6 +73,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"bad cluster addrs", map[string]string{"REDIS_CLUSTER_ADDRS": "a:1,nohost"}, []string{"REDIS_CLUSTER_ADDRS"}},
 		// Refreshed every REGISTRY_TTL/3 by a once-a-second sweep.
 		{"registry ttl under 3s", map[string]string{"REGISTRY_TTL": "2s"}, []string{"REGISTRY_TTL"}},
+		{"origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://app.example/"}, []string{"ALLOWED_ORIGINS"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := loadConfig(func(k string) string { return tc.env[k] })

@@ -3,7 +3,11 @@
 // ALLOWED_ORIGINS means the same thing in both (docs/security.md).
 package origin
 
-import "strings"
+import (
+	"fmt"
+	"net/url"
+	"strings"
+)
 
 // Allowed reports whether a request with the Origin header origin, sent to
 // host (the request's Host), is allowed by the ALLOWED_ORIGINS value
@@ -32,4 +36,25 @@ func AllowsAny(allowed string) bool {
 		}
 	}
 	return false
+}
+
+// Validate checks an ALLOWED_ORIGINS value: each entry is "*" or an origin
+// as browsers send it, scheme://host[:port] and nothing more. An entry with
+// a path (even a trailing "/"), or without a scheme, would silently match
+// nothing.
+func Validate(allowed string) error {
+	if allowed == "" {
+		return nil
+	}
+	for _, a := range strings.Split(allowed, ",") {
+		a = strings.TrimSpace(a)
+		if a == "*" {
+			continue
+		}
+		u, err := url.Parse(a)
+		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || u.Scheme+"://"+u.Host != a {
+			return fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin (scheme://host[:port], no path) or *", a)
+		}
+	}
+	return nil
 }

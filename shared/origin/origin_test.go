@@ -1,6 +1,9 @@
 package origin
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestAllowed(t *testing.T) {
 	for _, tc := range []struct {
@@ -24,5 +27,18 @@ func TestAllowed(t *testing.T) {
 	}
 	if !AllowsAny("https://a.com, *") || AllowsAny("https://a.com") || AllowsAny("") {
 		t.Error("AllowsAny")
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, ok := range []string{"", "*", "https://app.example.com", "http://localhost:8080, https://a.example.com:8443", "https://a.example.com,*"} {
+		if err := Validate(ok); err != nil {
+			t.Errorf("Validate(%q): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"https://app.example.com/", "app.example.com", "https://app.example.com/path", "https://u@app.example.com", "https://", "https://a.example.com?x=1", "https://a.example.com,example.org"} {
+		if err := Validate(bad); err == nil || !strings.Contains(err.Error(), "ALLOWED_ORIGINS") {
+			t.Errorf("Validate(%q) = %v, want an ALLOWED_ORIGINS error", bad, err)
+		}
 	}
 }
