@@ -152,18 +152,11 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		// while Redis fails (nothing else would confirm it again if the
 		// Pub/Sub connection stays up).
 		var last stream.ID
-		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-			var err error
-			if last, err = h.store.LastID(ctx, cs.stream); err == nil {
-				break
-			}
-			h.redisErrors.Add(1)
-			h.log.Warn("read stream position", "err", err.Error(), "retry_in", wait.String())
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(wait):
-			}
+		if !h.readRetrying(ctx, "read stream position", cs.stream, func() (err error) {
+			last, err = h.store.LastID(ctx, cs.stream)
+			return err
+		}) {
+			return
 		}
 		cs.last = last
 		cs.confirmed = true
@@ -180,21 +173,14 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 // delivery move cs.last past the gap, and the gap would be lost for every
 // subscriber here without any of them knowing.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
-	wait := 50 * time.Millisecond
 	for {
-		entries, err := h.store.After(ctx, cs.stream, cs.last, replayBatch)
-		if err != nil {
-			h.redisErrors.Add(1)
-			h.log.Warn("catch up from stream", "stream", cs.stream, "err", err.Error(), "retry_in", wait.String())
-			select {
-			case <-ctx.Done():
-				return false
-			case <-time.After(wait):
-			}
-			wait = min(2*wait, time.Second)
-			continue
+		var entries []stream.Entry
+		if !h.readRetrying(ctx, "catch up from stream", cs.stream, func() (err error) {
+			entries, err = h.store.After(ctx, cs.stream, cs.last, replayBatch)
+			return err
+		}) {
+			return false
 		}
-		wait = 50 * time.Millisecond
 		for i := range entries {
 			id := stream.MustParseID(entries[i].ID)
 			if upto.Less(id) {
@@ -204,6 +190,25 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 		}
 		if len(entries) < replayBatch {
 			return true
+		}
+	}
+}
+
+// readRetrying runs read until it succeeds, waiting 50 ms doubling to 1 s
+// after each failure (counted and logged as what, on key); false when ctx
+// ends first.
+func (h *hub) readRetrying(ctx context.Context, what, key string, read func() error) bool {
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		err := read()
+		if err == nil {
+			return true
+		}
+		h.redisErrors.Add(1)
+		h.log.Warn(what, "stream", key, "err", err.Error(), "retry_in", wait.String())
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(wait):
 		}
 	}
 }
