@@ -59,7 +59,7 @@ type conn struct {
 	closeMsg  []byte   // close frame for the writer to send
 	closeSent bool     // a close frame has been written
 	ctrl      [][]byte // control frames for the writer to send first
-	writing   bool     // a writer goroutine is running (or has ended the socket)
+	writing   bool     // a writer goroutine is running (or has ended the socket, or openConn holds writes until the connection is registered)
 	ended     bool     // serve is finishing: no writer starts any more
 	writers   sync.WaitGroup
 	done      chan struct{} // closed when the reader has ended

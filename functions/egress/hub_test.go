@@ -14,6 +14,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
@@ -90,6 +91,119 @@ func TestGapFillRetries(t *testing.T) {
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+// holdRegistration makes the first pipeline that adds a connection to
+// user's set wait, once Redis has run it, until release is closed: the
+// connection's record is visible to senders while the egress has not yet
+// heard back.
+type holdRegistration struct {
+	userSet string
+	hit     chan struct{} // closed when the pipeline has run
+	release chan struct{}
+	once    atomic.Bool
+}
+
+func (h *holdRegistration) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *holdRegistration) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *holdRegistration) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "zadd") && len(a) > 1 && a[1] == h.userSet && h.once.CompareAndSwap(false, true) {
+				close(h.hit)
+				<-h.release
+				break
+			}
+		}
+		return err
+	}
+}
+
+// TestSendDuringRegistration: a message to a user sent as soon as a new
+// connection of the user is in the registry reaches that connection,
+// after its welcome, even when it reaches the hub before the registry
+// write has returned to the egress.
+func TestSendDuringRegistration(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	hold := &holdRegistration{userSet: ks.UserConns("bob"), hit: make(chan struct{}), release: make(chan struct{})}
+	rdb.AddHook(hold)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user="
+	alice, _, err := websocket.DefaultDialer.Dial(url+"alice", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer alice.Close()
+	next(t, alice, "welcome")
+
+	type dialed struct {
+		ws  *websocket.Conn
+		err error
+	}
+	bobc := make(chan dialed, 1)
+	go func() {
+		ws, _, err := websocket.DefaultDialer.Dial(url+"bob", nil)
+		bobc <- dialed{ws, err}
+	}()
+	select {
+	case <-hold.hit:
+	case <-time.After(5 * time.Second):
+		close(hold.release)
+		t.Fatal("bob's connection was not registered")
+	}
+	// bob's record is in: a message to bob, then one to alice. When
+	// alice has hers, the hub has handled bob's (the inbox is in order).
+	store := stream.NewStore(rdb)
+	msg := func(user, data string) stream.Append {
+		return stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: stream.ToUser(user), TS: time.Now().UnixMilli(), Data: []byte(data)}}
+	}
+	_, err = store.Append(t.Context(), []stream.Append{msg("bob", `"to bob"`), msg("alice", `"to alice"`)})
+	if err != nil {
+		close(hold.release)
+		t.Fatal(err)
+	}
+	if got := nextData(t, alice); got != `"to alice"` {
+		t.Errorf("alice got %s", got)
+	}
+	close(hold.release)
+
+	d := <-bobc
+	if d.err != nil {
+		t.Fatal(d.err)
+	}
+	defer d.ws.Close()
+	var first protocol.Reply
+	_ = d.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := d.ws.ReadJSON(&first); err != nil || first.Type != "welcome" {
+		t.Fatalf("bob's first frame: %q, %v; want welcome", first.Type, err)
+	}
+	if got := nextData(t, d.ws); got != `"to bob"` {
+		t.Errorf("bob got %s", got)
+	}
+}
+
+// nextData reads up to the next message frame and returns its data.
+func nextData(t *testing.T, ws *websocket.Conn) string {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		var m struct {
+			Type string
+			Data json.RawMessage
+		}
+		if err := ws.ReadJSON(&m); err != nil {
+			t.Fatalf("waiting for a message: %v", err)
+		}
+		if m.Type == "message" {
+			return string(m.Data)
+		}
 	}
 }
 

@@ -94,6 +94,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		openedAt: now,
 		done:     make(chan struct{}),
 		subs:     make(map[string]*chanState),
+		writing:  true, // held until the connection is registered
 	}
 	c.fr.init(ws.NetConn(), s.cfg.MaxFrameBytes)
 	c.lastData.Store(now.UnixNano())
@@ -105,30 +106,46 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	// instance's inbox must be live first. On a freshly started instance
 	// (SCF starts one per connection) the first socket can get here
 	// before the inbox subscription is confirmed.
-	var err error
 	select {
 	case <-s.hub.inbox.ready:
 	case <-time.After(5 * time.Second):
-		err = errUnavailable
-	}
-	if err == nil {
-		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-		err = s.reg.Put(rctx, c.recordCopy())
-		rcancel()
-	}
-	if err != nil {
-		s.log.Warn("registry unavailable at connect", "err", err.Error())
-		msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
-		_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-		ws.Close()
+		refuseConn(s, ws, errUnavailable)
 		return nil
 	}
-	// The welcome is queued before the hub can see the connection, so that
-	// it is the first frame even when a message to the user or to the
-	// connection is being delivered at this moment.
+	// The hub sees the connection before the registry does, so that a
+	// send that found its record always finds the connection here. The
+	// welcome is queued first, so that it is the first frame even when a
+	// message to the user or to the connection is being delivered at this
+	// moment, and nothing is written until the record is in: c.writing,
+	// set above, holds the writer back.
 	user := c.user
 	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
 	s.hub.addConn(c)
+	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+	err := s.reg.Put(rctx, c.recordCopy())
+	rcancel()
+	if err != nil {
+		// Nothing was written to the socket: take the connection back.
+		// Closing done makes a registry refresh that saw it remove its
+		// record again, and the record is removed here too, in case the
+		// write that timed out was made.
+		s.hub.removeConn(c)
+		c.mu.Lock()
+		c.closing, c.ended, c.queue = true, true, nil
+		c.mu.Unlock()
+		close(c.done)
+		refuseConn(s, ws, err)
+		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
+		_ = s.reg.Remove(rctx, c.recordCopy())
+		rcancel()
+		return nil
+	}
+	c.mu.Lock()
+	c.writing = false
+	if len(c.queue) > 0 || len(c.ctrl) > 0 || c.closeMsg != nil {
+		c.startWriterLocked()
+	}
+	c.mu.Unlock()
 	s.metrics.connections.Inc()
 	if s.draining.Load() {
 		// Draining began after this socket was accepted and before drain
@@ -140,6 +157,14 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.subscribe(ctx, ch, nil, nil)
 	}
 	return c
+}
+
+// refuseConn closes a socket that could not be registered with 1013.
+func refuseConn(s *Server, ws *websocket.Conn, err error) {
+	s.log.Warn("registry unavailable at connect", "err", err.Error())
+	msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
+	_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+	ws.Close()
 }
 
 // serve reads the connection to its end, then forgets it everywhere. It
