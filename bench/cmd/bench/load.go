@@ -45,15 +45,21 @@ func payload(seq int, sent int64) []byte {
 // subscriber is one bench WebSocket client subscribed to one channel.
 type subscriber struct {
 	ws       *websocket.Conn
+	total    int64  // the scenario's publishes: sequence numbers are below it
 	seen     []byte // bitmap by publish sequence number
 	expected int
-	got      int
-	dups     int
-	lats     []uint32 // end-to-end latency, µs
-	seqs     []uint32 // the sequence number of each lats entry
-	last     int64    // receipt time of the last message, bench clock
-	done     chan struct{}
-	pings    bool // the server pings with empty commands (Centrifugo)
+	// accept, when set, says which sequence numbers belong to the
+	// subscriber's channel; a message it refuses, or one outside the
+	// scenario's numbers, is counted as stray (misrouted), not as got.
+	accept func(seq int64) bool
+	got    int
+	dups   int
+	stray  int
+	lats   []uint32 // end-to-end latency, µs
+	seqs   []uint32 // the sequence number of each lats entry
+	last   int64    // receipt time of the last message, bench clock
+	done   chan struct{}
+	pings  bool // the server pings with empty commands (Centrifugo)
 }
 
 var (
@@ -87,7 +93,7 @@ func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *a
 	_ = ws.SetReadDeadline(time.Time{})
 	// lats has room for every message from the start: growing it while
 	// messages arrive would make garbage, and GC work, in the bench itself.
-	s := &subscriber{ws: ws, seen: make([]byte, (total+7)/8), lats: make([]uint32, 0, total), seqs: make([]uint32, 0, total), done: make(chan struct{}), pings: sys.kind == centrifugo}
+	s := &subscriber{ws: ws, total: int64(total), seen: make([]byte, (total+7)/8), lats: make([]uint32, 0, total), seqs: make([]uint32, 0, total), done: make(chan struct{}), pings: sys.kind == centrifugo}
 	go s.read(rcvd)
 	return s, nil
 }
@@ -138,7 +144,8 @@ func (s *subscriber) read(rcvd *atomic.Int64) {
 
 // record counts one received message.
 func (s *subscriber) record(seq, sent, t int64, rcvd *atomic.Int64) {
-	if seq < 0 || int(seq) >= len(s.seen)*8 {
+	if seq < 0 || seq >= s.total || s.accept != nil && !s.accept(seq) {
+		s.stray++
 		return
 	}
 	if s.seen[seq/8]&(1<<(seq%8)) != 0 {
@@ -240,6 +247,20 @@ func closeAll(subs []*subscriber) {
 		}
 	}
 	wg.Wait()
+}
+
+// closedCount is how many of subs the server has closed (their reader
+// has ended).
+func closedCount(subs []*subscriber) int {
+	n := 0
+	for _, s := range subs {
+		select {
+		case <-s.done:
+			n++
+		default:
+		}
+	}
+	return n
 }
 
 // publisher posts messages to one ingress over a bounded pool of
@@ -480,9 +501,9 @@ func waitDelivered(ctx context.Context, rcvd *atomic.Int64, want int64, quiet ti
 
 // delivery sums up what the subscribers saw.
 type delivery struct {
-	got, lost, dups int
-	last            int64
-	lats            []uint32
+	got, lost, dups, stray int
+	last                   int64
+	lats                   []uint32
 	// byQuarter are the latencies of the messages of each quarter of the
 	// publishes, in publish order: a rising median from one to the next
 	// is a backlog that grows while publishing goes on.
@@ -499,6 +520,7 @@ func collect(subs []*subscriber, total int) delivery {
 	for _, s := range subs {
 		d.got += s.got
 		d.dups += s.dups
+		d.stray += s.stray
 		d.lost += max(0, s.expected-s.got)
 		d.last = max(d.last, atomic.LoadInt64(&s.last))
 		d.lats = append(d.lats, s.lats...)

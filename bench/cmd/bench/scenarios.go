@@ -85,6 +85,7 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 	for i, s := range subs {
 		// Subscriber i is on channel i%nChans; message j goes to j%nChans.
 		c := i % nChans
+		s.accept = func(seq int64) bool { return int(seq)%nChans == c }
 		s.expected = nPubs / nChans
 		if c < nPubs%nChans {
 			s.expected++
@@ -103,12 +104,19 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 	if st.failed > 0 {
 		b.logf("%s: %d publishes failed, first: %v", name, st.failed, st.firstErr)
 	}
+	if d.got == 0 {
+		return nil, fmt.Errorf("%s: no message was delivered (%d publishes made)", name, st.ok)
+	}
+	if d.lost > 0 || d.stray > 0 {
+		b.logf("%s: %d messages lost, %d misrouted: this run's latency and throughput count only what arrived where it should", name, d.lost, d.stray)
+	}
 	secs := float64(d.last-st.start) / 1e9
 	r := result{
 		"p50 ms":    pct(d.lats, 50),
 		"p99 ms":    pct(d.lats, 99),
 		"lost":      float64(d.lost),
 		"dup":       float64(d.dups),
+		"stray":     float64(d.stray),
 		"pub fail":  float64(st.failed),
 		"pub/s":     float64(st.ok) / (float64(st.end-st.start) / 1e9),
 		"deliver/s": float64(d.got) / secs,
@@ -203,6 +211,11 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 	if err := sleepCtx(ctx, 5*time.Second); err != nil {
 		return nil, err
 	}
+	// Every socket must still be open, or the RSS would be divided among
+	// connections the server no longer holds.
+	if gone := closedCount(subs) + closedCount(warm); gone > 0 {
+		return nil, fmt.Errorf("s3: %d of %d idle sockets were closed by the server during the idle period", gone, n+len(warm))
+	}
 	rss1, err := rssKiB(pid)
 	if err != nil {
 		return nil, err
@@ -281,7 +294,7 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 			ds = append(ds, float64(d)/1e6)
 		}
 		slices.Sort(ds)
-		r[f.name+" ms"] = ds[len(ds)/2]
+		r[f.name+" ms"] = median(ds)
 	}
 	if v, ok := r["centrifugo ms"]; ok {
 		r["ingress ms"], r["egress ms"] = v, v
@@ -329,11 +342,15 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 		if err != nil {
 			return nil, err
 		}
-		subs[i], err = dialSubscriber(ctx, &sut{kind: wsrelay, sub: egs[i]}, "own"+strconv.Itoa(i), n, &rcvd)
+		// Its own channel's message is numbered after the other channels'
+		// publishes, so one of those delivered to it counts as stray.
+		own := int64(b.sz.s6Pubs + i)
+		subs[i], err = dialSubscriber(ctx, &sut{kind: wsrelay, sub: egs[i]}, "own"+strconv.Itoa(i), b.sz.s6Pubs+n, &rcvd)
 		if err != nil {
 			return nil, err
 		}
 		subs[i].expected = 1
+		subs[i].accept = func(seq int64) bool { return seq == own }
 	}
 	pub := newPublisher(&sut{kind: wsrelay, pub: ing}, b.sz.publishers)
 	defer pub.close()
@@ -396,13 +413,13 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	b.logf("s6: %d publishes in %.2fs; non-publish Redis commands meanwhile: %s", st.ok, float64(st.end-st.start)/1e9, strings.Join(detail, " "))
 	// Own channels still deliver: one message each, sent after the window.
 	for i := range n {
-		if _, err := pub.publish(ctx, "own"+strconv.Itoa(i), i); err != nil {
+		if _, err := pub.publish(ctx, "own"+strconv.Itoa(i), b.sz.s6Pubs+i); err != nil {
 			return nil, fmt.Errorf("publish to own channel: %w", err)
 		}
 	}
 	waitDelivered(ctx, &rcvd, int64(n), 3*time.Second)
 	closeAll(subs)
-	d := collect(subs, n)
+	d := collect(subs, b.sz.s6Pubs+n)
 	subs = nil
 	return result{
 		"lean RSS MiB":    float64(maxRSS) / 1024,
@@ -412,6 +429,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 		"cmds":            float64(egressCmds) / float64(n),
 		"lost":            float64(d.lost),
 		"dup":             float64(d.dups),
+		"stray":           float64(d.stray),
 		"pub fail":        float64(st.failed),
 	}, nil
 }
