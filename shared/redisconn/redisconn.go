@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 
@@ -42,13 +43,14 @@ type Config struct {
 func (c Config) Validate() error {
 	var errs []error
 	if c.ClusterAddrs == "" {
-		if _, err := redis.ParseURL(c.URL); err != nil {
-			errs = append(errs, fmt.Errorf("REDIS_URL: %w", err))
+		if _, err := parseURL(c.URL); err != nil {
+			errs = append(errs, err)
 		}
 	} else {
-		for _, a := range strings.Split(c.ClusterAddrs, ",") {
+		for i, a := range strings.Split(c.ClusterAddrs, ",") {
 			if h, p, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil || h == "" || p == "" {
-				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: %q is not host:port", a))
+				// By position: an entry pasted as a URL may hold a password.
+				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: entry %d is not host:port", i+1))
 			}
 		}
 	}
@@ -59,6 +61,19 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("REDIS_POOL_SIZE must not be negative (0: go-redis's default)"))
 	}
 	return errors.Join(errs...)
+}
+
+// parseURL parses REDIS_URL. Its error never holds the URL, which may
+// hold a password: net/url quotes the whole URL in its errors.
+func parseURL(s string) (*redis.Options, error) {
+	o, err := redis.ParseURL(s)
+	if err != nil {
+		if ue, ok := errors.AsType[*url.Error](err); ok {
+			err = ue.Err
+		}
+		return nil, fmt.Errorf("REDIS_URL: %w", err)
+	}
+	return o, nil
 }
 
 // IsCluster reports whether c selects Redis Cluster.
@@ -92,9 +107,9 @@ func New(c Config) (redis.UniversalClient, error) {
 		}
 		return redis.NewClusterClient(o), nil
 	}
-	o, err := redis.ParseURL(c.URL)
+	o, err := parseURL(c.URL)
 	if err != nil {
-		return nil, fmt.Errorf("REDIS_URL: %w", err)
+		return nil, err
 	}
 	o.DialTimeout = c.Timeout
 	o.ReadTimeout = c.Timeout

@@ -19,18 +19,21 @@ func TestValidate(t *testing.T) {
 		name string
 		c    Config
 		want []string // substrings of the error; nil means valid
+		hide string   // must not be in the error (a password)
 	}{
-		{"single", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second}, nil},
-		{"tls with password", Config{URL: "rediss://:pw@example.com:6380/2", Timeout: time.Second}, nil},
-		{"cluster", Config{ClusterAddrs: "a:1, b:2", Timeout: time.Second}, nil},
-		{"cluster ignores URL", Config{URL: "junk", ClusterAddrs: "a:1", Timeout: time.Second}, nil},
-		{"bad scheme", Config{URL: "http://x", Timeout: time.Second}, []string{"REDIS_URL"}},
-		{"bad cluster addr", Config{ClusterAddrs: "a:1,b", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", `"b"`}},
-		{"all bad", Config{URL: "nope://", Timeout: 0}, []string{"REDIS_URL", "REDIS_TIMEOUT"}},
-		{"cluster addr as a URL", Config{ClusterAddrs: "redis://127.0.0.1:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}},
-		{"cluster addr without a port", Config{ClusterAddrs: "a:", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}},
-		{"negative pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}},
-		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}},
+		{"single", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second}, nil, ""},
+		{"tls with password", Config{URL: "rediss://:pw@example.com:6380/2", Timeout: time.Second}, nil, ""},
+		{"cluster", Config{ClusterAddrs: "a:1, b:2", Timeout: time.Second}, nil, ""},
+		{"cluster ignores URL", Config{URL: "junk", ClusterAddrs: "a:1", Timeout: time.Second}, nil, ""},
+		{"bad scheme", Config{URL: "http://x", Timeout: time.Second}, []string{"REDIS_URL"}, ""},
+		{"bad cluster addr", Config{ClusterAddrs: "a:1,b", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, ""},
+		{"all bad", Config{URL: "nope://", Timeout: 0}, []string{"REDIS_URL", "REDIS_TIMEOUT"}, ""},
+		{"cluster addr as a URL", Config{ClusterAddrs: "redis://127.0.0.1:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
+		{"cluster addr without a port", Config{ClusterAddrs: "a:", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
+		{"negative pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
+		{"URL with a password that does not parse", Config{URL: "redis://user:s3cret%zz@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "invalid URL escape"}, "s3cret"},
+		{"cluster addr as a URL with a password", Config{ClusterAddrs: "a:1,redis://:s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
+		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
@@ -51,8 +54,12 @@ func TestValidate(t *testing.T) {
 					t.Errorf("error %q lacks %s", err, w)
 				}
 			}
-			if _, err := New(tc.c); err == nil {
+			_, nerr := New(tc.c)
+			if nerr == nil {
 				t.Error("New accepted an invalid config")
+			}
+			if tc.hide != "" && (strings.Contains(err.Error(), tc.hide) || strings.Contains(nerr.Error(), tc.hide)) {
+				t.Errorf("error shows the password: %q, %q", err, nerr)
 			}
 		})
 	}
