@@ -52,8 +52,9 @@ if [[ -z "${REDIS_URL:-}" ]]; then
 		echo "== installing redis-server"
 		sudo=""
 		[[ $(id -u) -ne 0 ]] && sudo=sudo
-		$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends redis-server
+		$sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
 	fi
+	"$(dirname "$0")/redis-version.sh"
 	redis_port=""
 	for _ in $(seq 50); do
 		p=$((20000 + RANDOM % 20000))
