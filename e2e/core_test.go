@@ -255,13 +255,28 @@ func TestBadFrames(t *testing.T) {
 		{`{"type":"unsubscribe","channel":"never"}`, "not_subscribed"},
 		{`[1,2]`, "invalid_frame"},
 	}
+	// Each case must be answered by the first frame that arrives after it
+	// was sent: an earlier case's reply with the same code does not count.
 	for _, tc := range cases {
+		w.mu.Lock()
 		before := len(w.frames)
-		_ = before
+		w.mu.Unlock()
 		if err := w.ws.WriteMessage(1, []byte(tc.raw)); err != nil {
 			t.Fatal(err)
 		}
-		w.waitFrame(func(f frame) bool { return f.Type == "error" && f.Code == tc.code })
+		var got frame
+		testkit.Eventually(t, 10*time.Second, func() error {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			if len(w.frames) <= before {
+				return fmt.Errorf("no reply to %s yet", tc.raw)
+			}
+			got = w.frames[before]
+			return nil
+		})
+		if got.Type != "error" || got.Code != tc.code {
+			t.Fatalf("reply to %s: %+v, want error %s", tc.raw, got, tc.code)
+		}
 	}
 	w.subscribe("ok")
 	w.send(map[string]any{"type": "subscribe", "channel": "ok"})
