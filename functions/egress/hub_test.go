@@ -18,17 +18,22 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // failXRange makes XRANGE fail while on is set, as a Redis read that
-// times out.
-type failXRange struct{ on atomic.Bool }
+// times out; failed counts the reads it failed.
+type failXRange struct {
+	on     atomic.Bool
+	failed atomic.Int64
+}
 
 func (f *failXRange) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (f *failXRange) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if f.on.Load() && strings.EqualFold(cmd.Name(), "xrange") {
+			f.failed.Add(1)
 			err := errors.New("i/o timeout (test)")
 			cmd.SetErr(err)
 			return err
@@ -73,22 +78,35 @@ func TestGapFillRetries(t *testing.T) {
 	want = append(want, publish(ks.Notify("room")+"-elsewhere", 2)) // its notification is lost
 	hook.on.Store(true)
 	want = append(want, publish(ks.Notify("room"), 3)) // shows the gap; filling it fails
-	time.Sleep(300 * time.Millisecond)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if hook.failed.Load() == 0 {
+			return errors.New("the gap read has not failed yet")
+		}
+		return nil
+	})
 	hook.on.Store(false)
-	want = append(want, publish(ks.Notify("room"), 4))
 
 	var got []string
-	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
-	for len(got) < len(want) {
-		var m struct{ Type, ID string }
-		_, b, err := ws.ReadMessage()
-		if err != nil {
-			t.Fatalf("got %v, want %v: %v", got, want, err)
-		}
-		if json.Unmarshal(b, &m) == nil && m.Type == "message" {
-			got = append(got, m.ID)
+	readUpTo := func(n int) {
+		t.Helper()
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for len(got) < n {
+			var m struct{ Type, ID string }
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				t.Fatalf("got %v, want %v: %v", got, want[:n], err)
+			}
+			if json.Unmarshal(b, &m) == nil && m.Type == "message" {
+				got = append(got, m.ID)
+			}
 		}
 	}
+	// Nothing more is published until 1-3 arrived: only a retry of the
+	// failed read can deliver 2 and 3 (a later notification would show
+	// the gap again and fill it without any retry).
+	readUpTo(len(want))
+	want = append(want, publish(ks.Notify("room"), 4))
+	readUpTo(len(want))
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("got %v, want %v", got, want)
 	}
