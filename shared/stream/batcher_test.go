@@ -15,6 +15,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestBatcherConcurrent: many concurrent callers through a Batcher each
@@ -80,6 +81,52 @@ func TestBatcherConcurrent(t *testing.T) {
 	assertIdle(t, b)
 }
 
+// holdPipeline makes the first pipeline that carries key wait, once Redis
+// has run it, until release is closed; for every pipeline it records which
+// of the watched keys it carried.
+type holdPipeline struct {
+	key     string
+	watch   []string
+	hit     chan struct{} // closed when the held pipeline has run
+	release chan struct{}
+	once    atomic.Bool
+
+	mu      sync.Mutex
+	carried [][]string
+}
+
+func (h *holdPipeline) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *holdPipeline) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *holdPipeline) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		hold := false
+		var seen []string
+		for _, c := range cmds {
+			for _, a := range c.Args() {
+				if a == h.key {
+					hold = true
+				}
+				for _, w := range h.watch {
+					if a == w {
+						seen = append(seen, w)
+					}
+				}
+			}
+		}
+		h.mu.Lock()
+		h.carried = append(h.carried, seen)
+		h.mu.Unlock()
+		if hold && h.once.CompareAndSwap(false, true) {
+			close(h.hit)
+			<-h.release
+		}
+		return err
+	}
+}
+
 // TestBatcherErrorsStayPerAppend: an append that fails does not fail the
 // others sharing its pipeline.
 func TestBatcherErrorsStayPerAppend(t *testing.T) {
@@ -88,20 +135,57 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 	ks := keys.Scheme{Prefix: prefix}
 	// A string where a stream should be: XADD fails for that key only.
 	rdb.Set(context.Background(), ks.Stream("broken"), "x", time.Minute)
+	hold := &holdPipeline{key: ks.Stream("hold"), watch: []string{ks.Stream("broken"), ks.Stream("fine")},
+		hit: make(chan struct{}), release: make(chan struct{})}
+	release := sync.OnceFunc(func() { close(hold.release) })
+	t.Cleanup(release)
+	rdb.AddHook(hold)
 	b := NewBatcher(NewStore(rdb), 2*time.Second, 1, 64)
+	appendTo := func(ch string) error {
+		_, err := b.Append(context.Background(), []Append{{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Msg: Message{Channel: ch, Data: []byte(`1`)}}})
+		return err
+	}
 	var wg sync.WaitGroup
-	results := make([]error, 2)
+	results := make([]error, 3) // broken, fine, hold
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		results[2] = appendTo("hold")
+	}()
+	// The one pipeline allowed in flight is held, so the next two appends
+	// queue up behind it and go in the next pipeline together.
+	<-hold.hit
 	for i, ch := range []string{"broken", "fine"} {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, results[i] = b.Append(context.Background(), []Append{{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Msg: Message{Channel: ch, Data: []byte(`1`)}}})
+			results[i] = appendTo(ch)
 		}()
 	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if len(b.pending) < 2 {
+			return fmt.Errorf("%d appends pending, want 2", len(b.pending))
+		}
+		return nil
+	})
+	release()
 	wg.Wait()
-	if results[0] == nil || results[1] != nil {
-		t.Fatalf("errors: broken %v, fine %v", results[0], results[1])
+	shared := false
+	hold.mu.Lock()
+	for _, c := range hold.carried {
+		shared = shared || len(c) == 2
 	}
+	carried := hold.carried
+	hold.mu.Unlock()
+	if !shared {
+		t.Fatalf("the two appends did not share a pipeline: %v", carried)
+	}
+	if results[0] == nil || results[1] != nil || results[2] != nil {
+		t.Fatalf("errors: broken %v, fine %v, hold %v", results[0], results[1], results[2])
+	}
+	assertIdle(t, b)
 }
 
 // TestBatcherCallerContext: a caller whose context ends while its appends
