@@ -15,8 +15,10 @@ import (
 // user connected on two instances, registry reads and cleanup, resume.
 func TestOnRedisCluster(t *testing.T) {
 	rc := redistest.StartCluster(t, 3, 0)
-	// REDIS_CLUSTER_ADDRS wins over REDIS_URL in both functions.
-	c := startCluster(t, "redis://127.0.0.1:1/0", env{"REDIS_CLUSTER_ADDRS": rc.AddrsEnv()})
+	// REDIS_CLUSTER_ADDRS wins over REDIS_URL in both functions. Records
+	// live 60 s on their own, far beyond any wait below: a record gone
+	// within one was removed, not expired.
+	c := startCluster(t, "redis://127.0.0.1:1/0", env{"REDIS_CLUSTER_ADDRS": rc.AddrsEnv(), "REGISTRY_TTL": "60s"})
 	rdb := rc.Client(t)
 	t.Cleanup(func() { redistest.Cleanup(rdb, c.prefix) })
 
@@ -106,7 +108,7 @@ func TestOnRedisCluster(t *testing.T) {
 		if st := getJSON(t, c.ingress[0].URL+"/v1/connections/"+a2.welcome.ConnectionID, &rec); st != 200 || rec["instance"] != a2.welcome.Instance {
 			t.Fatalf("record: %d %v", st, rec)
 		}
-		a1.ws.Close()
+		a1.ws.Close() // its record would live on for REGISTRY_TTL (60 s) if not removed
 		testkit.Eventually(t, 5*time.Second, func() error {
 			var l connList
 			getJSON(t, c.ingress[0].URL+"/v1/channels/lobby/connections", &l)

@@ -167,7 +167,8 @@ type connList struct {
 // TestRegistryCleanup: a record disappears at once on disconnect, and
 // within REGISTRY_TTL after its egress process is killed.
 func TestRegistryCleanup(t *testing.T) {
-	c := startCluster(t, redistest.URL(t), nil)
+	url := redistest.URL(t)
+	c := startCluster(t, url, nil)
 	live := dial(t, c.egress[0].wsURL("channels=lobby&user=carol"))
 	doomed := dial(t, c.egress[1].wsURL("channels=lobby&user=dave"))
 	live.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
@@ -183,11 +184,18 @@ func TestRegistryCleanup(t *testing.T) {
 		t.Fatalf("record: %d %v", st, rec)
 	}
 
-	// Disconnect: gone at once.
-	third := dial(t, c.egress[0].wsURL("user=erin"))
+	// Disconnect: gone at once. On an egress (and ingress) whose records
+	// live 60 s on their own, far beyond the wait: only the removal on
+	// disconnect can make the record go within it, not its expiry.
+	long := env{"REDIS_URL": url, "REDIS_KEY_PREFIX": c.prefix, "ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "60s", "PROBE_INTERVAL": "200ms"}
+	longIn, longEg := start(t, "ingress", long), start(t, "egress", long)
+	third := dial(t, longEg.wsURL("user=erin"))
+	if st := getJSON(t, longIn.URL+"/v1/connections/"+third.welcome.ConnectionID, nil); st != 200 {
+		t.Fatalf("record of a live connection: %d", st)
+	}
 	third.ws.Close()
 	testkit.Eventually(t, 5*time.Second, func() error {
-		return statusIs(getJSON(t, c.ingress[0].URL+"/v1/connections/"+third.welcome.ConnectionID, nil), 404)
+		return statusIs(getJSON(t, longIn.URL+"/v1/connections/"+third.welcome.ConnectionID, nil), 404)
 	})
 
 	// Kill -9: gone within REGISTRY_TTL (3 s) from the last refresh.
