@@ -213,6 +213,12 @@ func TestRedisOutage(t *testing.T) {
 	time.Sleep(time.Second)
 	ids := append(warm, pub.Stop()...)
 	r.waitAcked("outage", ids)
+	// The egress kept its sockets: the client's socket, open since before
+	// the outage, was never closed (a close would be recorded, and only
+	// then would the client reconnect).
+	if codes := r.closeCodes(); len(codes) != 0 {
+		t.Fatalf("the egress closed sockets during the outage (close codes %v), want none closed", codes)
+	}
 	pub.mu.Lock()
 	fails := pub.fails
 	pub.mu.Unlock()
@@ -371,6 +377,12 @@ func TestRedisStall(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	ids := pub.Stop()
 	r.waitAcked("stall", ids)
+	// The egress kept its sockets: the client's socket, open since before
+	// the stall, was never closed (a close would be recorded, and only then
+	// would the client reconnect).
+	if codes := r.closeCodes(); len(codes) != 0 {
+		t.Fatalf("the egress closed sockets during the stall (close codes %v), want none closed", codes)
+	}
 	pub.mu.Lock()
 	fails := pub.fails
 	pub.mu.Unlock()
