@@ -3,6 +3,7 @@ package stream
 import (
 	"math"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -44,7 +45,16 @@ func TestParseID(t *testing.T) {
 		if ok != tc.ok || got != tc.want {
 			t.Errorf("ParseID(%q) = %v, %v; want %v, %v", tc.in, got, ok, tc.want, tc.ok)
 		}
-		if ok && tc.in == got.String() {
+		if ok {
+			// String is the canonical text: the input, with "-0" when it
+			// has no sequence; and it parses back to the same id.
+			text := tc.in
+			if !strings.Contains(text, "-") {
+				text += "-0"
+			}
+			if got.String() != text {
+				t.Errorf("ParseID(%q).String() = %q, want %q", tc.in, got.String(), text)
+			}
 			if back, _ := ParseID(got.String()); back != got {
 				t.Errorf("round trip of %v = %v", got, back)
 			}
