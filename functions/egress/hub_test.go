@@ -112,35 +112,6 @@ func TestGapFillRetries(t *testing.T) {
 	}
 }
 
-// holdRegistration makes the first pipeline that adds a connection to
-// user's set wait, once Redis has run it, until release is closed: the
-// connection's record is visible to senders while the egress has not yet
-// heard back.
-type holdRegistration struct {
-	userSet string
-	hit     chan struct{} // closed when the pipeline has run
-	release chan struct{}
-	once    atomic.Bool
-}
-
-func (h *holdRegistration) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h *holdRegistration) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-
-func (h *holdRegistration) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(ctx, cmds)
-		for _, c := range cmds {
-			if a := c.Args(); strings.EqualFold(c.Name(), "zadd") && len(a) > 1 && a[1] == h.userSet && h.once.CompareAndSwap(false, true) {
-				close(h.hit)
-				<-h.release
-				break
-			}
-		}
-		return err
-	}
-}
-
 // TestSendDuringRegistration: a message to a user sent as soon as a new
 // connection of the user is in the registry reaches that connection,
 // after its welcome, even when it reaches the hub before the registry
@@ -149,7 +120,17 @@ func TestSendDuringRegistration(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
-	hold := &holdRegistration{userSet: ks.UserConns("bob"), hit: make(chan struct{}), release: make(chan struct{})}
+	// The registry write that adds bob's connection to his set returns
+	// only when released: the record is visible to senders meanwhile.
+	hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "zadd") && len(a) > 1 && a[1] == ks.UserConns("bob") {
+				return true
+			}
+		}
+		return false
+	})
+	t.Cleanup(hold.Release)
 	rdb.AddHook(hold)
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user="
@@ -170,9 +151,8 @@ func TestSendDuringRegistration(t *testing.T) {
 		bobc <- dialed{ws, err}
 	}()
 	select {
-	case <-hold.hit:
+	case <-hold.Hit():
 	case <-time.After(5 * time.Second):
-		close(hold.release)
 		t.Fatal("bob's connection was not registered")
 	}
 	// bob's record is in: a message to bob, then one to alice. When
@@ -184,13 +164,12 @@ func TestSendDuringRegistration(t *testing.T) {
 	}
 	_, err = store.Append(t.Context(), []stream.Append{msg("bob", `"to bob"`), msg("alice", `"to alice"`)})
 	if err != nil {
-		close(hold.release)
 		t.Fatal(err)
 	}
 	if got := nextData(t, alice); got != `"to alice"` {
 		t.Errorf("alice got %s", got)
 	}
-	close(hold.release)
+	hold.Release()
 
 	d := <-bobc
 	if d.err != nil {

@@ -81,52 +81,6 @@ func TestBatcherConcurrent(t *testing.T) {
 	assertIdle(t, b)
 }
 
-// holdPipeline makes the first pipeline that carries key wait, once Redis
-// has run it, until release is closed; for every pipeline it records which
-// of the watched keys it carried.
-type holdPipeline struct {
-	key     string
-	watch   []string
-	hit     chan struct{} // closed when the held pipeline has run
-	release chan struct{}
-	once    atomic.Bool
-
-	mu      sync.Mutex
-	carried [][]string
-}
-
-func (h *holdPipeline) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h *holdPipeline) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-
-func (h *holdPipeline) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(ctx, cmds)
-		hold := false
-		var seen []string
-		for _, c := range cmds {
-			for _, a := range c.Args() {
-				if a == h.key {
-					hold = true
-				}
-				for _, w := range h.watch {
-					if a == w {
-						seen = append(seen, w)
-					}
-				}
-			}
-		}
-		h.mu.Lock()
-		h.carried = append(h.carried, seen)
-		h.mu.Unlock()
-		if hold && h.once.CompareAndSwap(false, true) {
-			close(h.hit)
-			<-h.release
-		}
-		return err
-	}
-}
-
 // TestBatcherErrorsStayPerAppend: an append that fails does not fail the
 // others sharing its pipeline.
 func TestBatcherErrorsStayPerAppend(t *testing.T) {
@@ -135,10 +89,29 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 	ks := keys.Scheme{Prefix: prefix}
 	// A string where a stream should be: XADD fails for that key only.
 	rdb.Set(context.Background(), ks.Stream("broken"), "x", time.Minute)
-	hold := &holdPipeline{key: ks.Stream("hold"), watch: []string{ks.Stream("broken"), ks.Stream("fine")},
-		hit: make(chan struct{}), release: make(chan struct{})}
-	release := sync.OnceFunc(func() { close(hold.release) })
-	t.Cleanup(release)
+	// The pipeline carrying the append to "hold" is held once it has run;
+	// every pipeline's appends to "broken" and "fine" are recorded.
+	var mu sync.Mutex
+	var carried [][]string
+	hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+		held := false
+		var seen []string
+		for _, c := range cmds {
+			for _, a := range c.Args() {
+				switch a {
+				case ks.Stream("hold"):
+					held = true
+				case ks.Stream("broken"), ks.Stream("fine"):
+					seen = append(seen, a.(string))
+				}
+			}
+		}
+		mu.Lock()
+		carried = append(carried, seen)
+		mu.Unlock()
+		return held
+	})
+	t.Cleanup(hold.Release)
 	rdb.AddHook(hold)
 	b := NewBatcher(NewStore(rdb), 2*time.Second, 1, 64)
 	appendTo := func(ch string) error {
@@ -154,7 +127,7 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 	}()
 	// The one pipeline allowed in flight is held, so the next two appends
 	// queue up behind it and go in the next pipeline together.
-	<-hold.hit
+	<-hold.Hit()
 	for i, ch := range []string{"broken", "fine"} {
 		wg.Add(1)
 		go func() {
@@ -170,15 +143,14 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 		}
 		return nil
 	})
-	release()
+	hold.Release()
 	wg.Wait()
 	shared := false
-	hold.mu.Lock()
-	for _, c := range hold.carried {
+	mu.Lock()
+	for _, c := range carried {
 		shared = shared || len(c) == 2
 	}
-	carried := hold.carried
-	hold.mu.Unlock()
+	mu.Unlock()
 	if !shared {
 		t.Fatalf("the two appends did not share a pipeline: %v", carried)
 	}

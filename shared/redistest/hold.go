@@ -1,0 +1,52 @@
+package redistest
+
+import (
+	"context"
+	"sync"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Hold is a go-redis hook (Client.AddHook) that holds the first pipeline
+// match accepts: Redis has run its commands, so their effects are visible
+// to everyone, but the caller hears back only after Release. Tests use it
+// to open, on purpose, the window between a write and its reply. match
+// sees every pipeline, so it can also record them.
+type Hold struct {
+	match   func(cmds []redis.Cmder) bool
+	hit     chan struct{}
+	release chan struct{}
+	taken   sync.Once
+	freed   sync.Once
+}
+
+// NewHold returns a Hold for the first pipeline match accepts.
+func NewHold(match func(cmds []redis.Cmder) bool) *Hold {
+	return &Hold{match: match, hit: make(chan struct{}), release: make(chan struct{})}
+}
+
+// Hit is closed once the held pipeline has run in Redis.
+func (h *Hold) Hit() <-chan struct{} { return h.hit }
+
+// Release lets the held pipeline return (and any later one through). It
+// may be called more than once, and before the hold is hit.
+func (h *Hold) Release() { h.freed.Do(func() { close(h.release) }) }
+
+func (h *Hold) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *Hold) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *Hold) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if h.match(cmds) {
+			held := false
+			h.taken.Do(func() { held = true })
+			if held {
+				close(h.hit)
+				<-h.release
+			}
+		}
+		return err
+	}
+}
