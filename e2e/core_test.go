@@ -261,7 +261,8 @@ func TestBadFrames(t *testing.T) {
 		{`{"type":"subscribe","channel":42}`, "invalid_frame"},
 		{`{"type":"subscribe","channel":"ok","after":"nope"}`, "invalid_after"},
 		{`{"type":"unsubscribe","channel":"never"}`, "not_subscribed"},
-		{`[1,2]`, "invalid_frame"},
+		{`[1,2]`, "invalid_json"},
+		{`null`, "invalid_json"},
 	}
 	// Each case must be answered by the first frame that arrives after it
 	// was sent: an earlier case's reply with the same code does not count.

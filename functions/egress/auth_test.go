@@ -317,8 +317,12 @@ func TestEgressOrigins(t *testing.T) {
 	if _, _, err := e.dial(t, nil, http.Header{"Origin": {"https://app.example"}}); err != nil {
 		t.Fatalf("allowed origin: %v", err)
 	}
-	if _, resp, err := e.dial(t, nil, http.Header{"Origin": {"https://evil.example"}}); err == nil || resp.StatusCode != 403 {
+	_, resp, err := e.dial(t, nil, http.Header{"Origin": {"https://evil.example"}})
+	if err == nil || resp == nil || resp.StatusCode != 403 {
 		t.Fatalf("foreign origin: %v", err)
+	}
+	if b, _ := io.ReadAll(resp.Body); !strings.Contains(string(b), `"origin_not_allowed"`) {
+		t.Errorf("foreign origin: body %s, want code origin_not_allowed", b)
 	}
 	if _, _, err := e.dial(t, nil, nil); err != nil {
 		t.Fatalf("no origin: %v", err)

@@ -67,7 +67,11 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		HandshakeTimeout: 10 * time.Second,
 		CheckOrigin:      s.checkOrigin,
 		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
-			writeHTTPError(w, status, "bad_handshake", reason.Error())
+			code := "bad_handshake" // not a WebSocket upgrade request
+			if status == http.StatusForbidden {
+				code = "origin_not_allowed" // gorilla's only 403: CheckOrigin refused
+			}
+			writeHTTPError(w, status, code, reason.Error())
 		},
 	}
 	s.mux = http.NewServeMux()

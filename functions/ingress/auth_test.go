@@ -328,6 +328,10 @@ func TestRateLimits(t *testing.T) {
 		if w.Header().Get("Retry-After") != "2" {
 			t.Errorf("Retry-After %q, want 2", w.Header().Get("Retry-After"))
 		}
+		// Sends to a user or a connection count too (checked before the
+		// connection is looked up).
+		expectError(t, e.do("POST", "/v1/users/u1/messages", `{"data":1}`, bearer(fullKey)...), 429, "rate_limited")
+		expectError(t, e.do("POST", "/v1/connections/c1/messages", `{"data":1}`, bearer(fullKey)...), 429, "rate_limited")
 		expectStatus(t, e.do("POST", "/v1/channels/a/messages", `{"data":1}`, bearer(chatKey)...), 202)
 		// A batch larger than the burst can never pass.
 		w = e.do("POST", "/v1/messages", `{"messages":[{"channel":"a","data":1},{"channel":"b","data":1},{"channel":"c","data":1}]}`, bearer(chatKey)...)

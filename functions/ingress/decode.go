@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/gin-gonic/gin"
@@ -41,8 +42,10 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 	return body, nil
 }
 
+// isJSONSuffix reports an application/*+json media type (RFC 6839).
 func isJSONSuffix(mt string) bool {
-	return len(mt) > 5 && mt[len(mt)-5:] == "+json"
+	sub, ok := strings.CutPrefix(mt, "application/")
+	return ok && len(sub) > 5 && strings.HasSuffix(sub, "+json")
 }
 
 // jsonSpace is the whitespace JSON allows around a value (RFC 8259 §2);

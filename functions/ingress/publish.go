@@ -171,6 +171,10 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 	if !ok {
 		return
 	}
+	if err := s.allowPublishes(c, who, 1); err != nil {
+		writeError(c, s.log, err)
+		return
+	}
 	id := c.Param("id")
 	s.idempotent(c, who, body, func() (int, any, error) {
 		// Looked up inside, so that a retry after the connection has
@@ -255,6 +259,10 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 	}
 	body, p, ok := s.readMessage(c)
 	if !ok {
+		return
+	}
+	if err := s.allowPublishes(c, who, 1); err != nil {
+		writeError(c, s.log, err)
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {

@@ -83,6 +83,11 @@ func (e *ErrFrame) Error() string { return e.Code + ": " + e.Message }
 // Decode parses one client text frame. The error, if any, is an *ErrFrame.
 func Decode(b []byte) (Request, error) {
 	var r Request
+	// encoding/json would take null for an empty object and report an
+	// array, string or number as a type error of field "".
+	if t := bytes.TrimLeft(b, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return r, &ErrFrame{CodeInvalidJSON, "frame is not a JSON object"}
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	if err := dec.Decode(&r); err != nil {
 		var ute *json.UnmarshalTypeError
