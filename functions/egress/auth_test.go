@@ -24,8 +24,9 @@ import (
 const testSecret = "test-secret-0123456789abcdef0123456789"
 
 type secEgress struct {
-	s   *Server
-	srv *httptest.Server
+	s    *Server
+	srv  *httptest.Server
+	stop func() // shuts the egress down (drain included); also run at cleanup
 }
 
 // startSecEgress runs an egress configured by env on the test Redis.
@@ -46,8 +47,8 @@ func startEgressOn(t *testing.T, rdb redis.UniversalClient, prefix string, env m
 		t.Fatal(err)
 	}
 	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	srv, _ := startEgress(t, s)
-	return &secEgress{s: s, srv: srv}
+	srv, stop := startEgress(t, s)
+	return &secEgress{s: s, srv: srv, stop: stop}
 }
 
 // startEgress runs s (its background loops, and HTTP on an httptest server)

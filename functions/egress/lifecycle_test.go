@@ -90,3 +90,28 @@ func readUntil(t *testing.T, ws *websocket.Conn, substr string) {
 		}
 	}
 }
+
+// TestDrainCutsSocketsLeft: at shutdown, a socket whose client never
+// answers the close is cut when SHUTDOWN_GRACE is over, and its registry
+// record is removed before Run returns (after it, run closes the Redis
+// client, and the record would stay for REGISTRY_TTL).
+func TestDrainCutsSocketsLeft(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SHUTDOWN_GRACE": "200ms", "WRITE_TIMEOUT": "10s"})
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, "welcome").ConnectionID
+	ks := keys.Scheme{Prefix: prefix}
+	if n, err := rdb.Exists(t.Context(), ks.Conn(id)).Result(); err != nil || n != 1 {
+		t.Fatalf("record of %s: %d, %v", id, n, err)
+	}
+	// The client reads nothing more, so it never answers the close frame.
+	e.stop()
+	if n, err := rdb.Exists(t.Context(), ks.Conn(id)).Result(); err != nil || n != 0 {
+		t.Fatalf("after shutdown, the record of %s is still there (%d, %v)", id, n, err)
+	}
+}

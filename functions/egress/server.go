@@ -128,7 +128,10 @@ func (s *Server) Run(ctx context.Context) {
 }
 
 // drain closes every socket with 1001 and waits (up to ShutdownGrace) for
-// their handlers to remove their registry records.
+// their handlers to remove their registry records. Sockets whose client has
+// not answered by then are cut, and their handlers get up to REDIS_TIMEOUT
+// plus a second more to remove their records, so that none of them uses
+// the Redis client after run has closed it.
 func (s *Server) drain() {
 	s.drainMu.Lock()
 	s.draining.Store(true)
@@ -142,8 +145,18 @@ func (s *Server) drain() {
 	go func() { s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		return
 	case <-time.After(s.cfg.ShutdownGrace):
-		s.log.Warn("drain grace period over", "left", s.open.Load())
+	}
+	left := s.hub.snapshotConns()
+	s.log.Warn("drain grace period over: cutting the sockets left", "left", len(left))
+	for _, c := range left {
+		_ = c.nc.Close()
+	}
+	select {
+	case <-done:
+	case <-time.After(s.cfg.Redis.Timeout + time.Second):
+		s.log.Warn("connections still ending after the drain", "left", s.open.Load())
 	}
 }
 

@@ -1,13 +1,18 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,4 +90,53 @@ func TestDefaultGC(t *testing.T) {
 	if got := debug.SetGCPercent(100); got != 100 {
 		t.Errorf("with GOGC set: GC percent changed to %d", got)
 	}
+}
+
+// TestServeGraceOver: a request still running when the shutdown grace is
+// over has its connection closed; serve waits for its handler to end (so
+// that none uses Redis after run closes it), logs it, and returns nil:
+// the process stopped as asked.
+func TestServeGraceOver(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	var ended atomic.Bool
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(started)
+		<-r.Context().Done() // the connection is closed
+		time.Sleep(100 * time.Millisecond)
+		ended.Store(true)
+	})
+	var logs bytes.Buffer
+	log := slog.New(slog.NewJSONHandler(&syncWriter{w: &logs}, nil))
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, log, ln, h, 200*time.Millisecond, time.Second) }()
+	go func() { _, _ = http.Get("http://" + ln.Addr().String() + "/") }()
+	<-started
+	cancel()
+	if err := <-served; err != nil {
+		t.Fatalf("serve: %v, want nil", err)
+	}
+	if !ended.Load() {
+		t.Error("serve returned while a handler was still running")
+	}
+	if !strings.Contains(logs.String(), "shutdown grace period over") || !strings.Contains(logs.String(), `"msg":"stopped"`) {
+		t.Errorf("logs: %s", logs.String())
+	}
+}
+
+// syncWriter serialises writes to w.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }

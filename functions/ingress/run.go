@@ -10,7 +10,10 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/debugserver"
@@ -38,6 +41,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	warnSecurity(log, cfg)
+	// go-redis would print its own lines (failed dials) as plain text.
+	redis.SetLogger(logging.RedisLogger{Log: log})
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err
@@ -55,14 +60,26 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	return serve(ctx, log, ln, srv)
+	return serve(ctx, log, ln, srv, shutdownGrace, cfg.Redis.Timeout)
 }
 
+// shutdownGrace is how long requests in flight at SIGTERM get to finish.
+const shutdownGrace = 10 * time.Second
+
 // serve runs an HTTP server on ln until ctx is done, then shuts it down,
-// letting requests in flight finish for up to 10 s.
-func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler) error {
+// letting requests in flight finish for up to grace. Connections still busy
+// then are closed, and serve waits up to redisTimeout plus a second more
+// for their handlers to end, so that none of them uses the Redis client
+// after run has closed it. Running out of grace is logged, not an error:
+// the process has stopped as asked.
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, grace, redisTimeout time.Duration) error {
+	var inflight sync.WaitGroup
 	hs := &http.Server{
-		Handler:           h,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			inflight.Add(1)
+			defer inflight.Done()
+			h.ServeHTTP(w, r)
+		}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -76,12 +93,24 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		return err
 	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	err := hs.Shutdown(sctx)
-	<-errc
-	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err != nil {
+		log.Warn("shutdown grace period over: closing the connections of requests still running", "grace", grace.String())
+		_ = hs.Close()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
+	}
+	// No request starts once the server is closed, so the wait group
+	// only counts down from here.
+	ended := make(chan struct{})
+	go func() { inflight.Wait(); close(ended) }()
+	select {
+	case <-ended:
+	case <-time.After(redisTimeout + time.Second):
+		log.Warn("requests still running after shutdown")
 	}
 	log.Info("stopped")
 	return nil
