@@ -63,13 +63,16 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// parseURL parses REDIS_URL. Its error never holds the URL, which may
-// hold a password: net/url quotes the whole URL in its errors.
+// parseURL parses REDIS_URL. Its error never holds any part of the URL's
+// user information, which holds the password: net/url quotes the whole URL
+// in its errors, and parts of it in their inner message (a password with a
+// "/" reads as an invalid port). go-redis's own errors name only the
+// scheme, path or options.
 func parseURL(s string) (*redis.Options, error) {
 	o, err := redis.ParseURL(s)
 	if err != nil {
-		if ue, ok := errors.AsType[*url.Error](err); ok {
-			err = ue.Err
+		if _, ok := errors.AsType[*url.Error](err); ok {
+			return nil, errors.New("REDIS_URL is not a valid URL (the parser's message is not shown, as it can quote the password): percent-encode %, #, /, ?, @ and : in the password")
 		}
 		return nil, fmt.Errorf("REDIS_URL: %w", err)
 	}

@@ -31,7 +31,8 @@ func TestValidate(t *testing.T) {
 		{"cluster addr as a URL", Config{ClusterAddrs: "redis://127.0.0.1:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
 		{"cluster addr without a port", Config{ClusterAddrs: "a:", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
 		{"negative pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
-		{"URL with a password that does not parse", Config{URL: "redis://user:s3cret%zz@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "invalid URL escape"}, "s3cret"},
+		{"URL with a password that does not parse", Config{URL: "redis://user:s3cret%zz@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
+		{"password with a slash", Config{URL: "redis://:S3cr/et9@10.0.0.1:6379/0", Timeout: time.Second}, []string{"REDIS_URL"}, "S3cr"},
 		{"cluster addr as a URL with a password", Config{ClusterAddrs: "a:1,redis://:s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
 		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
 	} {
