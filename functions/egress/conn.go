@@ -221,7 +221,7 @@ func (c *conn) writeLoop() {
 		}
 		if len(batch) > 0 {
 			for i := range batch {
-				if batch[i].ts > 0 {
+				if batch[i].id != (stream.ID{}) { // a message, live or replayed
 					c.s.metrics.observeDelivery(now, batch[i].ts)
 				}
 			}

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/debugserver"
 	"github.com/wsrelay/wsrelay/shared/logging"
@@ -36,6 +38,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	warnSecurity(log, cfg)
+	// go-redis would print its own lines (failed dials) as plain text.
+	redis.SetLogger(logging.RedisLogger{Log: log})
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err

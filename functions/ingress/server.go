@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -59,11 +61,14 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	r.HandleMethodNotAllowed = true
 	r.RedirectTrailingSlash = false
 	r.RedirectFixedPath = false
-	r.Use(gin.CustomRecovery(func(c *gin.Context, v any) {
-		s.log.Error("panic", "route", c.FullPath(), "panic", v)
+	// Metrics outside the recovery, so that a request that panicked is
+	// counted (as its 500). The recovery logs through slog only: gin's
+	// own writer would add a multi-line, coloured, non-JSON report.
+	r.Use(s.metrics.middleware)
+	r.Use(gin.CustomRecoveryWithWriter(nil, func(c *gin.Context, v any) {
+		s.log.Error("panic", "route", c.FullPath(), "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
 		writeError(c, s.log, errf(500, "internal", "internal error"))
 	}))
-	r.Use(s.metrics.middleware)
 	s.routes(r)
 	s.h = r
 	return s

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
@@ -237,6 +238,22 @@ func TestMetrics(t *testing.T) {
 	}
 	if strings.Contains(body, "secret-room") {
 		t.Error("a channel name appears in the metrics")
+	}
+}
+
+// TestPanic: a handler that panics gets a JSON 500, one slog line (no
+// report of gin's own), and is counted in the request metrics.
+func TestPanic(t *testing.T) {
+	t.Parallel()
+	e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	e.srv.h.(*gin.Engine).GET("/panic", func(*gin.Context) { panic("boom") })
+	expectError(t, e.do("GET", "/panic", ""), 500, "internal")
+	body := e.do("GET", "/metrics", "").Body.String()
+	if want := `wsrelay_ingress_http_requests_total{method="GET",route="/panic",status="5xx"} 1`; !strings.Contains(body, want) {
+		t.Errorf("metrics lack %s", want)
+	}
+	if !strings.Contains(logs.String(), `"msg":"panic"`) || !strings.Contains(logs.String(), `"panic":"boom"`) {
+		t.Errorf("logs: %s", logs.String())
 	}
 }
 

@@ -2,6 +2,7 @@
 package logging
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -33,4 +34,16 @@ func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
 		return nil, fmt.Errorf("LOG_FORMAT: %q is not json or text", c.Format)
 	}
 	return slog.New(h).With("function", function), nil
+}
+
+// RedisLogger sends go-redis's own log lines (a pool's failed dials and
+// the like), which it otherwise prints to stderr as plain text, through
+// Log at warn level, one line each. Install it with redis.SetLogger; the
+// method set is go-redis's logging interface, so this package does not
+// import go-redis.
+type RedisLogger struct{ Log *slog.Logger }
+
+// Printf logs one go-redis message.
+func (l RedisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.Log.WarnContext(ctx, "redis client", "detail", strings.TrimSpace(fmt.Sprintf(format, v...)))
 }
