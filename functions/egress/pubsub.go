@@ -69,7 +69,7 @@ type subscriber struct {
 	kick   chan struct{} // wakes the regroup loop; capacity 1
 
 	// mu serialises placement (which talks to Redis) and guards the maps.
-	// Node read loops never take it.
+	// Node read loops take it only briefly, on a sunsubscribe.
 	mu     sync.Mutex
 	nodes  map[string]*nodeSub // by node address ("" on a single node)
 	want   map[string]*nodeSub // by shard channel: where it is subscribed, nil if nowhere yet
@@ -238,13 +238,23 @@ func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
 	if old != nil && old.addr != addr {
 		delete(old.chans, channel)
 		old.unsent(channel)
+		// Best effort, and not under s.mu: go-redis holds a connection's
+		// lock through each of its reconnect attempts, which no context
+		// bounds, so on a node that stopped answering every placement
+		// (and every Subscribe) would wait seconds per moved channel. A
+		// late SUNSUBSCRIBE of a channel wanted there again is seen by
+		// that node's read loop, which has the channel placed again.
 		wait := opTimeout
 		if old.failing.Load() {
-			wait = quickOp // it is most likely dead: do not stall placement
+			wait = quickOp // it is most likely dead
 		}
-		uctx, cancel := context.WithTimeout(ctx, wait)
-		_ = old.ps.SUnsubscribe(uctx, channel) // best effort
-		cancel()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			uctx, cancel := context.WithTimeout(s.ctx, wait)
+			defer cancel()
+			_ = old.ps.SUnsubscribe(uctx, channel)
+		}()
 	}
 	n := s.nodes[addr]
 	if n == nil {

@@ -1,0 +1,154 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// silentProxy forwards TCP to target until silence: then it drops the
+// connections it carries and accepts new ones without ever answering, as
+// a node behind a network partition does (no refusal, no reply).
+type silentProxy struct {
+	ln     net.Listener
+	silent atomic.Bool
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func newSilentProxy(t *testing.T, target string) *silentProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &silentProxy{ln: ln}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); p.drop(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.keep(c)
+			if p.silent.Load() {
+				continue // never read, never answer
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.keep(u)
+			wg.Go(func() { _, _ = io.Copy(u, c); u.Close() })
+			wg.Go(func() { _, _ = io.Copy(c, u); c.Close() })
+		}
+	})
+	return p
+}
+
+func (p *silentProxy) keep(c net.Conn) {
+	p.mu.Lock()
+	p.conns = append(p.conns, c)
+	p.mu.Unlock()
+}
+
+func (p *silentProxy) drop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// TestMoveOffSilentNode: when the node holding the subscriptions stops
+// answering and its slots move, the channels are subscribed on the new
+// owner, and a new Subscribe goes through, without waiting on the silent
+// node (go-redis holds its connection's lock through each reconnect
+// attempt: an unsubscribe from it made while placing stalled every
+// placement for seconds per channel moved).
+func TestMoveOffSilentNode(t *testing.T) {
+	t.Parallel()
+	o, err := redis.ParseURL(redistest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newSilentProxy(t, o.Addr)
+	var moved atomic.Bool
+	cc := redis.NewClusterClient(&redis.ClusterOptions{
+		// One "cluster" whose only master is reached through the proxy,
+		// then, once moved, directly.
+		ClusterSlots: func(context.Context) ([]redis.ClusterSlot, error) {
+			addr := p.ln.Addr().String()
+			if moved.Load() {
+				addr = o.Addr
+			}
+			return []redis.ClusterSlot{{Start: 0, End: 16383, Nodes: []redis.ClusterNode{{Addr: addr}}}}, nil
+		},
+		DialTimeout: 2 * time.Second,
+		ReadTimeout: 2 * time.Second,
+	})
+	defer cc.Close()
+	s := newSubscriber(slog.New(slog.NewTextHandler(io.Discard, nil)), cc)
+	defer s.Close()
+
+	var mu sync.Mutex
+	confirms := map[string]int{}
+	go func() {
+		for ev := range s.Events() {
+			if ev.confirmed {
+				mu.Lock()
+				confirms[ev.channel]++
+				mu.Unlock()
+			}
+		}
+	}()
+	waitConfirmed := func(chans []string, times int) {
+		t.Helper()
+		testkit.Eventually(t, 15*time.Second, func() error {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, ch := range chans {
+				if confirms[ch] < times {
+					return fmt.Errorf("%s confirmed %d times, want %d", ch, confirms[ch], times)
+				}
+			}
+			return nil
+		})
+	}
+	prefix := redistest.Prefix(t)
+	var chans []string
+	for i := range 10 {
+		ch := fmt.Sprintf("%s{c:m%d}:n", prefix, i)
+		chans = append(chans, ch)
+		if err := s.Subscribe(t.Context(), ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitConfirmed(chans, 1)
+
+	moved.Store(true)
+	p.silent.Store(true)
+	p.drop()
+	// Each moved channel is confirmed again on the new owner, and a
+	// channel subscribed meanwhile is confirmed there too.
+	fresh := prefix + "{c:fresh}:n"
+	if err := s.Subscribe(t.Context(), fresh); err != nil {
+		t.Logf("subscribe %s: %v (the repair loop places it)", fresh, err)
+	}
+	waitConfirmed(chans, 2)
+	waitConfirmed([]string{fresh}, 1)
+}
