@@ -241,9 +241,11 @@ func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
 		// Best effort, and not under s.mu: go-redis holds a connection's
 		// lock through each of its reconnect attempts, which no context
 		// bounds, so on a node that stopped answering every placement
-		// (and every Subscribe) would wait seconds per moved channel. A
-		// late SUNSUBSCRIBE of a channel wanted there again is seen by
-		// that node's read loop, which has the channel placed again.
+		// (and every Subscribe) would wait seconds per moved channel.
+		// (Closing that node's connection, once it has no channel left,
+		// still waits for one attempt.) A late SUNSUBSCRIBE of a channel
+		// wanted there again is seen by that node's read loop, which has
+		// the channel placed again.
 		wait := opTimeout
 		if old.failing.Load() {
 			wait = quickOp // it is most likely dead

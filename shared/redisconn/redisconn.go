@@ -66,13 +66,15 @@ func (c Config) Validate() error {
 // parseURL parses REDIS_URL. Its error never holds any part of the URL's
 // user information, which holds the password: net/url quotes the whole URL
 // in its errors, and parts of it in their inner message (a password with a
-// "/" reads as an invalid port). go-redis's own errors name only the
-// scheme, path or options.
+// "/" reads as an invalid port).
 func parseURL(s string) (*redis.Options, error) {
 	o, err := redis.ParseURL(s)
 	if err != nil {
-		if _, ok := errors.AsType[*url.Error](err); ok {
-			return nil, errors.New("REDIS_URL is not a valid URL (the parser's message is not shown, as it can quote the password): percent-encode %, #, /, ?, @ and : in the password")
+		// With user information in the URL, any message may quote part
+		// of it: a password with a "/" can also parse, and land in the
+		// path or the database number that go-redis then refuses.
+		if _, ok := errors.AsType[*url.Error](err); ok || strings.Contains(s, "@") {
+			return nil, errors.New("REDIS_URL is not a valid redis:// or rediss:// URL (the parser's message is not shown, as it can quote the password): percent-encode %, #, /, ?, @ and : in the password")
 		}
 		return nil, fmt.Errorf("REDIS_URL: %w", err)
 	}

@@ -33,6 +33,8 @@ func TestValidate(t *testing.T) {
 		{"negative pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
 		{"URL with a password that does not parse", Config{URL: "redis://user:s3cret%zz@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
 		{"password with a slash", Config{URL: "redis://:S3cr/et9@10.0.0.1:6379/0", Timeout: time.Second}, []string{"REDIS_URL"}, "S3cr"},
+		{"password with a slash after digits", Config{URL: "redis://:1234/s3cretpw@10.0.0.1:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cretpw"},
+		{"password with a slash after the port", Config{URL: "redis://:6379/s3cretpw@h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, "s3cretpw"},
 		{"cluster addr as a URL with a password", Config{ClusterAddrs: "a:1,redis://:s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
 		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
 	} {
