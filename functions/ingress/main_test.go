@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -110,8 +108,8 @@ func TestServeGraceOver(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 		ended.Store(true)
 	})
-	var logs bytes.Buffer
-	log := slog.New(slog.NewJSONHandler(&syncWriter{w: &logs}, nil))
+	var logs testkit.SyncBuffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(t.Context())
 	served := make(chan error, 1)
 	go func() { served <- serve(ctx, log, ln, h, 200*time.Millisecond, time.Second) }()
@@ -127,16 +125,4 @@ func TestServeGraceOver(t *testing.T) {
 	if !strings.Contains(logs.String(), "shutdown grace period over") || !strings.Contains(logs.String(), `"msg":"stopped"`) {
 		t.Errorf("logs: %s", logs.String())
 	}
-}
-
-// syncWriter serialises writes to w.
-type syncWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
 }
