@@ -287,17 +287,28 @@ func (c *conn) finishWrites() {
 	}
 }
 
-// control queues a control frame (ping, pong) for the writer, ahead of
-// queued data frames.
-func (c *conn) control(frame []byte) {
+// pong queues the answer to a client's ping for the writer, ahead of
+// queued data frames. A pong not yet sent is replaced by the new one
+// (RFC 6455 §5.5.3 allows answering only the latest ping), so a client
+// that pings without reading cannot grow the connection's memory: pings
+// are not data frames, which MAX_FRAMES_PER_SECOND and SEND_QUEUE bound.
+func (c *conn) pong(payload []byte) {
+	frame := wsFrame(opPong, payload)
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.closing {
-		c.mu.Unlock()
 		return
+	}
+	// A pong is whole in ctrl (only a ping is ever left part-written at
+	// its front, and that part never starts with a pong's first byte).
+	for i := len(c.ctrl) - 1; i >= 0; i-- {
+		if len(c.ctrl[i]) > 0 && c.ctrl[i][0] == frame[0] {
+			c.ctrl[i] = frame
+			return // a writer is already due to send it
+		}
 	}
 	c.ctrl = append(c.ctrl, frame)
 	c.startWriterLocked()
-	c.mu.Unlock()
 }
 
 // ping sends a server ping. A socket with no writer running and nothing
@@ -387,7 +398,7 @@ func (c *conn) readLoop(ctx context.Context) {
 			c.onClientClose(p)
 			return
 		case opPing:
-			c.control(wsFrame(opPong, p))
+			c.pong(p)
 			continue
 		case opPong:
 			continue

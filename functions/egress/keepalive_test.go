@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"net/url"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -70,5 +72,29 @@ func TestPingsAndMissedPongs(t *testing.T) {
 	}
 	if n := pings.Load(); n < 3 {
 		t.Fatalf("%d pings in %v at PING_INTERVAL=200ms", n, time.Since(connected))
+	}
+}
+
+// TestPongsDoNotPileUp: while the writer is busy (a client that pings and
+// does not read keeps it stuck on a full socket), each ping's pong
+// replaces the one still waiting (RFC 6455 §5.5.3 allows answering only
+// the latest ping) instead of joining it: one such socket took an egress
+// to gigabytes. A server ping or a part-written frame waiting ahead of it
+// stays.
+func TestPongsDoNotPileUp(t *testing.T) {
+	t.Parallel()
+	c := &conn{writing: true}                   // a writer is running
+	c.ctrl = [][]byte{pingFrame[1:], pingFrame} // the rest of a ping, a ping
+	for i := range 10000 {
+		c.pong([]byte(strconv.Itoa(i)))
+	}
+	want := [][]byte{pingFrame[1:], pingFrame, wsFrame(opPong, []byte("9999"))}
+	if len(c.ctrl) != len(want) {
+		t.Fatalf("%d control frames waiting, want %d", len(c.ctrl), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(c.ctrl[i], want[i]) {
+			t.Errorf("control frame %d: %x, want %x", i, c.ctrl[i], want[i])
+		}
 	}
 }
