@@ -68,7 +68,8 @@ type Options struct {
 	// URL of the egress socket, e.g. ws://127.0.0.1:8081/ws. Its query is
 	// kept; token and user are added to it.
 	URL string
-	// Token is a user token (JWT) sent as the token query parameter.
+	// Token is a user token (JWT), sent as the "token.<jwt>" subprotocol
+	// beside "wsrelay" (not in the URL, which proxies write to their logs).
 	Token string
 	// GetToken, when set, is called for the token before the first dial
 	// and again after a 4004 (token expired) close or a 401 at the upgrade.
@@ -453,12 +454,9 @@ func (c *Client) sleep(d time.Duration) bool {
 	}
 }
 
-func (c *Client) dialURL(token string) string {
+func (c *Client) dialURL() string {
 	u, _ := url.Parse(c.opts.URL)
 	q := u.Query()
-	if token != "" {
-		q.Set("token", token)
-	}
 	if c.opts.User != "" {
 		q.Set("user", c.opts.User)
 	}
@@ -471,7 +469,13 @@ func (c *Client) dialURL(token string) string {
 // upgrade: 401 asks for a fresh token, other 4xx are retried too since the
 // cause may be temporary).
 func (c *Client) connect(token string) (code int, welcomed bool, err error) {
-	ws, resp, err := c.opts.Dialer.DialContext(c.ctx, c.dialURL(token), c.opts.Header)
+	d := c.opts.Dialer
+	if token != "" {
+		dt := *d // the caller's Dialer is not changed
+		dt.Subprotocols = append([]string{"wsrelay", "token." + token}, d.Subprotocols...)
+		d = &dt
+	}
+	ws, resp, err := d.DialContext(c.ctx, c.dialURL(), c.opts.Header)
 	if err != nil {
 		if resp != nil {
 			return resp.StatusCode, false, fmt.Errorf("client: upgrade refused: %s", resp.Status)

@@ -149,3 +149,40 @@ func TestFinalCloseCodes(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestTokenTravelsAsSubprotocol: the token is offered as the
+// "token.<jwt>" subprotocol beside "wsrelay", and is not in the URL.
+func TestTokenTravelsAsSubprotocol(t *testing.T) {
+	got := make(chan *http.Request, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case got <- r:
+		default:
+		}
+		ws, err := (&websocket.Upgrader{Subprotocols: []string{"wsrelay"}}).Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.Close()
+		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
+		_, _, _ = ws.ReadMessage()
+	}))
+	defer srv.Close()
+	c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "tok1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var r *http.Request
+	select {
+	case r = <-got:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no upgrade request")
+	}
+	if r.URL.Query().Has("token") {
+		t.Errorf("token in the URL: %s", r.URL)
+	}
+	if p := r.Header.Get("Sec-WebSocket-Protocol"); p != "wsrelay, token.tok1" {
+		t.Errorf("subprotocols %q, want %q", p, "wsrelay, token.tok1")
+	}
+}

@@ -178,11 +178,14 @@ export class WsRelay {
     const u = new URL(this.url, globalThis.location?.href);
     if (u.protocol === "http:") u.protocol = "ws:";
     if (u.protocol === "https:") u.protocol = "wss:";
-    if (this.token) u.searchParams.set("token", this.token);
     if (this.opts.user) u.searchParams.set("user", this.opts.user);
     let ws;
     try {
-      ws = new this.WS(u.toString());
+      // The token travels as a subprotocol, not in the URL, which
+      // gateways and proxies write to their access logs.
+      ws = this.token
+        ? new this.WS(u.toString(), ["wsrelay", "token." + this.token])
+        : new this.WS(u.toString());
     } catch (e) {
       this.emit("error", e);
       this.setState("disconnected", e);
