@@ -284,16 +284,19 @@ func testEgressSigtermAndSigkill(t *testing.T, redisURL string, e env) {
 }
 
 // TestIdleAndLifetimeResume: the server's idle (4000) and lifetime (4001)
-// closes are followed by a lossless resume.
+// closes are followed by a lossless resume. They are logged with the status
+// SCF reports for a close the server started (439; SCF's 455 and 433 are
+// for its own cuts) and counted apart by kind.
 func TestIdleAndLifetimeResume(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		e    env
-		code int
-		log  string
+		name   string
+		e      env
+		code   int
+		log    string
+		metric string
 	}{
-		{"idle", env{"IDLE_TIMEOUT": "1s"}, 4000, `"scf_status":455`},
-		{"lifetime", env{"MAX_LIFETIME": "1s"}, 4001, `"scf_status":433`},
+		{"idle", env{"IDLE_TIMEOUT": "1s"}, 4000, `"close_code":4000,"closed_by":"server","reason":"idle timeout`, `wsrelay_egress_timeout_closes_total{reason="idle"}`},
+		{"lifetime", env{"MAX_LIFETIME": "1s"}, 4001, `"close_code":4001,"closed_by":"server","reason":"maximum lifetime reached`, `wsrelay_egress_timeout_closes_total{reason="lifetime"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := startCluster(t, redistest.URL(t), tc.e)
@@ -318,6 +321,12 @@ func TestIdleAndLifetimeResume(t *testing.T) {
 			logs := c.egress[0].Logs() + c.egress[1].Logs()
 			if !containsAll(logs, tc.log) {
 				t.Fatalf("no connection log line with %s", tc.log)
+			}
+			if !contains(logs, `"scf_status":439`) || contains(logs, `"scf_status":455`) || contains(logs, `"scf_status":433`) {
+				t.Errorf("timeout closes logged with another status than 439")
+			}
+			if m := metricsText(t, c.egress[0].URL) + metricsText(t, c.egress[1].URL); !contains(m, tc.metric) {
+				t.Errorf("egress /metrics lack %s", tc.metric)
 			}
 			t.Logf("published %d; closes %v; lost 0, duplicated 0", len(ids), codes)
 		})

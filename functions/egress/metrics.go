@@ -70,9 +70,13 @@ func (m *metrics) observeDelivery(now time.Time, tsMS int64) {
 }
 
 // closed counts one ended connection by its SCF-style status (scfStatus's
-// fixed set, so the series stay few).
-func (m *metrics) closed(status int) {
+// fixed set, so the series stay few), and the egress's own timeout closes
+// by kind (timeoutClose; "" for any other close).
+func (m *metrics) closed(status int, timeout string) {
 	m.set.GetOrCreateCounter(`wsrelay_egress_closes_total{status="` + strconv.Itoa(status) + `"}`).Inc()
+	if timeout != "" {
+		m.set.GetOrCreateCounter(`wsrelay_egress_timeout_closes_total{reason="` + timeout + `"}`).Inc()
+	}
 }
 
 // channelCount is the number of channels with local subscribers (the

@@ -31,4 +31,4 @@ func (m *metrics) handler() http.HandlerFunc {
 
 func (m *metrics) observeDelivery(time.Time, int64) {}
 
-func (m *metrics) closed(int) {}
+func (m *metrics) closed(int, string) {}

@@ -3,6 +3,8 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -53,6 +56,65 @@ func TestDeliveriesCountReplays(t *testing.T) {
 		}
 		if strings.Contains(string(b), "wsrelay_egress_delivery_latency_seconds_count 3") {
 			return fmt.Errorf("replays counted in the live latency")
+		}
+		return nil
+	})
+}
+
+// failRegistration fails the pipelines that write user's registry records,
+// as a Redis that times out would.
+type failRegistration struct{ userSet string }
+
+func (f failRegistration) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (f failRegistration) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (f failRegistration) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			if a := c.Args(); len(a) > 1 && a[1] == f.userSet {
+				err := errors.New("i/o timeout (test)")
+				for _, c := range cmds {
+					c.SetErr(err)
+				}
+				return err
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestRefusedAtConnect: a socket whose registration fails is closed with
+// 1013 before anything else is written, leaves no record, and is counted
+// among the closes like any other (SCF counts it as a server close, 439).
+func TestRefusedAtConnect(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	rdb.AddHook(failRegistration{userSet: ks.UserConns("carol")})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?user=carol", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, b, err := ws.ReadMessage()
+	if ce, ok := err.(*websocket.CloseError); !ok || ce.Code != 1013 {
+		t.Fatalf("first frame %s, %v; want close 1013", b, err)
+	}
+	if n := len(e.s.hub.snapshotConns()); n != 0 {
+		t.Errorf("%d connections left in the hub", n)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		resp, err := http.Get(e.srv.URL + "/metrics")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if !strings.Contains(string(b), `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
+			return fmt.Errorf("the refusal is not counted in:\n%s", b)
 		}
 		return nil
 	})

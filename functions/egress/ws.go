@@ -59,9 +59,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		s.drainMu.Unlock()
 		s.open.Add(-1)
-		msg := websocket.FormatCloseMessage(protocol.CloseGoingAway, "server shutting down: reconnect")
-		_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-		ws.Close()
+		s.refuse(ws, "", protocol.CloseGoingAway, "server shutting down: reconnect")
 		return
 	}
 	s.wg.Add(1)
@@ -109,7 +107,8 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	select {
 	case <-s.hub.inbox.ready:
 	case <-time.After(5 * time.Second):
-		refuseConn(s, ws, errUnavailable)
+		s.log.Warn("registry unavailable at connect", "err", errUnavailable.Error())
+		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry")
 		return nil
 	}
 	// The hub sees the connection before the registry does, so that a
@@ -134,7 +133,8 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.closing, c.ended, c.queue = true, true, nil
 		c.mu.Unlock()
 		close(c.done)
-		refuseConn(s, ws, err)
+		s.log.Warn("registry unavailable at connect", "err", err.Error())
+		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry")
 		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 		_ = s.reg.Remove(rctx, c.recordCopy())
 		rcancel()
@@ -159,12 +159,16 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	return c
 }
 
-// refuseConn closes a socket that could not be registered with 1013.
-func refuseConn(s *Server, ws *websocket.Conn, err error) {
-	s.log.Warn("registry unavailable at connect", "err", err.Error())
-	msg := websocket.FormatCloseMessage(protocol.CloseTryAgainLater, "registry unavailable: retry")
+// refuse closes a socket just upgraded, before it was set up (draining,
+// or the registry unavailable), and logs and counts its end as any other:
+// SCF counts it as an invocation the server closed (439).
+func (s *Server) refuse(ws *websocket.Conn, id string, code int, reason string) {
+	msg := websocket.FormatCloseMessage(code, reason)
 	_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 	ws.Close()
+	s.metrics.closed(439, "")
+	s.log.Info("connection closed", "conn", id, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
+		"close_code", code, "closed_by", "server", "reason", reason, "scf_status", 439)
 }
 
 // serve reads the connection to its end, then forgets it everywhere. It
@@ -201,23 +205,32 @@ func (c *conn) finish() {
 }
 
 // scfStatus maps a close to the status SCF reports for the invocation.
+// SCF's own 455 (idle) and 433 (lifetime) are for its own cuts, which the
+// egress sees as a lost connection (456); IDLE_TIMEOUT and MAX_LIFETIME
+// close first, with 4000 and 4001, which SCF reports as any other close
+// the server started (439). timeoutClose counts those apart.
 func scfStatus(code int, byServer bool) int {
-	switch code {
-	case 1000, 1010, 1011:
+	switch {
+	case code == 1000 || code == 1010 || code == 1011:
 		return 200
-	case protocol.CloseIdleTimeout:
-		if byServer {
-			return 455
-		}
-	case protocol.CloseLifetime:
-		if byServer {
-			return 433
-		}
-	}
-	if byServer {
+	case byServer:
 		return 439
 	}
 	return 456
+}
+
+// timeoutClose names the egress's own timeout closes ("idle", "lifetime"),
+// for their metric; "" for any other close.
+func timeoutClose(code int, byServer bool) string {
+	switch {
+	case !byServer:
+		return ""
+	case code == protocol.CloseIdleTimeout:
+		return "idle"
+	case code == protocol.CloseLifetime:
+		return "lifetime"
+	}
+	return ""
 }
 
 func (c *conn) logEnd() {
@@ -232,7 +245,7 @@ func (c *conn) logEnd() {
 		by = "server"
 	}
 	status := scfStatus(code, byServer)
-	c.s.metrics.closed(status)
+	c.s.metrics.closed(status, timeoutClose(code, byServer))
 	c.s.log.Info("connection closed",
 		"conn", c.id,
 		"user", c.user,
