@@ -59,7 +59,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		s.drainMu.Unlock()
 		s.open.Add(-1)
-		s.refuse(ws, "", protocol.CloseGoingAway, "server shutting down: reconnect")
+		s.refuse(ws, "", protocol.CloseGoingAway, "server shutting down: reconnect", nil)
 		return
 	}
 	s.wg.Add(1)
@@ -107,8 +107,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	select {
 	case <-s.hub.inbox.ready:
 	case <-time.After(5 * time.Second):
-		s.log.Warn("registry unavailable at connect", "err", errUnavailable.Error())
-		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry")
+		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry", errUnavailable)
 		return nil
 	}
 	// The hub sees the connection before the registry does, so that a
@@ -133,8 +132,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.closing, c.ended, c.queue = true, true, nil
 		c.mu.Unlock()
 		close(c.done)
-		s.log.Warn("registry unavailable at connect", "err", err.Error())
-		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry")
+		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry", err)
 		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 		_ = s.reg.Remove(rctx, c.recordCopy())
 		rcancel()
@@ -160,15 +158,21 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 }
 
 // refuse closes a socket just upgraded, before it was set up (draining,
-// or the registry unavailable), and logs and counts its end as any other:
-// SCF counts it as an invocation the server closed (439).
-func (s *Server) refuse(ws *websocket.Conn, id string, code int, reason string) {
+// or the registry unavailable: err), and logs and counts its end as any
+// other, in one line (a warning when err is set): SCF counts it as an
+// invocation the server closed (439).
+func (s *Server) refuse(ws *websocket.Conn, id string, code int, reason string, err error) {
 	msg := websocket.FormatCloseMessage(code, reason)
 	_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 	ws.Close()
 	s.metrics.closed(439, "")
-	s.log.Info("connection closed", "conn", id, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
-		"close_code", code, "closed_by", "server", "reason", reason, "scf_status", 439)
+	attrs := []any{"conn", id, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
+		"close_code", code, "closed_by", "server", "reason", reason, "scf_status", 439}
+	if err != nil {
+		s.log.Warn("connection closed", append(attrs, "err", err.Error())...)
+		return
+	}
+	s.log.Info("connection closed", attrs...)
 }
 
 // serve reads the connection to its end, then forgets it everywhere. It

@@ -66,7 +66,7 @@ const (
 // Options configure Dial. Only URL is required.
 type Options struct {
 	// URL of the egress socket, e.g. ws://127.0.0.1:8081/ws. Its query is
-	// kept; token and user are added to it.
+	// kept; user is added to it.
 	URL string
 	// Token is a user token (JWT), sent as the "token.<jwt>" subprotocol
 	// beside "wsrelay" (not in the URL, which proxies write to their logs).
