@@ -45,16 +45,14 @@ func TestDeliveriesCountReplays(t *testing.T) {
 		nextData(t, ws)
 	}
 	testkit.Eventually(t, 5*time.Second, func() error {
-		resp, err := http.Get(e.srv.URL + "/metrics")
+		m, err := scrape(e.srv.URL)
 		if err != nil {
 			return err
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		if !strings.Contains(string(b), "wsrelay_egress_deliveries_total 3\n") {
-			return fmt.Errorf("deliveries not 3 in:\n%s", b)
+		if !strings.Contains(m, "wsrelay_egress_deliveries_total 3\n") {
+			return fmt.Errorf("deliveries not 3 in:\n%s", m)
 		}
-		if strings.Contains(string(b), "wsrelay_egress_delivery_latency_seconds_count 3") {
+		if strings.Contains(m, "wsrelay_egress_delivery_latency_seconds_count 3") {
 			return fmt.Errorf("replays counted in the live latency")
 		}
 		return nil
@@ -107,15 +105,24 @@ func TestRefusedAtConnect(t *testing.T) {
 		t.Errorf("%d connections left in the hub", n)
 	}
 	testkit.Eventually(t, 5*time.Second, func() error {
-		resp, err := http.Get(e.srv.URL + "/metrics")
+		m, err := scrape(e.srv.URL)
 		if err != nil {
 			return err
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		if !strings.Contains(string(b), `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
-			return fmt.Errorf("the refusal is not counted in:\n%s", b)
+		if !strings.Contains(m, `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
+			return fmt.Errorf("the refusal is not counted in:\n%s", m)
 		}
 		return nil
 	})
+}
+
+// scrape returns the egress's /metrics page.
+func scrape(base string) (string, error) {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
 }
