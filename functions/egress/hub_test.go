@@ -21,31 +21,6 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
-// failXRange makes XRANGE fail while on is set, as a Redis read that
-// times out; failed counts the reads it failed.
-type failXRange struct {
-	on     atomic.Bool
-	failed atomic.Int64
-}
-
-func (f *failXRange) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (f *failXRange) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if f.on.Load() && strings.EqualFold(cmd.Name(), "xrange") {
-			f.failed.Add(1)
-			err := errors.New("i/o timeout (test)")
-			cmd.SetErr(err)
-			return err
-		}
-		return next(ctx, cmd)
-	}
-}
-
-func (f *failXRange) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-
 // TestGapFillRetries: a notification is lost (published to another shard
 // channel) and the stream read that would fill the gap fails for a while.
 // The live subscriber still gets every message, in order: the hub retries
@@ -53,8 +28,17 @@ func (f *failXRange) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 func TestGapFillRetries(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	hook := &failXRange{}
-	rdb.AddHook(hook)
+	// XRANGE fails while failing is set, as a Redis read that times out;
+	// failed counts the reads failed.
+	var failing atomic.Bool
+	var failed atomic.Int64
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		if failing.Load() && strings.EqualFold(cmd.Name(), "xrange") {
+			failed.Add(1)
+			return true
+		}
+		return false
+	}})
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?channels=room", nil)
 	if err != nil {
@@ -76,15 +60,15 @@ func TestGapFillRetries(t *testing.T) {
 	}
 	want := []string{publish(ks.Notify("room"), 1)}
 	want = append(want, publish(ks.Notify("room")+"-elsewhere", 2)) // its notification is lost
-	hook.on.Store(true)
+	failing.Store(true)
 	want = append(want, publish(ks.Notify("room"), 3)) // shows the gap; filling it fails
 	testkit.Eventually(t, 5*time.Second, func() error {
-		if hook.failed.Load() == 0 {
+		if failed.Load() == 0 {
 			return errors.New("the gap read has not failed yet")
 		}
 		return nil
 	})
-	hook.on.Store(false)
+	failing.Store(false)
 
 	var got []string
 	readUpTo := func(n int) {

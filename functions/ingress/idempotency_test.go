@@ -1,9 +1,7 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"log/slog"
 	"strings"
@@ -224,36 +222,6 @@ func TestIdempotentSendAfterClose(t *testing.T) {
 	expectError(t, e.do("POST", "/v1/connections/conn-9/messages", body, "Idempotency-Key", "dm-2"), 404, "connection_not_found")
 }
 
-// failAppends makes appends and DEL fail while on, as a Redis that goes
-// away right after a request's idempotency claim.
-type failAppends struct{ on *atomic.Bool }
-
-var errGone = errors.New("i/o timeout (test)")
-
-func (h failAppends) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h failAppends) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if h.on.Load() && cmd.Name() == "del" {
-			cmd.SetErr(errGone)
-			return errGone
-		}
-		return next(ctx, cmd)
-	}
-}
-
-func (h failAppends) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		if h.on.Load() && (cmds[0].Name() == "evalsha" || cmds[0].Name() == "eval") {
-			for _, c := range cmds {
-				c.SetErr(errGone)
-			}
-			return errGone
-		}
-		return next(ctx, cmds)
-	}
-}
-
 // TestIdempotencyClaimLeftBehind: when Redis goes away mid-request, the
 // 503 cannot free the key (its DEL fails too). The claim left behind
 // answers 409 only until it expires, soon after any request could have
@@ -261,8 +229,15 @@ func (h failAppends) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 func TestIdempotencyClaimLeftBehind(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
+	// Appends and DEL fail while on, as a Redis that goes away right
+	// after the request's idempotency claim.
 	var on atomic.Bool
-	rdb.AddHook(failAppends{&on})
+	rdb.AddHook(redistest.Fail{
+		Cmd: func(cmd redis.Cmder) bool { return on.Load() && cmd.Name() == "del" },
+		Pipeline: func(cmds []redis.Cmder) bool {
+			return on.Load() && (cmds[0].Name() == "evalsha" || cmds[0].Name() == "eval")
+		},
+	})
 	ks := keys.Scheme{Prefix: prefix}
 	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 

@@ -2,6 +2,7 @@ package redistest
 
 import (
 	"context"
+	"errors"
 	"sync"
 
 	"github.com/redis/go-redis/v9"
@@ -48,5 +49,42 @@ func (h *Hold) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Process
 			}
 		}
 		return err
+	}
+}
+
+// ErrFailed is the error Fail gives the commands it fails: a timeout, as
+// a Redis gone away or partitioned gives.
+var ErrFailed = errors.New("i/o timeout (redistest.Fail)")
+
+// Fail is a go-redis hook (Client.AddHook) that fails, with ErrFailed and
+// without sending them, the single commands Cmd accepts and the pipelines
+// Pipeline accepts (every command of the pipeline). A nil func accepts
+// nothing. The funcs may switch the failure on and off, or count it.
+type Fail struct {
+	Cmd      func(cmd redis.Cmder) bool
+	Pipeline func(cmds []redis.Cmder) bool
+}
+
+func (f Fail) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (f Fail) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if f.Cmd != nil && f.Cmd(cmd) {
+			cmd.SetErr(ErrFailed)
+			return ErrFailed
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (f Fail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if f.Pipeline != nil && f.Pipeline(cmds) {
+			for _, c := range cmds {
+				c.SetErr(ErrFailed)
+			}
+			return ErrFailed
+		}
+		return next(ctx, cmds)
 	}
 }
