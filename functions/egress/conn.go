@@ -573,32 +573,42 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 // first stream read, and merged by id after the last.
 func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref json.RawMessage) bool {
 	r := cs.startResume(c)
-	entries, recovered, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
+	b, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
 	if err != nil {
 		cs.remove(c)
 		c.dropSub(ctx, cs.name)
 		c.sendError(protocol.CodeUnavailable, "cannot read history now (Redis unavailable); retry", ref)
 		return false
 	}
-	rec := recovered
-	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: after.String(), Ref: ref}))
-	last := after
+	// Not recovered, the client continues from where the stream does
+	// (b.From), which for an `after` ahead of the stream is not `after`.
+	rec := b.Continuous
+	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))
+	last := b.From
 	for {
-		for i := range entries {
-			id := stream.MustParseID(entries[i].ID)
-			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, entries[i].Frame()), id: id}) {
+		for i := range b.Entries {
+			id := stream.MustParseID(b.Entries[i].ID)
+			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, b.Entries[i].Frame()), id: id}) {
 				cs.remove(c)
 				return false
 			}
 			last = id
 		}
-		if len(entries) < replayBatch {
+		if len(b.Entries) < replayBatch {
 			break
 		}
-		entries, err = c.s.hub.store.After(ctx, cs.stream, last, replayBatch)
+		b, err = c.s.hub.store.Resume(ctx, cs.stream, last, replayBatch)
 		if err != nil {
 			cs.remove(c)
 			c.closeWith(protocol.CloseInternal, "history read failed: resume again", true)
+			return false
+		}
+		if !b.Continuous {
+			// Trimmed past the replay while it ran (a slow reader on a
+			// busy channel): the client resumes again from what it got
+			// and is told recovered:false then.
+			cs.remove(c)
+			c.closeWith(protocol.CloseInternal, "history trimmed during the replay: resume again", true)
 			return false
 		}
 	}

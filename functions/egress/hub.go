@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -70,6 +71,10 @@ type hub struct {
 	reconnects atomic.Int64
 	// redisErrors counts failed Redis reads and subscribes (metrics).
 	redisErrors atomic.Int64
+	// gaps counts breaks found in a stream's chain while catching up:
+	// messages trimmed or expired before this instance delivered them
+	// (metrics).
+	gaps atomic.Int64
 	// readLag, when set, observes publish-to-receipt time of each
 	// notification: how far the read path runs behind (metrics).
 	readLag func(seconds float64)
@@ -171,27 +176,59 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 // upto, in bounded batches. A read that fails is retried, with backoff,
 // until it succeeds or ctx ends (false): giving up would let the next
 // delivery move cs.last past the gap, and the gap would be lost for every
-// subscriber here without any of them knowing.
+// subscriber here without any of them knowing. Entries that are gone from
+// the stream (trimmed or expired while the notifications were lost) break
+// its chain: see gap.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 	for {
-		var entries []stream.Entry
+		var b stream.Batch
 		if !h.readRetrying(ctx, "catch up from stream", cs.stream, func() (err error) {
-			entries, err = h.store.After(ctx, cs.stream, cs.last, replayBatch)
+			b, err = h.store.Resume(ctx, cs.stream, cs.last, replayBatch)
 			return err
 		}) {
 			return false
 		}
-		for i := range entries {
-			id := stream.MustParseID(entries[i].ID)
+		if !b.Continuous {
+			h.gap(cs, b.From)
+		}
+		for i := range b.Entries {
+			id := stream.MustParseID(b.Entries[i].ID)
 			if upto.Less(id) {
 				return true
 			}
-			h.deliver(cs, id, entries[i].Route, entries[i].Frame(), entries[i].TS)
+			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS)
 		}
-		if len(entries) < replayBatch {
+		if len(b.Entries) < replayBatch {
 			return true
 		}
 	}
+}
+
+// gap handles messages after cs.last that are gone from the stream before
+// this instance delivered them. The channel's subscribers here cannot get
+// them, and delivering past them would hide the loss: each is closed with
+// 1011 instead, resumes, and is told recovered:false. The channel goes on
+// from `from`, the position the stream goes on from, so that a subscriber
+// joining now is given a position it can resume from. Targeted messages
+// (the inbox) are not resumable: the loss is logged and counted.
+func (h *hub) gap(cs *chanState, from stream.ID) {
+	h.gaps.Add(1)
+	if cs == h.inbox {
+		h.log.Warn("targeted messages lost", "stream", cs.stream, "after", cs.last.String(), "resumes_at", from.String())
+		cs.last = from
+		return
+	}
+	cs.mu.Lock()
+	n := len(cs.subs) + len(cs.resuming)
+	for c := range cs.subs {
+		c.closeWith(protocol.CloseInternal, "messages were trimmed before delivery: resume", true)
+	}
+	for c := range cs.resuming {
+		c.closeWith(protocol.CloseInternal, "messages were trimmed before delivery: resume", true)
+	}
+	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "closed", n)
+	cs.last = from
+	cs.mu.Unlock()
 }
 
 // readRetrying runs read until it succeeds, waiting 50 ms doubling to 1 s

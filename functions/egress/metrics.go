@@ -39,11 +39,12 @@ func newMetrics(h *hub) *metrics {
 	}
 	set.NewGauge("wsrelay_egress_channels", func() float64 { return float64(h.channelCount()) })
 	h.readLag = set.NewPrometheusHistogramExt("wsrelay_egress_stream_read_lag_seconds", latencyBuckets).Update
-	// The hub keeps these two counts itself; they are written at scrape
+	// The hub keeps these counts itself; they are written at scrape
 	// time, typed counter (a callback Gauge would be typed gauge).
 	set.RegisterMetricsWriter(func(w io.Writer) {
 		vm.WriteCounterUint64(w, "wsrelay_egress_redis_errors_total", uint64(h.redisErrors.Load()))
 		vm.WriteCounterUint64(w, "wsrelay_egress_redis_resubscribes_total", uint64(h.reconnects.Load()))
+		vm.WriteCounterUint64(w, "wsrelay_egress_stream_gaps_total", uint64(h.gaps.Load()))
 	})
 	return m
 }

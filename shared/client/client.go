@@ -578,8 +578,11 @@ func (c *Client) dispatch(data []byte) bool {
 			s.live = true
 		}
 		// A fresh subscription starts from the server's position, so a
-		// cut before its first message still resumes without a gap.
-		if s != nil && !s.hasLast {
+		// cut before its first message still resumes without a gap. A
+		// resume that was not recovered goes on from where the stream
+		// does, which can be behind the id held (one from a Redis that
+		// failed over): holding on to it would drop what follows.
+		if s != nil && (!s.hasLast || (f.Recovered != nil && !*f.Recovered)) {
 			if id, ok := stream.ParseID(f.Position); ok {
 				s.last, s.hasLast = id, true
 			}

@@ -124,6 +124,41 @@ func TestResubscribeIgnoresEarlierFrames(t *testing.T) {
 	}
 }
 
+// TestUnrecoveredResumeTakesPosition: a resume that was not recovered
+// goes on from the position the server gives, which can be behind the id
+// the client held (one from a Redis that failed over): the messages after
+// that position are delivered, not dropped as older than the held id.
+func TestUnrecoveredResumeTakesPosition(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		if sub.After == nil || *sub.After != "90-0" {
+			t.Errorf("subscribed after %v, want 90-0", sub.After)
+		}
+		write(t, ws, `{"type":"subscribed","channel":"a","recovered":false,"position":"5-0","ref":`+string(sub.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"6-0","ts":1,"data":6}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan string, 10)
+	s, err := c.Subscribe("a", Handler{After: "90-0", OnMessage: func(m Message) { got <- m.ID }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case id := <-got:
+		if id != "6-0" || s.LastID() != "6-0" {
+			t.Fatalf("got %s, last id %s; want 6-0", id, s.LastID())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the message after the position was dropped (last id %s)", s.LastID())
+	}
+}
+
 // TestFinalCloseCodes: the client does not reconnect after the codes the
 // protocol marks final (docs/protocol.md), 1007 among them.
 func TestFinalCloseCodes(t *testing.T) {

@@ -49,10 +49,11 @@ func TestCluster(t *testing.T) {
 				off = 1
 			}
 			first := stream.MustParseID(ids[off])
-			got, recovered, err := store.Resume(ctx, ks.Stream(ch), first, 10)
+			b, err := store.Resume(ctx, ks.Stream(ch), first, 10)
 			if err != nil {
 				t.Fatal(err)
 			}
+			got, recovered := b.Entries, b.Continuous
 			if !recovered || len(got) != 2 || got[0].ID != ids[off+2] || got[1].ID != ids[off+4] {
 				t.Fatalf("%s: resume after %s = %d entries, recovered %v; want ids %s %s", ch, first, len(got), recovered, ids[off+2], ids[off+4])
 			}

@@ -265,6 +265,7 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []in
 // Entry is one stream entry read back.
 type Entry struct {
 	ID    string
+	Prev  string // the id of the entry appended before it (field p)
 	Head  string
 	Tail  string
 	Route Route
@@ -283,6 +284,7 @@ func entriesOf(msgs []redis.XMessage) []Entry {
 	out := make([]Entry, 0, len(msgs))
 	for _, m := range msgs {
 		e := Entry{ID: m.ID}
+		e.Prev, _ = m.Values["p"].(string)
 		e.Head, _ = m.Values["h"].(string)
 		e.Tail, _ = m.Values["t"].(string)
 		r, _ := m.Values["g"].(string)
@@ -318,50 +320,95 @@ func (s *Store) Latest(ctx context.Context, key string, count int64) ([]Entry, e
 	return entriesOf(msgs), nil
 }
 
-// LastID returns the id of the stream's newest entry, or Zero when the
-// stream is empty or missing.
+// LastID returns the id of the last message appended to the stream: its
+// newest entry or, when the stream is empty or gone, the last-id key that
+// outlives it (the predecessor the next append will name); Zero when
+// neither exists. A subscriber given this position and resuming from it
+// later has missed nothing if the chain continues from it.
 func (s *Store) LastID(ctx context.Context, key string) (ID, error) {
-	msgs, err := s.rdb.XRevRangeN(ctx, key, "+", "-", 1).Result()
-	if err != nil {
+	var rev *redis.XMessageSliceCmd
+	var last *redis.StringCmd
+	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		rev = p.XRevRangeN(ctx, key, "+", "-", 1)
+		last = p.Get(ctx, keys.Last(key))
+		return nil
+	})
+	if err := rev.Err(); err != nil {
 		return ID{}, fmt.Errorf("read last id of %s: %w", key, err)
 	}
-	if len(msgs) == 0 {
-		return Zero, nil
+	if err := last.Err(); err != nil && !errors.Is(err, redis.Nil) {
+		return ID{}, fmt.Errorf("read last id of %s: %w", key, err)
 	}
-	return MustParseID(msgs[0].ID), nil
+	id := Zero
+	if msgs := rev.Val(); len(msgs) > 0 {
+		id = MustParseID(msgs[0].ID)
+	}
+	if l, ok := ParseID(last.Val()); ok && id.Less(l) {
+		id = l
+	}
+	return id, nil
 }
 
-// Resume starts a replay after `after`: it returns the first batch (up to
-// count entries with ids greater than after) and whether the stream still
-// holds everything published after `after`.
+// Batch is what Resume read.
+type Batch struct {
+	// Entries are the entries that follow From, oldest first.
+	Entries []Entry
+	// Continuous reports that nothing appended after `after` is missing:
+	// the entries follow it directly, or nothing was appended after it.
+	Continuous bool
+	// From is the position the entries follow, which a reader continues
+	// from: `after` when Continuous; otherwise the predecessor of the
+	// oldest entry left, or, when none is left after `after`, the
+	// stream's last id (LastID). An `after` ahead of the stream (a
+	// position from another stream, or from a master that failed over)
+	// so gives way to the stream's own position instead of hiding every
+	// message older than it.
+	From ID
+}
+
+// Resume reads up to count entries after `after` and whether the stream
+// still holds everything appended after `after`. A client resuming, and
+// each later batch of its replay, reads with it; so does an egress
+// filling a gap in its notifications.
 //
-// Recovery is decided from the stream itself. Each entry records the id of
-// the entry before it (field p, written by the append script), so the
-// chain proves continuity: `after` is still in the stream, or the oldest
-// entry after it names `after` as its predecessor (`after` itself was the
-// last entry trimmed). A stream that lost data — trimmed past `after`,
-// expired, or recreated after Redis restarted without persistence or
-// failed over to a replica that lagged — breaks the chain, so the answer
-// is false. See docs/protocol.md.
-func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) ([]Entry, bool, error) {
+// Continuity is decided from the stream itself. Each entry records the id
+// of the entry before it (field p, written by the append script), so the
+// chain proves it: `after` is still in the stream, or the oldest entry
+// after it names `after` as its predecessor (`after` itself was the last
+// entry trimmed), or nothing follows `after` and it is the last id
+// appended. A stream that lost data — trimmed past `after`, expired, or
+// recreated after Redis restarted without persistence or failed over to a
+// replica that lagged — breaks the chain, so the answer is false. See
+// docs/protocol.md.
+func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) (Batch, error) {
 	msgs, err := s.rdb.XRangeN(ctx, key, after.String(), "+", count+1).Result()
 	if err != nil {
-		return nil, false, fmt.Errorf("resume %s after %s: %w", key, after, err)
+		return Batch{}, fmt.Errorf("resume %s after %s: %w", key, after, err)
 	}
 	if len(msgs) == 0 {
-		// Nothing at or after `after`: recovered only if `after` is the
-		// newest entry, which XRANGE would have returned.
-		return nil, false, nil
+		// Nothing at or after `after`: nothing is missing if `after` is
+		// the last id appended (the stream emptied by age, or expired
+		// while its last-id key lives on), or if nothing was ever
+		// appended (Zero, and neither key exists; design.md says when
+		// that can also follow a long silence).
+		last, err := s.LastID(ctx, key)
+		if err != nil {
+			return Batch{}, err
+		}
+		return Batch{Continuous: last == after, From: last}, nil
 	}
 	if MustParseID(msgs[0].ID) == after {
-		return entriesOf(msgs[1:]), true, nil
+		return Batch{Entries: entriesOf(msgs[1:]), Continuous: true, From: after}, nil
 	}
-	prev, _ := msgs[0].Values["p"].(string)
 	if len(msgs) > int(count) {
 		msgs = msgs[:count]
 	}
-	p, ok := ParseID(prev)
-	return entriesOf(msgs), ok && p == after, nil
+	b := Batch{Entries: entriesOf(msgs), From: after}
+	if p, ok := ParseID(b.Entries[0].Prev); ok {
+		b.Continuous = p == after
+		b.From = p
+	}
+	return b, nil
 }
 
 // Notification is a parsed append announcement.

@@ -272,11 +272,11 @@ func TestPredecessor(t *testing.T) {
 	if got := prevOf(next); got != ids[len(ids)-1] {
 		t.Fatalf("after the stream expired, p = %s, want %s", got, ids[len(ids)-1])
 	}
-	entries, recovered, err := e.store.Resume(ctx, key, MustParseID(ids[len(ids)-1]), 10)
-	if err != nil || !recovered || len(entries) != 1 || entries[0].ID != next {
-		t.Fatalf("Resume from the last delivered id = %v, %v, %v", entries, recovered, err)
+	b, err := e.store.Resume(ctx, key, MustParseID(ids[len(ids)-1]), 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 1 || b.Entries[0].ID != next {
+		t.Fatalf("Resume from the last delivered id = %+v, %v", b, err)
 	}
-	if _, recovered, _ := e.store.Resume(ctx, key, MustParseID(ids[0]), 10); recovered {
+	if b, _ := e.store.Resume(ctx, key, MustParseID(ids[0]), 10); b.Continuous {
 		t.Fatal("Resume from an id whose successors expired reports recovered")
 	}
 }
@@ -284,44 +284,61 @@ func TestPredecessor(t *testing.T) {
 func TestResume(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
+	const atAfter, atZero = -1, -2 // wantFrom: `after` itself, or Zero
 	for _, tc := range []struct {
 		name      string
 		setup     func(e *env, key string, ids []string) ID // returns after
 		wantRec   bool
 		wantFirst int // index into ids of the first entry returned; -1 none
+		wantFrom  int // index into ids of the position returned, or atAfter, atZero
 	}{
-		{"from the start of an intact stream", func(e *env, key string, ids []string) ID { return Zero }, true, 0},
-		{"from an entry still in the stream", func(e *env, key string, ids []string) ID { return MustParseID(ids[4]) }, true, 5},
-		{"from the newest entry", func(e *env, key string, ids []string) ID { return MustParseID(ids[9]) }, true, -1},
+		{"from the start of an intact stream", func(e *env, key string, ids []string) ID { return Zero }, true, 0, atAfter},
+		{"from an entry still in the stream", func(e *env, key string, ids []string) ID { return MustParseID(ids[4]) }, true, 5, atAfter},
+		{"from the newest entry", func(e *env, key string, ids []string) ID { return MustParseID(ids[9]) }, true, -1, atAfter},
 		{"after trimming past it", func(e *env, key string, ids []string) ID {
 			e.rdb.XTrimMaxLen(ctx, key, 3)
 			return MustParseID(ids[2])
-		}, false, 7},
+		}, false, 7, 6},
 		{"from exactly the last entry trimmed", func(e *env, key string, ids []string) ID {
 			// The oldest retained entry names it as its predecessor.
 			e.rdb.XTrimMaxLen(ctx, key, 6)
 			return MustParseID(ids[3])
-		}, true, 4},
+		}, true, 4, atAfter},
 		{"from before the last entry trimmed", func(e *env, key string, ids []string) ID {
 			e.rdb.XTrimMaxLen(ctx, key, 6)
 			return MustParseID(ids[2])
-		}, false, 4},
+		}, false, 4, 3},
 		{"from an id that was never in the stream", func(e *env, key string, ids []string) ID {
 			return ID{MS: MustParseID(ids[0]).MS - 1, Seq: 7}
-		}, false, 0},
+		}, false, 0, atZero},
+		{"from an id ahead of the stream", func(e *env, key string, ids []string) ID {
+			// Its messages must not be skipped until the clock gets there:
+			// the position is the stream's own.
+			return ID{MS: MustParseID(ids[9]).MS + 3_600_000}
+		}, false, -1, 9},
+		{"from the largest id", func(e *env, key string, ids []string) ID { return Max }, false, -1, 9},
 		{"from the start after trimming", func(e *env, key string, ids []string) ID {
 			e.rdb.XTrimMaxLen(ctx, key, 6)
 			return Zero
-		}, false, 4},
+		}, false, 4, 3},
 		{"after the stream was deleted (data loss)", func(e *env, key string, ids []string) ID {
 			e.rdb.Del(ctx, key)
 			return MustParseID(ids[4])
-		}, false, -1},
+		}, false, -1, 9},
+		{"from the last id of a stream that expired since", func(e *env, key string, ids []string) ID {
+			// Its last-id key outlives it: nothing was missed.
+			e.rdb.Del(ctx, key)
+			return MustParseID(ids[9])
+		}, true, -1, atAfter},
+		{"after the stream and its last id were lost", func(e *env, key string, ids []string) ID {
+			e.rdb.Del(ctx, key, keys.Last(key))
+			return MustParseID(ids[9])
+		}, false, -1, atZero},
 		{"after the stream was recreated (data loss)", func(e *env, key string, ids []string) ID {
 			e.rdb.Del(ctx, key)
 			e.publish("r", 2, Limits{})
 			return MustParseID(ids[4])
-		}, false, 10},
+		}, false, 10, 9},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -329,12 +346,13 @@ func TestResume(t *testing.T) {
 			key := e.keys.Stream("r")
 			ids := e.publish("r", 10, Limits{})
 			after := tc.setup(e, key, ids)
-			es, rec, err := e.store.Resume(ctx, key, after, 100)
+			b, err := e.store.Resume(ctx, key, after, 100)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rec != tc.wantRec {
-				t.Errorf("recovered = %v, want %v", rec, tc.wantRec)
+			es := b.Entries
+			if b.Continuous != tc.wantRec {
+				t.Errorf("recovered = %v, want %v", b.Continuous, tc.wantRec)
 			}
 			switch {
 			case tc.wantFirst < 0:
@@ -350,7 +368,57 @@ func TestResume(t *testing.T) {
 					t.Errorf("got %d entries from %v, want %d from %s", len(es), first(es), len(ids)-tc.wantFirst, ids[tc.wantFirst])
 				}
 			}
+			want := after
+			switch {
+			case tc.wantFrom == atZero:
+				want = Zero
+			case tc.wantFrom >= 0:
+				want = MustParseID(ids[tc.wantFrom])
+			}
+			if b.From != want {
+				t.Errorf("from %s, want %s", b.From, want)
+			}
 		})
+	}
+}
+
+// A channel nothing was published on gives position 0-0, and a resume from
+// it, with the channel still quiet, missed nothing.
+func TestResumeQuietChannel(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("quiet")
+	pos, err := e.store.LastID(t.Context(), key)
+	if err != nil || !pos.IsZero() {
+		t.Fatalf("position %v, %v; want 0-0", pos, err)
+	}
+	b, err := e.store.Resume(t.Context(), key, pos, 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 0 || b.From != Zero {
+		t.Fatalf("resume from 0-0 of a quiet channel = %+v, %v; want recovered, nothing", b, err)
+	}
+}
+
+// After the stream expired, the position handed out is the last id
+// appended (kept by the last-id key), so that a client given it and
+// resuming after the next message was published missed nothing.
+func TestPositionAfterExpiry(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("exp")
+	lim := Limits{TTLMS: 1000, MaxAgeMS: 1000}
+	last := e.publish("exp", 1, lim)[0]
+	for e.rdb.Exists(ctx, key).Val() != 0 {
+		time.Sleep(50 * time.Millisecond)
+	}
+	pos, err := e.store.LastID(ctx, key)
+	if err != nil || pos.String() != last {
+		t.Fatalf("position of an expired stream = %v, %v; want the last id %s", pos, err, last)
+	}
+	next := e.publish("exp", 1, lim)[0]
+	b, err := e.store.Resume(ctx, key, pos, 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 1 || b.Entries[0].ID != next {
+		t.Fatalf("resume from %s = %+v, %v; want recovered with %s", pos, b, err, next)
 	}
 }
 
@@ -368,13 +436,13 @@ func TestBoundedBatches(t *testing.T) {
 	key := e.keys.Stream("b")
 	ids := e.publish("b", 25, Limits{})
 
-	es, rec, err := e.store.Resume(t.Context(), key, MustParseID(ids[0]), 10)
-	if err != nil || !rec || len(es) != 10 || es[0].ID != ids[1] {
-		t.Fatalf("resume: %d entries, recovered %v, %v", len(es), rec, err)
+	b, err := e.store.Resume(t.Context(), key, MustParseID(ids[0]), 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 10 || b.Entries[0].ID != ids[1] {
+		t.Fatalf("resume: %d entries, recovered %v, %v", len(b.Entries), b.Continuous, err)
 	}
-	es, rec, err = e.store.Resume(t.Context(), key, Zero, 10)
-	if err != nil || !rec || len(es) != 10 || es[0].ID != ids[0] {
-		t.Fatalf("resume from zero: %d entries, recovered %v, %v", len(es), rec, err)
+	b, err = e.store.Resume(t.Context(), key, Zero, 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 10 || b.Entries[0].ID != ids[0] {
+		t.Fatalf("resume from zero: %d entries, recovered %v, %v", len(b.Entries), b.Continuous, err)
 	}
 
 	var got []string
@@ -457,11 +525,11 @@ func TestResumeFromZeroAfterExpiry(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	e.publish("z", 1, lim)
-	entries, recovered, err := e.store.Resume(ctx, key, pos, 100)
+	b, err := e.store.Resume(ctx, key, pos, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if recovered {
-		t.Fatalf("recovered after 0-0 although %v are gone (replayed %s)", lost, first(entries))
+	if b.Continuous {
+		t.Fatalf("recovered after 0-0 although %v are gone (replayed %s)", lost, first(b.Entries))
 	}
 }

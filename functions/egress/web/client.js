@@ -251,8 +251,11 @@ export class WsRelay {
         sub.live = true;
         const recovered = f.recovered !== false;
         // A fresh subscription starts from the server's position, so a
-        // cut before its first message still resumes without a gap.
-        if (!sub.last && f.position) sub.last = f.position;
+        // cut before its first message still resumes without a gap. A
+        // resume that was not recovered goes on from where the stream
+        // does, which can be behind the id held (one from a Redis that
+        // failed over): holding on to it would drop what follows.
+        if (f.position && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
         sub.handlers.onSubscribed?.(recovered);
         break;

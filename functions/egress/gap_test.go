@@ -1,0 +1,240 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// Tests of what the egress does when the stream lost messages it had not
+// delivered: trimmed or expired while its notifications were lost, or
+// while a replay ran.
+
+// appendTo appends one message to ch's stream, announcing it on notify
+// (another shard channel than the channel's own loses the notification).
+func appendTo(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, ch, notify string, n int) string {
+	t.Helper()
+	ids, err := stream.NewStore(rdb).Append(context.Background(), []stream.Append{{Stream: ks.Stream(ch), Notify: notify,
+		Msg: stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: []byte(strconv.Itoa(n))}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids[0]
+}
+
+// readMessages reads message frames until the socket ends or stop
+// returns true; it returns their ids and the close code (0 when the
+// socket did not close, -1 when it ended without a close frame).
+func readMessages(ws *websocket.Conn, within time.Duration, stop func(id string) bool) ([]string, int) {
+	var ids []string
+	_ = ws.SetReadDeadline(time.Now().Add(within))
+	for {
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			var ce *websocket.CloseError
+			if errors.As(err, &ce) {
+				return ids, ce.Code
+			}
+			return ids, -1
+		}
+		var f struct{ Type, ID string }
+		if json.Unmarshal(b, &f) == nil && f.Type == "message" {
+			ids = append(ids, f.ID)
+			if stop != nil && stop(f.ID) {
+				return ids, 0
+			}
+		}
+	}
+}
+
+// TestGapPastTrim: notifications are lost while the stream is trimmed past
+// the last message the hub delivered. Delivering from the oldest entry
+// left would skip the trimmed ones for every subscriber here with nothing
+// to tell them: the subscriber is closed with 1011 instead, and its
+// resume says recovered:false.
+func TestGapPastTrim(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
+	ws, _, err := websocket.DefaultDialer.Dial(url+"?channels=room", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "subscribed")
+
+	ids := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 1)}
+	if got := nextData(t, ws); got != "1" {
+		t.Fatalf("first message %s", got)
+	}
+	for i := 2; i <= 6; i++ { // their notifications are lost
+		ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room")+"-lost", i))
+	}
+	if err := rdb.XTrimMaxLen(t.Context(), ks.Stream("room"), 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), 7)) // shows the gap
+	got, code := readMessages(ws, 5*time.Second, nil)
+	if code != protocol.CloseInternal || len(got) != 0 {
+		t.Fatalf("after the gap: messages %v, close %d; want none and %d", got, code, protocol.CloseInternal)
+	}
+	if n := e.s.hub.gaps.Load(); n != 1 {
+		t.Errorf("gaps counted: %d, want 1", n)
+	}
+
+	// The resume tells the client, and goes on from the entries left.
+	ws2, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws2.Close()
+	next(t, ws2, "welcome")
+	send(t, ws2, map[string]any{"type": "subscribe", "channel": "room", "after": ids[0]})
+	r := next(t, ws2, "subscribed")
+	if r.Recovered == nil || *r.Recovered || r.Position != ids[4] {
+		t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[4])
+	}
+	got, _ = readMessages(ws2, 5*time.Second, func(id string) bool { return id == ids[6] })
+	if fmt.Sprint(got) != fmt.Sprint(ids[5:]) {
+		t.Fatalf("replayed %v, want %v", got, ids[5:])
+	}
+
+	// A subscriber joining now is given the position the stream goes on
+	// from, and a resume from it is whole.
+	ws3, _, err := websocket.DefaultDialer.Dial(url+"?channels=room", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws3.Close()
+	if pos := next(t, ws3, "subscribed").Position; pos != ids[6] {
+		t.Fatalf("position after the gap %s, want %s", pos, ids[6])
+	}
+}
+
+// TestReplayTrimmedMidway: the stream is trimmed past a replay's position
+// between two of its batches (a slow reader on a busy channel). The
+// client was told recovered:true; skipping to the oldest entry left would
+// lose the entries between without a word. It is closed with 1011
+// instead, and resumes from what it got.
+func TestReplayTrimmedMidway(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("busy")
+	var ids []string
+	for i := range 2*replayBatch + 50 {
+		ids = append(ids, appendTo(t, rdb, ks, "busy", ks.Notify("busy")+"-x", i))
+	}
+	// Before the replay's second read, the stream is trimmed to its
+	// newest 20 entries.
+	var reads atomic.Int64
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key && reads.Add(1) == 2 {
+			_ = rdb.XTrimMaxLen(context.Background(), key, 20).Err()
+		}
+		return false
+	}})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "busy", "after": ids[0]})
+	if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+		t.Fatalf("recovered %v before the trim", r.Recovered)
+	}
+	got, code := readMessages(ws, 5*time.Second, nil)
+	if code != protocol.CloseInternal || fmt.Sprint(got) != fmt.Sprint(ids[1:1+replayBatch]) {
+		t.Fatalf("got %d messages (%v…), close %d; want the first batch, %d, then close %d",
+			len(got), got[:min(len(got), 3)], code, replayBatch, protocol.CloseInternal)
+	}
+}
+
+// TestResumeAheadOfStream: a subscribe whose `after` is ahead of the
+// stream (a position from another channel, or from a master that failed
+// over) is not recovered, and goes on from the stream's own position:
+// the messages published next are delivered, not skipped until the
+// clock reaches `after`.
+func TestResumeAheadOfStream(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	last := appendTo(t, rdb, ks, "f", ks.Notify("f"), 0)
+	for _, after := range []string{"99999999999999-0", stream.Max.String()} {
+		ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		next(t, ws, "welcome")
+		send(t, ws, map[string]any{"type": "subscribe", "channel": "f", "after": after})
+		r := next(t, ws, "subscribed")
+		if r.Recovered == nil || *r.Recovered || r.Position != last {
+			t.Fatalf("after %s: recovered %v, position %s; want false, %s", after, r.Recovered, r.Position, last)
+		}
+		last = appendTo(t, rdb, ks, "f", ks.Notify("f"), 1)
+		if got, code := readMessages(ws, 5*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != last {
+			t.Fatalf("after %s: got %v (close %d), want %s", after, got, code, last)
+		}
+	}
+}
+
+// TestResumeQuiet: a client subscribed to a channel nothing was published
+// on is cut and resumes from the position it was given, 0-0, with the
+// channel still quiet: it missed nothing. Likewise after the channel's
+// stream expired, whose last id outlives it.
+func TestResumeQuiet(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
+	resume := func(ch, want string) {
+		t.Helper()
+		ws, _, err := websocket.DefaultDialer.Dial(url+"?channels="+ch, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pos := next(t, ws, "subscribed").Position
+		ws.Close()
+		if pos != want {
+			t.Fatalf("%s: position %s, want %s", ch, pos, want)
+		}
+		ws, _, err = websocket.DefaultDialer.Dial(url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		next(t, ws, "welcome")
+		send(t, ws, map[string]any{"type": "subscribe", "channel": ch, "after": pos})
+		if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+			t.Fatalf("%s: resume from %s with nothing published says recovered %v", ch, pos, r.Recovered)
+		}
+	}
+	resume("quiet", "0-0")
+
+	last := appendTo(t, rdb, ks, "expired", ks.Notify("expired"), 1)
+	if err := rdb.Del(t.Context(), ks.Stream("expired")).Err(); err != nil { // as its TTL would
+		t.Fatal(err)
+	}
+	resume("expired", last)
+}
