@@ -258,3 +258,82 @@ func TestAdminDisconnect(t *testing.T) {
 		t.Fatalf("%d welcomes: the client reconnected after 4003", n)
 	}
 }
+
+// TestGoClientManySubscriptions: the Go client with as many subscriptions
+// as MAX_SUBSCRIPTIONS allows, twice MAX_FRAMES_PER_SECOND's default,
+// sends them all at once on connect and again on every reconnect. Each
+// goes live both times (frames over the rate are held, not refused) and
+// the client is never closed for good.
+func TestGoClientManySubscriptions(t *testing.T) {
+	const n = 100 // MAX_SUBSCRIPTIONS's default; MAX_FRAMES_PER_SECOND's is 50
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"MAX_LIFETIME":     "4s", // one reconnect, which subscribes all again
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+	var (
+		mu      sync.Mutex
+		live    = map[string]int{}
+		refused []string
+		got     = make(chan string, 1)
+	)
+	c, err := client.Dial(client.Options{
+		URL:        "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws",
+		User:       "many",
+		MinBackoff: 50 * time.Millisecond,
+		MaxBackoff: 100 * time.Millisecond,
+		OnError:    func(e *client.ServerError) { mu.Lock(); refused = append(refused, e.Code); mu.Unlock() },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range n {
+		ch := fmt.Sprintf("ch%d", i)
+		if _, err := c.Subscribe(ch, client.Handler{
+			OnSubscribed: func(bool) { mu.Lock(); live[ch]++; mu.Unlock() },
+			OnError:      func(e *client.ServerError) { mu.Lock(); refused = append(refused, ch+": "+e.Code); mu.Unlock() },
+			OnMessage:    func(m client.Message) { got <- m.ID },
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testkit.Eventually(t, 20*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		select {
+		case <-c.Done():
+			t.Fatalf("the client stopped for good: %v (refused: %v)", c.Err(), refused)
+		default:
+		}
+		if len(refused) > 0 {
+			t.Fatalf("refused: %v", refused)
+		}
+		twice := 0
+		for _, k := range live {
+			if k >= 2 {
+				twice++
+			}
+		}
+		if twice < n {
+			return fmt.Errorf("%d of %d subscriptions live again after the reconnect (%d at all)", twice, n, len(live))
+		}
+		return nil
+	})
+	id, err := pub.publish(fmt.Sprintf("ch%d", n-1), "last")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-got:
+		if m != id {
+			t.Fatalf("got %s, want %s", m, id)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the last subscription got nothing")
+	}
+}

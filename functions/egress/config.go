@@ -50,8 +50,9 @@ type Config struct {
 	SendQueue int `env:"SEND_QUEUE" envDefault:"1024"`
 	// MaxSubscriptions per connection.
 	MaxSubscriptions int `env:"MAX_SUBSCRIPTIONS" envDefault:"100"`
-	// MaxFramesPerSecond a client may send; above it frames are refused
-	// with a rate_limited error. Zero means no limit.
+	// MaxFramesPerSecond a client may send (a token bucket with a second's
+	// burst); above it the client's frames are read more slowly, none is
+	// refused. Zero means no limit.
 	MaxFramesPerSecond int `env:"MAX_FRAMES_PER_SECOND" envDefault:"50"`
 	// MaxConnections per instance; above it upgrades get 503. Zero means
 	// no limit.

@@ -10,6 +10,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"golang.org/x/time/rate"
+
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
@@ -78,7 +80,7 @@ type conn struct {
 	subs      map[string]*chanState
 	rec       registry.Record
 	badFrames int
-	rate      rateWindow
+	frames    *rate.Limiter // MAX_FRAMES_PER_SECOND, from the first data frame
 }
 
 func (c *conn) enqueue(q *queued) {
@@ -447,9 +449,8 @@ func (c *conn) onClientClose(p []byte) {
 func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	c.framesIn.Add(1)
 	c.lastData.Store(time.Now().UnixNano())
-	if !c.rate.allow(time.Now(), c.s.cfg.MaxFramesPerSecond) {
-		c.sendError(protocol.CodeRateLimited, "too many frames per second", nil)
-		return c.abuse()
+	if !c.throttle() {
+		return false // closed while it waited
 	}
 	if op != opText {
 		c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
@@ -670,21 +671,29 @@ func (c *conn) recordCopy() *registry.Record {
 	return &r
 }
 
-// rateWindow counts frames in the current one-second window.
-type rateWindow struct {
-	start time.Time
-	n     int
-}
-
-func (w *rateWindow) allow(now time.Time, limit int) bool {
-	if limit <= 0 {
+// throttle holds a client frame over MAX_FRAMES_PER_SECOND until the
+// connection's token bucket (burst: one second's worth) has room for it,
+// and reports false if the connection closed meanwhile. The frame is not
+// refused: the reader, which waits for it, reads the client's next frame
+// later, so a client that sends faster is slowed by TCP's flow control and
+// loses nothing. A refusal would be worse for everyone: the reference
+// clients send every subscription at once when they connect, and one
+// with more than a second's worth would lose the rest. Each wait is one
+// token's time (20 ms at the default 50).
+func (c *conn) throttle() bool {
+	n := c.s.cfg.MaxFramesPerSecond
+	if n <= 0 {
 		return true
 	}
-	if now.Sub(w.start) >= time.Second {
-		w.start, w.n = now, 0
+	if c.frames == nil {
+		c.frames = rate.NewLimiter(rate.Limit(n), n)
 	}
-	w.n++
-	return w.n <= limit
+	d := c.frames.Reserve().Delay()
+	if d == 0 {
+		return true
+	}
+	time.Sleep(d)
+	return !c.isClosing()
 }
 
 // expired reports whether the connection's token has expired.

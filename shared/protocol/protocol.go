@@ -40,7 +40,6 @@ const (
 	CodeBinaryFrame       = "binary_frame"
 	CodeForbidden         = "forbidden"
 	CodeTooManySubs       = "too_many_subscriptions"
-	CodeRateLimited       = "rate_limited"
 	CodeInvalidToken      = "invalid_token"
 	CodeUnavailable       = "unavailable"
 	CodeInternal          = "internal"
