@@ -164,6 +164,9 @@ func TestEgressRefuseToStart(t *testing.T) {
 			t.Errorf("error %v does not name %s", err, w)
 		}
 	}
+	if err != nil && strings.Contains(err.Error(), "\n") {
+		t.Errorf("error %q is several lines (SCF logs stderr line by line)", err)
+	}
 }
 
 func TestEgressTokens(t *testing.T) {

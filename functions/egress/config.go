@@ -149,7 +149,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {
-		return c, fmt.Errorf("configuration: %w", errors.Join(errs...))
+		return c, fmt.Errorf("configuration: %w", config.Join(errs...))
 	}
 	return c, nil
 }

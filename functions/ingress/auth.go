@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 
 	"github.com/gin-gonic/gin"
@@ -17,6 +18,10 @@ type security struct {
 	anon     bool
 	limits   publishLimits
 }
+
+// maxRate bounds the PUBLISH_RATE_PER_* settings: a burst of twice it must
+// be an int, and no one ingress takes more.
+const maxRate = 1_000_000
 
 // checkSecurity reports what is wrong with the credential settings,
 // including the rule that a non-anonymous ingress needs some credential.
@@ -36,8 +41,8 @@ func (c *Config) checkSecurity() []error {
 		name string
 		v    float64
 	}{{"PUBLISH_RATE_PER_KEY", c.PublishRatePerKey}, {"PUBLISH_RATE_PER_IP", c.PublishRatePerIP}, {"PUBLISH_RATE_PER_USER", c.PublishRatePerUser}} {
-		if x.v < 0 {
-			errs = append(errs, errors.New(x.name+" must not be negative"))
+		if !(x.v >= 0 && x.v <= maxRate) { // NaN fails both
+			errs = append(errs, fmt.Errorf("%s must be 0 (off) to %d", x.name, maxRate))
 		}
 	}
 	if c.PublishBurstPerKey < 0 || c.PublishBurstPerIP < 0 || c.PublishBurstPerUser < 0 {

@@ -102,8 +102,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.HistorySize < 0 {
 		errs = append(errs, errors.New("HISTORY_SIZE must not be negative"))
 	}
-	if c.HistoryTTL < 0 {
-		errs = append(errs, errors.New("HISTORY_TTL must not be negative"))
+	if c.HistoryTTL < 0 || (c.HistoryTTL > 0 && c.HistoryTTL < time.Second) {
+		// Age trimming and the TTL refresh run once per second of a
+		// stream's traffic, and a value below 1ms would read as 0 (keep
+		// forever).
+		errs = append(errs, errors.New("HISTORY_TTL must be 0 (keep until HISTORY_SIZE) or at least 1s"))
 	}
 	if c.MaxMessageBytes < 64 {
 		errs = append(errs, errors.New("MAX_MESSAGE_BYTES must be at least 64"))
@@ -120,8 +123,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.PublishWaitReplicas < 0 {
 		errs = append(errs, errors.New("PUBLISH_WAIT_REPLICAS must not be negative"))
 	}
-	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout <= 0 || c.PublishWaitTimeout >= c.Redis.Timeout) {
-		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be positive and below REDIS_TIMEOUT"))
+	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout < time.Millisecond || c.PublishWaitTimeout >= c.Redis.Timeout) {
+		// WAIT takes whole milliseconds, and WAIT n 0 waits forever.
+		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be at least 1ms and below REDIS_TIMEOUT"))
 	}
 	if c.RegistryTTL < 3*time.Second {
 		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs
@@ -133,7 +137,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	errs = append(errs, c.checkSecurity()...)
 	if len(errs) > 0 {
-		return c, fmt.Errorf("configuration: %w", errors.Join(errs...))
+		return c, fmt.Errorf("configuration: %w", config.Join(errs...))
 	}
 	return c, nil
 }

@@ -74,11 +74,22 @@ func TestLoadConfigErrors(t *testing.T) {
 		// Refreshed every REGISTRY_TTL/3 by a once-a-second sweep.
 		{"registry ttl under 3s", map[string]string{"REGISTRY_TTL": "2s"}, []string{"REGISTRY_TTL"}},
 		{"origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://app.example/"}, []string{"ALLOWED_ORIGINS"}},
+		// Redis Cluster hashes the first {…} of a key.
+		{"braces in the key prefix", map[string]string{"REDIS_KEY_PREFIX": "{app}"}, []string{"REDIS_KEY_PREFIX"}},
+		// WAIT takes milliseconds, and WAIT n 0 waits forever.
+		{"wait timeout under 1ms", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "500us"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
+		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
+		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
+			[]string{"PUBLISH_RATE_PER_KEY", "PUBLISH_RATE_PER_IP", "PUBLISH_RATE_PER_USER"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := loadConfig(func(k string) string { return tc.env[k] })
 			if err == nil {
 				t.Fatal("no error")
+			}
+			// One line: SCF logs stderr line by line.
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error %q is several lines", err)
 			}
 			for _, w := range tc.want {
 				if !strings.Contains(err.Error(), w) {

@@ -39,6 +39,36 @@ func Load(getenv func(string) string, cfg any) error {
 	return fmt.Errorf("configuration: %w", err)
 }
 
+// Join reports errs (nil ones skipped) as one error, nil if there are
+// none. Its message is one line, the errors separated by "; ": errors.Join
+// puts each on a line of its own, and a platform that logs stderr line by
+// line (SCF) would split them into separate records, only the first
+// saying what they are about.
+func Join(errs ...error) error {
+	var j joined
+	for _, e := range errs {
+		if e != nil {
+			j = append(j, e)
+		}
+	}
+	if len(j) == 0 {
+		return nil
+	}
+	return j
+}
+
+type joined []error
+
+func (j joined) Error() string {
+	msgs := make([]string, len(j))
+	for i, e := range j {
+		msgs[i] = e.Error()
+	}
+	return strings.Join(msgs, "; ")
+}
+
+func (j joined) Unwrap() []error { return j }
+
 // describe names the variable behind a parse error (the library names
 // only the Go field), so the operator knows what to fix.
 func describe(cfg any, err error) string {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/config"
 )
 
 // Config is the Redis part of each function's configuration.
@@ -54,13 +56,20 @@ func (c Config) Validate() error {
 			}
 		}
 	}
-	if c.Timeout <= 0 {
-		errs = append(errs, errors.New("REDIS_TIMEOUT must be positive"))
+	if strings.ContainsAny(c.KeyPrefix, "{}") {
+		// Keys are <prefix>:{c:<channel>}:…, and Redis Cluster hashes the
+		// first {…} of a key: braces in the prefix would put a channel's
+		// keys in different slots (every append refused) or every
+		// channel in one slot (one master doing all the work).
+		errs = append(errs, errors.New("REDIS_KEY_PREFIX must not contain { or }"))
+	}
+	if c.Timeout < time.Millisecond {
+		errs = append(errs, errors.New("REDIS_TIMEOUT must be at least 1ms"))
 	}
 	if c.PoolSize < 0 {
 		errs = append(errs, errors.New("REDIS_POOL_SIZE must not be negative (0: go-redis's default)"))
 	}
-	return errors.Join(errs...)
+	return config.Join(errs...)
 }
 
 // parseURL parses REDIS_URL. Its error never holds any part of the URL's

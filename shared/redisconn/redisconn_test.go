@@ -37,6 +37,8 @@ func TestValidate(t *testing.T) {
 		{"password with a slash after the port", Config{URL: "redis://:6379/s3cretpw@h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, "s3cretpw"},
 		{"cluster addr as a URL with a password", Config{ClusterAddrs: "a:1,redis://:s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
 		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
+		{"braces in the key prefix", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, KeyPrefix: "{}"}, []string{"REDIS_KEY_PREFIX"}, ""},
+		{"timeout under 1ms", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Nanosecond}, []string{"REDIS_TIMEOUT"}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
