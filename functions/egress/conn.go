@@ -133,6 +133,11 @@ func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
 			return true
 		}
 		c.mu.Unlock()
+		// The reader is busy here, not reading the client's frames (its
+		// pongs among them): the client is not silent, and the sweep must
+		// not drop it for a missed pong. A client that stopped reading is
+		// dropped by the write timeout instead, which ends this wait.
+		c.lastRead.Store(time.Now().UnixNano())
 		select {
 		case <-ctx.Done():
 			return false
@@ -243,13 +248,16 @@ func (c *conn) writeLoop() {
 // something goes on with a fresh deadline, so that only a socket that
 // takes no data for WRITE_TIMEOUT is given up on (docs/protocol.md),
 // however long a large batch (a replay's backlog) takes to go out to a
-// reader that keeps reading. Only the writer calls it.
+// reader that keeps reading. Once the server has closed the connection,
+// it does not go on: a client taking a few bytes at a time would
+// otherwise hold the socket open for as long as the batch lasts, past
+// MAX_LIFETIME or an operator's disconnect. Only the writer calls it.
 func (c *conn) writeAll(nc net.Conn, bufs net.Buffers, now time.Time) error {
 	for {
 		c.armWriteDeadline(now)
 		n, err := bufs.WriteTo(nc) // consumes what it wrote, even on error
 		var ne net.Error
-		if err == nil || n == 0 || !errors.As(err, &ne) || !ne.Timeout() {
+		if err == nil || n == 0 || !errors.As(err, &ne) || !ne.Timeout() || c.isClosing() {
 			return err
 		}
 		now = time.Now()

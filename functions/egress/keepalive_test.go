@@ -2,13 +2,21 @@ package main
 
 import (
 	"bytes"
+	"errors"
+	"net"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // TestPingsAndMissedPongs: the maintenance sweep pings every socket each
@@ -95,6 +103,69 @@ func TestPongsDoNotPileUp(t *testing.T) {
 	for i := range want {
 		if !bytes.Equal(c.ctrl[i], want[i]) {
 			t.Errorf("control frame %d: %x, want %x", i, c.ctrl[i], want[i])
+		}
+	}
+}
+
+// TestReplayToSteadyReader: a client reading a long replay steadily, a
+// little slower than the socket could go, and sending a pong every 50 ms
+// (a heartbeat RFC 6455 §5.5.3 allows), is not dropped as silent: the
+// reader goroutine is busy with the replay and reads none of its frames
+// meanwhile, which is no sign of a dead peer.
+func TestReplayToSteadyReader(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "200ms", "SEND_QUEUE": "16"})
+	<-e.s.hub.inbox.ready
+	ks := keys.Scheme{Prefix: prefix}
+	data := []byte(`"` + strings.Repeat("x", 16<<10) + `"`)
+	const n = 300
+	var as []stream.Append
+	for range n + 1 {
+		as = append(as, stream.Append{Stream: ks.Stream("big"), Notify: ks.Notify("big"),
+			Msg: stream.Message{Channel: "big", TS: time.Now().UnixMilli(), Data: data}})
+	}
+	ids, err := stream.NewStore(rdb).Append(t.Context(), as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A small receive buffer, so that the replay waits for the reader.
+	d := websocket.Dialer{NetDialContext: (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10) })
+		return errors.Join(err, serr)
+	}}).DialContext}
+	ws, _, err := d.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	readUntil(t, ws, `"welcome"`)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "big", "after": ids[0]})
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+				if ws.WriteControl(websocket.PongMessage, nil, time.Now().Add(time.Second)) != nil {
+					return
+				}
+			}
+		}
+	}()
+	start := time.Now()
+	for got := 0; got < n; {
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("after %d of %d replayed messages, %v: %v", got, n, time.Since(start), err)
+		}
+		if bytes.Contains(b, []byte(`"message"`)) {
+			got++
+			time.Sleep(5 * time.Millisecond)
 		}
 	}
 }

@@ -151,4 +151,48 @@ func TestWriteTimeout(t *testing.T) {
 		c.closeWith(1006, "test over", true)
 		c.writers.Wait()
 	})
+
+	t.Run("slow but steady reader after a server close", func(t *testing.T) {
+		c, client := newConn()
+		_ = c.nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
+		_ = client.(*net.TCPConn).SetReadBuffer(64 << 10)
+		// One batch the reader would take about 10 s to take (16 KiB
+		// every 20 ms), every write making progress.
+		const frames = 1000
+		c.mu.Lock()
+		for range frames {
+			c.queue = append(c.queue, &queued{frame: frame})
+		}
+		c.startWriterLocked()
+		c.mu.Unlock()
+		readc := make(chan int, 1)
+		go func() {
+			buf := make([]byte, 16<<10)
+			read := 0
+			for {
+				n, err := client.Read(buf)
+				read += n
+				if err != nil {
+					readc <- read
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}()
+		time.Sleep(timeout) // the writer is in its batch
+		// MAX_LIFETIME (or an operator's disconnect): the socket must end
+		// within about WRITE_TIMEOUT, not when the batch has gone out.
+		c.closeWith(protocol.CloseLifetime, "maximum lifetime reached", true)
+		ended := make(chan struct{})
+		go func() { c.writers.Wait(); close(ended) }()
+		select {
+		case <-ended:
+		case <-time.After(10 * timeout):
+			t.Fatalf("the writer went on with its batch %v after the close", 10*timeout)
+		}
+		_ = c.nc.Close()
+		if read := <-readc; read >= frames*len(frame) {
+			t.Fatal("the whole batch went out")
+		}
+	})
 }
