@@ -54,6 +54,13 @@ type conn struct {
 	framesIn  atomic.Int64
 	framesOut atomic.Int64
 
+	// regMu orders this connection's registry writes: a change of its
+	// channels (the record updated and written under it) and the
+	// refresh's copy and rewrite. Without it a refresh could copy the
+	// record, a channel be left, and the refresh then write the left
+	// channel's membership back, which nothing removed until it expired.
+	regMu sync.Mutex
+
 	mu        sync.Mutex
 	queue     []*queued
 	spare     []*queued
@@ -559,14 +566,16 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 		return false
 	}
 	c.subs[ch] = cs
+	c.regMu.Lock()
 	c.mu.Lock()
 	c.rec.Channels = append(c.rec.Channels, ch)
 	c.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
-	if err := c.s.reg.Put(rctx, c.recordCopy()); err != nil {
+	if err := c.s.reg.JoinChannel(rctx, c.recordCopy(), ch); err != nil {
 		c.s.log.Warn("registry update", "conn", c.id, "err", err.Error())
 	}
 	cancel()
+	c.regMu.Unlock()
 	c.s.metrics.subscriptions.Inc()
 	if after == nil {
 		cs.subscribeLive(c, func(pos stream.ID) *queued {
@@ -653,6 +662,8 @@ func (c *conn) dropSub(ctx context.Context, ch string) {
 		c.s.hub.release(cs)
 		c.s.metrics.subscriptions.Dec()
 	}
+	c.regMu.Lock()
+	defer c.regMu.Unlock()
 	c.mu.Lock()
 	chans := make([]string, 0, len(c.rec.Channels))
 	for _, x := range c.rec.Channels {

@@ -4,7 +4,9 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -113,5 +116,62 @@ func TestDrainCutsSocketsLeft(t *testing.T) {
 	e.stop()
 	if n, err := rdb.Exists(t.Context(), ks.Conn(id)).Result(); err != nil || n != 0 {
 		t.Fatalf("after shutdown, the record of %s is still there (%d, %v)", id, n, err)
+	}
+}
+
+// TestRefreshDoesNotUndoLeave: a channel left while the registry refresh
+// is on its way to Redis with the connection's record copied before is
+// not listed afterwards: the refresh would otherwise write the left
+// channel's membership back, which nothing removes until it expires.
+func TestRefreshDoesNotUndoLeave(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	var armed atomic.Bool
+	// The refresh's pipeline (it re-adds the connection to b) waits
+	// before it is sent.
+	hold := redistest.NewHoldBefore(func(cmds []redis.Cmder) bool {
+		if !armed.Load() {
+			return false
+		}
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "zadd") && len(a) > 1 && a[1] == ks.ChannelConns("b") && len(cmds) > 3 {
+				return true
+			}
+		}
+		return false
+	})
+	t.Cleanup(hold.Release)
+	rdb.AddHook(hold)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := e.dial(t, url.Values{"channels": {"a,b"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, protocol.TypeWelcome).ConnectionID
+	next(t, ws, protocol.TypeSubscribed)
+	next(t, ws, protocol.TypeSubscribed)
+	armed.Store(true)
+	refreshed := make(chan struct{})
+	go func() { e.s.refreshRegistry(context.Background()); close(refreshed) }()
+	<-hold.Hit() // the refresh has copied the record (a, b)
+	send(t, ws, map[string]any{"type": "unsubscribe", "channel": "b"})
+	time.Sleep(100 * time.Millisecond) // the leave, if not held back, lands first
+	hold.Release()
+	<-refreshed
+	next(t, ws, protocol.TypeUnsubscribed)
+	recs, err := e.s.reg.Channel(t.Context(), "b", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		if r.ID == id {
+			t.Fatalf("connection %s is listed in b after leaving it: %+v", id, r)
+		}
+	}
+	rec, err := e.s.reg.Get(t.Context(), id)
+	if err != nil || strings.Join(rec.Channels, ",") != "a" {
+		t.Fatalf("record %+v, %v; want channels [a]", rec, err)
 	}
 }

@@ -224,21 +224,35 @@ func (s *Server) sweepConns(now time.Time) {
 	}
 }
 
+// refreshRegistry rewrites every connection's record and memberships
+// with a fresh TTL, a batch at a time. Each connection's regMu is held
+// from its copy to the write's reply, so that a channel it leaves (or
+// joins) meanwhile is written after the refresh, not undone by it.
 func (s *Server) refreshRegistry(ctx context.Context) {
 	conns := s.hub.snapshotConns()
 	recs := make([]*registry.Record, 0, len(conns))
-	for _, c := range conns {
-		recs = append(recs, c.recordCopy())
-	}
 	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
 	defer cancel()
-	if err := s.reg.Refresh(rctx, recs); err != nil {
-		s.log.Warn("registry refresh failed", "err", err.Error())
+	const batch = 256
+	for i := 0; i < len(conns); i += batch {
+		part := conns[i:min(i+batch, len(conns))]
+		for _, c := range part {
+			c.regMu.Lock()
+			recs = append(recs, c.recordCopy())
+		}
+		err := s.reg.Refresh(rctx, recs[i:])
+		for _, c := range part {
+			c.regMu.Unlock()
+		}
+		if err != nil {
+			s.log.Warn("registry refresh failed", "err", err.Error())
+			break // the batches after it were not written
+		}
 	}
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
 	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
-	for i, c := range conns {
+	for i, c := range conns[:len(recs)] {
 		select {
 		case <-c.done:
 			if err := s.reg.Remove(rctx, recs[i]); err != nil {

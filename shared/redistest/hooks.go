@@ -14,6 +14,7 @@ import (
 // to open, on purpose, the window between a write and its reply. match
 // sees every pipeline, so it can also record them.
 type Hold struct {
+	before  bool // hold before Redis runs the pipeline (NewHoldBefore)
 	match   func(cmds []redis.Cmder) bool
 	hit     chan struct{}
 	release chan struct{}
@@ -26,7 +27,17 @@ func NewHold(match func(cmds []redis.Cmder) bool) *Hold {
 	return &Hold{match: match, hit: make(chan struct{}), release: make(chan struct{})}
 }
 
-// Hit is closed once the held pipeline has run in Redis.
+// NewHoldBefore returns a Hold that holds the first pipeline match accepts
+// before it reaches Redis: tests use it to let other writes land between
+// a caller's decision and its write.
+func NewHoldBefore(match func(cmds []redis.Cmder) bool) *Hold {
+	h := NewHold(match)
+	h.before = true
+	return h
+}
+
+// Hit is closed once the held pipeline has run in Redis (NewHold), or is
+// about to be sent (NewHoldBefore).
 func (h *Hold) Hit() <-chan struct{} { return h.hit }
 
 // Release lets the held pipeline return (and any later one through). It
@@ -39,16 +50,24 @@ func (h *Hold) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return ne
 
 func (h *Hold) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(ctx, cmds)
-		if h.match(cmds) {
-			held := false
-			h.taken.Do(func() { held = true })
-			if held {
-				close(h.hit)
-				<-h.release
-			}
+		if h.before {
+			h.hold(cmds)
+			return next(ctx, cmds)
 		}
+		err := next(ctx, cmds)
+		h.hold(cmds)
 		return err
+	}
+}
+
+func (h *Hold) hold(cmds []redis.Cmder) {
+	if h.match(cmds) {
+		held := false
+		h.taken.Do(func() { held = true })
+		if held {
+			close(h.hit)
+			<-h.release
+		}
 	}
 }
 

@@ -54,12 +54,20 @@ func (r *Registry) expiry() float64 {
 	return float64(time.Now().Add(r.ttl).UnixMilli())
 }
 
-func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64) error {
+// writeRecord queues the write of rec's record key alone.
+func (r *Registry) writeRecord(ctx context.Context, p redis.Pipeliner, rec *Record) error {
 	b, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
 	p.Set(ctx, r.keys.Conn(rec.ID), b, r.ttl)
+	return nil
+}
+
+func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64) error {
+	if err := r.writeRecord(ctx, p, rec); err != nil {
+		return err
+	}
 	if rec.User != "" {
 		k := r.keys.UserConns(rec.User)
 		p.ZAdd(ctx, k, redis.Z{Score: score, Member: rec.ID})
@@ -101,12 +109,29 @@ func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
 	return nil
 }
 
-// LeaveChannel removes rec's membership of channel (rec.Channels is the
-// caller's to update).
+// JoinChannel adds rec's membership of channel and rewrites its record,
+// whose Channels the caller has already updated. Its other memberships
+// are left to the next Refresh, so that a connection subscribing to n
+// channels costs O(n) commands, not O(n²).
+func (r *Registry) JoinChannel(ctx context.Context, rec *Record, channel string) error {
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		k := r.keys.ChannelConns(channel)
+		p.ZAdd(ctx, k, redis.Z{Score: r.expiry(), Member: rec.ID})
+		p.PExpire(ctx, k, r.ttl)
+		return r.writeRecord(ctx, p, rec)
+	})
+	if err != nil {
+		return fmt.Errorf("registry join %s: %w", channel, err)
+	}
+	return nil
+}
+
+// LeaveChannel removes rec's membership of channel and rewrites its
+// record, whose Channels the caller has already updated.
 func (r *Registry) LeaveChannel(ctx context.Context, rec *Record, channel string) error {
 	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		p.ZRem(ctx, r.keys.ChannelConns(channel), rec.ID)
-		return r.write(ctx, p, rec, r.expiry())
+		return r.writeRecord(ctx, p, rec)
 	})
 	if err != nil {
 		return fmt.Errorf("registry leave %s: %w", channel, err)

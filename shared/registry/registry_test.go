@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,6 +111,44 @@ func TestLeaveChannel(t *testing.T) {
 	got, err := r.Get(ctx, "c1")
 	if err != nil || !slices.Equal(got.Channels, []string{"b"}) {
 		t.Fatalf("record after leave: %+v %v", got, err)
+	}
+}
+
+// JoinChannel adds one membership and rewrites the record, and writes
+// nothing else: a connection subscribing to n channels costs O(n)
+// commands.
+func TestJoinChannel(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	rdb, prefix := redistest.Client(t)
+	r := New(rdb, keys.Scheme{Prefix: prefix}, time.Minute)
+	rec := &Record{ID: "c1", User: "u", Instance: "i"}
+	if err := r.Put(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	var cmds atomic.Int64
+	rdb.AddHook(redistest.Fail{Pipeline: func(cs []redis.Cmder) bool { cmds.Add(int64(len(cs))); return false }})
+	for i := range 100 {
+		ch := fmt.Sprintf("ch%d", i)
+		rec.Channels = append(rec.Channels, ch)
+		if err := r.JoinChannel(ctx, rec, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := cmds.Load(); n != 300 {
+		t.Errorf("100 joins took %d commands, want 300 (SET, ZADD, PEXPIRE each)", n)
+	}
+	for _, ch := range []string{"ch0", "ch99"} {
+		if recs, _ := r.Channel(ctx, ch, 10); !slices.Equal(ids(recs), []string{"c1"}) {
+			t.Errorf("channel %s after join: %v", ch, ids(recs))
+		}
+	}
+	got, err := r.Get(ctx, "c1")
+	if err != nil || len(got.Channels) != 100 {
+		t.Fatalf("record after joins: %+v %v", got, err)
+	}
+	if recs, _ := r.User(ctx, "u", 10); !slices.Equal(ids(recs), []string{"c1"}) {
+		t.Errorf("user after joins: %v", ids(recs))
 	}
 }
 
