@@ -9,8 +9,9 @@ import (
 )
 
 type historyResp struct {
-	Messages []stream.Decoded `json:"messages"`
-	Next     string           `json:"next"`
+	Messages  []stream.Decoded `json:"messages"`
+	Next      string           `json:"next"`
+	Recovered *bool            `json:"recovered"`
 }
 
 func (e *testEnv) history(query string) historyResp {
@@ -83,11 +84,29 @@ func TestHistory(t *testing.T) {
 	if r := e.history("?after=0"); len(r.Messages) != 5 {
 		t.Fatalf("after=0: %d", len(r.Messages))
 	}
-	// The greatest id is a valid cursor with nothing after it (Redis
-	// refuses an exclusive range from it).
+	if r := e.history("?after=" + ids[0]); r.Recovered == nil || !*r.Recovered {
+		t.Fatalf("after %s with nothing trimmed: recovered %v", ids[0], r.Recovered)
+	}
+	if r := e.history("?limit=2"); r.Recovered != nil {
+		t.Fatalf("without after: recovered %v, want no field", *r.Recovered)
+	}
+	// A cursor ahead of the stream (the greatest id among them, from
+	// which Redis refuses an exclusive range) has nothing after it, and
+	// the next page starts where the stream does.
 	const maxID = "18446744073709551615-18446744073709551615"
-	if r := e.history("?after=" + maxID); len(r.Messages) != 0 || r.Next != maxID {
-		t.Fatalf("after the greatest id: %v next %s", idsOf(r.Messages), r.Next)
+	for _, ahead := range []string{maxID, "99999999999999-0"} {
+		r := e.history("?after=" + ahead)
+		if len(r.Messages) != 0 || r.Next != ids[4] || r.Recovered == nil || *r.Recovered {
+			t.Fatalf("after %s: %v next %s recovered %v; want none, next %s, recovered false", ahead, idsOf(r.Messages), r.Next, r.Recovered, ids[4])
+		}
+	}
+	// Trimmed past the cursor: the page starts at the oldest message left,
+	// and says so.
+	if err := e.rdb.XTrimMaxLen(t.Context(), e.keys.Stream("h"), 2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.history("?after=" + ids[1]); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[3:]) || r.Recovered == nil || *r.Recovered {
+		t.Fatalf("after %s, trimmed past it: %v recovered %v; want %v, false", ids[1], idsOf(r.Messages), r.Recovered, ids[3:])
 	}
 
 	for _, tc := range []struct{ query, code string }{
@@ -105,6 +124,20 @@ func TestHistory(t *testing.T) {
 	}
 	expectError(t, e.do("GET", "/v1/channels/"+strings.Repeat("h", 129)+"/messages", ""), 400, "invalid_channel")
 	expectError(t, e.do("GET", "/v1/channels/-h/connections", ""), 400, "invalid_channel")
+}
+
+// History gives data as it was stored, as the WebSocket delivers it: not
+// with <, > and & escaped.
+func TestHistoryDataAsStored(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	if w := e.do("POST", "/v1/channels/h/messages", `{"data":{"a":"<b>&\u00e9</b>"}}`); w.Code != 202 {
+		t.Fatalf("%d %s", w.Code, w.Body.String())
+	}
+	w := e.do("GET", "/v1/channels/h/messages", "")
+	if !strings.Contains(w.Body.String(), `"data":{"a":"<b>&\u00e9</b>"}`) {
+		t.Fatalf("history %s", w.Body.String())
+	}
 }
 
 // History keeps about HISTORY_SIZE messages per channel.

@@ -345,15 +345,28 @@ func (s *Server) handleHistory(c *gin.Context) {
 	var (
 		entries []stream.Entry
 		err     error
+		resp    = gin.H{}
 	)
 	after, hasAfter := c.GetQuery("after")
+	next := after
 	if hasAfter {
 		id, ok := stream.ParseID(after)
 		if !ok {
 			writeError(c, s.log, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
 			return
 		}
-		entries, err = s.store.After(c.Request.Context(), s.keys.Stream(ch), id, int64(limit))
+		// Read like a resume, so that the page says whether messages
+		// after the cursor were trimmed before it (recovered false).
+		var b stream.Batch
+		b, err = s.store.Resume(c.Request.Context(), s.keys.Stream(ch), id, int64(limit))
+		entries = b.Entries
+		resp["recovered"] = b.Continuous
+		if !b.Continuous && len(b.Entries) == 0 {
+			// Nothing after a cursor the stream does not go on from (one
+			// ahead of it, or one whose stream is gone): the next page
+			// starts where the stream does.
+			next = b.From.String()
+		}
 	} else {
 		entries, err = s.store.Latest(c.Request.Context(), s.keys.Stream(ch), int64(limit))
 	}
@@ -370,10 +383,12 @@ func (s *Server) handleHistory(c *gin.Context) {
 		}
 		msgs = append(msgs, d)
 	}
-	next := after
 	if len(entries) > 0 {
 		next = entries[len(entries)-1].ID
 	}
-	resp := gin.H{"messages": msgs, "next": next}
-	c.JSON(200, resp)
+	resp["messages"], resp["next"] = msgs, next
+	// PureJSON: data goes out as it was stored, as the WebSocket delivers
+	// it, not with <, > and & escaped as \u003c… (equal as JSON, but not
+	// byte for byte, which a client hashing or signing data would see).
+	c.PureJSON(200, resp)
 }
