@@ -187,6 +187,34 @@ func TestAPIKeys(t *testing.T) {
 	noSecrets(t, logs, fullKey, chatKey, adminKey)
 }
 
+// A batch reports its first bad item, whether malformed or not allowed,
+// and writes nothing.
+func TestBatchFirstBadItem(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": testKeys})
+	for _, tc := range []struct {
+		name, body string
+		status     int
+		code       string
+		index      int
+	}{
+		{"not allowed, then malformed", `{"messages":[{"channel":"chat:1","data":1},{"channel":"secret","data":1},{"channel":"chat:2"}]}`, 403, "forbidden", 1},
+		{"malformed, then not allowed", `{"messages":[{"channel":"chat:1"},{"channel":"secret","data":1}]}`, 400, "missing_data", 0},
+	} {
+		w := e.do("POST", "/v1/messages", tc.body, bearer(chatKey)...)
+		code, index := errorOf(t, w)
+		if w.Code != tc.status || code != tc.code || index == nil || *index != tc.index {
+			t.Errorf("%s: %d %s; want %d %s at index %d", tc.name, w.Code, w.Body, tc.status, tc.code, tc.index)
+		}
+		if !strings.Contains(w.Body.String(), fmt.Sprintf("message %d: ", tc.index)) {
+			t.Errorf("%s: the message does not name item %d: %s", tc.name, tc.index, w.Body)
+		}
+	}
+	if n := e.xlen("chat:1") + e.xlen("chat:2") + e.xlen("secret"); n != 0 {
+		t.Fatalf("refused batches wrote %d messages", n)
+	}
+}
+
 func TestUserTokens(t *testing.T) {
 	t.Parallel()
 	e, logs := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "JWT_SECRET": testSecret})

@@ -122,7 +122,7 @@ func compact(b json.RawMessage) json.RawMessage {
 
 // decodeBatch parses {"messages": [...]}, validating every item; the
 // first bad item's index is reported and nothing is written.
-func decodeBatch(b []byte, maxItems int, maxItemBytes int64) ([]publishBody, error) {
+func decodeBatch(b []byte, maxItems int, maxItemBytes int64, check func(p *publishBody) *apiError) ([]publishBody, error) {
 	var raw struct {
 		Messages *[]json.RawMessage `json:"messages"`
 	}
@@ -150,6 +150,9 @@ func decodeBatch(b []byte, maxItems int, maxItemBytes int64) ([]publishBody, err
 			return nil, &indexedError{errf(413, "payload_too_large", fmt.Sprintf("message %d is larger than %d bytes", i, maxItemBytes)), i}
 		}
 		p, ae := decodeMessage(it, true)
+		if ae == nil && check != nil {
+			ae = check(&p)
+		}
 		if ae != nil {
 			ae.Message = fmt.Sprintf("message %d: %s", i, ae.Message)
 			return nil, &indexedError{ae, i}

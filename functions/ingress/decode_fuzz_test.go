@@ -51,7 +51,7 @@ func FuzzDecodeBatch(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		items, err := decodeBatch(b, 3, 128)
+		items, err := decodeBatch(b, 3, 128, nil)
 		if err != nil {
 			return
 		}

@@ -125,7 +125,20 @@ func (s *Server) handleBatch(c *gin.Context) {
 		writeError(c, s.log, err)
 		return
 	}
-	items, err := decodeBatch(body, s.cfg.MaxBatchItems, s.cfg.MaxMessageBytes)
+	// Each item is checked as it is decoded, so that the first bad item,
+	// malformed or not allowed, is the one reported.
+	var froms []string
+	items, err := decodeBatch(body, s.cfg.MaxBatchItems, s.cfg.MaxMessageBytes, func(p *publishBody) *apiError {
+		if err := who.mayPublish(p.Channel); err != nil {
+			return err.(*apiError)
+		}
+		from, err := who.from(p.From)
+		if err != nil {
+			return err.(*apiError)
+		}
+		froms = append(froms, from)
+		return nil
+	})
 	if err != nil {
 		writeError(c, s.log, err)
 		return
@@ -133,16 +146,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 	now := time.Now().UnixMilli()
 	as := make([]stream.Append, len(items))
 	for i, p := range items {
-		if err := who.mayPublish(p.Channel); err != nil {
-			writeError(c, s.log, &indexedError{err.(*apiError), i})
-			return
-		}
-		from, err := who.from(p.From)
-		if err != nil {
-			writeError(c, s.log, &indexedError{err.(*apiError), i})
-			return
-		}
-		as[i] = s.channelAppend(p.Channel, p, from, now)
+		as[i] = s.channelAppend(p.Channel, p, froms[i], now)
 	}
 	if err := s.allowPublishes(c, who, len(items)); err != nil {
 		writeError(c, s.log, err)
