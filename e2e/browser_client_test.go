@@ -104,6 +104,51 @@ const clientJSCases = `(async () => {
       ? "ok" : calls + " getToken calls, last dial with " + last + (inURL ? ", token in the URL" : "");
     c.close();
   }
+  // A resume that was not recovered goes on from the server's position,
+  // which can be behind the id held (one a failed-over Redis never had).
+  {
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    const ws = sockets[0];
+    ws.open();
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const got = [];
+    const gaps = [];
+    c.on("gap", (g) => gaps.push(g.channel));
+    const s = c.subscribe("a", { after: "90-0", onMessage: (m) => got.push(m.id) });
+    const ref = ws.sent.at(-1).ref;
+    ws.recv({ type: "subscribed", channel: "a", recovered: false, position: "5-0", ref });
+    ws.recv({ type: "message", channel: "a", id: "6-0", ts: 1, data: 6 });
+    results.unrecoveredPosition = got.join(" ") === "6-0" && s.lastId === "6-0" && gaps.join() === "a"
+      ? "ok" : "got [" + got + "], last id " + s.lastId + ", gaps [" + gaps + "]";
+    c.close();
+  }
+
+  // Names and ids are checked before anything goes on the wire (the
+  // server counts refusals, and ten in a row close the connection for
+  // good), and a malformed id from the wire is ignored.
+  {
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    const ws = sockets[0];
+    ws.open();
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const refused = [];
+    for (const [ch, h] of [["bad name", {}], ["", {}], ["ok", { after: "bogus" }]]) {
+      try { c.subscribe(ch, h); } catch (e) { if (e instanceof TypeError) refused.push(ch); }
+    }
+    const got = [];
+    const s = c.subscribe("b", { onMessage: (m) => got.push(m.id) });
+    ws.recv({ type: "subscribed", channel: "b", position: "junk", ref: ws.sent.at(-1).ref });
+    ws.recv({ type: "message", channel: "b", id: "bogus", ts: 1, data: 0 });
+    ws.recv({ type: "message", channel: "b", id: "7-0", ts: 1, data: 7 });
+    const sent = ws.sent.filter((f) => f.type === "subscribe").map((f) => f.channel);
+    results.validation = refused.length === 3 && sent.join() === "b" && got.join() === "7-0" && s.lastId === "7-0"
+      ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId;
+    c.close();
+  }
   return results;
 })()`
 
@@ -119,7 +164,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -21,6 +21,7 @@ type webAsset struct {
 	etag        string
 	contentType string
 	cache       string
+	anyOrigin   bool // Access-Control-Allow-Origin: *
 }
 
 func newWebAsset(body []byte, contentType, cache string) *webAsset {
@@ -34,6 +35,9 @@ func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.Set("Cache-Control", a.cache)
 	h.Set("ETag", a.etag)
 	h.Set("X-Content-Type-Options", "nosniff")
+	if a.anyOrigin {
+		h.Set("Access-Control-Allow-Origin", "*")
+	}
 	if r.Header.Get("If-None-Match") == a.etag {
 		w.WriteHeader(http.StatusNotModified)
 		return
@@ -43,9 +47,14 @@ func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // handleClientJS serves GET /client.js. Clients revalidate after five
 // minutes (the ETag makes that cheap), so a deploy reaches them quickly.
+// Any origin may load it: a page imports it as a module, which browsers
+// fetch with CORS, and it is public, static and needs no credential
+// (ALLOWED_ORIGINS guards the WebSocket, not this file).
 func handleClientJS() http.Handler {
 	b, _ := webFiles.ReadFile("web/client.js")
-	return newWebAsset(b, "text/javascript; charset=utf-8", "public, max-age=300")
+	a := newWebAsset(b, "text/javascript; charset=utf-8", "public, max-age=300")
+	a.anyOrigin = true
+	return a
 }
 
 // demoConfig is what the demo page learns from the server.

@@ -16,6 +16,11 @@ func TestWebAssets(t *testing.T) {
 		!strings.Contains(rec.Body.String(), "export class WsRelay") {
 		t.Fatalf("/client.js: %d %q", rec.Code, rec.Header())
 	}
+	// A page on another origin imports it as a module, which browsers
+	// fetch with CORS.
+	if got := rec.Header().Get("Access-Control-Allow-Origin"); got != "*" {
+		t.Fatalf("/client.js: Access-Control-Allow-Origin %q, want *", got)
+	}
 	etag := rec.Header().Get("ETag")
 	req := httptest.NewRequest("GET", "/client.js", nil)
 	req.Header.Set("If-None-Match", etag)
@@ -28,7 +33,7 @@ func TestWebAssets(t *testing.T) {
 	rec = httptest.NewRecorder()
 	handleDemo(Config{IngressURL: "http://in.example</script>"}).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
 	body := rec.Body.String()
-	if rec.Code != 200 || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/html") {
+	if rec.Code != 200 || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/html") || rec.Header().Get("Access-Control-Allow-Origin") != "" {
 		t.Fatalf("/: %d %q", rec.Code, rec.Header())
 	}
 	if !strings.Contains(body, `window.WSRELAY_CONFIG = {"ingressURL":"http://in.example\u003c/script\u003e"};`) || strings.Contains(body, "{{.}}") {

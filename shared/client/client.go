@@ -26,6 +26,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	chanpkg "github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -270,6 +271,11 @@ func Dial(opts Options) (*Client, error) {
 // Unsubscribe or Close, across reconnects: each new connection resumes it
 // after the last id delivered.
 func (c *Client) Subscribe(channel string, h Handler) (*Subscription, error) {
+	// Refused here, not by the server on every connect: ten refusals in a
+	// row close the connection for good (1008).
+	if !chanpkg.ValidName(channel) {
+		return nil, fmt.Errorf("client: %q is not a channel name (^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$)", channel)
+	}
 	var after stream.ID
 	if h.After != "" {
 		id, ok := stream.ParseID(h.After)

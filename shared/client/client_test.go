@@ -159,6 +159,29 @@ func TestUnrecoveredResumeTakesPosition(t *testing.T) {
 	}
 }
 
+// TestSubscribeChecksNames: a channel name the server would refuse is
+// refused by Subscribe, not sent on every connect (ten refusals in a row
+// close the connection for good).
+func TestSubscribeChecksNames(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, ch := range []string{"", "bad name", "-x", strings.Repeat("a", 129)} {
+		if _, err := c.Subscribe(ch, Handler{}); err == nil {
+			t.Errorf("Subscribe(%q) accepted", ch)
+		}
+	}
+	if _, err := c.Subscribe("ok:1", Handler{After: "bogus"}); err == nil {
+		t.Error("After \"bogus\" accepted")
+	}
+}
+
 // TestFinalCloseCodes: the client does not reconnect after the codes the
 // protocol marks final (docs/protocol.md), 1007 among them.
 func TestFinalCloseCodes(t *testing.T) {

@@ -21,6 +21,9 @@ const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
+const ID = /^\d+(-\d+)?$/;
+const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
+
 export function compareIds(a, b) {
   const [am, as = "0"] = String(a).split("-");
   const [bm, bs = "0"] = String(b).split("-");
@@ -94,6 +97,10 @@ export class WsRelay {
    * after (a message id to start after, e.g. one the app stored).
    */
   subscribe(channel, handlers = {}) {
+    // Refused here, not by the server on every connect: ten refusals in a
+    // row close the connection for good (1008).
+    if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
+    if (handlers.after != null && !ID.test(handlers.after)) throw new TypeError(`after is not a message id: ${handlers.after}`);
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
     const sub = {
       channel,
@@ -240,6 +247,7 @@ export class WsRelay {
         if (!f.channel) { this.emit("message", f); break; }
         const sub = this.subs.get(f.channel);
         if (!sub || !sub.live) break; // unsubscribed, or an earlier subscription's
+        if (typeof f.id !== "string" || !ID.test(f.id)) break; // not from a wsrelay egress
         if (sub.last && compareIds(f.id, sub.last) <= 0) break; // duplicate
         sub.last = f.id;
         sub.handlers.onMessage?.(f);
@@ -255,7 +263,7 @@ export class WsRelay {
         // resume that was not recovered goes on from where the stream
         // does, which can be behind the id held (one from a Redis that
         // failed over): holding on to it would drop what follows.
-        if (f.position && (!sub.last || !recovered)) sub.last = f.position;
+        if (ID.test(f.position ?? "") && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
         sub.handlers.onSubscribed?.(recovered);
         break;
