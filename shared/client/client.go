@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -61,6 +62,7 @@ const (
 	DefaultMinBackoff  = 500 * time.Millisecond
 	DefaultMaxBackoff  = 20 * time.Second
 	DefaultStableAfter = 10 * time.Second
+	DefaultReadTimeout = 60 * time.Second
 	writeTimeout       = 10 * time.Second
 )
 
@@ -88,6 +90,12 @@ type Options struct {
 	// rotations (codes 1001, 4000, 4001) reset the backoff whatever the
 	// connection's age.
 	StableAfter time.Duration
+	// ReadTimeout is how long the client waits for any frame from the
+	// server, its pings included, before it takes the connection for dead
+	// (a path that went silent without a close: NAT, Wi-Fi, a proxy) and
+	// reconnects. The server pings every PING_INTERVAL (25 s by default):
+	// keep this above twice that. Zero means 60 s; negative, no limit.
+	ReadTimeout time.Duration
 
 	// Dialer dials the socket; nil means websocket.DefaultDialer.
 	Dialer *websocket.Dialer
@@ -133,6 +141,17 @@ type ServerError struct {
 }
 
 func (e *ServerError) Error() string { return e.Code + ": " + e.Message }
+
+// RefusedError is an upgrade the server refused with an HTTP status: 401
+// (token missing, invalid or expired) and 403 (origin not allowed) end a
+// client that has no GetToken for good; others are retried.
+type RefusedError struct {
+	Status int
+}
+
+func (e *RefusedError) Error() string {
+	return "client: upgrade refused: " + strconv.Itoa(e.Status) + " " + http.StatusText(e.Status)
+}
 
 // CloseError is the close that ended the client for good.
 type CloseError struct {
@@ -236,8 +255,8 @@ type Client struct {
 // background, so subscriptions made right away are sent on connect.
 // Close it to stop it.
 func Dial(opts Options) (*Client, error) {
-	if _, err := url.Parse(opts.URL); err != nil || opts.URL == "" {
-		return nil, fmt.Errorf("client: bad URL %q", opts.URL)
+	if u, err := url.Parse(opts.URL); err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
+		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
 	}
 	if opts.MinBackoff <= 0 {
 		opts.MinBackoff = DefaultMinBackoff
@@ -250,6 +269,9 @@ func Dial(opts Options) (*Client, error) {
 	}
 	if opts.StableAfter <= 0 {
 		opts.StableAfter = DefaultStableAfter
+	}
+	if opts.ReadTimeout == 0 {
+		opts.ReadTimeout = DefaultReadTimeout
 	}
 	if opts.Dialer == nil {
 		opts.Dialer = websocket.DefaultDialer
@@ -309,16 +331,16 @@ func (c *Client) State() State {
 	return c.state
 }
 
-// Err is why the client closed for good (a *CloseError, or the GetToken
-// error), or nil.
+// Err is why the client closed for good (a *CloseError for a final close
+// code, a *RefusedError for a final refusal of the upgrade), or nil.
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err
 }
 
-// Done is closed when the client has stopped (Close, or a final close by
-// the server).
+// Done is closed when the client has stopped (Close, a final close by the
+// server, or a final refusal: see RefusedError).
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close closes the socket (1000) and waits for the client's goroutine. It
@@ -421,7 +443,10 @@ func (c *Client) run() {
 		if c.ctx.Err() != nil {
 			continue
 		}
-		if !retryable(code) {
+		if !retryable(code) || ((code == http.StatusUnauthorized || code == http.StatusForbidden) && c.opts.GetToken == nil) {
+			// A refusal that a retry with the same credentials and
+			// origin cannot change (401 with a fixed token, 403): the
+			// application learns it from Done and Err.
 			c.setState(StateClosed, err)
 			return
 		}
@@ -484,10 +509,25 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	ws, resp, err := d.DialContext(c.ctx, c.dialURL(), c.opts.Header)
 	if err != nil {
 		if resp != nil {
-			return resp.StatusCode, false, fmt.Errorf("client: upgrade refused: %s", resp.Status)
+			return resp.StatusCode, false, &RefusedError{Status: resp.StatusCode}
 		}
 		return 1006, false, fmt.Errorf("client: dial: %w", err)
 	}
+	alive := func() {
+		if c.opts.ReadTimeout > 0 {
+			_ = ws.SetReadDeadline(time.Now().Add(c.opts.ReadTimeout))
+		}
+	}
+	alive()
+	ws.SetPingHandler(func(data string) error {
+		alive()
+		err := ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(writeTimeout))
+		var ne net.Error
+		if errors.Is(err, websocket.ErrCloseSent) || (errors.As(err, &ne) && ne.Timeout()) {
+			return nil // as gorilla's own handler: the read reports the end
+		}
+		return err
+	})
 	c.mu.Lock()
 	if c.ctx.Err() != nil { // Close ran before c.ws was set
 		c.mu.Unlock()
@@ -510,6 +550,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 
 	for {
 		_, data, err := ws.ReadMessage()
+		alive()
 		if err != nil {
 			var ce *websocket.CloseError
 			if errors.As(err, &ce) {

@@ -2,6 +2,7 @@ package client
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // scripted runs an egress stand-in: each upgraded socket is handed to
@@ -179,6 +181,93 @@ func TestSubscribeChecksNames(t *testing.T) {
 	}
 	if _, err := c.Subscribe("ok:1", Handler{After: "bogus"}); err == nil {
 		t.Error("After \"bogus\" accepted")
+	}
+}
+
+// TestSilentConnection: a connection that goes silent without a close
+// (no frame, not even the server's pings) is taken for dead after
+// ReadTimeout and replaced; a server that pings keeps it.
+func TestSilentConnection(t *testing.T) {
+	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		_, _, _ = ws.ReadMessage() // silent until the client goes
+	})
+	c, err := Dial(Options{URL: url, ReadTimeout: 200 * time.Millisecond, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if n := upgrades.Load(); n < 2 {
+			return fmt.Errorf("%d upgrades: the silent connection was kept", n)
+		}
+		return nil
+	})
+
+	pinged, pingedUpgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		go func() { _, _, _ = ws.ReadMessage() }() // reads the pongs
+		for range 8 {
+			time.Sleep(100 * time.Millisecond)
+			if ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)) != nil {
+				return
+			}
+		}
+	})
+	c2, err := Dial(Options{URL: pinged, ReadTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	time.Sleep(800 * time.Millisecond)
+	if n := pingedUpgrades.Load(); n != 1 {
+		t.Fatalf("%d upgrades: a connection the server pings was taken for dead", n)
+	}
+}
+
+// TestFinalRefusals: without GetToken, a 401 at the upgrade (the fixed
+// token is bad) and a 403 (origin not allowed) end the client, with the
+// refusal as its Err, instead of being retried for ever; other statuses
+// are retried.
+func TestFinalRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		status int
+		final  bool
+	}{{401, true}, {403, true}, {503, false}} {
+		var n atomic.Int32
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n.Add(1)
+			w.WriteHeader(tc.status)
+		}))
+		c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "x.y.z", MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.final {
+			select {
+			case <-c.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatalf("%d: still retrying after %d refusals", tc.status, n.Load())
+			}
+			var re *RefusedError
+			if !errors.As(c.Err(), &re) || re.Status != tc.status || n.Load() != 1 {
+				t.Errorf("%d: Err %v after %d dials", tc.status, c.Err(), n.Load())
+			}
+		} else {
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if n.Load() < 3 {
+					return fmt.Errorf("%d dials", n.Load())
+				}
+				return nil
+			})
+		}
+		c.Close()
+		srv.Close()
+	}
+	for _, bad := range []string{"http://127.0.0.1/ws", "127.0.0.1:80/ws", "ws:///ws"} {
+		if _, err := Dial(Options{URL: bad}); err == nil {
+			t.Errorf("Dial(%q) accepted", bad)
+		}
 	}
 }
 
