@@ -145,8 +145,11 @@ const clientJSCases = `(async () => {
     ws.recv({ type: "message", channel: "b", id: "bogus", ts: 1, data: 0 });
     ws.recv({ type: "message", channel: "b", id: "7-0", ts: 1, data: 7 });
     const sent = ws.sent.filter((f) => f.type === "subscribe").map((f) => f.channel);
-    results.validation = refused.length === 3 && sent.join() === "b" && got.join() === "7-0" && s.lastId === "7-0"
-      ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId;
+    let pongs = 0;
+    c.on("pong", () => pongs++);
+    ws.recv({ type: "pong" });
+    results.validation = pongs === 1 && refused.length === 3 && sent.join() === "b" && got.join() === "7-0" && s.lastId === "7-0"
+      ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId + ", pongs " + pongs;
     c.close();
   }
   return results;

@@ -278,6 +278,9 @@ export class WsRelay {
         else this.emit("error", f);
         break;
       }
+      case "pong": // the answer to an application ping (c.send({type: "ping"}))
+        this.emit("pong", f);
+        break;
     }
   }
 }
