@@ -43,7 +43,8 @@ type Config struct {
 	// WriteTimeout: a socket that takes no data for this long (at least
 	// half of it) is dropped.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s"`
-	// MaxFrameBytes is the read limit per client frame (close 1009 above).
+	// MaxFrameBytes is the read limit per client message, all its
+	// fragments together (close 1009 above).
 	MaxFrameBytes int64 `env:"MAX_FRAME_BYTES" envDefault:"65536"`
 	// SendQueue is each connection's outgoing queue, in frames; a client
 	// that falls this far behind is closed with 4002 and resumes.
