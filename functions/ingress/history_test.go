@@ -116,6 +116,7 @@ func TestHistory(t *testing.T) {
 		{"?after=%2B", "invalid_cursor"},
 		{"?after=-", "invalid_cursor"},
 		{"?limit=0", "invalid_limit"},
+		{"?limit=", "invalid_limit"},
 		{"?limit=1001", "invalid_limit"},
 		{"?limit=x", "invalid_limit"},
 		{"?limit=-5", "invalid_limit"},

@@ -311,7 +311,7 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 	if !ok {
 		return
 	}
-	limit, ae := parseLimit(c.Query("limit"), 1000, 10000)
+	limit, ae := parseLimit(c, 1000, 10000)
 	if ae != nil {
 		writeError(c, s.log, ae)
 		return
@@ -324,8 +324,11 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 	c.JSON(200, gin.H{"connections": recs})
 }
 
-func parseLimit(q string, def, max int) (int, *apiError) {
-	if q == "" {
+// parseLimit reads the limit query parameter: def when it is absent, an
+// error when it is present and not an integer 1–max (empty included).
+func parseLimit(c *gin.Context, def, max int) (int, *apiError) {
+	q, ok := c.GetQuery("limit")
+	if !ok {
 		return def, nil
 	}
 	n, err := strconv.Atoi(q)
@@ -341,7 +344,7 @@ func (s *Server) handleHistory(c *gin.Context) {
 	if !ok {
 		return
 	}
-	limit, ae := parseLimit(c.Query("limit"), 100, 1000)
+	limit, ae := parseLimit(c, 100, 1000)
 	if ae != nil {
 		writeError(c, s.log, ae)
 		return

@@ -415,6 +415,11 @@ func planned(code int) bool {
 // run connects and reconnects until Close or a final close.
 func (c *Client) run() {
 	defer close(c.done)
+	// The first state is connecting already (the zero value): report it,
+	// since setState reports changes only.
+	if c.opts.OnState != nil {
+		c.opts.OnState(StateConnecting, nil)
+	}
 	attempt := 0
 	token, freshToken := c.opts.Token, c.opts.GetToken != nil
 	for {

@@ -271,6 +271,32 @@ func TestFinalRefusals(t *testing.T) {
 	}
 }
 
+// TestStates: OnState reports every state from the first, connecting.
+func TestStates(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	states := make(chan State, 10)
+	c, err := Dial(Options{URL: url, OnState: func(s State, _ error) { states <- s }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []State
+	for len(got) < 2 {
+		select {
+		case s := <-states:
+			got = append(got, s)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("states %v", got)
+		}
+	}
+	c.Close()
+	if got[0] != StateConnecting || got[1] != StateConnected {
+		t.Fatalf("states %v, want [connecting connected]", got)
+	}
+}
+
 // TestFinalCloseCodes: the client does not reconnect after the codes the
 // protocol marks final (docs/protocol.md), 1007 among them.
 func TestFinalCloseCodes(t *testing.T) {
