@@ -403,6 +403,20 @@ func TestRateLimits(t *testing.T) {
 		if c := from("10.0.0.2:2", ""); c != 429 {
 			t.Fatalf("same peer: %d", c)
 		}
+		// An IPv6 client is its /64 (a line's prefix, any address of
+		// which it can use).
+		if c := from("[2001:db8:1:2::1]:1", ""); c != 202 {
+			t.Fatalf("IPv6 peer: %d", c)
+		}
+		if c := from("[2001:db8:1:2:aaaa::7]:1", ""); c != 429 {
+			t.Fatalf("another address of the same /64: %d", c)
+		}
+		if c := from("[2001:db8:1:3::1]:1", ""); c != 202 {
+			t.Fatalf("another /64: %d", c)
+		}
+		if c := from("[::ffff:10.0.0.2]:1", ""); c != 429 {
+			t.Fatalf("an IPv4-mapped address of a limited IPv4 peer: %d", c)
+		}
 	})
 }
 

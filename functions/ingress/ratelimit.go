@@ -3,6 +3,7 @@ package main
 import (
 	"math"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -115,9 +116,9 @@ func newPublishLimits(cfg Config) publishLimits {
 	}
 }
 
-// clientIP is the TCP peer, or the last entry of the configured gateway
-// header (the one the gateway itself added; earlier ones are the
-// client's to forge).
+// clientIP is the key of the per-IP limit: the TCP peer, or the last
+// entry of the configured gateway header (the one the gateway itself
+// added; earlier ones are the client's to forge).
 func (pl *publishLimits) clientIP(c *gin.Context) string {
 	if pl.ipHeader != "" {
 		if v := c.Request.Header.Values(pl.ipHeader); len(v) > 0 {
@@ -126,15 +127,32 @@ func (pl *publishLimits) clientIP(c *gin.Context) string {
 				last = last[i+1:]
 			}
 			if ip := strings.TrimSpace(last); ip != "" {
-				return ip
+				return ipKey(ip)
 			}
 		}
 	}
 	host, _, err := net.SplitHostPort(c.Request.RemoteAddr)
 	if err != nil {
-		return c.Request.RemoteAddr
+		return ipKey(c.Request.RemoteAddr)
 	}
-	return host
+	return ipKey(host)
+}
+
+// ipKey is an IPv4 address, or an IPv6 address's /64: one subscriber
+// line is given a whole /64 and can send from any of its addresses, so
+// keying the full address would let one client have a bucket per request.
+// Anything that does not parse is its own key.
+func ipKey(s string) string {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return s
+	}
+	a = a.Unmap()
+	if a.Is4() {
+		return a.String()
+	}
+	p, _ := a.WithZone("").Prefix(64)
+	return p.String()
 }
 
 // allowPublishes applies the publish rate limits for n messages: per

@@ -218,7 +218,8 @@ func (s *Subscription) LastID() string {
 }
 
 // Unsubscribe ends the subscription; no handler call starts after it
-// returns, except one already running in the reader goroutine.
+// returns, except one for a frame the reader goroutine had already begun
+// to handle (it may start just after).
 func (s *Subscription) Unsubscribe() {
 	c := s.c
 	c.mu.Lock()
