@@ -432,6 +432,11 @@ func TestLimiterSetBounded(t *testing.T) {
 	if n := ls.len(); n > maxLimiters {
 		t.Fatalf("%d limiters kept, max %d", n, maxLimiters)
 	}
+	// Full of active keys, a sweep makes room for many new keys at once,
+	// not for one (each sweep walks every bucket).
+	if n := ls.len(); n > maxLimiters*9/10+500 {
+		t.Fatalf("%d limiters after %d new keys: the sweeps made room one key at a time", n, maxLimiters+500)
+	}
 	// Idle buckets are dropped at the next sweep.
 	ls.reserve("late", 1, now.Add(2*time.Minute))
 	if n := ls.len(); n != 1 {

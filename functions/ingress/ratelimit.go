@@ -77,8 +77,10 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) time.Duration {
 	return 0
 }
 
-// sweep drops idle buckets and, if still full, arbitrary ones. Called
-// with ls.mu held.
+// sweep drops idle buckets and, if still full, arbitrary ones down to
+// nine tenths of the bound: a sweep walks every bucket, so a set full of
+// active keys (many clients at once) sweeps once per thousand new keys,
+// not once per new key. Called with ls.mu held.
 func (ls *limiterSet) sweep(now time.Time) {
 	ls.lastSweep = now
 	for k, e := range ls.m {
@@ -86,8 +88,11 @@ func (ls *limiterSet) sweep(now time.Time) {
 			delete(ls.m, k)
 		}
 	}
+	if len(ls.m) < maxLimiters {
+		return
+	}
 	for k := range ls.m {
-		if len(ls.m) < maxLimiters {
+		if len(ls.m) <= maxLimiters*9/10 {
 			break
 		}
 		delete(ls.m, k)
