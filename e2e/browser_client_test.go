@@ -136,7 +136,8 @@ const clientJSCases = `(async () => {
     ws.open();
     ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
     const refused = [];
-    for (const [ch, h] of [["bad name", {}], ["", {}], ["ok", { after: "bogus" }]]) {
+    const cases = [["bad name", {}], ["", {}], ["ok", { after: "bogus" }], ["ok", { after: 1700000000000 }], ["ok", { after: "18446744073709551616-0" }]];
+    for (const [ch, h] of cases) {
       try { c.subscribe(ch, h); } catch (e) { if (e instanceof TypeError) refused.push(ch); }
     }
     const got = [];
@@ -148,7 +149,7 @@ const clientJSCases = `(async () => {
     let pongs = 0;
     c.on("pong", () => pongs++);
     ws.recv({ type: "pong" });
-    results.validation = pongs === 1 && refused.length === 3 && sent.join() === "b" && got.join() === "7-0" && s.lastId === "7-0"
+    results.validation = pongs === 1 && refused.length === cases.length && sent.join() === "b" && got.join() === "7-0" && s.lastId === "7-0"
       ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId + ", pongs " + pongs;
     c.close();
   }

@@ -188,7 +188,11 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 		}) {
 			return false
 		}
-		if !b.Continuous {
+		switch {
+		case b.Continuous:
+		case b.From.IsZero():
+			h.restarted(cs)
+		default:
 			h.gap(cs, b.From)
 		}
 		for i := range b.Entries {
@@ -202,6 +206,19 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 			return true
 		}
 	}
+}
+
+// restarted handles a chain that starts again at 0-0: the stream and its
+// last-id key were both gone, after a silence of twice their TTL (nothing
+// was published: any append would have renewed the key) or after Redis
+// lost its data. The first is routine for quiet channels and inboxes, and
+// closing every subscriber for it would be a false alarm; the second is
+// the limit design.md accepts. The entries that follow are delivered.
+func (h *hub) restarted(cs *chanState) {
+	h.log.Info("stream starts again", "stream", cs.stream, "after", cs.last.String())
+	cs.mu.Lock()
+	cs.last = stream.Zero
+	cs.mu.Unlock()
 }
 
 // gap handles messages after cs.last that are gone from the stream before

@@ -329,10 +329,19 @@ func (s *Store) LastID(ctx context.Context, key string) (ID, error) {
 	var rev *redis.XMessageSliceCmd
 	var last *redis.StringCmd
 	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		rev = p.XRevRangeN(ctx, key, "+", "-", 1)
-		last = p.Get(ctx, keys.Last(key))
+		rev, last = queueLastID(ctx, p, key)
 		return nil
 	})
+	return lastIDOf(key, rev, last)
+}
+
+// queueLastID queues the two reads LastID combines.
+func queueLastID(ctx context.Context, p redis.Pipeliner, key string) (*redis.XMessageSliceCmd, *redis.StringCmd) {
+	return p.XRevRangeN(ctx, key, "+", "-", 1), p.Get(ctx, keys.Last(key))
+}
+
+// lastIDOf is LastID from the replies of queueLastID's reads.
+func lastIDOf(key string, rev *redis.XMessageSliceCmd, last *redis.StringCmd) (ID, error) {
 	if err := rev.Err(); err != nil {
 		return ID{}, fmt.Errorf("read last id of %s: %w", key, err)
 	}
@@ -386,16 +395,32 @@ func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) (
 		return Batch{}, fmt.Errorf("resume %s after %s: %w", key, after, err)
 	}
 	if len(msgs) == 0 {
-		// Nothing at or after `after`: nothing is missing if `after` is
-		// the last id appended (the stream emptied by age, or expired
-		// while its last-id key lives on), or if nothing was ever
-		// appended (Zero, and neither key exists; design.md says when
-		// that can also follow a long silence).
-		last, err := s.LastID(ctx, key)
-		if err != nil {
-			return Batch{}, err
+		// Nothing at or after `after`: read that again with the last id,
+		// in one transaction (the keys share a slot), since an append
+		// landing between two separate reads would look like a gap.
+		var xr *redis.XMessageSliceCmd
+		var rev *redis.XMessageSliceCmd
+		var lastKey *redis.StringCmd
+		_, _ = s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			xr = p.XRangeN(ctx, key, after.String(), "+", count+1)
+			rev, lastKey = queueLastID(ctx, p, key)
+			return nil
+		})
+		if err := xr.Err(); err != nil {
+			return Batch{}, fmt.Errorf("resume %s after %s: %w", key, after, err)
 		}
-		return Batch{Continuous: last == after, From: last}, nil
+		if msgs = xr.Val(); len(msgs) == 0 {
+			// Nothing is missing if `after` is the last id appended (the
+			// stream emptied by age, or expired while its last-id key
+			// lives on), or if nothing was ever appended (Zero, and
+			// neither key exists; design.md says when that can also
+			// follow a long silence).
+			last, err := lastIDOf(key, rev, lastKey)
+			if err != nil {
+				return Batch{}, err
+			}
+			return Batch{Continuous: last == after, From: last}, nil
+		}
 	}
 	if MustParseID(msgs[0].ID) == after {
 		return Batch{Entries: entriesOf(msgs[1:]), Continuous: true, From: after}, nil

@@ -21,8 +21,14 @@ const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
-const ID = /^\d+(-\d+)?$/;
+const ID = /^\d{1,20}(-\d{1,20})?$/;
 const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
+const U64 = (1n << 64n) - 1n;
+
+/** Reports whether s is a message id as the server takes it: "<ms>-<seq>" or "<ms>", each at most 2⁶⁴−1. */
+export function isId(s) {
+  return typeof s === "string" && ID.test(s) && s.split("-").every((p) => BigInt(p) <= U64);
+}
 
 export function compareIds(a, b) {
   const [am, as = "0"] = String(a).split("-");
@@ -100,7 +106,7 @@ export class WsRelay {
     // Refused here, not by the server on every connect: ten refusals in a
     // row close the connection for good (1008).
     if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
-    if (handlers.after != null && !ID.test(handlers.after)) throw new TypeError(`after is not a message id: ${handlers.after}`);
+    if (handlers.after != null && !isId(handlers.after)) throw new TypeError(`after is not a message id (a string such as "1700000000000-0"): ${handlers.after}`);
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
     const sub = {
       channel,
@@ -247,7 +253,7 @@ export class WsRelay {
         if (!f.channel) { this.emit("message", f); break; }
         const sub = this.subs.get(f.channel);
         if (!sub || !sub.live) break; // unsubscribed, or an earlier subscription's
-        if (typeof f.id !== "string" || !ID.test(f.id)) break; // not from a wsrelay egress
+        if (!isId(f.id)) break; // not from a wsrelay egress
         if (sub.last && compareIds(f.id, sub.last) <= 0) break; // duplicate
         sub.last = f.id;
         sub.handlers.onMessage?.(f);
@@ -263,7 +269,7 @@ export class WsRelay {
         // resume that was not recovered goes on from where the stream
         // does, which can be behind the id held (one from a Redis that
         // failed over): holding on to it would drop what follows.
-        if (ID.test(f.position ?? "") && (!sub.last || !recovered)) sub.last = f.position;
+        if (isId(f.position) && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
         sub.handlers.onSubscribed?.(recovered);
         break;

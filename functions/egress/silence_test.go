@@ -1,0 +1,190 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// TestInboxSilenceIsNoGap: an instance's inbox that gets no targeted
+// message for 2 × (2 × REGISTRY_TTL) (2 minutes at the default 30 s) loses
+// its stream and its last-id key to their TTLs; the next targeted message
+// then chains from 0-0. Nothing was lost: it is delivered, and no gap is
+// counted (wsrelay_egress_stream_gaps_total is for alerts).
+func TestInboxSilenceIsNoGap(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user=alice"
+	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	store := stream.NewStore(rdb)
+	lim := stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000} // the ingress's inbox limits at REGISTRY_TTL=30s
+	send := func(data string) {
+		_, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(data)}, Limits: lim}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(`"1"`)
+	if got := nextData(t, ws); got != `"1"` {
+		t.Fatalf("got %s", got)
+	}
+	// Two minutes of quiet: both keys expire (deleted here, as their TTLs would).
+	if err := rdb.Del(t.Context(), ks.Inbox(e.s.instance), keys.Last(ks.Inbox(e.s.instance))).Err(); err != nil {
+		t.Fatal(err)
+	}
+	send(`"2"`)
+	if got := nextData(t, ws); got != `"2"` {
+		t.Fatalf("got %s", got)
+	}
+	if n := e.s.hub.gaps.Load(); n != 0 {
+		t.Fatalf("a quiet inbox counted %d gap(s): nothing was lost", n)
+	}
+}
+
+// TestChannelSilenceIsNoGap: a live subscriber on a channel silent for
+// twice HISTORY_TTL (stream and last-id key expired, the next message
+// chains from 0-0) gets the next message: nothing was published
+// meanwhile, and its egress was subscribed all along.
+func TestChannelSilenceIsNoGap(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
+	ws, _, err := websocket.DefaultDialer.Dial(url+"?channels=quiet", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "subscribed")
+	appendTo(t, rdb, ks, "quiet", ks.Notify("quiet"), 1)
+	if got := nextData(t, ws); got != "1" {
+		t.Fatalf("got %s", got)
+	}
+	if err := rdb.Del(t.Context(), ks.Stream("quiet"), keys.Last(ks.Stream("quiet"))).Err(); err != nil {
+		t.Fatal(err)
+	}
+	id2 := appendTo(t, rdb, ks, "quiet", ks.Notify("quiet"), 2)
+	got, code := readMessages(ws, 3*time.Second, func(string) bool { return true })
+	if len(got) != 1 || got[0] != id2 {
+		t.Fatalf("after a silence: messages %v, close %d; want %s delivered (gaps counted %d)", got, code, id2, e.s.hub.gaps.Load())
+	}
+}
+
+// TestInboxReconnectAfterSilence: the same without any new targeted
+// message: a Pub/Sub reconnect (e.g. the probe's resubscribe) catches up
+// the inbox from its last id; with the inbox's keys expired by a quiet
+// spell, its last id reads 0-0. Nothing was sent: no gap.
+func TestInboxReconnectAfterSilence(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user=alice"
+	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	lim := stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000}
+	_, err = stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+		Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(`"1"`)}, Limits: lim}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := nextData(t, ws); got != `"1"` {
+		t.Fatalf("got %s", got)
+	}
+	if err := rdb.Del(t.Context(), ks.Inbox(e.s.instance), keys.Last(ks.Inbox(e.s.instance))).Err(); err != nil {
+		t.Fatal(err)
+	}
+	before := e.s.hub.reconnects.Load()
+	e.s.hub.resubscribe(t.Context())
+	testkit.Eventually(t, 5*time.Second, func() error { // the inbox is confirmed again
+		if e.s.hub.reconnects.Load() < before+2 {
+			return fmt.Errorf("resubscribes %d", e.s.hub.reconnects.Load()-before)
+		}
+		return nil
+	})
+	// A message after it comes once the confirmation's catch-up is done
+	// (the receive loop handles them in order).
+	_, err = stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+		Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(`"2"`)}, Limits: lim}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := nextData(t, ws); got != `"2"` {
+		t.Fatalf("got %s", got)
+	}
+	if n := e.s.hub.gaps.Load(); n != 0 {
+		t.Fatalf("a reconnect after a quiet spell counted %d gap(s): nothing was sent", n)
+	}
+}
+
+// TestResumeRacesAppend: a client resumes from the channel's last id L
+// while the channel's stream has expired (its last-id key lives on). A
+// publish N (prev L) lands between Resume's first XRANGE and its read of
+// the last id: N follows L directly and is delivered.
+func TestResumeRacesAppend(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("r")
+	var armed atomic.Bool
+	rdb.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "xrevrange") && len(a) > 1 && a[1] == key && armed.CompareAndSwap(true, false) {
+				appendTo(t, rdb, ks, "r", ks.Notify("r"), 2)
+			}
+		}
+		return false
+	}})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
+	warm, _, err := websocket.DefaultDialer.Dial(url+"?channels=r", nil) // the hub holds the channel
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer warm.Close()
+	next(t, warm, "subscribed")
+	last := appendTo(t, rdb, ks, "r", ks.Notify("r"), 1)
+	if got := nextData(t, warm); got != "1" {
+		t.Fatalf("got %s", got)
+	}
+	if err := rdb.Del(t.Context(), key).Err(); err != nil { // expired, as its TTL would
+		t.Fatal(err)
+	}
+	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	armed.Store(true)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "r", "after": last})
+	r := next(t, ws, "subscribed")
+	got, _ := readMessages(ws, 2*time.Second, func(string) bool { return true })
+	if len(got) != 1 || !*r.Recovered {
+		t.Fatalf("resume from %s (recovered %v, position %s): got %v; want the message published right after it",
+			last, *r.Recovered, r.Position, got)
+	}
+}
