@@ -175,3 +175,27 @@ func TestRefreshDoesNotUndoLeave(t *testing.T) {
 		t.Fatalf("record %+v, %v; want channels [a]", rec, err)
 	}
 }
+
+// TestRefreshSkipsBusyConnection: a connection whose own registry write is
+// under way (its regMu held) does not hold up the refresh, which runs in
+// the maintenance loop with the pings: it is left to the next refresh.
+func TestRefreshSkipsBusyConnection(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := e.dial(t, url.Values{"channels": {"a"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, protocol.TypeSubscribed)
+	c := e.s.hub.snapshotConns()[0]
+	c.regMu.Lock() // as a subscribe waiting for Redis would
+	defer c.regMu.Unlock()
+	done := make(chan struct{})
+	go func() { e.s.refreshRegistry(context.Background()); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the refresh waits for a connection busy with its own registry write")
+	}
+}

@@ -227,21 +227,29 @@ func (s *Server) sweepConns(now time.Time) {
 // refreshRegistry rewrites every connection's record and memberships
 // with a fresh TTL, a batch at a time. Each connection's regMu is held
 // from its copy to the write's reply, so that a channel it leaves (or
-// joins) meanwhile is written after the refresh, not undone by it.
+// joins) meanwhile is written after the refresh, not undone by it. A
+// connection whose registry write is under way at that instant is left to
+// the next refresh (its own write renews its record; its memberships have
+// two more refreshes before they expire): waiting for it would hold up
+// the maintenance loop, pings included, while Redis is slow.
 func (s *Server) refreshRegistry(ctx context.Context) {
-	conns := s.hub.snapshotConns()
-	recs := make([]*registry.Record, 0, len(conns))
+	all := s.hub.snapshotConns()
+	conns := make([]*conn, 0, len(all))
+	recs := make([]*registry.Record, 0, len(all))
 	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
 	defer cancel()
 	const batch = 256
-	for i := 0; i < len(conns); i += batch {
-		part := conns[i:min(i+batch, len(conns))]
-		for _, c := range part {
-			c.regMu.Lock()
+	for i := 0; i < len(all); i += batch {
+		start := len(conns)
+		for _, c := range all[i:min(i+batch, len(all))] {
+			if !c.regMu.TryLock() {
+				continue
+			}
+			conns = append(conns, c)
 			recs = append(recs, c.recordCopy())
 		}
-		err := s.reg.Refresh(rctx, recs[i:])
-		for _, c := range part {
+		err := s.reg.Refresh(rctx, recs[start:])
+		for _, c := range conns[start:] {
 			c.regMu.Unlock()
 		}
 		if err != nil {
@@ -252,7 +260,7 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
 	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
-	for i, c := range conns[:len(recs)] {
+	for i, c := range conns {
 		select {
 		case <-c.done:
 			if err := s.reg.Remove(rctx, recs[i]); err != nil {
