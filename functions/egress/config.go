@@ -116,8 +116,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.PingInterval < 100*time.Millisecond {
 		errs = append(errs, errors.New("PING_INTERVAL must be at least 100ms"))
 	}
-	if c.WriteTimeout <= 0 {
-		errs = append(errs, errors.New("WRITE_TIMEOUT must be positive"))
+	if c.WriteTimeout < 100*time.Millisecond {
+		errs = append(errs, errors.New("WRITE_TIMEOUT must be at least 100ms"))
 	}
 	if c.MaxFrameBytes < 256 {
 		errs = append(errs, errors.New("MAX_FRAME_BYTES must be at least 256"))

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
+
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/origin"
@@ -131,6 +133,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs
 		// once a second: below 3s a live connection's record can expire.
 		errs = append(errs, errors.New("REGISTRY_TTL must be at least 3s"))
+	}
+	if c.ClientIPHeader != "" && !httpguts.ValidHeaderFieldName(c.ClientIPHeader) {
+		// It would never match, and every request would fall back to
+		// the TCP peer: the gateway's address, one bucket for everyone.
+		errs = append(errs, errors.New("CLIENT_IP_HEADER must be a header name (e.g. X-Forwarded-For)"))
 	}
 	if err := origin.Validate(c.AllowedOrigins); err != nil {
 		errs = append(errs, err)

@@ -79,6 +79,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		// WAIT takes milliseconds, and WAIT n 0 waits forever.
 		{"wait timeout under 1ms", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "500us"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
 		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
+		{"client IP header not a header name", map[string]string{"CLIENT_IP_HEADER": "X Forwarded: For"}, []string{"CLIENT_IP_HEADER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
 			[]string{"PUBLISH_RATE_PER_KEY", "PUBLISH_RATE_PER_IP", "PUBLISH_RATE_PER_USER"}},
 	} {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -30,6 +31,12 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 	mt, _, err := mime.ParseMediaType(ct)
 	if ct == "" || err != nil || (mt != "application/json" && !isJSONSuffix(mt)) {
 		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	}
+	if ce := c.GetHeader("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		// RFC 9110 §15.5.16: a content coding the server does not take
+		// is a 415, and Accept-Encoding says what it takes.
+		c.Header("Accept-Encoding", "identity")
+		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Encoding "+strconv.Quote(ce)+" is not accepted: send the body uncompressed")
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(c.Writer, c.Request.Body, limit))
 	if err != nil {

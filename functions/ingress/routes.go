@@ -7,6 +7,9 @@ func (s *Server) routes(r *gin.Engine) {
 	r.Use(s.cors) // before the routes, so preflights need no credential
 	r.GET("/healthz", s.handleHealthz)
 	r.GET("/readyz", s.handleReadyz)
+	// HEAD wherever GET (RFC 9110 §9.3.2): load balancers probe with it.
+	r.HEAD("/healthz", s.handleHealthz)
+	r.HEAD("/readyz", s.handleReadyz)
 	r.GET("/metrics", s.metrics.handler())
 
 	v1 := r.Group("/v1")

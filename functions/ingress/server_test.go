@@ -133,6 +133,12 @@ func TestHealthz(t *testing.T) {
 	if w.Code != 200 || !strings.Contains(w.Body.String(), `"ok"`) {
 		t.Fatalf("healthz: %d %s", w.Code, w.Body.String())
 	}
+	// HEAD wherever GET (RFC 9110 §9.3.2): load balancers probe with it.
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if w := e.do("HEAD", p, ""); w.Code != 200 {
+			t.Errorf("HEAD %s: %d", p, w.Code)
+		}
+	}
 }
 
 func TestNotFoundAndMethodNotAllowed(t *testing.T) {
