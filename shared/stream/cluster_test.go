@@ -61,6 +61,14 @@ func TestCluster(t *testing.T) {
 			if err != nil || last.String() != ids[off+4] {
 				t.Fatalf("%s: LastID = %v, %v", ch, last, err)
 			}
+			// From the end, with the stream gone and its last id kept:
+			// the transaction that reads both runs on the channel's slot.
+			if err := rdb.Del(ctx, ks.Stream(ch)).Err(); err != nil {
+				t.Fatal(err)
+			}
+			if b, err := store.Resume(ctx, ks.Stream(ch), last, 10); err != nil || !b.Continuous || len(b.Entries) != 0 || b.From != last {
+				t.Fatalf("%s: resume from the last id of an expired stream = %+v, %v", ch, b, err)
+			}
 		}
 	})
 
