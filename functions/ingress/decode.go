@@ -8,7 +8,6 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -36,7 +35,7 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 		// RFC 9110 §15.5.16: a content coding the server does not take
 		// is a 415, and Accept-Encoding says what it takes.
 		c.Header("Accept-Encoding", "identity")
-		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Encoding "+strconv.Quote(ce)+" is not accepted: send the body uncompressed")
+		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "a Content-Encoding other than identity is not accepted: send the body uncompressed")
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(c.Writer, c.Request.Body, limit))
 	if err != nil {
