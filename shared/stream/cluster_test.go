@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -117,4 +118,94 @@ func TestCluster(t *testing.T) {
 			t.Fatalf("%d masters hold %d streams, want 3 and %d", len(spread), total, channels)
 		}
 	})
+}
+
+// TestClusterWaitAfterSlotMoved: with WaitForReplicas, appends run on the
+// master the client's slot map names, outside go-redis's own routing. Right
+// after a channel's slot moved to another master, that master is stale and
+// answers MOVED: the append is run again on the master named, instead of
+// failing until something else reloads the map.
+func TestClusterWaitAfterSlotMoved(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 1)
+	rdb := c.Client(t)
+	ctx := context.Background()
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	store := stream.NewStore(rdb)
+	store.WaitForReplicas(1, 2*time.Second)
+	app := func() error {
+		_, err := store.Append(ctx, []stream.Append{{Stream: ks.Stream("mv"), Notify: ks.Notify("mv"),
+			Msg: stream.Message{Channel: "mv", TS: 1, Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}}})
+		return err
+	}
+	// Once the replicas are in sync, appends are acknowledged.
+	deadline := time.Now().Add(20 * time.Second)
+	for err := app(); err != nil; err = app() {
+		if time.Now().After(deadline) {
+			t.Fatalf("append before the move: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	before, err := rdb.XLen(ctx, ks.Stream("mv")).Result() // appends not acknowledged in time were written too
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Move the channel's slot to another master, as redis-cli --cluster
+	// reshard does.
+	slot := int(rdb.ClusterKeySlot(ctx, ks.Stream("mv")).Val())
+	srcNode, err := rdb.MasterForKey(ctx, ks.Stream("mv"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := srcNode.Options().Addr
+	var mu sync.Mutex
+	var dst string
+	_ = rdb.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { // concurrently
+		mu.Lock()
+		defer mu.Unlock()
+		if a := m.Options().Addr; a != src {
+			dst = a // any other master
+		}
+		return nil
+	})
+	node := func(addr string) *redis.Client {
+		rc := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
+		t.Cleanup(func() { rc.Close() })
+		return rc
+	}
+	s, d := node(src), node(dst)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	srcID, err := s.Do(ctx, "CLUSTER", "MYID").Text()
+	must(err)
+	dstID, err := d.Do(ctx, "CLUSTER", "MYID").Text()
+	must(err)
+	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
+	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
+	moving, err := s.ClusterGetKeysInSlot(ctx, slot, 100).Result()
+	must(err)
+	host, port, _ := net.SplitHostPort(dst)
+	args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
+	for _, k := range moving {
+		args = append(args, k)
+	}
+	must(s.Do(ctx, args...).Err())
+	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+
+	if err := app(); err != nil {
+		t.Fatalf("append right after the slot moved: %v", err)
+	}
+	n, err := d.XLen(ctx, ks.Stream("mv")).Result()
+	if err != nil || n != before+1 {
+		t.Fatalf("the stream on its new master holds %d entries (%v), want %d", n, err, before+1)
+	}
 }

@@ -181,7 +181,39 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	for node, idx := range groups {
 		s.appendOn(ctx, node, as, idx, ids, errs)
 	}
+	// A slot that moved since the slot map was read answers MOVED, and the
+	// script did not run: run those appends once more on the master the
+	// answer names (go-redis follows redirections only for the commands it
+	// routes itself), and have the map reloaded.
+	moved := make(map[string][]int)
+	for i, err := range errs {
+		if f := strings.Fields(redisError(err)); len(f) == 3 && f[0] == "MOVED" {
+			moved[f[2]] = append(moved[f[2]], i)
+		}
+	}
+	if len(moved) == 0 {
+		return ids, errs
+	}
+	cc.ReloadState(ctx)
+	_ = cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+		if idx, ok := moved[node.Options().Addr]; ok {
+			for _, i := range idx {
+				errs[i] = nil
+			}
+			s.appendOn(ctx, node, as, idx, ids, errs)
+		}
+		return nil
+	})
 	return ids, errs
+}
+
+// redisError is the message of the Redis error reply in err, or "".
+func redisError(err error) string {
+	var re redis.Error
+	if errors.As(err, &re) {
+		return re.Error()
+	}
+	return ""
 }
 
 func allIndexes(n int) []int {
