@@ -229,9 +229,9 @@ func (s *Server) sweepConns(now time.Time) {
 // from its copy to the write's reply, so that a channel it leaves (or
 // joins) meanwhile is written after the refresh, not undone by it. A
 // connection whose registry write is under way at that instant is left to
-// the next refresh (its own write renews its record; its memberships have
-// two more refreshes before they expire): waiting for it would hold up
-// the maintenance loop, pings included, while Redis is slow.
+// the next refresh (its own write renews its record; its memberships,
+// refreshed every TTL/3, outlive one skipped refresh): waiting for it
+// would hold up the maintenance loop, pings included, while Redis is slow.
 func (s *Server) refreshRegistry(ctx context.Context) {
 	all := s.hub.snapshotConns()
 	conns := make([]*conn, 0, len(all))

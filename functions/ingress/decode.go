@@ -31,11 +31,15 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 	if ct == "" || err != nil || (mt != "application/json" && !isJSONSuffix(mt)) {
 		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
 	}
-	if ce := c.GetHeader("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
-		// RFC 9110 §15.5.16: a content coding the server does not take
-		// is a 415, and Accept-Encoding says what it takes.
-		c.Header("Accept-Encoding", "identity")
-		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "a Content-Encoding other than identity is not accepted: send the body uncompressed")
+	for _, v := range c.Request.Header.Values("Content-Encoding") {
+		for _, ce := range strings.Split(v, ",") {
+			if ce = strings.TrimSpace(ce); ce != "" && !strings.EqualFold(ce, "identity") {
+				// RFC 9110 §15.5.16: a content coding the server does not
+				// take is a 415, and Accept-Encoding says what it takes.
+				c.Header("Accept-Encoding", "identity")
+				return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "a Content-Encoding other than identity is not accepted: send the body uncompressed")
+			}
+		}
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(c.Writer, c.Request.Body, limit))
 	if err != nil {

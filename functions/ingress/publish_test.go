@@ -93,6 +93,7 @@ func TestPublishErrors(t *testing.T) {
 		{"bad media type", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/"}, 415, "unsupported_media_type"},
 		{"+json outside application/", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "text/plain+json"}, 415, "unsupported_media_type"},
 		{"gzip body", "/v1/channels/c/messages", "\x1f\x8b\x08\x00", []string{"Content-Encoding", "gzip"}, 415, "unsupported_media_type"},
+		{"gzip after identity", "/v1/channels/c/messages", "\x1f\x8b\x08\x00", []string{"Content-Encoding", "identity, gzip"}, 415, "unsupported_media_type"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			expectError(t, e.do("POST", tc.path, tc.body, tc.hdr...), tc.status, tc.code)

@@ -54,3 +54,27 @@ func TestResumeRacesAppend(t *testing.T) {
 			"want continuous from %s (%s would be skipped)", last, published, b.Continuous, b.From, len(b.Entries), last, published)
 	}
 }
+
+// sameNode matches a MOVED answer's address with go-redis's name for the
+// node: IPv6 hosts come without brackets, and a node announcing a
+// loopback host is named by the host the client reached the cluster at.
+func TestSameNode(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		target, addr string
+		want         bool
+	}{
+		{"127.0.0.1:7001", "127.0.0.1:7001", true},
+		{"127.0.0.1:7001", "127.0.0.1:7002", false},
+		{"::1:7001", "[::1]:7001", true},
+		{"2001:db8::5:7001", "[2001:db8::5]:7001", true},
+		{"127.0.0.1:7001", "redis.internal:7001", true}, // loopback announced, renamed by go-redis
+		{"10.0.0.5:7001", "10.0.0.6:7001", false},
+		{"10.0.0.5:7001", "redis.internal:7001", false},
+		{"junk", "127.0.0.1:7001", false},
+	} {
+		if got := sameNode(tc.target, tc.addr); got != tc.want {
+			t.Errorf("sameNode(%q, %q) = %v, want %v", tc.target, tc.addr, got, tc.want)
+		}
+	}
+}

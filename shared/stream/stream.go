@@ -19,8 +19,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -184,7 +186,8 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	// A slot that moved since the slot map was read answers MOVED, and the
 	// script did not run: run those appends once more on the master the
 	// answer names (go-redis follows redirections only for the commands it
-	// routes itself), and have the map reloaded.
+	// routes itself). The answer, not a reloaded map, names it: the map is
+	// read from any node, which may not have heard of the move yet.
 	moved := make(map[string][]int)
 	for i, err := range errs {
 		if f := strings.Fields(redisError(err)); len(f) == 3 && f[0] == "MOVED" {
@@ -194,17 +197,47 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	if len(moved) == 0 {
 		return ids, errs
 	}
-	cc.ReloadState(ctx)
-	_ = cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
-		if idx, ok := moved[node.Options().Addr]; ok {
-			for _, i := range idx {
-				errs[i] = nil
+	var mu sync.Mutex
+	found := make(map[string][]*redis.Client)
+	_ = cc.ForEachMaster(ctx, func(_ context.Context, node *redis.Client) error { // concurrently
+		mu.Lock()
+		defer mu.Unlock()
+		for target := range moved {
+			if sameNode(target, node.Options().Addr) {
+				found[target] = append(found[target], node)
 			}
-			s.appendOn(ctx, node, as, idx, ids, errs)
 		}
 		return nil
 	})
+	for target, nodes := range found {
+		if len(nodes) != 1 {
+			continue // not sure which: they keep their MOVED (503, nothing written)
+		}
+		idx := moved[target]
+		for _, i := range idx {
+			errs[i] = nil
+		}
+		s.appendOn(ctx, nodes[0], as, idx, ids, errs)
+	}
 	return ids, errs
+}
+
+// sameNode reports whether target, a node address from a MOVED answer
+// (host:port, an IPv6 host without brackets), is the node go-redis
+// reaches at addr. go-redis renames a node that announces a loopback host
+// with the host it reached the cluster at, so for those the port decides.
+func sameNode(target, addr string) bool {
+	i := strings.LastIndexByte(target, ':')
+	h, p, err := net.SplitHostPort(addr)
+	if i < 0 || err != nil || target[i+1:] != p {
+		return false
+	}
+	th := target[:i]
+	if th == h {
+		return true
+	}
+	ip := net.ParseIP(th)
+	return ip != nil && ip.IsLoopback()
 }
 
 // redisError is the message of the Redis error reply in err, or "".
