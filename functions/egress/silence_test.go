@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,6 +17,43 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
+// quietInbox starts an egress with alice connected, and returns a sender
+// of targeted messages to her (with the ingress's inbox limits at
+// REGISTRY_TTL=30s) and a func that makes her instance's inbox as a
+// silence of two minutes leaves it: its stream and last-id key expired.
+func quietInbox(t *testing.T) (e *secEgress, ws *websocket.Conn, send func(data string), expire func()) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e = startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := e.dial(t, url.Values{"user": {"alice"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	next(t, ws, "welcome")
+	inbox := ks.Inbox(e.s.instance)
+	lim := stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000}
+	send = func(data string) {
+		t.Helper()
+		_, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: inbox, Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(data)}, Limits: lim}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := nextData(t, ws); got != data {
+			t.Fatalf("alice got %s, want %s", got, data)
+		}
+	}
+	expire = func() {
+		t.Helper()
+		if err := rdb.Del(t.Context(), inbox, keys.Last(inbox)).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return e, ws, send, expire
+}
+
 // TestInboxSilenceIsNoGap: an instance's inbox that gets no targeted
 // message for 2 × (2 × REGISTRY_TTL) (2 minutes at the default 30 s) loses
 // its stream and its last-id key to their TTLs; the next targeted message
@@ -23,37 +61,10 @@ import (
 // counted (wsrelay_egress_stream_gaps_total is for alerts).
 func TestInboxSilenceIsNoGap(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user=alice"
-	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "welcome")
-	store := stream.NewStore(rdb)
-	lim := stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000} // the ingress's inbox limits at REGISTRY_TTL=30s
-	send := func(data string) {
-		_, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-			Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(data)}, Limits: lim}})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	e, _, send, expire := quietInbox(t)
 	send(`"1"`)
-	if got := nextData(t, ws); got != `"1"` {
-		t.Fatalf("got %s", got)
-	}
-	// Two minutes of quiet: both keys expire (deleted here, as their TTLs would).
-	if err := rdb.Del(t.Context(), ks.Inbox(e.s.instance), keys.Last(ks.Inbox(e.s.instance))).Err(); err != nil {
-		t.Fatal(err)
-	}
+	expire()
 	send(`"2"`)
-	if got := nextData(t, ws); got != `"2"` {
-		t.Fatalf("got %s", got)
-	}
 	if n := e.s.hub.gaps.Load(); n != 0 {
 		t.Fatalf("a quiet inbox counted %d gap(s): nothing was lost", n)
 	}
@@ -95,28 +106,9 @@ func TestChannelSilenceIsNoGap(t *testing.T) {
 // spell, its last id reads 0-0. Nothing was sent: no gap.
 func TestInboxReconnectAfterSilence(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws?user=alice"
-	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "welcome")
-	lim := stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000}
-	_, err = stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-		Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(`"1"`)}, Limits: lim}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := nextData(t, ws); got != `"1"` {
-		t.Fatalf("got %s", got)
-	}
-	if err := rdb.Del(t.Context(), ks.Inbox(e.s.instance), keys.Last(ks.Inbox(e.s.instance))).Err(); err != nil {
-		t.Fatal(err)
-	}
+	e, _, send, expire := quietInbox(t)
+	send(`"1"`)
+	expire()
 	before := e.s.hub.reconnects.Load()
 	e.s.hub.resubscribe(t.Context())
 	testkit.Eventually(t, 5*time.Second, func() error { // the inbox is confirmed again
@@ -127,14 +119,7 @@ func TestInboxReconnectAfterSilence(t *testing.T) {
 	})
 	// A message after it comes once the confirmation's catch-up is done
 	// (the receive loop handles them in order).
-	_, err = stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-		Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte(`"2"`)}, Limits: lim}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := nextData(t, ws); got != `"2"` {
-		t.Fatalf("got %s", got)
-	}
+	send(`"2"`)
 	if n := e.s.hub.gaps.Load(); n != 0 {
 		t.Fatalf("a reconnect after a quiet spell counted %d gap(s): nothing was sent", n)
 	}
