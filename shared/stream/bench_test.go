@@ -79,8 +79,9 @@ func BenchmarkAppend(b *testing.B) {
 	}
 }
 
-// BenchmarkAfter reads and decodes a batch of 100 stream entries (replay).
-func BenchmarkAfter(b *testing.B) {
+// BenchmarkResume reads and decodes a batch of 100 stream entries, as a
+// replay and a catch-up do.
+func BenchmarkResume(b *testing.B) {
 	rdb, prefix := redistest.Client(b)
 	ks := keys.Scheme{Prefix: prefix}
 	s := NewStore(rdb)
@@ -95,9 +96,9 @@ func BenchmarkAfter(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		es, err := s.After(ctx, a.Stream, Zero, 100)
-		if err != nil || len(es) != 100 {
-			b.Fatal(len(es), err)
+		r, err := s.Resume(ctx, a.Stream, Zero, 100)
+		if err != nil || len(r.Entries) != 100 || !r.Continuous {
+			b.Fatal(len(r.Entries), r.Continuous, err)
 		}
 	}
 }

@@ -361,18 +361,6 @@ func entriesOf(msgs []redis.XMessage) []Entry {
 	return out
 }
 
-// After reads up to count entries with ids greater than after, oldest first.
-func (s *Store) After(ctx context.Context, key string, after ID, count int64) ([]Entry, error) {
-	if after == Max {
-		return nil, nil // nothing can follow it (and XRANGE refuses "(" of it)
-	}
-	msgs, err := s.rdb.XRangeN(ctx, key, "("+after.String(), "+", count).Result()
-	if err != nil {
-		return nil, fmt.Errorf("read %s after %s: %w", key, after, err)
-	}
-	return entriesOf(msgs), nil
-}
-
 // Latest reads the newest count entries, oldest first.
 func (s *Store) Latest(ctx context.Context, key string, count int64) ([]Entry, error) {
 	msgs, err := s.rdb.XRevRangeN(ctx, key, "+", "-", count).Result()

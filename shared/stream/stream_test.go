@@ -448,10 +448,11 @@ func TestBoundedBatches(t *testing.T) {
 	var got []string
 	after := Zero
 	for {
-		es, err := e.store.After(t.Context(), key, after, 10)
-		if err != nil {
-			t.Fatal(err)
+		r, err := e.store.Resume(t.Context(), key, after, 10)
+		if err != nil || !r.Continuous {
+			t.Fatalf("page after %s: continuous %v, %v", after, r.Continuous, err)
 		}
+		es := r.Entries
 		if len(es) > 10 {
 			t.Fatalf("batch of %d", len(es))
 		}
