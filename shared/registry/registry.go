@@ -64,19 +64,22 @@ func (r *Registry) writeRecord(ctx context.Context, p redis.Pipeliner, rec *Reco
 	return nil
 }
 
+// addMember queues rec's membership of the sorted set at key, scored by
+// when it expires, and the set's own TTL.
+func (r *Registry) addMember(ctx context.Context, p redis.Pipeliner, key string, rec *Record, score float64) {
+	p.ZAdd(ctx, key, redis.Z{Score: score, Member: rec.ID})
+	p.PExpire(ctx, key, r.ttl)
+}
+
 func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64) error {
 	if err := r.writeRecord(ctx, p, rec); err != nil {
 		return err
 	}
 	if rec.User != "" {
-		k := r.keys.UserConns(rec.User)
-		p.ZAdd(ctx, k, redis.Z{Score: score, Member: rec.ID})
-		p.PExpire(ctx, k, r.ttl)
+		r.addMember(ctx, p, r.keys.UserConns(rec.User), rec, score)
 	}
 	for _, ch := range rec.Channels {
-		k := r.keys.ChannelConns(ch)
-		p.ZAdd(ctx, k, redis.Z{Score: score, Member: rec.ID})
-		p.PExpire(ctx, k, r.ttl)
+		r.addMember(ctx, p, r.keys.ChannelConns(ch), rec, score)
 	}
 	return nil
 }
@@ -115,9 +118,7 @@ func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
 // channels costs O(n) commands, not O(n²).
 func (r *Registry) JoinChannel(ctx context.Context, rec *Record, channel string) error {
 	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		k := r.keys.ChannelConns(channel)
-		p.ZAdd(ctx, k, redis.Z{Score: r.expiry(), Member: rec.ID})
-		p.PExpire(ctx, k, r.ttl)
+		r.addMember(ctx, p, r.keys.ChannelConns(channel), rec, r.expiry())
 		return r.writeRecord(ctx, p, rec)
 	})
 	if err != nil {
