@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -61,6 +62,32 @@ func readMessages(ws *websocket.Conn, within time.Duration, stop func(id string)
 	}
 }
 
+// subscribedTo dials e with ?channels=ch and reads up to the subscribed
+// reply. The socket is closed when the test ends.
+func subscribedTo(t *testing.T, e *secEgress, ch string) (*websocket.Conn, protocol.Reply) {
+	t.Helper()
+	ws, _, err := e.dial(t, url.Values{"channels": {ch}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	return ws, next(t, ws, "subscribed")
+}
+
+// resumeOn dials e and, once welcomed, subscribes to ch after `after`; it
+// reads nothing more. The socket is closed when the test ends.
+func resumeOn(t *testing.T, e *secEgress, ch, after string) *websocket.Conn {
+	t.Helper()
+	ws, _, err := e.dial(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	next(t, ws, "welcome")
+	send(t, ws, map[string]any{"type": "subscribe", "channel": ch, "after": after})
+	return ws
+}
+
 // TestGapPastTrim: notifications are lost while the stream is trimmed past
 // the last message the hub delivered. Delivering from the oldest entry
 // left would skip the trimmed ones for every subscriber here with nothing
@@ -71,13 +98,7 @@ func TestGapPastTrim(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
-	ws, _, err := websocket.DefaultDialer.Dial(url+"?channels=room", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "subscribed")
+	ws, _ := subscribedTo(t, e, "room")
 
 	ids := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 1)}
 	if got := nextData(t, ws); got != "1" {
@@ -99,13 +120,7 @@ func TestGapPastTrim(t *testing.T) {
 	}
 
 	// The resume tells the client, and goes on from the entries left.
-	ws2, _, err := websocket.DefaultDialer.Dial(url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws2.Close()
-	next(t, ws2, "welcome")
-	send(t, ws2, map[string]any{"type": "subscribe", "channel": "room", "after": ids[0]})
+	ws2 := resumeOn(t, e, "room", ids[0])
 	r := next(t, ws2, "subscribed")
 	if r.Recovered == nil || *r.Recovered || r.Position != ids[4] {
 		t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[4])
@@ -117,13 +132,8 @@ func TestGapPastTrim(t *testing.T) {
 
 	// A subscriber joining now is given the position the stream goes on
 	// from, and a resume from it is whole.
-	ws3, _, err := websocket.DefaultDialer.Dial(url+"?channels=room", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws3.Close()
-	if pos := next(t, ws3, "subscribed").Position; pos != ids[6] {
-		t.Fatalf("position after the gap %s, want %s", pos, ids[6])
+	if _, r := subscribedTo(t, e, "room"); r.Position != ids[6] {
+		t.Fatalf("position after the gap %s, want %s", r.Position, ids[6])
 	}
 }
 
@@ -151,13 +161,7 @@ func TestReplayTrimmedMidway(t *testing.T) {
 		return false
 	}})
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "welcome")
-	send(t, ws, map[string]any{"type": "subscribe", "channel": "busy", "after": ids[0]})
+	ws := resumeOn(t, e, "busy", ids[0])
 	// The subscribed reply (recovered: true, before the trim) and part of
 	// the first batch may be dropped with the queue when the connection
 	// closes; what arrives has no gap.
@@ -168,14 +172,7 @@ func TestReplayTrimmedMidway(t *testing.T) {
 	}
 	// Resuming from what it got tells it.
 	last := ids[len(got)]
-	ws2, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws2.Close()
-	next(t, ws2, "welcome")
-	send(t, ws2, map[string]any{"type": "subscribe", "channel": "busy", "after": last})
-	if r := next(t, ws2, "subscribed"); r.Recovered == nil || *r.Recovered {
+	if r := next(t, resumeOn(t, e, "busy", last), "subscribed"); r.Recovered == nil || *r.Recovered {
 		t.Fatalf("resume after %s, trimmed past it: recovered %v", last, r.Recovered)
 	}
 }
@@ -192,13 +189,7 @@ func TestResumeAheadOfStream(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	last := appendTo(t, rdb, ks, "f", ks.Notify("f"), 0)
 	for _, after := range []string{"99999999999999-0", stream.Max.String()} {
-		ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ws.Close()
-		next(t, ws, "welcome")
-		send(t, ws, map[string]any{"type": "subscribe", "channel": "f", "after": after})
+		ws := resumeOn(t, e, "f", after)
 		r := next(t, ws, "subscribed")
 		if r.Recovered == nil || *r.Recovered || r.Position != last {
 			t.Fatalf("after %s: recovered %v, position %s; want false, %s", after, r.Recovered, r.Position, last)
@@ -219,26 +210,15 @@ func TestResumeQuiet(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
 	resume := func(ch, want string) {
 		t.Helper()
-		ws, _, err := websocket.DefaultDialer.Dial(url+"?channels="+ch, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pos := next(t, ws, "subscribed").Position
-		ws.Close()
+		ws, r := subscribedTo(t, e, ch)
+		ws.Close() // cut
+		pos := r.Position
 		if pos != want {
 			t.Fatalf("%s: position %s, want %s", ch, pos, want)
 		}
-		ws, _, err = websocket.DefaultDialer.Dial(url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ws.Close()
-		next(t, ws, "welcome")
-		send(t, ws, map[string]any{"type": "subscribe", "channel": ch, "after": pos})
-		if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+		if r := next(t, resumeOn(t, e, ch, pos), "subscribed"); r.Recovered == nil || !*r.Recovered {
 			t.Fatalf("%s: resume from %s with nothing published says recovered %v", ch, pos, r.Recovered)
 		}
 	}

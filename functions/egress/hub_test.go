@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -48,16 +47,7 @@ func TestGapFillRetries(t *testing.T) {
 	next(t, ws, "subscribed")
 
 	ks := keys.Scheme{Prefix: prefix}
-	store := stream.NewStore(rdb)
-	publish := func(notify string, n int) string {
-		t.Helper()
-		ids, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("room"), Notify: notify,
-			Msg: stream.Message{Channel: "room", TS: time.Now().UnixMilli(), Data: []byte(strconv.Itoa(n))}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ids[0]
-	}
+	publish := func(notify string, n int) string { return appendTo(t, rdb, ks, "room", notify, n) }
 	want := []string{publish(ks.Notify("room"), 1)}
 	want = append(want, publish(ks.Notify("room")+"-elsewhere", 2)) // its notification is lost
 	failing.Store(true)

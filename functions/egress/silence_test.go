@@ -79,13 +79,7 @@ func TestChannelSilenceIsNoGap(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
-	ws, _, err := websocket.DefaultDialer.Dial(url+"?channels=quiet", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "subscribed")
+	ws, _ := subscribedTo(t, e, "quiet")
 	appendTo(t, rdb, ks, "quiet", ks.Notify("quiet"), 1)
 	if got := nextData(t, ws); got != "1" {
 		t.Fatalf("got %s", got)
@@ -144,13 +138,7 @@ func TestResumeRacesAppend(t *testing.T) {
 		return false
 	}})
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	url := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
-	warm, _, err := websocket.DefaultDialer.Dial(url+"?channels=r", nil) // the hub holds the channel
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer warm.Close()
-	next(t, warm, "subscribed")
+	warm, _ := subscribedTo(t, e, "r") // the hub holds the channel
 	last := appendTo(t, rdb, ks, "r", ks.Notify("r"), 1)
 	if got := nextData(t, warm); got != "1" {
 		t.Fatalf("got %s", got)
@@ -158,14 +146,8 @@ func TestResumeRacesAppend(t *testing.T) {
 	if err := rdb.Del(t.Context(), key).Err(); err != nil { // expired, as its TTL would
 		t.Fatal(err)
 	}
-	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, "welcome")
-	armed.Store(true)
-	send(t, ws, map[string]any{"type": "subscribe", "channel": "r", "after": last})
+	armed.Store(true) // Resume's read of the end is the channel's only XREVRANGE from here
+	ws := resumeOn(t, e, "r", last)
 	r := next(t, ws, "subscribed")
 	got, _ := readMessages(ws, 2*time.Second, func(string) bool { return true })
 	if len(got) != 1 || !*r.Recovered {
