@@ -26,16 +26,21 @@ const clientJSCases = `(async () => {
   const settle = () => new Promise((r) => setTimeout(r, 20));
   const results = {};
   const newClient = (opts = {}) => new WsRelay("ws://127.0.0.1:1/ws", { WebSocket: FakeWS, minBackoff: 1, maxBackoff: 2, ...opts });
-
-  // An unsubscribe and an immediate resubscribe after the last id, while a
-  // message and a reply of the earlier subscription are still on the wire.
-  {
+  // A client whose first socket is open and welcomed.
+  const welcomed = async (opts) => {
     sockets.length = 0;
-    const c = newClient();
+    const c = newClient(opts);
     await settle();
     const ws = sockets[0];
     ws.open();
     ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    return [c, ws];
+  };
+
+  // An unsubscribe and an immediate resubscribe after the last id, while a
+  // message and a reply of the earlier subscription are still on the wire.
+  {
+    const [c, ws] = await welcomed();
     const first = c.subscribe("a", { onMessage() {} });
     const ref1 = ws.sent.at(-1).ref;
     ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ref1 });
@@ -72,11 +77,7 @@ const clientJSCases = `(async () => {
 
   // No reconnect after 1007.
   {
-    sockets.length = 0;
-    const c = newClient();
-    await settle();
-    sockets[0].open();
-    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const [c] = await welcomed();
     sockets[0].shut(1007);
     await settle();
     results.final1007 = sockets.length === 1 && c.state === "closed" ? "ok" : sockets.length + " dials, state " + c.state;
@@ -87,12 +88,8 @@ const clientJSCases = `(async () => {
   // at the upgrade, which the browser reports as a close) asks for a new
   // token before the next dial.
   {
-    sockets.length = 0;
     let calls = 0;
-    const c = newClient({ getToken: async () => "t" + ++calls });
-    await settle();
-    sockets[0].open();
-    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const [c] = await welcomed({ getToken: async () => "t" + ++calls });
     sockets[0].shut(1006);
     await settle();
     sockets[1].shut(1006); // refused: no welcome
@@ -107,12 +104,7 @@ const clientJSCases = `(async () => {
   // A resume that was not recovered goes on from the server's position,
   // which can be behind the id held (one a failed-over Redis never had).
   {
-    sockets.length = 0;
-    const c = newClient();
-    await settle();
-    const ws = sockets[0];
-    ws.open();
-    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const [c, ws] = await welcomed();
     const got = [];
     const gaps = [];
     c.on("gap", (g) => gaps.push(g.channel));
@@ -129,12 +121,7 @@ const clientJSCases = `(async () => {
   // server counts refusals, and ten in a row close the connection for
   // good), and a malformed id from the wire is ignored.
   {
-    sockets.length = 0;
-    const c = newClient();
-    await settle();
-    const ws = sockets[0];
-    ws.open();
-    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    const [c, ws] = await welcomed();
     const refused = [];
     const cases = [["bad name", {}], ["", {}], ["ok", { after: "bogus" }], ["ok", { after: 1700000000000 }], ["ok", { after: "18446744073709551616-0" }]];
     for (const [ch, h] of cases) {
