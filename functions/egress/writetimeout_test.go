@@ -56,23 +56,30 @@ func TestWriteTimeout(t *testing.T) {
 		c.writers.Wait()
 	})
 
-	t.Run("slow but steady reader of one large batch", func(t *testing.T) {
+	// largeBatch starts a writer on one batch of frames frames (a
+	// replay's backlog), with buffers of 64 KiB: with 4 KiB ones,
+	// loopback's 64 KiB segments make the receiver hold back its window
+	// updates, and the sender waits for TCP's persist timer instead of
+	// the reader.
+	const frames = 1000
+	largeBatch := func() (*conn, net.Conn) {
 		c, client := newConn()
-		// Buffers of 64 KiB: with 4 KiB ones, loopback's 64 KiB segments
-		// make the receiver hold back its window updates, and the sender
-		// waits for TCP's persist timer instead of the reader.
 		_ = c.nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
 		_ = client.(*net.TCPConn).SetReadBuffer(64 << 10)
-		// One batch (a replay's backlog) that takes the reader several
-		// WRITE_TIMEOUTs to take: at most 16 KiB per read, a read every
-		// 2 ms or more, 1,000 frames of 8 KiB.
-		const frames = 1000
 		c.mu.Lock()
 		for range frames {
 			c.queue = append(c.queue, &queued{frame: frame})
 		}
 		c.startWriterLocked()
 		c.mu.Unlock()
+		return c, client
+	}
+
+	t.Run("slow but steady reader of one large batch", func(t *testing.T) {
+		// It takes the reader several WRITE_TIMEOUTs to take: at most
+		// 16 KiB per read, a read every 2 ms or more, 1,000 frames of
+		// 8 KiB.
+		c, client := largeBatch()
 		start := time.Now()
 		buf := make([]byte, 16<<10)
 		for read := 0; read < frames*len(frame); {
@@ -153,18 +160,9 @@ func TestWriteTimeout(t *testing.T) {
 	})
 
 	t.Run("slow but steady reader after a server close", func(t *testing.T) {
-		c, client := newConn()
-		_ = c.nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
-		_ = client.(*net.TCPConn).SetReadBuffer(64 << 10)
-		// One batch the reader would take about 10 s to take (16 KiB
-		// every 20 ms), every write making progress.
-		const frames = 1000
-		c.mu.Lock()
-		for range frames {
-			c.queue = append(c.queue, &queued{frame: frame})
-		}
-		c.startWriterLocked()
-		c.mu.Unlock()
+		// The reader would take about 10 s to take it (16 KiB every
+		// 20 ms), every write making progress.
+		c, client := largeBatch()
 		readc := make(chan int, 1)
 		go func() {
 			buf := make([]byte, 16<<10)
