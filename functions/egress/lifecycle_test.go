@@ -16,6 +16,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -198,4 +199,143 @@ func TestRefreshSkipsBusyConnection(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the refresh waits for a connection busy with its own registry write")
 	}
+}
+
+// slowRecords delays, while on, each pipeline that writes a connection
+// record, after Redis has run it: a Redis that answers every batch in
+// time, but slowly.
+type slowRecords struct {
+	prefix string
+	delay  time.Duration
+	on     atomic.Bool
+}
+
+func (h *slowRecords) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *slowRecords) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *slowRecords) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if h.on.Load() && len(cmds) > 0 && cmds[0].Name() == "set" {
+			if key, _ := cmds[0].Args()[1].(string); strings.HasPrefix(key, strings.TrimSuffix((keys.Scheme{Prefix: h.prefix}).Conn(""), "}")) {
+				time.Sleep(h.delay)
+			}
+		}
+		return err
+	}
+}
+
+// TestRefreshRenewsEveryBatch: a refresh of many batches, each answered
+// well within REDIS_TIMEOUT, renews every record, however long the whole
+// refresh takes (one deadline for all of it failed the later batches of a
+// large instance).
+func TestRefreshRenewsEveryBatch(t *testing.T) {
+	t.Parallel()
+	prefix := redistest.Prefix(t)
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "300ms", "REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The client the egress makes for itself: its deadlines come from the
+	// context (redistest's client ignores them).
+	rdb, err := redisconn.New(cfg.Redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { redistest.Cleanup(rdb, prefix); rdb.Close() })
+	slow := &slowRecords{prefix: prefix, delay: 200 * time.Millisecond}
+	rdb.AddHook(slow)
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	s.refreshBatch = 1 // a batch per connection: 12 batches of 200 ms
+	srv, _ := startEgress(t, s)
+	e := &secEgress{s: s, srv: srv}
+	const n = 12
+	for range n {
+		ws, _, err := e.dial(t, url.Values{"channels": {"a"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		next(t, ws, protocol.TypeSubscribed)
+	}
+	ctx := context.Background()
+	ks := keys.Scheme{Prefix: prefix}
+	conns := s.hub.snapshotConns()
+	for _, c := range conns {
+		if err := rdb.PExpire(ctx, ks.Conn(c.id), 5*time.Second).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slow.on.Store(true)
+	s.refreshRegistry(ctx)
+	slow.on.Store(false)
+	for _, c := range conns {
+		ttl, err := rdb.PTTL(ctx, ks.Conn(c.id)).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ttl < 10*time.Second { // REGISTRY_TTL is 30 s
+			t.Errorf("the record of %s was not refreshed: TTL %v", c.id, ttl)
+		}
+	}
+}
+
+// TestRefreshDoesNotHoldPings: while a registry refresh waits on Redis,
+// the maintenance loop goes on pinging sockets.
+func TestRefreshDoesNotHoldPings(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on atomic.Bool
+	conn := strings.TrimSuffix((keys.Scheme{Prefix: prefix}).Conn(""), "}")
+	hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+		key, _ := cmds[0].Args()[1].(string)
+		return on.Load() && cmds[0].Name() == "set" && strings.HasPrefix(key, conn)
+	})
+	defer hold.Release()
+	rdb.AddHook(hold)
+	// A refresh every second (REGISTRY_TTL/3), a ping every 200 ms.
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "3s", "PING_INTERVAL": "200ms", "REDIS_TIMEOUT": "5s"})
+	ws, _, err := e.dial(t, url.Values{"channels": {"a"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, protocol.TypeSubscribed)
+	var pings atomic.Int32
+	ws.SetPingHandler(func(data string) error {
+		pings.Add(1)
+		return ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+	})
+	_ = ws.SetReadDeadline(time.Time{})
+	read := make(chan error, 1)
+	go func() {
+		for {
+			if _, _, err := ws.ReadMessage(); err != nil {
+				read <- err
+				return
+			}
+		}
+	}()
+	on.Store(true)
+	select {
+	case <-hold.Hit():
+	case err := <-read:
+		t.Fatalf("socket closed: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("no registry refresh within 5 s")
+	}
+	before := pings.Load()
+	select {
+	case err := <-read:
+		t.Fatalf("socket closed while a refresh was stalled: %v", err)
+	case <-time.After(time.Second):
+	}
+	if n := pings.Load() - before; n < 2 {
+		t.Errorf("%d pings in the second after a refresh stalled, want 2 or more (one per 200 ms)", n)
+	}
+	hold.Release()
+	ws.Close()
+	<-read
 }

@@ -35,6 +35,8 @@ type Server struct {
 	mux      *http.ServeMux
 	sec      *security // token checks (auth.go)
 
+	refreshBatch int // connections per registry refresh pipeline
+
 	open     atomic.Int64
 	draining atomic.Bool
 	drainMu  sync.Mutex     // orders wg.Add (new sockets) before drain's Wait
@@ -54,6 +56,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		rdb:      rdb,
 		reg:      registry.New(rdb, ks, cfg.RegistryTTL),
 		instance: instance,
+
+		refreshBatch: 256,
 	}
 	s.sec = newSecurity(cfg, s.log)
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
@@ -168,6 +172,9 @@ func (s *Server) maintain(ctx context.Context) {
 	defer tick.Stop()
 	refreshEvery := s.cfg.RegistryTTL / 3
 	lastRefresh, lastProbe := time.Now(), time.Time{}
+	var refreshing atomic.Bool
+	var refreshes sync.WaitGroup
+	defer refreshes.Wait()
 	s.hub.lastRecv.Store(time.Now().UnixNano())
 	for {
 		select {
@@ -190,9 +197,15 @@ func (s *Server) maintain(ctx context.Context) {
 					s.hub.lastRecv.Store(time.Now().UnixNano())
 				}
 			}
-			if now.Sub(lastRefresh) >= refreshEvery {
+			// The refresh runs beside the loop, one at a time: on a large
+			// instance it takes many round trips, which must not hold up
+			// pings and closes.
+			if now.Sub(lastRefresh) >= refreshEvery && refreshing.CompareAndSwap(false, true) {
 				lastRefresh = now
-				s.refreshRegistry(ctx)
+				refreshes.Go(func() {
+					defer refreshing.Store(false)
+					s.refreshRegistry(ctx)
+				})
 			}
 			s.hub.sweepIdle(ctx, now)
 		}
@@ -231,14 +244,14 @@ func (s *Server) sweepConns(now time.Time) {
 // connection whose registry write is under way at that instant is left to
 // the next refresh (its own write renews its record; its memberships,
 // refreshed every TTL/3, outlive one skipped refresh): waiting for it
-// would hold up the maintenance loop, pings included, while Redis is slow.
+// would hold up the refresh of every other connection while Redis is slow.
+// Each batch has a deadline of its own: one for the whole refresh would
+// fail the later batches of a large instance however healthy Redis is.
 func (s *Server) refreshRegistry(ctx context.Context) {
 	all := s.hub.snapshotConns()
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
-	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
-	defer cancel()
-	const batch = 256
+	batch := s.refreshBatch
 	for i := 0; i < len(all); i += batch {
 		start := len(conns)
 		for _, c := range all[i:min(i+batch, len(all))] {
@@ -248,7 +261,9 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 			conns = append(conns, c)
 			recs = append(recs, c.recordCopy())
 		}
-		err := s.reg.Refresh(rctx, recs[start:])
+		bctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
+		err := s.reg.Refresh(bctx, recs[start:])
+		cancel()
 		for _, c := range conns[start:] {
 			c.regMu.Unlock()
 		}
@@ -260,6 +275,8 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
 	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
+	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
+	defer cancel()
 	for i, c := range conns {
 		select {
 		case <-c.done:
