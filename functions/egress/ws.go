@@ -112,12 +112,17 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	}
 	// The hub sees the connection before the registry does, so that a
 	// send that found its record always finds the connection here. The
-	// welcome is queued first, so that it is the first frame even when a
-	// message to the user or to the connection is being delivered at this
-	// moment, and nothing is written until the record is in: c.writing,
-	// set above, holds the writer back.
+	// welcome goes ahead of everything the writer sends (c.ctrl), so that
+	// it is the first frame even when a message to the user or to the
+	// connection is being delivered at this moment, or an operator's
+	// disconnect (a server close drops the queue, not c.ctrl), and
+	// nothing is written until the record is in: c.writing, set above,
+	// holds the writer back.
 	user := c.user
-	c.sendReply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance})
+	c.mu.Lock()
+	c.ctrl = append(c.ctrl, c.reply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance}).frame)
+	c.mu.Unlock()
+	c.framesOut.Add(1)
 	s.hub.addConn(c)
 	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
 	err := s.reg.Put(rctx, c.recordCopy())
@@ -129,7 +134,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		// write that timed out was made.
 		s.hub.removeConn(c)
 		c.mu.Lock()
-		c.closing, c.ended, c.queue = true, true, nil
+		c.closing, c.ended, c.queue, c.ctrl = true, true, nil, nil
 		c.mu.Unlock()
 		close(c.done)
 		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry", err)

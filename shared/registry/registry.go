@@ -35,6 +35,14 @@ type Record struct {
 	ConnectedAt time.Time `json:"connected_at"`
 }
 
+// fill makes a record read back (perhaps written by an older egress, with
+// "channels": null) list its channels as an array.
+func (rec *Record) fill() {
+	if rec.Channels == nil {
+		rec.Channels = []string{}
+	}
+}
+
 // Registry reads and writes records. It is safe for concurrent use.
 type Registry struct {
 	rdb  redis.UniversalClient
@@ -56,6 +64,12 @@ func (r *Registry) expiry() float64 {
 
 // writeRecord queues the write of rec's record key alone.
 func (r *Registry) writeRecord(ctx context.Context, p redis.Pipeliner, rec *Record) error {
+	if rec.Channels == nil {
+		// [] in the JSON, as the API shows it, never null.
+		cp := *rec
+		cp.Channels = []string{}
+		rec = &cp
+	}
 	b, err := json.Marshal(rec)
 	if err != nil {
 		return err
@@ -171,6 +185,7 @@ func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, fmt.Errorf("registry get %s: %w", id, err)
 	}
+	rec.fill()
 	return &rec, nil
 }
 
@@ -199,11 +214,20 @@ func (r *Registry) members(ctx context.Context, key string, limit int64) ([]*Rec
 	out := make([]*Record, 0, len(ids))
 	for _, c := range cmds {
 		b, err := c.Bytes()
-		if err != nil {
+		if errors.Is(err, redis.Nil) {
 			continue // expired between the two reads
+		}
+		if err != nil {
+			// Not a missing record but one that could not be read (on
+			// a cluster, its node is down; the pipeline's own error is
+			// only its first command's, which may be a redis.Nil):
+			// leaving it out would have a send to the user accepted,
+			// and never delivered to that connection.
+			return nil, fmt.Errorf("registry members: %w", err)
 		}
 		var rec Record
 		if json.Unmarshal(b, &rec) == nil {
+			rec.fill()
 			out = append(out, &rec)
 		}
 	}

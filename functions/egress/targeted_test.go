@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// TestRecordChannelsNeverNull: a connection's registry record (what
+// GET /v1/connections/{id} and the presence list return) lists its
+// channels as an array, [] when it has none, as docs/api.md shows: not
+// null, which a client iterating it would trip on.
+func TestRecordChannelsNeverNull(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := e.dial(t, url.Values{"user": {"alice"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := next(t, ws, "welcome").ConnectionID
+	check := func(when string) {
+		t.Helper()
+		b, err := rdb.Get(t.Context(), ks.Conn(id)).Bytes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec struct{ Channels json.RawMessage }
+		if err := json.Unmarshal(b, &rec); err != nil || string(rec.Channels) != "[]" {
+			t.Errorf("%s: record %s: channels %s, want []", when, b, rec.Channels)
+		}
+	}
+	check("connected")
+	send(t, ws, map[string]string{"type": "subscribe", "channel": "room"})
+	next(t, ws, "subscribed")
+	send(t, ws, map[string]string{"type": "unsubscribe", "channel": "room"})
+	next(t, ws, "unsubscribed")
+	check("after an unsubscribe")
+	e.s.refreshRegistry(t.Context())
+	check("after a refresh")
+}
+
+// sendToUser does what the ingress does for POST /v1/users/{user}/messages:
+// one append to the inbox of each instance holding a live connection of
+// the user. It returns the number of connections found.
+func sendToUser(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, user, data string) int {
+	reg := registry.New(rdb, ks, 30*time.Second)
+	recs, err := reg.User(context.Background(), user, 10000)
+	if err != nil {
+		t.Error(err)
+		return 0
+	}
+	seen := map[string]bool{}
+	var as []stream.Append
+	for _, r := range recs {
+		if !seen[r.Instance] {
+			seen[r.Instance] = true
+			as = append(as, stream.Append{Stream: ks.Inbox(r.Instance), Notify: ks.InboxNotify(r.Instance),
+				Msg:    stream.Message{Route: stream.ToUser(user), TS: time.Now().UnixMilli(), Data: []byte(data)},
+				Limits: stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000}})
+		}
+	}
+	if len(as) > 0 {
+		if _, err := stream.NewStore(rdb).Append(context.Background(), as); err != nil {
+			t.Error(err)
+		}
+	}
+	return len(recs)
+}
+
+// TestUserSendsWhileConnectionsChurn: a user has steady connections on
+// two instances while others of the same user connect and leave all the
+// time. Every steady connection gets every message to the user exactly
+// once and in order; a connection that comes and goes never gets one
+// twice or out of order.
+func TestUserSendsWhileConnectionsChurn(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	es := []*secEgress{
+		startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}),
+		startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}),
+	}
+	q := url.Values{"user": {"alice"}}
+	var steady []*websocket.Conn
+	for i := range 4 {
+		ws, _, err := es[i%2].dial(t, q, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, "welcome")
+		steady = append(steady, ws)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ctx.Err() == nil; i++ {
+				ws, _, err := websocket.DefaultDialer.Dial(es[(g+i)%2].url(q), nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				got, _ := readMessages(ws, time.Duration(i%5)*10*time.Millisecond, nil)
+				ws.Close()
+				for j := 1; j < len(got); j++ {
+					if got[j] == got[j-1] {
+						t.Errorf("a churning connection got %s twice", got[j])
+					}
+				}
+			}
+		}()
+	}
+	const n = 200
+	for i := range n {
+		if c := sendToUser(t, rdb, ks, "alice", strconv.Itoa(i)); c < 4 {
+			t.Errorf("send %d found %d connections, want at least the 4 steady ones", i, c)
+		}
+	}
+	for k, ws := range steady {
+		for i := range n {
+			if got := nextData(t, ws); got != strconv.Itoa(i) {
+				t.Fatalf("steady connection %d: message %d is %s", k, i, got)
+			}
+		}
+	}
+	cancel()
+	wg.Wait()
+}
+
+// TestUserSendsAcrossResubscribes: messages to a user keep arriving once
+// and in order while the instance's Pub/Sub connection is replaced again
+// and again (the inbox is caught up from its stream each time).
+func TestUserSendsAcrossResubscribes(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _, err := e.dial(t, url.Values{"user": {"alice"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, "welcome")
+	const n = 300
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range n {
+			sendToUser(t, rdb, ks, "alice", strconv.Itoa(i))
+			if i%20 == 0 {
+				e.s.hub.resubscribe(t.Context())
+			}
+		}
+	}()
+	for i := range n {
+		if got := nextData(t, ws); got != strconv.Itoa(i) {
+			t.Fatalf("message %d is %s", i, got)
+		}
+	}
+	<-done
+}
+
+// TestDisconnectDuringRegistration: an operator's disconnect that reaches
+// the instance while the connection's registry write is in flight (its
+// record already visible) still lets the welcome go first, then 4003.
+func TestDisconnectDuringRegistration(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "zadd") && len(a) > 1 && a[1] == ks.UserConns("bob") {
+				return true
+			}
+		}
+		return false
+	})
+	t.Cleanup(hold.Release)
+	rdb.AddHook(hold)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	type dialed struct {
+		ws  *websocket.Conn
+		err error
+	}
+	bobc := make(chan dialed, 1)
+	go func() {
+		ws, _, err := websocket.DefaultDialer.Dial(e.url(url.Values{"user": {"bob"}}), nil)
+		bobc <- dialed{ws, err}
+	}()
+	select {
+	case <-hold.Hit():
+	case <-time.After(5 * time.Second):
+		t.Fatal("bob's connection was not registered")
+	}
+	var id string
+	for _, c := range e.s.hub.snapshotConns() {
+		id = c.id
+	}
+	_, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+		Msg: stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		for _, c := range e.s.hub.snapshotConns() {
+			if !c.isClosing() {
+				return errors.New("not closing yet")
+			}
+		}
+		return nil
+	})
+	hold.Release()
+	d := <-bobc
+	if d.err != nil {
+		t.Fatal(d.err)
+	}
+	defer d.ws.Close()
+	var first protocol.Reply
+	_ = d.ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := d.ws.ReadJSON(&first); err != nil || first.Type != "welcome" {
+		t.Fatalf("first frame: %q, %v; want welcome", first.Type, err)
+	}
+	if code := closeCode(t, d.ws, 5*time.Second); code != 4003 {
+		t.Fatalf("close %d, want 4003", code)
+	}
+}
