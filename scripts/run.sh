@@ -27,16 +27,25 @@ trap 'echo; echo "stopping…"; exit 0' INT TERM
 # port_open reports whether something accepts TCP on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# wait_for waits up to 15 s for $2 (a command) to succeed, naming $1.
+# wait_for waits up to 15 s for $2 (a command) to succeed, naming $1, and
+# gives up at once when a process started here has exited: a function
+# that refused its configuration has printed why above.
 wait_for() {
-	local what=$1
+	local what=$1 pid
 	shift
 	for _ in $(seq 150); do
 		if "$@"; then return 0; fi
+		for pid in "${pids[@]}"; do
+			if ! kill -0 "$pid" 2>/dev/null; then
+				echo "run: $what did not come up: a process exited (its error is above)" >&2
+				if [[ $what == redis-server ]]; then tail -n 20 "$tmp/redis.log" >&2 || true; fi
+				exit 1
+			fi
+		done
 		sleep 0.1
 	done
-	echo "run: $what did not come up; logs in $tmp" >&2
-	tail -n 20 "$tmp"/*.log >&2 || true
+	echo "run: $what did not come up within 15 s" >&2
+	if [[ $what == redis-server ]]; then tail -n 20 "$tmp/redis.log" >&2 || true; fi
 	exit 1
 }
 

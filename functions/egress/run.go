@@ -60,7 +60,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // serve runs s on ln until ctx is done: it stops accepting, drains the
 // sockets (close 1001, registry records removed) and returns.
 func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
-	hs := &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	hs := &http.Server{
+		Handler: s, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
+		// net/http's own messages (accept errors such as running out of
+		// file descriptors, panics) as records of the function's log, not
+		// plain text lines on stderr.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
 	log.Info("listening", "addr", ln.Addr().String(), "instance", s.instance)
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()

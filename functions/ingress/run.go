@@ -84,6 +84,10 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       120 * time.Second,
+		// net/http's own messages (accept errors such as running out of
+		// file descriptors, panics) as records of the function's log, not
+		// plain text lines on stderr.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("listening", "addr", ln.Addr().String())
 	errc := make(chan error, 1)

@@ -32,12 +32,13 @@ type Config struct {
 	// ClusterTLS enables TLS to the cluster nodes.
 	ClusterTLS bool `env:"REDIS_CLUSTER_TLS"`
 	// KeyPrefix starts every key; several deployments can share one Redis
-	// under different prefixes. Empty means no prefix.
+	// under different prefixes. Empty means the default.
 	KeyPrefix string `env:"REDIS_KEY_PREFIX" envDefault:"wsr"`
 	// Timeout bounds each Redis command and dial, so a dead Redis is
 	// reported (503) instead of hanging.
 	Timeout time.Duration `env:"REDIS_TIMEOUT" envDefault:"1s"`
-	// PoolSize per node; zero means go-redis's default (10 per CPU).
+	// PoolSize per node; zero means go-redis's default (10 per CPU, 5
+	// per CPU per node for a cluster).
 	PoolSize int `env:"REDIS_POOL_SIZE"`
 }
 

@@ -267,7 +267,8 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []in
 	cmds := make(map[int]*redis.Cmd, len(idx))
 	run := func(idx []int, load bool) *redis.Cmd {
 		var wait *redis.Cmd
-		_, _ = c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		queued := make([]redis.Cmder, 0, len(idx)+1)
+		_, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, i := range idx {
 				a := &as[i]
 				head, tail := a.Msg.Frame()
@@ -281,12 +282,15 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []in
 				} else {
 					cmds[i] = appendScript.EvalSha(ctx, p, ks, args...)
 				}
+				queued = append(queued, cmds[i])
 			}
 			if s.waitReplicas > 0 {
 				wait = p.Do(ctx, "WAIT", s.waitReplicas, s.waitTimeout.Milliseconds())
+				queued = append(queued, wait)
 			}
 			return nil
 		})
+		failUnrun(err, queued...)
 		return wait
 	}
 	wait := run(idx, false)
@@ -381,11 +385,33 @@ func (s *Store) Latest(ctx context.Context, key string, count int64) ([]Entry, e
 func (s *Store) LastID(ctx context.Context, key string) (ID, error) {
 	var rev *redis.XMessageSliceCmd
 	var last *redis.StringCmd
-	_, _ = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		rev, last = queueLastID(ctx, p, key)
 		return nil
 	})
+	failUnrun(err, rev, last)
 	return lastIDOf(key, rev, last)
+}
+
+// failUnrun gives cmds the pipeline's error err when none of them has an
+// error of its own. go-redis does that when the pipeline's connection
+// could not be set up because Redis answered with an error (a wrong
+// password: WRONGPASS): it returns that error and leaves every command
+// without a reply and without an error, which would read as an empty
+// stream (LastID 0-0) or an "unexpected reply". Otherwise err is the
+// first command's own error and every command keeps its own.
+func failUnrun(err error, cmds ...redis.Cmder) {
+	if err == nil {
+		return
+	}
+	for _, c := range cmds {
+		if c.Err() != nil {
+			return
+		}
+	}
+	for _, c := range cmds {
+		c.SetErr(err)
+	}
 }
 
 // queueLastID queues the two reads LastID combines.
@@ -454,11 +480,12 @@ func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) (
 		var xr *redis.XMessageSliceCmd
 		var rev *redis.XMessageSliceCmd
 		var lastKey *redis.StringCmd
-		_, _ = s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			xr = p.XRangeN(ctx, key, after.String(), "+", count+1)
 			rev, lastKey = queueLastID(ctx, p, key)
 			return nil
 		})
+		failUnrun(err, xr, rev, lastKey)
 		if err := xr.Err(); err != nil {
 			return Batch{}, fmt.Errorf("resume %s after %s: %w", key, after, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -532,5 +533,27 @@ func TestResumeFromZeroAfterExpiry(t *testing.T) {
 	}
 	if b.Continuous {
 		t.Fatalf("recovered after 0-0 although %v are gone (replayed %s)", lost, first(b.Entries))
+	}
+}
+
+// TestRefusedConnectionIsAnError: when Redis refuses a new connection with
+// an error reply (a wrong password: WRONGPASS), go-redis reports it as the
+// pipeline's error and leaves the pipelined commands without one. Reads
+// must fail with it rather than answer "empty stream", and appends must
+// name it rather than "unexpected reply <nil>".
+func TestRefusedConnectionIsAnError(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t, "--requirepass", "right-password")
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr(), Password: "wrong-password", DisableIdentity: true, MaxRetries: -1})
+	defer rdb.Close()
+	ks := keys.Scheme{Prefix: "wrongpass"}
+	store := NewStore(rdb)
+
+	if id, err := store.LastID(t.Context(), ks.Stream("c")); err == nil || !strings.Contains(err.Error(), "WRONGPASS") {
+		t.Errorf("LastID = %v, %v; want a WRONGPASS error", id, err)
+	}
+	_, err := store.Append(t.Context(), []Append{{Stream: ks.Stream("c"), Notify: ks.Notify("c"), Msg: Message{Channel: "c", TS: 1, Data: json.RawMessage(`1`)}}})
+	if err == nil || !strings.Contains(err.Error(), "WRONGPASS") {
+		t.Errorf("Append: %v; want a WRONGPASS error", err)
 	}
 }
