@@ -120,7 +120,9 @@ func New(c Config) (redis.UniversalClient, error) {
 		if c.ClusterTLS {
 			o.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 		}
-		return redis.NewClusterClient(o), nil
+		cc := redis.NewClusterClient(o)
+		cc.AddHook(reloadOnFailure{cc})
+		return cc, nil
 	}
 	o, err := parseURL(c.URL)
 	if err != nil {
@@ -149,4 +151,55 @@ func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 		})
 	}
 	return rdb.Ping(ctx).Err()
+}
+
+// reloadOnFailure reloads a cluster client's slot map when a command fails
+// for want of its node (a connection error or timeout, or a node that is
+// no longer a master). go-redis reloads it by itself only on MOVED and ASK
+// and every ClusterStateReloadInterval (60 s): after a master died, its
+// slots' commands went on to the dead node for up to a minute after its
+// replica had been promoted. The reload is lazy (in the background, one
+// at a time, 200 ms apart), so a burst of failures costs a few CLUSTER
+// SLOTS, not one each.
+type reloadOnFailure struct{ c *redis.ClusterClient }
+
+func (h reloadOnFailure) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h reloadOnFailure) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if NodeFailure(err) {
+			h.c.ReloadState(ctx)
+		}
+		return err
+	}
+}
+
+func (h reloadOnFailure) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		for _, cmd := range cmds {
+			if NodeFailure(cmd.Err()) {
+				h.c.ReloadState(ctx)
+				break
+			}
+		}
+		return err
+	}
+}
+
+// NodeFailure reports an error that may mean the cluster's topology
+// changed: not a reply of Redis (a missing key, a script error…) nor a
+// caller that gave up, but a node that could not be reached or did not
+// answer in time, or one that answers it is not (or no longer) the master
+// of the slot.
+func NodeFailure(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var re redis.Error
+	if errors.As(err, &re) {
+		return redis.HasErrorPrefix(err, "READONLY") || redis.HasErrorPrefix(err, "CLUSTERDOWN") || redis.HasErrorPrefix(err, "MASTERDOWN")
+	}
+	return true
 }

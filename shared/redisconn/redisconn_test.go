@@ -117,3 +117,38 @@ func TestPingDown(t *testing.T) {
 		t.Fatalf("Ping failed after %v", d)
 	}
 }
+
+// NodeFailure tells a node that is gone or demoted (the cluster's slot map
+// must be reloaded) from a Redis reply or a caller giving up.
+func TestNodeFailure(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr(), DisableIdentity: true, DialerRetries: 1})
+	defer rdb.Close()
+	ctx := t.Context()
+	nilErr := rdb.Get(ctx, "no such key").Err()
+	scriptErr := rdb.Eval(ctx, "return redis.error_reply('boom')", nil).Err()
+	readonly := rdb.Eval(ctx, "return redis.error_reply('READONLY You can\\'t write against a read only replica.')", nil).Err()
+	rs.Stop()
+	down := rdb.Ping(ctx).Err()
+	canceled, cancel := context.WithCancel(ctx)
+	cancel()
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"missing key", nilErr, false},
+		{"script error", scriptErr, false},
+		{"canceled", context.Canceled, false},
+		{"canceled wrapped", rdb.Ping(canceled).Err(), false},
+		{"readonly", readonly, true},
+		{"node down", down, true},
+		{"deadline", context.DeadlineExceeded, true},
+	} {
+		if got := NodeFailure(tc.err); got != tc.want {
+			t.Errorf("%s (%v): NodeFailure = %v, want %v", tc.name, tc.err, got, tc.want)
+		}
+	}
+}

@@ -180,8 +180,25 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 		}
 		groups[node] = append(groups[node], i)
 	}
+	// Each master's pipeline at once: a master whose WAIT runs to its
+	// timeout (a replica gone or lagging) must not hold up the others,
+	// nor push their appends past ctx's deadline. appendOn fills only its
+	// own indexes.
+	var wg sync.WaitGroup
 	for node, idx := range groups {
-		s.appendOn(ctx, node, as, idx, ids, errs)
+		wg.Go(func() { s.appendOn(ctx, node, as, idx, ids, errs) })
+	}
+	wg.Wait()
+	// These appends ran on node clients, outside the cluster client's
+	// routing, which reloads the slot map only on its own MOVED answers:
+	// a failure here (a dead master, a slot moved) would otherwise keep
+	// sending the slot's appends to the same node until go-redis's
+	// periodic reload, a minute later. The reload is lazy and coalesced.
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, ErrNotReplicated) {
+			cc.ReloadState(ctx)
+			break
+		}
 	}
 	// A slot that moved since the slot map was read answers MOVED, and the
 	// script did not run: run those appends once more on the master the
@@ -217,8 +234,9 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 		for _, i := range idx {
 			errs[i] = nil
 		}
-		s.appendOn(ctx, nodes[0], as, idx, ids, errs)
+		wg.Go(func() { s.appendOn(ctx, nodes[0], as, idx, ids, errs) })
 	}
+	wg.Wait()
 	return ids, errs
 }
 

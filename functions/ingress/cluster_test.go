@@ -1,0 +1,72 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// TestClusterPublishAfterFailover: an ingress alone on a cluster (no
+// egress in the process to reload the slot map) whose channel's master
+// dies publishes to that channel again soon after the replica has been
+// promoted (docs/scaling.md: publishers see errors "only until the
+// promotion"), not after go-redis's periodic slot-map reload (60 s).
+// With PUBLISH_WAIT_REPLICAS the appends run on node clients, outside
+// the cluster client's routing: the same holds.
+func TestClusterPublishAfterFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	t.Run("plain", func(t *testing.T) { publishAfterFailover(t, 1, 0) })
+	t.Run("wait-replicas", func(t *testing.T) { publishAfterFailover(t, 2, 1) })
+}
+
+func publishAfterFailover(t *testing.T, replicas, wait int) {
+	c := redistest.StartCluster(t, 3, replicas)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
+	}
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	cfg.PublishWaitReplicas = wait
+	cfg.PublishWaitTimeout = 200 * time.Millisecond
+	ks := keys.Scheme{Prefix: rc.KeyPrefix}
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+
+	publishWithin := func(within time.Duration) time.Duration {
+		start := time.Now()
+		for time.Since(start) < within {
+			if w := e.do("POST", "/v1/channels/fo/messages", `{"data":1}`); w.Code == 202 {
+				return time.Since(start)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Fatalf("no publish accepted within %s", within)
+		return 0
+	}
+	publishWithin(20 * time.Second)
+	victim, err := c.Client(t).MasterForKey(t.Context(), ks.Stream("fo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := victim.Options().Addr
+	c.StopNode(t, c.Index(addr))
+	c.WaitFailover(t, addr, 30*time.Second)
+	promoted := time.Now()
+	took := publishWithin(90 * time.Second)
+	t.Logf("first publish accepted %s after the promotion", took.Round(time.Millisecond))
+	if took > 5*time.Second {
+		t.Fatalf("publishes to the failed-over master's channel refused for %s after the promotion", time.Since(promoted).Round(time.Second))
+	}
+}
