@@ -177,27 +177,58 @@ func TestRefreshDoesNotUndoLeave(t *testing.T) {
 	}
 }
 
-// TestRefreshSkipsBusyConnection: a connection whose own registry write is
-// under way (its regMu held) does not hold up the refresh, which runs in
-// the maintenance loop with the pings: it is left to the next refresh.
-func TestRefreshSkipsBusyConnection(t *testing.T) {
+// TestRefreshBusyConnectionLast: a connection whose own registry write is
+// under way (its regMu held) does not hold up the refresh of the others,
+// and is refreshed once its write is done, not skipped (skipped in every
+// refresh, a connection that keeps subscribing lost its user membership).
+func TestRefreshBusyConnectionLast(t *testing.T) {
 	t.Parallel()
-	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	ws, _, err := e.dial(t, url.Values{"channels": {"a"}}, nil)
-	if err != nil {
-		t.Fatal(err)
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	for range 2 {
+		ws, _, err := e.dial(t, url.Values{"channels": {"a"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		next(t, ws, protocol.TypeSubscribed)
 	}
-	defer ws.Close()
-	next(t, ws, protocol.TypeSubscribed)
-	c := e.s.hub.snapshotConns()[0]
-	c.regMu.Lock() // as a subscribe waiting for Redis would
-	defer c.regMu.Unlock()
+	ctx := t.Context()
+	ks := keys.Scheme{Prefix: prefix}
+	conns := e.s.hub.snapshotConns()
+	busy, idle := conns[0], conns[1]
+	for _, c := range conns {
+		if err := rdb.PExpire(ctx, ks.Conn(c.id), 5*time.Second).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	renewed := func(c *conn) bool {
+		ttl, err := rdb.PTTL(ctx, ks.Conn(c.id)).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ttl > 10*time.Second // REGISTRY_TTL is 30 s
+	}
+	busy.regMu.Lock() // as a subscribe waiting for Redis would
 	done := make(chan struct{})
 	go func() { e.s.refreshRegistry(context.Background()); close(done) }()
+	for deadline := time.Now().Add(5 * time.Second); !renewed(idle); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			busy.regMu.Unlock()
+			t.Fatal("the refresh of the other connection waits for a busy one")
+		}
+	}
+	if renewed(busy) {
+		t.Error("the busy connection's record was written while its own write held regMu")
+	}
+	busy.regMu.Unlock()
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		t.Fatal("the refresh waits for a connection busy with its own registry write")
+		t.Fatal("the refresh did not end once the busy connection's write was done")
+	}
+	if !renewed(busy) {
+		t.Error("the busy connection was not refreshed once its write was done")
 	}
 }
 

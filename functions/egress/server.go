@@ -241,26 +241,20 @@ func (s *Server) sweepConns(now time.Time) {
 // with a fresh TTL, a batch at a time. Each connection's regMu is held
 // from its copy to the write's reply, so that a channel it leaves (or
 // joins) meanwhile is written after the refresh, not undone by it. A
-// connection whose registry write is under way at that instant is left to
-// the next refresh (its own write renews its record; its memberships,
-// refreshed every TTL/3, outlive one skipped refresh): waiting for it
-// would hold up the refresh of every other connection while Redis is slow.
-// Each batch has a deadline of its own: one for the whole refresh would
-// fail the later batches of a large instance however healthy Redis is.
+// connection whose own registry write is under way is refreshed last,
+// once that write is done: waiting for it in its turn would hold up the
+// refresh of every other connection while Redis is slow, and skipping it
+// would let the memberships of a connection that keeps subscribing
+// expire (its own writes renew its record and the channel they touch,
+// not its user's set). Each batch has a deadline of its own: one for the
+// whole refresh would fail the later batches of a large instance however
+// healthy Redis is.
 func (s *Server) refreshRegistry(ctx context.Context) {
 	all := s.hub.snapshotConns()
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
-	batch := s.refreshBatch
-	for i := 0; i < len(all); i += batch {
-		start := len(conns)
-		for _, c := range all[i:min(i+batch, len(all))] {
-			if !c.regMu.TryLock() {
-				continue
-			}
-			conns = append(conns, c)
-			recs = append(recs, c.recordCopy())
-		}
+	var busy []*conn
+	write := func(start int) error {
 		bctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
 		err := s.reg.Refresh(bctx, recs[start:])
 		cancel()
@@ -269,8 +263,31 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 		}
 		if err != nil {
 			s.log.Warn("registry refresh failed", "err", err.Error())
-			break // the batches after it were not written
 		}
+		return err
+	}
+	batch := s.refreshBatch
+	var err error
+	for i := 0; i < len(all) && err == nil; i += batch {
+		start := len(conns)
+		for _, c := range all[i:min(i+batch, len(all))] {
+			if !c.regMu.TryLock() {
+				busy = append(busy, c)
+				continue
+			}
+			conns = append(conns, c)
+			recs = append(recs, c.recordCopy())
+		}
+		err = write(start) // on error, the batches after it are not written
+	}
+	for i := 0; i < len(busy) && err == nil; i += batch {
+		start := len(conns)
+		for _, c := range busy[i:min(i+batch, len(busy))] {
+			c.regMu.Lock()
+			conns = append(conns, c)
+			recs = append(recs, c.recordCopy())
+		}
+		err = write(start)
 	}
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
