@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"slices"
 	"syscall"
 	"unicode/utf8"
 )
@@ -94,19 +93,23 @@ func (r *frameReader) header(k int) ([]byte, error) {
 	return b, nil
 }
 
-// readFull fills p from the stream.
-func (r *frameReader) readFull(p []byte) error {
-	for len(p) > 0 {
+// readAppend appends the next n bytes of the stream to p. p grows as the
+// bytes arrive, not by n at once: a header announcing a large payload is
+// 14 bytes, and a client that sends only that (on every socket it may
+// open) must not make the server hold MAX_FRAME_BYTES per socket.
+func (r *frameReader) readAppend(p []byte, n int) ([]byte, error) {
+	for n > 0 {
 		if r.r == r.w {
 			if err := r.fill(); err != nil {
-				return err
+				return p, err
 			}
 		}
-		n := copy(p, r.buf[r.r:r.w])
-		r.r += n
-		p = p[n:]
+		k := min(n, r.w-r.r)
+		p = append(p, r.buf[r.r:r.r+k]...)
+		r.r += k
+		n -= k
 	}
-	return nil
+	return p, nil
 }
 
 // protocolError is a frame that breaks RFC 6455: the connection is closed
@@ -174,19 +177,21 @@ func (r *frameReader) next() (op byte, payload []byte, err error) {
 			return 0, nil, errTooBig
 		}
 		// The payload: its own slice, or appended to the message so far.
+		// A payload already in the buffer (a small request, the usual
+		// frame) gets one allocation of its exact size.
 		var p []byte
 		start := 0
 		switch {
 		case control:
-			p = r.ctrl[:n]
+			p, err = r.readAppend(r.ctrl[:0], int(n))
 		case fin && op != opContinuation:
-			p = make([]byte, n)
+			p, err = r.readAppend(make([]byte, 0, min(int(n), max(r.w-r.r, readBufferSize))), int(n))
 		default:
 			start = len(r.frag)
-			r.frag = slices.Grow(r.frag, int(n))[:start+int(n)]
+			r.frag, err = r.readAppend(r.frag, int(n))
 			p = r.frag
 		}
-		if err := r.readFull(p[start:]); err != nil {
+		if err != nil {
 			return 0, nil, err
 		}
 		for i := range p[start:] {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -249,6 +250,35 @@ func BenchmarkFrameReader(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		}
+	}
+}
+
+// TestFrameReaderAllocatesWhatArrives: a frame header announcing a large
+// payload (14 bytes) does not make the reader allocate that payload before
+// it arrives. A client that sends only such headers, on as many sockets as
+// it may open, would otherwise pin MAX_FRAME_BYTES per socket (64 KiB by
+// default, eight times an idle socket's whole cost) until the missed-pong
+// sweep drops it. Not parallel: it reads the process's allocation count.
+func TestFrameReaderAllocatesWhatArrives(t *testing.T) {
+	const limit = 1 << 20
+	for _, fin := range []bool{true, false} {
+		// The header of a 1 MiB frame and 100 bytes of its payload, then
+		// the stream ends: what arrived is 114 bytes.
+		in := clientFrame(fin, opText, make([]byte, limit))[:14+100]
+		var before, after runtime.MemStats
+		const runs = 20
+		runtime.ReadMemStats(&before)
+		for range runs {
+			var r frameReader
+			r.init(readerConn{r: bytes.NewReader(in)}, limit)
+			if _, _, err := r.next(); !errors.Is(err, io.EOF) {
+				t.Fatalf("fin %v: %v, want EOF", fin, err)
+			}
+		}
+		runtime.ReadMemStats(&after)
+		if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > 16<<10 {
+			t.Errorf("fin %v: %d bytes allocated for a frame cut after 114 bytes", fin, per)
 		}
 	}
 }

@@ -57,16 +57,34 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return serve(ctx, log, ln, NewServer(cfg, log, rdb))
 }
 
-// serve runs s on ln until ctx is done: it stops accepting, drains the
-// sockets (close 1001, registry records removed) and returns.
-func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
-	hs := &http.Server{
-		Handler: s, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
+// readTimeout bounds the reading of a whole HTTP request, body included.
+// The egress's requests have no body, but a client may declare one: without
+// a bound, net/http waits for it (to discard it) for as long as the client
+// keeps the connection open, before it even sends the response, so anyone,
+// without a credential, could hold a goroutine and a file descriptor per
+// connection forever. gorilla/websocket clears the deadline when it takes
+// the connection over, so upgraded sockets are not affected.
+const readTimeout = 30 * time.Second
+
+// httpServer is the net/http server of s.
+func httpServer(s *Server, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler: s, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: readTimeout, IdleTimeout: 120 * time.Second,
 		// net/http's own messages (accept errors such as running out of
 		// file descriptors, panics) as records of the function's log, not
 		// plain text lines on stderr.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+}
+
+// serve runs s on ln until ctx is done: it stops accepting, drains the
+// sockets (close 1001, registry records removed) and returns.
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
+	return serveWith(ctx, log, ln, s, httpServer(s, log))
+}
+
+// serveWith is serve with the HTTP server hs (tests shorten its timeouts).
+func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server, hs *http.Server) error {
 	log.Info("listening", "addr", ln.Addr().String(), "instance", s.instance)
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -10,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -66,3 +70,66 @@ type errTooManyFiles struct{}
 func (errTooManyFiles) Error() string   { return "accept4: too many open files" }
 func (errTooManyFiles) Timeout() bool   { return false }
 func (errTooManyFiles) Temporary() bool { return true }
+
+// TestSlowRequestBody: a request that declares a body it never sends (no
+// credential needed) does not hold its connection for ever: net/http
+// waits for the body before it answers, and only the server's
+// ReadTimeout ends that wait. The timeout must not reach upgraded
+// sockets, which stay open and answer well past it.
+func TestSlowRequestBody(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := NewServer(cfg, log, rdb)
+	hs := httpServer(s, log)
+	if hs.ReadTimeout <= 0 || hs.ReadTimeout > time.Minute {
+		t.Fatalf("ReadTimeout %v: a request body can hold its connection for ever", hs.ReadTimeout)
+	}
+	const limit = time.Second
+	hs.ReadTimeout = limit
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
+	t.Cleanup(func() { cancel(); <-served })
+
+	ws, _, err := websocket.DefaultDialer.Dial("ws://"+ln.Addr().String()+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, protocol.TypeWelcome)
+
+	for _, req := range []string{
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+		"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+	} {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte(req)); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_ = c.SetReadDeadline(start.Add(limit + 5*time.Second))
+		_, err = io.Copy(io.Discard, c)
+		if err != nil {
+			t.Errorf("%q: connection still open after %v: %v", req, time.Since(start), err)
+		}
+	}
+
+	// The socket upgraded before all that is past the timeout and works.
+	send(t, ws, map[string]any{"type": "ping", "ref": 1})
+	next(t, ws, protocol.TypePong)
+}

@@ -510,3 +510,23 @@ func TestOpenEndpoints(t *testing.T) {
 		}
 	}
 }
+
+// TestIPKeyWithPort: a gateway that writes the client's address with its
+// port ("203.0.113.7:51234", "[2001:db8::1]:443", as some do in
+// X-Forwarded-For) must not give each client connection a bucket of its
+// own: the key is the address (its /64 for IPv6), whatever the port.
+func TestIPKeyWithPort(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ in, want string }{
+		{"203.0.113.7", "203.0.113.7"},
+		{"203.0.113.7:51234", "203.0.113.7"},
+		{"[2001:db8:1:2::1]:443", "2001:db8:1:2::/64"},
+		{"2001:db8:1:2::1", "2001:db8:1:2::/64"},
+		{"[::ffff:10.0.0.2]:1", "10.0.0.2"},
+		{"unknown", "unknown"},
+	} {
+		if got := ipKey(tc.in); got != tc.want {
+			t.Errorf("ipKey(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

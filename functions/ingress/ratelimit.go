@@ -146,11 +146,17 @@ func (pl *publishLimits) clientIP(c *gin.Context) string {
 // ipKey is an IPv4 address, or an IPv6 address's /64: one subscriber
 // line is given a whole /64 and can send from any of its addresses, so
 // keying the full address would let one client have a bucket per request.
-// Anything that does not parse is its own key.
+// An address with a port (some gateways write "ip:port" or "[ip]:port"
+// in X-Forwarded-For) is keyed by its address: the port changes with each
+// connection. Anything that does not parse is its own key.
 func ipKey(s string) string {
 	a, err := netip.ParseAddr(s)
 	if err != nil {
-		return s
+		ap, perr := netip.ParseAddrPort(s)
+		if perr != nil {
+			return s
+		}
+		a = ap.Addr()
 	}
 	a = a.Unmap()
 	if a.Is4() {
