@@ -37,6 +37,10 @@ type chanState struct {
 	ready     chan struct{} // closed once the Redis subscription is live
 	confirmed bool          // receive loop only
 	last      stream.ID     // newest id delivered; written by the receive loop (under mu once ready)
+	// floor, when not zero, is the last id delivered before the stream
+	// started again at 0-0 (restarted), until the next delivery: the
+	// subscribers hold it as their position. Guarded by mu.
+	floor stream.ID
 
 	mu       sync.Mutex
 	subs     map[*conn]stream.ID // value: skip messages up to this id (0: none)
@@ -75,6 +79,13 @@ type hub struct {
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
 	gaps atomic.Int64
+	// refreshDue asks the maintenance loop for a registry refresh now:
+	// set when Redis confirms a subscription again (its connection came
+	// back), since a Redis that restarted empty, or that was out of reach
+	// for longer than REGISTRY_TTL, no longer holds this instance's
+	// records, and sends to its connections would find nobody until the
+	// next scheduled refresh.
+	refreshDue atomic.Bool
 	// readLag, when set, observes publish-to-receipt time of each
 	// notification: how far the read path runs behind (metrics).
 	readLag func(seconds float64)
@@ -169,6 +180,7 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		return
 	}
 	h.reconnects.Add(1)
+	h.refreshDue.Store(true)
 	h.catchUp(ctx, cs, stream.ID{MS: ^uint64(0)})
 }
 
@@ -214,9 +226,21 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 // lost its data. The first is routine for quiet channels and inboxes, and
 // closing every subscriber for it would be a false alarm; the second is
 // the limit design.md accepts. The entries that follow are delivered.
+//
+// Its first entry normally has a greater id than the last one delivered
+// (the ids are Redis's clock). When it does not (a Redis that restarted
+// empty with a clock behind the one before), the subscribers here, which
+// hold the old ids as their positions, would drop the new messages as
+// already seen until the clock passes them, without a word: the first
+// delivery checks that (floor) and, if so, closes them with 1011 instead,
+// so that each resumes and is told recovered:false with a position the
+// stream goes on from.
 func (h *hub) restarted(cs *chanState) {
 	h.log.Info("stream starts again", "stream", cs.stream, "after", cs.last.String())
 	cs.mu.Lock()
+	if cs != h.inbox && cs.floor.Less(cs.last) {
+		cs.floor = cs.last
+	}
 	cs.last = stream.Zero
 	cs.mu.Unlock()
 }
@@ -236,16 +260,24 @@ func (h *hub) gap(cs *chanState, from stream.ID) {
 		return
 	}
 	cs.mu.Lock()
-	n := len(cs.subs) + len(cs.resuming)
-	for c := range cs.subs {
-		c.closeWith(protocol.CloseInternal, "messages were trimmed before delivery: resume", true)
-	}
-	for c := range cs.resuming {
-		c.closeWith(protocol.CloseInternal, "messages were trimmed before delivery: resume", true)
-	}
+	n := cs.closeAllLocked("messages were trimmed before delivery: resume")
 	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "closed", n)
 	cs.last = from
 	cs.mu.Unlock()
+}
+
+// closeAllLocked closes the channel's subscribers and resumers here with
+// 1011 and reason, and returns how many; they resume and are told
+// recovered:false. cs.mu is held.
+func (cs *chanState) closeAllLocked(reason string) int {
+	n := len(cs.subs) + len(cs.resuming)
+	for c := range cs.subs {
+		c.closeWith(protocol.CloseInternal, reason, true)
+	}
+	for c := range cs.resuming {
+		c.closeWith(protocol.CloseInternal, reason, true)
+	}
+	return n
 }
 
 // readRetrying runs read until it succeeds, waiting 50 ms doubling to 1 s
@@ -303,6 +335,14 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts}
 	if cs != h.inbox {
 		cs.mu.Lock()
+		if !cs.floor.IsZero() {
+			if !cs.floor.Less(id) {
+				h.gaps.Add(1)
+				n := cs.closeAllLocked("the stream started again below your position: resume")
+				h.log.Warn("stream starts again below the ids delivered", "channel", cs.name, "delivered", cs.floor.String(), "id", id.String(), "closed", n)
+			}
+			cs.floor = stream.Zero
+		}
 		// Written under mu so that a subscriber joining reads the id of
 		// the last message it will not get (its resume point).
 		cs.last = id

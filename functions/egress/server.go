@@ -200,8 +200,10 @@ func (s *Server) maintain(ctx context.Context) {
 			// The refresh runs beside the loop, one at a time: on a large
 			// instance it takes many round trips, which must not hold up
 			// pings and closes.
-			if now.Sub(lastRefresh) >= refreshEvery && refreshing.CompareAndSwap(false, true) {
+			// Sooner when Redis may have lost the records (refreshDue).
+			if (now.Sub(lastRefresh) >= refreshEvery || s.hub.refreshDue.Load()) && refreshing.CompareAndSwap(false, true) {
 				lastRefresh = now
+				s.hub.refreshDue.Store(false)
 				refreshes.Go(func() {
 					defer refreshing.Store(false)
 					s.refreshRegistry(ctx)
