@@ -34,6 +34,7 @@ type Server struct {
 	upgrader websocket.Upgrader
 	mux      *http.ServeMux
 	sec      *security // token checks (auth.go)
+	ready    *redisconn.Readiness
 
 	refreshBatch int // connections per registry refresh pipeline
 
@@ -55,6 +56,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		log:      log.With("instance", instance),
 		rdb:      rdb,
 		reg:      registry.New(rdb, ks, cfg.RegistryTTL),
+		ready:    redisconn.NewReadiness(rdb, 500*time.Millisecond),
 		instance: instance,
 
 		refreshBatch: 256,
@@ -315,9 +317,7 @@ func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 // handleReadyz is 200 only while Redis answers and the read path (the
 // Pub/Sub connection, checked by probes) is alive.
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), time.Second)
-	defer cancel()
-	err := redisconn.Ping(ctx, s.rdb)
+	err := s.ready.Check(r.Context())
 	silent := time.Since(time.Unix(0, s.hub.lastRecv.Load())) > 3*s.cfg.ProbeInterval
 	select {
 	case <-s.hub.inbox.ready:

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"runtime/debug"
-	"sync"
 	"time"
 
 	"github.com/gin-gonic/gin"
@@ -32,10 +30,7 @@ type Server struct {
 
 	metrics *metrics
 	sec     *security // credentials and rate limits (auth.go)
-
-	readyMu  sync.Mutex
-	readyAt  time.Time
-	readyErr error
+	ready   *redisconn.Readiness
 }
 
 func init() { gin.SetMode(gin.ReleaseMode) }
@@ -52,6 +47,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		keys:    ks,
 		store:   store,
 		reg:     registry.New(rdb, ks, cfg.RegistryTTL),
+		ready:   redisconn.NewReadiness(rdb, 500*time.Millisecond),
 
 		metrics: newMetrics(),
 	}
@@ -83,16 +79,7 @@ func (s *Server) handleHealthz(c *gin.Context) {
 // handleReadyz answers 200 while Redis answers. The result is cached for
 // 500 ms so a probe storm does not become a Redis storm.
 func (s *Server) handleReadyz(c *gin.Context) {
-	s.readyMu.Lock()
-	if time.Since(s.readyAt) > 500*time.Millisecond {
-		ctx, cancel := context.WithTimeout(c.Request.Context(), time.Second)
-		s.readyErr = redisconn.Ping(ctx, s.rdb)
-		cancel()
-		s.readyAt = time.Now()
-	}
-	err := s.readyErr
-	s.readyMu.Unlock()
-	if err != nil {
+	if err := s.ready.Check(c.Request.Context()); err != nil {
 		c.Header("Retry-After", "1")
 		c.JSON(503, gin.H{"status": "unavailable", "redis": "down"})
 		return

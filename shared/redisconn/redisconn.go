@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -151,6 +152,40 @@ func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 		})
 	}
 	return rdb.Ping(ctx).Err()
+}
+
+// Readiness answers whether Redis answers (Ping) for readiness probes, with
+// at most one Ping per interval: callers within it share the last answer,
+// so that a probe storm (the endpoint is public behind a gateway) does not
+// become a Redis storm; in a cluster a Ping goes to every master. Safe for
+// concurrent use.
+type Readiness struct {
+	rdb   redis.UniversalClient
+	every time.Duration
+
+	mu  sync.Mutex
+	at  time.Time // of the last Ping; zero before the first
+	err error
+}
+
+// NewReadiness returns a Readiness of rdb that pings at most every interval.
+func NewReadiness(rdb redis.UniversalClient, every time.Duration) *Readiness {
+	return &Readiness{rdb: rdb, every: every}
+}
+
+// Check returns the answer of a Ping made at most the interval ago, making
+// one (bounded by a second) when the last is older. The Ping does not end
+// with ctx: its answer is shared with the callers that come after.
+func (r *Readiness) Check(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.at.IsZero() || time.Since(r.at) > r.every {
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		r.err = Ping(pctx, r.rdb)
+		cancel()
+		r.at = time.Now()
+	}
+	return r.err
 }
 
 // reloadOnFailure reloads a cluster client's slot map when a command fails

@@ -3,6 +3,7 @@ package redisconn
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -150,5 +151,60 @@ func TestNodeFailure(t *testing.T) {
 		if got := NodeFailure(tc.err); got != tc.want {
 			t.Errorf("%s (%v): NodeFailure = %v, want %v", tc.name, tc.err, got, tc.want)
 		}
+	}
+}
+
+// pingCounter counts the PINGs a client sends.
+type pingCounter struct{ n atomic.Int32 }
+
+func (h *pingCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *pingCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "ping" {
+			h.n.Add(1)
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h *pingCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// Readiness pings once per interval, whatever the number of checks, and
+// reports a Redis gone down once the interval has passed.
+func TestReadiness(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rdb, err := New(Config{URL: rs.URL(), Timeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	pings := &pingCounter{}
+	rdb.AddHook(pings)
+	r := NewReadiness(rdb, 300*time.Millisecond)
+	canceled, cancel := context.WithCancel(t.Context())
+	cancel()
+	for range 10 {
+		// A caller that gave up does not make the answer an error.
+		if err := r.Check(canceled); err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+	}
+	if n := pings.n.Load(); n != 1 {
+		t.Fatalf("%d PINGs for 10 checks within the interval, want 1", n)
+	}
+	rs.Stop()
+	if err := r.Check(t.Context()); err != nil {
+		t.Fatalf("Check within the interval, the last answer cached: %v", err)
+	}
+	time.Sleep(350 * time.Millisecond)
+	if err := r.Check(t.Context()); err == nil {
+		t.Fatal("Check after the interval of a stopped Redis succeeded")
+	}
+	if n := pings.n.Load(); n != 2 {
+		t.Fatalf("%d PINGs, want 2", n)
 	}
 }
