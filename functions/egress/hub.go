@@ -408,16 +408,21 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 	cs.refs++
 	h.mu.Unlock()
 	if fresh {
-		err := errClosedSubscriber
-		if sub := h.liveSub(); sub != nil {
-			// On an error the channel stays wanted: the subscriber
-			// retries, and the wait below bounds how long we give it.
-			err = sub.Subscribe(ctx, notify)
-		}
-		if err != nil {
-			h.redisErrors.Add(1)
-			h.log.Warn("subscribe in redis", "err", err.Error())
-		}
+		// Not waited for: the subscriber places channels one at a time,
+		// and on a Redis that does not answer each placement waits a
+		// dial timeout, so that a subscribe could wait far longer than
+		// the bound below (its reader, meanwhile, reads no pong). On an
+		// error the channel stays wanted: the subscriber retries.
+		go func() {
+			err := errClosedSubscriber
+			if sub := h.liveSub(); sub != nil {
+				err = sub.Subscribe(context.WithoutCancel(ctx), notify)
+			}
+			if err != nil {
+				h.redisErrors.Add(1)
+				h.log.Warn("subscribe in redis", "err", err.Error())
+			}
+		}()
 	}
 	t := time.NewTimer(5 * time.Second)
 	defer t.Stop()

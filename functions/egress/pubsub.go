@@ -88,6 +88,12 @@ type nodeSub struct {
 	failing atomic.Bool
 	// lastRead is when the connection last delivered anything (unix ns).
 	lastRead atomic.Int64
+	// refused is set by the read loop when the node refused a
+	// SSUBSCRIBE with CROSSSLOT: go-redis subscribes a connection it
+	// replaced to all its channels in one SSUBSCRIBE, which a cluster
+	// refuses unless they share a slot, so that none of them is
+	// subscribed any more. regroup then sends each its own SSUBSCRIBE.
+	refused atomic.Bool
 
 	mu     sync.Mutex
 	sentAt map[string]time.Time // channels sent SSUBSCRIBE but not confirmed yet
@@ -152,8 +158,23 @@ func (s *subscriber) Unsubscribe(ctx context.Context, channels ...string) error 
 	}
 	var errs []error
 	for n, chs := range byNode {
-		if err := n.ps.SUnsubscribe(ctx, chs...); err != nil {
-			errs = append(errs, err)
+		if s.cluster == nil {
+			if err := n.ps.SUnsubscribe(ctx, chs...); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		// A cluster refuses (CROSSSLOT) a SUNSUBSCRIBE of channels in
+		// different slots, and the node would go on sending them.
+		for _, ch := range chs {
+			if err := n.ps.SUnsubscribe(ctx, ch); err != nil {
+				errs = append(errs, err)
+				// The connection is down, and each further call would
+				// dial it again: the rest stay in go-redis's list, which
+				// it subscribes again in one SSUBSCRIBE on reconnect (the
+				// cluster refuses it unless they share a slot).
+				break
+			}
 		}
 	}
 	s.dropEmptyLocked()
@@ -187,10 +208,14 @@ func (s *subscriber) Reconnect(ctx context.Context) {
 // Close closes every connection and waits for the goroutines. It is
 // idempotent.
 func (s *subscriber) Close() error {
+	// Cancelled before taking mu: the repair loop holds it while placing
+	// channels, each placement waiting up to a dial timeout on a Redis
+	// that does not answer, and that work would otherwise all be done
+	// before Close could stop it.
+	s.cancel()
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
-		s.cancel()
 		for addr, n := range s.nodes {
 			n.stop()
 			delete(s.nodes, addr)
@@ -324,6 +349,9 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			if !n.failing.Swap(true) {
 				s.log.Warn("redis subscription error", "node", n.addr, "err", err.Error())
 			}
+			if redis.HasErrorPrefix(err, "CROSSSLOT") {
+				n.refused.Store(true)
+			}
 			s.wake()
 			select {
 			case <-ctx.Done():
@@ -404,6 +432,15 @@ func (s *subscriber) regroup() {
 			for ch := range n.chans {
 				s.want[ch] = nil
 			}
+		}
+	}
+	for _, n := range s.nodes {
+		if n.refused.Swap(false) {
+			n.mu.Lock()
+			for ch := range n.chans {
+				n.sentAt[ch] = time.Time{} // sent again below
+			}
+			n.mu.Unlock()
 		}
 	}
 	stale := now.Add(-confirmWait)

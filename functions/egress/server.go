@@ -127,6 +127,8 @@ func (s *Server) Run(ctx context.Context) {
 	go func() { defer loops.Done(); s.hub.run(hctx) }()
 	loops.Add(1)
 	go func() { defer loops.Done(); s.maintain(hctx) }()
+	loops.Add(1)
+	go func() { defer loops.Done(); s.sweep(hctx) }()
 	<-ctx.Done()
 	s.drain()
 	stopHub()
@@ -166,11 +168,29 @@ func (s *Server) drain() {
 	}
 }
 
-// maintain runs the shared timers: pings, idle and lifetime closes, the
-// registry refresh, the read-path probe and unsubscribing idle channels.
-// One loop for all connections instead of timers per connection.
+// sweep runs the sockets' shared timers: pings, missed pongs, idle and
+// lifetime closes and token expiry. One loop for all connections instead
+// of timers per connection. It never waits for Redis: maintain, which
+// does, can be held up for as long as Redis is unreachable (each dial
+// of a re-subscription waits REDIS_TIMEOUT), and sockets that got no
+// ping meanwhile would all be dropped for a missed pong when it ended.
+func (s *Server) sweep(ctx context.Context) {
+	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			s.sweepConns(now)
+		}
+	}
+}
+
+// maintain runs the instance's Redis upkeep: the registry refresh, the
+// read-path probe and unsubscribing idle channels.
 func (s *Server) maintain(ctx context.Context) {
-	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2, s.cfg.ProbeInterval/2))
+	tick := time.NewTicker(min(time.Second, s.cfg.ProbeInterval/2))
 	defer tick.Stop()
 	refreshEvery := s.cfg.RegistryTTL / 3
 	lastRefresh, lastProbe := time.Now(), time.Time{}
@@ -183,7 +203,6 @@ func (s *Server) maintain(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-tick.C:
-			s.sweepConns(now)
 			if now.Sub(lastProbe) >= s.cfg.ProbeInterval {
 				lastProbe = now
 				pctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
@@ -201,8 +220,8 @@ func (s *Server) maintain(ctx context.Context) {
 			}
 			// The refresh runs beside the loop, one at a time: on a large
 			// instance it takes many round trips, which must not hold up
-			// pings and closes.
-			// Sooner when Redis may have lost the records (refreshDue).
+			// the probes. Sooner when Redis may have lost the records
+			// (refreshDue).
 			if (now.Sub(lastRefresh) >= refreshEvery || s.hub.refreshDue.Load()) && refreshing.CompareAndSwap(false, true) {
 				lastRefresh = now
 				s.hub.refreshDue.Store(false)
