@@ -1,9 +1,16 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -160,4 +167,202 @@ func TestHistoryRetention(t *testing.T) {
 	if ttl := e.rdb.PTTL(t.Context(), e.keys.Stream("h")).Val(); ttl <= 0 {
 		t.Fatalf("stream has no TTL (%v)", ttl)
 	}
+}
+
+// fillLarge appends n messages of about size bytes of data each to
+// channel h, straight to the store (a batch request is bounded by
+// MAX_BATCH_BYTES), and returns their ids.
+func (e *testEnv) fillLarge(n, size int) []string {
+	e.t.Helper()
+	data := json.RawMessage(`"` + strings.Repeat("x", size-2) + `"`)
+	var ids []string
+	for len(ids) < n {
+		var as []stream.Append
+		for range min(50, n-len(ids)) {
+			as = append(as, e.srv.channelAppend("h", publishBody{Data: data}, "", time.Now().UnixMilli()))
+		}
+		got, err := e.srv.store.Append(e.t.Context(), as)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		ids = append(ids, got...)
+	}
+	return ids
+}
+
+func dataBytes(ms []stream.Decoded) int {
+	n := 0
+	for _, m := range ms {
+		n += len(m.Data)
+	}
+	return n
+}
+
+// A history page holds at most historyPageBytes of messages (and at least
+// one), however high its limit, and paging with next reads every message
+// once, in order.
+func TestHistoryPageBudget(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const size = 60 << 10
+	ids := e.fillLarge(120, size)
+
+	// Without after: the newest messages that fit, oldest first.
+	r := e.history("?limit=1000")
+	got := idsOf(r.Messages)
+	if n := len(got); n == 0 || n >= len(ids) || dataBytes(r.Messages) > historyPageBytes+size {
+		t.Fatalf("newest page: %d messages, %d bytes of data; want fewer than %d, at most %d bytes", n, dataBytes(r.Messages), len(ids), historyPageBytes+size)
+	}
+	if want := ids[len(ids)-len(got):]; fmt.Sprint(got) != fmt.Sprint(want) || r.Next != ids[len(ids)-1] {
+		t.Fatalf("newest page %v next %s; want the newest %d, %v", got, r.Next, len(got), want)
+	}
+
+	// With after: every message once, in order, pages within the budget.
+	var paged []string
+	cursor := "0"
+	for range len(ids) + 1 {
+		r := e.history("?limit=1000&after=" + cursor)
+		if dataBytes(r.Messages) > historyPageBytes+size {
+			t.Fatalf("page after %s: %d messages, %d bytes of data", cursor, len(r.Messages), dataBytes(r.Messages))
+		}
+		if r.Recovered == nil || !*r.Recovered {
+			t.Fatalf("page after %s: recovered %v", cursor, r.Recovered)
+		}
+		if len(r.Messages) == 0 {
+			break
+		}
+		if len(paged) == 0 && len(r.Messages) >= len(ids) {
+			t.Fatalf("first page holds all %d messages", len(r.Messages))
+		}
+		paged = append(paged, idsOf(r.Messages)...)
+		if r.Next != paged[len(paged)-1] {
+			t.Fatalf("next %s, want the last id %s", r.Next, paged[len(paged)-1])
+		}
+		cursor = r.Next
+	}
+	if fmt.Sprint(paged) != fmt.Sprint(ids) {
+		t.Fatalf("paged %d messages, want the %d in order", len(paged), len(ids))
+	}
+
+	// A message larger than the budget still makes a page of one, with
+	// MAX_MESSAGE_BYTES above the budget (one entry per read).
+	big := newEnv(t, func(c *Config) { c.MaxMessageBytes, c.MaxBatchBytes = 8<<20, 8<<20 })
+	bigIDs := big.fillLarge(3, historyPageBytes+1000)
+	for _, q := range []string{"?limit=1000", "?limit=1000&after=" + bigIDs[0]} {
+		if r := big.history(q); len(r.Messages) != 1 {
+			t.Fatalf("%s over messages larger than the budget: %v", q, idsOf(r.Messages))
+		}
+	}
+}
+
+// One history request allocates a bounded amount, not limit ×
+// MAX_MESSAGE_BYTES several times over (over 300 MB here before pages had
+// a byte budget).
+func TestHistoryMemory(t *testing.T) {
+	// Not parallel: TotalAlloc counts every goroutine's allocations.
+	e := newEnv(t)
+	e.fillLarge(1000, 60<<10)
+	for _, q := range []string{"?limit=1000", "?limit=1000&after=0"} {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		w := e.do("GET", "/v1/channels/h/messages"+q, "")
+		runtime.ReadMemStats(&after)
+		alloc := after.TotalAlloc - before.TotalAlloc
+		t.Logf("%s: %d bytes of response, %.1f MB allocated", q, w.Body.Len(), float64(alloc)/1e6)
+		if w.Code != 200 || alloc > 16*historyPageBytes {
+			t.Fatalf("%s: status %d, %.1f MB allocated for one request", q, w.Code, float64(alloc)/1e6)
+		}
+	}
+}
+
+// publishN publishes n small messages to channel h in one batch and
+// returns their ids.
+func (e *testEnv) publishN(n int) []string {
+	e.t.Helper()
+	items := make([]string, n)
+	for i := range items {
+		items[i] = fmt.Sprintf(`{"channel":"h","data":%d}`, i)
+	}
+	w := e.do("POST", "/v1/messages", `{"messages":[`+strings.Join(items, ",")+`]}`)
+	if w.Code != 202 {
+		e.t.Fatalf("%d %s", w.Code, w.Body.String())
+	}
+	var ids []string
+	for _, r := range decode[struct{ Results []published }](e.t, w).Results {
+		ids = append(ids, r.ID)
+	}
+	return ids
+}
+
+// A later chunk of a page that does not follow on (the stream trimmed
+// between two reads) ends the page there; the next page says
+// recovered false.
+func TestHistoryTrimmedBetweenChunks(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ids := e.publishN(2 * historyChunk)
+	// After the page's first read, trim past what it read and a few more.
+	cut := historyChunk + 5
+	var once sync.Once
+	e.rdb.AddHook(afterCommand{name: "xrange", fn: func(ctx context.Context) {
+		once.Do(func() {
+			if err := e.rdb.XTrimMinID(ctx, e.keys.Stream("h"), ids[cut]).Err(); err != nil {
+				t.Error(err)
+			}
+		})
+	}})
+	r := e.history("?limit=1000&after=0")
+	if fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[:historyChunk]) || r.Next != ids[historyChunk-1] || r.Recovered == nil || !*r.Recovered {
+		t.Fatalf("page: %d messages, next %s, recovered %v; want the first chunk's %d, recovered", len(r.Messages), r.Next, r.Recovered, historyChunk)
+	}
+	r = e.history("?limit=1000&after=" + r.Next)
+	if fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[cut:]) || r.Recovered == nil || *r.Recovered {
+		t.Fatalf("next page: %v recovered %v; want from %s on, not recovered", idsOf(r.Messages), r.Recovered, ids[cut])
+	}
+}
+
+// Without after, a chunk that does not end where the page begins (entries
+// lost between two reads, as a failover to a lagging replica loses them)
+// ends the page: it never has a hole.
+func TestHistoryNewestHoleBetweenChunks(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ids := e.publishN(2 * historyChunk)
+	// The first read gets the newest chunk; then the entry before it goes.
+	oldest := len(ids) - historyChunk
+	var once sync.Once
+	e.rdb.AddHook(afterCommand{name: "xrevrange", fn: func(ctx context.Context) {
+		once.Do(func() {
+			if err := e.rdb.XDel(ctx, e.keys.Stream("h"), ids[oldest-1]).Err(); err != nil {
+				t.Error(err)
+			}
+		})
+	}})
+	if r := e.history("?limit=1000"); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[oldest:]) {
+		t.Fatalf("page %v; want the newest chunk %v", idsOf(r.Messages), ids[oldest:])
+	}
+}
+
+// afterCommand is a go-redis hook that calls fn after each command named
+// name.
+type afterCommand struct {
+	name string
+	fn   func(context.Context)
+}
+
+func (h afterCommand) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h afterCommand) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if cmd.Name() == h.name {
+			h.fn(ctx)
+		}
+		return err
+	}
+}
+
+func (h afterCommand) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -338,6 +340,125 @@ func parseLimit(c *gin.Context, def, max int) (int, *apiError) {
 	return n, nil
 }
 
+// historyPageBytes bounds the messages of one history page, counted as
+// their frames (what the JSON page repeats, nearly byte for byte). limit
+// alone let one request read limit × MAX_MESSAGE_BYTES (65 MB by default)
+// from Redis and hold several copies of it while decoding and encoding:
+// a few parallel requests ran the ingress out of memory. A page holds at
+// least one message, whatever its size, so that paging always advances.
+const historyPageBytes = 4 << 20
+
+// historyChunk is the most entries one Redis read of a page asks for. A
+// page is read chunk by chunk until it reaches its limit or its budget,
+// so a request holds at most the budget and one chunk.
+const historyChunk = 64
+
+// historyPage collects a page's entries within limit and historyPageBytes.
+type historyPage struct {
+	limit   int
+	chunk   int            // entries per read: historyChunk, fewer for large messages
+	entries []stream.Entry // in the order read (newest first for historyLatest)
+	bytes   int
+	full    bool // limit or budget reached
+}
+
+func (s *Server) newHistoryPage(limit int) *historyPage {
+	// A chunk no larger than the budget either, however large
+	// MAX_MESSAGE_BYTES is set.
+	chunk := int(min(historyChunk, max(1, historyPageBytes/s.cfg.MaxMessageBytes)))
+	return &historyPage{limit: limit, chunk: chunk}
+}
+
+// next is how many entries the next read should ask for.
+func (p *historyPage) next() int { return min(p.chunk, p.limit-len(p.entries)) }
+
+// add appends e unless the page is full or e would take it over the
+// budget (the first entry goes in whatever its size); false when the
+// page is full.
+func (p *historyPage) add(e stream.Entry) bool {
+	n := len(e.Head) + len(e.ID) + len(e.Tail)
+	if p.full || len(p.entries) > 0 && p.bytes+n > historyPageBytes {
+		p.full = true
+		return false
+	}
+	p.entries = append(p.entries, e)
+	p.bytes += n
+	p.full = len(p.entries) >= p.limit
+	return true
+}
+
+// historyAfter reads the page after `after`, chunk by chunk. The first
+// chunk's Batch is returned: it says whether the page follows `after`
+// (recovered) and where it starts when it does not. A later chunk that
+// does not follow the page (the stream was trimmed past the page between
+// two reads) is dropped and the page ends before it: the next page, after
+// the page's last id, then starts at the oldest message left and says
+// recovered false.
+func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, limit int) ([]stream.Entry, stream.Batch, error) {
+	p := s.newHistoryPage(limit)
+	var first stream.Batch
+	for pos := after; ; {
+		n := p.next()
+		b, err := s.store.Resume(ctx, key, pos, int64(n))
+		if err != nil {
+			return nil, first, err
+		}
+		if len(p.entries) == 0 {
+			first = b
+		} else if !b.Continuous {
+			break
+		}
+		for _, e := range b.Entries {
+			if !p.add(e) {
+				break
+			}
+		}
+		if p.full || len(b.Entries) < n {
+			break
+		}
+		pos = stream.MustParseID(p.entries[len(p.entries)-1].ID)
+	}
+	return p.entries, first, nil
+}
+
+// historyLatest reads the newest limit entries, newest first in chunks,
+// and returns them oldest first. When the budget cuts the page it holds
+// the newest messages that fit. Trimming between two reads only ends the
+// page early (it removes the oldest entries); a chunk that does not end
+// with the predecessor of the page's oldest entry (entries lost between
+// two reads, as a failover to a replica that lagged loses them) is
+// dropped, so that a page never has a hole, as one read never had.
+func (s *Server) historyLatest(ctx context.Context, key string, limit int) ([]stream.Entry, error) {
+	p := s.newHistoryPage(limit)
+	for {
+		n := p.next()
+		var es []stream.Entry
+		var err error
+		if len(p.entries) == 0 {
+			es, err = s.store.Latest(ctx, key, int64(n))
+		} else {
+			oldest := p.entries[len(p.entries)-1]
+			es, err = s.store.LatestBefore(ctx, key, stream.MustParseID(oldest.ID), int64(n))
+			if err == nil && len(es) > 0 && es[len(es)-1].ID != oldest.Prev {
+				break
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+		for i := len(es) - 1; i >= 0; i-- { // newest first
+			if !p.add(es[i]) {
+				break
+			}
+		}
+		if p.full || len(es) < n {
+			break
+		}
+	}
+	slices.Reverse(p.entries)
+	return p.entries, nil
+}
+
 // handleHistory: GET /v1/channels/{channel}/messages?after=&limit=.
 func (s *Server) handleHistory(c *gin.Context) {
 	ch, _, ok := s.channelRoute(c, (*principal).mayReadHistory)
@@ -365,17 +486,16 @@ func (s *Server) handleHistory(c *gin.Context) {
 		// Read like a resume, so that the page says whether messages
 		// after the cursor were trimmed before it (recovered false).
 		var b stream.Batch
-		b, err = s.store.Resume(c.Request.Context(), s.keys.Stream(ch), id, int64(limit))
-		entries = b.Entries
+		entries, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), id, limit)
 		resp["recovered"] = b.Continuous
-		if !b.Continuous && len(b.Entries) == 0 {
+		if !b.Continuous && len(entries) == 0 {
 			// Nothing after a cursor the stream does not go on from (one
 			// ahead of it, or one whose stream is gone): the next page
 			// starts where the stream does.
 			next = b.From.String()
 		}
 	} else {
-		entries, err = s.store.Latest(c.Request.Context(), s.keys.Stream(ch), int64(limit))
+		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), limit)
 	}
 	if err != nil {
 		writeError(c, s.log, err)

@@ -385,7 +385,21 @@ func entriesOf(msgs []redis.XMessage) []Entry {
 
 // Latest reads the newest count entries, oldest first.
 func (s *Store) Latest(ctx context.Context, key string, count int64) ([]Entry, error) {
-	msgs, err := s.rdb.XRevRangeN(ctx, key, "+", "-", count).Result()
+	return s.latest(ctx, key, "+", count)
+}
+
+// LatestBefore reads the newest count entries with ids below before,
+// oldest first: Latest, continued towards older entries in bounded reads
+// (before is the oldest id read so far).
+func (s *Store) LatestBefore(ctx context.Context, key string, before ID, count int64) ([]Entry, error) {
+	if before.IsZero() {
+		return nil, nil // nothing is below 0-0, and Redis refuses "(0-0"
+	}
+	return s.latest(ctx, key, "("+before.String(), count)
+}
+
+func (s *Store) latest(ctx context.Context, key, end string, count int64) ([]Entry, error) {
+	msgs, err := s.rdb.XRevRangeN(ctx, key, end, "-", count).Result()
 	if err != nil {
 		return nil, fmt.Errorf("read newest of %s: %w", key, err)
 	}

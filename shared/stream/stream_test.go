@@ -482,6 +482,51 @@ func TestBoundedBatches(t *testing.T) {
 	}
 }
 
+// LatestBefore pages back from Latest: the newest entries below an id,
+// oldest first, in bounded reads.
+func TestLatestBefore(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("lb")
+	ids := e.publish("lb", 10, Limits{})
+
+	es, err := e.store.LatestBefore(t.Context(), key, MustParseID(ids[5]), 3)
+	if err != nil || fmt.Sprint(idsOfEntries(es)) != fmt.Sprint(ids[2:5]) {
+		t.Fatalf("3 before %s: %v, %v; want %v", ids[5], idsOfEntries(es), err, ids[2:5])
+	}
+	// Paging back from Latest reads every entry once.
+	got, err := e.store.Latest(t.Context(), key, 4)
+	for err == nil {
+		var older []Entry
+		older, err = e.store.LatestBefore(t.Context(), key, MustParseID(got[0].ID), 4)
+		if len(older) == 0 {
+			break
+		}
+		got = append(older, got...)
+	}
+	if err != nil || fmt.Sprint(idsOfEntries(got)) != fmt.Sprint(ids) {
+		t.Fatalf("paged back %v, %v; want %v", idsOfEntries(got), err, ids)
+	}
+	// Nothing is below the oldest entry, nor below 0-0 (which Redis
+	// would refuse as an exclusive bound), nor in a missing stream.
+	for _, before := range []ID{MustParseID(ids[0]), Zero} {
+		if es, err := e.store.LatestBefore(t.Context(), key, before, 3); err != nil || len(es) != 0 {
+			t.Fatalf("before %s: %v, %v", before, idsOfEntries(es), err)
+		}
+	}
+	if es, err := e.store.LatestBefore(t.Context(), e.keys.Stream("missing"), Max, 3); err != nil || len(es) != 0 {
+		t.Fatalf("missing stream: %v, %v", idsOfEntries(es), err)
+	}
+}
+
+func idsOfEntries(es []Entry) []string {
+	out := []string{}
+	for _, x := range es {
+		out = append(out, x.ID)
+	}
+	return out
+}
+
 // Entries read back carry the route and ts they were appended with.
 func TestEntryFields(t *testing.T) {
 	t.Parallel()
