@@ -610,3 +610,53 @@ func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
 		return nil
 	})
 }
+
+// TestReadyzStaysDownWhileReadPathDead: Redis answers commands but no
+// notification comes back (the egress may no longer use Pub/Sub channels:
+// its ACL lost them). /readyz says 503 for as long as that lasts, not 200
+// for most of each interval after every forced resubscribe.
+func TestReadyzStaysDownWhileReadPathDead(t *testing.T) {
+	t.Parallel()
+	le := startLossEnv(t, nil, map[string]string{"PROBE_INTERVAL": "100ms"})
+	readyz := func() int {
+		resp, err := http.Get(le.e.srv.URL + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if st := readyz(); st != 200 {
+			return fmt.Errorf("/readyz %d", st)
+		}
+		return nil
+	})
+	// No channel may be used any more: Redis drops the egress's
+	// subscriptions, and refuses its SSUBSCRIBEs and probes (NOPERM);
+	// PING still works.
+	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "resetchannels").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if st := readyz(); st != 503 {
+			return fmt.Errorf("/readyz %d with the read path dead", st)
+		}
+		return nil
+	})
+	// Several forced resubscribes (one per 4 × PROBE_INTERVAL).
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(25 * time.Millisecond) {
+		if st := readyz(); st != 503 {
+			t.Fatalf("/readyz %d while the read path is still dead", st)
+		}
+	}
+	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "allchannels").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if st := readyz(); st != 200 {
+			return fmt.Errorf("/readyz %d with the read path back", st)
+		}
+		return nil
+	})
+}

@@ -193,7 +193,7 @@ func (s *Server) maintain(ctx context.Context) {
 	tick := time.NewTicker(min(time.Second, s.cfg.ProbeInterval/2))
 	defer tick.Stop()
 	refreshEvery := s.cfg.RegistryTTL / 3
-	lastRefresh, lastProbe := time.Now(), time.Time{}
+	lastRefresh, lastProbe, lastResub := time.Now(), time.Time{}, time.Time{}
 	var refreshing atomic.Bool
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
@@ -211,11 +211,15 @@ func (s *Server) maintain(ctx context.Context) {
 				}
 				cancel()
 				// The read path is dead while the connection looks open:
-				// replace it (the receive loop then catches up).
-				if time.Since(time.Unix(0, s.hub.lastRecv.Load())) > 4*s.cfg.ProbeInterval {
+				// replace it (the receive loop then catches up), and give
+				// the new one as long before replacing it again. lastRecv
+				// stays what it was: /readyz says 503 until a probe comes
+				// back, not 200 after every resubscribe.
+				silent := 4 * s.cfg.ProbeInterval
+				if time.Since(time.Unix(0, s.hub.lastRecv.Load())) > silent && time.Since(lastResub) > silent {
 					s.log.Warn("redis read path silent, resubscribing")
 					s.hub.resubscribe(ctx)
-					s.hub.lastRecv.Store(time.Now().UnixNano())
+					lastResub = time.Now()
 				}
 			}
 			// The refresh runs beside the loop, one at a time: on a large
