@@ -55,6 +55,14 @@ func Validate(allowed string) error {
 		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || u.Scheme+"://"+u.Host != a {
 			return fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin (scheme://host[:port], no path) or *", a)
 		}
+		// Entries a browser's Origin can never equal: they would refuse
+		// every browser while looking right.
+		if strings.Contains(u.Host, "*") {
+			return fmt.Errorf("ALLOWED_ORIGINS: %q: patterns are not supported; list each origin, or *", a)
+		}
+		if p := u.Port(); (p == "443" && strings.EqualFold(u.Scheme, "https")) || (p == "80" && strings.EqualFold(u.Scheme, "http")) {
+			return fmt.Errorf("ALLOWED_ORIGINS: %q: browsers send the scheme's default port %s as no port; write %s://%s", a, p, u.Scheme, u.Hostname())
+		}
 	}
 	return nil
 }

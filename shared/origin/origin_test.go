@@ -36,7 +36,7 @@ func TestValidate(t *testing.T) {
 			t.Errorf("Validate(%q): %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"https://app.example.com/", "app.example.com", "https://app.example.com/path", "https://u@app.example.com", "https://", "https://a.example.com?x=1", "https://a.example.com,example.org"} {
+	for _, bad := range []string{"https://app.example.com/", "app.example.com", "https://app.example.com/path", "https://u@app.example.com", "https://", "https://a.example.com?x=1", "https://a.example.com,example.org", "https://*.example.com", "https://a.example.com:443", "http://localhost:80"} {
 		if err := Validate(bad); err == nil || !strings.Contains(err.Error(), "ALLOWED_ORIGINS") {
 			t.Errorf("Validate(%q) = %v, want an ALLOWED_ORIGINS error", bad, err)
 		}
