@@ -524,6 +524,13 @@ func TestIPKeyWithPort(t *testing.T) {
 		{"2001:db8:1:2::1", "2001:db8:1:2::/64"},
 		{"[::ffff:10.0.0.2]:1", "10.0.0.2"},
 		{"unknown", "unknown"},
+		// A bracketed IPv6 address without a port (RFC 7239 style) is
+		// keyed by its /64 too, not address by address; so is a full
+		// IPv6 address written with its port and without brackets.
+		{"[2001:db8:1:2::1]", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2::2]", "2001:db8:1:2::/64"},
+		{"2001:db8:1:2:3:4:5:6:51234", "2001:db8:1:2::/64"},
+		{"[fe80::1%eth0]", "fe80::/64"},
 	} {
 		if got := ipKey(tc.in); got != tc.want {
 			t.Errorf("ipKey(%q) = %q, want %q", tc.in, got, tc.want)

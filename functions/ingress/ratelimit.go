@@ -150,13 +150,9 @@ func (pl *publishLimits) clientIP(c *gin.Context) string {
 // in X-Forwarded-For) is keyed by its address: the port changes with each
 // connection. Anything that does not parse is its own key.
 func ipKey(s string) string {
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		ap, perr := netip.ParseAddrPort(s)
-		if perr != nil {
-			return s
-		}
-		a = ap.Addr()
+	a, ok := clientAddr(s)
+	if !ok {
+		return s
 	}
 	a = a.Unmap()
 	if a.Is4() {
@@ -164,6 +160,32 @@ func ipKey(s string) string {
 	}
 	p, _ := a.WithZone("").Prefix(64)
 	return p.String()
+}
+
+// clientAddr parses a client address as gateways write it: "ip",
+// "ip:port", "[ip]:port", "[ip]" (RFC 7239 style), or an IPv6 address
+// followed by ":port" without brackets when that is the only reading (the
+// whole is not an address itself).
+func clientAddr(s string) (netip.Addr, bool) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		return a, true
+	}
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap.Addr(), true
+	}
+	if len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']' {
+		if a, err := netip.ParseAddr(s[1 : len(s)-1]); err == nil && a.Is6() {
+			return a, true
+		}
+	}
+	if i := strings.LastIndexByte(s, ':'); i > 0 {
+		if _, err := strconv.ParseUint(s[i+1:], 10, 16); err == nil {
+			if a, err := netip.ParseAddr(s[:i]); err == nil && a.Is6() {
+				return a, true
+			}
+		}
+	}
+	return netip.Addr{}, false
 }
 
 // allowPublishes applies the publish rate limits for n messages: per

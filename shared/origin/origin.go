@@ -52,7 +52,8 @@ func Validate(allowed string) error {
 			continue
 		}
 		u, err := url.Parse(a)
-		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || u.Scheme+"://"+u.Host != a {
+		// url.Parse lowers the scheme; Allowed compares without case.
+		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || !strings.EqualFold(u.Scheme+"://"+u.Host, a) {
 			return fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin (scheme://host[:port], no path) or *", a)
 		}
 		// Entries a browser's Origin can never equal: they would refuse
@@ -60,8 +61,17 @@ func Validate(allowed string) error {
 		if strings.Contains(u.Host, "*") {
 			return fmt.Errorf("ALLOWED_ORIGINS: %q: patterns are not supported; list each origin, or *", a)
 		}
-		if p := u.Port(); (p == "443" && strings.EqualFold(u.Scheme, "https")) || (p == "80" && strings.EqualFold(u.Scheme, "http")) {
-			return fmt.Errorf("ALLOWED_ORIGINS: %q: browsers send the scheme's default port %s as no port; write %s://%s", a, p, u.Scheme, u.Hostname())
+		if strings.HasSuffix(u.Host, ":") {
+			return fmt.Errorf("ALLOWED_ORIGINS: %q: empty port; write %s://%s", a, u.Scheme, strings.TrimSuffix(u.Host, ":"))
+		}
+		for _, r := range u.Host {
+			if r >= 0x80 {
+				return fmt.Errorf("ALLOWED_ORIGINS: %q: browsers send an internationalized host name in its ASCII form (xn--…); write that", a)
+			}
+		}
+		if p := u.Port(); (p == "443" && u.Scheme == "https") || (p == "80" && u.Scheme == "http") {
+			// TrimSuffix, not Hostname: an IPv6 literal keeps its brackets.
+			return fmt.Errorf("ALLOWED_ORIGINS: %q: browsers send the scheme's default port %s as no port; write %s://%s", a, p, u.Scheme, strings.TrimSuffix(u.Host, ":"+p))
 		}
 	}
 	return nil

@@ -42,3 +42,25 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// Entries a browser's Origin can never equal are refused at start, and
+// the fix the error suggests is itself accepted: an IPv6 literal keeps
+// its brackets; a Unicode host name is refused (browsers send its
+// punycode form, xn--…), as is an empty port; a legitimate IPv6 origin
+// and an upper-case scheme (matched case-insensitively) are accepted.
+func TestValidateHosts(t *testing.T) {
+	for _, ok := range []string{"http://[::1]:8080", "https://[2001:db8::1]", "https://xn--bcher-kva.example", "HTTPS://App.Example.com"} {
+		if err := Validate(ok); err != nil {
+			t.Errorf("Validate(%q): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"https://bücher.example", "https://a.example.com:"} {
+		if err := Validate(bad); err == nil {
+			t.Errorf("Validate(%q) accepted an origin no browser sends", bad)
+		}
+	}
+	err := Validate("http://[::1]:80")
+	if err == nil || !strings.Contains(err.Error(), "write http://[::1]") {
+		t.Errorf("Validate(http://[::1]:80) = %v, want it to suggest http://[::1]", err)
+	}
+}
