@@ -229,6 +229,40 @@ func (g *goClient) waitData(within time.Duration, want ...string) {
 	}
 }
 
+// waitTargeted waits until the client's targeted messages are want (data,
+// in order).
+func (g *goClient) waitTargeted(within time.Duration, want ...string) {
+	g.t.Helper()
+	testkit.Eventually(g.t, within, func() error {
+		if got := g.targetedData(); fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("targeted %v, want %v", got, want)
+		}
+		return nil
+	})
+}
+
+// neverCut fails the test if the client's socket was ever replaced.
+func (g *goClient) neverCut() {
+	g.t.Helper()
+	g.mu.Lock()
+	states := fmt.Sprint(g.states)
+	g.mu.Unlock()
+	if states != "[connecting connected]" {
+		g.t.Errorf("client states %s: the socket was cut", states)
+	}
+}
+
+// waitReadyz waits until the egress's /readyz answers status.
+func (le *lossEnv) waitReadyz(within time.Duration, status int) {
+	le.t.Helper()
+	testkit.Eventually(le.t, within, func() error {
+		if st := readyz(le); st != status {
+			return fmt.Errorf("/readyz %d, want %d", st, status)
+		}
+		return nil
+	})
+}
+
 func readyz(le *lossEnv) int {
 	resp, err := http.Get(le.e.srv.URL + "/readyz")
 	if err != nil {
@@ -258,12 +292,7 @@ func TestGoClientAcrossRedisRestart(t *testing.T) {
 	a.waitData(5*time.Second, strs(1, 2, 3)...)
 
 	le.srv.Restart(t)
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if st := readyz(le); st != 200 {
-			return fmt.Errorf("readyz %d", st)
-		}
-		return nil
-	})
+	le.waitReadyz(10*time.Second, 200)
 	for i := 4; i <= 6; i++ {
 		le.publish("room", i)
 	}
@@ -283,12 +312,7 @@ func TestGoClientAcrossRedisRestart(t *testing.T) {
 		}
 		return nil
 	})
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[7]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
+	a.waitTargeted(5*time.Second, strs(7)...)
 	le.publish("room", 8)
 	a.waitData(5*time.Second, strs(1, 2, 3, 4, 5, 6, 8)...)
 }
@@ -303,12 +327,7 @@ func TestGoClientAcrossFlushAll(t *testing.T) {
 	if n, err := le.sendToUser("alice", 100); err != nil || n != 1 {
 		t.Fatalf("send before flush: %d %v", n, err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[100]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
+	a.waitTargeted(5*time.Second, strs(100)...)
 
 	if err := le.pub.FlushAll(t.Context()).Err(); err != nil {
 		t.Fatal(err)
@@ -329,12 +348,7 @@ func TestGoClientAcrossFlushAll(t *testing.T) {
 		}
 		return nil
 	})
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[100 101]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
+	a.waitTargeted(5*time.Second, strs(100, 101)...)
 	if st := readyz(le); st != 200 {
 		t.Fatalf("readyz %d", st)
 	}
@@ -355,12 +369,7 @@ func TestGoClientAcrossRestartFromSnapshot(t *testing.T) {
 	le.publish("room", 3)
 	a.waitData(5*time.Second, strs(1, 2, 3)...)
 	le.srv.Restart(t) // loads the snapshot: 2 and 3 are gone
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if st := readyz(le); st != 200 {
-			return fmt.Errorf("readyz %d", st)
-		}
-		return nil
-	})
+	le.waitReadyz(10*time.Second, 200)
 	time.Sleep(time.Second)
 	le.publish("room", 4)
 	le.publish("room", 5)
@@ -395,12 +404,7 @@ func TestGoClientAcrossRestartWithClockBehind(t *testing.T) {
 	ids := []string{le.publish("room", 2), le.publish("room", 3)}
 	a.waitData(5*time.Second, strs(1, 2, 3)...)
 	le.srv.Restart(t)
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if st := readyz(le); st != 200 {
-			return fmt.Errorf("readyz %d", st)
-		}
-		return nil
-	})
+	le.waitReadyz(10*time.Second, 200)
 	time.Sleep(time.Second)
 	le.publish("room", 4)
 	le.publish("room", 5)
@@ -487,18 +491,8 @@ func TestGoClientAcrossLongPartition(t *testing.T) {
 		return nil
 	})
 	t.Logf("targeted send listed again %s after the heal", time.Since(healed).Round(100*time.Millisecond))
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[100 101]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
-	a.mu.Lock()
-	states := fmt.Sprint(a.states)
-	a.mu.Unlock()
-	if states != "[connecting connected]" {
-		t.Errorf("client states %s: the socket was cut", states)
-	}
+	a.waitTargeted(5*time.Second, strs(100, 101)...)
+	a.neverCut()
 }
 
 // TestGoClientAcrossExpiry: a quiet channel's stream expires
@@ -557,18 +551,8 @@ func TestGoClientAcrossExpiry(t *testing.T) {
 			t.Fatalf("send after losing the inbox: %d connections, %v", n, err)
 		}
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[100 101 102 103]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
-	a.mu.Lock()
-	states := fmt.Sprint(a.states)
-	a.mu.Unlock()
-	if states != "[connecting connected]" {
-		t.Errorf("client states %s: the socket was cut", states)
-	}
+	a.waitTargeted(5*time.Second, strs(100, 101, 102, 103)...)
+	a.neverCut()
 }
 
 // TestRegistryBackSoonAfterRedisRestart: Redis restarts empty with the
@@ -582,19 +566,9 @@ func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
 	if n, err := le.sendToUser("alice", 1); err != nil || n != 1 {
 		t.Fatalf("send before the restart: %d %v", n, err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[1]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
+	a.waitTargeted(5*time.Second, strs(1)...)
 	le.srv.Restart(t)
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if st := readyz(le); st != 200 {
-			return fmt.Errorf("readyz %d", st)
-		}
-		return nil
-	})
+	le.waitReadyz(10*time.Second, 200)
 	ready := time.Now()
 	testkit.Eventually(t, 3*time.Second, func() error {
 		n, err := le.sendToUser("alice", 2)
@@ -603,12 +577,7 @@ func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
 		}
 		return nil
 	})
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if got := a.targetedData(); fmt.Sprint(got) != "[1 2]" {
-			return fmt.Errorf("targeted %v", got)
-		}
-		return nil
-	})
+	a.waitTargeted(5*time.Second, strs(1, 2)...)
 }
 
 // TestReadyzStaysDownWhileReadPathDead: Redis answers commands but no
@@ -618,45 +587,22 @@ func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
 func TestReadyzStaysDownWhileReadPathDead(t *testing.T) {
 	t.Parallel()
 	le := startLossEnv(t, nil, map[string]string{"PROBE_INTERVAL": "100ms"})
-	readyz := func() int {
-		resp, err := http.Get(le.e.srv.URL + "/readyz")
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode
-	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if st := readyz(); st != 200 {
-			return fmt.Errorf("/readyz %d", st)
-		}
-		return nil
-	})
+	le.waitReadyz(5*time.Second, 200)
 	// No channel may be used any more: Redis drops the egress's
 	// subscriptions, and refuses its SSUBSCRIBEs and probes (NOPERM);
 	// PING still works.
 	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "resetchannels").Err(); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if st := readyz(); st != 503 {
-			return fmt.Errorf("/readyz %d with the read path dead", st)
-		}
-		return nil
-	})
+	le.waitReadyz(5*time.Second, 503)
 	// Several forced resubscribes (one per 4 × PROBE_INTERVAL).
 	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(25 * time.Millisecond) {
-		if st := readyz(); st != 503 {
+		if st := readyz(le); st != 503 {
 			t.Fatalf("/readyz %d while the read path is still dead", st)
 		}
 	}
 	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "allchannels").Err(); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if st := readyz(); st != 200 {
-			return fmt.Errorf("/readyz %d with the read path back", st)
-		}
-		return nil
-	})
+	le.waitReadyz(10*time.Second, 200)
 }
