@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,7 +36,7 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 	log := slog.New(slog.NewJSONHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(t.Context())
 	served := make(chan error, 1)
-	go func() { served <- serve(ctx, log, &failingListener{Listener: ln}, NewServer(cfg, log, rdb)) }()
+	go func() { served <- serve(ctx, log, testkit.FailFirstAccept(ln), NewServer(cfg, log, rdb)) }()
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if !strings.Contains(logs.String(), `"msg":"http: Accept error: accept4: too many open files`) {
 			return fmt.Errorf("no accept error in the log: %s", logs.String())
@@ -49,27 +48,6 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 		t.Fatalf("serve: %v", err)
 	}
 }
-
-// failingListener fails its first Accept as accept(2) does when the
-// process is out of file descriptors: a temporary error, which net/http
-// logs and retries.
-type failingListener struct {
-	net.Listener
-	failed atomic.Bool
-}
-
-func (l *failingListener) Accept() (net.Conn, error) {
-	if l.failed.CompareAndSwap(false, true) {
-		return nil, errTooManyFiles{}
-	}
-	return l.Listener.Accept()
-}
-
-type errTooManyFiles struct{}
-
-func (errTooManyFiles) Error() string   { return "accept4: too many open files" }
-func (errTooManyFiles) Timeout() bool   { return false }
-func (errTooManyFiles) Temporary() bool { return true }
 
 // TestSlowRequestBody: a request that declares a body it never sends (no
 // credential needed) does not hold its connection for ever: net/http

@@ -141,7 +141,7 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	served := make(chan error, 1)
 	go func() {
-		served <- serve(ctx, log, &failingListener{Listener: ln}, http.NotFoundHandler(), time.Second, time.Second)
+		served <- serve(ctx, log, testkit.FailFirstAccept(ln), http.NotFoundHandler(), time.Second, time.Second)
 	}()
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if !strings.Contains(logs.String(), `"msg":"http: Accept error: accept4: too many open files`) {
@@ -154,24 +154,3 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 		t.Fatalf("serve: %v", err)
 	}
 }
-
-// failingListener fails its first Accept as accept(2) does when the
-// process is out of file descriptors: a temporary error, which net/http
-// logs and retries.
-type failingListener struct {
-	net.Listener
-	failed atomic.Bool
-}
-
-func (l *failingListener) Accept() (net.Conn, error) {
-	if l.failed.CompareAndSwap(false, true) {
-		return nil, errTooManyFiles{}
-	}
-	return l.Listener.Accept()
-}
-
-type errTooManyFiles struct{}
-
-func (errTooManyFiles) Error() string   { return "accept4: too many open files" }
-func (errTooManyFiles) Timeout() bool   { return false }
-func (errTooManyFiles) Temporary() bool { return true }

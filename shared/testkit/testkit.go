@@ -1,11 +1,14 @@
 // Package testkit holds the small helpers the modules' tests share:
-// polling until a condition holds, and a buffer that a process's
-// concurrent writers and a test's reads can share. Only tests import it.
+// polling until a condition holds, a buffer that a process's concurrent
+// writers and a test's reads can share, and a listener that fails an
+// Accept. Only tests import it.
 package testkit
 
 import (
 	"bytes"
+	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -47,3 +50,26 @@ func (s *SyncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// FailFirstAccept wraps ln so that its first Accept fails as accept(2)
+// does when the process is out of file descriptors: a temporary error,
+// which net/http logs (through its ErrorLog) and retries.
+func FailFirstAccept(ln net.Listener) net.Listener { return &failingListener{Listener: ln} }
+
+type failingListener struct {
+	net.Listener
+	failed atomic.Bool
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.failed.CompareAndSwap(false, true) {
+		return nil, errTooManyFiles{}
+	}
+	return l.Listener.Accept()
+}
+
+type errTooManyFiles struct{}
+
+func (errTooManyFiles) Error() string   { return "accept4: too many open files" }
+func (errTooManyFiles) Timeout() bool   { return false }
+func (errTooManyFiles) Temporary() bool { return true }
