@@ -11,17 +11,17 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
-// TestServeLogsHTTPErrors: net/http's own messages (here an accept error,
-// as when the instance is out of file descriptors, one per socket) are
-// records of the function's structured log, not plain text on stderr.
-func TestServeLogsHTTPErrors(t *testing.T) {
-	t.Parallel()
+// serveSetup gives serve's tests an anonymous egress's configuration, its
+// Redis client and a loopback listener.
+func serveSetup(t *testing.T) (Config, redis.UniversalClient, net.Listener) {
+	t.Helper()
 	rdb, prefix := redistest.Client(t)
 	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true"}
 	cfg, err := loadConfig(func(k string) string { return env[k] })
@@ -32,6 +32,15 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cfg, rdb, ln
+}
+
+// TestServeLogsHTTPErrors: net/http's own messages (here an accept error,
+// as when the instance is out of file descriptors, one per socket) are
+// records of the function's structured log, not plain text on stderr.
+func TestServeLogsHTTPErrors(t *testing.T) {
+	t.Parallel()
+	cfg, rdb, ln := serveSetup(t)
 	var logs testkit.SyncBuffer
 	log := slog.New(slog.NewJSONHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(t.Context())
@@ -56,16 +65,7 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 // sockets, which stay open and answer well past it.
 func TestSlowRequestBody(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	env := map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg, rdb, ln := serveSetup(t)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	s := NewServer(cfg, log, rdb)
 	hs := httpServer(s, log)
