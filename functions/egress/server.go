@@ -209,6 +209,9 @@ func (s *Server) maintain(ctx context.Context) {
 				if err := s.hub.probe(pctx); err != nil {
 					s.log.Debug("probe failed", "err", err.Error())
 				}
+				if s.recordsLost(pctx) && !s.hub.refreshDue.Swap(true) {
+					s.log.Warn("registry records missing in redis, rewriting them")
+				}
 				cancel()
 				// The read path is dead while the connection looks open:
 				// replace it (the receive loop then catches up), and give
@@ -226,17 +229,50 @@ func (s *Server) maintain(ctx context.Context) {
 			// instance it takes many round trips, which must not hold up
 			// the probes. Sooner when Redis may have lost the records
 			// (refreshDue).
+			// A due refresh that fails is due again: Redis confirms
+			// subscriptions before it takes writes (a Redis loading its
+			// snapshot answers -LOADING to them), and nothing else would
+			// ask for it before the next scheduled one.
 			if (now.Sub(lastRefresh) >= refreshEvery || s.hub.refreshDue.Load()) && refreshing.CompareAndSwap(false, true) {
 				lastRefresh = now
-				s.hub.refreshDue.Store(false)
+				due := s.hub.refreshDue.Swap(false)
 				refreshes.Go(func() {
 					defer refreshing.Store(false)
-					s.refreshRegistry(ctx)
+					if err := s.refreshRegistry(ctx); err != nil && due && ctx.Err() == nil {
+						s.hub.refreshDue.Store(true)
+					}
 				})
 			}
 			s.hub.sweepIdle(ctx, now)
 		}
 	}
+}
+
+// recordsLost reports whether the record of the instance's oldest
+// connection is missing from Redis: Redis lost its data while the
+// Pub/Sub connection stayed up (FLUSHALL, eviction), which nothing else
+// notices (a Redis that restarted confirms the subscriptions again and
+// sets refreshDue), and sends to the instance's users would find nobody
+// until the next scheduled refresh. The oldest connection's registration
+// is long done (one younger than REDIS_TIMEOUT may still be writing its
+// record); one EXISTS per probe.
+func (s *Server) recordsLost(ctx context.Context) bool {
+	var oldest *conn
+	for _, c := range s.hub.snapshotConns() {
+		if oldest == nil || c.openedAt.Before(oldest.openedAt) {
+			oldest = c
+		}
+	}
+	if oldest == nil || time.Since(oldest.openedAt) < s.cfg.Redis.Timeout+time.Second {
+		return false
+	}
+	n, err := s.rdb.Exists(ctx, s.hub.keys.Conn(oldest.id)).Result()
+	select {
+	case <-oldest.done: // ended meanwhile: its record is removed
+		return false
+	default:
+	}
+	return err == nil && n == 0
 }
 
 func (s *Server) sweepConns(now time.Time) {
@@ -276,7 +312,10 @@ func (s *Server) sweepConns(now time.Time) {
 // not its user's set). Each batch has a deadline of its own: one for the
 // whole refresh would fail the later batches of a large instance however
 // healthy Redis is.
-func (s *Server) refreshRegistry(ctx context.Context) {
+//
+// It returns the first write that failed (the batches after it are not
+// written).
+func (s *Server) refreshRegistry(ctx context.Context) error {
 	all := s.hub.snapshotConns()
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
@@ -319,7 +358,10 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
 	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
-	rctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
+	// Also once ctx has ended: at shutdown, the drain's removals race
+	// this refresh, and its context is cancelled as soon as they are
+	// done (Run waits for it before the Redis client is closed).
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*s.cfg.Redis.Timeout)
 	defer cancel()
 	for i, c := range conns {
 		select {
@@ -330,6 +372,7 @@ func (s *Server) refreshRegistry(ctx context.Context) {
 		default:
 		}
 	}
+	return err
 }
 
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
