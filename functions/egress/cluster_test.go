@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http/httptest"
 	"os"
@@ -34,6 +35,12 @@ type clusterEgress struct {
 
 func startClusterEgress(t *testing.T, rdb *redis.ClusterClient, addrs string) *clusterEgress {
 	t.Helper()
+	return startClusterEgressWith(t, rdb, addrs, nil)
+}
+
+// startClusterEgressWith is startClusterEgress with more settings.
+func startClusterEgressWith(t *testing.T, rdb *redis.ClusterClient, addrs string, more map[string]string) *clusterEgress {
+	t.Helper()
 	prefix := redistest.Prefix(t)
 	vars := map[string]string{
 		"REDIS_CLUSTER_ADDRS": addrs,
@@ -41,6 +48,7 @@ func startClusterEgress(t *testing.T, rdb *redis.ClusterClient, addrs string) *c
 		"ALLOW_ANONYMOUS":     "true",
 		"SHUTDOWN_GRACE":      "1s",
 	}
+	maps.Copy(vars, more)
 	cfg, err := loadConfig(func(k string) string { return vars[k] })
 	if err != nil {
 		t.Fatal(err)

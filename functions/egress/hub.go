@@ -138,12 +138,14 @@ func (h *hub) liveSub() *subscriber {
 	return h.sub
 }
 
-// resubscribe replaces the Pub/Sub connections: used when probes show the
-// read path is dead although the connections look open. The subscriber
-// keeps the set of wanted channels; it resolves each one's node again.
+// resubscribe replaces the Pub/Sub connection the probes go through (the
+// inbox's node's; on a single Redis the only one): used when probes show
+// the read path is dead although the connection looks open. The
+// subscriber keeps the set of wanted channels; it resolves the node of
+// each one that was on it again.
 func (h *hub) resubscribe(ctx context.Context) {
 	if sub := h.liveSub(); sub != nil {
-		sub.Reconnect(ctx)
+		sub.Reconnect(ctx, h.inbox.notify)
 	}
 	h.reconnects.Add(1)
 }

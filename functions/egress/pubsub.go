@@ -95,8 +95,27 @@ type nodeSub struct {
 	// subscribed any more. regroup then sends each its own SSUBSCRIBE.
 	refused atomic.Bool
 
+	// stalled is how long in all (ns) the read loop has waited to hand
+	// events to the hub, and blockedAt when the wait under way began
+	// (unix ns, 0 when none); the end of a wait updates both under mu. The hub reads the stream for each
+	// confirmation, so after a burst of placements (a failover, a
+	// Reconnect, a refused resubscribe) the confirmations of thousands of
+	// channels wait in the connection for the hub, not for Redis: that
+	// time counts neither towards confirmWait (each SSUBSCRIBE sent again
+	// meanwhile cost the hub one more catch-up, and the more there were,
+	// the more were sent again: O(n²)) nor as silence (deadAfter).
+	stalled   atomic.Int64
+	blockedAt atomic.Int64
+
 	mu     sync.Mutex
-	sentAt map[string]time.Time // channels sent SSUBSCRIBE but not confirmed yet
+	sentAt map[string]sentMark // channels sent SSUBSCRIBE but not confirmed yet
+}
+
+// sentMark is when a SSUBSCRIBE was sent: at (zero when Redis dropped the
+// subscription: send again at once) and the node's stall total then.
+type sentMark struct {
+	at      time.Time
+	stalled int64
 }
 
 // newSubscriber starts the subscriber's repair loop; Close stops it.
@@ -181,26 +200,38 @@ func (s *subscriber) Unsubscribe(ctx context.Context, channels ...string) error 
 	return errors.Join(errs...)
 }
 
-// Reconnect replaces every Pub/Sub connection and subscribes every
-// channel again where it now lives (used when probes show the read path
-// is dead although the connections look open).
-func (s *subscriber) Reconnect(ctx context.Context) {
+// Reconnect replaces the Pub/Sub connection of the node that holds
+// channel and subscribes its channels again where they now live (used
+// when probes, published to channel, show that its read path is dead
+// although the connection looks open). On a cluster the other nodes'
+// connections stay: the probes say nothing about them (each is pinged
+// when silent), and replacing them made every channel of the instance
+// subscribe again and catch up from its stream at each resubscribe, every
+// 4 × PROBE_INTERVAL for as long as the inbox's master stayed down.
+func (s *subscriber) Reconnect(ctx context.Context, channel string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return
 	}
-	for addr, n := range s.nodes {
-		n.stop()
-		delete(s.nodes, addr)
+	again := []string{}
+	if _, ok := s.want[channel]; ok {
+		again = append(again, channel)
 	}
-	for ch := range s.want {
-		s.want[ch] = nil
+	if n := s.want[channel]; n != nil {
+		n.stop()
+		delete(s.nodes, n.addr)
+		for ch := range n.chans {
+			s.want[ch] = nil
+			if ch != channel {
+				again = append(again, ch)
+			}
+		}
 	}
 	if s.cluster != nil {
 		s.cluster.ReloadState(ctx)
 	}
-	for ch := range s.want {
+	for _, ch := range again {
 		_ = s.placeLocked(ctx, ch)
 	}
 }
@@ -257,7 +288,7 @@ func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
 		return err
 	}
 	old := s.want[channel]
-	if old != nil && old.addr == addr && !old.unconfirmedSince(channel, time.Now().Add(-confirmWait)) {
+	if old != nil && old.addr == addr && !old.unconfirmedFor(channel, time.Now(), confirmWait) {
 		return nil
 	}
 	if old != nil && old.addr != addr {
@@ -289,8 +320,9 @@ func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
 	}
 	n.chans[channel] = struct{}{}
 	s.want[channel] = n
+	now := time.Now()
 	n.mu.Lock()
-	n.sentAt[channel] = time.Now()
+	n.sentAt[channel] = sentMark{at: now, stalled: n.stallTotal(now)}
 	n.mu.Unlock()
 	sctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
@@ -304,7 +336,7 @@ func (s *subscriber) startNode(addr string, client redis.UniversalClient) *nodeS
 		ps:     client.SSubscribe(ctx),
 		chans:  make(map[string]struct{}),
 		cancel: cancel,
-		sentAt: make(map[string]time.Time),
+		sentAt: make(map[string]sentMark),
 	}
 	n.lastRead.Store(time.Now().UnixNano())
 	s.nodes[addr] = n
@@ -378,7 +410,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 				s.mu.Lock()
 				if s.want[m.Channel] == n {
 					n.mu.Lock()
-					n.sentAt[m.Channel] = time.Time{}
+					n.sentAt[m.Channel] = sentMark{}
 					n.mu.Unlock()
 					s.wake()
 				}
@@ -394,9 +426,21 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		}
 		select {
 		case s.events <- ev:
+			continue
+		default:
+		}
+		n.blockedAt.Store(time.Now().UnixNano())
+		select {
+		case s.events <- ev:
 		case <-ctx.Done():
 			return
 		}
+		now := time.Now().UnixNano()
+		n.mu.Lock() // stallTotal's readers see both or neither
+		n.stalled.Add(now - n.blockedAt.Load())
+		n.blockedAt.Store(0)
+		n.mu.Unlock()
+		n.lastRead.Store(now)
 	}
 }
 
@@ -424,7 +468,7 @@ func (s *subscriber) regroup() {
 	}
 	now := time.Now()
 	for addr, n := range s.nodes {
-		if now.Sub(time.Unix(0, n.lastRead.Load())) > deadAfter {
+		if n.blockedAt.Load() == 0 && now.Sub(time.Unix(0, n.lastRead.Load())) > deadAfter {
 			// Silent although pinged: replace the connection.
 			s.log.Warn("redis subscription silent, reconnecting", "node", addr)
 			n.stop()
@@ -438,15 +482,14 @@ func (s *subscriber) regroup() {
 		if n.refused.Swap(false) {
 			n.mu.Lock()
 			for ch := range n.chans {
-				n.sentAt[ch] = time.Time{} // sent again below
+				n.sentAt[ch] = sentMark{} // sent again below
 			}
 			n.mu.Unlock()
 		}
 	}
-	stale := now.Add(-confirmWait)
 	var todo []string
 	for ch, n := range s.want {
-		if n == nil || n.failing.Load() || n.unconfirmedSince(ch, stale) {
+		if n == nil || n.failing.Load() || n.unconfirmedFor(ch, now, confirmWait) {
 			todo = append(todo, ch)
 		}
 	}
@@ -465,13 +508,30 @@ func (s *subscriber) regroup() {
 	s.dropEmptyLocked()
 }
 
-// unconfirmedSince reports whether channel was sent SSUBSCRIBE before t
-// (or was dropped by Redis) and is not confirmed.
-func (n *nodeSub) unconfirmedSince(channel string, t time.Time) bool {
+// unconfirmedFor reports whether channel is not confirmed although it was
+// sent SSUBSCRIBE longer than d before now, not counting the time the read
+// loop has since waited on the hub (or was dropped by Redis).
+func (n *nodeSub) unconfirmedFor(channel string, now time.Time, d time.Duration) bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	at, ok := n.sentAt[channel]
-	return ok && at.Before(t)
+	m, ok := n.sentAt[channel]
+	if !ok {
+		return false
+	}
+	if m.at.IsZero() {
+		return true
+	}
+	return now.Sub(m.at)-time.Duration(n.stallTotal(now)-m.stalled) > d
+}
+
+// stallTotal is how long in all (ns) the read loop has waited on the hub
+// up to now, the wait under way included. n.mu is held.
+func (n *nodeSub) stallTotal(now time.Time) int64 {
+	t := n.stalled.Load()
+	if b := n.blockedAt.Load(); b != 0 {
+		t += max(0, now.UnixNano()-b)
+	}
+	return t
 }
 
 func (n *nodeSub) unsent(channel string) {

@@ -10,6 +10,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
@@ -120,6 +121,82 @@ func TestClusterWaitMastersIndependent(t *testing.T) {
 		}
 		if took > 900*time.Millisecond {
 			t.Fatalf("round %d: the pipeline took %s: the masters' WAITs ran one after the other", round, took.Round(time.Millisecond))
+		}
+	}
+}
+
+// TestClusterMasterDownOthersUnaffected: one master is down (before its
+// replica is promoted, or with none) and a pipeline (the Batcher's: the
+// concurrent publishes to any channels) holds appends to it and to the
+// masters that are up. The appends to the masters that are up are
+// written and must be reported so, at once: go-redis's cluster pipeline
+// retried the dead master's commands until the deadline and then set the
+// deadline's error on every command of the pipeline, written or not, so
+// that while one master was down every publish on every master got 503
+// after a second (and was written all the same: retried, it was doubled).
+func TestClusterMasterDownOthersUnaffected(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
+	}
+	// As redisconn configures it: one dial per attempt, 1 s timeouts.
+	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cc := rdb.(*redis.ClusterClient)
+	ctx := context.Background()
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(cc, ks.Prefix) })
+	var chans, masters []string
+	seen := map[string]bool{}
+	for i := 0; len(chans) < 3; i++ {
+		ch := fmt.Sprintf("d-%d", i)
+		m, err := cc.MasterForKey(ctx, ks.Stream(ch))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a := m.Options().Addr; !seen[a] {
+			seen[a] = true
+			chans = append(chans, ch)
+			masters = append(masters, a)
+		}
+	}
+	s := NewStore(rdb)
+	var as []Append
+	for _, ch := range chans {
+		as = append(as, Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
+			Msg: Message{Channel: ch, TS: 1, Data: []byte(`1`)}, Limits: Limits{MaxLen: 100, TTLMS: 60000}})
+	}
+	if _, err := s.Append(ctx, as); err != nil {
+		t.Fatal(err)
+	}
+	c.StopNode(t, c.Index(masters[0]))
+	for round := range 3 {
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		start := time.Now()
+		_, errs := s.appendEach(pctx, as)
+		took := time.Since(start)
+		cancel()
+		if errs[0] == nil {
+			t.Fatalf("round %d: the append to the stopped master succeeded", round)
+		}
+		for i := 1; i < 3; i++ {
+			if errs[i] != nil {
+				t.Errorf("round %d: the append to %s, which is up, failed after %s: %v", round, masters[i], took.Round(time.Millisecond), errs[i])
+			}
+		}
+		if took > 500*time.Millisecond {
+			t.Errorf("round %d: the pipeline took %s", round, took.Round(time.Millisecond))
+		}
+	}
+	for i := 1; i < 3; i++ {
+		if n, err := rdb.XLen(ctx, ks.Stream(chans[i])).Result(); err != nil || n != 4 {
+			t.Errorf("%s holds %d entries (%v), want 4", chans[i], n, err)
 		}
 	}
 }

@@ -159,18 +159,21 @@ func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
 func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error) {
 	ids := make([]string, len(as))
 	errs := make([]error, len(as))
-	if s.waitReplicas <= 0 {
-		s.appendOn(ctx, s.rdb, as, allIndexes(len(as)), ids, errs)
-		return ids, errs
-	}
-	// WAIT counts the replicas that have every write made so far on the
-	// same connection: run each master's appends and its WAIT together, in
-	// one pipeline on that master.
 	cc, ok := s.rdb.(*redis.ClusterClient)
 	if !ok {
 		s.appendOn(ctx, s.rdb, as, allIndexes(len(as)), ids, errs)
 		return ids, errs
 	}
+	// On a cluster, each master's appends run in their own pipeline on
+	// that master, all at once: a master that is down (before its
+	// replica's promotion, or with none) fails its own appends only.
+	// go-redis's cluster pipeline retried a dead master's commands until
+	// the deadline and then set the deadline's error on every command of
+	// the pipeline, written or not: while one master was down, every
+	// publish on every master answered 503 after REDIS_TIMEOUT (and was
+	// written all the same). With WaitForReplicas, WAIT counts the
+	// replicas that have every write made so far on the same connection:
+	// each master's appends and its WAIT share that pipeline.
 	groups := make(map[*redis.Client][]int)
 	for i := range as {
 		node, err := cc.MasterForKey(ctx, as[i].Stream)
@@ -204,7 +207,11 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	// script did not run: run those appends once more on the master the
 	// answer names (go-redis follows redirections only for the commands it
 	// routes itself). The answer, not a reloaded map, names it: the map is
-	// read from any node, which may not have heard of the move yet.
+	// read from any node, which may not have heard of the move yet. (A
+	// slot being migrated answers ASK or TRYAGAIN: the script's keys
+	// include the notification channel, which is never a key, so the
+	// importing master would answer TRYAGAIN after ASKING; go-redis's own
+	// routing fared no better: 503, nothing written, docs/scaling.md.)
 	moved := make(map[string][]int)
 	for i, err := range errs {
 		if f := strings.Fields(redisError(err)); len(f) == 3 && f[0] == "MOVED" {
