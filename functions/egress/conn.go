@@ -571,9 +571,7 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 	c.rec.Channels = append(c.rec.Channels, ch)
 	c.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
-	if err := c.s.reg.JoinChannel(rctx, c.recordCopy(), ch); err != nil {
-		c.s.log.Warn("registry update", "conn", c.id, "err", err.Error())
-	}
+	c.s.regDone(c.s.reg.JoinChannel(rctx, c.recordCopy(), ch), "join", c.id)
 	cancel()
 	c.regMu.Unlock()
 	c.s.metrics.subscriptions.Inc()
@@ -675,9 +673,7 @@ func (c *conn) dropSub(ctx context.Context, ch string) {
 	c.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
 	defer cancel()
-	if err := c.s.reg.LeaveChannel(rctx, c.recordCopy(), ch); err != nil {
-		c.s.log.Warn("registry update", "conn", c.id, "err", err.Error())
-	}
+	c.s.regDone(c.s.reg.LeaveChannel(rctx, c.recordCopy(), ch), "leave", c.id)
 }
 
 // recordCopy is a copy of the registry record safe to hand to another

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -73,8 +74,13 @@ type hub struct {
 	psMu       sync.Mutex                    // guards sub
 	lastRecv   atomic.Int64                  // unix nanos of the last probe seen by the receive loop
 	reconnects atomic.Int64
-	// redisErrors counts failed Redis reads and subscribes (metrics).
+	// redisErrors counts failed Redis commands and pipelines (redisHook)
+	// and failed Pub/Sub subscribes, which go-redis runs outside its
+	// hooks (metrics).
 	redisErrors atomic.Int64
+	// readFail logs the failing stream reads and subscribes of the read
+	// path once per outage, not once per retry.
+	readFail *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
@@ -103,6 +109,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		conns:    make(map[string]*conn),
 		users:    make(map[string]map[*conn]struct{}),
 	}
+	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
+		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
 	h.chans[h.inbox.notify] = h.inbox
 	return h
@@ -283,16 +291,16 @@ func (cs *chanState) closeAllLocked(reason string) int {
 }
 
 // readRetrying runs read until it succeeds, waiting 50 ms doubling to 1 s
-// after each failure (counted and logged as what, on key); false when ctx
-// ends first.
+// after each failure (logged as what, on key, once per outage: readFail;
+// redisHook counts them); false when ctx ends first.
 func (h *hub) readRetrying(ctx context.Context, what, key string, read func() error) bool {
 	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 		err := read()
 		if err == nil {
+			h.readFail.OK()
 			return true
 		}
-		h.redisErrors.Add(1)
-		h.log.Warn(what, "stream", key, "err", err.Error(), "retry_in", wait.String())
+		h.readFail.Fail(err, "op", what, "stream", key, "retry_in", wait.String())
 		select {
 		case <-ctx.Done():
 			return false
@@ -422,7 +430,7 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 			}
 			if err != nil {
 				h.redisErrors.Add(1)
-				h.log.Warn("subscribe in redis", "err", err.Error())
+				h.readFail.Fail(err, "op", "subscribe in redis", "channel", channel)
 			}
 		}()
 	}

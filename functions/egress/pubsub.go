@@ -74,6 +74,14 @@ type subscriber struct {
 	nodes  map[string]*nodeSub // by node address ("" on a single node)
 	want   map[string]*nodeSub // by shard channel: where it is subscribed, nil if nowhere yet
 	closed bool
+
+	// down holds, by node address, when its Pub/Sub connection's error
+	// was logged, until a read on that node succeeds again: an outage is
+	// one line and its end another, however many times the connection
+	// is replaced meanwhile. anyDown spares the read loops the lock.
+	downMu  sync.Mutex
+	down    map[string]time.Time
+	anyDown atomic.Bool
 }
 
 // nodeSub is one Pub/Sub connection to one node.
@@ -379,7 +387,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			// A dead node, or MOVED (the slot lives elsewhere now): the
 			// repair loop resolves this node's channels again.
 			if !n.failing.Swap(true) {
-				s.log.Warn("redis subscription error", "node", n.addr, "err", err.Error())
+				s.nodeDown(n.addr, err)
 			}
 			if redis.HasErrorPrefix(err, "CROSSSLOT") {
 				n.refused.Store(true)
@@ -396,6 +404,9 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		backoff = 50 * time.Millisecond
 		n.failing.Store(false)
 		n.lastRead.Store(time.Now().UnixNano())
+		if s.anyDown.Load() {
+			s.nodeUp(n.addr)
+		}
 		var ev psEvent
 		switch m := msg.(type) {
 		case *redis.Subscription:
@@ -442,6 +453,45 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		n.mu.Unlock()
 		n.lastRead.Store(now)
 	}
+}
+
+// nodeDown logs the error of a node's Pub/Sub connection, unless one of
+// the node's is logged already.
+func (s *subscriber) nodeDown(addr string, err error) {
+	s.downMu.Lock()
+	defer s.downMu.Unlock()
+	if _, ok := s.down[addr]; ok {
+		return
+	}
+	if s.down == nil {
+		s.down = make(map[string]time.Time)
+	}
+	s.down[addr] = time.Now()
+	s.anyDown.Store(true)
+	s.log.Warn("redis subscription error", "node", s.nodeName(addr), "err", err.Error(),
+		"then", "reconnecting with backoff up to 1s; the channels there are subscribed again and caught up from their streams once it answers")
+}
+
+// nodeName is the address of node addr for the log: the single node's
+// own, whose key in nodes is "".
+func (s *subscriber) nodeName(addr string) string {
+	if c, ok := s.rdb.(*redis.Client); ok && addr == "" {
+		return c.Options().Addr
+	}
+	return addr
+}
+
+// nodeUp logs that a node logged down answers again.
+func (s *subscriber) nodeUp(addr string) {
+	s.downMu.Lock()
+	defer s.downMu.Unlock()
+	at, ok := s.down[addr]
+	if !ok {
+		return
+	}
+	delete(s.down, addr)
+	s.anyDown.Store(len(s.down) > 0)
+	s.log.Info("redis subscription back", "node", s.nodeName(addr), "down_for", time.Since(at).Round(time.Millisecond).String())
 }
 
 // regroupLoop places channels that are not settled: never placed, on a

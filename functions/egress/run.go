@@ -39,7 +39,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	warnSecurity(log, cfg)
 	// go-redis would print its own lines (failed dials) as plain text.
-	redis.SetLogger(logging.RedisLogger{Log: log})
+	redis.SetLogger(&logging.RedisLogger{Log: log})
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err
@@ -85,7 +85,7 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) er
 
 // serveWith is serve with the HTTP server hs (tests shorten its timeouts).
 func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server, hs *http.Server) error {
-	log.Info("listening", "addr", ln.Addr().String(), "instance", s.instance)
+	log.Info("listening", append([]any{"addr", ln.Addr().String(), "instance", s.instance}, startAttrs(s.cfg)...)...)
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()
 	ran := make(chan struct{})
@@ -111,4 +111,21 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// startAttrs is the configuration the startup line shows: what an operator
+// checks first, and no credential.
+func startAttrs(cfg Config) []any {
+	jwt := "off"
+	switch {
+	case cfg.JWTPublicKey != "":
+		jwt = "public key"
+	case cfg.JWTSecret != "":
+		jwt = "secret"
+	}
+	return append(cfg.Redis.LogAttrs(),
+		"allow_anonymous", cfg.AllowAnonymous, "jwt", jwt,
+		"max_connections", cfg.MaxConnections, "idle_timeout", cfg.IdleTimeout.String(), "max_lifetime", cfg.MaxLifetime.String(),
+		"ping_interval", cfg.PingInterval.String(), "probe_interval", cfg.ProbeInterval.String(), "registry_ttl", cfg.RegistryTTL.String(),
+		"log_level", cfg.Log.Level)
 }

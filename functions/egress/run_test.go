@@ -111,3 +111,46 @@ func TestSlowRequestBody(t *testing.T) {
 	send(t, ws, map[string]any{"type": "ping", "ref": 1})
 	next(t, ws, protocol.TypePong)
 }
+
+// TestRunStartupLine: the startup line says where Redis is and how the
+// egress is set up, with no credential.
+func TestRunStartupLine(t *testing.T) {
+	t.Parallel()
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{
+		"PORT":                   fmt.Sprint(port),
+		"REDIS_CLUSTER_ADDRS":    "127.0.0.1:1, 127.0.0.1:2",
+		"REDIS_CLUSTER_PASSWORD": "hunter2-pass",
+		"REDIS_KEY_PREFIX":       "pfx",
+		"JWT_SECRET":             "jwt-secret-0123456789abcdef0123456789",
+		"SHUTDOWN_GRACE":         "1s",
+	}
+	var logs testkit.SyncBuffer
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, &logs, io.Discard) }()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if !strings.Contains(logs.String(), `"msg":"listening"`) {
+			return fmt.Errorf("no startup line: %s", logs.String())
+		}
+		return nil
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	out := logs.String()
+	for _, want := range []string{`"redis_cluster":"127.0.0.1:1,127.0.0.1:2"`, `"redis_password":true`, `"key_prefix":"pfx"`, `"jwt":"secret"`, `"instance":`, `"msg":"stopped"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the log lacks %s:\n%s", want, out)
+		}
+	}
+	for _, secret := range []string{"hunter2", "jwt-secret"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("a secret (%s) is in the log:\n%s", secret, out)
+		}
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/origin"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
@@ -35,6 +36,9 @@ type Server struct {
 	mux      *http.ServeMux
 	sec      *security // token checks (auth.go)
 	ready    *redisconn.Readiness
+	// regFail logs failed registry writes once per outage, not once per
+	// socket that subscribes or ends meanwhile.
+	regFail *logging.Episode
 
 	refreshBatch int // connections per registry refresh pipeline
 
@@ -62,7 +66,10 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		refreshBatch: 256,
 	}
 	s.sec = newSecurity(cfg, s.log)
+	s.regFail = &logging.Episode{Log: s.log, Msg: "registry write failed", Back: "registry writes back",
+		Then: "sends to this instance's connections may be refused (new sockets are closed with 1013) or reach ended ones until Redis answers; records left behind expire within REGISTRY_TTL; logged again every 30s while it lasts and once when writes succeed again"}
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
+	rdb.AddHook(redisHook{s.hub})
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{
 		// The upgrader's reader is never used after the handshake (the
@@ -194,6 +201,9 @@ func (s *Server) maintain(ctx context.Context) {
 	defer tick.Stop()
 	refreshEvery := s.cfg.RegistryTTL / 3
 	lastRefresh, lastProbe, lastResub := time.Now(), time.Time{}, time.Time{}
+	// silentSince, when not zero, is the last probe seen before the read
+	// path was found silent: the probe after it is logged, once.
+	var silentSince int64
 	var refreshing atomic.Bool
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
@@ -219,8 +229,17 @@ func (s *Server) maintain(ctx context.Context) {
 				// stays what it was: /readyz says 503 until a probe comes
 				// back, not 200 after every resubscribe.
 				silent := 4 * s.cfg.ProbeInterval
-				if time.Since(time.Unix(0, s.hub.lastRecv.Load())) > silent && time.Since(lastResub) > silent {
-					s.log.Warn("redis read path silent, resubscribing")
+				last := s.hub.lastRecv.Load()
+				if silentSince != 0 && last != silentSince {
+					s.log.Info("redis read path back", "silent_for", time.Duration(last-silentSince).Round(time.Millisecond).String())
+					silentSince = 0
+				}
+				if time.Since(time.Unix(0, last)) > silent && time.Since(lastResub) > silent {
+					if silentSince == 0 {
+						silentSince = last
+					}
+					s.log.Warn("redis read path silent, resubscribing", "silent_for", time.Since(time.Unix(0, last)).Round(time.Second).String(),
+						"then", "every channel is subscribed again (again every 4 PROBE_INTERVALs while it lasts) and caught up from its stream once Redis answers; /readyz answers 503 meanwhile")
 					s.hub.resubscribe(ctx)
 					lastResub = time.Now()
 				}
@@ -327,9 +346,7 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		for _, c := range conns[start:] {
 			c.regMu.Unlock()
 		}
-		if err != nil {
-			s.log.Warn("registry refresh failed", "err", err.Error())
-		}
+		s.regDone(err, "refresh", "")
 		return err
 	}
 	batch := s.refreshBatch
@@ -366,13 +383,25 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 	for i, c := range conns {
 		select {
 		case <-c.done:
-			if err := s.reg.Remove(rctx, recs[i]); err != nil {
-				s.log.Warn("registry remove failed (the record expires by itself)", "conn", c.id, "err", err.Error())
-			}
+			s.regDone(s.reg.Remove(rctx, recs[i]), "remove", c.id)
 		default:
 		}
 	}
 	return err
+}
+
+// regDone records the outcome of a registry write, op, for connection
+// conn ("" for all of them): failures are logged once per outage.
+func (s *Server) regDone(err error, op, conn string) {
+	if err == nil {
+		s.regFail.OK()
+		return
+	}
+	attrs := []any{"op", op}
+	if conn != "" {
+		attrs = append(attrs, "conn", conn)
+	}
+	s.regFail.Fail(err, attrs...)
 }
 
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {

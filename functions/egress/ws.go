@@ -127,6 +127,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
 	err := s.reg.Put(rctx, c.recordCopy())
 	rcancel()
+	s.regDone(err, "put", c.id)
 	if err != nil {
 		// Nothing was written to the socket: take the connection back.
 		// Closing done makes a registry refresh that saw it remove its
@@ -204,9 +205,7 @@ func (c *conn) finish() {
 		s.metrics.subscriptions.Dec()
 	}
 	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
-	if err := s.reg.Remove(dctx, c.recordCopy()); err != nil {
-		s.log.Warn("registry remove failed (the record expires by itself)", "conn", c.id, "err", err.Error())
-	}
+	s.regDone(s.reg.Remove(dctx, c.recordCopy()), "remove", c.id)
 	dcancel()
 	c.nc.Close()
 	s.metrics.connections.Dec()

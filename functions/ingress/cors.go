@@ -39,7 +39,7 @@ func (s *Server) cors(c *gin.Context) {
 		h.Add("Vary", "Access-Control-Request-Headers")
 	}
 	if !origin.Allowed(s.cfg.AllowedOrigins, o, c.Request.Host) {
-		writeError(c, s.log, errf(403, "origin_not_allowed", "this origin is not in ALLOWED_ORIGINS"))
+		s.writeError(c, errf(403, "origin_not_allowed", "this origin is not in ALLOWED_ORIGINS"))
 		return
 	}
 	if anyOrigin {

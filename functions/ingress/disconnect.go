@@ -20,13 +20,13 @@ func (s *Server) handleDisconnect(c *gin.Context) {
 	id := c.Param("id")
 	rec, err := s.liveConnection(c, id)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	ctx := c.Request.Context()
 	msg := stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")}
 	if _, err := s.appendStreams(ctx, []stream.Append{s.inboxAppend(rec.Instance, msg)}); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	s.log.Info("disconnect requested", "conn", id, "instance", rec.Instance, "by", who.id)

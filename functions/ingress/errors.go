@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"net/http"
 	"strconv"
 
@@ -44,8 +43,8 @@ type indexedError struct {
 // writeError is the one place that maps errors to HTTP responses. Anything
 // that is not an apiError came from Redis (the only thing ingress talks
 // to): the client gets 503 with Retry-After and no detail; the log gets
-// the detail.
-func writeError(c *gin.Context, log *slog.Logger, err error) {
+// the detail, once per outage (episode), not once per request.
+func (s *Server) writeError(c *gin.Context, err error) {
 	var body errorBody
 	var ae *apiError
 	var ie *indexedError
@@ -56,14 +55,14 @@ func writeError(c *gin.Context, log *slog.Logger, err error) {
 		body.Error.Index = &idx
 	case errors.As(err, &ae):
 	case errors.Is(err, stream.ErrNotReplicated):
-		log.Warn("publish not replicated in time", "route", c.FullPath(), "err", err.Error())
+		s.unreplicated.Fail(err, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
 	case errors.Is(err, context.Canceled):
 		c.Set(errorCodeKey, "canceled")
 		c.Abort()
 		return
 	default:
-		log.Warn("redis unavailable", "method", c.Request.Method, "route", c.FullPath(), "err", err.Error())
+		s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
 	}
 	body.Error.Code = ae.Code

@@ -34,14 +34,14 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	if !sent {
 		status, resp, err := write()
 		if err != nil {
-			writeError(c, s.log, err)
+			s.writeError(c, err)
 			return
 		}
 		c.Data(status, jsonContentType, encodeReply(resp))
 		return
 	}
 	if len(key) != 1 || len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
-		writeError(c, s.log, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
+		s.writeError(c, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
 		return
 	}
 	ctx := c.Request.Context()
@@ -65,7 +65,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	if !ok {
@@ -80,7 +80,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Redis.Timeout)
 		s.rdb.Del(dctx, rkey)
 		cancel()
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	rb := encodeReply(resp)
@@ -101,24 +101,24 @@ func (s *Server) pendingTTL() time.Duration {
 func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
 	b, err := s.rdb.Get(c.Request.Context(), rkey).Bytes()
 	if errors.Is(err, redis.Nil) {
-		writeError(c, s.log, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key just finished; retry", RetryAfter: 1})
+		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key just finished; retry", RetryAfter: 1})
 		return
 	}
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	var rec idemRecord
 	if json.Unmarshal(b, &rec) != nil {
-		writeError(c, s.log, errf(500, "internal", "corrupt idempotency record"))
+		s.writeError(c, errf(500, "internal", "corrupt idempotency record"))
 		return
 	}
 	if rec.Body != bodyHash {
-		writeError(c, s.log, errf(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
+		s.writeError(c, errf(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
 		return
 	}
 	if rec.State != "done" {
-		writeError(c, s.log, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key is still being processed; retry", RetryAfter: 1})
+		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key is still being processed; retry", RetryAfter: 1})
 		return
 	}
 	c.Header("Idempotent-Replayed", "true")

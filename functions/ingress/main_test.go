@@ -154,3 +154,44 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 		t.Fatalf("serve: %v", err)
 	}
 }
+
+// TestRunStartupLine: the startup line says where Redis is and how the
+// ingress is set up, with no credential; the shutdown line follows.
+func TestRunStartupLine(t *testing.T) {
+	t.Parallel()
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{
+		"PORT":             strconv.Itoa(port),
+		"REDIS_URL":        "redis://:hunter2-pass@127.0.0.1:1/3",
+		"REDIS_KEY_PREFIX": "pfx",
+		"API_KEYS":         "key-0123456789abcdef-secret,other-0123456789abcdef-secret",
+	}
+	var logs testkit.SyncBuffer
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, &logs, io.Discard) }()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if !strings.Contains(logs.String(), `"msg":"listening"`) {
+			return fmt.Errorf("no startup line: %s", logs.String())
+		}
+		return nil
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	out := logs.String()
+	for _, want := range []string{`"redis":"127.0.0.1:1"`, `"redis_db":3`, `"redis_password":true`, `"key_prefix":"pfx"`, `"api_keys":2`, `"jwt":"off"`, `"msg":"stopped"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the log lacks %s:\n%s", want, out)
+		}
+	}
+	for _, secret := range []string{"hunter2", "secret"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("a secret (%s) is in the log:\n%s", secret, out)
+		}
+	}
+}

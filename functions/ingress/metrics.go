@@ -150,6 +150,10 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 	s.metrics.appendLatency.UpdateDuration(start)
 	if err == nil {
 		s.metrics.messages.Add(len(ids))
+		// The appends of a cluster waiting for replicas run outside the
+		// client's hooks (redisHook), which see the other successes.
+		s.redisDown.OK()
+		s.unreplicated.OK()
 	}
 	return ids, err
 }
@@ -158,18 +162,31 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 // A missing key (redis.Nil), a script not yet cached (NOSCRIPT, retried at
 // once), a request the client abandoned and the connection handshake's
 // optional commands (CLIENT SETINFO, which older servers refuse) are not
-// failures.
-type redisHook struct{ m *metrics }
+// failures. It calls up after each command or pipeline that succeeded.
+//
+// On a cluster it is also added to each master's client (node), where it
+// sees only the pipelines the stream store runs there itself
+// (stream.OnNode): the others it sees already on the cluster client.
+type redisHook struct {
+	m    *metrics
+	up   func()
+	node bool
+}
 
 func (h redisHook) DialHook(next redis.DialHook) redis.DialHook {
 	return next // a failed dial fails the command, counted there
 }
 
 func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	if h.node {
+		return next // the store runs only pipelines on node clients
+	}
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
 		if failed(cmd, err) {
 			h.m.redisErrors.Inc()
+		} else if err == nil || errors.Is(err, redis.Nil) {
+			h.up()
 		}
 		return err
 	}
@@ -177,13 +194,18 @@ func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (h redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if h.node && !stream.OnNode(ctx) {
+			return next(ctx, cmds)
+		}
 		err := next(ctx, cmds)
-		if err != nil {
-			for _, c := range cmds {
-				if failed(c, c.Err()) {
-					h.m.redisErrors.Inc()
-					break
-				}
+		if err == nil {
+			h.up()
+			return nil
+		}
+		for _, c := range cmds {
+			if failed(c, c.Err()) {
+				h.m.redisErrors.Inc()
+				break
 			}
 		}
 		return err

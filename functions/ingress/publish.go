@@ -65,16 +65,16 @@ func errInvalidChannel() *apiError {
 func (s *Server) channelRoute(c *gin.Context, may func(*principal, string) error) (string, *principal, bool) {
 	ch := c.Param("channel")
 	if !channel.ValidName(ch) {
-		writeError(c, s.log, errInvalidChannel())
+		s.writeError(c, errInvalidChannel())
 		return "", nil, false
 	}
 	who, err := s.authenticate(c)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return "", nil, false
 	}
 	if err := may(who, ch); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return "", nil, false
 	}
 	return ch, who, true
@@ -88,21 +88,21 @@ func (s *Server) handlePublish(c *gin.Context) {
 	}
 	body, err := readBody(c, s.cfg.MaxMessageBytes)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	p, ae := decodeMessage(body, false)
 	if ae != nil {
-		writeError(c, s.log, ae)
+		s.writeError(c, ae)
 		return
 	}
 	from, err := who.from(p.From)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	if err := s.allowPublishes(c, who, 1); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
@@ -119,12 +119,12 @@ func (s *Server) handlePublish(c *gin.Context) {
 func (s *Server) handleBatch(c *gin.Context) {
 	who, err := s.authenticate(c)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	body, err := readBody(c, s.cfg.MaxBatchBytes)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	// Each item is checked as it is decoded, so that the first bad item,
@@ -142,7 +142,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 		return nil
 	})
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	now := time.Now().UnixMilli()
@@ -151,7 +151,7 @@ func (s *Server) handleBatch(c *gin.Context) {
 		as[i] = s.channelAppend(p.Channel, p, froms[i], now)
 	}
 	if err := s.allowPublishes(c, who, len(items)); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
@@ -178,7 +178,7 @@ func (s *Server) handleSendToConnection(c *gin.Context) {
 		return
 	}
 	if err := s.allowPublishes(c, who, 1); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	id := c.Param("id")
@@ -206,7 +206,7 @@ func (s *Server) admin(c *gin.Context) (*principal, bool) {
 		err = who.mayAdmin()
 	}
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return nil, false
 	}
 	return who, true
@@ -217,12 +217,12 @@ func (s *Server) admin(c *gin.Context) (*principal, bool) {
 func (s *Server) readMessage(c *gin.Context) ([]byte, publishBody, bool) {
 	body, err := readBody(c, s.cfg.MaxMessageBytes)
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return nil, publishBody{}, false
 	}
 	p, ae := decodeMessage(body, false)
 	if ae != nil {
-		writeError(c, s.log, ae)
+		s.writeError(c, ae)
 		return nil, publishBody{}, false
 	}
 	return body, p, true
@@ -260,7 +260,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 	}
 	user := c.Param("user")
 	if !channel.ValidUser(user) {
-		writeError(c, s.log, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
+		s.writeError(c, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
 		return
 	}
 	body, p, ok := s.readMessage(c)
@@ -268,7 +268,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 		return
 	}
 	if err := s.allowPublishes(c, who, 1); err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	s.idempotent(c, who, body, func() (int, any, error) {
@@ -301,7 +301,7 @@ func (s *Server) handleGetConnection(c *gin.Context) {
 	}
 	rec, err := s.liveConnection(c, c.Param("id"))
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	c.JSON(200, rec)
@@ -315,12 +315,12 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 	}
 	limit, ae := parseLimit(c, 1000, 10000)
 	if ae != nil {
-		writeError(c, s.log, ae)
+		s.writeError(c, ae)
 		return
 	}
 	recs, err := s.reg.Channel(c.Request.Context(), ch, int64(limit))
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	c.JSON(200, gin.H{"connections": recs})
@@ -467,7 +467,7 @@ func (s *Server) handleHistory(c *gin.Context) {
 	}
 	limit, ae := parseLimit(c, 100, 1000)
 	if ae != nil {
-		writeError(c, s.log, ae)
+		s.writeError(c, ae)
 		return
 	}
 	var (
@@ -480,7 +480,7 @@ func (s *Server) handleHistory(c *gin.Context) {
 	if hasAfter {
 		id, ok := stream.ParseID(after)
 		if !ok {
-			writeError(c, s.log, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
+			s.writeError(c, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
 			return
 		}
 		// Read like a resume, so that the page says whether messages
@@ -498,7 +498,7 @@ func (s *Server) handleHistory(c *gin.Context) {
 		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), limit)
 	}
 	if err != nil {
-		writeError(c, s.log, err)
+		s.writeError(c, err)
 		return
 	}
 	msgs := make([]stream.Decoded, 0, len(entries))

@@ -23,9 +23,9 @@ func (s *Server) routes(r *gin.Engine) {
 	v1.POST("/users/:user/messages", s.handleSendToUser)
 
 	r.NoRoute(func(c *gin.Context) {
-		writeError(c, s.log, errf(404, "not_found", "no such endpoint; see docs/api.md"))
+		s.writeError(c, errf(404, "not_found", "no such endpoint; see docs/api.md"))
 	})
 	r.NoMethod(func(c *gin.Context) {
-		writeError(c, s.log, errf(405, "method_not_allowed", "method not allowed on this endpoint"))
+		s.writeError(c, errf(405, "method_not_allowed", "method not allowed on this endpoint"))
 	})
 }

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,7 +43,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	warnSecurity(log, cfg)
 	// go-redis would print its own lines (failed dials) as plain text.
-	redis.SetLogger(logging.RedisLogger{Log: log})
+	redis.SetLogger(&logging.RedisLogger{Log: log})
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err
@@ -60,7 +61,30 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	return serve(ctx, log, ln, srv, shutdownGrace, cfg.Redis.Timeout)
+	return serve(ctx, log, ln, srv, shutdownGrace, cfg.Redis.Timeout, startAttrs(cfg)...)
+}
+
+// startAttrs is the configuration the startup line shows: what an operator
+// checks first, and no credential.
+func startAttrs(cfg Config) []any {
+	jwt := "off"
+	switch {
+	case cfg.JWTPublicKey != "":
+		jwt = "public key"
+	case cfg.JWTSecret != "":
+		jwt = "secret"
+	}
+	apiKeys := 0
+	for _, k := range strings.Split(cfg.APIKeys, ",") {
+		if strings.TrimSpace(k) != "" {
+			apiKeys++
+		}
+	}
+	return append(cfg.Redis.LogAttrs(),
+		"allow_anonymous", cfg.AllowAnonymous, "api_keys", apiKeys, "jwt", jwt,
+		"history_size", cfg.HistorySize, "history_ttl", cfg.HistoryTTL.String(),
+		"publish_wait_replicas", cfg.PublishWaitReplicas, "registry_ttl", cfg.RegistryTTL.String(),
+		"log_level", cfg.Log.Level)
 }
 
 // shutdownGrace is how long requests in flight at SIGTERM get to finish.
@@ -71,8 +95,8 @@ const shutdownGrace = 10 * time.Second
 // then are closed, and serve waits up to redisTimeout plus a second more
 // for their handlers to end, so that none of them uses the Redis client
 // after run has closed it. Running out of grace is logged, not an error:
-// the process has stopped as asked.
-func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, grace, redisTimeout time.Duration) error {
+// the process has stopped as asked. start is added to the startup line.
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, grace, redisTimeout time.Duration, start ...any) error {
 	var inflight sync.WaitGroup
 	hs := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -89,7 +113,7 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		// plain text lines on stderr.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	log.Info("listening", "addr", ln.Addr().String())
+	log.Info("listening", append([]any{"addr", ln.Addr().String()}, start...)...)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
@@ -31,6 +32,11 @@ type Server struct {
 	metrics *metrics
 	sec     *security // credentials and rate limits (auth.go)
 	ready   *redisconn.Readiness
+
+	// redisDown and unreplicated log the requests answered 503 because
+	// Redis failed, or its replicas did not confirm an append, once per
+	// outage rather than once per request (logging.Episode).
+	redisDown, unreplicated *logging.Episode
 }
 
 func init() { gin.SetMode(gin.ReleaseMode) }
@@ -52,7 +58,16 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		metrics: newMetrics(),
 	}
 	s.sec = newSecurity(cfg, log)
-	rdb.AddHook(redisHook{s.metrics})
+	s.redisDown = &logging.Episode{Log: log, Msg: "redis unavailable", Back: "redis back",
+		Then: "requests that need Redis are answered 503 with Retry-After; logged again every 30s while it lasts and once when Redis answers again; wsrelay_ingress_redis_errors_total counts every failure"}
+	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
+		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
+	rdb.AddHook(redisHook{m: s.metrics, up: s.redisDown.OK})
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		// Appends waiting for replicas run on the masters' clients,
+		// outside the cluster client's hooks (stream.OnNode).
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redisHook{m: s.metrics, up: s.redisDown.OK, node: true}) })
+	}
 	r := gin.New()
 	r.HandleMethodNotAllowed = true
 	r.RedirectTrailingSlash = false
@@ -63,7 +78,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	r.Use(s.metrics.middleware)
 	r.Use(gin.CustomRecoveryWithWriter(nil, func(c *gin.Context, v any) {
 		s.log.Error("panic", "route", c.FullPath(), "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
-		writeError(c, s.log, errf(500, "internal", "internal error"))
+		s.writeError(c, errf(500, "internal", "internal error"))
 	}))
 	s.routes(r)
 	s.h = r

@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
+	"time"
 )
 
 // Config selects the log format and level.
@@ -38,12 +40,52 @@ func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
 
 // RedisLogger sends go-redis's own log lines (a pool's failed dials and
 // the like), which it otherwise prints to stderr as plain text, through
-// Log at warn level, one line each. Install it with redis.SetLogger; the
-// method set is go-redis's logging interface, so this package does not
-// import go-redis.
-type RedisLogger struct{ Log *slog.Logger }
+// Log at warn level, one line each, except that a message of the same
+// form as one written less than RedisRepeat ago is counted, not written:
+// during a Redis outage each pool logs a failed dial per connection it
+// tries (up to its size, 10 per CPU, and again whenever a dial gets
+// through), and the next line of that form says how many it stood for
+// ("repeated"). Install it with redis.SetLogger; the method set is
+// go-redis's logging interface, so this package does not import go-redis.
+// Safe for concurrent use.
+type RedisLogger struct {
+	Log *slog.Logger
+
+	mu   sync.Mutex
+	seen map[string]*repeat // by format: go-redis's are constants, a few dozen
+}
+
+// RedisRepeat is how long a go-redis message's form stays quiet after a
+// line of it was written.
+const RedisRepeat = 30 * time.Second
+
+type repeat struct {
+	at time.Time // of the line written
+	n  int       // messages counted, not written, since
+}
 
 // Printf logs one go-redis message.
-func (l RedisLogger) Printf(ctx context.Context, format string, v ...any) {
-	l.Log.WarnContext(ctx, "redis client", "detail", strings.TrimSpace(fmt.Sprintf(format, v...)))
+func (l *RedisLogger) Printf(ctx context.Context, format string, v ...any) {
+	now := time.Now()
+	l.mu.Lock()
+	r := l.seen[format]
+	if r != nil && now.Sub(r.at) < RedisRepeat {
+		r.n++
+		l.mu.Unlock()
+		return
+	}
+	if l.seen == nil {
+		l.seen = make(map[string]*repeat)
+	}
+	n := 0
+	if r != nil {
+		n = r.n
+	}
+	l.seen[format] = &repeat{at: now}
+	l.mu.Unlock()
+	attrs := []any{"detail", strings.TrimSpace(fmt.Sprintf(format, v...))}
+	if n > 0 {
+		attrs = append(attrs, "repeated", n)
+	}
+	l.Log.WarnContext(ctx, "redis client", attrs...)
 }

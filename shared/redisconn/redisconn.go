@@ -92,6 +92,27 @@ func parseURL(s string) (*redis.Options, error) {
 	return o, nil
 }
 
+// LogAttrs describes c for the functions' startup line: where Redis is
+// and how it is used, never a user name or password (whether the URL
+// carries one is said, not what it is).
+func (c Config) LogAttrs() []any {
+	attrs := []any{"key_prefix", c.KeyPrefix, "redis_timeout", c.Timeout.String()}
+	if c.IsCluster() {
+		var addrs []string
+		for _, a := range strings.Split(c.ClusterAddrs, ",") {
+			a = strings.TrimSpace(a)
+			// Validate takes "user:pass@host:port" for host:port.
+			addrs = append(addrs, a[strings.LastIndexByte(a, '@')+1:])
+		}
+		return append(attrs, "redis_cluster", strings.Join(addrs, ","), "redis_tls", c.ClusterTLS, "redis_password", c.ClusterPassword != "")
+	}
+	o, err := parseURL(c.URL)
+	if err != nil {
+		return append(attrs, "redis", "invalid REDIS_URL")
+	}
+	return append(attrs, "redis", o.Addr, "redis_db", o.DB, "redis_tls", o.TLSConfig != nil, "redis_password", o.Password != "")
+}
+
 // IsCluster reports whether c selects Redis Cluster.
 func (c Config) IsCluster() bool { return c.ClusterAddrs != "" }
 

@@ -174,6 +174,10 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	// written all the same). With WaitForReplicas, WAIT counts the
 	// replicas that have every write made so far on the same connection:
 	// each master's appends and its WAIT share that pipeline.
+	//
+	// The node pipelines' context says so (OnNode) to the hooks of the
+	// node clients, which alone see them.
+	nctx := context.WithValue(ctx, onNodeKey{}, true)
 	groups := make(map[*redis.Client][]int)
 	for i := range as {
 		node, err := cc.MasterForKey(ctx, as[i].Stream)
@@ -189,7 +193,7 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	// own indexes.
 	var wg sync.WaitGroup
 	for node, idx := range groups {
-		wg.Go(func() { s.appendOn(ctx, node, as, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, node, as, idx, ids, errs) })
 	}
 	wg.Wait()
 	// These appends ran on node clients, outside the cluster client's
@@ -241,11 +245,22 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 		for _, i := range idx {
 			errs[i] = nil
 		}
-		wg.Go(func() { s.appendOn(ctx, nodes[0], as, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, nodes[0], as, idx, ids, errs) })
 	}
 	wg.Wait()
 	return ids, errs
 }
+
+type onNodeKey struct{}
+
+// OnNode reports whether ctx is that of a pipeline a Store runs itself on
+// a cluster master's own client (appends waiting for replicas, which WAIT
+// must follow on the same connection). Only that node client's hooks see
+// such a pipeline, not the cluster client's: a hook added to the node
+// clients (ClusterClient.OnNewNode) that counts only these counts each
+// pipeline once, without counting again the commands the cluster client
+// routes to the same node clients.
+func OnNode(ctx context.Context) bool { return ctx.Value(onNodeKey{}) != nil }
 
 // sameNode reports whether target, a node address from a MOVED answer
 // (host:port, an IPv6 host without brackets), is the node go-redis

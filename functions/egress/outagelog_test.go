@@ -1,0 +1,136 @@
+//go:build !wsrelay_lean
+
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// logRecords decodes the JSON log lines in logs.
+func logRecords(t *testing.T, logs *testkit.SyncBuffer) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("not a JSON log line: %q", l)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func metricValue(t *testing.T, page, name string) string {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(page)
+	if m == nil {
+		t.Fatalf("no %s in:\n%s", name, page)
+	}
+	return m[1]
+}
+
+// TestRedisOutageLogsOnce: sockets that subscribe, unsubscribe and end
+// while Redis is down each fail a registry write. The log says so once
+// (what failed, and what happens meanwhile), not once per socket (a few
+// hundred sockets ending during an outage wrote a few hundred warnings),
+// and once more when writes succeed again; the subscription's loss and
+// return are one line each. wsrelay_egress_redis_errors_total counts the
+// failures (it stayed 0 through a whole outage), and the gauges match
+// the sockets left.
+func TestRedisOutageLogsOnce(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": rs.URL(), "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testkit.SyncBuffer{}
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.regFail.Quiet = 200 * time.Millisecond
+	srv, _ := startEgress(t, s)
+	const sockets = 20
+	var conns []*websocket.Conn
+	for i := range sockets {
+		u := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?" + url.Values{"channels": {fmt.Sprintf("o%d,o%d", i%5, (i+1)%5)}}.Encode()
+		ws, _, err := websocket.DefaultDialer.Dial(u, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		next(t, ws, "subscribed")
+		next(t, ws, "subscribed")
+		conns = append(conns, ws)
+	}
+
+	rs.Stop()
+	// Half of them unsubscribe from a channel, then end.
+	for _, ws := range conns[:sockets/2] {
+		send(t, ws, map[string]any{"type": "unsubscribe", "channel": "o0"})
+		_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(1000, ""), time.Now().Add(time.Second))
+		closeCode(t, ws, 5*time.Second)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if n := s.open.Load(); n != sockets/2 {
+			return fmt.Errorf("%d sockets open", n)
+		}
+		return nil
+	})
+	var warns []string
+	for _, r := range logRecords(t, logs) {
+		if (r["level"] == "WARN" || r["level"] == "ERROR") && r["msg"] != "connection closed" {
+			warns = append(warns, fmt.Sprint(r))
+		}
+	}
+	if len(warns) == 0 || len(warns) > 3 {
+		t.Fatalf("%d sockets ending during the outage: %d warnings besides their close lines, want 1–3:\n%s", sockets/2, len(warns), strings.Join(warns, "\n"))
+	}
+	m, err := scrape(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if metricValue(t, m, "wsrelay_egress_redis_errors_total") == "0" {
+		t.Errorf("redis errors not counted during the outage:\n%s", m)
+	}
+
+	rs.Restart(t)
+	testkit.Eventually(t, 15*time.Second, func() error {
+		seen := map[string]int{}
+		for _, r := range logRecords(t, logs) {
+			seen[fmt.Sprint(r["msg"])]++
+		}
+		if seen["registry writes back"] != 1 || seen["redis subscription back"] != 1 {
+			return fmt.Errorf("recovery lines: %v", seen)
+		}
+		return nil
+	})
+	m, err = scrape(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, sub := metricValue(t, m, "wsrelay_egress_connections"), metricValue(t, m, "wsrelay_egress_subscriptions"); c != fmt.Sprint(sockets/2) || sub != fmt.Sprint(sockets) {
+		t.Errorf("gauges: connections %s, subscriptions %s; want %d and %d", c, sub, sockets/2, sockets)
+	}
+}

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"context"
+	"errors"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// redisHook counts the egress's failed Redis commands and pipelines (one
+// per pipeline) in wsrelay_egress_redis_errors_total: stream reads,
+// registry writes, probes and readiness pings. A missing key (redis.Nil),
+// a script not yet cached, a caller that gave up and the connection
+// handshake's optional commands are not failures. Pub/Sub (subscribes,
+// reads) runs outside go-redis's hooks: the hub counts its failed
+// subscribes itself.
+type redisHook struct{ h *hub }
+
+func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
+	return next // a failed dial fails the command, counted there
+}
+
+func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if failed(cmd, err) {
+			k.h.redisErrors.Add(1)
+		}
+		return err
+	}
+}
+
+func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if err != nil {
+			for _, c := range cmds {
+				if failed(c, c.Err()) {
+					k.h.redisErrors.Add(1)
+					break
+				}
+			}
+		}
+		return err
+	}
+}
+
+func failed(cmd redis.Cmder, err error) bool {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
+		return false
+	}
+	switch cmd.Name() {
+	case "client", "hello":
+		return false
+	}
+	return true
+}

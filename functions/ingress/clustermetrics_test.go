@@ -1,0 +1,90 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+var redisErrorsRe = regexp.MustCompile(`(?m)^wsrelay_ingress_redis_errors_total (\d+)$`)
+
+func (e *testEnv) redisErrors() int {
+	e.t.Helper()
+	m := redisErrorsRe.FindStringSubmatch(e.do("GET", "/metrics", "").Body.String())
+	if m == nil {
+		e.t.Fatal("no wsrelay_ingress_redis_errors_total")
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
+}
+
+// TestClusterWaitReplicasCountsRedisErrors: with PUBLISH_WAIT_REPLICAS on
+// a cluster, appends run in pipelines on the masters' own clients, outside
+// the cluster client's hooks: a master that stops answering must still
+// show in wsrelay_ingress_redis_errors_total (one per failed pipeline, as
+// for every other command), and commands the cluster client routes must
+// not be counted twice.
+func TestClusterWaitReplicasCountsRedisErrors(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 1)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
+	}
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	cfg.PublishWaitReplicas = 1
+	cfg.PublishWaitTimeout = 500 * time.Millisecond
+	ks := keys.Scheme{Prefix: rc.KeyPrefix}
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+
+	ok := false
+	for range 50 { // the replicas may still be syncing
+		if w := e.do("POST", "/v1/channels/rc/messages", `{"data":1}`); w.Code == 202 {
+			ok = true
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !ok {
+		t.Fatal("no publish accepted")
+	}
+	// A command the cluster client routes, failing: counted once.
+	base := e.redisErrors()
+	if err := rdb.Do(t.Context(), "NOSUCHCOMMAND", ks.Stream("rc")).Err(); err == nil {
+		t.Fatal("an unknown command succeeded")
+	}
+	if n := e.redisErrors() - base; n != 1 {
+		t.Fatalf("one failed routed command counted %d times", n)
+	}
+
+	victim, err := c.Client(t).MasterForKey(t.Context(), ks.Stream("rc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base = e.redisErrors()
+	c.StopNode(t, c.Index(victim.Options().Addr))
+	for range 3 {
+		if w := e.do("POST", "/v1/channels/rc/messages", `{"data":1}`); w.Code != 503 {
+			t.Fatalf("publish to a stopped master: %d %s", w.Code, w.Body.String())
+		}
+	}
+	n := e.redisErrors() - base
+	if n != 3 {
+		t.Fatalf("3 publishes failed on a stopped master: wsrelay_ingress_redis_errors_total rose by %d, want 3 (one per failed pipeline)", n)
+	}
+}

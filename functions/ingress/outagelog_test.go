@@ -1,0 +1,104 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// logLines decodes the JSON log lines in logs.
+func logLines(t *testing.T, logs *testkit.SyncBuffer) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("not a JSON log line: %q", l)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// TestRedisOutageLogsOnce: a steady publisher during a Redis outage gets
+// its 503s, and the log says so once (the error, and what happens next),
+// not once per request: SCF's log service bills per line. The recovery
+// is one line too, with how many requests were refused meanwhile.
+func TestRedisOutageLogsOnce(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	cfg := testConfig(t)
+	cfg.Redis = rc
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	logs := &testkit.SyncBuffer{}
+	log := slog.New(slog.NewJSONHandler(logs, nil))
+	e := &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
+	e.srv.redisDown.Quiet = 100 * time.Millisecond
+
+	if w := e.do("POST", "/v1/channels/up/messages", `{"data":1}`); w.Code != 202 {
+		t.Fatalf("publish with Redis up: %d %s", w.Code, w.Body.String())
+	}
+	rs.Stop()
+	const requests = 60
+	for i := range requests {
+		path := "/v1/channels/down/messages"
+		if i%3 == 1 {
+			path = "/v1/users/u1/messages"
+		}
+		expectError(t, e.do("POST", path, `{"data":1}`), 503, "unavailable")
+	}
+	var warns []map[string]any
+	for _, l := range logLines(t, logs) {
+		if l["level"] == "WARN" || l["level"] == "ERROR" {
+			warns = append(warns, l)
+		}
+	}
+	if len(warns) == 0 || len(warns) > 3 {
+		t.Fatalf("%d requests refused during the outage wrote %d warnings, want 1–3:\n%s", requests, len(warns), logs.String())
+	}
+	if warns[0]["err"] == nil {
+		t.Errorf("the outage's line does not say the error: %v", warns[0])
+	}
+
+	rs.Restart(t)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if w := e.do("POST", "/v1/channels/up/messages", `{"data":1}`); w.Code != 202 {
+			return fmt.Errorf("publish: %d %s", w.Code, w.Body.String())
+		}
+		return nil
+	})
+	// The outage ends with a success and no failure for Quiet.
+	var back []map[string]any
+	testkit.Eventually(t, 5*time.Second, func() error {
+		back = back[:0]
+		for _, l := range logLines(t, logs) {
+			if l["msg"] == "redis back" {
+				back = append(back, l)
+			}
+		}
+		if len(back) != 1 {
+			return fmt.Errorf("recovery logged %d times, want once:\n%s", len(back), logs.String())
+		}
+		return nil
+	})
+	if n, _ := back[0]["failures"].(float64); n < requests {
+		t.Errorf("recovery line counts %v failed requests, want at least %d: %v", back[0]["failures"], requests, back[0])
+	}
+}

@@ -1,0 +1,110 @@
+package logging
+
+import (
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Defaults of an Episode's timing.
+const (
+	// EpisodeReminder is how often an episode that goes on is logged
+	// again, with the number of failures since it began.
+	EpisodeReminder = 30 * time.Second
+	// EpisodeQuiet is how long without a failure it takes for a success
+	// to end an episode, so that a partial outage (one cluster master of
+	// three down: some calls fail, others succeed) is one episode, not
+	// two lines per failure.
+	EpisodeQuiet = 5 * time.Second
+)
+
+// Episode logs a failure that comes back call after call (Redis out of
+// reach, replicas not confirming) once when it begins, again at most
+// every Reminder while it lasts, with the number of failures meanwhile,
+// and once when it ends (a success, and no failure for Quiet). A
+// warning per failure would be a flood: a steady publisher, or a few
+// hundred sockets ending, during a 30 s Redis outage wrote one line each,
+// which a log service billing by volume (SCF's) charges for and which
+// buries every other line. The metrics count each failure. Safe for
+// concurrent use; the zero values of Reminder and Quiet mean the defaults.
+type Episode struct {
+	Log  *slog.Logger
+	Msg  string // the warning, while it lasts
+	Then string // what happens meanwhile, for the operator
+	Back string // the line that ends it
+
+	Reminder, Quiet time.Duration
+
+	active   atomic.Bool  // read without mu by OK, on every success
+	lastFail atomic.Int64 // unix ns of the last failure
+	pending  atomic.Bool  // an end is scheduled (OK came within Quiet)
+
+	mu     sync.Mutex
+	since  time.Time // when it began
+	said   time.Time // when it was last logged
+	failed int64     // failures since it began
+}
+
+// Fail records one failure, err, and logs it if it begins the episode or
+// the last line is Reminder old; attrs say where it happened.
+func (e *Episode) Fail(err error, attrs ...any) {
+	now := time.Now()
+	e.lastFail.Store(now.UnixNano())
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.active.Load() {
+		e.active.Store(true)
+		e.since, e.said, e.failed = now, now, 1
+		e.Log.Warn(e.Msg, append(attrs, "err", err.Error(), "then", e.Then)...)
+		return
+	}
+	e.failed++
+	if now.Sub(e.said) < or(e.Reminder, EpisodeReminder) {
+		return
+	}
+	e.said = now
+	e.Log.Warn(e.Msg, append(attrs, "err", err.Error(), "failures", e.failed,
+		"for", now.Sub(e.since).Round(time.Second).String(), "then", e.Then)...)
+}
+
+// OK records a success. It ends the episode under way, with one line,
+// once its last failure is Quiet old: at once if it is, else Quiet after
+// that failure unless another comes meanwhile. It costs an atomic load
+// when no episode is under way.
+func (e *Episode) OK() {
+	if !e.active.Load() {
+		return
+	}
+	last := e.lastFail.Load()
+	wait := or(e.Quiet, EpisodeQuiet) - time.Since(time.Unix(0, last))
+	if wait <= 0 {
+		e.end(last)
+		return
+	}
+	if e.pending.CompareAndSwap(false, true) {
+		time.AfterFunc(wait, func() {
+			e.pending.Store(false)
+			e.end(last)
+		})
+	}
+}
+
+// end ends the episode if its last failure is still last.
+func (e *Episode) end(last int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.active.Load() || e.lastFail.Load() != last {
+		return
+	}
+	e.active.Store(false)
+	lasted := time.Unix(0, last).Sub(e.since) // first failure to last
+	e.Log.Info(e.Back, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())
+}
+
+func or(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
