@@ -2,9 +2,10 @@ package main
 
 import (
 	"context"
-	"errors"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // redisHook counts the egress's failed Redis commands and pipelines (one
@@ -23,7 +24,7 @@ func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
 func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if failed(cmd, err) {
+		if redisconn.Failed(cmd, err) {
 			k.h.redisErrors.Add(1)
 		}
 		return err
@@ -35,7 +36,7 @@ func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 		err := next(ctx, cmds)
 		if err != nil {
 			for _, c := range cmds {
-				if failed(c, c.Err()) {
+				if redisconn.Failed(c, c.Err()) {
 					k.h.redisErrors.Add(1)
 					break
 				}
@@ -43,15 +44,4 @@ func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 		}
 		return err
 	}
-}
-
-func failed(cmd redis.Cmder, err error) bool {
-	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
-		return false
-	}
-	switch cmd.Name() {
-	case "client", "hello":
-		return false
-	}
-	return true
 }

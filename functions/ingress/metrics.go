@@ -10,6 +10,7 @@ import (
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -183,7 +184,7 @@ func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if failed(cmd, err) {
+		if redisconn.Failed(cmd, err) {
 			h.m.redisErrors.Inc()
 		} else if err == nil || errors.Is(err, redis.Nil) {
 			h.up()
@@ -203,22 +204,11 @@ func (h redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 			return nil
 		}
 		for _, c := range cmds {
-			if failed(c, c.Err()) {
+			if redisconn.Failed(c, c.Err()) {
 				h.m.redisErrors.Inc()
 				break
 			}
 		}
 		return err
 	}
-}
-
-func failed(cmd redis.Cmder, err error) bool {
-	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
-		return false
-	}
-	switch cmd.Name() {
-	case "client", "hello":
-		return false
-	}
-	return true
 }

@@ -175,6 +175,21 @@ func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	return rdb.Ping(ctx).Err()
 }
 
+// Failed reports whether err, cmd's outcome, is a Redis failure for the
+// functions' error counters: not a missing key (redis.Nil), a script not
+// yet cached (NOSCRIPT, which go-redis answers by loading it), a caller
+// that gave up, nor the connection handshake's optional commands.
+func Failed(cmd redis.Cmder, err error) bool {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
+		return false
+	}
+	switch cmd.Name() {
+	case "client", "hello":
+		return false
+	}
+	return true
+}
+
 // Readiness answers whether Redis answers (Ping) for readiness probes, with
 // at most one Ping per interval: callers within it share the last answer,
 // so that a probe storm (the endpoint is public behind a gateway) does not
