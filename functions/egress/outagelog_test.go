@@ -3,7 +3,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -18,23 +17,6 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
-
-// logRecords decodes the JSON log lines in logs.
-func logRecords(t *testing.T, logs *testkit.SyncBuffer) []map[string]any {
-	t.Helper()
-	var out []map[string]any
-	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
-		if l == "" {
-			continue
-		}
-		var m map[string]any
-		if err := json.Unmarshal([]byte(l), &m); err != nil {
-			t.Fatalf("not a JSON log line: %q", l)
-		}
-		out = append(out, m)
-	}
-	return out
-}
 
 func metricValue(t *testing.T, page, name string) string {
 	t.Helper()
@@ -99,7 +81,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 		return nil
 	})
 	var warns []string
-	for _, r := range logRecords(t, logs) {
+	for _, r := range logs.JSONLines(t) {
 		if (r["level"] == "WARN" || r["level"] == "ERROR") && r["msg"] != "connection closed" {
 			warns = append(warns, fmt.Sprint(r))
 		}
@@ -118,7 +100,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 	rs.Restart(t)
 	testkit.Eventually(t, 15*time.Second, func() error {
 		seen := map[string]int{}
-		for _, r := range logRecords(t, logs) {
+		for _, r := range logs.JSONLines(t) {
 			seen[fmt.Sprint(r["msg"])]++
 		}
 		if seen["registry writes back"] != 1 || seen["redis subscription back"] != 1 {

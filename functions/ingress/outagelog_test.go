@@ -1,10 +1,8 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"log/slog"
-	"strings"
 	"testing"
 	"time"
 
@@ -13,23 +11,6 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
-
-// logLines decodes the JSON log lines in logs.
-func logLines(t *testing.T, logs *testkit.SyncBuffer) []map[string]any {
-	t.Helper()
-	var out []map[string]any
-	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
-		if l == "" {
-			continue
-		}
-		var m map[string]any
-		if err := json.Unmarshal([]byte(l), &m); err != nil {
-			t.Fatalf("not a JSON log line: %q", l)
-		}
-		out = append(out, m)
-	}
-	return out
-}
 
 // TestRedisOutageLogsOnce: a steady publisher during a Redis outage gets
 // its 503s, and the log says so once (the error, and what happens next),
@@ -65,7 +46,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 		expectError(t, e.do("POST", path, `{"data":1}`), 503, "unavailable")
 	}
 	var warns []map[string]any
-	for _, l := range logLines(t, logs) {
+	for _, l := range logs.JSONLines(t) {
 		if l["level"] == "WARN" || l["level"] == "ERROR" {
 			warns = append(warns, l)
 		}
@@ -88,7 +69,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 	var back []map[string]any
 	testkit.Eventually(t, 5*time.Second, func() error {
 		back = back[:0]
-		for _, l := range logLines(t, logs) {
+		for _, l := range logs.JSONLines(t) {
 			if l["msg"] == "redis back" {
 				back = append(back, l)
 			}

@@ -1,43 +1,12 @@
 package logging
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
-	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) records(t *testing.T) []map[string]any {
-	t.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []map[string]any
-	for _, l := range strings.Split(strings.TrimSpace(s.b.String()), "\n") {
-		if l == "" {
-			continue
-		}
-		var m map[string]any
-		if err := json.Unmarshal([]byte(l), &m); err != nil {
-			t.Fatalf("not JSON: %s", l)
-		}
-		out = append(out, m)
-	}
-	return out
-}
 
 // TestEpisode: failures interleaved with successes (a partial outage)
 // are one episode: one warning when it begins, a reminder with the count
@@ -45,7 +14,7 @@ func (s *syncBuf) records(t *testing.T) []map[string]any {
 // last failure.
 func TestEpisode(t *testing.T) {
 	t.Parallel()
-	var buf syncBuf
+	var buf testkit.SyncBuffer
 	log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
 	if err != nil {
 		t.Fatal(err)
@@ -59,23 +28,23 @@ func TestEpisode(t *testing.T) {
 			e.OK()
 		}
 	}
-	if recs := buf.records(t); len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["err"] != "connection refused" || recs[0]["route"] != "/v1/messages" {
+	if recs := buf.JSONLines(t); len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["err"] != "connection refused" || recs[0]["route"] != "/v1/messages" {
 		t.Fatalf("100 failures, 50 successes between them: %v, want one warning", recs)
 	}
 	time.Sleep(350 * time.Millisecond)
 	e.Fail(boom)
-	if recs := buf.records(t); len(recs) != 2 || recs[1]["failures"] != float64(101) {
+	if recs := buf.JSONLines(t); len(recs) != 2 || recs[1]["failures"] != float64(101) {
 		t.Fatalf("after Reminder: %v, want a reminder counting 101 failures", recs)
 	}
 	e.OK() // within Quiet of the failure: the end waits for it
 	time.Sleep(300 * time.Millisecond)
-	recs := buf.records(t)
+	recs := buf.JSONLines(t)
 	if len(recs) != 3 || recs[2]["msg"] != "redis back" || recs[2]["level"] != "INFO" || recs[2]["failures"] != float64(101) {
 		t.Fatalf("after Quiet: %v, want one end line", recs)
 	}
 	e.OK()
 	e.Fail(boom)
-	if recs := buf.records(t); len(recs) != 4 || recs[3]["msg"] != "redis unavailable" {
+	if recs := buf.JSONLines(t); len(recs) != 4 || recs[3]["msg"] != "redis unavailable" {
 		t.Fatalf("a new episode: %v", recs)
 	}
 }

@@ -1,12 +1,14 @@
 // Package testkit holds the small helpers the modules' tests share:
 // polling until a condition holds, a buffer that a process's concurrent
-// writers and a test's reads can share, and a listener that fails an
-// Accept. Only tests import it.
+// writers and a test's reads can share (and that decodes JSON log
+// lines), and a listener that fails an Accept. Only tests import it.
 package testkit
 
 import (
 	"bytes"
+	"encoding/json"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -42,6 +44,24 @@ func (s *SyncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
+}
+
+// JSONLines decodes what was written so far as JSON log lines (slog's
+// JSON handler), failing t on a line that is not a JSON object.
+func (s *SyncBuffer) JSONLines(t testing.TB) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(s.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("not a JSON log line: %q", l)
+		}
+		out = append(out, m)
+	}
+	return out
 }
 
 // String returns everything written so far.
