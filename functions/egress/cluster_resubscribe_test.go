@@ -32,10 +32,7 @@ func TestClusterPubSubConnectionDropped(t *testing.T) {
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	s := e.srv.Config.Handler.(*Server)
 	ctx := context.Background()
-	inboxNode, err := rdb.MasterForKey(ctx, s.hub.inbox.notify)
-	if err != nil {
-		t.Fatal(err)
-	}
+	inboxNode := inboxMaster(t, rdb, s)
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 3)
 	var target string
 	var mine []string
@@ -76,6 +73,17 @@ func TestClusterPubSubConnectionDropped(t *testing.T) {
 	col.check(t, acked, 15*time.Second)
 }
 
+// inboxMaster is the master holding s's inbox, whose connection the
+// instance's probes watch.
+func inboxMaster(t *testing.T, rdb *redis.ClusterClient, s *Server) *redis.Client {
+	t.Helper()
+	m, err := rdb.MasterForKey(context.Background(), s.hub.inbox.notify)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // masterAt is the client of the master at addr.
 func masterAt(t *testing.T, rdb *redis.ClusterClient, addr string) *redis.Client {
 	t.Helper()
@@ -109,10 +117,7 @@ func TestClusterUnsubscribeIdleChannels(t *testing.T) {
 	s := e.srv.Config.Handler.(*Server)
 	ctx := context.Background()
 	// On the master of the instance's inbox, so that its connection stays.
-	inbox, err := rdb.MasterForKey(ctx, s.hub.inbox.notify)
-	if err != nil {
-		t.Fatal(err)
-	}
+	inbox := inboxMaster(t, rdb, s)
 	target := inbox.Options().Addr
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 3)
 	var mine []string
@@ -161,10 +166,7 @@ func TestClusterInboxNodeDown(t *testing.T) {
 	e := startClusterEgressWith(t, rdb, c.AddrsEnv(), map[string]string{"PROBE_INTERVAL": "250ms"})
 	s := e.srv.Config.Handler.(*Server)
 	ctx := context.Background()
-	inboxNode, err := rdb.MasterForKey(ctx, s.hub.inbox.notify)
-	if err != nil {
-		t.Fatal(err)
-	}
+	inboxNode := inboxMaster(t, rdb, s)
 	inbox := inboxNode.Options().Addr
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 5)
 	var live []string
