@@ -26,10 +26,12 @@ const linger = 10 * time.Second
 // chanState is one channel (or the instance inbox) this instance reads.
 //
 // The receive loop is the only writer of confirmed and last, and closes
-// ready. subs and resuming are guarded by mu, which the fan-out holds
-// while it enqueues (and while it advances last), so that a subscriber
-// added under mu gets exactly the messages fanned out after it, and reads
-// the id of the last one it does not get.
+// ready; while the channel is stalled, the goroutine retrying its read
+// takes the loop's place for last (see stall). subs and resuming are
+// guarded by mu, which the fan-out holds while it enqueues (and while it
+// advances last), so that a subscriber added under mu gets exactly the
+// messages fanned out after it, and reads the id of the last one it does
+// not get.
 type chanState struct {
 	name   string // channel name; empty for the inbox
 	stream string // stream key
@@ -38,6 +40,11 @@ type chanState struct {
 	ready     chan struct{} // closed once the Redis subscription is live
 	confirmed bool          // receive loop only
 	last      stream.ID     // newest id delivered; written by the receive loop (under mu once ready)
+	// stalled (receive loop only): a read of the stream failed and a
+	// goroutine of its own retries it (stall); the loop leaves the
+	// channel to it until it reports back, and notes in missed that it
+	// set a notification or confirmation aside meanwhile.
+	stalled, missed bool
 	// floor, when not zero, is the last id delivered before the stream
 	// started again at 0-0 (restarted), until the next delivery: the
 	// subscribers hold it as their position. Guarded by mu.
@@ -95,19 +102,30 @@ type hub struct {
 	// readLag, when set, observes publish-to-receipt time of each
 	// notification: how far the read path runs behind (metrics).
 	readLag func(seconds float64)
+	// recovered carries a stalled channel back to the receive loop once
+	// its read succeeded (stall).
+	recovered chan recovery
+}
+
+// recovery is a stalled channel's read done: for a channel not yet
+// confirmed, its position.
+type recovery struct {
+	cs       *chanState
+	position stream.ID
 }
 
 func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instance string, maxBuf int) *hub {
 	h := &hub{
-		log:      log,
-		rdb:      rdb,
-		keys:     ks,
-		store:    stream.NewStore(rdb),
-		instance: instance,
-		maxBuf:   maxBuf,
-		chans:    make(map[string]*chanState),
-		conns:    make(map[string]*conn),
-		users:    make(map[string]map[*conn]struct{}),
+		log:       log,
+		rdb:       rdb,
+		keys:      ks,
+		store:     stream.NewStore(rdb),
+		instance:  instance,
+		maxBuf:    maxBuf,
+		chans:     make(map[string]*chanState),
+		conns:     make(map[string]*conn),
+		users:     make(map[string]map[*conn]struct{}),
+		recovered: make(chan recovery),
 	}
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
 		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again"}
@@ -135,6 +153,8 @@ func (h *hub) run(ctx context.Context) {
 			} else {
 				h.onMessage(ctx, ev.channel, ev.payload)
 			}
+		case r := <-h.recovered:
+			h.onRecovered(ctx, r)
 		}
 	}
 }
@@ -173,42 +193,59 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 	if cs == nil {
 		return
 	}
+	if cs.stalled {
+		cs.missed = true
+		return
+	}
 	if !cs.confirmed {
-		// The subscription is live: read the stream's position, retrying
-		// while Redis fails (nothing else would confirm it again if the
-		// Pub/Sub connection stays up).
-		var last stream.ID
-		if !h.readRetrying(ctx, "read stream position", cs.stream, func() (err error) {
-			last, err = h.store.LastID(ctx, cs.stream)
-			return err
-		}) {
+		// The subscription is live: read the stream's position. If that
+		// fails it is retried (stall): nothing else would confirm the
+		// channel again while the Pub/Sub connection stays up.
+		last, err := h.store.LastID(ctx, cs.stream)
+		if err != nil {
+			h.stall(ctx, cs, "read stream position", err)
 			return
 		}
-		cs.last = last
-		cs.confirmed = true
-		close(cs.ready)
+		h.readFail.OK()
+		h.confirm(cs, last)
 		return
 	}
 	h.reconnects.Add(1)
 	h.refreshDue.Store(true)
-	h.catchUp(ctx, cs, stream.ID{MS: ^uint64(0)})
+	h.catchUp(ctx, cs, stream.Max)
+}
+
+// confirm makes cs live at position last and releases the subscribers
+// waiting for it. Receive loop only.
+func (h *hub) confirm(cs *chanState, last stream.ID) {
+	cs.last = last
+	cs.confirmed = true
+	close(cs.ready)
 }
 
 // catchUp delivers every stream entry after cs.last up to and including
-// upto, in bounded batches. A read that fails is retried, with backoff,
-// until it succeeds or ctx ends (false): giving up would let the next
+// upto, in bounded batches. It reports whether it got there. A read that
+// fails stalls the channel (false): giving up would let the next
 // delivery move cs.last past the gap, and the gap would be lost for every
 // subscriber here without any of them knowing. Entries that are gone from
 // the stream (trimmed or expired while the notifications were lost) break
 // its chain: see gap.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
+	if err := h.readUpTo(ctx, cs, upto); err != nil {
+		h.stall(ctx, cs, "catch up from stream", err)
+		return false
+	}
+	h.readFail.OK()
+	return true
+}
+
+// readUpTo is catchUp's reading and delivering, which stops at the first
+// read that fails (what it delivered before stays delivered).
+func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error {
 	for {
-		var b stream.Batch
-		if !h.readRetrying(ctx, "catch up from stream", cs.stream, func() (err error) {
-			b, err = h.store.Resume(ctx, cs.stream, cs.last, replayBatch)
+		b, err := h.store.Resume(ctx, cs.stream, cs.last, replayBatch)
+		if err != nil {
 			return err
-		}) {
-			return false
 		}
 		switch {
 		case b.Continuous:
@@ -220,13 +257,71 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 		for i := range b.Entries {
 			id := stream.MustParseID(b.Entries[i].ID)
 			if upto.Less(id) {
-				return true
+				return nil
 			}
 			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS)
 		}
 		if len(b.Entries) < replayBatch {
-			return true
+			return nil
 		}
+	}
+}
+
+// stall hands a read of cs that failed (what, err) over to a goroutine of
+// its own, which retries it, waiting 50 ms doubling to 1 s between tries
+// (logged once per outage: readFail; redisHook counts them), and reads on
+// to the stream's end before it hands the channel back (onRecovered).
+// Meanwhile the receive loop leaves cs alone and goes on with the other
+// channels: a stream that cannot be read (its cluster node down, a key
+// overwritten with another type) holds up only its own channel. Its
+// messages wait in the stream. Receive loop only.
+func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) {
+	position := !cs.confirmed
+	cs.stalled = true
+	go func() {
+		r := recovery{cs: cs}
+		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+			h.readFail.Fail(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			if h.state(cs.notify) != cs {
+				return // unsubscribed meanwhile: nobody here reads it
+			}
+			if position {
+				r.position, err = h.store.LastID(ctx, cs.stream)
+			} else {
+				err = h.readUpTo(ctx, cs, stream.Max)
+			}
+			if err == nil {
+				break
+			}
+		}
+		h.readFail.OK()
+		select {
+		case h.recovered <- r:
+		case <-ctx.Done():
+		}
+	}()
+}
+
+// onRecovered takes back a channel whose stalled read succeeded, and
+// catches up on what was published since, if the loop set a notification
+// aside meanwhile.
+func (h *hub) onRecovered(ctx context.Context, r recovery) {
+	cs := r.cs
+	if h.state(cs.notify) != cs {
+		return
+	}
+	cs.stalled = false
+	if !cs.confirmed {
+		h.confirm(cs, r.position)
+	}
+	if cs.missed {
+		cs.missed = false
+		h.catchUp(ctx, cs, stream.Max)
 	}
 }
 
@@ -290,28 +385,9 @@ func (cs *chanState) closeAllLocked(reason string) int {
 	return n
 }
 
-// readRetrying runs read until it succeeds, waiting 50 ms doubling to 1 s
-// after each failure (logged as what, on key, once per outage: readFail;
-// redisHook counts them); false when ctx ends first.
-func (h *hub) readRetrying(ctx context.Context, what, key string, read func() error) bool {
-	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-		err := read()
-		if err == nil {
-			h.readFail.OK()
-			return true
-		}
-		h.readFail.Fail(err, "op", what, "stream", key, "retry_in", wait.String())
-		select {
-		case <-ctx.Done():
-			return false
-		case <-time.After(wait):
-		}
-	}
-}
-
 func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	cs := h.state(notify)
-	if cs == nil || !cs.confirmed {
+	if cs == nil {
 		return
 	}
 	n, err := stream.ParseNotification(payload)
@@ -321,6 +397,13 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	}
 	if n.Route.Kind() == stream.RouteProbe {
 		h.lastRecv.Store(time.Now().UnixNano())
+		return
+	}
+	if cs.stalled {
+		cs.missed = true // in the stream: read once the channel is back
+		return
+	}
+	if !cs.confirmed {
 		return
 	}
 	if h.readLag != nil && n.TS > 0 {
