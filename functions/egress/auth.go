@@ -50,13 +50,13 @@ type security struct {
 // the rule that a non-anonymous egress needs a way to verify tokens.
 func (c *Config) checkSecurity() []error {
 	var errs []error
-	if _, err := auth.NewVerifier(c.JWTSecret, c.JWTPublicKey); err != nil {
+	if _, err := auth.NewVerifier(c.JWT); err != nil {
 		errs = append(errs, err)
 	}
 	if _, bad := channel.ParsePatterns(c.PublicChannels); bad != "" {
 		errs = append(errs, errors.New("PUBLIC_CHANNELS: "+bad+" is not a channel pattern"))
 	}
-	if !c.AllowAnonymous && c.JWTSecret == "" && c.JWTPublicKey == "" {
+	if !c.AllowAnonymous && !c.JWT.Set() {
 		errs = append(errs, errors.New("no way to verify connection tokens: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256 PEM), or ALLOW_ANONYMOUS=true for local development only"))
 	}
 	return errs
@@ -67,7 +67,7 @@ func (c *Config) checkSecurity() []error {
 func newSecurity(cfg Config, log *slog.Logger) *security {
 	sec := &security{anon: cfg.AllowAnonymous}
 	var err error
-	if sec.verifier, err = auth.NewVerifier(cfg.JWTSecret, cfg.JWTPublicKey); err != nil {
+	if sec.verifier, err = auth.NewVerifier(cfg.JWT); err != nil {
 		log.Error("JWT settings unusable: no token is accepted", "err", err.Error())
 	}
 	if ps, bad := channel.ParsePatterns(cfg.PublicChannels); bad == "" {
@@ -83,8 +83,8 @@ func warnSecurity(log *slog.Logger, cfg Config) {
 	if cfg.AllowAnonymous {
 		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN CONNECT AND SUBSCRIBE TO ANY CHANNEL WITHOUT A TOKEN. For local development only; never deploy this.")
 	}
-	if cfg.JWTSecret != "" && len(cfg.JWTSecret) < 32 {
-		log.Warn("JWT_SECRET is shorter than 32 bytes: use a long random secret")
+	for _, w := range cfg.JWT.Warnings() {
+		log.Warn(w)
 	}
 }
 

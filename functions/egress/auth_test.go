@@ -153,6 +153,11 @@ func TestEgressRefuseToStart(t *testing.T) {
 		}
 	}
 	if _, err := loadConfig(func(k string) string {
+		return map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET_PREVIOUS": testSecret}[k]
+	}); err == nil || !strings.Contains(err.Error(), "JWT_SECRET_PREVIOUS") || strings.Contains(err.Error(), testSecret) {
+		t.Errorf("JWT_SECRET_PREVIOUS without JWT_SECRET: %v", err)
+	}
+	if _, err := loadConfig(func(k string) string {
 		return map[string]string{"JWT_SECRET": "x", "PUBLIC_CHANNELS": "ok.*,bad pattern"}[k]
 	}); err == nil || !strings.Contains(err.Error(), "PUBLIC_CHANNELS") {
 		t.Errorf("bad PUBLIC_CHANNELS: %v", err)
@@ -421,4 +426,33 @@ func TestEgressLimits(t *testing.T) {
 			t.Fatalf("8 frames at 3 per second answered in %v: not held", d)
 		}
 	})
+}
+
+// TestEgressKeyRotation: during a rotation of the HS256 secret, tokens
+// signed with the new secret and with the one it replaced both connect;
+// any other secret is refused.
+func TestEgressKeyRotation(t *testing.T) {
+	t.Parallel()
+	const current = "the-new-secret-0123456789abcdef0123"
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": current, "JWT_SECRET_PREVIOUS": testSecret})
+	exp := time.Now().Add(time.Hour)
+	for name, tc := range map[string]struct {
+		secret string
+		ok     bool
+	}{"current": {current, true}, "previous": {testSecret, true}, "other": {"not-the-secret-0123456789abcdef", false}} {
+		tok, err := auth.SignHS256(tc.secret, auth.Claims{Subject: "alice", Expires: exp})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws, resp, err := e.dial(t, url.Values{"token": {tok}}, nil)
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("%s: %v", name, err)
+		case tc.ok:
+			next(t, ws, protocol.TypeWelcome)
+			ws.Close()
+		case err == nil || resp == nil || resp.StatusCode != 401:
+			t.Errorf("%s: %v %v, want 401", name, err, resp)
+		}
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/origin"
@@ -68,11 +69,9 @@ type Config struct {
 	// from the "user" query parameter) for local development; a token
 	// that is sent is still checked.
 	AllowAnonymous bool `env:"ALLOW_ANONYMOUS" envDefault:"false"`
-	// JWTSecret verifies HS256 connection tokens. Empty: no HS256 tokens.
-	JWTSecret string `env:"JWT_SECRET"`
-	// JWTPublicKey (PEM, "\n" allowed for newlines) verifies RS256 or
-	// ES256 connection tokens. Empty: none.
-	JWTPublicKey string `env:"JWT_PUBLIC_KEY"`
+	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
+	// JWT_PUBLIC_KEY (auth.TokenConfig).
+	JWT auth.TokenConfig
 	// PublicChannels are channel patterns (comma-separated) any holder of
 	// a valid token may subscribe to, besides its channels claim. Empty:
 	// none.

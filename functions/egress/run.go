@@ -116,15 +116,8 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 // startAttrs is the configuration the startup line shows: what an operator
 // checks first, and no credential.
 func startAttrs(cfg Config) []any {
-	jwt := "off"
-	switch {
-	case cfg.JWTPublicKey != "":
-		jwt = "public key"
-	case cfg.JWTSecret != "":
-		jwt = "secret"
-	}
 	return append(cfg.Redis.LogAttrs(),
-		"allow_anonymous", cfg.AllowAnonymous, "jwt", jwt,
+		"allow_anonymous", cfg.AllowAnonymous, "jwt", cfg.JWT.Describe(),
 		"max_connections", cfg.MaxConnections, "idle_timeout", cfg.IdleTimeout.String(), "max_lifetime", cfg.MaxLifetime.String(),
 		"ping_interval", cfg.PingInterval.String(), "probe_interval", cfg.ProbeInterval.String(), "registry_ttl", cfg.RegistryTTL.String(),
 		"log_level", cfg.Log.Level)

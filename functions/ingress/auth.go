@@ -31,10 +31,10 @@ func (c *Config) checkSecurity() []error {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	if _, err := auth.NewVerifier(c.JWTSecret, c.JWTPublicKey); err != nil {
+	if _, err := auth.NewVerifier(c.JWT); err != nil {
 		errs = append(errs, err)
 	}
-	if !c.AllowAnonymous && keys.Len() == 0 && c.JWTSecret == "" && c.JWTPublicKey == "" {
+	if !c.AllowAnonymous && keys.Len() == 0 && !c.JWT.Set() {
 		errs = append(errs, errors.New("no credentials configured: set API_KEYS (backend keys) and/or JWT_SECRET or JWT_PUBLIC_KEY (user tokens), or ALLOW_ANONYMOUS=true for local development only"))
 	}
 	for _, x := range []struct {
@@ -59,7 +59,7 @@ func newSecurity(cfg Config, log *slog.Logger) *security {
 	if sec.keys, err = auth.ParseKeys(cfg.APIKeys); err != nil {
 		log.Error("API_KEYS unusable: no API key is accepted", "err", err.Error())
 	}
-	if sec.verifier, err = auth.NewVerifier(cfg.JWTSecret, cfg.JWTPublicKey); err != nil {
+	if sec.verifier, err = auth.NewVerifier(cfg.JWT); err != nil {
 		log.Error("JWT settings unusable: no user token is accepted", "err", err.Error())
 	}
 	return sec
@@ -186,7 +186,7 @@ func warnSecurity(log *slog.Logger, cfg Config) {
 	if cfg.AllowAnonymous {
 		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN PUBLISH, SEND AND READ WITHOUT A CREDENTIAL. For local development only; never deploy this.")
 	}
-	if cfg.JWTSecret != "" && len(cfg.JWTSecret) < 32 {
-		log.Warn("JWT_SECRET is shorter than 32 bytes: use a long random secret")
+	for _, w := range cfg.JWT.Warnings() {
+		log.Warn(w)
 	}
 }

@@ -103,6 +103,7 @@ func TestRefuseToStart(t *testing.T) {
 		"bad scope":       {"API_KEYS": "sec-ret-key=a b"},
 		"negative rate":   {"API_KEYS": "k", "PUBLISH_RATE_PER_IP": "-1"},
 		"bad public key":  {"JWT_PUBLIC_KEY": "nope"},
+		"previous alone":  {"API_KEYS": "k", "JWT_SECRET_PREVIOUS": testSecret},
 		"duplicate key":   {"API_KEYS": "sec-ret-key,sec-ret-key"},
 		"empty key scope": {"API_KEYS": "sec-ret-key="},
 	} {

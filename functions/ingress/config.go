@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/origin"
@@ -61,11 +62,9 @@ type Config struct {
 	// APIKeys are the backends' keys, comma-separated, each optionally
 	// scoped: key=chat:*|news.*|+admin (docs/security.md). Empty: none.
 	APIKeys string `env:"API_KEYS"`
-	// JWTSecret verifies HS256 user tokens. Empty: no HS256 tokens.
-	JWTSecret string `env:"JWT_SECRET"`
-	// JWTPublicKey (PEM, "\n" allowed for newlines) verifies RS256 or
-	// ES256 user tokens. Empty: none.
-	JWTPublicKey string `env:"JWT_PUBLIC_KEY"`
+	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
+	// JWT_PUBLIC_KEY (auth.TokenConfig).
+	JWT auth.TokenConfig
 	// AllowedOrigins are the browser origins allowed by CORS (comma-
 	// separated scheme://host[:port]; "*" any). Empty: same host only.
 	AllowedOrigins string `env:"ALLOWED_ORIGINS"`

@@ -67,13 +67,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // startAttrs is the configuration the startup line shows: what an operator
 // checks first, and no credential.
 func startAttrs(cfg Config) []any {
-	jwt := "off"
-	switch {
-	case cfg.JWTPublicKey != "":
-		jwt = "public key"
-	case cfg.JWTSecret != "":
-		jwt = "secret"
-	}
 	apiKeys := 0
 	for _, k := range strings.Split(cfg.APIKeys, ",") {
 		if strings.TrimSpace(k) != "" {
@@ -81,7 +74,7 @@ func startAttrs(cfg Config) []any {
 		}
 	}
 	return append(cfg.Redis.LogAttrs(),
-		"allow_anonymous", cfg.AllowAnonymous, "api_keys", apiKeys, "jwt", jwt,
+		"allow_anonymous", cfg.AllowAnonymous, "api_keys", apiKeys, "jwt", cfg.JWT.Describe(),
 		"history_size", cfg.HistorySize, "history_ttl", cfg.HistoryTTL.String(),
 		"publish_wait_replicas", cfg.PublishWaitReplicas, "registry_ttl", cfg.RegistryTTL.String(),
 		"log_level", cfg.Log.Level)

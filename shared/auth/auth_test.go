@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -89,7 +90,7 @@ func TestBearerCredential(t *testing.T) {
 
 func TestVerify(t *testing.T) {
 	t.Parallel()
-	v, err := NewVerifier(secret, "")
+	v, err := NewVerifier(TokenConfig{Secret: secret})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +163,7 @@ func TestVerifyES256(t *testing.T) {
 	der, _ := x509.MarshalPKIXPublicKey(&pk.PublicKey)
 	pemText := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
 	// One line, as in an environment variable.
-	v, err := NewVerifier("", strings.ReplaceAll(pemText, "\n", `\n`))
+	v, err := NewVerifier(TokenConfig{PublicKeys: strings.ReplaceAll(pemText, "\n", `\n`)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,10 +177,115 @@ func TestVerifyES256(t *testing.T) {
 	if _, err := v.Verify(conf); !errors.Is(err, ErrInvalidToken) {
 		t.Errorf("alg confusion: %v", err)
 	}
-	if _, err := NewVerifier("", "not a pem"); err == nil {
+	if _, err := NewVerifier(TokenConfig{PublicKeys: "not a pem"}); err == nil {
 		t.Error("bad PEM accepted")
 	}
-	if v, err := NewVerifier("", ""); v != nil || err != nil {
+	if v, err := NewVerifier(TokenConfig{}); v != nil || err != nil {
 		t.Error("empty settings should give nil, nil")
 	}
+}
+
+// TestKeyRotation: the secret and the public keys can be rotated without
+// refusing a valid token. HS256 tokens signed with JWT_SECRET_PREVIOUS
+// are accepted beside JWT_SECRET's; JWT_PUBLIC_KEY holds several keys,
+// RSA and ECDSA mixed, and each verifies its own tokens.
+func TestKeyRotation(t *testing.T) {
+	t.Parallel()
+	const old = "the previous secret, 32 bytes or more"
+	exp := time.Now().Add(time.Hour)
+	v, err := NewVerifier(TokenConfig{Secret: secret, PreviousSecret: old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{secret, old} {
+		tok, _ := SignHS256(s, Claims{Subject: "alice", Expires: exp})
+		if _, err := v.Verify(tok); err != nil {
+			t.Errorf("signed with the %s secret: %v", map[bool]string{true: "current", false: "previous"}[s == secret], err)
+		}
+	}
+	other, _ := SignHS256("neither of them, but 32 bytes long", Claims{Subject: "alice", Expires: exp})
+	if _, err := v.Verify(other); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("signed with another secret: %v", err)
+	}
+	expired, _ := SignHS256(old, Claims{Subject: "alice", Expires: time.Now().Add(-time.Second)})
+	if _, err := v.Verify(expired); !errors.Is(err, ErrTokenExpired) {
+		t.Errorf("expired, previous secret: %v", err)
+	}
+	if _, err := NewVerifier(TokenConfig{PreviousSecret: old}); err == nil || !strings.Contains(err.Error(), "JWT_SECRET_PREVIOUS") || strings.Contains(err.Error(), old) {
+		t.Errorf("previous secret alone: %v", err)
+	}
+
+	ec1, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ec2, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemOf := func(pub any) string {
+		der, err := x509.MarshalPKIXPublicKey(pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	}
+	keys := pemOf(&ec1.PublicKey) + pemOf(&rk.PublicKey) + pemOf(&ec2.PublicKey)
+	v, err = NewVerifier(TokenConfig{PublicKeys: strings.ReplaceAll(keys, "\n", `\n`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	claims := jwt.MapClaims{"sub": "bob", "exp": exp.Unix()}
+	for name, tc := range map[string]struct {
+		m   jwt.SigningMethod
+		key any
+	}{"first ECDSA": {jwt.SigningMethodES256, ec1}, "RSA": {jwt.SigningMethodRS256, rk}, "second ECDSA": {jwt.SigningMethodES256, ec2}} {
+		tok, _ := jwt.NewWithClaims(tc.m, claims).SignedString(tc.key)
+		if c, err := v.Verify(tok); err != nil || c.Subject != "bob" {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	ec3, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tok, _ := jwt.NewWithClaims(jwt.SigningMethodES256, claims).SignedString(ec3)
+	if _, err := v.Verify(tok); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("a key not listed: %v", err)
+	}
+	hs, _ := SignHS256(secret, Claims{Subject: "bob", Expires: exp})
+	if _, err := v.Verify(hs); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("HS256 with public keys only: %v", err)
+	}
+
+	if got := (TokenConfig{Secret: secret, PreviousSecret: old, PublicKeys: keys}).Describe(); got != "secret+previous secret+3 public keys" {
+		t.Errorf("Describe: %q", got)
+	}
+	if got := (TokenConfig{PublicKeys: pemOf(&ec1.PublicKey)}).Describe(); got != "1 public key" {
+		t.Errorf("Describe: %q", got)
+	}
+	if got := (TokenConfig{}).Describe(); got != "off" {
+		t.Errorf("Describe: %q", got)
+	}
+	if w := (TokenConfig{Secret: secret, PreviousSecret: "short"}).Warnings(); len(w) != 1 || !strings.Contains(w[0], "JWT_SECRET_PREVIOUS") {
+		t.Errorf("Warnings: %q", w)
+	}
+
+	// Each unusable key is named by its position, never shown.
+	for name, tc := range map[string]struct{ keys, want string }{
+		"second not a key": {pemOf(&ec1.PublicKey) + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "key 2"},
+		"text after a key": {pemOf(&ec1.PublicKey) + "trailing", "key 2"},
+		"a private key":    {string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte("x")})), "key 1"},
+		"P-384":            {pemOf(&mustEC(t, elliptic.P384()).PublicKey), "key 1"},
+		"whitespace only":  {" \n ", "key 1"},
+	} {
+		_, err := NewVerifier(TokenConfig{PublicKeys: tc.keys})
+		if err == nil || !strings.Contains(err.Error(), "JWT_PUBLIC_KEY: "+tc.want) {
+			t.Errorf("%s: %v, want an error about %s", name, err, tc.want)
+		}
+	}
+}
+
+func mustEC(t *testing.T, c elliptic.Curve) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(c, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

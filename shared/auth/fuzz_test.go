@@ -14,7 +14,7 @@ func FuzzVerify(f *testing.F) {
 		"eyJhbGciOiJIUzI1NiJ9.e30.xx", strings.Replace(good, ".", "..", 1)} {
 		f.Add(s)
 	}
-	v, _ := NewVerifier(secret, "")
+	v, _ := NewVerifier(TokenConfig{Secret: secret})
 	f.Fuzz(func(t *testing.T, tok string) {
 		c, err := v.Verify(tok)
 		if err == nil && (c.Subject == "" || c.Expires.IsZero()) {

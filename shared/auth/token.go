@@ -1,10 +1,9 @@
 package auth
 
 import (
-	"crypto"
-	"crypto/ecdsa"
+	"bytes"
 	"crypto/elliptic"
-	"crypto/rsa"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"strings"
@@ -61,39 +60,117 @@ func BearerCredential(header string) (cred string, ok bool) {
 	return rest, rest != ""
 }
 
+// TokenConfig is the user-token settings, the same in both functions
+// (their Config embeds it).
+type TokenConfig struct {
+	// Secret verifies HS256 tokens. Empty: no HS256 tokens.
+	Secret string `env:"JWT_SECRET"`
+	// PreviousSecret also verifies HS256 tokens: the secret Secret
+	// replaced, kept while tokens signed with it are still in use, so
+	// that the secret can be rotated without refusing valid tokens.
+	// Needs Secret.
+	PreviousSecret string `env:"JWT_SECRET_PREVIOUS"`
+	// PublicKeys verify RS256 and ES256 tokens: one or more PEM public
+	// keys (RSA, or P-256 ECDSA), one after the other; a token is
+	// accepted if any of them verifies it, so that a new key can be
+	// added before tokens are signed with it and the old one removed
+	// after. A literal \n stands for a newline, so that the keys fit in
+	// one environment variable. Empty: none.
+	PublicKeys string `env:"JWT_PUBLIC_KEY"`
+}
+
+// Set reports whether any token setting is set.
+func (c TokenConfig) Set() bool { return c.Secret != "" || c.PublicKeys != "" }
+
+// Describe says, for a startup line, how tokens are verified, without any
+// key: "off", "secret", "secret+previous", "1 public key" and so on.
+func (c TokenConfig) Describe() string {
+	var parts []string
+	if c.Secret != "" {
+		parts = append(parts, "secret")
+	}
+	if c.PreviousSecret != "" {
+		parts = append(parts, "previous secret")
+	}
+	if c.PublicKeys != "" {
+		n := strings.Count(strings.ReplaceAll(c.PublicKeys, `\n`, "\n"), "-----BEGIN ")
+		parts = append(parts, fmt.Sprintf("%d public key", n)+map[bool]string{true: "s"}[n != 1])
+	}
+	if len(parts) == 0 {
+		return "off"
+	}
+	return strings.Join(parts, "+")
+}
+
+// Warnings are what Check accepts but an operator should hear of.
+func (c TokenConfig) Warnings() []string {
+	var w []string
+	if c.Secret != "" && len(c.Secret) < 32 {
+		w = append(w, "JWT_SECRET is shorter than 32 bytes: use a long random secret")
+	}
+	if c.PreviousSecret != "" && len(c.PreviousSecret) < 32 {
+		w = append(w, "JWT_SECRET_PREVIOUS is shorter than 32 bytes: use a long random secret")
+	}
+	return w
+}
+
 // Verifier checks user tokens. A nil *Verifier refuses every token with
 // ErrNoVerifier. It is safe for concurrent use.
 type Verifier struct {
-	secret  []byte
-	pub     crypto.PublicKey
+	secrets jwt.VerificationKeySet // HS256
+	rsa     jwt.VerificationKeySet
+	ecdsa   jwt.VerificationKeySet
 	methods []string
 	now     func() time.Time
 }
 
-// NewVerifier accepts HS256 tokens signed with secret (when not empty) and
-// RS256 or ES256 tokens signed by the key in publicKeyPEM (when not
-// empty; PKIX "PUBLIC KEY" or "RSA PUBLIC KEY"; a literal \n in the text
-// stands for a newline, so the PEM fits in one environment variable). It
-// returns nil, nil when both are empty.
-func NewVerifier(secret, publicKeyPEM string) (*Verifier, error) {
-	if secret == "" && publicKeyPEM == "" {
+// NewVerifier accepts the tokens c allows: HS256 signed with its secret
+// or previous secret, RS256 or ES256 signed by one of its public keys
+// (PKIX "PUBLIC KEY" or "RSA PUBLIC KEY" blocks). It returns nil, nil
+// when c sets nothing, and an error naming the setting when one is
+// unusable (never its value).
+func NewVerifier(c TokenConfig) (*Verifier, error) {
+	if !c.Set() {
+		if c.PreviousSecret != "" {
+			return nil, errors.New("JWT_SECRET_PREVIOUS is set without JWT_SECRET: set JWT_SECRET to the current secret")
+		}
 		return nil, nil
 	}
 	v := &Verifier{now: time.Now}
-	if secret != "" {
-		v.secret = []byte(secret)
+	if c.Secret != "" {
+		v.secrets.Keys = append(v.secrets.Keys, []byte(c.Secret))
+		if c.PreviousSecret != "" {
+			v.secrets.Keys = append(v.secrets.Keys, []byte(c.PreviousSecret))
+		}
 		v.methods = append(v.methods, "HS256")
+	} else if c.PreviousSecret != "" {
+		return nil, errors.New("JWT_SECRET_PREVIOUS is set without JWT_SECRET: set JWT_SECRET to the current secret")
 	}
-	if publicKeyPEM != "" {
-		pemText := []byte(strings.ReplaceAll(publicKeyPEM, `\n`, "\n"))
-		if k, err := jwt.ParseRSAPublicKeyFromPEM(pemText); err == nil {
-			v.pub = k
+	if c.PublicKeys != "" {
+		rest := []byte(strings.ReplaceAll(c.PublicKeys, `\n`, "\n"))
+		for n := 1; ; n++ {
+			var b *pem.Block
+			b, rest = pem.Decode(rest)
+			if b == nil {
+				if len(bytes.TrimSpace(rest)) > 0 || n == 1 {
+					return nil, fmt.Errorf("JWT_PUBLIC_KEY: key %d is not a PEM block", n)
+				}
+				break
+			}
+			one := pem.EncodeToMemory(b)
+			if k, err := jwt.ParseRSAPublicKeyFromPEM(one); err == nil {
+				v.rsa.Keys = append(v.rsa.Keys, k)
+			} else if k, err := jwt.ParseECPublicKeyFromPEM(one); err == nil && k.Curve == elliptic.P256() {
+				v.ecdsa.Keys = append(v.ecdsa.Keys, k)
+			} else {
+				return nil, fmt.Errorf("JWT_PUBLIC_KEY: key %d is not an RSA or P-256 ECDSA public key", n)
+			}
+		}
+		if len(v.rsa.Keys) > 0 {
 			v.methods = append(v.methods, "RS256")
-		} else if k, err := jwt.ParseECPublicKeyFromPEM(pemText); err == nil && k.Curve == elliptic.P256() {
-			v.pub = k
+		}
+		if len(v.ecdsa.Keys) > 0 {
 			v.methods = append(v.methods, "ES256")
-		} else {
-			return nil, errors.New("JWT_PUBLIC_KEY: not a PEM RSA or P-256 ECDSA public key")
 		}
 	}
 	return v, nil
@@ -107,21 +184,19 @@ func (v *Verifier) WithClock(now func() time.Time) *Verifier {
 }
 
 func (v *Verifier) key(t *jwt.Token) (any, error) {
+	var set jwt.VerificationKeySet
 	switch t.Method.(type) {
 	case *jwt.SigningMethodHMAC:
-		if v.secret != nil {
-			return v.secret, nil
-		}
+		set = v.secrets
 	case *jwt.SigningMethodRSA:
-		if k, ok := v.pub.(*rsa.PublicKey); ok {
-			return k, nil
-		}
+		set = v.rsa
 	case *jwt.SigningMethodECDSA:
-		if k, ok := v.pub.(*ecdsa.PublicKey); ok {
-			return k, nil
-		}
+		set = v.ecdsa
 	}
-	return nil, errors.New("no key for this algorithm")
+	if len(set.Keys) == 0 {
+		return nil, errors.New("no key for this algorithm")
+	}
+	return set, nil
 }
 
 // Verify checks token's signature, algorithm, "exp" (required, no
