@@ -44,6 +44,7 @@ type security struct {
 	verifier *auth.Verifier
 	public   channel.Patterns
 	anon     bool
+	metrics  auth.MetricsToken // METRICS_TOKEN
 }
 
 // checkSecurity reports what is wrong with the token settings, including
@@ -51,6 +52,9 @@ type security struct {
 func (c *Config) checkSecurity() []error {
 	var errs []error
 	if _, err := auth.NewVerifier(c.JWT); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := auth.NewMetricsToken(c.MetricsToken); err != nil {
 		errs = append(errs, err)
 	}
 	if _, bad := channel.ParsePatterns(c.PublicChannels); bad != "" {
@@ -67,6 +71,9 @@ func (c *Config) checkSecurity() []error {
 func newSecurity(cfg Config, log *slog.Logger) *security {
 	sec := &security{anon: cfg.AllowAnonymous}
 	var err error
+	if sec.metrics, err = auth.NewMetricsToken(cfg.MetricsToken); err != nil {
+		log.Error("METRICS_TOKEN unusable: every scrape of /metrics is refused", "err", err.Error())
+	}
 	if sec.verifier, err = auth.NewVerifier(cfg.JWT); err != nil {
 		log.Error("JWT settings unusable: no token is accepted", "err", err.Error())
 	}

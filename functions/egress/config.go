@@ -72,6 +72,9 @@ type Config struct {
 	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
 	// JWT_PUBLIC_KEY (auth.TokenConfig).
 	JWT auth.TokenConfig
+	// MetricsToken, when set, is the bearer token a scrape of /metrics
+	// must carry (401 without it). Empty: /metrics is open.
+	MetricsToken string `env:"METRICS_TOKEN"`
 	// PublicChannels are channel patterns (comma-separated) any holder of
 	// a valid token may subscribe to, besides its channels claim. Empty:
 	// none.

@@ -109,3 +109,35 @@ func scrape(base string) (string, error) {
 	b, err := io.ReadAll(resp.Body)
 	return string(b), err
 }
+
+// TestMetricsToken: with METRICS_TOKEN set, /metrics answers only a scrape
+// that carries it.
+func TestMetricsToken(t *testing.T) {
+	t.Parallel()
+	const tok = "scrape-token-0123456789"
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "METRICS_TOKEN": tok})
+	get := func(auth string) (int, string) {
+		req, _ := http.NewRequest("GET", e.srv.URL+"/metrics", nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode == 401 && resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("401 without WWW-Authenticate")
+		}
+		return resp.StatusCode, string(b)
+	}
+	for _, auth := range []string{"", "Bearer wrong", tok} {
+		if code, body := get(auth); code != 401 || !strings.Contains(body, `"unauthorized"`) {
+			t.Errorf("%q: %d %.200s", auth, code, body)
+		}
+	}
+	if code, body := get("Bearer " + tok); code != 200 || !strings.Contains(body, "wsrelay_egress_") {
+		t.Errorf("with the token: %d %.200s", code, body)
+	}
+}

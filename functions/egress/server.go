@@ -98,7 +98,15 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /client.js", handleClientJS())
 	s.mux.Handle("GET /{$}", handleDemo(s.cfg))
-	s.mux.Handle("GET /metrics", s.metrics.handler())
+	metrics := s.metrics.handler()
+	s.mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		if !s.sec.metrics.Allows(r) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="metrics"`)
+			writeHTTPError(w, http.StatusUnauthorized, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token")
+			return
+		}
+		metrics(w, r)
+	})
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint; see docs/protocol.md")
 	})

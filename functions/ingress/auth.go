@@ -16,6 +16,7 @@ type security struct {
 	keys     auth.Keys
 	verifier *auth.Verifier
 	anon     bool
+	metrics  auth.MetricsToken // METRICS_TOKEN
 	limits   publishLimits
 }
 
@@ -32,6 +33,9 @@ func (c *Config) checkSecurity() []error {
 		errs = append(errs, err)
 	}
 	if _, err := auth.NewVerifier(c.JWT); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := auth.NewMetricsToken(c.MetricsToken); err != nil {
 		errs = append(errs, err)
 	}
 	if !c.AllowAnonymous && keys.Len() == 0 && !c.JWT.Set() {
@@ -58,6 +62,9 @@ func newSecurity(cfg Config, log *slog.Logger) *security {
 	var err error
 	if sec.keys, err = auth.ParseKeys(cfg.APIKeys); err != nil {
 		log.Error("API_KEYS unusable: no API key is accepted", "err", err.Error())
+	}
+	if sec.metrics, err = auth.NewMetricsToken(cfg.MetricsToken); err != nil {
+		log.Error("METRICS_TOKEN unusable: every scrape of /metrics is refused", "err", err.Error())
 	}
 	if sec.verifier, err = auth.NewVerifier(cfg.JWT); err != nil {
 		log.Error("JWT settings unusable: no user token is accepted", "err", err.Error())

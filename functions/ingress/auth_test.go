@@ -538,3 +538,33 @@ func TestIPKeyWithPort(t *testing.T) {
 		}
 	}
 }
+
+// TestMetricsToken: with METRICS_TOKEN set, /metrics answers only a scrape
+// that carries it (the probes stay open); a bad METRICS_TOKEN is refused
+// at start.
+func TestMetricsToken(t *testing.T) {
+	t.Parallel()
+	const tok = "scrape-token-0123456789"
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "METRICS_TOKEN": tok})
+	for _, hdr := range [][]string{nil, bearer("wrong"), bearer(fullKey)} {
+		w := e.do("GET", "/metrics", "", hdr...)
+		expectError(t, w, 401, "unauthorized")
+		if w.Header().Get("WWW-Authenticate") == "" || strings.Contains(w.Body.String(), "wsrelay_") {
+			t.Errorf("%v: headers %v, body %s", hdr, w.Header(), w.Body)
+		}
+	}
+	if w := e.do("GET", "/metrics", "", bearer(tok)...); w.Code != 200 || !strings.Contains(w.Body.String(), "wsrelay_ingress_") {
+		t.Errorf("with the token: %d %.200s", w.Code, w.Body)
+	}
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if w := e.do("GET", p, ""); w.Code != http.StatusOK {
+			t.Errorf("%s: %d %s", p, w.Code, w.Body)
+		}
+	}
+	_, err := loadConfig(func(k string) string {
+		return map[string]string{"API_KEYS": fullKey, "METRICS_TOKEN": "has space"}[k]
+	})
+	if err == nil || !strings.Contains(err.Error(), "METRICS_TOKEN") {
+		t.Errorf("METRICS_TOKEN with a space: %v", err)
+	}
+}

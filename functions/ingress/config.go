@@ -65,6 +65,9 @@ type Config struct {
 	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
 	// JWT_PUBLIC_KEY (auth.TokenConfig).
 	JWT auth.TokenConfig
+	// MetricsToken, when set, is the bearer token a scrape of /metrics
+	// must carry (401 without it). Empty: /metrics is open.
+	MetricsToken string `env:"METRICS_TOKEN"`
 	// AllowedOrigins are the browser origins allowed by CORS (comma-
 	// separated scheme://host[:port]; "*" any). Empty: same host only.
 	AllowedOrigins string `env:"ALLOWED_ORIGINS"`

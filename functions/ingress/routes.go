@@ -10,7 +10,7 @@ func (s *Server) routes(r *gin.Engine) {
 	// HEAD wherever GET (RFC 9110 §9.3.2): load balancers probe with it.
 	r.HEAD("/healthz", s.handleHealthz)
 	r.HEAD("/readyz", s.handleReadyz)
-	r.GET("/metrics", s.metrics.handler())
+	r.GET("/metrics", s.guardMetrics, s.metrics.handler())
 
 	v1 := r.Group("/v1")
 	v1.POST("/channels/:channel/messages", s.handlePublish)
@@ -28,4 +28,13 @@ func (s *Server) routes(r *gin.Engine) {
 	r.NoMethod(func(c *gin.Context) {
 		s.writeError(c, errf(405, "method_not_allowed", "method not allowed on this endpoint"))
 	})
+}
+
+// guardMetrics refuses a scrape of /metrics without METRICS_TOKEN, when it
+// is set.
+func (s *Server) guardMetrics(c *gin.Context) {
+	if !s.sec.metrics.Allows(c.Request) {
+		c.Header("WWW-Authenticate", `Bearer realm="metrics"`)
+		s.writeError(c, errf(401, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token"))
+	}
 }

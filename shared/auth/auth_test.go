@@ -8,6 +8,8 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -288,4 +290,44 @@ func mustEC(t *testing.T, c elliptic.Curve) *ecdsa.PrivateKey {
 		t.Fatal(err)
 	}
 	return k
+}
+
+func TestMetricsToken(t *testing.T) {
+	t.Parallel()
+	req := func(auth string) *http.Request {
+		r := httptest.NewRequest("GET", "/metrics", nil)
+		if auth != "" {
+			r.Header.Set("Authorization", auth)
+		}
+		return r
+	}
+	open, err := NewMetricsToken("")
+	if err != nil || !open.Allows(req("")) {
+		t.Fatalf("no token: %v, or a scrape without a credential refused", err)
+	}
+	m, err := NewMetricsToken("scrape-0123456789")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for auth, want := range map[string]bool{
+		"Bearer scrape-0123456789": true,
+		"bearer scrape-0123456789": true,
+		"":                         false,
+		"Bearer scrape-012345678":  false,
+		"Basic scrape-0123456789":  false,
+		"scrape-0123456789":        false,
+	} {
+		if got := m.Allows(req(auth)); got != want {
+			t.Errorf("%q: %v, want %v", auth, got, want)
+		}
+	}
+	for _, bad := range []string{"has space", "tab\there", strings.Repeat("x", 257), "naïve"} {
+		m, err := NewMetricsToken(bad)
+		if err == nil || !strings.Contains(err.Error(), "METRICS_TOKEN") || strings.Contains(err.Error(), bad) {
+			t.Errorf("%q: %v", bad, err)
+		}
+		if m.Allows(req("")) || m.Allows(req("Bearer "+bad)) {
+			t.Errorf("%q: an unusable token lets scrapes through", bad)
+		}
+	}
 }
