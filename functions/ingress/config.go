@@ -130,6 +130,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout < time.Millisecond || c.PublishWaitTimeout >= c.Redis.Timeout) {
 		// WAIT takes whole milliseconds, and WAIT n 0 waits forever.
 		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be at least 1ms and below REDIS_TIMEOUT"))
+	} else if c.PublishWaitTimeout < 0 {
+		// Even with the wait off it is part of an Idempotency-Key claim's
+		// expiry (pendingTTL), which a negative value can make invalid.
+		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must not be negative"))
 	}
 	if c.RegistryTTL < 3*time.Second {
 		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs

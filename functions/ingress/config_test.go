@@ -78,6 +78,9 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"braces in the key prefix", map[string]string{"REDIS_KEY_PREFIX": "{app}"}, []string{"REDIS_KEY_PREFIX"}},
 		// WAIT takes milliseconds, and WAIT n 0 waits forever.
 		{"wait timeout under 1ms", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "500us"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
+		// Off or not, it is part of an Idempotency-Key claim's TTL: a negative
+		// one made every request with a key fail (SET with a negative expiry).
+		{"negative wait timeout with the wait off", map[string]string{"PUBLISH_WAIT_TIMEOUT": "-20s"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
 		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
 		{"client IP header not a header name", map[string]string{"CLIENT_IP_HEADER": "X Forwarded: For"}, []string{"CLIENT_IP_HEADER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
