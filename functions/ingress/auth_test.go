@@ -365,6 +365,9 @@ func TestRateLimits(t *testing.T) {
 		// A batch larger than the burst can never pass.
 		w = e.do("POST", "/v1/messages", `{"messages":[{"channel":"a","data":1},{"channel":"b","data":1},{"channel":"c","data":1}]}`, bearer(chatKey)...)
 		expectError(t, w, 429, "rate_limited")
+		if ra := w.Header().Get("Retry-After"); ra != "" || !strings.Contains(w.Body.String(), "smaller batches") {
+			t.Errorf("a batch that can never pass: Retry-After %q (want none: retrying it cannot succeed), body %s", ra, w.Body)
+		}
 	})
 	t.Run("per key off by default", func(t *testing.T) {
 		t.Parallel()

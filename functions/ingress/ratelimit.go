@@ -190,7 +190,8 @@ func clientAddr(s string) (netip.Addr, bool) {
 
 // allowPublishes applies the publish rate limits for n messages: per
 // client IP, then per API key or per user token. Over a limit: 429
-// rate_limited with Retry-After, and nothing is taken from the other
+// rate_limited with Retry-After (none for a batch larger than the burst,
+// which can never pass), and nothing is taken from the other
 // buckets' budgets beyond those already passed.
 func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 	pl := &s.sec.limits
@@ -217,7 +218,8 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 		d := ch.set.reserve(ch.key, n, now)
 		switch {
 		case d < 0:
-			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: 1,
+			// No Retry-After: the same batch can never pass.
+			return &apiError{Status: 429, Code: "rate_limited",
 				Message: "batch of " + strconv.Itoa(n) + " messages exceeds the per-" + ch.what + " burst of " + strconv.Itoa(ch.set.burst) + "; send smaller batches"}
 		case d > 0:
 			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: int(math.Ceil(d.Seconds())),
