@@ -199,6 +199,9 @@ func TestEgressTokens(t *testing.T) {
 		if !strings.Contains(string(body), `"`+tc.code+`"`) {
 			t.Errorf("%s: body %s", name, body)
 		}
+		if resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: 401 without WWW-Authenticate", name)
+		}
 	}
 
 	// Query token; the user query parameter does not override sub.

@@ -23,6 +23,10 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	}
 	id, aerr := s.authenticate(r)
 	if aerr != nil {
+		if aerr.status == http.StatusUnauthorized {
+			// RFC 9110 §11.6.1: a 401 names the scheme it wants.
+			w.Header().Set("WWW-Authenticate", `Bearer realm="wsrelay"`)
+		}
 		writeHTTPError(w, aerr.status, aerr.code, aerr.msg)
 		return
 	}
