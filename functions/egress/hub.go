@@ -105,6 +105,10 @@ type hub struct {
 	// recovered carries a stalled channel back to the receive loop once
 	// its read succeeded (stall).
 	recovered chan recovery
+	// stalls are the goroutines retrying stalled reads: run waits for
+	// them before it returns, so that none of them reads Redis or
+	// delivers after the receive loop has ended.
+	stalls sync.WaitGroup
 }
 
 // recovery is a stalled channel's read done: for a channel not yet
@@ -140,6 +144,7 @@ func (h *hub) run(ctx context.Context) {
 	h.psMu.Lock()
 	h.sub = sub
 	h.psMu.Unlock()
+	defer h.stalls.Wait() // they end with ctx
 	defer sub.Close()
 	// Errors are retried inside the subscriber (the inbox stays wanted).
 	_ = sub.Subscribe(ctx, h.inbox.notify)
@@ -194,6 +199,10 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		return
 	}
 	if cs.stalled {
+		// Confirmed again (the connection came back): a reconnect like
+		// below, whose catch-up waits for the stall to end.
+		h.reconnects.Add(1)
+		h.refreshDue.Store(true)
 		cs.missed = true
 		return
 	}
@@ -278,7 +287,7 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error
 func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) {
 	position := !cs.confirmed
 	cs.stalled = true
-	go func() {
+	h.stalls.Go(func() {
 		r := recovery{cs: cs}
 		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 			h.readFail.Fail(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
@@ -304,7 +313,7 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 		case h.recovered <- r:
 		case <-ctx.Done():
 		}
-	}()
+	})
 }
 
 // onRecovered takes back a channel whose stalled read succeeded, and

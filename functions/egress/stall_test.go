@@ -1,11 +1,20 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"errors"
+	"runtime"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestUnreadableStreamHoldsUpOnlyItsChannel: one channel's stream cannot
@@ -90,5 +99,123 @@ func TestUnreadablePositionHoldsUpOnlyItsChannel(t *testing.T) {
 	id = appendTo(t, rdb, ks, "c", ks.Notify("c"), 2)
 	if got, code := readMessages(wsC2, 5*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != id {
 		t.Fatalf("c once readable: got %v (close %d), want %s", got, code, id)
+	}
+}
+
+// slowReads is a hook whose XRANGE on key, while on is set, waits d
+// (whatever its context says, as a read from a node that went silent
+// does) and fails; entered receives once a read is waiting.
+type slowReads struct {
+	key     string
+	d       time.Duration
+	on      *atomic.Bool
+	entered chan struct{}
+}
+
+func (s slowReads) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (s slowReads) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if a := cmd.Args(); s.on.Load() && strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == s.key {
+			select {
+			case s.entered <- struct{}{}:
+			default:
+			}
+			time.Sleep(s.d)
+			cmd.SetErr(redistest.ErrFailed)
+			return redistest.ErrFailed
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (s slowReads) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestStalledReadEndsWithRun: a shutdown that comes while a stalled
+// channel's read is retried waits for that read: once Run has returned,
+// nothing of the hub reads Redis any more (run then closes the client)
+// or logs. Not parallel: it looks at every goroutine.
+func TestStalledReadEndsWithRun(t *testing.T) {
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	var slow atomic.Bool
+	entered := make(chan struct{}, 1)
+	rdb.AddHook(slowReads{key: ks.Stream("a"), d: 2 * time.Second, on: &slow, entered: entered})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SHUTDOWN_GRACE": "0s"})
+	wsA, _ := subscribedTo(t, e, "a")
+
+	// a's catch-up fails at once (a key of the wrong type), then its
+	// retries wait for a silent node.
+	if err := rdb.Set(t.Context(), ks.Stream("a"), "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	appendTo(t, rdb, ks, "other", ks.Notify("other"), 1)
+	appendTo(t, rdb, ks, "other", ks.Notify("a"), 2)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if e.s.hub.redisErrors.Load() == 0 {
+			return errors.New("a's catch-up has not failed yet")
+		}
+		return nil
+	})
+	slow.Store(true)
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a's stream was never read")
+	}
+	wsA.Close()
+	e.stop()
+	var stacks []byte
+	for n := 1 << 16; ; n *= 2 {
+		stacks = make([]byte, n)
+		if m := runtime.Stack(stacks, true); m < n {
+			stacks = stacks[:m]
+			break
+		}
+	}
+	if i := bytes.Index(stacks, []byte("(*hub).stall")); i >= 0 {
+		t.Fatalf("a stalled channel's retries outlive Run:\n%s", stacks[max(0, i-1500):min(len(stacks), i+500)])
+	}
+}
+
+// TestStalledChannelCountsItsReconnect: Redis confirming the subscription
+// of a stalled channel again (its Pub/Sub connection came back) is a
+// reconnect like any other: counted (wsrelay_egress_redis_resubscribes_total)
+// and, as for the others, a registry refresh is asked for; only its read
+// waits for the stall to end.
+func TestStalledChannelCountsItsReconnect(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	subscribedTo(t, e, "a")
+	subscribedTo(t, e, "b")
+	if err := rdb.Set(t.Context(), ks.Stream("a"), "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	appendTo(t, rdb, ks, "other", ks.Notify("other"), 1)
+	appendTo(t, rdb, ks, "other", ks.Notify("a"), 2)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if e.s.hub.redisErrors.Load() == 0 {
+			return errors.New("a's catch-up has not failed yet")
+		}
+		return nil
+	})
+
+	// One reconnect of the Pub/Sub connection (counted once by
+	// resubscribe), then one confirmation again each for the inbox, a
+	// and b.
+	before := e.s.hub.reconnects.Load()
+	e.s.hub.resubscribe(t.Context())
+	want := before + 4
+	deadline := time.Now().Add(5 * time.Second)
+	for e.s.hub.reconnects.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if got := e.s.hub.reconnects.Load(); got != want {
+		t.Fatalf("reconnects counted: %d, want %d (the resubscribe, the inbox, a and b)", got-before, want-before)
 	}
 }

@@ -272,9 +272,15 @@ func TestKeyRotation(t *testing.T) {
 	for name, tc := range map[string]struct{ keys, want string }{
 		"second not a key": {pemOf(&ec1.PublicKey) + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "key 2"},
 		"text after a key": {pemOf(&ec1.PublicKey) + "trailing", "key 2"},
-		"a private key":    {string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte("x")})), "key 1"},
-		"P-384":            {pemOf(&mustEC(t, elliptic.P384()).PublicKey), "key 1"},
-		"whitespace only":  {" \n ", "key 1"},
+		// A block pem.Decode cannot read is not skipped for the next one:
+		// the new key of a rotation, pasted badly, would be left out
+		// while the startup line counts it.
+		"second not base64":  {pemOf(&ec1.PublicKey) + "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n" + pemOf(&ec2.PublicKey), "key 2"},
+		"second without END": {pemOf(&ec1.PublicKey) + strings.TrimSuffix(pemOf(&ec2.PublicKey), "-----END PUBLIC KEY-----\n") + pemOf(&rk.PublicKey), "key 2"},
+		"first cut short":    {pemOf(&ec1.PublicKey)[:60] + "\n" + pemOf(&ec2.PublicKey), "key 1"},
+		"a private key":      {string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte("x")})), "key 1"},
+		"P-384":              {pemOf(&mustEC(t, elliptic.P384()).PublicKey), "key 1"},
+		"whitespace only":    {" \n ", "key 1"},
 	} {
 		_, err := NewVerifier(TokenConfig{PublicKeys: tc.keys})
 		if err == nil || !strings.Contains(err.Error(), "JWT_PUBLIC_KEY: "+tc.want) {

@@ -83,7 +83,8 @@ type TokenConfig struct {
 func (c TokenConfig) Set() bool { return c.Secret != "" || c.PublicKeys != "" }
 
 // Describe says, for a startup line, how tokens are verified, without any
-// key: "off", "secret", "secret+previous", "1 public key" and so on.
+// key: "off", "secret", "secret+previous secret", "1 public key",
+// "secret+2 public keys" and so on.
 func (c TokenConfig) Describe() string {
 	var parts []string
 	if c.Secret != "" {
@@ -149,14 +150,20 @@ func NewVerifier(c TokenConfig) (*Verifier, error) {
 	if c.PublicKeys != "" {
 		rest := []byte(strings.ReplaceAll(c.PublicKeys, `\n`, "\n"))
 		for n := 1; ; n++ {
-			var b *pem.Block
-			b, rest = pem.Decode(rest)
+			b, after := pem.Decode(rest)
 			if b == nil {
 				if len(bytes.TrimSpace(rest)) > 0 || n == 1 {
 					return nil, fmt.Errorf("JWT_PUBLIC_KEY: key %d is not a PEM block", n)
 				}
 				break
 			}
+			// pem.Decode skips a block it cannot read (bad base64, no END
+			// line) and returns the next one: that block is key n, and
+			// unusable, not a key to leave out.
+			if bytes.Count(rest[:len(rest)-len(after)], []byte("-----BEGIN ")) > 1 {
+				return nil, fmt.Errorf("JWT_PUBLIC_KEY: key %d is not a PEM block", n)
+			}
+			rest = after
 			one := pem.EncodeToMemory(b)
 			if k, err := jwt.ParseRSAPublicKeyFromPEM(one); err == nil {
 				v.rsa.Keys = append(v.rsa.Keys, k)
