@@ -105,6 +105,12 @@ type hub struct {
 	// recovered carries a stalled channel back to the receive loop once
 	// its read succeeded (stall).
 	recovered chan recovery
+	// readTimeout, when positive, bounds each stream read of the hub
+	// (2×REDIS_TIMEOUT): go-redis alone would wait on a node that stopped
+	// answering for as long as the context allows, and a cluster client
+	// retries a timed-out read several times, while the receive loop
+	// waits for its first try (see stall).
+	readTimeout time.Duration
 	// stalls are the goroutines retrying stalled reads: run waits for
 	// them before it returns, so that none of them reads Redis or
 	// delivers after the receive loop has ended.
@@ -210,7 +216,7 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		// The subscription is live: read the stream's position. If that
 		// fails it is retried (stall): nothing else would confirm the
 		// channel again while the Pub/Sub connection stays up.
-		last, err := h.store.LastID(ctx, cs.stream)
+		last, err := h.lastID(ctx, cs)
 		if err != nil {
 			h.stall(ctx, cs, "read stream position", err)
 			return
@@ -252,7 +258,9 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 // read that fails (what it delivered before stays delivered).
 func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error {
 	for {
-		b, err := h.store.Resume(ctx, cs.stream, cs.last, replayBatch)
+		rctx, cancel := h.bounded(ctx)
+		b, err := h.store.Resume(rctx, cs.stream, cs.last, replayBatch)
+		cancel()
 		if err != nil {
 			return err
 		}
@@ -274,6 +282,21 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error
 			return nil
 		}
 	}
+}
+
+// bounded is ctx with the hub's readTimeout, if it has one.
+func (h *hub) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if h.readTimeout <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, h.readTimeout)
+}
+
+// lastID reads cs's stream position, within readTimeout.
+func (h *hub) lastID(ctx context.Context, cs *chanState) (stream.ID, error) {
+	ctx, cancel := h.bounded(ctx)
+	defer cancel()
+	return h.store.LastID(ctx, cs.stream)
 }
 
 // stall hands a read of cs that failed (what, err) over to a goroutine of
@@ -300,7 +323,7 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 				return // unsubscribed meanwhile: nobody here reads it
 			}
 			if position {
-				r.position, err = h.store.LastID(ctx, cs.stream)
+				r.position, err = h.lastID(ctx, cs)
 			} else {
 				err = h.readUpTo(ctx, cs, stream.Max)
 			}

@@ -69,6 +69,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 	s.regFail = &logging.Episode{Log: s.log, Msg: "registry write failed", Back: "registry writes back",
 		Then: "sends to this instance's connections may be refused (new sockets are closed with 1013) or reach ended ones until Redis answers; records left behind expire within REGISTRY_TTL; logged again every 30s while it lasts and once when writes succeed again"}
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
+	s.hub.readTimeout = 2 * cfg.Redis.Timeout
 	rdb.AddHook(redisHook{s.hub})
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{

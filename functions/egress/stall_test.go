@@ -104,12 +104,14 @@ func TestUnreadablePositionHoldsUpOnlyItsChannel(t *testing.T) {
 
 // slowReads is a hook whose XRANGE on key, while on is set, waits d
 // (whatever its context says, as a read from a node that went silent
-// does) and fails; entered receives once a read is waiting.
+// does, unless honourCtx) and fails; entered receives once a read is
+// waiting.
 type slowReads struct {
-	key     string
-	d       time.Duration
-	on      *atomic.Bool
-	entered chan struct{}
+	key       string
+	d         time.Duration
+	on        *atomic.Bool
+	entered   chan struct{}
+	honourCtx bool
 }
 
 func (s slowReads) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -121,7 +123,14 @@ func (s slowReads) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 			case s.entered <- struct{}{}:
 			default:
 			}
-			time.Sleep(s.d)
+			if s.honourCtx {
+				select {
+				case <-time.After(s.d):
+				case <-ctx.Done():
+				}
+			} else {
+				time.Sleep(s.d)
+			}
 			cmd.SetErr(redistest.ErrFailed)
 			return redistest.ErrFailed
 		}
@@ -217,5 +226,40 @@ func TestStalledChannelCountsItsReconnect(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if got := e.s.hub.reconnects.Load(); got != want {
 		t.Fatalf("reconnects counted: %d, want %d (the resubscribe, the inbox, a and b)", got-before, want-before)
+	}
+}
+
+// TestSilentReadHoldsUpLoopBriefly: a channel's catch-up reads from a node
+// that stopped answering (go-redis waits up to the context's deadline, and
+// in a cluster retries a timed-out read several times). The receive loop
+// gives that first read a bound of its own, then leaves the channel to its
+// retries and goes on with the other channels.
+func TestSilentReadHoldsUpLoopBriefly(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	var slow atomic.Bool
+	entered := make(chan struct{}, 1)
+	rdb.AddHook(slowReads{key: ks.Stream("a"), d: time.Minute, on: &slow, entered: entered, honourCtx: true})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "200ms"})
+	wsA, _ := subscribedTo(t, e, "a")
+	wsB, _ := subscribedTo(t, e, "b")
+
+	slow.Store(true)
+	appendTo(t, rdb, ks, "a", ks.Notify("a")+"-lost", 1) // its notification is lost
+	appendTo(t, rdb, ks, "a", ks.Notify("a"), 2)         // so this one makes the hub catch up
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a's stream was never read")
+	}
+	id := appendTo(t, rdb, ks, "b", ks.Notify("b"), 3)
+	if got, code := readMessages(wsB, 3*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != id {
+		t.Fatalf("b while a's node is silent: got %v (close %d), want %s", got, code, id)
+	}
+	slow.Store(false)
+	n := 0
+	if got, code := readMessages(wsA, 5*time.Second, func(string) bool { n++; return n == 2 }); len(got) != 2 {
+		t.Fatalf("a once its node answers: got %v (close %d), want its two messages", got, code)
 	}
 }
