@@ -270,8 +270,9 @@ func TestKeyRotation(t *testing.T) {
 
 	// Each unusable key is named by its position, never shown.
 	for name, tc := range map[string]struct{ keys, want string }{
-		"second not a key": {pemOf(&ec1.PublicKey) + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "key 2"},
-		"text after a key": {pemOf(&ec1.PublicKey) + "trailing", "key 2"},
+		"second not a key":  {pemOf(&ec1.PublicKey) + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "key 2"},
+		"text after a key":  {pemOf(&ec1.PublicKey) + "trailing", "key 2"},
+		"text before a key": {pemOf(&ec1.PublicKey) + "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n" + pemOf(&ec2.PublicKey), "text before key 2"},
 		// A block pem.Decode cannot read is not skipped for the next one:
 		// the new key of a rotation, pasted badly, would be left out
 		// while the startup line counts it.

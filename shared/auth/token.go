@@ -150,6 +150,11 @@ func NewVerifier(c TokenConfig) (*Verifier, error) {
 	if c.PublicKeys != "" {
 		rest := []byte(strings.ReplaceAll(c.PublicKeys, `\n`, "\n"))
 		for n := 1; ; n++ {
+			// pem.Decode skips text before a block; it would hide a key
+			// pasted without its BEGIN line.
+			if i := bytes.Index(rest, []byte("-----BEGIN ")); i >= 0 && len(bytes.TrimSpace(rest[:i])) > 0 {
+				return nil, fmt.Errorf("JWT_PUBLIC_KEY: text before key %d's BEGIN line", n)
+			}
 			b, after := pem.Decode(rest)
 			if b == nil {
 				if len(bytes.TrimSpace(rest)) > 0 || n == 1 {
