@@ -2,14 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // BenchmarkPublish is POST /v1/channels/{ch}/messages through the whole
@@ -71,6 +75,91 @@ func BenchmarkDecodeMessage(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// discardWriter is an http.ResponseWriter that keeps only the status and
+// the body's length, so that a measurement counts what the handler
+// allocates and not a recorder's copy of the body.
+type discardWriter struct {
+	h    http.Header
+	code int
+	n    int
+}
+
+func (w *discardWriter) Header() http.Header { return w.h }
+
+func (w *discardWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+}
+
+func (w *discardWriter) Write(p []byte) (int, error) {
+	w.WriteHeader(200)
+	w.n += len(p)
+	return len(p), nil
+}
+
+// WriteString, as http.ResponseWriter's has, so that io.WriteString does
+// not copy s.
+func (w *discardWriter) WriteString(s string) (int, error) {
+	w.WriteHeader(200)
+	w.n += len(s)
+	return len(s), nil
+}
+
+func (w *discardWriter) reset() {
+	clear(w.h)
+	w.code, w.n = 0, 0
+}
+
+// BenchmarkHistory is GET /v1/channels/{ch}/messages through the whole
+// handler on a real Redis: a common page (50 messages of 100 bytes of
+// data) and a full one (the 4 MiB budget, of 60 KiB messages), newest
+// first (no after) and from after=0. B/op is per request; page-B is the
+// body's size.
+func BenchmarkHistory(b *testing.B) {
+	rdb, prefix := redistest.Client(b)
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"ALLOW_ANONYMOUS": "true"}[k] })
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+	fill := func(ch string, n, size int) {
+		data := json.RawMessage(`{"s":12345,"p":"` + strings.Repeat("x", size-16) + `"}`)
+		for done := 0; done < n; {
+			var as []stream.Append
+			for range min(50, n-done) {
+				as = append(as, srv.channelAppend(ch, publishBody{Data: data, Event: "tick"}, "u1", 1700000000000))
+			}
+			if _, err := srv.store.Append(context.Background(), as); err != nil {
+				b.Fatal(err)
+			}
+			done += len(as)
+		}
+	}
+	fill("small", 50, 100)
+	fill("full", 120, 60<<10)
+	for _, bc := range []struct{ name, path string }{
+		{"small50", "/v1/channels/small/messages?limit=50"},
+		{"small50-after", "/v1/channels/small/messages?limit=50&after=0"},
+		{"full4MiB", "/v1/channels/full/messages?limit=1000"},
+		{"full4MiB-after", "/v1/channels/full/messages?limit=1000&after=0"},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			req := httptest.NewRequest("GET", bc.path, nil)
+			w := &discardWriter{h: http.Header{}}
+			b.ReportAllocs()
+			for b.Loop() {
+				w.reset()
+				srv.ServeHTTP(w, req)
+				if w.code != 200 {
+					b.Fatalf("status %d", w.code)
+				}
+			}
+			b.ReportMetric(float64(w.n), "page-B")
 		})
 	}
 }

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gin-gonic/gin"
@@ -360,6 +363,8 @@ type historyPage struct {
 	entries []stream.Entry // in the order read (newest first for historyLatest)
 	bytes   int
 	full    bool // limit or budget reached
+	// mark and markBytes are len(entries) and bytes at the last next.
+	mark, markBytes int
 }
 
 func (s *Server) newHistoryPage(limit int) *historyPage {
@@ -369,8 +374,23 @@ func (s *Server) newHistoryPage(limit int) *historyPage {
 	return &historyPage{limit: limit, chunk: chunk}
 }
 
-// next is how many entries the next read should ask for.
-func (p *historyPage) next() int { return min(p.chunk, p.limit-len(p.entries)) }
+// next is how many entries the next read should ask for: a chunk, or
+// fewer near the page's limit or near its budget, where it asks for as
+// many as the budget still holds at the average size of the entries the
+// last read added, and one more to fill it. A whole chunk read there was
+// mostly dropped: a page of 60 KiB messages read a second chunk of 64
+// (another 4 MB from Redis) to keep 4 of them. (The last read's entries,
+// not the page's: after large entries, small ones would otherwise be read
+// a few at a time.)
+func (p *historyPage) next() int {
+	n := min(p.chunk, p.limit-len(p.entries))
+	if k := len(p.entries) - p.mark; k > 0 {
+		avg := max(1, (p.bytes-p.markBytes)/k)
+		n = min(n, max(0, historyPageBytes-p.bytes)/avg+1)
+	}
+	p.mark, p.markBytes = len(p.entries), p.bytes
+	return n
+}
 
 // add appends e unless the page is full or e would take it over the
 // budget (the first entry goes in whatever its size); false when the
@@ -473,10 +493,10 @@ func (s *Server) handleHistory(c *gin.Context) {
 	var (
 		entries []stream.Entry
 		err     error
-		resp    = gin.H{}
+		page    historyBody
 	)
 	after, hasAfter := c.GetQuery("after")
-	next := after
+	page.next = after
 	if hasAfter {
 		id, ok := stream.ParseID(after)
 		if !ok {
@@ -487,12 +507,12 @@ func (s *Server) handleHistory(c *gin.Context) {
 		// after the cursor were trimmed before it (recovered false).
 		var b stream.Batch
 		entries, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), id, limit)
-		resp["recovered"] = b.Continuous
+		page.recovered = &b.Continuous
 		if !b.Continuous && len(entries) == 0 {
 			// Nothing after a cursor the stream does not go on from (one
 			// ahead of it, or one whose stream is gone): the next page
 			// starts where the stream does.
-			next = b.From.String()
+			page.next = b.From.String()
 		}
 	} else {
 		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), limit)
@@ -501,21 +521,93 @@ func (s *Server) handleHistory(c *gin.Context) {
 		s.writeError(c, err)
 		return
 	}
-	msgs := make([]stream.Decoded, 0, len(entries))
+	// Every message's JSON is settled before anything is written, so that
+	// the status is final: the body is then written out of the entries
+	// read from Redis, which are not copied (stream.Entry.JSON).
+	page.msgs = make([]stream.MessageJSON, 0, len(entries))
 	for i := range entries {
-		d, err := entries[i].Decode()
+		m, err := entries[i].JSON()
 		if err != nil {
 			s.log.Error("undecodable stream entry", "id", entries[i].ID, "err", err.Error())
 			continue
 		}
-		msgs = append(msgs, d)
+		page.msgs = append(page.msgs, m)
 	}
 	if len(entries) > 0 {
-		next = entries[len(entries)-1].ID
+		page.next = entries[len(entries)-1].ID
 	}
-	resp["messages"], resp["next"] = msgs, next
-	// PureJSON: data goes out as it was stored, as the WebSocket delivers
-	// it, not with <, > and & escaped as \u003c… (equal as JSON, but not
-	// byte for byte, which a client hashing or signing data would see).
-	c.PureJSON(200, resp)
+	c.Render(200, &page)
+}
+
+// historyBody renders a history page, byte for byte as gin's PureJSON did
+// a gin.H of its fields ({"messages":[…],"next":…,"recovered":…} and a
+// newline; data as stored, <, > and & not escaped: equal as JSON, but not
+// byte for byte, which a client hashing or signing data would see). It
+// writes the messages' stored bytes through a buffer of at most
+// historyWriteBuffer, where encoding the page built it whole in memory,
+// after several copies of every message: about 30 MB allocated for a
+// page of 4 MiB (docs/benchmarks.md).
+type historyBody struct {
+	msgs      []stream.MessageJSON
+	next      string
+	recovered *bool // with after only
+}
+
+// historyWriteBuffer is the most a history body is buffered by before it
+// is written to the connection.
+const historyWriteBuffer = 32 << 10
+
+// historyContentType is gin's for JSON, shared as gin shares it.
+var historyContentType = []string{jsonContentType}
+
+func (p *historyBody) WriteContentType(w http.ResponseWriter) {
+	if h := w.Header(); len(h["Content-Type"]) == 0 {
+		h["Content-Type"] = historyContentType
+	}
+}
+
+func (p *historyBody) Render(w http.ResponseWriter) error {
+	p.WriteContentType(w)
+	next := jsonString(p.next)
+	n := len(`{"messages":[],"next":,"recovered":false}`+"\n") + len(next)
+	for i := range p.msgs {
+		n += p.msgs[i].Len() + 1
+	}
+	// One write of a body up to historyWriteBuffer, as gin's was.
+	bw := bufio.NewWriterSize(w, min(n, historyWriteBuffer))
+	bw.WriteString(`{"messages":[`)
+	for i := range p.msgs {
+		if i > 0 {
+			bw.WriteByte(',')
+		}
+		m := &p.msgs[i]
+		bw.WriteByte('{')
+		bw.WriteString(m.Head)
+		bw.WriteString(m.ID)
+		bw.WriteString(m.Tail)
+	}
+	bw.WriteString(`],"next":`)
+	bw.WriteString(next)
+	if p.recovered != nil {
+		bw.WriteString(`,"recovered":`)
+		bw.WriteString(strconv.FormatBool(*p.recovered))
+	}
+	bw.WriteString("}\n")
+	return bw.Flush()
+}
+
+// jsonString is s as a JSON string, as encoding/json writes it without
+// HTML escaping. The cursors it is given (ids, and an after that
+// stream.ParseID took) need no escaping.
+func jsonString(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
+			var b strings.Builder
+			enc := json.NewEncoder(&b)
+			enc.SetEscapeHTML(false)
+			_ = enc.Encode(s) // a string always encodes
+			return strings.TrimSuffix(b.String(), "\n")
+		}
+	}
+	return `"` + s + `"`
 }

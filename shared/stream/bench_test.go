@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"strconv"
@@ -50,6 +51,51 @@ func BenchmarkEntryFrame(b *testing.B) {
 		if len(e.Frame()) == 0 {
 			b.Fatal("empty")
 		}
+	}
+}
+
+// BenchmarkEntryJSON is one history message's JSON from its entry: as
+// Entry.JSON checks the stored frame ("stored"), and as the entry was
+// decoded and encoded before ("decoded", what Entry.JSON still does for
+// a frame it cannot take as it is), for the 100-byte data of the other
+// benchmarks and for 60 KiB of it.
+func BenchmarkEntryJSON(b *testing.B) {
+	for _, size := range []struct {
+		name string
+		data json.RawMessage
+	}{
+		{"100B", benchData},
+		{"60KiB", json.RawMessage(`{"s":12345,"p":"` + strings.Repeat("x", 60<<10) + `"}`)},
+	} {
+		m := Message{Channel: "chat.room-42", Event: "say", From: "u1", TS: 1700000000000, Data: size.data}
+		h, t := m.Frame()
+		e := Entry{ID: "1700000000001-0", Head: h, Tail: t}
+		b.Run(size.name+"/stored", func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(size.data)))
+			for b.Loop() {
+				if j, err := e.JSON(); err != nil || j.Tail != t {
+					b.Fatal("not the stored frame", err)
+				}
+			}
+		})
+		b.Run(size.name+"/decoded", func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(size.data)))
+			var buf bytes.Buffer
+			for b.Loop() {
+				d, err := e.Decode()
+				if err != nil {
+					b.Fatal(err)
+				}
+				buf.Reset()
+				enc := json.NewEncoder(&buf)
+				enc.SetEscapeHTML(false)
+				if err := enc.Encode(d); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"bytes"
 	"encoding/json"
 	"strconv"
 	"strings"
@@ -112,4 +113,297 @@ type Decoded struct {
 	From    string          `json:"from,omitempty"`
 	TS      int64           `json:"ts"`
 	Data    json.RawMessage `json:"data"`
+}
+
+// MessageJSON is an entry's message in the form history returns it: its
+// Decode()d fields as encoding/json writes them without HTML escaping
+// (the frame's fields without type). The JSON is "{" + Head + ID + Tail,
+// in pieces so that it can be written out without being copied together.
+type MessageJSON struct {
+	Head, ID, Tail string
+}
+
+// Len is the length of the JSON.
+func (m *MessageJSON) Len() int { return 1 + len(m.Head) + len(m.ID) + len(m.Tail) }
+
+// AppendTo appends the JSON to b.
+func (m *MessageJSON) AppendTo(b []byte) []byte {
+	b = append(b, '{')
+	b = append(b, m.Head...)
+	b = append(b, m.ID...)
+	return append(b, m.Tail...)
+}
+
+// messageType is how a frame written by Message.Frame begins; the rest of
+// its head, its id and its tail are the message's JSON without type.
+const messageType = `{"type":"message",`
+
+// JSON returns the entry's message in the form history returns it, the
+// error being Decode's for an entry that is not a message frame.
+//
+// A frame as Message.Frame writes it already is that JSON, less its type
+// field: names that need no escaping, a canonical ts, no empty optional
+// field (which Decoded leaves out), compact data (which encoding/json
+// would compact). Then the pieces are the stored strings themselves,
+// checked but not copied, not decoded, not re-encoded: a history page of
+// 4 MiB so costs no copy of its messages. Any other frame (written by
+// another version, or by someone else) is decoded and re-encoded, so that
+// the result is the same either way.
+func (e *Entry) JSON() (MessageJSON, error) {
+	if head, ok := e.verbatimHead(); ok {
+		return MessageJSON{Head: head, ID: e.ID, Tail: e.Tail}, nil
+	}
+	d, err := e.Decode()
+	if err != nil {
+		return MessageJSON{}, err
+	}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(d); err != nil {
+		return MessageJSON{}, err
+	}
+	// Encode's JSON is an object (it begins with "{") and a newline.
+	return MessageJSON{Head: string(b.Bytes()[1 : b.Len()-1])}, nil
+}
+
+// verbatimHead returns the entry's head without its type field when the
+// entry's frame is its message's JSON (see JSON).
+func (e *Entry) verbatimHead() (string, bool) {
+	head, ok := strings.CutPrefix(e.Head, messageType)
+	if !ok || !plainString(e.ID) {
+		return "", false
+	}
+	// `"channel":"<name>",` or `"target":"<kind>",`, then `"id":"`.
+	rest, ok := strings.CutSuffix(head, `"id":"`)
+	if !ok {
+		return "", false
+	}
+	if r, ok := strings.CutPrefix(rest, `"channel":"`); ok {
+		rest = r
+	} else if r, ok := strings.CutPrefix(rest, `"target":"`); ok {
+		rest = r
+	} else {
+		return "", false
+	}
+	if name, ok := strings.CutSuffix(rest, `",`); !ok || name == "" || !plainString(name) {
+		return "", false
+	}
+	// `"`, then `,"event":"<event>"` and `,"from":"<user>"` if any, then
+	// `,"ts":<ts>,"data":<data>}`.
+	t, ok := strings.CutPrefix(e.Tail, `"`)
+	if !ok {
+		return "", false
+	}
+	for _, field := range []string{`,"event":"`, `,"from":"`} {
+		if r, ok := strings.CutPrefix(t, field); ok {
+			v, r, ok := strings.Cut(r, `"`)
+			if !ok || v == "" || !plainString(v) {
+				return "", false
+			}
+			t = r
+		}
+	}
+	t, ok = strings.CutPrefix(t, `,"ts":`)
+	if !ok {
+		return "", false
+	}
+	ts, t, ok := strings.Cut(t, `,"data":`)
+	if !ok || !canonicalInt(ts) {
+		return "", false
+	}
+	data, ok := strings.CutSuffix(t, "}")
+	if !ok || !compactJSON(data) {
+		return "", false
+	}
+	return head, true
+}
+
+// plainString reports whether s goes into a JSON string, and comes out of
+// one, as itself: printable ASCII without quote or backslash, as the
+// names package channel validates are.
+func plainString(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return true
+}
+
+// canonicalInt reports whether s is an int64 as strconv.FormatInt writes
+// it (so as encoding/json would write it back).
+func canonicalInt(s string) bool {
+	n, err := strconv.ParseInt(s, 10, 64)
+	var b [20]byte
+	return err == nil && string(strconv.AppendInt(b[:0], n, 10)) == s
+}
+
+// compactJSON reports whether s is valid JSON that json.Compact leaves as
+// it is: no whitespace outside its strings. (encoding/json compacts a
+// json.RawMessage it encodes, without HTML escaping; it changes nothing
+// else.) It may say false of such JSON, never true of other input: it
+// refuses nesting deeper than maxCompactDepth, and then JSON decodes and
+// re-encodes the entry. It is json.Valid's grammar (RFC 8259, any byte
+// but a control character, quote or backslash as itself in a string,
+// UTF-8 or not), in one pass that runs through a string's bytes several
+// times faster than json.Valid's scanner, for a page's data is mostly
+// strings.
+func compactJSON(s string) bool {
+	var stack [maxCompactDepth]byte // the open containers: '{' or '['
+	depth := 0
+	i := 0
+	for {
+		// A value.
+		if i >= len(s) {
+			return false
+		}
+		switch c := s[i]; {
+		case c == '{' || c == '[':
+			if depth == len(stack) {
+				return false
+			}
+			stack[depth] = c
+			depth++
+			i++
+			if i < len(s) && s[i] == c+2 { // '}' or ']': empty
+				depth--
+				i++
+				break
+			}
+			if c == '{' {
+				if i = objectKey(s, i); i < 0 {
+					return false
+				}
+			}
+			continue
+		case c == '"':
+			if i = stringEnd(s, i); i < 0 {
+				return false
+			}
+		case c == '-' || c >= '0' && c <= '9':
+			if i = numberEnd(s, i); i < 0 {
+				return false
+			}
+		case strings.HasPrefix(s[i:], "true") || strings.HasPrefix(s[i:], "null"):
+			i += 4
+		case strings.HasPrefix(s[i:], "false"):
+			i += 5
+		default:
+			return false
+		}
+		// After a value: a comma and the next, or the ends of containers.
+		for {
+			if depth == 0 {
+				return i == len(s)
+			}
+			if i >= len(s) {
+				return false
+			}
+			top := stack[depth-1]
+			if s[i] == top+2 {
+				depth--
+				i++
+				continue
+			}
+			if s[i] != ',' {
+				return false
+			}
+			i++
+			if top == '{' {
+				if i = objectKey(s, i); i < 0 {
+					return false
+				}
+			}
+			break
+		}
+	}
+}
+
+// maxCompactDepth is the deepest nesting compactJSON takes.
+const maxCompactDepth = 64
+
+// objectKey returns the index after the key and colon at s[i:], or -1.
+func objectKey(s string, i int) int {
+	if i >= len(s) || s[i] != '"' {
+		return -1
+	}
+	if i = stringEnd(s, i); i < 0 || i >= len(s) || s[i] != ':' {
+		return -1
+	}
+	return i + 1
+}
+
+// stringEnd returns the index after the JSON string at s[i:] (s[i] is its
+// quote), or -1.
+func stringEnd(s string, i int) int {
+	for i++; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"':
+			return i + 1
+		case c == '\\':
+			i++
+			if i >= len(s) {
+				return -1
+			}
+			switch s[i] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				if i+4 >= len(s) {
+					return -1
+				}
+				for _, h := range []byte(s[i+1 : i+5]) {
+					if !(h >= '0' && h <= '9' || h >= 'a' && h <= 'f' || h >= 'A' && h <= 'F') {
+						return -1
+					}
+				}
+				i += 4
+			default:
+				return -1
+			}
+		case c < 0x20:
+			return -1
+		}
+	}
+	return -1
+}
+
+// numberEnd returns the index after the JSON number at s[i:], or -1.
+func numberEnd(s string, i int) int {
+	digits := func(i int) int { // at least one digit
+		j := i
+		for j < len(s) && s[j] >= '0' && s[j] <= '9' {
+			j++
+		}
+		if j == i {
+			return -1
+		}
+		return j
+	}
+	if s[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(s) && s[i] == '0':
+		i++
+	default:
+		if i = digits(i); i < 0 {
+			return -1
+		}
+	}
+	if i < len(s) && s[i] == '.' {
+		if i = digits(i + 1); i < 0 {
+			return -1
+		}
+	}
+	if i < len(s) && (s[i] == 'e' || s[i] == 'E') {
+		i++
+		if i < len(s) && (s[i] == '+' || s[i] == '-') {
+			i++
+		}
+		if i = digits(i); i < 0 {
+			return -1
+		}
+	}
+	return i
 }

@@ -1,0 +1,165 @@
+package stream
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// historyJSON is what Entry.JSON must equal: the entry Decode()d and
+// encoded by encoding/json without HTML escaping (as gin's PureJSON
+// wrote history), without the newline.
+func historyJSON(t *testing.T, e *Entry) (string, error) {
+	d, err := e.Decode()
+	if err != nil {
+		return "", err
+	}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(d); err != nil {
+		t.Fatalf("encode %+v: %v", d, err)
+	}
+	return string(bytes.TrimSuffix(b.Bytes(), []byte("\n"))), nil
+}
+
+const testHead = `{"type":"message","channel":"h","id":"`
+
+// entryJSONSeeds are frames as Message.Frame writes them and frames no
+// publish writes, each a head, an id and a tail.
+var entryJSONSeeds = [][3]string{
+	{testHead, "1-0", `","ts":1,"data":{"a":[1,"x y",{"b":null}],"c":"<&>\u2028\" "}}`},
+	{testHead, "1-0", `","event":"e v","from":"u","ts":-1,"data":"é😀` + "\u2028" + `"}`},
+	{testHead, "1-0", `","ts":1,"data":{ "a" : 1 }}`},
+	{testHead, "1-0", `","ts":1,"data":1 }`},
+	{testHead, "1-0", `","ts":1,"data":"a\" \\ b"}`},
+	{testHead, "1-0", `","ts":1,"data":"a\\" }`},
+	{testHead, "1-0", `","ts":1,"data":{"a":1}`},
+	{testHead, "1-0", `","ts":007,"data":1}`},
+	{testHead, "1-0", `","ts":-0,"data":1}`},
+	{testHead, "1-0", `","ts":99999999999999999999,"data":1}`},
+	{testHead, "1-0", `","event":"é","ts":1,"data":1}`},
+	{testHead, "1-0", `","event":"a\u0041\"","ts":1,"data":1}`},
+	{testHead, "1-0", "\",\"event\":\"\xff\",\"ts\":1,\"data\":1}"},
+	{testHead, "1-0", "\",\"ts\":1,\"data\":\"\xff\xfe\"}"},
+	{testHead, "1-0", `","ts":1}`},
+	{testHead, "1-0", `","ts":1,"data":1,"data":2}`},
+	{testHead, "1-0", `","ts":1,"data":null}`},
+	{testHead, "1-0", `","from":"u","event":"e","ts":1,"data":1}`},
+	{testHead, "1-0", `","ts":1,"data":1,"extra":true}`},
+	{testHead, "1-0", `","event":"","ts":1,"data":1}`},
+	{testHead, "1-0", `","from":"","ts":1,"data":1}`},
+	{testHead, "", `","ts":1,"data":1}`},
+	{testHead, `1"0`, `","ts":1,"data":1}`},
+	{`{"type":"message","target":"user","id":"`, "1-0", `","ts":1,"data":1}`},
+	{`{"type":"message","channel":"","id":"`, "1-0", `","ts":1,"data":1}`},
+	{`{"type":"message","channel":"a","target":"b","id":"`, "1-0", `","ts":1,"data":1}`},
+	{`{"type":"other","channel":"h","id":"`, "1-0", `","ts":1,"data":1}`},
+	{`{"channel":"h","id":"`, "1-0", `","ts":1,"data":1}`},
+	{`{ "type":"message","channel":"h","id":"`, "1-0", `","ts":1,"data":1}`},
+	{testHead, "1-0", `"`},
+	{"", "", ""},
+}
+
+// Entry.JSON gives what decoding the entry and encoding it gave, for
+// every entry, and the stored frame itself (no copy) for frames as
+// Message.Frame writes them.
+func TestEntryJSON(t *testing.T) {
+	t.Parallel()
+	check := func(e Entry) {
+		t.Helper()
+		want, werr := historyJSON(t, &e)
+		m, err := e.JSON()
+		if (err != nil) != (werr != nil) {
+			t.Fatalf("%q %q %q: error %v, want %v", e.Head, e.ID, e.Tail, err, werr)
+		}
+		if got := string(m.AppendTo(nil)); err == nil && (got != want || m.Len() != len(got)) {
+			t.Fatalf("%q %q %q:\n%s (len %d)\nwant\n%s", e.Head, e.ID, e.Tail, got, m.Len(), want)
+		}
+	}
+	for _, s := range entryJSONSeeds {
+		check(Entry{Head: s[0], ID: s[1], Tail: s[2]})
+	}
+	for _, m := range []Message{
+		{Channel: "room-1", TS: 7, Data: json.RawMessage(`{"a":[1,2,{"b":"x y"}]}`)},
+		{Channel: "a.b:c@d_e", Event: `chat msg/1 <ok> & ' ~`, From: "alice@x", TS: 1700000000000, Data: json.RawMessage(`"s \" \\ \u2028 é"`)},
+		{Route: ToConnection("c-1"), Event: "e", TS: 9, Data: json.RawMessage(`[1,2]`)},
+		{Route: ToUser("bob"), From: "svc", TS: 10, Data: json.RawMessage(`null`)},
+		{Channel: "x", TS: 11},
+		{Channel: "x", TS: 0, Data: json.RawMessage(`-1.5e+300`)},
+	} {
+		head, tail := m.Frame()
+		e := Entry{ID: "1700000000000-3", Head: head, Tail: tail}
+		check(e)
+		j, err := e.JSON()
+		if err != nil || j.ID != e.ID || j.Tail != e.Tail || j.Head != head[len(messageType):] {
+			t.Errorf("%+v: not the stored frame itself: %+v %v", m, j, err)
+		}
+	}
+}
+
+// FuzzEntryJSON: for any stored entry, Entry.JSON is what decoding and
+// encoding it gives.
+func FuzzEntryJSON(f *testing.F) {
+	for _, s := range entryJSONSeeds {
+		f.Add(s[0], s[1], s[2])
+	}
+	f.Fuzz(func(t *testing.T, head, id, tail string) {
+		e := Entry{Head: head, ID: id, Tail: tail}
+		want, werr := historyJSON(t, &e)
+		m, err := e.JSON()
+		if (err != nil) != (werr != nil) {
+			t.Fatalf("%q %q %q: error %v, want %v", head, id, tail, err, werr)
+		}
+		if got := string(m.AppendTo(nil)); err == nil && (got != want || m.Len() != len(got)) {
+			t.Fatalf("%q %q %q:\n%s\nwant\n%s", head, id, tail, got, want)
+		}
+	})
+}
+
+// compactJSONSeeds are JSON texts, valid, invalid, compact or not.
+var compactJSONSeeds = []string{
+	`0`, `-0`, `-1.5e+300`, `1E-2`, `01`, `1.`, `.5`, `-`, `1e`, `+1`, `1 `, ` 1`, `12345678901234567890123`,
+	`true`, `false`, `null`, `tru`, `nul`, `truex`, `[true,false,null]`, `[truefalse]`,
+	`""`, `"a\"b\\c\/d\b\f\n\r\t\u00e9\uD83D\uDE00"`, `"\u00g0"`, `"\u00"`, `"\x"`, `"a` + "\x01" + `"`, "\"\xff\xfe\x7f\"", `"a`, `"\`,
+	`{}`, `[]`, `{"a":1}`, `{"a":[1,{"b":null}],"c":"<&> \u2028"}`, `{"a" :1}`, `{"a":1 }`, `[1, 2]`, "[1,\n2]", `[1,]`, `[,1]`, `{"a"}`, `{"a":}`, `{1:2}`, `{"a":1,}`,
+	`[[[[]]]]`, `[{}]`, `{"a":{}}`, `]`, `}`, `[}`, `{]`, `[1]]`, `[1`, `{"a":1`, ``,
+	strings.Repeat("[", maxCompactDepth) + strings.Repeat("]", maxCompactDepth),
+	strings.Repeat("[", maxCompactDepth+1) + strings.Repeat("]", maxCompactDepth+1),
+}
+
+// checkCompactJSON: compactJSON is true exactly of valid JSON that
+// json.Compact leaves as it is, but for nesting deeper than it takes.
+func checkCompactJSON(t *testing.T, s string) {
+	t.Helper()
+	want := json.Valid([]byte(s))
+	if want {
+		var b bytes.Buffer
+		if err := json.Compact(&b, []byte(s)); err != nil {
+			t.Fatal(err)
+		}
+		want = b.String() == s
+	}
+	deep := strings.Count(s, "[")+strings.Count(s, "{") > maxCompactDepth
+	if got := compactJSON(s); got != want && (got || !deep) {
+		t.Fatalf("compactJSON(%q) = %v, want %v", s, got, want)
+	}
+}
+
+func TestCompactJSON(t *testing.T) {
+	t.Parallel()
+	for _, s := range compactJSONSeeds {
+		checkCompactJSON(t, s)
+	}
+	if compactJSON(strings.Repeat("[", maxCompactDepth+1) + strings.Repeat("]", maxCompactDepth+1)) {
+		t.Fatal("nesting deeper than maxCompactDepth taken")
+	}
+}
+
+func FuzzCompactJSON(f *testing.F) {
+	for _, s := range compactJSONSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(checkCompactJSON)
+}
