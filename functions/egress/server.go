@@ -109,6 +109,17 @@ func (s *Server) routes() {
 		metrics(w, r)
 	})
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		// Every endpoint is GET (HEAD too): another method on one of
+		// them lands here, and is a 405, as on the ingress.
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			get := r.Clone(r.Context())
+			get.Method = http.MethodGet
+			if _, pattern := s.mux.Handler(get); pattern != "/" {
+				w.Header().Set("Allow", "GET, HEAD")
+				writeHTTPError(w, http.StatusMethodNotAllowed, "method_not_allowed", "method not allowed on this endpoint")
+				return
+			}
+		}
 		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint; see docs/protocol.md")
 	})
 }
