@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/gin-gonic/gin"
@@ -28,8 +29,8 @@ type idemRecord struct {
 // response (and the header Idempotent-Replayed: true). A key reused with
 // a different body is refused (422); a retry while the first attempt is
 // still writing gets 409 with Retry-After. Without the header, write just
-// runs.
-func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write func() (int, any, error)) {
+// runs. write returns the reply's status and its JSON.
+func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write func() (int, []byte, error)) {
 	key, sent := c.Request.Header["Idempotency-Key"]
 	if !sent {
 		status, resp, err := write()
@@ -37,7 +38,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 			s.writeError(c, err)
 			return
 		}
-		c.Data(status, jsonContentType, encodeReply(resp))
+		writeJSON(c, status, resp)
 		return
 	}
 	if len(key) != 1 || len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
@@ -83,12 +84,11 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.writeError(c, err)
 		return
 	}
-	rb := encodeReply(resp)
-	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: rb})
+	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: resp})
 	if err := s.rdb.Set(context.WithoutCancel(ctx), rkey, done, s.cfg.IdempotencyWindow).Err(); err != nil {
 		s.log.Warn("idempotency record not saved", "err", err.Error())
 	}
-	c.Data(status, jsonContentType, rb)
+	writeJSON(c, status, resp)
 }
 
 // pendingTTL is how long an Idempotency-Key's claim lasts without its
@@ -122,23 +122,36 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
 		return
 	}
 	c.Header("Idempotent-Replayed", "true")
-	c.Data(rec.Status, jsonContentType, rec.Response)
+	writeJSON(c, rec.Status, rec.Response)
 }
 
 const jsonContentType = "application/json; charset=utf-8"
 
-// jsonAppender is a reply that writes its own JSON: the publish path's
-// 202, so the hot path does without encoding/json's reflection.
-type jsonAppender interface{ appendJSON([]byte) []byte }
+// jsonContentTypes is gin's Content-Type for JSON, shared as gin shares
+// it (net/http copies the header before writing it).
+var jsonContentTypes = []string{jsonContentType}
 
-// encodeReply encodes a handler's reply: by the value itself when it can,
-// else with encoding/json (as gin's c.JSON does).
+// encodeReply encodes a handler's reply with encoding/json, as gin's
+// c.JSON does.
 func encodeReply(v any) []byte {
-	if a, ok := v.(jsonAppender); ok {
-		return a.appendJSON(make([]byte, 0, 64))
-	}
 	b, _ := json.Marshal(v)
 	return b
+}
+
+// writeJSON answers with status and the JSON b, as gin's
+// c.Data(status, jsonContentType, b) did (Content-Type unless one is set,
+// Content-Length, the body), without its two allocations per reply (the
+// render value and the Content-Type's slice). status is one with a body.
+func writeJSON(c *gin.Context, status int, b []byte) {
+	h := c.Writer.Header()
+	if len(h["Content-Type"]) == 0 {
+		h["Content-Type"] = jsonContentTypes
+	}
+	if len(b) > 0 {
+		h.Set("Content-Length", strconv.Itoa(len(b)))
+	}
+	c.Status(status)
+	_, _ = c.Writer.Write(b)
 }
 
 func printable(s string) bool {

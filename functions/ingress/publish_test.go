@@ -4,9 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http/httptest"
+	"net/http/httputil"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gin-gonic/gin"
 
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
@@ -372,6 +376,53 @@ func TestPublishResultJSON(t *testing.T) {
 		want, _ := json.Marshal(r)
 		if got := r.appendJSON(nil); string(got) != string(want) {
 			t.Errorf("appendJSON = %s, want %s", got, want)
+		}
+	}
+}
+
+// writeJSON answers as gin's c.Data(status, jsonContentType, b), which it
+// replaces: the same status, headers and body, through net/http's server
+// (which adds Date, left out) as through a recorder, with or without a
+// Content-Type set before.
+func TestWriteJSONAsGinData(t *testing.T) {
+	body := publishResult{ID: "1700000000000-0", Channel: "room"}.appendJSON(nil)
+	for _, preset := range []string{"", "application/problem+json"} {
+		answer := func(ours bool) func(*gin.Context) {
+			return func(c *gin.Context) {
+				if preset != "" {
+					c.Header("Content-Type", preset)
+				}
+				c.Header("Idempotent-Replayed", "true")
+				if ours {
+					writeJSON(c, 202, body)
+				} else {
+					c.Data(202, jsonContentType, body)
+				}
+			}
+		}
+		r := gin.New()
+		r.POST("/gin", answer(false))
+		r.POST("/ours", answer(true))
+		hs := httptest.NewServer(r)
+		var replies []string
+		for _, path := range []string{"/gin", "/ours"} {
+			w := httptest.NewRecorder()
+			r.ServeHTTP(w, httptest.NewRequest("POST", path, nil))
+			res, err := hs.Client().Post(hs.URL+path, "", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wire, err := httputil.DumpResponse(res, true)
+			res.Body.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			wire = regexp.MustCompile(`(?m)^Date: .*\r\n`).ReplaceAll(wire, nil)
+			replies = append(replies, fmt.Sprintf("%d %v %q\n%s", w.Code, w.Header(), w.Body.String(), wire))
+		}
+		hs.Close()
+		if replies[0] != replies[1] {
+			t.Errorf("Content-Type %q set before:\ngin:  %s\nours: %s", preset, replies[0], replies[1])
 		}
 	}
 }

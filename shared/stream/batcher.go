@@ -31,13 +31,28 @@ type Batcher struct {
 
 type batchReq struct {
 	as   []Append
-	wake chan struct{} // capacity 1: finished or promoted
+	wake chan struct{} // capacity 1: finished or promoted; never replaced
 
 	// guarded by Batcher.mu
 	ids      []string
 	errs     []error
 	finished bool
 	promoted int // leaderships handed to this request, not yet exercised
+}
+
+// reqPool recycles batchReqs and their wake channels (two allocations per
+// append). A leader signals a finished request's channel after unlocking
+// b.mu, possibly after its caller has returned it here: a recycled
+// request can find a stale wake-up in its channel. That is harmless,
+// since a wake-up is only a hint to look again at the state under b.mu.
+var reqPool = sync.Pool{New: func() any { return &batchReq{wake: make(chan struct{}, 1)} }}
+
+// recycle returns req, which no Batcher holds any more, to reqPool. Its
+// wake is left as it is: a leader may still be reading the field.
+func recycle(req *batchReq) {
+	req.as, req.ids, req.errs = nil, nil, nil
+	req.finished, req.promoted = false, 0
+	reqPool.Put(req)
 }
 
 // NewBatcher returns a Batcher over store. Each pipeline is bounded by
@@ -54,7 +69,8 @@ func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) 
 // once a pipeline has taken them, it waits for that pipeline, which the
 // Batcher's timeout bounds.
 func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
-	req := &batchReq{as: as, wake: make(chan struct{}, 1)}
+	req := reqPool.Get().(*batchReq)
+	req.as = as
 	b.mu.Lock()
 	b.pending = append(b.pending, req)
 	lead := b.leaders < b.maxInFlight
@@ -95,18 +111,21 @@ func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
 					b.passLocked()
 				}
 				b.mu.Unlock()
+				recycle(req)
 				return nil, ctx.Err()
 			}
 			b.mu.Unlock()
 			done = nil // taken: wait for its pipeline
 		}
 	}
-	for _, err := range req.errs {
+	ids, errs := req.ids, req.errs
+	recycle(req)
+	for _, err := range errs {
 		if err != nil {
 			return nil, err
 		}
 	}
-	return req.ids, nil
+	return ids, nil
 }
 
 // flush sends one pipeline of pending requests, then passes leadership on
@@ -115,19 +134,24 @@ func (b *Batcher) flush() {
 	b.mu.Lock()
 	var batch []*batchReq
 	n := 0
-	for len(b.pending) > 0 && (n == 0 || n+len(b.pending[0].as) <= b.maxBatch) {
-		r := b.pending[0]
-		b.pending[0] = nil
-		b.pending = b.pending[1:]
+	for len(batch) < len(b.pending) && (n == 0 || n+len(b.pending[len(batch)].as) <= b.maxBatch) {
+		r := b.pending[len(batch)]
 		batch = append(batch, r)
 		n += len(r.as)
 	}
+	// Deleted in place (the rest moved down), so that pending keeps its
+	// array: taking from its front left no room at its back, and appends
+	// allocated a new one.
+	b.pending = slices.Delete(b.pending, 0, len(batch))
 	b.mu.Unlock()
 
 	if len(batch) > 0 {
-		all := make([]Append, 0, n)
-		for _, r := range batch {
-			all = append(all, r.as...)
+		all := batch[0].as // one request's appends need no copy
+		if len(batch) > 1 {
+			all = make([]Append, 0, n)
+			for _, r := range batch {
+				all = append(all, r.as...)
+			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 		ids, errs := b.store.appendEach(ctx, all)

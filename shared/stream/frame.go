@@ -92,7 +92,8 @@ func (m *Message) Frame() (head, tail string) {
 		t.WriteByte('"')
 	}
 	t.WriteString(`,"ts":`)
-	t.WriteString(strconv.FormatInt(m.TS, 10))
+	var ts [20]byte // written in place: FormatInt allocated the digits
+	t.Write(strconv.AppendInt(ts[:0], m.TS, 10))
 	t.WriteString(`,"data":`)
 	if len(m.Data) == 0 {
 		t.WriteString("null")

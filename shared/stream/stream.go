@@ -30,7 +30,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 )
 
-// appendScript: KEYS[1] stream, KEYS[2] notify channel, KEYS[3] the
+// appendSrc: KEYS[1] stream, KEYS[2] notify channel, KEYS[3] the
 // stream's last-id key (keys.Last), optional KEYS[4] once-key (all in one
 // slot). ARGV: head, tail, route, ts, maxlen, maxage ms, ttl ms, once-key
 // ttl ms. With a once-key, an append already made under that key returns
@@ -42,7 +42,7 @@ import (
 // previous entry instead copied its whole body into Lua on every append:
 // a fifth of the script's time, for short messages as for 700-byte
 // ones (docs/benchmarks.md).
-var appendScript = redis.NewScript(`
+const appendSrc = `
 if KEYS[4] then
   local done = redis.call('GET', KEYS[4])
   if done then
@@ -91,7 +91,48 @@ end
 redis.call('SPUBLISH', KEYS[2], prev .. '\n' .. id .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[1] .. id .. ARGV[2])
 if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
 return id
-`)
+`
+
+// appendSHA and appendSource are the script's SHA-1 (by which EVALSHA
+// names it) and its source, as command arguments boxed once.
+var (
+	appendSHA    any = redis.NewScript(appendSrc).Hash()
+	appendSource any = appendSrc
+)
+
+// appendCall holds the EVALSHA (or EVAL) command of one append: its
+// arguments and the strings they point to. go-redis writes a *string or
+// *int64 argument as the value it points to, and boxing a pointer into an
+// interface allocates nothing, where boxing a string or an int64
+// allocates each (and the typed EvalSha copied keys and arguments into a
+// slice of its own): so the script's arguments (ARGV) point into the
+// Append and into the call. The keys stay strings, as hooks that look for
+// a key in a command's Args expect. An append's command allocates 5 times
+// (the call, the last-id key, the keys' boxes) instead of 15
+// (docs/benchmarks.md).
+type appendCall struct {
+	args       [15]any
+	head, tail string
+}
+
+// appendArgs returns the command that runs a's append: EVALSHA, or EVAL
+// with the script's source when load is set. a must not change until the
+// command has run.
+func appendArgs(a *Append, load bool) []any {
+	c := new(appendCall)
+	c.head, c.tail = a.Msg.Frame()
+	args := append(c.args[:0], "evalsha", appendSHA, 3, a.Stream, a.Notify, keys.Last(a.Stream))
+	if load {
+		args[0], args[1] = "eval", appendSource
+	}
+	if a.Once != "" {
+		args[2] = 4
+		args = append(args, a.Once)
+	}
+	// ARGV: head, tail, route, ts, maxlen, maxage ms, ttl ms, once-key ttl ms.
+	return append(args, &c.head, &c.tail, (*string)(&a.Msg.Route), &a.Msg.TS,
+		&a.Limits.MaxLen, &a.Limits.MaxAgeMS, &a.Limits.TTLMS, &a.OnceTTLMS)
+}
 
 // Limits bound one stream. Zero means no bound of that kind.
 type Limits struct {
@@ -310,19 +351,10 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []in
 		queued := make([]redis.Cmder, 0, len(idx)+1)
 		_, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, i := range idx {
-				a := &as[i]
-				head, tail := a.Msg.Frame()
-				args := []any{head, tail, string(a.Msg.Route), a.Msg.TS, a.Limits.MaxLen, a.Limits.MaxAgeMS, a.Limits.TTLMS, a.OnceTTLMS}
-				ks := []string{a.Stream, a.Notify, keys.Last(a.Stream)}
-				if a.Once != "" {
-					ks = append(ks, a.Once)
-				}
-				if load {
-					cmds[i] = appendScript.Eval(ctx, p, ks, args...)
-				} else {
-					cmds[i] = appendScript.EvalSha(ctx, p, ks, args...)
-				}
-				queued = append(queued, cmds[i])
+				cmd := p.Do(ctx, appendArgs(&as[i], load)...)
+				cmd.SetFirstKeyPos(3) // as EvalSha does
+				cmds[i] = cmd
+				queued = append(queued, cmd)
 			}
 			if s.waitReplicas > 0 {
 				wait = p.Do(ctx, "WAIT", s.waitReplicas, s.waitTimeout.Milliseconds())

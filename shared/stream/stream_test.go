@@ -602,3 +602,59 @@ func TestRefusedConnectionIsAnError(t *testing.T) {
 		t.Errorf("Append: %v; want a WRONGPASS error", err)
 	}
 }
+
+// The command appendArgs builds, its pointers read through, is the one
+// go-redis's typed Script.EvalSha and Eval built from the same append
+// (the arguments as strings and int64s), with and without a once-key; and
+// it allocates no more than its own strings, the keys' boxes and the call.
+func TestAppendArgs(t *testing.T) {
+	ks := keys.Scheme{Prefix: "p"}
+	// A client that never connects: its pipeline only builds commands.
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	defer rdb.Close()
+	p := rdb.Pipeline()
+	script := redis.NewScript(appendSrc)
+	deref := func(args []any) []any {
+		out := make([]any, len(args))
+		for i, a := range args {
+			switch v := a.(type) {
+			case *string:
+				out[i] = *v
+			case *int64:
+				out[i] = *v
+			default:
+				out[i] = v
+			}
+		}
+		return out
+	}
+	for _, a := range []Append{
+		{Stream: ks.Stream("c"), Notify: ks.Notify("c"), Msg: Message{Channel: "c", Event: "e", From: "u", TS: 1700000000123, Data: []byte(`{"x":1}`)},
+			Limits: Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000}},
+		{Stream: ks.Inbox("i"), Notify: ks.InboxNotify("i"), Msg: Message{Route: ToUser("bob"), TS: 1, Data: []byte(`2`)},
+			Limits: Limits{MaxLen: 10000, TTLMS: 60000}, Once: ks.Inbox("i") + ":once:d:0", OnceTTLMS: 3600000},
+	} {
+		head, tail := a.Msg.Frame()
+		ksOld := []string{a.Stream, a.Notify, keys.Last(a.Stream)}
+		if a.Once != "" {
+			ksOld = append(ksOld, a.Once)
+		}
+		argsOld := []any{head, tail, string(a.Msg.Route), a.Msg.TS, a.Limits.MaxLen, a.Limits.MaxAgeMS, a.Limits.TTLMS, a.OnceTTLMS}
+		for _, load := range []bool{false, true} {
+			want := script.EvalSha(context.Background(), p, ksOld, argsOld...).Args()
+			if load {
+				want = script.Eval(context.Background(), p, ksOld, argsOld...).Args()
+			}
+			if got := deref(appendArgs(&a, load)); fmt.Sprintf("%#v", got) != fmt.Sprintf("%#v", want) {
+				t.Errorf("load %v:\n got %#v\nwant %#v", load, got, want)
+			}
+		}
+		want := 7.0 // Frame's two strings, the last-id key, the call, three keys' boxes
+		if a.Once != "" {
+			want++ // the once-key's box
+		}
+		if n := testing.AllocsPerRun(100, func() { appendArgs(&a, false) }); n > want {
+			t.Errorf("appendArgs allocates %v times, want at most %v", n, want)
+		}
+	}
+}
