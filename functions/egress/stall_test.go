@@ -17,6 +17,18 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
+// stallOn makes ch's stream unreadable (a key of the wrong type) and
+// sends a notification on ch whose predecessor the hub has not delivered:
+// the hub catches up from ch's stream, and that read fails.
+func stallOn(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, ch string) {
+	t.Helper()
+	if err := rdb.Set(t.Context(), ks.Stream(ch), "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	appendTo(t, rdb, ks, "other-"+ch, ks.Notify("other-"+ch), 1)
+	appendTo(t, rdb, ks, "other-"+ch, ks.Notify(ch), 2)
+}
+
 // TestUnreadableStreamHoldsUpOnlyItsChannel: one channel's stream cannot
 // be read (here a key of the wrong type; in a cluster, its master just
 // died) while the hub must catch up on it. The read is retried, but the
@@ -31,14 +43,7 @@ func TestUnreadableStreamHoldsUpOnlyItsChannel(t *testing.T) {
 	wsB, _ := subscribedTo(t, e, "b")
 
 	ctx := t.Context()
-	if err := rdb.Set(ctx, ks.Stream("a"), "not a stream", 0).Err(); err != nil {
-		t.Fatal(err)
-	}
-	// A notification on a's channel whose predecessor the hub has not
-	// delivered: it catches up from a's stream, and that read fails.
-	appendTo(t, rdb, ks, "other", ks.Notify("other"), 1)
-	appendTo(t, rdb, ks, "other", ks.Notify("other"), 2)
-	appendTo(t, rdb, ks, "other", ks.Notify("a"), 3)
+	stallOn(t, rdb, ks, "a")
 
 	for i := range 3 {
 		id := appendTo(t, rdb, ks, "b", ks.Notify("b"), 10+i)
@@ -157,11 +162,7 @@ func TestStalledReadEndsWithRun(t *testing.T) {
 
 	// a's catch-up fails at once (a key of the wrong type), then its
 	// retries wait for a silent node.
-	if err := rdb.Set(t.Context(), ks.Stream("a"), "not a stream", 0).Err(); err != nil {
-		t.Fatal(err)
-	}
-	appendTo(t, rdb, ks, "other", ks.Notify("other"), 1)
-	appendTo(t, rdb, ks, "other", ks.Notify("a"), 2)
+	stallOn(t, rdb, ks, "a")
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if e.s.hub.redisErrors.Load() == 0 {
 			return errors.New("a's catch-up has not failed yet")
@@ -201,11 +202,7 @@ func TestStalledChannelCountsItsReconnect(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	subscribedTo(t, e, "a")
 	subscribedTo(t, e, "b")
-	if err := rdb.Set(t.Context(), ks.Stream("a"), "not a stream", 0).Err(); err != nil {
-		t.Fatal(err)
-	}
-	appendTo(t, rdb, ks, "other", ks.Notify("other"), 1)
-	appendTo(t, rdb, ks, "other", ks.Notify("a"), 2)
+	stallOn(t, rdb, ks, "a")
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if e.s.hub.redisErrors.Load() == 0 {
 			return errors.New("a's catch-up has not failed yet")
