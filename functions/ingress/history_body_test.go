@@ -171,3 +171,56 @@ func TestHistoryBodyUnchanged(t *testing.T) {
 		}
 	}
 }
+
+// A body many times the write buffer, with messages larger than the
+// buffer among small ones and among frames rendered by decoding (not
+// compact), is still byte for byte the legacy body: nothing reordered,
+// lost or doubled where the buffer fills and is written.
+func TestHistoryBodyUnchangedLarge(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	prev := ""
+	for i := range 60 {
+		var data string
+		switch i % 6 {
+		case 0: // larger than the buffer on its own
+			data = `"` + strings.Repeat("é<&>\u2028", (historyWriteBuffer+5000)/9) + `"`
+		case 3: // not compact: rendered by decoding and encoding
+			data = `{ "n" : ` + strconv.Itoa(i) + ` , "s" : "` + strings.Repeat("y", 3000) + `" }`
+		default:
+			data = `{"n":` + strconv.Itoa(i) + `,"s":"` + strings.Repeat("z\\\"", 200*i) + `"}`
+		}
+		if i%6 == 3 {
+			prev = e.xaddRaw("h", prev, `{"type":"message","channel":"h","id":"`, `","event":"e","ts":`+strconv.Itoa(i)+`,"data":`+data+`}`)
+			continue
+		}
+		w := e.do("POST", "/v1/channels/h/messages", `{"data":`+data+`,"event":"e`+strconv.Itoa(i)+`"}`)
+		if w.Code != 202 {
+			t.Fatalf("publish %d: %d %s", i, w.Code, w.Body.String())
+		}
+		prev = decode[publishResult](t, w).ID
+	}
+	all := e.history("?after=0&limit=1000").Messages
+	if len(all) != 60 {
+		t.Fatalf("%d messages, want 60", len(all))
+	}
+	for _, q := range []string{"?limit=1000", "?after=0&limit=1000", "?limit=7", "?after=" + all[10].ID + "&limit=31"} {
+		w := e.do("GET", "/v1/channels/h/messages"+q, "")
+		_, _, want := e.legacyHistory("h", q)
+		if len(want) < 4*historyWriteBuffer && q == "?limit=1000" {
+			t.Fatalf("%s: a body of %d bytes, want several times the buffer", q, len(want))
+		}
+		if w.Code != 200 || w.Body.String() != string(want) {
+			t.Errorf("%s: %d, %d bytes, want %d bytes; they differ from byte %d", q, w.Code, w.Body.Len(), len(want), firstDiff(w.Body.String(), string(want)))
+		}
+	}
+}
+
+func firstDiff(a, b string) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}

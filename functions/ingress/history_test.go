@@ -405,3 +405,50 @@ func TestHistoryPageNext(t *testing.T) {
 		t.Fatalf("limit 10: read %d", n)
 	}
 }
+
+// historyPage.next and add over pages of random entry sizes (the budget
+// hit exactly, entries larger than the budget, reads cut short by the end
+// of the stream, limits of 1 and more): every read asks for at least one
+// entry and at most a chunk and what the limit leaves; the page never
+// passes its limit, holds at least one entry, and passes its budget only
+// by being that one entry.
+func TestHistoryPageNextEdges(t *testing.T) {
+	t.Parallel()
+	sizes := []int{1, 7, 100, 60 << 10, historyPageBytes / 4, historyPageBytes / 64, historyPageBytes, historyPageBytes + 1}
+	big := strings.Repeat("x", historyPageBytes+1)
+	for seed := range 2000 {
+		r := seed
+		rnd := func(n int) int { r = (r*1103515245 + 12345) & 0x7fffffff; return r % n }
+		limit := []int{1, 2, 3, 64, 65, 1000}[rnd(6)]
+		chunk := []int{1, 2, historyChunk}[rnd(3)]
+		avail := 1 + rnd(2000) // entries in the stream
+		p := &historyPage{limit: limit, chunk: chunk}
+		reads := 0
+		for {
+			n := p.next()
+			if n < 1 || n > chunk || n > limit-len(p.entries) {
+				t.Fatalf("seed %d: read of %d with chunk %d, limit %d, %d entries", seed, n, chunk, limit, len(p.entries))
+			}
+			got := min(n, avail)
+			avail -= got
+			if reads++; reads > 10000 {
+				t.Fatalf("seed %d: no end", seed)
+			}
+			for range got {
+				size := sizes[rnd(len(sizes))]
+				if rnd(3) == 0 { // the budget hit exactly, when it can be
+					size = max(1, historyPageBytes-p.bytes)
+				}
+				if !p.add(stream.Entry{Head: big[:size]}) {
+					break
+				}
+			}
+			if p.full || got < n {
+				break
+			}
+		}
+		if len(p.entries) == 0 || len(p.entries) > limit || len(p.entries) > 1 && p.bytes > historyPageBytes {
+			t.Fatalf("seed %d: %d entries of %d bytes, limit %d", seed, len(p.entries), p.bytes, limit)
+		}
+	}
+}

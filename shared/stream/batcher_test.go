@@ -255,3 +255,79 @@ func assertIdle(t *testing.T, b *Batcher) {
 		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
 	}
 }
+
+// TestBatcherRequestReuse: the Batcher's requests are pooled, so a request
+// one caller returned is soon another's, while leaders may still signal
+// it. Callers appending one or several messages at once, some giving up
+// at random moments, each get the ids of their own messages: read back,
+// every id holds what its caller appended at that position.
+func TestBatcherRequestReuse(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	b := NewBatcher(NewStore(rdb), 2*time.Second, 2, 5)
+	const callers, each = 16, 60
+	type result struct {
+		ids  []string
+		data []string
+	}
+	results := make([][]result, callers)
+	var wg sync.WaitGroup
+	for c := range callers {
+		wg.Go(func() {
+			for i := range each {
+				n := 1 + (c+i)%3 // one to three appends, to two streams
+				var as []Append
+				var data []string
+				for j := range n {
+					ch := fmt.Sprintf("r%d", (c+j)%2)
+					d := fmt.Sprintf(`{"c":%d,"i":%d,"j":%d}`, c, i, j)
+					data = append(data, d)
+					as = append(as, Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Msg: Message{Channel: ch, TS: 1, Data: []byte(d)}})
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration((c*each+i)%5)*150*time.Microsecond)
+				if (c+i)%4 == 0 {
+					cancel() // given up before it starts
+				}
+				ids, err := b.Append(ctx, as)
+				cancel()
+				switch {
+				case err == nil:
+					if len(ids) != n {
+						t.Errorf("caller %d: %d ids for %d appends", c, len(ids), n)
+						return
+					}
+					results[c] = append(results[c], result{ids, data})
+				case !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled):
+					t.Errorf("append: %v", err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	written := 0
+	for c := range callers {
+		for _, r := range results[c] {
+			for j, id := range r.ids {
+				ch := fmt.Sprintf("r%d", (c+j)%2)
+				msgs, err := rdb.XRange(context.Background(), ks.Stream(ch), id, id).Result()
+				if err != nil || len(msgs) != 1 {
+					t.Fatalf("caller %d: %s %s: %v %v", c, ch, id, msgs, err)
+				}
+				e := entriesOf(msgs)[0]
+				d, err := e.Decode()
+				if err != nil || string(d.Data) != r.data[j] {
+					t.Fatalf("caller %d: %s %s holds %s, want %s (%v)", c, ch, id, d.Data, r.data[j], err)
+				}
+				written++
+			}
+		}
+	}
+	total := rdb.XLen(context.Background(), ks.Stream("r0")).Val() + rdb.XLen(context.Background(), ks.Stream("r1")).Val()
+	if total != int64(written) {
+		t.Fatalf("%d entries written, %d appends reported written", total, written)
+	}
+	t.Logf("%d appends written", written)
+	assertIdle(t, b)
+}

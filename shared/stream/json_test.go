@@ -60,6 +60,30 @@ var entryJSONSeeds = [][3]string{
 	{`{ "type":"message","channel":"h","id":"`, "1-0", `","ts":1,"data":1}`},
 	{testHead, "1-0", `"`},
 	{"", "", ""},
+	// Numbers encoding/json would not parse back the same, kept as stored.
+	{testHead, "1-0", `","ts":1,"data":[1e400,-0,1.0,-0.0e-0,1E+2,123456789012345678901234567890]}`},
+	// Strings: \/, a lone or reversed surrogate, U+2028/9 raw and escaped,
+	// control characters escaped, DEL raw, invalid and overlong UTF-8, a
+	// BOM inside a string and before the data.
+	{testHead, "1-0", `","ts":1,"data":"a\/b \ud800 \udc00\ud800 \u2028\u2029 \u0000\u001f"}`},
+	{testHead, "1-0", "\",\"ts\":1,\"data\":\"\u2028\u2029\x7f \xc0\xaf \xed\xa0\x80 \xef\xbb\xbf\"}"},
+	{testHead, "1-0", "\",\"ts\":1,\"data\":\xef\xbb\xbf1}"},
+	{testHead, "1-0", "\",\"ts\":1,\"data\":\"\x00\"}"},
+	// Keys the validator takes as they are, escaped or repeated.
+	{testHead, "1-0", `","ts":1,"data":{"a":1,"a":2,"\u0061":3,"b\/":4}}`},
+	// ts forms: +, a fraction, an exponent, the int64 bounds.
+	{testHead, "1-0", `","ts":+1,"data":1}`},
+	{testHead, "1-0", `","ts":1.0,"data":1}`},
+	{testHead, "1-0", `","ts":1e3,"data":1}`},
+	{testHead, "1-0", `","ts":-9223372036854775808,"data":1}`},
+	{testHead, "1-0", `","ts":9223372036854775807,"data":1}`},
+	// A route's target, and names with characters JSON escapes for HTML.
+	{`{"type":"message","target":"connection","id":"`, "1-0", `","event":"<&>","from":"a&b","ts":1,"data":"<&>"}`},
+	{`{"type":"message","channel":"a<b>&c","id":"`, "1-0", `","ts":1,"data":1}`},
+	// Nesting just past what the validator takes, and past what
+	// encoding/json takes (left out either way).
+	{testHead, "1-0", `","ts":1,"data":` + strings.Repeat("[", maxCompactDepth+1) + strings.Repeat("]", maxCompactDepth+1) + "}"},
+	{testHead, "1-0", `","ts":1,"data":` + strings.Repeat(`{"a":`, 10001) + "1" + strings.Repeat("}", 10001) + "}"},
 }
 
 // Entry.JSON gives what decoding the entry and encoding it gave, for
