@@ -1,12 +1,9 @@
 package main
 
 import (
-	"io"
-	"log/slog"
 	"testing"
 	"time"
 
-	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
@@ -32,17 +29,11 @@ func publishAfterFailover(t *testing.T, replicas, wait int) {
 		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
 	}
 	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	cfg := testConfig(t)
-	cfg.Redis = rc
-	cfg.PublishWaitReplicas = wait
-	cfg.PublishWaitTimeout = 200 * time.Millisecond
-	ks := keys.Scheme{Prefix: rc.KeyPrefix}
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := newEnvWith(t, rc, nil, func(cfg *Config) {
+		cfg.PublishWaitReplicas = wait
+		cfg.PublishWaitTimeout = 200 * time.Millisecond
+	})
+	ks := e.keys
 
 	publishWithin := func(within time.Duration) time.Duration {
 		start := time.Now()

@@ -1,14 +1,11 @@
 package main
 
 import (
-	"io"
-	"log/slog"
 	"regexp"
 	"strconv"
 	"testing"
 	"time"
 
-	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
@@ -40,17 +37,11 @@ func TestClusterWaitReplicasCountsRedisErrors(t *testing.T) {
 		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
 	}
 	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	cfg := testConfig(t)
-	cfg.Redis = rc
-	cfg.PublishWaitReplicas = 1
-	cfg.PublishWaitTimeout = 500 * time.Millisecond
-	ks := keys.Scheme{Prefix: rc.KeyPrefix}
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := newEnvWith(t, rc, nil, func(cfg *Config) {
+		cfg.PublishWaitReplicas = 1
+		cfg.PublishWaitTimeout = 500 * time.Millisecond
+	})
+	rdb, ks := e.rdb, e.keys
 
 	ok := false
 	for range 50 { // the replicas may still be syncing

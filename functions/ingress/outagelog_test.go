@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -19,18 +18,8 @@ import (
 func TestRedisOutageLogsOnce(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	cfg := testConfig(t)
-	cfg.Redis = rc
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
 	logs := &testkit.SyncBuffer{}
-	log := slog.New(slog.NewJSONHandler(logs, nil))
-	e := &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
+	e := newEnvWith(t, redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
 	e.srv.redisDown.Quiet = 100 * time.Millisecond
 
 	if w := e.do("POST", "/v1/channels/up/messages", `{"data":1}`); w.Code != 202 {

@@ -57,7 +57,15 @@ func newEnv(t *testing.T, tweak ...func(*Config)) *testEnv {
 // for the tests of a Redis that is down or does not answer.
 func newEnvOn(t *testing.T, url string) *testEnv {
 	t.Helper()
-	rc := redisconn.Config{URL: url, Timeout: 300 * time.Millisecond}
+	return newEnvWith(t, redisconn.Config{URL: url, Timeout: 300 * time.Millisecond}, nil, nil)
+}
+
+// newEnvWith is a server with its own Redis client, made from rc (closed
+// when the test ends), logging to log (nil: nowhere), configured by set
+// (nil: testConfig as it is). Its keys take rc's prefix, or one of the
+// test's own when rc has none.
+func newEnvWith(t *testing.T, rc redisconn.Config, log *slog.Logger, set func(*Config)) *testEnv {
+	t.Helper()
 	rdb, err := redisconn.New(rc)
 	if err != nil {
 		t.Fatal(err)
@@ -65,8 +73,17 @@ func newEnvOn(t *testing.T, url string) *testEnv {
 	t.Cleanup(func() { rdb.Close() })
 	cfg := testConfig(t)
 	cfg.Redis = rc
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	return &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	if set != nil {
+		set(&cfg)
+	}
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	ks := keys.Scheme{Prefix: rc.KeyPrefix}
+	if ks.Prefix == "" {
+		ks.Prefix = redistest.Prefix(t)
+	}
+	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
 }
 
 // do sends one request; a non-empty body is sent as application/json
