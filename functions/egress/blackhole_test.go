@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -95,14 +93,8 @@ func blackholeEgress(t *testing.T, vars ...string) (ws *websocket.Conn, partitio
 	for i := 0; i+1 < len(vars); i += 2 {
 		env[vars[i]] = vars[i+1]
 	}
-	env["REDIS_URL"] = redistest.URL(t)
-	env["REDIS_KEY_PREFIX"] = prefix
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
-	srv, stop := startEgress(t, s)
+	e := startEgressOn(t, rdb, prefix, env)
+	srv, stop := e.srv, e.stop
 	var chans []string
 	for i := range 12 {
 		chans = append(chans, fmt.Sprintf("bh-%d", i))
