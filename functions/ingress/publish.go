@@ -598,14 +598,12 @@ func (p *historyBody) Render(w http.ResponseWriter) error {
 // HTML escaping. The cursors it is given (ids, and an after that
 // stream.ParseID took) need no escaping.
 func jsonString(s string) string {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
-			var b strings.Builder
-			enc := json.NewEncoder(&b)
-			enc.SetEscapeHTML(false)
-			_ = enc.Encode(s) // a string always encodes
-			return strings.TrimSuffix(b.String(), "\n")
-		}
+	if stream.PlainString(s) {
+		return `"` + s + `"`
 	}
-	return `"` + s + `"`
+	var b strings.Builder
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(s) // a string always encodes
+	return strings.TrimSuffix(b.String(), "\n")
 }

@@ -172,7 +172,7 @@ func (e *Entry) JSON() (MessageJSON, error) {
 // entry's frame is its message's JSON (see JSON).
 func (e *Entry) verbatimHead() (string, bool) {
 	head, ok := strings.CutPrefix(e.Head, messageType)
-	if !ok || !plainString(e.ID) {
+	if !ok || !PlainString(e.ID) {
 		return "", false
 	}
 	// `"channel":"<name>",` or `"target":"<kind>",`, then `"id":"`.
@@ -187,7 +187,7 @@ func (e *Entry) verbatimHead() (string, bool) {
 	} else {
 		return "", false
 	}
-	if name, ok := strings.CutSuffix(rest, `",`); !ok || name == "" || !plainString(name) {
+	if name, ok := strings.CutSuffix(rest, `",`); !ok || name == "" || !PlainString(name) {
 		return "", false
 	}
 	// `"`, then `,"event":"<event>"` and `,"from":"<user>"` if any, then
@@ -199,7 +199,7 @@ func (e *Entry) verbatimHead() (string, bool) {
 	for _, field := range []string{`,"event":"`, `,"from":"`} {
 		if r, ok := strings.CutPrefix(t, field); ok {
 			v, r, ok := strings.Cut(r, `"`)
-			if !ok || v == "" || !plainString(v) {
+			if !ok || v == "" || !PlainString(v) {
 				return "", false
 			}
 			t = r
@@ -220,10 +220,10 @@ func (e *Entry) verbatimHead() (string, bool) {
 	return head, true
 }
 
-// plainString reports whether s goes into a JSON string, and comes out of
+// PlainString reports whether s goes into a JSON string, and comes out of
 // one, as itself: printable ASCII without quote or backslash, as the
 // names package channel validates are.
-func plainString(s string) bool {
+func PlainString(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
 			return false
