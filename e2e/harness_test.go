@@ -42,7 +42,7 @@ func binaries(t testing.TB) (ingress, egress string) {
 		root := filepath.Dir(filepath.Dir(file))
 		for _, f := range []string{"ingress", "egress"} {
 			// The tags the Makefile builds each function with.
-			tags := map[string]string{"ingress": "nomsgpack"}[f]
+			tags := map[string]string{"ingress": "nomsgpack,nethttpomithttp2", "egress": "nethttpomithttp2"}[f]
 			cmd := exec.Command("go", "build", "-race", "-tags="+tags, "-o", filepath.Join(binDir, f), "./functions/"+f)
 			cmd.Dir = root
 			if out, err := cmd.CombinedOutput(); err != nil {

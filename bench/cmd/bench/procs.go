@@ -91,9 +91,10 @@ func freePort() (int, error) {
 func buildBinaries(root string) (ingress, egress, egressLean string, err error) {
 	bin := filepath.Join(root, "bin", "bench")
 	for _, b := range []struct{ fn, out, tags string }{
-		{"ingress", "ingress", "nomsgpack"}, // as the Makefile's TAGS_ingress
-		{"egress", "egress", ""},
-		{"egress", "egress-lean", "wsrelay_lean"},
+		// The Makefile's TAGS_ingress and TAGS_egress (+ LEAN_TAG).
+		{"ingress", "ingress", "nomsgpack,nethttpomithttp2"},
+		{"egress", "egress", "nethttpomithttp2"},
+		{"egress", "egress-lean", "nethttpomithttp2,wsrelay_lean"},
 	} {
 		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), ".")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
