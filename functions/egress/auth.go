@@ -4,6 +4,8 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -102,11 +104,23 @@ func (sec *security) allowFor(c *auth.Claims) func(string) bool {
 	return func(ch string) bool { return own.Allows(ch) || public.Allows(ch) }
 }
 
+// queryOnce reads a query parameter that takes one value ("" when
+// absent). A repeated one (?token=a&token=b) is a 400 with code, the
+// parameter's code for a bad value: which value was meant cannot be told.
+func queryOnce(q url.Values, name, code string) (string, *authError) {
+	if vs := q[name]; len(vs) > 1 {
+		return "", &authError{http.StatusBadRequest, code, name + " must be given once, not " + strconv.Itoa(len(vs)) + " times"}
+	}
+	return q.Get(name), nil
+}
+
 // tokenFrom finds the token of an upgrade request: the "token" query
 // parameter, else a "token.<jwt>" subprotocol. proto is the subprotocol
 // to echo ("wsrelay" when offered).
-func tokenFrom(r *http.Request) (token, proto string) {
-	token = r.URL.Query().Get("token")
+func tokenFrom(r *http.Request) (token, proto string, aerr *authError) {
+	if token, aerr = queryOnce(r.URL.Query(), "token", "invalid_token"); aerr != nil {
+		return "", "", aerr
+	}
 	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
 		for _, p := range strings.Split(h, ",") {
 			p = strings.TrimSpace(p)
@@ -118,7 +132,7 @@ func tokenFrom(r *http.Request) (token, proto string) {
 			}
 		}
 	}
-	return token, proto
+	return token, proto, nil
 }
 
 // authenticate identifies the client of an upgrade request from its token
@@ -126,12 +140,18 @@ func tokenFrom(r *http.Request) (token, proto string) {
 // without a token is let in, its user named by the optional `user` query
 // parameter.
 func (s *Server) authenticate(r *http.Request) (*identity, *authError) {
-	token, proto := tokenFrom(r)
+	token, proto, aerr := tokenFrom(r)
+	if aerr != nil {
+		return nil, aerr
+	}
 	if token == "" {
 		if !s.sec.anon {
 			return nil, &authError{http.StatusUnauthorized, "unauthorized", "missing token: pass it as the token query parameter or the token.<jwt> subprotocol"}
 		}
-		user := r.URL.Query().Get("user")
+		user, aerr := queryOnce(r.URL.Query(), "user", "invalid_user")
+		if aerr != nil {
+			return nil, aerr
+		}
 		if user != "" && !channel.ValidUser(user) {
 			return nil, &authError{http.StatusBadRequest, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"}
 		}

@@ -30,8 +30,11 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, aerr.status, aerr.code, aerr.msg)
 		return
 	}
+	// Repeated channels parameters (?channels=a&channels=b,c, as
+	// URLSearchParams.append writes a list) are one list, as if
+	// comma-joined, and checked as one.
 	var initial []string
-	if q := r.URL.Query().Get("channels"); q != "" {
+	if q := strings.Join(r.URL.Query()["channels"], ","); q != "" {
 		for _, ch := range strings.Split(q, ",") {
 			if !channel.ValidName(ch) {
 				writeHTTPError(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels: "+strconv.Quote(ch)+" is not a channel name")

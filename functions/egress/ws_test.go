@@ -1,6 +1,18 @@
 package main
 
-import "testing"
+import (
+	"io"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
 
 // TestSCFStatus: each way a connection ends gets the status SCF reports
 // for the invocation (docs/protocol.md), and the egress's own timeout
@@ -31,6 +43,110 @@ func TestSCFStatus(t *testing.T) {
 		}
 		if got := timeoutClose(tc.code, tc.byServer); got != tc.timeout {
 			t.Errorf("timeoutClose(%d, by server %v) = %q, want %q", tc.code, tc.byServer, got, tc.timeout)
+		}
+	}
+}
+
+// TestChannelsRepeated: ?channels=a&channels=b,c (what URLSearchParams.append
+// writes for a list) is the list a,b,c, with the checks and limits of one
+// parameter; before, every channels parameter after the first was ignored.
+func TestChannelsRepeated(t *testing.T) {
+	t.Parallel()
+	t.Run("subscribed to every list", func(t *testing.T) {
+		t.Parallel()
+		rdb, prefix := redistest.Client(t)
+		ks := keys.Scheme{Prefix: prefix}
+		e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+		ws, _, err := e.dial(t, url.Values{"channels": {"a", "b,c"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for range 3 {
+			got = append(got, next(t, ws, protocol.TypeSubscribed).Channel)
+		}
+		if strings.Join(got, ",") != "a,b,c" {
+			t.Fatalf("subscribed to %v, want a, b, c in order", got)
+		}
+		for i, ch := range []string{"a", "b", "c"} {
+			appendTo(t, rdb, ks, ch, ks.Notify(ch), i)
+			if d := nextData(t, ws); d != strconv.Itoa(i) {
+				t.Fatalf("from %s: message %s, want %d", ch, d, i)
+			}
+		}
+	})
+	// The merged list is checked as one list: one bad name in any of them
+	// refuses the upgrade, a name twice is answered as twice in one list,
+	// and names over MAX_SUBSCRIPTIONS are refused as in one list.
+	t.Run("checked as one list", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_SUBSCRIPTIONS": "2"})
+		for _, q := range []url.Values{{"channels": {"a", "-b"}}, {"channels": {"a", ""}}} {
+			_, resp, err := e.dial(t, q, nil)
+			if err == nil || resp == nil || resp.StatusCode != 400 {
+				t.Errorf("%s: %v %v, want 400", q.Encode(), err, resp)
+				continue
+			}
+			if b, _ := io.ReadAll(resp.Body); !strings.Contains(string(b), `"`+protocol.CodeInvalidChannel+`"`) {
+				t.Errorf("%s: body %s", q.Encode(), b)
+			}
+		}
+		for _, tc := range []struct {
+			q    url.Values
+			want []string // the code answering each name, "" for subscribed
+		}{
+			{url.Values{"channels": {"a,b,c"}}, []string{"", "", protocol.CodeTooManySubs}},
+			{url.Values{"channels": {"a,b", "c"}}, []string{"", "", protocol.CodeTooManySubs}},
+			{url.Values{"channels": {"a", "b", "c"}}, []string{"", "", protocol.CodeTooManySubs}},
+			{url.Values{"channels": {"a,a"}}, []string{"", protocol.CodeAlreadySubscribed}},
+			{url.Values{"channels": {"a", "a"}}, []string{"", protocol.CodeAlreadySubscribed}},
+		} {
+			ws, _, err := e.dial(t, tc.q, nil)
+			if err != nil {
+				t.Fatalf("%s: %v", tc.q.Encode(), err)
+			}
+			next(t, ws, protocol.TypeWelcome)
+			for i, code := range tc.want {
+				var r protocol.Reply
+				_ = ws.SetReadDeadline(time.Now().Add(time.Second))
+				if err := ws.ReadJSON(&r); err != nil {
+					t.Errorf("%s: name %d: %v", tc.q.Encode(), i, err)
+					break
+				}
+				if r.Code != code || code == "" && r.Type != protocol.TypeSubscribed {
+					t.Errorf("%s: name %d answered %+v, want code %q", tc.q.Encode(), i, r, code)
+					break
+				}
+			}
+			ws.Close()
+		}
+	})
+}
+
+// TestQueryRepeatedScalar: a parameter that takes one value, given twice,
+// refuses the upgrade with 400 and the parameter's code, instead of the
+// first value being taken.
+func TestQueryRepeatedScalar(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET": testSecret})
+	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"*"}})
+	for _, tc := range []struct {
+		q    url.Values
+		code string
+	}{
+		{url.Values{"token": {good, good}}, "invalid_token"},
+		{url.Values{"token": {good, ""}}, "invalid_token"},
+		{url.Values{"user": {"dev", "ops"}}, "invalid_user"},
+	} {
+		_, resp, err := e.dial(t, tc.q, nil)
+		if err == nil || resp == nil || resp.StatusCode != 400 {
+			t.Errorf("%s: %v %v, want 400", tc.q.Encode(), err, resp)
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		name := strings.SplitN(tc.q.Encode(), "=", 2)[0]
+		if !strings.Contains(string(b), `"`+tc.code+`"`) || !strings.Contains(string(b), name+" must be given once") {
+			t.Errorf("%s: body %s, want code %s naming %s", tc.q.Encode(), b, tc.code, name)
 		}
 	}
 }

@@ -136,6 +136,30 @@ func TestHistory(t *testing.T) {
 	expectError(t, e.do("GET", "/v1/channels/-h/connections", ""), 400, "invalid_channel")
 }
 
+// TestQueryRepeated: a query parameter that takes one value, given more
+// than once (even with the same value), is refused with the parameter's
+// code and a message naming it, instead of the first value being taken.
+func TestQueryRepeated(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for _, tc := range []struct{ path, name, code string }{
+		{"/v1/channels/h/messages?limit=2&limit=2", "limit", "invalid_limit"},
+		{"/v1/channels/h/messages?limit=2&limit=", "limit", "invalid_limit"},
+		{"/v1/channels/h/messages?after=0&after=0", "after", "invalid_cursor"},
+		{"/v1/channels/h/messages?after=0&limit=5&after=1-0", "after", "invalid_cursor"},
+		{"/v1/channels/h/connections?limit=10&limit=20", "limit", "invalid_limit"},
+	} {
+		w := e.do("GET", tc.path, "")
+		var b struct {
+			Error struct{ Code, Message string }
+		}
+		_ = json.Unmarshal(w.Body.Bytes(), &b)
+		if w.Code != 400 || b.Error.Code != tc.code || !strings.Contains(b.Error.Message, tc.name+" must be given once") {
+			t.Errorf("%s: %d %s; want 400 %s saying %s must be given once", tc.path, w.Code, w.Body.String(), tc.code, tc.name)
+		}
+	}
+}
+
 // History gives data as it was stored, as the WebSocket delivers it: not
 // with <, > and & escaped.
 func TestHistoryDataAsStored(t *testing.T) {

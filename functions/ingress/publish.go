@@ -330,10 +330,29 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 	c.JSON(200, gin.H{"connections": recs})
 }
 
+// queryOnce reads a query parameter that takes one value: ok is false
+// when it is absent, and a repeated one (?limit=5&limit=10) is an error
+// with code, the parameter's code for a bad value, since which value was
+// meant cannot be told (docs/api.md).
+func queryOnce(c *gin.Context, name, code string) (v string, ok bool, ae *apiError) {
+	vs, ok := c.GetQueryArray(name)
+	if len(vs) > 1 {
+		return "", false, errf(400, code, name+" must be given once, not "+strconv.Itoa(len(vs))+" times")
+	}
+	if !ok {
+		return "", false, nil
+	}
+	return vs[0], true, nil
+}
+
 // parseLimit reads the limit query parameter: def when it is absent, an
-// error when it is present and not an integer 1–max (empty included).
+// error when it is present and not an integer 1–max (empty included), or
+// repeated.
 func parseLimit(c *gin.Context, def, max int) (int, *apiError) {
-	q, ok := c.GetQuery("limit")
+	q, ok, ae := queryOnce(c, "limit", "invalid_limit")
+	if ae != nil {
+		return 0, ae
+	}
 	if !ok {
 		return def, nil
 	}
@@ -496,7 +515,11 @@ func (s *Server) handleHistory(c *gin.Context) {
 		err     error
 		page    historyBody
 	)
-	after, hasAfter := c.GetQuery("after")
+	after, hasAfter, ae := queryOnce(c, "after", "invalid_cursor")
+	if ae != nil {
+		s.writeError(c, ae)
+		return
+	}
 	page.next = after
 	if hasAfter {
 		id, ok := stream.ParseID(after)
