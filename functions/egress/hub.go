@@ -55,6 +55,11 @@ type chanState struct {
 	resuming map[*conn]*resumer
 	refs     int       // guarded by hub.mu
 	idleAt   time.Time // guarded by hub.mu: when refs dropped to 0
+	// endStall, guarded by hub.mu, ends the goroutine retrying the
+	// channel's read (stall) when sweepIdle drops the channel; nil until
+	// a read of it first stalled, which only a channel Redis confirmed
+	// does (so sweepIdle may drop it before its position is read).
+	endStall context.CancelFunc
 }
 
 // resumer buffers live messages for a connection while it replays.
@@ -306,11 +311,28 @@ func (h *hub) lastID(ctx context.Context, cs *chanState) (stream.ID, error) {
 // Meanwhile the receive loop leaves cs alone and goes on with the other
 // channels: a stream that cannot be read (its cluster node down, a key
 // overwritten with another type) holds up only its own channel. Its
-// messages wait in the stream. Receive loop only.
+// messages wait in the stream. The retries end with ctx, or when
+// sweepIdle drops cs (nobody here listens to it any more): a stream that
+// stays unreadable is not read for the rest of the instance's life. A
+// channel subscribed again later is a new cs, read afresh; what the
+// goroutine of the old one still reports is ignored (onRecovered).
+// Receive loop only.
 func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) {
 	position := !cs.confirmed
 	cs.stalled = true
+	ctx, cancel := context.WithCancel(ctx)
+	h.mu.Lock()
+	live := h.chans[cs.notify] == cs
+	if live {
+		cs.endStall = cancel
+	}
+	h.mu.Unlock()
+	if !live {
+		cancel() // dropped meanwhile: nobody here reads it
+		return
+	}
 	h.stalls.Go(func() {
+		defer cancel()
 		r := recovery{cs: cs}
 		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 			h.readFail.Fail(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
@@ -319,9 +341,6 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 				return
 			case <-time.After(wait):
 			}
-			if h.state(cs.notify) != cs {
-				return // unsubscribed meanwhile: nobody here reads it
-			}
 			if position {
 				r.position, err = h.lastID(ctx, cs)
 			} else {
@@ -329,6 +348,9 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 			}
 			if err == nil {
 				break
+			}
+			if ctx.Err() != nil {
+				return // ended while reading: not a failure of the read path
 			}
 		}
 		h.readFail.OK()
@@ -341,7 +363,10 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 
 // onRecovered takes back a channel whose stalled read succeeded, and
 // catches up on what was published since, if the loop set a notification
-// aside meanwhile.
+// aside meanwhile. A report about a cs that was dropped meanwhile (its
+// goroutine read just before sweepIdle ended it) is ignored, also when
+// the channel was subscribed again since: that is another cs, with its
+// own first read.
 func (h *hub) onRecovered(ctx context.Context, r recovery) {
 	cs := r.cs
 	if h.state(cs.notify) != cs {
@@ -574,7 +599,8 @@ func (h *hub) release(cs *chanState) {
 	h.mu.Unlock()
 }
 
-// sweepIdle unsubscribes channels nobody local has listened to for linger.
+// sweepIdle unsubscribes channels nobody local has listened to for linger,
+// and ends the retries of their reads that stalled.
 func (h *hub) sweepIdle(ctx context.Context, now time.Time) {
 	var drop []string
 	h.mu.Lock()
@@ -583,7 +609,14 @@ func (h *hub) sweepIdle(ctx context.Context, now time.Time) {
 			select {
 			case <-cs.ready:
 			default:
-				continue // never confirmed: keep until it is, so confirmations pair up
+				if cs.endStall == nil {
+					continue // never confirmed: keep until it is, so confirmations pair up
+				}
+				// Confirmed by Redis, its position read stalled: it
+				// may never be read.
+			}
+			if cs.endStall != nil {
+				cs.endStall()
 			}
 			delete(h.chans, k)
 			drop = append(drop, k)

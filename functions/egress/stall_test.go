@@ -260,3 +260,153 @@ func TestSilentReadHoldsUpLoopBriefly(t *testing.T) {
 		t.Fatalf("a once its node answers: got %v (close %d), want its two messages", got, code)
 	}
 }
+
+// stallAndLeave makes ch's read fail and keep failing, as how says: for
+// "position", the first read of a new channel's position; for "catch-up",
+// a catch-up of a channel already live. It returns once the hub retries
+// that read beside its loop (two failed reads) and ch's last local
+// subscriber has left.
+func stallAndLeave(t *testing.T, e *secEgress, rdb redis.UniversalClient, ks keys.Scheme, ch, how string) {
+	t.Helper()
+	h := e.s.hub
+	before := h.redisErrors.Load()
+	retried := func() error {
+		if h.redisErrors.Load() < before+2 {
+			return errors.New(ch + "'s read has not been retried yet")
+		}
+		return nil
+	}
+	switch how {
+	case "position":
+		if err := rdb.Set(t.Context(), ks.Stream(ch), "not a stream", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		acquired := make(chan error, 1)
+		go func() { _, err := h.acquire(ctx, ch); acquired <- err }()
+		testkit.Eventually(t, 5*time.Second, retried)
+		cancel() // the subscriber gives up and leaves
+		if err := <-acquired; !errors.Is(err, errUnavailable) {
+			t.Fatalf("acquire %s: %v, want errUnavailable", ch, err)
+		}
+	case "catch-up":
+		ws, _ := subscribedTo(t, e, ch)
+		stallOn(t, rdb, ks, ch)
+		testkit.Eventually(t, 5*time.Second, retried)
+		ws.Close()
+	default:
+		t.Fatalf("stallAndLeave: %q", how)
+	}
+}
+
+// dropStalled sweeps the hub as if the linger had passed, until ch's
+// state is gone and no read is retried any more (h.stalls).
+func dropStalled(t *testing.T, h *hub, ks keys.Scheme, ch string) {
+	t.Helper()
+	ended := make(chan struct{})
+	go func() { h.stalls.Wait(); close(ended) }()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		h.sweepIdle(t.Context(), time.Now().Add(2*linger))
+		select {
+		case <-ended:
+		default:
+			return errors.New("the retries of " + ch + "'s read go on after its last local subscriber left")
+		}
+		if h.state(ks.Notify(ch)) != nil {
+			return errors.New(ch + " is still subscribed")
+		}
+		return nil
+	})
+}
+
+// TestStalledReadEndsWithItsChannel: a channel whose stream can never be
+// read (a key overwritten with another type) has its read retried beside
+// the receive loop; once its last local subscriber has left and the
+// channel is dropped (after the linger), the retries end too, instead of
+// reading Redis every second for the rest of the instance's life.
+func TestStalledReadEndsWithItsChannel(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"position", "catch-up"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			h := e.s.hub
+			stallAndLeave(t, e, rdb, ks, "a", how)
+			dropStalled(t, h, ks, "a")
+			n := h.redisErrors.Load()
+			time.Sleep(1500 * time.Millisecond) // longer than the longest wait between retries
+			if m := h.redisErrors.Load(); m != n {
+				t.Fatalf("%d failed reads after a was dropped", m-n)
+			}
+		})
+	}
+}
+
+// TestStalledChannelComesBack: a channel dropped while its read was
+// stalled is subscribed again, its stream readable before that or only
+// once the new subscription's own read has stalled. The new subscription
+// starts afresh (its position read again, nothing kept from before) and
+// gets each message published after it exactly once; nothing goes on
+// retrying afterwards.
+func TestStalledChannelComesBack(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"position", "catch-up"} {
+		for _, fixed := range []string{"before", "while stalled"} {
+			t.Run(how+"/fixed "+fixed, func(t *testing.T) {
+				t.Parallel()
+				rdb, prefix := redistest.Client(t)
+				ks := keys.Scheme{Prefix: prefix}
+				e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+				h := e.s.hub
+				ctx := t.Context()
+				stallAndLeave(t, e, rdb, ks, "a", how)
+				dropStalled(t, h, ks, "a")
+
+				fix := func() {
+					if err := rdb.Del(ctx, ks.Stream("a")).Err(); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if fixed == "before" {
+					fix()
+				}
+				ws, _, err := e.dial(t, nil, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				next(t, ws, "welcome")
+				before := h.redisErrors.Load()
+				send(t, ws, map[string]any{"type": "subscribe", "channel": "a"})
+				if fixed != "before" {
+					testkit.Eventually(t, 3*time.Second, func() error {
+						if h.redisErrors.Load() < before+2 {
+							return errors.New("the new subscription's position read has not been retried")
+						}
+						return nil
+					})
+					fix()
+				}
+				if r := next(t, ws, "subscribed"); r.Position != "0-0" {
+					t.Fatalf("a's position %s, want 0-0", r.Position)
+				}
+				var want []string
+				for i := range 3 {
+					want = append(want, appendTo(t, rdb, ks, "a", ks.Notify("a"), i))
+				}
+				got, code := readMessages(ws, time.Second, nil)
+				if code != -1 || strings.Join(got, " ") != strings.Join(want, " ") {
+					t.Fatalf("a once back: got %v (close %d), want %v once each", got, code, want)
+				}
+				ended := make(chan struct{})
+				go func() { h.stalls.Wait(); close(ended) }()
+				select {
+				case <-ended:
+				case <-time.After(time.Second):
+					t.Fatal("a read is still retried after a came back")
+				}
+			})
+		}
+	}
+}
