@@ -140,6 +140,33 @@ const clientJSCases = `(async () => {
       ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId + ", pongs " + pongs;
     c.close();
   }
+  // close() from a listener stops the client there: an application that
+  // gives up on the next attempt (a "state" listener closing at
+  // "connecting") gets no socket opened after it, and the state stays
+  // "closed".
+  {
+    const [c] = await welcomed();
+    c.on("state", (s) => { if (s === "connecting") c.close(); });
+    sockets[0].shut(1006);
+    await settle();
+    results.closeFromListener = sockets.length === 1 && c.state === "closed"
+      ? "ok" : sockets.length + " sockets, the last opened after close(); state " + c.state;
+  }
+
+  // close() while getToken() is pending, which then fails: the client
+  // stays closed (it does not go back to "disconnected" and schedule a
+  // reconnect).
+  {
+    sockets.length = 0;
+    let fail;
+    const c = newClient({ getToken: () => new Promise((_, reject) => { fail = reject; }) });
+    await settle(); // connect() waits for the token
+    c.close();
+    fail(new Error("offline"));
+    await settle();
+    results.closeDuringGetToken = c.state === "closed" && sockets.length === 0
+      ? "ok" : "state " + c.state + " after close(), " + sockets.length + " sockets";
+  }
   return results;
 })()`
 
@@ -155,7 +182,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

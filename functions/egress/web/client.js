@@ -92,7 +92,9 @@ export class WsRelay {
   }
 
   setState(s, detail) {
-    if (this.state === s) return;
+    // "closed" is final, even when close() was called from a listener in
+    // the middle of a step that goes on to report another state.
+    if (this.state === s || this.state === "closed") return;
     this.state = s;
     this.emit("state", s, detail);
   }
@@ -176,11 +178,13 @@ export class WsRelay {
   async connect() {
     if (this.closed) return;
     this.setState("connecting");
+    if (this.closed) return; // close() from a "state" listener
     if (this.needToken) {
       try {
         this.token = await this.opts.getToken();
         this.needToken = false;
       } catch (e) {
+        if (this.closed) return; // close() while the token was awaited
         this.emit("error", e);
         this.setState("disconnected", e);
         this.schedule();
@@ -234,6 +238,7 @@ export class WsRelay {
   }
 
   schedule() {
+    if (this.closed) return; // close() from a listener of this step
     const ceil = Math.min(this.maxBackoff, this.minBackoff * 2 ** Math.min(this.attempt, 20));
     this.attempt++;
     clearTimeout(this.timer);
