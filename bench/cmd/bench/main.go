@@ -92,6 +92,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	s4dur := fs.Duration("s4-duration", 0, "S4 duration (default 10s, 2s with -quick)")
 	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
+	s2pubs := fs.Int("s2-publishes", 0, "S2 publishes (default 20000, 4000 with -quick); more gives a profile time to sample")
 	cfHistory := fs.Bool("centrifugo-history", false, "run Centrifugo with history and recovery (1,000 messages, 24 h, as wsrelay keeps by default) instead of its defaults (no history)")
 	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {
@@ -109,6 +110,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	if *s1pubs > 0 {
 		sz.s1Pubs = *s1pubs
+	}
+	if *s2pubs > 0 {
+		sz.s2Pubs = *s2pubs
 	}
 	limit := 9 * time.Minute
 	if *short {
