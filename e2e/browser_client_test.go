@@ -167,6 +167,60 @@ const clientJSCases = `(async () => {
     results.closeDuringGetToken = c.state === "closed" && sockets.length === 0
       ? "ok" : "state " + c.state + " after close(), " + sockets.length + " sockets";
   }
+
+  // A URL whose query would fight the client is refused by the
+  // constructor: channels= (the server would subscribe them with no ref on
+  // every connect, without resume, and the client would drop their
+  // messages and see its own subscribe() refused already_subscribed),
+  // token= beside token or getToken (the URL's would be used, not a fresh
+  // one), user= beside user (replaced), a repeated token= or user= (400 on
+  // every dial). What does not conflict is dialled as given.
+  {
+    const base = "ws://127.0.0.1:1/ws";
+    const refused = [
+      ["?channels=a,b", {}, "subscribe()"],
+      ["?channels=", {}, "subscribe()"],
+      ["?channels=a&channels=b", { user: "ada" }, "subscribe()"],
+      ["?token=old", { token: "t" }, "token"],
+      ["?token=old", { getToken: async () => "t" }, "token"],
+      ["?token=a&token=b", {}, "token"],
+      ["?user=bob", { user: "ada" }, "user"],
+      ["?user=ada", { user: "ada" }, "user"],
+      ["?user=a&user=b", {}, "user"],
+    ];
+    const wrong = [];
+    sockets.length = 0;
+    for (const [q, opts, word] of refused) {
+      try {
+        const c = new WsRelay(base + q, { WebSocket: FakeWS, ...opts });
+        c.close();
+        wrong.push(q + " accepted");
+      } catch (e) {
+        if (!(e instanceof Error) || !e.message.includes(word)) wrong.push(q + ": " + e);
+      }
+    }
+    for (const url of ["ftp://127.0.0.1/ws", "ws://[bad/ws"]) {
+      try { new WsRelay(url, { WebSocket: FakeWS }).close(); wrong.push(url + " accepted"); } catch (e) { if (!(e instanceof TypeError)) wrong.push(url + ": " + e); }
+    }
+    await settle();
+    if (sockets.length) wrong.push(sockets.length + " sockets opened");
+    const accepted = [
+      [base + "?user=bob", {}, base + "?user=bob"],
+      [base + "?x=1", { user: "ada" }, base + "?x=1&user=ada"],
+      [base + "?token=tok", {}, base + "?token=tok"],
+      [base + "?user=bob", { token: "t" }, base + "?user=bob"],
+      ["/ws?user=bob", {}, "ws://" + location.host + "/ws?user=bob"],
+    ];
+    for (const [url, opts, want] of accepted) {
+      sockets.length = 0;
+      let c;
+      try { c = new WsRelay(url, { WebSocket: FakeWS, ...opts }); } catch (e) { wrong.push(url + ": " + e); continue; }
+      await settle();
+      if (sockets[0]?.url !== want) wrong.push(url + " dialled " + sockets[0]?.url + ", want " + want);
+      c.close();
+    }
+    results.urlQuery = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
   return results;
 })()`
 
@@ -182,7 +236,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken", "urlQuery"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

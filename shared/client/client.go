@@ -69,7 +69,10 @@ const (
 // Options configure Dial. Only URL is required.
 type Options struct {
 	// URL of the egress socket, e.g. ws://127.0.0.1:8081/ws. Its query is
-	// kept; user is added to it.
+	// kept and User is added to it. Dial refuses a query with channels
+	// (use Subscribe, which resumes across reconnects), with token when
+	// Token or GetToken is set, with user when User is set, or with token
+	// or user twice.
 	URL string
 	// Token is a user token (JWT), sent as the "token.<jwt>" subprotocol
 	// beside "wsrelay" (not in the URL, which proxies write to their logs).
@@ -256,8 +259,12 @@ type Client struct {
 // background, so subscriptions made right away are sent on connect.
 // Close it to stop it.
 func Dial(opts Options) (*Client, error) {
-	if u, err := url.Parse(opts.URL); err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
+	u, err := url.Parse(opts.URL)
+	if err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
 		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
+	}
+	if err := checkQuery(u.Query(), opts); err != nil {
+		return nil, err
 	}
 	if opts.MinBackoff <= 0 {
 		opts.MinBackoff = DefaultMinBackoff
@@ -489,6 +496,34 @@ func (c *Client) sleep(d time.Duration) bool {
 	case <-c.ctx.Done():
 		return false
 	}
+}
+
+// checkQuery refuses a URL query that would work against the client,
+// silently: channels the server subscribes by itself on every connect (no
+// ref, so the client drops their messages and its own Subscribe of them
+// is answered already_subscribed; no resume position either), a token or
+// user that would override the options' (the server reads the query's
+// token before the subprotocol, and User replaces the query's user), or a
+// token or user given twice, which the egress refuses with 400 on every
+// dial.
+func checkQuery(q url.Values, opts Options) error {
+	if q.Has("channels") {
+		return errors.New("client: the URL has a channels parameter: call Subscribe for each channel instead " +
+			"(the client resumes its subscriptions across reconnects; the server's own subscriptions of the URL's channels are not delivered)")
+	}
+	for _, name := range []string{"token", "user"} {
+		if n := len(q[name]); n > 1 {
+			return fmt.Errorf("client: the URL has %d %s parameters: the egress refuses a repeated %s (400)", n, name, name)
+		}
+	}
+	if q.Has("token") && (opts.Token != "" || opts.GetToken != nil) {
+		return errors.New("client: the URL has a token parameter and Token or GetToken is set: the server would use the URL's token; " +
+			"remove it from the URL (Token and GetToken travel as a subprotocol, out of the URLs proxies log)")
+	}
+	if q.Has("user") && opts.User != "" {
+		return errors.New("client: the URL has a user parameter and User is set: give the user one way")
+	}
+	return nil
 }
 
 func (c *Client) dialURL() string {

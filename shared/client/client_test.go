@@ -1,6 +1,7 @@
 package client
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -357,5 +358,83 @@ func TestTokenTravelsAsSubprotocol(t *testing.T) {
 	}
 	if p := r.Header.Get("Sec-WebSocket-Protocol"); p != "wsrelay, token.tok1" {
 		t.Errorf("subprotocols %q, want %q", p, "wsrelay, token.tok1")
+	}
+}
+
+// TestURLQuery: Dial refuses a URL whose query would fight the client.
+// channels= would be subscribed by the server with no ref on every
+// connect, without resume: the client would drop its messages, a
+// Subscribe of the same channel would be refused already_subscribed, and
+// each reconnect would start the channel over. A token= beside Token or
+// GetToken would be used instead of the client's (fresh) token, a user=
+// beside User would be replaced, and a repeated token= or user= is
+// refused by the egress with 400 on every dial. What does not conflict
+// is kept: user= (anonymous mode) or token= alone, and other parameters.
+func TestURLQuery(t *testing.T) {
+	// queries starts a server that reports the query of each upgrade.
+	queries := func(t *testing.T) (url string, got <-chan string) {
+		ch := make(chan string, 10)
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			ch <- r.URL.RawQuery
+			ws, err := (&websocket.Upgrader{Subprotocols: []string{"wsrelay"}}).Upgrade(w, r, nil)
+			if err != nil {
+				return
+			}
+			defer ws.Close()
+			_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
+			_, _, _ = ws.ReadMessage()
+		}))
+		t.Cleanup(srv.Close)
+		return "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", ch
+	}
+	getToken := func(context.Context) (string, error) { return "tok", nil }
+	for _, tc := range []struct {
+		name  string
+		query string  // the URL's
+		opts  Options // URL set from query
+		sent  string  // the query the server sees; "" for a refusal
+		err   string  // in Dial's error
+	}{
+		{"channels", "?channels=a,b", Options{}, "", "Subscribe"},
+		{"empty channels", "?channels=", Options{}, "", "Subscribe"},
+		{"repeated channels", "?channels=a&channels=b", Options{User: "ada"}, "", "Subscribe"},
+		{"token beside Token", "?token=old", Options{Token: "tok"}, "", "token"},
+		{"token beside GetToken", "?token=old", Options{GetToken: getToken}, "", "token"},
+		{"repeated token", "?token=a&token=b", Options{}, "", "token"},
+		{"user beside User", "?user=bob", Options{User: "ada"}, "", "user"},
+		{"same user beside User", "?user=ada", Options{User: "ada"}, "", "user"},
+		{"repeated user", "?user=a&user=b", Options{}, "", "user"},
+		{"user alone", "?user=bob", Options{}, "user=bob", ""},
+		{"User", "?x=1", Options{User: "ada"}, "user=ada&x=1", ""},
+		{"token alone", "?token=tok", Options{}, "token=tok", ""},
+		{"user beside Token", "?user=bob", Options{Token: "tok"}, "user=bob", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			url, got := queries(t)
+			tc.opts.URL = url + tc.query
+			c, err := Dial(tc.opts)
+			if tc.sent == "" {
+				if err == nil {
+					c.Close()
+					t.Fatalf("Dial(%q) accepted", tc.opts.URL)
+				}
+				if !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("Dial error %q does not mention %s", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			defer c.Close()
+			select {
+			case q := <-got:
+				if q != tc.sent {
+					t.Errorf("the server saw ?%s, want ?%s", q, tc.sent)
+				}
+			case <-time.After(5 * time.Second):
+				t.Error("no upgrade")
+			}
+		})
 	}
 }

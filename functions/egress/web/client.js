@@ -40,13 +40,48 @@ export function compareIds(a, b) {
 }
 
 /**
+ * The URL the client dials: url resolved against the page, http(s) taken
+ * as ws(s), user added. Throws a TypeError for a query that would work
+ * against the client, silently: channels the server subscribes by itself
+ * on every connect (no ref, so the client drops their messages and its own
+ * subscribe() of them is answered already_subscribed; no resume position
+ * either), a token or user that would override the options' (the server
+ * reads the query's token before the subprotocol), or a token or user
+ * given twice, which the egress refuses with 400 on every dial.
+ */
+function dialUrl(url, opts) {
+  const u = new URL(url, globalThis.location?.href); // TypeError if malformed
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`not a WebSocket URL (want ws:, wss:, http: or https:): ${url}`);
+  const q = u.searchParams;
+  if (q.has("channels")) {
+    throw new TypeError("the URL has a channels parameter: call subscribe() for each channel instead " +
+      "(the client resumes its subscriptions across reconnects; the server's own subscriptions of the URL's channels are not delivered)");
+  }
+  for (const name of ["token", "user"]) {
+    const n = q.getAll(name).length;
+    if (n > 1) throw new TypeError(`the URL has ${n} ${name} parameters: the egress refuses a repeated ${name} (400)`);
+  }
+  if (q.has("token") && (opts.token || typeof opts.getToken === "function")) {
+    throw new TypeError("the URL has a token parameter and the token or getToken option is set: the server would use the URL's token; " +
+      "remove it from the URL (the options' token travels as a subprotocol, out of the URLs proxies log)");
+  }
+  if (q.has("user") && opts.user) throw new TypeError("the URL has a user parameter and the user option is set: give the user one way");
+  if (opts.user) q.set("user", opts.user);
+  return u.toString();
+}
+
+/**
  * A connection to the egress that keeps its subscriptions alive.
  *
  * Options: token (string), getToken (async () => string, called before the
  * first connect and after 4004), user (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
- * WebSocket (constructor, for tests).
+ * WebSocket (constructor, for tests). The constructor throws a TypeError for
+ * a URL whose query has channels (use subscribe()), token when token or
+ * getToken is set, user when user is set, or token or user twice.
  *
  * Events (c.on(name, fn)): "state" (state, detail), "welcome" (frame),
  * "error" (error frame or Error), "message" (targeted messages),
@@ -58,6 +93,7 @@ export class WsRelay {
   constructor(url, opts = {}) {
     this.url = url;
     this.opts = opts;
+    this.dialUrl = dialUrl(url, opts); // throws on a URL that would fight the client
     this.minBackoff = opts.minBackoff ?? 500;
     this.maxBackoff = opts.maxBackoff ?? 20000;
     this.stableAfter = opts.stableAfter ?? 10000;
@@ -192,17 +228,13 @@ export class WsRelay {
       }
       if (this.closed) return;
     }
-    const u = new URL(this.url, globalThis.location?.href);
-    if (u.protocol === "http:") u.protocol = "ws:";
-    if (u.protocol === "https:") u.protocol = "wss:";
-    if (this.opts.user) u.searchParams.set("user", this.opts.user);
     let ws;
     try {
       // The token travels as a subprotocol, not in the URL, which
       // gateways and proxies write to their access logs.
       ws = this.token
-        ? new this.WS(u.toString(), ["wsrelay", "token." + this.token])
-        : new this.WS(u.toString());
+        ? new this.WS(this.dialUrl, ["wsrelay", "token." + this.token])
+        : new this.WS(this.dialUrl);
     } catch (e) {
       this.emit("error", e);
       this.setState("disconnected", e);
