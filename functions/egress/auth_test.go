@@ -41,13 +41,20 @@ func startSecEgress(t *testing.T, env map[string]string) *secEgress {
 // perhaps with hooks) under key prefix.
 func startEgressOn(t *testing.T, rdb redis.UniversalClient, prefix string, env map[string]string) *secEgress {
 	t.Helper()
+	return startEgressLogging(t, rdb, prefix, env, io.Discard)
+}
+
+// startEgressLogging is startEgressOn with the egress's JSON log written
+// to logs.
+func startEgressLogging(t *testing.T, rdb redis.UniversalClient, prefix string, env map[string]string, logs io.Writer) *secEgress {
+	t.Helper()
 	env["REDIS_URL"] = redistest.URL(t)
 	env["REDIS_KEY_PREFIX"] = prefix
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
 	srv, stop := startEgress(t, s)
 	return &secEgress{s: s, srv: srv, stop: stop}
 }

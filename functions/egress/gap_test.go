@@ -19,6 +19,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // Tests of what the egress does when the stream lost messages it had not
@@ -229,4 +230,41 @@ func TestResumeQuiet(t *testing.T) {
 		t.Fatal(err)
 	}
 	resume("expired", last)
+}
+
+// TestUnreadableNotification: a notification this egress cannot parse
+// (another release's format during a rolling upgrade, or anything else
+// published on the channel) still says that the channel's stream grew.
+// The egress reads the stream at once, instead of leaving the message
+// there until the next one shows the gap, and logs the episode once, not
+// once per notification.
+func TestUnreadableNotification(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	ws, _ := subscribedTo(t, e, "a")
+	id := appendTo(t, rdb, ks, "a", ks.Notify("a"), 0)
+	if got, code := readMessages(ws, 5*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != id {
+		t.Fatalf("first message: got %v (close %d), want %s", got, code, id)
+	}
+	for i, payload := range []string{"v2|something else", "", "1-0\n2-0\nx"} {
+		// In the stream, announced where nobody listens; then something
+		// unreadable on a's own notification channel.
+		id := appendTo(t, rdb, ks, "a", ks.Notify("nobody"), 1+i)
+		if err := rdb.SPublish(t.Context(), ks.Notify("a"), payload).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if got, code := readMessages(ws, 3*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != id {
+			t.Fatalf("after unreadable notification %q: got %v (close %d), want %s", payload, got, code, id)
+		}
+	}
+	id = appendTo(t, rdb, ks, "a", ks.Notify("a"), 9)
+	if got, code := readMessages(ws, 3*time.Second, func(string) bool { return true }); len(got) != 1 || got[0] != id {
+		t.Fatalf("next readable notification: got %v (close %d), want %s", got, code, id)
+	}
+	if n := strings.Count(logs.String(), `"msg":"unreadable notifications"`); n != 1 {
+		t.Errorf("%d log lines for three unreadable notifications, want 1:\n%s", n, logs.String())
+	}
 }

@@ -93,6 +93,8 @@ type hub struct {
 	// readFail logs the failing stream reads and subscribes of the read
 	// path once per outage, not once per retry.
 	readFail *logging.Episode
+	// badNotify logs the notifications this egress cannot parse.
+	badNotify *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
@@ -144,6 +146,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 	}
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
 		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again"}
+	h.badNotify = &logging.Episode{Log: log, Msg: "unreadable notifications", Back: "notifications readable again",
+		Then: "each is taken as news that its channel's stream grew, which is read from Redis at once (another release's notification format during a rolling upgrade, or something else published on the channel); logged again every 30s while it lasts"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
 	h.chans[h.inbox.notify] = h.inbox
 	return h
@@ -449,9 +453,21 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	}
 	n, err := stream.ParseNotification(payload)
 	if err != nil {
-		h.log.Warn("malformed notification", "err", err.Error())
+		// Not a notification this release can read: another release's
+		// format during a rolling upgrade, or anything else published on
+		// the channel. It still says the stream grew, and what was
+		// appended is there: read it now rather than when the next
+		// message shows the gap.
+		h.badNotify.Fail(err, "channel", cs.name, "stream", cs.stream)
+		switch {
+		case cs.stalled:
+			cs.missed = true
+		case cs.confirmed:
+			h.catchUp(ctx, cs, stream.Max)
+		}
 		return
 	}
+	h.badNotify.OK()
 	if n.Route.Kind() == stream.RouteProbe {
 		h.lastRecv.Store(time.Now().UnixNano())
 		return
