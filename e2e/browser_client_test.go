@@ -16,8 +16,9 @@ const clientJSCases = `(async () => {
   const { WsRelay } = await import("/client.js");
   const sockets = [];
   class FakeWS {
-    constructor(url, protocols) { this.url = url; this.protocols = protocols || []; this.readyState = 0; this.sent = []; sockets.push(this); }
-    send(s) { this.sent.push(JSON.parse(s)); }
+    constructor(url, protocols) { this.url = url; this.protocols = protocols || []; this.readyState = 0; this.sent = []; this.frames = []; sockets.push(this); }
+    // frames: what each send() carried; sent: the requests in them.
+    send(s) { this.frames.push(s); for (const r of s.split("\n")) this.sent.push(JSON.parse(r)); }
     close() { this.readyState = 3; }
     open() { this.readyState = 1; this.onopen?.(); }
     recv(f) { this.onmessage?.({ data: JSON.stringify(f) }); }
@@ -69,9 +70,48 @@ const clientJSCases = `(async () => {
     const ws = sockets[0];
     ws.open();
     c.subscribe("room", {});
+    const early = ws.frames.length;
     ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
     const subs = ws.sent.filter((f) => f.type === "subscribe" && f.channel === "room").length;
-    results.subscribeBeforeWelcome = subs === 1 ? "ok" : subs + " subscribe frames sent";
+    results.subscribeBeforeWelcome = subs === 1 && early === 0 ? "ok" : subs + " subscribe frames sent, " + early + " before the welcome";
+    c.close();
+  }
+
+  // On each connection the subscribes wait for the welcome. A welcome with
+  // max_frame_bytes gets them packed into as few frames as fit, in
+  // subscription order, resuming where each was; one without (an older
+  // server) gets one frame each. A subscribe() while connected is one frame.
+  for (const [name, max, want] of [["resubscribeBatched", 65536, 1], ["resubscribeOlderServer", undefined, 6], ["resubscribeSmallFrames", 256, 3]]) {
+    const welcome = { type: "welcome", connection_id: "c1", instance: "i" };
+    if (max) welcome.max_frame_bytes = max;
+    sockets.length = 0;
+    const c = newClient();
+    const long = "x".repeat(40); // a subscribe of ~90 bytes
+    const subs = [0, 1, 2, 3, 4].map((i) => c.subscribe(long + "-" + i, {}));
+    await settle();
+    sockets[0].open();
+    sockets[0].recv(welcome);
+    sockets[0].recv({ type: "subscribed", channel: long + "-1", position: "5-0", ref: subs[1].ref });
+    sockets[0].recv({ type: "message", channel: long + "-1", id: "6-0", ts: 1, data: 6 });
+    sockets[0].shut(1006);
+    await settle();
+    const ws = sockets.at(-1);
+    ws.open();
+    c.subscribe("early", {}); // before the welcome: sent with the others
+    const early = ws.frames.length;
+    ws.recv(welcome);
+    const burst = ws.frames.length;
+    const sizes = ws.frames.map((f) => f.length);
+    c.subscribe("late", {});
+    const refs = ws.sent.map((f) => f.type + f.ref + (f.after ? "@" + f.after : "")).join(" ");
+    const wantRefs = "subscribe1 subscribe2@6-0 subscribe3 subscribe4 subscribe5 subscribe6 subscribe7";
+    const problems = [];
+    if (early) problems.push(early + " frames before the welcome");
+    if (burst !== want) problems.push("the 6 subscribes in " + burst + " frames");
+    if (max && sizes.some((n) => n > max)) problems.push("frames of " + sizes + " bytes over " + max);
+    if (ws.frames.length !== burst + 1 || ws.frames.at(-1).includes("\n")) problems.push("subscribe() while connected not one frame of its own");
+    if (refs !== wantRefs) problems.push("sent " + refs + ", want " + wantRefs);
+    results[name] = problems.length ? problems.join("; ") : "ok";
     c.close();
   }
 
@@ -236,7 +276,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken", "urlQuery"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken", "urlQuery"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

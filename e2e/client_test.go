@@ -337,3 +337,133 @@ func TestGoClientManySubscriptions(t *testing.T) {
 		t.Fatal("the last subscription got nothing")
 	}
 }
+
+// TestGoClientBatchesResubscribes: on a reconnect to an egress that
+// announces max_frame_bytes, the Go client resubscribes all its channels
+// in one frame (the connection log line's frames_in), within SCF's
+// API Gateway limit of 10 messages per second upstream, and every message
+// published across the cut arrives once, in order.
+func TestGoClientBatchesResubscribes(t *testing.T) {
+	const n = 30
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"MAX_LIFETIME":     "3s",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+	var (
+		mu       sync.Mutex
+		conns    []string
+		live     = map[string]int{}
+		got      = map[string][]string{}
+		problems []string
+	)
+	c, err := client.Dial(client.Options{
+		URL:        "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws",
+		User:       "batcher",
+		MinBackoff: 50 * time.Millisecond,
+		MaxBackoff: 100 * time.Millisecond,
+		OnWelcome: func(w client.Welcome) {
+			mu.Lock()
+			conns = append(conns, w.ConnectionID)
+			if w.MaxFrameBytes != 65536 {
+				problems = append(problems, fmt.Sprintf("welcome max_frame_bytes %d", w.MaxFrameBytes))
+			}
+			mu.Unlock()
+		},
+		OnError: func(e *client.ServerError) { mu.Lock(); problems = append(problems, e.Code); mu.Unlock() },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range n {
+		ch := fmt.Sprintf("batch%d", i)
+		if _, err := c.Subscribe(ch, client.Handler{
+			OnSubscribed: func(bool) { mu.Lock(); live[ch]++; mu.Unlock() },
+			OnError:      func(e *client.ServerError) { mu.Lock(); problems = append(problems, ch+": "+e.Code); mu.Unlock() },
+			OnMessage:    func(m client.Message) { mu.Lock(); got[ch] = append(got[ch], m.ID); mu.Unlock() },
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(live) < n {
+			return fmt.Errorf("%d of %d subscriptions live", len(live), n)
+		}
+		return nil
+	})
+	// Publish across the lifetime cut, on every channel, until the client
+	// is on its second connection and that one is live on every channel.
+	want := map[string][]string{}
+	for i := 0; ; i++ {
+		ch := fmt.Sprintf("batch%d", i%n)
+		id, err := pub.publish(ch, i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[ch] = append(want[ch], id)
+		time.Sleep(20 * time.Millisecond)
+		mu.Lock()
+		twice := 0
+		for _, k := range live {
+			if k >= 2 {
+				twice++
+			}
+		}
+		again := len(conns) >= 2 && twice == n
+		mu.Unlock()
+		if again && i >= 2*n {
+			break
+		}
+		if i > 1000 {
+			t.Fatal("no reconnect live on every channel after 1,000 publishes")
+		}
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		for ch, ids := range want {
+			if len(got[ch]) < len(ids) {
+				return fmt.Errorf("%s: %d of %d messages", ch, len(got[ch]), len(ids))
+			}
+		}
+		return nil
+	})
+	mu.Lock()
+	for ch, ids := range want {
+		if strings.Join(got[ch], " ") != strings.Join(ids, " ") {
+			t.Errorf("%s: got %v, want %v", ch, got[ch], ids)
+		}
+	}
+	if len(problems) > 0 {
+		t.Errorf("problems: %v", problems)
+	}
+	second := conns[1]
+	mu.Unlock()
+	_ = c.Close()
+	// The second connection's log line: its only data frame was the
+	// resubscribe of all 30.
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, line := range strings.Split(eg.Logs(), "\n") {
+			var l struct {
+				Msg      string
+				Conn     string
+				FramesIn *int `json:"frames_in"`
+			}
+			if json.Unmarshal([]byte(line), &l) != nil || l.Msg != "connection closed" || l.Conn != second || l.FramesIn == nil {
+				continue
+			}
+			if *l.FramesIn != 1 {
+				t.Fatalf("the reconnect sent %d frames, want its %d subscribes in 1", *l.FramesIn, n)
+			}
+			return nil
+		}
+		return fmt.Errorf("no log line for connection %s yet", second)
+	})
+}

@@ -459,8 +459,11 @@ func (c *conn) onClientClose(p []byte) {
 }
 
 // onFrame handles one client data frame; it reports whether the
-// connection must end (too many bad frames). It runs while the reader
-// waits, so it owns the reader's state.
+// connection must end (too many bad requests). A text frame holds one or
+// more requests (docs/protocol.md), each handled in turn as if it had come
+// alone: its own reply or error, its own token of MAX_FRAMES_PER_SECOND,
+// and a bad one counts toward the 1008 close as a bad frame would. It
+// runs while the reader waits, so it owns the reader's state.
 func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	c.framesIn.Add(1)
 	c.lastData.Store(time.Now().UnixNano())
@@ -468,7 +471,7 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 		return false // closed while it waited
 	}
 	if op != opText {
-		c.sendError(protocol.CodeBinaryFrame, "only text frames holding one JSON object are accepted", nil)
+		c.sendError(protocol.CodeBinaryFrame, "only text frames holding JSON objects are accepted", nil)
 		return c.abuse()
 	}
 	if !utf8.Valid(data) {
@@ -477,18 +480,30 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 		c.closeWith(protocol.CloseInvalidData, "text frame is not UTF-8", true)
 		return true
 	}
-	req, err := protocol.Decode(data)
-	if err != nil {
-		var ef *protocol.ErrFrame
-		errors.As(err, &ef)
-		c.sendError(ef.Code, ef.Message, req.Ref)
-		return c.abuse()
+	f := protocol.NewFrame(data)
+	for {
+		req, err := f.Next()
+		if err != nil {
+			var ef *protocol.ErrFrame
+			errors.As(err, &ef)
+			c.sendError(ef.Code, ef.Message, req.Ref)
+			if c.abuse() {
+				return true
+			}
+		} else {
+			c.handle(ctx, &req)
+		}
+		if !f.More() {
+			return false
+		}
+		// The next request of the frame: the first token was taken above.
+		if c.isClosing() || !c.throttle() {
+			return false
+		}
 	}
-	c.handle(ctx, &req)
-	return false
 }
 
-// abuse counts a bad frame; ten in a row close the connection (1008).
+// abuse counts a bad request; ten in a row close the connection (1008).
 func (c *conn) abuse() bool {
 	c.badFrames++
 	if c.badFrames >= 10 {
@@ -686,15 +701,16 @@ func (c *conn) recordCopy() *registry.Record {
 	return &r
 }
 
-// throttle holds a client frame over MAX_FRAMES_PER_SECOND until the
-// connection's token bucket (burst: one second's worth) has room for it,
-// and reports false if the connection closed meanwhile. The frame is not
-// refused: the reader, which waits for it, reads the client's next frame
-// later, so a client that sends faster is slowed by TCP's flow control and
-// loses nothing. A refusal would be worse for everyone: the reference
-// clients send every subscription at once when they connect, and one
-// with more than a second's worth would lose the rest. Each wait is one
-// token's time (20 ms at the default 50).
+// throttle holds a client request over MAX_FRAMES_PER_SECOND (which
+// counts requests, however many a frame holds) until the connection's
+// token bucket (burst: one second's worth) has room for it, and reports
+// false if the connection closed meanwhile. The request is not refused:
+// the reader, which waits for it, reads the client's next frame later, so
+// a client that sends faster is slowed by TCP's flow control and loses
+// nothing. A refusal would be worse for everyone: the reference clients
+// send every subscription at once when they connect, and one with more
+// than a second's worth would lose the rest. Each wait is one token's
+// time (20 ms at the default 50): tokens are taken one at a time.
 func (c *conn) throttle() bool {
 	n := c.s.cfg.MaxFramesPerSecond
 	if n <= 0 {
@@ -708,6 +724,11 @@ func (c *conn) throttle() bool {
 		return true
 	}
 	time.Sleep(d)
+	// The reader is held here, not reading the client's frames (its pongs
+	// among them), for as long as a frame's requests take (a 64 KiB frame
+	// of pings, over a minute at 50 per second): the client is not silent,
+	// and the sweep must not drop it for a missed pong.
+	c.lastRead.Store(time.Now().UnixNano())
 	return !c.isClosing()
 }
 

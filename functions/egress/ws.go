@@ -127,7 +127,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	// holds the writer back.
 	user := c.user
 	c.mu.Lock()
-	c.ctrl = append(c.ctrl, c.reply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance}).frame)
+	c.ctrl = append(c.ctrl, c.reply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance, MaxFrameBytes: s.cfg.MaxFrameBytes}).frame)
 	c.mu.Unlock()
 	c.framesOut.Add(1)
 	s.hub.addConn(c)

@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -124,6 +125,11 @@ type Welcome struct {
 	ConnectionID string `json:"connection_id"`
 	User         string `json:"user"`
 	Instance     string `json:"instance"`
+	// MaxFrameBytes is the largest frame the server reads; a server that
+	// announces it reads several requests per frame, and the client packs
+	// each connection's subscribes into as few frames as fit. Zero: an
+	// older server, one request per frame.
+	MaxFrameBytes int64 `json:"max_frame_bytes"`
 }
 
 // Message is a delivered message.
@@ -232,7 +238,7 @@ func (s *Subscription) Unsubscribe() {
 	}
 	delete(c.subs, s.channel)
 	delete(c.refs, s.ref)
-	if c.ws != nil {
+	if c.welcomed {
 		_ = c.writeLocked(protocol.Request{Type: protocol.TypeUnsubscribe, Channel: s.channel})
 	}
 }
@@ -246,13 +252,18 @@ type Client struct {
 	done   chan struct{}
 	once   sync.Once
 
-	mu      sync.Mutex
-	ws      *websocket.Conn // nil while disconnected
-	subs    map[string]*Subscription
-	refs    map[int]*Subscription
-	nextRef int
-	state   State
-	err     error // why the client closed for good
+	mu sync.Mutex
+	ws *websocket.Conn // nil while disconnected
+	// welcomed: the current connection's welcome has been read and its
+	// subscribes sent. Before it, a Subscribe or Unsubscribe sends
+	// nothing: the subscribes go out with the others once the welcome
+	// says how (subscribeAllLocked).
+	welcomed bool
+	subs     map[string]*Subscription
+	refs     map[int]*Subscription
+	nextRef  int
+	state    State
+	err      error // why the client closed for good
 }
 
 // Dial starts a client. It returns at once: the client connects in the
@@ -326,7 +337,7 @@ func (c *Client) Subscribe(channel string, h Handler) (*Subscription, error) {
 	s := &Subscription{c: c, channel: channel, ref: c.nextRef, h: h, last: after, hasLast: h.After != ""}
 	c.subs[channel] = s
 	c.refs[s.ref] = s
-	if c.ws != nil {
+	if c.welcomed {
 		_ = c.writeLocked(s.request())
 	}
 	return s, nil
@@ -384,8 +395,57 @@ func (s *Subscription) request() protocol.Request {
 // writeLocked sends one frame; c.mu is held, which orders writes.
 func (c *Client) writeLocked(r protocol.Request) error {
 	b, _ := json.Marshal(r)
+	return c.writeFrameLocked(b)
+}
+
+func (c *Client) writeFrameLocked(b []byte) error {
 	_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
 	return c.ws.WriteMessage(websocket.TextMessage, b)
+}
+
+// maxBatchBytes caps a frame of subscribes, whatever the server allows.
+const maxBatchBytes = 64 << 10
+
+// subscribeAllLocked sends the subscribe of every subscription, in the
+// order they were made, once the connection's welcome has been read; c.mu
+// is held. A server that announced max_frame_bytes gets them packed into
+// as few frames as fit (newline-separated, each frame at most
+// min(max_frame_bytes, 64 KiB)): a reconnect's burst is then one frame,
+// within a platform's per-connection message rate (SCF's API Gateway
+// takes 10 per second). An older server gets one frame each.
+func (c *Client) subscribeAllLocked(maxFrame int64) error {
+	subs := make([]*Subscription, 0, len(c.subs))
+	for _, s := range c.subs {
+		subs = append(subs, s)
+	}
+	slices.SortFunc(subs, func(a, b *Subscription) int { return a.ref - b.ref })
+	if maxFrame <= 0 {
+		for _, s := range subs {
+			if err := c.writeLocked(s.request()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	limit := int(min(maxFrame, maxBatchBytes))
+	var buf []byte
+	for _, s := range subs {
+		b, _ := json.Marshal(s.request())
+		if len(buf) > 0 && len(buf)+1+len(b) > limit {
+			if err := c.writeFrameLocked(buf); err != nil {
+				return err
+			}
+			buf = buf[:0]
+		}
+		if len(buf) > 0 {
+			buf = append(buf, '\n')
+		}
+		buf = append(buf, b...)
+	}
+	if len(buf) == 0 {
+		return nil
+	}
+	return c.writeFrameLocked(buf)
 }
 
 func (c *Client) setState(s State, err error) {
@@ -575,16 +635,14 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 		ws.Close()
 		return websocket.CloseNormalClosure, false, nil
 	}
+	// The subscribes wait for the welcome (dispatch), which says whether
+	// the server takes several per frame; Close meanwhile closes ws, which
+	// ends the read below, as ReadTimeout does.
 	c.ws = ws
-	for _, s := range c.subs {
-		if err := c.writeLocked(s.request()); err != nil {
-			break // the read below reports the broken socket
-		}
-	}
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.ws = nil
+		c.ws, c.welcomed = nil, false
 		c.mu.Unlock()
 		ws.Close()
 	}()
@@ -628,6 +686,13 @@ func (c *Client) dispatch(data []byte) bool {
 	}
 	switch f.Type {
 	case protocol.TypeWelcome:
+		c.mu.Lock()
+		if c.ws != nil && !c.welcomed {
+			c.welcomed = true
+			// A failed write: the read reports the broken socket.
+			_ = c.subscribeAllLocked(f.MaxFrameBytes)
+		}
+		c.mu.Unlock()
 		c.setState(StateConnected, nil)
 		if c.opts.OnWelcome != nil {
 			c.opts.OnWelcome(f.Welcome)

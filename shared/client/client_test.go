@@ -25,13 +25,15 @@ func scripted(t *testing.T, script func(t *testing.T, ws *websocket.Conn)) (url 
 	upgrades = new(atomic.Int32)
 	var wg sync.WaitGroup
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Counted before the upgrade is: a test that saw the upgrade
+		// (upgrades) has the handler's wg.Add before its cleanup's Wait.
+		wg.Add(1)
+		defer wg.Done()
 		ws, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
 		if err != nil {
 			return
 		}
 		upgrades.Add(1)
-		wg.Add(1)
-		defer wg.Done()
 		defer ws.Close()
 		script(t, ws)
 	}))

@@ -1,5 +1,6 @@
 // Package protocol defines the egress WebSocket frames (docs/protocol.md):
-// one JSON object per text frame.
+// JSON objects in text frames, one per server frame, one or more per
+// client frame.
 package protocol
 
 import (
@@ -62,7 +63,7 @@ const (
 	CloseTokenExpired  = 4004 // token expired: reconnect with a fresh token
 )
 
-// Request is a client frame.
+// Request is a client request: a client frame holds one or more.
 type Request struct {
 	Type    string          `json:"type"`
 	Channel string          `json:"channel,omitempty"`
@@ -79,24 +80,87 @@ type ErrFrame struct {
 
 func (e *ErrFrame) Error() string { return e.Code + ": " + e.Message }
 
-// Decode parses one client text frame. The error, if any, is an *ErrFrame.
-func Decode(b []byte) (Request, error) {
+// Frame reads the requests of one client text frame in order. A frame
+// holds one or more JSON objects, one after another, with JSON whitespace
+// (such as "\n") allowed around and between them (docs/protocol.md).
+//
+//	f := NewFrame(b)
+//	for f.More() {
+//		req, err := f.Next()
+//		…
+//	}
+//
+// A request that is well-formed JSON but not a valid request is an error
+// of its own and the frame goes on with the next one. Broken JSON ends the
+// frame: where the next request would start cannot be known. The zero
+// Frame is an empty frame. A Frame is not safe for concurrent use.
+type Frame struct {
+	b   []byte // the frame; b[off:] is not read yet
+	off int
+	n   int  // requests read so far
+	end bool // broken JSON was met: nothing more is read
+	// dec reads b[base:] one value at a time, once the frame turned out
+	// not to be a single JSON value: a frame holding one request (the
+	// usual one) is decoded by json.Unmarshal, which neither copies it
+	// nor allocates a decoder.
+	dec  *json.Decoder
+	base int
+}
+
+// NewFrame returns a Frame reading the requests of b, a client text frame
+// (UTF-8, checked by the caller). b must not change while it is read.
+func NewFrame(b []byte) Frame { return Frame{b: b} }
+
+// More reports whether Next has a request (or an error) to return: always
+// for the first call, so that an empty frame is reported; afterwards
+// until only whitespace is left or broken JSON was met.
+func (f *Frame) More() bool {
+	if f.end {
+		return false
+	}
+	if f.n == 0 {
+		return true
+	}
+	f.off += leadingSpace(f.b[f.off:])
+	return f.off < len(f.b)
+}
+
+// Next decodes the next request. The error, if any, is an *ErrFrame; the
+// Request returned with it carries the ref when one could be read, for
+// the error reply. After an invalid_json error More reports false.
+func (f *Frame) Next() (Request, error) {
 	var r Request
+	f.n++
+	f.off += leadingSpace(f.b[f.off:])
 	// encoding/json would take null for an empty object and report an
 	// array, string or number as a type error of field "".
-	if t := bytes.TrimLeft(b, " \t\r\n"); len(t) == 0 || t[0] != '{' {
-		return r, &ErrFrame{CodeInvalidJSON, "frame is not a JSON object"}
+	if f.end || f.off == len(f.b) || f.b[f.off] != '{' {
+		return r, f.broken()
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	if err := dec.Decode(&r); err != nil {
-		var ute *json.UnmarshalTypeError
-		if errors.As(err, &ute) {
-			return r, &ErrFrame{CodeInvalidFrame, fmt.Sprintf("field %q has the wrong type", ute.Field)}
+	var err error
+	if f.dec == nil {
+		err = json.Unmarshal(f.b[f.off:], &r)
+		var se *json.SyntaxError
+		if !errors.As(err, &se) {
+			f.off = len(f.b) // what is left is one JSON value
+		} else {
+			// Several values, or broken JSON: read one value at a time.
+			f.base = f.off
+			f.dec = json.NewDecoder(bytes.NewReader(f.b[f.off:]))
 		}
-		return r, &ErrFrame{CodeInvalidJSON, "frame is not a JSON object"}
 	}
-	if dec.More() {
-		return r, &ErrFrame{CodeInvalidJSON, "frame holds more than one JSON value"}
+	if f.dec != nil {
+		err = f.dec.Decode(&r)
+		var ute *json.UnmarshalTypeError
+		if err != nil && !errors.As(err, &ute) {
+			return Request{}, f.broken()
+		}
+		f.off = f.base + int(f.dec.InputOffset())
+	}
+	if err != nil {
+		var ute *json.UnmarshalTypeError
+		errors.As(err, &ute)
+		return r, &ErrFrame{CodeInvalidFrame, fmt.Sprintf("field %q has the wrong type", ute.Field)}
 	}
 	if len(r.Ref) > 0 {
 		if len(r.Ref) > 64 || (r.Ref[0] != '"' && (r.Ref[0] < '0' || r.Ref[0] > '9') && r.Ref[0] != '-') {
@@ -114,6 +178,25 @@ func Decode(b []byte) (Request, error) {
 	return r, nil
 }
 
+// broken ends the frame at a request that is not a JSON object.
+func (f *Frame) broken() error {
+	f.end = true
+	if f.n == 1 {
+		return &ErrFrame{CodeInvalidJSON, "frame is not a JSON object"}
+	}
+	return &ErrFrame{CodeInvalidJSON, fmt.Sprintf("request %d of the frame is not a JSON object: it and the rest of the frame are dropped", f.n)}
+}
+
+// leadingSpace counts the JSON whitespace at the start of b.
+func leadingSpace(b []byte) int {
+	for i, c := range b {
+		if c != ' ' && c != '\t' && c != '\r' && c != '\n' {
+			return i
+		}
+	}
+	return len(b)
+}
+
 func truncate(s string) string {
 	if len(s) > 32 {
 		return s[:32] + "…"
@@ -129,10 +212,14 @@ type Reply struct {
 	Instance     string          `json:"instance,omitempty"`
 	Channel      string          `json:"channel,omitempty"`
 	Recovered    *bool           `json:"recovered,omitempty"`
-	Position     string          `json:"position,omitempty"` // subscribed: resume point`
+	Position     string          `json:"position,omitempty"` // subscribed: resume point
 	Code         string          `json:"code,omitempty"`
 	Message      string          `json:"message,omitempty"`
 	Ref          json.RawMessage `json:"ref,omitempty"`
+	// MaxFrameBytes (welcome) is the largest client frame the server
+	// reads. Its presence announces that the server reads several
+	// requests per frame; zero (absent): one request per frame.
+	MaxFrameBytes int64 `json:"max_frame_bytes,omitempty"`
 }
 
 // Encode marshals r.

@@ -19,6 +19,8 @@
 
 const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
+// The largest frame of subscribes sent, whatever max_frame_bytes allows.
+const MAX_BATCH_BYTES = 64 * 1024;
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
@@ -161,13 +163,13 @@ export class WsRelay {
     };
     this.subs.set(channel, sub);
     this.refs.set(sub.ref, sub);
-    // While the socket is open (send() drops the frame otherwise); onopen
-    // sends the ones made before it opened.
-    this.sendSubscribe(sub);
+    // Once the socket is welcomed (send() drops the frame otherwise); the
+    // welcome sends the ones made before it (subscribeAll).
+    this.send(this.subscribeFrame(sub));
     return sub;
   }
 
-  sendSubscribe(sub) {
+  subscribeFrame(sub) {
     // Not live until the server answers this subscribe: frames for the
     // channel until then belong to an earlier subscription of it (still on
     // the wire after an unsubscribe) and would move sub.last past the
@@ -175,11 +177,40 @@ export class WsRelay {
     sub.live = false;
     const f = { type: "subscribe", channel: sub.channel, ref: sub.ref };
     if (sub.last) f.after = sub.last;
-    this.send(f);
+    return f;
   }
 
+  /**
+   * Sends every subscription's subscribe on a socket just welcomed. A
+   * server whose welcome has max_frame_bytes reads several requests per
+   * frame: they go packed into as few frames as fit (newline-separated,
+   * each frame at most min(max_frame_bytes, 64 KiB)), so a reconnect's
+   * burst stays within a platform's per-connection message rate (SCF's
+   * API Gateway takes 10 per second). An older server gets one each.
+   */
+  subscribeAll(ws, maxFrameBytes) {
+    const limit = Number.isSafeInteger(maxFrameBytes) && maxFrameBytes > 0 ? Math.min(maxFrameBytes, MAX_BATCH_BYTES) : 0;
+    let batch = "";
+    // Subscription order (a Map keeps it). Channel names and ids are
+    // ASCII, so a frame's length in characters is its length in bytes.
+    for (const sub of this.subs.values()) {
+      const f = JSON.stringify(this.subscribeFrame(sub));
+      if (!limit) {
+        ws.send(f);
+        continue;
+      }
+      if (batch && batch.length + 1 + f.length > limit) {
+        ws.send(batch);
+        batch = "";
+      }
+      batch = batch ? batch + "\n" + f : f;
+    }
+    if (batch) ws.send(batch);
+  }
+
+  /** Sends one request (e.g. {type: "ping"}) if the socket is welcomed; dropped otherwise. */
   send(frame) {
-    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(frame));
+    if (this.ws && this.ws.readyState === 1 && this.ws.welcomed) this.ws.send(JSON.stringify(frame));
   }
 
   /** Closes the socket (1000) for good. */
@@ -244,9 +275,9 @@ export class WsRelay {
     this.ws = ws;
     ws.openedAt = Date.now();
     ws.welcomed = false;
-    ws.onopen = () => {
-      for (const sub of this.subs.values()) this.sendSubscribe(sub);
-    };
+    // Nothing is sent before the welcome, which says how the server
+    // takes the subscribes (subscribeAll).
+    ws.onopen = null;
     ws.onmessage = (ev) => this.dispatch(ws, ev.data);
     ws.onclose = (ev) => {
       this.detach(ws);
@@ -282,7 +313,9 @@ export class WsRelay {
     try { f = JSON.parse(raw); } catch { return; }
     switch (f.type) {
       case "welcome":
+        if (ws.welcomed) break;
         ws.welcomed = true;
+        if (ws.readyState === 1) this.subscribeAll(ws, f.max_frame_bytes);
         this.setState("connected", f);
         this.emit("welcome", f);
         break;

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// sendRaw writes one text frame as given.
+func sendRaw(t *testing.T, ws *websocket.Conn, frame string) {
+	t.Helper()
+	if err := ws.WriteMessage(websocket.TextMessage, []byte(frame)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// nextReply reads the next frame that is not a message.
+func nextReply(t *testing.T, ws *websocket.Conn) protocol.Reply {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		var r protocol.Reply
+		if err := ws.ReadJSON(&r); err != nil {
+			t.Fatalf("waiting for a reply: %v", err)
+		}
+		if r.Type != protocol.TypeMessage {
+			return r
+		}
+	}
+}
+
+// wantReplies reads the next replies and checks them against want, each
+// "type ref" or "error code ref".
+func wantReplies(t *testing.T, ws *websocket.Conn, want ...string) {
+	t.Helper()
+	for i, w := range want {
+		r := nextReply(t, ws)
+		got := r.Type + " " + string(r.Ref)
+		if r.Type == protocol.TypeError {
+			got = "error " + r.Code + " " + string(r.Ref)
+		}
+		if strings.TrimSpace(got) != w {
+			t.Fatalf("reply %d: %s (%+v), want %s", i, got, r, w)
+		}
+	}
+}
+
+// TestRequestsPerFrame: a text frame holds one or more requests, each
+// handled in order as if it had come alone (docs/protocol.md).
+func TestRequestsPerFrame(t *testing.T) {
+	t.Parallel()
+	dial := func(t *testing.T, env map[string]string) (*secEgress, *websocket.Conn, protocol.Reply) {
+		t.Helper()
+		env["ALLOW_ANONYMOUS"] = "true"
+		e := startSecEgress(t, env)
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e, ws, next(t, ws, protocol.TypeWelcome)
+	}
+	t.Run("welcome carries max_frame_bytes", func(t *testing.T) {
+		t.Parallel()
+		_, _, w := dial(t, map[string]string{"MAX_FRAME_BYTES": "4096"})
+		if w.MaxFrameBytes != 4096 {
+			t.Fatalf("welcome %+v, want max_frame_bytes 4096", w)
+		}
+	})
+	t.Run("subscribes", func(t *testing.T) {
+		t.Parallel()
+		rdb, prefix := redistest.Client(t)
+		e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+		const n = 8
+		var frame []string
+		var want []string
+		for i := range n {
+			frame = append(frame, fmt.Sprintf(`{"type":"subscribe","channel":"batch-%d","ref":%d}`, i, i))
+			want = append(want, fmt.Sprintf("subscribed %d", i))
+		}
+		sendRaw(t, ws, strings.Join(frame, "\n"))
+		wantReplies(t, ws, want...)
+		// Every subscription is live.
+		ks := keys.Scheme{Prefix: prefix}
+		var as []stream.Append
+		for i := range n {
+			ch := fmt.Sprintf("batch-%d", i)
+			as = append(as, stream.Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
+				Msg: stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: []byte(strconv.Itoa(i))}})
+		}
+		if _, err := stream.NewStore(rdb).Append(context.Background(), as); err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]bool{}
+		for range n {
+			got[nextData(t, ws)] = true
+		}
+		if len(got) != n {
+			t.Fatalf("messages %v, want one on each of %d channels", got, n)
+		}
+	})
+	t.Run("an invalid request between valid ones", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{})
+		sendRaw(t, ws, `{"type":"ping","ref":1} {"type":"dance","ref":2} {"type":"subscribe","channel":"bad name","ref":3}`+"\n"+`{"type":"ping","ref":4}`)
+		wantReplies(t, ws, "pong 1", "error unknown_type 2", "error invalid_channel 3", "pong 4")
+	})
+	t.Run("broken JSON drops the rest of the frame", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{})
+		sendRaw(t, ws, `{"type":"ping","ref":1} {"type":"ping","ref":2,,} {"type":"ping","ref":3}`)
+		wantReplies(t, ws, "pong 1")
+		r := nextReply(t, ws)
+		if r.Type != protocol.TypeError || r.Code != protocol.CodeInvalidJSON || !strings.Contains(r.Message, "rest of the frame") {
+			t.Fatalf("%+v, want invalid_json saying the rest was dropped", r)
+		}
+		sendRaw(t, ws, `{"type":"ping","ref":5}`)
+		wantReplies(t, ws, "pong 5") // not the pong to 3
+	})
+	t.Run("pretty-printed single object", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{})
+		sendRaw(t, ws, "\n{\n  \"type\": \"ping\",\n  \"ref\": 1\n}\n")
+		wantReplies(t, ws, "pong 1")
+	})
+	t.Run("ten bad requests close 1008", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{})
+		sendRaw(t, ws, strings.Repeat(`{"type":"dance"}`+"\n", 10)+`{"type":"ping"}`)
+		if code := closeCode(t, ws, 5*time.Second); code != protocol.ClosePolicy {
+			t.Fatalf("close %d, want 1008", code)
+		}
+	})
+	t.Run("a valid request resets the count", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{})
+		bad := strings.Repeat(`{"type":"dance"}`, 9)
+		sendRaw(t, ws, bad+`{"type":"ping","ref":1}`+bad)
+		sendRaw(t, ws, `{"type":"ping","ref":2}`)
+		for range 9 {
+			next(t, ws, protocol.TypeError)
+		}
+		wantReplies(t, ws, "pong 1")
+		for range 9 {
+			next(t, ws, protocol.TypeError)
+		}
+		wantReplies(t, ws, "pong 2")
+	})
+	t.Run("each request counts against MAX_FRAMES_PER_SECOND", func(t *testing.T) {
+		t.Parallel()
+		_, ws, _ := dial(t, map[string]string{"MAX_FRAMES_PER_SECOND": "5"})
+		// 15 requests at 5 per second, a burst of 5: the ten over it are
+		// held two seconds at least, and every one is answered, in order.
+		var frame, want []string
+		for i := range 15 {
+			frame = append(frame, fmt.Sprintf(`{"type":"ping","ref":%d}`, i))
+			want = append(want, fmt.Sprintf("pong %d", i))
+		}
+		start := time.Now()
+		sendRaw(t, ws, strings.Join(frame, "\n"))
+		wantReplies(t, ws, want...)
+		if d := time.Since(start); d < 2*time.Second {
+			t.Fatalf("15 requests at 5 per second answered in %v: not held", d)
+		}
+	})
+	t.Run("a client held by the limit is not silent", func(t *testing.T) {
+		t.Parallel()
+		// The server reads nothing while it holds a frame's requests, the
+		// client's pongs included: the client must not be dropped for
+		// them (2×PING_INTERVAL is 400 ms here, the frame takes 2 s).
+		_, ws, _ := dial(t, map[string]string{"MAX_FRAMES_PER_SECOND": "5", "PING_INTERVAL": "200ms"})
+		var frame, want []string
+		for i := range 15 {
+			frame = append(frame, fmt.Sprintf(`{"type":"ping","ref":%d}`, i))
+			want = append(want, fmt.Sprintf("pong %d", i))
+		}
+		sendRaw(t, ws, strings.Join(frame, "\n"))
+		wantReplies(t, ws, want...)
+	})
+}

@@ -1,0 +1,174 @@
+package client
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
+)
+
+// arrival is a frame the scripted server read, and when.
+type arrival struct {
+	at    time.Time
+	frame []byte
+}
+
+// readAll reads the client's frames into a channel until the socket ends.
+func readAll(ws *websocket.Conn) <-chan arrival {
+	ch := make(chan arrival, 100)
+	go func() {
+		defer close(ch)
+		for {
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				return
+			}
+			ch <- arrival{time.Now(), b}
+		}
+	}()
+	return ch
+}
+
+// TestSubscribesAfterWelcome: on each connection the client sends its
+// subscribes once it has read the welcome, not before. A welcome with
+// max_frame_bytes gets them packed into as few frames as fit (each within
+// the limit, in subscription order); one without (an older server) gets
+// one frame each. A Subscribe made while connected is one frame.
+func TestSubscribesAfterWelcome(t *testing.T) {
+	t.Parallel()
+	long := strings.Repeat("x", 40) // a subscribe of ~90 bytes
+	for _, tc := range []struct {
+		name    string
+		welcome string
+		frames  int // frames for the 5 subscribes
+	}{
+		{"older server", `{"type":"welcome","connection_id":"c1","instance":"i"}`, 5},
+		{"batching server", `{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":65536}`, 1},
+		{"small frames", `{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":256}`, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var limit int
+			if i := strings.Index(tc.welcome, `"max_frame_bytes":`); i >= 0 {
+				_, _ = fmt.Sscanf(tc.welcome[i+len(`"max_frame_bytes":`):], "%d", &limit)
+			}
+			result := make(chan error, 1)
+			url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+				in := readAll(ws)
+				time.Sleep(300 * time.Millisecond) // the client subscribes meanwhile
+				welcomed := time.Now()
+				write(t, ws, tc.welcome)
+				result <- func() error {
+					var refs []string
+					for frames := 0; len(refs) < 6; frames++ {
+						var a arrival
+						select {
+						case a = <-in:
+						case <-time.After(5 * time.Second):
+							return fmt.Errorf("%d subscribes in %d frames, then nothing", len(refs), frames)
+						}
+						if a.at.Before(welcomed) {
+							return fmt.Errorf("frame %s read before the welcome was sent", a.frame)
+						}
+						if limit > 0 && len(a.frame) > limit {
+							return fmt.Errorf("frame of %d bytes over max_frame_bytes %d", len(a.frame), limit)
+						}
+						lines := bytes.Split(a.frame, []byte("\n"))
+						if limit == 0 && len(lines) > 1 {
+							return fmt.Errorf("several requests in a frame to an older server: %s", a.frame)
+						}
+						for _, l := range lines {
+							var r protocol.Request
+							if err := json.Unmarshal(l, &r); err != nil || r.Type != protocol.TypeSubscribe {
+								return fmt.Errorf("request %s: %v", l, err)
+							}
+							refs = append(refs, string(r.Ref))
+						}
+						if len(refs) == 5 && frames+1 != tc.frames {
+							return fmt.Errorf("5 subscribes in %d frames, want %d", frames+1, tc.frames)
+						}
+						if len(refs) == 6 && len(lines) != 1 {
+							return fmt.Errorf("the Subscribe made while connected came in a frame of %d", len(lines))
+						}
+						if len(refs) == 5 {
+							write(t, ws, `{"type":"pong"}`) // the client subscribes once more
+						}
+					}
+					if got := strings.Join(refs, " "); got != "1 2 3 4 5 6" {
+						return fmt.Errorf("refs %s, want 1 2 3 4 5 6", got)
+					}
+					return nil
+				}()
+				for range in { // until the client goes
+				}
+			})
+			c, err := Dial(Options{URL: url})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			for i := range 5 {
+				if _, err := c.Subscribe(fmt.Sprintf("%s-%d", long, i), Handler{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Once connected and the five sent, one more.
+			deadline := time.Now().Add(5 * time.Second)
+			for c.State() != StateConnected && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			time.Sleep(100 * time.Millisecond)
+			if _, err := c.Subscribe("late", Handler{}); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-result:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the server script did not finish")
+			}
+		})
+	}
+}
+
+// TestCloseBeforeWelcome: Close while the client waits for a welcome that
+// does not come returns at once, having sent no request.
+func TestCloseBeforeWelcome(t *testing.T) {
+	t.Parallel()
+	got := make(chan []byte, 10)
+	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		for a := range readAll(ws) {
+			got <- a.frame
+		}
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Subscribe("a", Handler{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for upgrades.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	_ = c.Close()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("Close took %v", d)
+	}
+	select {
+	case f := <-got:
+		t.Fatalf("the client sent %s before any welcome", f)
+	default:
+	}
+}
