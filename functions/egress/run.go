@@ -99,13 +99,15 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 		return err
 	case <-ctx.Done():
 	}
-	// Stop accepting first, then drain the hijacked sockets.
+	// Stop accepting first, then drain the hijacked sockets. Serve has
+	// returned (and let go of ln) before Shutdown, which would otherwise
+	// close ln a second time and report that as its error.
 	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownGrace+time.Second)
 	defer cancel()
 	_ = ln.Close()
+	<-errc // the accept error of the closed listener
 	<-ran
 	err := hs.Shutdown(sctx)
-	<-errc
 	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
