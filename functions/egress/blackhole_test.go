@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,6 +14,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
@@ -153,6 +156,34 @@ func TestSubscribeDuringBlackhole(t *testing.T) {
 				t.Fatalf("%s %s after %s, want it within ~5s", r.Type, r.Code, d.Round(time.Millisecond))
 			}
 			return
+		}
+	}
+}
+
+// TestBatchDuringBlackholeKeepsSocket: a frame of subscribes to new
+// channels while Redis is unreachable without a refusal takes ~5 s per
+// request (each "unavailable"), longer in all than 2×PING_INTERVAL. Sent
+// one per frame, each read would show the client alive; sent in one
+// frame, the requests must count the same, and the client (which
+// answers every ping) is kept, not dropped for a missed pong.
+func TestBatchDuringBlackholeKeepsSocket(t *testing.T) {
+	ws, partition, _ := blackholeEgress(t, "PING_INTERVAL", "4s")
+	partition(true)
+	defer partition(false)
+	time.Sleep(2 * time.Second) // the read path is found silent, re-subscribing begins
+	sendRaw(t, ws, `{"type":"subscribe","channel":"bh-new-1","ref":1}`+"\n"+`{"type":"subscribe","channel":"bh-new-2","ref":2}`+"\n"+`{"type":"subscribe","channel":"bh-new-3","ref":3}`)
+	start := time.Now()
+	for want := 1; want <= 3; {
+		_ = ws.SetReadDeadline(time.Now().Add(30 * time.Second))
+		var r protocol.Reply
+		if err := ws.ReadJSON(&r); err != nil {
+			t.Fatalf("after %s, waiting for the answer to request %d of 3: %v", time.Since(start).Round(time.Millisecond), want, err)
+		}
+		if r.Type == protocol.TypeError || r.Type == protocol.TypeSubscribed {
+			if string(r.Ref) != strconv.Itoa(want) {
+				t.Fatalf("%+v, want the answer to request %d", r, want)
+			}
+			want++
 		}
 	}
 }

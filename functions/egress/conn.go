@@ -500,6 +500,13 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 		if c.isClosing() || !c.throttle() {
 			return false
 		}
+		// It counts as read now, as it would have in a frame of its own:
+		// the reader reads nothing (the client's pongs among it) while it
+		// holds a frame's requests, whether the limit holds them (a 64 KiB
+		// frame of pings, over a minute at 50 per second) or the requests
+		// take long (a subscribe waits 5 s while Redis is unreachable),
+		// and the sweep must not drop the client as silent meanwhile.
+		c.lastRead.Store(time.Now().UnixNano())
 	}
 }
 
@@ -724,11 +731,6 @@ func (c *conn) throttle() bool {
 		return true
 	}
 	time.Sleep(d)
-	// The reader is held here, not reading the client's frames (its pongs
-	// among them), for as long as a frame's requests take (a 64 KiB frame
-	// of pings, over a minute at 50 per second): the client is not silent,
-	// and the sweep must not drop it for a missed pong.
-	c.lastRead.Store(time.Now().UnixNano())
 	return !c.isClosing()
 }
 

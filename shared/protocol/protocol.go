@@ -157,16 +157,20 @@ func (f *Frame) Next() (Request, error) {
 		}
 		f.off = f.base + int(f.dec.InputOffset())
 	}
+	// The ref is checked first: every error reply echoes it, and one that
+	// is not a short string or number (an object, 60 KiB of string) is
+	// not echoed whatever else is wrong with the request.
+	badRef := len(r.Ref) > 0 && (len(r.Ref) > 64 || (r.Ref[0] != '"' && (r.Ref[0] < '0' || r.Ref[0] > '9') && r.Ref[0] != '-'))
+	if badRef {
+		r.Ref = nil
+	}
 	if err != nil {
 		var ute *json.UnmarshalTypeError
 		errors.As(err, &ute)
 		return r, &ErrFrame{CodeInvalidFrame, fmt.Sprintf("field %q has the wrong type", ute.Field)}
 	}
-	if len(r.Ref) > 0 {
-		if len(r.Ref) > 64 || (r.Ref[0] != '"' && (r.Ref[0] < '0' || r.Ref[0] > '9') && r.Ref[0] != '-') {
-			r.Ref = nil
-			return r, &ErrFrame{CodeInvalidFrame, "ref must be a string or a number of at most 64 bytes"}
-		}
+	if badRef {
+		return r, &ErrFrame{CodeInvalidFrame, "ref must be a string or a number of at most 64 bytes"}
 	}
 	switch r.Type {
 	case TypeSubscribe, TypeUnsubscribe, TypePing, TypeRefresh:

@@ -100,3 +100,28 @@ func TestFrameOfSeveral(t *testing.T) {
 		t.Error("More after broken JSON")
 	}
 }
+
+// TestErrorRef: an error carries the request's ref when it is one (a
+// string or number of at most 64 bytes), so the client can match it, and
+// no ref otherwise, whichever error it is: the server echoes it.
+func TestErrorRef(t *testing.T) {
+	t.Parallel()
+	long := `"` + strings.Repeat("x", 70) + `"`
+	for _, tc := range []struct {
+		frame string
+		want  []string
+	}{
+		{`{"type":5,"ref":7}`, []string{"invalid_frame7"}},
+		{`{"type":"nope","ref":"a"}`, []string{`unknown_type"a"`}},
+		{`{"type":5,"ref":{"a":1}}`, []string{"invalid_frame"}},
+		{`{"type":5,"ref":[1,2]}`, []string{"invalid_frame"}},
+		{`{"type":5,"ref":` + long + `}`, []string{"invalid_frame"}},
+		{`{"ref":true,"channel":1}`, []string{"invalid_frame"}},
+		{`{"type":"ping","ref":1} {"ref":{"x":1},"type":5}`, []string{"ping1", "invalid_frame"}},
+		{`{"type":"nope","ref":{"a":1}}`, []string{"invalid_frame"}},
+	} {
+		if got := decodeAll(tc.frame); strings.Join(got, " ") != strings.Join(tc.want, " ") {
+			t.Errorf("%q: %q, want %q", tc.frame, got, tc.want)
+		}
+	}
+}
