@@ -326,15 +326,12 @@ func TestFinalCloseCodes(t *testing.T) {
 	}
 }
 
-// TestTokenTravelsAsSubprotocol: the token is offered as the
-// "token.<jwt>" subprotocol beside "wsrelay", and is not in the URL.
-func TestTokenTravelsAsSubprotocol(t *testing.T) {
-	got := make(chan *http.Request, 1)
+// welcomeServer is an egress stand-in that hands each upgrade request to
+// seen, welcomes the socket and waits for one frame from the client. It
+// is closed when the test ends.
+func welcomeServer(t *testing.T, seen func(*http.Request)) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case got <- r:
-		default:
-		}
+		seen(r)
 		ws, err := (&websocket.Upgrader{Subprotocols: []string{"wsrelay"}}).Upgrade(w, r, nil)
 		if err != nil {
 			return
@@ -343,7 +340,20 @@ func TestTokenTravelsAsSubprotocol(t *testing.T) {
 		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
 		_, _, _ = ws.ReadMessage()
 	}))
-	defer srv.Close()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestTokenTravelsAsSubprotocol: the token is offered as the
+// "token.<jwt>" subprotocol beside "wsrelay", and is not in the URL.
+func TestTokenTravelsAsSubprotocol(t *testing.T) {
+	got := make(chan *http.Request, 1)
+	srv := welcomeServer(t, func(r *http.Request) {
+		select {
+		case got <- r:
+		default:
+		}
+	})
 	c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "tok1"})
 	if err != nil {
 		t.Fatal(err)
@@ -376,17 +386,7 @@ func TestURLQuery(t *testing.T) {
 	// queries starts a server that reports the query of each upgrade.
 	queries := func(t *testing.T) (url string, got <-chan string) {
 		ch := make(chan string, 10)
-		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			ch <- r.URL.RawQuery
-			ws, err := (&websocket.Upgrader{Subprotocols: []string{"wsrelay"}}).Upgrade(w, r, nil)
-			if err != nil {
-				return
-			}
-			defer ws.Close()
-			_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
-			_, _, _ = ws.ReadMessage()
-		}))
-		t.Cleanup(srv.Close)
+		srv := welcomeServer(t, func(r *http.Request) { ch <- r.URL.RawQuery })
 		return "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", ch
 	}
 	getToken := func(context.Context) (string, error) { return "tok", nil }
