@@ -467,3 +467,43 @@ func TestGoClientBatchesResubscribes(t *testing.T) {
 		return fmt.Errorf("no log line for connection %s yet", second)
 	})
 }
+
+// TestGoClientRefusedByEgress: the real egress's refusals reach the Go
+// client's Err with their code: a user name it will never take (400
+// invalid_user) and a token it cannot verify, with no GetToken to ask for
+// another (401 invalid_token), end the client at the first dial instead
+// of being retried for ever.
+func TestGoClientRefusedByEgress(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+	}
+	eg := start(t, "egress", e)
+	url := "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws"
+	for _, tc := range []struct {
+		opts   client.Options
+		status int
+		code   string
+	}{
+		{client.Options{URL: url, User: "not a user name"}, http.StatusBadRequest, "invalid_user"},
+		{client.Options{URL: url, Token: "not.a.jwt"}, http.StatusUnauthorized, "invalid_token"},
+	} {
+		tc.opts.MinBackoff, tc.opts.MaxBackoff = time.Millisecond, time.Millisecond
+		c, err := client.Dial(tc.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			c.Close()
+			t.Fatalf("%d %s: the client is still retrying", tc.status, tc.code)
+		}
+		var re *client.RefusedError
+		if !errors.As(c.Err(), &re) || re.Status != tc.status || re.Code != tc.code {
+			t.Errorf("Err %v, want a refusal %d %s", c.Err(), tc.status, tc.code)
+		}
+		c.Close()
+	}
+}

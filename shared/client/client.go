@@ -9,7 +9,9 @@
 // backoff with full jitter between attempts (0.5 s doubling to 20 s by
 // default), reset after a stable connection or a planned rotation (idle
 // timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009; a
-// fresh token from GetToken after 4004.
+// fresh token from GetToken after 4004. Unlike a browser, it sees the
+// status of a refused upgrade: it stops after 400 and 403 (and 401 without
+// GetToken), and waits at least the Retry-After of the others.
 package client
 
 import (
@@ -64,7 +66,10 @@ const (
 	DefaultMaxBackoff  = 20 * time.Second
 	DefaultStableAfter = 10 * time.Second
 	DefaultReadTimeout = 60 * time.Second
-	writeTimeout       = 10 * time.Second
+	// DefaultHandshakeTimeout bounds an upgrade when Options.Dialer has no
+	// HandshakeTimeout of its own (websocket.DefaultDialer's is the same).
+	DefaultHandshakeTimeout = 45 * time.Second
+	writeTimeout            = 10 * time.Second
 )
 
 // Options configure Dial. Only URL is required.
@@ -101,7 +106,8 @@ type Options struct {
 	// keep this above twice that. Zero means 60 s; negative, no limit.
 	ReadTimeout time.Duration
 
-	// Dialer dials the socket; nil means websocket.DefaultDialer.
+	// Dialer dials the socket; nil means websocket.DefaultDialer. A zero
+	// HandshakeTimeout means DefaultHandshakeTimeout here, not no limit.
 	Dialer *websocket.Dialer
 	// Header is sent with every upgrade request (e.g. Origin).
 	Header http.Header
@@ -151,15 +157,69 @@ type ServerError struct {
 
 func (e *ServerError) Error() string { return e.Code + ": " + e.Message }
 
-// RefusedError is an upgrade the server refused with an HTTP status: 401
-// (token missing, invalid or expired) and 403 (origin not allowed) end a
-// client that has no GetToken for good; others are retried.
+// RefusedError is an upgrade the server refused with an HTTP status. 400
+// (a request the server will never take: a bad User, say) and 403 (origin
+// not allowed) end the client for good, and so does 401 (token missing,
+// invalid or expired) for a client without GetToken; others are retried,
+// no sooner than the response's Retry-After.
 type RefusedError struct {
 	Status int
+	// Code and Message are the egress's error body ({"error":{"code",
+	// "message"}}, docs/protocol.md); empty when the refusal came from
+	// something else, a gateway for instance.
+	Code, Message string
+	// RetryAfter is the response's Retry-After (at most MaxRetryAfter), or 0.
+	RetryAfter time.Duration
 }
 
 func (e *RefusedError) Error() string {
-	return "client: upgrade refused: " + strconv.Itoa(e.Status) + " " + http.StatusText(e.Status)
+	s := "client: upgrade refused: " + strconv.Itoa(e.Status) + " " + http.StatusText(e.Status)
+	if e.Code != "" {
+		s += ": " + e.Code + ": " + e.Message
+	}
+	return s
+}
+
+// MaxRetryAfter bounds the wait a refusal's Retry-After can ask for, so
+// that a wrong header cannot park a client for hours.
+const MaxRetryAfter = 5 * time.Minute
+
+// refused reads a refused upgrade's response: status, error body and
+// Retry-After (delay-seconds or an HTTP date, RFC 9110 §10.2.3).
+func refused(resp *http.Response) *RefusedError {
+	e := &RefusedError{Status: resp.StatusCode}
+	var body struct {
+		Error struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	// gorilla leaves at most 1 KiB of the body in resp.Body.
+	if resp.Body != nil && json.NewDecoder(resp.Body).Decode(&body) == nil {
+		e.Code, e.Message = body.Error.Code, body.Error.Message
+	}
+	if v := resp.Header.Get("Retry-After"); v != "" {
+		// ParseUint gives its maximum for too many digits: capped below.
+		if n, err := strconv.ParseUint(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+			e.RetryAfter = time.Duration(min(n, uint64(MaxRetryAfter/time.Second))) * time.Second
+		} else if t, err := http.ParseTime(v); err == nil {
+			e.RetryAfter = min(max(time.Until(t), 0), MaxRetryAfter)
+		}
+	}
+	return e
+}
+
+// finalRefusal reports whether a refused upgrade ends the client: what a
+// retry of the same request cannot change. A 401 can change with a fresh
+// token, when there is a GetToken to ask.
+func finalRefusal(status int, getToken bool) bool {
+	switch status {
+	case http.StatusBadRequest, http.StatusForbidden:
+		return true
+	case http.StatusUnauthorized:
+		return !getToken
+	}
+	return false
 }
 
 // CloseError is the close that ended the client for good.
@@ -294,6 +354,14 @@ func Dial(opts Options) (*Client, error) {
 	}
 	if opts.Dialer == nil {
 		opts.Dialer = websocket.DefaultDialer
+	} else if opts.Dialer.HandshakeTimeout <= 0 {
+		// A Dialer's zero HandshakeTimeout is no limit: an upgrade that
+		// a half-open path or a stuck proxy never answers would hold the
+		// client for good, with no reconnect. Bound it as gorilla's
+		// DefaultDialer does; the caller's Dialer is not changed.
+		d := *opts.Dialer
+		d.HandshakeTimeout = DefaultHandshakeTimeout
+		opts.Dialer = &d
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Client{
@@ -516,9 +584,8 @@ func (c *Client) run() {
 		if c.ctx.Err() != nil {
 			continue
 		}
-		if !retryable(code) || ((code == http.StatusUnauthorized || code == http.StatusForbidden) && c.opts.GetToken == nil) {
-			// A refusal that a retry with the same credentials and
-			// origin cannot change (401 with a fixed token, 403): the
+		if !retryable(code) || finalRefusal(code, c.opts.GetToken != nil) {
+			// A close or refusal that a retry cannot change: the
 			// application learns it from Done and Err.
 			c.setState(StateClosed, err)
 			return
@@ -530,7 +597,16 @@ func (c *Client) run() {
 			attempt = 0
 		}
 		c.setState(StateDisconnected, err)
-		if !c.sleep(c.backoff(attempt)) {
+		delay := c.backoff(attempt)
+		var re *RefusedError
+		if errors.As(err, &re) && re.RetryAfter > delay {
+			// The server asked for a pause (503 while draining or full):
+			// honour it, spread over half as long again, so that the
+			// clients a draining instance turned away do not all come
+			// back in the same instant.
+			delay = re.RetryAfter + rand.N(re.RetryAfter/2+1)
+		}
+		if !c.sleep(delay) {
 			continue
 		}
 		attempt++
@@ -598,8 +674,8 @@ func (c *Client) dialURL() string {
 
 // connect runs one connection to its end. code is the close code (1006
 // for a lost connection or a failed dial; an HTTP status for a refused
-// upgrade: 401 asks for a fresh token, other 4xx are retried too since the
-// cause may be temporary).
+// upgrade, with a *RefusedError: see finalRefusal for which end the
+// client).
 func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	d := c.opts.Dialer
 	if token != "" {
@@ -610,7 +686,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	ws, resp, err := d.DialContext(c.ctx, c.dialURL(), c.opts.Header)
 	if err != nil {
 		if resp != nil {
-			return resp.StatusCode, false, &RefusedError{Status: resp.StatusCode}
+			return resp.StatusCode, false, refused(resp)
 		}
 		return 1006, false, fmt.Errorf("client: dial: %w", err)
 	}

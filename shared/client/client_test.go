@@ -228,21 +228,35 @@ func TestSilentConnection(t *testing.T) {
 	}
 }
 
-// TestFinalRefusals: without GetToken, a 401 at the upgrade (the fixed
-// token is bad) and a 403 (origin not allowed) end the client, with the
-// refusal as its Err, instead of being retried for ever; other statuses
-// are retried.
+// TestFinalRefusals: a refusal a retry cannot change ends the client,
+// with the refusal (and the egress's error code) as its Err, instead of
+// being retried for ever: 400 (the request is wrong) and 403 (origin not
+// allowed) always, 401 (the token is bad) without GetToken. Other
+// statuses, and a 401 with GetToken to ask for a fresh token, are retried.
 func TestFinalRefusals(t *testing.T) {
 	for _, tc := range []struct {
-		status int
-		final  bool
-	}{{401, true}, {403, true}, {503, false}} {
+		status   int
+		getToken bool
+		final    bool
+	}{
+		{400, false, true}, {400, true, true},
+		{401, false, true}, {401, true, false},
+		{403, false, true}, {403, true, true},
+		{404, false, false}, {429, false, false}, {503, false, false},
+	} {
 		var n atomic.Int32
 		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			n.Add(1)
+			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(tc.status)
+			fmt.Fprintf(w, `{"error":{"code":"c%d","message":"m"}}`+"\n", tc.status)
 		}))
-		c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "x.y.z", MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+		opts := Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "x.y.z", MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond}
+		if tc.getToken {
+			opts.Token = ""
+			opts.GetToken = func(context.Context) (string, error) { return "x.y.z", nil }
+		}
+		c, err := Dial(opts)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -250,11 +264,11 @@ func TestFinalRefusals(t *testing.T) {
 			select {
 			case <-c.Done():
 			case <-time.After(5 * time.Second):
-				t.Fatalf("%d: still retrying after %d refusals", tc.status, n.Load())
+				t.Fatalf("%d (GetToken %v): still retrying after %d refusals", tc.status, tc.getToken, n.Load())
 			}
 			var re *RefusedError
-			if !errors.As(c.Err(), &re) || re.Status != tc.status || n.Load() != 1 {
-				t.Errorf("%d: Err %v after %d dials", tc.status, c.Err(), n.Load())
+			if !errors.As(c.Err(), &re) || re.Status != tc.status || re.Code != fmt.Sprint("c", tc.status) || re.Message != "m" || n.Load() != 1 {
+				t.Errorf("%d: Err %v (%+v) after %d dials", tc.status, c.Err(), re, n.Load())
 			}
 		} else {
 			testkit.Eventually(t, 5*time.Second, func() error {
@@ -438,5 +452,98 @@ func TestURLQuery(t *testing.T) {
 				t.Error("no upgrade")
 			}
 		})
+	}
+}
+
+// TestRetryAfter: a refusal's Retry-After (503 while draining or full) is
+// the least the client waits before the next dial, however short its
+// backoff; a refusal without one waits the backoff only.
+func TestRetryAfter(t *testing.T) {
+	var mu sync.Mutex
+	var dials []time.Time
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		dials = append(dials, time.Now())
+		first := len(dials) == 1
+		mu.Unlock()
+		if first {
+			w.Header().Set("Retry-After", "1")
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	defer srv.Close()
+	c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(dials) < 3 {
+			return fmt.Errorf("%d dials", len(dials))
+		}
+		return nil
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if gap := dials[1].Sub(dials[0]); gap < time.Second {
+		t.Errorf("dialled again %v after a Retry-After of 1 s", gap)
+	}
+}
+
+// TestRefusedParsesRetryAfter: delay-seconds and HTTP dates, capped at
+// MaxRetryAfter; anything else is no Retry-After.
+func TestRefusedParsesRetryAfter(t *testing.T) {
+	for v, want := range map[string]time.Duration{
+		"":                        0,
+		"0":                       0,
+		"3":                       3 * time.Second,
+		"86400":                   MaxRetryAfter,
+		"99999999999999999999999": MaxRetryAfter,
+		"-1":                      0,
+		"1.5":                     0,
+		"soon":                    0,
+		time.Now().Add(-time.Hour).UTC().Format(http.TimeFormat): 0,
+		time.Now().Add(time.Hour).UTC().Format(http.TimeFormat):  MaxRetryAfter,
+	} {
+		resp := &http.Response{StatusCode: 503, Header: http.Header{}}
+		if v != "" {
+			resp.Header.Set("Retry-After", v)
+		}
+		if got := refused(resp).RetryAfter; got != want {
+			t.Errorf("Retry-After %q: %v, want %v", v, got, want)
+		}
+	}
+	resp := &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {time.Now().Add(time.Minute).UTC().Format(http.TimeFormat)}}}
+	if got := refused(resp).RetryAfter; got < 58*time.Second || got > time.Minute {
+		t.Errorf("Retry-After a minute from now: %v", got)
+	}
+}
+
+// TestHandshakeTimeoutBounded: a Dialer without a HandshakeTimeout (no
+// limit, for gorilla) gets DefaultHandshakeTimeout, on a copy: an upgrade
+// nobody answers must not hold the client for good.
+func TestHandshakeTimeoutBounded(t *testing.T) {
+	d := &websocket.Dialer{}
+	c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", Dialer: d, MinBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := c.opts.Dialer.HandshakeTimeout; got != DefaultHandshakeTimeout {
+		t.Errorf("HandshakeTimeout %v, want %v", got, DefaultHandshakeTimeout)
+	}
+	if d.HandshakeTimeout != 0 {
+		t.Errorf("the caller's Dialer was changed")
+	}
+	own := &websocket.Dialer{HandshakeTimeout: time.Second}
+	c2, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", Dialer: own, MinBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if c2.opts.Dialer != own {
+		t.Errorf("a Dialer with its own HandshakeTimeout was replaced")
 	}
 }
