@@ -193,6 +193,20 @@ const clientJSCases = `(async () => {
       ? "ok" : sockets.length + " sockets, the last opened after close(); state " + c.state;
   }
 
+  // subscribe() on a closed client throws, whether close() or the
+  // server (a final 4003) closed it: the subscription could never start.
+  {
+    const wrong = [];
+    const [c] = await welcomed();
+    c.close();
+    try { c.subscribe("a"); wrong.push("subscribe after close() accepted"); } catch (e) { if (!e.message.includes("closed")) wrong.push("after close(): " + e); }
+    const [c2, ws2] = await welcomed();
+    ws2.shut(4003);
+    await settle();
+    try { c2.subscribe("a"); wrong.push("subscribe after 4003 accepted (state " + c2.state + ")"); } catch (e) { if (!e.message.includes("closed")) wrong.push("after 4003: " + e); }
+    results.subscribeAfterClose = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // close() while getToken() is pending, which then fails: the client
   // stays closed (it does not go back to "disconnected" and schedule a
   // reconnect).
@@ -276,7 +290,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "closeDuringGetToken", "urlQuery"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

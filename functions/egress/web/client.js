@@ -148,6 +148,9 @@ export class WsRelay {
     if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
     if (handlers.after != null && !isId(handlers.after)) throw new TypeError(`after is not a message id (a string such as "1700000000000-0"): ${handlers.after}`);
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
+    // As Go's ErrClosed: a closed client (close(), or a final close by the
+    // server) never connects again, so the subscription would never start.
+    if (this.state === "closed") throw new Error(`client is closed: cannot subscribe to ${channel}`);
     const sub = {
       channel,
       ref: ++this.nextRef,
