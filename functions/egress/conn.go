@@ -51,8 +51,8 @@ type conn struct {
 	lastData  atomic.Int64 // unix nanos of the last data frame either way
 	lastPing  atomic.Int64
 	lastRead  atomic.Int64 // unix nanos of the last frame of any kind from the client
-	framesIn  atomic.Int64
-	framesOut atomic.Int64
+	framesIn  atomic.Int64 // data frames from the client, however many requests each holds (log line)
+	framesOut atomic.Int64 // data frames to the client, welcome included (log line)
 
 	// regMu orders this connection's registry writes: a change of its
 	// channels (the record updated and written under it) and the

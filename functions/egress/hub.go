@@ -93,6 +93,10 @@ type hub struct {
 	// readFail logs the failing stream reads and subscribes of the read
 	// path once per outage, not once per retry.
 	readFail *logging.Episode
+	// stalling counts the goroutines of stall still retrying: when the
+	// last of them gives up (its channel dropped), readFail is ended as
+	// given up, since no read is left whose success would end it.
+	stalling atomic.Int64
 	// badNotify logs the notifications this egress cannot parse.
 	badNotify *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
@@ -145,7 +149,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		recovered: make(chan recovery),
 	}
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
-		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again"}
+		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again, or are given up because nobody here listens to those channels any more",
+		Gone: "redis reads abandoned"}
 	h.badNotify = &logging.Episode{Log: log, Msg: "unreadable notifications", Back: "notifications readable again",
 		Then: "each is taken as news that its channel's stream grew, which is read from Redis at once (another release's notification format during a rolling upgrade, or something else published on the channel); logged again every 30s while it lasts"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
@@ -317,14 +322,15 @@ func (h *hub) lastID(ctx context.Context, cs *chanState) (stream.ID, error) {
 // overwritten with another type) holds up only its own channel. Its
 // messages wait in the stream. The retries end with ctx, or when
 // sweepIdle drops cs (nobody here listens to it any more): a stream that
-// stays unreadable is not read for the rest of the instance's life. A
-// channel subscribed again later is a new cs, read afresh; what the
-// goroutine of the old one still reports is ignored (onRecovered).
-// Receive loop only.
+// stays unreadable is not read for the rest of the instance's life; when
+// no other read is retried then, the outage's episode ends as given up
+// (readFail.Abandon), since no success is left to end it. A channel
+// subscribed again later is a new cs, read afresh; what the goroutine of
+// the old one still reports is ignored (onRecovered). Receive loop only.
 func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) {
 	position := !cs.confirmed
 	cs.stalled = true
-	ctx, cancel := context.WithCancel(ctx)
+	sctx, cancel := context.WithCancel(ctx)
 	h.mu.Lock()
 	live := h.chans[cs.notify] == cs
 	if live {
@@ -335,34 +341,48 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 		cancel() // dropped meanwhile: nobody here reads it
 		return
 	}
+	h.stalling.Add(1)
 	h.stalls.Go(func() {
 		defer cancel()
 		r := recovery{cs: cs}
 		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 			h.readFail.Fail(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
 			select {
-			case <-ctx.Done():
+			case <-sctx.Done():
+				h.giveUp(ctx)
 				return
 			case <-time.After(wait):
 			}
 			if position {
-				r.position, err = h.lastID(ctx, cs)
+				r.position, err = h.lastID(sctx, cs)
 			} else {
-				err = h.readUpTo(ctx, cs, stream.Max)
+				err = h.readUpTo(sctx, cs, stream.Max)
 			}
 			if err == nil {
 				break
 			}
-			if ctx.Err() != nil {
-				return // ended while reading: not a failure of the read path
+			if sctx.Err() != nil {
+				h.giveUp(ctx) // ended while reading: not a failure of the read path
+				return
 			}
 		}
+		h.stalling.Add(-1)
 		h.readFail.OK()
 		select {
 		case h.recovered <- r:
-		case <-ctx.Done():
+		case <-sctx.Done():
 		}
 	})
+}
+
+// giveUp ends a goroutine of stall that stopped retrying its channel's
+// read before it succeeded: sweepIdle dropped the channel, or the hub is
+// stopping (ctx done). When it was the last read retried, the read path's
+// episode ends here: no success is left to end it.
+func (h *hub) giveUp(ctx context.Context) {
+	if h.stalling.Add(-1) == 0 && ctx.Err() == nil {
+		h.readFail.Abandon("then", "the channels whose reads failed have no subscriber here any more; each is read afresh if subscribed again")
+	}
 }
 
 // onRecovered takes back a channel whose stalled read succeeded, and

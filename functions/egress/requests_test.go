@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -189,6 +191,69 @@ func TestRequestsPerFrame(t *testing.T) {
 			want = append(want, fmt.Sprintf("pong %d", i))
 		}
 		sendRaw(t, ws, strings.Join(frame, "\n"))
+		wantReplies(t, ws, want...)
+	})
+}
+
+// TestEveryReplyEchoesRef: the reply to each request with a valid ref
+// (a string or a number) echoes it, whatever the reply is, in a frame of
+// its own or among others; among them the not_subscribed answering an
+// unsubscribe from a channel whose subscribe was refused, and the errors
+// of a request refused for a field of the wrong type or an unknown type.
+func TestEveryReplyEchoesRef(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret, "MAX_SUBSCRIPTIONS": "2"})
+	var reqs, want []string
+	for i, tc := range []struct {
+		req  string // without its ref: `,"ref":…}` is appended
+		want string // "type" or "error code"
+	}{
+		{`{"type":"subscribe","channel":"b"`, "error forbidden"},
+		{`{"type":"unsubscribe","channel":"b"`, "error not_subscribed"},
+		{`{"type":"subscribe","channel":"bad name"`, "error invalid_channel"},
+		{`{"type":"unsubscribe","channel":"bad name"`, "error invalid_channel"},
+		{`{"type":"subscribe","channel":"a1","after":"x"`, "error invalid_after"},
+		{`{"type":"unsubscribe","channel":"a1"`, "error not_subscribed"},
+		{`{"type":"subscribe","channel":"a1"`, "subscribed"},
+		{`{"type":"subscribe","channel":"a1"`, "error already_subscribed"},
+		{`{"type":"subscribe","channel":"a2","after":"0-0"`, "subscribed"},
+		{`{"type":"subscribe","channel":"a3"`, "error too_many_subscriptions"},
+		{`{"type":"unsubscribe","channel":"a3"`, "error not_subscribed"},
+		{`{"type":"unsubscribe","channel":"a1"`, "unsubscribed"},
+		{`{"type":"unsubscribe","channel":"a1"`, "error not_subscribed"},
+		{`{"type":"subscribe","channel":7`, "error invalid_frame"},
+		{`{"channel":"a1"`, "error invalid_frame"},
+		{`{"type":"dance"`, "error unknown_type"},
+		{`{"type":"ping"`, "pong"},
+		{`{"type":"refresh","token":"a.b.c"`, "error invalid_token"},
+		{`{"type":"refresh","token":"` + token(t, auth.Claims{Subject: "bob"}) + `"`, "error forbidden"},
+		{`{"type":"refresh","token":"` + token(t, auth.Claims{Subject: "alice", Channels: []string{"a*"}}) + `"`, "refreshed"},
+	} {
+		ref := strconv.Itoa(100 + i) // numbers and strings in turn
+		if i%2 == 1 {
+			ref = `"r-` + ref + `"`
+		}
+		reqs = append(reqs, tc.req+`,"ref":`+ref+`}`)
+		want = append(want, tc.want+" "+ref)
+	}
+	dial := func(t *testing.T) *websocket.Conn {
+		ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a*"}})}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+		return ws
+	}
+	t.Run("a frame each", func(t *testing.T) {
+		ws := dial(t)
+		for i := range reqs {
+			sendRaw(t, ws, reqs[i])
+			wantReplies(t, ws, want[i])
+		}
+	})
+	t.Run("one frame", func(t *testing.T) {
+		ws := dial(t)
+		sendRaw(t, ws, strings.Join(reqs, "\n"))
 		wantReplies(t, ws, want...)
 	})
 }

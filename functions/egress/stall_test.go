@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -408,5 +409,58 @@ func TestStalledChannelComesBack(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestAbandonedStallEndsItsEpisode: the failing reads of a channel whose
+// last local subscriber left are logged as an episode (redis read path
+// failing). When the channel is dropped and its retries given up, the
+// episode ends at once with a line saying so (not "redis reads back":
+// they never came back), and the next failure of the read path, of
+// another channel, is logged as a new episode, not counted silently in
+// the old one.
+func TestAbandonedStallEndsItsEpisode(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"position", "catch-up"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			logs := &testkit.SyncBuffer{}
+			e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+			h := e.s.hub
+			episode := func() []string {
+				var lines []string
+				for _, r := range logs.JSONLines(t) {
+					switch r["msg"] {
+					case "redis read path failing", "redis reads back", "redis reads abandoned":
+						line := fmt.Sprint(r["msg"])
+						if r["msg"] == "redis read path failing" && r["failures"] != nil {
+							line += " (reminder)"
+						}
+						lines = append(lines, line)
+					}
+				}
+				return lines
+			}
+			wantLines := func(want ...string) {
+				t.Helper()
+				testkit.Eventually(t, 3*time.Second, func() error {
+					if got := episode(); strings.Join(got, "|") != strings.Join(want, "|") {
+						return fmt.Errorf("read path log lines %q, want %q", got, want)
+					}
+					return nil
+				})
+			}
+			stallAndLeave(t, e, rdb, ks, "a", how)
+			wantLines("redis read path failing")
+			dropStalled(t, h, ks, "a")
+			wantLines("redis read path failing", "redis reads abandoned")
+
+			// Another channel's read fails: a new episode.
+			subscribedTo(t, e, "b")
+			stallOn(t, rdb, ks, "b")
+			wantLines("redis read path failing", "redis reads abandoned", "redis read path failing")
+		})
 	}
 }

@@ -33,6 +33,9 @@ type Episode struct {
 	Msg  string // the warning, while it lasts
 	Then string // what happens meanwhile, for the operator
 	Back string // the line that ends it
+	// Gone is the line that ends it when what kept failing is given up
+	// rather than recovered (Abandon); "" means Msg + " (given up)".
+	Gone string
 
 	Reminder, Quiet time.Duration
 
@@ -100,6 +103,31 @@ func (e *Episode) end(last int64) {
 	e.active.Store(false)
 	lasted := time.Unix(0, last).Sub(e.since) // first failure to last
 	e.Log.Info(e.Back, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())
+}
+
+// Abandon ends the episode under way at once, with one line at info
+// level (Gone, with the failures and how long it lasted; attrs say what
+// was given up), when what kept failing is no longer tried: nothing is
+// left to succeed, and without it the episode would stay open, its end
+// logged as Back by whatever success came next, and a later failure
+// counted in it instead of beginning an episode of its own. Nothing is
+// logged when no episode is under way.
+func (e *Episode) Abandon(attrs ...any) {
+	if !e.active.Load() {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.active.Load() {
+		return
+	}
+	e.active.Store(false)
+	msg := e.Gone
+	if msg == "" {
+		msg = e.Msg + " (given up)"
+	}
+	lasted := time.Unix(0, e.lastFail.Load()).Sub(e.since) // first failure to last
+	e.Log.Info(msg, append(attrs, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())...)
 }
 
 func or(d, def time.Duration) time.Duration {

@@ -48,3 +48,32 @@ func TestEpisode(t *testing.T) {
 		t.Fatalf("a new episode: %v", recs)
 	}
 }
+
+// TestEpisodeAbandon: an episode whose failing work is given up ends at
+// once with its Gone line, however recent its last failure; a pending
+// end does not log a second line, and the next failure begins a new
+// episode. With none under way, Abandon logs nothing.
+func TestEpisodeAbandon(t *testing.T) {
+	t.Parallel()
+	var buf testkit.SyncBuffer
+	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
+	e.Abandon()
+	boom := errors.New("WRONGTYPE")
+	e.Fail(boom)
+	e.Fail(boom)
+	e.OK() // an end scheduled Quiet after the last failure
+	e.Abandon("then", "nobody listens")
+	recs := buf.JSONLines(t)
+	if len(recs) != 2 || recs[1]["msg"] != "reads abandoned" || recs[1]["level"] != "INFO" || recs[1]["failures"] != float64(2) || recs[1]["then"] != "nobody listens" {
+		t.Fatalf("%v, want the warning and one abandoned line counting 2 failures", recs)
+	}
+	time.Sleep(200 * time.Millisecond)
+	e.Fail(boom)
+	if recs := buf.JSONLines(t); len(recs) != 3 || recs[2]["msg"] != "reads failing" || recs[2]["failures"] != nil {
+		t.Fatalf("%v, want no end line and a new episode", recs)
+	}
+}
