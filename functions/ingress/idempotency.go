@@ -41,7 +41,11 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		writeJSON(c, status, resp)
 		return
 	}
-	if len(key) != 1 || len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
+	if len(key) != 1 {
+		s.writeError(c, errf(400, "invalid_idempotency_key", "Idempotency-Key must be sent once, not "+strconv.Itoa(len(key))+" times"))
+		return
+	}
+	if len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
 		s.writeError(c, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
 		return
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -56,6 +57,20 @@ func TestIdempotentPublish(t *testing.T) {
 
 	for _, key := range []string{"", strings.Repeat("k", 256), "tab\there", "ünï"} {
 		expectError(t, e.do("POST", "/v1/channels/i/messages", body, "Idempotency-Key", key), 400, "invalid_idempotency_key")
+	}
+	// Sent twice, even with the same value: refused, and the message says
+	// why (not that the key is malformed).
+	req := httptest.NewRequest("POST", "/v1/channels/i/messages", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header["Idempotency-Key"] = []string{"twice", "twice"}
+	w := httptest.NewRecorder()
+	e.srv.ServeHTTP(w, req)
+	expectError(t, w, 400, "invalid_idempotency_key")
+	if !strings.Contains(w.Body.String(), "once") {
+		t.Errorf("a repeated Idempotency-Key: %s", w.Body.String())
+	}
+	if n := e.xlen("i"); n != 4 {
+		t.Fatalf("XLEN = %d, want 4: a refused request wrote", n)
 	}
 }
 
