@@ -7,16 +7,19 @@ import (
 )
 
 // tcpProxy forwards TCP connections to a target and can cut or stall them
-// on command: the fault tests put it between the functions and Redis.
+// on command: the fault tests put it between the functions and Redis,
+// the publisher's between it and the ingress (DropReplies).
 type tcpProxy struct {
 	ln     net.Listener
 	target string
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	refuse bool
-	stall  chan struct{} // non-nil while stalled: closed by Unstall
-	wg     sync.WaitGroup
+	mu          sync.Mutex
+	conns       map[net.Conn]struct{}
+	refuse      bool
+	stall       chan struct{} // non-nil while stalled: closed by Unstall
+	dropReplies int           // connections still to have their reply dropped
+	dropped     int           // replies dropped
+	wg          sync.WaitGroup
 }
 
 func newProxy(t testing.TB, target string) *tcpProxy {
@@ -56,9 +59,17 @@ func (p *tcpProxy) accept() {
 		}
 		p.conns[c] = struct{}{}
 		p.conns[up] = struct{}{}
+		drop := p.dropReplies > 0
+		if drop {
+			p.dropReplies--
+		}
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go p.pipe(c, up)
+		if drop {
+			go p.dropReply(c, up)
+		} else {
+			go p.pipe(c, up)
+		}
 		go p.pipe(up, c)
 	}
 }
@@ -89,6 +100,40 @@ func (p *tcpProxy) pipe(dst, src net.Conn) {
 	delete(p.conns, dst)
 	delete(p.conns, src)
 	p.mu.Unlock()
+}
+
+// dropReply waits for the target's first reply bytes on up and, instead
+// of forwarding them, closes the client's connection c: the request was
+// served, and the client never learns how.
+func (p *tcpProxy) dropReply(c, up net.Conn) {
+	defer p.wg.Done()
+	buf := make([]byte, 32*1024)
+	n, _ := up.Read(buf)
+	c.Close()
+	up.Close()
+	p.mu.Lock()
+	if n > 0 {
+		p.dropped++
+	}
+	delete(p.conns, c)
+	delete(p.conns, up)
+	p.mu.Unlock()
+}
+
+// DropReplies makes the next n connections forward what the client sends
+// but drop the target's reply, closing the client's side when it comes
+// (a reply lost on the way back).
+func (p *tcpProxy) DropReplies(n int) {
+	p.mu.Lock()
+	p.dropReplies = n
+	p.mu.Unlock()
+}
+
+// Dropped is how many replies DropReplies has dropped.
+func (p *tcpProxy) Dropped() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.dropped
 }
 
 // Cut closes every open connection and refuses new ones until Heal.

@@ -1,0 +1,285 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	pubpkg "github.com/wsrelay/wsrelay/shared/publisher"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// publisherKeys: a full key, a key scoped to chat:* and an admin-only
+// key (docs/security.md).
+const publisherKeys = "k-full,k-chat=chat:*,k-admin=+admin"
+
+// startIngressWithKeys starts an ingress that needs an API key, on the
+// test's Redis and key prefix.
+func startIngressWithKeys(t *testing.T, redisURL, prefix string) *proc {
+	t.Helper()
+	return start(t, "ingress", env{
+		"REDIS_URL":        redisURL,
+		"REDIS_KEY_PREFIX": prefix,
+		"API_KEYS":         publisherKeys,
+	})
+}
+
+// newPublisher is a publisher of url with token and short backoffs; its
+// idle connections are closed at cleanup (goleak).
+func newPublisher(t *testing.T, url, token string) *pubpkg.Client {
+	t.Helper()
+	p, err := pubpkg.New(pubpkg.Options{URL: url, Token: token, MinBackoff: 10 * time.Millisecond, MaxBackoff: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.CloseIdleConnections)
+	return p
+}
+
+// history reads all of channel's retained messages, paging from the
+// oldest.
+func history(t *testing.T, p *pubpkg.Client, ch string) []pubpkg.HistoryMessage {
+	t.Helper()
+	var all []pubpkg.HistoryMessage
+	after := "0"
+	for {
+		page, err := p.History(context.Background(), ch, after, 1000)
+		if err != nil {
+			t.Fatalf("history of %s: %v", ch, err)
+		}
+		if len(page.Messages) == 0 {
+			return all
+		}
+		all = append(all, page.Messages...)
+		after = page.Next
+	}
+}
+
+// TestPublisherRoundTrip: the publisher's calls against the real
+// functions: publish, batch, history (paged), sends to a user and to a
+// connection, disconnect.
+func TestPublisherRoundTrip(t *testing.T) {
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	redisURL, prefix := redistest.URL(t), redistest.Prefix(t)
+	ing := startIngressWithKeys(t, redisURL, prefix)
+	eg := start(t, "egress", env{
+		"REDIS_URL":        redisURL,
+		"REDIS_KEY_PREFIX": prefix,
+		"ALLOW_ANONYMOUS":  "true",
+	})
+	pub := newPublisher(t, ing.URL, "k-full")
+	ctx := context.Background()
+
+	first, err := pub.Publish(ctx, "room", pubpkg.Message{Data: map[string]string{"text": "hello <b>"}, Event: "chat", From: "alice"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Channel != "room" || first.ID == "" || first.Replayed {
+		t.Fatalf("publish: %+v", first)
+	}
+	batch, err := pub.PublishBatch(ctx, []pubpkg.Item{
+		{Channel: "room", Message: pubpkg.Message{Data: 1}},
+		{Channel: "other", Message: pubpkg.Message{Data: json.RawMessage(`{"x": [1, 2]}`), Event: "tick"}},
+		{Channel: "room", Message: pubpkg.Message{Data: 2}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(batch) != 3 || batch[1].Channel != "other" || batch[2].Channel != "room" {
+		t.Fatalf("batch: %+v", batch)
+	}
+
+	// The newest, without after: no recovered.
+	latest, err := pub.History(ctx, "room", "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if latest.Recovered != nil || len(latest.Messages) != 3 || latest.Next != batch[2].ID {
+		t.Fatalf("latest history: %+v", latest)
+	}
+	m := latest.Messages[0]
+	if m.ID != first.ID || m.Channel != "room" || m.Event != "chat" || m.From != "alice" || m.TS == 0 ||
+		string(m.Data) != `{"text":"hello <b>"}` {
+		t.Fatalf("first message: %+v (data %s)", m, m.Data)
+	}
+	// Paged from the oldest, two at a time.
+	page, err := pub.History(ctx, "room", "0", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if page.Recovered == nil || !*page.Recovered || len(page.Messages) != 2 || page.Next != batch[0].ID {
+		t.Fatalf("first page: %+v", page)
+	}
+	page, err = pub.History(ctx, "room", page.Next, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.Messages) != 1 || page.Messages[0].ID != batch[2].ID || string(page.Messages[0].Data) != "2" {
+		t.Fatalf("second page: %+v", page)
+	}
+	if other := history(t, pub, "other"); len(other) != 1 || other[0].ID != batch[1].ID || string(other[0].Data) != `{"x":[1,2]}` {
+		t.Fatalf("history of other: %+v", other)
+	}
+
+	// Targeted sends reach a live connection.
+	ws := dial(t, eg.wsURL("user=ada"))
+	testkit.Eventually(t, 10*time.Second, func() error { // until the egress has registered it
+		n, err := pub.SendToUser(ctx, "ada", pubpkg.Message{Data: "to ada"})
+		if err != nil || n != 1 {
+			return fmt.Errorf("send to ada: %d connections, %v", n, err)
+		}
+		return nil
+	})
+	ws.waitFrame(func(f frame) bool { return f.Target == "user" && string(f.Data) == `"to ada"` })
+	res, err := pub.SendToConnection(ctx, ws.welcome.ConnectionID, pubpkg.Message{Data: "to you", Event: "direct"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Connection != ws.welcome.ConnectionID || res.ID == "" {
+		t.Fatalf("send to connection: %+v", res)
+	}
+	ws.waitFrame(func(f frame) bool { return f.Target == "connection" && f.ID == res.ID && f.Event == "direct" })
+	if n, err := pub.SendToUser(ctx, "nobody", pubpkg.Message{Data: 1}); err != nil || n != 0 {
+		t.Fatalf("send to nobody: %d, %v", n, err)
+	}
+
+	if err := pub.Disconnect(ctx, ws.welcome.ConnectionID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ws.closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("not disconnected")
+	}
+	ws.mu.Lock()
+	code := ws.closeCode
+	ws.mu.Unlock()
+	if code != 4003 {
+		t.Fatalf("closed with %d, want 4003", code)
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		var e *pubpkg.Error
+		if err := pub.Disconnect(ctx, ws.welcome.ConnectionID); !errors.As(err, &e) || e.Code != "connection_not_found" {
+			return fmt.Errorf("disconnect of a closed connection: %v", err)
+		}
+		return nil
+	})
+}
+
+// TestPublisherExactlyOnceAcrossLostReply: the ingress serves a publish
+// but its reply is lost on the way back (a proxy closes the publisher's
+// connection instead of forwarding it). The publisher sees a transport
+// error and retries with the same Idempotency-Key: the ingress answers
+// with the first attempt's reply and writes nothing again, so history
+// holds the message once, with the id the publisher got.
+func TestPublisherExactlyOnceAcrossLostReply(t *testing.T) {
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	ing := startIngressWithKeys(t, redistest.URL(t), redistest.Prefix(t))
+	proxy := newProxy(t, strings.TrimPrefix(ing.URL, "http://"))
+	pub := newPublisher(t, "http://"+proxy.Addr(), "k-full")
+	direct := newPublisher(t, ing.URL, "k-full")
+	ctx := context.Background()
+
+	proxy.DropReplies(1)
+	res, err := pub.Publish(ctx, "orders", pubpkg.Message{Data: map[string]int{"order": 42}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if proxy.Dropped() != 1 {
+		t.Fatalf("%d replies dropped, want 1: the test proves nothing", proxy.Dropped())
+	}
+	got := history(t, direct, "orders")
+	if len(got) != 1 {
+		t.Fatalf("history holds %d messages, want 1: %+v", len(got), got)
+	}
+	if got[0].ID != res.ID || !res.Replayed {
+		t.Fatalf("history has %s, the publisher got %+v (want the same id, replayed)", got[0].ID, res)
+	}
+
+	// A batch over two channels, the same way, on a new connection (the
+	// proxy drops the reply of a connection's first request).
+	pub.CloseIdleConnections()
+	proxy.DropReplies(1)
+	batch, err := pub.PublishBatch(ctx, []pubpkg.Item{
+		{Channel: "orders", Message: pubpkg.Message{Data: 43}},
+		{Channel: "invoices", Message: pubpkg.Message{Data: 1}},
+		{Channel: "orders", Message: pubpkg.Message{Data: 44}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if proxy.Dropped() != 2 {
+		t.Fatalf("%d replies dropped, want 2", proxy.Dropped())
+	}
+	orders, invoices := history(t, direct, "orders"), history(t, direct, "invoices")
+	if len(orders) != 3 || orders[1].ID != batch[0].ID || orders[2].ID != batch[2].ID ||
+		len(invoices) != 1 || invoices[0].ID != batch[1].ID {
+		t.Fatalf("after the batch: orders %+v, invoices %+v; the publisher got %+v", orders, invoices, batch)
+	}
+}
+
+// TestPublisherIngressErrors: the ingress's refusals come back as
+// *pubpkg.Error with its code, after one attempt.
+func TestPublisherIngressErrors(t *testing.T) {
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	ing := startIngressWithKeys(t, redistest.URL(t), redistest.Prefix(t))
+	ctx := context.Background()
+	full := newPublisher(t, ing.URL, "k-full")
+	chat := newPublisher(t, ing.URL, "k-chat")
+	stranger := newPublisher(t, ing.URL, "k-nobody")
+
+	check := func(what string, err error, status int, code string, index *int) {
+		t.Helper()
+		var e *pubpkg.Error
+		if !errors.As(err, &e) {
+			t.Fatalf("%s: error %v, want *pubpkg.Error", what, err)
+		}
+		if e.Status != status || e.Code != code || e.Message == "" || (index == nil) != (e.Index == nil) || index != nil && *index != *e.Index {
+			t.Fatalf("%s: %+v, want %d %s", what, e, status, code)
+		}
+		if strings.Contains(err.Error(), "attempts") {
+			t.Fatalf("%s: retried: %v", what, err)
+		}
+	}
+
+	if _, err := chat.Publish(ctx, "chat:1", pubpkg.Message{Data: 1}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := chat.Publish(ctx, "news", pubpkg.Message{Data: 1})
+	check("scoped key outside its scope", err, 403, "forbidden", nil)
+	one := 1
+	_, err = chat.PublishBatch(ctx, []pubpkg.Item{{Channel: "chat:1", Message: pubpkg.Message{Data: 1}}, {Channel: "news", Message: pubpkg.Message{Data: 2}}})
+	check("batch item outside the scope", err, 403, "forbidden", &one)
+	_, err = chat.SendToUser(ctx, "ada", pubpkg.Message{Data: 1})
+	check("scoped key on an admin route", err, 403, "forbidden", nil)
+	_, err = stranger.Publish(ctx, "chat:1", pubpkg.Message{Data: 1})
+	check("unknown key", err, 401, "unauthorized", nil)
+	err = full.Disconnect(ctx, "no-such-connection")
+	check("disconnect of no connection", err, 404, "connection_not_found", nil)
+
+	// The same key with the same body is the same publish; with another
+	// body, a mistake.
+	a, err := full.Publish(ctx, "chat:2", pubpkg.Message{Data: "a"}, pubpkg.WithIdempotencyKey("order-7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := full.Publish(ctx, "chat:2", pubpkg.Message{Data: "a"}, pubpkg.WithIdempotencyKey("order-7"))
+	if err != nil || again.ID != a.ID || !again.Replayed {
+		t.Fatalf("same key, same body: %+v, %v; first %+v", again, err, a)
+	}
+	_, err = full.Publish(ctx, "chat:2", pubpkg.Message{Data: "b"}, pubpkg.WithIdempotencyKey("order-7"))
+	check("same key, other body", err, 422, "idempotency_key_reused", nil)
+	if got := history(t, full, "chat:2"); len(got) != 1 {
+		t.Fatalf("history holds %d messages, want 1", len(got))
+	}
+}

@@ -1,0 +1,616 @@
+package publisher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// answer is what the stub ingress does with one request.
+type answer struct {
+	status int
+	header map[string]string
+	body   string
+	hangup bool // close the connection without an answer, as a lost reply
+	stall  bool // answer nothing until the client gives up
+}
+
+// seen is a request the stub received.
+type seen struct {
+	method, path, query string // path escaped, as sent
+	header              http.Header
+	body                string
+}
+
+// stub is a stand-in ingress: it answers requests with its answers in
+// order, the last one repeated, and keeps what it received.
+type stub struct {
+	srv *httptest.Server
+
+	mu      sync.Mutex
+	answers []answer
+	reqs    []seen
+	conns   int // connections opened
+}
+
+func newStub(t *testing.T, answers ...answer) *stub {
+	t.Helper()
+	s := &stub{answers: answers}
+	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	s.srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			s.mu.Lock()
+			s.conns++
+			s.mu.Unlock()
+		}
+	}
+	s.srv.Start()
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+func (s *stub) serve(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(r.Body)
+	s.mu.Lock()
+	s.reqs = append(s.reqs, seen{method: r.Method, path: r.URL.EscapedPath(), query: r.URL.RawQuery, header: r.Header.Clone(), body: string(b)})
+	a := answer{status: http.StatusAccepted, body: `{"id":"1-0","channel":"c"}`}
+	if len(s.answers) > 0 {
+		a = s.answers[0]
+		if len(s.answers) > 1 {
+			s.answers = s.answers[1:]
+		}
+	}
+	s.mu.Unlock()
+	switch {
+	case a.hangup:
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+		return
+	case a.stall:
+		select {
+		case <-r.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
+		return
+	}
+	for k, v := range a.header {
+		w.Header().Set(k, v)
+	}
+	if a.body != "" {
+		w.Header().Set("Content-Type", "application/json")
+	}
+	w.WriteHeader(a.status)
+	_, _ = io.WriteString(w, a.body)
+}
+
+func (s *stub) requests() []seen {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]seen(nil), s.reqs...)
+}
+
+func (s *stub) connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conns
+}
+
+// client is a Client of the stub with short backoffs; opts.URL, when
+// set, is a path prefix.
+func (s *stub) client(t *testing.T, opts Options) *Client {
+	t.Helper()
+	opts.URL = s.srv.URL + opts.URL
+	if opts.MinBackoff == 0 {
+		opts.MinBackoff, opts.MaxBackoff = time.Millisecond, 5*time.Millisecond
+	}
+	if opts.HTTPClient == nil {
+		// Its own transport, so that no connection outlives the test.
+		opts.HTTPClient = &http.Client{Transport: &http.Transport{}, Timeout: 5 * time.Second}
+		t.Cleanup(opts.HTTPClient.CloseIdleConnections)
+	}
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func accepted(body string, header ...string) answer {
+	a := answer{status: http.StatusAccepted, body: body, header: map[string]string{}}
+	for i := 0; i+1 < len(header); i += 2 {
+		a.header[header[i]] = header[i+1]
+	}
+	return a
+}
+
+func failure(status int, code string, header ...string) answer {
+	a := answer{status: status, body: `{"error":{"code":"` + code + `","message":"said the stub"}}`, header: map[string]string{}}
+	for i := 0; i+1 < len(header); i += 2 {
+		a.header[header[i]] = header[i+1]
+	}
+	return a
+}
+
+func TestPublishRequest(t *testing.T) {
+	s := newStub(t, accepted(`{"id":"1700000000000-0","channel":"room:1@x"}`))
+	c := s.client(t, Options{Token: "k1"})
+	res, err := c.Publish(context.Background(), "room:1@x", Message{Data: map[string]string{"text": "<b>&"}, Event: "chat", From: "alice"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res != (Result{ID: "1700000000000-0", Channel: "room:1@x"}) {
+		t.Fatalf("result %+v", res)
+	}
+	r := s.requests()[0]
+	if r.method != "POST" || r.path != "/v1/channels/room:1@x/messages" {
+		t.Fatalf("%s %s", r.method, r.path)
+	}
+	if got := r.header.Get("Content-Type"); got != "application/json" {
+		t.Fatalf("Content-Type %q", got)
+	}
+	if got := r.header.Get("Authorization"); got != "Bearer k1" {
+		t.Fatalf("Authorization %q", got)
+	}
+	if k := r.header.Get("Idempotency-Key"); len(k) < 22 || len(k) > MaxIdempotencyKeyLen {
+		t.Fatalf("Idempotency-Key %q", k)
+	}
+	// HTML characters as the caller wrote them: subscribers get the bytes.
+	if want := `{"data":{"text":"<b>&"},"event":"chat","from":"alice"}`; r.body != want {
+		t.Fatalf("body %s, want %s", r.body, want)
+	}
+}
+
+func TestRawMessagePassesThrough(t *testing.T) {
+	s := newStub(t)
+	c := s.client(t, Options{})
+	if _, err := c.Publish(context.Background(), "c", Message{Data: json.RawMessage(`{ "x" : [1, 2], "h": "<>" }`)}); err != nil {
+		t.Fatal(err)
+	}
+	r := s.requests()[0]
+	if want := `{"data":{"x":[1,2],"h":"<>"}}`; r.body != want {
+		t.Fatalf("body %s, want %s", r.body, want)
+	}
+	if r.header.Get("Authorization") != "" {
+		t.Fatalf("Authorization %q without a Token", r.header.Get("Authorization"))
+	}
+}
+
+// TestRetriesWithTheSameKey: each retryable failure is retried with the
+// Idempotency-Key and the body of the first attempt; the next call has
+// a key of its own.
+func TestRetriesWithTheSameKey(t *testing.T) {
+	ok := accepted(`{"id":"5-0","channel":"c"}`, "Idempotent-Replayed", "true")
+	gateway := answer{status: http.StatusBadGateway, body: "<html><body>502 Bad Gateway</body></html>"}
+	for _, tc := range []struct {
+		name string
+		fail answer
+		opts Options
+	}{
+		{"503", failure(503, "unavailable", "Retry-After", "0"), Options{}},
+		{"503 without Retry-After", failure(503, "unavailable"), Options{}},
+		{"502 from a gateway", gateway, Options{}},
+		{"504 from a gateway", answer{status: http.StatusGatewayTimeout, body: "upstream timed out"}, Options{}},
+		{"429 with Retry-After", failure(429, "rate_limited", "Retry-After", "0"), Options{}},
+		{"409 in progress", failure(409, "idempotency_in_progress", "Retry-After", "0"), Options{}},
+		{"connection closed before the reply", answer{hangup: true}, Options{}},
+		{"timeout", answer{stall: true}, Options{HTTPClient: &http.Client{Transport: &http.Transport{}, Timeout: 100 * time.Millisecond}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStub(t, tc.fail, tc.fail, ok)
+			if tc.opts.HTTPClient != nil {
+				t.Cleanup(tc.opts.HTTPClient.CloseIdleConnections)
+			}
+			c := s.client(t, tc.opts)
+			res, err := c.Publish(context.Background(), "c", Message{Data: 1, Event: "e"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.ID != "5-0" || !res.Replayed {
+				t.Fatalf("result %+v, want 5-0, replayed", res)
+			}
+			reqs := s.requests()
+			if len(reqs) != 3 {
+				t.Fatalf("%d requests, want 3", len(reqs))
+			}
+			key := reqs[0].header.Get("Idempotency-Key")
+			for i, r := range reqs {
+				if k := r.header.Get("Idempotency-Key"); k != key || k == "" {
+					t.Fatalf("attempt %d: Idempotency-Key %q, attempt 0 had %q", i, k, key)
+				}
+				if r.body != reqs[0].body {
+					t.Fatalf("attempt %d: body %s, attempt 0 had %s", i, r.body, reqs[0].body)
+				}
+			}
+			if _, err := c.Publish(context.Background(), "c", Message{Data: 1, Event: "e"}); err != nil {
+				t.Fatal(err)
+			}
+			if k := s.requests()[3].header.Get("Idempotency-Key"); k == key {
+				t.Fatalf("the next call reused the key %q", k)
+			}
+		})
+	}
+}
+
+func TestCallersKey(t *testing.T) {
+	s := newStub(t, failure(503, "unavailable"), accepted(`{"id":"1-0","channel":"c"}`))
+	c := s.client(t, Options{})
+	if _, err := c.Publish(context.Background(), "c", Message{Data: true}, WithIdempotencyKey("order 42/1")); err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range s.requests() {
+		if k := r.header.Get("Idempotency-Key"); k != "order 42/1" {
+			t.Fatalf("attempt %d: Idempotency-Key %q", i, k)
+		}
+	}
+}
+
+// TestFinalErrors: answers a retry cannot change are returned at once,
+// as *Error with the ingress's code.
+func TestFinalErrors(t *testing.T) {
+	for _, tc := range []struct {
+		status int
+		code   string
+		header []string
+	}{
+		{400, "invalid_channel", nil},
+		{400, "missing_data", nil},
+		{401, "unauthorized", nil},
+		{403, "forbidden", nil},
+		{404, "connection_not_found", nil},
+		{409, "conflict", nil},
+		{413, "payload_too_large", nil},
+		{415, "unsupported_media_type", nil},
+		{422, "idempotency_key_reused", nil},
+		{429, "rate_limited", nil}, // a batch larger than the burst
+		{429, "rate_limited", []string{"Retry-After", "soon"}},
+		{500, "internal", nil},
+	} {
+		t.Run(tc.code, func(t *testing.T) {
+			s := newStub(t, failure(tc.status, tc.code, tc.header...), accepted(`{"id":"1-0","channel":"c"}`))
+			c := s.client(t, Options{})
+			_, err := c.Publish(context.Background(), "c", Message{Data: 1})
+			var e *Error
+			if !errors.As(err, &e) {
+				t.Fatalf("error %v (%T), want *Error", err, err)
+			}
+			if e.Status != tc.status || e.Code != tc.code || e.Message != "said the stub" || e.Index != nil {
+				t.Fatalf("error %+v", e)
+			}
+			if errors.Is(err, ErrInvalid) {
+				t.Fatal("an answer of the ingress wraps ErrInvalid")
+			}
+			if n := len(s.requests()); n != 1 {
+				t.Fatalf("%d requests, want 1", n)
+			}
+		})
+	}
+}
+
+func TestBatchErrorIndex(t *testing.T) {
+	s := newStub(t, answer{status: 400, body: `{"error":{"code":"invalid_channel","message":"message 1: no","index":1}}`})
+	c := s.client(t, Options{})
+	_, err := c.PublishBatch(context.Background(), []Item{{"a", Message{Data: 1}}, {"b", Message{Data: 2}}})
+	var e *Error
+	if !errors.As(err, &e) || e.Index == nil || *e.Index != 1 || e.Code != "invalid_channel" {
+		t.Fatalf("error %v", err)
+	}
+	if !strings.Contains(err.Error(), "(item 1)") {
+		t.Fatalf("error text %q", err)
+	}
+}
+
+func TestMaxAttempts(t *testing.T) {
+	for _, tc := range []struct{ max, want int }{{0, DefaultMaxAttempts}, {1, 1}, {3, 3}} {
+		s := newStub(t, failure(503, "unavailable"))
+		c := s.client(t, Options{MaxAttempts: tc.max})
+		_, err := c.Publish(context.Background(), "c", Message{Data: 1})
+		var e *Error
+		if !errors.As(err, &e) || e.Status != 503 || e.Code != "unavailable" {
+			t.Fatalf("MaxAttempts %d: error %v", tc.max, err)
+		}
+		if n := len(s.requests()); n != tc.want {
+			t.Fatalf("MaxAttempts %d: %d requests, want %d", tc.max, n, tc.want)
+		}
+	}
+}
+
+// TestRetryAfterRespected measures a lower bound only.
+func TestRetryAfterRespected(t *testing.T) {
+	s := newStub(t, failure(429, "rate_limited", "Retry-After", "1"), accepted(`{"id":"1-0","channel":"c"}`))
+	c := s.client(t, Options{})
+	start := time.Now()
+	if _, err := c.Publish(context.Background(), "c", Message{Data: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < time.Second {
+		t.Fatalf("retried after %v, before the Retry-After of 1 s", d)
+	}
+}
+
+func TestNonJSONErrorBody(t *testing.T) {
+	page := "<html>\n<head><title>502 Bad Gateway</title></head>\n" + strings.Repeat("x", 1000) + "</html>"
+	s := newStub(t, answer{status: http.StatusBadGateway, body: page})
+	c := s.client(t, Options{MaxAttempts: 1})
+	_, err := c.Publish(context.Background(), "c", Message{Data: 1})
+	var e *Error
+	if !errors.As(err, &e) || e.Status != 502 || e.Code != "" {
+		t.Fatalf("error %v", err)
+	}
+	if !strings.HasPrefix(e.Message, "<html> <head><title>502 Bad Gateway") || len(e.Message) > 200 {
+		t.Fatalf("message %q", e.Message)
+	}
+}
+
+func TestReplyTooLarge(t *testing.T) {
+	big := `{"messages":[],"next":"` + strings.Repeat("1", maxReplyBytes) + `"}`
+	s := newStub(t, answer{status: 200, body: big})
+	c := s.client(t, Options{})
+	_, err := c.History(context.Background(), "c", "", 0)
+	if err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("error %v", err)
+	}
+	if n := len(s.requests()); n != 1 {
+		t.Fatalf("%d requests, want 1", n)
+	}
+}
+
+// TestConnectionReused: replies, errors included, are read whole, so
+// every call goes over one keep-alive connection.
+func TestConnectionReused(t *testing.T) {
+	s := newStub(t, failure(503, "unavailable"), failure(400, "invalid_event"),
+		accepted(`{"id":"1-0","channel":"c"}`), answer{status: 200, body: `{"messages":[],"next":""}`})
+	c := s.client(t, Options{})
+	ctx := context.Background()
+	if _, err := c.Publish(ctx, "c", Message{Data: 1}); err == nil {
+		t.Fatal("want the 400")
+	}
+	if _, err := c.Publish(ctx, "c", Message{Data: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.History(ctx, "c", "", 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.connections(); n != 1 {
+		t.Fatalf("%d connections for %d requests, want 1", n, len(s.requests()))
+	}
+}
+
+func TestEndpoints(t *testing.T) {
+	ctx := context.Background()
+	type call struct {
+		name        string
+		answer      answer
+		do          func(c *Client) error
+		method      string
+		path, query string
+		key         bool // carries an Idempotency-Key
+	}
+	for _, tc := range []call{
+		{"batch", accepted(`{"results":[{"id":"1-0","channel":"a"},{"id":"1-0","channel":"b"}]}`), func(c *Client) error {
+			res, err := c.PublishBatch(ctx, []Item{{"a", Message{Data: 1, Event: "tick"}}, {"b", Message{Data: 2}}})
+			if err == nil && (len(res) != 2 || res[1] != (Result{ID: "1-0", Channel: "b"})) {
+				t.Errorf("results %+v", res)
+			}
+			return err
+		}, "POST", "/v1/messages", "", true},
+		{"connection", accepted(`{"id":"3-0","connection":"c-1:x"}`), func(c *Client) error {
+			res, err := c.SendToConnection(ctx, "c-1:x", Message{Data: "hi"})
+			if err == nil && res != (Result{ID: "3-0", Connection: "c-1:x"}) {
+				t.Errorf("result %+v", res)
+			}
+			return err
+		}, "POST", "/v1/connections/c-1:x/messages", "", true},
+		{"user", accepted(`{"user":"alice@example.com","connections":3}`), func(c *Client) error {
+			n, err := c.SendToUser(ctx, "alice@example.com", Message{Data: "hi"})
+			if err == nil && n != 3 {
+				t.Errorf("connections %d", n)
+			}
+			return err
+		}, "POST", "/v1/users/alice@example.com/messages", "", true},
+		{"disconnect", accepted(`{"connection":"c-1","status":"disconnecting"}`), func(c *Client) error {
+			return c.Disconnect(ctx, "c-1")
+		}, "DELETE", "/v1/connections/c-1", "", false},
+		{"history", answer{status: 200, body: `{"messages":[{"channel":"room","id":"5-1","event":"chat","from":"bob","ts":5,"data":{"a":"<"}}],"next":"5-1","recovered":true}`}, func(c *Client) error {
+			p, err := c.History(ctx, "room", "0", 10)
+			if err == nil {
+				want := HistoryMessage{Channel: "room", ID: "5-1", Event: "chat", From: "bob", TS: 5, Data: json.RawMessage(`{"a":"<"}`)}
+				if len(p.Messages) != 1 || p.Next != "5-1" || p.Recovered == nil || !*p.Recovered ||
+					p.Messages[0].ID != want.ID || p.Messages[0].From != want.From || p.Messages[0].TS != want.TS || string(p.Messages[0].Data) != string(want.Data) {
+					t.Errorf("page %+v", p)
+				}
+			}
+			return err
+		}, "GET", "/v1/channels/room/messages", "after=0&limit=10", false},
+		{"latest history", answer{status: 200, body: `{"messages":[],"next":""}`}, func(c *Client) error {
+			p, err := c.History(ctx, "room", "", 0)
+			if err == nil && (p.Recovered != nil || len(p.Messages) != 0) {
+				t.Errorf("page %+v", p)
+			}
+			return err
+		}, "GET", "/v1/channels/room/messages", "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The path prefix of a gateway's stage is kept, escaped as given.
+			s := newStub(t, tc.answer)
+			c := s.client(t, Options{URL: "/my%20stage/release/"})
+			if err := tc.do(c); err != nil {
+				t.Fatal(err)
+			}
+			r := s.requests()[0]
+			if r.method != tc.method || r.path != "/my%20stage/release"+tc.path || r.query != tc.query {
+				t.Fatalf("%s %s?%s, want %s /my%%20stage/release%s?%s", r.method, r.path, r.query, tc.method, tc.path, tc.query)
+			}
+			if got := r.header.Get("Idempotency-Key") != ""; got != tc.key {
+				t.Fatalf("Idempotency-Key sent: %v", got)
+			}
+			if tc.method != "POST" && r.body != "" {
+				t.Fatalf("body %q", r.body)
+			}
+		})
+	}
+}
+
+// TestIdempotentMethodsRetried: History and Disconnect are retried on
+// the same conditions, without a key.
+func TestIdempotentMethodsRetried(t *testing.T) {
+	s := newStub(t, failure(503, "unavailable"), answer{status: 200, body: `{"messages":[],"next":""}`},
+		answer{hangup: true}, accepted(`{"connection":"c-1","status":"disconnecting"}`))
+	c := s.client(t, Options{})
+	if _, err := c.History(context.Background(), "c", "", 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Disconnect(context.Background(), "c-1"); err != nil {
+		t.Fatal(err)
+	}
+	reqs := s.requests()
+	if len(reqs) != 4 {
+		t.Fatalf("%d requests, want 4", len(reqs))
+	}
+	for _, r := range reqs {
+		if r.header.Get("Idempotency-Key") != "" {
+			t.Fatalf("%s with an Idempotency-Key", r.method)
+		}
+	}
+}
+
+func TestCanceledBeforeSending(t *testing.T) {
+	s := newStub(t)
+	c := s.client(t, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := c.Publish(ctx, "c", Message{Data: 1})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("error %v", err)
+	}
+	if n := len(s.requests()); n != 0 {
+		t.Fatalf("%d requests", n)
+	}
+}
+
+func TestNew(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts Options
+	}{
+		{"empty URL", Options{}},
+		{"relative", Options{URL: "/v1"}},
+		{"no host", Options{URL: "http://"}},
+		{"ws scheme", Options{URL: "ws://127.0.0.1:1"}},
+		{"ftp scheme", Options{URL: "ftp://127.0.0.1"}},
+		{"query", Options{URL: "http://127.0.0.1:1/?stage=release"}},
+		{"empty query", Options{URL: "http://127.0.0.1:1/?"}},
+		{"fragment", Options{URL: "http://127.0.0.1:1/#x"}},
+		{"empty fragment", Options{URL: "http://127.0.0.1:1/#"}},
+		{"user info", Options{URL: "http://key:secret@127.0.0.1:1"}},
+		{"bad port", Options{URL: "http://127.0.0.1:x"}},
+		{"token with a space", Options{URL: "http://127.0.0.1:1", Token: "a b"}},
+		{"token with a newline", Options{URL: "http://127.0.0.1:1", Token: "a\nb"}},
+		{"negative MaxAttempts", Options{URL: "http://127.0.0.1:1", MaxAttempts: -1}},
+	} {
+		if _, err := New(tc.opts); err == nil {
+			t.Errorf("%s: New(%+v) accepted", tc.name, tc.opts)
+		} else if strings.Contains(err.Error(), "secret") {
+			t.Errorf("%s: the error shows the password: %v", tc.name, err)
+		}
+	}
+	c, err := New(Options{URL: "https://gw.example.com/release/", MinBackoff: time.Second, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.base != "https://gw.example.com/release" || c.maxAttempts != DefaultMaxAttempts || c.maxBackoff != time.Second ||
+		c.hc.Timeout != DefaultTimeout {
+		t.Fatalf("client %+v", c)
+	}
+}
+
+// TestInvalidInputSendsNothing: what the ingress would refuse is refused
+// before any request, wrapping ErrInvalid.
+func TestInvalidInputSendsNothing(t *testing.T) {
+	s := newStub(t)
+	c := s.client(t, Options{})
+	ctx := context.Background()
+	ok := Message{Data: 1}
+	long := strings.Repeat("a", 129)
+	items := make([]Item, MaxBatchItems+1)
+	for i := range items {
+		items[i] = Item{"c", ok}
+	}
+	var nilMap map[string]int
+	for name, call := range map[string]func() error{
+		"channel empty":      func() error { _, err := c.Publish(ctx, "", ok); return err },
+		"channel leading -":  func() error { _, err := c.Publish(ctx, "-a", ok); return err },
+		"channel with /":     func() error { _, err := c.Publish(ctx, "a/b", ok); return err },
+		"channel with space": func() error { _, err := c.Publish(ctx, "a b", ok); return err },
+		"channel pattern":    func() error { _, err := c.Publish(ctx, "a*", ok); return err },
+		"channel too long":   func() error { _, err := c.Publish(ctx, long, ok); return err },
+		"nil Data":           func() error { _, err := c.Publish(ctx, "c", Message{}); return err },
+		"nil map Data":       func() error { _, err := c.Publish(ctx, "c", Message{Data: nilMap}); return err },
+		"null Data":          func() error { _, err := c.Publish(ctx, "c", Message{Data: json.RawMessage(" null ")}); return err },
+		"bad raw Data":       func() error { _, err := c.Publish(ctx, "c", Message{Data: json.RawMessage("{")}); return err },
+		"bad UTF-8 Data":     func() error { _, err := c.Publish(ctx, "c", Message{Data: json.RawMessage("\"\xff\"")}); return err },
+		"unmarshalable Data": func() error { _, err := c.Publish(ctx, "c", Message{Data: func() {}}); return err },
+		"event with quote":   func() error { _, err := c.Publish(ctx, "c", Message{Data: 1, Event: `a"b`}); return err },
+		"event too long": func() error {
+			_, err := c.Publish(ctx, "c", Message{Data: 1, Event: strings.Repeat("e", 65)})
+			return err
+		},
+		"from with space": func() error { _, err := c.Publish(ctx, "c", Message{Data: 1, From: "a b"}); return err },
+		"empty key":       func() error { _, err := c.Publish(ctx, "c", ok, WithIdempotencyKey("")); return err },
+		"long key": func() error {
+			_, err := c.Publish(ctx, "c", ok, WithIdempotencyKey(strings.Repeat("k", 256)))
+			return err
+		},
+		"key with newline":    func() error { _, err := c.Publish(ctx, "c", ok, WithIdempotencyKey("a\nb")); return err },
+		"key with é":          func() error { _, err := c.Publish(ctx, "c", ok, WithIdempotencyKey("clé")); return err },
+		"key ending in space": func() error { _, err := c.Publish(ctx, "c", ok, WithIdempotencyKey("k ")); return err },
+		"empty batch":         func() error { _, err := c.PublishBatch(ctx, nil); return err },
+		"batch too large":     func() error { _, err := c.PublishBatch(ctx, items); return err },
+		"batch item channel": func() error {
+			_, err := c.PublishBatch(ctx, []Item{{"a", ok}, {"", ok}})
+			if err != nil && !strings.Contains(err.Error(), "item 1") {
+				t.Errorf("batch item channel: %v does not name the item", err)
+			}
+			return err
+		},
+		"batch item data": func() error { _, err := c.PublishBatch(ctx, []Item{{"a", Message{}}}); return err },
+		"connection id":   func() error { _, err := c.SendToConnection(ctx, "c/1", ok); return err },
+		"user":            func() error { _, err := c.SendToUser(ctx, "", ok); return err },
+		"user too long":   func() error { _, err := c.SendToUser(ctx, long, ok); return err },
+		"disconnect id":   func() error { return c.Disconnect(ctx, "a b") },
+		"history channel": func() error { _, err := c.History(ctx, ".a", "", 0); return err },
+		"history after":   func() error { _, err := c.History(ctx, "c", "1-", 0); return err },
+		"history after $": func() error { _, err := c.History(ctx, "c", "$", 0); return err },
+		"history limit":   func() error { _, err := c.History(ctx, "c", "", MaxHistoryLimit+1); return err },
+		"history -limit":  func() error { _, err := c.History(ctx, "c", "", -1); return err },
+	} {
+		if err := call(); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: error %v, want ErrInvalid", name, err)
+		}
+	}
+	if n := len(s.requests()); n != 0 {
+		t.Fatalf("%d requests for invalid input", n)
+	}
+}
+
+// TestValidCursor: the cursor check is the ingress's (stream.ParseID).
+func TestValidCursor(t *testing.T) {
+	for _, s := range []string{"0", "0-0", "1700000000000-5", "18446744073709551615-18446744073709551615",
+		"18446744073709551616", "-", "1-", "-1", "+1", "1-+1", "1-2-3", " 1", "1.5", "", "$", "a-1", "00-01"} {
+		_, want := stream.ParseID(s)
+		if got := validCursor(s); got != want && s != "" {
+			t.Errorf("validCursor(%q) = %v, stream.ParseID says %v", s, got, want)
+		}
+	}
+}

@@ -1,0 +1,270 @@
+package publisher
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+)
+
+// MaxRetryAfter bounds the wait a response's Retry-After can ask for, so
+// that a wrong header cannot hold a call for hours (its ctx can still end
+// it sooner).
+const MaxRetryAfter = time.Minute
+
+// maxReplyBytes bounds what is read of a reply: a history page holds at
+// most 4 MiB of messages, and its JSON little more.
+const maxReplyBytes = 8 << 20
+
+// Error is an answer of the ingress, or of a gateway in front of it, with
+// a status other than 2xx.
+type Error struct {
+	// Status is the HTTP status.
+	Status int
+	// Code and Message are the ingress's error body ({"error": {"code",
+	// "message"}}, docs/api.md): Code is its snake_case code
+	// (invalid_channel, forbidden, rate_limited, …). From something else
+	// (a gateway's page), Code is "" and Message is the start of the body.
+	Code, Message string
+	// Index is the position of the batch item the error is about
+	// (PublishBatch), or nil.
+	Index *int
+	// RetryAfter is the response's Retry-After (at most MaxRetryAfter),
+	// or 0.
+	RetryAfter time.Duration
+
+	hasRetryAfter bool // a Retry-After header was read, even "0"
+}
+
+func (e *Error) Error() string {
+	s := "publisher: " + strconv.Itoa(e.Status) + " " + http.StatusText(e.Status)
+	if e.Code != "" {
+		s += ": " + e.Code
+	}
+	if e.Index != nil {
+		s += " (item " + strconv.Itoa(*e.Index) + ")"
+	}
+	if e.Message != "" {
+		s += ": " + e.Message
+	}
+	return s
+}
+
+// retryable reports whether the same request may succeed later (the
+// package documentation's policy).
+func (e *Error) retryable() bool {
+	switch e.Status {
+	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		return true
+	case http.StatusTooManyRequests:
+		// Without Retry-After: a batch larger than the burst, which no
+		// wait lets through.
+		return e.hasRetryAfter
+	case http.StatusConflict:
+		return e.Code == "idempotency_in_progress"
+	}
+	return false
+}
+
+// newError reads a non-2xx answer.
+func newError(status int, h http.Header, body []byte) *Error {
+	e := &Error{Status: status}
+	var b struct {
+		Error *struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+			Index   *int   `json:"index"`
+		} `json:"error"`
+	}
+	if json.Unmarshal(body, &b) == nil && b.Error != nil && b.Error.Code != "" {
+		e.Code, e.Message, e.Index = b.Error.Code, b.Error.Message, b.Error.Index
+	} else {
+		e.Message = snippet(body)
+	}
+	if v := h.Get("Retry-After"); v != "" {
+		// delay-seconds or an HTTP date (RFC 9110 §10.2.3). ParseUint
+		// gives its maximum for too many digits: capped below.
+		if n, err := strconv.ParseUint(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+			e.RetryAfter = time.Duration(min(n, uint64(MaxRetryAfter/time.Second))) * time.Second
+			e.hasRetryAfter = true
+		} else if t, err := http.ParseTime(v); err == nil {
+			e.RetryAfter = min(max(time.Until(t), 0), MaxRetryAfter)
+			e.hasRetryAfter = true
+		}
+	}
+	return e
+}
+
+// snippet is the start of a body that is not the ingress's JSON (a
+// gateway's HTML or text), on one line, for an error message.
+func snippet(b []byte) string {
+	const n = 200
+	if len(b) > n {
+		b = b[:n]
+	}
+	s := strings.ToValidUTF8(string(b), "") // a rune cut in two is dropped
+	s = strings.Join(strings.Fields(s), " ")
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, s)
+}
+
+// transportError is an attempt that got no whole answer: the request was
+// not sent, or the connection failed, closed or timed out before the
+// reply was read. Whether the ingress acted on it is unknown.
+type transportError struct {
+	op  string // "POST /v1/messages"
+	err error
+}
+
+func (e *transportError) Error() string { return "publisher: " + e.op + ": " + e.err.Error() }
+func (e *transportError) Unwrap() error { return e.err }
+
+// request is one call's request, the same for each of its attempts.
+type request struct {
+	method string
+	path   string // escaped, from /v1
+	query  string // encoded, or ""
+	body   []byte // nil: none
+	key    string // Idempotency-Key, or ""
+}
+
+func (r *request) op() string { return r.method + " " + r.path }
+
+// reply is a 2xx answer.
+type reply struct {
+	op       string
+	status   int
+	body     []byte
+	replayed bool // Idempotent-Replayed: true
+}
+
+// unexpected is the error for a 2xx reply that is not what the endpoint
+// answers.
+func unexpected(rep *reply) error {
+	return fmt.Errorf("publisher: %s: unexpected reply %d: %q", rep.op, rep.status, snippet(rep.body))
+}
+
+// do makes r's attempts, by the package's retry policy, and decodes the
+// reply's JSON into out (unless out is nil).
+func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
+	var last error
+	for n := 1; ; n++ {
+		rep, err := c.attempt(ctx, r)
+		if err == nil {
+			if out != nil && json.Unmarshal(rep.body, out) != nil {
+				return nil, unexpected(rep)
+			}
+			return rep, nil
+		}
+		var te *transportError
+		if ctx.Err() != nil && errors.As(err, &te) {
+			// Cut by ctx: this attempt says nothing about the ingress.
+			return nil, stopped(ctx, r, last)
+		}
+		last = err
+		if n >= c.maxAttempts || !retryable(err) {
+			if n > 1 {
+				return nil, fmt.Errorf("%w (after %d attempts)", err, n)
+			}
+			return nil, err
+		}
+		wait := c.backoff(n - 1)
+		var e *Error
+		if errors.As(err, &e) {
+			wait = max(wait, e.RetryAfter)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, stopped(ctx, r, last)
+		}
+	}
+}
+
+// stopped is the error of a call whose ctx ended: ctx.Err(), and the last
+// attempt's error when there was one.
+func stopped(ctx context.Context, r *request, last error) error {
+	if last == nil {
+		return fmt.Errorf("publisher: %s: %w", r.op(), ctx.Err())
+	}
+	return fmt.Errorf("publisher: %s: %w; last attempt: %w", r.op(), ctx.Err(), last)
+}
+
+// retryable reports whether an attempt's error allows another attempt.
+func retryable(err error) bool {
+	var te *transportError
+	if errors.As(err, &te) {
+		// A certificate the client refuses is refused again.
+		var ce *tls.CertificateVerificationError
+		return !errors.As(err, &ce)
+	}
+	var e *Error
+	return errors.As(err, &e) && e.retryable()
+}
+
+// backoff is the full-jitter wait before retry n (0-based).
+func (c *Client) backoff(n int) time.Duration {
+	ceil := c.minBackoff << min(n, 20)
+	if ceil > c.maxBackoff || ceil <= 0 {
+		ceil = c.maxBackoff
+	}
+	return rand.N(ceil + 1)
+}
+
+// attempt sends r once and reads the whole answer (up to maxReplyBytes),
+// so that the connection can be reused.
+func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
+	u := c.base + r.path
+	if r.query != "" {
+		u += "?" + r.query
+	}
+	var body io.Reader
+	if r.body != nil {
+		body = bytes.NewReader(r.body)
+	}
+	req, err := http.NewRequestWithContext(ctx, r.method, u, body)
+	if err != nil {
+		return nil, fmt.Errorf("publisher: %s: %w", r.op(), err)
+	}
+	req.Header.Set("Accept", "application/json")
+	if r.body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if r.key != "" {
+		req.Header.Set("Idempotency-Key", r.key)
+	}
+	if c.auth != "" {
+		req.Header.Set("Authorization", c.auth)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, &transportError{op: r.op(), err: err}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes+1))
+	if err != nil {
+		return nil, &transportError{op: r.op(), err: fmt.Errorf("reading the %d reply: %w", resp.StatusCode, err)}
+	}
+	if len(b) > maxReplyBytes {
+		return nil, fmt.Errorf("publisher: %s: the %d reply is larger than %d bytes", r.op(), resp.StatusCode, maxReplyBytes)
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return nil, newError(resp.StatusCode, resp.Header, b)
+	}
+	return &reply{op: r.op(), status: resp.StatusCode, body: b, replayed: resp.Header.Get("Idempotent-Replayed") == "true"}, nil
+}
