@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -147,6 +148,24 @@ func TestPublisherRoundTrip(t *testing.T) {
 		t.Fatalf("send to connection: %+v", res)
 	}
 	ws.waitFrame(func(f frame) bool { return f.Target == "connection" && f.ID == res.ID && f.Event == "direct" })
+
+	// The registry: the connection's record, and the channel's list once
+	// it subscribes.
+	rec, err := pub.Connection(ctx, ws.welcome.ConnectionID)
+	if err != nil || rec.ID != ws.welcome.ConnectionID || rec.User != "ada" || rec.Instance == "" || rec.ConnectedAt.IsZero() {
+		t.Fatalf("connection record: %+v, %v", rec, err)
+	}
+	if list, err := pub.ChannelConnections(ctx, "room", 0); err != nil || len(list) != 0 {
+		t.Fatalf("room's connections before the subscribe: %+v, %v", list, err)
+	}
+	ws.subscribe("room")
+	testkit.Eventually(t, 10*time.Second, func() error {
+		list, err := pub.ChannelConnections(ctx, "room", 10)
+		if err != nil || len(list) != 1 || list[0].ID != ws.welcome.ConnectionID || !slices.Equal(list[0].Channels, []string{"room"}) {
+			return fmt.Errorf("room's connections: %+v, %v", list, err)
+		}
+		return nil
+	})
 	if n, err := pub.SendToUser(ctx, "nobody", pubpkg.Message{Data: 1}); err != nil || n != 0 {
 		t.Fatalf("send to nobody: %d, %v", n, err)
 	}
@@ -172,6 +191,10 @@ func TestPublisherRoundTrip(t *testing.T) {
 		}
 		return nil
 	})
+	var e *pubpkg.Error
+	if _, err := pub.Connection(ctx, ws.welcome.ConnectionID); !errors.As(err, &e) || e.Code != "connection_not_found" {
+		t.Fatalf("record of a closed connection: %v", err)
+	}
 }
 
 // TestPublisherExactlyOnceAcrossLostReply: the ingress serves a publish

@@ -1,8 +1,9 @@
 // Package publisher is the Go client of the ingress HTTP API
 // (docs/api.md), for backend services: it publishes to channels (one
 // message or a batch), sends to one connection or to every connection of
-// a user, disconnects a connection and reads a channel's history. It is
-// the server-side counterpart of package client, which receives.
+// a user, disconnects a connection, and reads a channel's history and the
+// connection registry. It is the server-side counterpart of package
+// client, which receives.
 //
 // Its point is safe retries. Every POST carries an Idempotency-Key: the
 // caller's (WithIdempotencyKey), or a random one made once per call. Each
@@ -30,9 +31,9 @@
 // ingress). The wait before retry n (0-based) is a random time in
 // [0, min(MaxBackoff, MinBackoff·2ⁿ)] (full jitter, 100 ms doubling to
 // 5 s by default), and at least the response's Retry-After (seconds or
-// an HTTP date, at most MaxRetryAfter). History (GET) and Disconnect
-// (DELETE) are idempotent by themselves: they are retried on the same
-// conditions, without a key.
+// an HTTP date, at most MaxRetryAfter). The reads (History, Connection,
+// ChannelConnections: GET) and Disconnect (DELETE) are idempotent by
+// themselves: they are retried on the same conditions, without a key.
 //
 // The call's ctx bounds it all: when ctx ends, the call returns at once
 // with an error that wraps both ctx.Err() and the last attempt's error.
@@ -469,6 +470,68 @@ func (c *Client) Disconnect(ctx context.Context, id string) error {
 	}
 	_, err := c.do(ctx, &request{method: http.MethodDelete, path: "/v1/connections/" + url.PathEscape(id)}, nil)
 	return err
+}
+
+// Connection is a live connection's registry record (docs/api.md,
+// "Registry reads"): who it is, which egress instance holds it, and the
+// channels it is subscribed to.
+type Connection struct {
+	ID          string    `json:"id"`
+	User        string    `json:"user"`
+	Instance    string    `json:"instance"`
+	Channels    []string  `json:"channels"`
+	ConnectedAt time.Time `json:"connected_at"`
+}
+
+// Connection reads connection id's registry record: GET
+// /v1/connections/{id}. No live connection with that id is an *Error 404
+// connection_not_found. A record outlives its connection by at most the
+// egress's REGISTRY_TTL (30 s by default) when its instance died.
+func (c *Client) Connection(ctx context.Context, id string) (Connection, error) {
+	if err := checkID("connection id", id); err != nil {
+		return Connection{}, invalid(err)
+	}
+	var out Connection
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/connections/" + url.PathEscape(id)}, &out)
+	if err != nil {
+		return Connection{}, err
+	}
+	if out.ID == "" {
+		return Connection{}, unexpected(rep)
+	}
+	return out, nil
+}
+
+// MaxConnectionsLimit is the largest limit a ChannelConnections call may
+// ask for.
+const MaxConnectionsLimit = 10000
+
+// ChannelConnections lists the live connections subscribed to channel,
+// at most limit of them (0: the ingress's default, 1000; at most
+// MaxConnectionsLimit): GET /v1/channels/{channel}/connections. A channel
+// nobody is subscribed to gives an empty list.
+func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) ([]Connection, error) {
+	if err := checkChannel(ch); err != nil {
+		return nil, invalid(err)
+	}
+	if limit < 0 || limit > MaxConnectionsLimit {
+		return nil, fmt.Errorf("%w: limit %d: want 1–%d, or 0 for the default", ErrInvalid, limit, MaxConnectionsLimit)
+	}
+	var query string
+	if limit > 0 {
+		query = "limit=" + strconv.Itoa(limit)
+	}
+	var out struct {
+		Connections []Connection `json:"connections"`
+	}
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/connections", query: query}, &out)
+	if err != nil {
+		return nil, err
+	}
+	if out.Connections == nil {
+		return nil, unexpected(rep)
+	}
+	return out.Connections, nil
 }
 
 // Page is a page of a channel's history.

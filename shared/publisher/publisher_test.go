@@ -433,6 +433,20 @@ func TestEndpoints(t *testing.T) {
 			}
 			return err
 		}, "GET", "/v1/channels/room/messages", "after=0&limit=10", false},
+		{"connection record", answer{status: 200, body: `{"id":"c-1","user":"ada","instance":"i1","channels":["room"],"connected_at":"2026-01-01T12:00:00Z"}`}, func(c *Client) error {
+			rec, err := c.Connection(ctx, "c-1")
+			if err == nil && (rec.ID != "c-1" || rec.User != "ada" || rec.Instance != "i1" || len(rec.Channels) != 1 || rec.ConnectedAt.Year() != 2026) {
+				t.Errorf("record %+v", rec)
+			}
+			return err
+		}, "GET", "/v1/connections/c-1", "", false},
+		{"channel connections", answer{status: 200, body: `{"connections":[{"id":"c-1","user":"ada","instance":"i1","channels":["room"],"connected_at":"2026-01-01T12:00:00Z"}]}`}, func(c *Client) error {
+			list, err := c.ChannelConnections(ctx, "room", 5)
+			if err == nil && (len(list) != 1 || list[0].ID != "c-1") {
+				t.Errorf("list %+v", list)
+			}
+			return err
+		}, "GET", "/v1/channels/room/connections", "limit=5", false},
 		{"latest history", answer{status: 200, body: `{"messages":[],"next":""}`}, func(c *Client) error {
 			p, err := c.History(ctx, "room", "", 0)
 			if err == nil && (p.Recovered != nil || len(p.Messages) != 0) {
@@ -590,6 +604,10 @@ func TestInvalidInputSendsNothing(t *testing.T) {
 		"user too long":   func() error { _, err := c.SendToUser(ctx, long, ok); return err },
 		"disconnect id":   func() error { return c.Disconnect(ctx, "a b") },
 		"history channel": func() error { _, err := c.History(ctx, ".a", "", 0); return err },
+		"record id":       func() error { _, err := c.Connection(ctx, ""); return err },
+		"list channel":    func() error { _, err := c.ChannelConnections(ctx, "a/b", 0); return err },
+		"list limit":      func() error { _, err := c.ChannelConnections(ctx, "c", MaxConnectionsLimit+1); return err },
+		"list -limit":     func() error { _, err := c.ChannelConnections(ctx, "c", -1); return err },
 		"history after":   func() error { _, err := c.History(ctx, "c", "1-", 0); return err },
 		"history after $": func() error { _, err := c.History(ctx, "c", "$", 0); return err },
 		"history limit":   func() error { _, err := c.History(ctx, "c", "", MaxHistoryLimit+1); return err },
