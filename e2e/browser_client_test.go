@@ -275,6 +275,76 @@ const clientJSCases = `(async () => {
     }
     results.urlQuery = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
+  // publish(): safe retries against a scripted fetch. Every attempt of a
+  // call sends the same Idempotency-Key and body; what a retry cannot
+  // change is final at once; Retry-After is waited; getToken after a 401.
+  {
+    const { publish, PublishError } = await import("/client.js");
+    const wrong = [];
+    const reply = (status, body, headers = {}) => new Response(body == null ? "" : JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
+    const scripted = (...steps) => {
+      const calls = [];
+      const f = async (url, init) => {
+        calls.push({ url, init, at: performance.now() });
+        const step = steps[Math.min(calls.length, steps.length) - 1];
+        if (step === "network") throw new TypeError("Failed to fetch");
+        return step();
+      };
+      return [f, calls];
+    };
+    const ok = () => reply(202, { id: "7-0", channel: "room" }, { "Idempotent-Replayed": "true" });
+    const fail = (status, code, headers) => () => reply(status, { error: { code, message: "m" } }, headers);
+
+    let [f, calls] = scripted(fail(503, "unavailable"), "network", fail(409, "idempotency_in_progress"), ok);
+    let res = await publish("http://ingress.test/", "room", { text: "hi" }, { fetch: f, event: "chat", token: "t1", minBackoff: 1, maxBackoff: 2 });
+    const keys = new Set(calls.map((c) => c.init.headers["Idempotency-Key"]));
+    const bodies = new Set(calls.map((c) => c.init.body));
+    if (res.id !== "7-0" || !res.replayed || calls.length !== 4) wrong.push("retries: " + JSON.stringify(res) + " after " + calls.length + " calls");
+    if (keys.size !== 1 || [...keys][0].length < 16 || bodies.size !== 1) wrong.push("keys " + [...keys] + ", bodies " + [...bodies]);
+    if (calls[0].url !== "http://ingress.test/v1/channels/room/messages" || calls[0].init.headers.Authorization !== "Bearer t1" ||
+        JSON.parse(calls[0].init.body).event !== "chat") wrong.push("request " + calls[0].url + " " + JSON.stringify(calls[0].init.headers));
+
+    for (const [status, code, headers] of [[400, "invalid_json"], [403, "forbidden"], [413, "payload_too_large"], [422, "idempotency_key_reused"], [500, "internal"], [429, "rate_limited"], [401, "invalid_token"]]) {
+      [f, calls] = scripted(fail(status, code, headers), ok);
+      try {
+        await publish("", "room", 1, { fetch: f, minBackoff: 1 });
+        wrong.push(status + " retried");
+      } catch (e) {
+        if (!(e instanceof PublishError) || e.status !== status || e.code !== code || calls.length !== 1) wrong.push(status + ": " + e + " after " + calls.length + " calls");
+      }
+    }
+
+    [f, calls] = scripted(fail(429, "rate_limited", { "Retry-After": "1" }), ok);
+    res = await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 });
+    if (calls.length !== 2 || calls[1].at - calls[0].at < 990) wrong.push("Retry-After: the retry came " + (calls[1]?.at - calls[0].at) + " ms later");
+
+    let tokens = 0;
+    [f, calls] = scripted(fail(401, "token_expired"), ok);
+    await publish("", "room", 1, { fetch: f, getToken: async () => "fresh" + ++tokens, minBackoff: 1 });
+    if (calls.length !== 2 || calls[0].init.headers.Authorization !== "Bearer fresh1" || calls[1].init.headers.Authorization !== "Bearer fresh2") wrong.push("getToken after 401: " + calls.map((c) => c.init.headers.Authorization));
+
+    [f, calls] = scripted(fail(503, "unavailable"));
+    try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 3 }); wrong.push("503 for ever: resolved"); }
+    catch (e) { if (e.status !== 503 || calls.length !== 3) wrong.push("503 for ever: " + e + " after " + calls.length + " calls"); }
+
+    const ac = new AbortController();
+    [f, calls] = scripted(fail(503, "unavailable", { "Retry-After": "30" }), ok);
+    const t0 = performance.now();
+    setTimeout(() => ac.abort(new Error("gave up")), 50);
+    try { await publish("", "room", 1, { fetch: f, signal: ac.signal }); wrong.push("abort: resolved"); }
+    catch (e) { if (e.message !== "gave up" || performance.now() - t0 > 5000) wrong.push("abort: " + e + " after " + (performance.now() - t0) + " ms"); }
+
+    [f, calls] = scripted(ok);
+    for (const [ch, data, opts] of [["a/b", 1, {}], [".a", 1, {}], ["room", null, {}], ["room", undefined, {}], ["room", 1, { event: 'a"b' }], ["room", 1, { idempotencyKey: "" }], ["room", 1, { idempotencyKey: " k" }]]) {
+      try { await publish("", ch, data, { fetch: f, ...opts }); wrong.push(ch + " " + data + " " + JSON.stringify(opts) + " accepted"); }
+      catch (e) { if (!(e instanceof TypeError)) wrong.push(ch + ": " + e); }
+    }
+    if (calls.length) wrong.push(calls.length + " requests for bad input");
+    [f, calls] = scripted(ok);
+    await publish("", "room", 1, { fetch: f, idempotencyKey: "order-42" });
+    if (calls[0].init.headers["Idempotency-Key"] !== "order-42" || "Authorization" in calls[0].init.headers) wrong.push("own key: " + JSON.stringify(calls[0].init.headers));
+    results.publish = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
   return results;
 })()`
 
@@ -290,7 +360,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

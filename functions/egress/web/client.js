@@ -16,6 +16,12 @@
 // asks getToken() for a fresh token after 4004 (token expired) and after a
 // connection refused before its welcome (an expired token is refused at the
 // upgrade, which a browser reports only as a close).
+//
+// publish() sends a message through the ingress, retried with one
+// Idempotency-Key so that it is written once:
+//
+//   import { publish } from "/client.js";
+//   await publish("https://ingress.example.com", "room:1", { text: "hi" }, { token });
 
 const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
@@ -361,6 +367,112 @@ export class WsRelay {
         this.emit("pong", f);
         break;
     }
+  }
+}
+
+/** An ingress's (or a gateway's) refusal of a publish: status, code, message, retryAfter (ms). */
+export class PublishError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(code ? `${status} ${code}: ${message}` : `HTTP ${status}${message ? ": " + message : ""}`);
+    this.name = "PublishError";
+    this.status = status;
+    this.code = code;
+    this.detail = message;
+    this.retryAfter = retryAfter;
+  }
+}
+
+// The longest wait a Retry-After can ask a publish for (ms), as Go's
+// publisher.MaxRetryAfter.
+const MAX_RETRY_AFTER = 60_000;
+// An event name as the ingress takes it (docs/api.md).
+const EVENT = /^[\x20-\x7e]{0,64}$/;
+
+/** A response's Retry-After in ms (seconds or an HTTP date, capped), or null. */
+function retryAfterMs(h) {
+  const v = h.get("Retry-After");
+  if (v == null || v === "") return null;
+  if (/^\d+$/.test(v)) return Math.min(Number(v) * 1000, MAX_RETRY_AFTER);
+  const t = Date.parse(v);
+  return Number.isNaN(t) ? null : Math.min(Math.max(t - Date.now(), 0), MAX_RETRY_AFTER);
+}
+
+/** A random Idempotency-Key: 22 base64url characters (128 bits). */
+function newKey() {
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return btoa(String.fromCharCode(...b)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/**
+ * Publishes data to channel through the ingress (POST
+ * /v1/channels/{channel}/messages) and resolves to {id, channel,
+ * replayed} once the message is in Redis. ingress is its base URL
+ * ("https://ingress.example.com", or "" for the page's origin).
+ *
+ * Safe retries, as Go's publisher package: the request carries an
+ * Idempotency-Key (opts.idempotencyKey, or a random one made for this
+ * call) and is retried, with the same key and body, after a network error,
+ * 502/503/504, 429 with Retry-After and 409 idempotency_in_progress, so a
+ * publish whose answer was lost is written once (replayed: true). The wait
+ * is full-jitter backoff (opts.minBackoff 100 ms doubling to
+ * opts.maxBackoff 5 s), at least the answer's Retry-After; at most
+ * opts.maxAttempts (4) attempts. A 401 with opts.getToken asks it for a
+ * fresh token and tries again (the key is scoped to the user, not the
+ * token). Any other answer is final. A refusal rejects with a
+ * PublishError; bad input (a channel name, null data, an event) with a
+ * TypeError before any request. opts: token or getToken (a user token,
+ * sent as Authorization: Bearer), event, from, idempotencyKey,
+ * maxAttempts, minBackoff, maxBackoff, signal (an AbortSignal that stops
+ * the call and its waits), fetch (a stand-in, for tests).
+ */
+export async function publish(ingress, channel, data, opts = {}) {
+  if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
+  if (data === undefined || data === null) throw new TypeError("data is required (the ingress refuses null: missing_data)");
+  if (opts.event != null && (typeof opts.event !== "string" || !EVENT.test(opts.event) || /["\\]/.test(opts.event))) {
+    throw new TypeError(`not an event name (at most 64 printable ASCII characters without " or \\): ${opts.event}`);
+  }
+  const key = opts.idempotencyKey ?? newKey();
+  if (typeof key !== "string" || !/^[\x20-\x7e]{1,255}$/.test(key) || key.trim() !== key) {
+    throw new TypeError("idempotencyKey must be 1–255 printable ASCII characters, not starting or ending with a space");
+  }
+  const body = JSON.stringify({ data, event: opts.event || undefined, from: opts.from || undefined });
+  const doFetch = opts.fetch ?? globalThis.fetch.bind(globalThis);
+  const attempts = opts.maxAttempts ?? 4;
+  const min = opts.minBackoff ?? 100, max = Math.max(opts.maxBackoff ?? 5000, min);
+  const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
+  let token = opts.token ?? (opts.getToken ? await opts.getToken() : undefined);
+  let last;
+  for (let n = 0; ; n++) {
+    opts.signal?.throwIfAborted();
+    const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
+    if (token) headers.Authorization = "Bearer " + token;
+    let retry = false, wait = 0;
+    try {
+      const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal });
+      const json = await r.json().catch(() => null);
+      if (r.ok && json?.id) return { id: json.id, channel: json.channel, replayed: r.headers.get("Idempotent-Replayed") === "true" };
+      const ra = retryAfterMs(r.headers);
+      last = new PublishError(r.status, json?.error?.code ?? "", json?.error?.message ?? "", ra);
+      if (r.ok) throw last; // a 2xx without an id: not an ingress
+      retry = r.status === 502 || r.status === 503 || r.status === 504 ||
+        (r.status === 429 && ra !== null) || (r.status === 409 && last.code === "idempotency_in_progress");
+      if (r.status === 401 && opts.getToken) {
+        token = await opts.getToken();
+        retry = true;
+      }
+      wait = ra ?? 0;
+    } catch (err) {
+      if (err instanceof PublishError || opts.signal?.aborted) throw err;
+      last = err; // fetch's TypeError: the network failed, the answer is unknown
+      retry = true;
+    }
+    if (!retry || n + 1 >= attempts) throw last;
+    wait = Math.max(wait, Math.random() * Math.min(max, min * 2 ** n));
+    await new Promise((resolve, reject) => {
+      const abort = () => { clearTimeout(t); reject(opts.signal.reason); };
+      const t = setTimeout(() => { opts.signal?.removeEventListener("abort", abort); resolve(); }, wait);
+      opts.signal?.addEventListener("abort", abort, { once: true });
+    });
   }
 }
 
