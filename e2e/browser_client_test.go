@@ -343,6 +343,67 @@ const clientJSCases = `(async () => {
     [f, calls] = scripted(ok);
     await publish("", "room", 1, { fetch: f, idempotencyKey: "order-42" });
     if (calls[0].init.headers["Idempotency-Key"] !== "order-42" || "Authorization" in calls[0].init.headers) wrong.push("own key: " + JSON.stringify(calls[0].init.headers));
+
+    // Data that is falsy but not null is a message (the ingress takes any
+    // JSON but null); data that JSON makes null or drops is refused before
+    // any request, as Go's publisher refuses Data that marshals to null.
+    for (const data of [0, false, ""]) {
+      [f, calls] = scripted(ok);
+      try { await publish("", "room", data, { fetch: f }); if (calls.length !== 1 || calls[0].init.body !== JSON.stringify({ data })) wrong.push("data " + JSON.stringify(data) + ": sent " + calls.map((c) => c.init.body)); }
+      catch (e) { wrong.push("data " + JSON.stringify(data) + ": " + e); }
+    }
+    [f, calls] = scripted(ok);
+    for (const data of [NaN, () => 1, { toJSON: () => null }]) {
+      try { await publish("", "room", data, { fetch: f }); wrong.push("data " + String(data) + " accepted"); }
+      catch (e) { if (!(e instanceof TypeError)) wrong.push("data " + String(data) + ": " + e); }
+    }
+    if (calls.length) wrong.push(calls.length + " requests for data that is null in JSON: " + calls.map((c) => c.init.body));
+
+    // A 202 whose body is cut (the connection lost mid-answer) was
+    // written: the call retries with its key and gets the replay, rather
+    // than rejecting with a PublishError for a 2xx.
+    const cut = (status, headers) => () => new Response(new ReadableStream({ start(c) { c.enqueue(new TextEncoder().encode('{"id"')); c.error(new TypeError("network error")); } }), { status, headers });
+    [f, calls] = scripted(cut(202), ok);
+    try {
+      res = await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 });
+      if (res.id !== "7-0" || !res.replayed || calls.length !== 2 || calls[0].init.headers["Idempotency-Key"] !== calls[1].init.headers["Idempotency-Key"]) wrong.push("cut 202: " + JSON.stringify(res) + " after " + calls.length + " calls");
+    } catch (e) { wrong.push("cut 202: " + e + " after " + calls.length + " calls"); }
+
+    // An abort while an answer's body is read (fetch rejects that read
+    // with the signal's reason) ends the call at once, not after the
+    // answer's Retry-After.
+    {
+      const ac2 = new AbortController();
+      const hanging = async (url, init) => {
+        calls.push({ url, init });
+        return new Response(new ReadableStream({ start(c) { init.signal.addEventListener("abort", () => c.error(init.signal.reason)); } }), { status: 503, headers: { "Retry-After": "5" } });
+      };
+      calls = [];
+      const t1 = performance.now();
+      setTimeout(() => ac2.abort(new Error("gave up")), 50);
+      try { await publish("", "room", 1, { fetch: hanging, signal: ac2.signal }); wrong.push("abort during body: resolved"); }
+      catch (e) { if (e.message !== "gave up" || performance.now() - t1 > 2000) wrong.push("abort during body: " + e + " after " + Math.round(performance.now() - t1) + " ms"); }
+    }
+    // An abort during getToken after a 401 ends the call before the wait.
+    {
+      const ac3 = new AbortController();
+      [f, calls] = scripted(fail(401, "token_expired", { "Retry-After": "5" }), ok);
+      let asked = 0;
+      const t1 = performance.now();
+      try { await publish("", "room", 1, { fetch: f, signal: ac3.signal, getToken: async () => { if (asked++) ac3.abort(new Error("left the page")); return "t"; } }); wrong.push("abort during getToken: resolved"); }
+      catch (e) { if (e.message !== "left the page" || performance.now() - t1 > 2000 || calls.length !== 1) wrong.push("abort during getToken: " + e + " after " + Math.round(performance.now() - t1) + " ms, " + calls.length + " calls"); }
+    }
+
+    // maxAttempts is a count: 0 means the default (4), as in Go; one that
+    // is not a whole number ≥ 1 is refused instead of retrying for ever.
+    [f, calls] = scripted(...Array(10).fill(fail(503, "unavailable")), fail(400, "stop"));
+    try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 0 }); wrong.push("maxAttempts 0: resolved"); }
+    catch (e) { if (e.status !== 503 || calls.length !== 4) wrong.push("maxAttempts 0: " + e + " after " + calls.length + " calls"); }
+    for (const maxAttempts of [NaN, Infinity, -1, 1.5, "3"]) {
+      [f, calls] = scripted(...Array(10).fill(fail(503, "unavailable")), fail(400, "stop"));
+      try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts }); wrong.push("maxAttempts " + maxAttempts + ": resolved"); }
+      catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push("maxAttempts " + maxAttempts + ": " + e + " after " + calls.length + " calls"); }
+    }
     results.publish = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
   return results;

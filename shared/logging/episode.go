@@ -42,6 +42,7 @@ type Episode struct {
 	active   atomic.Bool  // read without mu by OK, on every success
 	lastFail atomic.Int64 // unix ns of the last failure
 	pending  atomic.Bool  // an end is scheduled (OK came within Quiet)
+	lastOK   atomic.Int64 // unix ns of the last OK while an episode was under way
 
 	mu     sync.Mutex
 	since  time.Time // when it began
@@ -79,6 +80,7 @@ func (e *Episode) OK() {
 	if !e.active.Load() {
 		return
 	}
+	e.lastOK.Store(time.Now().UnixNano())
 	last := e.lastFail.Load()
 	wait := or(e.Quiet, EpisodeQuiet) - time.Since(time.Unix(0, last))
 	if wait <= 0 {
@@ -89,6 +91,13 @@ func (e *Episode) OK() {
 		time.AfterFunc(wait, func() {
 			e.pending.Store(false)
 			e.end(last)
+			// A success that came after a newer failure (or in a new
+			// episode, after Abandon) while this end was pending was
+			// turned away by the CompareAndSwap: schedule its end now,
+			// or the episode would wait for yet another success.
+			if e.active.Load() && e.lastOK.Load() > e.lastFail.Load() {
+				e.OK()
+			}
 		})
 	}
 }

@@ -2,6 +2,7 @@ package logging
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -76,4 +77,32 @@ func TestEpisodeAbandon(t *testing.T) {
 	if recs := buf.JSONLines(t); len(recs) != 3 || recs[2]["msg"] != "reads failing" || recs[2]["failures"] != nil {
 		t.Fatalf("%v, want no end line and a new episode", recs)
 	}
+}
+
+// TestEpisodeAfterAbandonEnds: a new episode begun while the abandoned
+// one's end was still pending ends Quiet after its last failure, on the
+// success reported meanwhile, not only at some later success: the
+// pending end, which finds its episode gone, must not swallow it.
+func TestEpisodeAfterAbandonEnds(t *testing.T) {
+	t.Parallel()
+	var buf testkit.SyncBuffer
+	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
+	boom := errors.New("WRONGTYPE")
+	e.Fail(boom)
+	e.OK() // an end scheduled Quiet after that failure
+	e.Abandon()
+	time.Sleep(20 * time.Millisecond)
+	e.Fail(boom) // a new episode
+	e.OK()       // its only success
+	testkit.Eventually(t, 2*time.Second, func() error {
+		recs := buf.JSONLines(t)
+		if len(recs) != 4 || recs[3]["msg"] != "reads back" || recs[3]["failures"] != float64(1) {
+			return fmt.Errorf("%v, want the new episode ended by its success", recs)
+		}
+		return nil
+	})
 }

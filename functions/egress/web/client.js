@@ -419,7 +419,8 @@ function newKey() {
  * opts.maxAttempts (4) attempts. A 401 with opts.getToken asks it for a
  * fresh token and tries again (the key is scoped to the user, not the
  * token). Any other answer is final. A refusal rejects with a
- * PublishError; bad input (a channel name, null data, an event) with a
+ * PublishError; bad input (a channel name, data that is null in JSON, an
+ * event, a maxAttempts that is not a whole number; 0 means 4) with a
  * TypeError before any request. opts: token or getToken (a user token,
  * sent as Authorization: Bearer), event, from, idempotencyKey,
  * maxAttempts, minBackoff, maxBackoff, signal (an AbortSignal that stops
@@ -427,7 +428,10 @@ function newKey() {
  */
 export async function publish(ingress, channel, data, opts = {}) {
   if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
-  if (data === undefined || data === null) throw new TypeError("data is required (the ingress refuses null: missing_data)");
+  // As Go's publisher refuses Data that marshals to null: NaN, a function
+  // or a toJSON() giving null would go as null or not at all.
+  const dataJSON = JSON.stringify(data);
+  if (dataJSON === undefined || dataJSON === "null") throw new TypeError("data is required and must not be null in JSON (the ingress refuses it: missing_data)");
   if (opts.event != null && (typeof opts.event !== "string" || !EVENT.test(opts.event) || /["\\]/.test(opts.event))) {
     throw new TypeError(`not an event name (at most 64 printable ASCII characters without " or \\): ${opts.event}`);
   }
@@ -437,7 +441,10 @@ export async function publish(ingress, channel, data, opts = {}) {
   }
   const body = JSON.stringify({ data, event: opts.event || undefined, from: opts.from || undefined });
   const doFetch = opts.fetch ?? globalThis.fetch.bind(globalThis);
-  const attempts = opts.maxAttempts ?? 4;
+  // As Go's MaxAttempts: 0 (or absent) means 4; anything but a whole
+  // number from 1 up would retry for ever or not at all.
+  const attempts = opts.maxAttempts == null || opts.maxAttempts === 0 ? 4 : opts.maxAttempts;
+  if (!Number.isInteger(attempts) || attempts < 1) throw new TypeError(`maxAttempts must be a whole number from 1 (0: 4): ${opts.maxAttempts}`);
   const min = opts.minBackoff ?? 100, max = Math.max(opts.maxBackoff ?? 5000, min);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
   let token = opts.token ?? (opts.getToken ? await opts.getToken() : undefined);
@@ -449,7 +456,13 @@ export async function publish(ingress, channel, data, opts = {}) {
     let retry = false, wait = 0;
     try {
       const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal });
-      const json = await r.json().catch(() => null);
+      // The body is read whole before the status is judged: a read that
+      // fails (the connection lost mid-answer, or the signal) is a network
+      // error like fetch's, so a 2xx cut short is retried with the key,
+      // whose replay has the id, and an abort is not taken for a reply.
+      const text = await r.text();
+      let json = null;
+      try { json = JSON.parse(text); } catch { /* not JSON: a gateway's page */ }
       if (r.ok && json?.id) return { id: json.id, channel: json.channel, replayed: r.headers.get("Idempotent-Replayed") === "true" };
       const ra = retryAfterMs(r.headers);
       last = new PublishError(r.status, json?.error?.code ?? "", json?.error?.message ?? "", ra);
@@ -462,11 +475,17 @@ export async function publish(ingress, channel, data, opts = {}) {
       }
       wait = ra ?? 0;
     } catch (err) {
-      if (err instanceof PublishError || opts.signal?.aborted) throw err;
+      // Aborted: the signal's reason, as when a wait is aborted, whatever
+      // the read of a body made of it (Chromium: "Failed to fetch").
+      if (opts.signal?.aborted) throw opts.signal.reason;
+      if (err instanceof PublishError) throw err;
       last = err; // fetch's TypeError: the network failed, the answer is unknown
       retry = true;
     }
     if (!retry || n + 1 >= attempts) throw last;
+    // Aborted after the answer (while getToken ran): the wait below would
+    // never hear the abort event, which has fired already.
+    opts.signal?.throwIfAborted();
     wait = Math.max(wait, Math.random() * Math.min(max, min * 2 ** n));
     await new Promise((resolve, reject) => {
       const abort = () => { clearTimeout(t); reject(opts.signal.reason); };
