@@ -427,3 +427,55 @@ func TestResumeFromPosition(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	checkSequence(t, "resumed client", w2.messages("pos"), ids)
 }
+
+// TestClearHistoryLive: removing a channel's history (DELETE
+// /v1/channels/{channel}/messages) does not disturb its live subscribers,
+// which get what follows with no gap; a client resuming from a removed
+// message is told recovered false and gets what followed the removal; one
+// resuming from the last message removed missed nothing.
+func TestClearHistoryLive(t *testing.T) {
+	e := env{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": redistest.Prefix(t), "ALLOW_ANONYMOUS": "true"}
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	publish := func(i int) string {
+		var res struct{ ID string }
+		if st := post(t, in.URL+"/v1/channels/clr/messages", map[string]any{"data": i}, &res); st != 202 {
+			t.Fatalf("publish: %d", st)
+		}
+		return res.ID
+	}
+	live := dial(t, eg.wsURL(""))
+	live.subscribe("clr")
+	before := []string{publish(0), publish(1), publish(2)}
+	live.waitMessages("clr", 3)
+
+	req, _ := http.NewRequest(http.MethodDelete, in.URL+"/v1/channels/clr/messages", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("clear: %d", resp.StatusCode)
+	}
+	after := []string{publish(3), publish(4)}
+	checkSequence(t, "live subscriber", live.waitMessages("clr", 5), append(slices.Clone(before), after...))
+	select {
+	case <-live.closed:
+		t.Fatalf("the live subscriber was closed (%d)", live.closeCode)
+	default:
+	}
+
+	for _, tc := range []struct {
+		after     string
+		recovered bool
+	}{{before[0], false}, {before[2], true}} {
+		w := dial(t, eg.wsURL(""))
+		w.send(map[string]any{"type": "subscribe", "channel": "clr", "after": tc.after})
+		s := w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+		if s.Recovered == nil || *s.Recovered != tc.recovered {
+			t.Fatalf("resume after %s: recovered %v, want %v", tc.after, s.Recovered, tc.recovered)
+		}
+		checkSequence(t, "resume after "+tc.after, w.waitMessages("clr", 2), after)
+	}
+}

@@ -129,6 +129,12 @@ func TestPublisherRoundTrip(t *testing.T) {
 	if other := history(t, pub, "other"); len(other) != 1 || other[0].ID != batch[1].ID || string(other[0].Data) != `{"x":[1,2]}` {
 		t.Fatalf("history of other: %+v", other)
 	}
+	if n, err := pub.ClearHistory(ctx, "other"); err != nil || n != 1 {
+		t.Fatalf("clear other: %d, %v", n, err)
+	}
+	if other := history(t, pub, "other"); len(other) != 0 {
+		t.Fatalf("history of other after clearing it: %+v", other)
+	}
 
 	// Targeted sends reach a live connection.
 	ws := dial(t, eg.wsURL("user=ada"))

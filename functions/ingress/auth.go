@@ -129,7 +129,7 @@ func (s *Server) authenticate(c *gin.Context) (*principal, error) {
 	return &principal{id: k.ID, key: k}, nil
 }
 
-const userAdminMsg = "user tokens cannot send to connections or users, read the registry or disconnect: these need an API key with the admin scope"
+const userAdminMsg = "user tokens cannot send to connections or users, read the registry, disconnect or remove history: these need an API key with the admin scope"
 
 func (p *principal) mayPublish(ch string) error {
 	switch {
@@ -156,6 +156,20 @@ func (p *principal) mayAdmin() error {
 		return nil
 	}
 	return forbidden("this API key lacks the " + auth.AdminScope + " scope")
+}
+
+// mayClearHistory: removing a channel's history takes the admin scope
+// and the channel: an API key without scopes, or one with +admin and a
+// pattern matching the channel (anonymous mode allows everything). User
+// tokens never may.
+func (p *principal) mayClearHistory(ch string) error {
+	if err := p.mayAdmin(); err != nil {
+		return err
+	}
+	if p.anonymous() || p.key.MayUseChannel(ch) {
+		return nil
+	}
+	return forbidden("this API key may not use " + ch + ": removing its history takes the " + auth.AdminScope + " scope and the channel")
 }
 
 // mayReadPresence: the registry is admin-only.

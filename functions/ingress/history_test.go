@@ -14,6 +14,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -474,5 +475,95 @@ func TestHistoryPageNextEdges(t *testing.T) {
 		if len(p.entries) == 0 || len(p.entries) > limit || len(p.entries) > 1 && p.bytes > historyPageBytes {
 			t.Fatalf("seed %d: %d entries of %d bytes, limit %d", seed, len(p.entries), p.bytes, limit)
 		}
+	}
+}
+
+// TestClearHistory: DELETE /v1/channels/{channel}/messages removes the
+// channel's messages and says how many; the channel goes on. A reader at
+// the last message removed misses nothing; one behind it is told
+// recovered false, as after trimming; the next message, even in the same
+// millisecond as the last one removed, gets a greater id (the stream's
+// last id is kept). Other channels are untouched.
+func TestClearHistory(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ids := e.publishN(3)
+	if w := e.do("POST", "/v1/channels/other/messages", `{"data":1}`); w.Code != 202 {
+		t.Fatalf("publish: %d", w.Code)
+	}
+	w := e.do("DELETE", "/v1/channels/h/messages", "")
+	if w.Code != 200 {
+		t.Fatalf("clear: %d %s", w.Code, w.Body.String())
+	}
+	if out := decode[struct {
+		Channel string
+		Removed int
+	}](t, w); out.Channel != "h" || out.Removed != 3 {
+		t.Fatalf("clear: %s", w.Body.String())
+	}
+	if h := e.history(""); len(h.Messages) != 0 {
+		t.Fatalf("history after clear: %v", idsOf(h.Messages))
+	}
+	if h := e.history("?after=" + ids[2]); !*h.Recovered || len(h.Messages) != 0 {
+		t.Fatalf("from the last id removed: %+v", h)
+	}
+	if h := e.history("?after=" + ids[0]); *h.Recovered || h.Next != ids[2] {
+		t.Fatalf("from an id removed: %+v, want recovered false and next %s", h, ids[2])
+	}
+	// The stream's last id is kept: an id Redis would give a new stream
+	// in the same millisecond (ms-0) is refused, so the next message goes
+	// after the removed ones.
+	last := stream.MustParseID(ids[2])
+	if err := e.rdb.XAdd(context.Background(), &redis.XAddArgs{Stream: e.keys.Stream("h"), ID: fmt.Sprintf("%d-0", last.MS), Values: []string{"x", "y"}}).Err(); err == nil {
+		t.Fatal("the stream forgot its last id: an id below the removed messages was taken")
+	}
+	next := e.publishN(1)[0]
+	if !last.Less(stream.MustParseID(next)) {
+		t.Fatalf("next id %s is not after the last removed %s", next, ids[2])
+	}
+	if h := e.history("?after=" + ids[2]); !*h.Recovered || len(h.Messages) != 1 || h.Messages[0].ID != next {
+		t.Fatalf("from the last id removed, after a new message: %+v", h)
+	}
+	// Nothing to remove: 0. Another channel's history is untouched.
+	w = e.do("DELETE", "/v1/channels/empty/messages", "")
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"removed":0`) {
+		t.Fatalf("clear of an empty channel: %d %s", w.Code, w.Body.String())
+	}
+	if n := e.xlen("other"); n != 1 {
+		t.Fatalf("other channel: XLEN %d", n)
+	}
+	expectError(t, e.do("DELETE", "/v1/channels/.bad/messages", ""), 400, "invalid_channel")
+}
+
+// TestClearHistoryNeedsAdmin: removing history takes the admin scope and
+// the channel; a user token never may.
+func TestClearHistoryNeedsAdmin(t *testing.T) {
+	t.Parallel()
+	keys := testKeys + ",chat-admin-0123456789=" + auth.AdminScope + "|chat:*"
+	e, logs := newSecEnv(t, map[string]string{"API_KEYS": keys, "JWT_SECRET": testSecret})
+	tok := userToken(t, auth.Claims{Subject: "ada", Channels: []string{"chat:*"}, Publish: []string{"chat:*"}})
+	for _, tc := range []struct {
+		cred, ch string
+		status   int
+	}{
+		{chatKey, "chat:1", 403},  // the channel, not the admin scope
+		{adminKey, "chat:1", 403}, // the admin scope, not the channel
+		{tok, "chat:1", 403},
+		{"", "chat:1", 401},
+		{"chat-admin-0123456789", "news.1", 403},
+		{"chat-admin-0123456789", "chat:1", 200},
+		{fullKey, "news.1", 200},
+	} {
+		var hdr []string
+		if tc.cred != "" {
+			hdr = bearer(tc.cred)
+		}
+		w := e.do("DELETE", "/v1/channels/"+tc.ch+"/messages", "", hdr...)
+		if w.Code != tc.status {
+			t.Errorf("%.8s… on %s: %d %s, want %d", tc.cred, tc.ch, w.Code, w.Body.String(), tc.status)
+		}
+	}
+	if !strings.Contains(logs.String(), `"msg":"history removed"`) || strings.Contains(logs.String(), fullKey) {
+		t.Errorf("the removal is not logged, or the log names a key: %s", logs.String())
 	}
 }

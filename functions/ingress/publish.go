@@ -499,6 +499,25 @@ func (s *Server) historyLatest(ctx context.Context, key string, limit int) ([]st
 	return p.entries, nil
 }
 
+// handleClearHistory: DELETE /v1/channels/{channel}/messages (admin and
+// the channel). Removes every message the channel's stream holds; the
+// channel goes on (its next message continues the chain, with a greater
+// id), and subscribers are not disturbed. A reader resuming from a
+// removed message is told recovered:false, as after trimming.
+func (s *Server) handleClearHistory(c *gin.Context) {
+	ch, who, ok := s.channelRoute(c, (*principal).mayClearHistory)
+	if !ok {
+		return
+	}
+	n, err := s.store.Clear(c.Request.Context(), s.keys.Stream(ch))
+	if err != nil {
+		s.writeError(c, err)
+		return
+	}
+	s.log.Info("history removed", "channel", ch, "messages", n, "by", who.id)
+	c.JSON(200, gin.H{"channel": ch, "removed": n})
+}
+
 // handleHistory: GET /v1/channels/{channel}/messages?after=&limit=.
 func (s *Server) handleHistory(c *gin.Context) {
 	ch, _, ok := s.channelRoute(c, (*principal).mayReadHistory)

@@ -15,6 +15,7 @@ func (s *Server) routes(r *gin.Engine) {
 	v1 := r.Group("/v1")
 	v1.POST("/channels/:channel/messages", s.handlePublish)
 	v1.GET("/channels/:channel/messages", s.handleHistory)
+	v1.DELETE("/channels/:channel/messages", s.handleClearHistory)
 	v1.GET("/channels/:channel/connections", s.handleChannelConnections)
 	v1.POST("/messages", s.handleBatch)
 	v1.POST("/connections/:id/messages", s.handleSendToConnection)

@@ -1,8 +1,8 @@
 // Package publisher is the Go client of the ingress HTTP API
 // (docs/api.md), for backend services: it publishes to channels (one
 // message or a batch), sends to one connection or to every connection of
-// a user, disconnects a connection, and reads a channel's history and the
-// connection registry. It is the server-side counterpart of package
+// a user, disconnects a connection, reads and clears a channel's history
+// and reads the connection registry. It is the server-side counterpart of package
 // client, which receives.
 //
 // Its point is safe retries. Every POST carries an Idempotency-Key: the
@@ -32,8 +32,9 @@
 // [0, min(MaxBackoff, MinBackoff·2ⁿ)] (full jitter, 100 ms doubling to
 // 5 s by default), and at least the response's Retry-After (seconds or
 // an HTTP date, at most MaxRetryAfter). The reads (History, Connection,
-// ChannelConnections: GET) and Disconnect (DELETE) are idempotent by
-// themselves: they are retried on the same conditions, without a key.
+// ChannelConnections: GET) and the deletes (Disconnect, ClearHistory) are
+// idempotent by themselves: they are retried on the same conditions,
+// without a key.
 //
 // The call's ctx bounds it all: when ctx ends, the call returns at once
 // with an error that wraps both ctx.Err() and the last attempt's error.
@@ -532,6 +533,28 @@ func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) (
 		return nil, unexpected(rep)
 	}
 	return out.Connections, nil
+}
+
+// ClearHistory removes every message of channel's history and returns
+// how many there were: DELETE /v1/channels/{channel}/messages (needs an
+// API key with admin rights and the channel). The channel goes on, and
+// its subscribers are not disturbed; a client resuming from a removed
+// message is told recovered:false.
+func (c *Client) ClearHistory(ctx context.Context, ch string) (removed int, err error) {
+	if err := checkChannel(ch); err != nil {
+		return 0, invalid(err)
+	}
+	var out struct {
+		Removed *int `json:"removed"`
+	}
+	rep, err := c.do(ctx, &request{method: http.MethodDelete, path: "/v1/channels/" + url.PathEscape(ch) + "/messages"}, &out)
+	if err != nil {
+		return 0, err
+	}
+	if out.Removed == nil {
+		return 0, unexpected(rep)
+	}
+	return *out.Removed, nil
 }
 
 // Page is a page of a channel's history.

@@ -447,6 +447,13 @@ func TestEndpoints(t *testing.T) {
 			}
 			return err
 		}, "GET", "/v1/channels/room/connections", "limit=5", false},
+		{"clear history", answer{status: 200, body: `{"channel":"room","removed":7}`}, func(c *Client) error {
+			n, err := c.ClearHistory(ctx, "room")
+			if err == nil && n != 7 {
+				t.Errorf("removed %d", n)
+			}
+			return err
+		}, "DELETE", "/v1/channels/room/messages", "", false},
 		{"latest history", answer{status: 200, body: `{"messages":[],"next":""}`}, func(c *Client) error {
 			p, err := c.History(ctx, "room", "", 0)
 			if err == nil && (p.Recovered != nil || len(p.Messages) != 0) {
@@ -605,6 +612,7 @@ func TestInvalidInputSendsNothing(t *testing.T) {
 		"disconnect id":   func() error { return c.Disconnect(ctx, "a b") },
 		"history channel": func() error { _, err := c.History(ctx, ".a", "", 0); return err },
 		"record id":       func() error { _, err := c.Connection(ctx, ""); return err },
+		"clear channel":   func() error { _, err := c.ClearHistory(ctx, "-a"); return err },
 		"list channel":    func() error { _, err := c.ChannelConnections(ctx, "a/b", 0); return err },
 		"list limit":      func() error { _, err := c.ChannelConnections(ctx, "c", MaxConnectionsLimit+1); return err },
 		"list -limit":     func() error { _, err := c.ChannelConnections(ctx, "c", -1); return err },

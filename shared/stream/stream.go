@@ -523,6 +523,24 @@ func lastIDOf(key string, rev *redis.XMessageSliceCmd, last *redis.StringCmd) (I
 	return id, nil
 }
 
+// Clear removes every entry of the stream at key and returns how many
+// it held (0 for a stream that does not exist). It trims the stream to
+// nothing (XTRIM MAXLEN 0, atomic, O(entries)) rather than deleting the
+// key, so that Redis keeps the stream's last generated id: an append in
+// the same millisecond as the last one removed still gets a greater id,
+// which a deleted key would not give (subscribers at that id would take
+// the new message for one they had). The last-id key is kept too, so the
+// chain goes on: a reader at the last id appended misses nothing; a
+// reader behind it finds its position gone and resumes with Continuous
+// false, as after trimming.
+func (s *Store) Clear(ctx context.Context, key string) (int64, error) {
+	n, err := s.rdb.XTrimMaxLen(ctx, key, 0).Result()
+	if err != nil {
+		return 0, fmt.Errorf("clear %s: %w", key, err)
+	}
+	return n, nil
+}
+
 // Batch is what Resume read.
 type Batch struct {
 	// Entries are the entries that follow From, oldest first.
