@@ -169,7 +169,7 @@ func TestNotFoundAndMethodNotAllowed(t *testing.T) {
 		{"GET", "/nope", 404, "not_found"},
 		{"POST", "/v1/channels", 404, "not_found"},
 		{"GET", "/v1/channels/a/messages/extra", 404, "not_found"},
-		{"DELETE", "/v1/channels/a/messages", 405, "method_not_allowed"},
+		{"PUT", "/v1/channels/a/messages", 405, "method_not_allowed"},
 		{"PUT", "/v1/messages", 405, "method_not_allowed"},
 		{"GET", "/v1/messages", 405, "method_not_allowed"},
 		{"POST", "/healthz", 405, "method_not_allowed"},
