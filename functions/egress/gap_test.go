@@ -138,6 +138,66 @@ func TestGapPastTrim(t *testing.T) {
 	}
 }
 
+// TestGapPastClear: notifications are lost while the channel's history is
+// removed (Store.Clear, DELETE /v1/channels/{channel}/messages) after
+// messages this egress had not delivered: its subscriber is closed with
+// 1011 and its resume says recovered:false, as for a trim; a subscriber
+// of a channel whose notifications all arrived gets what follows the
+// removal as usual. The same when the last-id key was missing at the
+// removal (evicted): the next message chained from 0-0, which the egress
+// took for a stream that expired and started again, and it delivered
+// past the lost messages.
+func TestGapPastClear(t *testing.T) {
+	t.Parallel()
+	for _, dropKey := range []bool{false, true} {
+		t.Run(fmt.Sprint("dropKey=", dropKey), func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			store := stream.NewStore(rdb)
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			clear := func(ch string) {
+				t.Helper()
+				if dropKey {
+					if err := rdb.Del(t.Context(), keys.Last(ks.Stream(ch))).Err(); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if _, err := store.Clear(t.Context(), ks.Stream(ch)); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			live, _ := subscribedTo(t, e, "calm")
+			calm := []string{appendTo(t, rdb, ks, "calm", ks.Notify("calm"), 1), appendTo(t, rdb, ks, "calm", ks.Notify("calm"), 2)}
+			clear("calm")
+			calm = append(calm, appendTo(t, rdb, ks, "calm", ks.Notify("calm"), 3))
+			if got, code := readMessages(live, 5*time.Second, func(id string) bool { return id == calm[2] }); fmt.Sprint(got) != fmt.Sprint(calm) {
+				t.Fatalf("subscriber live across the removal: %v (close %d), want %v", got, code, calm)
+			}
+
+			ws, _ := subscribedTo(t, e, "room")
+			ids := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 1)}
+			if got := nextData(t, ws); got != "1" {
+				t.Fatalf("first message %s", got)
+			}
+			for i := 2; i <= 3; i++ { // their notifications are lost
+				ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room")+"-lost", i))
+			}
+			clear("room")
+			ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), 4)) // shows the gap
+			got, code := readMessages(ws, 5*time.Second, nil)
+			if code != protocol.CloseInternal || len(got) != 0 {
+				t.Fatalf("after the gap: messages %v, close %d; want none and %d", got, code, protocol.CloseInternal)
+			}
+			r := next(t, resumeOn(t, e, "room", ids[0]), "subscribed")
+			if r.Recovered == nil || *r.Recovered || r.Position != ids[2] {
+				t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[2])
+			}
+		})
+	}
+}
+
 // TestReplayTrimmedMidway: the stream is trimmed past a replay's position
 // between two of its batches (a slow reader on a busy channel). The
 // client was told recovered:true; skipping to the oldest entry left would

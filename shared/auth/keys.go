@@ -17,8 +17,9 @@ import (
 )
 
 // AdminScope is the scope item that grants the admin routes: targeted
-// sends, registry reads and disconnects. It starts with '+', which no
-// channel pattern can, so it never clashes with a channel name.
+// sends, registry reads and disconnects, and, with a channel pattern,
+// removing the history of the channels it matches. It starts with '+',
+// which no channel pattern can, so it never clashes with a channel name.
 const AdminScope = "+admin"
 
 // Key is one configured API key. The secret itself is not kept, only its

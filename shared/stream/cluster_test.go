@@ -73,6 +73,39 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	// Clear runs on each channel's master (its two keys share the slot),
+	// and writes a missing last-id key there.
+	t.Run("clear", func(t *testing.T) {
+		ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+		t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
+		store := stream.NewStore(rdb)
+		ctx := context.Background()
+		for i := range 9 { // over every master, most likely (checked above for 100)
+			ch := fmt.Sprintf("clr-%d", i)
+			key := ks.Stream(ch)
+			a := stream.Append{
+				Stream: key, Notify: ks.Notify(ch),
+				Msg:    stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: json.RawMessage(`{}`)},
+				Limits: stream.Limits{MaxLen: 100, TTLMS: 60000},
+			}
+			ids, err := store.Append(ctx, []stream.Append{a, a})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if i%2 == 0 {
+				if err := rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n, err := store.Clear(ctx, key); err != nil || n != 2 {
+				t.Fatalf("%s: Clear = %d, %v", ch, n, err)
+			}
+			if last, err := store.LastID(ctx, key); err != nil || last.String() != ids[1] {
+				t.Fatalf("%s: LastID after Clear = %v, %v; want %s", ch, last, err, ids[1])
+			}
+		}
+	})
+
 	t.Run("channels spread across masters", func(t *testing.T) {
 		ks := keys.Scheme{Prefix: redistest.Prefix(t)}
 		t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })

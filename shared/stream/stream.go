@@ -38,7 +38,8 @@ import (
 //
 // The predecessor comes from the last-id key, which every append sets in
 // the same atomic step as its XADD; only when that key is missing (first
-// append, or expired or evicted) is it read from the stream. Reading the
+// append, or expired or evicted) is it read from the stream: its last
+// entry, or the last id it generated when a Clear emptied it. Reading the
 // previous entry instead copied its whole body into Lua on every append:
 // a fifth of the script's time, for short messages as for 700-byte
 // ones (docs/benchmarks.md).
@@ -57,7 +58,16 @@ local prev = redis.call('GET', KEYS[3])
 if not prev then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   prev = '0-0'
-  if last[1] then prev = last[1][1] end
+  if last[1] then
+    prev = last[1][1]
+  elseif redis.call('EXISTS', KEYS[1]) == 1 then
+    -- Emptied by a history removal (Store.Clear), which keeps the
+    -- stream's last generated id: the last message appended.
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then prev = info[i + 1] end
+    end
+  end
 end
 local id
 local maxlen = tonumber(ARGV[5])
@@ -523,18 +533,50 @@ func lastIDOf(key string, rev *redis.XMessageSliceCmd, last *redis.StringCmd) (I
 	return id, nil
 }
 
+// clearSrc: KEYS[1] stream, KEYS[2] its last-id key (keys.Last). Trims
+// the stream to nothing and returns how many entries it held. When the
+// last-id key is missing (evicted, or a stream last written before the key
+// existed), it is first written with the stream's last generated id, for
+// twice the stream's remaining TTL as an append would: an emptied stream
+// has no last entry to stand in for it, so LastID and Resume would read
+// 0-0, and a client at the last message removed would be told it missed
+// some. (The append script reads the last generated id itself, for a key
+// lost after the removal.)
+const clearSrc = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local last
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  if last and last ~= '0-0' then
+    local pttl = redis.call('PTTL', KEYS[1])
+    if pttl > 0 then
+      redis.call('SET', KEYS[2], last, 'PX', 2 * pttl)
+    else
+      redis.call('SET', KEYS[2], last)
+    end
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+`
+
+var clearScript = redis.NewScript(clearSrc)
+
 // Clear removes every entry of the stream at key and returns how many
 // it held (0 for a stream that does not exist). It trims the stream to
-// nothing (XTRIM MAXLEN 0, atomic, O(entries)) rather than deleting the
-// key, so that Redis keeps the stream's last generated id: an append in
-// the same millisecond as the last one removed still gets a greater id,
-// which a deleted key would not give (subscribers at that id would take
-// the new message for one they had). The last-id key is kept too, so the
+// nothing (XTRIM MAXLEN 0, atomic with the append script, O(entries))
+// rather than deleting the key, so that Redis keeps the stream's last
+// generated id: an append in the same millisecond as the last one removed
+// still gets a greater id, which a deleted key would not give
+// (subscribers at that id would take the new message for one they had).
+// The last-id key is kept, or written when missing (clearSrc), so the
 // chain goes on: a reader at the last id appended misses nothing; a
 // reader behind it finds its position gone and resumes with Continuous
 // false, as after trimming.
 func (s *Store) Clear(ctx context.Context, key string) (int64, error) {
-	n, err := s.rdb.XTrimMaxLen(ctx, key, 0).Result()
+	n, err := clearScript.Run(ctx, s.rdb, []string{key, keys.Last(key)}).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("clear %s: %w", key, err)
 	}

@@ -663,3 +663,105 @@ func TestAppendArgs(t *testing.T) {
 		}
 	}
 }
+
+// TestClear: Clear empties the stream and the chain goes on from the last
+// message removed, also when the last-id key was missing (evicted, or a
+// stream last written before the key existed): Clear writes it then, with
+// twice the stream's remaining TTL, since an empty stream leaves the
+// append script nothing to read its predecessor from. Otherwise the next
+// message chained from 0-0: a client at 0-0, which never got the removed
+// messages, was told it missed nothing, and one at the last message
+// removed that it missed something.
+func TestClear(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		dropKey bool
+		lim     Limits
+	}{
+		{"last-id key kept", false, Limits{TTLMS: 60000}},
+		{"last-id key missing", true, Limits{TTLMS: 60000}},
+		{"last-id key missing, no TTL", true, Limits{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			ctx := t.Context()
+			key := e.keys.Stream("clr")
+			ids := e.publish("clr", 3, tc.lim)
+			if tc.dropKey {
+				if err := e.rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n, err := e.store.Clear(ctx, key); err != nil || n != 3 {
+				t.Fatalf("Clear = %d, %v; want 3", n, err)
+			}
+			if tc.dropKey { // lost again once the stream is empty: Clear still knows
+				if err := e.rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n, err := e.store.Clear(ctx, key); err != nil || n != 0 {
+				t.Fatalf("Clear again = %d, %v; want 0", n, err)
+			}
+			last := MustParseID(ids[2])
+			if pos, err := e.store.LastID(ctx, key); err != nil || pos != last {
+				t.Fatalf("LastID after Clear = %v, %v; want %s", pos, err, last)
+			}
+			pttl := e.rdb.PTTL(ctx, keys.Last(key)).Val()
+			switch {
+			case tc.lim.TTLMS == 0 && pttl != -1:
+				t.Fatalf("last-id key PTTL %v, want none", pttl)
+			case tc.lim.TTLMS > 0 && (pttl < time.Duration(tc.lim.TTLMS)*time.Millisecond || pttl > 2*time.Duration(tc.lim.TTLMS)*time.Millisecond):
+				t.Fatalf("last-id key PTTL %v, want it to outlive the stream (TTL %d ms)", pttl, tc.lim.TTLMS)
+			}
+			if b, err := e.store.Resume(ctx, key, last, 10); err != nil || !b.Continuous {
+				t.Fatalf("Resume from the last removed, nothing since = %+v, %v; want recovered", b, err)
+			}
+			next := e.publish("clr", 1, tc.lim)[0]
+			if b, err := e.store.Resume(ctx, key, last, 10); err != nil || !b.Continuous || first(b.Entries) != next {
+				t.Fatalf("Resume from the last removed = %+v, %v; want recovered with %s", b, err, next)
+			}
+			for _, after := range []ID{Zero, MustParseID(ids[0])} {
+				if b, err := e.store.Resume(ctx, key, after, 10); err != nil || b.Continuous || b.From != last {
+					t.Fatalf("Resume from %s = %+v, %v; want not recovered, from %s", after, b, err, last)
+				}
+			}
+			// Nothing to clear: no key is written.
+			if n, err := e.store.Clear(ctx, e.keys.Stream("none")); err != nil || n != 0 {
+				t.Fatalf("Clear of a missing stream = %d, %v", n, err)
+			}
+			if n := e.rdb.Exists(ctx, e.keys.Stream("none"), keys.Last(e.keys.Stream("none"))).Val(); n != 0 {
+				t.Fatalf("Clear of a missing stream wrote %d keys", n)
+			}
+		})
+	}
+}
+
+// TestAppendToClearedStreamWithoutLastIDKey: the last-id key lost after a
+// Clear (evicted): the append script reads its predecessor from the
+// stream, which is empty but keeps its last generated id. Reading only the
+// stream's last entry, it chained from 0-0.
+func TestAppendToClearedStreamWithoutLastIDKey(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("clr")
+	lim := Limits{TTLMS: 60000}
+	ids := e.publish("clr", 2, lim)
+	if _, err := e.store.Clear(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	next := e.publish("clr", 1, lim)[0]
+	b, err := e.store.Resume(ctx, key, MustParseID(ids[1]), 10)
+	if err != nil || !b.Continuous || first(b.Entries) != next {
+		t.Fatalf("Resume from the last removed = %+v, %v; want recovered with %s", b, err, next)
+	}
+	if b, err := e.store.Resume(ctx, key, Zero, 10); err != nil || b.Continuous {
+		t.Fatalf("Resume from 0-0 = %+v, %v; want not recovered", b, err)
+	}
+}
