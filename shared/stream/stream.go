@@ -38,8 +38,9 @@ import (
 //
 // The predecessor comes from the last-id key, which every append sets in
 // the same atomic step as its XADD; only when that key is missing (first
-// append, or expired or evicted) is it read from the stream: its last
-// entry, or the last id it generated when a Clear emptied it. Reading the
+// append, or expired or evicted) is it read from the stream: the last id
+// it generated, its last entry's or, when a Clear emptied it, the last
+// one removed. Reading the
 // previous entry instead copied its whole body into Lua on every append:
 // a fifth of the script's time, for short messages as for 700-byte
 // ones (docs/benchmarks.md).
@@ -56,14 +57,13 @@ if KEYS[4] then
 end
 local prev = redis.call('GET', KEYS[3])
 if not prev then
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  -- The stream's last generated id: its last entry's (streams are only
+  -- appended to and trimmed from the front), or, once a history removal
+  -- (Store.Clear) emptied it, the last one removed. No stream: 0-0. One
+  -- call either way, so a channel's first append costs what it did.
   prev = '0-0'
-  if last[1] then
-    prev = last[1][1]
-  elseif redis.call('EXISTS', KEYS[1]) == 1 then
-    -- Emptied by a history removal (Store.Clear), which keeps the
-    -- stream's last generated id: the last message appended.
-    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+  if not info.err then
     for i = 1, #info, 2 do
       if info[i] == 'last-generated-id' then prev = info[i + 1] end
     end

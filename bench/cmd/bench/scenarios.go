@@ -303,10 +303,11 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 }
 
 // publishSide are the commands a publish runs (the script and what it
-// calls); everything else in INFO commandstats during S6's publishing is
-// the egresses' (or the bench's INFO).
+// calls: xinfo|stream, as Redis 7 names a subcommand, on a channel's
+// first append); everything else in INFO commandstats during S6's
+// publishing is the egresses' (or the bench's INFO).
 var publishSide = map[string]bool{
-	"evalsha": true, "eval": true, "xrevrange": true, "xadd": true, "time": true,
+	"evalsha": true, "eval": true, "xrevrange": true, "xinfo|stream": true, "xadd": true, "time": true,
 	"xtrim": true, "pexpire": true, "info": true,
 }
 
