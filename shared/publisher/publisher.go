@@ -346,22 +346,29 @@ func (c *Client) Publish(ctx context.Context, ch string, m Message, opts ...Opti
 	if err := checkChannel(ch); err != nil {
 		return Result{}, invalid(err)
 	}
+	return c.send(ctx, "/v1/channels/"+url.PathEscape(ch)+"/messages", m, opts)
+}
+
+// send posts m to path, a publish or a send to a connection, and reads
+// the reply: {"id", "channel"} or {"id", "connection"}.
+func (c *Client) send(ctx context.Context, path string, m Message, opts []Option) (Result, error) {
 	b, err := m.body()
 	if err != nil {
 		return Result{}, invalid(err)
 	}
 	var out struct {
-		ID      string `json:"id"`
-		Channel string `json:"channel"`
+		ID         string `json:"id"`
+		Channel    string `json:"channel"`
+		Connection string `json:"connection"`
 	}
-	rep, err := c.post(ctx, "/v1/channels/"+url.PathEscape(ch)+"/messages", b, opts, &out)
+	rep, err := c.post(ctx, path, b, opts, &out)
 	if err != nil {
 		return Result{}, err
 	}
 	if out.ID == "" {
 		return Result{}, unexpected(rep)
 	}
-	return Result{ID: out.ID, Channel: out.Channel, Replayed: rep.replayed}, nil
+	return Result{ID: out.ID, Channel: out.Channel, Connection: out.Connection, Replayed: rep.replayed}, nil
 }
 
 // PublishBatch publishes items, on any channels, in one request: POST
@@ -418,22 +425,7 @@ func (c *Client) SendToConnection(ctx context.Context, id string, m Message, opt
 	if err := checkID("connection id", id); err != nil {
 		return Result{}, invalid(err)
 	}
-	b, err := m.body()
-	if err != nil {
-		return Result{}, invalid(err)
-	}
-	var out struct {
-		ID         string `json:"id"`
-		Connection string `json:"connection"`
-	}
-	rep, err := c.post(ctx, "/v1/connections/"+url.PathEscape(id)+"/messages", b, opts, &out)
-	if err != nil {
-		return Result{}, err
-	}
-	if out.ID == "" {
-		return Result{}, unexpected(rep)
-	}
-	return Result{ID: out.ID, Connection: out.Connection, Replayed: rep.replayed}, nil
+	return c.send(ctx, "/v1/connections/"+url.PathEscape(id)+"/messages", m, opts)
 }
 
 // SendToUser sends m to every live connection of user: POST
@@ -475,7 +467,8 @@ func (c *Client) Disconnect(ctx context.Context, id string) error {
 
 // Connection is a live connection's registry record (docs/api.md,
 // "Registry reads"): who it is, which egress instance holds it, and the
-// channels it is subscribed to.
+// channels it is subscribed to. It mirrors registry.Record, which is not
+// imported so that a backend's build does not take in the Redis client.
 type Connection struct {
 	ID          string    `json:"id"`
 	User        string    `json:"user"`
