@@ -323,6 +323,15 @@ const clientJSCases = `(async () => {
     await publish("", "room", 1, { fetch: f, getToken: async () => "fresh" + ++tokens, minBackoff: 1 });
     if (calls.length !== 2 || calls[0].init.headers.Authorization !== "Bearer fresh1" || calls[1].init.headers.Authorization !== "Bearer fresh2") wrong.push("getToken after 401: " + calls.map((c) => c.init.headers.Authorization));
 
+    // A getToken that fails after a 401 ends the call with its error; no
+    // attempt with the refused token follows.
+    let asked = 0;
+    [f, calls] = scripted(fail(401, "token_expired"), ok);
+    try {
+      await publish("", "room", 1, { fetch: f, minBackoff: 1, getToken: async () => { if (asked++) throw new Error("token service down"); return "t"; } });
+      wrong.push("getToken failing after 401: resolved");
+    } catch (e) { if (e.message !== "token service down" || calls.length !== 1) wrong.push("getToken failing after 401: " + e + " after " + calls.length + " calls"); }
+
     [f, calls] = scripted(fail(503, "unavailable"));
     try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 3 }); wrong.push("503 for ever: resolved"); }
     catch (e) { if (e.status !== 503 || calls.length !== 3) wrong.push("503 for ever: " + e + " after " + calls.length + " calls"); }

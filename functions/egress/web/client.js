@@ -453,7 +453,7 @@ export async function publish(ingress, channel, data, opts = {}) {
     opts.signal?.throwIfAborted();
     const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
     if (token) headers.Authorization = "Bearer " + token;
-    let retry = false, wait = 0;
+    let retry = false, freshToken = false, wait = 0;
     try {
       const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal });
       // The body is read whole before the status is judged: a read that
@@ -469,10 +469,7 @@ export async function publish(ingress, channel, data, opts = {}) {
       if (r.ok) throw last; // a 2xx without an id: not an ingress
       retry = r.status === 502 || r.status === 503 || r.status === 504 ||
         (r.status === 429 && ra !== null) || (r.status === 409 && last.code === "idempotency_in_progress");
-      if (r.status === 401 && opts.getToken) {
-        token = await opts.getToken();
-        retry = true;
-      }
+      if (r.status === 401 && opts.getToken) freshToken = retry = true;
       wait = ra ?? 0;
     } catch (err) {
       // Aborted: the signal's reason, as when a wait is aborted, whatever
@@ -483,6 +480,10 @@ export async function publish(ingress, channel, data, opts = {}) {
       retry = true;
     }
     if (!retry || n + 1 >= attempts) throw last;
+    // Outside the try: a getToken that fails ends the call with its own
+    // error, as it does before the first attempt (retrying with the token
+    // just refused would only be refused again).
+    if (freshToken) token = await opts.getToken();
     // Aborted after the answer (while getToken ran): the wait below would
     // never hear the abort event, which has fired already.
     opts.signal?.throwIfAborted();
