@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -312,3 +314,70 @@ func TestPublisherIngressErrors(t *testing.T) {
 		t.Fatalf("history holds %d messages, want 1", len(got))
 	}
 }
+
+// TestPublisherRidesOutRedisOutage: Redis goes away for a second under a
+// publish. The ingress answers 503 meanwhile; the publisher retries, with
+// its key, until Redis is back, and the message is written once.
+func TestPublisherRidesOutRedisOutage(t *testing.T) {
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	srv := redistest.Start(t)
+	ing := startIngressWithKeys(t, srv.URL(), redistest.Prefix(t))
+	// The statuses of the publisher's attempts, seen on the wire.
+	var (
+		mu       sync.Mutex
+		statuses []int
+	)
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: roundTripper(func(r *http.Request) (*http.Response, error) {
+		resp, err := tr.RoundTrip(r)
+		if err == nil && r.Method == http.MethodPost {
+			mu.Lock()
+			statuses = append(statuses, resp.StatusCode)
+			mu.Unlock()
+		}
+		return resp, err
+	})}
+	pub, err := pubpkg.New(pubpkg.Options{URL: ing.URL, Token: "k-full", HTTPClient: hc, MaxAttempts: 50, MinBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	srv.Stop()
+	type outcome struct {
+		res pubpkg.Result
+		err error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		res, err := pub.Publish(ctx, "outage", pubpkg.Message{Data: "through the outage"})
+		done <- outcome{res, err}
+	}()
+	time.Sleep(time.Second) // a few attempts meet the 503
+	select {
+	case o := <-done:
+		t.Fatalf("published while Redis was down: %+v, %v", o.res, o.err)
+	default:
+	}
+	srv.Restart(t)
+	o := <-done
+	if o.err != nil {
+		t.Fatalf("publish across the outage: %v", o.err)
+	}
+	got := history(t, pub, "outage")
+	if len(got) != 1 || got[0].ID != o.res.ID || string(got[0].Data) != `"through the outage"` {
+		t.Fatalf("history %+v, want the one message %s", got, o.res.ID)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(statuses) < 2 || statuses[0] != http.StatusServiceUnavailable || statuses[len(statuses)-1] != http.StatusAccepted {
+		t.Fatalf("attempts answered %v, want 503s then one 202", statuses)
+	}
+}
+
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
