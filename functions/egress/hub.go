@@ -168,6 +168,21 @@ func (h *hub) run(ctx context.Context) {
 	defer sub.Close()
 	// Errors are retried inside the subscriber (the inbox stays wanted).
 	_ = sub.Subscribe(ctx, h.inbox.notify)
+	// Channels a socket wanted before the subscriber existed (acquire
+	// found none: a connection in the instant between the listener
+	// opening and this loop starting, as an SCF instance started by that
+	// connection can see). Read after h.sub is set, so that a channel
+	// acquired later finds the subscriber itself; Subscribe ignores one
+	// already wanted.
+	h.mu.Lock()
+	early := make([]string, 0, len(h.chans))
+	for notify := range h.chans {
+		early = append(early, notify)
+	}
+	h.mu.Unlock()
+	for _, notify := range early {
+		_ = sub.Subscribe(ctx, notify)
+	}
 	for {
 		select {
 		case <-ctx.Done():

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -246,4 +247,45 @@ func TestRefreshKeepsNoEndedConnection(t *testing.T) {
 	if rec, err := s.reg.Get(t.Context(), c.id); !errors.Is(err, registry.ErrNotFound) {
 		t.Fatalf("registry holds %+v, %v for a connection that has ended", rec, err)
 	}
+}
+
+// TestSubscribeBeforeRun: a channel wanted before the hub's loop has
+// started (a socket that subscribes in the instant between the listener
+// opening and the loop starting, as an SCF instance started by that very
+// connection may see) is subscribed once the loop starts, instead of
+// waiting out acquire's 5 s and failing unavailable.
+func TestSubscribeBeforeRun(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	cfg, err := loadConfig(func(k string) string {
+		return map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix}[k]
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(cfg, slog.New(slog.DiscardHandler), rdb)
+	h := s.hub
+	ks := keys.Scheme{Prefix: prefix}
+	type result struct {
+		cs  *chanState
+		err error
+	}
+	acquired := make(chan result, 1)
+	go func() {
+		cs, err := h.acquire(t.Context(), "early")
+		acquired <- result{cs, err}
+	}()
+	// The loop has not started: acquire found no subscriber.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if h.state(ks.Notify("early")) == nil || h.redisErrors.Load() == 0 {
+			return errors.New("acquire has not tried to subscribe yet")
+		}
+		return nil
+	})
+	startEgress(t, s)
+	r := <-acquired
+	if r.err != nil || r.cs == nil || !r.cs.confirmed {
+		t.Fatalf("acquire before the loop started: %+v, %v", r.cs, r.err)
+	}
+	h.release(r.cs)
 }
