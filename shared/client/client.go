@@ -31,6 +31,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	chanpkg "github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/internal/retry"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -198,14 +199,7 @@ func refused(resp *http.Response) *RefusedError {
 	if resp.Body != nil && json.NewDecoder(resp.Body).Decode(&body) == nil {
 		e.Code, e.Message = body.Error.Code, body.Error.Message
 	}
-	if v := resp.Header.Get("Retry-After"); v != "" {
-		// ParseUint gives its maximum for too many digits: capped below.
-		if n, err := strconv.ParseUint(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
-			e.RetryAfter = time.Duration(min(n, uint64(MaxRetryAfter/time.Second))) * time.Second
-		} else if t, err := http.ParseTime(v); err == nil {
-			e.RetryAfter = min(max(time.Until(t), 0), MaxRetryAfter)
-		}
-	}
+	e.RetryAfter, _ = retry.After(resp.Header, MaxRetryAfter)
 	return e
 }
 
@@ -571,7 +565,7 @@ func (c *Client) run() {
 					continue
 				}
 				c.setState(StateDisconnected, fmt.Errorf("client: get token: %w", err))
-				if !c.sleep(c.backoff(attempt)) {
+				if !c.sleep(retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
 					continue
 				}
 				attempt++
@@ -597,7 +591,7 @@ func (c *Client) run() {
 			attempt = 0
 		}
 		c.setState(StateDisconnected, err)
-		delay := c.backoff(attempt)
+		delay := retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)
 		var re *RefusedError
 		if errors.As(err, &re) && re.RetryAfter > delay {
 			// The server asked for a pause (503 while draining or full):
@@ -611,15 +605,6 @@ func (c *Client) run() {
 		}
 		attempt++
 	}
-}
-
-// backoff is the full-jitter delay before attempt n (0-based).
-func (c *Client) backoff(n int) time.Duration {
-	ceil := c.opts.MinBackoff << min(n, 20)
-	if ceil > c.opts.MaxBackoff || ceil <= 0 {
-		ceil = c.opts.MaxBackoff
-	}
-	return rand.N(ceil + 1)
 }
 
 // sleep waits d; false if the client was closed meanwhile.

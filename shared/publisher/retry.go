@@ -8,12 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
+
+	"github.com/wsrelay/wsrelay/shared/internal/retry"
 )
 
 // MaxRetryAfter bounds the wait a response's Retry-After can ask for, so
@@ -90,17 +91,7 @@ func newError(status int, h http.Header, body []byte) *Error {
 	} else {
 		e.Message = snippet(body)
 	}
-	if v := h.Get("Retry-After"); v != "" {
-		// delay-seconds or an HTTP date (RFC 9110 §10.2.3). ParseUint
-		// gives its maximum for too many digits: capped below.
-		if n, err := strconv.ParseUint(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
-			e.RetryAfter = time.Duration(min(n, uint64(MaxRetryAfter/time.Second))) * time.Second
-			e.hasRetryAfter = true
-		} else if t, err := http.ParseTime(v); err == nil {
-			e.RetryAfter = min(max(time.Until(t), 0), MaxRetryAfter)
-			e.hasRetryAfter = true
-		}
-	}
+	e.RetryAfter, e.hasRetryAfter = retry.After(h, MaxRetryAfter)
 	return e
 }
 
@@ -181,7 +172,7 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 			}
 			return nil, err
 		}
-		wait := c.backoff(n - 1)
+		wait := retry.Backoff(c.minBackoff, c.maxBackoff, n-1)
 		var e *Error
 		if errors.As(err, &e) {
 			wait = max(wait, e.RetryAfter)
@@ -215,15 +206,6 @@ func retryable(err error) bool {
 	}
 	var e *Error
 	return errors.As(err, &e) && e.retryable()
-}
-
-// backoff is the full-jitter wait before retry n (0-based).
-func (c *Client) backoff(n int) time.Duration {
-	ceil := c.minBackoff << min(n, 20)
-	if ceil > c.maxBackoff || ceil <= 0 {
-		ceil = c.maxBackoff
-	}
-	return rand.N(ceil + 1)
 }
 
 // attempt sends r once and reads the whole answer (up to maxReplyBytes),

@@ -107,22 +107,3 @@ func TestCancelDuringBackoff(t *testing.T) {
 		}
 	})
 }
-
-// TestBackoff: full jitter within [0, min(max, min·2ⁿ)].
-func TestBackoff(t *testing.T) {
-	c, err := New(Options{URL: "http://x", MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for n, ceil := range []time.Duration{100, 200, 400, 800, 1000, 1000} {
-		ceil *= time.Millisecond
-		for range 200 {
-			if d := c.backoff(n); d < 0 || d > ceil {
-				t.Fatalf("backoff(%d) = %v, want 0–%v", n, d, ceil)
-			}
-		}
-	}
-	if d := c.backoff(1000); d < 0 || d > time.Second {
-		t.Fatalf("backoff(1000) = %v", d)
-	}
-}
