@@ -109,9 +109,16 @@ func (e *Episode) end(last int64) {
 	if !e.active.Load() || e.lastFail.Load() != last {
 		return
 	}
+	e.closeLocked(e.Back, last)
+}
+
+// closeLocked ends the episode with one info line, msg, saying how many
+// failures it had and how long it lasted (its first failure to last, the
+// unix ns of its last), after attrs. e.mu is held.
+func (e *Episode) closeLocked(msg string, last int64, attrs ...any) {
 	e.active.Store(false)
-	lasted := time.Unix(0, last).Sub(e.since) // first failure to last
-	e.Log.Info(e.Back, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())
+	lasted := time.Unix(0, last).Sub(e.since)
+	e.Log.Info(msg, append(attrs, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())...)
 }
 
 // Abandon ends the episode under way at once, with one line at info
@@ -130,13 +137,11 @@ func (e *Episode) Abandon(attrs ...any) {
 	if !e.active.Load() {
 		return
 	}
-	e.active.Store(false)
 	msg := e.Gone
 	if msg == "" {
 		msg = e.Msg + " (given up)"
 	}
-	lasted := time.Unix(0, e.lastFail.Load()).Sub(e.since) // first failure to last
-	e.Log.Info(msg, append(attrs, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())...)
+	e.closeLocked(msg, e.lastFail.Load(), attrs...)
 }
 
 func or(d, def time.Duration) time.Duration {
