@@ -33,6 +33,11 @@ const ID = /^\d{1,20}(-\d{1,20})?$/;
 const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
 const U64 = (1n << 64n) - 1n;
 
+/** The full-jitter wait before attempt n (0-based), in ms: random in [0, min(max, min·2ⁿ)]. */
+function backoff(min, max, n) {
+  return Math.random() * Math.min(max, min * 2 ** Math.min(n, 20));
+}
+
 /** Reports whether s is a message id as the server takes it: "<ms>-<seq>" or "<ms>", each at most 2⁶⁴−1. */
 export function isId(s) {
   return typeof s === "string" && ID.test(s) && s.split("-").every((p) => BigInt(p) <= U64);
@@ -311,10 +316,10 @@ export class WsRelay {
 
   schedule() {
     if (this.closed) return; // close() from a listener of this step
-    const ceil = Math.min(this.maxBackoff, this.minBackoff * 2 ** Math.min(this.attempt, 20));
+    const wait = backoff(this.minBackoff, this.maxBackoff, this.attempt);
     this.attempt++;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.connect(), Math.random() * ceil);
+    this.timer = setTimeout(() => this.connect(), wait);
   }
 
   dispatch(ws, raw) {
@@ -487,7 +492,7 @@ export async function publish(ingress, channel, data, opts = {}) {
     // Aborted after the answer (while getToken ran): the wait below would
     // never hear the abort event, which has fired already.
     opts.signal?.throwIfAborted();
-    wait = Math.max(wait, Math.random() * Math.min(max, min * 2 ** n));
+    wait = Math.max(wait, backoff(min, max, n));
     await new Promise((resolve, reject) => {
       const abort = () => { clearTimeout(t); reject(opts.signal.reason); };
       const t = setTimeout(() => { opts.signal?.removeEventListener("abort", abort); resolve(); }, wait);
