@@ -86,6 +86,8 @@ type Options struct {
 	Token string
 	// GetToken, when set, is called for the token before the first dial
 	// and again after a 4004 (token expired) close or a 401 at the upgrade.
+	// It runs on the client's goroutine; Close cancels its ctx (and waits
+	// for it to return). An error is retried after the backoff.
 	GetToken func(ctx context.Context) (string, error)
 	// User names the user in anonymous mode (the user query parameter).
 	User string
@@ -105,6 +107,7 @@ type Options struct {
 	// (a path that went silent without a close: NAT, Wi-Fi, a proxy) and
 	// reconnects. The server pings every PING_INTERVAL (25 s by default):
 	// keep this above twice that. Zero means 60 s; negative, no limit.
+	// The time the handlers take does not count.
 	ReadTimeout time.Duration
 
 	// Dialer dials the socket; nil means websocket.DefaultDialer. A zero
@@ -270,7 +273,12 @@ type Subscription struct {
 // Channel is the subscription's channel.
 func (s *Subscription) Channel() string { return s.channel }
 
-// LastID is the id of the last message delivered, or "" if none yet.
+// LastID is the id the subscription resumes after: the last message
+// delivered (set as its OnMessage is called, so that a handler that
+// subscribes again after LastID does not get its own message twice);
+// before any, the server's position or Handler.After; "" if none yet. A
+// resume that was not recovered sets it to the server's position, which
+// can be older (see docs/clients.md).
 func (s *Subscription) LastID() string {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
@@ -424,9 +432,11 @@ func (c *Client) Err() error {
 // server, or a final refusal: see RefusedError).
 func (c *Client) Done() <-chan struct{} { return c.done }
 
-// Close closes the socket (1000) and waits for the client's goroutine. It
-// is idempotent. Handlers run on that goroutine: a handler that wants the
-// client closed calls go c.Close(), since Close would wait for itself.
+// Close closes the socket (1000), or ends the dial, the upgrade or the
+// wait in progress, and waits for the client's goroutine. It is
+// idempotent. Handlers, OnState and GetToken run on that goroutine: one
+// that wants the client closed calls go c.Close(), since Close would wait
+// for itself.
 func (c *Client) Close() error {
 	c.once.Do(func() {
 		c.cancel()
@@ -462,7 +472,17 @@ func (c *Client) writeLocked(r protocol.Request) error {
 
 func (c *Client) writeFrameLocked(b []byte) error {
 	_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
-	return c.ws.WriteMessage(websocket.TextMessage, b)
+	err := c.ws.WriteMessage(websocket.TextMessage, b)
+	if err != nil && !errors.Is(err, websocket.ErrCloseSent) {
+		// A request that did not go out, a write that timed out (the
+		// server stopped reading) as much as a broken socket, leaves a
+		// socket that sends nothing again (gorilla fails every later
+		// write) while its reads may go on: close it, so that the read
+		// ends and the next connection sends every subscription. After
+		// a close frame (ErrCloseSent) the read ends by itself.
+		_ = c.ws.Close()
+	}
+	return err
 }
 
 // maxBatchBytes caps a frame of subscribes, whatever the server allows.
@@ -662,25 +682,22 @@ func (c *Client) dialURL() string {
 // upgrade, with a *RefusedError: see finalRefusal for which end the
 // client).
 func (c *Client) connect(token string) (code int, welcomed bool, err error) {
-	d := c.opts.Dialer
-	if token != "" {
-		dt := *d // the caller's Dialer is not changed
-		dt.Subprotocols = append([]string{"wsrelay", "token." + token}, d.Subprotocols...)
-		d = &dt
-	}
+	d, dialed := c.dialer(token)
 	ws, resp, err := d.DialContext(c.ctx, c.dialURL(), c.opts.Header)
+	dialed()
 	if err != nil {
 		if resp != nil {
 			return resp.StatusCode, false, refused(resp)
 		}
 		return 1006, false, fmt.Errorf("client: dial: %w", err)
 	}
+	// ReadTimeout runs while the client waits for the server, from each
+	// read (and each ping) on: not while a handler runs, however long.
 	alive := func() {
 		if c.opts.ReadTimeout > 0 {
 			_ = ws.SetReadDeadline(time.Now().Add(c.opts.ReadTimeout))
 		}
 	}
-	alive()
 	ws.SetPingHandler(func(data string) error {
 		alive()
 		err := ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(writeTimeout))
@@ -709,8 +726,8 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	}()
 
 	for {
-		_, data, err := ws.ReadMessage()
 		alive()
+		_, data, err := ws.ReadMessage()
 		if err != nil {
 			var ce *websocket.CloseError
 			if errors.As(err, &ce) {
@@ -723,6 +740,50 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 		}
 		if c.dispatch(data) {
 			welcomed = true
+		}
+	}
+}
+
+// dialer is the Dialer of one connection: Options.Dialer (not changed)
+// with the token's subprotocols, and whose connection Close closes while
+// the upgrade is in flight. gorilla's DialContext heeds its context while
+// it dials, but not in the HTTP exchange that follows, which only the
+// HandshakeTimeout (45 s by default) would end: a server or proxy that takes the
+// connection and never answers would hold Close that long. dialed, called
+// once DialContext has returned, leaves the connection to connect's own
+// handling of Close.
+func (c *Client) dialer(token string) (d *websocket.Dialer, dialed func()) {
+	dt := *c.opts.Dialer
+	if token != "" {
+		dt.Subprotocols = append([]string{"wsrelay", "token." + token}, dt.Subprotocols...)
+	}
+	var stops []func() bool
+	watch := func(dial func(context.Context, string, string) (net.Conn, error)) func(context.Context, string, string) (net.Conn, error) {
+		return func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := dial(ctx, network, addr)
+			if err == nil {
+				stops = append(stops, context.AfterFunc(c.ctx, func() { _ = nc.Close() }))
+			}
+			return nc, err
+		}
+	}
+	// The dial gorilla would make: NetDialContext, else NetDial, else a
+	// net.Dialer's; NetDialTLSContext, when set, replaces it for wss.
+	next := dt.NetDialContext
+	if next == nil {
+		if nd := dt.NetDial; nd != nil {
+			next = func(_ context.Context, network, addr string) (net.Conn, error) { return nd(network, addr) }
+		} else {
+			next = (&net.Dialer{}).DialContext
+		}
+	}
+	dt.NetDialContext = watch(next)
+	if dt.NetDialTLSContext != nil {
+		dt.NetDialTLSContext = watch(dt.NetDialTLSContext)
+	}
+	return &dt, func() {
+		for _, stop := range stops {
+			stop()
 		}
 	}
 }
@@ -750,7 +811,7 @@ func (c *Client) dispatch(data []byte) bool {
 		c.mu.Lock()
 		if c.ws != nil && !c.welcomed {
 			c.welcomed = true
-			// A failed write: the read reports the broken socket.
+			// A failed write closed the socket: the read reports it.
 			_ = c.subscribeAllLocked(f.MaxFrameBytes)
 		}
 		c.mu.Unlock()

@@ -1,0 +1,392 @@
+package client
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"go.uber.org/goleak"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// noLeaks checks, when the test ends (after the cleanups registered
+// later, which close its servers), that the test left no goroutine.
+func noLeaks(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+}
+
+// closes calls c.Close and fails t if it has not returned within 10 s.
+func closes(t *testing.T, c *Client, what string) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- c.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s: Close: %v", what, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: Close has not returned after 10 s", what)
+	}
+}
+
+// closedForGood checks what a closed client promises: Done closed, state
+// closed, Subscribe refused with ErrClosed, and Close again a no-op.
+func closedForGood(t *testing.T, c *Client, what string) {
+	t.Helper()
+	select {
+	case <-c.Done():
+	default:
+		t.Fatalf("%s: Done is open after Close", what)
+	}
+	if s := c.State(); s != StateClosed {
+		t.Errorf("%s: state %v after Close", what, s)
+	}
+	if _, err := c.Subscribe("after-close", Handler{}); !errors.Is(err, ErrClosed) {
+		t.Errorf("%s: Subscribe after Close: %v, want ErrClosed", what, err)
+	}
+	if err := c.Close(); err != nil {
+		t.Errorf("%s: second Close: %v", what, err)
+	}
+}
+
+// TestCloseDuringUpgrade: Close while the upgrade is in flight (the TCP
+// connection is open, the server never answers the HTTP request: a stuck
+// proxy, a half-open path) returns at once, instead of waiting for the
+// Dialer's HandshakeTimeout, and leaves no goroutine behind.
+func TestCloseDuringUpgrade(t *testing.T) {
+	noLeaks(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	requested := make(chan net.Conn, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		// The whole upgrade request read: the client waits for the answer.
+		r := bufio.NewReader(nc)
+		for {
+			l, err := r.ReadString('\n')
+			if err != nil || l == "\r\n" {
+				break
+			}
+		}
+		requested <- nc
+	}()
+	t.Cleanup(func() { _ = ln.Close() })
+	c, err := Dial(Options{URL: "ws://" + ln.Addr().String() + "/ws", Dialer: &websocket.Dialer{HandshakeTimeout: time.Hour}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case nc := <-requested:
+		// Closed last: it would end the upgrade, hiding a Close that waits.
+		t.Cleanup(func() { _ = nc.Close() })
+	case <-time.After(5 * time.Second):
+		t.Fatal("no upgrade request")
+	}
+	closes(t, c, "upgrade in flight")
+	closedForGood(t, c, "upgrade in flight")
+}
+
+// TestCloseInEveryState: Close returns, leaves the client closed for good
+// and leaves no goroutine behind whatever the client is doing: waiting out
+// a refusal's Retry-After, waiting for GetToken, waiting for the welcome,
+// connected, already stopped by a final close; Close from several
+// goroutines at once, and from a handler (go c.Close()).
+func TestCloseInEveryState(t *testing.T) {
+	t.Run("backoff", func(t *testing.T) {
+		noLeaks(t)
+		var dials atomic.Int32
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			dials.Add(1)
+			w.Header().Set("Retry-After", "300")
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}))
+		t.Cleanup(srv.Close)
+		c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		testkit.Eventually(t, 5*time.Second, func() error {
+			if dials.Load() == 0 || c.State() != StateDisconnected {
+				return fmt.Errorf("%d dials, state %v", dials.Load(), c.State())
+			}
+			return nil
+		})
+		closes(t, c, "backoff")
+		closedForGood(t, c, "backoff")
+		if err := c.Err(); err != nil {
+			t.Errorf("Err after Close: %v, want nil", err)
+		}
+	})
+	t.Run("GetToken", func(t *testing.T) {
+		noLeaks(t)
+		asked := make(chan struct{})
+		ended := make(chan error, 1)
+		c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", GetToken: func(ctx context.Context) (string, error) {
+			close(asked)
+			<-ctx.Done()
+			ended <- ctx.Err()
+			return "", ctx.Err()
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-asked
+		closes(t, c, "GetToken")
+		closedForGood(t, c, "GetToken")
+		if err := <-ended; !errors.Is(err, context.Canceled) {
+			t.Errorf("GetToken's ctx: %v", err)
+		}
+	})
+	t.Run("awaiting welcome", func(t *testing.T) {
+		noLeaks(t)
+		url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			_, _, _ = ws.ReadMessage() // no welcome; until the client goes
+		})
+		c, err := Dial(Options{URL: url})
+		if err != nil {
+			t.Fatal(err)
+		}
+		testkit.Eventually(t, 5*time.Second, func() error {
+			if upgrades.Load() == 0 {
+				return errors.New("no upgrade")
+			}
+			return nil
+		})
+		closes(t, c, "awaiting welcome")
+		closedForGood(t, c, "awaiting welcome")
+	})
+	t.Run("connected", func(t *testing.T) {
+		noLeaks(t)
+		url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
+					return
+				}
+			}
+		})
+		c, err := Dial(Options{URL: url})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Subscribe("a", Handler{}); err != nil {
+			t.Fatal(err)
+		}
+		testkit.Eventually(t, 5*time.Second, func() error {
+			if s := c.State(); s != StateConnected {
+				return fmt.Errorf("state %v", s)
+			}
+			return nil
+		})
+		// From several goroutines at once: each returns once it is closed.
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() { _ = c.Close() })
+		}
+		closes(t, c, "connected")
+		wg.Wait()
+		closedForGood(t, c, "connected")
+	})
+	t.Run("from a handler", func(t *testing.T) {
+		noLeaks(t)
+		url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			sub := expect(t, ws, protocol.TypeSubscribe)
+			write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+			write(t, ws, `{"type":"message","channel":"a","id":"2-0","ts":1,"data":2}`)
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
+					return
+				}
+			}
+		})
+		c, err := Dial(Options{URL: url})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Subscribe("a", Handler{OnMessage: func(Message) { go c.Close() }}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("go c.Close() from a handler did not stop the client")
+		}
+		closedForGood(t, c, "from a handler")
+	})
+	t.Run("after a final close", func(t *testing.T) {
+		noLeaks(t)
+		url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseDisconnected, "bye"), time.Now().Add(time.Second))
+			_, _, _ = ws.ReadMessage()
+		})
+		c, err := Dial(Options{URL: url})
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the client did not stop after 4003")
+		}
+		closes(t, c, "after a final close")
+		closedForGood(t, c, "after a final close")
+		var ce *CloseError
+		if !errors.As(c.Err(), &ce) || ce.Code != protocol.CloseDisconnected {
+			t.Errorf("Err after Close: %v, want the 4003 close", c.Err())
+		}
+	})
+}
+
+// TestReadTimeoutSparesHandlers: ReadTimeout is how long the server may
+// stay silent, not how long the application's handlers may take. A
+// handler slower than ReadTimeout (a stall, a slow disk) on a connection
+// the server keeps pinging does not get the connection taken for dead.
+func TestReadTimeoutSparesHandlers(t *testing.T) {
+	noLeaks(t)
+	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"2-0","ts":1,"data":2}`)
+		go func() { _, _, _ = ws.ReadMessage() }() // reads the pongs, until the client goes
+		for i := 0; ; i++ {
+			if i == 20 { // the handler is blocked by now
+				write(t, ws, `{"type":"message","channel":"a","id":"3-0","ts":1,"data":3}`)
+			}
+			time.Sleep(50 * time.Millisecond)
+			if ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)) != nil {
+				return
+			}
+		}
+	})
+	var lost atomic.Int32
+	c, err := Dial(Options{URL: url, ReadTimeout: time.Second, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		OnState: func(s State, _ error) {
+			if s == StateDisconnected {
+				lost.Add(1)
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closes(t, c, "end")
+	got := make(chan string, 10)
+	if _, err := c.Subscribe("a", Handler{OnMessage: func(m Message) {
+		if m.ID == "2-0" {
+			time.Sleep(3 * time.Second) // three times ReadTimeout
+		}
+		got <- m.ID
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"2-0", "3-0"} {
+		select {
+		case id := <-got:
+			if id != want {
+				t.Fatalf("got %s, want %s", id, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no message %s", want)
+		}
+	}
+	if n, l := upgrades.Load(), lost.Load(); n != 1 || l != 0 {
+		t.Fatalf("%d upgrades, %d disconnects: a slow handler got a pinged connection taken for dead", n, l)
+	}
+}
+
+// TestFailedWriteReplacesConnection: a request that cannot be written (the
+// server stopped reading: the write times out) leaves the socket unable to
+// send anything again (gorilla fails every later write) while its reads go
+// on. The client replaces that connection at once, and the next one sends
+// the subscriptions, instead of staying connected with subscriptions that
+// never go out until the server (or ReadTimeout) ends it.
+func TestFailedWriteReplacesConnection(t *testing.T) {
+	noLeaks(t)
+	second := make(chan int, 1)
+	var conns atomic.Int32
+	release := make(chan struct{})
+	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		if conns.Add(1) == 1 {
+			// Takes the client's frames slowly, then not at all.
+			_ = ws.NetConn().(*net.TCPConn).SetReadBuffer(4096)
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			<-release
+			return
+		}
+		write(t, ws, `{"type":"welcome","connection_id":"c2","instance":"i","max_frame_bytes":65536}`)
+		n := 0
+		for {
+			_ = ws.SetReadDeadline(time.Now().Add(2 * time.Second))
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				break
+			}
+			n += strings.Count(string(b), `"subscribe"`)
+		}
+		second <- n
+		_, _, _ = ws.ReadMessage()
+	})
+	t.Cleanup(func() { close(release) }) // before scripted's, which waits for the script
+	c, err := Dial(Options{URL: url, ReadTimeout: -1, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		Dialer: &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err == nil {
+				_ = nc.(*net.TCPConn).SetWriteBuffer(4096)
+			}
+			return nc, err
+		}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closes(t, c, "end")
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
+	})
+	// Subscribes while connected, each a frame: far more than the socket
+	// buffers hold, so that one cannot go out (writeTimeout, 10 s).
+	long := strings.Repeat("x", 120)
+	subs := 0
+	for ; subs < 5000 && upgrades.Load() < 2; subs++ {
+		if _, err := c.Subscribe(fmt.Sprintf("%s%d", long, subs), Handler{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testkit.Eventually(t, 30*time.Second, func() error {
+		if upgrades.Load() < 2 {
+			return fmt.Errorf("still on the first connection after %d subscribes, the last ones never sent", subs)
+		}
+		return nil
+	})
+	select {
+	case n := <-second:
+		if n != subs {
+			t.Fatalf("the next connection sent %d subscribes, want %d", n, subs)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the next connection sent nothing")
+	}
+}
