@@ -75,14 +75,23 @@ type env map[string]string
 // free port, and waits for /healthz.
 func start(t testing.TB, fn string, e env) *proc {
 	t.Helper()
+	return startOn(t, fn, e, 0)
+}
+
+// startOn is start on port, or on a free one for 0: a test that stops an
+// instance starts it again where its clients (or a proxy) look for it.
+func startOn(t testing.TB, fn string, e env, port int) *proc {
+	t.Helper()
 	ing, eg := binaries(t)
 	bin := ing
 	if fn == "egress" {
 		bin = eg
 	}
-	port, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
+	if port == 0 {
+		var err error
+		if port, err = redistest.FreePort(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	p := &proc{t: t, name: fn, URL: "http://127.0.0.1:" + strconv.Itoa(port), done: make(chan struct{})}
 	p.cmd = exec.Command(bin)

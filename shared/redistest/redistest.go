@@ -130,6 +130,15 @@ func Start(t testing.TB, extra ...string) *Server {
 	return s
 }
 
+// StartPersistent is Start for a server that keeps its data across Stop
+// and Restart: an append-only file in its directory, fsynced before each
+// write is acknowledged (appendfsync always), so that whatever Redis
+// acknowledged survives a kill and the restart that follows.
+func StartPersistent(t testing.TB, extra ...string) *Server {
+	t.Helper()
+	return Start(t, append([]string{"--appendonly", "yes", "--appendfsync", "always"}, extra...)...)
+}
+
 // FreePort returns a TCP port free on 127.0.0.1 at the time of the call.
 func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -185,7 +194,8 @@ func (s *Server) launch(bin string) error {
 	return fmt.Errorf("redis-server on port %d did not answer", s.Port)
 }
 
-// Stop kills the server (it keeps nothing: it runs without persistence).
+// Stop kills the server. It keeps nothing, unless it was started with
+// StartPersistent.
 func (s *Server) Stop() {
 	if s.cmd != nil && s.cmd.Process != nil {
 		_ = s.cmd.Process.Kill()
@@ -194,7 +204,8 @@ func (s *Server) Stop() {
 	}
 }
 
-// Restart starts the server again on the same port, empty.
+// Restart starts the server again on the same port and directory: empty,
+// or, for a server started with StartPersistent, with the data it had.
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()
 	s.Stop()
