@@ -218,11 +218,11 @@ func TestChaosDelivery(t *testing.T) {
 	}
 	pubs := map[string]*chaosPublisher{}
 	stopPub := make(chan struct{})
-	// A publish in flight when Redis is killed can find its
-	// Idempotency-Key still claimed after the restart, for the rest of
-	// the claim's 15.5 s (docs/api.md: the ingress could not free it):
-	// its retries are answered 409 until then. Such a call is given up
-	// on after a while, its outcome unknown, and the next one goes on
+	// A publish in flight when Redis is killed leaves its
+	// Idempotency-Key claimed on the AOF; the ingress frees it once
+	// Redis answers again, and until then its retries are answered 409
+	// (docs/api.md). A call that cannot finish in time is given up on
+	// after a while, its outcome unknown, and the next one goes on
 	// (chaosPublisher.run); at the end, the calls still trying when
 	// publishing stops are ended too.
 	pubCtx, giveUp := context.WithCancel(context.Background())
@@ -424,8 +424,8 @@ func (p *chaosPublisher) run(ctx context.Context, pub *pubpkg.Client, ch string,
 			return
 		case <-time.After(every):
 		}
-		// Long enough to ride out a Redis restart, too short to wait
-		// out a claim left behind by it (docs/api.md).
+		// Long enough to ride out a Redis restart and the claims it
+		// left behind; a call still failing then is given up on.
 		cctx, cancel := context.WithTimeout(ctx, 4*time.Second)
 		res, err := pub.Publish(cctx, ch, pubpkg.Message{Data: map[string]int{"seq": seq}})
 		cancel()

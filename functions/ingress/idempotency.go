@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -18,8 +19,9 @@ import (
 
 // idemRecord is what an Idempotency-Key remembers.
 type idemRecord struct {
-	State    string          `json:"state"` // "pending" or "done"
-	Body     string          `json:"body"`  // sha256 of the request body
+	State    string          `json:"state"`           // "pending" or "done"
+	Body     string          `json:"body"`            // sha256 of the request body
+	Claim    string          `json:"claim,omitempty"` // random, in "pending": whose claim it is
 	Status   int             `json:"status,omitempty"`
 	Response json.RawMessage `json:"response,omitempty"`
 }
@@ -67,7 +69,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	// answers 409 for seconds, not for the whole window. A retry that
 	// overlaps a first attempt still running past it writes nothing twice:
 	// the once-keys see to that.
-	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash})
+	claimed := time.Now()
+	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: rand.Text()})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
 		s.writeError(c, err)
@@ -81,10 +84,9 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	if err != nil {
 		// Nothing (or, on a lost reply, possibly something) was written;
 		// free the key so the client's retry can proceed: the once-keys
-		// keep that retry from writing anything twice.
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Redis.Timeout)
-		s.rdb.Del(dctx, rkey)
-		cancel()
+		// keep that retry from writing anything twice. If Redis cannot be
+		// reached, that goes on once it can (claims.go).
+		s.claims.release(ctx, rkey, string(pending), claimed.Add(s.pendingTTL()))
 		s.writeError(c, err)
 		return
 	}

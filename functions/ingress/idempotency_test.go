@@ -238,27 +238,34 @@ func TestIdempotentSendAfterClose(t *testing.T) {
 }
 
 // TestIdempotencyClaimLeftBehind: when Redis goes away mid-request, the
-// 503 cannot free the key (its DEL fails too). The claim left behind
-// answers 409 only until it expires, soon after any request could have
-// ended, not for the whole IDEMPOTENCY_WINDOW.
+// 503 cannot free the key (freeing it fails too). While Redis stays away
+// the claim left behind answers 409, and it expires soon after any request
+// could have ended, not after the whole IDEMPOTENCY_WINDOW. Once Redis
+// answers again, the ingress frees it at once (claims.go): the retry runs
+// and writes once.
 func TestIdempotencyClaimLeftBehind(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	// Appends and DEL fail while on, as a Redis that goes away right
-	// after the request's idempotency claim.
+	// Appends and the claim's release fail while on, as a Redis that goes
+	// away right after the request's idempotency claim.
 	var on atomic.Bool
 	rdb.AddHook(redistest.Fail{
-		Cmd: func(cmd redis.Cmder) bool { return on.Load() && cmd.Name() == "del" },
+		Cmd: func(cmd redis.Cmder) bool {
+			return on.Load() && (cmd.Name() == "del" || cmd.Name() == "evalsha" || cmd.Name() == "eval")
+		},
 		Pipeline: func(cmds []redis.Cmder) bool {
 			return on.Load() && (cmds[0].Name() == "evalsha" || cmds[0].Name() == "eval")
 		},
 	})
 	ks := keys.Scheme{Prefix: prefix}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	cfg := testConfig(t)
+	// A claim that lives 35.5 s: longer than the test waits for its release.
+	cfg.Redis.Timeout = 3 * time.Second
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
 
 	on.Store(true)
 	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 503, "unavailable")
-	on.Store(false)
 	claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
 	if err != nil || len(claims) != 1 {
 		t.Fatalf("claims left %v %v, want the one", claims, err)
@@ -268,12 +275,52 @@ func TestIdempotencyClaimLeftBehind(t *testing.T) {
 		t.Fatalf("claim expires in %v, want within %v", ttl, e.srv.pendingTTL())
 	}
 	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 409, "idempotency_in_progress")
-	// Once it has expired, the retry runs and writes once.
-	rdb.Del(t.Context(), claims[0])
+
+	on.Store(false)
+	deadline := time.Now().Add(15 * time.Second)
+	for rdb.Exists(t.Context(), claims[0]).Val() == 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("claim still there 15 s after Redis came back (expires in %v)", rdb.PTTL(t.Context(), claims[0]).Val())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if w := e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
-		t.Fatalf("retry after the claim expired: %d %s", w.Code, w.Body)
+		t.Fatalf("retry after the claim was freed: %d %s", w.Code, w.Body)
 	}
 	if n := e.xlen("p"); n != 1 {
 		t.Fatalf("XLEN = %d, want 1", n)
+	}
+	// Nothing left to free: the background goroutine has ended.
+	for {
+		e.srv.claims.mu.Lock()
+		running := e.srv.claims.running
+		e.srv.claims.mu.Unlock()
+		if !running {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("releaser still running with nothing to free")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestReleaserFreesOnlyItsOwnClaim: a claim is freed only while it holds
+// the value its request set, not once another request has claimed the key.
+func TestReleaserFreesOnlyItsOwnClaim(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	r := newReleaser(rdb, time.Second, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	t.Cleanup(r.Close)
+	key := prefix + ":claim"
+	rdb.Set(t.Context(), key, "theirs", time.Minute)
+	r.release(t.Context(), key, "mine", time.Now().Add(time.Minute))
+	if v := rdb.Get(t.Context(), key).Val(); v != "theirs" {
+		t.Fatalf("key = %q after releasing another's claim, want it kept", v)
+	}
+	rdb.Set(t.Context(), key, "mine", time.Minute)
+	r.release(t.Context(), key, "mine", time.Now().Add(time.Minute))
+	if n := rdb.Exists(t.Context(), key).Val(); n != 0 {
+		t.Fatal("own claim not freed")
 	}
 }

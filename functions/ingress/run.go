@@ -57,6 +57,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer waitDebug()
 
 	srv := NewServer(cfg, log, rdb, keys.Scheme{Prefix: cfg.Redis.KeyPrefix})
+	defer srv.Close() // before rdb.Close
 	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)

@@ -28,6 +28,8 @@ type Server struct {
 	batcher *stream.Batcher
 	reg     *registry.Registry
 	h       http.Handler
+	// claims frees the Idempotency-Key claims of failed requests.
+	claims *releaser
 
 	metrics *metrics
 	sec     *security // credentials and rate limits (auth.go)
@@ -40,6 +42,10 @@ type Server struct {
 }
 
 func init() { gin.SetMode(gin.ReleaseMode) }
+
+// Close stops the server's background work (claims.go), once no request
+// runs: the Redis client can be closed after it.
+func (s *Server) Close() { s.claims.Close() }
 
 // NewServer wires the ingress routes to rdb.
 func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
@@ -54,6 +60,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		store:   store,
 		reg:     registry.New(rdb, ks, cfg.RegistryTTL),
 		ready:   redisconn.NewReadiness(rdb, 500*time.Millisecond),
+		claims:  newReleaser(rdb, cfg.Redis.Timeout, log),
 
 		metrics: newMetrics(),
 	}

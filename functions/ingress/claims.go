@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// A request with an Idempotency-Key claims the key (a "pending" record)
+// before it writes, and frees it when the write fails, so that the
+// client's retry runs instead of getting 409. When the failure is Redis
+// itself, freeing the key fails too, and a claim that Redis kept (on its
+// append-only file, or on a replica it failed over to) would answer every
+// retry 409 until it expires (pendingTTL, 15.5 s by default): after a Redis
+// restart, every publisher that was in the middle of a call. The releaser
+// frees such claims as soon as Redis answers again.
+
+// releaseScript deletes KEYS[1] if it still holds ARGV[1]: a claim is
+// freed only by its own request, never another's that claimed the key
+// after it expired.
+var releaseScript = redis.NewScript(`if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) end
+return 0`)
+
+// maxReleases bounds the claims waiting to be freed; past it, a claim is
+// left to expire.
+const maxReleases = 10_000
+
+// releaser frees Idempotency-Key claims, now or, while Redis cannot be
+// reached, from a goroutine that runs only while some wait.
+type releaser struct {
+	rdb     redis.UniversalClient
+	timeout time.Duration // of each attempt: REDIS_TIMEOUT
+	log     *slog.Logger
+
+	mu      sync.Mutex
+	waiting map[string]claim // by key
+	running bool
+	closed  bool
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+// claim is a claim to free: the value it was set to, and when it expires
+// (after that, it is not ours to free).
+type claim struct {
+	value string
+	until time.Time
+}
+
+func newReleaser(rdb redis.UniversalClient, timeout time.Duration, log *slog.Logger) *releaser {
+	return &releaser{rdb: rdb, timeout: timeout, log: log, waiting: map[string]claim{}, stop: make(chan struct{})}
+}
+
+// release frees key if it still holds value. If Redis does not answer, it
+// goes on trying in the background until Redis does or until.
+func (r *releaser) release(ctx context.Context, key, value string, until time.Time) {
+	if r.free(context.WithoutCancel(ctx), key, value) == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed || len(r.waiting) >= maxReleases {
+		return
+	}
+	r.waiting[key] = claim{value: value, until: until}
+	if !r.running {
+		r.running = true
+		r.wg.Add(1)
+		go r.loop()
+	}
+}
+
+func (r *releaser) free(ctx context.Context, key, value string) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	return releaseScript.Run(ctx, r.rdb, []string{key}, value).Err()
+}
+
+// loop tries the waiting claims, backing off from 50 ms to 1 s while
+// Redis fails, and ends once none waits.
+func (r *releaser) loop() {
+	defer r.wg.Done()
+	wait := 50 * time.Millisecond
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	freed := 0
+	for {
+		select {
+		case <-r.stop:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		batch := make(map[string]claim, len(r.waiting))
+		for k, c := range r.waiting {
+			batch[k] = c
+		}
+		r.mu.Unlock()
+		failed := false
+		for key, c := range batch {
+			if time.Now().Before(c.until) {
+				if err := r.free(context.Background(), key, c.value); err != nil {
+					failed = true
+					break
+				}
+				freed++
+			}
+			r.mu.Lock()
+			if r.waiting[key] == c {
+				delete(r.waiting, key)
+			}
+			r.mu.Unlock()
+		}
+		r.mu.Lock()
+		if len(r.waiting) == 0 {
+			r.running = false
+			r.mu.Unlock()
+			if freed > 0 {
+				r.log.Info("idempotency keys freed", "keys", freed,
+					"why", "their requests failed while Redis could not be reached; retries with these keys now run")
+			}
+			return
+		}
+		r.mu.Unlock()
+		if failed {
+			wait = min(2*wait, time.Second)
+		}
+		t.Reset(wait)
+	}
+}
+
+// Close stops the background attempts (the claims left expire by
+// themselves) and waits for them to end.
+func (r *releaser) Close() {
+	r.mu.Lock()
+	if !r.closed {
+		r.closed = true
+		close(r.stop)
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+}
