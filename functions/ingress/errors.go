@@ -58,8 +58,16 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		s.unreplicated.Fail(err, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
 	case errors.Is(err, context.Canceled):
+		// net/http cancels a request's context when its connection ends:
+		// the client went away (a publish withdrew its appends: nothing
+		// was written). Nothing is answered, not even gin's default 200,
+		// which a client that only shut down its sending side would still
+		// read as a success: the connection is closed (where it cannot
+		// be, as in tests that record responses, the status is 499).
 		c.Set(errorCodeKey, "canceled")
 		c.Abort()
+		c.Status(499)
+		hangUp(c)
 		return
 	default:
 		s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
@@ -72,4 +80,17 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Header("Retry-After", strconv.Itoa(ae.RetryAfter))
 	}
 	c.AbortWithStatusJSON(ae.Status, body)
+}
+
+// hangUp closes c's connection without a response, where the connection
+// can be taken over (not in tests that record responses).
+func hangUp(c *gin.Context) {
+	if u, ok := c.Writer.(interface{ Unwrap() http.ResponseWriter }); ok {
+		if _, ok := u.Unwrap().(http.Hijacker); !ok {
+			return
+		}
+	}
+	if conn, _, err := c.Writer.Hijack(); err == nil {
+		_ = conn.Close()
+	}
 }

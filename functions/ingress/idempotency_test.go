@@ -2,10 +2,12 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -322,5 +324,82 @@ func TestReleaserFreesOnlyItsOwnClaim(t *testing.T) {
 	r.release(t.Context(), key, "mine", time.Now().Add(time.Minute))
 	if n := rdb.Exists(t.Context(), key).Val(); n != 0 {
 		t.Fatal("own claim not freed")
+	}
+}
+
+// TestIdempotencyRace: requests with one Idempotency-Key racing each
+// other, most with the same body, some with another. One body wins and is
+// written once; every 202 is its reply (the first, or the replay); the
+// others with its body get 409 (with Retry-After) while it runs, the ones
+// with another body 422, and nothing else is written.
+func TestIdempotencyRace(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for round := range 20 {
+		key := fmt.Sprintf("race-%d", round)
+		path, bodies := "/v1/channels/race/messages", []string{fmt.Sprintf(`{"data":"a%d"}`, round), fmt.Sprintf(`{"data":"b%d"}`, round)}
+		if round%2 == 1 {
+			path = "/v1/messages"
+			bodies = []string{
+				fmt.Sprintf(`{"messages":[{"channel":"race","data":"a%d"},{"channel":"race2","data":"a%d"},{"channel":"race","data":"a%d+"}]}`, round, round, round),
+				fmt.Sprintf(`{"messages":[{"channel":"race","data":"b%d"}]}`, round),
+			}
+		}
+		const n = 10
+		ws := make([]*httptest.ResponseRecorder, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() { ws[i] = e.do("POST", path, bodies[min(i/8, 1)], "Idempotency-Key", key) })
+		}
+		wg.Wait()
+		var first string
+		winner := -1
+		for i, w := range ws {
+			b := min(i/8, 1)
+			switch w.Code {
+			case 202:
+				if first == "" {
+					first = w.Body.String()
+				}
+				if w.Body.String() != first || winner >= 0 && winner != b {
+					t.Fatalf("round %d: 202s %s and %s", round, first, w.Body.String())
+				}
+				winner = b
+			case 409:
+				if w.Header().Get("Retry-After") == "" {
+					t.Fatalf("409 without Retry-After")
+				}
+			case 422:
+			default:
+				t.Fatalf("round %d: %d %s", round, w.Code, w.Body.String())
+			}
+		}
+		for i, w := range ws {
+			if w.Code == 422 && min(i/8, 1) == winner {
+				t.Fatalf("round %d: the winning body was refused as another", round)
+			}
+		}
+		if winner < 0 {
+			t.Logf("round %d: no request got 202 (all 409 behind the first)", round)
+		}
+	}
+	held := map[string]int{}
+	for _, ch := range []string{"race", "race2"} {
+		w := e.do("GET", "/v1/channels/"+ch+"/messages?after=0&limit=1000", "")
+		var page struct{ Messages []struct{ Data string } }
+		if err := json.Unmarshal(w.Body.Bytes(), &page); err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range page.Messages {
+			held[ch+"/"+m.Data]++
+		}
+	}
+	for d, c := range held {
+		if c != 1 {
+			t.Errorf("%s written %d times", d, c)
+		}
+	}
+	if len(held) < 20 {
+		t.Errorf("%d messages written, want one request's of each round: %v", len(held), held)
 	}
 }

@@ -1,12 +1,17 @@
 package main
 
 import (
+	"bufio"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -316,4 +321,58 @@ func TestRedisHung(t *testing.T) {
 		t.Errorf("answered after %v", d)
 	}
 	expectError(t, w, 503, "unavailable")
+}
+
+// holdUntilCanceled is a go-redis hook that holds the commands named name
+// until their context ends (at most 5 s).
+type holdUntilCanceled string
+
+func (h holdUntilCanceled) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h holdUntilCanceled) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h holdUntilCanceled) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == string(h) {
+			select {
+			case <-ctx.Done():
+			case <-time.After(5 * time.Second):
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// TestCanceledRequestNotAnswered: a client that sends its request and
+// shuts down its sending side (net/http then cancels the request's
+// context) before the request gets to Redis is not told it succeeded: the
+// request writes nothing and is not answered at all (it was answered 200
+// with an empty body).
+func TestCanceledRequestNotAnswered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.rdb.AddHook(holdUntilCanceled("set")) // the Idempotency-Key's claim
+	ts := httptest.NewServer(e.srv)
+	defer ts.Close()
+	c, err := net.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const body = `{"data":1}`
+	fmt.Fprintf(c, "POST /v1/channels/hc/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: k\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err == nil {
+		t.Fatalf("answered %d; want no answer", resp.StatusCode)
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the connection was left open")
+	}
+	if n := e.xlen("hc"); n != 0 {
+		t.Fatalf("XLEN = %d, want 0", n)
+	}
 }

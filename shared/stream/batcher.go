@@ -17,7 +17,9 @@ import (
 //
 // Each append still runs as its own script, so results and errors are per
 // append; a pipeline's appends may interleave with others' in Redis, but
-// one caller's appends keep their order (they are sent in one pipeline).
+// one caller's appends keep their order (they are sent in one pipeline,
+// and its first append to a stream it appends to again is sent with the
+// script's source: loadFirstOfRepeated).
 type Batcher struct {
 	store       *Store
 	timeout     time.Duration
@@ -153,11 +155,17 @@ func (b *Batcher) flush() {
 				all = append(all, r.as...)
 			}
 		}
+		var load []bool // each request's appends to one stream stay in order
+		off := 0
+		for _, r := range batch {
+			load = loadFirstOfRepeated(load, all, off, off+len(r.as))
+			off += len(r.as)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
-		ids, errs := b.store.appendEach(ctx, all)
+		ids, errs := b.store.appendLoading(ctx, all, load)
 		cancel()
 		b.mu.Lock()
-		off := 0
+		off = 0
 		for _, r := range batch {
 			r.ids, r.errs = ids[off:off+len(r.as)], errs[off:off+len(r.as)]
 			off += len(r.as)

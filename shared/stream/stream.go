@@ -206,13 +206,60 @@ func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
 }
 
 // appendEach is Append with one result per append: in a pipeline, one
-// append failing does not fail the others.
+// append failing does not fail the others. as are one caller's appends.
 func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error) {
+	return s.appendLoading(ctx, as, loadFirstOfRepeated(nil, as, 0, len(as)))
+}
+
+// loadFirstOfRepeated marks in load (allocated, len(as), when nil) the
+// first of as[lo:hi], one caller's appends, to each stream that they
+// append to more than once, and returns load (nil if nothing is marked).
+//
+// Those appends are sent with the script's source (EVAL), so that the
+// caller's later appends to the stream, sent by hash (EVALSHA), cannot
+// run before them. Without it, when Redis's script cache was empty (after
+// a restart or a failover), the first append was refused (NOSCRIPT), then
+// another connection loaded the script between two reads of the pipeline,
+// the second append ran, and the first was appended after it by the
+// retry below: out of the caller's order.
+func loadFirstOfRepeated(load []bool, as []Append, lo, hi int) []bool {
+	if hi-lo < 2 {
+		return load
+	}
+	var first map[string]int // for many appends; a few are compared pairwise
+	if hi-lo > 16 {
+		first = make(map[string]int, hi-lo)
+	}
+	for i := lo; i < hi; i++ {
+		f, seen := -1, false
+		if first != nil {
+			if f, seen = first[as[i].Stream]; !seen {
+				first[as[i].Stream] = i
+			}
+		} else {
+			for f = lo; f < i && as[f].Stream != as[i].Stream; f++ {
+			}
+			seen = f < i
+		}
+		if !seen {
+			continue
+		}
+		if load == nil {
+			load = make([]bool, len(as))
+		}
+		load[f] = true
+	}
+	return load
+}
+
+// appendLoading is appendEach for appends of several callers, sending as
+// EVAL the appends load marks (nil: none).
+func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]string, []error) {
 	ids := make([]string, len(as))
 	errs := make([]error, len(as))
 	cc, ok := s.rdb.(*redis.ClusterClient)
 	if !ok {
-		s.appendOn(ctx, s.rdb, as, allIndexes(len(as)), ids, errs)
+		s.appendOn(ctx, s.rdb, as, load, allIndexes(len(as)), ids, errs)
 		return ids, errs
 	}
 	// On a cluster, each master's appends run in their own pipeline on
@@ -244,7 +291,7 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 	// own indexes.
 	var wg sync.WaitGroup
 	for node, idx := range groups {
-		wg.Go(func() { s.appendOn(nctx, node, as, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, node, as, load, idx, ids, errs) })
 	}
 	wg.Wait()
 	// These appends ran on node clients, outside the cluster client's
@@ -296,7 +343,7 @@ func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error)
 		for _, i := range idx {
 			errs[i] = nil
 		}
-		wg.Go(func() { s.appendOn(nctx, nodes[0], as, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, nodes[0], as, load, idx, ids, errs) })
 	}
 	wg.Wait()
 	return ids, errs
@@ -353,15 +400,16 @@ type pipeliner interface {
 }
 
 // appendOn runs the appends as[idx] in one pipeline on c (followed by WAIT
-// when the Store waits for replicas), filling ids and errs at idx.
-func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, idx []int, ids []string, errs []error) {
+// when the Store waits for replicas), filling ids and errs at idx. The
+// appends load marks are sent with the script's source.
+func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []bool, idx []int, ids []string, errs []error) {
 	cmds := make(map[int]*redis.Cmd, len(idx))
-	run := func(idx []int, load bool) *redis.Cmd {
+	run := func(idx []int, all bool) *redis.Cmd {
 		var wait *redis.Cmd
 		queued := make([]redis.Cmder, 0, len(idx)+1)
 		_, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, i := range idx {
-				cmd := p.Do(ctx, appendArgs(&as[i], load)...)
+				cmd := p.Do(ctx, appendArgs(&as[i], all || load != nil && load[i])...)
 				cmd.SetFirstKeyPos(3) // as EvalSha does
 				cmds[i] = cmd
 				queued = append(queued, cmd)
