@@ -73,6 +73,10 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: rand.Text()})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
+		// Redis may have set the claim and only its reply been lost (or
+		// the request cancelled meanwhile): free it if it is there, or
+		// the retry would get 409 until it expires.
+		s.claims.release(ctx, rkey, string(pending), claimed.Add(s.pendingTTL()))
 		s.writeError(c, err)
 		return
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -401,5 +402,52 @@ func TestIdempotencyRace(t *testing.T) {
 	}
 	if len(held) < 20 {
 		t.Errorf("%d messages written, want one request's of each round: %v", len(held), held)
+	}
+}
+
+// lostClaimReply is a Redis whose reply to the idempotency claim (SET NX)
+// is lost while on, after Redis has run it.
+type lostClaimReply struct{ on *atomic.Bool }
+
+func (h lostClaimReply) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h lostClaimReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if h.on.Load() && cmd.Name() == "set" && cmd.Args()[len(cmd.Args())-1] == "nx" {
+			cmd.SetErr(redistest.ErrFailed)
+			return redistest.ErrFailed
+		}
+		return err
+	}
+}
+
+func (h lostClaimReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestIdempotencyClaimReplyLost: a claim Redis set but whose reply was
+// lost is freed with the 503, so that the retry runs (and writes once)
+// instead of getting 409 until the claim expires.
+func TestIdempotencyClaimReplyLost(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on atomic.Bool
+	rdb.AddHook(lostClaimReply{on: &on})
+	ks := keys.Scheme{Prefix: prefix}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+
+	on.Store(true)
+	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 503, "unavailable")
+	on.Store(false)
+	if claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result(); err != nil || len(claims) != 0 {
+		t.Fatalf("claims left %v %v, want none", claims, err)
+	}
+	if w := e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
+		t.Fatalf("retry: %d %s", w.Code, w.Body)
+	}
+	if n := e.xlen("p"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
 	}
 }
