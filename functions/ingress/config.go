@@ -52,6 +52,10 @@ type Config struct {
 	// PublishWaitTimeout bounds that wait; it must be below REDIS_TIMEOUT.
 	PublishWaitTimeout time.Duration `env:"PUBLISH_WAIT_TIMEOUT" envDefault:"500ms"`
 
+	// ShutdownGrace is how long the requests in flight at SIGTERM get to
+	// finish before their connections are closed.
+	ShutdownGrace time.Duration `env:"SHUTDOWN_GRACE" envDefault:"10s"`
+
 	// RegistryTTL must equal the egress's: targeted messages to an instance
 	// are kept this long (twice) for it to catch up after a Redis blip.
 	RegistryTTL time.Duration `env:"REGISTRY_TTL" envDefault:"30s"`
@@ -134,6 +138,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		// Even with the wait off it is part of an Idempotency-Key claim's
 		// expiry (pendingTTL), which a negative value can make invalid.
 		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must not be negative"))
+	}
+	if c.ShutdownGrace < 0 {
+		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
 	}
 	if c.RegistryTTL < 3*time.Second {
 		// Records are refreshed every REGISTRY_TTL/3 by a sweep that runs

@@ -81,6 +81,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		// Off or not, it is part of an Idempotency-Key claim's TTL: a negative
 		// one made every request with a key fail (SET with a negative expiry).
 		{"negative wait timeout with the wait off", map[string]string{"PUBLISH_WAIT_TIMEOUT": "-20s"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
+		{"negative shutdown grace", map[string]string{"SHUTDOWN_GRACE": "-1s"}, []string{"SHUTDOWN_GRACE"}},
 		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
 		{"client IP header not a header name", map[string]string{"CLIENT_IP_HEADER": "X Forwarded: For"}, []string{"CLIENT_IP_HEADER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},

@@ -62,7 +62,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	return serve(ctx, log, ln, srv, shutdownGrace, cfg.Redis.Timeout, startAttrs(cfg)...)
+	return serve(ctx, log, ln, srv, cfg.ShutdownGrace, cfg.Redis.Timeout, startAttrs(cfg)...)
 }
 
 // startAttrs is the configuration the startup line shows: what an operator
@@ -80,9 +80,6 @@ func startAttrs(cfg Config) []any {
 		"publish_wait_replicas", cfg.PublishWaitReplicas, "registry_ttl", cfg.RegistryTTL.String(),
 		"log_level", cfg.Log.Level)
 }
-
-// shutdownGrace is how long requests in flight at SIGTERM get to finish.
-const shutdownGrace = 10 * time.Second
 
 // serve runs an HTTP server on ln until ctx is done, then shuts it down,
 // letting requests in flight finish for up to grace. Connections still busy
