@@ -60,6 +60,12 @@ func (r *releaser) release(ctx context.Context, key, value string, until time.Ti
 	if r.free(context.WithoutCancel(ctx), key, value) == nil {
 		return
 	}
+	r.later(key, value, until)
+}
+
+// later frees key if it still holds value, from the background, trying
+// until Redis answers or until.
+func (r *releaser) later(key, value string, until time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed || len(r.waiting) >= maxReleases {

@@ -75,8 +75,9 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	if err != nil {
 		// Redis may have set the claim and only its reply been lost (or
 		// the request cancelled meanwhile): free it if it is there, or
-		// the retry would get 409 until it expires.
-		s.claims.release(ctx, rkey, string(pending), claimed.Add(s.pendingTTL()))
+		// the retry would get 409 until it expires. From the background,
+		// so that the 503 does not wait for another Redis call.
+		s.claims.later(rkey, string(pending), claimed.Add(s.pendingTTL()))
 		s.writeError(c, err)
 		return
 	}
