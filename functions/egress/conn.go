@@ -193,12 +193,11 @@ func (c *conn) writeLoop() {
 		vec = append(vec[:0], c.ctrl...)
 		clear(c.ctrl)
 		c.ctrl = c.ctrl[:0]
-		var batch []*queued
-		if closeMsg == nil {
-			batch = c.queue
-			c.queue = c.spare[:0]
-			c.spare = nil
-		}
+		// What is queued goes first, the close frame after it: closeWith
+		// has emptied the queue unless the close keeps it.
+		batch := c.queue
+		c.queue = c.spare[:0]
+		c.spare = nil
 		c.mu.Unlock()
 		for i := range batch {
 			vec = append(vec, batch[i].frame)
@@ -212,6 +211,9 @@ func (c *conn) writeLoop() {
 		if closeMsg != nil {
 			// The socket is done with: c.writing stays true, so no
 			// writer starts again.
+			if err == nil {
+				c.wrote(batch, now)
+			}
 			c.mu.Lock()
 			c.closeMsg, c.closeSent = nil, true
 			c.mu.Unlock()
@@ -227,21 +229,24 @@ func (c *conn) writeLoop() {
 			c.mu.Lock()
 			c.closeMsg, c.closeSent = nil, true
 			c.mu.Unlock()
-			c.closeWith(1006, "write failed", true)
+			// A write that timed out is the server dropping a peer that
+			// stopped reading; any other failure is the peer having ended
+			// the TCP connection (reset, or cut by the platform), which
+			// the writer happened to notice before the reader: the
+			// client's end, as the reader would have recorded it
+			// (docs/protocol.md, SCF status).
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				c.closeWith(1006, "write failed", true)
+			} else {
+				c.closeWith(1006, "connection lost", false)
+			}
 			// closeWith may have run already, for the close owed: close
 			// the socket here too. c.writing stays true: it is dead.
 			_ = c.nc.Close()
 			return
 		}
-		if len(batch) > 0 {
-			for i := range batch {
-				if batch[i].id != (stream.ID{}) { // a message, live or replayed
-					c.s.metrics.observeDelivery(now, batch[i].ts)
-				}
-			}
-			c.framesOut.Add(int64(len(batch)))
-			c.lastData.Store(time.Now().UnixNano())
-		}
+		c.wrote(batch, now)
 		clear(batch)
 		c.mu.Lock()
 		if c.spare == nil {
@@ -249,6 +254,20 @@ func (c *conn) writeLoop() {
 		}
 		c.mu.Unlock()
 	}
+}
+
+// wrote accounts for the data frames of batch, written from now on.
+func (c *conn) wrote(batch []*queued, now time.Time) {
+	if len(batch) == 0 {
+		return
+	}
+	for i := range batch {
+		if batch[i].id != (stream.ID{}) { // a message, live or replayed
+			c.s.metrics.observeDelivery(now, batch[i].ts)
+		}
+	}
+	c.framesOut.Add(int64(len(batch)))
+	c.lastData.Store(time.Now().UnixNano())
 }
 
 // writeAll writes bufs whole. A write that times out having sent
@@ -366,15 +385,18 @@ func (c *conn) ping() {
 
 // closeWith closes the connection once, recording who closed it and why.
 // A server close (other than 1006, a dead peer) hands the close frame to
-// the writer and drops the queue; the reader ends when the client answers
+// the writer and drops the queue, but for the closes the client's own
+// frames caused (keepsQueue); the reader ends when the client answers
 // or after WriteTimeout plus a second. 1006 closes the socket at once.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.closing = true
 		c.closeCode, c.byServer, c.reason = code, byServer, reason
-		clear(c.queue)
-		c.queue = nil
+		if !byServer || !keepsQueue(code) {
+			clear(c.queue)
+			c.queue = nil
+		}
 		if byServer && code != 1006 {
 			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
 			c.startWriterLocked()
@@ -389,6 +411,22 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
+}
+
+// keepsQueue reports whether a server close with code sends what is
+// queued before its close frame: a close the client's own frames caused
+// (1002, 1007, 1008, 1009) does, so that the replies to the requests it
+// sent before, and the errors that led to a 1008, reach it
+// (docs/protocol.md: each request gets its reply). The queue is finite:
+// nothing is queued once the connection is closing. Other closes drop it
+// (the client resumes what it missed; for a slow consumer, 4002, the
+// queue is the problem).
+func keepsQueue(code int) bool {
+	switch code {
+	case protocol.CloseProtocolError, protocol.CloseInvalidData, protocol.ClosePolicy, protocol.CloseTooBig:
+		return true
+	}
+	return false
 }
 
 // isClosing reports whether closeWith has run.

@@ -147,6 +147,32 @@ func TestRequestsPerFrame(t *testing.T) {
 			t.Fatalf("close %d, want 1008", code)
 		}
 	})
+	// Each of the ten gets its error, the tenth included, ahead of the
+	// close, in one frame as in ten: the client learns what was wrong.
+	// Before, the close dropped the errors still queued: none of them
+	// came when the ten were in one frame.
+	t.Run("the errors of the ten bad requests come before the close", func(t *testing.T) {
+		t.Parallel()
+		for _, frames := range []int{1, 10} {
+			_, ws, _ := dial(t, map[string]string{})
+			var reqs, want []string
+			for i := range 10 {
+				reqs = append(reqs, fmt.Sprintf(`{"type":"dance","ref":%d}`, i))
+				want = append(want, fmt.Sprintf("error unknown_type %d", i))
+			}
+			if frames == 1 {
+				sendRaw(t, ws, strings.Join(reqs, "\n"))
+			} else {
+				for _, r := range reqs {
+					sendRaw(t, ws, r)
+				}
+			}
+			wantReplies(t, ws, want...)
+			if code := closeCode(t, ws, 5*time.Second); code != protocol.ClosePolicy {
+				t.Fatalf("in %d frames: close %d, want 1008", frames, code)
+			}
+		}
+	})
 	t.Run("a valid request resets the count", func(t *testing.T) {
 		t.Parallel()
 		_, ws, _ := dial(t, map[string]string{})

@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestWriteTimeout: a peer that stops reading is dropped (1006, "write
@@ -193,4 +195,34 @@ func TestWriteTimeout(t *testing.T) {
 			t.Fatal("the whole batch went out")
 		}
 	})
+}
+
+// TestWriteToResetPeer: a write that fails because the peer ended the TCP
+// connection (its socket closed with data unread, which resets it, or a
+// platform cutting it) is the peer's end, logged as a lost connection
+// (closed by the client, SCF status 456) as when the reader notices it
+// first. Before, the writer called it a close by the server (439), so
+// the same end of a socket was counted either way, as the reader or the
+// writer happened to notice first.
+func TestWriteToResetPeer(t *testing.T) {
+	s := &Server{cfg: Config{SendQueue: 1 << 20, WriteTimeout: 10 * time.Second}}
+	server, client := tcpPair(t)
+	c := &conn{s: s, nc: server, done: make(chan struct{})}
+	_ = client.(*net.TCPConn).SetLinger(0)
+	client.Close() // a reset
+	frame := wsFrame(opText, []byte(`{"type":"pong"}`))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if c.isClosing() {
+			return nil
+		}
+		c.enqueue(&queued{frame: frame})
+		return errors.New("writes to the reset peer have not failed yet")
+	})
+	c.writers.Wait()
+	c.mu.Lock()
+	code, byServer, reason := c.closeCode, c.byServer, c.reason
+	c.mu.Unlock()
+	if code != 1006 || byServer || scfStatus(code, byServer) != 456 {
+		t.Fatalf("closed with %d %q by server %v (SCF status %d), want 1006 by the client (456)", code, reason, byServer, scfStatus(code, byServer))
+	}
 }
