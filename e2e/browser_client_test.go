@@ -141,6 +141,40 @@ const clientJSCases = `(async () => {
       ? "ok" : calls + " getToken calls, last dial with " + last + (inURL ? ", token in the URL" : "");
     c.close();
   }
+  // drop() of a socket not yet welcomed (an application's watchdog giving
+  // up on an upgrade that hangs) is a close before the welcome like any
+  // other: getToken is asked again before the next dial, and the backoff
+  // goes on growing instead of starting over.
+  {
+    let calls = 0;
+    sockets.length = 0;
+    const c = newClient({ getToken: async () => "t" + ++calls, stableAfter: 0 });
+    await settle();
+    sockets[0].open(); // never welcomed
+    c.drop();
+    await settle();
+    sockets[1].open();
+    c.drop();
+    await settle();
+    results.dropBeforeWelcome = calls === 3 && sockets.length === 3 && c.attempt === 2
+      ? "ok" : calls + " getToken calls for " + sockets.length + " dials, backoff attempt " + c.attempt + " (want 3 calls, attempt 2)";
+    c.close();
+  }
+  // Nothing reaches a handler after close(), though the socket delivers
+  // what it still had (Chromium drops it; WebSocket implementations
+  // outside browsers, such as Node's ws, may not).
+  {
+    const [c, ws] = await welcomed();
+    let got = 0, welcomes = 0;
+    c.on("welcome", () => welcomes++);
+    c.subscribe("a", { onMessage: () => got++ });
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ws.sent.at(-1).ref });
+    c.close();
+    ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
+    ws.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    results.nothingAfterClose = got === 0 && welcomes === 0 && c.state === "closed"
+      ? "ok" : got + " messages and " + welcomes + " welcomes after close(), state " + c.state;
+  }
   // A resume that was not recovered goes on from the server's position,
   // which can be behind the id held (one a failed-over Redis never had).
   {
@@ -430,7 +464,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

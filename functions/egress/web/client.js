@@ -248,7 +248,9 @@ export class WsRelay {
     const ws = this.ws;
     this.detach(ws);
     try { ws.close(4999, "dropped by the application"); } catch { /* ignore */ }
-    this.lost({ code: 1006, reason: "dropped" }, ws.openedAt);
+    // A socket not yet welcomed is dropped as a refused one closes: a
+    // fresh token next, and no backoff reset.
+    this.lost({ code: 1006, reason: "dropped" }, ws.openedAt, ws.welcomed);
   }
 
   detach(ws) {
@@ -300,7 +302,7 @@ export class WsRelay {
     ws.onerror = () => { /* onclose follows */ };
   }
 
-  lost(ev, openedAt, welcomed = true) {
+  lost(ev, openedAt, welcomed) {
     this.emit("close", ev);
     if (this.closed) return;
     if (FINAL.has(ev.code)) {
@@ -323,6 +325,9 @@ export class WsRelay {
   }
 
   dispatch(ws, raw) {
+    // What a socket still delivers after close() reaches no handler (a
+    // browser drops it; other WebSocket implementations may not).
+    if (this.closed) return;
     let f;
     try { f = JSON.parse(raw); } catch { return; }
     switch (f.type) {
