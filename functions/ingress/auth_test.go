@@ -1,11 +1,15 @@
 package main
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -274,6 +278,28 @@ func TestUserTokens(t *testing.T) {
 }
 
 // With only API keys configured, a token is not accepted.
+// A token's claim names are exact (RFC 7519 §4): a "PUBLISH" claim does
+// not let a user publish, nor a "Channels" after "channels" widen what it
+// reads, nor an "EXP" stand in for a missing exp.
+func TestUserTokenClaimNamesExact(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"JWT_SECRET": testSecret})
+	sign := func(payload string) string {
+		enc := base64.RawURLEncoding
+		si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
+		m := hmac.New(sha256.New, []byte(testSecret))
+		m.Write([]byte(si))
+		return si + "." + enc.EncodeToString(m.Sum(nil))
+	}
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	w := e.do("POST", "/v1/channels/x/messages", `{"data":1}`, bearer(sign(`{"sub":"alice","exp":`+exp+`,"PUBLISH":["*"]}`))...)
+	expectStatus(t, w, 403)
+	w = e.do("GET", "/v1/channels/x/messages", "", bearer(sign(`{"sub":"alice","exp":`+exp+`,"channels":["room.1"],"Channels":["*"]}`))...)
+	expectStatus(t, w, 403)
+	w = e.do("GET", "/v1/channels/room.1/messages", "", bearer(sign(`{"sub":"alice","EXP":`+exp+`,"channels":["room.1"]}`))...)
+	expectStatus(t, w, 401)
+}
+
 func TestUserTokenWithoutSecret(t *testing.T) {
 	t.Parallel()
 	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})

@@ -6,10 +6,12 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -156,6 +158,55 @@ func TestVerify(t *testing.T) {
 	// The clock decides expiry.
 	if _, err := v.WithClock(func() time.Time { return now.Add(2 * time.Hour) }).Verify(good); !errors.Is(err, ErrTokenExpired) {
 		t.Errorf("later: %v", err)
+	}
+}
+
+// Claim names are case-sensitive (RFC 7519 §4): "EXP", "Sub" or
+// "Channels" are other claims, not exp, sub or channels. encoding/json
+// would match them without case, so that a token without exp but with
+// an EXP was accepted, and a Sub or Channels after sub or channels
+// replaced them, though every other JWT library reads them apart.
+func TestVerifyClaimNamesCaseSensitive(t *testing.T) {
+	t.Parallel()
+	v, err := NewVerifier(TokenConfig{Secret: secret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp := time.Now().Add(time.Hour).Unix()
+	sign := func(claims jwt.MapClaims) string {
+		s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(secret))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	if _, err := v.Verify(sign(jwt.MapClaims{"sub": "alice", "EXP": exp})); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("EXP without exp: %v, want refused", err)
+	}
+	if _, err := v.Verify(sign(jwt.MapClaims{"SUB": "alice", "exp": exp})); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("SUB without sub: %v, want refused", err)
+	}
+	// jwt.MapClaims marshals its keys sorted: upper case before lower.
+	c, err := v.Verify(sign(jwt.MapClaims{"sub": "alice", "exp": exp, "Sub": "mallory", "channels": []string{"room.1"}, "Channels": []string{"*"}, "PUBLISH": []string{"*"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Subject != "alice" || c.Channels.Allows("other") || !c.Channels.Allows("room.1") || c.Publish.Allows("other") {
+		t.Errorf("claims %+v: read Sub, Channels or PUBLISH as sub, channels or publish", c)
+	}
+	// Reversed order in the payload: the exact name still wins.
+	raw := `{"Sub":"mallory","sub":"alice","exp":` + strconv.FormatInt(exp, 10) + `,"channels":["room.1"],"Channels":["*"]}`
+	head := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + base64.RawURLEncoding.EncodeToString([]byte(raw))
+	sig, err := jwt.SigningMethodHS256.Sign(head, []byte(secret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err = v.Verify(head + "." + base64.RawURLEncoding.EncodeToString(sig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Subject != "alice" || c.Channels.Allows("other") {
+		t.Errorf("claims %+v: read Channels as channels", c)
 	}
 }
 

@@ -3,6 +3,7 @@ package auth
 import (
 	"bytes"
 	"crypto/elliptic"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -42,6 +43,32 @@ type jwtClaims struct {
 	jwt.RegisteredClaims
 	Channels []string `json:"channels,omitempty"`
 	Publish  []string `json:"publish,omitempty"`
+}
+
+// UnmarshalJSON reads the claims by their exact names: claim names are
+// case-sensitive (RFC 7519 §4), but encoding/json matches a field's name
+// without case, so that "EXP" would pass for exp, or a "Channels" after
+// "channels" replace it. Anything else is decoded as encoding/json does.
+func (c *jwtClaims) UnmarshalJSON(b []byte) error {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		name string
+		dst  any
+	}{
+		{"iss", &c.Issuer}, {"sub", &c.Subject}, {"aud", &c.Audience},
+		{"exp", &c.ExpiresAt}, {"nbf", &c.NotBefore}, {"iat", &c.IssuedAt}, {"jti", &c.ID},
+		{"channels", &c.Channels}, {"publish", &c.Publish},
+	} {
+		if raw, ok := m[f.name]; ok {
+			if err := json.Unmarshal(raw, f.dst); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // IsToken tells a bearer credential that is a JWT from an API key without
