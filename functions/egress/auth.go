@@ -4,13 +4,13 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/query"
 )
 
 // Subprotocol is the WebSocket subprotocol a client offers alongside its
@@ -107,7 +107,11 @@ func (sec *security) allowFor(c *auth.Claims) func(string) bool {
 // queryOnce reads a query parameter that takes one value ("" when
 // absent). A repeated one (?token=a&token=b) is a 400 with code, the
 // parameter's code for a bad value: which value was meant cannot be told.
-func queryOnce(q url.Values, name, code string) (string, *authError) {
+func queryOnce(r *http.Request, name, code string) (string, *authError) {
+	if query.Malformed(r.URL.RawQuery, name) {
+		return "", &authError{http.StatusBadRequest, code, name + " is malformed (a ';' or a bad %-escape)"}
+	}
+	q := r.URL.Query()
 	if vs := q[name]; len(vs) > 1 {
 		return "", &authError{http.StatusBadRequest, code, name + " must be given once, not " + strconv.Itoa(len(vs)) + " times"}
 	}
@@ -118,7 +122,7 @@ func queryOnce(q url.Values, name, code string) (string, *authError) {
 // parameter, else a "token.<jwt>" subprotocol. proto is the subprotocol
 // to echo ("wsrelay" when offered).
 func tokenFrom(r *http.Request) (token, proto string, aerr *authError) {
-	if token, aerr = queryOnce(r.URL.Query(), "token", "invalid_token"); aerr != nil {
+	if token, aerr = queryOnce(r, "token", "invalid_token"); aerr != nil {
 		return "", "", aerr
 	}
 	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
@@ -148,7 +152,7 @@ func (s *Server) authenticate(r *http.Request) (*identity, *authError) {
 		if !s.sec.anon {
 			return nil, &authError{http.StatusUnauthorized, "unauthorized", "missing token: pass it as the token query parameter or the token.<jwt> subprotocol"}
 		}
-		user, aerr := queryOnce(r.URL.Query(), "user", "invalid_user")
+		user, aerr := queryOnce(r, "user", "invalid_user")
 		if aerr != nil {
 			return nil, aerr
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/query"
 	"github.com/wsrelay/wsrelay/shared/registry"
 )
 
@@ -34,6 +35,10 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	// URLSearchParams.append writes a list) are one list, as if
 	// comma-joined, and checked as one.
 	var initial []string
+	if query.Malformed(r.URL.RawQuery, "channels") {
+		writeHTTPError(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels is malformed (a ';' or a bad %-escape)")
+		return
+	}
 	if q := strings.Join(r.URL.Query()["channels"], ","); q != "" {
 		for _, ch := range strings.Split(q, ",") {
 			if !channel.ValidName(ch) {

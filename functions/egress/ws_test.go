@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
+
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
@@ -148,5 +150,45 @@ func TestQueryRepeatedScalar(t *testing.T) {
 		if !strings.Contains(string(b), `"`+tc.code+`"`) || !strings.Contains(string(b), name+" must be given once") {
 			t.Errorf("%s: body %s, want code %s naming %s", tc.q.Encode(), b, tc.code, name)
 		}
+	}
+}
+
+// TestQueryMalformed: a parameter whose pair Go's query parser drops (a
+// ';' or a bad %-escape) is refused with its code, not read as absent:
+// ?channels=a;b gave a socket with no subscription, ?user=a;b an
+// anonymous one without its user.
+func TestQueryMalformed(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET": testSecret})
+	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"*"}})
+	for _, tc := range []struct{ query, code string }{
+		{"channels=a;b", protocol.CodeInvalidChannel},
+		{"channels=a%zz", protocol.CodeInvalidChannel},
+		{"user=dev;ops", "invalid_user"},
+		{"user=%zz", "invalid_user"},
+		{"token=" + good + ";x", "invalid_token"},
+	} {
+		d := websocket.Dialer{HandshakeTimeout: 5 * time.Second}
+		ws, resp, err := d.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?"+tc.query, nil)
+		if ws != nil {
+			ws.Close()
+		}
+		if err == nil || resp == nil || resp.StatusCode != 400 {
+			t.Errorf("%s: %v %v, want 400", tc.query, err, resp)
+			continue
+		}
+		if b, _ := io.ReadAll(resp.Body); !strings.Contains(string(b), `"`+tc.code+`"`) || !strings.Contains(string(b), "malformed") {
+			t.Errorf("%s: body %s, want code %s", tc.query, b, tc.code)
+		}
+	}
+	// Another parameter's malformed pair is ignored, as unknown ones are.
+	d := websocket.Dialer{HandshakeTimeout: 5 * time.Second}
+	ws, _, err := d.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?foo=%zz&channels=a", nil)
+	if err != nil {
+		t.Fatalf("?foo=%%zz&channels=a: %v", err)
+	}
+	defer ws.Close()
+	if got := next(t, ws, protocol.TypeSubscribed).Channel; got != "a" {
+		t.Fatalf("subscribed to %q, want a", got)
 	}
 }

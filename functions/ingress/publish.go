@@ -14,6 +14,7 @@ import (
 	"github.com/gin-gonic/gin"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/query"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -335,6 +336,9 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 // with code, the parameter's code for a bad value, since which value was
 // meant cannot be told (docs/api.md).
 func queryOnce(c *gin.Context, name, code string) (v string, ok bool, ae *apiError) {
+	if query.Malformed(c.Request.URL.RawQuery, name) {
+		return "", false, errf(400, code, name+" is malformed (a ';' or a bad %-escape)")
+	}
 	vs, ok := c.GetQueryArray(name)
 	if len(vs) > 1 {
 		return "", false, errf(400, code, name+" must be given once, not "+strconv.Itoa(len(vs))+" times")

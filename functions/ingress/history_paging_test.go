@@ -1,0 +1,191 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// pageAll pages channel h from cursor with limit until an empty page and
+// returns every id read and each page's recovered flag.
+func (e *testEnv) pageAll(cursor string, limit int) ([]string, []bool) {
+	e.t.Helper()
+	var ids []string
+	var rec []bool
+	for range 100000 {
+		r := e.history(fmt.Sprintf("?limit=%d&after=%s", limit, cursor))
+		if r.Recovered == nil {
+			e.t.Fatalf("no recovered after %s", cursor)
+		}
+		rec = append(rec, *r.Recovered)
+		if len(r.Messages) == 0 {
+			return ids, rec
+		}
+		ids = append(ids, idsOf(r.Messages)...)
+		if r.Next != ids[len(ids)-1] {
+			e.t.Fatalf("next %s, last %s", r.Next, ids[len(ids)-1])
+		}
+		cursor = r.Next
+	}
+	e.t.Fatal("no end")
+	return nil, nil
+}
+
+// TestHistoryPagingEdges: paging with after reads every message once, in
+// order, at every limit around the read chunk (1, a chunk and one either
+// side, the most), over messages in the same millisecond; after=0 and
+// 0-0 start at the first; after the last id is an empty page, recovered,
+// with next the cursor back; without after, the newest limit.
+func TestHistoryPagingEdges(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.HistorySize = 0 })
+	ids := e.publishN(3*historyChunk + 1) // many in the same millisecond
+	for _, limit := range []int{1, 2, historyChunk - 1, historyChunk, historyChunk + 1, 1000} {
+		got, rec := e.pageAll("0", limit)
+		if fmt.Sprint(got) != fmt.Sprint(ids) {
+			t.Fatalf("limit %d: paged %d, want %d", limit, len(got), len(ids))
+		}
+		for i, r := range rec {
+			if !r {
+				t.Fatalf("limit %d: page %d not recovered", limit, i)
+			}
+		}
+	}
+	for _, after := range []string{"0", "0-0"} {
+		r := e.history("?limit=1&after=" + after)
+		if len(r.Messages) != 1 || r.Messages[0].ID != ids[0] || !*r.Recovered {
+			t.Fatalf("after %s: %+v", after, r)
+		}
+	}
+	last := ids[len(ids)-1]
+	r := e.history("?after=" + last)
+	if len(r.Messages) != 0 || r.Next != last || !*r.Recovered {
+		t.Fatalf("after last: %+v", r)
+	}
+	// Latest with limit 1..: the newest.
+	for _, limit := range []int{1, historyChunk, historyChunk + 1, 1000} {
+		r := e.history(fmt.Sprintf("?limit=%d", limit))
+		want := ids[max(0, len(ids)-limit):]
+		if fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(want) {
+			t.Fatalf("latest %d: %d", limit, len(r.Messages))
+		}
+	}
+}
+
+// TestHistoryPagingConcurrent: pages read while messages are published
+// skip and repeat none, and all say recovered.
+func TestHistoryPagingConcurrent(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.HistorySize = 0 })
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var pub []string
+	stop := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			items := make([]string, 7)
+			for j := range items {
+				items[j] = fmt.Sprintf(`{"channel":"h","data":%d}`, j)
+			}
+			w := e.do("POST", "/v1/messages", `{"messages":[`+strings.Join(items, ",")+`]}`)
+			var out struct{ Results []published }
+			if err := json.Unmarshal(w.Body.Bytes(), &out); err != nil || w.Code != 202 {
+				t.Errorf("publish: %d %s", w.Code, w.Body.String())
+				return
+			}
+			for _, r := range out.Results {
+				mu.Lock()
+				pub = append(pub, r.ID)
+				mu.Unlock()
+			}
+		}
+	}()
+	var got []string
+	cursor := "0"
+	for range 300 {
+		r := e.history("?limit=5&after=" + cursor)
+		if !*r.Recovered {
+			t.Fatal("not recovered")
+		}
+		got = append(got, idsOf(r.Messages)...)
+		cursor = r.Next
+	}
+	close(stop)
+	wg.Wait()
+	rest, _ := e.pageAll(cursor, 1000)
+	got = append(got, rest...)
+	if fmt.Sprint(got) != fmt.Sprint(pub) {
+		t.Fatalf("paged %d, published %d", len(got), len(pub))
+	}
+}
+
+// TestHistoryPagingTrimClear: a page after a cursor trimmed away starts
+// at the oldest message left and says recovered false; one after the
+// last message trimmed says true; after a removal, a cursor behind the
+// last message removed says false, one at it true.
+func TestHistoryPagingTrimClear(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.HistorySize = 0 })
+	ids := e.publishN(20)
+	r := e.history("?limit=5&after=0")
+	// Trimmed past the page's end.
+	if err := e.rdb.XTrimMinID(t.Context(), e.keys.Stream("h"), ids[8]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	r = e.history("?limit=5&after=" + r.Next)
+	if *r.Recovered || idsOf(r.Messages)[0] != ids[8] {
+		t.Fatalf("after trim: %+v", r)
+	}
+	// Trimmed up to the cursor exactly: recovered.
+	if err := e.rdb.XTrimMinID(t.Context(), e.keys.Stream("h"), ids[13]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	r = e.history("?limit=5&after=" + ids[12])
+	if !*r.Recovered || idsOf(r.Messages)[0] != ids[13] {
+		t.Fatalf("after trim at cursor: %+v", r)
+	}
+	e.do("DELETE", "/v1/channels/h/messages", "")
+	more := e.publishN(3)
+	r = e.history("?limit=5&after=" + ids[15])
+	if *r.Recovered || fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(more) {
+		t.Fatalf("after clear: %+v", r)
+	}
+	r = e.history("?limit=5&after=" + ids[19])
+	if !*r.Recovered || fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(more) {
+		t.Fatalf("after clear from last: %+v", r)
+	}
+}
+
+// TestQueryMalformed: a value of after or limit that Go's query parser
+// drops (a ';' in its pair, or a malformed %-escape) is refused with the
+// parameter's code, not read as absent: ?after=1;2 gave the newest page,
+// as if no cursor had been given, and ?limit=5; the default limit.
+// Another parameter's malformed pair is ignored, as unknown ones are.
+func TestQueryMalformed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.publishN(3)
+	for _, tc := range []struct{ query, code string }{
+		{"?after=1;2", "invalid_cursor"},
+		{"?after=%zz", "invalid_cursor"},
+		{"?after=0&limit=2;", "invalid_limit"},
+		{"?limit=%zz", "invalid_limit"},
+		{"?x=1;after=5", "invalid_cursor"},
+		{"?%61fter=1%zz", "invalid_cursor"},
+	} {
+		expectError(t, e.do("GET", "/v1/channels/h/messages"+tc.query, ""), 400, tc.code)
+	}
+	expectError(t, e.do("GET", "/v1/channels/h/connections?limit=5;", ""), 400, "invalid_limit")
+	if r := e.history("?foo=%zz&limit=2"); len(r.Messages) != 2 {
+		t.Fatalf("malformed unknown parameter: %d messages", len(r.Messages))
+	}
+}
