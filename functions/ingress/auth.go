@@ -49,8 +49,13 @@ func (c *Config) checkSecurity() []error {
 			errs = append(errs, fmt.Errorf("%s must be 0 (off) to %d", x.name, maxRate))
 		}
 	}
-	if c.PublishBurstPerKey < 0 || c.PublishBurstPerIP < 0 || c.PublishBurstPerUser < 0 {
-		errs = append(errs, errors.New("PUBLISH_BURST_PER_* must not be negative"))
+	for _, x := range []struct {
+		name string
+		v    int
+	}{{"PUBLISH_BURST_PER_KEY", c.PublishBurstPerKey}, {"PUBLISH_BURST_PER_IP", c.PublishBurstPerIP}, {"PUBLISH_BURST_PER_USER", c.PublishBurstPerUser}} {
+		if x.v < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative (0: twice the rate)", x.name))
+		}
 	}
 	return errs
 }

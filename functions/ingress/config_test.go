@@ -84,6 +84,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"negative shutdown grace", map[string]string{"SHUTDOWN_GRACE": "-1s"}, []string{"SHUTDOWN_GRACE"}},
 		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
 		{"client IP header not a header name", map[string]string{"CLIENT_IP_HEADER": "X Forwarded: For"}, []string{"CLIENT_IP_HEADER"}},
+		{"negative bursts", map[string]string{"PUBLISH_BURST_PER_KEY": "-1", "PUBLISH_BURST_PER_IP": "-1", "PUBLISH_BURST_PER_USER": "-1"},
+			[]string{"PUBLISH_BURST_PER_KEY", "PUBLISH_BURST_PER_IP", "PUBLISH_BURST_PER_USER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
 			[]string{"PUBLISH_RATE_PER_KEY", "PUBLISH_RATE_PER_IP", "PUBLISH_RATE_PER_USER"}},
 	} {
