@@ -27,12 +27,6 @@ func TestConfigDocs(t *testing.T) {
 		},
 		Base: map[string]string{"ALLOW_ANONYMOUS": "true"},
 		Unchecked: map[string]map[string]string{
-			"REDIS_KEY_PREFIX":      {"must be the channel's": "why, not a rule"},
-			"REGISTRY_TTL":          {"at most": "what the value means", "must": "equal in both functions: e2e's deploy test checks deploy/"},
-			"JWT_PUBLIC_KEY":        {"or more": "how many keys, not a bound"},
-			"JWT_SECRET_PREVIOUS":   {"below": "a section of docs/security.md"},
-			"SHUTDOWN_GRACE":        {"up to": "how long the stop waits, not a bound of the value"},
-			"JWT_SECRET":            {"≥": "a recommendation: a shorter secret only logs a warning"},
 			"IDLE_TIMEOUT":          {"below": "advice for SCF"},
 			"MAX_LIFETIME":          {"below": "advice for SCF"},
 			"WRITE_TIMEOUT":         {"at least half of it": "when a slow socket is dropped, not a bound of the value"},

@@ -28,13 +28,7 @@ func TestConfigDocs(t *testing.T) {
 		Base:       map[string]string{"ALLOW_ANONYMOUS": "true"},
 		Conditions: map[string]map[string]string{"when the wait is on": {"PUBLISH_WAIT_REPLICAS": "1"}},
 		Unchecked: map[string]map[string]string{
-			"REDIS_KEY_PREFIX":    {"must be the channel's": "why, not a rule"},
-			"REGISTRY_TTL":        {"at most": "what the value means", "must": "equal in both functions: e2e's deploy test checks deploy/"},
-			"JWT_PUBLIC_KEY":      {"or more": "how many keys, not a bound"},
-			"JWT_SECRET_PREVIOUS": {"below": "a section of docs/security.md"},
-			"SHUTDOWN_GRACE":      {"up to": "how long the stop waits, not a bound of the value"},
-			"JWT_SECRET":          {"≥": "a recommendation: a shorter secret only logs a warning"},
-			"API_KEYS":            {"below": "a section of docs/security.md"},
+			"API_KEYS": {"below": "a section of docs/security.md"},
 		},
 	})
 }

@@ -69,7 +69,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	// answers 409 for seconds, not for the whole window. A retry that
 	// overlaps a first attempt still running past it writes nothing twice:
 	// the once-keys see to that.
-	claimed := time.Now()
+	// The claim is not this request's to free after it expires.
+	until := time.Now().Add(s.pendingTTL())
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: rand.Text()})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
@@ -77,7 +78,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		// the request cancelled meanwhile): free it if it is there, or
 		// the retry would get 409 until it expires. From the background,
 		// so that the 503 does not wait for another Redis call.
-		s.claims.later(rkey, string(pending), claimed.Add(s.pendingTTL()))
+		s.claims.later(rkey, string(pending), until)
 		s.writeError(c, err)
 		return
 	}
@@ -91,7 +92,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		// free the key so the client's retry can proceed: the once-keys
 		// keep that retry from writing anything twice. If Redis cannot be
 		// reached, that goes on once it can (claims.go).
-		s.claims.release(ctx, rkey, string(pending), claimed.Add(s.pendingTTL()))
+		s.claims.release(ctx, rkey, string(pending), until)
 		s.writeError(c, err)
 		return
 	}

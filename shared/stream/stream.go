@@ -226,22 +226,11 @@ func loadFirstOfRepeated(load []bool, as []Append, lo, hi int) []bool {
 	if hi-lo < 2 {
 		return load
 	}
-	var first map[string]int // for many appends; a few are compared pairwise
-	if hi-lo > 16 {
-		first = make(map[string]int, hi-lo)
-	}
+	first := make(map[string]int, hi-lo)
 	for i := lo; i < hi; i++ {
-		f, seen := -1, false
-		if first != nil {
-			if f, seen = first[as[i].Stream]; !seen {
-				first[as[i].Stream] = i
-			}
-		} else {
-			for f = lo; f < i && as[f].Stream != as[i].Stream; f++ {
-			}
-			seen = f < i
-		}
+		f, seen := first[as[i].Stream]
 		if !seen {
+			first[as[i].Stream] = i
 			continue
 		}
 		if load == nil {

@@ -7,6 +7,7 @@ package configdoc
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -143,8 +144,20 @@ type Check struct {
 	// Unchecked lists, per variable, the rule-like phrases of its
 	// meaning that Run does not check, each with why. A phrase that is
 	// neither parsed nor listed fails the test, and so does a listed one
-	// that no longer appears.
+	// that no longer appears. The phrases of variables both functions
+	// read are in commonUnchecked, added to these.
 	Unchecked map[string]map[string]string
+}
+
+// commonUnchecked is Check.Unchecked for the variables both functions
+// read, with the same rows.
+var commonUnchecked = map[string]map[string]string{
+	"REDIS_KEY_PREFIX":    {"must be the channel's": "why, not a rule"},
+	"REGISTRY_TTL":        {"at most": "what the value means", "must": "equal in both functions: e2e's deploy test checks deploy/"},
+	"JWT_PUBLIC_KEY":      {"or more": "how many keys, not a bound"},
+	"JWT_SECRET_PREVIOUS": {"below": "a section of docs/security.md"},
+	"SHUTDOWN_GRACE":      {"up to": "how long the stop waits, not a bound of the value"},
+	"JWT_SECRET":          {"≥": "a recommendation: a shorter secret only logs a warning"},
 }
 
 // rule phrases Run parses. val is a number, a duration or a `VARIABLE`.
@@ -169,6 +182,11 @@ var (
 // Run checks every row of the tables that documents a variable of
 // c.Function.
 func Run(t *testing.T, root string, c Check) {
+	unchecked := maps.Clone(commonUnchecked)
+	for name, phrases := range c.Unchecked {
+		unchecked[name] = phrases
+	}
+	c.Unchecked = unchecked
 	names := config.Names(c.New())
 	defaults := c.New()
 	if err := config.Load(func(string) string { return "" }, defaults); err != nil {
