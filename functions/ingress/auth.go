@@ -57,6 +57,9 @@ func (c *Config) checkSecurity() []error {
 			errs = append(errs, fmt.Errorf("%s must not be negative (0: twice the rate)", x.name))
 		}
 	}
+	if c.PublishRateScope != scopeInstance && c.PublishRateScope != scopeGlobal {
+		errs = append(errs, fmt.Errorf("PUBLISH_RATE_SCOPE: %q is not %s or %s", c.PublishRateScope, scopeInstance, scopeGlobal))
+	}
 	return errs
 }
 

@@ -89,6 +89,11 @@ type Config struct {
 	PublishRatePerUser float64 `env:"PUBLISH_RATE_PER_USER" envDefault:"10"`
 	// PublishBurstPerUser is that limit's burst; zero: twice the rate.
 	PublishBurstPerUser int `env:"PUBLISH_BURST_PER_USER" envDefault:"20"`
+	// PublishRateScope is where the publish rate limits' buckets live:
+	// "instance" (in each ingress process: a client spread over n
+	// instances gets n times the rates) or "global" (in Redis, shared by
+	// every instance: one more Redis call per limit that applies).
+	PublishRateScope string `env:"PUBLISH_RATE_SCOPE" envDefault:"instance"`
 	// ClientIPHeader names the header the API gateway puts the client's
 	// address in (its last entry is used, e.g. X-Forwarded-For). Empty:
 	// the TCP peer address. Only set it behind a gateway that sets it.

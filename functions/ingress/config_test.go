@@ -27,6 +27,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 		{"MAX_BATCH_ITEMS", c.MaxBatchItems, 1000},
 		{"IDEMPOTENCY_WINDOW", c.IdempotencyWindow, 24 * time.Hour},
 		{"REGISTRY_TTL", c.RegistryTTL, 30 * time.Second},
+		{"PUBLISH_RATE_SCOPE", c.PublishRateScope, "instance"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s = %v, want %v", tc.name, tc.got, tc.want)
@@ -88,6 +89,9 @@ func TestLoadConfigErrors(t *testing.T) {
 			[]string{"PUBLISH_BURST_PER_KEY", "PUBLISH_BURST_PER_IP", "PUBLISH_BURST_PER_USER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
 			[]string{"PUBLISH_RATE_PER_KEY", "PUBLISH_RATE_PER_IP", "PUBLISH_RATE_PER_USER"}},
+		// Reported with the others, not alone.
+		{"unknown rate scope", map[string]string{"PUBLISH_RATE_SCOPE": "cluster", "PUBLISH_BURST_PER_KEY": "-1"},
+			[]string{"PUBLISH_RATE_SCOPE", "PUBLISH_BURST_PER_KEY"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := loadConfig(func(k string) string { return tc.env[k] })

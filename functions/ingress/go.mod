@@ -42,6 +42,7 @@ require (
 require (
 	github.com/VictoriaMetrics/metrics v1.45.0
 	github.com/gin-gonic/gin v1.12.0
+	github.com/go-redis/redis_rate/v10 v10.0.1
 	github.com/redis/go-redis/v9 v9.23.0
 	github.com/wsrelay/wsrelay/shared v0.0.0
 	golang.org/x/net v0.59.0

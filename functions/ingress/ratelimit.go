@@ -110,6 +110,9 @@ func (ls *limiterSet) len() int {
 type publishLimits struct {
 	perKey, perIP, perUser *limiterSet
 	ipHeader               string
+	// global, when set (PUBLISH_RATE_SCOPE=global), keeps the buckets in
+	// Redis; the limiterSets then only give their rates and bursts.
+	global *redisLimits
 }
 
 func newPublishLimits(cfg Config) publishLimits {
@@ -192,7 +195,8 @@ func clientAddr(s string) (netip.Addr, bool) {
 // client IP, then per API key or per user token. Over a limit: 429
 // rate_limited with Retry-After (none for a batch larger than the burst,
 // which can never pass), and nothing is taken from the other
-// buckets' budgets beyond those already passed.
+// buckets' budgets beyond those already passed. With the buckets in
+// Redis, a Redis error is returned as it is (503).
 func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 	pl := &s.sec.limits
 	now := time.Now()
@@ -215,7 +219,21 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 		if ch.set == nil {
 			continue
 		}
-		d := ch.set.reserve(ch.key, n, now)
+		var d time.Duration
+		if pl.global != nil {
+			// User and key ids already say what they are ("user:…",
+			// "key:…"); an IP does not.
+			bucket := ch.key
+			if ch.set == pl.perIP {
+				bucket = ipBucket(bucket)
+			}
+			var err error
+			if d, err = pl.global.reserve(c.Request.Context(), ch.set, bucket, n); err != nil {
+				return err
+			}
+		} else {
+			d = ch.set.reserve(ch.key, n, now)
+		}
 		switch {
 		case d < 0:
 			// No Retry-After: the same batch can never pass.

@@ -65,6 +65,9 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		metrics: newMetrics(),
 	}
 	s.sec = newSecurity(cfg, log)
+	if cfg.PublishRateScope == scopeGlobal {
+		s.sec.limits.global = newRedisLimits(rdb, ks)
+	}
 	s.redisDown = &logging.Episode{Log: log, Msg: "redis unavailable", Back: "redis back",
 		Then: "requests that need Redis are answered 503 with Retry-After; logged again every 30s while it lasts and once when Redis answers again; wsrelay_ingress_redis_errors_total counts every failure"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",

@@ -3,7 +3,9 @@
 // Every key that belongs to one channel carries the hash tag {c:<channel>},
 // every key of one user {u:<user>}, of one egress instance {i:<instance>},
 // so that keys used together by one command or script live in one Redis
-// Cluster slot, while different channels spread over all masters.
+// Cluster slot, while different channels spread over all masters. A
+// publish rate-limit bucket is one key tagged {l:<bucket>}, so buckets
+// spread over the masters too.
 // Names are validated (package channel) before they get here.
 package keys
 
@@ -49,6 +51,12 @@ func (s Scheme) UserConns(user string) string { return s.p() + "{u:" + user + "}
 // Idempotency holds the outcome of a publish made with an Idempotency-Key;
 // digest is a hash of the credential and the key, never the key itself.
 func (s Scheme) Idempotency(digest string) string { return s.p() + "{k:" + digest + "}" }
+
+// PublishRate is a publish rate limit's bucket when the limits are kept
+// in Redis (PUBLISH_RATE_SCOPE=global); bucket names the caller and the
+// limit: "user:<user>", "key:<short hash of the API key>" or
+// "ip:<address>". One key per bucket, tagged by it.
+func (s Scheme) PublishRate(bucket string) string { return s.p() + "{l:" + bucket + "}" }
 
 // Once is the at-most-once record of the i-th append of an idempotent
 // request (digest: of the credential, route and Idempotency-Key) to the

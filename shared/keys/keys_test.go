@@ -16,6 +16,7 @@ func TestScheme(t *testing.T) {
 		{p.Conn("c1"), "wsr:{r:c1}"},
 		{p.UserConns("alice"), "wsr:{u:alice}:conns"},
 		{p.Idempotency("ab12"), "wsr:{k:ab12}"},
+		{p.PublishRate("user:alice"), "wsr:{l:user:alice}"},
 		{Scheme{}.Stream("x"), "{c:x}:s"},
 		{Last(p.Stream("room-1")), "wsr:{c:room-1}:s:last"},
 		{Last(p.Inbox("i1")), "wsr:{i:i1}:s:last"},
@@ -42,7 +43,7 @@ func TestHashTags(t *testing.T) {
 			}
 		}
 	}
-	distinct := []string{s.Stream("a"), s.Stream("b"), s.Inbox("a"), s.UserConns("a"), s.Conn("a"), s.Idempotency("a")}
+	distinct := []string{s.Stream("a"), s.Stream("b"), s.Inbox("a"), s.UserConns("a"), s.Conn("a"), s.Idempotency("a"), s.PublishRate("a")}
 	seen := map[string]string{}
 	for _, k := range distinct {
 		if other, ok := seen[tag(k)]; ok {
