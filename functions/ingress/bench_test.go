@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
@@ -253,4 +254,41 @@ func BenchmarkPublishHTTP(b *testing.B) {
 			}
 		})
 	})
+}
+
+// BenchmarkPublishRateScope is BenchmarkPublish with a per-IP publish
+// rate limit that never refuses, its buckets in the process (instance)
+// or in Redis (global): what PUBLISH_RATE_SCOPE=global adds to a publish
+// (one more Redis round trip).
+func BenchmarkPublishRateScope(b *testing.B) {
+	for _, scope := range []string{"instance", "global"} {
+		b.Run(scope, func(b *testing.B) {
+			rdb, prefix := redistest.Client(b)
+			env := map[string]string{"ALLOW_ANONYMOUS": "true", "PUBLISH_RATE_PER_USER": "0",
+				"PUBLISH_RATE_PER_IP": "1000000", "PUBLISH_RATE_SCOPE": scope}
+			cfg, err := loadConfig(func(k string) string { return env[k] })
+			if err != nil {
+				b.Fatal(err)
+			}
+			srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+			body := []byte(`{"data":{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"}}`)
+			b.ReportAllocs()
+			b.SetParallelism(8)
+			var n atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				// Callers of their own, as publishers from many addresses.
+				addr := fmt.Sprintf("192.0.2.%d:1000", n.Add(1)%250)
+				for pb.Next() {
+					req := httptest.NewRequest("POST", "/v1/channels/bench/messages", bytes.NewReader(body))
+					req.Header.Set("Content-Type", "application/json")
+					req.RemoteAddr = addr
+					w := httptest.NewRecorder()
+					srv.ServeHTTP(w, req)
+					if w.Code != 202 {
+						b.Fatalf("status %d: %s", w.Code, w.Body)
+					}
+				}
+			})
+		})
+	}
 }
