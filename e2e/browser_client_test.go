@@ -227,6 +227,29 @@ const clientJSCases = `(async () => {
       ? "ok" : sockets.length + " sockets, the last opened after close(); state " + c.state;
   }
 
+  // close() from a listener while the client dispatches a frame: what
+  // that frame would still have emitted after it reaches nobody (the
+  // welcome after the "connected" state; onSubscribed after a gap).
+  {
+    const wrong = [];
+    sockets.length = 0;
+    const c = newClient();
+    await settle();
+    let welcomes = 0;
+    c.on("state", (s) => { if (s === "connected") c.close(); });
+    c.on("welcome", () => welcomes++);
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    if (welcomes !== 0) wrong.push("welcome emitted after close() from a state listener");
+    const [c2, ws2] = await welcomed();
+    let subscribed = 0;
+    c2.on("gap", () => c2.close());
+    c2.subscribe("a", { after: "5-0", onSubscribed: () => subscribed++ });
+    ws2.recv({ type: "subscribed", channel: "a", recovered: false, position: "9-0", ref: ws2.sent.at(-1).ref });
+    if (subscribed !== 0) wrong.push("onSubscribed called after close() from a gap listener");
+    results.closeMidDispatch = wrong.length === 0 && c.state === "closed" && c2.state === "closed" ? "ok" : wrong.join("; ") + " (states " + c.state + ", " + c2.state + ")";
+  }
+
   // subscribe() on a closed client throws, whether close() or the
   // server (a final 4003) closed it: the subscription could never start.
   {
@@ -464,7 +487,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -336,6 +336,7 @@ export class WsRelay {
         ws.welcomed = true;
         if (ws.readyState === 1) this.subscribeAll(ws, f.max_frame_bytes);
         this.setState("connected", f);
+        if (this.closed) break; // close() from a state listener
         this.emit("welcome", f);
         break;
       case "message": {
@@ -360,6 +361,7 @@ export class WsRelay {
         // failed over): holding on to it would drop what follows.
         if (isId(f.position) && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
+        if (this.closed) break; // close() from a gap listener
         sub.handlers.onSubscribed?.(recovered);
         break;
       }
