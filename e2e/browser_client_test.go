@@ -250,6 +250,20 @@ const clientJSCases = `(async () => {
     results.closeMidDispatch = wrong.length === 0 && c.state === "closed" && c2.state === "closed" ? "ok" : wrong.join("; ") + " (states " + c.state + ", " + c2.state + ")";
   }
 
+  // Time options as the Go client's durations: 0 is the default, a
+  // negative, non-finite or non-number one is refused (a 0 ms backoff
+  // would reconnect in a tight loop).
+  {
+    const wrong = [];
+    const c = newClient({ minBackoff: 0, maxBackoff: 0, stableAfter: 0 });
+    if (c.minBackoff !== 500 || c.maxBackoff !== 20000 || c.stableAfter !== 10000) wrong.push("0 is not the default: " + [c.minBackoff, c.maxBackoff, c.stableAfter]);
+    c.close();
+    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["stableAfter Infinity", { stableAfter: Infinity }]]) {
+      try { newClient(o).close(); wrong.push(name + " accepted"); } catch (e) { if (!(e instanceof TypeError)) wrong.push(name + ": " + e); }
+    }
+    results.timeOptions = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // subscribe() on a closed client throws, whether close() or the
   // server (a final 4003) closed it: the subscription could never start.
   {
@@ -470,6 +484,14 @@ const clientJSCases = `(async () => {
       try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts }); wrong.push("maxAttempts " + maxAttempts + ": resolved"); }
       catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push("maxAttempts " + maxAttempts + ": " + e + " after " + calls.length + " calls"); }
     }
+    // A backoff that is not a number of ms from 0 up, or a from that is
+    // not a user id, is refused before any request (a 0 ms backoff would
+    // retry in a tight loop; the ingress refuses the from with 400).
+    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["minBackoff NaN", { minBackoff: NaN }], ["from", { from: "bad user" }]]) {
+      [f, calls] = scripted(fail(400, "stop"));
+      try { await publish("", "room", 1, { fetch: f, ...o }); wrong.push(name + ": resolved"); }
+      catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push(name + ": " + e + " after " + calls.length + " calls"); }
+    }
     results.publish = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
   return results;
@@ -487,7 +509,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

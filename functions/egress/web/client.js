@@ -31,11 +31,25 @@ const MAX_BATCH_BYTES = 64 * 1024;
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
 const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
+const USER = /^[A-Za-z0-9_.:@-]{1,128}$/;
 const U64 = (1n << 64n) - 1n;
 
 /** The full-jitter wait before attempt n (0-based), in ms: random in [0, min(max, min·2ⁿ)]. */
 function backoff(min, max, n) {
   return Math.random() * Math.min(max, min * 2 ** Math.min(n, 20));
+}
+
+/**
+ * A time option in ms, as the Go client takes its durations: absent or 0
+ * means def; anything but a finite number from 0 up is a TypeError (a
+ * backoff of 0 ms would reconnect or retry in a tight loop, and a string
+ * would silently turn the arithmetic into NaN).
+ */
+function msOption(opts, name, def) {
+  const v = opts[name];
+  if (v == null || v === 0) return def;
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) throw new TypeError(`${name} must be a number of milliseconds from 0 up (0: ${def}): ${v}`);
+  return v;
 }
 
 /** Reports whether s is a message id as the server takes it: "<ms>-<seq>" or "<ms>", each at most 2⁶⁴−1. */
@@ -92,7 +106,9 @@ function dialUrl(url, opts) {
  * first connect and after 4004), user (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
- * WebSocket (constructor, for tests). The constructor throws a TypeError for
+ * WebSocket (constructor, for tests); a time option of 0 means its default.
+ * The constructor throws a TypeError for a time option that is not a
+ * number from 0 up, for
  * a URL whose query has channels (use subscribe()), token when token or
  * getToken is set, user when user is set, or token or user twice.
  *
@@ -107,9 +123,9 @@ export class WsRelay {
     this.url = url;
     this.opts = opts;
     this.dialUrl = dialUrl(url, opts); // throws on a URL that would fight the client
-    this.minBackoff = opts.minBackoff ?? 500;
-    this.maxBackoff = opts.maxBackoff ?? 20000;
-    this.stableAfter = opts.stableAfter ?? 10000;
+    this.minBackoff = msOption(opts, "minBackoff", 500);
+    this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
+    this.stableAfter = msOption(opts, "stableAfter", 10000);
     this.WS = opts.WebSocket ?? globalThis.WebSocket;
     this.state = "disconnected";
     this.subs = new Map(); // channel → subscription
@@ -432,8 +448,9 @@ function newKey() {
  * fresh token and tries again (the key is scoped to the user, not the
  * token). Any other answer is final. A refusal rejects with a
  * PublishError; bad input (a channel name, data that is null in JSON, an
- * event, a maxAttempts that is not a whole number; 0 means 4) with a
- * TypeError before any request. opts: token or getToken (a user token,
+ * event, a from that is not a user id, a maxAttempts that is not a whole
+ * number (0 means 4), a backoff that is not a number of ms from 0 up (0
+ * means its default)) with a TypeError before any request. opts: token or getToken (a user token,
  * sent as Authorization: Bearer), event, from, idempotencyKey,
  * maxAttempts, minBackoff, maxBackoff, signal (an AbortSignal that stops
  * the call and its waits), fetch (a stand-in, for tests).
@@ -447,6 +464,9 @@ export async function publish(ingress, channel, data, opts = {}) {
   if (opts.event != null && (typeof opts.event !== "string" || !EVENT.test(opts.event) || /["\\]/.test(opts.event))) {
     throw new TypeError(`not an event name (at most 64 printable ASCII characters without " or \\): ${opts.event}`);
   }
+  if (opts.from != null && opts.from !== "" && (typeof opts.from !== "string" || !USER.test(opts.from))) {
+    throw new TypeError(`not a user id (1–128 characters [A-Za-z0-9_.:@-]): ${opts.from}`);
+  }
   const key = opts.idempotencyKey ?? newKey();
   if (typeof key !== "string" || !/^[\x20-\x7e]{1,255}$/.test(key) || key.trim() !== key) {
     throw new TypeError("idempotencyKey must be 1–255 printable ASCII characters, not starting or ending with a space");
@@ -457,7 +477,7 @@ export async function publish(ingress, channel, data, opts = {}) {
   // number from 1 up would retry for ever or not at all.
   const attempts = opts.maxAttempts == null || opts.maxAttempts === 0 ? 4 : opts.maxAttempts;
   if (!Number.isInteger(attempts) || attempts < 1) throw new TypeError(`maxAttempts must be a whole number from 1 (0: 4): ${opts.maxAttempts}`);
-  const min = opts.minBackoff ?? 100, max = Math.max(opts.maxBackoff ?? 5000, min);
+  const min = msOption(opts, "minBackoff", 100), max = Math.max(msOption(opts, "maxBackoff", 5000), min);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
   let token = opts.token ?? (opts.getToken ? await opts.getToken() : undefined);
   let last;
