@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"errors"
 	"io"
 	"log/slog"
@@ -169,9 +172,9 @@ func TestEgressRefuseToStart(t *testing.T) {
 	}); err == nil || !strings.Contains(err.Error(), "PUBLIC_CHANNELS") {
 		t.Errorf("bad PUBLIC_CHANNELS: %v", err)
 	}
-	bad := map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "2s", "MAX_FRAMES_PER_SECOND": "-1", "REDIS_POOL_SIZE": "-1", "ALLOWED_ORIGINS": "app.example", "WRITE_TIMEOUT": "1ns"}
+	bad := map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "2s", "MAX_FRAMES_PER_SECOND": "-1", "REDIS_POOL_SIZE": "-1", "ALLOWED_ORIGINS": "app.example", "WRITE_TIMEOUT": "1ns", "JWT_ISSUER": "issuer ", "JWT_AUDIENCE": strings.Repeat("a", 257)}
 	_, err = loadConfig(func(k string) string { return bad[k] })
-	for _, w := range []string{"REGISTRY_TTL", "MAX_FRAMES_PER_SECOND", "REDIS_POOL_SIZE", "ALLOWED_ORIGINS", "WRITE_TIMEOUT"} {
+	for _, w := range []string{"REGISTRY_TTL", "MAX_FRAMES_PER_SECOND", "REDIS_POOL_SIZE", "ALLOWED_ORIGINS", "WRITE_TIMEOUT", "JWT_ISSUER", "JWT_AUDIENCE"} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("error %v does not name %s", err, w)
 		}
@@ -248,6 +251,85 @@ func TestEgressTokens(t *testing.T) {
 	if r := next(t, ws3, protocol.TypeError); r.Code != protocol.CodeForbidden {
 		t.Fatalf("initial channel outside the claim: %+v", r)
 	}
+}
+
+// With JWT_ISSUER and JWT_AUDIENCE set, a token must carry that iss and
+// hold that aud, or the upgrade is refused 401 invalid_token, saying
+// which claim; unset, iss and aud are not looked at. The refresh frame's
+// token goes through the same check.
+func TestEgressTokenIssuerAudience(t *testing.T) {
+	t.Parallel()
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	tok := func(claims string) string {
+		return signPayload(`{"sub":"alice","exp":` + exp + `,"channels":["a"]` + claims + `}`)
+	}
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret, "JWT_ISSUER": "https://auth.example.com/", "JWT_AUDIENCE": "wsrelay"})
+	good := tok(`,"iss":"https://auth.example.com/","aud":["billing","wsrelay"]`)
+	ws, _, err := e.dial(t, url.Values{"token": {good}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	for _, tc := range []struct{ name, claims, detail string }{
+		{"wrong iss", `,"iss":"https://other.example.com/","aud":"wsrelay"`, "iss is not JWT_ISSUER"},
+		{"no iss", `,"aud":"wsrelay"`, "no iss claim"},
+		{"wrong aud", `,"iss":"https://auth.example.com/","aud":"billing"`, "aud does not hold JWT_AUDIENCE"},
+		{"no aud", `,"iss":"https://auth.example.com/"`, "no aud claim"},
+	} {
+		token := tok(tc.claims)
+		_, resp, err := e.dial(t, url.Values{"token": {token}}, nil)
+		if err == nil || resp == nil || resp.StatusCode != 401 {
+			t.Errorf("%s: %v %v", tc.name, err, resp)
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if !strings.Contains(string(body), `"invalid_token"`) || !strings.Contains(string(body), tc.detail) || strings.Contains(string(body), token) {
+			t.Errorf("%s: body %s, want invalid_token, the detail %q and not the token", tc.name, body, tc.detail)
+		}
+		if resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: 401 without WWW-Authenticate", tc.name)
+		}
+		// The subprotocol form is checked the same way.
+		if _, resp, err := e.dial(t, nil, nil, Subprotocol, "token."+token); err == nil || resp == nil || resp.StatusCode != 401 {
+			t.Errorf("%s, subprotocol: %v %v", tc.name, err, resp)
+		}
+	}
+	// A refresh with a token of another issuer is refused; the
+	// connection keeps its token.
+	send(t, ws, map[string]any{"type": "refresh", "token": tok(`,"iss":"https://other.example.com/","aud":"wsrelay"`), "ref": 1})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeInvalidToken {
+		t.Fatalf("refresh, wrong iss: %+v", r)
+	}
+	send(t, ws, map[string]any{"type": "refresh", "token": good, "ref": 2})
+	next(t, ws, protocol.TypeRefreshed)
+
+	// Unset: any iss and aud, or none, as before.
+	plain := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+	for _, claims := range []string{``, `,"iss":"https://other.example.com/","aud":["billing"]`} {
+		ws, _, err := plain.dial(t, url.Values{"token": {tok(claims)}}, nil)
+		if err != nil {
+			t.Fatalf("JWT_ISSUER and JWT_AUDIENCE unset, claims %s: %v", claims, err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+	}
+	// exp must be a number, whatever JWT_ISSUER and JWT_AUDIENCE.
+	_, resp, err := plain.dial(t, url.Values{"token": {signPayload(`{"sub":"alice","exp":"` + exp + `"}`)}}, nil)
+	if err == nil || resp == nil || resp.StatusCode != 401 {
+		t.Fatalf("exp a string: %v %v", err, resp)
+	}
+	if body, _ := io.ReadAll(resp.Body); !strings.Contains(string(body), "exp must be a number") {
+		t.Errorf("exp a string: body %s", body)
+	}
+}
+
+// signPayload signs payload, a JSON object written out as is, with HS256
+// and testSecret: claims auth.SignHS256 would not write.
+func signPayload(payload string) string {
+	enc := base64.RawURLEncoding
+	si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
+	m := hmac.New(sha256.New, []byte(testSecret))
+	m.Write([]byte(si))
+	return si + "." + enc.EncodeToString(m.Sum(nil))
 }
 
 func TestEgressAnonymous(t *testing.T) {

@@ -69,8 +69,8 @@ type Config struct {
 	// from the "user" query parameter) for local development; a token
 	// that is sent is still checked.
 	AllowAnonymous bool `env:"ALLOW_ANONYMOUS" envDefault:"false"`
-	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
-	// JWT_PUBLIC_KEY (auth.TokenConfig).
+	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS,
+	// JWT_PUBLIC_KEY, JWT_ISSUER and JWT_AUDIENCE (auth.TokenConfig).
 	JWT auth.TokenConfig
 	// MetricsToken, when set, is the bearer token a scrape of /metrics
 	// must carry (401 without it). Empty: /metrics is open.

@@ -284,20 +284,71 @@ func TestUserTokens(t *testing.T) {
 func TestUserTokenClaimNamesExact(t *testing.T) {
 	t.Parallel()
 	e, _ := newSecEnv(t, map[string]string{"JWT_SECRET": testSecret})
-	sign := func(payload string) string {
-		enc := base64.RawURLEncoding
-		si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
-		m := hmac.New(sha256.New, []byte(testSecret))
-		m.Write([]byte(si))
-		return si + "." + enc.EncodeToString(m.Sum(nil))
-	}
 	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
-	w := e.do("POST", "/v1/channels/x/messages", `{"data":1}`, bearer(sign(`{"sub":"alice","exp":`+exp+`,"PUBLISH":["*"]}`))...)
+	w := e.do("POST", "/v1/channels/x/messages", `{"data":1}`, bearer(signPayload(`{"sub":"alice","exp":`+exp+`,"PUBLISH":["*"]}`))...)
 	expectStatus(t, w, 403)
-	w = e.do("GET", "/v1/channels/x/messages", "", bearer(sign(`{"sub":"alice","exp":`+exp+`,"channels":["room.1"],"Channels":["*"]}`))...)
+	w = e.do("GET", "/v1/channels/x/messages", "", bearer(signPayload(`{"sub":"alice","exp":`+exp+`,"channels":["room.1"],"Channels":["*"]}`))...)
 	expectStatus(t, w, 403)
-	w = e.do("GET", "/v1/channels/room.1/messages", "", bearer(sign(`{"sub":"alice","EXP":`+exp+`,"channels":["room.1"]}`))...)
+	w = e.do("GET", "/v1/channels/room.1/messages", "", bearer(signPayload(`{"sub":"alice","EXP":`+exp+`,"channels":["room.1"]}`))...)
 	expectStatus(t, w, 401)
+}
+
+// signPayload signs payload, a JSON object written out as is, with HS256
+// and testSecret: claims auth.SignHS256 would not write.
+func signPayload(payload string) string {
+	enc := base64.RawURLEncoding
+	si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
+	m := hmac.New(sha256.New, []byte(testSecret))
+	m.Write([]byte(si))
+	return si + "." + enc.EncodeToString(m.Sum(nil))
+}
+
+// With JWT_ISSUER and JWT_AUDIENCE set, a token must carry that iss and
+// hold that aud (401 invalid_token otherwise, saying which claim);
+// unset, iss and aud are not looked at. And exp must be a number.
+func TestUserTokenIssuerAudience(t *testing.T) {
+	t.Parallel()
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	tok := func(claims string) string {
+		return signPayload(`{"sub":"alice","exp":` + exp + `,"publish":["x"]` + claims + `}`)
+	}
+	publish := func(e *testEnv, token string) *httptest.ResponseRecorder {
+		return e.do("POST", "/v1/channels/x/messages", `{"data":1}`, bearer(token)...)
+	}
+	e, logs := newSecEnv(t, map[string]string{"JWT_SECRET": testSecret, "JWT_ISSUER": "https://auth.example.com/", "JWT_AUDIENCE": "wsrelay"})
+	expectStatus(t, publish(e, tok(`,"iss":"https://auth.example.com/","aud":"wsrelay"`)), 202)
+	expectStatus(t, publish(e, tok(`,"iss":"https://auth.example.com/","aud":["billing","wsrelay"]`)), 202)
+	for _, tc := range []struct{ name, claims, detail string }{
+		{"wrong iss", `,"iss":"https://other.example.com/","aud":"wsrelay"`, "iss is not JWT_ISSUER"},
+		{"no iss", `,"aud":"wsrelay"`, "no iss claim"},
+		{"wrong aud", `,"iss":"https://auth.example.com/","aud":["billing"]`, "aud does not hold JWT_AUDIENCE"},
+		{"no aud", `,"iss":"https://auth.example.com/"`, "no aud claim"},
+	} {
+		token := tok(tc.claims)
+		w := publish(e, token)
+		expectError(t, w, 401, "invalid_token")
+		if !strings.Contains(w.Body.String(), tc.detail) || strings.Contains(w.Body.String(), token) {
+			t.Errorf("%s: body %s, want the detail %q and not the token", tc.name, w.Body, tc.detail)
+		}
+		if w.Header().Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: 401 without WWW-Authenticate", tc.name)
+		}
+	}
+	if n := e.xlen("x"); n != 2 {
+		t.Fatalf("%d messages published, want the 2 accepted", n)
+	}
+	noSecrets(t, logs, testSecret)
+
+	// Unset: any iss and aud, or none, as before.
+	plain, _ := newSecEnv(t, map[string]string{"JWT_SECRET": testSecret})
+	expectStatus(t, publish(plain, tok(``)), 202)
+	expectStatus(t, publish(plain, tok(`,"iss":"https://other.example.com/","aud":["billing"]`)), 202)
+	// exp must be a number, whatever JWT_ISSUER and JWT_AUDIENCE.
+	w := publish(plain, signPayload(`{"sub":"alice","exp":"`+exp+`","publish":["x"]}`))
+	expectError(t, w, 401, "invalid_token")
+	if !strings.Contains(w.Body.String(), "exp must be a number") {
+		t.Errorf("exp a string: body %s", w.Body)
+	}
 }
 
 func TestUserTokenWithoutSecret(t *testing.T) {

@@ -66,8 +66,8 @@ type Config struct {
 	// APIKeys are the backends' keys, comma-separated, each optionally
 	// scoped: key=chat:*|news.*|+admin (docs/security.md). Empty: none.
 	APIKeys string `env:"API_KEYS"`
-	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS and
-	// JWT_PUBLIC_KEY (auth.TokenConfig).
+	// JWT verifies user tokens: JWT_SECRET, JWT_SECRET_PREVIOUS,
+	// JWT_PUBLIC_KEY, JWT_ISSUER and JWT_AUDIENCE (auth.TokenConfig).
 	JWT auth.TokenConfig
 	// MetricsToken, when set, is the bearer token a scrape of /metrics
 	// must carry (401 without it). Empty: /metrics is open.

@@ -84,6 +84,9 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"negative wait timeout with the wait off", map[string]string{"PUBLISH_WAIT_TIMEOUT": "-20s"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
 		{"negative shutdown grace", map[string]string{"SHUTDOWN_GRACE": "-1s"}, []string{"SHUTDOWN_GRACE"}},
 		{"history ttl under 1s", map[string]string{"HISTORY_TTL": "500us"}, []string{"HISTORY_TTL"}},
+		// A space pasted along would refuse every token.
+		{"issuer and audience with spaces at an end", map[string]string{"JWT_SECRET": "x", "JWT_ISSUER": " https://auth.example.com/", "JWT_AUDIENCE": "wsrelay\n"},
+			[]string{"JWT_ISSUER", "JWT_AUDIENCE"}},
 		{"client IP header not a header name", map[string]string{"CLIENT_IP_HEADER": "X Forwarded: For"}, []string{"CLIENT_IP_HEADER"}},
 		{"negative bursts", map[string]string{"PUBLISH_BURST_PER_KEY": "-1", "PUBLISH_BURST_PER_IP": "-1", "PUBLISH_BURST_PER_USER": "-1"},
 			[]string{"PUBLISH_BURST_PER_KEY", "PUBLISH_BURST_PER_IP", "PUBLISH_BURST_PER_USER"}},

@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -312,6 +313,12 @@ func TestKeyRotation(t *testing.T) {
 	if got := (TokenConfig{PublicKeys: pemOf(&ec1.PublicKey)}).Describe(); got != "1 public key" {
 		t.Errorf("Describe: %q", got)
 	}
+	if got := (TokenConfig{Secret: secret, Issuer: "https://issuer.example", Audience: "wsrelay"}).Describe(); got != "secret+iss checked+aud checked" {
+		t.Errorf("Describe with iss and aud = %q", got)
+	}
+	if got := (TokenConfig{Issuer: "https://issuer.example"}).Describe(); got != "off" {
+		t.Errorf("Describe without a key = %q, want off", got)
+	}
 	if got := (TokenConfig{}).Describe(); got != "off" {
 		t.Errorf("Describe: %q", got)
 	}
@@ -386,6 +393,193 @@ func TestMetricsToken(t *testing.T) {
 		}
 		if m.Allows(req("")) || m.Allows(req("Bearer "+bad)) {
 			t.Errorf("%q: an unusable token lets scrapes through", bad)
+		}
+	}
+}
+
+// signRaw signs payload, a JSON object written out as is, with HS256 and
+// secret: claims of types jwt.MapClaims would not write.
+func signRaw(t *testing.T, payload string) string {
+	t.Helper()
+	enc := base64.RawURLEncoding
+	head := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
+	sig, err := jwt.SigningMethodHS256.Sign(head, []byte(secret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return head + "." + enc.EncodeToString(sig)
+}
+
+// JWT_ISSUER and JWT_AUDIENCE, when set, must match the token's iss and
+// aud (a string or an array of strings); unset, neither is looked at.
+func TestVerifyIssuerAudience(t *testing.T) {
+	t.Parallel()
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	tok := func(claims string) string {
+		return signRaw(t, `{"sub":"alice","exp":`+exp+claims+`}`)
+	}
+	const (
+		iss = "https://auth.example.com/"
+		aud = "wsrelay"
+	)
+	for _, tc := range []struct {
+		name     string
+		cfg      TokenConfig
+		claims   string
+		want     error
+		wantText string // in the error
+	}{
+		{"unset, none", TokenConfig{}, ``, nil, ""},
+		{"unset, any", TokenConfig{}, `,"iss":"other","aud":["x","y"]`, nil, ""},
+		{"iss", TokenConfig{Issuer: iss}, `,"iss":"` + iss + `"`, nil, ""},
+		{"iss, aud unset", TokenConfig{Issuer: iss}, `,"iss":"` + iss + `","aud":"other"`, nil, ""},
+		{"iss wrong", TokenConfig{Issuer: iss}, `,"iss":"https://auth.example.com"`, ErrInvalidToken, "iss is not JWT_ISSUER"},
+		{"iss other case", TokenConfig{Issuer: iss}, `,"iss":"HTTPS://auth.example.com/"`, ErrInvalidToken, "iss is not JWT_ISSUER"},
+		{"iss missing", TokenConfig{Issuer: iss}, ``, ErrInvalidToken, "no iss claim"},
+		{"iss empty", TokenConfig{Issuer: iss}, `,"iss":""`, ErrInvalidToken, "no iss claim"},
+		{"iss named ISS", TokenConfig{Issuer: iss}, `,"ISS":"` + iss + `"`, ErrInvalidToken, "no iss claim"},
+		{"iss not a string", TokenConfig{Issuer: iss}, `,"iss":["` + iss + `"]`, ErrInvalidToken, "malformed"},
+		{"aud string", TokenConfig{Audience: aud}, `,"aud":"wsrelay"`, nil, ""},
+		{"aud array", TokenConfig{Audience: aud}, `,"aud":["billing","wsrelay"]`, nil, ""},
+		{"aud wrong", TokenConfig{Audience: aud}, `,"aud":"billing"`, ErrInvalidToken, "aud does not hold JWT_AUDIENCE"},
+		{"aud array wrong", TokenConfig{Audience: aud}, `,"aud":["billing","WSRELAY"]`, ErrInvalidToken, "aud does not hold JWT_AUDIENCE"},
+		{"aud missing", TokenConfig{Audience: aud}, ``, ErrInvalidToken, "no aud claim"},
+		{"aud empty array", TokenConfig{Audience: aud}, `,"aud":[]`, ErrInvalidToken, "no aud claim"},
+		{"aud null", TokenConfig{Audience: aud}, `,"aud":null`, ErrInvalidToken, "no aud claim"},
+		{"aud number", TokenConfig{Audience: aud}, `,"aud":1`, ErrInvalidToken, "malformed"},
+		{"both", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"` + iss + `","aud":["wsrelay"]`, nil, ""},
+		{"both, iss wrong", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"x","aud":"wsrelay"`, ErrInvalidToken, "iss is not JWT_ISSUER"},
+		{"both, aud wrong", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"` + iss + `","aud":"x"`, ErrInvalidToken, "aud does not hold JWT_AUDIENCE"},
+	} {
+		cfg := tc.cfg
+		cfg.Secret = secret
+		v, err := NewVerifier(cfg)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		token := tok(tc.claims)
+		c, err := v.Verify(token)
+		switch {
+		case tc.want == nil && err != nil:
+			t.Errorf("%s: %v, want accepted", tc.name, err)
+		case tc.want == nil && c.Subject != "alice":
+			t.Errorf("%s: claims %+v", tc.name, c)
+		case tc.want != nil && (!errors.Is(err, tc.want) || !strings.Contains(fmt.Sprint(err), tc.wantText)):
+			t.Errorf("%s: %v, want %v with %q", tc.name, err, tc.want, tc.wantText)
+		}
+		if err != nil && strings.Contains(err.Error(), token) {
+			t.Errorf("%s: error holds the token", tc.name)
+		}
+	}
+
+	// A wrong iss or aud is not a matter of time: an expired token
+	// from another issuer is an invalid one, not one to refresh.
+	v, err := NewVerifier(TokenConfig{Secret: secret, Issuer: iss, Audience: aud})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := strconv.FormatInt(time.Now().Add(-time.Hour).Unix(), 10)
+	if _, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+old+`,"iss":"x","aud":"wsrelay"}`)); errors.Is(err, ErrTokenExpired) || !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("expired, wrong iss: %v, want invalid", err)
+	}
+	if _, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+old+`,"iss":"`+iss+`","aud":"wsrelay"}`)); !errors.Is(err, ErrTokenExpired) {
+		t.Errorf("expired, right iss and aud: %v, want expired", err)
+	}
+	// Without exp, the error still says exp.
+	if _, err := v.Verify(signRaw(t, `{"sub":"alice","iss":"`+iss+`","aud":"wsrelay"}`)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), "no exp claim") {
+		t.Errorf("no exp: %v", err)
+	}
+}
+
+// JWT_ISSUER and JWT_AUDIENCE are checked at start, named, never shown.
+func TestTokenConfigIssuerAudience(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		iss, aud string
+		want     string // "" accepted, else the variable named
+	}{
+		{"", "", ""},
+		{"https://auth.example.com/", "wsrelay", ""},
+		{"My Company", "api gateway", ""}, // spaces inside are fine
+		{strings.Repeat("i", 256), strings.Repeat("a", 256), ""},
+		{strings.Repeat("i", 257), "", "JWT_ISSUER"},
+		{"", strings.Repeat("a", 257), "JWT_AUDIENCE"},
+		{" issuer", "", "JWT_ISSUER"},
+		{"issuer\n", "", "JWT_ISSUER"},
+		{"", "wsrelay ", "JWT_AUDIENCE"},
+		{"", "\twsrelay", "JWT_AUDIENCE"},
+		{"is\x00suer", "", "JWT_ISSUER"},
+		{"", "aüd", "JWT_AUDIENCE"},
+	} {
+		for _, secretSet := range []string{secret, ""} {
+			_, err := NewVerifier(TokenConfig{Secret: secretSet, Issuer: tc.iss, Audience: tc.aud})
+			switch {
+			case tc.want == "" && err != nil:
+				t.Errorf("iss %q aud %q: %v", tc.iss, tc.aud, err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Errorf("iss %q aud %q: %v, want an error naming %s", tc.iss, tc.aud, err, tc.want)
+			case err != nil && ((tc.iss != "" && strings.Contains(err.Error(), tc.iss)) || (tc.aud != "" && strings.Contains(err.Error(), tc.aud))):
+				t.Errorf("iss %q aud %q: the error shows the value: %v", tc.iss, tc.aud, err)
+			}
+		}
+	}
+}
+
+// exp, nbf and iat are NumericDates (RFC 7519 §2): JSON numbers, of
+// seconds since 1970, perhaps with a fraction. encoding/json reads a
+// string holding a number into the json.Number jwt.NumericDate decodes,
+// so "exp":"4102444800" passed for a number.
+func TestVerifyNumericDates(t *testing.T) {
+	t.Parallel()
+	v, err := NewVerifier(TokenConfig{Secret: secret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	later := strconv.FormatInt(now.Add(time.Hour).Unix(), 10)
+	earlier := strconv.FormatInt(now.Add(-time.Hour).Unix(), 10)
+	for _, tc := range []struct {
+		name     string
+		claims   string // after sub
+		want     error
+		wantText string
+		expires  int64 // when accepted, Claims.Expires in Unix seconds
+	}{
+		{"exp", `"exp":` + later, nil, "", now.Add(time.Hour).Unix()},
+		{"exp a string", `"exp":"` + later + `"`, ErrInvalidToken, "exp must be a number", 0},
+		{"exp a string, expired", `"exp":"` + earlier + `"`, ErrInvalidToken, "exp must be a number", 0},
+		{"exp null", `"exp":null`, ErrInvalidToken, "exp must be a number", 0},
+		{"exp true", `"exp":true`, ErrInvalidToken, "exp must be a number", 0},
+		{"exp an array", `"exp":[` + later + `]`, ErrInvalidToken, "exp must be a number", 0},
+		{"nbf a string", `"exp":` + later + `,"nbf":"` + earlier + `"`, ErrInvalidToken, "nbf must be a number", 0},
+		{"iat a string", `"exp":` + later + `,"iat":"` + earlier + `"`, ErrInvalidToken, "iat must be a number", 0},
+		{"nbf and iat numbers", `"exp":` + later + `,"nbf":` + earlier + `,"iat":` + earlier, nil, "", now.Add(time.Hour).Unix()},
+		// A fraction is allowed and cut to the second.
+		{"exp fractional", `"exp":4102444800.999`, nil, "", 4102444800},
+		{"exp exponent", `"exp":4.1024448e9`, nil, "", 4102444800},
+		{"exp fractional, past", `"exp":1.5`, ErrTokenExpired, "", 0},
+		{"exp 0", `"exp":0`, ErrTokenExpired, "", 0},
+		{"exp negative", `"exp":-1`, ErrTokenExpired, "", 0},
+		{"exp year 9999", `"exp":253402300799`, nil, "", 253402300799},
+		{"exp year 1", `"exp":-62135596800`, ErrTokenExpired, "", 0},
+		// Beyond year 9999 either way is refused: a float64 that large
+		// does not convert to an int64 the same way on every CPU.
+		{"exp after year 9999", `"exp":253402300800`, ErrInvalidToken, "exp is out of range", 0},
+		{"exp huge", `"exp":1e19`, ErrInvalidToken, "exp is out of range", 0},
+		{"exp -huge", `"exp":-1e19`, ErrInvalidToken, "exp is out of range", 0},
+		{"exp max int64", `"exp":9223372036854775807`, ErrInvalidToken, "exp is out of range", 0},
+		{"exp past float64", `"exp":1e400`, ErrInvalidToken, "exp is out of range", 0},
+		{"nbf huge", `"exp":` + later + `,"nbf":1e300`, ErrInvalidToken, "nbf is out of range", 0},
+		{"iat huge", `"exp":` + later + `,"iat":-1e300`, ErrInvalidToken, "iat is out of range", 0},
+	} {
+		c, err := v.Verify(signRaw(t, `{"sub":"alice",`+tc.claims+`}`))
+		switch {
+		case tc.want == nil && err != nil:
+			t.Errorf("%s: %v, want accepted", tc.name, err)
+		case tc.want == nil && c.Expires.Unix() != tc.expires:
+			t.Errorf("%s: expires %d, want %d", tc.name, c.Expires.Unix(), tc.expires)
+		case tc.want != nil && (!errors.Is(err, tc.want) || !strings.Contains(fmt.Sprint(err), tc.wantText)):
+			t.Errorf("%s: %v, want %v with %q", tc.name, err, tc.want, tc.wantText)
 		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
 	"strings"
 	"time"
 
@@ -45,10 +47,41 @@ type jwtClaims struct {
 	Publish  []string `json:"publish,omitempty"`
 }
 
+// claimError is a claim UnmarshalJSON refuses. The parser wraps it;
+// Verify finds it with errors.As and names the claim.
+type claimError struct{ claim, problem string }
+
+func (e *claimError) Error() string { return e.claim + " " + e.problem }
+
+// maxNumericDate is 9999-12-31T23:59:59Z in Unix seconds. A NumericDate
+// further from 1970, either way, is refused: converting a float64 beyond
+// the int64 range to an int64 gives a different value on each CPU
+// architecture, and beyond ±9.2e18 the time.Time it makes wraps.
+const maxNumericDate = 253402300799
+
+// numericDate decodes raw, the value of claim exp, nbf or iat, into dst.
+// It must be a JSON number (RFC 7519 §2): jwt.NumericDate decodes into a
+// json.Number, which encoding/json also fills from a string holding a
+// number, so that "exp":"1700000000" passed for a number. A fraction is
+// allowed; jwt.NumericDate cuts it to the second.
+func numericDate(claim string, raw json.RawMessage, dst **jwt.NumericDate) error {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || (raw[0] != '-' && (raw[0] < '0' || raw[0] > '9')) {
+		return &claimError{claim, "must be a number (seconds since 1970)"}
+	}
+	// raw is a valid JSON number, which ParseFloat reads; past float64's
+	// range it returns an error and ±Inf.
+	if f, err := strconv.ParseFloat(string(raw), 64); err != nil || math.Abs(f) > maxNumericDate {
+		return &claimError{claim, "is out of range (beyond the year 9999)"}
+	}
+	return json.Unmarshal(raw, dst)
+}
+
 // UnmarshalJSON reads the claims by their exact names: claim names are
 // case-sensitive (RFC 7519 §4), but encoding/json matches a field's name
 // without case, so that "EXP" would pass for exp, or a "Channels" after
-// "channels" replace it. Anything else is decoded as encoding/json does.
+// "channels" replace it. exp, nbf and iat must be numbers (numericDate).
+// Anything else is decoded as encoding/json does.
 func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(b, &m); err != nil {
@@ -56,10 +89,19 @@ func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 	}
 	for _, f := range []struct {
 		name string
+		dst  **jwt.NumericDate
+	}{{"exp", &c.ExpiresAt}, {"nbf", &c.NotBefore}, {"iat", &c.IssuedAt}} {
+		if raw, ok := m[f.name]; ok {
+			if err := numericDate(f.name, raw, f.dst); err != nil {
+				return err
+			}
+		}
+	}
+	for _, f := range []struct {
+		name string
 		dst  any
 	}{
-		{"iss", &c.Issuer}, {"sub", &c.Subject}, {"aud", &c.Audience},
-		{"exp", &c.ExpiresAt}, {"nbf", &c.NotBefore}, {"iat", &c.IssuedAt}, {"jti", &c.ID},
+		{"iss", &c.Issuer}, {"sub", &c.Subject}, {"aud", &c.Audience}, {"jti", &c.ID},
 		{"channels", &c.Channels}, {"publish", &c.Publish},
 	} {
 		if raw, ok := m[f.name]; ok {
@@ -104,9 +146,45 @@ type TokenConfig struct {
 	// after. A literal \n stands for a newline, so that the keys fit in
 	// one environment variable. Empty: none.
 	PublicKeys string `env:"JWT_PUBLIC_KEY"`
+	// Issuer, when set, is the "iss" a token must carry, exactly.
+	// Empty: iss is not checked.
+	Issuer string `env:"JWT_ISSUER"`
+	// Audience, when set, must be the token's "aud" or one of its
+	// values (a string or an array of strings, RFC 7519 §4.1.3). Empty:
+	// aud is not checked.
+	Audience string `env:"JWT_AUDIENCE"`
 }
 
-// Set reports whether any token setting is set.
+// maxClaimValue bounds JWT_ISSUER and JWT_AUDIENCE, in bytes.
+const maxClaimValue = 256
+
+// checkClaimValues reports a JWT_ISSUER or JWT_AUDIENCE that is not
+// 1–256 printable ASCII characters without a space at either end (a
+// space pasted along would refuse every token, and look the same in a
+// log line). The errors name the variable, never the value.
+func (c TokenConfig) checkClaimValues() error {
+	var bad []string
+	for _, x := range []struct{ name, v string }{{"JWT_ISSUER", c.Issuer}, {"JWT_AUDIENCE", c.Audience}} {
+		if x.v == "" {
+			continue
+		}
+		ok := len(x.v) <= maxClaimValue && x.v[0] != ' ' && x.v[len(x.v)-1] != ' '
+		for i := 0; ok && i < len(x.v); i++ {
+			ok = x.v[i] >= 0x20 && x.v[i] <= 0x7e
+		}
+		if !ok {
+			bad = append(bad, x.name)
+		}
+	}
+	if bad == nil {
+		return nil
+	}
+	// One line: SCF logs stderr line by line.
+	return fmt.Errorf("%s must be 1–%d printable ASCII characters, without a space at either end", strings.Join(bad, " and "), maxClaimValue)
+}
+
+// Set reports whether a key is set (JWT_SECRET or JWT_PUBLIC_KEY):
+// without one no token is accepted, whatever the other settings.
 func (c TokenConfig) Set() bool { return c.Secret != "" || c.PublicKeys != "" }
 
 // Describe says, for a startup line, how tokens are verified, without any
@@ -127,6 +205,14 @@ func (c TokenConfig) Describe() string {
 	if len(parts) == 0 {
 		return "off"
 	}
+	// Whether iss and aud are checked, not what against: the values are
+	// not secret, but a startup line need not carry them.
+	if c.Issuer != "" {
+		parts = append(parts, "iss checked")
+	}
+	if c.Audience != "" {
+		parts = append(parts, "aud checked")
+	}
 	return strings.Join(parts, "+")
 }
 
@@ -145,26 +231,32 @@ func (c TokenConfig) Warnings() []string {
 // Verifier checks user tokens. A nil *Verifier refuses every token with
 // ErrNoVerifier. It is safe for concurrent use.
 type Verifier struct {
-	secrets jwt.VerificationKeySet // HS256
-	rsa     jwt.VerificationKeySet
-	ecdsa   jwt.VerificationKeySet
-	methods []string
-	now     func() time.Time
+	secrets  jwt.VerificationKeySet // HS256
+	rsa      jwt.VerificationKeySet
+	ecdsa    jwt.VerificationKeySet
+	methods  []string
+	issuer   string // JWT_ISSUER; empty: not checked
+	audience string // JWT_AUDIENCE; empty: not checked
+	now      func() time.Time
 }
 
 // NewVerifier accepts the tokens c allows: HS256 signed with its secret
 // or previous secret, RS256 or ES256 signed by one of its public keys
 // (PKIX "PUBLIC KEY" or "RSA PUBLIC KEY" blocks). It returns nil, nil
-// when c sets nothing, and an error naming the setting when one is
-// unusable (never its value).
+// when c sets no key, and an error naming the setting when one is
+// unusable (never its value). Tokens must also carry c.Issuer and
+// c.Audience, when set.
 func NewVerifier(c TokenConfig) (*Verifier, error) {
+	if err := c.checkClaimValues(); err != nil {
+		return nil, err
+	}
 	if !c.Set() {
 		if c.PreviousSecret != "" {
 			return nil, errors.New("JWT_SECRET_PREVIOUS is set without JWT_SECRET: set JWT_SECRET to the current secret")
 		}
 		return nil, nil
 	}
-	v := &Verifier{now: time.Now}
+	v := &Verifier{issuer: c.Issuer, audience: c.Audience, now: time.Now}
 	if c.Secret != "" {
 		v.secrets.Keys = append(v.secrets.Keys, []byte(c.Secret))
 		if c.PreviousSecret != "" {
@@ -239,9 +331,11 @@ func (v *Verifier) key(t *jwt.Token) (any, error) {
 }
 
 // Verify checks token's signature, algorithm, "exp" (required, no
-// leeway), "nbf" (when present), "sub" (required, a valid user id) and the patterns
-// of "channels" and "publish". The error is ErrTokenExpired, ErrNoVerifier
-// or wraps ErrInvalidToken; it never holds the token.
+// leeway), "nbf" (when present), "iss" and "aud" (when JWT_ISSUER and
+// JWT_AUDIENCE are set), that "exp", "nbf" and "iat" are numbers, "sub"
+// (required, a valid user id) and the patterns of "channels" and
+// "publish". The error is ErrTokenExpired, ErrNoVerifier or wraps
+// ErrInvalidToken; it never holds the token.
 func (v *Verifier) Verify(token string) (*Claims, error) {
 	if v == nil {
 		return nil, ErrNoVerifier
@@ -253,19 +347,43 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		return nil, fmt.Errorf("%w: not a JWT", ErrInvalidToken)
 	}
 	var jc jwtClaims
-	p := jwt.NewParser(
+	opts := []jwt.ParserOption{
 		jwt.WithValidMethods(v.methods),
 		jwt.WithExpirationRequired(),
 		jwt.WithTimeFunc(v.now),
-	)
-	if _, err := p.ParseWithClaims(token, &jc, v.key); err != nil {
+	}
+	if v.issuer != "" {
+		opts = append(opts, jwt.WithIssuer(v.issuer)) // exact; a missing iss fails
+	}
+	if v.audience != "" {
+		opts = append(opts, jwt.WithAudience(v.audience)) // one of aud; a missing or empty aud fails
+	}
+	if _, err := jwt.NewParser(opts...).ParseWithClaims(token, &jc, v.key); err != nil {
+		var ce *claimError
+		// The validation errors come joined: iss and aud are looked at
+		// before exp, so that a token of another issuer or audience is
+		// invalid, never "expired" (a client would fetch a new one).
+		// The claims are decoded before the signature is checked, so a
+		// claimError may come with any signature.
 		switch {
+		case errors.As(err, &ce):
+			return nil, fmt.Errorf("%w: %v", ErrInvalidToken, ce)
+		case errors.Is(err, jwt.ErrTokenSignatureInvalid):
+			return nil, fmt.Errorf("%w: bad signature", ErrInvalidToken)
+		case errors.Is(err, jwt.ErrTokenInvalidIssuer):
+			return nil, fmt.Errorf("%w: iss is not JWT_ISSUER", ErrInvalidToken)
+		case errors.Is(err, jwt.ErrTokenInvalidAudience):
+			return nil, fmt.Errorf("%w: aud does not hold JWT_AUDIENCE", ErrInvalidToken)
+		// A missing iss or aud is ErrTokenRequiredClaimMissing, as a
+		// missing exp is: the claims tell which.
+		case v.issuer != "" && jc.Issuer == "" && errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
+			return nil, fmt.Errorf("%w: no iss claim, and JWT_ISSUER is set", ErrInvalidToken)
+		case v.audience != "" && noAudience(jc.Audience) && errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
+			return nil, fmt.Errorf("%w: no aud claim, and JWT_AUDIENCE is set", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenExpired):
 			return nil, ErrTokenExpired
 		case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
 			return nil, fmt.Errorf("%w: no exp claim", ErrInvalidToken)
-		case errors.Is(err, jwt.ErrTokenSignatureInvalid):
-			return nil, fmt.Errorf("%w: bad signature", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenNotValidYet):
 			return nil, fmt.Errorf("%w: not valid yet", ErrInvalidToken)
 		default:
@@ -284,6 +402,12 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// noAudience is how jwt's validator tells a missing aud: none, or one
+// empty string.
+func noAudience(aud jwt.ClaimStrings) bool {
+	return len(aud) == 0 || len(aud) == 1 && aud[0] == ""
 }
 
 func patterns(claim string, ps []string) (channel.Patterns, error) {
