@@ -2,9 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
 	"errors"
 	"io"
 	"log/slog"
@@ -322,16 +319,6 @@ func TestEgressTokenIssuerAudience(t *testing.T) {
 	}
 }
 
-// signPayload signs payload, a JSON object written out as is, with HS256
-// and testSecret: claims auth.SignHS256 would not write.
-func signPayload(payload string) string {
-	enc := base64.RawURLEncoding
-	si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
-	m := hmac.New(sha256.New, []byte(testSecret))
-	m.Write([]byte(si))
-	return si + "." + enc.EncodeToString(m.Sum(nil))
-}
-
 func TestEgressAnonymous(t *testing.T) {
 	t.Parallel()
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "JWT_SECRET": testSecret})
@@ -548,3 +535,6 @@ func TestEgressKeyRotation(t *testing.T) {
 		}
 	}
 }
+
+// signPayload signs payload as it is with testSecret (auth.SignPayloadHS256).
+func signPayload(payload string) string { return auth.SignPayloadHS256(testSecret, payload) }

@@ -1,9 +1,6 @@
 package main
 
 import (
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"log/slog"
@@ -291,16 +288,6 @@ func TestUserTokenClaimNamesExact(t *testing.T) {
 	expectStatus(t, w, 403)
 	w = e.do("GET", "/v1/channels/room.1/messages", "", bearer(signPayload(`{"sub":"alice","EXP":`+exp+`,"channels":["room.1"]}`))...)
 	expectStatus(t, w, 401)
-}
-
-// signPayload signs payload, a JSON object written out as is, with HS256
-// and testSecret: claims auth.SignHS256 would not write.
-func signPayload(payload string) string {
-	enc := base64.RawURLEncoding
-	si := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(payload))
-	m := hmac.New(sha256.New, []byte(testSecret))
-	m.Write([]byte(si))
-	return si + "." + enc.EncodeToString(m.Sum(nil))
 }
 
 // With JWT_ISSUER and JWT_AUDIENCE set, a token must carry that iss and
@@ -648,3 +635,6 @@ func TestMetricsToken(t *testing.T) {
 		t.Errorf("METRICS_TOKEN with a space: %v", err)
 	}
 }
+
+// signPayload signs payload as it is with testSecret (auth.SignPayloadHS256).
+func signPayload(payload string) string { return auth.SignPayloadHS256(testSecret, payload) }
