@@ -169,9 +169,9 @@ func TestEgressRefuseToStart(t *testing.T) {
 	}); err == nil || !strings.Contains(err.Error(), "PUBLIC_CHANNELS") {
 		t.Errorf("bad PUBLIC_CHANNELS: %v", err)
 	}
-	bad := map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "2s", "MAX_FRAMES_PER_SECOND": "-1", "REDIS_POOL_SIZE": "-1", "ALLOWED_ORIGINS": "app.example", "WRITE_TIMEOUT": "1ns", "JWT_ISSUER": "issuer ", "JWT_AUDIENCE": strings.Repeat("a", 257)}
+	bad := map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "2s", "MAX_FRAMES_PER_SECOND": "-1", "REDIS_POOL_SIZE": "-1", "ALLOWED_ORIGINS": "app.example", "WRITE_TIMEOUT": "1ns", "JWT_ISSUER": "issuer ", "JWT_AUDIENCE": strings.Repeat("a", 257), "INSTANCE_ID": "egress}1"}
 	_, err = loadConfig(func(k string) string { return bad[k] })
-	for _, w := range []string{"REGISTRY_TTL", "MAX_FRAMES_PER_SECOND", "REDIS_POOL_SIZE", "ALLOWED_ORIGINS", "WRITE_TIMEOUT", "JWT_ISSUER", "JWT_AUDIENCE"} {
+	for _, w := range []string{"REGISTRY_TTL", "MAX_FRAMES_PER_SECOND", "REDIS_POOL_SIZE", "ALLOWED_ORIGINS", "WRITE_TIMEOUT", "JWT_ISSUER", "JWT_AUDIENCE", "INSTANCE_ID"} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("error %v does not name %s", err, w)
 		}

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/config"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/origin"
@@ -25,8 +26,10 @@ type Config struct {
 	// endpoints (/debug/pprof/) there. Empty means off. Never expose it.
 	DebugAddr string `env:"DEBUG_ADDR"`
 
-	// InstanceID names this instance in the registry; empty means a random
-	// id chosen at start (the usual choice).
+	// InstanceID names this instance in the registry, its inbox's keys
+	// and its log lines: 1–128 characters [A-Za-z0-9_.:@-], as a user
+	// id, so that it can go into a key. Empty means a random id chosen at
+	// start (the usual choice).
 	InstanceID string `env:"INSTANCE_ID"`
 
 	// IdleTimeout closes a connection (code 4000) after this long without
@@ -108,6 +111,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	if err := c.Redis.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.InstanceID != "" && !channel.ValidUser(c.InstanceID) {
+		errs = append(errs, errors.New("INSTANCE_ID must be 1–128 characters [A-Za-z0-9_.:@-] (empty: a random id)"))
 	}
 	if c.IdleTimeout != 0 && c.IdleTimeout < time.Second {
 		errs = append(errs, errors.New("IDLE_TIMEOUT must be 0 (off) or at least 1s"))

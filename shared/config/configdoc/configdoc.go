@@ -171,7 +171,7 @@ var (
 	reNoChars = regexp.MustCompile("\\b(?i:no) `(.)` or `(.)`")
 	reNeeds   = regexp.MustCompile("\\b(?:Needs|Refused at start without) `([A-Z][A-Z0-9_]*)`")
 	reNotNeg  = regexp.MustCompile(`(?i)\b(?:not|never) negative`)
-	reRange   = regexp.MustCompile(`(?i)\b([0-9][0-9,]*)–([0-9][0-9,]*)( printable ASCII characters)?`)
+	reRange   = regexp.MustCompile("(?i)\\b([0-9][0-9,]*)–([0-9][0-9,]*)( printable ASCII characters| characters `\\[[^]`]+\\]`)?")
 	reZero    = regexp.MustCompile("(?:^|[^0-9.,`])`?0`?(?::| =) ")
 	reEnum    = regexp.MustCompile("^(`[a-z]+`(?:, | or )?)+\\.?$")
 	// What reads like a rule: left over after the parsed phrases are
