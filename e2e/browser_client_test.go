@@ -264,6 +264,20 @@ const clientJSCases = `(async () => {
     results.timeOptions = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // Unsubscribing a subscription the server refused is answered
+  // not_subscribed: the state asked for, which reaches no error listener.
+  {
+    const [c, ws] = await welcomed();
+    const errs = [];
+    c.on("error", (e) => errs.push("client " + e.code));
+    const s = c.subscribe("a", { onError: (e) => errs.push("subscription " + e.code) });
+    ws.recv({ type: "error", code: "forbidden", message: "no", ref: ws.sent.at(-1).ref });
+    s.unsubscribe();
+    ws.recv({ type: "error", code: "not_subscribed", message: "not subscribed to a" });
+    results.unsubscribeRefused = errs.join() === "subscription forbidden" && ws.sent.at(-1).type === "unsubscribe" ? "ok" : "errors [" + errs + "]";
+    c.close();
+  }
+
   // subscribe() on a closed client throws, whether close() or the
   // server (a final 4003) closed it: the subscription could never start.
   {
@@ -509,7 +523,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

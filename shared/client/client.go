@@ -867,6 +867,12 @@ func (c *Client) dispatch(data []byte) bool {
 			s.h.OnSubscribed(f.Recovered == nil || *f.Recovered)
 		}
 	case protocol.TypeError:
+		if f.Code == protocol.CodeNotSubscribed {
+			// The answer to an unsubscribe of a subscription the server
+			// had refused (or one it never confirmed): the state the
+			// client asked for, not news for any handler.
+			return false
+		}
 		se := &ServerError{Code: f.Code, Message: f.Message}
 		var s *Subscription
 		if ref, err := strconv.Atoi(string(f.Ref)); err == nil {

@@ -547,3 +547,52 @@ func TestHandshakeTimeoutBounded(t *testing.T) {
 		t.Errorf("a Dialer with its own HandshakeTimeout was replaced")
 	}
 }
+
+// TestUnsubscribeRefusedIsQuiet: unsubscribing a subscription the server
+// refused gets not_subscribed from the server, which is the state the
+// client asked for: it reaches no OnError, while the refusal itself
+// reached the subscription's.
+func TestUnsubscribeRefusedIsQuiet(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"error","code":"forbidden","message":"not allowed","ref":`+string(sub.Ref)+`}`)
+		expect(t, ws, protocol.TypeUnsubscribe)
+		write(t, ws, `{"type":"error","code":"not_subscribed","message":"not subscribed to a"}`)
+		// A targeted message after it: once it is delivered, the error
+		// before it has been dispatched.
+		write(t, ws, `{"type":"message","target":"connection","id":"1-0","ts":1,"data":1}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	errs := make(chan string, 10)
+	delivered := make(chan struct{})
+	var once sync.Once
+	c, err := Dial(Options{URL: url,
+		OnError:   func(e *ServerError) { errs <- "client: " + e.Code },
+		OnMessage: func(Message) { once.Do(func() { close(delivered) }) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.Subscribe("a", Handler{OnError: func(e *ServerError) { errs <- "subscription: " + e.Code }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-errs:
+		if e != "subscription: forbidden" {
+			t.Fatalf("got %q, want the subscription's forbidden", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the refusal reached no OnError")
+	}
+	s.Unsubscribe()
+	select {
+	case <-delivered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the message after not_subscribed was not delivered")
+	}
+	if len(errs) != 0 {
+		t.Fatalf("OnError after the unsubscribe: %q", <-errs)
+	}
+}

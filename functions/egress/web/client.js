@@ -382,6 +382,9 @@ export class WsRelay {
         break;
       }
       case "error": {
+        // The answer to an unsubscribe of a subscription the server had
+        // refused: the state the client asked for, not news.
+        if (f.code === "not_subscribed") break;
         const sub = typeof f.ref === "number" ? this.refs.get(f.ref) : undefined;
         if (sub && f.code === "unavailable") {
           // The server could not subscribe now: a reconnect retries it.
