@@ -24,6 +24,13 @@ type security struct {
 // be an int, and no one ingress takes more.
 const maxRate = 1_000_000
 
+// maxGlobalRefill bounds, with PUBLISH_RATE_SCOPE=global, the seconds a
+// bucket takes to refill (burst/rate), about 3 years: redis_rate's script
+// keeps a bucket's time as a double of seconds since 2017, and a time
+// that far ahead no longer adds and subtracts exactly (a fresh bucket
+// refused a batch of its whole burst).
+const maxGlobalRefill = 100_000_000
+
 // checkSecurity reports what is wrong with the credential settings,
 // including the rule that a non-anonymous ingress needs some credential.
 func (c *Config) checkSecurity() []error {
@@ -55,6 +62,17 @@ func (c *Config) checkSecurity() []error {
 	}{{"PUBLISH_BURST_PER_KEY", c.PublishBurstPerKey}, {"PUBLISH_BURST_PER_IP", c.PublishBurstPerIP}, {"PUBLISH_BURST_PER_USER", c.PublishBurstPerUser}} {
 		if x.v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (0: twice the rate)", x.name))
+		}
+	}
+	if c.PublishRateScope == scopeGlobal {
+		for _, x := range []struct {
+			name  string
+			rate  float64
+			burst int
+		}{{"KEY", c.PublishRatePerKey, c.PublishBurstPerKey}, {"IP", c.PublishRatePerIP, c.PublishBurstPerIP}, {"USER", c.PublishRatePerUser, c.PublishBurstPerUser}} {
+			if ls := newLimiterSet(x.rate, x.burst); ls != nil && float64(ls.burst)/x.rate > maxGlobalRefill {
+				errs = append(errs, fmt.Errorf("PUBLISH_BURST_PER_%s / PUBLISH_RATE_PER_%s (the seconds a bucket takes to refill) must be at most %d with PUBLISH_RATE_SCOPE=global", x.name, x.name, maxGlobalRefill))
+			}
 		}
 	}
 	if c.PublishRateScope != scopeInstance && c.PublishRateScope != scopeGlobal {

@@ -329,3 +329,44 @@ func TestGCRALimit(t *testing.T) {
 		}
 	}
 }
+
+// In Redis, a bucket's time is a Lua number (a double) of seconds since
+// 2017: a bucket that takes more than 10^8 s to refill loses the
+// precision the script needs (a fresh bucket refused a batch of exactly
+// the burst, with Retry-After 1; a Retry-After past 292 years wrapped
+// to 1). PUBLISH_RATE_SCOPE=global refuses such a limit at start.
+func TestGlobalRateLimitRefillBound(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		rate, burst string
+		ok          bool
+	}{
+		{"0.001", "1000", true}, // 10^6 s
+		{"1e-6", "100", true},   // 10^8 s
+		{"1e-8", "0", true},     // burst 1: 10^8 s
+		{"1e-6", "101", false},  // 1.01·10^8 s
+		{"1e-9", "0", false},    // burst 1: 10^9 s
+		{"1e-300", "3", false},  // beyond time.Duration
+		{"1000000", "2000000", true},
+	} {
+		for _, scope := range []string{"instance", "global"} {
+			_, err := loadConfig(func(k string) string {
+				return map[string]string{"JWT_SECRET": testSecret, "PUBLISH_RATE_SCOPE": scope,
+					"PUBLISH_RATE_PER_IP": tc.rate, "PUBLISH_BURST_PER_IP": tc.burst}[k]
+			})
+			want := tc.ok || scope == "instance"
+			if (err == nil) != want || err != nil && !strings.Contains(err.Error(), "PUBLISH_BURST_PER_IP / PUBLISH_RATE_PER_IP") {
+				t.Errorf("rate %s burst %s scope %s: %v, want accepted %v", tc.rate, tc.burst, scope, err, want)
+			}
+		}
+	}
+	// At the bound, a fresh bucket takes a batch of the whole burst.
+	two := `{"messages":[{"channel":"c","data":1},{"channel":"c","data":2}]}`
+	e := newSecEnvs(t, map[string]string{"API_KEYS": fullKey, "PUBLISH_RATE_PER_KEY": "2e-8", "PUBLISH_BURST_PER_KEY": "2", "PUBLISH_RATE_SCOPE": "global"}, 1)[0]
+	expectStatus(t, publishAs(t, e, "key:"+fullKey, two), 202)
+	w := publishAs(t, e, "key:"+fullKey, `{"data":1}`)
+	expectError(t, w, 429, "rate_limited")
+	if ra := w.Header().Get("Retry-After"); ra != "50000000" {
+		t.Errorf("Retry-After %q, want 50000000 (1/rate)", ra)
+	}
+}

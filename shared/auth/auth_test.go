@@ -583,3 +583,52 @@ func TestVerifyNumericDates(t *testing.T) {
 		}
 	}
 }
+
+// A token whose signature does not verify (another secret, alg none)
+// gets the same answer whatever its claims hold: the claims are decoded
+// before the signature is checked, but what is wrong with them is told
+// only to a token that is signed with our key.
+func TestVerifyForgedTellsNothingOfClaims(t *testing.T) {
+	t.Parallel()
+	v, err := NewVerifier(TokenConfig{Secret: secret, Issuer: "https://auth.example.com/", Audience: "wsrelay"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	later := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	good := `{"sub":"alice","iss":"https://auth.example.com/","aud":"wsrelay","exp":` + later + `}`
+	enc := base64.RawURLEncoding
+	forgeries := map[string]func(payload string) string{
+		"other secret": func(p string) string { return SignPayloadHS256("another secret, not ours", p) },
+		"alg none": func(p string) string {
+			return enc.EncodeToString([]byte(`{"alg":"none","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(p)) + "."
+		},
+	}
+	for name, forge := range forgeries {
+		_, want := v.Verify(forge(good))
+		if !errors.Is(want, ErrInvalidToken) {
+			t.Fatalf("%s: %v, want ErrInvalidToken", name, want)
+		}
+		for _, claims := range []string{
+			`{"sub":"alice","exp":"` + later + `"}`,
+			`{"sub":"alice","exp":` + later + `,"nbf":"0"}`,
+			`{"sub":"alice","exp":1e19}`,
+			`{"sub":"alice","exp":` + later + `,"iss":5}`,
+			`{"sub":"alice","exp":` + later + `,"aud":["wsrelay",1]}`,
+			`{"sub":"alice","exp":` + later + `,"channels":"x"}`,
+		} {
+			if _, err := v.Verify(forge(claims)); fmt.Sprint(err) != fmt.Sprint(want) {
+				t.Errorf("%s, claims %s: %v, want %v (as with valid claims)", name, claims, err, want)
+			}
+		}
+	}
+	// Signed with our key, the same claims are refused by name.
+	for claims, text := range map[string]string{
+		`{"sub":"alice","exp":"` + later + `"}`:                                                           "exp must be a number",
+		`{"sub":"alice","iss":"https://auth.example.com/","aud":"wsrelay","exp":` + later + `,"nbf":"0"}`: "nbf must be a number",
+		`{"sub":"alice","exp":` + later + `,"iss":5}`:                                                     "malformed",
+	} {
+		if _, err := v.Verify(signRaw(t, claims)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), text) {
+			t.Errorf("claims %s: %v, want %q", claims, err, text)
+		}
+	}
+}

@@ -48,6 +48,10 @@ type jwtClaims struct {
 	jwt.RegisteredClaims
 	Channels []string `json:"channels,omitempty"`
 	Publish  []string `json:"publish,omitempty"`
+	// decodeErr is the first claim UnmarshalJSON could not decode. It is
+	// kept, not returned, because the parser decodes the claims before
+	// it checks the signature: Verify tells it only to a signed token.
+	decodeErr error
 }
 
 // claimError is a claim UnmarshalJSON refuses. The parser wraps it;
@@ -84,7 +88,9 @@ func numericDate(claim string, raw json.RawMessage, dst **jwt.NumericDate) error
 // case-sensitive (RFC 7519 §4), but encoding/json matches a field's name
 // without case, so that "EXP" would pass for exp, or a "Channels" after
 // "channels" replace it. exp, nbf and iat must be numbers (numericDate).
-// Anything else is decoded as encoding/json does.
+// Anything else is decoded as encoding/json does. A claim that cannot be
+// decoded is left unset and recorded in c.decodeErr; only a payload that
+// is not a JSON object is an error here.
 func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(b, &m); err != nil {
@@ -95,8 +101,8 @@ func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 		dst  **jwt.NumericDate
 	}{{"exp", &c.ExpiresAt}, {"nbf", &c.NotBefore}, {"iat", &c.IssuedAt}} {
 		if raw, ok := m[f.name]; ok {
-			if err := numericDate(f.name, raw, f.dst); err != nil {
-				return err
+			if err := numericDate(f.name, raw, f.dst); err != nil && c.decodeErr == nil {
+				c.decodeErr = err
 			}
 		}
 	}
@@ -108,8 +114,8 @@ func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 		{"channels", &c.Channels}, {"publish", &c.Publish},
 	} {
 		if raw, ok := m[f.name]; ok {
-			if err := json.Unmarshal(raw, f.dst); err != nil {
-				return err
+			if err := json.Unmarshal(raw, f.dst); err != nil && c.decodeErr == nil {
+				c.decodeErr = err
 			}
 		}
 	}
@@ -361,16 +367,21 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 	if v.audience != "" {
 		opts = append(opts, jwt.WithAudience(v.audience)) // one of aud; a missing or empty aud fails
 	}
-	if _, err := jwt.NewParser(opts...).ParseWithClaims(token, &jc, v.key); err != nil {
-		var ce *claimError
+	_, err := jwt.NewParser(opts...).ParseWithClaims(token, &jc, v.key)
+	// The claims are decoded before the signature is checked; what was
+	// wrong with them is told once the signature has passed (err is nil
+	// or a claim check's), so that a forged token learns nothing of it.
+	if jc.decodeErr != nil && (err == nil || errors.Is(err, jwt.ErrTokenInvalidClaims)) {
+		if ce := (*claimError)(nil); errors.As(jc.decodeErr, &ce) {
+			return nil, fmt.Errorf("%w: %v", ErrInvalidToken, ce)
+		}
+		return nil, fmt.Errorf("%w: malformed, or signed with an algorithm not accepted here", ErrInvalidToken)
+	}
+	if err != nil {
 		// The validation errors come joined: iss and aud are looked at
 		// before exp, so that a token of another issuer or audience is
 		// invalid, never "expired" (a client would fetch a new one).
-		// The claims are decoded before the signature is checked, so a
-		// claimError may come with any signature.
 		switch {
-		case errors.As(err, &ce):
-			return nil, fmt.Errorf("%w: %v", ErrInvalidToken, ce)
 		case errors.Is(err, jwt.ErrTokenSignatureInvalid):
 			return nil, fmt.Errorf("%w: bad signature", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenInvalidIssuer):
@@ -397,7 +408,6 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		return nil, fmt.Errorf("%w: sub must be a user id of 1–128 characters [A-Za-z0-9_.:@-]", ErrInvalidToken)
 	}
 	c := &Claims{Subject: jc.Subject, Expires: jc.ExpiresAt.Time}
-	var err error
 	if c.Channels, err = patterns("channels", jc.Channels); err != nil {
 		return nil, err
 	}
