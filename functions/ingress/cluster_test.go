@@ -1,6 +1,9 @@
 package main
 
 import (
+	"fmt"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,5 +62,53 @@ func publishAfterFailover(t *testing.T, replicas, wait int) {
 	t.Logf("first publish accepted %s after the promotion", took.Round(time.Millisecond))
 	if took > 5*time.Second {
 		t.Fatalf("publishes to the failed-over master's channel refused for %s after the promotion", time.Since(promoted).Round(time.Second))
+	}
+}
+
+// TestClusterGlobalRateLimit: with PUBLISH_RATE_SCOPE=global on a Redis
+// Cluster, each bucket is one key in one slot (no CROSSSLOT), buckets
+// spread over the masters, and two ingress instances share each one.
+func TestClusterGlobalRateLimit(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
+	limit := func(cfg *Config) {
+		cfg.PublishRateScope = scopeGlobal
+		cfg.PublishRatePerIP = 0.01
+		cfg.PublishBurstPerIP = 2
+	}
+	a, b := newEnvWith(t, rc, nil, limit), newEnvWith(t, rc, nil, limit)
+	masters := map[string]bool{}
+	for i := range 8 {
+		ip := fmt.Sprintf("192.0.2.%d", i+1)
+		passed := 0
+		for j := range 4 {
+			e := []*testEnv{a, b}[j%2]
+			req := httptest.NewRequest("POST", "/v1/channels/c/messages", strings.NewReader(`{"data":1}`))
+			req.Header.Set("Content-Type", "application/json")
+			req.RemoteAddr = ip + ":1000"
+			w := httptest.NewRecorder()
+			e.srv.ServeHTTP(w, req)
+			switch w.Code {
+			case 202:
+				passed++
+			case 429:
+			default:
+				t.Fatalf("%s, publish %d: %d %s", ip, j, w.Code, w.Body)
+			}
+		}
+		if passed != 2 {
+			t.Errorf("%s: %d of 4 publishes over two instances passed, want the burst, 2", ip, passed)
+		}
+		m, err := c.Client(t).MasterForKey(t.Context(), a.keys.PublishRate("ip:"+ip))
+		if err != nil {
+			t.Fatal(err)
+		}
+		masters[m.Options().Addr] = true
+	}
+	if len(masters) < 2 {
+		t.Errorf("8 buckets on %d master(s): the keys do not spread", len(masters))
 	}
 }
