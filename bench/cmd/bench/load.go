@@ -532,12 +532,20 @@ func collect(subs []*subscriber, total int) delivery {
 	return d
 }
 
-// pct returns the p-th percentile of µs samples, in ms.
+// pct returns the p-th percentile of µs samples, in ms (it sorts
+// samples): the value at rank (n−1)·p/100, interpolated between the two
+// closest ranks, so that p50 over an even number of samples is the mean
+// of the two middle ones, as median is.
 func pct(samples []uint32, p float64) float64 {
 	if len(samples) == 0 {
 		return 0
 	}
 	slices.Sort(samples)
-	i := int(float64(len(samples)-1) * p / 100)
-	return float64(samples[i]) / 1000
+	r := float64(len(samples)-1) * p / 100
+	i := int(r)
+	v := float64(samples[i])
+	if i+1 < len(samples) {
+		v += (r - float64(i)) * (float64(samples[i+1]) - v)
+	}
+	return v / 1000
 }

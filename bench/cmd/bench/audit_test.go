@@ -1,0 +1,59 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+// p50 is the median as the docs define it: over an even number of
+// samples, the mean of the two middle ones; other percentiles interpolate
+// between the two closest ranks the same way.
+func TestPct(t *testing.T) {
+	for _, c := range []struct {
+		samples []uint32
+		p, want float64
+	}{
+		{[]uint32{4000, 1000, 3000, 2000}, 50, 2.5},
+		{[]uint32{1000, 2000, 3000}, 50, 2},
+		{[]uint32{7000}, 99, 7},
+		{[]uint32{}, 99, 0},
+		{[]uint32{0, 1000}, 99, 0.99},
+		{[]uint32{5000, 1000, 2000, 3000, 4000}, 100, 5},
+		{[]uint32{5000, 1000, 2000, 3000, 4000}, 0, 1},
+	} {
+		if got := pct(append([]uint32(nil), c.samples...), c.p); got != c.want {
+			t.Errorf("pct(%v, %v) = %v, want %v", c.samples, c.p, got, c.want)
+		}
+	}
+}
+
+// A phase in which no publish succeeded measures nothing: its p99 of no
+// samples (0) and its CPU of no traffic (0) would read as perfect.
+func TestNothingPublished(t *testing.T) {
+	if err := published("s4", pubStats{failed: 64, firstErr: errStatus}); err == nil || !strings.Contains(err.Error(), "no publish succeeded") {
+		t.Fatalf("all failed: %v", err)
+	}
+	if err := published("s4", pubStats{ok: 1, failed: 63}); err != nil {
+		t.Fatalf("one succeeded: %v", err)
+	}
+}
+
+// S6 charges the egresses every command of the window but the publish
+// path's: commands no publish issues are theirs, and those a publish
+// issues once per script run count beyond that number.
+func TestEgressCommands(t *testing.T) {
+	before := map[string]int64{"evalsha": 100, "xadd": 100, "get": 100, "set": 100, "spublish": 100, "info": 3}
+	after := map[string]int64{
+		"evalsha": 1100, "xadd": 1100, "get": 1100, "set": 1102, "spublish": 1100, "info": 4,
+		"xinfo|stream": 50, "pexpire": 40, "xtrim": 5, // the script's, on some appends
+		"xrevrange": 3, "zadd": 2, "time": 1, // nothing on the publish path issues these
+	}
+	n, detail := egressCommands(before, after)
+	if n != 8 || detail != "set=2 time=1 xrevrange=3 zadd=2" {
+		t.Fatalf("egressCommands = %d %q, want 8 %q", n, detail, "set=2 time=1 xrevrange=3 zadd=2")
+	}
+	after["xadd"] += 4 // an egress writing a stream
+	if n, _ := egressCommands(before, after); n != 12 {
+		t.Fatalf("with 4 more XADD: %d, want 12", n)
+	}
+}
