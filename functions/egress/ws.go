@@ -165,8 +165,11 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	s.metrics.connections.Inc()
 	if s.draining.Load() {
 		// Draining began after this socket was accepted and before drain
-		// could see it: close it like the others.
+		// could see it: close it like the others, without subscribing
+		// its channels (round trips for a socket already going, and up
+		// to 5 s each with Redis down, which the drain does not wait for).
 		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
+		return c
 	}
 
 	for _, ch := range initial {
