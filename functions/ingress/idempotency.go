@@ -98,7 +98,11 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	}
 	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: resp})
 	if err := s.rdb.Set(context.WithoutCancel(ctx), rkey, done, s.cfg.IdempotencyWindow).Err(); err != nil {
+		// The write stands; free the claim, or a retry (its reply lost
+		// too) would get 409 until the claim expires. The retry runs
+		// again and gets this attempt's ids from the once-keys.
 		s.log.Warn("idempotency record not saved", "err", err.Error())
+		s.claims.release(ctx, rkey, string(pending), until)
 	}
 	writeJSON(c, status, resp)
 }

@@ -460,3 +460,57 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 		t.Fatalf("XLEN = %d, want 1", n)
 	}
 }
+
+// failedRecord is a Redis that fails the write of an Idempotency-Key's
+// result record ("done") while on, without running it.
+type failedRecord struct{ on *atomic.Bool }
+
+func (h failedRecord) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h failedRecord) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2]) {
+			cmd.SetErr(redistest.ErrFailed)
+			return redistest.ErrFailed
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func isDone(v any) bool {
+	b, ok := v.([]byte)
+	return ok && strings.Contains(string(b), `"state":"done"`)
+}
+
+func (h failedRecord) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestIdempotencyRecordLost: Redis fails between the append and the
+// result record. The 202 stands, and the claim is freed, so that a retry
+// (its reply was lost too) runs at once, gets the first attempt's id from
+// the once-keys and writes nothing, instead of 409 until the claim
+// expires.
+func TestIdempotencyRecordLost(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on atomic.Bool
+	rdb.AddHook(failedRecord{on: &on})
+	ks := keys.Scheme{Prefix: prefix}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+
+	on.Store(true)
+	w1 := e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k")
+	on.Store(false)
+	if w1.Code != 202 {
+		t.Fatalf("first: %d %s", w1.Code, w1.Body)
+	}
+	w2 := e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k")
+	if w2.Code != 202 || decode[published](t, w2) != decode[published](t, w1) {
+		t.Fatalf("retry: %d %s, want 202 %s", w2.Code, w2.Body, w1.Body)
+	}
+	if n := e.xlen("r"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}

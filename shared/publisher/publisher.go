@@ -19,7 +19,8 @@
 // retries after:
 //   - a transport error: the request could not be sent or no whole
 //     response came back (a timeout, a connection refused, reset or closed
-//     before the response), except a TLS certificate error;
+//     before the whole response, a 2xx whose JSON is cut short), except a
+//     TLS certificate error;
 //   - 503 (the ingress cannot reach Redis), and 502 or 504 (a gateway's);
 //   - 429 with Retry-After (a rate limit). A 429 without it (a batch
 //     larger than the burst) can never pass and is final;

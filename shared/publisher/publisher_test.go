@@ -21,8 +21,9 @@ type answer struct {
 	status int
 	header map[string]string
 	body   string
-	hangup bool // close the connection without an answer, as a lost reply
-	stall  bool // answer nothing until the client gives up
+	hangup bool   // close the connection without an answer, as a lost reply
+	stall  bool   // answer nothing until the client gives up
+	raw    string // write this response as it is, then close the connection
 }
 
 // seen is a request the stub received.
@@ -75,6 +76,13 @@ func (s *stub) serve(w http.ResponseWriter, r *http.Request) {
 	case a.hangup:
 		conn, _, err := w.(http.Hijacker).Hijack()
 		if err == nil {
+			conn.Close()
+		}
+		return
+	case a.raw != "":
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_, _ = io.WriteString(conn, a.raw)
 			conn.Close()
 		}
 		return
@@ -240,6 +248,32 @@ func TestRetriesWithTheSameKey(t *testing.T) {
 				t.Fatalf("the next call reused the key %q", k)
 			}
 		})
+	}
+}
+
+// TestCutShortReplyRetried: a 2xx whose body ends before its JSON does,
+// on a connection whose close ends the body (nothing for net/http to
+// notice), is a reply that did not come back whole: retried with the same
+// key, and the replay is the result.
+func TestCutShortReplyRetried(t *testing.T) {
+	ok := accepted(`{"id":"5-0","channel":"c"}`, "Idempotent-Replayed", "true")
+	for _, body := range []string{`{"id":"5-`, ``} {
+		cut := answer{raw: "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + body}
+		s := newStub(t, cut, ok)
+		c := s.client(t, Options{})
+		res, err := c.Publish(context.Background(), "c", Message{Data: 1})
+		if err != nil || res.ID != "5-0" || !res.Replayed {
+			t.Fatalf("body %q: %+v %v, want 5-0, replayed", body, res, err)
+		}
+		reqs := s.requests()
+		if len(reqs) != 2 || reqs[1].header.Get("Idempotency-Key") != reqs[0].header.Get("Idempotency-Key") {
+			t.Fatalf("body %q: %d requests, want 2 with one key", body, len(reqs))
+		}
+	}
+	// A whole reply that is not the endpoint's is final.
+	s := newStub(t, accepted(`<html>ok</html>`), ok)
+	if _, err := s.client(t, Options{}).Publish(context.Background(), "c", Message{Data: 1}); err == nil || len(s.requests()) != 1 {
+		t.Fatalf("an HTML 202: %v after %d requests, want an error after 1", err, len(s.requests()))
 	}
 }
 

@@ -154,10 +154,15 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 	var last error
 	for n := 1; ; n++ {
 		rep, err := c.attempt(ctx, r)
-		if err == nil {
-			if out != nil && json.Unmarshal(rep.body, out) != nil {
+		if err == nil && out != nil && json.Unmarshal(rep.body, out) != nil {
+			if !cutShort(rep.body) {
 				return nil, unexpected(rep)
 			}
+			// The connection's close ended the body before its JSON
+			// ended: not a whole reply, so it is retried like a lost one.
+			err = &transportError{op: r.op(), err: fmt.Errorf("the %d reply was cut short: %q", rep.status, snippet(rep.body))}
+		}
+		if err == nil {
 			return rep, nil
 		}
 		var te *transportError
@@ -185,6 +190,13 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 			return nil, stopped(ctx, r, last)
 		}
 	}
+}
+
+// cutShort reports a body that ends before its JSON value does (or holds
+// none), as a reply cut off mid-way does.
+func cutShort(b []byte) bool {
+	err := json.NewDecoder(bytes.NewReader(b)).Decode(new(json.RawMessage))
+	return err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // stopped is the error of a call whose ctx ended: ctx.Err(), and the last
