@@ -426,3 +426,33 @@ func TestWriteJSONAsGinData(t *testing.T) {
 		}
 	}
 }
+
+// TestChannelConnectionsStale: GET /v1/channels/{channel}/connections
+// lists the live connection behind a stale member (its record gone, its
+// score live) even at limit=1, and not a connection whose record says it
+// left the channel (its LeaveChannel's ZREM failed).
+func TestChannelConnectionsStale(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	reg := registry.New(e.rdb, e.keys, 30*time.Second)
+	for _, rec := range []*registry.Record{
+		{ID: "stale", Instance: "i", Channels: []string{"room"}},
+		{ID: "live", Instance: "i", Channels: []string{"room"}},
+		{ID: "left", Instance: "i", Channels: []string{"room"}},
+	} {
+		if err := reg.Put(ctx, rec); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond) // scored in this order
+	}
+	e.rdb.Del(ctx, e.keys.Conn("stale"))
+	e.rdb.Set(ctx, e.keys.Conn("left"), `{"id":"left","instance":"i","channels":[]}`, 30*time.Second)
+	for _, q := range []string{"?limit=1", "?limit=2", ""} {
+		w := e.do("GET", "/v1/channels/room/connections"+q, "")
+		got := decode[struct{ Connections []registry.Record }](t, w)
+		if w.Code != 200 || len(got.Connections) != 1 || got.Connections[0].ID != "live" {
+			t.Errorf("%s: %d %s, want [live]", q, w.Code, w.Body)
+		}
+	}
+}

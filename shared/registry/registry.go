@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -131,9 +132,14 @@ func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
 // are left to the next Refresh, so that a connection subscribing to n
 // channels costs O(n) commands, not O(n²).
 func (r *Registry) JoinChannel(ctx context.Context, rec *Record, channel string) error {
+	// The record first: a reader skips a member whose record does not
+	// list the channel (Channel).
 	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		if err := r.writeRecord(ctx, p, rec); err != nil {
+			return err
+		}
 		r.addMember(ctx, p, r.keys.ChannelConns(channel), rec, r.expiry())
-		return r.writeRecord(ctx, p, rec)
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("registry join %s: %w", channel, err)
@@ -189,20 +195,58 @@ func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 	return &rec, nil
 }
 
-// members returns the live records of the set at key, at most limit, and
-// drops members whose registration has expired.
-func (r *Registry) members(ctx context.Context, key string, limit int64) ([]*Record, error) {
+// memberPasses bounds the reads of one members call: a read that skips
+// members (their record is gone, or keep refuses it) reads as many more
+// after them, at most memberPasses times, so that a few stale members
+// do not hide live ones behind them (a channel read with limit 1 would
+// say "empty"), and a set full of them costs at most memberPasses ×
+// limit records.
+const memberPasses = 4
+
+// members returns the live records of the set at key for which keep (if
+// not nil) is true, at most limit, and drops members whose registration
+// has expired.
+func (r *Registry) members(ctx context.Context, key string, limit int64, keep func(*Record) bool) ([]*Record, error) {
 	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
-	ids, err := r.rdb.ZRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + now, Max: "+inf", Count: limit}).Result()
-	if err != nil {
-		return nil, fmt.Errorf("registry members: %w", err)
+	out := []*Record{}
+	// A member refreshed between two passes moves behind the offset
+	// and would be read twice.
+	seen := map[string]bool{}
+	var offset int64
+	for pass := 0; pass < memberPasses && int64(len(out)) < limit; pass++ {
+		want := limit - int64(len(out))
+		ids, err := r.rdb.ZRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + now, Max: "+inf", Offset: offset, Count: want}).Result()
+		if err != nil {
+			return nil, fmt.Errorf("registry members: %w", err)
+		}
+		if pass == 0 {
+			r.rdb.ZRemRangeByScore(ctx, key, "-inf", now) // best effort cleanup
+		}
+		recs, err := r.records(ctx, ids)
+		if err != nil {
+			return nil, err
+		}
+		for _, rec := range recs {
+			if !seen[rec.ID] && (keep == nil || keep(rec)) {
+				seen[rec.ID] = true
+				out = append(out, rec)
+			}
+		}
+		if int64(len(ids)) < want {
+			break // the set has no more
+		}
+		offset += int64(len(ids))
 	}
-	r.rdb.ZRemRangeByScore(ctx, key, "-inf", now) // best effort cleanup
+	return out, nil
+}
+
+// records reads the records of ids, skipping those that are gone.
+func (r *Registry) records(ctx context.Context, ids []string) ([]*Record, error) {
 	if len(ids) == 0 {
-		return []*Record{}, nil
+		return nil, nil
 	}
 	cmds := make([]*redis.StringCmd, len(ids))
-	_, err = r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, id := range ids {
 			cmds[i] = p.Get(ctx, r.keys.Conn(id))
 		}
@@ -235,11 +279,17 @@ func (r *Registry) members(ctx context.Context, key string, limit int64) ([]*Rec
 }
 
 // Channel returns up to limit live connections subscribed to channel.
+//
+// A member whose record no longer lists the channel is not one: its
+// LeaveChannel rewrote the record, and its ZREM failed (on a cluster the
+// two are on different nodes). It stays in the set until it expires.
 func (r *Registry) Channel(ctx context.Context, channel string, limit int64) ([]*Record, error) {
-	return r.members(ctx, r.keys.ChannelConns(channel), limit)
+	return r.members(ctx, r.keys.ChannelConns(channel), limit, func(rec *Record) bool {
+		return slices.Contains(rec.Channels, channel)
+	})
 }
 
 // User returns up to limit live connections of user.
 func (r *Registry) User(ctx context.Context, user string, limit int64) ([]*Record, error) {
-	return r.members(ctx, r.keys.UserConns(user), limit)
+	return r.members(ctx, r.keys.UserConns(user), limit, nil)
 }

@@ -1,0 +1,64 @@
+package registry
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// TestChannelSkipsLeft: a connection whose record no longer lists the
+// channel (its LeaveChannel wrote the record but the ZREM failed: on a
+// cluster they are on different nodes) is not listed for it.
+func TestChannelSkipsLeft(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	rec := &Record{ID: "c1", User: "u", Instance: "i", Channels: []string{"a", "b"}}
+	if err := r.Put(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.Channels = []string{"b"}
+	if _, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { return r.writeRecord(ctx, p, rec) }); err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := r.Channel(ctx, "a", 10); err != nil || len(recs) != 0 {
+		t.Errorf("channel a after leaving it: %v, %v", ids(recs), err)
+	}
+	if recs, err := r.Channel(ctx, "b", 10); err != nil || !slices.Equal(ids(recs), []string{"c1"}) {
+		t.Errorf("channel b: %v, %v", ids(recs), err)
+	}
+}
+
+// TestMembersLimit: exactly limit, limit+1 and limit-1 members; members
+// skipped (no record) do not make the read miss live ones.
+func TestMembersLimit(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	for i := range 5 {
+		if err := r.Put(ctx, &Record{ID: fmt.Sprintf("c%d", i), User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, lim := range []int64{4, 5, 6} {
+		if recs, err := r.Channel(ctx, "a", lim); err != nil || len(recs) != int(min(lim, 5)) {
+			t.Errorf("limit %d: %v, %v", lim, ids(recs), err)
+		}
+	}
+	// Two stale members (records gone, scores live) scored lowest.
+	for _, id := range []string{"s1", "s2"} {
+		r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: float64(time.Now().Add(time.Second).UnixMilli()), Member: id})
+		r.rdb.ZAdd(ctx, ks.UserConns("u"), redis.Z{Score: float64(time.Now().Add(time.Second).UnixMilli()), Member: id})
+	}
+	for _, lim := range []int64{1, 2, 5, 7} {
+		if recs, err := r.Channel(ctx, "a", lim); err != nil || len(recs) != int(min(lim, 5)) {
+			t.Errorf("with stale members, channel limit %d: %v, %v", lim, ids(recs), err)
+		}
+		if recs, err := r.User(ctx, "u", lim); err != nil || len(recs) != int(min(lim, 5)) {
+			t.Errorf("with stale members, user limit %d: %v, %v", lim, ids(recs), err)
+		}
+	}
+}
