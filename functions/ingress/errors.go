@@ -7,6 +7,7 @@ import (
 	"strconv"
 
 	"github.com/gin-gonic/gin"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -57,6 +58,13 @@ func (s *Server) writeError(c *gin.Context, err error) {
 	case errors.Is(err, stream.ErrNotReplicated):
 		s.unreplicated.Fail(err, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
+	case redis.HasErrorPrefix(err, "WRONGTYPE"):
+		// A key of another type where a stream (or a record) belongs: an
+		// operator's write or a key prefix shared with another
+		// application. Redis answered, and will answer the same to a
+		// retry: not an outage.
+		s.log.Error("redis key of the wrong type", "method", c.Request.Method, "route", c.FullPath(), "err", err.Error())
+		ae = errf(500, "internal", "internal error")
 	case errors.Is(err, context.Canceled):
 		// net/http cancels a request's context when its connection ends:
 		// the client went away (a publish withdrew its appends: nothing

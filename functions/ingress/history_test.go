@@ -567,3 +567,25 @@ func TestClearHistoryNeedsAdmin(t *testing.T) {
 		t.Errorf("the removal is not logged, or the log names a key: %s", logs.String())
 	}
 }
+
+// TestHistoryWrongType: a channel whose stream key holds another type
+// (an operator's SET, a key prefix shared with another application) is a
+// fault no retry mends: 500 internal, not 503 unavailable with
+// Retry-After, which sent clients retrying and logged a Redis outage
+// while Redis answered.
+func TestHistoryWrongType(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	if err := e.rdb.Set(t.Context(), e.keys.Stream("w"), "x", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ method, query string }{
+		{"GET", ""}, {"GET", "?after=0"}, {"DELETE", ""}, {"POST", ""},
+	} {
+		w := e.do(tc.method, "/v1/channels/w/messages"+tc.query, `{"data":1}`)
+		if w.Header().Get("Retry-After") != "" {
+			t.Errorf("%s%s: Retry-After %q", tc.method, tc.query, w.Header().Get("Retry-After"))
+		}
+		expectError(t, w, 500, "internal")
+	}
+}
