@@ -7,8 +7,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -36,11 +38,32 @@ type Config struct {
 	// under different prefixes. Empty means the default.
 	KeyPrefix string `env:"REDIS_KEY_PREFIX" envDefault:"wsr"`
 	// Timeout bounds each Redis command and dial, so a dead Redis is
-	// reported (503) instead of hanging.
+	// reported (503) instead of hanging. 1ms to MaxTimeout.
 	Timeout time.Duration `env:"REDIS_TIMEOUT" envDefault:"1s"`
 	// PoolSize per node; zero means go-redis's default (10 per CPU, 5
-	// per CPU per node for a cluster).
+	// per CPU per node for a cluster). At most MaxPoolSize.
 	PoolSize int `env:"REDIS_POOL_SIZE"`
+}
+
+const (
+	// MaxTimeout bounds REDIS_TIMEOUT: the functions wait for multiples
+	// of it (10 × for an idempotency claim), which a huge value would
+	// overflow into a negative duration.
+	MaxTimeout = time.Minute
+	// MaxPoolSize bounds REDIS_POOL_SIZE at Redis's default maxclients:
+	// go-redis allocates a slice of the pool's size per node, and panics
+	// past 2^31-1.
+	MaxPoolSize = 10000
+)
+
+// urlOptions are the REDIS_URL query options that New sets, and why:
+// go-redis takes them, and New would override them without a word.
+var urlOptions = map[string]string{
+	"dial_timeout":  "REDIS_TIMEOUT sets it",
+	"read_timeout":  "REDIS_TIMEOUT sets it",
+	"write_timeout": "REDIS_TIMEOUT sets it",
+	"max_retries":   "it is 1",
+	"pool_size":     "REDIS_POOL_SIZE sets it",
 }
 
 // Validate reports what is wrong with c.
@@ -49,10 +72,18 @@ func (c Config) Validate() error {
 	if c.ClusterAddrs == "" {
 		if _, err := parseURL(c.URL); err != nil {
 			errs = append(errs, err)
+		} else if u, err := url.Parse(c.URL); err == nil {
+			for _, o := range slices.Sorted(maps.Keys(u.Query())) {
+				if v, ok := urlOptions[o]; ok {
+					errs = append(errs, fmt.Errorf("REDIS_URL must not set %s: %s", o, v))
+				}
+			}
 		}
 	} else {
 		for i, a := range strings.Split(c.ClusterAddrs, ",") {
-			if h, p, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil || h == "" || p == "" {
+			// "@" or "/" in the host: a password or a URL, which the dial
+			// error (logged) would quote.
+			if h, p, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil || h == "" || p == "" || strings.ContainsAny(h, "@/") {
 				// By position: an entry pasted as a URL may hold a password.
 				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: entry %d is not host:port", i+1))
 			}
@@ -65,11 +96,11 @@ func (c Config) Validate() error {
 		// channel in one slot (one master doing all the work).
 		errs = append(errs, errors.New("REDIS_KEY_PREFIX must not contain { or }"))
 	}
-	if c.Timeout < time.Millisecond {
-		errs = append(errs, errors.New("REDIS_TIMEOUT must be at least 1ms"))
+	if c.Timeout < time.Millisecond || c.Timeout > MaxTimeout {
+		errs = append(errs, fmt.Errorf("REDIS_TIMEOUT must be 1ms to %s", MaxTimeout))
 	}
-	if c.PoolSize < 0 {
-		errs = append(errs, errors.New("REDIS_POOL_SIZE must not be negative (0: go-redis's default)"))
+	if c.PoolSize < 0 || c.PoolSize > MaxPoolSize {
+		errs = append(errs, fmt.Errorf("REDIS_POOL_SIZE must be 0 (go-redis's default) to %d", MaxPoolSize))
 	}
 	return config.Join(errs...)
 }
@@ -110,7 +141,12 @@ func (c Config) LogAttrs() []any {
 	if err != nil {
 		return append(attrs, "redis", "invalid REDIS_URL")
 	}
-	return append(attrs, "redis", o.Addr, "redis_db", o.DB, "redis_tls", o.TLSConfig != nil, "redis_password", o.Password != "")
+	attrs = append(attrs, "redis", o.Addr, "redis_db", o.DB, "redis_tls", o.TLSConfig != nil, "redis_password", o.Password != "")
+	if o.TLSConfig != nil {
+		// rediss://…?skip_verify=true: TLS, but to any server.
+		attrs = append(attrs, "redis_tls_verify", !o.TLSConfig.InsecureSkipVerify)
+	}
+	return attrs
 }
 
 // IsCluster reports whether c selects Redis Cluster.
@@ -165,14 +201,44 @@ func New(c Config) (redis.UniversalClient, error) {
 	return redis.NewClient(o), nil
 }
 
-// Ping checks that Redis answers within the client's timeout.
+// ErrReplica is Ping's answer from a replica: it answers, but refuses
+// every write (READONLY).
+var ErrReplica = errors.New("redis: the node is a replica (read-only)")
+
+// Ping checks that Redis answers within the client's timeout, and is not
+// a replica. In a cluster, it checks every master; one that has become a
+// replica makes it reload the slot map.
 func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	if c, ok := rdb.(*redis.ClusterClient); ok {
-		return c.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
-			return n.Ping(ctx).Err()
-		})
+		err := c.ForEachShard(ctx, pingMaster)
+		if errors.Is(err, ErrReplica) {
+			c.ReloadState(ctx)
+		}
+		return err
+	}
+	if c, ok := rdb.(*redis.Client); ok {
+		return pingMaster(ctx, c)
 	}
 	return rdb.Ping(ctx).Err()
+}
+
+// pingMaster sends PING and ROLE in one round trip. A ROLE refused (an
+// ACL without it, a managed Redis that renames it) counts as a master.
+func pingMaster(ctx context.Context, n *redis.Client) error {
+	var ping *redis.StatusCmd
+	var role *redis.Cmd
+	_, _ = n.Pipelined(ctx, func(p redis.Pipeliner) error {
+		ping = p.Ping(ctx)
+		role = p.Do(ctx, "ROLE")
+		return nil
+	})
+	if err := ping.Err(); err != nil {
+		return err
+	}
+	if r, err := role.Slice(); err == nil && len(r) > 0 && r[0] == "slave" {
+		return ErrReplica
+	}
+	return nil
 }
 
 // Failed reports whether err, cmd's outcome, is a Redis failure for the

@@ -2,6 +2,9 @@ package redisconn
 
 import (
 	"context"
+	"fmt"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -40,6 +43,26 @@ func TestValidate(t *testing.T) {
 		{"negative pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: -1}, []string{"REDIS_POOL_SIZE"}, ""},
 		{"braces in the key prefix", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, KeyPrefix: "{}"}, []string{"REDIS_KEY_PREFIX"}, ""},
 		{"timeout under 1ms", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Nanosecond}, []string{"REDIS_TIMEOUT"}, ""},
+		// 10 × REDIS_TIMEOUT (an idempotency claim) would overflow.
+		{"huge timeout", Config{URL: "redis://127.0.0.1:6379/0", Timeout: 1000000 * time.Hour}, []string{"REDIS_TIMEOUT"}, ""},
+		// go-redis panics past 2^31-1, and allocates a slice of PoolSize.
+		{"huge pool", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, PoolSize: 1 << 31}, []string{"REDIS_POOL_SIZE"}, ""},
+		{"huge pool, cluster", Config{ClusterAddrs: "a:1", Timeout: time.Second, PoolSize: 1_000_000_000}, []string{"REDIS_POOL_SIZE"}, ""},
+		// A host:port for net.SplitHostPort, but the dial error (logged)
+		// would quote the password.
+		{"cluster addr with a password", Config{ClusterAddrs: "a:1,s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
+		{"cluster addr with a path", Config{ClusterAddrs: "h/x:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 1"}, ""},
+		{"cluster IPv6", Config{ClusterAddrs: "[::1]:7000,[fe80::1%eth0]:7001", Timeout: time.Second}, nil, ""},
+		{"cluster IPv6 without brackets", Config{ClusterAddrs: "::1:7000", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
+		{"cluster empty entry", Config{ClusterAddrs: "a:1,,b:2", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, ""},
+		{"IPv6", Config{URL: "redis://[::1]:6379/0", Timeout: time.Second}, nil, ""},
+		{"unix socket", Config{URL: "unix:///run/redis.sock?db=2", Timeout: time.Second}, nil, ""},
+		// Options that REDIS_TIMEOUT and REDIS_POOL_SIZE set: go-redis
+		// takes them, and New overrode them without a word.
+		{"URL dial_timeout", Config{URL: "redis://h:6379/0?dial_timeout=5s", Timeout: time.Second}, []string{"REDIS_URL", "dial_timeout", "REDIS_TIMEOUT"}, ""},
+		{"URL read_timeout", Config{URL: "rediss://:s3cret@h:6379/0?read_timeout=-1", Timeout: time.Second}, []string{"REDIS_URL", "read_timeout", "REDIS_TIMEOUT"}, "s3cret"},
+		{"URL max_retries", Config{URL: "redis://h:6379/0?max_retries=3", Timeout: time.Second}, []string{"REDIS_URL", "max_retries"}, ""},
+		{"URL pool_size", Config{URL: "redis://h:6379/0?pool_size=100000000", Timeout: time.Second}, []string{"REDIS_URL", "pool_size", "REDIS_POOL_SIZE"}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
@@ -154,7 +177,7 @@ func TestNodeFailure(t *testing.T) {
 	}
 }
 
-// pingCounter counts the PINGs a client sends.
+// pingCounter counts the PINGs a client sends, alone or in a pipeline.
 type pingCounter struct{ n atomic.Int32 }
 
 func (h *pingCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -169,7 +192,14 @@ func (h *pingCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 }
 
 func (h *pingCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if cmd.Name() == "ping" {
+				h.n.Add(1)
+			}
+		}
+		return next(ctx, cmds)
+	}
 }
 
 // Readiness pings once per interval, whatever the number of checks, and
@@ -206,5 +236,94 @@ func TestReadiness(t *testing.T) {
 	}
 	if n := pings.n.Load(); n != 2 {
 		t.Fatalf("%d PINGs, want 2", n)
+	}
+}
+
+// The startup line says where Redis is, whether TLS checks the server's
+// certificate, and never the password.
+func TestLogAttrs(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		c    Config
+		want map[string]any
+	}{
+		{"plain", Config{URL: "redis://:s3cret@h:6379/2"}, map[string]any{"redis": "h:6379", "redis_db": 2, "redis_tls": false, "redis_password": true}},
+		{"tls", Config{URL: "rediss://h:6380/0"}, map[string]any{"redis": "h:6380", "redis_tls": true, "redis_tls_verify": true}},
+		{"tls without verification", Config{URL: "rediss://:s3cret@h:6380/0?skip_verify=true"}, map[string]any{"redis_tls": true, "redis_tls_verify": false}},
+		{"IPv6", Config{URL: "redis://[::1]:6379/0"}, map[string]any{"redis": "[::1]:6379"}},
+		{"unix", Config{URL: "unix://:s3cret@/run/redis.sock?db=3"}, map[string]any{"redis": "/run/redis.sock", "redis_db": 3, "redis_password": true}},
+		{"cluster", Config{ClusterAddrs: "a:1, b:2", ClusterPassword: "s3cret", ClusterTLS: true}, map[string]any{"redis_cluster": "a:1,b:2", "redis_tls": true, "redis_password": true}},
+	} {
+		attrs := tc.c.LogAttrs()
+		got := map[string]any{}
+		for i := 0; i+1 < len(attrs); i += 2 {
+			got[attrs[i].(string)] = attrs[i+1]
+		}
+		for k, v := range tc.want {
+			if got[k] != v {
+				t.Errorf("%s: %s = %v, want %v (all: %v)", tc.name, k, got[k], v, attrs)
+			}
+		}
+		if s := fmt.Sprint(attrs...); strings.Contains(s, "s3cret") {
+			t.Errorf("%s: attributes show the password: %s", tc.name, s)
+		}
+	}
+}
+
+// A unix socket URL reaches Redis, with its database number.
+func TestUnixSocket(t *testing.T) {
+	t.Parallel()
+	sock := filepath.Join(t.TempDir(), "redis.sock")
+	redistest.Start(t, "--unixsocket", sock)
+	rdb, err := New(Config{URL: "unix://" + sock + "?db=3", Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	if err := rdb.Set(t.Context(), "k", "v", 0).Err(); err != nil {
+		t.Fatalf("SET over the socket: %v", err)
+	}
+	if db := rdb.(*redis.Client).Options().DB; db != 3 {
+		t.Fatalf("db %d, want 3", db)
+	}
+}
+
+// A Redis that answers but is a replica (read-only: every append would
+// fail) is not ready.
+func TestReadinessReplica(t *testing.T) {
+	t.Parallel()
+	master := redistest.Start(t)
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port))
+	rdb, err := New(Config{URL: replica.URL(), Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	if err := NewReadiness(rdb, time.Minute).Check(t.Context()); err == nil {
+		t.Fatal("a replica is ready")
+	} else if !strings.Contains(err.Error(), "replica") {
+		t.Fatalf("Check: %v, want it to say replica", err)
+	}
+	mdb, err := New(Config{URL: master.URL(), Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mdb.Close()
+	if err := NewReadiness(mdb, time.Minute).Check(t.Context()); err != nil {
+		t.Fatalf("master: %v", err)
+	}
+	// A user that may not run ROLE (a managed Redis may refuse it): PING
+	// alone decides.
+	if err := mdb.Do(t.Context(), "ACL", "SETUSER", "norole", "on", ">pw", "+@all", "-role", "~*").Err(); err != nil {
+		t.Fatal(err)
+	}
+	ndb, err := New(Config{URL: "redis://norole:pw@" + master.Addr() + "/0", Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ndb.Close()
+	if err := NewReadiness(ndb, time.Minute).Check(t.Context()); err != nil {
+		t.Fatalf("master, ROLE refused: %v", err)
 	}
 }
