@@ -69,12 +69,35 @@ if not prev then
     end
   end
 end
-local id
 local maxlen = tonumber(ARGV[5])
+local id
 if maxlen > 0 then
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 else
   id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+end
+-- Ids compared as decimal strings without leading zeros: by length, then
+-- by text (a sequence number may be past what a Lua number holds).
+local d, pd = string.find(id, '-', 1, true), string.find(prev, '-', 1, true)
+local ms, pms = string.sub(id, 1, d - 1), string.sub(prev, 1, pd - 1)
+if #ms < #pms or (#ms == #pms and ms <= pms) then
+  local seq, pseq = string.sub(id, d + 1), string.sub(prev, pd + 1)
+  if ms ~= pms or #seq < #pseq or (#seq == #pseq and seq <= pseq) then
+    -- Redis makes an id greater than its stream's last, but a stream
+    -- created anew (expired, evicted) takes Redis's clock, which can be
+    -- behind the last id (stepped back, another host's after a
+    -- failover, or the same millisecond right after an eviction): ids
+    -- going backwards would pass for ones already sent. So the entry
+    -- goes after prev instead.
+    redis.call('XDEL', KEYS[1], id)
+    redis.call('XSETID', KEYS[1], prev)
+    if maxlen > 0 then
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+    else
+      id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+    end
+    ms = string.sub(id, 1, string.find(id, '-', 1, true) - 1)
+  end
 end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
@@ -88,9 +111,10 @@ end
 -- Trimming by age and refreshing the stream's TTL are done by the first
 -- append in each second of a stream's traffic (ids are milliseconds),
 -- which is as precise as needed and saves three commands per append on
--- busy channels.
-local ms = tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1))
-local pms = tonumber(string.sub(prev, 1, string.find(prev, '-', 1, true) - 1))
+-- busy channels. (While Redis's clock is behind the stream's last id,
+-- every id keeps that id's millisecond: a busy stream is then refreshed
+-- only once the clock has caught up, docs/design.md.)
+ms, pms = tonumber(ms), tonumber(pms)
 if math.floor(ms / 1000) ~= math.floor(pms / 1000) then
   local maxage = tonumber(ARGV[6])
   if maxage > 0 and ms > maxage then
@@ -725,13 +749,17 @@ func ParseNotification(payload string) (Notification, error) {
 		parts[i], rest = rest[:j], rest[j+1:]
 	}
 	var ok1, ok2 bool
+	var err error
 	n.Prev, ok1 = ParseID(parts[0])
 	n.ID, ok2 = ParseID(parts[1])
-	if !ok1 || !ok2 {
+	// Append always writes ts: a payload without one (empty, or another
+	// field in its place) was not written by it, and its other fields
+	// would be misread.
+	n.TS, err = strconv.ParseInt(parts[2], 10, 64)
+	if !ok1 || !ok2 || err != nil {
 		return n, ErrBadNotification
 	}
 	n.IDStr = parts[1]
-	n.TS, _ = strconv.ParseInt(parts[2], 10, 64)
 	n.Route = Route(parts[3])
 	n.Frame = []byte(rest)
 	return n, nil

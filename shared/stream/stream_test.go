@@ -141,7 +141,8 @@ func TestNotification(t *testing.T) {
 
 func TestParseNotificationErrors(t *testing.T) {
 	t.Parallel()
-	for _, p := range []string{"", "0-0", "0-0\n1-1\n5", "0-0\n1-1\n5\nroute", "x\n1-1\n5\n\n{}", "0-0\n1-x\n5\n\n{}"} {
+	for _, p := range []string{"", "0-0", "0-0\n1-1\n5", "0-0\n1-1\n5\nroute", "x\n1-1\n5\n\n{}", "0-0\n1-x\n5\n\n{}",
+		"0-0\n1-1\n\n\n{}", "0-0\n1-1\nc:conn1\n{\n}", "0-0\n1-1\n5x\n\n{}", "\n1-1\n5\n\n{}"} {
 		if _, err := ParseNotification(p); err != ErrBadNotification {
 			t.Errorf("ParseNotification(%q) err = %v", p, err)
 		}

@@ -310,11 +310,14 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 // publishSide are the commands only the publish path issues: the script
 // itself, and what it calls on some appends only (xinfo|stream, as Redis
 // 7 names a subcommand, on a channel's first append; xtrim and pexpire
-// on a stream's first append in each second), plus the bench's own INFO.
+// on a stream's first append in each second; xdel and xsetid when a
+// stream created anew got an id behind its chain), plus the bench's own
+// INFO.
 // They are left out of S6's count whole. (A registry refresh's PEXPIRE
 // goes with a ZADD, which is counted.)
 var publishSide = map[string]bool{
 	"evalsha": true, "eval": true, "xinfo|stream": true, "xtrim": true, "pexpire": true, "info": true,
+	"xdel": true, "xsetid": true,
 }
 
 // perScript are the commands each run of the append script calls exactly
