@@ -206,15 +206,21 @@ func New(c Config) (redis.UniversalClient, error) {
 var ErrReplica = errors.New("redis: the node is a replica (read-only)")
 
 // Ping checks that Redis answers within the client's timeout, and is not
-// a replica. In a cluster, it checks every master; one that has become a
-// replica makes it reload the slot map.
+// a replica. In a cluster, every node must answer, and every node the
+// slot map names a master must be one: one that has become a replica
+// makes it reload the map.
 func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	if c, ok := rdb.(*redis.ClusterClient); ok {
-		err := c.ForEachShard(ctx, pingMaster)
+		err := c.ForEachMaster(ctx, pingMaster)
 		if errors.Is(err, ErrReplica) {
 			c.ReloadState(ctx)
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return c.ForEachSlave(ctx, func(ctx context.Context, n *redis.Client) error {
+			return n.Ping(ctx).Err()
+		})
 	}
 	if c, ok := rdb.(*redis.Client); ok {
 		return pingMaster(ctx, c)

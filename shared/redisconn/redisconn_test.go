@@ -327,3 +327,39 @@ func TestReadinessReplica(t *testing.T) {
 		t.Fatalf("master, ROLE refused: %v", err)
 	}
 }
+
+// TestReadinessClusterWithReplicas: a healthy cluster whose masters have
+// replicas is ready. Its replicas are checked for an answer, not for
+// being masters.
+func TestReadinessClusterWithReplicas(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 1)
+	rdb, err := New(Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	// Until the replicas have joined and the client's slot map has them,
+	// the check would prove nothing.
+	cc := rdb.(*redis.ClusterClient)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		var replicas atomic.Int32
+		err := cc.ForEachSlave(t.Context(), func(context.Context, *redis.Client) error {
+			replicas.Add(1)
+			return nil
+		})
+		if err == nil && replicas.Load() == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the client knows %d replicas (%v), want 3", replicas.Load(), err)
+		}
+		cc.ReloadState(t.Context())
+	}
+	if err := NewReadiness(rdb, time.Minute).Check(t.Context()); err != nil {
+		t.Fatalf("a healthy cluster with replicas: %v", err)
+	}
+}
