@@ -37,6 +37,19 @@ func newTargetedRig(t *testing.T, srv *redistest.Server) *targetedRig {
 	return r
 }
 
+// subscribeOnEach opens one socket on each egress with query (user and
+// channels) and waits until each is subscribed.
+func (r *targetedRig) subscribeOnEach(query string) []*wsClient {
+	var cls []*wsClient
+	for _, eg := range r.eg {
+		cls = append(cls, dial(r.t, eg.wsURL(query)))
+	}
+	for _, cl := range cls {
+		cl.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	}
+	return cls
+}
+
 // toUser sends data to user and returns the status and the number of
 // connections the ingress reported.
 func (r *targetedRig) toUser(user string, data any) (int, int) {
@@ -99,13 +112,7 @@ func exactlyOnce(t *testing.T, target, data string, cls ...*wsClient) {
 func TestTargetedAcrossFailures(t *testing.T) {
 	srv := redistest.Start(t)
 	r := newTargetedRig(t, srv)
-	var cls []*wsClient
-	for _, eg := range r.eg {
-		cls = append(cls, dial(t, eg.wsURL("user=ann&channels=room")))
-	}
-	for _, cl := range cls {
-		cl.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
-	}
+	cls := r.subscribeOnEach("user=ann&channels=room")
 	if st, n := r.toUser("ann", 1); st != 202 || n != 3 {
 		t.Fatalf("send to ann: %d, %d connections", st, n)
 	}
@@ -245,13 +252,7 @@ func TestTargetedAcrossFailures(t *testing.T) {
 func TestTargetedAcrossPersistentRedisRestart(t *testing.T) {
 	srv := redistest.StartPersistent(t)
 	r := newTargetedRig(t, srv)
-	var cls []*wsClient
-	for _, eg := range r.eg {
-		cls = append(cls, dial(t, eg.wsURL("user=bo&channels=hall")))
-	}
-	for _, cl := range cls {
-		cl.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
-	}
+	cls := r.subscribeOnEach("user=bo&channels=hall")
 	r.eg[2].kill()
 	srv.Stop()
 	down := time.Now()

@@ -406,6 +406,23 @@ type rndSim struct {
 	bad  int
 }
 
+// refusals are what the server may answer a subscribe of ch, a valid
+// name, with: the docs do not rank them, so any that applies is right.
+// None: it is subscribed.
+func (s *rndSim) refusals(ch string) []string {
+	var codes []string
+	if s.subs[ch] {
+		codes = append(codes, protocol.CodeAlreadySubscribed)
+	}
+	if !rndAllow(s.kind, ch) {
+		codes = append(codes, protocol.CodeForbidden)
+	}
+	if len(s.subs) >= rndMaxSubs {
+		codes = append(codes, protocol.CodeTooManySubs)
+	}
+	return codes
+}
+
 // rndPart is one request of a text frame.
 type rndPart struct {
 	raw     string
@@ -668,17 +685,7 @@ func (cl *rndClient) subPart(ch string, after *string) rndPart {
 		if len(codes) > 0 {
 			return e.fail(true, codes...)
 		}
-		// The docs do not rank these: any that applies is right.
-		if s.subs[ch] {
-			codes = append(codes, protocol.CodeAlreadySubscribed)
-		}
-		if !rndAllow(s.kind, ch) {
-			codes = append(codes, protocol.CodeForbidden)
-		}
-		if len(s.subs) >= rndMaxSubs {
-			codes = append(codes, protocol.CodeTooManySubs)
-		}
-		if len(codes) > 0 {
+		if codes := s.refusals(ch); len(codes) > 0 {
 			return e.fail(false, codes...)
 		}
 		s.subs[ch] = true
@@ -1048,17 +1055,7 @@ func (cl *rndClient) connect() {
 		// No ref, no position; they count toward nothing.
 		c.exps = append(c.exps, func() *rndExp {
 			e := &rndExp{desc: "initial " + ch}
-			var codes []string
-			if s.subs[ch] {
-				codes = append(codes, protocol.CodeAlreadySubscribed)
-			}
-			if !rndAllow(s.kind, ch) {
-				codes = append(codes, protocol.CodeForbidden)
-			}
-			if len(s.subs) >= rndMaxSubs {
-				codes = append(codes, protocol.CodeTooManySubs)
-			}
-			if len(codes) > 0 {
+			if codes := s.refusals(ch); len(codes) > 0 {
 				return e.fail(false, codes...)
 			}
 			s.subs[ch] = true

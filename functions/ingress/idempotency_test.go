@@ -461,29 +461,10 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 	}
 }
 
-// failedRecord is a Redis that fails the write of an Idempotency-Key's
-// result record ("done") while on, without running it.
-type failedRecord struct{ on *atomic.Bool }
-
-func (h failedRecord) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h failedRecord) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		if h.on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2]) {
-			cmd.SetErr(redistest.ErrFailed)
-			return redistest.ErrFailed
-		}
-		return next(ctx, cmd)
-	}
-}
-
+// isDone reports the value of an Idempotency-Key's result record.
 func isDone(v any) bool {
 	b, ok := v.([]byte)
 	return ok && strings.Contains(string(b), `"state":"done"`)
-}
-
-func (h failedRecord) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // TestIdempotencyRecordLost: Redis fails between the append and the
@@ -495,7 +476,11 @@ func TestIdempotencyRecordLost(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
 	var on atomic.Bool
-	rdb.AddHook(failedRecord{on: &on})
+	// While on, the write of the result record ("done") fails without
+	// running.
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
+	}})
 	ks := keys.Scheme{Prefix: prefix}
 	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
