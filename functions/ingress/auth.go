@@ -119,9 +119,14 @@ func forbidden(msg string) *apiError { return errf(403, "forbidden", msg) }
 // authenticate identifies the caller from "Authorization: Bearer <x>",
 // where x is an API key or a user token (a JWT: exactly two dots; API keys
 // have none). No credential is 401 unless anonymous mode is on; a bad
-// credential is always 401.
+// credential is always 401, and so are two Authorization headers, even
+// alike: which of them a client or a proxy between meant is not guessed.
 func (s *Server) authenticate(c *gin.Context) (*principal, error) {
 	h := c.GetHeader("Authorization")
+	if len(c.Request.Header.Values("Authorization")) > 1 {
+		c.Header("WWW-Authenticate", `Bearer realm="wsrelay"`)
+		return nil, unauthorized("unauthorized", "send one Authorization header, not several")
+	}
 	if h == "" {
 		if s.sec.anon {
 			return &principal{id: "anonymous"}, nil

@@ -31,6 +31,9 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 	if ct == "" || err != nil || (mt != "application/json" && !isJSONSuffix(mt)) {
 		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
 	}
+	if len(c.Request.Header.Values("Content-Type")) > 1 {
+		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "send one Content-Type header, not several")
+	}
 	for _, v := range c.Request.Header.Values("Content-Encoding") {
 		for _, ce := range strings.Split(v, ",") {
 			if ce = strings.TrimSpace(ce); ce != "" && !strings.EqualFold(ce, "identity") {
@@ -41,15 +44,25 @@ func readBody(c *gin.Context, limit int64) ([]byte, error) {
 			}
 		}
 	}
+	if c.Request.ContentLength > limit {
+		// Refused unread: a client waiting on Expect: 100-continue is not
+		// asked for a body that cannot fit (RFC 9110 §10.1.1).
+		return nil, errTooLarge(limit)
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(c.Writer, c.Request.Body, limit))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return nil, errf(http.StatusRequestEntityTooLarge, "payload_too_large", fmt.Sprintf("body is larger than %d bytes", limit))
+			return nil, errTooLarge(limit)
 		}
 		return nil, errf(http.StatusBadRequest, "invalid_body", "could not read the request body")
 	}
 	return body, nil
+}
+
+// errTooLarge answers a body over limit bytes.
+func errTooLarge(limit int64) *apiError {
+	return errf(http.StatusRequestEntityTooLarge, "payload_too_large", fmt.Sprintf("body is larger than %d bytes", limit))
 }
 
 // isJSONSuffix reports an application/*+json media type (RFC 6839).
@@ -98,6 +111,9 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	if isNull(raw.Data) {
 		return p, errf(400, "missing_data", `"data" is required and must not be null`)
 	}
+	if tooDeep(raw.Data) {
+		return p, errf(400, "invalid_json", fmt.Sprintf(`"data" nests arrays and objects more than %d levels deep`, maxDataDepth))
+	}
 	p.Data = compact(raw.Data)
 	if !isNull(raw.Event) {
 		if json.Unmarshal(raw.Event, &p.Event) != nil || !channel.ValidEvent(p.Event) {
@@ -114,6 +130,38 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 
 // isNull reports a member that is absent or null.
 func isNull(m json.RawMessage) bool { return len(m) == 0 || string(m) == "null" }
+
+// maxDataDepth bounds how deeply data nests arrays and objects. Deeper
+// data would be stored, then break its readers: a history page holds
+// data three levels down, and common JSON decoders stop at some depth
+// (Ruby's at 100; Go's at 10,000, so that the Go client's History failed
+// on every read of a page holding such a message).
+const maxDataDepth = 64
+
+// tooDeep reports whether valid JSON b nests deeper than maxDataDepth.
+func tooDeep(b []byte) bool {
+	// Most data has fewer brackets in all than the bound: nothing to scan.
+	if bytes.Count(b, []byte{'['})+bytes.Count(b, []byte{'{'}) <= maxDataDepth {
+		return false
+	}
+	depth, inString := 0, false
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case inString && c == '\\':
+			i++ // the escaped byte: a quote does not end the string
+		case c == '"':
+			inString = !inString
+		case inString:
+		case c == '[' || c == '{':
+			if depth++; depth > maxDataDepth {
+				return true
+			}
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return false
+}
 
 // compact removes insignificant whitespace so a frame is one line. Most
 // bodies have none (JSON.stringify, json.Marshal), and one without any

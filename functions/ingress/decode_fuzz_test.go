@@ -13,7 +13,7 @@ import (
 func FuzzDecodeMessage(f *testing.F) {
 	for _, s := range []string{
 		`{"data":{"text":"hi"},"event":"chat","from":"u1"}`, `{"data":1}`, `{"data":null}`, `{}`, `[]`, ``, `{"data":"x","event":"a\"b"}`,
-		`{"data":1,"from":"a b"}`, `{"data":1,"event":null,"from":null}`, `{"data":1}{"data":2}`, `  {"data":[1,2,{"a":"\u0000"}]}  `,
+		`{"data":1,"from":"a b"}`, `{"data":[[{"a":"[\"{"}]]}`, `{"data":1,"event":null,"from":null}`, `{"data":1}{"data":2}`, `  {"data":[1,2,{"a":"\u0000"}]}  `,
 	} {
 		f.Add([]byte(s), false)
 		f.Add([]byte(s), true)
@@ -30,6 +30,9 @@ func FuzzDecodeMessage(f *testing.F) {
 		}
 		if !json.Valid(p.Data) || string(p.Data) == "null" || !channel.ValidEvent(p.Event) || (p.From != "" && !channel.ValidUser(p.From)) {
 			t.Fatalf("accepted %q as %+v", b, p)
+		}
+		if depthOf(p.Data) > maxDataDepth {
+			t.Fatalf("accepted data %q nested deeper than %d", p.Data, maxDataDepth)
 		}
 		if withChannel && !channel.ValidName(p.Channel) {
 			t.Fatalf("accepted channel %q", p.Channel)
@@ -62,6 +65,43 @@ func FuzzDecodeBatch(f *testing.F) {
 			if !channel.ValidName(it.Channel) || !json.Valid(it.Data) {
 				t.Fatalf("accepted %+v", it)
 			}
+		}
+	})
+}
+
+// depthOf is how deeply valid JSON b nests arrays and objects, as
+// encoding/json reads it.
+func depthOf(b []byte) int {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	depth, deepest := 0, 0
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return deepest
+		}
+		switch tok {
+		case json.Delim('['), json.Delim('{'):
+			depth++
+			deepest = max(deepest, depth)
+		case json.Delim(']'), json.Delim('}'):
+			depth--
+		}
+	}
+}
+
+// FuzzDataDepth: tooDeep agrees with encoding/json's reading of the depth.
+func FuzzDataDepth(f *testing.F) {
+	for _, s := range []string{`[[[1]]]`, `{"a":[{"b":"[[["}]}`, `["\"[[[", [[[]]]]`, `"\\"`} {
+		f.Add([]byte(s), 2)
+	}
+	f.Fuzz(func(t *testing.T, b []byte, wrap int) {
+		wrap = max(0, min(wrap, 2*maxDataDepth))
+		b = append(append(bytes.Repeat([]byte("["), wrap), b...), bytes.Repeat([]byte("]"), wrap)...)
+		if !json.Valid(b) {
+			return
+		}
+		if got, want := tooDeep(b), depthOf(b) > maxDataDepth; got != want {
+			t.Fatalf("tooDeep(%q) = %v, depth %d", b, got, depthOf(b))
 		}
 	})
 }
