@@ -122,6 +122,9 @@ func TestFrameReader(t *testing.T) {
 		{"message inside a message", cat(clientFrame(false, opText, []byte("a")), clientFrame(true, opText, []byte("b"))), nil, protocolError("")},
 		{"top bit of a 64-bit length", []byte{0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0}, nil, protocolError("")},
 		{"over the limit", clientFrame(true, opText, []byte(strings.Repeat("x", 1025))), nil, errTooBig},
+		{"at the limit in fragments", cat(clientFrame(false, opText, []byte(strings.Repeat("x", 600))), clientFrame(true, opContinuation, []byte(strings.Repeat("x", 424)))),
+			[]readResult{{opText, strings.Repeat("x", 1024)}}, nil},
+		{"one byte over the limit in fragments", cat(clientFrame(false, opText, []byte(strings.Repeat("x", 600))), clientFrame(true, opContinuation, []byte(strings.Repeat("x", 425)))), nil, errTooBig},
 		{"over the limit in fragments", cat(clientFrame(false, opText, []byte(strings.Repeat("x", 600))), clientFrame(true, opContinuation, []byte(strings.Repeat("x", 600)))), nil, errTooBig},
 		{"cut inside the payload", clientFrame(true, opText, []byte("hello"))[:8], nil, io.EOF},
 	}

@@ -222,9 +222,33 @@ func (c *conn) finish() {
 	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 	s.regDone(s.reg.Remove(dctx, c.recordCopy()), "remove", c.id)
 	dcancel()
+	c.linger()
 	c.nc.Close()
 	s.metrics.connections.Dec()
 	c.logEnd()
+}
+
+// linger ends the server's side of the socket without losing what is
+// still on its way to the client. A socket closed with the client's bytes
+// unread (the rest of a message over MAX_FRAME_BYTES, frames after a
+// broken one or after the client's close) is reset by the kernel, which
+// throws away what it has not sent yet: the close frame, and the replies
+// owed ahead of it (docs/protocol.md), which the client would never
+// see, reading a lost connection instead. So the server shuts its
+// sending side (the client reads the end of the stream after the close
+// frame) and reads and drops what the client sends until the client ends
+// its side too, or the read deadline set with the close (a second) has
+// passed: a peer already gone, or silent, ends it at once.
+func (c *conn) linger() {
+	tc, ok := c.nc.(interface{ CloseWrite() error })
+	if !ok || tc.CloseWrite() != nil {
+		return
+	}
+	for {
+		if _, err := c.nc.Read(c.fr.buf); err != nil {
+			return
+		}
+	}
 }
 
 // scfStatus maps a close to the status SCF reports for the invocation.

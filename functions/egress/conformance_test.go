@@ -1,0 +1,273 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/protocol"
+)
+
+// rawWS is a client that speaks RFC 6455 frame by frame over its own TCP
+// socket: it writes any bytes, broken frames included, and reads the
+// server's frames as they are (a WebSocket library would answer pings and
+// closes by itself, and refuse to send what these tests send).
+type rawWS struct {
+	t  *testing.T
+	nc net.Conn
+	br *bufio.Reader
+}
+
+// rawDial opens /ws on e with a hand-written handshake and reads the
+// welcome.
+func rawDial(t *testing.T, e *secEgress, d *net.Dialer) *rawWS {
+	t.Helper()
+	if d == nil {
+		d = &net.Dialer{}
+	}
+	nc, err := d.Dial("tcp", strings.TrimPrefix(e.srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	_ = nc.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(nc, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %v %v", resp, err)
+	}
+	c := &rawWS{t: t, nc: nc, br: br}
+	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"welcome"`)) {
+		t.Fatalf("first frame: op %d %q, want the welcome", op, p)
+	}
+	return c
+}
+
+func (c *rawWS) send(frames ...[]byte) {
+	c.t.Helper()
+	_ = c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.nc.Write(bytes.Join(frames, nil)); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// next reads the server's next frame (unmasked, final, short or 16-bit
+// length: all the server writes in these tests).
+func (c *rawWS) next() (op byte, payload []byte, err error) {
+	_ = c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var h [4]byte
+	if _, err := io.ReadFull(c.br, h[:2]); err != nil {
+		return 0, nil, err
+	}
+	if h[0]&0xF0 != 0x80 || h[1]&0x80 != 0 {
+		return 0, nil, fmt.Errorf("server frame header %x", h[:2])
+	}
+	n := int(h[1])
+	if n == 126 {
+		if _, err := io.ReadFull(c.br, h[2:4]); err != nil {
+			return 0, nil, err
+		}
+		n = int(binary.BigEndian.Uint16(h[2:4]))
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(c.br, p); err != nil {
+		return 0, nil, err
+	}
+	return h[0] & 0x0F, p, nil
+}
+
+func (c *rawWS) read() (byte, []byte) {
+	c.t.Helper()
+	op, p, err := c.next()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return op, p
+}
+
+// closed reads the server's close frame, skipping data frames, and
+// returns its code (1005 for none), then checks that the server ends the
+// TCP connection within end.
+func (c *rawWS) closed(end time.Duration) int {
+	c.t.Helper()
+	for {
+		op, p := c.read()
+		if op != opClose {
+			continue
+		}
+		code := 1005
+		if len(p) >= 2 {
+			code = int(binary.BigEndian.Uint16(p))
+		}
+		_ = c.nc.SetReadDeadline(time.Now().Add(end))
+		if b, err := c.br.ReadByte(); err == nil {
+			c.t.Fatalf("byte %x after the close frame", b)
+		} else if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			c.t.Fatalf("the server did not end the connection within %v of its close frame", end)
+		}
+		return code
+	}
+}
+
+func u16(code int) []byte { return binary.BigEndian.AppendUint16(nil, uint16(code)) }
+
+// TestConformance checks the egress's server side against RFC 6455 over
+// real sockets, in what the frame reader's own test (TestFrameReader)
+// cannot see: what the server answers, and how it ends the connection.
+func TestConformance(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAME_BYTES": "256", "MAX_FRAMES_PER_SECOND": "0"})
+	ping := func(ref string) []byte { return []byte(`{"type":"ping","ref":"` + ref + `"}`) }
+
+	t.Run("pong echoes the ping", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		all := make([]byte, 125)
+		for i := range all {
+			all[i] = byte(i * 2)
+		}
+		for _, p := range [][]byte{nil, {0}, all} {
+			c.send(clientFrame(true, opPing, p))
+			if op, got := c.read(); op != opPong || !bytes.Equal(got, p) {
+				t.Fatalf("ping %x answered op %d %x", p, op, got)
+			}
+		}
+	})
+	t.Run("unsolicited pong ignored", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		c.send(clientFrame(true, opPong, []byte("x")), clientFrame(true, opPong, nil), clientFrame(true, opText, ping("1")))
+		if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"ref":"1"`)) {
+			t.Fatalf("op %d %s, want the pong reply", op, p)
+		}
+	})
+	t.Run("code point across fragments", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		p := ping("é€𝄞")
+		i := bytes.Index(p, []byte("€")) + 1
+		j := bytes.Index(p, []byte("𝄞")) + 2
+		c.send(clientFrame(false, opText, p[:i]), clientFrame(true, opPing, []byte("between")),
+			clientFrame(false, opContinuation, p[i:j]), clientFrame(true, opContinuation, p[j:]))
+		if op, got := c.read(); op != opPong || string(got) != "between" {
+			t.Fatalf("op %d %q, want the pong first", op, got)
+		}
+		if op, got := c.read(); op != opText || !bytes.Contains(got, []byte(`"ref":"é€𝄞"`)) {
+			t.Fatalf("op %d %s, want the pong reply", op, got)
+		}
+	})
+	t.Run("close codes", func(t *testing.T) {
+		t.Parallel()
+		for _, code := range []int{1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999} {
+			c := rawDial(t, e, nil)
+			c.send(clientFrame(true, opClose, append(u16(code), strings.Repeat("r", 123)...)))
+			if got := c.closed(2 * time.Second); got != code {
+				t.Errorf("close %d answered %d, want the echo", code, got)
+			}
+		}
+		for _, code := range []int{0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535} {
+			c := rawDial(t, e, nil)
+			c.send(clientFrame(true, opClose, u16(code)))
+			if got := c.closed(2 * time.Second); got != protocol.CloseProtocolError {
+				t.Errorf("close %d answered %d, want 1002", code, got)
+			}
+		}
+		c := rawDial(t, e, nil)
+		c.send(clientFrame(true, opClose, nil))
+		if got := c.closed(2 * time.Second); got != 1005 {
+			t.Errorf("empty close answered %d, want an empty close", got)
+		}
+	})
+	// Nothing the client sends after its close is answered.
+	t.Run("after the close", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		c.send(clientFrame(true, opClose, u16(1000)), clientFrame(true, opPing, []byte("p")), clientFrame(true, opText, ping("1")))
+		if op, p := c.read(); op != opClose || !bytes.Equal(p, u16(1000)) {
+			t.Fatalf("op %d %x, want the echo of the close", op, p)
+		}
+		_ = c.nc.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if b, err := io.ReadAll(c.br); len(b) > 0 {
+			t.Fatalf("%q after the close (%v)", b, err)
+		}
+	})
+	// After its own close (here IDLE_TIMEOUT's 4000) the server waits for
+	// the client's, does not answer it, and then ends the connection at
+	// once; without it, a second after its close frame.
+	t.Run("server close", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "IDLE_TIMEOUT": "1s"})
+		for _, answer := range []bool{true, false} {
+			c := rawDial(t, e, nil)
+			if op, p := c.read(); op != opClose || !bytes.Equal(p[:2], u16(protocol.CloseIdleTimeout)) {
+				t.Fatalf("op %d %q, want close 4000", op, p)
+			}
+			_ = c.nc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			if b, err := c.br.ReadByte(); err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%x, %v: the server did not wait for the client's close", b, err)
+			}
+			start := time.Now()
+			want := 1500 * time.Millisecond
+			if answer {
+				c.send(clientFrame(true, opPing, nil), clientFrame(true, opClose, u16(1000)))
+				want = 300 * time.Millisecond
+			}
+			_ = c.nc.SetReadDeadline(time.Now().Add(3 * time.Second))
+			if b, err := io.ReadAll(c.br); len(b) > 0 || err != nil || time.Since(start) > want {
+				t.Fatalf("answered %v: %q, %v after %v, want the end of the stream within %v", answer, b, err, time.Since(start), want)
+			}
+		}
+	})
+}
+
+// TestCloseAfterUnreadData: a close the client's frames caused (here
+// 1009, a message over MAX_FRAME_BYTES whose rest the server never reads)
+// reaches the client after the replies already due (docs/protocol.md),
+// even when they are still on their way out when the server is done: the
+// server's socket is not closed with the client's bytes unread, which
+// makes the kernel reset the connection and throw away what was not sent
+// yet, and the client would see a lost connection (and reconnect, to send
+// the same message again) instead of 1009.
+func TestCloseAfterUnreadData(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0", "SEND_QUEUE": "4096"})
+	// A small receive buffer, so that the replies wait in the server's
+	// socket until the client reads.
+	c := rawDial(t, e, &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10) })
+		return errors.Join(err, serr)
+	}})
+	const n = 1500
+	var reqs bytes.Buffer
+	for i := range n {
+		fmt.Fprintf(&reqs, `{"type":"ping","ref":%d}`+"\n", i)
+	}
+	big := clientFrame(true, opText, bytes.Repeat([]byte(" "), 1<<20))
+	c.send(clientFrame(true, opText, reqs.Bytes()), big[:64<<10])
+	time.Sleep(300 * time.Millisecond) // the server is done reading
+	for i := range n {
+		op, p, err := c.next()
+		if err != nil {
+			t.Fatalf("reply %d of %d: %v", i, n, err)
+		}
+		if op != opText || !bytes.Contains(p, []byte(`"pong"`)) {
+			t.Fatalf("reply %d: op %d %s, want a pong", i, op, p)
+		}
+	}
+	if code := c.closed(3 * time.Second); code != protocol.CloseTooBig {
+		t.Fatalf("close %d, want 1009", code)
+	}
+}
