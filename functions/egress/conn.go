@@ -186,6 +186,7 @@ func (c *conn) writeLoop() {
 		c.mu.Lock()
 		if len(c.ctrl) == 0 && len(c.queue) == 0 && c.closeMsg == nil {
 			c.writing = false
+			c.shrinkLocked()
 			c.mu.Unlock()
 			return
 		}
@@ -253,6 +254,26 @@ func (c *conn) writeLoop() {
 			c.spare = batch[:0]
 		}
 		c.mu.Unlock()
+	}
+}
+
+// keepQueue is the most room for frames an idle connection keeps in each
+// of its queue and spare slices between writes (512 bytes), so that
+// steady traffic, whose batches are smaller, does not allocate them again
+// for each batch.
+const keepQueue = 64
+
+// shrinkLocked lets go of the queue's and spare's storage when a backlog
+// (a replay, a burst the client fell behind on) grew it: up to 8 bytes a
+// frame of SEND_QUEUE each, which an idle connection would otherwise keep
+// for the rest of its life, as much again as the rest of it. The writer
+// calls it as it ends, with the queue empty; c.mu is held.
+func (c *conn) shrinkLocked() {
+	if cap(c.queue) > keepQueue {
+		c.queue = nil
+	}
+	if cap(c.spare) > keepQueue {
+		c.spare = nil
 	}
 }
 

@@ -173,6 +173,14 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	}
 
 	for _, ch := range initial {
+		// Closed meanwhile (4002: a long list's replies overflowed the
+		// queue of a client not reading them; an operator's disconnect):
+		// the names left would cost Redis round trips, and replies, for
+		// a socket that has ended, as the rest of a frame's requests do
+		// not (onFrame).
+		if c.isClosing() {
+			break
+		}
 		c.subscribe(ctx, ch, nil, nil)
 	}
 	return c
