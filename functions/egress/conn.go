@@ -87,7 +87,7 @@ type conn struct {
 	subs      map[string]*chanState
 	rec       registry.Record
 	badFrames int
-	frames    *rate.Limiter // MAX_FRAMES_PER_SECOND, from the first data frame
+	frames    *rate.Limiter // MAX_FRAMES_PER_SECOND, from the first request (a ?channels name included)
 }
 
 func (c *conn) enqueue(q *queued) {
@@ -128,18 +128,26 @@ var vecs = sync.Pool{New: func() any { v := make([][]byte, 0, 16); return &v }}
 // enqueueWait is enqueue for replays: it waits for room instead of
 // closing, because the reader goroutine producing the replay can wait.
 func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
+	if !c.waitRoom(ctx) {
+		return false
+	}
+	c.enqueue(q)
+	return true
+}
+
+// waitRoom waits until c's queue is less than half full, for a producer
+// that can wait; false once c is closing.
+func (c *conn) waitRoom(ctx context.Context) bool {
 	for {
 		c.mu.Lock()
-		if c.closing {
-			c.mu.Unlock()
+		closing, room := c.closing, len(c.queue) < c.s.cfg.SendQueue/2
+		c.mu.Unlock()
+		if closing {
 			return false
 		}
-		if len(c.queue) < c.s.cfg.SendQueue/2 {
-			c.mu.Unlock()
-			c.enqueue(q)
+		if room {
 			return true
 		}
-		c.mu.Unlock()
 		// The reader is busy here, not reading the client's frames (its
 		// pongs among them): the client is not silent, and the sweep must
 		// not drop it for a missed pong. A client that stopped reading is

@@ -82,9 +82,21 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		CheckOrigin:      s.checkOrigin,
 		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
 			code := "bad_handshake" // not a WebSocket upgrade request
-			if status == http.StatusForbidden {
+			switch status {
+			case http.StatusForbidden:
 				code = "origin_not_allowed" // gorilla's only 403: CheckOrigin refused
+			case http.StatusMethodNotAllowed:
+				// A HEAD with the upgrade headers (the mux sends every
+				// other method elsewhere): HEAD /ws is answered as
+				// documented, and a HEAD cannot upgrade, which is a bad
+				// handshake, not a 405 (that would owe an Allow
+				// naming HEAD).
+				status = http.StatusBadRequest
 			}
+			// RFC 6455 §4.4: a client of another version is told the
+			// one the server speaks (gorilla's default answer does
+			// this; a custom Error must).
+			w.Header().Set("Sec-WebSocket-Version", "13")
 			writeHTTPError(w, status, code, reason.Error())
 		},
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -38,5 +39,56 @@ func TestWebAssets(t *testing.T) {
 	}
 	if !strings.Contains(body, `window.WSRELAY_CONFIG = {"ingressURL":"http://in.example\u003c/script\u003e"};`) || strings.Contains(body, "{{.}}") {
 		t.Fatalf("/ does not carry the escaped configuration:\n%s", body)
+	}
+}
+
+// TestWebAssetsConditional: /client.js and / answer HEAD with the headers
+// of GET (their length included) and revalidate as RFC 9110 §13.1.2 says:
+// If-None-Match compares weakly and takes a list or "*". A cache or CDN
+// that compresses the file (nginx's gzip, for one) weakens its ETag to
+// W/"…", and its revalidations fetched the whole file every five minutes.
+func TestWebAssetsConditional(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	for _, path := range []string{"/client.js", "/"} {
+		resp, err := http.Get(e.srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		etag := resp.Header.Get("ETag")
+		if resp.StatusCode != 200 || etag == "" {
+			t.Fatalf("GET %s: %d, ETag %q", path, resp.StatusCode, etag)
+		}
+		req, _ := http.NewRequest("HEAD", e.srv.URL+path, nil)
+		head, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		head.Body.Close()
+		if head.StatusCode != 200 || head.ContentLength != int64(len(body)) || head.Header.Get("Content-Type") != resp.Header.Get("Content-Type") ||
+			head.Header.Get("Cache-Control") != resp.Header.Get("Cache-Control") || head.Header.Get("ETag") != etag {
+			t.Errorf("HEAD %s: %d, length %d (GET's body: %d), %q; GET's headers %q", path, head.StatusCode, head.ContentLength, len(body), head.Header, resp.Header)
+		}
+		for _, inm := range []string{etag, "W/" + etag, `"other", ` + etag, `"other",W/` + etag, "*"} {
+			req, _ := http.NewRequest("GET", e.srv.URL+path, nil)
+			req.Header.Set("If-None-Match", inm)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusNotModified || resp.Header.Get("ETag") != etag {
+				t.Errorf("GET %s, If-None-Match %s: %d, ETag %q, want 304 with ETag %s", path, inm, resp.StatusCode, resp.Header.Get("ETag"), etag)
+			}
+		}
+		req, _ = http.NewRequest("GET", e.srv.URL+path, nil)
+		req.Header.Set("If-None-Match", `"other"`)
+		if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+			t.Errorf("GET %s, another ETag: %v %v, want 200", path, resp, err)
+		} else {
+			resp.Body.Close()
+		}
 	}
 }

@@ -172,15 +172,22 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		return c
 	}
 
+	// Each name is a subscribe, answered by a frame: it counts against
+	// MAX_FRAMES_PER_SECOND as a frame's subscribes do (a URL holds up to
+	// 1 MiB of names), and waits for room in the queue, or a list longer
+	// than SEND_QUEUE would overflow it (4002) however fast the client
+	// reads. The reader has not started (c.frames is still this
+	// goroutine's), and the client counts as read meanwhile, as while
+	// the reader holds a frame's requests.
 	for _, ch := range initial {
-		// Closed meanwhile (4002: a long list's replies overflowed the
-		// queue of a client not reading them; an operator's disconnect):
-		// the names left would cost Redis round trips, and replies, for
-		// a socket that has ended, as the rest of a frame's requests do
-		// not (onFrame).
-		if c.isClosing() {
+		// Stop once the socket is closing (4002, an operator's
+		// disconnect): the names left would cost Redis round trips, and
+		// replies, for a socket that has ended, as the rest of a frame's
+		// requests do not (onFrame). throttle and waitRoom say so.
+		if !c.throttle() || !c.waitRoom(ctx) {
 			break
 		}
+		c.lastRead.Store(time.Now().UnixNano())
 		c.subscribe(ctx, ch, nil, nil)
 	}
 	return c

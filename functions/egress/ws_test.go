@@ -192,3 +192,66 @@ func TestQueryMalformed(t *testing.T) {
 		t.Fatalf("subscribed to %q, want a", got)
 	}
 }
+
+// TestChannelsLongList: every name of a long ?channels list is answered
+// (subscribed, or too_many_subscriptions past MAX_SUBSCRIPTIONS) to a
+// client that reads them. The replies were queued all at once, without
+// MAX_FRAMES_PER_SECOND to space them out as it does a frame's requests,
+// and a list longer than SEND_QUEUE overflowed the queue: the socket was
+// closed 4002 (slow consumer) however fast the client read, and its
+// client, resuming, was closed again on every connect.
+func TestChannelsLongList(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_SUBSCRIPTIONS": "2", "SEND_QUEUE": "16", "MAX_FRAMES_PER_SECOND": "0"})
+	names := make([]string, 200)
+	for i := range names {
+		names[i] = "c" + strconv.Itoa(i)
+	}
+	ws, _, err := e.dial(t, url.Values{"channels": {strings.Join(names, ",")}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	for i, ch := range names {
+		var r protocol.Reply
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := ws.ReadJSON(&r); err != nil {
+			t.Fatalf("reply %d of %d: %v", i+1, len(names), err)
+		}
+		want := protocol.TypeSubscribed
+		if i >= 2 {
+			want = protocol.TypeError
+		}
+		if r.Type != want || (i >= 2 && r.Code != protocol.CodeTooManySubs) || (i < 2 && r.Channel != ch) {
+			t.Fatalf("reply %d: %+v, want %s", i+1, r, want)
+		}
+	}
+	send(t, ws, map[string]any{"type": "ping", "ref": 1})
+	next(t, ws, protocol.TypePong)
+}
+
+// TestChannelsListThrottled: each name of ?channels is a subscribe, and
+// counts against MAX_FRAMES_PER_SECOND as a frame's subscribes do. They
+// were answered all at once, so a URL (up to 1 MiB) of names bypassed the
+// limit: half a million error frames, some 40 MB of traffic, for one
+// request.
+func TestChannelsListThrottled(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_SUBSCRIPTIONS": "2", "MAX_FRAMES_PER_SECOND": "20"})
+	ws, _, err := e.dial(t, url.Values{"channels": {strings.Repeat("a,", 59) + "a"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	start := time.Now()
+	next(t, ws, protocol.TypeSubscribed)
+	for i := 1; i < 60; i++ {
+		if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeAlreadySubscribed {
+			t.Fatalf("reply %d: %+v", i+1, r)
+		}
+	}
+	// A burst of 20, then 20 a second: 40 more take 2 s.
+	if d := time.Since(start); d < 1500*time.Millisecond {
+		t.Fatalf("60 names answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
+	}
+}

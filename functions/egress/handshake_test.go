@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// rawHandshake sends req (a whole HTTP request, as written) to e over a
+// TCP connection of its own and reads the answer's head and up to 1 KiB of
+// its body (none for a 101 or an answer to HEAD).
+func rawHandshake(t *testing.T, e *secEgress, req string) (*http.Response, string) {
+	t.Helper()
+	nc, err := net.Dial("tcp", strings.TrimPrefix(e.srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(nc, req); err != nil {
+		t.Fatal(err)
+	}
+	method, _, _ := strings.Cut(req, " ")
+	resp, err := http.ReadResponse(bufio.NewReader(nc), &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("%q: %v", strings.SplitN(req, "\r\n", 2)[0], err)
+	}
+	var body []byte
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ = io.ReadAll(io.LimitReader(resp.Body, 1024))
+	}
+	return resp, string(body)
+}
+
+// TestHandshakeRefusals: what hostile or sloppy clients send at the upgrade
+// is answered as docs/protocol.md says (status, JSON error code, headers),
+// and leaves no connection, registry record or goroutine behind. A client
+// offering another WebSocket version is told the one the server speaks
+// (RFC 6455 §4.4: Sec-WebSocket-Version: 13), which was missing; a HEAD
+// upgrade, a request that is not a WebSocket upgrade, was a 405 without
+// Allow (RFC 9110 §15.5.6) on an endpoint documented to take HEAD.
+func TestHandshakeRefusals(t *testing.T) {
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"JWT_SECRET": testSecret, "MAX_CONNECTIONS": "1"})
+	<-e.s.hub.inbox.ready // the hub's own goroutines are all started
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"*"}})
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	const up = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+	const v13 = "Sec-WebSocket-Version: 13\r\n"
+	get := func(query, headers string) string {
+		return "GET /ws?token=" + good + query + " HTTP/1.1\r\nHost: " + host + "\r\n" + headers + "\r\n"
+	}
+	for _, tc := range []struct {
+		name, req string
+		status    int
+		code      string
+	}{
+		{"version 8", get("", up+key+"Sec-WebSocket-Version: 8\r\n"), 400, "bad_handshake"},
+		{"no version", get("", up+key), 400, "bad_handshake"},
+		{"no key", get("", up+v13), 400, "bad_handshake"},
+		{"key of 8 bytes", get("", up+"Sec-WebSocket-Key: AAAAAAAAAAA=\r\n"+v13), 400, "bad_handshake"},
+		{"key not base64", get("", up+"Sec-WebSocket-Key: not a key!!!!!!!!!!!!\r\n"+v13), 400, "bad_handshake"},
+		{"no upgrade headers", get("", ""), 400, "bad_handshake"},
+		{"Upgrade: h2c", get("", "Upgrade: h2c\r\nConnection: Upgrade\r\n"+key+v13), 400, "bad_handshake"},
+		{"Connection: keep-alive only", get("", "Upgrade: websocket\r\nConnection: keep-alive\r\n"+key+v13), 400, "bad_handshake"},
+		{"HEAD upgrade", "HEAD /ws?token=" + good + " HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 400, "bad_handshake"},
+		{"POST upgrade", "POST /ws?token=" + good + " HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 0\r\n" + up + key + v13 + "\r\n", 405, "method_not_allowed"},
+		{"upgrade on another path", "GET /socket HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 404, "not_found"},
+		{"origin null", get("", up+key+v13+"Origin: null\r\n"), 403, "origin_not_allowed"},
+		{"origin of another port", get("", up+key+v13+"Origin: http://127.0.0.1:1\r\n"), 403, "origin_not_allowed"},
+		{"origin with a path", get("", up+key+v13+"Origin: http://"+host+"/app\r\n"), 403, "origin_not_allowed"},
+		{"Authorization instead of a token", "GET /ws HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "Authorization: Bearer " + good + "\r\n\r\n", 401, "unauthorized"},
+		{"empty subprotocol token", "GET /ws HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "Sec-WebSocket-Protocol: wsrelay, token.\r\n\r\n", 401, "unauthorized"},
+		{"token over 8 KiB", "GET /ws?token=" + strings.Repeat("a", 9000) + " HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 401, "invalid_token"},
+		{"channels with an empty item", get("&channels=a,,b", up+key+v13), 400, "invalid_channel"},
+	} {
+		resp, body := rawHandshake(t, e, tc.req)
+		var b struct{ Error struct{ Code string } }
+		if tc.req[:4] != "HEAD" {
+			if err := json.Unmarshal([]byte(body), &b); err != nil || resp.Header.Get("Content-Type") != "application/json; charset=utf-8" {
+				t.Errorf("%s: %s %q, body %q, want a JSON error", tc.name, resp.Status, resp.Header.Get("Content-Type"), body)
+			}
+		} else {
+			b.Error.Code = tc.code // no body to read it from
+		}
+		if resp.StatusCode != tc.status || b.Error.Code != tc.code {
+			t.Errorf("%s: %d %q (%s), want %d %q", tc.name, resp.StatusCode, b.Error.Code, body, tc.status, tc.code)
+		}
+		if resp.StatusCode == 405 && resp.Header.Get("Allow") == "" {
+			t.Errorf("%s: 405 without Allow", tc.name)
+		}
+		if strings.HasPrefix(tc.name, "version") || tc.name == "no version" {
+			if v := resp.Header.Get("Sec-WebSocket-Version"); v != "13" {
+				t.Errorf("%s: Sec-WebSocket-Version %q, want 13", tc.name, v)
+			}
+		}
+		if resp.StatusCode == 401 && resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: 401 without WWW-Authenticate", tc.name)
+		}
+	}
+	// With MAX_CONNECTIONS 1, a slot a refusal had taken and not given
+	// back would refuse this upgrade.
+	ws, _, err := e.dial(t, nil, nil, Subprotocol, "token."+good)
+	if err != nil {
+		t.Fatalf("upgrade after the refusals: %v", err)
+	}
+	ws.Close()
+	testkit.Eventually(t, 10*time.Second, func() error { return rndLeftovers(e.s, rdb, prefix) })
+}
+
+// TestHandshakeAccepted: the handshakes browsers and other clients send
+// are taken whatever their headers' case and token lists (Firefox sends
+// Connection: keep-alive, Upgrade), an offered permessage-deflate is not
+// accepted (the egress does not implement it), and the subprotocol echoed
+// is "wsrelay" when it was offered, else none: never the token, nor a
+// protocol the client did not offer.
+func TestHandshakeAccepted(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"*"}})
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	for _, tc := range []struct{ name, query, headers, proto string }{
+		{"token lists and case", "?token=" + good, "Upgrade: WebSocket\r\nConnection: keep-alive, upgrade\r\nSec-WebSocket-Version: 13\r\n", ""},
+		{"deflate offered", "?token=" + good, "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n", ""},
+		{"same-host origin", "?token=" + good, "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nOrigin: http://" + strings.ToUpper(host) + "\r\n", ""},
+		{"wsrelay offered, query token", "?token=" + good, "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat, wsrelay\r\n", Subprotocol},
+		{"subprotocols in two headers", "", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: token." + good + "\r\nSec-WebSocket-Protocol: wsrelay\r\n", Subprotocol},
+		{"token subprotocol alone", "", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: token." + good + "\r\n", ""},
+	} {
+		resp, body := rawHandshake(t, e, "GET /ws"+tc.query+" HTTP/1.1\r\nHost: "+host+"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"+tc.headers+"\r\n")
+		if resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Errorf("%s: %s %s", tc.name, resp.Status, body)
+			continue
+		}
+		if got := resp.Header.Values("Sec-WebSocket-Protocol"); strings.Join(got, ",") != tc.proto {
+			t.Errorf("%s: Sec-WebSocket-Protocol %q, want %q", tc.name, got, tc.proto)
+		}
+		if ext := resp.Header.Get("Sec-WebSocket-Extensions"); ext != "" {
+			t.Errorf("%s: extension %q accepted", tc.name, ext)
+		}
+	}
+}
