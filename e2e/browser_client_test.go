@@ -16,12 +16,13 @@ const clientJSCases = `(async () => {
   const { WsRelay } = await import("/client.js");
   const sockets = [];
   class FakeWS {
-    constructor(url, protocols) { this.url = url; this.protocols = protocols || []; this.readyState = 0; this.sent = []; this.frames = []; sockets.push(this); }
+    constructor(url, protocols) { this.url = url; this.protocols = protocols || []; this.readyState = 0; this.sent = []; this.frames = []; this.at = performance.now(); sockets.push(this); FakeWS.dialed?.(this); }
     // frames: what each send() carried; sent: the requests in them.
     send(s) { this.frames.push(s); for (const r of s.split("\n")) this.sent.push(JSON.parse(r)); }
     close() { this.readyState = 3; }
     open() { this.readyState = 1; this.onopen?.(); }
     recv(f) { this.onmessage?.({ data: JSON.stringify(f) }); }
+    recvRaw(data) { this.onmessage?.({ data }); } // a frame as it came: broken JSON, a Blob (binary)
     shut(code) { this.readyState = 3; this.onclose?.({ code, reason: "" }); }
   }
   const settle = () => new Promise((r) => setTimeout(r, 20));
@@ -360,6 +361,223 @@ const clientJSCases = `(async () => {
     }
     results.urlQuery = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
+  // A server that repeats itself or goes backwards: a message whose id
+  // is not after the last one delivered (the same id, an older one, the
+  // same id without its "-seq") is dropped, and so is one for a channel
+  // never subscribed or already unsubscribed (not taken for a targeted
+  // message either); the rest are delivered once, in order.
+  {
+    const [c, ws] = await welcomed();
+    const got = [], targeted = [];
+    c.on("message", (m) => targeted.push(m.channel));
+    const s = c.subscribe("a", { onMessage: (m) => got.push(m.id) });
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ws.sent.at(-1).ref });
+    for (const id of ["3-0", "3-0", "2-5", "3", "1-0", "0-0", "4-0", "4-0"]) ws.recv({ type: "message", channel: "a", id, ts: 1, data: 0 });
+    ws.recv({ type: "message", channel: "never", id: "9-0", ts: 1, data: 0 });
+    s.unsubscribe();
+    ws.recv({ type: "message", channel: "a", id: "5-0", ts: 1, data: 0 });
+    results.hostileMessages = got.join(" ") === "3-0 4-0" && s.lastId === "4-0" && targeted.length === 0
+      ? "ok" : "got [" + got + "], last id " + s.lastId + ", targeted [" + targeted + "]";
+    c.close();
+  }
+
+  // A server that answers a subscribe twice, answers one never made, or
+  // answers with a position that is not an id or without "recovered":
+  // one subscribe has one answer, so a repeat changes nothing (a second
+  // answer saying "not recovered" from an older position would otherwise
+  // move the subscription back, and the repeated replay would be
+  // delivered twice); an answer nobody asked for is ignored; a position
+  // that is not an id leaves the subscription where it was; no
+  // "recovered" is a resume that recovered (an older server's answer).
+  {
+    const [c, ws] = await welcomed();
+    const wrong = [];
+    const got = [], gaps = [], answers = [];
+    c.on("gap", (g) => gaps.push(g.channel));
+    const s = c.subscribe("a", { after: "1-0", onMessage: (m) => got.push(m.id), onSubscribed: (r) => answers.push(r) });
+    const ref = ws.sent.at(-1).ref;
+    const msg = (channel, id) => ws.recv({ type: "message", channel, id, ts: 1, data: 0 });
+    ws.recv({ type: "subscribed", channel: "a", recovered: true, position: "1-0", ref });
+    msg("a", "2-0"); msg("a", "3-0");
+    ws.recv({ type: "subscribed", channel: "a", recovered: false, position: "1-0", ref });
+    ws.recv({ type: "subscribed", channel: "a", recovered: true, position: "1-0", ref });
+    msg("a", "2-0"); msg("a", "3-0"); msg("a", "4-0");
+    if (got.join(" ") !== "2-0 3-0 4-0" || s.lastId !== "4-0" || answers.join() !== "true" || gaps.length) {
+      wrong.push("answered twice: got [" + got + "], last id " + s.lastId + ", onSubscribed [" + answers + "], gaps [" + gaps + "]");
+    }
+    ws.recv({ type: "subscribed", channel: "b", position: "5-0", ref: 99 });
+    ws.recv({ type: "subscribed", channel: "b", position: "5-0" });
+    msg("b", "6-0");
+    if (got.length !== 3) wrong.push("a channel not asked for: got [" + got + "]");
+    const got2 = [], answers2 = [];
+    const s2 = c.subscribe("c", { after: "5-0", onMessage: (m) => got2.push(m.id), onSubscribed: (r) => answers2.push(r) });
+    ws.recv({ type: "subscribed", channel: "c", position: 7, ref: ws.sent.at(-1).ref });
+    msg("c", "5-0"); msg("c", "6-0");
+    if (got2.join() !== "6-0" || answers2.join() !== "true") wrong.push("position 7 without recovered: got [" + got2 + "], onSubscribed [" + answers2 + "]");
+    const got3 = [];
+    const s3 = c.subscribe("d", { onMessage: (m) => got3.push(m.id) });
+    ws.recv({ type: "subscribed", channel: "d", position: { id: "8-0" }, ref: ws.sent.at(-1).ref });
+    if (s3.lastId !== null) wrong.push("position {id} taken: last id " + s3.lastId);
+    msg("d", "8-0");
+    if (got3.join() !== "8-0" || s2.lastId !== "6-0") wrong.push("after a position that is not an id: got [" + got3 + "]");
+    results.hostileSubscribed = wrong.length === 0 ? "ok" : wrong.join("; ");
+    c.close();
+  }
+
+  // Frames no wsrelay egress sends (broken JSON, JSON that is not an
+  // object, an unknown type, binary frames) are ignored, before the
+  // welcome and after, without an exception reaching the page; a second
+  // welcome neither resubscribes nor is reported again.
+  {
+    sockets.length = 0;
+    const c = newClient();
+    const got = [];
+    let welcomes = 0, errors = 0;
+    c.on("welcome", () => welcomes++);
+    c.on("error", () => errors++);
+    const s = c.subscribe("a", { onMessage: (m) => got.push(m.id) });
+    await settle();
+    const ws = sockets[0];
+    ws.open();
+    const thrown = [];
+    const junk = ["{", "null", "[]", "42", '"welcome"', "", "true", '{"type":null}', '{"type":["welcome"]}',
+      '{"type":"presence","channel":"a","id":"9-0"}', new Blob(['{"type":"welcome"}']), new ArrayBuffer(8)];
+    const feed = () => {
+      for (const d of junk) {
+        try { ws.recvRaw(d); } catch (e) { thrown.push(String(d).slice(0, 24) + ": " + e); }
+      }
+    };
+    feed();
+    const before = ws.frames.length;
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i", max_frame_bytes: 65536 });
+    ws.recv({ type: "welcome", connection_id: "c2", instance: "i", max_frame_bytes: 256 });
+    feed();
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: s.ref });
+    ws.recvRaw(new Blob([JSON.stringify({ type: "message", channel: "a", id: "2-0", ts: 1, data: 0 })]));
+    ws.recv({ type: "message", channel: "a", id: "3-0", ts: 1, data: 0 });
+    const subs = ws.sent.filter((f) => f.type === "subscribe").length;
+    results.hostileFrames = thrown.length === 0 && before === 0 && subs === 1 && welcomes === 1 && errors === 0 && got.join() === "3-0" && c.state === "connected"
+      ? "ok" : "thrown [" + thrown + "], " + before + " frames before the welcome, " + subs + " subscribes, " + welcomes + " welcomes, " + errors + " errors, got [" + got + "], state " + c.state;
+    c.close();
+  }
+
+  // max_frame_bytes that is no size (0, negative, not a number) gets one
+  // subscribe a frame, as an older server; a huge one is held to 64 KiB;
+  // a small one packs only what fits. Each subscription is sent once.
+  {
+    const wrong = [];
+    for (const max of [0, -1, -65536, "65536", null, true, { n: 1 }, 1.5, 100, 1e9, 1e300]) {
+      sockets.length = 0;
+      const c = newClient();
+      const subs = [0, 1, 2, 3, 4].map((i) => c.subscribe("x".repeat(40) + "-" + i, {}));
+      await settle();
+      const ws = sockets[0];
+      ws.open();
+      try { ws.recv({ type: "welcome", connection_id: "c1", instance: "i", max_frame_bytes: max }); } catch (e) { wrong.push(JSON.stringify(max) + ": " + e); }
+      const sent = ws.sent.map((f) => f.ref).join();
+      const packed = ws.frames.filter((f) => f.includes("\n"));
+      const size = typeof max === "number" && max >= 1 ? Math.min(max, 65536) : 0;
+      if (sent !== subs.map((x) => x.ref).join()) wrong.push(JSON.stringify(max) + ": sent refs " + sent);
+      if (packed.some((f) => f.length > size)) wrong.push(JSON.stringify(max) + ": frames of " + ws.frames.map((f) => f.length) + " bytes");
+      if (c.state !== "connected") wrong.push(JSON.stringify(max) + ": state " + c.state);
+      c.close();
+    }
+    results.maxFrameBytes = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // Every close code of protocol.md's table, and codes it does not list:
+  // 1002, 1007, 1008, 1009 and 4003 end the client after one dial; any
+  // other is retried, with a backoff that grows over short connections
+  // and starts over after a planned rotation (1001, 4000, 4001); only
+  // 4004 asks getToken again (each connection was welcomed).
+  {
+    const wrong = [];
+    const final = [1002, 1007, 1008, 1009, 4003];
+    for (const code of [1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 1015, 3000, 4000, 4001, 4002, 4003, 4004, 4005, 4999]) {
+      let tokens = 0;
+      sockets.length = 0;
+      const c = newClient({ stableAfter: 60000, getToken: async () => "t" + ++tokens });
+      const closes = [];
+      c.on("close", (e) => closes.push(e.code));
+      await settle();
+      for (let i = 0; i < 3 && sockets.length === i + 1; i++) {
+        sockets[i].open();
+        sockets[i].recv({ type: "welcome", connection_id: "c" + i, instance: "i" });
+        sockets[i].shut(code);
+        await settle();
+      }
+      if (final.includes(code)) {
+        if (sockets.length !== 1 || c.state !== "closed" || closes.join() !== String(code)) wrong.push(code + ": " + sockets.length + " dials, state " + c.state + ", closes [" + closes + "]");
+      } else {
+        const attempt = [1001, 4000, 4001].includes(code) ? 1 : 3;
+        const asked = code === 4004 ? 4 : 1;
+        if (sockets.length !== 4 || c.attempt !== attempt || tokens !== asked || closes.length !== 3) {
+          wrong.push(code + ": " + sockets.length + " dials (want 4), backoff attempt " + c.attempt + " (want " + attempt + "), " + tokens + " getToken calls (want " + asked + ")");
+        }
+      }
+      c.close();
+    }
+    results.closeCodes = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // A server that refuses every connection (closed before its welcome)
+  // is dialled with the documented backoff, not in a loop: with the
+  // jitter at its top, the waits are min·2ⁿ capped at max.
+  {
+    const random = Math.random;
+    Math.random = () => 1;
+    sockets.length = 0;
+    FakeWS.dialed = (ws) => setTimeout(() => ws.shut(1006), 0);
+    const c = newClient({ minBackoff: 20, maxBackoff: 80 });
+    await new Promise((r) => setTimeout(r, 400));
+    c.close();
+    FakeWS.dialed = null;
+    Math.random = random;
+    const gaps = sockets.slice(1).map((ws, i) => Math.round(ws.at - sockets[i].at));
+    const short = gaps.filter((g, i) => g < Math.min(80, 20 * 2 ** i) - 2);
+    results.noStorm = sockets.length >= 4 && sockets.length <= 7 && short.length === 0
+      ? "ok" : sockets.length + " dials in 400 ms, " + gaps.join(" ") + " ms apart (want 20 40 80 80 …)";
+  }
+
+  // An application's listener or handler that throws: the exception is
+  // logged, not thrown into the socket's event (the page's uncaught
+  // errors); the other listeners and the client's state go on, and the
+  // message it threw on counts as delivered (a resume starts after it).
+  {
+    const [c, ws] = await welcomed();
+    const logged = [];
+    const consoleError = console.error;
+    console.error = (e) => logged.push(e?.message ?? String(e));
+    const escaped = [];
+    const feed = (f) => { try { ws.recv(f); } catch (e) { escaped.push(f.type + ": " + e.message); } };
+    const got = [], gaps = [];
+    c.on("gap", () => { throw new Error("gap listener"); });
+    c.on("gap", (g) => gaps.push(g.channel));
+    c.on("state", () => { throw new Error("state listener"); });
+    c.subscribe("a", {
+      after: "1-0",
+      onSubscribed: () => { throw new Error("onSubscribed"); },
+      onMessage: (m) => { got.push(m.id); if (m.id === "2-0") throw new Error("onMessage"); },
+    });
+    feed({ type: "subscribed", channel: "a", recovered: false, position: "1-0", ref: ws.sent.at(-1).ref });
+    feed({ type: "message", channel: "a", id: "2-0", ts: 1, data: 0 });
+    feed({ type: "message", channel: "a", id: "3-0", ts: 1, data: 0 });
+    c.subscribe("b", { onError: () => { throw new Error("onError"); } });
+    feed({ type: "error", code: "forbidden", message: "no", ref: ws.sent.at(-1).ref });
+    ws.shut(1006);
+    await settle();
+    const ws2 = sockets.at(-1);
+    ws2.open();
+    ws2.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    console.error = consoleError;
+    const resume = ws2.sent.find((f) => f.channel === "a");
+    const want = "gap listener,onSubscribed,onMessage,onError";
+    results.throwingListeners = escaped.length === 0 && got.join(" ") === "2-0 3-0" && gaps.join() === "a" && resume?.after === "3-0" && c.state === "connected" &&
+      logged.filter((m) => m !== "state listener").join() === want
+      ? "ok" : "escaped [" + escaped + "], got [" + got + "], gaps [" + gaps + "], resumed after " + resume?.after + ", state " + c.state + ", logged [" + logged + "]";
+    c.close();
+  }
+
   // publish(): safe retries against a scripted fetch. Every attempt of a
   // call sends the same Idempotency-Key and body; what a retry cannot
   // change is final at once; Retry-After is waited; getToken after a 401.
@@ -523,7 +741,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -71,6 +71,7 @@ const (
 	// HandshakeTimeout of its own (websocket.DefaultDialer's is the same).
 	DefaultHandshakeTimeout = 45 * time.Second
 	writeTimeout            = 10 * time.Second
+	closeWait               = 5 * time.Second
 )
 
 // Options configure Dial. Only URL is required.
@@ -235,6 +236,8 @@ var ErrClosed = errors.New("client: closed")
 // Handler receives one subscription's events. All its functions are
 // called from the client's single reader goroutine, one at a time, and
 // must not block for long (a blocked handler stalls every subscription).
+// They may call Subscribe, Unsubscribe and LastID, not Close (go
+// c.Close()). A panic in one is not recovered: it ends the process.
 type Handler struct {
 	// After, when set, starts the subscription after this message id
 	// (e.g. a position the application stored) instead of at the live end.
@@ -293,15 +296,19 @@ func (s *Subscription) LastID() string {
 // to handle (it may start just after).
 func (s *Subscription) Unsubscribe() {
 	c := s.c
+	c.writing.Lock()
+	defer c.writing.Unlock()
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.subs[s.channel] != s {
+		c.mu.Unlock()
 		return
 	}
 	delete(c.subs, s.channel)
 	delete(c.refs, s.ref)
-	if c.welcomed {
-		_ = c.writeLocked(protocol.Request{Type: protocol.TypeUnsubscribe, Channel: s.channel})
+	ws := c.welcomedConnLocked()
+	c.mu.Unlock()
+	if ws != nil {
+		_ = writeRequest(ws, protocol.Request{Type: protocol.TypeUnsubscribe, Channel: s.channel})
 	}
 }
 
@@ -314,18 +321,30 @@ type Client struct {
 	done   chan struct{}
 	once   sync.Once
 
+	// writing orders the requests: held from a change of the
+	// subscriptions to the end of the write that tells the server, so
+	// that the server sees them in the order they were made. It is taken
+	// before mu, which is never held across a write: a write can block
+	// for writeTimeout (a server that stopped reading), and State,
+	// LastID, Err and Close must not wait for it.
+	writing sync.Mutex
+
 	mu sync.Mutex
 	ws *websocket.Conn // nil while disconnected
 	// welcomed: the current connection's welcome has been read and its
 	// subscribes sent. Before it, a Subscribe or Unsubscribe sends
 	// nothing: the subscribes go out with the others once the welcome
-	// says how (subscribeAllLocked).
+	// says how (subscribeFramesLocked).
 	welcomed bool
-	subs     map[string]*Subscription
-	refs     map[int]*Subscription
-	nextRef  int
-	state    State
-	err      error // why the client closed for good
+	// closing: the client sent the current connection a close frame
+	// (to retry its subscriptions) and waits for the answer, closeWait
+	// at most: the server's pings no longer extend the read deadline.
+	closing bool
+	subs    map[string]*Subscription
+	refs    map[int]*Subscription
+	nextRef int
+	state   State
+	err     error // why the client closed for good
 }
 
 // Dial starts a client. It returns at once: the client connects in the
@@ -380,7 +399,9 @@ func Dial(opts Options) (*Client, error) {
 
 // Subscribe subscribes to channel. The subscription lasts until
 // Unsubscribe or Close, across reconnects: each new connection resumes it
-// after the last id delivered.
+// after the last id delivered. While connected, it writes the subscribe
+// before it returns: up to 10 s against a server that stopped reading
+// (the connection is then replaced). Unsubscribe does the same.
 func (c *Client) Subscribe(channel string, h Handler) (*Subscription, error) {
 	// Refused here, not by the server on every connect: ten refusals in a
 	// row close the connection for good (1008).
@@ -395,20 +416,29 @@ func (c *Client) Subscribe(channel string, h Handler) (*Subscription, error) {
 		}
 		after = id
 	}
+	c.writing.Lock()
+	defer c.writing.Unlock()
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.state == StateClosed {
+		c.mu.Unlock()
 		return nil, ErrClosed
 	}
 	if _, ok := c.subs[channel]; ok {
+		c.mu.Unlock()
 		return nil, fmt.Errorf("client: already subscribed to %q", channel)
 	}
 	c.nextRef++
 	s := &Subscription{c: c, channel: channel, ref: c.nextRef, h: h, last: after, hasLast: h.After != ""}
 	c.subs[channel] = s
 	c.refs[s.ref] = s
-	if c.welcomed {
-		_ = c.writeLocked(s.request())
+	ws := c.welcomedConnLocked()
+	var r protocol.Request
+	if ws != nil {
+		r = s.request()
+	}
+	c.mu.Unlock()
+	if ws != nil {
+		_ = writeRequest(ws, r)
 	}
 	return s, nil
 }
@@ -433,20 +463,25 @@ func (c *Client) Err() error {
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close closes the socket (1000), or ends the dial, the upgrade or the
-// wait in progress, and waits for the client's goroutine. It is
+// wait in progress, and waits for the client's goroutine; a write in
+// progress (a server that stopped reading) does not hold it. It is
 // idempotent. Handlers, OnState and GetToken run on that goroutine: one
 // that wants the client closed calls go c.Close(), since Close would wait
 // for itself.
 func (c *Client) Close() error {
 	c.once.Do(func() {
 		c.cancel()
+		// Under mu, connect either sees the cancel or has set c.ws.
 		c.mu.Lock()
-		if c.ws != nil {
-			_ = c.ws.WriteControl(websocket.CloseMessage,
-				websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
-			_ = c.ws.Close()
-		}
+		ws := c.ws
 		c.mu.Unlock()
+		if ws != nil {
+			// Both safe beside a write in progress, which the close of
+			// the socket ends: Close does not wait for a blocked write.
+			_ = ws.WriteControl(websocket.CloseMessage,
+				websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+			_ = ws.Close()
+		}
 	})
 	<-c.done
 	return nil
@@ -464,15 +499,25 @@ func (s *Subscription) request() protocol.Request {
 	return r
 }
 
-// writeLocked sends one frame; c.mu is held, which orders writes.
-func (c *Client) writeLocked(r protocol.Request) error {
-	b, _ := json.Marshal(r)
-	return c.writeFrameLocked(b)
+// welcomedConnLocked is the connection requests go out on: nil before
+// its welcome (subscribeFramesLocked sends them then). c.mu is held.
+func (c *Client) welcomedConnLocked() *websocket.Conn {
+	if !c.welcomed {
+		return nil
+	}
+	return c.ws
 }
 
-func (c *Client) writeFrameLocked(b []byte) error {
-	_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
-	err := c.ws.WriteMessage(websocket.TextMessage, b)
+// writeRequest sends one request; c.writing is held (not c.mu).
+func writeRequest(ws *websocket.Conn, r protocol.Request) error {
+	b, _ := json.Marshal(r)
+	return writeFrame(ws, b)
+}
+
+// writeFrame sends one frame; c.writing is held (not c.mu).
+func writeFrame(ws *websocket.Conn, b []byte) error {
+	_ = ws.SetWriteDeadline(time.Now().Add(writeTimeout))
+	err := ws.WriteMessage(websocket.TextMessage, b)
 	if err != nil && !errors.Is(err, websocket.ErrCloseSent) {
 		// A request that did not go out, a write that timed out (the
 		// server stopped reading) as much as a broken socket, leaves a
@@ -480,7 +525,7 @@ func (c *Client) writeFrameLocked(b []byte) error {
 		// write) while its reads may go on: close it, so that the read
 		// ends and the next connection sends every subscription. After
 		// a close frame (ErrCloseSent) the read ends by itself.
-		_ = c.ws.Close()
+		_ = ws.Close()
 	}
 	return err
 }
@@ -488,46 +533,45 @@ func (c *Client) writeFrameLocked(b []byte) error {
 // maxBatchBytes caps a frame of subscribes, whatever the server allows.
 const maxBatchBytes = 64 << 10
 
-// subscribeAllLocked sends the subscribe of every subscription, in the
-// order they were made, once the connection's welcome has been read; c.mu
-// is held. A server that announced max_frame_bytes gets them packed into
-// as few frames as fit (newline-separated, each frame at most
+// subscribeFramesLocked is the frames of the subscribe of every
+// subscription, in the order they were made, to send once the
+// connection's welcome has been read; c.writing and c.mu are held. A
+// server that announced max_frame_bytes gets them packed into as few
+// frames as fit (newline-separated, each frame at most
 // min(max_frame_bytes, 64 KiB)): a reconnect's burst is then one frame,
 // within a platform's per-connection message rate (SCF's API Gateway
 // takes 10 per second). An older server gets one frame each.
-func (c *Client) subscribeAllLocked(maxFrame int64) error {
+func (c *Client) subscribeFramesLocked(maxFrame int64) [][]byte {
 	subs := make([]*Subscription, 0, len(c.subs))
 	for _, s := range c.subs {
 		subs = append(subs, s)
 	}
 	slices.SortFunc(subs, func(a, b *Subscription) int { return a.ref - b.ref })
+	var frames [][]byte
 	if maxFrame <= 0 {
 		for _, s := range subs {
-			if err := c.writeLocked(s.request()); err != nil {
-				return err
-			}
+			b, _ := json.Marshal(s.request())
+			frames = append(frames, b)
 		}
-		return nil
+		return frames
 	}
 	limit := int(min(maxFrame, maxBatchBytes))
 	var buf []byte
 	for _, s := range subs {
 		b, _ := json.Marshal(s.request())
 		if len(buf) > 0 && len(buf)+1+len(b) > limit {
-			if err := c.writeFrameLocked(buf); err != nil {
-				return err
-			}
-			buf = buf[:0]
+			frames = append(frames, buf)
+			buf = nil
 		}
 		if len(buf) > 0 {
 			buf = append(buf, '\n')
 		}
 		buf = append(buf, b...)
 	}
-	if len(buf) == 0 {
-		return nil
+	if len(buf) > 0 {
+		frames = append(frames, buf)
 	}
-	return c.writeFrameLocked(buf)
+	return frames
 }
 
 func (c *Client) setState(s State, err error) {
@@ -694,7 +738,10 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	// ReadTimeout runs while the client waits for the server, from each
 	// read (and each ping) on: not while a handler runs, however long.
 	alive := func() {
-		if c.opts.ReadTimeout > 0 {
+		c.mu.Lock()
+		closing := c.closing
+		c.mu.Unlock()
+		if c.opts.ReadTimeout > 0 && !closing {
 			_ = ws.SetReadDeadline(time.Now().Add(c.opts.ReadTimeout))
 		}
 	}
@@ -720,7 +767,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.ws, c.welcomed = nil, false
+		c.ws, c.welcomed, c.closing = nil, false, false
 		c.mu.Unlock()
 		ws.Close()
 	}()
@@ -808,13 +855,26 @@ func (c *Client) dispatch(data []byte) bool {
 	}
 	switch f.Type {
 	case protocol.TypeWelcome:
+		c.writing.Lock()
 		c.mu.Lock()
-		if c.ws != nil && !c.welcomed {
+		ws, again := c.ws, c.welcomed
+		var frames [][]byte
+		if !again && ws != nil {
 			c.welcomed = true
-			// A failed write closed the socket: the read reports it.
-			_ = c.subscribeAllLocked(f.MaxFrameBytes)
+			frames = c.subscribeFramesLocked(f.MaxFrameBytes)
 		}
 		c.mu.Unlock()
+		for _, b := range frames {
+			if writeFrame(ws, b) != nil {
+				break // it closed the socket: the read reports it
+			}
+		}
+		c.writing.Unlock()
+		if again {
+			// A second welcome on the connection (a server bug): the
+			// subscribes went out after the first, OnWelcome had it.
+			return true
+		}
 		c.setState(StateConnected, nil)
 		if c.opts.OnWelcome != nil {
 			c.opts.OnWelcome(f.Welcome)
@@ -846,8 +906,12 @@ func (c *Client) dispatch(data []byte) bool {
 	case protocol.TypeSubscribed:
 		c.mu.Lock()
 		s := c.subs[f.Channel]
-		if s != nil && string(f.Ref) != strconv.Itoa(s.ref) {
-			s = nil // the answer to an earlier subscription of the channel
+		if s != nil && (string(f.Ref) != strconv.Itoa(s.ref) || s.live) {
+			// The answer to an earlier subscription of the channel, or
+			// a second answer to this one's subscribe (a server bug): an
+			// unrecovered one would take the subscription back to its
+			// position and deliver what follows again.
+			s = nil
 		}
 		if s != nil {
 			s.live = true
@@ -884,11 +948,20 @@ func (c *Client) dispatch(data []byte) bool {
 			// The server could not subscribe now: reconnecting retries
 			// every subscription, resuming each where it was.
 			c.mu.Lock()
-			if c.ws != nil {
-				_ = c.ws.WriteControl(websocket.CloseMessage,
-					websocket.FormatCloseMessage(websocket.CloseNormalClosure, "retrying subscription"), time.Now().Add(time.Second))
+			ws := c.ws
+			if c.closing {
+				ws = nil // asked already: the deadline stands
 			}
+			c.closing = c.closing || ws != nil
 			c.mu.Unlock()
+			if ws != nil {
+				_ = ws.WriteControl(websocket.CloseMessage,
+					websocket.FormatCloseMessage(websocket.CloseNormalClosure, "retrying subscription"), time.Now().Add(time.Second))
+				// A server that never answers (it stopped reading, or a
+				// proxy lost the close) must not keep the client on a
+				// socket it can no longer send on.
+				_ = ws.SetReadDeadline(time.Now().Add(closeWait))
+			}
 		}
 		switch {
 		case s != nil && s.h.OnError != nil:

@@ -164,6 +164,81 @@ func TestUnrecoveredResumeTakesPosition(t *testing.T) {
 	}
 }
 
+// TestSecondSubscribedIgnored: a server that answers one subscribe twice
+// (a bug, or a proxy that replays frames) does not move the subscription:
+// a second, unrecovered answer with an older position would otherwise
+// take the subscription back and deliver its messages again, and the
+// application would hear of the subscription (and a gap) twice.
+func TestSecondSubscribedIgnored(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"2-0","ts":1,"data":2}`)
+		write(t, ws, `{"type":"subscribed","channel":"a","recovered":false,"position":"1-0","ref":`+string(sub.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"2-0","ts":1,"data":2}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"3-0","ts":1,"data":3}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan string, 10)
+	if _, err := c.Subscribe("a", Handler{
+		OnMessage:    func(m Message) { got <- m.ID },
+		OnSubscribed: func(recovered bool) { got <- fmt.Sprint("subscribed ", recovered) }}); err != nil {
+		t.Fatal(err)
+	}
+	var events []string
+	for len(events) == 0 || events[len(events)-1] != "3-0" {
+		select {
+		case e := <-got:
+			events = append(events, e)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("got %q, then nothing", events)
+		}
+	}
+	if s := strings.Join(events, ", "); s != "subscribed true, 2-0, 3-0" {
+		t.Fatalf("got %s, want subscribed true, 2-0, 3-0", s)
+	}
+}
+
+// TestSecondWelcomeIgnored: a second welcome on one connection (a server
+// bug) is not news: OnWelcome is called once per connection, as the
+// JavaScript client emits one welcome event, and nothing is sent again.
+func TestSecondWelcomeIgnored(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"welcome","connection_id":"c2","instance":"i","max_frame_bytes":65536}`)
+		write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+		expect(t, ws, protocol.TypeUnsubscribe) // not a second subscribe
+		_, _, _ = ws.ReadMessage()              // until the client closes
+	})
+	welcomes := make(chan string, 10)
+	c, err := Dial(Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w.ConnectionID }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	subscribed := make(chan struct{})
+	s, err := c.Subscribe("a", Handler{OnSubscribed: func(bool) { close(subscribed) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-subscribed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not subscribed")
+	}
+	s.Unsubscribe()
+	if n := len(welcomes); n != 1 || <-welcomes != "c1" {
+		t.Fatalf("OnWelcome called %d times, want once, with c1", n)
+	}
+}
+
 // TestSubscribeChecksNames: a channel name the server would refuse is
 // refused by Subscribe, not sent on every connect (ten refusals in a row
 // close the connection for good).

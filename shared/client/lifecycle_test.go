@@ -390,3 +390,168 @@ func TestFailedWriteReplacesConnection(t *testing.T) {
 		t.Fatal("the next connection sent nothing")
 	}
 }
+
+// TestBlockedWriteHoldsNothing: a server that stops reading leaves a
+// request's write blocked for up to writeTimeout (10 s), and to an older
+// server the resubscribes are one frame each, each with 10 s of its own.
+// Meanwhile State, LastID and Err answer at once, and Close returns
+// within about a second (it closes the socket under the write), instead
+// of waiting for the write, and all that wait with it, to give up.
+func TestBlockedWriteHoldsNothing(t *testing.T) {
+	noLeaks(t)
+	release := make(chan struct{})
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		_ = ws.NetConn().(*net.TCPConn).SetReadBuffer(4096)
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		<-release // reads nothing
+	})
+	t.Cleanup(func() { close(release) }) // before scripted's, which waits for the script
+	c, err := Dial(Options{URL: url, ReadTimeout: -1,
+		Dialer: &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err == nil {
+				_ = nc.(*net.TCPConn).SetWriteBuffer(4096)
+			}
+			return nc, err
+		}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
+	})
+	first, err := c.Subscribe("first", Handler{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Subscribes, each a frame, until one cannot go out.
+	var returned atomic.Int64
+	returned.Store(time.Now().UnixNano())
+	subscribing := make(chan struct{})
+	go func() {
+		defer close(subscribing)
+		long := strings.Repeat("x", 120)
+		for i := 0; i < 5000; i++ {
+			if _, err := c.Subscribe(fmt.Sprintf("%s%d", long, i), Handler{}); err != nil {
+				return
+			}
+			returned.Store(time.Now().UnixNano())
+		}
+	}()
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if d := time.Since(time.Unix(0, returned.Load())); d < 500*time.Millisecond {
+			return fmt.Errorf("no Subscribe blocked yet (last returned %v ago)", d)
+		}
+		return nil
+	})
+	start := time.Now()
+	queried := make(chan time.Duration, 1)
+	go func() {
+		_, _, _ = c.State(), first.LastID(), c.Err()
+		queried <- time.Since(start)
+	}()
+	closes(t, c, "a write blocked")
+	if d := <-queried; d > 500*time.Millisecond {
+		t.Errorf("State, LastID and Err took %v behind a blocked write", d)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("Close took %v behind a blocked write", d)
+	}
+	closedForGood(t, c, "a write blocked")
+	select {
+	case <-subscribing:
+	case <-time.After(5 * time.Second):
+		t.Error("Subscribe still blocked after Close")
+	}
+}
+
+// TestCloseRacesReconnects: Close at any moment of a client that
+// reconnects all the time (servers that drop it before the welcome,
+// rotate it with 1001 right after, or answer unavailable, which has the
+// client close the socket itself), with a Subscribe in flight from
+// another goroutine, returns, leaves the client closed for good and
+// leaves no goroutine behind (run with -race).
+func TestCloseRacesReconnects(t *testing.T) {
+	noLeaks(t)
+	var n atomic.Int32
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		// Errors not reported: the client may be gone at any point.
+		send := func(f string) { _ = ws.WriteMessage(websocket.TextMessage, []byte(f)) }
+		switch n.Add(1) % 3 {
+		case 0:
+			return
+		case 1:
+			send(`{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":65536}`)
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseGoingAway, "drain"), time.Now().Add(time.Second))
+		case 2:
+			send(`{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			send(`{"type":"error","code":"unavailable","message":"redis","ref":1}`)
+		}
+		_, _, _ = ws.ReadMessage()
+	})
+	for i := range 100 {
+		c, err := Dial(Options{URL: url, MinBackoff: time.Microsecond, MaxBackoff: time.Microsecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Subscribe("a", Handler{}); err != nil {
+			t.Fatal(err)
+		}
+		subscribed := make(chan struct{})
+		go func() {
+			defer close(subscribed)
+			_, _ = c.Subscribe("b", Handler{})
+		}()
+		time.Sleep(time.Duration(i%7) * 300 * time.Microsecond)
+		closes(t, c, "reconnecting")
+		closedForGood(t, c, "reconnecting")
+		<-subscribed
+	}
+}
+
+// TestUnansweredCloseEndsConnection: after an unavailable error the
+// client closes the connection (1000) to retry its subscriptions on the
+// next one. A server that does not answer that close (one that stopped
+// reading, a proxy that lost it) while it goes on pinging does not keep
+// the client on a socket it can no longer send on: the wait for the
+// answer is bounded, and the client reconnects.
+func TestUnansweredCloseEndsConnection(t *testing.T) {
+	noLeaks(t)
+	var conns atomic.Int32
+	resubscribed := make(chan struct{})
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		if conns.Add(1) > 1 {
+			write(t, ws, `{"type":"welcome","connection_id":"c2","instance":"i"}`)
+			expect(t, ws, protocol.TypeSubscribe)
+			close(resubscribed)
+			_, _, _ = ws.ReadMessage() // until the client closes
+			return
+		}
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"error","code":"unavailable","message":"redis","ref":`+string(sub.Ref)+`}`)
+		// Reads nothing more (the close stays unanswered), pings on.
+		for range 200 {
+			if ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)) != nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	c, err := Dial(Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closes(t, c, "end")
+	if _, err := c.Subscribe("a", Handler{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-resubscribed:
+	case <-time.After(15 * time.Second):
+		t.Fatal("still on the connection whose close the server never answered")
+	}
+}

@@ -34,6 +34,15 @@ const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
 const USER = /^[A-Za-z0-9_.:@-]{1,128}$/;
 const U64 = (1n << 64n) - 1n;
 
+/**
+ * Calls an application's listener or handler. What it throws is logged,
+ * not thrown into the socket's event, as the page's uncaught error: the
+ * step that called it (the other listeners, the next frame) goes on.
+ */
+function call(fn, args) {
+  try { fn?.(...args); } catch (e) { console.error(e); }
+}
+
 /** The full-jitter wait before attempt n (0-based), in ms: random in [0, min(max, min·2ⁿ)]. */
 function backoff(min, max, n) {
   return Math.random() * Math.min(max, min * 2 ** Math.min(n, 20));
@@ -117,6 +126,8 @@ function dialUrl(url, opts) {
  * "gap" ({channel}) when a resume could not recover everything,
  * "close" ({code, reason}) for every socket close.
  * States: "connecting", "connected", "disconnected", "closed".
+ * A listener or handler that throws is logged (console.error); delivery
+ * goes on, and the message it threw on counts as delivered.
  */
 export class WsRelay {
   constructor(url, opts = {}) {
@@ -151,9 +162,7 @@ export class WsRelay {
   }
 
   emit(name, ...args) {
-    for (const fn of this.listeners.get(name) ?? []) {
-      try { fn(...args); } catch (e) { console.error(e); }
-    }
+    for (const fn of this.listeners.get(name) ?? []) call(fn, args);
   }
 
   setState(s, detail) {
@@ -346,6 +355,7 @@ export class WsRelay {
     if (this.closed) return;
     let f;
     try { f = JSON.parse(raw); } catch { return; }
+    if (f === null || typeof f !== "object") return; // JSON, but no frame
     switch (f.type) {
       case "welcome":
         if (ws.welcomed) break;
@@ -362,12 +372,16 @@ export class WsRelay {
         if (!isId(f.id)) break; // not from a wsrelay egress
         if (sub.last && compareIds(f.id, sub.last) <= 0) break; // duplicate
         sub.last = f.id;
-        sub.handlers.onMessage?.(f);
+        call(sub.handlers.onMessage, [f]);
         break;
       }
       case "subscribed": {
         const sub = this.subs.get(f.channel);
         if (!sub || f.ref !== sub.ref) break; // unsubscribed, or an earlier subscription's
+        // One subscribe, one answer: a repeat (a faulty server or proxy)
+        // saying "not recovered" from an older position would move the
+        // subscription back, and what followed would be delivered twice.
+        if (sub.live) break;
         sub.live = true;
         const recovered = f.recovered !== false;
         // A fresh subscription starts from the server's position, so a
@@ -378,7 +392,7 @@ export class WsRelay {
         if (isId(f.position) && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
         if (this.closed) break; // close() from a gap listener
-        sub.handlers.onSubscribed?.(recovered);
+        call(sub.handlers.onSubscribed, [recovered]);
         break;
       }
       case "error": {
@@ -390,7 +404,7 @@ export class WsRelay {
           // The server could not subscribe now: a reconnect retries it.
           try { ws.close(1000, "retrying subscription"); } catch { /* ignore */ }
         }
-        if (sub?.handlers.onError) sub.handlers.onError(f);
+        if (sub?.handlers.onError) call(sub.handlers.onError, [f]);
         else this.emit("error", f);
         break;
       }
