@@ -281,6 +281,9 @@ func TestPublisherIngressErrors(t *testing.T) {
 		if strings.Contains(err.Error(), "attempts") {
 			t.Fatalf("%s: retried: %v", what, err)
 		}
+		if errors.Is(err, pubpkg.ErrOutcomeUnknown) {
+			t.Fatalf("%s: a refusal, which wrote nothing, said to be of unknown outcome: %v", what, err)
+		}
 	}
 
 	if _, err := chat.Publish(ctx, "chat:1", pubpkg.Message{Data: 1}); err != nil {

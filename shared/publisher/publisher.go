@@ -27,24 +27,28 @@
 //   - 409 idempotency_in_progress (an attempt with the same key is still
 //     being written).
 //
-// Every other status is final: the rest of the 4xx (the request is wrong
-// or not allowed, which a retry cannot change) and 500 (a bug in the
-// ingress). The wait before retry n (0-based) is a random time in
-// [0, min(MaxBackoff, MinBackoff·2ⁿ)] (full jitter, 100 ms doubling to
-// 5 s by default), and at least the response's Retry-After (seconds or
-// an HTTP date, at most MaxRetryAfter). The reads (History, Connection,
-// ChannelConnections: GET) and the deletes (Disconnect, ClearHistory) are
-// idempotent by themselves: they are retried on the same conditions,
-// without a key.
+// Every other status is final: a 3xx (a redirect, not followed), the
+// rest of the 4xx (the request is wrong or not allowed, which a retry
+// cannot change) and 500 (a bug in the ingress). The wait before retry
+// n (0-based) is a random time in [0, min(MaxBackoff, MinBackoff·2ⁿ)]
+// (full jitter, 100 ms doubling to 5 s by default), and at least the
+// response's Retry-After (seconds or an HTTP date, at most
+// MaxRetryAfter; one that is neither, a negative number say, counts as
+// none). The reads (History, Connection, ChannelConnections: GET) and
+// the deletes (Disconnect, ClearHistory) are idempotent by themselves:
+// they are retried on the same conditions, without a key.
 //
 // The call's ctx bounds it all: when ctx ends, the call returns at once
 // with an error that wraps both ctx.Err() and the last attempt's error.
 // When the attempts run out, or an answer is final, the call returns the
 // last attempt's error. An answer of the ingress is an *Error (use
-// errors.As), with the HTTP status and the ingress's error code. Input
-// the ingress would refuse (a channel name outside its alphabet, nil
-// Data, a bad Idempotency-Key) is refused before any request, with an
-// error that wraps ErrInvalid.
+// errors.As), with the HTTP status and the ingress's error code; a
+// redirect is not followed, and is an *Error too. Input the ingress
+// would refuse (a channel name outside its alphabet, nil Data, a bad
+// Idempotency-Key) is refused before any request, with an error that
+// wraps ErrInvalid. The error of a POST or a DELETE that may have been
+// carried out all the same (an attempt without an answer, a 503, …)
+// wraps ErrOutcomeUnknown, whatever the last attempt's answer was.
 //
 // A Client is safe for concurrent use.
 package publisher
@@ -91,6 +95,20 @@ const (
 // connection id outside the alphabet of ids).
 var ErrInvalid = errors.New("publisher: invalid input")
 
+// ErrOutcomeUnknown is wrapped by the error of a POST or a DELETE (a
+// publish, a send, Disconnect, ClearHistory) that may have been carried
+// out although it failed: an attempt got no answer (a timeout, a
+// connection closed or reset, ctx ending while it was sent), a 5xx (a 503
+// after part of a batch was written, a gateway's after forwarding it),
+// 409 idempotency_in_progress, or a 2xx that is not the endpoint's reply;
+// whatever a later attempt answered. Such a call is repeated safely only
+// with the same Idempotency-Key (WithIdempotencyKey). An error that does
+// not wrap it says that nothing was done: the input was refused before
+// any request (ErrInvalid), or every attempt was refused (a 4xx *Error:
+// the ingress writes nothing then, and a proxy's refusal did not reach
+// it; a 3xx, not followed).
+var ErrOutcomeUnknown = errors.New("publisher: outcome unknown")
+
 // Options configure New. Only URL is required.
 type Options struct {
 	// URL is the ingress's base URL, http:// or https://host[:port]. A
@@ -104,8 +122,13 @@ type Options struct {
 	Token string
 	// HTTPClient sends the requests; nil means a client of the
 	// publisher's own, over http.DefaultTransport, with a Timeout of
-	// DefaultTimeout (10 s). Its Timeout bounds each attempt, the call's
-	// ctx the whole call; with a zero Timeout only ctx bounds an attempt.
+	// DefaultTimeout (10 s). Its Timeout bounds each attempt, the
+	// response's body included (a server that stops or trickles it), the
+	// call's ctx the whole call; with a zero Timeout only ctx bounds an
+	// attempt. New takes a copy, whose CheckRedirect follows no redirect:
+	// a 3xx is returned as an *Error, since following it would turn a
+	// POST or a DELETE into a GET (301, 302, 303) or send the message to
+	// a host not configured (307, 308).
 	HTTPClient *http.Client
 	// MaxAttempts is the most attempts a call makes, the first included:
 	// 1 never retries. Zero means 4; negative is refused.
@@ -148,18 +171,25 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxAttempts < 0 {
 		return nil, fmt.Errorf("publisher: MaxAttempts %d is negative (1: no retry, 0: %d)", opts.MaxAttempts, DefaultMaxAttempts)
 	}
+	hc := http.Client{Timeout: DefaultTimeout}
+	if opts.HTTPClient != nil {
+		hc = *opts.HTTPClient
+	}
+	// A redirect is not followed but returned (an *Error): a 301, 302 or
+	// 303 would turn a POST or a DELETE into a GET, whose answer is none
+	// to the call (a Disconnect would succeed having disconnected
+	// nothing), and a 307 or 308 would send the message somewhere not
+	// configured. The ingress itself never redirects.
+	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	c := &Client{
 		base:        u.Scheme + "://" + u.Host + strings.TrimRight(u.EscapedPath(), "/"),
-		hc:          opts.HTTPClient,
+		hc:          &hc,
 		maxAttempts: opts.MaxAttempts,
 		minBackoff:  opts.MinBackoff,
 		maxBackoff:  opts.MaxBackoff,
 	}
 	if opts.Token != "" {
 		c.auth = "Bearer " + opts.Token
-	}
-	if c.hc == nil {
-		c.hc = &http.Client{Timeout: DefaultTimeout}
 	}
 	if c.maxAttempts == 0 {
 		c.maxAttempts = DefaultMaxAttempts
@@ -412,6 +442,9 @@ func (c *Client) PublishBatch(ctx context.Context, items []Item, opts ...Option)
 	}
 	res := make([]Result, len(items))
 	for i, r := range out.Results {
+		if r.ID == "" {
+			return nil, unexpected(rep)
+		}
 		res[i] = Result{ID: r.ID, Channel: r.Channel, Replayed: rep.replayed}
 	}
 	return res, nil

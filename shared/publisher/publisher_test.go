@@ -24,6 +24,8 @@ type answer struct {
 	hangup bool   // close the connection without an answer, as a lost reply
 	stall  bool   // answer nothing until the client gives up
 	raw    string // write this response as it is, then close the connection
+	hold   bool   // with raw: keep the connection open until the client closes it
+	reset  bool   // reset the connection (RST) without an answer
 }
 
 // seen is a request the stub received.
@@ -79,10 +81,21 @@ func (s *stub) serve(w http.ResponseWriter, r *http.Request) {
 			conn.Close()
 		}
 		return
+	case a.reset:
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.(*net.TCPConn).SetLinger(0)
+			conn.Close()
+		}
+		return
 	case a.raw != "":
 		conn, _, err := w.(http.Hijacker).Hijack()
 		if err == nil {
 			_, _ = io.WriteString(conn, a.raw)
+			if a.hold {
+				_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+				_, _ = io.Copy(io.Discard, conn) // until the client closes it
+			}
 			conn.Close()
 		}
 		return
@@ -309,6 +322,7 @@ func TestFinalErrors(t *testing.T) {
 		{422, "idempotency_key_reused", nil},
 		{429, "rate_limited", nil}, // a batch larger than the burst
 		{429, "rate_limited", []string{"Retry-After", "soon"}},
+		{429, "rate_limited", []string{"Retry-After", "-1"}},
 		{500, "internal", nil},
 	} {
 		t.Run(tc.code, func(t *testing.T) {

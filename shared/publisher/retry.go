@@ -91,6 +91,11 @@ func newError(status int, h http.Header, body []byte) *Error {
 	} else {
 		e.Message = snippet(body)
 	}
+	if loc := h.Get("Location"); status/100 == 3 && loc != "" {
+		// Not followed (Options.HTTPClient): where to, for whoever fixes
+		// the URL.
+		e.Message = "not followed to " + snippet([]byte(loc))
+	}
 	e.RetryAfter, e.hasRetryAfter = retry.After(h, MaxRetryAfter)
 	return e
 }
@@ -136,6 +141,7 @@ func (r *request) op() string { return r.method + " " + r.path }
 
 // reply is a 2xx answer.
 type reply struct {
+	method   string
 	op       string
 	status   int
 	body     []byte
@@ -143,16 +149,24 @@ type reply struct {
 }
 
 // unexpected is the error for a 2xx reply that is not what the endpoint
-// answers.
+// answers: whoever sent it, a POST or a DELETE may have been carried out.
 func unexpected(rep *reply) error {
-	return fmt.Errorf("publisher: %s: unexpected reply %d: %q", rep.op, rep.status, snippet(rep.body))
+	err := fmt.Errorf("publisher: %s: unexpected reply %d: %q", rep.op, rep.status, snippet(rep.body))
+	if rep.method != http.MethodGet {
+		return outcomeUnknown{err}
+	}
+	return err
 }
 
 // do makes r's attempts, by the package's retry policy, and decodes the
 // reply's JSON into out (unless out is nil).
 func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 	var last error
+	maybe := false // an attempt of a POST or a DELETE may have been carried out
 	for n := 1; ; n++ {
+		if n == 1 && ctx.Err() != nil {
+			return nil, stopped(ctx, r, nil, false) // nothing sent
+		}
 		rep, err := c.attempt(ctx, r)
 		if err == nil && out != nil && json.Unmarshal(rep.body, out) != nil {
 			if !cutShort(rep.body) {
@@ -165,15 +179,20 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 		if err == nil {
 			return rep, nil
 		}
+		maybe = maybe || r.method != http.MethodGet && !saysNotDone(err)
 		var te *transportError
 		if ctx.Err() != nil && errors.As(err, &te) {
-			// Cut by ctx: this attempt says nothing about the ingress.
-			return nil, stopped(ctx, r, last)
+			// Cut by ctx: this attempt's error is ctx's, and whether it
+			// reached the ingress is unknown (maybe).
+			return nil, stopped(ctx, r, last, maybe)
 		}
 		last = err
 		if n >= c.maxAttempts || !retryable(err) {
 			if n > 1 {
-				return nil, fmt.Errorf("%w (after %d attempts)", err, n)
+				err = fmt.Errorf("%w (after %d attempts)", err, n)
+			}
+			if maybe {
+				err = outcomeUnknown{err}
 			}
 			return nil, err
 		}
@@ -187,7 +206,7 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, stopped(ctx, r, last)
+			return nil, stopped(ctx, r, last, maybe)
 		}
 	}
 }
@@ -201,12 +220,43 @@ func cutShort(b []byte) bool {
 
 // stopped is the error of a call whose ctx ended: ctx.Err(), and the last
 // attempt's error when there was one.
-func stopped(ctx context.Context, r *request, last error) error {
+func stopped(ctx context.Context, r *request, last error, maybe bool) error {
+	var err error
 	if last == nil {
-		return fmt.Errorf("publisher: %s: %w", r.op(), ctx.Err())
+		err = fmt.Errorf("publisher: %s: %w", r.op(), ctx.Err())
+	} else {
+		err = fmt.Errorf("publisher: %s: %w; last attempt: %w", r.op(), ctx.Err(), last)
 	}
-	return fmt.Errorf("publisher: %s: %w; last attempt: %w", r.op(), ctx.Err(), last)
+	if maybe {
+		return outcomeUnknown{err}
+	}
+	return err
 }
+
+// saysNotDone reports an attempt's error that says the request was not
+// carried out: an answer of the ingress refusing it (a 4xx: docs/api.md,
+// "A request rejected with a 4xx wrote nothing"), except 409
+// idempotency_in_progress (an attempt with the key is being carried
+// out), or a redirect, which answers instead of forwarding. No answer, a
+// 5xx (a 503 after part of a batch was written, a gateway's after
+// forwarding) or a 2xx that is not the reply say nothing.
+func saysNotDone(err error) bool {
+	var e *Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	return e.Status >= 300 && e.Status < 500 && !(e.Status == http.StatusConflict && e.Code == "idempotency_in_progress")
+}
+
+// outcomeUnknown is the error of a POST or a DELETE that may have been
+// carried out: it wraps ErrOutcomeUnknown as well.
+type outcomeUnknown struct{ err error }
+
+func (e outcomeUnknown) Error() string {
+	return e.err.Error() + " (outcome unknown: the ingress may have carried it out)"
+}
+
+func (e outcomeUnknown) Unwrap() []error { return []error{e.err, ErrOutcomeUnknown} }
 
 // retryable reports whether an attempt's error allows another attempt.
 func retryable(err error) bool {
@@ -260,5 +310,5 @@ func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil, newError(resp.StatusCode, resp.Header, b)
 	}
-	return &reply{op: r.op(), status: resp.StatusCode, body: b, replayed: resp.Header.Get("Idempotent-Replayed") == "true"}, nil
+	return &reply{method: r.method, op: r.op(), status: resp.StatusCode, body: b, replayed: resp.Header.Get("Idempotent-Replayed") == "true"}, nil
 }

@@ -52,7 +52,8 @@ func inMemory(t *testing.T, h http.Handler) *Client {
 }
 
 // TestRetryAfterForms: Retry-After in seconds or as a date is waited
-// for, and a huge one is capped at MaxRetryAfter.
+// for, a huge one is capped at MaxRetryAfter, and one that is neither is
+// ignored.
 func TestRetryAfterForms(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -64,6 +65,10 @@ func TestRetryAfterForms(t *testing.T) {
 		{"past date", func() string { return time.Now().Add(-time.Hour).UTC().Format(http.TimeFormat) }, 0, time.Second},
 		{"capped", func() string { return "86400" }, MaxRetryAfter, MaxRetryAfter + time.Second},
 		{"capped digits", func() string { return "99999999999999999999999" }, MaxRetryAfter, MaxRetryAfter + time.Second},
+		// Not a Retry-After: the backoff alone (1 ms here).
+		{"negative", func() string { return "-5" }, 0, time.Millisecond},
+		{"fraction", func() string { return "1.5" }, 0, time.Millisecond},
+		{"garbage", func() string { return "soon" }, 0, time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
