@@ -127,6 +127,8 @@ func TestSocketsEndLeaveNothing(t *testing.T) {
 	if err := goleak.Find(base); err != nil {
 		t.Fatal(err)
 	}
+	// The metrics agree with the log (the default build's).
+	checkEndMetrics(t, e, logs.String(), 12)
 	e.s.hub.mu.Lock()
 	conns, users := len(e.s.hub.conns), len(e.s.hub.users)
 	var refs, subs int

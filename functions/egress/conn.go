@@ -99,8 +99,8 @@ func (c *conn) enqueue(q *queued) {
 	if len(c.queue) >= c.s.cfg.SendQueue {
 		c.mu.Unlock()
 		// closeWith does not block (the writer sends the close frame) and
-		// marks the conn closing, so this happens once per connection.
-		c.s.metrics.slowConsumers.Inc()
+		// marks the conn closing, so this happens once per connection;
+		// logEnd counts it.
 		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
 		return
 	}

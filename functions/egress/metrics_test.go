@@ -3,9 +3,12 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +16,9 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -139,5 +144,254 @@ func TestMetricsToken(t *testing.T) {
 	}
 	if code, body := get("Bearer " + tok); code != 200 || !strings.Contains(body, "wsrelay_egress_") {
 		t.Errorf("with the token: %d %.200s", code, body)
+	}
+}
+
+// TestResumeOverflowIsSlowConsumer: a resume whose buffer of live messages
+// overflowed while its replay waited for the client is closed 4002, like
+// a live queue that overflowed, and counted as one in
+// wsrelay_egress_slow_consumer_closes_total (the WsrelaySlowConsumers
+// alert counts 4002 closes with it).
+func TestResumeOverflowIsSlowConsumer(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "10s"})
+	<-e.s.hub.inbox.ready
+	ks := keys.Scheme{Prefix: prefix}
+	store := stream.NewStore(rdb)
+	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
+	publish := func(n int) []string {
+		var as []stream.Append
+		for range n {
+			as = append(as, stream.Append{Stream: ks.Stream("ro"), Notify: ks.Notify("ro"),
+				Msg: stream.Message{Channel: "ro", TS: time.Now().UnixMilli(), Data: data}})
+		}
+		ids, err := store.Append(t.Context(), as)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ids
+	}
+	// More history than the socket's buffers hold: the replay waits for
+	// the client, which reads nothing for now.
+	var hist []string
+	for range 4 {
+		hist = append(hist, publish(50)...)
+	}
+	ws, _, err := smallBufDialer.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	readUntil(t, ws, `"welcome"`)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "ro", "after": hist[0]})
+	readUntil(t, ws, `"message"`)
+	// More live messages than SEND_QUEUE arrive meanwhile: the resume's
+	// buffer overflows.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs := e.s.hub.state(ks.Notify("ro"))
+		if cs == nil {
+			return fmt.Errorf("no channel")
+		}
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if len(cs.resuming) != 1 {
+			return fmt.Errorf("not resuming")
+		}
+		return nil
+	})
+	publish(20)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs := e.s.hub.state(ks.Notify("ro"))
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		for _, r := range cs.resuming {
+			if r.overflow {
+				return nil
+			}
+		}
+		return fmt.Errorf("the resume's buffer did not overflow")
+	})
+	if code := closeCode(t, ws, 10*time.Second); code != protocol.CloseSlowConsumer {
+		t.Fatalf("closed %d, want 4002", code)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		for _, want := range []string{"wsrelay_egress_slow_consumer_closes_total 1\n", `wsrelay_egress_closes_total{status="439"} 1` + "\n",
+			"wsrelay_egress_connections 0\n", "wsrelay_egress_subscriptions 0\n", "wsrelay_egress_channels 0\n"} {
+			if !strings.Contains(m, want) {
+				return fmt.Errorf("no %q in:\n%s", want, grepMetrics(m, "wsrelay_egress_"))
+			}
+		}
+		return nil
+	})
+}
+
+// grepMetrics is the lines of a /metrics page that start with prefix.
+func grepMetrics(page, prefix string) string {
+	var b strings.Builder
+	for l := range strings.Lines(page) {
+		if strings.HasPrefix(l, prefix) {
+			b.WriteString(l)
+		}
+	}
+	return b.String()
+}
+
+// checkEndMetrics checks the metrics of e, whose sockets have all ended,
+// against its log: n connection ends, each counted once by the status it
+// was logged with (and the slow-consumer closes by their own counter),
+// and the gauges back to nothing.
+func checkEndMetrics(t *testing.T, e *secEgress, log string, n int) {
+	t.Helper()
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends := loggedEnds(t, log)
+	if ends.total != n {
+		t.Errorf("%d connection ends logged, want %d", ends.total, n)
+	}
+	want := []string{"wsrelay_egress_connections 0", "wsrelay_egress_subscriptions 0", "wsrelay_egress_channels 0",
+		fmt.Sprintf("wsrelay_egress_slow_consumer_closes_total %d", ends.slow)}
+	for status, k := range ends.byStatus {
+		want = append(want, fmt.Sprintf(`wsrelay_egress_closes_total{status="%d"} %d`, status, k))
+	}
+	for _, w := range want {
+		if !strings.Contains(m, w+"\n") {
+			t.Errorf("metrics lack %q:\n%s", w, grepMetrics(m, "wsrelay_egress_"))
+		}
+	}
+	var total int
+	for l := range strings.Lines(grepMetrics(m, "wsrelay_egress_closes_total{")) {
+		var k int
+		fmt.Sscanf(l[strings.LastIndexByte(l, ' ')+1:], "%d", &k)
+		total += k
+	}
+	if total != n {
+		t.Errorf("%d closes counted, want %d", total, n)
+	}
+}
+
+// connectionEnds are the "connection closed" lines of an egress's log:
+// how many, by scf_status, and how many were slow-consumer closes (4002).
+type connectionEnds struct {
+	total, slow int
+	byStatus    map[int]int
+}
+
+func loggedEnds(t *testing.T, log string) connectionEnds {
+	t.Helper()
+	ends := connectionEnds{byStatus: map[int]int{}}
+	for l := range strings.Lines(log) {
+		var r struct {
+			Msg       string
+			CloseCode int    `json:"close_code"`
+			ClosedBy  string `json:"closed_by"`
+			SCFStatus int    `json:"scf_status"`
+		}
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatalf("log line %q: %v", l, err)
+		}
+		if r.Msg != "connection closed" {
+			continue
+		}
+		ends.total++
+		ends.byStatus[r.SCFStatus]++
+		if r.CloseCode == protocol.CloseSlowConsumer && r.ClosedBy == "server" {
+			ends.slow++
+		}
+	}
+	return ends
+}
+
+// TestGaugesFollowSubscriptions: the subscription, channel and connection
+// gauges follow each way a subscription or a connection ends while others
+// go on — an unsubscribe, a refresh that no longer allows a channel, a
+// token's expiry (4004), a drain (1001); refused subscribes hold nothing —
+// and each end is counted once.
+func TestGaugesFollowSubscriptions(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"JWT_SECRET": testSecret}, logs)
+	<-e.s.hub.inbox.ready
+	expect := func(want ...string) {
+		t.Helper()
+		testkit.Eventually(t, 5*time.Second, func() error {
+			m, err := scrape(e.srv.URL)
+			if err != nil {
+				return err
+			}
+			for _, w := range want {
+				if !strings.Contains(m, w+"\n") {
+					return fmt.Errorf("no %q in:\n%s", w, grepMetrics(m, "wsrelay_egress_"))
+				}
+			}
+			return nil
+		})
+	}
+	dial := func(c auth.Claims, q url.Values) *websocket.Conn {
+		if q == nil {
+			q = url.Values{}
+		}
+		q.Set("token", token(t, c))
+		ws, _, err := e.dial(t, q, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next(t, ws, protocol.TypeWelcome)
+		return ws
+	}
+	all := []string{"a", "b", "c", "d"}
+	a := dial(auth.Claims{Subject: "alice", Channels: all, Expires: time.Now().Add(time.Hour)}, url.Values{"channels": {"a"}})
+	next(t, a, protocol.TypeSubscribed)
+	for _, ch := range []string{"b", "c"} {
+		send(t, a, map[string]any{"type": "subscribe", "channel": ch, "after": "0-0"})
+		next(t, a, protocol.TypeSubscribed)
+	}
+	// Refused subscribes hold nothing.
+	send(t, a, map[string]any{"type": "subscribe", "channel": "a"})
+	next(t, a, protocol.TypeError)
+	send(t, a, map[string]any{"type": "subscribe", "channel": "x"})
+	next(t, a, protocol.TypeError)
+	// exp has one-second precision: expires 1–2 s from now.
+	short := time.Now().Add(2 * time.Second)
+	b := dial(auth.Claims{Subject: "bob", Channels: all, Expires: short}, url.Values{"channels": {"c,d"}})
+	next(t, b, protocol.TypeSubscribed)
+	next(t, b, protocol.TypeSubscribed)
+	expect("wsrelay_egress_connections 2", "wsrelay_egress_subscriptions 5", "wsrelay_egress_channels 4")
+
+	send(t, a, map[string]any{"type": "unsubscribe", "channel": "a"})
+	next(t, a, protocol.TypeUnsubscribed)
+	expect("wsrelay_egress_subscriptions 4", "wsrelay_egress_channels 3")
+	send(t, a, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "alice", Channels: []string{"c"}, Expires: time.Now().Add(time.Hour)})})
+	next(t, a, protocol.TypeRefreshed)
+	expect("wsrelay_egress_subscriptions 3", "wsrelay_egress_channels 2")
+
+	// bob's token expires: 4004, a close the server started.
+	if code := closeCode(t, b, 5*time.Second); code != protocol.CloseTokenExpired {
+		t.Fatalf("bob closed %d, want 4004", code)
+	}
+	expect("wsrelay_egress_connections 1", "wsrelay_egress_subscriptions 1", "wsrelay_egress_channels 1",
+		`wsrelay_egress_closes_total{status="439"} 1`)
+
+	// The drain closes alice (1001); the metrics are read from the
+	// handler, the listener being closed.
+	e.stop()
+	rec := httptest.NewRecorder()
+	e.s.metrics.handler()(rec, httptest.NewRequest("GET", "/metrics", nil))
+	m := rec.Body.String()
+	for _, w := range []string{"wsrelay_egress_connections 0", "wsrelay_egress_subscriptions 0", "wsrelay_egress_channels 0",
+		`wsrelay_egress_closes_total{status="439"} 2`, "wsrelay_egress_slow_consumer_closes_total 0"} {
+		if !strings.Contains(m, w+"\n") {
+			t.Errorf("after the drain, no %q in:\n%s", w, grepMetrics(m, "wsrelay_egress_"))
+		}
+	}
+	if n := loggedEnds(t, logs.String()).total; n != 2 {
+		t.Errorf("%d ends logged, want 2", n)
 	}
 }

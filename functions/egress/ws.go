@@ -308,6 +308,12 @@ func (c *conn) logEnd() {
 	}
 	status := scfStatus(code, byServer)
 	c.s.metrics.closed(status, timeoutClose(code, byServer))
+	if byServer && code == protocol.CloseSlowConsumer {
+		// Counted from the close, once, whichever queue overflowed: the
+		// live one (enqueue) or a resume's buffer of live messages
+		// (finishResume).
+		c.s.metrics.slowConsumers.Inc()
+	}
 	c.s.log.Info("connection closed",
 		"conn", c.id,
 		"user", c.user,
