@@ -80,6 +80,12 @@ func (m *metrics) closed(status int, timeout string) {
 	}
 }
 
+// refused counts one upgrade refused with an HTTP error, by its error
+// code (the egress's own fixed set: the series stay few).
+func (m *metrics) refused(code string) {
+	m.set.GetOrCreateCounter(`wsrelay_egress_upgrades_refused_total{code="` + code + `"}`).Inc()
+}
+
 // channelCount is the number of channels with local subscribers (the
 // wsrelay_egress_channels gauge).
 func (h *hub) channelCount() int {

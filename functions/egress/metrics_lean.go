@@ -32,3 +32,5 @@ func (m *metrics) handler() http.HandlerFunc {
 func (m *metrics) observeDelivery(time.Time, int64) {}
 
 func (m *metrics) closed(int, string) {}
+
+func (m *metrics) refused(string) {}

@@ -395,3 +395,56 @@ func TestGaugesFollowSubscriptions(t *testing.T) {
 		t.Errorf("%d ends logged, want 2", n)
 	}
 }
+
+// TestRefusedUpgradesCounted: every upgrade refused with an HTTP error is
+// counted once, by its error code, in
+// wsrelay_egress_upgrades_refused_total.
+func TestRefusedUpgradesCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_CONNECTIONS": "1"})
+	wsURL := "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/ws"
+	refused := func(rawURL string, h http.Header, status int) {
+		t.Helper()
+		ws, resp, err := websocket.DefaultDialer.Dial(rawURL, h)
+		if err == nil {
+			ws.Close()
+			t.Fatalf("%s: upgraded", rawURL)
+		}
+		if resp == nil || resp.StatusCode != status {
+			t.Fatalf("%s: %v, want %d", rawURL, err, status)
+		}
+	}
+	refused(wsURL+"?channels=a,b%20c", nil, http.StatusBadRequest)
+	refused(wsURL, http.Header{"Origin": {"https://elsewhere.example"}}, http.StatusForbidden)
+	resp, err := http.Get(e.srv.URL + "/ws") // no upgrade headers
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	held, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	refused(wsURL, nil, http.StatusServiceUnavailable)
+	refused(wsURL, nil, http.StatusServiceUnavailable)
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := grepMetrics(m, "wsrelay_egress_upgrades_refused_total{")
+	for _, want := range []string{
+		`wsrelay_egress_upgrades_refused_total{code="invalid_channel"} 1`,
+		`wsrelay_egress_upgrades_refused_total{code="origin_not_allowed"} 1`,
+		`wsrelay_egress_upgrades_refused_total{code="bad_handshake"} 1`,
+		`wsrelay_egress_upgrades_refused_total{code="too_many_connections"} 2`,
+	} {
+		if !strings.Contains(got, want+"\n") {
+			t.Errorf("no %s in:\n%s", want, got)
+		}
+	}
+	if n := strings.Count(got, "\n"); n != 4 {
+		t.Errorf("%d series, want 4:\n%s", n, got)
+	}
+}

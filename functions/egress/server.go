@@ -97,7 +97,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 			// one the server speaks (gorilla's default answer does
 			// this; a custom Error must).
 			w.Header().Set("Sec-WebSocket-Version", "13")
-			writeHTTPError(w, status, code, reason.Error())
+			s.refuseUpgrade(w, status, code, reason.Error())
 		},
 	}
 	s.mux = http.NewServeMux()

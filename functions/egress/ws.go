@@ -15,11 +15,18 @@ import (
 	"github.com/wsrelay/wsrelay/shared/registry"
 )
 
+// refuseUpgrade answers an upgrade request with an HTTP error, and counts
+// it (wsrelay_egress_upgrades_refused_total).
+func (s *Server) refuseUpgrade(w http.ResponseWriter, status int, code, msg string) {
+	s.metrics.refused(code)
+	writeHTTPError(w, status, code, msg)
+}
+
 // handleWS upgrades GET /ws and runs the connection to its end.
 func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		w.Header().Set("Retry-After", "1")
-		writeHTTPError(w, http.StatusServiceUnavailable, "draining", "instance is shutting down; connect again")
+		s.refuseUpgrade(w, http.StatusServiceUnavailable, "draining", "instance is shutting down; connect again")
 		return
 	}
 	id, aerr := s.authenticate(r)
@@ -28,7 +35,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 			// RFC 9110 §11.6.1: a 401 names the scheme it wants.
 			w.Header().Set("WWW-Authenticate", `Bearer realm="wsrelay"`)
 		}
-		writeHTTPError(w, aerr.status, aerr.code, aerr.msg)
+		s.refuseUpgrade(w, aerr.status, aerr.code, aerr.msg)
 		return
 	}
 	// Repeated channels parameters (?channels=a&channels=b,c, as
@@ -36,13 +43,13 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	// comma-joined, and checked as one.
 	var initial []string
 	if query.Malformed(r.URL.RawQuery, "channels") {
-		writeHTTPError(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels is malformed (a ';' or a bad %-escape)")
+		s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels is malformed (a ';' or a bad %-escape)")
 		return
 	}
 	if q := strings.Join(r.URL.Query()["channels"], ","); q != "" {
 		for _, ch := range strings.Split(q, ",") {
 			if !channel.ValidName(ch) {
-				writeHTTPError(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels: "+strconv.Quote(ch)+" is not a channel name")
+				s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels: "+strconv.Quote(ch)+" is not a channel name")
 				return
 			}
 			initial = append(initial, ch)
@@ -51,7 +58,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if n := s.open.Add(1); s.cfg.MaxConnections > 0 && n > int64(s.cfg.MaxConnections) {
 		s.open.Add(-1)
 		w.Header().Set("Retry-After", "1")
-		writeHTTPError(w, http.StatusServiceUnavailable, "too_many_connections", "instance is full; connect again (another instance may take you)")
+		s.refuseUpgrade(w, http.StatusServiceUnavailable, "too_many_connections", "instance is full; connect again (another instance may take you)")
 		return
 	}
 	ws, err := s.upgrader.Upgrade(w, r, id.responseHeader())
