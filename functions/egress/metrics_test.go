@@ -64,7 +64,9 @@ func TestDeliveriesCountReplays(t *testing.T) {
 
 // TestRefusedAtConnect: a socket whose registration fails is closed with
 // 1013 before anything else is written, leaves no record, and is counted
-// among the closes like any other (SCF counts it as a server close, 439).
+// among the closes like any other (SCF counts it as a server close, 439),
+// and logged like any other: with its user, whom an operator looking into
+// "alice cannot connect" searches for.
 func TestRefusedAtConnect(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
@@ -78,7 +80,8 @@ func TestRefusedAtConnect(t *testing.T) {
 		}
 		return false
 	}})
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	var logs testkit.SyncBuffer
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, &logs)
 	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws?user=carol", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -102,6 +105,15 @@ func TestRefusedAtConnect(t *testing.T) {
 		}
 		return nil
 	})
+	var closed []map[string]any
+	for _, r := range logs.JSONLines(t) {
+		if r["msg"] == "connection closed" {
+			closed = append(closed, r)
+		}
+	}
+	if len(closed) != 1 || closed[0]["user"] != "carol" || closed[0]["close_code"] != float64(1013) || closed[0]["scf_status"] != float64(439) {
+		t.Errorf("the refusal's log lines %v, want one naming carol, 1013, 439", closed)
+	}
 }
 
 // scrape returns the egress's /metrics page.

@@ -78,7 +78,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		s.drainMu.Unlock()
 		s.open.Add(-1)
-		s.refuse(ws, "", protocol.CloseGoingAway, "server shutting down: reconnect", nil)
+		s.refuse(ws, "", id.user, protocol.CloseGoingAway, "server shutting down: reconnect", nil)
 		return
 	}
 	s.wg.Add(1)
@@ -126,7 +126,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	select {
 	case <-s.hub.inbox.ready:
 	case <-time.After(5 * time.Second):
-		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry", errUnavailable)
+		s.refuse(ws, c.id, c.user, protocol.CloseTryAgainLater, "registry unavailable: retry", errUnavailable)
 		return nil
 	}
 	// The hub sees the connection before the registry does, so that a
@@ -157,7 +157,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.closing, c.ended, c.queue, c.ctrl = true, true, nil, nil
 		c.mu.Unlock()
 		close(c.done)
-		s.refuse(ws, c.id, protocol.CloseTryAgainLater, "registry unavailable: retry", err)
+		s.refuse(ws, c.id, c.user, protocol.CloseTryAgainLater, "registry unavailable: retry", err)
 		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 		_ = s.reg.Remove(rctx, c.recordCopy())
 		rcancel()
@@ -202,14 +202,14 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 
 // refuse closes a socket just upgraded, before it was set up (draining,
 // or the registry unavailable: err), and logs and counts its end as any
-// other, in one line (a warning when err is set): SCF counts it as an
-// invocation the server closed (439).
-func (s *Server) refuse(ws *websocket.Conn, id string, code int, reason string, err error) {
+// other, in one line with the same fields (a warning when err is set):
+// SCF counts it as an invocation the server closed (439).
+func (s *Server) refuse(ws *websocket.Conn, id, user string, code int, reason string, err error) {
 	msg := websocket.FormatCloseMessage(code, reason)
 	_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 	ws.Close()
 	s.metrics.closed(439, "")
-	attrs := []any{"conn", id, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
+	attrs := []any{"conn", id, "user", user, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
 		"close_code", code, "closed_by", "server", "reason", reason, "scf_status", 439}
 	if err != nil {
 		s.log.Warn("connection closed", append(attrs, "err", err.Error())...)

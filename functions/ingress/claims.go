@@ -80,9 +80,16 @@ func (r *releaser) later(key, value string, until time.Time) {
 }
 
 func (r *releaser) free(ctx context.Context, key, value string) error {
+	_, err := r.freed(ctx, key, value)
+	return err
+}
+
+// freed is free, reporting whether key held value (and was deleted).
+func (r *releaser) freed(ctx context.Context, key, value string) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	return releaseScript.Run(ctx, r.rdb, []string{key}, value).Err()
+	n, err := releaseScript.Run(ctx, r.rdb, []string{key}, value).Int()
+	return n == 1, err
 }
 
 // loop tries the waiting claims, backing off from 50 ms to 1 s while
@@ -108,11 +115,17 @@ func (r *releaser) loop() {
 		failed := false
 		for key, c := range batch {
 			if time.Now().Before(c.until) {
-				if err := r.free(context.Background(), key, c.value); err != nil {
+				// A claim that is not there is not counted: a request
+				// whose client hung up before its claim was sent leaves
+				// its key here too, in case Redis set it.
+				ok, err := r.freed(context.Background(), key, c.value)
+				if err != nil {
 					failed = true
 					break
 				}
-				freed++
+				if ok {
+					freed++
+				}
 			}
 			r.mu.Lock()
 			if r.waiting[key] == c {

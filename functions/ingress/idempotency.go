@@ -126,6 +126,9 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
 	}
 	var rec idemRecord
 	if json.Unmarshal(b, &rec) != nil {
+		// Not written by an ingress (an operator, another application
+		// under the prefix): no retry mends it, the operator must.
+		s.log.Error("corrupt idempotency record", "route", c.FullPath(), "key", rkey)
 		s.writeError(c, errf(500, "internal", "corrupt idempotency record"))
 		return
 	}

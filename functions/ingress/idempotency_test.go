@@ -18,6 +18,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestIdempotentPublish(t *testing.T) {
@@ -328,6 +329,54 @@ func TestReleaserFreesOnlyItsOwnClaim(t *testing.T) {
 	}
 }
 
+// TestCanceledClaimsNotLogged: a client that hangs up before its
+// Idempotency-Key is claimed (the claim's SET fails with its canceled
+// context) leaves its key to the releaser, in case Redis set it; finding
+// nothing to free is not a key freed. Each such request wrote an info
+// line saying keys were freed "while Redis could not be reached": a
+// client hanging up in a loop wrote one per request, with Redis fine.
+// A claim really left behind is still logged, and counted.
+func TestCanceledClaimsNotLogged(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	var logs testkit.SyncBuffer
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(&logs, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+	waitIdle := func() {
+		t.Helper()
+		testkit.Eventually(t, 5*time.Second, func() error {
+			e.srv.claims.mu.Lock()
+			defer e.srv.claims.mu.Unlock()
+			if e.srv.claims.running {
+				return fmt.Errorf("releaser still running")
+			}
+			return nil
+		})
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel() // the client has gone: net/http canceled the request
+	for i := range 20 {
+		req := httptest.NewRequestWithContext(ctx, "POST", "/v1/channels/gone/messages", strings.NewReader(`{"data":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", fmt.Sprint("gone-", i))
+		e.srv.ServeHTTP(httptest.NewRecorder(), req)
+		waitIdle()
+	}
+	if n := strings.Count(logs.String(), "\n"); n != 0 {
+		t.Fatalf("20 requests whose clients hung up wrote %d lines:\n%s", n, logs.String())
+	}
+	key := ks.Idempotency("left-behind")
+	rdb.Set(t.Context(), key, "mine", time.Minute)
+	e.srv.claims.later(key, "mine", time.Now().Add(time.Minute))
+	e.srv.claims.later(ks.Idempotency("never-set"), "mine", time.Now().Add(time.Minute))
+	waitIdle()
+	recs := logs.JSONLines(t)
+	if len(recs) != 1 || recs[0]["msg"] != "idempotency keys freed" || recs[0]["keys"] != float64(1) {
+		t.Fatalf("a claim left behind and one never set: %v, want one line counting 1 key", recs)
+	}
+}
+
 // TestIdempotencyRace: requests with one Idempotency-Key racing each
 // other, most with the same body, some with another. One body wins and is
 // written once; every 202 is its reply (the first, or the replay); the
@@ -497,5 +546,31 @@ func TestIdempotencyRecordLost(t *testing.T) {
 	}
 	if n := e.xlen("r"); n != 1 {
 		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}
+
+// TestCorruptIdempotencyRecord: a record that is not one (an operator's
+// write, another application under the prefix) answers 500 internal,
+// which no retry mends, with an error line naming the key, as api.md
+// says of every 500 ("the log has the detail").
+func TestCorruptIdempotencyRecord(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	var logs testkit.SyncBuffer
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(&logs, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+	expectStatus(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, "Idempotency-Key", "k1"), 202)
+	recs, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+	if err != nil || len(recs) != 1 {
+		t.Fatalf("idempotency records %v (%v), want one", recs, err)
+	}
+	if err := rdb.Set(t.Context(), recs[0], "not a record", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, "Idempotency-Key", "k1"), 500, "internal")
+	lines := logs.JSONLines(t)
+	if len(lines) != 1 || lines[0]["msg"] != "corrupt idempotency record" || lines[0]["key"] != recs[0] || lines[0]["level"] != "ERROR" {
+		t.Fatalf("log %v, want one error line naming %s", lines, recs[0])
 	}
 }
