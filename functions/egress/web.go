@@ -7,7 +7,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
-	"time"
+	"strconv"
+	"strings"
 )
 
 // The browser client and the demo page (docs/clients.md), built into the
@@ -39,11 +40,32 @@ func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if a.anyOrigin {
 		h.Set("Access-Control-Allow-Origin", "*")
 	}
-	// ServeContent answers the conditional request with the ETag set
-	// above as RFC 9110 says (If-None-Match compares weakly and takes a
-	// list or "*": a proxy that compresses the file weakens its ETag),
-	// and sets Content-Length, for HEAD too.
-	http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(a.body))
+	if noneMatch(r.Header.Values("If-None-Match"), a.etag) {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	h.Set("Content-Length", strconv.Itoa(len(a.body))) // for HEAD too
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(a.body)
+	}
+}
+
+// noneMatch reports whether If-None-Match fields hs match etag, as RFC
+// 9110 §13.1.2 says: "*", or a list of entity tags compared weakly (a
+// proxy that compresses the file weakens its ETag to W/"…"). Written here
+// rather than with http.ServeContent, whose range support (multipart,
+// MIME types) would add 50 KB to the binary, which is what a
+// one-socket instance's memory follows (docs/benchmarks.md, S6).
+func noneMatch(hs []string, etag string) bool {
+	for _, h := range hs {
+		for t := range strings.SplitSeq(h, ",") {
+			t = strings.TrimSpace(t)
+			if t == "*" || strings.TrimPrefix(t, "W/") == etag {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // handleClientJS serves GET /client.js. Clients revalidate after five
