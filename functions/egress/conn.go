@@ -793,11 +793,10 @@ func (c *conn) throttle() bool {
 	if c.frames == nil {
 		c.frames = rate.NewLimiter(rate.Limit(n), n)
 	}
-	d := c.frames.Reserve().Delay()
-	if d == 0 {
+	if c.frames.Allow() { // no Reservation on the heap, as Reserve's
 		return true
 	}
-	time.Sleep(d)
+	time.Sleep(c.frames.Reserve().Delay())
 	return !c.isClosing()
 }
 
