@@ -724,6 +724,19 @@ const clientJSCases = `(async () => {
       try { await publish("", "room", 1, { fetch: f, ...o }); wrong.push(name + ": resolved"); }
       catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push(name + ": " + e + " after " + calls.length + " calls"); }
     }
+    // A redirect (an http:// URL behind an https:// redirect, say) is not
+    // followed: a 303 would have turned the publish into a GET of the
+    // history, a 307 sent it elsewhere. Final at once.
+    {
+      const calls = [];
+      const redirecting = async (url, init) => {
+        calls.push(init);
+        if (init.redirect === "manual") return { type: "opaqueredirect", status: 0, ok: false, headers: new Headers(), text: async () => "" };
+        return reply(200, { messages: [] }); // followed as a GET
+      };
+      try { await publish("", "room", 1, { fetch: redirecting, minBackoff: 1 }); wrong.push("redirect: resolved"); }
+      catch (e) { if (!(e instanceof PublishError) || e.code !== "redirect" || calls.length !== 1) wrong.push("redirect: " + e + " after " + calls.length + " calls"); }
+    }
     results.publish = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
   return results;

@@ -504,7 +504,15 @@ export async function publish(ingress, channel, data, opts = {}) {
     if (token) headers.Authorization = "Bearer " + token;
     let retry = false, freshToken = false, wait = 0;
     try {
-      const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal });
+      // A redirect is not followed, as Go's publisher does not: a 301,
+      // 302 or 303 would turn the POST into a GET (of the channel's
+      // history, a 200 that is no publish), a 307 or 308 send the message
+      // to a URL the page did not name. The browser hides where to
+      // (status 0, "opaqueredirect").
+      const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal, redirect: "manual" });
+      if (r.type === "opaqueredirect" || (r.status >= 300 && r.status < 400)) {
+        throw new PublishError(r.status, "redirect", "the ingress URL answered with a redirect, which is not followed: use the URL it redirects to");
+      }
       // The body is read whole before the status is judged: a read that
       // fails (the connection lost mid-answer, or the signal) is a network
       // error like fetch's, so a 2xx cut short is retried with the key,
