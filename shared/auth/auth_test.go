@@ -438,7 +438,7 @@ func TestVerifyIssuerAudience(t *testing.T) {
 		{"iss missing", TokenConfig{Issuer: iss}, ``, ErrInvalidToken, "no iss claim"},
 		{"iss empty", TokenConfig{Issuer: iss}, `,"iss":""`, ErrInvalidToken, "no iss claim"},
 		{"iss named ISS", TokenConfig{Issuer: iss}, `,"ISS":"` + iss + `"`, ErrInvalidToken, "no iss claim"},
-		{"iss not a string", TokenConfig{Issuer: iss}, `,"iss":["` + iss + `"]`, ErrInvalidToken, "malformed"},
+		{"iss not a string", TokenConfig{Issuer: iss}, `,"iss":["` + iss + `"]`, ErrInvalidToken, "iss must be a string"},
 		{"aud string", TokenConfig{Audience: aud}, `,"aud":"wsrelay"`, nil, ""},
 		{"aud array", TokenConfig{Audience: aud}, `,"aud":["billing","wsrelay"]`, nil, ""},
 		{"aud wrong", TokenConfig{Audience: aud}, `,"aud":"billing"`, ErrInvalidToken, "aud does not hold JWT_AUDIENCE"},
@@ -446,7 +446,7 @@ func TestVerifyIssuerAudience(t *testing.T) {
 		{"aud missing", TokenConfig{Audience: aud}, ``, ErrInvalidToken, "no aud claim"},
 		{"aud empty array", TokenConfig{Audience: aud}, `,"aud":[]`, ErrInvalidToken, "no aud claim"},
 		{"aud null", TokenConfig{Audience: aud}, `,"aud":null`, ErrInvalidToken, "no aud claim"},
-		{"aud number", TokenConfig{Audience: aud}, `,"aud":1`, ErrInvalidToken, "malformed"},
+		{"aud number", TokenConfig{Audience: aud}, `,"aud":1`, ErrInvalidToken, "aud must be a string or an array of strings"},
 		{"both", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"` + iss + `","aud":["wsrelay"]`, nil, ""},
 		{"both, iss wrong", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"x","aud":"wsrelay"`, ErrInvalidToken, "iss is not JWT_ISSUER"},
 		{"both, aud wrong", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"` + iss + `","aud":"x"`, ErrInvalidToken, "aud does not hold JWT_AUDIENCE"},
@@ -625,10 +625,82 @@ func TestVerifyForgedTellsNothingOfClaims(t *testing.T) {
 	for claims, text := range map[string]string{
 		`{"sub":"alice","exp":"` + later + `"}`:                                                           "exp must be a number",
 		`{"sub":"alice","iss":"https://auth.example.com/","aud":"wsrelay","exp":` + later + `,"nbf":"0"}`: "nbf must be a number",
-		`{"sub":"alice","exp":` + later + `,"iss":5}`:                                                     "malformed",
+		`{"sub":"alice","exp":` + later + `,"iss":5}`:                                                     "iss must be a string",
+		`{"sub":"alice","exp":` + later + `,"channels":"room.1"}`:                                         "channels must be an array of strings",
+		`{"sub":"alice","exp":` + later + `,"channels":["a",1]}`:                                          "channels must be an array of strings",
 	} {
 		if _, err := v.Verify(signRaw(t, claims)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), text) {
 			t.Errorf("claims %s: %v, want %q", claims, err, text)
 		}
+	}
+}
+
+// iss and aud are read only when JWT_ISSUER and JWT_AUDIENCE are set,
+// and jti never (docs/security.md): a token whose unchecked iss, aud or
+// jti is not a string (a numeric jti, an aud of numbers) is accepted,
+// not refused as malformed.
+func TestVerifyUncheckedClaimsNotRead(t *testing.T) {
+	t.Parallel()
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	v, err := NewVerifier(TokenConfig{Secret: secret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, claims := range []string{`,"jti":123`, `,"iss":5`, `,"aud":[1]`, `,"aud":{"a":1}`} {
+		if c, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+exp+claims+`}`)); err != nil || c.Subject != "alice" {
+			t.Errorf("claims %s, JWT_ISSUER and JWT_AUDIENCE unset: %v, want accepted", claims, err)
+		}
+	}
+	// Set, they are read, and must be of their type.
+	v, err = NewVerifier(TokenConfig{Secret: secret, Issuer: "i", Audience: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, claims := range []string{`,"iss":5,"aud":"a"`, `,"iss":"i","aud":[1]`} {
+		if _, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+exp+claims+`}`)); !errors.Is(err, ErrInvalidToken) {
+			t.Errorf("claims %s, JWT_ISSUER and JWT_AUDIENCE set: %v, want refused", claims, err)
+		}
+	}
+	if _, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+exp+`,"iss":"i","aud":"a","jti":7}`)); err != nil {
+		t.Errorf("numeric jti, JWT_ISSUER and JWT_AUDIENCE set: %v, want accepted", err)
+	}
+}
+
+// A token whose header has "crit" is refused: RFC 7515 §4.1.11 makes a
+// JWS invalid when its recipient does not understand every extension
+// crit lists, and wsrelay understands none. A forged one is told only
+// that its signature is bad.
+func TestVerifyCritHeader(t *testing.T) {
+	t.Parallel()
+	v, err := NewVerifier(TokenConfig{Secret: secret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	enc := base64.RawURLEncoding
+	sign := func(key, head string) string {
+		si := enc.EncodeToString([]byte(head)) + "." + enc.EncodeToString([]byte(`{"sub":"alice","exp":`+exp+`}`))
+		sig, err := jwt.SigningMethodHS256.Sign(si, []byte(key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return si + "." + enc.EncodeToString(sig)
+	}
+	for _, head := range []string{
+		`{"alg":"HS256","typ":"JWT","crit":["exp"],"exp":1}`,
+		`{"alg":"HS256","crit":["b64"],"b64":false}`,
+		`{"alg":"HS256","crit":[]}`,
+		`{"alg":"HS256","crit":null}`,
+	} {
+		if _, err := v.Verify(sign(secret, head)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), "crit") {
+			t.Errorf("header %s: %v, want refused, naming crit", head, err)
+		}
+		if _, err := v.Verify(sign("another secret, not ours", head)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), "bad signature") {
+			t.Errorf("header %s, forged: %v, want bad signature", head, err)
+		}
+	}
+	// Other header parameters are not read: kid, typ, cty.
+	if _, err := v.Verify(sign(secret, `{"alg":"HS256","typ":"at+jwt","kid":"../../x","cty":"JWT"}`)); err != nil {
+		t.Errorf("kid, typ, cty: %v, want accepted", err)
 	}
 }

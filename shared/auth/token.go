@@ -48,6 +48,11 @@ type jwtClaims struct {
 	jwt.RegisteredClaims
 	Channels []string `json:"channels,omitempty"`
 	Publish  []string `json:"publish,omitempty"`
+	// readIss and readAud, set before the claims are decoded, say
+	// whether iss and aud are read: only when JWT_ISSUER and
+	// JWT_AUDIENCE are set (docs/security.md), so that a token is not
+	// refused for the type of a claim nothing checks. jti is never read.
+	readIss, readAud bool
 	// decodeErr is the first claim UnmarshalJSON could not decode. It is
 	// kept, not returned, because the parser decodes the claims before
 	// it checks the signature: Verify tells it only to a signed token.
@@ -87,10 +92,10 @@ func numericDate(claim string, raw json.RawMessage, dst **jwt.NumericDate) error
 // UnmarshalJSON reads the claims by their exact names: claim names are
 // case-sensitive (RFC 7519 §4), but encoding/json matches a field's name
 // without case, so that "EXP" would pass for exp, or a "Channels" after
-// "channels" replace it. exp, nbf and iat must be numbers (numericDate).
-// Anything else is decoded as encoding/json does. A claim that cannot be
-// decoded is left unset and recorded in c.decodeErr; only a payload that
-// is not a JSON object is an error here.
+// "channels" replace it. exp, nbf and iat must be numbers (numericDate);
+// iss and aud are read only when c.readIss and c.readAud say so. A claim
+// that cannot be decoded is left unset and recorded in c.decodeErr, named
+// (claimError); only a payload that is not a JSON object is an error here.
 func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(b, &m); err != nil {
@@ -109,13 +114,18 @@ func (c *jwtClaims) UnmarshalJSON(b []byte) error {
 	for _, f := range []struct {
 		name string
 		dst  any
+		read bool
+		want string // what the claim must be, for the error
 	}{
-		{"iss", &c.Issuer}, {"sub", &c.Subject}, {"aud", &c.Audience}, {"jti", &c.ID},
-		{"channels", &c.Channels}, {"publish", &c.Publish},
+		{"iss", &c.Issuer, c.readIss, "a string"},
+		{"sub", &c.Subject, true, "a string"},
+		{"aud", &c.Audience, c.readAud, "a string or an array of strings"},
+		{"channels", &c.Channels, true, "an array of strings (channel patterns)"},
+		{"publish", &c.Publish, true, "an array of strings (channel patterns)"},
 	} {
-		if raw, ok := m[f.name]; ok {
+		if raw, ok := m[f.name]; ok && f.read {
 			if err := json.Unmarshal(raw, f.dst); err != nil && c.decodeErr == nil {
-				c.decodeErr = err
+				c.decodeErr = &claimError{f.name, "must be " + f.want}
 			}
 		}
 	}
@@ -355,7 +365,7 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 	if !IsToken(token) {
 		return nil, fmt.Errorf("%w: not a JWT", ErrInvalidToken)
 	}
-	var jc jwtClaims
+	jc := jwtClaims{readIss: v.issuer != "", readAud: v.audience != ""}
 	opts := []jwt.ParserOption{
 		jwt.WithValidMethods(v.methods),
 		jwt.WithExpirationRequired(),
@@ -367,7 +377,15 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 	if v.audience != "" {
 		opts = append(opts, jwt.WithAudience(v.audience)) // one of aud; a missing or empty aud fails
 	}
-	_, err := jwt.NewParser(opts...).ParseWithClaims(token, &jc, v.key)
+	tok, err := jwt.NewParser(opts...).ParseWithClaims(token, &jc, v.key)
+	// RFC 7515 §4.1.11: a JWS whose crit lists an extension the
+	// recipient does not understand is invalid, and wsrelay understands
+	// none. Told only once the signature has passed, as the claims are.
+	if tok != nil && (err == nil || errors.Is(err, jwt.ErrTokenInvalidClaims)) {
+		if _, crit := tok.Header["crit"]; crit {
+			return nil, fmt.Errorf("%w: crit header: no JWS extension is supported", ErrInvalidToken)
+		}
+	}
 	// The claims are decoded before the signature is checked; what was
 	// wrong with them is told once the signature has passed (err is nil
 	// or a claim check's), so that a forged token learns nothing of it.
