@@ -32,6 +32,8 @@ func TestErrorPrecedence(t *testing.T) {
 			`{"messages":[{"channel":"a","data":1},{"channel":"chat:x"}]}`, bearer(chatKey), 403, "forbidden"},
 		{"batch item fields in order", "POST", "/v1/messages",
 			`{"messages":[{"channel":"chat:x"},{"channel":"a","data":1}]}`, bearer(chatKey), 400, "missing_data"},
+		{"batch item fields before its permission", "POST", "/v1/messages",
+			`{"messages":[{"channel":"secret"}]}`, bearer(chatKey), 400, "missing_data"},
 		{"body before rate limit", "POST", "/v1/channels/a/messages", `{"data":null}`, bearer(fullKey), 400, "missing_data"},
 		{"rate limit before Idempotency-Key", "POST", "/v1/channels/a/messages", `{"data":1}`,
 			append(bearer(fullKey), "Idempotency-Key", "\x01"), 429, "rate_limited"},
