@@ -37,9 +37,11 @@ CENTRIFUGO_MODULE := github.com/centrifugal/centrifugo/v6@v6.9.1
 # staticcheck 0.8.x is the first line that understands Go 1.26.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests need, as command:package[+package…]: Redis for
-# every Redis test, Chromium for the browser test of the demo page, and a C
-# toolchain for go test -race (which needs cgo).
-APT_DEPS    := redis-server:redis-server chromium:chromium gcc:gcc+libc6-dev
+# every Redis test, Chromium for the browser test of the demo page, nginx
+# for the test of deploy/nginx (e2e/nginx_test.go; Debian puts it in
+# /usr/sbin, off an ordinary user's PATH), and a C toolchain for go test
+# -race (which needs cgo).
+APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev
 SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: build run test bench package lint fuzz deps clean help
@@ -96,16 +98,17 @@ lint: ## gofmt check, go vet and staticcheck on every module
 fuzz: ## run every Fuzz* target of every module for $(FUZZTIME)
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh $(MODULES)
 
-deps: ## install what the tests need (redis-server, chromium) and download modules
+deps: ## install what the tests need (redis-server, chromium, nginx) and download modules
 	@missing=(); \
 	for d in $(APT_DEPS); do \
 		cmd=$${d%%:*}; pkg=$${d##*:}; \
-		command -v $$cmd >/dev/null || { [ $$cmd = chromium ] && command -v chromium-browser >/dev/null; } || missing+=($${pkg//+/ }); \
+		command -v $$cmd >/dev/null || { [ $$cmd = chromium ] && command -v chromium-browser >/dev/null; } || \
+			{ [ $$cmd = nginx ] && [ -x /usr/sbin/nginx ]; } || missing+=($${pkg//+/ }); \
 	done; \
 	if (( $${#missing[@]} )); then \
 		echo "== installing $${missing[*]}"; \
 		if ! { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}"; }; then \
-			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, redis-server for the rest, gcc for -race)" >&2; \
+			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, nginx for the nginx test, redis-server for the rest, gcc for -race)" >&2; \
 			exit 1; \
 		fi; \
 	fi; \
