@@ -177,6 +177,22 @@ func TestMakeRun(t *testing.T) {
 		if !strings.Contains(output(), "stopping") {
 			t.Fatalf("make run's script did not stop on Ctrl-C:\n%s", output())
 		}
+		// Each function stops the way it does on SIGTERM (the egress
+		// drains its sockets with 1001), and says so: its log reaches
+		// the terminal to the end, rather than its last writes killing
+		// it (SIGPIPE) because what prefixes its lines died of the
+		// Ctrl-C first.
+		for _, prefix := range []string{"[ingress]", "[egress]"} {
+			found := false
+			for _, l := range strings.Split(output(), "\n") {
+				if strings.HasPrefix(l, prefix) && strings.Contains(l, "msg=stopped") {
+					found = true
+				}
+			}
+			if !found {
+				t.Fatalf("no %s ... msg=stopped line after Ctrl-C:\n%s", prefix, output())
+			}
+		}
 	case <-time.After(30 * time.Second):
 		t.Fatalf("make run still running 30 s after Ctrl-C:\n%s", output())
 	}

@@ -89,9 +89,14 @@ export LOG_FORMAT=${LOG_FORMAT:-text}
 export ALLOWED_ORIGINS=${ALLOWED_ORIGINS:-http://localhost:$EGRESS_PORT,http://127.0.0.1:$EGRESS_PORT}
 export INGRESS_URL=${INGRESS_URL:-http://localhost:$INGRESS_PORT}
 
-PORT=$INGRESS_PORT "$tmp/bin/ingress" > >(sed -u 's/^/[ingress] /') 2>&1 &
+# The sed that prefixes each function's lines ignores Ctrl-C and ends when
+# the function closes its output: killed with the rest of the terminal's
+# process group, it would take the function's last log lines with it, and
+# the function's next write would kill it (SIGPIPE) in the middle of its
+# graceful stop.
+PORT=$INGRESS_PORT "$tmp/bin/ingress" > >(trap '' INT; exec sed -u 's/^/[ingress] /') 2>&1 &
 pids+=($!)
-PORT=$EGRESS_PORT "$tmp/bin/egress" > >(sed -u 's/^/[egress]  /') 2>&1 &
+PORT=$EGRESS_PORT "$tmp/bin/egress" > >(trap '' INT; exec sed -u 's/^/[egress]  /') 2>&1 &
 pids+=($!)
 wait_for "ingress" port_open "$INGRESS_PORT"
 wait_for "egress" port_open "$EGRESS_PORT"
