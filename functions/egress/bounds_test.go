@@ -227,10 +227,7 @@ func TestInitialChannelsStopAtClose(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "10"})
 	<-e.s.hub.inbox.ready
-	names := make([]string, 100)
-	for i := range names {
-		names[i] = "c" + strconv.Itoa(i)
-	}
+	names := channelNames(100)
 	ws, _, err := e.dial(t, url.Values{"channels": {strings.Join(names, ",") + ",late"}}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -377,10 +374,7 @@ func TestInitialChannelsEndWithTheSocket(t *testing.T) {
 	t.Cleanup(func() { rdb.Close() })
 	e := startEgressOn(t, rdb, "gone", map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "200ms"})
 	<-e.s.hub.inbox.ready
-	names := make([]string, 20)
-	for i := range names {
-		names[i] = "c" + strconv.Itoa(i)
-	}
+	names := channelNames(20)
 	ws, _, err := e.dial(t, url.Values{"channels": {strings.Join(names, ",")}}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -430,4 +424,13 @@ func TestBacklogMemoryReturned(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// channelNames is n channel names, c0 to c<n-1>, for a ?channels= list.
+func channelNames(n int) []string {
+	names := make([]string, n)
+	for i := range names {
+		names[i] = "c" + strconv.Itoa(i)
+	}
+	return names
 }

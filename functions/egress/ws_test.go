@@ -203,10 +203,7 @@ func TestQueryMalformed(t *testing.T) {
 func TestChannelsLongList(t *testing.T) {
 	t.Parallel()
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_SUBSCRIPTIONS": "2", "SEND_QUEUE": "16", "MAX_FRAMES_PER_SECOND": "0"})
-	names := make([]string, 200)
-	for i := range names {
-		names[i] = "c" + strconv.Itoa(i)
-	}
+	names := channelNames(200)
 	ws, _, err := e.dial(t, url.Values{"channels": {strings.Join(names, ",")}}, nil)
 	if err != nil {
 		t.Fatal(err)
