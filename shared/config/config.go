@@ -19,10 +19,18 @@ import (
 // reports every bad or missing variable in one error.
 func Load(getenv func(string) string, cfg any) error {
 	vars := make(map[string]string)
+	var unresolved []string
 	for _, name := range Names(cfg) {
 		if v := getenv(name); v != "" {
 			vars[name] = v
+			if placeholder(v) {
+				unresolved = append(unresolved, name)
+			}
 		}
+	}
+	if len(unresolved) > 0 {
+		// Named, never shown: the value may be a secret after all.
+		return fmt.Errorf("configuration: %s: the value holds an unresolved ${…} variable of a deploy file (a ${env:X} left as it is, X not being set where the deploy ran); set it there, or here", strings.Join(unresolved, ", "))
 	}
 	err := env.ParseWithOptions(cfg, env.Options{Environment: vars})
 	if err == nil {
@@ -37,6 +45,16 @@ func Load(getenv func(string) string, cfg any) error {
 		return fmt.Errorf("configuration: %s", strings.Join(msgs, "; "))
 	}
 	return fmt.Errorf("configuration: %w", err)
+}
+
+// placeholder reports a value holding "${…}": a deploy file's variable
+// that was not resolved (serverless.yml's ${env:JWT_SECRET} with
+// JWT_SECRET unset where it was deployed), which no setting of ours
+// means. Taken as it is, it would be a JWT secret or an API key anyone
+// can read in the repository.
+func placeholder(v string) bool {
+	i := strings.Index(v, "${")
+	return i >= 0 && strings.Contains(v[i+2:], "}")
 }
 
 // Join reports errs (nil ones skipped) as one error, nil if there are

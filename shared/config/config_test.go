@@ -86,3 +86,27 @@ func TestNames(t *testing.T) {
 		})
 	}
 }
+
+// A value that is a deploy file's variable left unresolved (the Serverless
+// Framework's ${env:X} for an X not set where it ran) is refused, naming
+// the variable but not its value: a JWT_SECRET of "${env:JWT_SECRET}"
+// would be a secret anyone can read in the repository.
+func TestLoadRefusesUnresolvedPlaceholders(t *testing.T) {
+	t.Parallel()
+	for _, v := range []string{"${env:INNER_NAME}", "redis://${env:REDIS_HOST}:6379", "${ssm:/wsrelay/secret}"} {
+		env := map[string]string{"SIZE": "5", "INNER_NAME": v}
+		var c sample
+		err := Load(func(k string) string { return env[k] }, &c)
+		if err == nil || !strings.Contains(err.Error(), "INNER_NAME") || strings.Contains(err.Error(), v) {
+			t.Errorf("%q: %v, want an error naming INNER_NAME without the value", v, err)
+		}
+	}
+	// A $ alone, or braces without it, are ordinary characters.
+	for _, v := range []string{"pa$$word", "{x}", "$x}"} {
+		env := map[string]string{"SIZE": "5", "INNER_NAME": v}
+		var c sample
+		if err := Load(func(k string) string { return env[k] }, &c); err != nil || c.Inner.Name != v {
+			t.Errorf("%q: %v, %q", v, err, c.Inner.Name)
+		}
+	}
+}
