@@ -257,20 +257,8 @@ func TestReplayHeldByReaderHoldsUpNoOne(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "64", "WRITE_TIMEOUT": "2s"})
 	<-e.s.hub.inbox.ready
 	ks := keys.Scheme{Prefix: prefix}
-	store := stream.NewStore(rdb)
 	data := []byte(`"` + strings.Repeat("x", 8<<10) + `"`)
-	msg := func() stream.Append {
-		return stream.Append{Stream: ks.Stream("long"), Notify: ks.Notify("long"),
-			Msg: stream.Message{Channel: "long", TS: time.Now().UnixMilli(), Data: data}}
-	}
-	var as []stream.Append
-	for range 2000 {
-		as = append(as, msg())
-	}
-	ids, err := store.Append(t.Context(), as)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ids := appendData(t, rdb, ks, "long", data, 2000)
 	live, _ := subscribedTo(t, e, "long")
 	stalled, _, err := smallBufDialer.Dial(e.url(nil), nil)
 	if err != nil {
@@ -292,10 +280,7 @@ func TestReplayHeldByReaderHoldsUpNoOne(t *testing.T) {
 		}
 		e.s.hub.mu.Unlock()
 		start := time.Now()
-		id, err := store.Append(t.Context(), []stream.Append{msg()})
-		if err != nil {
-			t.Fatal(err)
-		}
+		id := appendData(t, rdb, ks, "long", data, 1)
 		got, _ := readMessages(live, 5*time.Second, func(got string) bool { return got == id[0] })
 		if len(got) == 0 || got[len(got)-1] != id[0] {
 			t.Fatalf("live subscriber: %v, want up to %s", got, id[0])

@@ -38,6 +38,22 @@ func appendTo(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, ch, notif
 	return ids[0]
 }
 
+// appendData appends n messages holding data to ch's stream in one
+// pipeline and returns their ids.
+func appendData(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, ch string, data []byte, n int) []string {
+	t.Helper()
+	as := make([]stream.Append, n)
+	for i := range as {
+		as[i] = stream.Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
+			Msg: stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: data}}
+	}
+	ids, err := stream.NewStore(rdb).Append(t.Context(), as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
 // readMessages reads message frames until the socket ends or stop
 // returns true; it returns their ids and the close code (0 when the
 // socket did not close, -1 when it ended without a close frame).

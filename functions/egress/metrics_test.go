@@ -170,20 +170,8 @@ func TestResumeOverflowIsSlowConsumer(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "10s"})
 	<-e.s.hub.inbox.ready
 	ks := keys.Scheme{Prefix: prefix}
-	store := stream.NewStore(rdb)
 	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
-	publish := func(n int) []string {
-		var as []stream.Append
-		for range n {
-			as = append(as, stream.Append{Stream: ks.Stream("ro"), Notify: ks.Notify("ro"),
-				Msg: stream.Message{Channel: "ro", TS: time.Now().UnixMilli(), Data: data}})
-		}
-		ids, err := store.Append(t.Context(), as)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ids
-	}
+	publish := func(n int) []string { return appendData(t, rdb, ks, "ro", data, n) }
 	// More history than the socket's buffers hold: the replay waits for
 	// the client, which reads nothing for now.
 	var hist []string

@@ -338,11 +338,9 @@ func TestReleaserFreesOnlyItsOwnClaim(t *testing.T) {
 // A claim really left behind is still logged, and counted.
 func TestCanceledClaimsNotLogged(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	var logs testkit.SyncBuffer
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(&logs, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	t.Cleanup(e.srv.Close)
+	rdb, ks := e.rdb, e.keys
 	waitIdle := func() {
 		t.Helper()
 		testkit.Eventually(t, 5*time.Second, func() error {
@@ -555,13 +553,11 @@ func TestIdempotencyRecordLost(t *testing.T) {
 // says of every 500 ("the log has the detail").
 func TestCorruptIdempotencyRecord(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	var logs testkit.SyncBuffer
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(&logs, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	t.Cleanup(e.srv.Close)
+	rdb, ks := e.rdb, e.keys
 	expectStatus(t, e.do("POST", "/v1/channels/c/messages", `{"data":1}`, "Idempotency-Key", "k1"), 202)
-	recs, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+	recs, err := rdb.Keys(t.Context(), ks.Prefix+":{k:*").Result()
 	if err != nil || len(recs) != 1 {
 		t.Fatalf("idempotency records %v (%v), want one", recs, err)
 	}

@@ -349,13 +349,7 @@ func TestFailedWriteReplacesConnection(t *testing.T) {
 	})
 	t.Cleanup(func() { close(release) }) // before scripted's, which waits for the script
 	c, err := Dial(Options{URL: url, ReadTimeout: -1, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
-		Dialer: &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if err == nil {
-				_ = nc.(*net.TCPConn).SetWriteBuffer(4096)
-			}
-			return nc, err
-		}}})
+		Dialer: smallWriteBufDialer})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -407,13 +401,7 @@ func TestBlockedWriteHoldsNothing(t *testing.T) {
 	})
 	t.Cleanup(func() { close(release) }) // before scripted's, which waits for the script
 	c, err := Dial(Options{URL: url, ReadTimeout: -1,
-		Dialer: &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if err == nil {
-				_ = nc.(*net.TCPConn).SetWriteBuffer(4096)
-			}
-			return nc, err
-		}}})
+		Dialer: smallWriteBufDialer})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -555,3 +543,13 @@ func TestUnansweredCloseEndsConnection(t *testing.T) {
 		t.Fatal("still on the connection whose close the server never answered")
 	}
 }
+
+// smallWriteBufDialer dials with a small send buffer, so that a server
+// that stops reading blocks the client's writes soon.
+var smallWriteBufDialer = &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+	nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err == nil {
+		_ = nc.(*net.TCPConn).SetWriteBuffer(4096)
+	}
+	return nc, err
+}}
