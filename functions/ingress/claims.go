@@ -57,7 +57,7 @@ func newReleaser(rdb redis.UniversalClient, timeout time.Duration, log *slog.Log
 // release frees key if it still holds value. If Redis does not answer, it
 // goes on trying in the background until Redis does or until.
 func (r *releaser) release(ctx context.Context, key, value string, until time.Time) {
-	if r.free(context.WithoutCancel(ctx), key, value) == nil {
+	if _, err := r.free(context.WithoutCancel(ctx), key, value); err == nil {
 		return
 	}
 	r.later(key, value, until)
@@ -79,13 +79,8 @@ func (r *releaser) later(key, value string, until time.Time) {
 	}
 }
 
-func (r *releaser) free(ctx context.Context, key, value string) error {
-	_, err := r.freed(ctx, key, value)
-	return err
-}
-
-// freed is free, reporting whether key held value (and was deleted).
-func (r *releaser) freed(ctx context.Context, key, value string) (bool, error) {
+// free deletes key if it still holds value, reporting whether it did.
+func (r *releaser) free(ctx context.Context, key, value string) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	n, err := releaseScript.Run(ctx, r.rdb, []string{key}, value).Int()
@@ -118,7 +113,7 @@ func (r *releaser) loop() {
 				// A claim that is not there is not counted: a request
 				// whose client hung up before its claim was sent leaves
 				// its key here too, in case Redis set it.
-				ok, err := r.freed(context.Background(), key, c.value)
+				ok, err := r.free(context.Background(), key, c.value)
 				if err != nil {
 					failed = true
 					break
