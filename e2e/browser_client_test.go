@@ -259,10 +259,116 @@ const clientJSCases = `(async () => {
     const c = newClient({ minBackoff: 0, maxBackoff: 0, stableAfter: 0 });
     if (c.minBackoff !== 500 || c.maxBackoff !== 20000 || c.stableAfter !== 10000) wrong.push("0 is not the default: " + [c.minBackoff, c.maxBackoff, c.stableAfter]);
     c.close();
-    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["stableAfter Infinity", { stableAfter: Infinity }]]) {
+    const p = newClient({ activityTimeout: 0, pongTimeout: 0 });
+    if (p.activityTimeout !== 50000 || p.pongTimeout !== 10000) wrong.push("0 is not the default: " + [p.activityTimeout, p.pongTimeout]);
+    p.close();
+    const off = newClient({ activityTimeout: -1 });
+    if (off.activityTimeout !== -1) wrong.push("activityTimeout -1 (off) taken as " + off.activityTimeout);
+    off.close();
+    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["stableAfter Infinity", { stableAfter: Infinity }],
+      ["pongTimeout -1", { pongTimeout: -1 }], ["activityTimeout '5'", { activityTimeout: "5" }], ["activityTimeout NaN", { activityTimeout: NaN }]]) {
       try { newClient(o).close(); wrong.push(name + " accepted"); } catch (e) { if (!(e instanceof TypeError)) wrong.push(name + ": " + e); }
     }
     results.timeOptions = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // The silence probe: a ping after activityTimeout without a frame, any
+  // frame as its answer, and a drop (a lost connection, resumed) when
+  // none comes within pongTimeout.
+  {
+    const wrong = [];
+    const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+    const pings = (ws) => ws.sent.filter((f) => f.type === "ping").length;
+    const [c, ws] = await welcomed({ activityTimeout: 200, pongTimeout: 200 });
+    const closes = [];
+    c.on("close", (e) => closes.push(e.code + " " + e.reason));
+    const s = c.subscribe("a", {});
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ws.sent.at(-1).ref });
+    ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
+    await wait(100);
+    if (pings(ws)) wrong.push("pinged after 100 ms of silence (activityTimeout 200)");
+    await wait(200);
+    if (pings(ws) !== 1) wrong.push(pings(ws) + " pings after 300 ms of silence, want 1");
+    ws.recv({ type: "message", channel: "a", id: "3-0", ts: 1, data: 3 }); // any frame answers
+    await wait(100);
+    if (sockets.length !== 1) wrong.push("dropped though a frame answered the ping");
+    await wait(400);
+    if (pings(ws) !== 2 || sockets.length !== 2 || c.ws === ws) wrong.push(pings(ws) + " pings, " + sockets.length + " sockets after an unanswered ping");
+    if (closes.join() !== "1006 no answer to ping") wrong.push("closes [" + closes + "]");
+    const ws2 = sockets.at(-1);
+    ws2.open();
+    ws2.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    const resume = ws2.sent.find((f) => f.type === "subscribe");
+    if (resume?.after !== "3-0" || s.lastId !== "3-0") wrong.push("resumed after " + resume?.after);
+    c.close();
+    // A socket never welcomed (a proxy that accepts and forwards nothing)
+    // is dropped too, after activityTimeout + pongTimeout, with nothing sent.
+    sockets.length = 0;
+    const c2 = newClient({ activityTimeout: 30, pongTimeout: 30 });
+    await settle();
+    sockets[0].open();
+    await wait(120);
+    if (sockets.length < 2 || sockets[0].frames.length) wrong.push("a socket never welcomed: " + sockets.length + " dials, " + sockets[0].frames.length + " frames sent");
+    c2.close();
+    // A server that closes idle connections (welcome idle_timeout_ms) is
+    // not pinged before its idle timeout: its 4000 comes first.
+    sockets.length = 0;
+    const c3 = newClient({ activityTimeout: 20, pongTimeout: 20 });
+    await settle();
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i", idle_timeout_ms: 1000 });
+    await wait(200);
+    if (pings(sockets[0])) wrong.push("pinged before the server's idle timeout");
+    c3.close();
+    // Probes off: no ping, and no drop.
+    const [c4, ws4] = await welcomed({ activityTimeout: -1, pongTimeout: 10 });
+    await wait(100);
+    globalThis.dispatchEvent(new Event("offline"));
+    globalThis.dispatchEvent(new Event("online"));
+    if (pings(ws4) || c4.ws !== ws4) wrong.push("probes off: " + pings(ws4) + " pings");
+    c4.close();
+    results.silenceProbe = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // Network events: "online" ends a wait to reconnect and probes a
+  // connected socket, "offline" probes it; close() and a final close
+  // remove the listeners.
+  {
+    const wrong = [];
+    const added = new Map();
+    const add = globalThis.addEventListener, remove = globalThis.removeEventListener;
+    globalThis.addEventListener = function (name, fn, o) { if (name === "online" || name === "offline") added.set(fn, name); return add.call(this, name, fn, o); };
+    globalThis.removeEventListener = function (name, fn, o) { added.delete(fn); return remove.call(this, name, fn, o); };
+    const random = Math.random;
+    Math.random = () => 1; // every backoff its longest
+    try {
+      const [c, ws] = await welcomed({ minBackoff: 60000, maxBackoff: 60000 });
+      if (added.size !== 2) wrong.push(added.size + " network listeners, want 2");
+      globalThis.dispatchEvent(new Event("offline"));
+      const pinged = ws.sent.filter((f) => f.type === "ping").length;
+      globalThis.dispatchEvent(new Event("online")); // a probe is waiting already
+      if (pinged !== 1 || ws.sent.filter((f) => f.type === "ping").length !== 1) wrong.push("offline then online: " + ws.sent.filter((f) => f.type === "ping").length + " pings, want 1");
+      ws.recv({ type: "pong" });
+      globalThis.dispatchEvent(new Event("online"));
+      if (ws.sent.filter((f) => f.type === "ping").length !== 2) wrong.push("online while connected sent no probe");
+      ws.shut(1006);
+      await settle();
+      if (sockets.length !== 1 || c.state !== "disconnected") wrong.push("reconnected before the 60 s backoff: " + sockets.length + " dials");
+      globalThis.dispatchEvent(new Event("online"));
+      await settle();
+      if (sockets.length !== 2) wrong.push("online while waiting: " + sockets.length + " dials, want 2");
+      c.close();
+      if (added.size) wrong.push(added.size + " listeners left after close()");
+      const [c2, ws2] = await welcomed();
+      ws2.shut(4003);
+      await settle();
+      if (added.size || c2.state !== "closed") wrong.push(added.size + " listeners left after a final close");
+    } finally {
+      globalThis.addEventListener = add;
+      globalThis.removeEventListener = remove;
+      Math.random = random;
+    }
+    results.networkEvents = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
   // Unsubscribing a subscription the server refused is answered
@@ -754,7 +860,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -78,6 +78,22 @@ func TestRequestsPerFrame(t *testing.T) {
 			t.Fatalf("welcome %+v, want max_frame_bytes 4096", w)
 		}
 	})
+	// The idle timeout is announced only when set, so that a client that
+	// probes a silent connection waits past it instead of keeping an idle
+	// connection open with its pings (docs/protocol.md).
+	t.Run("welcome carries idle_timeout_ms when IDLE_TIMEOUT is set", func(t *testing.T) {
+		t.Parallel()
+		for _, tc := range []struct {
+			idle string
+			want int64
+		}{{"2500ms", 2500}, {"0s", 0}} {
+			_, ws, w := dial(t, map[string]string{"IDLE_TIMEOUT": tc.idle})
+			if w.IdleTimeoutMs != tc.want {
+				t.Fatalf("IDLE_TIMEOUT %s: welcome %+v, want idle_timeout_ms %d", tc.idle, w, tc.want)
+			}
+			ws.Close()
+		}
+	})
 	t.Run("subscribes", func(t *testing.T) {
 		t.Parallel()
 		rdb, prefix := redistest.Client(t)

@@ -138,8 +138,10 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	// nothing is written until the record is in: c.writing, set above,
 	// holds the writer back.
 	user := c.user
+	welcome := &protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance,
+		MaxFrameBytes: s.cfg.MaxFrameBytes, IdleTimeoutMs: s.cfg.IdleTimeout.Milliseconds()}
 	c.mu.Lock()
-	c.ctrl = append(c.ctrl, c.reply(&protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance, MaxFrameBytes: s.cfg.MaxFrameBytes}).frame)
+	c.ctrl = append(c.ctrl, c.reply(welcome).frame)
 	c.mu.Unlock()
 	c.framesOut.Add(1)
 	s.hub.addConn(c)

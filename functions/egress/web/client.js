@@ -17,6 +17,19 @@
 // connection refused before its welcome (an expired token is refused at the
 // upgrade, which a browser reports only as a close).
 //
+// A connection that went silent without a close (laptop sleep, a Wi-Fi or
+// NAT change) looks open to a page until TCP gives up, minutes later: the
+// server's WebSocket pings are invisible to it. So when no frame has come
+// for activityTimeout (50 s) the client sends {"type":"ping"}, and drops
+// the socket (then reconnects and resumes, as after a 1006) when no frame
+// at all follows within pongTimeout (10 s). A server whose welcome carries
+// idle_timeout_ms closes idle connections itself (4000): the client then
+// probes only after a silence longer than that, so its pings never keep
+// open a connection the server would close. Where the runtime has network
+// events (browsers, workers), "online" ends a wait to reconnect at once and
+// probes a connected socket, and "offline" probes it: a short loss keeps
+// the connection, a dead one is dropped within pongTimeout.
+//
 // publish() sends a message through the ingress, retried with one
 // Idempotency-Key so that it is written once:
 //
@@ -27,6 +40,13 @@ const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
 const PLANNED = new Set([1001, 4000, 4001]);
 // The largest frame of subscribes sent, whatever max_frame_bytes allows.
 const MAX_BATCH_BYTES = 64 * 1024;
+// How much longer than a server's idle timeout (welcome idle_timeout_ms)
+// a connection must be silent before the client probes it: the egress
+// looks for idle connections every second, and its close (4000) must
+// reach the client before the client's ping reaches the egress, which
+// would make the connection active again.
+const IDLE_MARGIN = 5000;
+const PING = JSON.stringify({ type: "ping" });
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
@@ -52,12 +72,17 @@ function backoff(min, max, n) {
  * A time option in ms, as the Go client takes its durations: absent or 0
  * means def; anything but a finite number from 0 up is a TypeError (a
  * backoff of 0 ms would reconnect or retry in a tight loop, and a string
- * would silently turn the arithmetic into NaN).
+ * would silently turn the arithmetic into NaN). With canTurnOff, a
+ * negative number turns the feature off (as the Go client's negative
+ * ReadTimeout): -1.
  */
-function msOption(opts, name, def) {
+function msOption(opts, name, def, canTurnOff = false) {
   const v = opts[name];
   if (v == null || v === 0) return def;
-  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) throw new TypeError(`${name} must be a number of milliseconds from 0 up (0: ${def}): ${v}`);
+  if (canTurnOff && typeof v === "number" && v < 0) return -1;
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) {
+    throw new TypeError(`${name} must be a number of milliseconds from 0 up (0: ${def}${canTurnOff ? "; negative: off" : ""}): ${v}`);
+  }
   return v;
 }
 
@@ -115,6 +140,10 @@ function dialUrl(url, opts) {
  * first connect and after 4004), user (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
+ * activityTimeout (ms, 50000: a silence from the server after which the
+ * client pings; negative: no probes), pongTimeout (ms, 10000: how long a
+ * probe waits for any frame before the socket is dropped; a socket not
+ * welcomed within activityTimeout + pongTimeout of its dial is dropped too),
  * WebSocket (constructor, for tests); a time option of 0 means its default.
  * The constructor throws a TypeError for a time option that is not a
  * number from 0 up, for
@@ -137,6 +166,8 @@ export class WsRelay {
     this.minBackoff = msOption(opts, "minBackoff", 500);
     this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
     this.stableAfter = msOption(opts, "stableAfter", 10000);
+    this.activityTimeout = msOption(opts, "activityTimeout", 50000, true);
+    this.pongTimeout = msOption(opts, "pongTimeout", 10000);
     this.WS = opts.WebSocket ?? globalThis.WebSocket;
     this.state = "disconnected";
     this.subs = new Map(); // channel → subscription
@@ -148,7 +179,11 @@ export class WsRelay {
     this.nextRef = 0;
     this.ws = null;
     this.timer = null;
+    this.waiting = false; // this.timer is a reconnect's backoff
+    this.probeTimer = null;
     this.closed = false;
+    this.network = null;
+    this.listenNetwork();
     // Connect after the caller's synchronous setup, so listeners added
     // right after the constructor see the first "connecting".
     queueMicrotask(() => this.connect());
@@ -255,7 +290,10 @@ export class WsRelay {
   /** Closes the socket (1000) for good. */
   close() {
     this.closed = true;
+    this.waiting = false;
     clearTimeout(this.timer);
+    clearTimeout(this.probeTimer);
+    this.unlistenNetwork();
     if (this.ws) {
       const ws = this.ws;
       this.ws = null;
@@ -269,18 +307,123 @@ export class WsRelay {
    * reconnects and resumes like after any lost connection. For demos/tests.
    */
   drop() {
+    this.cut("dropped", "dropped by the application");
+  }
+
+  cut(reason, closeReason) {
     if (!this.ws) return;
     const ws = this.ws;
     this.detach(ws);
-    try { ws.close(4999, "dropped by the application"); } catch { /* ignore */ }
+    try { ws.close(4999, closeReason); } catch { /* ignore */ }
     // A socket not yet welcomed is dropped as a refused one closes: a
     // fresh token next, and no backoff reset.
-    this.lost({ code: 1006, reason: "dropped" }, ws.openedAt, ws.welcomed);
+    this.lost({ code: 1006, reason }, ws.openedAt, ws.welcomed);
   }
 
   detach(ws) {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-    if (this.ws === ws) this.ws = null;
+    if (this.ws === ws) {
+      this.ws = null;
+      clearTimeout(this.probeTimer);
+    }
+  }
+
+  /**
+   * Listens to the runtime's network events, where it has them (browsers
+   * and workers; not Node): see online() and offline(). close() and a
+   * final close remove the listeners, so a closed client is not kept
+   * reachable from globalThis.
+   */
+  listenNetwork() {
+    if (typeof globalThis.addEventListener !== "function") return;
+    this.network = { online: () => this.online(), offline: () => this.offline() };
+    for (const [name, fn] of Object.entries(this.network)) globalThis.addEventListener(name, fn);
+  }
+
+  unlistenNetwork() {
+    if (!this.network) return;
+    for (const [name, fn] of Object.entries(this.network)) globalThis.removeEventListener?.(name, fn);
+    this.network = null;
+  }
+
+  /**
+   * The network is back: a wait to reconnect is pointless now, and a
+   * connected socket is probed at once, since a network change usually
+   * leaves its old TCP path dead. The backoff is not reset: if the dial
+   * fails, the next wait is as long as it would have been.
+   */
+  online() {
+    if (this.closed) return;
+    if (this.waiting) {
+      this.waiting = false;
+      clearTimeout(this.timer);
+      this.connect();
+      return;
+    }
+    this.probe();
+  }
+
+  /**
+   * The browser lost its network. As pusher-js does, the socket is probed
+   * rather than dropped: a short loss (roaming between access points, a
+   * VPN that reconnects) keeps the TCP connection and its subscriptions,
+   * and a dial would fail while offline anyway; a path that did die is
+   * dropped within pongTimeout, and "online" ends the wait that follows.
+   */
+  offline() {
+    if (!this.closed) this.probe();
+  }
+
+  /** Pings the welcomed socket now, unless a probe is already waiting or probes are off. */
+  probe() {
+    const ws = this.ws;
+    if (this.activityTimeout < 0 || !ws || !ws.welcomed || ws.readyState !== 1 || ws.pingedAt) return;
+    ws.pingedAt = Date.now();
+    ws.send(PING);
+    this.watch(ws);
+  }
+
+  /**
+   * How long ws may be silent before it is probed: activityTimeout, or
+   * longer than the server's idle timeout, which the server announces so
+   * that a client never pings an idle connection before the server closes
+   * it (a ping is a data frame: it would keep the connection open).
+   */
+  silence(ws) {
+    return ws.idleTimeout ? Math.max(this.activityTimeout, ws.idleTimeout + IDLE_MARGIN) : this.activityTimeout;
+  }
+
+  /**
+   * Arms the silence timer of the current socket: at the end of its
+   * silence, or of the wait for a probe's answer. Frames only stamp the
+   * socket (dispatch); the timer checks the stamps when it fires, so a
+   * busy socket costs no timer per frame.
+   */
+  watch(ws) {
+    clearTimeout(this.probeTimer);
+    if (this.activityTimeout < 0 || this.ws !== ws || this.closed) return;
+    const due = ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
+    this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.max(0, due - Date.now()));
+  }
+
+  checkSilence(ws) {
+    if (this.ws !== ws || this.closed) return;
+    const now = Date.now();
+    if (ws.pingedAt) {
+      // Any frame answers a probe (dispatch clears pingedAt): a pong
+      // queued behind a replay is as good as the replay.
+      if (now - ws.pingedAt >= this.pongTimeout) {
+        this.cut(ws.welcomed ? "no answer to ping" : "no welcome", "silent connection");
+        return;
+      }
+    } else if (now - ws.lastRecv >= this.silence(ws)) {
+      ws.pingedAt = now;
+      // Nothing is sent before the welcome: a socket that opened (or is
+      // still dialing) and stays silent is dropped when the welcome has
+      // not come within pongTimeout more.
+      if (ws.welcomed && ws.readyState === 1) ws.send(PING);
+    }
+    this.watch(ws);
   }
 
   async connect() {
@@ -316,6 +459,10 @@ export class WsRelay {
     this.ws = ws;
     ws.openedAt = Date.now();
     ws.welcomed = false;
+    ws.lastRecv = ws.openedAt; // the silence timer runs from the dial
+    ws.pingedAt = 0; // when the probe waiting for an answer was sent
+    ws.idleTimeout = 0; // the server's, from its welcome
+    this.watch(ws);
     // Nothing is sent before the welcome, which says how the server
     // takes the subscribes (subscribeAll).
     ws.onopen = null;
@@ -332,6 +479,7 @@ export class WsRelay {
     if (this.closed) return;
     if (FINAL.has(ev.code)) {
       this.closed = true;
+      this.unlistenNetwork();
       this.setState("closed", ev);
       return;
     }
@@ -346,13 +494,20 @@ export class WsRelay {
     const wait = backoff(this.minBackoff, this.maxBackoff, this.attempt);
     this.attempt++;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.connect(), wait);
+    this.waiting = true;
+    this.timer = setTimeout(() => {
+      this.waiting = false;
+      this.connect();
+    }, wait);
   }
 
   dispatch(ws, raw) {
     // What a socket still delivers after close() reaches no handler (a
     // browser drops it; other WebSocket implementations may not).
     if (this.closed) return;
+    // Any frame shows the path is alive and answers a probe.
+    ws.lastRecv = Date.now();
+    ws.pingedAt = 0;
     let f;
     try { f = JSON.parse(raw); } catch { return; }
     if (f === null || typeof f !== "object") return; // JSON, but no frame
@@ -360,6 +515,9 @@ export class WsRelay {
       case "welcome":
         if (ws.welcomed) break;
         ws.welcomed = true;
+        // An older server's welcome has no idle timeout: it closes no
+        // idle connection, or does not say, and activityTimeout applies.
+        if (Number.isSafeInteger(f.idle_timeout_ms) && f.idle_timeout_ms > 0) ws.idleTimeout = f.idle_timeout_ms;
         if (ws.readyState === 1) this.subscribeAll(ws, f.max_frame_bytes);
         this.setState("connected", f);
         if (this.closed) break; // close() from a state listener
@@ -408,7 +566,7 @@ export class WsRelay {
         else this.emit("error", f);
         break;
       }
-      case "pong": // the answer to an application ping (c.send({type: "ping"}))
+      case "pong": // the answer to a probe or to an application's c.send({type: "ping"})
         this.emit("pong", f);
         break;
     }
