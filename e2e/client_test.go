@@ -507,3 +507,81 @@ func TestGoClientRefusedByEgress(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestGoClientReadLimit: with the default ReadLimit, the Go client reads
+// the largest message an ingress at SCF's WebSocket cap takes
+// (MAX_MESSAGE_BYTES 256 KB, its frame a few hundred bytes more); a client
+// whose ReadLimit is below it closes with 1009 when the message is
+// replayed to it, and stops for good (a reconnect's resume would replay
+// it again), with Err saying so; the egress logs the client's 1009.
+func TestGoClientReadLimit(t *testing.T) {
+	e := env{
+		"REDIS_URL":         redistest.URL(t),
+		"REDIS_KEY_PREFIX":  redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":   "true",
+		"MAX_MESSAGE_BYTES": "262144",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+	url := "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws"
+	big := strings.Repeat("x", 262144-len(`{"data":""}`)) // the whole body at the limit
+
+	got := make(chan client.Message, 1)
+	live := make(chan bool, 1)
+	c, err := client.Dial(client.Options{URL: url, User: "reader"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Subscribe("big", client.Handler{
+		OnSubscribed: func(bool) { live <- true },
+		OnMessage:    func(m client.Message) { got <- m },
+	}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-live:
+	case <-time.After(10 * time.Second):
+		t.Fatal("not subscribed")
+	}
+	id, err := pub.publish("big", big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-got:
+		if m.ID != id || len(m.Data) != len(big)+2 {
+			t.Fatalf("got %s of %d bytes, want %s of %d", m.ID, len(m.Data), id, len(big)+2)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the message was not delivered (Err %v)", c.Err())
+	}
+
+	small, err := client.Dial(client.Options{URL: url, User: "small", ReadLimit: 64 << 10,
+		MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer small.Close()
+	if _, err := small.Subscribe("big", client.Handler{After: "0-0"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-small.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the client with a 64 KiB ReadLimit is still running (Err %v)", small.Err())
+	}
+	var ce *client.CloseError
+	if !errors.As(small.Err(), &ce) || ce.Code != 1009 || !ce.ByClient {
+		t.Fatalf("Err %v, want the client's own 1009", small.Err())
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		for _, l := range strings.Split(eg.Logs(), "\n") {
+			if strings.Contains(l, `"user":"small"`) && strings.Contains(l, `"close_code":1009`) && strings.Contains(l, `"closed_by":"client"`) {
+				return nil
+			}
+		}
+		return errors.New("no log line of small's connection closed by the client with 1009")
+	})
+}

@@ -11,11 +11,16 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 // rawWS is a client that speaks RFC 6455 frame by frame over its own TCP
@@ -32,6 +37,17 @@ type rawWS struct {
 // welcome.
 func rawDial(t *testing.T, e *secEgress, d *net.Dialer) *rawWS {
 	t.Helper()
+	c := rawUpgrade(t, e, d, "/ws")
+	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"welcome"`)) {
+		t.Fatalf("first frame: op %d %q, want the welcome", op, p)
+	}
+	return c
+}
+
+// rawUpgrade opens path (/ws and its query) on e with a hand-written
+// handshake, and reads nothing after the server's 101.
+func rawUpgrade(t *testing.T, e *secEgress, d *net.Dialer, path string) *rawWS {
+	t.Helper()
 	if d == nil {
 		d = &net.Dialer{}
 	}
@@ -41,18 +57,14 @@ func rawDial(t *testing.T, e *secEgress, d *net.Dialer) *rawWS {
 	}
 	t.Cleanup(func() { nc.Close() })
 	_ = nc.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintf(nc, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path)
 	br := bufio.NewReader(nc)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("handshake: %v %v", resp, err)
 	}
-	c := &rawWS{t: t, nc: nc, br: br}
-	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"welcome"`)) {
-		t.Fatalf("first frame: op %d %q, want the welcome", op, p)
-	}
-	return c
+	return &rawWS{t: t, nc: nc, br: br}
 }
 
 func (c *rawWS) send(frames ...[]byte) {
@@ -269,5 +281,52 @@ func TestCloseAfterUnreadData(t *testing.T) {
 	}
 	if code := c.closed(3 * time.Second); code != protocol.CloseTooBig {
 		t.Fatalf("close %d, want 1009", code)
+	}
+}
+
+// TestRefusedAfterClientFrames: a socket refused right after the upgrade
+// (here 1013, its registry write failing; a drain's 1001 takes the same
+// path) whose client has already sent frames ends as every other does:
+// the close frame, then the end of the stream. Closing the socket with
+// the client's bytes unread makes the kernel reset the connection,
+// throwing away what it has not sent yet (the close frame, when the
+// client's window is full or a segment is lost) and, on some clients'
+// systems, what the client has received but not read: the client sees a
+// lost connection (1006) instead of 1013 and its backoff. Over loopback
+// on Linux the close frame is sent before the reset and survives it, so
+// the test looks for the reset itself.
+func TestRefusedAfterClientFrames(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	// Carol's registry write fails once her frames have reached the
+	// server.
+	sent := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(sent) }) }
+	rdb.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
+		for _, c := range cmds {
+			if a := c.Args(); len(a) > 1 && a[1] == ks.UserConns("carol") {
+				<-sent
+				return true
+			}
+		}
+		return false
+	}})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	t.Cleanup(release)
+	c := rawUpgrade(t, e, nil, "/ws?user=carol")
+	for _, ch := range []string{"a", "b", "c"} {
+		c.send(clientFrame(true, opText, []byte(`{"type":"subscribe","channel":"`+ch+`"}`)))
+	}
+	time.Sleep(100 * time.Millisecond) // the frames are in the server's socket
+	release()
+	op, p, err := c.next()
+	if err != nil || op != opClose || len(p) < 2 || binary.BigEndian.Uint16(p) != protocol.CloseTryAgainLater {
+		t.Fatalf("first frame: op %d %q, %v; want close 1013", op, p, err)
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if b, err := io.ReadAll(c.br); len(b) > 0 || err != nil {
+		t.Fatalf("after the close frame: %q, %v; want the end of the stream", b, err)
 	}
 }

@@ -333,9 +333,10 @@ func (c *conn) armWriteDeadline(now time.Time) {
 	_ = c.nc.SetWriteDeadline(time.Unix(0, c.writeDeadline))
 }
 
-// finishWrites is called once by serve after the reader has ended: it
-// stops writers from starting, waits for a running one, and sends a close
-// frame still owed (the echo of the client's close).
+// finishWrites is called once by serve after the reader has ended, or by
+// refuse: it stops writers from starting, waits for a running one, and
+// sends a close frame still owed (the echo of the client's close, a
+// refusal's close).
 func (c *conn) finishWrites() {
 	c.mu.Lock()
 	c.ended = true
@@ -349,6 +350,8 @@ func (c *conn) finishWrites() {
 		nc := c.nc
 		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = nc.Write(msg)
+		// As the writer does: wait briefly for the client's close reply.
+		_ = nc.SetReadDeadline(time.Now().Add(time.Second))
 	}
 }
 

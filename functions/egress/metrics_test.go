@@ -111,8 +111,51 @@ func TestRefusedAtConnect(t *testing.T) {
 			closed = append(closed, r)
 		}
 	}
-	if len(closed) != 1 || closed[0]["user"] != "carol" || closed[0]["close_code"] != float64(1013) || closed[0]["scf_status"] != float64(439) {
-		t.Errorf("the refusal's log lines %v, want one naming carol, 1013, 439", closed)
+	if len(closed) != 1 || closed[0]["level"] != "WARN" || closed[0]["user"] != "carol" || closed[0]["close_code"] != float64(1013) ||
+		closed[0]["scf_status"] != float64(439) || closed[0]["frames_out"] != float64(0) || closed[0]["err"] == nil {
+		t.Errorf("the refusal's log lines %v, want one WARN naming carol, 1013, 439, no frame out and the error", closed)
+	}
+}
+
+// TestRefusedWhileDraining: a socket whose upgrade was under way when the
+// drain began, past the drain check that answers 503, is closed with 1001
+// right after the upgrade, as every connection ends (its close frame, then
+// the end of the stream), and logged and counted as any other server
+// close (docs/protocol.md: 439).
+func TestRefusedWhileDraining(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var logs testkit.SyncBuffer
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, &logs)
+	// The drain begins during the handshake, as drain does first.
+	check := e.s.upgrader.CheckOrigin
+	e.s.upgrader.CheckOrigin = func(r *http.Request) bool {
+		e.s.draining.Store(true)
+		return check(r)
+	}
+	c := rawUpgrade(t, e, nil, "/ws?user=dave")
+	if code := c.closed(3 * time.Second); code != protocol.CloseGoingAway {
+		t.Fatalf("close %d, want 1001", code)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(m, `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
+			return fmt.Errorf("the refusal is not counted in:\n%s", m)
+		}
+		return nil
+	})
+	var closed []map[string]any
+	for _, r := range logs.JSONLines(t) {
+		if r["msg"] == "connection closed" {
+			closed = append(closed, r)
+		}
+	}
+	if len(closed) != 1 || closed[0]["level"] != "INFO" || closed[0]["user"] != "dave" || closed[0]["close_code"] != float64(1001) ||
+		closed[0]["closed_by"] != "server" || closed[0]["scf_status"] != float64(439) || closed[0]["frames_out"] != float64(0) {
+		t.Errorf("the refusal's log lines %v, want one INFO line naming dave, 1001 by the server, 439, no frame out", closed)
 	}
 }
 

@@ -66,6 +66,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		s.open.Add(-1)
 		return // the upgrader has answered
 	}
+	c := s.newConn(ws, id)
 	// The connection is set up here, then read in a goroutine of its own
 	// and this handler returns, so net/http's per-request state (request,
 	// response writer and their buffers) is freed instead of living as
@@ -78,7 +79,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		s.drainMu.Unlock()
 		s.open.Add(-1)
-		s.refuse(ws, "", id.user, protocol.CloseGoingAway, "server shutting down: reconnect", nil)
+		c.refuse(protocol.CloseGoingAway, "server shutting down: reconnect", nil)
 		return
 	}
 	s.wg.Add(1)
@@ -88,8 +89,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	// share a plain background context (a cancelable one would keep a
 	// map of its children, per socket, for nothing).
 	ctx := context.Background()
-	c := s.openConn(ctx, ws, id, initial)
-	if c == nil {
+	if !s.openConn(ctx, c, initial) {
 		s.open.Add(-1)
 		s.wg.Done()
 		return
@@ -97,9 +97,9 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	go c.serve(ctx)
 }
 
-// openConn registers the connection, says welcome and makes its initial
-// subscriptions. On failure it closes the socket and returns nil.
-func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity, initial []string) *conn {
+// newConn is the connection of a socket just upgraded, not yet set up:
+// its writes are held (c.writing) until openConn has registered it.
+func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 	now := time.Now()
 	c := &conn{
 		s:        s,
@@ -118,7 +118,12 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	c.lastRead.Store(now.UnixNano())
 	c.lastPing.Store(now.UnixNano())
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
+	return c
+}
 
+// openConn registers the connection, says welcome and makes its initial
+// subscriptions. On failure it closes the socket and returns false.
+func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 	// A targeted send made right after "welcome" must arrive, so the
 	// instance's inbox must be live first. On a freshly started instance
 	// (SCF starts one per connection) the first socket can get here
@@ -126,8 +131,8 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	select {
 	case <-s.hub.inbox.ready:
 	case <-time.After(5 * time.Second):
-		s.refuse(ws, c.id, c.user, protocol.CloseTryAgainLater, "registry unavailable: retry", errUnavailable)
-		return nil
+		c.refuse(protocol.CloseTryAgainLater, "registry unavailable: retry", errUnavailable)
+		return false
 	}
 	// The hub sees the connection before the registry does, so that a
 	// send that found its record always finds the connection here. The
@@ -143,7 +148,6 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 	c.mu.Lock()
 	c.ctrl = append(c.ctrl, c.reply(welcome).frame)
 	c.mu.Unlock()
-	c.framesOut.Add(1)
 	s.hub.addConn(c)
 	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
 	err := s.reg.Put(rctx, c.recordCopy())
@@ -155,16 +159,14 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		// record again, and the record is removed here too, in case the
 		// write that timed out was made.
 		s.hub.removeConn(c)
-		c.mu.Lock()
-		c.closing, c.ended, c.queue, c.ctrl = true, true, nil, nil
-		c.mu.Unlock()
 		close(c.done)
-		s.refuse(ws, c.id, c.user, protocol.CloseTryAgainLater, "registry unavailable: retry", err)
+		c.refuse(protocol.CloseTryAgainLater, "registry unavailable: retry", err)
 		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 		_ = s.reg.Remove(rctx, c.recordCopy())
 		rcancel()
-		return nil
+		return false
 	}
+	c.framesOut.Add(1) // the welcome, sent now
 	c.mu.Lock()
 	c.writing = false
 	if len(c.queue) > 0 || len(c.ctrl) > 0 || c.closeMsg != nil {
@@ -178,7 +180,7 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		// its channels (round trips for a socket already going, and up
 		// to 5 s each with Redis down, which the drain does not wait for).
 		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
-		return c
+		return true
 	}
 
 	// Each name is a subscribe, answered by a frame: it counts against
@@ -199,25 +201,21 @@ func (s *Server) openConn(ctx context.Context, ws *websocket.Conn, id *identity,
 		c.lastRead.Store(time.Now().UnixNano())
 		c.subscribe(ctx, ch, nil, nil)
 	}
-	return c
+	return true
 }
 
-// refuse closes a socket just upgraded, before it was set up (draining,
-// or the registry unavailable: err), and logs and counts its end as any
-// other, in one line with the same fields (a warning when err is set):
-// SCF counts it as an invocation the server closed (439).
-func (s *Server) refuse(ws *websocket.Conn, id, user string, code int, reason string, err error) {
-	msg := websocket.FormatCloseMessage(code, reason)
-	_ = ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-	ws.Close()
-	s.metrics.closed(439, "")
-	attrs := []any{"conn", id, "user", user, "duration_ms", 0, "frames_in", 0, "frames_out", 0,
-		"close_code", code, "closed_by", "server", "reason", reason, "scf_status", 439}
-	if err != nil {
-		s.log.Warn("connection closed", append(attrs, "err", err.Error())...)
-		return
-	}
-	s.log.Info("connection closed", attrs...)
+// refuse closes a connection just upgraded, before it was set up
+// (draining, or the registry unavailable: err), the way every connection
+// ends (hangUp): its close frame is the only frame it is sent, and its
+// end is logged and counted as any other's, a warning when err is set
+// (SCF counts it as an invocation the server closed, 439).
+func (c *conn) refuse(code int, reason string, err error) {
+	c.closeWith(code, reason, true) // no writer starts: c.writing holds it
+	c.mu.Lock()
+	c.ctrl = nil // the welcome, not sent
+	c.mu.Unlock()
+	c.finishWrites()
+	c.hangUp(err)
 }
 
 // serve reads the connection to its end, then forgets it everywhere. It
@@ -246,10 +244,17 @@ func (c *conn) finish() {
 	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
 	s.regDone(s.reg.Remove(dctx, c.recordCopy()), "remove", c.id)
 	dcancel()
+	s.metrics.connections.Dec()
+	c.hangUp(nil)
+}
+
+// hangUp ends the socket once its close frame is out (finishWrites), and
+// logs and counts the connection's end (err, if any, makes it a warning).
+// Every connection ends here, refused ones included.
+func (c *conn) hangUp(err error) {
 	c.linger()
 	c.nc.Close()
-	s.metrics.connections.Dec()
-	c.logEnd()
+	c.logEnd(err)
 }
 
 // linger ends the server's side of the socket without losing what is
@@ -304,7 +309,7 @@ func timeoutClose(code int, byServer bool) string {
 	return ""
 }
 
-func (c *conn) logEnd() {
+func (c *conn) logEnd(err error) {
 	c.mu.Lock()
 	code, byServer, reason := c.closeCode, c.byServer, c.reason
 	c.mu.Unlock()
@@ -323,7 +328,7 @@ func (c *conn) logEnd() {
 		// (finishResume).
 		c.s.metrics.slowConsumers.Inc()
 	}
-	c.s.log.Info("connection closed",
+	attrs := []any{
 		"conn", c.id,
 		"user", c.user,
 		"duration_ms", time.Since(c.openedAt).Milliseconds(),
@@ -333,5 +338,10 @@ func (c *conn) logEnd() {
 		"closed_by", by,
 		"reason", reason,
 		"scf_status", status,
-	)
+	}
+	if err != nil {
+		c.s.log.Warn("connection closed", append(attrs, "err", err.Error())...)
+		return
+	}
+	c.s.log.Info("connection closed", attrs...)
 }

@@ -39,31 +39,45 @@ func readAll(ws *websocket.Conn) <-chan arrival {
 // subscribes once it has read the welcome, not before. A welcome with
 // max_frame_bytes gets them packed into as few frames as fit (each within
 // the limit, in subscription order); one without (an older server) gets
-// one frame each. A Subscribe made while connected is one frame.
+// one frame each, and so does one whose max_frame_bytes is not a
+// positive integer: the value is ignored as if absent, not the welcome. A
+// Subscribe made while connected is one frame.
 func TestSubscribesAfterWelcome(t *testing.T) {
 	t.Parallel()
 	long := strings.Repeat("x", 40) // a subscribe of ~90 bytes
+	welcome := func(maxFrame string) string {
+		if maxFrame == "" {
+			return `{"type":"welcome","connection_id":"c1","instance":"i"}`
+		}
+		return `{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":` + maxFrame + `}`
+	}
 	for _, tc := range []struct {
-		name    string
-		welcome string
-		frames  int // frames for the 5 subscribes
+		name     string
+		maxFrame string // the welcome's max_frame_bytes, as JSON; "": none
+		limit    int    // what the client should take it for
+		frames   int    // frames for the 5 subscribes
 	}{
-		{"older server", `{"type":"welcome","connection_id":"c1","instance":"i"}`, 5},
-		{"batching server", `{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":65536}`, 1},
-		{"small frames", `{"type":"welcome","connection_id":"c1","instance":"i","max_frame_bytes":256}`, 2},
+		{"older server", "", 0, 5},
+		{"batching server", "65536", 65536, 1},
+		{"small frames", "256", 256, 2},
+		{"string", `"65536"`, 0, 5},
+		{"fraction", "65536.5", 0, 5},
+		{"exponent", "1e5", 0, 5},
+		{"negative", "-1", 0, 5},
+		{"zero", "0", 0, 5},
+		{"null", "null", 0, 5},
+		{"object", `{"bytes":65536}`, 0, 5},
+		{"too large", "99999999999999999999", 0, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			var limit int
-			if i := strings.Index(tc.welcome, `"max_frame_bytes":`); i >= 0 {
-				_, _ = fmt.Sscanf(tc.welcome[i+len(`"max_frame_bytes":`):], "%d", &limit)
-			}
+			limit := tc.limit
 			result := make(chan error, 1)
 			url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
 				in := readAll(ws)
 				time.Sleep(300 * time.Millisecond) // the client subscribes meanwhile
 				welcomed := time.Now()
-				write(t, ws, tc.welcome)
+				write(t, ws, welcome(tc.maxFrame))
 				result <- func() error {
 					var refs []string
 					for frames := 0; len(refs) < 6; frames++ {
@@ -108,7 +122,8 @@ func TestSubscribesAfterWelcome(t *testing.T) {
 				for range in { // until the client goes
 				}
 			})
-			c, err := Dial(Options{URL: url})
+			welcomes := make(chan Welcome, 1)
+			c, err := Dial(Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w }})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -134,6 +149,9 @@ func TestSubscribesAfterWelcome(t *testing.T) {
 				}
 			case <-time.After(10 * time.Second):
 				t.Fatal("the server script did not finish")
+			}
+			if w := <-welcomes; w.MaxFrameBytes != int64(limit) || w.ConnectionID != "c1" {
+				t.Fatalf("OnWelcome got %+v, want connection c1 and MaxFrameBytes %d", w, limit)
 			}
 		})
 	}

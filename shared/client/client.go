@@ -8,7 +8,8 @@
 // It behaves like the JavaScript client served at /client.js: exponential
 // backoff with full jitter between attempts (0.5 s doubling to 20 s by
 // default), reset after a stable connection or a planned rotation (idle
-// timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009; a
+// timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009
+// (the server's, or the client's own for a frame over ReadLimit); a
 // fresh token from GetToken after 4004. Unlike a browser, it sees the
 // status of a refused upgrade: it stops after 400 and 403 (and 401 without
 // GetToken), and waits at least the Retry-After of the others.
@@ -26,6 +27,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -70,8 +72,15 @@ const (
 	// DefaultHandshakeTimeout bounds an upgrade when Options.Dialer has no
 	// HandshakeTimeout of its own (websocket.DefaultDialer's is the same).
 	DefaultHandshakeTimeout = 45 * time.Second
-	writeTimeout            = 10 * time.Second
-	closeWait               = 5 * time.Second
+	// DefaultReadLimit is the largest server frame a client reads unless
+	// Options.ReadLimit says otherwise. The egress's largest frame is a
+	// message: the ingress's MAX_MESSAGE_BYTES (64 KiB by default; SCF
+	// caps a WebSocket message at 256 KB) plus a few hundred bytes of
+	// envelope, one message per frame, replays included. 1 MiB is four
+	// times SCF's cap.
+	DefaultReadLimit = 1 << 20
+	writeTimeout     = 10 * time.Second
+	closeWait        = 5 * time.Second
 )
 
 // Options configure Dial. Only URL is required.
@@ -110,6 +119,15 @@ type Options struct {
 	// keep this above twice that. Zero means 60 s; negative, no limit.
 	// The time the handlers take does not count.
 	ReadTimeout time.Duration
+	// ReadLimit is the largest frame, in bytes, the client reads from the
+	// server: a larger one is not read (a misbehaving server or proxy
+	// cannot make the client allocate without bound), and ends the client
+	// for good, as the server's 1009 does: it closes the connection with
+	// 1009 and Err is a *CloseError with ByClient set. Reconnecting would
+	// not help: the resume would replay the same message. Zero means
+	// DefaultReadLimit (1 MiB); negative, no limit. Raise it on a
+	// deployment whose MAX_MESSAGE_BYTES is near or above it.
+	ReadLimit int64
 
 	// Dialer dials the socket; nil means websocket.DefaultDialer. A zero
 	// HandshakeTimeout means DefaultHandshakeTimeout here, not no limit.
@@ -220,13 +238,20 @@ func finalRefusal(status int, getToken bool) bool {
 	return false
 }
 
-// CloseError is the close that ended the client for good.
+// CloseError is the close that ended the client for good: the server's,
+// or the client's own 1009 for a frame over Options.ReadLimit (ByClient).
 type CloseError struct {
 	Code   int
 	Reason string
+	// ByClient: the client closed the connection (1009: the server sent
+	// a frame over ReadLimit), not the server.
+	ByClient bool
 }
 
 func (e *CloseError) Error() string {
+	if e.ByClient {
+		return fmt.Sprintf("client: closed the connection with %d (%s): not reconnecting", e.Code, e.Reason)
+	}
 	return fmt.Sprintf("closed by the server with %d (%s): not reconnecting", e.Code, e.Reason)
 }
 
@@ -339,7 +364,9 @@ type Client struct {
 	// closing: the client sent the current connection a close frame
 	// (to retry its subscriptions) and waits for the answer, closeWait
 	// at most: the server's pings no longer extend the read deadline.
-	closing bool
+	// Atomic, so that the check on every read takes no lock; changed
+	// under mu, with ws.
+	closing atomic.Bool
 	subs    map[string]*Subscription
 	refs    map[int]*Subscription
 	nextRef int
@@ -372,6 +399,9 @@ func Dial(opts Options) (*Client, error) {
 	}
 	if opts.ReadTimeout == 0 {
 		opts.ReadTimeout = DefaultReadTimeout
+	}
+	if opts.ReadLimit == 0 {
+		opts.ReadLimit = DefaultReadLimit
 	}
 	if opts.Dialer == nil {
 		opts.Dialer = websocket.DefaultDialer
@@ -738,12 +768,14 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	// ReadTimeout runs while the client waits for the server, from each
 	// read (and each ping) on: not while a handler runs, however long.
 	alive := func() {
-		c.mu.Lock()
-		closing := c.closing
-		c.mu.Unlock()
-		if c.opts.ReadTimeout > 0 && !closing {
+		if c.opts.ReadTimeout > 0 && !c.closing.Load() {
 			_ = ws.SetReadDeadline(time.Now().Add(c.opts.ReadTimeout))
 		}
+	}
+	if c.opts.ReadLimit > 0 {
+		// gorilla checks each frame's length before it reads the payload,
+		// and answers a frame over the limit with a close 1009.
+		ws.SetReadLimit(c.opts.ReadLimit)
 	}
 	ws.SetPingHandler(func(data string) error {
 		alive()
@@ -767,7 +799,8 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.ws, c.welcomed, c.closing = nil, false, false
+		c.ws, c.welcomed = nil, false
+		c.closing.Store(false)
 		c.mu.Unlock()
 		ws.Close()
 	}()
@@ -782,6 +815,13 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 					return ce.Code, welcomed, &CloseError{Code: ce.Code, Reason: ce.Text}
 				}
 				return ce.Code, welcomed, fmt.Errorf("client: closed by the server: %d %s", ce.Code, ce.Text)
+			}
+			if errors.Is(err, websocket.ErrReadLimit) {
+				// Final, as the server's 1009: the resume would bring the
+				// same message again, and a server or proxy that sends
+				// such frames would have the client reconnect for ever.
+				return protocol.CloseTooBig, welcomed, &CloseError{Code: protocol.CloseTooBig, ByClient: true,
+					Reason: fmt.Sprintf("the server sent a frame over ReadLimit (%d bytes); raise Options.ReadLimit if its messages can be that large", c.opts.ReadLimit)}
 			}
 			return 1006, welcomed, fmt.Errorf("client: connection lost: %w", err)
 		}
@@ -845,6 +885,21 @@ type frame struct {
 	Message   string          `json:"message"`
 	Ref       json.RawMessage `json:"ref"`
 	Welcome
+	// MaxFrameBytes shadows Welcome's, read as it comes: a value that is
+	// not an integer must cost only itself (maxFrameBytes), not the
+	// welcome, which json.Unmarshal would refuse whole.
+	MaxFrameBytes json.RawMessage `json:"max_frame_bytes"`
+}
+
+// maxFrameBytes is a welcome's max_frame_bytes: a positive integer, or 0
+// for anything else, as if it were absent (an older server: one subscribe
+// per frame), since a value the client cannot use tells it nothing.
+func maxFrameBytes(raw json.RawMessage) int64 {
+	n, err := strconv.ParseInt(string(raw), 10, 64)
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return n
 }
 
 // dispatch handles one server frame; it reports whether it was a welcome.
@@ -855,13 +910,14 @@ func (c *Client) dispatch(data []byte) bool {
 	}
 	switch f.Type {
 	case protocol.TypeWelcome:
+		f.Welcome.MaxFrameBytes = maxFrameBytes(f.MaxFrameBytes)
 		c.writing.Lock()
 		c.mu.Lock()
 		ws, again := c.ws, c.welcomed
 		var frames [][]byte
 		if !again && ws != nil {
 			c.welcomed = true
-			frames = c.subscribeFramesLocked(f.MaxFrameBytes)
+			frames = c.subscribeFramesLocked(f.Welcome.MaxFrameBytes)
 		}
 		c.mu.Unlock()
 		for _, b := range frames {
@@ -949,10 +1005,12 @@ func (c *Client) dispatch(data []byte) bool {
 			// every subscription, resuming each where it was.
 			c.mu.Lock()
 			ws := c.ws
-			if c.closing {
+			if c.closing.Load() {
 				ws = nil // asked already: the deadline stands
 			}
-			c.closing = c.closing || ws != nil
+			if ws != nil {
+				c.closing.Store(true)
+			}
 			c.mu.Unlock()
 			if ws != nil {
 				_ = ws.WriteControl(websocket.CloseMessage,

@@ -415,6 +415,105 @@ func TestFinalCloseCodes(t *testing.T) {
 	}
 }
 
+// TestReadLimit: a server frame over ReadLimit (by default
+// DefaultReadLimit, which a message at SCF's 256 KB cap is well within)
+// is not read: the client closes the connection with 1009 and stops for
+// good, as after the server's 1009 (a resume would bring the same message
+// again), with Err a *CloseError the client made and OnState told; what
+// came before it was delivered. A negative ReadLimit sets no limit.
+func TestReadLimit(t *testing.T) {
+	t.Parallel()
+	frameOf := func(size int) string { // a message frame of size bytes
+		head := `{"type":"message","channel":"a","id":"2-0","ts":1,"data":"`
+		return head + strings.Repeat("x", size-len(head)-2) + `"}`
+	}
+	for _, tc := range []struct {
+		name  string
+		limit int64
+		size  int // of the second message's frame
+		over  bool
+	}{
+		{"option", 4096, 4097, true},
+		{"option, at the limit", 4096, 4096, false},
+		{"default, SCF's largest message", 0, 256<<10 + 512, false},
+		{"default", 0, DefaultReadLimit + 1, true},
+		{"no limit", -1, 2 * DefaultReadLimit, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			closed := make(chan int, 1)
+			url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+				write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+				r := expect(t, ws, protocol.TypeSubscribe)
+				write(t, ws, `{"type":"subscribed","channel":"a","position":"0-0","ref":`+string(r.Ref)+`}`)
+				write(t, ws, `{"type":"message","channel":"a","id":"1-0","ts":1,"data":1}`)
+				// Over the limit, the client may close before all of it
+				// is written.
+				if err := ws.WriteMessage(websocket.TextMessage, []byte(frameOf(tc.size))); err != nil && !tc.over {
+					t.Error(err)
+				}
+				_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+				_, _, err := ws.ReadMessage()
+				var ce *websocket.CloseError
+				if errors.As(err, &ce) {
+					closed <- ce.Code
+				} else {
+					closed <- 0
+				}
+			})
+			states := make(chan error, 10)
+			c, err := Dial(Options{URL: url, ReadLimit: tc.limit, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond,
+				OnState: func(s State, err error) {
+					if s == StateClosed {
+						states <- err
+					}
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			got := make(chan Message, 2)
+			if _, err := c.Subscribe("a", Handler{OnMessage: func(m Message) { got <- m }}); err != nil {
+				t.Fatal(err)
+			}
+			if m := <-got; m.ID != "1-0" {
+				t.Fatalf("first message %s", m.ID)
+			}
+			if !tc.over {
+				select {
+				case m := <-got:
+					if len(m.Data) != tc.size-len(`{"type":"message","channel":"a","id":"2-0","ts":1,"data":}`) {
+						t.Fatalf("message %s of %d bytes of data", m.ID, len(m.Data))
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("the frame of %d bytes was not delivered (Err %v)", tc.size, c.Err())
+				}
+				return
+			}
+			select {
+			case <-c.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatalf("the client is still running (%d upgrades, Err %v)", upgrades.Load(), c.Err())
+			}
+			var ce *CloseError
+			if err := c.Err(); !errors.As(err, &ce) || ce.Code != protocol.CloseTooBig || !ce.ByClient || upgrades.Load() != 1 {
+				t.Fatalf("Err %v after %d upgrades, want the client's own 1009 after 1", err, upgrades.Load())
+			}
+			if err := <-states; err != c.Err() {
+				t.Errorf("OnState(closed) got %v, want Err", err)
+			}
+			if code := <-closed; code != protocol.CloseTooBig {
+				t.Errorf("the server read close %d, want 1009", code)
+			}
+			select {
+			case m := <-got:
+				t.Errorf("message %s delivered", m.ID)
+			default:
+			}
+		})
+	}
+}
+
 // welcomeServer is an egress stand-in that hands each upgrade request to
 // seen, welcomes the socket and waits for one frame from the client. It
 // is closed when the test ends.
