@@ -44,7 +44,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev
 SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: build run test bench package lint fuzz deps clean help
+.PHONY: build run test bench soak package lint fuzz deps clean help
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -76,6 +76,9 @@ bench: ## run the benchmark harness (bench/cmd/bench); CENTRIFUGO=1 compares wit
 		echo "bench: building $(CENTRIFUGO_MODULE) into bin/bench (minutes the first time)" >&2; \
 		GOBIN="$(CURDIR)/bin/bench" $(GO) install $(CENTRIFUGO_MODULE); fi
 	@cd bench && $(GO) run ./cmd/bench $(if $(CENTRIFUGO),-centrifugo "$(CURDIR)/bin/bench/centrifugo") $(BENCH_ARGS)
+
+soak: ## a long run under traffic and churn that samples memory, fds, goroutines and Redis keys, then checks delivery and leftovers (bench/cmd/soak; SOAK_ARGS='-duration 12m'); see docs/soak.md
+	@cd bench && $(GO) run ./cmd/soak $(SOAK_ARGS)
 
 package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/); LEAN=1 for a lean egress
 	@for f in $(FUNCTIONS); do \

@@ -7,6 +7,8 @@ replace github.com/wsrelay/wsrelay/shared => ../shared
 require (
 	github.com/gorilla/websocket v1.5.3
 	github.com/redis/go-redis/v9 v9.23.0
+	github.com/wsrelay/wsrelay/shared v0.0.0-00010101000000-000000000000
+	go.uber.org/goleak v1.3.0
 )
 
 require (

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/bench/harness"
 )
 
 // base is the bench's clock origin: send times in payloads are monotonic
@@ -77,7 +79,7 @@ var (
 // ch, and waits for the subscription's confirmation. total is the number
 // of publishes in the scenario.
 func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *atomic.Int64) (*subscriber, error) {
-	url := "ws://127.0.0.1:" + strconv.Itoa(sys.sub.port) + sys.kind.wsPath(ch)
+	url := "ws://127.0.0.1:" + strconv.Itoa(sys.sub.Port) + sys.kind.wsPath(ch)
 	ws, resp, err := dialer.DialContext(ctx, url, nil)
 	if err != nil {
 		if resp != nil {
@@ -286,7 +288,7 @@ type httpConn struct {
 func newPublisher(sys *sut, conns int) *publisher {
 	return &publisher{
 		kind: sys.kind,
-		addr: "127.0.0.1:" + strconv.Itoa(sys.pub.port),
+		addr: "127.0.0.1:" + strconv.Itoa(sys.pub.Port),
 		pool: make(chan *httpConn, conns),
 		sem:  make(chan struct{}, conns),
 	}
@@ -450,7 +452,7 @@ func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline t
 				if rate > 0 {
 					at := time.Duration(float64(i) / rate * 1e9)
 					if wait := at - time.Duration(now()-st.start); wait > 0 {
-						if sleepCtx(ctx, wait) != nil {
+						if harness.SleepCtx(ctx, wait) != nil {
 							break
 						}
 					}

@@ -25,13 +25,15 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/wsrelay/wsrelay/bench/harness"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	kids.stopAll()
+	harness.Kids.StopAll()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -81,7 +83,7 @@ var rows = []row{
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			kids.stopAll()
+			harness.Kids.StopAll()
 			err = fmt.Errorf("panic: %v", p)
 		}
 	}()
@@ -126,8 +128,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	ctx, cancel := context.WithTimeout(ctx, limit*time.Duration(max(1, *runs))/3+time.Minute)
 	defer cancel()
 
-	nofile := raiseNoFile()
-	root, err := repoRoot()
+	nofile := harness.RaiseNoFile()
+	root, err := harness.RepoRoot()
 	if err != nil {
 		return err
 	}
@@ -136,14 +138,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 	fmt.Fprintf(stderr, "bench: logs in %s, RLIMIT_NOFILE %d\n", logDir, nofile)
-	e := &env{logDir: logDir, centrifugoBin: *cfBin, centrifugoHistory: *cfHistory}
-	if e.ingressBin, e.egressBin, e.egressLeanBin, err = buildBinaries(root); err != nil {
+	e := &env{Env: &harness.Env{LogDir: logDir}, centrifugoBin: *cfBin, centrifugoHistory: *cfHistory}
+	if e.Binaries, err = harness.Build(root, true); err != nil {
 		return err
 	}
-	if err := e.startRedis(); err != nil {
+	if err := e.StartRedis(); err != nil {
 		return err
 	}
-	defer e.rdb.Close()
+	defer e.RDB.Close()
 	if *cpuprofile != "" {
 		// The generator shares the cores with what it measures: this
 		// shows what it costs them.
@@ -196,7 +198,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 				if err != nil {
 					return fmt.Errorf("%s %s run %d: %w", k, s.name, i+1, err)
 				}
-				_, _ = e.rdb.FlushAll(ctx).Result()
+				_, _ = e.RDB.FlushAll(ctx).Result()
 				b.logf("%s %s run %d (%.1fs): %s", k, s.name, i+1, time.Since(t0).Seconds(), r)
 				key := strings.ToUpper(s.name[:1]) + s.name[1:] // "S1", "S1r"
 				results[k][key] = append(results[k][key], r)

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/wsrelay/wsrelay/bench/harness"
 )
 
 // sizes are the scenario parameters; -quick shrinks them.
@@ -155,12 +157,12 @@ type cpuMeter struct {
 }
 
 func newCPUMeter(sys *sut, e *env) *cpuMeter {
-	m := &cpuMeter{pids: map[string]int{"redis": e.redis.Process.Pid, "bench": os.Getpid()}, start: map[string]int64{}}
+	m := &cpuMeter{pids: map[string]int{"redis": e.Redis.Process.Pid, "bench": os.Getpid()}, start: map[string]int64{}}
 	for who, p := range sys.procs {
-		m.pids[who] = p.cmd.Process.Pid
+		m.pids[who] = p.Pid()
 	}
 	for who, pid := range m.pids {
-		m.start[who], _ = cpuTicks(pid)
+		m.start[who], _ = harness.CPUTicks(pid)
 	}
 	return m
 }
@@ -169,7 +171,7 @@ func newCPUMeter(sys *sut, e *env) *cpuMeter {
 func (m *cpuMeter) seconds() map[string]float64 {
 	out := make(map[string]float64, len(m.pids))
 	for who, pid := range m.pids {
-		c, _ := cpuTicks(pid)
+		c, _ := harness.CPUTicks(pid)
 		out[who] = float64(c-m.start[who]) / 100
 	}
 	return out
@@ -186,7 +188,7 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 		return nil, err
 	}
 	defer sys.stop()
-	pid := sys.sub.cmd.Process.Pid
+	pid := sys.sub.Pid()
 	var rcvd atomic.Int64
 	ch := func(i int) string { return "idle" + strconv.Itoa(i/10) }
 	warm, err := dialMany(ctx, sys, 10, ch, 1, &rcvd)
@@ -194,13 +196,13 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 		return nil, err
 	}
 	defer closeAll(warm)
-	if err := sleepCtx(ctx, time.Second); err != nil {
+	if err := harness.SleepCtx(ctx, time.Second); err != nil {
 		return nil, err
 	}
 	// The first scrape before the baseline, so that what serving it
 	// allocated is not counted against the sockets.
 	go0 := goMetrics(sys)
-	rss0, err := rssKiB(pid)
+	rss0, err := harness.RSSKiB(pid)
 	if err != nil {
 		return nil, err
 	}
@@ -210,7 +212,7 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 		return nil, err
 	}
 	defer closeAll(subs)
-	if err := sleepCtx(ctx, 5*time.Second); err != nil {
+	if err := harness.SleepCtx(ctx, 5*time.Second); err != nil {
 		return nil, err
 	}
 	// Every socket must still be open, or the RSS would be divided among
@@ -218,7 +220,7 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 	if gone := closedCount(subs) + closedCount(warm); gone > 0 {
 		return nil, fmt.Errorf("s3: %d of %d idle sockets were closed by the server during the idle period", gone, n+len(warm))
 	}
-	rss1, err := rssKiB(pid)
+	rss1, err := harness.RSSKiB(pid)
 	if err != nil {
 		return nil, err
 	}
@@ -272,15 +274,17 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 	type fn struct {
 		name  string
-		start func() (*proc, time.Duration, error)
+		start func() (*harness.Proc, time.Duration, error)
 	}
 	fns := []fn{
-		{"ingress", func() (*proc, time.Duration, error) { return b.env.startFunction(b.env.ingressBin, b.prefix("s5")) }},
-		{"egress", func() (*proc, time.Duration, error) { return b.env.startFunction(b.env.egressBin, b.prefix("s5")) }},
+		{"ingress", func() (*harness.Proc, time.Duration, error) {
+			return b.env.StartFunction(b.env.Ingress, b.prefix("s5"))
+		}},
+		{"egress", func() (*harness.Proc, time.Duration, error) { return b.env.StartFunction(b.env.Egress, b.prefix("s5")) }},
 	}
 	if k == centrifugo {
 		// One process does both jobs: its start is both rows' figure.
-		fns = []fn{{"centrifugo", func() (*proc, time.Duration, error) {
+		fns = []fn{{"centrifugo", func() (*harness.Proc, time.Duration, error) {
 			return b.env.startCentrifugo(b.prefix("s5"), 0)
 		}}}
 	}
@@ -295,7 +299,7 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 			if err != nil {
 				return nil, err
 			}
-			kids.stop(p.cmd)
+			harness.Kids.Stop(p.Cmd)
 			ds = append(ds, float64(d)/1e6)
 		}
 		slices.Sort(ds)
@@ -330,29 +334,29 @@ var perScript = map[string]bool{"xadd": true, "get": true, "set": true, "spublis
 // plus one default build whose RSS is reported beside theirs.
 func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	pfx := b.prefix("s6")
-	ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+	ing, _, err := b.env.StartFunction(b.env.Ingress, pfx)
 	if err != nil {
 		return nil, err
 	}
-	defer kids.stop(ing.cmd)
+	defer harness.Kids.Stop(ing.Cmd)
 	n := b.sz.s6Procs + 1 // the last one is the default build
-	egs := make([]*proc, n)
+	egs := make([]*harness.Proc, n)
 	subs := make([]*subscriber, n)
 	var rcvd atomic.Int64
 	defer func() {
 		closeAll(subs)
 		for _, p := range egs {
 			if p != nil {
-				kids.stop(p.cmd)
+				harness.Kids.Stop(p.Cmd)
 			}
 		}
 	}()
 	for i := range n {
-		bin := b.env.egressLeanBin
+		bin := b.env.EgressLean
 		if i == n-1 {
-			bin = b.env.egressBin
+			bin = b.env.Egress
 		}
-		egs[i], _, err = b.env.startFunction(bin, pfx)
+		egs[i], _, err = b.env.StartFunction(bin, pfx)
 		if err != nil {
 			return nil, err
 		}
@@ -371,7 +375,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	// Warm the ingress's Redis pool so its connection setup (HELLO) falls
 	// outside the window.
 	pub.publishAll(ctx, 4*b.sz.publishers, b.sz.publishers, func(i int) string { return "warm" + strconv.Itoa(i) })
-	if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+	if err := harness.SleepCtx(ctx, 500*time.Millisecond); err != nil {
 		return nil, err
 	}
 	stats0, err := commandStats(ctx, b.env)
@@ -380,13 +384,13 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	}
 	cpu0 := make([]int64, n)
 	for i, p := range egs {
-		cpu0[i], _ = cpuTicks(p.cmd.Process.Pid)
+		cpu0[i], _ = harness.CPUTicks(p.Pid())
 	}
 	st := pub.publishAll(ctx, b.sz.s6Pubs, b.sz.publishers, func(i int) string { return "other" + strconv.Itoa(i%b.sz.s6Chans) })
 	if err := published("s6", st); err != nil {
 		return nil, err
 	}
-	if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+	if err := harness.SleepCtx(ctx, 200*time.Millisecond); err != nil {
 		return nil, err
 	}
 	stats1, err := commandStats(ctx, b.env)
@@ -395,9 +399,9 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	}
 	var maxCPU, maxRSS, maxAnon, defaultRSS int64
 	for i, p := range egs {
-		c, _ := cpuTicks(p.cmd.Process.Pid)
+		c, _ := harness.CPUTicks(p.Pid())
 		maxCPU = max(maxCPU, c-cpu0[i])
-		rss, _ := rssKiB(p.cmd.Process.Pid)
+		rss, _ := harness.RSSKiB(p.Pid())
 		if i == n-1 {
 			defaultRSS = rss
 			continue
@@ -405,7 +409,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 		maxRSS = max(maxRSS, rss)
 		// Private memory: RSS minus the binary's file-backed pages, which
 		// every process of the same binary shares.
-		anon, _ := statusKiB(p.cmd.Process.Pid, "RssAnon:")
+		anon, _ := harness.StatusKiB(p.Pid(), "RssAnon:")
 		maxAnon = max(maxAnon, anon)
 	}
 	egressCmds, detail := egressCommands(stats0, stats1)
@@ -467,7 +471,7 @@ func published(name string, st pubStats) error {
 
 // commandStats reads INFO commandstats as command → calls.
 func commandStats(ctx context.Context, e *env) (map[string]int64, error) {
-	s, err := e.rdb.Info(ctx, "commandstats").Result()
+	s, err := e.RDB.Info(ctx, "commandstats").Result()
 	if err != nil {
 		return nil, fmt.Errorf("INFO commandstats: %w", err)
 	}
@@ -491,7 +495,7 @@ func goMetrics(sys *sut) map[string]float64 {
 	if sys.kind != wsrelay {
 		return out
 	}
-	resp, err := probeClient.Get(sys.sub.base + "/metrics")
+	resp, err := harness.ProbeClient.Get(sys.sub.Base + "/metrics")
 	if err != nil {
 		return out
 	}

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/bench/harness"
 )
 
 // kind is a system the bench drives: wsrelay itself, or Centrifugo run
@@ -30,18 +32,26 @@ func (k kind) String() string {
 	return "wsrelay"
 }
 
+// env is the bench's view of one running system: Redis, binaries, logs,
+// and Centrifugo when it is compared.
+type env struct {
+	*harness.Env
+	centrifugoBin     string // empty: not compared
+	centrifugoHistory bool   // Centrifugo keeps history, as wsrelay does
+}
+
 // sut is one running system under test.
 type sut struct {
 	kind kind
-	pub  *proc // where publishes go: the ingress, or Centrifugo
-	sub  *proc // where sockets connect: the egress, or Centrifugo
+	pub  *harness.Proc // where publishes go: the ingress, or Centrifugo
+	sub  *harness.Proc // where sockets connect: the egress, or Centrifugo
 	// procs are its processes by role, for CPU accounting.
-	procs map[string]*proc
+	procs map[string]*harness.Proc
 }
 
 func (s *sut) stop() {
 	for _, p := range s.procs {
-		kids.stop(p.cmd)
+		harness.Kids.Stop(p.Cmd)
 	}
 }
 
@@ -62,11 +72,11 @@ func (b *bench) startSystem(k kind, pfx string, need sides, ping time.Duration, 
 		if err != nil {
 			return nil, err
 		}
-		return &sut{kind: k, pub: p, sub: p, procs: map[string]*proc{"centrifugo": p}}, nil
+		return &sut{kind: k, pub: p, sub: p, procs: map[string]*harness.Proc{"centrifugo": p}}, nil
 	}
-	sys := &sut{kind: k, procs: map[string]*proc{}}
+	sys := &sut{kind: k, procs: map[string]*harness.Proc{}}
 	if need&publishing != 0 {
-		ing, _, err := b.env.startFunction(b.env.ingressBin, pfx)
+		ing, _, err := b.env.StartFunction(b.env.Ingress, pfx)
 		if err != nil {
 			return nil, err
 		}
@@ -76,7 +86,7 @@ func (b *bench) startSystem(k kind, pfx string, need sides, ping time.Duration, 
 		if ping > 0 {
 			egressEnv = append(egressEnv, "PING_INTERVAL="+ping.String())
 		}
-		eg, _, err := b.env.startFunction(b.env.egressBin, pfx, egressEnv...)
+		eg, _, err := b.env.StartFunction(b.env.Egress, pfx, egressEnv...)
 		if err != nil {
 			sys.stop()
 			return nil, err
@@ -96,8 +106,8 @@ const centrifugoAPIKey = "bench"
 // keep no history (a client that reconnects cannot recover what it
 // missed) unless -centrifugo-history. ping > 0 sets its ping interval
 // (zero: its default, 25 s).
-func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Duration, error) {
-	port, err := freePort()
+func (e *env) startCentrifugo(pfx string, ping time.Duration) (*harness.Proc, time.Duration, error) {
+	port, err := harness.FreePort()
 	if err != nil {
 		return nil, 0, err
 	}
@@ -105,7 +115,7 @@ func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Durat
 		"http_server": map[string]any{"address": "127.0.0.1", "port": port},
 		"log":         map[string]any{"level": "error"},
 		"engine": map[string]any{"type": "redis", "redis": map[string]any{
-			"address": []string{e.redisURL}, "prefix": pfx,
+			"address": []string{e.RedisURL}, "prefix": pfx,
 		}},
 		"client":      map[string]any{"insecure": true, "allowed_origins": []string{"*"}},
 		"http_api":    map[string]any{"key": centrifugoAPIKey},
@@ -129,17 +139,17 @@ func (e *env) startCentrifugo(pfx string, ping time.Duration) (*proc, time.Durat
 	if err != nil {
 		return nil, 0, err
 	}
-	path := filepath.Join(e.logDir, "centrifugo-"+pfx+".json")
+	path := filepath.Join(e.LogDir, "centrifugo-"+pfx+".json")
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		return nil, 0, err
 	}
-	logf, err := os.OpenFile(filepath.Join(e.logDir, "centrifugo.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(filepath.Join(e.LogDir, "centrifugo.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer logf.Close()
-	vars := append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.logDir}, runtimeVars()...)
-	return startReady(e.centrifugoBin, []string{"-c", path}, vars, port, "/health", logf)
+	vars := append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.LogDir}, harness.RuntimeVars()...)
+	return harness.StartReady(e.centrifugoBin, []string{"-c", path}, vars, port, "/health", logf)
 }
 
 // wsPath is the path, with query, a socket subscribing to ch dials.
