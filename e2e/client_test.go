@@ -15,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/wsrelay/wsrelay/shared/client"
+	pubpkg "github.com/wsrelay/wsrelay/shared/publisher"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -256,6 +257,63 @@ func TestAdminDisconnect(t *testing.T) {
 	mu.Unlock()
 	if n != 1 {
 		t.Fatalf("%d welcomes: the client reconnected after 4003", n)
+	}
+}
+
+// TestAdminDisconnectUser: DELETE /v1/users/{user}/connections, through
+// the Go publisher, closes with 4003 every socket of the user, on both
+// egress instances, and no socket of another user: that one still gets
+// what is sent to it afterwards.
+func TestAdminDisconnectUser(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	ctx := t.Context()
+	p := newPublisher(t, c.ingress[1].URL, "")
+	alice := []*wsClient{dial(t, c.egress[0].wsURL("user=alice")), dial(t, c.egress[1].wsURL("user=alice"))}
+	bob := dial(t, c.egress[0].wsURL("user=bob"))
+
+	list, err := p.UserConnections(ctx, "alice", 0)
+	if err != nil || len(list) != 2 || list[0].Instance == list[1].Instance {
+		t.Fatalf("alice's connections: %+v, %v; want two, on two instances", list, err)
+	}
+	n, err := p.DisconnectUser(ctx, "alice")
+	if err != nil || n != 2 {
+		t.Fatalf("DisconnectUser: %d, %v; want 2", n, err)
+	}
+	for i, w := range alice {
+		select {
+		case <-w.closed:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("alice's socket %d was not closed", i)
+		}
+		w.mu.Lock()
+		code := w.closeCode
+		w.mu.Unlock()
+		if code != 4003 {
+			t.Fatalf("alice's socket %d: close code %d, want 4003", i, code)
+		}
+	}
+	// Closing them removed their records: the user has none left, and a
+	// second request tells none.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if list, err := p.UserConnections(ctx, "alice", 0); err != nil || len(list) != 0 {
+			return fmt.Errorf("alice's connections after the disconnect: %+v, %v", list, err)
+		}
+		return nil
+	})
+	if n, err := p.DisconnectUser(ctx, "alice"); err != nil || n != 0 {
+		t.Fatalf("DisconnectUser again: %d, %v; want 0", n, err)
+	}
+	// Bob's socket, on the instance that closed one of alice's, is open.
+	if n, err := p.SendToUser(ctx, "bob", pubpkg.Message{Data: "still here"}); err != nil || n != 1 {
+		t.Fatalf("SendToUser bob: %d, %v", n, err)
+	}
+	bob.waitFrame(func(f frame) bool {
+		return f.Type == "message" && f.Target == "user" && string(f.Data) == `"still here"`
+	})
+	select {
+	case <-bob.closed:
+		t.Fatal("bob's socket was closed")
+	default:
 	}
 }
 

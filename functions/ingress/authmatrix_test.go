@@ -66,6 +66,8 @@ func TestAuthMatrix(t *testing.T) {
 		{"DELETE", "/v1/connections/c1", "", 202, []string{"inbox"}, "401  ok   403  ok   ok   403  403  403  exp  bad  bad  401  401  401"},
 		{"GET", "/v1/connections/c1", "", 200, nil, "401  ok   403  ok   ok   403  403  403  exp  bad  bad  401  401  401"},
 		{"GET", "/v1/channels/chat:1/connections", "", 200, nil, "401  ok   403  ok   ok   403  403  403  exp  bad  bad  401  401  401"},
+		{"GET", "/v1/users/bob/connections", "", 200, nil, "401  ok   403  ok   ok   403  403  403  exp  bad  bad  401  401  401"},
+		{"DELETE", "/v1/users/bob/connections", "", 202, []string{"inbox"}, "401  ok   403  ok   ok   403  403  403  exp  bad  bad  401  401  401"},
 		{"GET", "/healthz", "", 200, nil, "ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok"},
 		{"GET", "/readyz", "", 200, nil, "ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok   ok"},
 		{"GET", "/metrics", "", 200, nil, "401  401  401  401  401  401  401  401  401  401  401  401  401  ok"},

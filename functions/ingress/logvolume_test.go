@@ -34,6 +34,8 @@ func TestClientErrorsLogNothing(t *testing.T) {
 			{"POST", "/v1/channels/room.1/messages", `{"data":1}`, append(bearer(fullKey), "Idempotency-Key", strings.Repeat("k", 300))},
 			{"GET", "/v1/channels/room.1/messages?after=nonsense", "", bearer(fullKey)},
 			{"GET", "/v1/connections/c1", "", bearer(chatKey)},
+			{"DELETE", "/v1/users/u1/connections", "", bearer(chatKey)},
+			{"GET", "/v1/users/b%20d/connections", "", bearer(fullKey)},
 			{"PUT", "/v1/channels/room.1/messages", `{}`, bearer(fullKey)},
 			{"GET", "/v1/nothing/here", "", nil},
 			{"GET", "/metrics", "", bearer("wrong")},
@@ -44,6 +46,6 @@ func TestClientErrorsLogNothing(t *testing.T) {
 		}
 	}
 	if out := logs.String(); out != "" {
-		t.Fatalf("280 refused requests wrote:\n%s", out)
+		t.Fatalf("320 refused requests wrote:\n%s", out)
 	}
 }

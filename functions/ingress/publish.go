@@ -259,13 +259,8 @@ func (s *Server) inboxAppend(instance string, msg stream.Message) stream.Append 
 // handleSendToUser: POST /v1/users/{user}/messages. One append per egress
 // instance that holds a connection of the user.
 func (s *Server) handleSendToUser(c *gin.Context) {
-	who, ok := s.admin(c)
+	user, who, ok := s.userRoute(c)
 	if !ok {
-		return
-	}
-	user := c.Param("user")
-	if !channel.ValidUser(user) {
-		s.writeError(c, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
 		return
 	}
 	body, p, ok := s.readMessage(c)
@@ -277,7 +272,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, []byte, error) {
-		recs, err := s.reg.User(c.Request.Context(), user, 10000)
+		recs, err := s.reg.User(c.Request.Context(), user, maxUserConns)
 		if err != nil {
 			return 0, nil, err
 		}

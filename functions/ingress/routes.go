@@ -22,6 +22,8 @@ func (s *Server) routes(r *gin.Engine) {
 	v1.GET("/connections/:id", s.handleGetConnection)
 	v1.DELETE("/connections/:id", s.handleDisconnect)
 	v1.POST("/users/:user/messages", s.handleSendToUser)
+	v1.GET("/users/:user/connections", s.handleUserConnections)
+	v1.DELETE("/users/:user/connections", s.handleUserDisconnect)
 
 	r.NoRoute(func(c *gin.Context) {
 		s.writeError(c, errf(404, "not_found", "no such endpoint; see docs/api.md"))

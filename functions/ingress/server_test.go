@@ -207,6 +207,8 @@ func TestRedisDown(t *testing.T) {
 		{"user", "POST", "/v1/users/u1/messages", `{"data":1}`},
 		{"connection", "GET", "/v1/connections/c1", ""},
 		{"presence", "GET", "/v1/channels/down/connections", ""},
+		{"user's connections", "GET", "/v1/users/u1/connections", ""},
+		{"user disconnect", "DELETE", "/v1/users/u1/connections", ""},
 		{"idempotent publish", "POST", "/v1/channels/down/messages", `{"data":1}`},
 	} {
 		start := time.Now()

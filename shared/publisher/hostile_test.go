@@ -112,6 +112,18 @@ func TestOutcomeUnknown(t *testing.T) {
 		{"a lost reply, then a disconnect's 404", []answer{hangup, failure(404, "connection_not_found")}, func(c *Client, ctx context.Context) error {
 			return c.Disconnect(ctx, "c-1")
 		}, 404, true},
+		{"a user disconnect's 503s", []answer{failure(503, "unavailable")}, func(c *Client, ctx context.Context) error {
+			_, err := c.DisconnectUser(ctx, "u")
+			return err
+		}, 503, true},
+		{"a user disconnect refused", []answer{failure(403, "forbidden")}, func(c *Client, ctx context.Context) error {
+			_, err := c.DisconnectUser(ctx, "u")
+			return err
+		}, 403, false},
+		{"a user disconnect's 2xx that is not the reply", []answer{accepted(`{"user":"u"}`)}, func(c *Client, ctx context.Context) error {
+			_, err := c.DisconnectUser(ctx, "u")
+			return err
+		}, 0, true},
 		{"a 2xx too large", []answer{accepted(`{"id":"1-0","x":"` + strings.Repeat("x", maxReplyBytes) + `"}`)}, publish, 0, true},
 		{"refused", []answer{failure(400, "invalid_event")}, publish, 400, false},
 		{"rate limited every time", []answer{rateLimited}, publish, 429, false},

@@ -1,9 +1,9 @@
 // Package publisher is the Go client of the ingress HTTP API
 // (docs/api.md), for backend services: it publishes to channels (one
 // message or a batch), sends to one connection or to every connection of
-// a user, disconnects a connection, reads and clears a channel's history
-// and reads the connection registry. It is the server-side counterpart of package
-// client, which receives.
+// a user, disconnects a connection or every connection of a user, reads
+// and clears a channel's history and reads the connection registry. It
+// is the server-side counterpart of package client, which receives.
 //
 // Its point is safe retries. Every POST carries an Idempotency-Key: the
 // caller's (WithIdempotencyKey), or a random one made once per call. Each
@@ -34,9 +34,10 @@
 // (full jitter, 100 ms doubling to 5 s by default), and at least the
 // response's Retry-After (seconds or an HTTP date, at most
 // MaxRetryAfter; one that is neither, a negative number say, counts as
-// none). The reads (History, Connection, ChannelConnections: GET) and
-// the deletes (Disconnect, ClearHistory) are idempotent by themselves:
-// they are retried on the same conditions, without a key.
+// none). The reads (History, Connection, ChannelConnections,
+// UserConnections: GET) and the deletes (Disconnect, DisconnectUser,
+// ClearHistory) are idempotent by themselves: they are retried on the
+// same conditions, without a key.
 //
 // The call's ctx bounds it all: when ctx ends, the call returns at once
 // with an error that wraps both ctx.Err() and the last attempt's error.
@@ -96,17 +97,17 @@ const (
 var ErrInvalid = errors.New("publisher: invalid input")
 
 // ErrOutcomeUnknown is wrapped by the error of a POST or a DELETE (a
-// publish, a send, Disconnect, ClearHistory) that may have been carried
-// out although it failed: an attempt got no answer (a timeout, a
-// connection closed or reset, ctx ending while it was sent), a 5xx (a 503
-// after part of a batch was written, a gateway's after forwarding it),
-// 409 idempotency_in_progress, or a 2xx that is not the endpoint's reply;
-// whatever a later attempt answered. Such a call is repeated safely only
-// with the same Idempotency-Key (WithIdempotencyKey). An error that does
-// not wrap it says that nothing was done: the input was refused before
-// any request (ErrInvalid), or every attempt was refused (a 4xx *Error:
-// the ingress writes nothing then, and a proxy's refusal did not reach
-// it; a 3xx, not followed).
+// publish, a send, Disconnect, DisconnectUser, ClearHistory) that may
+// have been carried out although it failed: an attempt got no answer (a
+// timeout, a connection closed or reset, ctx ending while it was sent), a
+// 5xx (a 503 after part of a batch was written, a gateway's after
+// forwarding it), 409 idempotency_in_progress, or a 2xx that is not the
+// endpoint's reply; whatever a later attempt answered. Such a call is
+// repeated safely only with the same Idempotency-Key
+// (WithIdempotencyKey). An error that does not wrap it says that nothing
+// was done: the input was refused before any request (ErrInvalid), or
+// every attempt was refused (a 4xx *Error: the ingress writes nothing
+// then, and a proxy's refusal did not reach it; a 3xx, not followed).
 var ErrOutcomeUnknown = errors.New("publisher: outcome unknown")
 
 // Options configure New. Only URL is required.
@@ -499,6 +500,33 @@ func (c *Client) Disconnect(ctx context.Context, id string) error {
 	return err
 }
 
+// DisconnectUser asks the egress instances holding the live connections
+// of user to close each of them, with 4003 (do not reconnect), and
+// returns how many were told, 0 when the user has none: DELETE
+// /v1/users/{user}/connections (needs a key with admin rights). The
+// ingress reads at most 10,000 of the user's connections per call. A
+// connection the user opens while the call runs may survive it, and a
+// client holding a valid token can open a new one: to ban a user, also
+// stop issuing it tokens (docs/security.md). After a retry, the count is
+// the last attempt's: connections a first attempt whose reply was lost
+// had closed are not in it.
+func (c *Client) DisconnectUser(ctx context.Context, user string) (disconnected int, err error) {
+	if err := checkID("user", user); err != nil {
+		return 0, invalid(err)
+	}
+	var out struct {
+		Disconnected *int `json:"disconnected"`
+	}
+	rep, err := c.do(ctx, &request{method: http.MethodDelete, path: "/v1/users/" + url.PathEscape(user) + "/connections"}, &out)
+	if err != nil {
+		return 0, err
+	}
+	if out.Disconnected == nil {
+		return 0, unexpected(rep)
+	}
+	return *out.Disconnected, nil
+}
+
 // Connection is a live connection's registry record (docs/api.md,
 // "Registry reads"): who it is, which egress instance holds it, and the
 // channels it is subscribed to. It mirrors registry.Record, which is not
@@ -530,8 +558,8 @@ func (c *Client) Connection(ctx context.Context, id string) (Connection, error) 
 	return out, nil
 }
 
-// MaxConnectionsLimit is the largest limit a ChannelConnections call may
-// ask for.
+// MaxConnectionsLimit is the largest limit a ChannelConnections or
+// UserConnections call may ask for.
 const MaxConnectionsLimit = 10000
 
 // ChannelConnections lists the live connections subscribed to channel,
@@ -542,6 +570,11 @@ func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) (
 	if err := checkChannel(ch); err != nil {
 		return nil, invalid(err)
 	}
+	return c.connections(ctx, "/v1/channels/"+url.PathEscape(ch)+"/connections", limit)
+}
+
+// connections reads a list of registry records at path.
+func (c *Client) connections(ctx context.Context, path string, limit int) ([]Connection, error) {
 	if limit < 0 || limit > MaxConnectionsLimit {
 		return nil, fmt.Errorf("%w: limit %d: want 1–%d, or 0 for the default", ErrInvalid, limit, MaxConnectionsLimit)
 	}
@@ -552,7 +585,7 @@ func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) (
 	var out struct {
 		Connections []Connection `json:"connections"`
 	}
-	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/connections", query: query}, &out)
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: path, query: query}, &out)
 	if err != nil {
 		return nil, err
 	}
@@ -560,6 +593,17 @@ func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) (
 		return nil, unexpected(rep)
 	}
 	return out.Connections, nil
+}
+
+// UserConnections lists the live connections of user, at most limit of
+// them (0: the ingress's default, 1000; at most MaxConnectionsLimit): GET
+// /v1/users/{user}/connections (needs a key with admin rights). A user
+// with no connection gives an empty list.
+func (c *Client) UserConnections(ctx context.Context, user string, limit int) ([]Connection, error) {
+	if err := checkID("user", user); err != nil {
+		return nil, invalid(err)
+	}
+	return c.connections(ctx, "/v1/users/"+url.PathEscape(user)+"/connections", limit)
 }
 
 // ClearHistory removes every message of channel's history and returns

@@ -470,6 +470,34 @@ func TestEndpoints(t *testing.T) {
 		{"disconnect", accepted(`{"connection":"c-1","status":"disconnecting"}`), func(c *Client) error {
 			return c.Disconnect(ctx, "c-1")
 		}, "DELETE", "/v1/connections/c-1", "", false},
+		{"disconnect user", accepted(`{"user":"alice@example.com","disconnected":2}`), func(c *Client) error {
+			n, err := c.DisconnectUser(ctx, "alice@example.com")
+			if err == nil && n != 2 {
+				t.Errorf("disconnected %d", n)
+			}
+			return err
+		}, "DELETE", "/v1/users/alice@example.com/connections", "", false},
+		{"disconnect user without connections", accepted(`{"user":"bob","disconnected":0}`), func(c *Client) error {
+			n, err := c.DisconnectUser(ctx, "bob")
+			if err == nil && n != 0 {
+				t.Errorf("disconnected %d", n)
+			}
+			return err
+		}, "DELETE", "/v1/users/bob/connections", "", false},
+		{"user connections", answer{status: 200, body: `{"connections":[{"id":"c-1","user":"ada","instance":"i1","channels":[],"connected_at":"2026-01-01T12:00:00Z"}]}`}, func(c *Client) error {
+			list, err := c.UserConnections(ctx, "ada", 7)
+			if err == nil && (len(list) != 1 || list[0].ID != "c-1" || list[0].User != "ada") {
+				t.Errorf("list %+v", list)
+			}
+			return err
+		}, "GET", "/v1/users/ada/connections", "limit=7", false},
+		{"user connections, default limit", answer{status: 200, body: `{"connections":[]}`}, func(c *Client) error {
+			list, err := c.UserConnections(ctx, "ada", 0)
+			if err == nil && (list == nil || len(list) != 0) {
+				t.Errorf("list %#v", list)
+			}
+			return err
+		}, "GET", "/v1/users/ada/connections", "", false},
 		{"history", answer{status: 200, body: `{"messages":[{"channel":"room","id":"5-1","event":"chat","from":"bob","ts":5,"data":{"a":"<"}}],"next":"5-1","recovered":true}`}, func(c *Client) error {
 			p, err := c.History(ctx, "room", "0", 10)
 			if err == nil {
@@ -531,11 +559,12 @@ func TestEndpoints(t *testing.T) {
 	}
 }
 
-// TestIdempotentMethodsRetried: History and Disconnect are retried on
-// the same conditions, without a key.
+// TestIdempotentMethodsRetried: History, Disconnect and DisconnectUser
+// are retried on the same conditions, without a key.
 func TestIdempotentMethodsRetried(t *testing.T) {
 	s := newStub(t, failure(503, "unavailable"), answer{status: 200, body: `{"messages":[],"next":""}`},
-		answer{hangup: true}, accepted(`{"connection":"c-1","status":"disconnecting"}`))
+		answer{hangup: true}, accepted(`{"connection":"c-1","status":"disconnecting"}`),
+		failure(503, "unavailable"), accepted(`{"user":"u","disconnected":1}`))
 	c := s.client(t, Options{})
 	if _, err := c.History(context.Background(), "c", "", 0); err != nil {
 		t.Fatal(err)
@@ -543,9 +572,12 @@ func TestIdempotentMethodsRetried(t *testing.T) {
 	if err := c.Disconnect(context.Background(), "c-1"); err != nil {
 		t.Fatal(err)
 	}
+	if n, err := c.DisconnectUser(context.Background(), "u"); err != nil || n != 1 {
+		t.Fatalf("DisconnectUser: %d, %v", n, err)
+	}
 	reqs := s.requests()
-	if len(reqs) != 4 {
-		t.Fatalf("%d requests, want 4", len(reqs))
+	if len(reqs) != 6 {
+		t.Fatalf("%d requests, want 6", len(reqs))
 	}
 	for _, r := range reqs {
 		if r.header.Get("Idempotency-Key") != "" {
@@ -653,21 +685,25 @@ func TestInvalidInputSendsNothing(t *testing.T) {
 			}
 			return err
 		},
-		"batch item data": func() error { _, err := c.PublishBatch(ctx, []Item{{"a", Message{}}}); return err },
-		"connection id":   func() error { _, err := c.SendToConnection(ctx, "c/1", ok); return err },
-		"user":            func() error { _, err := c.SendToUser(ctx, "", ok); return err },
-		"user too long":   func() error { _, err := c.SendToUser(ctx, long, ok); return err },
-		"disconnect id":   func() error { return c.Disconnect(ctx, "a b") },
-		"history channel": func() error { _, err := c.History(ctx, ".a", "", 0); return err },
-		"record id":       func() error { _, err := c.Connection(ctx, ""); return err },
-		"clear channel":   func() error { _, err := c.ClearHistory(ctx, "-a"); return err },
-		"list channel":    func() error { _, err := c.ChannelConnections(ctx, "a/b", 0); return err },
-		"list limit":      func() error { _, err := c.ChannelConnections(ctx, "c", MaxConnectionsLimit+1); return err },
-		"list -limit":     func() error { _, err := c.ChannelConnections(ctx, "c", -1); return err },
-		"history after":   func() error { _, err := c.History(ctx, "c", "1-", 0); return err },
-		"history after $": func() error { _, err := c.History(ctx, "c", "$", 0); return err },
-		"history limit":   func() error { _, err := c.History(ctx, "c", "", MaxHistoryLimit+1); return err },
-		"history -limit":  func() error { _, err := c.History(ctx, "c", "", -1); return err },
+		"batch item data":  func() error { _, err := c.PublishBatch(ctx, []Item{{"a", Message{}}}); return err },
+		"connection id":    func() error { _, err := c.SendToConnection(ctx, "c/1", ok); return err },
+		"user":             func() error { _, err := c.SendToUser(ctx, "", ok); return err },
+		"user too long":    func() error { _, err := c.SendToUser(ctx, long, ok); return err },
+		"disconnect id":    func() error { return c.Disconnect(ctx, "a b") },
+		"disconnect user":  func() error { _, err := c.DisconnectUser(ctx, "a/b"); return err },
+		"list user":        func() error { _, err := c.UserConnections(ctx, "", 0); return err },
+		"list user limit":  func() error { _, err := c.UserConnections(ctx, "u", MaxConnectionsLimit+1); return err },
+		"list user -limit": func() error { _, err := c.UserConnections(ctx, "u", -1); return err },
+		"history channel":  func() error { _, err := c.History(ctx, ".a", "", 0); return err },
+		"record id":        func() error { _, err := c.Connection(ctx, ""); return err },
+		"clear channel":    func() error { _, err := c.ClearHistory(ctx, "-a"); return err },
+		"list channel":     func() error { _, err := c.ChannelConnections(ctx, "a/b", 0); return err },
+		"list limit":       func() error { _, err := c.ChannelConnections(ctx, "c", MaxConnectionsLimit+1); return err },
+		"list -limit":      func() error { _, err := c.ChannelConnections(ctx, "c", -1); return err },
+		"history after":    func() error { _, err := c.History(ctx, "c", "1-", 0); return err },
+		"history after $":  func() error { _, err := c.History(ctx, "c", "$", 0); return err },
+		"history limit":    func() error { _, err := c.History(ctx, "c", "", MaxHistoryLimit+1); return err },
+		"history -limit":   func() error { _, err := c.History(ctx, "c", "", -1); return err },
 	} {
 		if err := call(); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s: error %v, want ErrInvalid", name, err)
