@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -28,6 +27,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 	"github.com/wsrelay/wsrelay/shared/testkit"
+	"github.com/wsrelay/wsrelay/shared/testkit/delivery"
 )
 
 // TestChaosDelivery runs the functions together under mixed failures and
@@ -48,7 +48,8 @@ import (
 // publish written twice counts), in stream order, and every acknowledged
 // message from the client's first subscription on, except those in the
 // gap right at a resume told recovered:false (between the last id the
-// client held and the position the reply gave). The proxies also read the
+// client held and the position the reply gave): shared/testkit/delivery,
+// as the soak (bench/cmd/soak) checks it. The proxies also read the
 // server's frames: per connection and channel, every message's id is
 // above the last one sent and the subscription's position (the Go client
 // would hide a duplicate the server sent).
@@ -128,7 +129,7 @@ func TestChaosDelivery(t *testing.T) {
 		proxy     *rrProxy
 		connects  atomic.Int64
 		instances sync.Map
-		subs      map[string]*chaosSub
+		subs      map[string]*delivery.Chain
 	}
 	var (
 		endsMu sync.Mutex
@@ -152,7 +153,7 @@ func TestChaosDelivery(t *testing.T) {
 	}
 	clients := make([]*chaosClient, nClients)
 	for i := range clients {
-		cc := &chaosClient{subs: map[string]*chaosSub{}}
+		cc := &chaosClient{subs: map[string]*delivery.Chain{}}
 		cc.proxy = newRRProxy(t, backends, i, func(s string) { wireFault(fmt.Sprintf("client %d: %s", i, s)) })
 		c, err := client.Dial(client.Options{
 			URL:        "ws://" + cc.proxy.Addr() + "/ws",
@@ -178,12 +179,10 @@ func TestChaosDelivery(t *testing.T) {
 		mine := slices.Clone(channels)
 		rng.Shuffle(len(mine), func(a, b int) { mine[a], mine[b] = mine[b], mine[a] })
 		for _, ch := range mine[:2+rng.IntN(2)] {
-			cs := &chaosSub{}
-			s, err := c.Subscribe(ch, client.Handler{OnMessage: cs.onMessage, OnSubscribed: cs.onSubscribed})
-			if err != nil {
+			cs := delivery.NewChain(ch, nil)
+			if _, err := cs.Subscribe(c, ""); err != nil {
 				t.Fatal(err)
 			}
-			cs.sub.Store(s)
 			cc.subs[ch] = cs
 		}
 		clients[i] = cc
@@ -191,7 +190,7 @@ func TestChaosDelivery(t *testing.T) {
 	testkit.Eventually(t, 15*time.Second, func() error {
 		for i, cc := range clients {
 			for ch, cs := range cc.subs {
-				if !cs.subscribed() {
+				if !cs.Subscribed() {
 					return fmt.Errorf("client %d not subscribed to %s yet", i, ch)
 				}
 			}
@@ -228,7 +227,7 @@ func TestChaosDelivery(t *testing.T) {
 	pubCtx, giveUp := context.WithCancel(context.Background())
 	var pubWG sync.WaitGroup
 	for _, ch := range channels {
-		p := &chaosPublisher{acked: map[int]string{}, failed: map[int]error{}}
+		p := &chaosPublisher{log: delivery.NewLog()}
 		pubs[ch] = p
 		pubWG.Go(func() { p.run(pubCtx, pub, ch, pubEvery, stopPub) })
 	}
@@ -341,7 +340,7 @@ func TestChaosDelivery(t *testing.T) {
 	testkit.Eventually(t, 20*time.Second, func() error {
 		for i, cc := range clients {
 			for ch, cs := range cc.subs {
-				if v, _ := cs.check(pubs[ch], false); len(v) > 0 {
+				if v, _ := cs.Check(pubs[ch].log, false); len(v) > 0 {
 					return fmt.Errorf("client %d, %s: %s", i, ch, v[0])
 				}
 			}
@@ -361,7 +360,7 @@ func TestChaosDelivery(t *testing.T) {
 			if cs == nil {
 				continue
 			}
-			v, gaps := cs.check(pubs[ch], true)
+			v, gaps := cs.Check(pubs[ch].log, true)
 			for _, v := range v {
 				problems = append(problems, fmt.Sprintf("client %d, %s: %s", i, ch, v))
 			}
@@ -369,13 +368,7 @@ func TestChaosDelivery(t *testing.T) {
 				t.Logf("client %d, %s: %s", i, ch, g)
 			}
 			falseResumes += len(gaps)
-			cs.mu.Lock()
-			for _, ev := range cs.events {
-				if ev.message {
-					delivered++
-				}
-			}
-			cs.mu.Unlock()
+			delivered += cs.Messages()
 		}
 		reconnects += int(cc.connects.Load()) - 1
 		n := 0
@@ -387,12 +380,15 @@ func TestChaosDelivery(t *testing.T) {
 	wireMu.Unlock()
 	var acked, failed, replayed int
 	for _, ch := range channels {
-		acked += len(pubs[ch].acked)
-		replayed += pubs[ch].replayed
-		failed += len(pubs[ch].failed)
-		for seq, err := range pubs[ch].failed {
+		p := pubs[ch]
+		acked += p.log.Acked()
+		replayed += p.replayed
+		fails := p.log.Failed()
+		failed += len(fails)
+		for seq, err := range fails {
 			t.Logf("%s: publish of %d failed: %v", ch, seq, err)
 		}
+		problems = append(problems, p.bad...)
 	}
 	endsMu.Lock()
 	t.Logf("clients' connections ended: %v", ends)
@@ -409,12 +405,12 @@ func TestChaosDelivery(t *testing.T) {
 }
 
 // chaosPublisher publishes {"seq": n} to one channel, n = 0, 1, 2, …, one
-// publish at a time, and keeps each one's outcome.
+// publish at a time, and keeps each one's outcome. replayed and bad are
+// read once run has returned.
 type chaosPublisher struct {
-	mu       sync.Mutex
-	acked    map[int]string // seq → id
-	failed   map[int]error  // seq → the final error: written or not, unknown
-	replayed int            // acknowledged by a retry's replay of the first reply
+	log      *delivery.Log
+	replayed int      // acknowledged by a retry's replay of the first reply
+	bad      []string // acknowledgements whose id is not a stream id
 }
 
 func (p *chaosPublisher) run(ctx context.Context, pub *pubpkg.Client, ch string, every time.Duration, stop <-chan struct{}) {
@@ -429,182 +425,18 @@ func (p *chaosPublisher) run(ctx context.Context, pub *pubpkg.Client, ch string,
 		cctx, cancel := context.WithTimeout(ctx, 4*time.Second)
 		res, err := pub.Publish(cctx, ch, pubpkg.Message{Data: map[string]int{"seq": seq}})
 		cancel()
-		p.mu.Lock()
-		if err != nil {
-			p.failed[seq] = err
-		} else {
-			p.acked[seq] = res.ID
-			if res.Replayed {
-				p.replayed++
+		if err == nil {
+			if err = p.log.Ack(seq, res.ID); err != nil {
+				p.bad = append(p.bad, fmt.Sprintf("%s: %v", ch, err))
 			}
 		}
-		p.mu.Unlock()
-	}
-}
-
-// chaosSub records one subscription's events, in the order the client
-// delivered them.
-type chaosSub struct {
-	sub    atomic.Pointer[client.Subscription]
-	mu     sync.Mutex
-	events []subEvent
-}
-
-// subEvent is a message, or a subscribed reply with the position the
-// subscription holds after it (Subscription.LastID).
-type subEvent struct {
-	message   bool
-	id        stream.ID // the message's id, or the position
-	seq       int
-	recovered bool
-}
-
-func (cs *chaosSub) onMessage(m client.Message) {
-	var d struct{ Seq *int }
-	ev := subEvent{message: true, id: stream.MustParseID(m.ID), seq: -1}
-	if json.Unmarshal(m.Data, &d) == nil && d.Seq != nil {
-		ev.seq = *d.Seq
-	}
-	cs.mu.Lock()
-	cs.events = append(cs.events, ev)
-	cs.mu.Unlock()
-}
-
-func (cs *chaosSub) onSubscribed(recovered bool) {
-	// The handler can run before Subscribe has returned to the test.
-	s := cs.sub.Load()
-	for s == nil {
-		time.Sleep(time.Millisecond)
-		s = cs.sub.Load()
-	}
-	pos, ok := stream.ParseID(s.LastID())
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	if !ok {
-		pos = stream.Max // reported by check
-	}
-	cs.events = append(cs.events, subEvent{id: pos, seq: -1, recovered: recovered})
-}
-
-func (cs *chaosSub) subscribed() bool {
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	return len(cs.events) > 0
-}
-
-// check returns what the subscription's events break of the contract,
-// given what was published (p, which has stopped), and a line for each
-// resume told recovered:false. Without full, it only looks for
-// acknowledged messages still owed: the condition to wait for.
-func (cs *chaosSub) check(p *chaosPublisher, full bool) (problems, gaps []string) {
-	cs.mu.Lock()
-	events := slices.Clone(cs.events)
-	cs.mu.Unlock()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if len(events) == 0 || events[0].message {
-		return []string{"no subscribed reply before the first message"}, nil
-	}
-	if events[0].id == stream.Max {
-		return []string{"subscribed without a position"}, nil
-	}
-	bad := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
-	ackedIDs := map[stream.ID]bool{}
-	for _, id := range p.acked {
-		ackedIDs[stream.MustParseID(id)] = true
-	}
-	// skipped are the intervals (held, position] of the resumes told
-	// recovered:false: what they lost, and nothing else, may be missing.
-	type interval struct{ from, to stream.ID }
-	var skipped []interval
-	in := func(id stream.ID) bool {
-		return slices.ContainsFunc(skipped, func(g interval) bool { return g.from.Less(id) && !g.to.Less(id) })
-	}
-	start := events[0].id
-	got := map[stream.ID]bool{}
-	seqs := map[int]stream.ID{}
-	cur := start // the id the client holds
-	for _, ev := range events[1:] {
-		if !ev.message {
-			switch {
-			case ev.id == stream.Max:
-				bad("subscribed without a position")
-			case ev.recovered && ev.id != cur:
-				bad("recovered:true moved the position from %s to %s", cur, ev.id)
-			case !ev.recovered:
-				// With AOF and fsync always, Redis keeps every message,
-				// and the position the stream goes on from is the last
-				// one trimmed: a message published after the one held.
-				// (Its id is unknown when it was a publish that failed.)
-				if !cur.Less(ev.id) {
-					bad("recovered:false with position %s, not after the id held %s", ev.id, cur)
-				} else if !ackedIDs[ev.id] && len(p.failed) == 0 {
-					bad("recovered:false at position %s, which no publish wrote", ev.id)
-				}
-				skipped = append(skipped, interval{cur, ev.id})
-				n := 0
-				for id := range ackedIDs {
-					if cur.Less(id) && !ev.id.Less(id) {
-						n++
-					}
-				}
-				gaps = append(gaps, fmt.Sprintf("recovered:false after %s: position %s, %d acknowledged messages skipped", cur, ev.id, n))
-				cur = ev.id
-			}
-			continue
-		}
-		if !cur.Less(ev.id) {
-			bad("message %s (seq %d) after %s: duplicate or out of order", ev.id, ev.seq, cur)
-		}
-		cur = ev.id
-		got[ev.id] = true
-		if prev, dup := seqs[ev.seq]; dup {
-			bad("seq %d delivered twice, as %s and %s", ev.seq, prev, ev.id)
-		}
-		seqs[ev.seq] = ev.id
-		if id, ok := p.acked[ev.seq]; ok && id != ev.id.String() {
-			bad("seq %d delivered as %s, acknowledged as %s", ev.seq, ev.id, id)
-		} else if _, failed := p.failed[ev.seq]; !ok && !failed {
-			bad("message %s carries seq %d, which was never published", ev.id, ev.seq)
+		switch {
+		case err != nil:
+			p.log.Fail(seq, err)
+		case res.Replayed:
+			p.replayed++
 		}
 	}
-	if !full {
-		problems = problems[:0]
-	}
-	// Every acknowledged message after the first position, but those a
-	// recovered:false skipped.
-	owed, missing := 0, 0
-	var first string
-	for seq := range slices.Values(slices.Sorted(maps.Keys(p.acked))) {
-		id := stream.MustParseID(p.acked[seq])
-		if !start.Less(id) || in(id) {
-			continue
-		}
-		owed++
-		if got[id] {
-			continue
-		}
-		if missing == 0 {
-			first = fmt.Sprintf("seq %d (%s)", seq, id)
-		}
-		missing++
-	}
-	if missing > 0 {
-		bad("%d acknowledged messages of %d owed not delivered, the first %s (resumes told recovered:false: %d; received %d)", missing, owed, first, len(skipped), len(got))
-	}
-	if full {
-		// Acknowledged ids rise with the sequence numbers: each publish
-		// started after the one before was acknowledged.
-		var last stream.ID
-		for _, seq := range slices.Sorted(maps.Keys(p.acked)) {
-			id := stream.MustParseID(p.acked[seq])
-			if !last.Less(id) {
-				bad("seq %d acknowledged as %s, not after %s", seq, id, last)
-			}
-			last = id
-		}
-	}
-	return problems, gaps
 }
 
 // rrProxy forwards each connection it accepts to the next of its

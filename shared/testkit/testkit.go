@@ -2,6 +2,8 @@
 // polling until a condition holds, a buffer that a process's concurrent
 // writers and a test's reads can share (and that decodes JSON log
 // lines), and a listener that fails an Accept. Only tests import it.
+// Its subpackage delivery, the check of the delivery contract end to
+// end, serves the soak (bench/cmd/soak) too.
 package testkit
 
 import (

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/client"
+	"github.com/wsrelay/wsrelay/shared/testkit/delivery"
 )
 
 // soakClient is one user's WebSocket client. Its loop (one goroutine)
@@ -20,8 +21,8 @@ type soakClient struct {
 
 	mu     sync.Mutex
 	c      *client.Client
-	conn   string            // the current connection's id (its welcome)
-	chains map[string]*chain // the open ones, by channel
+	conn   string                     // the current connection's id (its welcome)
+	chains map[string]*delivery.Chain // the open ones, by channel
 }
 
 // arrive starts a new client, subscribed to two channels, with a loop of
@@ -31,7 +32,7 @@ func (s *soak) arrive(ctx context.Context) {
 	id := s.nextID
 	s.nextID++
 	s.mu.Unlock()
-	sc := &soakClient{s: s, id: id, user: "u" + strconv.Itoa(id), chains: map[string]*chain{}}
+	sc := &soakClient{s: s, id: id, user: "u" + strconv.Itoa(id), chains: map[string]*delivery.Chain{}}
 	sc.dial()
 	for range 2 {
 		sc.subscribeNew()
@@ -86,13 +87,11 @@ func (sc *soakClient) subscribeNew() {
 		return
 	}
 	ch := free[s.intN(len(free))]
-	cn := &chain{channel: ch, got: &s.delivered}
-	sub, err := sc.c.Subscribe(ch, cn.handler(""))
-	if err != nil {
+	cn := delivery.NewChain(ch, &s.delivered)
+	if _, err := cn.Subscribe(sc.c, ""); err != nil {
 		s.noteErr("subscribe", err)
 		return
 	}
-	cn.sub.Store(sub)
 	sc.mu.Lock()
 	sc.chains[ch] = cn
 	sc.mu.Unlock()
@@ -129,8 +128,8 @@ func (sc *soakClient) unsubscribe() {
 	chs := slices.Sorted(maps.Keys(sc.chains))
 	ch := chs[sc.s.intN(len(chs))]
 	cn := sc.chains[ch]
-	cn.sub.Load().Unsubscribe()
-	cn.close()
+	cn.Subscription().Unsubscribe()
+	cn.Close()
 	sc.mu.Lock()
 	delete(sc.chains, ch)
 	sc.mu.Unlock()
@@ -147,24 +146,20 @@ func (sc *soakClient) resume() {
 	renew := 0
 	for _, ch := range slices.Sorted(maps.Keys(sc.chains)) {
 		cn := sc.chains[ch]
-		after := cn.sub.Load().LastID()
+		after := cn.Subscription().LastID()
 		if after == "" {
 			// Closed before the server's first answer: there is nothing
 			// to resume from, so that chain ends and a new one starts.
-			cn.close()
+			cn.Close()
 			sc.mu.Lock()
 			delete(sc.chains, ch)
 			sc.mu.Unlock()
 			renew++
 			continue
 		}
-		cn.sub.Store(nil)
-		sub, err := sc.c.Subscribe(ch, cn.handler(after))
-		if err != nil {
+		if _, err := cn.Subscribe(sc.c, after); err != nil {
 			s.noteErr("subscribe", err)
-			continue
 		}
-		cn.sub.Store(sub)
 	}
 	for range renew {
 		sc.subscribeNew()
@@ -188,7 +183,7 @@ func (sc *soakClient) closeClient() {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	for _, cn := range sc.chains {
-		cn.close()
+		cn.Close()
 	}
 }
 

@@ -220,11 +220,11 @@ func (s *soak) check(ctx context.Context, rep *report) {
 	s.mu.Unlock()
 	bad := 0
 	for _, c := range chains {
-		p, g := c.check(s.logs[c.channel], true)
+		p, g := c.Check(s.logs[c.Channel()], true)
 		rep.gaps += len(g)
 		for _, l := range p {
 			if bad < 20 {
-				rep.fail("delivery, %s: %s", c.channel, l)
+				rep.fail("delivery, %s: %s", c.Channel(), l)
 			}
 			bad++
 		}
@@ -296,9 +296,7 @@ func (s *soak) check(ctx context.Context, rep *report) {
 
 	var failedPubs int
 	for _, l := range s.logs {
-		l.mu.Lock()
-		failedPubs += len(l.failed)
-		l.mu.Unlock()
+		failedPubs += len(l.Failed())
 	}
 	rep.counts = append(rep.counts,
 		fmt.Sprintf("channel publishes acknowledged %d, failed %d; channel messages delivered %d", s.published.Load(), failedPubs, s.delivered.Load()),

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"slices"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/bench/harness"
 	"github.com/wsrelay/wsrelay/shared/publisher"
+	"github.com/wsrelay/wsrelay/shared/testkit/delivery"
 )
 
 // soak is one run.
@@ -39,11 +41,11 @@ type soak struct {
 	pubHTTP   *http.Transport
 
 	channels []string
-	logs     map[string]*pubLog // by channel
+	logs     map[string]*delivery.Log // by channel
 
 	mu      sync.Mutex
 	live    map[int]*soakClient
-	chains  []*chain // every chain the run made
+	chains  []*delivery.Chain // every chain the run made
 	nextID  int
 	clients sync.WaitGroup
 
@@ -114,11 +116,11 @@ func (s *soak) start() error {
 	if err != nil {
 		return err
 	}
-	s.logs = map[string]*pubLog{}
+	s.logs = map[string]*delivery.Log{}
 	for i := range s.cfg.channels {
 		ch := "soak-" + strconv.Itoa(i)
 		s.channels = append(s.channels, ch)
-		s.logs[ch] = newPubLog()
+		s.logs[ch] = delivery.NewLog()
 	}
 	s.live = map[int]*soakClient{}
 	return nil
@@ -126,13 +128,7 @@ func (s *soak) start() error {
 
 // stopAll ends whatever is still running, on every way out.
 func (s *soak) stopAll() {
-	s.mu.Lock()
-	live := make([]*soakClient, 0, len(s.live))
-	for _, c := range s.live {
-		live = append(live, c)
-	}
-	s.mu.Unlock()
-	for _, c := range live {
+	for _, c := range s.liveClients() {
 		c.closeClient()
 	}
 	if s.lb != nil {
@@ -253,13 +249,7 @@ func (s *soak) drive(ctx context.Context) (*report, error) {
 	// The clients leave; then a quiet period longer than REGISTRY_TTL, so
 	// that whatever a connection left in the registry would have expired
 	// had it been refreshed no more.
-	s.mu.Lock()
-	live := make([]*soakClient, 0, len(s.live))
-	for _, c := range s.live {
-		live = append(live, c)
-	}
-	s.mu.Unlock()
-	for _, c := range live {
+	for _, c := range s.liveClients() {
 		c.closeConn()
 	}
 	s.mu.Lock()
@@ -288,8 +278,8 @@ func (s *soak) owed() string {
 	chains := slices.Clone(s.chains)
 	s.mu.Unlock()
 	for _, c := range chains {
-		if p, _ := c.check(s.logs[c.channel], false); len(p) > 0 {
-			return c.channel + ": " + p[0]
+		if p, _ := c.Check(s.logs[c.Channel()], false); len(p) > 0 {
+			return c.Channel() + ": " + p[0]
 		}
 	}
 	return ""
@@ -320,16 +310,24 @@ func (s *soak) publish(ctx context.Context, ch string) {
 			publisher.WithIdempotencyKey(fmt.Sprintf("%s-%d", ch, seq)))
 		cancel()
 		if err == nil {
-			err = log.ack(seq, res.ID)
+			err = log.Ack(seq, res.ID)
 		}
 		if err != nil {
-			log.fail(seq, err)
+			log.Fail(seq, err)
 			s.publishErrors.Add(1)
 			s.noteErr("publish", err)
 			continue
 		}
 		s.published.Add(1)
 	}
+}
+
+// liveClients returns the live clients: a copy, so that closing them
+// does not hold s.mu.
+func (s *soak) liveClients() []*soakClient {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Collect(maps.Values(s.live))
 }
 
 // randomClient picks a live client, or nil.
