@@ -371,6 +371,45 @@ const clientJSCases = `(async () => {
     results.networkEvents = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // Waits past setTimeout's limit (2³¹−1 ms, 24.8 days), which a timer
+  // takes modulo 2³² (a longer one fires at once): a server with a long
+  // IDLE_TIMEOUT, or a long time option, must not make the client's timers
+  // fire in a loop (the page's CPU) nor its reconnects storm.
+  {
+    const wrong = [];
+    const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+    const day = 86400000;
+    for (const [name, opts, welcome] of [
+      ["activityTimeout 30 days", { activityTimeout: 30 * day }, {}],
+      ["pongTimeout 30 days", { activityTimeout: 20, pongTimeout: 30 * day }, {}],
+      ["idle_timeout_ms 30 days", { activityTimeout: 20 }, { idle_timeout_ms: 30 * day }],
+    ]) {
+      sockets.length = 0;
+      const c = newClient(opts);
+      let checks = 0;
+      const check = c.checkSilence.bind(c);
+      c.checkSilence = (ws) => { checks++; check(ws); };
+      await settle();
+      sockets[0].open();
+      sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i", ...welcome });
+      await wait(200);
+      if (checks > 2 || sockets.length !== 1) wrong.push(name + ": " + checks + " silence checks, " + sockets.length + " dials in 200 ms");
+      c.close();
+    }
+    const random = Math.random;
+    Math.random = () => 1; // every backoff its longest
+    try {
+      const [c, ws] = await welcomed({ minBackoff: 30 * day, maxBackoff: 30 * day });
+      ws.shut(1006);
+      await wait(100);
+      if (sockets.length !== 1) wrong.push("a 30-day backoff: " + sockets.length + " dials in 100 ms");
+      c.close();
+    } finally {
+      Math.random = random;
+    }
+    results.longTimers = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // Unsubscribing a subscription the server refused is answered
   // not_subscribed: the state asked for, which reaches no error listener.
   {
@@ -860,7 +899,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

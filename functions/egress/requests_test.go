@@ -80,13 +80,15 @@ func TestRequestsPerFrame(t *testing.T) {
 	})
 	// The idle timeout is announced only when set, so that a client that
 	// probes a silent connection waits past it instead of keeping an idle
-	// connection open with its pings (docs/protocol.md).
+	// connection open with its pings (docs/protocol.md). A part of a ms
+	// rounds up: a client waiting past a value rounded down could ping
+	// before the server's own timeout.
 	t.Run("welcome carries idle_timeout_ms when IDLE_TIMEOUT is set", func(t *testing.T) {
 		t.Parallel()
 		for _, tc := range []struct {
 			idle string
 			want int64
-		}{{"2500ms", 2500}, {"0s", 0}} {
+		}{{"2500ms", 2500}, {"1500100us", 1501}, {"0s", 0}} {
 			_, ws, w := dial(t, map[string]string{"IDLE_TIMEOUT": tc.idle})
 			if w.IdleTimeoutMs != tc.want {
 				t.Fatalf("IDLE_TIMEOUT %s: welcome %+v, want idle_timeout_ms %d", tc.idle, w, tc.want)

@@ -143,8 +143,11 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 	// nothing is written until the record is in: c.writing, set above,
 	// holds the writer back.
 	user := c.user
+	// idle_timeout_ms rounds a part of a ms up: clients wait longer than
+	// it before they ping, which a value rounded down would not ensure.
+	idleMs := (s.cfg.IdleTimeout + time.Millisecond - 1).Milliseconds()
 	welcome := &protocol.Reply{Type: protocol.TypeWelcome, ConnectionID: c.id, User: &user, Instance: s.instance,
-		MaxFrameBytes: s.cfg.MaxFrameBytes, IdleTimeoutMs: s.cfg.IdleTimeout.Milliseconds()}
+		MaxFrameBytes: s.cfg.MaxFrameBytes, IdleTimeoutMs: idleMs}
 	c.mu.Lock()
 	c.ctrl = append(c.ctrl, c.reply(welcome).frame)
 	c.mu.Unlock()

@@ -224,11 +224,12 @@ type Reply struct {
 	// reads. Its presence announces that the server reads several
 	// requests per frame; zero (absent): one request per frame.
 	MaxFrameBytes int64 `json:"max_frame_bytes,omitempty"`
-	// IdleTimeoutMs (welcome) is the server's IDLE_TIMEOUT in ms: a
-	// connection with no data frame either way for that long is closed
-	// (4000). Zero (absent): no idle close. A client that probes a silent
-	// connection with pings waits longer than this, so that its pings do
-	// not keep open a connection the server would close as idle.
+	// IdleTimeoutMs (welcome) is the server's IDLE_TIMEOUT in ms (a part
+	// of a ms rounded up): a connection with no data frame either way for
+	// that long is closed (4000). Zero (absent): no idle close. A client
+	// that probes a silent connection with pings waits longer than this,
+	// so that its pings do not keep open a connection the server would
+	// close as idle.
 	IdleTimeoutMs int64 `json:"idle_timeout_ms,omitempty"`
 }
 

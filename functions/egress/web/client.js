@@ -47,6 +47,12 @@ const MAX_BATCH_BYTES = 64 * 1024;
 // would make the connection active again.
 const IDLE_MARGIN = 5000;
 const PING = JSON.stringify({ type: "ping" });
+// The longest wait setTimeout takes (2³¹−1 ms, 24.8 days): it takes a
+// longer one modulo 2³², so that the timer fires at once or at some other
+// time. Longer waits (a long time option, a server's long idle_timeout_ms)
+// are cut to it: the silence timer checks when it fires and waits again,
+// and a reconnect 24.8 days on is as good as one later.
+const MAX_TIMER = 2 ** 31 - 1;
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
@@ -403,7 +409,7 @@ export class WsRelay {
     clearTimeout(this.probeTimer);
     if (this.activityTimeout < 0 || this.ws !== ws || this.closed) return;
     const due = ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
-    this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.max(0, due - Date.now()));
+    this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.min(Math.max(0, due - Date.now()), MAX_TIMER));
   }
 
   checkSilence(ws) {
@@ -498,7 +504,7 @@ export class WsRelay {
     this.timer = setTimeout(() => {
       this.waiting = false;
       this.connect();
-    }, wait);
+    }, Math.min(wait, MAX_TIMER));
   }
 
   dispatch(ws, raw) {
