@@ -157,7 +157,7 @@ func (s *Server) authenticate(r *http.Request) (*identity, *authError) {
 			return nil, aerr
 		}
 		if user != "" && !channel.ValidUser(user) {
-			return nil, &authError{http.StatusBadRequest, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"}
+			return nil, &authError{http.StatusBadRequest, "invalid_user", "user must be " + channel.UserRule}
 		}
 		return &identity{user: user, proto: proto}, nil
 	}

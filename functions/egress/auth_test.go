@@ -335,6 +335,21 @@ func TestEgressAnonymous(t *testing.T) {
 	if _, resp, err := e.dial(t, url.Values{"token": {"a.b.c"}}, nil); err == nil || resp.StatusCode != 401 {
 		t.Fatalf("bad token in anonymous mode: %v", err)
 	}
+	// So is a user the ingress's /v1/users/{user}/… routes could not
+	// address ("." and ".." are resolved away in a URL path).
+	for _, u := range []string{".", "..", "a b"} {
+		ws, resp, err := e.dial(t, url.Values{"user": {u}}, nil)
+		if err == nil {
+			ws.Close()
+		}
+		if err == nil || resp == nil || resp.StatusCode != 400 {
+			t.Errorf("user %q: %v (response %v), want 400", u, err, resp != nil)
+			continue
+		}
+		if body, _ := io.ReadAll(resp.Body); !strings.Contains(string(body), `"invalid_user"`) {
+			t.Errorf("user %q: body %s, want invalid_user", u, body)
+		}
+	}
 }
 
 func TestEgressTokenExpiry(t *testing.T) {

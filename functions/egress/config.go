@@ -113,7 +113,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, err)
 	}
 	if c.InstanceID != "" && !channel.ValidUser(c.InstanceID) {
-		errs = append(errs, errors.New("INSTANCE_ID must be 1–128 characters [A-Za-z0-9_.:@-] (empty: a random id)"))
+		errs = append(errs, errors.New("INSTANCE_ID must be "+channel.UserRule+" (empty: a random id)"))
 	}
 	if c.IdleTimeout != 0 && c.IdleTimeout < time.Second {
 		errs = append(errs, errors.New("IDLE_TIMEOUT must be 0 (off) or at least 1s"))

@@ -122,7 +122,7 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	}
 	if !isNull(raw.From) {
 		if json.Unmarshal(raw.From, &p.From) != nil || !channel.ValidUser(p.From) {
-			return p, errf(400, "invalid_from", `"from" must be a user id of 1–128 characters [A-Za-z0-9_.:@-]`)
+			return p, errf(400, "invalid_from", `"from" must be a user id of `+channel.UserRule)
 		}
 	}
 	return p, nil

@@ -59,7 +59,7 @@ func (s *Server) userRoute(c *gin.Context) (string, *principal, bool) {
 	}
 	user := c.Param("user")
 	if !channel.ValidUser(user) {
-		s.writeError(c, errf(400, "invalid_user", "user must be 1–128 characters [A-Za-z0-9_.:@-]"))
+		s.writeError(c, errf(400, "invalid_user", "user must be "+channel.UserRule))
 		return "", nil, false
 	}
 	return user, who, true

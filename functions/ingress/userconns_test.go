@@ -58,7 +58,7 @@ func TestUserConnections(t *testing.T) {
 	for _, q := range []string{"0", "-1", "x", "10001", "", "5&limit=5"} {
 		expectError(t, e.do("GET", "/v1/users/bob/connections?limit="+q, ""), 400, "invalid_limit")
 	}
-	for _, u := range []string{"a%20b", strings.Repeat("u", 129), "bad!"} {
+	for _, u := range []string{"a%20b", strings.Repeat("u", 129), "bad!", ".", "..", "%2E%2E"} {
 		expectError(t, e.do("GET", "/v1/users/"+u+"/connections", ""), 400, "invalid_user")
 	}
 }

@@ -423,7 +423,7 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		}
 	}
 	if !channel.ValidUser(jc.Subject) {
-		return nil, fmt.Errorf("%w: sub must be a user id of 1–128 characters [A-Za-z0-9_.:@-]", ErrInvalidToken)
+		return nil, fmt.Errorf("%w: sub must be a user id of %s", ErrInvalidToken, channel.UserRule)
 	}
 	c := &Claims{Subject: jc.Subject, Expires: jc.ExpiresAt.Time}
 	if c.Channels, err = patterns("channels", jc.Channels); err != nil {

@@ -24,11 +24,17 @@ func ValidName(s string) bool {
 	return true
 }
 
-// ValidUser reports whether s is a usable user id: 1–128 bytes of the
-// channel alphabet (letters, digits, _ . : @ -). The empty user (anonymous)
-// is handled by callers.
+// UserRule says what ValidUser accepts, for error messages.
+const UserRule = `1–128 characters [A-Za-z0-9_.:@-], not "." or ".."`
+
+// ValidUser reports whether s is a usable user id (or connection or
+// instance id): 1–128 bytes of the channel alphabet (letters, digits,
+// _ . : @ -), but not "." or "..": as a path segment
+// (/v1/users/{user}/…) those are resolved away by browsers, curl and
+// proxies, so such a user could not be addressed. The empty user
+// (anonymous) is handled by callers.
 func ValidUser(s string) bool {
-	if len(s) == 0 || len(s) > MaxNameLen {
+	if len(s) == 0 || len(s) > MaxNameLen || s == "." || s == ".." {
 		return false
 	}
 	for i := 0; i < len(s); i++ {

@@ -52,6 +52,13 @@ func TestValidUser(t *testing.T) {
 		{"a b", false},
 		{"ü", false},
 		{"a}", false},
+		// A path segment "." or ".." is resolved away by browsers, curl
+		// and proxies (/v1/users/../connections is /v1/connections), so
+		// such a user could not be addressed on the ingress's routes.
+		{".", false},
+		{"..", false},
+		{"...", true},
+		{".a", true},
 	} {
 		if got := ValidUser(tc.s); got != tc.ok {
 			t.Errorf("ValidUser(%q) = %v", tc.s, got)

@@ -335,7 +335,7 @@ func (m Message) body() (messageBody, error) {
 	case !channel.ValidEvent(m.Event):
 		return messageBody{}, fmt.Errorf("event %q: want at most 64 printable ASCII characters without '\"' or '\\'", m.Event)
 	case m.From != "" && !channel.ValidUser(m.From):
-		return messageBody{}, fmt.Errorf("from %q: want a user id, 1–128 characters of [A-Za-z0-9_.:@-]", m.From)
+		return messageBody{}, fmt.Errorf("from %q: want a user id, %s", m.From, channel.UserRule)
 	}
 	return messageBody{Data: data, Event: m.Event, From: m.From}, nil
 }
@@ -366,7 +366,7 @@ func checkChannel(ch string) error {
 // channel alphabet.
 func checkID(what, id string) error {
 	if !channel.ValidUser(id) {
-		return fmt.Errorf("%s %q: want 1–128 characters of [A-Za-z0-9_.:@-]", what, id)
+		return fmt.Errorf("%s %q: want %s", what, id, channel.UserRule)
 	}
 	return nil
 }

@@ -57,7 +57,8 @@ const MAX_TIMER = 2 ** 31 - 1;
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
 const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
-const USER = /^[A-Za-z0-9_.:@-]{1,128}$/;
+// A user id; not "." or "..", which a URL path resolves away.
+const USER = /^(?!\.\.?$)[A-Za-z0-9_.:@-]{1,128}$/;
 const U64 = (1n << 64n) - 1n;
 
 /**
@@ -646,7 +647,7 @@ export async function publish(ingress, channel, data, opts = {}) {
     throw new TypeError(`not an event name (at most 64 printable ASCII characters without " or \\): ${opts.event}`);
   }
   if (opts.from != null && opts.from !== "" && (typeof opts.from !== "string" || !USER.test(opts.from))) {
-    throw new TypeError(`not a user id (1–128 characters [A-Za-z0-9_.:@-]): ${opts.from}`);
+    throw new TypeError(`not a user id (1–128 characters [A-Za-z0-9_.:@-], not "." or ".."): ${opts.from}`);
   }
   const key = opts.idempotencyKey ?? newKey();
   if (typeof key !== "string" || !/^[\x20-\x7e]{1,255}$/.test(key) || key.trim() !== key) {
