@@ -864,10 +864,26 @@ const clientJSCases = `(async () => {
     // A backoff that is not a number of ms from 0 up, or a from that is
     // not a user id, is refused before any request (a 0 ms backoff would
     // retry in a tight loop; the ingress refuses the from with 400).
-    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["minBackoff NaN", { minBackoff: NaN }], ["from", { from: "bad user" }]]) {
+    for (const [name, o] of [["minBackoff -1", { minBackoff: -1 }], ["maxBackoff '5'", { maxBackoff: "5" }], ["minBackoff NaN", { minBackoff: NaN }], ["from", { from: "bad user" }], ["from ..", { from: ".." }]]) {
       [f, calls] = scripted(fail(400, "stop"));
       try { await publish("", "room", 1, { fetch: f, ...o }); wrong.push(name + ": resolved"); }
       catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push(name + ": " + e + " after " + calls.length + " calls"); }
+    }
+    // A backoff longer than a browser timer can hold (2³¹−1 ms, 24.8
+    // days) is not wrapped round into an immediate retry. (The jitter is
+    // pinned near its top, so that the wait is over 24.8 days.)
+    {
+      [f, calls] = scripted(fail(503, "unavailable"), ok);
+      const ac = new AbortController();
+      const random = Math.random;
+      Math.random = () => 0.99;
+      const day = 86400e3;
+      const p = publish("", "room", 1, { fetch: f, signal: ac.signal, minBackoff: 30 * day, maxBackoff: 30 * day }).catch((e) => e);
+      await new Promise((r) => setTimeout(r, 200));
+      Math.random = random;
+      if (calls.length !== 1) wrong.push("a 30-day backoff: " + calls.length + " calls within 200 ms");
+      ac.abort(new Error("done"));
+      await p;
     }
     // A redirect (an http:// URL behind an https:// redirect, say) is not
     // followed: a 303 would have turned the publish into a GET of the

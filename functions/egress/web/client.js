@@ -712,7 +712,7 @@ export async function publish(ingress, channel, data, opts = {}) {
     wait = Math.max(wait, backoff(min, max, n));
     await new Promise((resolve, reject) => {
       const abort = () => { clearTimeout(t); reject(opts.signal.reason); };
-      const t = setTimeout(() => { opts.signal?.removeEventListener("abort", abort); resolve(); }, wait);
+      const t = setTimeout(() => { opts.signal?.removeEventListener("abort", abort); resolve(); }, Math.min(wait, MAX_TIMER));
       opts.signal?.addEventListener("abort", abort, { once: true });
     });
   }
