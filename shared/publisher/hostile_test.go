@@ -124,6 +124,10 @@ func TestOutcomeUnknown(t *testing.T) {
 			_, err := c.DisconnectUser(ctx, "u")
 			return err
 		}, 0, true},
+		{"a user disconnect's negative count", []answer{accepted(`{"user":"u","disconnected":-3}`)}, func(c *Client, ctx context.Context) error {
+			_, err := c.DisconnectUser(ctx, "u")
+			return err
+		}, 0, true},
 		{"a 2xx too large", []answer{accepted(`{"id":"1-0","x":"` + strings.Repeat("x", maxReplyBytes) + `"}`)}, publish, 0, true},
 		{"refused", []answer{failure(400, "invalid_event")}, publish, 400, false},
 		{"rate limited every time", []answer{rateLimited}, publish, 429, false},

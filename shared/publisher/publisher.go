@@ -521,7 +521,7 @@ func (c *Client) DisconnectUser(ctx context.Context, user string) (disconnected 
 	if err != nil {
 		return 0, err
 	}
-	if out.Disconnected == nil {
+	if out.Disconnected == nil || *out.Disconnected < 0 {
 		return 0, unexpected(rep)
 	}
 	return *out.Disconnected, nil

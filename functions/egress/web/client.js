@@ -407,8 +407,11 @@ export class WsRelay {
    * busy socket costs no timer per frame.
    */
   watch(ws) {
+    // The timer is the current socket's: a socket replaced took its own
+    // with it (detach), and must not clear its successor's.
+    if (this.ws !== ws) return;
     clearTimeout(this.probeTimer);
-    if (this.activityTimeout < 0 || this.ws !== ws || this.closed) return;
+    if (this.activityTimeout < 0 || this.closed) return;
     const due = ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
     this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.min(Math.max(0, due - Date.now()), MAX_TIMER));
   }
