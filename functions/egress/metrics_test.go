@@ -95,22 +95,7 @@ func TestRefusedAtConnect(t *testing.T) {
 	if n := len(e.s.hub.snapshotConns()); n != 0 {
 		t.Errorf("%d connections left in the hub", n)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		m, err := scrape(e.srv.URL)
-		if err != nil {
-			return err
-		}
-		if !strings.Contains(m, `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
-			return fmt.Errorf("the refusal is not counted in:\n%s", m)
-		}
-		return nil
-	})
-	var closed []map[string]any
-	for _, r := range logs.JSONLines(t) {
-		if r["msg"] == "connection closed" {
-			closed = append(closed, r)
-		}
-	}
+	closed := refusalEnd(t, e, &logs)
 	if len(closed) != 1 || closed[0]["level"] != "WARN" || closed[0]["user"] != "carol" || closed[0]["close_code"] != float64(1013) ||
 		closed[0]["scf_status"] != float64(439) || closed[0]["frames_out"] != float64(0) || closed[0]["err"] == nil {
 		t.Errorf("the refusal's log lines %v, want one WARN naming carol, 1013, 439, no frame out and the error", closed)
@@ -137,22 +122,7 @@ func TestRefusedWhileDraining(t *testing.T) {
 	if code := c.closed(3 * time.Second); code != protocol.CloseGoingAway {
 		t.Fatalf("close %d, want 1001", code)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		m, err := scrape(e.srv.URL)
-		if err != nil {
-			return err
-		}
-		if !strings.Contains(m, `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
-			return fmt.Errorf("the refusal is not counted in:\n%s", m)
-		}
-		return nil
-	})
-	var closed []map[string]any
-	for _, r := range logs.JSONLines(t) {
-		if r["msg"] == "connection closed" {
-			closed = append(closed, r)
-		}
-	}
+	closed := refusalEnd(t, e, &logs)
 	if len(closed) != 1 || closed[0]["level"] != "INFO" || closed[0]["user"] != "dave" || closed[0]["close_code"] != float64(1001) ||
 		closed[0]["closed_by"] != "server" || closed[0]["scf_status"] != float64(439) || closed[0]["frames_out"] != float64(0) {
 		t.Errorf("the refusal's log lines %v, want one INFO line naming dave, 1001 by the server, 439, no frame out", closed)
@@ -490,4 +460,28 @@ func TestRefusedUpgradesCounted(t *testing.T) {
 	if n := strings.Count(got, "\n"); n != 4 {
 		t.Errorf("%d series, want 4:\n%s", n, got)
 	}
+}
+
+// refusalEnd waits until e counts one server close as status 439 (a
+// refusal right after the upgrade), and returns the "connection closed"
+// log lines, which should be that refusal's one line.
+func refusalEnd(t *testing.T, e *secEgress, logs *testkit.SyncBuffer) []map[string]any {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(m, `wsrelay_egress_closes_total{status="439"} 1`+"\n") {
+			return fmt.Errorf("the refusal is not counted in:\n%s", m)
+		}
+		return nil
+	})
+	var closed []map[string]any
+	for _, r := range logs.JSONLines(t) {
+		if r["msg"] == "connection closed" {
+			closed = append(closed, r)
+		}
+	}
+	return closed
 }

@@ -348,17 +348,10 @@ func (s *soak) randomClient() *soakClient {
 // sendTargeted sends to a live client's user and to a live connection,
 // in turn.
 func (s *soak) sendTargeted(ctx context.Context) {
-	tick := time.NewTicker(time.Duration(float64(time.Second) / s.cfg.targeted))
-	defer tick.Stop()
-	for i := 0; ; i++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	every(ctx, s.cfg.targeted, func(i int) {
 		c := s.randomClient()
 		if c == nil {
-			continue
+			return
 		}
 		m := publisher.Message{Data: map[string]int{"n": i}, Event: "targeted"}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -380,20 +373,13 @@ func (s *soak) sendTargeted(ctx context.Context) {
 			s.targetedError.Add(1)
 			s.noteErr("targeted", err)
 		}
-	}
+	})
 }
 
 // read reads a channel's history, a channel's connections and a
 // connection's record, in turn, as a backend does.
 func (s *soak) read(ctx context.Context) {
-	tick := time.NewTicker(time.Duration(float64(time.Second) / s.cfg.reads))
-	defer tick.Stop()
-	for i := 0; ; i++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	every(ctx, s.cfg.reads, func(i int) {
 		ch := s.channels[s.intN(len(s.channels))]
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		var err error
@@ -419,5 +405,19 @@ func (s *soak) read(ctx context.Context) {
 			s.readErrors.Add(1)
 			s.noteErr("read", err)
 		}
+	})
+}
+
+// every calls do(0), do(1), … perSecond times a second until ctx ends.
+func every(ctx context.Context, perSecond float64, do func(i int)) {
+	tick := time.NewTicker(time.Duration(float64(time.Second) / perSecond))
+	defer tick.Stop()
+	for i := 0; ; i++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		do(i)
 	}
 }
