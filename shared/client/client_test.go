@@ -267,7 +267,10 @@ func TestSubscribeChecksNames(t *testing.T) {
 // ReadTimeout and replaced; a server that pings keeps it.
 func TestSilentConnection(t *testing.T) {
 	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
-		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		// Not write: on a loaded machine this handler can start after
+		// the client's 200 ms have run out, and the client, which keeps
+		// reconnecting until the end of the test, has gone already.
+		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
 		_, _, _ = ws.ReadMessage() // silent until the client goes
 	})
 	c, err := Dial(Options{URL: url, ReadTimeout: 200 * time.Millisecond, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
@@ -281,6 +284,7 @@ func TestSilentConnection(t *testing.T) {
 		}
 		return nil
 	})
+	c.Close() // no more reconnects beside the second half (Close is idempotent)
 
 	pinged, pingedUpgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
 		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
