@@ -39,9 +39,10 @@ func (s *Server) disconnectAppend(instance, id string) stream.Append {
 	return s.inboxAppend(instance, stream.Message{Route: stream.Disconnect(id), TS: time.Now().UnixMilli(), Data: []byte("null")})
 }
 
-// maxUserConns is the most connections of one user that a send to the
-// user or a disconnect of the user reads from the registry (docs/api.md).
-const maxUserConns = 10000
+// maxConnsRead is the most registry records one request reads: a list
+// of a channel's or a user's connections (its ?limit= at most), a send to
+// a user, a disconnect of a user (docs/api.md).
+const maxConnsRead = 10000
 
 // userDisconnectChunk bounds the commands of one append pipeline of a
 // user's disconnect, as the batcher bounds the pipelines it shares, so
@@ -71,17 +72,7 @@ func (s *Server) handleUserConnections(c *gin.Context) {
 	if !ok {
 		return
 	}
-	limit, ae := parseLimit(c, 1000, maxUserConns)
-	if ae != nil {
-		s.writeError(c, ae)
-		return
-	}
-	recs, err := s.reg.User(c.Request.Context(), user, int64(limit))
-	if err != nil {
-		s.writeError(c, err)
-		return
-	}
-	c.JSON(200, gin.H{"connections": recs})
+	s.listConnections(c, user, s.reg.User)
 }
 
 // handleUserDisconnect: DELETE /v1/users/{user}/connections (admin). Each
@@ -97,7 +88,7 @@ func (s *Server) handleUserDisconnect(c *gin.Context) {
 		return
 	}
 	ctx := c.Request.Context()
-	recs, err := s.reg.User(ctx, user, maxUserConns)
+	recs, err := s.reg.User(ctx, user, maxConnsRead)
 	if err != nil {
 		s.writeError(c, err)
 		return

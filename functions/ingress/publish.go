@@ -272,7 +272,7 @@ func (s *Server) handleSendToUser(c *gin.Context) {
 		return
 	}
 	s.idempotent(c, who, body, func() (int, []byte, error) {
-		recs, err := s.reg.User(c.Request.Context(), user, maxUserConns)
+		recs, err := s.reg.User(c.Request.Context(), user, maxConnsRead)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -313,12 +313,19 @@ func (s *Server) handleChannelConnections(c *gin.Context) {
 	if !ok {
 		return
 	}
-	limit, ae := parseLimit(c, 1000, 10000)
+	s.listConnections(c, ch, s.reg.Channel)
+}
+
+// listConnections answers a registry list read, a channel's or a user's
+// (read, given name): at most ?limit= records (default 1000, at most
+// maxConnsRead), as {"connections": […]}.
+func (s *Server) listConnections(c *gin.Context, name string, read func(context.Context, string, int64) ([]*registry.Record, error)) {
+	limit, ae := parseLimit(c, 1000, maxConnsRead)
 	if ae != nil {
 		s.writeError(c, ae)
 		return
 	}
-	recs, err := s.reg.Channel(c.Request.Context(), ch, int64(limit))
+	recs, err := read(c.Request.Context(), name, int64(limit))
 	if err != nil {
 		s.writeError(c, err)
 		return
