@@ -19,6 +19,7 @@ type scfFunction struct {
 	Type           string `yaml:"type"`
 	Runtime        string `yaml:"runtime"`
 	Timeout        int    `yaml:"timeout"`
+	MemorySize     int    `yaml:"memorySize"`
 	ProtocolType   string `yaml:"protocolType"`
 	ProtocolParams struct {
 		WSParams struct {
@@ -33,6 +34,16 @@ type scfFunction struct {
 		Key   string `yaml:"key"`
 		Value string `yaml:"value"`
 	} `yaml:"environments"`
+	Events []struct {
+		APIGW *struct {
+			Parameters struct {
+				Endpoints []struct {
+					Path     string         `yaml:"path"`
+					Function map[string]any `yaml:"function"`
+				} `yaml:"endpoints"`
+			} `yaml:"parameters"`
+		} `yaml:"apigw"`
+	} `yaml:"events"`
 }
 
 func (f scfFunction) env() map[string]string {
@@ -150,8 +161,31 @@ func checkFunction(t *testing.T, where, fn string, f scfFunction, known []string
 	if f.Type != "web" {
 		t.Errorf("%s: type %q, want web (scf_bootstrap on port 9000)", where, f.Type)
 	}
-	if f.Timeout <= 0 {
-		t.Errorf("%s: timeout missing", where)
+	// SCF's execution timeout is 1–900 s (CreateFunction's Timeout, the
+	// quota page, the scf component's configure.md); for a WebSocket it is
+	// the connection's lifetime, and a longer one is refused.
+	if f.Timeout < 1 || f.Timeout > 900 {
+		t.Errorf("%s: timeout %d, want 1–900 s (SCF's execution timeout range)", where, f.Timeout)
+	}
+	// 64 MB, or 128–3072 MB in steps of 128 (CreateFunction's MemorySize).
+	if m := f.MemorySize; m != 0 && m != 64 && (m < 128 || m > 3072 || m%128 != 0) {
+		t.Errorf("%s: memorySize %d, want 64 or 128–3072 in steps of 128", where, m)
+	}
+	for _, ev := range f.Events {
+		if ev.APIGW == nil {
+			continue
+		}
+		for _, ep := range ev.APIGW.Parameters.Endpoints {
+			// A web function's API must say so, or the toolkit creates the
+			// trigger for an event function (functionType EVENT); an
+			// integrated response is an event function's reply format.
+			if f.Type == "web" && ep.Function["type"] != "web" {
+				t.Errorf("%s: apigw endpoint %s: function.type %v, want web", where, ep.Path, ep.Function["type"])
+			}
+			if _, ok := ep.Function["isIntegratedResponse"]; ok && f.Type == "web" {
+				t.Errorf("%s: apigw endpoint %s: isIntegratedResponse is for event functions", where, ep.Path)
+			}
+		}
 	}
 	env := f.env()
 	for k := range env {
@@ -183,9 +217,11 @@ func checkFunction(t *testing.T, where, fn string, f scfFunction, known []string
 		if f.ProtocolType != "WS" {
 			t.Errorf("%s: protocolType %q, want WS", where, f.ProtocolType)
 		}
+		// 1–600 s on the WebSocket page; the API's WSParams says 1–1800.
+		// Within the narrower range both accept it.
 		idle := f.ProtocolParams.WSParams.IdleTimeOut
-		if idle < 1 {
-			t.Errorf("%s: protocolParams.wsParams.idleTimeOut %d, want ≥ 1 s", where, idle)
+		if idle < 1 || idle > 600 {
+			t.Errorf("%s: protocolParams.wsParams.idleTimeOut %d, want 1–600 s", where, idle)
 		}
 		if f.Timeout < idle {
 			t.Errorf("%s: timeout %d < idleTimeOut %d: SCF refuses it", where, f.Timeout, idle)
