@@ -43,7 +43,8 @@ var httpMethods = []string{"get", "post", "put", "patch", "delete"}
 
 // TestOpenAPI checks docs/openapi.yaml against the ingress: its operations
 // are exactly the routes functions/ingress/routes.go registers (HEAD
-// aside, documented as "also HEAD"), every $ref resolves, and the real
+// aside: registered wherever GET is, and documented once, in api.md and
+// in openapi.yaml's description), every $ref resolves, and the real
 // ingress answers a request to each operation with a status the
 // operation documents, carrying the fields its schema requires.
 func TestOpenAPI(t *testing.T) {
@@ -65,14 +66,27 @@ func TestOpenAPI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var routes []string
-	for _, m := range regexp.MustCompile(`(?m)^\s*(r|v1)\.(GET|POST|PUT|PATCH|DELETE)\("([^"]+)"`).FindAllStringSubmatch(string(src), -1) {
+	var routes, gets, heads []string
+	for _, m := range regexp.MustCompile(`(?m)^\s*(r|v1)\.(GET|HEAD|POST|PUT|PATCH|DELETE)\("([^"]+)"`).FindAllStringSubmatch(string(src), -1) {
 		path := m[3]
 		if m[1] == "v1" {
 			path = "/v1" + path
 		}
 		path = regexp.MustCompile(`:([a-z]+)`).ReplaceAllString(path, "{$1}")
+		switch m[2] {
+		case "HEAD":
+			heads = append(heads, path)
+			continue
+		case "GET":
+			gets = append(gets, path)
+		}
 		routes = append(routes, m[2]+" "+path)
+	}
+	// HEAD wherever GET (RFC 9110 §9.3.2; docs/api.md).
+	slices.Sort(gets)
+	slices.Sort(heads)
+	if !slices.Equal(gets, heads) {
+		t.Errorf("routes.go registers GET on\n  %v\nand HEAD on\n  %v\nwant HEAD wherever GET", gets, heads)
 	}
 	var ops []string
 	for path, item := range doc.Paths {

@@ -364,7 +364,7 @@ func TestLimiterSetBounded(t *testing.T) {
 	ls := newLimiterSet(1, 1)
 	now := time.Now()
 	for i := 0; i < maxLimiters+500; i++ {
-		if d := ls.reserve(fmt.Sprint("k", i), 1, now); d != 0 {
+		if d, _ := ls.reserve(fmt.Sprint("k", i), 1, now); d != 0 {
 			t.Fatalf("fresh key %d limited", i)
 		}
 	}

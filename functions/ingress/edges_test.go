@@ -174,3 +174,30 @@ func TestDataDepth(t *testing.T) {
 		t.Fatalf("history: %s", w.Body.String())
 	}
 }
+
+// TestNetHTTPAnswers: the answers net/http gives itself, before a
+// request reaches the ingress, are the ones docs/api.md ("Errors") lists,
+// and nothing is written.
+func TestNetHTTPAnswers(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	addr := serveEnv(t, e)
+	post := "POST /v1/channels/c/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10\r\n"
+	for _, tc := range []struct {
+		head   string
+		status int
+	}{
+		{post + "Expect: something-else\r\n", 417},
+		{strings.Replace(post, "HTTP/1.1", "HTTP/2.0", 1), 505},
+		{strings.Replace(post, "Host: x\r\n", "", 1), 400},
+		{post + "Content-Length: 11\r\n", 400},
+		{strings.Replace(post, "Content-Length: 10", "Transfer-Encoding: gzip", 1), 501},
+	} {
+		if res := exchange(t, addr, tc.head, `{"data":1}`); res.StatusCode != tc.status {
+			t.Errorf("%q: %d, want %d", tc.head, res.StatusCode, tc.status)
+		}
+	}
+	if n := e.xlen("c"); n != 0 {
+		t.Fatalf("%d entries written", n)
+	}
+}

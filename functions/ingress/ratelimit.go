@@ -49,14 +49,15 @@ func newLimiterSet(perSecond float64, burst int) *limiterSet {
 }
 
 // reserve takes n tokens from key's bucket, or none: it returns how long
-// to wait before the n would be available (zero when taken), and -1 when n
-// exceeds the burst and can never be taken at once.
-func (ls *limiterSet) reserve(key string, n int, now time.Time) time.Duration {
+// to wait before the n would be available (zero when taken, with the
+// reservation that gives them back if the publish is refused after all),
+// and -1 when n exceeds the burst and can never be taken at once.
+func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, *rate.Reservation) {
 	if ls == nil {
-		return 0
+		return 0, nil
 	}
 	if n > ls.burst {
-		return -1
+		return -1, nil
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
@@ -72,9 +73,9 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) time.Duration {
 	r := e.lim.ReserveN(now, n)
 	if d := r.DelayFrom(now); d > 0 {
 		r.CancelAt(now)
-		return d
+		return d, nil
 	}
-	return 0
+	return 0, r
 }
 
 // sweep drops idle buckets and, if still full, arbitrary ones down to
@@ -193,10 +194,14 @@ func clientAddr(s string) (netip.Addr, bool) {
 
 // allowPublishes applies the publish rate limits for n messages: per
 // client IP, then per API key or per user token. Over a limit: 429
-// rate_limited with Retry-After (none for a batch larger than the burst,
-// which can never pass), and nothing is taken from the other
-// buckets' budgets beyond those already passed. With the buckets in
-// Redis, a Redis error is returned as it is (503).
+// rate_limited with Retry-After (none for a batch larger than a burst,
+// which can never pass). A refused publish takes nothing from any bucket:
+// a batch larger than a burst is refused before any is taken from, and a
+// bucket that refuses gives back what the buckets before it took. (With
+// the buckets in Redis, PUBLISH_RATE_SCOPE=global, that last part is not
+// done: redis_rate's script has no refund, so the buckets passed before a
+// rate refusal keep the share.) With the buckets in Redis, a Redis error
+// is returned as it is (503).
 func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 	pl := &s.sec.limits
 	now := time.Now()
@@ -215,6 +220,18 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 	case p.key != nil:
 		checks = append(checks, check{pl.perKey, p.id, "API key"})
 	}
+	// First what can never pass, so that the per-IP bucket is not spent
+	// on a batch the per-key or per-user burst refuses: other clients
+	// behind the same address publish from it.
+	for _, ch := range checks {
+		if ch.set != nil && n > ch.set.burst {
+			// No Retry-After: the same batch can never pass.
+			return &apiError{Status: 429, Code: "rate_limited",
+				Message: "batch of " + strconv.Itoa(n) + " messages exceeds the per-" + ch.what + " burst of " + strconv.Itoa(ch.set.burst) + "; send smaller batches"}
+		}
+	}
+	var held [2]*rate.Reservation // per IP, per key or user
+	taken := held[:0]
 	for _, ch := range checks {
 		if ch.set == nil {
 			continue
@@ -232,15 +249,18 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 				return err
 			}
 		} else {
-			d = ch.set.reserve(ch.key, n, now)
+			var r *rate.Reservation
+			if d, r = ch.set.reserve(ch.key, n, now); r != nil {
+				taken = append(taken, r)
+			}
 		}
-		switch {
-		case d < 0:
-			// No Retry-After: the same batch can never pass.
-			return &apiError{Status: 429, Code: "rate_limited",
-				Message: "batch of " + strconv.Itoa(n) + " messages exceeds the per-" + ch.what + " burst of " + strconv.Itoa(ch.set.burst) + "; send smaller batches"}
-		case d > 0:
-			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: int(math.Ceil(d.Seconds())),
+		if d != 0 { // -1 (over the burst) was refused above
+			// At the time they were taken: rate gives nothing back
+			// for a reservation it takes as already acted on.
+			for _, r := range taken {
+				r.CancelAt(now)
+			}
+			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: int(math.Ceil(max(d, 0).Seconds())),
 				Message: "publish rate limit per " + ch.what + " exceeded; retry after the Retry-After seconds"}
 		}
 	}

@@ -367,3 +367,51 @@ func TestGlobalRateLimitRefillBound(t *testing.T) {
 		t.Errorf("Retry-After %q, want 50000000 (1/rate)", ra)
 	}
 }
+
+// A publish one limit refuses takes nothing from the others' buckets:
+// a key's batch larger than its burst, or a key over its rate, does not
+// spend its IP's share, which other keys behind the same address (one
+// NAT, one backend host) publish from. With the buckets in Redis only a
+// batch larger than a burst is checked before any bucket is taken from
+// (the GCRA script has no refund): a key over its rate there spends its
+// IP's share, and the last step is skipped.
+func TestRateLimitRefusalSpendsNothing(t *testing.T) {
+	t.Parallel()
+	for _, scope := range []string{"instance", "global"} {
+		t.Run(scope, func(t *testing.T) {
+			t.Parallel()
+			// httptest's requests all come from 192.0.2.1.
+			e := newSecEnvs(t, map[string]string{"API_KEYS": fullKey + "," + chatKey, "PUBLISH_RATE_SCOPE": scope,
+				"PUBLISH_RATE_PER_IP": "0.001", "PUBLISH_BURST_PER_IP": "3",
+				"PUBLISH_RATE_PER_KEY": "0.001", "PUBLISH_BURST_PER_KEY": "2"}, 1)[0]
+			batch := func(n int) string {
+				items := make([]string, n)
+				for i := range items {
+					items[i] = `{"channel":"c","data":1}`
+				}
+				return `{"messages":[` + strings.Join(items, ",") + `]}`
+			}
+			// 3 fit the IP's burst, not the key's: refused for good.
+			w := publishAs(t, e, "key:"+fullKey, batch(3))
+			expectError(t, w, 429, "rate_limited")
+			if !strings.Contains(w.Body.String(), "per-API key burst") {
+				t.Errorf("refused by %s, want the per-key burst", w.Body)
+			}
+			// The IP's 3 are all left: 2 for this key, then 1 for another.
+			expectStatus(t, publishAs(t, e, "key:"+fullKey, batch(2)), 202)
+			if scope == "global" {
+				expectStatus(t, publishAs(t, e, "key:"+chatKey, `{"data":1}`), 202)
+				return
+			}
+			// The key is over its rate: refused, and the IP's last one
+			// stays for the other key.
+			w = publishAs(t, e, "key:"+fullKey, `{"data":1}`)
+			expectError(t, w, 429, "rate_limited")
+			if !strings.Contains(w.Body.String(), "per API key") {
+				t.Errorf("refused by %s, want the per-key rate", w.Body)
+			}
+			expectStatus(t, publishAs(t, e, "key:"+chatKey, `{"data":1}`), 202)
+			expectError(t, publishAs(t, e, "key:"+chatKey, `{"data":1}`), 429, "rate_limited")
+		})
+	}
+}

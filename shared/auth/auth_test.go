@@ -386,6 +386,14 @@ func TestMetricsToken(t *testing.T) {
 			t.Errorf("%q: %v, want %v", auth, got, want)
 		}
 	}
+	// Two Authorization headers, the token first: refused, as the
+	// ingress refuses two credentials (which one a proxy meant is not
+	// guessed).
+	two := req("Bearer scrape-0123456789")
+	two.Header.Add("Authorization", "Bearer other")
+	if m.Allows(two) {
+		t.Error("two Authorization headers, the first the token: allowed")
+	}
 	for _, bad := range []string{"has space", "tab\there", strings.Repeat("x", 257), "naïve"} {
 		m, err := NewMetricsToken(bad)
 		if err == nil || !strings.Contains(err.Error(), "METRICS_TOKEN") || strings.Contains(err.Error(), bad) {

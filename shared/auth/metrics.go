@@ -40,7 +40,13 @@ func (m MetricsToken) Allows(r *http.Request) bool {
 	if !m.set {
 		return true
 	}
-	cred, ok := BearerCredential(r.Header.Get("Authorization"))
+	// One Authorization header, as for the API: of two, which one a
+	// client or a proxy between meant is not guessed.
+	h := r.Header.Values("Authorization")
+	if len(h) != 1 {
+		return false
+	}
+	cred, ok := BearerCredential(h[0])
 	if !ok {
 		return false
 	}
