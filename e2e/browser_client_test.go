@@ -782,7 +782,30 @@ const clientJSCases = `(async () => {
 
     [f, calls] = scripted(fail(503, "unavailable"));
     try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 3 }); wrong.push("503 for ever: resolved"); }
-    catch (e) { if (e.status !== 503 || calls.length !== 3) wrong.push("503 for ever: " + e + " after " + calls.length + " calls"); }
+    catch (e) { if (e.status !== 503 || !e.outcomeUnknown || calls.length !== 3) wrong.push("503 for ever: " + e + " (outcomeUnknown " + e.outcomeUnknown + ") after " + calls.length + " calls"); }
+
+    // outcomeUnknown, as Go's ErrOutcomeUnknown: set once an attempt may
+    // have written the message, whatever later ones answered. No answer
+    // at all is a PublishError too ("network", fetch's error as cause),
+    // so that a TypeError always means bad input.
+    for (const [name, steps, status, code, unknown] of [
+      ["network for ever", ["network"], 0, "network", true],
+      ["network, then 429 without Retry-After", ["network", fail(429, "rate_limited")], 429, "rate_limited", true],
+      ["409 in progress, then 400", [fail(409, "idempotency_in_progress"), fail(400, "invalid_json")], 400, "invalid_json", true],
+      ["2xx without an id", [() => reply(200, { ok: true })], 200, "", true],
+      ["400", [fail(400, "invalid_json")], 400, "invalid_json", false],
+      ["429 twice, then 403", [fail(429, "rate_limited", { "Retry-After": "0" }), fail(429, "rate_limited", { "Retry-After": "0" }), fail(403, "forbidden")], 403, "forbidden", false],
+    ]) {
+      [f, calls] = scripted(...steps);
+      try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 3 }); wrong.push(name + ": resolved"); }
+      catch (e) {
+        if (!(e instanceof PublishError) || e.status !== status || e.code !== code || e.outcomeUnknown !== unknown) {
+          wrong.push(name + ": " + e + " (" + e?.name + ", outcomeUnknown " + e?.outcomeUnknown + ")");
+        } else if (code === "network" && !(e.cause instanceof TypeError && e.cause.message === "Failed to fetch")) {
+          wrong.push(name + ": cause " + e.cause);
+        }
+      }
+    }
 
     const ac = new AbortController();
     [f, calls] = scripted(fail(503, "unavailable", { "Retry-After": "30" }), ok);

@@ -583,15 +583,24 @@ export class WsRelay {
   }
 }
 
-/** An ingress's (or a gateway's) refusal of a publish: status, code, message, retryAfter (ms). */
+/**
+ * Why a publish failed: an ingress's (or a gateway's) answer (status,
+ * code, detail, retryAfter in ms), or no answer at all (status 0, code
+ * "network", the fetch error as cause). outcomeUnknown, as Go's
+ * publisher.ErrOutcomeUnknown, is true when the message may have been
+ * written all the same: an attempt got no answer, a 5xx, 409
+ * idempotency_in_progress or a 2xx that was not the ingress's reply,
+ * whatever a later attempt answered.
+ */
 export class PublishError extends Error {
-  constructor(status, code, message, retryAfter) {
-    super(code ? `${status} ${code}: ${message}` : `HTTP ${status}${message ? ": " + message : ""}`);
+  constructor(status, code, message, retryAfter, cause) {
+    super(code ? `${status} ${code}: ${message}` : `HTTP ${status}${message ? ": " + message : ""}`, cause === undefined ? undefined : { cause });
     this.name = "PublishError";
     this.status = status;
     this.code = code;
     this.detail = message;
     this.retryAfter = retryAfter;
+    this.outcomeUnknown = false;
   }
 }
 
@@ -631,8 +640,9 @@ function newKey() {
  * opts.maxBackoff 5 s), at least the answer's Retry-After; at most
  * opts.maxAttempts (4) attempts. A 401 with opts.getToken asks it for a
  * fresh token and tries again (the key is scoped to the user, not the
- * token). Any other answer is final. A refusal rejects with a
- * PublishError; bad input (a channel name, data that is null in JSON, an
+ * token). Any other answer is final. A refusal, or attempts run out,
+ * rejects with a PublishError (code "network" when the last attempt got
+ * no answer; outcomeUnknown when the message may have been written); bad input (a channel name, data that is null in JSON, an
  * event, a from that is not a user id, a maxAttempts that is not a whole
  * number (0 means 4), a backoff that is not a number of ms from 0 up (0
  * means its default)) with a TypeError before any request. opts: token or getToken (a user token,
@@ -665,7 +675,7 @@ export async function publish(ingress, channel, data, opts = {}) {
   const min = msOption(opts, "minBackoff", 100), max = Math.max(msOption(opts, "maxBackoff", 5000), min);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
   let token = opts.token ?? (opts.getToken ? await opts.getToken() : undefined);
-  let last;
+  let last, unknown = false;
   for (let n = 0; ; n++) {
     opts.signal?.throwIfAborted();
     const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
@@ -691,7 +701,12 @@ export async function publish(ingress, channel, data, opts = {}) {
       if (r.ok && json?.id) return { id: json.id, channel: json.channel, replayed: r.headers.get("Idempotent-Replayed") === "true" };
       const ra = retryAfterMs(r.headers);
       last = new PublishError(r.status, json?.error?.code ?? "", json?.error?.message ?? "", ra);
-      if (r.ok) throw last; // a 2xx without an id: not an ingress
+      // Answers after which the message may be in Redis all the same: a
+      // 5xx (the append timed out after Redis ran it, a gateway's after
+      // forwarding it), a request with the key still being processed,
+      // and a 2xx without an id (not an ingress: what it did is unknown).
+      if (r.status >= 500 || r.ok || (r.status === 409 && last.code === "idempotency_in_progress")) unknown = true;
+      if (r.ok) throw last;
       retry = r.status === 502 || r.status === 503 || r.status === 504 ||
         (r.status === 429 && ra !== null) || (r.status === 409 && last.code === "idempotency_in_progress");
       if (r.status === 401 && opts.getToken) freshToken = retry = true;
@@ -700,11 +715,19 @@ export async function publish(ingress, channel, data, opts = {}) {
       // Aborted: the signal's reason, as when a wait is aborted, whatever
       // the read of a body made of it (Chromium: "Failed to fetch").
       if (opts.signal?.aborted) throw opts.signal.reason;
-      if (err instanceof PublishError) throw err;
-      last = err; // fetch's TypeError: the network failed, the answer is unknown
-      retry = true;
+      if (err instanceof PublishError) {
+        err.outcomeUnknown = unknown;
+        throw err;
+      }
+      // fetch's TypeError, or the body's read failing: no answer. Wrapped,
+      // so that a TypeError from publish() always means bad input.
+      last = new PublishError(0, "network", String(err?.message ?? err), undefined, err);
+      unknown = retry = true;
     }
-    if (!retry || n + 1 >= attempts) throw last;
+    if (!retry || n + 1 >= attempts) {
+      last.outcomeUnknown = unknown;
+      throw last;
+    }
     // Outside the try: a getToken that fails ends the call with its own
     // error, as it does before the first attempt (retrying with the token
     // just refused would only be refused again).
