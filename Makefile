@@ -47,7 +47,7 @@ SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: build run test bench soak package lint fuzz deps clean help
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/' -e 's|$$(DIST)|$(DIST)|g' -e 's|$$(FUZZTIME)|$(FUZZTIME)|g'
 
 build: ## build bin/ingress and bin/egress for this machine
 	@mkdir -p $(BIN)
