@@ -35,9 +35,9 @@ const maxGlobalRefill = 100_000_000
 // including the rule that a non-anonymous ingress needs some credential.
 func (c *Config) checkSecurity() []error {
 	var errs []error
-	keys, err := auth.ParseKeys(c.APIKeys)
-	if err != nil {
-		errs = append(errs, err)
+	keys, keysErr := auth.ParseKeys(c.APIKeys)
+	if keysErr != nil {
+		errs = append(errs, keysErr)
 	}
 	if _, err := auth.NewVerifier(c.JWT); err != nil {
 		errs = append(errs, err)
@@ -45,7 +45,8 @@ func (c *Config) checkSecurity() []error {
 	if _, err := auth.NewMetricsToken(c.MetricsToken); err != nil {
 		errs = append(errs, err)
 	}
-	if !c.AllowAnonymous && keys.Len() == 0 && !c.JWT.Set() {
+	// API_KEYS set but refused has its own error above, not this one.
+	if !c.AllowAnonymous && keysErr == nil && keys.Len() == 0 && !c.JWT.Set() {
 		errs = append(errs, errors.New("no credentials configured: set API_KEYS (backend keys) and/or JWT_SECRET or JWT_PUBLIC_KEY (user tokens), or ALLOW_ANONYMOUS=true for local development only"))
 	}
 	for _, x := range []struct {

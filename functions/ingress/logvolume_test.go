@@ -49,3 +49,33 @@ func TestClientErrorsLogNothing(t *testing.T) {
 		t.Fatalf("320 refused requests wrote:\n%s", out)
 	}
 }
+
+// TestUndecodableHistoryLogsOnce: entries no ingress wrote (another
+// application under the prefix, another release's format) are left out
+// of history pages and logged once while reads keep finding them, not
+// once per entry per read: a page of 1000 of them, read again and again,
+// would otherwise write a line per entry each time, at any reader's
+// pace.
+func TestUndecodableHistoryLogsOnce(t *testing.T) {
+	t.Parallel()
+	e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	if w := e.do("POST", "/v1/channels/h/messages", `{"data":"good"}`); w.Code != 202 {
+		t.Fatalf("publish: %d %s", w.Code, w.Body)
+	}
+	prev := ""
+	for range 50 {
+		prev = e.xaddRaw("h", prev, `{"type":"message","channel":"h","id":"`, `","ts":1,"data":{"a":1}`)
+	}
+	for range 20 {
+		for _, q := range []string{"?limit=1000", "?after=0&limit=1000"} {
+			w := e.do("GET", "/v1/channels/h/messages"+q, "")
+			if w.Code != 200 || !strings.Contains(w.Body.String(), `"good"`) || strings.Contains(w.Body.String(), `"a":1`) {
+				t.Fatalf("history%s: %d %s", q, w.Code, w.Body)
+			}
+		}
+	}
+	recs := logs.JSONLines(t)
+	if len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["channel"] != "h" || recs[0]["left_out"] != float64(50) {
+		t.Fatalf("40 reads of 50 undecodable entries logged %d lines: %v, want one warning saying 50 were left out", len(recs), recs)
+	}
+}

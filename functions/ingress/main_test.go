@@ -69,6 +69,27 @@ func TestRunBadConfig(t *testing.T) {
 	}
 }
 
+// TestRunBadAPIKeysQuoteNoKey: API_KEYS with its items joined by spaces
+// (or semicolons, or the newlines of a YAML block) instead of commas is
+// refused, and the error run returns (printed to stderr, which the
+// platform keeps with the logs) quotes none of the keys after the first,
+// which the parser reads as the first item's scope.
+func TestRunBadAPIKeysQuoteNoKey(t *testing.T) {
+	t.Parallel()
+	const second = "second-key-5f0c2a9e71"
+	for _, keys := range []string{"first-key=chat:* " + second + "=news.*", "first-key=chat:*;" + second, "first-key=+admin\n" + second} {
+		env := map[string]string{"API_KEYS": keys, "REDIS_URL": redistest.URL(t)}
+		var logs testkit.SyncBuffer
+		err := run(t.Context(), nil, func(k string) string { return env[k] }, &logs, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "API_KEYS") {
+			t.Fatalf("API_KEYS=%q: %v, want an API_KEYS error", keys, err)
+		}
+		if strings.Contains(err.Error()+logs.String(), second) {
+			t.Errorf("API_KEYS=%q: a key is in the error: %v %s", keys, err, logs.String())
+		}
+	}
+}
+
 // TestDefaultGC: without GOGC the ingress collects at gcPercent; a GOGC
 // the operator set is left as the runtime applied it.
 func TestDefaultGC(t *testing.T) {

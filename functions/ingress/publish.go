@@ -574,13 +574,23 @@ func (s *Server) handleHistory(c *gin.Context) {
 	// the status is final: the body is then written out of the entries
 	// read from Redis, which are not copied (stream.Entry.JSON).
 	page.msgs = make([]stream.MessageJSON, 0, len(entries))
+	var bad error
+	badID, leftOut := "", 0
 	for i := range entries {
 		m, err := entries[i].JSON()
 		if err != nil {
-			s.log.Error("undecodable stream entry", "id", entries[i].ID, "err", err.Error())
+			if bad == nil {
+				bad, badID = err, entries[i].ID
+			}
+			leftOut++
 			continue
 		}
 		page.msgs = append(page.msgs, m)
+	}
+	if bad != nil {
+		s.undecodable.Fail(bad, "channel", ch, "id", badID, "left_out", leftOut)
+	} else if len(entries) > 0 {
+		s.undecodable.OK()
 	}
 	if len(entries) > 0 {
 		page.next = entries[len(entries)-1].ID

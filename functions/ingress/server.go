@@ -39,6 +39,10 @@ type Server struct {
 	// Redis failed, or its replicas did not confirm an append, once per
 	// outage rather than once per request (logging.Episode).
 	redisDown, unreplicated *logging.Episode
+	// undecodable logs history pages that left out entries no ingress
+	// wrote, once while reads keep finding them: a line per entry and
+	// read would let any reader of such a channel fill the log.
+	undecodable *logging.Episode
 }
 
 func init() { gin.SetMode(gin.ReleaseMode) }
@@ -72,6 +76,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		Then: "requests that need Redis are answered 503 with Retry-After; logged again every 30s while it lasts and once when Redis answers again; wsrelay_ingress_redis_errors_total counts every failure"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
+	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",
+		Then: "history pages leave them out (another application writing under REDIS_KEY_PREFIX, or another release's format); logged again every 30s while reads find them"}
 	rdb.AddHook(redisHook{m: s.metrics, up: s.redisDown.OK})
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		// Appends waiting for replicas run on the masters' clients,

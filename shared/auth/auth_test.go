@@ -78,6 +78,17 @@ func TestParseKeysRefuses(t *testing.T) {
 	if ks, err := ParseKeys(""); err != nil || ks.Len() != 0 {
 		t.Errorf("empty: %v %d", err, ks.Len())
 	}
+	// Items joined by something else than a comma (a space, a
+	// semicolon, a newline of a YAML block): the keys after the first
+	// are read as part of its scope, which the error must not quote.
+	for _, in := range []string{"k=chat:* second-key-0123=news.*", "k=chat:*;second-key-0123", "k=+admin\nsecond-key-0123=chat:*", "k=chat:*|news.*|second-key-0123=x"} {
+		_, err := ParseKeys(in)
+		if err == nil {
+			t.Errorf("%q accepted", in)
+		} else if strings.Contains(err.Error(), "second-key") {
+			t.Errorf("%q: error %q holds the second key", in, err)
+		}
+	}
 }
 
 func TestBearerCredential(t *testing.T) {

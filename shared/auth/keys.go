@@ -100,7 +100,7 @@ func ParseKeys(s string) (Keys, error) {
 			if strings.TrimSpace(scope) == "" {
 				return Keys{}, fmt.Errorf("API_KEYS item %d: empty scope after '='", pos)
 			}
-			for _, sc := range strings.Split(scope, "|") {
+			for j, sc := range strings.Split(scope, "|") {
 				sc = strings.TrimSpace(sc)
 				switch {
 				case sc == AdminScope:
@@ -108,7 +108,10 @@ func ParseKeys(s string) (Keys, error) {
 				case channel.ValidPattern(sc):
 					k.Channels = append(k.Channels, sc)
 				default:
-					return Keys{}, fmt.Errorf("API_KEYS item %d: scope %q is neither %s nor a channel pattern", pos, sc, AdminScope)
+					// By position, not quoted: items joined by anything
+					// but a comma (a space, a semicolon, a YAML block's
+					// newline) put the next keys in this scope.
+					return Keys{}, fmt.Errorf("API_KEYS item %d: scope %d is neither %s nor a channel pattern (items are separated by commas)", pos, j+1, AdminScope)
 				}
 			}
 		}
