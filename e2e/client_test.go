@@ -399,7 +399,8 @@ func TestGoClientManySubscriptions(t *testing.T) {
 // TestGoClientBatchesResubscribes: on a reconnect to an egress that
 // announces max_frame_bytes, the Go client resubscribes all its channels
 // in one frame (the connection log line's frames_in), within SCF's
-// API Gateway limit of 10 messages per second upstream, and every message
+// limit of 10 messages per second upstream on a WebSocket function's
+// connection, and every message
 // published across the cut arrives once, in order.
 func TestGoClientBatchesResubscribes(t *testing.T) {
 	const n = 30

@@ -1,6 +1,9 @@
 package e2e
 
 import (
+	"cmp"
+	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,16 +37,36 @@ type scfFunction struct {
 		Key   string `yaml:"key"`
 		Value string `yaml:"value"`
 	} `yaml:"environments"`
-	Events []struct {
-		APIGW *struct {
-			Parameters struct {
-				Endpoints []struct {
-					Path     string         `yaml:"path"`
-					Function map[string]any `yaml:"function"`
-				} `yaml:"endpoints"`
-			} `yaml:"parameters"`
-		} `yaml:"apigw"`
-	} `yaml:"events"`
+	Events []scfEvent `yaml:"events"`
+}
+
+// scfEvent is one trigger of a function: the two kinds a web function can
+// be reached through, and any other kind by name.
+type scfEvent struct {
+	// An API Gateway trigger (retired by Tencent for new accounts:
+	// docs/deployment.md).
+	APIGW *struct {
+		Parameters struct {
+			Endpoints []struct {
+				Path     string         `yaml:"path"`
+				Function map[string]any `yaml:"function"`
+			} `yaml:"endpoints"`
+		} `yaml:"parameters"`
+	} `yaml:"apigw"`
+	// A function URL: the toolkit (serverless-tencent/tencent-component-
+	// toolkit, src/modules/triggers/http.ts) creates it as CreateTrigger
+	// Type "http" with these parameters.
+	HTTP *struct {
+		Parameters struct {
+			NetConfig struct {
+				EnableIntranet *bool `yaml:"enableIntranet"`
+				EnableExtranet *bool `yaml:"enableExtranet"`
+			} `yaml:"netConfig"`
+			Qualifier string `yaml:"qualifier"`
+			AuthType  string `yaml:"authType"`
+		} `yaml:"parameters"`
+	} `yaml:"http"`
+	Other map[string]any `yaml:",inline"`
 }
 
 func (f scfFunction) env() map[string]string {
@@ -86,9 +109,9 @@ func envNames(t testing.TB, bin string) []string {
 }
 
 // TestDeployConfigs checks every YAML file under deploy/ against the
-// functions: types, the WebSocket settings of the egress, the timing
-// relations SCF needs, and that each environment variable set there is one
-// the function actually reads.
+// functions: types, triggers (a public function URL), the WebSocket
+// settings of the egress, the timing relations SCF needs, and that each
+// environment variable set there is one the function actually reads.
 func TestDeployConfigs(t *testing.T) {
 	ing, eg := binaries(t)
 	known := map[string][]string{"ingress": envNames(t, ing), "egress": envNames(t, eg)}
@@ -171,20 +194,9 @@ func checkFunction(t *testing.T, where, fn string, f scfFunction, known []string
 	if m := f.MemorySize; m != 0 && m != 64 && (m < 128 || m > 3072 || m%128 != 0) {
 		t.Errorf("%s: memorySize %d, want 64 or 128–3072 in steps of 128", where, m)
 	}
-	for _, ev := range f.Events {
-		if ev.APIGW == nil {
-			continue
-		}
-		for _, ep := range ev.APIGW.Parameters.Endpoints {
-			// A web function's API must say so, or the toolkit creates the
-			// trigger for an event function (functionType EVENT); an
-			// integrated response is an event function's reply format.
-			if f.Type == "web" && ep.Function["type"] != "web" {
-				t.Errorf("%s: apigw endpoint %s: function.type %v, want web", where, ep.Path, ep.Function["type"])
-			}
-			if _, ok := ep.Function["isIntegratedResponse"]; ok && f.Type == "web" {
-				t.Errorf("%s: apigw endpoint %s: isIntegratedResponse is for event functions", where, ep.Path)
-			}
+	if f.Type == "web" {
+		for _, p := range triggerProblems(f) {
+			t.Errorf("%s: %s", where, p)
 		}
 	}
 	env := f.env()
@@ -238,6 +250,64 @@ func checkFunction(t *testing.T, where, fn string, f scfFunction, known []string
 	t.Logf("%s: %s, %d env vars, timeout %ds", where, fn, len(env), f.Timeout)
 }
 
+// triggerProblems checks a web function's triggers: each is a function URL
+// or an API Gateway trigger, and there is a function URL anyone can reach,
+// the default now that new API Gateway triggers need a ticket
+// (docs/deployment.md).
+func triggerProblems(f scfFunction) []string {
+	var problems []string
+	urls := map[string]bool{} // qualifiers with a function URL
+	for i, ev := range f.Events {
+		kinds := slices.Sorted(maps.Keys(ev.Other))
+		if ev.APIGW != nil {
+			kinds = append(kinds, "apigw")
+		}
+		if ev.HTTP != nil {
+			kinds = append(kinds, "http")
+		}
+		if len(kinds) != 1 || (ev.APIGW == nil && ev.HTTP == nil) {
+			problems = append(problems, fmt.Sprintf("event %d is %v, want one http (function URL) or apigw trigger", i, kinds))
+			continue
+		}
+		if ev.APIGW != nil {
+			for _, ep := range ev.APIGW.Parameters.Endpoints {
+				// A web function's API must say so, or the toolkit creates
+				// the trigger for an event function (functionType EVENT);
+				// an integrated response is an event function's reply
+				// format.
+				if ep.Function["type"] != "web" {
+					problems = append(problems, fmt.Sprintf("apigw endpoint %s: function.type %v, want web", ep.Path, ep.Function["type"]))
+				}
+				if _, ok := ep.Function["isIntegratedResponse"]; ok {
+					problems = append(problems, fmt.Sprintf("apigw endpoint %s: isIntegratedResponse is for event functions", ep.Path))
+				}
+			}
+			continue
+		}
+		p := ev.HTTP.Parameters
+		q := cmp.Or(p.Qualifier, "$DEFAULT") // the toolkit's default
+		if urls[q] {
+			problems = append(problems, fmt.Sprintf("two http events for %s: SCF allows one function URL per alias or version", q))
+		}
+		urls[q] = true
+		// The toolkit sends false when it is unset: no public URL.
+		if e := p.NetConfig.EnableExtranet; e == nil || !*e {
+			problems = append(problems, "http: netConfig.enableExtranet must be true, or the function URL is not public")
+		}
+		switch p.AuthType {
+		case "", "NONE": // the toolkit's default is NONE
+		case "CAM":
+			problems = append(problems, "http: authType CAM makes every caller sign with Tencent credentials, which browsers and the clients cannot; the functions check keys and tokens themselves: use NONE")
+		default:
+			problems = append(problems, fmt.Sprintf("http: authType %q, want NONE (SCF knows NONE and CAM)", p.AuthType))
+		}
+	}
+	if len(urls) == 0 {
+		problems = append(problems, "no http event: the function URL is the default trigger (new API Gateway triggers need a ticket: docs/deployment.md)")
+	}
+	return problems
+}
+
 // TestREADMEListsEveryVariable keeps the README's configuration table in
 // step with the functions: each variable they read must appear in it.
 func TestREADMEListsEveryVariable(t *testing.T) {
@@ -253,5 +323,92 @@ func TestREADMEListsEveryVariable(t *testing.T) {
 				t.Errorf("README.md's configuration table does not list %s (%s -env)", name, filepath.Base(bin))
 			}
 		}
+	}
+}
+
+func TestTriggerProblems(t *testing.T) {
+	const url = `
+    - http:
+        parameters:
+          netConfig: {enableIntranet: false, enableExtranet: true}
+          qualifier: $DEFAULT
+          authType: NONE`
+	const apigw = `
+    - apigw:
+        parameters:
+          endpoints:
+            - path: /
+              method: ANY
+              function: {type: web}`
+	for _, c := range []struct {
+		name, events string
+		want         string // a problem containing this; "" for none
+	}{
+		{"function URL", url, ""},
+		{"function URL and API Gateway", url + apigw, ""},
+		{"defaults but public", `
+    - http:
+        parameters:
+          netConfig: {enableExtranet: true}`, ""},
+		{"API Gateway only", apigw, "no http event"},
+		{"no events", ``, "no http event"},
+		{"extranet unset", `
+    - http:
+        parameters:
+          qualifier: $DEFAULT`, "enableExtranet"},
+		{"extranet off", `
+    - http:
+        parameters:
+          netConfig: {enableIntranet: true, enableExtranet: false}`, "enableExtranet"},
+		{"CAM", `
+    - http:
+        parameters:
+          netConfig: {enableExtranet: true}
+          authType: CAM`, "CAM"},
+		{"unknown auth", `
+    - http:
+        parameters:
+          netConfig: {enableExtranet: true}
+          authType: OPEN`, `"OPEN"`},
+		{"two URLs on one alias", url + `
+    - http:
+        parameters:
+          netConfig: {enableExtranet: true}`, "one function URL per alias"},
+		{"other trigger", url + `
+    - timer:
+        parameters:
+          cronExpression: '*/5 * * * * * *'`, "timer"},
+		{"empty event", url + `
+    - http:`, "event 1"},
+		{"API Gateway for an event function", url + `
+    - apigw:
+        parameters:
+          endpoints:
+            - path: /
+              method: ANY`, "function.type"},
+		{"integrated response", url + `
+    - apigw:
+        parameters:
+          endpoints:
+            - path: /
+              method: ANY
+              function: {type: web, isIntegratedResponse: true}`, "isIntegratedResponse"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var f scfFunction
+			if err := yaml.Unmarshal([]byte("type: web\nevents:"+c.events+"\n"), &f); err != nil {
+				t.Fatal(err)
+			}
+			got := triggerProblems(f)
+			if c.want == "" {
+				if len(got) != 0 {
+					t.Errorf("problems %q, want none", got)
+				}
+				return
+			}
+			if !slices.ContainsFunc(got, func(p string) bool { return strings.Contains(p, c.want) }) {
+				t.Errorf("problems %q, want one naming %q", got, c.want)
+			}
+		})
 	}
 }

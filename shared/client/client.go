@@ -569,8 +569,9 @@ const maxBatchBytes = 64 << 10
 // server that announced max_frame_bytes gets them packed into as few
 // frames as fit (newline-separated, each frame at most
 // min(max_frame_bytes, 64 KiB)): a reconnect's burst is then one frame,
-// within a platform's per-connection message rate (SCF's API Gateway
-// takes 10 per second). An older server gets one frame each.
+// within a platform's per-connection message rate (SCF takes 10 a
+// second on a WebSocket function's connection). An older server gets one
+// frame each.
 func (c *Client) subscribeFramesLocked(maxFrame int64) [][]byte {
 	subs := make([]*Subscription, 0, len(c.subs))
 	for _, s := range c.subs {

@@ -114,7 +114,8 @@ var ErrOutcomeUnknown = errors.New("publisher: outcome unknown")
 type Options struct {
 	// URL is the ingress's base URL, http:// or https://host[:port]. A
 	// path is kept as the prefix of every endpoint's path (an API
-	// gateway's stage, e.g. https://service-….apigw.tencentcs.com/release).
+	// gateway's stage, e.g. https://service-….apigw.tencentcs.com/release;
+	// an SCF function URL has none).
 	// A query, a fragment or user information is refused.
 	URL string
 	// Token is an API key or a user token (JWT), sent as

@@ -266,8 +266,9 @@ export class WsRelay {
    * server whose welcome has max_frame_bytes reads several requests per
    * frame: they go packed into as few frames as fit (newline-separated,
    * each frame at most min(max_frame_bytes, 64 KiB)), so a reconnect's
-   * burst stays within a platform's per-connection message rate (SCF's
-   * API Gateway takes 10 per second). An older server gets one each.
+   * burst stays within a platform's per-connection message rate (SCF
+   * takes 10 a second on a WebSocket function's connection). An older
+   * server gets one each.
    */
   subscribeAll(ws, maxFrameBytes) {
     const limit = Number.isSafeInteger(maxFrameBytes) && maxFrameBytes > 0 ? Math.min(maxFrameBytes, MAX_BATCH_BYTES) : 0;
