@@ -472,6 +472,10 @@ const clientJSCases = `(async () => {
       ["?user=bob", { user: "ada" }, "user"],
       ["?user=ada", { user: "ada" }, "user"],
       ["?user=a&user=b", {}, "user"],
+      // A user the egress refuses (400 invalid_user) on every dial, which
+      // the browser could only retry for ever (Go: a final RefusedError).
+      ["", { user: "ada lovelace" }, "user"],
+      ["", { user: ".." }, "user"],
     ];
     const wrong = [];
     sockets.length = 0;
@@ -752,7 +756,10 @@ const clientJSCases = `(async () => {
     if (calls[0].url !== "http://ingress.test/v1/channels/room/messages" || calls[0].init.headers.Authorization !== "Bearer t1" ||
         JSON.parse(calls[0].init.body).event !== "chat") wrong.push("request " + calls[0].url + " " + JSON.stringify(calls[0].init.headers));
 
-    for (const [status, code, headers] of [[400, "invalid_json"], [403, "forbidden"], [413, "payload_too_large"], [422, "idempotency_key_reused"], [500, "internal"], [429, "rate_limited"], [401, "invalid_token"]]) {
+    for (const [status, code, headers] of [[400, "invalid_json"], [403, "forbidden"], [413, "payload_too_large"], [422, "idempotency_key_reused"], [500, "internal"], [429, "rate_limited"], [401, "invalid_token"],
+      // Neither delay-seconds nor an HTTP date (Date.parse takes both for
+      // dates in 2001): no Retry-After, as in Go, so the 429 is final.
+      [429, "rate_limited", { "Retry-After": "-1" }], [429, "rate_limited", { "Retry-After": "1.5" }]]) {
       [f, calls] = scripted(fail(status, code, headers), ok);
       try {
         await publish("", "room", 1, { fetch: f, minBackoff: 1 });
@@ -765,20 +772,38 @@ const clientJSCases = `(async () => {
     [f, calls] = scripted(fail(429, "rate_limited", { "Retry-After": "1" }), ok);
     res = await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 });
     if (calls.length !== 2 || calls[1].at - calls[0].at < 990) wrong.push("Retry-After: the retry came " + (calls[1]?.at - calls[0].at) + " ms later");
+    [f, calls] = scripted(fail(429, "rate_limited", { "Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT" }), ok);
+    try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 }); } catch (e) { wrong.push("Retry-After a past date: " + e); }
+    if (calls.length !== 2) wrong.push("Retry-After a past date: " + calls.length + " calls");
 
     let tokens = 0;
     [f, calls] = scripted(fail(401, "token_expired"), ok);
     await publish("", "room", 1, { fetch: f, getToken: async () => "fresh" + ++tokens, minBackoff: 1 });
     if (calls.length !== 2 || calls[0].init.headers.Authorization !== "Bearer fresh1" || calls[1].init.headers.Authorization !== "Bearer fresh2") wrong.push("getToken after 401: " + calls.map((c) => c.init.headers.Authorization));
 
-    // A getToken that fails after a 401 ends the call with its error; no
-    // attempt with the refused token follows.
-    let asked = 0;
-    [f, calls] = scripted(fail(401, "token_expired"), ok);
-    try {
-      await publish("", "room", 1, { fetch: f, minBackoff: 1, getToken: async () => { if (asked++) throw new Error("token service down"); return "t"; } });
-      wrong.push("getToken failing after 401: resolved");
-    } catch (e) { if (e.message !== "token service down" || calls.length !== 1) wrong.push("getToken failing after 401: " + e + " after " + calls.length + " calls"); }
+    // A getToken that fails after a 401 ends the call with the 401 (its
+    // error as cause); no attempt with the refused token follows. An
+    // earlier attempt that got no answer leaves the outcome unknown.
+    for (const [name, steps, unknown] of [["", [fail(401, "token_expired"), ok], false], [" after no answer", ["network", fail(401, "token_expired"), ok], true]]) {
+      let asked = 0;
+      [f, calls] = scripted(...steps);
+      try {
+        await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, getToken: async () => { if (asked++) throw new TypeError("Failed to fetch"); return "t"; } });
+        wrong.push("getToken failing after 401" + name + ": resolved");
+      } catch (e) {
+        if (!(e instanceof PublishError) || e.status !== 401 || e.outcomeUnknown !== unknown || e.cause?.message !== "Failed to fetch" || calls.length !== steps.length - 1) {
+          wrong.push("getToken failing after 401" + name + ": " + e + " (outcomeUnknown " + e.outcomeUnknown + ", cause " + e.cause + ") after " + calls.length + " calls");
+        }
+      }
+    }
+    // A token that cannot go in a header (fetch would refuse each attempt
+    // with a TypeError, as if the network had failed) is refused before
+    // any request, as Go's publisher.New refuses it.
+    for (const o of [{ token: "a b" }, { token: "t\u00f6k" }, { getToken: async () => "a\nb" }, { token: 42 }]) {
+      [f, calls] = scripted(ok);
+      try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, ...o }); wrong.push("token " + JSON.stringify(o) + ": resolved"); }
+      catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push("token " + JSON.stringify(o) + ": " + e + " after " + calls.length + " calls"); }
+    }
 
     [f, calls] = scripted(fail(503, "unavailable"));
     try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 3 }); wrong.push("503 for ever: resolved"); }
@@ -872,6 +897,36 @@ const clientJSCases = `(async () => {
       const t1 = performance.now();
       try { await publish("", "room", 1, { fetch: f, signal: ac3.signal, getToken: async () => { if (asked++) ac3.abort(new Error("left the page")); return "t"; } }); wrong.push("abort during getToken: resolved"); }
       catch (e) { if (e.message !== "left the page" || performance.now() - t1 > 2000 || calls.length !== 1) wrong.push("abort during getToken: " + e + " after " + Math.round(performance.now() - t1) + " ms, " + calls.length + " calls"); }
+    }
+
+    // An attempt without an answer (a path that died with the request
+    // out: the headers, or the body, never come) is given up after
+    // timeout, as Go's HTTPClient.Timeout ends one, and retried with the
+    // key; the outcome is unknown if the attempts run out so.
+    {
+      const calls = [];
+      const stalled = async (url, init) => {
+        calls.push(init);
+        const stall = (reject) => init.signal?.addEventListener("abort", () => reject(init.signal.reason));
+        if (calls.length === 1) return new Promise((_, reject) => stall(reject));
+        if (calls.length === 2) return new Response(new ReadableStream({ start(c) { stall((e) => c.error(e)); } }), { status: 202 });
+        return ok();
+      };
+      const within = (p) => Promise.race([p, new Promise((_, reject) => setTimeout(() => reject(new Error("no end within 1 s")), 1000))]);
+      const t1 = performance.now();
+      try {
+        const r = await within(publish("", "room", 1, { fetch: stalled, timeout: 100, minBackoff: 1, maxBackoff: 2 }));
+        const keys = new Set(calls.map((c) => c.headers["Idempotency-Key"]));
+        if (r.id !== "7-0" || calls.length !== 3 || keys.size !== 1) wrong.push("stalled attempts: " + JSON.stringify(r) + " after " + calls.length + " calls, " + Math.round(performance.now() - t1) + " ms");
+      } catch (e) { wrong.push("stalled attempts: " + e + " after " + calls.length + " calls"); }
+      calls.length = 0;
+      try { await within(publish("", "room", 1, { fetch: stalled, timeout: 50, maxAttempts: 2, minBackoff: 1, maxBackoff: 2 })); wrong.push("stalled for ever: resolved"); }
+      catch (e) { if (!(e instanceof PublishError) || e.code !== "network" || !e.outcomeUnknown || calls.length !== 2) wrong.push("stalled for ever: " + e + " (outcomeUnknown " + e.outcomeUnknown + ") after " + calls.length + " calls"); }
+      for (const timeout of ["5", -1, NaN]) {
+        calls.length = 0;
+        try { await within(publish("", "room", 1, { fetch: stalled, timeout })); wrong.push("timeout " + timeout + ": resolved"); }
+        catch (e) { if (!(e instanceof TypeError) || calls.length !== 0) wrong.push("timeout " + timeout + ": " + e + " after " + calls.length + " calls"); }
+      }
     }
 
     // maxAttempts is a count: 0 means the default (4), as in Go; one that

@@ -145,7 +145,7 @@ type Options struct {
 	// or user), which belong to no subscription.
 	OnMessage func(Message)
 	// OnError, when set, receives server error frames that belong to no
-	// subscription.
+	// subscription, or to one without an OnError of its own.
 	OnError func(*ServerError)
 }
 
@@ -278,7 +278,7 @@ type Handler struct {
 	// OnError receives the server's refusals of this subscription
 	// (forbidden, invalid_channel, too_many_subscriptions, …). A refused
 	// subscription stays registered and is retried on the next connection,
-	// unless Unsubscribe is called.
+	// unless Unsubscribe is called. Without it, Options.OnError gets them.
 	OnError func(*ServerError)
 }
 
@@ -1022,10 +1022,13 @@ func (c *Client) dispatch(data []byte) bool {
 				_ = ws.SetReadDeadline(time.Now().Add(closeWait))
 			}
 		}
+		// A subscription without its own OnError does not swallow its
+		// refusal (forbidden, too_many_subscriptions): the client's hears
+		// of it, as the JS client's "error" event does.
 		switch {
 		case s != nil && s.h.OnError != nil:
 			s.h.OnError(se)
-		case s == nil && c.opts.OnError != nil:
+		case c.opts.OnError != nil:
 			c.opts.OnError(se)
 		}
 	}

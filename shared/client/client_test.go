@@ -774,3 +774,32 @@ func TestUnsubscribeRefusedIsQuiet(t *testing.T) {
 		t.Fatalf("OnError after the unsubscribe: %q", <-errs)
 	}
 }
+
+// TestSubscriptionErrorWithoutHandler: a refusal of a subscription that
+// has no OnError of its own reaches Options.OnError, as the JS client
+// emits it as an "error" event, rather than no one.
+func TestSubscriptionErrorWithoutHandler(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"error","code":"forbidden","message":"not allowed","ref":`+string(sub.Ref)+`}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	errs := make(chan string, 10)
+	c, err := Dial(Options{URL: url, OnError: func(e *ServerError) { errs <- e.Code }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Subscribe("a", Handler{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-errs:
+		if e != "forbidden" {
+			t.Fatalf("OnError got %q, want forbidden", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the refusal of a subscription without OnError reached no one")
+	}
+}

@@ -136,6 +136,11 @@ function dialUrl(url, opts) {
       "remove it from the URL (the options' token travels as a subprotocol, out of the URLs proxies log)");
   }
   if (q.has("user") && opts.user) throw new TypeError("the URL has a user parameter and the user option is set: give the user one way");
+  // The egress refuses it (400 invalid_user) on every dial, which a
+  // browser sees only as a close: the client would retry for ever.
+  if (opts.user && (typeof opts.user !== "string" || !USER.test(opts.user))) {
+    throw new TypeError(`user is not a user id (1–128 characters [A-Za-z0-9_.:@-], not "." or ".."): ${opts.user}`);
+  }
   if (opts.user) q.set("user", opts.user);
   return u.toString();
 }
@@ -153,12 +158,14 @@ function dialUrl(url, opts) {
  * welcomed within activityTimeout + pongTimeout of its dial is dropped too),
  * WebSocket (constructor, for tests); a time option of 0 means its default.
  * The constructor throws a TypeError for a time option that is not a
- * number from 0 up, for
+ * number from 0 up, for a user that is not a user id (the egress would
+ * refuse every dial), for
  * a URL whose query has channels (use subscribe()), token when token or
  * getToken is set, user when user is set, or token or user twice.
  *
  * Events (c.on(name, fn)): "state" (state, detail), "welcome" (frame),
- * "error" (error frame or Error), "message" (targeted messages),
+ * "error" (error frame, of a subscription without onError too, or
+ * getToken's Error), "message" (targeted messages),
  * "gap" ({channel}) when a resume could not recover everything,
  * "close" ({code, reason}) for every socket close.
  * States: "connecting", "connected", "disconnected", "closed".
@@ -611,13 +618,33 @@ const MAX_RETRY_AFTER = 60_000;
 // An event name as the ingress takes it (docs/api.md).
 const EVENT = /^[\x20-\x7e]{0,64}$/;
 
+// An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete RFC 850 and
+// asctime forms), each led by a day name, as Go's http.ParseTime takes
+// them. Date.parse alone takes "-1" or "1.5" for dates in 2001: a wait of
+// 0, where Go's publisher sees no Retry-After (and a 429 without one is
+// final).
+const HTTP_DATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*,? /;
+
 /** A response's Retry-After in ms (seconds or an HTTP date, capped), or null. */
 function retryAfterMs(h) {
   const v = h.get("Retry-After");
   if (v == null || v === "") return null;
   if (/^\d+$/.test(v)) return Math.min(Number(v) * 1000, MAX_RETRY_AFTER);
-  const t = Date.parse(v);
+  // asctime, which alone ends with a digit (its year), has no zone: it is
+  // GMT, which Date.parse would take for local time.
+  const t = HTTP_DATE.test(v) ? Date.parse(/\d$/.test(v) ? v + " GMT" : v) : NaN;
   return Number.isNaN(t) ? null : Math.min(Math.max(t - Date.now(), 0), MAX_RETRY_AFTER);
+}
+
+/**
+ * A token as publish() sends it: absent, or printable ASCII without
+ * spaces (an API key or a JWT), as Go's publisher.New takes it. Anything
+ * else fetch would refuse on every attempt with a TypeError, which would
+ * pass for a network error.
+ */
+function checkToken(t) {
+  if (t == null || t === "" || (typeof t === "string" && /^[\x21-\x7e]+$/.test(t))) return t;
+  throw new TypeError("the token must be printable ASCII without spaces (a user token or an API key)");
 }
 
 /** A random Idempotency-Key: 22 base64url characters (128 bits). */
@@ -639,17 +666,22 @@ function newKey() {
  * publish whose answer was lost is written once (replayed: true). The wait
  * is full-jitter backoff (opts.minBackoff 100 ms doubling to
  * opts.maxBackoff 5 s), at least the answer's Retry-After; at most
- * opts.maxAttempts (4) attempts. A 401 with opts.getToken asks it for a
- * fresh token and tries again (the key is scoped to the user, not the
- * token). Any other answer is final. A refusal, or attempts run out,
- * rejects with a PublishError (code "network" when the last attempt got
- * no answer; outcomeUnknown when the message may have been written); bad input (a channel name, data that is null in JSON, an
- * event, a from that is not a user id, a maxAttempts that is not a whole
- * number (0 means 4), a backoff that is not a number of ms from 0 up (0
- * means its default)) with a TypeError before any request. opts: token or getToken (a user token,
- * sent as Authorization: Bearer), event, from, idempotencyKey,
- * maxAttempts, minBackoff, maxBackoff, signal (an AbortSignal that stops
- * the call and its waits), fetch (a stand-in, for tests).
+ * opts.maxAttempts (4) attempts, each given up after opts.timeout (10 s,
+ * the answer's body included) as one without an answer. A 401 with
+ * opts.getToken asks it for a fresh token and tries again (the key is
+ * scoped to the user, not the token); if getToken then fails, the call
+ * rejects with the 401, getToken's error as cause. Any other answer is
+ * final. A refusal, or attempts run out, rejects with a PublishError
+ * (code "network" when the last attempt got no answer; outcomeUnknown
+ * when the message may have been written); bad input (a channel name,
+ * data that is null in JSON, an event, a from that is not a user id, a
+ * token that is not printable ASCII without spaces, a maxAttempts that is
+ * not a whole number (0 means 4), a backoff or timeout that is not a
+ * number of ms from 0 up (0 means its default)) with a TypeError before
+ * any request. opts: token or getToken (a user token, sent as
+ * Authorization: Bearer), event, from, idempotencyKey, maxAttempts,
+ * minBackoff, maxBackoff, timeout, signal (an AbortSignal that stops the
+ * call and its waits), fetch (a stand-in, for tests).
  */
 export async function publish(ingress, channel, data, opts = {}) {
   if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
@@ -674,21 +706,29 @@ export async function publish(ingress, channel, data, opts = {}) {
   const attempts = opts.maxAttempts == null || opts.maxAttempts === 0 ? 4 : opts.maxAttempts;
   if (!Number.isInteger(attempts) || attempts < 1) throw new TypeError(`maxAttempts must be a whole number from 1 (0: 4): ${opts.maxAttempts}`);
   const min = msOption(opts, "minBackoff", 100), max = Math.max(msOption(opts, "maxBackoff", 5000), min);
+  const timeout = msOption(opts, "timeout", 10000);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
-  let token = opts.token ?? (opts.getToken ? await opts.getToken() : undefined);
+  let token = checkToken(opts.token ?? (opts.getToken ? await opts.getToken() : undefined));
   let last, unknown = false;
   for (let n = 0; ; n++) {
     opts.signal?.throwIfAborted();
     const headers = { "Content-Type": "application/json", "Idempotency-Key": key };
     if (token) headers.Authorization = "Bearer " + token;
     let retry = false, freshToken = false, wait = 0;
+    // Each attempt ends within timeout, answer read included, as Go's
+    // HTTPClient.Timeout ends one: a request out on a path that died
+    // would otherwise wait for TCP to give up (minutes), not be retried.
+    const attempt = new AbortController();
+    const abort = () => attempt.abort(opts.signal.reason);
+    opts.signal?.addEventListener("abort", abort, { once: true });
+    const timer = setTimeout(() => attempt.abort(new Error(`no answer within ${timeout} ms`)), Math.min(timeout, MAX_TIMER));
     try {
       // A redirect is not followed, as Go's publisher does not: a 301,
       // 302 or 303 would turn the POST into a GET (of the channel's
       // history, a 200 that is no publish), a 307 or 308 send the message
       // to a URL the page did not name. The browser hides where to
       // (status 0, "opaqueredirect").
-      const r = await doFetch(url, { method: "POST", headers, body, signal: opts.signal, redirect: "manual" });
+      const r = await doFetch(url, { method: "POST", headers, body, signal: attempt.signal, redirect: "manual" });
       if (r.type === "opaqueredirect" || (r.status >= 300 && r.status < 400)) {
         throw new PublishError(r.status, "redirect", "the ingress URL answered with a redirect, which is not followed: use the URL it redirects to");
       }
@@ -720,19 +760,33 @@ export async function publish(ingress, channel, data, opts = {}) {
         err.outcomeUnknown = unknown;
         throw err;
       }
-      // fetch's TypeError, or the body's read failing: no answer. Wrapped,
-      // so that a TypeError from publish() always means bad input.
+      // fetch's TypeError, the body's read failing or the attempt's
+      // timeout: no answer. Wrapped, so that a TypeError from publish()
+      // always means bad input.
       last = new PublishError(0, "network", String(err?.message ?? err), undefined, err);
       unknown = retry = true;
+    } finally {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", abort);
     }
     if (!retry || n + 1 >= attempts) {
       last.outcomeUnknown = unknown;
       throw last;
     }
-    // Outside the try: a getToken that fails ends the call with its own
-    // error, as it does before the first attempt (retrying with the token
-    // just refused would only be refused again).
-    if (freshToken) token = await opts.getToken();
+    // A getToken that fails (or gives a token that cannot be sent) ends
+    // the call with the 401, its error as cause (retrying with the token
+    // just refused would only be refused again): a PublishError, which
+    // says whether an earlier attempt may have written the message.
+    if (freshToken) {
+      try {
+        token = checkToken(await opts.getToken());
+      } catch (e) {
+        opts.signal?.throwIfAborted();
+        last.cause = e;
+        last.outcomeUnknown = unknown;
+        throw last;
+      }
+    }
     // Aborted after the answer (while getToken ran): the wait below would
     // never hear the abort event, which has fired already.
     opts.signal?.throwIfAborted();
