@@ -301,6 +301,33 @@ func TestPublisherIngressErrors(t *testing.T) {
 	err = full.Disconnect(ctx, "no-such-connection")
 	check("disconnect of no connection", err, 404, "connection_not_found", nil)
 
+	// Data nested deeper than the ingress takes is refused before any
+	// request, at the ingress's bound: 64 levels pass, and 65 are its 400.
+	nest := func(n int) json.RawMessage { return json.RawMessage(strings.Repeat("[", n) + strings.Repeat("]", n)) }
+	if _, err := full.Publish(ctx, "deep", pubpkg.Message{Data: nest(pubpkg.MaxDataDepth)}); err != nil {
+		t.Fatalf("data %d deep: %v", pubpkg.MaxDataDepth, err)
+	}
+	if _, err := full.Publish(ctx, "deep", pubpkg.Message{Data: nest(pubpkg.MaxDataDepth + 1)}); !errors.Is(err, pubpkg.ErrInvalid) {
+		t.Fatalf("data %d deep: %v, want ErrInvalid", pubpkg.MaxDataDepth+1, err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, ing.URL+"/v1/channels/deep/messages",
+		strings.NewReader(`{"data":`+string(nest(pubpkg.MaxDataDepth+1))+`}`))
+	req.Header.Set("Authorization", "Bearer k-full")
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Error struct{ Code string } `json:"error"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	http.DefaultClient.CloseIdleConnections()
+	if resp.StatusCode != 400 || body.Error.Code != "invalid_json" {
+		t.Fatalf("data %d deep sent to the ingress: %d %s, want 400 invalid_json", pubpkg.MaxDataDepth+1, resp.StatusCode, body.Error.Code)
+	}
+
 	// The same key with the same body is the same publish; with another
 	// body, a mistake.
 	a, err := full.Publish(ctx, "chat:2", pubpkg.Message{Data: "a"}, pubpkg.WithIdempotencyKey("order-7"))

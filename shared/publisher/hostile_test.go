@@ -128,6 +128,20 @@ func TestOutcomeUnknown(t *testing.T) {
 			_, err := c.DisconnectUser(ctx, "u")
 			return err
 		}, 0, true},
+		{"a disconnect's 2xx that is not the reply", []answer{accepted(`<html>welcome</html>`)}, func(c *Client, ctx context.Context) error {
+			return c.Disconnect(ctx, "c-1")
+		}, 0, true},
+		{"a disconnect's empty 2xx", []answer{accepted(`{}`)}, func(c *Client, ctx context.Context) error {
+			return c.Disconnect(ctx, "c-1")
+		}, 0, true},
+		{"a send to a user's negative count", []answer{accepted(`{"user":"u","connections":-1}`)}, func(c *Client, ctx context.Context) error {
+			_, err := c.SendToUser(ctx, "u", Message{Data: 1})
+			return err
+		}, 0, true},
+		{"a history removal's negative count", []answer{{status: 200, body: `{"channel":"c","removed":-1}`}}, func(c *Client, ctx context.Context) error {
+			_, err := c.ClearHistory(ctx, "c")
+			return err
+		}, 0, true},
 		{"a 2xx too large", []answer{accepted(`{"id":"1-0","x":"` + strings.Repeat("x", maxReplyBytes) + `"}`)}, publish, 0, true},
 		{"refused", []answer{failure(400, "invalid_event")}, publish, 400, false},
 		{"rate limited every time", []answer{rateLimited}, publish, 429, false},

@@ -45,11 +45,12 @@
 // last attempt's error. An answer of the ingress is an *Error (use
 // errors.As), with the HTTP status and the ingress's error code; a
 // redirect is not followed, and is an *Error too. Input the ingress
-// would refuse (a channel name outside its alphabet, nil Data, a bad
-// Idempotency-Key) is refused before any request, with an error that
-// wraps ErrInvalid. The error of a POST or a DELETE that may have been
-// carried out all the same (an attempt without an answer, a 503, …)
-// wraps ErrOutcomeUnknown, whatever the last attempt's answer was.
+// would refuse (a channel name outside its alphabet, nil Data, Data
+// nested more than MaxDataDepth levels deep, a bad Idempotency-Key) is
+// refused before any request, with an error that wraps ErrInvalid. The
+// error of a POST or a DELETE that may have been carried out all the
+// same (an attempt without an answer, a 503, …) wraps ErrOutcomeUnknown,
+// whatever the last attempt's answer was.
 //
 // A Client is safe for concurrent use.
 package publisher
@@ -89,6 +90,10 @@ const (
 	MaxHistoryLimit = 1000
 	// MaxIdempotencyKeyLen is the longest Idempotency-Key.
 	MaxIdempotencyKeyLen = 255
+	// MaxDataDepth is how deeply a message's Data may nest arrays and
+	// objects (deeper is 400 invalid_json: a history page holds data
+	// three levels down, past some JSON decoders' limits).
+	MaxDataDepth = 64
 )
 
 // ErrInvalid is wrapped by the errors of input refused before any
@@ -226,7 +231,8 @@ func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
 // Message is a message to publish or send.
 type Message struct {
 	// Data is the payload, required: any value encoding/json marshals to
-	// something other than null (a nil map or slice marshals to null). A
+	// something other than null (a nil map or slice marshals to null),
+	// nesting arrays and objects at most MaxDataDepth levels deep. A
 	// json.RawMessage goes as it is, compacted; a []byte, as encoding/json
 	// has it, is a base64 string. '<', '>' and '&' are not escaped, so
 	// subscribers get them as they are.
@@ -333,12 +339,36 @@ func (m Message) body() (messageBody, error) {
 		return messageBody{}, errors.New("message Data marshals to null (the ingress requires data: missing_data)")
 	case !utf8.Valid(data):
 		return messageBody{}, errors.New("message Data is not valid UTF-8")
+	case tooDeep(data):
+		return messageBody{}, fmt.Errorf("message Data nests arrays and objects more than %d levels deep (the ingress refuses it: invalid_json)", MaxDataDepth)
 	case !channel.ValidEvent(m.Event):
 		return messageBody{}, fmt.Errorf("event %q: want at most 64 printable ASCII characters without '\"' or '\\'", m.Event)
 	case m.From != "" && !channel.ValidUser(m.From):
 		return messageBody{}, fmt.Errorf("from %q: want a user id, %s", m.From, channel.UserRule)
 	}
 	return messageBody{Data: data, Event: m.Event, From: m.From}, nil
+}
+
+// tooDeep reports whether the valid JSON b nests arrays and objects more
+// than MaxDataDepth levels deep, as the ingress counts them.
+func tooDeep(b []byte) bool {
+	depth, inString := 0, false
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case inString && c == '\\':
+			i++ // the escaped byte: a quote does not end the string
+		case c == '"':
+			inString = !inString
+		case inString:
+		case c == '[' || c == '{':
+			if depth++; depth > MaxDataDepth {
+				return true
+			}
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return false
 }
 
 // marshal is json.Marshal without HTML escaping, as the ingress stores
@@ -482,7 +512,7 @@ func (c *Client) SendToUser(ctx context.Context, user string, m Message, opts ..
 	if err != nil {
 		return 0, err
 	}
-	if out.Connections == nil {
+	if out.Connections == nil || *out.Connections < 0 {
 		return 0, unexpected(rep)
 	}
 	return *out.Connections, nil
@@ -497,8 +527,18 @@ func (c *Client) Disconnect(ctx context.Context, id string) error {
 	if err := checkID("connection id", id); err != nil {
 		return invalid(err)
 	}
-	_, err := c.do(ctx, &request{method: http.MethodDelete, path: "/v1/connections/" + url.PathEscape(id)}, nil)
-	return err
+	var out struct {
+		Status string `json:"status"`
+	}
+	rep, err := c.do(ctx, &request{method: http.MethodDelete, path: "/v1/connections/" + url.PathEscape(id)}, &out)
+	if err != nil {
+		return err
+	}
+	if out.Status != "disconnecting" {
+		// A gateway's page, say: the connection may not have been told.
+		return unexpected(rep)
+	}
+	return nil
 }
 
 // DisconnectUser asks the egress instances holding the live connections
@@ -541,9 +581,10 @@ type Connection struct {
 }
 
 // Connection reads connection id's registry record: GET
-// /v1/connections/{id}. No live connection with that id is an *Error 404
-// connection_not_found. A record outlives its connection by at most the
-// egress's REGISTRY_TTL (30 s by default) when its instance died.
+// /v1/connections/{id} (needs a key with admin rights). No live
+// connection with that id is an *Error 404 connection_not_found. A
+// record outlives its connection by at most the egress's REGISTRY_TTL
+// (30 s by default) when its instance died.
 func (c *Client) Connection(ctx context.Context, id string) (Connection, error) {
 	if err := checkID("connection id", id); err != nil {
 		return Connection{}, invalid(err)
@@ -565,8 +606,9 @@ const MaxConnectionsLimit = 10000
 
 // ChannelConnections lists the live connections subscribed to channel,
 // at most limit of them (0: the ingress's default, 1000; at most
-// MaxConnectionsLimit): GET /v1/channels/{channel}/connections. A channel
-// nobody is subscribed to gives an empty list.
+// MaxConnectionsLimit): GET /v1/channels/{channel}/connections (needs a
+// key with admin rights). A channel nobody is subscribed to gives an
+// empty list.
 func (c *Client) ChannelConnections(ctx context.Context, ch string, limit int) ([]Connection, error) {
 	if err := checkChannel(ch); err != nil {
 		return nil, invalid(err)
@@ -623,7 +665,7 @@ func (c *Client) ClearHistory(ctx context.Context, ch string) (removed int, err 
 	if err != nil {
 		return 0, err
 	}
-	if out.Removed == nil {
+	if out.Removed == nil || *out.Removed < 0 {
 		return 0, unexpected(rep)
 	}
 	return *out.Removed, nil

@@ -662,7 +662,17 @@ func TestInvalidInputSendsNothing(t *testing.T) {
 		"bad raw Data":       func() error { _, err := c.Publish(ctx, "c", Message{Data: json.RawMessage("{")}); return err },
 		"bad UTF-8 Data":     func() error { _, err := c.Publish(ctx, "c", Message{Data: json.RawMessage("\"\xff\"")}); return err },
 		"unmarshalable Data": func() error { _, err := c.Publish(ctx, "c", Message{Data: func() {}}); return err },
-		"event with quote":   func() error { _, err := c.Publish(ctx, "c", Message{Data: 1, Event: `a"b`}); return err },
+		"Data too deep": func() error {
+			_, err := c.Publish(ctx, "c", Message{Data: json.RawMessage(strings.Repeat("[", 65) + strings.Repeat("]", 65))})
+			return err
+		},
+		"batch item Data too deep": func() error {
+			// 65 objects deep, with brackets in strings that close none.
+			deep := json.RawMessage(strings.Repeat(`{"s":"]}\"]","x":`, 65) + "1" + strings.Repeat("}", 65))
+			_, err := c.PublishBatch(ctx, []Item{{"a", ok}, {"b", Message{Data: deep}}})
+			return err
+		},
+		"event with quote": func() error { _, err := c.Publish(ctx, "c", Message{Data: 1, Event: `a"b`}); return err },
 		"event too long": func() error {
 			_, err := c.Publish(ctx, "c", Message{Data: 1, Event: strings.Repeat("e", 65)})
 			return err
@@ -722,5 +732,25 @@ func TestValidCursor(t *testing.T) {
 		if got := validCursor(s); got != want && s != "" {
 			t.Errorf("validCursor(%q) = %v, stream.ParseID says %v", s, got, want)
 		}
+	}
+}
+
+// TestDataDepth: Data nested 64 levels deep, the ingress's bound, is
+// sent, brackets in its strings not counted; deeper is refused before
+// any request (TestInvalidInputSendsNothing).
+func TestDataDepth(t *testing.T) {
+	s := newStub(t)
+	c := s.client(t, Options{})
+	for _, data := range []json.RawMessage{
+		json.RawMessage(strings.Repeat("[", 64) + strings.Repeat("]", 64)),
+		json.RawMessage(strings.Repeat(`{"s":"[{\"[{","x":`, 64) + "1" + strings.Repeat("}", 64)),
+		json.RawMessage(`"` + strings.Repeat("[", 100) + `"`),
+	} {
+		if _, err := c.Publish(context.Background(), "c", Message{Data: data}); err != nil {
+			t.Fatalf("%.40s…: %v", data, err)
+		}
+	}
+	if n := len(s.requests()); n != 3 {
+		t.Fatalf("%d requests, want 3", n)
 	}
 }
