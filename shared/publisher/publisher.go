@@ -57,6 +57,7 @@ package publisher
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -604,6 +605,15 @@ func (c *Client) Connection(ctx context.Context, id string) (Connection, error) 
 // UserConnections call may ask for.
 const MaxConnectionsLimit = 10000
 
+const (
+	// defaultConnectionsLimit is the ingress's limit when none is given.
+	defaultConnectionsLimit = 1000
+	// maxRecordBytes is the room a reply leaves per registry record asked
+	// for: a record with 100 channels of 128 characters and its other
+	// fields takes about 13.5 KB.
+	maxRecordBytes = 16 << 10
+)
+
 // ChannelConnections lists the live connections subscribed to channel,
 // at most limit of them (0: the ingress's default, 1000; at most
 // MaxConnectionsLimit): GET /v1/channels/{channel}/connections (needs a
@@ -628,7 +638,12 @@ func (c *Client) connections(ctx context.Context, path string, limit int) ([]Con
 	var out struct {
 		Connections []Connection `json:"connections"`
 	}
-	rep, err := c.do(ctx, &request{method: http.MethodGet, path: path, query: query}, &out)
+	// The records are not bounded by the ingress's page budget: each
+	// lists its channels (MAX_SUBSCRIPTIONS of them, 100 by default, of up
+	// to 128 characters), so the reply may take up to about 13 KiB a
+	// record. Room for what was asked, then.
+	maxReply := max(maxReplyBytes, cmp.Or(limit, defaultConnectionsLimit)*maxRecordBytes)
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: path, query: query, maxReply: maxReply}, &out)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -411,6 +412,42 @@ func TestReplyTooLarge(t *testing.T) {
 	}
 	if n := len(s.requests()); n != 1 {
 		t.Fatalf("%d requests, want 1", n)
+	}
+}
+
+// TestConnectionListsTakeRoom: a list of registry records is not held to
+// the 8 MiB of other replies, since each record lists its channels: a
+// thousand connections with a hundred long channel names each is a
+// 13 MB answer the ingress gives as it should. The room grows with the
+// limit asked for, and stays bounded by it.
+func TestConnectionListsTakeRoom(t *testing.T) {
+	chans := make([]string, 100)
+	for i := range chans {
+		chans[i] = fmt.Sprintf("%03d", i) + strings.Repeat("c", 125)
+	}
+	rec, err := json.Marshal(Connection{ID: "abcdefghijklmnop", User: strings.Repeat("u", 128), Instance: "inst", Channels: chans, ConnectedAt: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := func(n int) string {
+		return `{"connections":[` + strings.TrimSuffix(strings.Repeat(string(rec)+",", n), ",") + `]}`
+	}
+	if body := list(1000); len(body) <= maxReplyBytes {
+		t.Fatalf("the list is %d bytes, want more than %d", len(body), maxReplyBytes)
+	}
+	s := newStub(t, answer{status: 200, body: list(1000)}, answer{status: 200, body: list(1000)}, answer{status: 200, body: list(1000)})
+	c := s.client(t, Options{})
+	ctx := context.Background()
+	got, err := c.ChannelConnections(ctx, "c", 0) // the ingress's default, 1000
+	if err != nil || len(got) != 1000 || len(got[999].Channels) != 100 {
+		t.Fatalf("ChannelConnections: %d records, %v", len(got), err)
+	}
+	if got, err = c.UserConnections(ctx, "alice", 1000); err != nil || len(got) != 1000 {
+		t.Fatalf("UserConnections: %d records, %v", len(got), err)
+	}
+	// Asked for 10, a reply that size is not what was asked for.
+	if _, err := c.ChannelConnections(ctx, "c", 10); err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("limit 10, a 13 MB reply: %v", err)
 	}
 }
 

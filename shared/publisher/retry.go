@@ -2,6 +2,7 @@ package publisher
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -23,7 +24,8 @@ import (
 const MaxRetryAfter = time.Minute
 
 // maxReplyBytes bounds what is read of a reply: a history page holds at
-// most 4 MiB of messages, and its JSON little more.
+// most 4 MiB of messages, and its JSON little more. A list of registry
+// records may take more (request.maxReply).
 const maxReplyBytes = 8 << 20
 
 // Error is an answer of the ingress, or of a gateway in front of it, with
@@ -135,6 +137,8 @@ type request struct {
 	query  string // encoded, or ""
 	body   []byte // nil: none
 	key    string // Idempotency-Key, or ""
+	// maxReply bounds what is read of the reply; 0: maxReplyBytes.
+	maxReply int
 }
 
 func (r *request) op() string { return r.method + " " + r.path }
@@ -300,12 +304,13 @@ func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
 		return nil, &transportError{op: r.op(), err: err}
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes+1))
+	limit := cmp.Or(r.maxReply, maxReplyBytes)
+	b, err := io.ReadAll(io.LimitReader(resp.Body, int64(limit)+1))
 	if err != nil {
 		return nil, &transportError{op: r.op(), err: fmt.Errorf("reading the %d reply: %w", resp.StatusCode, err)}
 	}
-	if len(b) > maxReplyBytes {
-		return nil, fmt.Errorf("publisher: %s: the %d reply is larger than %d bytes", r.op(), resp.StatusCode, maxReplyBytes)
+	if len(b) > limit {
+		return nil, fmt.Errorf("publisher: %s: the %d reply is larger than %d bytes", r.op(), resp.StatusCode, limit)
 	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil, newError(resp.StatusCode, resp.Header, b)
