@@ -757,9 +757,10 @@ const clientJSCases = `(async () => {
         JSON.parse(calls[0].init.body).event !== "chat") wrong.push("request " + calls[0].url + " " + JSON.stringify(calls[0].init.headers));
 
     for (const [status, code, headers] of [[400, "invalid_json"], [403, "forbidden"], [413, "payload_too_large"], [422, "idempotency_key_reused"], [500, "internal"], [429, "rate_limited"], [401, "invalid_token"],
-      // Neither delay-seconds nor an HTTP date (Date.parse takes both for
-      // dates in 2001): no Retry-After, as in Go, so the 429 is final.
-      [429, "rate_limited", { "Retry-After": "-1" }], [429, "rate_limited", { "Retry-After": "1.5" }]]) {
+      // Neither delay-seconds nor an HTTP date (Date.parse takes each for
+      // a date in 2001): no Retry-After, as in Go, so the 429 is final.
+      [429, "rate_limited", { "Retry-After": "-1" }], [429, "rate_limited", { "Retry-After": "1.5" }],
+      [429, "rate_limited", { "Retry-After": "Mon 5" }], [429, "rate_limited", { "Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT trailing" }]]) {
       [f, calls] = scripted(fail(status, code, headers), ok);
       try {
         await publish("", "room", 1, { fetch: f, minBackoff: 1 });
@@ -775,6 +776,17 @@ const clientJSCases = `(async () => {
     [f, calls] = scripted(fail(429, "rate_limited", { "Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT" }), ok);
     try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 }); } catch (e) { wrong.push("Retry-After a past date: " + e); }
     if (calls.length !== 2) wrong.push("Retry-After a past date: " + calls.length + " calls");
+    // The obsolete forms Go's http.ParseTime also takes: RFC 850 and
+    // asctime (no zone: GMT), here a few seconds ahead.
+    for (const form of ["rfc850", "asctime"]) {
+      const [day, dd, mon, yyyy, clock] = new Date(Date.now() + 3000).toUTCString().replace(",", "").split(" ");
+      const full = { Sun: "Sunday", Mon: "Monday", Tue: "Tuesday", Wed: "Wednesday", Thu: "Thursday", Fri: "Friday", Sat: "Saturday" }[day];
+      const date = form === "rfc850" ? full + ", " + dd + "-" + mon + "-" + yyyy.slice(2) + " " + clock + " GMT"
+        : day + " " + mon + " " + String(Number(dd)).padStart(2, " ") + " " + clock + " " + yyyy;
+      [f, calls] = scripted(fail(429, "rate_limited", { "Retry-After": date }), ok);
+      try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 }); } catch (e) { wrong.push("Retry-After " + date + ": " + e); }
+      if (calls.length !== 2 || calls[1].at - calls[0].at < 1500) wrong.push("Retry-After " + date + ": retried after " + (calls[1]?.at - calls[0].at) + " ms");
+    }
 
     let tokens = 0;
     [f, calls] = scripted(fail(401, "token_expired"), ok);

@@ -386,6 +386,29 @@ func TestLimiterSetBounded(t *testing.T) {
 	}
 }
 
+// A refused publish gives back what the buckets checked before the
+// refusing one took. The refusal itself must not reserve: a reservation
+// cancelled at once leaves the bucket's last event in the future, and
+// rate then reads every earlier reservation's refund as already spent.
+func TestLimiterSetRefundAfterRefusal(t *testing.T) {
+	t.Parallel()
+	ls := newLimiterSet(1, 2)
+	now := time.Now()
+	d, r := ls.reserve("k", 1, now)
+	if d != 0 || r == nil {
+		t.Fatalf("first token refused: wait %v", d)
+	}
+	if d, r2 := ls.reserve("k", 2, now); d <= 0 || r2 != nil {
+		t.Fatalf("two tokens with one left: wait %v, reservation %v", d, r2 != nil)
+	} else if d != time.Second {
+		t.Fatalf("wait for the missing token %v, want 1s", d)
+	}
+	r.CancelAt(now) // the publish was refused by a later bucket
+	if d, _ := ls.reserve("k", 2, now); d != 0 {
+		t.Fatalf("the refunded token was lost: both tokens need %v more", d)
+	}
+}
+
 func TestCORS(t *testing.T) {
 	t.Parallel()
 	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "ALLOWED_ORIGINS": "https://app.example, https://b.example"})

@@ -70,12 +70,14 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, 
 		ls.m[key] = e
 	}
 	e.seen = now
-	r := e.lim.ReserveN(now, n)
-	if d := r.DelayFrom(now); d > 0 {
-		r.CancelAt(now)
-		return d, nil
+	// A refusal reserves nothing: a reservation cancelled at once would
+	// leave the bucket's last event in the future, and rate would then
+	// count the refund of a reservation taken earlier as already spent.
+	if t := e.lim.TokensAt(now); t < float64(n) {
+		d := time.Duration((float64(n) - t) / float64(ls.rate) * float64(time.Second))
+		return max(d, 1), nil
 	}
-	return 0, r
+	return 0, e.lim.ReserveN(now, n)
 }
 
 // sweep drops idle buckets and, if still full, arbitrary ones down to

@@ -618,12 +618,17 @@ const MAX_RETRY_AFTER = 60_000;
 // An event name as the ingress takes it (docs/api.md).
 const EVENT = /^[\x20-\x7e]{0,64}$/;
 
-// An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete RFC 850 and
-// asctime forms), each led by a day name, as Go's http.ParseTime takes
-// them. Date.parse alone takes "-1" or "1.5" for dates in 2001: a wait of
-// 0, where Go's publisher sees no Retry-After (and a 429 without one is
+// An HTTP date in full (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete
+// RFC 850 and asctime forms), as Go's http.ParseTime takes them.
+// Date.parse alone takes "-1", "1.5" or "Mon 5" for dates in 2001: a wait
+// of 0, where Go's publisher sees no Retry-After (and a 429 without one is
 // final).
-const HTTP_DATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*,? /;
+const MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)";
+const CLOCK = "\\d\\d:\\d\\d:\\d\\d";
+const HTTP_DATE = new RegExp(
+  "^(?:(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \\d\\d " + MONTH + " \\d{4} " + CLOCK + " GMT" +
+  "|(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), \\d\\d-" + MONTH + "-\\d\\d " + CLOCK + " GMT" +
+  "|(Mon|Tue|Wed|Thu|Fri|Sat|Sun) " + MONTH + " [ \\d]\\d " + CLOCK + " \\d{4})$");
 
 /** A response's Retry-After in ms (seconds or an HTTP date, capped), or null. */
 function retryAfterMs(h) {
