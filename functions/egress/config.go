@@ -36,9 +36,10 @@ type Config struct {
 	// a data frame either way. Zero disables it. Set it a little below the
 	// platform's idle timeout so the close is the server's, with a code.
 	IdleTimeout time.Duration `env:"IDLE_TIMEOUT" envDefault:"0s"`
-	// MaxLifetime closes a connection (code 4001) this long after it
-	// opened. Zero disables it. Set it a little below SCF's execution
-	// timeout.
+	// MaxLifetime closes a connection (code 4001) at most this long after
+	// it opened, and no sooner than nine tenths of it (a lifetime drawn per
+	// connection, so that sockets opened together are not cut together).
+	// Zero disables it. Set it a little below SCF's execution timeout.
 	MaxLifetime time.Duration `env:"MAX_LIFETIME" envDefault:"0s"`
 
 	// PingInterval is how often the server pings each socket; a peer that

@@ -47,6 +47,7 @@ type conn struct {
 	allow    func(channel string) bool // nil: any channel
 	exp      time.Time                 // token expiry; zero: none
 	openedAt time.Time
+	lifetime time.Duration // MAX_LIFETIME less this connection's jitter; 0: none
 
 	lastData  atomic.Int64 // unix nanos of the last data frame either way
 	lastPing  atomic.Int64

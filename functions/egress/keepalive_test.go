@@ -169,3 +169,77 @@ func TestReplayToSteadyReader(t *testing.T) {
 		}
 	}
 }
+
+// TestLifetimeSpread: MAX_LIFETIME closes each connection (4001) within
+// the last tenth of the limit, never after it, and at a time of its own:
+// sockets opened together are not all cut together (they would all
+// reconnect together, every limit).
+func TestLifetimeSpread(t *testing.T) {
+	const limit = 2 * time.Second
+	// PING_INTERVAL 100ms: the sweep that closes runs every 50 ms.
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_LIFETIME": limit.String(), "PING_INTERVAL": "100ms"})
+	<-e.s.hub.inbox.ready
+	const n = 12
+	type closed struct {
+		after time.Duration
+		code  int
+	}
+	ends := make(chan closed, n)
+	for i := 0; i < n; i++ {
+		ws, _, err := websocket.DefaultDialer.Dial(e.url(url.Values{"channels": {"lifetime"}}), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		opened := time.Now() // the server's openedAt is no earlier
+		go func() {
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
+					var ce *websocket.CloseError
+					code := -1
+					if errors.As(err, &ce) {
+						code = ce.Code
+					}
+					ends <- closed{time.Since(opened), code}
+					return
+				}
+			}
+		}()
+	}
+	first, last := time.Hour, time.Duration(0)
+	for i := 0; i < n; i++ {
+		select {
+		case c := <-ends:
+			if c.code != 4001 {
+				t.Fatalf("connection closed with %d, want 4001", c.code)
+			}
+			if c.after < limit*9/10-50*time.Millisecond {
+				t.Fatalf("closed %v after opening: before nine tenths of MAX_LIFETIME %v", c.after, limit)
+			}
+			first, last = min(first, c.after), max(last, c.after)
+		case <-time.After(2 * limit):
+			t.Fatal("MAX_LIFETIME closed no connection")
+		}
+	}
+	if last-first < 40*time.Millisecond {
+		t.Fatalf("%d connections opened together closed within %v of each other (%v–%v): no jitter", n, last-first, first, last)
+	}
+}
+
+func TestLifetimeOf(t *testing.T) {
+	if lifetimeOf(0) != 0 {
+		t.Fatal("MAX_LIFETIME 0 must mean no lifetime")
+	}
+	const limit = 870 * time.Second
+	lo, hi := limit, time.Duration(0)
+	for i := 0; i < 1000; i++ {
+		d := lifetimeOf(limit)
+		if d > limit || d < limit-limit/10 {
+			t.Fatalf("lifetime %v outside %v–%v", d, limit-limit/10, limit)
+		}
+		lo, hi = min(lo, d), max(hi, d)
+	}
+	if hi-lo < limit/20 {
+		t.Fatalf("1000 lifetimes span only %v–%v", lo, hi)
+	}
+}

@@ -328,7 +328,7 @@ func (s *Server) recordsLost(ctx context.Context) bool {
 
 func (s *Server) sweepConns(now time.Time) {
 	for _, c := range s.hub.snapshotConns() {
-		if s.cfg.MaxLifetime > 0 && now.Sub(c.openedAt) >= s.cfg.MaxLifetime {
+		if c.lifetime > 0 && now.Sub(c.openedAt) >= c.lifetime {
 			go c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
 			continue
 		}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"math/rand/v2"
 
 	"github.com/gorilla/websocket"
 	"net/http"
@@ -109,6 +110,7 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 		allow:    id.allow,
 		exp:      id.exp,
 		openedAt: now,
+		lifetime: lifetimeOf(s.cfg.MaxLifetime),
 		done:     make(chan struct{}),
 		subs:     make(map[string]*chanState),
 		writing:  true, // held until the connection is registered
@@ -119,6 +121,20 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 	c.lastPing.Store(now.UnixNano())
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
 	return c
+}
+
+// lifetimeOf is how long a connection may live under a MAX_LIFETIME of
+// limit: limit less a random tenth of it at most (870 s → 783–870 s).
+// Clients that connected together (after a deploy, an outage, a network
+// blip) would otherwise all be closed together every limit, and
+// reconnect in a burst each time: on SCF, a burst of new instances and
+// cold starts. Never more than limit, so the close stays ahead of the
+// platform's cut.
+func lifetimeOf(limit time.Duration) time.Duration {
+	if limit <= 0 {
+		return 0
+	}
+	return limit - rand.N(limit/10+1)
 }
 
 // openConn registers the connection, says welcome and makes its initial
