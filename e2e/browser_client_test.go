@@ -727,6 +727,157 @@ const clientJSCases = `(async () => {
     c.close();
   }
 
+  // A listener that moves the state on from inside an event (close() or
+  // drop() from a "state" listener, close() from any other): the
+  // listeners after it are not handed the state it left (they heard the
+  // newer one already, and would take the stale one for the latest), the
+  // rest of that step emits nothing for the socket it left (no welcome
+  // after a drop() at "connected"), and after close() no listener of the
+  // event being delivered is called any more.
+  {
+    const wrong = [];
+    let [c, ws] = await welcomed();
+    const first = [], second = [];
+    c.on("state", (s) => { first.push(s); if (s === "disconnected") c.close(); });
+    c.on("state", (s) => second.push(s));
+    ws.shut(1006);
+    await settle();
+    if (first.join() !== "disconnected,closed" || second.join() !== "closed" || c.state !== "closed" || sockets.length !== 1) {
+      wrong.push("close() at disconnected: first heard [" + first + "], second [" + second + "], state " + c.state + ", " + sockets.length + " dials");
+    }
+
+    sockets.length = 0;
+    c = newClient();
+    const heard = [];
+    let welcomes = 0;
+    c.on("state", (s) => { if (s === "connected" && sockets.length === 1) c.drop(); });
+    c.on("state", (s) => heard.push(s));
+    c.on("welcome", () => welcomes++);
+    await settle();
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    if (heard.join() !== "connecting,disconnected" || welcomes !== 0 || c.state !== "disconnected") {
+      wrong.push("drop() at connected: the next listener heard [" + heard + "], " + welcomes + " welcomes, state " + c.state);
+    }
+    c.close();
+
+    for (const name of ["error", "close", "gap"]) {
+      [c, ws] = await welcomed();
+      let after = 0;
+      c.on(name, () => c.close());
+      c.on(name, () => after++);
+      c.subscribe("a", { after: "5-0" });
+      if (name === "error") ws.recv({ type: "error", code: "rate_limited", message: "m" });
+      if (name === "close") ws.shut(1006);
+      if (name === "gap") ws.recv({ type: "subscribed", channel: "a", recovered: false, position: "9-0", ref: ws.sent.at(-1).ref });
+      if (after !== 0 || c.state !== "closed") wrong.push("close() from a " + name + " listener: " + after + " listeners called after it, state " + c.state);
+    }
+    results.stateReentrancy = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // What a socket no longer the client's delivers is ignored: a welcome
+  // late on a socket dropped before its welcome (here, by a WebSocket
+  // that still calls the handler it was given once the client let go of
+  // it) neither connects the client nor is reported, and the socket
+  // dialled since is welcomed as usual.
+  {
+    const wrong = [];
+    sockets.length = 0;
+    const c = newClient();
+    let welcomes = 0;
+    c.on("welcome", () => welcomes++);
+    c.subscribe("a", {});
+    await settle();
+    const old = sockets[0];
+    old.open();
+    const deliver = old.onmessage;
+    c.drop(); // gave up on it before its welcome
+    await settle();
+    const ws = sockets.at(-1);
+    ws.open();
+    deliver({ data: JSON.stringify({ type: "welcome", connection_id: "old", instance: "i" }) });
+    if (c.state !== "connecting" || welcomes !== 0 || ws.frames.length || old.frames.length) {
+      wrong.push("a welcome on the old socket: state " + c.state + ", " + welcomes + " welcomes, " + ws.frames.length + " frames on the new socket, " + old.frames.length + " on the old");
+    }
+    ws.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    const subs = ws.sent.filter((f) => f.type === "subscribe").length;
+    if (c.state !== "connected" || welcomes !== 1 || subs !== 1) wrong.push("then its own welcome: state " + c.state + ", " + welcomes + " welcomes, " + subs + " subscribes");
+    results.staleWelcome = wrong.length === 0 ? "ok" : wrong.join("; ");
+    c.close();
+  }
+
+  // A gap listener that unsubscribes the channel (or unsubscribes and
+  // subscribes it again) ends that subscription there: its onSubscribed
+  // is not called for an answer it no longer waits for.
+  {
+    const wrong = [];
+    const [c, ws] = await welcomed();
+    let subscribed = 0;
+    const s = c.subscribe("a", { after: "5-0", onSubscribed: () => subscribed++ });
+    const off = c.on("gap", () => s.unsubscribe());
+    ws.recv({ type: "subscribed", channel: "a", recovered: false, position: "9-0", ref: ws.sent.at(-1).ref });
+    if (subscribed !== 0 || ws.sent.at(-1).type !== "unsubscribe") wrong.push("unsubscribe() from a gap listener: onSubscribed called " + subscribed + " times, last sent " + ws.sent.at(-1).type);
+    off();
+    let old = 0, fresh = 0;
+    const s2 = c.subscribe("b", { after: "5-0", onSubscribed: () => old++ });
+    c.on("gap", (g) => { if (g.channel === "b" && c.subs.get("b") === s2) { s2.unsubscribe(); c.subscribe("b", { onSubscribed: () => fresh++ }); } });
+    ws.recv({ type: "subscribed", channel: "b", recovered: false, position: "9-0", ref: s2.ref });
+    if (old !== 0 || fresh !== 0) wrong.push("unsubscribe() and subscribe() again from a gap listener: the old onSubscribed called " + old + " times, the new one " + fresh);
+    results.gapUnsubscribe = wrong.length === 0 ? "ok" : wrong.join("; ");
+    c.close();
+  }
+
+  // A token the WebSocket constructor refuses (it goes as the
+  // "token.<token>" subprotocol, which takes only an HTTP token's
+  // characters: a space, a comma, a non-ASCII letter throw a SyntaxError
+  // in the browser). From getToken, the next attempt asks getToken again
+  // instead of dialling with it for ever; as a static token, which could
+  // never be sent, the constructor refuses it with a TypeError, as it
+  // refuses a user the egress would refuse.
+  {
+    const wrong = [];
+    // The browser's own WebSocket, as an application's page has it:
+    // dialled at this egress, which refuses the tokens (not JWTs).
+    const dials = [];
+    class BrowserWS extends WebSocket {
+      constructor(url, protocols) { dials.push(protocols); super(url, protocols); }
+    }
+    const url = "ws://" + location.host + "/ws";
+    const given = ["bad token", "good.token"];
+    let calls = 0;
+    const c = new WsRelay(url, { WebSocket: BrowserWS, minBackoff: 1, maxBackoff: 2, getToken: async () => given[Math.min(calls++, given.length - 1)] });
+    const errors = [];
+    c.on("error", (e) => errors.push(e?.name));
+    for (let i = 0; i < 100 && !dials.some((p) => p?.includes("token.good.token")); i++) await settle();
+    c.close();
+    if (calls < 2 || !dials.some((p) => p?.includes("token.good.token")) || !errors.length) {
+      wrong.push("getToken giving a token that cannot be sent: " + calls + " getToken calls, dials " + JSON.stringify(dials.slice(0, 3)) + ", errors [" + errors.slice(0, 3) + "]");
+    }
+    // A WebSocket constructor that throws for any other reason: the next
+    // attempt asks getToken again too.
+    sockets.length = 0;
+    let tokens = 0, thrown = 0;
+    FakeWS.dialed = () => { if (!thrown++) throw new DOMException("refused", "SyntaxError"); };
+    const c2 = newClient({ getToken: async () => "t" + ++tokens });
+    for (let i = 0; i < 20 && sockets.length < 2; i++) await settle();
+    FakeWS.dialed = null;
+    const last = sockets.at(-1)?.protocols.find((p) => p.startsWith("token."));
+    if (last !== "token.t2" || tokens !== 2) wrong.push("after the constructor threw: " + tokens + " getToken calls, next dial with " + last);
+    c2.close();
+    // A static token that cannot be a subprotocol: refused at once.
+    sockets.length = 0;
+    for (const token of ["a b", "a,b", "t\u00f6k", "a\nb", "(x)", 42]) {
+      try { new WsRelay(url, { WebSocket: FakeWS, token }).close(); wrong.push("token " + JSON.stringify(token) + " accepted"); }
+      catch (e) { if (!(e instanceof TypeError) || !e.message.includes("token")) wrong.push("token " + JSON.stringify(token) + ": " + e); }
+    }
+    for (const token of ["eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEifQ.c2ln-_x", "key_1~!#$%&'*+^\x60|", ""]) {
+      try { new WsRelay(url, { WebSocket: FakeWS, token }).close(); } catch (e) { wrong.push("token " + JSON.stringify(token) + " refused: " + e); }
+    }
+    await settle();
+    if (sockets.length) wrong.push(sockets.length + " sockets dialled");
+    results.badToken = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // publish(): safe retries against a scripted fetch. Every attempt of a
   // call sends the same Idempotency-Key and body; what a retry cannot
   // change is final at once; Retry-After is waited; getToken after a 401.
@@ -1005,7 +1156,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

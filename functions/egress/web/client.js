@@ -60,6 +60,16 @@ const CHANNEL = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
 // A user id; not "." or "..", which a URL path resolves away.
 const USER = /^(?!\.\.?$)[A-Za-z0-9_.:@-]{1,128}$/;
 const U64 = (1n << 64n) - 1n;
+// A token as the socket carries it, in the "token.<token>" subprotocol: a
+// subprotocol is an HTTP token (RFC 6455 §4.1, RFC 9110 tchar), and the
+// WebSocket constructor throws a SyntaxError for anything else (a space,
+// a comma, a non-ASCII letter). A JWT or an API key fits.
+const SOCKET_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/** Reports whether t can be sent as the socket's token; absent or "" is no token. */
+function sendableToken(t) {
+  return t == null || t === "" || (typeof t === "string" && SOCKET_TOKEN.test(t));
+}
 
 /**
  * Calls an application's listener or handler. What it throws is logged,
@@ -159,9 +169,12 @@ function dialUrl(url, opts) {
  * WebSocket (constructor, for tests); a time option of 0 means its default.
  * The constructor throws a TypeError for a time option that is not a
  * number from 0 up, for a user that is not a user id (the egress would
- * refuse every dial), for
+ * refuse every dial), for a token that cannot be sent as a subprotocol
+ * (the WebSocket constructor would refuse every dial), for
  * a URL whose query has channels (use subscribe()), token when token or
- * getToken is set, user when user is set, or token or user twice.
+ * getToken is set, user when user is set, or token or user twice. A
+ * token from getToken that cannot be sent is reported as an "error" (a
+ * TypeError) and getToken is asked again on the next attempt.
  *
  * Events (c.on(name, fn)): "state" (state, detail), "welcome" (frame),
  * "error" (error frame, of a subscription without onError too, or
@@ -170,13 +183,19 @@ function dialUrl(url, opts) {
  * "close" ({code, reason}) for every socket close.
  * States: "connecting", "connected", "disconnected", "closed".
  * A listener or handler that throws is logged (console.error); delivery
- * goes on, and the message it threw on counts as delivered.
+ * goes on, and the message it threw on counts as delivered. A listener
+ * that moves the state on (close(), drop()) ends the delivery of the event
+ * it was called for: the listeners after it heard the newer state already.
  */
 export class WsRelay {
   constructor(url, opts = {}) {
     this.url = url;
     this.opts = opts;
     this.dialUrl = dialUrl(url, opts); // throws on a URL that would fight the client
+    // The WebSocket constructor would throw on every dial, for ever.
+    if (!sendableToken(opts.token)) {
+      throw new TypeError("the token cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={}): a user token (JWT) or an API key");
+    }
     this.minBackoff = msOption(opts, "minBackoff", 500);
     this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
     this.stableAfter = msOption(opts, "stableAfter", 10000);
@@ -184,6 +203,7 @@ export class WsRelay {
     this.pongTimeout = msOption(opts, "pongTimeout", 10000);
     this.WS = opts.WebSocket ?? globalThis.WebSocket;
     this.state = "disconnected";
+    this.stateSeq = 0; // counts setState's changes, so that a delivery sees a newer one
     this.subs = new Map(); // channel → subscription
     this.refs = new Map(); // ref → subscription
     this.listeners = new Map();
@@ -210,8 +230,17 @@ export class WsRelay {
     return () => this.listeners.get(name)?.delete(fn);
   }
 
+  /**
+   * Calls name's listeners with args, until one of them closes the client
+   * (close(), from a listener, is the last thing it hears; the socket's
+   * own "close" after close() is still delivered, as it starts closed).
+   */
   emit(name, ...args) {
-    for (const fn of this.listeners.get(name) ?? []) call(fn, args);
+    const closed = this.closed;
+    for (const fn of this.listeners.get(name) ?? []) {
+      if (this.closed !== closed) return;
+      call(fn, args);
+    }
   }
 
   setState(s, detail) {
@@ -219,7 +248,14 @@ export class WsRelay {
     // the middle of a step that goes on to report another state.
     if (this.state === s || this.state === "closed") return;
     this.state = s;
-    this.emit("state", s, detail);
+    const seq = ++this.stateSeq;
+    for (const fn of this.listeners.get("state") ?? []) {
+      // A listener moved the state on (close(), drop()): every listener
+      // has heard the newer state, and the rest must not hear this one
+      // after it.
+      if (this.stateSeq !== seq) return;
+      call(fn, [s, detail]);
+    }
   }
 
   /**
@@ -450,7 +486,13 @@ export class WsRelay {
     if (this.closed) return; // close() from a "state" listener
     if (this.needToken) {
       try {
-        this.token = await this.opts.getToken();
+        const token = await this.opts.getToken();
+        // The WebSocket constructor would throw; needToken stays set, so
+        // the next attempt asks again rather than dial with it for ever.
+        if (!sendableToken(token)) {
+          throw new TypeError("getToken gave a token that cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={})");
+        }
+        this.token = token ?? "";
         this.needToken = false;
       } catch (e) {
         if (this.closed) return; // close() while the token was awaited
@@ -469,6 +511,9 @@ export class WsRelay {
         ? new this.WS(this.dialUrl, ["wsrelay", "token." + this.token])
         : new this.WS(this.dialUrl);
     } catch (e) {
+      // A token the browser refuses, or a URL it blocks: a fresh token
+      // next, as after a dial refused before its welcome.
+      if (typeof this.opts.getToken === "function") this.needToken = true;
       this.emit("error", e);
       this.setState("disconnected", e);
       this.schedule();
@@ -520,9 +565,12 @@ export class WsRelay {
   }
 
   dispatch(ws, raw) {
-    // What a socket still delivers after close() reaches no handler (a
-    // browser drops it; other WebSocket implementations may not).
-    if (this.closed) return;
+    // What a socket still delivers after close(), or after the client let
+    // go of it (dropped, or replaced by a reconnect), reaches no handler:
+    // a browser drops it once the handlers are unset, other WebSocket
+    // implementations may not, and a late welcome would report the
+    // client connected while its current socket is not.
+    if (this.closed || ws !== this.ws) return;
     // Any frame shows the path is alive and answers a probe.
     ws.lastRecv = Date.now();
     ws.pingedAt = 0;
@@ -538,7 +586,9 @@ export class WsRelay {
         if (Number.isSafeInteger(f.idle_timeout_ms) && f.idle_timeout_ms > 0) ws.idleTimeout = f.idle_timeout_ms;
         if (ws.readyState === 1) this.subscribeAll(ws, f.max_frame_bytes);
         this.setState("connected", f);
-        if (this.closed) break; // close() from a state listener
+        // close() or drop() from a state listener: the welcome is of a
+        // socket gone.
+        if (this.ws !== ws) break;
         this.emit("welcome", f);
         break;
       case "message": {
@@ -567,7 +617,9 @@ export class WsRelay {
         // failed over): holding on to it would drop what follows.
         if (isId(f.position) && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
-        if (this.closed) break; // close() from a gap listener
+        // close(), or unsubscribe() of the channel, from a gap listener:
+        // the subscription no longer waits for this answer.
+        if (this.closed || this.subs.get(f.channel) !== sub) break;
         call(sub.handlers.onSubscribed, [recovered]);
         break;
       }
