@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -93,6 +94,9 @@ type Options struct {
 	URL string
 	// Token is a user token (JWT), sent as the "token.<jwt>" subprotocol
 	// beside "wsrelay" (not in the URL, which proxies write to their logs).
+	// A subprotocol is an HTTP token: Dial refuses a Token with a space,
+	// a control or non-ASCII character or one of ()<>@,;:\"/[]?={}, and a
+	// GetToken answer like it is an error (asked again after the backoff).
 	Token string
 	// GetToken, when set, is called for the token before the first dial
 	// and again after a 4004 (token expired) close or a 401 at the upgrade.
@@ -385,6 +389,10 @@ func Dial(opts Options) (*Client, error) {
 	if err := checkQuery(u.Query(), opts); err != nil {
 		return nil, err
 	}
+	if opts.Token != "" && !sendableToken(opts.Token) {
+		// Every dial would carry it and be refused (or not be made).
+		return nil, errors.New("client: Token " + errTokenChars)
+	}
 	if opts.MinBackoff <= 0 {
 		opts.MinBackoff = DefaultMinBackoff
 	}
@@ -666,6 +674,16 @@ func (c *Client) run() {
 				attempt++
 				continue
 			}
+			if !sendableToken(t) {
+				// Not dialled: asked again after the backoff, as after
+				// GetToken's own error.
+				c.setState(StateDisconnected, errors.New("client: get token: the token "+errTokenChars))
+				if !c.sleep(retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+					continue
+				}
+				attempt++
+				continue
+			}
 			token, freshToken = t, false
 		}
 		started := time.Now()
@@ -712,6 +730,23 @@ func (c *Client) sleep(d time.Duration) bool {
 	case <-c.ctx.Done():
 		return false
 	}
+}
+
+// errTokenChars says what a token may hold.
+const errTokenChars = "cannot be sent as the token.<token> subprotocol: it must be printable ASCII without spaces or ()<>@,;:\\\"/[]?={} (a JWT or an API key fits)"
+
+// sendableToken reports whether t can travel in the "token.<t>"
+// subprotocol: a subprotocol is an HTTP token (RFC 6455 §4.1, RFC 9110
+// tchar), and a comma would split it in two, a space or a control
+// character would have the upgrade refused. "" is no token.
+func sendableToken(t string) bool {
+	for i := 0; i < len(t); i++ {
+		b := t[i]
+		if b <= ' ' || b >= 0x7f || strings.IndexByte(`()<>@,;:\"/[]?={}`, b) >= 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // checkQuery refuses a URL query that would work against the client,

@@ -565,6 +565,71 @@ func TestTokenTravelsAsSubprotocol(t *testing.T) {
 	}
 }
 
+// TestUnsendableToken: the token travels as a subprotocol, an HTTP token
+// (RFC 6455 §4.1): a comma would split it in two, a space or a control
+// character makes a header the egress (or the client's own net/http)
+// refuses on every dial. Dial refuses such a Token; such a token from
+// GetToken is an error of GetToken's, which is asked again, and no dial
+// carries it.
+func TestUnsendableToken(t *testing.T) {
+	for _, bad := range []string{"a,b", "a b", "a\nb", "t\x00k", "tök", "(x)", "a/b", "a=b"} {
+		if _, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", Token: bad}); err == nil || !strings.Contains(err.Error(), "Token") {
+			t.Errorf("Dial with Token %q: %v", bad, err)
+		}
+	}
+	var dials atomic.Int32
+	srv := welcomeServer(t, func(r *http.Request) {
+		dials.Add(1)
+		if p := r.Header.Get("Sec-WebSocket-Protocol"); p != "wsrelay, token.x.y-z_9" {
+			t.Errorf("dialled with subprotocols %q", p)
+		}
+	})
+	var asked atomic.Int32
+	errs := make(chan error, 10)
+	c, err := Dial(Options{
+		URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws",
+		GetToken: func(context.Context) (string, error) {
+			if asked.Add(1) == 1 {
+				return "x.y z", nil
+			}
+			return "x.y-z_9", nil
+		},
+		MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		OnState: func(s State, err error) {
+			if err != nil {
+				select {
+				case errs <- err:
+				default:
+				}
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if c.State() != StateConnected {
+			return fmt.Errorf("state %v after %d tokens", c.State(), asked.Load())
+		}
+		return nil
+	})
+	if n := asked.Load(); n != 2 {
+		t.Fatalf("GetToken asked %d times, want 2", n)
+	}
+	if n := dials.Load(); n != 1 {
+		t.Fatalf("%d dials, want 1 (none with the unsendable token)", n)
+	}
+	select {
+	case err := <-errs:
+		if !strings.Contains(err.Error(), "get token") {
+			t.Fatalf("the unsendable token was reported as %v", err)
+		}
+	default:
+		t.Fatal("the unsendable token was not reported")
+	}
+}
+
 // TestURLQuery: Dial refuses a URL whose query would fight the client.
 // channels= would be subscribed by the server with no ref on every
 // connect, without resume: the client would drop its messages, a
