@@ -733,7 +733,7 @@ func (c *Client) sleep(d time.Duration) bool {
 }
 
 // errTokenChars says what a token may hold.
-const errTokenChars = "cannot be sent as the token.<token> subprotocol: it must be printable ASCII without spaces or ()<>@,;:\\\"/[]?={} (a JWT or an API key fits)"
+const errTokenChars = "cannot be sent as the token.<token> subprotocol: it must be printable ASCII without spaces or ()<>@,;:\\\"/[]?={} (a JWT fits)"
 
 // sendableToken reports whether t can travel in the "token.<t>"
 // subprotocol: a subprotocol is an HTTP token (RFC 6455 §4.1, RFC 9110

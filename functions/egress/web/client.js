@@ -63,7 +63,7 @@ const U64 = (1n << 64n) - 1n;
 // A token as the socket carries it, in the "token.<token>" subprotocol: a
 // subprotocol is an HTTP token (RFC 6455 §4.1, RFC 9110 tchar), and the
 // WebSocket constructor throws a SyntaxError for anything else (a space,
-// a comma, a non-ASCII letter). A JWT or an API key fits.
+// a comma, a non-ASCII letter). A JWT fits.
 const SOCKET_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
 /** Reports whether t can be sent as the socket's token; absent or "" is no token. */
@@ -194,7 +194,7 @@ export class WsRelay {
     this.dialUrl = dialUrl(url, opts); // throws on a URL that would fight the client
     // The WebSocket constructor would throw on every dial, for ever.
     if (!sendableToken(opts.token)) {
-      throw new TypeError("the token cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={}): a user token (JWT) or an API key");
+      throw new TypeError("the token cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={}): a user token (JWT)");
     }
     this.minBackoff = msOption(opts, "minBackoff", 500);
     this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
