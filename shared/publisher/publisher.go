@@ -610,7 +610,8 @@ const (
 	defaultConnectionsLimit = 1000
 	// maxRecordBytes is the room a reply leaves per registry record asked
 	// for: a record with 100 channels of 128 characters and its other
-	// fields takes about 13.5 KB.
+	// fields takes about 13.5 KB (100 is the egress's default
+	// MAX_SUBSCRIPTIONS; docs/clients.md says what more would need).
 	maxRecordBytes = 16 << 10
 )
 
