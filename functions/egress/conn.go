@@ -79,9 +79,13 @@ type conn struct {
 	writeDeadline int64
 
 	closeOnce sync.Once
-	closeCode int
-	byServer  bool
-	reason    string
+	// closeStarted is set as closeWith starts: the sweep then leaves the
+	// connection alone (no pings, and no goroutine per tick for a cause
+	// that matches again while the close waits for the client's reply).
+	closeStarted atomic.Bool
+	closeCode    int
+	byServer     bool
+	reason       string
 
 	// Owned by the reader goroutine.
 	fr        frameReader
@@ -423,6 +427,7 @@ func (c *conn) ping() {
 // or after WriteTimeout plus a second. 1006 closes the socket at once.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
 	c.closeOnce.Do(func() {
+		c.closeStarted.Store(true)
 		c.mu.Lock()
 		c.closing = true
 		c.closeCode, c.byServer, c.reason = code, byServer, reason

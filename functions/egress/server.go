@@ -328,6 +328,9 @@ func (s *Server) recordsLost(ctx context.Context) bool {
 
 func (s *Server) sweepConns(now time.Time) {
 	for _, c := range s.hub.snapshotConns() {
+		if c.closeStarted.Load() {
+			continue
+		}
 		if c.lifetime > 0 && now.Sub(c.openedAt) >= c.lifetime {
 			go c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
 			continue
