@@ -52,22 +52,8 @@ import (
 // rounds (default 3, about 3 s each), and WSRELAY_CLOSERACE_TRACE=1 logs
 // how each socket ended.
 func TestCloseCausesAtOnce(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("WSRELAY_CLOSERACE_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("WSRELAY_CLOSERACE_SEED: %v", err)
-		}
-		seed = v
-	}
-	rounds := 3
-	if s := os.Getenv("WSRELAY_CLOSERACE_ROUNDS"); s != "" {
-		v, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("WSRELAY_CLOSERACE_ROUNDS: %v", err)
-		}
-		rounds = v
-	}
+	seed := envUint(t, "WSRELAY_CLOSERACE_SEED", uint64(time.Now().UnixNano()))
+	rounds := int(envUint(t, "WSRELAY_CLOSERACE_ROUNDS", 3))
 	t.Logf("seed %d (WSRELAY_CLOSERACE_SEED=%d repeats the choices)", seed, seed)
 	documented := documentedCloseCodes(t)
 

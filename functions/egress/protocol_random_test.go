@@ -60,22 +60,8 @@ import (
 // seconds). For many seeds: -count=N.
 func TestProtocolRandomized(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("WSRELAY_PROTOCOL_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("WSRELAY_PROTOCOL_SEED: %v", err)
-		}
-		seed = v
-	}
-	steps := 700
-	if s := os.Getenv("WSRELAY_PROTOCOL_STEPS"); s != "" {
-		v, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("WSRELAY_PROTOCOL_STEPS: %v", err)
-		}
-		steps = v
-	}
+	seed := envUint(t, "WSRELAY_PROTOCOL_SEED", uint64(time.Now().UnixNano()))
+	steps := int(envUint(t, "WSRELAY_PROTOCOL_STEPS", 700))
 	t.Logf("seed %d (WSRELAY_PROTOCOL_SEED=%d repeats the choices)", seed, seed)
 
 	o, err := redis.ParseURL(redistest.URL(t))
@@ -1745,4 +1731,19 @@ func (cl *rndClient) checkServer(c *rndConn) {
 		// (Not while its token expired: the egress may be ending it.)
 		cl.fail("the egress disagrees with the replies, subscribed to %v: %s", want, problem)
 	}
+}
+
+// envUint is the environment variable name as a number, or def when it
+// is unset: the knobs of the randomized tests (seed, rounds, steps).
+func envUint(t *testing.T, name string, def uint64) uint64 {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	v, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return v
 }
