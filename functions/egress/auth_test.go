@@ -415,6 +415,38 @@ func TestEgressRefresh(t *testing.T) {
 	}
 }
 
+// TestRefreshAfterExpiry: a refresh that comes once the connection's
+// token has expired is refused, and the connection ends 4004, whether or
+// not the sweep has seen the expiry yet: it was accepted when the sweep
+// had not, and a sweep that had could close the connection 4004 right
+// after its "refreshed".
+func TestRefreshAfterExpiry(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+	ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}})}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	conns := e.s.hub.snapshotConns()
+	if len(conns) != 1 {
+		t.Fatalf("%d connections", len(conns))
+	}
+	// The token expires now (exp has whole seconds: a token cannot be
+	// made to expire at a chosen millisecond).
+	c := conns[0]
+	c.mu.Lock()
+	c.exp = time.Now().Add(-time.Millisecond)
+	c.mu.Unlock()
+	send(t, ws, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}}), "ref": 1})
+	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeInvalidToken || !strings.Contains(r.Message, "expired") {
+		t.Fatalf("refresh after expiry: %+v", r)
+	}
+	if code := closeCode(t, ws, 3*time.Second); code != protocol.CloseTokenExpired {
+		t.Fatalf("close %d, want %d", code, protocol.CloseTokenExpired)
+	}
+}
+
 func TestEgressOrigins(t *testing.T) {
 	t.Parallel()
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "ALLOWED_ORIGINS": "https://app.example"})

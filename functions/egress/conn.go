@@ -816,6 +816,16 @@ func (c *conn) expired(now time.Time) bool {
 	return !c.exp.IsZero() && now.After(c.exp)
 }
 
+// closeExpired closes the connection 4004 if its token has expired by
+// now: the sweep's check may have been overtaken by a refresh. Once the
+// expiry is seen here, no refresh succeeds (refresh refuses one that
+// comes after the expiry), so no "refreshed" precedes the close.
+func (c *conn) closeExpired() {
+	if c.expired(time.Now()) {
+		c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+	}
+}
+
 // refresh handles a "refresh" frame: a fresh token for the same user
 // replaces the connection's expiry and allowed channels, and is answered
 // with "refreshed". Subscriptions the new token no longer allows are
@@ -845,6 +855,13 @@ func (c *conn) refresh(req *protocol.Request) {
 	}
 	allow := sec.allowFor(claims)
 	c.mu.Lock()
+	if !c.exp.IsZero() && time.Now().After(c.exp) {
+		// Too late: the sweep closes the connection 4004, or has begun
+		// to (closeExpired), and a "refreshed" would precede that close.
+		c.mu.Unlock()
+		c.sendError(protocol.CodeInvalidToken, "the connection's token has expired: reconnect with a fresh token", req.Ref)
+		return
+	}
 	c.exp = claims.Expires
 	c.allow = allow
 	c.mu.Unlock()

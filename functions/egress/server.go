@@ -340,7 +340,7 @@ func (s *Server) sweepConns(now time.Time) {
 			continue
 		}
 		if c.expired(now) {
-			go c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+			go c.closeExpired()
 			continue
 		}
 		if now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
