@@ -201,3 +201,61 @@ func TestNetHTTPAnswers(t *testing.T) {
 		t.Fatalf("%d entries written", n)
 	}
 }
+
+// TestBodyCutShort: a body that breaks off (the client shuts down its
+// sending side before the Content-Length it promised, or before the
+// chunked body's last chunk) is 400 invalid_body and writes nothing, even
+// when the bytes that did arrive are a whole, valid message: only a body
+// that ended as framed is published.
+func TestBodyCutShort(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	addr := serveEnv(t, e)
+	for _, tc := range []struct{ name, path, body string }{
+		{"publish", "/v1/channels/cut/messages", `{"data":1}`},
+		{"batch", "/v1/messages", `{"messages":[{"channel":"cut","data":1}]}`},
+	} {
+		for _, framing := range []string{"length", "chunked"} {
+			for _, key := range []string{"", "cut-" + tc.name + "-" + framing} {
+				t.Run(tc.name+"/"+framing+"/key="+key, func(t *testing.T) {
+					head := "POST " + tc.path + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+					if key != "" {
+						head += "Idempotency-Key: " + key + "\r\n"
+					}
+					body := tc.body
+					if framing == "length" {
+						head += "Content-Length: " + strconv.Itoa(len(body)+10) + "\r\n"
+					} else {
+						head += "Transfer-Encoding: chunked\r\n"
+						body = strconv.FormatInt(int64(len(body)), 16) + "\r\n" + body + "\r\n" // no last chunk
+					}
+					conn, err := net.Dial("tcp", addr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer conn.Close()
+					_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+					if _, err := io.WriteString(conn, head+"\r\n"+body); err != nil {
+						t.Fatal(err)
+					}
+					if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+						t.Fatal(err)
+					}
+					res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+					if err != nil {
+						t.Fatalf("no response: %v", err)
+					}
+					defer res.Body.Close()
+					expectResponse(t, res, 400, "invalid_body")
+				})
+			}
+		}
+	}
+	if n := e.xlen("cut"); n != 0 {
+		t.Fatalf("%d entries written by bodies cut short", n)
+	}
+	// The keys were not used: the whole request runs.
+	if w := e.do("POST", "/v1/channels/cut/messages", `{"data":1}`, "Idempotency-Key", "cut-publish-length"); w.Code != 202 || w.Header().Get("Idempotent-Replayed") != "" {
+		t.Fatalf("the key of a request cut short: %d %s %v", w.Code, w.Body, w.Header())
+	}
+}

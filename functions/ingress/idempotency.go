@@ -82,8 +82,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.writeError(c, err)
 		return
 	}
-	if !ok {
-		s.replay(c, rkey, bodyHash)
+	if !ok && !s.replay(c, rkey, bodyHash, string(pending)) {
 		return
 	}
 	status, resp, err := write()
@@ -114,15 +113,25 @@ func (s *Server) pendingTTL() time.Duration {
 	return min(s.cfg.IdempotencyWindow, 10*s.cfg.Redis.Timeout+s.cfg.PublishWaitTimeout+5*time.Second)
 }
 
-func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
+// replay answers a request whose claim on rkey found the key taken: with
+// the stored reply, 409 or 422. It reports instead, answering nothing,
+// that the claim there is this request's own (mine): the SET's reply was
+// lost after Redis ran it and go-redis sent it again on a new connection,
+// which found the key taken. Without that check the request answered 409
+// "still being processed" for a request no longer running, and so did
+// every retry until the claim expired (pendingTTL).
+func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string) (ours bool) {
 	b, err := s.rdb.Get(c.Request.Context(), rkey).Bytes()
+	if err == nil && string(b) == mine {
+		return true
+	}
 	if errors.Is(err, redis.Nil) {
 		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key just finished; retry", RetryAfter: 1})
-		return
+		return false
 	}
 	if err != nil {
 		s.writeError(c, err)
-		return
+		return false
 	}
 	var rec idemRecord
 	if json.Unmarshal(b, &rec) != nil {
@@ -130,18 +139,19 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash string) {
 		// under the prefix): no retry mends it, the operator must.
 		s.log.Error("corrupt idempotency record", "route", c.FullPath(), "key", rkey)
 		s.writeError(c, errf(500, "internal", "corrupt idempotency record"))
-		return
+		return false
 	}
 	if rec.Body != bodyHash {
 		s.writeError(c, errf(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
-		return
+		return false
 	}
 	if rec.State != "done" {
 		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key is still being processed; retry", RetryAfter: 1})
-		return
+		return false
 	}
 	c.Header("Idempotent-Replayed", "true")
 	writeJSON(c, rec.Status, rec.Response)
+	return false
 }
 
 const jsonContentType = "application/json; charset=utf-8"

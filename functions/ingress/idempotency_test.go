@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -16,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -568,5 +571,125 @@ func TestCorruptIdempotencyRecord(t *testing.T) {
 	lines := logs.JSONLines(t)
 	if len(lines) != 1 || lines[0]["msg"] != "corrupt idempotency record" || lines[0]["key"] != recs[0] || lines[0]["level"] != "ERROR" {
 		t.Fatalf("log %v, want one error line naming %s", lines, recs[0])
+	}
+}
+
+// claimReplyDropper is a TCP proxy to a real Redis. Once armed, it lets
+// the next idempotency claim (the SET … NX of a "pending" record) reach
+// Redis and run there, then drops the reply and the connection: a
+// connection that breaks between a command and its reply, which go-redis
+// answers by sending the command again on a new connection.
+type claimReplyDropper struct {
+	ln      net.Listener
+	armed   atomic.Bool
+	dropped atomic.Int32
+	wg      sync.WaitGroup
+}
+
+func newClaimReplyDropper(t *testing.T, target string) *claimReplyDropper {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &claimReplyDropper{ln: ln}
+	var mu sync.Mutex
+	var conns []net.Conn
+	p.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			var drop atomic.Bool
+			p.wg.Go(func() { // to Redis
+				defer u.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if bytes.Contains(buf[:n], []byte(`"state":"pending"`)) && p.armed.CompareAndSwap(true, false) {
+							drop.Store(true)
+						}
+						if _, err := u.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			})
+			p.wg.Go(func() { // from Redis
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := u.Read(buf)
+					if n > 0 && drop.Load() {
+						// Redis ran the claim: its reply is lost.
+						p.dropped.Add(1)
+						u.Close()
+						return
+					}
+					if n > 0 {
+						if _, err := c.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+// TestIdempotencyClaimResent: the connection breaks after Redis has set a
+// request's claim but before its reply, and go-redis sends the claim
+// again on a new connection, where it finds the key taken (by itself).
+// The request goes on with its claim: it writes once and answers 202, and
+// its retry gets the replay; not 409 for a request that is not running,
+// and again to every retry until the claim expires.
+func TestIdempotencyClaimResent(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	p := newClaimReplyDropper(t, rs.Addr())
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.ln.Addr().String() + "/0", Timeout: time.Second}, nil, nil)
+	t.Cleanup(e.srv.Close)
+
+	const body = `{"data":"resent"}`
+	p.armed.Store(true)
+	w1 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
+	if p.dropped.Load() != 1 {
+		t.Fatal("the claim's reply was not dropped")
+	}
+	if w1.Code != 202 {
+		t.Fatalf("publish whose claim was resent: %d %s, want 202", w1.Code, w1.Body)
+	}
+	w2 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
+	if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || decode[published](t, w2) != decode[published](t, w1) {
+		t.Fatalf("retry: %d %s %v, want the replay of %s", w2.Code, w2.Body, w2.Header(), w1.Body)
+	}
+	if n := e.xlen("resent"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
 	}
 }
