@@ -3,12 +3,12 @@ package main
 import (
 	"context"
 	"math/rand/v2"
-
-	"github.com/gorilla/websocket"
 	"net/http"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/protocol"
