@@ -1,0 +1,320 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// Tests of the resume path's seam as a client sees it: a subscribe with
+// `after` gets every message after it once, in order, however the
+// replay's reads, the hub's reads and the linger sweep interleave with
+// publishing.
+
+// aroundCmd is a go-redis hook that calls before and after (either may be
+// nil) around each single command (not pipelines).
+type aroundCmd struct{ before, after func(cmd redis.Cmder) }
+
+func (h aroundCmd) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h aroundCmd) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.before != nil {
+			h.before(cmd)
+		}
+		err := next(ctx, cmd)
+		if h.after != nil {
+			h.after(cmd)
+		}
+		return err
+	}
+}
+
+func (h aroundCmd) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// publisher appends to one channel until stopped and keeps the ids in
+// order.
+type publisher struct {
+	mu   sync.Mutex
+	ids  []string
+	stop chan struct{}
+	done chan struct{}
+}
+
+func startPublisher(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, ch string, every time.Duration) *publisher {
+	t.Helper()
+	p := &publisher{stop: make(chan struct{}), done: make(chan struct{})}
+	store := stream.NewStore(rdb)
+	go func() {
+		defer close(p.done)
+		for {
+			select {
+			case <-p.stop:
+				return
+			case <-time.After(every):
+			}
+			ids, err := store.Append(context.Background(), []stream.Append{{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
+				Msg: stream.Message{Channel: ch, TS: time.Now().UnixMilli(), Data: []byte("1")}}})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			p.mu.Lock()
+			p.ids = append(p.ids, ids[0])
+			p.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { p.Stop() })
+	return p
+}
+
+// Stop stops the publisher and returns what it published. It may be
+// called more than once.
+func (p *publisher) Stop() []string {
+	select {
+	case <-p.stop:
+	default:
+		close(p.stop)
+	}
+	<-p.done
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.ids)
+}
+
+// TestResumeSeamAtEachRead: a message published right before or right
+// after one of a replay's stream reads (the first; the second of a replay
+// of two batches; the empty one that ends a replay of exactly one full
+// batch) is delivered once, in order: read from the stream, taken from
+// the live buffer merged after the replay, or both and merged by id. The
+// randomized and e2e seam tests reach these instants by chance; this one
+// at each of them.
+func TestResumeSeamAtEachRead(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		history int  // messages after the resume position
+		read    int  // the replay's read (1-based) the publish lands beside
+		before  bool // before that read, else after it
+	}{
+		{"before the first read", 2, 1, true},
+		{"after the first read", 2, 1, false},
+		{"before the second read", replayBatch + 10, 2, true},
+		{"after the second read", replayBatch + 10, 2, false},
+		{"after the empty read ending a full batch", replayBatch, 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("seam")
+			ids := make([]string, 0, tc.history+1)
+			for i := range tc.history + 1 {
+				ids = append(ids, appendTo(t, rdb, ks, "seam", ks.Notify("seam"), i))
+			}
+			// The hub reads the stream only to fill a gap, which there
+			// is none of: every XRANGE of it is the replay's.
+			var reads atomic.Int64
+			landed := make(chan string, 1)
+			publish := func(cmd redis.Cmder) {
+				if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key && reads.Add(1) == int64(tc.read) {
+					got, err := stream.NewStore(rdb).Append(context.Background(), []stream.Append{{Stream: key, Notify: ks.Notify("seam"),
+						Msg: stream.Message{Channel: "seam", TS: time.Now().UnixMilli(), Data: []byte("0")}}})
+					if err != nil {
+						t.Error(err)
+						got = []string{""}
+					}
+					landed <- got[0]
+				}
+			}
+			h := aroundCmd{after: publish}
+			if tc.before {
+				h = aroundCmd{before: publish}
+			}
+			rdb.AddHook(h)
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+
+			ws := resumeOn(t, e, "seam", ids[0])
+			if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+				t.Fatalf("recovered %v, want true", r.Recovered)
+			}
+			var raced string
+			select {
+			case raced = <-landed:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("the replay made fewer than %d reads", tc.read)
+			}
+			last := appendTo(t, rdb, ks, "seam", ks.Notify("seam"), -1) // live
+			want := append(slices.Clone(ids[1:]), raced, last)
+			got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
+			if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
+				got = append(got, more...) // a duplicate would come now
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("got %d messages (…%v, close %d), want %d (…%v) once each in order",
+					len(got), got[max(0, len(got)-3):], code, len(want), want[len(want)-3:])
+			}
+		})
+	}
+}
+
+// TestLingerSweepRacesResubscribe: a client unsubscribes from a busy
+// channel and subscribes again (live, or resuming from the last id it
+// got) while the linger sweep drops the channel, which nobody here
+// listens to for that instant: the sweep's SUNSUBSCRIBE, its check for a
+// channel acquired again meanwhile, and the new subscription's SSUBSCRIBE
+// and position read interleave differently each round. Each subscription
+// gets the channel's messages after its position, none missing, none
+// twice, and each resume is recovered.
+func TestLingerSweepRacesResubscribe(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t) // its own, to count the sweep's SUNSUBSCRIBEs
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { rdb.Close() })
+	prefix := redistest.Prefix(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0"})
+	pub := startPublisher(t, rdb, ks, "busy", 100*time.Microsecond)
+	ws, _, err := e.dial(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, "welcome")
+	before := commandCalls(t, rdb)
+
+	type run struct {
+		position string
+		ids      []string
+	}
+	var runs []run
+	last := ""
+	const rounds = 150
+	for i := range rounds {
+		req := map[string]any{"type": "subscribe", "channel": "busy", "ref": i}
+		if last != "" && i%2 == 0 {
+			req["after"] = last
+		}
+		var sweep sync.WaitGroup
+		if i > 0 { // unsubscribed: the channel is idle here
+			sweep.Go(func() {
+				time.Sleep(time.Duration(i%7) * 50 * time.Microsecond)
+				e.s.hub.sweepIdle(context.Background(), time.Now().Add(2*linger))
+			})
+		}
+		send(t, ws, req)
+		r := next(t, ws, "subscribed")
+		sweep.Wait()
+		if _, resumed := req["after"]; resumed && (r.Recovered == nil || !*r.Recovered || r.Position != last) {
+			t.Fatalf("round %d: resume after %s: recovered %v, position %s", i, last, r.Recovered, r.Position)
+		}
+		got, code := readMessages(ws, 5*time.Second, func(string) bool { return true })
+		for len(got) < 5 && code == 0 {
+			var more []string
+			more, code = readMessages(ws, 5*time.Second, func(string) bool { return true })
+			got = append(got, more...)
+		}
+		if code != 0 {
+			t.Fatalf("round %d: got %v, then close %d", i, got, code)
+		}
+		runs = append(runs, run{r.Position, got})
+		last = got[len(got)-1]
+		send(t, ws, map[string]any{"type": "unsubscribe", "channel": "busy"})
+		next(t, ws, "unsubscribed")
+	}
+	ids := pub.Stop()
+	for i, r := range runs {
+		from := 0
+		if r.position != stream.Zero.String() {
+			if from = slices.Index(ids, r.position) + 1; from == 0 {
+				t.Fatalf("round %d: position %s was never published", i, r.position)
+			}
+		}
+		if want := ids[from:min(len(ids), from+len(r.ids))]; !slices.Equal(r.ids, want) {
+			t.Fatalf("round %d: after %s got %v, want %v", i, r.position, r.ids, want)
+		}
+	}
+	// The race was run: the sweep dropped the channel in some rounds.
+	if n := commandCalls(t, rdb)["sunsubscribe"] - before["sunsubscribe"]; n == 0 {
+		t.Fatalf("the sweep never dropped the channel in %d rounds", rounds)
+	} else {
+		t.Logf("%d rounds, the channel dropped by the sweep in %d", rounds, n)
+	}
+}
+
+// TestResumeWhileCatchUpStalled: the hub's read of a channel's gap fails
+// and is retried (stall) while a client resumes the channel. The client's
+// replay, read on its own, is whole; when the hub's read comes back it
+// delivers the messages the replay already gave that client to the
+// channel's older subscriber only, and what was published meanwhile to
+// both, once each.
+func TestResumeWhileCatchUpStalled(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("s")
+	var failFrom atomic.Value // the hub's reads of the gap start at this id
+	failFrom.Store("")
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		a := cmd.Args()
+		return strings.EqualFold(cmd.Name(), "xrange") && len(a) > 2 && a[1] == key && a[2] == failFrom.Load()
+	}})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	start := appendTo(t, rdb, ks, "s", ks.Notify("s"), 0)
+	old, _ := subscribedTo(t, e, "s")
+	ids := []string{appendTo(t, rdb, ks, "s", ks.Notify("s"), 1)}
+	if got, code := readMessages(old, 5*time.Second, func(string) bool { return true }); !slices.Equal(got, ids) {
+		t.Fatalf("first message: %v (close %d), want %v", got, code, ids)
+	}
+	failFrom.Store(ids[0])
+	for i := 2; i <= 3; i++ { // their notifications are lost
+		ids = append(ids, appendTo(t, rdb, ks, "s", ks.Notify("s")+"-lost", i))
+	}
+	ids = append(ids, appendTo(t, rdb, ks, "s", ks.Notify("s"), 4)) // shows the gap
+	testkit.Eventually(t, 3*time.Second, func() error {
+		if e.s.hub.stalling.Load() == 0 {
+			return errors.New("the hub's read of the gap has not stalled")
+		}
+		return nil
+	})
+
+	resumed := resumeOn(t, e, "s", start)
+	if r := next(t, resumed, "subscribed"); r.Recovered == nil || !*r.Recovered {
+		t.Fatalf("resume after %s: recovered %v, want true", start, r.Recovered)
+	}
+	if got, code := readMessages(resumed, 5*time.Second, func(id string) bool { return id == ids[3] }); !slices.Equal(got, ids) {
+		t.Fatalf("replay: %v (close %d), want %v", got, code, ids)
+	}
+	replayed := len(ids)
+	ids = append(ids, appendTo(t, rdb, ks, "s", ks.Notify("s"), 5)) // set aside by the stalled hub
+	failFrom.Store("")
+	ids = append(ids, appendTo(t, rdb, ks, "s", ks.Notify("s"), 6))
+	last := ids[len(ids)-1]
+	for _, c := range []struct {
+		name string
+		ws   *websocket.Conn
+		want []string
+	}{{"older subscriber", old, ids[1:]}, {"resumed subscriber", resumed, ids[replayed:]}} {
+		got, code := readMessages(c.ws, 5*time.Second, func(id string) bool { return id == last })
+		if more, _ := readMessages(c.ws, 200*time.Millisecond, nil); len(more) > 0 {
+			got = append(got, more...) // a duplicate would come now
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: got %v (close %d), want %v once each", c.name, got, code, c.want)
+		}
+	}
+}
