@@ -82,7 +82,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.writeError(c, err)
 		return
 	}
-	if !ok && !s.replay(c, rkey, bodyHash, string(pending)) {
+	if !ok && !s.replay(c, rkey, bodyHash, string(pending), until) {
 		return
 	}
 	status, resp, err := write()
@@ -119,8 +119,9 @@ func (s *Server) pendingTTL() time.Duration {
 // lost after Redis ran it and go-redis sent it again on a new connection,
 // which found the key taken. Without that check the request answered 409
 // "still being processed" for a request no longer running, and so did
-// every retry until the claim expired (pendingTTL).
-func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string) (ours bool) {
+// every retry until the claim expired (pendingTTL). until is when the
+// claim expires.
+func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string, until time.Time) (ours bool) {
 	b, err := s.rdb.Get(c.Request.Context(), rkey).Bytes()
 	if err == nil && string(b) == mine {
 		return true
@@ -130,6 +131,10 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string) (ours bool)
 		return false
 	}
 	if err != nil {
+		// What the claim found is unknown: it may be this request's own
+		// (a resent claim), which nothing else would free before it
+		// expires. Freed only if it is.
+		s.claims.later(rkey, mine, until)
 		s.writeError(c, err)
 		return false
 	}

@@ -511,6 +511,71 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 	}
 }
 
+// resentClaimThenFail is a Redis, while on, whose idempotency claim (SET
+// NX) runs but answers "taken", as a resend of a claim whose reply was
+// lost does, and whose next GET (the request reading the record it
+// found) fails without running.
+type resentClaimThenFail struct{ on, resent *atomic.Bool }
+
+func (h resentClaimThenFail) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h resentClaimThenFail) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.on.Load() && h.resent.Load() && cmd.Name() == "get" {
+			h.on.Store(false)
+			cmd.SetErr(redistest.ErrFailed)
+			return redistest.ErrFailed
+		}
+		err := next(ctx, cmd)
+		if b, ok := cmd.(*redis.BoolCmd); ok && err == nil && h.on.Load() && cmd.Name() == "set" && cmd.Args()[len(cmd.Args())-1] == "nx" {
+			b.SetVal(false)
+			h.resent.Store(true)
+		}
+		return err
+	}
+}
+
+func (h resentClaimThenFail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestIdempotencyResentClaimUnread: a resent claim found its own first
+// sending, and the read of what it found failed: the request answers 503
+// and frees its claim, as when the claim's own reply is lost, so that the
+// retry runs at once instead of getting 409 until the claim expires.
+func TestIdempotencyResentClaimUnread(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on, resent atomic.Bool
+	rdb.AddHook(resentClaimThenFail{on: &on, resent: &resent})
+	ks := keys.Scheme{Prefix: prefix}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+
+	on.Store(true)
+	expectError(t, e.do("POST", "/v1/channels/u/messages", `{"data":1}`, "Idempotency-Key", "k"), 503, "unavailable")
+	if !resent.Load() || on.Load() {
+		t.Fatal("the claim was not resent, or the read after it did not fail")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+		if err == nil && len(claims) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("claims left %v %v, want none", claims, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if w := e.do("POST", "/v1/channels/u/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
+		t.Fatalf("retry: %d %s", w.Code, w.Body)
+	}
+	if n := e.xlen("u"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}
+
 // isDone reports the value of an Idempotency-Key's result record.
 func isDone(v any) bool {
 	b, ok := v.([]byte)
