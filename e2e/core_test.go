@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"testing"
@@ -135,6 +136,50 @@ func TestTargetedSends(t *testing.T) {
 	}
 	if n := len(a1.messages("")); n != 1 {
 		t.Fatalf("a1 got %d messages, want 1", n)
+	}
+}
+
+// TestTargetedNamesAtTheLimits: a user id of the full 128 characters,
+// made of every character the rule allows besides letters and digits
+// (:@.-_, a leading one too), is addressed as any other: given to the
+// egress in the query and to the ingress in the path, its two sockets on
+// one instance and one on another each get a send to the user once, and
+// the user whose id is one character shorter (a prefix of it) gets
+// nothing, nor the other way round.
+func TestTargetedNamesAtTheLimits(t *testing.T) {
+	c := startCluster(t, redistest.URL(t), nil)
+	long := strings.Repeat("-:@._Zz9", 16) // 128
+	short := long[:127]
+	q := func(u string) string { return "user=" + url.QueryEscape(u) }
+	l1 := dial(t, c.egress[0].wsURL(q(long)))
+	l2 := dial(t, c.egress[0].wsURL(q(long)))
+	l3 := dial(t, c.egress[1].wsURL(q(long)))
+	s1 := dial(t, c.egress[0].wsURL(q(short)))
+	if l1.welcome.User != long || s1.welcome.User != short {
+		t.Fatalf("welcome users %q, %q", l1.welcome.User, s1.welcome.User)
+	}
+	var list connList
+	if st := getJSON(t, c.ingress[0].URL+"/v1/users/"+long+"/connections", &list); st != 200 || len(list.Connections) != 3 {
+		t.Fatalf("the long user's connections: %d %+v", st, list)
+	}
+	var res map[string]any
+	if st := post(t, c.ingress[0].URL+"/v1/users/"+long+"/messages", map[string]any{"data": "long"}, &res); st != 202 || res["connections"] != 3.0 || res["user"] != long {
+		t.Fatalf("to the long user: %d %v", st, res)
+	}
+	if st := post(t, c.ingress[1].URL+"/v1/users/"+short+"/messages", map[string]any{"data": "short"}, &res); st != 202 || res["connections"] != 1.0 {
+		t.Fatalf("to the shorter user: %d %v", st, res)
+	}
+	if st := post(t, c.ingress[1].URL+"/v1/connections/"+l2.welcome.ConnectionID+"/messages", map[string]any{"data": "l2"}, &res); st != 202 {
+		t.Fatalf("to l2: %d %v", st, res)
+	}
+	exactlyOnce(t, "user", `"long"`, l1, l2, l3)
+	exactlyOnce(t, "user", `"short"`, s1)
+	exactlyOnce(t, "connection", `"l2"`, l2)
+	for _, cl := range []*wsClient{l1, l2, l3, s1} {
+		want := 1 + map[*wsClient]int{l2: 1}[cl]
+		if n := len(cl.messages("")); n != want {
+			t.Errorf("%s got %d messages, want %d: %+v", cl.welcome.ConnectionID, n, want, cl.messages(""))
+		}
 	}
 }
 

@@ -104,7 +104,8 @@ func exactlyOnce(t *testing.T, target, data string, cls ...*wsClient) {
 // TestTargetedAcrossFailures: a user with a socket on each of three
 // egress instances gets each send to the user once on each socket, before
 // and after one instance is killed (its records linger at most
-// REGISTRY_TTL; what is written to its inbox expires), after another is
+// REGISTRY_TTL, and a send to one of its connections is 202 until then,
+// 404 after; what is written to its inbox expires), after another is
 // drained (its records go at once), and after Redis restarts empty (the
 // survivor registers its sockets again). A send to a connection that
 // moved to another instance (a new id) is 404; presence never lists a
@@ -121,8 +122,16 @@ func TestTargetedAcrossFailures(t *testing.T) {
 	// SIGKILL egress 2: its record lingers (the send is accepted and
 	// counted, written to its inbox), then goes within REGISTRY_TTL.
 	dead := cls[2].welcome.Instance
+	deadConn := r.in.URL + "/v1/connections/" + cls[2].welcome.ConnectionID
 	r.eg[2].kill()
 	killed := time.Now()
+	// A send to a connection of the dead instance is accepted too, and
+	// lost, while its record lingers (docs/api.md): the ingress cannot
+	// tell a dead instance from a live one whose Pub/Sub connection is
+	// being replaced, which catches its inbox up.
+	if st := postQuiet(deadConn+"/messages", map[string]any{"data": "to the dead"}, nil); st != 202 {
+		t.Fatalf("send to a connection of the killed instance: %d, want 202 while its record lingers", st)
+	}
 	if st, n := r.toUser("ann", 2); st != 202 || n != 3 {
 		t.Fatalf("send right after the kill: %d, %d connections (want 3: the record lingers)", st, n)
 	}
@@ -137,6 +146,9 @@ func TestTargetedAcrossFailures(t *testing.T) {
 		}
 		if p := r.presence("room"); len(p) != 2 || p[cls[2].welcome.ConnectionID] {
 			return fmt.Errorf("presence %v", p)
+		}
+		if st := postQuiet(deadConn+"/messages", map[string]any{"data": "probe"}, nil); st != 404 {
+			return fmt.Errorf("send to the killed instance's connection: %d", st)
 		}
 		return nil
 	})
