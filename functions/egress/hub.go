@@ -103,6 +103,10 @@ type hub struct {
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
 	gaps atomic.Int64
+	// undelivered counts targeted messages for a connection or user this
+	// instance no longer holds (it closed or moved after the ingress read
+	// the registry): answered 202, delivered nowhere (metrics).
+	undelivered atomic.Int64
 	// refreshDue asks the maintenance loop for a registry refresh now:
 	// set when Redis confirms a subscription again (its connection came
 	// back), since a Redis that restarted empty, or that was out of reach
@@ -568,9 +572,11 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		h.mu.Lock()
 		c := h.conns[route.Target()]
 		h.mu.Unlock()
-		if c != nil {
-			c.enqueue(q)
+		if c == nil {
+			h.undelivered.Add(1)
+			break
 		}
+		c.enqueue(q)
 	case stream.RouteUser:
 		h.mu.Lock()
 		var targets []*conn
@@ -578,6 +584,9 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			targets = append(targets, c)
 		}
 		h.mu.Unlock()
+		if len(targets) == 0 {
+			h.undelivered.Add(1)
+		}
 		for _, c := range targets {
 			c.enqueue(q)
 		}

@@ -45,6 +45,7 @@ func newMetrics(h *hub) *metrics {
 		vm.WriteCounterUint64(w, "wsrelay_egress_redis_errors_total", uint64(h.redisErrors.Load()))
 		vm.WriteCounterUint64(w, "wsrelay_egress_redis_resubscribes_total", uint64(h.reconnects.Load()))
 		vm.WriteCounterUint64(w, "wsrelay_egress_stream_gaps_total", uint64(h.gaps.Load()))
+		vm.WriteCounterUint64(w, "wsrelay_egress_targeted_undelivered_total", uint64(h.undelivered.Load()))
 	})
 	return m
 }

@@ -485,3 +485,49 @@ func refusalEnd(t *testing.T, e *secEgress, logs *testkit.SyncBuffer) []map[stri
 	}
 	return closed
 }
+
+// TestTargetedUndeliveredCounted: a targeted message for a connection or
+// a user this instance no longer holds (it closed, or moved, between the
+// ingress's registry read and the delivery) is dropped, and counted
+// (wsrelay_egress_targeted_undelivered_total): it was answered 202.
+func TestTargetedUndeliveredCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	gone, _, err := e.dial(t, url.Values{"user": {"gone"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goneID := next(t, gone, "welcome").ConnectionID
+	live, _, err := e.dial(t, url.Values{"user": {"live"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveID := next(t, live, "welcome").ConnectionID
+	gone.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if n := len(e.s.hub.snapshotConns()); n != 1 {
+			return fmt.Errorf("%d connections", n)
+		}
+		return nil
+	})
+	store := stream.NewStore(rdb)
+	var as []stream.Append
+	for _, r := range []stream.Route{stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("nobody"), stream.ToConnection(liveID)} {
+		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}})
+	}
+	if _, err := store.Append(t.Context(), as); err != nil {
+		t.Fatal(err)
+	}
+	next(t, live, "message") // the last: the inbox was read through
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != "3" {
+		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
+	}
+}
