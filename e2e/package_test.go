@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -141,7 +142,11 @@ func unzip(t *testing.T, zipPath, dir string, want []string) {
 	}
 }
 
-// runBootstrap starts dir/scf_bootstrap and waits for /healthz.
+// runBootstrap starts dir/scf_bootstrap as SCF would, from another
+// working directory, waits for /healthz, then sends SIGTERM to the process
+// it started: through scf_bootstrap's exec, the function itself, which
+// must stop as it does on SIGTERM ("stopped", status 0). Without the exec,
+// bash would die of the signal and leave the function running.
 func runBootstrap(t *testing.T, dir, redisURL string) {
 	t.Helper()
 	port, err := redistest.FreePort()
@@ -149,8 +154,8 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 		t.Fatal(err)
 	}
 	var logs testkit.SyncBuffer
-	cmd := exec.Command("./scf_bootstrap")
-	cmd.Dir = dir
+	cmd := exec.Command(filepath.Join(dir, "scf_bootstrap"))
+	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(),
 		"SCF_PORT_OVERRIDE="+strconv.Itoa(port),
 		"REDIS_URL="+redisURL,
@@ -158,13 +163,18 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 		"ALLOW_ANONYMOUS=true",
 	)
 	cmd.Stdout, cmd.Stderr = &logs, &logs
+	// A group of its own, so that the cleanup also ends a function that a
+	// bootstrap without exec left behind; and Wait returns when the
+	// process it started exits, though such a function holds its output.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill() // exec in scf_bootstrap: this is the function itself
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-exited
 		if t.Failed() {
 			t.Logf("logs:\n%s", logs.String())
@@ -179,4 +189,22 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 		}
 		return httpStatus("http://127.0.0.1:"+strconv.Itoa(port)+"/healthz", 200)
 	})
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err
+		if err != nil {
+			t.Fatalf("after SIGTERM: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("still running 20s after SIGTERM")
+	}
+	if !strings.Contains(logs.String(), `"msg":"stopped"`) {
+		t.Fatalf("exited without its stopped line: SIGTERM did not reach the function")
+	}
+	if httpStatus("http://127.0.0.1:"+strconv.Itoa(port)+"/healthz", 200) == nil {
+		t.Fatal("the function still answers after its scf_bootstrap exited")
+	}
 }

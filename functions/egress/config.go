@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
@@ -154,6 +155,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
 	}
+	if c.IngressURL != "" && !validIngressURL(c.IngressURL) {
+		// Not quoted: a URL with user information holds a password.
+		errs = append(errs, errors.New("INGRESS_URL must be an http:// or https:// URL with a host and no user name, password, query or fragment (e.g. https://api.example.com; empty: the demo page's own origin)"))
+	}
 	if err := origin.Validate(c.AllowedOrigins); err != nil {
 		errs = append(errs, err)
 	}
@@ -162,4 +167,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		return c, fmt.Errorf("configuration: %w", config.Join(errs...))
 	}
 	return c, nil
+}
+
+// validIngressURL reports whether s can prefix the demo page's requests
+// (s + "/v1/…"): an absolute http(s) URL with a host and at most a path.
+// Without a scheme the page's requests would go to a path of the egress;
+// user information would be shown to every visitor of the page.
+func validIngressURL(s string) bool {
+	u, err := url.Parse(s)
+	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" &&
+		u.User == nil && u.RawQuery == "" && !u.ForceQuery && u.Fragment == "" && u.Opaque == ""
 }

@@ -45,11 +45,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer rdb.Close()
-	_, waitDebug, err := debugserver.Start(ctx, cfg.DebugAddr, log)
+	_, stopDebug, err := debugserver.Start(ctx, cfg.DebugAddr, log)
 	if err != nil {
 		return fmt.Errorf("DEBUG_ADDR: %w", err)
 	}
-	defer waitDebug()
+	defer stopDebug()
 	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)

@@ -50,11 +50,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	defer rdb.Close()
 
-	_, waitDebug, err := debugserver.Start(ctx, cfg.DebugAddr, log)
+	_, stopDebug, err := debugserver.Start(ctx, cfg.DebugAddr, log)
 	if err != nil {
 		return fmt.Errorf("DEBUG_ADDR: %w", err)
 	}
-	defer waitDebug()
+	defer stopDebug()
 
 	srv := NewServer(cfg, log, rdb, keys.Scheme{Prefix: cfg.Redis.KeyPrefix})
 	defer srv.Close() // before rdb.Close

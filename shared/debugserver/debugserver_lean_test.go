@@ -14,9 +14,9 @@ func TestLeanBuildRefusesAnAddress(t *testing.T) {
 	if _, _, err := Start(t.Context(), "127.0.0.1:0", log); !errors.Is(err, ErrNotBuilt) {
 		t.Fatalf("Start with an address in a lean build: %v, want ErrNotBuilt", err)
 	}
-	addr, wait, err := Start(t.Context(), "", log)
+	addr, stop, err := Start(t.Context(), "", log)
 	if err != nil || addr != "" {
 		t.Fatalf("Start without an address: %q, %v", addr, err)
 	}
-	wait()
+	stop()
 }

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -83,7 +84,10 @@ func (c Config) Validate() error {
 		for i, a := range strings.Split(c.ClusterAddrs, ",") {
 			// "@" or "/" in the host: a password or a URL, which the dial
 			// error (logged) would quote.
-			if h, p, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil || h == "" || p == "" || strings.ContainsAny(h, "@/") {
+			// A port that is not a number (the docs' "host:port" copied as
+			// it is) would start, and every dial fail.
+			h, p, err := net.SplitHostPort(strings.TrimSpace(a))
+			if n, perr := strconv.Atoi(p); err != nil || h == "" || perr != nil || n < 1 || n > 65535 || strings.ContainsAny(h, "@/") {
 				// By position: an entry pasted as a URL may hold a password.
 				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: entry %d is not host:port", i+1))
 			}

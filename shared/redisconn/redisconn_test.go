@@ -54,6 +54,12 @@ func TestValidate(t *testing.T) {
 		{"cluster addr with a path", Config{ClusterAddrs: "h/x:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 1"}, ""},
 		{"cluster IPv6", Config{ClusterAddrs: "[::1]:7000,[fe80::1%eth0]:7001", Timeout: time.Second}, nil, ""},
 		{"cluster IPv6 without brackets", Config{ClusterAddrs: "::1:7000", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
+		// The docs' placeholder, or a port number with a typo: it would
+		// start, and every dial fail.
+		{"cluster port not a number", Config{ClusterAddrs: "a:1,h:port", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, ""},
+		{"cluster port 0", Config{ClusterAddrs: "h:0", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 1"}, ""},
+		{"cluster port above 65535", Config{ClusterAddrs: "h:65536", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 1"}, ""},
+		{"cluster port 65535", Config{ClusterAddrs: "h:65535", Timeout: time.Second}, nil, ""},
 		{"cluster empty entry", Config{ClusterAddrs: "a:1,,b:2", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, ""},
 		{"IPv6", Config{URL: "redis://[::1]:6379/0", Timeout: time.Second}, nil, ""},
 		{"unix socket", Config{URL: "unix:///run/redis.sock?db=2", Timeout: time.Second}, nil, ""},
