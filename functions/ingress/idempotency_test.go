@@ -491,18 +491,7 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 	on.Store(true)
 	expectError(t, e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"), 503, "unavailable")
 	on.Store(false)
-	// Freed from the background, well before the claim's 15.5 s expiry.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
-		if err == nil && len(claims) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("claims left %v %v, want none", claims, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitClaimsFreed(t, rdb, prefix)
 	if w := e.do("POST", "/v1/channels/p/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
 		t.Fatalf("retry: %d %s", w.Code, w.Body)
 	}
@@ -557,22 +546,30 @@ func TestIdempotencyResentClaimUnread(t *testing.T) {
 	if !resent.Load() || on.Load() {
 		t.Fatal("the claim was not resent, or the read after it did not fail")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
-		if err == nil && len(claims) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("claims left %v %v, want none", claims, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitClaimsFreed(t, rdb, prefix)
 	if w := e.do("POST", "/v1/channels/u/messages", `{"data":1}`, "Idempotency-Key", "k"); w.Code != 202 {
 		t.Fatalf("retry: %d %s", w.Code, w.Body)
 	}
 	if n := e.xlen("u"); n != 1 {
 		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}
+
+// waitClaimsFreed waits for every Idempotency-Key claim under prefix to
+// be gone: freed from the background, well before a claim's 15.5 s
+// expiry.
+func waitClaimsFreed(t *testing.T, rdb redis.UniversalClient, prefix string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		claims, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+		if err == nil && len(claims) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("claims left %v %v, want none", claims, err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
