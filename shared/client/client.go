@@ -663,21 +663,16 @@ func (c *Client) run() {
 		c.setState(StateConnecting, nil)
 		if freshToken {
 			t, err := c.opts.GetToken(c.ctx)
+			if err == nil && !sendableToken(t) {
+				// Not dialled: asked again after the backoff, as after
+				// GetToken's own error.
+				err = errors.New("the token " + errTokenChars)
+			}
 			if err != nil {
 				if c.ctx.Err() != nil {
 					continue
 				}
 				c.setState(StateDisconnected, fmt.Errorf("client: get token: %w", err))
-				if !c.sleep(retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
-					continue
-				}
-				attempt++
-				continue
-			}
-			if !sendableToken(t) {
-				// Not dialled: asked again after the backoff, as after
-				// GetToken's own error.
-				c.setState(StateDisconnected, errors.New("client: get token: the token "+errTokenChars))
 				if !c.sleep(retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
 					continue
 				}

@@ -65,6 +65,8 @@ const U64 = (1n << 64n) - 1n;
 // WebSocket constructor throws a SyntaxError for anything else (a space,
 // a comma, a non-ASCII letter). A JWT fits.
 const SOCKET_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+// SOCKET_TOKEN in words, for the errors that refuse a token.
+const SOCKET_TOKEN_RULE = "cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={})";
 
 /** Reports whether t can be sent as the socket's token; absent or "" is no token. */
 function sendableToken(t) {
@@ -194,7 +196,7 @@ export class WsRelay {
     this.dialUrl = dialUrl(url, opts); // throws on a URL that would fight the client
     // The WebSocket constructor would throw on every dial, for ever.
     if (!sendableToken(opts.token)) {
-      throw new TypeError("the token cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={}): a user token (JWT)");
+      throw new TypeError("the token " + SOCKET_TOKEN_RULE + ": a user token (JWT)");
     }
     this.minBackoff = msOption(opts, "minBackoff", 500);
     this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
@@ -490,7 +492,7 @@ export class WsRelay {
         // The WebSocket constructor would throw; needToken stays set, so
         // the next attempt asks again rather than dial with it for ever.
         if (!sendableToken(token)) {
-          throw new TypeError("getToken gave a token that cannot be sent as a WebSocket subprotocol (printable ASCII without spaces or ()<>@,;:\\\"/[]?={})");
+          throw new TypeError("getToken gave a token that " + SOCKET_TOKEN_RULE);
         }
         this.token = token ?? "";
         this.needToken = false;
@@ -675,12 +677,13 @@ const EVENT = /^[\x20-\x7e]{0,64}$/;
 // Date.parse alone takes "-1", "1.5" or "Mon 5" for dates in 2001: a wait
 // of 0, where Go's publisher sees no Retry-After (and a 429 without one is
 // final).
+const DAY = "(Mon|Tue|Wed|Thu|Fri|Sat|Sun)";
 const MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)";
 const CLOCK = "\\d\\d:\\d\\d:\\d\\d";
 const HTTP_DATE = new RegExp(
-  "^(?:(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \\d\\d " + MONTH + " \\d{4} " + CLOCK + " GMT" +
+  "^(?:" + DAY + ", \\d\\d " + MONTH + " \\d{4} " + CLOCK + " GMT" +
   "|(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), \\d\\d-" + MONTH + "-\\d\\d " + CLOCK + " GMT" +
-  "|(Mon|Tue|Wed|Thu|Fri|Sat|Sun) " + MONTH + " [ \\d]\\d " + CLOCK + " \\d{4})$");
+  "|" + DAY + " " + MONTH + " [ \\d]\\d " + CLOCK + " \\d{4})$");
 
 /** A response's Retry-After in ms (seconds or an HTTP date, capped), or null. */
 function retryAfterMs(h) {
