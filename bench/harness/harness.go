@@ -121,36 +121,42 @@ func FreePort() (int, error) {
 // Binaries are the built functions.
 type Binaries struct {
 	Ingress, Egress string
-	EgressLean      string // empty unless Build was asked for it
+	EgressLean      string // empty unless Build was asked for the bench's extras
+	Floor           string // likewise: cmd/floor, S5's yardstick
 }
 
-// Build builds bin/bench/ingress, bin/bench/egress and, with lean,
-// bin/bench/egress-lean from the repository root the way `make package`
-// builds what ships to SCF (static, trimmed, stripped; the lean egress
-// with -tags wsrelay_lean, as `make package LEAN=1`), so memory and
-// start-up figures are the deployed binaries'.
-func Build(root string, lean bool) (Binaries, error) {
+// Build builds bin/bench/ingress and bin/bench/egress from the repository
+// root the way `make package` builds what ships to SCF (static, trimmed,
+// stripped), so memory and start-up figures are the deployed binaries'.
+// With extras it also builds bin/bench/egress-lean (-tags wsrelay_lean,
+// as `make package LEAN=1`, for S6) and bin/bench/floor (cmd/floor, a
+// bare net/http server built the same way, for S5).
+func Build(root string, extras bool) (Binaries, error) {
 	bin := filepath.Join(root, "bin", "bench")
-	targets := []struct{ fn, out, tags string }{
+	type target struct{ dir, pkg, out, tags string }
+	targets := []target{
 		// The Makefile's TAGS_ingress and TAGS_egress (+ LEAN_TAG).
-		{"ingress", "ingress", "nomsgpack,nethttpomithttp2"},
-		{"egress", "egress", "nethttpomithttp2"},
+		{"functions/ingress", ".", "ingress", "nomsgpack,nethttpomithttp2"},
+		{"functions/egress", ".", "egress", "nethttpomithttp2"},
 	}
-	if lean {
-		targets = append(targets, struct{ fn, out, tags string }{"egress", "egress-lean", "nethttpomithttp2,wsrelay_lean"})
+	if extras {
+		targets = append(targets,
+			target{"functions/egress", ".", "egress-lean", "nethttpomithttp2,wsrelay_lean"},
+			target{"bench", "./cmd/floor", "floor", "nethttpomithttp2"})
 	}
 	for _, b := range targets {
-		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), ".")
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), b.pkg)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		cmd.Dir = filepath.Join(root, "functions", b.fn)
+		cmd.Dir = filepath.Join(root, filepath.FromSlash(b.dir))
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
 			return Binaries{}, fmt.Errorf("build %s: %w", b.out, err)
 		}
 	}
 	bs := Binaries{Ingress: filepath.Join(bin, "ingress"), Egress: filepath.Join(bin, "egress")}
-	if lean {
+	if extras {
 		bs.EgressLean = filepath.Join(bin, "egress-lean")
+		bs.Floor = filepath.Join(bin, "floor")
 	}
 	return bs, nil
 }
@@ -258,6 +264,23 @@ func (e *Env) StartFunction(bin, prefix string, extra ...string) (*Proc, time.Du
 		vars = append(vars, "DEBUG_ADDR=127.0.0.1:0")
 	}
 	return StartReady(bin, nil, append(vars, RuntimeVars()...), port, "/readyz", logf)
+}
+
+// StartFloor starts bin/bench/floor and waits for /readyz, as
+// StartFunction does for a function: the time from exec to the first 200
+// of a server that does nothing else.
+func (e *Env) StartFloor() (*Proc, time.Duration, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, 0, err
+	}
+	logf, err := os.OpenFile(filepath.Join(e.LogDir, "floor.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer logf.Close()
+	vars := []string{"PATH=" + os.Getenv("PATH"), "PORT=" + strconv.Itoa(port)}
+	return StartReady(e.Floor, nil, append(vars, RuntimeVars()...), port, "/readyz", logf)
 }
 
 // RuntimeVars are the Go runtime settings given to the command, which

@@ -70,6 +70,7 @@ var rows = []row{
 	{"S4 ingest only", "pub fail", "0", "", 0},
 	{"S5 cold start", "ingress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "egress ms", "≤ 10", "56", 1},
+	{"S5 cold start", "floor ms", "", "", 1},
 	{"S6 1 conn/instance", "lean RSS MiB", "≤ 10", "—", 1},
 	{"S6 1 conn/instance", "anon MiB", "", "—", 1},
 	{"S6 1 conn/instance", "default RSS MiB", "", "—", 1},

@@ -270,7 +270,9 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 	return r, nil
 }
 
-// s5: exec to the first 200 on /readyz, median of reps starts.
+// s5: exec to the first 200 on /readyz, median of reps starts, for each
+// function and, in wsrelay's runs, for cmd/floor: what any Go server
+// costs to start on this machine today.
 func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 	type fn struct {
 		name  string
@@ -281,6 +283,8 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 			return b.env.StartFunction(b.env.Ingress, b.prefix("s5"))
 		}},
 		{"egress", func() (*harness.Proc, time.Duration, error) { return b.env.StartFunction(b.env.Egress, b.prefix("s5")) }},
+		// The machine's own share: a bare net/http server (cmd/floor).
+		{"floor", b.env.StartFloor},
 	}
 	if k == centrifugo {
 		// One process does both jobs: its start is both rows' figure.
