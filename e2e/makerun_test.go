@@ -212,3 +212,66 @@ func TestMakeRun(t *testing.T) {
 		}
 	}
 }
+
+// TestRunWithoutRedisServer: `make run`'s script on a machine with no
+// redis-server and an apt-get that fails (no network, no such package)
+// stops with a message of its own that says what to do, not with apt's
+// error alone, and starts nothing.
+func TestRunWithoutRedisServer(t *testing.T) {
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Dir(filepath.Dir(file))
+	// A PATH with everything this machine has but redis-server, and an
+	// apt-get (and a sudo, for a run that is not root's) that fail as
+	// apt-get does without a network.
+	bin := t.TempDir()
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			n := e.Name()
+			if n == "redis-server" || n == "apt-get" || n == "sudo" {
+				continue
+			}
+			_ = os.Symlink(filepath.Join(dir, n), filepath.Join(bin, n)) // the first on PATH wins, as in a shell
+		}
+	}
+	write := func(name, body string) {
+		if err := os.WriteFile(filepath.Join(bin, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("apt-get", `echo "E: Unable to locate package redis-server" >&2; exit 100`)
+	write("sudo", `exec "$@"`)
+	ip, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", filepath.Join(root, "scripts", "run.sh"))
+	cmd.Dir = root
+	cmd.Env = []string{"PATH=" + bin, "HOME=" + os.Getenv("HOME"), "INGRESS_PORT=" + strconv.Itoa(ip), "EGRESS_PORT=" + strconv.Itoa(ep)}
+	done := make(chan struct{})
+	var out []byte
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Fatalf("run.sh did not stop without redis-server; it printed:\n%s", out)
+	}
+	if err == nil {
+		t.Fatalf("run.sh succeeded without redis-server; it printed:\n%s", out)
+	}
+	if !strings.Contains(string(out), "run: could not install redis-server") || !strings.Contains(string(out), "REDIS_URL") {
+		t.Fatalf("run.sh's failure does not say what to do; it printed:\n%s", out)
+	}
+	for _, p := range []int{ip, ep} {
+		if c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p), 100*time.Millisecond); err == nil {
+			c.Close()
+			t.Errorf("port %d is served after run.sh failed", p)
+		}
+	}
+}

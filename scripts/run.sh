@@ -61,7 +61,10 @@ if [[ -z "${REDIS_URL:-}" ]]; then
 		echo "== installing redis-server"
 		sudo=""
 		[[ $(id -u) -ne 0 ]] && sudo=sudo
-		$sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
+		if ! { $sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }; then
+			echo "run: could not install redis-server (apt-get failed, above); install Redis 7 or later yourself, or set REDIS_URL to one that runs" >&2
+			exit 1
+		fi
 	fi
 	"$(dirname "$0")/redis-version.sh"
 	redis_port=""
