@@ -39,6 +39,12 @@ type Server struct {
 	// regFail logs failed registry writes once per outage, not once per
 	// socket that subscribes or ends meanwhile.
 	regFail *logging.Episode
+	// regOOM is regFail for writes Redis refused because it is at its
+	// maxmemory: an episode of its own, at error level, since it lasts
+	// until memory is freed or an operator acts. Only a write that may
+	// grow memory (a put, a join, a refresh) ends it: removals succeed
+	// out of memory too.
+	regOOM *logging.Episode
 
 	refreshBatch int // connections per registry refresh pipeline
 
@@ -68,6 +74,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 	s.sec = newSecurity(cfg, s.log)
 	s.regFail = &logging.Episode{Log: s.log, Msg: "registry write failed", Back: "registry writes back",
 		Then: "sends to this instance's connections may be refused (new sockets are closed with 1013) or reach ended ones until Redis answers; records left behind expire within REGISTRY_TTL; logged again every 30s while it lasts and once when writes succeed again"}
+	s.regOOM = &logging.Episode{Log: s.log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
+		Then: "Redis is at its maxmemory and refuses writes: new sockets are closed with 1013, open ones stay and keep receiving, but their registry records are not refreshed and expire within REGISTRY_TTL (sends to them find nobody until a refresh after memory is freed writes them back); free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when a registry write succeeds again"}
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.hub.readTimeout = 2 * cfg.Redis.Timeout
 	rdb.AddHook(redisHook{s.hub})
@@ -430,11 +438,18 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 func (s *Server) regDone(err error, op, conn string) {
 	if err == nil {
 		s.regFail.OK()
+		if op != "remove" && op != "leave" {
+			s.regOOM.OK()
+		}
 		return
 	}
 	attrs := []any{"op", op}
 	if conn != "" {
 		attrs = append(attrs, "conn", conn)
+	}
+	if redisconn.OutOfMemory(err) {
+		s.regOOM.Fail(err, attrs...)
+		return
 	}
 	s.regFail.Fail(err, attrs...)
 }

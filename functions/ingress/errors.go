@@ -9,6 +9,7 @@ import (
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -77,6 +78,16 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Status(499)
 		hangUp(c)
 		return
+	case redisconn.OutOfMemory(err):
+		// Redis answered: it is at its maxmemory and may not evict. Not
+		// "cannot be reached", and not over in a second (keys expire,
+		// streams are trimmed, or an operator frees memory).
+		s.redisOOM.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		msg := "Redis is out of memory and refused the write: nothing was written; retry later (with the same Idempotency-Key)"
+		if multiAppend[c.FullPath()] {
+			msg = "Redis is out of memory and refused the write: what it refused was not written, but messages before it may have been; retry later with the same Idempotency-Key"
+		}
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: oomRetryAfter}
 	default:
 		s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
@@ -88,6 +99,24 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Header("Retry-After", strconv.Itoa(ae.RetryAfter))
 	}
 	c.AbortWithStatusJSON(ae.Status, body)
+}
+
+// oomRetryAfter is the Retry-After, in seconds, of a 503 because Redis is
+// out of memory. Memory comes back as keys expire and streams are trimmed
+// (each stream once per second of its traffic) or when an operator frees
+// it, not within a second: a retry every second from every publisher
+// would only add refused commands. 5 s is the publisher's (Go and
+// JavaScript) longest backoff anyway, so their retries keep their pace.
+const oomRetryAfter = 5
+
+// multiAppend holds the routes whose request makes several appends, each
+// written or refused on its own (a batch, one per item; a send to or a
+// disconnect of a user, one per connection or instance): out of memory,
+// one may be written and the next refused as memory crosses the limit.
+var multiAppend = map[string]bool{
+	"/v1/messages":                true,
+	"/v1/users/:user/messages":    true,
+	"/v1/users/:user/connections": true,
 }
 
 // hangUp closes c's connection without a response, where the connection

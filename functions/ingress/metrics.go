@@ -154,6 +154,7 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 		// The appends of a cluster waiting for replicas run outside the
 		// client's hooks (redisHook), which see the other successes.
 		s.redisDown.OK()
+		s.redisOOM.OK() // only a write shows that Redis takes writes again
 		s.unreplicated.OK()
 	}
 	return ids, err

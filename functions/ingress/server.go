@@ -39,6 +39,10 @@ type Server struct {
 	// Redis failed, or its replicas did not confirm an append, once per
 	// outage rather than once per request (logging.Episode).
 	redisDown, unreplicated *logging.Episode
+	// redisOOM logs the requests answered 503 because Redis is at its
+	// maxmemory and refuses writes: an episode of its own, at error
+	// level, since it lasts until memory is freed or an operator acts.
+	redisOOM *logging.Episode
 	// undecodable logs history pages that left out entries no ingress
 	// wrote, once while reads keep finding them: a line per entry and
 	// read would let any reader of such a channel fill the log.
@@ -74,6 +78,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	}
 	s.redisDown = &logging.Episode{Log: log, Msg: "redis unavailable", Back: "redis back",
 		Then: "requests that need Redis are answered 503 with Retry-After; logged again every 30s while it lasts and once when Redis answers again; wsrelay_ingress_redis_errors_total counts every failure"}
+	s.redisOOM = &logging.Episode{Log: log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
+		Then: "Redis is at its maxmemory and refuses writes: publishes, sends and disconnects are answered 503 with Retry-After: 5 and nothing of them is written, reads go on; free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when an append succeeds again"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
 	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",

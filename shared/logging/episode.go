@@ -1,6 +1,7 @@
 package logging
 
 import (
+	"context"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,10 @@ type Episode struct {
 	// Gone is the line that ends it when what kept failing is given up
 	// rather than recovered (Abandon); "" means Msg + " (given up)".
 	Gone string
+	// Error logs Msg at error level instead of warn: for a condition
+	// that lasts until an operator acts (Redis out of memory), not one
+	// that usually ends by itself.
+	Error bool
 
 	Reminder, Quiet time.Duration
 
@@ -60,7 +65,7 @@ func (e *Episode) Fail(err error, attrs ...any) {
 	if !e.active.Load() {
 		e.active.Store(true)
 		e.since, e.said, e.failed = now, now, 1
-		e.Log.Warn(e.Msg, append(attrs, "err", err.Error(), "then", e.Then)...)
+		e.Log.Log(context.Background(), e.level(), e.Msg, append(attrs, "err", err.Error(), "then", e.Then)...)
 		return
 	}
 	e.failed++
@@ -68,7 +73,7 @@ func (e *Episode) Fail(err error, attrs ...any) {
 		return
 	}
 	e.said = now
-	e.Log.Warn(e.Msg, append(attrs, "err", err.Error(), "failures", e.failed,
+	e.Log.Log(context.Background(), e.level(), e.Msg, append(attrs, "err", err.Error(), "failures", e.failed,
 		"for", now.Sub(e.since).Round(time.Second).String(), "then", e.Then)...)
 }
 
@@ -142,6 +147,14 @@ func (e *Episode) Abandon(attrs ...any) {
 		msg = e.Msg + " (given up)"
 	}
 	e.closeLocked(msg, e.lastFail.Load(), attrs...)
+}
+
+// level is the level of the lines that say the episode goes on.
+func (e *Episode) level() slog.Level {
+	if e.Error {
+		return slog.LevelError
+	}
+	return slog.LevelWarn
 }
 
 func or(d, def time.Duration) time.Duration {

@@ -597,30 +597,34 @@ func lastIDOf(key string, rev *redis.XMessageSliceCmd, last *redis.StringCmd) (I
 // clearSrc: KEYS[1] stream, KEYS[2] its last-id key (keys.Last). Trims
 // the stream to nothing and returns how many entries it held. When the
 // last-id key is missing (evicted, or a stream last written before the key
-// existed), it is first written with the stream's last generated id, for
+// existed), it is also written with the stream's last generated id, for
 // twice the stream's remaining TTL as an append would: an emptied stream
 // has no last entry to stand in for it, so LastID and Resume would read
 // 0-0, and a client at the last message removed would be told it missed
 // some. (The append script reads the last generated id itself, for a key
-// lost after the removal.)
+// lost after the removal.) The key is written after the trim: at its
+// maxmemory Redis refuses a script's first write that may grow memory but
+// not the ones after it, so a removal, which is how an operator frees a
+// full Redis, still works then (TestClearOutOfMemory).
 const clearSrc = `
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last, pttl
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  local last
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
-  if last and last ~= '0-0' then
-    local pttl = redis.call('PTTL', KEYS[1])
-    if pttl > 0 then
-      redis.call('SET', KEYS[2], last, 'PX', 2 * pttl)
-    else
-      redis.call('SET', KEYS[2], last)
-    end
+  pttl = redis.call('PTTL', KEYS[1])
+end
+local n = redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+if last and last ~= '0-0' then
+  if pttl > 0 then
+    redis.call('SET', KEYS[2], last, 'PX', 2 * pttl)
+  else
+    redis.call('SET', KEYS[2], last)
   end
 end
-return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+return n
 `
 
 var clearScript = redis.NewScript(clearSrc)

@@ -766,3 +766,41 @@ func TestAppendToClearedStreamWithoutLastIDKey(t *testing.T) {
 		t.Fatalf("Resume from 0-0 = %+v, %v; want not recovered", b, err)
 	}
 }
+
+// TestClearOutOfMemory: removing a channel's history is what an operator
+// reaches for when Redis is full, so it must work at maxmemory
+// (noeviction), also when the stream's last-id key is missing and Clear
+// has to write it. Redis refuses a script's first write that may grow
+// memory, not later ones: the script removes first, then writes the key.
+func TestClearOutOfMemory(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(rs.Port)})
+	t.Cleanup(func() { _ = rdb.Close() })
+	e := &env{t: t, rdb: rdb, keys: keys.Scheme{Prefix: redistest.Prefix(t)}, store: NewStore(rdb)}
+	ctx := t.Context()
+	key := e.keys.Stream("full")
+	ids := e.publish("full", 3, Limits{TTLMS: 60000})
+	if err := rdb.Del(ctx, keys.Last(key)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	free := redistest.OutOfMemory(t, rdb, e.keys.Prefix)
+	if _, err := e.store.Append(ctx, []Append{e.appendOf("full", "4", Limits{TTLMS: 60000})}); err == nil || !strings.Contains(err.Error(), "OOM command not allowed") {
+		t.Fatalf("append at maxmemory: %v, want Redis's OOM refusal", err)
+	}
+	if n, err := e.store.Clear(ctx, key); err != nil || n != 3 {
+		t.Fatalf("Clear at maxmemory = %d, %v; want 3", n, err)
+	}
+	free()
+	last := MustParseID(ids[2])
+	if pos, err := e.store.LastID(ctx, key); err != nil || pos != last {
+		t.Fatalf("LastID after Clear = %v, %v; want %s", pos, err, last)
+	}
+	if pttl := rdb.PTTL(ctx, keys.Last(key)).Val(); pttl < time.Minute || pttl > 2*time.Minute {
+		t.Fatalf("last-id key PTTL %v, want it to outlive the stream (TTL 60 s)", pttl)
+	}
+	next := e.publish("full", 1, Limits{TTLMS: 60000})[0]
+	if b, err := e.store.Resume(ctx, key, last, 10); err != nil || !b.Continuous || first(b.Entries) != next {
+		t.Fatalf("Resume from the last removed = %+v, %v; want recovered with %s", b, err, next)
+	}
+}
