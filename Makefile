@@ -39,9 +39,10 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests need, as command:package[+package…]: Redis for
 # every Redis test, Chromium for the browser test of the demo page, nginx
 # for the test of deploy/nginx (e2e/nginx_test.go; Debian puts it in
-# /usr/sbin, off an ordinary user's PATH), and a C toolchain for go test
-# -race (which needs cgo).
-APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev
+# /usr/sbin, off an ordinary user's PATH), a C toolchain for go test
+# -race (which needs cgo), and Node.js for the Node example of
+# docs/security.md (e2e/docexamples_test.go).
+APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev node:nodejs
 SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: build run test bench soak package lint fuzz deps clean help
@@ -101,7 +102,7 @@ lint: ## gofmt check, go vet and staticcheck on every module
 fuzz: ## run every Fuzz* target of every module for $(FUZZTIME)
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh $(MODULES)
 
-deps: ## install what the tests need (redis-server, chromium, nginx) and download modules
+deps: ## install what the tests need (redis-server, chromium, nginx, node) and download modules
 	@missing=(); \
 	for d in $(APT_DEPS); do \
 		cmd=$${d%%:*}; pkg=$${d##*:}; \
@@ -111,7 +112,7 @@ deps: ## install what the tests need (redis-server, chromium, nginx) and downloa
 	if (( $${#missing[@]} )); then \
 		echo "== installing $${missing[*]}"; \
 		if ! { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}"; }; then \
-			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, nginx for the nginx test, redis-server for the rest, gcc for -race)" >&2; \
+			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, nginx for the nginx test, redis-server for the rest, gcc for -race, node for the Node example of docs/security.md)" >&2; \
 			exit 1; \
 		fi; \
 	fi; \
