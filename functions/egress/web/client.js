@@ -161,7 +161,8 @@ function dialUrl(url, opts) {
  * A connection to the egress that keeps its subscriptions alive.
  *
  * Options: token (string), getToken (async () => string, called before the
- * first connect and after 4004), user (anonymous mode), minBackoff (ms, 500),
+ * first connect, after 4004 and after any close before the welcome), user
+ * (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
  * activityTimeout (ms, 50000: a silence from the server after which the
