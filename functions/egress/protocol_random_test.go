@@ -1564,6 +1564,13 @@ func (c *rndConn) onText(b []byte) {
 		// The short token expired before the server read it.
 		e = (&rndExp{desc: e.desc, ref: e.ref}).fail(true, protocol.CodeInvalidToken)
 	}
+	if e.typ == protocol.TypeRefreshed && f.Type == protocol.TypeError && f.Code == protocol.CodeInvalidToken &&
+		!c.tok.exp.IsZero() && time.Now().After(c.tok.exp) {
+		// The connection's own token expired before the server read the
+		// refresh: refused, nothing dropped, and the 4004 follows.
+		e = (&rndExp{desc: e.desc, ref: e.ref}).fail(false, protocol.CodeInvalidToken)
+		c.expired = true
+	}
 	if f.Type != e.typ || (e.typ == protocol.TypeError && !slices.Contains(e.codes, f.Code)) {
 		want := e.typ
 		if e.typ == protocol.TypeError {
