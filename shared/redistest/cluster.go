@@ -24,6 +24,7 @@ const clusterNodeTimeout = 1000 * time.Millisecond
 type Cluster struct {
 	addrs   []string
 	servers []*Server // nil when the cluster is external
+	ca      *CA       // set for a cluster that speaks only TLS (StartClusterTLS)
 }
 
 // StartCluster returns a Redis Cluster of masters masters with
@@ -31,7 +32,21 @@ type Cluster struct {
 // returns that cluster instead (whatever its shape; Owned reports false).
 func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	t.Helper()
-	if env := os.Getenv("REDIS_CLUSTER_ADDRS"); env != "" {
+	return startCluster(t, masters, replicasPerMaster, nil)
+}
+
+// StartClusterTLS starts a Redis Cluster as StartCluster does, whose
+// nodes speak only TLS with the certificate of ca, to clients, to each
+// other (--tls-cluster) and to their replicas (--tls-replication). It
+// ignores REDIS_CLUSTER_ADDRS.
+func StartClusterTLS(t testing.TB, ca *CA, masters, replicasPerMaster int) *Cluster {
+	t.Helper()
+	return startCluster(t, masters, replicasPerMaster, ca)
+}
+
+func startCluster(t testing.TB, masters, replicasPerMaster int, ca *CA) *Cluster {
+	t.Helper()
+	if env := os.Getenv("REDIS_CLUSTER_ADDRS"); env != "" && ca == nil {
 		c := &Cluster{}
 		for _, a := range strings.Split(env, ",") {
 			c.addrs = append(c.addrs, strings.TrimSpace(a))
@@ -46,18 +61,23 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	if err != nil {
 		t.Fatalf("redistest: redis-server not found: %v", err)
 	}
-	c := &Cluster{}
+	c := &Cluster{ca: ca}
 	t.Cleanup(c.stop)
 	n := masters * (1 + replicasPerMaster)
 	for range n {
-		s, err := startClusterNode(bin)
+		s, err := startClusterNode(bin, ca)
 		if err != nil {
 			t.Fatalf("redistest: start cluster node: %v", err)
 		}
 		c.servers = append(c.servers, s)
 		c.addrs = append(c.addrs, s.Addr())
 	}
-	args := append([]string{"--cluster", "create"}, c.addrs...)
+	var args []string
+	if ca != nil {
+		args = []string{"--tls", "--cacert", ca.CertFile}
+	}
+	args = append(args, "--cluster", "create")
+	args = append(args, c.addrs...)
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerMaster), "--cluster-yes")
 	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
 		t.Fatalf("redistest: redis-cli --cluster create: %v\n%s", err, out)
@@ -70,7 +90,7 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 
 // startClusterNode starts one cluster-enabled node on a port whose
 // cluster bus port (port+10000) is free too.
-func startClusterNode(bin string) (*Server, error) {
+func startClusterNode(bin string, ca *CA) (*Server, error) {
 	var port int
 	for range 50 {
 		p, err := FreePort()
@@ -93,16 +113,20 @@ func startClusterNode(bin string) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Port: port, Dir: dir}
-	s.args = []string{
-		"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir,
+	s := &Server{Port: port, Dir: dir, ca: ca}
+	s.args = []string{"--port", strconv.Itoa(port)}
+	if ca != nil {
+		s.args = append([]string{"--port", "0", "--tls-port", strconv.Itoa(port), "--tls-cluster", "yes", "--tls-replication", "yes"}, ca.serverArgs()...)
+	}
+	s.args = append(s.args,
+		"--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir,
 		"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
 		"--cluster-node-timeout", strconv.FormatInt(clusterNodeTimeout.Milliseconds(), 10),
 		// Keep the other masters serving while one slot range fails over.
 		"--cluster-require-full-coverage", "no",
 		// A replica may always take over, however long it was cut off.
 		"--cluster-replica-validity-factor", "0",
-	}
+	)
 	if err := s.launch(bin); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -134,7 +158,7 @@ func (c *Cluster) healthy(nodes, masters int) error {
 		if c.servers != nil && c.servers[i].cmd == nil {
 			continue // stopped
 		}
-		rc := redis.NewClient(&redis.Options{Addr: a, DisableIdentity: true})
+		rc := redis.NewClient(c.nodeOptions(a))
 		info, err := rc.ClusterInfo(ctx).Result()
 		if err == nil && !strings.Contains(info, "cluster_state:ok") {
 			err = fmt.Errorf("%s: cluster_state not ok", a)
@@ -166,6 +190,30 @@ func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
 // AddrsEnv is Addrs in the REDIS_CLUSTER_ADDRS form.
 func (c *Cluster) AddrsEnv() string { return strings.Join(c.addrs, ",") }
 
+// nodeOptions are go-redis options for a client of the node at addr, as
+// the default user.
+func (c *Cluster) nodeOptions(addr string) *redis.Options {
+	o := &redis.Options{Addr: addr, DisableIdentity: true}
+	if c.ca != nil {
+		o.TLSConfig = c.ca.ClientConfig()
+	}
+	return o
+}
+
+// NodeClients returns a client of each node, as the default user (to
+// set the cluster up: ACL SETUSER, which a node does not pass on to the
+// others), closed at the end of the test.
+func (c *Cluster) NodeClients(t testing.TB) []*redis.Client {
+	t.Helper()
+	var out []*redis.Client
+	for _, a := range c.addrs {
+		rc := redis.NewClient(c.nodeOptions(a))
+		t.Cleanup(func() { rc.Close() })
+		out = append(out, rc)
+	}
+	return out
+}
+
 // Owned reports whether the test started the cluster (and may stop nodes).
 func (c *Cluster) Owned() bool { return c.servers != nil }
 
@@ -173,14 +221,18 @@ func (c *Cluster) Owned() bool { return c.servers != nil }
 // of the test.
 func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 	t.Helper()
-	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+	o := &redis.ClusterOptions{
 		Addrs:           c.Addrs(),
 		DialTimeout:     500 * time.Millisecond,
 		ReadTimeout:     time.Second,
 		WriteTimeout:    time.Second,
 		MaxRedirects:    8,
 		DisableIdentity: true,
-	})
+	}
+	if c.ca != nil {
+		o.TLSConfig = c.ca.ClientConfig()
+	}
+	rdb := redis.NewClusterClient(o)
 	t.Cleanup(func() { rdb.Close() })
 	return rdb
 }
@@ -226,7 +278,7 @@ func (c *Cluster) failedOver(addr string) bool {
 		if a == addr || (c.servers != nil && c.servers[i].cmd == nil) {
 			continue
 		}
-		rc := redis.NewClient(&redis.Options{Addr: a, DisableIdentity: true})
+		rc := redis.NewClient(c.nodeOptions(a))
 		info, err := rc.ClusterInfo(ctx).Result()
 		owners, err2 := slotOwners(ctx, rc)
 		rc.Close()
@@ -252,7 +304,11 @@ func slotOwners(ctx context.Context, rc *redis.Client) (map[string]bool, error) 
 		}
 		for _, n := range s.Nodes {
 			if n.Role == "master" && n.Health == "online" {
-				owners[net.JoinHostPort(n.IP, strconv.FormatInt(n.Port, 10))] = true
+				port := n.Port
+				if port == 0 { // a TLS node: its plain port is off
+					port = n.TLSPort
+				}
+				owners[net.JoinHostPort(n.IP, strconv.FormatInt(port, 10))] = true
 			}
 		}
 	}

@@ -47,7 +47,7 @@ func URL(t testing.TB) string {
 			baseURL = "redis://127.0.0.1:6379/0"
 			return
 		}
-		s, err := start(nil)
+		s, err := startServer(nil, nil)
 		if err != nil {
 			setupErr = err
 			return
@@ -110,10 +110,27 @@ type Server struct {
 	Dir  string
 	cmd  *exec.Cmd
 	args []string
+	ca   *CA // set for a server that speaks only TLS (StartTLS)
 }
 
-// URL of the server.
-func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.Port) }
+// URL of the server: rediss:// for a server started with StartTLS.
+func (s *Server) URL() string {
+	if s.ca != nil {
+		return fmt.Sprintf("rediss://127.0.0.1:%d/0", s.Port)
+	}
+	return fmt.Sprintf("redis://127.0.0.1:%d/0", s.Port)
+}
+
+// Options are go-redis options for a client of the server as the
+// default user: over TLS, trusting the server's CA, for a server started
+// with StartTLS.
+func (s *Server) Options() *redis.Options {
+	o := &redis.Options{Addr: s.Addr(), DisableIdentity: true}
+	if s.ca != nil {
+		o.TLSConfig = s.ca.ClientConfig()
+	}
+	return o
+}
 
 // Addr is host:port.
 func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
@@ -122,7 +139,7 @@ func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
 // stop and restart it), stopped at the end of the test.
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
-	s, err := start(extra)
+	s, err := startServer(extra, nil)
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
@@ -149,7 +166,9 @@ func FreePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func start(extra []string) (*Server, error) {
+// startServer starts a redis-server on a free port: its plain port, or
+// with ca, its TLS port (and no plain one).
+func startServer(extra []string, ca *CA) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, fmt.Errorf("redis-server not found in PATH: %w", err)
@@ -162,8 +181,13 @@ func start(extra []string) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Port: port, Dir: dir}
-	s.args = append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir}, extra...)
+	s := &Server{Port: port, Dir: dir, ca: ca}
+	s.args = []string{"--port", strconv.Itoa(port)}
+	if ca != nil {
+		s.args = append([]string{"--port", "0", "--tls-port", strconv.Itoa(port)}, ca.serverArgs()...)
+	}
+	s.args = append(s.args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir)
+	s.args = append(s.args, extra...)
 	if err := s.launch(bin); err != nil {
 		return nil, err
 	}
@@ -181,7 +205,9 @@ func (s *Server) launch(bin string) error {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		c := redis.NewClient(&redis.Options{Addr: s.Addr(), DialTimeout: 200 * time.Millisecond, DisableIdentity: true})
+		o := s.Options()
+		o.DialTimeout = 200 * time.Millisecond
+		c := redis.NewClient(o)
 		err := c.Ping(context.Background()).Err()
 		c.Close()
 		// NOAUTH: it answers, but wants the password a test gave it.

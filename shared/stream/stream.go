@@ -451,9 +451,10 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []b
 		}
 	}
 	replicated := true
+	var waitErr error // WAIT itself failed: refused (ACL), or Redis went away
 	if wait != nil {
 		n, err := wait.Int()
-		replicated = err == nil && n >= s.waitReplicas
+		replicated, waitErr = err == nil && n >= s.waitReplicas, err
 	}
 	for _, i := range idx {
 		c := cmds[i]
@@ -467,6 +468,10 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []b
 			continue
 		}
 		if !replicated {
+			if waitErr != nil {
+				errs[i] = fmt.Errorf("append to %s (written as %s): %w (WAIT: %w)", as[i].Stream, id, ErrNotReplicated, waitErr)
+				continue
+			}
 			errs[i] = fmt.Errorf("append to %s (written as %s): %w", as[i].Stream, id, ErrNotReplicated)
 			continue
 		}

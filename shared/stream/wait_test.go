@@ -3,6 +3,7 @@ package stream
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -55,5 +56,34 @@ func TestWaitForReplicas(t *testing.T) {
 	}
 	if n, _ := rdb.XLen(ctx, ks.Stream("d")).Result(); n != 2 {
 		t.Fatalf("stream has %d entries, want 2 (the second written, not acknowledged)", n)
+	}
+}
+
+// TestWaitRefusedSaysWhy: a WAIT that Redis refuses (an ACL user without
+// +wait) is reported ErrNotReplicated, as the append was written, with
+// Redis's error in it: the operator reading the log learns it is the
+// user's rules, not replication lag.
+func TestWaitRefusedSaysWhy(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t)
+	admin := redis.NewClient(srv.Options())
+	defer admin.Close()
+	ctx := context.Background()
+	if err := admin.Do(ctx, "ACL", "SETUSER", "nowait", "reset", "on", ">pw", "~*", "&*", "+@all", "-wait").Err(); err != nil {
+		t.Fatal(err)
+	}
+	o := srv.Options()
+	o.Username, o.Password = "nowait", "pw"
+	rdb := redis.NewClient(o)
+	defer rdb.Close()
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	store := NewStore(rdb)
+	store.WaitForReplicas(1, 100*time.Millisecond)
+	_, err := store.Append(ctx, []Append{{Stream: ks.Stream("d"), Notify: ks.Notify("d"), Msg: Message{Channel: "d", TS: 1, Data: []byte(`1`)}}})
+	if !errors.Is(err, ErrNotReplicated) {
+		t.Fatalf("append with WAIT refused: %v, want ErrNotReplicated", err)
+	}
+	if !strings.Contains(fmt.Sprint(err), "NOPERM") {
+		t.Fatalf("append with WAIT refused: %q does not say why", err)
 	}
 }
