@@ -78,6 +78,12 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Status(499)
 		hangUp(c)
 		return
+	case redisconn.Refused(err):
+		// Redis answered: the functions' ACL user lacks a rule. A
+		// configuration fault, like a key of the wrong type: the same
+		// answer to every retry until an operator mends the user.
+		s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		ae = errf(500, "internal", "internal error")
 	case redisconn.OutOfMemory(err):
 		// Redis answered: it is at its maxmemory and may not evict. Not
 		// "cannot be reached", and not over in a second (keys expire,

@@ -153,7 +153,7 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 		s.metrics.messages.Add(len(ids))
 		// The appends of a cluster waiting for replicas run outside the
 		// client's hooks (redisHook), which see the other successes.
-		s.redisDown.OK()
+		s.redisUp()
 		s.redisOOM.OK() // only a write shows that Redis takes writes again
 		s.unreplicated.OK()
 	}
@@ -169,6 +169,13 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 // On a cluster it is also added to each master's client (node), where it
 // sees only the pipelines the stream store runs there itself
 // (stream.OnNode): the others it sees already on the cluster client.
+// redisUp records a command Redis carried out: it ends an outage, and a
+// run of refused commands once none has come for a while.
+func (s *Server) redisUp() {
+	s.redisDown.OK()
+	s.redisRefused.OK()
+}
+
 type redisHook struct {
 	m    *metrics
 	up   func()

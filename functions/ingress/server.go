@@ -43,6 +43,9 @@ type Server struct {
 	// maxmemory and refuses writes: an episode of its own, at error
 	// level, since it lasts until memory is freed or an operator acts.
 	redisOOM *logging.Episode
+	// redisRefused logs the requests answered 500 because Redis refused
+	// a command to the functions' ACL user, once while it goes on.
+	redisRefused *logging.Episode
 	// undecodable logs history pages that left out entries no ingress
 	// wrote, once while reads keep finding them: a line per entry and
 	// read would let any reader of such a channel fill the log.
@@ -80,15 +83,17 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		Then: "requests that need Redis are answered 503 with Retry-After; logged again every 30s while it lasts and once when Redis answers again; wsrelay_ingress_redis_errors_total counts every failure"}
 	s.redisOOM = &logging.Episode{Log: log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
 		Then: "Redis is at its maxmemory and refuses writes: publishes, sends and disconnects are answered 503 with Retry-After: 5 and nothing of them is written, reads go on; free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when an append succeeds again"}
+	s.redisRefused = &logging.Episode{Log: log, Msg: "redis refused a command", Back: "redis accepts the commands again", Error: true,
+		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
 	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",
 		Then: "history pages leave them out (another application writing under REDIS_KEY_PREFIX, or another release's format); logged again every 30s while reads find them"}
-	rdb.AddHook(redisHook{m: s.metrics, up: s.redisDown.OK})
+	rdb.AddHook(redisHook{m: s.metrics, up: s.redisUp})
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		// Appends waiting for replicas run on the masters' clients,
 		// outside the cluster client's hooks (stream.OnNode).
-		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redisHook{m: s.metrics, up: s.redisDown.OK, node: true}) })
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redisHook{m: s.metrics, up: s.redisUp, node: true}) })
 	}
 	r := gin.New()
 	r.HandleMethodNotAllowed = true

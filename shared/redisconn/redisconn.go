@@ -366,3 +366,13 @@ func NodeFailure(err error) bool {
 // script is, writes nothing); reads still succeed. It lasts until memory is
 // freed (keys expire or are trimmed) or maxmemory is raised, not a second.
 func OutOfMemory(err error) bool { return redis.HasErrorPrefix(err, "OOM") }
+
+// Refused reports whether err is Redis refusing a command to the user the
+// client logged in as (ACL): "NOPERM …" for the command itself, its keys
+// or its channels, or, for a command a script calls, "ERR The user
+// executing the script can't …". Redis answers the same to every retry
+// until an operator gives the user the rule (docs/deployment.md, "TLS and
+// ACL users").
+func Refused(err error) bool {
+	return redis.HasErrorPrefix(err, "NOPERM") || redis.HasErrorPrefix(err, "The user executing the script can't")
+}
