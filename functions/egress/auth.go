@@ -92,8 +92,8 @@ func warnSecurity(log *slog.Logger, cfg Config) {
 	if cfg.AllowAnonymous {
 		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN CONNECT AND SUBSCRIBE TO ANY CHANNEL WITHOUT A TOKEN. For local development only; never deploy this.")
 	}
-	for _, w := range cfg.JWT.Warnings() {
-		log.Warn(w)
+	for _, name := range cfg.JWT.ShortSecrets() {
+		log.Warn("JWT secret shorter than 32 bytes: use a long random secret", "setting", name)
 	}
 }
 

@@ -72,8 +72,9 @@ func httpServer(s *Server, log *slog.Logger) *http.Server {
 		Handler: s, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: readTimeout, IdleTimeout: 120 * time.Second,
 		// net/http's own messages (accept errors such as running out of
 		// file descriptors, panics) as records of the function's log, not
-		// plain text lines on stderr.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// plain text lines on stderr, and with constant messages
+		// (logging.ServerErrorLog) that an alert can name.
+		ErrorLog: logging.ServerErrorLog(log),
 	}
 }
 

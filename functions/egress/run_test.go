@@ -37,7 +37,8 @@ func serveSetup(t *testing.T) (Config, redis.UniversalClient, net.Listener) {
 
 // TestServeLogsHTTPErrors: net/http's own messages (here an accept error,
 // as when the instance is out of file descriptors, one per socket) are
-// records of the function's structured log, not plain text on stderr.
+// records of the function's structured log, not plain text on stderr,
+// with a constant message that an alert can name ("http server").
 func TestServeLogsHTTPErrors(t *testing.T) {
 	t.Parallel()
 	cfg, rdb, ln := serveSetup(t)
@@ -47,7 +48,7 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 	served := make(chan error, 1)
 	go func() { served <- serve(ctx, log, testkit.FailFirstAccept(ln), NewServer(cfg, log, rdb)) }()
 	testkit.Eventually(t, 5*time.Second, func() error {
-		if !strings.Contains(logs.String(), `"msg":"http: Accept error: accept4: too many open files`) {
+		if !strings.Contains(logs.String(), `"msg":"http server","detail":"http: Accept error: accept4: too many open files`) {
 			return fmt.Errorf("no accept error in the log: %s", logs.String())
 		}
 		return nil

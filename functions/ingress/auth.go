@@ -239,7 +239,7 @@ func warnSecurity(log *slog.Logger, cfg Config) {
 	if cfg.AllowAnonymous {
 		log.Warn("ALLOW_ANONYMOUS=true: ANYONE CAN PUBLISH, SEND AND READ WITHOUT A CREDENTIAL. For local development only; never deploy this.")
 	}
-	for _, w := range cfg.JWT.Warnings() {
-		log.Warn(w)
+	for _, name := range cfg.JWT.ShortSecrets() {
+		log.Warn("JWT secret shorter than 32 bytes: use a long random secret", "setting", name)
 	}
 }

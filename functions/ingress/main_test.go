@@ -150,7 +150,8 @@ func TestServeGraceOver(t *testing.T) {
 
 // TestServeLogsHTTPErrors: net/http's own messages (here an accept error,
 // as when the process is out of file descriptors) are records of the
-// function's structured log, not plain text on stderr.
+// function's structured log, not plain text on stderr, with a constant
+// message that an alert can name ("http server").
 func TestServeLogsHTTPErrors(t *testing.T) {
 	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -165,7 +166,7 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 		served <- serve(ctx, log, testkit.FailFirstAccept(ln), http.NotFoundHandler(), time.Second, time.Second)
 	}()
 	testkit.Eventually(t, 5*time.Second, func() error {
-		if !strings.Contains(logs.String(), `"msg":"http: Accept error: accept4: too many open files`) {
+		if !strings.Contains(logs.String(), `"msg":"http server","detail":"http: Accept error: accept4: too many open files`) {
 			return fmt.Errorf("no accept error in the log: %s", logs.String())
 		}
 		return nil

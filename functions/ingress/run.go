@@ -101,8 +101,9 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		IdleTimeout:       120 * time.Second,
 		// net/http's own messages (accept errors such as running out of
 		// file descriptors, panics) as records of the function's log, not
-		// plain text lines on stderr.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// plain text lines on stderr, and with constant messages
+		// (logging.ServerErrorLog) that an alert can name.
+		ErrorLog: logging.ServerErrorLog(log),
 	}
 	log.Info("listening", append([]any{"addr", ln.Addr().String()}, start...)...)
 	errc := make(chan error, 1)

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -333,8 +334,8 @@ func TestKeyRotation(t *testing.T) {
 	if got := (TokenConfig{}).Describe(); got != "off" {
 		t.Errorf("Describe: %q", got)
 	}
-	if w := (TokenConfig{Secret: secret, PreviousSecret: "short"}).Warnings(); len(w) != 1 || !strings.Contains(w[0], "JWT_SECRET_PREVIOUS") {
-		t.Errorf("Warnings: %q", w)
+	if w := (TokenConfig{Secret: secret, PreviousSecret: "short"}).ShortSecrets(); !slices.Equal(w, []string{"JWT_SECRET_PREVIOUS"}) {
+		t.Errorf("ShortSecrets: %q", w)
 	}
 
 	// Each unusable key is named by its position, never shown.

@@ -235,16 +235,19 @@ func (c TokenConfig) Describe() string {
 	return strings.Join(parts, "+")
 }
 
-// Warnings are what Check accepts but an operator should hear of.
-func (c TokenConfig) Warnings() []string {
-	var w []string
+// ShortSecrets names the HS256 secrets Check accepts but an operator
+// should hear of: JWT_SECRET or JWT_SECRET_PREVIOUS when shorter than 32
+// bytes. The functions log one constant line for each, the name in an
+// attribute, so that an alert can match the message.
+func (c TokenConfig) ShortSecrets() []string {
+	var names []string
 	if c.Secret != "" && len(c.Secret) < 32 {
-		w = append(w, "JWT_SECRET is shorter than 32 bytes: use a long random secret")
+		names = append(names, "JWT_SECRET")
 	}
 	if c.PreviousSecret != "" && len(c.PreviousSecret) < 32 {
-		w = append(w, "JWT_SECRET_PREVIOUS is shorter than 32 bytes: use a long random secret")
+		names = append(names, "JWT_SECRET_PREVIOUS")
 	}
-	return w
+	return names
 }
 
 // Verifier checks user tokens. A nil *Verifier refuses every token with

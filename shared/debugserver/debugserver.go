@@ -11,6 +11,8 @@ import (
 	"net/http/pprof"
 	"sync"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/logging"
 )
 
 // Start serves /debug/pprof/ on addr (e.g. 127.0.0.1:6060) until ctx is
@@ -34,7 +36,7 @@ func Start(ctx context.Context, addr string, log *slog.Logger) (bound string, st
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: logging.ServerErrorLog(log)}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"strings"
 	"sync"
@@ -88,4 +89,28 @@ func (l *RedisLogger) Printf(ctx context.Context, format string, v ...any) {
 		attrs = append(attrs, "repeated", n)
 	}
 	l.Log.WarnContext(ctx, "redis client", attrs...)
+}
+
+// ServerErrorLog is an http.Server's ErrorLog that writes net/http's own
+// lines (accept errors such as running out of file descriptors, a
+// handler's panic, a handler's misuse of its ResponseWriter) as records
+// of l with a constant message and net/http's text in "detail", so that
+// an alert can name them: a handler's panic is "panic" at error level, as
+// the ingress's recovery logs one; anything else is "http server" at
+// warn. slog.NewLogLogger would make each line's text its message, which
+// differs from line to line.
+func ServerErrorLog(l *slog.Logger) *log.Logger {
+	return log.New(serverErrorWriter{l}, "", 0)
+}
+
+type serverErrorWriter struct{ log *slog.Logger }
+
+func (w serverErrorWriter) Write(p []byte) (int, error) {
+	detail := strings.TrimSpace(string(p))
+	if strings.HasPrefix(detail, "http: panic serving") {
+		w.log.Error("panic", "detail", detail)
+	} else {
+		w.log.Warn("http server", "detail", detail)
+	}
+	return len(p), nil
 }

@@ -4,9 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"maps"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestRedisLogger: a go-redis message becomes one JSON warn line of the
@@ -63,5 +68,51 @@ func TestRedisLoggerRepeats(t *testing.T) {
 	}
 	if rec["repeated"] != float64(39) {
 		t.Errorf("record %v, want repeated 39", rec)
+	}
+}
+
+// TestServerErrorLog: net/http's own lines (here a handler's superfluous
+// WriteHeader and a handler's panic) become records with a constant
+// message, net/http's text in detail, so that an alert can name them: a
+// panic as "panic" at error level, as the ingress's recovery logs one,
+// anything else as "http server" at warn.
+func TestServerErrorLog(t *testing.T) {
+	t.Parallel()
+	var buf testkit.SyncBuffer
+	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/panic" {
+			panic("boom")
+		}
+		w.WriteHeader(204)
+		w.WriteHeader(500)
+	}))
+	srv.Config.ErrorLog = ServerErrorLog(log)
+	srv.Start()
+	for _, p := range []string{"/twice", "/panic"} {
+		if resp, err := http.Get(srv.URL + p); err == nil {
+			resp.Body.Close()
+		}
+	}
+	srv.Close() // waits for the handlers, and so for their lines
+	want := map[string]string{"http server": "WARN", "panic": "ERROR"}
+	got := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("not JSON: %s", line)
+		}
+		msg, _ := rec["msg"].(string)
+		detail, _ := rec["detail"].(string)
+		if want[msg] == "" || !strings.HasPrefix(detail, "http: ") || rec["function"] != "egress" {
+			t.Errorf("line %s: want msg %q or %q with net/http's text in detail", line, "http server", "panic")
+		}
+		got[msg], _ = rec["level"].(string)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("levels by message %v, want %v", got, want)
 	}
 }
