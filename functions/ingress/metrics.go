@@ -160,6 +160,13 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 	return ids, err
 }
 
+// redisUp records a command Redis carried out: it ends an outage, and a
+// run of refused commands once none has come for a while.
+func (s *Server) redisUp() {
+	s.redisDown.OK()
+	s.redisRefused.OK()
+}
+
 // redisHook counts failed Redis commands and pipelines (one per pipeline).
 // A missing key (redis.Nil), a script not yet cached (NOSCRIPT, retried at
 // once), a request the client abandoned and the connection handshake's
@@ -169,13 +176,6 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 // On a cluster it is also added to each master's client (node), where it
 // sees only the pipelines the stream store runs there itself
 // (stream.OnNode): the others it sees already on the cluster client.
-// redisUp records a command Redis carried out: it ends an outage, and a
-// run of refused commands once none has come for a while.
-func (s *Server) redisUp() {
-	s.redisDown.OK()
-	s.redisRefused.OK()
-}
-
 type redisHook struct {
 	m    *metrics
 	up   func()

@@ -361,10 +361,12 @@ func NodeFailure(err error) bool {
 // OutOfMemory reports whether err is Redis refusing a write because it is
 // at its maxmemory and may not evict (maxmemory-policy noeviction, or
 // nothing left to evict): "OOM command not allowed when used memory >
-// 'maxmemory'". Redis refuses the command, or a script at its first
-// write (one written so that nothing comes before it, as the append
-// script is, writes nothing); reads still succeed. It lasts until memory is
-// freed (keys expire or are trimmed) or maxmemory is raised, not a second.
+// 'maxmemory'". Redis refuses such a command, and a script at its first
+// command that may grow memory unless the script has already written
+// something: the append script writes nothing before its XADD, so a
+// refused append has written nothing. Reads and removals still succeed.
+// It lasts until memory is freed (keys expire or are trimmed) or
+// maxmemory is raised, not a second.
 func OutOfMemory(err error) bool { return redis.HasErrorPrefix(err, "OOM") }
 
 // Refused reports whether err is Redis refusing a command to the user the
