@@ -119,13 +119,7 @@ func TestRedisOutOfMemory(t *testing.T) {
 		t.Errorf("keyed publish refused out of memory, then retried twice: %d entries added, want 1", got-n)
 	}
 	testkit.Eventually(t, 5*time.Second, func() error {
-		var back int
-		for _, l := range logs.JSONLines(t) {
-			if l["msg"] == "redis accepts writes again" {
-				back++
-			}
-		}
-		if back != 1 {
+		if back := len(logs.Lines(t, "redis accepts writes again")); back != 1 {
 			return fmt.Errorf("recovery logged %d times, want once:\n%s", back, logs.String())
 		}
 		return nil

@@ -57,12 +57,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 	// The outage ends with a success and no failure for Quiet.
 	var back []map[string]any
 	testkit.Eventually(t, 5*time.Second, func() error {
-		back = back[:0]
-		for _, l := range logs.JSONLines(t) {
-			if l["msg"] == "redis back" {
-				back = append(back, l)
-			}
-		}
+		back = logs.Lines(t, "redis back")
 		if len(back) != 1 {
 			return fmt.Errorf("recovery logged %d times, want once:\n%s", len(back), logs.String())
 		}

@@ -66,6 +66,18 @@ func (s *SyncBuffer) JSONLines(t testing.TB) []map[string]any {
 	return out
 }
 
+// Lines is JSONLines less the lines whose message is not msg.
+func (s *SyncBuffer) Lines(t testing.TB, msg string) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range s.JSONLines(t) {
+		if l["msg"] == msg {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // String returns everything written so far.
 func (s *SyncBuffer) String() string {
 	s.mu.Lock()
