@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gin-gonic/gin"
+
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -124,4 +126,20 @@ func TestRedisOutOfMemory(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestMultiAppendRoutes: every route multiAppend names is one the ingress
+// serves, so that a renamed route cannot silently lose its out-of-memory
+// message for partial writes.
+func TestMultiAppendRoutes(t *testing.T) {
+	e := newEnv(t)
+	served := map[string]bool{}
+	for _, r := range e.srv.h.(*gin.Engine).Routes() {
+		served[r.Path] = true
+	}
+	for path := range multiAppend {
+		if !served[path] {
+			t.Errorf("multiAppend names %s, which no route serves", path)
+		}
+	}
 }
