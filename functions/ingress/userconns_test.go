@@ -23,10 +23,11 @@ func TestUserConnections(t *testing.T) {
 	e.register("c1", "bob", "inst-a", "room")
 	e.register("c2", "bob", "inst-b")
 	e.register("c3", "carol", "inst-a", "room")
-	// A member whose registration has expired (its instance died) while
-	// its record is still there, and one whose record is gone.
+	// A member whose score is a REGISTRY_TTL past (the registry's grace
+	// for clocks apart) while its record is still there, and one whose
+	// record is gone (its instance died).
 	e.register("dead", "bob", "inst-x")
-	e.rdb.ZAdd(ctx, e.keys.UserConns("bob"), redis.Z{Score: float64(time.Now().Add(-time.Second).UnixMilli()), Member: "dead"})
+	e.rdb.ZAdd(ctx, e.keys.UserConns("bob"), redis.Z{Score: float64(time.Now().Add(-e.srv.cfg.RegistryTTL - time.Second).UnixMilli()), Member: "dead"})
 	e.register("gone", "bob", "inst-x")
 	e.rdb.Del(ctx, e.keys.Conn("gone"))
 
@@ -75,7 +76,7 @@ func TestUserDisconnect(t *testing.T) {
 	e.register("c3", "bob", "inst-b")
 	e.register("c4", "carol", "inst-a", "room")
 	e.register("dead", "bob", "inst-c")
-	e.rdb.ZAdd(t.Context(), e.keys.UserConns("bob"), redis.Z{Score: float64(time.Now().Add(-time.Second).UnixMilli()), Member: "dead"})
+	e.rdb.Del(t.Context(), e.keys.Conn("dead")) // its instance died
 
 	type reply struct {
 		User         string

@@ -62,3 +62,57 @@ func TestMembersLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestClocksApart: the egress that writes a connection's scores and the
+// ingress that reads them have clocks of their own. An egress clock
+// behind and an ingress clock ahead, by most of a TTL between them, still
+// list the connection and leave it in its sets. Before, a reader ahead by
+// more than the time left on a score (20–30 s with the defaults) hid the
+// connection from targeted sends and removed it from the sets until the
+// next refresh.
+func TestClocksApart(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	const ttl = 30 * time.Second
+	writer, ks := newRegistry(t, ttl)
+	writer.now = func() time.Time { return time.Now().Add(-20 * time.Second) }
+	reader := New(writer.rdb, ks, ttl)
+	reader.now = func() time.Time { return time.Now().Add(25 * time.Second) }
+
+	if err := writer.Put(ctx, &Record{ID: "c1", User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second read after the first one's cleanup
+		if recs, err := reader.Channel(ctx, "a", 10); err != nil || !slices.Equal(ids(recs), []string{"c1"}) {
+			t.Fatalf("Channel = %v, %v; want [c1]", ids(recs), err)
+		}
+		if recs, err := reader.User(ctx, "u", 10); err != nil || !slices.Equal(ids(recs), []string{"c1"}) {
+			t.Fatalf("User = %v, %v; want [c1]", ids(recs), err)
+		}
+	}
+	for _, k := range []string{ks.ChannelConns("a"), ks.UserConns("u")} {
+		if err := writer.rdb.ZScore(ctx, k, "c1").Err(); err != nil {
+			t.Fatalf("c1 in %s: %v", k, err)
+		}
+	}
+}
+
+// TestMembersNewestFirst: with more dead members than the read's passes
+// can skip (an instance that crashed with many connections on the
+// channel), the live ones, refreshed since, are still found.
+func TestMembersNewestFirst(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	if err := r.Put(ctx, &Record{ID: "live", User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	// Dead members: no record, scores from an earlier refresh.
+	old := float64(time.Now().Add(30 * time.Second).UnixMilli())
+	for i := range 2 * memberPasses {
+		r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: old, Member: fmt.Sprintf("dead%d", i)})
+	}
+	if recs, err := r.Channel(ctx, "a", 1); err != nil || !slices.Equal(ids(recs), []string{"live"}) {
+		t.Fatalf("Channel limit 1 = %v, %v; want [live]", ids(recs), err)
+	}
+}

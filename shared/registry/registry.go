@@ -5,9 +5,15 @@
 // two kinds of sorted sets: its user's and each subscribed channel's,
 // scored by the unix-ms time its registration expires. The owning egress
 // instance refreshes all of them every TTL/3; when an instance dies, its
-// records expire within TTL and its set members are ignored from then on
-// and removed by the next reader or writer of the set (each set also
+// records expire within TTL and its set members are skipped from then on
+// and removed by a reader once their score is a TTL past (each set also
 // carries a TTL, so a set nobody refreshes disappears whole).
+//
+// Whether a member is live is its record key's to say: Redis expires it,
+// by Redis's clock. The scores are written by the egress's clock and read
+// by the ingress's, so they only bound how long a dead member is read:
+// a reader counts a member until a TTL past its score, and reads the
+// newest first, so that clocks apart by less than a TTL hide nobody.
 package registry
 
 import (
@@ -49,18 +55,19 @@ type Registry struct {
 	rdb  redis.UniversalClient
 	keys keys.Scheme
 	ttl  time.Duration
+	now  func() time.Time // time.Now; another clock in tests
 }
 
 // New returns a Registry whose records live ttl unless refreshed.
 func New(rdb redis.UniversalClient, ks keys.Scheme, ttl time.Duration) *Registry {
-	return &Registry{rdb: rdb, keys: ks, ttl: ttl}
+	return &Registry{rdb: rdb, keys: ks, ttl: ttl, now: time.Now}
 }
 
 // TTL is how long a record outlives its last refresh.
 func (r *Registry) TTL() time.Duration { return r.ttl }
 
 func (r *Registry) expiry() float64 {
-	return float64(time.Now().Add(r.ttl).UnixMilli())
+	return float64(r.now().Add(r.ttl).UnixMilli())
 }
 
 // writeRecord queues the write of rec's record key alone.
@@ -204,23 +211,31 @@ func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 const memberPasses = 4
 
 // members returns the live records of the set at key for which keep (if
-// not nil) is true, at most limit, and drops members whose registration
-// has expired.
+// not nil) is true, at most limit, newest first, and drops members a TTL
+// past their expiry.
+//
+// A member is live while its record is (Redis expires the record). Its
+// score, written by its egress's clock, is compared with this process's
+// with a TTL's grace: an egress whose clock is behind, or a reader whose
+// clock is ahead, by less than that neither hides a live connection nor
+// removes it from the set. A dead member costs one record read per
+// reader for at most that TTL more, and only when the live members do
+// not fill limit first: the most recently refreshed come first.
 func (r *Registry) members(ctx context.Context, key string, limit int64, keep func(*Record) bool) ([]*Record, error) {
-	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	cutoff := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
 	out := []*Record{}
-	// A member refreshed between two passes moves behind the offset
-	// and would be read twice.
+	// A member refreshed between two passes moves to the front: this
+	// read may miss it, and read another one twice (seen drops that).
 	seen := map[string]bool{}
 	var offset int64
 	for pass := 0; pass < memberPasses && int64(len(out)) < limit; pass++ {
 		want := limit - int64(len(out))
-		ids, err := r.rdb.ZRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + now, Max: "+inf", Offset: offset, Count: want}).Result()
+		ids, err := r.rdb.ZRevRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + cutoff, Max: "+inf", Offset: offset, Count: want}).Result()
 		if err != nil {
 			return nil, fmt.Errorf("registry members: %w", err)
 		}
 		if pass == 0 {
-			r.rdb.ZRemRangeByScore(ctx, key, "-inf", now) // best effort cleanup
+			r.rdb.ZRemRangeByScore(ctx, key, "-inf", cutoff) // best effort cleanup
 		}
 		recs, err := r.records(ctx, ids)
 		if err != nil {
