@@ -344,3 +344,88 @@ func TestUnreadableNotification(t *testing.T) {
 		t.Errorf("%d log lines for three unreadable notifications, want 1:\n%s", n, logs.String())
 	}
 }
+
+// TestGapSparesSubscribersAhead: the hub finds a gap in a channel's chain
+// (notifications lost while the stream was trimmed), but two subscribers
+// here had resumed meanwhile and read the missing messages from the
+// stream themselves, one up to the last of them, the other past it: they
+// lost nothing, stay open, and get what follows once each, in order.
+// Those that did miss messages (a live subscriber, and one that resumed
+// before they were published) are closed with 1011 as before, and told
+// recovered:false on resume.
+func TestGapSparesSubscribersAhead(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	lost := ks.Notify("room") + "-lost"
+	// resumed resumes after `after`, reads its replay up to want's last
+	// id, and waits for the answer to a ping, which the connection sends
+	// once the subscribe is done (it is live).
+	resumed := func(after string, want []string) *websocket.Conn {
+		t.Helper()
+		ws := resumeOn(t, e, "room", after)
+		if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+			t.Fatalf("resume after %s: recovered %v, want true", after, r.Recovered)
+		}
+		if len(want) > 0 {
+			got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == want[len(want)-1] })
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("replay after %s: %v (close %d), want %v", after, got, code, want)
+			}
+		}
+		send(t, ws, map[string]any{"type": "ping", "ref": 1})
+		next(t, ws, "pong")
+		return ws
+	}
+
+	live, _ := subscribedTo(t, e, "room")
+	ids := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 1)}
+	if got := nextData(t, live); got != "1" {
+		t.Fatalf("first message %s", got)
+	}
+	behind := resumed(ids[0], nil) // at ids[0], like live
+	for i := 2; i <= 5; i++ {      // their notifications are lost
+		ids = append(ids, appendTo(t, rdb, ks, "room", lost, i))
+	}
+	atEnd := resumed(ids[0], ids[1:5]) // at ids[4], the last message trimmed
+	ids = append(ids, appendTo(t, rdb, ks, "room", lost, 6))
+	ahead := resumed(ids[0], ids[1:6]) // at ids[5], past it
+	if err := rdb.XTrimMaxLen(t.Context(), ks.Stream("room"), 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), 7)) // shows the gap
+	ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), 8))
+
+	for name, ws := range map[string]*websocket.Conn{"live": live, "behind": behind} {
+		if got, code := readMessages(ws, 5*time.Second, nil); code != protocol.CloseInternal || len(got) != 0 {
+			t.Errorf("%s subscriber after the gap: messages %v, close %d; want none and %d", name, got, code, protocol.CloseInternal)
+		}
+	}
+	for _, c := range []struct {
+		name string
+		ws   *websocket.Conn
+		want []string
+	}{
+		{"atEnd", atEnd, ids[5:]},
+		{"ahead", ahead, ids[6:]},
+	} {
+		got, code := readMessages(c.ws, 5*time.Second, func(id string) bool { return id == ids[len(ids)-1] })
+		if code != 0 || fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("%s subscriber after the gap: messages %v, close %d; want %v and open", c.name, got, code, c.want)
+		}
+	}
+	if n := e.s.hub.gaps.Load(); n != 1 {
+		t.Errorf("gaps counted: %d, want 1", n)
+	}
+	if !strings.Contains(logs.String(), `"msg":"stream gap"`) || !strings.Contains(logs.String(), `"closed":2,"kept":2}`) {
+		t.Errorf("no stream gap log line with closed 2, kept 2:\n%s", logs.String())
+	}
+
+	// A subscriber that was closed is told on resume.
+	r := next(t, resumeOn(t, e, "room", ids[0]), "subscribed")
+	if r.Recovered == nil || *r.Recovered || r.Position != ids[4] {
+		t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[4])
+	}
+}

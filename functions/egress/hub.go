@@ -451,12 +451,23 @@ func (h *hub) restarted(cs *chanState) {
 }
 
 // gap handles messages after cs.last that are gone from the stream before
-// this instance delivered them. The channel's subscribers here cannot get
-// them, and delivering past them would hide the loss: each is closed with
-// 1011 instead, resumes, and is told recovered:false. The channel goes on
-// from `from`, the position the stream goes on from, so that a subscriber
-// joining now is given a position it can resume from. Targeted messages
-// (the inbox) are not resumable: the loss is logged and counted.
+// this instance delivered them. A subscriber here that lacks them cannot
+// get them, and delivering past them would hide the loss: it is closed
+// with 1011 instead, resumes, and is told recovered:false. The channel
+// goes on from `from`, the position the stream goes on from, so that a
+// subscriber joining now is given a position it can resume from.
+// Targeted messages (the inbox) are not resumable: the loss is logged and
+// counted.
+//
+// When `from` is past cs.last it is the last id missing (Resume: the
+// predecessor of the oldest entry left, or the stream's last id when none
+// is), and a subscriber whose replay from the stream already reached it
+// (its skip id is at or past `from`: it resumed here while the
+// notifications were lost) lacks nothing; it is left open, and gets the
+// messages after its skip id as usual. Every other subscriber, and every
+// connection still replaying (its position is not known until it
+// finishes), is closed. A `from` not past cs.last (a stream behind the
+// ids delivered, or a chain Resume could not read) closes them all.
 func (h *hub) gap(cs *chanState, from stream.ID) {
 	h.gaps.Add(1)
 	if cs == h.inbox {
@@ -465,10 +476,35 @@ func (h *hub) gap(cs *chanState, from stream.ID) {
 		return
 	}
 	cs.mu.Lock()
-	n := cs.closeAllLocked("messages were trimmed before delivery: resume")
-	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "closed", n)
+	closed, kept := cs.closeMissingLocked(cs.last, from, "messages were trimmed before delivery: resume")
+	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "closed", closed, "kept", kept)
 	cs.last = from
 	cs.mu.Unlock()
+}
+
+// closeMissingLocked closes with 1011 and reason the channel's
+// subscribers and resumers here that may lack a message after `after` up
+// to and including `through`, and returns how many it closed and how many
+// it kept: only subscribers whose skip id is at or past `through`, and
+// only when `through` is past `after` (otherwise it closes them all, as
+// closeAllLocked). cs.mu is held.
+func (cs *chanState) closeMissingLocked(after, through stream.ID, reason string) (closed, kept int) {
+	if !after.Less(through) {
+		return cs.closeAllLocked(reason), 0
+	}
+	for c, skip := range cs.subs {
+		if !skip.Less(through) {
+			kept++
+			continue
+		}
+		c.closeWith(protocol.CloseInternal, reason, true)
+		closed++
+	}
+	for c := range cs.resuming {
+		c.closeWith(protocol.CloseInternal, reason, true)
+		closed++
+	}
+	return closed, kept
 }
 
 // closeAllLocked closes the channel's subscribers and resumers here with
