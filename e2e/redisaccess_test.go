@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -375,4 +376,101 @@ func TestRedisACLRuleMissing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("refused, as it should be: %s", strings.Join(permissionErrors(admin, eg), "; "))
+}
+
+// selectRule returns the rule docs/deployment.md ("TLS and ACL users")
+// says a REDIS_URL with a database other than 0 needs on top of the ACL
+// SETUSER line, as the page gives it.
+func selectRule(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "deployment.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("database other than 0 also needs\\s+`([^`]+)`").FindSubmatch(b)
+	if m == nil {
+		t.Fatal("docs/deployment.md does not say what a database other than 0 needs")
+	}
+	return string(m[1])
+}
+
+// TestRedisACLUserOtherDB runs both functions on database 3 of a Redis
+// (REDIS_URL's /3) as a user with the ACL line of docs/deployment.md and
+// the rule it gives for a database other than 0, over every path that
+// uses Redis, and fails on anything Redis refused them or on a key of
+// theirs in database 0.
+func TestRedisACLUserOtherDB(t *testing.T) {
+	const password = "acl-pw-db3-5c8e1f0a27"
+	srv := redistest.Start(t)
+	admin := redis.NewClient(srv.Options())
+	t.Cleanup(func() { admin.Close() })
+	o := srv.Options()
+	o.DB = 3
+	admin3 := redis.NewClient(o)
+	t.Cleanup(func() { admin3.Close() })
+	prefix := redistest.Prefix(t)
+	setACLUser(t, admin, append(aclRules(t, prefix, password), selectRule(t)))
+	e := pathEnv(prefix)
+	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/3"
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	redisPath(t, in, eg, admin3, prefix)
+	noPermission(t, admin, in, eg)
+
+	ctx := context.Background()
+	if ks, err := admin3.Keys(ctx, prefix+":*").Result(); err != nil || len(ks) == 0 {
+		t.Errorf("database 3 holds %d keys of the functions (%v), want some", len(ks), err)
+	}
+	if ks, err := admin.Keys(ctx, "*").Result(); err != nil || len(ks) != 0 {
+		t.Errorf("database 0 holds %v (%v), want nothing", ks, err)
+	}
+}
+
+// TestRedisACLSelectMissing: a user without the rule for a database
+// other than 0 cannot select it, so every connection of the functions is
+// refused. Both start but are not ready, Redis's ACL LOG names the
+// command, and each function says why in a warning or an error (Redis's
+// refusal of SELECT), without the password.
+func TestRedisACLSelectMissing(t *testing.T) {
+	const password = "acl-pw-nosel-9d2b7e4c13"
+	srv := redistest.Start(t)
+	admin := redis.NewClient(srv.Options())
+	t.Cleanup(func() { admin.Close() })
+	prefix := redistest.Prefix(t)
+	setACLUser(t, admin, aclRules(t, prefix, password))
+	e := pathEnv(prefix)
+	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/3"
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	for _, p := range []*proc{in, eg} {
+		var why string
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if err := httpStatus(p.URL+"/readyz", 503); err != nil {
+				return err
+			}
+			for l := range strings.Lines(p.Logs()) {
+				var rec struct{ Level, Msg, Err string }
+				if json.Unmarshal([]byte(l), &rec) == nil && (rec.Level == "WARN" || rec.Level == "ERROR") &&
+					strings.Contains(rec.Err, "NOPERM") && strings.Contains(rec.Err, "'select'") {
+					why = rec.Msg + ": " + rec.Err
+					return nil
+				}
+			}
+			return fmt.Errorf("%s has not said that Redis refused select:\n%s", p.name, p.Logs())
+		})
+		if err := httpStatus(p.URL+"/readyz", 503); err != nil {
+			t.Errorf("%s: %v", p.name, err)
+		}
+		if strings.Contains(p.Logs(), password) {
+			t.Errorf("%s logged the password:\n%s", p.name, p.Logs())
+		}
+		t.Logf("%s says: %s", p.name, why)
+	}
+	var refused bool
+	for _, e := range permissionErrors(admin) {
+		refused = refused || strings.Contains(e, `"select"`)
+	}
+	if !refused {
+		t.Errorf("Redis's ACL LOG does not show select refused: %v", permissionErrors(admin))
+	}
 }

@@ -75,3 +75,39 @@ func TestRedisRefusesCommand(t *testing.T) {
 		})
 	}
 }
+
+// TestReadyzRefusedLogs: an ACL user that may not select REDIS_URL's
+// database (docs/deployment.md: `+select`) has every connection refused,
+// so /readyz answers 503 from the start, and the log says why at once,
+// before any request comes, and once however often it is probed.
+func TestReadyzRefusedLogs(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	prefix := redistest.Prefix(t)
+	admin := redis.NewClient(rs.Options())
+	defer admin.Close()
+	if err := admin.Do(t.Context(), "ACL", "SETUSER", "pub", "reset", "on", ">pw", "~"+prefix+":*", "&"+prefix+":*", "+ping", "+role").Err(); err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(rs.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.User = url.UserPassword("pub", "pw")
+	u.Path = "/3"
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: u.String(), Timeout: time.Second, KeyPrefix: prefix}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	for range 3 {
+		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
+			t.Fatalf("readyz: %d %s, want 503", w.Code, w.Body)
+		}
+		e.srv.ready = redisconn.NewReadiness(e.rdb, 0) // each probe asks Redis
+	}
+	lines := logs.Lines(t, "redis refused a command")
+	if len(lines) != 1 || lines[0]["level"] != "ERROR" {
+		t.Fatalf("3 refused probes logged %d \"redis refused a command\", want one error:\n%s", len(lines), logs.String())
+	}
+	if s, _ := lines[0]["err"].(string); !strings.Contains(s, "NOPERM") || !strings.Contains(s, "select") {
+		t.Errorf("the log line does not give Redis's reason: %v", lines[0])
+	}
+}

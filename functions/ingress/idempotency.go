@@ -100,8 +100,11 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		// The write stands; free the claim, or a retry (its reply lost
 		// too) would get 409 until the claim expires. The retry runs
 		// again and gets this attempt's ids from the once-keys.
-		s.log.Warn("idempotency record not saved", "err", err.Error())
+		// Once per outage (an episode), not per request.
+		s.unsaved.Fail(err, "route", c.FullPath())
 		s.claims.release(ctx, rkey, string(pending), until)
+	} else {
+		s.unsaved.OK()
 	}
 	writeJSON(c, status, resp)
 }

@@ -612,6 +612,57 @@ func TestIdempotencyRecordLost(t *testing.T) {
 	}
 }
 
+// TestIdempotencyRecordNotSavedLogsOnce: the result records that cannot be
+// saved during a Redis outage (each publish written and answered 202, its
+// record lost) are logged once for the whole outage, not once per
+// publish, and a record saved again ends it with one line counting them.
+func TestIdempotencyRecordNotSavedLogsOnce(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var on atomic.Bool
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
+	}})
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(logs, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+	e.srv.unsaved.Quiet = 100 * time.Millisecond
+
+	on.Store(true)
+	const publishes = 40
+	for i := range publishes {
+		if w := e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", fmt.Sprint("k", i)); w.Code != 202 {
+			t.Fatalf("publish %d: %d %s", i, w.Code, w.Body)
+		}
+	}
+	var warns []map[string]any
+	for _, l := range logs.JSONLines(t) {
+		if l["level"] == "WARN" || l["level"] == "ERROR" {
+			warns = append(warns, l)
+		}
+	}
+	if len(warns) != 1 || warns[0]["msg"] != "idempotency record not saved" || warns[0]["err"] == nil {
+		t.Fatalf("%d records not saved wrote %d warnings, want one that says the error:\n%s", publishes, len(warns), logs.String())
+	}
+
+	on.Store(false)
+	if w := e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "saved"); w.Code != 202 {
+		t.Fatalf("publish with Redis back: %d %s", w.Code, w.Body)
+	}
+	var back []map[string]any
+	testkit.Eventually(t, 5*time.Second, func() error {
+		back = logs.Lines(t, "idempotency records saved again")
+		if len(back) != 1 {
+			return fmt.Errorf("recovery logged %d times, want once:\n%s", len(back), logs.String())
+		}
+		return nil
+	})
+	if n, _ := back[0]["failures"].(float64); n != publishes {
+		t.Errorf("recovery line counts %v records not saved, want %d: %v", back[0]["failures"], publishes, back[0])
+	}
+}
+
 // TestCorruptIdempotencyRecord: a record that is not one (an operator's
 // write, another application under the prefix) answers 500 internal,
 // which no retry mends, with an error line naming the key, as api.md

@@ -67,3 +67,25 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 		t.Errorf("recovery line counts %v failed requests, want at least %d: %v", back[0]["failures"], requests, back[0])
 	}
 }
+
+// TestReadyzOutageLogs: an ingress that no request reaches while Redis is
+// down (or refuses its password) is asked only /readyz, by the platform or
+// a load balancer. Its 503s are logged as the outage they are, once, with
+// the error: before, nothing said why it never became ready.
+func TestReadyzOutageLogs(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	rs.Stop()
+	for range 3 {
+		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
+			t.Fatalf("readyz with Redis down: %d %s", w.Code, w.Body)
+		}
+		e.srv.ready = redisconn.NewReadiness(e.rdb, 0) // each probe asks Redis
+	}
+	lines := logs.Lines(t, "redis unavailable")
+	if len(lines) != 1 || lines[0]["level"] != "WARN" || lines[0]["err"] == nil || lines[0]["route"] != "/readyz" {
+		t.Fatalf("3 probes with Redis down logged %d \"redis unavailable\", want one warning with the error and the route:\n%s", len(lines), logs.String())
+	}
+}

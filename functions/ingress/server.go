@@ -50,6 +50,12 @@ type Server struct {
 	// wrote, once while reads keep finding them: a line per entry and
 	// read would let any reader of such a channel fill the log.
 	undecodable *logging.Episode
+	// unsaved logs the Idempotency-Key replies that could not be stored
+	// after their publish was written (answered 202 all the same): an
+	// episode of its own, not redisDown's, which counts requests answered
+	// 503 and ends at any command Redis carries out; this one ends only
+	// when a reply is stored again.
+	unsaved *logging.Episode
 }
 
 func init() { gin.SetMode(gin.ReleaseMode) }
@@ -84,11 +90,13 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	s.redisOOM = &logging.Episode{Log: log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
 		Then: "Redis is at its maxmemory and refuses writes: publishes, sends and disconnects are answered 503 with Retry-After: 5 and nothing of them is written, reads go on; free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when an append succeeds again"}
 	s.redisRefused = &logging.Episode{Log: log, Msg: "redis refused a command", Back: "redis accepts the commands again", Error: true,
-		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts"}
+		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal (and /readyz 503 if its probe is refused, as every command is without +select for the database of REDIS_URL) until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
 	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",
 		Then: "history pages leave them out (another application writing under REDIS_KEY_PREFIX, or another release's format); logged again every 30s while reads find them"}
+	s.unsaved = &logging.Episode{Log: log, Msg: "idempotency record not saved", Back: "idempotency records saved again",
+		Then: "the requests were written and answered as usual, but their Idempotency-Key replies were not stored: a retry with one of those keys runs again and writes nothing twice (docs/api.md, Idempotency-Key); logged again every 30s while it lasts and once when a reply is stored again"}
 	rdb.AddHook(redisHook{m: s.metrics, up: s.redisUp})
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		// Appends waiting for replicas run on the masters' clients,
@@ -119,9 +127,20 @@ func (s *Server) handleHealthz(c *gin.Context) {
 }
 
 // handleReadyz answers 200 while Redis answers. The result is cached for
-// 500 ms so a probe storm does not become a Redis storm.
+// 500 ms so a probe storm does not become a Redis storm. A failed probe
+// counts in the episodes the API's requests log (an instance that no
+// request reaches while it is not ready would otherwise never say why):
+// refused to the functions' ACL user (no +select for REDIS_URL's
+// database, or no +ping), a refused command, which lasts until an
+// operator mends the user; anything else (Redis down, a wrong password),
+// Redis unavailable.
 func (s *Server) handleReadyz(c *gin.Context) {
 	if err := s.ready.Check(c.Request.Context()); err != nil {
+		if redisconn.Refused(err) {
+			s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		} else {
+			s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		}
 		c.Header("Retry-After", "1")
 		c.JSON(503, gin.H{"status": "unavailable", "redis": "down"})
 		return
