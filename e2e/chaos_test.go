@@ -136,16 +136,14 @@ func TestChaosDelivery(t *testing.T) {
 		ends   = map[string]int{} // how the clients' connections ended
 	)
 	noteEnd := func(err error) {
-		var code int
 		var re *client.RefusedError
+		var de *client.DisconnectError
 		what := "lost or not connected"
 		switch {
 		case errors.As(err, &re):
 			what = fmt.Sprintf("refused %d", re.Status)
-		case err != nil:
-			if _, e := fmt.Sscanf(err.Error(), "client: closed by the server: %d", &code); e == nil {
-				what = fmt.Sprintf("closed %d", code)
-			}
+		case errors.As(err, &de):
+			what = fmt.Sprintf("closed %d", de.Code)
 		}
 		endsMu.Lock()
 		ends[what]++

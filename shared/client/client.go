@@ -259,6 +259,19 @@ func (e *CloseError) Error() string {
 	return fmt.Sprintf("closed by the server with %d (%s): not reconnecting", e.Code, e.Reason)
 }
 
+// DisconnectError is a server close after which the client reconnects
+// (and resumes): the error OnState is given with StateDisconnected, so
+// that an application can tell a drain (1001) or the platform's idle
+// (4000) and lifetime (4001) closes from a lost connection.
+type DisconnectError struct {
+	Code   int
+	Reason string
+}
+
+func (e *DisconnectError) Error() string {
+	return fmt.Sprintf("client: closed by the server: %d %s", e.Code, e.Reason)
+}
+
 // ErrClosed is returned by calls on a closed client.
 var ErrClosed = errors.New("client: closed")
 
@@ -845,7 +858,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 				if !retryable(ce.Code) {
 					return ce.Code, welcomed, &CloseError{Code: ce.Code, Reason: ce.Text}
 				}
-				return ce.Code, welcomed, fmt.Errorf("client: closed by the server: %d %s", ce.Code, ce.Text)
+				return ce.Code, welcomed, &DisconnectError{Code: ce.Code, Reason: ce.Text}
 			}
 			if errors.Is(err, websocket.ErrReadLimit) {
 				// Final, as the server's 1009: the resume would bring the

@@ -419,6 +419,40 @@ func TestFinalCloseCodes(t *testing.T) {
 	}
 }
 
+// TestReconnectingCloseCodes: a server close the client reconnects after
+// (a drain's 1001, the egress's idle and lifetime closes, 1011) is given
+// to OnState with StateDisconnected as a *DisconnectError with its code
+// and reason, so that an application can tell them from a lost
+// connection without reading the error's text.
+func TestReconnectingCloseCodes(t *testing.T) {
+	for _, code := range []int{protocol.CloseGoingAway, protocol.CloseIdleTimeout, protocol.CloseLifetime, protocol.CloseInternal} {
+		url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(code, "go elsewhere"), time.Now().Add(time.Second))
+			_, _, _ = ws.ReadMessage()
+		})
+		lost := make(chan error, 10)
+		c, err := Dial(Options{URL: url, MinBackoff: time.Second, MaxBackoff: time.Second, OnState: func(s State, err error) {
+			if s == StateDisconnected {
+				lost <- err
+			}
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-lost:
+			var de *DisconnectError
+			if !errors.As(err, &de) || de.Code != code || de.Reason != "go elsewhere" {
+				t.Errorf("close %d: OnState(disconnected, %#v), want a *DisconnectError with the code and reason", code, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("close %d: no disconnected state", code)
+		}
+		c.Close()
+	}
+}
+
 // TestReadLimit: a server frame over ReadLimit (by default
 // DefaultReadLimit, which a message at SCF's 256 KB cap is well within)
 // is not read: the client closes the connection with 1009 and stops for
