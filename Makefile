@@ -43,12 +43,16 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # -race (which needs cgo), and Node.js for the Node example of
 # docs/security.md (e2e/docexamples_test.go).
 APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev node:nodejs
+# make upgrade-check runs the release at this git ref (a commit, a tag, a
+# branch) side by side with the checkout: the commit the checked-out code
+# will replace in a deploy (docs/deployment.md, "Upgrading").
+BASE        ?= 5fc6fb9
 SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: build run test bench soak package lint fuzz deps clean help
+.PHONY: build run test bench soak upgrade-check package lint fuzz deps clean help
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/' -e 's|$$(DIST)|$(DIST)|g' -e 's|$$(FUZZTIME)|$(FUZZTIME)|g'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/' -e 's|$$(DIST)|$(DIST)|g' -e 's|$$(FUZZTIME)|$(FUZZTIME)|g'
 
 build: ## build bin/ingress and bin/egress for this machine
 	@mkdir -p $(BIN)
@@ -80,6 +84,19 @@ bench: ## run the benchmark harness (bench/cmd/bench); CENTRIFUGO=1 compares wit
 
 soak: ## a long run under traffic and churn that samples memory, fds, goroutines and Redis keys, then checks delivery and leftovers (bench/cmd/soak; SOAK_ARGS='-duration 12m'); see docs/soak.md
 	@cd bench && $(GO) run ./cmd/soak $(SOAK_ARGS)
+
+upgrade-check: ## run BASE's ingress and egress (a git ref; default 5fc6fb9) side by side with the checkout's on one Redis and check that nothing is lost, duplicated or misrouted (bench/cmd/upgrade; docs/deployment.md)
+	@tmp=$$(mktemp -d -t wsrelay-upgrade-XXXXXX); \
+	cleanup() { git worktree remove --force "$$tmp/base" >/dev/null 2>&1 || true; rm -rf "$$tmp"; }; \
+	trap cleanup EXIT; trap 'exit 130' INT TERM; \
+	rev=$$(git rev-parse --verify --quiet "$(BASE)^{commit}") || { echo "upgrade-check: BASE=$(BASE) is no commit here" >&2; exit 1; }; \
+	echo "upgrade-check: building $(BASE) ($${rev:0:10}) in a temporary worktree with its own make build"; \
+	git worktree add --detach --quiet "$$tmp/base" "$$rev"; \
+	$(MAKE) --no-print-directory -C "$$tmp/base" build BIN="$$tmp/old" >/dev/null; \
+	if [ ! -x "$$tmp/old/ingress" ]; then mkdir -p "$$tmp/old"; cp "$$tmp/base/bin/ingress" "$$tmp/base/bin/egress" "$$tmp/old/"; fi; \
+	$(MAKE) --no-print-directory build BIN="$$tmp/new" >/dev/null; \
+	cd bench && $(GO) run ./cmd/upgrade -old "$$tmp/old" -new "$$tmp/new" \
+		-old-name "$(BASE) ($${rev:0:10})" -new-name "$$(git describe --always --dirty)" $(UPGRADE_ARGS)
 
 package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and unzipped in $(DIST)/{ingress,egress}/); LEAN=1 for a lean egress
 	@for f in $(FUNCTIONS); do \

@@ -688,7 +688,7 @@ func containsLines(text, block string) bool {
 // command defines. (TestMakeRun runs `make run`; TestPackage `make
 // package`.)
 func docMake(t *testing.T, d *docExamples, root string) {
-	makeLine := regexp.MustCompile(`^((?:[A-Z_]+=\S+ )*)make(?: ([a-z]+))?((?: [A-Z_]+=(?:'[^']*'|\S+))*)\s*(?:#.*)?$`)
+	makeLine := regexp.MustCompile(`^((?:[A-Z_]+=\S+ )*)make(?: ([a-z-]+))?((?: [A-Z_]+=(?:'[^']*'|\S+))*)\s*(?:#.*)?$`)
 	blocks := d.claimAll("sh", func(b *docBlock) bool {
 		for _, l := range strings.Split(strings.TrimSpace(b.body), "\n") {
 			if !makeLine.MatchString(l) {

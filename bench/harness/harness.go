@@ -237,13 +237,20 @@ func (p *Proc) Pid() int { return p.Cmd.Process.Pid }
 // StartFunction starts bin (ingress or egress) with prefix as key prefix
 // and waits for /readyz. It returns the time from exec to the first 200.
 // extra comes after the defaults, so it can override them (exec keeps the
-// last value of a variable set twice).
+// last value of a variable set twice). Its output goes to the log
+// directory's <bin's name>.log.
 func (e *Env) StartFunction(bin, prefix string, extra ...string) (*Proc, time.Duration, error) {
+	return e.StartNamed(filepath.Base(bin), bin, prefix, extra...)
+}
+
+// StartNamed is StartFunction with the output in <name>.log: for
+// instances of two builds of one function side by side.
+func (e *Env) StartNamed(name, bin, prefix string, extra ...string) (*Proc, time.Duration, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, 0, err
 	}
-	logf, err := os.OpenFile(filepath.Join(e.LogDir, filepath.Base(bin)+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(filepath.Join(e.LogDir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, 0, err
 	}

@@ -47,7 +47,7 @@ func (sc *soakClient) dial() {
 	s := sc.s
 	var c *client.Client
 	c, err := client.Dial(client.Options{
-		URL:        "ws://" + s.lb.addr() + "/ws",
+		URL:        "ws://" + s.lb.Addr() + "/ws",
 		GetToken:   func(context.Context) (string, error) { return token(sc.user), nil },
 		MinBackoff: 100 * time.Millisecond,
 		MaxBackoff: 2 * time.Second,

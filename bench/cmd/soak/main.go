@@ -207,7 +207,7 @@ func (s *soak) restart(slot *egressSlot) error {
 	s.restartMu.Lock()
 	defer s.restartMu.Unlock()
 	old, _ := slot.proc()
-	s.lb.remove(addr(old))
+	s.lb.Remove(addr(old))
 	took, err := harness.Kids.Term(old.Cmd, grace+5*time.Second)
 	if err != nil {
 		return fmt.Errorf("%s: %w", slot.name, err)
@@ -220,7 +220,7 @@ func (s *soak) restart(slot *egressSlot) error {
 	slot.p = p
 	slot.restarts++
 	slot.mu.Unlock()
-	s.lb.add(addr(p))
+	s.lb.Add(addr(p))
 	s.logf("%s drained in %s and started again (restart %d)", slot.name, took.Round(time.Millisecond), slot.restarts)
 	return nil
 }

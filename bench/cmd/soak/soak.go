@@ -32,7 +32,7 @@ type soak struct {
 	rngMu sync.Mutex
 	rng   *rand.Rand
 
-	lb        *balancer
+	lb        *harness.Balancer
 	redisPort int
 	restartMu sync.Mutex // held by a rolling restart and by a sample
 	ingress   *harness.Proc
@@ -88,7 +88,7 @@ func (s *soak) noteErr(kind string, err error) {
 
 func (s *soak) start() error {
 	var err error
-	if s.lb, err = newBalancer(); err != nil {
+	if s.lb, err = harness.NewBalancer(); err != nil {
 		return err
 	}
 	if _, port, ok := strings.Cut(s.env.RedisAddr, ":"); ok {
@@ -103,7 +103,7 @@ func (s *soak) start() error {
 			return err
 		}
 		s.egress[i] = &egressSlot{name: name, p: p}
-		s.lb.add(addr(p))
+		s.lb.Add(addr(p))
 	}
 	s.pubHTTP = &http.Transport{MaxIdleConnsPerHost: 16}
 	s.pub, err = publisher.New(publisher.Options{
@@ -132,7 +132,7 @@ func (s *soak) stopAll() {
 		c.closeClient()
 	}
 	if s.lb != nil {
-		s.lb.close()
+		s.lb.Close()
 	}
 	if s.pubHTTP != nil {
 		s.pubHTTP.CloseIdleConnections()

@@ -1,4 +1,4 @@
-package main
+package harness
 
 import (
 	"io"
@@ -8,11 +8,13 @@ import (
 	"time"
 )
 
-// balancer forwards each connection it accepts to the next of its
+// Balancer forwards each connection it accepts to the next of its
 // backends that takes it, round robin, as the load balancer in front of
 // egress instances does; a rolling restart takes an instance out of it
-// before draining it and puts the new one in once it is ready.
-type balancer struct {
+// before draining it and puts the new one in once it is ready. The soak
+// (make soak) and the upgrade check (make upgrade-check) put one in front
+// of their egress instances. Its methods are safe for concurrent use.
+type Balancer struct {
 	ln net.Listener
 	wg sync.WaitGroup
 
@@ -23,31 +25,35 @@ type balancer struct {
 	closed   bool
 }
 
-func newBalancer() (*balancer, error) {
+// NewBalancer listens on a free port of 127.0.0.1, with no backend yet.
+func NewBalancer() (*Balancer, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	b := &balancer{ln: ln, conns: map[net.Conn]struct{}{}}
+	b := &Balancer{ln: ln, conns: map[net.Conn]struct{}{}}
 	b.wg.Go(b.accept)
 	return b, nil
 }
 
-func (b *balancer) addr() string { return b.ln.Addr().String() }
+// Addr is the host:port clients dial.
+func (b *Balancer) Addr() string { return b.ln.Addr().String() }
 
-func (b *balancer) add(backend string) {
+// Add puts backend (host:port) in the rotation.
+func (b *Balancer) Add(backend string) {
 	b.mu.Lock()
 	b.backends = append(b.backends, backend)
 	b.mu.Unlock()
 }
 
-func (b *balancer) remove(backend string) {
+// Remove takes backend out of the rotation; its connections stay.
+func (b *Balancer) Remove(backend string) {
 	b.mu.Lock()
 	b.backends = slices.DeleteFunc(b.backends, func(s string) bool { return s == backend })
 	b.mu.Unlock()
 }
 
-func (b *balancer) accept() {
+func (b *Balancer) accept() {
 	for {
 		c, err := b.ln.Accept()
 		if err != nil {
@@ -57,7 +63,7 @@ func (b *balancer) accept() {
 	}
 }
 
-func (b *balancer) serve(c net.Conn) {
+func (b *Balancer) serve(c net.Conn) {
 	b.mu.Lock()
 	backends := slices.Clone(b.backends)
 	first := b.next
@@ -94,15 +100,15 @@ func (b *balancer) serve(c net.Conn) {
 }
 
 // pipe copies src to dst, then closes both: one side's end ends the other.
-func (b *balancer) pipe(dst, src net.Conn) {
+func (b *Balancer) pipe(dst, src net.Conn) {
 	_, _ = io.Copy(dst, src)
 	dst.Close()
 	src.Close()
 }
 
-// close stops accepting, cuts every connection and waits for its
+// Close stops accepting, cuts every connection and waits for its
 // goroutines.
-func (b *balancer) close() {
+func (b *Balancer) Close() {
 	b.ln.Close()
 	b.mu.Lock()
 	b.closed = true
