@@ -43,7 +43,6 @@ const (
 	CodeTooManySubs       = "too_many_subscriptions"
 	CodeInvalidToken      = "invalid_token"
 	CodeUnavailable       = "unavailable"
-	CodeInternal          = "internal"
 )
 
 // Close codes (docs/protocol.md). Retryable ones say so.
@@ -55,7 +54,7 @@ const (
 	ClosePolicy        = 1008 // repeated bad frames
 	CloseTooBig        = 1009 // frame over the read limit
 	CloseInternal      = 1011 // server error: reconnect, resume
-	CloseTryAgainLater = 1013 // instance full: reconnect elsewhere
+	CloseTryAgainLater = 1013 // the registry or the inbox is unavailable: reconnect, resume
 	CloseIdleTimeout   = 4000 // no data frame either way for IDLE_TIMEOUT: reconnect, resume
 	CloseLifetime      = 4001 // MAX_LIFETIME reached: reconnect, resume
 	CloseSlowConsumer  = 4002 // outgoing queue overflowed: reconnect, resume
