@@ -586,16 +586,7 @@ func isDone(v any) bool {
 // expires.
 func TestIdempotencyRecordLost(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	var on atomic.Bool
-	// While on, the write of the result record ("done") fails without
-	// running.
-	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
-		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
-	}})
-	ks := keys.Scheme{Prefix: prefix}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
-	t.Cleanup(e.srv.Close)
+	e, on := newEnvRecordsFail(t, slog.New(slog.NewTextHandler(io.Discard, nil)))
 
 	on.Store(true)
 	w1 := e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k")
@@ -618,15 +609,8 @@ func TestIdempotencyRecordLost(t *testing.T) {
 // publish, and a record saved again ends it with one line counting them.
 func TestIdempotencyRecordNotSavedLogsOnce(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	var on atomic.Bool
-	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
-		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
-	}})
-	ks := keys.Scheme{Prefix: prefix}
 	logs := &testkit.SyncBuffer{}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewJSONHandler(logs, nil)), rdb, ks), rdb: rdb, keys: ks}
-	t.Cleanup(e.srv.Close)
+	e, on := newEnvRecordsFail(t, slog.New(slog.NewJSONHandler(logs, nil)))
 	e.srv.unsaved.Quiet = 100 * time.Millisecond
 
 	on.Store(true)
@@ -805,4 +789,20 @@ func TestIdempotencyClaimResent(t *testing.T) {
 	if n := e.xlen("resent"); n != 1 {
 		t.Fatalf("XLEN = %d, want 1", n)
 	}
+}
+
+// newEnvRecordsFail is a server, logging to log, whose writes of an
+// Idempotency-Key's result record ("done") fail without running while
+// the returned switch is on.
+func newEnvRecordsFail(t *testing.T, log *slog.Logger) (*testEnv, *atomic.Bool) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	on := new(atomic.Bool)
+	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
+		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
+	}})
+	ks := keys.Scheme{Prefix: prefix}
+	e := &testEnv{t: t, srv: NewServer(testConfig(t), log, rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+	return e, on
 }
