@@ -442,13 +442,22 @@ func Metrics(base string, names ...string) (map[string]float64, error) {
 }
 
 // TCPConnsTo counts the TCP connections of pid whose remote port is port
-// (e.g. its Redis connections): the sockets among its open descriptors,
-// matched by inode with /proc/<pid>/net/tcp and tcp6.
+// (e.g. its Redis connections).
 func TCPConnsTo(pid, port int) (int, error) {
+	ports, err := TCPLocalPortsTo(pid, port)
+	return len(ports), err
+}
+
+// TCPLocalPortsTo returns the local ports of pid's TCP connections whose
+// remote port is port: the sockets among its open descriptors, matched by
+// inode with /proc/<pid>/net/tcp and tcp6. A server's list of its clients
+// (Redis's CLIENT LIST addr=) names them by these ports, so a test can
+// pick out one process's connections among many.
+func TCPLocalPortsTo(pid, port int) ([]int, error) {
 	dir := "/proc/" + strconv.Itoa(pid)
 	ents, err := os.ReadDir(dir + "/fd")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	inodes := map[string]bool{}
 	for _, e := range ents {
@@ -461,7 +470,7 @@ func TCPConnsTo(pid, port int) (int, error) {
 		}
 	}
 	suffix := fmt.Sprintf(":%04X", port)
-	n := 0
+	var out []int
 	for _, table := range []string{"/net/tcp", "/net/tcp6"} {
 		b, err := os.ReadFile(dir + table)
 		if err != nil {
@@ -470,10 +479,14 @@ func TCPConnsTo(pid, port int) (int, error) {
 		for line := range strings.SplitSeq(string(b), "\n") {
 			// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
 			f := strings.Fields(line)
-			if len(f) > 9 && strings.HasSuffix(f[2], suffix) && inodes[f[9]] {
-				n++
+			if len(f) <= 9 || !strings.HasSuffix(f[2], suffix) || !inodes[f[9]] {
+				continue
+			}
+			_, hex, _ := strings.Cut(f[1], ":")
+			if p, err := strconv.ParseUint(hex, 16, 16); err == nil {
+				out = append(out, int(p))
 			}
 		}
 	}
-	return n, nil
+	return out, nil
 }

@@ -19,100 +19,119 @@ type ack struct {
 	id  string
 }
 
-// fanout runs sockets on egress (one release) and traffic through rel's
-// ingress (the other): channel publishes and batches, sends to a user
-// and to a connection, then reads history and the registry through the
-// same ingress. Channel i's messages carry seq 1000·i + n, so that one
-// delivered on another channel is a seq that channel never had.
-func (u *upgrade) fanout(ctx context.Context, r *result, tag string, egress *harness.Proc, rel *release) {
-	pub := rel.pub
-	var chans []string
-	logs := map[string]*delivery.Log{}
-	acked := map[string][]ack{}
+// traffic is one scenario's clients on one egress, the channels they
+// subscribe to, and what was sent to them through one ingress. Channel
+// i's messages carry seq 1000·i + n, so that one delivered on another
+// channel is a seq that channel never had.
+type traffic struct {
+	chans []string
+	logs  map[string]*delivery.Log
+	acked map[string][]ack
+	next  []int // per channel, its next n
+	ws    []*wsUser
+	// alice has two connections, bob and carol one each.
+	alice      []*wsUser
+	bob, carol *wsUser
+	want       map[*wsUser][]sent // targeted messages each client is owed
+	n          int                // targeted messages sent
+
+	publishes, batches, batched int
+}
+
+// dialTraffic dials four clients of three users on egress, each
+// subscribed to some of three channels upg-<tag>-<i>, and waits until they
+// are welcomed and subscribed. The caller closes t.ws (closeAll), also
+// when it reports false.
+func dialTraffic(ctx context.Context, r *result, tag string, egress *harness.Proc) (*traffic, bool) {
+	t := &traffic{logs: map[string]*delivery.Log{}, acked: map[string][]ack{}, want: map[*wsUser][]sent{}}
 	for i := range 3 {
 		ch := fmt.Sprintf("upg-%s-%d", tag, i)
-		chans = append(chans, ch)
-		logs[ch] = delivery.NewLog()
+		t.chans = append(t.chans, ch)
+		t.logs[ch] = delivery.NewLog()
 	}
-	// alice has two connections; each client subscribes to some channels.
+	t.next = make([]int, len(t.chans))
 	plan := []struct {
 		user  string
 		chans []int
 	}{{"alice", []int{0, 1}}, {"alice", []int{1}}, {"bob", []int{0, 2}}, {"carol", []int{2}}}
-	var ws []*wsUser
-	defer func() { closeAll(ws) }()
 	for _, p := range plan {
 		w, err := dialUser(tag+"-"+p.user, wsURL(egress))
 		if err != nil {
 			r.bad("dial: %v", err)
-			return
+			return t, false
 		}
-		ws = append(ws, w)
+		t.ws = append(t.ws, w)
 		for _, i := range p.chans {
-			if err := w.subscribe(chans[i]); err != nil {
+			if err := w.subscribe(t.chans[i]); err != nil {
 				r.bad("%v", err)
-				return
+				return t, false
 			}
 		}
 	}
-	alice, bob, carol := ws[:2], ws[2], ws[3]
-	if why := eventually(ctx, 10*time.Second, func() string { return ready(ws) }); why != "" {
+	t.alice, t.bob, t.carol = t.ws[:2], t.ws[2], t.ws[3]
+	if why := eventually(ctx, 10*time.Second, func() string { return ready(t.ws) }); why != "" {
 		r.bad("clients not ready after 10 s: %s", why)
+		return t, false
+	}
+	return t, true
+}
+
+func (t *traffic) seq(i int) int { t.next[i]++; return 1000*i + t.next[i] - 1 }
+
+func (t *traffic) record(r *result, ch string, seq int, id string, err error) {
+	if err == nil {
+		err = t.logs[ch].Ack(seq, id)
+	}
+	if err != nil {
+		t.logs[ch].Fail(seq, err)
+		r.bad("publish seq %d to %s: %v", seq, ch, err)
 		return
 	}
+	t.acked[ch] = append(t.acked[ch], ack{seq, id})
+}
 
-	record := func(ch string, seq int, id string, err error) {
-		if err == nil {
-			err = logs[ch].Ack(seq, id)
-		}
-		if err != nil {
-			logs[ch].Fail(seq, err)
-			r.bad("publish seq %d to %s: %v", seq, ch, err)
-			return
-		}
-		acked[ch] = append(acked[ch], ack{seq, id})
-	}
-	next := make([]int, len(chans))
-	seq := func(i int) int { next[i]++; return 1000*i + next[i] - 1 }
-	const rounds = 10
-	publishes, batches, batched := 0, 0, 0
+// publish sends, rounds times, one publish to each channel and one batch
+// of two messages to each.
+func (t *traffic) publish(ctx context.Context, r *result, pub *publisher.Client, rounds int) {
 	for range rounds {
-		for i, ch := range chans {
-			s := seq(i)
+		for i, ch := range t.chans {
+			s := t.seq(i)
 			res, err := pub.Publish(ctx, ch, publisher.Message{Data: map[string]int{"seq": s}})
-			record(ch, s, res.ID, err)
-			publishes++
+			t.record(r, ch, s, res.ID, err)
+			t.publishes++
 		}
 		var items []publisher.Item
 		var seqs []int
-		for i, ch := range chans {
+		for i, ch := range t.chans {
 			for range 2 {
-				s := seq(i)
+				s := t.seq(i)
 				items = append(items, publisher.Item{Channel: ch, Message: publisher.Message{Data: map[string]int{"seq": s}}})
 				seqs = append(seqs, s)
 			}
 		}
 		res, err := pub.PublishBatch(ctx, items)
-		batches++
-		batched += len(items)
+		t.batches++
+		t.batched += len(items)
 		for j, it := range items {
 			if err != nil {
-				record(it.Channel, seqs[j], "", err)
+				t.record(r, it.Channel, seqs[j], "", err)
 				continue
 			}
 			if res[j].Channel != it.Channel {
 				r.bad("batch item %d for %s answered for channel %q", j, it.Channel, res[j].Channel)
 			}
-			record(it.Channel, seqs[j], res[j].ID, nil)
+			t.record(r, it.Channel, seqs[j], res[j].ID, nil)
 		}
 	}
+}
 
-	// Targeted: to a user with two connections, to a user with one, to a
-	// connection of a user who has one and of a user who has two.
-	want := map[*wsUser][]sent{}
-	n := 0
+// sendTargeted sends, rounds times: to a user with two connections, to a
+// user with one, to a connection of a user who has one and of a user who
+// has two.
+func (t *traffic) sendTargeted(ctx context.Context, r *result, pub *publisher.Client, rounds int) {
 	toUser := func(user string, conns []*wsUser) {
-		n++
+		t.n++
+		n := t.n
 		got, err := pub.SendToUser(ctx, user, publisher.Message{Data: map[string]int{"n": n}, Event: "targeted"})
 		switch {
 		case err != nil:
@@ -122,11 +141,12 @@ func (u *upgrade) fanout(ctx context.Context, r *result, tag string, egress *har
 			r.bad("send n=%d to user %s reached %d connections, want %d", n, user, got, len(conns))
 		}
 		for _, w := range conns {
-			want[w] = append(want[w], sent{n, "user"})
+			t.want[w] = append(t.want[w], sent{n, "user"})
 		}
 	}
 	toConn := func(w *wsUser) {
-		n++
+		t.n++
+		n := t.n
 		res, err := pub.SendToConnection(ctx, w.conn(), publisher.Message{Data: map[string]int{"n": n}, Event: "targeted"})
 		switch {
 		case err != nil:
@@ -135,33 +155,58 @@ func (u *upgrade) fanout(ctx context.Context, r *result, tag string, egress *har
 		case res.Connection != w.conn():
 			r.bad("send n=%d to connection %s answered for %q", n, w.conn(), res.Connection)
 		}
-		want[w] = append(want[w], sent{n, "connection"})
+		t.want[w] = append(t.want[w], sent{n, "connection"})
 	}
-	for range 3 {
-		toUser(alice[0].user, alice)
-		toUser(bob.user, []*wsUser{bob})
-		toConn(carol)
-		toConn(alice[1])
+	for range rounds {
+		toUser(t.alice[0].user, t.alice)
+		toUser(t.bob.user, []*wsUser{t.bob})
+		toConn(t.carol)
+		toConn(t.alice[1])
 	}
+}
 
-	if why := eventually(ctx, 15*time.Second, func() string {
-		if o := owed(ws, logs); o != "" {
-			return o
-		}
-		return targetedGot(ws, want)
-	}); why != "" {
+// delivered says what is still owed to a client, or "" once each has
+// every acknowledged message of its channels and its targeted messages.
+func (t *traffic) delivered() string {
+	if o := owed(t.ws, t.logs); o != "" {
+		return o
+	}
+	return targetedGot(t.ws, t.want)
+}
+
+// check waits up to 15 s for everything to arrive, gives a duplicate or a
+// misrouted message time to show up, and adds every breach to r.
+func (t *traffic) check(ctx context.Context, r *result) {
+	if why := eventually(ctx, 15*time.Second, t.delivered); why != "" {
 		r.bad("after 15 s: %s", why)
 	}
-	// Time for a duplicate or a misrouted message to show up.
 	_ = harness.SleepCtx(ctx, 300*time.Millisecond)
-	checkChains(r, ws, logs)
-	checkTargeted(r, ws, want)
-	u.checkHistory(ctx, r, pub, chans, acked)
-	u.checkRegistry(ctx, r, pub, chans, ws)
-	r.count("%d sockets on the %s egress, 3 channels", len(ws), map[string]string{"old": "new", "new": "old"}[rel.name])
-	r.count("through the %s ingress: %d publishes, %d batches of %d messages, %d targeted sends (user and connection), history and registry reads",
-		rel.name, publishes, batches, batched/batches, n)
+	checkChains(r, t.ws, t.logs)
+	checkTargeted(r, t.ws, t.want)
 }
+
+// fanout runs sockets on egress (one release) and traffic through rel's
+// ingress (the other): channel publishes and batches, sends to a user
+// and to a connection, then reads history and the registry through the
+// same ingress.
+func (u *upgrade) fanout(ctx context.Context, r *result, tag string, egress *harness.Proc, rel *release) {
+	t, ok := dialTraffic(ctx, r, tag, egress)
+	defer closeAll(t.ws)
+	if !ok {
+		return
+	}
+	t.publish(ctx, r, rel.pub, 10)
+	t.sendTargeted(ctx, r, rel.pub, 3)
+	t.check(ctx, r)
+	u.checkHistory(ctx, r, rel.pub, t.chans, t.acked)
+	u.checkRegistry(ctx, r, rel.pub, t.chans, t.ws)
+	r.count("%d sockets on the %s egress, 3 channels", len(t.ws), other(rel.name))
+	r.count("through the %s ingress: %d publishes, %d batches of %d messages, %d targeted sends (user and connection), history and registry reads",
+		rel.name, t.publishes, t.batches, t.batched/t.batches, t.n)
+}
+
+// other is the other release's name.
+func other(name string) string { return map[string]string{"old": "new", "new": "old"}[name] }
 
 // checkHistory reads each channel's history through pub: every
 // acknowledged message, in order, with its channel and data; and a read

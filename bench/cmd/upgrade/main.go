@@ -2,13 +2,20 @@
 // one can share Redis during a rolling deploy, as docs/deployment.md
 // ("Upgrading: old and new instances side by side") says: it runs the
 // old and the new ingress and egress binaries side by side on one
-// throwaway redis-server, under one key prefix, and checks four mixes
+// throwaway redis-server, under one key prefix, and checks six mixes
 // for anything lost, duplicated or misrouted:
 //
 //	old-egress+new-ingress  sockets on an old egress; publishes, batches,
 //	                        sends to a user and to a connection, history
 //	                        and registry reads through a new ingress
 //	new-egress+old-ingress  the same the other way round
+//	catch-up-old-egress     sockets on an old egress, which is stopped
+//	                        and its Pub/Sub connection killed in Redis
+//	                        while a new ingress publishes and sends to a
+//	                        user and to a connection: once continued, it
+//	                        reads them from the channels' streams and its
+//	                        inbox stream (the notifications reached nobody)
+//	catch-up-new-egress     the same the other way round
 //	drain-old-to-new        clients of an old egress drained (SIGTERM,
 //	                        close 1001) resume on a new one, recovered and
 //	                        exactly once, while both ingresses publish

@@ -147,6 +147,8 @@ func (u *upgrade) runAll(ctx context.Context) []*result {
 	}{
 		{"old-egress+new-ingress", func(ctx context.Context, r *result) { u.fanout(ctx, r, "a", u.old.egress, &u.new) }},
 		{"new-egress+old-ingress", func(ctx context.Context, r *result) { u.fanout(ctx, r, "b", u.new.egress, &u.old) }},
+		{"catch-up-old-egress", func(ctx context.Context, r *result) { u.catchUp(ctx, r, "d", u.old.egress, &u.new) }},
+		{"catch-up-new-egress", func(ctx context.Context, r *result) { u.catchUp(ctx, r, "e", u.new.egress, &u.old) }},
 		{"drain-old-to-new", u.drain},
 		{"idempotency", u.idempotency},
 	}
