@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -99,6 +100,9 @@ type hub struct {
 	stalling atomic.Int64
 	// badNotify logs the notifications this egress cannot parse.
 	badNotify *logging.Episode
+	// badRoute logs the inbox entries whose route this egress does not
+	// know (another release's, or a renamed field), which reach nobody.
+	badRoute *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
@@ -157,6 +161,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		Gone: "redis reads abandoned"}
 	h.badNotify = &logging.Episode{Log: log, Msg: "unreadable notifications", Back: "notifications readable again",
 		Then: "each is taken as news that its channel's stream grew, which is read from Redis at once (another release's notification format during a rolling upgrade, or something else published on the channel); logged again every 30s while it lasts"}
+	h.badRoute = &logging.Episode{Log: log, Msg: "targeted messages with an unknown route", Back: "targeted messages routable again",
+		Then: "each is dropped and counted in wsrelay_egress_targeted_undelivered_total: an ingress of another release writes routes this one does not know (docs/deployment.md, Upgrading), or something else writes to the instance's inbox stream; logged again every 30s while it lasts"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
 	h.chans[h.inbox.notify] = h.inbox
 	return h
@@ -633,7 +639,12 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		if c != nil {
 			go c.closeWith(4003, "disconnected by operator", true)
 		}
+	default:
+		h.undelivered.Add(1)
+		h.badRoute.Fail(fmt.Errorf("route kind %q in entry %s", route.Kind(), id), "stream", cs.stream)
+		return
 	}
+	h.badRoute.OK()
 }
 
 // acquire returns the live state of channel, subscribing in Redis if this

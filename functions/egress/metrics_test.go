@@ -531,3 +531,42 @@ func TestTargetedUndeliveredCounted(t *testing.T) {
 		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
 	}
 }
+
+// TestUnknownRouteCounted: an inbox entry whose route this release does
+// not know (another release's route, or a field renamed: make
+// upgrade-check's catch-up scenarios) reaches nobody. It is counted as
+// undelivered and logged once per episode, not dropped without a word.
+func TestUnknownRouteCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	<-e.s.hub.inbox.ready
+	live, _, err := e.dial(t, url.Values{"user": {"live"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveID := next(t, live, "welcome").ConnectionID
+	store := stream.NewStore(rdb)
+	var as []stream.Append
+	for _, r := range []stream.Route{"z:" + stream.Route(liveID), "", "z:x", stream.ToConnection(liveID)} {
+		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}})
+	}
+	if _, err := store.Append(t.Context(), as); err != nil {
+		t.Fatal(err)
+	}
+	next(t, live, "message") // the last: the inbox was read through
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != "3" {
+		t.Errorf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
+	}
+	lines := logs.Lines(t, "targeted messages with an unknown route")
+	if len(lines) != 1 || lines[0]["level"] != "WARN" || lines[0]["err"] == nil {
+		t.Fatalf("3 entries with unknown routes logged %d warnings, want one with the error:\n%s", len(lines), logs.String())
+	}
+}
