@@ -702,6 +702,10 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	for {
 		for i := range b.Entries {
 			id := stream.MustParseID(b.Entries[i].ID)
+			if !c.s.hub.sendable(cs, &b.Entries[i]) {
+				last = id // lost to this client too, but passed
+				continue
+			}
 			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, b.Entries[i].Frame()), id: id}) {
 				cs.remove(c)
 				return false

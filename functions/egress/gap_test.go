@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -427,5 +428,70 @@ func TestGapSparesSubscribersAhead(t *testing.T) {
 	r := next(t, resumeOn(t, e, "room", ids[0]), "subscribed")
 	if r.Recovered == nil || *r.Recovered || r.Position != ids[4] {
 		t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[4])
+	}
+}
+
+// TestUndecodableEntrySkipped: a stream entry whose frame no client could
+// read (written by a release that names a field differently: make
+// upgrade-check) is skipped both where the egress reads streams, a
+// resume's replay and a catch-up after a lost notification, and logged
+// once; the messages around it arrive, once each, in order. Before, the
+// egress sent the broken frame.
+func TestUndecodableEntrySkipped(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	live, _ := subscribedTo(t, e, "room")
+
+	first := appendTo(t, rdb, ks, "room", ks.Notify("room"), 1)
+	// The broken entry, in the chain but without its tail, announced
+	// where nobody listens: the live subscriber's egress reads it when the
+	// next notification names it as its predecessor.
+	key := ks.Stream("room")
+	head, _ := (&stream.Message{Channel: "room"}).Frame()
+	broken, err := rdb.XAdd(t.Context(), &redis.XAddArgs{Stream: key, Values: []any{"h", head, "T", `","ts":1,"data":2}`, "g", "", "s", "1", "p", first}}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Set(t.Context(), keys.Last(key), broken, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	last := appendTo(t, rdb, ks, "room", ks.Notify("room"), 3)
+
+	// Every frame, not only the messages readMessages can parse: a frame
+	// that is not JSON is one too many.
+	frames := func(ws *websocket.Conn) []string {
+		var out []string
+		for {
+			_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				return append(out, "error: "+err.Error())
+			}
+			var f struct{ Type, ID string }
+			if json.Unmarshal(b, &f) != nil {
+				out = append(out, "not JSON: "+string(b))
+				continue
+			}
+			if f.Type == "message" {
+				out = append(out, f.ID)
+				if f.ID == last {
+					return out
+				}
+			}
+		}
+	}
+	if got := frames(live); !slices.Equal(got, []string{first, last}) {
+		t.Errorf("live subscriber (catch-up): got %q, want [%s %s]", got, first, last)
+	}
+	resumed := resumeOn(t, e, "room", "0-0")
+	if got := frames(resumed); !slices.Equal(got, []string{first, last}) {
+		t.Errorf("resume: got %q, want [%s %s]", got, first, last)
+	}
+	lines := logs.Lines(t, "undecodable stream entries")
+	if len(lines) != 1 || lines[0]["level"] != "WARN" || lines[0]["id"] != broken {
+		t.Errorf("the skipped entry logged %d warnings, want one naming %s:\n%s", len(lines), broken, logs.String())
 	}
 }

@@ -103,6 +103,10 @@ type hub struct {
 	// badRoute logs the inbox entries whose route this egress does not
 	// know (another release's, or a renamed field), which reach nobody.
 	badRoute *logging.Episode
+	// undecodable logs the stream entries read back (catch-up, resume)
+	// whose frame no client could read (Entry.Sendable), which are
+	// skipped.
+	undecodable *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
 	// messages trimmed or expired before this instance delivered them
 	// (metrics).
@@ -163,6 +167,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		Then: "each is taken as news that its channel's stream grew, which is read from Redis at once (another release's notification format during a rolling upgrade, or something else published on the channel); logged again every 30s while it lasts"}
 	h.badRoute = &logging.Episode{Log: log, Msg: "targeted messages with an unknown route", Back: "targeted messages routable again",
 		Then: "each is dropped and counted in wsrelay_egress_targeted_undelivered_total: an ingress of another release writes routes this one does not know (docs/deployment.md, Upgrading), or something else writes to the instance's inbox stream; logged again every 30s while it lasts"}
+	h.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "stream entries decodable again",
+		Then: "entries read from a stream (a resume, a catch-up) that are no message frame a client could read are skipped, and their messages lost to the clients here: another release's format (docs/deployment.md, Upgrading), or another application writing under REDIS_KEY_PREFIX; logged again every 30s while reads find them"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
 	h.chans[h.inbox.notify] = h.inbox
 	return h
@@ -315,12 +321,45 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error
 			if upto.Less(id) {
 				return nil
 			}
+			if !h.sendable(cs, &b.Entries[i]) {
+				h.pass(cs, id)
+				continue
+			}
 			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS)
 		}
 		if len(b.Entries) < replayBatch {
 			return nil
 		}
 	}
+}
+
+// sendable reports whether e, read from cs's stream, is a frame a client
+// can read (stream.Entry.Sendable), and logs the episode of those that
+// are not.
+func (h *hub) sendable(cs *chanState, e *stream.Entry) bool {
+	if !e.Sendable() {
+		h.undecodable.Fail(errUndecodable, "stream", cs.stream, "id", e.ID)
+		return false
+	}
+	h.undecodable.OK()
+	return true
+}
+
+// errUndecodable is the error of the undecodable episode.
+var errUndecodable = errors.New("a stream entry is no message frame this release can send")
+
+// pass moves cs past an entry it skips (not sendable), as a delivery
+// would: the next notification names it as its predecessor. A targeted
+// one counts as undelivered.
+func (h *hub) pass(cs *chanState, id stream.ID) {
+	if cs == h.inbox {
+		h.undelivered.Add(1)
+		cs.last = id
+		return
+	}
+	cs.mu.Lock()
+	cs.last = id
+	cs.mu.Unlock()
 }
 
 // bounded is ctx with the hub's readTimeout, if it has one.

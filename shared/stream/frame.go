@@ -168,6 +168,18 @@ func (e *Entry) JSON() (MessageJSON, error) {
 	return MessageJSON{Head: string(b.Bytes()[1 : b.Len()-1])}, nil
 }
 
+// Sendable reports whether the entry's frame is one a client can read: a
+// frame as Message.Frame writes it (checked as JSON does, without a
+// decode), or else at least a JSON object. An entry another release
+// wrote in a format this one does not know (a field renamed) is not.
+func (e *Entry) Sendable() bool {
+	if _, ok := e.verbatimHead(); ok {
+		return true
+	}
+	f := e.Frame()
+	return len(f) > 0 && f[0] == '{' && json.Valid(f)
+}
+
 // verbatimHead returns the entry's head without its type field when the
 // entry's frame is its message's JSON (see JSON).
 func (e *Entry) verbatimHead() (string, bool) {

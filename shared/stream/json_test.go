@@ -187,3 +187,27 @@ func FuzzCompactJSON(f *testing.F) {
 	}
 	f.Fuzz(checkCompactJSON)
 }
+
+// TestEntrySendable: an entry is sent to clients when its frame is one
+// Message.Frame writes, or another JSON object; not when a field the
+// frame is built from is missing (another release's format).
+func TestEntrySendable(t *testing.T) {
+	m := Message{Channel: "room", TS: 1700000000000, Data: json.RawMessage(`{"a":1}`)}
+	head, tail := m.Frame()
+	for _, tc := range []struct {
+		name string
+		e    Entry
+		want bool
+	}{
+		{"as written", Entry{ID: "1-0", Head: head, Tail: tail}, true},
+		{"another JSON object", Entry{ID: "1-0", Head: `{"type":"message","id":"`, Tail: `","data":[1]}`}, true},
+		{"no tail", Entry{ID: "1-0", Head: head}, false},
+		{"no head", Entry{ID: "1-0", Tail: tail}, false},
+		{"nothing", Entry{ID: "1-0"}, false},
+		{"not an object", Entry{ID: "1-0", Head: `"`, Tail: `"`}, false},
+	} {
+		if got := tc.e.Sendable(); got != tc.want {
+			t.Errorf("%s: Sendable() = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
