@@ -194,12 +194,16 @@ func FuzzCompactJSON(f *testing.F) {
 func TestEntrySendable(t *testing.T) {
 	m := Message{Channel: "room", TS: 1700000000000, Data: json.RawMessage(`{"a":1}`)}
 	head, tail := m.Frame()
+	// An operator's disconnect, as the ingress writes it to an inbox.
+	x := Message{Route: Disconnect("c1"), TS: 1700000000000, Data: json.RawMessage("null")}
+	xHead, xTail := x.Frame()
 	for _, tc := range []struct {
 		name string
 		e    Entry
 		want bool
 	}{
 		{"as written", Entry{ID: "1-0", Head: head, Tail: tail}, true},
+		{"a disconnect", Entry{ID: "1-0", Head: xHead, Tail: xTail, Route: Disconnect("c1")}, true},
 		{"another JSON object", Entry{ID: "1-0", Head: `{"type":"message","id":"`, Tail: `","data":[1]}`}, true},
 		{"no tail", Entry{ID: "1-0", Head: head}, false},
 		{"no head", Entry{ID: "1-0", Tail: tail}, false},
