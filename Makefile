@@ -19,7 +19,7 @@ LEAN        ?=
 LEAN_TAG    := wsrelay_lean
 # Build tags of each function's binary. nomsgpack is gin's own tag for
 # leaving out its MessagePack binding and rendering, which we do not use:
-# 6 MB less binary and about 1.5 ms less start-up. nethttpomithttp2 is
+# 6 MB less binary and about 1 ms less package init. nethttpomithttp2 is
 # net/http's own tag for leaving out its bundled HTTP/2: both functions
 # serve plain HTTP/1.1 (TLS ends at the gateway, and a WebSocket upgrade is
 # HTTP/1.1), so it is never used, and it is 0.35 MB of every binary
