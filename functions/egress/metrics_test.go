@@ -513,23 +513,30 @@ func TestTargetedUndeliveredCounted(t *testing.T) {
 		}
 		return nil
 	})
-	store := stream.NewStore(rdb)
+	if v := undeliveredAfter(t, rdb, ks, e, live, stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("nobody"), stream.ToConnection(liveID)); v != "3" {
+		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
+	}
+}
+
+// undeliveredAfter appends a message to e's inbox for each route, the
+// last of which must reach live, waits for it there (the inbox was read
+// through), and returns wsrelay_egress_targeted_undelivered_total.
+func undeliveredAfter(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, live *websocket.Conn, routes ...stream.Route) string {
+	t.Helper()
 	var as []stream.Append
-	for _, r := range []stream.Route{stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("nobody"), stream.ToConnection(liveID)} {
+	for _, r := range routes {
 		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
 			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}})
 	}
-	if _, err := store.Append(t.Context(), as); err != nil {
+	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
 		t.Fatal(err)
 	}
-	next(t, live, "message") // the last: the inbox was read through
+	next(t, live, "message")
 	m, err := scrape(e.srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != "3" {
-		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
-	}
+	return metricValue(t, m, "wsrelay_egress_targeted_undelivered_total")
 }
 
 // TestUnknownRouteCounted: an inbox entry whose route this release does
@@ -548,21 +555,7 @@ func TestUnknownRouteCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	liveID := next(t, live, "welcome").ConnectionID
-	store := stream.NewStore(rdb)
-	var as []stream.Append
-	for _, r := range []stream.Route{"z:" + stream.Route(liveID), "", "z:x", stream.ToConnection(liveID)} {
-		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}})
-	}
-	if _, err := store.Append(t.Context(), as); err != nil {
-		t.Fatal(err)
-	}
-	next(t, live, "message") // the last: the inbox was read through
-	m, err := scrape(e.srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != "3" {
+	if v := undeliveredAfter(t, rdb, ks, e, live, "z:"+stream.Route(liveID), "", "z:x", stream.ToConnection(liveID)); v != "3" {
 		t.Errorf("wsrelay_egress_targeted_undelivered_total %s, want 3", v)
 	}
 	lines := logs.Lines(t, "targeted messages with an unknown route")
