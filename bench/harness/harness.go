@@ -9,10 +9,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -32,6 +34,21 @@ type Children struct {
 
 // Kids are the processes this one started.
 var Kids = &Children{procs: make(map[int]*exec.Cmd)}
+
+// Main runs a command's run with the command line's arguments until it
+// returns or the process is interrupted (SIGINT, SIGTERM cancel ctx), then
+// stops every process it started (Kids), and exits 1 with name and the
+// error if run failed.
+func Main(name string, run func(ctx context.Context, args []string, stdout, stderr io.Writer) error) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	Kids.StopAll()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, name+":", err)
+		os.Exit(1)
+	}
+}
 
 // Start runs name with env in its own process group, output to logf.
 func (k *Children) Start(name string, args []string, env []string, logf *os.File) (*exec.Cmd, error) {
