@@ -722,6 +722,12 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 			return false
 		}
 		if !b.Continuous {
+			if !last.Less(r.live) {
+				// Trimmed past the replay while it ran, but only of
+				// messages published since it began, which reach c
+				// from its live buffer: nothing is lost.
+				break
+			}
 			// Trimmed past the replay while it ran (a slow reader on a
 			// busy channel): the client resumes again from what it got
 			// and is told recovered:false then.
@@ -730,11 +736,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 			return false
 		}
 	}
-	if !cs.finishResume(c, r, last) {
-		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
-		return false
-	}
-	return true
+	return cs.finishResume(c, r, last)
 }
 
 func (c *conn) unsubscribe(ctx context.Context, ch string, ref json.RawMessage) bool {

@@ -255,6 +255,88 @@ func TestReplayTrimmedMidway(t *testing.T) {
 	}
 }
 
+// TestReplayTrimmedAtBatchEnd: a replay's first batch is exactly
+// replayBatch entries, so it reads again from the last of them, and
+// before that read what follows is published and the stream trimmed
+// past it (as the ingress trims: MAXLEN ~ on each append). Everything
+// after that entry was published after the replay began, so the hub
+// delivers it into the replay's live buffer: the client lost nothing
+// and stays open, whether the oldest entry left still names the last
+// one replayed (the chain is whole) or not (a burst trimmed the entries
+// between, which stream.Resume reports as a break). Before, the second
+// case closed it with 1011 and its resume said recovered:false.
+func TestReplayTrimmedAtBatchEnd(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name   string
+		burst  int   // messages published before the second read
+		maxLen int64 // the trim each of them makes (MAXLEN ~); 0: one exact trim to the burst
+		whole  bool  // whether the chain from the batch's end survives
+	}{
+		{"to the entry after the batch", 1, 0, true},
+		{"past the batch by a burst", 250, 20, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("busy")
+			var ids []string
+			for i := range replayBatch + 1 { // the resume point and one batch after it
+				ids = append(ids, appendTo(t, rdb, ks, "busy", ks.Notify("busy")+"-x", i))
+			}
+			store := stream.NewStore(rdb)
+			burst := make(chan []string, 1)
+			var reads atomic.Int64
+			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
+				if a := cmd.Args(); !strings.EqualFold(cmd.Name(), "xrange") || len(a) < 2 || a[1] != key || reads.Add(1) != 2 {
+					return
+				}
+				as := make([]stream.Append, tc.burst)
+				for i := range as {
+					as[i] = stream.Append{Stream: key, Notify: ks.Notify("busy"), Limits: stream.Limits{MaxLen: tc.maxLen},
+						Msg: stream.Message{Channel: "busy", TS: time.Now().UnixMilli(), Data: []byte("0")}}
+				}
+				got, err := store.Append(context.Background(), as)
+				if err != nil {
+					t.Error(err)
+				}
+				if tc.maxLen == 0 {
+					err = rdb.XTrimMaxLen(context.Background(), key, int64(tc.burst)).Err()
+				}
+				// The premise: the read from the batch's end finds the
+				// entries after it gone, or not.
+				b, rerr := store.Resume(context.Background(), key, stream.MustParseID(ids[replayBatch]), replayBatch)
+				if err != nil || rerr != nil || b.Continuous != tc.whole {
+					t.Errorf("after the trim: continuous %v, want %v (%v, %v)", b.Continuous, tc.whole, err, rerr)
+				}
+				burst <- got
+			}})
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			ws := resumeOn(t, e, "busy", ids[0])
+			if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+				t.Fatalf("recovered %v, want true", r.Recovered)
+			}
+			var more []string
+			select {
+			case more = <-burst:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the replay made no second read")
+			}
+			want := append(slices.Clone(ids[1:]), more...)
+			last := want[len(want)-1]
+			got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
+			if extra, c := readMessages(ws, 200*time.Millisecond, nil); len(extra) > 0 || c > 0 {
+				got, code = append(got, extra...), c // a duplicate, or the close, would come now
+			}
+			if code != 0 || !slices.Equal(got, want) {
+				t.Fatalf("got %d messages (…%v), close %d; want %d (…%v) once each in order and open",
+					len(got), got[max(0, len(got)-3):], code, len(want), want[len(want)-3:])
+			}
+		})
+	}
+}
+
 // TestResumeAheadOfStream: a subscribe whose `after` is ahead of the
 // stream (a position from another channel, or from a master that failed
 // over) is not recovered, and goes on from the stream's own position:
@@ -428,6 +510,102 @@ func TestGapSparesSubscribersAhead(t *testing.T) {
 	r := next(t, resumeOn(t, e, "room", ids[0]), "subscribed")
 	if r.Recovered == nil || *r.Recovered || r.Position != ids[4] {
 		t.Fatalf("resume: recovered %v, position %s; want false, %s", r.Recovered, r.Position, ids[4])
+	}
+}
+
+// TestGapDuringReplay: the hub finds a gap (notifications lost while the
+// stream was trimmed past what it delivered) while a connection is
+// between its replay's first read and the end of its replay. Its fate is
+// decided when the replay ends: a replay that had read the missing
+// messages from the stream before the trim lacks nothing and stays open;
+// one that had not (a replay of two batches, the gap past its first) is
+// closed with 1011, as a subscriber lacking them is, and its messages
+// before the close have no gap. Before, both were closed.
+func TestGapDuringReplay(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		lost int  // messages after the resume point whose notifications are lost
+		kept bool // whether the replay read them all before the trim
+	}{
+		{"replay read past the missing messages", 4, true},
+		{"replay short of the missing messages", replayBatch + 50, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("room")
+			logs := &testkit.SyncBuffer{}
+			e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+			live, _ := subscribedTo(t, e, "room")
+			ids := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 0)}
+			if got := nextData(t, live); got != "0" {
+				t.Fatalf("first message %s", got)
+			}
+			for i := 1; i <= tc.lost; i++ {
+				ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room")+"-lost", i))
+			}
+			// The replay's first read returns, then waits while the gap
+			// is made and found.
+			reached, release := make(chan struct{}), make(chan struct{})
+			var reads atomic.Int64
+			rdb.AddHook(aroundCmd{after: func(cmd redis.Cmder) {
+				if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key && reads.Add(1) == 1 {
+					close(reached)
+					<-release
+				}
+			}})
+			ws := resumeOn(t, e, "room", ids[0])
+			select {
+			case <-reached:
+			case <-time.After(5 * time.Second):
+				close(release)
+				t.Fatal("the replay made no read")
+			}
+			if err := rdb.XTrimMaxLen(t.Context(), key, 1).Err(); err != nil {
+				close(release)
+				t.Fatal(err)
+			}
+			ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1)) // shows the gap
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if n := e.s.hub.gaps.Load(); n != 1 {
+					return fmt.Errorf("gaps counted: %d, want 1", n)
+				}
+				return nil
+			})
+			close(release)
+			ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), -2))
+
+			if got, code := readMessages(live, 5*time.Second, nil); code != protocol.CloseInternal || len(got) != 0 {
+				t.Errorf("live subscriber after the gap: messages %v, close %d; want none and %d", got, code, protocol.CloseInternal)
+			}
+			last := ids[len(ids)-1]
+			if tc.kept {
+				if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+					t.Fatalf("recovered %v, want true", r.Recovered)
+				}
+				got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
+				if extra, c := readMessages(ws, 200*time.Millisecond, nil); len(extra) > 0 || c > 0 {
+					got, code = append(got, extra...), c
+				}
+				if code != 0 || !slices.Equal(got, ids[1:]) {
+					t.Fatalf("resumed connection: %d messages (…%v), close %d; want %d (…%v) and open",
+						len(got), got[max(0, len(got)-3):], code, len(ids)-1, ids[len(ids)-3:])
+				}
+				if !strings.Contains(logs.String(), `"replaying":1,"closed":1,"kept":0}`) {
+					t.Errorf("no stream gap log line with replaying 1, closed 1, kept 0:\n%s", logs.String())
+				}
+				return
+			}
+			// The subscribed reply (recovered: true) and part of the
+			// first batch may be dropped with the queue at the close.
+			got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
+			if code != protocol.CloseInternal || len(got) > replayBatch || !slices.Equal(got, ids[1:1+len(got)]) {
+				t.Fatalf("resumed connection: %d messages (…%v), close %d; want at most its first batch, in order, then close %d",
+					len(got), got[max(0, len(got)-3):], code, protocol.CloseInternal)
+			}
+		})
 	}
 }
 

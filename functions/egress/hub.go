@@ -67,6 +67,16 @@ type chanState struct {
 type resumer struct {
 	buf      []*queued
 	overflow bool
+	// live is the last id the channel delivered when the replay began:
+	// every message after it reaches buf (or the connection, once
+	// live), unless a gap takes it (below), so that the replay needs
+	// the stream only up to live. Set by startResume.
+	live stream.ID
+	// gap, when not zero, is the last id of the messages a gap took
+	// while the connection replayed (closeMissingLocked), which buf
+	// lacks: finishResume closes the connection unless its replay read
+	// that far. Guarded by the channel's mu.
+	gap stream.ID
 }
 
 // hub owns this instance's Redis subscriptions and fans messages out.
@@ -509,10 +519,11 @@ func (h *hub) restarted(cs *chanState) {
 // is), and a subscriber whose replay from the stream already reached it
 // (its skip id is at or past `from`: it resumed here while the
 // notifications were lost) lacks nothing; it is left open, and gets the
-// messages after its skip id as usual. Every other subscriber, and every
-// connection still replaying (its position is not known until it
-// finishes), is closed. A `from` not past cs.last (a stream behind the
-// ids delivered, or a chain Resume could not read) closes them all.
+// messages after its skip id as usual. Every other subscriber is closed.
+// A connection still replaying, whose position is not known until its
+// replay ends, is judged then the same way (finishResume). A `from` not
+// past cs.last (a stream behind the ids delivered, or a chain Resume
+// could not read) closes them all, replaying or not.
 func (h *hub) gap(cs *chanState, from stream.ID) {
 	h.gaps.Add(1)
 	if cs == h.inbox {
@@ -521,21 +532,27 @@ func (h *hub) gap(cs *chanState, from stream.ID) {
 		return
 	}
 	cs.mu.Lock()
-	closed, kept := cs.closeMissingLocked(cs.last, from, "messages were trimmed before delivery: resume")
-	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "closed", closed, "kept", kept)
+	replaying, closed, kept := cs.closeMissingLocked(cs.last, from, gapReason)
+	h.log.Warn("stream gap", "channel", cs.name, "after", cs.last.String(), "resumes_at", from.String(), "replaying", replaying, "closed", closed, "kept", kept)
 	cs.last = from
 	cs.mu.Unlock()
 }
 
+// gapReason is the close reason of a connection that lacks messages a
+// gap took.
+const gapReason = "messages were trimmed before delivery: resume"
+
 // closeMissingLocked closes with 1011 and reason the channel's
-// subscribers and resumers here that may lack a message after `after` up
-// to and including `through`, and returns how many it closed and how many
-// it kept: only subscribers whose skip id is at or past `through`, and
-// only when `through` is past `after` (otherwise it closes them all, as
-// closeAllLocked). cs.mu is held.
-func (cs *chanState) closeMissingLocked(after, through stream.ID, reason string) (closed, kept int) {
+// subscribers here that may lack a message after `after` up to and
+// including `through`, and returns how many connections still replaying
+// it left for finishResume to judge, how many subscribers it closed and
+// how many it kept: only subscribers whose skip id is at or past
+// `through` are kept, and only when `through` is past `after` (otherwise
+// it closes them all, replaying or not, as closeAllLocked). cs.mu is
+// held.
+func (cs *chanState) closeMissingLocked(after, through stream.ID, reason string) (replaying, closed, kept int) {
 	if !after.Less(through) {
-		return cs.closeAllLocked(reason), 0
+		return 0, cs.closeAllLocked(reason), 0
 	}
 	for c, skip := range cs.subs {
 		if !skip.Less(through) {
@@ -545,11 +562,13 @@ func (cs *chanState) closeMissingLocked(after, through stream.ID, reason string)
 		c.closeWith(protocol.CloseInternal, reason, true)
 		closed++
 	}
-	for c := range cs.resuming {
-		c.closeWith(protocol.CloseInternal, reason, true)
-		closed++
+	for _, r := range cs.resuming {
+		if r.gap.Less(through) {
+			r.gap = through
+		}
+		replaying++
 	}
-	return closed, kept
+	return replaying, closed, kept
 }
 
 // closeAllLocked closes the channel's subscribers and resumers here with
@@ -845,21 +864,29 @@ func (cs *chanState) subscribeLive(c *conn, reply func(position stream.ID) *queu
 
 // startResume registers c as resuming: live messages are buffered for it.
 func (cs *chanState) startResume(c *conn) *resumer {
-	r := &resumer{}
 	cs.mu.Lock()
+	r := &resumer{live: cs.last}
 	cs.resuming[c] = r
 	cs.mu.Unlock()
 	return r
 }
 
 // finishResume queues buffered messages newer than lastSent and makes c a
-// live subscriber. It reports false if the buffer overflowed (the caller
-// closes c as a slow consumer: it resumes again on reconnect).
+// live subscriber. Instead it closes c, and reports false, when the
+// buffer overflowed (4002: c resumes again, as a slow consumer) or when
+// a gap while c replayed took messages after lastSent (1011, as gap
+// closes a subscriber that lacks them: c resumes and is told
+// recovered:false).
 func (cs *chanState) finishResume(c *conn, r *resumer, lastSent stream.ID) bool {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	delete(cs.resuming, c)
 	if r.overflow {
+		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
+		return false
+	}
+	if lastSent.Less(r.gap) {
+		c.closeWith(protocol.CloseInternal, gapReason, true)
 		return false
 	}
 
