@@ -80,7 +80,7 @@ type conn struct {
 
 	closeOnce sync.Once
 	// closeStarted is set as closeWith starts: the sweep then leaves the
-	// connection alone (no pings, and no goroutine per tick for a cause
+	// connection alone (no pings, and no close again per tick for a cause
 	// that matches again while the close waits for the client's reply).
 	closeStarted atomic.Bool
 	closeCode    int
@@ -425,6 +425,9 @@ func (c *conn) ping() {
 // the writer and drops the queue, but for the closes the client's own
 // frames caused (keepsQueue); the reader ends when the client answers
 // or after WriteTimeout plus a second. 1006 closes the socket at once.
+// It never waits for the socket, so the fan-out, the sweep and the drain
+// call it in their own goroutine, not in one started for it that nothing
+// would wait for; the writer it starts is the connection's (finishWrites).
 func (c *conn) closeWith(code int, reason string, byServer bool) {
 	c.closeOnce.Do(func() {
 		c.closeStarted.Store(true)

@@ -695,7 +695,9 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		c := h.conns[route.Target()]
 		h.mu.Unlock()
 		if c != nil {
-			go c.closeWith(4003, "disconnected by operator", true)
+			// Here, not in a goroutine of its own: closeWith does not
+			// wait for the socket (the writer sends the close frame).
+			c.closeWith(4003, "disconnected by operator", true)
 		}
 	default:
 		h.undelivered.Add(1)

@@ -193,8 +193,11 @@ func (s *Server) drain() {
 	s.drainMu.Unlock()
 	conns := s.hub.snapshotConns()
 	s.log.Info("draining", "connections", len(conns))
+	// Closed here, one after the other: closeWith does not wait for the
+	// socket (the writer sends the close frame), so no goroutine is
+	// started for it that nothing would wait for.
 	for _, c := range conns {
-		go c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
+		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
 	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
@@ -334,25 +337,31 @@ func (s *Server) recordsLost(ctx context.Context) bool {
 	return err == nil && n == 0
 }
 
+// sweepConns closes the connections whose time is up and pings the
+// others. The closes run here, in the sweep, which owns them: closeWith
+// does not wait for a slow socket (the connection's writer sends the
+// close frame, bounded by WRITE_TIMEOUT, and its handler waits for the
+// writer), so a goroutine per close would only be one that nothing waits
+// for.
 func (s *Server) sweepConns(now time.Time) {
 	for _, c := range s.hub.snapshotConns() {
 		if c.closeStarted.Load() {
 			continue
 		}
 		if c.lifetime > 0 && now.Sub(c.openedAt) >= c.lifetime {
-			go c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
+			c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
 			continue
 		}
 		if s.cfg.IdleTimeout > 0 && now.Sub(time.Unix(0, c.lastData.Load())) >= s.cfg.IdleTimeout {
-			go c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
+			c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
 			continue
 		}
 		if c.expired(now) {
-			go c.closeExpired()
+			c.closeExpired()
 			continue
 		}
 		if now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
-			go c.closeWith(1006, "missed pong", true)
+			c.closeWith(1006, "missed pong", true)
 			continue
 		}
 		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {

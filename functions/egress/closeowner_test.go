@@ -1,0 +1,147 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
+)
+
+// TestClosesEndWithTheirCaller: the sweep (lifetime, idle, token expiry,
+// missed pong), the hub's operator disconnect and the drain close a
+// connection in their own goroutine, not in one started for it that
+// nothing waits for (docs/design.md, Connections): when they return, the
+// close has been made, and nothing of it outlives them but the
+// connection's writer, which its handler waits for. And they do not wait
+// for a slow socket: each connection's writer is blocked in a write its
+// peer, which reads nothing, never takes, and the close returns at once
+// (the writer sends the close frame when the socket takes it, or gives
+// up after WRITE_TIMEOUT).
+func TestClosesEndWithTheirCaller(t *testing.T) {
+	const writeTimeout = 30 * time.Second // longer than the test: a close that waited for the socket would show
+	newServer := func(t *testing.T) *Server {
+		log := slog.New(slog.NewTextHandler(io.Discard, nil))
+		return &Server{
+			cfg: Config{SendQueue: 1 << 20, WriteTimeout: writeTimeout, PingInterval: time.Hour, IdleTimeout: time.Hour, ShutdownGrace: time.Second},
+			log: log,
+			hub: newHub(log, nil, keys.Scheme{Prefix: "t:"}, "i", 16),
+		}
+	}
+	frame := wsFrame(opText, bytes.Repeat([]byte("x"), 8<<10))
+	// stalled is a registered connection whose writer is in the middle
+	// of a write that its peer, reading nothing, never takes.
+	stalled := func(t *testing.T, s *Server, id string) *conn {
+		server, client := tcpPair(t)
+		_ = server.(*net.TCPConn).SetWriteBuffer(4 << 10)
+		_ = client.(*net.TCPConn).SetReadBuffer(4 << 10)
+		now := time.Now()
+		c := &conn{s: s, nc: server, id: id, done: make(chan struct{}), openedAt: now}
+		c.lastData.Store(now.UnixNano())
+		c.lastRead.Store(now.UnixNano())
+		c.lastPing.Store(now.UnixNano())
+		c.mu.Lock()
+		for range 200 { // 1.6 MB, far more than the buffers hold
+			c.queue = append(c.queue, &queued{frame: frame})
+		}
+		c.startWriterLocked()
+		c.mu.Unlock()
+		t.Cleanup(func() {
+			_ = client.Close()
+			_ = server.Close()
+			c.writers.Wait()
+		})
+		// The writer has taken the batch: it is in its write.
+		testkit.Eventually(t, 5*time.Second, func() error {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			if len(c.queue) > 0 {
+				return errors.New("the writer has not taken its batch")
+			}
+			return nil
+		})
+		s.hub.addConn(c)
+		return c
+	}
+	// closedBy checks that c's close was made by the time the caller
+	// returned, with code, and that the caller did not wait for the
+	// socket.
+	closedBy := func(t *testing.T, c *conn, took time.Duration, code int) {
+		t.Helper()
+		if !c.closeStarted.Load() {
+			t.Fatal("the caller returned before the close was made: it runs in a goroutine nobody waits for")
+		}
+		c.mu.Lock()
+		got := c.closeCode
+		c.mu.Unlock()
+		if got != code {
+			t.Fatalf("closed with %d, want %d", got, code)
+		}
+		if took > writeTimeout/10 {
+			t.Fatalf("the caller took %v: it waited for the stalled socket", took)
+		}
+	}
+
+	sweepCases := []struct {
+		name string
+		code int
+		set  func(s *Server, c *conn)
+	}{
+		{"lifetime", protocol.CloseLifetime, func(s *Server, c *conn) {
+			c.lifetime = time.Minute
+			c.openedAt = time.Now().Add(-time.Hour)
+		}},
+		{"idle", protocol.CloseIdleTimeout, func(s *Server, c *conn) {
+			c.lastData.Store(time.Now().Add(-2 * s.cfg.IdleTimeout).UnixNano())
+		}},
+		{"token expired", protocol.CloseTokenExpired, func(s *Server, c *conn) {
+			c.mu.Lock()
+			c.exp = time.Now().Add(-time.Second)
+			c.mu.Unlock()
+		}},
+		{"missed pong", 1006, func(s *Server, c *conn) {
+			c.lastRead.Store(time.Now().Add(-3 * s.cfg.PingInterval).UnixNano())
+		}},
+	}
+	for _, tc := range sweepCases {
+		t.Run("sweep "+tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := newServer(t)
+			c := stalled(t, s, "c1")
+			tc.set(s, c)
+			start := time.Now()
+			s.sweepConns(time.Now())
+			closedBy(t, c, time.Since(start), tc.code)
+		})
+	}
+
+	t.Run("operator disconnect", func(t *testing.T) {
+		t.Parallel()
+		s := newServer(t)
+		c := stalled(t, s, "c1")
+		start := time.Now()
+		s.hub.deliver(s.hub.inbox, stream.ID{MS: 1}, stream.Disconnect(c.id), []byte(`{}`), 0)
+		closedBy(t, c, time.Since(start), 4003)
+	})
+
+	t.Run("drain", func(t *testing.T) {
+		t.Parallel()
+		s := newServer(t)
+		// Not counted in s.wg (no handler runs): drain does not wait for
+		// them to end, only for its closes to be made.
+		cs := []*conn{stalled(t, s, "c1"), stalled(t, s, "c2"), stalled(t, s, "c3")}
+		start := time.Now()
+		s.drain()
+		took := time.Since(start)
+		for _, c := range cs {
+			closedBy(t, c, took, protocol.CloseGoingAway)
+		}
+	})
+}
