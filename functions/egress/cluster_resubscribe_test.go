@@ -218,7 +218,7 @@ func TestClusterResubscribeManyOnSlowHub(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 0)
 	rdb := c.Client(t)
 	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	sub := newSubscriber(slog.New(slog.DiscardHandler), rdb)
+	sub := newSubscriber(slog.New(slog.DiscardHandler), rdb, nil)
 	defer sub.Close()
 	var (
 		mu       sync.Mutex

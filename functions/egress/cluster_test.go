@@ -371,7 +371,7 @@ func TestSubscriberClose(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-			sub := newSubscriber(slog.New(slog.DiscardHandler), tc.rdb)
+			sub := newSubscriber(slog.New(slog.DiscardHandler), tc.rdb, nil)
 			want := map[string]bool{}
 			for i := range 12 {
 				ch := ks.Notify(fmt.Sprintf("c%d", i))

@@ -14,6 +14,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -104,6 +105,12 @@ type hub struct {
 	// readFail logs the failing stream reads and subscribes of the read
 	// path once per outage, not once per retry.
 	readFail *logging.Episode
+	// loginRefused logs, once while it lasts and at error level, Redis
+	// refusing the egress's login (redisconn.LoginRefused) wherever it
+	// is seen: the Pub/Sub connections, the probe, registry writes,
+	// stream reads. Every retry gets the same answer until an operator
+	// fixes REDIS_URL or the user. Any command carried out ends it.
+	loginRefused *logging.Episode
 	// stalling counts the goroutines of stall still retrying: when the
 	// last of them gives up (its channel dropped), readFail is ended as
 	// given up, since no read is left whose success would end it.
@@ -173,6 +180,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
 		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again, or are given up because nobody here listens to those channels any more",
 		Gone: "redis reads abandoned"}
+	h.loginRefused = &logging.Episode{Log: log, Msg: "redis refused the login", Back: "redis accepts the login again", Error: true,
+		Then: "the user or password the functions log in with (REDIS_URL's, or REDIS_CLUSTER_USERNAME and REDIS_CLUSTER_PASSWORD) is wrong or missing, or that ACL user does not exist or is disabled (err: WRONGPASS for a wrong password or user, NOAUTH or unauthenticated for none): until an operator fixes the setting or the user (docs/deployment.md, TLS and ACL users), /readyz answers 503, new sockets are closed with 1013 and the channels' messages wait in their streams (the Pub/Sub connection retries with backoff up to 1s); logged again every 30s while it lasts and once when Redis accepts the login again"}
 	h.badNotify = &logging.Episode{Log: log, Msg: "unreadable notifications", Back: "notifications readable again",
 		Then: "each is taken as news that its channel's stream grew, which is read from Redis at once (another release's notification format during a rolling upgrade, or something else published on the channel); logged again every 30s while it lasts"}
 	h.badRoute = &logging.Episode{Log: log, Msg: "targeted messages with an unknown route", Back: "targeted messages routable again",
@@ -186,7 +195,7 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 
 // start subscribes the inbox and runs the receive loop until ctx is done.
 func (h *hub) run(ctx context.Context) {
-	sub := newSubscriber(h.log, h.rdb)
+	sub := newSubscriber(h.log, h.rdb, h.loginRefused)
 	h.psMu.Lock()
 	h.sub = sub
 	h.psMu.Unlock()
@@ -420,7 +429,7 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 		defer cancel()
 		r := recovery{cs: cs}
 		for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-			h.readFail.Fail(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
+			h.readFailed(err, "op", what, "stream", cs.stream, "retry_in", wait.String())
 			select {
 			case <-sctx.Done():
 				h.giveUp(ctx)
@@ -447,6 +456,16 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 		case <-sctx.Done():
 		}
 	})
+}
+
+// readFailed records a failure of the read path: in loginRefused when
+// Redis refused the login, else in readFail.
+func (h *hub) readFailed(err error, attrs ...any) {
+	if redisconn.LoginRefused(err) {
+		h.loginRefused.Fail(err, attrs...)
+		return
+	}
+	h.readFail.Fail(err, attrs...)
 }
 
 // giveUp ends a goroutine of stall that stopped retrying its channel's
@@ -737,7 +756,7 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 			}
 			if err != nil {
 				h.redisErrors.Add(1)
-				h.readFail.Fail(err, "op", "subscribe in redis", "channel", channel)
+				h.readFailed(err, "op", "subscribe in redis", "channel", channel)
 			}
 		}()
 	}

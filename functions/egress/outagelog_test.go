@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -114,5 +115,81 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 	}
 	if c, sub := metricValue(t, m, "wsrelay_egress_connections"), metricValue(t, m, "wsrelay_egress_subscriptions"); c != fmt.Sprint(sockets/2) || sub != fmt.Sprint(sockets) {
 		t.Errorf("gauges: connections %s, subscriptions %s; want %d and %d", c, sub, sockets/2, sockets)
+	}
+}
+
+// TestRedisRefusesLoginLogsOnce: an egress whose login Redis refuses (a
+// wrong password, here) sees it on its Pub/Sub connection, its probe and
+// every socket it must refuse. The log says so plainly once, at error
+// level, with Redis's reason and what to check, never the password: not
+// "redis subscription error" and a line per retry or per probe. The
+// refused socket's own line keeps its reason. Once the password is put
+// right, one line ends it and sockets are served again.
+func TestRedisRefusesLoginLogsOnce(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "rightpw")
+	u := strings.Replace(rs.URL(), "//", "//:wrongpw@", 1)
+	rc := redisconn.Config{URL: u, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": u, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testkit.SyncBuffer{}
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.hub.loginRefused.Quiet = 200 * time.Millisecond
+	srv, _ := startEgress(t, s)
+	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?channels=a"
+	ws, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := closeCode(t, ws, 10*time.Second); code != 1013 {
+		t.Fatalf("socket with the login refused: closed %d, want 1013", code)
+	}
+	ws.Close()
+	var lines []map[string]any
+	for _, r := range logs.JSONLines(t) {
+		if (r["level"] == "WARN" || r["level"] == "ERROR") && r["msg"] != "connection closed" {
+			lines = append(lines, r)
+		}
+	}
+	if len(lines) != 1 || lines[0]["msg"] != "redis refused the login" || lines[0]["level"] != "ERROR" {
+		t.Fatalf("the login refused for 5s (a socket, a probe): %d warnings or errors besides the socket's, want one error \"redis refused the login\":\n%s", len(lines), logs.String())
+	}
+	if e, _ := lines[0]["err"].(string); !strings.Contains(e, "WRONGPASS") {
+		t.Errorf("the log line does not give Redis's reason: %v", lines[0])
+	}
+	if then, _ := lines[0]["then"].(string); !strings.Contains(then, "REDIS_URL") {
+		t.Errorf("the log line does not say what to check: %v", lines[0])
+	}
+	if strings.Contains(logs.String(), "wrongpw") {
+		t.Errorf("the log holds the password:\n%s", logs.String())
+	}
+
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
+	defer admin.Close()
+	if err := admin.ConfigSet(t.Context(), "requirepass", "wrongpw").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
+			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
+		}
+		return nil
+	})
+	ws, _, err = websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "subscribed")
+	if n := len(logs.Lines(t, "redis subscription back")); n != 0 {
+		t.Errorf("\"redis subscription back\" ends no line that began:\n%s", logs.String())
 	}
 }

@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/logging"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // Timing of the subscriber's repair work, derived from each other.
@@ -82,6 +85,10 @@ type subscriber struct {
 	downMu  sync.Mutex
 	down    map[string]time.Time
 	anyDown atomic.Bool
+	// login, when not nil, logs a Pub/Sub connection whose login Redis
+	// refused (in place of its error line), and is told of every read
+	// that succeeds, which ends it.
+	login *logging.Episode
 }
 
 // nodeSub is one Pub/Sub connection to one node.
@@ -127,11 +134,13 @@ type sentMark struct {
 }
 
 // newSubscriber starts the subscriber's repair loop; Close stops it.
-func newSubscriber(log *slog.Logger, rdb redis.UniversalClient) *subscriber {
+// login, when not nil, logs the login refusals (see subscriber.login).
+func newSubscriber(log *slog.Logger, rdb redis.UniversalClient, login *logging.Episode) *subscriber {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &subscriber{
 		log:    log,
 		rdb:    rdb,
+		login:  login,
 		events: make(chan psEvent, 256),
 		ctx:    ctx,
 		cancel: cancel,
@@ -407,6 +416,9 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		if s.anyDown.Load() {
 			s.nodeUp(n.addr)
 		}
+		if s.login != nil {
+			s.login.OK()
+		}
 		var ev psEvent
 		switch m := msg.(type) {
 		case *redis.Subscription:
@@ -456,8 +468,13 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 }
 
 // nodeDown logs the error of a node's Pub/Sub connection, unless one of
-// the node's is logged already.
+// the node's is logged already. A login Redis refused is logged as such
+// (s.login), and ends when Redis accepts it.
 func (s *subscriber) nodeDown(addr string, err error) {
+	if s.login != nil && redisconn.LoginRefused(err) {
+		s.login.Fail(err, "node", s.nodeName(addr))
+		return
+	}
 	s.downMu.Lock()
 	defer s.downMu.Unlock()
 	if _, ok := s.down[addr]; ok {

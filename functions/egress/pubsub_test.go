@@ -102,7 +102,7 @@ func TestMoveOffSilentNode(t *testing.T) {
 		ReadTimeout: 2 * time.Second,
 	})
 	defer cc.Close()
-	s := newSubscriber(slog.New(slog.NewTextHandler(io.Discard, nil)), cc)
+	s := newSubscriber(slog.New(slog.NewTextHandler(io.Discard, nil)), cc, nil)
 	defer s.Close()
 
 	var mu sync.Mutex

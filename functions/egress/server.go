@@ -259,7 +259,9 @@ func (s *Server) maintain(ctx context.Context) {
 			if now.Sub(lastProbe) >= s.cfg.ProbeInterval {
 				lastProbe = now
 				pctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-				if err := s.hub.probe(pctx); err != nil {
+				if err := s.hub.probe(pctx); redisconn.LoginRefused(err) {
+					s.hub.loginRefused.Fail(err, "op", "probe")
+				} else if err != nil {
 					s.log.Debug("probe failed", "err", err.Error())
 				}
 				if s.recordsLost(pctx) && !s.hub.refreshDue.Swap(true) {
@@ -456,11 +458,14 @@ func (s *Server) regDone(err error, op, conn string) {
 	if conn != "" {
 		attrs = append(attrs, "conn", conn)
 	}
-	if redisconn.OutOfMemory(err) {
+	switch {
+	case redisconn.OutOfMemory(err):
 		s.regOOM.Fail(err, attrs...)
-		return
+	case redisconn.LoginRefused(err):
+		s.hub.loginRefused.Fail(err, attrs...)
+	default:
+		s.regFail.Fail(err, attrs...)
 	}
-	s.regFail.Fail(err, attrs...)
 }
 
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {

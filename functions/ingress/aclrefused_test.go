@@ -1,8 +1,10 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -78,8 +80,9 @@ func TestRedisRefusesCommand(t *testing.T) {
 
 // TestReadyzRefusedLogs: an ACL user that may not select REDIS_URL's
 // database (docs/deployment.md: `+select`) has every connection refused,
-// so /readyz answers 503 from the start, and the log says why at once,
-// before any request comes, and once however often it is probed.
+// so /readyz answers 503 from the start (Redis "refused", not "down"),
+// and the log says why at once, before any request comes, and once
+// however often it is probed.
 func TestReadyzRefusedLogs(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
@@ -98,8 +101,8 @@ func TestReadyzRefusedLogs(t *testing.T) {
 	logs := &testkit.SyncBuffer{}
 	e := newEnvWith(t, redisconn.Config{URL: u.String(), Timeout: time.Second, KeyPrefix: prefix}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
 	for range 3 {
-		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
-			t.Fatalf("readyz: %d %s, want 503", w.Code, w.Body)
+		if w := e.do("GET", "/readyz", ""); w.Code != 503 || !strings.Contains(w.Body.String(), `"redis":"refused"`) {
+			t.Fatalf("readyz: %d %s, want 503 with \"redis\":\"refused\"", w.Code, w.Body)
 		}
 		e.srv.ready = redisconn.NewReadiness(e.rdb, 0) // each probe asks Redis
 	}
@@ -109,5 +112,111 @@ func TestReadyzRefusedLogs(t *testing.T) {
 	}
 	if s, _ := lines[0]["err"].(string); !strings.Contains(s, "NOPERM") || !strings.Contains(s, "select") {
 		t.Errorf("the log line does not give Redis's reason: %v", lines[0])
+	}
+}
+
+// TestRedisRefusesLogin: a wrong password, none where Redis wants one, or
+// a user that does not exist or is disabled is a configuration fault,
+// not an outage: Redis answers, the same to every retry, until an
+// operator fixes REDIS_URL or the user. Each request is 503 unavailable
+// with Retry-After (a password rotation ends it without the client doing
+// anything), whose message does not say Redis cannot be reached; the log
+// says once, at error level, that Redis refused the login, with Redis's
+// reason and what to check, never the password, and once when it is
+// fixed.
+func TestRedisRefusesLogin(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, userinfo, reason string
+		fix                    []any // what an operator does
+	}{
+		{"wrong password", ":wrongpw", "WRONGPASS", []any{"CONFIG", "SET", "requirepass", "wrongpw"}},
+		{"no password", "", "NOAUTH|unauthenticated", []any{"CONFIG", "SET", "requirepass", ""}},
+		{"disabled user", "pub:userpw", "WRONGPASS", []any{"ACL", "SETUSER", "pub", "on"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rs := redistest.Start(t, "--requirepass", "rightpw")
+			admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
+			defer admin.Close()
+			if err := admin.Do(t.Context(), "ACL", "SETUSER", "pub", "off", ">userpw", "~*", "&*", "+@all").Err(); err != nil {
+				t.Fatal(err)
+			}
+			u := strings.Replace(rs.URL(), "//", "//"+tc.userinfo+"@", 1)
+			if tc.userinfo == "" {
+				u = rs.URL()
+			}
+			logs := &testkit.SyncBuffer{}
+			e := newEnvWith(t, redisconn.Config{URL: u, Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+			e.srv.redisLogin.Quiet = 100 * time.Millisecond
+			for range 3 {
+				w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`)
+				expectError(t, w, 503, "unavailable")
+				if w.Header().Get("Retry-After") == "" {
+					t.Error("refused login: no Retry-After")
+				}
+				if strings.Contains(w.Body.String(), "cannot be reached") {
+					t.Errorf("refused login: the client is told %s", w.Body)
+				}
+			}
+			var lines []map[string]any
+			for _, l := range logs.JSONLines(t) {
+				if l["level"] == "WARN" || l["level"] == "ERROR" {
+					lines = append(lines, l)
+				}
+			}
+			if len(lines) != 1 || lines[0]["msg"] != "redis refused the login" || lines[0]["level"] != "ERROR" {
+				t.Fatalf("3 publishes with the login refused logged %d warnings or errors, want one error \"redis refused the login\":\n%s", len(lines), logs.String())
+			}
+			if s, _ := lines[0]["err"].(string); !regexp.MustCompile(tc.reason).MatchString(s) {
+				t.Errorf("the log line does not give Redis's reason (%s): %v", tc.reason, lines[0])
+			}
+			if s, _ := lines[0]["then"].(string); !strings.Contains(s, "REDIS_URL") {
+				t.Errorf("the log line does not say what to check: %v", lines[0])
+			}
+			if strings.Contains(logs.String(), "userpw") || strings.Contains(logs.String(), "wrongpw") {
+				t.Errorf("the log holds the password:\n%s", logs.String())
+			}
+
+			if err := admin.Do(t.Context(), tc.fix...).Err(); err != nil {
+				t.Fatal(err)
+			}
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`); w.Code != 202 {
+					return fmt.Errorf("publish: %d %s", w.Code, w.Body)
+				}
+				if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
+					return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// TestReadyzLoginRefusedLogs: an ingress whose login Redis refuses is
+// never ready, and the log says why at once, before any request comes,
+// and once however often it is probed; /readyz says Redis refused it.
+func TestReadyzLoginRefusedLogs(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "rightpw")
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: strings.Replace(rs.URL(), "//", "//:wrongpw@", 1), Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	for range 3 {
+		w := e.do("GET", "/readyz", "")
+		if w.Code != 503 || !strings.Contains(w.Body.String(), `"redis":"refused"`) {
+			t.Fatalf("readyz: %d %s, want 503 with \"redis\":\"refused\"", w.Code, w.Body)
+		}
+		e.srv.ready = redisconn.NewReadiness(e.rdb, 0) // each probe asks Redis
+	}
+	lines := logs.Lines(t, "redis refused the login")
+	if len(lines) != 1 || lines[0]["level"] != "ERROR" || lines[0]["route"] != "/readyz" {
+		t.Fatalf("3 probes with the login refused logged %d \"redis refused the login\", want one error with the route:\n%s", len(lines), logs.String())
+	}
+	if s, _ := lines[0]["err"].(string); !strings.Contains(s, "WRONGPASS") {
+		t.Errorf("the log line does not give Redis's reason: %v", lines[0])
+	}
+	if n := len(logs.Lines(t, "redis unavailable")); n != 0 {
+		t.Errorf("a refused login logged as \"redis unavailable\":\n%s", logs.String())
 	}
 }

@@ -84,6 +84,13 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// answer to every retry until an operator mends the user.
 		s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
 		ae = errf(500, "internal", "internal error")
+	case redisconn.LoginRefused(err):
+		// Redis answered: it refuses the functions' login. Not "cannot
+		// be reached", and not over in a second: an operator fixes
+		// REDIS_URL or the user (a password rotated in Redis before the
+		// functions' setting, from the client's side, ends by itself).
+		s.redisLogin.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis refused this service's connection; retry later (with the same Idempotency-Key)", RetryAfter: loginRetryAfter}
 	case redisconn.OutOfMemory(err):
 		// Redis answered: it is at its maxmemory and may not evict. Not
 		// "cannot be reached", and not over in a second (keys expire,
@@ -114,6 +121,12 @@ func (s *Server) writeError(c *gin.Context, err error) {
 // would only add refused commands. 5 s is the publisher's (Go and
 // JavaScript) longest backoff anyway, so their retries keep their pace.
 const oomRetryAfter = 5
+
+// loginRetryAfter is the Retry-After, in seconds, of a 503 because Redis
+// refused the functions' login: it lasts until an operator acts, and a
+// retry every second from every publisher would only add refused logins
+// (a dial each). 5 s, as for Redis out of memory.
+const loginRetryAfter = 5
 
 // multiAppend holds the routes whose request makes several appends, each
 // written or refused on its own (a batch, one per item; a send to or a

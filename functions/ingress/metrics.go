@@ -161,10 +161,11 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 }
 
 // redisUp records a command Redis carried out: it ends an outage, and a
-// run of refused commands once none has come for a while.
+// run of refused commands or logins once none has come for a while.
 func (s *Server) redisUp() {
 	s.redisDown.OK()
 	s.redisRefused.OK()
+	s.redisLogin.OK()
 }
 
 // redisHook counts failed Redis commands and pipelines (one per pipeline).

@@ -46,6 +46,12 @@ type Server struct {
 	// redisRefused logs the requests answered 500 because Redis refused
 	// a command to the functions' ACL user, once while it goes on.
 	redisRefused *logging.Episode
+	// redisLogin logs the requests answered 503 because Redis refused
+	// the functions' login (wrong password, no password, a user unknown
+	// or disabled): an episode of its own, at error level, since every
+	// retry gets the same answer until an operator fixes REDIS_URL or
+	// the user.
+	redisLogin *logging.Episode
 	// undecodable logs history pages that left out entries no ingress
 	// wrote, once while reads keep finding them: a line per entry and
 	// read would let any reader of such a channel fill the log.
@@ -91,6 +97,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		Then: "Redis is at its maxmemory and refuses writes: publishes, sends and disconnects are answered 503 with Retry-After: 5 and nothing of them is written, reads go on; free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when an append succeeds again"}
 	s.redisRefused = &logging.Episode{Log: log, Msg: "redis refused a command", Back: "redis accepts the commands again", Error: true,
 		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal (and /readyz 503 if its probe is refused, as every command is without +select for the database of REDIS_URL) until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts"}
+	s.redisLogin = &logging.Episode{Log: log, Msg: "redis refused the login", Back: "redis accepts the login again", Error: true,
+		Then: "the user or password the functions log in with (REDIS_URL's, or REDIS_CLUSTER_USERNAME and REDIS_CLUSTER_PASSWORD) is wrong or missing, or that ACL user does not exist or is disabled (err: WRONGPASS for a wrong password or user, NOAUTH or unauthenticated for none): requests that need Redis are answered 503 with Retry-After: 5, and /readyz 503, until an operator fixes the setting or the user (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts and once when Redis accepts the login again"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
 	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",
@@ -131,18 +139,24 @@ func (s *Server) handleHealthz(c *gin.Context) {
 // counts in the episodes the API's requests log (an instance that no
 // request reaches while it is not ready would otherwise never say why):
 // refused to the functions' ACL user (no +select for REDIS_URL's
-// database, or no +ping), a refused command, which lasts until an
-// operator mends the user; anything else (Redis down, a wrong password),
-// Redis unavailable.
+// database, or no +ping), a refused command; the login refused (a wrong
+// password, none, a user unknown or disabled), a refused login; both
+// last until an operator acts, and the body says "refused". Anything
+// else (Redis down), Redis unavailable: "down".
 func (s *Server) handleReadyz(c *gin.Context) {
 	if err := s.ready.Check(c.Request.Context()); err != nil {
-		if redisconn.Refused(err) {
+		state := "refused"
+		switch {
+		case redisconn.Refused(err):
 			s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		} else {
+		case redisconn.LoginRefused(err):
+			s.redisLogin.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		default:
 			s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+			state = "down"
 		}
 		c.Header("Retry-After", "1")
-		c.JSON(503, gin.H{"status": "unavailable", "redis": "down"})
+		c.JSON(503, gin.H{"status": "unavailable", "redis": state})
 		return
 	}
 	c.JSON(200, gin.H{"status": "ready"})

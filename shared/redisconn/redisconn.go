@@ -378,3 +378,20 @@ func OutOfMemory(err error) bool { return redis.HasErrorPrefix(err, "OOM") }
 func Refused(err error) bool {
 	return redis.HasErrorPrefix(err, "NOPERM") || redis.HasErrorPrefix(err, "The user executing the script can't")
 }
+
+// LoginRefused reports whether err is Redis refusing the client's login:
+// "WRONGPASS …" for a wrong password, or a user that does not exist or
+// is disabled (Redis does not say which), and, for no password where
+// Redis wants one, "NOAUTH …" or, to a command of more than 10 arguments
+// (an append script's call), "Protocol error: unauthenticated multibulk
+// length" (Redis reads no more of a client not logged in). go-redis logs
+// in as it dials, and returns the server's answer to the command that
+// needed the connection, wrapped ("failed to authenticate: …") or not.
+// Like Refused, a configuration fault: Redis answers the same to every
+// retry until an operator fixes the user or password the functions log
+// in with (REDIS_URL's, or REDIS_CLUSTER_USERNAME and
+// REDIS_CLUSTER_PASSWORD) or enables the user.
+func LoginRefused(err error) bool {
+	return redis.HasErrorPrefix(err, "WRONGPASS") || redis.HasErrorPrefix(err, "NOAUTH") ||
+		redis.HasErrorPrefix(err, "Protocol error: unauthenticated")
+}

@@ -369,3 +369,89 @@ func TestReadinessClusterWithReplicas(t *testing.T) {
 		t.Fatalf("a healthy cluster with replicas: %v", err)
 	}
 }
+
+// LoginRefused tells a login Redis refuses (a wrong password, no password
+// where one is wanted, a user that does not exist or is disabled) from a
+// command refused to a user logged in (Refused) and a Redis out of reach,
+// as go-redis reports it: the server's error from the connection's
+// handshake, wrapped ("failed to authenticate: WRONGPASS …") or not, to a
+// command, a readiness Ping and a Pub/Sub connection alike.
+func TestLoginRefused(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "rightpw")
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
+	defer admin.Close()
+	for _, args := range [][]any{
+		{"ACL", "SETUSER", "off", "off", ">pw", "~*", "+@all"},
+		{"ACL", "SETUSER", "pingonly", "on", ">pw", "+ping"},
+	} {
+		if err := admin.Do(t.Context(), args...).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	url := func(userinfo string) string {
+		return "redis://" + userinfo + "@" + rs.Addr() + "/0"
+	}
+	errOf := func(t *testing.T, u string, f func(context.Context, redis.UniversalClient) error) error {
+		t.Helper()
+		rdb, err := New(Config{URL: u, Timeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rdb.Close()
+		return f(t.Context(), rdb)
+	}
+	ping := func(ctx context.Context, rdb redis.UniversalClient) error { return Ping(ctx, rdb) }
+	set := func(ctx context.Context, rdb redis.UniversalClient) error { return rdb.Set(ctx, "k", "v", 0).Err() }
+	// More than 10 arguments: to a client not logged in, Redis answers
+	// "Protocol error: unauthenticated multibulk length" before it reads
+	// the command (an append script's call is one).
+	mset := func(ctx context.Context, rdb redis.UniversalClient) error {
+		return rdb.MSet(ctx, "a", 1, "b", 2, "c", 3, "d", 4, "e", 5, "f", 6).Err()
+	}
+	subscribe := func(ctx context.Context, rdb redis.UniversalClient) error {
+		ps := rdb.SSubscribe(ctx)
+		defer ps.Close()
+		if err := ps.SSubscribe(ctx, "c"); err != nil {
+			return err
+		}
+		_, err := ps.Receive(ctx)
+		return err
+	}
+	stopped := redistest.Start(t)
+	stopped.Stop()
+	for _, tc := range []struct {
+		name string
+		url  string
+		f    func(context.Context, redis.UniversalClient) error
+		want bool
+	}{
+		{"wrong password", url(":wrongpw"), ping, true},
+		{"wrong password, a command", url(":wrongpw"), set, true},
+		{"wrong password, pub/sub", url(":wrongpw"), subscribe, true},
+		{"no password", "redis://" + rs.Addr() + "/0", ping, true},
+		{"no password, a command", "redis://" + rs.Addr() + "/0", set, true},
+		{"no password, a long command", "redis://" + rs.Addr() + "/0", mset, true},
+		{"no password, pub/sub", "redis://" + rs.Addr() + "/0", subscribe, true},
+		{"unknown user", url("nobody:pw"), ping, true},
+		{"disabled user", url("off:pw"), ping, true},
+		{"disabled user, pub/sub", url("off:pw"), subscribe, true},
+		{"a command refused to the user", url("pingonly:pw"), set, false},
+		{"redis down", stopped.URL(), ping, false},
+	} {
+		err := errOf(t, tc.url, tc.f)
+		if err == nil {
+			t.Errorf("%s: no error", tc.name)
+			continue
+		}
+		if got := LoginRefused(err); got != tc.want {
+			t.Errorf("%s (%v): LoginRefused = %v, want %v", tc.name, err, got, tc.want)
+		}
+		if tc.want && Refused(err) {
+			t.Errorf("%s (%v): Refused too", tc.name, err)
+		}
+	}
+	if LoginRefused(nil) {
+		t.Error("LoginRefused(nil)")
+	}
+}
