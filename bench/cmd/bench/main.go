@@ -57,6 +57,7 @@ var rows = []row{
 	{"S4 ingest only", "pub/s", "≥ 39.6k", "26.4k", 0},
 	{"S4 ingest only", "p99 ms", "≤ 8.5", "8.5", 2},
 	{"S4 ingest only", "pub fail", "0", "", 0},
+	{"S4 ingest only", "floor pub/s", "", "", 0},
 	{"S5 cold start", "ingress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "egress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "floor ms", "", "", 1},

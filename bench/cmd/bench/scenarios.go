@@ -246,26 +246,54 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer sys.stop()
+	r, err := b.ingest(ctx, sys, "")
+	sys.stop()
+	if err != nil || k != wsrelay {
+		return r, err
+	}
+	// The same load on cmd/floor, which answers the publish route and
+	// does nothing else: the most an ingress on net/http could reach here
+	// today, the generator's share of the cores included.
+	p, _, err := b.env.StartFloor()
+	if err != nil {
+		return nil, err
+	}
+	defer harness.Kids.Stop(p.Cmd)
+	fr, err := b.ingest(ctx, &sut{kind: wsrelay, pub: p, procs: map[string]*harness.Proc{"floor": p}}, "floor ")
+	if err != nil {
+		return nil, err
+	}
+	for m, v := range fr {
+		r[m] = v
+	}
+	return r, nil
+}
+
+// ingest publishes to sys from S4's connections for S4's duration, as
+// fast as they go, and returns what S4 reports, each metric's name
+// prefixed with pre: publishes/s, their latency and failures, and the
+// CPU each process used per publish.
+func (b *bench) ingest(ctx context.Context, sys *sut, pre string) (result, error) {
 	pub := newPublisher(sys, b.sz.s4Conns)
 	defer pub.close()
 	cpu := newCPUMeter(sys, b.env)
 	st := pub.publishUntil(ctx, 1<<30, b.sz.s4Conns, time.Now().Add(b.sz.s4Dur), 0, func(i int) string { return "in" + strconv.Itoa(i%1000) })
 	used := cpu.seconds()
-	if err := published("s4", st); err != nil {
+	name := strings.TrimSpace("s4 " + pre)
+	if err := published(name, st); err != nil {
 		return nil, err
 	}
 	if st.failed > 0 {
-		b.logf("s4: %d publishes failed, first: %v", st.failed, st.firstErr)
+		b.logf("%s: %d publishes failed, first: %v", name, st.failed, st.firstErr)
 	}
 	r := result{
-		"pub/s":    float64(st.ok) / (float64(st.end-st.start) / 1e9),
-		"p50 ms":   pct(st.lats, 50),
-		"p99 ms":   pct(st.lats, 99),
-		"pub fail": float64(st.failed),
+		pre + "pub/s":    float64(st.ok) / (float64(st.end-st.start) / 1e9),
+		pre + "p50 ms":   pct(st.lats, 50),
+		pre + "p99 ms":   pct(st.lats, 99),
+		pre + "pub fail": float64(st.failed),
 	}
 	for who, sec := range used {
-		r["cpu µs/pub "+who] = sec * 1e6 / float64(max(1, st.ok))
+		r[pre+"cpu µs/pub "+who] = sec * 1e6 / float64(max(1, st.ok))
 	}
 	return r, nil
 }
