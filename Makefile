@@ -46,7 +46,7 @@ APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+l
 # make upgrade-check runs the release at this git ref (a commit, a tag, a
 # branch) side by side with the checkout: the commit the checked-out code
 # will replace in a deploy (docs/deployment.md, "Upgrading").
-BASE        ?= 5fc6fb9
+BASE        ?= 78974a7
 SUDO        := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: build run test bench soak upgrade-check package lint fuzz deps clean help
@@ -85,7 +85,7 @@ bench: ## run the benchmark harness (bench/cmd/bench); CENTRIFUGO=1 compares wit
 soak: ## a long run under traffic and churn that samples memory, fds, goroutines and Redis keys, then checks delivery and leftovers (bench/cmd/soak; SOAK_ARGS='-duration 12m'); see docs/soak.md
 	@cd bench && $(GO) run ./cmd/soak $(SOAK_ARGS)
 
-upgrade-check: ## run BASE's ingress and egress (a git ref; default 5fc6fb9) side by side with the checkout's on one Redis and check that nothing is lost, duplicated or misrouted (bench/cmd/upgrade; docs/deployment.md)
+upgrade-check: ## run BASE's ingress and egress (a git ref; default 78974a7) side by side with the checkout's on one Redis and check that nothing is lost, duplicated or misrouted (bench/cmd/upgrade; docs/deployment.md)
 	@tmp=$$(mktemp -d -t wsrelay-upgrade-XXXXXX); \
 	cleanup() { git worktree remove --force "$$tmp/base" >/dev/null 2>&1 || true; rm -rf "$$tmp"; }; \
 	trap cleanup EXIT; trap 'exit 130' INT TERM; \
