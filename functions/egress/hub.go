@@ -109,7 +109,9 @@ type hub struct {
 	// refusing the egress's login (redisconn.LoginRefused) wherever it
 	// is seen: the Pub/Sub connections, the probe, registry writes,
 	// stream reads. Every retry gets the same answer until an operator
-	// fixes REDIS_URL or the user. Any command carried out ends it.
+	// fixes REDIS_URL or the user. Only a login Redis accepts ends it
+	// (redisconn.AddLoginHook): Redis goes on serving the connections,
+	// Pub/Sub ones included, logged in before.
 	loginRefused *logging.Episode
 	// stalling counts the goroutines of stall still retrying: when the
 	// last of them gives up (its channel dropped), readFail is ended as

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -14,8 +15,10 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
@@ -191,5 +194,109 @@ func TestRedisRefusesLoginLogsOnce(t *testing.T) {
 	next(t, ws, "subscribed")
 	if n := len(logs.Lines(t, "redis subscription back")); n != 0 {
 		t.Errorf("\"redis subscription back\" ends no line that began:\n%s", logs.String())
+	}
+}
+
+// TestLoginRefusedEndsOnlyOnALogin: Redis goes on serving the
+// connections that logged in before their password changed or their
+// user was disabled (a password rotated in Redis before the functions'
+// setting), and refuses only the new ones. A message on the Pub/Sub
+// connection, or a command on a pooled connection, logged in before
+// says nothing of the login, and must not end "redis refused the login"
+// with "redis accepts the login again" while new sockets are still
+// refused for want of a connection: only a login Redis accepts ends it.
+func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "pw1")
+	boot := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "pw1", DisableIdentity: true})
+	defer boot.Close()
+	if err := boot.Do(t.Context(), "ACL", "SETUSER", "operator", "on", ">operatorpw", "~*", "&*", "+@all").Err(); err != nil {
+		t.Fatal(err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: "operator", Password: "operatorpw", DisableIdentity: true})
+	defer admin.Close()
+	u := strings.Replace(rs.URL(), "//", "//:pw1@", 1)
+	rc := redisconn.Config{URL: u, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": u, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testkit.SyncBuffer{}
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.hub.loginRefused.Quiet = time.Nanosecond // a success that counts ends it at once
+	srv, _ := startEgress(t, s)
+	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?channels=a"
+	ws, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "subscribed")
+	held := rdb.(*redis.Client).Conn() // logged in now, as a pooled one would be
+	defer held.Close()
+	if err := held.Ping(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.ConfigSet(t.Context(), "requirepass", "pw2").Err(); err != nil {
+		t.Fatal(err)
+	}
+	// Every other connection of the egress but its Pub/Sub one ends: its
+	// next ones must log in.
+	if err := held.Do(t.Context(), "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+		t.Fatal(err)
+	}
+	refused := func() {
+		t.Helper()
+		ws2, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws2.Close()
+		if code := closeCode(t, ws2, 10*time.Second); code != 1013 {
+			t.Fatalf("a socket with new logins refused: closed %d, want 1013", code)
+		}
+	}
+	refused()
+	if n := len(logs.Lines(t, "redis refused the login")); n != 1 {
+		t.Fatalf("%d \"redis refused the login\", want 1:\n%s", n, logs.String())
+	}
+	if err := held.Ping(t.Context()).Err(); err != nil {
+		t.Fatalf("a connection logged in before the password changed: %v", err)
+	}
+	store := stream.NewStore(admin)
+	ks := keys.Scheme{Prefix: rc.KeyPrefix}
+	if _, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("a"), Notify: ks.Notify("a"),
+		Msg: stream.Message{Channel: "a", TS: time.Now().UnixMilli(), Data: json.RawMessage(`1`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	nextMessage(t, ws, "a") // through the Pub/Sub connection logged in before
+	refused()
+	if n := len(logs.Lines(t, "redis accepts the login again")); n != 0 {
+		t.Fatalf("\"redis accepts the login again\" while Redis refuses every new login:\n%s", logs.String())
+	}
+
+	if err := admin.ConfigSet(t.Context(), "requirepass", "pw1").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
+			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
+		}
+		return nil
+	})
+	ws3, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws3.Close()
+	next(t, ws3, "subscribed")
+	if n := len(logs.Lines(t, "redis refused the login")); n != 1 {
+		t.Errorf("%d \"redis refused the login\" for one episode, want 1:\n%s", n, logs.String())
 	}
 }

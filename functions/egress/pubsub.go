@@ -86,8 +86,9 @@ type subscriber struct {
 	down    map[string]time.Time
 	anyDown atomic.Bool
 	// login, when not nil, logs a Pub/Sub connection whose login Redis
-	// refused (in place of its error line), and is told of every read
-	// that succeeds, which ends it.
+	// refused (in place of its error line). A read that succeeds does not
+	// end it: the connection may have logged in before the password
+	// changed. The client's login hook does (redisconn.AddLoginHook).
 	login *logging.Episode
 }
 
@@ -416,9 +417,6 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		if s.anyDown.Load() {
 			s.nodeUp(n.addr)
 		}
-		if s.login != nil {
-			s.login.OK()
-		}
 		var ev psEvent
 		switch m := msg.(type) {
 		case *redis.Subscription:
@@ -469,7 +467,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 
 // nodeDown logs the error of a node's Pub/Sub connection, unless one of
 // the node's is logged already. A login Redis refused is logged as such
-// (s.login), and ends when Redis accepts it.
+// (s.login), and ends when Redis accepts a login.
 func (s *subscriber) nodeDown(addr string, err error) {
 	if s.login != nil && redisconn.LoginRefused(err) {
 		s.login.Fail(err, "node", s.nodeName(addr))

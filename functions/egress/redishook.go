@@ -14,8 +14,7 @@ import (
 // a script not yet cached, a caller that gave up and the connection
 // handshake's optional commands are not failures. Pub/Sub (subscribes,
 // reads) runs outside go-redis's hooks: the hub counts its failed
-// subscribes itself. A command or pipeline carried out ends the episode
-// of a login Redis refused (hub.loginRefused).
+// subscribes itself.
 type redisHook struct{ h *hub }
 
 func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
@@ -27,8 +26,6 @@ func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		err := next(ctx, cmd)
 		if redisconn.Failed(cmd, err) {
 			k.h.redisErrors.Add(1)
-		} else if err == nil {
-			k.h.loginRefused.OK()
 		}
 		return err
 	}
@@ -44,8 +41,6 @@ func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 					break
 				}
 			}
-		} else {
-			k.h.loginRefused.OK()
 		}
 		return err
 	}

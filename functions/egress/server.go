@@ -79,6 +79,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.hub.readTimeout = 2 * cfg.Redis.Timeout
 	rdb.AddHook(redisHook{s.hub})
+	redisconn.AddLoginHook(rdb, s.hub.loginRefused.OK)
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{
 		// The upgrader's reader is never used after the handshake (the

@@ -220,3 +220,70 @@ func TestReadyzLoginRefusedLogs(t *testing.T) {
 		t.Errorf("a refused login logged as \"redis unavailable\":\n%s", logs.String())
 	}
 }
+
+// TestLoginRefusedEndsOnlyOnALogin: Redis goes on serving the
+// connections that logged in before their password changed or their
+// user was disabled (a password rotated in Redis before the functions'
+// setting), and refuses only the new ones. A command carried out on one
+// of the old connections says nothing of the login, and must not end
+// "redis refused the login" with "redis accepts the login again" while
+// publishes that need a new connection are still refused: only a login
+// Redis accepts ends it.
+func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "pw1")
+	boot := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "pw1", DisableIdentity: true})
+	defer boot.Close()
+	if err := boot.Do(t.Context(), "ACL", "SETUSER", "operator", "on", ">operatorpw", "~*", "&*", "+@all").Err(); err != nil {
+		t.Fatal(err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: "operator", Password: "operatorpw", DisableIdentity: true})
+	defer admin.Close()
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: strings.Replace(rs.URL(), "//", "//:pw1@", 1), Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	e.srv.redisLogin.Quiet = time.Nanosecond // a success that counts ends it at once
+	if w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`); w.Code != 202 {
+		t.Fatalf("publish: %d %s", w.Code, w.Body)
+	}
+	// A connection of the ingress's client logged in now, as a pooled
+	// one would be.
+	held := e.rdb.(*redis.Client).Conn()
+	defer held.Close()
+	if err := held.Ping(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.ConfigSet(t.Context(), "requirepass", "pw2").Err(); err != nil {
+		t.Fatal(err)
+	}
+	// Every other connection of the ingress ends: its next ones must log in.
+	if err := held.Do(t.Context(), "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, e.do("POST", "/v1/channels/a/messages", `{"data":1}`), 503, "unavailable")
+	if n := len(logs.Lines(t, "redis refused the login")); n != 1 {
+		t.Fatalf("%d \"redis refused the login\", want 1:\n%s", n, logs.String())
+	}
+	if err := held.Ping(t.Context()).Err(); err != nil {
+		t.Fatalf("a connection logged in before the password changed: %v", err)
+	}
+	expectError(t, e.do("POST", "/v1/channels/a/messages", `{"data":1}`), 503, "unavailable")
+	if n := len(logs.Lines(t, "redis accepts the login again")); n != 0 {
+		t.Fatalf("\"redis accepts the login again\" while Redis refuses every new login:\n%s", logs.String())
+	}
+
+	if err := admin.ConfigSet(t.Context(), "requirepass", "pw1").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`); w.Code != 202 {
+			return fmt.Errorf("publish: %d %s", w.Code, w.Body)
+		}
+		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
+			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
+		}
+		return nil
+	})
+	if n := len(logs.Lines(t, "redis refused the login")); n != 1 {
+		t.Errorf("%d \"redis refused the login\" for one episode, want 1:\n%s", n, logs.String())
+	}
+}

@@ -161,11 +161,12 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 }
 
 // redisUp records a command Redis carried out: it ends an outage, and a
-// run of refused commands or logins once none has come for a while.
+// run of refused commands once none has come for a while. Not a refused
+// login: the command may have gone through a connection logged in before
+// (redisconn.LoggedIn); a login Redis accepts ends that (NewServer).
 func (s *Server) redisUp() {
 	s.redisDown.OK()
 	s.redisRefused.OK()
-	s.redisLogin.OK()
 }
 
 // redisHook counts failed Redis commands and pipelines (one per pipeline).

@@ -50,7 +50,8 @@ type Server struct {
 	// the functions' login (wrong password, no password, a user unknown
 	// or disabled): an episode of its own, at error level, since every
 	// retry gets the same answer until an operator fixes REDIS_URL or
-	// the user.
+	// the user. Only a login Redis accepts ends it (AddLoginHook): it
+	// goes on serving the connections logged in before.
 	redisLogin *logging.Episode
 	// undecodable logs history pages that left out entries no ingress
 	// wrote, once while reads keep finding them: a line per entry and
@@ -106,6 +107,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	s.unsaved = &logging.Episode{Log: log, Msg: "idempotency record not saved", Back: "idempotency records saved again",
 		Then: "the requests were written and answered as usual, but their Idempotency-Key replies were not stored: a retry with one of those keys runs again and writes nothing twice (docs/api.md, Idempotency-Key); logged again every 30s while it lasts and once when a reply is stored again"}
 	rdb.AddHook(redisHook{m: s.metrics, up: s.redisUp})
+	redisconn.AddLoginHook(rdb, s.redisLogin.OK)
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		// Appends waiting for replicas run on the masters' clients,
 		// outside the cluster client's hooks (stream.OnNode).

@@ -395,3 +395,56 @@ func LoginRefused(err error) bool {
 	return redis.HasErrorPrefix(err, "WRONGPASS") || redis.HasErrorPrefix(err, "NOAUTH") ||
 		redis.HasErrorPrefix(err, "Protocol error: unauthenticated")
 }
+
+// LoggedIn reports whether cmd, carried out with err, is a login Redis
+// accepted: the HELLO go-redis sends as it dials (with the user and
+// password, if any), or the AUTH it falls back to. Only that shows Redis
+// accepts the functions' login again: it goes on serving the connections
+// logged in before a password changed or a user was disabled, so a
+// command carried out on one of them says nothing of the next login.
+func LoggedIn(cmd redis.Cmder, err error) bool {
+	if err != nil {
+		return false
+	}
+	switch cmd.Name() {
+	case "hello", "auth":
+		return true
+	}
+	return false
+}
+
+// OnLogin is a go-redis hook that calls itself after each login Redis
+// accepts (LoggedIn): it ends the episode of a refused login. A
+// connection logs in through the hooks of the client that dials it: on a
+// cluster, add it to each node's client (ClusterClient.OnNewNode), not to
+// the cluster client.
+type OnLogin func()
+
+// DialHook is next: a dial is not yet a login.
+func (f OnLogin) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+// ProcessHook calls f after a login Redis accepted.
+func (f OnLogin) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if LoggedIn(cmd, err) {
+			f()
+		}
+		return err
+	}
+}
+
+// ProcessPipelineHook is next: go-redis logs in with single commands.
+func (f OnLogin) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// AddLoginHook adds OnLogin(ok) where rdb's connections log in: to rdb,
+// or to each node's client of a cluster.
+func AddLoginHook(rdb redis.UniversalClient, ok func()) {
+	if cc, isCluster := rdb.(*redis.ClusterClient); isCluster {
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(OnLogin(ok)) })
+		return
+	}
+	rdb.AddHook(OnLogin(ok))
+}

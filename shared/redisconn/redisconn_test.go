@@ -455,3 +455,56 @@ func TestLoginRefused(t *testing.T) {
 		t.Error("LoginRefused(nil)")
 	}
 }
+
+// TestAddLoginHook: the hook is called at each login Redis accepts (a
+// connection's HELLO, which carries the password), for commands and
+// Pub/Sub connections alike, on a cluster's nodes too (their connections
+// log in through the node clients' hooks), and never for a login Redis
+// refuses.
+func TestAddLoginHook(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "rightpw")
+	open := redistest.Start(t)
+	c := redistest.StartCluster(t, 3, 0)
+	subscribe := func(ctx context.Context, rdb redis.UniversalClient) error {
+		ps := rdb.SSubscribe(ctx)
+		defer ps.Close()
+		if err := ps.SSubscribe(ctx, "c"); err != nil {
+			return err
+		}
+		_, err := ps.Receive(ctx)
+		return err
+	}
+	set := func(ctx context.Context, rdb redis.UniversalClient) error { return rdb.Set(ctx, "k", "v", 0).Err() }
+	for _, tc := range []struct {
+		name   string
+		c      Config
+		f      func(context.Context, redis.UniversalClient) error
+		logins bool
+	}{
+		{"right password", Config{URL: "redis://:rightpw@" + rs.Addr() + "/0"}, set, true},
+		{"right password, pub/sub", Config{URL: "redis://:rightpw@" + rs.Addr() + "/0"}, subscribe, true},
+		{"none wanted", Config{URL: open.URL()}, set, true},
+		{"cluster", Config{ClusterAddrs: c.AddrsEnv()}, set, true},
+		{"cluster, pub/sub", Config{ClusterAddrs: c.AddrsEnv()}, subscribe, true},
+		{"wrong password", Config{URL: "redis://:wrongpw@" + rs.Addr() + "/0"}, set, false},
+		{"no password", Config{URL: "redis://" + rs.Addr() + "/0"}, set, false},
+		{"wrong password, pub/sub", Config{URL: "redis://:wrongpw@" + rs.Addr() + "/0"}, subscribe, false},
+	} {
+		tc.c.Timeout = time.Second
+		rdb, err := New(tc.c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n atomic.Int32
+		AddLoginHook(rdb, func() { n.Add(1) })
+		err = tc.f(t.Context(), rdb)
+		rdb.Close()
+		if (err == nil) != tc.logins {
+			t.Errorf("%s: err %v", tc.name, err)
+		}
+		if got := n.Load() > 0; got != tc.logins {
+			t.Errorf("%s: %d logins seen, want some: %v", tc.name, n.Load(), tc.logins)
+		}
+	}
+}
