@@ -484,13 +484,35 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	default:
 		silent = true
 	}
-	if err != nil || silent || s.draining.Load() {
+	if why := notReady(err, silent, s.draining.Load()); why != "" {
 		w.Header().Set("Retry-After", "1")
-		writeHTTPError(w, http.StatusServiceUnavailable, "unavailable", "Redis or the stream read path is down, or the instance is draining")
+		writeHTTPError(w, http.StatusServiceUnavailable, "unavailable", why)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_, _ = w.Write([]byte(`{"status":"ready"}` + "\n"))
+}
+
+// notReady says why the egress is not ready, or "" if it is: the probe's
+// error err (nil: Redis answered its PING), whether the read path is
+// silent (no Pub/Sub message, its own probe's included, for 3 ×
+// PROBE_INTERVAL, or the inbox not yet subscribed) and whether it
+// drains. The first that applies, in that order of what an operator
+// would act on: no secret and no address.
+func notReady(err error, silent, draining bool) string {
+	switch {
+	case draining:
+		return "draining: the instance is shutting down"
+	case redisconn.LoginRefused(err):
+		return "Redis refuses the login (the user or password in REDIS_URL; see the log)"
+	case redisconn.Refused(err):
+		return "Redis refuses a command to the functions' ACL user (see the log)"
+	case err != nil:
+		return "Redis does not answer"
+	case silent:
+		return "the Redis subscription (the read path) is not live"
+	}
+	return ""
 }
 
 // checkOrigin allows clients without an Origin header (not browsers), an
