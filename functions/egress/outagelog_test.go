@@ -15,7 +15,6 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
-	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
@@ -132,19 +131,8 @@ func TestRedisRefusesLoginLogsOnce(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t, "--requirepass", "rightpw")
 	u := strings.Replace(rs.URL(), "//", "//:wrongpw@", 1)
-	rc := redisconn.Config{URL: u, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": u, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &testkit.SyncBuffer{}
-	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s := newEgressOn(t, u, logs)
 	s.hub.loginRefused.Quiet = 200 * time.Millisecond
 	srv, _ := startEgress(t, s)
 	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?channels=a"
@@ -207,28 +195,10 @@ func TestRedisRefusesLoginLogsOnce(t *testing.T) {
 // refused for want of a connection: only a login Redis accepts ends it.
 func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t, "--requirepass", "pw1")
-	boot := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "pw1", DisableIdentity: true})
-	defer boot.Close()
-	if err := boot.Do(t.Context(), "ACL", "SETUSER", "operator", "on", ">operatorpw", "~*", "&*", "+@all").Err(); err != nil {
-		t.Fatal(err)
-	}
-	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: "operator", Password: "operatorpw", DisableIdentity: true})
-	defer admin.Close()
+	rs, admin := redistest.StartWithPassword(t, "pw1")
 	u := strings.Replace(rs.URL(), "//", "//:pw1@", 1)
-	rc := redisconn.Config{URL: u, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": u, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &testkit.SyncBuffer{}
-	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s := newEgressOn(t, u, logs)
 	s.hub.loginRefused.Quiet = time.Nanosecond // a success that counts ends it at once
 	srv, _ := startEgress(t, s)
 	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?channels=a"
@@ -238,7 +208,7 @@ func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 	}
 	defer ws.Close()
 	next(t, ws, "subscribed")
-	held := rdb.(*redis.Client).Conn() // logged in now, as a pooled one would be
+	held := s.hub.rdb.(*redis.Client).Conn() // logged in now, as a pooled one would be
 	defer held.Close()
 	if err := held.Ping(t.Context()).Err(); err != nil {
 		t.Fatal(err)
@@ -270,7 +240,7 @@ func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 		t.Fatalf("a connection logged in before the password changed: %v", err)
 	}
 	store := stream.NewStore(admin)
-	ks := keys.Scheme{Prefix: rc.KeyPrefix}
+	ks := s.hub.keys
 	if _, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("a"), Notify: ks.Notify("a"),
 		Msg: stream.Message{Channel: "a", TS: time.Now().UnixMilli(), Data: json.RawMessage(`1`)}}}); err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -40,18 +41,7 @@ func TestReadyzSaysWhy(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			rc := redisconn.Config{URL: tc.url, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-			rdb, err := redisconn.New(rc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { rdb.Close() })
-			env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": tc.url, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
-			cfg, err := loadConfig(func(k string) string { return env[k] })
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := NewServer(cfg, slog.New(slog.NewJSONHandler(&testkit.SyncBuffer{}, nil)), rdb)
+			s := newEgressOn(t, tc.url, io.Discard)
 			srv, _ := startEgress(t, s)
 			if tc.drain {
 				s.draining.Store(true)
@@ -87,4 +77,23 @@ func TestReadyzSaysWhy(t *testing.T) {
 			}
 		})
 	}
+}
+
+// newEgressOn makes an egress (not started) on the Redis at URL u, with
+// short timeouts, anonymous sockets and a key prefix of the test's own,
+// logging as JSON to logs.
+func newEgressOn(t *testing.T, u string, logs io.Writer) *Server {
+	t.Helper()
+	rc := redisconn.Config{URL: u, Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": u, "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
 }

@@ -231,14 +231,7 @@ func TestReadyzLoginRefusedLogs(t *testing.T) {
 // Redis accepts ends it.
 func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t, "--requirepass", "pw1")
-	boot := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "pw1", DisableIdentity: true})
-	defer boot.Close()
-	if err := boot.Do(t.Context(), "ACL", "SETUSER", "operator", "on", ">operatorpw", "~*", "&*", "+@all").Err(); err != nil {
-		t.Fatal(err)
-	}
-	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Username: "operator", Password: "operatorpw", DisableIdentity: true})
-	defer admin.Close()
+	rs, admin := redistest.StartWithPassword(t, "pw1")
 	logs := &testkit.SyncBuffer{}
 	e := newEnvWith(t, redisconn.Config{URL: strings.Replace(rs.URL(), "//", "//:pw1@", 1), Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
 	e.srv.redisLogin.Quiet = time.Nanosecond // a success that counts ends it at once

@@ -147,6 +147,25 @@ func Start(t testing.TB, extra ...string) *Server {
 	return s
 }
 
+// StartWithPassword starts a private redis-server (as Start) whose
+// default user needs password, and returns it with an operator's client:
+// logged in as an ACL user of its own with every right, so that it goes
+// on working while the test changes the default user's password (CONFIG
+// SET requirepass) or disables it. The client is closed at the end of
+// the test.
+func StartWithPassword(t testing.TB, password string) (*Server, *redis.Client) {
+	t.Helper()
+	s := Start(t, "--requirepass", password)
+	boot := redis.NewClient(&redis.Options{Addr: s.Addr(), Password: password, DisableIdentity: true})
+	defer boot.Close()
+	if err := boot.Do(context.Background(), "ACL", "SETUSER", "operator", "on", ">operatorpw", "~*", "&*", "+@all").Err(); err != nil {
+		t.Fatalf("redistest: operator user: %v", err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: s.Addr(), Username: "operator", Password: "operatorpw", DisableIdentity: true})
+	t.Cleanup(func() { admin.Close() })
+	return s, admin
+}
+
 // StartPersistent is Start for a server that keeps its data across Stop
 // and Restart: an append-only file in its directory, fsynced before each
 // write is acknowledged (appendfsync always), so that whatever Redis
