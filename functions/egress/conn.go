@@ -440,15 +440,20 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 		}
 		if byServer && code != 1006 {
 			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
+			// The bound on the whole close (what is queued and the close
+			// frame written, then the client's answer awaited), set
+			// while mu keeps the writer from taking the close frame:
+			// once the frame is out the writer shortens it to a second,
+			// and setting it after that would undo it and keep the
+			// connection WRITE_TIMEOUT longer.
+			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
 			c.startWriterLocked()
 		}
 		c.mu.Unlock()
 		switch {
 		case code == 1006:
 			_ = c.nc.Close()
-		case byServer:
-			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
-		default:
+		case !byServer:
 			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
