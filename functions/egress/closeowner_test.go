@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -144,4 +145,67 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 			closedBy(t, c, took, protocol.CloseGoingAway)
 		}
 	})
+}
+
+// deadlineConn records the read deadlines set on a net.Conn, and holds a
+// far one (more than two seconds ahead) until something was written or
+// 200 ms went by: it widens the window in which a server close's writer
+// may send the close frame, and shorten the wait for the client's answer
+// to a second, before closeWith sets its own bound.
+type deadlineConn struct {
+	net.Conn
+	wrote     chan struct{}
+	wroteOnce sync.Once
+	mu        sync.Mutex
+	last      time.Time
+}
+
+func (d *deadlineConn) Write(p []byte) (int, error) {
+	n, err := d.Conn.Write(p)
+	d.wroteOnce.Do(func() { close(d.wrote) })
+	return n, err
+}
+
+func (d *deadlineConn) SetReadDeadline(t time.Time) error {
+	if time.Until(t) > 2*time.Second {
+		select {
+		case <-d.wrote:
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	d.mu.Lock()
+	d.last = t
+	d.mu.Unlock()
+	return d.Conn.SetReadDeadline(t)
+}
+
+// TestServerCloseWaitsASecond: once a server close's frame is out, the
+// connection waits a second for the client's answer, not WRITE_TIMEOUT
+// plus a second: the longer bound closeWith sets for the whole close
+// must not land after the writer's shorter one. Before, it was set after
+// the writer had been started, and a writer quick to send the close
+// frame had its second undone (the connection lingered 10 s more).
+func TestServerCloseWaitsASecond(t *testing.T) {
+	t.Parallel()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := &Server{cfg: Config{SendQueue: 16, WriteTimeout: 10 * time.Second}, log: log}
+	server, client := tcpPair(t)
+	defer client.Close()
+	dc := &deadlineConn{Conn: server, wrote: make(chan struct{})}
+	c := &conn{s: s, nc: dc, done: make(chan struct{})}
+	c.closeWith(protocol.CloseIdleTimeout, "idle timeout", true)
+	c.writers.Wait()
+	dc.mu.Lock()
+	left := time.Until(dc.last)
+	dc.mu.Unlock()
+	if left > 1500*time.Millisecond {
+		t.Fatalf("after the close frame was sent, the read deadline is %v away, want about a second", left.Round(time.Millisecond))
+	}
+	// The close frame did go out: FIN and opcode, a short payload, the
+	// code first.
+	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	hdr := make([]byte, 4)
+	if _, err := io.ReadFull(client, hdr); err != nil || hdr[0] != 0x80|opClose || !bytes.Equal(hdr[2:], u16(protocol.CloseIdleTimeout)) {
+		t.Fatalf("%x, %v: want a close frame with %d", hdr, err, protocol.CloseIdleTimeout)
+	}
 }
