@@ -129,7 +129,7 @@ func TestRedisOutageLogsOnce(t *testing.T) {
 // right, one line ends it and sockets are served again.
 func TestRedisRefusesLoginLogsOnce(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t, "--requirepass", "rightpw")
+	rs, admin := redistest.StartWithPassword(t, "rightpw")
 	u := strings.Replace(rs.URL(), "//", "//:wrongpw@", 1)
 	logs := &testkit.SyncBuffer{}
 	s := newEgressOn(t, u, logs)
@@ -163,17 +163,10 @@ func TestRedisRefusesLoginLogsOnce(t *testing.T) {
 		t.Errorf("the log holds the password:\n%s", logs.String())
 	}
 
-	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
-	defer admin.Close()
 	if err := admin.ConfigSet(t.Context(), "requirepass", "wrongpw").Err(); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
-			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
-		}
-		return nil
-	})
+	loginBack(t, logs)
 	ws, _, err = websocket.DefaultDialer.Dial(wsURL, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -254,12 +247,7 @@ func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 	if err := admin.ConfigSet(t.Context(), "requirepass", "pw1").Err(); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
-			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
-		}
-		return nil
-	})
+	loginBack(t, logs)
 	ws3, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -269,4 +257,16 @@ func TestLoginRefusedEndsOnlyOnALogin(t *testing.T) {
 	if n := len(logs.Lines(t, "redis refused the login")); n != 1 {
 		t.Errorf("%d \"redis refused the login\" for one episode, want 1:\n%s", n, logs.String())
 	}
+}
+
+// loginBack waits until the log has ended the episode of a refused login
+// with exactly one "redis accepts the login again".
+func loginBack(t *testing.T, logs *testkit.SyncBuffer) {
+	t.Helper()
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if n := len(logs.Lines(t, "redis accepts the login again")); n != 1 {
+			return fmt.Errorf("%d \"redis accepts the login again\":\n%s", n, logs.String())
+		}
+		return nil
+	})
 }
