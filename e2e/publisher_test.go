@@ -258,6 +258,67 @@ func TestPublisherExactlyOnceAcrossLostReply(t *testing.T) {
 	}
 }
 
+// TestPublisherSendToUserAcrossLostReply: a send to a user whose reply
+// is lost is retried with its Idempotency-Key, and the retry's replay
+// says so (SendToUserResult's Replayed, which SendToUser's count alone
+// cannot tell): the user's connection gets the message once, and a
+// caller repeating the send with its own key learns that it made none.
+func TestPublisherSendToUserAcrossLostReply(t *testing.T) {
+	leaks := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, leaks) })
+	redisURL, prefix := redistest.URL(t), redistest.Prefix(t)
+	ing := startIngressWithKeys(t, redisURL, prefix)
+	eg := start(t, "egress", env{
+		"REDIS_URL":        redisURL,
+		"REDIS_KEY_PREFIX": prefix,
+		"ALLOW_ANONYMOUS":  "true",
+	})
+	proxy := newProxy(t, strings.TrimPrefix(ing.URL, "http://"))
+	pub := newPublisher(t, "http://"+proxy.Addr(), "k-admin")
+	direct := newPublisher(t, ing.URL, "k-admin")
+	ctx := context.Background()
+
+	ws := dial(t, eg.wsURL("user=ada"))
+	testkit.Eventually(t, 10*time.Second, func() error { // until the egress has registered it
+		if n, err := direct.SendToUser(ctx, "ada", pubpkg.Message{Data: "warm-up"}); err != nil || n != 1 {
+			return fmt.Errorf("send to ada: %d connections, %v", n, err)
+		}
+		return nil
+	})
+
+	proxy.DropReplies(1)
+	res, err := pub.SendToUserResult(ctx, "ada", pubpkg.Message{Data: "once"}, pubpkg.WithIdempotencyKey("notice-7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if proxy.Dropped() != 1 {
+		t.Fatalf("%d replies dropped, want 1: the test proves nothing", proxy.Dropped())
+	}
+	if want := (pubpkg.UserResult{User: "ada", Connections: 1, Replayed: true}); res != want {
+		t.Fatalf("after a lost reply: %+v, want %+v", res, want)
+	}
+	// The same call again, as another process would make it: a replay,
+	// nothing sent.
+	again, err := direct.SendToUserResult(ctx, "ada", pubpkg.Message{Data: "once"}, pubpkg.WithIdempotencyKey("notice-7"))
+	if err != nil || !again.Replayed || again.Connections != 1 {
+		t.Fatalf("repeated with its key: %+v, %v, want a replay", again, err)
+	}
+	fresh, err := direct.SendToUserResult(ctx, "ada", pubpkg.Message{Data: "last"})
+	if err != nil || fresh.Replayed || fresh.Connections != 1 || fresh.User != "ada" {
+		t.Fatalf("a new send: %+v, %v, want one connection, not replayed", fresh, err)
+	}
+	ws.waitFrame(func(f frame) bool { return f.Target == "user" && string(f.Data) == `"last"` })
+	n := 0
+	for _, f := range ws.messages("") {
+		if f.Target == "user" && string(f.Data) == `"once"` {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the connection got the send %d times, want once", n)
+	}
+}
+
 // TestPublisherIngressErrors: the ingress's refusals come back as
 // *pubpkg.Error with its code, after one attempt.
 func TestPublisherIngressErrors(t *testing.T) {

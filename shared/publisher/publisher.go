@@ -497,26 +497,53 @@ func (c *Client) SendToConnection(ctx context.Context, id string, m Message, opt
 
 // SendToUser sends m to every live connection of user: POST
 // /v1/users/{user}/messages (needs a key with admin rights). It returns
-// how many connections were targeted, 0 when the user has none.
+// how many connections were targeted, 0 when the user has none. It is
+// SendToUserResult without the rest of the reply: use that to learn
+// whether the answer was a replay (UserResult.Replayed).
 func (c *Client) SendToUser(ctx context.Context, user string, m Message, opts ...Option) (connections int, err error) {
+	res, err := c.SendToUserResult(ctx, user, m, opts...)
+	return res.Connections, err
+}
+
+// UserResult is the ingress's reply to a send to a user.
+type UserResult struct {
+	// User is the user sent to.
+	User string
+	// Connections is how many live connections of the user were
+	// targeted, 0 when the user had none. On a replay it is the count of
+	// the send that was made, not of the connections live now.
+	Connections int
+	// Replayed is true when the ingress answered with the reply it had
+	// kept for the call's Idempotency-Key (Idempotent-Replayed: true): an
+	// earlier attempt of this call, or an earlier call with the same
+	// WithIdempotencyKey, had made the send, and nothing was sent again.
+	Replayed bool
+}
+
+// SendToUserResult sends m to every live connection of user, as
+// SendToUser does, and returns the whole reply: the count of connections
+// targeted and whether it was a replay of an earlier send with the same
+// Idempotency-Key (Result.Replayed's meaning).
+func (c *Client) SendToUserResult(ctx context.Context, user string, m Message, opts ...Option) (UserResult, error) {
 	if err := checkID("user", user); err != nil {
-		return 0, invalid(err)
+		return UserResult{}, invalid(err)
 	}
 	b, err := m.body()
 	if err != nil {
-		return 0, invalid(err)
+		return UserResult{}, invalid(err)
 	}
 	var out struct {
-		Connections *int `json:"connections"`
+		User        string `json:"user"`
+		Connections *int   `json:"connections"`
 	}
 	rep, err := c.post(ctx, "/v1/users/"+url.PathEscape(user)+"/messages", b, opts, &out)
 	if err != nil {
-		return 0, err
+		return UserResult{}, err
 	}
 	if out.Connections == nil || *out.Connections < 0 {
-		return 0, unexpected(rep)
+		return UserResult{}, unexpected(rep)
 	}
-	return *out.Connections, nil
+	return UserResult{User: out.User, Connections: *out.Connections, Replayed: rep.replayed}, nil
 }
 
 // Disconnect asks the egress holding connection id to close it, with

@@ -504,6 +504,20 @@ func TestEndpoints(t *testing.T) {
 			}
 			return err
 		}, "POST", "/v1/users/alice@example.com/messages", "", true},
+		{"user, the whole reply", accepted(`{"user":"alice@example.com","connections":3}`), func(c *Client) error {
+			res, err := c.SendToUserResult(ctx, "alice@example.com", Message{Data: "hi"})
+			if err == nil && res != (UserResult{User: "alice@example.com", Connections: 3}) {
+				t.Errorf("result %+v", res)
+			}
+			return err
+		}, "POST", "/v1/users/alice@example.com/messages", "", true},
+		{"user, replayed", accepted(`{"user":"alice@example.com","connections":0}`, "Idempotent-Replayed", "true"), func(c *Client) error {
+			res, err := c.SendToUserResult(ctx, "alice@example.com", Message{Data: "hi"}, WithIdempotencyKey("k"))
+			if err == nil && res != (UserResult{User: "alice@example.com", Connections: 0, Replayed: true}) {
+				t.Errorf("result %+v, want replayed", res)
+			}
+			return err
+		}, "POST", "/v1/users/alice@example.com/messages", "", true},
 		{"disconnect", accepted(`{"connection":"c-1","status":"disconnecting"}`), func(c *Client) error {
 			return c.Disconnect(ctx, "c-1")
 		}, "DELETE", "/v1/connections/c-1", "", false},
