@@ -330,6 +330,72 @@ const clientJSCases = `(async () => {
     results.silenceProbe = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // connectTimeout: a dial not welcomed within it is dropped, probes on or
+  // off (a browser waits minutes on an upgrade that hangs, and for ever
+  // on an upgraded socket that never sends its welcome), with nothing
+  // sent, and dialled again; a welcomed socket with probes off is never
+  // dropped; close() leaves no timer behind.
+  {
+    const wrong = [];
+    const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+    for (const [name, opts] of [["probes off", { activityTimeout: -1 }], ["probes on", { activityTimeout: 60000, pongTimeout: 60000 }]]) {
+      sockets.length = 0;
+      // Every other dial hangs (never opens); the others open but send no welcome.
+      FakeWS.dialed = (ws) => { if (sockets.length % 2 === 0) ws.open(); };
+      const c = newClient({ ...opts, connectTimeout: 60 });
+      const closes = [];
+      c.on("close", (e) => closes.push(e.code + " " + e.reason));
+      await wait(250);
+      FakeWS.dialed = null;
+      const gaps = sockets.slice(1).map((ws, i) => Math.round(ws.at - sockets[i].at));
+      if (sockets.length < 3 || closes.length < 2 || closes.some((e) => e !== "1006 no welcome") || gaps.some((g) => g < 55) || sockets.some((ws) => ws.frames.length)) {
+        wrong.push(name + ": " + sockets.length + " dials " + gaps.join(" ") + " ms apart, closes [" + closes + "], " + sockets.map((ws) => ws.frames.length) + " frames sent");
+      }
+      c.close();
+      const dials = sockets.length;
+      await wait(150);
+      if (sockets.length !== dials) wrong.push(name + ": dialled after close()");
+    }
+    // Probes off: the welcomed socket stays, however silent.
+    const [c, ws] = await welcomed({ activityTimeout: -1, connectTimeout: 200 });
+    await wait(400);
+    if (c.ws !== ws || c.state !== "connected") wrong.push("probes off: a welcomed socket dropped (state " + c.state + ")");
+    c.close();
+    // The default: activityTimeout + pongTimeout, activityTimeout's
+    // default when probes are off; a bad value is refused.
+    for (const [opts, want] of [[{}, 60000], [{ activityTimeout: -1, pongTimeout: 5000 }, 55000], [{ activityTimeout: 1000, pongTimeout: 500 }, 1500], [{ connectTimeout: 7000 }, 7000]]) {
+      const d = newClient(opts);
+      if (d.connectTimeout !== want) wrong.push(JSON.stringify(opts) + ": connectTimeout " + d.connectTimeout + ", want " + want);
+      d.close();
+    }
+    for (const v of [-1, "5", NaN]) {
+      try { newClient({ connectTimeout: v }).close(); wrong.push("connectTimeout " + v + " accepted"); } catch (e) { if (!(e instanceof TypeError)) wrong.push("connectTimeout " + v + ": " + e); }
+    }
+    results.connectTimeout = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // 4004 (token expired) without getToken ends the client: the token it
+  // holds is expired, and every dial with it would be refused at the
+  // upgrade, which a browser sees only as a close, for ever. The final
+  // state carries the close. With getToken, 4004 reconnects (closeCodes).
+  {
+    const wrong = [];
+    for (const [name, opts, url] of [["token option", { token: "t1" }, undefined], ["token in the URL", {}, "ws://127.0.0.1:1/ws?token=t1"]]) {
+      sockets.length = 0;
+      const c = url ? new WsRelay(url, { WebSocket: FakeWS, minBackoff: 1, maxBackoff: 2 }) : newClient(opts);
+      const states = [];
+      c.on("state", (s, d) => states.push(s + (d?.code ? " " + d.code : "")));
+      await settle();
+      sockets[0].open();
+      sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+      sockets[0].shut(4004);
+      await settle();
+      if (sockets.length !== 1 || c.state !== "closed" || states.at(-1) !== "closed 4004") wrong.push(name + ": " + sockets.length + " dials, states [" + states + "]");
+      c.close();
+    }
+    results.expiredStaticToken = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // Network events: "online" ends a wait to reconnect and probes a
   // connected socket, "offline" probes it; close() and a final close
   // remove the listeners.
@@ -1156,7 +1222,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

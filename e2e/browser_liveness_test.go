@@ -12,6 +12,7 @@ import (
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
@@ -172,5 +173,81 @@ func TestBrowserClientNetworkEvents(t *testing.T) {
 	setOffline(false)
 	if n := evalIn(t, tab, "pings after close", chromedp.Evaluate[int](`t.sent.filter((s) => s.includes('"ping"')).length`)); n != 2 {
 		t.Fatalf("%d pings sent, want the 2 probes before close()", n)
+	}
+}
+
+// TestBrowserClientConnectTimeout: with probes off, a dial whose upgrade
+// hangs (a proxy that accepts the connection and forwards nothing) is
+// dropped after connectTimeout, not left to Chromium (which waits four
+// minutes on an upgrade, and for ever on a welcome), and the next dial,
+// through the proxy working again, subscribes.
+func TestBrowserClientConnectTimeout(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	u, err := url.Parse(eg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newProxy(t, u.Host)
+	proxy.Stall()
+	const ch = "e2e-connect-timeout"
+	tab := newBrowser(t)
+	runIn(t, tab, "open a page of the egress", chromedp.Navigate(eg.URL+"/"))
+	// Not awaited: the subscribe cannot be answered while the proxy stalls.
+	evalIn(t, tab, "start the client", chromedp.Evaluate[bool](
+		`(window.subscribed = `+livenessClient("ws://"+proxy.Addr()+"/ws", ch, `{ activityTimeout: -1, connectTimeout: 1000, minBackoff: 100, maxBackoff: 200 }`)+`, true)`))
+	// Within 5 s: the egress itself gives up on the upgrade request it
+	// never received after 10 s (ReadHeaderTimeout), which a proxy that
+	// hangs would not do.
+	waitPage(t, tab, "the hanging dial dropped", `t.closes.length > 0`, 5*time.Second)
+	if first := evalIn(t, tab, "first close", chromedp.Evaluate[string](`t.closes[0].code + " " + t.closes[0].reason`)); first != "1006 no welcome" {
+		t.Fatalf("first close %q, want 1006 no welcome", first)
+	}
+	proxy.Unstall()
+	evalIn(t, tab, "subscribed", chromedp.Evaluate[bool](`window.subscribed`, chromedp.EvalAwaitPromise))
+	pub := newClientPublisher(t, ing.URL)
+	if _, err := pub.publish(ch, map[string]string{"text": "m1"}); err != nil {
+		t.Fatal(err)
+	}
+	waitPage(t, tab, "m1 delivered", `t.got.join() === "m1"`, 10*time.Second)
+}
+
+// TestBrowserClientTokenExpired: a client given a token (no getToken)
+// whose token expires is closed by the egress with 4004 and stops there,
+// with the close in its final state: a reconnect with the expired token
+// would be refused at the upgrade, which the browser sees only as a
+// close, and the client would dial for ever.
+func TestBrowserClientTokenExpired(t *testing.T) {
+	const secret = "browser-expiry-secret-0123456789abcdef0123"
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"JWT_SECRET":       secret,
+	}
+	eg := start(t, "egress", e)
+	tab := newBrowser(t)
+	runIn(t, tab, "open a page of the egress", chromedp.Navigate(eg.URL+"/"))
+	token, err := auth.SignHS256(secret, auth.Claims{Subject: "alice", Channels: []string{"e2e-*"}, Expires: time.Now().Add(3 * time.Second)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evalIn(t, tab, "start the client", chromedp.Evaluate[bool](
+		livenessClient(strings.Replace(eg.URL, "http:", "ws:", 1)+"/ws", "e2e-expiry", fmt.Sprintf(`{ token: %q, minBackoff: 100, maxBackoff: 200 }`, token)),
+		chromedp.EvalAwaitPromise))
+	evalIn(t, tab, "record states", chromedp.Evaluate[bool](
+		`(t.states = [], c.on("state", (s, d) => t.states.push(s + (d?.code ? " " + d.code : ""))), true)`))
+	waitPage(t, tab, "the 4004 close", `t.closes.length > 0`, 10*time.Second)
+	// Time for the reconnects the client must not make.
+	time.Sleep(time.Second)
+	got := evalIn(t, tab, "closes and states", chromedp.Evaluate[string](
+		`t.closes.map((e) => e.code) + " | " + t.states + " | " + c.state + " | " + t.welcomes.length`))
+	if want := "4004 | closed 4004 | closed | 1"; got != want {
+		t.Fatalf("closes | states | state | welcomes: %s; want %s", got, want)
 	}
 }

@@ -12,10 +12,11 @@
 // the server marks as retryable, resubscribes each channel with "after" set
 // to the last id it delivered (so nothing is lost or repeated), and tells
 // the application when a resume had a gap (recovered === false). It does not
-// reconnect after 4003 (disconnected by an operator), 1002, 1007, 1008 or 1009, and
-// asks getToken() for a fresh token after 4004 (token expired) and after a
-// connection refused before its welcome (an expired token is refused at the
-// upgrade, which a browser reports only as a close).
+// reconnect after 4003 (disconnected by an operator), 1002, 1007, 1008 or 1009,
+// nor after 4004 (token expired) without getToken, and asks getToken() for
+// a fresh token after 4004 and after a connection refused before its
+// welcome (an expired token is refused at the upgrade, which a browser
+// reports only as a close).
 //
 // A connection that went silent without a close (laptop sleep, a Wi-Fi or
 // NAT change) looks open to a page until TCP gives up, minutes later: the
@@ -25,7 +26,9 @@
 // at all follows within pongTimeout (10 s). A server whose welcome carries
 // idle_timeout_ms closes idle connections itself (4000): the client then
 // probes only after a silence longer than that, so its pings never keep
-// open a connection the server would close. Where the runtime has network
+// open a connection the server would close. A dial not welcomed within
+// connectTimeout (activityTimeout + pongTimeout) is dropped, probes on or
+// off. Where the runtime has network
 // events (browsers, workers), "online" ends a wait to reconnect at once and
 // probes a connected socket, and "offline" probes it: a short loss keeps
 // the connection, a dead one is dropped within pongTimeout.
@@ -37,6 +40,9 @@
 //   await publish("https://ingress.example.com", "room:1", { text: "hi" }, { token });
 
 const FINAL = new Set([4003, 1002, 1007, 1008, 1009]);
+const TOKEN_EXPIRED = 4004;
+// activityTimeout's default (ms); connectTimeout's part of it when probes are off.
+const ACTIVITY_TIMEOUT = 50000;
 const PLANNED = new Set([1001, 4000, 4001]);
 // The largest frame of subscribes sent, whatever max_frame_bytes allows.
 const MAX_BATCH_BYTES = 64 * 1024;
@@ -167,8 +173,10 @@ function dialUrl(url, opts) {
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
  * activityTimeout (ms, 50000: a silence from the server after which the
  * client pings; negative: no probes), pongTimeout (ms, 10000: how long a
- * probe waits for any frame before the socket is dropped; a socket not
- * welcomed within activityTimeout + pongTimeout of its dial is dropped too),
+ * probe waits for any frame before the socket is dropped), connectTimeout
+ * (ms, activityTimeout + pongTimeout; 50000 + pongTimeout with probes
+ * off: a socket not welcomed that long after its dial is dropped, as a
+ * browser waits minutes on an upgrade that hangs, for ever on a welcome),
  * WebSocket (constructor, for tests); a time option of 0 means its default.
  * The constructor throws a TypeError for a time option that is not a
  * number from 0 up, for a user that is not a user id (the egress would
@@ -179,7 +187,10 @@ function dialUrl(url, opts) {
  * token from getToken that cannot be sent is reported as an "error" (a
  * TypeError) and getToken is asked again on the next attempt.
  *
- * Events (c.on(name, fn)): "state" (state, detail), "welcome" (frame),
+ * Events (c.on(name, fn)): "state" (state, detail: the welcome at
+ * "connected"; the close {code, reason} or the Error that ended the
+ * attempt at "disconnected"; at "closed", the server's final close, or
+ * nothing after close()), "welcome" (frame),
  * "error" (error frame, of a subscription without onError too, or
  * getToken's Error), "message" (targeted messages),
  * "gap" ({channel}) when a resume could not recover everything,
@@ -202,8 +213,12 @@ export class WsRelay {
     this.minBackoff = msOption(opts, "minBackoff", 500);
     this.maxBackoff = Math.max(msOption(opts, "maxBackoff", 20000), this.minBackoff);
     this.stableAfter = msOption(opts, "stableAfter", 10000);
-    this.activityTimeout = msOption(opts, "activityTimeout", 50000, true);
+    this.activityTimeout = msOption(opts, "activityTimeout", ACTIVITY_TIMEOUT, true);
     this.pongTimeout = msOption(opts, "pongTimeout", 10000);
+    // Probes or not: a browser gives up on an upgrade that hangs only
+    // after minutes (Chromium: 4), and on a missing welcome never.
+    this.connectTimeout = msOption(opts, "connectTimeout",
+      (this.activityTimeout < 0 ? ACTIVITY_TIMEOUT : this.activityTimeout) + this.pongTimeout);
     this.WS = opts.WebSocket ?? globalThis.WebSocket;
     this.state = "disconnected";
     this.stateSeq = 0; // counts setState's changes, so that a delivery sees a newer one
@@ -449,36 +464,42 @@ export class WsRelay {
 
   /**
    * Arms the silence timer of the current socket: at the end of its
-   * silence, or of the wait for a probe's answer. Frames only stamp the
-   * socket (dispatch); the timer checks the stamps when it fires, so a
-   * busy socket costs no timer per frame.
+   * connectTimeout until the welcome, then of its silence, or of the wait
+   * for a probe's answer. Frames only stamp the socket (dispatch); the
+   * timer checks the stamps when it fires, so a busy socket costs no
+   * timer per frame.
    */
   watch(ws) {
     // The timer is the current socket's: a socket replaced took its own
     // with it (detach), and must not clear its successor's.
     if (this.ws !== ws) return;
     clearTimeout(this.probeTimer);
-    if (this.activityTimeout < 0 || this.closed) return;
-    const due = ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
+    if (this.closed || (this.activityTimeout < 0 && ws.welcomed)) return;
+    const due = !ws.welcomed ? ws.openedAt + this.connectTimeout
+      : ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
     this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.min(Math.max(0, due - Date.now()), MAX_TIMER));
   }
 
   checkSilence(ws) {
     if (this.ws !== ws || this.closed) return;
     const now = Date.now();
-    if (ws.pingedAt) {
+    if (!ws.welcomed) {
+      // Still dialing, or opened and silent: nothing is sent before the
+      // welcome.
+      if (now - ws.openedAt >= this.connectTimeout) {
+        this.cut("no welcome", "silent connection");
+        return;
+      }
+    } else if (ws.pingedAt) {
       // Any frame answers a probe (dispatch clears pingedAt): a pong
       // queued behind a replay is as good as the replay.
       if (now - ws.pingedAt >= this.pongTimeout) {
-        this.cut(ws.welcomed ? "no answer to ping" : "no welcome", "silent connection");
+        this.cut("no answer to ping", "silent connection");
         return;
       }
     } else if (now - ws.lastRecv >= this.silence(ws)) {
       ws.pingedAt = now;
-      // Nothing is sent before the welcome: a socket that opened (or is
-      // still dialing) and stays silent is dropped when the welcome has
-      // not come within pongTimeout more.
-      if (ws.welcomed && ws.readyState === 1) ws.send(PING);
+      if (ws.readyState === 1) ws.send(PING);
     }
     this.watch(ws);
   }
@@ -543,13 +564,16 @@ export class WsRelay {
   lost(ev, openedAt, welcomed) {
     this.emit("close", ev);
     if (this.closed) return;
-    if (FINAL.has(ev.code)) {
+    // Without getToken, a 4004 leaves the client with the expired token:
+    // each dial would be refused at the upgrade, a close like any other
+    // to a browser, for ever.
+    if (FINAL.has(ev.code) || (ev.code === TOKEN_EXPIRED && typeof this.opts.getToken !== "function")) {
       this.closed = true;
       this.unlistenNetwork();
       this.setState("closed", ev);
       return;
     }
-    if ((ev.code === 4004 || !welcomed) && typeof this.opts.getToken === "function") this.needToken = true;
+    if ((ev.code === TOKEN_EXPIRED || !welcomed) && typeof this.opts.getToken === "function") this.needToken = true;
     if (welcomed && (PLANNED.has(ev.code) || Date.now() - openedAt >= this.stableAfter)) this.attempt = 0;
     this.setState("disconnected", ev);
     this.schedule();
@@ -587,6 +611,7 @@ export class WsRelay {
         // An older server's welcome has no idle timeout: it closes no
         // idle connection, or does not say, and activityTimeout applies.
         if (Number.isSafeInteger(f.idle_timeout_ms) && f.idle_timeout_ms > 0) ws.idleTimeout = f.idle_timeout_ms;
+        this.watch(ws); // from the connect deadline to the silence timer (none with probes off)
         if (ws.readyState === 1) this.subscribeAll(ws, f.max_frame_bytes);
         this.setState("connected", f);
         // close() or drop() from a state listener: the welcome is of a
