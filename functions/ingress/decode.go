@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -201,6 +202,12 @@ func decodeBatch(b []byte, maxItems int, maxItemBytes int64, check func(p *publi
 	items := *raw.Messages
 	if len(items) == 0 || len(items) > maxItems {
 		return nil, errf(400, "invalid_batch", fmt.Sprintf(`"messages" must hold 1–%d items`, maxItems))
+	}
+	// Not UTF-8 outside the items (a field the ingress does not read) is
+	// the body's fault, as in a single publish's body; inside an item, the
+	// loop reports that item, in its turn.
+	if !utf8.Valid(b) && !slices.ContainsFunc(items, func(it json.RawMessage) bool { return !utf8.Valid(it) }) {
+		return nil, errf(400, "invalid_json", "body is not valid UTF-8")
 	}
 	out := make([]publishBody, len(items))
 	for i, it := range items {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
 )
@@ -50,6 +51,7 @@ func FuzzDecodeBatch(f *testing.F) {
 	for _, s := range []string{
 		`{"messages":[{"channel":"a","data":1},{"channel":"b.c:d","data":{"x":[1]}}]}`, `{"messages":[]}`, `{"messages":{}}`,
 		`{"messages":[{"data":1}]}`, `{"messages":null}`, `{"messages":[1]}`, `{`, `{"messages":[{"channel":"a","data":1}],"x":1}`,
+		"{\"x\":\"\xff\",\"messages\":[{\"channel\":\"a\",\"data\":1}]}",
 	} {
 		f.Add([]byte(s))
 	}
@@ -60,6 +62,9 @@ func FuzzDecodeBatch(f *testing.F) {
 		}
 		if len(items) == 0 || len(items) > 3 {
 			t.Fatalf("%d items accepted", len(items))
+		}
+		if !utf8.Valid(b) {
+			t.Fatalf("accepted %q, which is not UTF-8", b)
 		}
 		for _, it := range items {
 			if !channel.ValidName(it.Channel) || !json.Valid(it.Data) {

@@ -18,6 +18,7 @@ func TestDecodeMessage(t *testing.T) {
 		{body: "{\"data\":[1,\r\n2]}", data: `[1,2]`},
 		{body: `{"data":"tab\there"}`, data: `"tab\there"`},
 		{body: `{"data":1,"event":null,"from":null}`, data: `1`},
+		{body: `{"data":1,"event":""}`, data: `1`}, // as absent: frames omit an empty event
 		{body: `{"channel":"c:1","data":1}`, withChannel: true, data: `1`, channel: "c:1"},
 		{body: `{"data":1}`, withChannel: true, code: "invalid_channel", msg: `"channel" is required`},
 		{body: `{"channel":null,"data":1}`, withChannel: true, code: "invalid_channel", msg: `"channel" is required`},

@@ -192,6 +192,9 @@ func TestNetHTTPAnswers(t *testing.T) {
 		{strings.Replace(post, "Host: x\r\n", "", 1), 400},
 		{post + "Content-Length: 11\r\n", 400},
 		{strings.Replace(post, "Content-Length: 10", "Transfer-Encoding: gzip", 1), 501},
+		// The server-wide form of OPTIONS (RFC 9110 §9.3.7), with an
+		// empty body: no path, so no route, CORS or credential.
+		{"OPTIONS * HTTP/1.1\r\nHost: x\r\n", 200},
 	} {
 		if res := exchange(t, addr, tc.head, `{"data":1}`); res.StatusCode != tc.status {
 			t.Errorf("%q: %d, want %d", tc.head, res.StatusCode, tc.status)

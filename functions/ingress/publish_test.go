@@ -192,6 +192,11 @@ func TestBatchErrors(t *testing.T) {
 		{"messages not an array", `{"messages":{"channel":"x0","data":1}}`, 400, "invalid_batch", nil},
 		{"not json", `{"messages":[`, 400, "invalid_json", nil},
 		{"array body", `[` + item("x0") + `]`, 400, "invalid_json", nil},
+		// Not UTF-8 in an item: that item; outside the items (a field
+		// the ingress does not read), the body, as for a single publish.
+		{"not UTF-8 at 3", batch(append(good, "{\"channel\":\"x3\",\"data\":\"\xff\"}")...), 400, "invalid_json", idx(3)},
+		{"not UTF-8 outside the items", "{\"note\":\"\xff\",\"messages\":[" + strings.Join(good, ",") + "]}", 400, "invalid_json", nil},
+		{"not UTF-8 in a field name", "{\"\xfe\":1,\"messages\":[" + strings.Join(good, ",") + "]}", 400, "invalid_json", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := e.do("POST", "/v1/messages", tc.body)
