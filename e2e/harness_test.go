@@ -251,6 +251,7 @@ type wsClient struct {
 	frames    []frame
 	closed    chan struct{}
 	closeCode int
+	closeText string // the close frame's reason
 	welcome   frame
 }
 
@@ -278,7 +279,7 @@ func (c *wsClient) read() {
 		if err != nil {
 			if ce, ok := err.(*websocket.CloseError); ok {
 				c.mu.Lock()
-				c.closeCode = ce.Code
+				c.closeCode, c.closeText = ce.Code, ce.Text
 				c.mu.Unlock()
 			}
 			return
