@@ -3,6 +3,7 @@
 package redisconn
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -14,6 +15,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -182,6 +185,11 @@ func New(c Config) (redis.UniversalClient, error) {
 		if c.ClusterTLS {
 			o.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 		}
+		o.NewClient = func(no *redis.Options) *redis.Client {
+			n := redis.NewClient(no)
+			n.AddHook(maxClientsHook{})
+			return n
+		}
 		cc := redis.NewClusterClient(o)
 		cc.AddHook(reloadOnFailure{cc})
 		return cc, nil
@@ -202,7 +210,9 @@ func New(c Config) (redis.UniversalClient, error) {
 	if c.PoolSize > 0 {
 		o.PoolSize = c.PoolSize
 	}
-	return redis.NewClient(o), nil
+	rdb := redis.NewClient(o)
+	rdb.AddHook(maxClientsHook{})
+	return rdb, nil
 }
 
 // ErrReplica is Ping's answer from a replica: it answers, but refuses
@@ -448,3 +458,94 @@ func AddLoginHook(rdb redis.UniversalClient, ok func()) {
 	}
 	rdb.AddHook(OnLogin(ok))
 }
+
+// MaxClients reports whether err is Redis refusing a new connection
+// because it has reached its maxclients (ErrMaxClients).
+func MaxClients(err error) bool { return errors.Is(err, ErrMaxClients) }
+
+// ErrMaxClients is the error of a command that needed a new connection
+// and found Redis at its maxclients: it answers a new connection "ERR max
+// number of clients reached" and closes it. It is not a Redis reply to
+// the command (nothing was carried out), so it counts as a NodeFailure.
+var ErrMaxClients = errors.New("redis refused a new connection: max number of clients reached (its maxclients)")
+
+// maxClientsHook makes a connection Redis refused for its maxclients fail
+// with ErrMaxClients. Redis sends that refusal before reading anything
+// and closes the connection: it is the reply to go-redis's HELLO, which
+// go-redis took for a Redis without HELLO (or retried on the closed
+// connection), and the command failed with the broken pipe or EOF of what
+// it sent next: an operator read "write: broken pipe" from a Redis that
+// was up and answering. The connection's first reply is looked at; after
+// a refusal, the connection fails with ErrMaxClients, which is not a
+// Redis reply, so go-redis gives it up with that error. Added to the
+// client that dials (each node's, on a cluster).
+type maxClientsHook struct{}
+
+func (maxClientsHook) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := next(ctx, network, addr)
+		if err != nil {
+			return c, err
+		}
+		rc := &refusalConn{Conn: c}
+		if sc, ok := c.(syscall.Conn); ok {
+			// go-redis checks a pooled connection before using it (a
+			// closed one is dropped, not used for a command that would
+			// fail with EOF) only on a syscall.Conn.
+			return refusalSysConn{rc, sc}, nil
+		}
+		return rc, nil
+	}
+}
+
+func (maxClientsHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (maxClientsHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// maxClientsReply begins what Redis sends a connection over its
+// maxclients: "-ERR max number of clients reached", or in cluster mode
+// "-ERR max number of clients + cluster connections reached".
+var maxClientsReply = []byte("-ERR max number of clients")
+
+// refusalConn is a Redis connection that remembers whether its first
+// reply was a maxclients refusal (maxClientsHook).
+type refusalConn struct {
+	net.Conn
+	read    atomic.Bool // the first read is done
+	refused atomic.Bool
+}
+
+func (c *refusalConn) Read(b []byte) (int, error) {
+	if c.refused.Load() {
+		return 0, ErrMaxClients
+	}
+	n, err := c.Conn.Read(b)
+	// Load before Swap: every later read of a busy connection pays a
+	// plain load, not a locked exchange.
+	if !c.read.Load() && !c.read.Swap(true) && bytes.HasPrefix(b[:n], maxClientsReply) {
+		c.refused.Store(true)
+		return 0, ErrMaxClients
+	}
+	return n, err
+}
+
+func (c *refusalConn) Write(b []byte) (int, error) {
+	if c.refused.Load() {
+		return 0, ErrMaxClients
+	}
+	return c.Conn.Write(b)
+}
+
+// NetConn is the connection wrapped, for go-redis's check of an idle
+// connection (it reads the socket without consuming).
+func (c *refusalConn) NetConn() net.Conn { return c.Conn }
+
+// refusalSysConn is a refusalConn of a syscall.Conn (TCP, Unix socket).
+type refusalSysConn struct {
+	*refusalConn
+	sc syscall.Conn
+}
+
+func (c refusalSysConn) SyscallConn() (syscall.RawConn, error) { return c.sc.SyscallConn() }
