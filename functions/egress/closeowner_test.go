@@ -71,6 +71,35 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 		s.hub.addConn(c)
 		return c
 	}
+	// full is a registered connection whose socket takes nothing more
+	// (its peer reads nothing and the buffers are full), with no write in
+	// progress: the sweep counts a connection being written to as neither
+	// idle nor silent (conn.write), so its idle and missed-pong closes
+	// meet a stalled socket this way, not in a write of the writer.
+	full := func(t *testing.T, s *Server, id string) *conn {
+		server, client := tcpPair(t)
+		_ = server.(*net.TCPConn).SetWriteBuffer(4 << 10)
+		_ = client.(*net.TCPConn).SetReadBuffer(4 << 10)
+		_ = server.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		for {
+			if _, err := server.Write(frame); err != nil {
+				break
+			}
+		}
+		_ = server.SetWriteDeadline(time.Time{})
+		now := time.Now()
+		c := &conn{s: s, nc: server, id: id, done: make(chan struct{}), openedAt: now}
+		c.lastData.Store(now.UnixNano())
+		c.lastRead.Store(now.UnixNano())
+		c.lastPing.Store(now.UnixNano())
+		t.Cleanup(func() {
+			_ = client.Close()
+			_ = server.Close()
+			c.writers.Wait()
+		})
+		s.hub.addConn(c)
+		return c
+	}
 	// closedBy checks that c's close was made by the time the caller
 	// returned, with code, and that the caller did not wait for the
 	// socket.
@@ -94,28 +123,33 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 		name string
 		code int
 		set  func(s *Server, c *conn)
+		idle bool // no write in progress (full, not stalled)
 	}{
 		{"lifetime", protocol.CloseLifetime, func(s *Server, c *conn) {
 			c.lifetime = time.Minute
 			c.openedAt = time.Now().Add(-time.Hour)
-		}},
+		}, false},
 		{"idle", protocol.CloseIdleTimeout, func(s *Server, c *conn) {
 			c.lastData.Store(time.Now().Add(-2 * s.cfg.IdleTimeout).UnixNano())
-		}},
+		}, true},
 		{"token expired", protocol.CloseTokenExpired, func(s *Server, c *conn) {
 			c.mu.Lock()
 			c.exp = time.Now().Add(-time.Second)
 			c.mu.Unlock()
-		}},
+		}, false},
 		{"missed pong", 1006, func(s *Server, c *conn) {
 			c.lastRead.Store(time.Now().Add(-3 * s.cfg.PingInterval).UnixNano())
-		}},
+		}, true},
 	}
 	for _, tc := range sweepCases {
 		t.Run("sweep "+tc.name, func(t *testing.T) {
 			t.Parallel()
 			s := newServer(t)
-			c := stalled(t, s, "c1")
+			get := stalled
+			if tc.idle {
+				get = full
+			}
+			c := get(t, s, "c1")
 			tc.set(s, c)
 			start := time.Now()
 			s.sweepConns(time.Now())

@@ -49,11 +49,15 @@ type conn struct {
 	openedAt time.Time
 	lifetime time.Duration // MAX_LIFETIME less this connection's jitter; 0: none
 
-	lastData  atomic.Int64 // unix nanos of the last data frame either way
-	lastPing  atomic.Int64
-	lastRead  atomic.Int64 // unix nanos of the last frame of any kind from the client
-	framesIn  atomic.Int64 // data frames from the client, however many requests each holds (log line)
-	framesOut atomic.Int64 // data frames to the client, welcome included (log line)
+	lastData atomic.Int64 // unix nanos of the last data frame either way
+	lastPing atomic.Int64
+	lastRead atomic.Int64 // unix nanos of the last frame of any kind from the client
+	// writeSince is the unix nanos at which the writer's write in
+	// progress began, 0 when none is: the sweep counts a connection
+	// being written to as neither idle nor silent (busyWrite).
+	writeSince atomic.Int64
+	framesIn   atomic.Int64 // data frames from the client, however many requests each holds (log line)
+	framesOut  atomic.Int64 // data frames to the client, welcome included (log line)
 
 	// regMu orders this connection's registry writes: a change of its
 	// channels (the record updated and written under it) and the
@@ -220,14 +224,11 @@ func (c *conn) writeLoop() {
 			vec = append(vec, closeMsg)
 		}
 		now := time.Now()
-		err := c.writeAll(nc, net.Buffers(vec), now)
+		err := c.write(nc, vec, batch, now)
 		clear(vec)
 		if closeMsg != nil {
 			// The socket is done with: c.writing stays true, so no
 			// writer starts again.
-			if err == nil {
-				c.wrote(batch, now)
-			}
 			c.mu.Lock()
 			c.closeMsg, c.closeSent = nil, true
 			c.mu.Unlock()
@@ -260,7 +261,6 @@ func (c *conn) writeLoop() {
 			_ = c.nc.Close()
 			return
 		}
-		c.wrote(batch, now)
 		clear(batch)
 		c.mu.Lock()
 		if c.spare == nil {
@@ -289,6 +289,38 @@ func (c *conn) shrinkLocked() {
 		c.spare = nil
 	}
 }
+
+// write writes vec, which holds the data frames of batch, starting at
+// now, and accounts for them once written. While it writes, the sweep
+// counts the connection neither idle nor silent (writeSince): its frames
+// are going out, however long a large batch takes a client that reads
+// it steadily, and the server's ping waits behind them, so the client
+// cannot answer it (a client that stops reading is dropped by
+// WRITE_TIMEOUT instead). The time the write took does not count toward
+// the client's silence either: the write's end moves its last read
+// forward as much, and the ping sent next has a whole 2×PING_INTERVAL
+// for its answer. Only the writer calls it.
+func (c *conn) write(nc net.Conn, vec [][]byte, batch []*queued, now time.Time) error {
+	c.writeSince.Store(now.UnixNano())
+	err := c.writeAll(nc, net.Buffers(vec), now)
+	start, took := now.UnixNano(), int64(time.Since(now))
+	for {
+		last := c.lastRead.Load()
+		if last >= start || c.lastRead.CompareAndSwap(last, last+took) {
+			break
+		}
+	}
+	if err == nil {
+		c.wrote(batch, now)
+	}
+	// Last, once lastRead and lastData say what the write did: the sweep
+	// judges the connection by them from here on.
+	c.writeSince.Store(0)
+	return err
+}
+
+// busyWrite reports whether the writer is in the middle of a write.
+func (c *conn) busyWrite() bool { return c.writeSince.Load() != 0 }
 
 // wrote accounts for the data frames of batch, written from now on.
 func (c *conn) wrote(batch []*queued, now time.Time) {

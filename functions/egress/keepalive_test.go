@@ -216,6 +216,9 @@ func TestLifetimeSpread(t *testing.T) {
 			if c.after < limit*9/10-50*time.Millisecond {
 				t.Fatalf("closed %v after opening: before nine tenths of MAX_LIFETIME %v", c.after, limit)
 			}
+			if c.after > limit+50*time.Millisecond {
+				t.Fatalf("closed %v after opening: past MAX_LIFETIME %v", c.after, limit)
+			}
 			first, last = min(first, c.after), max(last, c.after)
 		case <-time.After(2 * limit):
 			t.Fatal("MAX_LIFETIME closed no connection")
@@ -227,19 +230,77 @@ func TestLifetimeSpread(t *testing.T) {
 }
 
 func TestLifetimeOf(t *testing.T) {
-	if lifetimeOf(0) != 0 {
+	if lifetimeOf(0, time.Second) != 0 {
 		t.Fatal("MAX_LIFETIME 0 must mean no lifetime")
 	}
-	const limit = 870 * time.Second
-	lo, hi := limit, time.Duration(0)
-	for i := 0; i < 1000; i++ {
-		d := lifetimeOf(limit)
-		if d > limit || d < limit-limit/10 {
-			t.Fatalf("lifetime %v outside %v–%v", d, limit-limit/10, limit)
+	for _, tc := range []struct{ limit, tick time.Duration }{
+		{870 * time.Second, time.Second},
+		{time.Second, 50 * time.Millisecond}, // the shortest MAX_LIFETIME, and its sweep
+	} {
+		limit, tick := tc.limit, tc.tick
+		if got := sweepEvery(Config{PingInterval: 25 * time.Second, MaxLifetime: limit}); got != tick {
+			t.Fatalf("MAX_LIFETIME %v: sweep every %v, want %v", limit, got, tick)
 		}
-		lo, hi = min(lo, d), max(hi, d)
+		lo, hi := limit, time.Duration(0)
+		for i := 0; i < 1000; i++ {
+			d := lifetimeOf(limit, tick)
+			// Closed at the first sweep past d: never after limit.
+			if d+tick > limit || d < limit-limit/10 {
+				t.Fatalf("lifetime %v outside %v–%v", d, limit-limit/10, limit-tick)
+			}
+			lo, hi = min(lo, d), max(hi, d)
+		}
+		if hi-lo < limit/40 {
+			t.Fatalf("1000 lifetimes span only %v–%v", lo, hi)
+		}
 	}
-	if hi-lo < limit/20 {
-		t.Fatalf("1000 lifetimes span only %v–%v", lo, hi)
+}
+
+// TestLifetimeNeverPastLimit: MAX_LIFETIME closes a connection at most
+// that long after it opened (docs/protocol.md, Timeouts), with the sweep
+// at its usual pace (once a second at the default PING_INTERVAL), not up
+// to a sweep later: at MAX_LIFETIME=1s, a close up to a second late was
+// a lifetime up to twice as long.
+func TestLifetimeNeverPastLimit(t *testing.T) {
+	const limit = time.Second
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_LIFETIME": limit.String()})
+	<-e.s.hub.inbox.ready
+	const n = 8
+	ends := make(chan time.Duration, n)
+	for i := 0; i < n; i++ {
+		// Opened at different points of the sweep's second.
+		time.Sleep(limit / n)
+		start := time.Now() // the server's openedAt is no earlier
+		ws, _, err := websocket.DefaultDialer.Dial(e.url(nil), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		go func() {
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
+					var ce *websocket.CloseError
+					if !errors.As(err, &ce) || ce.Code != 4001 {
+						t.Errorf("connection ended with %v, want close 4001", err)
+					}
+					ends <- time.Since(start)
+					return
+				}
+			}
+		}()
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case after := <-ends:
+			// The close frame's way to the client: a few ms at most.
+			if after > limit+50*time.Millisecond {
+				t.Errorf("closed %v after opening: past MAX_LIFETIME %v", after, limit)
+			}
+			if after < limit*9/10 {
+				t.Errorf("closed %v after opening: before nine tenths of MAX_LIFETIME %v", after, limit)
+			}
+		case <-time.After(5 * limit):
+			t.Fatal("MAX_LIFETIME closed no connection")
+		}
 	}
 }

@@ -226,7 +226,7 @@ func (s *Server) drain() {
 // of a re-subscription waits REDIS_TIMEOUT), and sockets that got no
 // ping meanwhile would all be dropped for a missed pong when it ended.
 func (s *Server) sweep(ctx context.Context) {
-	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2))
+	tick := time.NewTicker(sweepEvery(s.cfg))
 	defer tick.Stop()
 	for {
 		select {
@@ -236,6 +236,21 @@ func (s *Server) sweep(ctx context.Context) {
 			s.sweepConns(now)
 		}
 	}
+}
+
+// sweepEvery is the sweep's period: a second, or less where a timer
+// needs it finer. Pings go out every PING_INTERVAL give or take half of
+// it; a connection's lifetime is drawn to end at least a period before
+// MAX_LIFETIME (lifetimeOf), which takes a period of at most a twentieth
+// of it, so that the close, made at the first sweep past the lifetime,
+// is never later than MAX_LIFETIME (docs/protocol.md); idle closes come
+// within a period after IDLE_TIMEOUT.
+func sweepEvery(cfg Config) time.Duration {
+	d := min(time.Second, cfg.PingInterval/2)
+	if cfg.MaxLifetime > 0 {
+		d = min(d, cfg.MaxLifetime/20)
+	}
+	return d
 }
 
 // maintain runs the instance's Redis upkeep: the registry refresh, the
@@ -355,12 +370,19 @@ func (s *Server) sweepConns(now time.Time) {
 			c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
 			continue
 		}
-		if s.cfg.IdleTimeout > 0 && now.Sub(time.Unix(0, c.lastData.Load())) >= s.cfg.IdleTimeout {
+		// Frames going out to the client are data either way, and a
+		// ping would wait behind them: a connection being written to is
+		// neither idle nor silent, nor due a ping (conn.write).
+		busy := c.busyWrite()
+		if !busy && s.cfg.IdleTimeout > 0 && now.Sub(time.Unix(0, c.lastData.Load())) >= s.cfg.IdleTimeout {
 			c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
 			continue
 		}
 		if c.expired(now) {
 			c.closeExpired()
+			continue
+		}
+		if busy {
 			continue
 		}
 		if now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {

@@ -110,7 +110,7 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 		allow:    id.allow,
 		exp:      id.exp,
 		openedAt: now,
-		lifetime: lifetimeOf(s.cfg.MaxLifetime),
+		lifetime: lifetimeOf(s.cfg.MaxLifetime, sweepEvery(s.cfg)),
 		done:     make(chan struct{}),
 		subs:     make(map[string]*chanState),
 		writing:  true, // held until the connection is registered
@@ -124,17 +124,20 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 }
 
 // lifetimeOf is how long a connection may live under a MAX_LIFETIME of
-// limit: limit less a random tenth of it at most (870 s → 783–870 s).
-// Clients that connected together (after a deploy, an outage, a network
-// blip) would otherwise all be closed together every limit, and
-// reconnect in a burst each time: on SCF, a burst of new instances and
-// cold starts. Never more than limit, so the close stays ahead of the
-// platform's cut.
-func lifetimeOf(limit time.Duration) time.Duration {
+// limit, with the sweep that closes it running every tick (sweepEvery,
+// at most limit/20): from nine tenths of limit to limit less a tick,
+// drawn per connection (870 s → 783–869 s). Clients that connected
+// together (after a deploy, an outage, a network blip) would otherwise
+// all be closed together every limit, and reconnect in a burst each
+// time: on SCF, a burst of new instances and cold starts. The sweep
+// closes the connection at its first tick past this, so never more than
+// limit after it opened, which keeps the close ahead of the platform's
+// cut.
+func lifetimeOf(limit, tick time.Duration) time.Duration {
 	if limit <= 0 {
 		return 0
 	}
-	return limit - rand.N(limit/10+1)
+	return limit - tick - rand.N(limit/10-tick+1)
 }
 
 // openConn registers the connection, says welcome and makes its initial
