@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha512"
+	"encoding/base64"
 	"errors"
 	"io"
 	"log/slog"
@@ -187,15 +190,23 @@ func TestEgressTokens(t *testing.T) {
 	good := token(t, auth.Claims{Subject: "alice", Channels: []string{"room.*"}})
 	expired := token(t, auth.Claims{Subject: "alice", Expires: time.Now().Add(-time.Minute)})
 	forged, _ := auth.SignHS256("not-the-secret-0123456789abcdef", auth.Claims{Subject: "alice", Channels: []string{"*"}, Expires: time.Now().Add(time.Hour)})
+	// The right secret, another algorithm (some libraries' default for a
+	// long key): the refusal names the algorithm, not the signature.
+	enc := base64.RawURLEncoding
+	hs512 := enc.EncodeToString([]byte(`{"alg":"HS512","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(`{"sub":"alice","exp":`+strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)+`}`))
+	mac := hmac.New(sha512.New, []byte(testSecret))
+	mac.Write([]byte(hs512))
+	hs512 += "." + enc.EncodeToString(mac.Sum(nil))
 
 	for name, tc := range map[string]struct {
-		q    url.Values
-		code string
+		q          url.Values
+		code, says string
 	}{
-		"no token":  {url.Values{"user": {"alice"}}, "unauthorized"},
-		"expired":   {url.Values{"token": {expired}}, "token_expired"},
-		"forged":    {url.Values{"token": {forged}}, "invalid_token"},
-		"not a jwt": {url.Values{"token": {"abc"}}, "invalid_token"},
+		"no token":  {url.Values{"user": {"alice"}}, "unauthorized", "missing token"},
+		"expired":   {url.Values{"token": {expired}}, "token_expired", "expired"},
+		"forged":    {url.Values{"token": {forged}}, "invalid_token", "bad signature"},
+		"not a jwt": {url.Values{"token": {"abc"}}, "invalid_token", "not a JWT"},
+		"HS512":     {url.Values{"token": {hs512}}, "invalid_token", "alg HS512 is not accepted here (accepted: HS256)"},
 	} {
 		_, resp, err := e.dial(t, tc.q, nil)
 		if err == nil || resp == nil || resp.StatusCode != 401 {
@@ -203,8 +214,8 @@ func TestEgressTokens(t *testing.T) {
 			continue
 		}
 		body, _ := io.ReadAll(resp.Body)
-		if !strings.Contains(string(body), `"`+tc.code+`"`) {
-			t.Errorf("%s: body %s", name, body)
+		if !strings.Contains(string(body), `"`+tc.code+`"`) || !strings.Contains(string(body), tc.says) {
+			t.Errorf("%s: body %s, want %s saying %q", name, body, tc.code, tc.says)
 		}
 		if resp.Header.Get("WWW-Authenticate") == "" {
 			t.Errorf("%s: 401 without WWW-Authenticate", name)

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"crypto/hmac"
+	"crypto/sha512"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"log/slog"
@@ -205,6 +208,17 @@ func TestUserTokenIssuerAudience(t *testing.T) {
 	expectError(t, w, 401, "invalid_token")
 	if !strings.Contains(w.Body.String(), "exp must be a number") {
 		t.Errorf("exp a string: body %s", w.Body)
+	}
+	// The right secret, another algorithm: the refusal names it, not
+	// the signature (a backend would look for a wrong secret).
+	enc := base64.RawURLEncoding
+	hs512 := enc.EncodeToString([]byte(`{"alg":"HS512","typ":"JWT"}`)) + "." + enc.EncodeToString([]byte(`{"sub":"alice","exp":`+exp+`,"publish":["x"]}`))
+	mac := hmac.New(sha512.New, []byte(testSecret))
+	mac.Write([]byte(hs512))
+	w = publish(plain, hs512+"."+enc.EncodeToString(mac.Sum(nil)))
+	expectError(t, w, 401, "invalid_token")
+	if !strings.Contains(w.Body.String(), "alg HS512 is not accepted here (accepted: HS256)") {
+		t.Errorf("HS512 with the right secret: body %s, want the alg named", w.Body)
 	}
 }
 

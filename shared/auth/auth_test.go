@@ -724,3 +724,60 @@ func TestVerifyCritHeader(t *testing.T) {
 		t.Errorf("kid, typ, cty: %v, want accepted", err)
 	}
 }
+
+// A token whose alg the configured keys do not take (HS512 or RS256 to
+// an egress with only JWT_SECRET, HS256 to one with only JWT_PUBLIC_KEY,
+// none) is refused naming its alg and the ones accepted, not as "bad
+// signature": a backend that signs with the right secret but another
+// algorithm (a library's default, HS512 for a long key) would otherwise
+// look for a wrong secret. Said whatever the claims hold, as for any
+// token whose signature is not checked.
+func TestVerifyAlgNotAccepted(t *testing.T) {
+	t.Parallel()
+	rk, _ := rsa.GenerateKey(rand.Reader, 2048)
+	der, _ := x509.MarshalPKIXPublicKey(&rk.PublicKey)
+	pemText := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	hs, _ := NewVerifier(TokenConfig{Secret: secret})
+	rs, _ := NewVerifier(TokenConfig{PublicKeys: pemText})
+	both, _ := NewVerifier(TokenConfig{Secret: secret, PublicKeys: pemText})
+	exp := time.Now().Add(time.Hour).Unix()
+	sign := func(m jwt.SigningMethod, key any, claims jwt.MapClaims) string {
+		s, err := jwt.NewWithClaims(m, claims).SignedString(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	claims := jwt.MapClaims{"sub": "alice", "exp": exp}
+	badClaims := jwt.MapClaims{"sub": "a b", "exp": "soon", "channels": "x"}
+	for _, tc := range []struct {
+		name  string
+		v     *Verifier
+		token func(jwt.MapClaims) string
+		want  string
+	}{
+		{"HS512, right secret", hs, func(c jwt.MapClaims) string { return sign(jwt.SigningMethodHS512, []byte(secret), c) }, "alg HS512 is not accepted here (accepted: HS256)"},
+		{"RS256 to a secret", hs, func(c jwt.MapClaims) string { return sign(jwt.SigningMethodRS256, rk, c) }, "alg RS256 is not accepted here (accepted: HS256)"},
+		{"none", hs, func(c jwt.MapClaims) string { return sign(jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, c) }, "alg none is not accepted here (accepted: HS256)"},
+		{"HS256 to a public key", rs, func(c jwt.MapClaims) string { return sign(jwt.SigningMethodHS256, []byte(pemText), c) }, "alg HS256 is not accepted here (accepted: RS256)"},
+		{"PS256 to both", both, func(c jwt.MapClaims) string { return sign(jwt.SigningMethodPS256, rk, c) }, "alg PS256 is not accepted here (accepted: HS256, RS256)"},
+	} {
+		for _, c := range []jwt.MapClaims{claims, badClaims} {
+			_, err := tc.v.Verify(tc.token(c))
+			if !errors.Is(err, ErrInvalidToken) || !strings.Contains(fmt.Sprint(err), tc.want) {
+				t.Errorf("%s, claims %v: %v, want %q", tc.name, c, err, tc.want)
+			}
+		}
+	}
+	// An accepted alg with the wrong key is still a bad signature, and
+	// algorithm confusion (HS256 signed with the public key's text, to a
+	// verifier that takes HS256) one too.
+	for name, tok := range map[string]string{
+		"other secret": sign(jwt.SigningMethodHS256, []byte("another secret, same length......"), claims),
+		"confusion":    sign(jwt.SigningMethodHS256, []byte(pemText), claims),
+	} {
+		if _, err := both.Verify(tok); !errors.Is(err, ErrInvalidToken) || !strings.Contains(fmt.Sprint(err), "bad signature") {
+			t.Errorf("%s: %v, want bad signature", name, err)
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -403,6 +404,14 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		// before exp, so that a token of another issuer or audience is
 		// invalid, never "expired" (a client would fetch a new one).
 		switch {
+		// jwt reports an alg outside WithValidMethods as a bad
+		// signature; said so, a backend signing with the right secret
+		// and another algorithm (a library's default HS512) would look
+		// for a wrong secret. The alg is one jwt knows (an unknown one
+		// fails before, below), so the message holds nothing the
+		// client chose freely.
+		case tok != nil && tok.Method != nil && !slices.Contains(v.methods, tok.Method.Alg()):
+			return nil, fmt.Errorf("%w: alg %s is not accepted here (accepted: %s)", ErrInvalidToken, tok.Method.Alg(), strings.Join(v.methods, ", "))
 		case errors.Is(err, jwt.ErrTokenSignatureInvalid):
 			return nil, fmt.Errorf("%w: bad signature", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenInvalidIssuer):
