@@ -5,10 +5,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/wsrelay/wsrelay/shared/config"
 )
 
 func main() {
@@ -16,6 +19,9 @@ func main() {
 	defer stop()
 	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "egress:", err)
+		if _, ok := errors.AsType[*config.UsageError](err); ok {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }

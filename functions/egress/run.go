@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"time"
 
@@ -22,12 +21,9 @@ import (
 
 // run starts the egress and serves until ctx is done, then drains.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, _ io.Writer) error {
-	if slices.Contains(args[min(1, len(args)):], "-env") {
-		// The deploy tests and docs take the variable names from here.
-		for _, name := range config.Names(&Config{}) {
-			fmt.Fprintln(stdout, name)
-		}
-		return nil
+	// -env: the deploy tests and docs take the variable names from here.
+	if done, err := config.Args("egress", args, &Config{}, stdout); done {
+		return err
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {

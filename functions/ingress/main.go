@@ -4,11 +4,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"runtime/debug"
 	"syscall"
+
+	"github.com/wsrelay/wsrelay/shared/config"
 )
 
 func main() {
@@ -17,6 +20,9 @@ func main() {
 	defer stop()
 	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "ingress:", err)
+		if _, ok := errors.AsType[*config.UsageError](err); ok {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,12 +25,9 @@ import (
 // run starts the ingress and serves until ctx is done. ready, when not
 // nil, receives the listening address (tests start on port 0).
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, _ io.Writer) error {
-	if slices.Contains(args[min(1, len(args)):], "-env") {
-		// The deploy tests and docs take the variable names from here.
-		for _, name := range config.Names(&Config{}) {
-			fmt.Fprintln(stdout, name)
-		}
-		return nil
+	// -env: the deploy tests and docs take the variable names from here.
+	if done, err := config.Args("ingress", args, &Config{}, stdout); done {
+		return err
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
