@@ -40,4 +40,9 @@ func recreatedStreamFollows(t *testing.T, ahead ID) {
 	if n := e.rdb.XLen(ctx, key).Val(); n != 2 {
 		t.Fatalf("XLEN = %d, want 2", n)
 	}
+	// Its ids are in the last id's millisecond, so no append of it was
+	// the first of a new second: the stream still expires.
+	if ttl := e.rdb.PTTL(ctx, key).Val(); ttl <= 50*time.Second || ttl > time.Minute {
+		t.Fatalf("recreated stream: PTTL = %v, want about 1m", ttl)
+	}
 }

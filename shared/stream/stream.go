@@ -70,12 +70,29 @@ if not prev then
   end
 end
 local maxlen = tonumber(ARGV[5])
-local id
-if maxlen > 0 then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
-else
-  id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+-- add XADDs the entry; with nomk only to a stream that exists (false
+-- otherwise).
+local function add(nomk)
+  if nomk then
+    if maxlen > 0 then
+      return redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+    end
+    return redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+  end
+  if maxlen > 0 then
+    return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
+  end
+  return redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
 end
+-- An append that creates the stream (the channel's first, or one whose
+-- stream expired, was evicted or deleted) is told so by NOMKSTREAM, at
+-- no cost to the others: it sets the new stream's TTL below whatever
+-- second it falls in. The once-a-second refresh alone left a stream
+-- recreated in its last entry's second (evicted before its last-id key,
+-- whose TTL is twice its own) with no TTL at all.
+local id = add(true)
+local created = not id
+if created then id = add(false) end
 -- Ids compared as decimal strings without leading zeros: by length, then
 -- by text (a sequence number may be past what a Lua number holds).
 local d, pd = string.find(id, '-', 1, true), string.find(prev, '-', 1, true)
@@ -91,11 +108,7 @@ if #ms < #pms or (#ms == #pms and ms <= pms) then
     -- goes after prev instead.
     redis.call('XDEL', KEYS[1], id)
     redis.call('XSETID', KEYS[1], prev)
-    if maxlen > 0 then
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
-    else
-      id = redis.call('XADD', KEYS[1], '*', 'h', ARGV[1], 't', ARGV[2], 'g', ARGV[3], 's', ARGV[4], 'p', prev)
-    end
+    id = add(false)
     ms = string.sub(id, 1, string.find(id, '-', 1, true) - 1)
   end
 end
@@ -111,16 +124,23 @@ end
 -- Trimming by age and refreshing the stream's TTL are done by the first
 -- append in each second of a stream's traffic (ids are milliseconds),
 -- which is as precise as needed and saves three commands per append on
--- busy channels. (While Redis's clock is behind the stream's last id,
--- every id keeps that id's millisecond: a busy stream is then refreshed
--- only once the clock has caught up, docs/design.md.)
+-- busy channels, and by the append that created the stream. (While
+-- Redis's clock is behind the stream's last id, every id keeps that id's
+-- millisecond: a busy stream is then refreshed only once the clock has
+-- caught up, docs/design.md.) Without a TTL, an expiry the stream was
+-- given under an earlier one is taken off (PERSIST), or a stream kept
+-- "forever" would still expire whole, busy or not.
 ms, pms = tonumber(ms), tonumber(pms)
-if math.floor(ms / 1000) ~= math.floor(pms / 1000) then
+if created or math.floor(ms / 1000) ~= math.floor(pms / 1000) then
   local maxage = tonumber(ARGV[6])
   if maxage > 0 and ms > maxage then
     redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - maxage))
   end
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
 end
 redis.call('SPUBLISH', KEYS[2], prev .. '\n' .. id .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[1] .. id .. ARGV[2])
 if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
@@ -172,7 +192,7 @@ func appendArgs(a *Append, load bool) []any {
 type Limits struct {
 	MaxLen   int64 // entries kept (approximately: Redis trims whole nodes)
 	MaxAgeMS int64 // entries older than this are trimmed by a later append (the first in each second)
-	TTLMS    int64 // the whole stream expires this long (to within a second) after its last append
+	TTLMS    int64 // the whole stream expires this long (to within a second) after its last append; zero: never (an expiry set before is taken off)
 }
 
 // Append is one message to append to one stream.

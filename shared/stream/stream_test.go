@@ -227,6 +227,58 @@ func TestStreamTTL(t *testing.T) {
 	}
 }
 
+// A stream that is gone while its last-id key lives on (evicted: under
+// volatile-ttl Redis evicts it first, its TTL being half the key's; or
+// deleted by hand) and is written again in the same second as its last
+// entry must still get its TTL. The TTL was refreshed only by the first
+// append in each second, so the stream was recreated without one and, if
+// its channel went quiet then, stayed in Redis for good (and, under a
+// volatile-* policy, could never be evicted again).
+func TestRecreatedStreamExpires(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	lim := Limits{MaxLen: 100, MaxAgeMS: 60000, TTLMS: 60000}
+	key := e.keys.Stream("gone")
+	for try := 0; ; try++ {
+		first := e.publish("gone", 1, lim)[0]
+		if err := e.rdb.Del(ctx, key).Err(); err != nil {
+			t.Fatal(err)
+		}
+		second := e.publish("gone", 1, lim)[0]
+		if MustParseID(first).MS/1000 != MustParseID(second).MS/1000 {
+			if try < 5 {
+				continue // across a second: what is tested did not happen
+			}
+			t.Fatal("no two appends in one second in 5 tries")
+		}
+		if ttl := e.rdb.PTTL(ctx, key).Val(); ttl <= 50*time.Second || ttl > time.Minute {
+			t.Fatalf("stream written again after it was gone: PTTL = %v, want about 1m", ttl)
+		}
+		return
+	}
+}
+
+// HISTORY_TTL turned to 0 (keep forever) on a deployment whose streams
+// were written with an expiry: the next appends take it off, or a busy
+// channel's whole stream expired one old HISTORY_TTL later.
+func TestTTLTurnedOff(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("off")
+	first := MustParseID(e.publish("off", 1, Limits{TTLMS: 60000})[0])
+	// The next append is in a later second: the once-a-second step runs.
+	time.Sleep(time.Until(time.UnixMilli(int64(first.MS/1000+1)*1000)) + 10*time.Millisecond)
+	e.publish("off", 1, Limits{})
+	if ttl := e.rdb.PTTL(ctx, key).Val(); ttl != -1 {
+		t.Fatalf("stream PTTL = %v after an append with no TTL, want none (-1)", ttl)
+	}
+	if ttl := e.rdb.PTTL(ctx, keys.Last(key)).Val(); ttl != -1 {
+		t.Fatalf("last-id key PTTL = %v after an append with no TTL, want none (-1)", ttl)
+	}
+}
+
 // The predecessor an append records (field p and the notification's prev)
 // is the previous append's id, whether it comes from the last-id key or,
 // when that key is gone, from the stream itself.
