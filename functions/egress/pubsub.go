@@ -535,7 +535,7 @@ func (s *subscriber) regroup() {
 	for addr, n := range s.nodes {
 		if n.blockedAt.Load() == 0 && now.Sub(time.Unix(0, n.lastRead.Load())) > deadAfter {
 			// Silent although pinged: replace the connection.
-			s.log.Warn("redis subscription silent, reconnecting", "node", addr)
+			s.log.Warn("redis subscription silent, reconnecting", "node", s.nodeName(addr))
 			n.stop()
 			delete(s.nodes, addr)
 			for ch := range n.chans {

@@ -152,3 +152,42 @@ func TestMoveOffSilentNode(t *testing.T) {
 	waitConfirmed(chans, 2)
 	waitConfirmed([]string{fresh}, 1)
 }
+
+// TestSilentNodeLogNamesIt: "redis subscription silent, reconnecting"
+// names the node (docs/metrics.md, node) on a single Redis too, as the
+// subscription's error and back lines do: there the node's key in the
+// subscriber is "", and the line said "node":"".
+func TestSilentNodeLogNamesIt(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	logs := &testkit.SyncBuffer{}
+	s := newSubscriber(slog.New(slog.NewJSONHandler(logs, nil)), rdb, nil)
+	defer s.Close()
+	if err := s.Subscribe(t.Context(), prefix+"{c:silent}:n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-s.Events():
+		if !ev.confirmed {
+			t.Fatalf("first event %+v, want the confirmation", ev)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscription not confirmed")
+	}
+	s.mu.Lock()
+	for _, n := range s.nodes {
+		n.lastRead.Store(time.Now().Add(-2 * deadAfter).UnixNano())
+	}
+	s.mu.Unlock()
+	s.regroup()
+	var silent []map[string]any
+	for _, r := range logs.JSONLines(t) {
+		if r["msg"] == "redis subscription silent, reconnecting" {
+			silent = append(silent, r)
+		}
+	}
+	want := rdb.(*redis.Client).Options().Addr
+	if len(silent) != 1 || silent[0]["node"] != want {
+		t.Fatalf("silent lines %v, want one with node %q", silent, want)
+	}
+}
