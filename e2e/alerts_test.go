@@ -232,8 +232,8 @@ func families(t *testing.T, url string, into map[string]family) {
 // TestMetricsDocumented: docs/metrics.md lists every wsrelay_* family the
 // functions export, with its type and labels, and nothing they do not
 // export. Labelled families appear at their first increment: the test
-// makes one of each happen first (a publish, a refused upgrade, a socket
-// ended by MAX_LIFETIME).
+// makes one of each happen first (a publish, a refused upgrade, a resume,
+// a socket ended by MAX_LIFETIME).
 func TestMetricsDocumented(t *testing.T) {
 	e := env{
 		"REDIS_URL":        redistest.URL(t),
@@ -250,6 +250,8 @@ func TestMetricsDocumented(t *testing.T) {
 	}
 	w := dial(t, eg.wsURL("channels=doc"))
 	w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+	w.send(map[string]any{"type": "subscribe", "channel": "doc2", "after": "0-0"}) // a resume
+	w.waitFrame(func(f frame) bool { return f.Type == "subscribed" && f.Channel == "doc2" })
 	got := map[string]family{}
 	testkit.Eventually(t, 10*time.Second, func() error {
 		clear(got)

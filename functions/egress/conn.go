@@ -737,6 +737,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	// Not recovered, the client continues from where the stream does
 	// (b.From), which for an `after` ahead of the stream is not `after`.
 	rec := b.Continuous
+	c.s.metrics.resumed(rec)
 	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))
 	last := b.From
 	for {

@@ -81,6 +81,12 @@ func (m *metrics) closed(status int, timeout string) {
 	}
 }
 
+// resumed counts one resume answered (a subscribe with "after"), by the
+// recovered flag it was told.
+func (m *metrics) resumed(recovered bool) {
+	m.set.GetOrCreateCounter(`wsrelay_egress_resumes_total{recovered="` + strconv.FormatBool(recovered) + `"}`).Inc()
+}
+
 // refused counts one upgrade refused with an HTTP error, by its error
 // code (the egress's own fixed set: the series stay few).
 func (m *metrics) refused(code string) {

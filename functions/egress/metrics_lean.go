@@ -34,3 +34,5 @@ func (m *metrics) observeDelivery(time.Time, int64) {}
 func (m *metrics) closed(int, string) {}
 
 func (m *metrics) refused(string) {}
+
+func (m *metrics) resumed(bool) {}

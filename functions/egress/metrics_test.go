@@ -563,3 +563,75 @@ func TestUnknownRouteCounted(t *testing.T) {
 		t.Fatalf("3 entries with unknown routes logged %d warnings, want one with the error:\n%s", len(lines), logs.String())
 	}
 }
+
+// TestResumesCounted: each resume is counted by the recovered flag it
+// was told, so that an operator sees how often clients came back to a
+// gap (wsrelay_egress_resumes_total{recovered}); a plain subscribe is not
+// a resume.
+func TestResumesCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ks := keys.Scheme{Prefix: prefix}
+	store := stream.NewStore(rdb)
+	var ids []string
+	for i := range 3 {
+		res, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("r"), Notify: ks.Notify("r"),
+			Msg: stream.Message{Channel: "r", TS: time.Now().UnixMilli(), Data: []byte(fmt.Sprint(i))}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res[0])
+	}
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	// subscribed sends req and returns the "subscribed" reply.
+	subscribed := func(ws *websocket.Conn, req map[string]any) string {
+		t.Helper()
+		send(t, ws, req)
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for {
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				t.Fatalf("waiting for the reply to %v: %v", req, err)
+			}
+			if strings.Contains(string(b), `"subscribed"`) {
+				return string(b)
+			}
+		}
+	}
+	if got := subscribed(ws, map[string]any{"type": "subscribe", "channel": "r", "after": "0-0"}); !strings.Contains(got, `"recovered":true`) {
+		t.Fatalf("resume from 0-0: %s, want recovered:true", got)
+	}
+	// Lost: the entry after ids[0] is trimmed away.
+	if err := rdb.XTrimMaxLen(t.Context(), ks.Stream("r"), 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := subscribed(ws, map[string]any{"type": "subscribe", "channel": "s", "after": "0-0"}); strings.Contains(got, `"recovered":false`) {
+		t.Fatalf("resume of an empty channel: %s, want recovered:true", got)
+	}
+	ws2, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws2.Close()
+	if got := subscribed(ws2, map[string]any{"type": "subscribe", "channel": "r", "after": ids[0]}); !strings.Contains(got, `"recovered":false`) {
+		t.Fatalf("resume past a trimmed entry: %s, want recovered:false", got)
+	}
+	subscribed(ws2, map[string]any{"type": "subscribe", "channel": "live"})
+	testkit.Eventually(t, 5*time.Second, func() error {
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		got := grepMetrics(m, "wsrelay_egress_resumes_total{")
+		want := "wsrelay_egress_resumes_total{recovered=\"false\"} 1\nwsrelay_egress_resumes_total{recovered=\"true\"} 2\n"
+		if got != want {
+			return fmt.Errorf("resumes:\n%s\nwant:\n%s", got, want)
+		}
+		return nil
+	})
+}
