@@ -139,7 +139,8 @@ func (c Config) LogAttrs() []any {
 		var addrs []string
 		for _, a := range strings.Split(c.ClusterAddrs, ",") {
 			a = strings.TrimSpace(a)
-			// Validate takes "user:pass@host:port" for host:port.
+			// Validate refuses "user:pass@host:port"; the cut stays, so
+			// that no caller that skipped it logs a password.
 			addrs = append(addrs, a[strings.LastIndexByte(a, '@')+1:])
 		}
 		return append(attrs, "redis_cluster", strings.Join(addrs, ","), "redis_tls", c.ClusterTLS, "redis_password", c.ClusterPassword != "")
