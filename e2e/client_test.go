@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,11 +10,13 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/client"
 	pubpkg "github.com/wsrelay/wsrelay/shared/publisher"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -643,4 +646,217 @@ func TestGoClientReadLimit(t *testing.T) {
 		}
 		return errors.New("no log line of small's connection closed by the client with 1009")
 	})
+}
+
+// TestGoClientConnectTimeout: with ReadTimeout off (negative), a dial not
+// welcomed within ConnectTimeout is dropped and dialled again, whether its
+// upgrade hangs (a proxy that accepts and forwards nothing, which only the
+// 45 s HandshakeTimeout ended) or the socket is upgraded and its welcome
+// never comes (a proxy that forwards the 101 and holds the rest, which
+// nothing ended); once the proxy forwards again, the client subscribes and
+// delivers what is published.
+func TestGoClientConnectTimeout(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+	host := strings.TrimPrefix(eg.URL, "http://")
+	for _, tc := range []struct {
+		name            string
+		fault, recovery func(*tcpProxy)
+	}{
+		{"upgrade hangs", (*tcpProxy).Stall, (*tcpProxy).Unstall},
+		{"no welcome after the upgrade", (*tcpProxy).HoldAfterHeaders, (*tcpProxy).Release},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			proxy := newProxy(t, host)
+			tc.fault(proxy)
+			var (
+				mu     sync.Mutex
+				drops  []string
+				others []string
+			)
+			got := make(chan client.Message, 1)
+			c, err := client.Dial(client.Options{
+				URL: "ws://" + proxy.Addr() + "/ws", User: "patient",
+				ReadTimeout: -1, ConnectTimeout: 500 * time.Millisecond,
+				MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
+				OnState: func(s client.State, err error) {
+					if s != client.StateDisconnected {
+						return
+					}
+					mu.Lock()
+					defer mu.Unlock()
+					if err != nil && strings.Contains(err.Error(), "no welcome within ConnectTimeout") {
+						drops = append(drops, err.Error())
+					} else {
+						others = append(others, fmt.Sprint(err))
+					}
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ch := "e2e-connect-" + strings.ReplaceAll(tc.name, " ", "-")
+			live := make(chan bool, 4)
+			if _, err := c.Subscribe(ch, client.Handler{
+				OnSubscribed: func(bool) { live <- true },
+				OnMessage:    func(m client.Message) { got <- m },
+			}); err != nil {
+				t.Fatal(err)
+			}
+			testkit.Eventually(t, 5*time.Second, func() error {
+				mu.Lock()
+				defer mu.Unlock()
+				if len(drops) < 2 || len(others) > 0 {
+					return fmt.Errorf("drops %q, other disconnects %q (state %v): want the unwelcomed dials dropped and dialled again", drops, others, c.State())
+				}
+				return nil
+			})
+			tc.recovery(proxy)
+			select {
+			case <-live:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("not subscribed once the proxy forwards again (state %v)", c.State())
+			}
+			id, err := pub.publish(ch, "m1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case m := <-got:
+				if m.ID != id {
+					t.Fatalf("got %s, want %s", m.ID, id)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("m1 not delivered")
+			}
+		})
+	}
+}
+
+// TestGoClientTokenExpired: a client given a fixed Token (no GetToken)
+// whose token expires is closed by the egress with 4004, dials once more
+// with the expired token and stops at the 401 (token_expired) that
+// refuses it, instead of dialling it for ever (docs/clients.md: the JS
+// client stops at the 4004 itself). With GetToken, the 4004 brings a
+// fresh token and the subscription resumes.
+func TestGoClientTokenExpired(t *testing.T) {
+	const secret = "go-client-expiry-secret-0123456789abcdef"
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"JWT_SECRET":       secret,
+	}
+	// The publisher needs no credential: only the egress checks tokens here.
+	ing := start(t, "ingress", env{"REDIS_URL": e["REDIS_URL"], "REDIS_KEY_PREFIX": e["REDIS_KEY_PREFIX"], "ALLOW_ANONYMOUS": "true"})
+	eg := start(t, "egress", e)
+	pub := newClientPublisher(t, ing.URL)
+	sign := func(d time.Duration) string {
+		tok, err := auth.SignHS256(secret, auth.Claims{Subject: "alice", Channels: []string{"e2e-*"}, Expires: time.Now().Add(d)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	var (
+		mu     sync.Mutex
+		states []string
+	)
+	record := func(who string) func(client.State, error) {
+		return func(s client.State, err error) {
+			var de *client.DisconnectError
+			var re *client.RefusedError
+			st := who + " " + s.String()
+			switch {
+			case errors.As(err, &de):
+				st += " " + fmt.Sprint(de.Code)
+			case errors.As(err, &re):
+				st += " " + fmt.Sprint(re.Status)
+			}
+			mu.Lock()
+			states = append(states, st)
+			mu.Unlock()
+		}
+	}
+	url := "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws"
+	fixed, err := client.Dial(client.Options{URL: url, Token: sign(3 * time.Second), OnState: record("fixed"),
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fixed.Close()
+	var asked atomic.Int32
+	got := make(chan client.Message, 1)
+	live := make(chan bool, 4)
+	fresh, err := client.Dial(client.Options{URL: url, OnState: record("fresh"),
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
+		GetToken: func(context.Context) (string, error) {
+			if asked.Add(1) == 1 {
+				return sign(3 * time.Second), nil
+			}
+			return sign(time.Hour), nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if _, err := fresh.Subscribe("e2e-expiry", client.Handler{
+		OnSubscribed: func(bool) { live <- true },
+		OnMessage:    func(m client.Message) { got <- m },
+	}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-fixed.Done():
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the client with an expired fixed token is still running (state %v)", fixed.State())
+	}
+	var re *client.RefusedError
+	if !errors.As(fixed.Err(), &re) || re.Status != http.StatusUnauthorized || re.Code != "token_expired" {
+		t.Fatalf("Err %v, want the 401 token_expired", fixed.Err())
+	}
+	for range 2 { // the first token's connection, then the fresh one's
+		select {
+		case <-live:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("not subscribed again after the 4004 (GetToken asked %d times)", asked.Load())
+		}
+	}
+	id, err := pub.publish("e2e-expiry", "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-got:
+		if m.ID != id {
+			t.Fatalf("got %s, want %s", m.ID, id)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("m1 not delivered after the fresh token")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var fixedStates, freshStates []string
+	for _, s := range states {
+		if strings.HasPrefix(s, "fixed ") {
+			fixedStates = append(fixedStates, strings.TrimPrefix(s, "fixed "))
+		} else {
+			freshStates = append(freshStates, strings.TrimPrefix(s, "fresh "))
+		}
+	}
+	if got, want := strings.Join(fixedStates, ", "), "connecting, connected, disconnected 4004, connecting, closed 401"; got != want {
+		t.Errorf("fixed token's states: %s; want %s", got, want)
+	}
+	if got, want := strings.Join(freshStates, ", "), "connecting, connected, disconnected 4004, connecting, connected"; got != want {
+		t.Errorf("GetToken's states: %s; want %s", got, want)
+	}
+	if n := asked.Load(); n != 2 {
+		t.Errorf("GetToken asked %d times, want 2", n)
+	}
 }

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"net"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ type tcpProxy struct {
 	conns       map[net.Conn]struct{}
 	refuse      bool
 	stall       chan struct{} // non-nil while stalled: closed by Unstall
+	hold        chan struct{} // non-nil while HoldAfterHeaders holds: closed by Release
 	dropReplies int           // connections still to have their reply dropped
 	dropped     int           // replies dropped
 	wg          sync.WaitGroup
@@ -63,11 +65,15 @@ func (p *tcpProxy) accept() {
 		if drop {
 			p.dropReplies--
 		}
+		hold := p.hold
 		p.mu.Unlock()
 		p.wg.Add(2)
-		if drop {
+		switch {
+		case drop:
 			go p.dropReply(c, up)
-		} else {
+		case hold != nil:
+			go p.holdAfterHeaders(c, up, hold)
+		default:
 			go p.pipe(c, up)
 		}
 		go p.pipe(up, c)
@@ -100,6 +106,40 @@ func (p *tcpProxy) pipe(dst, src net.Conn) {
 	delete(p.conns, dst)
 	delete(p.conns, src)
 	p.mu.Unlock()
+}
+
+// holdAfterHeaders forwards the target's reply on up to c through the
+// end of its HTTP header block (a WebSocket upgrade's 101), holds what
+// follows until hold is closed, then forwards as pipe does.
+func (p *tcpProxy) holdAfterHeaders(c, up net.Conn, hold chan struct{}) {
+	var head []byte
+	buf := make([]byte, 32*1024)
+	for {
+		n, rerr := up.Read(buf)
+		head = append(head, buf[:n]...)
+		if i := bytes.Index(head, []byte("\r\n\r\n")); i >= 0 {
+			_, err := c.Write(head[:i+4])
+			if err == nil {
+				<-hold
+				_, err = c.Write(head[i+4:])
+			}
+			if err == nil && rerr == nil {
+				p.pipe(c, up) // its wg.Done is this goroutine's
+				return
+			}
+			break
+		}
+		if rerr != nil {
+			break
+		}
+	}
+	c.Close()
+	up.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, up)
+	p.mu.Unlock()
+	p.wg.Done()
 }
 
 // dropReply waits for the target's first reply bytes on up and, instead
@@ -166,6 +206,28 @@ func (p *tcpProxy) Unstall() {
 	p.mu.Unlock()
 }
 
+// HoldAfterHeaders makes the connections accepted from now on forward the
+// target's reply up to the end of its HTTP header block and hold what
+// follows until Release: a server that upgrades the socket and then says
+// nothing, not even its welcome.
+func (p *tcpProxy) HoldAfterHeaders() {
+	p.mu.Lock()
+	if p.hold == nil {
+		p.hold = make(chan struct{})
+	}
+	p.mu.Unlock()
+}
+
+// Release forwards what HoldAfterHeaders held, and new connections whole.
+func (p *tcpProxy) Release() {
+	p.mu.Lock()
+	if p.hold != nil {
+		close(p.hold)
+		p.hold = nil
+	}
+	p.mu.Unlock()
+}
+
 // Heal accepts connections again.
 func (p *tcpProxy) Heal() {
 	p.mu.Lock()
@@ -176,6 +238,7 @@ func (p *tcpProxy) Heal() {
 func (p *tcpProxy) close() {
 	p.ln.Close()
 	p.Unstall()
+	p.Release()
 	p.Cut()
 	p.wg.Wait()
 }

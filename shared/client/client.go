@@ -10,7 +10,8 @@
 // default), reset after a stable connection or a planned rotation (idle
 // timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009
 // (the server's, or the client's own for a frame over ReadLimit); a
-// fresh token from GetToken after 4004. Unlike a browser, it sees the
+// fresh token from GetToken after 4004; a dial not welcomed within
+// ConnectTimeout dropped and dialled again. Unlike a browser, it sees the
 // status of a refused upgrade: it stops after 400 and 403 (and 401 without
 // GetToken), and waits at least the Retry-After of the others.
 package client
@@ -70,6 +71,10 @@ const (
 	DefaultMaxBackoff  = 20 * time.Second
 	DefaultStableAfter = 10 * time.Second
 	DefaultReadTimeout = 60 * time.Second
+	// DefaultConnectTimeout is how long a dial may go without its welcome
+	// unless Options.ConnectTimeout says otherwise: the JS client's
+	// connectTimeout (activityTimeout + pongTimeout).
+	DefaultConnectTimeout = 60 * time.Second
 	// DefaultHandshakeTimeout bounds an upgrade when Options.Dialer has no
 	// HandshakeTimeout of its own (websocket.DefaultDialer's is the same).
 	DefaultHandshakeTimeout = 45 * time.Second
@@ -123,6 +128,14 @@ type Options struct {
 	// keep this above twice that. Zero means 60 s; negative, no limit.
 	// The time the handlers take does not count.
 	ReadTimeout time.Duration
+	// ConnectTimeout is how long after its dial a connection may go
+	// without the server's welcome, the upgrade included: a proxy that
+	// accepts the connection and forwards nothing, or a socket upgraded
+	// whose welcome never comes (the server's pings do not extend it), is
+	// dropped and dialled again after the backoff, whatever ReadTimeout
+	// is. Zero or negative means DefaultConnectTimeout (60 s). The
+	// Dialer's HandshakeTimeout still bounds the upgrade on its own.
+	ConnectTimeout time.Duration
 	// ReadLimit is the largest frame, in bytes, the client reads from the
 	// server: a larger one is not read (a misbehaving server or proxy
 	// cannot make the client allocate without bound), and ends the client
@@ -389,12 +402,27 @@ type Client struct {
 	nextRef int
 	state   State
 	err     error // why the client closed for good
+
+	// backoff, when set (tests, before run starts), replaces
+	// retry.Backoff: the wait before the reconnect that follows the n-th
+	// consecutive failed attempt.
+	backoff func(n int) time.Duration
 }
 
 // Dial starts a client. It returns at once: the client connects in the
 // background, so subscriptions made right away are sent on connect.
 // Close it to stop it.
 func Dial(opts Options) (*Client, error) {
+	c, err := newClient(opts)
+	if err != nil {
+		return nil, err
+	}
+	go c.run()
+	return c, nil
+}
+
+// newClient checks opts and makes the client Dial runs.
+func newClient(opts Options) (*Client, error) {
 	u, err := url.Parse(opts.URL)
 	if err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
 		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
@@ -421,6 +449,9 @@ func Dial(opts Options) (*Client, error) {
 	if opts.ReadTimeout == 0 {
 		opts.ReadTimeout = DefaultReadTimeout
 	}
+	if opts.ConnectTimeout <= 0 {
+		opts.ConnectTimeout = DefaultConnectTimeout
+	}
 	if opts.ReadLimit == 0 {
 		opts.ReadLimit = DefaultReadLimit
 	}
@@ -444,7 +475,6 @@ func Dial(opts Options) (*Client, error) {
 		subs:   make(map[string]*Subscription),
 		refs:   make(map[int]*Subscription),
 	}
-	go c.run()
 	return c, nil
 }
 
@@ -686,7 +716,7 @@ func (c *Client) run() {
 					continue
 				}
 				c.setState(StateDisconnected, fmt.Errorf("client: get token: %w", err))
-				if !c.sleep(retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+				if !c.sleep(c.delay(attempt)) {
 					continue
 				}
 				attempt++
@@ -712,7 +742,7 @@ func (c *Client) run() {
 			attempt = 0
 		}
 		c.setState(StateDisconnected, err)
-		delay := retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)
+		delay := c.delay(attempt)
 		var re *RefusedError
 		if errors.As(err, &re) && re.RetryAfter > delay {
 			// The server asked for a pause (503 while draining or full):
@@ -726,6 +756,15 @@ func (c *Client) run() {
 		}
 		attempt++
 	}
+}
+
+// delay is the backoff before the reconnect after attempt consecutive
+// failed attempts.
+func (c *Client) delay(attempt int) time.Duration {
+	if c.backoff != nil {
+		return c.backoff(attempt)
+	}
+	return retry.Backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)
 }
 
 // sleep waits d; false if the client was closed meanwhile.
@@ -800,21 +839,43 @@ func (c *Client) dialURL() string {
 // upgrade, with a *RefusedError: see finalRefusal for which end the
 // client).
 func (c *Client) connect(token string) (code int, welcomed bool, err error) {
+	// The welcome is due ConnectTimeout after the dial: gorilla takes the
+	// context's deadline for the upgrade's reads and writes too.
+	welcomeBy := time.Now().Add(c.opts.ConnectTimeout)
+	noWelcome := func(err error) error {
+		return fmt.Errorf("client: no welcome within ConnectTimeout (%v) of the dial: %w", c.opts.ConnectTimeout, err)
+	}
+	dctx, cancel := context.WithDeadline(c.ctx, welcomeBy)
+	defer cancel()
 	d, dialed := c.dialer(token)
-	ws, resp, err := d.DialContext(c.ctx, c.dialURL(), c.opts.Header)
+	ws, resp, err := d.DialContext(dctx, c.dialURL(), c.opts.Header)
 	dialed()
 	if err != nil {
 		if resp != nil {
 			return resp.StatusCode, false, refused(resp)
 		}
+		if c.ctx.Err() == nil && !time.Now().Before(welcomeBy) {
+			return 1006, false, noWelcome(err)
+		}
 		return 1006, false, fmt.Errorf("client: dial: %w", err)
 	}
 	// ReadTimeout runs while the client waits for the server, from each
 	// read (and each ping) on: not while a handler runs, however long.
+	// Until the welcome, the read ends at welcomeBy at the latest, pings
+	// or not, ReadTimeout or not. It runs on the reader goroutine only
+	// (the ping handler is called from ReadMessage), as welcomed is set.
 	alive := func() {
-		if c.opts.ReadTimeout > 0 && !c.closing.Load() {
-			_ = ws.SetReadDeadline(time.Now().Add(c.opts.ReadTimeout))
+		if c.closing.Load() {
+			return
 		}
+		var by time.Time // zero: no deadline
+		if c.opts.ReadTimeout > 0 {
+			by = time.Now().Add(c.opts.ReadTimeout)
+		}
+		if !welcomed && (by.IsZero() || by.After(welcomeBy)) {
+			by = welcomeBy
+		}
+		_ = ws.SetReadDeadline(by)
 	}
 	if c.opts.ReadLimit > 0 {
 		// gorilla checks each frame's length before it reads the payload,
@@ -866,6 +927,10 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 				// such frames would have the client reconnect for ever.
 				return protocol.CloseTooBig, welcomed, &CloseError{Code: protocol.CloseTooBig, ByClient: true,
 					Reason: fmt.Sprintf("the server sent a frame over ReadLimit (%d bytes); raise Options.ReadLimit if its messages can be that large", c.opts.ReadLimit)}
+			}
+			var ne net.Error
+			if !welcomed && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(welcomeBy) {
+				return 1006, false, noWelcome(err)
 			}
 			return 1006, welcomed, fmt.Errorf("client: connection lost: %w", err)
 		}

@@ -553,3 +553,123 @@ var smallWriteBufDialer = &websocket.Dialer{NetDialContext: func(ctx context.Con
 	}
 	return nc, err
 }}
+
+// TestBackoffStartsOver: the backoff starts over (attempt 0) after a
+// planned rotation (4000) and after a connection that lasted StableAfter,
+// both only for a connection that got its welcome; a close before the
+// welcome, a planned one or one after StableAfter included, and an early
+// close after it let the backoff grow.
+func TestBackoffStartsOver(t *testing.T) {
+	const stable = 500 * time.Millisecond
+	welcome := `{"type":"welcome","connection_id":"c1","instance":"i"}`
+	type step struct {
+		what    string
+		welcome bool
+		stay    time.Duration
+		code    int
+		attempt int // the backoff's attempt after this connection
+	}
+	steps := []step{
+		{"no welcome, 1011", false, 0, 1011, 0},
+		{"no welcome, 1011 again", false, 0, 1011, 1},
+		{"welcome, 4000", true, 0, 4000, 0},
+		{"no welcome, 4000", false, 0, 4000, 1},
+		{"welcome, 1011 at once", true, 0, 1011, 2},
+		{"welcome, 1011 after StableAfter", true, stable + 200*time.Millisecond, 1011, 0},
+		{"no welcome, 1011 after StableAfter", false, stable + 200*time.Millisecond, 1011, 1},
+		{"welcome, 4003 (final)", true, 0, 4003, -1},
+	}
+	var n atomic.Int32
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		i := int(n.Add(1)) - 1
+		if i >= len(steps) {
+			return
+		}
+		s := steps[i]
+		if s.welcome {
+			write(t, ws, welcome)
+		}
+		time.Sleep(s.stay)
+		_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(s.code, s.what), time.Now().Add(time.Second))
+		_, _, _ = ws.ReadMessage() // the client's answer, or its going
+	})
+	c, err := newClient(Options{URL: url, StableAfter: stable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu       sync.Mutex
+		attempts []int
+	)
+	c.backoff = func(n int) time.Duration {
+		mu.Lock()
+		attempts = append(attempts, n)
+		mu.Unlock()
+		return time.Millisecond
+	}
+	go c.run()
+	defer c.Close()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("not closed by the final 4003 (state %v)", c.State())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for i, s := range steps[:len(steps)-1] {
+		if i >= len(attempts) {
+			t.Fatalf("%d backoffs %v, want %d", len(attempts), attempts, len(steps)-1)
+		}
+		if attempts[i] != s.attempt {
+			t.Errorf("after %s: backoff attempt %d, want %d", s.what, attempts[i], s.attempt)
+		}
+	}
+	if len(attempts) != len(steps)-1 {
+		t.Errorf("%d backoffs %v, want %d", len(attempts), attempts, len(steps)-1)
+	}
+}
+
+// TestPingsDoNotStandForWelcome: a server that pings (within ReadTimeout)
+// but never sends its welcome has the connection dropped after
+// ConnectTimeout, with an error that says so, and dialled again: the
+// pings extend ReadTimeout, not the wait for the welcome.
+func TestPingsDoNotStandForWelcome(t *testing.T) {
+	url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		go func() { _, _, _ = ws.ReadMessage() }() // reads the pongs
+		for range 40 {
+			if ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)) != nil {
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
+	errs := make(chan error, 16)
+	c, err := Dial(Options{URL: url, ReadTimeout: 200 * time.Millisecond, ConnectTimeout: 400 * time.Millisecond,
+		MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		OnState: func(s State, err error) {
+			if s == StateDisconnected {
+				select {
+				case errs <- err:
+				default:
+				}
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	select {
+	case err := <-errs:
+		if err == nil || !strings.Contains(err.Error(), "no welcome within ConnectTimeout (400ms) of the dial") {
+			t.Fatalf("disconnected with %v, want no welcome", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("a connection pinged but never welcomed was kept (%d upgrades)", upgrades.Load())
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if n := upgrades.Load(); n < 2 {
+			return fmt.Errorf("%d upgrades: not dialled again", n)
+		}
+		return nil
+	})
+}
