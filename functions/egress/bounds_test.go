@@ -110,11 +110,15 @@ func TestSocketsEndLeaveNothing(t *testing.T) {
 			ws.NetConn().Close()
 		}
 	}
-	// Live readers that stopped reading: 4002 or the write timeout.
+	// Live readers that stopped reading: 4002 or the write timeout. (The
+	// frame of pings above no longer ends 4002: a frame's replies wait
+	// for room in the queue, TestFrameRepliesToReadingClient.) More than
+	// the queue and the sockets hold, in one go, so that the queue fills
+	// before WRITE_TIMEOUT even on a loaded machine.
 	for range 2 {
 		dial(smallBufDialer, live)
 	}
-	publish("live", 100)
+	publish("live", 300)
 
 	testkit.Eventually(t, 10*time.Second, func() error { return openSockets(e.s, 0) })
 	// Each way of ending was taken.

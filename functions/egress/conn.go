@@ -613,7 +613,14 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 			return false
 		}
 		// The next request of the frame: the first token was taken above.
-		if c.isClosing() || !c.throttle() {
+		// Its reply waits for room in the queue, as a ?channels list's
+		// do: the client cannot read the replies of a frame's requests
+		// before the server has queued them all, and a frame holding more
+		// than the queue has room for (the rate limit's burst is a
+		// second's worth) would otherwise overflow it, closing 4002 a
+		// client that reads as fast as they come. A client that does not
+		// read is dropped by WRITE_TIMEOUT instead, which ends the wait.
+		if c.isClosing() || !c.throttle() || !c.waitRoom(ctx) {
 			return false
 		}
 		// It counts as read now, as it would have in a frame of its own:

@@ -301,3 +301,59 @@ func TestEveryReplyEchoesRef(t *testing.T) {
 		wantReplies(t, ws, want...)
 	})
 }
+
+// TestFrameRepliesToReadingClient: a frame holding more requests than
+// SEND_QUEUE has room for replies to, sent by a client that reads the
+// replies as fast as they come, gets every reply. They were queued all at
+// once (the rate limit's burst, a second's worth, lets them through
+// together, and MAX_FRAMES_PER_SECOND=0 lets every one through), faster
+// than the writer sends them, and the client was closed 4002 as a slow
+// consumer, however fast it read, as a long ?channels list was
+// (TestChannelsLongList): the reference clients pack their resubscribes
+// into one frame. A client that does not read is still dropped, by
+// WRITE_TIMEOUT once the socket takes no more.
+func TestFrameRepliesToReadingClient(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		env   map[string]string
+		n     int
+		pings bool // pings only
+	}{
+		{"small queue", map[string]string{"SEND_QUEUE": "16", "MAX_SUBSCRIPTIONS": "2"}, 50, false},
+		{"no rate limit", map[string]string{"MAX_FRAMES_PER_SECOND": "0"}, 1500, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.env["ALLOW_ANONYMOUS"] = "true"
+			e := startSecEgress(t, tc.env)
+			ws, _, err := e.dial(t, nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			next(t, ws, protocol.TypeWelcome)
+			// Subscribes refused (too many) and pings: replies that need no
+			// round trip to Redis, queued as fast as the reader decodes.
+			var b strings.Builder
+			var want []string
+			for i := range tc.n {
+				if i%2 == 0 || tc.pings {
+					fmt.Fprintf(&b, `{"type":"ping","ref":%d}`+"\n", i)
+					want = append(want, "pong "+strconv.Itoa(i))
+					continue
+				}
+				fmt.Fprintf(&b, `{"type":"subscribe","channel":"c%d","ref":%d}`+"\n", i, i)
+				if i < 4 { // MAX_SUBSCRIPTIONS
+
+					want = append(want, "subscribed "+strconv.Itoa(i))
+				} else {
+					want = append(want, "error "+protocol.CodeTooManySubs+" "+strconv.Itoa(i))
+				}
+			}
+			sendRaw(t, ws, b.String())
+			wantReplies(t, ws, want...)
+			send(t, ws, map[string]any{"type": "ping", "ref": "after"})
+			wantReplies(t, ws, `pong "after"`)
+		})
+	}
+}
