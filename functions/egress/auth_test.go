@@ -217,8 +217,15 @@ func TestEgressTokens(t *testing.T) {
 		if !strings.Contains(string(body), `"`+tc.code+`"`) || !strings.Contains(string(body), tc.says) {
 			t.Errorf("%s: body %s, want %s saying %q", name, body, tc.code, tc.says)
 		}
-		if resp.Header.Get("WWW-Authenticate") == "" {
-			t.Errorf("%s: 401 without WWW-Authenticate", name)
+		// RFC 6750 §3.1, as the ingress: a token that was sent and
+		// refused is error="invalid_token" (expired ones too); none sent,
+		// no error.
+		want := `Bearer realm="wsrelay", error="invalid_token"`
+		if tc.code == "unauthorized" {
+			want = `Bearer realm="wsrelay"`
+		}
+		if got := resp.Header.Get("WWW-Authenticate"); got != want {
+			t.Errorf("%s: WWW-Authenticate %q, want %q", name, got, want)
 		}
 	}
 

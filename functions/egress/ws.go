@@ -33,8 +33,14 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	id, aerr := s.authenticate(r)
 	if aerr != nil {
 		if aerr.status == http.StatusUnauthorized {
-			// RFC 9110 §11.6.1: a 401 names the scheme it wants.
-			w.Header().Set("WWW-Authenticate", `Bearer realm="wsrelay"`)
+			// RFC 9110 §11.6.1: a 401 names the scheme it wants; RFC
+			// 6750 §3.1: a token sent and refused (expired too) adds
+			// error="invalid_token", as the ingress's 401s do.
+			challenge := `Bearer realm="wsrelay"`
+			if aerr.code == protocol.CodeInvalidToken || aerr.code == "token_expired" {
+				challenge += `, error="invalid_token"`
+			}
+			w.Header().Set("WWW-Authenticate", challenge)
 		}
 		s.refuseUpgrade(w, aerr.status, aerr.code, aerr.msg)
 		return
