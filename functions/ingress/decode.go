@@ -90,6 +90,10 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	var p publishBody
 	b = bytes.Trim(b, jsonSpace)
 	if len(b) == 0 || b[0] != '{' {
+		if withChannel {
+			// A batch item: "message i: " goes before it.
+			return p, errf(400, "invalid_json", "must be a JSON object")
+		}
 		return p, errf(400, "invalid_json", "body must be a JSON object")
 	}
 	if err := json.Unmarshal(b, &raw); err != nil {

@@ -1,6 +1,9 @@
 package main
 
-import "testing"
+import (
+	"errors"
+	"testing"
+)
 
 // TestDecodeMessage: what a publish body becomes, and which error each bad
 // one gets.
@@ -45,5 +48,15 @@ func TestDecodeMessage(t *testing.T) {
 		if ae != nil || string(p.Data) != tc.data || p.Event != tc.event || p.Channel != tc.channel {
 			t.Errorf("%s: got data %s event %q channel %q, %v; want %s %q %q", tc.body, p.Data, p.Event, p.Channel, ae, tc.data, tc.event, tc.channel)
 		}
+	}
+}
+
+// TestDecodeBatchItemNotObject: a batch item that is not an object is
+// named as the item, not as the body (which is an object).
+func TestDecodeBatchItemNotObject(t *testing.T) {
+	_, err := decodeBatch([]byte(`{"messages":[{"channel":"a","data":1},[1]]}`), 10, 1024, nil)
+	var ie *indexedError
+	if !errors.As(err, &ie) || ie.Index != 1 || ie.Message != "message 1: must be a JSON object" {
+		t.Fatalf("got %#v, want message 1: must be a JSON object", err)
 	}
 }
