@@ -68,5 +68,6 @@ func (s Scheme) Once(streamKey, digest string, i int) string {
 // Last caches the id of the last entry appended to the stream key
 // streamKey, so that the append script learns the predecessor of a new
 // entry with a GET instead of reading the whole previous entry; it shares
-// the stream's hash tag and its TTL.
+// the stream's hash tag and lives twice the stream's TTL, so that it
+// outlasts its stream (docs/design.md).
 func Last(streamKey string) string { return streamKey + ":last" }

@@ -68,6 +68,8 @@ var urlOptions = map[string]string{
 	"write_timeout": "REDIS_TIMEOUT sets it",
 	"max_retries":   "it is 1",
 	"pool_size":     "REDIS_POOL_SIZE sets it",
+	// Pipelines share the pool REDIS_POOL_SIZE sizes (noPipelinePool).
+	"pipeline_pool_size": "REDIS_POOL_SIZE bounds pipelines too",
 }
 
 // Validate reports what is wrong with c.
@@ -157,6 +159,15 @@ func (c Config) LogAttrs() []any {
 	return attrs
 }
 
+// noPipelinePool keeps pipelines on a node's one pool of PoolSize
+// connections. go-redis gives them a pool of their own by default (up to
+// 10 more connections per node, 128 KiB buffers each), so REDIS_POOL_SIZE
+// would not bound what a process opens to Redis, and an egress holding
+// one socket would hold two command connections (its probe's and its
+// registry writes'), which in the one-connection-per-instance mode is
+// one Redis connection more per socket (TestPoolSizeBoundsConnections).
+const noPipelinePool = -1
+
 // IsCluster reports whether c selects Redis Cluster.
 func (c Config) IsCluster() bool { return c.ClusterAddrs != "" }
 
@@ -179,6 +190,7 @@ func New(c Config) (redis.UniversalClient, error) {
 			WriteTimeout:          c.Timeout,
 			ContextTimeoutEnabled: true,
 			PoolSize:              c.PoolSize,
+			PipelinePoolSize:      noPipelinePool,
 			MaxRedirects:          8,
 			DialerRetries:         1, // one dial per attempt, as for a single node below
 			DisableIdentity:       true,
@@ -208,6 +220,7 @@ func New(c Config) (redis.UniversalClient, error) {
 	// up to Timeout) would hold a request for seconds before its 503.
 	o.DialerRetries = 1
 	o.DisableIdentity = true
+	o.PipelinePoolSize = noPipelinePool
 	if c.PoolSize > 0 {
 		o.PoolSize = c.PoolSize
 	}

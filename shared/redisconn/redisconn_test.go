@@ -69,6 +69,7 @@ func TestValidate(t *testing.T) {
 		{"URL read_timeout", Config{URL: "rediss://:s3cret@h:6379/0?read_timeout=-1", Timeout: time.Second}, []string{"REDIS_URL", "read_timeout", "REDIS_TIMEOUT"}, "s3cret"},
 		{"URL max_retries", Config{URL: "redis://h:6379/0?max_retries=3", Timeout: time.Second}, []string{"REDIS_URL", "max_retries"}, ""},
 		{"URL pool_size", Config{URL: "redis://h:6379/0?pool_size=100000000", Timeout: time.Second}, []string{"REDIS_URL", "pool_size", "REDIS_POOL_SIZE"}, ""},
+		{"URL pipeline_pool_size", Config{URL: "redis://h:6379/0?pipeline_pool_size=10", Timeout: time.Second}, []string{"REDIS_URL", "pipeline_pool_size", "REDIS_POOL_SIZE"}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
