@@ -35,12 +35,15 @@ func livenessClient(wsURL, ch, opts string) string {
 })()`, wsURL, opts, ch)
 }
 
-// waitPage polls expr in tab until it is true.
+// waitPage polls expr in tab until it is true. A name expr uses that the
+// page has not defined yet (window.t, before a client started without
+// waiting has imported its module) counts as not yet true.
 func waitPage(t *testing.T, tab context.Context, what, expr string, timeout time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(tab, timeout+5*time.Second)
 	defer cancel()
-	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](expr, chromedp.WithPollingTimeout(timeout), chromedp.WithPollingInterval(20*time.Millisecond))); err != nil {
+	guarded := `(() => { try { return (` + expr + `); } catch (e) { if (e instanceof ReferenceError) return false; throw e; } })()`
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](guarded, chromedp.WithPollingTimeout(timeout), chromedp.WithPollingInterval(20*time.Millisecond))); err != nil {
 		state := evalIn(t, tab, "state", chromedp.Evaluate[string](`JSON.stringify({ state: window.c?.state, t: window.t })`))
 		t.Fatalf("%s: %v; page: %s", what, err, state)
 	}

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"embed"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 )
@@ -23,7 +25,8 @@ type webAsset struct {
 	etag        string
 	contentType string
 	cache       string
-	anyOrigin   bool // Access-Control-Allow-Origin: *
+	anyOrigin   bool              // Access-Control-Allow-Origin: *
+	headers     map[string]string // more headers (the demo's security headers)
 }
 
 func newWebAsset(body []byte, contentType, cache string) *webAsset {
@@ -39,6 +42,9 @@ func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.Set("X-Content-Type-Options", "nosniff")
 	if a.anyOrigin {
 		h.Set("Access-Control-Allow-Origin", "*")
+	}
+	for k, v := range a.headers {
+		h.Set(k, v)
 	}
 	if noneMatch(r.Header.Values("If-None-Match"), a.etag) {
 		w.WriteHeader(http.StatusNotModified)
@@ -87,11 +93,42 @@ type demoConfig struct {
 	IngressURL string `json:"ingressURL"`
 }
 
+// inlineScript matches the page's inline scripts, for their hashes in
+// its Content-Security-Policy.
+var inlineScript = regexp.MustCompile(`(?s)<script[^>]*>(.*?)</script>`)
+
 // handleDemo serves GET / (the chat demo), with the configuration injected
-// in place of the page's {{.}} placeholder.
+// in place of the page's {{.}} placeholder. The page is revalidated on
+// every load (no-cache) and imports the client.js of its own build, by a
+// URL that names its version (?v=<its ETag>): a browser that holds an
+// older client.js in its cache (max-age) fetches the new one with the new
+// page, rather than running the new page against the old module for up to
+// five minutes after a deploy.
+//
+// It renders what anyone may publish and may carry a user token in its
+// URL (?token=, docs/clients.md), so its Content-Security-Policy lets only
+// its own code run (its two inline scripts by hash, modules from its
+// origin: no inline handler, eval or other origin's script) and be framed
+// by no one; where it connects is left open (the socket and the ingress
+// are wherever INGRESS_URL and a proxy put them). Referrer-Policy:
+// no-referrer keeps its URL out of the Referer of its requests (a
+// presence poll every 3 s), and so out of the logs of a proxy in front of
+// the ingress.
 func handleDemo(cfg Config) http.Handler {
 	b, _ := webFiles.ReadFile("web/index.html")
 	js, _ := json.Marshal(demoConfig{IngressURL: cfg.IngressURL}) // escapes <, > and &
 	b = bytes.Replace(b, []byte("{{.}}"), js, 1)
-	return newWebAsset(b, "text/html; charset=utf-8", "no-cache")
+	client := handleClientJS().(*webAsset)
+	b = bytes.Replace(b, []byte(`from "./client.js"`), []byte(`from "./client.js?v=`+strings.Trim(client.etag, `"`)+`"`), 1)
+	scripts := "'self'"
+	for _, m := range inlineScript.FindAllSubmatch(b, -1) {
+		sum := sha256.Sum256(m[1])
+		scripts += " 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+	}
+	a := newWebAsset(b, "text/html; charset=utf-8", "no-cache")
+	a.headers = map[string]string{
+		"Content-Security-Policy": "script-src " + scripts + "; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+		"Referrer-Policy":         "no-referrer",
+	}
+	return a
 }

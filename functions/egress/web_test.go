@@ -1,9 +1,12 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -89,6 +92,71 @@ func TestWebAssetsConditional(t *testing.T) {
 			t.Errorf("GET %s, another ETag: %v %v, want 200", path, resp, err)
 		} else {
 			resp.Body.Close()
+		}
+	}
+}
+
+// TestDemoPinsClientJS: the demo page (no-cache) imports the client.js of
+// its own build, by a URL that names that version. A plain "./client.js"
+// may be taken from the browser's cache for max-age (5 min) after a
+// deploy: the new page then runs against the old module (an import of a
+// new export fails, and the page with it).
+func TestDemoPinsClientJS(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	get := func(path string) *http.Response {
+		t.Helper()
+		resp, err := http.Get(e.srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	js := get("/client.js")
+	etag := strings.Trim(js.Header.Get("ETag"), `"`)
+	page, _ := io.ReadAll(get("/").Body)
+	m := regexp.MustCompile(`from "(\./client\.js[^"]*)"`).FindSubmatch(page)
+	if m == nil || !strings.Contains(string(m[1]), etag) {
+		t.Fatalf("the demo page imports %q, want a URL naming client.js's version %s", m, etag)
+	}
+	if pinned := get(strings.TrimPrefix(string(m[1]), ".")); pinned.StatusCode != 200 || pinned.Header.Get("ETag") != js.Header.Get("ETag") {
+		t.Fatalf("GET %s: %d, ETag %q", m[1], pinned.StatusCode, pinned.Header.Get("ETag"))
+	}
+}
+
+// TestDemoSecurityHeaders: the demo page renders what anyone may publish
+// and may carry a user token in its URL (?token=): a Content-Security-
+// Policy lets only its own scripts run (the two inline ones by hash, no
+// inline handler such as onerror) and keeps it out of frames, and Referrer-Policy keeps its URL out of the
+// Referer of its requests (every 3 s to the ingress, whose proxy logs it).
+func TestDemoSecurityHeaders(t *testing.T) {
+	t.Parallel()
+	rec := httptest.NewRecorder()
+	handleDemo(Config{IngressURL: "https://in.example.com/stage"}).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
+	if got := rec.Header().Get("Referrer-Policy"); got != "no-referrer" {
+		t.Errorf("Referrer-Policy %q, want no-referrer", got)
+	}
+	csp := rec.Header().Get("Content-Security-Policy")
+	dirs := map[string]string{}
+	for d := range strings.SplitSeq(csp, ";") {
+		name, val, _ := strings.Cut(strings.TrimSpace(d), " ")
+		dirs[name] = val
+	}
+	if dirs["frame-ancestors"] != "'none'" || dirs["object-src"] != "'none'" || dirs["base-uri"] != "'none'" ||
+		!strings.HasPrefix(dirs["script-src"], "'self' ") || strings.Contains(dirs["script-src"], "unsafe") {
+		t.Fatalf("Content-Security-Policy %q", csp)
+	}
+	// Each inline script is allowed by its hash, and nothing else inline.
+	body := rec.Body.String()
+	scripts := regexp.MustCompile(`(?s)<script[^>]*>(.*?)</script>`).FindAllStringSubmatch(body, -1)
+	if len(scripts) != 2 {
+		t.Fatalf("%d inline scripts", len(scripts))
+	}
+	for _, s := range scripts {
+		sum := sha256.Sum256([]byte(s[1]))
+		if h := "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"; !strings.Contains(dirs["script-src"], h) {
+			t.Errorf("script-src %q lacks %s, the hash of %.60q…", dirs["script-src"], h, s[1])
 		}
 	}
 }

@@ -1,0 +1,152 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+)
+
+// TestBrowserDemoHostileMessages: the demo page renders what others
+// publish (a message's text and name, data that is not the demo's, an
+// event name) as text. A message written as HTML runs nothing and adds no
+// element to the page.
+func TestBrowserDemoHostileMessages(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+	}
+	ing := start(t, "ingress", e)
+	e["INGRESS_URL"] = ing.URL
+	eg := start(t, "egress", e)
+
+	tab := newBrowser(t)
+	runIn(t, tab, "join",
+		chromedp.Navigate(eg.URL+"/"),
+		chromedp.WaitVisible(chromedp.ID("name")),
+		chromedp.SetValue(chromedp.ID("name"), `<img src=x onerror="window.__xss='name'">`),
+		chromedp.SetValue(chromedp.ID("room"), "e2e-hostile"),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)),
+	)
+	payloads := []string{
+		`<img src=x onerror="window.__xss='text'">`,
+		`</div><script>window.__xss='script'</script>`,
+		`<svg onload="window.__xss='svg'"></svg>`,
+		`"><iframe srcdoc="<script>parent.__xss='iframe'</script>">`,
+	}
+	post := func(body map[string]any) {
+		t.Helper()
+		b, _ := json.Marshal(body)
+		resp, err := http.Post(ing.URL+"/v1/channels/e2e-hostile/messages", "application/json", bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusAccepted {
+			t.Fatalf("publish %s: %d", b, resp.StatusCode)
+		}
+	}
+	for _, p := range payloads {
+		post(map[string]any{"event": `<b onmouseover=x>`, "data": map[string]any{"text": p, "name": p, "user": p}})
+	}
+	// Data that is not the demo's shape is shown as its JSON.
+	post(map[string]any{"data": map[string]any{"html": `<img src=x onerror="window.__xss='json'">`}})
+	post(map[string]any{"data": `<img src=x onerror="window.__xss='string'">`})
+
+	evalIn(t, tab, "messages shown", chromedp.Poll[bool](`document.querySelectorAll("#messages .msg").length >= 6`,
+		chromedp.WithPollingTimeout(15*time.Second)))
+	texts := pageTexts(t, tab)
+	for i, p := range payloads {
+		if texts[i] != p {
+			t.Errorf("message %d shown as %q, want the text %q", i, texts[i], p)
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // an onerror of a broken <img> fires after a load attempt
+	got := evalIn(t, tab, "injected", chromedp.Evaluate[string](
+		`JSON.stringify({xss: window.__xss ?? null, elements: document.querySelectorAll("#messages img, #messages script, #messages svg, #messages iframe, #messages .text *, #messages .who b *").length})`))
+	if got != `{"xss":null,"elements":0}` {
+		t.Fatalf("hostile messages were rendered as HTML: %s", got)
+	}
+}
+
+// TestBrowserPublishRefusals: publish(), loaded from a real egress in
+// Chromium, against a real ingress on another origin, reports each
+// refusal docs/clients.md lists as that refusal (a PublishError with
+// the ingress's status and code), not as a network error: the browser
+// hands a cross-origin page only what CORS lets it see.
+func TestBrowserPublishRefusals(t *testing.T) {
+	const secret = "browser-web-test-secret-0123456789abcdef"
+	e := env{
+		"REDIS_URL":              redistest.URL(t),
+		"REDIS_KEY_PREFIX":       redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":        "true",
+		"ALLOWED_ORIGINS":        "*",
+		"JWT_SECRET":             secret,
+		"MAX_MESSAGE_BYTES":      "1024",
+		"PUBLISH_RATE_PER_USER":  "1",
+		"PUBLISH_BURST_PER_USER": "1",
+	}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	token := func(sub string, publish []string) string {
+		tok, err := auth.SignHS256(secret, auth.Claims{Subject: sub, Channels: []string{"e2e-*"}, Publish: publish, Expires: time.Now().Add(time.Hour)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	tab := newBrowser(t)
+	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
+	script := `(async () => {
+  const { publish, PublishError } = await import("/client.js");
+  const ingress = ` + jsString(ing.URL) + `;
+  const out = {};
+  const run = async (name, data, opts) => {
+    try {
+      const r = await publish(ingress, "e2e-pub", data, { minBackoff: 1, maxBackoff: 2, ...opts });
+      out[name] = "published " + r.id;
+    } catch (e) {
+      out[name] = e instanceof PublishError ? e.status + " " + e.code + " retryAfter=" + (e.retryAfter != null) + " unknown=" + e.outcomeUnknown : "threw " + e;
+    }
+  };
+  await run("ok", { text: "hi" }, { token: ` + jsString(token("ada", []string{"e2e-*"})) + ` });
+  await run("429", { text: "again" }, { token: ` + jsString(token("ada", []string{"e2e-*"})) + `, maxAttempts: 1 });
+  await run("401", { text: "hi" }, { token: "not.a.jwt" });
+  await run("403", { text: "hi" }, { token: ` + jsString(token("bob", []string{"other-*"})) + ` });
+  await run("413 small", "x".repeat(4000), { token: ` + jsString(token("cy", []string{"e2e-*"})) + ` });
+  await run("413 large", "x".repeat(4 << 20), { token: ` + jsString(token("dee", []string{"e2e-*"})) + ` });
+  return out;
+})()`
+	got := evalIn(t, tab, "publish", chromedp.Evaluate[map[string]string](script, chromedp.EvalAwaitPromise))
+	want := map[string]string{
+		"429":       "429 rate_limited retryAfter=true unknown=false",
+		"401":       "401 invalid_token retryAfter=false unknown=false",
+		"403":       "403 forbidden retryAfter=false unknown=false",
+		"413 small": "413 payload_too_large retryAfter=false unknown=false",
+		"413 large": "413 payload_too_large retryAfter=false unknown=false",
+	}
+	if !strings.HasPrefix(got["ok"], "published ") {
+		t.Errorf("ok: %s", got["ok"])
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("%s: %s, want %s", k, got[k], w)
+		}
+	}
+}
+
+func jsString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
