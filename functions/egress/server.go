@@ -118,8 +118,9 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /ws", s.handleWS)
 	s.mux.HandleFunc("GET /healthz", s.handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
-	s.mux.Handle("GET /client.js", handleClientJS())
-	s.mux.Handle("GET /{$}", handleDemo(s.cfg))
+	clientJS := handleClientJS()
+	s.mux.Handle("GET /client.js", clientJS)
+	s.mux.Handle("GET /{$}", handleDemo(s.cfg, clientJS))
 	metrics := s.metrics.handler()
 	s.mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if !s.sec.metrics.Allows(r) {

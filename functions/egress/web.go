@@ -24,8 +24,7 @@ type webAsset struct {
 	etag        string
 	contentType string
 	cache       string
-	anyOrigin   bool              // Access-Control-Allow-Origin: *
-	headers     map[string]string // more headers (the demo's security headers)
+	headers     map[string]string // more headers (client.js's CORS, the demo's security headers)
 }
 
 func newWebAsset(body []byte, contentType, cache string) *webAsset {
@@ -39,9 +38,6 @@ func (a *webAsset) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.Set("Cache-Control", a.cache)
 	h.Set("ETag", a.etag)
 	h.Set("X-Content-Type-Options", "nosniff")
-	if a.anyOrigin {
-		h.Set("Access-Control-Allow-Origin", "*")
-	}
 	for k, v := range a.headers {
 		h.Set(k, v)
 	}
@@ -78,10 +74,10 @@ func noneMatch(hs []string, etag string) bool {
 // Any origin may load it: a page imports it as a module, which browsers
 // fetch with CORS, and it is public, static and needs no credential
 // (ALLOWED_ORIGINS guards the WebSocket, not this file).
-func handleClientJS() http.Handler {
+func handleClientJS() *webAsset {
 	b, _ := webFiles.ReadFile("web/client.js")
 	a := newWebAsset(b, "text/javascript; charset=utf-8", "public, max-age=300")
-	a.anyOrigin = true
+	a.headers = map[string]string{"Access-Control-Allow-Origin": "*"}
 	return a
 }
 
@@ -128,12 +124,12 @@ func inlineScripts(page []byte) [][]byte {
 // are wherever INGRESS_URL and a proxy put them). Referrer-Policy:
 // no-referrer keeps its URL out of the Referer of its requests (a
 // presence poll every 3 s), and so out of the logs of a proxy in front of
-// the ingress.
-func handleDemo(cfg Config) http.Handler {
+// the ingress. client is the served client.js (handleClientJS), whose
+// ETag the import names.
+func handleDemo(cfg Config, client *webAsset) http.Handler {
 	b, _ := webFiles.ReadFile("web/index.html")
 	js, _ := json.Marshal(demoConfig{IngressURL: cfg.IngressURL}) // escapes <, > and &
 	b = bytes.Replace(b, []byte("{{.}}"), js, 1)
-	client := handleClientJS().(*webAsset)
 	b = bytes.Replace(b, []byte(`from "./client.js"`), []byte(`from "./client.js?v=`+strings.Trim(client.etag, `"`)+`"`), 1)
 	scripts := "'self'"
 	for _, m := range inlineScripts(b) {

@@ -35,7 +35,7 @@ func TestWebAssets(t *testing.T) {
 	}
 
 	rec = httptest.NewRecorder()
-	handleDemo(Config{IngressURL: "http://in.example</script>"}).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
+	handleDemo(Config{IngressURL: "http://in.example</script>"}, handleClientJS()).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
 	body := rec.Body.String()
 	if rec.Code != 200 || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/html") || rec.Header().Get("Access-Control-Allow-Origin") != "" {
 		t.Fatalf("/: %d %q", rec.Code, rec.Header())
@@ -133,7 +133,7 @@ func TestDemoPinsClientJS(t *testing.T) {
 func TestDemoSecurityHeaders(t *testing.T) {
 	t.Parallel()
 	rec := httptest.NewRecorder()
-	handleDemo(Config{IngressURL: "https://in.example.com/stage"}).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
+	handleDemo(Config{IngressURL: "https://in.example.com/stage"}, handleClientJS()).ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
 	if got := rec.Header().Get("Referrer-Policy"); got != "no-referrer" {
 		t.Errorf("Referrer-Policy %q, want no-referrer", got)
 	}
