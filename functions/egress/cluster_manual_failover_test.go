@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -34,43 +33,8 @@ func TestClusterManualFailover(t *testing.T) {
 	col := dialCollector(t, e.srv, chans)
 	victim := owner[chans[0]]
 
-	var (
-		mu      sync.Mutex
-		acked   = map[string][]string{}
-		retries int
-	)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var wg sync.WaitGroup
-	for _, ch := range chans {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := 0; ctx.Err() == nil; n++ {
-				for ctx.Err() == nil {
-					pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
-					id, err := e.publish(pctx, ch, n)
-					pcancel()
-					if err == nil {
-						mu.Lock()
-						acked[ch] = append(acked[ch], id)
-						mu.Unlock()
-						break
-					}
-					mu.Lock()
-					retries++
-					mu.Unlock()
-					time.Sleep(20 * time.Millisecond)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}()
-	}
-	ackedOn := func(ch string) []string {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]string(nil), acked[ch]...)
-	}
+	pub := startClusterPublisher(t, e, chans, 20*time.Millisecond)
+	ackedOn := pub.ackedOn
 	testkit.Eventually(t, 10*time.Second, func() error {
 		if n := len(ackedOn(chans[0])); n < 20 {
 			return fmt.Errorf("only %d published", n)
@@ -119,12 +83,8 @@ func TestClusterManualFailover(t *testing.T) {
 	liveAfter("after the failover")
 	c.StopNode(t, c.Index(victim))
 	liveAfter("after the old master stopped")
-	cancel()
-	wg.Wait()
-	mu.Lock()
-	final := acked
+	final, retries := pub.stop()
 	t.Logf("acknowledged on %s: %d, publish retries: %d", chans[0], len(final[chans[0]]), retries)
-	mu.Unlock()
 	col.check(t, final, 10*time.Second)
 }
 

@@ -59,6 +59,71 @@ func startClusterEgressWith(t *testing.T, rdb *redis.ClusterClient, addrs string
 	return &clusterEgress{srv: srv, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb)}
 }
 
+// clusterPublisher publishes to each of its channels from a goroutine of its
+// own until stopped, message n after message n-1 was acknowledged: a
+// failed publish (a master down, a slot moving) is retried after
+// retryAfter, with 2 s for each attempt. It stops with the test at the
+// latest. Its acked lists are what collector.check expects.
+type clusterPublisher struct {
+	mu      sync.Mutex
+	acked   map[string][]string
+	retries int
+	// pause, held for writing, holds publishing between attempts (while
+	// a test syncs and stops a master).
+	pause  sync.RWMutex
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func startClusterPublisher(t *testing.T, e *clusterEgress, chans []string, retryAfter time.Duration) *clusterPublisher {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &clusterPublisher{acked: map[string][]string{}, cancel: cancel}
+	t.Cleanup(func() { p.stop() }) // a test that failed before its own stop
+	for _, ch := range chans {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				for ctx.Err() == nil {
+					p.pause.RLock()
+					pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+					id, err := e.publish(pctx, ch, n)
+					pcancel()
+					p.pause.RUnlock()
+					p.mu.Lock()
+					if err == nil {
+						p.acked[ch] = append(p.acked[ch], id)
+						p.mu.Unlock()
+						break
+					}
+					p.retries++
+					p.mu.Unlock()
+					time.Sleep(retryAfter)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}()
+	}
+	return p
+}
+
+// ackedOn returns the ids acknowledged on ch so far.
+func (p *clusterPublisher) ackedOn(ch string) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.acked[ch]...)
+}
+
+// stop ends publishing and returns what was acknowledged, and how many
+// attempts failed.
+func (p *clusterPublisher) stop() (map[string][]string, int) {
+	p.cancel()
+	p.wg.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.acked, p.retries
+}
+
 // publish appends one message to ch as ingress does and returns its id.
 func (e *clusterEgress) publish(ctx context.Context, ch string, n int) (string, error) {
 	ids, err := e.store.Append(ctx, []stream.Append{{
@@ -248,41 +313,8 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 	col := dialCollector(t, e.srv, chans)
 	victim := owner[chans[0]]
 
-	var (
-		mu      sync.Mutex
-		acked   = map[string][]string{}
-		retries int
-		pause   sync.RWMutex // held for writing while the victim is synced and stopped
-	)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	for _, ch := range chans {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := 0; ctx.Err() == nil; n++ {
-				for ctx.Err() == nil {
-					pause.RLock()
-					pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
-					id, err := e.publish(pctx, ch, n)
-					pcancel()
-					pause.RUnlock()
-					if err == nil {
-						mu.Lock()
-						acked[ch] = append(acked[ch], id)
-						mu.Unlock()
-						break
-					}
-					mu.Lock()
-					retries++
-					mu.Unlock()
-					time.Sleep(50 * time.Millisecond)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}()
-	}
-	ackedOn := func(ch string) int { mu.Lock(); defer mu.Unlock(); return len(acked[ch]) }
+	pub := startClusterPublisher(t, e, chans, 50*time.Millisecond)
+	ackedOn := func(ch string) int { return len(pub.ackedOn(ch)) }
 	testkit.Eventually(t, 10*time.Second, func() error {
 		if ackedOn(chans[0]) < 20 {
 			return fmt.Errorf("only %d published", ackedOn(chans[0]))
@@ -293,10 +325,11 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 	if waitReplicas {
 		c.StopNode(t, c.Index(victim))
 	} else {
-		pause.Lock()
+		// The victim is synced and stopped between two attempts.
+		pub.pause.Lock()
 		waitReplicaSynced(t, victim)
 		c.StopNode(t, c.Index(victim))
-		pause.Unlock()
+		pub.pause.Unlock()
 	}
 	stopped := time.Now()
 	c.WaitFailover(t, victim, 30*time.Second)
@@ -309,12 +342,8 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 		}
 		return nil
 	})
-	cancel()
-	wg.Wait()
-	mu.Lock()
-	t.Logf("acknowledged per channel: %d (victim %s), publish retries: %d", len(acked[chans[1]]), victim, retries)
-	final := acked
-	mu.Unlock()
+	final, retries := pub.stop()
+	t.Logf("acknowledged per channel: %d (victim %s), publish retries: %d", len(final[chans[1]]), victim, retries)
 	col.check(t, final, 20*time.Second)
 }
 
