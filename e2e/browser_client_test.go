@@ -519,6 +519,44 @@ const clientJSCases = `(async () => {
       ? "ok" : "state " + c.state + " after close(), " + sockets.length + " sockets";
   }
 
+  // A getToken() that never settles (a token endpoint that never
+  // answers) is given up after connectTimeout, as a dial without its
+  // welcome is: an "error" event, "disconnected", and getToken() asked
+  // again after the backoff; the late answer of the call given up is
+  // ignored. close() while it is awaited closes at once and leaves no
+  // timer behind.
+  {
+    const wrong = [];
+    const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+    sockets.length = 0;
+    let calls = 0, late;
+    const errors = [], states = [];
+    FakeWS.dialed = (ws) => queueMicrotask(() => { ws.open(); ws.recv({ type: "welcome", connection_id: "c1", instance: "i" }); });
+    const c = newClient({ connectTimeout: 60, getToken: () => ++calls === 1 ? new Promise((r) => { late = r; }) : Promise.resolve("t" + calls) });
+    c.on("error", (e) => errors.push(String(e?.message ?? e)));
+    c.on("state", (s) => states.push(s));
+    await wait(300);
+    FakeWS.dialed = null;
+    if (c.state !== "connected" || sockets.length !== 1 || !sockets[0].protocols.includes("token.t2") || calls !== 2) {
+      wrong.push("hanging getToken: state " + c.state + ", " + sockets.length + " dials with " + JSON.stringify(sockets.map((ws) => ws.protocols)) + ", " + calls + " getToken calls (want connected, 1 dial with t2, 2 calls)");
+    }
+    if (errors.length !== 1 || !errors[0].includes("connectTimeout") || states.join(" ") !== "connecting disconnected connecting connected") {
+      wrong.push("hanging getToken: errors [" + errors + "], states " + states.join(" "));
+    }
+    late?.("late");
+    await settle();
+    if (sockets.length !== 1 || c.token !== "t2") wrong.push("the late token: " + sockets.length + " dials, token " + c.token);
+    c.close();
+    const c2 = newClient({ connectTimeout: 60, getToken: () => new Promise(() => {}) });
+    const errors2 = [];
+    c2.on("error", (e) => errors2.push(String(e?.message ?? e)));
+    await settle();
+    c2.close();
+    await wait(150);
+    if (c2.state !== "closed" || sockets.length !== 1 || errors2.length) wrong.push("close() awaiting getToken: state " + c2.state + ", " + (sockets.length - 1) + " dials, errors [" + errors2 + "]");
+    results.getTokenTimeout = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // A URL whose query would fight the client is refused by the
   // constructor: channels= (the server would subscribe them with no ref on
   // every connect, without resume, and the client would drop their
@@ -1222,7 +1260,7 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	results := evalIn(t, tab, "client cases", chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -11,7 +11,8 @@
 // timeout, lifetime, drain); no reconnect after 4003, 1002, 1007, 1008 or 1009
 // (the server's, or the client's own for a frame over ReadLimit); a
 // fresh token from GetToken after 4004; a dial not welcomed within
-// ConnectTimeout dropped and dialled again. Unlike a browser, it sees the
+// ConnectTimeout dropped and dialled again, and a GetToken that has not
+// answered within it given up and asked again. Unlike a browser, it sees the
 // status of a refused upgrade: it stops after 400 and 403 (and 401 without
 // GetToken), and waits at least the Retry-After of the others.
 package client
@@ -105,8 +106,15 @@ type Options struct {
 	Token string
 	// GetToken, when set, is called for the token before the first dial
 	// and again after a 4004 (token expired) close or a 401 at the upgrade.
-	// It runs on the client's goroutine; Close cancels its ctx (and waits
-	// for it to return). An error is retried after the backoff.
+	// An error is retried after the backoff. It has ConnectTimeout to
+	// answer (its ctx's deadline): one that has not returned by then is
+	// given up, its ctx cancelled, and counts as an error (a token
+	// endpoint that never answers would otherwise hold the client in
+	// StateConnecting for ever). Calls never overlap: while a call given
+	// up is still running (it does not heed ctx), the next attempt waits
+	// for it, ConnectTimeout again, and takes its token if it brings one.
+	// It runs on a goroutine of its own, one call at a time; Close cancels
+	// its ctx and returns without waiting for it.
 	GetToken func(ctx context.Context) (string, error)
 	// User names the user in anonymous mode (the user query parameter).
 	User string
@@ -133,8 +141,9 @@ type Options struct {
 	// accepts the connection and forwards nothing, or a socket upgraded
 	// whose welcome never comes (the server's pings do not extend it), is
 	// dropped and dialled again after the backoff, whatever ReadTimeout
-	// is. Zero or negative means DefaultConnectTimeout (60 s). The
-	// Dialer's HandshakeTimeout still bounds the upgrade on its own.
+	// is. It also bounds each wait for GetToken. Zero or negative means
+	// DefaultConnectTimeout (60 s). The Dialer's HandshakeTimeout still
+	// bounds the upgrade on its own.
 	ConnectTimeout time.Duration
 	// ReadLimit is the largest frame, in bytes, the client reads from the
 	// server: a larger one is not read (a misbehaving server or proxy
@@ -403,6 +412,10 @@ type Client struct {
 	state   State
 	err     error // why the client closed for good
 
+	// token is run's GetToken call in flight, or one it gave up on that
+	// has not returned yet (getToken); run's goroutine only.
+	token *tokenCall
+
 	// backoff, when set (tests, before run starts), replaces
 	// retry.Backoff: the wait before the reconnect that follows the n-th
 	// consecutive failed attempt.
@@ -546,9 +559,10 @@ func (c *Client) Done() <-chan struct{} { return c.done }
 // Close closes the socket (1000), or ends the dial, the upgrade or the
 // wait in progress, and waits for the client's goroutine; a write in
 // progress (a server that stopped reading) does not hold it. It is
-// idempotent. Handlers, OnState and GetToken run on that goroutine: one
-// that wants the client closed calls go c.Close(), since Close would wait
-// for itself.
+// idempotent. Handlers and OnState run on that goroutine: one that wants
+// the client closed calls go c.Close(), since Close would wait for
+// itself. A GetToken call in progress has its ctx cancelled, and is not
+// waited for.
 func (c *Client) Close() error {
 	c.once.Do(func() {
 		c.cancel()
@@ -705,7 +719,7 @@ func (c *Client) run() {
 		}
 		c.setState(StateConnecting, nil)
 		if freshToken {
-			t, err := c.opts.GetToken(c.ctx)
+			t, err := c.getToken()
 			if err == nil && !sendableToken(t) {
 				// Not dialled: asked again after the backoff, as after
 				// GetToken's own error.
@@ -755,6 +769,68 @@ func (c *Client) run() {
 			continue
 		}
 		attempt++
+	}
+}
+
+// tokenCall is a call of GetToken, made on a goroutine of its own so
+// that one that does not return cannot hold the client.
+type tokenCall struct {
+	ctx    context.Context // GetToken's: ConnectTimeout, under c.ctx
+	cancel context.CancelFunc
+	done   chan struct{} // closed when GetToken has returned
+	token  string
+	err    error
+}
+
+// getToken asks GetToken for a token, waiting ConnectTimeout at most, as
+// for a dial's welcome: a token endpoint that never answers would
+// otherwise leave the client connecting for ever. A call given up has its
+// ctx cancelled; if it does not heed it, it is not called again while it
+// runs (calls would pile up, one an attempt, and GetToken need not be safe
+// for concurrent use): the next attempt waits for that same call, and
+// takes its token if one comes. It runs on run's goroutine, which alone
+// touches c.token.
+func (c *Client) getToken() (string, error) {
+	if tc := c.token; tc == nil || (isDone(tc.done) && tc.err != nil) {
+		// None yet, or the one given up has failed since (its ctx
+		// cancelled, most likely): a fresh call.
+		ctx, cancel := context.WithTimeout(c.ctx, c.opts.ConnectTimeout)
+		tc = &tokenCall{ctx: ctx, cancel: cancel, done: make(chan struct{})}
+		go func() {
+			defer close(tc.done)
+			defer cancel()
+			tc.token, tc.err = c.opts.GetToken(ctx)
+		}()
+		c.token = tc
+	}
+	tc := c.token
+	late := func(err error) error {
+		return fmt.Errorf("GetToken has not returned within ConnectTimeout (%v): %w", c.opts.ConnectTimeout, err)
+	}
+	t := time.NewTimer(c.opts.ConnectTimeout)
+	defer t.Stop()
+	select {
+	case <-tc.done:
+		c.token = nil
+		if tc.err != nil && errors.Is(tc.ctx.Err(), context.DeadlineExceeded) {
+			return "", late(tc.err) // its ctx's deadline, before the timer
+		}
+		return tc.token, tc.err
+	case <-t.C:
+		tc.cancel()
+		return "", late(context.DeadlineExceeded)
+	case <-c.ctx.Done():
+		// Close: not waited for (its ctx, under c.ctx, is cancelled).
+		return "", c.ctx.Err()
+	}
+}
+
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 

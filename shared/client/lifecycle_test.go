@@ -156,6 +156,23 @@ func TestCloseInEveryState(t *testing.T) {
 			t.Errorf("GetToken's ctx: %v", err)
 		}
 	})
+	t.Run("GetToken deaf to ctx", func(t *testing.T) {
+		asked := make(chan struct{})
+		release := make(chan struct{})
+		c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", GetToken: func(context.Context) (string, error) {
+			close(asked)
+			<-release
+			return "", errors.New("too late")
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-asked
+		// Close does not wait for a GetToken that does not heed its ctx.
+		closes(t, c, "GetToken deaf to ctx")
+		closedForGood(t, c, "GetToken deaf to ctx")
+		close(release)
+	})
 	t.Run("awaiting welcome", func(t *testing.T) {
 		noLeaks(t)
 		url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
@@ -671,5 +688,106 @@ func TestPingsDoNotStandForWelcome(t *testing.T) {
 			return fmt.Errorf("%d upgrades: not dialled again", n)
 		}
 		return nil
+	})
+}
+
+// TestGetTokenBounded: a GetToken that does not return (a token endpoint
+// that never answers) is given up after ConnectTimeout, as a dial without
+// a welcome is: its ctx is cancelled, the client reports a get token error
+// and asks again after the backoff, instead of staying in connecting for
+// ever. A GetToken that does not heed its ctx is not called again while
+// it runs: the next attempt waits for that same call, whose token, when
+// it comes, is used.
+func TestGetTokenBounded(t *testing.T) {
+	t.Run("heeds ctx", func(t *testing.T) {
+		noLeaks(t)
+		srv := welcomeServer(t, func(*http.Request) {})
+		var asked atomic.Int32
+		ended := make(chan error, 1)
+		errs := make(chan error, 10)
+		c, err := Dial(Options{
+			URL:            "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws",
+			ConnectTimeout: 200 * time.Millisecond,
+			MinBackoff:     time.Millisecond, MaxBackoff: time.Millisecond,
+			GetToken: func(ctx context.Context) (string, error) {
+				if asked.Add(1) == 1 {
+					<-ctx.Done() // the token endpoint never answers
+					ended <- ctx.Err()
+					return "", ctx.Err()
+				}
+				return "x.y.z", nil
+			},
+			OnState: func(s State, err error) {
+				if err != nil {
+					select {
+					case errs <- err:
+					default:
+					}
+				}
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closes(t, c, "GetToken bounded")
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if c.State() != StateConnected {
+				return fmt.Errorf("state %v after %d GetToken calls", c.State(), asked.Load())
+			}
+			return nil
+		})
+		if err := <-ended; err == nil {
+			t.Errorf("the GetToken given up: its ctx not cancelled")
+		}
+		if n := asked.Load(); n != 2 {
+			t.Errorf("GetToken asked %d times, want 2", n)
+		}
+		if err := <-errs; !strings.Contains(err.Error(), "get token") || !strings.Contains(err.Error(), "ConnectTimeout") {
+			t.Errorf("the GetToken given up was reported as %v", err)
+		}
+	})
+	t.Run("ignores ctx", func(t *testing.T) {
+		noLeaks(t)
+		srv := welcomeServer(t, func(*http.Request) {})
+		var asked, givenUp atomic.Int32
+		release := make(chan struct{})
+		c, err := Dial(Options{
+			URL:            "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws",
+			ConnectTimeout: 50 * time.Millisecond,
+			MinBackoff:     time.Millisecond, MaxBackoff: time.Millisecond,
+			GetToken: func(ctx context.Context) (string, error) {
+				asked.Add(1)
+				<-release // deaf to ctx
+				return "x.y.z", nil
+			},
+			OnState: func(s State, err error) {
+				if err != nil && strings.Contains(err.Error(), "get token") {
+					givenUp.Add(1)
+				}
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closes(t, c, "GetToken deaf to ctx")
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if givenUp.Load() < 3 {
+				return fmt.Errorf("given up %d times, state %v", givenUp.Load(), c.State())
+			}
+			return nil
+		})
+		if n := asked.Load(); n != 1 {
+			t.Errorf("GetToken called %d times while its first call ran, want 1", n)
+		}
+		close(release)
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if c.State() != StateConnected {
+				return fmt.Errorf("state %v after %d GetToken calls", c.State(), asked.Load())
+			}
+			return nil
+		})
+		if n := asked.Load(); n != 1 {
+			t.Errorf("GetToken called %d times, want 1 (the late token used)", n)
+		}
 	})
 }

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -350,5 +352,108 @@ func TestConcurrentCalls(t *testing.T) {
 	}
 	if len(keys) != 16*20 || len(distinct) != len(keys) {
 		t.Fatalf("%d calls with %d keys, want 320 of each", len(keys), len(distinct))
+	}
+}
+
+// TestRefusedDialNotSent: an attempt whose connection could not be made
+// (nothing listens: connection refused) sent nothing, so a call whose
+// every attempt failed so has a known outcome, nothing written: its error
+// does not wrap ErrOutcomeUnknown. It is retried as any transport error
+// is. An attempt that did reach the ingress before it leaves the outcome
+// unknown, whatever later attempts got, and so does a request the
+// transport wrote on a kept-alive connection and then sent again, by
+// itself, on a new one that was refused (net/http resends a request with
+// an Idempotency-Key when its connection closes under it: that last
+// error is a refused dial, but the request went out).
+func TestRefusedDialNotSent(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := ln.Addr().String()
+	ln.Close()
+	publish := func(c *Client) error {
+		_, err := c.Publish(context.Background(), "c", Message{Data: 1})
+		return err
+	}
+	for _, tc := range []struct {
+		name    string
+		answers []answer
+		toStub  int // how many dials reach the stub before the others are refused
+		calls   int // calls made, the last one checked
+		dials   int // dials in all
+		unknown bool
+	}{
+		{"refused every time", nil, 0, 1, DefaultMaxAttempts, false},
+		{"a lost reply, then refused", []answer{{hangup: true}}, 1, 1, DefaultMaxAttempts, true},
+		// The first call's dial; the second call's first attempt reuses
+		// its connection, and the transport's resend dials; then each
+		// later attempt.
+		{"written on a kept-alive connection, resent and refused", []answer{accepted(`{"id":"1-0","channel":"c"}`), {hangup: true}}, 1, 2, 1 + DefaultMaxAttempts, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStub(t, tc.answers...)
+			stub := strings.TrimPrefix(s.srv.URL, "http://")
+			var dials atomic.Int32
+			tr := &http.Transport{DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				to := refused
+				if int(dials.Add(1)) <= tc.toStub {
+					to = stub
+				}
+				return (&net.Dialer{}).DialContext(ctx, network, to)
+			}}
+			hc := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+			t.Cleanup(hc.CloseIdleConnections)
+			c := s.client(t, Options{HTTPClient: hc})
+			for range tc.calls - 1 {
+				if err := publish(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := publish(c)
+			switch {
+			case err == nil:
+				t.Fatal("no error")
+			case !errors.Is(err, syscall.ECONNREFUSED):
+				t.Fatalf("error %v, want the refused dial's", err)
+			case errors.Is(err, ErrOutcomeUnknown) != tc.unknown:
+				t.Fatalf("error %v: outcome unknown %v, want %v", err, !tc.unknown, tc.unknown)
+			case !tc.unknown && !strings.Contains(err.Error(), "not sent"):
+				t.Fatalf("error %q does not say that nothing was sent", err)
+			}
+			if n := int(dials.Load()); n != tc.dials {
+				t.Fatalf("%d dials, want %d (every attempt, retried)", n, tc.dials)
+			}
+		})
+	}
+}
+
+// TestEmptyReplyRetried: a 2xx without a body (a gateway's, or a reply
+// cut before its first byte) was accepted by someone, and the request may
+// have been written: it is retried with the call's Idempotency-Key, which
+// the ingress answers with the first attempt's reply and writes nothing
+// again, so the retry cannot duplicate the message. When every attempt
+// gets one, the error says what came back (not a reply "cut short") and
+// that the outcome is unknown.
+func TestEmptyReplyRetried(t *testing.T) {
+	empty := answer{status: http.StatusAccepted}
+	s := newStub(t, empty, accepted(`{"id":"5-0","channel":"c"}`, "Idempotent-Replayed", "true"))
+	res, err := s.client(t, Options{}).Publish(context.Background(), "c", Message{Data: 1})
+	if err != nil || res.ID != "5-0" || !res.Replayed {
+		t.Fatalf("%+v %v, want 5-0, replayed", res, err)
+	}
+	s = newStub(t, empty)
+	_, err = s.client(t, Options{}).Publish(context.Background(), "c", Message{Data: 1})
+	if !errors.Is(err, ErrOutcomeUnknown) || !strings.Contains(err.Error(), "202 reply has no body") {
+		t.Fatalf("error %v, want one that says the 202 had no body, outcome unknown", err)
+	}
+	reqs := s.requests()
+	if len(reqs) != DefaultMaxAttempts {
+		t.Fatalf("%d requests, want %d", len(reqs), DefaultMaxAttempts)
+	}
+	for i, r := range reqs {
+		if k := r.header.Get("Idempotency-Key"); k == "" || k != reqs[0].header.Get("Idempotency-Key") {
+			t.Fatalf("attempt %d: Idempotency-Key %q, attempt 0 had %q", i, k, reqs[0].header.Get("Idempotency-Key"))
+		}
 	}
 }

@@ -19,8 +19,10 @@
 // retries after:
 //   - a transport error: the request could not be sent or no whole
 //     response came back (a timeout, a connection refused, reset or closed
-//     before the whole response, a 2xx whose JSON is cut short), except a
-//     TLS certificate error;
+//     before the whole response, a 2xx whose JSON is cut short or that
+//     has no body), except a TLS certificate error. A POST's retry
+//     carries the same Idempotency-Key, so one whose first attempt was
+//     written all the same gets that attempt's reply, not a second write;
 //   - 503 (the ingress cannot reach Redis), and 502 or 504 (a gateway's);
 //   - 429 with Retry-After (a rate limit). A 429 without it (a batch
 //     larger than the burst) can never pass and is final;
@@ -50,7 +52,10 @@
 // refused before any request, with an error that wraps ErrInvalid. The
 // error of a POST or a DELETE that may have been carried out all the
 // same (an attempt without an answer, a 503, …) wraps ErrOutcomeUnknown,
-// whatever the last attempt's answer was.
+// whatever the last attempt's answer was. An attempt that never had a
+// connection (a connection refused, a host name not resolved, a TLS
+// handshake that failed) sent nothing: it is retried as any transport
+// error, and does not make the outcome unknown.
 //
 // A Client is safe for concurrent use.
 package publisher
@@ -113,7 +118,9 @@ var ErrInvalid = errors.New("publisher: invalid input")
 // (WithIdempotencyKey). An error that does not wrap it says that nothing
 // was done: the input was refused before any request (ErrInvalid), or
 // every attempt was refused (a 4xx *Error: the ingress writes nothing
-// then, and a proxy's refusal did not reach it; a 3xx, not followed).
+// then, and a proxy's refusal did not reach it; a 3xx, not followed) or
+// failed before any byte of the request was sent (it got no connection:
+// a connection refused, say; the error says "not sent").
 var ErrOutcomeUnknown = errors.New("publisher: outcome unknown")
 
 // Options configure New. Only URL is required.

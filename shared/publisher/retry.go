@@ -10,8 +10,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptrace"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode"
 
@@ -121,13 +123,23 @@ func snippet(b []byte) string {
 
 // transportError is an attempt that got no whole answer: the request was
 // not sent, or the connection failed, closed or timed out before the
-// reply was read. Whether the ingress acted on it is unknown.
+// reply was read. Whether the ingress acted on it is unknown, unless
+// notSent.
 type transportError struct {
 	op  string // "POST /v1/messages"
 	err error
+	// notSent: the attempt never had a connection (a dial refused, a
+	// name not resolved, a TLS handshake failed), so no byte of the
+	// request went out (connTrace).
+	notSent bool
 }
 
-func (e *transportError) Error() string { return "publisher: " + e.op + ": " + e.err.Error() }
+func (e *transportError) Error() string {
+	if e.notSent {
+		return "publisher: " + e.op + ": not sent: " + e.err.Error()
+	}
+	return "publisher: " + e.op + ": " + e.err.Error()
+}
 func (e *transportError) Unwrap() error { return e.err }
 
 // request is one call's request, the same for each of its attempts.
@@ -177,8 +189,16 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 				return nil, unexpected(rep)
 			}
 			// The connection's close ended the body before its JSON
-			// ended: not a whole reply, so it is retried like a lost one.
-			err = &transportError{op: r.op(), err: fmt.Errorf("the %d reply was cut short: %q", rep.status, snippet(rep.body))}
+			// ended, or a 2xx came without one: not the reply, so it is
+			// retried like a lost one. That cannot write the message
+			// twice: a POST's retry carries the call's Idempotency-Key,
+			// which the ingress answers with the first attempt's reply,
+			// and a DELETE is idempotent by itself.
+			what := fmt.Sprintf("the %d reply was cut short: %q", rep.status, snippet(rep.body))
+			if len(bytes.TrimSpace(rep.body)) == 0 {
+				what = fmt.Sprintf("the %d reply has no body (a success status, but not the endpoint's JSON reply)", rep.status)
+			}
+			err = &transportError{op: r.op(), err: errors.New(what)}
 		}
 		if err == nil {
 			return rep, nil
@@ -241,10 +261,15 @@ func stopped(ctx context.Context, r *request, last error, maybe bool) error {
 // carried out: an answer of the ingress refusing it (a 4xx: docs/api.md,
 // "A request rejected with a 4xx wrote nothing"), except 409
 // idempotency_in_progress (an attempt with the key is being carried
-// out), or a redirect, which answers instead of forwarding. No answer, a
-// 5xx (a 503 after part of a batch was written, a gateway's after
-// forwarding) or a 2xx that is not the reply say nothing.
+// out), or a redirect, which answers instead of forwarding; or no
+// connection at all, so nothing sent (transportError.notSent). Any other
+// failure without an answer, a 5xx (a 503 after part of a batch was
+// written, a gateway's after forwarding) or a 2xx that is not the reply
+// say nothing.
 func saysNotDone(err error) bool {
+	if te := (*transportError)(nil); errors.As(err, &te) {
+		return te.notSent
+	}
 	var e *Error
 	if !errors.As(err, &e) {
 		return false
@@ -285,7 +310,8 @@ func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
 	if r.body != nil {
 		body = bytes.NewReader(r.body)
 	}
-	req, err := http.NewRequestWithContext(ctx, r.method, u, body)
+	var sent connTrace
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, sent.trace()), r.method, u, body)
 	if err != nil {
 		return nil, fmt.Errorf("publisher: %s: %w", r.op(), err)
 	}
@@ -301,7 +327,7 @@ func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, &transportError{op: r.op(), err: err}
+		return nil, &transportError{op: r.op(), err: err, notSent: sent.nothing()}
 	}
 	defer resp.Body.Close()
 	limit := cmp.Or(r.maxReply, maxReplyBytes)
@@ -317,3 +343,28 @@ func (c *Client) attempt(ctx context.Context, r *request) (*reply, error) {
 	}
 	return &reply{method: r.method, op: r.op(), status: resp.StatusCode, body: b, replayed: resp.Header.Get("Idempotent-Replayed") == "true"}, nil
 }
+
+// connTrace follows one attempt's connections, to tell a request that
+// never left the client. A dial's error alone does not say it: net/http
+// resends a request whose kept-alive connection closed under it (one with
+// an Idempotency-Key, which every POST here carries) on a new connection,
+// so the refused dial of the resend can end an attempt whose request the
+// ingress did read. What says it is that the transport asked for a
+// connection (GetConn) and never got one (GotConn): every byte of a
+// request is written on a connection it got.
+type connTrace struct {
+	asked, got atomic.Bool // the transport may call them from its own goroutines
+}
+
+func (ct *connTrace) trace() *httptrace.ClientTrace {
+	return &httptrace.ClientTrace{
+		GetConn: func(string) { ct.asked.Store(true) },
+		GotConn: func(httptrace.GotConnInfo) { ct.got.Store(true) },
+	}
+}
+
+// nothing reports that the attempt sent nothing: it asked for a
+// connection and got none. An HTTPClient whose Transport does not report
+// its connections (not an *http.Transport) never says so: its failures
+// keep the outcome unknown.
+func (ct *connTrace) nothing() bool { return ct.asked.Load() && !ct.got.Load() }

@@ -28,10 +28,11 @@
 // probes only after a silence longer than that, so its pings never keep
 // open a connection the server would close. A dial not welcomed within
 // connectTimeout (activityTimeout + pongTimeout) is dropped, probes on or
-// off. Where the runtime has network
-// events (browsers, workers), "online" ends a wait to reconnect at once and
-// probes a connected socket, and "offline" probes it: a short loss keeps
-// the connection, a dead one is dropped within pongTimeout.
+// off, and a getToken() not settled within it is asked again. Where the
+// runtime has network events (browsers, workers), "online" ends a wait to
+// reconnect at once and probes a connected socket, and "offline" probes
+// it: a short loss keeps the connection, a dead one is dropped within
+// pongTimeout.
 //
 // publish() sends a message through the ingress, retried with one
 // Idempotency-Key so that it is written once:
@@ -167,7 +168,9 @@ function dialUrl(url, opts) {
  * A connection to the egress that keeps its subscriptions alive.
  *
  * Options: token (string), getToken (async () => string, called before the
- * first connect, after 4004 and after any close before the welcome), user
+ * first connect, after 4004 and after any close before the welcome; one
+ * not settled within connectTimeout fails the attempt, as its error would,
+ * and is asked again after the backoff, its late answer ignored), user
  * (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
  * this long resets the backoff; planned rotations 1001/4000/4001 always do),
@@ -176,7 +179,8 @@ function dialUrl(url, opts) {
  * probe waits for any frame before the socket is dropped), connectTimeout
  * (ms, activityTimeout + pongTimeout; 50000 + pongTimeout with probes
  * off: a socket not welcomed that long after its dial is dropped, as a
- * browser waits minutes on an upgrade that hangs, for ever on a welcome),
+ * browser waits minutes on an upgrade that hangs, for ever on a welcome;
+ * it bounds each wait for getToken too),
  * WebSocket (constructor, for tests); a time option of 0 means its default.
  * The constructor throws a TypeError for a time option that is not a
  * number from 0 up, for a user that is not a user id (the egress would
@@ -233,6 +237,7 @@ export class WsRelay {
     this.timer = null;
     this.waiting = false; // this.timer is a reconnect's backoff
     this.probeTimer = null;
+    this.tokenWait = null; // the wait for getToken() (askToken)
     this.closed = false;
     this.network = null;
     this.listenNetwork();
@@ -362,6 +367,7 @@ export class WsRelay {
     this.waiting = false;
     clearTimeout(this.timer);
     clearTimeout(this.probeTimer);
+    this.tokenWait?.cancel(); // a getToken() awaited: connect() sees the client closed
     this.unlistenNetwork();
     if (this.ws) {
       const ws = this.ws;
@@ -510,7 +516,7 @@ export class WsRelay {
     if (this.closed) return; // close() from a "state" listener
     if (this.needToken) {
       try {
-        const token = await this.opts.getToken();
+        const token = await this.askToken();
         // The WebSocket constructor would throw; needToken stays set, so
         // the next attempt asks again rather than dial with it for ever.
         if (!sendableToken(token)) {
@@ -559,6 +565,32 @@ export class WsRelay {
       this.lost({ code: ev.code, reason: ev.reason }, ws.openedAt, ws.welcomed);
     };
     ws.onerror = () => { /* onclose follows */ };
+  }
+
+  /**
+   * getToken()'s answer, given up after connectTimeout, as a dial without
+   * its welcome is: a token endpoint that never answers would otherwise
+   * leave the client connecting for ever. Given up, the attempt fails as
+   * after getToken's own error, the next attempt calls it again, and the
+   * late answer is ignored. close() ends the wait at once.
+   */
+  askToken() {
+    return new Promise((resolve, reject) => {
+      const wait = {};
+      const end = (settle, v) => {
+        if (this.tokenWait !== wait) return; // given up, or ended by close()
+        this.tokenWait = null;
+        clearTimeout(wait.timer);
+        settle(v);
+      };
+      wait.cancel = () => end(reject, new Error("closed"));
+      this.tokenWait = wait;
+      wait.timer = setTimeout(() => end(reject, new Error(`getToken has not settled within connectTimeout (${this.connectTimeout} ms)`)),
+        Math.min(this.connectTimeout, MAX_TIMER));
+      let p;
+      try { p = this.opts.getToken(); } catch (e) { p = Promise.reject(e); }
+      Promise.resolve(p).then((t) => end(resolve, t), (e) => end(reject, e));
+    });
   }
 
   lost(ev, openedAt, welcomed) {
@@ -678,7 +710,10 @@ export class WsRelay {
  * publisher.ErrOutcomeUnknown, is true when the message may have been
  * written all the same: an attempt got no answer, a 5xx, 409
  * idempotency_in_progress or a 2xx that was not the ingress's reply,
- * whatever a later attempt answered.
+ * whatever a later attempt answered. A connection refused counts as no
+ * answer: fetch rejects with the same bare TypeError for it as for an
+ * answer lost, so a page cannot tell that nothing was sent (Go's
+ * publisher can, and does not set ErrOutcomeUnknown for it).
  */
 export class PublishError extends Error {
   constructor(status, code, message, retryAfter, cause) {
