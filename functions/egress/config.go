@@ -102,12 +102,28 @@ type Config struct {
 	ShutdownGrace time.Duration `env:"SHUTDOWN_GRACE" envDefault:"10s"`
 }
 
+// The upper bounds of the settings (docs: the README's table).
+const (
+	maxDuration        = 24 * time.Hour // every duration
+	maxFrameBytes      = 64 << 20
+	maxSendQueue       = 1_000_000
+	maxSubscriptions   = 100_000
+	maxFramesPerSecond = 1_000_000
+	maxConnections     = 10_000_000
+)
+
 func loadConfig(getenv func(string) string) (Config, error) {
 	var c Config
-	if err := config.Load(getenv, &c); err != nil {
-		return c, err
-	}
 	var errs []error
+	if err := config.Load(getenv, &c); err != nil {
+		pe, ok := errors.AsType[*config.ParseError](err)
+		if !ok {
+			return c, err
+		}
+		// The variables that do not parse are at their defaults: check
+		// the others' ranges too, and report all of them at once.
+		errs = append(errs, pe.Errs...)
+	}
 	if c.Port < 1 || c.Port > 65535 {
 		errs = append(errs, fmt.Errorf("PORT: %d is not a TCP port", c.Port))
 	}
@@ -155,6 +171,26 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
 	}
+	// Upper bounds no deployment comes near, checked so that nothing
+	// derived from a value overflows: 2×PING_INTERVAL and 4×PROBE_INTERVAL
+	// wrapped negative above about a million hours (every socket dropped,
+	// /readyz stuck at 503), and a grace adds REDIS_TIMEOUT and a second.
+	for _, x := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"IDLE_TIMEOUT", c.IdleTimeout}, {"MAX_LIFETIME", c.MaxLifetime}, {"PING_INTERVAL", c.PingInterval},
+		{"WRITE_TIMEOUT", c.WriteTimeout}, {"REGISTRY_TTL", c.RegistryTTL}, {"PROBE_INTERVAL", c.ProbeInterval},
+		{"SHUTDOWN_GRACE", c.ShutdownGrace},
+	} {
+		errs = append(errs, config.AtMost(x.name, x.v, maxDuration))
+	}
+	errs = append(errs,
+		config.AtMost("MAX_FRAME_BYTES", c.MaxFrameBytes, maxFrameBytes),
+		config.AtMost("SEND_QUEUE", c.SendQueue, maxSendQueue),
+		config.AtMost("MAX_SUBSCRIPTIONS", c.MaxSubscriptions, maxSubscriptions),
+		config.AtMost("MAX_FRAMES_PER_SECOND", c.MaxFramesPerSecond, maxFramesPerSecond),
+		config.AtMost("MAX_CONNECTIONS", c.MaxConnections, maxConnections))
 	if c.IngressURL != "" && !validIngressURL(c.IngressURL) {
 		// Not quoted: a URL with user information holds a password.
 		errs = append(errs, errors.New("INGRESS_URL must be an http:// or https:// URL with a host and no user name, password, query or fragment (e.g. https://api.example.com; empty: the demo page's own origin)"))
@@ -163,8 +199,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.checkSecurity()...)
-	if len(errs) > 0 {
-		return c, fmt.Errorf("configuration: %w", config.Join(errs...))
+	if err := config.Join(errs...); err != nil { // nil errors skipped
+		return c, fmt.Errorf("configuration: %w", err)
 	}
 	return c, nil
 }

@@ -51,3 +51,60 @@ func TestLoadConfigIngressURL(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadConfigReportsAll: values that do not parse and values out of
+// range are reported in one error, so that an operator fixes them all in
+// one go, not one per restart.
+func TestLoadConfigReportsAll(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "often", "SEND_QUEUE": "many", "MAX_SUBSCRIPTIONS": "0", "REGISTRY_TTL": "1s"}
+	_, err := loadConfig(func(k string) string { return env[k] })
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, name := range []string{"PING_INTERVAL", "SEND_QUEUE", "MAX_SUBSCRIPTIONS", "REGISTRY_TTL"} {
+		if !strings.Contains(err.Error(), name) {
+			t.Errorf("error %q does not name %s", err, name)
+		}
+	}
+	if strings.Count(err.Error(), "configuration: ") != 1 || strings.Contains(err.Error(), "\n") {
+		t.Errorf("error %q is not one line with one prefix", err)
+	}
+}
+
+// TestLoadConfigUpperBounds: every duration and count has an upper bound,
+// checked at start. Without them an absurd value started and then
+// misbehaved: a PING_INTERVAL above 1.28 million hours made 2×
+// PING_INTERVAL wrap negative (every socket dropped at its first sweep),
+// a PROBE_INTERVAL above 850 000 hours kept /readyz at 503.
+func TestLoadConfigUpperBounds(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, ok, bad string }{
+		{"PING_INTERVAL", "24h", "1300000h"},
+		{"PING_INTERVAL", "24h", "24h0m1s"},
+		{"PROBE_INTERVAL", "24h", "900000h"},
+		{"PROBE_INTERVAL", "24h", "24h0m1s"},
+		{"IDLE_TIMEOUT", "24h", "25h"},
+		{"MAX_LIFETIME", "24h", "25h"},
+		{"WRITE_TIMEOUT", "24h", "25h"},
+		{"REGISTRY_TTL", "24h", "25h"},
+		{"SHUTDOWN_GRACE", "24h", "2000000h"},
+		{"MAX_FRAME_BYTES", "67108864", "67108865"},
+		{"SEND_QUEUE", "1000000", "1000001"},
+		{"MAX_SUBSCRIPTIONS", "100000", "100001"},
+		{"MAX_FRAMES_PER_SECOND", "1000000", "1000001"},
+		{"MAX_CONNECTIONS", "10000000", "10000001"},
+	} {
+		load := func(v string) error {
+			env := map[string]string{"ALLOW_ANONYMOUS": "true", tc.name: v}
+			_, err := loadConfig(func(k string) string { return env[k] })
+			return err
+		}
+		if err := load(tc.ok); err != nil {
+			t.Errorf("%s=%s: %v", tc.name, tc.ok, err)
+		}
+		if err := load(tc.bad); err == nil || !strings.Contains(err.Error(), tc.name) || !strings.Contains(err.Error(), "at most") {
+			t.Errorf("%s=%s: %v, want an error naming it and its bound", tc.name, tc.bad, err)
+		}
+	}
+}

@@ -24,6 +24,10 @@ type security struct {
 // be an int, and no one ingress takes more.
 const maxRate = 1_000_000
 
+// maxBurst bounds the PUBLISH_BURST_PER_* settings: twice maxRate, the
+// largest burst a 0 (twice the rate) gives.
+const maxBurst = 2 * maxRate
+
 // maxGlobalRefill bounds, with PUBLISH_RATE_SCOPE=global, the seconds a
 // bucket takes to refill (burst/rate), about 3 years: redis_rate's script
 // keeps a bucket's time as a double of seconds since 2017, and a time
@@ -63,6 +67,8 @@ func (c *Config) checkSecurity() []error {
 	}{{"PUBLISH_BURST_PER_KEY", c.PublishBurstPerKey}, {"PUBLISH_BURST_PER_IP", c.PublishBurstPerIP}, {"PUBLISH_BURST_PER_USER", c.PublishBurstPerUser}} {
 		if x.v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (0: twice the rate)", x.name))
+		} else if x.v > maxBurst {
+			errs = append(errs, fmt.Errorf("%s must be at most %d", x.name, maxBurst))
 		}
 	}
 	if c.PublishRateScope == scopeGlobal {

@@ -100,12 +100,28 @@ type Config struct {
 	ClientIPHeader string `env:"CLIENT_IP_HEADER"`
 }
 
+// The upper bounds of the settings (docs: the README's table).
+const (
+	maxDuration     = 24 * time.Hour       // SHUTDOWN_GRACE, REGISTRY_TTL
+	maxRetention    = 365 * 24 * time.Hour // HISTORY_TTL, IDEMPOTENCY_WINDOW
+	maxHistorySize  = 1_000_000_000
+	maxMessageBytes = 64 << 20
+	maxBatchBytes   = 256 << 20
+	maxWaitReplicas = 100
+)
+
 func loadConfig(getenv func(string) string) (Config, error) {
 	var c Config
-	if err := config.Load(getenv, &c); err != nil {
-		return c, err
-	}
 	var errs []error
+	if err := config.Load(getenv, &c); err != nil {
+		pe, ok := errors.AsType[*config.ParseError](err)
+		if !ok {
+			return c, err
+		}
+		// The variables that do not parse are at their defaults: check
+		// the others' ranges too, and report all of them at once.
+		errs = append(errs, pe.Errs...)
+	}
 	if c.Port < 1 || c.Port > 65535 {
 		errs = append(errs, fmt.Errorf("PORT: %d is not a TCP port", c.Port))
 	}
@@ -152,6 +168,22 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		// once a second: below 3s a live connection's record can expire.
 		errs = append(errs, errors.New("REGISTRY_TTL must be at least 3s"))
 	}
+	// Upper bounds no deployment comes near, checked so that nothing
+	// derived from a value overflows: targeted messages are kept
+	// 2×REGISTRY_TTL, an Idempotency-Key claim lasts 10×REDIS_TIMEOUT +
+	// PUBLISH_WAIT_TIMEOUT + 5s, the grace is followed by REDIS_TIMEOUT
+	// and a second.
+	errs = append(errs,
+		config.AtMost("HISTORY_SIZE", c.HistorySize, maxHistorySize),
+		config.AtMost("HISTORY_TTL", c.HistoryTTL, maxRetention),
+		config.AtMost("MAX_MESSAGE_BYTES", c.MaxMessageBytes, maxMessageBytes),
+		config.AtMost("MAX_BATCH_BYTES", c.MaxBatchBytes, maxBatchBytes),
+		config.AtMost("IDEMPOTENCY_WINDOW", c.IdempotencyWindow, maxRetention),
+		config.AtMost("PUBLISH_WAIT_REPLICAS", c.PublishWaitReplicas, maxWaitReplicas),
+		// Even with the wait off: what the wait may be when on.
+		config.AtMost("PUBLISH_WAIT_TIMEOUT", c.PublishWaitTimeout, redisconn.MaxTimeout),
+		config.AtMost("SHUTDOWN_GRACE", c.ShutdownGrace, maxDuration),
+		config.AtMost("REGISTRY_TTL", c.RegistryTTL, maxDuration))
 	if c.ClientIPHeader != "" && !httpguts.ValidHeaderFieldName(c.ClientIPHeader) {
 		// It would never match, and every request would fall back to
 		// the TCP peer: the gateway's address, one bucket for everyone.
@@ -161,8 +193,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.checkSecurity()...)
-	if len(errs) > 0 {
-		return c, fmt.Errorf("configuration: %w", config.Join(errs...))
+	if err := config.Join(errs...); err != nil { // nil errors skipped
+		return c, fmt.Errorf("configuration: %w", err)
 	}
 	return c, nil
 }

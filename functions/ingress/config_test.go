@@ -92,6 +92,11 @@ func TestLoadConfigErrors(t *testing.T) {
 			[]string{"PUBLISH_BURST_PER_KEY", "PUBLISH_BURST_PER_IP", "PUBLISH_BURST_PER_USER"}},
 		{"rates that are not numbers", map[string]string{"PUBLISH_RATE_PER_KEY": "NaN", "PUBLISH_RATE_PER_IP": "Inf", "PUBLISH_RATE_PER_USER": "1e20"},
 			[]string{"PUBLISH_RATE_PER_KEY", "PUBLISH_RATE_PER_IP", "PUBLISH_RATE_PER_USER"}},
+		// A value that does not parse and values out of range, in one
+		// error: an operator who fixed one mistake met the next at the
+		// next start.
+		{"unparsable and out of range together", map[string]string{"HISTORY_SIZE": "x", "MAX_BATCH_ITEMS": "1001", "PORT": "70000", "PUBLISH_BURST_PER_KEY": "-1"},
+			[]string{"HISTORY_SIZE", "MAX_BATCH_ITEMS", "PORT", "PUBLISH_BURST_PER_KEY"}},
 		// Reported with the others, not alone.
 		{"unknown rate scope", map[string]string{"PUBLISH_RATE_SCOPE": "cluster", "PUBLISH_BURST_PER_KEY": "-1"},
 			[]string{"PUBLISH_RATE_SCOPE", "PUBLISH_BURST_PER_KEY"}},
@@ -111,5 +116,40 @@ func TestLoadConfigErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestLoadConfigUpperBounds: every duration and count has an upper bound,
+// checked at start, so that no value starts and then overflows what is
+// derived from it (2×REGISTRY_TTL, an Idempotency-Key claim's expiry).
+func TestLoadConfigUpperBounds(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, ok, bad string }{
+		{"HISTORY_SIZE", "1000000000", "1000000001"},
+		{"HISTORY_TTL", "8760h", "8761h"},
+		{"MAX_MESSAGE_BYTES", "67108864", "67108865"},
+		{"MAX_BATCH_BYTES", "268435456", "268435457"},
+		{"IDEMPOTENCY_WINDOW", "8760h", "8761h"},
+		{"PUBLISH_WAIT_REPLICAS", "100", "101"},
+		{"PUBLISH_WAIT_TIMEOUT", "1m", "1m1s"},
+		{"PUBLISH_WAIT_TIMEOUT", "1m", "2000000h"},
+		{"SHUTDOWN_GRACE", "24h", "25h"},
+		{"REGISTRY_TTL", "24h", "1300000h"},
+		{"PUBLISH_BURST_PER_KEY", "2000000", "2000001"},
+		{"PUBLISH_BURST_PER_IP", "2000000", "2000001"},
+		{"PUBLISH_BURST_PER_USER", "2000000", "2000001"},
+	} {
+		load := func(v string) error {
+			env := map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_BATCH_BYTES": "268435456"}
+			env[tc.name] = v
+			_, err := loadConfig(func(k string) string { return env[k] })
+			return err
+		}
+		if err := load(tc.ok); err != nil {
+			t.Errorf("%s=%s: %v", tc.name, tc.ok, err)
+		}
+		if err := load(tc.bad); err == nil || !strings.Contains(err.Error(), tc.name) || !strings.Contains(err.Error(), "at most") {
+			t.Errorf("%s=%s: %v, want an error naming it and its bound", tc.name, tc.bad, err)
+		}
 	}
 }

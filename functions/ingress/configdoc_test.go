@@ -25,8 +25,11 @@ func TestConfigDocs(t *testing.T) {
 			}
 			return err
 		},
-		Base:       map[string]string{"ALLOW_ANONYMOUS": "true"},
-		Conditions: map[string]map[string]string{"when the wait is on": {"PUBLISH_WAIT_REPLICAS": "1"}},
+		Base: map[string]string{"ALLOW_ANONYMOUS": "true"},
+		Conditions: map[string]map[string]string{
+			"when the wait is on":                      {"PUBLISH_WAIT_REPLICAS": "1"},
+			"with `MAX_BATCH_BYTES` at least as large": {"MAX_BATCH_BYTES": "268435456"},
+		},
 		Unchecked: map[string]map[string]string{
 			"API_KEYS": {"below": "a section of docs/security.md"},
 		},

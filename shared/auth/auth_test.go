@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -778,6 +779,53 @@ func TestVerifyAlgNotAccepted(t *testing.T) {
 	} {
 		if _, err := both.Verify(tok); !errors.Is(err, ErrInvalidToken) || !strings.Contains(fmt.Sprint(err), "bad signature") {
 			t.Errorf("%s: %v, want bad signature", name, err)
+		}
+	}
+}
+
+// TestVerifierRSAKeySize: an RSA key outside 2048–8192 bits is refused at
+// start, named by its position: below 2048 bits RFC 7518 §3.3 forbids it
+// for RS256 (a 1024-bit key can be factored by a well-funded attacker,
+// who then signs any token), and above 8192 every token's verification
+// costs more for no security anyone needs. Both ends are accepted.
+func TestVerifierRSAKeySize(t *testing.T) {
+	t.Parallel()
+	pemOf := func(pub any) string {
+		der, err := x509.MarshalPKIXPublicKey(pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	}
+	// A modulus of n bits: only its size is checked at start, and a real
+	// key of 8192 bits or more takes seconds to generate.
+	modulus := func(n int) *rsa.PublicKey {
+		m := new(big.Int).Lsh(big.NewInt(1), uint(n-1))
+		return &rsa.PublicKey{N: m.SetBit(m, 0, 1), E: 65537}
+	}
+	small, err := rsa.GenerateKey(rand.Reader, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ec := mustEC(t, elliptic.P256())
+	for name, tc := range map[string]struct {
+		keys string
+		bad  string // "": accepted; else the error names this key
+	}{
+		"1024 bits second":  {pemOf(&ec.PublicKey) + pemOf(&small.PublicKey), "key 2"},
+		"1024 bits PKCS #1": {string(pem.EncodeToMemory(&pem.Block{Type: "RSA PUBLIC KEY", Bytes: x509.MarshalPKCS1PublicKey(&small.PublicKey)})), "key 1"},
+		"2047 bits":         {pemOf(modulus(2047)), "key 1"},
+		"2048 bits":         {pemOf(modulus(2048)), ""},
+		"8192 bits":         {pemOf(modulus(8192)), ""},
+		"8193 bits":         {pemOf(modulus(8193)), "key 1"},
+		"16384 bits":        {pemOf(&ec.PublicKey) + pemOf(modulus(16384)), "key 2"},
+	} {
+		_, err := NewVerifier(TokenConfig{PublicKeys: tc.keys})
+		switch {
+		case tc.bad == "" && err != nil:
+			t.Errorf("%s: %v", name, err)
+		case tc.bad != "" && (err == nil || !strings.Contains(err.Error(), "JWT_PUBLIC_KEY: "+tc.bad) || !strings.Contains(err.Error(), "2048")):
+			t.Errorf("%s: %v, want an error about %s and its size", name, err, tc.bad)
 		}
 	}
 }

@@ -160,7 +160,8 @@ type TokenConfig struct {
 	// Needs Secret.
 	PreviousSecret string `env:"JWT_SECRET_PREVIOUS"`
 	// PublicKeys verify RS256 and ES256 tokens: one or more PEM public
-	// keys (RSA, or P-256 ECDSA), one after the other; a token is
+	// keys (RSA of MinRSABits to MaxRSABits, or P-256 ECDSA), one after
+	// the other; a token is
 	// accepted if any of them verifies it, so that a new key can be
 	// added before tokens are signed with it and the old one removed
 	// after. A literal \n stands for a newline, so that the keys fit in
@@ -251,6 +252,16 @@ func (c TokenConfig) ShortSecrets() []string {
 	return names
 }
 
+// The sizes of an RSA key JWT_PUBLIC_KEY may hold, in bits. RFC 7518
+// §3.3 requires 2048 or more for RS256: a 1024-bit key can be factored by
+// a well-funded attacker, who could then sign any token. The maximum
+// bounds what verifying each token costs, which grows with the square of
+// the size; keys above it are not in use.
+const (
+	MinRSABits = 2048
+	MaxRSABits = 8192
+)
+
 // Verifier checks user tokens. A nil *Verifier refuses every token with
 // ErrNoVerifier. It is safe for concurrent use.
 type Verifier struct {
@@ -313,6 +324,9 @@ func NewVerifier(c TokenConfig) (*Verifier, error) {
 			rest = after
 			one := pem.EncodeToMemory(b)
 			if k, err := jwt.ParseRSAPublicKeyFromPEM(one); err == nil {
+				if bits := k.N.BitLen(); bits < MinRSABits || bits > MaxRSABits {
+					return nil, fmt.Errorf("JWT_PUBLIC_KEY: key %d is a %d-bit RSA key: RS256 needs %d to %d bits (RFC 7518 §3.3 sets the minimum)", n, bits, MinRSABits, MaxRSABits)
+				}
 				v.rsa.Keys = append(v.rsa.Keys, k)
 			} else if k, err := jwt.ParseECPublicKeyFromPEM(one); err == nil && k.Curve == elliptic.P256() {
 				v.ecdsa.Keys = append(v.ecdsa.Keys, k)

@@ -11,12 +11,19 @@ import (
 	"reflect"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/caarlos0/env/v11"
 )
 
 // Load fills cfg (a pointer to a struct with `env` tags) from getenv and
 // reports every bad or missing variable in one error.
+//
+// When the only errors are values that do not parse, the error is a
+// *ParseError and cfg holds every other value as given and those
+// variables' defaults: the caller can go on checking the ranges of the
+// rest and report them together, so that an operator who fixes one
+// mistake does not restart to meet the next.
 func Load(getenv func(string) string, cfg any) error {
 	vars := make(map[string]string)
 	var unresolved []string
@@ -38,14 +45,37 @@ func Load(getenv func(string) string, cfg any) error {
 	}
 	var agg env.AggregateError
 	if errors.As(err, &agg) {
-		msgs := make([]string, 0, len(agg.Errors))
+		var errs []error
+		unparsed := true // every error is a value that does not parse
 		for _, e := range agg.Errors {
-			msgs = append(msgs, describe(cfg, e))
+			errs = append(errs, errors.New(describe(cfg, e)))
+			if name := varOf(cfg, e); name != "" {
+				delete(vars, name)
+			} else {
+				unparsed = false
+			}
 		}
-		return fmt.Errorf("configuration: %s", strings.Join(msgs, "; "))
+		// Again without them: cfg is left with their defaults, not the
+		// zero values the failed parse left there.
+		if unparsed && env.ParseWithOptions(cfg, env.Options{Environment: vars}) == nil {
+			return &ParseError{Errs: errs}
+		}
+		return fmt.Errorf("configuration: %w", Join(errs...))
 	}
 	return fmt.Errorf("configuration: %w", err)
 }
+
+// ParseError is Load's error when some values do not parse: Errs has one
+// error per variable, naming it. The configuration loaded holds the
+// defaults of those variables.
+type ParseError struct {
+	Errs []error
+}
+
+func (e *ParseError) Error() string { return "configuration: " + Join(e.Errs...).Error() }
+
+// Unwrap returns Errs.
+func (e *ParseError) Unwrap() []error { return e.Errs }
 
 // placeholder reports a value holding "${…}": a deploy file's variable
 // that was not resolved (serverless.yml's ${env:JWT_SECRET} with
@@ -90,9 +120,21 @@ func (j joined) Unwrap() []error { return j }
 // describe names the variable behind a parse error (the library names
 // only the Go field), so the operator knows what to fix.
 func describe(cfg any, err error) string {
+	name := varOf(cfg, err)
+	if name == "" {
+		return err.Error()
+	}
+	var pe env.ParseError
+	errors.As(err, &pe)
+	return fmt.Sprintf("%s: %v", name, pe.Err)
+}
+
+// varOf is the variable whose value err says does not parse, or "" when
+// err is another error or the field cannot be told apart.
+func varOf(cfg any, err error) string {
 	var pe env.ParseError
 	if !errors.As(err, &pe) {
-		return err.Error()
+		return ""
 	}
 	var names []string
 	eachVar(reflect.TypeOf(cfg), func(field, name string) {
@@ -101,9 +143,9 @@ func describe(cfg any, err error) string {
 		}
 	})
 	if len(names) != 1 {
-		return err.Error()
+		return ""
 	}
-	return fmt.Sprintf("%s: %v", names[0], pe.Err)
+	return names[0]
 }
 
 // Names lists every environment variable cfg reads, sorted, including
@@ -133,4 +175,27 @@ func eachVar(t reflect.Type, fn func(field, name string)) {
 		}
 		eachVar(f.Type, fn)
 	}
+}
+
+// AtMost is the error for the variable name, whose value v is above max
+// ("NAME must be at most 24h"), or nil. The functions bound every
+// duration and count from above, far beyond any real deployment's value,
+// so that what they derive from it (twice an interval, a grace plus a
+// timeout) cannot overflow and turn negative.
+func AtMost[T ~int | ~int64](name string, v, max T) error {
+	if v <= max {
+		return nil
+	}
+	s := fmt.Sprint(max)
+	if d, ok := any(max).(time.Duration); ok {
+		// 24h and 1m, not 24h0m0s and 1m0s.
+		s = d.String()
+		if strings.HasSuffix(s, "m0s") {
+			s = strings.TrimSuffix(s, "0s")
+		}
+		if strings.HasSuffix(s, "h0m") {
+			s = strings.TrimSuffix(s, "0m")
+		}
+	}
+	return fmt.Errorf("%s must be at most %s", name, s)
 }

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -107,6 +109,51 @@ func TestLoadRefusesUnresolvedPlaceholders(t *testing.T) {
 		var c sample
 		if err := Load(func(k string) string { return env[k] }, &c); err != nil || c.Inner.Name != v {
 			t.Errorf("%q: %v, %q", v, err, c.Inner.Name)
+		}
+	}
+}
+
+// A value that does not parse is a *ParseError naming it, and the rest of
+// the configuration is loaded (that variable at its default), so that the
+// caller can check the other values' ranges and report them in the same
+// error.
+func TestLoadParseErrorKeepsTheRest(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"SIZE": "5", "PORT": "nine", "INNER_TIMEOUT": "2m", "INNER_NAME": "x"}
+	var c sample
+	err := Load(func(k string) string { return env[k] }, &c)
+	pe, ok := errors.AsType[*ParseError](err)
+	if !ok || len(pe.Errs) != 1 || !strings.HasPrefix(pe.Errs[0].Error(), "PORT: ") || !strings.HasPrefix(err.Error(), "configuration: PORT: ") {
+		t.Fatalf("error %#v, want a *ParseError naming PORT", err)
+	}
+	if c.Port != 9000 || c.Size != 5 || c.Inner.Timeout != 2*time.Minute || c.Inner.Name != "x" {
+		t.Fatalf("loaded %+v, want the other values and PORT's default", c)
+	}
+	// A missing required variable is not a value that does not parse.
+	delete(env, "SIZE")
+	err = Load(func(k string) string { return env[k] }, &c)
+	if _, ok := errors.AsType[*ParseError](err); ok || err == nil || !strings.Contains(err.Error(), "PORT") || !strings.Contains(err.Error(), "SIZE") {
+		t.Fatalf("with SIZE missing: %v, want a plain error naming PORT and SIZE", err)
+	}
+}
+
+func TestAtMost(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{AtMost("PING_INTERVAL", 24*time.Hour, 24*time.Hour), ""},
+		{AtMost("PING_INTERVAL", 24*time.Hour+1, 24*time.Hour), "PING_INTERVAL must be at most 24h"},
+		{AtMost("PUBLISH_WAIT_TIMEOUT", 2*time.Minute, time.Minute), "PUBLISH_WAIT_TIMEOUT must be at most 1m"},
+		{AtMost("REDIS_TIMEOUT", 2*time.Second, 1500*time.Millisecond), "REDIS_TIMEOUT must be at most 1.5s"},
+		{AtMost("SHUTDOWN_GRACE", time.Minute, 10*time.Second), "SHUTDOWN_GRACE must be at most 10s"},
+		{AtMost("IDLE_TIMEOUT", 25*time.Hour, 90*time.Minute), "IDLE_TIMEOUT must be at most 1h30m"},
+		{AtMost("SEND_QUEUE", 1000001, 1000000), "SEND_QUEUE must be at most 1000000"},
+		{AtMost("HISTORY_SIZE", int64(-1), 10), ""},
+	} {
+		if got := fmt.Sprint(tc.err); (tc.want == "" && tc.err != nil) || (tc.want != "" && got != tc.want) {
+			t.Errorf("got %v, want %q", tc.err, tc.want)
 		}
 	}
 }

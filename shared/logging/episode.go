@@ -48,6 +48,10 @@ type Episode struct {
 	lastFail atomic.Int64 // unix ns of the last failure
 	pending  atomic.Bool  // an end is scheduled (OK came within Quiet)
 	lastOK   atomic.Int64 // unix ns of the last OK while an episode was under way
+	// okSince is the unix ns of the first OK since the last failure (0:
+	// none yet): the success that ends the episode, which its end line
+	// measures to.
+	okSince atomic.Int64
 
 	mu     sync.Mutex
 	since  time.Time // when it began
@@ -60,6 +64,7 @@ type Episode struct {
 func (e *Episode) Fail(err error, attrs ...any) {
 	now := time.Now()
 	e.lastFail.Store(now.UnixNano())
+	e.okSince.Store(0)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.active.Load() {
@@ -85,7 +90,9 @@ func (e *Episode) OK() {
 	if !e.active.Load() {
 		return
 	}
-	e.lastOK.Store(time.Now().UnixNano())
+	now := time.Now().UnixNano()
+	e.lastOK.Store(now)
+	e.okSince.CompareAndSwap(0, now)
 	last := e.lastFail.Load()
 	wait := or(e.Quiet, EpisodeQuiet) - time.Since(time.Unix(0, last))
 	if wait <= 0 {
@@ -107,22 +114,32 @@ func (e *Episode) OK() {
 	}
 }
 
-// end ends the episode if its last failure is still last.
+// end ends the episode if its last failure is still last, as lasting
+// until the first success after it.
 func (e *Episode) end(last int64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.active.Load() || e.lastFail.Load() != last {
 		return
 	}
-	e.closeLocked(e.Back, last)
+	back := e.okSince.Load()
+	if back < last {
+		// A success that raced with the last failure's reset of
+		// okSince: this end was scheduled by a success after it anyway.
+		back = time.Now().UnixNano()
+	}
+	e.closeLocked(e.Back, back)
 }
 
 // closeLocked ends the episode with one info line, msg, saying how many
-// failures it had and how long it lasted (its first failure to last, the
-// unix ns of its last), after attrs. e.mu is held.
-func (e *Episode) closeLocked(msg string, last int64, attrs ...any) {
+// failures it had and how long it lasted: from its first failure to
+// until (unix ns), the success that ended it or the moment it was given
+// up; not to its last failure, which would log an outage of one failure
+// followed by a minute of nothing as having lasted 0s. attrs go first.
+// e.mu is held.
+func (e *Episode) closeLocked(msg string, until int64, attrs ...any) {
 	e.active.Store(false)
-	lasted := time.Unix(0, last).Sub(e.since)
+	lasted := time.Unix(0, until).Sub(e.since)
 	e.Log.Info(msg, append(attrs, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())...)
 }
 
@@ -146,7 +163,7 @@ func (e *Episode) Abandon(attrs ...any) {
 	if msg == "" {
 		msg = e.Msg + " (given up)"
 	}
-	e.closeLocked(msg, e.lastFail.Load(), attrs...)
+	e.closeLocked(msg, time.Now().UnixNano(), attrs...)
 }
 
 // level is the level of the lines that say the episode goes on.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -104,5 +105,59 @@ func TestEpisodeAfterAbandonEnds(t *testing.T) {
 			return fmt.Errorf("%v, want the new episode ended by its success", recs)
 		}
 		return nil
+	})
+}
+
+// TestEpisodeLasted: an episode's end line says how long the outage
+// lasted, from its first failure to the success that ended it, not to
+// its last failure: a single failure followed by ten seconds of nothing
+// and a success was logged as having lasted 0s. A success within Quiet
+// of the last failure ends it Quiet later, still measured to itself;
+// Abandon measures to when the work was given up.
+func TestEpisodeLasted(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		var buf testkit.SyncBuffer
+		log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Gone: "given up", Quiet: 5 * time.Second}
+		boom := errors.New("connection refused")
+		last := func() map[string]any {
+			recs := buf.JSONLines(t)
+			return recs[len(recs)-1]
+		}
+
+		// One failure, then nothing for 10s: the first success ends it.
+		e.Fail(boom)
+		time.Sleep(10 * time.Second)
+		e.OK()
+		if r := last(); r["msg"] != "redis back" || r["lasted"] != "10s" {
+			t.Fatalf("ended by a success 10s on: %v, want lasted 10s", r)
+		}
+
+		// Failures at 0s and 2s, a success at 3s: the end waits for
+		// Quiet after the last failure (7s), and says 3s.
+		e.Fail(boom)
+		time.Sleep(2 * time.Second)
+		e.Fail(boom)
+		time.Sleep(time.Second)
+		e.OK()
+		time.Sleep(2 * time.Second)
+		e.OK() // a later success changes nothing
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		if r := last(); r["msg"] != "redis back" || r["lasted"] != "3s" || r["failures"] != float64(2) {
+			t.Fatalf("ended Quiet after the last failure: %v, want lasted 3s", r)
+		}
+
+		// Given up 4s after its only failure.
+		e.Fail(boom)
+		time.Sleep(4 * time.Second)
+		e.Abandon()
+		if r := last(); r["msg"] != "given up" || r["lasted"] != "4s" {
+			t.Fatalf("abandoned: %v, want lasted 4s", r)
+		}
 	})
 }
