@@ -95,7 +95,7 @@ type hub struct {
 	conns      map[string]*conn              // by connection id
 	users      map[string]map[*conn]struct{} // by user
 	sub        *subscriber                   // set by run before its first use; see pubsub.go
-	psMu       sync.Mutex                    // guards sub
+	psMu       sync.Mutex                    // guards sub; taken under mu (acquire), never the other way
 	lastRecv   atomic.Int64                  // unix nanos of the last probe seen by the receive loop
 	reconnects atomic.Int64
 	// redisErrors counts failed Redis commands and pipelines (redisHook)
@@ -744,19 +744,22 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 		h.chans[notify] = cs
 	}
 	cs.refs++
+	// Read under the lock the channel was added under: either run's
+	// scan of the early channels, after it set the subscriber, finds
+	// the channel, or this finds the subscriber.
+	sub := h.liveSub()
 	h.mu.Unlock()
-	if fresh {
+	if fresh && sub != nil {
 		// Not waited for: the subscriber places channels one at a time,
 		// and on a Redis that does not answer each placement waits a
 		// dial timeout, so that a subscribe could wait far longer than
 		// the bound below (its reader, meanwhile, reads no pong). On an
-		// error the channel stays wanted: the subscriber retries.
+		// error the channel stays wanted: the subscriber retries. A
+		// closed subscriber (the hub has stopped) is no Redis failure:
+		// the wait below ends unavailable.
 		go func() {
-			err := errClosedSubscriber
-			if sub := h.liveSub(); sub != nil {
-				err = sub.Subscribe(context.WithoutCancel(ctx), notify)
-			}
-			if err != nil {
+			err := sub.Subscribe(context.WithoutCancel(ctx), notify)
+			if err != nil && !errors.Is(err, errClosedSubscriber) {
 				h.redisErrors.Add(1)
 				h.readFailed(err, "op", "subscribe in redis", "channel", channel)
 			}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -605,4 +606,50 @@ func TestReadyzStaysDownWhileReadPathDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	le.waitReadyz(10*time.Second, 200)
+}
+
+// TestReadPathSilenceLogsOnce: while the read path stays silent (Redis
+// answers, but no probe comes back: here its ACL took the egress's
+// channels), the instance resubscribes every 4 × PROBE_INTERVAL, and
+// says so once, not at every resubscribe; once a probe comes back, one
+// line ends it, with how long it was silent and how many resubscribes
+// it took.
+func TestReadPathSilenceLogsOnce(t *testing.T) {
+	t.Parallel()
+	le := startLossEnv(t, nil, map[string]string{"PROBE_INTERVAL": "100ms"})
+	le.waitReadyz(5*time.Second, 200)
+	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "resetchannels").Err(); err != nil {
+		t.Fatal(err)
+	}
+	hub := le.e.s.hub
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if len(le.log.Lines(t, "redis read path silent, resubscribing")) == 0 {
+			return errors.New("the silence is not found yet")
+		}
+		return nil
+	})
+	const resubscribes = 3
+	before := hub.reconnects.Load()
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if n := hub.reconnects.Load() - before; n < resubscribes {
+			return fmt.Errorf("%d more resubscribes, want %d", n, resubscribes)
+		}
+		return nil
+	})
+	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "allchannels").Err(); err != nil {
+		t.Fatal(err)
+	}
+	var back []map[string]any
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if back = le.log.Lines(t, "redis read path back"); len(back) == 0 {
+			return errors.New("no probe back yet")
+		}
+		return nil
+	})
+	if l := le.log.Lines(t, "redis read path silent, resubscribing"); len(l) != 1 {
+		t.Fatalf("one silence logged %d times, want once", len(l))
+	}
+	if n, _ := back[0]["resubscribes"].(float64); len(back) != 1 || back[0]["silent_for"] == nil || n < resubscribes+1 {
+		t.Fatalf("back lines %v, want one with silent_for and resubscribes at least %d", back, resubscribes+1)
+	}
 }

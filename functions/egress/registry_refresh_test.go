@@ -2,17 +2,21 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // lateRefresh holds, while armed, the first pipeline that writes the
@@ -167,5 +171,61 @@ func TestRegistryBackSoonAfterFlushAll(t *testing.T) {
 			t.Fatalf("send to alice 6 s after FLUSHALL (the scheduled refresh comes 10 s after the start): %d connections, %v", n, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRecordsMissingLogsOnce: a Redis that evicts the instance's registry
+// records (maxmemory with a policy other than noeviction) takes them
+// again after each rewrite. The probe finds each loss and the records
+// are rewritten at once, every time, but the log says so once, not at
+// every loss, and once more when the losses are over, with how many
+// there were.
+func TestRecordsMissingLogsOnce(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	// REGISTRY_TTL long: in the test's time only the probe's finding
+	// rewrites a record, so that each deletion is found.
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "60s", "PROBE_INTERVAL": "100ms", "REDIS_TIMEOUT": "300ms",
+		"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testkit.SyncBuffer{}
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.regLost.Quiet = 3 * time.Second // far longer than a loss and its rewrite take here
+	srv, _ := startEgress(t, s)
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?user=alice", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	next(t, ws, "welcome")
+	key := s.hub.keys.Conn(s.hub.snapshotConns()[0].id)
+	const losses = 4
+	for i := range losses {
+		if err := rdb.Del(t.Context(), key).Err(); err != nil {
+			t.Fatal(err)
+		}
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if n, err := rdb.Exists(t.Context(), key).Result(); err != nil || n != 1 {
+				return fmt.Errorf("record not rewritten after loss %d: %d, %v", i+1, n, err)
+			}
+			return nil
+		})
+	}
+	var back []map[string]any
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if back = logs.Lines(t, "registry records kept in redis again"); len(back) == 0 {
+			return fmt.Errorf("the losses' end is not logged")
+		}
+		return nil
+	})
+	if l := logs.Lines(t, "registry records missing in redis, rewriting them"); len(l) != 1 || l[0]["level"] != "WARN" {
+		t.Fatalf("%d losses logged %d times, want once:\n%s", losses, len(l), logs.String())
+	}
+	// A probe may find a loss again before its rewrite is done.
+	if n, _ := back[0]["failures"].(float64); len(back) != 1 || n < losses {
+		t.Fatalf("end lines %v, want one that counts at least %d losses", back, losses)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"net/http"
 	"sync"
@@ -45,6 +46,10 @@ type Server struct {
 	// grow memory (a put, a join, a refresh) ends it: removals succeed
 	// out of memory too.
 	regOOM *logging.Episode
+	// regLost logs the probe finding the instance's registry records gone
+	// from Redis (recordsLost) once while it keeps finding them gone: a
+	// Redis that evicts them takes them again after every rewrite.
+	regLost *logging.Episode
 
 	refreshBatch int // connections per registry refresh pipeline
 
@@ -76,6 +81,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		Then: "sends to this instance's connections may be refused (new sockets are closed with 1013) or reach ended ones until Redis answers; records left behind expire within REGISTRY_TTL; logged again every 30s while it lasts and once when writes succeed again"}
 	s.regOOM = &logging.Episode{Log: s.log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
 		Then: "Redis is at its maxmemory and refuses writes: new sockets are closed with 1013, open ones stay and keep receiving, but their registry records are not refreshed and expire within REGISTRY_TTL (sends to them find nobody until a refresh after memory is freed writes them back); free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when a registry write succeeds again"}
+	s.regLost = &logging.Episode{Log: s.log, Msg: "registry records missing in redis, rewriting them", Back: "registry records kept in redis again", Quiet: recordsLostQuiet,
+		Then: "Redis lost them while it answered (FLUSHALL, a restart without persistence) or evicts them (maxmemory with a policy other than noeviction: use noeviction, docs/deployment.md); each time the probe finds them gone they are written again at once, and sends to this instance's connections may find nobody until then; logged again every 30s while losses go on and once when none has come for 5m"}
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.hub.readTimeout = 2 * cfg.Redis.Timeout
 	rdb.AddHook(redisHook{s.hub})
@@ -262,8 +269,11 @@ func (s *Server) maintain(ctx context.Context) {
 	refreshEvery := s.cfg.RegistryTTL / 3
 	lastRefresh, lastProbe, lastResub := time.Now(), time.Time{}, time.Time{}
 	// silentSince, when not zero, is the last probe seen before the read
-	// path was found silent: the probe after it is logged, once.
+	// path was found silent: the silence is logged when it is found and
+	// when the probe after it comes back, with the resubscribes it took,
+	// not at each of them.
 	var silentSince int64
+	var resubscribes int
 	var refreshing atomic.Bool
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
@@ -281,8 +291,12 @@ func (s *Server) maintain(ctx context.Context) {
 				} else if err != nil {
 					s.log.Debug("probe failed", "err", err.Error())
 				}
-				if s.recordsLost(pctx) && !s.hub.refreshDue.Swap(true) {
-					s.log.Warn("registry records missing in redis, rewriting them")
+				switch lost, known := s.recordsLost(pctx); {
+				case lost:
+					s.hub.refreshDue.Store(true)
+					s.regLost.Fail(errRecordsLost)
+				case known:
+					s.regLost.OK()
 				}
 				cancel()
 				// The read path is dead while the connection looks open:
@@ -293,15 +307,16 @@ func (s *Server) maintain(ctx context.Context) {
 				silent := 4 * s.cfg.ProbeInterval
 				last := s.hub.lastRecv.Load()
 				if silentSince != 0 && last != silentSince {
-					s.log.Info("redis read path back", "silent_for", time.Duration(last-silentSince).Round(time.Millisecond).String())
-					silentSince = 0
+					s.log.Info("redis read path back", "silent_for", time.Duration(last-silentSince).Round(time.Millisecond).String(), "resubscribes", resubscribes)
+					silentSince, resubscribes = 0, 0
 				}
 				if time.Since(time.Unix(0, last)) > silent && time.Since(lastResub) > silent {
 					if silentSince == 0 {
 						silentSince = last
+						s.log.Warn("redis read path silent, resubscribing", "silent_for", time.Since(time.Unix(0, last)).Round(time.Second).String(),
+							"then", "every channel is subscribed again (again every 4 PROBE_INTERVALs while it lasts, not logged) and caught up from its stream once Redis answers; /readyz answers 503 meanwhile; logged once more when a probe comes back (redis read path back)")
 					}
-					s.log.Warn("redis read path silent, resubscribing", "silent_for", time.Since(time.Unix(0, last)).Round(time.Second).String(),
-						"then", "every channel is subscribed again (again every 4 PROBE_INTERVALs while it lasts) and caught up from its stream once Redis answers; /readyz answers 503 meanwhile")
+					resubscribes++
 					s.hub.resubscribe(ctx)
 					lastResub = time.Now()
 				}
@@ -336,25 +351,40 @@ func (s *Server) maintain(ctx context.Context) {
 // sets refreshDue), and sends to the instance's users would find nobody
 // until the next scheduled refresh. The oldest connection's registration
 // is long done (one younger than REDIS_TIMEOUT may still be writing its
-// record); one EXISTS per probe.
-func (s *Server) recordsLost(ctx context.Context) bool {
+// record); one EXISTS per probe. known says whether it could tell: not
+// while the oldest connection is that young, or Redis does not answer;
+// without connections nothing is missing.
+func (s *Server) recordsLost(ctx context.Context) (lost, known bool) {
 	var oldest *conn
 	for _, c := range s.hub.snapshotConns() {
 		if oldest == nil || c.openedAt.Before(oldest.openedAt) {
 			oldest = c
 		}
 	}
-	if oldest == nil || time.Since(oldest.openedAt) < s.cfg.Redis.Timeout+time.Second {
-		return false
+	if oldest == nil {
+		return false, true
+	}
+	if time.Since(oldest.openedAt) < s.cfg.Redis.Timeout+time.Second {
+		return false, false
 	}
 	n, err := s.rdb.Exists(ctx, s.hub.keys.Conn(oldest.id)).Result()
 	select {
 	case <-oldest.done: // ended meanwhile: its record is removed
-		return false
+		return false, false
 	default:
 	}
-	return err == nil && n == 0
+	return err == nil && n == 0, err == nil
 }
+
+// errRecordsLost is the error of the regLost episode.
+var errRecordsLost = errors.New("the registry record of this instance's oldest connection is gone from redis")
+
+// recordsLostQuiet is how long no probe may find the records missing
+// before regLost ends: evictions come and go with Redis's memory
+// pressure, and a Quiet of EpisodeQuiet (5 s, a probe's interval) would
+// end the episode at the first probe after each rewrite and begin a new
+// one at the next eviction, two lines for each instead of one.
+const recordsLostQuiet = 5 * time.Minute
 
 // sweepConns closes the connections whose time is up and pings the
 // others. The closes run here, in the sweep, which owns them: closeWith

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -474,6 +475,56 @@ func TestCORS(t *testing.T) {
 	own, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey})
 	expectStatus(t, preflight(own, "https://example.com"), 204)
 	expectStatus(t, preflight(own, "https://other.com"), 403)
+}
+
+// TestNoResponseStored: every ingress answer is live (a history page, the
+// registry, readiness, metrics), and a history page or the registry may
+// hold what only its caller may read, so no cache, a browser's or a shared
+// one (a CDN, a proxy), stores any of them: Cache-Control: no-store. And
+// each says it varies with Origin, also when the request has none: that
+// answer lacks the CORS headers a browser's request gets, and a cache
+// that stored it anyway (or a cache that ignores no-store) must not give
+// it to a browser, which would refuse it (the Fetch standard, "CORS
+// protocol and HTTP caches"). Origin-less requests are what a server or
+// curl sends, and a same-origin page's GET.
+func TestNoResponseStored(t *testing.T) {
+	t.Parallel()
+	for _, allowed := range []string{"https://app.example", "*"} {
+		e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "ALLOWED_ORIGINS": allowed})
+		for _, r := range []struct{ method, path, body string }{
+			{"GET", "/v1/channels/c/messages", ""},
+			{"HEAD", "/v1/channels/c/messages", ""},
+			{"POST", "/v1/channels/c/messages", `{"data":1}`},
+			{"GET", "/v1/channels/c/connections", ""},
+			{"GET", "/healthz", ""},
+			{"GET", "/readyz", ""},
+			{"GET", "/metrics", ""},
+			{"GET", "/v1/nope", ""},     // 404
+			{"PUT", "/healthz", ""},     // 405
+			{"OPTIONS", "/healthz", ""}, // not a preflight without Origin
+		} {
+			for _, o := range []string{"", "https://app.example"} {
+				hdr := bearer(fullKey)
+				if o != "" {
+					hdr = append(hdr, "Origin", o)
+				}
+				w := e.do(r.method, r.path, r.body, hdr...)
+				if w.Code >= 500 {
+					t.Fatalf("%s %s: %d %s", r.method, r.path, w.Code, w.Body)
+				}
+				h := w.Header()
+				if h.Get("Cache-Control") != "no-store" || !slices.Contains(h.Values("Vary"), "Origin") {
+					t.Errorf("ALLOWED_ORIGINS=%s, %s %s, Origin %q: %d, Cache-Control %q, Vary %q; want no-store and Origin",
+						allowed, r.method, r.path, o, w.Code, h.Get("Cache-Control"), h.Values("Vary"))
+				}
+			}
+		}
+		w := e.do("OPTIONS", "/v1/channels/c/messages", "", "Origin", "https://app.example", "Access-Control-Request-Method", "GET")
+		expectStatus(t, w, 204)
+		if !slices.Contains(w.Header().Values("Vary"), "Origin") {
+			t.Errorf("ALLOWED_ORIGINS=%s, preflight: Vary %q", allowed, w.Header().Values("Vary"))
+		}
+	}
 }
 
 // Open endpoints need no credential.

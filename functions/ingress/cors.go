@@ -21,18 +21,24 @@ const (
 // cors answers preflights (no credential needed) and adds the CORS
 // headers to requests from allowed origins. A browser request from any
 // other origin is refused with 403 before it does anything; requests
-// without Origin (not from a browser) pass untouched.
+// without Origin (not from a browser, or a same-origin GET) pass without
+// CORS headers.
+//
+// Every answer says Vary: Origin, with or without an Origin, "*" or not:
+// the one to a request without Origin lacks Access-Control-Allow-Origin,
+// and a cache that stored it must not give it to a browser's request,
+// which would refuse it (the Fetch standard, "CORS protocol and HTTP
+// caches"). noStore keeps them out of caches anyway; this holds for a
+// cache that ignores it.
 func (s *Server) cors(c *gin.Context) {
+	h := c.Writer.Header()
+	h["Vary"] = varyOrigin
 	o := c.GetHeader("Origin")
 	if o == "" {
 		c.Next()
 		return
 	}
-	h := c.Writer.Header()
 	anyOrigin := origin.AllowsAny(s.cfg.AllowedOrigins)
-	if !anyOrigin {
-		h.Add("Vary", "Origin")
-	}
 	preflight := c.Request.Method == http.MethodOptions && c.GetHeader("Access-Control-Request-Method") != ""
 	if preflight {
 		h.Add("Vary", "Access-Control-Request-Method")
@@ -57,3 +63,21 @@ func (s *Server) cors(c *gin.Context) {
 	h.Set("Access-Control-Expose-Headers", corsExposeHeaders)
 	c.Next()
 }
+
+// noStore keeps every answer out of caches, a browser's or a shared one
+// (a CDN, a proxy): each is live (a history page, the registry, readiness,
+// metrics), and a history page may hold messages only its caller may
+// read. Without it a GET's 200 is cacheable by heuristic (RFC 9111
+// §4.2.2), and a cache in front of the ingress may answer a later read
+// with a stale page.
+func noStore(c *gin.Context) {
+	c.Writer.Header()["Cache-Control"] = cacheNoStore
+}
+
+// The values of the headers every answer carries, shared rather than
+// allocated per request (on the publish path). Never written to: an Add
+// to one appends past its capacity, which copies.
+var (
+	varyOrigin   = []string{"Origin"}
+	cacheNoStore = []string{"no-store"}
+)

@@ -4,7 +4,7 @@ import "github.com/gin-gonic/gin"
 
 // routes lists the whole ingress API (docs/api.md).
 func (s *Server) routes(r *gin.Engine) {
-	r.Use(s.cors) // before the routes, so preflights need no credential
+	r.Use(noStore, s.cors) // before the routes, so preflights need no credential
 	// HEAD wherever GET (RFC 9110 §9.3.2), with the same handlers:
 	// net/http discards the body of a HEAD, and keeps GET's headers
 	// (Content-Length too, for a body written before the handler
