@@ -744,6 +744,17 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	// Not recovered, the client continues from where the stream does
 	// (b.From), which for an `after` ahead of the stream is not `after`.
 	rec := b.Continuous
+	if !rec && after.Less(b.From) && r.live.Less(after) {
+		// Trimmed past `after`, which this instance has not delivered
+		// yet: the client had it from another one, and the messages
+		// after it may still reach this one live, its notifications
+		// late. If the hub delivers `after`, its buffer holds all that
+		// follows: the replay needs no stream.
+		if cs.awaitLive(ctx, r, after) {
+			rec, b = true, stream.Batch{From: after}
+		}
+		c.lastRead.Store(time.Now().UnixNano()) // busy, not silent (waitRoom)
+	}
 	c.s.metrics.resumed(rec)
 	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))
 	last := b.From

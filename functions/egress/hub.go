@@ -78,6 +78,25 @@ type resumer struct {
 	// lacks: finishResume closes the connection unless its replay read
 	// that far. Guarded by the channel's mu.
 	gap stream.ID
+	// awaited, while arrived is not nil, is the position of a resume
+	// whose stream read was not continuous while the hub was behind it
+	// (awaitLive): the hub closes arrived once it delivers that id or
+	// passes it, and sets hasAwaited if it was delivered into buf.
+	// Guarded by the channel's mu.
+	awaited    stream.ID
+	arrived    chan struct{}
+	hasAwaited bool
+}
+
+// sawLocked notes that the hub delivered id (into buf when kept) or
+// passed past it, for awaitLive. cs.mu is held.
+func (r *resumer) sawLocked(id stream.ID, kept bool) {
+	if r.arrived == nil || id.Less(r.awaited) {
+		return
+	}
+	r.hasAwaited = kept && id == r.awaited
+	close(r.arrived)
+	r.arrived = nil
 }
 
 // hub owns this instance's Redis subscriptions and fans messages out.
@@ -587,6 +606,7 @@ func (cs *chanState) closeMissingLocked(after, through stream.ID, reason string)
 		if r.gap.Less(through) {
 			r.gap = through
 		}
+		r.sawLocked(through, false)
 		replaying++
 	}
 	return replaying, closed, kept
@@ -680,9 +700,11 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		for _, r := range cs.resuming {
 			if len(r.buf) >= h.maxBuf {
 				r.overflow = true
+				r.sawLocked(id, false)
 				continue
 			}
 			r.buf = append(r.buf, q)
+			r.sawLocked(id, true)
 		}
 		cs.mu.Unlock()
 		return
@@ -895,6 +917,55 @@ func (cs *chanState) startResume(c *conn) *resumer {
 	cs.resuming[c] = r
 	cs.mu.Unlock()
 	return r
+}
+
+// lateNotice bounds how long a resume waits for this instance's
+// notifications to reach the client's position (awaitLive). Pub/Sub
+// delivers in milliseconds; a second covers a receive loop held up by a
+// catch-up read. Only a resume whose stream read already failed to prove
+// it whole waits, and it is told recovered:false when the time is up.
+const lateNotice = time.Second
+
+// awaitLive is for a resume from `after` whose stream read was not
+// continuous (messages after `after` are trimmed) while the hub is behind
+// `after` (r.live < after): the client got `after` from another instance,
+// and this one's notifications may only be late. It waits, for at most
+// lateNotice, until the hub delivers `after` into r's buffer, or passes it
+// without, and reports whether it did deliver it. When it did, the
+// buffer holds every message after `after` the hub delivered since, each
+// proved by the chain (a notification naming the last id delivered as
+// its predecessor, or a continuous stream read), and a gap the hub finds
+// later is marked in r as for any replay (finishResume closes the
+// connection): the client lacks nothing the live path does not give it,
+// however far the stream was trimmed. Notifications that were lost, not
+// late, never bring `after`: the hub finds the gap when the next one
+// arrives, or nothing comes in time, and the answer stays false.
+func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID) bool {
+	cs.mu.Lock()
+	for _, q := range r.buf {
+		if q.id == after {
+			cs.mu.Unlock()
+			return !r.overflow
+		}
+	}
+	if !cs.last.Less(after) {
+		cs.mu.Unlock()
+		return false // passed it without delivering it (a gap)
+	}
+	arrived := make(chan struct{})
+	r.awaited, r.arrived, r.hasAwaited = after, arrived, false
+	cs.mu.Unlock()
+	t := time.NewTimer(lateNotice)
+	defer t.Stop()
+	select {
+	case <-arrived:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	r.arrived = nil
+	return r.hasAwaited && !r.overflow
 }
 
 // finishResume queues buffered messages newer than lastSent and makes c a

@@ -22,8 +22,10 @@ import (
 )
 
 // TestResumeRandomized drives one egress on a real Redis through random
-// rounds on two fresh channels each: appends whose notifications arrive
-// or are lost (some trimming as the ingress does, MAXLEN ~), trims
+// rounds on two fresh channels each: appends whose notifications arrive,
+// are lost, or arrive late (held by the test and published later, some
+// while a resume waits for them: awaitLive), some trimming as the
+// ingress does (MAXLEN ~), trims
 // (XTRIM MAXLEN, exact and ~), live subscribers, and resumes of new and
 // existing connections from ids the clients held (0-0, ids trimmed
 // away, the last one trimmed, the stream's last id, ids from before a
@@ -36,9 +38,11 @@ import (
 // `recovered`"):
 //
 //   - a resume is recovered exactly when nothing after its `after` was
-//     trimmed when it read the stream, and otherwise its position is the
-//     last id trimmed; a live subscriber's position is the last id the
-//     hub delivered;
+//     trimmed when it read the stream, or when the hub, behind `after`
+//     when the resume began, delivered `after` before the resume
+//     decided (its notifications were late); otherwise its position is
+//     the last id trimmed; a live subscriber's position is the last id
+//     the hub delivered;
 //   - each subscription receives the channel's ids after its position,
 //     in order, once: all of them up to the round's last one, if its
 //     connection is open at the end; a prefix, if it was closed;
@@ -97,11 +101,15 @@ type rsStats struct {
 	// keptAcross: a paused replay that found its stream trimmed past it
 	// or a gap meanwhile, and whose connection stayed open to the end.
 	keptAcross int
+	// awaited: resumes the test saw wait for the hub (awaitLive) before
+	// it let late notifications arrive; recoveredLive: resumes recovered
+	// because the hub delivered their `after` (late notifications).
+	awaited, recoveredLive int
 }
 
 func (s rsStats) String() string {
-	return fmt.Sprintf("%d resumes (%d not recovered), %d live subscribes, %d replays paused, %d of them across a gap and %d trimmed past (%d of these open to the end), %d gaps, %d connections closed with 1011",
-		s.resumes, s.notRecovered, s.live, s.paused, s.gapWhilePaused, s.trimmedWhilePaused, s.keptAcross, s.gaps, s.closed)
+	return fmt.Sprintf("%d resumes (%d not recovered, %d recovered by the live path, %d seen waiting for it), %d live subscribes, %d replays paused, %d of them across a gap and %d trimmed past (%d of these open to the end), %d gaps, %d connections closed with 1011",
+		s.resumes, s.notRecovered, s.recoveredLive, s.awaited, s.live, s.paused, s.gapWhilePaused, s.trimmedWhilePaused, s.keptAcross, s.gaps, s.closed)
 }
 
 // rsWorld is what the rounds share: one egress and its Redis.
@@ -126,6 +134,18 @@ type rsChan struct {
 	hub       int   // index of the hub's last id (cs.last); -1: 0-0
 	delivered []int // by index: the step the hub delivered it at; -1: never
 	heldIDs   []string
+	// lateSub receives the notifications the test holds back (appended
+	// with the channel's notify key + "-late"); late are those not yet
+	// published to the hub, oldest first.
+	lateSub *redis.PubSub
+	late    []rsLate
+}
+
+// rsLate is a notification held back: the index of its message and the
+// payload to publish later.
+type rsLate struct {
+	x       int
+	payload string
 }
 
 func (ch *rsChan) id(i int) string {
@@ -162,6 +182,27 @@ type rsRound struct {
 	batchBehind bool
 	// noLoss: the next append's notifications all arrive.
 	noLoss bool
+	// afterID, when set, is the next resume's `after`.
+	afterID string
+}
+
+// releaseLate publishes the first n of ch's notifications held back, in
+// order, as Redis would deliver them late, and waits for the hub.
+func (r *rsRound) releaseLate(ch *rsChan, n int) {
+	n = min(n, len(ch.late))
+	if n == 0 {
+		return
+	}
+	r.logf("late notifications of %s arrive: %d of %d, from %s", ch.name, n, len(ch.late), ch.id(ch.late[0].x))
+	for _, l := range ch.late[:n] {
+		if err := r.rdb.SPublish(context.Background(), r.ks.Notify(ch.name), l.payload).Err(); err != nil {
+			r.fail("publish late: %v", err)
+			return
+		}
+		r.hubTold(ch, l.x)
+	}
+	ch.late = ch.late[n:]
+	r.syncHub(ch)
 }
 
 // rsPaused is a replay held in the hook.
@@ -203,6 +244,7 @@ func (r *rsRound) run() bool {
 		}
 		for _, ch := range r.chans {
 			r.e.s.hub.release(ch.cs)
+			ch.lateSub.Close()
 		}
 	}()
 	for _, name := range []string{"a", "b"} {
@@ -214,7 +256,12 @@ func (r *rsRound) run() bool {
 			r.fail("acquire %s: %v", name, err)
 			return false
 		}
-		r.chans = append(r.chans, &rsChan{name: name, key: r.ks.Stream(name), cs: cs, hub: -1})
+		ps := r.rdb.SSubscribe(r.t.Context(), r.ks.Notify(name)+"-late")
+		if _, err := ps.Receive(r.t.Context()); err != nil {
+			r.fail("subscribe %s-late: %v", name, err)
+			return false
+		}
+		r.chans = append(r.chans, &rsChan{name: name, key: r.ks.Stream(name), cs: cs, hub: -1, lateSub: ps})
 	}
 	steps := 15 + r.rng.IntN(30)
 	for r.step = 1; r.step <= steps && !r.failed; r.step++ {
@@ -263,6 +310,8 @@ func (r *rsRound) randomStep() {
 			x = 0 // held between batches: trimmed past more often
 		}
 		switch {
+		case len(p.ch.late) > 0 && r.rng.IntN(5) == 0:
+			r.releaseLate(p.ch, 1+r.rng.IntN(len(p.ch.late)))
 		case x < 7:
 			r.trim(p.ch)
 		case x < 13:
@@ -275,6 +324,20 @@ func (r *rsRound) randomStep() {
 		return
 	}
 	switch x := r.rng.IntN(100); {
+	case len(ch.late) > 0 && x < 8:
+		r.releaseLate(ch, 1+r.rng.IntN(len(ch.late)))
+	case len(ch.late) > 0 && ch.late[len(ch.late)-1].x > ch.hub && x < 30:
+		// A client that got a message from another instance (one whose
+		// notification is late here) resumes from it, the stream trimmed
+		// past it: awaitLive's case.
+		i := ch.late[r.rng.IntN(len(ch.late))].x
+		if i <= ch.hub {
+			i = ch.late[len(ch.late)-1].x
+		}
+		r.trimPast(ch, i)
+		r.afterID = ch.id(i)
+		r.subscribe(ch, true)
+		r.afterID = ""
 	case x < 5:
 		r.makeGap(ch)
 	case x < 30:
@@ -313,8 +376,12 @@ func (r *rsRound) appendMessages(ch *rsChan) {
 		lostAll = true // for a gap the hub finds while the replay is held
 	}
 	mixed := !lostAll && r.rng.IntN(4) == 0
+	// Late: held back until a later step (releaseLate), after the
+	// notifications still held; the others of a burst arrive or are
+	// lost as above, after them.
+	late := r.rng.IntN(4) == 0
 	if r.noLoss {
-		lostAll, mixed = false, false
+		lostAll, mixed, late = false, false, false
 	}
 	var limit int64
 	if r.rng.IntN(6) == 0 {
@@ -322,16 +389,24 @@ func (r *rsRound) appendMessages(ch *rsChan) {
 	}
 	as := make([]stream.Append, n)
 	lost := make([]bool, n)
+	held := 0
+	if late {
+		held = 1 + r.rng.IntN(n)
+	}
 	for i := range as {
 		lost[i] = lostAll || mixed && r.rng.IntN(2) == 0
 		notify := r.ks.Notify(ch.name)
-		if lost[i] {
+		switch {
+		case i < held:
+			notify += "-late"
+			lost[i] = true // not told now
+		case lost[i]:
 			notify += "-lost"
 		}
 		as[i] = stream.Append{Stream: ch.key, Notify: notify, Limits: stream.Limits{MaxLen: limit},
 			Msg: stream.Message{Channel: ch.name, TS: time.Now().UnixMilli(), Data: []byte("1")}}
 	}
-	r.logf("append %d to %s (lost: all %v, mixed %v; maxlen ~%d)", n, ch.name, lostAll, mixed, limit)
+	r.logf("append %d to %s (late %d; lost: all %v, mixed %v; maxlen ~%d)", n, ch.name, held, lostAll, mixed, limit)
 	if limit > 0 {
 		// The trims of a burst and the hub's reads would race: one at a
 		// time, so that the model knows what each read found.
@@ -351,8 +426,18 @@ func (r *rsRound) appendOne(ch *rsChan, as []stream.Append, lost []bool) {
 	}
 	first := len(ch.ids)
 	ch.ids = append(ch.ids, ids...)
-	for range ids {
+	for i := range ids {
 		ch.delivered = append(ch.delivered, -1)
+		if strings.HasSuffix(as[i].Notify, "-late") {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			m, err := ch.lateSub.ReceiveMessage(ctx)
+			cancel()
+			if err != nil {
+				r.fail("late notification of %s: %v", ids[i], err)
+				return
+			}
+			ch.late = append(ch.late, rsLate{x: first + i, payload: m.Payload})
+		}
 	}
 	r.readLen(ch)
 	// The hub, told of each message that was not lost, in order.
@@ -550,7 +635,7 @@ func (r *rsRound) subscribe(ch *rsChan, resume bool) {
 			return
 		}
 	}
-	s := &rsSub{channel: ch.name, step: r.step}
+	s := &rsSub{channel: ch.name, step: r.step, live: ch.hub}
 	req := map[string]any{"type": "subscribe", "channel": ch.name}
 	var point *pausePoint
 	var paused *rsPaused
@@ -559,6 +644,9 @@ func (r *rsRound) subscribe(ch *rsChan, resume bool) {
 		if r.batchBehind {
 			s.after = ch.id(len(ch.ids) - 1 - replayBatch)
 		}
+		if r.afterID != "" {
+			s.after = r.afterID
+		}
 		req["after"] = s.after
 		a := ch.index(s.after)
 		// What its first read will find, and so the batches after.
@@ -566,7 +654,7 @@ func (r *rsRound) subscribe(ch *rsChan, resume bool) {
 			a = ch.trimmed - 1
 		}
 		full := (len(ch.ids) - 1 - a) / replayBatch // the reads after the first one
-		if r.paused == nil && (r.batchBehind || r.rng.IntN(2) == 0) && r.noReplayOn(ch) {
+		if r.paused == nil && (r.batchBehind || r.afterID == "" && r.rng.IntN(2) == 0 || r.rng.IntN(4) == 0) && r.noReplayOn(ch) {
 			read := 1 + r.rng.IntN(full+1)
 			if full > 0 && (r.batchBehind || r.rng.IntN(2) == 0) {
 				read = 2 // between a full batch and the read after it
@@ -633,6 +721,23 @@ func (r *rsRound) subscribe(ch *rsChan, resume bool) {
 		r.paused = paused
 		return
 	}
+	if resume && len(ch.late) > 0 && ch.awaitsLive(s.after) && r.rng.IntN(4) > 0 {
+		// The resume waits for the hub: the notifications held back
+		// arrive meanwhile, some or all of them.
+		for deadline := time.Now().Add(5 * time.Second); !ch.armed(); time.Sleep(100 * time.Microsecond) {
+			if !c.open() {
+				r.logf("  client %d closed", c.n)
+				return
+			}
+			if time.Now().After(deadline) {
+				r.fail("client %d: its resume of %s after %s never waited for the hub", c.n, ch.name, s.after)
+				return
+			}
+		}
+		r.stats.awaited++
+		r.releaseLate(ch, 1+r.rng.IntN(len(ch.late)))
+		r.expectLive(ch, s)
+	}
 	r.waitReply(c, s)
 }
 
@@ -668,6 +773,41 @@ func (r *rsRound) expectReply(ch *rsChan, s *rsSub) {
 	s.expectSet = true
 }
 
+// expectLive amends what expectReply set for a resume whose stream read
+// was not continuous: recovered after all, at `after`, if the hub was
+// behind `after` when the resume began and has delivered it since
+// (awaitLive: its notifications were late). Called when the resume
+// decides.
+func (r *rsRound) expectLive(ch *rsChan, s *rsSub) {
+	a := ch.index(s.after)
+	if !s.expectSet || *s.expectRec || a < 0 || a >= len(ch.ids) || a <= s.live || ch.delivered[a] < 0 {
+		return
+	}
+	rec := true
+	s.expectRec, s.expectPos = &rec, s.after
+	r.stats.recoveredLive++
+}
+
+// awaitsLive reports whether a resume of ch from after, made now, waits
+// for the hub (awaitLive): its stream read is not continuous, and the
+// hub is behind `after`.
+func (ch *rsChan) awaitsLive(after string) bool {
+	a := ch.index(after)
+	return a >= 0 && a < len(ch.ids) && a+1 < ch.trimmed && a > ch.hub
+}
+
+// armed reports whether a connection replaying ch waits in awaitLive.
+func (ch *rsChan) armed() bool {
+	ch.cs.mu.Lock()
+	defer ch.cs.mu.Unlock()
+	for _, x := range ch.cs.resuming {
+		if x.arrived != nil {
+			return true
+		}
+	}
+	return false
+}
+
 func (r *rsRound) waitReply(c *rsClient, s *rsSub) {
 	if !c.wait(5*time.Second, func() bool { return s.replied || c.code != 0 }) {
 		r.fail("client %d: no subscribed reply for %s", c.n, s.channel)
@@ -701,6 +841,9 @@ func (r *rsRound) release() {
 	}
 	if p.decidesLater {
 		r.expectReply(p.ch, p.sub) // the read that decides is made now
+	}
+	if p.read == 1 {
+		r.expectLive(p.ch, p.sub) // the hub may have delivered `after` meanwhile
 	}
 	p.point.release()
 	p.sub.pausedAcross = p.gapSeen || p.trimmedBy
@@ -919,6 +1062,9 @@ type rsSub struct {
 	expectSet bool
 	expectRec *bool
 	expectPos string
+	// live: the index of the hub's last id when it subscribed (the
+	// resumer's live; -1: 0-0).
+	live int
 	// pausedAcross: its replay was held while a gap or a trim passed it.
 	pausedAcross bool
 
