@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -19,8 +21,11 @@ import (
 // TestReadyzSaysWhy: a 503 on /readyz names its cause, so that an
 // operator looking at a failing probe knows what to fix: a Redis that
 // refuses the login (a real password-protected redis-server given the
-// wrong password), one that does not answer (a port nothing listens
-// on), an instance draining. Ready, it answers 200.
+// wrong password), one that refuses the probe's command to the ACL user
+// (a user without +ping), one that does not answer (a port nothing
+// listens on), a replica (a REDIS_URL that names one, or a master
+// demoted), an instance draining. Ready, it answers 200. The read path
+// not live is TestReadyzStaysDownWhileReadPathDead's.
 func TestReadyzSaysWhy(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t, "--requirepass", "rightpw")
@@ -28,6 +33,15 @@ func TestReadyzSaysWhy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A user that may do all but PING, the probe's command (as one
+	// without +select for REDIS_URL's database may do nothing).
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
+	defer admin.Close()
+	if err := admin.Do(t.Context(), "ACL", "SETUSER", "noping", "on", ">userpw", "~*", "&*", "+@all", "-ping").Err(); err != nil {
+		t.Fatal(err)
+	}
+	// A replica answers PING, and refuses every write.
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(rs.Port))
 	for _, tc := range []struct {
 		name, url string
 		drain     bool
@@ -38,6 +52,8 @@ func TestReadyzSaysWhy(t *testing.T) {
 		{"draining", strings.Replace(rs.URL(), "//", "//:rightpw@", 1), true, 503, "draining"},
 		{"login refused", strings.Replace(rs.URL(), "//", "//:wrongpw@", 1), false, 503, "Redis refuses the login"},
 		{"redis down", "redis://127.0.0.1:" + strconv.Itoa(dead), false, 503, "Redis does not answer"},
+		{"command refused", strings.Replace(rs.URL(), "//", "//noping:userpw@", 1), false, 503, "Redis refuses a command to the functions' ACL user"},
+		{"replica", replica.URL(), false, 503, "Redis is a replica"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -46,37 +62,56 @@ func TestReadyzSaysWhy(t *testing.T) {
 			if tc.drain {
 				s.draining.Store(true)
 			}
-			var status int
-			var body struct {
-				Error struct{ Code, Message string }
-			}
+			var a readyzAnswer
 			// The probe's answer is cached briefly and the inbox is
 			// subscribed as the egress starts: poll until it settles.
 			testkit.Eventually(t, 10*time.Second, func() error {
-				resp, err := http.Get(srv.URL + "/readyz")
-				if err != nil {
+				var err error
+				if a, err = getReadyz(srv.URL); err != nil {
 					return err
 				}
-				defer resp.Body.Close()
-				status, body.Error.Code, body.Error.Message = resp.StatusCode, "", ""
-				if resp.StatusCode != 200 {
-					if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
-						return err
-					}
-				}
-				if status != tc.status || !strings.Contains(body.Error.Message, tc.message) {
-					return fmt.Errorf("/readyz %d %q, want %d %q", status, body.Error.Message, tc.status, tc.message)
+				if a.status != tc.status || !strings.Contains(a.message, tc.message) {
+					return fmt.Errorf("/readyz %d %q, want %d %q", a.status, a.message, tc.status, tc.message)
 				}
 				return nil
 			})
-			if status == 503 && body.Error.Code != "unavailable" {
-				t.Errorf("code %q, want unavailable", body.Error.Code)
+			if a.status == 503 && (a.code != "unavailable" || a.retryAfter != "1") {
+				t.Errorf("code %q, Retry-After %q, want unavailable and 1", a.code, a.retryAfter)
 			}
-			if strings.Contains(body.Error.Message, "rightpw") || strings.Contains(body.Error.Message, "wrongpw") {
-				t.Errorf("the answer holds the password: %q", body.Error.Message)
+			for _, pw := range []string{"rightpw", "wrongpw", "userpw"} {
+				if strings.Contains(a.message, pw) {
+					t.Errorf("the answer holds the password: %q", a.message)
+				}
 			}
 		})
 	}
+}
+
+// readyzAnswer is what /readyz answered: its status and, for a 503, the
+// error's code and message and the Retry-After header.
+type readyzAnswer struct {
+	status                    int
+	code, message, retryAfter string
+}
+
+// getReadyz asks the egress at base for /readyz.
+func getReadyz(base string) (readyzAnswer, error) {
+	resp, err := http.Get(base + "/readyz")
+	if err != nil {
+		return readyzAnswer{}, err
+	}
+	defer resp.Body.Close()
+	a := readyzAnswer{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
+	if resp.StatusCode != 200 {
+		var body struct {
+			Error struct{ Code, Message string }
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+			return a, fmt.Errorf("/readyz %d: %w", resp.StatusCode, err)
+		}
+		a.code, a.message = body.Error.Code, body.Error.Message
+	}
+	return a, nil
 }
 
 // newEgressOn makes an egress (not started) on the Redis at URL u, with

@@ -584,7 +584,9 @@ func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
 // TestReadyzStaysDownWhileReadPathDead: Redis answers commands but no
 // notification comes back (the egress may no longer use Pub/Sub channels:
 // its ACL lost them). /readyz says 503 for as long as that lasts, not 200
-// for most of each interval after every forced resubscribe.
+// for most of each interval after every forced resubscribe, and says
+// why: not that Redis does not answer (it answers the PING), but that
+// the read path is not live.
 func TestReadyzStaysDownWhileReadPathDead(t *testing.T) {
 	t.Parallel()
 	le := startLossEnv(t, nil, map[string]string{"PROBE_INTERVAL": "100ms"})
@@ -598,8 +600,12 @@ func TestReadyzStaysDownWhileReadPathDead(t *testing.T) {
 	le.waitReadyz(5*time.Second, 503)
 	// Several forced resubscribes (one per 4 × PROBE_INTERVAL).
 	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(25 * time.Millisecond) {
-		if st := readyz(le); st != 503 {
-			t.Fatalf("/readyz %d while the read path is still dead", st)
+		a, err := getReadyz(le.e.srv.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.status != 503 || a.code != "unavailable" || a.retryAfter != "1" || a.message != "the Redis subscription (the read path) is not live" {
+			t.Fatalf("/readyz %+v while the read path is still dead, want 503 unavailable, Retry-After 1, the read path not live", a)
 		}
 	}
 	if err := le.pub.Do(context.Background(), "ACL", "SETUSER", "default", "allchannels").Err(); err != nil {

@@ -560,6 +560,10 @@ func notReady(err error, silent, draining bool) string {
 		return "Redis refuses the login (the user or password in REDIS_URL; see the log)"
 	case redisconn.Refused(err):
 		return "Redis refuses a command to the functions' ACL user (see the log)"
+	case errors.Is(err, redisconn.ErrReplica):
+		// It answers: "does not answer" would send the operator to the
+		// network. REDIS_URL names a replica, or a failover demoted it.
+		return "Redis is a replica (read-only), not the master"
 	case err != nil:
 		return "Redis does not answer"
 	case silent:

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -279,4 +280,89 @@ func loginBack(t *testing.T, e *testEnv, logs *testkit.SyncBuffer) {
 		}
 		return nil
 	})
+}
+
+// TestRefusedCommandEndsOnlyWhenCarriedOut: a user that lacks one rule
+// still has the others carried out: other requests, readiness PINGs.
+// Those say nothing of the refused command, and must not end "redis
+// refused a command" with "redis accepts the commands again" while it is
+// still refused (before, any command carried out 5 s after the last
+// refusal did: a request refused every few seconds logged the pair each
+// time). Only the refused command carried out ends it, once: a command
+// Redis refused, or a script that called one (the same script, sent by
+// its hash or with its source). The user also lacks +role, which
+// readiness does without (docs/deployment.md): ROLE refused at every
+// probe is no refusal that keeps the episode going.
+func TestRefusedCommandEndsOnlyWhenCarriedOut(t *testing.T) {
+	t.Parallel()
+	// docs/deployment.md's line, but for +role and the rules each case
+	// takes away.
+	const line = "+ping +evalsha +eval +time +get +set +del +exists +pexpire +pttl +xadd +xtrim +xdel +xsetid +xinfo|stream +xrange +xrevrange +zadd +zrem +zrevrangebyscore +zremrangebyscore +multi +exec +wait +spublish"
+	publish := [3]string{"POST", "/v1/channels/a/messages", `{"data":1}`}
+	history := [3]string{"GET", "/v1/channels/a/messages", ""}
+	for _, tc := range []struct {
+		name    string
+		missing []string
+		refused [3]string // a request Redis refuses a command of
+		ok      [3]string // one it carries out
+		okCode  int
+	}{
+		{"a command", []string{"+xrange", "+xrevrange"}, history, publish, 202},
+		{"inside the script", []string{"+xadd"}, publish, history, 200},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rs := redistest.Start(t)
+			prefix := redistest.Prefix(t)
+			admin := redis.NewClient(rs.Options())
+			defer admin.Close()
+			args := []any{"ACL", "SETUSER", "pub", "reset", "on", ">pw", "~" + prefix + ":*", "&" + prefix + ":*"}
+			for _, r := range strings.Fields(line) {
+				if !slices.Contains(tc.missing, r) {
+					args = append(args, r)
+				}
+			}
+			if err := admin.Do(t.Context(), args...).Err(); err != nil {
+				t.Fatal(err)
+			}
+			u, err := url.Parse(rs.URL())
+			if err != nil {
+				t.Fatal(err)
+			}
+			u.User = url.UserPassword("pub", "pw")
+			logs := &testkit.SyncBuffer{}
+			e := newEnvWith(t, redisconn.Config{URL: u.String(), Timeout: time.Second, KeyPrefix: prefix}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+			e.srv.redisRefused.Quiet = time.Nanosecond // a success that counts ends it at once
+			for range 2 {
+				expectError(t, e.do(tc.refused[0], tc.refused[1], tc.refused[2]), 500, "internal")
+				if w := e.do(tc.ok[0], tc.ok[1], tc.ok[2]); w.Code != tc.okCode {
+					t.Fatalf("%s %s: %d %s", tc.ok[0], tc.ok[1], w.Code, w.Body)
+				}
+				if w := e.do("GET", "/readyz", ""); w.Code != 200 {
+					t.Fatalf("readyz: %d %s", w.Code, w.Body)
+				}
+				e.srv.ready = redisconn.NewReadiness(e.rdb, 0) // each probe asks Redis
+				if n := len(logs.Lines(t, "redis accepts the commands again")); n != 0 {
+					t.Fatalf("\"redis accepts the commands again\" while %s is still refused:\n%s", tc.refused[1], logs.String())
+				}
+			}
+
+			args = []any{"ACL", "SETUSER", "pub"}
+			for _, r := range tc.missing {
+				args = append(args, r)
+			}
+			if err := admin.Do(t.Context(), args...).Err(); err != nil {
+				t.Fatal(err)
+			}
+			if w := e.do(tc.refused[0], tc.refused[1], tc.refused[2]); w.Code >= 300 {
+				t.Fatalf("%s %s with the rule given: %d %s", tc.refused[0], tc.refused[1], w.Code, w.Body)
+			}
+			if n := len(logs.Lines(t, "redis accepts the commands again")); n != 1 {
+				t.Fatalf("%d \"redis accepts the commands again\" once the refused command is carried out, want 1:\n%s", n, logs.String())
+			}
+			if n := len(logs.Lines(t, "redis refused a command")); n != 1 {
+				t.Errorf("%d \"redis refused a command\" for one episode, want 1:\n%s", n, logs.String())
+			}
+		})
+	}
 }

@@ -2,8 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/sha1"
+	"encoding/hex"
 	"errors"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	vm "github.com/VictoriaMetrics/metrics"
@@ -161,12 +165,73 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 }
 
 // redisUp records a command Redis carried out: it ends an outage, and a
-// run of refused commands once none has come for a while. Not a refused
-// login: the command may have gone through a connection logged in before
+// run of refused commands once none has come for a while and each that
+// Redis refused has been carried out since (refusals): not another
+// command, which says nothing of the refused one. Not a refused login:
+// the command may have gone through a connection logged in before
 // (redisconn.LoggedIn); a login Redis accepts ends that (NewServer).
 func (s *Server) redisUp() {
 	s.redisDown.OK()
-	s.redisRefused.OK()
+	if s.refusals.none() {
+		s.redisRefused.OK()
+	}
+}
+
+// refusals are what Redis refused to the functions' ACL user and has not
+// carried out since (refusalKind): "redis refused a command" ends only
+// once none is left, so that "redis accepts the commands again" is true
+// of the commands it refused. Safe for concurrent use.
+type refusals struct {
+	n     atomic.Int64 // len(kinds): a success costs an atomic load while nothing is refused
+	mu    sync.Mutex
+	kinds map[string]struct{}
+}
+
+// note records cmd's outcome, err.
+func (r *refusals) note(cmd redis.Cmder, err error) {
+	switch {
+	case err == nil || errors.Is(err, redis.Nil):
+		if r.n.Load() == 0 {
+			return
+		}
+		r.mu.Lock()
+		delete(r.kinds, refusalKind(cmd))
+		r.n.Store(int64(len(r.kinds)))
+		r.mu.Unlock()
+	case redisconn.Refused(err) && redisconn.Failed(cmd, err):
+		r.mu.Lock()
+		if r.kinds == nil {
+			r.kinds = make(map[string]struct{})
+		}
+		r.kinds[refusalKind(cmd)] = struct{}{}
+		r.n.Store(int64(len(r.kinds)))
+		r.mu.Unlock()
+	}
+}
+
+// none reports whether each command Redis refused has been carried out
+// since.
+func (r *refusals) none() bool { return r.n.Load() == 0 }
+
+// refusalKind is what Redis refuses or carries out in cmd, as one: the
+// command, or for a script the script itself, by its hash, whether sent
+// by hash (EVALSHA) or with its source (EVAL, after NOSCRIPT): a refusal
+// inside one (a command it calls) is not ended by another script run.
+func refusalKind(cmd redis.Cmder) string {
+	name := cmd.Name()
+	a := cmd.Args()
+	if len(a) < 2 {
+		return name
+	}
+	arg, _ := a[1].(string)
+	switch name {
+	case "evalsha", "evalsha_ro":
+		return "script " + strings.ToLower(arg)
+	case "eval", "eval_ro":
+		h := sha1.Sum([]byte(arg))
+		return "script " + hex.EncodeToString(h[:])
+	}
+	return name
 }
 
 // redisHook counts failed Redis commands and pipelines (one per pipeline).
@@ -179,9 +244,10 @@ func (s *Server) redisUp() {
 // sees only the pipelines the stream store runs there itself
 // (stream.OnNode): the others it sees already on the cluster client.
 type redisHook struct {
-	m    *metrics
-	up   func()
-	node bool
+	m        *metrics
+	up       func()
+	refusals *refusals // told each command's outcome, before up
+	node     bool
 }
 
 func (h redisHook) DialHook(next redis.DialHook) redis.DialHook {
@@ -194,6 +260,7 @@ func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
+		h.refusals.note(cmd, err)
 		if redisconn.Failed(cmd, err) {
 			h.m.redisErrors.Inc()
 		} else if err == nil || errors.Is(err, redis.Nil) {
@@ -209,6 +276,9 @@ func (h redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 			return next(ctx, cmds)
 		}
 		err := next(ctx, cmds)
+		for _, c := range cmds {
+			h.refusals.note(c, c.Err())
+		}
 		if err == nil {
 			h.up()
 			return nil

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -88,5 +89,25 @@ func TestReadyzOutageLogs(t *testing.T) {
 	lines := logs.Lines(t, "redis unavailable")
 	if len(lines) != 1 || lines[0]["level"] != "WARN" || lines[0]["err"] == nil || lines[0]["route"] != "/readyz" {
 		t.Fatalf("3 probes with Redis down logged %d \"redis unavailable\", want one warning with the error and the route:\n%s", len(lines), logs.String())
+	}
+}
+
+// TestReadyzReplica: an ingress whose REDIS_URL names a replica (or whose
+// master a failover demoted) cannot publish (Redis refuses every write),
+// so it is not ready although Redis answers: /readyz 503 "down" with
+// Retry-After (docs/api.md), and the log says it is a replica.
+func TestReadyzReplica(t *testing.T) {
+	t.Parallel()
+	master := redistest.Start(t)
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port))
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: replica.URL(), Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	w := e.do("GET", "/readyz", "")
+	if w.Code != 503 || !strings.Contains(w.Body.String(), `"redis":"down"`) || w.Header().Get("Retry-After") != "1" {
+		t.Fatalf("readyz on a replica: %d %s (Retry-After %q), want 503 \"redis\":\"down\", Retry-After 1", w.Code, w.Body, w.Header().Get("Retry-After"))
+	}
+	lines := logs.Lines(t, "redis unavailable")
+	if len(lines) != 1 || !strings.Contains(fmt.Sprint(lines[0]["err"]), "replica") {
+		t.Fatalf("readyz on a replica logged %v, want one \"redis unavailable\" whose err says replica:\n%s", lines, logs.String())
 	}
 }

@@ -46,6 +46,9 @@ type Server struct {
 	// redisRefused logs the requests answered 500 because Redis refused
 	// a command to the functions' ACL user, once while it goes on.
 	redisRefused *logging.Episode
+	// refusals are the commands Redis refused and has not carried out
+	// since: only then does redisRefused end (redisUp).
+	refusals refusals
 	// redisLogin logs the requests answered 503 because Redis refused
 	// the functions' login (wrong password, no password, a user unknown
 	// or disabled): an episode of its own, at error level, since every
@@ -97,7 +100,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 	s.redisOOM = &logging.Episode{Log: log, Msg: "redis out of memory", Back: "redis accepts writes again", Error: true,
 		Then: "Redis is at its maxmemory and refuses writes: publishes, sends and disconnects are answered 503 with Retry-After: 5 and nothing of them is written, reads go on; free memory or raise maxmemory (docs/deployment.md); logged again every 30s while it lasts and once when an append succeeds again"}
 	s.redisRefused = &logging.Episode{Log: log, Msg: "redis refused a command", Back: "redis accepts the commands again", Error: true,
-		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal (and /readyz 503 if its probe is refused, as every command is without +select for the database of REDIS_URL) until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts"}
+		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal (and /readyz 503 if its probe is refused, as every command is without +select for the database of REDIS_URL) until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts and once when Redis has carried out each command it refused"}
 	s.redisLogin = &logging.Episode{Log: log, Msg: "redis refused the login", Back: "redis accepts the login again", Error: true,
 		Then: "the user or password the functions log in with (REDIS_URL's, or REDIS_CLUSTER_USERNAME and REDIS_CLUSTER_PASSWORD) is wrong or missing, or that ACL user does not exist or is disabled (err: WRONGPASS for a wrong password or user, NOAUTH or unauthenticated for none): requests that need Redis are answered 503 with Retry-After: 5, and /readyz 503, until an operator fixes the setting or the user (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts and once when Redis accepts the login again"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
@@ -106,12 +109,14 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		Then: "history pages leave them out (another application writing under REDIS_KEY_PREFIX, or another release's format); logged again every 30s while reads find them"}
 	s.unsaved = &logging.Episode{Log: log, Msg: "idempotency record not saved", Back: "idempotency records saved again",
 		Then: "the requests were written and answered as usual, but their Idempotency-Key replies were not stored: a retry with one of those keys runs again and writes nothing twice (docs/api.md, Idempotency-Key); logged again every 30s while it lasts and once when a reply is stored again"}
-	rdb.AddHook(redisHook{m: s.metrics, up: s.redisUp})
+	rdb.AddHook(redisHook{m: s.metrics, up: s.redisUp, refusals: &s.refusals})
 	redisconn.AddLoginHook(rdb, s.redisLogin.OK)
 	if cc, ok := rdb.(*redis.ClusterClient); ok {
 		// Appends waiting for replicas run on the masters' clients,
 		// outside the cluster client's hooks (stream.OnNode).
-		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redisHook{m: s.metrics, up: s.redisUp, node: true}) })
+		cc.OnNewNode(func(n *redis.Client) {
+			n.AddHook(redisHook{m: s.metrics, up: s.redisUp, refusals: &s.refusals, node: true})
+		})
 	}
 	r := gin.New()
 	r.HandleMethodNotAllowed = true

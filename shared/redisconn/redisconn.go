@@ -285,7 +285,10 @@ func pingMaster(ctx context.Context, n *redis.Client) error {
 // Failed reports whether err, cmd's outcome, is a Redis failure for the
 // functions' error counters: not a missing key (redis.Nil), a script not
 // yet cached (NOSCRIPT, which go-redis answers by loading it), a caller
-// that gave up, nor the connection handshake's optional commands.
+// that gave up, the connection handshake's optional commands, nor a ROLE
+// Redis answered with an error (refused to an ACL user without +role, or
+// renamed), which Ping takes for a master's: a user without it is
+// supported (docs/deployment.md), not a failure at every probe.
 func Failed(cmd redis.Cmder, err error) bool {
 	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return false
@@ -293,6 +296,9 @@ func Failed(cmd redis.Cmder, err error) bool {
 	switch cmd.Name() {
 	case "client", "hello":
 		return false
+	case "role":
+		var re redis.Error
+		return !errors.As(err, &re)
 	}
 	return true
 }
