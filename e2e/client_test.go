@@ -55,6 +55,58 @@ func (p *clientPublisher) publish(ch string, data any) (string, error) {
 	return out.ID, nil
 }
 
+// goSubscription is a subscription of the Go client c to ch whose
+// confirmations (OnSubscribed) and messages a test waits for.
+type goSubscription struct {
+	c    *client.Client
+	ch   string
+	live chan bool
+	got  chan client.Message
+}
+
+func subscribeGo(t testing.TB, c *client.Client, ch string) *goSubscription {
+	t.Helper()
+	s := &goSubscription{c: c, ch: ch, live: make(chan bool, 4), got: make(chan client.Message, 1)}
+	if _, err := c.Subscribe(ch, client.Handler{
+		OnSubscribed: func(bool) { s.live <- true },
+		OnMessage:    func(m client.Message) { s.got <- m },
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// waitLive waits up to 10 s for the next confirmation; when says which
+// one it is, for the failure.
+func (s *goSubscription) waitLive(t testing.TB, when string) {
+	t.Helper()
+	select {
+	case <-s.live:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: not subscribed %s (state %v, Err %v)", s.ch, when, s.c.State(), s.c.Err())
+	}
+}
+
+// roundTrip publishes data to the channel through pub and returns the
+// message delivered, which must be that one and come within 10 s.
+func (s *goSubscription) roundTrip(t testing.TB, pub *clientPublisher, data any) client.Message {
+	t.Helper()
+	id, err := pub.publish(s.ch, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-s.got:
+		if m.ID != id {
+			t.Fatalf("%s: got %s, want %s", s.ch, m.ID, id)
+		}
+		return m
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: %s not delivered (state %v, Err %v)", s.ch, id, s.c.State(), s.c.Err())
+		return client.Message{}
+	}
+}
+
 // TestGoClientResumesAcrossServerCloses: the Go client, subscribed while
 // the egress cuts its connections (idle timeout 2 s, lifetime 3 s),
 // receives every message published meanwhile exactly once, in order, and
@@ -589,35 +641,15 @@ func TestGoClientReadLimit(t *testing.T) {
 	url := "ws" + strings.TrimPrefix(eg.URL, "http") + "/ws"
 	big := strings.Repeat("x", 262144-len(`{"data":""}`)) // the whole body at the limit
 
-	got := make(chan client.Message, 1)
-	live := make(chan bool, 1)
 	c, err := client.Dial(client.Options{URL: url, User: "reader"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := c.Subscribe("big", client.Handler{
-		OnSubscribed: func(bool) { live <- true },
-		OnMessage:    func(m client.Message) { got <- m },
-	}); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-live:
-	case <-time.After(10 * time.Second):
-		t.Fatal("not subscribed")
-	}
-	id, err := pub.publish("big", big)
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case m := <-got:
-		if m.ID != id || len(m.Data) != len(big)+2 {
-			t.Fatalf("got %s of %d bytes, want %s of %d", m.ID, len(m.Data), id, len(big)+2)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("the message was not delivered (Err %v)", c.Err())
+	sub := subscribeGo(t, c, "big")
+	sub.waitLive(t, "at first")
+	if m := sub.roundTrip(t, pub, big); len(m.Data) != len(big)+2 {
+		t.Fatalf("got %d bytes, want %d", len(m.Data), len(big)+2)
 	}
 
 	small, err := client.Dial(client.Options{URL: url, User: "small", ReadLimit: 64 << 10,
@@ -680,7 +712,6 @@ func TestGoClientConnectTimeout(t *testing.T) {
 				drops  []string
 				others []string
 			)
-			got := make(chan client.Message, 1)
 			c, err := client.Dial(client.Options{
 				URL: "ws://" + proxy.Addr() + "/ws", User: "patient",
 				ReadTimeout: -1, ConnectTimeout: 500 * time.Millisecond,
@@ -702,14 +733,7 @@ func TestGoClientConnectTimeout(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			ch := "e2e-connect-" + strings.ReplaceAll(tc.name, " ", "-")
-			live := make(chan bool, 4)
-			if _, err := c.Subscribe(ch, client.Handler{
-				OnSubscribed: func(bool) { live <- true },
-				OnMessage:    func(m client.Message) { got <- m },
-			}); err != nil {
-				t.Fatal(err)
-			}
+			sub := subscribeGo(t, c, "e2e-connect-"+strings.ReplaceAll(tc.name, " ", "-"))
 			testkit.Eventually(t, 5*time.Second, func() error {
 				mu.Lock()
 				defer mu.Unlock()
@@ -719,23 +743,8 @@ func TestGoClientConnectTimeout(t *testing.T) {
 				return nil
 			})
 			tc.recovery(proxy)
-			select {
-			case <-live:
-			case <-time.After(10 * time.Second):
-				t.Fatalf("not subscribed once the proxy forwards again (state %v)", c.State())
-			}
-			id, err := pub.publish(ch, "m1")
-			if err != nil {
-				t.Fatal(err)
-			}
-			select {
-			case m := <-got:
-				if m.ID != id {
-					t.Fatalf("got %s, want %s", m.ID, id)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("m1 not delivered")
-			}
+			sub.waitLive(t, "once the proxy forwards again")
+			sub.roundTrip(t, pub, "m1")
 		})
 	}
 }
@@ -792,8 +801,6 @@ func TestGoClientTokenExpired(t *testing.T) {
 	}
 	defer fixed.Close()
 	var asked atomic.Int32
-	got := make(chan client.Message, 1)
-	live := make(chan bool, 4)
 	fresh, err := client.Dial(client.Options{URL: url, OnState: record("fresh"),
 		MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
 		GetToken: func(context.Context) (string, error) {
@@ -806,12 +813,7 @@ func TestGoClientTokenExpired(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fresh.Close()
-	if _, err := fresh.Subscribe("e2e-expiry", client.Handler{
-		OnSubscribed: func(bool) { live <- true },
-		OnMessage:    func(m client.Message) { got <- m },
-	}); err != nil {
-		t.Fatal(err)
-	}
+	sub := subscribeGo(t, fresh, "e2e-expiry")
 	select {
 	case <-fixed.Done():
 	case <-time.After(15 * time.Second):
@@ -821,25 +823,14 @@ func TestGoClientTokenExpired(t *testing.T) {
 	if !errors.As(fixed.Err(), &re) || re.Status != http.StatusUnauthorized || re.Code != "token_expired" {
 		t.Fatalf("Err %v, want the 401 token_expired", fixed.Err())
 	}
-	for range 2 { // the first token's connection, then the fresh one's
-		select {
-		case <-live:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("not subscribed again after the 4004 (GetToken asked %d times)", asked.Load())
+	defer func() {
+		if t.Failed() {
+			t.Logf("GetToken asked %d times", asked.Load())
 		}
-	}
-	id, err := pub.publish("e2e-expiry", "m1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case m := <-got:
-		if m.ID != id {
-			t.Fatalf("got %s, want %s", m.ID, id)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("m1 not delivered after the fresh token")
-	}
+	}()
+	sub.waitLive(t, "with the first token")
+	sub.waitLive(t, "again after the 4004")
+	sub.roundTrip(t, pub, "m1")
 	mu.Lock()
 	defer mu.Unlock()
 	var fixedStates, freshStates []string

@@ -684,25 +684,8 @@ func TestClusterReshard(t *testing.T) {
 	slot := int(rdb.ClusterKeySlot(ctx, e.ks.Stream(moved)).Val())
 	src, dst := owner[moved], owner[chans[1]]
 
-	var mu sync.Mutex
-	acked := map[string][]string{}
-	pubCtx, stop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	for _, ch := range chans {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := 0; pubCtx.Err() == nil; n++ {
-				if id, err := e.publish(pubCtx, ch, n); err == nil {
-					mu.Lock()
-					acked[ch] = append(acked[ch], id)
-					mu.Unlock()
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
-		}()
-	}
-	count := func() int { mu.Lock(); defer mu.Unlock(); return len(acked[moved]) }
+	pub := startClusterPublisher(t, e, chans, 5*time.Millisecond)
+	count := func() int { return len(pub.ackedOn(moved)) }
 	testkit.Eventually(t, 10*time.Second, func() error {
 		if count() < 20 {
 			return fmt.Errorf("%d published", count())
@@ -722,8 +705,8 @@ func TestClusterReshard(t *testing.T) {
 		}
 		return nil
 	})
-	stop()
-	wg.Wait()
+	acked, retries := pub.stop()
+	t.Logf("publish retries: %d", retries)
 	col.check(t, acked, 15*time.Second)
 }
 

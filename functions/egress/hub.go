@@ -482,11 +482,24 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 // readFailed records a failure of the read path: in loginRefused when
 // Redis refused the login, else in readFail.
 func (h *hub) readFailed(err error, attrs ...any) {
-	if redisconn.LoginRefused(err) {
-		h.loginRefused.Fail(err, attrs...)
-		return
+	if !loginFailed(h.loginRefused, err, attrs...) {
+		h.readFail.Fail(err, attrs...)
 	}
-	h.readFail.Fail(err, attrs...)
+}
+
+// loginFailed records err in login, the episode of Redis refusing the
+// egress's login (hub.loginRefused), and reports true, when err is such
+// a refusal (redisconn.LoginRefused); otherwise it reports false and the
+// caller records err as a failure of its own kind. The read path, the
+// Pub/Sub connections, the probe and the registry writes all ask it, so
+// that a refused login is told apart, and logged, the same way wherever
+// it is met. A nil login (a subscriber without one) records nothing.
+func loginFailed(login *logging.Episode, err error, attrs ...any) bool {
+	if login == nil || !redisconn.LoginRefused(err) {
+		return false
+	}
+	login.Fail(err, attrs...)
+	return true
 }
 
 // giveUp ends a goroutine of stall that stopped retrying its channel's

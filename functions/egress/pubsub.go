@@ -11,7 +11,6 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/logging"
-	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // Timing of the subscriber's repair work, derived from each other.
@@ -469,8 +468,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 // the node's is logged already. A login Redis refused is logged as such
 // (s.login), and ends when Redis accepts a login.
 func (s *subscriber) nodeDown(addr string, err error) {
-	if s.login != nil && redisconn.LoginRefused(err) {
-		s.login.Fail(err, "node", s.nodeName(addr))
+	if loginFailed(s.login, err, "node", s.nodeName(addr)) {
 		return
 	}
 	s.downMu.Lock()

@@ -286,9 +286,7 @@ func (s *Server) maintain(ctx context.Context) {
 			if now.Sub(lastProbe) >= s.cfg.ProbeInterval {
 				lastProbe = now
 				pctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-				if err := s.hub.probe(pctx); redisconn.LoginRefused(err) {
-					s.hub.loginRefused.Fail(err, "op", "probe")
-				} else if err != nil {
+				if err := s.hub.probe(pctx); err != nil && !loginFailed(s.hub.loginRefused, err, "op", "probe") {
 					s.log.Debug("probe failed", "err", err.Error())
 				}
 				switch lost, known := s.recordsLost(pctx); {
@@ -512,12 +510,9 @@ func (s *Server) regDone(err error, op, conn string) {
 	if conn != "" {
 		attrs = append(attrs, "conn", conn)
 	}
-	switch {
-	case redisconn.OutOfMemory(err):
+	if redisconn.OutOfMemory(err) {
 		s.regOOM.Fail(err, attrs...)
-	case redisconn.LoginRefused(err):
-		s.hub.loginRefused.Fail(err, attrs...)
-	default:
+	} else if !loginFailed(s.hub.loginRefused, err, attrs...) {
 		s.regFail.Fail(err, attrs...)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -78,19 +79,6 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Status(499)
 		hangUp(c)
 		return
-	case redisconn.Refused(err):
-		// Redis answered: the functions' ACL user lacks a rule. A
-		// configuration fault, like a key of the wrong type: the same
-		// answer to every retry until an operator mends the user.
-		s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		ae = errf(500, "internal", "internal error")
-	case redisconn.LoginRefused(err):
-		// Redis answered: it refuses the functions' login. Not "cannot
-		// be reached", and not over in a second: an operator fixes
-		// REDIS_URL or the user (a password rotated in Redis before the
-		// functions' setting, from the client's side, ends by itself).
-		s.redisLogin.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis refused this service's connection; retry later (with the same Idempotency-Key)", RetryAfter: loginRetryAfter}
 	case redisconn.OutOfMemory(err):
 		// Redis answered: it is at its maxmemory and may not evict. Not
 		// "cannot be reached", and not over in a second (keys expire,
@@ -102,8 +90,23 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		}
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: oomRetryAfter}
 	default:
-		s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
+		switch s.redisFailed(c, err) {
+		case s.redisRefused:
+			// Redis answered: the functions' ACL user lacks a rule. A
+			// configuration fault, like a key of the wrong type: the
+			// same answer to every retry until an operator mends the
+			// user.
+			ae = errf(500, "internal", "internal error")
+		case s.redisLogin:
+			// Redis answered: it refuses the functions' login. Not
+			// "cannot be reached", and not over in a second: an
+			// operator fixes REDIS_URL or the user (a password rotated
+			// in Redis before the functions' setting, from the client's
+			// side, ends by itself).
+			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis refused this service's connection; retry later (with the same Idempotency-Key)", RetryAfter: loginRetryAfter}
+		default:
+			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
+		}
 	}
 	body.Error.Code = ae.Code
 	c.Set(errorCodeKey, ae.Code)
@@ -112,6 +115,26 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Header("Retry-After", strconv.Itoa(ae.RetryAfter))
 	}
 	c.AbortWithStatusJSON(ae.Status, body)
+}
+
+// redisFailed records err, a command Redis did not carry out for the
+// request c, in the episode of its kind, and returns that episode:
+// redisRefused for a command refused to the functions' ACL user,
+// redisLogin for their login refused (both last until an operator acts),
+// redisDown for anything else (Redis cannot be reached). writeError and
+// handleReadyz both ask it, so that the answers to requests and to
+// probes tell a refusal from an outage the same way. Out of memory is
+// writeError's alone: only writes meet it, and a probe writes nothing.
+func (s *Server) redisFailed(c *gin.Context, err error) *logging.Episode {
+	ep := s.redisDown
+	switch {
+	case redisconn.Refused(err):
+		ep = s.redisRefused
+	case redisconn.LoginRefused(err):
+		ep = s.redisLogin
+	}
+	ep.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+	return ep
 }
 
 // oomRetryAfter is the Retry-After, in seconds, of a 503 because Redis is

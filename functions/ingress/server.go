@@ -153,13 +153,7 @@ func (s *Server) handleHealthz(c *gin.Context) {
 func (s *Server) handleReadyz(c *gin.Context) {
 	if err := s.ready.Check(c.Request.Context()); err != nil {
 		state := "refused"
-		switch {
-		case redisconn.Refused(err):
-			s.redisRefused.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		case redisconn.LoginRefused(err):
-			s.redisLogin.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		default:
-			s.redisDown.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		if s.redisFailed(c, err) == s.redisDown {
 			state = "down"
 		}
 		c.Header("Retry-After", "1")
