@@ -1165,6 +1165,38 @@ const clientJSCases = `(async () => {
       try { await publish("", "room", 1, { fetch: f, signal: ac3.signal, getToken: async () => { if (asked++) ac3.abort(new Error("left the page")); return "t"; } }); wrong.push("abort during getToken: resolved"); }
       catch (e) { if (e.message !== "left the page" || performance.now() - t1 > 2000 || calls.length !== 1) wrong.push("abort during getToken: " + e + " after " + Math.round(performance.now() - t1) + " ms, " + calls.length + " calls"); }
     }
+    // A getToken that never settles (a token endpoint that never
+    // answers), first or after a 401: an abort ends the call at once with
+    // the signal's reason, and timeout bounds the wait as it bounds an
+    // attempt. Timed out first, it ends the call as getToken's own error
+    // would, before any request; after a 401, with the 401 (the timeout
+    // as cause). An aborted signal asks no token at all.
+    {
+      const within = (p) => Promise.race([p, new Promise((_, reject) => setTimeout(() => reject(new Error("no end within 1 s")), 1000))]);
+      const never = () => new Promise(() => {});
+      for (const [name, steps, asked] of [["first", [ok], 0], ["after a 401", [fail(401, "token_expired"), ok], 1]]) {
+        let n = 0;
+        const getToken = () => n++ < asked ? Promise.resolve("t") : never();
+        const ac = new AbortController();
+        [f, calls] = scripted(...steps);
+        setTimeout(() => ac.abort(new Error("left the page")), 50);
+        try { await within(publish("", "room", 1, { fetch: f, signal: ac.signal, getToken, minBackoff: 1, maxBackoff: 2 })); wrong.push("abort during a hanging getToken " + name + ": resolved"); }
+        catch (e) { if (e.message !== "left the page" || calls.length !== asked) wrong.push("abort during a hanging getToken " + name + ": " + e + " after " + calls.length + " calls"); }
+
+        n = 0;
+        [f, calls] = scripted(...steps);
+        try { await within(publish("", "room", 1, { fetch: f, getToken, timeout: 100, minBackoff: 1, maxBackoff: 2 })); wrong.push("hanging getToken " + name + ": resolved"); }
+        catch (e) {
+          const timedOut = (x) => x instanceof Error && !(x instanceof TypeError) && !(x instanceof PublishError) && /getToken has not settled within timeout \(100 ms\)/.test(x.message);
+          const good = asked ? e instanceof PublishError && e.status === 401 && !e.outcomeUnknown && timedOut(e.cause) : timedOut(e);
+          if (!good || calls.length !== asked) wrong.push("hanging getToken " + name + ": " + e + " (cause " + e?.cause + ") after " + calls.length + " calls");
+        }
+      }
+      let asked = 0;
+      [f, calls] = scripted(ok);
+      try { await within(publish("", "room", 1, { fetch: f, signal: AbortSignal.abort(new Error("gone")), getToken: async () => { asked++; return "t"; } })); wrong.push("aborted before: resolved"); }
+      catch (e) { if (e.message !== "gone" || asked || calls.length) wrong.push("aborted before: " + e + " after " + asked + " getToken calls, " + calls.length + " requests"); }
+    }
 
     // An attempt without an answer (a path that died with the request
     // out: the headers, or the body, never come) is given up after

@@ -43,3 +43,43 @@ func TestRoutesMethodsAndNotFound(t *testing.T) {
 		}
 	}
 }
+
+// TestLiveAnswersNotStored: what the egress answers besides /client.js
+// and the demo page is live (health, readiness, metrics, and errors such
+// as a refused upgrade), so it carries Cache-Control: no-store, as every
+// ingress answer does: a browser, CDN or proxy that stored a /readyz 200
+// or a /metrics page would serve it stale. /client.js and / keep their
+// own caching (max-age and no-cache, revalidated by ETag).
+func TestLiveAnswersNotStored(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "METRICS_TOKEN": "scrape-secret-0123456789"})
+	for _, tc := range []struct {
+		method, path, token string
+		status              int
+		cache               string
+	}{
+		{"GET", "/healthz", "", 200, "no-store"},
+		{"HEAD", "/healthz", "", 200, "no-store"},
+		{"GET", "/readyz", "", 0, "no-store"}, // 200 or 503, as Redis answers: both live
+		{"GET", "/metrics", "scrape-secret-0123456789", 200, "no-store"},
+		{"GET", "/metrics", "", 401, "no-store"},
+		{"GET", "/ws", "", 400, "no-store"}, // not an upgrade
+		{"POST", "/readyz", "", 405, "no-store"},
+		{"GET", "/nope", "", 404, "no-store"},
+		{"GET", "/client.js", "", 200, "public, max-age=300"},
+		{"GET", "/", "", 200, "no-cache"},
+	} {
+		req, _ := http.NewRequest(tc.method, e.srv.URL+tc.path, nil)
+		if tc.token != "" {
+			req.Header.Set("Authorization", "Bearer "+tc.token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if got := resp.Header.Values("Cache-Control"); (tc.status != 0 && resp.StatusCode != tc.status) || len(got) != 1 || got[0] != tc.cache {
+			t.Errorf("%s %s: %d, Cache-Control %q; want %d, %q", tc.method, tc.path, resp.StatusCode, got, tc.status, tc.cache)
+		}
+	}
+}

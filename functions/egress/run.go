@@ -108,6 +108,7 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
+	s.stopEpisodes()
 	log.Info("stopped")
 	return nil
 }

@@ -6,13 +6,17 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"reflect"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -154,4 +158,98 @@ func TestRunStartupLine(t *testing.T) {
 			t.Errorf("a secret (%s) is in the log:\n%s", secret, out)
 		}
 	}
+}
+
+// TestNothingLoggedAfterStopped: "stopped" is the egress's last line. An
+// outage that ended just before shutdown (a registry write failed, the
+// next one succeeded) has its end line ("registry writes back") pending
+// for Quiet after the failure; it is logged before "stopped", at once,
+// and not from a timer after the server has stopped (in a process that
+// has exited by then, never).
+func TestNothingLoggedAfterStopped(t *testing.T) {
+	t.Parallel()
+	cfg, rdb, ln := serveSetup(t)
+	var failing atomic.Bool
+	// The registry's writes (a record is a SET), not the subscription.
+	rdb.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool { return failing.Load() && cmds[0].Name() == "set" }})
+	var logs testkit.SyncBuffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
+	s := NewServer(cfg, log, rdb)
+	const quiet = 2 * time.Second
+	s.regFail.Quiet = quiet
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, log, ln, s) }()
+	stop := sync.OnceValue(func() error { cancel(); return <-served })
+	t.Cleanup(func() { _ = stop() })
+	u := "ws://" + ln.Addr().String() + "/ws"
+
+	failing.Store(true) // the socket's registry record cannot be written: 1013
+	ws, _, err := websocket.DefaultDialer.Dial(u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	if code := closeCode(t, ws, 5*time.Second); code != websocket.CloseTryAgainLater {
+		t.Fatalf("close %d, want 1013", code)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if len(logs.Lines(t, "registry write failed")) == 0 {
+			return fmt.Errorf("no registry failure logged: %s", logs.String())
+		}
+		return nil
+	})
+	failing.Store(false)
+	ws2, _, err := websocket.DefaultDialer.Dial(u, nil) // its record is written: the end is pending
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws2.Close()
+	next(t, ws2, protocol.TypeWelcome)
+	go func() { // answers the drain's close
+		for {
+			if _, _, err := ws2.ReadMessage(); err != nil {
+				return
+			}
+		}
+	}()
+	if err := stop(); err != nil {
+		t.Fatalf("serve: %v", err)
+	}
+	time.Sleep(quiet + 500*time.Millisecond) // past the pending end
+	recs := logs.JSONLines(t)
+	if last := recs[len(recs)-1]["msg"]; last != "stopped" {
+		t.Errorf("last line %q, want stopped; log:\n%s", last, logs.String())
+	}
+	if len(logs.Lines(t, "registry writes back")) != 1 {
+		t.Errorf("want one end line before stopped; log:\n%s", logs.String())
+	}
+}
+
+// TestStopEpisodesCoversAll: stopEpisodes stops every outage log of the
+// server and its hub, one added later included, and each once.
+func TestStopEpisodesCoversAll(t *testing.T) {
+	t.Parallel()
+	cfg, rdb, _ := serveSetup(t)
+	s := NewServer(cfg, slog.New(slog.DiscardHandler), rdb)
+	fields := episodeFields(reflect.TypeFor[Server]()) + episodeFields(reflect.TypeFor[hub]())
+	got := s.episodes()
+	seen := map[*logging.Episode]bool{}
+	for _, ep := range got {
+		seen[ep] = true
+	}
+	if len(got) != fields || len(seen) != fields || seen[nil] {
+		t.Fatalf("episodes() lists %d, want the %d *logging.Episode fields of Server and hub, each once", len(got), fields)
+	}
+}
+
+// episodeFields counts the fields of struct type st that are episodes.
+func episodeFields(st reflect.Type) int {
+	n := 0
+	for f := range st.Fields() {
+		if f.Type == reflect.TypeFor[*logging.Episode]() {
+			n++
+		}
+	}
+	return n
 }

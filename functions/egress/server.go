@@ -153,7 +153,22 @@ func (s *Server) routes() {
 	})
 }
 
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP serves the routes. Every answer but /client.js's and the demo
+// page's (which set their own caching, revalidated by ETag) is live:
+// health, readiness, metrics, a refused upgrade. No-store keeps them out
+// of caches, a browser's or a shared one (a CDN, a proxy), as the
+// ingress's answers are: without it a GET's 200 is cacheable by
+// heuristic (RFC 9111 §4.2.2), and a cache in front of the egress could
+// answer a probe with a stale /readyz or a scrape with an old /metrics.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header()["Cache-Control"] = cacheNoStore
+	s.mux.ServeHTTP(w, r)
+}
+
+// cacheNoStore is the Cache-Control of live answers, shared rather than
+// allocated per request. Never written to: a handler that caches sets a
+// header of its own (Header.Set replaces the slice).
+var cacheNoStore = []string{"no-store"}
 
 func writeHTTPError(w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
@@ -494,6 +509,23 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		}
 	}
 	return err
+}
+
+// episodes are the outage logs of s and its hub (logging.Episode), each
+// once.
+func (s *Server) episodes() []*logging.Episode {
+	h := s.hub
+	return []*logging.Episode{s.regFail, s.regOOM, s.regLost, h.readFail, h.loginRefused, h.badNotify, h.badRoute, h.undecodable}
+}
+
+// stopEpisodes stops the outage logs once shutdown is over (the sockets
+// drained, the loops ended), so that "stopped" is the last line: an
+// outage's end pending its Quiet is logged now, not from a timer after
+// it, or never (the process exits first).
+func (s *Server) stopEpisodes() {
+	for _, e := range s.episodes() {
+		e.Stop()
+	}
 }
 
 // regDone records the outcome of a registry write, op, for connection

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"reflect"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -148,6 +150,61 @@ func TestServeGraceOver(t *testing.T) {
 	}
 }
 
+// TestNothingLoggedAfterStopped: "stopped" is the ingress's last line. An
+// outage that ended just before shutdown (an idempotency record not
+// saved, the next one saved) has its end line pending for Quiet after
+// the failure; it is logged before "stopped", at once, and not from a
+// timer after the server has stopped (in a process that has exited by
+// then, never).
+func TestNothingLoggedAfterStopped(t *testing.T) {
+	t.Parallel()
+	var logs testkit.SyncBuffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
+	e, failing := newEnvRecordsFail(t, log)
+	const quiet = 2 * time.Second
+	e.srv.unsaved.Quiet = quiet
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, log, ln, e.srv, time.Second, time.Second) }()
+	publish := func(key string) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+"/v1/channels/r/messages", strings.NewReader(`{"data":1}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", key)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 202 {
+			t.Fatalf("publish %s: %d", key, resp.StatusCode)
+		}
+	}
+	failing.Store(true)
+	publish("lost") // written, its record not saved
+	failing.Store(false)
+	publish("saved") // the end is pending
+	if len(logs.Lines(t, "idempotency record not saved")) != 1 {
+		t.Fatalf("no failure logged:\n%s", logs.String())
+	}
+	cancel()
+	if err := <-served; err != nil {
+		t.Fatalf("serve: %v", err)
+	}
+	time.Sleep(quiet + 500*time.Millisecond) // past the pending end
+	recs := logs.JSONLines(t)
+	if last := recs[len(recs)-1]["msg"]; last != "stopped" {
+		t.Errorf("last line %q, want stopped; log:\n%s", last, logs.String())
+	}
+	if len(logs.Lines(t, "idempotency records saved again")) != 1 {
+		t.Errorf("want one end line before stopped; log:\n%s", logs.String())
+	}
+}
+
 // TestServeLogsHTTPErrors: net/http's own messages (here an accept error,
 // as when the process is out of file descriptors) are records of the
 // function's structured log, not plain text on stderr, with a constant
@@ -215,5 +272,27 @@ func TestRunStartupLine(t *testing.T) {
 		if strings.Contains(out, secret) {
 			t.Errorf("a secret (%s) is in the log:\n%s", secret, out)
 		}
+	}
+}
+
+// TestQuiesceCoversAll: quiesce stops every outage log of the server, one
+// added later included, and each once.
+func TestQuiesceCoversAll(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	t.Cleanup(e.srv.Close)
+	n := 0
+	for f := range reflect.TypeFor[Server]().Fields() {
+		if f.Type == reflect.TypeFor[*logging.Episode]() {
+			n++
+		}
+	}
+	got := e.srv.episodes()
+	seen := map[*logging.Episode]bool{}
+	for _, ep := range got {
+		seen[ep] = true
+	}
+	if len(got) != n || len(seen) != n || seen[nil] {
+		t.Fatalf("episodes() lists %d, want the %d *logging.Episode fields of Server, each once", len(got), n)
 	}
 }

@@ -128,6 +128,11 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 	case <-time.After(redisTimeout + time.Second):
 		log.Warn("requests still running after shutdown")
 	}
+	// What the handler logs in the background ends before the last line
+	// (Server.quiesce).
+	if q, ok := h.(interface{ quiesce() }); ok {
+		q.quiesce()
+	}
 	log.Info("stopped")
 	return nil
 }

@@ -74,6 +74,23 @@ func init() { gin.SetMode(gin.ReleaseMode) }
 // runs: the Redis client can be closed after it.
 func (s *Server) Close() { s.claims.Close() }
 
+// episodes are the server's outage logs (logging.Episode), each once.
+func (s *Server) episodes() []*logging.Episode {
+	return []*logging.Episode{s.redisDown, s.unreplicated, s.redisOOM, s.redisRefused, s.redisLogin, s.undecodable, s.unsaved}
+}
+
+// quiesce ends what logs in the background once no request runs, so that
+// serve's "stopped" is the last line: the claims' releases (Close, whose
+// last batch may log the keys it freed) and the outage logs, whose end
+// pending its Quiet is logged now rather than from a timer after
+// "stopped", or never (the process exits first). Close may follow.
+func (s *Server) quiesce() {
+	s.Close()
+	for _, e := range s.episodes() {
+		e.Stop()
+	}
+}
+
 // NewServer wires the ingress routes to rdb.
 func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
 	store := stream.NewStore(rdb)

@@ -52,11 +52,13 @@ type Episode struct {
 	// none yet): the success that ends the episode, which its end line
 	// measures to.
 	okSince atomic.Int64
+	endAt   atomic.Pointer[time.Timer] // the pending end's timer, for Stop
 
-	mu     sync.Mutex
-	since  time.Time // when it began
-	said   time.Time // when it was last logged
-	failed int64     // failures since it began
+	mu      sync.Mutex
+	since   time.Time // when it began
+	said    time.Time // when it was last logged
+	failed  int64     // failures since it began
+	stopped bool      // Stop was called: nothing is logged any more
 }
 
 // Fail records one failure, err, and logs it if it begins the episode or
@@ -67,6 +69,9 @@ func (e *Episode) Fail(err error, attrs ...any) {
 	e.okSince.Store(0)
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.stopped {
+		return
+	}
 	if !e.active.Load() {
 		e.active.Store(true)
 		e.since, e.said, e.failed = now, now, 1
@@ -100,7 +105,7 @@ func (e *Episode) OK() {
 		return
 	}
 	if e.pending.CompareAndSwap(false, true) {
-		time.AfterFunc(wait, func() {
+		e.endAt.Store(time.AfterFunc(wait, func() {
 			e.pending.Store(false)
 			e.end(last)
 			// A success that came after a newer failure (or in a new
@@ -110,8 +115,37 @@ func (e *Episode) OK() {
 			if e.active.Load() && e.lastOK.Load() > e.lastFail.Load() {
 				e.OK()
 			}
-		})
+		}))
 	}
+}
+
+// Stop ends the episode's logging, for a server that stops: its owner
+// calls it once the work that calls Fail and OK is done, before its last
+// line. An end that is pending (a success came within Quiet of the last
+// failure) is logged at once, with Back, rather than from a timer after
+// the server's last line or not at all (the process exits first). An
+// episode still failing is left as its last line said. Nothing is logged
+// once Stop has returned, whatever comes (a handler outliving shutdown's
+// wait); the metrics still count it. Safe to call more than once.
+func (e *Episode) Stop() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stopped = true
+	if t := e.endAt.Load(); t != nil {
+		t.Stop()
+	}
+	if !e.active.Load() {
+		return
+	}
+	if back := e.okSince.Load(); back != 0 {
+		if back < e.lastFail.Load() {
+			back = time.Now().UnixNano() // as in end
+		}
+		e.closeLocked(e.Back, back)
+	}
+	// Inactive for good: OK returns at once, a timer that fires anyway
+	// ends nothing, and Fail begins nothing (stopped).
+	e.active.Store(false)
 }
 
 // end ends the episode if its last failure is still last, as lasting

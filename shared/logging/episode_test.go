@@ -3,6 +3,7 @@ package logging
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -160,4 +161,65 @@ func TestEpisodeLasted(t *testing.T) {
 			t.Fatalf("abandoned: %v, want lasted 4s", r)
 		}
 	})
+}
+
+// TestEpisodeStop: a server that stops stops its episodes before its
+// last line. An end pending at Stop (a success within Quiet of the last
+// failure) is logged at once, measured to that success, not from a timer
+// after the server's last line; an episode still failing is left as its
+// last line said. After Stop nothing is logged: not the pending end, not
+// a failure, success or Abandon that comes later. Stop twice is Stop.
+func TestEpisodeStop(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		boom := errors.New("connection refused")
+		for _, tc := range []struct {
+			name  string
+			steps func(e *Episode)
+			want  []string // the lines logged, in order
+		}{
+			{"end pending", func(e *Episode) { e.Fail(boom); time.Sleep(time.Second); e.OK() }, []string{"redis unavailable", "redis back"}},
+			{"still failing", func(e *Episode) { e.Fail(boom); e.OK(); time.Sleep(time.Second); e.Fail(boom) }, []string{"redis unavailable"}},
+			{"none under way", func(e *Episode) {}, nil},
+		} {
+			var buf testkit.SyncBuffer
+			log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Quiet: 5 * time.Second}
+			tc.steps(e)
+			time.Sleep(time.Second)
+			e.Stop()
+			if got := msgs(t, &buf); !slices.Equal(got, tc.want) {
+				t.Fatalf("%s: at Stop %q, want %q", tc.name, got, tc.want)
+			}
+			if tc.name == "end pending" {
+				if r := buf.JSONLines(t)[1]; r["lasted"] != "1s" {
+					t.Errorf("%s: %v, want lasted 1s (to the success)", tc.name, r)
+				}
+			}
+			e.Stop()
+			e.Fail(boom)
+			e.OK()
+			time.Sleep(time.Minute) // past any end or reminder
+			e.Fail(boom)
+			e.OK()
+			e.Abandon()
+			synctest.Wait()
+			if got := msgs(t, &buf); !slices.Equal(got, tc.want) {
+				t.Fatalf("%s: after Stop %q, want %q", tc.name, got, tc.want)
+			}
+		}
+	})
+}
+
+// msgs is the msg of each line in buf.
+func msgs(t *testing.T, buf *testkit.SyncBuffer) []string {
+	t.Helper()
+	var out []string
+	for _, r := range buf.JSONLines(t) {
+		out = append(out, r["msg"].(string))
+	}
+	return out
 }

@@ -768,6 +768,31 @@ function checkToken(t) {
   throw new TypeError("the token must be printable ASCII without spaces (a user token or an API key)");
 }
 
+/**
+ * opts.getToken()'s answer for publish(), ended at once by an abort of
+ * opts.signal (with its reason, as publish()'s other waits are) and given
+ * up after timeout ms (an Error, as if getToken had failed with it): a
+ * token endpoint that never answers would otherwise leave the call
+ * pending for ever, aborted or not. The late answer is ignored. An
+ * aborted signal asks no token.
+ */
+function tokenWithin(opts, timeout) {
+  opts.signal?.throwIfAborted();
+  return new Promise((resolve, reject) => {
+    const end = (settle, v) => {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", abort);
+      settle(v);
+    };
+    const abort = () => end(reject, opts.signal.reason);
+    const timer = setTimeout(() => end(reject, new Error(`getToken has not settled within timeout (${timeout} ms)`)), Math.min(timeout, MAX_TIMER));
+    opts.signal?.addEventListener("abort", abort, { once: true });
+    let p;
+    try { p = opts.getToken(); } catch (e) { p = Promise.reject(e); }
+    Promise.resolve(p).then((t) => end(resolve, t), (e) => end(reject, e));
+  });
+}
+
 /** A random Idempotency-Key: 22 base64url characters (128 bits). */
 function newKey() {
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -792,17 +817,20 @@ function newKey() {
  * opts.getToken asks it for a fresh token and tries again (the key is
  * scoped to the user, not the token); if getToken then fails, the call
  * rejects with the 401, getToken's error as cause. Any other answer is
- * final. A refusal, or attempts run out, rejects with a PublishError
- * (code "network" when the last attempt got no answer; outcomeUnknown
- * when the message may have been written); bad input (a channel name,
- * data that is null in JSON, an event, a from that is not a user id, a
- * token that is not printable ASCII without spaces, a maxAttempts that is
- * not a whole number (0 means 4), a backoff or timeout that is not a
- * number of ms from 0 up (0 means its default)) with a TypeError before
- * any request. opts: token or getToken (a user token, sent as
+ * final. Each getToken() is given up after opts.timeout, as if it had
+ * failed with an Error "getToken has not settled within timeout", and an
+ * abort ends the wait for it at once; the first one's error, before any
+ * request, ends the call as it is. A refusal, or attempts run out,
+ * rejects with a PublishError (code "network" when the last attempt got
+ * no answer; outcomeUnknown when the message may have been written); bad
+ * input (a channel name, data that is null in JSON, an event, a from that
+ * is not a user id, a token that is not printable ASCII without spaces,
+ * a maxAttempts that is not a whole number (0 means 4), a backoff or
+ * timeout that is not a number of ms from 0 up (0 means its default))
+ * with a TypeError before any request. opts: token or getToken (a user token, sent as
  * Authorization: Bearer), event, from, idempotencyKey, maxAttempts,
  * minBackoff, maxBackoff, timeout, signal (an AbortSignal that stops the
- * call and its waits), fetch (a stand-in, for tests).
+ * call and its waits, getToken's included), fetch (a stand-in, for tests).
  */
 export async function publish(ingress, channel, data, opts = {}) {
   if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
@@ -829,7 +857,7 @@ export async function publish(ingress, channel, data, opts = {}) {
   const min = msOption(opts, "minBackoff", 100), max = Math.max(msOption(opts, "maxBackoff", 5000), min);
   const timeout = msOption(opts, "timeout", 10000);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
-  let token = checkToken(opts.token ?? (opts.getToken ? await opts.getToken() : undefined));
+  let token = checkToken(opts.token ?? (opts.getToken ? await tokenWithin(opts, timeout) : undefined));
   let last, unknown = false;
   for (let n = 0; ; n++) {
     opts.signal?.throwIfAborted();
@@ -900,7 +928,7 @@ export async function publish(ingress, channel, data, opts = {}) {
     // says whether an earlier attempt may have written the message.
     if (freshToken) {
       try {
-        token = checkToken(await opts.getToken());
+        token = checkToken(await tokenWithin(opts, timeout));
       } catch (e) {
         opts.signal?.throwIfAborted();
         last.cause = e;
