@@ -244,3 +244,48 @@ func TestDisconnectDuringRegistration(t *testing.T) {
 		t.Fatalf("close %d, want 4003", code)
 	}
 }
+
+// TestUserSendCaughtUpReachesNewerConnection: a send to a user that this
+// instance delivers late (its notification lost, so the inbox is caught
+// up from its stream at the next one) reaches the user's connections
+// open here when it is delivered, one opened after the send included.
+// docs/api.md says so: the egress delivers to the user's connections it
+// holds, and cannot tell when the send was made (the entry's id is
+// Redis's clock, the connection's opening the egress's). Before, the
+// docs said a connection opened after the send never got it.
+func TestUserSendCaughtUpReachesNewerConnection(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	older, _, err := e.dial(t, url.Values{"user": {"ann"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := next(t, older, "welcome")
+	toUser := func(notify, data string) string {
+		t.Helper()
+		ids, err := stream.NewStore(rdb).Append(context.Background(), []stream.Append{{Stream: ks.Inbox(w.Instance), Notify: notify,
+			Msg:    stream.Message{Route: stream.ToUser("ann"), TS: time.Now().UnixMilli(), Data: json.RawMessage(`"` + data + `"`)},
+			Limits: stream.Limits{MaxLen: 10000, MaxAgeMS: 60000, TTLMS: 60000}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ids[0]
+	}
+	// Sent while ann had one connection here; its notification is lost
+	// (as in a Pub/Sub outage).
+	late := toUser(ks.InboxNotify("elsewhere"), "late")
+	newer, _, err := e.dial(t, url.Values{"user": {"ann"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, newer, "welcome")
+	after := toUser(ks.InboxNotify(w.Instance), "after")
+	for name, ws := range map[string]*websocket.Conn{"older": older, "newer": newer} {
+		got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == after })
+		if len(got) != 2 || got[0] != late || got[1] != after {
+			t.Errorf("%s connection: got %v (close %d), want [%s %s]", name, got, code, late, after)
+		}
+	}
+}

@@ -64,6 +64,25 @@ func TestUserConnections(t *testing.T) {
 	}
 }
 
+// TestUserConnectionsStaleAhead: members left behind by removals whose
+// ZREM failed (records gone, scores newer than the live connection's)
+// do not make GET /v1/users/{user}/connections?limit=1 answer [] while
+// the user has a live connection. Before, five of them did.
+func TestUserConnectionsStaleAhead(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	e.register("live", "dora", "inst-a")
+	newer := float64(time.Now().Add(e.srv.cfg.RegistryTTL + time.Second).UnixMilli())
+	for i := range 5 {
+		e.rdb.ZAdd(ctx, e.keys.UserConns("dora"), redis.Z{Score: newer, Member: fmt.Sprint("left", i)})
+	}
+	w := e.do("GET", "/v1/users/dora/connections?limit=1", "")
+	if l := decode[struct{ Connections []registry.Record }](t, w); w.Code != 200 || len(l.Connections) != 1 || l.Connections[0].ID != "live" {
+		t.Fatalf("limit=1: %d %s, want the live connection", w.Code, w.Body)
+	}
+}
+
 // TestUserDisconnect: DELETE /v1/users/{user}/connections queues, on
 // each connection's instance, the command DELETE /v1/connections/{id}
 // queues, for every live connection of the user and no other; it answers

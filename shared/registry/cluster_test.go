@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -68,5 +72,74 @@ func TestClusterRegistry(t *testing.T) {
 	got, err := reg.Channel(ctx, "lobby", 100)
 	if err != nil || len(got) != 10 {
 		t.Fatalf("lobby after removing 10: %d records, %v", len(got), err)
+	}
+}
+
+// TestClusterFailedRemoves: on a cluster a Remove's DEL of the record and
+// its ZREM from the user's set go to different nodes, and the ZREM can
+// fail alone (its node unreachable for a moment), leaving a member whose
+// record is gone and whose score is as new as a live connection's. A
+// user's list read with a small limit still finds the live connection
+// behind a few of them. Before, five such members made a limit=1 read
+// answer [] while the user had a live connection.
+func TestClusterFailedRemoves(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	rdb := c.Client(t)
+	var failZRem atomic.Bool
+	rdb.OnNewNode(func(n *redis.Client) {
+		n.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
+			return failZRem.Load() && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == "zrem" })
+		}})
+	})
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
+	reg := registry.New(rdb, ks, 5*time.Second)
+	ctx := context.Background()
+
+	node := func(key string) string {
+		n, err := rdb.MasterForKey(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n.Options().Addr
+	}
+	if err := reg.Put(ctx, &registry.Record{ID: "a-live", User: "u", Instance: "i1"}); err != nil {
+		t.Fatal(err)
+	}
+	// Connections whose records are on another node than the user's set
+	// (so that their DELs are made), opened after the live one (so that
+	// they sort ahead of it), and closed while the set's node fails.
+	setNode := node(ks.UserConns("u"))
+	var stale []*registry.Record
+	for i := 0; len(stale) < 5; i++ {
+		id := fmt.Sprintf("s-%d", i)
+		if node(ks.Conn(id)) != setNode {
+			stale = append(stale, &registry.Record{ID: id, User: "u", Instance: "i1"})
+		}
+	}
+	if err := reg.Refresh(ctx, stale); err != nil {
+		t.Fatal(err)
+	}
+	failZRem.Store(true)
+	for _, r := range stale {
+		if err := reg.Remove(ctx, r); !errors.Is(err, redistest.ErrFailed) {
+			t.Fatalf("Remove %s: %v, want its ZREM failed", r.ID, err)
+		}
+		if _, err := reg.Get(ctx, r.ID); !errors.Is(err, registry.ErrNotFound) {
+			t.Fatalf("Get %s after its failed Remove: %v, want its record gone", r.ID, err)
+		}
+	}
+	failZRem.Store(false)
+	if n := rdb.ZCard(ctx, ks.UserConns("u")).Val(); n != 6 {
+		t.Fatalf("%d members in the user's set, want 6 (the live one and 5 left behind)", n)
+	}
+	for _, lim := range []int64{1, 2} {
+		got, err := reg.User(ctx, "u", lim)
+		if err != nil || len(got) != 1 || got[0].ID != "a-live" {
+			t.Fatalf("User limit %d = %v, %v; want [a-live]", lim, got, err)
+		}
 	}
 }

@@ -109,10 +109,46 @@ func TestMembersNewestFirst(t *testing.T) {
 	}
 	// Dead members: no record, scores from an earlier refresh.
 	old := float64(time.Now().Add(30 * time.Second).UnixMilli())
-	for i := range 2 * memberPasses {
-		r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: old, Member: fmt.Sprintf("dead%d", i)})
+	var dead []redis.Z
+	for i := range 2 * minMemberScan {
+		dead = append(dead, redis.Z{Score: old, Member: fmt.Sprintf("dead%d", i)})
 	}
+	r.rdb.ZAdd(ctx, ks.ChannelConns("a"), dead...)
 	if recs, err := r.Channel(ctx, "a", 1); err != nil || !slices.Equal(ids(recs), []string{"live"}) {
 		t.Fatalf("Channel limit 1 = %v, %v; want [live]", ids(recs), err)
+	}
+}
+
+// TestMembersStaleAhead: members whose records are gone but whose scores
+// are the newest (a Remove whose ZREM failed while its DEL was made: on a
+// cluster they go to different nodes) do not make a small read come back
+// short while live connections remain. Before, a read skipped at most
+// 4 × limit of them: five ahead made a limit-1 read say [].
+func TestMembersStaleAhead(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	for _, id := range []string{"live1", "live2"} {
+		if err := r.Put(ctx, &Record{ID: id, User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Refreshed after the live ones, then removed but for the ZREMs.
+	newer := float64(time.Now().Add(time.Minute + time.Second).UnixMilli())
+	for i := range 50 {
+		id := fmt.Sprintf("stale%d", i)
+		r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: newer, Member: id})
+		r.rdb.ZAdd(ctx, ks.UserConns("u"), redis.Z{Score: newer, Member: id})
+	}
+	for _, lim := range []int64{1, 2, 3} {
+		want := []string{"live1", "live2"}[:min(lim, 2)]
+		recs, err := r.User(ctx, "u", lim)
+		if got := ids(recs); err != nil || len(got) != len(want) {
+			t.Errorf("User limit %d = %v, %v; want %d of %v", lim, got, err, len(want), want)
+		}
+		recs, err = r.Channel(ctx, "a", lim)
+		if got := ids(recs); err != nil || len(got) != len(want) {
+			t.Errorf("Channel limit %d = %v, %v; want %d of %v", lim, got, err, len(want), want)
+		}
 	}
 }

@@ -202,13 +202,20 @@ func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 	return &rec, nil
 }
 
-// memberPasses bounds the reads of one members call: a read that skips
-// members (their record is gone, or keep refuses it) reads as many more
-// after them, at most memberPasses times, so that a few stale members
-// do not hide live ones behind them (a channel read with limit 1 would
-// say "empty"), and a set full of them costs at most memberPasses ×
-// limit records.
-const memberPasses = 4
+// memberScan bounds the members one read examines: at most
+// memberScan × limit, and never fewer than minMemberScan. A read that
+// skips members (their record is gone, or keep refuses it) reads on
+// after them until it has limit records or the set has no more, so that
+// stale members do not hide live ones behind them (a user read with
+// limit 1 would say "none"), and a set full of them costs at most that
+// many record reads. Skipped members sort ahead of live ones only for a
+// while: one whose Remove lost its ZREM (on a cluster its DEL and ZREM
+// go to different nodes) until the live ones' next refresh, one of a
+// dead instance whose clock was ahead until it is a TTL past its score.
+const (
+	memberScan    = 4
+	minMemberScan = 1000
+)
 
 // members returns the live records of the set at key for which keep (if
 // not nil) is true, at most limit, newest first, and drops members a TTL
@@ -221,36 +228,51 @@ const memberPasses = 4
 // removes it from the set. A dead member costs one record read per
 // reader for at most that TTL more, and only when the live members do
 // not fill limit first: the most recently refreshed come first.
+//
+// A member whose record is gone is skipped, not removed: on a cluster
+// the record and the set are on different nodes, and a Put's or
+// Refresh's ZADD may land before its SET, so "no record" can mean "not
+// written yet"; removing it would hide a live connection from targeted
+// sends until its next refresh.
 func (r *Registry) members(ctx context.Context, key string, limit int64, keep func(*Record) bool) ([]*Record, error) {
 	cutoff := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
 	out := []*Record{}
-	// A member refreshed between two passes moves to the front: this
+	// A member refreshed between two reads moves to the front: this
 	// read may miss it, and read another one twice (seen drops that).
 	seen := map[string]bool{}
+	budget := max(memberScan*limit, minMemberScan)
 	var offset int64
-	for pass := 0; pass < memberPasses && int64(len(out)) < limit; pass++ {
-		want := limit - int64(len(out))
-		ids, err := r.rdb.ZRevRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + cutoff, Max: "+inf", Offset: offset, Count: want}).Result()
+	count := limit // enough when nothing is skipped
+	for first := true; int64(len(out)) < limit && budget > 0; first = false {
+		count = min(count, budget)
+		ids, err := r.rdb.ZRevRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + cutoff, Max: "+inf", Offset: offset, Count: count}).Result()
 		if err != nil {
 			return nil, fmt.Errorf("registry members: %w", err)
 		}
-		if pass == 0 {
+		if first {
 			r.rdb.ZRemRangeByScore(ctx, key, "-inf", cutoff) // best effort cleanup
 		}
+		budget -= int64(len(ids))
 		recs, err := r.records(ctx, ids)
 		if err != nil {
 			return nil, err
 		}
+		before := len(out)
 		for _, rec := range recs {
-			if !seen[rec.ID] && (keep == nil || keep(rec)) {
+			if int64(len(out)) < limit && !seen[rec.ID] && (keep == nil || keep(rec)) {
 				seen[rec.ID] = true
 				out = append(out, rec)
 			}
 		}
-		if int64(len(ids)) < want {
+		if int64(len(ids)) < count {
 			break // the set has no more
 		}
 		offset += int64(len(ids))
+		// Members were skipped, and as many again may follow: read
+		// what is missing, or twice as many as were skipped, so that a
+		// run of skipped members costs a few round trips, not one each.
+		skipped := int64(len(ids) - (len(out) - before))
+		count = max(limit-int64(len(out)), 2*skipped)
 	}
 	return out, nil
 }
