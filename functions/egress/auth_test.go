@@ -51,6 +51,14 @@ func startEgressOn(t *testing.T, rdb redis.UniversalClient, prefix string, env m
 // to logs.
 func startEgressLogging(t *testing.T, rdb redis.UniversalClient, prefix string, env map[string]string, logs io.Writer) *secEgress {
 	t.Helper()
+	return startEgressTuned(t, rdb, prefix, env, logs, nil)
+}
+
+// startEgressTuned is startEgressLogging with tune, when not nil, run on
+// the server before it starts: for the settings no environment variable
+// reaches (hub.lateWait).
+func startEgressTuned(t *testing.T, rdb redis.UniversalClient, prefix string, env map[string]string, logs io.Writer, tune func(*Server)) *secEgress {
+	t.Helper()
 	env["REDIS_URL"] = redistest.URL(t)
 	env["REDIS_KEY_PREFIX"] = prefix
 	cfg, err := loadConfig(func(k string) string { return env[k] })
@@ -58,6 +66,9 @@ func startEgressLogging(t *testing.T, rdb redis.UniversalClient, prefix string, 
 		t.Fatal(err)
 	}
 	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	if tune != nil {
+		tune(s)
+	}
 	srv, stop := startEgress(t, s)
 	return &secEgress{s: s, srv: srv, stop: stop}
 }

@@ -39,7 +39,7 @@ func newFanOut(n int) *fanOutFixture {
 // deliver fans one message out, then empties the queues as a writer
 // would (keeping their capacity), so that the next call starts equal.
 func (f *fanOutFixture) deliver(seq uint64) {
-	f.h.deliver(f.cs, stream.ID{MS: 1700000000000, Seq: seq}, "", f.frame, 1700000000000)
+	f.h.deliver(f.cs, stream.ID{MS: 1700000000000, Seq: seq}, "", f.frame, 1700000000000, nil)
 	for _, c := range f.conns {
 		c.queue = c.queue[:0]
 	}

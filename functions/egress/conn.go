@@ -38,7 +38,8 @@ type queued struct {
 // something to write: the first frame queued starts it and it ends when
 // the queue is empty, so an idle connection costs one goroutine, not two.
 // The fan-out never blocks on a conn: enqueue appends to a bounded queue
-// or closes the conn as a slow consumer.
+// or closes the conn as a slow consumer. (A catch-up waits a bounded
+// time for room between messages: pacer.)
 type conn struct {
 	s        *Server
 	nc       net.Conn // the socket; gorilla/websocket only did the handshake
@@ -99,11 +100,15 @@ type conn struct {
 	frames    *rate.Limiter // MAX_FRAMES_PER_SECOND, from the first request (a ?channels name included)
 }
 
-func (c *conn) enqueue(q *queued) {
+// enqueue queues q for the writer, or closes c as a slow consumer when
+// its queue is full. It reports whether the queue is at least half full
+// after it (never once c is closing), for a producer that paces itself
+// by the queue (pacer).
+func (c *conn) enqueue(q *queued) (backlogged bool) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
-		return
+		return false
 	}
 	if len(c.queue) >= c.s.cfg.SendQueue {
 		c.mu.Unlock()
@@ -111,11 +116,25 @@ func (c *conn) enqueue(q *queued) {
 		// marks the conn closing, so this happens once per connection;
 		// logEnd counts it.
 		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
-		return
+		return false
 	}
 	c.queue = append(c.queue, q)
 	c.startWriterLocked()
+	backlogged = !c.roomLocked()
 	c.mu.Unlock()
+	return backlogged
+}
+
+// roomLocked reports whether c's queue is less than half full, the room
+// a producer that can wait waits for (waitRoom, pacer); c.mu is held.
+func (c *conn) roomLocked() bool { return len(c.queue) < c.s.cfg.SendQueue/2 }
+
+// backlogged reports whether c's queue is at least half full and c is
+// not closing: what a producer that can wait waits on.
+func (c *conn) backlogged() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closing && !c.roomLocked()
 }
 
 // startWriterLocked starts the writer unless one is running; c.mu is
@@ -149,7 +168,7 @@ func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
 func (c *conn) waitRoom(ctx context.Context) bool {
 	for {
 		c.mu.Lock()
-		closing, room := c.closing, len(c.queue) < c.s.cfg.SendQueue/2
+		closing, room := c.closing, c.roomLocked()
 		c.mu.Unlock()
 		if closing {
 			return false
@@ -750,7 +769,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 		// after it may still reach this one live, its notifications
 		// late. If the hub delivers `after`, its buffer holds all that
 		// follows: the replay needs no stream.
-		if cs.awaitLive(ctx, r, after) {
+		if cs.awaitLive(ctx, r, after, c.s.hub.lateWait) {
 			rec, b = true, stream.Batch{From: after}
 		}
 		c.lastRead.Store(time.Now().UnixNano()) // busy, not silent (waitRoom)

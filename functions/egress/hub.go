@@ -176,6 +176,12 @@ type hub struct {
 	// them before it returns, so that none of them reads Redis or
 	// delivers after the receive loop has ended.
 	stalls sync.WaitGroup
+	// lateWait is how long a resume waits for late notifications
+	// (awaitLive): lateNotice. Set before the hub serves connections,
+	// never changed after; tests that are not about that wait shorten
+	// it, so that each resume whose notifications they lost does not
+	// take a second.
+	lateWait time.Duration
 }
 
 // recovery is a stalled channel's read done: for a channel not yet
@@ -197,6 +203,7 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		conns:     make(map[string]*conn),
 		users:     make(map[string]map[*conn]struct{}),
 		recovered: make(chan recovery),
+		lateWait:  lateNotice,
 	}
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
 		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again, or are given up because nobody here listens to those channels any more",
@@ -340,8 +347,10 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 }
 
 // readUpTo is catchUp's reading and delivering, which stops at the first
-// read that fails (what it delivered before stays delivered).
+// read that fails (what it delivered before stays delivered). It paces
+// its deliveries by the subscribers' queues (pacer).
 func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error {
+	var p pacer
 	for {
 		rctx, cancel := h.bounded(ctx)
 		b, err := h.store.Resume(rctx, cs.stream, cs.last, replayBatch)
@@ -365,10 +374,69 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error
 				h.pass(cs, id)
 				continue
 			}
-			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS)
+			p.full = p.full[:0]
+			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS, &p.full)
+			p.wait(ctx)
 		}
 		if len(b.Entries) < replayBatch {
 			return nil
+		}
+	}
+}
+
+// catchUpWait bounds each wait of a catch-up for room in its
+// subscribers' queues (pacer).
+const catchUpWait = 250 * time.Millisecond
+
+// pacer paces a catch-up by its subscribers' queues. The live path
+// delivers each message as its notification arrives, no faster than it
+// was published; a catch-up delivers a backlog from the stream as fast
+// as Redis answers, hundreds of messages in a few milliseconds, which
+// would overflow the queue (SEND_QUEUE) of a client reading as fast as
+// it can and close it 4002. So after a message that left queues at
+// least half full, the catch-up waits, as a replay does (waitRoom), for
+// their writers to take them; but for catchUpWait at most. A connection
+// still without room then is not waited for again in this catch-up: it
+// is a slow consumer, which the next messages close 4002 as before, and
+// it holds up the channel's other subscribers (and the receive loop's
+// other channels) for catchUpWait, not for as long as it takes to read.
+// A catch-up's own; the zero value is ready to use.
+type pacer struct {
+	full []*conn            // queues the last delivery left at least half full
+	slow map[*conn]struct{} // not waited for again
+}
+
+// wait waits until p.full's queues have room, for catchUpWait at most;
+// those still without room then are slow from then on.
+func (p *pacer) wait(ctx context.Context) {
+	var deadline time.Time
+	for {
+		waiting := p.full[:0]
+		for _, c := range p.full {
+			if _, slow := p.slow[c]; !slow && c.backlogged() {
+				waiting = append(waiting, c)
+			}
+		}
+		p.full = waiting
+		if len(waiting) == 0 {
+			return
+		}
+		now := time.Now()
+		if deadline.IsZero() {
+			deadline = now.Add(catchUpWait)
+		} else if now.After(deadline) {
+			if p.slow == nil {
+				p.slow = make(map[*conn]struct{})
+			}
+			for _, c := range waiting {
+				p.slow[c] = struct{}{}
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Millisecond): // the writers take their queues within it
 		}
 	}
 }
@@ -685,12 +753,15 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 			return // shutting down, or delivered from the stream
 		}
 	}
-	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS)
+	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS, nil)
 }
 
 // deliver fans one message out. It encodes the frame once; each
-// subscriber's queue gets a pointer to it.
-func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64) {
+// subscriber's queue gets a pointer to it. A catch-up passes backlog, to
+// which it appends the connections whose queue it left at least half
+// full, to wait on (pacer); the live path passes nil, and allocates
+// nothing per subscriber.
+func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64, backlog *[]*conn) {
 	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts}
 	if cs != h.inbox {
 		cs.mu.Lock()
@@ -706,8 +777,8 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		// the last message it will not get (its resume point).
 		cs.last = id
 		for c, skip := range cs.subs {
-			if skip.Less(id) {
-				c.enqueue(q)
+			if skip.Less(id) && c.enqueue(q) && backlog != nil {
+				*backlog = append(*backlog, c)
 			}
 		}
 		for _, r := range cs.resuming {
@@ -732,7 +803,9 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			h.undelivered.Add(1)
 			break
 		}
-		c.enqueue(q)
+		if c.enqueue(q) && backlog != nil {
+			*backlog = append(*backlog, c)
+		}
 	case stream.RouteUser:
 		h.mu.Lock()
 		var targets []*conn
@@ -744,7 +817,9 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			h.undelivered.Add(1)
 		}
 		for _, c := range targets {
-			c.enqueue(q)
+			if c.enqueue(q) && backlog != nil {
+				*backlog = append(*backlog, c)
+			}
 		}
 	case stream.RouteDisconnect:
 		h.mu.Lock()
@@ -937,13 +1012,14 @@ func (cs *chanState) startResume(c *conn) *resumer {
 // delivers in milliseconds; a second covers a receive loop held up by a
 // catch-up read. Only a resume whose stream read already failed to prove
 // it whole waits, and it is told recovered:false when the time is up.
+// The default of the hub's lateWait.
 const lateNotice = time.Second
 
 // awaitLive is for a resume from `after` whose stream read was not
 // continuous (messages after `after` are trimmed) while the hub is behind
 // `after` (r.live < after): the client got `after` from another instance,
 // and this one's notifications may only be late. It waits, for at most
-// lateNotice, until the hub delivers `after` into r's buffer, or passes it
+// wait (the hub's lateWait), until the hub delivers `after` into r's buffer, or passes it
 // without, and reports whether it did deliver it. When it did, the
 // buffer holds every message after `after` the hub delivered since, each
 // proved by the chain (a notification naming the last id delivered as
@@ -953,7 +1029,7 @@ const lateNotice = time.Second
 // however far the stream was trimmed. Notifications that were lost, not
 // late, never bring `after`: the hub finds the gap when the next one
 // arrives, or nothing comes in time, and the answer stays false.
-func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID) bool {
+func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID, wait time.Duration) bool {
 	cs.mu.Lock()
 	for _, q := range r.buf {
 		if q.id == after {
@@ -968,7 +1044,7 @@ func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID)
 	arrived := make(chan struct{})
 	r.awaited, r.arrived, r.hasAwaited = after, arrived, false
 	cs.mu.Unlock()
-	t := time.NewTimer(lateNotice)
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-arrived:

@@ -21,7 +21,9 @@ import (
 // resume waits for its hub to deliver 1 and is recovered, with 2 and 3
 // from the live buffer. When they were lost (the next one shows the gap,
 // or none comes within lateNotice), it is not recovered, and goes on from
-// where the stream does.
+// where the stream does. The egress waits the default lateNotice
+// (TestResumeRandomized shortens it), the whole of it when nothing
+// follows.
 func TestResumeNotificationsLate(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
@@ -55,6 +57,9 @@ func TestResumeNotificationsLate(t *testing.T) {
 				}
 			}})
 			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			if e.s.hub.lateWait != lateNotice {
+				t.Fatalf("the egress waits %v for late notifications, want the default %v", e.s.hub.lateWait, lateNotice)
+			}
 			live, _ := subscribedTo(t, e, "room")
 
 			// Appended with their notifications set aside: this

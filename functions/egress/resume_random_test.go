@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -67,10 +68,16 @@ func TestResumeRandomized(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	pause := &replayPause{}
 	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0",
+	e := startEgressTuned(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0",
 		// Room for every message of a round in a replay's live buffer
 		// and a connection's queue: a 4002 here would be the test's.
-		"SEND_QUEUE": "8192"})
+		"SEND_QUEUE": "8192"}, io.Discard, func(s *Server) {
+		// A resume whose late notifications the round lost waits the
+		// whole of it; the ones the round lets arrive while it waits
+		// (armed) take milliseconds. TestResumeNotificationsLate
+		// checks the default.
+		s.hub.lateWait = rsLateWait
+	})
 	w := &rsWorld{t: t, e: e, rdb: rdb, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb), pause: pause}
 
 	start := time.Now()
@@ -91,6 +98,10 @@ func TestResumeRandomized(t *testing.T) {
 	}
 	t.Logf("seed %d: %d rounds in %v; %s", seed, rounds, time.Since(start).Round(time.Millisecond), w.stats.String())
 }
+
+// rsLateWait is the egress's wait for late notifications (hub.lateWait)
+// in TestResumeRandomized.
+const rsLateWait = 100 * time.Millisecond
 
 // rsStats counts what the rounds made happen, to show what they covered.
 type rsStats struct {

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"net/url"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
+)
+
+// catchUpBacklog is how many messages the catch-up tests publish while
+// the egress's notifications are lost: five stream reads' worth, and
+// many times the smallest SEND_QUEUE.
+const catchUpBacklog = 5 * replayBatch
+
+// appendLost appends n messages holding data to ch's stream (to the
+// inbox's, routed by route, when ch is empty) in one pipeline,
+// announcing each on a shard channel nobody listens to: the egress's
+// notifications of them are lost. It returns their ids.
+func appendLost(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, instance, ch string, route stream.Route, data []byte, n int) []string {
+	t.Helper()
+	key, notify := ks.Stream(ch), ks.Notify(ch)
+	if ch == "" {
+		key, notify = ks.Inbox(instance), ks.InboxNotify(instance)
+	}
+	as := make([]stream.Append, n)
+	for i := range as {
+		as[i] = stream.Append{Stream: key, Notify: notify + "-lost",
+			Msg: stream.Message{Channel: ch, Route: route, TS: time.Now().UnixMilli(), Data: data}}
+	}
+	ids, err := stream.NewStore(rdb).Append(t.Context(), as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// TestCatchUpLongerThanSendQueue: while the egress's notifications are
+// lost, more messages are published than SEND_QUEUE holds, five stream
+// reads' worth; the hub catches up from the stream when the next
+// notification shows the gap, or when Redis confirms its Pub/Sub
+// subscriptions again after the connection was cut. A client that reads
+// as fast as it can gets every message, in order, and stays open: the
+// catch-up waits for room in its queue, as a replay does, instead of
+// filling it faster than any client could read and closing it 4002.
+func TestCatchUpLongerThanSendQueue(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name     string
+		targeted bool // messages to the connection (the inbox), not a channel
+		kill     bool // the Pub/Sub connection is cut, not a notification lost
+	}{
+		{"channel, the next notification shows the gap", false, false},
+		{"channel, Pub/Sub connection cut", false, true},
+		{"targeted, the next notification shows the gap", true, false},
+		{"targeted, Pub/Sub connection cut", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			srv := redistest.Start(t) // its own: the kill cuts every Pub/Sub client
+			rdb := redis.NewClient(srv.Options())
+			defer rdb.Close()
+			prefix := redistest.Prefix(t)
+			ks := keys.Scheme{Prefix: prefix}
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+			defer e.stop()
+			instance := e.s.hub.instance
+
+			ws, _, err := e.dial(t, url.Values{"channels": {"room"}}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := next(t, ws, "welcome").ConnectionID
+			next(t, ws, "subscribed")
+			ch, route := "room", stream.Route("")
+			if tc.targeted {
+				ch, route = "", stream.ToConnection(id)
+			}
+			ids := appendLost(t, rdb, ks, instance, ch, route, []byte(`"x"`), catchUpBacklog)
+			if tc.kill {
+				if err := rdb.ClientKillByFilter(t.Context(), "TYPE", "pubsub").Err(); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				n := len(ids) + 1
+				if tc.targeted {
+					ids = append(ids, appendInbox(t, rdb, ks, instance, route, n))
+				} else {
+					ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), n))
+				}
+			}
+			got, code := readMessages(ws, 10*time.Second, func(id string) bool { return id == ids[len(ids)-1] })
+			if code != 0 || !slices.Equal(got, ids) {
+				t.Fatalf("got %d of %d messages (close %d), want all in order and no close", len(got), len(ids), code)
+			}
+		})
+	}
+}
+
+// appendInbox appends one message to the instance's inbox, routed by
+// route and announced as the ingress does, and returns its id.
+func appendInbox(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, instance string, route stream.Route, n int) string {
+	t.Helper()
+	ids, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(instance), Notify: ks.InboxNotify(instance),
+		Msg: stream.Message{Route: route, TS: time.Now().UnixMilli(), Data: []byte(strconv.Itoa(n))}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids[0]
+}
+
+// TestCatchUpSlowConsumer: a catch-up's wait for room does not wait for
+// a client that stopped reading. Of two subscribers, the one that reads
+// gets the whole backlog; the one that does not is closed 4002 as a slow
+// consumer (its frames are larger than the socket buffers hold), as a
+// live burst would close it.
+func TestCatchUpSlowConsumer(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	fast, _ := subscribedTo(t, e, "room")
+	stuck, _ := subscribedTo(t, e, "room")
+
+	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
+	ids := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", data, 2*replayBatch)
+	ids = append(ids, appendTo(t, rdb, ks, "room", ks.Notify("room"), len(ids)+1))
+	got, code := readMessages(fast, 20*time.Second, func(id string) bool { return id == ids[len(ids)-1] })
+	if code != 0 || !slices.Equal(got, ids) {
+		t.Fatalf("the reading subscriber got %d of %d messages (close %d), want all in order and no close", len(got), len(ids), code)
+	}
+	got, code = readMessages(stuck, 20*time.Second, nil)
+	if code != protocol.CloseSlowConsumer || len(got) >= len(ids) {
+		t.Fatalf("the subscriber that did not read: %d messages, close %d; want fewer than %d and %d", len(got), code, len(ids), protocol.CloseSlowConsumer)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(ids[:len(got)]) {
+		t.Errorf("the subscriber that did not read got %v, not a prefix of the messages", got)
+	}
+}
