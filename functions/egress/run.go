@@ -75,7 +75,8 @@ func httpServer(s *Server, log *slog.Logger) *http.Server {
 }
 
 // serve runs s on ln until ctx is done: it stops accepting, drains the
-// sockets (close 1001, registry records removed) and returns.
+// sockets (close 1001, registry records removed) and returns. A listener
+// that fails ends serving the same way, and its error is returned.
 func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
 	return serveWith(ctx, log, ln, s, httpServer(s, log))
 }
@@ -89,11 +90,13 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	go func() { s.Run(runCtx); close(ran) }()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
+	// failed is Serve's own error: its listener failed (Accept's error
+	// was not temporary), and nothing more is accepted. The server then
+	// stops as at ctx's end, its sockets drained and the outage logs
+	// ended, and says why in its last line.
+	var failed error
 	select {
-	case err := <-errc:
-		stopRun()
-		<-ran
-		return err
+	case failed = <-errc:
 	case <-ctx.Done():
 	}
 	// Stop accepting first, then drain the hijacked sockets. Serve has
@@ -101,14 +104,21 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	// close ln a second time and report that as its error.
 	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownGrace+time.Second)
 	defer cancel()
-	_ = ln.Close()
-	<-errc // the accept error of the closed listener
+	if failed == nil {
+		_ = ln.Close()
+		<-errc // the accept error of the closed listener
+	}
+	stopRun() // after a failure, the drain starts here; ctx's end has started it otherwise
 	<-ran
 	err := hs.Shutdown(sctx)
+	s.stopEpisodes()
+	if failed != nil {
+		log.Error("serving failed", "err", failed.Error())
+		return failed
+	}
 	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
-	s.stopEpisodes()
 	log.Info("stopped")
 	return nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -165,64 +166,92 @@ func TestRunStartupLine(t *testing.T) {
 // next one succeeded) has its end line ("registry writes back") pending
 // for Quiet after the failure; it is logged before "stopped", at once,
 // and not from a timer after the server has stopped (in a process that
-// has exited by then, never).
+// has exited by then, never). A server whose listener fails (Serve's own
+// error, not a shutdown) ends the same way, its sockets drained and its
+// last line "serving failed" in place of "stopped", and serve returns the
+// error.
 func TestNothingLoggedAfterStopped(t *testing.T) {
 	t.Parallel()
-	cfg, rdb, ln := serveSetup(t)
-	var failing atomic.Bool
-	// The registry's writes (a record is a SET), not the subscription.
-	rdb.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool { return failing.Load() && cmds[0].Name() == "set" }})
-	var logs testkit.SyncBuffer
-	log := slog.New(slog.NewJSONHandler(&logs, nil))
-	s := NewServer(cfg, log, rdb)
-	const quiet = 2 * time.Second
-	s.regFail.Quiet = quiet
-	ctx, cancel := context.WithCancel(t.Context())
-	served := make(chan error, 1)
-	go func() { served <- serve(ctx, log, ln, s) }()
-	stop := sync.OnceValue(func() error { cancel(); return <-served })
-	t.Cleanup(func() { _ = stop() })
-	u := "ws://" + ln.Addr().String() + "/ws"
+	for _, tc := range []struct {
+		name string
+		end  func(cancel context.CancelFunc, ln net.Listener)
+		last string
+	}{
+		{"SIGTERM", func(cancel context.CancelFunc, _ net.Listener) { cancel() }, "stopped"},
+		// Accept then fails with an error that is not temporary.
+		{"listener fails", func(_ context.CancelFunc, ln net.Listener) { ln.Close() }, "serving failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg, rdb, ln := serveSetup(t)
+			var failing atomic.Bool
+			// The registry's writes (a record is a SET), not the subscription.
+			rdb.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool { return failing.Load() && cmds[0].Name() == "set" }})
+			var logs testkit.SyncBuffer
+			log := slog.New(slog.NewJSONHandler(&logs, nil))
+			s := NewServer(cfg, log, rdb)
+			const quiet = 2 * time.Second
+			s.regFail.Quiet = quiet
+			ctx, cancel := context.WithCancel(t.Context())
+			served := make(chan error, 1)
+			go func() { served <- serve(ctx, log, ln, s) }()
+			stop := sync.OnceValue(func() error { tc.end(cancel, ln); return <-served })
+			t.Cleanup(func() { cancel(); _ = stop() })
+			u := "ws://" + ln.Addr().String() + "/ws"
 
-	failing.Store(true) // the socket's registry record cannot be written: 1013
-	ws, _, err := websocket.DefaultDialer.Dial(u, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	if code := closeCode(t, ws, 5*time.Second); code != websocket.CloseTryAgainLater {
-		t.Fatalf("close %d, want 1013", code)
-	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if len(logs.Lines(t, "registry write failed")) == 0 {
-			return fmt.Errorf("no registry failure logged: %s", logs.String())
-		}
-		return nil
-	})
-	failing.Store(false)
-	ws2, _, err := websocket.DefaultDialer.Dial(u, nil) // its record is written: the end is pending
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws2.Close()
-	next(t, ws2, protocol.TypeWelcome)
-	go func() { // answers the drain's close
-		for {
-			if _, _, err := ws2.ReadMessage(); err != nil {
-				return
+			failing.Store(true) // the socket's registry record cannot be written: 1013
+			ws, _, err := websocket.DefaultDialer.Dial(u, nil)
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-	}()
-	if err := stop(); err != nil {
-		t.Fatalf("serve: %v", err)
-	}
-	time.Sleep(quiet + 500*time.Millisecond) // past the pending end
-	recs := logs.JSONLines(t)
-	if last := recs[len(recs)-1]["msg"]; last != "stopped" {
-		t.Errorf("last line %q, want stopped; log:\n%s", last, logs.String())
-	}
-	if len(logs.Lines(t, "registry writes back")) != 1 {
-		t.Errorf("want one end line before stopped; log:\n%s", logs.String())
+			defer ws.Close()
+			if code := closeCode(t, ws, 5*time.Second); code != websocket.CloseTryAgainLater {
+				t.Fatalf("close %d, want 1013", code)
+			}
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if len(logs.Lines(t, "registry write failed")) == 0 {
+					return fmt.Errorf("no registry failure logged: %s", logs.String())
+				}
+				return nil
+			})
+			failing.Store(false)
+			ws2, _, err := websocket.DefaultDialer.Dial(u, nil) // its record is written: the end is pending
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ws2.Close()
+			next(t, ws2, protocol.TypeWelcome)
+			closed := make(chan int, 1)
+			go func() { // answers the drain's close
+				for {
+					if _, _, err := ws2.ReadMessage(); err != nil {
+						code := 0 // no close frame
+						if ce, ok := errors.AsType[*websocket.CloseError](err); ok {
+							code = ce.Code
+						}
+						closed <- code
+						return
+					}
+				}
+			}()
+			if err := stop(); (err != nil) != (tc.last != "stopped") {
+				t.Fatalf("serve: %v", err)
+			}
+			if code := <-closed; code != websocket.CloseGoingAway {
+				t.Errorf("socket closed %d, want 1001 (drained)", code)
+			}
+			time.Sleep(quiet + 500*time.Millisecond) // past the pending end
+			recs := logs.JSONLines(t)
+			if last := recs[len(recs)-1]["msg"]; last != tc.last {
+				t.Errorf("last line %q, want %s; log:\n%s", last, tc.last, logs.String())
+			}
+			if n := len(logs.Lines(t, "stopped")) + len(logs.Lines(t, "serving failed")); n != 1 {
+				t.Errorf("%d final lines, want 1; log:\n%s", n, logs.String())
+			}
+			if len(logs.Lines(t, "registry writes back")) != 1 {
+				t.Errorf("want one end line before %s; log:\n%s", tc.last, logs.String())
+			}
+		})
 	}
 }
 

@@ -112,15 +112,11 @@ const (
 
 func loadConfig(getenv func(string) string) (Config, error) {
 	var c Config
-	var errs []error
-	if err := config.Load(getenv, &c); err != nil {
-		pe, ok := errors.AsType[*config.ParseError](err)
-		if !ok {
-			return c, err
-		}
-		// The variables that do not parse are at their defaults: check
-		// the others' ranges too, and report all of them at once.
-		errs = append(errs, pe.Errs...)
+	// The variables that do not parse are at their defaults: the others'
+	// ranges are checked too, and all of them reported at once.
+	errs, err := config.LoadAll(getenv, &c)
+	if err != nil {
+		return c, err
 	}
 	if c.Port < 1 || c.Port > 65535 {
 		errs = append(errs, fmt.Errorf("PORT: %d is not a TCP port", c.Port))

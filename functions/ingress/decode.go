@@ -15,6 +15,7 @@ import (
 	"github.com/gin-gonic/gin"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/jsondepth"
 )
 
 // publishBody is one message as POSTed: {"data": …, "event": "…"}.
@@ -116,7 +117,7 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	if isNull(raw.Data) {
 		return p, errf(400, "missing_data", `"data" is required and must not be null`)
 	}
-	if tooDeep(raw.Data) {
+	if jsondepth.Exceeds(raw.Data, maxDataDepth) {
 		return p, errf(400, "invalid_json", fmt.Sprintf(`"data" nests arrays and objects more than %d levels deep`, maxDataDepth))
 	}
 	p.Data = compact(raw.Data)
@@ -140,33 +141,11 @@ func isNull(m json.RawMessage) bool { return len(m) == 0 || string(m) == "null" 
 // data would be stored, then break its readers: a history page holds
 // data three levels down, and common JSON decoders stop at some depth
 // (Ruby's at 100; Go's at 10,000, so that the Go client's History failed
-// on every read of a page holding such a message).
+// on every read of a page holding such a message). The publisher
+// refuses the same before sending (publisher.MaxDataDepth, counted with
+// the same jsondepth.Exceeds; e2e TestPublisherIngressErrors holds the
+// two bounds equal).
 const maxDataDepth = 64
-
-// tooDeep reports whether valid JSON b nests deeper than maxDataDepth.
-func tooDeep(b []byte) bool {
-	// Most data has fewer brackets in all than the bound: nothing to scan.
-	if bytes.Count(b, []byte{'['})+bytes.Count(b, []byte{'{'}) <= maxDataDepth {
-		return false
-	}
-	depth, inString := 0, false
-	for i := 0; i < len(b); i++ {
-		switch c := b[i]; {
-		case inString && c == '\\':
-			i++ // the escaped byte: a quote does not end the string
-		case c == '"':
-			inString = !inString
-		case inString:
-		case c == '[' || c == '{':
-			if depth++; depth > maxDataDepth {
-				return true
-			}
-		case c == ']' || c == '}':
-			depth--
-		}
-	}
-	return false
-}
 
 // compact removes insignificant whitespace so a frame is one line. Most
 // bodies have none (JSON.stringify, json.Marshal), and one without any

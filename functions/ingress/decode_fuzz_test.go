@@ -93,20 +93,3 @@ func depthOf(b []byte) int {
 		}
 	}
 }
-
-// FuzzDataDepth: tooDeep agrees with encoding/json's reading of the depth.
-func FuzzDataDepth(f *testing.F) {
-	for _, s := range []string{`[[[1]]]`, `{"a":[{"b":"[[["}]}`, `["\"[[[", [[[]]]]`, `"\\"`} {
-		f.Add([]byte(s), 2)
-	}
-	f.Fuzz(func(t *testing.T, b []byte, wrap int) {
-		wrap = max(0, min(wrap, 2*maxDataDepth))
-		b = append(append(bytes.Repeat([]byte("["), wrap), b...), bytes.Repeat([]byte("]"), wrap)...)
-		if !json.Valid(b) {
-			return
-		}
-		if got, want := tooDeep(b), depthOf(b) > maxDataDepth; got != want {
-			t.Fatalf("tooDeep(%q) = %v, depth %d", b, got, depthOf(b))
-		}
-	})
-}

@@ -151,6 +151,11 @@ func TestDataDepth(t *testing.T) {
 		`{"data":` + nest(maxDataDepth) + `}`,
 		`{"data":"` + strings.Repeat("[{", 100) + `","event":"e"}`,
 		`{"data":[` + strings.Repeat(`"\"[",`, 100) + `1]}`,
+		// maxDataDepth deep, with more brackets in all than the bound:
+		// the ones in strings (escaped quotes among them) close and open none.
+		`{"data":` + strings.Repeat(`{"s":"[{\"[{","x":`, maxDataDepth) + "1" + strings.Repeat("}", maxDataDepth) + `}`,
+		// Wide, not deep: 100 arrays side by side are 2 levels.
+		`{"data":[` + strings.Repeat(`[1],`, 100) + `{}]}`,
 	} {
 		if w := e.do("POST", "/v1/channels/deep/messages", body); w.Code != 202 {
 			t.Fatalf("%.60s…: %d %s", body, w.Code, w.Body.String())
@@ -166,11 +171,11 @@ func TestDataDepth(t *testing.T) {
 			t.Fatalf("index %v, want 1", ptrStr(i))
 		}
 	}
-	if n := e.xlen("deep"); n != 3 {
-		t.Fatalf("%d entries, want the 3 accepted", n)
+	if n := e.xlen("deep"); n != 5 {
+		t.Fatalf("%d entries, want the 5 accepted", n)
 	}
 	w := e.do("GET", "/v1/channels/deep/messages", "")
-	if page := decode[struct{ Messages []json.RawMessage }](t, w); len(page.Messages) != 3 {
+	if page := decode[struct{ Messages []json.RawMessage }](t, w); len(page.Messages) != 5 {
 		t.Fatalf("history: %s", w.Body.String())
 	}
 }

@@ -155,53 +155,72 @@ func TestServeGraceOver(t *testing.T) {
 // saved, the next one saved) has its end line pending for Quiet after
 // the failure; it is logged before "stopped", at once, and not from a
 // timer after the server has stopped (in a process that has exited by
-// then, never).
+// then, never). A server whose listener fails (Serve's own error, not a
+// shutdown) ends the same way, its last line "serving failed" in place
+// of "stopped", and serve returns the error.
 func TestNothingLoggedAfterStopped(t *testing.T) {
 	t.Parallel()
-	var logs testkit.SyncBuffer
-	log := slog.New(slog.NewJSONHandler(&logs, nil))
-	e, failing := newEnvRecordsFail(t, log)
-	const quiet = 2 * time.Second
-	e.srv.unsaved.Quiet = quiet
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(t.Context())
-	served := make(chan error, 1)
-	go func() { served <- serve(ctx, log, ln, e.srv, time.Second, time.Second) }()
-	publish := func(key string) {
-		t.Helper()
-		req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+"/v1/channels/r/messages", strings.NewReader(`{"data":1}`))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Idempotency-Key", key)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != 202 {
-			t.Fatalf("publish %s: %d", key, resp.StatusCode)
-		}
-	}
-	failing.Store(true)
-	publish("lost") // written, its record not saved
-	failing.Store(false)
-	publish("saved") // the end is pending
-	if len(logs.Lines(t, "idempotency record not saved")) != 1 {
-		t.Fatalf("no failure logged:\n%s", logs.String())
-	}
-	cancel()
-	if err := <-served; err != nil {
-		t.Fatalf("serve: %v", err)
-	}
-	time.Sleep(quiet + 500*time.Millisecond) // past the pending end
-	recs := logs.JSONLines(t)
-	if last := recs[len(recs)-1]["msg"]; last != "stopped" {
-		t.Errorf("last line %q, want stopped; log:\n%s", last, logs.String())
-	}
-	if len(logs.Lines(t, "idempotency records saved again")) != 1 {
-		t.Errorf("want one end line before stopped; log:\n%s", logs.String())
+	for _, tc := range []struct {
+		name string
+		end  func(cancel context.CancelFunc, ln net.Listener)
+		last string
+	}{
+		{"SIGTERM", func(cancel context.CancelFunc, _ net.Listener) { cancel() }, "stopped"},
+		// Accept then fails with an error that is not temporary.
+		{"listener fails", func(_ context.CancelFunc, ln net.Listener) { ln.Close() }, "serving failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var logs testkit.SyncBuffer
+			log := slog.New(slog.NewJSONHandler(&logs, nil))
+			e, failing := newEnvRecordsFail(t, log)
+			const quiet = 2 * time.Second
+			e.srv.unsaved.Quiet = quiet
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			served := make(chan error, 1)
+			go func() { served <- serve(ctx, log, ln, e.srv, time.Second, time.Second) }()
+			publish := func(key string) {
+				t.Helper()
+				req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+"/v1/channels/r/messages", strings.NewReader(`{"data":1}`))
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Idempotency-Key", key)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != 202 {
+					t.Fatalf("publish %s: %d", key, resp.StatusCode)
+				}
+			}
+			failing.Store(true)
+			publish("lost") // written, its record not saved
+			failing.Store(false)
+			publish("saved") // the end is pending
+			if len(logs.Lines(t, "idempotency record not saved")) != 1 {
+				t.Fatalf("no failure logged:\n%s", logs.String())
+			}
+			tc.end(cancel, ln)
+			if err := <-served; (err != nil) != (tc.last != "stopped") {
+				t.Fatalf("serve: %v", err)
+			}
+			time.Sleep(quiet + 500*time.Millisecond) // past the pending end
+			recs := logs.JSONLines(t)
+			if last := recs[len(recs)-1]["msg"]; last != tc.last {
+				t.Errorf("last line %q, want %s; log:\n%s", last, tc.last, logs.String())
+			}
+			if n := len(logs.Lines(t, "stopped")) + len(logs.Lines(t, "serving failed")); n != 1 {
+				t.Errorf("%d final lines, want 1; log:\n%s", n, logs.String())
+			}
+			if len(logs.Lines(t, "idempotency records saved again")) != 1 {
+				t.Errorf("want one end line before %s; log:\n%s", tc.last, logs.String())
+			}
+		})
 	}
 }
 

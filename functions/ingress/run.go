@@ -82,7 +82,9 @@ func startAttrs(cfg Config) []any {
 // then are closed, and serve waits up to redisTimeout plus a second more
 // for their handlers to end, so that none of them uses the Redis client
 // after run has closed it. Running out of grace is logged, not an error:
-// the process has stopped as asked. start is added to the startup line.
+// the process has stopped as asked. A listener that fails ends serving
+// the same way, and its error is returned. start is added to the
+// startup line.
 func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, grace, redisTimeout time.Duration, start ...any) error {
 	var inflight sync.WaitGroup
 	hs := &http.Server{
@@ -104,9 +106,13 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 	log.Info("listening", append([]any{"addr", ln.Addr().String()}, start...)...)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
+	// failed is Serve's own error: its listener failed (Accept's error
+	// was not temporary), and nothing more is accepted. The server then
+	// stops as at ctx's end, the requests in flight given their grace and
+	// the background logs ended, and says why in its last line.
+	var failed error
 	select {
-	case err := <-errc:
-		return err
+	case failed = <-errc:
 	case <-ctx.Done():
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -116,8 +122,10 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		log.Warn("shutdown grace period over: closing the connections of requests still running", "grace", grace.String())
 		_ = hs.Close()
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+	if failed == nil {
+		if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+			failed = err // the listener failed as ctx ended
+		}
 	}
 	// No request starts once the server is closed, so the wait group
 	// only counts down from here.
@@ -132,6 +140,10 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 	// (Server.quiesce).
 	if q, ok := h.(interface{ quiesce() }); ok {
 		q.quiesce()
+	}
+	if failed != nil {
+		log.Error("serving failed", "err", failed.Error())
+		return failed
 	}
 	log.Info("stopped")
 	return nil

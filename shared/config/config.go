@@ -77,6 +77,20 @@ func (e *ParseError) Error() string { return "configuration: " + Join(e.Errs...)
 // Unwrap returns Errs.
 func (e *ParseError) Unwrap() []error { return e.Errs }
 
+// LoadAll is Load for a caller that checks the values' ranges next and
+// reports every error at once. The values that do not parse come back
+// as errs, one per variable (which cfg holds at its default), for the
+// caller to join with its own; err is a failure that leaves nothing to
+// check (an unresolved ${…}, a missing required variable), to be
+// returned as it is.
+func LoadAll(getenv func(string) string, cfg any) (errs []error, err error) {
+	err = Load(getenv, cfg)
+	if pe, ok := errors.AsType[*ParseError](err); ok {
+		return pe.Errs, nil
+	}
+	return nil, err
+}
+
 // placeholder reports a value holding "${…}": a deploy file's variable
 // that was not resolved (serverless.yml's ${env:JWT_SECRET} with
 // JWT_SECRET unset where it was deployed), which no setting of ours

@@ -137,6 +137,27 @@ func TestLoadParseErrorKeepsTheRest(t *testing.T) {
 	}
 }
 
+// LoadAll hands the values that do not parse back as errors to join with
+// the caller's, and any other failure as the error.
+func TestLoadAll(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"SIZE": "5", "PORT": "nine", "INNER_NAME": "x"}
+	var c sample
+	errs, err := LoadAll(func(k string) string { return env[k] }, &c)
+	if err != nil || len(errs) != 1 || !strings.HasPrefix(errs[0].Error(), "PORT: ") || c.Port != 9000 || c.Size != 5 || c.Inner.Name != "x" {
+		t.Fatalf("errs %v, err %v, loaded %+v; want PORT's error, its default and the rest", errs, err, c)
+	}
+	env["PORT"] = "8080"
+	if errs, err := LoadAll(func(k string) string { return env[k] }, &c); errs != nil || err != nil || c.Port != 8080 {
+		t.Fatalf("valid: errs %v, err %v, port %d", errs, err, c.Port)
+	}
+	delete(env, "SIZE")
+	env["PORT"] = "nine"
+	if errs, err := LoadAll(func(k string) string { return env[k] }, &c); errs != nil || err == nil || !strings.Contains(err.Error(), "SIZE") {
+		t.Fatalf("with SIZE missing: errs %v, err %v, want only an error naming SIZE", errs, err)
+	}
+}
+
 func TestAtMost(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {

@@ -76,6 +76,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/jsondepth"
 )
 
 // Defaults of Options' zero values.
@@ -347,7 +348,7 @@ func (m Message) body() (messageBody, error) {
 		return messageBody{}, errors.New("message Data marshals to null (the ingress requires data: missing_data)")
 	case !utf8.Valid(data):
 		return messageBody{}, errors.New("message Data is not valid UTF-8")
-	case tooDeep(data):
+	case jsondepth.Exceeds(data, MaxDataDepth):
 		return messageBody{}, fmt.Errorf("message Data nests arrays and objects more than %d levels deep (the ingress refuses it: invalid_json)", MaxDataDepth)
 	case !channel.ValidEvent(m.Event):
 		return messageBody{}, fmt.Errorf("event %q: want at most 64 printable ASCII characters without '\"' or '\\'", m.Event)
@@ -355,28 +356,6 @@ func (m Message) body() (messageBody, error) {
 		return messageBody{}, fmt.Errorf("from %q: want a user id, %s", m.From, channel.UserRule)
 	}
 	return messageBody{Data: data, Event: m.Event, From: m.From}, nil
-}
-
-// tooDeep reports whether the valid JSON b nests arrays and objects more
-// than MaxDataDepth levels deep, as the ingress counts them.
-func tooDeep(b []byte) bool {
-	depth, inString := 0, false
-	for i := 0; i < len(b); i++ {
-		switch c := b[i]; {
-		case inString && c == '\\':
-			i++ // the escaped byte: a quote does not end the string
-		case c == '"':
-			inString = !inString
-		case inString:
-		case c == '[' || c == '{':
-			if depth++; depth > MaxDataDepth {
-				return true
-			}
-		case c == ']' || c == '}':
-			depth--
-		}
-	}
-	return false
 }
 
 // marshal is json.Marshal without HTML escaping, as the ingress stores

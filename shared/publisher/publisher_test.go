@@ -787,8 +787,8 @@ func TestValidCursor(t *testing.T) {
 }
 
 // TestDataDepth: Data nested 64 levels deep, the ingress's bound, is
-// sent, brackets in its strings not counted; deeper is refused before
-// any request (TestInvalidInputSendsNothing).
+// sent, brackets in its strings and ones already closed not counted;
+// deeper is refused before any request (TestInvalidInputSendsNothing).
 func TestDataDepth(t *testing.T) {
 	s := newStub(t)
 	c := s.client(t, Options{})
@@ -796,12 +796,13 @@ func TestDataDepth(t *testing.T) {
 		json.RawMessage(strings.Repeat("[", 64) + strings.Repeat("]", 64)),
 		json.RawMessage(strings.Repeat(`{"s":"[{\"[{","x":`, 64) + "1" + strings.Repeat("}", 64)),
 		json.RawMessage(`"` + strings.Repeat("[", 100) + `"`),
+		json.RawMessage(`[` + strings.Repeat(`[1],`, 100) + `{}]`), // wide, 2 levels
 	} {
 		if _, err := c.Publish(context.Background(), "c", Message{Data: data}); err != nil {
 			t.Fatalf("%.40s…: %v", data, err)
 		}
 	}
-	if n := len(s.requests()); n != 3 {
-		t.Fatalf("%d requests, want 3", n)
+	if n := len(s.requests()); n != 4 {
+		t.Fatalf("%d requests, want 4", n)
 	}
 }
