@@ -43,5 +43,9 @@ func TestLeanBuild(t *testing.T) {
 	}
 }
 
+// metricsStatus is what /metrics answers a scrape with the right
+// token: a lean build has no metrics (404 not_built).
+const metricsStatus = 404
+
 // checkEndMetrics: a lean build keeps no metrics.
 func checkEndMetrics(*testing.T, *secEgress, string, int) {}

@@ -254,6 +254,10 @@ func grepMetrics(page, prefix string) string {
 	return b.String()
 }
 
+// metricsStatus is what /metrics answers a scrape with the right
+// token.
+const metricsStatus = 200
+
 // checkEndMetrics checks the metrics of e, whose sockets have all ended,
 // against its log: n connection ends, each counted once by the status it
 // was logged with (and the slow-consumer closes by their own counter),
