@@ -210,13 +210,7 @@ func TestNothingLoggedAfterStopped(t *testing.T) {
 				t.Fatalf("serve: %v", err)
 			}
 			time.Sleep(quiet + 500*time.Millisecond) // past the pending end
-			recs := logs.JSONLines(t)
-			if last := recs[len(recs)-1]["msg"]; last != tc.last {
-				t.Errorf("last line %q, want %s; log:\n%s", last, tc.last, logs.String())
-			}
-			if n := len(logs.Lines(t, "stopped")) + len(logs.Lines(t, "serving failed")); n != 1 {
-				t.Errorf("%d final lines, want 1; log:\n%s", n, logs.String())
-			}
+			logs.CheckLast(t, tc.last, "stopped", "serving failed")
 			if len(logs.Lines(t, "idempotency records saved again")) != 1 {
 				t.Errorf("want one end line before %s; log:\n%s", tc.last, logs.String())
 			}

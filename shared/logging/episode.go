@@ -137,11 +137,8 @@ func (e *Episode) Stop() {
 	if !e.active.Load() {
 		return
 	}
-	if back := e.okSince.Load(); back != 0 {
-		if back < e.lastFail.Load() {
-			back = time.Now().UnixNano() // as in end
-		}
-		e.closeLocked(e.Back, back)
+	if e.okSince.Load() != 0 {
+		e.closeLocked(e.Back, e.endedAt())
 	}
 	// Inactive for good: OK returns at once, a timer that fires anyway
 	// ends nothing, and Fail begins nothing (stopped).
@@ -156,13 +153,18 @@ func (e *Episode) end(last int64) {
 	if !e.active.Load() || e.lastFail.Load() != last {
 		return
 	}
-	back := e.okSince.Load()
-	if back < last {
-		// A success that raced with the last failure's reset of
-		// okSince: this end was scheduled by a success after it anyway.
-		back = time.Now().UnixNano()
+	e.closeLocked(e.Back, e.endedAt())
+}
+
+// endedAt is the unix ns of the success that ends the episode, for its
+// end line (end, Stop): the first since the last failure, or now when a
+// success raced with that failure's reset of okSince (the end was
+// scheduled by a success after it anyway). e.mu is held.
+func (e *Episode) endedAt() int64 {
+	if back := e.okSince.Load(); back >= e.lastFail.Load() {
+		return back
 	}
-	e.closeLocked(e.Back, back)
+	return time.Now().UnixNano()
 }
 
 // closeLocked ends the episode with one info line, msg, saying how many

@@ -107,3 +107,21 @@ type errTooManyFiles struct{}
 func (errTooManyFiles) Error() string   { return "accept4: too many open files" }
 func (errTooManyFiles) Timeout() bool   { return false }
 func (errTooManyFiles) Temporary() bool { return true }
+
+// CheckLast fails t unless the last line written has the message last
+// and exactly one line has one of the messages finals (a server's
+// closing lines: nothing logged after it, and it said once).
+func (s *SyncBuffer) CheckLast(t testing.TB, last string, finals ...string) {
+	t.Helper()
+	recs := s.JSONLines(t)
+	if len(recs) == 0 || recs[len(recs)-1]["msg"] != last {
+		t.Errorf("last line is not %q; log:\n%s", last, s.String())
+	}
+	n := 0
+	for _, f := range finals {
+		n += len(s.Lines(t, f))
+	}
+	if n != 1 {
+		t.Errorf("%d lines of %q, want 1; log:\n%s", n, finals, s.String())
+	}
+}
