@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strconv"
@@ -45,7 +47,9 @@ func (s *soak) arrive(ctx context.Context) {
 
 func (sc *soakClient) dial() {
 	s := sc.s
-	var c *client.Client
+	// The client's handlers all run on its goroutine, one at a time:
+	// cur, the connection they are about, needs no lock.
+	var cur string
 	c, err := client.Dial(client.Options{
 		URL:        "ws://" + s.lb.Addr() + "/ws",
 		GetToken:   func(context.Context) (string, error) { return token(sc.user), nil },
@@ -53,11 +57,23 @@ func (sc *soakClient) dial() {
 		MaxBackoff: 2 * time.Second,
 		OnWelcome: func(w client.Welcome) {
 			s.connects.Add(1)
+			cur = w.ConnectionID
+			s.targets.welcome(time.Now(), sc.user, cur)
 			sc.mu.Lock()
-			sc.conn = w.ConnectionID
+			sc.conn = cur
 			sc.mu.Unlock()
 		},
-		OnMessage: func(client.Message) { s.targetedGot.Add(1) },
+		OnState: func(st client.State, err error) {
+			if cur == "" || (st != client.StateDisconnected && st != client.StateClosed) {
+				return
+			}
+			s.targets.end(time.Now(), cur, endWhy(st, err))
+			cur = ""
+		},
+		OnMessage: func(m client.Message) {
+			s.targetedGot.Add(1)
+			s.targets.gotMessage(time.Now(), sc.user, cur, m)
+		},
 	})
 	if err != nil {
 		panic("soak: client options refused: " + err.Error()) // a bug of the soak
@@ -141,6 +157,7 @@ func (sc *soakClient) unsubscribe() {
 // application that stored its position does after a page reload.
 func (sc *soakClient) resume() {
 	s := sc.s
+	sc.markClosing("close and resume")
 	sc.c.Close() // no handler runs after it: the last ids are final
 	sc.dial()
 	renew := 0
@@ -169,6 +186,7 @@ func (sc *soakClient) resume() {
 
 // leave closes the client for good.
 func (sc *soakClient) leave() {
+	sc.markClosing("leave")
 	sc.closeClient()
 	sc.s.mu.Lock()
 	delete(sc.s.live, sc.id)
@@ -194,4 +212,30 @@ func (sc *soakClient) closeConn() {
 	c := sc.c
 	sc.mu.Unlock()
 	c.Close()
+}
+
+// markClosing records that the soak is about to close the client's
+// connection (why), for the targeted check: a send may miss a connection
+// from then on.
+func (sc *soakClient) markClosing(why string) {
+	if conn := sc.connID(); conn != "" {
+		sc.s.targets.closing(time.Now(), conn, why)
+	}
+}
+
+// endWhy says why a connection ended, from the client's state change.
+func endWhy(st client.State, err error) string {
+	var de *client.DisconnectError
+	var ce *client.CloseError
+	switch {
+	case errors.As(err, &de):
+		return fmt.Sprintf("server close %d %s", de.Code, de.Reason)
+	case errors.As(err, &ce):
+		return fmt.Sprintf("server close %d %s, final", ce.Code, ce.Reason)
+	case err != nil:
+		return err.Error()
+	case st == client.StateClosed:
+		return "closed by the client"
+	}
+	return st.String()
 }

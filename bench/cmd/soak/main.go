@@ -3,8 +3,9 @@
 // functions hold steady: it samples each process's memory, file
 // descriptors and goroutines and Redis's memory and keys every -sample,
 // and at the end checks that nothing was lost or delivered twice, that
-// the goroutines went back to where they started and that no registry
-// key was left behind (docs/soak.md).
+// each targeted send reached its target (or missed a connection ending
+// at that moment), that the goroutines went back to where they started
+// and that no registry key was left behind (docs/soak.md).
 //
 // It builds the functions as make bench does, starts a throwaway
 // redis-server, one ingress and two egress instances behind a round-robin

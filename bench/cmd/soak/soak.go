@@ -49,6 +49,8 @@ type soak struct {
 	nextID  int
 	clients sync.WaitGroup
 
+	targets *targetedLog // every targeted send, receipt and connection, for check
+
 	published, delivered         atomic.Int64 // channel messages
 	targetedSent, targetedGot    atomic.Int64
 	targetedGone                 atomic.Int64 // sent to a connection that had ended: 404
@@ -167,6 +169,7 @@ func token(user string) string {
 func (s *soak) drive(ctx context.Context) (*report, error) {
 	rep := &report{cfg: s.cfg}
 	t0 := time.Now()
+	s.targets = newTargetedLog(t0)
 	base, err := s.takeSample(ctx, 0)
 	if err != nil {
 		return nil, fmt.Errorf("first sample: %w", err)
@@ -250,6 +253,7 @@ func (s *soak) drive(ctx context.Context) (*report, error) {
 	// that whatever a connection left in the registry would have expired
 	// had it been refreshed no more.
 	for _, c := range s.liveClients() {
+		c.markClosing("the end of the run")
 		c.closeConn()
 	}
 	s.mu.Lock()
@@ -345,8 +349,9 @@ func (s *soak) randomClient() *soakClient {
 	return s.live[ids[s.intN(len(ids))]]
 }
 
-// sendTargeted sends to a live client's user and to a live connection,
-// in turn.
+// sendTargeted sends {"n": i} to a live client's user and to a live
+// connection, in turn, and records each acknowledged send for the
+// targeted check.
 func (s *soak) sendTargeted(ctx context.Context) {
 	every(ctx, s.cfg.targeted, func(i int) {
 		c := s.randomClient()
@@ -354,18 +359,24 @@ func (s *soak) sendTargeted(ctx context.Context) {
 			return
 		}
 		m := publisher.Message{Data: map[string]int{"n": i}, Event: "targeted"}
+		ts := targetedSend{n: i, toUser: i%2 == 0, user: c.user, conn: c.connID(), start: time.Now()}
+		if !ts.toUser && ts.conn == "" {
+			return // not welcomed yet
+		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		var err error
-		if i%2 == 0 {
-			_, err = s.pub.SendToUser(cctx, c.user, m)
-		} else if conn := c.connID(); conn != "" {
-			_, err = s.pub.SendToConnection(cctx, conn, m)
+		if ts.toUser {
+			ts.connections, err = s.pub.SendToUser(cctx, c.user, m)
+		} else {
+			_, err = s.pub.SendToConnection(cctx, ts.conn, m)
 		}
+		ts.acked = time.Now()
 		cancel()
 		var pe *publisher.Error
 		switch {
 		case err == nil:
 			s.targetedSent.Add(1)
+			s.targets.sent(ts)
 		case errors.As(err, &pe) && pe.Status == http.StatusNotFound:
 			s.targetedGone.Add(1) // the connection ended (cut, closed, left) since
 		case ctx.Err() != nil:
