@@ -125,9 +125,13 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /ws", s.handleWS)
 	s.mux.HandleFunc("GET /healthz", s.handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
-	clientJS := handleClientJS()
-	s.mux.Handle("GET /client.js", clientJS)
-	s.mux.Handle("GET /{$}", handleDemo(s.cfg, clientJS))
+	// The browser client and the demo page are built on their first
+	// request, not at start: an instance that only serves sockets never
+	// reads them (docs/benchmarks.md, S6).
+	clientJS := sync.OnceValue(handleClientJS)
+	demo := sync.OnceValue(func() http.Handler { return handleDemo(s.cfg, clientJS()) })
+	s.mux.Handle("GET /client.js", lazyHandler(func() http.Handler { return clientJS() }))
+	s.mux.Handle("GET /{$}", lazyHandler(demo))
 	metrics := s.metrics.handler()
 	s.mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if !s.sec.metrics.Allows(r) {

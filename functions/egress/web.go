@@ -69,6 +69,12 @@ func noneMatch(hs []string, etag string) bool {
 	return false
 }
 
+// lazyHandler serves with the handler its function returns, which
+// builds it on the first call (a sync.OnceValue).
+type lazyHandler func() http.Handler
+
+func (h lazyHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h().ServeHTTP(w, r) }
+
 // handleClientJS serves GET /client.js. Clients revalidate after five
 // minutes (the ETag makes that cheap), so a deploy reaches them quickly.
 // Any origin may load it: a page imports it as a module, which browsers

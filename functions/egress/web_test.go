@@ -4,11 +4,16 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 func TestWebAssets(t *testing.T) {
@@ -157,6 +162,57 @@ func TestDemoSecurityHeaders(t *testing.T) {
 		sum := sha256.Sum256([]byte(s[1]))
 		if h := "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"; !strings.Contains(dirs["script-src"], h) {
 			t.Errorf("script-src %q lacks %s, the hash of %.60q…", dirs["script-src"], h, s[1])
+		}
+	}
+}
+
+// TestWebAssetsBuiltOnFirstRequest: the server builds /client.js and the
+// demo page on their first request, not at start. They are 57 KB of
+// embedded files, copied, hashed and (the page) rewritten: at start that
+// was 0.2 MiB more memory in an instance that only serves a socket, as on
+// SCF with one connection per instance (docs/benchmarks.md, S6). Then
+// concurrent first requests of both get the same, whole assets, and the
+// page names the client.js that /client.js serves. Not parallel: it reads
+// the process's allocation count.
+func TestWebAssetsBuiltOnFirstRequest(t *testing.T) {
+	rdb, prefix := redistest.Client(t)
+	cfg, err := loadConfig(func(k string) string {
+		return map[string]string{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true"}[k]
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(cfg, slog.New(slog.DiscardHandler), rdb)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	s.mux = http.NewServeMux()
+	s.routes()
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 16<<10 {
+		t.Errorf("the routes allocated %d bytes before any request, want the web assets left for their first", n)
+	}
+
+	const each = 4
+	recs := make([]*httptest.ResponseRecorder, 2*each)
+	var wg sync.WaitGroup
+	for i := range recs {
+		path := []string{"/client.js", "/"}[i%2]
+		recs[i] = httptest.NewRecorder()
+		wg.Go(func() { s.ServeHTTP(recs[i], httptest.NewRequest("GET", path, nil)) })
+	}
+	wg.Wait()
+	js, _ := webFiles.ReadFile("web/client.js")
+	etag := recs[0].Header().Get("ETag")
+	for i, rec := range recs {
+		if rec.Code != 200 {
+			t.Fatalf("request %d: %d", i, rec.Code)
+		}
+		if i%2 == 0 && (rec.Body.String() != string(js) || rec.Header().Get("ETag") != etag) {
+			t.Errorf("/client.js, request %d: %d bytes, ETag %q; want %d bytes, ETag %q", i, rec.Body.Len(), rec.Header().Get("ETag"), len(js), etag)
+		}
+		if i%2 == 1 && (rec.Body.String() != recs[1].Body.String() || !strings.Contains(rec.Body.String(), "client.js?v="+strings.Trim(etag, `"`)) ||
+			!strings.HasPrefix(rec.Header().Get("Content-Security-Policy"), "script-src 'self' 'sha256-")) {
+			t.Errorf("/, request %d: CSP %q, a page that does not import client.js %s or differs from the first", i, rec.Header().Get("Content-Security-Policy"), etag)
 		}
 	}
 }
