@@ -15,6 +15,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // catchUpBacklog is how many messages the catch-up tests publish while
@@ -144,5 +145,87 @@ func TestCatchUpSlowConsumer(t *testing.T) {
 	}
 	if fmt.Sprint(got) != fmt.Sprint(ids[:len(got)]) {
 		t.Errorf("the subscriber that did not read got %v, not a prefix of the messages", got)
+	}
+}
+
+// TestResumeAcrossCatchUp: a client is in the middle of a resume's
+// replay (held just before or just after one of its stream reads) when
+// the hub catches up, from the stream, a backlog longer than SEND_QUEUE
+// whose notifications were lost: it delivers the whole backlog into the
+// replay's buffer of live messages in a few milliseconds, far faster
+// than any client reads. The catch-up's pacer does not wait for a
+// replaying connection; the buffer's messages are in the stream, and
+// the replay reads them from there at the client's pace. A client that
+// reads as fast as it can gets every message after its position once,
+// in order, the backlog included, and stays open: it is not closed 4002
+// as a slow consumer.
+func TestResumeAcrossCatchUp(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		history int  // messages after the resume position
+		read    int  // the replay's read held: from ids[read]
+		after   bool // held after the read ran, else before it
+	}{
+		// Its only read has run: the replay ends before the backlog,
+		// which it must then read past its buffer.
+		{"held after its last read", 5, 0, true},
+		// Its second read reads into the backlog.
+		{"held before its second read", replayBatch + 10, replayBatch, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			pause := &replayPause{}
+			rdb.AddHook(pause)
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+			ids := appendData(t, rdb, ks, "room", []byte(`"h"`), tc.history+1)
+
+			p := &pausePoint{key: ks.Stream("room"), start: ids[tc.read], after: tc.after, reached: make(chan struct{}), released: make(chan struct{})}
+			pause.arm(p)
+			defer p.release()
+			ws := resumeOn(t, e, "room", ids[0])
+			select {
+			case <-p.reached:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the replay never made the read")
+			}
+			// The backlog, its notifications lost; the next notification
+			// shows the gap, and the hub catches up while the replay is
+			// held.
+			backlog := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), catchUpBacklog)
+			backlog = append(backlog, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1))
+			last := backlog[len(backlog)-1]
+			cs := e.s.hub.state(ks.Notify("room"))
+			testkit.Eventually(t, 5*time.Second, func() error {
+				cs.mu.Lock()
+				defer cs.mu.Unlock()
+				if cs.last.String() != last {
+					return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
+				}
+				return nil
+			})
+			p.release()
+
+			if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+				t.Fatalf("recovered %v, want true", deref(r.Recovered))
+			}
+			got, code := readMessages(ws, 10*time.Second, func(id string) bool { return id == last })
+			// Then live.
+			then := appendTo(t, rdb, ks, "room", ks.Notify("room"), -2)
+			if code == 0 {
+				var more []string
+				more, code = readMessages(ws, 5*time.Second, func(id string) bool { return id == then })
+				got = append(got, more...)
+			}
+			if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
+				got = append(got, more...) // a duplicate would come now
+			}
+			want := append(append(slices.Clone(ids[1:]), backlog...), then)
+			if code != 0 || !slices.Equal(got, want) {
+				t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
+			}
+		})
 	}
 }

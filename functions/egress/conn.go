@@ -163,6 +163,20 @@ func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
 	return true
 }
 
+// enqueueIfRoom queues q if c's queue is less than half full (the room
+// waitRoom waits for), and reports whether it did; never once c is
+// closing.
+func (c *conn) enqueueIfRoom(q *queued) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing || !c.roomLocked() {
+		return false
+	}
+	c.queue = append(c.queue, q)
+	c.startWriterLocked()
+	return true
+}
+
 // waitRoom waits until c's queue is less than half full, for a producer
 // that can wait; false once c is closing.
 func (c *conn) waitRoom(ctx context.Context) bool {
@@ -750,7 +764,9 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 
 // resume replays the channel after `after` and then goes live, with no gap
 // and no duplicate at the seam: live messages are buffered from before the
-// first stream read, and merged by id after the last.
+// first stream read, and merged by id after the last (finishResume). When
+// a catch-up dropped buffered messages past the replay's last read, the
+// replay reads on from the stream first.
 func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref json.RawMessage) bool {
 	r := cs.startResume(c)
 	b, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
@@ -776,8 +792,60 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	}
 	c.s.metrics.resumed(rec)
 	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))
-	last := b.From
+	last, ok := c.replay(ctx, cs, r, b.From, &b)
+	for ok {
+		live, readOn := cs.finishResume(ctx, c, r, last)
+		if !readOn {
+			return live
+		}
+		// A catch-up dropped buffered messages the replay has not read:
+		// they are in the stream, unless it lost them since.
+		from := last
+		if last, ok = c.replay(ctx, cs, r, last, nil); ok && !from.Less(last) {
+			cs.remove(c)
+			c.closeWith(protocol.CloseInternal, "history trimmed during the replay: resume again", true)
+			return false
+		}
+	}
+	return false
+}
+
+// replay sends c the channel's messages after last from the stream: b's
+// entries, when b is not nil (the resume's first read), then batch
+// after batch read from the stream until one comes short of a batch:
+// the stream's end when that read was made, from which the buffer of
+// live messages takes over (finishResume). It returns the last id it
+// sent or passed, and true then; it also stops early, reporting true,
+// when the buffer overflowed (the client is a slow consumer: going on
+// would not make it one less), and when the stream was trimmed past the
+// replay of messages the buffer holds. It reports false when it ended
+// the subscription instead (c closed, or closing).
+func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last stream.ID, b *stream.Batch) (stream.ID, bool) {
 	for {
+		if b == nil {
+			nb, err := c.s.hub.store.Resume(ctx, cs.stream, last, replayBatch)
+			if err != nil {
+				cs.remove(c)
+				c.closeWith(protocol.CloseInternal, "history read failed: resume again", true)
+				return last, false
+			}
+			if !nb.Continuous {
+				if !last.Less(cs.replayNeeds(r)) {
+					// Trimmed past the replay while it ran, but only of
+					// messages published since it began (or since a
+					// catch-up dropped the buffer), which reach c from
+					// its live buffer: nothing is lost.
+					return last, true
+				}
+				// Trimmed past the replay while it ran (a slow reader on
+				// a busy channel): the client resumes again from what it
+				// got and is told recovered:false then.
+				cs.remove(c)
+				c.closeWith(protocol.CloseInternal, "history trimmed during the replay: resume again", true)
+				return last, false
+			}
+			b = &nb
+		}
 		for i := range b.Entries {
 			id := stream.MustParseID(b.Entries[i].ID)
 			if !c.s.hub.sendable(cs, &b.Entries[i]) {
@@ -786,35 +854,15 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 			}
 			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, b.Entries[i].Frame()), id: id}) {
 				cs.remove(c)
-				return false
+				return last, false
 			}
 			last = id
 		}
-		if len(b.Entries) < replayBatch {
-			break
+		if len(b.Entries) < replayBatch || cs.overflowed(r) {
+			return last, true
 		}
-		b, err = c.s.hub.store.Resume(ctx, cs.stream, last, replayBatch)
-		if err != nil {
-			cs.remove(c)
-			c.closeWith(protocol.CloseInternal, "history read failed: resume again", true)
-			return false
-		}
-		if !b.Continuous {
-			if !last.Less(r.live) {
-				// Trimmed past the replay while it ran, but only of
-				// messages published since it began, which reach c
-				// from its live buffer: nothing is lost.
-				break
-			}
-			// Trimmed past the replay while it ran (a slow reader on a
-			// busy channel): the client resumes again from what it got
-			// and is told recovered:false then.
-			cs.remove(c)
-			c.closeWith(protocol.CloseInternal, "history trimmed during the replay: resume again", true)
-			return false
-		}
+		b = nil
 	}
-	return cs.finishResume(c, r, last)
 }
 
 func (c *conn) unsubscribe(ctx context.Context, ch string, ref json.RawMessage) bool {

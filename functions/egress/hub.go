@@ -65,14 +65,27 @@ type chanState struct {
 }
 
 // resumer buffers live messages for a connection while it replays.
+// buf and the fields below it are guarded by the channel's mu.
 type resumer struct {
-	buf      []*queued
-	overflow bool
 	// live is the last id the channel delivered when the replay began:
 	// every message after it reaches buf (or the connection, once
-	// live), unless a gap takes it (below), so that the replay needs
-	// the stream only up to live. Set by startResume.
+	// live), unless a gap takes it (below) or a catch-up drops it
+	// (dropped), so that the replay needs the stream only up to live.
+	// Set by startResume, never changed after.
 	live stream.ID
+
+	// buf holds the messages delivered since the replay began (since
+	// dropped, when set), at most the hub's maxBuf. overflow: a live
+	// message found it full, published faster than the client replays
+	// (finishResume closes the connection 4002).
+	buf      []*queued
+	overflow bool
+	// dropped, when not zero, is the last id of the messages a catch-up
+	// found buf full for: it emptied buf instead of overflowing it
+	// (deliver), since each of its messages is in the stream, and the
+	// replay reads them from there at the client's pace (finishResume
+	// sends it back to the stream while it has not read that far).
+	dropped stream.ID
 	// gap, when not zero, is the last id of the messages a gap took
 	// while the connection replayed (closeMissingLocked), which buf
 	// lacks: finishResume closes the connection unless its replay read
@@ -400,6 +413,9 @@ const catchUpWait = 250 * time.Millisecond
 // is a slow consumer, which the next messages close 4002 as before, and
 // it holds up the channel's other subscribers (and the receive loop's
 // other channels) for catchUpWait, not for as long as it takes to read.
+// A connection replaying a resume of the channel is not waited for: its
+// replay takes the catch-up's messages from the stream when its buffer
+// of live messages has no room for them (deliver, resumer.dropped).
 // A catch-up's own; the zero value is ready to use.
 type pacer struct {
 	full []*conn            // queues the last delivery left at least half full
@@ -783,7 +799,15 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		}
 		for _, r := range cs.resuming {
 			if len(r.buf) >= h.maxBuf {
-				r.overflow = true
+				if backlog != nil && !r.overflow {
+					// A catch-up delivers far faster than a client reads,
+					// and its pacer waits for no replay: what it delivers
+					// is in the stream, which the replay reads on instead.
+					clear(r.buf)
+					r.buf, r.dropped = r.buf[:0], id
+				} else {
+					r.overflow = true
+				}
 				r.sawLocked(id, false)
 				continue
 			}
@@ -1054,37 +1078,96 @@ func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID,
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	r.arrived = nil
-	return r.hasAwaited && !r.overflow
+	// A catch-up that dropped the buffer after `after` took with it the
+	// messages that follow, which the stream, trimmed, may not hold.
+	return r.hasAwaited && !r.overflow && r.dropped.Less(after)
 }
 
-// finishResume queues buffered messages newer than lastSent and makes c a
-// live subscriber. Instead it closes c, and reports false, when the
-// buffer overflowed (4002: c resumes again, as a slow consumer) or when
-// a gap while c replayed took messages after lastSent (1011, as gap
-// closes a subscriber that lacks them: c resumes and is told
-// recovered:false).
-func (cs *chanState) finishResume(c *conn, r *resumer, lastSent stream.ID) bool {
+// replayNeeds returns how far r's replay must read the stream: its
+// buffer holds every message after that id the hub delivered (a gap's
+// aside). It is live, or past it when a catch-up dropped the buffer.
+func (cs *chanState) replayNeeds(r *resumer) stream.ID {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
-	delete(cs.resuming, c)
-	if r.overflow {
-		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
-		return false
+	if r.live.Less(r.dropped) {
+		return r.dropped
 	}
-	if lastSent.Less(r.gap) {
-		c.closeWith(protocol.CloseInternal, gapReason, true)
-		return false
-	}
+	return r.live
+}
 
-	for _, q := range r.buf {
-		if lastSent.Less(q.id) {
-			c.enqueue(q)
+// overflowed reports whether r's buffer overflowed: its replay need go
+// no further (finishResume closes the connection 4002).
+func (cs *chanState) overflowed(r *resumer) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return r.overflow
+}
+
+// finishResume hands c over from its replay, which sent the channel's
+// messages up to lastSent, to the live path: it queues the buffered
+// messages newer than lastSent and makes c a live subscriber (live).
+// Like the replay, it queues them only while the queue is less than
+// half full, and waits for room (waitRoom) between: the replay may have
+// left the queue half full, and a buffer of up to SEND_QUEUE messages
+// queued at once would overflow it, closing 4002 a client that reads as
+// fast as it can. Live messages go on reaching the buffer meanwhile.
+//
+// It returns readOn instead, having done nothing, when a catch-up
+// dropped buffered messages after lastSent (resumer.dropped): the
+// replay reads on from lastSent, and calls it again. It closes c, and
+// reports neither, when the buffer overflowed (4002: c resumes again, as
+// a slow consumer), when a gap while c replayed took messages after
+// lastSent (1011, as gap closes a subscriber that lacks them: c resumes
+// and is told recovered:false), or when c closed while it waited.
+func (cs *chanState) finishResume(ctx context.Context, c *conn, r *resumer, lastSent stream.ID) (live, readOn bool) {
+	for {
+		cs.mu.Lock()
+		if r.overflow {
+			delete(cs.resuming, c)
+			c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
+			cs.mu.Unlock()
+			return false, false
+		}
+		if lastSent.Less(r.dropped) {
+			cs.mu.Unlock()
+			return false, true
+		}
+		if lastSent.Less(r.gap) {
+			delete(cs.resuming, c)
+			c.closeWith(protocol.CloseInternal, gapReason, true)
+			cs.mu.Unlock()
+			return false, false
+		}
+		// In order, as long as the queue has room; what is left stays
+		// in the buffer, first.
+		left := r.buf[:0]
+		for _, q := range r.buf {
+			if !lastSent.Less(q.id) {
+				continue // the replay read it from the stream
+			}
+			if len(left) == 0 && c.enqueueIfRoom(q) {
+				lastSent = q.id
+				continue
+			}
+			left = append(left, q)
+		}
+		clear(r.buf[len(left):])
+		r.buf = left
+		if len(left) == 0 {
+			delete(cs.resuming, c)
+			// The replay may have read from the stream messages whose
+			// live notification has not arrived yet: skip those when
+			// they do.
+			cs.subs[c] = lastSent
+			cs.mu.Unlock()
+			return true, false
+		}
+		cs.mu.Unlock()
+		if !c.waitRoom(ctx) {
+			cs.remove(c)
+			return false, false
 		}
 	}
-	// The replay may have read from the stream messages whose live
-	// notification has not arrived yet: skip those when they do.
-	cs.subs[c] = lastSent
-	return true
 }
 
 func (cs *chanState) remove(c *conn) {

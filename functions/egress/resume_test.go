@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -316,5 +317,78 @@ func TestResumeWhileCatchUpStalled(t *testing.T) {
 		if !slices.Equal(got, c.want) {
 			t.Errorf("%s: got %v (close %d), want %v once each", c.name, got, code, c.want)
 		}
+	}
+}
+
+// TestResumeHandOverWaitsForRoom: a resume's replay sends its last
+// batch (read from the stream before the live messages below were
+// published) to a client that paused reading, and waits for room in the
+// queue, which it leaves half full; meanwhile as many live messages as
+// SEND_QUEUE are published, which the replay's buffer takes without
+// overflowing. Then the client reads on, as fast as it can. Handing the
+// buffer over to the queue at once, as the replay ends, would overflow
+// the queue and close the client 4002, although neither its buffer nor
+// its queue ever held more than SEND_QUEUE: the hand-over waits for room
+// in the queue as the replay does, and the client gets the history and
+// the live messages once each, in order, and stays open.
+func TestResumeHandOverWaitsForRoom(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "10s"})
+	<-e.s.hub.inbox.ready
+	// Two batches after the resume position, the second (the last)
+	// more than the socket's buffers hold: the replay waits for the
+	// client while it sends it.
+	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
+	hist := appendData(t, rdb, ks, "ho", data, 2*replayBatch)
+	second := &pausePoint{key: ks.Stream("ho"), start: hist[replayBatch], after: true, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(second)
+	defer second.release()
+	ws, _, err := smallBufDialer.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
+	// The first batch; then the client pauses, and the replay makes its
+	// last read and sends what it read until it waits for the client.
+	got, code := readMessages(ws, 10*time.Second, func(id string) bool { return id == hist[replayBatch] })
+	if !slices.Equal(got, hist[1:replayBatch+1]) {
+		t.Fatalf("first batch: %d messages (close %d), want %d", len(got), code, replayBatch)
+	}
+	select {
+	case <-second.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the replay never made its second read")
+	}
+	second.release()
+	cs := e.s.hub.state(ks.Notify("ho"))
+	// As many live messages as the buffer holds, while the replay waits.
+	var live []string
+	for i := range e.s.cfg.SendQueue {
+		live = append(live, appendTo(t, rdb, ks, "ho", ks.Notify("ho"), i))
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		for _, r := range cs.resuming {
+			if len(r.buf) == len(live) && !r.overflow {
+				return nil
+			}
+			return fmt.Errorf("the replay's buffer holds %d live messages (overflow %v), want %d", len(r.buf), r.overflow, len(live))
+		}
+		return errors.New("the replay has ended")
+	})
+	want := append(slices.Clone(hist[replayBatch+1:]), live...)
+	got, code = readMessages(ws, 20*time.Second, func(id string) bool { return id == live[len(live)-1] })
+	if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
+		got = append(got, more...) // a duplicate would come now
+	}
+	if code != 0 || !slices.Equal(got, want) {
+		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
 	}
 }
