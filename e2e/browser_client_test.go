@@ -504,19 +504,27 @@ const clientJSCases = `(async () => {
     results.subscribeAfterClose = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
-  // close() while getToken() is pending, which then fails: the client
-  // stays closed (it does not go back to "disconnected" and schedule a
-  // reconnect).
+  // close() while getToken() is pending, which then fails, or brings a
+  // good token: the client stays closed (it does not go back to
+  // "disconnected" and schedule a reconnect), opens no socket with the
+  // late token and emits nothing.
   {
-    sockets.length = 0;
-    let fail;
-    const c = newClient({ getToken: () => new Promise((_, reject) => { fail = reject; }) });
-    await settle(); // connect() waits for the token
-    c.close();
-    fail(new Error("offline"));
-    await settle();
-    results.closeDuringGetToken = c.state === "closed" && sockets.length === 0
-      ? "ok" : "state " + c.state + " after close(), " + sockets.length + " sockets";
+    const wrong = [];
+    for (const [name, settleToken] of [["fails", (_, reject) => reject(new Error("offline"))], ["brings a token", (resolve) => resolve("late")]]) {
+      sockets.length = 0;
+      let answer;
+      const c = newClient({ getToken: () => new Promise((resolve, reject) => { answer = () => settleToken(resolve, reject); }) });
+      await settle(); // connect() waits for the token
+      c.close();
+      const events = [];
+      for (const ev of ["state", "error", "close", "welcome"]) c.on(ev, () => events.push(ev));
+      answer();
+      await settle();
+      if (c.state !== "closed" || sockets.length !== 0 || events.length || c.token === "late") {
+        wrong.push(name + ": state " + c.state + " after close(), " + sockets.length + " sockets, events [" + events + "], token " + c.token);
+      }
+    }
+    results.closeDuringGetToken = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
   // A getToken() that never settles (a token endpoint that never

@@ -75,8 +75,11 @@ func httpServer(s *Server, log *slog.Logger) *http.Server {
 }
 
 // serve runs s on ln until ctx is done: it stops accepting, drains the
-// sockets (close 1001, registry records removed) and returns. A listener
-// that fails ends serving the same way, and its error is returned.
+// sockets (close 1001, registry records removed) and returns. Requests
+// that are not sockets and still run SHUTDOWN_GRACE plus a second after
+// ctx's end have their connections closed: logged, not an error (the
+// process has stopped as asked). A listener that fails ends serving the
+// same way, and its error is returned.
 func serve(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server) error {
 	return serveWith(ctx, log, ln, s, httpServer(s, log))
 }
@@ -102,7 +105,8 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	// Stop accepting first, then drain the hijacked sockets. Serve has
 	// returned (and let go of ln) before Shutdown, which would otherwise
 	// close ln a second time and report that as its error.
-	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownGrace+time.Second)
+	grace := s.cfg.ShutdownGrace + time.Second
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	if failed == nil {
 		_ = ln.Close()
@@ -110,14 +114,18 @@ func serveWith(ctx context.Context, log *slog.Logger, ln net.Listener, s *Server
 	}
 	stopRun() // after a failure, the drain starts here; ctx's end has started it otherwise
 	<-ran
-	err := hs.Shutdown(sctx)
+	// Requests that are not sockets (a client still sending a body it
+	// declared, which net/http waits for until readTimeout) are cut once
+	// the time is over, as the ingress cuts its own: logged, not an
+	// error, so that the last line still says how the process stopped.
+	if err := hs.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Warn("shutdown grace period over: closing the connections of requests still running", "grace", grace.String())
+		_ = hs.Close()
+	}
 	s.stopEpisodes()
 	if failed != nil {
 		log.Error("serving failed", "err", failed.Error())
 		return failed
-	}
-	if err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
 	}
 	log.Info("stopped")
 	return nil

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"reflect"
 	"strings"
 	"sync"
@@ -275,4 +276,56 @@ func episodeFields(st reflect.Type) int {
 		}
 	}
 	return n
+}
+
+// TestShutdownOutOfTime: a request still running when shutdown's time is
+// over (here one that declared a body it never sends, which net/http
+// waits for until ReadTimeout, long after SHUTDOWN_GRACE) has its
+// connection closed, the cut is logged, and "stopped" is still the last
+// line, once: the process stopped as asked, and serve returns nil, as the
+// ingress's does.
+func TestShutdownOutOfTime(t *testing.T) {
+	t.Parallel()
+	cfg, rdb, ln := serveSetup(t)
+	cfg.ShutdownGrace = 100 * time.Millisecond
+	var logs testkit.SyncBuffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
+	s := NewServer(cfg, log, rdb)
+	hs := httpServer(s, log)
+	active := make(chan struct{}, 1)
+	hs.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateActive {
+			select {
+			case active <- struct{}{}:
+			default:
+			}
+		}
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
+	stop := sync.OnceValue(func() error { cancel(); return <-served })
+	t.Cleanup(func() { _ = stop() })
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	<-active
+	if err := stop(); err != nil {
+		t.Errorf("serve: %v, want nil", err)
+	}
+	// Closed by the server, not left open until ReadTimeout.
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		t.Errorf("the request's connection is still open after serve returned: %v", err)
+	}
+	if len(logs.Lines(t, "shutdown grace period over: closing the connections of requests still running")) != 1 {
+		t.Errorf("the cut is not logged once:\n%s", logs.String())
+	}
+	logs.CheckLast(t, "stopped", "stopped", "serving failed")
 }

@@ -116,7 +116,7 @@ func TestDefaultGC(t *testing.T) {
 // TestServeGraceOver: a request still running when the shutdown grace is
 // over has its connection closed; serve waits for its handler to end (so
 // that none uses Redis after run closes it), logs it, and returns nil:
-// the process stopped as asked.
+// the process stopped as asked, and "stopped" is its last line.
 func TestServeGraceOver(t *testing.T) {
 	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -145,9 +145,10 @@ func TestServeGraceOver(t *testing.T) {
 	if !ended.Load() {
 		t.Error("serve returned while a handler was still running")
 	}
-	if !strings.Contains(logs.String(), "shutdown grace period over") || !strings.Contains(logs.String(), `"msg":"stopped"`) {
+	if !strings.Contains(logs.String(), "shutdown grace period over") {
 		t.Errorf("logs: %s", logs.String())
 	}
+	logs.CheckLast(t, "stopped", "stopped", "serving failed")
 }
 
 // TestNothingLoggedAfterStopped: "stopped" is the ingress's last line. An

@@ -157,21 +157,60 @@ func TestCloseInEveryState(t *testing.T) {
 		}
 	})
 	t.Run("GetToken deaf to ctx", func(t *testing.T) {
+		// Close does not wait for a GetToken that does not heed its ctx;
+		// the token it brings after Close is not used (no dial, no state
+		// reported), and its goroutine ends with it.
+		url, upgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			_, _, _ = ws.ReadMessage()
+		})
+		ignore := goleak.IgnoreCurrent() // the server's, closed at cleanup
+		var dials, states atomic.Int32
+		closed := make(chan struct{})
 		asked := make(chan struct{})
 		release := make(chan struct{})
-		c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", GetToken: func(context.Context) (string, error) {
-			close(asked)
-			<-release
-			return "", errors.New("too late")
-		}})
+		c, err := Dial(Options{
+			URL: url,
+			GetToken: func(context.Context) (string, error) {
+				close(asked)
+				<-release
+				return "x.y.z", nil // a good token, too late
+			},
+			Dialer: &websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				dials.Add(1)
+				return (&net.Dialer{}).DialContext(ctx, network, addr)
+			}},
+			OnState: func(State, error) {
+				select {
+				case <-closed:
+					states.Add(1)
+				default:
+				}
+			},
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
 		<-asked
-		// Close does not wait for a GetToken that does not heed its ctx.
 		closes(t, c, "GetToken deaf to ctx")
 		closedForGood(t, c, "GetToken deaf to ctx")
+		close(closed)
 		close(release)
+		// Once GetToken's goroutine has ended, whatever its token would
+		// have set off has happened.
+		goleak.VerifyNone(t, ignore)
+		if n := dials.Load(); n != 0 {
+			t.Errorf("%d dials with the token GetToken brought after Close", n)
+		}
+		if n := upgrades.Load(); n != 0 {
+			t.Errorf("%d upgrades after Close", n)
+		}
+		if n := states.Load(); n != 0 {
+			t.Errorf("OnState called %d times after Close", n)
+		}
+		if s, err := c.State(), c.Err(); s != StateClosed || err != nil {
+			t.Errorf("after the late token: state %v, Err %v; want closed, nil", s, err)
+		}
 	})
 	t.Run("awaiting welcome", func(t *testing.T) {
 		noLeaks(t)
