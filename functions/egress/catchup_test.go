@@ -2,10 +2,12 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -227,5 +229,173 @@ func TestResumeAcrossCatchUp(t *testing.T) {
 				t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
 			}
 		})
+	}
+}
+
+// TestResumeLiveAfterCatchUpLeftBufferFull: a catch-up delivers a
+// backlog longer than SEND_QUEUE into a held replay's buffer, emptying
+// it each time it finds it full, and leaves it all but full (SEND_QUEUE
+// 16: 30 messages leave 13); then 4 live messages are published. They
+// are far fewer than SEND_QUEUE, no sign of a slow client (docs/
+// protocol.md, Resume: 4002 is for more than SEND_QUEUE live messages
+// while the client replayed), and every message the buffer holds is in
+// the stream: the buffer is emptied as a catch-up empties it, not
+// overflowed, and the client, which reads as fast as it can, gets every
+// message once, in order, and stays open.
+func TestResumeLiveAfterCatchUpLeftBufferFull(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+	ids := appendData(t, rdb, ks, "room", []byte(`"h"`), 6)
+	p := &pausePoint{key: ks.Stream("room"), start: ids[0], after: true, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws := resumeOn(t, e, "room", ids[0])
+	<-p.reached
+	// The catch-up: the buffer is full after 16, emptied by the 17th,
+	// and holds the last 13.
+	backlog := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), 29)
+	backlog = append(backlog, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1))
+	var live []string
+	for i := range 4 {
+		live = append(live, appendTo(t, rdb, ks, "room", ks.Notify("room"), i))
+	}
+	last := live[len(live)-1]
+	cs := e.s.hub.state(ks.Notify("room"))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != last {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
+		}
+		return nil
+	})
+	p.release()
+	next(t, ws, "subscribed")
+	got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
+	want := append(append(slices.Clone(ids[1:]), backlog...), live...)
+	if code != 0 || !slices.Equal(got, want) {
+		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close:\n%v\nwant %v", len(got), len(want), code, got, want)
+	}
+}
+
+// TestResumeCatchUpDuringHandOver: a replay ends with its buffer holding
+// live messages and the client's queue backed up (the client reads
+// nothing: its socket is already full with another channel's
+// messages); the hand-over queues part of the buffer and waits for room
+// when a catch-up of a backlog longer than SEND_QUEUE empties the rest.
+// The replay reads on from the stream, but from the last message the
+// hand-over queued, not from where the replay had stopped: the client
+// gets each message once.
+func TestResumeCatchUpDuringHandOver(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	<-e.s.hub.inbox.ready
+	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
+	hist := appendData(t, rdb, ks, "ho", data, 4)
+	p := &pausePoint{key: ks.Stream("ho"), start: hist[0], after: true, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws, _, err := smallBufDialer.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, "welcome").ConnectionID
+	// A channel whose messages fill the socket and back its queue up.
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "fill"})
+	cs := e.s.hub.state(ks.Notify("fill"))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if cs == nil {
+			cs = e.s.hub.state(ks.Notify("fill"))
+			return errors.New("not subscribed yet")
+		}
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if len(cs.subs) != 1 {
+			return errors.New("not subscribed")
+		}
+		return nil
+	})
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
+	<-p.reached
+	e.s.hub.mu.Lock()
+	c := e.s.hub.conns[id]
+	e.s.hub.mu.Unlock()
+	fill := map[string]bool{}
+	for n := 0; ; n++ {
+		c.mu.Lock()
+		q := len(c.queue)
+		c.mu.Unlock()
+		if q >= 2 {
+			break
+		}
+		if n > 1000 {
+			t.Fatal("the socket never filled")
+		}
+		id := appendData(t, rdb, ks, "fill", data, 1)[0]
+		fill[id] = true
+		testkit.Eventually(t, 5*time.Second, func() error {
+			cs.mu.Lock()
+			defer cs.mu.Unlock()
+			if cs.last.String() != id {
+				return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, id)
+			}
+			return nil
+		})
+	}
+	cs = e.s.hub.state(ks.Notify("ho"))
+	// Live messages, into the held replay's buffer.
+	live := appendData(t, rdb, ks, "ho", data, 12)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		for _, r := range cs.resuming {
+			if len(r.buf) == len(live) {
+				return nil
+			}
+			return fmt.Errorf("the replay's buffer holds %d messages, want %d", len(r.buf), len(live))
+		}
+		return errors.New("the replay has ended")
+	})
+	p.release()
+	// The hand-over queued part of the buffer and waits for room.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		for _, r := range cs.resuming {
+			if n := len(r.buf); n > 0 && n < len(live) {
+				return nil
+			}
+			return fmt.Errorf("the replay's buffer holds %d messages, want some of %d", len(r.buf), len(live))
+		}
+		return errors.New("the replay has ended")
+	})
+	backlog := appendLost(t, rdb, ks, e.s.hub.instance, "ho", "", []byte(`"x"`), 2*e.s.cfg.SendQueue)
+	backlog = append(backlog, appendTo(t, rdb, ks, "ho", ks.Notify("ho"), -1))
+	last := backlog[len(backlog)-1]
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != last {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
+		}
+		return nil
+	})
+	got, code := readMessages(ws, 20*time.Second, func(id string) bool { return id == last })
+	if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
+		got = append(got, more...) // a duplicate would come now
+	}
+	got = slices.DeleteFunc(got, func(id string) bool { return fill[id] })
+	want := append(append(slices.Clone(hist[1:]), live...), backlog...)
+	if code != 0 || !slices.Equal(got, want) {
+		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close:\n%v\nwant %v", len(got), len(want), code, got, want)
 	}
 }

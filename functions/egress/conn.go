@@ -794,7 +794,10 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))
 	last, ok := c.replay(ctx, cs, r, b.From, &b)
 	for ok {
-		live, readOn := cs.finishResume(ctx, c, r, last)
+		var live, readOn bool
+		// From the last message the hand-over queued, when it queued
+		// some before a catch-up dropped the rest.
+		last, live, readOn = cs.finishResume(ctx, c, r, last)
 		if !readOn {
 			return live
 		}

@@ -76,16 +76,19 @@ type resumer struct {
 
 	// buf holds the messages delivered since the replay began (since
 	// dropped, when set), at most the hub's maxBuf. overflow: a live
-	// message found it full, published faster than the client replays
-	// (finishResume closes the connection 4002).
+	// message found it full of live messages, published faster than the
+	// client replays (finishResume closes the connection 4002).
 	buf      []*queued
 	overflow bool
 	// dropped, when not zero, is the last id of the messages a catch-up
 	// found buf full for: it emptied buf instead of overflowing it
 	// (deliver), since each of its messages is in the stream, and the
 	// replay reads them from there at the client's pace (finishResume
-	// sends it back to the stream while it has not read that far).
-	dropped stream.ID
+	// sends it back to the stream while it has not read that far). A
+	// live message that finds buf full does the same while buf holds
+	// messages a catch-up put there (caught, the last of them, is not
+	// older than buf's first): only live messages overflow it.
+	dropped, caught stream.ID
 	// gap, when not zero, is the last id of the messages a gap took
 	// while the connection replayed (closeMissingLocked), which buf
 	// lacks: finishResume closes the connection unless its replay read
@@ -799,10 +802,13 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		}
 		for _, r := range cs.resuming {
 			if len(r.buf) >= h.maxBuf {
-				if backlog != nil && !r.overflow {
+				if !r.overflow && (backlog != nil || !r.caught.Less(r.buf[0].id)) {
 					// A catch-up delivers far faster than a client reads,
 					// and its pacer waits for no replay: what it delivers
 					// is in the stream, which the replay reads on instead.
+					// So is what it left in the buffer, which a few live
+					// messages then fill: they are no sign of a slow
+					// client either.
 					clear(r.buf)
 					r.buf, r.dropped = r.buf[:0], id
 				} else {
@@ -812,6 +818,9 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 				continue
 			}
 			r.buf = append(r.buf, q)
+			if backlog != nil {
+				r.caught = id
+			}
 			r.sawLocked(id, true)
 		}
 		cs.mu.Unlock()
@@ -1112,31 +1121,34 @@ func (cs *chanState) overflowed(r *resumer) bool {
 // queued at once would overflow it, closing 4002 a client that reads as
 // fast as it can. Live messages go on reaching the buffer meanwhile.
 //
-// It returns readOn instead, having done nothing, when a catch-up
-// dropped buffered messages after lastSent (resumer.dropped): the
-// replay reads on from lastSent, and calls it again. It closes c, and
-// reports neither, when the buffer overflowed (4002: c resumes again, as
-// a slow consumer), when a gap while c replayed took messages after
-// lastSent (1011, as gap closes a subscriber that lacks them: c resumes
-// and is told recovered:false), or when c closed while it waited.
-func (cs *chanState) finishResume(ctx context.Context, c *conn, r *resumer, lastSent stream.ID) (live, readOn bool) {
+// It returns readOn instead when a catch-up dropped buffered messages
+// after lastSent (resumer.dropped), before the hand-over began or while
+// it waited for room: the replay reads on from last, the last message c
+// was sent (lastSent, or the last buffered message queued before the
+// drop, which the replay must not send again), and calls it again. It
+// closes c, and reports neither, when the buffer overflowed (4002: c
+// resumes again, as a slow consumer), when a gap while c replayed took
+// messages after lastSent (1011, as gap closes a subscriber that lacks
+// them: c resumes and is told recovered:false), or when c closed while
+// it waited.
+func (cs *chanState) finishResume(ctx context.Context, c *conn, r *resumer, lastSent stream.ID) (last stream.ID, live, readOn bool) {
 	for {
 		cs.mu.Lock()
 		if r.overflow {
 			delete(cs.resuming, c)
 			c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
 			cs.mu.Unlock()
-			return false, false
+			return lastSent, false, false
 		}
 		if lastSent.Less(r.dropped) {
 			cs.mu.Unlock()
-			return false, true
+			return lastSent, false, true
 		}
 		if lastSent.Less(r.gap) {
 			delete(cs.resuming, c)
 			c.closeWith(protocol.CloseInternal, gapReason, true)
 			cs.mu.Unlock()
-			return false, false
+			return lastSent, false, false
 		}
 		// In order, as long as the queue has room; what is left stays
 		// in the buffer, first.
@@ -1160,12 +1172,12 @@ func (cs *chanState) finishResume(ctx context.Context, c *conn, r *resumer, last
 			// they do.
 			cs.subs[c] = lastSent
 			cs.mu.Unlock()
-			return true, false
+			return lastSent, true, false
 		}
 		cs.mu.Unlock()
 		if !c.waitRoom(ctx) {
 			cs.remove(c)
-			return false, false
+			return lastSent, false, false
 		}
 	}
 }
