@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"slices"
 	"strconv"
@@ -397,5 +398,164 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 	want := append(append(slices.Clone(hist[1:]), live...), backlog...)
 	if code != 0 || !slices.Equal(got, want) {
 		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close:\n%v\nwant %v", len(got), len(want), code, got, want)
+	}
+}
+
+// TestCatchUpsStuckReadersInManyChannels: the Pub/Sub connection is cut
+// while each of many channels has a backlog whose notifications are
+// lost and a subscriber that reads nothing (its frames are larger than
+// the socket buffers hold, and WRITE_TIMEOUT is long, so that nothing
+// else drops it). Every channel catches up, one after the other, on the
+// receive loop, and each catch-up finds its stuck reader's queue full.
+// Waiting catchUpWait for each would hold the loop, and every channel's
+// live deliveries, for as many times catchUpWait as there are channels:
+// the catch-ups' waits in all stay within the hub's budget (waitBurst at
+// once, a waitShare-th of the time beyond), however many channels there
+// are. The bound is on what the loop's catch-ups waited (hub.pacing),
+// against the time the test saw pass: a slow machine makes it looser,
+// never tighter.
+func TestCatchUpsStuckReadersInManyChannels(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t) // its own: the kill cuts every Pub/Sub client
+	rdb := redis.NewClient(srv.Options())
+	defer rdb.Close()
+	prefix := redistest.Prefix(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	h := e.s.hub
+
+	const channels = 12
+	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
+	lasts := make([]string, channels)
+	for i := range lasts {
+		ch := "room" + strconv.Itoa(i)
+		ws, _, err := smallBufDialer.Dial(e.url(url.Values{"channels": {ch}}), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		id := next(t, ws, "welcome").ConnectionID
+		next(t, ws, "subscribed") // and nothing more
+		h.mu.Lock()
+		c := h.conns[id]
+		h.mu.Unlock()
+		// Small buffers both ends, so that a few frames hold the writer.
+		_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+		ids := appendLost(t, rdb, ks, h.instance, ch, "", data, 32)
+		lasts[i] = ids[len(ids)-1]
+	}
+	start := time.Now()
+	if err := rdb.ClientKillByFilter(t.Context(), "TYPE", "pubsub").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 30*time.Second, func() error {
+		for i, last := range lasts {
+			cs := h.state(ks.Notify("room" + strconv.Itoa(i)))
+			cs.mu.Lock()
+			at := cs.last.String()
+			cs.mu.Unlock()
+			if at != last {
+				return fmt.Errorf("room%d is at %s, not yet at %s", i, at, last)
+			}
+		}
+		return nil
+	})
+	elapsed := time.Since(start)
+	// A wait ends up to a poll past its deadline: catchUpWait of slack
+	// covers a loaded machine's.
+	waited := time.Duration(h.pacing.waited.Load())
+	if bound := waitBurst + elapsed/waitShare + catchUpWait; waited > bound {
+		t.Fatalf("the catch-ups of %d channels with a stuck reader each waited %v in all (in %v), want at most %v", channels, waited, elapsed, bound)
+	}
+	t.Logf("the catch-ups of %d channels waited %v in all, in %v", channels, waited, elapsed)
+}
+
+// TestCatchUpsOneStuckReaderInManyChannels: a subscriber of several
+// channels stops reading, its queue half full, and the Pub/Sub
+// connection is cut while each of its channels has a message whose
+// notification was lost. Each channel's catch-up leaves its queue at
+// least half full; the first waits for it in vain, and no other waits
+// for it again (its writer has taken nothing since): it holds up the
+// receive loop once, not once per channel.
+func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t) // its own: the kill cuts every Pub/Sub client
+	rdb := redis.NewClient(srv.Options())
+	defer rdb.Close()
+	prefix := redistest.Prefix(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	h := e.s.hub
+
+	// The live channel fills its queue to half (8 of 16) and a message
+	// lost in each of the others takes it to 14: it is
+	// not closed 4002, so each catch-up finds it backlogged.
+	const lost = 6
+	names := []string{"live"}
+	for i := range lost {
+		names = append(names, "room"+strconv.Itoa(i))
+	}
+	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"channels": names}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	id := next(t, ws, "welcome").ConnectionID
+	for range names {
+		next(t, ws, "subscribed") // and nothing more
+	}
+	h.mu.Lock()
+	c := h.conns[id]
+	h.mu.Unlock()
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	queued := func() int {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.queue)
+	}
+
+	// One at a time, each delivered before the next, until the writer
+	// is held and half the queue waits behind it (a writer that started
+	// late takes all that is queued in one batch).
+	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
+	live := h.state(ks.Notify("live"))
+	for i := 0; queued() < 8; i++ {
+		if i == 64 {
+			t.Fatalf("%d frames queued after %d messages: the writer is not held", queued(), i)
+		}
+		id := appendData(t, rdb, ks, "live", data, 1)[0]
+		testkit.Eventually(t, 5*time.Second, func() error {
+			live.mu.Lock()
+			defer live.mu.Unlock()
+			if live.last.String() != id {
+				return fmt.Errorf("the live channel is at %s, not yet at %s", live.last, id)
+			}
+			return nil
+		})
+	}
+	lasts := make([]string, lost)
+	for i := range lasts {
+		lasts[i] = appendLost(t, rdb, ks, h.instance, names[i+1], "", data, 1)[0]
+	}
+	if err := rdb.ClientKillByFilter(t.Context(), "TYPE", "pubsub").Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 30*time.Second, func() error {
+		for i, last := range lasts {
+			cs := h.state(ks.Notify(names[i+1]))
+			cs.mu.Lock()
+			at := cs.last.String()
+			cs.mu.Unlock()
+			if at != last {
+				return fmt.Errorf("%s is at %s, not yet at %s", names[i+1], at, last)
+			}
+		}
+		return nil
+	})
+	if n := queued(); n != 8+lost {
+		t.Fatalf("%d frames queued, want the %d messages lost on top of 8 (the writer took nothing)", n, lost)
+	}
+	if n := h.pacing.gaveUp.Load(); n != 1 {
+		t.Fatalf("the catch-ups gave up waiting for the stuck reader %d times, want once", n)
 	}
 }

@@ -71,6 +71,7 @@ type conn struct {
 	queue     []*queued
 	spare     []*queued
 	closing   bool
+	unpaced   bool     // a catch-up gave up waiting for room: none waits for c again until the writer takes the queue (pacer)
 	closeMsg  []byte   // close frame for the writer to send
 	closeSent bool     // a close frame has been written
 	ctrl      [][]byte // control frames for the writer to send first
@@ -130,11 +131,20 @@ func (c *conn) enqueue(q *queued) (backlogged bool) {
 func (c *conn) roomLocked() bool { return len(c.queue) < c.s.cfg.SendQueue/2 }
 
 // backlogged reports whether c's queue is at least half full and c is
-// not closing: what a producer that can wait waits on.
+// not closing, nor given up on by a catch-up (giveUpPacing): what a
+// catch-up waits on (pacer).
 func (c *conn) backlogged() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return !c.closing && !c.roomLocked()
+	return !c.closing && !c.unpaced && !c.roomLocked()
+}
+
+// giveUpPacing marks c as a connection a catch-up waited for in vain:
+// catch-ups do not wait for it again until its writer takes its queue.
+func (c *conn) giveUpPacing() {
+	c.mu.Lock()
+	c.unpaced = true
+	c.mu.Unlock()
 }
 
 // startWriterLocked starts the writer unless one is running; c.mu is
@@ -249,6 +259,7 @@ func (c *conn) writeLoop() {
 		batch := c.queue
 		c.queue = c.spare[:0]
 		c.spare = nil
+		c.unpaced = false // it reads: catch-ups may wait for it again
 		c.mu.Unlock()
 		for i := range batch {
 			vec = append(vec, batch[i].frame)

@@ -198,6 +198,10 @@ type hub struct {
 	// it, so that each resume whose notifications they lost does not
 	// take a second.
 	lateWait time.Duration
+	// pacing is what the receive loop's catch-ups may still wait for
+	// room in their subscribers' queues, all of them together
+	// (waitBudget). Receive loop only, but for its counters.
+	pacing waitBudget
 }
 
 // recovery is a stalled channel's read done: for a channel not yet
@@ -354,7 +358,7 @@ func (h *hub) confirm(cs *chanState, last stream.ID) {
 // the stream (trimmed or expired while the notifications were lost) break
 // its chain: see gap.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
-	if err := h.readUpTo(ctx, cs, upto); err != nil {
+	if err := h.readUpTo(ctx, cs, upto, &h.pacing); err != nil {
 		h.stall(ctx, cs, "catch up from stream", err)
 		return false
 	}
@@ -364,9 +368,10 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 
 // readUpTo is catchUp's reading and delivering, which stops at the first
 // read that fails (what it delivered before stays delivered). It paces
-// its deliveries by the subscribers' queues (pacer).
-func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error {
-	var p pacer
+// its deliveries by the subscribers' queues (pacer), within budget when
+// it runs on the receive loop (nil: in a goroutine of its own, stall).
+func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID, budget *waitBudget) error {
+	p := pacer{budget: budget}
 	for {
 		rctx, cancel := h.bounded(ctx)
 		b, err := h.store.Resume(rctx, cs.stream, cs.last, replayBatch)
@@ -404,6 +409,14 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID) error
 // subscribers' queues (pacer).
 const catchUpWait = 250 * time.Millisecond
 
+// The receive loop's catch-ups wait, all of them together, at most
+// waitBurst at once and a waitShare-th of the time beyond (catchUpWait a
+// second): see waitBudget.
+const (
+	waitBurst = 2 * catchUpWait
+	waitShare = 4
+)
+
 // pacer paces a catch-up by its subscribers' queues. The live path
 // delivers each message as its notification arrives, no faster than it
 // was published; a catch-up delivers a backlog from the stream as fast
@@ -411,53 +424,131 @@ const catchUpWait = 250 * time.Millisecond
 // would overflow the queue (SEND_QUEUE) of a client reading as fast as
 // it can and close it 4002. So after a message that left queues at
 // least half full, the catch-up waits, as a replay does (waitRoom), for
-// their writers to take them; but for catchUpWait at most. A connection
-// still without room then is not waited for again in this catch-up: it
-// is a slow consumer, which the next messages close 4002 as before, and
-// it holds up the channel's other subscribers (and the receive loop's
-// other channels) for catchUpWait, not for as long as it takes to read.
-// A connection replaying a resume of the channel is not waited for: its
-// replay takes the catch-up's messages from the stream when its buffer
-// of live messages has no room for them (deliver, resumer.dropped).
-// A catch-up's own; the zero value is ready to use.
+// their writers to take them; but for catchUpWait at most, and on the
+// receive loop within its budget. A connection still without room then
+// is a slow consumer, which the next messages close 4002 as before: no
+// catch-up, of this channel or another, waits for it again until its
+// writer has taken its queue (conn.giveUpPacing), so that a reader that
+// stopped holds up the receive loop once, not once per channel it is
+// subscribed to. A connection replaying a resume of the channel is not
+// waited for: its replay takes the catch-up's messages from the stream
+// when its buffer of live messages has no room for them (deliver,
+// resumer.dropped).
+// A catch-up's own; the zero value waits with no budget.
 type pacer struct {
-	full []*conn            // queues the last delivery left at least half full
-	slow map[*conn]struct{} // not waited for again
+	full   []*conn     // queues the last delivery left at least half full
+	budget *waitBudget // nil: off the receive loop, catchUpWait per wait
 }
 
-// wait waits until p.full's queues have room, for catchUpWait at most;
-// those still without room then are slow from then on.
+// wait waits until p.full's queues have room, for catchUpWait at most,
+// or for what the budget allows (not at all when it is spent: the
+// catch-up then delivers as the live path does); it gives up on those
+// still without room then.
 func (p *pacer) wait(ctx context.Context) {
-	var deadline time.Time
+	var start, deadline time.Time
 	for {
 		waiting := p.full[:0]
 		for _, c := range p.full {
-			if _, slow := p.slow[c]; !slow && c.backlogged() {
+			if c.backlogged() {
 				waiting = append(waiting, c)
 			}
 		}
 		p.full = waiting
 		if len(waiting) == 0 {
+			p.charge(start, paceGrace)
 			return
 		}
 		now := time.Now()
-		if deadline.IsZero() {
-			deadline = now.Add(catchUpWait)
+		if start.IsZero() {
+			limit := catchUpWait
+			if p.budget != nil {
+				limit = p.budget.allow(now)
+			}
+			if limit <= 0 {
+				return
+			}
+			start, deadline = now, now.Add(limit)
 		} else if now.After(deadline) {
-			if p.slow == nil {
-				p.slow = make(map[*conn]struct{})
-			}
 			for _, c := range waiting {
-				p.slow[c] = struct{}{}
+				c.giveUpPacing()
 			}
+			if p.budget != nil {
+				p.budget.gaveUp.Add(int64(len(waiting)))
+			}
+			p.charge(start, 0)
 			return
 		}
 		select {
 		case <-ctx.Done():
+			p.charge(start, 0)
 			return
 		case <-time.After(time.Millisecond): // the writers take their queues within it
 		}
 	}
+}
+
+// paceGrace is the part of a catch-up wait that ends with room (its
+// readers took their queues) that the budget does not charge: a reader
+// that takes its queue as soon as its writer runs costs nothing, even on
+// a machine so loaded that the writer runs milliseconds late. A wait
+// that gives up is charged whole: the grace never lets waits for readers
+// that do not read go on unbudgeted.
+const paceGrace = 10 * time.Millisecond
+
+// charge takes the wait that began at start, if one did, less grace, from
+// p's budget.
+func (p *pacer) charge(start time.Time, grace time.Duration) {
+	if p.budget != nil && !start.IsZero() {
+		p.budget.spend(time.Since(start), grace)
+	}
+}
+
+// waitBudget bounds how long the receive loop's catch-ups hold it, all
+// of them together, waiting for room in their subscribers' queues
+// (pacer). Every channel catches up on the loop, one after the other,
+// after a Pub/Sub reconnect, and no channel gets live deliveries
+// meanwhile: with a reader that stopped in each of hundreds of channels
+// (stalled mobile clients), catchUpWait per channel would hold the loop
+// for minutes; its notifications pile up unread meanwhile, in Redis once
+// the subscriber's buffer is full, until Redis cuts the Pub/Sub
+// connection (client-output-buffer-limit pubsub), which makes every
+// channel catch up again. It is a bucket of waiting
+// time that holds waitBurst at most (full at first) and fills by a
+// waitShare-th of the time that passes; a wait may last what it holds,
+// catchUpWait at most, and takes what it lasted from it. When it is
+// empty, catch-ups deliver without waiting, as the live path does: a
+// client that reads as fast as it can but that a backlog longer than
+// SEND_QUEUE reaches then is closed 4002 and resumes, losing nothing.
+// A reader that takes its queue as fast as it can costs none of it: the
+// first paceGrace of a wait that ends with room is not charged.
+//
+// left and at are the receive loop's; waited and gaveUp, counters for
+// tests, are read by anyone.
+type waitBudget struct {
+	left time.Duration // below zero after a wait that ran a poll past its deadline
+	at   time.Time     // when left was brought up to date; zero: never, full
+	// waited is how long (ns) the catch-ups waited in all, grace
+	// included; gaveUp, how many times they gave up on a connection
+	// without room.
+	waited, gaveUp atomic.Int64
+}
+
+// allow brings the bucket up to now and returns how long a wait that
+// starts then may last.
+func (b *waitBudget) allow(now time.Time) time.Duration {
+	if b.at.IsZero() {
+		b.left = waitBurst
+	} else {
+		b.left = min(waitBurst, b.left+now.Sub(b.at)/waitShare)
+	}
+	b.at = now
+	return min(catchUpWait, b.left)
+}
+
+// spend takes a wait of d, less grace, from the bucket.
+func (b *waitBudget) spend(d, grace time.Duration) {
+	b.left -= max(0, d-grace)
+	b.waited.Add(int64(d))
 }
 
 // sendable reports whether e, read from cs's stream, is a frame a client
@@ -547,7 +638,7 @@ func (h *hub) stall(ctx context.Context, cs *chanState, what string, err error) 
 			if position {
 				r.position, err = h.lastID(sctx, cs)
 			} else {
-				err = h.readUpTo(sctx, cs, stream.Max)
+				err = h.readUpTo(sctx, cs, stream.Max, nil)
 			}
 			if err == nil {
 				break
