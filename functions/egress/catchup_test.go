@@ -559,3 +559,65 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 		t.Fatalf("the catch-ups gave up waiting for the stuck reader %d times, want once", n)
 	}
 }
+
+// TestResumeReadOnTrimmed: a catch-up empties a held replay's buffer
+// (TestResumeAcrossCatchUp), and the stream is trimmed past the replay's
+// position before its read-on reads it: the messages the buffer held
+// are then nowhere, and the client is not handed the rest past them. It
+// gets the history it was sent, in order, then 1011, and its resume
+// from there is told recovered:false.
+func TestResumeReadOnTrimmed(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("room")
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+	ids := appendData(t, rdb, ks, "room", []byte(`"h"`), 6)
+	// Held after its only read, then before its read-on's.
+	p := &pausePoint{key: key, start: ids[0], after: true, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws := resumeOn(t, e, "room", ids[0])
+	select {
+	case <-p.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the replay never made its read")
+	}
+	readOn := &pausePoint{key: key, start: ids[len(ids)-1], reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(readOn)
+	defer readOn.release()
+	backlog := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), catchUpBacklog)
+	backlog = append(backlog, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1))
+	last := backlog[len(backlog)-1]
+	cs := e.s.hub.state(ks.Notify("room"))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != last {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
+		}
+		return nil
+	})
+	p.release()
+	select {
+	case <-readOn.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the replay never read on")
+	}
+	if err := rdb.XTrimMaxLen(t.Context(), key, 10).Err(); err != nil {
+		t.Fatal(err)
+	}
+	readOn.release()
+	if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
+		t.Fatalf("recovered %v, want true", deref(r.Recovered))
+	}
+	if got, code := readMessages(ws, 5*time.Second, nil); code != protocol.CloseInternal || !slices.Equal(got, ids[1:]) {
+		t.Fatalf("got %v, close %d; want %v, then %d", got, code, ids[1:], protocol.CloseInternal)
+	}
+	again := resumeOn(t, e, "room", ids[len(ids)-1])
+	if r := next(t, again, "subscribed"); r.Recovered == nil || *r.Recovered {
+		t.Fatalf("resumed again: recovered %v, want false", deref(r.Recovered))
+	}
+}

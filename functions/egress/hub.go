@@ -1143,7 +1143,8 @@ const lateNotice = time.Second
 // continuous (messages after `after` are trimmed) while the hub is behind
 // `after` (r.live < after): the client got `after` from another instance,
 // and this one's notifications may only be late. It waits, for at most
-// wait (the hub's lateWait), until the hub delivers `after` into r's buffer, or passes it
+// wait (the hub's lateWait), until the hub delivers `after` into r's
+// buffer (or empties the buffer at it: resumer.dropped), or passes it
 // without, and reports whether it did deliver it. When it did, the
 // buffer holds every message after `after` the hub delivered since, each
 // proved by the chain (a notification naming the last id delivered as
@@ -1160,6 +1161,13 @@ func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID,
 			cs.mu.Unlock()
 			return !r.overflow
 		}
+	}
+	if r.dropped == after {
+		// Delivered, and found the buffer full of a catch-up's messages
+		// (deliver): emptied there, it holds what follows, as if `after`
+		// had been kept.
+		cs.mu.Unlock()
+		return !r.overflow
 	}
 	if !cs.last.Less(after) {
 		cs.mu.Unlock()
@@ -1178,9 +1186,10 @@ func (cs *chanState) awaitLive(ctx context.Context, r *resumer, after stream.ID,
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	r.arrived = nil
-	// A catch-up that dropped the buffer after `after` took with it the
-	// messages that follow, which the stream, trimmed, may not hold.
-	return r.hasAwaited && !r.overflow && r.dropped.Less(after)
+	// A buffer emptied at `after` holds what follows, as above; one
+	// emptied after `after` lost messages that follow it, which the
+	// stream, trimmed, may not hold.
+	return (r.hasAwaited || r.dropped == after) && !r.overflow && !after.Less(r.dropped)
 }
 
 // replayNeeds returns how far r's replay must read the stream: its

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestResumeNotificationsLate: a client got message 1 from another
@@ -120,5 +123,187 @@ func TestResumeNotificationsLate(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestResumeBehindCatchUpDroppedAtAfter: a client got message M (after
+// SEND_QUEUE others) from another egress and resumes from it on this
+// one, whose notifications of them were lost; the resume's first stream
+// read is held while the hub, told of the next message, catches them up
+// from the stream into the replay's buffer of live messages, which M
+// finds full: the catch-up empties it there (resumer.dropped is M), and
+// the buffer then holds every message after M the hub delivers. The
+// stream is trimmed past M before the read runs, so the stream alone
+// cannot prove the client missed nothing, but the hub delivered M, and
+// what follows it is in the buffer: the resume is recovered at M, as it
+// is when M lands in the buffer rather than in a drop, and the client
+// gets every message after M. Before, it was told recovered:false and
+// got only what the stream still held.
+func TestResumeBehindCatchUpDroppedAtAfter(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("room")
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+	// The hub reads the channel, at its first message, before the lost
+	// ones; the subscriber that made it do so leaves (the channel
+	// lingers).
+	first := appendTo(t, rdb, ks, "room", ks.Notify("room"), 0)
+	sub, _ := subscribedTo(t, e, "room")
+	sub.Close()
+	cs := e.s.hub.state(ks.Notify("room"))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if len(cs.subs) != 0 || cs.last.String() != first {
+			return fmt.Errorf("%d subscribers, the hub at %s; want none, at %s", len(cs.subs), cs.last, first)
+		}
+		return nil
+	})
+	// SEND_QUEUE messages fill the buffer; M, the next, finds it full.
+	lost := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), e.s.cfg.SendQueue+1)
+	after := lost[len(lost)-1]
+	p := &pausePoint{key: key, start: after, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws := resumeOn(t, e, "room", after)
+	select {
+	case <-p.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the resume never read the stream")
+	}
+	// The hub is told of two more: it catches up to the first, and
+	// delivers the second live.
+	more := []string{appendTo(t, rdb, ks, "room", ks.Notify("room"), 1), appendTo(t, rdb, ks, "room", ks.Notify("room"), 2)}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != more[1] {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, more[1])
+		}
+		for _, r := range cs.resuming {
+			if r.dropped.String() != after {
+				return fmt.Errorf("the replay's buffer was emptied at %s, want at %s", r.dropped, after)
+			}
+		}
+		return nil
+	})
+	// Trimmed past M and the message after it: the oldest entry left
+	// names the one before it, not M.
+	if err := rdb.XTrimMinID(t.Context(), key, more[1]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	p.release()
+	if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered || r.Position != after {
+		t.Fatalf("resume after %s: recovered %v, position %s; want true, %s", after, deref(r.Recovered), r.Position, after)
+	}
+	got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == more[1] })
+	if more2, _ := readMessages(ws, 200*time.Millisecond, nil); len(more2) > 0 {
+		got = append(got, more2...) // a duplicate would come now
+	}
+	if code != 0 || !slices.Equal(got, more) {
+		t.Fatalf("got %v (close %d), want %v once each and no close", got, code, more)
+	}
+}
+
+// TestResumeLateDroppedAtAfter is TestResumeBehindCatchUpDroppedAtAfter
+// with M's notification late rather than lost: the resume, its stream
+// read trimmed past M, waits for the hub to deliver M (awaitLive), whose
+// buffer a catch-up filled with the SEND_QUEUE messages before it; M,
+// delivered live, finds it full of the catch-up's messages and empties
+// it (resumer.dropped is M). The hub delivered M, and the buffer holds
+// what follows: recovered at M, with every message after it.
+func TestResumeLateDroppedAtAfter(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key, notify := ks.Stream("room"), ks.Notify("room")
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+	first := appendTo(t, rdb, ks, "room", notify, 0)
+	sub, _ := subscribedTo(t, e, "room")
+	sub.Close()
+	cs := e.s.hub.state(notify)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if len(cs.subs) != 0 || cs.last.String() != first {
+			return fmt.Errorf("%d subscribers, the hub at %s; want none, at %s", len(cs.subs), cs.last, first)
+		}
+		return nil
+	})
+	// SEND_QUEUE-1 messages lost, then one late (its notification makes
+	// the hub catch up all SEND_QUEUE), then M and two more, late.
+	lost := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), e.s.cfg.SendQueue-1)
+	ps := rdb.SSubscribe(t.Context(), notify+"-late")
+	defer ps.Close()
+	if _, err := ps.Receive(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	var ids, late []string
+	for i := range 4 {
+		ids = append(ids, appendTo(t, rdb, ks, "room", notify+"-late", i))
+		m, err := ps.ReceiveMessage(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		late = append(late, m.Payload)
+	}
+	caught, after, more := append(lost, ids[0]), ids[1], ids[2:]
+	p := &pausePoint{key: key, start: after, reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws := resumeOn(t, e, "room", after)
+	select {
+	case <-p.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the resume never read the stream")
+	}
+	// The catch-up fills the buffer, short of M.
+	if err := rdb.SPublish(t.Context(), notify, late[0]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != caught[len(caught)-1] {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, caught[len(caught)-1])
+		}
+		return nil
+	})
+	// Trimmed past M and the message after it.
+	if err := rdb.XTrimMinID(t.Context(), key, more[1]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	p.release()
+	// The resume waits for M.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		for _, r := range cs.resuming {
+			if r.arrived != nil && len(r.buf) == len(caught) {
+				return nil
+			}
+			return fmt.Errorf("the resume is not waiting for %s with its buffer full (%d)", after, len(r.buf))
+		}
+		return errors.New("the resume has ended")
+	})
+	for _, l := range late[1:] {
+		if err := rdb.SPublish(t.Context(), notify, l).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered || r.Position != after {
+		t.Fatalf("resume after %s: recovered %v, position %s; want true, %s", after, deref(r.Recovered), r.Position, after)
+	}
+	got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == more[1] })
+	if more2, _ := readMessages(ws, 200*time.Millisecond, nil); len(more2) > 0 {
+		got = append(got, more2...) // a duplicate would come now
+	}
+	if code != 0 || !slices.Equal(got, more) {
+		t.Fatalf("got %v (close %d), want %v once each and no close", got, code, more)
 	}
 }
