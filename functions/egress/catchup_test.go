@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"slices"
@@ -416,15 +417,45 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 // never tighter.
 func TestCatchUpsStuckReadersInManyChannels(t *testing.T) {
 	t.Parallel()
-	srv := redistest.Start(t) // its own: the kill cuts every Pub/Sub client
-	rdb := redis.NewClient(srv.Options())
-	defer rdb.Close()
-	prefix := redistest.Prefix(t)
-	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	rdb, e := stuckReadersEgress(t, io.Discard, nil)
 	h := e.s.hub
-
 	const channels = 12
+	elapsed := catchUpStuckReaders(t, rdb, e, channels)
+	// A wait ends up to a poll past its deadline: catchUpWait of slack
+	// covers a loaded machine's.
+	waited := time.Duration(h.pacing.waited.Load())
+	if bound := waitBurst + elapsed/waitShare + catchUpWait; waited > bound {
+		t.Fatalf("the catch-ups of %d channels with a stuck reader each waited %v in all (in %v), want at most %v", channels, waited, elapsed, bound)
+	}
+	t.Logf("the catch-ups of %d channels waited %v in all, in %v", channels, waited, elapsed)
+}
+
+// stuckReadersEgress starts an egress on a Redis of its own (the kill
+// of catchUpStuckReaders cuts every Pub/Sub client), with a small
+// SEND_QUEUE and a WRITE_TIMEOUT long enough that nothing but a
+// catch-up's backlog drops a reader that stopped, logging to logs.
+func stuckReadersEgress(t *testing.T, logs io.Writer, tune func(*Server)) (redis.UniversalClient, *secEgress) {
+	t.Helper()
+	srv := redistest.Start(t)
+	rdb := redis.NewClient(srv.Options())
+	t.Cleanup(func() { rdb.Close() })
+	prefix := redistest.Prefix(t)
+	e := startEgressTuned(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"}, logs, tune)
+	return rdb, e
+}
+
+// catchUpStuckReaders cuts e's Pub/Sub connection while each of channels
+// channels has a backlog whose notifications are lost and a subscriber
+// that reads nothing (its frames are larger than the socket buffers
+// hold), and returns once every channel has caught up, with how long
+// that took from the cut. Every channel catches up, one after the
+// other, on the receive loop, and each catch-up finds its stuck reader's
+// queue full: a dozen of them spend the catch-ups' wait budget
+// (waitBudget), which holds two catchUpWait.
+func catchUpStuckReaders(t *testing.T, rdb redis.UniversalClient, e *secEgress, channels int) time.Duration {
+	t.Helper()
+	h := e.s.hub
+	ks := keys.Scheme{Prefix: e.s.cfg.Redis.KeyPrefix}
 	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
 	lasts := make([]string, channels)
 	for i := range lasts {
@@ -460,14 +491,37 @@ func TestCatchUpsStuckReadersInManyChannels(t *testing.T) {
 		}
 		return nil
 	})
-	elapsed := time.Since(start)
-	// A wait ends up to a poll past its deadline: catchUpWait of slack
-	// covers a loaded machine's.
-	waited := time.Duration(h.pacing.waited.Load())
-	if bound := waitBurst + elapsed/waitShare + catchUpWait; waited > bound {
-		t.Fatalf("the catch-ups of %d channels with a stuck reader each waited %v in all (in %v), want at most %v", channels, waited, elapsed, bound)
+	return time.Since(start)
+}
+
+// TestCatchUpsOverBudgetLogged: when the catch-ups' wait budget is spent
+// (a dozen channels with a stuck reader each, after a reconnect), the
+// catch-ups that go on without waiting, or give up before catchUpWait,
+// say so: one warning however many there are, and one line when they
+// are over that counts them, so that an operator can tell the 4002
+// closes of readers that a backlog reached meanwhile, however fast they
+// read, from slow consumers'.
+func TestCatchUpsOverBudgetLogged(t *testing.T) {
+	t.Parallel()
+	var logs testkit.SyncBuffer
+	rdb, e := stuckReadersEgress(t, &logs, func(s *Server) { s.hub.pacing.spent.Quiet = time.Second })
+	h := e.s.hub
+	catchUpStuckReaders(t, rdb, e, 12)
+	var back []map[string]any
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if back = logs.Lines(t, "catch-ups paced again"); len(back) == 0 {
+			return errors.New("no end line yet")
+		}
+		return nil
+	})
+	warns := logs.Lines(t, "catch-ups delivering without waiting: wait budget spent")
+	if len(warns) != 1 || warns[0]["level"] != "WARN" || warns[0]["err"] == nil || warns[0]["then"] == nil || warns[0]["stream"] == nil {
+		t.Fatalf("over-budget warnings: %v, want one, with err, then and the stream", warns)
 	}
-	t.Logf("the catch-ups of %d channels waited %v in all, in %v", channels, waited, elapsed)
+	over := h.pacing.overBudget.Load()
+	if len(back) != 1 || back[0]["level"] != "INFO" || back[0]["failures"] != float64(over) || over == 0 {
+		t.Fatalf("end lines: %v, want one counting the %d waits over budget", back, over)
+	}
 }
 
 // TestCatchUpsOneStuckReaderInManyChannels: a subscriber of several
@@ -557,6 +611,11 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 	}
 	if n := h.pacing.gaveUp.Load(); n != 1 {
 		t.Fatalf("the catch-ups gave up waiting for the stuck reader %d times, want once", n)
+	}
+	// It was waited for catchUpWait, within budget: a slow consumer, not
+	// a wait the budget cut short.
+	if n := h.pacing.overBudget.Load(); n != 0 {
+		t.Fatalf("%d catch-up waits over budget, want none", n)
 	}
 }
 

@@ -200,7 +200,7 @@ type hub struct {
 	lateWait time.Duration
 	// pacing is what the receive loop's catch-ups may still wait for
 	// room in their subscribers' queues, all of them together
-	// (waitBudget). Receive loop only, but for its counters.
+	// (waitBudget). Receive loop only, but for its counters and log.
 	pacing waitBudget
 }
 
@@ -236,6 +236,8 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		Then: "each is dropped and counted in wsrelay_egress_targeted_undelivered_total: an ingress of another release writes routes this one does not know (docs/deployment.md, Upgrading), or something else writes to the instance's inbox stream; logged again every 30s while it lasts"}
 	h.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "stream entries decodable again",
 		Then: "entries read from a stream (a resume, a catch-up) that are no message frame a client could read are skipped, and their messages lost to the clients here: another release's format (docs/deployment.md, Upgrading), or another application writing under REDIS_KEY_PREFIX; logged again every 30s while reads find them"}
+	h.pacing.spent = &logging.Episode{Log: log, Msg: "catch-ups delivering without waiting: wait budget spent", Back: "catch-ups paced again",
+		Then: "the channels' backlogs read from their streams (after lost notifications or a Redis reconnect) are delivered as live messages are, without waiting for subscribers whose queues are half full to read: a client that such a backlog longer than SEND_QUEUE reaches is closed 4002 however fast it reads (wsrelay_egress_slow_consumer_closes_total) and resumes from its last id, losing nothing; the waits for clients that stopped reading, in each of many channels, spent the budget; counted in wsrelay_egress_catchup_waits_over_budget_total; logged again every 30s while it lasts and once when the catch-ups are over"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
 	h.chans[h.inbox.notify] = h.inbox
 	return h
@@ -358,7 +360,9 @@ func (h *hub) confirm(cs *chanState, last stream.ID) {
 // the stream (trimmed or expired while the notifications were lost) break
 // its chain: see gap.
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
-	if err := h.readUpTo(ctx, cs, upto, &h.pacing); err != nil {
+	err := h.readUpTo(ctx, cs, upto, &h.pacing)
+	h.pacing.spent.OK() // its waits are over (a stall's are not budgeted)
+	if err != nil {
 		h.stall(ctx, cs, "catch up from stream", err)
 		return false
 	}
@@ -371,7 +375,7 @@ func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 // its deliveries by the subscribers' queues (pacer), within budget when
 // it runs on the receive loop (nil: in a goroutine of its own, stall).
 func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID, budget *waitBudget) error {
-	p := pacer{budget: budget}
+	p := pacer{budget: budget, stream: cs.stream}
 	for {
 		rctx, cancel := h.bounded(ctx)
 		b, err := h.store.Resume(rctx, cs.stream, cs.last, replayBatch)
@@ -438,6 +442,7 @@ const (
 type pacer struct {
 	full   []*conn     // queues the last delivery left at least half full
 	budget *waitBudget // nil: off the receive loop, catchUpWait per wait
+	stream string      // the stream it reads, for the budget's log
 }
 
 // wait waits until p.full's queues have room, for catchUpWait at most,
@@ -465,6 +470,7 @@ func (p *pacer) wait(ctx context.Context) {
 				limit = p.budget.allow(now)
 			}
 			if limit <= 0 {
+				p.budget.over(p.stream)
 				return
 			}
 			start, deadline = now, now.Add(limit)
@@ -474,6 +480,9 @@ func (p *pacer) wait(ctx context.Context) {
 			}
 			if p.budget != nil {
 				p.budget.gaveUp.Add(int64(len(waiting)))
+				if deadline.Sub(start) < catchUpWait {
+					p.budget.over(p.stream)
+				}
 			}
 			p.charge(start, 0)
 			return
@@ -519,18 +528,26 @@ func (p *pacer) charge(start time.Time, grace time.Duration) {
 // empty, catch-ups deliver without waiting, as the live path does: a
 // client that reads as fast as it can but that a backlog longer than
 // SEND_QUEUE reaches then is closed 4002 and resumes, losing nothing.
+// Such waits, skipped or cut short, are logged and counted (over), for
+// the operator who sees those closes.
 // A reader that takes its queue as fast as it can costs none of it: the
 // first paceGrace of a wait that ends with room is not charged.
 //
-// left and at are the receive loop's; waited and gaveUp, counters for
-// tests, are read by anyone.
+// left and at are the receive loop's; the counters are read by anyone.
 type waitBudget struct {
 	left time.Duration // below zero after a wait that ran a poll past its deadline
 	at   time.Time     // when left was brought up to date; zero: never, full
 	// waited is how long (ns) the catch-ups waited in all, grace
-	// included; gaveUp, how many times they gave up on a connection
-	// without room.
-	waited, gaveUp atomic.Int64
+	// included (for tests); gaveUp, how many times they gave up on a
+	// connection without room; overBudget, how many of their waits the
+	// budget skipped, or cut short of catchUpWait and they gave up
+	// (metrics).
+	waited, gaveUp, overBudget atomic.Int64
+	// spent logs the waits over budget, once while they go on, and ends
+	// when the catch-ups that had them are over (hub.catchUp): an
+	// operator seeing 4002 closes then can tell readers that a backlog
+	// reached while the catch-ups could not wait from slow consumers.
+	spent *logging.Episode
 }
 
 // allow brings the bucket up to now and returns how long a wait that
@@ -544,6 +561,19 @@ func (b *waitBudget) allow(now time.Time) time.Duration {
 	b.at = now
 	return min(catchUpWait, b.left)
 }
+
+// over counts a wait of a catch-up reading stream that the bucket did
+// not allow catchUpWait and that ended without room: skipped, or given
+// up sooner than a slow consumer would have been. It leaves the
+// connections waited for to be delivered to as the live path does.
+func (b *waitBudget) over(stream string) {
+	b.overBudget.Add(1)
+	b.spent.Fail(errWaitBudget, "stream", stream)
+}
+
+// errWaitBudget is the error of the spent episode.
+var errWaitBudget = fmt.Errorf("the catch-ups have waited for room in their subscribers' queues all that their budget allows (%v at once, then %v a second)",
+	waitBurst, time.Second/waitShare)
 
 // spend takes a wait of d, less grace, from the bucket.
 func (b *waitBudget) spend(d, grace time.Duration) {

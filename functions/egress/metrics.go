@@ -46,6 +46,8 @@ func newMetrics(h *hub) *metrics {
 		vm.WriteCounterUint64(w, "wsrelay_egress_redis_resubscribes_total", uint64(h.reconnects.Load()))
 		vm.WriteCounterUint64(w, "wsrelay_egress_stream_gaps_total", uint64(h.gaps.Load()))
 		vm.WriteCounterUint64(w, "wsrelay_egress_targeted_undelivered_total", uint64(h.undelivered.Load()))
+		vm.WriteCounterUint64(w, "wsrelay_egress_catchup_waits_over_budget_total", uint64(h.pacing.overBudget.Load()))
+		vm.WriteCounterUint64(w, "wsrelay_egress_catchup_given_up_total", uint64(h.pacing.gaveUp.Load()))
 	})
 	return m
 }

@@ -644,3 +644,44 @@ func TestResumesCounted(t *testing.T) {
 		return nil
 	})
 }
+
+// TestCatchUpsOverBudgetCounted: the catch-up waits the wait budget
+// skipped or cut short, and the connections catch-ups gave up waiting
+// for, are counted (wsrelay_egress_catchup_waits_over_budget_total,
+// wsrelay_egress_catchup_given_up_total), so that a burst of 4002 closes
+// after a Redis blip can be told from slow consumers; both are 0 before
+// any catch-up.
+func TestCatchUpsOverBudgetCounted(t *testing.T) {
+	t.Parallel()
+	rdb, e := stuckReadersEgress(t, io.Discard, nil)
+	h := e.s.hub
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"wsrelay_egress_catchup_waits_over_budget_total", "wsrelay_egress_catchup_given_up_total"} {
+		if v := metricValue(t, m, name); v != "0" {
+			t.Fatalf("%s is %s before any catch-up, want 0", name, v)
+		}
+	}
+	catchUpStuckReaders(t, rdb, e, 12)
+	// The last catch-up may still be counting its last wait: the scrape
+	// agrees with the hub's counts once it is over.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		over, gaveUp := h.pacing.overBudget.Load(), h.pacing.gaveUp.Load()
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		if over == 0 || gaveUp == 0 {
+			t.Fatalf("%d waits over budget, %d connections given up on: the budget was not spent", over, gaveUp)
+		}
+		if v := metricValue(t, m, "wsrelay_egress_catchup_waits_over_budget_total"); v != fmt.Sprint(over) {
+			return fmt.Errorf("wsrelay_egress_catchup_waits_over_budget_total is %s, want %d", v, over)
+		}
+		if v := metricValue(t, m, "wsrelay_egress_catchup_given_up_total"); v != fmt.Sprint(gaveUp) {
+			return fmt.Errorf("wsrelay_egress_catchup_given_up_total is %s, want %d", v, gaveUp)
+		}
+		return nil
+	})
+}

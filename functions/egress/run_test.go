@@ -267,12 +267,16 @@ func TestStopEpisodesCoversAll(t *testing.T) {
 	}
 }
 
-// episodeFields counts the fields of struct type st that are episodes.
+// episodeFields counts the fields of struct type st that are episodes,
+// and those of the structs it holds by value (hub.pacing's).
 func episodeFields(st reflect.Type) int {
 	n := 0
 	for f := range st.Fields() {
-		if f.Type == reflect.TypeFor[*logging.Episode]() {
+		switch {
+		case f.Type == reflect.TypeFor[*logging.Episode]():
 			n++
+		case f.Type.Kind() == reflect.Struct && f.Type.PkgPath() == st.PkgPath():
+			n += episodeFields(f.Type)
 		}
 	}
 	return n

@@ -519,7 +519,7 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 // once.
 func (s *Server) episodes() []*logging.Episode {
 	h := s.hub
-	return []*logging.Episode{s.regFail, s.regOOM, s.regLost, h.readFail, h.loginRefused, h.badNotify, h.badRoute, h.undecodable}
+	return []*logging.Episode{s.regFail, s.regOOM, s.regLost, h.readFail, h.loginRefused, h.badNotify, h.badRoute, h.undecodable, h.pacing.spent}
 }
 
 // stopEpisodes stops the outage logs once shutdown is over (the sockets
