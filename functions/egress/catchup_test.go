@@ -202,14 +202,7 @@ func TestResumeAcrossCatchUp(t *testing.T) {
 			backlog = append(backlog, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1))
 			last := backlog[len(backlog)-1]
 			cs := e.s.hub.state(ks.Notify("room"))
-			testkit.Eventually(t, 5*time.Second, func() error {
-				cs.mu.Lock()
-				defer cs.mu.Unlock()
-				if cs.last.String() != last {
-					return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
-				}
-				return nil
-			})
+			hubReaches(t, cs, last)
 			p.release()
 
 			if r := next(t, ws, "subscribed"); r.Recovered == nil || !*r.Recovered {
@@ -267,14 +260,7 @@ func TestResumeLiveAfterCatchUpLeftBufferFull(t *testing.T) {
 	}
 	last := live[len(live)-1]
 	cs := e.s.hub.state(ks.Notify("room"))
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if cs.last.String() != last {
-			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
-		}
-		return nil
-	})
+	hubReaches(t, cs, last)
 	p.release()
 	next(t, ws, "subscribed")
 	got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
@@ -344,14 +330,7 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 		}
 		id := appendData(t, rdb, ks, "fill", data, 1)[0]
 		fill[id] = true
-		testkit.Eventually(t, 5*time.Second, func() error {
-			cs.mu.Lock()
-			defer cs.mu.Unlock()
-			if cs.last.String() != id {
-				return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, id)
-			}
-			return nil
-		})
+		hubReaches(t, cs, id)
 	}
 	cs = e.s.hub.state(ks.Notify("ho"))
 	// Live messages, into the held replay's buffer.
@@ -383,14 +362,7 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 	backlog := appendLost(t, rdb, ks, e.s.hub.instance, "ho", "", []byte(`"x"`), 2*e.s.cfg.SendQueue)
 	backlog = append(backlog, appendTo(t, rdb, ks, "ho", ks.Notify("ho"), -1))
 	last := backlog[len(backlog)-1]
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if cs.last.String() != last {
-			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
-		}
-		return nil
-	})
+	hubReaches(t, cs, last)
 	got, code := readMessages(ws, 20*time.Second, func(id string) bool { return id == last })
 	if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
 		got = append(got, more...) // a duplicate would come now
@@ -651,14 +623,7 @@ func TestResumeReadOnTrimmed(t *testing.T) {
 	backlog = append(backlog, appendTo(t, rdb, ks, "room", ks.Notify("room"), -1))
 	last := backlog[len(backlog)-1]
 	cs := e.s.hub.state(ks.Notify("room"))
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if cs.last.String() != last {
-			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, last)
-		}
-		return nil
-	})
+	hubReaches(t, cs, last)
 	p.release()
 	select {
 	case <-readOn.reached:
@@ -679,4 +644,18 @@ func TestResumeReadOnTrimmed(t *testing.T) {
 	if r := next(t, again, "subscribed"); r.Recovered == nil || *r.Recovered {
 		t.Fatalf("resumed again: recovered %v, want false", deref(r.Recovered))
 	}
+}
+
+// hubReaches waits until the hub has delivered cs up to id (its last id
+// is id).
+func hubReaches(t *testing.T, cs *chanState, id string) {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != id {
+			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, id)
+		}
+		return nil
+	})
 }

@@ -266,14 +266,7 @@ func TestResumeLateDroppedAtAfter(t *testing.T) {
 	if err := rdb.SPublish(t.Context(), notify, late[0]).Err(); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if cs.last.String() != caught[len(caught)-1] {
-			return fmt.Errorf("the hub is at %s, not yet at %s", cs.last, caught[len(caught)-1])
-		}
-		return nil
-	})
+	hubReaches(t, cs, caught[len(caught)-1])
 	// Trimmed past M and the message after it.
 	if err := rdb.XTrimMinID(t.Context(), key, more[1]).Err(); err != nil {
 		t.Fatal(err)
