@@ -673,3 +673,14 @@ func TestUndecodableEntrySkipped(t *testing.T) {
 		t.Errorf("the skipped entry logged %d warnings, want one naming %s:\n%s", len(lines), broken, logs.String())
 	}
 }
+
+// readThrough reads ws's messages until last (readMessages), then those
+// that come within 200 ms more: a duplicate of one already read would
+// come then.
+func readThrough(ws *websocket.Conn, within time.Duration, last string) ([]string, int) {
+	got, code := readMessages(ws, within, func(id string) bool { return id == last })
+	if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
+		got = append(got, more...)
+	}
+	return got, code
+}

@@ -1220,6 +1220,17 @@ type pausePoint struct {
 
 func (p *pausePoint) release() { p.once.Do(func() { close(p.released) }) }
 
+// await waits, 5 s at most, until the replay is held at p; failure says
+// why it was not (fatal).
+func (p *pausePoint) await(t *testing.T, failure string) {
+	t.Helper()
+	select {
+	case <-p.reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal(failure)
+	}
+}
+
 func (h *replayPause) arm(p *pausePoint) {
 	h.mu.Lock()
 	h.point = p

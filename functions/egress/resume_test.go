@@ -162,10 +162,7 @@ func TestResumeSeamAtEachRead(t *testing.T) {
 			}
 			last := appendTo(t, rdb, ks, "seam", ks.Notify("seam"), -1) // live
 			want := append(slices.Clone(ids[1:]), raced, last)
-			got, code := readMessages(ws, 5*time.Second, func(id string) bool { return id == last })
-			if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
-				got = append(got, more...) // a duplicate would come now
-			}
+			got, code := readThrough(ws, 5*time.Second, last)
 			if !slices.Equal(got, want) {
 				t.Fatalf("got %d messages (…%v, close %d), want %d (…%v) once each in order",
 					len(got), got[max(0, len(got)-3):], code, len(want), want[len(want)-3:])
@@ -310,10 +307,7 @@ func TestResumeWhileCatchUpStalled(t *testing.T) {
 		ws   *websocket.Conn
 		want []string
 	}{{"older subscriber", old, ids[1:]}, {"resumed subscriber", resumed, ids[replayed:]}} {
-		got, code := readMessages(c.ws, 5*time.Second, func(id string) bool { return id == last })
-		if more, _ := readMessages(c.ws, 200*time.Millisecond, nil); len(more) > 0 {
-			got = append(got, more...) // a duplicate would come now
-		}
+		got, code := readThrough(c.ws, 5*time.Second, last)
 		if !slices.Equal(got, c.want) {
 			t.Errorf("%s: got %v (close %d), want %v once each", c.name, got, code, c.want)
 		}
@@ -360,11 +354,7 @@ func TestResumeHandOverWaitsForRoom(t *testing.T) {
 	if !slices.Equal(got, hist[1:replayBatch+1]) {
 		t.Fatalf("first batch: %d messages (close %d), want %d", len(got), code, replayBatch)
 	}
-	select {
-	case <-second.reached:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the replay never made its second read")
-	}
+	second.await(t, "the replay never made its second read")
 	second.release()
 	cs := e.s.hub.state(ks.Notify("ho"))
 	// As many live messages as the buffer holds, while the replay waits.
@@ -384,10 +374,7 @@ func TestResumeHandOverWaitsForRoom(t *testing.T) {
 		return errors.New("the replay has ended")
 	})
 	want := append(slices.Clone(hist[replayBatch+1:]), live...)
-	got, code = readMessages(ws, 20*time.Second, func(id string) bool { return id == live[len(live)-1] })
-	if more, _ := readMessages(ws, 200*time.Millisecond, nil); len(more) > 0 {
-		got = append(got, more...) // a duplicate would come now
-	}
+	got, code = readThrough(ws, 20*time.Second, live[len(live)-1])
 	if code != 0 || !slices.Equal(got, want) {
 		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
 	}
