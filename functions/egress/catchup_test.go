@@ -542,15 +542,7 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 		if i == 64 {
 			t.Fatalf("%d frames queued after %d messages: the writer is not held", queued(), i)
 		}
-		id := appendData(t, rdb, ks, "live", data, 1)[0]
-		testkit.Eventually(t, 5*time.Second, func() error {
-			live.mu.Lock()
-			defer live.mu.Unlock()
-			if live.last.String() != id {
-				return fmt.Errorf("the live channel is at %s, not yet at %s", live.last, id)
-			}
-			return nil
-		})
+		hubReaches(t, live, appendData(t, rdb, ks, "live", data, 1)[0])
 	}
 	lasts := make([]string, lost)
 	for i := range lasts {

@@ -150,18 +150,7 @@ func TestResumeBehindCatchUpDroppedAtAfter(t *testing.T) {
 	// The hub reads the channel, at its first message, before the lost
 	// ones; the subscriber that made it do so leaves (the channel
 	// lingers).
-	first := appendTo(t, rdb, ks, "room", ks.Notify("room"), 0)
-	sub, _ := subscribedTo(t, e, "room")
-	sub.Close()
-	cs := e.s.hub.state(ks.Notify("room"))
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if len(cs.subs) != 0 || cs.last.String() != first {
-			return fmt.Errorf("%d subscribers, the hub at %s; want none, at %s", len(cs.subs), cs.last, first)
-		}
-		return nil
-	})
+	cs := lingering(t, e, rdb, ks, "room")
 	// SEND_QUEUE messages fill the buffer; M, the next, finds it full.
 	lost := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), e.s.cfg.SendQueue+1)
 	after := lost[len(lost)-1]
@@ -216,18 +205,7 @@ func TestResumeLateDroppedAtAfter(t *testing.T) {
 	pause := &replayPause{}
 	rdb.AddHook(pause)
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
-	first := appendTo(t, rdb, ks, "room", notify, 0)
-	sub, _ := subscribedTo(t, e, "room")
-	sub.Close()
-	cs := e.s.hub.state(notify)
-	testkit.Eventually(t, 5*time.Second, func() error {
-		cs.mu.Lock()
-		defer cs.mu.Unlock()
-		if len(cs.subs) != 0 || cs.last.String() != first {
-			return fmt.Errorf("%d subscribers, the hub at %s; want none, at %s", len(cs.subs), cs.last, first)
-		}
-		return nil
-	})
+	cs := lingering(t, e, rdb, ks, "room")
 	// SEND_QUEUE-1 messages lost, then one late (its notification makes
 	// the hub catch up all SEND_QUEUE), then M and two more, late.
 	lost := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), e.s.cfg.SendQueue-1)
@@ -285,4 +263,24 @@ func TestResumeLateDroppedAtAfter(t *testing.T) {
 	if code != 0 || !slices.Equal(got, more) {
 		t.Fatalf("got %v (close %d), want %v once each and no close", got, code, more)
 	}
+}
+
+// lingering makes e's hub read ch, at a first message appended to it,
+// with no subscriber left: the channel lingers, and the hub is at that
+// message.
+func lingering(t *testing.T, e *secEgress, rdb redis.UniversalClient, ks keys.Scheme, ch string) *chanState {
+	t.Helper()
+	first := appendTo(t, rdb, ks, ch, ks.Notify(ch), 0)
+	sub, _ := subscribedTo(t, e, ch)
+	sub.Close()
+	cs := e.s.hub.state(ks.Notify(ch))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if len(cs.subs) != 0 || cs.last.String() != first {
+			return fmt.Errorf("%d subscribers, the hub at %s; want none, at %s", len(cs.subs), cs.last, first)
+		}
+		return nil
+	})
+	return cs
 }
