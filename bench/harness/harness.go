@@ -292,8 +292,9 @@ func (e *Env) StartNamed(name, bin, prefix string, extra ...string) (*Proc, time
 
 // StartFloor starts bin/bench/floor and waits for /readyz, as
 // StartFunction does for a function: the time from exec to the first 200
-// of a server that does nothing else.
-func (e *Env) StartFloor() (*Proc, time.Duration, error) {
+// of a server that does nothing else. server is its FLOOR_SERVER ("" is
+// net/http).
+func (e *Env) StartFloor(server string) (*Proc, time.Duration, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, 0, err
@@ -303,7 +304,7 @@ func (e *Env) StartFloor() (*Proc, time.Duration, error) {
 		return nil, 0, err
 	}
 	defer logf.Close()
-	vars := []string{"PATH=" + os.Getenv("PATH"), "PORT=" + strconv.Itoa(port)}
+	vars := []string{"PATH=" + os.Getenv("PATH"), "PORT=" + strconv.Itoa(port), "FLOOR_SERVER=" + server}
 	return StartReady(e.Floor, nil, append(vars, RuntimeVars()...), port, "/readyz", logf)
 }
 

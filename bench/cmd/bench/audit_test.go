@@ -63,3 +63,21 @@ func TestEgressCommands(t *testing.T) {
 		t.Fatalf("with 4 more SPUBLISH: %d, want 12", n)
 	}
 }
+
+// TestParseFloors: -s4-floors names the servers cmd/floor knows, each
+// with its own metrics, and refuses any other name rather than running
+// net/http in its place.
+func TestParseFloors(t *testing.T) {
+	got, err := parseFloors("net/http, fasthttp,fasthttp-adaptor")
+	if err != nil || len(got) != 3 || got[0] != "net/http" || got[1] != "fasthttp" || got[2] != "fasthttp-adaptor" {
+		t.Fatalf("parseFloors = %q, %v", got, err)
+	}
+	if floorMetric("net/http") != "floor " || floorMetric("fasthttp") == floorMetric("fasthttp-adaptor") {
+		t.Errorf("metric prefixes: %q %q %q", floorMetric("net/http"), floorMetric("fasthttp"), floorMetric("fasthttp-adaptor"))
+	}
+	for _, bad := range []string{"", "gin", "net/http,"} {
+		if _, err := parseFloors(bad); err == nil {
+			t.Errorf("parseFloors(%q) accepted", bad)
+		}
+	}
+}

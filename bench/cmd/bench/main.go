@@ -58,6 +58,8 @@ var rows = []row{
 	{"S4 ingest only", "p99 ms", "≤ 8.5", "8.5", 2},
 	{"S4 ingest only", "pub fail", "0", "", 0},
 	{"S4 ingest only", "floor pub/s", "", "", 0},
+	{"S4 ingest only", "floor fasthttp pub/s", "", "", 0},
+	{"S4 ingest only", "floor adaptor pub/s", "", "", 0},
 	{"S5 cold start", "ingress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "egress ms", "≤ 10", "56", 1},
 	{"S5 cold start", "floor ms", "", "", 1},
@@ -86,9 +88,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
 	s2pubs := fs.Int("s2-publishes", 0, "S2 publishes (default 20000, 4000 with -quick); more gives a profile time to sample")
+	floorList := fs.String("s4-floors", "net/http", "HTTP servers S4 also runs cmd/floor on, comma-separated: net/http (floor pub/s), fasthttp, fasthttp-adaptor (gin's way onto fasthttp)")
 	cfHistory := fs.Bool("centrifugo-history", false, "run Centrifugo with history and recovery (1,000 messages, 24 h, as wsrelay keeps by default) instead of its defaults (no history)")
 	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	floors, err := parseFloors(*floorList)
+	if err != nil {
 		return err
 	}
 	sz := full
@@ -150,7 +157,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		}
 		defer pprof.StopCPUProfile()
 	}
-	b := &bench{env: e, sz: sz, logf: func(f string, a ...any) { fmt.Fprintf(stderr, "bench: "+f+"\n", a...) }}
+	b := &bench{env: e, sz: sz, floors: floors, logf: func(f string, a ...any) { fmt.Fprintf(stderr, "bench: "+f+"\n", a...) }}
 
 	scen := []struct {
 		name string

@@ -60,6 +60,8 @@ type bench struct {
 	sz    sizes
 	runID int
 	logf  func(format string, args ...any)
+	// floors are the HTTP servers S4 runs cmd/floor on (-s4-floors).
+	floors []string
 }
 
 func (b *bench) prefix(s string) string {
@@ -253,20 +255,47 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 	}
 	// The same load on cmd/floor, which answers the publish route and
 	// does nothing else: the most an ingress on net/http could reach here
-	// today, the generator's share of the cores included.
-	p, _, err := b.env.StartFloor()
-	if err != nil {
-		return nil, err
-	}
-	defer harness.Kids.Stop(p.Cmd)
-	fr, err := b.ingest(ctx, &sut{kind: wsrelay, pub: p, procs: map[string]*harness.Proc{"floor": p}}, "floor ")
-	if err != nil {
-		return nil, err
-	}
-	for m, v := range fr {
-		r[m] = v
+	// today, the generator's share of the cores included; and, with
+	// -s4-floors, on the floor served by other HTTP servers.
+	for _, server := range b.floors {
+		p, _, err := b.env.StartFloor(server)
+		if err != nil {
+			return nil, err
+		}
+		fr, err := b.ingest(ctx, &sut{kind: wsrelay, pub: p, procs: map[string]*harness.Proc{"floor": p}}, floorMetric(server))
+		harness.Kids.Stop(p.Cmd)
+		if err != nil {
+			return nil, err
+		}
+		for m, v := range fr {
+			r[m] = v
+		}
 	}
 	return r, nil
+}
+
+// floorServers are the HTTP servers cmd/floor can run (FLOOR_SERVER),
+// each with the prefix of its S4 metrics.
+var floorServers = map[string]string{
+	"net/http":         "floor ",
+	"fasthttp":         "floor fasthttp ",
+	"fasthttp-adaptor": "floor adaptor ",
+}
+
+// floorMetric is the prefix of S4's metrics for the floor on server.
+func floorMetric(server string) string { return floorServers[server] }
+
+// parseFloors reads -s4-floors: a comma-separated list of floorServers.
+func parseFloors(list string) ([]string, error) {
+	var out []string
+	for _, s := range strings.Split(list, ",") {
+		s = strings.TrimSpace(s)
+		if _, ok := floorServers[s]; !ok {
+			return nil, fmt.Errorf("-s4-floors: %q is not one of net/http, fasthttp, fasthttp-adaptor", s)
+		}
+		out = append(out, s)
+	}
+	return out, nil
 }
 
 // ingest publishes to sys from S4's connections for S4's duration, as
@@ -312,7 +341,7 @@ func (b *bench) s5(ctx context.Context, k kind) (result, error) {
 		}},
 		{"egress", func() (*harness.Proc, time.Duration, error) { return b.env.StartFunction(b.env.Egress, b.prefix("s5")) }},
 		// The machine's own share: a bare net/http server (cmd/floor).
-		{"floor", b.env.StartFloor},
+		{"floor", func() (*harness.Proc, time.Duration, error) { return b.env.StartFloor("") }},
 	}
 	if k == centrifugo {
 		// One process does both jobs: its start is both rows' figure.
