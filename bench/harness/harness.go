@@ -140,14 +140,16 @@ type Binaries struct {
 	Ingress, Egress string
 	EgressLean      string // empty unless Build was asked for the bench's extras
 	Floor           string // likewise: cmd/floor, S5's yardstick
+	FastFloor       string // likewise: cmd/fastfloor, S4's floor on fasthttp
 }
 
 // Build builds bin/bench/ingress and bin/bench/egress from the repository
 // root the way `make package` builds what ships to SCF (static, trimmed,
 // stripped), so memory and start-up figures are the deployed binaries'.
 // With extras it also builds bin/bench/egress-lean (-tags wsrelay_lean,
-// as `make package LEAN=1`, for S6) and bin/bench/floor (cmd/floor, a
-// bare net/http server built the same way, for S5).
+// as `make package LEAN=1`, for S6), bin/bench/floor (cmd/floor, a
+// bare net/http server built the same way, for S4 and S5) and
+// bin/bench/fastfloor (cmd/fastfloor, the same on fasthttp, for S4).
 func Build(root string, extras bool) (Binaries, error) {
 	bin := filepath.Join(root, "bin", "bench")
 	type target struct{ dir, pkg, out, tags string }
@@ -159,7 +161,8 @@ func Build(root string, extras bool) (Binaries, error) {
 	if extras {
 		targets = append(targets,
 			target{"functions/egress", ".", "egress-lean", "nethttpomithttp2,wsrelay_lean"},
-			target{"bench", "./cmd/floor", "floor", "nethttpomithttp2"})
+			target{"bench", "./cmd/floor", "floor", "nethttpomithttp2"},
+			target{"bench", "./cmd/fastfloor", "fastfloor", "nethttpomithttp2"})
 	}
 	for _, b := range targets {
 		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), b.pkg)
@@ -174,6 +177,7 @@ func Build(root string, extras bool) (Binaries, error) {
 	if extras {
 		bs.EgressLean = filepath.Join(bin, "egress-lean")
 		bs.Floor = filepath.Join(bin, "floor")
+		bs.FastFloor = filepath.Join(bin, "fastfloor")
 	}
 	return bs, nil
 }
@@ -292,8 +296,8 @@ func (e *Env) StartNamed(name, bin, prefix string, extra ...string) (*Proc, time
 
 // StartFloor starts bin/bench/floor and waits for /readyz, as
 // StartFunction does for a function: the time from exec to the first 200
-// of a server that does nothing else. server is its FLOOR_SERVER ("" is
-// net/http).
+// of a server that does nothing else. server is "" or "net/http" for
+// cmd/floor, else cmd/fastfloor's FLOOR_SERVER.
 func (e *Env) StartFloor(server string) (*Proc, time.Duration, error) {
 	port, err := FreePort()
 	if err != nil {
@@ -304,8 +308,13 @@ func (e *Env) StartFloor(server string) (*Proc, time.Duration, error) {
 		return nil, 0, err
 	}
 	defer logf.Close()
-	vars := []string{"PATH=" + os.Getenv("PATH"), "PORT=" + strconv.Itoa(port), "FLOOR_SERVER=" + server}
-	return StartReady(e.Floor, nil, append(vars, RuntimeVars()...), port, "/readyz", logf)
+	vars := []string{"PATH=" + os.Getenv("PATH"), "PORT=" + strconv.Itoa(port)}
+	bin := e.Floor
+	if server != "" && server != "net/http" {
+		bin = e.FastFloor
+		vars = append(vars, "FLOOR_SERVER="+server)
+	}
+	return StartReady(bin, nil, append(vars, RuntimeVars()...), port, "/readyz", logf)
 }
 
 // RuntimeVars are the Go runtime settings given to the command, which
