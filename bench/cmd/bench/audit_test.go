@@ -64,7 +64,7 @@ func TestEgressCommands(t *testing.T) {
 	}
 }
 
-// TestParseFloors: -s4-floors names the servers cmd/floor knows, each
+// TestParseFloors: -s4-floors names the servers the floors know, each
 // with its own metrics, and refuses any other name rather than running
 // net/http in its place.
 func TestParseFloors(t *testing.T) {

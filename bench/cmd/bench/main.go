@@ -88,7 +88,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	cpuprofile := fs.String("cpuprofile", "", "write the load generator's own CPU profile to this file")
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
 	s2pubs := fs.Int("s2-publishes", 0, "S2 publishes (default 20000, 4000 with -quick); more gives a profile time to sample")
-	floorList := fs.String("s4-floors", "net/http", "HTTP servers S4 also runs cmd/floor on, comma-separated: net/http (floor pub/s), fasthttp, fasthttp-adaptor (gin's way onto fasthttp)")
+	floorList := fs.String("s4-floors", "net/http", "HTTP servers S4 runs its floor on after the ingress, comma-separated: net/http (cmd/floor, floor pub/s), fasthttp and fasthttp-adaptor (gin's way onto fasthttp; cmd/fastfloor)")
 	cfHistory := fs.Bool("centrifugo-history", false, "run Centrifugo with history and recovery (1,000 messages, 24 h, as wsrelay keeps by default) instead of its defaults (no history)")
 	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {

@@ -60,7 +60,7 @@ type bench struct {
 	sz    sizes
 	runID int
 	logf  func(format string, args ...any)
-	// floors are the HTTP servers S4 runs cmd/floor on (-s4-floors).
+	// floors are the HTTP servers S4 runs its floor on (-s4-floors).
 	floors []string
 }
 
@@ -274,8 +274,9 @@ func (b *bench) s4(ctx context.Context, k kind) (result, error) {
 	return r, nil
 }
 
-// floorServers are the HTTP servers cmd/floor can run (FLOOR_SERVER),
-// each with the prefix of its S4 metrics.
+// floorServers are the HTTP servers S4's floor runs on (net/http is
+// cmd/floor, the others cmd/fastfloor's FLOOR_SERVER), each with the
+// prefix of its S4 metrics.
 var floorServers = map[string]string{
 	"net/http":         "floor ",
 	"fasthttp":         "floor fasthttp ",
