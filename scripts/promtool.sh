@@ -15,6 +15,10 @@ promtool=$(command -v promtool || true)
 if [ -z "$promtool" ]; then
 	promtool=bin/tools/promtool
 	if [ ! -x "$promtool" ]; then
+		if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+			echo "promtool.sh: no promtool on PATH and no apt-get to fetch it: install Prometheus's promtool (https://prometheus.io/download/) or put it in bin/tools" >&2
+			exit 1
+		fi
 		tmp=$(mktemp -d)
 		trap 'rm -rf "$tmp"' EXIT
 		echo "== fetching promtool (Debian's prometheus package, unpacked into bin/tools)"
