@@ -179,11 +179,7 @@ func TestResumeAcrossCatchUp(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			rdb, prefix := redistest.Client(t)
-			ks := keys.Scheme{Prefix: prefix}
-			pause := &replayPause{}
-			rdb.AddHook(pause)
-			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+			e, rdb, ks, pause := pausedEgress(t, nil)
 			ids := appendData(t, rdb, ks, "room", []byte(`"h"`), tc.history+1)
 
 			p := &pausePoint{key: ks.Stream("room"), start: ids[tc.read], after: tc.after, reached: make(chan struct{}), released: make(chan struct{})}
@@ -235,11 +231,7 @@ func TestResumeAcrossCatchUp(t *testing.T) {
 // message once, in order, and stays open.
 func TestResumeLiveAfterCatchUpLeftBufferFull(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
+	e, rdb, ks, pause := pausedEgress(t, nil)
 	ids := appendData(t, rdb, ks, "room", []byte(`"h"`), 6)
 	p := &pausePoint{key: ks.Stream("room"), start: ids[0], after: true, reached: make(chan struct{}), released: make(chan struct{})}
 	pause.arm(p)
@@ -276,11 +268,7 @@ func TestResumeLiveAfterCatchUpLeftBufferFull(t *testing.T) {
 // gets each message once.
 func TestResumeCatchUpDuringHandOver(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	e, rdb, ks, pause := pausedEgress(t, map[string]string{"WRITE_TIMEOUT": "30s"})
 	<-e.s.hub.inbox.ready
 	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
 	hist := appendData(t, rdb, ks, "ho", data, 4)
@@ -585,12 +573,8 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 // recovered:false.
 func TestResumeReadOnTrimmed(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
+	e, rdb, ks, pause := pausedEgress(t, nil)
 	key := ks.Stream("room")
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
 	ids := appendData(t, rdb, ks, "room", []byte(`"h"`), 6)
 	// Held after its only read, then before its read-on's.
 	p := &pausePoint{key: key, start: ids[0], after: true, reached: make(chan struct{}), released: make(chan struct{})}

@@ -141,12 +141,8 @@ func TestResumeNotificationsLate(t *testing.T) {
 // got only what the stream still held.
 func TestResumeBehindCatchUpDroppedAtAfter(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
+	e, rdb, ks, pause := pausedEgress(t, nil)
 	key := ks.Stream("room")
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
 	// The hub reads the channel, at its first message, before the lost
 	// ones; the subscriber that made it do so leaves (the channel
 	// lingers).
@@ -199,12 +195,8 @@ func TestResumeBehindCatchUpDroppedAtAfter(t *testing.T) {
 // what follows: recovered at M, with every message after it.
 func TestResumeLateDroppedAtAfter(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
+	e, rdb, ks, pause := pausedEgress(t, nil)
 	key, notify := ks.Stream("room"), ks.Notify("room")
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"})
 	cs := lingering(t, e, rdb, ks, "room")
 	// SEND_QUEUE-1 messages lost, then one late (its notification makes
 	// the hub catch up all SEND_QUEUE), then M and two more, late.

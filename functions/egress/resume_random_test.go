@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -1206,6 +1207,17 @@ func (c *rsClient) read() {
 type replayPause struct {
 	mu    sync.Mutex
 	point *pausePoint
+}
+
+// pausedEgress starts an egress (anonymous, SEND_QUEUE 16, then env) on a
+// Redis client of its own, whose replay reads pause can hold.
+func pausedEgress(t *testing.T, env map[string]string) (*secEgress, redis.UniversalClient, keys.Scheme, *replayPause) {
+	rdb, prefix := redistest.Client(t)
+	pause := &replayPause{}
+	rdb.AddHook(pause)
+	vars := map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16"}
+	maps.Copy(vars, env)
+	return startEgressOn(t, rdb, prefix, vars), rdb, keys.Scheme{Prefix: prefix}, pause
 }
 
 // pausePoint is an XRANGE of key from start to hold, before or after it

@@ -327,11 +327,7 @@ func TestResumeWhileCatchUpStalled(t *testing.T) {
 // the live messages once each, in order, and stays open.
 func TestResumeHandOverWaitsForRoom(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	pause := &replayPause{}
-	rdb.AddHook(pause)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "10s"})
+	e, rdb, ks, pause := pausedEgress(t, map[string]string{"WRITE_TIMEOUT": "10s"})
 	<-e.s.hub.inbox.ready
 	// Two batches after the resume position, the second (the last)
 	// more than the socket's buffers hold: the replay waits for the
