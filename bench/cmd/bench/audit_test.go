@@ -81,3 +81,18 @@ func TestParseFloors(t *testing.T) {
 		}
 	}
 }
+
+// The timeline splits the messages by publish order, not by arrival, and
+// says so when a part got nothing (every message of it lost).
+func TestTimeline(t *testing.T) {
+	subs := []*subscriber{
+		{seqs: []uint32{0, 1, 2, 3, 6, 7}, lats: []uint32{1000, 3000, 2000, 9000, 40000, 50000}},
+		{seqs: []uint32{0, 7}, lats: []uint32{5000, 60000}},
+	}
+	if got, want := timeline(subs, 8, 4), "3/5 6/9 – 50/60"; got != want {
+		t.Errorf("timeline = %q, want %q", got, want)
+	}
+	if got, want := timeline(subs, 8, 1), "7/60"; got != want {
+		t.Errorf("one part: timeline = %q, want %q", got, want)
+	}
+}

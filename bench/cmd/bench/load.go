@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -532,6 +533,32 @@ func collect(subs []*subscriber, total int) delivery {
 		}
 	}
 	return d
+}
+
+// timeline is the latency of the messages of each of n equal parts of the
+// publishes, in publish order: "p50/max" in ms per part. S1's closed-loop
+// publishers can get ahead of the fan-out at any point of a run, not only
+// at its start, which the quarters' medians alone do not show.
+func timeline(subs []*subscriber, total, n int) string {
+	parts := make([][]uint32, n)
+	for _, s := range subs {
+		for i, seq := range s.seqs {
+			k := min(n-1, int(seq)*n/max(1, total))
+			parts[k] = append(parts[k], s.lats[i])
+		}
+	}
+	var b strings.Builder
+	for k, lats := range parts {
+		if k > 0 {
+			b.WriteByte(' ')
+		}
+		if len(lats) == 0 {
+			b.WriteString("–")
+			continue
+		}
+		fmt.Fprintf(&b, "%.0f/%.0f", pct(lats, 50), pct(lats, 100))
+	}
+	return b.String()
 }
 
 // pct returns the p-th percentile of µs samples, in ms (it sorts

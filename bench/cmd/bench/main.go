@@ -89,6 +89,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	s1pubs := fs.Int("s1-publishes", 0, "S1 publishes (default 2000, 500 with -quick); more gives a profile time to sample")
 	s2pubs := fs.Int("s2-publishes", 0, "S2 publishes (default 20000, 4000 with -quick); more gives a profile time to sample")
 	floorList := fs.String("s4-floors", "net/http", "HTTP servers S4 runs its floor on after the ingress, comma-separated: net/http (cmd/floor, floor pub/s), fasthttp and fasthttp-adaptor (gin's way onto fasthttp; cmd/fastfloor)")
+	timeline := fs.Int("timeline", 0, "log S1's, S1r's and S2's latency (p50/max ms) over each 1/N of the publishes, in publish order, for every run; 0: off")
 	cfHistory := fs.Bool("centrifugo-history", false, "run Centrifugo with history and recovery (1,000 messages, 24 h, as wsrelay keeps by default) instead of its defaults (no history)")
 	cfBin := fs.String("centrifugo", "", "path to a centrifugo binary: run S1–S5 on it too, interleaved with wsrelay's runs, and compare (make bench CENTRIFUGO=1)")
 	if err := fs.Parse(args); err != nil {
@@ -97,6 +98,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	floors, err := parseFloors(*floorList)
 	if err != nil {
 		return err
+	}
+	if *timeline < 0 || *timeline > 100 {
+		return fmt.Errorf("-timeline: %d is not between 0 (off) and 100 parts", *timeline)
 	}
 	sz := full
 	if *short {
@@ -157,7 +161,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		}
 		defer pprof.StopCPUProfile()
 	}
-	b := &bench{env: e, sz: sz, floors: floors, logf: func(f string, a ...any) { fmt.Fprintf(stderr, "bench: "+f+"\n", a...) }}
+	b := &bench{env: e, sz: sz, floors: floors, timeline: *timeline, logf: func(f string, a ...any) { fmt.Fprintf(stderr, "bench: "+f+"\n", a...) }}
 
 	scen := []struct {
 		name string

@@ -62,6 +62,9 @@ type bench struct {
 	logf  func(format string, args ...any)
 	// floors are the HTTP servers S4 runs its floor on (-s4-floors).
 	floors []string
+	// timeline, when above 0, logs S1's, S1r's and S2's latency over
+	// each 1/timeline of the publishes (-timeline).
+	timeline int
 }
 
 func (b *bench) prefix(s string) string {
@@ -105,6 +108,9 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 	used := cpu.seconds()
 	closeAll(subs)
 	d := collect(subs, nPubs)
+	if b.timeline > 0 {
+		b.logf("%s %s timeline, p50/max ms per 1/%d of the publishes: %s", k, name, b.timeline, timeline(subs, nPubs, b.timeline))
+	}
 	if st.failed > 0 {
 		b.logf("%s: %d publishes failed, first: %v", name, st.failed, st.firstErr)
 	}
