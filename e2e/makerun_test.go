@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -17,8 +18,6 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
-
-	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 // TestMakeRun is the README's quick start as a user follows it: `make run`
@@ -34,14 +33,7 @@ func TestMakeRun(t *testing.T) {
 	tab := newBrowser(t) // before make run: skips where Chromium is missing
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Dir(filepath.Dir(file))
-	ip, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ep, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ip, ep := quietPort(t), quietPort(t)
 	cmd := exec.Command("make", "--no-print-directory", "run")
 	cmd.Dir = root
 	for _, kv := range os.Environ() {
@@ -59,10 +51,14 @@ func TestMakeRun(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
+	// exited is closed once make has exited, with its error in exitErr:
+	// a channel each waiter can read, the cleanup included, even after
+	// the loop below has seen it end.
+	exited := make(chan struct{})
 	var (
-		mu    sync.Mutex
-		lines []string
+		mu      sync.Mutex
+		lines   []string
+		exitErr error
 	)
 	go func() {
 		sc := bufio.NewScanner(out)
@@ -72,11 +68,13 @@ func TestMakeRun(t *testing.T) {
 			lines = append(lines, sc.Text())
 			mu.Unlock()
 		}
-		exited <- cmd.Wait()
+		exitErr = cmd.Wait()
+		close(exited)
 	}()
 	stopped := false
 	t.Cleanup(func() {
 		if !stopped {
+			// What make started, should it have left anything behind.
 			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 			<-exited
 		}
@@ -92,8 +90,8 @@ func TestMakeRun(t *testing.T) {
 	deadline := time.Now().Add(3 * time.Minute)
 	for wsLine == "" || curlLine == "" {
 		select {
-		case err := <-exited:
-			t.Fatalf("make run exited (%v) before printing its commands:\n%s", err, output())
+		case <-exited:
+			t.Fatalf("make run exited (%v) before printing its commands:\n%s", exitErr, output())
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
@@ -168,8 +166,9 @@ func TestMakeRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	select {
-	case err := <-exited:
+	case <-exited:
 		stopped = true
+		err := exitErr
 		var ee *exec.ExitError
 		if err != nil && !(errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGINT) {
 			t.Fatalf("make run after Ctrl-C: %v\n%s", err, output())
@@ -241,19 +240,15 @@ func TestRunWithoutRedisServer(t *testing.T) {
 	}
 	write("apt-get", `echo "E: Unable to locate package redis-server" >&2; exit 100`)
 	write("sudo", `exec "$@"`)
-	ip, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ep, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ip, ep := quietPort(t), quietPort(t)
 	cmd := exec.Command("bash", filepath.Join(root, "scripts", "run.sh"))
 	cmd.Dir = root
 	cmd.Env = []string{"PATH=" + bin, "HOME=" + os.Getenv("HOME"), "INGRESS_PORT=" + strconv.Itoa(ip), "EGRESS_PORT=" + strconv.Itoa(ep)}
 	done := make(chan struct{})
-	var out []byte
+	var (
+		out []byte
+		err error
+	)
 	go func() { out, err = cmd.CombinedOutput(); close(done) }()
 	select {
 	case <-done:
@@ -275,3 +270,48 @@ func TestRunWithoutRedisServer(t *testing.T) {
 		}
 	}
 }
+
+// quietPort returns a TCP port free on every address, as the functions
+// listen, and below the kernel's ephemeral range (ip_local_port_range), for
+// a server started long after the port was picked: make run builds both
+// functions first. A port from redistest.FreePort is an ephemeral one,
+// which an outgoing connection of any test running in parallel can take
+// meanwhile, and the function then fails to listen. No two calls in this
+// package return the same port.
+func quietPort(t testing.TB) int {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
+	}
+	base := max(1024, low-12000)
+	if low-base < 1000 {
+		t.Fatalf("ip_local_port_range starts at %d: no room below it for a test's server", low)
+	}
+	quietPorts.Lock()
+	defer quietPorts.Unlock()
+	for range 200 {
+		p := base + rand.IntN(low-base)
+		if quietPorts.given[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", ":"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		_ = l.Close()
+		quietPorts.given[p] = true
+		return p
+	}
+	t.Fatalf("no free port between %d and %d", base, low)
+	return 0
+}
+
+var quietPorts = struct {
+	sync.Mutex
+	given map[int]bool
+}{given: map[int]bool{}}

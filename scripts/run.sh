@@ -67,9 +67,21 @@ if [[ -z "${REDIS_URL:-}" ]]; then
 		fi
 	fi
 	"$(dirname "$0")/redis-version.sh"
+	# A port below the kernel's ephemeral range (32768 up by default),
+	# which outgoing connections take: one of those could be taken
+	# between the check and redis-server's bind.
+	eph_low=32768
+	if [[ -r /proc/sys/net/ipv4/ip_local_port_range ]]; then
+		read -r eph_low _ </proc/sys/net/ipv4/ip_local_port_range
+	fi
+	lo=20000 span=12000
+	if ((eph_low - 1024 >= 2000)); then
+		lo=$((eph_low - 12000 > 1024 ? eph_low - 12000 : 1024))
+		span=$((eph_low - lo))
+	fi
 	redis_port=""
 	for _ in $(seq 50); do
-		p=$((20000 + RANDOM % 20000))
+		p=$((lo + RANDOM % span))
 		if ! port_open "$p"; then redis_port=$p; break; fi
 	done
 	[[ -n "$redis_port" ]] || { echo "run: no free port for Redis" >&2; exit 1; }
