@@ -167,10 +167,9 @@ func TestMakeRun(t *testing.T) {
 	select {
 	case <-exited:
 		stopped = true
-		err := exitErr
 		var ee *exec.ExitError
-		if err != nil && !(errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGINT) {
-			t.Fatalf("make run after Ctrl-C: %v\n%s", err, output())
+		if exitErr != nil && !(errors.As(exitErr, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGINT) {
+			t.Fatalf("make run after Ctrl-C: %v\n%s", exitErr, output())
 		}
 		if !strings.Contains(output(), "stopping") {
 			t.Fatalf("make run's script did not stop on Ctrl-C:\n%s", output())

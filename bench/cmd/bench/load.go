@@ -510,7 +510,7 @@ type delivery struct {
 	// byQuarter are the latencies of the messages of each quarter of the
 	// publishes, in publish order: a rising median from one to the next
 	// is a backlog that grows while publishing goes on.
-	byQuarter [4][]uint32
+	byQuarter [][]uint32
 }
 
 func collect(subs []*subscriber, total int) delivery {
@@ -527,19 +527,14 @@ func collect(subs []*subscriber, total int) delivery {
 		d.lost += max(0, s.expected-s.got)
 		d.last = max(d.last, atomic.LoadInt64(&s.last))
 		d.lats = append(d.lats, s.lats...)
-		for i, seq := range s.seqs {
-			q := min(3, int(seq)*4/max(1, total))
-			d.byQuarter[q] = append(d.byQuarter[q], s.lats[i])
-		}
 	}
+	d.byQuarter = byPart(subs, total, 4)
 	return d
 }
 
-// timeline is the latency of the messages of each of n equal parts of the
-// publishes, in publish order: "p50/max" in ms per part. S1's closed-loop
-// publishers can get ahead of the fan-out at any point of a run, not only
-// at its start, which the quarters' medians alone do not show.
-func timeline(subs []*subscriber, total, n int) string {
+// byPart splits the subscribers' latencies by which of n equal parts of
+// the total publishes each message belongs to, in publish order.
+func byPart(subs []*subscriber, total, n int) [][]uint32 {
 	parts := make([][]uint32, n)
 	for _, s := range subs {
 		for i, seq := range s.seqs {
@@ -547,8 +542,16 @@ func timeline(subs []*subscriber, total, n int) string {
 			parts[k] = append(parts[k], s.lats[i])
 		}
 	}
+	return parts
+}
+
+// timeline is the latency of the messages of each of n equal parts of the
+// publishes, in publish order: "p50/max" in ms per part. S1's closed-loop
+// publishers can get ahead of the fan-out at any point of a run, not only
+// at its start, which the quarters' medians alone do not show.
+func timeline(subs []*subscriber, total, n int) string {
 	var b strings.Builder
-	for k, lats := range parts {
+	for k, lats := range byPart(subs, total, n) {
 		if k > 0 {
 			b.WriteByte(' ')
 		}
