@@ -61,13 +61,43 @@ func startCluster(t testing.TB, masters, replicasPerMaster int, ca *CA) *Cluster
 	if err != nil {
 		t.Fatalf("redistest: redis-server not found: %v", err)
 	}
+	// Its nodes' ports are picked free, but they (and their bus ports)
+	// are ephemeral ones that another process may take before a node
+	// binds them, and redis-cli --cluster create then waits forever for
+	// the nodes to meet: each attempt is bounded, and a second one is
+	// made on fresh ports.
+	for attempt := 1; ; attempt++ {
+		c, err := createCluster(bin, cli, masters, replicasPerMaster, ca)
+		if err == nil {
+			t.Cleanup(c.stop)
+			return c
+		}
+		if attempt == 2 {
+			t.Fatalf("redistest: %v", err)
+		}
+		t.Logf("redistest: %v; trying again on other ports", err)
+	}
+}
+
+// clusterCreateTimeout bounds redis-cli --cluster create, which takes a
+// second or two.
+const clusterCreateTimeout = time.Minute
+
+// createCluster starts the nodes of a cluster, joins them and waits for
+// it to be healthy; on error it stops what it started.
+func createCluster(bin, cli string, masters, replicasPerMaster int, ca *CA) (*Cluster, error) {
 	c := &Cluster{ca: ca}
-	t.Cleanup(c.stop)
+	ok := false
+	defer func() {
+		if !ok {
+			c.stop()
+		}
+	}()
 	n := masters * (1 + replicasPerMaster)
 	for range n {
 		s, err := startClusterNode(bin, ca)
 		if err != nil {
-			t.Fatalf("redistest: start cluster node: %v", err)
+			return nil, fmt.Errorf("start cluster node: %w", err)
 		}
 		c.servers = append(c.servers, s)
 		c.addrs = append(c.addrs, s.Addr())
@@ -79,13 +109,16 @@ func startCluster(t testing.TB, masters, replicasPerMaster int, ca *CA) *Cluster
 	args = append(args, "--cluster", "create")
 	args = append(args, c.addrs...)
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerMaster), "--cluster-yes")
-	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
-		t.Fatalf("redistest: redis-cli --cluster create: %v\n%s", err, out)
+	ctx, cancel := context.WithTimeout(context.Background(), clusterCreateTimeout)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("redis-cli --cluster create: %v (%v)\n%s", err, ctx.Err(), out)
 	}
 	if err := c.waitHealthy(n, masters, 30*time.Second); err != nil {
-		t.Fatalf("redistest: cluster not ready: %v", err)
+		return nil, fmt.Errorf("cluster not ready: %w", err)
 	}
-	return c
+	ok = true
+	return c, nil
 }
 
 // startClusterNode starts one cluster-enabled node on a port whose
