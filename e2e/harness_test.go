@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -386,48 +384,15 @@ func diff(got, want []string) string {
 	return fmt.Sprintf("missing at the end: %v", want[len(got):])
 }
 
-// quietPort returns a TCP port free on every address, as the functions
-// listen, and below the kernel's ephemeral range (ip_local_port_range), for
-// a server started well after the port was picked (make run builds both
-// functions first) or started again on it (the chaos test's egresses). A
-// port from redistest.FreePort is an ephemeral one, which an outgoing
-// connection of any test running in parallel can take meanwhile, and the
-// function then fails to listen. No two calls in this package return the
-// same port.
+// quietPort is redistest.FreePort for a function's port, failing the
+// test when none is free: a port below the ephemeral range, for a server
+// started well after the port was picked (make run builds both functions
+// first) or started again on it (the chaos test's egresses).
 func quietPort(t testing.TB) int {
 	t.Helper()
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil {
-				low = n
-			}
-		}
+	p, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
 	}
-	base := max(1024, low-12000)
-	if low-base < 1000 {
-		t.Fatalf("ip_local_port_range starts at %d: no room below it for a test's server", low)
-	}
-	quietPorts.Lock()
-	defer quietPorts.Unlock()
-	for range 200 {
-		p := base + rand.IntN(low-base)
-		if quietPorts.given[p] {
-			continue
-		}
-		l, err := net.Listen("tcp", ":"+strconv.Itoa(p))
-		if err != nil {
-			continue
-		}
-		_ = l.Close()
-		quietPorts.given[p] = true
-		return p
-	}
-	t.Fatalf("no free port between %d and %d", base, low)
-	return 0
+	return p
 }
-
-var quietPorts = struct {
-	sync.Mutex
-	given map[int]bool
-}{given: map[int]bool{}}

@@ -43,13 +43,8 @@ func TestClusterManualFailover(t *testing.T) {
 	})
 
 	replica := replicaOf(t, victim)
-	rc := redis.NewClient(&redis.Options{Addr: replica, DisableIdentity: true})
-	defer rc.Close()
-	if err := rc.Do(context.Background(), "CLUSTER", "FAILOVER").Err(); err != nil {
-		t.Fatal(err)
-	}
 	started := time.Now()
-	c.WaitFailover(t, victim, 15*time.Second)
+	c.ManualFailover(t, replica, victim, time.Minute)
 	t.Logf("CLUSTER FAILOVER of %s to %s took %s", victim, replica, time.Since(started).Round(time.Millisecond))
 
 	// A message acknowledged after the switch reaches the live socket

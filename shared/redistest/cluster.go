@@ -18,6 +18,10 @@ import (
 // stopped master is failed over within a few seconds.
 const clusterNodeTimeout = 1000 * time.Millisecond
 
+// clusterBusOffset is how far above a node's port its cluster bus
+// listens (Redis's default).
+const clusterBusOffset = 10000
+
 // Cluster is a Redis Cluster for a test: the one named by
 // REDIS_CLUSTER_ADDRS, or real redis-server processes started on free
 // ports and stopped at the end of the test.
@@ -61,11 +65,10 @@ func startCluster(t testing.TB, masters, replicasPerMaster int, ca *CA) *Cluster
 	if err != nil {
 		t.Fatalf("redistest: redis-server not found: %v", err)
 	}
-	// Its nodes' ports are picked free, but they (and their bus ports)
-	// are ephemeral ones that another process may take before a node
-	// binds them, and redis-cli --cluster create then waits forever for
-	// the nodes to meet: each attempt is bounded, and a second one is
-	// made on fresh ports.
+	// redis-cli --cluster create can wait forever for nodes that never
+	// meet (a bus port taken by another process between the check and
+	// the bind): each attempt is bounded, and a second one is made on
+	// fresh ports.
 	for attempt := 1; ; attempt++ {
 		c, err := createCluster(bin, cli, masters, replicasPerMaster, ca)
 		if err == nil {
@@ -122,25 +125,21 @@ func createCluster(bin, cli string, masters, replicasPerMaster int, ca *CA) (*Cl
 }
 
 // startClusterNode starts one cluster-enabled node on a port whose
-// cluster bus port (port+10000) is free too.
+// cluster bus port (port+10000) is free too, both below the ephemeral
+// range. A port another process took first is given up for another one.
 func startClusterNode(bin string, ca *CA) (*Server, error) {
-	var port int
-	for range 50 {
-		p, err := FreePort()
-		if err != nil {
-			return nil, err
-		}
-		if p+10000 > 65535 {
-			continue
-		}
-		if l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+10000)); err == nil {
-			l.Close()
-			port = p
-			break
+	for attempt := 1; ; attempt++ {
+		s, err := startClusterNodeOnce(bin, ca)
+		if err == nil || attempt == 3 {
+			return s, err
 		}
 	}
-	if port == 0 {
-		return nil, fmt.Errorf("no free port pair for a cluster node")
+}
+
+func startClusterNodeOnce(bin string, ca *CA) (*Server, error) {
+	port, err := quietPort(clusterBusOffset)
+	if err != nil {
+		return nil, err
 	}
 	dir, err := os.MkdirTemp("", "redistest-cluster-")
 	if err != nil {
@@ -302,6 +301,38 @@ func (c *Cluster) WaitFailover(t testing.TB, addr string, within time.Duration) 
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("redistest: %s was not failed over within %s", addr, within)
+}
+
+// ManualFailover promotes replica in place of its master at master with
+// CLUSTER FAILOVER (the coordinated switch-over: the master pauses its
+// clients until the replica has caught up), and waits until the cluster
+// is ok again without master owning slots. Redis abandons a manual
+// failover that takes more than 5 s, which happens on a saturated
+// machine, and an operator would ask again: so does ManualFailover,
+// until within has passed.
+func (c *Cluster) ManualFailover(t testing.TB, replica, master string, within time.Duration) {
+	t.Helper()
+	rc := redis.NewClient(c.nodeOptions(replica))
+	defer rc.Close()
+	deadline := time.Now().Add(within)
+	for attempt := 1; time.Now().Before(deadline); attempt++ {
+		if err := rc.Do(context.Background(), "CLUSTER", "FAILOVER").Err(); err != nil {
+			t.Fatalf("redistest: CLUSTER FAILOVER on %s: %v", replica, err)
+		}
+		// Redis's own limit (CLUSTER_MF_TIMEOUT), and then some.
+		until := time.Now().Add(8 * time.Second)
+		if until.After(deadline) {
+			until = deadline
+		}
+		for time.Now().Before(until) {
+			if c.failedOver(master) {
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Logf("redistest: CLUSTER FAILOVER %d of %s to %s not done within 8s; asking again", attempt, master, replica)
+	}
+	t.Fatalf("redistest: %s was not failed over to %s within %s", master, replica, within)
 }
 
 func (c *Cluster) failedOver(addr string) bool {

@@ -7,6 +7,7 @@
 package redistest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -175,23 +176,23 @@ func StartPersistent(t testing.TB, extra ...string) *Server {
 	return Start(t, append([]string{"--appendonly", "yes", "--appendfsync", "always"}, extra...)...)
 }
 
-// FreePort returns a TCP port free on 127.0.0.1 at the time of the call.
-func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 // startServer starts a redis-server on a free port: its plain port, or
-// with ca, its TLS port (and no plain one).
+// with ca, its TLS port (and no plain one). A port another process took
+// first is given up for another one.
 func startServer(extra []string, ca *CA) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, fmt.Errorf("redis-server not found in PATH: %w", err)
 	}
+	for attempt := 1; ; attempt++ {
+		s, err := startServerOnce(bin, extra, ca)
+		if err == nil || attempt == 3 {
+			return s, err
+		}
+	}
+}
+
+func startServerOnce(bin string, extra []string, ca *CA) (*Server, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, err
@@ -208,6 +209,7 @@ func startServer(extra []string, ca *CA) (*Server, error) {
 	s.args = append(s.args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir)
 	s.args = append(s.args, extra...)
 	if err := s.launch(bin); err != nil {
+		os.RemoveAll(dir)
 		return nil, err
 	}
 	mu.Lock()
@@ -216,33 +218,77 @@ func startServer(extra []string, ca *CA) (*Server, error) {
 	return s, nil
 }
 
+// launch starts the server and waits until it answers. It fails if the
+// process exits first (its port was taken after FreePort checked it) or
+// if the Redis answering on its port is another process.
 func (s *Server) launch(bin string) error {
-	s.cmd = exec.Command(bin, s.args...)
-	s.cmd.Stdout, s.cmd.Stderr = nil, nil
-	if err := s.cmd.Start(); err != nil {
+	cmd := exec.Command(bin, s.args...)
+	if err := cmd.Start(); err != nil {
 		return err
 	}
+	s.cmd = cmd
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		o := s.Options()
-		o.DialTimeout = 200 * time.Millisecond
-		c := redis.NewClient(o)
-		err := c.Ping(context.Background()).Err()
-		c.Close()
-		// NOAUTH: it answers, but wants the password a test gave it.
-		if err == nil || strings.Contains(err.Error(), "NOAUTH") {
+		if exited(cmd.Process.Pid) {
+			s.Stop()
+			return fmt.Errorf("redis-server on port %d exited as it started: was the port taken?", s.Port)
+		}
+		switch pid, err := s.pid(); {
+		case err == nil && pid == cmd.Process.Pid:
 			return nil
+		case err == nil:
+			s.Stop()
+			return fmt.Errorf("port %d is served by another redis-server (pid %d)", s.Port, pid)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	_ = s.cmd.Process.Kill()
+	s.Stop()
 	return fmt.Errorf("redis-server on port %d did not answer", s.Port)
+}
+
+// exited reports whether the child process pid has exited (a zombie
+// until Stop waits for it), without waiting for it: a goroutine blocked
+// in Wait would count as a leak in the tests that look for them.
+func exited(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		_, noProc := os.Stat("/proc/self/stat")
+		return os.IsNotExist(err) && noProc == nil // no /proc: cannot tell
+	}
+	// pid (comm) state ...: comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	return i >= 0 && i+2 < len(b) && b[i+2] == 'Z'
+}
+
+// pid asks the Redis answering on the server's port for its process id,
+// logged in with the --requirepass of the server's arguments if any.
+func (s *Server) pid() (int, error) {
+	o := s.Options()
+	o.DialTimeout, o.ReadTimeout, o.WriteTimeout = 200*time.Millisecond, 200*time.Millisecond, 200*time.Millisecond
+	o.MaxRetries = -1
+	for i, a := range s.args {
+		if a == "--requirepass" && i+1 < len(s.args) {
+			o.Password = s.args[i+1]
+		}
+	}
+	c := redis.NewClient(o)
+	defer c.Close()
+	info, err := c.Info(context.Background(), "server").Result()
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(info, "\r\n") {
+		if v, ok := strings.CutPrefix(line, "process_id:"); ok {
+			return strconv.Atoi(v)
+		}
+	}
+	return 0, fmt.Errorf("no process_id in INFO server")
 }
 
 // Stop kills the server. It keeps nothing, unless it was started with
 // StartPersistent.
 func (s *Server) Stop() {
-	if s.cmd != nil && s.cmd.Process != nil {
+	if s.cmd != nil {
 		_ = s.cmd.Process.Kill()
 		_, _ = s.cmd.Process.Wait()
 		s.cmd = nil
