@@ -7,6 +7,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // FuzzDecodeMessage: no body panics the decoder; an accepted one has
@@ -32,7 +33,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		if !json.Valid(p.Data) || string(p.Data) == "null" || !channel.ValidEvent(p.Event) || (p.From != "" && !channel.ValidUser(p.From)) {
 			t.Fatalf("accepted %q as %+v", b, p)
 		}
-		if depthOf(p.Data) > maxDataDepth {
+		if testkit.JSONDepth(p.Data) > maxDataDepth {
 			t.Fatalf("accepted data %q nested deeper than %d", p.Data, maxDataDepth)
 		}
 		if withChannel && !channel.ValidName(p.Channel) {
@@ -72,24 +73,4 @@ func FuzzDecodeBatch(f *testing.F) {
 			}
 		}
 	})
-}
-
-// depthOf is how deeply valid JSON b nests arrays and objects, as
-// encoding/json reads it.
-func depthOf(b []byte) int {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	depth, deepest := 0, 0
-	for {
-		tok, err := dec.Token()
-		if err != nil {
-			return deepest
-		}
-		switch tok {
-		case json.Delim('['), json.Delim('{'):
-			depth++
-			deepest = max(deepest, depth)
-		case json.Delim(']'), json.Delim('}'):
-			depth--
-		}
-	}
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestExceeds(t *testing.T) {
@@ -46,28 +48,8 @@ func FuzzExceeds(f *testing.F) {
 		if !json.Valid(b) {
 			return
 		}
-		if got, want := Exceeds(b, limit), depthOf(b) > limit; got != want {
-			t.Fatalf("Exceeds(%q, %d) = %v, depth %d", b, limit, got, depthOf(b))
+		if got, want := Exceeds(b, limit), testkit.JSONDepth(b) > limit; got != want {
+			t.Fatalf("Exceeds(%q, %d) = %v, depth %d", b, limit, got, testkit.JSONDepth(b))
 		}
 	})
-}
-
-// depthOf is how deeply valid JSON b nests arrays and objects, as
-// encoding/json reads it.
-func depthOf(b []byte) int {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	depth, deepest := 0, 0
-	for {
-		tok, err := dec.Token()
-		if err != nil {
-			return deepest
-		}
-		switch tok {
-		case json.Delim('['), json.Delim('{'):
-			depth++
-			deepest = max(deepest, depth)
-		case json.Delim(']'), json.Delim('}'):
-			depth--
-		}
-	}
 }

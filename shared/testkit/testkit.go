@@ -125,3 +125,24 @@ func (s *SyncBuffer) CheckLast(t testing.TB, last string, finals ...string) {
 		t.Errorf("%d lines of %q, want 1; log:\n%s", n, finals, s.String())
 	}
 }
+
+// JSONDepth is how deeply valid JSON b nests arrays and objects, as
+// encoding/json reads it: the reference that depth limits are checked
+// against.
+func JSONDepth(b []byte) int {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	depth, deepest := 0, 0
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return deepest
+		}
+		switch tok {
+		case json.Delim('['), json.Delim('{'):
+			depth++
+			deepest = max(deepest, depth)
+		case json.Delim(']'), json.Delim('}'):
+			depth--
+		}
+	}
+}
