@@ -296,11 +296,15 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 		}
 		return nil
 	})
-	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
-	<-p.reached
 	e.s.hub.mu.Lock()
 	c := e.s.hub.conns[id]
 	e.s.hub.mu.Unlock()
+	// Small buffers both ends, fixed (a send buffer the kernel may grow
+	// would let the writer drain the queue after it looked full, and
+	// the hand-over queue the whole buffer at once).
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
+	<-p.reached
 	fill := map[string]bool{}
 	for n := 0; ; n++ {
 		c.mu.Lock()
