@@ -61,16 +61,12 @@ func startCluster(t testing.TB, masters, replicasPerMaster int, ca *CA) *Cluster
 	if err != nil {
 		t.Fatalf("redistest: redis-cli not found (it ships with redis-server): %v", err)
 	}
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redistest: redis-server not found: %v", err)
-	}
 	// redis-cli --cluster create can wait forever for nodes that never
 	// meet (a bus port taken by another process between the check and
 	// the bind): each attempt is bounded, and a second one is made on
 	// fresh ports.
 	for attempt := 1; ; attempt++ {
-		c, err := createCluster(bin, cli, masters, replicasPerMaster, ca)
+		c, err := createCluster(cli, masters, replicasPerMaster, ca)
 		if err == nil {
 			t.Cleanup(c.stop)
 			return c
@@ -88,7 +84,7 @@ const clusterCreateTimeout = time.Minute
 
 // createCluster starts the nodes of a cluster, joins them and waits for
 // it to be healthy; on error it stops what it started.
-func createCluster(bin, cli string, masters, replicasPerMaster int, ca *CA) (*Cluster, error) {
+func createCluster(cli string, masters, replicasPerMaster int, ca *CA) (*Cluster, error) {
 	c := &Cluster{ca: ca}
 	ok := false
 	defer func() {
@@ -98,7 +94,7 @@ func createCluster(bin, cli string, masters, replicasPerMaster int, ca *CA) (*Cl
 	}()
 	n := masters * (1 + replicasPerMaster)
 	for range n {
-		s, err := startClusterNode(bin, ca)
+		s, err := startClusterNode(ca)
 		if err != nil {
 			return nil, fmt.Errorf("start cluster node: %w", err)
 		}
@@ -124,49 +120,21 @@ func createCluster(bin, cli string, masters, replicasPerMaster int, ca *CA) (*Cl
 	return c, nil
 }
 
-// startClusterNode starts one cluster-enabled node on a port whose
-// cluster bus port (port+10000) is free too, both below the ephemeral
-// range. A port another process took first is given up for another one.
-func startClusterNode(bin string, ca *CA) (*Server, error) {
-	for attempt := 1; ; attempt++ {
-		s, err := startClusterNodeOnce(bin, ca)
-		if err == nil || attempt == 3 {
-			return s, err
-		}
-	}
-}
-
-func startClusterNodeOnce(bin string, ca *CA) (*Server, error) {
-	port, err := quietPort(clusterBusOffset)
-	if err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "redistest-cluster-")
-	if err != nil {
-		return nil, err
-	}
-	s := &Server{Port: port, Dir: dir, ca: ca}
-	s.args = []string{"--port", strconv.Itoa(port)}
-	if ca != nil {
-		s.args = append([]string{"--port", "0", "--tls-port", strconv.Itoa(port), "--tls-cluster", "yes", "--tls-replication", "yes"}, ca.serverArgs()...)
-	}
-	s.args = append(s.args,
-		"--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir,
+// startClusterNode starts one cluster-enabled node (startServer) on a
+// port whose cluster bus port (port+10000) is free too.
+func startClusterNode(ca *CA) (*Server, error) {
+	args := []string{
 		"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
 		"--cluster-node-timeout", strconv.FormatInt(clusterNodeTimeout.Milliseconds(), 10),
 		// Keep the other masters serving while one slot range fails over.
 		"--cluster-require-full-coverage", "no",
 		// A replica may always take over, however long it was cut off.
 		"--cluster-replica-validity-factor", "0",
-	)
-	if err := s.launch(bin); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
 	}
-	mu.Lock()
-	servers = append(servers, s)
-	mu.Unlock()
-	return s, nil
+	if ca != nil {
+		args = append(args, "--tls-cluster", "yes", "--tls-replication", "yes")
+	}
+	return startServer(args, ca, clusterBusOffset)
 }
 
 // waitHealthy polls until every running node reports cluster_state:ok,
@@ -293,14 +261,21 @@ func (c *Cluster) StopNode(t testing.TB, i int) {
 // is ok again on every running node.
 func (c *Cluster) WaitFailover(t testing.TB, addr string, within time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for time.Now().Before(deadline) {
+	if !c.awaitFailover(addr, time.Now().Add(within)) {
+		t.Fatalf("redistest: %s was not failed over within %s", addr, within)
+	}
+}
+
+// awaitFailover polls until addr is failed over (failedOver), and
+// reports false if until passes first.
+func (c *Cluster) awaitFailover(addr string, until time.Time) bool {
+	for time.Now().Before(until) {
 		if c.failedOver(addr) {
-			return
+			return true
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	t.Fatalf("redistest: %s was not failed over within %s", addr, within)
+	return false
 }
 
 // ManualFailover promotes replica in place of its master at master with
@@ -324,11 +299,8 @@ func (c *Cluster) ManualFailover(t testing.TB, replica, master string, within ti
 		if until.After(deadline) {
 			until = deadline
 		}
-		for time.Now().Before(until) {
-			if c.failedOver(master) {
-				return
-			}
-			time.Sleep(50 * time.Millisecond)
+		if c.awaitFailover(master, until) {
+			return
 		}
 		t.Logf("redistest: CLUSTER FAILOVER %d of %s to %s not done within 8s; asking again", attempt, master, replica)
 	}

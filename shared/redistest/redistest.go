@@ -48,7 +48,7 @@ func URL(t testing.TB) string {
 			baseURL = "redis://127.0.0.1:6379/0"
 			return
 		}
-		s, err := startServer(nil, nil)
+		s, err := startServer(nil, nil, 0)
 		if err != nil {
 			setupErr = err
 			return
@@ -140,7 +140,7 @@ func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
 // stop and restart it), stopped at the end of the test.
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
-	s, err := startServer(extra, nil)
+	s, err := startServer(extra, nil, 0)
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
@@ -177,23 +177,24 @@ func StartPersistent(t testing.TB, extra ...string) *Server {
 }
 
 // startServer starts a redis-server on a free port: its plain port, or
-// with ca, its TLS port (and no plain one). A port another process took
-// first is given up for another one.
-func startServer(extra []string, ca *CA) (*Server, error) {
+// with ca, its TLS port (and no plain one); with a busOffset, a port
+// whose port+busOffset is free too (a cluster node's bus). A port another
+// process took first is given up for another one.
+func startServer(extra []string, ca *CA, busOffset int) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, fmt.Errorf("redis-server not found in PATH: %w", err)
 	}
 	for attempt := 1; ; attempt++ {
-		s, err := startServerOnce(bin, extra, ca)
+		s, err := startServerOnce(bin, extra, ca, busOffset)
 		if err == nil || attempt == 3 {
 			return s, err
 		}
 	}
 }
 
-func startServerOnce(bin string, extra []string, ca *CA) (*Server, error) {
-	port, err := FreePort()
+func startServerOnce(bin string, extra []string, ca *CA, busOffset int) (*Server, error) {
+	port, err := quietPort(busOffset)
 	if err != nil {
 		return nil, err
 	}

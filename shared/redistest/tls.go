@@ -112,7 +112,7 @@ func (c *CA) serverArgs() []string {
 // is off), with the certificate of ca. Its URL is rediss://.
 func StartTLS(t testing.TB, ca *CA, extra ...string) *Server {
 	t.Helper()
-	s, err := startServer(extra, ca)
+	s, err := startServer(extra, ca, 0)
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
