@@ -38,14 +38,12 @@ wait_for() {
 		for pid in "${pids[@]}"; do
 			if ! kill -0 "$pid" 2>/dev/null; then
 				echo "run: $what did not come up: a process exited (its error is above)" >&2
-				if [[ $what == redis-server ]]; then tail -n 20 "$tmp/redis.log" >&2 || true; fi
 				exit 1
 			fi
 		done
 		sleep 0.1
 	done
 	echo "run: $what did not come up within 15 s" >&2
-	if [[ $what == redis-server ]]; then tail -n 20 "$tmp/redis.log" >&2 || true; fi
 	exit 1
 }
 
@@ -79,16 +77,39 @@ if [[ -z "${REDIS_URL:-}" ]]; then
 		lo=$((eph_low - 12000 > 1024 ? eph_low - 12000 : 1024))
 		span=$((eph_low - lo))
 	fi
+	# Up to three ports: another program can bind the one picked between
+	# the check and redis-server's own bind. Ready means this redis-server
+	# said so in its log while still running, not that the port answers,
+	# which a foreign server on it would too.
 	redis_port=""
-	for _ in $(seq 50); do
-		p=$((lo + RANDOM % span))
-		if ! port_open "$p"; then redis_port=$p; break; fi
+	for _ in 1 2 3; do
+		p=""
+		for _ in $(seq 50); do
+			p=$((lo + RANDOM % span))
+			if ! port_open "$p"; then break; fi
+			p=""
+		done
+		[[ -n "$p" ]] || { echo "run: no free port for Redis" >&2; exit 1; }
+		redis-server --bind 127.0.0.1 --port "$p" --save '' --appendonly no \
+			--dir "$tmp" --daemonize no >"$tmp/redis.log" 2>&1 &
+		redis_pid=$!
+		pids=("$redis_pid") # the first process started here
+		for _ in $(seq 150); do
+			if ! kill -0 "$redis_pid" 2>/dev/null; then break; fi
+			if grep -q 'Ready to accept connections' "$tmp/redis.log"; then redis_port=$p; break; fi
+			sleep 0.1
+		done
+		if [[ -n "$redis_port" ]]; then break; fi
+		kill "$redis_pid" 2>/dev/null || true
+		wait "$redis_pid" 2>/dev/null || true
+		pids=()
+		if ! grep -q 'Address already in use' "$tmp/redis.log"; then
+			echo "run: redis-server did not start within 15 s; its log ends:" >&2
+			tail -n 20 "$tmp/redis.log" >&2 || true
+			exit 1
+		fi
 	done
-	[[ -n "$redis_port" ]] || { echo "run: no free port for Redis" >&2; exit 1; }
-	redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
-		--dir "$tmp" --daemonize no >"$tmp/redis.log" 2>&1 &
-	pids+=($!)
-	wait_for "redis-server" port_open "$redis_port"
+	[[ -n "$redis_port" ]] || { echo "run: redis-server found its port taken three times; its log ends:" >&2; tail -n 20 "$tmp/redis.log" >&2 || true; exit 1; }
 	export REDIS_URL="redis://127.0.0.1:$redis_port/0"
 	echo "== throwaway Redis at $REDIS_URL (no persistence)"
 else
