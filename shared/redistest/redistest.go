@@ -234,6 +234,14 @@ func (s *Server) launch(bin string) error {
 			s.Stop()
 			return fmt.Errorf("redis-server on port %d exited as it started: was the port taken?", s.Port)
 		}
+		// Until the port accepts, a plain dial: go-redis would log each
+		// refused dial ("failed to dial") into the test's output.
+		c, err := net.DialTimeout("tcp", s.Options().Addr, 200*time.Millisecond)
+		if err != nil {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		c.Close()
 		switch pid, err := s.pid(); {
 		case err == nil && pid == cmd.Process.Pid:
 			return nil
