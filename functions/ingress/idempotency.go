@@ -96,7 +96,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		return
 	}
 	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: resp})
-	if err := s.rdb.Set(context.WithoutCancel(ctx), rkey, done, s.cfg.IdempotencyWindow).Err(); err != nil {
+	saved, err := saveScript.Run(context.WithoutCancel(ctx), s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
+	if err != nil {
 		// The write stands; free the claim, or a retry (its reply lost
 		// too) would get 409 until the claim expires. The retry runs
 		// again and gets this attempt's ids from the once-keys.
@@ -105,9 +106,29 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.claims.release(ctx, rkey, string(pending), until)
 	} else {
 		s.unsaved.OK()
+		if saved == 0 {
+			// This request outlived its claim and another request with
+			// the key (its own retry, or another body) claimed it since:
+			// the key is that one's now. This reply stands; a retry of
+			// it is answered by what the key holds.
+			s.log.Warn("idempotency key claimed again before the reply was saved", "route", c.FullPath(), "key", rkey, "claim_ttl", s.pendingTTL())
+		}
 	}
 	writeJSON(c, status, resp)
 }
+
+// saveScript stores a request's reply (ARGV[2], for ARGV[3] ms) at its
+// Idempotency-Key KEYS[1] if the key still holds the request's claim
+// (ARGV[1]) or nothing, and returns 1; else 0. A claim that expired while
+// its request ran may have been taken by a later request, whose claim or
+// reply is not this one's to overwrite: with a different body, the later
+// request's retry would get 422 for a request that was accepted.
+var saveScript = redis.NewScript(`local v = redis.call("GET", KEYS[1])
+if v == ARGV[1] or not v then
+  redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
+  return 1
+end
+return 0`)
 
 // pendingTTL is how long an Idempotency-Key's claim lasts without its
 // request finishing: well past what a request can take (its Redis calls,

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -799,10 +800,86 @@ func newEnvRecordsFail(t *testing.T, log *slog.Logger) (*testEnv, *atomic.Bool) 
 	rdb, prefix := redistest.Client(t)
 	on := new(atomic.Bool)
 	rdb.AddHook(redistest.Fail{Cmd: func(cmd redis.Cmder) bool {
-		return on.Load() && cmd.Name() == "set" && len(cmd.Args()) > 2 && isDone(cmd.Args()[2])
+		return on.Load() && slices.ContainsFunc(cmd.Args(), isDone)
 	}})
 	ks := keys.Scheme{Prefix: prefix}
 	e := &testEnv{t: t, srv: NewServer(testConfig(t), log, rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 	return e, on
+}
+
+// TestIdempotencyClaimOutlived: a request still running when its claim
+// expires (pendingTTL) keeps its 202 but does not store its reply over
+// the claim or reply of a request that took the key meanwhile; with no
+// such request, it stores it as usual.
+func TestIdempotencyClaimOutlived(t *testing.T) {
+	t.Parallel()
+	for _, taken := range []bool{true, false} {
+		t.Run(fmt.Sprintf("taken=%v", taken), func(t *testing.T) {
+			t.Parallel()
+			e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			t.Cleanup(e.srv.Close)
+			// A's reply from Redis is held once its append has run.
+			hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+				for _, c := range cmds {
+					for _, a := range c.Args() {
+						if s, ok := a.(*string); ok && strings.Contains(*s, `"A"`) {
+							return true
+						}
+					}
+				}
+				return false
+			})
+			e.rdb.AddHook(hold)
+			t.Cleanup(hold.Release)
+			doneA := make(chan *httptest.ResponseRecorder, 1)
+			go func() { doneA <- e.do("POST", "/v1/channels/room/messages", `{"data":"A"}`, "Idempotency-Key", "k1") }()
+			select {
+			case <-hold.Hit():
+			case <-time.After(10 * time.Second):
+				t.Fatal("A's append never reached Redis")
+			}
+			// A's claim expires while A runs.
+			claims, err := e.rdb.Keys(t.Context(), e.keys.Prefix+":{k:*").Result()
+			if err != nil || len(claims) != 1 {
+				t.Fatalf("claim keys %v, %v: want A's one", claims, err)
+			}
+			e.rdb.Del(t.Context(), claims[0])
+			var wB *httptest.ResponseRecorder
+			if taken {
+				wB = e.do("POST", "/v1/channels/room/messages", `{"data":"B"}`, "Idempotency-Key", "k1")
+				expectStatus(t, wB, 202)
+			}
+			hold.Release()
+			wA := <-doneA
+			expectStatus(t, wA, 202)
+
+			if !taken {
+				w := e.do("POST", "/v1/channels/room/messages", `{"data":"A"}`, "Idempotency-Key", "k1")
+				expectStatus(t, w, 202)
+				if w.Header().Get("Idempotent-Replayed") != "true" || w.Body.String() != wA.Body.String() {
+					t.Fatalf("A's retry: %s (replayed %q), want A's reply %s replayed", w.Body, w.Header().Get("Idempotent-Replayed"), wA.Body)
+				}
+				if l := logs.Lines(t, "idempotency key claimed again before the reply was saved"); len(l) != 0 {
+					t.Errorf("logged a key claimed again with no other request: %v", l)
+				}
+				return
+			}
+			// B's key keeps B's reply: B's retry is answered with it, and
+			// A's retry, another body under B's key, is 422.
+			w := e.do("POST", "/v1/channels/room/messages", `{"data":"B"}`, "Idempotency-Key", "k1")
+			expectStatus(t, w, 202)
+			if w.Header().Get("Idempotent-Replayed") != "true" || w.Body.String() != wB.Body.String() {
+				t.Fatalf("B's retry: %s (replayed %q), want B's reply %s replayed (A's was %s)", w.Body, w.Header().Get("Idempotent-Replayed"), wB.Body, wA.Body)
+			}
+			expectStatus(t, e.do("POST", "/v1/channels/room/messages", `{"data":"A"}`, "Idempotency-Key", "k1"), 422)
+			if n := e.xlen("room"); n != 2 {
+				t.Errorf("XLEN = %d, want 2 (A and B, each once)", n)
+			}
+			l := logs.Lines(t, "idempotency key claimed again before the reply was saved")
+			if len(l) != 1 || l[0]["level"] != "WARN" || l[0]["key"] != claims[0] {
+				t.Errorf("want one WARN naming the key %s, got %v", claims[0], l)
+			}
+		})
+	}
 }
