@@ -11,6 +11,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -66,6 +67,11 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// application. Redis answered, and will answer the same to a
 		// retry: not an outage.
 		s.log.Error("redis key of the wrong type", "method", c.Request.Method, "route", c.FullPath(), "err", err.Error())
+		ae = errf(500, "internal", "internal error")
+	case errors.Is(err, registry.ErrCorruptRecord):
+		// A connection record no egress wrote: the same kind of fault
+		// as a key of the wrong type, and the same answer to a retry.
+		s.log.Error("corrupt connection record", "method", c.Request.Method, "route", c.FullPath(), "err", err.Error())
 		ae = errf(500, "internal", "internal error")
 	case errors.Is(err, context.Canceled):
 		// net/http cancels a request's context when its connection ends:

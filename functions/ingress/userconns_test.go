@@ -166,3 +166,54 @@ func TestUserDisconnectMany(t *testing.T) {
 		t.Fatalf("%d commands in the inboxes, want %d", total, n)
 	}
 }
+
+// TestCorruptConnectionRecord: a connection record no egress wrote (not
+// JSON, or without its id or instance: an operator's write, another
+// application under the prefix) is not a Redis outage. Reading, sending
+// to or disconnecting that connection answers 500 internal, which no
+// retry mends, with an error line; the user's list leaves it out, and
+// nothing is written to any inbox.
+func TestCorruptConnectionRecord(t *testing.T) {
+	t.Parallel()
+	for name, val := range map[string]string{
+		"not JSON":    "not json",
+		"no instance": `{"id":"c1","user":"bob","channels":[]}`,
+		"no id":       `{"user":"bob","instance":"inst-a","channels":[]}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			e, logs := newSecEnv(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			t.Cleanup(e.srv.Close)
+			ctx := t.Context()
+			e.register("c1", "bob", "inst-a")
+			if err := e.rdb.Set(ctx, e.keys.Conn("c1"), val, time.Minute).Err(); err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range [][3]string{
+				{"GET", "/v1/connections/c1", ""},
+				{"POST", "/v1/connections/c1/messages", `{"data":1}`},
+				{"DELETE", "/v1/connections/c1", ""},
+			} {
+				w := e.do(r[0], r[1], r[2])
+				expectError(t, w, 500, "internal")
+				if ra := w.Header().Get("Retry-After"); ra != "" {
+					t.Errorf("%s %s: Retry-After %q on a fault no retry mends", r[0], r[1], ra)
+				}
+			}
+			if l := logs.Lines(t, "corrupt connection record"); len(l) != 3 || l[0]["level"] != "ERROR" {
+				t.Errorf("want 3 ERROR lines, one per request, got %v", l)
+			}
+			if l := logs.Lines(t, "redis unavailable"); len(l) != 0 {
+				t.Errorf("a corrupt record was logged as an outage: %v", l)
+			}
+			w := e.do("GET", "/v1/users/bob/connections", "")
+			expectStatus(t, w, 200)
+			if !strings.Contains(w.Body.String(), `"connections":[]`) {
+				t.Errorf("user list holds the corrupt record: %s", w.Body)
+			}
+			if es := e.inbox("inst-a"); len(es) != 0 {
+				t.Errorf("inst-a's inbox has %d entries, want none", len(es))
+			}
+		})
+	}
+}

@@ -194,9 +194,28 @@ func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 	if err != nil {
 		return nil, fmt.Errorf("registry get: %w", err)
 	}
+	rec, err := decodeRecord(b)
+	if err != nil {
+		return nil, fmt.Errorf("registry get %s: %w", id, err)
+	}
+	return rec, nil
+}
+
+// ErrCorruptRecord is a connection record that no egress wrote: not
+// JSON, or without the connection's id or instance (an operator's write,
+// another application under the key prefix). Redis will return it again
+// until it expires or is deleted, so it is not an outage. The reads of a
+// user's or a channel's connections leave such records out.
+var ErrCorruptRecord = errors.New("registry: corrupt connection record")
+
+// decodeRecord decodes a record read back, or returns ErrCorruptRecord.
+func decodeRecord(b []byte) (*Record, error) {
 	var rec Record
 	if err := json.Unmarshal(b, &rec); err != nil {
-		return nil, fmt.Errorf("registry get %s: %w", id, err)
+		return nil, fmt.Errorf("%w: %v", ErrCorruptRecord, err)
+	}
+	if rec.ID == "" || rec.Instance == "" {
+		return nil, fmt.Errorf("%w: no id or instance", ErrCorruptRecord)
 	}
 	rec.fill()
 	return &rec, nil
@@ -306,10 +325,8 @@ func (r *Registry) records(ctx context.Context, ids []string) ([]*Record, error)
 			// and never delivered to that connection.
 			return nil, fmt.Errorf("registry members: %w", err)
 		}
-		var rec Record
-		if json.Unmarshal(b, &rec) == nil {
-			rec.fill()
-			out = append(out, &rec)
+		if rec, err := decodeRecord(b); err == nil {
+			out = append(out, rec)
 		}
 	}
 	return out, nil
