@@ -588,6 +588,12 @@ const clientJSCases = `(async () => {
       // the browser could only retry for ever (Go: a final RefusedError).
       ["", { user: "ada lovelace" }, "user"],
       ["", { user: ".." }, "user"],
+      // A pair Go's query parser (the egress's) drops: refused with 400.
+      ["?user=a;b", {}, "user parameter is malformed"],
+      ["?user=%zz", {}, "user parameter is malformed"],
+      ["?x=1&token=a;b", {}, "token parameter is malformed"],
+      ["?x=1;channels=a", {}, "channels parameter is malformed"],
+      ["?us%65r=%", {}, "user parameter is malformed"],
     ];
     const wrong = [];
     sockets.length = 0;
@@ -609,6 +615,9 @@ const clientJSCases = `(async () => {
       [base + "?user=bob", {}, base + "?user=bob"],
       [base + "?x=1", { user: "ada" }, base + "?x=1&user=ada"],
       [base + "?token=tok", {}, base + "?token=tok"],
+      [base + "?z=1;2&y=%", {}, base + "?z=1;2&y=%"],
+      [base + "?z=1;2&y=%", { user: "a@b" }, base + "?z=1;2&y=%&user=a%40b"],
+      [base + "?", { user: "ada" }, base + "?user=ada"],
       [base + "?user=bob", { token: "t" }, base + "?user=bob"],
       ["/ws?user=bob", {}, "ws://" + location.host + "/ws?user=bob"],
     ];

@@ -38,6 +38,7 @@ import (
 	chanpkg "github.com/wsrelay/wsrelay/shared/channel"
 	"github.com/wsrelay/wsrelay/shared/internal/retry"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/query"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -440,7 +441,7 @@ func newClient(opts Options) (*Client, error) {
 	if err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
 		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
 	}
-	if err := checkQuery(u.Query(), opts); err != nil {
+	if err := checkQuery(u.RawQuery, u.Query(), opts); err != nil {
 		return nil, err
 	}
 	if opts.Token != "" && !sendableToken(opts.Token) {
@@ -880,7 +881,14 @@ func sendableToken(t string) bool {
 // token before the subprotocol, and User replaces the query's user), or a
 // token or user given twice, which the egress refuses with 400 on every
 // dial.
-func checkQuery(q url.Values, opts Options) error {
+func checkQuery(rawQuery string, q url.Values, opts Options) error {
+	// Go's parser drops a pair with a ';' or a bad %-escape, so the checks
+	// below would not see it; the egress refuses it (400) on every dial.
+	for _, name := range []string{"channels", "token", "user"} {
+		if query.Malformed(rawQuery, name) {
+			return fmt.Errorf("client: the URL's %s parameter is malformed (a ';' or a bad %%-escape): the egress refuses it (400)", name)
+		}
+	}
 	if q.Has("channels") {
 		return errors.New("client: the URL has a channels parameter: call Subscribe for each channel instead " +
 			"(the client resumes its subscriptions across reconnects; the server's own subscriptions of the URL's channels are not delivered)")
@@ -900,13 +908,20 @@ func checkQuery(q url.Values, opts Options) error {
 	return nil
 }
 
+// dialURL is the URL as given, with User's user parameter added: the
+// rest of the query is sent as written, not as Go's parser would
+// re-encode it (which drops the pairs it cannot parse).
 func (c *Client) dialURL() string {
-	u, _ := url.Parse(c.opts.URL)
-	q := u.Query()
-	if c.opts.User != "" {
-		q.Set("user", c.opts.User)
+	if c.opts.User == "" {
+		return c.opts.URL
 	}
-	u.RawQuery = q.Encode()
+	u, _ := url.Parse(c.opts.URL)
+	user := "user=" + url.QueryEscape(c.opts.User)
+	if u.RawQuery == "" {
+		u.RawQuery = user
+	} else {
+		u.RawQuery += "&" + user
+	}
 	return u.String()
 }
 

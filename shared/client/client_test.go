@@ -670,9 +670,11 @@ func TestUnsendableToken(t *testing.T) {
 // Subscribe of the same channel would be refused already_subscribed, and
 // each reconnect would start the channel over. A token= beside Token or
 // GetToken would be used instead of the client's (fresh) token, a user=
-// beside User would be replaced, and a repeated token= or user= is
+// beside User would be replaced, and a repeated or malformed (a ';' or a
+// bad %-escape, which Go's parser drops) token=, user= or channels= is
 // refused by the egress with 400 on every dial. What does not conflict
-// is kept: user= (anonymous mode) or token= alone, and other parameters.
+// is sent as written: user= (anonymous mode) or token= alone, and other
+// parameters, User's user= added after them.
 func TestURLQuery(t *testing.T) {
 	// queries starts a server that reports the query of each upgrade.
 	queries := func(t *testing.T) (url string, got <-chan string) {
@@ -698,7 +700,14 @@ func TestURLQuery(t *testing.T) {
 		{"same user beside User", "?user=ada", Options{User: "ada"}, "", "user"},
 		{"repeated user", "?user=a&user=b", Options{}, "", "user"},
 		{"user alone", "?user=bob", Options{}, "user=bob", ""},
-		{"User", "?x=1", Options{User: "ada"}, "user=ada&x=1", ""},
+		{"User", "?x=1", Options{User: "ada"}, "x=1&user=ada", ""},
+		{"User with an escape", "", Options{User: "a+b"}, "user=a%2Bb", ""},
+		{"malformed user", "?user=a;b", Options{}, "", "user parameter is malformed"},
+		{"malformed user escape", "?user=%zz", Options{}, "", "user parameter is malformed"},
+		{"malformed token", "?x=1&token=a;b", Options{}, "", "token parameter is malformed"},
+		{"malformed channels", "?channels=a;b", Options{}, "", "channels parameter is malformed"},
+		{"others as written", "?b=2&a=%41&z=1;2", Options{}, "b=2&a=%41&z=1;2", ""},
+		{"others as written beside User", "?b=2&a=%41&z=1;2", Options{User: "ada"}, "b=2&a=%41&z=1;2&user=ada", ""},
 		{"token alone", "?token=tok", Options{}, "token=tok", ""},
 		{"user beside Token", "?user=bob", Options{Token: "tok"}, "user=bob", ""},
 	} {

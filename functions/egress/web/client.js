@@ -134,13 +134,27 @@ export function compareIds(a, b) {
  * subscribe() of them is answered already_subscribed; no resume position
  * either), a token or user that would override the options' (the server
  * reads the query's token before the subprotocol), or a token or user
- * given twice, which the egress refuses with 400 on every dial.
+ * given twice, or a user, token or channels with a ";" or a bad
+ * %-escape, which the egress refuses with 400 on every dial.
  */
 function dialUrl(url, opts) {
   const u = new URL(url, globalThis.location?.href); // TypeError if malformed
   if (u.protocol === "http:") u.protocol = "ws:";
   if (u.protocol === "https:") u.protocol = "wss:";
   if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`not a WebSocket URL (want ws:, wss:, http: or https:): ${url}`);
+  // A user, token or channels pair with a ";" or a bad %-escape: the
+  // egress's query parser (Go's) cannot read it, so the egress refuses it
+  // (400) on every dial, which a browser sees only as a close.
+  for (const pair of u.search.slice(1).split("&")) {
+    if (!pair.includes(";") && !/%(?![0-9A-Fa-f]{2})/.test(pair)) continue;
+    for (const part of pair.split(";")) {
+      let k = part.split("=")[0];
+      try { k = decodeURIComponent(k.replace(/\+/g, " ")); } catch { /* the key as written */ }
+      if (k === "user" || k === "token" || k === "channels") {
+        throw new TypeError(`the URL's ${k} parameter is malformed (a ";" or a bad %-escape): the egress refuses it (400)`);
+      }
+    }
+  }
   const q = u.searchParams;
   if (q.has("channels")) {
     throw new TypeError("the URL has a channels parameter: call subscribe() for each channel instead " +
@@ -160,7 +174,9 @@ function dialUrl(url, opts) {
   if (opts.user && (typeof opts.user !== "string" || !USER.test(opts.user))) {
     throw new TypeError(`user is not a user id (1–128 characters [A-Za-z0-9_.:@-], not "." or ".."): ${opts.user}`);
   }
-  if (opts.user) q.set("user", opts.user);
+  // Added at the end, the rest of the query left as written (a
+  // URLSearchParams set would encode it again).
+  if (opts.user) u.search = (u.search.length > 1 ? u.search + "&" : "?") + "user=" + encodeURIComponent(opts.user);
   return u.toString();
 }
 
