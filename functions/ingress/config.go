@@ -110,6 +110,11 @@ const (
 	maxWaitReplicas = 100
 )
 
+// waitMargin is how far below REDIS_TIMEOUT PUBLISH_WAIT_TIMEOUT must stay
+// with the replica wait on: Redis's timer tick (100 ms at hz 10), then
+// the reply's way back.
+const waitMargin = 200 * time.Millisecond
+
 func loadConfig(getenv func(string) string) (Config, error) {
 	var c Config
 	// The variables that do not parse are at their defaults: the others'
@@ -148,9 +153,12 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.PublishWaitReplicas < 0 {
 		errs = append(errs, errors.New("PUBLISH_WAIT_REPLICAS must not be negative"))
 	}
-	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout < time.Millisecond || c.PublishWaitTimeout >= c.Redis.Timeout) {
-		// WAIT takes whole milliseconds, and WAIT n 0 waits forever.
-		errs = append(errs, errors.New("PUBLISH_WAIT_TIMEOUT must be at least 1ms and below REDIS_TIMEOUT"))
+	if c.PublishWaitReplicas > 0 && (c.PublishWaitTimeout < time.Millisecond || c.PublishWaitTimeout > c.Redis.Timeout-waitMargin) {
+		// WAIT takes whole milliseconds, and WAIT n 0 waits forever. Its
+		// reply must come within REDIS_TIMEOUT (the read deadline of its
+		// pipeline), and Redis answers a WAIT that ran out on its next
+		// timer tick, up to 100 ms late (hz 10).
+		errs = append(errs, fmt.Errorf("PUBLISH_WAIT_TIMEOUT must be at least 1ms and at most REDIS_TIMEOUT less %s (Redis answers a WAIT that ran out up to 100 ms late, and the answer must come within REDIS_TIMEOUT)", waitMargin))
 	} else if c.PublishWaitTimeout < 0 {
 		// Even with the wait off it is part of an Idempotency-Key claim's
 		// expiry (pendingTTL), which a negative value can make invalid.

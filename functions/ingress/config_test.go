@@ -79,6 +79,10 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"braces in the key prefix", map[string]string{"REDIS_KEY_PREFIX": "{app}"}, []string{"REDIS_KEY_PREFIX"}},
 		// WAIT takes milliseconds, and WAIT n 0 waits forever.
 		{"wait timeout under 1ms", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "500us"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
+		// Redis answers a WAIT that ran out up to 100 ms late (its timer
+		// tick), and the answer must come within REDIS_TIMEOUT.
+		{"wait timeout too close to the Redis timeout", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "801ms"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
+		{"Redis timeout too short for the wait", map[string]string{"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "1ms", "REDIS_TIMEOUT": "200ms"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
 		// Off or not, it is part of an Idempotency-Key claim's TTL: a negative
 		// one made every request with a key fail (SET with a negative expiry).
 		{"negative wait timeout with the wait off", map[string]string{"PUBLISH_WAIT_TIMEOUT": "-20s"}, []string{"PUBLISH_WAIT_TIMEOUT"}},
@@ -150,6 +154,22 @@ func TestLoadConfigUpperBounds(t *testing.T) {
 		}
 		if err := load(tc.bad); err == nil || !strings.Contains(err.Error(), tc.name) || !strings.Contains(err.Error(), "at most") {
 			t.Errorf("%s=%s: %v, want an error naming it and its bound", tc.name, tc.bad, err)
+		}
+	}
+}
+
+// TestWaitTimeoutMargin: PUBLISH_WAIT_TIMEOUT may come up to 200 ms
+// below REDIS_TIMEOUT with the wait on (TestLoadConfigErrors has one
+// past it), and is not held to it with the wait off.
+func TestWaitTimeoutMargin(t *testing.T) {
+	t.Parallel()
+	for _, env := range []map[string]string{
+		{"ALLOW_ANONYMOUS": "true", "PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "800ms"},
+		{"ALLOW_ANONYMOUS": "true", "PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT": "1ms", "REDIS_TIMEOUT": "201ms"},
+		{"ALLOW_ANONYMOUS": "true", "PUBLISH_WAIT_TIMEOUT": "5s"},
+	} {
+		if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
+			t.Errorf("%v: %v", env, err)
 		}
 	}
 }

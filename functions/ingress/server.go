@@ -95,8 +95,18 @@ func (s *Server) quiesce() {
 func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
 	store := stream.NewStore(rdb)
 	store.WaitForReplicas(cfg.PublishWaitReplicas, cfg.PublishWaitTimeout)
+	// A pipeline's deadline: REDIS_TIMEOUT, and with the replica wait on,
+	// one PUBLISH_WAIT_TIMEOUT more. Appends that find Redis's script
+	// cache empty (after a restart or a failover) run again in a second
+	// pipeline, with a second WAIT, and WAITs that no replica confirms
+	// each run to PUBLISH_WAIT_TIMEOUT: within one REDIS_TIMEOUT, their
+	// 503 said "Redis cannot be reached" instead of "not confirmed".
+	pipelineTimeout := cfg.Redis.Timeout
+	if cfg.PublishWaitReplicas > 0 {
+		pipelineTimeout += cfg.PublishWaitTimeout
+	}
 	s := &Server{
-		batcher: stream.NewBatcher(store, cfg.Redis.Timeout, 4, 256),
+		batcher: stream.NewBatcher(store, pipelineTimeout, 4, 256),
 		cfg:     cfg,
 		log:     log,
 		rdb:     rdb,
