@@ -129,6 +129,17 @@ func parseURL(s string) (*redis.Options, error) {
 		}
 		return nil, fmt.Errorf("REDIS_URL: %w", err)
 	}
+	// go-redis takes a negative database for 0 (it selects only a
+	// positive one), and a port past 65535 starts, every dial failing.
+	if o.DB < 0 {
+		return nil, errors.New("REDIS_URL: the database number must not be negative")
+	}
+	if o.Network != "unix" {
+		_, p, err := net.SplitHostPort(o.Addr)
+		if n, perr := strconv.Atoi(p); err != nil || perr != nil || n < 1 || n > 65535 {
+			return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
+		}
+	}
 	return o, nil
 }
 

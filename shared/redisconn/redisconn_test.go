@@ -62,6 +62,14 @@ func TestValidate(t *testing.T) {
 		{"cluster port 65535", Config{ClusterAddrs: "h:65535", Timeout: time.Second}, nil, ""},
 		{"cluster empty entry", Config{ClusterAddrs: "a:1,,b:2", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, ""},
 		{"IPv6", Config{URL: "redis://[::1]:6379/0", Timeout: time.Second}, nil, ""},
+		{"no port", Config{URL: "redis://h/3", Timeout: time.Second}, nil, ""},
+		// go-redis takes a negative database for 0 (the startup line said
+		// -1), and a port past 65535 started with every dial failing.
+		{"negative database", Config{URL: "redis://:s3cret@h:6379/-1", Timeout: time.Second}, []string{"REDIS_URL", "database"}, "s3cret"},
+		{"negative database as a parameter", Config{URL: "redis://h:6379?db=-5", Timeout: time.Second}, []string{"REDIS_URL", "database"}, ""},
+		{"port above 65535", Config{URL: "redis://:s3cret@h:99999/0", Timeout: time.Second}, []string{"REDIS_URL", "port"}, "s3cret"},
+		{"port 0", Config{URL: "rediss://h:0/0", Timeout: time.Second}, []string{"REDIS_URL", "port"}, ""},
+		{"port 65535", Config{URL: "redis://h:65535/0", Timeout: time.Second}, nil, ""},
 		{"unix socket", Config{URL: "unix:///run/redis.sock?db=2", Timeout: time.Second}, nil, ""},
 		// Options that REDIS_TIMEOUT and REDIS_POOL_SIZE set: go-redis
 		// takes them, and New overrode them without a word.
