@@ -22,8 +22,20 @@ type Config struct {
 
 // New returns a logger writing to w, tagged with the function's name.
 func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
+	// The four names only: slog's own parser also takes offsets
+	// ("info+4", which is warn) that the startup line would then report
+	// as given.
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(c.Level)); err != nil {
+	switch strings.ToLower(c.Level) {
+	case "debug":
+		lvl = slog.LevelDebug
+	case "info":
+		lvl = slog.LevelInfo
+	case "warn":
+		lvl = slog.LevelWarn
+	case "error":
+		lvl = slog.LevelError
+	default:
 		return nil, fmt.Errorf("LOG_LEVEL: %q is not debug, info, warn or error", c.Level)
 	}
 	opts := &slog.HandlerOptions{Level: lvl}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -114,5 +116,27 @@ func TestServerErrorLog(t *testing.T) {
 	}
 	if !maps.Equal(got, want) {
 		t.Errorf("levels by message %v, want %v", got, want)
+	}
+}
+
+// TestLevels: LOG_LEVEL is one of the four names (any case) and nothing
+// else: slog's parser also takes offsets such as "info+4" (which is
+// warn), empty, or a number, which the startup line would report as
+// given.
+func TestLevels(t *testing.T) {
+	for v, want := range map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "WARN": slog.LevelWarn, "Error": slog.LevelError} {
+		log, err := New(Config{Level: v}, io.Discard, "ingress")
+		if err != nil {
+			t.Errorf("%q: %v", v, err)
+			continue
+		}
+		if !log.Enabled(context.Background(), want) || log.Enabled(context.Background(), want-1) {
+			t.Errorf("%q: not at level %v", v, want)
+		}
+	}
+	for _, v := range []string{"", "info+4", "warn-1", "8", "warning", "trace", " info"} {
+		if _, err := New(Config{Level: v}, io.Discard, "ingress"); err == nil || !strings.Contains(err.Error(), "LOG_LEVEL") {
+			t.Errorf("%q accepted (%v)", v, err)
+		}
 	}
 }
