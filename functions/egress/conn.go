@@ -106,10 +106,18 @@ type conn struct {
 // after it (never once c is closing), for a producer that paces itself
 // by the queue (pacer).
 func (c *conn) enqueue(q *queued) (backlogged bool) {
+	_, backlogged = c.offer(q)
+	return backlogged
+}
+
+// offer is enqueue, also reporting whether q was queued: not when c is
+// closing (the server began its close: the queue is dropped) or q found
+// its queue full.
+func (c *conn) offer(q *queued) (queued, backlogged bool) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
-		return false
+		return false, false
 	}
 	if len(c.queue) >= c.s.cfg.SendQueue {
 		c.mu.Unlock()
@@ -117,13 +125,13 @@ func (c *conn) enqueue(q *queued) (backlogged bool) {
 		// marks the conn closing, so this happens once per connection;
 		// logEnd counts it.
 		c.closeWith(protocol.CloseSlowConsumer, "slow consumer: resume from your last id", true)
-		return false
+		return false, false
 	}
 	c.queue = append(c.queue, q)
 	c.startWriterLocked()
 	backlogged = !c.roomLocked()
 	c.mu.Unlock()
-	return backlogged
+	return true, backlogged
 }
 
 // roomLocked reports whether c's queue is less than half full, the room

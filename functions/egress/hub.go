@@ -957,7 +957,15 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			h.undelivered.Add(1)
 			break
 		}
-		if c.enqueue(q) && backlog != nil {
+		// A connection the server is closing (a disconnect, its
+		// lifetime, a drain) is held, and listed in the registry, until
+		// its client answers the close: what reaches it meanwhile is
+		// not delivered, and counted so.
+		queued, backlogged := c.offer(q)
+		if !queued {
+			h.undelivered.Add(1)
+		}
+		if backlogged && backlog != nil {
 			*backlog = append(*backlog, c)
 		}
 	case stream.RouteUser:
@@ -967,13 +975,16 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			targets = append(targets, c)
 		}
 		h.mu.Unlock()
-		if len(targets) == 0 {
-			h.undelivered.Add(1)
-		}
+		delivered := false
 		for _, c := range targets {
-			if c.enqueue(q) && backlog != nil {
+			queued, backlogged := c.offer(q)
+			delivered = delivered || queued
+			if backlogged && backlog != nil {
 				*backlog = append(*backlog, c)
 			}
+		}
+		if !delivered {
+			h.undelivered.Add(1)
 		}
 	case stream.RouteDisconnect:
 		h.mu.Lock()

@@ -527,6 +527,49 @@ func TestTargetedUndeliveredCounted(t *testing.T) {
 	}
 }
 
+// TestTargetedToClosingCounted: a connection the server is closing (an
+// operator's disconnect, 4003, which its client has not answered) is
+// still held, and still listed in the registry, until the close ends;
+// targeted messages that reach it meanwhile are dropped with its queue,
+// and counted like those for a connection already gone. A user's message
+// is counted only when none of the user's connections took it.
+func TestTargetedToClosingCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	// gone's client does not read, so it never answers the close.
+	gone, _, err := e.dial(t, url.Values{"user": {"gone"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goneID := next(t, gone, "welcome").ConnectionID
+	live, _, err := e.dial(t, url.Values{"user": {"live"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveID := next(t, live, "welcome").ConnectionID
+	if _, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+		Msg: stream.Message{Route: stream.Disconnect(goneID), TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}}}); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		for _, c := range e.s.hub.snapshotConns() {
+			if c.id == goneID && c.isClosing() {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not closing", goneID)
+	})
+	if v := undeliveredAfter(t, rdb, ks, e, live, stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("live"), stream.ToConnection(liveID)); v != "2" {
+		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 2", v)
+	}
+	if c := e.s.hub.snapshotConns(); len(c) != 2 {
+		t.Fatalf("%d connections held, want 2: the closing one must still be held for this test to mean anything", len(c))
+	}
+}
+
 // undeliveredAfter appends a message to e's inbox for each route, the
 // last of which must reach live, waits for it there (the inbox was read
 // through), and returns wsrelay_egress_targeted_undelivered_total.
