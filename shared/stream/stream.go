@@ -4,9 +4,9 @@
 // script that, atomically on the channel's slot: reads the id of the
 // stream's last entry (prev, cached in the keys.Last key), XADDs the
 // message with a Redis-assigned id and records it as the new last id,
-// trims by count and by age (approximately, so trimming stays O(1)
-// amortised and never blocks publishing; by age and the TTL refresh below
-// once per second of the stream's traffic), refreshes the stream's TTL, and
+// trims by count (approximately, whole stream nodes, so that it stays
+// O(1) amortised) and by age (exactly; with the TTL refresh below, once
+// per second of the stream's traffic), refreshes the stream's TTL, and
 // SPUBLISHes a notification "prev\nid\nts\nroute\nframe" on the channel's
 // shard Pub/Sub channel. Egress instances subscribe only to the shard
 // channels their sockets need; prev lets them see a gap (a notification
@@ -134,7 +134,12 @@ ms, pms = tonumber(ms), tonumber(pms)
 if created or math.floor(ms / 1000) ~= math.floor(pms / 1000) then
   local maxage = tonumber(ARGV[6])
   if maxage > 0 and ms > maxage then
-    redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - maxage))
+    -- Exactly: '~' keeps every entry of a node that also holds a young
+    -- one (a quiet channel kept messages many times maxage old, as long
+    -- as its node took to fill) and removes at most 10,000 a call.
+    -- Whole nodes go as cheaply either way; exact adds at most one
+    -- node's entries, once a second.
+    redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f', ms - maxage))
   end
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[1], ARGV[7])
