@@ -100,18 +100,30 @@ func BenchmarkEntryJSON(b *testing.B) {
 }
 
 // BenchmarkAppend is one publish's round trip to Redis (the Lua script),
-// one append per call and in pipelines of 16.
+// one append per call and in pipelines of 16; "age=1s" appends to streams
+// whose entries turn too old a second after they are written, so that
+// every second's first append trims the second before it (by age alone,
+// no count limit).
 func BenchmarkAppend(b *testing.B) {
 	rdb, prefix := redistest.Client(b)
 	ks := keys.Scheme{Prefix: prefix}
 	s := NewStore(rdb)
 	ctx := context.Background()
-	for _, n := range []int{1, 16} {
-		b.Run("batch="+strconv.Itoa(n), func(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		n    int
+		lim  Limits
+	}{
+		{"batch=1", 1, Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000}},
+		{"batch=16", 16, Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000}},
+		{"batch=16,age=1s", 16, Limits{MaxAgeMS: 1000, TTLMS: 86400000}},
+	} {
+		n := bc.n
+		b.Run(bc.name, func(b *testing.B) {
 			as := make([]Append, n)
 			for i := range as {
-				ch := "bench" + strconv.Itoa(i)
-				as[i] = Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Limits: Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000},
+				ch := "bench" + strconv.Itoa(i) + bc.name
+				as[i] = Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Limits: bc.lim,
 					Msg: Message{Channel: ch, TS: 1700000000000, Data: benchData}}
 			}
 			b.ReportAllocs()
