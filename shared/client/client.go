@@ -315,6 +315,13 @@ type Handler struct {
 	// (they were trimmed from the stream) and the application should
 	// reload its state.
 	OnSubscribed func(recovered bool)
+	// OnDuplicate, when set, is called instead of OnMessage for a message
+	// the client drops because its id is not above the last one delivered
+	// on the subscription: the server sent it twice or out of order,
+	// which it never should (docs/protocol.md, Ordering and delivery).
+	// For an application's logs or metrics, and for tools that check
+	// the server's delivery.
+	OnDuplicate func(m Message, last string)
 	// OnError receives the server's refusals of this subscription
 	// (forbidden, invalid_channel, too_many_subscriptions, …). A refused
 	// subscription stays registered and is retried on the next connection,
@@ -1150,8 +1157,16 @@ func (c *Client) dispatch(data []byte) bool {
 		id, ok := stream.ParseID(m.ID)
 		c.mu.Lock()
 		s := c.subs[m.Channel]
-		if s == nil || !s.live || !ok || (s.hasLast && id.Compare(s.last) <= 0) {
-			c.mu.Unlock() // unsubscribed, an earlier subscription's, or a duplicate
+		if s == nil || !s.live || !ok {
+			c.mu.Unlock() // unsubscribed, or an earlier subscription's
+			return false
+		}
+		if s.hasLast && id.Compare(s.last) <= 0 {
+			last := s.last.String()
+			c.mu.Unlock()
+			if s.h.OnDuplicate != nil {
+				s.h.OnDuplicate(m, last)
+			}
 			return false
 		}
 		s.last, s.hasLast = id, true

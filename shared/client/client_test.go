@@ -59,6 +59,58 @@ func write(t *testing.T, ws *websocket.Conn, frame string) {
 	}
 }
 
+// TestDuplicatesReported: a message whose id is not above the last one
+// delivered on its subscription (the server sent it again, or out of
+// order) is dropped, not handed to OnMessage, and reported to
+// OnDuplicate with the id the subscription held; the messages after it
+// are delivered as before.
+func TestDuplicatesReported(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+		for _, id := range []string{"2-0", "3-0", "3-0", "2-0", "1-0", "4-0"} {
+			write(t, ws, `{"type":"message","channel":"a","id":"`+id+`","ts":1,"data":0}`)
+		}
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var mu sync.Mutex
+	var got, dups []string
+	done := make(chan struct{})
+	if _, err := c.Subscribe("a", Handler{
+		OnMessage: func(m Message) {
+			mu.Lock()
+			defer mu.Unlock()
+			got = append(got, m.ID)
+			if m.ID == "4-0" {
+				close(done)
+			}
+		},
+		OnDuplicate: func(m Message, last string) {
+			mu.Lock()
+			defer mu.Unlock()
+			dups = append(dups, m.ID+"<="+last)
+		},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("4-0 never delivered")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if strings.Join(got, " ") != "2-0 3-0 4-0" || strings.Join(dups, " ") != "3-0<=3-0 2-0<=3-0 1-0<=3-0" {
+		t.Fatalf("delivered %v, reported %v; want [2-0 3-0 4-0] and [3-0<=3-0 2-0<=3-0 1-0<=3-0]", got, dups)
+	}
+}
+
 // TestResubscribeIgnoresEarlierFrames: a channel unsubscribed and
 // subscribed again at once, after its last id, while a message of the
 // earlier subscription is still on the wire. That message and the earlier

@@ -98,6 +98,10 @@ type Chain struct {
 	// closed: unsubscribed, or its client left. Messages after its last
 	// event are not owed (they may have been on their way when it ended).
 	closed bool
+	// dups are the messages the client dropped as not after the last it
+	// delivered (Handler.OnDuplicate): the server sent them twice or out
+	// of order. The client never hands them on, so only this sees them.
+	dups []string
 }
 
 // event is a message, or a subscribed reply with the position the
@@ -126,7 +130,7 @@ func (c *Chain) Channel() string { return c.channel }
 // the chain has no current subscription.
 func (c *Chain) Subscribe(cl *client.Client, after string) (*client.Subscription, error) {
 	c.sub.Store(nil) // so that the new one's subscribed reply waits for it
-	s, err := cl.Subscribe(c.channel, client.Handler{After: after, OnMessage: c.onMessage, OnSubscribed: c.onSubscribed})
+	s, err := cl.Subscribe(c.channel, client.Handler{After: after, OnMessage: c.onMessage, OnSubscribed: c.onSubscribed, OnDuplicate: c.onDuplicate})
 	if err != nil {
 		return nil, err
 	}
@@ -155,6 +159,12 @@ func (c *Chain) onMessage(m client.Message) {
 	if c.count != nil {
 		c.count.Add(1)
 	}
+}
+
+func (c *Chain) onDuplicate(m client.Message, last string) {
+	c.mu.Lock()
+	c.dups = append(c.dups, fmt.Sprintf("message %s sent again or out of order after %s (dropped by the client)", m.ID, last))
+	c.mu.Unlock()
 }
 
 func (c *Chain) onSubscribed(recovered bool) {
@@ -211,7 +221,8 @@ func (c *Chain) Messages() int {
 //     position;
 //   - a message whose id is not a stream id;
 //   - a message not after the id the client held: delivered twice, or
-//     out of order; a sequence number delivered twice (a publish
+//     out of order, whether the client handed it on or dropped it
+//     (Handler.OnDuplicate); a sequence number delivered twice (a publish
 //     written twice counts too), or under another id than its
 //     acknowledgement's, or one never published;
 //   - recovered:true that moved the position, or recovered:false whose
@@ -233,6 +244,7 @@ func (c *Chain) Check(l *Log, full bool) (problems, gaps []string) {
 	c.mu.Lock()
 	events := slices.Clone(c.events)
 	closed := c.closed
+	dups := slices.Clone(c.dups)
 	c.mu.Unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -308,6 +320,7 @@ func (c *Chain) Check(l *Log, full bool) (problems, gaps []string) {
 			bad("message %s carries seq %d, which was never published", ev.id, ev.seq)
 		}
 	}
+	problems = append(problems, dups...)
 	if !full {
 		problems = problems[:0]
 	}

@@ -1,11 +1,21 @@
 package delivery
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
+	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/client"
 	"github.com/wsrelay/wsrelay/shared/stream"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func id(ms uint64) stream.ID { return stream.ID{MS: ms} }
@@ -47,11 +57,21 @@ func TestCheck(t *testing.T) {
 		log      *Log // five when nil
 		events   []event
 		closed   bool
+		dups     []string // dropped by the client (Handler.OnDuplicate)
 		notFull  bool
 		want     []string // substrings of the problems, in order
 		wantGaps int
 	}{
 		{name: "whole", events: []event{subscribed(1000, true), msg(0), msg(1), msg(2), msg(3), msg(4)}},
+		// The client drops a duplicate before the chain sees it as a
+		// message: only its report shows it.
+		{name: "duplicate the client dropped",
+			events: []event{subscribed(1000, true), msg(0), msg(1), msg(2), msg(3), msg(4)},
+			dups:   []string{"message 1002-0 sent again or out of order after 1003-0 (dropped by the client)"},
+			want:   []string{"1002-0 sent again or out of order"}},
+		{name: "not full: no duplicate the client dropped",
+			events: []event{subscribed(1000, true), msg(0), msg(1), msg(2), msg(3), msg(4)}, notFull: true,
+			dups: []string{"message 1002-0 sent again or out of order after 1003-0 (dropped by the client)"}},
 		{name: "gap and duplicate",
 			events: []event{subscribed(1000, true), msg(0), msg(1), msg(3), msg(3), msg(4)},
 			want:   []string{"duplicate or out of order", "seq 3 delivered twice", "1 acknowledged messages of 5 owed not delivered, the first seq 2"}},
@@ -105,7 +125,7 @@ func TestCheck(t *testing.T) {
 			if l == nil {
 				l = five
 			}
-			ch := &Chain{channel: "x", events: c.events, closed: c.closed}
+			ch := &Chain{channel: "x", events: c.events, closed: c.closed, dups: c.dups}
 			problems, gaps := ch.Check(l, !c.notFull)
 			if len(problems) != len(c.want) {
 				t.Fatalf("problems %q, want %d like %q", problems, len(c.want), c.want)
@@ -132,5 +152,55 @@ func TestLogAck(t *testing.T) {
 	l.Fail(1, errors.New("timed out"))
 	if l.Acked() != 0 || len(l.Failed()) != 1 {
 		t.Fatalf("acked %d, failed %v", l.Acked(), l.Failed())
+	}
+}
+
+// TestChainSeesDroppedDuplicates: through a real client, a message the
+// server sends twice, or out of order, never reaches the chain as a
+// message (the client drops it), yet the chain's Check reports it.
+func TestChainSeesDroppedDuplicates(t *testing.T) {
+	var wg sync.WaitGroup
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		wg.Add(1)
+		defer wg.Done()
+		ws, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.Close()
+		send := func(f string) { _ = ws.WriteMessage(websocket.TextMessage, []byte(f)) }
+		send(`{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		var sub struct{ Ref json.RawMessage }
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, b, err := ws.ReadMessage(); err != nil || json.Unmarshal(b, &sub) != nil {
+			return
+		}
+		send(`{"type":"subscribed","channel":"a","position":"1000-0","ref":` + string(sub.Ref) + `}`)
+		for i, ms := range []int{1001, 1002, 1002, 1001} {
+			send(fmt.Sprintf(`{"type":"message","channel":"a","id":"%d-0","ts":1,"data":{"seq":%d}}`, ms, min(i, 1)))
+		}
+		_, _, _ = ws.ReadMessage() // until the client closes
+	}))
+	t.Cleanup(func() { srv.CloseClientConnections(); srv.Close(); wg.Wait() })
+	cl, err := client.Dial(client.Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ch := NewChain("a", nil)
+	if _, err := ch.Subscribe(cl, ""); err != nil {
+		t.Fatal(err)
+	}
+	l := published(t, 2)
+	var problems []string
+	testkit.Eventually(t, 5*time.Second, func() error {
+		problems, _ = ch.Check(l, true)
+		if len(problems) != 2 {
+			return fmt.Errorf("problems %q, want the two dropped messages", problems)
+		}
+		return nil
+	})
+	if ch.Messages() != 2 || !strings.Contains(problems[0], "1002-0 sent again") || !strings.Contains(problems[1], "1001-0 sent again") {
+		t.Fatalf("%d messages, problems %q", ch.Messages(), problems)
 	}
 }
