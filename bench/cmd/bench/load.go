@@ -235,6 +235,11 @@ func dialMany(ctx context.Context, sys *sut, n int, chOf func(int) string, total
 		})
 	}
 	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		// Stopped part-way (a signal, the run's deadline): subs has
+		// holes, which the callers would dereference.
+		first = fmt.Errorf("dialling subscribers: %w", ctx.Err())
+	}
 	if first != nil {
 		closeAll(subs)
 		return nil, first

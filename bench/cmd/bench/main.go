@@ -47,6 +47,8 @@ var rows = []row{
 	{"S1r same rate", "p50 ms", "", "", 1},
 	{"S1r same rate", "p99 ms", "", "", 1},
 	{"S1r same rate", "lost", "0", "", 0},
+	{"S1r same rate", "dup", "0", "", 0},
+	{"S1r same rate", "stray", "0", "", 0},
 	{"S2 N channels×1", "deliver/s", "≥ 16.4k", "10.9k", 0},
 	{"S2 N channels×1", "p50 ms", "", "1.3", 2},
 	{"S2 N channels×1", "p99 ms", "≤ 5", "5.1", 2},
