@@ -31,6 +31,7 @@ type clusterEgress struct {
 	srv   *httptest.Server
 	ks    keys.Scheme
 	store *stream.Store
+	logs  *testkit.SyncBuffer // its log, JSON from INFO up; in the test's output if it fails
 }
 
 func startClusterEgress(t *testing.T, rdb *redis.ClusterClient, addrs string) *clusterEgress {
@@ -53,10 +54,40 @@ func startClusterEgressWith(t *testing.T, rdb *redis.ClusterClient, addrs string
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	t.Cleanup(func() { redistest.Cleanup(rdb, prefix) }) // after the server stops
+	logs := &testkit.SyncBuffer{}
+	log := slog.New(slog.NewJSONHandler(logs, nil))
+	t.Cleanup(func() {
+		redistest.Cleanup(rdb, prefix) // after the server stops
+		if t.Failed() {
+			t.Logf("egress log:\n%s", logs.String())
+		}
+	})
 	srv, _ := startEgress(t, NewServer(cfg, log, rdb))
-	return &clusterEgress{srv: srv, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb)}
+	return &clusterEgress{srv: srv, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb), logs: logs}
+}
+
+// episodesEnded fails t unless every node whose Pub/Sub outage the egress
+// logged ("redis subscription error") has its end logged too ("redis
+// subscription back"), within d.
+func (e *clusterEgress) episodesEnded(t *testing.T, d time.Duration) {
+	t.Helper()
+	testkit.Eventually(t, d, func() error {
+		open := map[any]int{}
+		for _, l := range e.logs.JSONLines(t) {
+			switch l["msg"] {
+			case "redis subscription error":
+				open[l["node"]]++
+			case "redis subscription back":
+				open[l["node"]]--
+			}
+		}
+		for node, n := range open {
+			if n != 0 {
+				return fmt.Errorf("node %v: %d outages logged without their end", node, n)
+			}
+		}
+		return nil
+	})
 }
 
 // clusterPublisher publishes to each of its channels from a goroutine of its
@@ -345,6 +376,12 @@ func testClusterFailover(t *testing.T, waitReplicas bool) {
 	final, retries := pub.stop()
 	t.Logf("acknowledged per channel: %d (victim %s), publish retries: %d", len(final[chans[1]]), victim, retries)
 	col.check(t, final, 20*time.Second)
+	// The dead master's outage ends too, though nothing reads from it
+	// again: its channels are on the promoted replica, another address.
+	e.episodesEnded(t, 10*time.Second)
+	if len(e.logs.Lines(t, "redis subscription error")) == 0 {
+		t.Error("no redis subscription error logged for the stopped master: the check above proved nothing")
+	}
 }
 
 // waitReplicaSynced polls until every replica of the master at addr has

@@ -251,6 +251,7 @@ func (s *subscriber) Reconnect(ctx context.Context, channel string) {
 	for _, ch := range again {
 		_ = s.placeLocked(ctx, ch)
 	}
+	s.endGoneLocked()
 }
 
 // Close closes every connection and waits for the goroutines. It is
@@ -370,6 +371,35 @@ func (s *subscriber) dropEmptyLocked() {
 			delete(s.nodes, addr)
 		}
 	}
+	s.endGoneLocked()
+}
+
+// endGoneLocked ends the outage of each node logged down that the
+// instance no longer has a connection to, once every wanted channel is
+// placed: a failover moved its channels to the promoted replica, or its
+// channels were dropped (their sockets left). Only a read on the node
+// itself ended it before, so after a failover, whose dead master has
+// another address than the new one, the episode never ended.
+func (s *subscriber) endGoneLocked() {
+	if !s.anyDown.Load() {
+		return
+	}
+	for _, n := range s.want {
+		if n == nil {
+			return // not placed yet: the outage goes on
+		}
+	}
+	s.downMu.Lock()
+	defer s.downMu.Unlock()
+	for addr, at := range s.down {
+		if _, ok := s.nodes[addr]; ok {
+			continue
+		}
+		delete(s.down, addr)
+		s.log.Info("redis subscription back", "node", s.nodeName(addr), "down_for", time.Since(at).Round(time.Millisecond).String(),
+			"no_longer_needed", true)
+	}
+	s.anyDown.Store(len(s.down) > 0)
 }
 
 // read is one node's receive loop. go-redis reconnects the connection by
