@@ -270,3 +270,57 @@ func loginBack(t *testing.T, logs *testkit.SyncBuffer) {
 		return nil
 	})
 }
+
+// TestRegistryOutageEndsWithNoSocketLeft: every socket of an instance
+// ends while Redis is down, so their records' removals fail ("registry
+// write failed"). Redis comes back while the instance holds no socket
+// (one socket per instance is SCF's usual case): the outage still ends
+// ("registry writes back"), from the refresh's own check, not only once
+// a new socket registers.
+func TestRegistryOutageEndsWithNoSocketLeft(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": rs.URL(), "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s", "REGISTRY_TTL": "3s"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testkit.SyncBuffer{}
+	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.regFail.Quiet = 200 * time.Millisecond
+	srv, _ := startEgress(t, s)
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?channels=o1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, "subscribed")
+
+	rs.Stop()
+	_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(1000, ""), time.Now().Add(time.Second))
+	closeCode(t, ws, 5*time.Second)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if len(logs.Lines(t, "registry write failed")) == 0 {
+			return fmt.Errorf("no registry write failed yet")
+		}
+		return nil
+	})
+	if n := len(s.hub.snapshotConns()); n != 0 {
+		t.Fatalf("%d connections held, want none", n)
+	}
+	rs.Restart(t)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if n := len(logs.Lines(t, "registry writes back")); n != 1 {
+			return fmt.Errorf("registry writes back logged %d times, want once", n)
+		}
+		return nil
+	})
+	if keys, err := rdb.Keys(t.Context(), rc.KeyPrefix+":*:check").Result(); err != nil || len(keys) > 1 {
+		t.Errorf("check keys %v (%v): want at most the last one, living a second", keys, err)
+	}
+}

@@ -461,6 +461,18 @@ func (s *Server) sweepConns(now time.Time) {
 // written).
 func (s *Server) refreshRegistry(ctx context.Context) error {
 	all := s.hub.snapshotConns()
+	if len(all) == 0 && (s.regFail.Active() || s.regOOM.Active()) {
+		// Nothing to refresh, and only a registry write ends the outage
+		// of registry writes: without one, an instance whose sockets
+		// all ended while Redis failed (one socket per instance, on SCF)
+		// kept it open until a new socket came, however long Redis had
+		// been back.
+		cctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+		err := s.reg.Check(cctx, s.instance)
+		cancel()
+		s.regDone(err, "check", "")
+		return err
+	}
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
 	var busy []*conn

@@ -41,6 +41,10 @@ func (s Scheme) Inbox(instance string) string { return s.p() + "{i:" + instance 
 // InboxNotify announces appends to the instance's inbox.
 func (s Scheme) InboxNotify(instance string) string { return s.p() + "{i:" + instance + "}:n" }
 
+// RegistryCheck is a short-lived key an egress instance with no
+// connection writes to learn whether registry writes succeed again.
+func (s Scheme) RegistryCheck(instance string) string { return s.p() + "{i:" + instance + "}:check" }
+
 // Conn is one connection's registry record.
 func (s Scheme) Conn(id string) string { return s.p() + "{r:" + id + "}" }
 

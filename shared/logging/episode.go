@@ -119,6 +119,9 @@ func (e *Episode) OK() {
 	}
 }
 
+// Active reports whether an episode is under way (begun, not ended).
+func (e *Episode) Active() bool { return e.active.Load() }
+
 // Stop ends the episode's logging, for a server that stops: its owner
 // calls it once the work that calls Fail and OK is done, before its last
 // line. An end that is pending (a success came within Quiet of the last

@@ -185,6 +185,18 @@ func (r *Registry) Remove(ctx context.Context, rec *Record) error {
 	return nil
 }
 
+// Check makes one registry write for an instance that has no record to
+// write: a key of its own that lives a second, written as a record is
+// (refused the same way by a Redis out of memory), so that an outage of
+// registry writes can be seen to end when no connection is left to
+// refresh.
+func (r *Registry) Check(ctx context.Context, instance string) error {
+	if err := r.rdb.Set(ctx, r.keys.RegistryCheck(instance), "1", time.Second).Err(); err != nil {
+		return fmt.Errorf("registry check: %w", err)
+	}
+	return nil
+}
+
 // Get returns the live record of connection id, or ErrNotFound.
 func (r *Registry) Get(ctx context.Context, id string) (*Record, error) {
 	b, err := r.rdb.Get(ctx, r.keys.Conn(id)).Bytes()
