@@ -23,9 +23,10 @@ import (
 // shared by all its subscribers' queues (an entry is one pointer, so a
 // backlog of n messages costs a queue 8n bytes); replies have their own.
 type queued struct {
-	frame []byte    // a complete frame (wsFrame), shared, never modified
-	id    stream.ID // message id (zero for replies)
-	ts    int64     // publish time, unix ms (zero for replies)
+	frame    []byte    // a complete frame (wsFrame), shared, never modified
+	id       stream.ID // message id (zero for replies)
+	ts       int64     // publish time, unix ms (zero for replies)
+	targeted bool      // a message to a connection or a user: not history, so a dropped one is lost
 }
 
 // conn is one WebSocket connection.
@@ -519,6 +520,18 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 		c.closing = true
 		c.closeCode, c.byServer, c.reason = code, byServer, reason
 		if !byServer || !keepsQueue(code) {
+			// Targeted messages dropped here are lost (no resume brings
+			// them back): counted as undelivered, as those that reach a
+			// connection already closing are.
+			n := 0
+			for _, q := range c.queue {
+				if q.targeted {
+					n++
+				}
+			}
+			if n > 0 {
+				c.s.hub.undelivered.Add(int64(n))
+			}
 			clear(c.queue)
 			c.queue = nil
 		}

@@ -167,7 +167,9 @@ type hub struct {
 	gaps atomic.Int64
 	// undelivered counts targeted messages for a connection or user this
 	// instance no longer holds (it closed or moved after the ingress read
-	// the registry): answered 202, delivered nowhere (metrics).
+	// the registry), for one it is closing, and those a server close
+	// dropped from a connection's queue: answered 202, delivered nowhere
+	// (metrics).
 	undelivered atomic.Int64
 	// refreshDue asks the maintenance loop for a registry refresh now:
 	// set when Redis confirms a subscription again (its connection came
@@ -902,7 +904,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 // full, to wait on (pacer); the live path passes nil, and allocates
 // nothing per subscriber.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64, backlog *[]*conn) {
-	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts}
+	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts, targeted: cs == h.inbox}
 	if cs != h.inbox {
 		cs.mu.Lock()
 		if !cs.floor.IsZero() {

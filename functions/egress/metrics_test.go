@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -567,6 +568,69 @@ func TestTargetedToClosingCounted(t *testing.T) {
 	}
 	if c := e.s.hub.snapshotConns(); len(c) != 2 {
 		t.Fatalf("%d connections held, want 2: the closing one must still be held for this test to mean anything", len(c))
+	}
+}
+
+// TestTargetedDroppedAtCloseCounted: targeted messages still queued for a
+// connection when the server closes it (here an operator's disconnect,
+// 4003, to a client that had stopped reading) are dropped with the queue
+// and lost (they are not history): counted as undelivered. What the
+// client reads and what was counted make up every message sent to it.
+func TestTargetedDroppedAtCloseCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"user": {"slow"}}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, "welcome").ConnectionID
+	e.s.hub.mu.Lock()
+	c := e.s.hub.conns[id]
+	e.s.hub.mu.Unlock()
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10) // fixed: the kernel may not grow it
+	inbox := func(route stream.Route, data []byte) {
+		t.Helper()
+		if _, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: route, TS: time.Now().UnixMilli(), Data: data}, Limits: stream.Limits{MaxLen: 1000, TTLMS: 60000}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const n = 40
+	data := []byte(`"` + strings.Repeat("x", 16<<10) + `"`)
+	for range n {
+		inbox(stream.ToConnection(id), data)
+	}
+	// The client reads nothing: the writer blocks, the rest waits queued.
+	testkit.Eventually(t, 10*time.Second, func() error {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.queue) == 0 {
+			return fmt.Errorf("nothing queued yet")
+		}
+		return nil
+	})
+	inbox(stream.Disconnect(id), []byte(`1`))
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if !c.isClosing() {
+			return fmt.Errorf("not closing")
+		}
+		return nil
+	})
+	got, code := readMessages(ws, 10*time.Second, nil)
+	if code != 4003 {
+		t.Fatalf("closed %d after %d messages, want 4003", code, len(got))
+	}
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total")
+	if fmt.Sprint(n-len(got)) != v || len(got) == n {
+		t.Fatalf("%d of %d messages read, undelivered counter %s: want the rest (and some dropped)", len(got), n, v)
 	}
 }
 
