@@ -917,19 +917,46 @@ func checkQuery(rawQuery string, q url.Values, opts Options) error {
 
 // dialURL is the URL as given, with User's user parameter added: the
 // rest of the query is sent as written, not as Go's parser would
-// re-encode it (which drops the pairs it cannot parse).
+// re-encode it (which drops the pairs it cannot parse), but for the
+// bytes a request line cannot carry (a space, a control character,
+// non-ASCII), which are percent-encoded as a browser does.
 func (c *Client) dialURL() string {
-	if c.opts.User == "" {
-		return c.opts.URL
-	}
 	u, _ := url.Parse(c.opts.URL)
-	user := "user=" + url.QueryEscape(c.opts.User)
-	if u.RawQuery == "" {
-		u.RawQuery = user
-	} else {
-		u.RawQuery += "&" + user
+	u.RawQuery = escapeQuery(u.RawQuery)
+	if c.opts.User != "" {
+		user := "user=" + url.QueryEscape(c.opts.User)
+		if u.RawQuery == "" {
+			u.RawQuery = user
+		} else {
+			u.RawQuery += "&" + user
+		}
 	}
 	return u.String()
+}
+
+// escapeQuery percent-encodes the bytes of a raw query that may not
+// appear in an HTTP request line as they are, leaving every other byte
+// (an escape, a ';', a '+') as written.
+func escapeQuery(raw string) string {
+	const hex = "0123456789ABCDEF"
+	var b []byte
+	for i := 0; i < len(raw); i++ {
+		ch := raw[i]
+		if ch > ' ' && ch < 0x7f && !strings.ContainsRune(`"<>\^`+"`"+`{|}`, rune(ch)) {
+			if b != nil {
+				b = append(b, ch)
+			}
+			continue
+		}
+		if b == nil {
+			b = append(make([]byte, 0, len(raw)+8), raw[:i]...)
+		}
+		b = append(b, '%', hex[ch>>4], hex[ch&15])
+	}
+	if b == nil {
+		return raw
+	}
+	return string(b)
 }
 
 // connect runs one connection to its end. code is the close code (1006

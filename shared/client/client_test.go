@@ -760,6 +760,10 @@ func TestURLQuery(t *testing.T) {
 		{"malformed channels", "?channels=a;b", Options{}, "", "channels parameter is malformed"},
 		{"others as written", "?b=2&a=%41&z=1;2", Options{}, "b=2&a=%41&z=1;2", ""},
 		{"others as written beside User", "?b=2&a=%41&z=1;2", Options{User: "ada"}, "b=2&a=%41&z=1;2&user=ada", ""},
+		// Bytes a request line cannot carry, encoded as a browser does
+		// (sent raw, the upgrade was refused 400 on every dial).
+		{"a space and non-ASCII", "?app=my app&n=é", Options{}, "app=my%20app&n=%C3%A9", ""},
+		{"a space beside User", "?app=my app", Options{User: "ada"}, "app=my%20app&user=ada", ""},
 		{"token alone", "?token=tok", Options{}, "token=tok", ""},
 		{"user beside Token", "?user=bob", Options{Token: "tok"}, "user=bob", ""},
 	} {
