@@ -551,18 +551,8 @@ func TestTargetedToClosingCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	liveID := next(t, live, "welcome").ConnectionID
-	if _, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-		Msg: stream.Message{Route: stream.Disconnect(goneID), TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}}}); err != nil {
-		t.Fatal(err)
-	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		for _, c := range e.s.hub.snapshotConns() {
-			if c.id == goneID && c.isClosing() {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not closing", goneID)
-	})
+	toInbox(t, rdb, ks, e, []byte(`1`), stream.Disconnect(goneID))
+	waitClosing(t, e, goneID)
 	if v := undeliveredAfter(t, rdb, ks, e, live, stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("live"), stream.ToConnection(liveID)); v != "2" {
 		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want 2", v)
 	}
@@ -592,18 +582,12 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	c := e.s.hub.conns[id]
 	e.s.hub.mu.Unlock()
 	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10) // fixed: the kernel may not grow it
-	inbox := func(route stream.Route, data []byte) {
-		t.Helper()
-		if _, err := stream.NewStore(rdb).Append(t.Context(), []stream.Append{{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-			Msg: stream.Message{Route: route, TS: time.Now().UnixMilli(), Data: data}, Limits: stream.Limits{MaxLen: 1000, TTLMS: 60000}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	const n = 40
-	data := []byte(`"` + strings.Repeat("x", 16<<10) + `"`)
-	for range n {
-		inbox(stream.ToConnection(id), data)
+	routes := make([]stream.Route, n)
+	for i := range routes {
+		routes[i] = stream.ToConnection(id)
 	}
+	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), routes...)
 	// The client reads nothing: the writer blocks, the rest waits queued.
 	testkit.Eventually(t, 10*time.Second, func() error {
 		c.mu.Lock()
@@ -613,13 +597,8 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 		}
 		return nil
 	})
-	inbox(stream.Disconnect(id), []byte(`1`))
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if !c.isClosing() {
-			return fmt.Errorf("not closing")
-		}
-		return nil
-	})
+	toInbox(t, rdb, ks, e, []byte(`1`), stream.Disconnect(id))
+	waitClosing(t, e, id)
 	got, code := readMessages(ws, 10*time.Second, nil)
 	if code != 4003 {
 		t.Fatalf("closed %d after %d messages, want 4003", code, len(got))
@@ -634,19 +613,40 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	}
 }
 
+// toInbox appends a message with data to e's inbox for each route, in
+// one pipeline, in order.
+func toInbox(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, data []byte, routes ...stream.Route) {
+	t.Helper()
+	var as []stream.Append
+	for _, r := range routes {
+		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: data}, Limits: stream.Limits{MaxLen: 1000, TTLMS: 60000}})
+	}
+	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitClosing waits until e holds connection id closing: the server has
+// begun its close, and its client has not answered it.
+func waitClosing(t *testing.T, e *secEgress, id string) {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		for _, c := range e.s.hub.snapshotConns() {
+			if c.id == id && c.isClosing() {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not closing", id)
+	})
+}
+
 // undeliveredAfter appends a message to e's inbox for each route, the
 // last of which must reach live, waits for it there (the inbox was read
 // through), and returns wsrelay_egress_targeted_undelivered_total.
 func undeliveredAfter(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, live *websocket.Conn, routes ...stream.Route) string {
 	t.Helper()
-	var as []stream.Append
-	for _, r := range routes {
-		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}})
-	}
-	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
-		t.Fatal(err)
-	}
+	toInbox(t, rdb, ks, e, []byte(`1`), routes...)
 	next(t, live, "message")
 	m, err := scrape(e.srv.URL)
 	if err != nil {

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
+	"net/http/httptest"
 	"net/url"
 	"regexp"
 	"strings"
@@ -30,6 +32,32 @@ func metricValue(t *testing.T, page, name string) string {
 	return m[1]
 }
 
+// outageEgress starts an egress, logging JSON to logs, on a Redis server
+// of its own (rs, which a test may stop and restart) with a 300 ms
+// REDIS_TIMEOUT, more settings on top, and registry outages ending 200 ms
+// after their last failure.
+func outageEgress(t *testing.T, more map[string]string) (rs *redistest.Server, rdb redis.UniversalClient, s *Server, srv *httptest.Server, logs *testkit.SyncBuffer) {
+	t.Helper()
+	rs = redistest.Start(t)
+	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	rdb, err := redisconn.New(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": rs.URL(), "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
+	maps.Copy(env, more)
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs = &testkit.SyncBuffer{}
+	s = NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+	s.regFail.Quiet = 200 * time.Millisecond
+	srv, _ = startEgress(t, s)
+	return rs, rdb, s, srv, logs
+}
+
 // TestRedisOutageLogsOnce: sockets that subscribe, unsubscribe and end
 // while Redis is down each fail a registry write. The log says so once
 // (what failed, and what happens meanwhile), not once per socket (a few
@@ -40,22 +68,7 @@ func metricValue(t *testing.T, page, name string) string {
 // the sockets left.
 func TestRedisOutageLogsOnce(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": rs.URL(), "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &testkit.SyncBuffer{}
-	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
-	s.regFail.Quiet = 200 * time.Millisecond
-	srv, _ := startEgress(t, s)
+	rs, _, s, srv, logs := outageEgress(t, nil)
 	const sockets = 20
 	var conns []*websocket.Conn
 	for i := range sockets {
@@ -279,22 +292,7 @@ func loginBack(t *testing.T, logs *testkit.SyncBuffer) {
 // a new socket registers.
 func TestRegistryOutageEndsWithNoSocketLeft(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	rc := redisconn.Config{URL: rs.URL(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
-	rdb, err := redisconn.New(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	env := map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_URL": rs.URL(), "REDIS_KEY_PREFIX": rc.KeyPrefix, "REDIS_TIMEOUT": "300ms", "SHUTDOWN_GRACE": "1s", "REGISTRY_TTL": "3s"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &testkit.SyncBuffer{}
-	s := NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
-	s.regFail.Quiet = 200 * time.Millisecond
-	srv, _ := startEgress(t, s)
+	rs, rdb, s, srv, logs := outageEgress(t, map[string]string{"REGISTRY_TTL": "3s"})
 	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?channels=o1", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -320,7 +318,7 @@ func TestRegistryOutageEndsWithNoSocketLeft(t *testing.T) {
 		}
 		return nil
 	})
-	if keys, err := rdb.Keys(t.Context(), rc.KeyPrefix+":*:check").Result(); err != nil || len(keys) > 1 {
+	if keys, err := rdb.Keys(t.Context(), s.hub.keys.Prefix+":*:check").Result(); err != nil || len(keys) > 1 {
 		t.Errorf("check keys %v (%v): want at most the last one, living a second", keys, err)
 	}
 }
