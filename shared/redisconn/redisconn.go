@@ -245,21 +245,19 @@ func New(c Config) (redis.UniversalClient, error) {
 var ErrReplica = errors.New("redis: the node is a replica (read-only)")
 
 // Ping checks that Redis answers within the client's timeout, and is not
-// a replica. In a cluster, every node must answer, and every node the
+// a replica. In a cluster, every master must answer, and every node the
 // slot map names a master must be one: one that has become a replica
-// makes it reload the map.
+// makes it reload the map. Replicas are not asked: the functions neither
+// read from nor write to them, and one replica down made every instance
+// of both functions unready (a load balancer then sends them nothing)
+// until the cluster marked it failed, 15 s or more.
 func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	if c, ok := rdb.(*redis.ClusterClient); ok {
 		err := c.ForEachMaster(ctx, pingMaster)
 		if errors.Is(err, ErrReplica) {
 			c.ReloadState(ctx)
 		}
-		if err != nil {
-			return err
-		}
-		return c.ForEachSlave(ctx, func(ctx context.Context, n *redis.Client) error {
-			return n.Ping(ctx).Err()
-		})
+		return err
 	}
 	if c, ok := rdb.(*redis.Client); ok {
 		return pingMaster(ctx, c)

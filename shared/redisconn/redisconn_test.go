@@ -377,6 +377,18 @@ func TestReadinessClusterWithReplicas(t *testing.T) {
 	if err := NewReadiness(rdb, time.Minute).Check(t.Context()); err != nil {
 		t.Fatalf("a healthy cluster with replicas: %v", err)
 	}
+	// A replica down, still in the client's slot map (the cluster has not
+	// marked it failed yet): the functions do not use replicas, so the
+	// instances stay ready.
+	var replica atomic.Value
+	_ = cc.ForEachSlave(t.Context(), func(_ context.Context, n *redis.Client) error { // concurrently
+		replica.Store(n.Options().Addr) // any one
+		return nil
+	})
+	c.StopNode(t, c.Index(replica.Load().(string)))
+	if err := NewReadiness(rdb, time.Minute).Check(t.Context()); err != nil {
+		t.Fatalf("a replica down: %v, want ready", err)
+	}
 }
 
 // LoginRefused tells a login Redis refuses (a wrong password, no password
