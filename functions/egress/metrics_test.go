@@ -502,20 +502,7 @@ func refusalEnd(t *testing.T, e *secEgress, logs *testkit.SyncBuffer) []map[stri
 // (wsrelay_egress_targeted_undelivered_total): it was answered 202.
 func TestTargetedUndeliveredCounted(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	<-e.s.hub.inbox.ready
-	gone, _, err := e.dial(t, url.Values{"user": {"gone"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	goneID := next(t, gone, "welcome").ConnectionID
-	live, _, err := e.dial(t, url.Values{"user": {"live"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	liveID := next(t, live, "welcome").ConnectionID
+	rdb, ks, e, gone, goneID, live, liveID := goneAndLive(t)
 	gone.Close()
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if n := len(e.s.hub.snapshotConns()); n != 1 {
@@ -536,21 +523,8 @@ func TestTargetedUndeliveredCounted(t *testing.T) {
 // is counted only when none of the user's connections took it.
 func TestTargetedToClosingCounted(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
-	<-e.s.hub.inbox.ready
 	// gone's client does not read, so it never answers the close.
-	gone, _, err := e.dial(t, url.Values{"user": {"gone"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	goneID := next(t, gone, "welcome").ConnectionID
-	live, _, err := e.dial(t, url.Values{"user": {"live"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	liveID := next(t, live, "welcome").ConnectionID
+	rdb, ks, e, _, goneID, live, liveID := goneAndLive(t)
 	toInbox(t, rdb, ks, e, []byte(`1`), stream.Disconnect(goneID))
 	waitClosing(t, e, goneID)
 	if v := undeliveredAfter(t, rdb, ks, e, live, stream.ToConnection(goneID), stream.ToUser("gone"), stream.ToUser("live"), stream.ToConnection(liveID)); v != "2" {
@@ -611,6 +585,26 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	if fmt.Sprint(n-len(got)) != v || len(got) == n {
 		t.Fatalf("%d of %d messages read, undelivered counter %s: want the rest (and some dropped)", len(got), n, v)
 	}
+}
+
+// goneAndLive starts an egress with two anonymous sockets, of the users
+// "gone" and "live", each past its welcome.
+func goneAndLive(t *testing.T) (rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, gone *websocket.Conn, goneID string, live *websocket.Conn, liveID string) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	ks = keys.Scheme{Prefix: prefix}
+	e = startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	dial := func(user string) (*websocket.Conn, string) {
+		ws, _, err := e.dial(t, url.Values{"user": {user}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ws, next(t, ws, "welcome").ConnectionID
+	}
+	gone, goneID = dial("gone")
+	live, liveID = dial("live")
+	return rdb, ks, e, gone, goneID, live, liveID
 }
 
 // toInbox appends a message with data to e's inbox for each route, in
