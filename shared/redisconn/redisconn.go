@@ -91,8 +91,8 @@ func (c Config) Validate() error {
 			// error (logged) would quote.
 			// A port that is not a number (the docs' "host:port" copied as
 			// it is) would start, and every dial fail.
-			h, p, err := net.SplitHostPort(strings.TrimSpace(a))
-			if n, perr := strconv.Atoi(p); err != nil || h == "" || perr != nil || n < 1 || n > 65535 || strings.ContainsAny(h, "@/") {
+			h, ok := splitHostPort(strings.TrimSpace(a))
+			if !ok || h == "" || strings.ContainsAny(h, "@/") {
 				// By position: an entry pasted as a URL may hold a password.
 				errs = append(errs, fmt.Errorf("REDIS_CLUSTER_ADDRS: entry %d is not host:port", i+1))
 			}
@@ -134,13 +134,18 @@ func parseURL(s string) (*redis.Options, error) {
 	if o.DB < 0 {
 		return nil, errors.New("REDIS_URL: the database number must not be negative")
 	}
-	if o.Network != "unix" {
-		_, p, err := net.SplitHostPort(o.Addr)
-		if n, perr := strconv.Atoi(p); err != nil || perr != nil || n < 1 || n > 65535 {
-			return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
-		}
+	if _, ok := splitHostPort(o.Addr); !ok && o.Network != "unix" {
+		return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
 	}
 	return o, nil
+}
+
+// splitHostPort returns addr's host, and whether addr is host:port with
+// a port from 1 to 65535.
+func splitHostPort(addr string) (host string, ok bool) {
+	h, p, err := net.SplitHostPort(addr)
+	n, perr := strconv.Atoi(p)
+	return h, err == nil && perr == nil && n >= 1 && n <= 65535
 }
 
 // LogAttrs describes c for the functions' startup line: where Redis is
