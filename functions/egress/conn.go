@@ -67,6 +67,13 @@ type conn struct {
 	// record, a channel be left, and the refresh then write the left
 	// channel's membership back, which nothing removed until it expired.
 	regMu sync.Mutex
+	// listed (set under regMu) is whether the connection's record was
+	// written (openConn); a server close then removes it at once
+	// (unlist), not when the client has answered the close, and no
+	// registry write puts it back once closeStarted is set.
+	listed    atomic.Bool
+	unlisting sync.WaitGroup // the unlist a server close started
+	unlisted  bool           // set by unlist before it is Done: the removal was made (or failed, and was logged)
 
 	mu        sync.Mutex
 	queue     []*queued
@@ -512,7 +519,10 @@ func (c *conn) ping() {
 // or after WriteTimeout plus a second. 1006 closes the socket at once.
 // It never waits for the socket, so the fan-out, the sweep and the drain
 // call it in their own goroutine, not in one started for it that nothing
-// would wait for; the writer it starts is the connection's (finishWrites).
+// would wait for; the writer it starts is the connection's (finishWrites),
+// and so is the registry removal a server close starts (unlist), which
+// the reader's end waits for. Every way the reader ends goes through it
+// first, so that removal is started, if at all, before finish waits.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
 	c.closeOnce.Do(func() {
 		c.closeStarted.Store(true)
@@ -536,6 +546,10 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			c.queue = nil
 		}
 		if byServer && code != 1006 {
+			if c.listed.Load() {
+				c.unlisting.Add(1)
+				go c.unlist()
+			}
 			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
 			// The bound on the whole close (what is queued and the close
 			// frame written, then the client's answer awaited), set
@@ -554,6 +568,29 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
+}
+
+// unlist removes the record of a connection the server is closing from
+// the registry as the close begins: the client may take up to
+// WRITE_TIMEOUT and a second to answer it, and a send the ingress routed
+// here meanwhile would be answered 202 and go nowhere (a connection
+// closing takes no message), where a send that finds no record is
+// answered 404, or counts one connection fewer for a user. The reader's
+// end (finish) waits for it instead of removing the record itself: a
+// removal that failed is logged (registry write failed) and the record
+// expires within REGISTRY_TTL, as when finish's removal fails, and
+// trying again there would add a REDIS_TIMEOUT to a shutdown with Redis
+// down. Registry writes under regMu skip a connection once closeStarted
+// is set, so none puts the record back.
+func (c *conn) unlist() {
+	defer c.unlisting.Done()
+	c.regMu.Lock()
+	defer c.regMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.Redis.Timeout)
+	err := c.s.reg.Remove(ctx, c.recordCopy())
+	cancel()
+	c.s.regDone(err, "remove", c.id)
+	c.unlisted = true
 }
 
 // keepsQueue reports whether a server close with code sends what is
@@ -780,9 +817,11 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 	c.mu.Lock()
 	c.rec.Channels = append(c.rec.Channels, ch)
 	c.mu.Unlock()
-	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
-	c.s.regDone(c.s.reg.JoinChannel(rctx, c.recordCopy(), ch), "join", c.id)
-	cancel()
+	if !c.closeStarted.Load() { // a closing connection's record is being removed (unlist)
+		rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
+		c.s.regDone(c.s.reg.JoinChannel(rctx, c.recordCopy(), ch), "join", c.id)
+		cancel()
+	}
 	c.regMu.Unlock()
 	c.s.metrics.subscriptions.Inc()
 	if after == nil {
@@ -938,6 +977,15 @@ func (c *conn) dropSub(ctx context.Context, ch string) {
 	c.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
 	defer cancel()
+	if c.closeStarted.Load() {
+		// The record is being removed (unlist), or is gone: leaving would
+		// write it back. Remove it with ch's membership, which unlist,
+		// removing the record as it is now, would not.
+		rec := c.recordCopy()
+		rec.Channels = append(rec.Channels, ch)
+		c.s.regDone(c.s.reg.Remove(rctx, rec), "remove", c.id)
+		return
+	}
 	c.s.regDone(c.s.reg.LeaveChannel(rctx, c.recordCopy(), ch), "leave", c.id)
 }
 

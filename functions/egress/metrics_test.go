@@ -517,8 +517,9 @@ func TestTargetedUndeliveredCounted(t *testing.T) {
 
 // TestTargetedToClosingCounted: a connection the server is closing (an
 // operator's disconnect, 4003, which its client has not answered) is
-// still held, and still listed in the registry, until the close ends;
-// targeted messages that reach it meanwhile are dropped with its queue,
+// still held until the close ends, though no longer listed in the
+// registry (TestClosingConnectionUnlisted); targeted messages the ingress
+// routed to it before that and that reach it meanwhile are dropped with its queue,
 // and counted like those for a connection already gone. A user's message
 // is counted only when none of the user's connections took it.
 func TestTargetedToClosingCounted(t *testing.T) {
@@ -605,34 +606,6 @@ func goneAndLive(t *testing.T) (rdb redis.UniversalClient, ks keys.Scheme, e *se
 	gone, goneID = dial("gone")
 	live, liveID = dial("live")
 	return rdb, ks, e, gone, goneID, live, liveID
-}
-
-// toInbox appends a message with data to e's inbox for each route, in
-// one pipeline, in order.
-func toInbox(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, data []byte, routes ...stream.Route) {
-	t.Helper()
-	var as []stream.Append
-	for _, r := range routes {
-		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
-			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: data}, Limits: stream.Limits{MaxLen: 1000, TTLMS: 60000}})
-	}
-	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// waitClosing waits until e holds connection id closing: the server has
-// begun its close, and its client has not answered it.
-func waitClosing(t *testing.T, e *secEgress, id string) {
-	t.Helper()
-	testkit.Eventually(t, 5*time.Second, func() error {
-		for _, c := range e.s.hub.snapshotConns() {
-			if c.id == id && c.isClosing() {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not closing", id)
-	})
 }
 
 // undeliveredAfter appends a message to e's inbox for each route, the

@@ -486,6 +486,17 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		s.regDone(err, "refresh", "")
 		return err
 	}
+	// take adds c, whose regMu is held, to the batch, unless its record
+	// is not written yet (openConn writes it) or the server is closing it
+	// (unlist removes it).
+	take := func(c *conn) {
+		if !c.listed.Load() || c.closeStarted.Load() {
+			c.regMu.Unlock()
+			return
+		}
+		conns = append(conns, c)
+		recs = append(recs, c.recordCopy())
+	}
 	batch := s.refreshBatch
 	var err error
 	for i := 0; i < len(all) && err == nil; i += batch {
@@ -495,8 +506,7 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 				busy = append(busy, c)
 				continue
 			}
-			conns = append(conns, c)
-			recs = append(recs, c.recordCopy())
+			take(c)
 		}
 		err = write(start) // on error, the batches after it are not written
 	}
@@ -504,8 +514,7 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		start := len(conns)
 		for _, c := range busy[i:min(i+batch, len(busy))] {
 			c.regMu.Lock()
-			conns = append(conns, c)
-			recs = append(recs, c.recordCopy())
+			take(c)
 		}
 		err = write(start)
 	}

@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -294,4 +297,105 @@ func TestUserSendCaughtUpReachesNewerConnection(t *testing.T) {
 			t.Errorf("%s connection: got %v (close %d), want [%s %s]", name, got, code, late, after)
 		}
 	}
+}
+
+// TestClosingConnectionUnlisted: a connection the server begins to close
+// (here an operator's disconnect, 4003, to a client that has stopped
+// reading, so that its close frame cannot even be written) leaves the
+// registry at once, its record and memberships, while the egress still
+// holds it for up to WRITE_TIMEOUT and a second: a send the ingress
+// routes meanwhile is answered 404 (or counts one connection fewer for
+// its user) instead of 202 and dropped, and presence lists no longer
+// show it. A registry refresh does not write it back.
+func TestClosingConnectionUnlisted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"})
+	<-e.s.hub.inbox.ready
+	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"user": {"gone"}, "channels": {"room"}}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, "welcome").ConnectionID
+	next(t, ws, "subscribed")
+	e.s.hub.mu.Lock()
+	c := e.s.hub.conns[id]
+	e.s.hub.mu.Unlock()
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	listed := func() []string {
+		t.Helper()
+		var where []string
+		if _, err := e.s.reg.Get(t.Context(), id); !errors.Is(err, registry.ErrNotFound) {
+			where = append(where, fmt.Sprintf("record (%v)", err))
+		}
+		for key, set := range map[string]string{"room": ks.ChannelConns("room"), "gone": ks.UserConns("gone")} {
+			if err := rdb.ZScore(t.Context(), set, id).Err(); !errors.Is(err, redis.Nil) {
+				where = append(where, fmt.Sprintf("%s's set (%v)", key, err))
+			}
+		}
+		return where
+	}
+	if l := listed(); len(l) != 3 {
+		t.Fatalf("before the close, listed in %v, want the record and both sets", l)
+	}
+	// The client reads nothing more: the writer blocks on a full socket,
+	// and the close frame waits behind what it is writing.
+	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), slices.Repeat([]stream.Route{stream.ToConnection(id)}, 40)...)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.queue) == 0 {
+			return fmt.Errorf("nothing queued yet")
+		}
+		return nil
+	})
+	toInbox(t, rdb, ks, e, nil, stream.Disconnect(id))
+	waitClosing(t, e, id)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if l := listed(); len(l) > 0 {
+			return fmt.Errorf("closing connection still listed in %v", l)
+		}
+		return nil
+	})
+	e.s.refreshRegistry(t.Context())
+	if l := listed(); len(l) > 0 {
+		t.Fatalf("after a refresh, the closing connection is listed again in %v", l)
+	}
+	held := false
+	for _, c := range e.s.hub.snapshotConns() {
+		held = held || c.id == id
+	}
+	if !held {
+		t.Fatal("the connection is no longer held: the test needs it closing, not closed")
+	}
+}
+
+// toInbox appends a message with data to e's inbox for each route, in
+// one pipeline, in order.
+func toInbox(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, data []byte, routes ...stream.Route) {
+	t.Helper()
+	var as []stream.Append
+	for _, r := range routes {
+		as = append(as, stream.Append{Stream: ks.Inbox(e.s.instance), Notify: ks.InboxNotify(e.s.instance),
+			Msg: stream.Message{Route: r, TS: time.Now().UnixMilli(), Data: data}, Limits: stream.Limits{MaxLen: 1000, TTLMS: 60000}})
+	}
+	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitClosing waits until e holds connection id closing: the server has
+// begun its close, and its client has not answered it.
+func waitClosing(t *testing.T, e *secEgress, id string) {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		for _, c := range e.s.hub.snapshotConns() {
+			if c.id == id && c.isClosing() {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not closing", id)
+	})
 }

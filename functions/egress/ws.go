@@ -177,10 +177,16 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 	c.ctrl = append(c.ctrl, c.reply(welcome).frame)
 	c.mu.Unlock()
 	s.hub.addConn(c)
-	rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-	err := s.reg.Put(rctx, c.recordCopy())
-	rcancel()
-	s.regDone(err, "put", c.id)
+	var err error
+	c.regMu.Lock()
+	if !c.closeStarted.Load() { // closed already (a drain): no record to write, and none for unlist to remove
+		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
+		err = s.reg.Put(rctx, c.recordCopy())
+		rcancel()
+		s.regDone(err, "put", c.id)
+		c.listed.Store(err == nil)
+	}
+	c.regMu.Unlock()
 	if err != nil {
 		// Nothing was written to the socket: take the connection back.
 		// Closing done makes a registry refresh that saw it remove its
@@ -269,9 +275,14 @@ func (c *conn) finish() {
 		s.hub.release(c.subs[ch])
 		s.metrics.subscriptions.Dec()
 	}
-	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
-	s.regDone(s.reg.Remove(dctx, c.recordCopy()), "remove", c.id)
-	dcancel()
+	// A server close removed the record as it began (unlist); the other
+	// ends remove it now.
+	c.unlisting.Wait()
+	if !c.unlisted {
+		dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
+		s.regDone(s.reg.Remove(dctx, c.recordCopy()), "remove", c.id)
+		dcancel()
+	}
 	s.metrics.connections.Dec()
 	c.hangUp(nil)
 }
