@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"runtime"
+	"strings"
 	"testing"
 )
 
@@ -58,5 +60,61 @@ func TestDecodeBatchItemNotObject(t *testing.T) {
 	var ie *indexedError
 	if !errors.As(err, &ie) || ie.Index != 1 || ie.Message != "message 1: must be a JSON object" {
 		t.Fatalf("got %#v, want message 1: must be a JSON object", err)
+	}
+}
+
+// TestDecodeBatchOverLimitCheap: a batch body of MAX_BATCH_BYTES can hold
+// about two million tiny items; one over the item limit is refused
+// having read one item past it, not all of them (decoded in full first,
+// a 4 MiB body took some 230 MB). Measured in bytes allocated, which
+// do not depend on the machine's speed; not parallel, so that no other
+// test allocates meanwhile.
+func TestDecodeBatchOverLimitCheap(t *testing.T) {
+	body := []byte(`{"messages":[0` + strings.Repeat(",0", 2<<20-10) + `]}`)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := decodeBatch(body, 1000, 1<<20, nil)
+	runtime.ReadMemStats(&after)
+	var ae *apiError
+	if !errors.As(err, &ae) || ae.Code != "invalid_batch" {
+		t.Fatalf("error %v, want invalid_batch", err)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 8*uint64(len(body)) {
+		t.Fatalf("refusing a %d-byte body allocated %d bytes", len(body), n)
+	}
+}
+
+// TestDecodeBatchMessagesShapes: the "messages" key is read as any field
+// is: null or absent is missing, the last of a repeated key counts, and
+// the key's case does not matter.
+func TestDecodeBatchMessagesShapes(t *testing.T) {
+	t.Parallel()
+	item := `{"channel":"a","data":1}`
+	for _, tc := range []struct {
+		body string
+		code string // "" accepted
+		n    int
+	}{
+		{`{"messages":null}`, "invalid_batch", 0},
+		{`{"x":1}`, "invalid_batch", 0},
+		{`{"messages":5}`, "invalid_batch", 0},
+		{`{"messages":"x"}`, "invalid_batch", 0},
+		{`{"messages":{}}`, "invalid_batch", 0},
+		{`{"messages":[` + item + `],"messages":null}`, "invalid_batch", 0},
+		{`{"messages":[1,2,3,4],"messages":[` + item + `]}`, "", 1},
+		{`{"messages":[` + item + `],"messages":[1,2,3,4]}`, "invalid_batch", 0},
+		{`{"Messages":[` + item + `,` + item + `]}`, "", 2},
+		{`{"messages":[` + item + `,` + item + `,` + item + `]}`, "", 3},
+		{`{"messages":[` + item + `,` + item + `,` + item + `,` + item + `]}`, "invalid_batch", 0},
+		{`{"messages":[` + item + `,` + item + `,` + item + `,]}`, "invalid_json", 0},
+	} {
+		got, err := decodeBatch([]byte(tc.body), 3, 1024, nil)
+		var ae *apiError
+		switch {
+		case tc.code == "" && (err != nil || len(got) != tc.n):
+			t.Errorf("%s: %d items, error %v; want %d items", tc.body, len(got), err, tc.n)
+		case tc.code != "" && (!errors.As(err, &ae) || ae.Code != tc.code):
+			t.Errorf("%s: error %v, want %s", tc.body, err, tc.code)
+		}
 	}
 }
