@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -54,6 +55,17 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if q := strings.Join(r.URL.Query()["channels"], ","); q != "" {
+		// A list longer than a connection may hold asks for what it
+		// cannot have: refused whole, as a subscribe over the limit is
+		// answered, rather than answered name by name at
+		// MAX_FRAMES_PER_SECOND, which for a URL of half a million
+		// names held the request, and the list's copies (some 20 MB),
+		// for hours.
+		if n := strings.Count(q, ",") + 1; n > s.cfg.MaxSubscriptions {
+			s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeTooManySubs,
+				fmt.Sprintf("channels: %d names; a connection holds at most %d subscriptions", n, s.cfg.MaxSubscriptions))
+			return
+		}
 		for _, ch := range strings.Split(q, ",") {
 			if !channel.ValidName(ch) {
 				s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels: "+strconv.Quote(ch)+" is not a channel name")
