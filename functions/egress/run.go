@@ -62,10 +62,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // the connection over, so upgraded sockets are not affected.
 const readTimeout = 30 * time.Second
 
+// writeTimeout bounds the writing of a response (from the request's
+// headers on): a client that pipelines requests for the demo page or
+// client.js and never reads the answers would otherwise hold a
+// goroutine, a file descriptor and its socket's send buffer for as long
+// as it likes. gorilla/websocket clears it too as it takes a socket over.
+const writeTimeout = 30 * time.Second
+
 // httpServer is the net/http server of s.
 func httpServer(s *Server, log *slog.Logger) *http.Server {
 	return &http.Server{
-		Handler: s, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: readTimeout, IdleTimeout: 120 * time.Second,
+		Handler: s, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: readTimeout, WriteTimeout: writeTimeout, IdleTimeout: 120 * time.Second,
 		// net/http's own messages (accept errors such as running out of
 		// file descriptors, panics) as records of the function's log, not
 		// plain text lines on stderr, and with constant messages

@@ -119,6 +119,58 @@ func TestSlowRequestBody(t *testing.T) {
 	next(t, ws, protocol.TypePong)
 }
 
+// TestUnreadResponses: a client that pipelines requests and never reads
+// the answers (no credential needed: client.js is public) does not hold
+// its connection for ever: the server's WriteTimeout cuts a response
+// that cannot be written. The timeout must not reach upgraded sockets,
+// which stay open and answer well past it.
+func TestUnreadResponses(t *testing.T) {
+	t.Parallel()
+	cfg, rdb, ln := serveSetup(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := NewServer(cfg, log, rdb)
+	hs := httpServer(s, log)
+	if hs.WriteTimeout <= 0 || hs.WriteTimeout > time.Minute {
+		t.Fatalf("WriteTimeout %v: a client that does not read can hold its connection for ever", hs.WriteTimeout)
+	}
+	const limit = time.Second
+	hs.WriteTimeout = limit
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
+	t.Cleanup(func() { cancel(); <-served })
+
+	ws, _, err := websocket.DefaultDialer.Dial("ws://"+ln.Addr().String()+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, protocol.TypeWelcome)
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.(*net.TCPConn).SetReadBuffer(4 << 10)
+	// Far more than the socket buffers on both sides hold.
+	if _, err := c.Write([]byte(strings.Repeat("GET /client.js HTTP/1.1\r\nHost: x\r\n\r\n", 400))); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(limit + time.Second)
+	// Read what was sent; the connection must end (EOF, or a reset as the
+	// server closed it with requests unread), not time out.
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = io.Copy(io.Discard, c)
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("connection still open %v after its responses stopped being read", limit+6*time.Second)
+	}
+
+	// The socket upgraded before all that is past the timeout and works.
+	send(t, ws, map[string]any{"type": "ping", "ref": 1})
+	next(t, ws, protocol.TypePong)
+}
+
 // TestRunStartupLine: the startup line says where Redis is and how the
 // egress is set up, with no credential.
 func TestRunStartupLine(t *testing.T) {
