@@ -370,10 +370,15 @@ func (s *Server) maintain(ctx context.Context) {
 // is long done (one younger than REDIS_TIMEOUT may still be writing its
 // record); one EXISTS per probe. known says whether it could tell: not
 // while the oldest connection is that young, or Redis does not answer;
-// without connections nothing is missing.
+// without connections nothing is missing. Connections the server is
+// closing are left out: their records are removed as the close begins
+// (unlist).
 func (s *Server) recordsLost(ctx context.Context) (lost, known bool) {
 	var oldest *conn
 	for _, c := range s.hub.snapshotConns() {
+		if c.closeStarted.Load() {
+			continue
+		}
 		if oldest == nil || c.openedAt.Before(oldest.openedAt) {
 			oldest = c
 		}
@@ -385,10 +390,8 @@ func (s *Server) recordsLost(ctx context.Context) (lost, known bool) {
 		return false, false
 	}
 	n, err := s.rdb.Exists(ctx, s.hub.keys.Conn(oldest.id)).Result()
-	select {
-	case <-oldest.done: // ended meanwhile: its record is removed
+	if oldest.closeStarted.Load() { // closing, or ended, meanwhile: its record is removed
 		return false, false
-	default:
 	}
 	return err == nil && n == 0, err == nil
 }

@@ -311,7 +311,8 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"})
+	var logs testkit.SyncBuffer
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"}, &logs)
 	<-e.s.hub.inbox.ready
 	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"user": {"gone"}, "channels": {"room"}}), nil)
 	if err != nil {
@@ -344,10 +345,8 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	// and the close frame waits behind what it is writing.
 	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), slices.Repeat([]stream.Route{stream.ToConnection(id)}, 40)...)
 	testkit.Eventually(t, 10*time.Second, func() error {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if len(c.queue) == 0 {
-			return fmt.Errorf("nothing queued yet")
+		if w := c.writeSince.Load(); w == 0 || time.Since(time.Unix(0, w)) < 200*time.Millisecond {
+			return fmt.Errorf("the writer is not stuck yet")
 		}
 		return nil
 	})
@@ -363,12 +362,18 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	if l := listed(); len(l) > 0 {
 		t.Fatalf("after a refresh, the closing connection is listed again in %v", l)
 	}
+	// Nor is its record, gone on purpose, taken for one Redis lost (the
+	// probe looks at a connection older than REDIS_TIMEOUT and a second).
+	time.Sleep(time.Until(c.openedAt.Add(e.s.cfg.Redis.Timeout + time.Second)))
+	if lost, _ := e.s.recordsLost(t.Context()); lost {
+		t.Fatal("the closing connection's removed record taken for records lost")
+	}
 	held := false
 	for _, c := range e.s.hub.snapshotConns() {
 		held = held || c.id == id
 	}
 	if !held {
-		t.Fatal("the connection is no longer held: the test needs it closing, not closed")
+		t.Fatal("the connection is no longer held: the test needs it closing, not closed", logs.String())
 	}
 }
 
