@@ -1040,7 +1040,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 		_, data, err := ws.ReadMessage()
 		if err != nil {
 			var ce *websocket.CloseError
-			if errors.As(err, &ce) {
+			if errors.As(err, &ce) && ce.Code != websocket.CloseAbnormalClosure {
 				if !retryable(ce.Code) {
 					return ce.Code, welcomed, &CloseError{Code: ce.Code, Reason: ce.Text}
 				}
@@ -1057,6 +1057,10 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 			if !welcomed && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(welcomeBy) {
 				return 1006, false, noWelcome(err)
 			}
+			// Including gorilla's 1006 for a connection that ended without
+			// a close frame (a FIN; a reset is a plain error): no close
+			// frame carries 1006 (RFC 6455 §7.4.1), so it is no server
+			// close.
 			return 1006, welcomed, fmt.Errorf("client: connection lost: %w", err)
 		}
 		if c.dispatch(data) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -500,6 +501,42 @@ func TestReconnectingCloseCodes(t *testing.T) {
 			}
 		case <-time.After(5 * time.Second):
 			t.Fatalf("close %d: no disconnected state", code)
+		}
+		c.Close()
+	}
+}
+
+// TestLostWithoutClose: a connection that ends without a close frame is a
+// lost connection, not a server close, however the TCP connection ended:
+// with a FIN (which gorilla reports as a close with 1006, a code no
+// close frame carries) as with a reset. OnState gets the same kind of
+// error for both, not a *DisconnectError for one of them.
+func TestLostWithoutClose(t *testing.T) {
+	for _, reset := range []bool{false, true} {
+		url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+			write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+			if reset {
+				_ = ws.NetConn().(*net.TCPConn).SetLinger(0)
+			}
+			ws.NetConn().Close()
+		})
+		lost := make(chan error, 10)
+		c, err := Dial(Options{URL: url, MinBackoff: time.Second, MaxBackoff: time.Second, OnState: func(s State, err error) {
+			if s == StateDisconnected {
+				lost <- err
+			}
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-lost:
+			var de *DisconnectError
+			if errors.As(err, &de) || err == nil || !strings.Contains(err.Error(), "connection lost") {
+				t.Errorf("reset %v: OnState(disconnected, %#v), want a lost connection", reset, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("reset %v: no disconnected state", reset)
 		}
 		c.Close()
 	}
