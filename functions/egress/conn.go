@@ -633,7 +633,12 @@ func (c *conn) readLoop(ctx context.Context) {
 			c.onClientClose(p)
 			return
 		case opPing:
-			c.pong(p)
+			// A ping costs a pong's write: counted as a request, or a
+			// client could keep a core busy answering a flood of them.
+			// Pongs are not (each idle socket answers the server's).
+			if c.throttle() {
+				c.pong(p)
+			}
 			continue
 		case opPong:
 			continue

@@ -237,6 +237,39 @@ func TestChannelsLongList(t *testing.T) {
 	next(t, ws, protocol.TypePong)
 }
 
+// TestPingsThrottled: a client's WebSocket pings count against
+// MAX_FRAMES_PER_SECOND, one token each, as requests do: answered later
+// when over it, not refused. A flood of them kept a core busy writing
+// pongs.
+func TestPingsThrottled(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "20"})
+	ws, _, err := e.dial(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	pongs := make(chan struct{}, 60)
+	ws.SetPongHandler(func(string) error { pongs <- struct{}{}; return nil })
+	go func() { _, _, _ = ws.ReadMessage() }() // runs the pong handler
+	// One at a time: a pong not yet sent is replaced by the next one's.
+	start := time.Now()
+	for i := range 60 {
+		if err := ws.WriteControl(websocket.PingMessage, []byte("p"), time.Now().Add(time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-pongs:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("pong %d of 60 missing", i+1)
+		}
+	}
+	// A burst of 20, then 20 a second: 40 more take 2 s.
+	if d := time.Since(start); d < 1500*time.Millisecond {
+		t.Fatalf("60 pings answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
+	}
+}
+
 // TestChannelsListThrottled: each name of ?channels is a subscribe, and
 // counts against MAX_FRAMES_PER_SECOND as a frame's subscribes do. They
 // were answered all at once, so a URL (up to 1 MiB) of names bypassed the
