@@ -229,7 +229,7 @@ func commandCalls(t *testing.T, rdb *redis.Client) map[string]int64 {
 func TestInitialChannelsStopAtClose(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "10"})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "10", "MAX_SUBSCRIPTIONS": "101"})
 	<-e.s.hub.inbox.ready
 	names := channelNames(100)
 	ws, _, err := e.dial(t, url.Values{"channels": {strings.Join(names, ",") + ",late"}}, nil)

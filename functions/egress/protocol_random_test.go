@@ -7,8 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"reflect"
@@ -997,6 +999,22 @@ func (cl *rndClient) connect() {
 			initial = append(initial, rndChannels[cl.rng.IntN(len(rndChannels))])
 		}
 		q.Set("channels", strings.Join(initial, ","))
+	}
+	if len(initial) > rndMaxSubs {
+		// More names than a connection may hold: the upgrade is refused
+		// whole. Connect again without them.
+		_, resp, err := d.Dial(cl.e.url(q), nil)
+		var body []byte
+		if resp != nil {
+			body, _ = io.ReadAll(resp.Body)
+		}
+		if err == nil || resp == nil || resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), `"`+protocol.CodeTooManySubs+`"`) {
+			cl.fail("dial with %d initial channels: %v %v %s, want 400 %s", len(initial), err, resp, body, protocol.CodeTooManySubs)
+		}
+		cl.tracef("→ connect (%s token) channels=%v: refused, too many", rndTokNames[kind], initial)
+		cl.count("connect refused: too many channels")
+		initial = nil
+		q.Del("channels")
 	}
 	ws, _, err := d.Dial(cl.e.url(q), nil)
 	if err != nil {
