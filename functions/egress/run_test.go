@@ -65,6 +65,29 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 	}
 }
 
+// serveTuned serves an egress with the HTTP server the function runs,
+// changed by tune, and returns its address and a socket upgraded on it,
+// past its welcome.
+func serveTuned(t *testing.T, tune func(*http.Server)) (addr string, ws *websocket.Conn) {
+	t.Helper()
+	cfg, rdb, ln := serveSetup(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := NewServer(cfg, log, rdb)
+	hs := httpServer(s, log)
+	tune(hs)
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
+	t.Cleanup(func() { cancel(); <-served })
+	ws, _, err := websocket.DefaultDialer.Dial("ws://"+ln.Addr().String()+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	next(t, ws, protocol.TypeWelcome)
+	return ln.Addr().String(), ws
+}
+
 // TestSlowRequestBody: a request that declares a body it never sends (no
 // credential needed) does not hold its connection for ever: net/http
 // waits for the body before it answers, and only the server's
@@ -72,33 +95,19 @@ func TestServeLogsHTTPErrors(t *testing.T) {
 // sockets, which stay open and answer well past it.
 func TestSlowRequestBody(t *testing.T) {
 	t.Parallel()
-	cfg, rdb, ln := serveSetup(t)
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	s := NewServer(cfg, log, rdb)
-	hs := httpServer(s, log)
-	if hs.ReadTimeout <= 0 || hs.ReadTimeout > time.Minute {
-		t.Fatalf("ReadTimeout %v: a request body can hold its connection for ever", hs.ReadTimeout)
-	}
 	const limit = time.Second
-	hs.ReadTimeout = limit
-	ctx, cancel := context.WithCancel(t.Context())
-	served := make(chan error, 1)
-	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
-	t.Cleanup(func() { cancel(); <-served })
-
-	ws, _, err := websocket.DefaultDialer.Dial("ws://"+ln.Addr().String()+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, protocol.TypeWelcome)
-
+	addr, ws := serveTuned(t, func(hs *http.Server) {
+		if hs.ReadTimeout <= 0 || hs.ReadTimeout > time.Minute {
+			t.Fatalf("ReadTimeout %v: a request body can hold its connection for ever", hs.ReadTimeout)
+		}
+		hs.ReadTimeout = limit
+	})
 	for _, req := range []string{
 		"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
 		"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
 		"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
 	} {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -126,28 +135,14 @@ func TestSlowRequestBody(t *testing.T) {
 // which stay open and answer well past it.
 func TestUnreadResponses(t *testing.T) {
 	t.Parallel()
-	cfg, rdb, ln := serveSetup(t)
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	s := NewServer(cfg, log, rdb)
-	hs := httpServer(s, log)
-	if hs.WriteTimeout <= 0 || hs.WriteTimeout > time.Minute {
-		t.Fatalf("WriteTimeout %v: a client that does not read can hold its connection for ever", hs.WriteTimeout)
-	}
 	const limit = time.Second
-	hs.WriteTimeout = limit
-	ctx, cancel := context.WithCancel(t.Context())
-	served := make(chan error, 1)
-	go func() { served <- serveWith(ctx, log, ln, s, hs) }()
-	t.Cleanup(func() { cancel(); <-served })
-
-	ws, _, err := websocket.DefaultDialer.Dial("ws://"+ln.Addr().String()+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	next(t, ws, protocol.TypeWelcome)
-
-	c, err := net.Dial("tcp", ln.Addr().String())
+	addr, ws := serveTuned(t, func(hs *http.Server) {
+		if hs.WriteTimeout <= 0 || hs.WriteTimeout > time.Minute {
+			t.Fatalf("WriteTimeout %v: a client that does not read can hold its connection for ever", hs.WriteTimeout)
+		}
+		hs.WriteTimeout = limit
+	})
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

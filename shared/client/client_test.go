@@ -484,15 +484,7 @@ func TestReconnectingCloseCodes(t *testing.T) {
 			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(code, "go elsewhere"), time.Now().Add(time.Second))
 			_, _, _ = ws.ReadMessage()
 		})
-		lost := make(chan error, 10)
-		c, err := Dial(Options{URL: url, MinBackoff: time.Second, MaxBackoff: time.Second, OnState: func(s State, err error) {
-			if s == StateDisconnected {
-				lost <- err
-			}
-		}})
-		if err != nil {
-			t.Fatal(err)
-		}
+		c, lost := dialDisconnects(t, url)
 		select {
 		case err := <-lost:
 			var de *DisconnectError
@@ -520,15 +512,7 @@ func TestLostWithoutClose(t *testing.T) {
 			}
 			ws.NetConn().Close()
 		})
-		lost := make(chan error, 10)
-		c, err := Dial(Options{URL: url, MinBackoff: time.Second, MaxBackoff: time.Second, OnState: func(s State, err error) {
-			if s == StateDisconnected {
-				lost <- err
-			}
-		}})
-		if err != nil {
-			t.Fatal(err)
-		}
+		c, lost := dialDisconnects(t, url)
 		select {
 		case err := <-lost:
 			var de *DisconnectError
@@ -540,6 +524,22 @@ func TestLostWithoutClose(t *testing.T) {
 		}
 		c.Close()
 	}
+}
+
+// dialDisconnects dials url with a second's backoff, and returns the
+// client and the errors OnState is given with StateDisconnected.
+func dialDisconnects(t *testing.T, url string) (*Client, <-chan error) {
+	t.Helper()
+	lost := make(chan error, 10)
+	c, err := Dial(Options{URL: url, MinBackoff: time.Second, MaxBackoff: time.Second, OnState: func(s State, err error) {
+		if s == StateDisconnected {
+			lost <- err
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, lost
 }
 
 // TestReadLimit: a server frame over ReadLimit (by default
