@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"net"
 	"net/url"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // TestBusyWriteIsNotSilence: a client reading a long burst of live
@@ -29,7 +31,9 @@ func TestBusyWriteIsNotSilence(t *testing.T) {
 		env  map[string]string
 	}{
 		{"idle", map[string]string{"IDLE_TIMEOUT": "1s"}},
-		{"pong", map[string]string{"PING_INTERVAL": "200ms"}},
+		// 2×PING_INTERVAL (1 s) is half the 2 s of slow reading, during
+		// which the write is under way.
+		{"pong", map[string]string{"PING_INTERVAL": "500ms"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rdb, prefix := redistest.Client(t)
@@ -50,8 +54,31 @@ func TestBusyWriteIsNotSilence(t *testing.T) {
 			}
 			defer ws.Close()
 			readUntil(t, ws, `"subscribed"`)
+			// A small send buffer too: once the write ends, what the
+			// client still has to read before the ping behind it is a
+			// few frames, not the megabytes an autotuned buffer holds,
+			// which a loaded machine's client took longer than
+			// 2×PING_INTERVAL to read.
+			cs := e.s.hub.snapshotConns()
+			if len(cs) != 1 {
+				t.Fatalf("%d connections, want 1", len(cs))
+			}
+			_ = cs[0].nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
 			const n = 600
-			appendData(t, rdb, keys.Scheme{Prefix: prefix}, "busy", []byte(`"`+strings.Repeat("x", 16<<10)+`"`), n)
+			// Published while the client reads, as a client does: it
+			// answers the server's pings until the burst comes, so that
+			// its silence before the write does not eat into the time it
+			// has to answer the ping after it.
+			published := make(chan error, 1)
+			go func() {
+				as := make([]stream.Append, n)
+				for i := range as {
+					as[i] = stream.Append{Stream: keys.Scheme{Prefix: prefix}.Stream("busy"), Notify: keys.Scheme{Prefix: prefix}.Notify("busy"),
+						Msg: stream.Message{Channel: "busy", TS: time.Now().UnixMilli(), Data: []byte(`"` + strings.Repeat("x", 16<<10) + `"`)}}
+				}
+				_, err := stream.NewStore(rdb).Append(context.Background(), as)
+				published <- err
+			}()
 			// The client reads the first 4 MB at about 2 MB/s, with no
 			// pause longer than 10 ms, for 2 s in which the writer is in
 			// the middle of writing the burst. Then it reads as fast as
@@ -71,6 +98,9 @@ func TestBusyWriteIsNotSilence(t *testing.T) {
 						time.Sleep(8 * time.Millisecond)
 					}
 				}
+			}
+			if err := <-published; err != nil {
+				t.Fatal(err)
 			}
 			// Still open: the last message was read just now.
 			send(t, ws, map[string]any{"type": "ping"})

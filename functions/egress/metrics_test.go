@@ -562,8 +562,20 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	for i := range routes {
 		routes[i] = stream.ToConnection(id)
 	}
-	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), routes...)
-	// The client reads nothing: the writer blocks, the rest waits queued.
+	big := []byte(`"` + strings.Repeat("x", 16<<10) + `"`)
+	// The client reads nothing: the writer blocks in the middle of the
+	// first half, and the second half, sent only then, waits queued. (All
+	// at once, the writer could take every message into its one batch
+	// before it starts writing, and leave nothing queued: a loaded
+	// machine starts the writer goroutine late.)
+	toInbox(t, rdb, ks, e, big, routes[:n/2]...)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if !c.busyWrite() {
+			return fmt.Errorf("the writer is not writing yet")
+		}
+		return nil
+	})
+	toInbox(t, rdb, ks, e, big, routes[n/2:]...)
 	testkit.Eventually(t, 10*time.Second, func() error {
 		c.mu.Lock()
 		defer c.mu.Unlock()
