@@ -27,7 +27,17 @@ type queued struct {
 	id       stream.ID // message id (zero for replies)
 	ts       int64     // publish time, unix ms (zero for replies)
 	targeted bool      // a message to a connection or a user: not history, so a dropped one is lost
+	replay   bool      // a resume's replay, whose frame is this connection's own (replayBudget)
 }
+
+// replayBudget bounds the bytes of replayed frames a connection holds
+// queued or being written. A live message's frame is shared by every
+// queue it is in, so a queue of SEND_QUEUE frames costs only pointers;
+// a replay builds each connection's frames for it, and with 60 KB
+// messages half a SEND_QUEUE of them was some 30 MB per connection that
+// resumed from far back and did not read, held until WRITE_TIMEOUT. A
+// frame larger than the budget is still sent, alone.
+const replayBudget = 1 << 20
 
 // conn is one WebSocket connection.
 //
@@ -79,6 +89,7 @@ type conn struct {
 	queue     []*queued
 	spare     []*queued
 	closing   bool
+	replaying int      // bytes of replayed frames queued or in the writer's batch (replayBudget)
 	unpaced   bool     // a catch-up gave up waiting for room: none waits for c again until the writer takes the queue (pacer)
 	closeMsg  []byte   // close frame for the writer to send
 	closeSent bool     // a close frame has been written
@@ -180,13 +191,29 @@ func (c *conn) startWriterLocked() {
 var vecs = sync.Pool{New: func() any { v := make([][]byte, 0, 16); return &v }}
 
 // enqueueWait is enqueue for replays: it waits for room instead of
-// closing, because the reader goroutine producing the replay can wait.
+// closing, because the reader goroutine producing the replay can wait,
+// and for the replayed bytes c holds to leave room for q's frame under
+// replayBudget (or to be none).
 func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
-	if !c.waitRoom(ctx) {
-		return false
+	q.replay = true
+	for {
+		c.mu.Lock()
+		if c.closing {
+			c.mu.Unlock()
+			return false
+		}
+		if c.roomLocked() && (c.replaying == 0 || c.replaying+len(q.frame) <= replayBudget) {
+			c.replaying += len(q.frame)
+			c.queue = append(c.queue, q)
+			c.startWriterLocked()
+			c.mu.Unlock()
+			return true
+		}
+		c.mu.Unlock()
+		if !c.pause(ctx) {
+			return false
+		}
 	}
-	c.enqueue(q)
-	return true
 }
 
 // enqueueIfRoom queues q if c's queue is less than half full (the room
@@ -216,18 +243,27 @@ func (c *conn) waitRoom(ctx context.Context) bool {
 		if room {
 			return true
 		}
-		// The reader is busy here, not reading the client's frames (its
-		// pongs among them): the client is not silent, and the sweep must
-		// not drop it for a missed pong. A client that stopped reading is
-		// dropped by the write timeout instead, which ends this wait.
-		c.lastRead.Store(time.Now().UnixNano())
-		select {
-		case <-ctx.Done():
+		if !c.pause(ctx) {
 			return false
-		case <-c.done:
-			return false
-		case <-time.After(5 * time.Millisecond):
 		}
+	}
+}
+
+// pause is a producer's wait for the writer to make room: 5 ms, or false
+// if ctx ends or c's reader does. The reader is busy here, not reading
+// the client's frames (its pongs among them): the client is not silent,
+// and the sweep must not drop it for a missed pong. A client that
+// stopped reading is dropped by the write timeout instead, which ends
+// the wait.
+func (c *conn) pause(ctx context.Context) bool {
+	c.lastRead.Store(time.Now().UnixNano())
+	select {
+	case <-ctx.Done():
+		return false
+	case <-c.done:
+		return false
+	case <-time.After(5 * time.Millisecond):
+		return true
 	}
 }
 
@@ -321,8 +357,15 @@ func (c *conn) writeLoop() {
 			_ = c.nc.Close()
 			return
 		}
+		replayed := 0
+		for _, q := range batch {
+			if q.replay {
+				replayed += len(q.frame)
+			}
+		}
 		clear(batch)
 		c.mu.Lock()
+		c.replaying -= replayed
 		if c.spare == nil {
 			c.spare = batch[:0]
 		}

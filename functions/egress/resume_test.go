@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -373,5 +374,55 @@ func TestResumeHandOverWaitsForRoom(t *testing.T) {
 	got, code = readThrough(ws, 20*time.Second, live[len(live)-1])
 	if code != 0 || !slices.Equal(got, want) {
 		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
+	}
+}
+
+// TestReplayHeldBytesBounded: a resume's replay builds this connection's
+// own frames (a live message's frame is shared by every queue), so it is
+// paced by their bytes as well as by the queue's length: a client that
+// resumes from far back in a channel of large messages and does not read
+// holds about replayBudget of them, not half a SEND_QUEUE (30 MB with
+// 60 KB messages, per connection, until WRITE_TIMEOUT). One that reads
+// gets every message, in order.
+func TestReplayHeldBytesBounded(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"})
+	const n, size = 100, 60 << 10
+	ids := appendData(t, rdb, ks, "big", []byte(`"`+strings.Repeat("x", size)+`"`), n)
+	ws, _, err := smallBufDialer.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := next(t, ws, "welcome").ConnectionID
+	e.s.hub.mu.Lock()
+	c := e.s.hub.conns[id]
+	e.s.hub.mu.Unlock()
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "big", "after": "0-0"})
+	// The client reads nothing: the writer blocks, and the replay waits.
+	held := func() (queued, total int) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for _, q := range c.queue {
+			queued += len(q.frame)
+		}
+		return queued, c.replaying
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if w := c.writeSince.Load(); w == 0 || time.Since(time.Unix(0, w)) < 200*time.Millisecond {
+			return fmt.Errorf("the writer is not stuck yet")
+		}
+		return nil
+	})
+	time.Sleep(100 * time.Millisecond) // for the replay to queue what it may
+	if queued, total := held(); total > 1<<20+size+64 || queued > total {
+		t.Fatalf("a stalled replay holds %d bytes (%d queued), want at most about 1 MiB", total, queued)
+	}
+	got, _ := readMessages(ws, 10*time.Second, func(id string) bool { return id == ids[n-1] })
+	if !slices.Equal(got, ids) {
+		t.Fatalf("read %d messages, want the %d replayed in order", len(got), n)
 	}
 }
