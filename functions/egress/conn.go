@@ -78,9 +78,9 @@ type conn struct {
 	// channel's membership back, which nothing removed until it expired.
 	regMu sync.Mutex
 	// listed (set under regMu) is whether the connection's record was
-	// written (openConn); a server close then removes it at once
-	// (unlist), not when the client has answered the close, and no
-	// registry write puts it back once closeStarted is set.
+	// written (openConn); a server close removes it at once (unlist),
+	// not when the client has answered the close, and no registry write
+	// puts it back once closeStarted is set.
 	listed    atomic.Bool
 	unlisting sync.WaitGroup // the unlist a server close started
 	unlisted  bool           // set by unlist before it is Done: the removal was made (or failed, and was logged)
@@ -589,10 +589,8 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			c.queue = nil
 		}
 		if byServer && code != 1006 {
-			if c.listed.Load() {
-				c.unlisting.Add(1)
-				go c.unlist()
-			}
+			c.unlisting.Add(1)
+			go c.unlist()
 			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
 			// The bound on the whole close (what is queued and the close
 			// frame written, then the client's answer awaited), set
@@ -627,8 +625,11 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 // is set, so none puts the record back.
 func (c *conn) unlist() {
 	defer c.unlisting.Done()
-	c.regMu.Lock()
+	c.regMu.Lock() // after openConn's write, if it is under way
 	defer c.regMu.Unlock()
+	if !c.listed.Load() {
+		return // never written (refused, or closed before openConn wrote it)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.Redis.Timeout)
 	err := c.s.reg.Remove(ctx, c.recordCopy())
 	cancel()

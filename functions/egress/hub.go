@@ -960,9 +960,10 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			break
 		}
 		// A connection the server is closing (a disconnect, its
-		// lifetime, a drain) is held, and listed in the registry, until
-		// its client answers the close: what reaches it meanwhile is
-		// not delivered, and counted so.
+		// lifetime, a drain) is held until its client answers the
+		// close, though its record went as the close began (unlist):
+		// what the ingress routed to it before that and reaches it
+		// meanwhile is not delivered, and counted so.
 		queued, backlogged := c.offer(q)
 		if !queued {
 			h.undelivered.Add(1)

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -341,6 +342,15 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	if l := listed(); len(l) != 3 {
 		t.Fatalf("before the close, listed in %v, want the record and both sets", l)
 	}
+	// A younger connection, live: the records-lost probe must look at it.
+	live, _, err := e.dial(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveID := next(t, live, "welcome").ConnectionID
+	e.s.hub.mu.Lock()
+	lc := e.s.hub.conns[liveID]
+	e.s.hub.mu.Unlock()
 	// The client reads nothing more: the writer blocks on a full socket,
 	// and the close frame waits behind what it is writing.
 	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), slices.Repeat([]stream.Route{stream.ToConnection(id)}, 40)...)
@@ -362,11 +372,13 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	if l := listed(); len(l) > 0 {
 		t.Fatalf("after a refresh, the closing connection is listed again in %v", l)
 	}
-	// Nor is its record, gone on purpose, taken for one Redis lost (the
-	// probe looks at a connection older than REDIS_TIMEOUT and a second).
-	time.Sleep(time.Until(c.openedAt.Add(e.s.cfg.Redis.Timeout + time.Second)))
-	if lost, _ := e.s.recordsLost(t.Context()); lost {
-		t.Fatal("the closing connection's removed record taken for records lost")
+	// Nor is its record, gone on purpose, taken for one Redis lost: the
+	// probe passes over it to the oldest connection not closing (once
+	// that is older than REDIS_TIMEOUT and a second), and finds its
+	// record.
+	time.Sleep(time.Until(lc.openedAt.Add(e.s.cfg.Redis.Timeout + time.Second)))
+	if lost, known := e.s.recordsLost(t.Context()); lost || !known {
+		t.Fatalf("records lost %v (known %v), want the live connection's record found", lost, known)
 	}
 	held := false
 	for _, c := range e.s.hub.snapshotConns() {
@@ -403,4 +415,69 @@ func waitClosing(t *testing.T, e *secEgress, id string) {
 		}
 		return fmt.Errorf("%s not closing", id)
 	})
+}
+
+// TestCloseDuringRegistrationUnlisted: a server close that begins while
+// the connection's record is being written (a drain, or a burst to the
+// user overflowing the queue, before the welcome is out) removes the
+// record once that write is done, not only once the client has answered
+// the close.
+func TestCloseDuringRegistrationUnlisted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	var armed atomic.Bool
+	hold := redistest.NewHoldBefore(func(cmds []redis.Cmder) bool {
+		if !armed.Load() {
+			return false
+		}
+		for _, c := range cmds {
+			if a := c.Args(); strings.EqualFold(c.Name(), "set") && len(a) > 1 && strings.HasPrefix(a[1].(string), prefix+":{r:") {
+				return true
+			}
+		}
+		return false
+	})
+	t.Cleanup(hold.Release)
+	rdb.AddHook(hold)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	armed.Store(true)
+	dialed := make(chan *websocket.Conn, 1)
+	go func() {
+		ws, _, err := websocket.DefaultDialer.Dial(e.url(nil), nil)
+		if err != nil {
+			t.Error(err)
+		}
+		dialed <- ws // reads nothing: the close is not answered
+	}()
+	select {
+	case <-hold.Hit():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connect's registry write was not seen")
+	}
+	cs := e.s.hub.snapshotConns()
+	if len(cs) != 1 {
+		t.Fatalf("%d connections, want the one registering", len(cs))
+	}
+	c := cs[0]
+	c.closeWith(protocol.CloseLifetime, "test: closed while registering", true)
+	hold.Release()
+	if ws := <-dialed; ws != nil {
+		defer ws.Close()
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+		if _, err := e.s.reg.Get(t.Context(), c.id); errors.Is(err, registry.ErrNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("record still there 5 s after the close")
+		}
+	}
+	held := false
+	for _, h := range e.s.hub.snapshotConns() {
+		held = held || h == c
+	}
+	if !held {
+		t.Fatal("the record went only as the connection ended, not as its close began")
+	}
 }

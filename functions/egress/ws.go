@@ -257,6 +257,7 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 // (SCF counts it as an invocation the server closed, 439).
 func (c *conn) refuse(code int, reason string, err error) {
 	c.closeWith(code, reason, true) // no writer starts: c.writing holds it
+	c.unlisting.Wait()              // nothing to remove: not listed
 	c.mu.Lock()
 	c.ctrl = nil // the welcome, not sent
 	c.mu.Unlock()
