@@ -35,12 +35,7 @@ func TestDrainDuringOpenSkipsSubscriptions(t *testing.T) {
 				joins.Add(1)
 			}
 		}
-		for _, c := range cmds {
-			if a := c.Args(); strings.EqualFold(c.Name(), "set") && len(a) > 1 && strings.HasPrefix(a[1].(string), prefix+":{r:") {
-				return true
-			}
-		}
-		return false
+		return isRecordWrite(cmds, prefix)
 	})
 	t.Cleanup(hold.Release)
 	rdb.AddHook(hold)

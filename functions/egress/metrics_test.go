@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -547,16 +546,8 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 	<-e.s.hub.inbox.ready
-	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"user": {"slow"}}), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	id := next(t, ws, "welcome").ConnectionID
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[id]
-	e.s.hub.mu.Unlock()
-	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10) // fixed: the kernel may not grow it
+	ws, c := smallBuffers(t, e, url.Values{"user": {"slow"}})
+	id := c.id
 	const n = 40
 	routes := make([]stream.Route, n)
 	for i := range routes {

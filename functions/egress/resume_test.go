@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -391,16 +390,7 @@ func TestReplayHeldBytesBounded(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"})
 	const n, size = 100, 60 << 10
 	ids := appendData(t, rdb, ks, "big", []byte(`"`+strings.Repeat("x", size)+`"`), n)
-	ws, _, err := smallBufDialer.Dial(e.url(nil), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	id := next(t, ws, "welcome").ConnectionID
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[id]
-	e.s.hub.mu.Unlock()
-	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	ws, c := smallBuffers(t, e, nil)
 	send(t, ws, map[string]any{"type": "subscribe", "channel": "big", "after": "0-0"})
 	// The client reads nothing: the writer blocks, and the replay waits.
 	held := func() (queued, total int) {

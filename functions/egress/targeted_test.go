@@ -315,17 +315,9 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 	var logs testkit.SyncBuffer
 	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"}, &logs)
 	<-e.s.hub.inbox.ready
-	ws, _, err := smallBufDialer.Dial(e.url(url.Values{"user": {"gone"}, "channels": {"room"}}), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	id := next(t, ws, "welcome").ConnectionID
+	ws, c := smallBuffers(t, e, url.Values{"user": {"gone"}, "channels": {"room"}})
+	id := c.id
 	next(t, ws, "subscribed")
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[id]
-	e.s.hub.mu.Unlock()
-	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
 	listed := func() []string {
 		t.Helper()
 		var where []string
@@ -427,15 +419,7 @@ func TestCloseDuringRegistrationUnlisted(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	var armed atomic.Bool
 	hold := redistest.NewHoldBefore(func(cmds []redis.Cmder) bool {
-		if !armed.Load() {
-			return false
-		}
-		for _, c := range cmds {
-			if a := c.Args(); strings.EqualFold(c.Name(), "set") && len(a) > 1 && strings.HasPrefix(a[1].(string), prefix+":{r:") {
-				return true
-			}
-		}
-		return false
+		return armed.Load() && isRecordWrite(cmds, prefix)
 	})
 	t.Cleanup(hold.Release)
 	rdb.AddHook(hold)
@@ -480,4 +464,35 @@ func TestCloseDuringRegistrationUnlisted(t *testing.T) {
 	if !held {
 		t.Fatal("the record went only as the connection ended, not as its close began")
 	}
+}
+
+// smallBuffers dials e with q over small socket buffers on both sides (the
+// client's receive buffer and the server's send buffer, 16 KiB each and
+// fixed: the kernel may not grow them), so that a client that stops
+// reading soon stalls the connection's writer. It returns the socket,
+// past its welcome, and the server's connection.
+func smallBuffers(t *testing.T, e *secEgress, q url.Values) (*websocket.Conn, *conn) {
+	t.Helper()
+	ws, _, err := smallBufDialer.Dial(e.url(q), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	id := next(t, ws, "welcome").ConnectionID
+	e.s.hub.mu.Lock()
+	c := e.s.hub.conns[id]
+	e.s.hub.mu.Unlock()
+	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	return ws, c
+}
+
+// isRecordWrite reports whether cmds write a connection's registry
+// record under prefix.
+func isRecordWrite(cmds []redis.Cmder, prefix string) bool {
+	for _, c := range cmds {
+		if a := c.Args(); strings.EqualFold(c.Name(), "set") && len(a) > 1 && strings.HasPrefix(a[1].(string), prefix+":{r:") {
+			return true
+		}
+	}
+	return false
 }
