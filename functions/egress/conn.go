@@ -196,34 +196,29 @@ var vecs = sync.Pool{New: func() any { v := make([][]byte, 0, 16); return &v }}
 // replayBudget (or to be none).
 func (c *conn) enqueueWait(ctx context.Context, q *queued) bool {
 	q.replay = true
-	for {
-		c.mu.Lock()
-		if c.closing {
-			c.mu.Unlock()
-			return false
-		}
-		if c.roomLocked() && (c.replaying == 0 || c.replaying+len(q.frame) <= replayBudget) {
-			c.replaying += len(q.frame)
-			c.queue = append(c.queue, q)
-			c.startWriterLocked()
-			c.mu.Unlock()
-			return true
-		}
-		c.mu.Unlock()
-		if !c.pause(ctx) {
+	for !c.enqueueIfRoom(q) {
+		if c.isClosing() || !c.pause(ctx) {
 			return false
 		}
 	}
+	return true
 }
 
 // enqueueIfRoom queues q if c's queue is less than half full (the room
-// waitRoom waits for), and reports whether it did; never once c is
-// closing.
+// waitRoom waits for) and, for a replayed frame, if the replayed bytes c
+// holds leave room for it under replayBudget (or are none), and reports
+// whether it did; never once c is closing.
 func (c *conn) enqueueIfRoom(q *queued) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closing || !c.roomLocked() {
 		return false
+	}
+	if q.replay {
+		if c.replaying > 0 && c.replaying+len(q.frame) > replayBudget {
+			return false
+		}
+		c.replaying += len(q.frame)
 	}
 	c.queue = append(c.queue, q)
 	c.startWriterLocked()
