@@ -22,6 +22,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -305,10 +306,11 @@ func TestNginxFrontsBothFunctions(t *testing.T) {
 		"CLIENT_IP_HEADER": "X-Forwarded-For",
 		// One full batch per client address, refilled in about 11 days.
 		"PUBLISH_RATE_PER_IP": "0.001", "PUBLISH_BURST_PER_IP": strconv.Itoa(maxItems),
+		"JWT_SECRET": nginxSecret,
 	})
 	eg := start(t, "egress", env{
 		"REDIS_URL": redisURL, "REDIS_KEY_PREFIX": prefix, "ALLOW_ANONYMOUS": "true",
-		"PING_INTERVAL": "300ms",
+		"PING_INTERVAL": "300ms", "JWT_SECRET": nginxSecret,
 	})
 	addr := startNginx(t, strings.TrimPrefix(ing.URL, "http://"), strings.TrimPrefix(eg.URL, "http://"))
 	base := "http://" + addr
@@ -416,6 +418,34 @@ func TestNginxFrontsBothFunctions(t *testing.T) {
 		}
 	})
 
+	t.Run("a token of the largest size passes", func(t *testing.T) {
+		// Its header line is longer than nginx's default 8k buffer.
+		tok := largestToken(t, "big")
+		n := len(sub.messages("room"))
+		st, id := publish(local, 5, map[string]string{"Authorization": "Bearer " + tok})
+		if st != 202 {
+			t.Fatalf("publish with a %d-byte token through nginx: %d", len(tok), st)
+		}
+		if got := sub.waitMessages("room", n+1)[n]; got.ID != id || got.From != "big" {
+			t.Fatalf("delivered %s from %q, want %s from big", got.ID, got.From, id)
+		}
+		d := websocket.Dialer{Subprotocols: []string{"wsrelay", "token." + tok}, HandshakeTimeout: 10 * time.Second}
+		ws, resp, err := d.Dial("ws://"+addr+"/ws", http.Header{"Origin": {pageOrigin}})
+		if err != nil {
+			status := 0
+			if resp != nil {
+				status = resp.StatusCode
+			}
+			t.Fatalf("dial with a %d-byte token through nginx: %v (status %d)", len(tok), err, status)
+		}
+		c := &wsClient{t: t, ws: ws, closed: make(chan struct{})}
+		go c.read()
+		defer func() { ws.Close(); <-c.closed }()
+		if w := c.waitFrame(func(f frame) bool { return f.Type == "welcome" }); w.User != "big" {
+			t.Fatalf("welcome for user %q, want big", w.User)
+		}
+	})
+
 	t.Run("routes", func(t *testing.T) {
 		for path, want := range map[string]int{"/": 200, "/client.js": 200, "/metrics": 404, "/healthz": 404, "/readyz": 404} {
 			if err := httpStatus(base+path, want); err != nil {
@@ -423,6 +453,30 @@ func TestNginxFrontsBothFunctions(t *testing.T) {
 			}
 		}
 	})
+}
+
+const nginxSecret = "nginx-test-secret-0123456789abcdef"
+
+// largestToken mints a token for sub, allowed every channel, of exactly
+// auth.MaxTokenBytes bytes: the longest either function takes.
+func largestToken(t *testing.T, sub string) string {
+	t.Helper()
+	for n := 1; n < auth.MaxTokenBytes; n++ {
+		// Padding patterns of up to 100 characters; "*" comes first.
+		chans := []string{"*"}
+		for rest := n; rest > 0; rest -= 100 {
+			chans = append(chans, "pad-"+strings.Repeat("x", min(rest, 100)))
+		}
+		tok, err := auth.SignHS256(nginxSecret, auth.Claims{Subject: sub, Channels: chans, Publish: []string{"*"}, Expires: time.Now().Add(time.Hour)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(tok) == auth.MaxTokenBytes {
+			return tok
+		}
+	}
+	t.Fatalf("no padding makes a token of %d bytes", auth.MaxTokenBytes)
+	return ""
 }
 
 // batchOfSize is a POST /v1/messages body of exactly size bytes in items
