@@ -248,4 +248,11 @@ func warnSecurity(log *slog.Logger, cfg Config) {
 	for _, name := range cfg.JWT.ShortSecrets() {
 		log.Warn("JWT secret shorter than 32 bytes: use a long random secret", "setting", name)
 	}
+	if keys, err := auth.ParseKeys(cfg.APIKeys); err == nil {
+		for _, pos := range keys.ShortKeys() {
+			// Its ID in logs and Redis key names is an unsalted SHA-256
+			// prefix: a short key can be recovered from it offline.
+			log.Warn("API key shorter than 32 characters: use a long random key (openssl rand -hex 32)", "api_keys_item", pos)
+		}
+	}
 }

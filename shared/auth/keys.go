@@ -36,6 +36,27 @@ type Key struct {
 	Channels    channel.Patterns
 
 	sum [sha256.Size]byte
+	// pos is the key's position in API_KEYS; short says it has fewer
+	// than MinKeyLen characters (ShortKeys).
+	pos   int
+	short bool
+}
+
+// MinKeyLen is the length below which a key is reported by ShortKeys:
+// a key's ID (logs, Redis key names) is an unsalted SHA-256 prefix, from
+// which a short or guessable key can be recovered offline.
+const MinKeyLen = 32
+
+// ShortKeys returns the positions in API_KEYS of keys shorter than
+// MinKeyLen, for a warning at start (never the keys).
+func (ks Keys) ShortKeys() []int {
+	var out []int
+	for _, k := range ks.keys {
+		if k.short {
+			out = append(out, k.pos)
+		}
+	}
+	return out
 }
 
 // MayUseChannel reports whether the key may publish to ch and read its
@@ -88,7 +109,7 @@ func ParseKeys(s string) (Keys, error) {
 		if !ValidKey(secret) {
 			return Keys{}, fmt.Errorf("API_KEYS item %d: a key is 1–256 printable ASCII characters without spaces, dots or any of , = |", pos)
 		}
-		k := Key{sum: sha256.Sum256([]byte(secret))}
+		k := Key{sum: sha256.Sum256([]byte(secret)), pos: pos, short: len(secret) < MinKeyLen}
 		k.ID = "key:" + hex.EncodeToString(k.sum[:6])
 		if seen[k.sum] {
 			return Keys{}, fmt.Errorf("API_KEYS item %d: the same key is listed twice", pos)
