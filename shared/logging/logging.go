@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/config"
 )
 
 // Config selects the log format and level.
@@ -26,6 +28,7 @@ func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
 	// ("info+4", which is warn) that the startup line would then report
 	// as given.
 	var lvl slog.Level
+	var errs []error
 	switch strings.ToLower(c.Level) {
 	case "debug":
 		lvl = slog.LevelDebug
@@ -36,7 +39,7 @@ func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
 	case "error":
 		lvl = slog.LevelError
 	default:
-		return nil, fmt.Errorf("LOG_LEVEL: %q is not debug, info, warn or error", c.Level)
+		errs = append(errs, fmt.Errorf("LOG_LEVEL: %q is not debug, info, warn or error", c.Level))
 	}
 	opts := &slog.HandlerOptions{Level: lvl}
 	var h slog.Handler
@@ -46,7 +49,11 @@ func New(c Config, w io.Writer, function string) (*slog.Logger, error) {
 	case "text":
 		h = slog.NewTextHandler(w, opts)
 	default:
-		return nil, fmt.Errorf("LOG_FORMAT: %q is not json or text", c.Format)
+		errs = append(errs, fmt.Errorf("LOG_FORMAT: %q is not json or text", c.Format))
+	}
+	// Both reported at once, as the README says of every bad value.
+	if len(errs) > 0 {
+		return nil, config.Join(errs...)
 	}
 	return slog.New(h).With("function", function), nil
 }

@@ -140,3 +140,12 @@ func TestLevels(t *testing.T) {
 		}
 	}
 }
+
+// TestBadLevelAndFormatTogether: a bad LOG_LEVEL and a bad LOG_FORMAT are
+// reported in one error, as the README says of every bad value.
+func TestBadLevelAndFormatTogether(t *testing.T) {
+	_, err := New(Config{Level: "loud", Format: "xml"}, io.Discard, "ingress")
+	if err == nil || !strings.Contains(err.Error(), "LOG_LEVEL") || !strings.Contains(err.Error(), "LOG_FORMAT") {
+		t.Fatalf("err = %v, want both LOG_LEVEL and LOG_FORMAT named", err)
+	}
+}
