@@ -81,9 +81,19 @@ type conn struct {
 	// written (openConn); a server close removes it at once (unlist),
 	// not when the client has answered the close, and no registry write
 	// puts it back once closeStarted is set.
-	listed    atomic.Bool
-	unlisting sync.WaitGroup // the unlist a server close started
-	unlisted  bool           // set by unlist before it is Done: the removal was made (or failed, and was logged)
+	listed atomic.Bool
+	// regTry is when the latest write of the record ended (openConn's, or
+	// a refresh's, whether it succeeded or Redis failed it), on the
+	// server's clock (Server.clock). Longer than REGISTRY_TTL ago, the
+	// record has expired (a write is made before it ends) and no write
+	// was even tried since: the instance did not run (frozen by its
+	// platform, stopped, starved), and the connection was out of the
+	// registry meanwhile (Server.closeLapsed). A write that hung until a
+	// partition healed counts from its end, not its start.
+	regTry     atomic.Int64
+	regStalled atomic.Int64   // Server.stalled at regTry
+	unlisting  sync.WaitGroup // the unlist a server close started
+	unlisted   bool           // set by unlist before it is Done: the removal was made (or failed, and was logged)
 
 	mu        sync.Mutex
 	queue     []*queued

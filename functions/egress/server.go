@@ -53,6 +53,22 @@ type Server struct {
 
 	refreshBatch int // connections per registry refresh pipeline
 
+	// epoch is when the server was made; clock counts from it, on the
+	// monotonic clock.
+	epoch time.Time
+
+	// lastSweep is when sweepConns last ran (the sweep loop's own): a
+	// sweep that comes much later than its period finds a process that
+	// did not run meanwhile (creditStall).
+	lastSweep time.Time
+	// stalled is the time, in ns, the process did not run, summed over
+	// the stalls sweepConns found (stallOf); conn.regStalled is its value
+	// at the connection's last registry write.
+	stalled atomic.Int64
+	// sweptAt is when sweepConns last ran, on s.clock: a refresh that
+	// runs before the sweep after a stall counts it too (pendingStall).
+	sweptAt atomic.Int64
+
 	open     atomic.Int64
 	draining atomic.Bool
 	drainMu  sync.Mutex     // orders wg.Add (new sockets) before drain's Wait
@@ -67,6 +83,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		instance = randomID(9)
 	}
 	s := &Server{
+		epoch:    time.Now(),
 		cfg:      cfg,
 		log:      log.With("instance", instance),
 		rdb:      rdb,
@@ -255,12 +272,18 @@ func (s *Server) drain() {
 func (s *Server) sweep(ctx context.Context) {
 	tick := time.NewTicker(sweepEvery(s.cfg))
 	defer tick.Stop()
+	// A stall before the first tick counts too: on SCF an instance may
+	// be frozen right after it starts, with its one socket open.
+	s.lastSweep = time.Now()
+	s.sweptAt.Store(s.clock())
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case now := <-tick.C:
-			s.sweepConns(now)
+		case <-tick.C:
+			// Not the tick's time: after a stall the tick waiting in the
+			// channel may be one from before it (stallOf).
+			s.sweepConns(time.Now())
 		}
 	}
 }
@@ -375,8 +398,12 @@ func (s *Server) maintain(ctx context.Context) {
 // (unlist).
 func (s *Server) recordsLost(ctx context.Context) (lost, known bool) {
 	var oldest *conn
+	now := s.clock()
 	for _, c := range s.hub.snapshotConns() {
 		if c.closeStarted.Load() {
+			continue
+		}
+		if s.lapsed(c, now) { // not lost by Redis: the refresh closes it (closeLapsed)
 			continue
 		}
 		if oldest == nil || c.openedAt.Before(oldest.openedAt) {
@@ -413,9 +440,15 @@ const recordsLostQuiet = 5 * time.Minute
 // writer), so a goroutine per close would only be one that nothing waits
 // for.
 func (s *Server) sweepConns(now time.Time) {
+	stalled := s.stallOf(now)
+	s.stalled.Add(int64(stalled))
+	s.sweptAt.Store(s.clock())
 	for _, c := range s.hub.snapshotConns() {
 		if c.closeStarted.Load() {
 			continue
+		}
+		if stalled > 0 {
+			creditStall(c, stalled, now)
 		}
 		if c.lifetime > 0 && now.Sub(c.openedAt) >= c.lifetime {
 			c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
@@ -443,6 +476,40 @@ func (s *Server) sweepConns(now time.Time) {
 		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {
 			c.lastPing.Store(now.UnixNano())
 			c.ping()
+		}
+	}
+}
+
+// stallOf returns how long the process did not run before this sweep:
+// the time past its period since the last one, when that is more than
+// a period (a platform that froze the instance, SIGSTOP, a VM stall; or
+// a machine so loaded that the sweep did not get its turn). Zero
+// otherwise.
+func (s *Server) stallOf(now time.Time) time.Duration {
+	every := sweepEvery(s.cfg)
+	last := s.lastSweep
+	s.lastSweep = now
+	if last.IsZero() {
+		return 0
+	}
+	if late := now.Sub(last) - every; late > every {
+		return late
+	}
+	return 0
+}
+
+// creditStall moves c's last read forward by the time the process did
+// not run (stallOf), never past now: no ping went out meanwhile, so the
+// client had none to answer, and what it sent is still unread in the
+// socket. Without it every socket of an instance that was frozen for
+// 2×PING_INTERVAL was dropped as "missed pong" by the first sweep after
+// it, clients that had done nothing wrong, all reconnecting at once.
+func creditStall(c *conn, stalled time.Duration, now time.Time) {
+	for {
+		old := c.lastRead.Load()
+		v := min(old+int64(stalled), now.UnixNano())
+		if v <= old || c.lastRead.CompareAndSwap(old, v) {
+			return
 		}
 	}
 }
@@ -476,6 +543,7 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		s.regDone(err, "check", "")
 		return err
 	}
+	all = s.closeLapsed(all)
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
 	var busy []*conn
@@ -483,7 +551,10 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		bctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
 		err := s.reg.Refresh(bctx, recs[start:])
 		cancel()
+		done, stalled := s.clock(), s.stalled.Load()
 		for _, c := range conns[start:] {
+			c.regTry.Store(done)
+			c.regStalled.Store(stalled)
 			c.regMu.Unlock()
 		}
 		s.regDone(err, "refresh", "")
@@ -521,6 +592,18 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		}
 		err = write(start)
 	}
+	if err != nil {
+		// Redis failed the refresh, which stops at the failing batch: the
+		// records of the rest were due as well. They are not lapsed by a
+		// stall of the instance's own (closeLapsed) when they expire.
+		now, stalled := s.clock(), s.stalled.Load()
+		for _, c := range all {
+			if now > c.regTry.Load() {
+				c.regTry.Store(now)
+				c.regStalled.Store(stalled)
+			}
+		}
+	}
 	// A connection that ended meanwhile may have been removed from the
 	// registry before the refresh wrote its record back: remove it again,
 	// or sends to it would be accepted (and dropped) for REGISTRY_TTL.
@@ -554,6 +637,75 @@ func (s *Server) stopEpisodes() {
 	for _, e := range s.episodes() {
 		e.Stop()
 	}
+}
+
+// clock is the time since the server was made, in ns, on the monotonic
+// clock: what conn.regTry holds.
+func (s *Server) clock() int64 { return int64(time.Since(s.epoch)) }
+
+// lapsed reports whether no write of c's record has ended for longer
+// than REGISTRY_TTL (conn.regTry), though it is listed and not closing,
+// because the process did not run: Redis has let the record expire, and
+// sends and disconnects found nobody there meanwhile. Without the time
+// the sweep found the process stalled since that write (Server.stalled),
+// the record would not have expired: a Redis outage, which holds up the
+// refreshes (maintain waits for Redis) but not the sweep, is not a
+// lapse, and the records are written back once Redis answers.
+func (s *Server) lapsed(c *conn, now int64) bool {
+	if !c.listed.Load() || c.closeStarted.Load() {
+		return false
+	}
+	ttl, since := int64(s.cfg.RegistryTTL), now-c.regTry.Load()
+	return since > ttl && since-(s.stalled.Load()+s.pendingStall(now)-c.regStalled.Load()) <= ttl
+}
+
+// pendingStall is the stall the sweep has not counted yet, at now (on
+// s.clock): both loops wake when the process runs again, and the refresh
+// may look before the sweep has. As stallOf counts it.
+func (s *Server) pendingStall(now int64) int64 {
+	last := s.sweptAt.Load()
+	if last == 0 {
+		return 0
+	}
+	every := int64(sweepEvery(s.cfg))
+	if late := now - last - every; late > every {
+		return late
+	}
+	return 0
+}
+
+// closeLapsed closes the connections among all whose records lapsed
+// (lapsed) and returns the others. A refresh is tried every REGISTRY_TTL
+// / 3: only an instance that did not run for about two thirds of
+// REGISTRY_TTL, frozen by its platform, stopped or starved of CPU, gets
+// here. Writing the records back would let the connections live on
+// having missed, unknown to them, every message sent to their user
+// meanwhile, and an operator's disconnect that answered none were
+// there. Closed 1013, they reconnect and resume their channels, and are
+// registered again.
+func (s *Server) closeLapsed(all []*conn) []*conn {
+	now := s.clock()
+	kept := all[:0:0]
+	var lapsed []*conn
+	var oldest int64
+	for _, c := range all {
+		if !s.lapsed(c, now) {
+			kept = append(kept, c)
+			continue
+		}
+		lapsed = append(lapsed, c)
+		oldest = max(oldest, now-c.regTry.Load())
+	}
+	if len(lapsed) == 0 {
+		return all
+	}
+	s.log.Warn("registry records lapsed, closing their connections", "connections", len(lapsed),
+		"not_refreshed_for", time.Duration(oldest).Round(time.Millisecond).String(),
+		"then", "the instance did not run for longer than REGISTRY_TTL allows (frozen, stopped, starved of CPU): its records expired, and sends to these connections and their users and disconnects found nobody meanwhile; they are closed 1013 to reconnect and resume")
+	for _, c := range lapsed {
+		c.closeWith(protocol.CloseTryAgainLater, "registration lapsed: reconnect and resume", true)
+	}
+	return kept
 }
 
 // regDone records the outcome of a registry write, op, for connection

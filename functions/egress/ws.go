@@ -195,6 +195,8 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
 		err = s.reg.Put(rctx, c.recordCopy())
 		rcancel()
+		c.regTry.Store(s.clock())
+		c.regStalled.Store(s.stalled.Load())
 		s.regDone(err, "put", c.id)
 		c.listed.Store(err == nil)
 	}
