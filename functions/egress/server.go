@@ -68,6 +68,10 @@ type Server struct {
 	// sweptAt is when sweepConns last ran, on s.clock: a refresh that
 	// runs before the sweep after a stall counts it too (pendingStall).
 	sweptAt atomic.Int64
+	// stallMu makes a stall's move from pendingStall into stalled one
+	// step for stallAt: read between the two, it was counted twice, or
+	// not at all.
+	stallMu sync.Mutex
 
 	open     atomic.Int64
 	draining atomic.Bool
@@ -441,8 +445,10 @@ const recordsLostQuiet = 5 * time.Minute
 // for.
 func (s *Server) sweepConns(now time.Time) {
 	stalled := s.stallOf(now)
+	s.stallMu.Lock()
 	s.stalled.Add(int64(stalled))
 	s.sweptAt.Store(s.clock())
+	s.stallMu.Unlock()
 	for _, c := range s.hub.snapshotConns() {
 		if c.closeStarted.Load() {
 			continue
@@ -547,13 +553,23 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 	conns := make([]*conn, 0, len(all))
 	recs := make([]*registry.Record, 0, len(all))
 	var busy []*conn
+	var late []*conn // lapsed while this refresh ran (a stall between its batches)
 	write := func(start int) error {
+		began := s.clock()
+		before := s.stallAt(began)
 		bctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
 		err := s.reg.Refresh(bctx, recs[start:])
 		cancel()
-		done, stalled := s.clock(), s.stalled.Load()
+		done := s.clock()
+		after := s.stallAt(done)
+		// A write the process stopped in the middle of was made before
+		// the stall, and its TTL runs from then: it counts from its start.
+		at, stalled := done, after
+		if after > before {
+			at, stalled = began, before
+		}
 		for _, c := range conns[start:] {
-			c.regTry.Store(done)
+			c.regTry.Store(at)
 			c.regStalled.Store(stalled)
 			c.regMu.Unlock()
 		}
@@ -566,6 +582,11 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 	take := func(c *conn) {
 		if !c.listed.Load() || c.closeStarted.Load() {
 			c.regMu.Unlock()
+			return
+		}
+		if s.lapsed(c, s.clock()) {
+			c.regMu.Unlock()
+			late = append(late, c)
 			return
 		}
 		conns = append(conns, c)
@@ -592,11 +613,15 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		}
 		err = write(start)
 	}
+	if len(late) > 0 {
+		s.closeLapsed(late)
+	}
 	if err != nil {
 		// Redis failed the refresh, which stops at the failing batch: the
 		// records of the rest were due as well. They are not lapsed by a
 		// stall of the instance's own (closeLapsed) when they expire.
-		now, stalled := s.clock(), s.stalled.Load()
+		now := s.clock()
+		stalled := s.stallAt(now)
 		for _, c := range all {
 			if now > c.regTry.Load() {
 				c.regTry.Store(now)
@@ -656,7 +681,16 @@ func (s *Server) lapsed(c *conn, now int64) bool {
 		return false
 	}
 	ttl, since := int64(s.cfg.RegistryTTL), now-c.regTry.Load()
-	return since > ttl && since-(s.stalled.Load()+s.pendingStall(now)-c.regStalled.Load()) <= ttl
+	return since > ttl && since-(s.stallAt(now)-c.regStalled.Load()) <= ttl
+}
+
+// stallAt is the time the process did not run up to now (on s.clock):
+// what the sweep counted (stalled) and what it has not yet
+// (pendingStall).
+func (s *Server) stallAt(now int64) int64 {
+	s.stallMu.Lock()
+	defer s.stallMu.Unlock()
+	return s.stalled.Load() + s.pendingStall(now)
 }
 
 // pendingStall is the stall the sweep has not counted yet, at now (on

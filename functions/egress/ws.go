@@ -195,8 +195,9 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
 		err = s.reg.Put(rctx, c.recordCopy())
 		rcancel()
-		c.regTry.Store(s.clock())
-		c.regStalled.Store(s.stalled.Load())
+		at := s.clock()
+		c.regTry.Store(at)
+		c.regStalled.Store(s.stallAt(at))
 		s.regDone(err, "put", c.id)
 		c.listed.Store(err == nil)
 	}
