@@ -57,16 +57,14 @@ type Server struct {
 	// monotonic clock.
 	epoch time.Time
 
-	// lastSweep is when sweepConns last ran (the sweep loop's own): a
-	// sweep that comes much later than its period finds a process that
-	// did not run meanwhile (creditStall).
-	lastSweep time.Time
 	// stalled is the time, in ns, the process did not run, summed over
-	// the stalls sweepConns found (stallOf); conn.regStalled is its value
-	// at the connection's last registry write.
+	// the stalls sweepConns found (noteSweep); conn.regStalled is its
+	// value at the connection's last registry write.
 	stalled atomic.Int64
-	// sweptAt is when sweepConns last ran, on s.clock: a refresh that
-	// runs before the sweep after a stall counts it too (pendingStall).
+	// sweptAt is when sweepConns last ran, on s.clock: a sweep that comes
+	// much later than its period finds a process that did not run
+	// meanwhile, and a refresh that runs before the sweep after a stall
+	// counts it too (pendingStall).
 	sweptAt atomic.Int64
 	// stallMu makes a stall's move from pendingStall into stalled one
 	// step for stallAt: read between the two, it was counted twice, or
@@ -278,7 +276,6 @@ func (s *Server) sweep(ctx context.Context) {
 	defer tick.Stop()
 	// A stall before the first tick counts too: on SCF an instance may
 	// be frozen right after it starts, with its one socket open.
-	s.lastSweep = time.Now()
 	s.sweptAt.Store(s.clock())
 	for {
 		select {
@@ -286,7 +283,7 @@ func (s *Server) sweep(ctx context.Context) {
 			return
 		case <-tick.C:
 			// Not the tick's time: after a stall the tick waiting in the
-			// channel may be one from before it (stallOf).
+			// channel may be one from before it (noteSweep).
 			s.sweepConns(time.Now())
 		}
 	}
@@ -444,11 +441,7 @@ const recordsLostQuiet = 5 * time.Minute
 // writer), so a goroutine per close would only be one that nothing waits
 // for.
 func (s *Server) sweepConns(now time.Time) {
-	stalled := s.stallOf(now)
-	s.stallMu.Lock()
-	s.stalled.Add(int64(stalled))
-	s.sweptAt.Store(s.clock())
-	s.stallMu.Unlock()
+	stalled := s.noteSweep(now)
 	for _, c := range s.hub.snapshotConns() {
 		if c.closeStarted.Load() {
 			continue
@@ -486,26 +479,22 @@ func (s *Server) sweepConns(now time.Time) {
 	}
 }
 
-// stallOf returns how long the process did not run before this sweep:
-// the time past its period since the last one, when that is more than
-// a period (a platform that froze the instance, SIGSTOP, a VM stall; or
-// a machine so loaded that the sweep did not get its turn). Zero
-// otherwise.
-func (s *Server) stallOf(now time.Time) time.Duration {
-	every := sweepEvery(s.cfg)
-	last := s.lastSweep
-	s.lastSweep = now
-	if last.IsZero() {
-		return 0
-	}
-	if late := now.Sub(last) - every; late > every {
-		return late
-	}
-	return 0
+// noteSweep records a sweep at now and returns how long the process did
+// not run before it (pendingStall: a platform that froze the instance,
+// SIGSTOP, a VM stall; or a machine so loaded that the sweep did not get
+// its turn), which it adds to s.stalled.
+func (s *Server) noteSweep(now time.Time) time.Duration {
+	at := int64(now.Sub(s.epoch))
+	s.stallMu.Lock()
+	defer s.stallMu.Unlock()
+	late := s.pendingStall(at)
+	s.stalled.Add(late)
+	s.sweptAt.Store(at)
+	return time.Duration(late)
 }
 
 // creditStall moves c's last read forward by the time the process did
-// not run (stallOf), never past now: no ping went out meanwhile, so the
+// not run (noteSweep), never past now: no ping went out meanwhile, so the
 // client had none to answer, and what it sent is still unread in the
 // socket. Without it every socket of an instance that was frozen for
 // 2×PING_INTERVAL was dropped as "missed pong" by the first sweep after
@@ -694,8 +683,10 @@ func (s *Server) stallAt(now int64) int64 {
 }
 
 // pendingStall is the stall the sweep has not counted yet, at now (on
-// s.clock): both loops wake when the process runs again, and the refresh
-// may look before the sweep has. As stallOf counts it.
+// s.clock): the time past its period since the last sweep, when that is
+// more than a period. Both loops wake when the process runs again, and
+// the refresh may look before the sweep has; the sweep counts it with
+// this too (noteSweep).
 func (s *Server) pendingStall(now int64) int64 {
 	last := s.sweptAt.Load()
 	if last == 0 {

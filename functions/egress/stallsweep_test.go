@@ -20,9 +20,10 @@ func TestSweepAfterStallKeepsClients(t *testing.T) {
 	const ping = time.Second // sweeps every 500 ms
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	s := &Server{
-		cfg: Config{SendQueue: 16, WriteTimeout: 10 * time.Second, PingInterval: ping, ShutdownGrace: time.Second},
-		log: log,
-		hub: newHub(log, nil, keys.Scheme{Prefix: "t:"}, "i", 16),
+		epoch: time.Now().Add(-time.Minute),
+		cfg:   Config{SendQueue: 16, WriteTimeout: 10 * time.Second, PingInterval: ping, ShutdownGrace: time.Second},
+		log:   log,
+		hub:   newHub(log, nil, keys.Scheme{Prefix: "t:"}, "i", 16),
 	}
 	server, client := tcpPair(t)
 	t0 := time.Now()
