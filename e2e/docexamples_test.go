@@ -190,11 +190,12 @@ func (s *docStack) do(t *testing.T, method, path, token, body string) (int, []by
 	return resp.StatusCode, b
 }
 
-// dialToken opens a socket with the token as the shipped clients send it.
-func (s *docStack) dialToken(t *testing.T, url, token string) *wsClient {
+// dialToken opens a socket with the token as the shipped clients send it
+// (and the request headers hdr).
+func dialToken(t *testing.T, url, token string, hdr http.Header) *wsClient {
 	t.Helper()
 	d := websocket.Dialer{Subprotocols: []string{"wsrelay", "token." + token}, HandshakeTimeout: 10 * time.Second}
-	ws, resp, err := d.Dial(url, nil)
+	ws, resp, err := d.Dial(url, hdr)
 	if err != nil {
 		status := 0
 		if resp != nil {
@@ -214,7 +215,7 @@ func (s *docStack) dialToken(t *testing.T, url, token string) *wsClient {
 // stamps alice as the sender.
 func (s *docStack) checkUserToken(t *testing.T, what, token string) {
 	t.Helper()
-	c := s.dialToken(t, s.wsURL(), token)
+	c := dialToken(t, s.wsURL(), token, nil)
 	if c.welcome.User != "alice" {
 		t.Fatalf("%s: welcome for %q, want alice", what, c.welcome.User)
 	}
@@ -393,7 +394,7 @@ func docAPI(t *testing.T, d *docExamples, s *docStack) {
 	}
 	sameFields(t, history, history.body, out)
 
-	c := s.dialToken(t, s.wsURL(), s.token(t, "alice", []string{"room-*"}, nil))
+	c := dialToken(t, s.wsURL(), s.token(t, "alice", []string{"room-*"}, nil), nil)
 	c.subscribe("room-1")
 	st, out = s.do(t, "GET", "/v1/connections/"+c.welcome.ConnectionID, s.apiKey, "")
 	if st != 200 {
@@ -445,7 +446,7 @@ func docProtocol(t *testing.T, d *docExamples, s *docStack) {
 	sameFields(t, welcome, welcome.body, raw, "idle_timeout_ms")
 
 	// Several requests in one frame, as written.
-	c2 := s.dialToken(t, s.wsURL(), tok)
+	c2 := dialToken(t, s.wsURL(), tok, nil)
 	if err := c2.ws.WriteMessage(websocket.TextMessage, []byte(several.body)); err != nil {
 		t.Fatal(err)
 	}
@@ -540,7 +541,7 @@ func docSecurity(t *testing.T, d *docExamples, s *docStack) {
 	}
 
 	// The refresh frame, with a fresh token for the same user.
-	c := s.dialToken(t, s.wsURL(), s.token(t, "alice", []string{"room-*"}, nil))
+	c := dialToken(t, s.wsURL(), s.token(t, "alice", []string{"room-*"}, nil), nil)
 	c.ws.WriteMessage(websocket.TextMessage, []byte(sub(t, refresh, refresh.body, "<new jwt>", s.token(t, "alice", []string{"room-*"}, nil))))
 	var ref struct{ Ref json.Number }
 	_ = json.Unmarshal([]byte(refresh.body), &ref)

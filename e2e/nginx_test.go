@@ -429,19 +429,7 @@ func TestNginxFrontsBothFunctions(t *testing.T) {
 		if got := sub.waitMessages("room", n+1)[n]; got.ID != id || got.From != "big" {
 			t.Fatalf("delivered %s from %q, want %s from big", got.ID, got.From, id)
 		}
-		d := websocket.Dialer{Subprotocols: []string{"wsrelay", "token." + tok}, HandshakeTimeout: 10 * time.Second}
-		ws, resp, err := d.Dial("ws://"+addr+"/ws", http.Header{"Origin": {pageOrigin}})
-		if err != nil {
-			status := 0
-			if resp != nil {
-				status = resp.StatusCode
-			}
-			t.Fatalf("dial with a %d-byte token through nginx: %v (status %d)", len(tok), err, status)
-		}
-		c := &wsClient{t: t, ws: ws, closed: make(chan struct{})}
-		go c.read()
-		defer func() { ws.Close(); <-c.closed }()
-		if w := c.waitFrame(func(f frame) bool { return f.Type == "welcome" }); w.User != "big" {
+		if w := dialToken(t, "ws://"+addr+"/ws", tok, http.Header{"Origin": {pageOrigin}}).welcome; w.User != "big" {
 			t.Fatalf("welcome for user %q, want big", w.User)
 		}
 	})

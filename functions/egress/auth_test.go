@@ -108,6 +108,24 @@ func (e *secEgress) dial(t *testing.T, q url.Values, hdr http.Header, protos ...
 	return ws, resp, err
 }
 
+// conn is the server's connection with id (nil if it has none).
+func (e *secEgress) conn(id string) *conn {
+	e.s.hub.mu.Lock()
+	defer e.s.hub.mu.Unlock()
+	return e.s.hub.conns[id]
+}
+
+// dialConn opens a socket with query q and returns it, past its welcome,
+// and the server's connection.
+func (e *secEgress) dialConn(t *testing.T, q url.Values) (*websocket.Conn, *conn) {
+	t.Helper()
+	ws, _, err := e.dial(t, q, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ws, e.conn(next(t, ws, "welcome").ConnectionID)
+}
+
 func token(t *testing.T, c auth.Claims) string {
 	t.Helper()
 	if c.Expires.IsZero() {

@@ -239,9 +239,7 @@ func TestInitialChannelsStopAtClose(t *testing.T) {
 	defer ws.Close()
 	welcome := next(t, ws, protocol.TypeWelcome)
 	next(t, ws, protocol.TypeSubscribed) // the list is being handled
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[welcome.ConnectionID]
-	e.s.hub.mu.Unlock()
+	c := e.conn(welcome.ConnectionID)
 	c.closeWith(protocol.CloseGoingAway, "test: closed by the server", true)
 	// Not the ten seconds the rest of the list would take.
 	testkit.Eventually(t, 3*time.Second, func() error { return openSockets(e.s, 0) })

@@ -296,9 +296,7 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 		}
 		return nil
 	})
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[id]
-	e.s.hub.mu.Unlock()
+	c := e.conn(id)
 	// Small buffers both ends, fixed (a send buffer the kernel may grow
 	// would let the writer drain the queue after it looked full, and
 	// the hand-over queue the whole buffer at once).

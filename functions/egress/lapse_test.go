@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gorilla/websocket"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
@@ -33,19 +32,9 @@ func TestLapsedRegistrationClosed(t *testing.T) {
 	// during the test: the one it makes is the only one.
 	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REGISTRY_TTL": "60s"}, &logs)
 	<-e.s.hub.inbox.ready
-	dial := func(user string) (*websocket.Conn, *conn) {
-		ws, _, err := e.dial(t, url.Values{"user": {user}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		id := next(t, ws, "welcome").ConnectionID
-		e.s.hub.mu.Lock()
-		defer e.s.hub.mu.Unlock()
-		return ws, e.s.hub.conns[id]
-	}
-	frozenWS, frozen := dial("alice")
-	_, live := dial("bob")
-	_, cut := dial("carol")
+	frozenWS, frozen := e.dialConn(t, url.Values{"user": {"alice"}})
+	_, live := e.dialConn(t, url.Values{"user": {"bob"}})
+	_, cut := e.dialConn(t, url.Values{"user": {"carol"}})
 	// alice's record was last written 61 s ago, and has expired: the
 	// process did not run for 50 s of it (as the sweep would have found).
 	frozen.regTry.Store(e.s.clock() - int64(61*time.Second))
@@ -104,14 +93,8 @@ func TestFailedRefreshIsTried(t *testing.T) {
 	<-e.s.hub.inbox.ready
 	var conns []*conn
 	for _, user := range []string{"a", "b", "c"} {
-		ws, _, err := e.dial(t, url.Values{"user": {user}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		id := next(t, ws, "welcome").ConnectionID
-		e.s.hub.mu.Lock()
-		conns = append(conns, e.s.hub.conns[id])
-		e.s.hub.mu.Unlock()
+		_, c := e.dialConn(t, url.Values{"user": {user}})
+		conns = append(conns, c)
 	}
 	// Last tried 50 s ago: not lapsed yet.
 	before := e.s.clock()

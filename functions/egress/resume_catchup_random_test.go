@@ -544,9 +544,7 @@ func (r *cuRound) dial() *cuClient {
 		r.fail("client %d: no welcome (close %d)", c.n, c.code)
 		return nil
 	}
-	r.e.s.hub.mu.Lock()
-	c.conn = r.e.s.hub.conns[c.id]
-	r.e.s.hub.mu.Unlock()
+	c.conn = r.e.conn(c.id)
 	return c
 }
 

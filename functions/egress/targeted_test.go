@@ -335,14 +335,7 @@ func TestClosingConnectionUnlisted(t *testing.T) {
 		t.Fatalf("before the close, listed in %v, want the record and both sets", l)
 	}
 	// A younger connection, live: the records-lost probe must look at it.
-	live, _, err := e.dial(t, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	liveID := next(t, live, "welcome").ConnectionID
-	e.s.hub.mu.Lock()
-	lc := e.s.hub.conns[liveID]
-	e.s.hub.mu.Unlock()
+	_, lc := e.dialConn(t, nil)
 	// The client reads nothing more: the writer blocks on a full socket,
 	// and the close frame waits behind what it is writing.
 	toInbox(t, rdb, ks, e, []byte(`"`+strings.Repeat("x", 16<<10)+`"`), slices.Repeat([]stream.Route{stream.ToConnection(id)}, 40)...)
@@ -478,10 +471,7 @@ func smallBuffers(t *testing.T, e *secEgress, q url.Values) (*websocket.Conn, *c
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ws.Close() })
-	id := next(t, ws, "welcome").ConnectionID
-	e.s.hub.mu.Lock()
-	c := e.s.hub.conns[id]
-	e.s.hub.mu.Unlock()
+	c := e.conn(next(t, ws, "welcome").ConnectionID)
 	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
 	return ws, c
 }
