@@ -308,9 +308,14 @@ func TestIdleAndLifetimeResume(t *testing.T) {
 				if st := postQuiet(c.ingress[0].URL+"/v1/channels/cut/messages", map[string]any{"data": len(ids)}, &res); st == 202 {
 					ids = append(ids, res.ID)
 				}
-				// Bursts with pauses longer than the idle timeout.
+				// Bursts with pauses longer than the idle timeout and
+				// the check's period (1 s) together: every pause ends
+				// in a 4000 in the idle case, whatever the check's phase
+				// (a 1.5 s pause did only about half the time, and on a
+				// loaded machine, with slow bursts, 4 s held two pauses
+				// at about the same phase).
 				if len(ids)%50 == 0 {
-					time.Sleep(1500 * time.Millisecond)
+					time.Sleep(2500 * time.Millisecond)
 				}
 			}
 			r.waitFrom("cut", ids)
