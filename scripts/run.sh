@@ -154,6 +154,19 @@ Publish from a shell:
   curl -sS -X POST http://localhost:$INGRESS_PORT/v1/channels/demo/messages -H 'Content-Type: application/json' -d '{"data": {"text": "hello"}}'
 
 MSG
+# The commands above are for anonymous mode, make run's default; the
+# functions read the variable with Go's strconv.ParseBool.
+case $ALLOW_ANONYMOUS in
+1 | t | T | true | TRUE | True) ;;
+*)
+  cat <<MSG
+ALLOW_ANONYMOUS=$ALLOW_ANONYMOUS in your environment: the two commands above need a
+credential. Add -H 'Authorization: Bearer <API key or token>' to the curl and
+?token=<token> to the WebSocket URL (docs/security.md).
+
+MSG
+  ;;
+esac
 
 # Stop everything as soon as either function exits: cleanly (status 0)
 # after a signal, or on an error (its log is above).

@@ -79,6 +79,7 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"HEAD upgrade", "HEAD /ws?token=" + good + " HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 400, "bad_handshake"},
 		{"POST upgrade", "POST /ws?token=" + good + " HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 0\r\n" + up + key + v13 + "\r\n", 405, "method_not_allowed"},
 		{"upgrade on another path", "GET /socket HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 404, "not_found"},
+		{"upgrade on //ws", "GET //ws?token=" + good + " HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 404, "not_found"},
 		{"origin null", get("", up+key+v13+"Origin: null\r\n"), 403, "origin_not_allowed"},
 		{"origin of another port", get("", up+key+v13+"Origin: http://127.0.0.1:1\r\n"), 403, "origin_not_allowed"},
 		{"origin with a path", get("", up+key+v13+"Origin: http://"+host+"/app\r\n"), 403, "origin_not_allowed"},

@@ -25,6 +25,16 @@ func TestRoutesMethodsAndNotFound(t *testing.T) {
 		{"POST", "/", 405, "method_not_allowed"},
 		{"GET", "/nope", 404, "not_found"},
 		{"POST", "/nope", 404, "not_found"},
+		// Not in clean form: 404, never ServeMux's 307 to the cleaned
+		// path (which http.DefaultClient would follow to a 200 or 400).
+		{"GET", "//ws", 404, "not_found"},
+		{"POST", "//ws", 404, "not_found"},
+		{"GET", "/./ws", 404, "not_found"},
+		{"GET", "/x/../healthz", 404, "not_found"},
+		{"GET", "/healthz/.", 404, "not_found"},
+		{"GET", "/healthz/", 404, "not_found"},
+		{"GET", "//", 404, "not_found"},
+		{"GET", "//client.js", 404, "not_found"},
 		{"HEAD", "/healthz", 200, ""},
 	} {
 		req, _ := http.NewRequest(tc.method, e.srv.URL+tc.path, strings.NewReader(""))

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"path"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -183,8 +184,18 @@ func (s *Server) routes() {
 // ingress's answers are: without it a GET's 200 is cacheable by
 // heuristic (RFC 9111 §4.2.2), and a cache in front of the egress could
 // answer a probe with a stale /readyz or a scrape with an old /metrics.
+//
+// A path not in clean form (//ws, /./ws, /x/../ws, /ws/) is 404 whatever
+// the method, as on the ingress: ServeMux would answer it with a 307 to
+// the cleaned path, in HTML, which a WebSocket client does not follow (a
+// base URL with a trailing slash, EGRESS_URL + "/ws", is the usual way to
+// get one) and would only ever see as "bad handshake".
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header()["Cache-Control"] = cacheNoStore
+	if p := r.URL.Path; p != "/" && path.Clean(p) != p {
+		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint (the path is not in clean form); see docs/protocol.md")
+		return
+	}
 	s.mux.ServeHTTP(w, r)
 }
 
