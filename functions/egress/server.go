@@ -192,7 +192,7 @@ func (s *Server) routes() {
 // get one) and would only ever see as "bad handshake".
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header()["Cache-Control"] = cacheNoStore
-	if p := r.URL.Path; p != "/" && path.Clean(p) != p {
+	if p := r.URL.Path; path.Clean(p) != p {
 		writeHTTPError(w, http.StatusNotFound, "not_found", "no such endpoint (the path is not in clean form); see docs/protocol.md")
 		return
 	}
