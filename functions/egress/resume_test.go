@@ -327,13 +327,15 @@ func TestResumeWhileCatchUpStalled(t *testing.T) {
 // the live messages once each, in order, and stays open.
 func TestResumeHandOverWaitsForRoom(t *testing.T) {
 	t.Parallel()
-	e, rdb, ks, pause := pausedEgress(t, map[string]string{"WRITE_TIMEOUT": "10s"})
+	e, rdb, ks, pause := pausedEgress(t, map[string]string{"WRITE_TIMEOUT": "30s"})
 	<-e.s.hub.inbox.ready
 	// Two batches after the resume position, the second (the last)
 	// more than the socket's buffers hold: the replay waits for the
-	// client while it sends it.
+	// client while it sends it. The first is small: 6 MB more through
+	// the 16 KiB receive buffer took seconds.
+	hist := appendData(t, rdb, ks, "ho", []byte(`"x"`), replayBatch+1)
 	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
-	hist := appendData(t, rdb, ks, "ho", data, 2*replayBatch)
+	hist = append(hist, appendData(t, rdb, ks, "ho", data, replayBatch-1)...)
 	second := &pausePoint{key: ks.Stream("ho"), start: hist[replayBatch], after: true, reached: make(chan struct{}), released: make(chan struct{})}
 	pause.arm(second)
 	defer second.release()
@@ -346,7 +348,7 @@ func TestResumeHandOverWaitsForRoom(t *testing.T) {
 	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
 	// The first batch; then the client pauses, and the replay makes its
 	// last read and sends what it read until it waits for the client.
-	got, code := readMessages(ws, 10*time.Second, func(id string) bool { return id == hist[replayBatch] })
+	got, code := readMessages(ws, 45*time.Second, func(id string) bool { return id == hist[replayBatch] })
 	if !slices.Equal(got, hist[1:replayBatch+1]) {
 		t.Fatalf("first batch: %d messages (close %d), want %d", len(got), code, replayBatch)
 	}
@@ -370,7 +372,9 @@ func TestResumeHandOverWaitsForRoom(t *testing.T) {
 		return errors.New("the replay has ended")
 	})
 	want := append(slices.Clone(hist[replayBatch+1:]), live...)
-	got, code = readThrough(ws, 20*time.Second, live[len(live)-1])
+	// 6 MB through a 16 KiB receive buffer, at under 1 MB/s on an idle
+	// machine (delayed acknowledgements) and less under make test's load.
+	got, code = readThrough(ws, 45*time.Second, live[len(live)-1])
 	if code != 0 || !slices.Equal(got, want) {
 		t.Fatalf("got %d of %d messages (close %d), want all once, in order, and no close", len(got), len(want), code)
 	}
@@ -388,7 +392,7 @@ func TestReplayHeldBytesBounded(t *testing.T) {
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "30s"})
-	const n, size = 100, 60 << 10
+	const n, size = 40, 60 << 10 // 2.4 MB: more than twice replayBudget
 	ids := appendData(t, rdb, ks, "big", []byte(`"`+strings.Repeat("x", size)+`"`), n)
 	ws, c := smallBuffers(t, e, nil)
 	send(t, ws, map[string]any{"type": "subscribe", "channel": "big", "after": "0-0"})
@@ -411,7 +415,7 @@ func TestReplayHeldBytesBounded(t *testing.T) {
 	if queued, total := held(); total > 1<<20+size+64 || queued > total {
 		t.Fatalf("a stalled replay holds %d bytes (%d queued), want at most about 1 MiB", total, queued)
 	}
-	got, _ := readMessages(ws, 10*time.Second, func(id string) bool { return id == ids[n-1] })
+	got, _ := readMessages(ws, 45*time.Second, func(id string) bool { return id == ids[n-1] }) // under 1 MB/s through small buffers
 	if !slices.Equal(got, ids) {
 		t.Fatalf("read %d messages, want the %d replayed in order", len(got), n)
 	}
