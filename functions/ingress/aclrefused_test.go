@@ -25,16 +25,21 @@ import (
 // refused a command to the user, with Redis's reason; it does not say
 // "redis unavailable". A refusal inside the append script (a command the
 // script calls) and one of a command itself (the script call) are both
-// seen as such.
+// seen as such, and so is a refused WAIT (PUBLISH_WAIT_REPLICAS on, the
+// user without +wait), which is no replica being late: each retry would
+// write the message again and be refused again.
 func TestRedisRefusesCommand(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name, rules string
+		wait        bool
 	}{
 		// The append script may run, XADD inside it may not.
-		{"inside the script", "+evalsha +eval +get +set +exists +pexpire +xinfo|stream +spublish +ping"},
+		{"inside the script", "+evalsha +eval +get +set +exists +pexpire +xinfo|stream +spublish +ping", false},
 		// The script itself may not run.
-		{"the script call", "+get +set +exists +ping"},
+		{"the script call", "+get +set +exists +ping", false},
+		// The script runs, the WAIT after it may not.
+		{"the WAIT", "+evalsha +eval +get +set +exists +pexpire +xadd +xtrim +xinfo|stream +spublish +ping", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -55,7 +60,11 @@ func TestRedisRefusesCommand(t *testing.T) {
 			}
 			u.User = url.UserPassword("pub", "pw")
 			logs := &testkit.SyncBuffer{}
-			e := newEnvWith(t, redisconn.Config{URL: u.String(), Timeout: time.Second, KeyPrefix: prefix}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+			var opt func(*Config)
+			if tc.wait {
+				opt = func(c *Config) { c.PublishWaitReplicas, c.PublishWaitTimeout = 1, 100*time.Millisecond }
+			}
+			e := newEnvWith(t, redisconn.Config{URL: u.String(), Timeout: time.Second, KeyPrefix: prefix}, slog.New(slog.NewJSONHandler(logs, nil)), opt)
 			for range 3 {
 				w := e.do("POST", "/v1/channels/a/messages", `{"data":1}`)
 				expectError(t, w, 500, "internal")

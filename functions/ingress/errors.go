@@ -58,7 +58,9 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		idx := ie.Index
 		body.Error.Index = &idx
 	case errors.As(err, &ae):
-	case errors.Is(err, stream.ErrNotReplicated):
+	case errors.Is(err, stream.ErrNotReplicated) && !redisconn.Refused(err):
+		// A WAIT that Redis refused to the functions' ACL user (no +wait)
+		// is no replica being late: it falls to the refusals below.
 		s.unreplicated.Fail(err, "route", c.FullPath())
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
 	case redis.HasErrorPrefix(err, "WRONGTYPE"):
