@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"math"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,7 +16,9 @@ import (
 )
 
 // maxLimiters bounds each limiter set; beyond it, idle limiters are
-// evicted first, then arbitrary ones (which only resets their budget).
+// evicted first, then the fullest (which gives them back at most the
+// little they had spent; an emptied one, a rate-limited client's, is
+// the last to go).
 const maxLimiters = 10000
 
 // limiterSet holds one token bucket per key (API key, IP, user).
@@ -80,10 +84,13 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, 
 	return 0, e.lim.ReserveN(now, n)
 }
 
-// sweep drops idle buckets and, if still full, arbitrary ones down to
-// nine tenths of the bound: a sweep walks every bucket, so a set full of
-// active keys (many clients at once) sweeps once per thousand new keys,
-// not once per new key. Called with ls.mu held.
+// sweep drops idle buckets and, if still full, the fullest down to nine
+// tenths of the bound: dropping a bucket refills it, so the ones that
+// lose least are those with most tokens left, and a client that emptied
+// its bucket keeps its limit however many others come and go (to reset
+// it, they would all have to be emptier). A sweep walks every bucket, so
+// a set full of active keys (many clients at once) sweeps once per
+// thousand new keys, not once per new key. Called with ls.mu held.
 func (ls *limiterSet) sweep(now time.Time) {
 	ls.lastSweep = now
 	for k, e := range ls.m {
@@ -94,11 +101,17 @@ func (ls *limiterSet) sweep(now time.Time) {
 	if len(ls.m) < maxLimiters {
 		return
 	}
-	for k := range ls.m {
-		if len(ls.m) <= maxLimiters*9/10 {
-			break
-		}
-		delete(ls.m, k)
+	type bucket struct {
+		key    string
+		tokens float64
+	}
+	all := make([]bucket, 0, len(ls.m))
+	for k, e := range ls.m {
+		all = append(all, bucket{k, e.lim.TokensAt(now)})
+	}
+	slices.SortFunc(all, func(a, b bucket) int { return cmp.Compare(b.tokens, a.tokens) })
+	for _, b := range all[:len(all)-maxLimiters*9/10] {
+		delete(ls.m, b.key)
 	}
 }
 
