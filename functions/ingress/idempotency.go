@@ -26,6 +26,21 @@ type idemRecord struct {
 	Response json.RawMessage `json:"response,omitempty"`
 }
 
+// badIdempotencyKey returns the 400 for an Idempotency-Key sent more
+// than once or not 1–255 printable ASCII characters, or nil (for none).
+func badIdempotencyKey(c *gin.Context) error {
+	key, sent := c.Request.Header["Idempotency-Key"]
+	switch {
+	case !sent:
+		return nil
+	case len(key) != 1:
+		return errf(400, "invalid_idempotency_key", "Idempotency-Key must be sent once, not "+strconv.Itoa(len(key))+" times")
+	case len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]):
+		return errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters")
+	}
+	return nil
+}
+
 // idempotent runs write at most once per (credential, Idempotency-Key)
 // within the configured window, and answers a retry with the original
 // response (and the header Idempotent-Replayed: true). A key reused with
@@ -43,12 +58,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		writeJSON(c, status, resp)
 		return
 	}
-	if len(key) != 1 {
-		s.writeError(c, errf(400, "invalid_idempotency_key", "Idempotency-Key must be sent once, not "+strconv.Itoa(len(key))+" times"))
-		return
-	}
-	if len(key[0]) == 0 || len(key[0]) > 255 || !printable(key[0]) {
-		s.writeError(c, errf(400, "invalid_idempotency_key", "Idempotency-Key must be 1–255 printable ASCII characters"))
+	if err := badIdempotencyKey(c); err != nil {
+		s.writeError(c, err)
 		return
 	}
 	ctx := c.Request.Context()

@@ -219,7 +219,8 @@ func clientAddr(s string) (netip.Addr, bool) {
 // the buckets in Redis, PUBLISH_RATE_SCOPE=global, that last part is not
 // done: redis_rate's script has no refund, so the buckets passed before a
 // rate refusal keep the share.) With the buckets in Redis, a Redis error
-// is returned as it is (503).
+// is returned as it is (503), unless the request's Idempotency-Key is
+// bad (400), which the order of errors puts first.
 func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 	pl := &s.sec.limits
 	now := time.Now()
@@ -267,6 +268,12 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 			}
 			var err error
 			if d, err = pl.global.reserve(c.Request.Context(), ch.set, bucket, n); err != nil {
+				// A bad Idempotency-Key comes before what Redis answers
+				// (docs/api.md, Errors): a 503 would ask for a retry
+				// with a key that can never be taken.
+				if ae := badIdempotencyKey(c); ae != nil {
+					return ae
+				}
 				return err
 			}
 		} else {

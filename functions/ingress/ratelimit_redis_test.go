@@ -316,6 +316,19 @@ func TestGlobalRateLimitRedisError(t *testing.T) {
 		if w.Header().Get("Retry-After") == "" {
 			t.Error("no Retry-After")
 		}
+		// A bad Idempotency-Key comes before what Redis answers
+		// (docs/api.md, Errors): a 503 would ask for a retry with a key
+		// that can never be taken.
+		tok := userToken(t, auth.Claims{Subject: "u", Publish: []string{"*"}})
+		for _, keys := range [][]string{{"é"}, {"a", "b"}} {
+			req := httptest.NewRequest("POST", "/v1/channels/c/messages", strings.NewReader(`{"data":1}`))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Authorization", "Bearer "+tok)
+			req.Header["Idempotency-Key"] = keys
+			w := httptest.NewRecorder()
+			e.srv.ServeHTTP(w, req)
+			expectError(t, w, 400, "invalid_idempotency_key")
+		}
 	})
 }
 
