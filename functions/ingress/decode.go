@@ -99,7 +99,7 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 		return p, errf(400, "invalid_json", "body must be a JSON object")
 	}
 	if err := json.Unmarshal(b, &raw); err != nil {
-		return p, errf(400, "invalid_json", "body is not valid JSON")
+		return p, errInvalidJSON(err)
 	}
 	// encoding/json copies RawMessages unchecked: invalid UTF-8 in data
 	// would reach WebSocket text frames, which a browser must answer by
@@ -133,6 +133,17 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 		}
 	}
 	return p, nil
+}
+
+// errInvalidJSON answers a body encoding/json could not decode: not
+// JSON, or JSON nested past the 10,000 levels it takes (checked over the
+// whole body before any field is read, so no batch item is named).
+func errInvalidJSON(err error) *apiError {
+	var se *json.SyntaxError
+	if errors.As(err, &se) && strings.HasSuffix(se.Error(), "exceeded max depth") {
+		return errf(400, "invalid_json", fmt.Sprintf(`body nests arrays and objects more than 10000 levels deep ("data" may nest at most %d)`, maxDataDepth))
+	}
+	return errf(400, "invalid_json", "body is not valid JSON")
 }
 
 // isNull reports a member that is absent or null.
@@ -213,7 +224,7 @@ func decodeBatch(b []byte, maxItems int, maxItemBytes int64, check func(p *publi
 		if errors.As(err, &ute) {
 			return nil, errf(400, "invalid_batch", `"messages" must be an array of message objects`)
 		}
-		return nil, errf(400, "invalid_json", "body is not valid JSON")
+		return nil, errInvalidJSON(err)
 	}
 	if !raw.Messages.seen {
 		return nil, errf(400, "invalid_batch", `"messages" is required`)

@@ -171,6 +171,19 @@ func TestDataDepth(t *testing.T) {
 			t.Fatalf("index %v, want 1", ptrStr(i))
 		}
 	}
+	// Past encoding/json's 10,000 levels the body is still valid JSON:
+	// the error says why it is refused, not that it is malformed.
+	for _, path := range []string{"/v1/channels/deep/messages", "/v1/messages"} {
+		body := `{"data":` + nest(10001) + `}`
+		if path == "/v1/messages" {
+			body = `{"messages":[{"channel":"deep","data":` + nest(10001) + `}]}`
+		}
+		w := e.do("POST", path, body)
+		expectError(t, w, 400, "invalid_json")
+		if msg := decode[struct{ Error struct{ Message string } }](t, w).Error.Message; !strings.Contains(msg, "10000 levels deep") {
+			t.Errorf("%s, 10001 levels: %q, want it to say how deep JSON may nest", path, msg)
+		}
+	}
 	if n := e.xlen("deep"); n != 5 {
 		t.Fatalf("%d entries, want the 5 accepted", n)
 	}
