@@ -94,7 +94,7 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		s.redisOOM.Fail(err, "method", c.Request.Method, "route", c.FullPath())
 		msg := "Redis is out of memory and refused the write: nothing was written; retry later (with the same Idempotency-Key)"
 		if multiAppend[c.FullPath()] {
-			msg = "Redis is out of memory and refused the write: what it refused was not written, but messages before it may have been; retry later with the same Idempotency-Key"
+			msg = "Redis is out of memory and refused the write: what it refused was not written, but other messages of the request may have been; retry later with the same Idempotency-Key"
 		}
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: oomRetryAfter}
 	default:
