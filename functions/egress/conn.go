@@ -64,6 +64,11 @@ type conn struct {
 	lastData atomic.Int64 // unix nanos of the last data frame either way
 	lastPing atomic.Int64
 	lastRead atomic.Int64 // unix nanos of the last frame of any kind from the client
+	// handling: the reader is carrying out a frame's requests (or the
+	// URL's ?channels), which may wait on Redis for seconds; it reads
+	// nothing meanwhile, the client's pongs included, so the sweep
+	// counts the client as busy, not silent. lastRead is set when done.
+	handling atomic.Bool
 	// writeSince is the unix nanos at which the writer's write in
 	// progress began, 0 when none is: the sweep counts a connection
 	// being written to as neither idle nor silent (busyWrite).
@@ -255,13 +260,12 @@ func (c *conn) waitRoom(ctx context.Context) bool {
 }
 
 // pause is a producer's wait for the writer to make room: 5 ms, or false
-// if ctx ends or c's reader does. The reader is busy here, not reading
-// the client's frames (its pongs among them): the client is not silent,
-// and the sweep must not drop it for a missed pong. A client that
-// stopped reading is dropped by the write timeout instead, which ends
-// the wait.
+// if ctx ends or c's reader does. The producer is c's reader, handling a
+// request (c.handling): it reads none of the client's frames meanwhile,
+// its pongs among them, and the sweep counts the client as busy, not
+// silent. A client that stopped reading is dropped by the write timeout
+// instead, which ends the wait.
 func (c *conn) pause(ctx context.Context) bool {
-	c.lastRead.Store(time.Now().UnixNano())
 	select {
 	case <-ctx.Done():
 		return false
@@ -739,6 +743,8 @@ func (c *conn) onClientClose(p []byte) {
 func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	c.framesIn.Add(1)
 	c.lastData.Store(time.Now().UnixNano())
+	c.handling.Store(true)
+	defer c.doneHandling()
 	if !c.throttle() {
 		return false // closed while it waited
 	}
@@ -776,17 +782,23 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 		// second's worth) would otherwise overflow it, closing 4002 a
 		// client that reads as fast as they come. A client that does not
 		// read is dropped by WRITE_TIMEOUT instead, which ends the wait.
+		// The reader reads nothing (the client's pongs among it) while
+		// it holds a frame's requests, whether the limit holds them (a
+		// 64 KiB frame of pings, over a minute at 50 per second) or a
+		// request takes long (a subscribe waits 5 s while Redis is
+		// unreachable): c.handling keeps the sweep from dropping the
+		// client as silent meanwhile.
 		if c.isClosing() || !c.throttle() || !c.waitRoom(ctx) {
 			return false
 		}
-		// It counts as read now, as it would have in a frame of its own:
-		// the reader reads nothing (the client's pongs among it) while it
-		// holds a frame's requests, whether the limit holds them (a 64 KiB
-		// frame of pings, over a minute at 50 per second) or the requests
-		// take long (a subscribe waits 5 s while Redis is unreachable),
-		// and the sweep must not drop the client as silent meanwhile.
-		c.lastRead.Store(time.Now().UnixNano())
 	}
+}
+
+// doneHandling ends what handling marks: the client counts as read now,
+// as if the frames it sent meanwhile (pongs) had been read as they came.
+func (c *conn) doneHandling() {
+	c.lastRead.Store(time.Now().UnixNano())
+	c.handling.Store(false)
 }
 
 // abuse counts a bad request; ten in a row close the connection (1008).
@@ -913,7 +925,6 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 		if cs.awaitLive(ctx, r, after, c.s.hub.lateWait) {
 			rec, b = true, stream.Batch{From: after}
 		}
-		c.lastRead.Store(time.Now().UnixNano()) // busy, not silent (waitRoom)
 	}
 	c.s.metrics.resumed(rec)
 	c.enqueue(c.reply(&protocol.Reply{Type: protocol.TypeSubscribed, Channel: cs.name, Recovered: &rec, Position: b.From.String(), Ref: ref}))

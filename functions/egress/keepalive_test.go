@@ -2,9 +2,11 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -302,5 +304,72 @@ func TestLifetimeNeverPastLimit(t *testing.T) {
 		case <-time.After(5 * limit):
 			t.Fatal("MAX_LIFETIME closed no connection")
 		}
+	}
+}
+
+// TestSlowRequestIsNotSilence: while the reader carries out a request
+// that waits on Redis longer than 2×PING_INTERVAL (here a resume's
+// first stream read, held; a subscribe may wait 5 s for an unreachable
+// Redis), the client's pongs wait unread in the socket: it is busy, not
+// silent, and the sweep must not drop it as "missed pong". Once the
+// request is done it gets its reply and its messages.
+func TestSlowRequestIsNotSilence(t *testing.T) {
+	t.Parallel()
+	e, rdb, ks, pause := pausedEgress(t, map[string]string{"PING_INTERVAL": "200ms"})
+	<-e.s.hub.inbox.ready
+	hist := appendData(t, rdb, ks, "slow", []byte(`1`), 3)
+	p := &pausePoint{key: ks.Stream("slow"), start: hist[0], reached: make(chan struct{}), released: make(chan struct{})}
+	pause.arm(p)
+	defer p.release()
+	ws, _, err := websocket.DefaultDialer.Dial(e.url(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next(t, ws, "welcome")
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "slow", "after": hist[0]})
+	p.await(t, "the resume never read the stream")
+	// Read all along, which answers the pings (gorilla's default ping
+	// handler runs within a read).
+	type frame struct {
+		Type, ID string
+	}
+	frames, ended := make(chan frame, 16), make(chan error, 1)
+	go func() {
+		for {
+			_, b, err := ws.ReadMessage()
+			if err != nil {
+				ended <- err
+				return
+			}
+			var f frame
+			_ = json.Unmarshal(b, &f)
+			frames <- f
+		}
+	}()
+	// Five times 2×PING_INTERVAL while the request waits.
+	select {
+	case err := <-ended:
+		t.Fatalf("dropped while a request waited on Redis: %v", err)
+	case f := <-frames:
+		t.Fatalf("%+v while the request waited, want nothing until it is done", f)
+	case <-time.After(2 * time.Second):
+	}
+	p.release()
+	var got []string
+	for len(got) < 2 {
+		select {
+		case err := <-ended:
+			t.Fatalf("after the request: %v (got %v)", err, got)
+		case f := <-frames:
+			if f.Type == "message" {
+				got = append(got, f.ID)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("after the request: got %v, want %v", got, hist[1:])
+		}
+	}
+	if !slices.Equal(got, hist[1:]) {
+		t.Fatalf("got %v, want %v", got, hist[1:])
 	}
 }

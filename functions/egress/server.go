@@ -479,7 +479,7 @@ func (s *Server) sweepConns(now time.Time) {
 		if busy {
 			continue
 		}
-		if now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
+		if !c.handling.Load() && now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
 			c.closeWith(1006, "missed pong", true)
 			continue
 		}

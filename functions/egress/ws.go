@@ -237,8 +237,10 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 	// 1 MiB of names), and waits for room in the queue, or a list longer
 	// than SEND_QUEUE would overflow it (4002) however fast the client
 	// reads. The reader has not started (c.frames is still this
-	// goroutine's), and the client counts as read meanwhile, as while
-	// the reader holds a frame's requests.
+	// goroutine's), and the client counts as busy meanwhile, as while
+	// the reader holds a frame's requests (handling).
+	c.handling.Store(true)
+	defer c.doneHandling()
 	for _, ch := range initial {
 		// Stop once the socket is closing (4002, an operator's
 		// disconnect): the names left would cost Redis round trips, and
@@ -247,7 +249,6 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		if !c.throttle() || !c.waitRoom(ctx) {
 			break
 		}
-		c.lastRead.Store(time.Now().UnixNano())
 		c.subscribe(ctx, ch, nil, nil)
 	}
 	return true
