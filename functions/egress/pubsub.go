@@ -21,17 +21,15 @@ const (
 	// confirmWait is how long a SSUBSCRIBE may stay unconfirmed before it
 	// is sent again (possibly to another node: the slot may have moved).
 	confirmWait = 4 * regroupEvery
-	// receiveWait bounds one read of a node's Pub/Sub connection, so that
-	// its loop notices Close.
-	receiveWait = time.Second
 	// opTimeout bounds one subscribe or unsubscribe command; quickOp
 	// bounds a best-effort one on a failing node.
 	opTimeout = 2 * time.Second
 	quickOp   = 200 * time.Millisecond
-	// pingEvery: a node connection silent this long is pinged, so that a
-	// half-open connection (no error, no data) is noticed: one silent for
-	// deadAfter is replaced. The hub's probe covers only the inbox's node.
-	pingEvery = 10 * receiveWait
+	// pingEvery: a node connection silent this long is pinged (by the
+	// repair loop), so that a half-open connection (no error, no data) is
+	// noticed: one silent for deadAfter is replaced. The hub's probe
+	// covers only the inbox's node.
+	pingEvery = 10 * time.Second
 	deadAfter = 3 * pingEvery
 )
 
@@ -99,10 +97,12 @@ type nodeSub struct {
 	cancel context.CancelFunc
 
 	// failing is set by the read loop on an error and cleared by the next
-	// successful read (a timeout on an idle connection counts as one).
+	// successful read (the confirmations of the channels go-redis
+	// subscribes again on the new connection, or a pong).
 	failing atomic.Bool
-	// lastRead is when the connection last delivered anything (unix ns).
-	lastRead atomic.Int64
+	// lastRead is when the connection last delivered anything (unix ns),
+	// pingedAt when the repair loop last pinged it for being silent.
+	lastRead, pingedAt atomic.Int64
 	// refused is set by the read loop when the node refused a
 	// SSUBSCRIBE with CROSSSLOT: go-redis subscribes a connection it
 	// replaced to all its channels in one SSUBSCRIBE, which a cluster
@@ -405,23 +405,22 @@ func (s *subscriber) endGoneLocked() {
 // read is one node's receive loop. go-redis reconnects the connection by
 // itself and subscribes its channels again; the repeated confirmations
 // reach the hub, which catches up.
+//
+// Its reads have no deadline: go-redis cannot take up a reply where a
+// read that timed out left it, so a deadline that expired in the middle
+// of a message (a large one, or one Redis was descheduled while writing)
+// made the next read fail to parse the rest, and the connection was
+// dropped, every channel on the node subscribed again and caught up from
+// its stream. stop (Close) ends a read by closing the connection, and
+// the repair loop pings a silent one (the pong is a read), as go-redis's
+// own PubSub.Channel does.
 func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 	backoff := 50 * time.Millisecond
 	for ctx.Err() == nil {
-		msg, err := n.ps.ReceiveTimeout(ctx, receiveWait)
+		msg, err := n.ps.Receive(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
-			}
-			var ne interface{ Timeout() bool }
-			if errors.As(err, &ne) && ne.Timeout() {
-				n.failing.Store(false)
-				if time.Since(time.Unix(0, n.lastRead.Load())) > pingEvery {
-					pctx, cancel := context.WithTimeout(ctx, quickOp)
-					_ = n.ps.Ping(pctx) // the pong counts as a read
-					cancel()
-				}
-				continue
 			}
 			// A dead node, or MOVED (the slot lives elsewhere now): the
 			// repair loop resolves this node's channels again.
@@ -561,7 +560,21 @@ func (s *subscriber) regroup() {
 	}
 	now := time.Now()
 	for addr, n := range s.nodes {
-		if n.blockedAt.Load() == 0 && now.Sub(time.Unix(0, n.lastRead.Load())) > deadAfter {
+		if n.blockedAt.Load() != 0 {
+			continue // waiting on the hub, not on Redis
+		}
+		silent := now.Sub(time.Unix(0, n.lastRead.Load()))
+		if silent > pingEvery && now.Sub(time.Unix(0, n.pingedAt.Load())) > pingEvery {
+			n.pingedAt.Store(now.UnixNano())
+			s.wg.Add(1) // Close waits for it: it sets closed under mu first
+			go func() {
+				defer s.wg.Done()
+				pctx, cancel := context.WithTimeout(s.ctx, quickOp)
+				_ = n.ps.Ping(pctx) // the pong counts as a read
+				cancel()
+			}()
+		}
+		if silent > deadAfter {
 			// Silent although pinged: replace the connection.
 			s.log.Warn("redis subscription silent, reconnecting", "node", s.nodeName(addr))
 			n.stop()

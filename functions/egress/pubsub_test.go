@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -189,5 +190,114 @@ func TestSilentNodeLogNamesIt(t *testing.T) {
 	want := rdb.(*redis.Client).Options().Addr
 	if len(silent) != 1 || silent[0]["node"] != want {
 		t.Fatalf("silent lines %v, want one with node %q", silent, want)
+	}
+}
+
+// TestMessageSlowToArrive: a message whose bytes come in two parts far
+// apart (a large one, or one Redis was descheduled while writing) is
+// read whole, once, on the same connection. Reads had a 1 s deadline,
+// and go-redis cannot take up a reply where a read that timed out left
+// it: the next read failed to parse the rest ("can't parse"), the
+// connection was dropped and every channel on it subscribed again and
+// caught up from its stream, the message itself lost to Pub/Sub.
+func TestMessageSlowToArrive(t *testing.T) {
+	t.Parallel()
+	o, err := redis.ParseURL(redistest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var conns []net.Conn
+	var mu sync.Mutex
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	var split atomic.Bool // the first large read from Redis only
+	target := o.Addr
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			wg.Go(func() { _, _ = io.Copy(u, c); u.Close() })
+			wg.Go(func() {
+				defer c.Close()
+				buf := make([]byte, 1<<20)
+				for {
+					n, err := u.Read(buf)
+					if n > 1000 && split.CompareAndSwap(false, true) {
+						if _, err := c.Write(buf[:500]); err != nil {
+							return
+						}
+						time.Sleep(1500 * time.Millisecond)
+						buf, n = buf[500:], n-500
+					}
+					if n > 0 {
+						if _, err := c.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	o.Addr = ln.Addr().String()
+	rdb := redis.NewClient(o)
+	defer rdb.Close()
+	s := newSubscriber(slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, nil)
+	defer s.Close()
+	ch := redistest.Prefix(t) + ":slow"
+	if err := s.Subscribe(t.Context(), ch); err != nil {
+		t.Fatal(err)
+	}
+	next := func(within time.Duration) (psEvent, bool) {
+		select {
+		case ev := <-s.Events():
+			return ev, true
+		case <-time.After(within):
+			return psEvent{}, false
+		}
+	}
+	if ev, ok := next(5 * time.Second); !ok || !ev.confirmed {
+		t.Fatalf("no confirmation: %+v", ev)
+	}
+	direct, err := redis.ParseURL(redistest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := redis.NewClient(direct)
+	defer pub.Close()
+	big := strings.Repeat("x", 64<<10)
+	if err := pub.SPublish(t.Context(), ch, big).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ev, ok := next(10 * time.Second)
+	if !ok || ev.confirmed || ev.payload != big {
+		t.Fatalf("after a message slow to arrive: %v, confirmed %v, payload of %d bytes; want the message, whole", ok, ev.confirmed, len(ev.payload))
+	}
+	if ev, ok := next(2 * time.Second); ok {
+		t.Fatalf("then %+v (a confirmation: the connection was replaced), want nothing", ev.confirmed)
 	}
 }
