@@ -181,7 +181,8 @@ func TestMetricsToken(t *testing.T) {
 func TestResumeOverflowIsSlowConsumer(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"})
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16", "WRITE_TIMEOUT": "30s"}, logs)
 	<-e.s.hub.inbox.ready
 	ks := keys.Scheme{Prefix: prefix}
 	data := []byte(`"` + strings.Repeat("x", 64<<10) + `"`)
@@ -228,7 +229,7 @@ func TestResumeOverflowIsSlowConsumer(t *testing.T) {
 		for _, r := range cs.resuming {
 			st = append(st, fmt.Sprintf("buf %d dropped %v caught %v gap %v live %v", len(r.buf), r.dropped, r.caught, r.gap, r.live))
 		}
-		return fmt.Errorf("the resume's buffer did not overflow: %d resuming %v reconnects %d last %v subs %d", len(cs.resuming), st, e.s.hub.reconnects.Load(), cs.last, len(cs.subs))
+		return fmt.Errorf("the resume's buffer did not overflow: %d resuming %v reconnects %d last %v subs %d; log:\n%s", len(cs.resuming), st, e.s.hub.reconnects.Load(), cs.last, len(cs.subs), logs.String())
 	})
 	// The replay ends with the batch it is sending: the client, which
 	// fell SEND_QUEUE behind the live messages, is not sent the rest of
