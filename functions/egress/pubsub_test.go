@@ -206,64 +206,20 @@ func TestMessageSlowToArrive(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var conns []net.Conn
-	var mu sync.Mutex
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
 	var split atomic.Bool // the first large read from Redis only
-	target := o.Addr
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			mu.Lock()
-			conns = append(conns, c, u)
-			mu.Unlock()
-			wg.Go(func() { _, _ = io.Copy(u, c); u.Close() })
-			wg.Go(func() {
-				defer c.Close()
-				buf := make([]byte, 1<<20)
-				for {
-					n, err := u.Read(buf)
-					if n > 1000 && split.CompareAndSwap(false, true) {
-						if _, err := c.Write(buf[:500]); err != nil {
-							return
-						}
-						time.Sleep(1500 * time.Millisecond)
-						buf, n = buf[500:], n-500
-					}
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
+	o.Addr = testkit.Relay(t, o.Addr, func() (up, down testkit.Filter) {
+		return nil, func(b []byte, to io.Writer) bool {
+			if len(b) > 1000 && split.CompareAndSwap(false, true) {
+				if _, err := to.Write(b[:500]); err != nil {
+					return false
 				}
-			})
+				time.Sleep(1500 * time.Millisecond)
+				b = b[500:]
+			}
+			_, err := to.Write(b)
+			return err == nil
 		}
 	})
-	o.Addr = ln.Addr().String()
 	rdb := redis.NewClient(o)
 	defer rdb.Close()
 	s := newSubscriber(slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, nil)

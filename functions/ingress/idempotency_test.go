@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -678,85 +677,33 @@ func TestCorruptIdempotencyRecord(t *testing.T) {
 // connection that breaks between a command and its reply, which go-redis
 // answers by sending the command again on a new connection.
 type claimReplyDropper struct {
-	ln      net.Listener
+	addr    string
 	armed   atomic.Bool
 	dropped atomic.Int32
-	wg      sync.WaitGroup
 }
 
 func newClaimReplyDropper(t *testing.T, target string) *claimReplyDropper {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &claimReplyDropper{ln: ln}
-	var mu sync.Mutex
-	var conns []net.Conn
-	p.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	p := &claimReplyDropper{}
+	p.addr = testkit.Relay(t, target, func() (up, down testkit.Filter) {
+		var drop atomic.Bool
+		up = func(b []byte, to io.Writer) bool {
+			if bytes.Contains(b, []byte(`"state":"pending"`)) && p.armed.CompareAndSwap(true, false) {
+				drop.Store(true)
 			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
+			_, err := to.Write(b)
+			return err == nil
+		}
+		down = func(b []byte, to io.Writer) bool {
+			if drop.Load() {
+				// Redis ran the claim: its reply is lost.
+				p.dropped.Add(1)
+				return false
 			}
-			mu.Lock()
-			conns = append(conns, c, u)
-			mu.Unlock()
-			var drop atomic.Bool
-			p.wg.Go(func() { // to Redis
-				defer u.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if bytes.Contains(buf[:n], []byte(`"state":"pending"`)) && p.armed.CompareAndSwap(true, false) {
-							drop.Store(true)
-						}
-						if _, err := u.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			})
-			p.wg.Go(func() { // from Redis
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := u.Read(buf)
-					if n > 0 && drop.Load() {
-						// Redis ran the claim: its reply is lost.
-						p.dropped.Add(1)
-						u.Close()
-						return
-					}
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			})
+			_, err := to.Write(b)
+			return err == nil
 		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		p.wg.Wait()
+		return up, down
 	})
 	return p
 }
@@ -771,7 +718,7 @@ func TestIdempotencyClaimResent(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
 	p := newClaimReplyDropper(t, rs.Addr())
-	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.ln.Addr().String() + "/0", Timeout: time.Second}, nil, nil)
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.addr + "/0", Timeout: time.Second}, nil, nil)
 	t.Cleanup(e.srv.Close)
 
 	const body = `{"data":"resent"}`

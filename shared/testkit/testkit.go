@@ -1,7 +1,8 @@
 // Package testkit holds the small helpers the modules' tests share:
 // polling until a condition holds, a buffer that a process's concurrent
 // writers and a test's reads can share (and that decodes JSON log
-// lines), and a listener that fails an Accept. Only tests import it.
+// lines), a listener that fails an Accept, and a TCP relay whose
+// directions a test can filter (Relay). Only tests import it.
 // Its subpackage delivery, the check of the delivery contract end to
 // end, serves the soak (bench/cmd/soak) too.
 package testkit
@@ -9,6 +10,7 @@ package testkit
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -143,6 +145,80 @@ func JSONDepth(b []byte) int {
 			deepest = max(deepest, depth)
 		case json.Delim(']'), json.Delim('}'):
 			depth--
+		}
+	}
+}
+
+// Filter is one direction of a Relay connection: it gets each chunk read
+// from one side and writes to the other (to) what it forwards, and
+// returns false to cut the connection.
+type Filter func(chunk []byte, to io.Writer) bool
+
+// Relay starts a TCP proxy to target, for the test's length, and returns
+// its address. For each connection it accepts, conn (when not nil) gives
+// the filters of its two directions: up, from the client to target, and
+// down, back; a nil filter forwards as it is.
+func Relay(t testing.TB, target string, conn func() (up, down Filter)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			var up, down Filter
+			if conn != nil {
+				up, down = conn()
+			}
+			wg.Go(func() { pipe(c, u, up) })
+			wg.Go(func() { pipe(u, c, down) })
+		}
+	})
+	return ln.Addr().String()
+}
+
+// pipe copies from to to through f until either side fails or f cuts
+// the connection; it closes to as it ends.
+func pipe(from, to net.Conn, f Filter) {
+	defer to.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		n, err := from.Read(buf)
+		if n > 0 {
+			if f != nil {
+				if !f(buf[:n], to) {
+					return
+				}
+			} else if _, err := to.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
 		}
 	}
 }
