@@ -149,6 +149,16 @@ func (s *stub) client(t *testing.T, opts Options) *Client {
 	return c
 }
 
+// patientHTTP is an HTTP client for tests of replies of many megabytes:
+// under make test's load (every package at once, -race) reading one took
+// longer than stub.client's 5 s, and the timed-out attempt was retried
+// (a second request where the test counts one).
+func patientHTTP(t *testing.T) *http.Client {
+	hc := &http.Client{Transport: &http.Transport{}, Timeout: time.Minute}
+	t.Cleanup(hc.CloseIdleConnections)
+	return hc
+}
+
 func accepted(body string, header ...string) answer {
 	a := answer{status: http.StatusAccepted, body: body, header: map[string]string{}}
 	for i := 0; i+1 < len(header); i += 2 {
@@ -405,7 +415,7 @@ func TestNonJSONErrorBody(t *testing.T) {
 func TestReplyTooLarge(t *testing.T) {
 	big := `{"messages":[],"next":"` + strings.Repeat("1", maxReplyBytes) + `"}`
 	s := newStub(t, answer{status: 200, body: big})
-	c := s.client(t, Options{})
+	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
 	_, err := c.History(context.Background(), "c", "", 0)
 	if err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("error %v", err)
@@ -436,7 +446,7 @@ func TestConnectionListsTakeRoom(t *testing.T) {
 		t.Fatalf("the list is %d bytes, want more than %d", len(body), maxReplyBytes)
 	}
 	s := newStub(t, answer{status: 200, body: list(1000)}, answer{status: 200, body: list(1000)}, answer{status: 200, body: list(1000)})
-	c := s.client(t, Options{})
+	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
 	ctx := context.Background()
 	got, err := c.ChannelConnections(ctx, "c", 0) // the ingress's default, 1000
 	if err != nil || len(got) != 1000 || len(got[999].Channels) != 100 {
