@@ -128,8 +128,13 @@ func TestRecoveredFalse(t *testing.T) {
 // and loses nothing still retained.
 func TestSlowConsumer(t *testing.T) {
 	// The stalled reader resumes reading before WRITE_TIMEOUT, so it gets
-	// the close frame after what was already in flight to it.
-	c := startCluster(t, redistest.URL(t), env{"SEND_QUEUE": "256", "WRITE_TIMEOUT": "60s", "HISTORY_SIZE": "10000"})
+	// the close frame after what was already in flight to it. It resumes
+	// once all 32 MiB are published and read by the fast readers: 12 s on
+	// an idle machine, and 110 s beside 20 busy loops, where a 60 s
+	// WRITE_TIMEOUT gave up on its write first and it saw 1006 instead of
+	// 4002. The server's close is made when its queue overflows, long
+	// before: the timeout only has to outlast the publishing.
+	c := startCluster(t, redistest.URL(t), env{"SEND_QUEUE": "256", "WRITE_TIMEOUT": "10m", "HISTORY_SIZE": "10000"})
 	fast := []*wsClient{dial(t, c.egress[0].wsURL("channels=firehose")), dial(t, c.egress[0].wsURL("channels=firehose"))}
 	for _, f := range fast {
 		f.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
