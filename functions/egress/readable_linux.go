@@ -62,3 +62,19 @@ func (r *frameReader) writeNow(b []byte) int {
 	})
 	return n
 }
+
+// unsent returns how many bytes the socket's send queue holds, written
+// but not yet acknowledged by the peer (ioctl TIOCOUTQ, alias SIOCOUTQ);
+// 0 when it cannot tell.
+func (r *frameReader) unsent() int {
+	if r.raw == nil {
+		return 0
+	}
+	var n int32
+	_ = r.raw.Control(func(fd uintptr) {
+		if _, _, errno := syscall.Syscall(syscall.SYS_IOCTL, fd, syscall.TIOCOUTQ, uintptr(unsafe.Pointer(&n))); errno != 0 {
+			n = 0
+		}
+	})
+	return int(n)
+}

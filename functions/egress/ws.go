@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -324,15 +326,48 @@ func (c *conn) hangUp(err error) {
 // frame) and reads and drops what the client sends until the client ends
 // its side too, or the read deadline set with the close (a second) has
 // passed: a peer already gone, or silent, ends it at once.
+//
+// Unless the client is still taking what was sent ahead of the close
+// frame: a slow consumer closed 4002 may have megabytes in the socket's
+// send buffer, which it reads for seconds, answering pings as it goes;
+// a socket closed under it would answer its next frame with a reset and
+// drop the rest, close frame included. So while the send queue still
+// holds bytes (Linux; elsewhere the second is all) and it went down
+// within WRITE_TIMEOUT (a peer that takes no data for that long is
+// dropped, as a write to it would be), the wait goes on a second at a
+// time, and for one more second after it has emptied, for the client to
+// read its last bytes. Not while the server drains: its grace is for
+// every socket's close.
 func (c *conn) linger() {
 	tc, ok := c.nc.(interface{ CloseWrite() error })
 	if !ok || tc.CloseWrite() != nil {
 		return
 	}
+	var left int        // the bytes the send queue held at the last look
+	var moved time.Time // when it last went down
 	for {
-		if _, err := c.nc.Read(c.fr.buf); err != nil {
+		_, err := c.nc.Read(c.fr.buf)
+		if err == nil {
+			continue
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() || c.s.draining.Load() {
 			return
 		}
+		// The shut-down's FIN takes one place in the queue until the
+		// client acknowledges it, which a client with a full receive
+		// buffer does not: only the bytes before it count.
+		n, now := max(0, c.fr.unsent()-1), time.Now()
+		switch {
+		case n > 0 && (moved.IsZero() || n < left):
+			left, moved = n, now
+		case n > 0 && now.Sub(moved) < c.s.cfg.WriteTimeout:
+		case n == 0 && left > 0:
+			left = 0 // emptied within the last second: one more to read it
+		default:
+			return
+		}
+		_ = c.nc.SetReadDeadline(now.Add(time.Second))
 	}
 }
 
