@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -35,7 +36,7 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 		t.Parallel()
 		c, _, sc := slowConsumerClosing(t, "30s", nil)
 		start := time.Now()
-		frames, n := readSlowly(t, c, sc, 25*time.Millisecond, -1)
+		frames, n := readSlowly(t, c, sc, 50*time.Millisecond, -1)
 		if n < 1<<20 {
 			t.Fatalf("%d bytes before the close frame, want at least a megabyte: not what this test is about", n)
 		}
@@ -91,9 +92,10 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 }
 
 // slowConsumerClosing subscribes a client with a small receive buffer
-// to a channel, appends far more to it than the socket buffers and
-// SEND_QUEUE hold, unread, and returns once the server has begun closing
-// the client 4002 behind what it sent (nothing read yet).
+// to a channel, appends to it, unread, until at least a megabyte waits
+// in the server's send buffer and then SEND_QUEUE overflows, and returns
+// once the server has begun closing the client 4002 behind what it sent
+// (nothing read yet).
 func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer) (*rawWS, *secEgress, *conn) {
 	t.Helper()
 	rdb, prefix := redistest.Client(t)
@@ -115,23 +117,36 @@ func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer) (*ra
 	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"subscribed"`)) {
 		t.Fatalf("op %d %q, want subscribed", op, p)
 	}
-	// In batches, so that the writer has sent the first when the queue
-	// overflows (at once, the queue would overflow before the writer
-	// took any, and the close would come first).
-	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
-	for range 20 {
-		appendData(t, rdb, ks, "slow", data, 10)
-	}
+	// One message at a time, each taken by the writer before the next,
+	// until a megabyte waits in the server's send buffer; then a burst
+	// that overflows SEND_QUEUE behind it. (A burst at once would overflow
+	// the queue before the writer took any: the close would come first.)
 	var sc *conn
-	testkit.Eventually(t, 30*time.Second, func() error {
-		for _, x := range e.s.hub.snapshotConns() {
-			if x.closeStarted.Load() {
-				sc = x
-				return nil
+	for _, x := range e.s.hub.snapshotConns() {
+		sc = x
+	}
+	cs := e.s.hub.state(ks.Notify("slow"))
+	queued := func() int {
+		sc.mu.Lock()
+		defer sc.mu.Unlock()
+		return len(sc.queue)
+	}
+	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
+	for sc.fr.unsent() < 1<<20 {
+		hubReaches(t, cs, appendData(t, rdb, ks, "slow", data, 1)[0])
+		testkit.Eventually(t, 10*time.Second, func() error {
+			if n := queued(); n > 0 && sc.fr.unsent() < 1<<20 {
+				return fmt.Errorf("%d frames queued, and %d bytes in the send buffer, not a megabyte", n, sc.fr.unsent())
 			}
+			return nil
+		})
+	}
+	for i := 0; !sc.closeStarted.Load(); i++ {
+		if i == 200 {
+			t.Fatalf("%d bursts, and the server has not closed the socket", i)
 		}
-		return errors.New("the server has not begun closing the socket")
-	})
+		hubReaches(t, cs, appendData(t, rdb, ks, "slow", data, 20)[19])
+	}
 	return c, e, sc
 }
 
