@@ -29,12 +29,13 @@ import (
 // away what it had not sent, close frame included, and the client saw a
 // lost connection (1006) instead of 4002.
 // The wait is bounded all the same: a client that stops taking data is
-// let go WRITE_TIMEOUT later, and a drain does not wait for a slow one.
+// let go WRITE_TIMEOUT later, one that takes a little now and then
+// lingerMax later, and a drain does not wait for a slow one.
 func TestSlowReaderGetsItsClose(t *testing.T) {
 	t.Parallel()
 	t.Run("reads on", func(t *testing.T) {
 		t.Parallel()
-		c, _, sc := slowConsumerClosing(t, "30s", nil)
+		c, _, sc := slowConsumerClosing(t, "30s", nil, nil)
 		start := time.Now()
 		frames, n := readSlowly(t, c, sc, 50*time.Millisecond, -1)
 		if n < 1<<20 {
@@ -50,7 +51,7 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 	})
 	t.Run("stops reading", func(t *testing.T) {
 		t.Parallel()
-		c, e, sc := slowConsumerClosing(t, "5s", nil)
+		c, e, sc := slowConsumerClosing(t, "5s", nil, nil)
 		readSlowly(t, c, sc, 50*time.Millisecond, 5)
 		// It takes nothing more: the server lets it go WRITE_TIMEOUT
 		// later, not never.
@@ -61,29 +62,28 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 			return nil
 		})
 	})
+	t.Run("takes a little now and then", func(t *testing.T) {
+		t.Parallel()
+		c, e, sc := slowConsumerClosing(t, "30s", nil, func(s *Server) { s.lingerMax = 2 * time.Second })
+		readSlowly(t, c, sc, 50*time.Millisecond, 5)
+		// A frame a second: the megabyte or more left would take half a
+		// minute or more, each second within WRITE_TIMEOUT of the last.
+		defer trickle(c)()
+		testkit.Eventually(t, 20*time.Second, func() error {
+			if n := e.s.open.Load(); n != 0 {
+				return errors.New("the socket is still open on the server")
+			}
+			return nil
+		})
+	})
 	t.Run("drain", func(t *testing.T) {
 		t.Parallel()
 		logs := &testkit.SyncBuffer{}
-		c, e, sc := slowConsumerClosing(t, "30s", logs)
+		c, e, sc := slowConsumerClosing(t, "30s", logs, nil)
 		readSlowly(t, c, sc, 50*time.Millisecond, 5)
 		// Still reading, at a frame a second: the whole of it would take
 		// far longer than SHUTDOWN_GRACE (5 s).
-		stop := make(chan struct{})
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(time.Second):
-				}
-				if _, _, err := c.next(); err != nil {
-					return
-				}
-			}
-		}()
-		defer func() { close(stop); <-done }()
+		defer trickle(c)()
 		e.stop()
 		if strings.Contains(logs.String(), "drain grace period over") {
 			t.Fatalf("the drain waited its whole grace for the slow reader:\n%s", logs)
@@ -96,15 +96,15 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 // in the server's send buffer and then SEND_QUEUE overflows, and returns
 // once the server has begun closing the client 4002 behind what it sent
 // (nothing read yet).
-func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer) (*rawWS, *secEgress, *conn) {
+func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer, tune func(*Server)) (*rawWS, *secEgress, *conn) {
 	t.Helper()
 	rdb, prefix := redistest.Client(t)
 	ks := keys.Scheme{Prefix: prefix}
 	if logs == nil {
 		logs = io.Discard
 	}
-	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16",
-		"WRITE_TIMEOUT": writeTimeout, "SHUTDOWN_GRACE": "5s"}, logs)
+	e := startEgressTuned(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "16",
+		"WRITE_TIMEOUT": writeTimeout, "SHUTDOWN_GRACE": "5s"}, logs, tune)
 	// What is on its way waits in the server's send buffer, not in the
 	// client's.
 	d := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
@@ -182,4 +182,25 @@ func readSlowly(t *testing.T, c *rawWS, sc *conn, pause time.Duration, max int) 
 		}
 		time.Sleep(pause)
 	}
+}
+
+// trickle reads a frame of c's a second, in a goroutine of its own,
+// until the connection ends or the function it returns is called.
+func trickle(c *rawWS) (stop func()) {
+	quit := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-quit:
+				return
+			case <-time.After(time.Second):
+			}
+			if _, _, err := c.next(); err != nil {
+				return
+			}
+		}
+	}()
+	return func() { close(quit); <-done }
 }

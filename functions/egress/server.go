@@ -72,6 +72,10 @@ type Server struct {
 	// not at all.
 	stallMu sync.Mutex
 
+	// lingerMax bounds how long a socket's close waits for its client
+	// (conn.linger); the default is lingerMax.
+	lingerMax time.Duration
+
 	open     atomic.Int64
 	draining atomic.Bool
 	drainMu  sync.Mutex     // orders wg.Add (new sockets) before drain's Wait
@@ -95,6 +99,7 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		instance: instance,
 
 		refreshBatch: 256,
+		lingerMax:    lingerMax,
 	}
 	s.sec = newSecurity(cfg, s.log)
 	s.regFail = &logging.Episode{Log: s.log, Msg: "registry write failed", Back: "registry writes back",

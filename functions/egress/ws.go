@@ -337,7 +337,8 @@ func (c *conn) hangUp(err error) {
 // dropped, as a write to it would be), the wait goes on a second at a
 // time, and for one more second after it has emptied, for the client to
 // read its last bytes. Not while the server drains: its grace is for
-// every socket's close.
+// every socket's close; and for lingerMax at most: a client that takes a
+// few bytes now and then keeps an ended socket no longer than that.
 func (c *conn) linger() {
 	tc, ok := c.nc.(interface{ CloseWrite() error })
 	if !ok || tc.CloseWrite() != nil {
@@ -345,13 +346,14 @@ func (c *conn) linger() {
 	}
 	var left int        // the bytes the send queue held at the last look
 	var moved time.Time // when it last went down
+	end := time.Now().Add(c.s.lingerMax)
 	for {
 		_, err := c.nc.Read(c.fr.buf)
 		if err == nil {
 			continue
 		}
 		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() || c.s.draining.Load() {
+		if !errors.As(err, &ne) || !ne.Timeout() || c.s.draining.Load() || time.Now().After(end) {
 			return
 		}
 		// The shut-down's FIN takes one place in the queue until the
@@ -370,6 +372,11 @@ func (c *conn) linger() {
 		_ = c.nc.SetReadDeadline(now.Add(time.Second))
 	}
 }
+
+// lingerMax is the longest a socket's close waits for a client still
+// taking what went ahead of its close frame (linger): 4 MiB, the most a
+// Linux send buffer grows to, at 70 KB/s.
+const lingerMax = time.Minute
 
 // scfStatus maps a close to the status SCF reports for the invocation.
 // SCF's own 455 (idle) and 433 (lifetime) are for its own cuts, which the
