@@ -28,11 +28,25 @@ import (
 
 // smallBufDialer dials with a small receive buffer, so that a client
 // that stops reading holds the server's writes up soon.
-var smallBufDialer = websocket.Dialer{HandshakeTimeout: 5 * time.Second, NetDialContext: (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-	var serr error
-	err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10) })
-	return errors.Join(err, serr)
-}}).DialContext}
+var smallBufDialer = websocket.Dialer{HandshakeTimeout: 5 * time.Second, NetDialContext: rcvBufDialer(16 << 10).DialContext}
+
+// rcvBufDialer dials sockets whose receive buffer is size bytes, set
+// before the connection is made, so that what the client has not read
+// waits in the server's socket.
+func rcvBufDialer(size int) *net.Dialer {
+	return &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, size) })
+		return errors.Join(err, serr)
+	}}
+}
+
+// queuedFrames is how many frames wait in c's queue.
+func queuedFrames(c *conn) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.queue)
+}
 
 // TestSocketsEndLeaveNothing: sockets ended every way a client or the
 // server ends one — a close frame, the TCP connection cut, a missed pong,

@@ -3,11 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"net"
 	"net/url"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -43,11 +41,7 @@ func TestBusyWriteIsNotSilence(t *testing.T) {
 			<-e.s.hub.inbox.ready
 			// A small receive buffer, so that the writer waits for the
 			// reader.
-			d := websocket.Dialer{NetDialContext: (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10) })
-				return errors.Join(err, serr)
-			}}).DialContext}
+			d := websocket.Dialer{NetDialContext: rcvBufDialer(32 << 10).DialContext}
 			ws, _, err := d.Dial(e.url(url.Values{"channels": {"busy"}}), nil)
 			if err != nil {
 				t.Fatal(err)

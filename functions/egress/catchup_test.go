@@ -517,20 +517,15 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 	c := h.conns[id]
 	h.mu.Unlock()
 	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
-	queued := func() int {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		return len(c.queue)
-	}
 
 	// One at a time, each delivered before the next, until the writer
 	// is held and half the queue waits behind it (a writer that started
 	// late takes all that is queued in one batch).
 	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
 	live := h.state(ks.Notify("live"))
-	for i := 0; queued() < 8; i++ {
+	for i := 0; queuedFrames(c) < 8; i++ {
 		if i == 64 {
-			t.Fatalf("%d frames queued after %d messages: the writer is not held", queued(), i)
+			t.Fatalf("%d frames queued after %d messages: the writer is not held", queuedFrames(c), i)
 		}
 		hubReaches(t, live, appendData(t, rdb, ks, "live", data, 1)[0])
 	}
@@ -553,7 +548,7 @@ func TestCatchUpsOneStuckReaderInManyChannels(t *testing.T) {
 		}
 		return nil
 	})
-	if n := queued(); n != 8+lost {
+	if n := queuedFrames(c); n != 8+lost {
 		t.Fatalf("%d frames queued, want the %d messages lost on top of 8 (the writer took nothing)", n, lost)
 	}
 	if n := h.pacing.gaveUp.Load(); n != 1 {

@@ -6,9 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -55,12 +53,7 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 		readSlowly(t, c, sc, 50*time.Millisecond, 5)
 		// It takes nothing more: the server lets it go WRITE_TIMEOUT
 		// later, not never.
-		testkit.Eventually(t, time.Minute, func() error {
-			if n := e.s.open.Load(); n != 0 {
-				return errors.New("the socket is still open on the server")
-			}
-			return nil
-		})
+		testkit.Eventually(t, time.Minute, func() error { return openSockets(e.s, 0) })
 	})
 	t.Run("takes a little now and then", func(t *testing.T) {
 		t.Parallel()
@@ -69,12 +62,7 @@ func TestSlowReaderGetsItsClose(t *testing.T) {
 		// A frame a second: the megabyte or more left would take half a
 		// minute or more, each second within WRITE_TIMEOUT of the last.
 		defer trickle(c)()
-		testkit.Eventually(t, 20*time.Second, func() error {
-			if n := e.s.open.Load(); n != 0 {
-				return errors.New("the socket is still open on the server")
-			}
-			return nil
-		})
+		testkit.Eventually(t, 20*time.Second, func() error { return openSockets(e.s, 0) })
 	})
 	t.Run("drain", func(t *testing.T) {
 		t.Parallel()
@@ -107,12 +95,7 @@ func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer, tune
 		"WRITE_TIMEOUT": writeTimeout, "SHUTDOWN_GRACE": "5s"}, logs, tune)
 	// What is on its way waits in the server's send buffer, not in the
 	// client's.
-	d := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) {
-			_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10)
-		})
-	}}
-	c := rawDial(t, e, d)
+	c := rawDial(t, e, rcvBufDialer(32<<10))
 	c.send(clientFrame(true, opText, []byte(`{"type":"subscribe","channel":"slow"}`)))
 	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"subscribed"`)) {
 		t.Fatalf("op %d %q, want subscribed", op, p)
@@ -126,16 +109,11 @@ func slowConsumerClosing(t *testing.T, writeTimeout string, logs io.Writer, tune
 		sc = x
 	}
 	cs := e.s.hub.state(ks.Notify("slow"))
-	queued := func() int {
-		sc.mu.Lock()
-		defer sc.mu.Unlock()
-		return len(sc.queue)
-	}
 	data := []byte(`"` + string(bytes.Repeat([]byte("x"), 32<<10)) + `"`)
 	for sc.fr.unsent() < 1<<20 {
 		hubReaches(t, cs, appendData(t, rdb, ks, "slow", data, 1)[0])
 		testkit.Eventually(t, 10*time.Second, func() error {
-			if n := queued(); n > 0 && sc.fr.unsent() < 1<<20 {
+			if n := queuedFrames(sc); n > 0 && sc.fr.unsent() < 1<<20 {
 				return fmt.Errorf("%d frames queued, and %d bytes in the send buffer, not a megabyte", n, sc.fr.unsent())
 			}
 			return nil

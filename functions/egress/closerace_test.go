@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -17,7 +16,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -263,13 +261,7 @@ func closeRaceRound(t *testing.T, rng *rand.Rand, rdb redis.UniversalClient, pre
 		tok := token(t, auth.Claims{Subject: "u" + strconv.Itoa(i%4), Channels: []string{"race-*"}, Expires: exp})
 		var d *net.Dialer
 		if cc.slow {
-			d = &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				err := rc.Control(func(fd uintptr) {
-					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
-				})
-				return errors.Join(err, serr)
-			}}
+			d = rcvBufDialer(16 << 10)
 		}
 		ch := "race-" + strconv.Itoa(i)
 		c.ws = rawUpgrade(t, e, d, "/ws?"+url.Values{"token": {tok}, "channels": {ch}}.Encode())

@@ -12,7 +12,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -257,11 +256,7 @@ func TestCloseAfterUnreadData(t *testing.T) {
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0", "SEND_QUEUE": "4096"})
 	// A small receive buffer, so that the replies wait in the server's
 	// socket until the client reads.
-	c := rawDial(t, e, &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10) })
-		return errors.Join(err, serr)
-	}})
+	c := rawDial(t, e, rcvBufDialer(4<<10))
 	const n = 1500
 	var reqs bytes.Buffer
 	for i := range n {

@@ -4,13 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"net"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -132,11 +130,7 @@ func TestReplayToSteadyReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A small receive buffer, so that the replay waits for the reader.
-	d := websocket.Dialer{NetDialContext: (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10) })
-		return errors.Join(err, serr)
-	}}).DialContext}
+	d := websocket.Dialer{NetDialContext: rcvBufDialer(32 << 10).DialContext}
 	ws, _, err := d.Dial(e.url(nil), nil)
 	if err != nil {
 		t.Fatal(err)
