@@ -353,13 +353,14 @@ func (c *conn) linger() {
 			continue
 		}
 		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() || c.s.draining.Load() || time.Now().After(end) {
+		now := time.Now()
+		if !errors.As(err, &ne) || !ne.Timeout() || c.s.draining.Load() || now.After(end) {
 			return
 		}
 		// The shut-down's FIN takes one place in the queue until the
 		// client acknowledges it, which a client with a full receive
 		// buffer does not: only the bytes before it count.
-		n, now := max(0, c.fr.unsent()-1), time.Now()
+		n := max(0, c.fr.unsent()-1)
 		switch {
 		case n > 0 && (moved.IsZero() || n < left):
 			left, moved = n, now
