@@ -72,7 +72,14 @@ func runIn(t *testing.T, tab context.Context, what string, actions ...chromedp.A
 // evalIn evaluates a JavaScript expression in tab.
 func evalIn[T any](t *testing.T, tab context.Context, what string, a chromedp.Action[T]) T {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(tab, 20*time.Second)
+	return evalWithin(t, tab, what, 20*time.Second, a)
+}
+
+// evalWithin is evalIn with a budget of its own, for a script that does
+// more than one step's work.
+func evalWithin[T any](t *testing.T, tab context.Context, what string, budget time.Duration, a chromedp.Action[T]) T {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(tab, budget)
 	defer cancel()
 	v, err := chromedp.Run(ctx, a)
 	if err != nil {
