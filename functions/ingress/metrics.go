@@ -152,7 +152,12 @@ func (m *metrics) middleware(c *gin.Context) {
 func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]string, error) {
 	start := time.Now()
 	ids, err := s.batcher.Append(ctx, as)
-	s.metrics.appendLatency.UpdateDuration(start)
+	// A request withdrawn before any pipeline took it (its client went
+	// away: the batcher returns the request's context error, and its
+	// pipelines never do) made no round trip to Redis.
+	if !errors.Is(err, context.Canceled) {
+		s.metrics.appendLatency.UpdateDuration(start)
+	}
 	if err == nil {
 		s.metrics.messages.Add(len(ids))
 		// The appends of a cluster waiting for replicas run outside the
