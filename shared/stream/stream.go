@@ -352,11 +352,29 @@ func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]
 	// include the notification channel, which is never a key, so the
 	// importing master would answer TRYAGAIN after ASKING; go-redis's own
 	// routing fared no better: 503, nothing written, docs/scaling.md.)
+	//
+	// Only while no earlier append to the same stream failed otherwise: a
+	// pipeline can run into a slot's whole migration, its first appends
+	// written on the source, the next refused there (TRYAGAIN or ASK,
+	// while the slot migrates) and the later ones answered MOVED. Run
+	// again, those were written before the refused one, which its retry
+	// (with the same once-keys) then appended after them: out of the
+	// request's order (docs/api.md). They keep their MOVED (503, nothing
+	// written) and are retried with it.
 	moved := make(map[string][]int)
+	var failed map[string]bool // streams with an append failed for good
 	for i, err := range errs {
-		if f := strings.Fields(redisError(err)); len(f) == 3 && f[0] == "MOVED" {
-			moved[f[2]] = append(moved[f[2]], i)
+		if err == nil {
+			continue
 		}
+		if f := strings.Fields(redisError(err)); len(f) == 3 && f[0] == "MOVED" && !failed[as[i].Stream] {
+			moved[f[2]] = append(moved[f[2]], i)
+			continue
+		}
+		if failed == nil {
+			failed = make(map[string]bool)
+		}
+		failed[as[i].Stream] = true
 	}
 	if len(moved) == 0 {
 		return ids, errs
