@@ -795,3 +795,90 @@ func migrateSlot(t *testing.T, c *redistest.Cluster, slot int, src, dst string) 
 		}
 	}
 }
+
+// TestClusterReshardToNewMaster adds a master to the cluster while
+// publishing goes on and moves the slot of a subscribed channel to it:
+// neither the egress's cluster client nor the publisher's knows the new
+// node when its slot moves. The subscription follows the slot to the new
+// node and every acknowledged message arrives exactly once, in order.
+func TestClusterReshardToNewMaster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not add a node to a cluster it does not own")
+	}
+	rdb := c.Client(t)
+	e := startClusterEgress(t, rdb, c.AddrsEnv())
+	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 1)
+	col := dialCollector(t, e.srv, chans)
+	ctx := context.Background()
+	moved := chans[0]
+	slot := int(rdb.ClusterKeySlot(ctx, e.ks.Stream(moved)).Val())
+	src := owner[moved]
+
+	pub := startClusterPublisher(t, e, chans, 5*time.Millisecond)
+	count := func() int { return len(pub.ackedOn(moved)) }
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if count() < 20 {
+			return fmt.Errorf("%d published", count())
+		}
+		return nil
+	})
+	dst := c.AddMaster(t)
+	migrateSlot(t, c, slot, src, dst)
+	t.Logf("slot %d of %s moved from %s to the new master %s", slot, moved, src, dst)
+	before := count()
+	testkit.Eventually(t, 15*time.Second, func() error {
+		if count() < before+20 {
+			return fmt.Errorf("publishing after the move has not resumed")
+		}
+		return nil
+	})
+	acked, retries := pub.stop()
+	t.Logf("publish retries: %d", retries)
+	col.check(t, acked, 15*time.Second)
+	// A client resuming on the moved channel from its first acknowledged
+	// message gets every later one, once, in order, read from the stream
+	// on the new master.
+	want := acked[moved][1:]
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.srv.URL, "http")+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	if err := ws.WriteJSON(map[string]string{"type": "subscribe", "channel": moved, "after": acked[moved][0]}); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	_ = ws.SetReadDeadline(time.Now().Add(15 * time.Second))
+	for len(got) < len(want) {
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("resume: %v after %d of %d messages", err, len(got), len(want))
+		}
+		var f struct {
+			Type, ID  string
+			Recovered *bool
+		}
+		_ = json.Unmarshal(b, &f)
+		switch f.Type {
+		case "message":
+			got = append(got, f.ID)
+		case "subscribed":
+			if f.Recovered != nil && !*f.Recovered {
+				t.Errorf("resume not recovered: %s", b)
+			}
+		}
+	}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("resume delivered %d messages, not the %d acknowledged after %s in order", len(got), len(want), acked[moved][0])
+	}
+	e.episodesEnded(t, 10*time.Second)
+	for _, l := range e.logs.JSONLines(t) {
+		if l["level"] == "WARN" || l["level"] == "ERROR" {
+			t.Logf("egress log: %v %v %v", l["msg"], l["node"], l["err"])
+		}
+	}
+}

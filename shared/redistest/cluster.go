@@ -357,3 +357,46 @@ func (c *Cluster) stop() {
 		os.RemoveAll(s.Dir)
 	}
 }
+
+// AddMaster starts one more cluster node and joins it to the cluster as
+// a master without slots (redis-cli --cluster add-node), and returns its
+// address once every node knows it. It fails the test on a cluster the
+// test did not start.
+func (c *Cluster) AddMaster(t testing.TB) string {
+	t.Helper()
+	if !c.Owned() {
+		t.Fatalf("redistest: cannot add a node to REDIS_CLUSTER_ADDRS")
+	}
+	cli, err := exec.LookPath("redis-cli")
+	if err != nil {
+		t.Fatalf("redistest: redis-cli not found: %v", err)
+	}
+	s, err := startClusterNode(c.ca)
+	if err != nil {
+		t.Fatalf("redistest: start cluster node: %v", err)
+	}
+	var args []string
+	if c.ca != nil {
+		args = []string{"--tls", "--cacert", c.ca.CertFile}
+	}
+	args = append(args, "--cluster", "add-node", s.Addr(), c.addrs[0])
+	ctx, cancel := context.WithTimeout(context.Background(), clusterCreateTimeout)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {
+		s.Stop()
+		os.RemoveAll(s.Dir)
+		t.Fatalf("redistest: redis-cli --cluster add-node: %v\n%s", err, out)
+	}
+	c.servers = append(c.servers, s)
+	c.addrs = append(c.addrs, s.Addr())
+	rc := redis.NewClient(c.nodeOptions(c.addrs[0]))
+	owners, err := slotOwners(context.Background(), rc)
+	rc.Close()
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	if err := c.waitHealthy(len(c.addrs), len(owners), 30*time.Second); err != nil {
+		t.Fatalf("redistest: cluster with %s added: %v", s.Addr(), err)
+	}
+	return s.Addr()
+}
