@@ -745,6 +745,7 @@ func TestClusterReshard(t *testing.T) {
 	acked, retries := pub.stop()
 	t.Logf("publish retries: %d", retries)
 	col.check(t, acked, 15*time.Second)
+	noWarnings(t, e.logs)
 }
 
 // migrateSlot moves slot (and its keys) from the master at src to the
@@ -876,9 +877,16 @@ func TestClusterReshardToNewMaster(t *testing.T) {
 		t.Fatalf("resume delivered %d messages, not the %d acknowledged after %s in order", len(got), len(want), acked[moved][0])
 	}
 	e.episodesEnded(t, 10*time.Second)
-	for _, l := range e.logs.JSONLines(t) {
+	noWarnings(t, e.logs)
+}
+
+// noWarnings fails t for each WARN or ERROR line in logs: a reshard is
+// routine, and none of its steps is a failure to alert on.
+func noWarnings(t *testing.T, logs *testkit.SyncBuffer) {
+	t.Helper()
+	for _, l := range logs.JSONLines(t) {
 		if l["level"] == "WARN" || l["level"] == "ERROR" {
-			t.Logf("egress log: %v %v %v", l["msg"], l["node"], l["err"])
+			t.Errorf("a routine reshard logged %v %v %v", l["msg"], l["node"], l["err"])
 		}
 	}
 }

@@ -423,8 +423,12 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 				return
 			}
 			// A dead node, or MOVED (the slot lives elsewhere now): the
-			// repair loop resolves this node's channels again.
-			if !n.failing.Swap(true) {
+			// repair loop resolves this node's channels again. A
+			// redirection is no failure of the node, which answered: a
+			// resharding moved a slot, and a channel placed again with
+			// the slot map from before the move was sent to its old
+			// master. That is routine, and not logged as the node down.
+			if !n.failing.Swap(true) && !redirected(err) {
 				s.nodeDown(n.addr, err)
 			}
 			if redis.HasErrorPrefix(err, "CROSSSLOT") {
@@ -512,6 +516,12 @@ func (s *subscriber) nodeDown(addr string, err error) {
 	s.anyDown.Store(true)
 	s.log.Warn("redis subscription error", "node", s.nodeName(addr), "err", err.Error(),
 		"then", "reconnecting with backoff up to 1s; the channels there are subscribed again and caught up from their streams once it answers")
+}
+
+// redirected reports whether err is a cluster redirection (MOVED, ASK):
+// the node answered that the slot is, or is going, elsewhere.
+func redirected(err error) bool {
+	return redis.HasErrorPrefix(err, "MOVED ") || redis.HasErrorPrefix(err, "ASK ")
 }
 
 // nodeName is the address of node addr for the log: the single node's
