@@ -2,13 +2,18 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestClusterPublishAfterFailover: an ingress alone on a cluster (no
@@ -111,4 +116,109 @@ func TestClusterGlobalRateLimit(t *testing.T) {
 	if len(masters) < 2 {
 		t.Errorf("8 buckets on %d master(s): the keys do not spread", len(masters))
 	}
+}
+
+// TestClusterPublishWhileSlotMoves: while a resharding moves a channel's
+// slot, its publishes are refused with 503 and Retry-After, nothing of
+// them written, and the refusal says why: a slot being moved (logged as
+// its own episode, not "redis unavailable"). Once the slot has moved they
+// are accepted again, and the episode ends.
+func TestClusterPublishWhileSlotMoves(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
+	}
+	logs := &testkit.SyncBuffer{}
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
+	e := newEnvWith(t, rc, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	e.srv.slotMoving.Quiet = time.Nanosecond // an append that succeeds ends it at once
+	if w := e.do("POST", "/v1/channels/mv/messages", `{"data":1}`); w.Code != 202 {
+		t.Fatalf("before the move: %d %s", w.Code, w.Body)
+	}
+	ctx := t.Context()
+	rdb := c.Client(t)
+	st := e.keys.Stream("mv")
+	slot := int(rdb.ClusterKeySlot(ctx, st).Val())
+	owner, err := rdb.MasterForKey(ctx, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func(addr string) *redis.Client {
+		n := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
+		t.Cleanup(func() { n.Close() })
+		return n
+	}
+	src := node(owner.Options().Addr)
+	var dst *redis.Client
+	for _, a := range c.Addrs() {
+		if a != owner.Options().Addr {
+			dst = node(a)
+			break
+		}
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	srcID, dstID := src.ClusterMyID(ctx).Val(), dst.ClusterMyID(ctx).Val()
+	must(dst.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
+	must(src.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
+
+	for _, key := range []string{"", "k1"} {
+		var hdr []string
+		if key != "" {
+			hdr = []string{"Idempotency-Key", key}
+		}
+		w := e.do("POST", "/v1/channels/mv/messages", `{"data":2}`, hdr...)
+		if w.Code != 503 || w.Header().Get("Retry-After") != "1" || !strings.Contains(w.Body.String(), "slot is being moved") {
+			t.Fatalf("while the slot moves (Idempotency-Key %q): %d Retry-After %q %s", key, w.Code, w.Header().Get("Retry-After"), w.Body)
+		}
+	}
+	if n := src.XLen(ctx, st).Val(); n != 1 {
+		t.Fatalf("XLEN %d after the refused publishes, want 1", n)
+	}
+	recs := logs.JSONLines(t)
+	if len(recs) != 1 || recs[0]["msg"] != "redis cluster slot being moved" || recs[0]["level"] != "WARN" || !strings.Contains(fmt.Sprint(recs[0]["err"]), "TRYAGAIN") {
+		t.Fatalf("logged %v, want one line: redis cluster slot being moved (TRYAGAIN)", recs)
+	}
+
+	// The move ends, as redis-cli --cluster reshard ends it: the keys
+	// migrate, and every master learns the slot's new owner.
+	host, port, _ := net.SplitHostPort(dst.Options().Addr)
+	for {
+		ks, err := src.ClusterGetKeysInSlot(ctx, slot, 100).Result()
+		must(err)
+		if len(ks) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", host, port, "", 0, 10000, "KEYS"}
+		for _, k := range ks {
+			args = append(args, k)
+		}
+		must(src.Do(ctx, args...).Err())
+	}
+	for _, a := range c.Addrs() {
+		must(node(a).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+	}
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if w := e.do("POST", "/v1/channels/mv/messages", `{"data":3}`, "Idempotency-Key", "k1"); w.Code != 202 {
+			return fmt.Errorf("after the move: %d %s", w.Code, w.Body)
+		}
+		return nil
+	})
+	if n := dst.XLen(ctx, st).Val(); n != 2 {
+		t.Fatalf("XLEN %d on the new master, want 2", n)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		recs := logs.JSONLines(t)
+		if last := recs[len(recs)-1]; last["msg"] != "redis cluster slots moved" || last["level"] != "INFO" {
+			return fmt.Errorf("last line %v, want redis cluster slots moved", last)
+		}
+		return nil
+	})
 }

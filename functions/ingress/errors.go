@@ -87,6 +87,17 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		c.Status(499)
 		hangUp(c)
 		return
+	case redisconn.SlotMoving(err):
+		// Redis answered: a resharding is moving the slot of the
+		// channel's keys, and the append script, which names several of
+		// them, is refused until the move is over. Not "cannot be
+		// reached", and no outage (docs/scaling.md).
+		s.slotMoving.Fail(err, "method", c.Request.Method, "route", c.FullPath())
+		msg := "the channel's Redis Cluster slot is being moved to another node (resharding): nothing was written; retry (with the same Idempotency-Key)"
+		if multiAppend[c.FullPath()] {
+			msg = "a Redis Cluster slot is being moved to another node (resharding): what it refused was not written, but other messages of the request may have been; retry with the same Idempotency-Key"
+		}
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: 1}
 	case redisconn.OutOfMemory(err):
 		// Redis answered: it is at its maxmemory and may not evict. Not
 		// "cannot be reached", and not over in a second (keys expire,

@@ -164,6 +164,7 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 		// client's hooks (redisHook), which see the other successes.
 		s.redisUp()
 		s.redisOOM.OK() // only a write shows that Redis takes writes again
+		s.slotMoving.OK()
 		s.unreplicated.OK()
 	}
 	return ids, err

@@ -56,6 +56,11 @@ type Server struct {
 	// the user. Only a login Redis accepts ends it (AddLoginHook): it
 	// goes on serving the connections logged in before.
 	redisLogin *logging.Episode
+	// slotMoving logs the requests answered 503 because a Redis Cluster
+	// slot their appends need is being moved (resharding): Redis answers,
+	// so neither an outage (redisDown) nor a fault to fix; it ends at an
+	// append that succeeds.
+	slotMoving *logging.Episode
 	// undecodable logs history pages that left out entries no ingress
 	// wrote, once while reads keep finding them: a line per entry and
 	// read would let any reader of such a channel fill the log.
@@ -76,7 +81,7 @@ func (s *Server) Close() { s.claims.Close() }
 
 // episodes are the server's outage logs (logging.Episode), each once.
 func (s *Server) episodes() []*logging.Episode {
-	return []*logging.Episode{s.redisDown, s.unreplicated, s.redisOOM, s.redisRefused, s.redisLogin, s.undecodable, s.unsaved}
+	return []*logging.Episode{s.redisDown, s.unreplicated, s.redisOOM, s.redisRefused, s.redisLogin, s.slotMoving, s.undecodable, s.unsaved}
 }
 
 // quiesce ends what logs in the background once no request runs, so that
@@ -130,6 +135,8 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.
 		Then: "the Redis user the functions log in as lacks an ACL rule they need (err names it): requests that need it are answered 500 internal (and /readyz 503 if its probe is refused, as every command is without +select for the database of REDIS_URL) until the user is given it (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts and once when Redis has carried out each command it refused"}
 	s.redisLogin = &logging.Episode{Log: log, Msg: "redis refused the login", Back: "redis accepts the login again", Error: true,
 		Then: "the user or password the functions log in with (REDIS_URL's, or REDIS_CLUSTER_USERNAME and REDIS_CLUSTER_PASSWORD) is wrong or missing, or that ACL user does not exist or is disabled (err: WRONGPASS for a wrong password or user, NOAUTH or unauthenticated for none): requests that need Redis are answered 503 with Retry-After: 5, and /readyz 503, until an operator fixes the setting or the user (docs/deployment.md, TLS and ACL users); logged again every 30s while it lasts and once when Redis accepts the login again"}
+	s.slotMoving = &logging.Episode{Log: log, Msg: "redis cluster slot being moved", Back: "redis cluster slots moved",
+		Then: "a resharding is moving the Redis Cluster slot of channels that are published to: their publishes are answered 503 with Retry-After: 1 and nothing of them is written, for as long as the slot's keys take to move (docs/scaling.md); logged again every 30s while it lasts and once when appends succeed again"}
 	s.unreplicated = &logging.Episode{Log: log, Msg: "publish not replicated in time", Back: "publishes replicated again",
 		Then: "publishes are answered 503 (they may have been written: clients retry with the same Idempotency-Key) until PUBLISH_WAIT_REPLICAS replicas confirm within PUBLISH_WAIT_TIMEOUT; logged again every 30s while it lasts"}
 	s.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "history entries decodable again",

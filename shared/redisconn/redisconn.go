@@ -413,6 +413,16 @@ func NodeFailure(err error) bool {
 // maxmemory is raised, not a second.
 func OutOfMemory(err error) bool { return redis.HasErrorPrefix(err, "OOM") }
 
+// SlotMoving reports whether err is a Redis Cluster master refusing a
+// command because the slot of its keys is being moved to another master
+// (resharding): TRYAGAIN, a call on several keys while they are split
+// between the two, or a MOVED or ASK redirection the client could not
+// follow. The command did nothing. It lasts as long as the slot's
+// migration (docs/scaling.md), not a failure of Redis.
+func SlotMoving(err error) bool {
+	return redis.HasErrorPrefix(err, "TRYAGAIN") || redis.HasErrorPrefix(err, "MOVED ") || redis.HasErrorPrefix(err, "ASK ")
+}
+
 // Refused reports whether err is Redis refusing a command to the user the
 // client logged in as (ACL): "NOPERM …" for the command itself, its keys
 // or its channels, or, for a command a script calls, "ERR The user
