@@ -729,7 +729,7 @@ func TestClusterReshard(t *testing.T) {
 		}
 		return nil
 	})
-	migrateSlot(t, c, slot, src, dst)
+	c.MoveSlot(t, slot, src, dst)
 	m, err := rdb.MasterForKey(ctx, e.ks.Stream(moved))
 	if err != nil {
 		t.Fatal(err)
@@ -746,55 +746,6 @@ func TestClusterReshard(t *testing.T) {
 	t.Logf("publish retries: %d", retries)
 	col.check(t, acked, 15*time.Second)
 	noWarnings(t, e.logs)
-}
-
-// migrateSlot moves slot (and its keys) from the master at src to the
-// one at dst, as redis-cli --cluster reshard does.
-func migrateSlot(t *testing.T, c *redistest.Cluster, slot int, src, dst string) {
-	t.Helper()
-	ctx := context.Background()
-	node := func(addr string) *redis.Client {
-		rc := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
-		t.Cleanup(func() { rc.Close() })
-		return rc
-	}
-	s, d := node(src), node(dst)
-	srcID, err := s.Do(ctx, "CLUSTER", "MYID").Text()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dstID, err := d.Do(ctx, "CLUSTER", "MYID").Text()
-	if err != nil {
-		t.Fatal(err)
-	}
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
-	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
-	host, port, _ := net.SplitHostPort(dst)
-	for {
-		keys, err := s.ClusterGetKeysInSlot(ctx, slot, 100).Result()
-		must(err)
-		if len(keys) == 0 {
-			break
-		}
-		args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
-		for _, k := range keys {
-			args = append(args, k)
-		}
-		must(s.Do(ctx, args...).Err())
-	}
-	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
-	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
-	for _, a := range c.Addrs() {
-		if a != src && a != dst {
-			_ = node(a).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err()
-		}
-	}
 }
 
 // TestClusterReshardToNewMaster adds a master to the cluster while
@@ -828,7 +779,7 @@ func TestClusterReshardToNewMaster(t *testing.T) {
 		return nil
 	})
 	dst := c.AddMaster(t)
-	migrateSlot(t, c, slot, src, dst)
+	c.MoveSlot(t, slot, src, dst)
 	t.Logf("slot %d of %s moved from %s to the new master %s", slot, moved, src, dst)
 	before := count()
 	testkit.Eventually(t, 15*time.Second, func() error {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -205,34 +204,7 @@ func TestClusterWaitAfterSlotMoved(t *testing.T) {
 		}
 		return nil
 	})
-	node := func(addr string) *redis.Client {
-		rc := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
-		t.Cleanup(func() { rc.Close() })
-		return rc
-	}
-	s, d := node(src), node(dst)
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	srcID, err := s.Do(ctx, "CLUSTER", "MYID").Text()
-	must(err)
-	dstID, err := d.Do(ctx, "CLUSTER", "MYID").Text()
-	must(err)
-	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
-	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
-	moving, err := s.ClusterGetKeysInSlot(ctx, slot, 100).Result()
-	must(err)
-	host, port, _ := net.SplitHostPort(dst)
-	args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
-	for _, k := range moving {
-		args = append(args, k)
-	}
-	must(s.Do(ctx, args...).Err())
-	must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
-	must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+	d := c.MoveSlot(t, slot, src, dst).Dst
 
 	if err := app(); err != nil {
 		t.Fatalf("append right after the slot moved: %v", err)

@@ -89,33 +89,15 @@ func TestClusterBatchOrderAcrossSlotMove(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := srcNode.Options().Addr
-	var dst, third string
+	var dst string
 	for _, a := range c.Addrs() {
-		rc := redis.NewClient(&redis.Options{Addr: a, DisableIdentity: true})
-		role, _ := rc.Do(ctx, "ROLE").Slice()
-		rc.Close()
-		if a == src || len(role) == 0 || role[0] != "master" {
-			continue
-		}
-		if dst == "" {
-			dst = a
-		} else {
-			third = a
+		if a != src {
+			dst = a // any other master (the cluster has no replicas)
 		}
 	}
-	node := func(addr string) *redis.Client {
-		rc := redis.NewClient(&redis.Options{Addr: addr, DisableIdentity: true})
-		t.Cleanup(func() { rc.Close() })
-		return rc
-	}
-	s, d := node(src), node(dst)
-	must := func(err error) {
-		if err != nil {
-			t.Error(err)
-		}
-	}
-	srcID := s.Do(ctx, "CLUSTER", "MYID").Val()
-	dstID := d.Do(ctx, "CLUSTER", "MYID").Val()
+	s := redis.NewClient(&redis.Options{Addr: src, DisableIdentity: true})
+	defer s.Close()
+	var move *redistest.SlotMove
 
 	ap := func(i int, data string) Append {
 		return Append{Stream: st, Notify: ks.Notify("ord"),
@@ -141,8 +123,7 @@ func TestClusterBatchOrderAcrossSlotMove(t *testing.T) {
 					}
 					return nil
 				})
-				must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
-				must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
+				move = c.BeginSlotMove(t, slot, src, dst)
 			},
 			func() { // b was refused (ASK): the slot finishes moving
 				testkit.Eventually(t, 5*time.Second, func() error {
@@ -153,17 +134,8 @@ func TestClusterBatchOrderAcrossSlotMove(t *testing.T) {
 					}
 					return nil
 				})
-				keysIn, err := s.ClusterGetKeysInSlot(ctx, slot, 100).Result()
-				must(err)
-				host, port, _ := net.SplitHostPort(dst)
-				args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
-				for _, k := range keysIn {
-					args = append(args, k)
-				}
-				must(s.Do(ctx, args...).Err())
-				must(d.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
-				must(s.Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
-				must(node(third).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+				move.MigrateKeys(t)
+				move.Finish(t)
 			},
 		},
 	}
@@ -195,7 +167,7 @@ func TestClusterBatchOrderAcrossSlotMove(t *testing.T) {
 		ids, err = store.Append(ctx, batch)
 		return err
 	})
-	msgs, err := d.XRange(ctx, st, "-", "+").Result()
+	msgs, err := move.Dst.XRange(ctx, st, "-", "+").Result()
 	if err != nil {
 		t.Fatal(err)
 	}
