@@ -559,11 +559,24 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 	recs := make([]*registry.Record, 0, len(all))
 	var busy []*conn
 	var late []*conn // lapsed while this refresh ran (a stall between its batches)
+	// One refresher for every batch: on a cluster with a master down, it
+	// writes to that master no more after its first failure, and the
+	// batches go on with the masters that answer, whose records would
+	// otherwise expire for as long as the failover lasts (a failed batch
+	// stops the refresh only on a single Redis: registry.Refresher.GoOn).
+	ref := s.reg.Refresher()
+	var firstErr error
+	goOn := func(err error) bool {
+		if err != nil && firstErr == nil {
+			firstErr = err
+		}
+		return err == nil || ref.GoOn()
+	}
 	write := func(start int) error {
 		began := s.clock()
 		before := s.stallAt(began)
 		bctx, cancel := context.WithTimeout(ctx, 5*s.cfg.Redis.Timeout)
-		err := s.reg.Refresh(bctx, recs[start:])
+		err := ref.Write(bctx, recs[start:])
 		cancel()
 		done := s.clock()
 		after := s.stallAt(done)
@@ -598,8 +611,8 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 		recs = append(recs, c.recordCopy())
 	}
 	batch := s.refreshBatch
-	var err error
-	for i := 0; i < len(all) && err == nil; i += batch {
+	ok := true
+	for i := 0; i < len(all) && ok; i += batch {
 		start := len(conns)
 		for _, c := range all[i:min(i+batch, len(all))] {
 			if !c.regMu.TryLock() {
@@ -608,16 +621,17 @@ func (s *Server) refreshRegistry(ctx context.Context) error {
 			}
 			take(c)
 		}
-		err = write(start) // on error, the batches after it are not written
+		ok = goOn(write(start)) // when not, the batches after it are not written
 	}
-	for i := 0; i < len(busy) && err == nil; i += batch {
+	for i := 0; i < len(busy) && ok; i += batch {
 		start := len(conns)
 		for _, c := range busy[i:min(i+batch, len(busy))] {
 			c.regMu.Lock()
 			take(c)
 		}
-		err = write(start)
+		ok = goOn(write(start))
 	}
+	err := firstErr
 	if len(late) > 0 {
 		s.closeLapsed(late)
 	}

@@ -93,15 +93,23 @@ func (r *Registry) addMember(ctx context.Context, p redis.Pipeliner, key string,
 	p.PExpire(ctx, key, r.ttl)
 }
 
-func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64) error {
-	if err := r.writeRecord(ctx, p, rec); err != nil {
-		return err
+// write queues rec's record and memberships, each key for which keep
+// (when not nil) is true.
+func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64, keep func(key string) bool) error {
+	if keep == nil || keep(r.keys.Conn(rec.ID)) {
+		if err := r.writeRecord(ctx, p, rec); err != nil {
+			return err
+		}
 	}
 	if rec.User != "" {
-		r.addMember(ctx, p, r.keys.UserConns(rec.User), rec, score)
+		if key := r.keys.UserConns(rec.User); keep == nil || keep(key) {
+			r.addMember(ctx, p, key, rec, score)
+		}
 	}
 	for _, ch := range rec.Channels {
-		r.addMember(ctx, p, r.keys.ChannelConns(ch), rec, score)
+		if key := r.keys.ChannelConns(ch); keep == nil || keep(key) {
+			r.addMember(ctx, p, key, rec, score)
+		}
 	}
 	return nil
 }
@@ -112,26 +120,120 @@ func (r *Registry) Put(ctx context.Context, rec *Record) error {
 }
 
 // Refresh rewrites every record in recs with a fresh TTL, in pipelined
-// batches.
+// batches (a Refresher's Write).
 func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
-	score := r.expiry()
+	return r.Refresher().Write(ctx, recs)
+}
+
+// Refresher is one refresh of many records, written a batch at a time by
+// Write, all with the same expiry. On a Redis Cluster a master that
+// failed one of its pipelines (it is down, until its failover is over)
+// is not written to again by the same refresh: go-redis retries a
+// refused dial for seconds, so that each batch holding one of its keys
+// (most of them) would wait that long, and the records on the masters
+// that answer, in the later batches, would expire before the refresh
+// reached them. Its keys count as failed writes. Not safe for
+// concurrent use.
+type Refresher struct {
+	r     *Registry
+	cc    *redis.ClusterClient // nil on a single node
+	score float64
+	// down holds the masters (by address) that failed a write of this
+	// refresh; wrote, whether any write of it succeeded.
+	down  map[string]error
+	wrote bool
+}
+
+// Refresher starts a refresh.
+func (r *Registry) Refresher() *Refresher {
+	cc, _ := r.rdb.(*redis.ClusterClient)
+	return &Refresher{r: r, cc: cc, score: r.expiry(), down: map[string]error{}}
+}
+
+// GoOn reports whether, after Write failed, the writes that follow are
+// worth making: on a cluster (a master down leaves the others to write,
+// and a master that failed is left out from then on, so that going on
+// costs at most one failed pipeline per master), or when Redis carried
+// out a write of this refresh. A single Redis that failed one has most
+// likely failed them all: each more would only wait for it again.
+func (f *Refresher) GoOn() bool { return f.cc != nil || f.wrote }
+
+// Write rewrites every record in recs with a fresh TTL, in pipelined
+// batches of 256 records. On an error it stops unless GoOn (on a
+// cluster, it goes on with the masters that answer), and returns the
+// first error.
+func (f *Refresher) Write(ctx context.Context, recs []*Record) error {
 	const batch = 256
+	var first error
 	for len(recs) > 0 {
 		n := min(batch, len(recs))
-		_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, rec := range recs[:n] {
-				if err := r.write(ctx, p, rec, score); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		err := f.batch(ctx, recs[:n])
 		if err != nil {
-			return fmt.Errorf("registry refresh: %w", err)
+			if first == nil {
+				first = fmt.Errorf("registry refresh: %w", err)
+			}
+			if !f.GoOn() {
+				return first
+			}
 		}
 		recs = recs[n:]
 	}
-	return nil
+	return first
+}
+
+// batch writes recs in one pipeline, leaving out the keys of masters
+// down (whose error it returns).
+func (f *Refresher) batch(ctx context.Context, recs []*Record) error {
+	var keep func(string) bool
+	var skipped error
+	master := map[string]string{} // on a cluster: each key kept → its master's address
+	if f.cc != nil {
+		keep = func(key string) bool {
+			m, err := f.cc.MasterForKey(ctx, key)
+			if err != nil {
+				return true // go-redis finds its node, or fails it, itself
+			}
+			addr := m.Options().Addr
+			if err, ok := f.down[addr]; ok {
+				if skipped == nil {
+					skipped = err
+				}
+				return false
+			}
+			master[key] = addr
+			return true
+		}
+	}
+	cmds, err := f.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, rec := range recs {
+			if err := f.r.write(ctx, p, rec, f.score, keep); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	for _, c := range cmds {
+		switch cerr := c.Err(); {
+		case cerr == nil:
+			f.wrote = true
+		case unreachable(cerr):
+			if addr := master[fmt.Sprint(c.Args()[1])]; addr != "" && f.down[addr] == nil {
+				f.down[addr] = cerr
+			}
+		}
+	}
+	if err == nil {
+		err = skipped
+	}
+	return err
+}
+
+// unreachable reports whether err, a command's, says that its node could
+// not be reached or did not answer (not a reply of Redis, nor a caller
+// that gave up).
+func unreachable(err error) bool {
+	var re redis.Error
+	return !errors.As(err, &re) && !errors.Is(err, context.Canceled)
 }
 
 // JoinChannel adds rec's membership of channel and rewrites its record,
