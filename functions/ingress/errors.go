@@ -94,8 +94,15 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// reached", and no outage (docs/scaling.md).
 		s.slotMoving.Fail(err, "method", c.Request.Method, "route", c.FullPath())
 		msg := "the channel's Redis Cluster slot is being moved to another node (resharding): nothing was written; retry (with the same Idempotency-Key)"
-		if multiAppend[c.FullPath()] {
+		switch {
+		case multiAppend[c.FullPath()]:
 			msg = "a Redis Cluster slot is being moved to another node (resharding): what it refused was not written, but other messages of the request may have been; retry with the same Idempotency-Key"
+		case c.FullPath() == "/v1/connections/:id/messages":
+			// No channel: the append is to the inbox of the connection's
+			// egress instance.
+			msg = "the Redis Cluster slot of the connection's egress instance (its inbox) is being moved to another node (resharding): nothing was written; retry (with the same Idempotency-Key)"
+		case c.FullPath() == "/v1/connections/:id":
+			msg = "the Redis Cluster slot of the connection's egress instance (its inbox) is being moved to another node (resharding): nothing was written; retry"
 		}
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: 1}
 	case redisconn.OutOfMemory(err):
