@@ -42,7 +42,7 @@ func TestClusterRefreshPastDownMaster(t *testing.T) {
 		"REDIS_KEY_PREFIX":    prefix,
 		"ALLOW_ANONYMOUS":     "true",
 		"SHUTDOWN_GRACE":      "1s",
-		"REGISTRY_TTL":        "6s", // refreshed every 2 s
+		"REGISTRY_TTL":        "9s", // refreshed every 3 s
 	}
 	cfg, err := loadConfig(func(k string) string { return vars[k] })
 	if err != nil {
@@ -121,8 +121,11 @@ func TestClusterRefreshPastDownMaster(t *testing.T) {
 	// Longer than REGISTRY_TTL, and the first refresh that meets the
 	// master down (go-redis tries its refused dial for about 3 s): every
 	// record written before the stop has expired unless a refresh wrote
-	// it since.
-	for time.Since(stopped) < 8*time.Second {
+	// it since. (A record is due 3 s after its last write and lives 9:
+	// the refresh that meets the master down has 6 s to reach it, twice
+	// what the refused dial takes, so that a slow machine does not
+	// expire it.)
+	for time.Since(stopped) < 10*time.Second {
 		cmds, _ := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for id := range maps.Keys(live) {
 				p.Exists(ctx, ks.Conn(id))
