@@ -139,9 +139,8 @@ type Refresher struct {
 	cc    *redis.ClusterClient // nil on a single node
 	score float64
 	// down holds the masters (by address) that failed a write of this
-	// refresh; wrote, whether any write of it succeeded.
-	down  map[string]error
-	wrote bool
+	// refresh.
+	down map[string]error
 }
 
 // Refresher starts a refresh.
@@ -153,10 +152,10 @@ func (r *Registry) Refresher() *Refresher {
 // GoOn reports whether, after Write failed, the writes that follow are
 // worth making: on a cluster (a master down leaves the others to write,
 // and a master that failed is left out from then on, so that going on
-// costs at most one failed pipeline per master), or when Redis carried
-// out a write of this refresh. A single Redis that failed one has most
-// likely failed them all: each more would only wait for it again.
-func (f *Refresher) GoOn() bool { return f.cc != nil || f.wrote }
+// costs at most one failed pipeline per master), not on a single Redis,
+// which, having failed one, has most likely failed them all: each more
+// would only wait for it again, for as long as a pipeline may take.
+func (f *Refresher) GoOn() bool { return f.cc != nil }
 
 // Write rewrites every record in recs with a fresh TTL, in pipelined
 // batches of 256 records. On an error it stops unless GoOn (on a
@@ -213,10 +212,7 @@ func (f *Refresher) batch(ctx context.Context, recs []*Record) error {
 		return nil
 	})
 	for _, c := range cmds {
-		switch cerr := c.Err(); {
-		case cerr == nil:
-			f.wrote = true
-		case unreachable(cerr):
+		if cerr := c.Err(); cerr != nil && unreachable(cerr) {
 			if addr := master[fmt.Sprint(c.Args()[1])]; addr != "" && f.down[addr] == nil {
 				f.down[addr] = cerr
 			}
