@@ -77,14 +77,6 @@ func TestClusterInboxSlotMoves(t *testing.T) {
 	})
 
 	inbox := s.hub.inbox.stream
-	slot := int(rdb.ClusterKeySlot(ctx, inbox).Val())
-	src := inboxMaster(t, rdb, s).Options().Addr
-	var dst string
-	for _, a := range c.Addrs() {
-		if a != src {
-			dst = a
-		}
-	}
 	store := stream.NewStore(rdb)
 	var amu sync.Mutex
 	var acked []string
@@ -145,7 +137,7 @@ func TestClusterInboxSlotMoves(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}()
-	move := c.BeginSlotMove(t, slot, src, dst)
+	move := c.BeginKeySlotMove(t, inbox)
 	time.Sleep(300 * time.Millisecond) // sends meet the migration
 	move.MigrateKeys(t)
 	move.Finish(t)
@@ -164,7 +156,7 @@ func TestClusterInboxSlotMoves(t *testing.T) {
 	<-rdone
 	t.Logf("readyz not 200: %v", unready)
 	amu.Lock()
-	t.Logf("inbox slot %d moved from %s to %s; %d acknowledged, %d refused while it moved", slot, src, dst, len(acked), refused)
+	t.Logf("inbox slot %d moved from %s to %s; %d acknowledged, %d refused while it moved", move.Slot, move.Src.Options().Addr, move.Dst.Options().Addr, len(acked), refused)
 	want := append([]string(nil), acked...)
 	amu.Unlock()
 	testkit.Eventually(t, 10*time.Second, func() error {

@@ -34,20 +34,8 @@ func TestClusterTargetedWhileInboxSlotMoves(t *testing.T) {
 		t.Fatalf("before the move: %d %s", w.Code, w.Body)
 	}
 	ctx := t.Context()
-	rdb := c.Client(t)
 	inbox := e.keys.Inbox("inst-a")
-	slot := int(rdb.ClusterKeySlot(ctx, inbox).Val())
-	owner, err := rdb.MasterForKey(ctx, inbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dst string
-	for _, a := range c.Addrs() {
-		if a != owner.Options().Addr {
-			dst = a
-		}
-	}
-	move := c.BeginSlotMove(t, slot, owner.Options().Addr, dst)
+	move := c.BeginKeySlotMove(t, inbox)
 	for _, r := range []struct{ method, path, body string }{
 		{"POST", "/v1/connections/c1/messages", `{"data":1}`},
 		{"POST", "/v1/users/bob/messages", `{"data":1}`},

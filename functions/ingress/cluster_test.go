@@ -136,20 +136,8 @@ func TestClusterPublishWhileSlotMoves(t *testing.T) {
 		t.Fatalf("before the move: %d %s", w.Code, w.Body)
 	}
 	ctx := t.Context()
-	rdb := c.Client(t)
 	st := e.keys.Stream("mv")
-	slot := int(rdb.ClusterKeySlot(ctx, st).Val())
-	owner, err := rdb.MasterForKey(ctx, st)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dst string
-	for _, a := range c.Addrs() {
-		if a != owner.Options().Addr {
-			dst = a // any other master (the cluster has no replicas)
-		}
-	}
-	move := c.BeginSlotMove(t, slot, owner.Options().Addr, dst)
+	move := c.BeginKeySlotMove(t, st)
 
 	for _, key := range []string{"", "k1"} {
 		var hdr []string

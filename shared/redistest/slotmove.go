@@ -16,7 +16,7 @@ import (
 // all three.
 type SlotMove struct {
 	c            *Cluster
-	slot         int
+	Slot         int
 	Src, Dst     *redis.Client // the two masters' clients, closed at the end of the test
 	srcID, dstID string
 }
@@ -27,7 +27,7 @@ type SlotMove struct {
 func (c *Cluster) BeginSlotMove(t testing.TB, slot int, src, dst string) *SlotMove {
 	t.Helper()
 	ctx := context.Background()
-	m := &SlotMove{c: c, slot: slot, Src: c.nodeClient(t, src), Dst: c.nodeClient(t, dst)}
+	m := &SlotMove{c: c, Slot: slot, Src: c.nodeClient(t, src), Dst: c.nodeClient(t, dst)}
 	var err error
 	if m.srcID, err = m.Src.ClusterMyID(ctx).Result(); err != nil {
 		t.Fatalf("redistest: CLUSTER MYID of %s: %v", src, err)
@@ -40,6 +40,34 @@ func (c *Cluster) BeginSlotMove(t testing.TB, slot int, src, dst string) *SlotMo
 	return m
 }
 
+// BeginKeySlotMove starts moving the slot of key from its master to
+// another master of the cluster (BeginSlotMove).
+func (c *Cluster) BeginKeySlotMove(t testing.TB, key string) *SlotMove {
+	t.Helper()
+	ctx := context.Background()
+	cc := c.Client(t)
+	slot, err := cc.ClusterKeySlot(ctx, key).Result()
+	if err != nil {
+		t.Fatalf("redistest: CLUSTER KEYSLOT %s: %v", key, err)
+	}
+	owner, err := cc.MasterForKey(ctx, key)
+	if err != nil {
+		t.Fatalf("redistest: the master of %s: %v", key, err)
+	}
+	src := owner.Options().Addr
+	masters, err := slotOwners(ctx, c.nodeClient(t, src))
+	if err != nil {
+		t.Fatalf("redistest: CLUSTER SHARDS: %v", err)
+	}
+	for dst := range masters {
+		if dst != src {
+			return c.BeginSlotMove(t, int(slot), src, dst)
+		}
+	}
+	t.Fatalf("redistest: no master but %s to move slot %d to", src, slot)
+	return nil
+}
+
 // MigrateKeys moves every key of the slot to the target, 100 to a
 // MIGRATE.
 func (m *SlotMove) MigrateKeys(t testing.TB) {
@@ -47,7 +75,7 @@ func (m *SlotMove) MigrateKeys(t testing.TB) {
 	ctx := context.Background()
 	host, port, _ := net.SplitHostPort(m.Dst.Options().Addr)
 	for {
-		keys, err := m.Src.ClusterGetKeysInSlot(ctx, m.slot, 100).Result()
+		keys, err := m.Src.ClusterGetKeysInSlot(ctx, m.Slot, 100).Result()
 		m.must(t, err)
 		if len(keys) == 0 {
 			return
@@ -66,12 +94,12 @@ func (m *SlotMove) MigrateKeys(t testing.TB) {
 func (m *SlotMove) Finish(t testing.TB) {
 	t.Helper()
 	ctx := context.Background()
-	m.must(t, m.Dst.Do(ctx, "CLUSTER", "SETSLOT", m.slot, "NODE", m.dstID).Err())
-	m.must(t, m.Src.Do(ctx, "CLUSTER", "SETSLOT", m.slot, "NODE", m.dstID).Err())
+	m.must(t, m.Dst.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err())
+	m.must(t, m.Src.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err())
 	src, dst := m.Src.Options().Addr, m.Dst.Options().Addr
 	for _, a := range m.c.addrs {
 		if a != src && a != dst {
-			_ = m.c.nodeClient(t, a).Do(ctx, "CLUSTER", "SETSLOT", m.slot, "NODE", m.dstID).Err()
+			_ = m.c.nodeClient(t, a).Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err()
 		}
 	}
 }
@@ -89,7 +117,7 @@ func (c *Cluster) MoveSlot(t testing.TB, slot int, src, dst string) *SlotMove {
 func (m *SlotMove) must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
-		t.Fatalf("redistest: moving slot %d: %v", m.slot, err)
+		t.Fatalf("redistest: moving slot %d: %v", m.Slot, err)
 	}
 }
 
