@@ -226,10 +226,14 @@ func (f *Refresher) batch(ctx context.Context, recs []*Record) error {
 
 // unreachable reports whether err, a command's, says that its node could
 // not be reached or did not answer (not a reply of Redis, nor a caller
-// that gave up).
+// that gave up). Not the batch's own deadline, bare: go-redis sets it on
+// every command of the pipeline without an error of its own when the
+// deadline runs out between its attempts (setCmdsErr after the retry
+// backoff), those a master that answered had carried out included, so
+// that it names no node; a master that hung keeps its own i/o timeout.
 func unreachable(err error) bool {
 	var re redis.Error
-	return !errors.As(err, &re) && !errors.Is(err, context.Canceled)
+	return !errors.As(err, &re) && !errors.Is(err, context.Canceled) && err != context.DeadlineExceeded
 }
 
 // JoinChannel adds rec's membership of channel and rewrites its record,

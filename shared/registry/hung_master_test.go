@@ -1,0 +1,86 @@
+package registry_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
+)
+
+// TestClusterRefreshPastHungMaster: one master does not answer (paused:
+// a hung process or a black-holed network, not a refused dial). A
+// refresh made as the egress makes it (a Refresher, a batch per record,
+// each with a deadline of 5×REDIS_TIMEOUT) must go on writing the
+// records whose keys all live on the masters that answer.
+func TestClusterRefreshPastHungMaster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	admin := c.Client(t)
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(admin, ks.Prefix) })
+	const timeout = 200 * time.Millisecond
+	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: timeout, PoolSize: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	reg := registry.New(rdb, ks, time.Minute)
+	ctx := context.Background()
+	master := func(key string) string {
+		m, err := admin.MasterForKey(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	hung := c.Addrs()[0]
+	// First a record with a key on the hung master, then records whose
+	// record key and user set are both elsewhere.
+	var recs []*registry.Record
+	var up []*registry.Record
+	for i := 0; len(up) < 5; i++ {
+		r := &registry.Record{ID: fmt.Sprintf("c%d", i), User: fmt.Sprintf("u%d", i), Instance: "i1"}
+		onHung := master(ks.Conn(r.ID)) == hung || master(ks.UserConns(r.User)) == hung
+		switch {
+		case len(recs) == 0 && onHung:
+			recs = append(recs, r)
+		case len(recs) > 0 && !onHung:
+			recs = append(recs, r)
+			up = append(up, r)
+		}
+	}
+	if err := reg.Refresh(ctx, recs); err != nil { // all warm, every node dialled
+		t.Fatal(err)
+	}
+	for _, r := range up {
+		admin.Del(ctx, ks.Conn(r.ID))
+	}
+	for _, nc := range c.NodeClients(t) {
+		if nc.Options().Addr == hung {
+			if err := nc.Do(ctx, "CLIENT", "PAUSE", "15000", "ALL").Err(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { nc.Do(context.Background(), "CLIENT", "UNPAUSE") })
+		}
+	}
+	ref := reg.Refresher()
+	start := time.Now()
+	for i, r := range recs {
+		bctx, cancel := context.WithTimeout(ctx, 5*timeout)
+		err := ref.Write(bctx, []*registry.Record{r})
+		cancel()
+		t.Logf("batch %d (%s): %v after %v", i, r.ID, err, time.Since(start).Round(time.Millisecond))
+	}
+	for _, r := range up {
+		if n := admin.Exists(ctx, ks.Conn(r.ID)).Val(); n != 1 {
+			t.Errorf("record %s, whose keys are all on masters that answer, not written by the refresh", r.ID)
+		}
+	}
+}
