@@ -100,6 +100,9 @@ type nodeSub struct {
 	// successful read (the confirmations of the channels go-redis
 	// subscribes again on the new connection, or a pong).
 	failing atomic.Bool
+	// downLogged is set when the read loop had the node logged down
+	// (nodeDown: not for a redirection) and cleared with failing.
+	downLogged atomic.Bool
 	// lastRead is when the connection last delivered anything (unix ns),
 	// pingedAt when the repair loop last pinged it for being silent.
 	lastRead, pingedAt atomic.Int64
@@ -428,7 +431,13 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			// resharding moved a slot, and a channel placed again with
 			// the slot map from before the move was sent to its old
 			// master. That is routine, and not logged as the node down.
-			if !n.failing.Swap(true) && !redirected(err) {
+			//
+			// failing stays set past a redirection until a read succeeds
+			// (a quiet node's next pong, up to pingEvery later), so
+			// whether the node's failure is logged is tracked apart: a
+			// node that stops after a redirection is logged down too.
+			n.failing.Store(true)
+			if !redirected(err) && !n.downLogged.Swap(true) {
 				s.nodeDown(n.addr, err)
 			}
 			if redis.HasErrorPrefix(err, "CROSSSLOT") {
@@ -445,6 +454,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		}
 		backoff = 50 * time.Millisecond
 		n.failing.Store(false)
+		n.downLogged.Store(false)
 		n.lastRead.Store(time.Now().UnixNano())
 		if s.anyDown.Load() {
 			s.nodeUp(n.addr)
