@@ -43,23 +43,7 @@ func TestClusterDownAfterRedirect(t *testing.T) {
 	}
 	dst := owner[other]
 	_ = dialCollector(t, e.srv, chans)
-	pub := startClusterPublisher(t, e, []string{moved}, 5*time.Millisecond)
-	count := func() int { return len(pub.ackedOn(moved)) }
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if count() < 20 {
-			return fmt.Errorf("%d published", count())
-		}
-		return nil
-	})
-	c.MoveSlot(t, slot, src, dst)
-	before := count()
-	testkit.Eventually(t, 15*time.Second, func() error {
-		if count() < before+20 {
-			return fmt.Errorf("publishing after the move has not resumed")
-		}
-		return nil
-	})
-	pub.stop()
+	publishAcross(t, e, []string{moved}, moved, func() { c.MoveSlot(t, slot, src, dst) })
 	noWarnings(t, e.logs) // the reshard is routine
 	c.StopNode(t, c.Index(src))
 	stopped := time.Now()

@@ -721,6 +721,23 @@ func TestClusterReshard(t *testing.T) {
 	slot := int(rdb.ClusterKeySlot(ctx, e.ks.Stream(moved)).Val())
 	src, dst := owner[moved], owner[chans[1]]
 
+	acked := publishAcross(t, e, chans, moved, func() {
+		c.MoveSlot(t, slot, src, dst)
+		m, err := rdb.MasterForKey(ctx, e.ks.Stream(moved))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("slot %d of %s moved from %s to %s (client now routes to %s)", slot, moved, src, dst, m.Options().Addr)
+	})
+	col.check(t, acked, 15*time.Second)
+	noWarnings(t, e.logs)
+}
+
+// publishAcross publishes to chans, every 5 ms, while change runs: from
+// once 20 messages to moved have been acknowledged until 20 more have
+// after it. It returns the messages acknowledged, by channel.
+func publishAcross(t *testing.T, e *clusterEgress, chans []string, moved string, change func()) map[string][]string {
+	t.Helper()
 	pub := startClusterPublisher(t, e, chans, 5*time.Millisecond)
 	count := func() int { return len(pub.ackedOn(moved)) }
 	testkit.Eventually(t, 10*time.Second, func() error {
@@ -729,23 +746,17 @@ func TestClusterReshard(t *testing.T) {
 		}
 		return nil
 	})
-	c.MoveSlot(t, slot, src, dst)
-	m, err := rdb.MasterForKey(ctx, e.ks.Stream(moved))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("slot %d of %s moved from %s to %s (client now routes to %s)", slot, moved, src, dst, m.Options().Addr)
+	change()
 	before := count()
 	testkit.Eventually(t, 15*time.Second, func() error {
 		if count() < before+20 {
-			return fmt.Errorf("publishing after the move has not resumed")
+			return fmt.Errorf("publishing after the change has not resumed")
 		}
 		return nil
 	})
 	acked, retries := pub.stop()
 	t.Logf("publish retries: %d", retries)
-	col.check(t, acked, 15*time.Second)
-	noWarnings(t, e.logs)
+	return acked
 }
 
 // TestClusterReshardToNewMaster adds a master to the cluster while
@@ -770,26 +781,11 @@ func TestClusterReshardToNewMaster(t *testing.T) {
 	slot := int(rdb.ClusterKeySlot(ctx, e.ks.Stream(moved)).Val())
 	src := owner[moved]
 
-	pub := startClusterPublisher(t, e, chans, 5*time.Millisecond)
-	count := func() int { return len(pub.ackedOn(moved)) }
-	testkit.Eventually(t, 10*time.Second, func() error {
-		if count() < 20 {
-			return fmt.Errorf("%d published", count())
-		}
-		return nil
+	acked := publishAcross(t, e, chans, moved, func() {
+		dst := c.AddMaster(t)
+		c.MoveSlot(t, slot, src, dst)
+		t.Logf("slot %d of %s moved from %s to the new master %s", slot, moved, src, dst)
 	})
-	dst := c.AddMaster(t)
-	c.MoveSlot(t, slot, src, dst)
-	t.Logf("slot %d of %s moved from %s to the new master %s", slot, moved, src, dst)
-	before := count()
-	testkit.Eventually(t, 15*time.Second, func() error {
-		if count() < before+20 {
-			return fmt.Errorf("publishing after the move has not resumed")
-		}
-		return nil
-	})
-	acked, retries := pub.stop()
-	t.Logf("publish retries: %d", retries)
 	col.check(t, acked, 15*time.Second)
 	// A client resuming on the moved channel from its first acknowledged
 	// message gets every later one, once, in order, read from the stream
