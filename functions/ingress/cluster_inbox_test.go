@@ -2,13 +2,10 @@ package main
 
 import (
 	"fmt"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/wsrelay/wsrelay/shared/redisconn"
-	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
@@ -18,17 +15,7 @@ import (
 // written, logged as a slot being moved; a keyed send retried after the
 // move is written once.
 func TestClusterTargetedWhileInboxSlotMoves(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
-	}
-	logs := &testkit.SyncBuffer{}
-	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
-	e := newEnvWith(t, rc, slog.New(slog.NewJSONHandler(logs, nil)), nil)
-	e.srv.slotMoving.Quiet = time.Nanosecond
+	c, e, logs := reshardEnv(t)
 	e.register("c1", "bob", "inst-a")
 	if w := e.do("POST", "/v1/connections/c1/messages", `{"data":0}`); w.Code != 202 {
 		t.Fatalf("before the move: %d %s", w.Code, w.Body)

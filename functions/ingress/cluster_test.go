@@ -121,17 +121,7 @@ func TestClusterGlobalRateLimit(t *testing.T) {
 // its own episode, not "redis unavailable"). Once the slot has moved they
 // are accepted again, and the episode ends.
 func TestClusterPublishWhileSlotMoves(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
-	}
-	logs := &testkit.SyncBuffer{}
-	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
-	e := newEnvWith(t, rc, slog.New(slog.NewJSONHandler(logs, nil)), nil)
-	e.srv.slotMoving.Quiet = time.Nanosecond // an append that succeeds ends it at once
+	c, e, logs := reshardEnv(t)
 	if w := e.do("POST", "/v1/channels/mv/messages", `{"data":1}`); w.Code != 202 {
 		t.Fatalf("before the move: %d %s", w.Code, w.Body)
 	}
@@ -178,4 +168,23 @@ func TestClusterPublishWhileSlotMoves(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// reshardEnv is an ingress on a three-master cluster of the test's own,
+// for tests that move its slots: its JSON log, and a slot-move episode
+// that an append that succeeds ends at once.
+func reshardEnv(t *testing.T) (*redistest.Cluster, *testEnv, *testkit.SyncBuffer) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
+	}
+	logs := &testkit.SyncBuffer{}
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
+	e := newEnvWith(t, rc, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	e.srv.slotMoving.Quiet = time.Nanosecond
+	return c, e, logs
 }
