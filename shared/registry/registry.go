@@ -126,7 +126,8 @@ func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
 }
 
 // Refresher is one refresh of many records, written a batch at a time by
-// Write, all with the same expiry. On a Redis Cluster a master that
+// Write (the records of one Write with the same expiry, as of its
+// start). On a Redis Cluster a master that
 // failed one of its pipelines (it is down, until its failover is over)
 // is not written to again by the same refresh: go-redis retries a
 // refused dial for seconds, so that each batch holding one of its keys
@@ -135,9 +136,8 @@ func (r *Registry) Refresh(ctx context.Context, recs []*Record) error {
 // reached them. Its keys count as failed writes. Not safe for
 // concurrent use.
 type Refresher struct {
-	r     *Registry
-	cc    *redis.ClusterClient // nil on a single node
-	score float64
+	r  *Registry
+	cc *redis.ClusterClient // nil on a single node
 	// down holds the masters (by address) that failed a write of this
 	// refresh.
 	down map[string]error
@@ -146,7 +146,7 @@ type Refresher struct {
 // Refresher starts a refresh.
 func (r *Registry) Refresher() *Refresher {
 	cc, _ := r.rdb.(*redis.ClusterClient)
-	return &Refresher{r: r, cc: cc, score: r.expiry(), down: map[string]error{}}
+	return &Refresher{r: r, cc: cc, down: map[string]error{}}
 }
 
 // GoOn reports whether, after Write failed, the writes that follow are
@@ -163,10 +163,11 @@ func (f *Refresher) GoOn() bool { return f.cc != nil }
 // first error.
 func (f *Refresher) Write(ctx context.Context, recs []*Record) error {
 	const batch = 256
+	score := f.r.expiry()
 	var first error
 	for len(recs) > 0 {
 		n := min(batch, len(recs))
-		err := f.batch(ctx, recs[:n])
+		err := f.batch(ctx, recs[:n], score)
 		if err != nil {
 			if first == nil {
 				first = fmt.Errorf("registry refresh: %w", err)
@@ -180,9 +181,9 @@ func (f *Refresher) Write(ctx context.Context, recs []*Record) error {
 	return first
 }
 
-// batch writes recs in one pipeline, leaving out the keys of masters
-// down (whose error it returns).
-func (f *Refresher) batch(ctx context.Context, recs []*Record) error {
+// batch writes recs in one pipeline, their memberships scored score,
+// leaving out the keys of masters down (whose error it returns).
+func (f *Refresher) batch(ctx context.Context, recs []*Record, score float64) error {
 	var keep func(string) bool
 	var skipped error
 	master := map[string]string{} // on a cluster: each key kept → its master's address
@@ -205,7 +206,7 @@ func (f *Refresher) batch(ctx context.Context, recs []*Record) error {
 	}
 	cmds, err := f.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, rec := range recs {
-			if err := f.r.write(ctx, p, rec, f.score, keep); err != nil {
+			if err := f.r.write(ctx, p, rec, score, keep); err != nil {
 				return err
 			}
 		}
