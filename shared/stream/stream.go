@@ -36,6 +36,11 @@ import (
 // ttl ms. With a once-key, an append already made under that key returns
 // its id and writes nothing.
 //
+// The notify channel is passed as a key although it never is one: proxy
+// clusters that check scripts (Alibaba Cloud's) refuse a command on a
+// name not in KEYS. The price is that Redis Cluster refuses the append
+// (TRYAGAIN) for as long as its slot migrates (docs/scaling.md).
+//
 // The predecessor comes from the last-id key, which every append sets in
 // the same atomic step as its XADD; only when that key is missing (first
 // append, or expired or evicted) is it read from the stream: the last id
