@@ -30,9 +30,15 @@ type publishBody struct {
 // readBody checks the content type and reads at most limit bytes.
 func readBody(c *gin.Context, limit int64) ([]byte, error) {
 	ct := c.GetHeader("Content-Type")
-	mt, _, err := mime.ParseMediaType(ct)
+	mt, params, err := mime.ParseMediaType(ct)
 	if ct == "" || err != nil || (mt != "application/json" && !isJSONSuffix(mt)) {
 		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	}
+	// The body is read as UTF-8 whatever the client says: a body declared
+	// in another charset is refused rather than taken for UTF-8 (a Latin-1
+	// body that happens to be valid UTF-8 would be stored as other text).
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") && !strings.EqualFold(cs, "utf8") {
+		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "the body must be UTF-8: send charset=utf-8 or no charset")
 	}
 	if len(c.Request.Header.Values("Content-Type")) > 1 {
 		return nil, errf(http.StatusUnsupportedMediaType, "unsupported_media_type", "send one Content-Type header, not several")

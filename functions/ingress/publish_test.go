@@ -58,6 +58,12 @@ func TestPublish(t *testing.T) {
 			t.Errorf("%s: %d %s", body, w.Code, w.Body.String())
 		}
 	}
+	// UTF-8 by any spelling of its name.
+	for _, ct := range []string{`application/json; charset="UTF-8"`, "application/json;charset=utf8", "application/json; Charset=Utf-8"} {
+		if w := e.do("POST", "/v1/channels/room-1/messages", `{"data":1}`, "Content-Type", ct); w.Code != 202 {
+			t.Errorf("%s: %d %s", ct, w.Code, w.Body.String())
+		}
+	}
 }
 
 // Every documented input error, with nothing written.
@@ -96,6 +102,9 @@ func TestPublishErrors(t *testing.T) {
 		{"form", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"},
 		{"bad media type", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/"}, 415, "unsupported_media_type"},
 		{"+json outside application/", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "text/plain+json"}, 415, "unsupported_media_type"},
+		{"charset utf-16", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", `application/json; charset="utf-16"`}, 415, "unsupported_media_type"},
+		{"charset latin1", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/json;charset=ISO-8859-1"}, 415, "unsupported_media_type"},
+		{"empty charset", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", `application/json; charset=""`}, 415, "unsupported_media_type"},
 		{"gzip body", "/v1/channels/c/messages", "\x1f\x8b\x08\x00", []string{"Content-Encoding", "gzip"}, 415, "unsupported_media_type"},
 		{"gzip after identity", "/v1/channels/c/messages", "\x1f\x8b\x08\x00", []string{"Content-Encoding", "identity, gzip"}, 415, "unsupported_media_type"},
 	} {
