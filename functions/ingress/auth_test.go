@@ -44,7 +44,7 @@ func newSecEnv(t *testing.T, env map[string]string) (*testEnv, *testkit.SyncBuff
 	ks := keys.Scheme{Prefix: prefix}
 	logs := &testkit.SyncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}, logs
+	return &testEnv{t: t, srv: testServer(t, cfg, log, rdb, ks), rdb: rdb, keys: ks}, logs
 }
 
 func bearer(cred string) []string { return []string{"Authorization", "Bearer " + cred} }

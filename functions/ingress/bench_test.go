@@ -39,7 +39,7 @@ func BenchmarkPublish(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+	srv := testServer(b, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
 	body := []byte(`{"data":{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"}}`)
 	publish := func(b *testing.B) {
 		req := httptest.NewRequest("POST", "/v1/channels/bench/messages", bytes.NewReader(body))
@@ -132,7 +132,7 @@ func BenchmarkHistory(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+	srv := testServer(b, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
 	fill := func(ch string, n, size int) {
 		data := json.RawMessage(`{"s":12345,"p":"` + strings.Repeat("x", size-16) + `"}`)
 		for done := 0; done < n; {
@@ -184,7 +184,7 @@ func BenchmarkPublishHTTP(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+	srv := testServer(b, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
 	hs := httptest.NewServer(srv)
 	b.Cleanup(hs.Close)
 	body := `{"data":{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"}}`
@@ -270,7 +270,7 @@ func BenchmarkPublishRateScope(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
+			srv := testServer(b, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: prefix})
 			body := []byte(`{"data":{"s":12345,"t":1700000000000000000,"p":"` + strings.Repeat("x", 57) + `"}}`)
 			b.ReportAllocs()
 			b.SetParallelism(8)

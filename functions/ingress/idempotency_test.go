@@ -268,7 +268,7 @@ func TestIdempotencyClaimLeftBehind(t *testing.T) {
 	cfg := testConfig(t)
 	// A claim that lives 35.5 s: longer than the test waits for its release.
 	cfg.Redis.Timeout = 3 * time.Second
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := &testEnv{t: t, srv: testServer(t, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 
 	on.Store(true)
@@ -485,7 +485,7 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 	var on atomic.Bool
 	rdb.AddHook(lostClaimReply{on: &on})
 	ks := keys.Scheme{Prefix: prefix}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := &testEnv{t: t, srv: testServer(t, testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 
 	on.Store(true)
@@ -538,7 +538,7 @@ func TestIdempotencyResentClaimUnread(t *testing.T) {
 	var on, resent atomic.Bool
 	rdb.AddHook(resentClaimThenFail{on: &on, resent: &resent})
 	ks := keys.Scheme{Prefix: prefix}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := &testEnv{t: t, srv: testServer(t, testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 
 	on.Store(true)
@@ -750,7 +750,7 @@ func newEnvRecordsFail(t *testing.T, log *slog.Logger) (*testEnv, *atomic.Bool) 
 		return on.Load() && slices.ContainsFunc(cmd.Args(), isDone)
 	}})
 	ks := keys.Scheme{Prefix: prefix}
-	e := &testEnv{t: t, srv: NewServer(testConfig(t), log, rdb, ks), rdb: rdb, keys: ks}
+	e := &testEnv{t: t, srv: testServer(t, testConfig(t), log, rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 	return e, on
 }

@@ -38,7 +38,7 @@ func newSecEnvs(t *testing.T, env map[string]string, n int) []*testEnv {
 		}
 		t.Cleanup(func() { rdb.Close() })
 		ks := keys.Scheme{Prefix: prefix}
-		srv := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks)
+		srv := testServer(t, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks)
 		envs = append(envs, &testEnv{t: t, srv: srv, rdb: rdb, keys: ks})
 	}
 	return envs
@@ -309,7 +309,7 @@ func TestGlobalRateLimitRedisError(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { rdb.Close() })
-		e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: "p"}), rdb: rdb, keys: keys.Scheme{Prefix: "p"}}
+		e := &testEnv{t: t, srv: testServer(t, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, keys.Scheme{Prefix: "p"}), rdb: rdb, keys: keys.Scheme{Prefix: "p"}}
 		expectStatus(t, publishAs(t, e, "user:u", `{"data":1}`), 202)
 		rs.Stop()
 		w := publishAs(t, e, "user:u", `{"data":1}`)

@@ -55,7 +55,7 @@ func newEnv(t *testing.T, tweak ...func(*Config)) *testEnv {
 	}
 	ks := keys.Scheme{Prefix: prefix}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
+	return &testEnv{t: t, srv: testServer(t, cfg, log, rdb, ks), rdb: rdb, keys: ks}
 }
 
 // newEnvOn is a server on the Redis at url with a 300 ms Redis timeout,
@@ -88,7 +88,7 @@ func newEnvWith(t *testing.T, rc redisconn.Config, log *slog.Logger, set func(*C
 	if ks.Prefix == "" {
 		ks.Prefix = redistest.Prefix(t)
 	}
-	return &testEnv{t: t, srv: NewServer(cfg, log, rdb, ks), rdb: rdb, keys: ks}
+	return &testEnv{t: t, srv: testServer(t, cfg, log, rdb, ks), rdb: rdb, keys: ks}
 }
 
 // do sends one request; a non-empty body is sent as application/json
@@ -377,4 +377,13 @@ func TestCanceledRequestNotAnswered(t *testing.T) {
 	if n := e.xlen("hc"); n != 0 {
 		t.Fatalf("XLEN = %d, want 0", n)
 	}
+}
+
+// testServer is NewServer, closed (its background work stopped) when the
+// test ends, before the Redis client that the test closes: the package's
+// tests end with no goroutine left running (redistest.Main).
+func testServer(t testing.TB, cfg Config, log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme) *Server {
+	srv := NewServer(cfg, log, rdb, ks)
+	t.Cleanup(srv.Close)
+	return srv
 }

@@ -85,9 +85,11 @@ func TestValidate(t *testing.T) {
 				if err != nil {
 					t.Fatalf("Validate: %v", err)
 				}
-				if _, err := New(tc.c); err != nil {
+				rdb, err := New(tc.c)
+				if err != nil {
 					t.Fatalf("New: %v", err)
 				}
+				rdb.Close()
 				return
 			}
 			if err == nil {

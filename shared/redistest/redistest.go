@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
 )
 
 var (
@@ -317,10 +318,18 @@ func (s *Server) Restart(t testing.TB) {
 
 // Main runs a package's tests, then stops the servers they started and
 // exits with the tests' status: TestMain's whole body where nothing else
-// needs cleaning up.
+// needs cleaning up. Tests that passed fail the run if they left a
+// goroutine running (goleak): every test stops what it started, so that
+// a component that leaks one per use shows up here.
 func Main(m *testing.M) {
 	code := m.Run()
 	StopAll()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "redistest: goroutines left running after the tests: %v\n", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 
