@@ -35,23 +35,27 @@ type releaser struct {
 	timeout time.Duration // of each attempt: REDIS_TIMEOUT
 	log     *slog.Logger
 
-	mu      sync.Mutex
-	waiting map[string]claim // by key
+	mu sync.Mutex
+	// waiting maps each claim to free to when it expires. By key and
+	// value, not by key alone: a retry made while Redis is away leaves
+	// its own claim of the key here too (in case Redis set it), and it
+	// took the place of the first request's, which Redis did set, so
+	// that the first was left to answer 409 until it expired.
+	waiting map[claim]time.Time
 	running bool
 	closed  bool
 	stop    chan struct{}
 	wg      sync.WaitGroup
 }
 
-// claim is a claim to free: the value it was set to, and when it expires
-// (after that, it is not ours to free).
+// claim is a claim to free: its key and the value it was set to. Its
+// expiry is kept with it (after that, it is not ours to free).
 type claim struct {
-	value string
-	until time.Time
+	key, value string
 }
 
 func newReleaser(rdb redis.UniversalClient, timeout time.Duration, log *slog.Logger) *releaser {
-	return &releaser{rdb: rdb, timeout: timeout, log: log, waiting: map[string]claim{}, stop: make(chan struct{})}
+	return &releaser{rdb: rdb, timeout: timeout, log: log, waiting: map[claim]time.Time{}, stop: make(chan struct{})}
 }
 
 // release frees key if it still holds value. If Redis does not answer, it
@@ -71,7 +75,7 @@ func (r *releaser) later(key, value string, until time.Time) {
 	if r.closed || len(r.waiting) >= maxReleases {
 		return
 	}
-	r.waiting[key] = claim{value: value, until: until}
+	r.waiting[claim{key, value}] = until
 	if !r.running {
 		r.running = true
 		r.wg.Add(1)
@@ -102,18 +106,18 @@ func (r *releaser) loop() {
 		case <-t.C:
 		}
 		r.mu.Lock()
-		batch := make(map[string]claim, len(r.waiting))
-		for k, c := range r.waiting {
-			batch[k] = c
+		batch := make(map[claim]time.Time, len(r.waiting))
+		for c, until := range r.waiting {
+			batch[c] = until
 		}
 		r.mu.Unlock()
 		failed := false
-		for key, c := range batch {
-			if time.Now().Before(c.until) {
+		for c, until := range batch {
+			if time.Now().Before(until) {
 				// A claim that is not there is not counted: a request
 				// whose client hung up before its claim was sent leaves
 				// its key here too, in case Redis set it.
-				ok, err := r.free(context.Background(), key, c.value)
+				ok, err := r.free(context.Background(), c.key, c.value)
 				if err != nil {
 					failed = true
 					break
@@ -123,8 +127,8 @@ func (r *releaser) loop() {
 				}
 			}
 			r.mu.Lock()
-			if r.waiting[key] == c {
-				delete(r.waiting, key)
+			if r.waiting[c] == until {
+				delete(r.waiting, c)
 			}
 			r.mu.Unlock()
 		}

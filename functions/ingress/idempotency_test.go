@@ -830,3 +830,63 @@ func TestIdempotencyClaimOutlived(t *testing.T) {
 		})
 	}
 }
+
+// TestIdempotencyClaimFreedPastRetries: a request's claim left behind by
+// a Redis outage is freed once Redis answers again even though the client
+// retried during the outage, as the 503's Retry-After: 1 tells it to. The
+// retry's claim, which Redis never set, took the first's place among the
+// claims to free: the first's was left to answer 409 until it expired.
+func TestIdempotencyClaimFreedPastRetries(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	// down: appends and the claim's release fail, as a Redis that goes away
+	// right after a request's claim; claims: the claims (SET NX) fail too.
+	var down, claims atomic.Bool
+	rdb.AddHook(redistest.Fail{
+		Cmd: func(cmd redis.Cmder) bool {
+			switch cmd.Name() {
+			case "del", "evalsha", "eval":
+				return down.Load()
+			case "set":
+				return claims.Load()
+			}
+			return false
+		},
+		Pipeline: func(cmds []redis.Cmder) bool {
+			return down.Load() && (cmds[0].Name() == "evalsha" || cmds[0].Name() == "eval")
+		},
+	})
+	ks := keys.Scheme{Prefix: prefix}
+	cfg := testConfig(t)
+	// A claim that lives 35.5 s: longer than the test waits for its release.
+	cfg.Redis.Timeout = 3 * time.Second
+	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	t.Cleanup(e.srv.Close)
+
+	const body = `{"data":1}`
+	down.Store(true)
+	expectError(t, e.do("POST", "/v1/channels/p/messages", body, "Idempotency-Key", "k"), 503, "unavailable")
+	left, err := rdb.Keys(t.Context(), prefix+":{k:*").Result()
+	if err != nil || len(left) != 1 {
+		t.Fatalf("claims left %v %v, want the one", left, err)
+	}
+	// The client retries while Redis is still away: its claim fails.
+	claims.Store(true)
+	expectError(t, e.do("POST", "/v1/channels/p/messages", body, "Idempotency-Key", "k"), 503, "unavailable")
+	claims.Store(false)
+	down.Store(false)
+
+	deadline := time.Now().Add(10 * time.Second)
+	for rdb.Exists(t.Context(), left[0]).Val() == 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("first claim still there 10 s after Redis came back (expires in %v): its retry answered 409", rdb.PTTL(t.Context(), left[0]).Val())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if w := e.do("POST", "/v1/channels/p/messages", body, "Idempotency-Key", "k"); w.Code != 202 {
+		t.Fatalf("retry after the claim was freed: %d %s", w.Code, w.Body)
+	}
+	if n := e.xlen("p"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}
