@@ -21,7 +21,7 @@ import (
 type idemRecord struct {
 	State    string          `json:"state"`           // "pending" or "done"
 	Body     string          `json:"body"`            // sha256 of the request body
-	Claim    string          `json:"claim,omitempty"` // random, in "pending": whose claim it is
+	Claim    string          `json:"claim,omitempty"` // random: whose claim it is, or whose reply ("done")
 	Status   int             `json:"status,omitempty"`
 	Response json.RawMessage `json:"response,omitempty"`
 }
@@ -82,7 +82,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	// the once-keys see to that.
 	// The claim is not this request's to free after it expires.
 	until := time.Now().Add(s.pendingTTL())
-	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: rand.Text()})
+	claimID := rand.Text()
+	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: claimID})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 	if err != nil {
 		// Redis may have set the claim and only its reply been lost (or
@@ -106,7 +107,9 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 		s.writeError(c, err)
 		return
 	}
-	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Status: status, Response: resp})
+	// The reply names the claim too, so that the save script knows its
+	// own reply from another request's (saveScript).
+	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Claim: claimID, Status: status, Response: resp})
 	saved, err := saveScript.Run(context.WithoutCancel(ctx), s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
 	if err != nil {
 		// The write stands; free the claim, or a retry (its reply lost
@@ -133,8 +136,12 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 // (ARGV[1]) or nothing, and returns 1; else 0. A claim that expired while
 // its request ran may have been taken by a later request, whose claim or
 // reply is not this one's to overwrite: with a different body, the later
-// request's retry would get 422 for a request that was accepted.
+// request's retry would get 422 for a request that was accepted. A key
+// that already holds this very reply (it names the request's claim) is
+// this save's own, resent by go-redis after its answer was lost: 1, not
+// 0, which logged another request's claim that there never was.
 var saveScript = redis.NewScript(`local v = redis.call("GET", KEYS[1])
+if v == ARGV[2] then return 1 end
 if v == ARGV[1] or not v then
   redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
   return 1

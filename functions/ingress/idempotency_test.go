@@ -890,3 +890,60 @@ func TestIdempotencyClaimFreedPastRetries(t *testing.T) {
 		t.Fatalf("XLEN = %d, want 1", n)
 	}
 }
+
+// TestIdempotencyReplySaveResent: the connection breaks after Redis has
+// stored a request's reply but before it answered, and go-redis sends
+// the save again on a new connection, where it finds the key holding that
+// very reply. That is the request's own save, not another request having
+// claimed the key meanwhile: nothing is logged, and the retry gets the
+// replay.
+func TestIdempotencyReplySaveResent(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	var armed atomic.Bool
+	var dropped atomic.Int32
+	addr := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
+		var drop atomic.Bool
+		up = func(b []byte, to io.Writer) bool {
+			if bytes.Contains(b, []byte(`"state":"done"`)) && armed.CompareAndSwap(true, false) {
+				drop.Store(true)
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		down = func(b []byte, to io.Writer) bool {
+			if drop.Load() {
+				// Redis stored the reply: its answer is lost.
+				dropped.Add(1)
+				return false
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		return up, down
+	})
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + addr + "/0", Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	t.Cleanup(e.srv.Close)
+	// The save's script loaded, so that the save dropped is the one that
+	// runs (not an EVALSHA answered NOSCRIPT).
+	expectStatus(t, e.do("POST", "/v1/channels/other/messages", `{"data":0}`, "Idempotency-Key", "warm"), 202)
+
+	const body = `{"data":"saved"}`
+	armed.Store(true)
+	w1 := e.do("POST", "/v1/channels/saved/messages", body, "Idempotency-Key", "k")
+	if dropped.Load() != 1 {
+		t.Fatal("the save's reply was not dropped")
+	}
+	expectStatus(t, w1, 202)
+	if l := logs.Lines(t, "idempotency key claimed again before the reply was saved"); len(l) != 0 {
+		t.Errorf("a save resent after its reply was lost logged another request's claim: %v", l)
+	}
+	w2 := e.do("POST", "/v1/channels/saved/messages", body, "Idempotency-Key", "k")
+	if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || w2.Body.String() != w1.Body.String() {
+		t.Fatalf("retry: %d %s %v, want the replay of %s", w2.Code, w2.Body, w2.Header(), w1.Body)
+	}
+	if n := e.xlen("saved"); n != 1 {
+		t.Fatalf("XLEN = %d, want 1", n)
+	}
+}
