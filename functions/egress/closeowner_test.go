@@ -45,9 +45,9 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 		_ = client.(*net.TCPConn).SetReadBuffer(4 << 10)
 		now := time.Now()
 		c := &conn{s: s, nc: server, id: id, done: make(chan struct{}), openedAt: now}
-		c.lastData.Store(now.UnixNano())
-		c.lastRead.Store(now.UnixNano())
-		c.lastPing.Store(now.UnixNano())
+		c.lastData.Store(mono(now))
+		c.lastRead.Store(mono(now))
+		c.lastPing.Store(mono(now))
 		c.mu.Lock()
 		for range 200 { // 1.6 MB, far more than the buffers hold
 			c.queue = append(c.queue, &queued{frame: frame})
@@ -89,9 +89,9 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 		_ = server.SetWriteDeadline(time.Time{})
 		now := time.Now()
 		c := &conn{s: s, nc: server, id: id, done: make(chan struct{}), openedAt: now}
-		c.lastData.Store(now.UnixNano())
-		c.lastRead.Store(now.UnixNano())
-		c.lastPing.Store(now.UnixNano())
+		c.lastData.Store(mono(now))
+		c.lastRead.Store(mono(now))
+		c.lastPing.Store(mono(now))
 		t.Cleanup(func() {
 			_ = client.Close()
 			_ = server.Close()
@@ -130,7 +130,7 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 			c.openedAt = time.Now().Add(-time.Hour)
 		}, false},
 		{"idle", protocol.CloseIdleTimeout, func(s *Server, c *conn) {
-			c.lastData.Store(time.Now().Add(-2 * s.cfg.IdleTimeout).UnixNano())
+			c.lastData.Store(mono(time.Now().Add(-2 * s.cfg.IdleTimeout)))
 		}, true},
 		{"token expired", protocol.CloseTokenExpired, func(s *Server, c *conn) {
 			c.mu.Lock()
@@ -138,7 +138,7 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 			c.mu.Unlock()
 		}, false},
 		{"missed pong", 1006, func(s *Server, c *conn) {
-			c.lastRead.Store(time.Now().Add(-3 * s.cfg.PingInterval).UnixNano())
+			c.lastRead.Store(mono(time.Now().Add(-3 * s.cfg.PingInterval)))
 		}, true},
 	}
 	for _, tc := range sweepCases {

@@ -61,9 +61,16 @@ type conn struct {
 	openedAt time.Time
 	lifetime time.Duration // MAX_LIFETIME less this connection's jitter; 0: none
 
-	lastData atomic.Int64 // unix nanos of the last data frame either way
+	// lastData, lastPing and lastRead are times on the monotonic clock
+	// (mono), not the wall clock's unix nanos: the sweep measures how long
+	// a socket was idle or silent by them, and a wall clock stepped
+	// forward (NTP after a VM's resume, a host whose clock was set after
+	// the instance started) dropped every socket at the next sweep, as
+	// idle or "missed pong", while one stepped back stopped the pings, and
+	// the drop of dead peers, for as long as the step.
+	lastData atomic.Int64 // the last data frame either way
 	lastPing atomic.Int64
-	lastRead atomic.Int64 // unix nanos of the last frame of any kind from the client
+	lastRead atomic.Int64 // the last frame of any kind from the client
 	// handling: the reader is carrying out a frame's requests (or the
 	// URL's ?channels), which may wait on Redis for seconds; it reads
 	// nothing meanwhile, the client's pongs included, so the sweep
@@ -415,7 +422,7 @@ func (c *conn) shrinkLocked() {
 func (c *conn) write(nc net.Conn, vec [][]byte, batch []*queued, now time.Time) error {
 	c.writeSince.Store(now.UnixNano())
 	err := c.writeAll(nc, net.Buffers(vec), now)
-	start, took := now.UnixNano(), int64(time.Since(now))
+	start, took := mono(now), int64(time.Since(now))
 	for {
 		last := c.lastRead.Load()
 		if last >= start || c.lastRead.CompareAndSwap(last, last+took) {
@@ -445,7 +452,7 @@ func (c *conn) wrote(batch []*queued, now time.Time) {
 		}
 	}
 	c.framesOut.Add(int64(len(batch)))
-	c.lastData.Store(time.Now().UnixNano())
+	c.lastData.Store(monoNow())
 }
 
 // writeAll writes bufs whole. A write that times out having sent
@@ -680,7 +687,7 @@ func (c *conn) readLoop(ctx context.Context) {
 			c.noteReadError(err)
 			return
 		}
-		c.lastRead.Store(time.Now().UnixNano())
+		c.lastRead.Store(monoNow())
 		switch op {
 		case opClose:
 			c.onClientClose(p)
@@ -742,7 +749,7 @@ func (c *conn) onClientClose(p []byte) {
 // runs while the reader waits, so it owns the reader's state.
 func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 	c.framesIn.Add(1)
-	c.lastData.Store(time.Now().UnixNano())
+	c.lastData.Store(monoNow())
 	c.handling.Store(true)
 	defer c.doneHandling()
 	if !c.throttle() {
@@ -797,7 +804,7 @@ func (c *conn) onFrame(ctx context.Context, op byte, data []byte) bool {
 // doneHandling ends what handling marks: the client counts as read now,
 // as if the frames it sent meanwhile (pongs) had been read as they came.
 func (c *conn) doneHandling() {
-	c.lastRead.Store(time.Now().UnixNano())
+	c.lastRead.Store(monoNow())
 	c.handling.Store(false)
 }
 

@@ -234,8 +234,8 @@ func TestRefreshKeepsNoEndedConnection(t *testing.T) {
 	// should it run meanwhile.
 	server, _ := tcpPair(t)
 	c := &conn{s: s, nc: server, id: "ended-conn", done: make(chan struct{})}
-	c.lastRead.Store(time.Now().UnixNano())
-	c.lastPing.Store(time.Now().UnixNano())
+	c.lastRead.Store(mono(time.Now()))
+	c.lastPing.Store(mono(time.Now()))
 	c.rec = registry.Record{ID: c.id, Instance: s.instance, Channels: []string{}}
 	s.hub.addConn(c)
 	close(c.done)

@@ -473,7 +473,7 @@ func (s *Server) sweepConns(now time.Time) {
 		// ping would wait behind them: a connection being written to is
 		// neither idle nor silent, nor due a ping (conn.write).
 		busy := c.busyWrite()
-		if !busy && s.cfg.IdleTimeout > 0 && now.Sub(time.Unix(0, c.lastData.Load())) >= s.cfg.IdleTimeout {
+		if !busy && s.cfg.IdleTimeout > 0 && time.Duration(mono(now)-c.lastData.Load()) >= s.cfg.IdleTimeout {
 			c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
 			continue
 		}
@@ -484,12 +484,12 @@ func (s *Server) sweepConns(now time.Time) {
 		if busy {
 			continue
 		}
-		if !c.handling.Load() && now.Sub(time.Unix(0, c.lastRead.Load())) >= 2*s.cfg.PingInterval {
+		if !c.handling.Load() && time.Duration(mono(now)-c.lastRead.Load()) >= 2*s.cfg.PingInterval {
 			c.closeWith(1006, "missed pong", true)
 			continue
 		}
-		if now.Sub(time.Unix(0, c.lastPing.Load())) >= s.cfg.PingInterval {
-			c.lastPing.Store(now.UnixNano())
+		if time.Duration(mono(now)-c.lastPing.Load()) >= s.cfg.PingInterval {
+			c.lastPing.Store(mono(now))
 			c.ping()
 		}
 	}
@@ -518,7 +518,7 @@ func (s *Server) noteSweep(now time.Time) time.Duration {
 func creditStall(c *conn, stalled time.Duration, now time.Time) {
 	for {
 		old := c.lastRead.Load()
-		v := min(old+int64(stalled), now.UnixNano())
+		v := min(old+int64(stalled), mono(now))
 		if v <= old || c.lastRead.CompareAndSwap(old, v) {
 			return
 		}
@@ -686,6 +686,19 @@ func (s *Server) stopEpisodes() {
 // clock is the time since the server was made, in ns, on the monotonic
 // clock: what conn.regTry holds.
 func (s *Server) clock() int64 { return int64(time.Since(s.epoch)) }
+
+// monoEpoch is where mono counts from: the process's start, near enough.
+var monoEpoch = time.Now()
+
+// mono is t, a reading of time.Now, as ns on the monotonic clock: what a
+// connection's timers keep (conn.lastData, lastRead and lastPing), so
+// that the sweep measures how long the instance ran, whatever its wall
+// clock did meanwhile. Not s.clock: the server of a test is often made
+// without its epoch.
+func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
+
+// monoNow is mono(time.Now()).
+func monoNow() int64 { return int64(time.Since(monoEpoch)) }
 
 // lapsed reports whether no write of c's record has ended for longer
 // than REGISTRY_TTL (conn.regTry), though it is listed and not closing,

@@ -136,9 +136,9 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 		writing:  true, // held until the connection is registered
 	}
 	c.fr.init(ws.NetConn(), s.cfg.MaxFrameBytes)
-	c.lastData.Store(now.UnixNano())
-	c.lastRead.Store(now.UnixNano())
-	c.lastPing.Store(now.UnixNano())
+	c.lastData.Store(mono(now))
+	c.lastRead.Store(mono(now))
+	c.lastPing.Store(mono(now))
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
 	return c
 }

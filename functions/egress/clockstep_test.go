@@ -1,0 +1,107 @@
+package main
+
+import (
+	"net/url"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/gorilla/websocket"
+)
+
+// wallStep returns t as time.Now reads it once the system clock has been
+// stepped by d (NTP, an operator, a VM's clock set on resume): its wall
+// clock moved by d, its monotonic reading (what Time.Sub between two
+// readings, and the runtime's timers, go by) not. The time package makes
+// no such value, so it is built on time.Time's layout (wall: a flag for
+// the monotonic reading, 33 bits of seconds since 1885 and 30 of
+// nanoseconds; ext: the monotonic reading), which TestWallStep checks.
+// d is whole seconds.
+func wallStep(t time.Time, d time.Duration) time.Time {
+	const hasMonotonic, nsecShift = 1 << 63, 30
+	p := (*struct {
+		wall uint64
+		ext  int64
+		loc  *time.Location
+	})(unsafe.Pointer(&t))
+	if p.wall&hasMonotonic == 0 || d%time.Second != 0 {
+		panic("wallStep: a time.Now reading and whole seconds only")
+	}
+	sec := int64(p.wall<<1>>(nsecShift+1)) + int64(d/time.Second)
+	p.wall = hasMonotonic | uint64(sec)<<nsecShift | p.wall&(1<<nsecShift-1)
+	return t
+}
+
+// TestWallStep: wallStep moves the wall clock alone.
+func TestWallStep(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	for _, d := range []time.Duration{-time.Hour, time.Minute} {
+		s := wallStep(now, d)
+		if s.Sub(now) != 0 || now.Sub(s) != 0 {
+			t.Fatalf("step %v: monotonic difference %v", d, s.Sub(now))
+		}
+		if got := s.Round(0).Sub(now.Round(0)); got != d {
+			t.Fatalf("step %v: wall moved %v", d, got)
+		}
+	}
+}
+
+// TestSweepWallClockStep: the sweep's timers (missed pong, IDLE_TIMEOUT,
+// the next ping) count the time the instance ran, not what its wall
+// clock says: a clock stepped forward (NTP after a VM's resume, an
+// instance started before its clock was set) dropped every socket at the
+// next sweep, as "missed pong" or idle, all reconnecting at once, and one
+// stepped back stopped the pings (and the drop of dead peers, whose
+// records stayed listed) for as long as the step: a client that waits
+// 60 s for a frame (the shipped ones) reconnected.
+func TestSweepWallClockStep(t *testing.T) {
+	t.Parallel()
+	const ping = 20 * time.Second // no ping of the egress's own sweep during the test
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"missed pong", map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "20s"}},
+		{"idle", map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "20s", "IDLE_TIMEOUT": "30s"}},
+	} {
+		t.Run(tc.name+", forward", func(t *testing.T) {
+			t.Parallel()
+			e := startSecEgress(t, tc.env)
+			_, c := e.dialConn(t, url.Values{})
+			e.s.sweepConns(wallStep(time.Now(), 5*time.Minute))
+			if c.closeStarted.Load() {
+				c.mu.Lock()
+				code, why := c.closeCode, c.reason
+				c.mu.Unlock()
+				t.Fatalf("closed %d (%s) by a sweep after the wall clock stepped 5m forward", code, why)
+			}
+		})
+	}
+	t.Run("back", func(t *testing.T) {
+		t.Parallel()
+		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "20s"})
+		ws, _ := e.dialConn(t, url.Values{})
+		var pings atomic.Int32
+		ws.SetPingHandler(func(data string) error {
+			pings.Add(1)
+			return ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+		})
+		go func() {
+			for {
+				if _, _, err := ws.NextReader(); err != nil {
+					return
+				}
+			}
+		}()
+		// A PING_INTERVAL after the connection opened, by the clock
+		// the instance runs on, with its wall clock an hour behind.
+		e.s.sweepConns(wallStep(time.Now().Add(ping), -time.Hour))
+		for deadline := time.Now().Add(2 * time.Second); pings.Load() == 0; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("no ping a PING_INTERVAL after the last, the wall clock stepped an hour back")
+			}
+		}
+	})
+}
