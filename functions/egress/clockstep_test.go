@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -104,4 +105,28 @@ func TestSweepWallClockStep(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestWriteDeadlineWallClockStep: a write after the wall clock stepped
+// back arms its deadline anew when the last one has passed. The deadline
+// kept (armWriteDeadline) was compared by the wall clock, which had it an
+// hour ahead, while the socket's own (SetWriteDeadline) runs on the
+// monotonic clock and had passed: the write failed at once, and a socket
+// that had only been quiet for WRITE_TIMEOUT was dropped (1006, "write
+// failed") at its next message.
+func TestWriteDeadlineWallClockStep(t *testing.T) {
+	t.Parallel()
+	const timeout = 200 * time.Millisecond
+	s := &Server{cfg: Config{SendQueue: 16, WriteTimeout: timeout}}
+	server, client := tcpPair(t)
+	go func() { _, _ = io.Copy(io.Discard, client) }()
+	c := &conn{s: s, nc: server, done: make(chan struct{})}
+	frame := wsFrame(opText, []byte(`{"type":"pong"}`))
+	if err := c.write(server, [][]byte{frame}, nil, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(timeout + 100*time.Millisecond) // quiet past its deadline
+	if err := c.write(server, [][]byte{frame}, nil, wallStep(time.Now(), -time.Hour)); err != nil {
+		t.Fatalf("write after the wall clock stepped an hour back: %v", err)
+	}
 }

@@ -121,8 +121,11 @@ type conn struct {
 	writers   sync.WaitGroup
 	done      chan struct{} // closed when the reader has ended
 
-	// writeDeadline (unix nanos) is the socket's write deadline as the
-	// writer last set it; only the writer of the moment uses it.
+	// writeDeadline (mono) is the socket's write deadline as the writer
+	// last set it; only the writer of the moment uses it. The socket's
+	// own runs on the monotonic clock: kept by the wall clock, a clock
+	// stepped back had it still far off once it had passed, and the next
+	// write failed at once (armWriteDeadline).
 	writeDeadline int64
 
 	closeOnce sync.Once
@@ -482,11 +485,11 @@ func (c *conn) writeAll(nc net.Conn, bufs net.Buffers, now time.Time) error {
 // only when less than half the timeout is left. Only the writer calls it.
 func (c *conn) armWriteDeadline(now time.Time) {
 	t := c.s.cfg.WriteTimeout
-	if c.writeDeadline-now.UnixNano() >= int64(t/2) {
+	if c.writeDeadline-mono(now) >= int64(t/2) {
 		return
 	}
-	c.writeDeadline = now.Add(t).UnixNano()
-	_ = c.nc.SetWriteDeadline(time.Unix(0, c.writeDeadline))
+	c.writeDeadline = mono(now) + int64(t)
+	_ = c.nc.SetWriteDeadline(now.Add(t))
 }
 
 // finishWrites is called once by serve after the reader has ended, or by

@@ -691,10 +691,10 @@ func (s *Server) clock() int64 { return int64(time.Since(s.epoch)) }
 var monoEpoch = time.Now()
 
 // mono is t, a reading of time.Now, as ns on the monotonic clock: what a
-// connection's timers keep (conn.lastData, lastRead and lastPing), so
-// that the sweep measures how long the instance ran, whatever its wall
-// clock did meanwhile. Not s.clock: the server of a test is often made
-// without its epoch.
+// connection's timers keep (conn.lastData, lastRead, lastPing and
+// writeDeadline), so that the sweep and the writer measure how long the
+// instance ran, whatever its wall clock did meanwhile. Not s.clock: the
+// server of a test is often made without its epoch.
 func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
 
 // monoNow is mono(time.Now()).
