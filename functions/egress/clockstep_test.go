@@ -2,6 +2,7 @@ package main
 
 import (
 	"io"
+	"log/slog"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -9,6 +10,9 @@ import (
 	"unsafe"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // wallStep returns t as time.Now reads it once the system clock has been
@@ -128,5 +132,51 @@ func TestWriteDeadlineWallClockStep(t *testing.T) {
 	time.Sleep(timeout + 100*time.Millisecond) // quiet past its deadline
 	if err := c.write(server, [][]byte{frame}, nil, wallStep(time.Now(), -time.Hour)); err != nil {
 		t.Fatalf("write after the wall clock stepped an hour back: %v", err)
+	}
+}
+
+// TestSubscriptionWallClockStep: the repair loop finds a node's Pub/Sub
+// connection silent (pinged, then replaced after deadAfter) by the time
+// the instance ran, not by its wall clock: a clock stepped forward had
+// every node's connection replaced at once ("redis subscription silent,
+// reconnecting"), each of its channels subscribed again and caught up
+// from its stream, and one stepped back left a dead connection unpinged
+// and in place for as long as the step, its channels delivering nothing.
+func TestSubscriptionWallClockStep(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	logs := &testkit.SyncBuffer{}
+	s := newSubscriber(slog.New(slog.NewJSONHandler(logs, nil)), rdb, nil)
+	defer s.Close()
+	if err := s.Subscribe(t.Context(), prefix+"{c:step}:n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-s.Events():
+		if !ev.confirmed {
+			t.Fatalf("first event %+v, want the confirmation", ev)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscription not confirmed")
+	}
+	var n *nodeSub
+	s.mu.Lock()
+	for _, each := range s.nodes {
+		n = each // the only one
+	}
+	s.mu.Unlock()
+	s.regroup(wallStep(time.Now(), 5*time.Minute))
+	for _, r := range logs.JSONLines(t) {
+		if r["msg"] == "redis subscription silent, reconnecting" {
+			t.Fatal("a node's connection replaced as silent after the wall clock stepped 5m forward")
+		}
+	}
+	// Past pingEvery after its last read, by the clock the instance
+	// runs on, with the wall clock an hour behind: pinged for its
+	// silence.
+	pinged := n.pingedAt.Load()
+	s.regroup(wallStep(time.Now().Add(pingEvery+time.Second), -time.Hour))
+	if n.pingedAt.Load() == pinged {
+		t.Fatal("a node silent for pingEvery not pinged after the wall clock stepped an hour back")
 	}
 }

@@ -103,8 +103,11 @@ type nodeSub struct {
 	// downLogged is set when the read loop had the node logged down
 	// (nodeDown: not for a redirection) and cleared with failing.
 	downLogged atomic.Bool
-	// lastRead is when the connection last delivered anything (unix ns),
-	// pingedAt when the repair loop last pinged it for being silent.
+	// lastRead is when the connection last delivered anything,
+	// pingedAt when the repair loop last pinged it for being silent, on
+	// the monotonic clock (mono): by the wall clock, a clock stepped
+	// forward had every node's connection replaced as silent at once, and
+	// one stepped back left a dead one in place for as long as the step.
 	lastRead, pingedAt atomic.Int64
 	// refused is set by the read loop when the node refused a
 	// SSUBSCRIBE with CROSSSLOT: go-redis subscribes a connection it
@@ -115,7 +118,7 @@ type nodeSub struct {
 
 	// stalled is how long in all (ns) the read loop has waited to hand
 	// events to the hub, and blockedAt when the wait under way began
-	// (unix ns, 0 when none); the end of a wait updates both under mu. The hub reads the stream for each
+	// (mono, 0 when none); the end of a wait updates both under mu. The hub reads the stream for each
 	// confirmation, so after a burst of placements (a failover, a
 	// Reconnect, a refused resubscribe) the confirmations of thousands of
 	// channels wait in the connection for the hub, not for Redis: that
@@ -359,7 +362,7 @@ func (s *subscriber) startNode(addr string, client redis.UniversalClient) *nodeS
 		cancel: cancel,
 		sentAt: make(map[string]sentMark),
 	}
-	n.lastRead.Store(time.Now().UnixNano())
+	n.lastRead.Store(monoNow())
 	s.nodes[addr] = n
 	s.wg.Add(1)
 	go func() { defer s.wg.Done(); s.read(ctx, n) }()
@@ -455,7 +458,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 		backoff = 50 * time.Millisecond
 		n.failing.Store(false)
 		n.downLogged.Store(false)
-		n.lastRead.Store(time.Now().UnixNano())
+		n.lastRead.Store(monoNow())
 		if s.anyDown.Load() {
 			s.nodeUp(n.addr)
 		}
@@ -492,13 +495,13 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			continue
 		default:
 		}
-		n.blockedAt.Store(time.Now().UnixNano())
+		n.blockedAt.Store(monoNow())
 		select {
 		case s.events <- ev:
 		case <-ctx.Done():
 			return
 		}
-		now := time.Now().UnixNano()
+		now := monoNow()
 		n.mu.Lock() // stallTotal's readers see both or neither
 		n.stalled.Add(now - n.blockedAt.Load())
 		n.blockedAt.Store(0)
@@ -568,24 +571,24 @@ func (s *subscriber) regroupLoop() {
 		case <-s.kick:
 		case <-t.C:
 		}
-		s.regroup()
+		s.regroup(time.Now())
 	}
 }
 
-func (s *subscriber) regroup() {
+// regroup runs the repair loop's round at now, a reading of time.Now.
+func (s *subscriber) regroup(now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return
 	}
-	now := time.Now()
 	for addr, n := range s.nodes {
 		if n.blockedAt.Load() != 0 {
 			continue // waiting on the hub, not on Redis
 		}
-		silent := now.Sub(time.Unix(0, n.lastRead.Load()))
-		if silent > pingEvery && now.Sub(time.Unix(0, n.pingedAt.Load())) > pingEvery {
-			n.pingedAt.Store(now.UnixNano())
+		silent := time.Duration(mono(now) - n.lastRead.Load())
+		if silent > pingEvery && time.Duration(mono(now)-n.pingedAt.Load()) > pingEvery {
+			n.pingedAt.Store(mono(now))
 			s.wg.Add(1) // Close waits for it: it sets closed under mu first
 			go func() {
 				defer s.wg.Done()
@@ -655,7 +658,7 @@ func (n *nodeSub) unconfirmedFor(channel string, now time.Time, d time.Duration)
 func (n *nodeSub) stallTotal(now time.Time) int64 {
 	t := n.stalled.Load()
 	if b := n.blockedAt.Load(); b != 0 {
-		t += max(0, now.UnixNano()-b)
+		t += max(0, mono(now)-b)
 	}
 	return t
 }

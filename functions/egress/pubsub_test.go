@@ -177,10 +177,10 @@ func TestSilentNodeLogNamesIt(t *testing.T) {
 	}
 	s.mu.Lock()
 	for _, n := range s.nodes {
-		n.lastRead.Store(time.Now().Add(-2 * deadAfter).UnixNano())
+		n.lastRead.Store(mono(time.Now().Add(-2 * deadAfter)))
 	}
 	s.mu.Unlock()
-	s.regroup()
+	s.regroup(time.Now())
 	var silent []map[string]any
 	for _, r := range logs.JSONLines(t) {
 		if r["msg"] == "redis subscription silent, reconnecting" {
