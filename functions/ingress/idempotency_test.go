@@ -860,7 +860,7 @@ func TestIdempotencyClaimFreedPastRetries(t *testing.T) {
 	cfg := testConfig(t)
 	// A claim that lives 35.5 s: longer than the test waits for its release.
 	cfg.Redis.Timeout = 3 * time.Second
-	e := &testEnv{t: t, srv: NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+	e := &testEnv{t: t, srv: testServer(t, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)
 
 	const body = `{"data":1}`
