@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net/url"
@@ -178,5 +179,33 @@ func TestSubscriptionWallClockStep(t *testing.T) {
 	s.regroup(wallStep(time.Now().Add(pingEvery+time.Second), -time.Hour))
 	if n.pingedAt.Load() == pinged {
 		t.Fatal("a node silent for pingEvery not pinged after the wall clock stepped an hour back")
+	}
+}
+
+// TestReadPathSilenceWallClockStep: /readyz and the read path's repair
+// (server.maintain) measure how long no probe came back through Pub/Sub
+// by the time the instance ran: by the wall clock, a clock stepped
+// forward had /readyz answer 503 (load balancers taking every instance
+// out at once) and the read path resubscribed, and one stepped back hid
+// a dead read path, its channels delivering nothing, for as long as the
+// step.
+func TestReadPathSilenceWallClockStep(t *testing.T) {
+	t.Parallel()
+	const probe = 200 * time.Millisecond
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "200ms"})
+	// A probe has come back (readyz's own condition).
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if q := e.s.hub.readSilence(time.Now()); q > probe {
+			return fmt.Errorf("no probe back for %v", q)
+		}
+		return nil
+	})
+	if q := e.s.hub.readSilence(wallStep(time.Now(), time.Hour)); q > 3*probe {
+		t.Fatalf("read path silent for %v after the wall clock stepped an hour forward", q)
+	}
+	// 10 PROBE_INTERVALs on, by the clock the instance runs on, with the
+	// wall clock an hour behind: silent.
+	if q := e.s.hub.readSilence(wallStep(time.Now().Add(10*probe), -time.Hour)); q < 3*probe {
+		t.Fatalf("read path silent for %v only, 10 PROBE_INTERVALs after the last probe, the wall clock stepped an hour back", q)
 	}
 }

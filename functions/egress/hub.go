@@ -131,7 +131,7 @@ type hub struct {
 	users      map[string]map[*conn]struct{} // by user
 	sub        *subscriber                   // set by run before its first use; see pubsub.go
 	psMu       sync.Mutex                    // guards sub; taken under mu (acquire), never the other way
-	lastRecv   atomic.Int64                  // unix nanos of the last probe seen by the receive loop
+	lastRecv   atomic.Int64                  // the last probe seen by the receive loop, on the monotonic clock (mono; readSilence)
 	reconnects atomic.Int64
 	// redisErrors counts failed Redis commands and pipelines (redisHook)
 	// and failed Pub/Sub subscribes, which go-redis runs outside its
@@ -872,7 +872,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	}
 	h.badNotify.OK()
 	if n.Route.Kind() == stream.RouteProbe {
-		h.lastRecv.Store(time.Now().UnixNano())
+		h.lastRecv.Store(monoNow())
 		return
 	}
 	if cs.stalled {

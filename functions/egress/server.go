@@ -336,7 +336,7 @@ func (s *Server) maintain(ctx context.Context) {
 	var refreshing atomic.Bool
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
-	s.hub.lastRecv.Store(time.Now().UnixNano())
+	s.hub.lastRecv.Store(monoNow())
 	for {
 		select {
 		case <-ctx.Done():
@@ -367,10 +367,10 @@ func (s *Server) maintain(ctx context.Context) {
 					s.log.Info("redis read path back", "silent_for", time.Duration(last-silentSince).Round(time.Millisecond).String(), "resubscribes", resubscribes)
 					silentSince, resubscribes = 0, 0
 				}
-				if time.Since(time.Unix(0, last)) > silent && time.Since(lastResub) > silent {
+				if quiet := s.hub.readSilence(time.Now()); quiet > silent && time.Since(lastResub) > silent {
 					if silentSince == 0 {
 						silentSince = last
-						s.log.Warn("redis read path silent, resubscribing", "silent_for", time.Since(time.Unix(0, last)).Round(time.Second).String(),
+						s.log.Warn("redis read path silent, resubscribing", "silent_for", quiet.Round(time.Second).String(),
 							"then", "every channel is subscribed again (again every 4 PROBE_INTERVALs while it lasts, not logged) and caught up from its stream once Redis answers; /readyz answers 503 meanwhile; logged once more when a probe comes back (redis read path back)")
 					}
 					resubscribes++
@@ -700,6 +700,15 @@ func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
 // monoNow is mono(time.Now()).
 func monoNow() int64 { return int64(time.Since(monoEpoch)) }
 
+// readSilence is how long before now (a reading of time.Now) the receive
+// loop last saw a probe come back through Pub/Sub, by the time the
+// instance ran: by the wall clock, a clock stepped forward had /readyz
+// answer 503 and the read path resubscribed ("redis read path silent"),
+// and one stepped back hid a dead read path for as long as the step.
+func (h *hub) readSilence(now time.Time) time.Duration {
+	return time.Duration(mono(now) - h.lastRecv.Load())
+}
+
 // lapsed reports whether no write of c's record has ended for longer
 // than REGISTRY_TTL (conn.regTry), though it is listed and not closing,
 // because the process did not run: Redis has let the record expire, and
@@ -806,7 +815,7 @@ func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 // Pub/Sub connection, checked by probes) is alive.
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	err := s.ready.Check(r.Context())
-	silent := time.Since(time.Unix(0, s.hub.lastRecv.Load())) > 3*s.cfg.ProbeInterval
+	silent := s.hub.readSilence(time.Now()) > 3*s.cfg.ProbeInterval
 	select {
 	case <-s.hub.inbox.ready:
 	default:
