@@ -14,6 +14,7 @@ import (
 	"github.com/gin-gonic/gin"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -85,6 +86,21 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	claimID := rand.Text()
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: claimID})
 	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
+	if redisconn.OutOfMemory(err) {
+		// Redis at its maxmemory refuses the claim whether or not the key
+		// is there, and sets nothing. A retry of a request that was
+		// answered before is answered from its record, which Redis still
+		// reads: a 503 "nothing was written" would have a publisher whose
+		// attempts run out during the episode take a message that was
+		// accepted for one that was not (and send it again under a new
+		// key). Anything else keeps the 503.
+		if b, gerr := s.rdb.Get(ctx, rkey).Bytes(); gerr == nil {
+			s.answerFrom(c, rkey, b, bodyHash)
+			return
+		}
+		s.writeError(c, err)
+		return
+	}
 	if err != nil {
 		// Redis may have set the claim and only its reply been lost (or
 		// the request cancelled meanwhile): free it if it is there, or
@@ -180,25 +196,32 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string, until time.
 		s.writeError(c, err)
 		return false
 	}
+	s.answerFrom(c, rkey, b, bodyHash)
+	return false
+}
+
+// answerFrom answers a request with an Idempotency-Key from b, the record
+// another request left at its key rkey: the reply it saved (a replay), or why
+// this one cannot run (409 while the other runs, 422 for another body).
+func (s *Server) answerFrom(c *gin.Context, rkey string, b []byte, bodyHash string) {
 	var rec idemRecord
 	if json.Unmarshal(b, &rec) != nil {
 		// Not written by an ingress (an operator, another application
 		// under the prefix): no retry mends it, the operator must.
 		s.log.Error("corrupt idempotency record", "route", c.FullPath(), "key", rkey)
 		s.writeError(c, errf(500, "internal", "corrupt idempotency record"))
-		return false
+		return
 	}
 	if rec.Body != bodyHash {
 		s.writeError(c, errf(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"))
-		return false
+		return
 	}
 	if rec.State != "done" {
 		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key is still being processed; retry", RetryAfter: 1})
-		return false
+		return
 	}
 	c.Header("Idempotent-Replayed", "true")
 	writeJSON(c, rec.Status, rec.Response)
-	return false
 }
 
 const jsonContentType = "application/json; charset=utf-8"

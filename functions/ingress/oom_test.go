@@ -61,8 +61,21 @@ func TestRedisOutOfMemory(t *testing.T) {
 		return b.String()
 	}
 
+	first := e.do("POST", "/v1/channels/a/messages", `{"data":"k0"}`, "Idempotency-Key", "k0")
+	if first.Code != 202 {
+		t.Fatalf("keyed publish before: %d %s", first.Code, first.Body.String())
+	}
 	free := redistest.OutOfMemory(t, e.rdb, e.keys.Prefix)
 	before := snapshot()
+	// A retry of a request answered before is answered from its record:
+	// Redis refuses the claim's SET NX at its maxmemory whether or not
+	// the key is there, and a 503 "nothing was written" would tell a
+	// publisher whose attempts ran out that an accepted message was not.
+	if w := e.do("POST", "/v1/channels/a/messages", `{"data":"k0"}`, "Idempotency-Key", "k0"); w.Code != 202 ||
+		w.Header().Get("Idempotent-Replayed") != "true" || w.Body.String() != first.Body.String() {
+		t.Errorf("retry of an accepted publish out of memory: %d %v %s, want the replay of %s", w.Code, w.Header(), w.Body.String(), first.Body.String())
+	}
+	expectError(t, e.do("POST", "/v1/channels/a/messages", `{"data":"other"}`, "Idempotency-Key", "k0"), 422, "idempotency_key_reused")
 	writes := []struct{ method, path, body, key string }{
 		{"POST", "/v1/channels/a/messages", `{"data":1}`, ""},
 		{"POST", "/v1/channels/a/messages", `{"data":1}`, "k1"},
