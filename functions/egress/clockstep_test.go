@@ -76,6 +76,7 @@ func TestSweepWallClockStep(t *testing.T) {
 			t.Parallel()
 			e := startSecEgress(t, tc.env)
 			_, c := e.dialConn(t, url.Values{})
+			waitWritten(t, c)
 			e.s.sweepConns(wallStep(time.Now(), 5*time.Minute))
 			if c.closeStarted.Load() {
 				c.mu.Lock()
@@ -88,7 +89,8 @@ func TestSweepWallClockStep(t *testing.T) {
 	t.Run("back", func(t *testing.T) {
 		t.Parallel()
 		e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "20s"})
-		ws, _ := e.dialConn(t, url.Values{})
+		ws, c := e.dialConn(t, url.Values{})
+		waitWritten(t, c)
 		var pings atomic.Int32
 		ws.SetPingHandler(func(data string) error {
 			pings.Add(1)
@@ -104,11 +106,25 @@ func TestSweepWallClockStep(t *testing.T) {
 		// A PING_INTERVAL after the connection opened, by the clock
 		// the instance runs on, with its wall clock an hour behind.
 		e.s.sweepConns(wallStep(time.Now().Add(ping), -time.Hour))
-		for deadline := time.Now().Add(2 * time.Second); pings.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		for deadline := time.Now().Add(10 * time.Second); pings.Load() == 0; time.Sleep(10 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatal("no ping a PING_INTERVAL after the last, the wall clock stepped an hour back")
 			}
 		}
+	})
+}
+
+// waitWritten waits until c's writer has ended the write of the welcome,
+// which the client may read before it has: until then the sweep counts
+// the connection busy (conn.write), neither idle nor silent nor due a
+// ping, and a test of what the sweep does would test nothing.
+func waitWritten(t *testing.T, c *conn) {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if c.busyWrite() {
+			return fmt.Errorf("the writer is still writing")
+		}
+		return nil
 	})
 }
 

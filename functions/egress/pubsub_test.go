@@ -108,12 +108,21 @@ func TestMoveOffSilentNode(t *testing.T) {
 
 	var mu sync.Mutex
 	confirms := map[string]int{}
+	// The subscriber never closes its events: this reader ends with the
+	// test.
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		for ev := range s.Events() {
-			if ev.confirmed {
-				mu.Lock()
-				confirms[ev.channel]++
-				mu.Unlock()
+		for {
+			select {
+			case ev := <-s.Events():
+				if ev.confirmed {
+					mu.Lock()
+					confirms[ev.channel]++
+					mu.Unlock()
+				}
+			case <-done:
+				return
 			}
 		}
 	}()
