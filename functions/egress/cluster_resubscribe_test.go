@@ -225,8 +225,18 @@ func TestClusterResubscribeManyOnSlowHub(t *testing.T) {
 		confirms = map[string]int{}
 		slow     atomic.Bool
 	)
+	// The subscriber never closes its events: this reader ends with the
+	// test.
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		for ev := range sub.Events() {
+		for {
+			var ev psEvent
+			select {
+			case ev = <-sub.Events():
+			case <-done:
+				return
+			}
 			if !ev.confirmed {
 				continue
 			}
