@@ -8,51 +8,12 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
-
-// wallStep returns t as time.Now reads it once the system clock has been
-// stepped by d (NTP, an operator, a VM's clock set on resume): its wall
-// clock moved by d, its monotonic reading (what Time.Sub between two
-// readings, and the runtime's timers, go by) not. The time package makes
-// no such value, so it is built on time.Time's layout (wall: a flag for
-// the monotonic reading, 33 bits of seconds since 1885 and 30 of
-// nanoseconds; ext: the monotonic reading), which TestWallStep checks.
-// d is whole seconds.
-func wallStep(t time.Time, d time.Duration) time.Time {
-	const hasMonotonic, nsecShift = 1 << 63, 30
-	p := (*struct {
-		wall uint64
-		ext  int64
-		loc  *time.Location
-	})(unsafe.Pointer(&t))
-	if p.wall&hasMonotonic == 0 || d%time.Second != 0 {
-		panic("wallStep: a time.Now reading and whole seconds only")
-	}
-	sec := int64(p.wall<<1>>(nsecShift+1)) + int64(d/time.Second)
-	p.wall = hasMonotonic | uint64(sec)<<nsecShift | p.wall&(1<<nsecShift-1)
-	return t
-}
-
-// TestWallStep: wallStep moves the wall clock alone.
-func TestWallStep(t *testing.T) {
-	t.Parallel()
-	now := time.Now()
-	for _, d := range []time.Duration{-time.Hour, time.Minute} {
-		s := wallStep(now, d)
-		if s.Sub(now) != 0 || now.Sub(s) != 0 {
-			t.Fatalf("step %v: monotonic difference %v", d, s.Sub(now))
-		}
-		if got := s.Round(0).Sub(now.Round(0)); got != d {
-			t.Fatalf("step %v: wall moved %v", d, got)
-		}
-	}
-}
 
 // TestSweepWallClockStep: the sweep's timers (missed pong, IDLE_TIMEOUT,
 // the next ping) count the time the instance ran, not what its wall
@@ -77,7 +38,7 @@ func TestSweepWallClockStep(t *testing.T) {
 			e := startSecEgress(t, tc.env)
 			_, c := e.dialConn(t, url.Values{})
 			waitWritten(t, c)
-			e.s.sweepConns(wallStep(time.Now(), 5*time.Minute))
+			e.s.sweepConns(testkit.WallStep(time.Now(), 5*time.Minute))
 			if c.closeStarted.Load() {
 				c.mu.Lock()
 				code, why := c.closeCode, c.reason
@@ -105,7 +66,7 @@ func TestSweepWallClockStep(t *testing.T) {
 		}()
 		// A PING_INTERVAL after the connection opened, by the clock
 		// the instance runs on, with its wall clock an hour behind.
-		e.s.sweepConns(wallStep(time.Now().Add(ping), -time.Hour))
+		e.s.sweepConns(testkit.WallStep(time.Now().Add(ping), -time.Hour))
 		for deadline := time.Now().Add(10 * time.Second); pings.Load() == 0; time.Sleep(10 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatal("no ping a PING_INTERVAL after the last, the wall clock stepped an hour back")
@@ -147,7 +108,7 @@ func TestWriteDeadlineWallClockStep(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(timeout + 100*time.Millisecond) // quiet past its deadline
-	if err := c.write(server, [][]byte{frame}, nil, wallStep(time.Now(), -time.Hour)); err != nil {
+	if err := c.write(server, [][]byte{frame}, nil, testkit.WallStep(time.Now(), -time.Hour)); err != nil {
 		t.Fatalf("write after the wall clock stepped an hour back: %v", err)
 	}
 }
@@ -182,7 +143,7 @@ func TestSubscriptionWallClockStep(t *testing.T) {
 		n = each // the only one
 	}
 	s.mu.Unlock()
-	s.regroup(wallStep(time.Now(), 5*time.Minute))
+	s.regroup(testkit.WallStep(time.Now(), 5*time.Minute))
 	for _, r := range logs.JSONLines(t) {
 		if r["msg"] == "redis subscription silent, reconnecting" {
 			t.Fatal("a node's connection replaced as silent after the wall clock stepped 5m forward")
@@ -192,7 +153,7 @@ func TestSubscriptionWallClockStep(t *testing.T) {
 	// runs on, with the wall clock an hour behind: pinged for its
 	// silence.
 	pinged := n.pingedAt.Load()
-	s.regroup(wallStep(time.Now().Add(pingEvery+time.Second), -time.Hour))
+	s.regroup(testkit.WallStep(time.Now().Add(pingEvery+time.Second), -time.Hour))
 	if n.pingedAt.Load() == pinged {
 		t.Fatal("a node silent for pingEvery not pinged after the wall clock stepped an hour back")
 	}
@@ -216,12 +177,12 @@ func TestReadPathSilenceWallClockStep(t *testing.T) {
 		}
 		return nil
 	})
-	if q := e.s.hub.readSilence(wallStep(time.Now(), time.Hour)); q > 3*probe {
+	if q := e.s.hub.readSilence(testkit.WallStep(time.Now(), time.Hour)); q > 3*probe {
 		t.Fatalf("read path silent for %v after the wall clock stepped an hour forward", q)
 	}
 	// 10 PROBE_INTERVALs on, by the clock the instance runs on, with the
 	// wall clock an hour behind: silent.
-	if q := e.s.hub.readSilence(wallStep(time.Now().Add(10*probe), -time.Hour)); q < 3*probe {
+	if q := e.s.hub.readSilence(testkit.WallStep(time.Now().Add(10*probe), -time.Hour)); q < 3*probe {
 		t.Fatalf("read path silent for %v only, 10 PROBE_INTERVALs after the last probe, the wall clock stepped an hour back", q)
 	}
 }

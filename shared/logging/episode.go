@@ -44,11 +44,18 @@ type Episode struct {
 
 	Reminder, Quiet time.Duration
 
+	// clock is time.Now, but for tests (nil: time.Now). The times kept
+	// as int64 below are on the monotonic clock (mono), not the wall
+	// clock's unix ns: a wall clock stepped back (NTP after a VM's
+	// resume) postponed an episode's end by the step, its owner taking
+	// it as under way meanwhile (Active).
+	clock func() time.Time
+
 	active   atomic.Bool  // read without mu by OK, on every success
-	lastFail atomic.Int64 // unix ns of the last failure
+	lastFail atomic.Int64 // mono of the last failure
 	pending  atomic.Bool  // an end is scheduled (OK came within Quiet)
-	lastOK   atomic.Int64 // unix ns of the last OK while an episode was under way
-	// okSince is the unix ns of the first OK since the last failure (0:
+	lastOK   atomic.Int64 // mono of the last OK while an episode was under way
+	// okSince is the mono of the first OK since the last failure (0:
 	// none yet): the success that ends the episode, which its end line
 	// measures to.
 	okSince atomic.Int64
@@ -64,8 +71,8 @@ type Episode struct {
 // Fail records one failure, err, and logs it if it begins the episode or
 // the last line is Reminder old; attrs say where it happened.
 func (e *Episode) Fail(err error, attrs ...any) {
-	now := time.Now()
-	e.lastFail.Store(now.UnixNano())
+	now := e.now()
+	e.lastFail.Store(mono(now))
 	e.okSince.Store(0)
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -95,11 +102,11 @@ func (e *Episode) OK() {
 	if !e.active.Load() {
 		return
 	}
-	now := time.Now().UnixNano()
+	now := mono(e.now())
 	e.lastOK.Store(now)
 	e.okSince.CompareAndSwap(0, now)
 	last := e.lastFail.Load()
-	wait := or(e.Quiet, EpisodeQuiet) - time.Since(time.Unix(0, last))
+	wait := or(e.Quiet, EpisodeQuiet) - time.Duration(now-last)
 	if wait <= 0 {
 		e.end(last)
 		return
@@ -159,7 +166,7 @@ func (e *Episode) end(last int64) {
 	e.closeLocked(e.Back, e.endedAt())
 }
 
-// endedAt is the unix ns of the success that ends the episode, for its
+// endedAt is the mono of the success that ends the episode, for its
 // end line (end, Stop): the first since the last failure, or now when a
 // success raced with that failure's reset of okSince (the end was
 // scheduled by a success after it anyway). e.mu is held.
@@ -167,18 +174,18 @@ func (e *Episode) endedAt() int64 {
 	if back := e.okSince.Load(); back >= e.lastFail.Load() {
 		return back
 	}
-	return time.Now().UnixNano()
+	return mono(e.now())
 }
 
 // closeLocked ends the episode with one info line, msg, saying how many
 // failures it had and how long it lasted: from its first failure to
-// until (unix ns), the success that ended it or the moment it was given
+// until (mono), the success that ended it or the moment it was given
 // up; not to its last failure, which would log an outage of one failure
 // followed by a minute of nothing as having lasted 0s. attrs go first.
 // e.mu is held.
 func (e *Episode) closeLocked(msg string, until int64, attrs ...any) {
 	e.active.Store(false)
-	lasted := time.Unix(0, until).Sub(e.since)
+	lasted := time.Duration(until - mono(e.since))
 	e.Log.Info(msg, append(attrs, "failures", e.failed, "lasted", lasted.Round(time.Millisecond).String())...)
 }
 
@@ -202,8 +209,22 @@ func (e *Episode) Abandon(attrs ...any) {
 	if msg == "" {
 		msg = e.Msg + " (given up)"
 	}
-	e.closeLocked(msg, time.Now().UnixNano(), attrs...)
+	e.closeLocked(msg, mono(e.now()), attrs...)
 }
+
+// now is e.clock's time, or time.Now's.
+func (e *Episode) now() time.Time {
+	if e.clock != nil {
+		return e.clock()
+	}
+	return time.Now()
+}
+
+// epoch is where mono counts from: the process's start, near enough.
+var epoch = time.Now()
+
+// mono is t, a reading of time.Now, as ns on the monotonic clock.
+func mono(t time.Time) int64 { return int64(t.Sub(epoch)) }
 
 // level is the level of the lines that say the episode goes on.
 func (e *Episode) level() slog.Level {

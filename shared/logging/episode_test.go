@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -222,4 +223,52 @@ func msgs(t *testing.T, buf *testkit.SyncBuffer) []string {
 		out = append(out, r["msg"].(string))
 	}
 	return out
+}
+
+// TestEpisodeWallClockStep: an episode's Quiet is measured by the time the
+// process ran, not by its wall clock. A clock stepped back (NTP after a
+// VM's resume) postponed the end by the step: a success Quiet after the
+// last failure left the episode under way for an hour, its owner taking
+// Redis as still failing (Active) and the end line unwritten. One stepped
+// forward ended it at the first success after a failure a moment old,
+// splitting a partial outage into an episode per failure.
+func TestEpisodeWallClockStep(t *testing.T) {
+	t.Parallel()
+	var buf testkit.SyncBuffer
+	log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var step atomic.Int64
+	const quiet = 100 * time.Millisecond
+	e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Quiet: quiet,
+		clock: func() time.Time { return testkit.WallStep(time.Now(), time.Duration(step.Load())) }}
+	defer e.Stop()
+	boom := errors.New("connection refused")
+
+	e.Fail(boom)
+	step.Store(int64(time.Hour)) // forward
+	e.OK()                       // a moment after the failure: not the end yet
+	if !e.Active() || len(buf.Lines(t, "redis back")) != 0 {
+		t.Fatalf("ended by a success a moment after the failure, the wall clock stepped an hour forward:\n%s", buf.String())
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if e.Active() {
+			return fmt.Errorf("not ended Quiet after the last failure")
+		}
+		return nil
+	})
+
+	e.Fail(boom)
+	step.Store(int64(-time.Hour)) // an hour back from the failure
+	time.Sleep(quiet + 50*time.Millisecond)
+	e.OK() // Quiet after the failure: the end
+	if e.Active() {
+		t.Fatalf("a success Quiet after the last failure did not end the episode, the wall clock stepped back:\n%s", buf.String())
+	}
+	for _, l := range buf.Lines(t, "redis back") {
+		if d, err := time.ParseDuration(fmt.Sprint(l["lasted"])); err != nil || d < 0 || d > time.Minute {
+			t.Errorf("lasted %v: %s", l["lasted"], buf.String())
+		}
+	}
 }

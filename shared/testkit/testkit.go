@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // Eventually calls f every 20 ms until it returns nil, and fails t with
@@ -221,4 +222,27 @@ func pipe(from, to net.Conn, f Filter) {
 			return
 		}
 	}
+}
+
+// WallStep returns t as time.Now reads it once the system clock has been
+// stepped by d (NTP, an operator, a VM's clock set on resume): its wall
+// clock moved by d, its monotonic reading (what Time.Sub between two
+// readings, and the runtime's timers, go by) not. The time package makes
+// no such value, so it is built on time.Time's layout (wall: a flag for
+// the monotonic reading, 33 bits of seconds since 1885 and 30 of
+// nanoseconds; ext: the monotonic reading), which TestWallStep checks.
+// d is whole seconds.
+func WallStep(t time.Time, d time.Duration) time.Time {
+	const hasMonotonic, nsecShift = 1 << 63, 30
+	p := (*struct {
+		wall uint64
+		ext  int64
+		loc  *time.Location
+	})(unsafe.Pointer(&t))
+	if p.wall&hasMonotonic == 0 || d%time.Second != 0 {
+		panic("testkit.WallStep: a time.Now reading and whole seconds only")
+	}
+	sec := int64(p.wall<<1>>(nsecShift+1)) + int64(d/time.Second)
+	p.wall = hasMonotonic | uint64(sec)<<nsecShift | p.wall&(1<<nsecShift-1)
+	return t
 }

@@ -59,3 +59,18 @@ func TestSyncBuffer(t *testing.T) {
 		t.Fatalf("%d lines, want 800", n)
 	}
 }
+
+// TestWallStep: WallStep moves the wall clock alone.
+func TestWallStep(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	for _, d := range []time.Duration{-time.Hour, time.Minute} {
+		s := WallStep(now, d)
+		if s.Sub(now) != 0 || now.Sub(s) != 0 {
+			t.Fatalf("step %v: monotonic difference %v", d, s.Sub(now))
+		}
+		if got := s.Round(0).Sub(now.Round(0)); got != d {
+			t.Fatalf("step %v: wall moved %v", d, got)
+		}
+	}
+}
