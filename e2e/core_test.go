@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -19,6 +21,15 @@ func TestMain(m *testing.M) {
 	redistest.StopAll()
 	if binDir != "" {
 		os.RemoveAll(binDir)
+	}
+	// A run that passed fails if a test left a goroutine running (the
+	// clients, publishers and proxies the tests start in this process).
+	http.DefaultClient.CloseIdleConnections()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines left running after the tests: %v\n", err)
+			code = 1
+		}
 	}
 	os.Exit(code)
 }
