@@ -224,6 +224,37 @@ func TestBatchErrors(t *testing.T) {
 	}
 }
 
+// TestBatchItemAtMessageLimit: MAX_MESSAGE_BYTES bounds each batch item as
+// it bounds a single publish's body: an item of exactly MAX_MESSAGE_BYTES
+// is taken, and only one over it is 413 payload_too_large with its index
+// (docs/api.md, Errors: "a batch item over it"; Configuration: "each
+// batch item"). The two limits must agree, or a message that can be
+// published alone could not be sent in a batch.
+func TestBatchItemAtMessageLimit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.MaxMessageBytes = 1024; c.MaxBatchBytes = 4096 })
+	// An item of n bytes: {"channel":"at","data":"yyy…"}.
+	item := func(n int) string {
+		const frame = `{"channel":"at","data":""}`
+		return `{"channel":"at","data":"` + strings.Repeat("y", n-len(frame)) + `"}`
+	}
+	if got := len(item(1024)); got != 1024 {
+		t.Fatalf("item is %d bytes, want 1024", got)
+	}
+	w := e.do("POST", "/v1/messages", `{"messages":[`+item(1024)+`]}`)
+	if w.Code != 202 {
+		t.Fatalf("an item of exactly MAX_MESSAGE_BYTES: %d %s, want 202", w.Code, w.Body.String())
+	}
+	w = e.do("POST", "/v1/messages", `{"messages":[`+item(40)+`,`+item(1025)+`]}`)
+	expectError(t, w, 413, "payload_too_large")
+	if _, index := errorOf(t, w); index == nil || *index != 1 {
+		t.Fatalf("index = %v, want 1; body %s", ptrStr(index), w.Body.String())
+	}
+	if n := e.xlen("at"); n != 1 {
+		t.Fatalf("channel has %d entries, want 1 (the batch at the limit only)", n)
+	}
+}
+
 func ptrStr(p *int) string {
 	if p == nil {
 		return "none"
