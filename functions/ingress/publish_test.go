@@ -102,6 +102,9 @@ func TestPublishErrors(t *testing.T) {
 		{"form", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"},
 		{"bad media type", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/"}, 415, "unsupported_media_type"},
 		{"+json outside application/", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "text/plain+json"}, 415, "unsupported_media_type"},
+		// application/*+json (docs/api.md) names a subtype before the
+		// suffix (RFC 6839): a bare "+json" names none.
+		{"+json without a subtype", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/+json"}, 415, "unsupported_media_type"},
 		{"charset utf-16", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", `application/json; charset="utf-16"`}, 415, "unsupported_media_type"},
 		{"charset latin1", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", "application/json;charset=ISO-8859-1"}, 415, "unsupported_media_type"},
 		{"empty charset", "/v1/channels/c/messages", `{"data":1}`, []string{"Content-Type", `application/json; charset=""`}, 415, "unsupported_media_type"},
