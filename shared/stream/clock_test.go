@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/keys"
 )
 
@@ -44,5 +46,40 @@ func recreatedStreamFollows(t *testing.T, ahead ID) {
 	// the first of a new second: the stream still expires.
 	if ttl := e.rdb.PTTL(ctx, key).Val(); ttl <= 50*time.Second || ttl > time.Minute {
 		t.Fatalf("recreated stream: PTTL = %v, want about 1m", ttl)
+	}
+}
+
+// TestIDInPredecessorsMillisecond: the append script makes every id
+// greater than the predecessor it names (appendSrc), also when Redis
+// gives one in the predecessor's own millisecond with a lower sequence,
+// as it does to a stream recreated in the very millisecond its eviction
+// took it (T-0 after T-3): an id equal to or below the last one would be
+// taken for a message already delivered. A test cannot have Redis's
+// clock hit that millisecond, so the stream here is an empty one whose
+// own last generated id is F-0 while its last-id key holds F-7, F an hour
+// ahead: Redis gives F-1, which the script must move past F-7.
+func TestIDInPredecessorsMillisecond(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("same")
+	f := uint64(time.Now().Add(time.Hour).UnixMilli())
+	prev := ID{MS: f, Seq: 7}
+	if err := e.rdb.XAdd(ctx, &redis.XAddArgs{Stream: key, ID: ID{MS: f}.String(), Values: []any{"x", "1"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.XTrimMaxLen(ctx, key, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Set(ctx, keys.Last(key), prev.String(), 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ids := e.publish("same", 2, Limits{MaxLen: 10, TTLMS: 60000})
+	if id := MustParseID(ids[0]); !prev.Less(id) {
+		t.Fatalf("id %s after last id %s: not greater", ids[0], prev)
+	}
+	b, err := e.store.Resume(ctx, key, prev, 10)
+	if err != nil || !b.Continuous || len(b.Entries) != 2 || b.Entries[0].ID != ids[0] || b.Entries[1].ID != ids[1] {
+		t.Fatalf("Resume from the last id = %+v, %v; want continuous with %v", b, err, ids)
 	}
 }
