@@ -331,3 +331,85 @@ func TestBatcherRequestReuse(t *testing.T) {
 	t.Logf("%d appends written", written)
 	assertIdle(t, b)
 }
+
+// TestBatcherMaxBatch: a pipeline carries at most maxBatch appends
+// (NewBatcher), so that callers queued behind a busy Redis go out in
+// pipelines of bounded size; except one caller's appends, which are
+// never split, even when they alone are more: one pipeline is what keeps
+// their order (Batcher). Callers queue up behind a held pipeline, seven
+// of one append and then one of five, with maxBatch 3: 3, 3, 1, then 5.
+func TestBatcherMaxBatch(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	appendOf := func(ch string) Append {
+		return Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch), Msg: Message{Channel: ch, Data: []byte(`1`)}}
+	}
+	// The script is loaded first, so that no append is refused NOSCRIPT
+	// and sent again in a pipeline of its own.
+	if _, err := NewStore(rdb).Append(t.Context(), []Append{appendOf("load")}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var sizes []int // the appends of each pipeline after the held one
+	hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+		held, n := false, 0
+		for _, c := range cmds {
+			if c.Name() == "evalsha" || c.Name() == "eval" {
+				n++
+			}
+			for _, a := range c.Args() {
+				held = held || a == ks.Stream("hold")
+			}
+		}
+		if !held {
+			mu.Lock()
+			sizes = append(sizes, n)
+			mu.Unlock()
+		}
+		return held
+	})
+	t.Cleanup(hold.Release)
+	rdb.AddHook(hold)
+	b := NewBatcher(NewStore(rdb), 2*time.Second, 1, 3)
+	var wg sync.WaitGroup
+	errs := make(chan error, 9)
+	appendAll := func(as []Append) {
+		wg.Go(func() {
+			if _, err := b.Append(context.Background(), as); err != nil {
+				errs <- err
+			}
+		})
+	}
+	appendAll([]Append{appendOf("hold")})
+	<-hold.Hit()
+	pending := func(n int) {
+		testkit.Eventually(t, 5*time.Second, func() error {
+			b.mu.Lock()
+			defer b.mu.Unlock()
+			if len(b.pending) != n {
+				return fmt.Errorf("%d callers pending, want %d", len(b.pending), n)
+			}
+			return nil
+		})
+	}
+	// One at a time, so that they queue in this order.
+	for i := range 7 {
+		appendAll([]Append{appendOf(fmt.Sprintf("one%d", i))})
+		pending(i + 1)
+	}
+	appendAll([]Append{appendOf("five"), appendOf("five"), appendOf("five"), appendOf("five"), appendOf("five")})
+	pending(8)
+	hold.Release()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(sizes) != "[3 3 1 5]" {
+		t.Fatalf("appends per pipeline: %v, want [3 3 1 5]", sizes)
+	}
+	assertIdle(t, b)
+}
