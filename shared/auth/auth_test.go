@@ -467,6 +467,11 @@ func TestVerifyIssuerAudience(t *testing.T) {
 		{"aud missing", TokenConfig{Audience: aud}, ``, ErrInvalidToken, "no aud claim"},
 		{"aud empty array", TokenConfig{Audience: aud}, `,"aud":[]`, ErrInvalidToken, "no aud claim"},
 		{"aud null", TokenConfig{Audience: aud}, `,"aud":null`, ErrInvalidToken, "no aud claim"},
+		// jwt's validator takes an aud of one empty string for a missing
+		// one (ErrTokenRequiredClaimMissing, as for a missing exp): told
+		// as no aud, not as "no exp claim" of a token that has one.
+		{"aud empty string", TokenConfig{Audience: aud}, `,"aud":""`, ErrInvalidToken, "no aud claim"},
+		{"aud array of an empty string", TokenConfig{Audience: aud}, `,"aud":[""]`, ErrInvalidToken, "no aud claim"},
 		{"aud number", TokenConfig{Audience: aud}, `,"aud":1`, ErrInvalidToken, "aud must be a string or an array of strings"},
 		{"both", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"` + iss + `","aud":["wsrelay"]`, nil, ""},
 		{"both, iss wrong", TokenConfig{Issuer: iss, Audience: aud}, `,"iss":"x","aud":"wsrelay"`, ErrInvalidToken, "iss is not JWT_ISSUER"},
