@@ -834,3 +834,45 @@ func TestVerifierRSAKeySize(t *testing.T) {
 		}
 	}
 }
+
+// TestVerifyPatternCount: channels and publish hold at most 256 patterns
+// each (docs/security.md, the claims table): 256 are taken, 257 make the
+// token invalid.
+func TestVerifyPatternCount(t *testing.T) {
+	t.Parallel()
+	v, err := NewVerifier(TokenConfig{Secret: secret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := func(n int) []string {
+		ps := make([]string, n)
+		for i := range ps {
+			ps[i] = "room." + strconv.Itoa(i)
+		}
+		return ps
+	}
+	exp := time.Now().Add(time.Hour)
+	for _, claim := range []string{"channels", "publish"} {
+		for n, ok := range map[int]bool{256: true, 257: false} {
+			c := Claims{Subject: "alice", Expires: exp}
+			if claim == "channels" {
+				c.Channels = list(n)
+			} else {
+				c.Publish = list(n)
+			}
+			tok, err := SignHS256(secret, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := v.Verify(tok)
+			switch {
+			case ok && err != nil:
+				t.Errorf("%s of %d patterns: %v, want accepted", claim, n, err)
+			case ok && (claim == "channels" && !got.Channels.Allows("room.255") || claim == "publish" && !got.Publish.Allows("room.255")):
+				t.Errorf("%s of %d patterns: the last one is not kept: %+v", claim, n, got)
+			case !ok && (!errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), "more than 256")):
+				t.Errorf("%s of %d patterns: %v, want invalid: more than 256", claim, n, err)
+			}
+		}
+	}
+}
