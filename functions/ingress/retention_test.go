@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/keys"
 )
 
 // TestIdleChannelsLeaveNoKeys: every key the ingress writes for a channel
@@ -104,5 +106,51 @@ func TestIdleChannelsLeaveNoKeys(t *testing.T) {
 	w = e.do("GET", "/v1/channels/idle-2/messages?after="+first, "")
 	if h := decode[historyResp](t, w); w.Code != 200 || h.Recovered == nil || *h.Recovered || len(h.Messages) != 1 || h.Messages[0].ID != id {
 		t.Fatalf("history after %s, from before the silence: %d %s; want recovered false and %s", first, w.Code, w.Body.String(), id)
+	}
+}
+
+// TestInboxesExpire: an egress instance's inbox stream expires by itself,
+// 2 × REGISTRY_TTL after the last write, and its last-id key twice that
+// (docs/design.md, "Inbox streams expire by themselves"), however the
+// ingress writes to it: a send to a connection, to a user, a disconnect.
+// So does an inbox that a late write recreates after its instance died
+// and the inbox expired (here deleted), while a record of the instance
+// still lives: without a TTL, a dead instance's inbox, which nobody
+// reads or trims by age, would stay in Redis for good.
+func TestInboxesExpire(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	ttl := e.srv.cfg.RegistryTTL
+	e.register("c1", "bob", "inst-a")
+	e.register("c2", "bob", "inst-b")
+	e.register("c3", "carol", "inst-c")
+	for _, r := range [][3]string{
+		{"POST", "/v1/connections/c1/messages", `{"data":1}`},
+		{"POST", "/v1/users/bob/messages", `{"data":2}`},
+		{"DELETE", "/v1/connections/c3", ""},
+	} {
+		if w := e.do(r[0], r[1], r[2]); w.Code/100 != 2 {
+			t.Fatalf("%s %s: %d %s", r[0], r[1], w.Code, w.Body.String())
+		}
+	}
+	// inst-b died and its inbox expired; a send to bob recreates it.
+	if err := e.rdb.Del(ctx, e.keys.Inbox("inst-b")).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if w := e.do("POST", "/v1/users/bob/messages", `{"data":3}`); w.Code != 202 {
+		t.Fatalf("send to bob after inst-b's inbox expired: %d %s", w.Code, w.Body.String())
+	}
+	for _, inst := range []string{"inst-a", "inst-b", "inst-c"} {
+		key := e.keys.Inbox(inst)
+		if n := e.rdb.XLen(ctx, key).Val(); n == 0 {
+			t.Fatalf("%s: inbox empty: the test writes nothing there", inst)
+		}
+		if got := e.rdb.PTTL(ctx, key).Val(); got <= 0 || got > 2*ttl {
+			t.Errorf("%s: inbox PTTL %v, want within 2 × REGISTRY_TTL (%v)", inst, got, 2*ttl)
+		}
+		if got := e.rdb.PTTL(ctx, keys.Last(key)).Val(); got <= 2*ttl || got > 4*ttl {
+			t.Errorf("%s: inbox last-id key PTTL %v, want over 2 × and within 4 × REGISTRY_TTL (%v)", inst, got, ttl)
+		}
 	}
 }
