@@ -352,6 +352,14 @@ func TestRateLimits(t *testing.T) {
 		if c := from("10.0.0.1:1", "2.2.2.2, 9.9.9.9"); c != 429 {
 			t.Fatalf("same client, forged first entry: %d", c)
 		}
+		// However many entries the client forged ahead of it: a proxy
+		// chain, or a client sending its own X-Forwarded-For list.
+		if c := from("10.0.0.1:1", "3.3.3.3, 4.4.4.4, 7.7.7.7"); c != 202 {
+			t.Fatalf("client 7.7.7.7, first: %d", c)
+		}
+		if c := from("10.0.0.1:1", "5.5.5.5, 6.6.6.6, 7.7.7.7"); c != 429 {
+			t.Fatalf("same client 7.7.7.7, two forged entries: %d", c)
+		}
 		if c := from("10.0.0.1:1", "8.8.8.8"); c != 202 {
 			t.Fatalf("other client: %d", c)
 		}
