@@ -120,6 +120,10 @@ func TestFrameReader(t *testing.T) {
 		{"long ping", clientFrame(true, opPing, []byte(mid)), nil, protocolError("")},
 		{"stray continuation", clientFrame(true, opContinuation, []byte("x")), nil, protocolError("")},
 		{"message inside a message", cat(clientFrame(false, opText, []byte("a")), clientFrame(true, opText, []byte("b"))), nil, protocolError("")},
+		// RFC 6455 §5.4: a message's fragments are not interleaved with
+		// another message's, of either data opcode.
+		{"binary message inside a text message", cat(clientFrame(false, opText, []byte("a")), clientFrame(true, opBinary, []byte("b"))), nil, protocolError("")},
+		{"text message inside a binary message", cat(clientFrame(false, opBinary, []byte("a")), clientFrame(true, opText, []byte("b"))), nil, protocolError("")},
 		{"top bit of a 64-bit length", []byte{0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0}, nil, protocolError("")},
 		{"over the limit", clientFrame(true, opText, []byte(strings.Repeat("x", 1025))), nil, errTooBig},
 		{"at the limit in fragments", cat(clientFrame(false, opText, []byte(strings.Repeat("x", 600))), clientFrame(true, opContinuation, []byte(strings.Repeat("x", 424)))),
