@@ -4,12 +4,15 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +23,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // rawWS is a client that speaks RFC 6455 frame by frame over its own TCP
@@ -323,5 +327,59 @@ func TestRefusedAfterClientFrames(t *testing.T) {
 	_ = c.nc.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if b, err := io.ReadAll(c.br); len(b) > 0 || err != nil {
 		t.Fatalf("after the close frame: %q, %v; want the end of the stream", b, err)
+	}
+}
+
+// TestServerFrameLengths: every frame the server writes gives its payload
+// length in the encoding RFC 6455 §5.2 prescribes: 7 bits up to 125, 126
+// and 16 bits up to 65535, 127 and 64 bits above, which a client's
+// WebSocket library holds it to. Messages whose frames run across both
+// boundaries must each read back, over a real socket, as published. A
+// payload of exactly 126 bytes written with the 7-bit length 126 is read
+// by the client as a 16-bit length taken from the payload's first bytes:
+// the connection's frames are garbage from there on. No other test sends
+// a frame of that length but by chance.
+func TestServerFrameLengths(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "SEND_QUEUE": "4096"})
+	ws, _ := e.dialConn(t, url.Values{"channels": {"len"}})
+	next(t, ws, protocol.TypeSubscribed)
+	// Data of every length over a range wider than a message frame's
+	// envelope (its id, channel and publish time), below each boundary.
+	var as []stream.Append
+	var want [][]byte
+	for _, span := range [][2]int{{0, 200}, {0xFFFF - 200, 0xFFFF}} {
+		for n := span[0]; n <= span[1]; n++ {
+			data := []byte(strconv.Quote(strings.Repeat("d", n)))
+			want = append(want, data)
+			as = append(as, stream.Append{Stream: ks.Stream("len"), Notify: ks.Notify("len"),
+				Msg: stream.Message{Channel: "len", TS: time.Now().UnixMilli(), Data: data}})
+		}
+	}
+	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
+		t.Fatal(err)
+	}
+	lengths := map[int]bool{}
+	for i, data := range want {
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("message %d of %d (data of %d bytes): %v", i+1, len(want), len(data), err)
+		}
+		var r struct {
+			Type string
+			Data json.RawMessage
+		}
+		if err := json.Unmarshal(b, &r); err != nil || r.Type != "message" || !bytes.Equal(r.Data, data) {
+			t.Fatalf("message %d of %d: a frame of %d bytes, %.80q (%v); want the message with data of %d bytes", i+1, len(want), len(b), b, err, len(data))
+		}
+		lengths[len(b)] = true
+	}
+	for _, n := range []int{125, 126, 127, 0xFFFF, 0x10000} {
+		if !lengths[n] {
+			t.Errorf("no frame of %d bytes: the test does not reach the boundary", n)
+		}
 	}
 }
