@@ -243,3 +243,38 @@ func TestServerCloseWaitsASecond(t *testing.T) {
 		t.Fatalf("%x, %v: want a close frame with %d", hdr, err, protocol.CloseIdleTimeout)
 	}
 }
+
+// TestSendQueueHoldsSendQueueFrames: a connection's outgoing queue holds
+// SEND_QUEUE frames, and the frame after them closes it 4002 (the README's
+// table; docs/protocol.md, close codes: "the outgoing queue (SEND_QUEUE
+// frames) overflowed"), not one frame sooner or later. The writer is held
+// here, as openConn holds it until the connection is registered, so that
+// nothing leaves the queue.
+func TestSendQueueHoldsSendQueueFrames(t *testing.T) {
+	t.Parallel()
+	const size = 16
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := &Server{cfg: Config{SendQueue: size, WriteTimeout: time.Second}, log: log}
+	server, client := tcpPair(t)
+	defer client.Close()
+	c := &conn{s: s, nc: server, done: make(chan struct{}), writing: true}
+	frame := wsFrame(opText, []byte(`"x"`))
+	for i := range size {
+		if queued, _ := c.offer(&queued{frame: frame}); !queued || c.isClosing() {
+			t.Fatalf("frame %d of a queue of %d: queued %v, closing %v; want it queued", i+1, size, queued, c.isClosing())
+		}
+	}
+	if n := queuedFrames(c); n != size {
+		t.Fatalf("%d frames queued, want %d", n, size)
+	}
+	if queued, _ := c.offer(&queued{frame: frame}); queued {
+		t.Fatalf("frame %d queued in a queue of %d", size+1, size)
+	}
+	c.mu.Lock()
+	code, closing := c.closeCode, c.closing
+	c.mu.Unlock()
+	if !closing || code != protocol.CloseSlowConsumer {
+		t.Fatalf("after frame %d of a queue of %d: closing %v, code %d; want %d", size+1, size, closing, code, protocol.CloseSlowConsumer)
+	}
+	c.unlisting.Wait() // not listed: nothing to remove
+}
