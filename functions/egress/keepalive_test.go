@@ -15,6 +15,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
@@ -365,5 +366,78 @@ func TestSlowRequestIsNotSilence(t *testing.T) {
 	}
 	if !slices.Equal(got, hist[1:]) {
 		t.Fatalf("got %v, want %v", got, hist[1:])
+	}
+}
+
+// TestSweepThresholds: the sweep's timers close at the limits
+// docs/protocol.md (Timeouts) gives them, not later: a peer silent for
+// 2×PING_INTERVAL is dropped (1006, "missed pong"), a connection with no
+// data frame either way for IDLE_TIMEOUT is closed 4000, and neither
+// before; a connection the writer is in the middle of writing to is
+// neither idle nor silent, its idle time counting from the write's end.
+// TestPingsAndMissedPongs and TestBusyWriteIsNotSilence bound these from
+// one side only, or by timing a burst's write: a sweep that waited
+// 3×PING_INTERVAL or 2×IDLE_TIMEOUT, or closed as idle a connection in
+// the middle of a write that came in batches, passed them. The
+// connection's timers are set back here (the sweep judges by them), with
+// intervals long enough that the egress's own sweep, meanwhile, closes
+// nothing these do not.
+func TestSweepThresholds(t *testing.T) {
+	t.Parallel()
+	const ping, idle = 20 * time.Second, 30 * time.Second
+	const margin = 5 * time.Second // a sweep's period and a loaded machine's stall, and more
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "20s", "IDLE_TIMEOUT": "30s"})
+	<-e.s.hub.inbox.ready
+	closed := func(c *conn) (code int, reason string, ok bool) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.closeCode, c.reason, c.closeStarted.Load()
+	}
+	open := func(t *testing.T) *conn {
+		t.Helper()
+		_, c := e.dialConn(t, url.Values{})
+		waitWritten(t, c)
+		return c
+	}
+	back := func(d time.Duration) int64 { return monoNow() - int64(d) }
+	for _, tc := range []struct {
+		name       string
+		set        func(c *conn)
+		code       int // 0: left open
+		wantReason string
+	}{
+		{"silent just under 2×PING_INTERVAL", func(c *conn) { c.lastRead.Store(back(2*ping - margin)) }, 0, ""},
+		{"silent 2×PING_INTERVAL", func(c *conn) { c.lastRead.Store(back(2*ping + margin)) }, 1006, "missed pong"},
+		{"idle just under IDLE_TIMEOUT", func(c *conn) { c.lastData.Store(back(idle - margin)) }, 0, ""},
+		{"idle IDLE_TIMEOUT", func(c *conn) { c.lastData.Store(back(idle + margin)) }, protocol.CloseIdleTimeout, ""},
+		{"idle and silent, in the middle of a write", func(c *conn) {
+			c.writeSince.Store(time.Now().UnixNano()) // first: the egress's own sweep sees a write under way
+			c.lastData.Store(back(idle + margin))
+			c.lastRead.Store(back(2*ping + margin))
+		}, 0, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := open(t)
+			tc.set(c)
+			e.s.sweepConns(time.Now())
+			code, reason, ok := closed(c)
+			switch {
+			case tc.code == 0 && ok:
+				t.Fatalf("closed %d (%s), want it left open", code, reason)
+			case tc.code != 0 && !ok:
+				t.Fatalf("left open, want closed %d", tc.code)
+			case tc.code != 0 && (code != tc.code || tc.wantReason != "" && reason != tc.wantReason):
+				t.Fatalf("closed %d (%s), want %d %s", code, reason, tc.code, tc.wantReason)
+			}
+			if c.busyWrite() {
+				// The write is over: idle since before it, by the
+				// timers as they were, the connection is closed 4000.
+				c.writeSince.Store(0)
+				e.s.sweepConns(time.Now())
+				if code, reason, ok := closed(c); !ok || code != protocol.CloseIdleTimeout {
+					t.Fatalf("after the write: closed %v, %d (%s); want 4000", ok, code, reason)
+				}
+			}
+		})
 	}
 }
