@@ -215,6 +215,64 @@ func TestChurnIsNotRedisChurn(t *testing.T) {
 	t.Logf("%d subscribe+unsubscribe pairs: %d Redis commands", n, total)
 }
 
+// TestIdleChannelLingers: an instance stays subscribed to a channel for
+// linger (10 s) after its last local subscriber leaves (design.md,
+// Linger), so that a client that leaves and comes back, or a channel
+// whose subscribers come and go, costs no Redis subscription change:
+// the maintenance loop's sweep (every second) leaves the channel alone
+// until then, and unsubscribes it after. TestChurnIsNotRedisChurn's
+// churn is over before a sweep runs, and passes without the linger.
+func TestIdleChannelLingers(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { rdb.Close() })
+	e := startEgressOn(t, rdb, "linger", map[string]string{"ALLOW_ANONYMOUS": "true"})
+	<-e.s.hub.inbox.ready
+	ws, _, err := e.dial(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	send(t, ws, map[string]any{"type": "subscribe", "channel": "linger"})
+	next(t, ws, protocol.TypeSubscribed)
+	send(t, ws, map[string]any{"type": "unsubscribe", "channel": "linger"})
+	next(t, ws, protocol.TypeUnsubscribed)
+	notify := e.s.hub.keys.Notify("linger")
+	before := commandCalls(t, rdb)
+	// A sweep just after the last subscriber left, and one just short of
+	// the linger after: the channel stays.
+	e.s.hub.sweepIdle(t.Context(), time.Now())
+	e.s.hub.mu.Lock()
+	cs := e.s.hub.chans[notify]
+	idleAt := time.Time{}
+	if cs != nil {
+		idleAt = cs.idleAt
+	}
+	e.s.hub.mu.Unlock()
+	if cs == nil {
+		t.Fatal("the channel was dropped by a sweep right after its last subscriber left, before the linger")
+	}
+	e.s.hub.sweepIdle(t.Context(), idleAt.Add(linger-time.Second))
+	if e.s.hub.state(notify) == nil {
+		t.Fatal("the channel was dropped a second before the linger was over")
+	}
+	if d := commandCalls(t, rdb)["sunsubscribe"] - before["sunsubscribe"]; d != 0 {
+		t.Fatalf("%d SUNSUBSCRIBE during the linger, want none", d)
+	}
+	// Once the linger is over, the sweep unsubscribes it.
+	e.s.hub.sweepIdle(t.Context(), idleAt.Add(linger))
+	if e.s.hub.state(notify) != nil {
+		t.Fatal("the channel is still subscribed after the linger")
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if d := commandCalls(t, rdb)["sunsubscribe"] - before["sunsubscribe"]; d != 1 {
+			return fmt.Errorf("%d SUNSUBSCRIBE after the linger, want 1", d)
+		}
+		return nil
+	})
+}
+
 // commandCalls is Redis's count of calls per command (INFO commandstats).
 func commandCalls(t *testing.T, rdb *redis.Client) map[string]int64 {
 	t.Helper()
