@@ -561,8 +561,22 @@ func TestGoClientAcrossExpiry(t *testing.T) {
 // once (its Pub/Sub connection comes back): its connections must be in
 // the registry again soon, not only at the next scheduled refresh, or
 // sends to their users are accepted as sent to nobody meanwhile.
+//
+// Both ways the egress may know: the Pub/Sub confirmations that come
+// again (refreshDue, set by the hub), and, PROBE_INTERVAL later, its
+// probe finding the oldest connection's record gone (recordsLost). With
+// probes an hour apart, the confirmations alone must do: the probe's
+// path passed this test without them.
 func TestRegistryBackSoonAfterRedisRestart(t *testing.T) {
-	le := startLossEnv(t, nil, map[string]string{"REGISTRY_TTL": "30s"})
+	for _, probe := range []string{"200ms", "1h"} {
+		t.Run("PROBE_INTERVAL="+probe, func(t *testing.T) {
+			registryBackSoonAfterRestart(t, map[string]string{"REGISTRY_TTL": "30s", "PROBE_INTERVAL": probe})
+		})
+	}
+}
+
+func registryBackSoonAfterRestart(t *testing.T, env map[string]string) {
+	le := startLossEnv(t, nil, env)
 	a := newGoClient(t, le.wsURL(), "alice", "room", "")
 	if n, err := le.sendToUser("alice", 1); err != nil || n != 1 {
 		t.Fatalf("send before the restart: %d %v", n, err)
