@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -131,4 +132,33 @@ func newEgressOn(t *testing.T, u string, logs io.Writer) *Server {
 		t.Fatal(err)
 	}
 	return NewServer(cfg, slog.New(slog.NewJSONHandler(logs, nil)), rdb)
+}
+
+// TestReadyzReadPathSilence: /readyz answers 503 once the instance's own
+// probe has not come back through Pub/Sub for 3 × PROBE_INTERVAL (the
+// README's table: "/readyz is 503 after 3 misses"; docs/metrics.md), and
+// 200 before. TestReadyzStaysDownWhileReadPathDead waits 5 s for the 503
+// at PROBE_INTERVAL=100ms, which a threshold ten times too long passes.
+// The server's loops are not run here: no probe comes back to move the
+// last one seen, which the test sets.
+func TestReadyzReadPathSilence(t *testing.T) {
+	t.Parallel()
+	s := newEgressOn(t, redistest.URL(t), io.Discard)
+	probe := s.cfg.ProbeInterval
+	close(s.hub.inbox.ready) // as the receive loop does once Redis confirms the inbox
+	for _, tc := range []struct {
+		silent  time.Duration
+		status  int
+		message string
+	}{
+		{3*probe - probe/2, 200, ""},
+		{3*probe + probe/2, 503, "the Redis subscription (the read path) is not live"},
+	} {
+		s.hub.lastRecv.Store(monoNow() - int64(tc.silent))
+		w := httptest.NewRecorder()
+		s.handleReadyz(w, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+		if w.Code != tc.status || !strings.Contains(w.Body.String(), tc.message) {
+			t.Fatalf("the last probe back %v ago (PROBE_INTERVAL %v): /readyz %d %s, want %d %q", tc.silent, probe, w.Code, w.Body, tc.status, tc.message)
+		}
+	}
 }
