@@ -237,12 +237,19 @@ func TestRefreshKeepsNoEndedConnection(t *testing.T) {
 	c.lastRead.Store(mono(time.Now()))
 	c.lastPing.Store(mono(time.Now()))
 	c.rec = registry.Record{ID: c.id, Instance: s.instance, Channels: []string{}}
+	// Its record was written (openConn): the refresh takes only such
+	// connections, and without this took none, writing nothing back, and
+	// the test passed whether or not the refresh removed the records of
+	// connections that ended meanwhile.
+	c.listed.Store(true)
 	s.hub.addConn(c)
 	close(c.done)
 	if err := s.reg.Remove(t.Context(), c.recordCopy()); err != nil { // as its end does
 		t.Fatal(err)
 	}
-	s.refreshRegistry(t.Context())
+	if err := s.refreshRegistry(t.Context()); err != nil {
+		t.Fatal(err)
+	}
 	s.hub.removeConn(c)
 	if rec, err := s.reg.Get(t.Context(), c.id); !errors.Is(err, registry.ErrNotFound) {
 		t.Fatalf("registry holds %+v, %v for a connection that has ended", rec, err)
