@@ -29,7 +29,7 @@ func TestConfigDocs(t *testing.T) {
 		Unchecked: map[string]map[string]string{
 			"IDLE_TIMEOUT":          {"below": "advice for SCF"},
 			"MAX_LIFETIME":          {"below": "advice for SCF", "at most": "when a connection is closed, not a bound of the value"},
-			"WRITE_TIMEOUT":         {"at least half of it": "when a slow socket is dropped, not a bound of the value"},
+			"WRITE_TIMEOUT":         {"from half of it to twice it": "when a slow socket is dropped, not a bound of the value"},
 			"MAX_FRAME_BYTES":       {"above": "what happens above the limit"},
 			"MAX_FRAMES_PER_SECOND": {"above": "what happens above the limit"},
 			"MAX_CONNECTIONS":       {"above": "what happens above the limit"},
