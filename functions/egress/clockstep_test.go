@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
@@ -122,21 +120,7 @@ func TestWriteDeadlineWallClockStep(t *testing.T) {
 // and in place for as long as the step, its channels delivering nothing.
 func TestSubscriptionWallClockStep(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	logs := &testkit.SyncBuffer{}
-	s := newSubscriber(slog.New(slog.NewJSONHandler(logs, nil)), rdb, nil)
-	defer s.Close()
-	if err := s.Subscribe(t.Context(), prefix+"{c:step}:n"); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case ev := <-s.Events():
-		if !ev.confirmed {
-			t.Fatalf("first event %+v, want the confirmation", ev)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("subscription not confirmed")
-	}
+	s, _, logs := confirmedSubscriber(t, "step")
 	var n *nodeSub
 	s.mu.Lock()
 	for _, each := range s.nodes {

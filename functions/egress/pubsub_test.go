@@ -169,21 +169,7 @@ func TestMoveOffSilentNode(t *testing.T) {
 // subscriber is "", and the line said "node":"".
 func TestSilentNodeLogNamesIt(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	logs := &testkit.SyncBuffer{}
-	s := newSubscriber(slog.New(slog.NewJSONHandler(logs, nil)), rdb, nil)
-	defer s.Close()
-	if err := s.Subscribe(t.Context(), prefix+"{c:silent}:n"); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case ev := <-s.Events():
-		if !ev.confirmed {
-			t.Fatalf("first event %+v, want the confirmation", ev)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("subscription not confirmed")
-	}
+	s, rdb, logs := confirmedSubscriber(t, "silent")
 	s.mu.Lock()
 	for _, n := range s.nodes {
 		n.lastRead.Store(mono(time.Now().Add(-2 * deadAfter)))
@@ -265,4 +251,27 @@ func TestMessageSlowToArrive(t *testing.T) {
 	if ev, ok := next(2 * time.Second); ok {
 		t.Fatalf("then %+v (a confirmation: the connection was replaced), want nothing", ev.confirmed)
 	}
+}
+
+// confirmedSubscriber is a subscriber on the test's Redis, logging JSON
+// to logs, with one channel ({c:name}, under the test's prefix)
+// subscribed and confirmed; it is closed when the test ends.
+func confirmedSubscriber(t *testing.T, name string) (s *subscriber, rdb redis.UniversalClient, logs *testkit.SyncBuffer) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	logs = &testkit.SyncBuffer{}
+	s = newSubscriber(slog.New(slog.NewJSONHandler(logs, nil)), rdb, nil)
+	t.Cleanup(func() { s.Close() })
+	if err := s.Subscribe(t.Context(), prefix+"{c:"+name+"}:n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-s.Events():
+		if !ev.confirmed {
+			t.Fatalf("first event %+v, want the confirmation", ev)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscription not confirmed")
+	}
+	return s, rdb, logs
 }
