@@ -10,28 +10,20 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	redistest.StopAll()
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
-	// A run that passed fails if a test left a goroutine running (the
-	// clients, publishers and proxies the tests start in this process).
+	// Idle keep-alive connections are not goroutines a test left running
+	// (redistest.Finish checks for those: the clients, publishers and
+	// proxies the tests start in this process).
 	http.DefaultClient.CloseIdleConnections()
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintf(os.Stderr, "goroutines left running after the tests: %v\n", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
+	os.Exit(redistest.Finish(code))
 }
 
 // cluster is two ingress and two egress processes on one Redis.

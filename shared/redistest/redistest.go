@@ -317,20 +317,24 @@ func (s *Server) Restart(t testing.TB) {
 }
 
 // Main runs a package's tests, then stops the servers they started and
-// exits with the tests' status: TestMain's whole body where nothing else
-// needs cleaning up. Tests that passed fail the run if they left a
-// goroutine running (goleak): every test stops what it started, so that
-// a component that leaks one per use shows up here.
-func Main(m *testing.M) {
-	code := m.Run()
+// exits with the tests' status (Finish): TestMain's whole body where
+// nothing else needs cleaning up.
+func Main(m *testing.M) { os.Exit(Finish(m.Run())) }
+
+// Finish stops the servers the tests started and returns the status to
+// exit with, given the tests' own, code: tests that passed fail the run
+// if they left a goroutine running (goleak), since every test stops what
+// it started, so that a component that leaks one per use shows up here.
+// For a TestMain with more to clean up than Main does.
+func Finish(code int) int {
 	StopAll()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintf(os.Stderr, "redistest: goroutines left running after the tests: %v\n", err)
-			code = 1
+			return 1
 		}
 	}
-	os.Exit(code)
+	return code
 }
 
 // StopAll stops every server this process started; call it from TestMain.
