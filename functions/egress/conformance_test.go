@@ -361,21 +361,28 @@ func TestServerFrameLengths(t *testing.T) {
 	if _, err := stream.NewStore(rdb).Append(t.Context(), as); err != nil {
 		t.Fatal(err)
 	}
+	// read reads the next message, which must carry data, and notes its
+	// frame's length; what says which message it is.
 	lengths := map[int]bool{}
-	for i, data := range want {
+	read := func(data []byte, what string) int {
+		t.Helper()
 		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, b, err := ws.ReadMessage()
 		if err != nil {
-			t.Fatalf("message %d of %d (data of %d bytes): %v", i+1, len(want), len(data), err)
+			t.Fatalf("%s (data of %d bytes): %v", what, len(data), err)
 		}
 		var r struct {
 			Type string
 			Data json.RawMessage
 		}
 		if err := json.Unmarshal(b, &r); err != nil || r.Type != "message" || !bytes.Equal(r.Data, data) {
-			t.Fatalf("message %d of %d: a frame of %d bytes, %.80q (%v); want the message with data of %d bytes", i+1, len(want), len(b), b, err, len(data))
+			t.Fatalf("%s: a frame of %d bytes, %.80q (%v); want the message with data of %d bytes", what, len(b), b, err, len(data))
 		}
 		lengths[len(b)] = true
+		return len(b)
+	}
+	for i, data := range want {
+		read(data, fmt.Sprintf("message %d of %d", i+1, len(want)))
 	}
 	// A frame's envelope grows by a byte where its id's sequence number
 	// gains a digit, which can skip a boundary length: a length not met
@@ -392,20 +399,7 @@ func TestServerFrameLengths(t *testing.T) {
 				Msg: stream.Message{Channel: "len", TS: time.Now().UnixMilli(), Data: data}}}); err != nil {
 				t.Fatal(err)
 			}
-			_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
-			_, b, err := ws.ReadMessage()
-			if err != nil {
-				t.Fatalf("aiming at a frame of %d bytes: %v", n, err)
-			}
-			var r struct {
-				Type string
-				Data json.RawMessage
-			}
-			if err := json.Unmarshal(b, &r); err != nil || r.Type != "message" || !bytes.Equal(r.Data, data) {
-				t.Fatalf("a frame of %d bytes, %.80q (%v); want the message with data of %d bytes", len(b), b, err, len(data))
-			}
-			lengths[len(b)] = true
-			envelope = len(b) - len(data)
+			envelope = read(data, fmt.Sprintf("aiming at a frame of %d bytes", n)) - len(data)
 		}
 		if !lengths[n] {
 			t.Errorf("no frame of %d bytes: the test does not reach the boundary", n)
