@@ -180,8 +180,13 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 	var last error
 	maybe := false // an attempt of a POST or a DELETE may have been carried out
 	for n := 1; ; n++ {
-		if n == 1 && ctx.Err() != nil {
-			return nil, stopped(ctx, r, nil, false) // nothing sent
+		if ctx.Err() != nil {
+			// Nothing sent by this attempt. After a backoff, the select
+			// below may have taken the timer with ctx ended as well: an
+			// attempt made now would fail before it asked the transport
+			// for a connection, an error that does not say it was not
+			// sent.
+			return nil, stopped(ctx, r, last, maybe)
 		}
 		rep, err := c.attempt(ctx, r)
 		if err == nil && out != nil && json.Unmarshal(rep.body, out) != nil {

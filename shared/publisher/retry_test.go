@@ -1,8 +1,10 @@
 package publisher
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
@@ -111,4 +113,69 @@ func TestCancelDuringBackoff(t *testing.T) {
 			t.Fatalf("%d requests", n.Load())
 		}
 	})
+}
+
+// cancelAfter is a transport that cancels the call's ctx once an answer
+// has come back whole: the call then waits out a retry's backoff with
+// ctx already ended.
+type cancelAfter struct {
+	next   http.RoundTripper
+	cancel context.CancelFunc
+}
+
+func (t *cancelAfter) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := t.next.RoundTrip(r)
+	if err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(b))
+	t.cancel()
+	return resp, nil
+}
+
+// TestCanceledBeforeRetryNotSent: a call refused with a retryable 4xx
+// (429 with Retry-After: nothing written) whose ctx ends as its backoff
+// ends sends nothing more, and its outcome is known: nothing was done.
+// The select between the backoff's timer and ctx can take the timer, and
+// the attempt that followed, made with ctx ended, got no connection from
+// the transport (it checks ctx before it asks for one), so its error said
+// nothing about whether it was sent and the call read as outcome unknown.
+func TestCanceledBeforeRetryNotSent(t *testing.T) {
+	var requests atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		w.Header().Set("Retry-After", "0")
+		w.WriteHeader(http.StatusTooManyRequests)
+		_, _ = w.Write([]byte(`{"error":{"code":"rate_limited","message":"slow down"}}`))
+	}))
+	t.Cleanup(srv.Close)
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	ca := &cancelAfter{next: tr}
+	c, err := New(Options{URL: srv.URL, HTTPClient: &http.Client{Transport: ca, Timeout: 5 * time.Second},
+		MinBackoff: time.Nanosecond, MaxBackoff: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		ctx, cancel := context.WithCancel(context.Background())
+		ca.cancel = cancel
+		requests.Store(0)
+		_, err := c.Publish(ctx, "c", Message{Data: 1})
+		cancel()
+		var e *Error
+		switch {
+		case !errors.Is(err, context.Canceled) || !errors.As(err, &e) || e.Status != http.StatusTooManyRequests:
+			t.Fatalf("call %d: error %v, want ctx's and the 429", i, err)
+		case errors.Is(err, ErrOutcomeUnknown):
+			t.Fatalf("call %d: error %v: outcome unknown, but the only request was refused with a 429", i, err)
+		case requests.Load() != 1:
+			t.Fatalf("call %d: %d requests, want 1", i, requests.Load())
+		}
+	}
 }
