@@ -353,7 +353,11 @@ func (s *Subscription) Channel() string { return s.channel }
 // subscribes again after LastID does not get its own message twice);
 // before any, the server's position or Handler.After; "" if none yet. A
 // resume that was not recovered sets it to the server's position, which
-// can be older (see docs/clients.md).
+// can be older (see docs/clients.md). To go on in a new subscription
+// (Handler.After) from another goroutine, call Unsubscribe first and
+// LastID after it: once Unsubscribe has returned LastID no longer moves,
+// while before it a message can be delivered after LastID was read, and
+// the new subscription would get it again.
 func (s *Subscription) LastID() string {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
