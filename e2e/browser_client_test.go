@@ -1005,6 +1005,36 @@ const clientJSCases = `(async () => {
     results.badToken = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // Listeners added or removed while an event is delivered, as
+  // EventTarget and Node's EventEmitter have it: one added hears the next
+  // event, not this one, so a one-shot listener that re-arms itself
+  // (off(), then on() again) is called once per event, not again and
+  // again for the same one (a loop that hung the page); one removed by an earlier
+  // listener is not called.
+  {
+    const wrong = [];
+    const [c, ws] = await welcomed();
+    let calls = 0;
+    const arm = () => { const off = c.on("message", () => { off(); if (++calls < 50) arm(); }); };
+    arm();
+    let removedCalled = 0;
+    let offLater = null;
+    c.on("message", () => offLater?.());
+    offLater = c.on("message", () => removedCalled++);
+    ws.recv({ type: "message", target: "user", data: 1 });
+    if (calls !== 1) wrong.push("a re-arming message listener called " + calls + " times for one message");
+    if (removedCalled) wrong.push("a listener removed by an earlier one was called");
+    ws.recv({ type: "message", target: "user", data: 2 });
+    if (calls !== 2) wrong.push("the re-armed listener: " + calls + " calls after two messages, want 2");
+    let states = 0;
+    const armState = () => { const off = c.on("state", () => { off(); if (++states < 50) armState(); }); };
+    armState();
+    c.drop();
+    if (states !== 1) wrong.push("a re-arming state listener called " + states + " times for one state");
+    c.close();
+    results.listenerChanges = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // publish(): safe retries against a scripted fetch. Every attempt of a
   // call sends the same Idempotency-Key and body; what a retry cannot
   // change is final at once; Retry-After is waited; getToken after a 401.
@@ -1321,7 +1351,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -276,10 +276,23 @@ export class WsRelay {
    */
   emit(name, ...args) {
     const closed = this.closed;
-    for (const fn of this.listeners.get(name) ?? []) {
+    for (const fn of this.listenersOf(name)) {
       if (this.closed !== closed) return;
       call(fn, args);
     }
+  }
+
+  /**
+   * name's listeners as they were when its delivery began, as
+   * EventTarget and Node's EventEmitter deliver: one added meanwhile
+   * hears the next event (a one-shot listener that re-arms itself would
+   * otherwise be called again for this one, for ever), and one removed
+   * meanwhile is not called.
+   */
+  *listenersOf(name) {
+    const set = this.listeners.get(name);
+    if (!set) return;
+    for (const fn of [...set]) if (set.has(fn)) yield fn;
   }
 
   setState(s, detail) {
@@ -288,7 +301,7 @@ export class WsRelay {
     if (this.state === s || this.state === "closed") return;
     this.state = s;
     const seq = ++this.stateSeq;
-    for (const fn of this.listeners.get("state") ?? []) {
+    for (const fn of this.listenersOf("state")) {
       // A listener moved the state on (close(), drop()): every listener
       // has heard the newer state, and the rest must not hear this one
       // after it.
