@@ -1035,6 +1035,26 @@ const clientJSCases = `(async () => {
     results.listenerChanges = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // The silence probe times the silence by a monotonic clock: the wall
+  // clock set back (NTP, a user, a laptop's clock corrected on wake) must
+  // not hold off the probe, nor the drop of a socket that does not
+  // answer it, for as long as the step.
+  {
+    const wrong = [];
+    const realNow = Date.now;
+    try {
+      const [c, ws] = await welcomed({ activityTimeout: 100, pongTimeout: 100 });
+      Date.now = () => realNow() - 3600000;
+      await until(() => sockets.length > 1, 2000);
+      const pings = ws.sent.filter((f) => f.type === "ping").length;
+      if (pings !== 1 || sockets.length !== 2) wrong.push("clock set back an hour: " + pings + " pings, " + sockets.length + " sockets 2 s into a silence (activityTimeout and pongTimeout 100 ms)");
+      c.close();
+    } finally {
+      Date.now = realNow;
+    }
+    results.clockStep = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // publish(): safe retries against a scripted fetch. Every attempt of a
   // call sends the same Idempotency-Key and body; what a retry cannot
   // change is final at once; Retry-After is waited; getToken after a 401.
@@ -1351,7 +1371,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

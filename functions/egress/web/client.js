@@ -60,6 +60,11 @@ const PING = JSON.stringify({ type: "ping" });
 // are cut to it: the silence timer checks when it fires and waits again,
 // and a reconnect 24.8 days on is as good as one later.
 const MAX_TIMER = 2 ** 31 - 1;
+// A monotonic clock (ms) for the client's own timing: the wall clock
+// (Date.now) can be set back (NTP, a user, a laptop's clock corrected on
+// wake), which would hold off a probe, or the drop of a socket that does
+// not answer one, for as long as the step.
+const clock = globalThis.performance?.now ? () => globalThis.performance.now() : Date.now;
 
 /** Compares two stream ids "ms-seq" numerically: -1, 0 or 1. */
 const ID = /^\d{1,20}(-\d{1,20})?$/;
@@ -482,7 +487,7 @@ export class WsRelay {
   probe() {
     const ws = this.ws;
     if (this.activityTimeout < 0 || !ws || !ws.welcomed || ws.readyState !== 1 || ws.pingedAt) return;
-    ws.pingedAt = Date.now();
+    ws.pingedAt = clock();
     ws.send(PING);
     this.watch(ws);
   }
@@ -512,12 +517,12 @@ export class WsRelay {
     if (this.closed || (this.activityTimeout < 0 && ws.welcomed)) return;
     const due = !ws.welcomed ? ws.openedAt + this.connectTimeout
       : ws.pingedAt ? ws.pingedAt + this.pongTimeout : ws.lastRecv + this.silence(ws);
-    this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.min(Math.max(0, due - Date.now()), MAX_TIMER));
+    this.probeTimer = setTimeout(() => this.checkSilence(ws), Math.min(Math.max(0, due - clock()), MAX_TIMER));
   }
 
   checkSilence(ws) {
     if (this.ws !== ws || this.closed) return;
-    const now = Date.now();
+    const now = clock();
     if (!ws.welcomed) {
       // Still dialing, or opened and silent: nothing is sent before the
       // welcome.
@@ -579,7 +584,7 @@ export class WsRelay {
       return;
     }
     this.ws = ws;
-    ws.openedAt = Date.now();
+    ws.openedAt = clock();
     ws.welcomed = false;
     ws.lastRecv = ws.openedAt; // the silence timer runs from the dial
     ws.pingedAt = 0; // when the probe waiting for an answer was sent
@@ -635,7 +640,7 @@ export class WsRelay {
       return;
     }
     if ((ev.code === TOKEN_EXPIRED || !welcomed) && typeof this.opts.getToken === "function") this.needToken = true;
-    if (welcomed && (PLANNED.has(ev.code) || Date.now() - openedAt >= this.stableAfter)) this.attempt = 0;
+    if (welcomed && (PLANNED.has(ev.code) || clock() - openedAt >= this.stableAfter)) this.attempt = 0;
     this.setState("disconnected", ev);
     this.schedule();
   }
@@ -660,7 +665,7 @@ export class WsRelay {
     // client connected while its current socket is not.
     if (this.closed || ws !== this.ws) return;
     // Any frame shows the path is alive and answers a probe.
-    ws.lastRecv = Date.now();
+    ws.lastRecv = clock();
     ws.pingedAt = 0;
     let f;
     try { f = JSON.parse(raw); } catch { return; }
