@@ -637,6 +637,23 @@ const clientJSCases = `(async () => {
     }
     results.urlQuery = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
+  // A URL with a fragment (a hash-routed page's address turned into the
+  // socket's, or a bare "#"), which the browser's WebSocket refuses with
+  // a SyntaxError on every dial: the fragment is not sent in a request
+  // anyway, and the client dials without it. Against this page's egress,
+  // with the browser's own WebSocket.
+  {
+    const wrong = [];
+    for (const url of ["ws://" + location.host + "/ws#/chat", "/ws?x=1#"]) {
+      const errors = [];
+      const c = new WsRelay(url, { user: "frag", minBackoff: 10, maxBackoff: 20 });
+      c.on("error", (e) => errors.push(String(e)));
+      await until(() => c.state === "connected", 5000);
+      if (c.state !== "connected" || errors.length) wrong.push(url + ": state " + c.state + ", errors [" + errors.slice(0, 2) + "]");
+      c.close();
+    }
+    results.urlFragment = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
   // A server that repeats itself or goes backwards: a message whose id
   // is not after the last one delivered (the same id, an older one, the
   // same id without its "-seq") is dropped, and so is one for a channel
@@ -1371,7 +1388,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

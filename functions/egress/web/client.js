@@ -133,7 +133,7 @@ export function compareIds(a, b) {
 
 /**
  * The URL the client dials: url resolved against the page, http(s) taken
- * as ws(s), user added. Throws a TypeError for a query that would work
+ * as ws(s), its fragment dropped, user added. Throws a TypeError for a query that would work
  * against the client, silently: channels the server subscribes by itself
  * on every connect (no ref, so the client drops their messages and its own
  * subscribe() of them is answered already_subscribed; no resume position
@@ -147,6 +147,10 @@ function dialUrl(url, opts) {
   if (u.protocol === "http:") u.protocol = "ws:";
   if (u.protocol === "https:") u.protocol = "wss:";
   if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`not a WebSocket URL (want ws:, wss:, http: or https:): ${url}`);
+  // A fragment (a hash-routed page's address, or a bare "#") is never
+  // sent in a request, and the WebSocket constructor refuses a URL with
+  // one (a SyntaxError), on every dial: dialled without it.
+  u.hash = "";
   // A user, token or channels pair with a ";" or a bad %-escape: the
   // egress's query parser (Go's) cannot read it, so the egress refuses it
   // (400) on every dial, which a browser sees only as a close.
