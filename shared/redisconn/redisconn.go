@@ -114,18 +114,33 @@ func (c Config) Validate() error {
 	return config.Join(errs...)
 }
 
+// errInvalidURL is parseURL's error for a REDIS_URL that may hold a
+// password it cannot tell apart.
+var errInvalidURL = errors.New("REDIS_URL is not a valid redis:// or rediss:// URL (the parser's message is not shown, as it can quote the password): percent-encode %, #, /, ?, @ and : in the password")
+
 // parseURL parses REDIS_URL. Its error never holds any part of the URL's
 // user information, which holds the password: net/url quotes the whole URL
 // in its errors, and parts of it in their inner message (a password with a
 // "/" reads as an invalid port).
 func parseURL(s string) (*redis.Options, error) {
 	o, err := redis.ParseURL(s)
+	if err == nil {
+		// It parsed, but not as meant: a "#" (a fragment, which go-redis
+		// ignores), an "@" outside the user information (a password with
+		// an unencoded "#", "?" or "/" whose start read as a port, the user
+		// name as the host), or no "//" (go-redis reads no host and
+		// dials localhost). The address would then show part of the
+		// password in the startup line and the dial errors.
+		if u, perr := url.Parse(s); perr != nil || u.Opaque != "" || strings.Contains(s, "#") || (u.User == nil && strings.Contains(s, "@")) {
+			return nil, errInvalidURL
+		}
+	}
 	if err != nil {
 		// With user information in the URL, any message may quote part
 		// of it: a password with a "/" can also parse, and land in the
 		// path or the database number that go-redis then refuses.
 		if _, ok := errors.AsType[*url.Error](err); ok || strings.Contains(s, "@") {
-			return nil, errors.New("REDIS_URL is not a valid redis:// or rediss:// URL (the parser's message is not shown, as it can quote the password): percent-encode %, #, /, ?, @ and : in the password")
+			return nil, errInvalidURL
 		}
 		return nil, fmt.Errorf("REDIS_URL: %w", err)
 	}

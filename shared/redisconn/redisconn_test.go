@@ -78,6 +78,15 @@ func TestValidate(t *testing.T) {
 		{"URL max_retries", Config{URL: "redis://h:6379/0?max_retries=3", Timeout: time.Second}, []string{"REDIS_URL", "max_retries"}, ""},
 		{"URL pool_size", Config{URL: "redis://h:6379/0?pool_size=100000000", Timeout: time.Second}, []string{"REDIS_URL", "pool_size", "REDIS_POOL_SIZE"}, ""},
 		{"URL pipeline_pool_size", Config{URL: "redis://h:6379/0?pipeline_pool_size=10", Timeout: time.Second}, []string{"REDIS_URL", "pipeline_pool_size", "REDIS_POOL_SIZE"}, ""},
+		// A password with a "#" or "?" not percent-encoded: its start, if
+		// digits, parsed as the port of a host that is the user name, and
+		// the rest as a fragment go-redis ignores or as a query option;
+		// the startup line showed "user:12345" as the Redis address.
+		{"password with a hash after digits", Config{URL: "redis://user:12345#s3cret@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "12345"},
+		{"password with a hash after a port", Config{URL: "redis://:6380#s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
+		{"password with a question mark", Config{URL: "rediss://user:123?client_name=s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
+		// "redis:" without "//": go-redis read no host and dialled localhost.
+		{"no slashes", Config{URL: "redis:h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
