@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net"
 	"net/url"
 	"slices"
@@ -151,6 +152,16 @@ func parseURL(s string) (*redis.Options, error) {
 	}
 	if _, ok := splitHostPort(o.Addr); !ok && o.Network != "unix" {
 		return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
+	}
+	// go-redis panics in NewClient, not at parsing, on a pool count past
+	// 2^31-1.
+	for _, x := range []struct {
+		name string
+		v    int
+	}{{"min_idle_conns", o.MinIdleConns}, {"max_idle_conns", o.MaxIdleConns}, {"max_active_conns", o.MaxActiveConns}} {
+		if x.v > math.MaxInt32 {
+			return nil, fmt.Errorf("REDIS_URL: %s must be at most %d", x.name, math.MaxInt32)
+		}
 	}
 	return o, nil
 }

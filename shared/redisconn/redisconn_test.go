@@ -87,6 +87,11 @@ func TestValidate(t *testing.T) {
 		{"password with a question mark", Config{URL: "rediss://user:123?client_name=s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
 		// "redis:" without "//": go-redis read no host and dialled localhost.
 		{"no slashes", Config{URL: "redis:h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, ""},
+		// go-redis panics in New (not an error) past 2^31-1.
+		{"URL min_idle_conns past int32", Config{URL: "redis://h:6379/0?min_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "min_idle_conns"}, ""},
+		{"URL max_idle_conns past int32", Config{URL: "redis://h:6379/0?max_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "max_idle_conns"}, ""},
+		{"URL max_active_conns past int32", Config{URL: "redis://h:6379/0?max_active_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "max_active_conns"}, ""},
+		{"URL idle and active conns", Config{URL: "redis://h:6379/0?max_idle_conns=5&max_active_conns=20", Timeout: time.Second}, nil, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.c.Validate()
