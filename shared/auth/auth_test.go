@@ -551,6 +551,35 @@ func TestTokenConfigIssuerAudience(t *testing.T) {
 	}
 }
 
+// Every bad JWT_* variable is reported at once, as every other bad
+// value at start: a bad JWT_ISSUER hid a JWT_PUBLIC_KEY that is not a key
+// and a JWT_SECRET_PREVIOUS without JWT_SECRET, met at the next restart.
+func TestNewVerifierReportsAll(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		c    TokenConfig
+		want []string
+	}{
+		{TokenConfig{Issuer: " iss", PublicKeys: "not a key"}, []string{"JWT_ISSUER", "JWT_PUBLIC_KEY"}},
+		{TokenConfig{Audience: "aud ", PreviousSecret: "old"}, []string{"JWT_AUDIENCE", "JWT_SECRET_PREVIOUS"}},
+		{TokenConfig{Issuer: " iss", Secret: secret, PublicKeys: "not a key"}, []string{"JWT_ISSUER", "JWT_PUBLIC_KEY"}},
+	} {
+		v, err := NewVerifier(tc.c)
+		if err == nil || v != nil {
+			t.Errorf("%+v: %v, %v; want an error", tc.c, v, err)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%+v: %q does not name %s", tc.c, err, w)
+			}
+		}
+		if strings.Contains(err.Error(), "\n") {
+			t.Errorf("%+v: %q is not one line", tc.c, err)
+		}
+	}
+}
+
 // exp, nbf and iat are NumericDates (RFC 7519 §2): JSON numbers, of
 // seconds since 1970, perhaps with a fraction. encoding/json reads a
 // string holding a number into the json.Number jwt.NumericDate decodes,

@@ -19,6 +19,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/config"
 )
 
 // MaxTokenBytes bounds a token; longer ones are refused before parsing.
@@ -281,9 +282,17 @@ type Verifier struct {
 // unusable (never its value). Tokens must also carry c.Issuer and
 // c.Audience, when set.
 func NewVerifier(c TokenConfig) (*Verifier, error) {
-	if err := c.checkClaimValues(); err != nil {
+	// Both reported at once, as every bad value at start.
+	claimsErr := c.checkClaimValues()
+	v, err := newVerifier(c)
+	if err := config.Join(claimsErr, err); err != nil {
 		return nil, err
 	}
+	return v, nil
+}
+
+// newVerifier is NewVerifier but for the check of c's claim values.
+func newVerifier(c TokenConfig) (*Verifier, error) {
 	if !c.Set() {
 		if c.PreviousSecret != "" {
 			return nil, errors.New("JWT_SECRET_PREVIOUS is set without JWT_SECRET: set JWT_SECRET to the current secret")
