@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
@@ -207,6 +208,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 // user information would be shown to every visitor of the page.
 func validIngressURL(s string) bool {
 	u, err := url.Parse(s)
+	// A "#" with nothing after it leaves no Fragment, but still cuts
+	// the page's requests short (s + "/v1/…").
 	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" &&
-		u.User == nil && u.RawQuery == "" && !u.ForceQuery && u.Fragment == "" && u.Opaque == ""
+		u.User == nil && u.RawQuery == "" && !u.ForceQuery && !strings.Contains(s, "#") && u.Opaque == ""
 }

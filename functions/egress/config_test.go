@@ -29,6 +29,10 @@ func TestLoadConfigIngressURL(t *testing.T) {
 		{"https://user:s3cretpw@api.example.com", false},
 		{"https://api.example.com/?x=1", false},
 		{"https://api.example.com/#top", false},
+		// An empty fragment: the page's requests went to
+		// https://api.example.com#/v1/…, that is to /.
+		{"https://api.example.com#", false},
+		{"https://api.example.com/?", false},
 		{"https://api.example.com/%zzs3cretpw", false},
 	} {
 		env := map[string]string{"ALLOW_ANONYMOUS": "true", "INGRESS_URL": tc.url}
