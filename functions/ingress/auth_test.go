@@ -636,3 +636,31 @@ func TestMetricsToken(t *testing.T) {
 
 // signPayload signs payload as it is with testSecret (auth.SignPayloadHS256).
 func signPayload(payload string) string { return auth.SignPayloadHS256(testSecret, payload) }
+
+// A rate so low that a bucket's refill time (burst / rate) is past
+// time.Duration's range: the idle time after which a bucket is dropped
+// (and so refilled) wrapped round to the minimum, 1 s, and a client that
+// spent its burst got it back at the next sweep, and the wait for a
+// token wrapped round as well.
+func TestLimiterSetTinyRate(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		rate  float64
+		burst int
+	}{{1e-10, 1}, {0.0001, maxBurst}} {
+		ls := newLimiterSet(tc.rate, tc.burst)
+		now := time.Now()
+		if d, _ := ls.reserve("spent", tc.burst, now); d != 0 {
+			t.Fatalf("rate %g: fresh key limited", tc.rate)
+		}
+		later := now.Add(2 * time.Minute)
+		ls.reserve("other", 1, later) // sweeps
+		if d, _ := ls.reserve("spent", tc.burst, later); d <= 0 {
+			t.Errorf("rate %g burst %d: the spent bucket was refilled after 2 minutes (wait %v)", tc.rate, tc.burst, d)
+		}
+		// The wait (Retry-After) too: it wrapped round to 1ns, so 1 s.
+		if d, _ := ls.reserve("spent", 1, later); d < time.Hour {
+			t.Errorf("rate %g burst %d: wait %v for a token", tc.rate, tc.burst, d)
+		}
+	}
+}

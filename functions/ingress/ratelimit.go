@@ -48,8 +48,20 @@ func newLimiterSet(perSecond float64, burst int) *limiterSet {
 	if burst <= 0 {
 		burst = max(1, int(math.Ceil(2*perSecond)))
 	}
-	idle := time.Duration(float64(burst) / perSecond * float64(time.Second))
+	idle := seconds(float64(burst) / perSecond)
 	return &limiterSet{rate: rate.Limit(perSecond), burst: burst, idle: max(idle, time.Second), m: map[string]*limiterEntry{}}
+}
+
+// seconds is s seconds as a Duration, at most a century: a low rate
+// (PUBLISH_RATE_* 0.0001 with a burst of 2,000,000) makes a refill time
+// past Duration's range, which converted as it is wraps round to the
+// minimum (a bucket then dropped, so refilled, after a second idle).
+func seconds(s float64) time.Duration {
+	const most = 100 * 365 * 24 * time.Hour
+	if s >= most.Seconds() {
+		return most
+	}
+	return time.Duration(s * float64(time.Second))
 }
 
 // reserve takes n tokens from key's bucket, or none: it returns how long
@@ -78,7 +90,7 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, 
 	// leave the bucket's last event in the future, and rate would then
 	// count the refund of a reservation taken earlier as already spent.
 	if t := e.lim.TokensAt(now); t < float64(n) {
-		d := time.Duration((float64(n) - t) / float64(ls.rate) * float64(time.Second))
+		d := seconds((float64(n) - t) / float64(ls.rate))
 		return max(d, 1), nil
 	}
 	return 0, e.lim.ReserveN(now, n)
