@@ -150,6 +150,11 @@ func parseURL(s string) (*redis.Options, error) {
 	if o.DB < 0 {
 		return nil, errors.New("REDIS_URL: the database number must not be negative")
 	}
+	// go-redis logs in only with a password, and dropped the user name
+	// without a word: likely a password written without its ":".
+	if o.Username != "" && o.Password == "" {
+		return nil, errors.New("REDIS_URL has a user name but no password, and would not log in: write redis://user:password@host, or redis://:password@host for a password alone")
+	}
 	if _, ok := splitHostPort(o.Addr); !ok && o.Network != "unix" {
 		return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
 	}

@@ -87,6 +87,13 @@ func TestValidate(t *testing.T) {
 		{"password with a question mark", Config{URL: "rediss://user:123?client_name=s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
 		// "redis:" without "//": go-redis read no host and dialled localhost.
 		{"no slashes", Config{URL: "redis:h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, ""},
+		// go-redis logs in only with a password: the user name was
+		// dropped without a word, and it connected without logging in
+		// (a password written without its ":" reads as a user name).
+		{"user name without a password", Config{URL: "redis://s3cret@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "password"}, "s3cret"},
+		{"user name with an empty password", Config{URL: "rediss://s3cret:@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "password"}, "s3cret"},
+		{"unix user name without a password", Config{URL: "unix://s3cret@/run/redis.sock", Timeout: time.Second}, []string{"REDIS_URL", "password"}, "s3cret"},
+		{"user name and password", Config{URL: "redis://u:pw@h:6379/0", Timeout: time.Second}, nil, ""},
 		// go-redis panics in New (not an error) past 2^31-1.
 		{"URL min_idle_conns past int32", Config{URL: "redis://h:6379/0?min_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "min_idle_conns"}, ""},
 		{"URL max_idle_conns past int32", Config{URL: "redis://h:6379/0?max_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "max_idle_conns"}, ""},
