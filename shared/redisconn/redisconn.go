@@ -99,6 +99,11 @@ func (c Config) Validate() error {
 			}
 		}
 	}
+	if c.ClusterUsername != "" && c.ClusterPassword == "" {
+		// go-redis logs in only with a password: the user would be
+		// dropped without a word.
+		errs = append(errs, errors.New("REDIS_CLUSTER_USERNAME is set without REDIS_CLUSTER_PASSWORD, and would not log in"))
+	}
 	if strings.ContainsAny(c.KeyPrefix, "{}") {
 		// Keys are <prefix>:{c:<channel>}:…, and Redis Cluster hashes the
 		// first {…} of a key: braces in the prefix would put a channel's

@@ -94,6 +94,9 @@ func TestValidate(t *testing.T) {
 		{"user name with an empty password", Config{URL: "rediss://s3cret:@h:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "password"}, "s3cret"},
 		{"unix user name without a password", Config{URL: "unix://s3cret@/run/redis.sock", Timeout: time.Second}, []string{"REDIS_URL", "password"}, "s3cret"},
 		{"user name and password", Config{URL: "redis://u:pw@h:6379/0", Timeout: time.Second}, nil, ""},
+		{"cluster user name without a password", Config{ClusterAddrs: "a:1", ClusterUsername: "wsrelay", Timeout: time.Second}, []string{"REDIS_CLUSTER_USERNAME", "REDIS_CLUSTER_PASSWORD"}, ""},
+		{"cluster user name and password", Config{ClusterAddrs: "a:1", ClusterUsername: "wsrelay", ClusterPassword: "pw", Timeout: time.Second}, nil, ""},
+		{"cluster password alone", Config{ClusterAddrs: "a:1", ClusterPassword: "pw", Timeout: time.Second}, nil, ""},
 		// go-redis panics in New (not an error) past 2^31-1.
 		{"URL min_idle_conns past int32", Config{URL: "redis://h:6379/0?min_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "min_idle_conns"}, ""},
 		{"URL max_idle_conns past int32", Config{URL: "redis://h:6379/0?max_idle_conns=3000000000", Timeout: time.Second}, []string{"REDIS_URL", "max_idle_conns"}, ""},
