@@ -99,6 +99,19 @@ func (c Config) Validate() error {
 			}
 		}
 	}
+	if c.ClusterAddrs == "" {
+		// A cluster's settings without its nodes: the functions would
+		// connect to REDIS_URL (127.0.0.1 by default) with none of them,
+		// a half-made configuration whose first sign is a failed dial.
+		for _, set := range []struct {
+			name string
+			on   bool
+		}{{"REDIS_CLUSTER_USERNAME", c.ClusterUsername != ""}, {"REDIS_CLUSTER_PASSWORD", c.ClusterPassword != ""}, {"REDIS_CLUSTER_TLS", c.ClusterTLS}} {
+			if set.on {
+				errs = append(errs, fmt.Errorf("%s is set without REDIS_CLUSTER_ADDRS: set the cluster's nodes, or unset it to use REDIS_URL", set.name))
+			}
+		}
+	}
 	if c.ClusterUsername != "" && c.ClusterPassword == "" {
 		// go-redis logs in only with a password: the user would be
 		// dropped without a word.

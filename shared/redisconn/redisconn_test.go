@@ -52,6 +52,10 @@ func TestValidate(t *testing.T) {
 		// would quote the password.
 		{"cluster addr with a password", Config{ClusterAddrs: "a:1,s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 2"}, "s3cret"},
 		{"cluster addr with a path", Config{ClusterAddrs: "h/x:6379", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS", "entry 1"}, ""},
+		// A cluster's settings without REDIS_CLUSTER_ADDRS would go unused,
+		// on a connection to REDIS_URL.
+		{"cluster password without addrs", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, ClusterPassword: "s3cret"}, []string{"REDIS_CLUSTER_PASSWORD is set without REDIS_CLUSTER_ADDRS"}, "s3cret"},
+		{"cluster user and TLS without addrs", Config{URL: "redis://127.0.0.1:6379/0", Timeout: time.Second, ClusterUsername: "u", ClusterPassword: "p", ClusterTLS: true}, []string{"REDIS_CLUSTER_USERNAME is set without", "REDIS_CLUSTER_PASSWORD is set without", "REDIS_CLUSTER_TLS is set without"}, ""},
 		{"cluster IPv6", Config{ClusterAddrs: "[::1]:7000,[fe80::1%eth0]:7001", Timeout: time.Second}, nil, ""},
 		{"cluster IPv6 without brackets", Config{ClusterAddrs: "::1:7000", Timeout: time.Second}, []string{"REDIS_CLUSTER_ADDRS"}, ""},
 		// The docs' placeholder, or a port number with a typo: it would

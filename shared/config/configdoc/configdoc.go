@@ -244,6 +244,12 @@ func Run(t *testing.T, root string, c Check) {
 func checkRules(t *testing.T, r Row, c Check, defaults any) string {
 	t.Helper()
 	var left []string
+	// Every variable the row needs: each "Needs" rule is checked with
+	// the others met.
+	needs := map[string]string{}
+	for _, m := range reNeeds.FindAllStringSubmatch(r.Meaning, -1) {
+		needs[m[1]] = sample(m[1], "b")
+	}
 	for _, clause := range regexp.MustCompile(`[;.] `).Split(r.Meaning+" ", -1) {
 		env := map[string]string{}
 		for cond, e := range c.Conditions {
@@ -305,9 +311,11 @@ func checkRules(t *testing.T, r Row, c Check, defaults any) string {
 			refuse(t, r, c, env, name, "a"+m[2])
 		})
 		cut(reNeeds, func(name string, m []string) {
-			v := strings.Repeat("a", 32)
-			refuse(t, r, c, with(env, m[1], ""), name, v)
-			accept(t, r, c, with(env, m[1], strings.Repeat("b", 32)), name, v)
+			v := sample(name, "a")
+			met := maps.Clone(env)
+			maps.Copy(met, needs)
+			refuse(t, r, c, with(met, m[1], ""), name, v)
+			accept(t, r, c, met, name, v)
 		})
 		cut(reNotNeg, func(name string, _ []string) {
 			x := value(t, r, defaults, name, "0")
@@ -357,6 +365,21 @@ func refuse(t *testing.T, r Row, c Check, cond map[string]string, name, v string
 }
 
 // with is env with name=v.
+// samples are values the variables whose values have a form accept, for
+// the "Needs" rules; any other variable is given 32 of a letter.
+var samples = map[string]string{
+	"REDIS_CLUSTER_ADDRS": "127.0.0.1:7000",
+	"REDIS_CLUSTER_TLS":   "true",
+}
+
+// sample is a value name accepts: its entry in samples, or 32 of letter.
+func sample(name, letter string) string {
+	if v, ok := samples[name]; ok {
+		return v
+	}
+	return strings.Repeat(letter, 32)
+}
+
 func with(env map[string]string, name, v string) map[string]string {
 	e := map[string]string{name: v}
 	for k, x := range env {
