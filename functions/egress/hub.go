@@ -179,7 +179,8 @@ type hub struct {
 	// next scheduled refresh.
 	refreshDue atomic.Bool
 	// readLag, when set, observes publish-to-receipt time of each
-	// notification: how far the read path runs behind (metrics).
+	// message delivered, got from its notification or read by a
+	// catch-up: how far the read path runs behind (metrics).
 	readLag func(seconds float64)
 	// recovered carries a stalled channel back to the receive loop once
 	// its read succeeded (stall).
@@ -402,6 +403,7 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID, budge
 				continue
 			}
 			p.full = p.full[:0]
+			h.observeReadLag(b.Entries[i].TS)
 			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS, &p.full)
 			p.wait(ctx)
 		}
@@ -882,9 +884,6 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	if !cs.confirmed {
 		return
 	}
-	if h.readLag != nil && n.TS > 0 {
-		h.readLag(float64(time.Now().UnixMilli()-n.TS) / 1000)
-	}
 	if !cs.last.Less(n.ID) {
 		return // already delivered by a catch-up
 	}
@@ -895,7 +894,18 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 			return // shutting down, or delivered from the stream
 		}
 	}
+	h.observeReadLag(n.TS)
 	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS, nil)
+}
+
+// observeReadLag records, when metrics are kept, how long after its
+// publish time (ts, unix ms) this instance got a message it delivers:
+// from its notification, or from the stream in a catch-up (lost
+// notifications, a Redis reconnect), each message once.
+func (h *hub) observeReadLag(ts int64) {
+	if h.readLag != nil && ts > 0 {
+		h.readLag(float64(time.Now().UnixMilli()-ts) / 1000)
+	}
 }
 
 // deliver fans one message out. It encodes the frame once; each

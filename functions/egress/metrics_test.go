@@ -769,3 +769,52 @@ func TestCatchUpsOverBudgetCounted(t *testing.T) {
 		return nil
 	})
 }
+
+// TestReadLagCountsCatchUps: messages a catch-up reads from the stream
+// (their notifications lost) are observed in the read lag when read, as
+// those whose notification arrives are, so that a delivery latency made
+// of late reading shows in the read lag too (the delivery-slow alert's
+// runbook tells the two apart by it); each message delivered is
+// observed once.
+func TestReadLagCountsCatchUps(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	ws, _ := subscribedTo(t, e, "r")
+	store := stream.NewStore(rdb)
+	add := func(notify string, ts int64, n int) {
+		t.Helper()
+		if _, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("r"), Notify: notify,
+			Msg: stream.Message{Channel: "r", TS: ts, Data: []byte(fmt.Sprint(n))}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-3 * time.Second).UnixMilli() // published 3 s ago
+	for i := 1; i <= 3; i++ {
+		add(ks.Notify("r")+"-lost", old, i) // their notifications are lost
+	}
+	add(ks.Notify("r"), time.Now().UnixMilli(), 4) // shows the gap: a catch-up
+	for i := 1; i <= 4; i++ {
+		if got := nextData(t, ws); got != fmt.Sprint(i) {
+			t.Fatalf("message %d: %s", i, got)
+		}
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		m, err := scrape(e.srv.URL)
+		if err != nil {
+			return err
+		}
+		for _, want := range []string{
+			`wsrelay_egress_delivery_latency_seconds_count 4` + "\n",
+			`wsrelay_egress_delivery_latency_seconds_bucket{le="2"} 1` + "\n",
+			`wsrelay_egress_stream_read_lag_seconds_count 4` + "\n",
+			`wsrelay_egress_stream_read_lag_seconds_bucket{le="2"} 1` + "\n",
+		} {
+			if !strings.Contains(m, want) {
+				return fmt.Errorf("no %q in:\n%s", want, grepMetrics(m, "wsrelay_egress_"))
+			}
+		}
+		return nil
+	})
+}
