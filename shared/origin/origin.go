@@ -6,6 +6,7 @@ package origin
 import (
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -67,6 +68,12 @@ func Validate(allowed string) error {
 		for _, r := range u.Host {
 			if r >= 0x80 {
 				return fmt.Errorf("ALLOWED_ORIGINS: %q: browsers send an internationalized host name in its ASCII form (xn--…); write that", a)
+			}
+		}
+		if p := u.Port(); p != "" {
+			// Browsers send a port as its number, 1–65535, no leading zero.
+			if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != p {
+				return fmt.Errorf("ALLOWED_ORIGINS: %q: the port must be a number from 1 to 65535 without leading zeros, as browsers send it", a)
 			}
 		}
 		if p := u.Port(); (p == "443" && u.Scheme == "https") || (p == "80" && u.Scheme == "http") {

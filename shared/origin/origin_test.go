@@ -54,7 +54,7 @@ func TestValidateHosts(t *testing.T) {
 			t.Errorf("Validate(%q): %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"https://bücher.example", "https://a.example.com:"} {
+	for _, bad := range []string{"https://bücher.example", "https://a.example.com:", "https://a.example.com:0443", "http://a.example.com:0", "http://a.example.com:99999", "http://[::1]:08080"} {
 		if err := Validate(bad); err == nil {
 			t.Errorf("Validate(%q) accepted an origin no browser sends", bad)
 		}
