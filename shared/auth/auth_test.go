@@ -616,6 +616,9 @@ func TestVerifyNumericDates(t *testing.T) {
 		{"exp 0", `"exp":0`, ErrTokenExpired, "", 0},
 		{"exp negative", `"exp":-1`, ErrTokenExpired, "", 0},
 		{"exp year 9999", `"exp":253402300799`, nil, "", 253402300799},
+		// Its fraction is cut to the second: still in the year 9999.
+		{"exp year 9999, fractional", `"exp":253402300799.5`, nil, "", 253402300799},
+		{"exp before year -6000, fractional", `"exp":-253402300799.5`, ErrTokenExpired, "", 0},
 		{"exp year 1", `"exp":-62135596800`, ErrTokenExpired, "", 0},
 		// Beyond year 9999 either way is refused: a float64 that large
 		// does not convert to an int64 the same way on every CPU.

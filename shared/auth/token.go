@@ -84,8 +84,10 @@ func numericDate(claim string, raw json.RawMessage, dst **jwt.NumericDate) error
 		return &claimError{claim, "must be a number (seconds since 1970)"}
 	}
 	// raw is a valid JSON number, which ParseFloat reads; past float64's
-	// range it returns an error and ±Inf.
-	if f, err := strconv.ParseFloat(string(raw), 64); err != nil || math.Abs(f) > maxNumericDate {
+	// range it returns an error and ±Inf. The fraction is cut before the
+	// bound is checked, as jwt.NumericDate cuts it: 253402300799.5 is
+	// still in the year 9999.
+	if f, err := strconv.ParseFloat(string(raw), 64); err != nil || math.Abs(math.Trunc(f)) > maxNumericDate {
 		return &claimError{claim, "is out of range (beyond the year 9999)"}
 	}
 	return json.Unmarshal(raw, dst)
