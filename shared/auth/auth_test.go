@@ -807,6 +807,17 @@ func TestVerifyAlgNotAccepted(t *testing.T) {
 			}
 		}
 	}
+	// An alg the JWT library does not know is not repeated (the client
+	// chose it freely): it is refused as malformed, with the same words
+	// as any other token the parser cannot take (docs/security.md).
+	enc := base64.RawURLEncoding
+	for _, alg := range []string{"ES256K", "hs256", "HS256 "} {
+		tok := enc.EncodeToString([]byte(`{"alg":"`+alg+`"}`)) + "." + enc.EncodeToString([]byte(`{"sub":"alice","exp":`+strconv.FormatInt(exp, 10)+`}`)) + ".c2ln"
+		_, err := both.Verify(tok)
+		if !errors.Is(err, ErrInvalidToken) || !strings.Contains(fmt.Sprint(err), "malformed, or signed with an algorithm not accepted here") || strings.Contains(fmt.Sprint(err), alg) {
+			t.Errorf("alg %q: %v, want malformed, without the alg", alg, err)
+		}
+	}
 	// An accepted alg with the wrong key is still a bad signature, and
 	// algorithm confusion (HS256 signed with the public key's text, to a
 	// verifier that takes HS256) one too.
