@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -149,4 +150,45 @@ func TestBrowserPublishRefusals(t *testing.T) {
 func jsString(s string) string {
 	b, _ := json.Marshal(s)
 	return string(b)
+}
+
+// TestBrowserDemoMessageListBounded: the demo page keeps the newest
+// entries of its message list, not every message of a long session: a
+// page left open in a busy room grew its DOM (and memory) without end.
+func TestBrowserDemoMessageListBounded(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+	}
+	ing := start(t, "ingress", e)
+	e["INGRESS_URL"] = ing.URL
+	eg := start(t, "egress", e)
+
+	tab := newBrowser(t)
+	runIn(t, tab, "join",
+		chromedp.Navigate(eg.URL+"/"),
+		chromedp.WaitVisible(chromedp.ID("name")),
+		chromedp.SetValue(chromedp.ID("name"), "Ada"),
+		chromedp.SetValue(chromedp.ID("room"), "e2e-busy"),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)),
+	)
+	const n = 700
+	items := make([]map[string]any, n)
+	for i := range items {
+		items[i] = map[string]any{"channel": "e2e-busy", "data": map[string]any{"text": "m" + strconv.Itoa(i), "name": "test"}}
+	}
+	if code := post(t, ing.URL+"/v1/messages", map[string]any{"messages": items}, nil); code != http.StatusAccepted {
+		t.Fatalf("batch publish: %d", code)
+	}
+	last := "m" + strconv.Itoa(n-1)
+	evalIn(t, tab, "all delivered", chromedp.Poll[bool](
+		`(() => { const m = document.querySelectorAll("#messages .msg .text"); return m.length > 0 && m[m.length-1].textContent === `+jsString(last)+`; })()`,
+		chromedp.WithPollingTimeout(15*time.Second)))
+	if got := evalIn(t, tab, "entries", chromedp.Evaluate[int](`document.querySelectorAll("#messages > li").length`)); got > 500 {
+		t.Fatalf("the message list holds %d entries after %d messages, want at most 500", got, n)
+	}
 }
