@@ -192,3 +192,54 @@ func TestBrowserDemoMessageListBounded(t *testing.T) {
 		t.Fatalf("the message list holds %d entries after %d messages, want at most 500", got, n)
 	}
 }
+
+// TestBrowserDemoTokenTroubleShown: a token the page cannot use is said
+// so on the page, rather than leaving it "not connected" (a token the
+// WebSocket cannot carry: the client's constructor threw, unseen) or
+// "reconnecting…" for ever with only close codes (an expired token, or
+// one the egress's JWT_SECRET did not sign: refused at the upgrade,
+// which a browser sees only as a close).
+func TestBrowserDemoTokenTroubleShown(t *testing.T) {
+	const secret = "browser-web-test-secret-0123456789abcdef"
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+		"JWT_SECRET":       secret,
+	}
+	ing := start(t, "ingress", e)
+	e["INGRESS_URL"] = ing.URL
+	eg := start(t, "egress", e)
+	expired, err := auth.SignHS256(secret, auth.Claims{Subject: "ada", Channels: []string{"e2e-*"}, Publish: []string{"e2e-*"}, Expires: time.Now().Add(-time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherSecret, err := auth.SignHS256("another-secret-0123456789abcdef0123456789", auth.Claims{Subject: "ada", Channels: []string{"e2e-*"}, Publish: []string{"e2e-*"}, Expires: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab := newBrowser(t)
+	for _, c := range []struct{ name, token, want string }{
+		{"not sendable", "not%20a%20token", "token"},
+		{"expired", expired, "expired"},
+		{"another secret", otherSecret, "token"},
+	} {
+		runIn(t, tab, "join with a token "+c.name,
+			chromedp.Navigate(eg.URL+"/?token="+c.token),
+			chromedp.WaitVisible(chromedp.ID("name")),
+			chromedp.SetValue(chromedp.ID("name"), "Ada"),
+			chromedp.SetValue(chromedp.ID("room"), "e2e-tok"),
+			chromedp.Click(chromedp.ID("join")),
+		)
+		ok := false
+		for deadline := time.Now().Add(8 * time.Second); !ok && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			ok = evalIn(t, tab, "notice", chromedp.Evaluate[bool](
+				`[...document.querySelectorAll("#messages .notice")].some(n => n.textContent.includes(`+jsString(c.want)+`))`))
+		}
+		if !ok {
+			got := evalIn(t, tab, "page", chromedp.Evaluate[string](`document.querySelector("#state-text").textContent + " | " + document.querySelector("#messages").textContent`))
+			t.Errorf("token %s: the page shows %q, want a notice saying %q", c.name, got, c.want)
+		}
+	}
+}
