@@ -243,3 +243,47 @@ func TestBrowserDemoTokenTroubleShown(t *testing.T) {
 		}
 	}
 }
+
+// TestBrowserDemoStopsPollingWhenClosed: once its connection is closed
+// for good (4003: an operator's disconnect), the page stops polling the
+// room's presence every 3 s, as "Leave room" does.
+func TestBrowserDemoStopsPollingWhenClosed(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+	}
+	ing := start(t, "ingress", e)
+	e["INGRESS_URL"] = ing.URL
+	eg := start(t, "egress", e)
+
+	tab := newBrowser(t)
+	runIn(t, tab, "join",
+		chromedp.Navigate(eg.URL+"/"),
+		chromedp.WaitVisible(chromedp.ID("name")),
+		chromedp.SetValue(chromedp.ID("name"), "Ada"),
+		chromedp.SetValue(chromedp.ID("room"), "e2e-closed"),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+	)
+	id := evalIn(t, tab, "connection id", chromedp.Poll[string](
+		`(document.querySelector("#conn-info").textContent.match(/^connection (\S+) /) || [])[1]`,
+		chromedp.WithPollingTimeout(10*time.Second)))
+	req, _ := http.NewRequest(http.MethodDelete, ing.URL+"/v1/connections/"+id, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("disconnect: %d", resp.StatusCode)
+	}
+	runIn(t, tab, "closed", chromedp.WaitVisible(chromedp.CSS(`#state[data-state="closed"]`)))
+	evalIn(t, tab, "count polls", chromedp.Evaluate[bool](
+		`(() => { window.__polls = 0; const f = window.fetch; window.fetch = (...a) => { if (String(a[0]).includes("/connections")) window.__polls++; return f(...a); }; return true; })()`))
+	time.Sleep(3500 * time.Millisecond)
+	if n := evalIn(t, tab, "polls", chromedp.Evaluate[int](`window.__polls`)); n != 0 {
+		t.Fatalf("%d presence polls after the connection closed for good, want none", n)
+	}
+}
