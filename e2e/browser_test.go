@@ -36,6 +36,22 @@ func chromiumPath(t *testing.T) string {
 // context for its first tab.
 func newBrowser(t *testing.T) context.Context {
 	t.Helper()
+	return newBrowserWithPrefs(t, "")
+}
+
+// newBrowserWithPrefs is newBrowser with prefs (JSON, as a profile's
+// Default/Preferences file holds them: a user's settings) in its profile.
+func newBrowserWithPrefs(t *testing.T, prefs string) context.Context {
+	t.Helper()
+	profile := t.TempDir()
+	if prefs != "" {
+		if err := os.MkdirAll(filepath.Join(profile, "Default"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(profile, "Default", "Preferences"), []byte(prefs), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromiumPath(t)),
 		chromedp.Flag("headless", true),
@@ -47,7 +63,7 @@ func newBrowser(t *testing.T) context.Context {
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true),
 		chromedp.Flag("disable-dev-shm-usage", true),
-		chromedp.UserDataDir(t.TempDir()),
+		chromedp.UserDataDir(profile),
 		chromedp.WindowSize(1100, 720),
 	}
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)

@@ -287,3 +287,37 @@ func TestBrowserDemoStopsPollingWhenClosed(t *testing.T) {
 		t.Fatalf("%d presence polls after the connection closed for good, want none", n)
 	}
 }
+
+// TestBrowserDemoWithoutSiteStorage: the demo page works in a browser
+// that blocks sites' data (Chromium's "Block all cookies", which makes
+// any use of localStorage throw a SecurityError): it only forgets the
+// last name and room. Its first read of localStorage threw, the module
+// stopped there, and Join did nothing, with nothing shown.
+func TestBrowserDemoWithoutSiteStorage(t *testing.T) {
+	e := env{
+		"REDIS_URL":        redistest.URL(t),
+		"REDIS_KEY_PREFIX": redistest.Prefix(t),
+		"ALLOW_ANONYMOUS":  "true",
+		"ALLOWED_ORIGINS":  "*",
+	}
+	ing := start(t, "ingress", e)
+	e["INGRESS_URL"] = ing.URL
+	eg := start(t, "egress", e)
+
+	tab := newBrowserWithPrefs(t, `{"profile":{"default_content_setting_values":{"cookies":2}}}`)
+	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"), chromedp.WaitVisible(chromedp.ID("name")))
+	blocked := evalIn(t, tab, "localStorage", chromedp.Evaluate[bool](`(() => { try { localStorage.length; return false; } catch { return true; } })()`))
+	if !blocked {
+		t.Skip("this Chromium does not block localStorage with cookies blocked")
+	}
+	runIn(t, tab, "join",
+		chromedp.SetValue(chromedp.ID("name"), "Ada"),
+		chromedp.SetValue(chromedp.ID("room"), "e2e-nostorage"),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)),
+		chromedp.SendKeys(chromedp.ID("text"), "no storage"),
+		chromedp.Click(chromedp.ID("send")),
+	)
+	waitTexts(t, tab, "tab", "no storage")
+}
