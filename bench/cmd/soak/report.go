@@ -222,6 +222,39 @@ func (r *report) print(w io.Writer) {
 
 // check runs the end's checks into rep.
 func (s *soak) check(ctx context.Context, rep *report) {
+	// The traffic itself: a run whose publishes, sends or reads failed,
+	// or that published or delivered nothing, leaves the checks below
+	// nothing to check (a chain is owed only acknowledged messages, and
+	// only acknowledged sends are checked).
+	var failedPubs int
+	for _, l := range s.logs {
+		failedPubs += len(l.Failed())
+	}
+	var trouble []string
+	if failedPubs > 0 {
+		trouble = append(trouble, fmt.Sprintf("%d channel publishes failed", failedPubs))
+	}
+	if n := s.targetedError.Load(); n > 0 {
+		trouble = append(trouble, fmt.Sprintf("%d targeted sends failed", n))
+	}
+	if n := s.readErrors.Load(); n > 0 {
+		trouble = append(trouble, fmt.Sprintf("%d reads failed", n))
+	}
+	if s.published.Load() == 0 || s.delivered.Load() == 0 {
+		trouble = append(trouble, fmt.Sprintf("%d channel publishes acknowledged, %d deliveries", s.published.Load(), s.delivered.Load()))
+	}
+	if s.cfg.targeted > 0 && s.targetedSent.Load() == 0 {
+		trouble = append(trouble, "no targeted send acknowledged")
+	}
+	if s.cfg.reads > 0 && s.reads.Load() == 0 {
+		trouble = append(trouble, "no read answered")
+	}
+	if len(trouble) > 0 {
+		rep.fail("traffic: %s (the first error of each kind is above)", strings.Join(trouble, "; "))
+	} else {
+		rep.checks = append(rep.checks, fmt.Sprintf("traffic: %d channel publishes, %d targeted sends and %d reads answered, none failed", s.published.Load(), s.targetedSent.Load(), s.reads.Load()))
+	}
+
 	// Delivery: every chain, in full.
 	s.mu.Lock()
 	chains := slices.Clone(s.chains)
@@ -304,10 +337,6 @@ func (s *soak) check(ctx context.Context, rep *report) {
 		rep.checks = append(rep.checks, "keys: every key left expires (streams and their :last by HISTORY_TTL, idempotency records by IDEMPOTENCY_WINDOW)")
 	}
 
-	var failedPubs int
-	for _, l := range s.logs {
-		failedPubs += len(l.Failed())
-	}
 	rep.counts = append(rep.counts,
 		fmt.Sprintf("channel publishes acknowledged %d, failed %d; channel messages delivered %d", s.published.Load(), failedPubs, s.delivered.Load()),
 		fmt.Sprintf("targeted sends acknowledged %d (to a connection gone since: %d, errors: %d), targeted messages received %d", s.targetedSent.Load(), s.targetedGone.Load(), s.targetedError.Load(), s.targetedGot.Load()),
