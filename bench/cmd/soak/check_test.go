@@ -3,10 +3,15 @@ package main
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/wsrelay/wsrelay/bench/harness"
+	"github.com/wsrelay/wsrelay/shared/publisher"
 	"github.com/wsrelay/wsrelay/shared/testkit/delivery"
 )
 
@@ -76,4 +81,43 @@ func TestCheckFailsAnEmptyRun(t *testing.T) {
 			t.Errorf("failed a run with traffic and no error: %v", rep.problems)
 		}
 	})
+}
+
+// A send to a connection answered 404 connection_not_found is allowed
+// only for a connection that had ended: one to a live connection is a
+// miss like any other.
+func TestTargetedNotFoundToALiveConnection(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1/connections/") {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"error":{"code":"connection_not_found","message":"no live connection with that id"}}`))
+			return
+		}
+		http.Error(w, "no", http.StatusInternalServerError)
+	}))
+	defer srv.Close()
+	t0 := time.Now()
+	s := &soak{cfg: config{targeted: 20}, targets: newTargetedLog(t0), rng: rand.New(rand.NewPCG(1, 2))}
+	var err error
+	if s.pub, err = publisher.New(publisher.Options{URL: srv.URL, Token: apiKey}); err != nil {
+		t.Fatal(err)
+	}
+	sc := &soakClient{s: s, id: 0, user: "u0", conn: "c0"}
+	s.live = map[int]*soakClient{0: sc}
+	s.targets.welcome(t0, "u0", "c0") // live throughout
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	s.sendTargeted(ctx)
+	if s.targetedGone.Load() == 0 {
+		t.Fatal("no send answered 404")
+	}
+	rep := &report{}
+	s.checkTargeted(rep)
+	for _, l := range rep.misses {
+		t.Log(l)
+	}
+	if len(rep.problems) == 0 {
+		t.Errorf("%d sends to live connection c0 answered 404, and the targeted check passed: %v", s.targetedGone.Load(), rep.checks)
+	}
 }

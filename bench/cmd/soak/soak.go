@@ -377,8 +377,12 @@ func (s *soak) sendTargeted(ctx context.Context) {
 		case err == nil:
 			s.targetedSent.Add(1)
 			s.targets.sent(ts)
-		case errors.As(err, &pe) && pe.Status == http.StatusNotFound:
-			s.targetedGone.Add(1) // the connection ended (cut, closed, left) since
+		case !ts.toUser && errors.As(err, &pe) && pe.Status == http.StatusNotFound && pe.Code == "connection_not_found":
+			// The connection ended (cut, closed, left) since, which
+			// the check makes sure of.
+			s.targetedGone.Add(1)
+			ts.gone = true
+			s.targets.sent(ts)
 		case ctx.Err() != nil:
 		default:
 			s.targetedError.Add(1)

@@ -126,6 +126,14 @@ func TestTargetedCheck(t *testing.T) {
 		}, []verdictKind{missUnexplained}},
 		{"user, the ingress found none while one was live", targetedSend{n: 2, toUser: true, user: "u1", start: start, acked: acked}, nil,
 			[]verdictKind{missUnexplained}},
+		{"connection, answered 404 after it ended", targetedSend{n: 1, user: "u1", conn: "c1", start: start, acked: acked, gone: true}, func(l *targetedLog) {
+			l.end(at(4*time.Second), "c1", "server close 4001")
+		}, nil},
+		{"connection, answered 404 while live", targetedSend{n: 1, user: "u1", conn: "c1", start: start, acked: acked, gone: true}, nil,
+			[]verdictKind{missUnexplained}},
+		{"connection, answered 404, ended long after", targetedSend{n: 1, user: "u1", conn: "c1", start: start, acked: acked, gone: true}, func(l *targetedLog) {
+			l.end(at(13*time.Second), "c1", "server close 4001")
+		}, []verdictKind{missUnexplained}},
 		{"connection, received twice", toConn, func(l *targetedLog) {
 			l.got(got(1, "u1", "c1", "connection", 10020*time.Millisecond))
 			l.got(got(1, "u1", "c1", "connection", 10030*time.Millisecond))

@@ -47,6 +47,10 @@ type targetedSend struct {
 	conn         string
 	start, acked time.Time // the call's start and its acknowledgement
 	connections  int       // a send to a user: how many the ingress targeted
+	// gone: a send to a connection answered 404 connection_not_found
+	// (acked is the answer's time), allowed only if the connection had
+	// ended by then.
+	gone bool
 }
 
 func (s targetedSend) kind() string {
@@ -188,6 +192,19 @@ func (l *targetedLog) check(w time.Duration) (received int, verdicts []verdict) 
 	}
 	sends := slices.SortedFunc(slices.Values(l.sends), func(a, b targetedSend) int { return a.n - b.n })
 	for _, s := range sends {
+		if s.gone {
+			// Not found: the connection must have ended before the
+			// answer (or within w of it), not have been live.
+			switch c := l.conns[s.conn]; {
+			case c == nil:
+				verdicts = append(verdicts, verdict{kind: missUnexplained, send: s, detail: "answered 404, and " + s.conn + " was never welcomed"})
+			case c.endAt().IsZero():
+				verdicts = append(verdicts, verdict{kind: missUnexplained, send: s, detail: "answered 404 while " + s.conn + " was live, and it stayed live"})
+			case c.endAt().After(s.acked.Add(w)):
+				verdicts = append(verdicts, verdict{kind: missUnexplained, send: s, detail: fmt.Sprintf("answered 404, and %s ended %s from the send's start, after the answer", s.conn, signed(c.endAt().Sub(s.start)))})
+			}
+			continue
+		}
 		// What each connection got: misrouted copies are findings of their
 		// own and do not count as received.
 		var found []verdict
