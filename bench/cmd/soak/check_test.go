@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/bench/harness"
 	"github.com/wsrelay/wsrelay/shared/publisher"
 	"github.com/wsrelay/wsrelay/shared/testkit/delivery"
@@ -119,5 +121,32 @@ func TestTargetedNotFoundToALiveConnection(t *testing.T) {
 	}
 	if len(rep.problems) == 0 {
 		t.Errorf("%d sends to live connection c0 answered 404, and the targeted check passed: %v", s.targetedGone.Load(), rep.checks)
+	}
+}
+
+// A key left with a TTL far beyond its kind's (a stream past HISTORY_TTL)
+// is not a key that expires "by HISTORY_TTL".
+func TestCheckKeyTTLs(t *testing.T) {
+	s := checkSoak(t)
+	s.published.Store(10)
+	s.delivered.Store(30)
+	s.targetedSent.Store(2)
+	s.reads.Store(2)
+	ctx := context.Background()
+	rdb := s.env.RDB
+	if err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: prefix + ":{c:soak-0}:s", Values: []string{"h", "x"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.PExpire(ctx, prefix+":{c:soak-0}:s", s.cfg.historyTTL).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := checkRun(t, s); len(rep.problems) > 0 {
+		t.Fatalf("failed a stream left with HISTORY_TTL: %v", rep.problems)
+	}
+	if err := rdb.PExpire(ctx, prefix+":{c:soak-0}:s", 1000*s.cfg.historyTTL).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := checkRun(t, s); len(rep.problems) == 0 {
+		t.Errorf("passed a stream left with a TTL of %s, HISTORY_TTL %s", 1000*s.cfg.historyTTL, s.cfg.historyTTL)
 	}
 }

@@ -296,7 +296,17 @@ func (s *soak) check(ctx context.Context, rep *report) {
 	// Keys: no registry record or set outlives its connections (the quiet
 	// period is longer than REGISTRY_TTL), and every key left expires.
 	kinds := map[string]int{}
-	var registry, forever []string
+	var registry, forever, tooLong []string
+	// The longest TTL each kind of key is given (the ingress's channel and
+	// inbox limits, shared/stream's :last keys at twice their stream's).
+	bound := map[string]time.Duration{
+		"stream":            s.cfg.historyTTL,
+		"stream :last":      2 * s.cfg.historyTTL,
+		"idempotency":       s.cfg.idempotencyTTL,
+		"idempotent append": s.cfg.idempotencyTTL,
+		"inbox":             2 * s.cfg.registryTTL,
+		"inbox :last":       4 * s.cfg.registryTTL,
+	}
 	iter := s.env.RDB.Scan(ctx, 0, prefix+":*", 1000).Iterator()
 	for iter.Next(ctx) {
 		k := iter.Val()
@@ -308,11 +318,19 @@ func (s *soak) check(ctx context.Context, rep *report) {
 			}
 			continue
 		}
-		if ttl, err := s.env.RDB.PTTL(ctx, k).Result(); err == nil && ttl < 0 && ttl != -2*time.Nanosecond {
+		ttl, err := s.env.RDB.PTTL(ctx, k).Result()
+		switch b, ok := bound[kind]; {
+		case err != nil:
+		case ttl < 0 && ttl != -2*time.Nanosecond:
 			if len(forever) < 5 {
 				forever = append(forever, k)
 			}
 			kinds[kind+" without TTL"]++
+		case ok && ttl > b:
+			if len(tooLong) < 5 {
+				tooLong = append(tooLong, fmt.Sprintf("%s (%s, at most %s)", k, ttl.Round(time.Second), b))
+			}
+			kinds[kind+" with a TTL too long"]++
 		}
 	}
 	if err := iter.Err(); err != nil {
@@ -333,7 +351,11 @@ func (s *soak) check(ctx context.Context, rep *report) {
 	}
 	if len(forever) > 0 {
 		rep.fail("keys: keys that never expire, e.g. %v", forever)
-	} else {
+	}
+	if len(tooLong) > 0 {
+		rep.fail("keys: keys that expire later than their kind should, e.g. %v", tooLong)
+	}
+	if len(forever)+len(tooLong) == 0 {
 		rep.checks = append(rep.checks, "keys: every key left expires (streams and their :last by HISTORY_TTL, idempotency records by IDEMPOTENCY_WINDOW)")
 	}
 
