@@ -150,3 +150,27 @@ func TestCheckKeyTTLs(t *testing.T) {
 		t.Errorf("passed a stream left with a TTL of %s, HISTORY_TTL %s", 1000*s.cfg.historyTTL, s.cfg.historyTTL)
 	}
 }
+
+// A read answered 404 is answered only when it is a connection's record
+// that is gone (connection_not_found); an endpoint the ingress does not
+// have (not_found) is a failed read.
+func TestReadNotFound(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusNotFound)
+		_, _ = w.Write([]byte(`{"error":{"code":"not_found","message":"no such endpoint; see docs/api.md"}}`))
+	}))
+	defer srv.Close()
+	s := &soak{cfg: config{reads: 20}, channels: []string{"soak-0"}, rng: rand.New(rand.NewPCG(1, 2))}
+	var err error
+	if s.pub, err = publisher.New(publisher.Options{URL: srv.URL, Token: apiKey}); err != nil {
+		t.Fatal(err)
+	}
+	s.live = map[int]*soakClient{0: {s: s, user: "u0", conn: "c0"}}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	s.read(ctx)
+	if s.readErrors.Load() == 0 {
+		t.Errorf("%d reads answered 404 not_found, counted as answered, none as failed", s.reads.Load())
+	}
+}

@@ -413,8 +413,8 @@ func (s *soak) read(ctx context.Context) {
 		cancel()
 		var pe *publisher.Error
 		switch {
-		case err == nil, errors.As(err, &pe) && pe.Status == http.StatusNotFound:
-			s.reads.Add(1)
+		case err == nil, errors.As(err, &pe) && pe.Status == http.StatusNotFound && pe.Code == "connection_not_found":
+			s.reads.Add(1) // or the connection read had ended since
 		case ctx.Err() != nil:
 		default:
 			s.readErrors.Add(1)
