@@ -107,6 +107,12 @@ func TestOutcomeUnknown(t *testing.T) {
 		{"no reply ever", []answer{hangup}, publish, 0, true},
 		{"500", []answer{failure(500, "internal")}, publish, 500, true},
 		{"a 2xx that is not the reply", []answer{accepted(`<html>welcome</html>`)}, publish, 0, true},
+		// JSON, but without the message's id: no Result to return.
+		{"a publish's 2xx without an id", []answer{accepted(`{"channel":"c"}`)}, publish, 0, true},
+		{"a send to a connection's 2xx without an id", []answer{accepted(`{"connection":"c-1"}`)}, func(c *Client, ctx context.Context) error {
+			_, err := c.SendToConnection(ctx, "c-1", Message{Data: 1})
+			return err
+		}, 0, true},
 		{"a batch reply that is not the reply", []answer{accepted(`{"results":[]}`)}, func(c *Client, ctx context.Context) error {
 			_, err := c.PublishBatch(ctx, []Item{{"c", Message{Data: 1}}})
 			return err
