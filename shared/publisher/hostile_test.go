@@ -2,9 +2,11 @@ package publisher
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -444,6 +446,41 @@ func TestRefusedDialNotSent(t *testing.T) {
 				t.Fatalf("%d dials, want %d (every attempt, retried)", n, tc.dials)
 			}
 		})
+	}
+}
+
+// TestCertificateRefusedNotRetried: a server whose certificate the client
+// does not trust is refused again on every attempt, so the call returns
+// after the first (the retry table's "not a TLS certificate error"). The
+// handshake failed, so nothing was sent: the outcome is known.
+func TestCertificateRefusedNotRetried(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("a request reached the server: %s %s", r.Method, r.URL)
+	}))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // its "TLS handshake error" lines
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	var dials atomic.Int32
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	}} // the system's roots, which do not hold httptest's certificate
+	hc := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	t.Cleanup(hc.CloseIdleConnections)
+	c, err := New(Options{URL: srv.URL, HTTPClient: hc, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Publish(context.Background(), "c", Message{Data: 1})
+	var ce *tls.CertificateVerificationError
+	switch {
+	case !errors.As(err, &ce):
+		t.Fatalf("error %v, want a certificate verification error", err)
+	case errors.Is(err, ErrOutcomeUnknown) || !strings.Contains(err.Error(), "not sent"):
+		t.Fatalf("error %v, want one that says nothing was sent", err)
+	}
+	if n := dials.Load(); n != 1 {
+		t.Fatalf("%d dials, want 1: a refused certificate is not retried", n)
 	}
 }
 
