@@ -484,6 +484,39 @@ func TestCertificateRefusedNotRetried(t *testing.T) {
 	}
 }
 
+// failingTransport fails every request without a connection of its own
+// to report (httptrace): a RoundTripper that is not an *http.Transport.
+type failingTransport struct{ requests atomic.Int32 }
+
+func (t *failingTransport) RoundTrip(*http.Request) (*http.Response, error) {
+	t.requests.Add(1)
+	return nil, errors.New("connection reset by the sidecar")
+}
+
+// TestOtherTransportOutcomeUnknown: an HTTPClient whose Transport does not
+// report its connections (not an *http.Transport: a sidecar's, a
+// tracing wrapper) cannot tell an attempt that sent nothing from one whose
+// reply was lost, so a POST it failed has an unknown outcome, not "not
+// sent".
+func TestOtherTransportOutcomeUnknown(t *testing.T) {
+	ft := &failingTransport{}
+	c, err := New(Options{URL: "http://127.0.0.1:1", HTTPClient: &http.Client{Transport: ft},
+		MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Publish(context.Background(), "c", Message{Data: 1})
+	switch {
+	case err == nil || !strings.Contains(err.Error(), "reset by the sidecar"):
+		t.Fatalf("error %v, want the transport's", err)
+	case !errors.Is(err, ErrOutcomeUnknown) || strings.Contains(err.Error(), "not sent"):
+		t.Fatalf("error %v, want an unknown outcome", err)
+	}
+	if n := ft.requests.Load(); n != DefaultMaxAttempts {
+		t.Fatalf("%d attempts, want %d", n, DefaultMaxAttempts)
+	}
+}
+
 // TestEmptyReplyRetried: a 2xx without a body (a gateway's, or a reply
 // cut before its first byte) was accepted by someone, and the request may
 // have been written: it is retried with the call's Idempotency-Key, which
