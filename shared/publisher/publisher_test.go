@@ -425,6 +425,58 @@ func TestReplyTooLarge(t *testing.T) {
 	}
 }
 
+// TestReplyAtTheLimit: a reply of exactly maxReplyBytes is read; the
+// bound refuses only what is over it.
+func TestReplyAtTheLimit(t *testing.T) {
+	head, tail := `{"messages":[],"next":"`, `"}`
+	body := head + strings.Repeat("1", maxReplyBytes-len(head)-len(tail)) + tail
+	s := newStub(t, answer{status: 200, body: body})
+	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
+	p, err := c.History(context.Background(), "c", "", 0)
+	if err != nil || len(p.Next) != maxReplyBytes-len(head)-len(tail) {
+		t.Fatalf("a reply of %d bytes: next of %d bytes, %v", len(body), len(p.Next), err)
+	}
+}
+
+// TestEndlessReplyNotRead: a reply that never ends (a misbehaving
+// gateway) is read up to the bound and no further: the publisher stops
+// reading and drops the connection, rather than reading it all into
+// memory and only then finding it too large.
+func TestEndlessReplyNotRead(t *testing.T) {
+	const most = 64 << 20 // what the server sends at most, when nobody stops it
+	wrote := make(chan int, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, `{"messages":[],"next":"`)
+		chunk := []byte(strings.Repeat("1", 32<<10))
+		n := 0
+		for n < most {
+			if _, err := w.Write(chunk); err != nil {
+				break // the client closed the connection
+			}
+			n += len(chunk)
+		}
+		wrote <- n
+	}))
+	t.Cleanup(srv.Close)
+	c, err := New(Options{URL: srv.URL, HTTPClient: patientHTTP(t), MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.History(context.Background(), "c", "", 0); err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("error %v, want one that says the reply is too large", err)
+	}
+	select {
+	case n := <-wrote:
+		// The bound, plus what the sockets' buffers took in.
+		if n >= most/2 {
+			t.Fatalf("the server wrote %d bytes before the client stopped reading; the bound is %d", n, maxReplyBytes)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the server is still writing a minute later")
+	}
+}
+
 // TestConnectionListsTakeRoom: a list of registry records is not held to
 // the 8 MiB of other replies, since each record lists its channels: a
 // thousand connections with a hundred long channel names each is a
