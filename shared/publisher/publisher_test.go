@@ -371,7 +371,8 @@ func TestBatchErrorIndex(t *testing.T) {
 }
 
 func TestMaxAttempts(t *testing.T) {
-	for _, tc := range []struct{ max, want int }{{0, DefaultMaxAttempts}, {1, 1}, {3, 3}} {
+	// 0: the documented default, 4.
+	for _, tc := range []struct{ max, want int }{{0, 4}, {1, 1}, {3, 3}} {
 		s := newStub(t, failure(503, "unavailable"))
 		c := s.client(t, Options{MaxAttempts: tc.max})
 		_, err := c.Publish(context.Background(), "c", Message{Data: 1})

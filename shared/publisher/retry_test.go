@@ -67,6 +67,8 @@ func TestRetryAfterForms(t *testing.T) {
 		{"past date", func() string { return time.Now().Add(-time.Hour).UTC().Format(http.TimeFormat) }, 0, time.Second},
 		{"capped", func() string { return "86400" }, MaxRetryAfter, MaxRetryAfter + time.Second},
 		{"capped digits", func() string { return "99999999999999999999999" }, MaxRetryAfter, MaxRetryAfter + time.Second},
+		// MaxRetryAfter is the documented minute.
+		{"capped at a minute", func() string { return "3600" }, time.Minute, time.Minute + time.Second},
 		// Not a Retry-After: the backoff alone (1 ms here).
 		{"negative", func() string { return "-5" }, 0, time.Millisecond},
 		{"fraction", func() string { return "1.5" }, 0, time.Millisecond},
