@@ -1,9 +1,11 @@
 package client
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -900,6 +903,72 @@ func TestRefusedParsesRetryAfter(t *testing.T) {
 	resp := &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {time.Now().Add(time.Minute).UTC().Format(http.TimeFormat)}}}
 	if got := refused(resp).RetryAfter; got < 58*time.Second || got > time.Minute {
 		t.Errorf("Retry-After a minute from now: %v", got)
+	}
+}
+
+// pipeDialer dials in-memory pipes, each served by serve on a goroutine
+// of its own: no socket, so that a synctest bubble's clock runs while
+// the client waits between dials.
+func pipeDialer(serve func(net.Conn)) *websocket.Dialer {
+	return &websocket.Dialer{NetDialContext: func(context.Context, string, string) (net.Conn, error) {
+		client, server := net.Pipe()
+		go serve(server)
+		return client, nil
+	}}
+}
+
+// TestRetryAfterBounds: the wait after a refusal with Retry-After is that
+// plus up to half again (not more: a draining instance's clients spread
+// over it, not past it), and a Retry-After over MaxRetryAfter, the
+// documented 5 min, waits 5 min, not what the header says.
+func TestRetryAfterBounds(t *testing.T) {
+	for _, tc := range []struct {
+		header   string
+		min, max time.Duration
+	}{
+		{"10", 10 * time.Second, 15 * time.Second},
+		{"86400", 5 * time.Minute, 7*time.Minute + 30*time.Second},
+	} {
+		t.Run(tc.header, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var mu sync.Mutex
+				var dials []time.Time
+				d := pipeDialer(func(conn net.Conn) {
+					defer conn.Close()
+					if _, err := http.ReadRequest(bufio.NewReader(conn)); err != nil {
+						return
+					}
+					mu.Lock()
+					dials = append(dials, time.Now())
+					mu.Unlock()
+					_, _ = io.WriteString(conn, "HTTP/1.1 503 Service Unavailable\r\nRetry-After: "+tc.header+
+						"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+				})
+				c, err := Dial(Options{URL: "ws://egress.test/ws", Dialer: d, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+				if err != nil {
+					t.Fatal(err)
+				}
+				const want = 10
+				for {
+					mu.Lock()
+					n := len(dials)
+					mu.Unlock()
+					if n >= want {
+						break
+					}
+					time.Sleep(time.Second) // the bubble's clock: no real wait
+				}
+				c.Close()
+				mu.Lock()
+				defer mu.Unlock()
+				// The bubble's clock moves only by the waits: exact.
+				for i := 1; i < want; i++ {
+					if gap := dials[i].Sub(dials[i-1]); gap < tc.min || gap > tc.max {
+						t.Errorf("dial %d came %v after the refusal with Retry-After %s, want %v–%v", i, gap, tc.header, tc.min, tc.max)
+					}
+				}
+			})
+		})
 	}
 }
 
