@@ -160,6 +160,16 @@ func TestOutcomeUnknown(t *testing.T) {
 			_, err := c.History(ctx, "c", "", 0)
 			return err
 		}, 0, false},
+		// A read's 2xx that is not its reply is an error too, not a zero
+		// value; nothing was done either way.
+		{"a connection read's 2xx that is not the reply", []answer{{status: 200, body: `{"user":"u"}`}}, func(c *Client, ctx context.Context) error {
+			_, err := c.Connection(ctx, "c-1")
+			return err
+		}, 0, false},
+		{"a history read's 2xx that is not the reply", []answer{{status: 200, body: `{"next":""}`}}, func(c *Client, ctx context.Context) error {
+			_, err := c.History(ctx, "c", "", 0)
+			return err
+		}, 0, false},
 		{"ctx ends waiting after a 503", []answer{failure(503, "unavailable", "Retry-After", "30")}, withTimeout(t, publish), 503, true},
 		{"ctx ends waiting after a 429", []answer{failure(429, "rate_limited", "Retry-After", "30")}, withTimeout(t, publish), 429, false},
 		{"ctx ends waiting for the reply", []answer{{stall: true}}, withTimeout(t, publish), 0, true},
