@@ -219,6 +219,20 @@ func TestRawMessagePassesThrough(t *testing.T) {
 	}
 }
 
+// TestReplayedOnlyWhenTrue: Result.Replayed is Idempotent-Replayed: true,
+// not the header's presence.
+func TestReplayedOnlyWhenTrue(t *testing.T) {
+	s := newStub(t, accepted(`{"id":"1-0","channel":"c"}`, "Idempotent-Replayed", "false"),
+		accepted(`{"id":"1-0","channel":"c"}`, "Idempotent-Replayed", "true"))
+	c := s.client(t, Options{})
+	for _, want := range []bool{false, true} {
+		res, err := c.Publish(context.Background(), "c", Message{Data: 1})
+		if err != nil || res.Replayed != want {
+			t.Fatalf("%+v %v, want Replayed %v", res, err, want)
+		}
+	}
+}
+
 // TestRetriesWithTheSameKey: each retryable failure is retried with the
 // Idempotency-Key and the body of the first attempt; the next call has
 // a key of its own.
