@@ -185,6 +185,71 @@ func TestResubscribeIgnoresEarlierFrames(t *testing.T) {
 	}
 }
 
+// TestEarlierSubscribedIgnored: a subscription made at the live end,
+// unsubscribed at once and made again from an older stored position
+// (Handler.After). The server answered the first subscribe, and sent it a
+// live message, before it read the unsubscribe. That answer is not the
+// new subscription's (its ref is the earlier one's): taken for it, the
+// live message would be delivered and the replay that follows dropped as
+// duplicates.
+func TestEarlierSubscribedIgnored(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		first := expect(t, ws, protocol.TypeSubscribe)
+		expect(t, ws, protocol.TypeUnsubscribe)
+		again := expect(t, ws, protocol.TypeSubscribe)
+		if again.After == nil || *again.After != "1-0" {
+			t.Errorf("resubscribed after %v, want 1-0", again.After)
+		}
+		write(t, ws, `{"type":"subscribed","channel":"a","position":"5-0","ref":`+string(first.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"6-0","ts":1,"data":6}`)
+		write(t, ws, `{"type":"unsubscribed","channel":"a"}`)
+		write(t, ws, `{"type":"subscribed","channel":"a","recovered":true,"position":"1-0","ref":`+string(again.Ref)+`}`)
+		for i := 2; i <= 6; i++ {
+			write(t, ws, fmt.Sprintf(`{"type":"message","channel":"a","id":"%d-0","ts":1,"data":%d}`, i, i))
+		}
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
+	})
+	s1, err := c.Subscribe("a", Handler{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1.Unsubscribe()
+	got := make(chan string, 10)
+	subscribed := make(chan bool, 10)
+	if _, err := c.Subscribe("a", Handler{After: "1-0",
+		OnMessage:    func(m Message) { got <- m.ID },
+		OnSubscribed: func(recovered bool) { subscribed <- recovered }}); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for len(ids) < 5 {
+		select {
+		case id := <-got:
+			ids = append(ids, id)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the new subscription got %v, want [2-0 3-0 4-0 5-0 6-0]", ids)
+		}
+	}
+	if strings.Join(ids, " ") != "2-0 3-0 4-0 5-0 6-0" {
+		t.Fatalf("the new subscription got %v, want [2-0 3-0 4-0 5-0 6-0]", ids)
+	}
+	if n := len(subscribed); n != 1 {
+		t.Fatalf("OnSubscribed called %d times, want once", n)
+	}
+}
+
 // TestUnrecoveredResumeTakesPosition: a resume that was not recovered
 // goes on from the position the server gives, which can be behind the id
 // the client held (one from a Redis that failed over): the messages after
