@@ -285,6 +285,69 @@ func TestUnrecoveredResumeTakesPosition(t *testing.T) {
 	}
 }
 
+// TestResumeAcrossReconnect: after a reconnect the subscription resumes
+// after its last id, and the new connection's answer is its answer: its
+// recovered flag reaches OnSubscribed, and an unrecovered resume's older
+// position (a Redis that failed over) is taken, so the messages after it
+// are delivered rather than dropped as not after the id held.
+func TestResumeAcrossReconnect(t *testing.T) {
+	var n atomic.Int32
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		if n.Add(1) == 1 {
+			write(t, ws, `{"type":"subscribed","channel":"a","position":"1-0","ref":`+string(sub.Ref)+`}`)
+			write(t, ws, `{"type":"message","channel":"a","id":"20-0","ts":1,"data":20}`)
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseInternal, "bye"), time.Now().Add(time.Second))
+			_, _, _ = ws.ReadMessage() // the client's answer
+			return
+		}
+		if sub.After == nil || *sub.After != "20-0" {
+			t.Errorf("resubscribed after %v, want 20-0", sub.After)
+		}
+		write(t, ws, `{"type":"subscribed","channel":"a","recovered":false,"position":"5-0","ref":`+string(sub.Ref)+`}`)
+		write(t, ws, `{"type":"message","channel":"a","id":"6-0","ts":1,"data":6}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan string, 10)
+	subscribed := make(chan bool, 10)
+	if _, err := c.Subscribe("a", Handler{
+		OnMessage:    func(m Message) { got <- m.ID },
+		OnSubscribed: func(recovered bool) { subscribed <- recovered },
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for len(ids) < 2 {
+		select {
+		case id := <-got:
+			ids = append(ids, id)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("got %v, want [20-0 6-0]", ids)
+		}
+	}
+	if strings.Join(ids, " ") != "20-0 6-0" {
+		t.Fatalf("got %v, want [20-0 6-0]", ids)
+	}
+	var flags []bool
+	for len(flags) < 2 {
+		select {
+		case r := <-subscribed:
+			flags = append(flags, r)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("OnSubscribed got %v, want [true false]", flags)
+		}
+	}
+	if !flags[0] || flags[1] {
+		t.Fatalf("OnSubscribed got %v, want [true false]", flags)
+	}
+}
+
 // TestSecondSubscribedIgnored: a server that answers one subscribe twice
 // (a bug, or a proxy that replays frames) does not move the subscription:
 // a second, unrecovered answer with an older position would otherwise
