@@ -611,7 +611,7 @@ var smallWriteBufDialer = &websocket.Dialer{NetDialContext: func(ctx context.Con
 }}
 
 // TestBackoffStartsOver: the backoff starts over (attempt 0) after a
-// planned rotation (4000) and after a connection that lasted StableAfter,
+// planned rotation (4000, 4001, 1001) and after a connection that lasted StableAfter,
 // both only for a connection that got its welcome; a close before the
 // welcome, a planned one or one after StableAfter included, and an early
 // close after it let the backoff grow.
@@ -630,6 +630,10 @@ func TestBackoffStartsOver(t *testing.T) {
 		{"no welcome, 1011 again", false, 0, 1011, 1},
 		{"welcome, 4000", true, 0, 4000, 0},
 		{"no welcome, 4000", false, 0, 4000, 1},
+		{"welcome, 4001", true, 0, 4001, 0},
+		{"no welcome, 1011 after 4001", false, 0, 1011, 1},
+		{"welcome, 1001", true, 0, 1001, 0},
+		{"no welcome, 1011 after 1001", false, 0, 1011, 1},
 		{"welcome, 1011 at once", true, 0, 1011, 2},
 		{"welcome, 1011 after StableAfter", true, stable + 200*time.Millisecond, 1011, 0},
 		{"no welcome, 1011 after StableAfter", false, stable + 200*time.Millisecond, 1011, 1},
