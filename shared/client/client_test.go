@@ -822,6 +822,64 @@ func TestTokenTravelsAsSubprotocol(t *testing.T) {
 	}
 }
 
+// TestFreshTokenWhenExpired: GetToken is asked again after a 4004 close
+// (token expired) and after a 401 at the upgrade, and the next dial
+// carries its new token; after another close (1011) the token held is
+// used again.
+func TestFreshTokenWhenExpired(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		tokens []string
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		tokens = append(tokens, strings.TrimPrefix(r.Header.Get("Sec-WebSocket-Protocol"), "wsrelay, token."))
+		i := len(tokens) - 1
+		mu.Unlock()
+		if i == 1 {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			_, _ = io.WriteString(w, `{"error":{"code":"token_expired","message":"expired"}}`)
+			return
+		}
+		ws, err := (&websocket.Upgrader{Subprotocols: []string{"wsrelay"}}).Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.Close()
+		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
+		switch i {
+		case 0:
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseTokenExpired, "token expired"), time.Now().Add(time.Second))
+		case 2:
+			_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseInternal, "oops"), time.Now().Add(time.Second))
+		}
+		_, _, _ = ws.ReadMessage() // the client's answer, or its going
+	}))
+	t.Cleanup(srv.Close)
+	var calls atomic.Int32
+	c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		GetToken: func(context.Context) (string, error) { return fmt.Sprintf("t%d", calls.Add(1)), nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(tokens) < 4 {
+			return fmt.Errorf("%d dials, tokens %v", len(tokens), tokens)
+		}
+		return nil
+	})
+	c.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if got := strings.Join(tokens[:4], " "); got != "t1 t2 t3 t3" {
+		t.Fatalf("dials carried tokens %s, want t1 t2 t3 t3 (new after 4004 and after 401, not after 1011)", got)
+	}
+}
+
 // TestUnsendableToken: the token travels as a subprotocol, an HTTP token
 // (RFC 6455 §4.1): a comma would split it in two, a space or a control
 // character makes a header the egress (or the client's own net/http)
