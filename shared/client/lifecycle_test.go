@@ -105,6 +105,39 @@ func TestCloseDuringUpgrade(t *testing.T) {
 	closedForGood(t, c, "upgrade in flight")
 }
 
+// TestCloseSendsNormalClosure: Close closes the connection with 1000, as
+// documented (Dial's example: "closes with 1000"), so that the server
+// logs a client that left, not one that went away or failed.
+func TestCloseSendsNormalClosure(t *testing.T) {
+	closed := make(chan error, 1)
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, _, err := ws.ReadMessage()
+		closed <- err
+	})
+	c, err := Dial(Options{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
+	})
+	c.Close()
+	select {
+	case err := <-closed:
+		var ce *websocket.CloseError
+		if !errors.As(err, &ce) || ce.Code != websocket.CloseNormalClosure {
+			t.Fatalf("the server read %v, want a close with 1000", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server read nothing")
+	}
+}
+
 // TestCloseInEveryState: Close returns, leaves the client closed for good
 // and leaves no goroutine behind whatever the client is doing: waiting out
 // a refusal's Retry-After, waiting for GetToken, waiting for the welcome,
