@@ -190,3 +190,66 @@ func TestCloseBeforeWelcome(t *testing.T) {
 	default:
 	}
 }
+
+// TestSubscribeFramesBounded: the packed subscribes of a reconnect fill
+// each frame up to min(max_frame_bytes, 64 KiB) and never past it, the
+// newline between two requests counted: two subscribes whose bytes alone
+// fit exactly, but not with their newline, go in two frames; and a
+// server that allows more than 64 KiB still gets frames of 64 KiB at
+// most.
+func TestSubscribeFramesBounded(t *testing.T) {
+	subscribed := func(t *testing.T, n int, name func(int) string) *Client {
+		t.Helper()
+		c, err := newClient(Options{URL: "ws://egress.test/ws"}) // not run: it sends nothing
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range n {
+			if _, err := c.Subscribe(name(i), Handler{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c
+	}
+	frames := func(c *Client, maxFrame int64) [][]byte {
+		c.writing.Lock()
+		defer c.writing.Unlock()
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.subscribeFramesLocked(maxFrame)
+	}
+
+	c := subscribed(t, 2, func(i int) string { return fmt.Sprintf("a-%d", i) })
+	var both int64
+	for _, f := range frames(c, 0) { // one a frame: their sizes
+		both += int64(len(f))
+	}
+	for _, tc := range []struct {
+		maxFrame int64
+		want     int
+	}{{both, 2}, {both + 1, 1}} {
+		got := frames(c, tc.maxFrame)
+		if len(got) != tc.want {
+			t.Errorf("max_frame_bytes %d: %d frames, want %d", tc.maxFrame, len(got), tc.want)
+		}
+		for _, f := range got {
+			if int64(len(f)) > tc.maxFrame {
+				t.Errorf("max_frame_bytes %d: a frame of %d bytes", tc.maxFrame, len(f))
+			}
+		}
+	}
+
+	long := strings.Repeat("x", 120)
+	c = subscribed(t, 1000, func(i int) string { return fmt.Sprintf("%s-%d", long, i) })
+	got := frames(c, 10<<20)
+	var reqs int
+	for _, f := range got {
+		if len(f) > 64<<10 {
+			t.Errorf("max_frame_bytes 10 MiB: a frame of %d bytes, over 64 KiB", len(f))
+		}
+		reqs += len(bytes.Split(f, []byte("\n")))
+	}
+	if reqs != 1000 || len(got) < 2 {
+		t.Errorf("%d subscribes in %d frames, want 1000 in several", reqs, len(got))
+	}
+}
