@@ -423,6 +423,37 @@ func TestSecondWelcomeIgnored(t *testing.T) {
 	}
 }
 
+// TestOneSubscriptionPerChannel: a second Subscribe of a channel is
+// refused while the first lasts, and accepted once it is unsubscribed; an
+// Unsubscribe of the earlier subscription, called again after that (a
+// deferred cleanup), leaves the new one alone.
+func TestOneSubscriptionPerChannel(t *testing.T) {
+	c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", MinBackoff: time.Hour}) // never connected
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s1, err := c.Subscribe("a", Handler{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Subscribe("a", Handler{}); err == nil || !strings.Contains(err.Error(), "already subscribed") {
+		t.Fatalf("a second Subscribe of a: %v, want already subscribed", err)
+	}
+	s1.Unsubscribe()
+	s2, err := c.Subscribe("a", Handler{After: "7-0"})
+	if err != nil {
+		t.Fatalf("Subscribe after Unsubscribe: %v", err)
+	}
+	s1.Unsubscribe()
+	if _, err := c.Subscribe("a", Handler{}); err == nil || !strings.Contains(err.Error(), "already subscribed") {
+		t.Fatalf("the earlier subscription's second Unsubscribe ended the new one: Subscribe of a: %v", err)
+	}
+	if id := s2.LastID(); id != "7-0" {
+		t.Fatalf("LastID %q, want 7-0", id)
+	}
+}
+
 // TestSubscribeChecksNames: a channel name the server would refuse is
 // refused by Subscribe, not sent on every connect (ten refusals in a row
 // close the connection for good).
