@@ -1265,6 +1265,49 @@ func TestUnsubscribeRefusedIsQuiet(t *testing.T) {
 	}
 }
 
+// TestNoErrorHandlerAfterUnsubscribe: a refusal of a subscribe that
+// crossed its Unsubscribe on the wire (the server refused it before it
+// read the unsubscribe) reaches no handler of the subscription: no
+// handler call starts after Unsubscribe has returned.
+func TestNoErrorHandlerAfterUnsubscribe(t *testing.T) {
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		expect(t, ws, protocol.TypeUnsubscribe)
+		write(t, ws, `{"type":"error","code":"forbidden","message":"not allowed","ref":`+string(sub.Ref)+`}`)
+		// Once this is delivered, the error before it has been dispatched.
+		write(t, ws, `{"type":"message","target":"connection","id":"1-0","ts":1,"data":1}`)
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	delivered := make(chan struct{})
+	var once sync.Once
+	c, err := Dial(Options{URL: url, OnMessage: func(Message) { once.Do(func() { close(delivered) }) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
+	})
+	var calls atomic.Int32
+	s, err := c.Subscribe("a", Handler{OnError: func(*ServerError) { calls.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Unsubscribe()
+	select {
+	case <-delivered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the message after the refusal was not delivered")
+	}
+	if n := calls.Load(); n != 0 {
+		t.Fatalf("the unsubscribed subscription's OnError called %d times", n)
+	}
+}
+
 // TestSubscriptionErrorWithoutHandler: a refusal of a subscription that
 // has no OnError of its own reaches Options.OnError, as the JS client
 // emits it as an "error" event, rather than no one.
