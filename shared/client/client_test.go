@@ -1134,6 +1134,79 @@ func pipeDialer(serve func(net.Conn)) *websocket.Dialer {
 	}}
 }
 
+// pipeHijacker is the ResponseWriter of an upgrade request read off a
+// pipe: gorilla's Upgrader takes the connection over at once.
+type pipeHijacker struct {
+	http.ResponseWriter // nil: only Header and Hijack are used
+	conn                net.Conn
+	brw                 *bufio.ReadWriter
+}
+
+func (h pipeHijacker) Header() http.Header { return http.Header{} }
+
+func (h pipeHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.brw, nil }
+
+// pipeUpgrade plays the server's side of an upgrade on a pipeDialer's
+// connection.
+func pipeUpgrade(conn net.Conn) (*websocket.Conn, error) {
+	br := bufio.NewReader(conn)
+	r, err := http.ReadRequest(br)
+	if err != nil {
+		return nil, err
+	}
+	return (&websocket.Upgrader{}).Upgrade(pipeHijacker{conn: conn, brw: bufio.NewReadWriter(br, bufio.NewWriter(conn))}, r, nil)
+}
+
+// TestReadTimeoutBound: a welcomed connection on which the server goes
+// silent is taken for dead after ReadTimeout, not later, and dialled
+// again after the backoff.
+func TestReadTimeoutBound(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var mu sync.Mutex
+		var welcomed []time.Time
+		d := pipeDialer(func(conn net.Conn) {
+			defer conn.Close()
+			ws, err := pipeUpgrade(conn)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`)) != nil {
+				return
+			}
+			mu.Lock()
+			welcomed = append(welcomed, time.Now())
+			mu.Unlock()
+			_, _, _ = ws.ReadMessage() // silent until the client goes
+		})
+		const readTimeout = 30 * time.Second
+		c, err := Dial(Options{URL: "ws://egress.test/ws", Dialer: d, ReadTimeout: readTimeout,
+			MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			mu.Lock()
+			n := len(welcomed)
+			mu.Unlock()
+			if n >= 3 {
+				break
+			}
+			time.Sleep(time.Second) // the bubble's clock: no real wait
+		}
+		c.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for i := 1; i < 3; i++ {
+			// The bubble's clock moves only by the waits: ReadTimeout and
+			// the backoff (1 ms at most).
+			if gap := welcomed[i].Sub(welcomed[i-1]); gap < readTimeout || gap > readTimeout+time.Millisecond {
+				t.Errorf("connection %d welcomed %v after the one before, want ReadTimeout (%v) and up to 1 ms", i, gap, readTimeout)
+			}
+		}
+	})
+}
+
 // TestRetryAfterBounds: the wait after a refusal with Retry-After is that
 // plus up to half again (not more: a draining instance's clients spread
 // over it, not past it), and a Retry-After over MaxRetryAfter, the
