@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -764,6 +765,56 @@ func TestPingsDoNotStandForWelcome(t *testing.T) {
 			return fmt.Errorf("%d upgrades: not dialled again", n)
 		}
 		return nil
+	})
+}
+
+// TestLateTokenTaken: a GetToken given up after ConnectTimeout that
+// returns a token while the client waits out the backoff is not called
+// again: the next attempt takes that token (Options.GetToken: "takes its
+// token if it brings one").
+func TestLateTokenTaken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		protocols := make(chan string, 10)
+		d := pipeDialer(func(conn net.Conn) {
+			defer conn.Close()
+			br := bufio.NewReader(conn)
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			protocols <- r.Header.Get("Sec-WebSocket-Protocol")
+			ws, err := (&websocket.Upgrader{}).Upgrade(pipeHijacker{conn: conn, brw: bufio.NewReadWriter(br, bufio.NewWriter(conn))}, r, nil)
+			if err != nil {
+				return
+			}
+			_, _, _ = ws.ReadMessage() // until the client goes
+		})
+		var asked atomic.Int32
+		release := make(chan struct{})
+		var once sync.Once
+		c, err := Dial(Options{URL: "ws://egress.test/ws", Dialer: d, ConnectTimeout: time.Second,
+			MinBackoff: 10 * time.Second, MaxBackoff: 10 * time.Second,
+			GetToken: func(context.Context) (string, error) {
+				n := asked.Add(1)
+				if n == 1 {
+					<-release // deaf to ctx, answers late
+				}
+				return fmt.Sprintf("tok%d", n), nil
+			},
+			OnState: func(s State, err error) {
+				if s == StateDisconnected && err != nil && strings.Contains(err.Error(), "get token") {
+					once.Do(func() { close(release) }) // given up: its answer comes during the backoff
+				}
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := <-protocols
+		c.Close()
+		if p != "wsrelay, token.tok1" || asked.Load() != 1 {
+			t.Fatalf("dialled with subprotocols %q after %d GetToken calls, want token.tok1 after 1", p, asked.Load())
+		}
 	})
 }
 
