@@ -818,6 +818,36 @@ func TestLateTokenTaken(t *testing.T) {
 	})
 }
 
+// TestTokenErrorsBackOff: GetToken's errors are retried after the
+// backoff, which grows with each consecutive one, as after failed dials.
+func TestTokenErrorsBackOff(t *testing.T) {
+	c, err := newClient(Options{URL: "ws://127.0.0.1:1/ws",
+		GetToken: func(context.Context) (string, error) { return "", errors.New("token endpoint down") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attempts := make(chan int, 10)
+	c.backoff = func(n int) time.Duration {
+		select {
+		case attempts <- n:
+		default:
+		}
+		return time.Millisecond
+	}
+	go c.run()
+	defer closes(t, c, "GetToken failing")
+	for want := range 3 {
+		select {
+		case n := <-attempts:
+			if n != want {
+				t.Fatalf("backoff after GetToken error %d: attempt %d, want %d", want+1, n, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no backoff after GetToken error %d", want+1)
+		}
+	}
+}
+
 // TestGetTokenBounded: a GetToken that does not return (a token endpoint
 // that never answers) is given up after ConnectTimeout, as a dial without
 // a welcome is: its ctx is cancelled, the client reports a get token error
