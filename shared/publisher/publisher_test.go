@@ -764,6 +764,40 @@ func TestNew(t *testing.T) {
 	}
 }
 
+// TestLimitsInclusive: the documented maxima are allowed, not refused
+// before the request: a 255-character Idempotency-Key, a batch of
+// MaxBatchItems (1,000), a connection list of MaxConnectionsLimit
+// (10,000).
+func TestLimitsInclusive(t *testing.T) {
+	results := make([]string, MaxBatchItems)
+	for i := range results {
+		results[i] = fmt.Sprintf(`{"id":"%d-0","channel":"c"}`, i+1)
+	}
+	s := newStub(t, accepted(`{"id":"1-0","channel":"c"}`),
+		accepted(`{"results":[`+strings.Join(results, ",")+`]}`),
+		answer{status: 200, body: `{"connections":[]}`})
+	c := s.client(t, Options{})
+	ctx := context.Background()
+	key := strings.Repeat("k", 255)
+	if _, err := c.Publish(ctx, "c", Message{Data: 1}, WithIdempotencyKey(key)); err != nil {
+		t.Fatalf("a 255-character key: %v", err)
+	}
+	items := make([]Item, 1000)
+	for i := range items {
+		items[i] = Item{"c", Message{Data: i}}
+	}
+	if res, err := c.PublishBatch(ctx, items); err != nil || len(res) != 1000 {
+		t.Fatalf("a batch of 1000: %d results, %v", len(res), err)
+	}
+	if _, err := c.ChannelConnections(ctx, "c", 10000); err != nil {
+		t.Fatalf("limit 10000: %v", err)
+	}
+	reqs := s.requests()
+	if len(reqs) != 3 || reqs[0].header.Get("Idempotency-Key") != key || reqs[2].query != "limit=10000" {
+		t.Fatalf("%d requests, want 3 with the key and the limit", len(reqs))
+	}
+}
+
 // TestInvalidInputSendsNothing: what the ingress would refuse is refused
 // before any request, wrapping ErrInvalid.
 func TestInvalidInputSendsNothing(t *testing.T) {
