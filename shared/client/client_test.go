@@ -585,7 +585,8 @@ func TestFinalRefusals(t *testing.T) {
 	}
 }
 
-// TestStates: OnState reports every state from the first, connecting.
+// TestStates: OnState reports every state from the first, connecting,
+// to the last, closed.
 func TestStates(t *testing.T) {
 	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
 		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
@@ -608,6 +609,16 @@ func TestStates(t *testing.T) {
 	c.Close()
 	if got[0] != StateConnecting || got[1] != StateConnected {
 		t.Fatalf("states %v, want [connecting connected]", got)
+	}
+	// Close goes straight to closed (Close has returned: every OnState
+	// call is made), not through disconnected, which says a reconnect is
+	// scheduled.
+	got = got[:0]
+	for len(states) > 0 {
+		got = append(got, <-states)
+	}
+	if len(got) != 1 || got[0] != StateClosed {
+		t.Fatalf("states after Close %v, want [closed]", got)
 	}
 }
 
