@@ -348,6 +348,63 @@ func TestResumeAcrossReconnect(t *testing.T) {
 	}
 }
 
+// TestFreshSubscriptionResumesFromPosition: a subscription made without
+// After starts from the position the server answers with: LastID is that
+// position, and a connection lost before its first message resumes after
+// it, so that what was published meanwhile is not skipped.
+func TestFreshSubscriptionResumesFromPosition(t *testing.T) {
+	var n atomic.Int32
+	resumed := make(chan string, 1)
+	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
+		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
+		sub := expect(t, ws, protocol.TypeSubscribe)
+		if n.Add(1) == 1 {
+			if sub.After != nil {
+				t.Errorf("a fresh subscription subscribed after %q", *sub.After)
+			}
+			write(t, ws, `{"type":"subscribed","channel":"a","position":"5-0","ref":`+string(sub.Ref)+`}`)
+			_, _, _ = ws.ReadMessage() // until the test lets it go
+			return
+		}
+		after := "none"
+		if sub.After != nil {
+			after = *sub.After
+		}
+		resumed <- after
+		_, _, _ = ws.ReadMessage() // until the client closes
+	})
+	c, err := Dial(Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	subscribed := make(chan bool, 1)
+	s, err := c.Subscribe("a", Handler{OnSubscribed: func(recovered bool) { subscribed <- recovered }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-subscribed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not subscribed")
+	}
+	if id := s.LastID(); id != "5-0" {
+		t.Errorf("LastID %q after the subscribed reply, want the position 5-0", id)
+	}
+	c.mu.Lock()
+	ws := c.ws
+	c.mu.Unlock()
+	_ = ws.NetConn().Close() // lost before any message
+	select {
+	case after := <-resumed:
+		if after != "5-0" {
+			t.Fatalf("resubscribed after %s, want 5-0", after)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("not resubscribed")
+	}
+}
+
 // TestSecondSubscribedIgnored: a server that answers one subscribe twice
 // (a bug, or a proxy that replays frames) does not move the subscription:
 // a second, unrecovered answer with an older position would otherwise
