@@ -94,6 +94,42 @@ func TestRetryAfterForms(t *testing.T) {
 	}
 }
 
+// TestBackoffBounds: without Retry-After the wait before retry n (from
+// 0) is at most min(MaxBackoff, MinBackoff·2ⁿ): full jitter, 1 s
+// doubling to a cap of 3 s here. Random, so checked over many calls;
+// in the bubble the gaps are exact.
+func TestBackoffBounds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var times []time.Time
+		var n atomic.Int32
+		seq := sequence(3, http.StatusServiceUnavailable, nil, &n)
+		c, err := New(Options{URL: "http://ingress.test", MinBackoff: time.Second, MaxBackoff: 3 * time.Second,
+			HTTPClient: &http.Client{Transport: handlerTransport{http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				times = append(times, time.Now()) // one request at a time
+				seq.ServeHTTP(w, r)
+			})}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bounds := []time.Duration{time.Second, 2 * time.Second, 3 * time.Second}
+		for call := range 20 {
+			times = times[:0]
+			n.Store(0)
+			if _, err := c.Publish(context.Background(), "c", Message{Data: 1}); err != nil {
+				t.Fatal(err)
+			}
+			if len(times) != 4 {
+				t.Fatalf("call %d: %d requests, want 4", call, len(times))
+			}
+			for i, max := range bounds {
+				if gap := times[i+1].Sub(times[i]); gap > max {
+					t.Fatalf("call %d: retry %d after %v, want at most %v", call, i, gap, max)
+				}
+			}
+		}
+	})
+}
+
 // TestCancelDuringBackoff: a call waiting out a Retry-After returns when
 // its ctx ends, with both ctx's error and the last answer.
 func TestCancelDuringBackoff(t *testing.T) {
