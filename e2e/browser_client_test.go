@@ -756,10 +756,11 @@ const clientJSCases = `(async () => {
 
   // max_frame_bytes that is no size (0, negative, not a number) gets one
   // subscribe a frame, as an older server; a huge one is held to 64 KiB;
-  // a small one packs only what fits. Each subscription is sent once.
+  // a small one packs only what fits (166: two 83-byte subscribes fit
+  // only without the newline between them). Each subscription is sent once.
   {
     const wrong = [];
-    for (const max of [0, -1, -65536, "65536", null, true, { n: 1 }, 1.5, 100, 1e9, 1e300]) {
+    for (const max of [0, -1, -65536, "65536", null, true, { n: 1 }, 1.5, 100, 166, 1e9, 1e300]) {
       sockets.length = 0;
       const c = newClient();
       const subs = [0, 1, 2, 3, 4].map((i) => c.subscribe("x".repeat(40) + "-" + i, {}));
@@ -773,6 +774,20 @@ const clientJSCases = `(async () => {
       if (sent !== subs.map((x) => x.ref).join()) wrong.push(JSON.stringify(max) + ": sent refs " + sent);
       if (packed.some((f) => f.length > size)) wrong.push(JSON.stringify(max) + ": frames of " + ws.frames.map((f) => f.length) + " bytes");
       if (c.state !== "connected") wrong.push(JSON.stringify(max) + ": state " + c.state);
+      c.close();
+    }
+    // Subscribes of more than 64 KiB in all: a welcome allowing larger
+    // frames still gets them in frames of at most 64 KiB.
+    for (const max of [1e9, 4 * 65536]) {
+      sockets.length = 0;
+      const c = newClient();
+      const subs = Array.from({ length: 800 }, (_, i) => c.subscribe("y".repeat(120) + "-" + i, {}));
+      await settle();
+      const ws = sockets[0];
+      ws.open();
+      ws.recv({ type: "welcome", connection_id: "c1", instance: "i", max_frame_bytes: max });
+      if (ws.sent.map((f) => f.ref).join() !== subs.map((x) => x.ref).join()) wrong.push(max + " with 800 subscriptions: not each sent once, in order");
+      if (ws.frames.length < 2 || ws.frames.some((f) => f.length > 65536)) wrong.push(max + " with 800 subscriptions: frames of " + ws.frames.map((f) => f.length) + " bytes");
       c.close();
     }
     results.maxFrameBytes = wrong.length === 0 ? "ok" : wrong.join("; ");
@@ -1070,6 +1085,71 @@ const clientJSCases = `(async () => {
       Date.now = realNow;
     }
     results.clockStep = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // The answer to a subscribe made before an unsubscribe of the channel
+  // (the ref it sent, echoed) does not make the next subscription of it
+  // live: the earlier subscription's live messages, still on the wire
+  // before its "unsubscribed", would otherwise be delivered and move the
+  // new subscription past the replay its own answer starts.
+  {
+    const [c, ws] = await welcomed();
+    const first = c.subscribe("a", {});
+    const ref1 = ws.sent.at(-1).ref;
+    first.unsubscribe();
+    const got = [], answers = [];
+    const s = c.subscribe("a", { after: "2-0", onMessage: (m) => got.push(m.id), onSubscribed: (r) => answers.push(r) });
+    const ref2 = ws.sent.at(-1).ref;
+    ws.recv({ type: "subscribed", channel: "a", position: "5-0", ref: ref1 });
+    ws.recv({ type: "message", channel: "a", id: "6-0", ts: 1, data: 6 }); // the first subscription's, live
+    ws.recv({ type: "unsubscribed", channel: "a" });
+    ws.recv({ type: "subscribed", channel: "a", recovered: true, position: "2-0", ref: ref2 });
+    for (const id of ["3-0", "4-0", "5-0", "6-0"]) ws.recv({ type: "message", channel: "a", id, ts: 1, data: 0 });
+    results.staleSubscribed = got.join(" ") === "3-0 4-0 5-0 6-0" && answers.join() === "true" && s.lastId === "6-0"
+      ? "ok" : "got [" + got + "], onSubscribed [" + answers + "], last id " + s.lastId;
+    c.close();
+  }
+
+  // A subscribe the server could not make (error unavailable: Redis out
+  // of reach) is retried by a reconnect: the subscription's onError hears
+  // it, the client closes the socket (1000), and the next connection
+  // resumes every channel. An unavailable error of no subscription
+  // closes nothing.
+  {
+    const wrong = [];
+    const [c, ws] = await welcomed();
+    const closed = [];
+    ws.close = (code) => { closed.push(code); ws.readyState = 3; };
+    const errs = [];
+    const a = c.subscribe("a", {});
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: a.ref });
+    ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
+    ws.recv({ type: "error", code: "unavailable", message: "m" });
+    if (closed.length) wrong.push("an unavailable error of no subscription closed the socket");
+    const b = c.subscribe("b", { onError: (e) => errs.push(e.code) });
+    ws.recv({ type: "error", code: "unavailable", message: "m", ref: b.ref });
+    if (closed.join() !== "1000" || errs.join() !== "unavailable") wrong.push("unavailable: closes [" + closed + "], onError [" + errs + "]");
+    ws.shut(1000);
+    await until(() => sockets.length > 1, 2000);
+    const ws2 = sockets.at(-1);
+    ws2.open();
+    ws2.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    const resumed = ws2.sent.filter((f) => f.type === "subscribe").map((f) => f.channel + (f.after ? "@" + f.after : "")).join(" ");
+    if (sockets.length !== 2 || resumed !== "a@2-0 b") wrong.push(sockets.length + " dials, then subscribed [" + resumed + "]");
+    c.close();
+    // The late unavailable of a subscription already unsubscribed closes
+    // nothing either: it reaches the client's "error" listeners, not the
+    // handler of a subscription the application gave up.
+    const [c3, ws3] = await welcomed();
+    const closed3 = [], errs3 = [];
+    ws3.close = (code) => { closed3.push(code); ws3.readyState = 3; };
+    c3.on("error", (e) => errs3.push("client " + e.code));
+    const gone = c3.subscribe("g", { onError: (e) => errs3.push("subscription " + e.code) });
+    gone.unsubscribe();
+    ws3.recv({ type: "error", code: "unavailable", message: "m", ref: gone.ref });
+    if (closed3.length || errs3.join() !== "client unavailable") wrong.push("unavailable for a subscription unsubscribed: closes [" + closed3 + "], errors [" + errs3 + "]");
+    c3.close();
+    results.subscribeUnavailable = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
   // publish(): safe retries against a scripted fetch. Every attempt of a
@@ -1388,7 +1468,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "subscribeUnavailable", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}
