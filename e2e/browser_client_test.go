@@ -151,11 +151,12 @@ const clientJSCases = `(async () => {
   // drop() of a socket not yet welcomed (an application's watchdog giving
   // up on an upgrade that hangs) is a close before the welcome like any
   // other: getToken is asked again before the next dial, and the backoff
-  // goes on growing instead of starting over.
+  // goes on growing instead of starting over (stableAfter 1 ms, which a
+  // welcomed connection would have outlasted; 0 would be the default).
   {
     let calls = 0;
     sockets.length = 0;
-    const c = newClient({ getToken: async () => "t" + ++calls, stableAfter: 0 });
+    const c = newClient({ getToken: async () => "t" + ++calls, stableAfter: 1 });
     await settle();
     sockets[0].open(); // never welcomed
     c.drop();
@@ -1110,6 +1111,56 @@ const clientJSCases = `(async () => {
     c.close();
   }
 
+  // The reconnect backoff, timed by the waits the client asks for (the
+  // jitter pinned at its top): min·2ⁿ capped at max, growing over dials
+  // refused before their welcome, whatever the close code (a draining
+  // egress refuses new connections with 1001, a planned code that resets
+  // the backoff only for a connection that was welcomed).
+  {
+    const wrong = [];
+    const random = Math.random, realSetTimeout = globalThis.setTimeout;
+    for (const code of [1006, 1001, 4000]) {
+      const waits = [];
+      let c;
+      Math.random = () => 1;
+      globalThis.setTimeout = function (fn, ms, ...rest) {
+        if (new Error().stack.includes(".schedule")) waits.push(ms);
+        return realSetTimeout.call(this, fn, ms, ...rest);
+      };
+      sockets.length = 0;
+      FakeWS.dialed = (ws) => realSetTimeout(() => { ws.open(); ws.shut(code); }, 0);
+      try {
+        c = newClient({ minBackoff: 2, maxBackoff: 10, stableAfter: 1 });
+        await until(() => waits.length >= 6, 5000);
+      } finally {
+        c?.close();
+        FakeWS.dialed = null;
+        globalThis.setTimeout = realSetTimeout;
+        Math.random = random;
+      }
+      if (waits.slice(0, 6).join() !== "2,4,8,10,10,10") wrong.push(code + " before the welcome: waits " + waits.slice(0, 6) + " ms, want 2,4,8,10,10,10");
+    }
+    results.backoffBounds = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // "online" while waiting to reconnect dials at once and ends that wait:
+  // its timer does not dial again later, replacing the connection made.
+  {
+    const random = Math.random;
+    Math.random = () => 1;
+    let c, ws;
+    try { [c, ws] = await welcomed({ minBackoff: 150, maxBackoff: 150 }); } finally { Math.random = random; }
+    ws.shut(1006);
+    globalThis.dispatchEvent(new Event("online"));
+    const ws2 = sockets.at(-1);
+    ws2.open();
+    ws2.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    await until(() => sockets.length > 2, 1000);
+    results.onlineEndsWait = sockets.length === 2 && c.ws === ws2 && c.state === "connected"
+      ? "ok" : sockets.length + " dials (want 2), state " + c.state + (c.ws === ws2 ? "" : ", the socket made on online replaced");
+    c.close();
+  }
+
   // A subscribe the server could not make (error unavailable: Redis out
   // of reach) is retried by a reconnect: the subscription's onError hears
   // it, the client closes the socket (1000), and the next connection
@@ -1150,6 +1201,73 @@ const clientJSCases = `(async () => {
     if (closed3.length || errs3.join() !== "client unavailable") wrong.push("unavailable for a subscription unsubscribed: closes [" + closed3 + "], errors [" + errs3 + "]");
     c3.close();
     results.subscribeUnavailable = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // The probe waits for the silence the docs give: activityTimeout, and
+  // at least idle_timeout_ms + 5 s when the welcome has it (the server's
+  // 4000 must come first), timed from the last frame. Read off the delay
+  // the client asks its silence timer for, so no test waits that long.
+  {
+    const wrong = [];
+    const realSetTimeout = globalThis.setTimeout;
+    for (const [opts, idle, want] of [[{ activityTimeout: 20 }, 100, 5100], [{ activityTimeout: 8000 }, 100, 8000], [{ activityTimeout: 8000 }, undefined, 8000]]) {
+      const delays = [];
+      let c, ws;
+      globalThis.setTimeout = function (fn, ms, ...rest) {
+        if (new Error().stack.includes(".watch")) delays.push(ms);
+        return realSetTimeout.call(this, fn, ms, ...rest);
+      };
+      try {
+        sockets.length = 0;
+        c = newClient(opts);
+        await settle();
+        ws = sockets[0];
+        ws.open();
+        delays.length = 0;
+        ws.recv({ type: "welcome", connection_id: "c1", instance: "i", idle_timeout_ms: idle });
+      } finally {
+        globalThis.setTimeout = realSetTimeout;
+      }
+      const d = delays.at(-1);
+      if (!(d > want - 1000 && d <= want)) wrong.push(JSON.stringify(opts) + ", idle_timeout_ms " + idle + ": the probe after " + d + " ms of silence, want " + want);
+      c.close();
+    }
+    results.probeDelay = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
+  // The silence is timed from the last frame, not from the dial: a
+  // connection that keeps receiving is never probed.
+  {
+    const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+    const [c, ws] = await welcomed({ activityTimeout: 800, pongTimeout: 5000 });
+    const s = c.subscribe("a", {});
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: s.ref });
+    for (let i = 2, by = performance.now() + 1600; performance.now() < by; i++) {
+      ws.recv({ type: "message", channel: "a", id: i + "-0", ts: 1, data: i });
+      await wait(50);
+    }
+    const pings = ws.sent.filter((f) => f.type === "ping").length;
+    results.busyNotProbed = pings === 0 ? "ok" : pings + " pings on a connection that received a frame every 50 ms (activityTimeout 800)";
+    c.close();
+  }
+
+  // drop() of the browser's own socket: one close, one reconnect. The
+  // socket it let go of still reports its close, which must not count
+  // as a second loss (a second reconnect would replace the connection
+  // just made, leaving it open).
+  {
+    const c = new WsRelay("ws://" + location.host + "/ws", { user: "dropper", minBackoff: 10, maxBackoff: 20 });
+    const closes = [];
+    let welcomes = 0;
+    c.on("close", (e) => closes.push(e.code + " " + e.reason));
+    c.on("welcome", () => welcomes++);
+    await until(() => c.state === "connected", 5000);
+    c.drop();
+    await until(() => welcomes >= 2, 5000);
+    await new Promise((r) => setTimeout(r, 500));
+    results.dropRealSocket = welcomes === 2 && closes.join() === "1006 dropped" && c.state === "connected"
+      ? "ok" : welcomes + " welcomes, closes [" + closes + "], state " + c.state;
+    c.close();
   }
 
   // publish(): safe retries against a scripted fetch. Every attempt of a
@@ -1468,7 +1586,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "subscribeUnavailable", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}
