@@ -170,18 +170,24 @@ const clientJSCases = `(async () => {
   }
   // Nothing reaches a handler after close(), though the socket delivers
   // what it still had (Chromium drops it; WebSocket implementations
-  // outside browsers, such as Node's ws, may not).
+  // outside browsers, such as Node's ws, may not); the socket's own close
+  // is still reported ("close"), and nothing else follows it.
   {
     const [c, ws] = await welcomed();
     let got = 0, welcomes = 0;
+    const closes = [], states = [];
     c.on("welcome", () => welcomes++);
     c.subscribe("a", { onMessage: () => got++ });
     ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: ws.sent.at(-1).ref });
     c.close();
+    c.on("close", (e) => closes.push(e.code));
+    c.on("state", (s) => states.push(s));
     ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
     ws.recv({ type: "welcome", connection_id: "c2", instance: "i" });
-    results.nothingAfterClose = got === 0 && welcomes === 0 && c.state === "closed"
-      ? "ok" : got + " messages and " + welcomes + " welcomes after close(), state " + c.state;
+    ws.shut(1000);
+    await settle();
+    results.nothingAfterClose = got === 0 && welcomes === 0 && c.state === "closed" && closes.join() === "1000" && !states.length && sockets.length === 1
+      ? "ok" : got + " messages and " + welcomes + " welcomes after close(), closes [" + closes + "], states [" + states + "], " + sockets.length + " dials, state " + c.state;
   }
   // A resume that was not recovered goes on from the server's position,
   // which can be behind the id held (one a failed-over Redis never had).
@@ -1111,6 +1117,31 @@ const clientJSCases = `(async () => {
     c.close();
   }
 
+  // Each connection's subscribe has its own answer: a resume that was not
+  // recovered is reported (a gap event, onSubscribed(false)) and goes on
+  // from the position it gives, however the previous connection's
+  // subscription ended.
+  {
+    const [c, ws] = await welcomed();
+    const got = [], answers = [], gaps = [];
+    c.on("gap", (g) => gaps.push(g.channel));
+    const s = c.subscribe("a", { onMessage: (m) => got.push(m.id), onSubscribed: (r) => answers.push(r) });
+    ws.recv({ type: "subscribed", channel: "a", position: "1-0", ref: s.ref });
+    ws.recv({ type: "message", channel: "a", id: "2-0", ts: 1, data: 2 });
+    ws.shut(1006);
+    await until(() => sockets.length > 1, 2000);
+    const ws2 = sockets.at(-1);
+    ws2.open();
+    ws2.recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    const resume = ws2.sent.find((f) => f.type === "subscribe");
+    ws2.recv({ type: "subscribed", channel: "a", recovered: false, position: "9-0", ref: resume?.ref });
+    ws2.recv({ type: "message", channel: "a", id: "8-0", ts: 1, data: 8 }); // before the position given
+    ws2.recv({ type: "message", channel: "a", id: "10-0", ts: 1, data: 10 });
+    results.resumeAnswered = resume?.after === "2-0" && answers.join() === "true,false" && gaps.join() === "a" && got.join(" ") === "2-0 10-0" && s.lastId === "10-0"
+      ? "ok" : "resumed after " + resume?.after + ", onSubscribed [" + answers + "], gaps [" + gaps + "], got [" + got + "], last id " + s.lastId;
+    c.close();
+  }
+
   // The reconnect backoff, timed by the waits the client asks for (the
   // jitter pinned at its top): min·2ⁿ capped at max, growing over dials
   // refused before their welcome, whatever the close code (a draining
@@ -1620,7 +1651,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}
