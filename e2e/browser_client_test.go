@@ -475,6 +475,18 @@ const clientJSCases = `(async () => {
       if (checks > 2 || sockets.length !== 1) wrong.push(name + ": " + checks + " silence checks, " + sockets.length + " dials in 200 ms");
       c.close();
     }
+    // A 30-day connectTimeout bounds a getToken() that does not settle
+    // without giving it up at once (and asking again, in a loop).
+    {
+      sockets.length = 0;
+      let calls = 0;
+      const errors = [];
+      const c = newClient({ connectTimeout: 30 * day, getToken: () => { calls++; return new Promise(() => {}); } });
+      c.on("error", (e) => errors.push(String(e?.message ?? e)));
+      await wait(200);
+      if (calls !== 1 || errors.length || c.state !== "connecting") wrong.push("connectTimeout 30 days awaiting getToken: " + calls + " getToken calls, errors [" + errors.slice(0, 2) + "], state " + c.state + " after 200 ms");
+      c.close();
+    }
     const random = Math.random;
     Math.random = () => 1; // every backoff its longest
     try {
@@ -1580,6 +1592,17 @@ const clientJSCases = `(async () => {
       if (calls.length !== 1) wrong.push("a 30-day backoff: " + calls.length + " calls within 200 ms");
       ac.abort(new Error("done"));
       await p;
+    }
+    // A 30-day timeout does not give up an attempt, or getToken(), at
+    // once: both answer after 50–100 ms here, in time.
+    {
+      const calls = [];
+      const slow = async (url, init) => { calls.push(init); await new Promise((r) => setTimeout(r, 100)); init.signal.throwIfAborted(); return ok(); };
+      const getToken = () => new Promise((r) => setTimeout(() => r("t"), 50));
+      try {
+        const r = await publish("", "room", 1, { fetch: slow, getToken, timeout: 30 * 86400e3, minBackoff: 1, maxBackoff: 2 });
+        if (r.id !== "7-0" || calls.length !== 1) wrong.push("a 30-day timeout: " + JSON.stringify(r) + " after " + calls.length + " calls");
+      } catch (e) { wrong.push("a 30-day timeout: " + e + " after " + calls.length + " calls"); }
     }
     // A redirect (an http:// URL behind an https:// redirect, say) is not
     // followed: a 303 would have turned the publish into a GET of the
