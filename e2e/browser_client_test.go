@@ -1627,11 +1627,11 @@ const clientJSCases = `(async () => {
     [f, calls] = scripted(fail(500, "internal"), ok);
     try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 }); wrong.push("500: resolved"); }
     catch (e) { if (e.status !== 500 || !e.outcomeUnknown || calls.length !== 1) wrong.push("500: " + e + " (outcomeUnknown " + e.outcomeUnknown + ") after " + calls.length + " calls"); }
-    // A Retry-After beyond 60 s is held to 60 s.
-    for (const v of ["3600", new Date(Date.now() + 3600e3).toUTCString()]) {
+    // A Retry-After beyond 60 s is held to 60 s, a date past to 0.
+    for (const [v, want] of [["3600", 60000], [new Date(Date.now() + 3600e3).toUTCString(), 60000], ["Sun, 06 Nov 1994 08:49:37 GMT", 0]]) {
       [f, calls] = scripted(fail(503, "unavailable", { "Retry-After": v }));
       try { await publish("", "room", 1, { fetch: f, maxAttempts: 1 }); wrong.push("Retry-After " + v + ": resolved"); }
-      catch (e) { if (e.retryAfter !== 60000) wrong.push("Retry-After " + v + ": retryAfter " + e.retryAfter + " ms, want 60000"); }
+      catch (e) { if (e.retryAfter !== want) wrong.push("Retry-After " + v + ": retryAfter " + e.retryAfter + " ms, want " + want); }
     }
     // A token from getToken after a 401 that cannot go in a header ends
     // the call with the 401 (a TypeError as cause), as a failing getToken.
