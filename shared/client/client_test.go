@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -168,18 +169,7 @@ func TestResubscribeIgnoresEarlierFrames(t *testing.T) {
 		OnSubscribed: func(recovered bool) { subscribed <- recovered }}); err != nil {
 		t.Fatal(err)
 	}
-	var ids []string
-	for len(ids) < 2 {
-		select {
-		case id := <-got:
-			ids = append(ids, id)
-		case <-time.After(5 * time.Second):
-			t.Fatalf("the new subscription got %v, want [3-0 4-0]", ids)
-		}
-	}
-	if strings.Join(ids, " ") != "3-0 4-0" {
-		t.Fatalf("the new subscription got %v, want [3-0 4-0]", ids)
-	}
+	wantIDs(t, got, "3-0", "4-0")
 	if n := len(subscribed); n != 1 {
 		t.Fatalf("OnSubscribed called %d times, want once (the earlier reply is not its)", n)
 	}
@@ -233,18 +223,7 @@ func TestEarlierSubscribedIgnored(t *testing.T) {
 		OnSubscribed: func(recovered bool) { subscribed <- recovered }}); err != nil {
 		t.Fatal(err)
 	}
-	var ids []string
-	for len(ids) < 5 {
-		select {
-		case id := <-got:
-			ids = append(ids, id)
-		case <-time.After(5 * time.Second):
-			t.Fatalf("the new subscription got %v, want [2-0 3-0 4-0 5-0 6-0]", ids)
-		}
-	}
-	if strings.Join(ids, " ") != "2-0 3-0 4-0 5-0 6-0" {
-		t.Fatalf("the new subscription got %v, want [2-0 3-0 4-0 5-0 6-0]", ids)
-	}
+	wantIDs(t, got, "2-0", "3-0", "4-0", "5-0", "6-0")
 	if n := len(subscribed); n != 1 {
 		t.Fatalf("OnSubscribed called %d times, want once", n)
 	}
@@ -322,18 +301,7 @@ func TestResumeAcrossReconnect(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	var ids []string
-	for len(ids) < 2 {
-		select {
-		case id := <-got:
-			ids = append(ids, id)
-		case <-time.After(5 * time.Second):
-			t.Fatalf("got %v, want [20-0 6-0]", ids)
-		}
-	}
-	if strings.Join(ids, " ") != "20-0 6-0" {
-		t.Fatalf("got %v, want [20-0 6-0]", ids)
-	}
+	wantIDs(t, got, "20-0", "6-0")
 	var flags []bool
 	for len(flags) < 2 {
 		select {
@@ -1475,5 +1443,23 @@ func TestSubscriptionErrorWithoutHandler(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the refusal of a subscription without OnError reached no one")
+	}
+}
+
+// wantIDs receives len(want) message ids from got, each within 5 s, and
+// fails unless they are want, in order.
+func wantIDs(t *testing.T, got <-chan string, want ...string) {
+	t.Helper()
+	var ids []string
+	for len(ids) < len(want) {
+		select {
+		case id := <-got:
+			ids = append(ids, id)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("got %v, want %v", ids, want)
+		}
+	}
+	if !slices.Equal(ids, want) {
+		t.Fatalf("got %v, want %v", ids, want)
 	}
 }
