@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"maps"
 	"net/http"
@@ -157,6 +158,20 @@ func startDemo(t *testing.T, extra env) (ing, eg *proc) {
 	return ing, start(t, "egress", e)
 }
 
+// joinDemo opens the demo page at egURL in tab and joins room as Ada,
+// until the page is connected.
+func joinDemo(t *testing.T, tab context.Context, egURL, room string) {
+	t.Helper()
+	runIn(t, tab, "join "+room,
+		chromedp.Navigate(egURL+"/"),
+		chromedp.WaitVisible(chromedp.ID("name")),
+		chromedp.SetValue(chromedp.ID("name"), "Ada"),
+		chromedp.SetValue(chromedp.ID("room"), room),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+	)
+}
+
 func jsString(s string) string {
 	b, _ := json.Marshal(s)
 	return string(b)
@@ -169,15 +184,8 @@ func TestBrowserDemoMessageListBounded(t *testing.T) {
 	ing, eg := startDemo(t, nil)
 
 	tab := newBrowser(t)
-	runIn(t, tab, "join",
-		chromedp.Navigate(eg.URL+"/"),
-		chromedp.WaitVisible(chromedp.ID("name")),
-		chromedp.SetValue(chromedp.ID("name"), "Ada"),
-		chromedp.SetValue(chromedp.ID("room"), "e2e-busy"),
-		chromedp.Click(chromedp.ID("join")),
-		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
-		chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)),
-	)
+	joinDemo(t, tab, eg.URL, "e2e-busy")
+	runIn(t, tab, "joined notice", chromedp.WaitVisible(chromedp.CSS(`#messages .notice`)))
 	const n = 700
 	items := make([]map[string]any, n)
 	for i := range items {
@@ -244,14 +252,7 @@ func TestBrowserDemoStopsPollingWhenClosed(t *testing.T) {
 	ing, eg := startDemo(t, nil)
 
 	tab := newBrowser(t)
-	runIn(t, tab, "join",
-		chromedp.Navigate(eg.URL+"/"),
-		chromedp.WaitVisible(chromedp.ID("name")),
-		chromedp.SetValue(chromedp.ID("name"), "Ada"),
-		chromedp.SetValue(chromedp.ID("room"), "e2e-closed"),
-		chromedp.Click(chromedp.ID("join")),
-		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
-	)
+	joinDemo(t, tab, eg.URL, "e2e-closed")
 	id := evalIn(t, tab, "connection id", chromedp.Poll[string](
 		`(document.querySelector("#conn-info").textContent.match(/^connection (\S+) /) || [])[1]`,
 		chromedp.WithPollingTimeout(10*time.Second)))
