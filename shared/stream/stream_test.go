@@ -909,3 +909,67 @@ func TestClearOutOfMemory(t *testing.T) {
 		t.Fatalf("Resume from the last removed = %+v, %v; want recovered with %s", b, err, next)
 	}
 }
+
+// TestAppendOnce: an append with a once-key happens at most once. Sent
+// again under the same key (an Idempotency-Key retry after a lost
+// reply), it returns the first id and writes and announces nothing. The
+// key lives OnceTTLMS and is renewed by every append that finds it (a
+// write, so that a WAIT after the retry counts it).
+func TestAppendOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	key := e.keys.Stream("once")
+	ps := e.rdb.SSubscribe(ctx, e.keys.Notify("once"))
+	defer ps.Close()
+	if _, err := ps.Receive(ctx); err != nil { // subscription confirmed
+		t.Fatal(err)
+	}
+	a := e.appendOf("once", "1", Limits{TTLMS: 60000})
+	a.Once, a.OnceTTLMS = e.keys.Once(key, "d", 0), 60000
+	ids, err := e.store.Append(ctx, []Append{a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ttl := e.rdb.PTTL(ctx, a.Once).Val(); ttl <= 50*time.Second || ttl > time.Minute {
+		t.Fatalf("once-key PTTL = %v, want about 1m", ttl)
+	}
+	// Nearly expired when the retry comes: the retry renews it.
+	if err := e.rdb.PExpire(ctx, a.Once, time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	b := a
+	b.Msg.Data = json.RawMessage("2") // whatever the retry carries, nothing is written
+	again, err := e.store.Append(ctx, []Append{b, a})
+	if err != nil || len(again) != 2 || again[0] != ids[0] || again[1] != ids[0] {
+		t.Fatalf("appends under the same once-key = %v, %v; want the first id %s", again, err, ids[0])
+	}
+	if n := e.rdb.XLen(ctx, key).Val(); n != 1 {
+		t.Fatalf("XLEN = %d after one append and two under its once-key, want 1", n)
+	}
+	if ttl := e.rdb.PTTL(ctx, a.Once).Val(); ttl <= 50*time.Second || ttl > time.Minute {
+		t.Fatalf("once-key PTTL = %v after a retry, want it renewed to about 1m", ttl)
+	}
+	// One notification: the first append's. A later append (another
+	// key) is announced next, naming it as its predecessor.
+	c := e.appendOf("once", "3", Limits{TTLMS: 60000})
+	c.Once, c.OnceTTLMS = e.keys.Once(key, "d", 1), 60000
+	next, err := e.store.Append(ctx, []Append{c})
+	if err != nil || next[0] == ids[0] {
+		t.Fatalf("append under another once-key = %v, %v", next, err)
+	}
+	for i, want := range []string{ids[0], next[0]} {
+		select {
+		case m := <-ps.Channel():
+			n, err := ParseNotification(m.Payload)
+			if err != nil || n.IDStr != want {
+				t.Fatalf("notification %d = %+v, %v; want id %s", i, n, err, want)
+			}
+			if i == 1 && n.Prev.String() != ids[0] {
+				t.Fatalf("notification of %s names prev %s, want %s", want, n.Prev, ids[0])
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("notification %d not received", i)
+		}
+	}
+}
