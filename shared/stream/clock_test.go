@@ -57,14 +57,25 @@ func recreatedStreamFollows(t *testing.T, ahead ID) {
 // taken for a message already delivered. A test cannot have Redis's
 // clock hit that millisecond, so the stream here is an empty one whose
 // own last generated id is F-0 while its last-id key holds F-7, F an hour
-// ahead: Redis gives F-1, which the script must move past F-7.
+// ahead: Redis gives F-1, which the script must move past F-7. So too
+// past F-1 itself (an id equal to the last one), and past F-12 (a
+// sequence with more digits: the script compares them as strings).
 func TestIDInPredecessorsMillisecond(t *testing.T) {
 	t.Parallel()
+	for _, seq := range []uint64{7, 1, 12} {
+		t.Run(strconv.FormatUint(seq, 10), func(t *testing.T) {
+			t.Parallel()
+			idInPredecessorsMillisecond(t, seq)
+		})
+	}
+}
+
+func idInPredecessorsMillisecond(t *testing.T, seq uint64) {
 	e := newEnv(t)
 	ctx := t.Context()
 	key := e.keys.Stream("same")
 	f := uint64(time.Now().Add(time.Hour).UnixMilli())
-	prev := ID{MS: f, Seq: 7}
+	prev := ID{MS: f, Seq: seq}
 	if err := e.rdb.XAdd(ctx, &redis.XAddArgs{Stream: key, ID: ID{MS: f}.String(), Values: []any{"x", "1"}}).Err(); err != nil {
 		t.Fatal(err)
 	}
