@@ -134,6 +134,14 @@ func TestLoadFirstOfRepeated(t *testing.T) {
 	if want := []bool{true, false, false, false, false, false}; !slices.Equal(load, want) {
 		t.Fatalf("load = %v, want %v", load, want)
 	}
+	// The smallest repeat: a caller's two appends to one stream, after
+	// another caller's one to it.
+	as = of("a", "a", "a")
+	load = loadFirstOfRepeated(nil, as, 0, 1)
+	load = loadFirstOfRepeated(load, as, 1, 3)
+	if want := []bool{false, true, false}; !slices.Equal(load, want) {
+		t.Fatalf("two appends to a: load = %v, want %v", load, want)
+	}
 	var many []string
 	for i := range 40 {
 		many = append(many, fmt.Sprint(i%20)) // 0…19 twice
