@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -88,5 +89,48 @@ func TestWaitRefusedSaysWhy(t *testing.T) {
 	}
 	if !strings.Contains(fmt.Sprint(err), "NOPERM") {
 		t.Fatalf("append with WAIT refused: %q does not say why", err)
+	}
+}
+
+// TestWaitCoversRetriedAppends: appends refused NOSCRIPT (Redis's script
+// cache emptied) are sent again with the script's source, and the WAIT
+// that follows them decides whether they count as written: the first
+// pipeline's WAIT ran before they were written. Here the first WAIT
+// (nothing of the connection's written yet) answers at once with the
+// replica, which then stops acknowledging: the retried append must be
+// reported ErrNotReplicated.
+func TestWaitCoversRetriedAppends(t *testing.T) {
+	t.Parallel()
+	master := redistest.Start(t)
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port), "--enable-debug-command", "local")
+	rdb := redis.NewClient(&redis.Options{Addr: master.Addr(), DisableIdentity: true})
+	defer rdb.Close()
+	rctl := redis.NewClient(&redis.Options{Addr: replica.Addr(), DisableIdentity: true})
+	defer rctl.Close()
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, _ := rdb.Info(ctx, "replication").Result()
+		if strings.Contains(info, "connected_slaves:1") && strings.Contains(info, "state=online") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica never came online: %s", info)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var sleeping sync.WaitGroup
+	defer sleeping.Wait()
+	sleeping.Go(func() { _ = rctl.Do(ctx, "DEBUG", "SLEEP", "1").Err() })
+	time.Sleep(100 * time.Millisecond) // the replica sleeps
+	ks := keys.Scheme{Prefix: "w"}
+	store := NewStore(rdb)
+	store.WaitForReplicas(1, 300*time.Millisecond)
+	_, err := store.Append(ctx, []Append{{Stream: ks.Stream("d"), Notify: ks.Notify("d"), Msg: Message{Channel: "d", TS: 1, Data: []byte(`1`)}}})
+	if !errors.Is(err, ErrNotReplicated) {
+		t.Fatalf("append retried after NOSCRIPT, replica not acknowledging: %v, want ErrNotReplicated", err)
 	}
 }
