@@ -14,6 +14,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestWaitForReplicas: with a replica attached, appends are acknowledged;
@@ -124,8 +125,16 @@ func TestWaitCoversRetriedAppends(t *testing.T) {
 	}
 	var sleeping sync.WaitGroup
 	defer sleeping.Wait()
-	sleeping.Go(func() { _ = rctl.Do(ctx, "DEBUG", "SLEEP", "1").Err() })
-	time.Sleep(100 * time.Millisecond) // the replica sleeps
+	sleeping.Go(func() { _ = rctl.Do(ctx, "DEBUG", "SLEEP", "3").Err() })
+	// Until the replica is asleep: a PING it does not answer within 100 ms.
+	probe := redis.NewClient(&redis.Options{Addr: replica.Addr(), DisableIdentity: true, ReadTimeout: 100 * time.Millisecond, MaxRetries: -1})
+	defer probe.Close()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if probe.Ping(ctx).Err() == nil {
+			return errors.New("the replica still answers")
+		}
+		return nil
+	})
 	ks := keys.Scheme{Prefix: "w"}
 	store := NewStore(rdb)
 	store.WaitForReplicas(1, 300*time.Millisecond)
