@@ -55,10 +55,11 @@ func TestMembersNodeDown(t *testing.T) {
 		}
 	}
 	// c1 is stale: its record is gone while its membership lives (its
-	// Remove's ZREM failed, say). It scores lowest, so it is read first.
+	// Remove's ZREM failed, say). It scores highest, so it is read first
+	// (newest first).
 	r.rdb.Del(ctx, ks.Conn("c1"))
-	r.rdb.ZAdd(ctx, ks.UserConns("u"), redis.Z{Score: float64(time.Now().Add(time.Second).UnixMilli()), Member: "c1"})
-	r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: float64(time.Now().Add(time.Second).UnixMilli()), Member: "c1"})
+	r.rdb.ZAdd(ctx, ks.UserConns("u"), redis.Z{Score: float64(time.Now().Add(2 * time.Minute).UnixMilli()), Member: "c1"})
+	r.rdb.ZAdd(ctx, ks.ChannelConns("a"), redis.Z{Score: float64(time.Now().Add(2 * time.Minute).UnixMilli()), Member: "c1"})
 	r.rdb.(*redis.Client).AddHook(nodeDown{down: ks.Conn("c3")})
 	for name, read := range map[string]func() ([]*Record, error){
 		"user":    func() ([]*Record, error) { return r.User(ctx, "u", 10) },
