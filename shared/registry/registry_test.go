@@ -36,7 +36,7 @@ func ids(recs []*Record) []string {
 func TestPutGetRemove(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	r, _ := newRegistry(t, time.Minute)
+	r, ks := newRegistry(t, time.Minute)
 	if r.TTL() != time.Minute {
 		t.Fatalf("TTL = %v", r.TTL())
 	}
@@ -80,6 +80,12 @@ func TestPutGetRemove(t *testing.T) {
 	if recs, _ := r.User(ctx, "alice", 10); len(recs) != 0 {
 		t.Fatalf("user after Remove: %v", ids(recs))
 	}
+	// The memberships go with the record, not left for readers to skip.
+	for _, k := range []string{ks.UserConns("alice"), ks.ChannelConns("a"), ks.ChannelConns("b")} {
+		if err := r.rdb.ZScore(ctx, k, "c1").Err(); !errors.Is(err, redis.Nil) {
+			t.Errorf("c1 in %s after Remove: %v", k, err)
+		}
+	}
 }
 
 func TestGetMissing(t *testing.T) {
@@ -93,7 +99,7 @@ func TestGetMissing(t *testing.T) {
 func TestLeaveChannel(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	r, _ := newRegistry(t, time.Minute)
+	r, ks := newRegistry(t, time.Minute)
 	rec := &Record{ID: "c1", User: "u", Instance: "i", Channels: []string{"a", "b"}}
 	if err := r.Put(ctx, rec); err != nil {
 		t.Fatal(err)
@@ -104,6 +110,9 @@ func TestLeaveChannel(t *testing.T) {
 	}
 	if recs, _ := r.Channel(ctx, "a", 10); len(recs) != 0 {
 		t.Fatalf("channel a after leave: %v", ids(recs))
+	}
+	if err := r.rdb.ZScore(ctx, ks.ChannelConns("a"), "c1").Err(); !errors.Is(err, redis.Nil) {
+		t.Errorf("c1 still in channel a's set after leave: %v", err)
 	}
 	if recs, _ := r.Channel(ctx, "b", 10); !slices.Equal(ids(recs), []string{"c1"}) {
 		t.Fatalf("channel b after leave: %v", ids(recs))
