@@ -1,11 +1,16 @@
 package registry
 
 import (
+	"errors"
+	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 // TestKeyTTLs: a Put's record and sets, and a JoinChannel's set, live
@@ -60,5 +65,164 @@ func TestMembersCutoffEdge(t *testing.T) {
 	}
 	if got := r.rdb.ZRange(ctx, ks.ChannelConns("a"), 0, -1).Val(); !slices.Equal(got, []string{"inside"}) {
 		t.Fatalf("set = %v, want [inside] (edge removed)", got)
+	}
+}
+
+// countCmds counts, on r's client, the GETs of record reads and the
+// member reads (ZREVRANGEBYSCORE) made from now on.
+func countCmds(t *testing.T, r *Registry) (gets, ranges *atomic.Int64) {
+	gets, ranges = new(atomic.Int64), new(atomic.Int64)
+	r.rdb.(*redis.Client).AddHook(redistest.Fail{
+		Cmd: func(c redis.Cmder) bool {
+			if c.Name() == "zrevrangebyscore" {
+				ranges.Add(1)
+			}
+			return false
+		},
+		Pipeline: func(cs []redis.Cmder) bool {
+			for _, c := range cs {
+				if c.Name() == "get" {
+					gets.Add(1)
+				}
+			}
+			return false
+		},
+	})
+	return gets, ranges
+}
+
+// staleAhead adds n members to the channel a and user u sets without a
+// record, scored newer than a Put's.
+func staleAhead(t *testing.T, r *Registry, n int) {
+	t.Helper()
+	newer := float64(time.Now().Add(r.ttl + time.Minute).UnixMilli())
+	var zs []redis.Z
+	for i := range n {
+		zs = append(zs, redis.Z{Score: newer, Member: fmt.Sprintf("stale%d", i)})
+	}
+	if err := r.rdb.ZAdd(t.Context(), r.keys.ChannelConns("a"), zs...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.rdb.ZAdd(t.Context(), r.keys.UserConns("u"), zs...).Err(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestMembersScanFloor: a read skips up to 1,000 members whatever its
+// limit (docs/api.md, Registry reads), in a few round trips, not one per
+// skipped member.
+func TestMembersScanFloor(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	if err := r.Put(ctx, &Record{ID: "live", User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	staleAhead(t, r, 990)
+	_, ranges := countCmds(t, r)
+	if recs, err := r.User(ctx, "u", 1); err != nil || !slices.Equal(ids(recs), []string{"live"}) {
+		t.Fatalf("User limit 1 behind 990 skipped = %v, %v; want [live]", ids(recs), err)
+	}
+	if n := ranges.Load(); n > 12 {
+		t.Errorf("read past 990 skipped members in %d round trips", n)
+	}
+}
+
+// TestMembersScanMultiple: past 250, a read skips up to 4 × limit
+// members: 300 live behind 850 skipped are all found.
+func TestMembersScanMultiple(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	recs := make([]*Record, 300)
+	for i := range recs {
+		recs[i] = &Record{ID: fmt.Sprintf("c%d", i), User: "u", Instance: "i", Channels: []string{"a"}}
+	}
+	if err := r.Refresh(ctx, recs); err != nil {
+		t.Fatal(err)
+	}
+	staleAhead(t, r, 850)
+	if got, err := r.Channel(ctx, "a", 300); err != nil || len(got) != 300 {
+		t.Fatalf("Channel limit 300 behind 850 skipped: %d records, %v; want 300", len(got), err)
+	}
+}
+
+// TestMembersScanBound: a set full of skipped members costs a read at
+// most max(4 × limit, 1,000) record reads.
+func TestMembersScanBound(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	staleAhead(t, r, 3000)
+	gets, _ := countCmds(t, r)
+	for _, tc := range []struct{ limit, most int64 }{{1, 1000}, {300, 1200}, {600, 2400}} {
+		gets.Store(0)
+		if _, err := r.User(ctx, "u", tc.limit); err != nil {
+			t.Fatal(err)
+		}
+		if n := gets.Load(); n > tc.most {
+			t.Errorf("limit %d read %d records, want at most %d", tc.limit, n, tc.most)
+		}
+	}
+}
+
+// TestMembersNoDuplicates: a member refreshed between two reads of one
+// list moves to the front, and the member read last moves back into the
+// next read: it is listed once.
+func TestMembersNoDuplicates(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	for _, id := range []string{"l1", "l2"} {
+		if err := r.Put(ctx, &Record{ID: id, User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := time.Now()
+	key := ks.UserConns("u")
+	r.rdb.ZAdd(ctx, key, redis.Z{Score: float64(now.Add(2 * time.Minute).UnixMilli()), Member: "stale"},
+		redis.Z{Score: float64(now.Add(90 * time.Second).UnixMilli()), Member: "l1"})
+	// Set now: stale, l1, l2. Before the second read, l2 is refreshed.
+	var reads atomic.Int64
+	r.rdb.(*redis.Client).AddHook(redistest.Fail{Cmd: func(c redis.Cmder) bool {
+		if c.Name() == "zrevrangebyscore" && reads.Add(1) == 2 {
+			r.rdb.ZAdd(ctx, key, redis.Z{Score: float64(now.Add(3 * time.Minute).UnixMilli()), Member: "l2"})
+		}
+		return false
+	}})
+	recs, err := r.User(ctx, "u", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ids(recs); len(slices.Compact(slices.Clone(got))) != len(got) {
+		t.Fatalf("User = %v: a connection listed twice", got)
+	}
+	if reads.Load() < 2 {
+		t.Fatalf("one member read, want two (the case not made)")
+	}
+}
+
+// TestRefreshFails: a Refresh whose writes fail says so, and on a single
+// Redis stops at the first failed batch rather than wait for it again
+// with each of the others.
+func TestRefreshFails(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, _ := newRegistry(t, time.Minute)
+	var pipelines atomic.Int64
+	r.rdb.(*redis.Client).AddHook(redistest.Fail{Pipeline: func([]redis.Cmder) bool { pipelines.Add(1); return true }})
+	recs := make([]*Record, 600)
+	for i := range recs {
+		recs[i] = &Record{ID: fmt.Sprintf("c%d", i), Instance: "i"}
+	}
+	f := r.Refresher()
+	if err := f.Write(ctx, recs); !errors.Is(err, redistest.ErrFailed) {
+		t.Fatalf("Write = %v, want ErrFailed", err)
+	}
+	if f.GoOn() {
+		t.Errorf("GoOn on a single Redis")
+	}
+	if n := pipelines.Load(); n != 1 {
+		t.Errorf("%d pipelines tried, want 1", n)
 	}
 }
