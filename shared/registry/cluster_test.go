@@ -143,3 +143,60 @@ func TestClusterFailedRemoves(t *testing.T) {
 		}
 	}
 }
+
+// oomReply is a reply of Redis (a redis.Error), as a master out of memory
+// gives.
+type oomReply struct{}
+
+func (oomReply) Error() string { return "OOM command not allowed when used memory > 'maxmemory'" }
+func (oomReply) RedisError()   {}
+
+// TestClusterRefreshAfterReply: a master that answered a refresh's write
+// with an error of its own (out of memory, say) answered: the refresh
+// reports the error and goes on writing to it, unlike a master that could
+// not be reached.
+func TestClusterRefreshAfterReply(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	rdb := c.Client(t)
+	var refuse atomic.Bool
+	rdb.OnNewNode(func(n *redis.Client) {
+		n.AddHook(replyHook{on: &refuse})
+	})
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
+	reg := registry.New(rdb, ks, time.Minute)
+	ctx := context.Background()
+	rec := &registry.Record{ID: "c1", User: "u", Instance: "i1"}
+	if err := reg.Put(ctx, rec); err != nil { // every node dialled
+		t.Fatal(err)
+	}
+	ref := reg.Refresher()
+	refuse.Store(true)
+	if err := ref.Write(ctx, []*registry.Record{rec}); err == nil {
+		t.Fatal("Write while every master refuses: no error")
+	}
+	refuse.Store(false)
+	if err := ref.Write(ctx, []*registry.Record{rec}); err != nil {
+		t.Fatalf("Write once the masters accept again: %v", err)
+	}
+}
+
+// replyHook answers every command of a pipeline with oomReply while on.
+type replyHook struct{ on *atomic.Bool }
+
+func (h replyHook) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h replyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h replyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if !h.on.Load() {
+			return next(ctx, cmds)
+		}
+		for _, c := range cmds {
+			c.SetErr(oomReply{})
+		}
+		return oomReply{}
+	}
+}
