@@ -22,22 +22,8 @@ import (
 // the ingress does not call it written (a failover could lose it).
 func TestWaitForReplicas(t *testing.T) {
 	t.Parallel()
-	master := redistest.Start(t)
-	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port))
-	rdb := redis.NewClient(&redis.Options{Addr: master.Addr(), DisableIdentity: true})
-	defer rdb.Close()
+	rdb, replica := startReplicated(t)
 	ctx := context.Background()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		info, _ := rdb.Info(ctx, "replication").Result()
-		if strings.Contains(info, "connected_slaves:1") && strings.Contains(info, "state=online") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica never came online: %s", info)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 	ks := keys.Scheme{Prefix: "w"}
 	app := func(wait time.Duration) ([]string, error) {
 		store := NewStore(rdb)
@@ -102,24 +88,10 @@ func TestWaitRefusedSaysWhy(t *testing.T) {
 // reported ErrNotReplicated.
 func TestWaitCoversRetriedAppends(t *testing.T) {
 	t.Parallel()
-	master := redistest.Start(t)
-	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port), "--enable-debug-command", "local")
-	rdb := redis.NewClient(&redis.Options{Addr: master.Addr(), DisableIdentity: true})
-	defer rdb.Close()
+	rdb, replica := startReplicated(t, "--enable-debug-command", "local")
 	rctl := redis.NewClient(&redis.Options{Addr: replica.Addr(), DisableIdentity: true})
 	defer rctl.Close()
 	ctx := context.Background()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		info, _ := rdb.Info(ctx, "replication").Result()
-		if strings.Contains(info, "connected_slaves:1") && strings.Contains(info, "state=online") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica never came online: %s", info)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -141,5 +113,28 @@ func TestWaitCoversRetriedAppends(t *testing.T) {
 	_, err := store.Append(ctx, []Append{{Stream: ks.Stream("d"), Notify: ks.Notify("d"), Msg: Message{Channel: "d", TS: 1, Data: []byte(`1`)}}})
 	if !errors.Is(err, ErrNotReplicated) {
 		t.Fatalf("append retried after NOSCRIPT, replica not acknowledging: %v, want ErrNotReplicated", err)
+	}
+}
+
+// startReplicated starts a Redis and a replica of it (with replicaArgs),
+// and returns a client of the master once the replica is online, and the
+// replica.
+func startReplicated(t *testing.T, replicaArgs ...string) (*redis.Client, *redistest.Server) {
+	t.Helper()
+	master := redistest.Start(t)
+	replica := redistest.Start(t, append([]string{"--replicaof", "127.0.0.1", strconv.Itoa(master.Port)}, replicaArgs...)...)
+	rdb := redis.NewClient(&redis.Options{Addr: master.Addr(), DisableIdentity: true})
+	t.Cleanup(func() { rdb.Close() })
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, _ := rdb.Info(ctx, "replication").Result()
+		if strings.Contains(info, "connected_slaves:1") && strings.Contains(info, "state=online") {
+			return rdb, replica
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica never came online: %s", info)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
