@@ -205,12 +205,7 @@ func TestEarlierSubscribedIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if s := c.State(); s != StateConnected {
-			return fmt.Errorf("state %v", s)
-		}
-		return nil
-	})
+	waitConnected(t, c)
 	s1, err := c.Subscribe("a", Handler{})
 	if err != nil {
 		t.Fatal(err)
@@ -1395,12 +1390,7 @@ func TestNoErrorHandlerAfterUnsubscribe(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if s := c.State(); s != StateConnected {
-			return fmt.Errorf("state %v", s)
-		}
-		return nil
-	})
+	waitConnected(t, c)
 	var calls atomic.Int32
 	s, err := c.Subscribe("a", Handler{OnError: func(*ServerError) { calls.Add(1) }})
 	if err != nil {

@@ -121,12 +121,7 @@ func TestCloseSendsNormalClosure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if s := c.State(); s != StateConnected {
-			return fmt.Errorf("state %v", s)
-		}
-		return nil
-	})
+	waitConnected(t, c)
 	c.Close()
 	select {
 	case err := <-closed:
@@ -444,12 +439,7 @@ func TestFailedWriteReplacesConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer closes(t, c, "end")
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if s := c.State(); s != StateConnected {
-			return fmt.Errorf("state %v", s)
-		}
-		return nil
-	})
+	waitConnected(t, c)
 	// Subscribes while connected, each a frame: far more than the socket
 	// buffers hold, so that one cannot go out (writeTimeout, 10 s).
 	long := strings.Repeat("x", 120)
@@ -495,12 +485,7 @@ func TestBlockedWriteHoldsNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if s := c.State(); s != StateConnected {
-			return fmt.Errorf("state %v", s)
-		}
-		return nil
-	})
+	waitConnected(t, c)
 	first, err := c.Subscribe("first", Handler{})
 	if err != nil {
 		t.Fatal(err)
@@ -946,5 +931,16 @@ func TestGetTokenBounded(t *testing.T) {
 		if n := asked.Load(); n != 1 {
 			t.Errorf("GetToken called %d times, want 1 (the late token used)", n)
 		}
+	})
+}
+
+// waitConnected waits, up to 5 s, for c to be connected.
+func waitConnected(t *testing.T, c *Client) {
+	t.Helper()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if s := c.State(); s != StateConnected {
+			return fmt.Errorf("state %v", s)
+		}
+		return nil
 	})
 }
