@@ -390,10 +390,12 @@ func TestReadinessClusterWithReplicas(t *testing.T) {
 	// Until the replicas have joined and the client's slot map has them,
 	// the check would prove nothing.
 	cc := rdb.(*redis.ClusterClient)
+	var replica atomic.Value // the address of any one replica the client knows
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		var replicas atomic.Int32
-		err := cc.ForEachSlave(t.Context(), func(context.Context, *redis.Client) error {
+		err := cc.ForEachSlave(t.Context(), func(_ context.Context, n *redis.Client) error { // concurrently
 			replicas.Add(1)
+			replica.Store(n.Options().Addr)
 			return nil
 		})
 		if err == nil && replicas.Load() == 3 {
@@ -410,11 +412,6 @@ func TestReadinessClusterWithReplicas(t *testing.T) {
 	// A replica down, still in the client's slot map (the cluster has not
 	// marked it failed yet): the functions do not use replicas, so the
 	// instances stay ready.
-	var replica atomic.Value
-	_ = cc.ForEachSlave(t.Context(), func(_ context.Context, n *redis.Client) error { // concurrently
-		replica.Store(n.Options().Addr) // any one
-		return nil
-	})
 	c.StopNode(t, c.Index(replica.Load().(string)))
 	if err := NewReadiness(rdb, time.Minute).Check(t.Context()); err != nil {
 		t.Fatalf("a replica down: %v, want ready", err)

@@ -113,7 +113,7 @@ func createCluster(cli string, masters, replicasPerMaster int, ca *CA) (*Cluster
 	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("redis-cli --cluster create: %v (%v)\n%s", err, ctx.Err(), out)
 	}
-	if err := c.waitHealthy(n, masters, 30*time.Second); err != nil {
+	if err := c.waitHealthy(n, masters, masters*replicasPerMaster, 30*time.Second); err != nil {
 		return nil, fmt.Errorf("cluster not ready: %w", err)
 	}
 	ok = true
@@ -138,12 +138,15 @@ func startClusterNode(ca *CA) (*Server, error) {
 }
 
 // waitHealthy polls until every running node reports cluster_state:ok,
-// knows every node, and the cluster has masters masters with all slots.
-func (c *Cluster) waitHealthy(nodes, masters int, within time.Duration) error {
+// knows every node, and the cluster has masters masters with all slots
+// and, unless replicas is negative, replicas replicas online beside
+// them. A client's slot map comes from any one node: until every node
+// lists every replica, a map reloaded from another may lose some.
+func (c *Cluster) waitHealthy(nodes, masters, replicas int, within time.Duration) error {
 	deadline := time.Now().Add(within)
 	var last error
 	for time.Now().Before(deadline) {
-		if last = c.healthy(nodes, masters); last == nil {
+		if last = c.healthy(nodes, masters, replicas); last == nil {
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -151,7 +154,7 @@ func (c *Cluster) waitHealthy(nodes, masters int, within time.Duration) error {
 	return last
 }
 
-func (c *Cluster) healthy(nodes, masters int) error {
+func (c *Cluster) healthy(nodes, masters, replicas int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	for i, a := range c.addrs {
@@ -170,8 +173,9 @@ func (c *Cluster) healthy(nodes, masters int) error {
 			err = fmt.Errorf("%s: not all slots ok", a)
 		}
 		var owners map[string]bool
+		online := 0
 		if err == nil {
-			owners, err = slotOwners(ctx, rc)
+			owners, online, err = shardNodes(ctx, rc)
 		}
 		rc.Close()
 		if err != nil {
@@ -179,6 +183,9 @@ func (c *Cluster) healthy(nodes, masters int) error {
 		}
 		if len(owners) != masters {
 			return fmt.Errorf("%s: %d masters, want %d", a, len(owners), masters)
+		}
+		if replicas >= 0 && online != replicas {
+			return fmt.Errorf("%s: lists %d replicas online, want %d", a, online, replicas)
 		}
 	}
 	return nil
@@ -329,26 +336,40 @@ func (c *Cluster) failedOver(addr string) bool {
 // slotOwners returns the addresses of the masters that own slots, as
 // the node rc is connected to sees them.
 func slotOwners(ctx context.Context, rc *redis.Client) (map[string]bool, error) {
+	owners, _, err := shardNodes(ctx, rc)
+	return owners, err
+}
+
+// shardNodes returns the addresses of the masters that own slots and
+// the number of replicas online (known and in sync) beside them, as the
+// node rc is connected to sees them.
+func shardNodes(ctx context.Context, rc *redis.Client) (owners map[string]bool, replicas int, err error) {
 	shards, err := rc.ClusterShards(ctx).Result()
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	owners := map[string]bool{}
+	owners = map[string]bool{}
 	for _, s := range shards {
 		if len(s.Slots) == 0 {
 			continue
 		}
 		for _, n := range s.Nodes {
-			if n.Role == "master" && n.Health == "online" {
+			if n.Health != "online" {
+				continue
+			}
+			switch n.Role {
+			case "master":
 				port := n.Port
 				if port == 0 { // a TLS node: its plain port is off
 					port = n.TLSPort
 				}
 				owners[net.JoinHostPort(n.IP, strconv.FormatInt(port, 10))] = true
+			case "replica":
+				replicas++
 			}
 		}
 	}
-	return owners, nil
+	return owners, replicas, nil
 }
 
 func (c *Cluster) stop() {
@@ -395,7 +416,7 @@ func (c *Cluster) AddMaster(t testing.TB) string {
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
-	if err := c.waitHealthy(len(c.addrs), len(owners), 30*time.Second); err != nil {
+	if err := c.waitHealthy(len(c.addrs), len(owners), -1, 30*time.Second); err != nil {
 		t.Fatalf("redistest: cluster with %s added: %v", s.Addr(), err)
 	}
 	return s.Addr()
