@@ -400,7 +400,7 @@ func TestChaosDelivery(t *testing.T) {
 	}
 }
 
-// chaosPublisher publishes {"seq": n} to one channel, n = 0, 1, 2, …, one
+// chaosPublisher publishes {"seq": n, "ch": channel} (delivery.Data) to one channel, n = 0, 1, 2, …, one
 // publish at a time, and keeps each one's outcome. replayed and bad are
 // read once run has returned.
 type chaosPublisher struct {
@@ -419,7 +419,7 @@ func (p *chaosPublisher) run(ctx context.Context, pub *pubpkg.Client, ch string,
 		// Long enough to ride out a Redis restart and the claims it
 		// left behind; a call still failing then is given up on.
 		cctx, cancel := context.WithTimeout(ctx, 4*time.Second)
-		res, err := pub.Publish(cctx, ch, pubpkg.Message{Data: map[string]int{"seq": seq}})
+		res, err := pub.Publish(cctx, ch, pubpkg.Message{Data: delivery.Data(ch, seq)})
 		cancel()
 		if err == nil {
 			if err = p.log.Ack(seq, res.ID); err != nil {

@@ -289,7 +289,7 @@ func (s *soak) owed() string {
 	return ""
 }
 
-// publish publishes {"seq": n} to ch, n = 0, 1, 2, …, one publish at a
+// publish publishes {"seq": n, "ch": ch} (delivery.Data) to ch, n = 0, 1, 2, …, one publish at a
 // time (so that acknowledged sequence numbers are in id order), each with
 // an Idempotency-Key of its own that its retries repeat.
 func (s *soak) publish(ctx context.Context, ch string) {
@@ -310,7 +310,7 @@ func (s *soak) publish(ctx context.Context, ch string) {
 		// Not ctx: a publish under way when the traffic stops finishes,
 		// so that its outcome is known.
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		res, err := s.pub.Publish(cctx, ch, publisher.Message{Data: map[string]int{"seq": seq}},
+		res, err := s.pub.Publish(cctx, ch, publisher.Message{Data: delivery.Data(ch, seq)},
 			publisher.WithIdempotencyKey(fmt.Sprintf("%s-%d", ch, seq)))
 		cancel()
 		if err == nil {

@@ -2,8 +2,10 @@
 // to end, from the outside: what publishers were told (Log) against what
 // a Go client's subscription handed its application (Chain). It is the
 // check of e2e/chaos_test.go and of the soak (bench/cmd/soak), which
-// both publish {"seq": n} to a channel, n = 0, 1, 2, …, one publish at a
-// time per channel.
+// both publish {"seq": n, "ch": channel} to a channel, n = 0, 1, 2, …,
+// one publish at a time per channel. "ch" lets a message delivered on
+// the wrong channel be told from one of the channel's own: the channels'
+// seqs all start at 0, and two streams may give the same id.
 //
 // The contract, per chain of subscriptions (a subscription and its
 // resumes, however the connection ended): every message acknowledged to
@@ -104,6 +106,10 @@ type Chain struct {
 	dups []string
 }
 
+// Data is what a publisher of a chain's channel ch publishes as its
+// seq'th message: {"seq": seq, "ch": ch}.
+func Data(ch string, seq int) map[string]any { return map[string]any{"seq": seq, "ch": ch} }
+
 // event is a message, or a subscribed reply with the position the
 // subscription holds after it (Subscription.LastID).
 type event struct {
@@ -111,6 +117,7 @@ type event struct {
 	id        stream.ID // the message's id, or the position; stream.Max when unparsable
 	badID     string    // a message's id that is not a stream id
 	seq       int       // the message's seq; -1 for none
+	ch        string    // the "ch" of the message's data when it is not the chain's channel
 	recovered bool
 }
 
@@ -143,7 +150,10 @@ func (c *Chain) Subscribe(cl *client.Client, after string) (*client.Subscription
 func (c *Chain) Subscription() *client.Subscription { return c.sub.Load() }
 
 func (c *Chain) onMessage(m client.Message) {
-	var d struct{ Seq *int }
+	var d struct {
+		Seq *int
+		Ch  *string
+	}
 	ev := event{message: true, id: stream.Max, seq: -1}
 	if id, ok := stream.ParseID(m.ID); ok {
 		ev.id = id
@@ -152,6 +162,9 @@ func (c *Chain) onMessage(m client.Message) {
 	}
 	if json.Unmarshal(m.Data, &d) == nil && d.Seq != nil {
 		ev.seq = *d.Seq
+	}
+	if d.Ch != nil && *d.Ch != c.channel {
+		ev.ch = *d.Ch
 	}
 	c.mu.Lock()
 	c.events = append(c.events, ev)
@@ -220,6 +233,8 @@ func (c *Chain) Messages() int {
 //   - a message before the first subscribed reply, or a reply without a
 //     position;
 //   - a message whose id is not a stream id;
+//   - a message of another channel: the "ch" of its data is not the
+//     chain's;
 //   - a message not after the id the client held: delivered twice, or
 //     out of order, whether the client handed it on or dropped it
 //     (Handler.OnDuplicate); a sequence number delivered twice (a publish
@@ -303,6 +318,10 @@ func (c *Chain) Check(l *Log, full bool) (problems, gaps []string) {
 		}
 		if ev.badID != "" {
 			bad("message with id %q (seq %d), not a stream id", ev.badID, ev.seq)
+			continue
+		}
+		if ev.ch != "" {
+			bad("message %s (seq %d) of channel %q delivered on %q", ev.id, ev.seq, ev.ch, c.channel)
 			continue
 		}
 		if !cur.Less(ev.id) {

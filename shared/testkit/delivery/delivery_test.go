@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -105,6 +106,11 @@ func TestCheck(t *testing.T) {
 			want: []string{"seq 9, which was never published", "4 acknowledged messages of 5 owed"}},
 		{name: "delivered under another id", events: []event{subscribed(1000, true), msg(0), {message: true, id: id(1002), seq: 2}},
 			want: []string{"seq 2 delivered as 1002-0, acknowledged as 1003-0", "3 acknowledged messages of 5 owed"}},
+		// Channel y's seq 1 under the id channel x gave its own seq 1,
+		// in place of x's: only its "ch" tells them apart.
+		{name: "a message of another channel",
+			events: []event{subscribed(1000, true), msg(0), {message: true, id: id(1002), seq: 1, ch: "y"}, msg(2), msg(3), msg(4)},
+			want:   []string{`message 1002-0 (seq 1) of channel "y" delivered on "x"`, "1 acknowledged messages of 5 owed not delivered, the first seq 1"}},
 		{name: "an id that is not a stream id",
 			events: []event{subscribed(1000, true), msg(0), msg(1), {message: true, id: stream.Max, badID: "x", seq: 2}, msg(2), msg(3), msg(4)},
 			want:   []string{`message with id "x" (seq 2), not a stream id`}},
@@ -202,5 +208,21 @@ func TestChainSeesDroppedDuplicates(t *testing.T) {
 	})
 	if ch.Messages() != 2 || !strings.Contains(problems[0], "1002-0 sent again") || !strings.Contains(problems[1], "1001-0 sent again") {
 		t.Fatalf("%d messages, problems %q", ch.Messages(), problems)
+	}
+}
+
+// A message's "ch" names the channel it was published to: another
+// channel's is kept for Check, the chain's own or none is not.
+func TestChainReadsCh(t *testing.T) {
+	ch := NewChain("a", nil)
+	for _, data := range []string{`{"seq":0,"ch":"b"}`, `{"seq":1,"ch":"a"}`, `{"seq":2}`} {
+		ch.onMessage(client.Message{Channel: "a", ID: "1001-0", Data: json.RawMessage(data)})
+	}
+	var got []string
+	for _, ev := range ch.events {
+		got = append(got, ev.ch)
+	}
+	if want := []string{"b", "", ""}; !slices.Equal(got, want) {
+		t.Fatalf("ch %q, want %q", got, want)
 	}
 }
