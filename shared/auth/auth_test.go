@@ -83,7 +83,10 @@ func TestParseKeysRefuses(t *testing.T) {
 	// Items joined by something else than a comma (a space, a
 	// semicolon, a newline of a YAML block): the keys after the first
 	// are read as part of its scope, which the error must not quote.
-	for _, in := range []string{"k=chat:* second-key-0123=news.*", "k=chat:*;second-key-0123", "k=+admin\nsecond-key-0123=chat:*", "k=chat:*|news.*|second-key-0123=x"} {
+	for _, in := range []string{"k=chat:* second-key-0123=news.*", "k=chat:*;second-key-0123", "k=+admin\nsecond-key-0123=chat:*", "k=chat:*|news.*|second-key-0123=x",
+		// A trailing '|' before the line break: the next key alone is a
+		// valid channel pattern.
+		"k=chat:*|\nsecond-key-0123", "k=chat:*|\r\nsecond-key-0123", "k=chat:*\n|second-key-0123"} {
 		_, err := ParseKeys(in)
 		if err == nil {
 			t.Errorf("%q accepted", in)

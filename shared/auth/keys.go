@@ -105,6 +105,12 @@ func ParseKeys(s string) (Keys, error) {
 			continue
 		}
 		pos := i + 1
+		if strings.ContainsAny(item, "\r\n") {
+			// A YAML block's lines joined without commas: after a
+			// trailing '|', the next line's key would be read as a
+			// channel pattern of this key's scope, without a word.
+			return Keys{}, fmt.Errorf("API_KEYS item %d: a line break inside an item (items are separated by commas; a line break alone does not separate them)", pos)
+		}
 		secret, scope, scoped := strings.Cut(item, "=")
 		if !ValidKey(secret) {
 			return Keys{}, fmt.Errorf("API_KEYS item %d: a key is 1–256 printable ASCII characters without spaces, dots or any of , = |", pos)
