@@ -514,6 +514,12 @@ func TestVerifyIssuerAudience(t *testing.T) {
 	if _, err := v.Verify(signRaw(t, `{"sub":"alice","exp":`+old+`,"iss":"`+iss+`","aud":"wsrelay"}`)); !errors.Is(err, ErrTokenExpired) {
 		t.Errorf("expired, right iss and aud: %v, want expired", err)
 	}
+	// Nor is a bad sub or pattern: the next token would be refused too.
+	for _, claims := range []string{`"sub":"a b"`, `"sub":"alice","channels":["a b"]`, `"sub":"alice","publish":["a b"]`} {
+		if _, err := v.Verify(signRaw(t, `{`+claims+`,"exp":`+old+`,"iss":"`+iss+`","aud":"wsrelay"}`)); errors.Is(err, ErrTokenExpired) || !errors.Is(err, ErrInvalidToken) {
+			t.Errorf("expired, %s: %v, want invalid", claims, err)
+		}
+	}
 	// Without exp, the error still says exp.
 	if _, err := v.Verify(signRaw(t, `{"sub":"alice","iss":"`+iss+`","aud":"wsrelay"}`)); !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), "no exp claim") {
 		t.Errorf("no exp: %v", err)

@@ -382,8 +382,9 @@ func (v *Verifier) key(t *jwt.Token) (any, error) {
 // leeway), "nbf" (when present), "iss" and "aud" (when JWT_ISSUER and
 // JWT_AUDIENCE are set), that "exp", "nbf" and "iat" are numbers, "sub"
 // (required, a valid user id) and the patterns of "channels" and
-// "publish". The error is ErrTokenExpired, ErrNoVerifier or wraps
-// ErrInvalidToken; it never holds the token.
+// "publish". The error is ErrTokenExpired (a token nothing but its
+// expiry is wrong with), ErrNoVerifier or wraps ErrInvalidToken; it never
+// holds the token.
 func (v *Verifier) Verify(token string) (*Claims, error) {
 	if v == nil {
 		return nil, ErrNoVerifier
@@ -424,10 +425,12 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		}
 		return nil, fmt.Errorf("%w: malformed, or signed with an algorithm not accepted here", ErrInvalidToken)
 	}
+	expired := false
 	if err != nil {
 		// The validation errors come joined: iss and aud are looked at
 		// before exp, so that a token of another issuer or audience is
-		// invalid, never "expired" (a client would fetch a new one).
+		// invalid, never "expired" (a client would fetch a new one), and
+		// so are sub and the patterns below.
 		switch {
 		// jwt reports an alg outside WithValidMethods as a bad
 		// signature; said so, a backend signing with the right secret
@@ -450,7 +453,7 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		case v.audience != "" && noAudience(jc.Audience) && errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
 			return nil, fmt.Errorf("%w: no aud claim, and JWT_AUDIENCE is set", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenExpired):
-			return nil, ErrTokenExpired
+			expired = true // once the rest has passed
 		case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
 			return nil, fmt.Errorf("%w: no exp claim", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenNotValidYet):
@@ -468,6 +471,11 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 	}
 	if c.Publish, err = patterns("publish", jc.Publish); err != nil {
 		return nil, err
+	}
+	if expired {
+		// Only time stands between this token and acceptance: a new one
+		// from the same backend would do.
+		return nil, ErrTokenExpired
 	}
 	return c, nil
 }
