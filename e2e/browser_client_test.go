@@ -526,6 +526,16 @@ const clientJSCases = `(async () => {
     ws2.shut(4003);
     await settle();
     try { c2.subscribe("a"); wrong.push("subscribe after 4003 accepted (state " + c2.state + ")"); } catch (e) { if (!e.message.includes("closed")) wrong.push("after 4003: " + e); }
+    // From a "close" listener of the final close, before the state
+    // says closed: refused too.
+    const [c3, ws3] = await welcomed();
+    let inListener = "not called";
+    c3.on("close", () => {
+      try { c3.subscribe("a"); inListener = "accepted (state " + c3.state + ")"; } catch (e) { inListener = e.message.includes("closed") ? "ok" : "" + e; }
+    });
+    ws3.shut(4003);
+    await settle();
+    if (inListener !== "ok") wrong.push("subscribe from the close listener of a 4003: " + inListener);
     results.subscribeAfterClose = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 

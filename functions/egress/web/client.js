@@ -264,6 +264,7 @@ export class WsRelay {
     this.probeTimer = null;
     this.tokenWait = null; // the wait for getToken() (askToken)
     this.closed = false;
+    this.final = false; // a final close is being reported (lost())
     this.network = null;
     this.listenNetwork();
     // Connect after the caller's synchronous setup, so listeners added
@@ -332,7 +333,7 @@ export class WsRelay {
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
     // As Go's ErrClosed: a closed client (close(), or a final close by the
     // server) never connects again, so the subscription would never start.
-    if (this.state === "closed") throw new Error(`client is closed: cannot subscribe to ${channel}`);
+    if (this.closed || this.final) throw new Error(`client is closed: cannot subscribe to ${channel}`);
     const sub = {
       channel,
       ref: ++this.nextRef,
@@ -632,12 +633,16 @@ export class WsRelay {
   }
 
   lost(ev, openedAt, welcomed) {
-    this.emit("close", ev);
-    if (this.closed) return;
     // Without getToken, a 4004 leaves the client with the expired token:
     // each dial would be refused at the upgrade, a close like any other
     // to a browser, for ever.
-    if (FINAL.has(ev.code) || (ev.code === TOKEN_EXPIRED && typeof this.opts.getToken !== "function")) {
+    const final = FINAL.has(ev.code) || (ev.code === TOKEN_EXPIRED && typeof this.opts.getToken !== "function");
+    // Final before "close" is heard: a subscribe() from its listener is
+    // refused, as after, not left waiting for a connect that never comes.
+    this.final = final;
+    this.emit("close", ev);
+    if (this.closed) return;
+    if (final) {
       this.closed = true;
       this.unlistenNetwork();
       this.setState("closed", ev);
