@@ -177,6 +177,32 @@ func jsString(s string) string {
 	return string(b)
 }
 
+// TestBrowserDemoJoinRefusesEmptyNames: a name of spaces, or a room name
+// with nothing the demo can keep (no letter or digit), is refused by the
+// form with the browser's own message, where Join did nothing without a
+// word.
+func TestBrowserDemoJoinRefusesEmptyNames(t *testing.T) {
+	_, eg := startDemo(t, nil)
+	tab := newBrowser(t)
+	runIn(t, tab, "open", chromedp.Navigate(eg.URL+"/"), chromedp.WaitVisible(chromedp.ID("name")))
+	for _, c := range []struct{ name, room, bad string }{{"   ", "lobby", "name"}, {"Ada", "-- !", "room"}} {
+		runIn(t, tab, "join as "+jsString(c.name)+" in "+jsString(c.room),
+			chromedp.SetValue(chromedp.ID("name"), c.name),
+			chromedp.SetValue(chromedp.ID("room"), c.room),
+			chromedp.Click(chromedp.ID("join")),
+		)
+		got := evalIn(t, tab, "form state", chromedp.Evaluate[string](`JSON.stringify({
+			formShown: !document.getElementById("join-form").hidden,
+			state: document.getElementById("state").dataset.state,
+			mismatch: document.getElementById(`+jsString(c.bad)+`).validity.patternMismatch,
+			message: document.getElementById(`+jsString(c.bad)+`).validationMessage !== "",
+		})`))
+		if got != `{"formShown":true,"state":"idle","mismatch":true,"message":true}` {
+			t.Errorf("name %q, room %q: %s, want the form shown with its %s refused", c.name, c.room, got, c.bad)
+		}
+	}
+}
+
 // TestBrowserDemoMessageListBounded: the demo page keeps the newest
 // entries of its message list, not every message of a long session: a
 // page left open in a busy room grew its DOM (and memory) without end.
