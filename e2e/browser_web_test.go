@@ -203,6 +203,48 @@ func TestBrowserDemoJoinRefusesEmptyNames(t *testing.T) {
 	}
 }
 
+// TestBrowserDemoPresenceOfRoomLeft: a presence read of a room left,
+// answered once the page has joined another, does not replace the new
+// room's members.
+func TestBrowserDemoPresenceOfRoomLeft(t *testing.T) {
+	_, eg := startDemo(t, nil)
+	tab := newBrowser(t)
+	runIn(t, tab, "open", chromedp.Navigate(eg.URL+"/"), chromedp.WaitVisible(chromedp.ID("name")))
+	// The old room's reads are held until released; the real read is
+	// made then, when that room has no one left.
+	evalIn(t, tab, "hold", chromedp.Evaluate[bool](`(() => {
+		const real = window.fetch;
+		window.__held = [];
+		window.fetch = (u, init) => String(u).includes("/channels/e2e-left/")
+			? new Promise((resolve) => window.__held.push(() => { const p = real(u, init); resolve(p); return p; }))
+			: real(u, init);
+		return true;
+	})()`))
+	for _, step := range []struct{ room string }{{"e2e-left"}, {"e2e-joined"}} {
+		runIn(t, tab, "join "+step.room,
+			chromedp.SetValue(chromedp.ID("name"), "Ada"),
+			chromedp.SetValue(chromedp.ID("room"), step.room),
+			chromedp.Click(chromedp.ID("join")),
+			chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+		)
+		if step.room == "e2e-left" {
+			runIn(t, tab, "leave", chromedp.Click(chromedp.ID("leave")), chromedp.WaitVisible(chromedp.ID("name")))
+		}
+	}
+	evalIn(t, tab, "the new room's members", chromedp.Poll[bool](`document.querySelectorAll("#members li").length === 1 && !document.getElementById("members").textContent.includes("unavailable")`,
+		chromedp.WithPollingTimeout(10*time.Second)))
+	got := evalIn(t, tab, "release the old room's reads", chromedp.Evaluate[string](`(async () => {
+		const held = window.__held.splice(0);
+		if (held.length === 0) return "no read of the old room was held";
+		await Promise.allSettled(held.map((release) => release().then((r) => r.clone().json())));
+		await new Promise((r) => setTimeout(r, 200));
+		return document.querySelectorAll("#members li").length + " members: " + document.getElementById("members").textContent;
+	})()`, chromedp.EvalAwaitPromise))
+	if !strings.HasPrefix(got, "1 members: ") {
+		t.Fatalf("after the old room's read answered: %s, want the new room's one member", got)
+	}
+}
+
 // TestBrowserDemoMessageListBounded: the demo page keeps the newest
 // entries of its message list, not every message of a long session: a
 // page left open in a busy room grew its DOM (and memory) without end.
