@@ -1253,6 +1253,19 @@ const clientJSCases = `(async () => {
     ws3.recv({ type: "error", code: "unavailable", message: "m", ref: gone.ref });
     if (closed3.length || errs3.join() !== "client unavailable") wrong.push("unavailable for a subscription unsubscribed: closes [" + closed3 + "], errors [" + errs3 + "]");
     c3.close();
+    // A server that never answers the close: the socket is cut after
+    // 5 s (as the Go client's closeWait), not left to the browser.
+    const [c4, ws4] = await welcomed();
+    const closed4 = [], states4 = [];
+    ws4.close = (code) => { closed4.push(code); ws4.readyState = 2; };
+    c4.on("state", (s, d) => states4.push(s + (d?.reason ? " (" + d.reason + ")" : "")));
+    const u = c4.subscribe("u", { onError: () => {} });
+    ws4.recv({ type: "error", code: "unavailable", message: "m", ref: u.ref });
+    await new Promise((r) => setTimeout(r, 1000));
+    if (sockets.length !== 1) wrong.push("unanswered close: cut within 1 s");
+    await until(() => sockets.length > 1, 8000);
+    if (sockets.length !== 2 || states4[0] !== "disconnected (close not answered)") wrong.push("unanswered close: " + sockets.length + " dials, states [" + states4 + "], closes [" + closed4 + "]");
+    c4.close();
     results.subscribeUnavailable = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
@@ -1677,7 +1690,8 @@ func TestBrowserClientJS(t *testing.T) {
 	tab := newBrowser(t)
 	runIn(t, tab, "open the demo page", chromedp.Navigate(eg.URL+"/"))
 	// The cases run one after the other: 15 s in all beside a load of 3
-	// (about 19 s since the cases of the JS mutation review),
+	// (about 19 s since the cases of the JS mutation review, 5 s more
+	// since the unanswered close's),
 	// 7 of them the publish case's real Retry-After waits (1 s, then two
 	// HTTP dates 2–3 s ahead). It ran in a budget of 20 s. This one is
 	// for a case that never ends, not a measure of speed.

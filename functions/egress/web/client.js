@@ -53,6 +53,9 @@ const MAX_BATCH_BYTES = 64 * 1024;
 // reach the client before the client's ping reaches the egress, which
 // would make the connection active again.
 const IDLE_MARGIN = 5000;
+// How long a close the client sent (to retry a subscription) may go
+// unanswered before the socket is cut, as the Go client's closeWait.
+const CLOSE_WAIT = 5000;
 const PING = JSON.stringify({ type: "ping" });
 // The longest wait setTimeout takes (2³¹−1 ms, 24.8 days): it takes a
 // longer one modulo 2³², so that the timer fires at once or at some other
@@ -734,6 +737,10 @@ export class WsRelay {
         if (sub && f.code === "unavailable") {
           // The server could not subscribe now: a reconnect retries it.
           try { ws.close(1000, "retrying subscription"); } catch { /* ignore */ }
+          // A server that never answers (it stopped reading, or a proxy
+          // lost the close) must not keep the client on a socket it can
+          // no longer send on until the browser gives up on it.
+          setTimeout(() => { if (this.ws === ws) this.cut("close not answered", "close not answered"); }, CLOSE_WAIT);
         }
         if (sub?.handlers.onError) call(sub.handlers.onError, [f]);
         else this.emit("error", f);
