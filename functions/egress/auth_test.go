@@ -494,6 +494,34 @@ func TestRefreshAfterExpiry(t *testing.T) {
 	}
 }
 
+// TestExpiryBeforeLifetimeAndIdle: a sweep that finds a connection's
+// token expired and its lifetime and idle time reached closes it 4004,
+// so that the client fetches a fresh token before it reconnects rather
+// than after a 401.
+func TestExpiryBeforeLifetimeAndIdle(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret, "MAX_LIFETIME": "1h", "IDLE_TIMEOUT": "1h"})
+	ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}})}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ws, protocol.TypeWelcome)
+	conns := e.s.hub.snapshotConns()
+	if len(conns) != 1 {
+		t.Fatalf("%d connections", len(conns))
+	}
+	c := conns[0]
+	c.mu.Lock()
+	c.exp = time.Now().Add(-time.Millisecond)
+	c.mu.Unlock()
+	// Two hours on: past the lifetime and the idle timeout too. (The
+	// sweep of its own, should it come first, closes 4004 as well.)
+	e.s.sweepConns(time.Now().Add(2 * time.Hour))
+	if code := closeCode(t, ws, 3*time.Second); code != protocol.CloseTokenExpired {
+		t.Fatalf("close %d, want %d", code, protocol.CloseTokenExpired)
+	}
+}
+
 func TestEgressOrigins(t *testing.T) {
 	t.Parallel()
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "ALLOWED_ORIGINS": "https://app.example"})

@@ -1107,13 +1107,16 @@ func (c *conn) expired(now time.Time) bool {
 }
 
 // closeExpired closes the connection 4004 if its token has expired by
-// now: the sweep's check may have been overtaken by a refresh. Once the
-// expiry is seen here, no refresh succeeds (refresh refuses one that
-// comes after the expiry), so no "refreshed" precedes the close.
-func (c *conn) closeExpired() {
-	if c.expired(time.Now()) {
-		c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+// now, and reports whether it did: the sweep's check may have been
+// overtaken by a refresh. Once the expiry is seen here, no refresh
+// succeeds (refresh refuses one that comes after the expiry), so no
+// "refreshed" precedes the close.
+func (c *conn) closeExpired() bool {
+	if !c.expired(time.Now()) {
+		return false
 	}
+	c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+	return true
 }
 
 // refresh handles a "refresh" frame: a fresh token for the same user

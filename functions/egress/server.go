@@ -465,6 +465,13 @@ func (s *Server) sweepConns(now time.Time) {
 		if stalled > 0 {
 			creditStall(c, stalled, now)
 		}
+		// An expired token first: told 4004, the client fetches a fresh
+		// token before it reconnects, where after a lifetime or idle
+		// close due in the same sweep it would dial with the expired one
+		// and be refused 401 first.
+		if c.expired(now) && c.closeExpired() {
+			continue
+		}
 		if c.lifetime > 0 && now.Sub(c.openedAt) >= c.lifetime {
 			c.closeWith(protocol.CloseLifetime, "maximum lifetime reached: reconnect and resume", true)
 			continue
@@ -475,10 +482,6 @@ func (s *Server) sweepConns(now time.Time) {
 		busy := c.busyWrite()
 		if !busy && s.cfg.IdleTimeout > 0 && time.Duration(mono(now)-c.lastData.Load()) >= s.cfg.IdleTimeout {
 			c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
-			continue
-		}
-		if c.expired(now) {
-			c.closeExpired()
 			continue
 		}
 		if busy {
