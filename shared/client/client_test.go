@@ -527,7 +527,11 @@ func TestSilentConnection(t *testing.T) {
 	pinged, pingedUpgrades := scripted(t, func(t *testing.T, ws *websocket.Conn) {
 		write(t, ws, `{"type":"welcome","connection_id":"c1","instance":"i"}`)
 		go func() { _, _, _ = ws.ReadMessage() }() // reads the pongs
-		for range 8 {
+		// Until the client goes, not for the 800 ms the test watches: a
+		// handler that returned after 8 pings closed the connection just
+		// as the test's sleep ended, and a test woken late on a loaded
+		// machine saw the client's reconnect (a jitter of 0 to 500 ms).
+		for {
 			time.Sleep(100 * time.Millisecond)
 			if ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)) != nil {
 				return
