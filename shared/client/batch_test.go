@@ -73,9 +73,17 @@ func TestSubscribesAfterWelcome(t *testing.T) {
 			t.Parallel()
 			limit := tc.limit
 			result := make(chan error, 1)
+			subscribed := make(chan struct{}) // closed once the five Subscribes are made
 			url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
 				in := readAll(ws)
-				time.Sleep(300 * time.Millisecond) // the client subscribes meanwhile
+				// Welcomed once the client has the five: a fixed 300 ms
+				// here was no bound on a loaded machine, where the test
+				// goroutine could still be between two Subscribes, and
+				// the last ones went one frame each after the welcome.
+				select {
+				case <-subscribed:
+				case <-time.After(5 * time.Second):
+				}
 				welcomed := time.Now()
 				write(t, ws, welcome(tc.maxFrame))
 				result <- func() error {
@@ -133,6 +141,7 @@ func TestSubscribesAfterWelcome(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			close(subscribed)
 			// Once connected and the five sent, one more.
 			deadline := time.Now().Add(5 * time.Second)
 			for c.State() != StateConnected && time.Now().Before(deadline) {
