@@ -18,39 +18,48 @@ import (
 // last failure.
 func TestEpisode(t *testing.T) {
 	t.Parallel()
-	var buf testkit.SyncBuffer
-	log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &Episode{Log: log, Msg: "redis unavailable", Then: "503", Back: "redis back", Reminder: 300 * time.Millisecond, Quiet: 100 * time.Millisecond}
-	e.OK() // nothing under way: nothing logged
-	boom := errors.New("connection refused")
-	for i := range 100 {
-		e.Fail(boom, "route", "/v1/messages")
-		if i%2 == 0 {
-			e.OK()
+	// On the bubble's clock: on the real one, a test descheduled for Quiet
+	// between two of its calls (a loaded machine) saw an episode end
+	// where the test had it go on. A millisecond passes between the calls,
+	// as some time always does on the real clock: the episode tells a
+	// failure after a success by its time.
+	synctest.Test(t, func(t *testing.T) {
+		var buf testkit.SyncBuffer
+		log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	if recs := buf.JSONLines(t); len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["err"] != "connection refused" || recs[0]["route"] != "/v1/messages" {
-		t.Fatalf("100 failures, 50 successes between them: %v, want one warning", recs)
-	}
-	time.Sleep(350 * time.Millisecond)
-	e.Fail(boom)
-	if recs := buf.JSONLines(t); len(recs) != 2 || recs[1]["failures"] != float64(101) {
-		t.Fatalf("after Reminder: %v, want a reminder counting 101 failures", recs)
-	}
-	e.OK() // within Quiet of the failure: the end waits for it
-	time.Sleep(300 * time.Millisecond)
-	recs := buf.JSONLines(t)
-	if len(recs) != 3 || recs[2]["msg"] != "redis back" || recs[2]["level"] != "INFO" || recs[2]["failures"] != float64(101) {
-		t.Fatalf("after Quiet: %v, want one end line", recs)
-	}
-	e.OK()
-	e.Fail(boom)
-	if recs := buf.JSONLines(t); len(recs) != 4 || recs[3]["msg"] != "redis unavailable" {
-		t.Fatalf("a new episode: %v", recs)
-	}
+		e := &Episode{Log: log, Msg: "redis unavailable", Then: "503", Back: "redis back", Reminder: 300 * time.Millisecond, Quiet: 100 * time.Millisecond}
+		e.OK() // nothing under way: nothing logged
+		boom := errors.New("connection refused")
+		for i := range 100 {
+			e.Fail(boom, "route", "/v1/messages")
+			time.Sleep(time.Millisecond)
+			if i%2 == 0 {
+				e.OK()
+				time.Sleep(time.Millisecond)
+			}
+		}
+		if recs := buf.JSONLines(t); len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["err"] != "connection refused" || recs[0]["route"] != "/v1/messages" {
+			t.Fatalf("100 failures, 50 successes between them: %v, want one warning", recs)
+		}
+		time.Sleep(350 * time.Millisecond)
+		e.Fail(boom)
+		if recs := buf.JSONLines(t); len(recs) != 2 || recs[1]["failures"] != float64(101) {
+			t.Fatalf("after Reminder: %v, want a reminder counting 101 failures", recs)
+		}
+		e.OK() // within Quiet of the failure: the end waits for it
+		time.Sleep(300 * time.Millisecond)
+		recs := buf.JSONLines(t)
+		if len(recs) != 3 || recs[2]["msg"] != "redis back" || recs[2]["level"] != "INFO" || recs[2]["failures"] != float64(101) {
+			t.Fatalf("after Quiet: %v, want one end line", recs)
+		}
+		e.OK()
+		e.Fail(boom)
+		if recs := buf.JSONLines(t); len(recs) != 4 || recs[3]["msg"] != "redis unavailable" {
+			t.Fatalf("a new episode: %v", recs)
+		}
+	})
 }
 
 // TestEpisodeAbandon: an episode whose failing work is given up ends at
@@ -59,27 +68,31 @@ func TestEpisode(t *testing.T) {
 // episode. With none under way, Abandon logs nothing.
 func TestEpisodeAbandon(t *testing.T) {
 	t.Parallel()
-	var buf testkit.SyncBuffer
-	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
-	e.Abandon()
-	boom := errors.New("WRONGTYPE")
-	e.Fail(boom)
-	e.Fail(boom)
-	e.OK() // an end scheduled Quiet after the last failure
-	e.Abandon("then", "nobody listens")
-	recs := buf.JSONLines(t)
-	if len(recs) != 2 || recs[1]["msg"] != "reads abandoned" || recs[1]["level"] != "INFO" || recs[1]["failures"] != float64(2) || recs[1]["then"] != "nobody listens" {
-		t.Fatalf("%v, want the warning and one abandoned line counting 2 failures", recs)
-	}
-	time.Sleep(200 * time.Millisecond)
-	e.Fail(boom)
-	if recs := buf.JSONLines(t); len(recs) != 3 || recs[2]["msg"] != "reads failing" || recs[2]["failures"] != nil {
-		t.Fatalf("%v, want no end line and a new episode", recs)
-	}
+	// On the bubble's clock: on the real one, a test descheduled for Quiet
+	// between OK and Abandon saw the pending end logged first.
+	synctest.Test(t, func(t *testing.T) {
+		var buf testkit.SyncBuffer
+		log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
+		e.Abandon()
+		boom := errors.New("WRONGTYPE")
+		e.Fail(boom)
+		e.Fail(boom)
+		e.OK() // an end scheduled Quiet after the last failure
+		e.Abandon("then", "nobody listens")
+		recs := buf.JSONLines(t)
+		if len(recs) != 2 || recs[1]["msg"] != "reads abandoned" || recs[1]["level"] != "INFO" || recs[1]["failures"] != float64(2) || recs[1]["then"] != "nobody listens" {
+			t.Fatalf("%v, want the warning and one abandoned line counting 2 failures", recs)
+		}
+		time.Sleep(200 * time.Millisecond)
+		e.Fail(boom)
+		if recs := buf.JSONLines(t); len(recs) != 3 || recs[2]["msg"] != "reads failing" || recs[2]["failures"] != nil {
+			t.Fatalf("%v, want no end line and a new episode", recs)
+		}
+	})
 }
 
 // TestEpisodeAfterAbandonEnds: a new episode begun while the abandoned
@@ -88,25 +101,33 @@ func TestEpisodeAbandon(t *testing.T) {
 // pending end, which finds its episode gone, must not swallow it.
 func TestEpisodeAfterAbandonEnds(t *testing.T) {
 	t.Parallel()
-	var buf testkit.SyncBuffer
-	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
-	boom := errors.New("WRONGTYPE")
-	e.Fail(boom)
-	e.OK() // an end scheduled Quiet after that failure
-	e.Abandon()
-	time.Sleep(20 * time.Millisecond)
-	e.Fail(boom) // a new episode
-	e.OK()       // its only success
-	testkit.Eventually(t, 2*time.Second, func() error {
-		recs := buf.JSONLines(t)
-		if len(recs) != 4 || recs[3]["msg"] != "reads back" || recs[3]["failures"] != float64(1) {
-			return fmt.Errorf("%v, want the new episode ended by its success", recs)
+	// On the bubble's clock: on the real one, a test descheduled for Quiet
+	// after Abandon let the pending end go before the new episode began,
+	// and tested nothing. A millisecond passes between the new failure and
+	// the success, as some time always does on the real clock: the pending
+	// end tells a success after a failure by its time.
+	synctest.Test(t, func(t *testing.T) {
+		var buf testkit.SyncBuffer
+		log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
+		if err != nil {
+			t.Fatal(err)
 		}
-		return nil
+		e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
+		boom := errors.New("WRONGTYPE")
+		e.Fail(boom)
+		e.OK() // an end scheduled Quiet after that failure
+		e.Abandon()
+		time.Sleep(20 * time.Millisecond)
+		e.Fail(boom) // a new episode
+		time.Sleep(time.Millisecond)
+		e.OK() // its only success
+		testkit.Eventually(t, 2*time.Second, func() error {
+			recs := buf.JSONLines(t)
+			if len(recs) != 4 || recs[3]["msg"] != "reads back" || recs[3]["failures"] != float64(1) {
+				return fmt.Errorf("%v, want the new episode ended by its success", recs)
+			}
+			return nil
+		})
 	})
 }
 
