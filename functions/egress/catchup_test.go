@@ -237,7 +237,7 @@ func TestResumeLiveAfterCatchUpLeftBufferFull(t *testing.T) {
 	pause.arm(p)
 	defer p.release()
 	ws := resumeOn(t, e, "room", ids[0])
-	<-p.reached
+	p.await(t, "the resume never read the stream")
 	// The catch-up: the buffer is full after 16, emptied by the 17th,
 	// and holds the last 13.
 	backlog := appendLost(t, rdb, ks, e.s.hub.instance, "room", "", []byte(`"x"`), 29)
@@ -302,7 +302,7 @@ func TestResumeCatchUpDuringHandOver(t *testing.T) {
 	// the hand-over queue the whole buffer at once).
 	_ = c.nc.(*net.TCPConn).SetWriteBuffer(16 << 10)
 	send(t, ws, map[string]any{"type": "subscribe", "channel": "ho", "after": hist[0]})
-	<-p.reached
+	p.await(t, "the resume never read the stream")
 	fill := map[string]bool{}
 	for n := 0; ; n++ {
 		c.mu.Lock()

@@ -156,7 +156,11 @@ func TestRefreshDoesNotUndoLeave(t *testing.T) {
 	armed.Store(true)
 	refreshed := make(chan struct{})
 	go func() { e.s.refreshRegistry(context.Background()); close(refreshed) }()
-	<-hold.Hit() // the refresh has copied the record (a, b)
+	select {
+	case <-hold.Hit(): // the refresh has copied the record (a, b)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refresh's pipeline never came")
+	}
 	send(t, ws, map[string]any{"type": "unsubscribe", "channel": "b"})
 	time.Sleep(100 * time.Millisecond) // the leave, if not held back, lands first
 	hold.Release()

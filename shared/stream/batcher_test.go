@@ -127,7 +127,7 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 	}()
 	// The one pipeline allowed in flight is held, so the next two appends
 	// queue up behind it and go in the next pipeline together.
-	<-hold.Hit()
+	awaitHold(t, hold)
 	for i, ch := range []string{"broken", "fine"} {
 		wg.Add(1)
 		go func() {
@@ -243,6 +243,18 @@ func TestBatcherCancellations(t *testing.T) {
 	}
 	t.Logf("%d of %d appends written, the rest given up", written.Load(), callers*each)
 	assertIdle(t, b)
+}
+
+// awaitHold waits, 10 s at most, until h holds its pipeline: a bare
+// receive would hang until the test binary's timeout, with no word of
+// what was waited for.
+func awaitHold(t *testing.T, h *redistest.Hold) {
+	t.Helper()
+	select {
+	case <-h.Hit():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the held pipeline never reached Redis")
+	}
 }
 
 // assertIdle fails unless b has no leader and nothing pending, as a
@@ -382,7 +394,7 @@ func TestBatcherMaxBatch(t *testing.T) {
 		})
 	}
 	appendAll([]Append{appendOf("hold")})
-	<-hold.Hit()
+	awaitHold(t, hold)
 	pending := func(n int) {
 		testkit.Eventually(t, 5*time.Second, func() error {
 			b.mu.Lock()
