@@ -196,7 +196,18 @@ func TestBatcherCallerContext(t *testing.T) {
 			finished.Add(1)
 		}()
 	}
-	time.Sleep(20 * time.Millisecond)
+	// Until one of them leads a pipeline and the other two wait behind it:
+	// after a fixed 20 ms, a loaded machine could still have them unstarted,
+	// and the caller below led its own pipeline instead, the test passing
+	// without anything ahead of it.
+	testkit.Eventually(t, 5*time.Second, func() error {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.leaders != 1 || len(b.pending) != 2 {
+			return fmt.Errorf("%d leaders and %d appends pending, want 1 and 2", b.leaders, len(b.pending))
+		}
+		return nil
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	_, err = b.Append(ctx, ap)
