@@ -153,7 +153,12 @@ func TestAppendLatencyCountsRoundTrips(t *testing.T) {
 			defer wg.Done()
 			e.do("POST", fmt.Sprintf("/v1/channels/lat%d/messages", i), `{"data":1}`)
 		}()
-		<-h.entered
+		select {
+		case <-h.entered:
+		case <-time.After(10 * time.Second):
+			close(h.release) // the held ones go on
+			t.Fatalf("publish %d never reached Redis", i)
+		}
 	}
 	// A fifth waits for a pipeline (given 300 ms to get there); its
 	// client leaves.
