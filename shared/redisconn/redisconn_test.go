@@ -259,7 +259,10 @@ func TestReadiness(t *testing.T) {
 	defer rdb.Close()
 	pings := &pingCounter{}
 	rdb.AddHook(pings)
-	r := NewReadiness(rdb, 300*time.Millisecond)
+	// The interval holds the ten checks and stopping Redis (a process to
+	// wait for): 300 ms was not always enough on a loaded machine.
+	const interval = 3 * time.Second
+	r := NewReadiness(rdb, interval)
 	canceled, cancel := context.WithCancel(t.Context())
 	cancel()
 	for range 10 {
@@ -275,7 +278,7 @@ func TestReadiness(t *testing.T) {
 	if err := r.Check(t.Context()); err != nil {
 		t.Fatalf("Check within the interval, the last answer cached: %v", err)
 	}
-	time.Sleep(350 * time.Millisecond)
+	time.Sleep(interval + 50*time.Millisecond)
 	if err := r.Check(t.Context()); err == nil {
 		t.Fatal("Check after the interval of a stopped Redis succeeded")
 	}
