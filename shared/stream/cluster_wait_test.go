@@ -272,8 +272,12 @@ func TestClusterMasterDownOthersUnaffected(t *testing.T) {
 				t.Errorf("round %d: the append to %s, which is up, failed after %s: %v", round, masters[i], took.Round(time.Millisecond), errs[i])
 			}
 		}
-		if took > 500*time.Millisecond {
-			t.Errorf("round %d: the pipeline took %s", round, took.Round(time.Millisecond))
+		// Not held to the deadline (1 s) by the master that is down: its
+		// dial is refused at once. The bound is the deadline's, less a
+		// margin, not a speed: a loaded machine may take a few hundred
+		// milliseconds.
+		if took > 900*time.Millisecond {
+			t.Errorf("round %d: the pipeline took %s, held by the master that is down", round, took.Round(time.Millisecond))
 		}
 	}
 	for i := 1; i < 3; i++ {
