@@ -141,7 +141,14 @@ func token(t *testing.T, c auth.Claims) string {
 // next reads frames until one of type typ (failing on timeout).
 func next(t *testing.T, ws *websocket.Conn, typ string) protocol.Reply {
 	t.Helper()
-	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	return nextWithin(t, ws, typ, 5*time.Second)
+}
+
+// nextWithin reads frames until one of type typ, failing if none has come
+// within the given time.
+func nextWithin(t *testing.T, ws *websocket.Conn, typ string, within time.Duration) protocol.Reply {
+	t.Helper()
+	_ = ws.SetReadDeadline(time.Now().Add(within))
 	for {
 		var r protocol.Reply
 		if err := ws.ReadJSON(&r); err != nil {
