@@ -55,12 +55,17 @@ func TestPingsAndMissedPongs(t *testing.T) {
 		pings.Add(1)
 		return alive.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
 	})
+	// Read (and so answer pings) before the second socket is dialled: a
+	// client that sent nothing since its upgrade is dropped 2×PING_INTERVAL
+	// (400 ms) later, and a dial and subscribe that took longer (a loaded
+	// machine) had the answering client dropped before it read anything.
+	aliveDone := readAll(alive)
 	connected := time.Now() // the silent socket's last read is no earlier
 	silent := dial()
 	defer silent.Close()
 	var silentPings atomic.Int32
 	silent.SetPingHandler(func(string) error { silentPings.Add(1); return nil })
-	aliveDone, silentDone := readAll(alive), readAll(silent)
+	silentDone := readAll(silent)
 
 	select {
 	case <-silentDone:
