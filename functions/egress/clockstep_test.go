@@ -154,14 +154,20 @@ func TestReadPathSilenceWallClockStep(t *testing.T) {
 	t.Parallel()
 	const probe = 200 * time.Millisecond
 	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "200ms"})
-	// A probe has come back (readyz's own condition).
+	// A probe has come back (readyz's own condition). The step forward
+	// is taken from the same reading: from a later one, a test
+	// descheduled while no probe came back (Redis or the receive loop
+	// slow, a loaded machine) saw the silence grow past 3×PROBE_INTERVAL
+	// with no step at all, and failed.
+	var at time.Time
 	testkit.Eventually(t, 10*time.Second, func() error {
-		if q := e.s.hub.readSilence(time.Now()); q > probe {
+		at = time.Now()
+		if q := e.s.hub.readSilence(at); q > probe {
 			return fmt.Errorf("no probe back for %v", q)
 		}
 		return nil
 	})
-	if q := e.s.hub.readSilence(testkit.WallStep(time.Now(), time.Hour)); q > 3*probe {
+	if q := e.s.hub.readSilence(testkit.WallStep(at, time.Hour)); q > 3*probe {
 		t.Fatalf("read path silent for %v after the wall clock stepped an hour forward", q)
 	}
 	// 10 PROBE_INTERVALs on, by the clock the instance runs on, with the
