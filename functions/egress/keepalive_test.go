@@ -218,7 +218,9 @@ func TestLifetimeSpread(t *testing.T) {
 			if c.after < limit*9/10-50*time.Millisecond {
 				t.Fatalf("closed %v after opening: before nine tenths of MAX_LIFETIME %v", c.after, limit)
 			}
-			if c.after > limit+50*time.Millisecond {
+			// The close frame's way to the client, and a sweep or reader
+			// woken late on a loaded machine: 200 ms at most.
+			if c.after > limit+200*time.Millisecond {
 				t.Fatalf("closed %v after opening: past MAX_LIFETIME %v", c.after, limit)
 			}
 			first, last = min(first, c.after), max(last, c.after)
@@ -294,8 +296,11 @@ func TestLifetimeNeverPastLimit(t *testing.T) {
 	for i := 0; i < n; i++ {
 		select {
 		case after := <-ends:
-			// The close frame's way to the client: a few ms at most.
-			if after > limit+50*time.Millisecond {
+			// The close frame's way to the client, and a sweep or reader
+			// woken late on a loaded machine: 200 ms at most. A close up
+			// to a sweep (a second) late, the bug, still shows in one of
+			// the eight.
+			if after > limit+200*time.Millisecond {
 				t.Errorf("closed %v after opening: past MAX_LIFETIME %v", after, limit)
 			}
 			if after < limit*9/10 {
