@@ -447,7 +447,18 @@ func TestPublisherRidesOutRedisOutage(t *testing.T) {
 		res, err := pub.Publish(ctx, "outage", pubpkg.Message{Data: "through the outage"})
 		done <- outcome{res, err}
 	}()
-	time.Sleep(time.Second) // a few attempts meet the 503
+	// Redis comes back only once attempts have met the 503: after a fixed
+	// second, a goroutine not yet run by then (a loaded machine) made its
+	// first attempt against Redis up again, was answered 202 at once, and
+	// the test failed for want of a 503 it had never let happen.
+	testkit.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(statuses) < 2 {
+			return fmt.Errorf("%d attempts answered so far: %v", len(statuses), statuses)
+		}
+		return nil
+	})
 	select {
 	case o := <-done:
 		t.Fatalf("published while Redis was down: %+v, %v", o.res, o.err)
