@@ -131,7 +131,7 @@ func TestTargetedSends(t *testing.T) {
 	if string(f.Data) != `"only a2"` || f.Target != "connection" || f.Channel != "" {
 		t.Fatalf("targeted frame: %+v", f)
 	}
-	if st := post(t, c.ingress[1].URL+"/v1/users/alice/messages", map[string]any{"data": "all alice"}, &res); st != 202 || res["connections"].(float64) != 2 {
+	if st := post(t, c.ingress[1].URL+"/v1/users/alice/messages", map[string]any{"data": "all alice"}, &res); st != 202 || res["connections"] != float64(2) {
 		t.Fatalf("to user: %d %v", st, res)
 	}
 	for _, cl := range []*wsClient{a1, a2} {
