@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -469,14 +470,15 @@ func TestEgressRefresh(t *testing.T) {
 	}
 }
 
-// TestRefreshAfterExpiry: a refresh that comes once the connection's
-// token has expired is refused, and the connection ends 4004, whether or
-// not the sweep has seen the expiry yet: it was accepted when the sweep
-// had not, and a sweep that had could close the connection 4004 right
-// after its "refreshed".
-func TestRefreshAfterExpiry(t *testing.T) {
-	t.Parallel()
-	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret})
+// dialExpiring connects alice to an egress with JWT_SECRET and env, and
+// makes her connection's token expire now, as the sweep sees it: exp has
+// whole seconds, so a token cannot be made to expire at a chosen
+// millisecond.
+func dialExpiring(t *testing.T, env map[string]string) (*secEgress, *websocket.Conn) {
+	t.Helper()
+	cfg := map[string]string{"JWT_SECRET": testSecret}
+	maps.Copy(cfg, env)
+	e := startSecEgress(t, cfg)
 	ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}})}}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -486,12 +488,21 @@ func TestRefreshAfterExpiry(t *testing.T) {
 	if len(conns) != 1 {
 		t.Fatalf("%d connections", len(conns))
 	}
-	// The token expires now (exp has whole seconds: a token cannot be
-	// made to expire at a chosen millisecond).
 	c := conns[0]
 	c.mu.Lock()
 	c.exp = time.Now().Add(-time.Millisecond)
 	c.mu.Unlock()
+	return e, ws
+}
+
+// TestRefreshAfterExpiry: a refresh that comes once the connection's
+// token has expired is refused, and the connection ends 4004, whether or
+// not the sweep has seen the expiry yet: it was accepted when the sweep
+// had not, and a sweep that had could close the connection 4004 right
+// after its "refreshed".
+func TestRefreshAfterExpiry(t *testing.T) {
+	t.Parallel()
+	_, ws := dialExpiring(t, nil)
 	send(t, ws, map[string]any{"type": "refresh", "token": token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}}), "ref": 1})
 	if r := next(t, ws, protocol.TypeError); r.Code != protocol.CodeInvalidToken || !strings.Contains(r.Message, "expired") {
 		t.Fatalf("refresh after expiry: %+v", r)
@@ -507,20 +518,7 @@ func TestRefreshAfterExpiry(t *testing.T) {
 // than after a 401.
 func TestExpiryBeforeLifetimeAndIdle(t *testing.T) {
 	t.Parallel()
-	e := startSecEgress(t, map[string]string{"JWT_SECRET": testSecret, "MAX_LIFETIME": "1h", "IDLE_TIMEOUT": "1h"})
-	ws, _, err := e.dial(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}})}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	next(t, ws, protocol.TypeWelcome)
-	conns := e.s.hub.snapshotConns()
-	if len(conns) != 1 {
-		t.Fatalf("%d connections", len(conns))
-	}
-	c := conns[0]
-	c.mu.Lock()
-	c.exp = time.Now().Add(-time.Millisecond)
-	c.mu.Unlock()
+	e, ws := dialExpiring(t, map[string]string{"MAX_LIFETIME": "1h", "IDLE_TIMEOUT": "1h"})
 	// Two hours on: past the lifetime and the idle timeout too. (The
 	// sweep of its own, should it come first, closes 4004 as well.)
 	e.s.sweepConns(time.Now().Add(2 * time.Hour))
