@@ -3,6 +3,7 @@ package logging
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -24,11 +25,7 @@ func TestEpisode(t *testing.T) {
 	// as some time always does on the real clock: the episode tells a
 	// failure after a success by its time.
 	synctest.Test(t, func(t *testing.T) {
-		var buf testkit.SyncBuffer
-		log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
-		if err != nil {
-			t.Fatal(err)
-		}
+		log, buf := jsonLog(t, "ingress")
 		e := &Episode{Log: log, Msg: "redis unavailable", Then: "503", Back: "redis back", Reminder: 300 * time.Millisecond, Quiet: 100 * time.Millisecond}
 		e.OK() // nothing under way: nothing logged
 		boom := errors.New("connection refused")
@@ -71,11 +68,7 @@ func TestEpisodeAbandon(t *testing.T) {
 	// On the bubble's clock: on the real one, a test descheduled for Quiet
 	// between OK and Abandon saw the pending end logged first.
 	synctest.Test(t, func(t *testing.T) {
-		var buf testkit.SyncBuffer
-		log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-		if err != nil {
-			t.Fatal(err)
-		}
+		log, buf := jsonLog(t, "egress")
 		e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
 		e.Abandon()
 		boom := errors.New("WRONGTYPE")
@@ -107,11 +100,7 @@ func TestEpisodeAfterAbandonEnds(t *testing.T) {
 	// the success, as some time always does on the real clock: the pending
 	// end tells a success after a failure by its time.
 	synctest.Test(t, func(t *testing.T) {
-		var buf testkit.SyncBuffer
-		log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-		if err != nil {
-			t.Fatal(err)
-		}
+		log, buf := jsonLog(t, "egress")
 		e := &Episode{Log: log, Msg: "reads failing", Back: "reads back", Gone: "reads abandoned", Quiet: 100 * time.Millisecond}
 		boom := errors.New("WRONGTYPE")
 		e.Fail(boom)
@@ -140,11 +129,7 @@ func TestEpisodeAfterAbandonEnds(t *testing.T) {
 func TestEpisodeLasted(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		var buf testkit.SyncBuffer
-		log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
-		if err != nil {
-			t.Fatal(err)
-		}
+		log, buf := jsonLog(t, "ingress")
 		e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Gone: "given up", Quiet: 5 * time.Second}
 		boom := errors.New("connection refused")
 		last := func() map[string]any {
@@ -204,16 +189,12 @@ func TestEpisodeStop(t *testing.T) {
 			{"still failing", func(e *Episode) { e.Fail(boom); e.OK(); time.Sleep(time.Second); e.Fail(boom) }, []string{"redis unavailable"}},
 			{"none under way", func(e *Episode) {}, nil},
 		} {
-			var buf testkit.SyncBuffer
-			log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-			if err != nil {
-				t.Fatal(err)
-			}
+			log, buf := jsonLog(t, "egress")
 			e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Quiet: 5 * time.Second}
 			tc.steps(e)
 			time.Sleep(time.Second)
 			e.Stop()
-			if got := msgs(t, &buf); !slices.Equal(got, tc.want) {
+			if got := msgs(t, buf); !slices.Equal(got, tc.want) {
 				t.Fatalf("%s: at Stop %q, want %q", tc.name, got, tc.want)
 			}
 			if tc.name == "end pending" {
@@ -229,7 +210,7 @@ func TestEpisodeStop(t *testing.T) {
 			e.OK()
 			e.Abandon()
 			synctest.Wait()
-			if got := msgs(t, &buf); !slices.Equal(got, tc.want) {
+			if got := msgs(t, buf); !slices.Equal(got, tc.want) {
 				t.Fatalf("%s: after Stop %q, want %q", tc.name, got, tc.want)
 			}
 		}
@@ -255,11 +236,7 @@ func msgs(t *testing.T, buf *testkit.SyncBuffer) []string {
 // splitting a partial outage into an episode per failure.
 func TestEpisodeWallClockStep(t *testing.T) {
 	t.Parallel()
-	var buf testkit.SyncBuffer
-	log, err := New(Config{Format: "json", Level: "info"}, &buf, "ingress")
-	if err != nil {
-		t.Fatal(err)
-	}
+	log, buf := jsonLog(t, "ingress")
 	var step atomic.Int64
 	const quiet = 100 * time.Millisecond
 	e := &Episode{Log: log, Msg: "redis unavailable", Back: "redis back", Quiet: quiet,
@@ -292,4 +269,16 @@ func TestEpisodeWallClockStep(t *testing.T) {
 			t.Errorf("lasted %v: %s", l["lasted"], buf.String())
 		}
 	}
+}
+
+// jsonLog is an info-level JSON logger of function and the buffer it
+// writes to.
+func jsonLog(t *testing.T, function string) (*slog.Logger, *testkit.SyncBuffer) {
+	t.Helper()
+	buf := &testkit.SyncBuffer{}
+	log, err := New(Config{Format: "json", Level: "info"}, buf, function)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return log, buf
 }

@@ -12,8 +12,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestRedisLogger: a go-redis message becomes one JSON warn line of the
@@ -80,11 +78,7 @@ func TestRedisLoggerRepeats(t *testing.T) {
 // anything else as "http server" at warn.
 func TestServerErrorLog(t *testing.T) {
 	t.Parallel()
-	var buf testkit.SyncBuffer
-	log, err := New(Config{Format: "json", Level: "info"}, &buf, "egress")
-	if err != nil {
-		t.Fatal(err)
-	}
+	log, buf := jsonLog(t, "egress")
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/panic" {
 			panic("boom")
