@@ -131,11 +131,7 @@ func TestSubscribesAfterWelcome(t *testing.T) {
 				}
 			})
 			welcomes := make(chan Welcome, 1)
-			c, err := Dial(Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w }})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
+			c := dialed(t, Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w }})
 			for i := range 5 {
 				if _, err := c.Subscribe(fmt.Sprintf("%s-%d", long, i), Handler{}); err != nil {
 					t.Fatal(err)

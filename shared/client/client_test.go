@@ -23,6 +23,32 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
+// recorded subscribes c to ch after the id after ("" for none), and
+// returns the ids of the messages it is handed and the recovered flag of
+// each subscribed reply, in order (10 of each at most).
+func recorded(t *testing.T, c *Client, ch, after string) (got <-chan string, subscribed <-chan bool) {
+	t.Helper()
+	ids, flags := make(chan string, 10), make(chan bool, 10)
+	if _, err := c.Subscribe(ch, Handler{After: after,
+		OnMessage:    func(m Message) { ids <- m.ID },
+		OnSubscribed: func(recovered bool) { flags <- recovered }}); err != nil {
+		t.Fatal(err)
+	}
+	return ids, flags
+}
+
+// dialed dials o (Dial), failing the test on an error, and closes the
+// client when the test ends.
+func dialed(t *testing.T, o Options) *Client {
+	t.Helper()
+	c, err := Dial(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // scripted runs an egress stand-in: each upgraded socket is handed to
 // script, which plays the server's side.
 func scripted(t *testing.T, script func(t *testing.T, ws *websocket.Conn)) (url string, upgrades *atomic.Int32) {
@@ -79,11 +105,7 @@ func TestDuplicatesReported(t *testing.T) {
 		}
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	var mu sync.Mutex
 	var got, dups []string
 	done := make(chan struct{})
@@ -143,11 +165,7 @@ func TestResubscribeIgnoresEarlierFrames(t *testing.T) {
 		write(t, ws, `{"type":"message","channel":"a","id":"4-0","ts":1,"data":4}`)
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	gotFirst := make(chan string, 10)
 	s1, err := c.Subscribe("a", Handler{OnMessage: func(m Message) { gotFirst <- m.ID }})
 	if err != nil {
@@ -162,13 +180,7 @@ func TestResubscribeIgnoresEarlierFrames(t *testing.T) {
 		t.Fatal("no message on the first subscription")
 	}
 	s1.Unsubscribe()
-	got := make(chan string, 10)
-	subscribed := make(chan bool, 10)
-	if _, err := c.Subscribe("a", Handler{After: s1.LastID(),
-		OnMessage:    func(m Message) { got <- m.ID },
-		OnSubscribed: func(recovered bool) { subscribed <- recovered }}); err != nil {
-		t.Fatal(err)
-	}
+	got, subscribed := recorded(t, c, "a", s1.LastID())
 	wantIDs(t, got, "3-0", "4-0")
 	if n := len(subscribed); n != 1 {
 		t.Fatalf("OnSubscribed called %d times, want once (the earlier reply is not its)", n)
@@ -200,24 +212,14 @@ func TestEarlierSubscribedIgnored(t *testing.T) {
 		}
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	waitConnected(t, c)
 	s1, err := c.Subscribe("a", Handler{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s1.Unsubscribe()
-	got := make(chan string, 10)
-	subscribed := make(chan bool, 10)
-	if _, err := c.Subscribe("a", Handler{After: "1-0",
-		OnMessage:    func(m Message) { got <- m.ID },
-		OnSubscribed: func(recovered bool) { subscribed <- recovered }}); err != nil {
-		t.Fatal(err)
-	}
+	got, subscribed := recorded(t, c, "a", "1-0")
 	wantIDs(t, got, "2-0", "3-0", "4-0", "5-0", "6-0")
 	if n := len(subscribed); n != 1 {
 		t.Fatalf("OnSubscribed called %d times, want once", n)
@@ -239,11 +241,7 @@ func TestUnrecoveredResumeTakesPosition(t *testing.T) {
 		write(t, ws, `{"type":"message","channel":"a","id":"6-0","ts":1,"data":6}`)
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	got := make(chan string, 10)
 	s, err := c.Subscribe("a", Handler{After: "90-0", OnMessage: func(m Message) { got <- m.ID }})
 	if err != nil {
@@ -283,19 +281,8 @@ func TestResumeAcrossReconnect(t *testing.T) {
 		write(t, ws, `{"type":"message","channel":"a","id":"6-0","ts":1,"data":6}`)
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	got := make(chan string, 10)
-	subscribed := make(chan bool, 10)
-	if _, err := c.Subscribe("a", Handler{
-		OnMessage:    func(m Message) { got <- m.ID },
-		OnSubscribed: func(recovered bool) { subscribed <- recovered },
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := dialed(t, Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
+	got, subscribed := recorded(t, c, "a", "")
 	wantIDs(t, got, "20-0", "6-0")
 	var flags []bool
 	for len(flags) < 2 {
@@ -336,11 +323,7 @@ func TestFreshSubscriptionResumesFromPosition(t *testing.T) {
 		resumed <- after
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
 	subscribed := make(chan bool, 1)
 	s, err := c.Subscribe("a", Handler{OnSubscribed: func(recovered bool) { subscribed <- recovered }})
 	if err != nil {
@@ -384,11 +367,7 @@ func TestSecondSubscribedIgnored(t *testing.T) {
 		write(t, ws, `{"type":"message","channel":"a","id":"3-0","ts":1,"data":3}`)
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	got := make(chan string, 10)
 	if _, err := c.Subscribe("a", Handler{
 		OnMessage:    func(m Message) { got <- m.ID },
@@ -422,11 +401,7 @@ func TestSecondWelcomeIgnored(t *testing.T) {
 		_, _, _ = ws.ReadMessage()              // until the client closes
 	})
 	welcomes := make(chan string, 10)
-	c, err := Dial(Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w.ConnectionID }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url, OnWelcome: func(w Welcome) { welcomes <- w.ConnectionID }})
 	subscribed := make(chan struct{})
 	s, err := c.Subscribe("a", Handler{OnSubscribed: func(bool) { close(subscribed) }})
 	if err != nil {
@@ -485,11 +460,7 @@ func TestSubscribeChecksNames(t *testing.T) {
 		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
-	c, err := Dial(Options{URL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url})
 	for _, ch := range []string{"", "bad name", "-x", strings.Repeat("a", 129)} {
 		if _, err := c.Subscribe(ch, Handler{}); err == nil {
 			t.Errorf("Subscribe(%q) accepted", ch)
@@ -511,11 +482,7 @@ func TestSilentConnection(t *testing.T) {
 		_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"welcome","connection_id":"c1","instance":"i"}`))
 		_, _, _ = ws.ReadMessage() // silent until the client goes
 	})
-	c, err := Dial(Options{URL: url, ReadTimeout: 200 * time.Millisecond, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url, ReadTimeout: 200 * time.Millisecond, MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond})
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if n := upgrades.Load(); n < 2 {
 			return fmt.Errorf("%d upgrades: the silent connection was kept", n)
@@ -869,11 +836,7 @@ func TestTokenTravelsAsSubprotocol(t *testing.T) {
 		default:
 		}
 	})
-	c, err := Dial(Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "tok1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	dialed(t, Options{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", Token: "tok1"})
 	var r *http.Request
 	select {
 	case r = <-got:
@@ -1302,11 +1265,7 @@ func TestRetryAfterBounds(t *testing.T) {
 // nobody answers must not hold the client for good.
 func TestHandshakeTimeoutBounded(t *testing.T) {
 	d := &websocket.Dialer{}
-	c, err := Dial(Options{URL: "ws://127.0.0.1:1/ws", Dialer: d, MinBackoff: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: "ws://127.0.0.1:1/ws", Dialer: d, MinBackoff: time.Hour})
 	if got := c.opts.Dialer.HandshakeTimeout; got != DefaultHandshakeTimeout {
 		t.Errorf("HandshakeTimeout %v, want %v", got, DefaultHandshakeTimeout)
 	}
@@ -1389,11 +1348,7 @@ func TestNoErrorHandlerAfterUnsubscribe(t *testing.T) {
 	})
 	delivered := make(chan struct{})
 	var once sync.Once
-	c, err := Dial(Options{URL: url, OnMessage: func(Message) { once.Do(func() { close(delivered) }) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url, OnMessage: func(Message) { once.Do(func() { close(delivered) }) }})
 	waitConnected(t, c)
 	var calls atomic.Int32
 	s, err := c.Subscribe("a", Handler{OnError: func(*ServerError) { calls.Add(1) }})
@@ -1422,11 +1377,7 @@ func TestSubscriptionErrorWithoutHandler(t *testing.T) {
 		_, _, _ = ws.ReadMessage() // until the client closes
 	})
 	errs := make(chan string, 10)
-	c, err := Dial(Options{URL: url, OnError: func(e *ServerError) { errs <- e.Code }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, Options{URL: url, OnError: func(e *ServerError) { errs <- e.Code }})
 	if _, err := c.Subscribe("a", Handler{}); err != nil {
 		t.Fatal(err)
 	}
