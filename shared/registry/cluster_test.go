@@ -20,14 +20,7 @@ import (
 // on different slots of a real three-master Redis Cluster: every pipeline
 // crosses nodes, and no command touches keys of two slots.
 func TestClusterRegistry(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	rdb := c.Client(t)
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
-	reg := registry.New(rdb, ks, 5*time.Second)
+	reg, _, _ := clusterRegistry(t, 5*time.Second, nil)
 	ctx := context.Background()
 
 	var recs []*registry.Record
@@ -83,20 +76,10 @@ func TestClusterRegistry(t *testing.T) {
 // behind a few of them. Before, five such members made a limit=1 read
 // answer [] while the user had a live connection.
 func TestClusterFailedRemoves(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	rdb := c.Client(t)
 	var failZRem atomic.Bool
-	rdb.OnNewNode(func(n *redis.Client) {
-		n.AddHook(redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
-			return failZRem.Load() && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == "zrem" })
-		}})
-	})
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
-	reg := registry.New(rdb, ks, 5*time.Second)
+	reg, rdb, ks := clusterRegistry(t, 5*time.Second, redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
+		return failZRem.Load() && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == "zrem" })
+	}})
 	ctx := context.Background()
 
 	node := func(key string) string {
@@ -156,18 +139,8 @@ func (oomReply) RedisError()   {}
 // reports the error and goes on writing to it, unlike a master that could
 // not be reached.
 func TestClusterRefreshAfterReply(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	rdb := c.Client(t)
 	var refuse atomic.Bool
-	rdb.OnNewNode(func(n *redis.Client) {
-		n.AddHook(replyHook{on: &refuse})
-	})
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
-	reg := registry.New(rdb, ks, time.Minute)
+	reg, _, _ := clusterRegistry(t, time.Minute, replyHook{on: &refuse})
 	ctx := context.Background()
 	rec := &registry.Record{ID: "c1", User: "u", Instance: "i1"}
 	if err := reg.Put(ctx, rec); err != nil { // every node dialled
@@ -199,4 +172,22 @@ func (h replyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 		}
 		return oomReply{}
 	}
+}
+
+// clusterRegistry starts a three-master Redis Cluster and returns a
+// registry on it with ttl, its client and key scheme (the keys removed
+// at the end); hook, when not nil, is added to the client of every node.
+// It skips the test with -short.
+func clusterRegistry(t *testing.T, ttl time.Duration, hook redis.Hook) (*registry.Registry, *redis.ClusterClient, keys.Scheme) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	rdb := redistest.StartCluster(t, 3, 0).Client(t)
+	if hook != nil {
+		rdb.OnNewNode(func(n *redis.Client) { n.AddHook(hook) })
+	}
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
+	return registry.New(rdb, ks, ttl), rdb, ks
 }
