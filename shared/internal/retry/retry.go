@@ -6,6 +6,7 @@ package retry
 
 import (
 	"errors"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -15,11 +16,17 @@ import (
 // Backoff is the full-jitter wait before attempt n (0-based): a random
 // time in [0, min(maxWait, minWait·2ⁿ)].
 func Backoff(minWait, maxWait time.Duration, n int) time.Duration {
-	ceil := minWait << min(n, 20)
-	if ceil > maxWait || ceil <= 0 {
-		ceil = maxWait
+	shift := min(n, 20)
+	ceil := maxWait
+	// Compared before the shift, which would wrap for a minWait of hours.
+	if minWait > 0 && minWait <= maxWait>>shift {
+		ceil = minWait << shift
 	}
-	return rand.N(ceil + 1)
+	if ceil <= 0 {
+		return 0
+	}
+	// ceil+1 would overflow at the top of the range.
+	return rand.N(min(ceil, math.MaxInt64-1) + 1)
 }
 
 // After reads a Retry-After header (RFC 9110 §10.2.3: delay-seconds or
