@@ -1,6 +1,9 @@
 package main
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"unicode/utf8"
+)
 
 // WebSocket opcodes of the frames the server writes itself.
 const (
@@ -35,10 +38,15 @@ func wsFrame(op byte, payload []byte) []byte {
 }
 
 // closePayload is a close frame's payload: the code, then the reason,
-// truncated so that the control frame stays within 125 bytes.
+// truncated so that the control frame stays within 125 bytes, at a
+// character boundary so that it stays UTF-8.
 func closePayload(code int, reason string) []byte {
 	if len(reason) > 123 {
-		reason = reason[:123]
+		n := 123
+		for n > 0 && !utf8.RuneStart(reason[n]) {
+			n--
+		}
+		reason = reason[:n]
 	}
 	b := make([]byte, 2, 2+len(reason))
 	binary.BigEndian.PutUint16(b, uint16(code))

@@ -237,6 +237,22 @@ func TestParseClose(t *testing.T) {
 	}
 }
 
+// TestClosePayloadLongReason: a reason cut to fit the 125-byte control
+// frame is cut at a character boundary, so that the close stays valid
+// UTF-8 (RFC 6455 §5.5.1: a client fails the connection otherwise).
+func TestClosePayloadLongReason(t *testing.T) {
+	for _, reason := range []string{strings.Repeat("x", 200), "xx" + strings.Repeat("é", 100), "x" + strings.Repeat("✓", 60)} {
+		p := closePayload(4000, reason)
+		if len(p) > 125 {
+			t.Errorf("%q: payload of %d bytes, over 125", reason[:10], len(p))
+		}
+		code, got, err := parseClose(p)
+		if err != nil || code != 4000 || !strings.HasPrefix(reason, got) || len(got) < 121 {
+			t.Errorf("%q: parseClose = %d, %q, %v; want 4000, a valid prefix of 121–123 bytes", reason[:10], code, got, err)
+		}
+	}
+}
+
 // BenchmarkFrameReader reads client frames: a 100-byte text message and a
 // pong, as an idle-but-alive subscriber sends them, from memory.
 func BenchmarkFrameReader(b *testing.B) {
