@@ -191,3 +191,61 @@ func clusterRegistry(t *testing.T, ttl time.Duration, hook redis.Hook) (*registr
 	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
 	return registry.New(rdb, ks, ttl), rdb, ks
 }
+
+// TestClusterRefreshGoesOnPastFailedMaster: a refresh of more records than
+// one batch holds, while one master cannot be reached, goes on with the
+// later batches (GoOn on a cluster): the records whose keys are on the
+// masters that answer are all written, not only those of the first batch,
+// and the refresh still reports the failed master's writes.
+func TestClusterRefreshGoesOnPastFailedMaster(t *testing.T) {
+	var down atomic.Value // the address of the master that fails, once set
+	down.Store("")
+	var rdb *redis.ClusterClient
+	master := func(key string) string {
+		m, err := rdb.MasterForKey(context.Background(), key)
+		if err != nil {
+			return ""
+		}
+		return m.Options().Addr
+	}
+	reg, rdb, ks := clusterRegistry(t, time.Minute, redistest.Fail{Pipeline: func(cmds []redis.Cmder) bool {
+		bad := down.Load().(string)
+		return bad != "" && len(cmds) > 0 && len(cmds[0].Args()) > 1 && master(fmt.Sprint(cmds[0].Args()[1])) == bad
+	}})
+	ctx := context.Background()
+	recs := make([]*registry.Record, 600) // three batches
+	for i := range recs {
+		recs[i] = &registry.Record{ID: fmt.Sprintf("c%d", i), Instance: "i1"}
+	}
+	bad := master(ks.Conn(recs[0].ID))            // a key of the first batch fails
+	if err := reg.Put(ctx, recs[0]); err != nil { // every node dialled
+		t.Fatal(err)
+	}
+	if err := rdb.Del(ctx, ks.Conn(recs[0].ID)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	down.Store(bad)
+	ref := reg.Refresher()
+	if !ref.GoOn() {
+		t.Errorf("GoOn on a cluster")
+	}
+	if err := ref.Write(ctx, recs); !errors.Is(err, redistest.ErrFailed) {
+		t.Fatalf("Write with master %s failing = %v, want ErrFailed", bad, err)
+	}
+	down.Store("")
+	var missing []string
+	written := 0
+	for _, r := range recs {
+		if master(ks.Conn(r.ID)) == bad {
+			continue
+		}
+		if rdb.Exists(ctx, ks.Conn(r.ID)).Val() != 1 {
+			missing = append(missing, r.ID)
+		} else {
+			written++
+		}
+	}
+	if len(missing) > 0 {
+		t.Errorf("%d records on the masters that answer not written (%d were), among them %v", len(missing), written, missing[:min(5, len(missing))])
+	}
+}
