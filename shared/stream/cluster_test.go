@@ -214,3 +214,54 @@ func TestClusterWaitAfterSlotMoved(t *testing.T) {
 		t.Fatalf("the stream on its new master holds %d entries (%v), want %d", n, err, before+1)
 	}
 }
+
+// TestClusterAppendAfterFailover: appends run on the masters' own clients,
+// outside the cluster client's routing, which reloads its slot map only on
+// its own errors or once a minute (go-redis's ClusterStateReloadInterval).
+// Once a master is failed over, an append that found it gone has the map
+// reloaded, so that the appends after it reach the promoted replica,
+// instead of failing (503) until the periodic reload.
+func TestClusterAppendAfterFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 1)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
+	}
+	rdb := c.Client(t) // its slot map is read by the first append below
+	ctx := context.Background()
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	t.Cleanup(func() { redistest.Cleanup(rdb, ks.Prefix) })
+	store := stream.NewStore(rdb)
+	app := func() error {
+		_, err := store.Append(ctx, []stream.Append{{Stream: ks.Stream("fo"), Notify: ks.Notify("fo"),
+			Msg: stream.Message{Channel: "fo", TS: 1, Data: []byte(`1`)}, Limits: stream.Limits{MaxLen: 100, TTLMS: 60000}}})
+		return err
+	}
+	if err := app(); err != nil {
+		t.Fatal(err)
+	}
+	m, err := rdb.MasterForKey(ctx, ks.Stream("fo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := m.Options().Addr
+	c.StopNode(t, c.Index(addr))
+	c.WaitFailover(t, addr, 30*time.Second)
+
+	// The first append after the failover may still be sent to the
+	// stopped master; the ones after it must find the promoted replica,
+	// long before the client's periodic reload (a minute after the map
+	// was read) would have.
+	deadline := time.Now().Add(20 * time.Second)
+	failed := 0
+	for err := app(); err != nil; err = app() {
+		failed++
+		if time.Now().After(deadline) {
+			t.Fatalf("appends still fail %d attempts after %s was failed over: %v", failed, addr, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("%d appends failed after the failover", failed)
+}
