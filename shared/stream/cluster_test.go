@@ -265,3 +265,27 @@ func TestClusterAppendAfterFailover(t *testing.T) {
 	}
 	t.Logf("%d appends failed after the failover", failed)
 }
+
+// TestClusterAppendWithoutSlotMap: a cluster client that cannot read the
+// cluster's slot map (no node answers) cannot tell which master an append
+// goes to: the append fails, and is never reported as written (with an
+// empty id).
+func TestClusterAppendWithoutSlotMap(t *testing.T) {
+	t.Parallel()
+	port, err := redistest.FreePort() // nothing listens there
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:       []string{fmt.Sprintf("127.0.0.1:%d", port)},
+		DialTimeout: 500 * time.Millisecond, MaxRetries: -1, DisableIdentity: true,
+	})
+	t.Cleanup(func() { rdb.Close() })
+	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
+	store := stream.NewStore(rdb)
+	ids, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("c"), Notify: ks.Notify("c"),
+		Msg: stream.Message{Channel: "c", TS: 1, Data: []byte(`1`)}}})
+	if err == nil {
+		t.Fatalf("Append with no node reachable = %q, no error", ids)
+	}
+}
