@@ -249,3 +249,25 @@ func TestClusterRefreshGoesOnPastFailedMaster(t *testing.T) {
 		t.Errorf("%d records on the masters that answer not written (%d were), among them %v", len(missing), written, missing[:min(5, len(missing))])
 	}
 }
+
+// TestClusterRefreshWithoutSlotMap: a refresh through a cluster client that
+// cannot read the cluster's slot map (no node answers) cannot tell which
+// master a key is on; its writes go to go-redis, which fails them, and the
+// refresh says so instead of reporting records written.
+func TestClusterRefreshWithoutSlotMap(t *testing.T) {
+	t.Parallel()
+	port, err := redistest.FreePort() // nothing listens there
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:       []string{fmt.Sprintf("127.0.0.1:%d", port)},
+		DialTimeout: 500 * time.Millisecond, MaxRetries: -1, DisableIdentity: true,
+	})
+	t.Cleanup(func() { rdb.Close() })
+	reg := registry.New(rdb, keys.Scheme{Prefix: redistest.Prefix(t)}, time.Minute)
+	rec := &registry.Record{ID: "c1", User: "u", Instance: "i1", Channels: []string{"room"}}
+	if err := reg.Put(context.Background(), rec); err == nil {
+		t.Fatal("Put with no node reachable: no error")
+	}
+}
