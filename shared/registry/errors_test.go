@@ -103,3 +103,31 @@ func TestChannelsNeverNull(t *testing.T) {
 		}
 	}
 }
+
+// TestCorruptRecords: a connection record no egress wrote (not JSON, or
+// without the connection's id or instance, which a send needs to reach it)
+// is ErrCorruptRecord to Get, and left out, without an error, of a user's
+// connections.
+func TestCorruptRecords(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	if err := r.Put(ctx, &Record{ID: "good", User: "u", Instance: "i"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ id, stored string }{
+		{"not-json", `{"id":"not-json",`},
+		{"no-id", `{"user":"u","instance":"i","channels":[]}`},
+		{"no-instance", `{"id":"no-instance","user":"u","channels":[]}`},
+	} {
+		r.rdb.Set(ctx, ks.Conn(tc.id), tc.stored, time.Minute)
+		r.rdb.ZAdd(ctx, ks.UserConns("u"), redis.Z{Score: float64(time.Now().Add(time.Minute).UnixMilli()), Member: tc.id})
+		if got, err := r.Get(ctx, tc.id); !errors.Is(err, ErrCorruptRecord) {
+			t.Errorf("Get %s (stored %s) = %+v, %v; want ErrCorruptRecord", tc.id, tc.stored, got, err)
+		}
+	}
+	recs, err := r.User(ctx, "u", 10)
+	if err != nil || len(recs) != 1 || recs[0].ID != "good" {
+		t.Errorf("User = %v, %v; want [good]", ids(recs), err)
+	}
+}

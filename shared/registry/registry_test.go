@@ -266,3 +266,27 @@ func TestRefreshMany(t *testing.T) {
 		t.Fatalf("Channel = %d records, %v", len(got), err)
 	}
 }
+
+// TestNoUserNoUserSet: a connection without a user (anonymous) is a
+// member of no user's set: a send to the user "" reaches nobody.
+func TestNoUserNoUserSet(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	rec := &Record{ID: "anon", Instance: "i", Channels: []string{"room"}}
+	if err := r.Put(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Refresh(ctx, []*Record{rec}); err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := r.User(ctx, "", 10); err != nil || len(recs) != 0 {
+		t.Errorf(`User("") = %v, %v; want none`, ids(recs), err)
+	}
+	if n := r.rdb.Exists(ctx, ks.UserConns("")).Val(); n != 0 {
+		t.Errorf("the set of user \"\" exists")
+	}
+	if recs, err := r.Channel(ctx, "room", 10); err != nil || len(recs) != 1 {
+		t.Errorf("Channel(room) = %v, %v; want [anon]", ids(recs), err)
+	}
+}
