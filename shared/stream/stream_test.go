@@ -3,9 +3,11 @@ package stream
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -971,5 +973,63 @@ func TestAppendOnce(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("notification %d not received", i)
 		}
+	}
+}
+
+// TestAppendReplyLostNotSentAgain: an append whose reply was lost (the
+// connection broke after Redis ran the script) may have been written, so
+// it fails and is not sent again: only an append refused with NOSCRIPT,
+// which did not run, is. Sending again any append that failed wrote this
+// one twice.
+func TestAppendReplyLostNotSentAgain(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("lost")
+	e.publish("lost", 1, Limits{}) // the script cached: EVALSHA runs it
+	var lose atomic.Bool
+	e.rdb.(*redis.Client).AddHook(lostReply{&lose})
+	lose.Store(true)
+	if _, err := e.store.Append(t.Context(), []Append{e.appendOf("lost", "2", Limits{})}); !errors.Is(err, redistest.ErrFailed) {
+		t.Fatalf("Append whose reply was lost = %v, want ErrFailed", err)
+	}
+	if n := e.rdb.XLen(t.Context(), key).Val(); n != 2 {
+		t.Fatalf("XLEN = %d after a first append and one whose reply was lost, want 2 (each written once)", n)
+	}
+}
+
+// lostReply runs the next pipeline, then fails each of its commands with
+// redistest.ErrFailed, as a connection broken before the replies were
+// read does, once, when on.
+type lostReply struct{ on *atomic.Bool }
+
+func (h lostReply) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h lostReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h lostReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if !h.on.CompareAndSwap(true, false) {
+			return err
+		}
+		for _, c := range cmds {
+			c.SetErr(redistest.ErrFailed)
+		}
+		return redistest.ErrFailed
+	}
+}
+
+// TestMaxAgeBeyondEpoch: a maximum age longer than the time since 1970
+// (a "keep for ever" set as a large age) trims nothing and fails nothing:
+// the trim's bound would be an id before 0-0, which Redis refuses.
+func TestMaxAgeBeyondEpoch(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	lim := Limits{MaxAgeMS: 200 * 365 * 24 * time.Hour.Milliseconds()}
+	for i := range 2 {
+		if _, err := e.store.Append(t.Context(), []Append{e.appendOf("forever", strconv.Itoa(i), lim)}); err != nil {
+			t.Fatalf("append %d with a maximum age of 200 years: %v", i, err)
+		}
+	}
+	if n := e.rdb.XLen(t.Context(), e.keys.Stream("forever")).Val(); n != 2 {
+		t.Fatalf("XLEN = %d, want 2", n)
 	}
 }
