@@ -436,3 +436,22 @@ func TestBatcherMaxBatch(t *testing.T) {
 	}
 	assertIdle(t, b)
 }
+
+// TestBatcherZeroBounds: NewBatcher takes a zero maxInFlight or maxBatch
+// as one (a config left at zero), not as "no pipeline may run", which
+// would leave every caller waiting for a leader that never comes.
+func TestBatcherZeroBounds(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	b := NewBatcher(NewStore(rdb), 5*time.Second, 0, 0)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	as := []Append{
+		{Stream: ks.Stream("z"), Notify: ks.Notify("z"), Msg: Message{Channel: "z", Data: []byte(`1`)}},
+		{Stream: ks.Stream("z"), Notify: ks.Notify("z"), Msg: Message{Channel: "z", Data: []byte(`2`)}},
+	}
+	if ids, err := b.Append(ctx, as); err != nil || len(ids) != 2 {
+		t.Fatalf("Append through a Batcher with zero bounds = %v, %v", ids, err)
+	}
+}
