@@ -19,7 +19,9 @@ func TestRecreatedStreamIDFollowsLastID(t *testing.T) {
 	t.Parallel()
 	hour := uint64(time.Now().Add(time.Hour).UnixMilli())
 	// The second: a sequence number past what a Lua number holds exactly.
-	for i, ahead := range []ID{{MS: hour, Seq: 5}, {MS: hour, Seq: 1<<60 + 1}} {
+	// The third: milliseconds with one digit more than now's (the script
+	// compares ids as decimal strings, by length first).
+	for i, ahead := range []ID{{MS: hour, Seq: 5}, {MS: hour, Seq: 1<<60 + 1}, {MS: 10_000_000_000_000, Seq: 0}} {
 		t.Run(strconv.Itoa(i), func(t *testing.T) { recreatedStreamFollows(t, ahead) })
 	}
 }
