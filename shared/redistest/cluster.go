@@ -421,3 +421,21 @@ func (c *Cluster) AddMaster(t testing.TB) string {
 	}
 	return s.Addr()
 }
+
+// UnreachableCluster is a cluster client whose one seed address has
+// nothing listening: it can read no slot map, so it cannot tell which
+// master a key is on and every command through it fails (after a dial of
+// at most 500 ms, never retried).
+func UnreachableCluster(t testing.TB) *redis.ClusterClient {
+	t.Helper()
+	port, err := FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:       []string{fmt.Sprintf("127.0.0.1:%d", port)},
+		DialTimeout: 500 * time.Millisecond, MaxRetries: -1, DisableIdentity: true,
+	})
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}

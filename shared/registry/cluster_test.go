@@ -256,15 +256,7 @@ func TestClusterRefreshGoesOnPastFailedMaster(t *testing.T) {
 // refresh says so instead of reporting records written.
 func TestClusterRefreshWithoutSlotMap(t *testing.T) {
 	t.Parallel()
-	port, err := redistest.FreePort() // nothing listens there
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClusterClient(&redis.ClusterOptions{
-		Addrs:       []string{fmt.Sprintf("127.0.0.1:%d", port)},
-		DialTimeout: 500 * time.Millisecond, MaxRetries: -1, DisableIdentity: true,
-	})
-	t.Cleanup(func() { rdb.Close() })
+	rdb := redistest.UnreachableCluster(t)
 	reg := registry.New(rdb, keys.Scheme{Prefix: redistest.Prefix(t)}, time.Minute)
 	rec := &registry.Record{ID: "c1", User: "u", Instance: "i1", Channels: []string{"room"}}
 	if err := reg.Put(context.Background(), rec); err == nil {

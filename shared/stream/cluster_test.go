@@ -272,15 +272,7 @@ func TestClusterAppendAfterFailover(t *testing.T) {
 // empty id).
 func TestClusterAppendWithoutSlotMap(t *testing.T) {
 	t.Parallel()
-	port, err := redistest.FreePort() // nothing listens there
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClusterClient(&redis.ClusterOptions{
-		Addrs:       []string{fmt.Sprintf("127.0.0.1:%d", port)},
-		DialTimeout: 500 * time.Millisecond, MaxRetries: -1, DisableIdentity: true,
-	})
-	t.Cleanup(func() { rdb.Close() })
+	rdb := redistest.UnreachableCluster(t)
 	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
 	store := stream.NewStore(rdb)
 	ids, err := store.Append(t.Context(), []stream.Append{{Stream: ks.Stream("c"), Notify: ks.Notify("c"),
