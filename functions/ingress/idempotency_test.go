@@ -455,27 +455,6 @@ func TestIdempotencyRace(t *testing.T) {
 	}
 }
 
-// lostClaimReply is a Redis whose reply to the idempotency claim (SET NX)
-// is lost while on, after Redis has run it.
-type lostClaimReply struct{ on *atomic.Bool }
-
-func (h lostClaimReply) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h lostClaimReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		err := next(ctx, cmd)
-		if h.on.Load() && cmd.Name() == "set" && cmd.Args()[len(cmd.Args())-1] == "nx" {
-			cmd.SetErr(redistest.ErrFailed)
-			return redistest.ErrFailed
-		}
-		return err
-	}
-}
-
-func (h lostClaimReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-
 // TestIdempotencyClaimReplyLost: a claim Redis set but whose reply was
 // lost is freed with the 503, so that the retry runs (and writes once)
 // instead of getting 409 until the claim expires.
@@ -483,7 +462,10 @@ func TestIdempotencyClaimReplyLost(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
 	var on atomic.Bool
-	rdb.AddHook(lostClaimReply{on: &on})
+	// The claim's (SET NX) reply is lost while on, after Redis ran it.
+	rdb.AddHook(redistest.Fail{Sent: true, Cmd: func(cmd redis.Cmder) bool {
+		return on.Load() && cmd.Name() == "set" && cmd.Args()[len(cmd.Args())-1] == "nx"
+	}})
 	ks := keys.Scheme{Prefix: prefix}
 	e := &testEnv{t: t, srv: testServer(t, testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
 	t.Cleanup(e.srv.Close)

@@ -75,35 +75,44 @@ func (h *Hold) hold(cmds []redis.Cmder) {
 // a Redis gone away or partitioned gives.
 var ErrFailed = errors.New("i/o timeout (redistest.Fail)")
 
-// Fail is a go-redis hook (Client.AddHook) that fails, with ErrFailed and
-// without sending them, the single commands Cmd accepts and the pipelines
-// Pipeline accepts (every command of the pipeline). A nil func accepts
-// nothing. The funcs may switch the failure on and off, or count it.
+// Fail is a go-redis hook (Client.AddHook) that fails, with ErrFailed,
+// the single commands Cmd accepts and the pipelines Pipeline accepts
+// (every command of the pipeline): without sending them, or, with Sent,
+// after Redis has run them, as a reply lost with its connection. A nil
+// func accepts nothing. The funcs may switch the failure on and off, or
+// count it.
 type Fail struct {
 	Cmd      func(cmd redis.Cmder) bool
 	Pipeline func(cmds []redis.Cmder) bool
+	Sent     bool
 }
 
 func (f Fail) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (f Fail) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if f.Cmd != nil && f.Cmd(cmd) {
-			cmd.SetErr(ErrFailed)
-			return ErrFailed
+		if f.Cmd == nil || !f.Cmd(cmd) {
+			return next(ctx, cmd)
 		}
-		return next(ctx, cmd)
+		if f.Sent {
+			_ = next(ctx, cmd)
+		}
+		cmd.SetErr(ErrFailed)
+		return ErrFailed
 	}
 }
 
 func (f Fail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		if f.Pipeline != nil && f.Pipeline(cmds) {
-			for _, c := range cmds {
-				c.SetErr(ErrFailed)
-			}
-			return ErrFailed
+		if f.Pipeline == nil || !f.Pipeline(cmds) {
+			return next(ctx, cmds)
 		}
-		return next(ctx, cmds)
+		if f.Sent {
+			_ = next(ctx, cmds)
+		}
+		for _, c := range cmds {
+			c.SetErr(ErrFailed)
+		}
+		return ErrFailed
 	}
 }

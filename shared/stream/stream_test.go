@@ -987,33 +987,13 @@ func TestAppendReplyLostNotSentAgain(t *testing.T) {
 	key := e.keys.Stream("lost")
 	e.publish("lost", 1, Limits{}) // the script cached: EVALSHA runs it
 	var lose atomic.Bool
-	e.rdb.(*redis.Client).AddHook(lostReply{&lose})
+	e.rdb.(*redis.Client).AddHook(redistest.Fail{Sent: true, Pipeline: func([]redis.Cmder) bool { return lose.CompareAndSwap(true, false) }})
 	lose.Store(true)
 	if _, err := e.store.Append(t.Context(), []Append{e.appendOf("lost", "2", Limits{})}); !errors.Is(err, redistest.ErrFailed) {
 		t.Fatalf("Append whose reply was lost = %v, want ErrFailed", err)
 	}
 	if n := e.rdb.XLen(t.Context(), key).Val(); n != 2 {
 		t.Fatalf("XLEN = %d after a first append and one whose reply was lost, want 2 (each written once)", n)
-	}
-}
-
-// lostReply runs the next pipeline, then fails each of its commands with
-// redistest.ErrFailed, as a connection broken before the replies were
-// read does, once, when on.
-type lostReply struct{ on *atomic.Bool }
-
-func (h lostReply) DialHook(next redis.DialHook) redis.DialHook          { return next }
-func (h lostReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-func (h lostReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(ctx, cmds)
-		if !h.on.CompareAndSwap(true, false) {
-			return err
-		}
-		for _, c := range cmds {
-			c.SetErr(redistest.ErrFailed)
-		}
-		return redistest.ErrFailed
 	}
 }
 
