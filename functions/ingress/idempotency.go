@@ -76,41 +76,10 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	onceSum := sha256.Sum256(append(digest[:], bodySum[:]...))
 	c.Set(onceDigestKey, hex.EncodeToString(onceSum[:16]))
 
-	// The claim expires soon after any request could have ended, so that a
-	// claim left behind (its DEL failed with Redis, or the process died)
-	// answers 409 for seconds, not for the whole window. A retry that
-	// overlaps a first attempt still running past it writes nothing twice:
-	// the once-keys see to that.
-	// The claim is not this request's to free after it expires.
-	until := time.Now().Add(s.pendingTTL())
 	claimID := rand.Text()
 	pending, _ := json.Marshal(idemRecord{State: "pending", Body: bodyHash, Claim: claimID})
-	ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
-	if redisconn.OutOfMemory(err) {
-		// Redis at its maxmemory refuses the claim whether or not the key
-		// is there, and sets nothing. A retry of a request that was
-		// answered before is answered from its record, which Redis still
-		// reads: a 503 "nothing was written" would have a publisher whose
-		// attempts run out during the episode take a message that was
-		// accepted for one that was not (and send it again under a new
-		// key). Anything else keeps the 503.
-		if b, gerr := s.rdb.Get(ctx, rkey).Bytes(); gerr == nil {
-			s.answerFrom(c, rkey, b, bodyHash)
-			return
-		}
-		s.writeError(c, err)
-		return
-	}
-	if err != nil {
-		// Redis may have set the claim and only its reply been lost (or
-		// the request cancelled meanwhile): free it if it is there, or
-		// the retry would get 409 until it expires. From the background,
-		// so that the 503 does not wait for another Redis call.
-		s.claims.later(rkey, string(pending), until)
-		s.writeError(c, err)
-		return
-	}
-	if !ok && !s.replay(c, rkey, bodyHash, string(pending), until) {
+	until, ok := s.claim(c, rkey, bodyHash, string(pending))
+	if !ok {
 		return
 	}
 	status, resp, err := write()
@@ -171,22 +140,96 @@ func (s *Server) pendingTTL() time.Duration {
 	return min(s.cfg.IdempotencyWindow, 10*s.cfg.Redis.Timeout+s.cfg.PublishWaitTimeout+5*time.Second)
 }
 
+// claimAttempts bounds how many times a request tries to claim a key
+// that is freed each time between its claim and its read of what holds
+// the key (claim).
+const claimAttempts = 3
+
+// claim takes the Idempotency-Key rkey for this request, whose claim
+// record is pending, and returns when the claim expires; or it answers
+// the request (the stored reply, 409, 422 or an error) and reports false.
+//
+// The claim expires soon after any request could have ended, so that a
+// claim left behind (its DEL failed with Redis, or the process died)
+// answers 409 for seconds, not for the whole window. A retry that
+// overlaps a first attempt still running past it writes nothing twice:
+// the once-keys see to that. The claim is not this request's to free
+// after it expires.
+func (s *Server) claim(c *gin.Context, rkey, bodyHash, pending string) (until time.Time, ok bool) {
+	ctx := c.Request.Context()
+	for attempt := 1; ; attempt++ {
+		until = time.Now().Add(s.pendingTTL())
+		ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
+		if redisconn.OutOfMemory(err) {
+			// Redis at its maxmemory refuses the claim whether or not the
+			// key is there, and sets nothing. A retry of a request that
+			// was answered before is answered from its record, which
+			// Redis still reads: a 503 "nothing was written" would have a
+			// publisher whose attempts run out during the episode take a
+			// message that was accepted for one that was not (and send it
+			// again under a new key). Anything else keeps the 503.
+			if b, gerr := s.rdb.Get(ctx, rkey).Bytes(); gerr == nil {
+				s.answerFrom(c, rkey, b, bodyHash)
+				return until, false
+			}
+			s.writeError(c, err)
+			return until, false
+		}
+		if err != nil {
+			// Redis may have set the claim and only its reply been lost
+			// (or the request cancelled meanwhile): free it if it is
+			// there, or the retry would get 409 until it expires. From
+			// the background, so that the 503 does not wait for another
+			// Redis call.
+			s.claims.later(rkey, pending, until)
+			s.writeError(c, err)
+			return until, false
+		}
+		if ok {
+			return until, true
+		}
+		switch s.replay(c, rkey, bodyHash, pending, until, attempt < claimAttempts) {
+		case claimOurs:
+			return until, true
+		case claimAnswered:
+			return until, false
+		}
+		// claimFreed: the key was freed between the SET and the GET (the
+		// request holding it failed and released it, or its claim
+		// expired): claim it again.
+	}
+}
+
+// claimOutcome is what replay found at a key whose claim failed.
+type claimOutcome int
+
+const (
+	claimAnswered claimOutcome = iota // the request is answered
+	claimOurs                         // the claim there is this request's own
+	claimFreed                        // nothing is there any more: claim again
+)
+
 // replay answers a request whose claim on rkey found the key taken: with
-// the stored reply, 409 or 422. It reports instead, answering nothing,
-// that the claim there is this request's own (mine): the SET's reply was
-// lost after Redis ran it and go-redis sent it again on a new connection,
-// which found the key taken. Without that check the request answered 409
-// "still being processed" for a request no longer running, and so did
-// every retry until the claim expired (pendingTTL). until is when the
-// claim expires.
-func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string, until time.Time) (ours bool) {
+// the stored reply, 409 or 422 (claimAnswered). It reports instead,
+// answering nothing, that the claim there is this request's own
+// (claimOurs): the SET's reply was lost after Redis ran it and go-redis
+// sent it again on a new connection, which found the key taken. Without
+// that check the request answered 409 "still being processed" for a
+// request no longer running, and so did every retry until the claim
+// expired (pendingTTL). A key found empty, freed since the SET, is
+// claimFreed when again is set (the caller claims it once more), else
+// 409. until is when the claim expires.
+func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string, until time.Time, again bool) claimOutcome {
 	b, err := s.rdb.Get(c.Request.Context(), rkey).Bytes()
 	if err == nil && string(b) == mine {
-		return true
+		return claimOurs
 	}
 	if errors.Is(err, redis.Nil) {
+		if again {
+			return claimFreed
+		}
 		s.writeError(c, &apiError{Status: http.StatusConflict, Code: "idempotency_in_progress", Message: "a request with this Idempotency-Key just finished; retry", RetryAfter: 1})
-		return false
+		return claimAnswered
 	}
 	if err != nil {
 		// What the claim found is unknown: it may be this request's own
@@ -194,10 +237,10 @@ func (s *Server) replay(c *gin.Context, rkey, bodyHash, mine string, until time.
 		// expires. Freed only if it is.
 		s.claims.later(rkey, mine, until)
 		s.writeError(c, err)
-		return false
+		return claimAnswered
 	}
 	s.answerFrom(c, rkey, b, bodyHash)
-	return false
+	return claimAnswered
 }
 
 // answerFrom answers a request with an Idempotency-Key from b, the record

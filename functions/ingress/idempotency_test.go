@@ -136,6 +136,85 @@ func TestIdempotencyInProgress(t *testing.T) {
 	}
 }
 
+// TestIdempotencyKeyFreedBeforeRead: a retry whose claim finds the key
+// taken, and then nothing there when it reads the key (the request that
+// held it failed and freed it in between), claims it again and runs,
+// instead of answering 409 to a key no request holds. Each read of the
+// key here finds it just freed, so the retry gives up with 409 after
+// claimAttempts claims.
+func TestIdempotencyKeyFreedBeforeRead(t *testing.T) {
+	t.Parallel()
+	for _, frees := range []int{1, claimAttempts} {
+		t.Run(fmt.Sprintf("freed %d times", frees), func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			var left atomic.Int64
+			rdb.AddHook(freeBeforeRead{left: &left, claim: `{"state":"pending","body":"x"}`})
+			e := &testEnv{t: t, srv: testServer(t, testConfig(t), slog.New(slog.NewTextHandler(io.Discard, nil)), rdb, ks), rdb: rdb, keys: ks}
+			t.Cleanup(e.srv.Close)
+
+			left.Store(int64(frees))
+			w := e.do("POST", "/v1/channels/freed/messages", `{"data":1}`, "Idempotency-Key", "k")
+			if left.Load() != 0 {
+				t.Fatalf("%d frees left: the claim did not find the key taken", left.Load())
+			}
+			if frees == claimAttempts {
+				expectError(t, w, 409, "idempotency_in_progress")
+				if n := e.xlen("freed"); n != 0 {
+					t.Fatalf("XLEN = %d, want 0", n)
+				}
+				return
+			}
+			if w.Code != 202 {
+				t.Fatalf("publish to a key freed before its read: %d %s, want 202", w.Code, w.Body)
+			}
+			if n := e.xlen("freed"); n != 1 {
+				t.Fatalf("XLEN = %d, want 1", n)
+			}
+			w2 := e.do("POST", "/v1/channels/freed/messages", `{"data":1}`, "Idempotency-Key", "k")
+			if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" {
+				t.Fatalf("retry: %d %s %v, want the replay", w2.Code, w2.Body, w2.Header())
+			}
+		})
+	}
+}
+
+// freeBeforeRead is a go-redis hook that, while left is positive, puts
+// claim at an Idempotency-Key before each SET NX of it, so that the claim
+// finds the key taken, and deletes it before the GET that follows, as a
+// request that held the key and then failed would; each GET counts
+// left down.
+type freeBeforeRead struct {
+	left  *atomic.Int64
+	claim string
+}
+
+func (f freeBeforeRead) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (f freeBeforeRead) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		if f.left.Load() > 0 && len(args) > 1 {
+			key, _ := args[1].(string)
+			if strings.Contains(key, ":{k:") {
+				switch cmd.Name() {
+				case "set":
+					_ = next(ctx, redis.NewStatusCmd(ctx, "set", key, f.claim, "px", 60000))
+				case "get":
+					_ = next(ctx, redis.NewIntCmd(ctx, "del", key))
+					f.left.Add(-1)
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (f freeBeforeRead) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
 // TestIdempotentRetryAfterLostReply: the first attempt wrote but its
 // outcome was lost (here: its idempotency record is gone, as after an
 // error reply); the retry with the same key and body returns the first
