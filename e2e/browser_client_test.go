@@ -228,6 +228,18 @@ const clientJSCases = `(async () => {
       ? "ok" : "refused [" + refused + "], sent [" + sent + "], got [" + got + "], last id " + s.lastId + ", pongs " + pongs;
     c.close();
   }
+  // An empty after is no position, as Go's zero Handler.After: an app
+  // that keeps its last id in a string starting out empty subscribes
+  // from the server's position, not with a TypeError.
+  {
+    const [c, ws] = await welcomed();
+    let err = null;
+    try { c.subscribe("e", { after: "" }); } catch (e) { err = e; }
+    const f = ws.sent.at(-1);
+    results.emptyAfter = err === null && f && f.type === "subscribe" && f.channel === "e" && !("after" in f)
+      ? "ok" : "error " + err + ", sent " + JSON.stringify(f);
+    c.close();
+  }
   // close() from a listener stops the client there: an application that
   // gives up on the next attempt (a "state" listener closing at
   // "connecting") gets no socket opened after it, and the state stays
@@ -1698,7 +1710,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

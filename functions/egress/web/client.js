@@ -326,13 +326,15 @@ export class WsRelay {
   /**
    * Subscribes to channel until unsubscribe() or close(), across reconnects.
    * handlers: onMessage(msg), onSubscribed(recovered), onError(frame),
-   * after (a message id to start after, e.g. one the app stored).
+   * after (a message id to start after, e.g. one the app stored; "",
+   * null or absent: none).
    */
   subscribe(channel, handlers = {}) {
     // Refused here, not by the server on every connect: ten refusals in a
     // row close the connection for good (1008).
     if (typeof channel !== "string" || !CHANNEL.test(channel)) throw new TypeError(`not a channel name: ${channel}`);
-    if (handlers.after != null && !isId(handlers.after)) throw new TypeError(`after is not a message id (a string such as "1700000000000-0"): ${handlers.after}`);
+    // An empty after is no position, as Go's zero Handler.After.
+    if (handlers.after != null && handlers.after !== "" && !isId(handlers.after)) throw new TypeError(`after is not a message id (a string such as "1700000000000-0"): ${handlers.after}`);
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
     // As Go's ErrClosed: a closed client (close(), or a final close by the
     // server) never connects again, so the subscription would never start.
@@ -341,7 +343,7 @@ export class WsRelay {
       channel,
       ref: ++this.nextRef,
       handlers,
-      last: handlers.after ?? null,
+      last: handlers.after || null,
       unsubscribe: () => {
         if (this.subs.get(channel) !== sub) return;
         this.subs.delete(channel);
