@@ -109,7 +109,7 @@ package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and
 		echo "packaged $(DIST)/$$f.zip$${tags:+ ($$tags)}"; \
 	done
 
-lint: ## gofmt check, go vet and staticcheck on every module; promtool on the alerting rules
+lint: ## gofmt check, go vet and staticcheck on every module; promtool on the alerting rules and the Grafana dashboard's queries
 	@out=$$(gofmt -l $(MODULES) scripts); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:" >&2; echo "$$out" >&2; exit 1; fi
 	@for m in $(MODULES); do echo "== vet $$m"; (cd $$m && $(GO) vet ./...); done

@@ -68,10 +68,9 @@ func exported(t *testing.T, url string, into map[string]bool) {
 // the egress exports (a renamed metric would leave an alert that never
 // fires), with the labels its selectors match on, rate() and increase()
 // only of counters, and each rule has what an operator's routing needs
-// (a unique name, a severity, a summary, a valid for). Its PromQL was checked with
-// Prometheus's own rule parser (model/rulefmt) when written; the
-// Prometheus module is not a dependency here, so that check is not
-// repeated (docs/metrics.md).
+// (a unique name, a severity, a summary, a valid for). Its PromQL is
+// parsed by Prometheus's own promtool in make lint (scripts/promtool.sh),
+// not here: the Prometheus module is not a dependency (docs/metrics.md).
 func TestAlertRules(t *testing.T) {
 	e := env{
 		"REDIS_URL":        redistest.URL(t),
@@ -89,23 +88,6 @@ func TestAlertRules(t *testing.T) {
 	fams := map[string]family{}
 	families(t, ing.URL, fams)
 	families(t, eg.URL, fams)
-	// base is the family of a wsrelay series name (a histogram's
-	// _bucket, _sum and _count are its family's).
-	base := func(name string) (string, family, bool) {
-		if f, ok := fams[name]; ok {
-			return name, f, true
-		}
-		for _, sfx := range []string{"_bucket", "_sum", "_count"} {
-			if f, ok := fams[strings.TrimSuffix(name, sfx)]; ok && f.typ == "histogram" && strings.HasSuffix(name, sfx) {
-				return strings.TrimSuffix(name, sfx), f, true
-			}
-		}
-		return "", family{}, false
-	}
-	selector := regexp.MustCompile(`\b(wsrelay_[a-z_]+)\{([^}]*)\}`)
-	matcher := regexp.MustCompile(`([a-zA-Z_]+)\s*(?:=~|!~|!=|=)`)
-	ranged := regexp.MustCompile(`\b(rate|irate|increase)\(\s*(wsrelay_[a-z_]+)`)
-
 	b, err := os.ReadFile(filepath.Join(repoRoot(t), "deploy", "prometheus", "wsrelay-alerts.yml"))
 	if err != nil {
 		t.Fatal(err)
@@ -116,7 +98,6 @@ func TestAlertRules(t *testing.T) {
 	if err := dec.Decode(&rules); err != nil {
 		t.Fatal(err)
 	}
-	metric := regexp.MustCompile(`\b(?:wsrelay|process|go)_[a-z_]+\b`)
 	seen := map[string]bool{}
 	n := 0
 	for _, g := range rules.Groups {
@@ -126,42 +107,7 @@ func TestAlertRules(t *testing.T) {
 				t.Errorf("rule %d of %s: alert name %q empty or repeated", n, g.Name, r.Alert)
 			}
 			seen[r.Alert] = true
-			if strings.Count(r.Expr, "(") != strings.Count(r.Expr, ")") {
-				t.Errorf("%s: unbalanced parentheses in %q", r.Alert, r.Expr)
-			}
-			used := metric.FindAllString(r.Expr, -1)
-			if len(used) == 0 {
-				t.Errorf("%s: no metric in %q", r.Alert, r.Expr)
-			}
-			for _, m := range used {
-				if !names[m] {
-					t.Errorf("%s: %s is not exported by the ingress or the egress", r.Alert, m)
-				}
-			}
-			// The labels a selector matches on are the family's (a
-			// misspelt one matches nothing, and the alert never fires).
-			for _, m := range selector.FindAllStringSubmatch(r.Expr, -1) {
-				name, f, ok := base(m[1])
-				if !ok {
-					continue // reported above
-				}
-				have := strings.Split(f.labels, ",")
-				if strings.HasSuffix(m[1], "_bucket") {
-					have = append(have, "le")
-				}
-				for _, l := range matcher.FindAllStringSubmatch(m[2], -1) {
-					if !slices.Contains(have, l[1]) {
-						t.Errorf("%s: %s has no label %s (it has %q)", r.Alert, name, l[1], f.labels)
-					}
-				}
-			}
-			// rate() and increase() only on counters (a histogram's
-			// series are counters too).
-			for _, m := range ranged.FindAllStringSubmatch(r.Expr, -1) {
-				if name, f, ok := base(m[2]); ok && f.typ != "counter" && (f.typ != "histogram" || name == m[2]) {
-					t.Errorf("%s: %s() of %s, a %s", r.Alert, m[1], m[2], f.typ)
-				}
-			}
+			checkExpr(t, r.Alert, r.Expr, names, fams)
 			switch r.Labels["severity"] {
 			case "critical", "warning", "info":
 			default:
@@ -180,6 +126,79 @@ func TestAlertRules(t *testing.T) {
 	if n < 5 {
 		t.Fatalf("%d rules read: the file's shape changed", n)
 	}
+}
+
+var (
+	metricName = regexp.MustCompile(`\b(?:wsrelay|process|go)_[a-z_]+\b`)
+	selector   = regexp.MustCompile(`\b(wsrelay_[a-z_]+)\{([^}]*)\}`)
+	matcher    = regexp.MustCompile(`([a-zA-Z_]+)\s*(?:=~|!~|!=|=)`)
+	ranged     = regexp.MustCompile(`\b(rate|irate|increase)\(\s*(wsrelay_[a-z_]+)`)
+)
+
+// checkExpr checks the PromQL expr (of the alert or panel where) against
+// what the functions export: names, every series name a scrape declared
+// (exported), and fams, the wsrelay_* families with their labels
+// (families). Every metric it names is exported (a renamed metric would
+// leave an alert that never fires, a panel that stays empty), a selector
+// matches only on labels its family has, and rate(), irate() and
+// increase() take counters. It returns the wsrelay_* families expr
+// names.
+func checkExpr(t *testing.T, where, expr string, names map[string]bool, fams map[string]family) []string {
+	t.Helper()
+	// base is the family of a wsrelay series name (a histogram's
+	// _bucket, _sum and _count are its family's).
+	base := func(name string) (string, family, bool) {
+		if f, ok := fams[name]; ok {
+			return name, f, true
+		}
+		for _, sfx := range []string{"_bucket", "_sum", "_count"} {
+			if f, ok := fams[strings.TrimSuffix(name, sfx)]; ok && f.typ == "histogram" && strings.HasSuffix(name, sfx) {
+				return strings.TrimSuffix(name, sfx), f, true
+			}
+		}
+		return "", family{}, false
+	}
+	if strings.Count(expr, "(") != strings.Count(expr, ")") {
+		t.Errorf("%s: unbalanced parentheses in %q", where, expr)
+	}
+	used := metricName.FindAllString(expr, -1)
+	if len(used) == 0 {
+		t.Errorf("%s: no metric in %q", where, expr)
+	}
+	var fam []string
+	for _, m := range used {
+		if !names[m] {
+			t.Errorf("%s: %s is not exported by the ingress or the egress", where, m)
+		}
+		if name, _, ok := base(m); ok {
+			fam = append(fam, name)
+		}
+	}
+	// The labels a selector matches on are the family's (a misspelt one
+	// matches nothing).
+	for _, m := range selector.FindAllStringSubmatch(expr, -1) {
+		name, f, ok := base(m[1])
+		if !ok {
+			continue // reported above
+		}
+		have := strings.Split(f.labels, ",")
+		if strings.HasSuffix(m[1], "_bucket") {
+			have = append(have, "le")
+		}
+		for _, l := range matcher.FindAllStringSubmatch(m[2], -1) {
+			if !slices.Contains(have, l[1]) {
+				t.Errorf("%s: %s has no label %s (it has %q)", where, name, l[1], f.labels)
+			}
+		}
+	}
+	// rate() and increase() only on counters (a histogram's series are
+	// counters too).
+	for _, m := range ranged.FindAllStringSubmatch(expr, -1) {
+		if name, f, ok := base(m[2]); ok && f.typ != "counter" && (f.typ != "histogram" || name == m[2]) {
+			t.Errorf("%s: %s() of %s, a %s", where, m[1], m[2], f.typ)
+		}
+	}
+	return fam
 }
 
 // family is a metric family as /metrics exports it or docs/metrics.md
@@ -229,12 +248,13 @@ func families(t *testing.T, url string, into map[string]family) {
 	}
 }
 
-// TestMetricsDocumented: docs/metrics.md lists every wsrelay_* family the
-// functions export, with its type and labels, and nothing they do not
-// export. Labelled families appear at their first increment: the test
-// makes one of each happen first (a publish, a refused upgrade, a resume,
-// a socket ended by MAX_LIFETIME).
-func TestMetricsDocumented(t *testing.T) {
+// scrapeEveryFamily starts both functions and makes every labelled
+// wsrelay_* family appear (they appear at their first increment: a
+// publish, a refused upgrade, a resume, a socket ended by MAX_LIFETIME),
+// then scrapes them: the wsrelay_* families with their types and labels
+// (families), and every series name declared (exported).
+func scrapeEveryFamily(t *testing.T) (map[string]family, map[string]bool) {
+	t.Helper()
 	e := env{
 		"REDIS_URL":        redistest.URL(t),
 		"REDIS_KEY_PREFIX": redistest.Prefix(t),
@@ -260,9 +280,24 @@ func TestMetricsDocumented(t *testing.T) {
 		if _, ok := got["wsrelay_egress_timeout_closes_total"]; !ok {
 			return errors.New("no lifetime close yet")
 		}
+		if _, ok := got["wsrelay_egress_closes_total"]; !ok {
+			return errors.New("no close counted yet")
+		}
 		return nil
 	})
+	names := map[string]bool{}
+	exported(t, ing.URL, names)
+	exported(t, eg.URL, names)
+	return got, names
+}
 
+// TestMetricsDocumented: docs/metrics.md lists every wsrelay_* family the
+// functions export, with its type and labels, and nothing they do not
+// export. Labelled families appear at their first increment: the test
+// makes one of each happen first (a publish, a refused upgrade, a resume,
+// a socket ended by MAX_LIFETIME).
+func TestMetricsDocumented(t *testing.T) {
+	got, _ := scrapeEveryFamily(t)
 	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "metrics.md"))
 	if err != nil {
 		t.Fatal(err)

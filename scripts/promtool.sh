@@ -2,7 +2,9 @@
 # Checks and unit-tests the Prometheus alerting rules (deploy/prometheus)
 # with promtool, Prometheus's own rule checker: `check rules` parses
 # every expression and template as Prometheus loads them, `test rules`
-# runs wsrelay-alerts.test.yml (docs/metrics.md).
+# runs wsrelay-alerts.test.yml (docs/metrics.md); the Grafana dashboard's
+# queries (deploy/grafana), turned into recording rules by
+# scripts/dashrules.go, are parsed the same way.
 #
 # promtool is the one on PATH, else bin/tools/promtool, else it is taken
 # from Debian's prometheus package: downloaded and unpacked, not
@@ -35,3 +37,8 @@ fi
 echo "== promtool check rules, test rules (deploy/prometheus)"
 "$promtool" check rules deploy/prometheus/wsrelay-alerts.yml
 "$promtool" test rules deploy/prometheus/wsrelay-alerts.test.yml
+echo "== promtool check rules (the queries of deploy/grafana/wsrelay-dashboard.json)"
+dash=$(mktemp -d)
+trap 'rm -rf "$dash" "${tmp:-}"' EXIT
+${GO:-go} run scripts/dashrules.go deploy/grafana/wsrelay-dashboard.json > "$dash/dashboard-rules.yml"
+"$promtool" check rules "$dash/dashboard-rules.yml"
