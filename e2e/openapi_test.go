@@ -112,6 +112,8 @@ func TestOpenAPI(t *testing.T) {
 		{"POST", "/v1/channels/room/messages", "/v1/channels/{channel}/messages", `{}`},
 		{"GET", "/v1/channels/room/messages", "/v1/channels/{channel}/messages", ""},
 		{"GET", "/v1/channels/room/messages?after=0&limit=10", "/v1/channels/{channel}/messages", ""},
+		{"GET", "/v1/channels/room/messages?before=0&limit=10", "/v1/channels/{channel}/messages", ""},
+		{"GET", "/v1/channels/room/messages?before=1-0&after=0", "/v1/channels/{channel}/messages", ""},
 		{"GET", "/v1/channels/room/messages?limit=0", "/v1/channels/{channel}/messages", ""},
 		{"DELETE", "/v1/channels/room/messages", "/v1/channels/{channel}/messages", ""},
 		{"POST", "/v1/messages", "/v1/messages", `{"messages":[{"channel":"a","data":1},{"channel":"b","data":2}]}`},

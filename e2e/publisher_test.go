@@ -128,6 +128,23 @@ func TestPublisherRoundTrip(t *testing.T) {
 	if len(page.Messages) != 1 || page.Messages[0].ID != batch[2].ID || string(page.Messages[0].Data) != "2" {
 		t.Fatalf("second page: %+v", page)
 	}
+	// Paged back from the newest, two at a time, to an empty page.
+	back, err := pub.HistoryBefore(ctx, "room", batch[2].ID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Recovered != nil || len(back.Messages) != 1 || back.Messages[0].ID != batch[0].ID || back.Next != batch[0].ID {
+		t.Fatalf("page before the newest: %+v", back)
+	}
+	if back, err = pub.HistoryBefore(ctx, "room", back.Messages[0].ID, 2); err != nil || len(back.Messages) != 1 || back.Messages[0].ID != first.ID {
+		t.Fatalf("page before that: %+v, %v", back, err)
+	}
+	if back, err = pub.HistoryBefore(ctx, "room", first.ID, 2); err != nil || len(back.Messages) != 0 || back.Next != "" {
+		t.Fatalf("page before the oldest: %+v, %v", back, err)
+	}
+	if _, err := pub.HistoryBefore(ctx, "room", "", 0); !errors.Is(err, pubpkg.ErrInvalid) {
+		t.Fatalf("before \"\": %v, want ErrInvalid", err)
+	}
 	if other := history(t, pub, "other"); len(other) != 1 || other[0].ID != batch[1].ID || string(other[0].Data) != `{"x":[1,2]}` {
 		t.Fatalf("history of other: %+v", other)
 	}

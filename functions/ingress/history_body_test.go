@@ -48,7 +48,7 @@ func (e *testEnv) legacyHistory(ch, query string) (int, http.Header, []byte) {
 			next = b.From.String()
 		}
 	} else {
-		entries, err = e.srv.historyLatest(e.t.Context(), key, limit)
+		entries, err = e.srv.historyLatest(e.t.Context(), key, stream.Zero, false, limit)
 	}
 	if err != nil {
 		e.t.Fatal(err)

@@ -74,6 +74,81 @@ func TestHistoryPagingEdges(t *testing.T) {
 	}
 }
 
+// pageBack pages channel h backwards from before (none: "") with limit
+// until an empty page and returns every id read, oldest first.
+func (e *testEnv) pageBack(before string, limit int) []string {
+	e.t.Helper()
+	var pages [][]string
+	q := fmt.Sprintf("?limit=%d", limit)
+	for range 100000 {
+		if before != "" {
+			q = fmt.Sprintf("?limit=%d&before=%s", limit, before)
+		}
+		r := e.history(q)
+		if r.Recovered != nil {
+			e.t.Fatalf("%s: recovered %v, want none", q, *r.Recovered)
+		}
+		if len(r.Messages) == 0 {
+			if r.Next != "" {
+				e.t.Fatalf("%s: empty page with next %q, want none", q, r.Next)
+			}
+			var ids []string
+			for i := len(pages) - 1; i >= 0; i-- {
+				ids = append(ids, pages[i]...)
+			}
+			return ids
+		}
+		ids := idsOf(r.Messages)
+		if len(ids) > limit || r.Next != ids[len(ids)-1] {
+			e.t.Fatalf("%s: %d messages, next %s; want at most %d, next the last id %s", q, len(ids), r.Next, limit, ids[len(ids)-1])
+		}
+		pages = append(pages, ids)
+		before = ids[0]
+	}
+	e.t.Fatal("no end")
+	return nil
+}
+
+// TestHistoryBefore: paging back with before reads every message once, in
+// order, at every limit around the read chunk, from the newest page (no
+// cursor) or from any message; a page holds the newest messages below
+// before, oldest first; before the oldest, or 0, is an empty page; a bare
+// <ms> means <ms>-0; before with after, repeated, or not an id is 400
+// invalid_cursor.
+func TestHistoryBefore(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.HistorySize = 0 })
+	ids := e.publishN(3*historyChunk + 1) // many in the same millisecond
+	for _, limit := range []int{1, 2, historyChunk - 1, historyChunk, historyChunk + 1, 1000} {
+		if got := e.pageBack("", limit); fmt.Sprint(got) != fmt.Sprint(ids) {
+			t.Fatalf("limit %d: paged back %d, want %d in order", limit, len(got), len(ids))
+		}
+	}
+	if got := e.pageBack(ids[100], 7); fmt.Sprint(got) != fmt.Sprint(ids[:100]) {
+		t.Fatalf("paged back from the 101st: %d, want the 100 before it", len(got))
+	}
+	if r := e.history("?limit=3&before=" + ids[10]); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[7:10]) {
+		t.Fatalf("3 before the 11th: %v, want %v", idsOf(r.Messages), ids[7:10])
+	}
+	// A cursor past the newest reads the newest, as no cursor does.
+	if r := e.history("?limit=2&before=18446744073709551615-18446744073709551615"); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint(ids[len(ids)-2:]) {
+		t.Fatalf("before the greatest id: %v", idsOf(r.Messages))
+	}
+	for _, before := range []string{ids[0], "0", "0-0"} {
+		if r := e.history("?before=" + before); len(r.Messages) != 0 || r.Next != "" || r.Recovered != nil {
+			t.Fatalf("before %s: %+v, want an empty page", before, r)
+		}
+	}
+	ms, _, _ := strings.Cut(ids[0], "-")
+	if r := e.history("?before=" + ms); len(r.Messages) != 0 {
+		t.Fatalf("before %s (the first's millisecond, -0): %v", ms, idsOf(r.Messages))
+	}
+	for _, q := range []string{"?before=" + ids[5] + "&after=0", "?after=0&before=" + ids[5], "?before=1-0&before=2-0", "?before=x", "?before=", "?before=1-2-3"} {
+		w := e.do("GET", "/v1/channels/h/messages"+q, "")
+		expectError(t, w, 400, "invalid_cursor")
+	}
+}
+
 // TestHistoryPagingConcurrent: pages read while messages are published
 // skip and repeat none, and all say recovered.
 func TestHistoryPagingConcurrent(t *testing.T) {
@@ -181,6 +256,9 @@ func TestQueryMalformed(t *testing.T) {
 		{"?limit=%zz", "invalid_limit"},
 		{"?x=1;after=5", "invalid_cursor"},
 		{"?%61fter=1%zz", "invalid_cursor"},
+		{"?before=1;2", "invalid_cursor"},
+		{"?before=%zz", "invalid_cursor"},
+		{"?b%65fore=1%zz", "invalid_cursor"},
 	} {
 		expectError(t, e.do("GET", "/v1/channels/h/messages"+tc.query, ""), 400, tc.code)
 	}

@@ -271,11 +271,16 @@ func TestHistoryPageBudget(t *testing.T) {
 		t.Fatalf("paged %d messages, want the %d in order", len(paged), len(ids))
 	}
 
+	// Back with before: every message once, pages within the budget.
+	if got := e.pageBack("", 1000); fmt.Sprint(got) != fmt.Sprint(ids) {
+		t.Fatalf("paged back %d messages, want the %d in order", len(got), len(ids))
+	}
+
 	// A message larger than the budget still makes a page of one, with
 	// MAX_MESSAGE_BYTES above the budget (one entry per read).
 	big := newEnv(t, func(c *Config) { c.MaxMessageBytes, c.MaxBatchBytes = 8<<20, 8<<20 })
 	bigIDs := big.fillLarge(3, historyPageBytes+1000)
-	for _, q := range []string{"?limit=1000", "?limit=1000&after=" + bigIDs[0]} {
+	for _, q := range []string{"?limit=1000", "?limit=1000&after=" + bigIDs[0], "?limit=1000&before=" + bigIDs[2]} {
 		if r := big.history(q); len(r.Messages) != 1 {
 			t.Fatalf("%s over messages larger than the budget: %v", q, idsOf(r.Messages))
 		}

@@ -467,21 +467,26 @@ func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, 
 	return p.entries, first, nil
 }
 
-// historyLatest reads the newest limit entries, newest first in chunks,
-// and returns them oldest first. When the budget cuts the page it holds
-// the newest messages that fit. Trimming between two reads only ends the
-// page early (it removes the oldest entries); a chunk that does not end
-// with the predecessor of the page's oldest entry (entries lost between
-// two reads, as a failover to a replica that lagged loses them) is
-// dropped, so that a page never has a hole, as one read never had.
-func (s *Server) historyLatest(ctx context.Context, key string, limit int) ([]stream.Entry, error) {
+// historyLatest reads the newest limit entries (below `before`, when
+// bounded), newest first in chunks, and returns them oldest first. When
+// the budget cuts the page it holds the newest messages that fit.
+// Trimming between two reads only ends the page early (it removes the
+// oldest entries); a chunk that does not end with the predecessor of the
+// page's oldest entry (entries lost between two reads, as a failover to a
+// replica that lagged loses them) is dropped, so that a page never has a
+// hole, as one read never had.
+func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID, bounded bool, limit int) ([]stream.Entry, error) {
 	p := s.newHistoryPage(limit)
 	for {
 		n := p.next()
 		var es []stream.Entry
 		var err error
 		if len(p.entries) == 0 {
-			es, err = s.store.Latest(ctx, key, int64(n))
+			if bounded {
+				es, err = s.store.LatestBefore(ctx, key, before, int64(n))
+			} else {
+				es, err = s.store.Latest(ctx, key, int64(n))
+			}
 		} else {
 			oldest := p.entries[len(p.entries)-1]
 			es, err = s.store.LatestBefore(ctx, key, stream.MustParseID(oldest.ID), int64(n))
@@ -524,7 +529,8 @@ func (s *Server) handleClearHistory(c *gin.Context) {
 	c.JSON(200, gin.H{"channel": ch, "removed": n})
 }
 
-// handleHistory: GET /v1/channels/{channel}/messages?after=&limit=.
+// handleHistory: GET /v1/channels/{channel}/messages?after=&limit=, or
+// ?before=&limit= to page back from a message towards older ones.
 func (s *Server) handleHistory(c *gin.Context) {
 	ch, _, ok := s.channelRoute(c, (*principal).mayReadHistory)
 	if !ok {
@@ -545,8 +551,24 @@ func (s *Server) handleHistory(c *gin.Context) {
 		s.writeError(c, ae)
 		return
 	}
+	before, hasBefore, ae := queryOnce(c, "before", "invalid_cursor")
+	if ae != nil {
+		s.writeError(c, ae)
+		return
+	}
 	page.next = after
-	if hasAfter {
+	switch {
+	case hasAfter && hasBefore:
+		s.writeError(c, errf(400, "invalid_cursor", "after and before cannot be used together"))
+		return
+	case hasBefore:
+		id, ok := stream.ParseID(before)
+		if !ok {
+			s.writeError(c, errf(400, "invalid_cursor", "before must be a message id such as 1700000000000-0"))
+			return
+		}
+		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), id, true, limit)
+	case hasAfter:
 		id, ok := stream.ParseID(after)
 		if !ok {
 			s.writeError(c, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
@@ -563,8 +585,8 @@ func (s *Server) handleHistory(c *gin.Context) {
 			// starts where the stream does.
 			page.next = b.From.String()
 		}
-	} else {
-		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), limit)
+	default:
+		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), stream.Zero, false, limit)
 	}
 	if err != nil {
 		s.writeError(c, err)

@@ -761,6 +761,38 @@ func (c *Client) History(ctx context.Context, ch string, after string, limit int
 	return p, nil
 }
 
+// HistoryBefore reads the page of channel's history before the message id
+// before: GET /v1/channels/{channel}/messages?before=. It holds the
+// newest limit messages (and at most 4 MiB) with ids below before, oldest
+// first; to page back in time, call it again with the first message's id
+// until a page is empty (nothing older is retained). limit 0 means the
+// ingress's default (100); at most MaxHistoryLimit. The page's Recovered
+// is nil.
+func (c *Client) HistoryBefore(ctx context.Context, ch string, before string, limit int) (Page, error) {
+	if err := checkChannel(ch); err != nil {
+		return Page{}, invalid(err)
+	}
+	if !validCursor(before) {
+		return Page{}, fmt.Errorf("%w: before %q is not a message id (<ms>-<seq>, <ms>, or 0)", ErrInvalid, before)
+	}
+	if limit < 0 || limit > MaxHistoryLimit {
+		return Page{}, fmt.Errorf("%w: limit %d: want 1–%d, or 0 for the default", ErrInvalid, limit, MaxHistoryLimit)
+	}
+	q := url.Values{"before": {before}}
+	if limit > 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	var p Page
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/messages", query: q.Encode()}, &p)
+	if err != nil {
+		return Page{}, err
+	}
+	if p.Messages == nil {
+		return Page{}, unexpected(rep)
+	}
+	return p, nil
+}
+
 // validCursor is stream.ParseID's rule ("<ms>-<seq>" or "<ms>", decimal
 // uint64s), repeated here to keep the Redis client out of a backend's
 // build.
