@@ -740,25 +740,11 @@ func (c *Client) History(ctx context.Context, ch string, after string, limit int
 	if after != "" && !validCursor(after) {
 		return Page{}, fmt.Errorf("%w: after %q is not a message id (<ms>-<seq>, <ms>, or 0)", ErrInvalid, after)
 	}
-	if limit < 0 || limit > MaxHistoryLimit {
-		return Page{}, fmt.Errorf("%w: limit %d: want 1–%d, or 0 for the default", ErrInvalid, limit, MaxHistoryLimit)
-	}
 	q := url.Values{}
 	if after != "" {
 		q.Set("after", after)
 	}
-	if limit > 0 {
-		q.Set("limit", strconv.Itoa(limit))
-	}
-	var p Page
-	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/messages", query: q.Encode()}, &p)
-	if err != nil {
-		return Page{}, err
-	}
-	if p.Messages == nil {
-		return Page{}, unexpected(rep)
-	}
-	return p, nil
+	return c.historyPage(ctx, ch, q, limit)
 }
 
 // HistoryBefore reads the page of channel's history before the message id
@@ -775,10 +761,15 @@ func (c *Client) HistoryBefore(ctx context.Context, ch string, before string, li
 	if !validCursor(before) {
 		return Page{}, fmt.Errorf("%w: before %q is not a message id (<ms>-<seq>, <ms>, or 0)", ErrInvalid, before)
 	}
+	return c.historyPage(ctx, ch, url.Values{"before": {before}}, limit)
+}
+
+// historyPage reads the history page of ch with the cursor in q and
+// limit (0: the ingress's default); limit is checked.
+func (c *Client) historyPage(ctx context.Context, ch string, q url.Values, limit int) (Page, error) {
 	if limit < 0 || limit > MaxHistoryLimit {
 		return Page{}, fmt.Errorf("%w: limit %d: want 1–%d, or 0 for the default", ErrInvalid, limit, MaxHistoryLimit)
 	}
-	q := url.Values{"before": {before}}
 	if limit > 0 {
 		q.Set("limit", strconv.Itoa(limit))
 	}
