@@ -351,6 +351,20 @@ func queryOnce(c *gin.Context, name, code string) (v string, ok bool, ae *apiErr
 	return vs[0], true, nil
 }
 
+// parseCursor reads the history cursor query parameter name (after or
+// before): as given, and as an id; ok is false when it is absent, an
+// error when it is present and not a message id, or repeated.
+func parseCursor(c *gin.Context, name string) (raw string, id stream.ID, ok bool, ae *apiError) {
+	raw, ok, ae = queryOnce(c, name, "invalid_cursor")
+	if ae != nil || !ok {
+		return raw, id, ok, ae
+	}
+	if id, ok = stream.ParseID(raw); !ok {
+		return raw, id, false, errf(400, "invalid_cursor", name+" must be a message id such as 1700000000000-0")
+	}
+	return raw, id, true, nil
+}
+
 // parseLimit reads the limit query parameter: def when it is absent, an
 // error when it is present and not an integer 1–max (empty included), or
 // repeated.
@@ -546,12 +560,12 @@ func (s *Server) handleHistory(c *gin.Context) {
 		err     error
 		page    historyBody
 	)
-	after, hasAfter, ae := queryOnce(c, "after", "invalid_cursor")
+	after, afterID, hasAfter, ae := parseCursor(c, "after")
 	if ae != nil {
 		s.writeError(c, ae)
 		return
 	}
-	before, hasBefore, ae := queryOnce(c, "before", "invalid_cursor")
+	_, beforeID, hasBefore, ae := parseCursor(c, "before")
 	if ae != nil {
 		s.writeError(c, ae)
 		return
@@ -562,22 +576,12 @@ func (s *Server) handleHistory(c *gin.Context) {
 		s.writeError(c, errf(400, "invalid_cursor", "after and before cannot be used together"))
 		return
 	case hasBefore:
-		id, ok := stream.ParseID(before)
-		if !ok {
-			s.writeError(c, errf(400, "invalid_cursor", "before must be a message id such as 1700000000000-0"))
-			return
-		}
-		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), id, true, limit)
+		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), beforeID, true, limit)
 	case hasAfter:
-		id, ok := stream.ParseID(after)
-		if !ok {
-			s.writeError(c, errf(400, "invalid_cursor", "after must be a message id such as 1700000000000-0"))
-			return
-		}
 		// Read like a resume, so that the page says whether messages
 		// after the cursor were trimmed before it (recovered false).
 		var b stream.Batch
-		entries, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), id, limit)
+		entries, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), afterID, limit)
 		page.recovered = &b.Continuous
 		if !b.Continuous && len(entries) == 0 {
 			// Nothing after a cursor the stream does not go on from (one
