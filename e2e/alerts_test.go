@@ -72,22 +72,7 @@ func exported(t *testing.T, url string, into map[string]bool) {
 // parsed by Prometheus's own promtool in make lint (scripts/promtool.sh),
 // not here: the Prometheus module is not a dependency (docs/metrics.md).
 func TestAlertRules(t *testing.T) {
-	e := env{
-		"REDIS_URL":        redistest.URL(t),
-		"REDIS_KEY_PREFIX": redistest.Prefix(t),
-		"ALLOW_ANONYMOUS":  "true",
-	}
-	ing, eg := start(t, "ingress", e), start(t, "egress", e)
-	// A labelled family is exported once it has a series: one publish.
-	if code := post(t, ing.URL+"/v1/channels/alerts/messages", map[string]any{"data": 1}, nil); code != http.StatusAccepted {
-		t.Fatalf("publish: %d", code)
-	}
-	names := map[string]bool{}
-	exported(t, ing.URL, names)
-	exported(t, eg.URL, names)
-	fams := map[string]family{}
-	families(t, ing.URL, fams)
-	families(t, eg.URL, fams)
+	fams, names := scrapeEveryFamily(t)
 	b, err := os.ReadFile(filepath.Join(repoRoot(t), "deploy", "prometheus", "wsrelay-alerts.yml"))
 	if err != nil {
 		t.Fatal(err)
