@@ -109,9 +109,10 @@ package: ## static linux/amd64 builds for SCF: $(DIST)/{ingress,egress}.zip (and
 		echo "packaged $(DIST)/$$f.zip$${tags:+ ($$tags)}"; \
 	done
 
-lint: ## gofmt check, go vet and staticcheck on every module; promtool on the alerting rules and the Grafana dashboard's queries
+lint: ## gofmt check, go.mod tidiness, go vet and staticcheck on every module; promtool on the alerting rules and the Grafana dashboard's queries
 	@out=$$(gofmt -l $(MODULES) scripts); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:" >&2; echo "$$out" >&2; exit 1; fi
+	@for m in $(MODULES); do (cd $$m && $(GO) mod tidy -diff) || { echo "go.mod/go.sum of $$m need 'go mod tidy'" >&2; exit 1; }; done
 	@for m in $(MODULES); do echo "== vet $$m"; (cd $$m && $(GO) vet ./...); done
 	@for m in $(MODULES); do echo "== staticcheck $$m"; (cd $$m && $(GO) run $(STATICCHECK) ./...); done
 	@for p in $(LEAN_PKGS); do echo "== vet, staticcheck -tags $(LEAN_TAG) $$p"; (cd $$p && $(GO) vet -tags $(LEAN_TAG) . && $(GO) run $(STATICCHECK) -tags $(LEAN_TAG) .); done
