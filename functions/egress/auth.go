@@ -109,7 +109,7 @@ func (sec *security) allowFor(c *auth.Claims) func(string) bool {
 // parameter's code for a bad value: which value was meant cannot be told.
 func queryOnce(r *http.Request, name, code string) (string, *authError) {
 	if query.Malformed(r.URL.RawQuery, name) {
-		return "", &authError{http.StatusBadRequest, code, name + " is malformed (a ';' or a bad %-escape)"}
+		return "", &authError{http.StatusBadRequest, code, name + " is malformed (a ';', a bad %-escape, or one of more than 10000 parameters)"}
 	}
 	q := r.URL.Query()
 	if vs := q[name]; len(vs) > 1 {

@@ -53,7 +53,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 	// comma-joined, and checked as one.
 	var initial []string
 	if query.Malformed(r.URL.RawQuery, "channels") {
-		s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels is malformed (a ';' or a bad %-escape)")
+		s.refuseUpgrade(w, http.StatusBadRequest, protocol.CodeInvalidChannel, "channels is malformed (a ';', a bad %-escape, or one of more than 10000 parameters)")
 		return
 	}
 	if q := strings.Join(r.URL.Query()["channels"], ","); q != "" {

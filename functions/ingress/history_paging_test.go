@@ -267,3 +267,32 @@ func TestQueryMalformed(t *testing.T) {
 		t.Fatalf("malformed unknown parameter: %d messages", len(r.Messages))
 	}
 }
+
+// TestQueryTooManyPairs: Go's query parser refuses a query of more than
+// 10,000 pairs whole, so that every parameter of it read as absent: a
+// page after a cursor answered as the newest page (no recovered), a
+// limit out of range or repeated taken for the default. Such a query's
+// parameters are refused with their codes, as malformed ones are.
+func TestQueryTooManyPairs(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.publishN(3)
+	pad := strings.Repeat("&x", 10000)
+	for _, tc := range []struct{ query, code string }{
+		{"?after=0&limit=1" + pad, "invalid_limit"},
+		{"?after=0" + pad, "invalid_cursor"},
+		{"?before=1" + pad, "invalid_cursor"},
+		{"?limit=0" + pad, "invalid_limit"},
+		{"?limit=1&limit=2" + pad, "invalid_limit"},
+	} {
+		expectError(t, e.do("GET", "/v1/channels/h/messages"+tc.query, ""), 400, tc.code)
+	}
+	expectError(t, e.do("GET", "/v1/channels/h/connections?limit=5"+pad, ""), 400, "invalid_limit")
+	// Parameters an endpoint does not read are ignored, however many.
+	if r := e.history("?limit=2" + pad[:len(pad)-2]); len(r.Messages) != 2 {
+		t.Fatalf("10,000 pairs: %d messages, want 2", len(r.Messages))
+	}
+	if r := e.history("?" + pad); len(r.Messages) != 3 {
+		t.Fatalf("10,000 unread pairs: %d messages, want 3", len(r.Messages))
+	}
+}

@@ -339,7 +339,7 @@ func (s *Server) listConnections(c *gin.Context, name string, read func(context.
 // meant cannot be told (docs/api.md).
 func queryOnce(c *gin.Context, name, code string) (v string, ok bool, ae *apiError) {
 	if query.Malformed(c.Request.URL.RawQuery, name) {
-		return "", false, errf(400, code, name+" is malformed (a ';' or a bad %-escape)")
+		return "", false, errf(400, code, name+" is malformed (a ';', a bad %-escape, or one of more than 10000 parameters)")
 	}
 	vs, ok := c.GetQueryArray(name)
 	if len(vs) > 1 {

@@ -893,11 +893,12 @@ func sendableToken(t string) bool {
 // token or user given twice, which the egress refuses with 400 on every
 // dial.
 func checkQuery(rawQuery string, q url.Values, opts Options) error {
-	// Go's parser drops a pair with a ';' or a bad %-escape, so the checks
-	// below would not see it; the egress refuses it (400) on every dial.
+	// Go's parser drops a pair with a ';' or a bad %-escape (and every
+	// pair of a query of more than 10,000), so the checks below would not
+	// see it; the egress refuses it (400) on every dial.
 	for _, name := range []string{"channels", "token", "user"} {
 		if query.Malformed(rawQuery, name) {
-			return fmt.Errorf("client: the URL's %s parameter is malformed (a ';' or a bad %%-escape): the egress refuses it (400)", name)
+			return fmt.Errorf("client: the URL's %s parameter is malformed (a ';', a bad %%-escape, or one of more than 10000 parameters): the egress refuses it (400)", name)
 		}
 	}
 	if q.Has("channels") {
