@@ -504,11 +504,18 @@ func (c *conn) finishWrites() {
 	c.mu.Lock()
 	msg := c.closeMsg
 	c.closeMsg = nil
+	// What ctrl holds goes ahead of the close frame, as the writer would
+	// send it: the rest of a ping the sweep began writing just as the
+	// connection ended (pingWritten), without which the close frame
+	// would be read as that ping's payload.
+	out := append(net.Buffers(nil), c.ctrl...)
+	c.ctrl = nil
 	c.mu.Unlock()
 	if msg != nil {
 		nc := c.nc
 		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = nc.Write(msg)
+		out = append(out, msg)
+		_, _ = out.WriteTo(nc)
 		// As the writer does: wait briefly for the client's close reply.
 		_ = nc.SetReadDeadline(time.Now().Add(time.Second))
 	}
@@ -559,7 +566,14 @@ func (c *conn) ping() {
 	c.writing = true
 	c.writers.Add(1)
 	c.mu.Unlock()
-	n := c.fr.writeNow(pingFrame)
+	c.pingWritten(c.fr.writeNow(pingFrame))
+}
+
+// pingWritten ends ping's own write, which put the first n bytes of
+// pingFrame on the socket: the rest, if any, goes first, ahead of the
+// close frame too; the writer sends it, or finishWrites when the
+// connection ended meanwhile.
+func (c *conn) pingWritten(n int) {
 	c.mu.Lock()
 	c.writing = false
 	if n < len(pingFrame) && (n > 0 || !c.closing) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/url"
 	"slices"
 	"strconv"
@@ -110,6 +111,51 @@ func TestPongsDoNotPileUp(t *testing.T) {
 		if !bytes.Equal(c.ctrl[i], want[i]) {
 			t.Errorf("control frame %d: %x, want %x", i, c.ctrl[i], want[i])
 		}
+	}
+}
+
+// TestHalfPingBeforeClose: the sweep's ping got one byte of its frame
+// into the socket (the send buffer had room for no more) just as the
+// server closed the connection and the reader ended: the rest of the ping
+// goes out ahead of the close frame, which would otherwise be read as the
+// ping's payload, and the client would never see the close code.
+func TestHalfPingBeforeClose(t *testing.T) {
+	t.Parallel()
+	server, client := tcpPair(t)
+	c := &conn{s: &Server{cfg: Config{SendQueue: 16, WriteTimeout: time.Second}}, nc: server, done: make(chan struct{})}
+	// ping, as the writer for its one non-blocking write (see ping).
+	c.mu.Lock()
+	c.writing = true
+	c.writers.Add(1)
+	c.mu.Unlock()
+	if _, err := server.Write(pingFrame[:1]); err != nil {
+		t.Fatal(err)
+	}
+	// Meanwhile the server closes the connection (no writer starts: the
+	// ping's write holds it back) and the reader ends.
+	c.closeWith(protocol.CloseSlowConsumer, "slow consumer", true)
+	finished := make(chan struct{})
+	go func() {
+		c.finishWrites()
+		_ = server.Close()
+		close(finished)
+	}()
+	for ended := false; !ended; {
+		time.Sleep(time.Millisecond)
+		c.mu.Lock()
+		ended = c.ended
+		c.mu.Unlock()
+	}
+	c.pingWritten(1)
+	<-finished
+	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(slices.Clone(pingFrame), wsFrame(opClose, closePayload(protocol.CloseSlowConsumer, "slow consumer"))...)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("the client read %x, want the whole ping then the close frame, %x", got, want)
 	}
 }
 
