@@ -500,3 +500,42 @@ func TestPublisherRidesOutRedisOutage(t *testing.T) {
 type roundTripper func(*http.Request) (*http.Response, error)
 
 func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestPublisherReadsLargeMessages: an ingress whose MAX_MESSAGE_BYTES is
+// raised past the publisher's 8 MiB reply bound (it may be up to 64 MiB)
+// serves a history page of one such message, since a page always holds
+// at least one message whatever its size; History and HistoryBefore read
+// it, rather than refusing the page as too large, which would leave the
+// channel's history unreadable from that message on.
+func TestPublisherReadsLargeMessages(t *testing.T) {
+	redisURL, prefix := redistest.URL(t), redistest.Prefix(t)
+	ing := start(t, "ingress", env{
+		"REDIS_URL":         redisURL,
+		"REDIS_KEY_PREFIX":  prefix,
+		"API_KEYS":          publisherKeys,
+		"MAX_MESSAGE_BYTES": "16777216",
+		"MAX_BATCH_BYTES":   "16777216",
+	})
+	pub := newPublisher(t, ing.URL, "k-full")
+	ctx := context.Background()
+	big := strings.Repeat("x", 9<<20)
+	res, err := pub.Publish(ctx, "big", pubpkg.Message{Data: big})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := pub.Publish(ctx, "big", pubpkg.Message{Data: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := history(t, pub, "big")
+	if len(all) != 2 || all[0].ID != res.ID || len(all[0].Data) != len(big)+2 || all[1].ID != after.ID {
+		t.Fatalf("history: %d messages", len(all))
+	}
+	back, err := pub.HistoryBefore(ctx, "big", after.ID, 0)
+	if err != nil {
+		t.Fatalf("HistoryBefore: %v", err)
+	}
+	if len(back.Messages) != 1 || back.Messages[0].ID != res.ID {
+		t.Fatalf("HistoryBefore: %d messages", len(back.Messages))
+	}
+}

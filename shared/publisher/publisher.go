@@ -731,8 +731,9 @@ type HistoryMessage struct {
 // messages (oldest first); with after a message id, up to limit messages
 // after it ("0" starts at the oldest retained). limit 0 means the
 // ingress's default (100); at most MaxHistoryLimit. A page also holds at
-// most 4 MiB of messages, so a short page is not the end: page on with
-// Next until a page is empty.
+// most 4 MiB of messages (or a single larger one, on an ingress whose
+// MAX_MESSAGE_BYTES allows it), so a short page is not the end: page on
+// with Next until a page is empty.
 func (c *Client) History(ctx context.Context, ch string, after string, limit int) (Page, error) {
 	if err := checkChannel(ch); err != nil {
 		return Page{}, invalid(err)
@@ -749,11 +750,11 @@ func (c *Client) History(ctx context.Context, ch string, after string, limit int
 
 // HistoryBefore reads the page of channel's history before the message id
 // before: GET /v1/channels/{channel}/messages?before=. It holds the
-// newest limit messages (and at most 4 MiB) with ids below before, oldest
-// first; to page back in time, call it again with the first message's id
-// until a page is empty (nothing older is retained). limit 0 means the
-// ingress's default (100); at most MaxHistoryLimit. The page's Recovered
-// is nil.
+// newest limit messages (and at most 4 MiB, or one larger message) with
+// ids below before, oldest first; to page back in time, call it again
+// with the first message's id until a page is empty (nothing older is
+// retained). limit 0 means the ingress's default (100); at most
+// MaxHistoryLimit. The page's Recovered is nil.
 func (c *Client) HistoryBefore(ctx context.Context, ch string, before string, limit int) (Page, error) {
 	if err := checkChannel(ch); err != nil {
 		return Page{}, invalid(err)
@@ -774,7 +775,7 @@ func (c *Client) historyPage(ctx context.Context, ch string, q url.Values, limit
 		q.Set("limit", strconv.Itoa(limit))
 	}
 	var p Page
-	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/messages", query: q.Encode()}, &p)
+	rep, err := c.do(ctx, &request{method: http.MethodGet, path: "/v1/channels/" + url.PathEscape(ch) + "/messages", query: q.Encode(), maxReply: maxHistoryReplyBytes}, &p)
 	if err != nil {
 		return Page{}, err
 	}

@@ -428,10 +428,10 @@ func TestNonJSONErrorBody(t *testing.T) {
 }
 
 func TestReplyTooLarge(t *testing.T) {
-	big := `{"messages":[],"next":"` + strings.Repeat("1", maxReplyBytes) + `"}`
+	big := `{"id":"c1","user":"` + strings.Repeat("1", maxReplyBytes) + `"}`
 	s := newStub(t, answer{status: 200, body: big})
 	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
-	_, err := c.History(context.Background(), "c", "", 0)
+	_, err := c.Connection(context.Background(), "c1")
 	if err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("error %v", err)
 	}
@@ -443,13 +443,34 @@ func TestReplyTooLarge(t *testing.T) {
 // TestReplyAtTheLimit: a reply of exactly maxReplyBytes is read; the
 // bound refuses only what is over it.
 func TestReplyAtTheLimit(t *testing.T) {
-	head, tail := `{"messages":[],"next":"`, `"}`
+	head, tail := `{"id":"c1","user":"`, `"}`
 	body := head + strings.Repeat("1", maxReplyBytes-len(head)-len(tail)) + tail
 	s := newStub(t, answer{status: 200, body: body})
 	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
-	p, err := c.History(context.Background(), "c", "", 0)
-	if err != nil || len(p.Next) != maxReplyBytes-len(head)-len(tail) {
-		t.Fatalf("a reply of %d bytes: next of %d bytes, %v", len(body), len(p.Next), err)
+	rec, err := c.Connection(context.Background(), "c1")
+	if err != nil || len(rec.User) != maxReplyBytes-len(head)-len(tail) {
+		t.Fatalf("a reply of %d bytes: user of %d bytes, %v", len(body), len(rec.User), err)
+	}
+}
+
+// TestLargeMessagePageRead: a history page holds at most 4 MiB of
+// messages but always at least one, so an ingress whose
+// MAX_MESSAGE_BYTES is raised (up to 64 MiB) serves a page of one
+// message larger than the 8 MiB other replies are held to. History and
+// HistoryBefore read it: refused as too large, that message and every
+// page after it could never be read.
+func TestLargeMessagePageRead(t *testing.T) {
+	data := `"` + strings.Repeat("x", maxReplyBytes) + `"`
+	page := `{"messages":[{"channel":"c","id":"5-0","ts":5,"data":` + data + `}],"next":"5-0"}`
+	s := newStub(t, answer{status: 200, body: page}, answer{status: 200, body: page})
+	c := s.client(t, Options{HTTPClient: patientHTTP(t)})
+	p, err := c.History(context.Background(), "c", "0", 0)
+	if err != nil || len(p.Messages) != 1 || len(p.Messages[0].Data) != len(data) {
+		t.Fatalf("History: %d messages, %v", len(p.Messages), err)
+	}
+	p, err = c.HistoryBefore(context.Background(), "c", "6-0", 0)
+	if err != nil || len(p.Messages) != 1 || len(p.Messages[0].Data) != len(data) {
+		t.Fatalf("HistoryBefore: %d messages, %v", len(p.Messages), err)
 	}
 }
 
@@ -462,7 +483,7 @@ func TestEndlessReplyNotRead(t *testing.T) {
 	wrote := make(chan int, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
-		_, _ = io.WriteString(w, `{"messages":[],"next":"`)
+		_, _ = io.WriteString(w, `{"id":"c1","user":"`)
 		chunk := []byte(strings.Repeat("1", 32<<10))
 		n := 0
 		for n < most {
@@ -478,7 +499,7 @@ func TestEndlessReplyNotRead(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.History(context.Background(), "c", "", 0); err == nil || !strings.Contains(err.Error(), "larger than") {
+	if _, err := c.Connection(context.Background(), "c1"); err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("error %v, want one that says the reply is too large", err)
 	}
 	select {

@@ -25,10 +25,22 @@ import (
 // it sooner).
 const MaxRetryAfter = time.Minute
 
-// maxReplyBytes bounds what is read of a reply: a history page holds at
-// most 4 MiB of messages, and its JSON little more. A list of registry
-// records may take more (request.maxReply).
+// maxReplyBytes bounds what is read of a reply: a history page of small
+// messages holds at most 4 MiB of them, and its JSON little more. A
+// history page of one large message (maxHistoryReplyBytes) and a list of
+// registry records may take more (request.maxReply).
 const maxReplyBytes = 8 << 20
+
+// maxMessageBytes is the largest MAX_MESSAGE_BYTES an ingress takes: the
+// largest message its history can hold.
+const maxMessageBytes = 64 << 20
+
+// maxHistoryReplyBytes bounds a history page. A page holds at most 4 MiB
+// of messages, but always at least one whatever its size (docs/api.md),
+// so on an ingress whose MAX_MESSAGE_BYTES is raised a page of one
+// message can take up to 64 MiB: under maxReplyBytes alone, that
+// message, and every page from it on, could not be read.
+const maxHistoryReplyBytes = maxReplyBytes + maxMessageBytes
 
 // Error is an answer of the ingress, or of a gateway in front of it, with
 // a status other than 2xx.
