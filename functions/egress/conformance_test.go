@@ -205,6 +205,56 @@ func TestConformance(t *testing.T) {
 			t.Errorf("empty close answered %d, want an empty close", got)
 		}
 	})
+	// Control frames are checked as such wherever they come, between a
+	// message's fragments too (RFC 6455 §5.5): at most 125 bytes, never
+	// fragmented, no reserved bits; each breach closes 1002 (docs/protocol.md).
+	t.Run("bad control frames", func(t *testing.T) {
+		t.Parallel()
+		rsv := clientFrame(true, opPing, []byte("p"))
+		rsv[0] |= 0x40
+		cases := []struct {
+			name   string
+			frames [][]byte
+		}{
+			{"close of 126 bytes", [][]byte{clientFrame(true, opClose, append(u16(1000), strings.Repeat("r", 124)...))}},
+			{"fragmented close", [][]byte{clientFrame(false, opClose, u16(1000))}},
+			{"pong of 126 bytes", [][]byte{clientFrame(true, opPong, bytes.Repeat([]byte("p"), 126))}},
+			{"reserved bit on a ping", [][]byte{rsv}},
+			{"one-byte close between fragments", [][]byte{clientFrame(false, opText, ping("1")[:5]), clientFrame(true, opClose, []byte{3})}},
+			{"fragmented ping between fragments", [][]byte{clientFrame(false, opText, ping("1")[:5]), clientFrame(false, opPing, nil)}},
+		}
+		for _, tc := range cases {
+			c := rawDial(t, e, nil)
+			c.send(tc.frames...)
+			if got := c.closed(2 * time.Second); got != protocol.CloseProtocolError {
+				t.Errorf("%s: close %d, want 1002", tc.name, got)
+			}
+		}
+	})
+	// A close between a message's fragments ends the connection: it is
+	// echoed, and the unfinished message is not handled.
+	t.Run("close between fragments", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		p := ping("1")
+		c.send(clientFrame(false, opText, p[:5]), clientFrame(true, opClose, u16(3000)), clientFrame(true, opContinuation, p[5:]))
+		if op, got := c.read(); op != opClose || !bytes.Equal(got, u16(3000)) {
+			t.Fatalf("op %d %q, want the echo of close 3000 and nothing before it", op, got)
+		}
+	})
+	// UTF-8 is a text message's rule only (RFC 6455 §8.1): a binary one
+	// is refused as a request (binary_frame), not closed 1007.
+	t.Run("binary frame not UTF-8", func(t *testing.T) {
+		t.Parallel()
+		c := rawDial(t, e, nil)
+		c.send(clientFrame(true, opBinary, []byte{0xFF, 0xFE}), clientFrame(true, opText, ping("2")))
+		if op, got := c.read(); op != opText || !bytes.Contains(got, []byte(`"`+protocol.CodeBinaryFrame+`"`)) {
+			t.Fatalf("op %d %s, want the binary_frame error", op, got)
+		}
+		if op, got := c.read(); op != opText || !bytes.Contains(got, []byte(`"ref":"2"`)) {
+			t.Fatalf("op %d %s, want the pong reply", op, got)
+		}
+	})
 	// Nothing the client sends after its close is answered.
 	t.Run("after the close", func(t *testing.T) {
 		t.Parallel()
