@@ -455,6 +455,9 @@ func newClient(opts Options) (*Client, error) {
 	if err := checkQuery(u.RawQuery, u.Query(), opts); err != nil {
 		return nil, err
 	}
+	if err := checkHeader(opts); err != nil {
+		return nil, err
+	}
 	if opts.Token != "" && !sendableToken(opts.Token) {
 		// Every dial would carry it and be refused (or not be made).
 		return nil, errors.New("client: Token " + errTokenChars)
@@ -916,6 +919,25 @@ func checkQuery(rawQuery string, q url.Values, opts Options) error {
 	}
 	if q.Has("user") && opts.User != "" {
 		return errors.New("client: the URL has a user parameter and User is set: give the user one way")
+	}
+	return nil
+}
+
+// checkHeader refuses a Header that gorilla's dial refuses every time,
+// which the client would otherwise retry for good as a lost connection: a
+// header the WebSocket handshake sets itself, or Sec-WebSocket-Protocol
+// beside a token (sent as a subprotocol) or a Dialer's Subprotocols.
+func checkHeader(opts Options) error {
+	for k := range opts.Header {
+		switch http.CanonicalHeaderKey(k) {
+		case "Upgrade", "Connection", "Sec-Websocket-Key", "Sec-Websocket-Version", "Sec-Websocket-Extensions":
+			return fmt.Errorf("client: Header sets %s, which the WebSocket handshake sets itself", k)
+		case "Sec-Websocket-Protocol":
+			if opts.Token != "" || opts.GetToken != nil || (opts.Dialer != nil && len(opts.Dialer.Subprotocols) > 0) {
+				return fmt.Errorf("client: Header sets %s beside Token, GetToken or Dialer.Subprotocols, which set it: "+
+					"give subprotocols in Dialer.Subprotocols (the token is sent as one)", k)
+			}
+		}
 	}
 	return nil
 }

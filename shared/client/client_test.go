@@ -826,6 +826,69 @@ func welcomeServer(t *testing.T, seen func(*http.Request)) *httptest.Server {
 	return srv
 }
 
+// TestHeaderRefused: a Header that gorilla's dial refuses every time
+// (a header the handshake sets, or Sec-WebSocket-Protocol beside the
+// subprotocols the client sets) is refused by Dial, not retried for good
+// as a lost connection; one it sends is accepted and sent.
+func TestHeaderRefused(t *testing.T) {
+	seen := make(chan http.Header, 10)
+	srv := welcomeServer(t, func(r *http.Request) { seen <- r.Header })
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+	getToken := func(context.Context) (string, error) { return "tok", nil }
+	for _, tc := range []struct {
+		name   string
+		header http.Header
+		opts   Options
+	}{
+		{"Upgrade", http.Header{"Upgrade": {"websocket"}}, Options{}},
+		{"Connection", http.Header{"Connection": {"Upgrade"}}, Options{}},
+		{"Sec-WebSocket-Key", http.Header{"Sec-Websocket-Key": {"x"}}, Options{}},
+		{"Sec-WebSocket-Version", http.Header{"Sec-Websocket-Version": {"13"}}, Options{}},
+		{"Sec-WebSocket-Extensions", http.Header{"Sec-Websocket-Extensions": {"permessage-deflate"}}, Options{}},
+		{"protocol beside Token", http.Header{"Sec-Websocket-Protocol": {"wsrelay"}}, Options{Token: "tok"}},
+		{"protocol beside GetToken", http.Header{"Sec-Websocket-Protocol": {"wsrelay"}}, Options{GetToken: getToken}},
+		{"protocol beside Subprotocols", http.Header{"Sec-Websocket-Protocol": {"wsrelay"}}, Options{Dialer: &websocket.Dialer{Subprotocols: []string{"x"}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.opts
+			o.URL, o.Header = url, tc.header
+			if c, err := Dial(o); err == nil {
+				c.Close()
+				t.Fatal("Dial accepted it")
+			} else if !strings.Contains(err.Error(), "Header sets") {
+				t.Fatalf("Dial: %v, want the Header named", err)
+			}
+			// gorilla refuses it indeed, as the client would dial it.
+			d := &websocket.Dialer{}
+			if o.Dialer != nil {
+				d = o.Dialer
+			}
+			if o.Token != "" || o.GetToken != nil {
+				d.Subprotocols = []string{"wsrelay", "token.tok"}
+			}
+			if ws, _, err := d.Dial(url, tc.header); err == nil {
+				ws.Close()
+				t.Fatal("gorilla's dial accepted it: the client need not refuse it")
+			}
+		})
+	}
+	// A subprotocol of the caller's own, with no token, and an Origin
+	// beside a token are sent.
+	for _, o := range []Options{
+		{Header: http.Header{"Sec-Websocket-Protocol": {"wsrelay"}}},
+		{Header: http.Header{"Origin": {"https://app.example"}}, Token: "tok"},
+	} {
+		o.URL = url
+		c := dialed(t, o)
+		for k, v := range o.Header {
+			if got := (<-seen)[k]; !slices.Equal(got, v) {
+				t.Errorf("the server got %s: %q, want %q", k, got, v)
+			}
+		}
+		c.Close()
+	}
+}
+
 // TestTokenTravelsAsSubprotocol: the token is offered as the
 // "token.<jwt>" subprotocol beside "wsrelay", and is not in the URL.
 func TestTokenTravelsAsSubprotocol(t *testing.T) {
