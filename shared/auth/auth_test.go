@@ -156,6 +156,10 @@ func TestVerify(t *testing.T) {
 		"bad pattern":    {sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "exp": exp, "channels": []string{"a b"}}), ErrInvalidToken},
 		"channels!array": {sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "exp": exp, "channels": "x"}), ErrInvalidToken},
 		"not yet":        {sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "exp": exp, "nbf": exp}), ErrInvalidToken},
+		// nbf after exp: never valid, so not "expired", whether nbf
+		// has passed or not.
+		"nbf>exp passed": {sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "exp": now.Add(-time.Hour).Unix(), "nbf": now.Add(-time.Minute).Unix()}), ErrInvalidToken},
+		"nbf>exp ahead":  {sign(jwt.SigningMethodHS256, []byte(secret), jwt.MapClaims{"sub": "a", "exp": now.Add(-time.Hour).Unix(), "nbf": exp}), ErrInvalidToken},
 		"garbage":        {"a.b.c", ErrInvalidToken},
 		"api key":        {"abc", ErrInvalidToken},
 		"huge":           {strings.Repeat("a", MaxTokenBytes) + ".b.c", ErrInvalidToken},

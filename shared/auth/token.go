@@ -453,6 +453,12 @@ func (v *Verifier) Verify(token string) (*Claims, error) {
 		case v.audience != "" && noAudience(jc.Audience) && errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
 			return nil, fmt.Errorf("%w: no aud claim, and JWT_AUDIENCE is set", ErrInvalidToken)
 		case errors.Is(err, jwt.ErrTokenExpired):
+			// A token whose nbf is after its exp was never valid, and
+			// no waiting makes it so: invalid, not "expired", which
+			// a client answers by fetching another of the same kind.
+			if jc.NotBefore != nil && jc.NotBefore.After(jc.ExpiresAt.Time) {
+				return nil, fmt.Errorf("%w: nbf is after exp, so it is never valid", ErrInvalidToken)
+			}
 			expired = true // once the rest has passed
 		case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
 			return nil, fmt.Errorf("%w: no exp claim", ErrInvalidToken)
