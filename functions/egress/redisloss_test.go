@@ -666,8 +666,15 @@ func TestReadPathSilenceLogsOnce(t *testing.T) {
 		}
 		return nil
 	})
-	if l := le.log.Lines(t, "redis read path silent, resubscribing"); len(l) != 1 {
+	l := le.log.Lines(t, "redis read path silent, resubscribing")
+	if len(l) != 1 {
 		t.Fatalf("one silence logged %d times, want once", len(l))
+	}
+	// It says why: here the probe itself is refused (SPUBLISH to a
+	// channel the ACL no longer grants), which at INFO is told nowhere
+	// else.
+	if why, _ := l[0]["err"].(string); !strings.Contains(why, "NOPERM") {
+		t.Fatalf("the silence logged with err %q, want the probe's NOPERM", why)
 	}
 	if n, _ := back[0]["resubscribes"].(float64); len(back) != 1 || back[0]["silent_for"] == nil || n < resubscribes+1 {
 		t.Fatalf("back lines %v, want one with silent_for and resubscribes at least %d", back, resubscribes+1)

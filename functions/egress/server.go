@@ -333,6 +333,10 @@ func (s *Server) maintain(ctx context.Context) {
 	// not at each of them.
 	var silentSince int64
 	var resubscribes int
+	// probeErr is the last probe's error (nil: Redis took it), which
+	// the silence is logged with: at INFO a failed probe is not told
+	// otherwise, and the two silences want different fixes.
+	var probeErr error
 	var refreshing atomic.Bool
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
@@ -345,8 +349,9 @@ func (s *Server) maintain(ctx context.Context) {
 			if now.Sub(lastProbe) >= s.cfg.ProbeInterval {
 				lastProbe = now
 				pctx, cancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-				if err := s.hub.probe(pctx); err != nil && !loginFailed(s.hub.loginRefused, err, "op", "probe") {
-					s.log.Debug("probe failed", "err", err.Error())
+				probeErr = s.hub.probe(pctx)
+				if probeErr != nil && !loginFailed(s.hub.loginRefused, probeErr, "op", "probe") {
+					s.log.Debug("probe failed", "err", probeErr.Error())
 				}
 				switch lost, known := s.recordsLost(pctx); {
 				case lost:
@@ -370,7 +375,11 @@ func (s *Server) maintain(ctx context.Context) {
 				if quiet := s.hub.readSilence(time.Now()); quiet > silent && time.Since(lastResub) > silent {
 					if silentSince == 0 {
 						silentSince = last
-						s.log.Warn("redis read path silent, resubscribing", "silent_for", quiet.Round(time.Second).String(),
+						why := "Redis takes the probes, but they do not come back on the Pub/Sub connection"
+						if probeErr != nil {
+							why = probeErr.Error() // the last probe's
+						}
+						s.log.Warn("redis read path silent, resubscribing", "silent_for", quiet.Round(time.Second).String(), "err", why,
 							"then", "every channel is subscribed again (again every 4 PROBE_INTERVALs while it lasts, not logged) and caught up from its stream once Redis answers; /readyz answers 503 meanwhile; logged once more when a probe comes back (redis read path back)")
 					}
 					resubscribes++
