@@ -1281,6 +1281,38 @@ const clientJSCases = `(async () => {
     results.subscribeUnavailable = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // The 5 s wait for an unanswered close is one per socket, however many
+  // unavailables come, and ends with the client's close() or the socket's
+  // end: a closed client holds no timer (Node would wait for it).
+  {
+    const wrong = [];
+    const realSetTimeout = globalThis.setTimeout, realClearTimeout = globalThis.clearTimeout;
+    const waits = new Set(), cleared = new Set();
+    globalThis.setTimeout = function (fn, ms, ...rest) {
+      const id = realSetTimeout.call(this, fn, ms, ...rest);
+      if (ms === 5000) waits.add(id);
+      return id;
+    };
+    globalThis.clearTimeout = function (id) { if (waits.has(id)) cleared.add(id); return realClearTimeout.call(this, id); };
+    try {
+      for (const end of ["close", "shut"]) {
+        waits.clear(); cleared.clear();
+        const [c, ws] = await welcomed();
+        ws.close = () => { ws.readyState = 2; };
+        const u = c.subscribe("u", { onError: () => {} });
+        for (let i = 0; i < 3; i++) ws.recv({ type: "error", code: "unavailable", message: "m", ref: u.ref });
+        if (waits.size !== 1) wrong.push(end + ": " + waits.size + " waits for 3 unavailables, want 1");
+        if (end === "close") c.close(); else ws.shut(1006);
+        if (cleared.size !== waits.size) wrong.push(end + ": " + cleared.size + " of " + waits.size + " waits cleared");
+        c.close();
+      }
+    } finally {
+      globalThis.setTimeout = realSetTimeout;
+      globalThis.clearTimeout = realClearTimeout;
+    }
+    results.closeClearsTimers = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // The probe waits for the silence the docs give: activityTimeout, and
   // at least idle_timeout_ms + 5 s when the welcome has it (the server's
   // 4000 must come first), timed from the last frame. Read off the delay
@@ -1710,7 +1742,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "closeClearsTimers", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -416,6 +416,7 @@ export class WsRelay {
     if (this.ws) {
       const ws = this.ws;
       this.ws = null;
+      clearTimeout(ws.closeWait);
       try { ws.close(1000); } catch { /* already closed */ }
     }
     this.setState("closed");
@@ -441,6 +442,7 @@ export class WsRelay {
 
   detach(ws) {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    clearTimeout(ws.closeWait);
     if (this.ws === ws) {
       this.ws = null;
       clearTimeout(this.probeTimer);
@@ -742,7 +744,10 @@ export class WsRelay {
           // A server that never answers (it stopped reading, or a proxy
           // lost the close) must not keep the client on a socket it can
           // no longer send on until the browser gives up on it.
-          setTimeout(() => { if (this.ws === ws) this.cut("close not answered", "close not answered"); }, CLOSE_WAIT);
+          // One wait per socket, however many unavailables come; it ends
+          // with the socket (detach) or the client (close), so that a
+          // closed client holds no timer (Node would wait for it).
+          if (!ws.closeWait) ws.closeWait = setTimeout(() => { if (this.ws === ws) this.cut("close not answered", "close not answered"); }, CLOSE_WAIT);
         }
         if (sub?.handlers.onError) call(sub.handlers.onError, [f]);
         else this.emit("error", f);
