@@ -226,3 +226,73 @@ func TestRefreshFails(t *testing.T) {
 		t.Errorf("%d pipelines tried, want 1", n)
 	}
 }
+
+// TestMembersNoneMissed: a list's set changing between two of its reads
+// (a member refreshed to the front, a member already read removed) does
+// not make it miss a connection live throughout: docs/api.md says a list
+// holds all of them when fewer than limit are live. Before, each read
+// went on at an offset into the set as it then was, and a member moved
+// ahead of that offset, or one removed from before it, made the member
+// that was next slip past the reads.
+func TestMembersNoneMissed(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		live  []string // Put in this order: the last is the newest
+		limit int64
+		// change runs just before the second read of the set.
+		change func(t *testing.T, r *Registry, key string)
+		want   []string // at least these listed
+	}{
+		{"refreshed to the front", []string{"l2", "l1"}, 2, func(t *testing.T, r *Registry, key string) {
+			r.rdb.ZAdd(t.Context(), key, redis.Z{Score: float64(time.Now().Add(3 * time.Minute).UnixMilli()), Member: "l2"})
+		}, []string{"l1", "l2"}},
+		{"read member removed", []string{"l2", "l1", "l0"}, 3, func(t *testing.T, r *Registry, key string) {
+			if err := r.Remove(t.Context(), &Record{ID: "l0", User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+				t.Error(err)
+			}
+		}, []string{"l1", "l2"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			r, ks := newRegistry(t, time.Minute)
+			key := ks.UserConns("u")
+			now := time.Now()
+			for i, id := range tc.live {
+				if err := r.Put(ctx, &Record{ID: id, User: "u", Instance: "i", Channels: []string{"a"}}); err != nil {
+					t.Fatal(err)
+				}
+				// Scores a second apart, in the order of tc.live.
+				r.rdb.ZAdd(ctx, key, redis.Z{Score: float64(now.Add(time.Minute + time.Duration(i)*time.Second).UnixMilli()), Member: id})
+			}
+			// A stale member (no record) just behind the newest live one,
+			// so that the first read skips it and a second one is made.
+			newest := float64(now.Add(time.Minute + time.Duration(len(tc.live)-1)*time.Second).UnixMilli())
+			r.rdb.ZAdd(ctx, key, redis.Z{Score: newest - 500, Member: "stale"})
+			var reads atomic.Int64
+			r.rdb.(*redis.Client).AddHook(redistest.Fail{Cmd: func(c redis.Cmder) bool {
+				if c.Name() == "zrevrangebyscore" && reads.Add(1) == 2 {
+					tc.change(t, r, key)
+				}
+				return false
+			}})
+			recs, err := r.User(ctx, "u", tc.limit)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if reads.Load() < 2 {
+				t.Fatalf("one read of the set, want two (the case not made)")
+			}
+			got := ids(recs)
+			for _, id := range tc.want {
+				if !slices.Contains(got, id) {
+					t.Errorf("User = %v: live %s missed", got, id)
+				}
+			}
+			if len(slices.Compact(slices.Clone(got))) != len(got) {
+				t.Errorf("User = %v: a connection listed twice", got)
+			}
+		})
+	}
+}

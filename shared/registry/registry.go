@@ -371,42 +371,52 @@ const (
 func (r *Registry) members(ctx context.Context, key string, limit int64, keep func(*Record) bool) ([]*Record, error) {
 	cutoff := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
 	out := []*Record{}
-	// A member refreshed between two reads moves to the front: this
-	// read may miss it, and read another one twice (seen drops that).
+	// Each read is of the set's first upto members as it is then, not
+	// of the ones after an offset into it as it was at the read before:
+	// between two reads a member may be refreshed to the front, or one
+	// already read removed (its connection closed, or left the
+	// channel), and a read at an offset then passed over a member live
+	// throughout, which a list of fewer than limit must hold (a list of
+	// stale, l1, l2 with limit 2, l2 refreshed between the reads, said
+	// [l1]). seen holds every member examined: each is read once.
 	seen := map[string]bool{}
 	budget := max(memberScan*limit, minMemberScan)
-	var offset int64
-	count := limit // enough when nothing is skipped
+	upto := limit // enough when nothing is skipped
 	for first := true; int64(len(out)) < limit && budget > 0; first = false {
-		count = min(count, budget)
-		ids, err := r.rdb.ZRevRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + cutoff, Max: "+inf", Offset: offset, Count: count}).Result()
+		all, err := r.rdb.ZRevRangeByScore(ctx, key, &redis.ZRangeBy{Min: "(" + cutoff, Max: "+inf", Count: upto}).Result()
 		if err != nil {
 			return nil, fmt.Errorf("registry members: %w", err)
 		}
 		if first {
 			r.rdb.ZRemRangeByScore(ctx, key, "-inf", cutoff) // best effort cleanup
 		}
+		ids := make([]string, 0, len(all))
+		for _, id := range all {
+			if !seen[id] && int64(len(ids)) < budget {
+				seen[id] = true
+				ids = append(ids, id)
+			}
+		}
 		budget -= int64(len(ids))
 		recs, err := r.records(ctx, ids)
 		if err != nil {
 			return nil, err
 		}
-		before := len(out)
+		added := 0
 		for _, rec := range recs {
-			if int64(len(out)) < limit && !seen[rec.ID] && (keep == nil || keep(rec)) {
-				seen[rec.ID] = true
+			if int64(len(out)) < limit && (keep == nil || keep(rec)) {
 				out = append(out, rec)
+				added++
 			}
 		}
-		if int64(len(ids)) < count {
+		if int64(len(all)) < upto {
 			break // the set has no more
 		}
-		offset += int64(len(ids))
 		// Members were skipped, and as many again may follow: read
 		// what is missing, or twice as many as were skipped, so that a
 		// run of skipped members costs a few round trips, not one each.
-		skipped := int64(len(ids) - (len(out) - before))
-		count = max(limit-int64(len(out)), 2*skipped)
+		skipped := int64(len(ids) - added)
+		upto += max(limit-int64(len(out)), 2*skipped)
 	}
 	return out, nil
 }
