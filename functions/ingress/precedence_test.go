@@ -21,6 +21,9 @@ func TestErrorPrecedence(t *testing.T) {
 		status                   int
 		code                     string
 	}{
+		{"origin before channel name", "POST", "/v1/channels/-bad/messages", `{"data":1}`,
+			append(badKey, "Origin", "http://elsewhere.example"), 403, "origin_not_allowed"},
+		{"origin before no such endpoint", "GET", "/v1/nope", "", []string{"Origin", "http://elsewhere.example"}, 403, "origin_not_allowed"},
 		{"channel name before credential", "POST", "/v1/channels/-bad/messages", `{"data":1}`, badKey, 400, "invalid_channel"},
 		{"credential before body", "POST", "/v1/channels/a/messages", `{`, badKey, 401, "unauthorized"},
 		{"permission before body", "POST", "/v1/channels/a/messages", `{`, bearer(chatKey), 403, "forbidden"},
