@@ -10,6 +10,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -76,6 +77,33 @@ func TestLapsedRegistrationClosed(t *testing.T) {
 	l := logs.Lines(t, "registry records lapsed, closing their connections")
 	if len(l) != 1 || l[0]["level"] != "WARN" || l[0]["connections"] != 1.0 {
 		t.Fatalf("log lines %v, want one WARN for 1 connection", l)
+	}
+}
+
+// TestLapsedExpiredTokenClosed4004: a connection whose registration
+// lapsed and whose token expired while the instance did not run is closed
+// 4004, as the sweep closes it (sweepConns), not 1013: after a 1013 the
+// client dials with its expired token and is refused 401 first, and the
+// JS client without getToken, which stops at a 4004, retries it for good.
+// On thaw the refresh may look before the sweep does.
+func TestLapsedExpiredTokenClosed4004(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"JWT_SECRET": testSecret, "REGISTRY_TTL": "60s"}, io.Discard)
+	<-e.s.hub.inbox.ready
+	ws, c := e.dialConn(t, url.Values{"token": {token(t, auth.Claims{Subject: "alice", Channels: []string{"a"}})}})
+	c.regTry.Store(e.s.clock() - int64(61*time.Second))
+	e.s.stalled.Add(int64(50 * time.Second))
+	// Expired now; the refresh runs before the sweep's next tick (a
+	// second away, at most a few microseconds of it taken here).
+	c.mu.Lock()
+	c.exp = time.Now().Add(-time.Millisecond)
+	c.mu.Unlock()
+	if err := e.s.refreshRegistry(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if code := closeCode(t, ws, 5*time.Second); code != protocol.CloseTokenExpired {
+		t.Fatalf("lapsed connection with an expired token closed %d, want %d", code, protocol.CloseTokenExpired)
 	}
 }
 

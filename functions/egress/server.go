@@ -790,8 +790,16 @@ func (s *Server) closeLapsed(all []*conn) []*conn {
 	}
 	s.log.Warn("registry records lapsed, closing their connections", "connections", len(lapsed),
 		"not_refreshed_for", time.Duration(oldest).Round(time.Millisecond).String(),
-		"then", "the instance did not run for longer than REGISTRY_TTL allows (frozen, stopped, starved of CPU): its records expired, and sends to these connections and their users and disconnects found nobody meanwhile; they are closed 1013 to reconnect and resume")
+		"then", "the instance did not run for longer than REGISTRY_TTL allows (frozen, stopped, starved of CPU): its records expired, and sends to these connections and their users and disconnects found nobody meanwhile; they are closed 1013 (4004 if their token expired meanwhile) to reconnect and resume")
 	for _, c := range lapsed {
+		// An expired token first, as in the sweep (sweepConns), which
+		// may look after this refresh once the process runs again: told
+		// 1013, the client would dial with its expired token and be
+		// refused 401, and a browser client without getToken, which
+		// stops at a 4004, would retry that for good.
+		if c.closeExpired() {
+			continue
+		}
 		c.closeWith(protocol.CloseTryAgainLater, "registration lapsed: reconnect and resume", true)
 	}
 	return kept
