@@ -24,7 +24,8 @@ import (
 // refuses the login (a real password-protected redis-server given the
 // wrong password), one that refuses the probe's command to the ACL user
 // (a user without +ping), one that does not answer (a port nothing
-// listens on), a replica (a REDIS_URL that names one, or a master
+// listens on), one that answers the probe with an error (a replica cut
+// from its master, MASTERDOWN), a replica (a REDIS_URL that names one, or a master
 // demoted), an instance draining. Ready, it answers 200. The read path
 // not live is TestReadyzStaysDownWhileReadPathDead's.
 func TestReadyzSaysWhy(t *testing.T) {
@@ -43,6 +44,10 @@ func TestReadyzSaysWhy(t *testing.T) {
 	}
 	// A replica answers PING, and refuses every write.
 	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(rs.Port))
+	// A replica whose master is gone, told not to serve stale data,
+	// answers PING with an error (MASTERDOWN): Redis answers, so the
+	// 503 must not say it does not.
+	stale := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(dead), "--replica-serve-stale-data", "no")
 	for _, tc := range []struct {
 		name, url string
 		drain     bool
@@ -55,6 +60,7 @@ func TestReadyzSaysWhy(t *testing.T) {
 		{"redis down", "redis://127.0.0.1:" + strconv.Itoa(dead), false, 503, "Redis does not answer"},
 		{"command refused", strings.Replace(rs.URL(), "//", "//noping:userpw@", 1), false, 503, "Redis refuses a command to the functions' ACL user"},
 		{"replica", replica.URL(), false, 503, "Redis is a replica"},
+		{"error reply", stale.URL(), false, 503, "Redis answers the probe with an error: MASTERDOWN"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"path"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -869,6 +870,16 @@ func notReady(err error, silent, draining bool) string {
 		// network. REDIS_URL names a replica, or a failover demoted it.
 		return "Redis is a replica (read-only), not the master"
 	case err != nil:
+		// Redis answers, with an error of its own (LOADING after a
+		// restart, BUSY behind a long script, CLUSTERDOWN, MASTERDOWN):
+		// its code, the reply's first word, sends the operator to Redis,
+		// not to the network. Nothing after it is shown.
+		var re redis.Error
+		if errors.As(err, &re) {
+			if code, _, _ := strings.Cut(re.Error(), " "); code != "" {
+				return "Redis answers the probe with an error: " + code
+			}
+		}
 		return "Redis does not answer"
 	case silent:
 		return "the Redis subscription (the read path) is not live"
