@@ -29,6 +29,7 @@ import (
 // clusterEgress is an egress served by httptest on a Redis Cluster.
 type clusterEgress struct {
 	srv   *httptest.Server
+	s     *Server
 	ks    keys.Scheme
 	store *stream.Store
 	logs  *testkit.SyncBuffer // its log, JSON from INFO up; in the test's output if it fails
@@ -62,8 +63,9 @@ func startClusterEgressWith(t *testing.T, rdb *redis.ClusterClient, addrs string
 			t.Logf("egress log:\n%s", logs.String())
 		}
 	})
-	srv, _ := startEgress(t, NewServer(cfg, log, rdb))
-	return &clusterEgress{srv: srv, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb), logs: logs}
+	s := NewServer(cfg, log, rdb)
+	srv, _ := startEgress(t, s)
+	return &clusterEgress{srv: srv, s: s, ks: keys.Scheme{Prefix: prefix}, store: stream.NewStore(rdb), logs: logs}
 }
 
 // episodesEnded fails t unless every node whose Pub/Sub outage the egress

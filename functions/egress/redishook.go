@@ -15,7 +15,15 @@ import (
 // handshake's optional commands are not failures. Pub/Sub (subscribes,
 // reads) runs outside go-redis's hooks: the hub counts its failed
 // subscribes itself.
-type redisHook struct{ h *hub }
+//
+// On a cluster it is also added to each master's client (node), where it
+// counts only the readiness pings, which go to every master on its own
+// client (redisconn.MasterPing): the commands the cluster client routes
+// there it has counted already.
+type redisHook struct {
+	h    *hub
+	node bool
+}
 
 func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
 	return next // a failed dial fails the command, counted there
@@ -24,7 +32,7 @@ func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
 func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if redisconn.Failed(cmd, err) {
+		if redisconn.Failed(cmd, err) && (!k.node || redisconn.MasterPing(ctx)) {
 			k.h.redisErrors.Add(1)
 		}
 		return err
@@ -32,6 +40,9 @@ func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 }
 
 func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	if k.node {
+		return next // the egress runs no pipeline on a node's client itself
+	}
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		err := next(ctx, cmds)
 		if err != nil {

@@ -111,7 +111,12 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		Then: "Redis lost them while it answered (FLUSHALL, a restart without persistence) or evicts them (maxmemory with a policy other than noeviction: use noeviction, docs/deployment.md); each time the probe finds them gone they are written again at once, and sends to this instance's connections may find nobody until then; logged again every 30s while losses go on and once when none has come for 5m"}
 	s.hub = newHub(s.log, rdb, ks, instance, cfg.SendQueue)
 	s.hub.readTimeout = 2 * cfg.Redis.Timeout
-	rdb.AddHook(redisHook{s.hub})
+	rdb.AddHook(redisHook{h: s.hub})
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		// The readiness pings go to each master's own client, outside
+		// the cluster client's hooks (redisconn.MasterPing).
+		cc.OnNewNode(func(n *redis.Client) { n.AddHook(redisHook{h: s.hub, node: true}) })
+	}
 	redisconn.AddLoginHook(rdb, s.hub.loginRefused.OK)
 	s.metrics = newMetrics(s.hub)
 	s.upgrader = websocket.Upgrader{

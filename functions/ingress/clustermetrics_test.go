@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"regexp"
 	"strconv"
 	"testing"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 var redisErrorsRe = regexp.MustCompile(`(?m)^wsrelay_ingress_redis_errors_total (\d+)$`)
@@ -77,5 +79,43 @@ func TestClusterWaitReplicasCountsRedisErrors(t *testing.T) {
 	n := e.redisErrors() - base
 	if n != 3 {
 		t.Fatalf("3 publishes failed on a stopped master: wsrelay_ingress_redis_errors_total rose by %d, want 3 (one per failed pipeline)", n)
+	}
+}
+
+// TestClusterReadinessPingsCountRedisErrors: on a Redis Cluster the
+// readiness probe pings every master on that master's own client,
+// outside the cluster client's hooks. A master down makes /readyz answer
+// 503: its failed pings must show in wsrelay_ingress_redis_errors_total
+// as a failed ping does on a single Redis, or an ingress that only its
+// probe reaches is out of rotation with no Redis error counted.
+func TestClusterReadinessPingsCountRedisErrors(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 0)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
+	}
+	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
+	e := newEnvWith(t, rc, nil, nil)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if w := e.do("GET", "/readyz", ""); w.Code != 200 {
+			return fmt.Errorf("/readyz %d %s", w.Code, w.Body.String())
+		}
+		return nil
+	})
+	if n := e.redisErrors(); n != 0 {
+		t.Fatalf("%d Redis errors before the stop", n)
+	}
+	c.StopNode(t, 0)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		if w := e.do("GET", "/readyz", ""); w.Code != 503 {
+			return fmt.Errorf("/readyz %d %s, want 503", w.Code, w.Body.String())
+		}
+		return nil
+	})
+	// The 503 came from a ping that failed: it was counted before it.
+	if e.redisErrors() == 0 {
+		t.Errorf("/readyz 503 for a master down, and no Redis error counted")
 	}
 }

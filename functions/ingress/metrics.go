@@ -248,7 +248,9 @@ func refusalKind(cmd redis.Cmder) string {
 //
 // On a cluster it is also added to each master's client (node), where it
 // sees only the pipelines the stream store runs there itself
-// (stream.OnNode): the others it sees already on the cluster client.
+// (stream.OnNode) and the readiness pings, which go to every master on
+// its own client (redisconn.MasterPing): the others it sees already on
+// the cluster client.
 type redisHook struct {
 	m        *metrics
 	up       func()
@@ -261,10 +263,10 @@ func (h redisHook) DialHook(next redis.DialHook) redis.DialHook {
 }
 
 func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	if h.node {
-		return next // the store runs only pipelines on node clients
-	}
 	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.node && !redisconn.MasterPing(ctx) {
+			return next(ctx, cmd) // routed by the cluster client, which saw it
+		}
 		err := next(ctx, cmd)
 		h.refusals.note(cmd, err)
 		if redisconn.Failed(cmd, err) {

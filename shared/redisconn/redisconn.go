@@ -307,7 +307,10 @@ var ErrReplica = errors.New("redis: the node is a replica (read-only)")
 // until the cluster marked it failed, 15 s or more.
 func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	if c, ok := rdb.(*redis.ClusterClient); ok {
-		err := c.ForEachMaster(ctx, pingMaster)
+		// Each master is pinged on its own client, whose hooks alone see
+		// it: MasterPing tells them these commands from those the
+		// cluster client routes there (which its own hooks have seen).
+		err := c.ForEachMaster(context.WithValue(ctx, masterPingKey{}, true), pingMaster)
 		if errors.Is(err, ErrReplica) {
 			c.ReloadState(ctx)
 		}
@@ -318,6 +321,16 @@ func Ping(ctx context.Context, rdb redis.UniversalClient) error {
 	}
 	return rdb.Ping(ctx).Err()
 }
+
+type masterPingKey struct{}
+
+// MasterPing reports whether ctx is that of Ping's commands to a cluster
+// master, sent on the master's own client (ClusterClient.ForEachMaster):
+// only that node client's hooks see them, not the cluster client's. A
+// hook added to the node clients (ClusterClient.OnNewNode) that counts
+// only these counts each once, without counting again the commands the
+// cluster client routes to the same node clients.
+func MasterPing(ctx context.Context) bool { return ctx.Value(masterPingKey{}) != nil }
 
 // pingMaster checks that n answers a PING, which a Redis still loading
 // its data refuses (ROLE would not), and then that its ROLE is not a
