@@ -97,7 +97,8 @@ type Options struct {
 	// kept and User is added to it. Dial refuses a query with channels
 	// (use Subscribe, which resumes across reconnects), with token when
 	// Token or GetToken is set, with user when User is set, or with token
-	// or user twice.
+	// or user twice, and user information (user:password@), which
+	// gorilla's dial refuses.
 	URL string
 	// Token is a user token (JWT), sent as the "token.<jwt>" subprotocol
 	// beside "wsrelay" (not in the URL, which proxies write to their logs).
@@ -449,6 +450,11 @@ func Dial(opts Options) (*Client, error) {
 // newClient checks opts and makes the client Dial runs.
 func newClient(opts Options) (*Client, error) {
 	u, err := url.Parse(opts.URL)
+	if err == nil && u.User != nil {
+		// gorilla's dial refuses it (malformed ws or wss URL) every time:
+		// the client would retry it for good as a lost connection.
+		return nil, fmt.Errorf("client: URL %q has user information, which a WebSocket URL cannot carry: give the credential as Token or GetToken", u.Redacted())
+	}
 	if err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
 		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
 	}

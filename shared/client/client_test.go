@@ -1118,6 +1118,36 @@ func TestURLQuery(t *testing.T) {
 	}
 }
 
+// TestURLUserInfo: a URL with user information (ws://user:password@host)
+// is refused by Dial, as the publisher refuses it: gorilla's dial refuses
+// it (malformed ws or wss URL) every time, so the client would retry it
+// for good as a lost connection. The error does not show the password.
+func TestURLUserInfo(t *testing.T) {
+	srv := welcomeServer(t, func(*http.Request) {})
+	url := "ws://ada:s3cret@" + strings.TrimPrefix(srv.URL, "http://") + "/ws"
+	states := make(chan error, 10)
+	c, err := Dial(Options{URL: url, OnState: func(s State, err error) {
+		if s == StateDisconnected {
+			select {
+			case states <- err:
+			default:
+			}
+		}
+	}})
+	if err == nil {
+		defer c.Close()
+		select {
+		case err := <-states:
+			t.Fatalf("Dial(%q) accepted; the dial: %v", url, err)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("Dial(%q) accepted", url)
+		}
+	}
+	if !strings.Contains(err.Error(), "user information") || strings.Contains(err.Error(), "s3cret") {
+		t.Fatalf("Dial error %q: want one that names the user information, without the password", err)
+	}
+}
+
 // TestRetryAfter: a refusal's Retry-After (503 while draining or full) is
 // the least the client waits before the next dial, however short its
 // backoff; a refusal without one waits the backoff only.
