@@ -440,6 +440,69 @@ func TestLimiterSetKeepsSpentBuckets(t *testing.T) {
 	}
 }
 
+// TestRateLimitClockOutOfOrder: a request reads the clock before it
+// takes a bucket's lock, so concurrent requests reach a bucket with their
+// times out of order. One whose time is behind the bucket's last must not
+// wind the bucket's clock back: rate then counted the refill between the
+// two times again at the next request, and requests alternating so (a
+// millisecond apart at 1,000/s is the same as a second at 1/s) passed at
+// twice the rate. Here the clock is scripted: each second's request is
+// followed by one that read its clock a second earlier.
+func TestRateLimitClockOutOfOrder(t *testing.T) {
+	t.Parallel()
+	e, _ := newSecEnv(t, map[string]string{"API_KEYS": fullKey, "PUBLISH_RATE_PER_KEY": "1", "PUBLISH_BURST_PER_KEY": "2"})
+	base := time.Now()
+	var at []time.Time
+	for s := 10; s < 20; s++ {
+		at = append(at, base.Add(time.Duration(s)*time.Second), base.Add(time.Duration(s-1)*time.Second))
+	}
+	i := 0
+	e.srv.sec.limits.now = func() time.Time { return at[i] }
+	passed := 0
+	for i = range at {
+		if w := e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(fullKey)...); w.Code == 202 {
+			passed++
+		}
+	}
+	// Times 9 s to 19 s: a burst of 2 and 10 s at 1/s.
+	if most := 2 + 10; passed > most {
+		t.Fatalf("%d of %d publishes passed over 10 s, at most %d may (burst 2, 1/s)", passed, len(at), most)
+	}
+
+	// The same for a refund: a publish the per-user limit refuses gives
+	// the per-IP bucket back its share at the time it took it (reserve's,
+	// the bucket's last), not at the request's older one, which wound
+	// that bucket's clock back just the same.
+	e, _ = newSecEnv(t, map[string]string{"API_KEYS": fullKey, "JWT_SECRET": testSecret,
+		"PUBLISH_RATE_PER_IP": "1", "PUBLISH_BURST_PER_IP": "2",
+		"PUBLISH_RATE_PER_USER": "0.001", "PUBLISH_BURST_PER_USER": "1"})
+	// The user spends its burst at 0 s; then each second one of the
+	// key's, one of the user's (refused by the per-user limit) that read
+	// its clock a second earlier, and another of the key's.
+	tok := userToken(t, auth.Claims{Subject: "u", Publish: []string{"*"}})
+	at, who := []time.Time{base}, []string{tok}
+	for s := 10; s < 20; s++ {
+		now := base.Add(time.Duration(s) * time.Second)
+		at = append(at, now, now.Add(-time.Second), now)
+		who = append(who, fullKey, tok, fullKey)
+	}
+	e.srv.sec.limits.now = func() time.Time { return at[i] }
+	passed = 0
+	for i = range at {
+		w := e.do("POST", "/v1/channels/c/messages", `{"data":1}`, bearer(who[i])...)
+		if i > 0 && w.Code == 202 {
+			if who[i] != fullKey {
+				t.Fatalf("request %d: the user passed its spent limit", i)
+			}
+			passed++
+		}
+	}
+	// The IP's bucket is full again at 10 s: 2, and 9 s more at 1/s.
+	if most := 2 + 9; passed > most {
+		t.Fatalf("%d publishes passed the per-IP limit from 10 s to 19 s, at most %d may (burst 2, 1/s)", passed, most)
+	}
+}
+
 // A refused publish gives back what the buckets checked before the
 // refusing one took. The refusal itself must not reserve: a reservation
 // cancelled at once leaves the bucket's last event in the future, and
@@ -449,15 +512,15 @@ func TestLimiterSetRefundAfterRefusal(t *testing.T) {
 	ls := newLimiterSet(1, 2)
 	now := time.Now()
 	d, r := ls.reserve("k", 1, now)
-	if d != 0 || r == nil {
+	if d != 0 || r.r == nil {
 		t.Fatalf("first token refused: wait %v", d)
 	}
-	if d, r2 := ls.reserve("k", 2, now); d <= 0 || r2 != nil {
-		t.Fatalf("two tokens with one left: wait %v, reservation %v", d, r2 != nil)
+	if d, r2 := ls.reserve("k", 2, now); d <= 0 || r2.r != nil {
+		t.Fatalf("two tokens with one left: wait %v, reservation %v", d, r2.r != nil)
 	} else if d != time.Second {
 		t.Fatalf("wait for the missing token %v, want 1s", d)
 	}
-	r.CancelAt(now) // the publish was refused by a later bucket
+	r.cancel() // the publish was refused by a later bucket
 	if d, _ := ls.reserve("k", 2, now); d != 0 {
 		t.Fatalf("the refunded token was lost: both tokens need %v more", d)
 	}

@@ -35,7 +35,8 @@ type limiterSet struct {
 }
 
 type limiterEntry struct {
-	lim  *rate.Limiter
+	lim *rate.Limiter
+	// seen is the latest time the bucket was read at, never moved back.
 	seen time.Time
 }
 
@@ -65,15 +66,21 @@ func seconds(s float64) time.Duration {
 }
 
 // reserve takes n tokens from key's bucket, or none: it returns how long
-// to wait before the n would be available (zero when taken, with the
-// reservation that gives them back if the publish is refused after all),
-// and -1 when n exceeds the burst and can never be taken at once.
-func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, *rate.Reservation) {
+// to wait before the n would be available (zero when taken, with what
+// gives them back if the publish is refused after all; otherwise its r is
+// nil), and -1 when n exceeds the burst and can never be taken at once.
+//
+// now is read before the lock is taken, so concurrent requests come with
+// their times out of order: a time behind the bucket's last is read as
+// its last. rate would otherwise wind the bucket's clock back to it, and
+// count the refill since again at the next request (requests alternating
+// so passed at up to twice the rate).
+func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, reservation) {
 	if ls == nil {
-		return 0, nil
+		return 0, reservation{}
 	}
 	if n > ls.burst {
-		return -1, nil
+		return -1, reservation{}
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
@@ -85,16 +92,32 @@ func (ls *limiterSet) reserve(key string, n int, now time.Time) (time.Duration, 
 		e = &limiterEntry{lim: rate.NewLimiter(ls.rate, ls.burst)}
 		ls.m[key] = e
 	}
-	e.seen = now
+	if now.After(e.seen) {
+		e.seen = now
+	}
+	now = e.seen
 	// A refusal reserves nothing: a reservation cancelled at once would
 	// leave the bucket's last event in the future, and rate would then
 	// count the refund of a reservation taken earlier as already spent.
 	if t := e.lim.TokensAt(now); t < float64(n) {
 		d := seconds((float64(n) - t) / float64(ls.rate))
-		return max(d, 1), nil
+		return max(d, 1), reservation{}
 	}
-	return 0, e.lim.ReserveN(now, n)
+	return 0, reservation{e.lim.ReserveN(now, n), now}
 }
+
+// reservation is tokens reserve took, and the time it took them at. A
+// value, not a pointer: no allocation more per publish.
+type reservation struct {
+	r  *rate.Reservation
+	at time.Time
+}
+
+// cancel gives the tokens back. At the time they were taken: rate gives
+// nothing back for a reservation it takes as already acted on, and an
+// earlier time (the request's, which reserve may have moved on) would
+// wind the bucket's clock back.
+func (r reservation) cancel() { r.r.CancelAt(r.at) }
 
 // sweep drops idle buckets and, if still full, the fullest down to nine
 // tenths of the bound: dropping a bucket refills it, so the ones that
@@ -264,7 +287,7 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 				Message: "batch of " + strconv.Itoa(n) + " messages exceeds the per-" + ch.what + " burst of " + strconv.Itoa(ch.set.burst) + "; send smaller batches"}
 		}
 	}
-	var held [2]*rate.Reservation // per IP, per key or user
+	var held [2]reservation // per IP, per key or user
 	taken := held[:0]
 	for _, ch := range checks {
 		if ch.set == nil {
@@ -289,16 +312,14 @@ func (s *Server) allowPublishes(c *gin.Context, p *principal, n int) error {
 				return err
 			}
 		} else {
-			var r *rate.Reservation
-			if d, r = ch.set.reserve(ch.key, n, now); r != nil {
+			var r reservation
+			if d, r = ch.set.reserve(ch.key, n, now); r.r != nil {
 				taken = append(taken, r)
 			}
 		}
 		if d != 0 { // -1 (over the burst) was refused above
-			// At the time they were taken: rate gives nothing back
-			// for a reservation it takes as already acted on.
 			for _, r := range taken {
-				r.CancelAt(now)
+				r.cancel()
 			}
 			return &apiError{Status: 429, Code: "rate_limited", RetryAfter: int(math.Ceil(max(d, 0).Seconds())),
 				Message: "publish rate limit per " + ch.what + " exceeded; retry after the Retry-After seconds"}
