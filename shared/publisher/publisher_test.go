@@ -764,6 +764,15 @@ func TestNew(t *testing.T) {
 		{"fragment", Options{URL: "http://127.0.0.1:1/#x"}},
 		{"empty fragment", Options{URL: "http://127.0.0.1:1/#"}},
 		{"user info", Options{URL: "http://key:secret@127.0.0.1:1"}},
+		// Refused for something else first: the password is not shown
+		// either, nor a part of it (net/url quotes the piece it cannot
+		// read), nor a token in the query.
+		{"user info, ws scheme", Options{URL: "ws://key:secret@127.0.0.1:1"}},
+		{"user info, bad port", Options{URL: "http://key:secret@127.0.0.1:x"}},
+		{"user info, bad escape", Options{URL: "http://key:secret%zz@127.0.0.1:1"}},
+		{"user info and a query", Options{URL: "http://key:secret@127.0.0.1:1/?stage=release"}},
+		{"user info and a fragment", Options{URL: "http://key:secret@127.0.0.1:1/#x"}},
+		{"token in the query", Options{URL: "http://127.0.0.1:1/?token=secret"}},
 		{"bad port", Options{URL: "http://127.0.0.1:x"}},
 		{"token with a space", Options{URL: "http://127.0.0.1:1", Token: "a b"}},
 		{"token with a newline", Options{URL: "http://127.0.0.1:1", Token: "a\nb"}},
