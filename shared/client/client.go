@@ -447,16 +447,30 @@ func Dial(opts Options) (*Client, error) {
 	return c, nil
 }
 
+// shownURL is u as newClient's errors quote it: without its password
+// (url.URL.Redacted), nor its query, which may hold a token (?token=),
+// and fragment.
+func shownURL(u *url.URL) string {
+	c := *u
+	c.RawQuery, c.ForceQuery, c.Fragment, c.RawFragment = "", false, "", ""
+	return c.Redacted()
+}
+
 // newClient checks opts and makes the client Dial runs.
 func newClient(opts Options) (*Client, error) {
 	u, err := url.Parse(opts.URL)
-	if err == nil && u.User != nil {
+	if err != nil {
+		// Not quoted, nor net/url's message, which quotes the URL or the
+		// piece it cannot read: either may be in a password or a token.
+		return nil, errors.New("client: bad URL: it does not parse (not quoted: it may hold a password or a token); want ws:// or wss://host/ws")
+	}
+	if u.User != nil {
 		// gorilla's dial refuses it (malformed ws or wss URL) every time:
 		// the client would retry it for good as a lost connection.
-		return nil, fmt.Errorf("client: URL %q has user information, which a WebSocket URL cannot carry: give the credential as Token or GetToken", u.Redacted())
+		return nil, fmt.Errorf("client: URL %q has user information, which a WebSocket URL cannot carry: give the credential as Token or GetToken", shownURL(u))
 	}
-	if err != nil || (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
-		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", opts.URL)
+	if (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
+		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", shownURL(u))
 	}
 	if err := checkQuery(u.RawQuery, u.Query(), opts); err != nil {
 		return nil, err

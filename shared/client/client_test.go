@@ -1148,6 +1148,29 @@ func TestURLUserInfo(t *testing.T) {
 	}
 }
 
+// TestBadURLShowsNoSecret: a URL Dial refuses for its scheme, host or
+// syntax is not quoted with its password (or a piece of it, which net/url
+// quotes when it cannot read it), nor with a token in its query.
+func TestBadURLShowsNoSecret(t *testing.T) {
+	for _, url := range []string{
+		"ws://ada:s3cret@127.0.0.1:x/ws",
+		"ws://ada:s3cret%zz@127.0.0.1:1/ws",
+		"http://127.0.0.1:1/ws?token=s3cret",
+		"wss:///ws?token=s3cret",
+		"ftp://127.0.0.1:1/ws?token=s3cret#x",
+	} {
+		c, err := Dial(Options{URL: url})
+		if err == nil {
+			c.Close()
+			t.Errorf("Dial(%q) accepted", url)
+			continue
+		}
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("Dial(%q): the error shows the secret: %v", url, err)
+		}
+	}
+}
+
 // TestRetryAfter: a refusal's Retry-After (503 while draining or full) is
 // the least the client waits before the next dial, however short its
 // backoff; a refusal without one waits the backoff only.
