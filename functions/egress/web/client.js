@@ -149,7 +149,8 @@ function dialUrl(url, opts) {
   const u = new URL(url, globalThis.location?.href); // TypeError if malformed
   if (u.protocol === "http:") u.protocol = "ws:";
   if (u.protocol === "https:") u.protocol = "wss:";
-  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`not a WebSocket URL (want ws:, wss:, http: or https:): ${url}`);
+  // Its scheme named, not the URL, which may hold a password or a token.
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new TypeError(`not a WebSocket URL: its scheme is ${u.protocol} (want ws:, wss:, http: or https:)`);
   // A fragment (a hash-routed page's address, or a bare "#") is never
   // sent in a request, and the WebSocket constructor refuses a URL with
   // one (a SyntaxError), on every dial: dialled without it.
