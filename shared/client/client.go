@@ -36,6 +36,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	chanpkg "github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/internal/redact"
 	"github.com/wsrelay/wsrelay/shared/internal/retry"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/query"
@@ -447,15 +448,6 @@ func Dial(opts Options) (*Client, error) {
 	return c, nil
 }
 
-// shownURL is u as newClient's errors quote it: without its password
-// (url.URL.Redacted), nor its query, which may hold a token (?token=),
-// and fragment.
-func shownURL(u *url.URL) string {
-	c := *u
-	c.RawQuery, c.ForceQuery, c.Fragment, c.RawFragment = "", false, "", ""
-	return c.Redacted()
-}
-
 // newClient checks opts and makes the client Dial runs.
 func newClient(opts Options) (*Client, error) {
 	u, err := url.Parse(opts.URL)
@@ -467,10 +459,10 @@ func newClient(opts Options) (*Client, error) {
 	if u.User != nil {
 		// gorilla's dial refuses it (malformed ws or wss URL) every time:
 		// the client would retry it for good as a lost connection.
-		return nil, fmt.Errorf("client: URL %q has user information, which a WebSocket URL cannot carry: give the credential as Token or GetToken", shownURL(u))
+		return nil, fmt.Errorf("client: URL %q has user information, which a WebSocket URL cannot carry: give the credential as Token or GetToken", redact.URL(u))
 	}
 	if (u.Scheme != "ws" && u.Scheme != "wss") || u.Host == "" {
-		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", shownURL(u))
+		return nil, fmt.Errorf("client: bad URL %q (want ws:// or wss://host/ws)", redact.URL(u))
 	}
 	if err := checkQuery(u.RawQuery, u.Query(), opts); err != nil {
 		return nil, err

@@ -76,6 +76,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/wsrelay/wsrelay/shared/channel"
+	"github.com/wsrelay/wsrelay/shared/internal/redact"
 	"github.com/wsrelay/wsrelay/shared/jsondepth"
 )
 
@@ -167,15 +168,6 @@ type Client struct {
 	maxBackoff  time.Duration
 }
 
-// shownURL is u as New's errors quote it: without its password
-// (url.URL.Redacted), nor its query and fragment, where a credential may
-// be too (a token, a gateway's key), whatever else is wrong with it.
-func shownURL(u *url.URL) string {
-	c := *u
-	c.RawQuery, c.ForceQuery, c.Fragment, c.RawFragment = "", false, "", ""
-	return c.Redacted()
-}
-
 // New checks opts and returns a Client. It sends nothing.
 func New(opts Options) (*Client, error) {
 	u, err := url.Parse(opts.URL)
@@ -185,15 +177,15 @@ func New(opts Options) (*Client, error) {
 		return nil, errors.New("publisher: bad URL: it does not parse (not quoted: it may hold a password); want http:// or https://host[:port], with an optional path prefix")
 	}
 	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("publisher: bad URL %q (want http:// or https://host[:port], with an optional path prefix)", shownURL(u))
+		return nil, fmt.Errorf("publisher: bad URL %q (want http:// or https://host[:port], with an optional path prefix)", redact.URL(u))
 	}
 	switch {
 	case u.RawQuery != "" || u.ForceQuery:
-		return nil, fmt.Errorf("publisher: URL %q has a query (not shown: it may hold a credential): give the ingress's base URL", shownURL(u))
+		return nil, fmt.Errorf("publisher: URL %q has a query (not shown: it may hold a credential): give the ingress's base URL", redact.URL(u))
 	case u.Fragment != "" || strings.Contains(opts.URL, "#"):
-		return nil, fmt.Errorf("publisher: URL %q has a fragment: give the ingress's base URL", shownURL(u))
+		return nil, fmt.Errorf("publisher: URL %q has a fragment: give the ingress's base URL", redact.URL(u))
 	case u.User != nil:
-		return nil, fmt.Errorf("publisher: URL %q has user information: give the credential as Token", shownURL(u))
+		return nil, fmt.Errorf("publisher: URL %q has user information: give the credential as Token", redact.URL(u))
 	}
 	if !validToken(opts.Token) {
 		return nil, errors.New("publisher: Token must be printable ASCII without spaces (an API key or a JWT)")
