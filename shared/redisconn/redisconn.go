@@ -176,6 +176,12 @@ func parseURL(s string) (*redis.Options, error) {
 	if _, ok := splitHostPort(o.Addr); !ok && o.Network != "unix" {
 		return nil, errors.New("REDIS_URL: the port must be 1 to 65535")
 	}
+	// go-redis dials localhost for an empty host ("redis://:6379", a
+	// redis://$HOST:6379 written with HOST unset): a deployment meant
+	// for its Redis would use whatever answers on the machine itself.
+	if u, _ := url.Parse(s); o.Network != "unix" && u.Hostname() == "" {
+		return nil, errors.New("REDIS_URL has no host: write redis://host:port (127.0.0.1 for this machine)")
+	}
 	// go-redis panics in NewClient, not at parsing, on a pool count past
 	// 2^31-1.
 	for _, x := range []struct {

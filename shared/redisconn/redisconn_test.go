@@ -91,6 +91,11 @@ func TestValidate(t *testing.T) {
 		{"password with a question mark", Config{URL: "rediss://user:123?client_name=s3cret@h:6379", Timeout: time.Second}, []string{"REDIS_URL", "percent-encode"}, "s3cret"},
 		// "redis:" without "//": go-redis read no host and dialled localhost.
 		{"no slashes", Config{URL: "redis:h:6379", Timeout: time.Second}, []string{"REDIS_URL"}, ""},
+		// "redis://" with no host: go-redis dialled localhost, as for
+		// a REDIS_URL=redis://$HOST:6379 written with HOST unset.
+		{"no host", Config{URL: "redis://:6379/0", Timeout: time.Second}, []string{"REDIS_URL", "host"}, ""},
+		{"no host with a password", Config{URL: "rediss://:s3cret@:6380/0", Timeout: time.Second}, []string{"REDIS_URL", "host"}, "s3cret"},
+		{"nothing after the slashes", Config{URL: "redis://", Timeout: time.Second}, []string{"REDIS_URL", "host"}, ""},
 		// go-redis logs in only with a password: the user name was
 		// dropped without a word, and it connected without logging in
 		// (a password written without its ":" reads as a user name).
