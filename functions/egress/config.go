@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -190,7 +191,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		config.AtMost("MAX_CONNECTIONS", c.MaxConnections, maxConnections))
 	if c.IngressURL != "" && !validIngressURL(c.IngressURL) {
 		// Not quoted: a URL with user information holds a password.
-		errs = append(errs, errors.New("INGRESS_URL must be an http:// or https:// URL with a host and no user name, password, query or fragment (e.g. https://api.example.com; empty: the demo page's own origin)"))
+		errs = append(errs, errors.New("INGRESS_URL must be an http:// or https:// URL with a host (a port, if any, 1 to 65535) and no user name, password, query or fragment (e.g. https://api.example.com; empty: the demo page's own origin)"))
 	}
 	if err := origin.Validate(c.AllowedOrigins); err != nil {
 		errs = append(errs, err)
@@ -205,11 +206,21 @@ func loadConfig(getenv func(string) string) (Config, error) {
 // validIngressURL reports whether s can prefix the demo page's requests
 // (s + "/v1/…"): an absolute http(s) URL with a host and at most a path.
 // Without a scheme the page's requests would go to a path of the egress;
-// user information would be shown to every visitor of the page.
+// user information would be shown to every visitor of the page. A port
+// without a host ("https://:443"), or one past 65535, passes url.Parse,
+// but browsers refuse the URL, and every request of the page failed.
 func validIngressURL(s string) bool {
 	u, err := url.Parse(s)
+	if err != nil || u.Hostname() == "" {
+		return false
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return false
+		}
+	}
 	// A "#" with nothing after it leaves no Fragment, but still cuts
 	// the page's requests short (s + "/v1/…").
-	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" &&
+	return (u.Scheme == "http" || u.Scheme == "https") &&
 		u.User == nil && u.RawQuery == "" && !u.ForceQuery && !strings.Contains(s, "#") && u.Opaque == ""
 }

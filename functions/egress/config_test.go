@@ -34,6 +34,14 @@ func TestLoadConfigIngressURL(t *testing.T) {
 		{"https://api.example.com#", false},
 		{"https://api.example.com/?", false},
 		{"https://api.example.com/%zzs3cretpw", false},
+		// A port and no host, or a port no URL has: browsers refuse the
+		// URL, and every request of the page failed.
+		{"https://:443", false},
+		{"http://:8080/v1", false},
+		{"https://api.example.com:99999", false},
+		{"https://api.example.com:0", false},
+		{"http://localhost:8080/", true},
+		{"http://[::1]:8080", true},
 	} {
 		env := map[string]string{"ALLOW_ANONYMOUS": "true", "INGRESS_URL": tc.url}
 		_, err := loadConfig(func(k string) string { return env[k] })
