@@ -564,3 +564,16 @@ func TestAddLoginHook(t *testing.T) {
 		}
 	}
 }
+
+// TestTimeoutBoundSaid: REDIS_TIMEOUT's error gives its bounds as the
+// README does and as the functions' other bounds read (config.AtMost),
+// "1ms to 1m", not Go's "1m0s".
+func TestTimeoutBoundSaid(t *testing.T) {
+	t.Parallel()
+	for _, d := range []time.Duration{0, 2 * time.Minute} {
+		err := Config{URL: "redis://127.0.0.1:6379/0", Timeout: d}.Validate()
+		if err == nil || err.Error() != "REDIS_TIMEOUT must be 1ms to 1m" {
+			t.Errorf("REDIS_TIMEOUT=%v: %v, want REDIS_TIMEOUT must be 1ms to 1m", d, err)
+		}
+	}
+}
