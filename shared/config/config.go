@@ -202,14 +202,20 @@ func AtMost[T ~int | ~int64](name string, v, max T) error {
 	}
 	s := fmt.Sprint(max)
 	if d, ok := any(max).(time.Duration); ok {
-		// 24h and 1m, not 24h0m0s and 1m0s.
-		s = d.String()
-		if strings.HasSuffix(s, "m0s") {
-			s = strings.TrimSuffix(s, "0s")
-		}
-		if strings.HasSuffix(s, "h0m") {
-			s = strings.TrimSuffix(s, "0m")
-		}
+		s = Duration(d)
 	}
 	return fmt.Errorf("%s must be at most %s", name, s)
+}
+
+// Duration is d as the README writes a bound: 24h and 1m, not 24h0m0s
+// and 1m0s.
+func Duration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }

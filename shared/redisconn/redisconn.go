@@ -125,8 +125,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("REDIS_KEY_PREFIX must not contain { or }"))
 	}
 	if c.Timeout < time.Millisecond || c.Timeout > MaxTimeout {
-		// "1m", as the README and config.AtMost say it, not "1m0s".
-		errs = append(errs, fmt.Errorf("REDIS_TIMEOUT must be 1ms to %s", strings.TrimSuffix(MaxTimeout.String(), "0s")))
+		errs = append(errs, fmt.Errorf("REDIS_TIMEOUT must be 1ms to %s", config.Duration(MaxTimeout)))
 	}
 	if c.PoolSize < 0 || c.PoolSize > MaxPoolSize {
 		errs = append(errs, fmt.Errorf("REDIS_POOL_SIZE must be 0 (go-redis's default) to %d", MaxPoolSize))
