@@ -347,6 +347,9 @@ func (s *Server) maintain(ctx context.Context) {
 	var refreshes sync.WaitGroup
 	defer refreshes.Wait()
 	s.hub.lastRecv.Store(monoNow())
+	// stallSeen is the time the process did not run (stallAt) that the
+	// read path's silence has been credited with (creditRecv).
+	stallSeen := s.stallAt(s.clock())
 	for {
 		select {
 		case <-ctx.Done():
@@ -377,6 +380,22 @@ func (s *Server) maintain(ctx context.Context) {
 				if silentSince != 0 && last != silentSince {
 					s.log.Info("redis read path back", "silent_for", time.Duration(last-silentSince).Round(time.Millisecond).String(), "resubscribes", resubscribes)
 					silentSince, resubscribes = 0, 0
+				}
+				// A process that did not run (on SCF, an instance frozen
+				// between invocations) sent no probe meanwhile, so none
+				// came back: that time is no silence of the read path,
+				// as it is no client's for the pings (creditStall).
+				// Without it the first check after a freeze longer than
+				// 4 PROBE_INTERVALs found the read path silent whenever
+				// it ran before the probe just sent came back, and
+				// resubscribed every channel. Not while a silence is
+				// being logged: its end is a probe coming back (last
+				// moving), not a credit.
+				if st := s.stallAt(s.clock()); st > stallSeen {
+					if silentSince == 0 {
+						s.hub.creditRecv(time.Duration(st - stallSeen))
+					}
+					stallSeen = st
 				}
 				if quiet := s.hub.readSilence(time.Now()); quiet > silent && time.Since(lastResub) > silent {
 					if silentSince == 0 {
@@ -717,6 +736,19 @@ func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
 
 // monoNow is mono(time.Now()).
 func monoNow() int64 { return int64(time.Since(monoEpoch)) }
+
+// creditRecv moves the last probe seen forward by d, time the process
+// did not run, never past now (creditStall's counterpart for the read
+// path).
+func (h *hub) creditRecv(d time.Duration) {
+	for {
+		old := h.lastRecv.Load()
+		v := min(old+int64(d), monoNow())
+		if v <= old || h.lastRecv.CompareAndSwap(old, v) {
+			return
+		}
+	}
+}
 
 // readSilence is how long before now (a reading of time.Now) the receive
 // loop last saw a probe come back through Pub/Sub, by the time the
