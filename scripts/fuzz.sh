@@ -32,7 +32,15 @@ for m in "$@"; do
 	# package would compile every test binary once more.
 	mapfile -t dirs < <(grep -rlE --include='*_test.go' '^func Fuzz[A-Z0-9_]' "$m" | xargs -r -n1 dirname | sort -u)
 	for d in "${dirs[@]}"; do
-		mapfile -t targets < <(cd "$d" && "$GO" test -list '^Fuzz' . | grep '^Fuzz' || true)
+		# Listed apart from the grep: a package that does not build lists
+		# nothing, and its targets would be left out with a pass.
+		if ! list=$(cd "$d" && "$GO" test -list '^Fuzz' .); then
+			printf '%s\n' "$list"
+			echo "== fuzz $d: go test -list failed (above)"
+			failed+=("$d (go test -list)")
+			continue
+		fi
+		mapfile -t targets < <(grep '^Fuzz' <<<"$list" || true)
 		for f in "${targets[@]}"; do
 			echo "== fuzz $d $f ($FUZZTIME)"
 			fuzz_one "$d" "$f" || failed+=("$d $f")
