@@ -44,8 +44,9 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # docs/security.md, and curl and openssl for the shell examples of
 # docs/api.md, docs/deployment.md and the quick start
 # (e2e/docexamples_test.go, e2e/makerun_test.go), which a minimal Debian
-# does not have.
-APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev node:nodejs curl:curl openssl:openssl
+# does not have, nor a container systemd, whose systemd-analyze loads
+# deploy/systemd's units (e2e/systemd_test.go).
+APT_DEPS    := redis-server:redis-server chromium:chromium nginx:nginx gcc:gcc+libc6-dev node:nodejs curl:curl openssl:openssl systemd-analyze:systemd
 # make upgrade-check runs the release at this git ref (a commit, a tag, a
 # branch) side by side with the checkout: the commit the checked-out code
 # will replace in a deploy (docs/deployment.md, "Upgrading").
@@ -134,7 +135,7 @@ deps: ## install what the tests need (redis-server, chromium, nginx, node) and d
 	if (( $${#missing[@]} )); then \
 		echo "== installing $${missing[*]}"; \
 		if ! { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}"; }; then \
-			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, nginx for the nginx test, redis-server for the rest, gcc for -race, node for the Node example of docs/security.md, curl and openssl for the shell examples of the docs)" >&2; \
+			echo "deps: FAILED to install $${missing[*]}; the tests need them (chromium for the browser test, nginx for the nginx test, redis-server for the rest, gcc for -race, node for the Node example of docs/security.md, curl and openssl for the shell examples of the docs, systemd for the units' check)" >&2; \
 			exit 1; \
 		fi; \
 	fi; \
