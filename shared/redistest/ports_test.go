@@ -13,6 +13,10 @@ import (
 
 func TestFreePortBelowEphemeralRange(t *testing.T) {
 	low := ephemeralLow()
+	if _, top := portRange(low, clusterBusOffset); top+clusterBusOffset > low {
+		// portRange's fallback (TestPortRangeWithoutRoomBelowEphemeral).
+		low = top + clusterBusOffset
+	}
 	seen := map[int]bool{}
 	for range 50 {
 		p, err := FreePort()
@@ -33,6 +37,24 @@ func TestFreePortBelowEphemeralRange(t *testing.T) {
 	}
 	if p+clusterBusOffset >= low {
 		t.Fatalf("cluster port %d: bus port %d not below %d", p, p+clusterBusOffset, low)
+	}
+}
+
+// Where the ephemeral range leaves no room below it, ports are still
+// given, from 20000 to 32000 (bus ports included), not refused.
+func TestPortRangeWithoutRoomBelowEphemeral(t *testing.T) {
+	for _, tc := range []struct{ low, offset, base, top int }{
+		{32768, 0, 20768, 32768},
+		{32768, clusterBusOffset, 10768, 22768},
+		{1024, 0, 20000, 32000},
+		{1024, clusterBusOffset, 10000, 22000},
+		{2000, 0, 20000, 32000},
+		{12000, clusterBusOffset, 10000, 22000},
+	} {
+		base, top := portRange(tc.low, tc.offset)
+		if base != tc.base || top != tc.top {
+			t.Errorf("portRange(%d, %d) = [%d, %d), want [%d, %d)", tc.low, tc.offset, base, top, tc.base, tc.top)
+		}
 	}
 }
 
