@@ -49,8 +49,7 @@ func TestClusterManualFailover(t *testing.T) {
 
 	// A message acknowledged after the switch reaches the live socket
 	// within a few seconds, not only at the end through a later
-	// catch-up; the same once the old master is stopped too (the
-	// subscriptions Redis kept on it move to the new master).
+	// catch-up; the same once the old master is stopped too.
 	liveAfter := func(what string) {
 		t.Helper()
 		from := len(ackedOn(chans[0]))
@@ -114,4 +113,71 @@ func replicaOf(t *testing.T, addr string) string {
 		return fmt.Errorf("%s has no replica", addr)
 	})
 	return replica
+}
+
+// TestClusterManualFailoverThenReplicaMoved: a planned failover makes
+// Redis drop the shard subscriptions on the old master, now a replica,
+// with a sunsubscribe. Placed again with the slot map from before the
+// switch, the channel was subscribed on that replica again, which
+// accepts it (a replica serves its master's shard channels), and stayed
+// there: a message published right after the switch, before the new
+// master knew its replica, never reached the socket, and once that
+// replica is made to follow another master (CLUSTER REPLICATE, or Redis's
+// own replica migration) none does, the subscription kept without a
+// word. Both must reach it, from the new master.
+func TestClusterManualFailoverThenReplicaMoved(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := redistest.StartCluster(t, 3, 1)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not fail over a cluster it does not own")
+	}
+	rdb := c.Client(t)
+	e := startClusterEgress(t, rdb, c.AddrsEnv())
+	s := e.srv.Config.Handler.(*Server)
+	ctx := context.Background()
+	// Off the inbox's master, whose probes would replace its connection.
+	inbox := inboxMaster(t, rdb, s).Options().Addr
+	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 1)
+	var ch, other string
+	for _, x := range chans {
+		switch {
+		case owner[x] == inbox:
+		case ch == "":
+			ch = x
+		default:
+			other = owner[x]
+		}
+	}
+	col := dialCollector(t, e.srv, []string{ch})
+	victim := owner[ch]
+	c.ManualFailover(t, replicaOf(t, victim), victim, time.Minute)
+	acked := map[string][]string{}
+	publish := func() {
+		t.Helper()
+		testkit.Eventually(t, 10*time.Second, func() error {
+			id, err := e.publish(ctx, ch, len(acked[ch]))
+			if err == nil {
+				acked[ch] = append(acked[ch], id)
+			}
+			return err
+		})
+	}
+	publish()
+	col.check(t, acked, 10*time.Second)
+
+	oc := redis.NewClient(&redis.Options{Addr: other, DisableIdentity: true})
+	defer oc.Close()
+	id, err := oc.ClusterMyID(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := redis.NewClient(&redis.Options{Addr: victim, DisableIdentity: true})
+	defer old.Close()
+	if err := old.Do(ctx, "CLUSTER", "REPLICATE", id).Err(); err != nil {
+		t.Fatal(err)
+	}
+	publish()
+	col.check(t, acked, 10*time.Second)
 }

@@ -16,7 +16,8 @@ import (
 // Timing of the subscriber's repair work, derived from each other.
 const (
 	// regroupEvery is how often channels that are not settled (never
-	// placed, on a failing node, or unconfirmed) are placed again.
+	// placed, on a failing node, unconfirmed, or on a node the slot map
+	// no longer names as their master) are placed again.
 	regroupEvery = 250 * time.Millisecond
 	// confirmWait is how long a SSUBSCRIBE may stay unconfirmed before it
 	// is sent again (possibly to another node: the slot may have moved).
@@ -560,7 +561,8 @@ func (s *subscriber) nodeUp(addr string) {
 }
 
 // regroupLoop places channels that are not settled: never placed, on a
-// failing node, or unconfirmed for confirmWait.
+// failing node, unconfirmed for confirmWait, or on a node the slot map
+// no longer names as their master (ownedElsewhere).
 func (s *subscriber) regroupLoop() {
 	t := time.NewTicker(regroupEvery)
 	defer t.Stop()
@@ -618,7 +620,7 @@ func (s *subscriber) regroup(now time.Time) {
 	}
 	var todo []string
 	for ch, n := range s.want {
-		if n == nil || n.failing.Load() || n.unconfirmedFor(ch, now, confirmWait) {
+		if n == nil || n.failing.Load() || n.unconfirmedFor(ch, now, confirmWait) || s.ownedElsewhere(ch, n) {
 			todo = append(todo, ch)
 		}
 	}
@@ -635,6 +637,24 @@ func (s *subscriber) regroup(now time.Time) {
 		}
 	}
 	s.dropEmptyLocked()
+}
+
+// ownedElsewhere reports whether the slot map, as the cluster client
+// last loaded it, names another master than n for channel's slot. A
+// channel Redis dropped when its node became a replica (a planned
+// failover, or a master back after one) is placed again at once, with
+// the map from before the switch: on that node, which accepts it (a
+// replica serves its master's shard channels) and confirms it. It would
+// stay there, getting the shard's messages only as long as the node
+// replicates that master, and none of those the master sent before it
+// knew its new replica; a replica made to follow another master keeps
+// the subscription without a word. An in-memory lookup per channel.
+func (s *subscriber) ownedElsewhere(channel string, n *nodeSub) bool {
+	if s.cluster == nil {
+		return false
+	}
+	addr, _, err := s.resolve(s.ctx, channel)
+	return err == nil && addr != n.addr
 }
 
 // unconfirmedFor reports whether channel is not confirmed although it was
