@@ -179,7 +179,7 @@ func parseURL(s string) (*redis.Options, error) {
 	// go-redis dials localhost for an empty host ("redis://:6379", a
 	// redis://$HOST:6379 written with HOST unset): a deployment meant
 	// for its Redis would use whatever answers on the machine itself.
-	if u, _ := url.Parse(s); o.Network != "unix" && u.Hostname() == "" {
+	if u, err := url.Parse(s); err == nil && o.Network != "unix" && u.Hostname() == "" {
 		return nil, errors.New("REDIS_URL has no host: write redis://host:port (127.0.0.1 for this machine)")
 	}
 	// go-redis panics in NewClient, not at parsing, on a pool count past
