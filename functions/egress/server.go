@@ -348,7 +348,8 @@ func (s *Server) maintain(ctx context.Context) {
 	defer refreshes.Wait()
 	s.hub.lastRecv.Store(monoNow())
 	// stallSeen is the time the process did not run (stallAt) that the
-	// read path's silence has been credited with (creditRecv).
+	// read path's silence has been credited with (creditMono on
+	// lastRecv, as creditStall does for each client's pings).
 	stallSeen := s.stallAt(s.clock())
 	for {
 		select {
@@ -393,7 +394,7 @@ func (s *Server) maintain(ctx context.Context) {
 				// moving), not a credit.
 				if st := s.stallAt(s.clock()); st > stallSeen {
 					if silentSince == 0 {
-						s.hub.creditRecv(time.Duration(st - stallSeen))
+						creditMono(&s.hub.lastRecv, time.Duration(st-stallSeen), monoNow())
 					}
 					stallSeen = st
 				}
@@ -553,10 +554,16 @@ func (s *Server) noteSweep(now time.Time) time.Duration {
 // 2×PING_INTERVAL was dropped as "missed pong" by the first sweep after
 // it, clients that had done nothing wrong, all reconnecting at once.
 func creditStall(c *conn, stalled time.Duration, now time.Time) {
+	creditMono(&c.lastRead, stalled, mono(now))
+}
+
+// creditMono moves t, a reading of the monotonic clock (mono), forward
+// by d, never past now, nor back if it moved on meanwhile.
+func creditMono(t *atomic.Int64, d time.Duration, now int64) {
 	for {
-		old := c.lastRead.Load()
-		v := min(old+int64(stalled), mono(now))
-		if v <= old || c.lastRead.CompareAndSwap(old, v) {
+		old := t.Load()
+		v := min(old+int64(d), now)
+		if v <= old || t.CompareAndSwap(old, v) {
 			return
 		}
 	}
@@ -736,19 +743,6 @@ func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
 
 // monoNow is mono(time.Now()).
 func monoNow() int64 { return int64(time.Since(monoEpoch)) }
-
-// creditRecv moves the last probe seen forward by d, time the process
-// did not run, never past now (creditStall's counterpart for the read
-// path).
-func (h *hub) creditRecv(d time.Duration) {
-	for {
-		old := h.lastRecv.Load()
-		v := min(old+int64(d), monoNow())
-		if v <= old || h.lastRecv.CompareAndSwap(old, v) {
-			return
-		}
-	}
-}
 
 // readSilence is how long before now (a reading of time.Now) the receive
 // loop last saw a probe come back through Pub/Sub, by the time the
