@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"path"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -892,26 +891,8 @@ func notReady(err error, silent, draining bool) string {
 	switch {
 	case draining:
 		return "draining: the instance is shutting down"
-	case redisconn.LoginRefused(err):
-		return "Redis refuses the login (the user or password in REDIS_URL; see the log)"
-	case redisconn.Refused(err):
-		return "Redis refuses a command to the functions' ACL user (see the log)"
-	case errors.Is(err, redisconn.ErrReplica):
-		// It answers: "does not answer" would send the operator to the
-		// network. REDIS_URL names a replica, or a failover demoted it.
-		return "Redis is a replica (read-only), not the master"
 	case err != nil:
-		// Redis answers, with an error of its own (LOADING after a
-		// restart, BUSY behind a long script, CLUSTERDOWN, MASTERDOWN):
-		// its code, the reply's first word, sends the operator to Redis,
-		// not to the network. Nothing after it is shown.
-		var re redis.Error
-		if errors.As(err, &re) {
-			if code, _, _ := strings.Cut(re.Error(), " "); code != "" {
-				return "Redis answers the probe with an error: " + code
-			}
-		}
-		return "Redis does not answer"
+		return redisconn.Why(err)
 	case silent:
 		return "the Redis subscription (the read path) is not live"
 	}

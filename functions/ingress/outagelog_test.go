@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -109,5 +111,64 @@ func TestReadyzReplica(t *testing.T) {
 	lines := logs.Lines(t, "redis unavailable")
 	if len(lines) != 1 || !strings.Contains(fmt.Sprint(lines[0]["err"]), "replica") {
 		t.Fatalf("readyz on a replica logged %v, want one \"redis unavailable\" whose err says replica:\n%s", lines, logs.String())
+	}
+}
+
+// TestReadyzSaysWhy: the ingress's 503 on /readyz names its cause in
+// "reason", in the egress's words (redisconn.Why), so that an operator
+// looking at a failing probe knows what to fix without the log: a Redis
+// that refuses the login (a real password-protected redis-server given
+// the wrong password), one that refuses the probe's command to the ACL
+// user (a user without +ping), one that does not answer (a port nothing
+// listens on), a replica, and one that answers the probe with an error of
+// its own (a replica cut from its master told not to serve stale data:
+// MASTERDOWN). Before, that last one said "down", as a Redis gone does:
+// the operator looked at the network, not at Redis.
+func TestReadyzSaysWhy(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t, "--requirepass", "rightpw")
+	dead, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
+	defer admin.Close()
+	if err := admin.Do(t.Context(), "ACL", "SETUSER", "noping", "on", ">userpw", "~*", "&*", "+@all", "-ping").Err(); err != nil {
+		t.Fatal(err)
+	}
+	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(rs.Port))
+	stale := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(dead), "--replica-serve-stale-data", "no")
+	for _, tc := range []struct {
+		name, url     string
+		status        int
+		redis, reason string
+	}{
+		{"ready", strings.Replace(rs.URL(), "//", "//:rightpw@", 1), 200, "", ""},
+		{"login refused", strings.Replace(rs.URL(), "//", "//:wrongpw@", 1), 503, "refused", "Redis refuses the login"},
+		{"redis down", "redis://127.0.0.1:" + strconv.Itoa(dead), 503, "down", "Redis does not answer"},
+		{"command refused", strings.Replace(rs.URL(), "//", "//noping:userpw@", 1), 503, "refused", "Redis refuses a command to the functions' ACL user"},
+		{"replica", replica.URL(), 503, "down", "Redis is a replica"},
+		{"error reply", stale.URL(), 503, "down", "Redis answers the probe with an error: MASTERDOWN"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnvWith(t, redisconn.Config{URL: tc.url, Timeout: time.Second}, nil, nil)
+			w := e.do("GET", "/readyz", "")
+			var body struct{ Status, Redis, Reason string }
+			if err := json.Unmarshal(w.Body.Bytes(), &body); err != nil {
+				t.Fatalf("readyz %d %s: %v", w.Code, w.Body, err)
+			}
+			if w.Code != tc.status || body.Redis != tc.redis || !strings.Contains(body.Reason, tc.reason) {
+				t.Fatalf("readyz %d %s, want %d with redis %q and a reason holding %q", w.Code, w.Body, tc.status, tc.redis, tc.reason)
+			}
+			if tc.status == 200 && body.Reason != "" {
+				t.Errorf("ready, yet a reason: %s", w.Body)
+			}
+			for _, pw := range []string{"rightpw", "wrongpw", "userpw"} {
+				if strings.Contains(w.Body.String(), pw) {
+					t.Errorf("the answer holds the password: %s", w.Body)
+				}
+			}
+		})
 	}
 }

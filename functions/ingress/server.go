@@ -183,7 +183,8 @@ func (s *Server) handleHealthz(c *gin.Context) {
 // database, or no +ping), a refused command; the login refused (a wrong
 // password, none, a user unknown or disabled), a refused login; both
 // last until an operator acts, and the body says "refused". Anything
-// else (Redis down), Redis unavailable: "down".
+// else (Redis down, a replica, an error reply such as LOADING), Redis
+// unavailable: "down". "reason" says which, in the egress's words.
 func (s *Server) handleReadyz(c *gin.Context) {
 	if err := s.ready.Check(c.Request.Context()); err != nil {
 		state := "refused"
@@ -191,7 +192,7 @@ func (s *Server) handleReadyz(c *gin.Context) {
 			state = "down"
 		}
 		c.Header("Retry-After", "1")
-		c.JSON(503, gin.H{"status": "unavailable", "redis": state})
+		c.JSON(503, gin.H{"status": "unavailable", "redis": state, "reason": redisconn.Why(err)})
 		return
 	}
 	c.JSON(200, gin.H{"status": "ready"})

@@ -385,6 +385,33 @@ func Failed(cmd redis.Cmder, err error) bool {
 	return true
 }
 
+// Why says, for an operator reading a failed readiness probe, why Redis
+// made it fail: err is Ping's (or Readiness.Check's) error, non-nil. The
+// first that applies, in the order an operator would act on; never a
+// secret nor an address. A Redis that answers with an error of its own
+// (LOADING after a restart, BUSY behind a long script, CLUSTERDOWN,
+// MASTERDOWN) is named by its code, the reply's first word, which sends
+// the operator to Redis rather than to the network.
+func Why(err error) string {
+	switch {
+	case LoginRefused(err):
+		return "Redis refuses the login (the user or password in REDIS_URL; see the log)"
+	case Refused(err):
+		return "Redis refuses a command to the functions' ACL user (see the log)"
+	case errors.Is(err, ErrReplica):
+		// It answers: "does not answer" would send the operator to the
+		// network. REDIS_URL names a replica, or a failover demoted it.
+		return "Redis is a replica (read-only), not the master"
+	}
+	var re redis.Error
+	if errors.As(err, &re) {
+		if code, _, _ := strings.Cut(re.Error(), " "); code != "" {
+			return "Redis answers the probe with an error: " + code
+		}
+	}
+	return "Redis does not answer"
+}
+
 // Readiness answers whether Redis answers (Ping) for readiness probes, with
 // at most one Ping per interval: callers within it share the last answer,
 // so that a probe storm (the endpoint is public behind a gateway) does not
