@@ -6,6 +6,9 @@ import (
 	"encoding/json"
 	"maps"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -367,4 +370,50 @@ func TestBrowserDemoWithoutSiteStorage(t *testing.T) {
 		chromedp.Click(chromedp.ID("send")),
 	)
 	waitTexts(t, tab, "tab", "no storage")
+}
+
+// TestBrowserDemoAtStageURL: behind a gateway that serves the egress
+// under a stage prefix (API Gateway's …/release, stripped before the
+// function sees the path), the demo page opened at the stage's URL
+// without its trailing slash works: it loads its client.js and connects
+// its socket within the stage. Before, "./client.js" resolved to
+// /client.js, outside the stage (the gateway's 404), and the page could
+// not join.
+func TestBrowserDemoAtStageURL(t *testing.T) {
+	_, eg := startDemo(t, nil)
+	target, err := url.Parse(eg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const stage = "/release"
+	proxy := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
+		r.SetURL(target)
+		r.Out.Host = r.In.Host // as a gateway: the function sees the address the browser used
+		r.Out.URL.Path = strings.TrimPrefix(r.In.URL.Path, stage)
+		if r.Out.URL.Path == "" {
+			r.Out.URL.Path = "/"
+		}
+		r.Out.URL.RawPath = ""
+	}}
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != stage && !strings.HasPrefix(r.URL.Path, stage+"/") {
+			http.NotFound(w, r) // outside the stage, the gateway has nothing
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+
+	tab := newBrowser(t)
+	runIn(t, tab, "join at the stage URL",
+		chromedp.Navigate(front.URL+stage+"?x=1"),
+		chromedp.WaitVisible(chromedp.ID("name")),
+		chromedp.SetValue(chromedp.ID("name"), "Ada"),
+		chromedp.SetValue(chromedp.ID("room"), "stage-room"),
+		chromedp.Click(chromedp.ID("join")),
+		chromedp.WaitVisible(chromedp.CSS(`#state[data-state="connected"]`)),
+	)
+	if got := evalIn(t, tab, "location", chromedp.Evaluate[string](`location.pathname + location.search`)); got != stage+"/?x=1" {
+		t.Errorf("the page is at %q, want %q", got, stage+"/?x=1")
+	}
 }
