@@ -6,12 +6,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"maps"
 	"math"
 	"net"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -48,6 +50,11 @@ type Config struct {
 	// PoolSize per node; zero means go-redis's default (10 per CPU, 5
 	// per CPU per node for a cluster). At most MaxPoolSize.
 	PoolSize int `env:"REDIS_POOL_SIZE"`
+	// CertFile is SSL_CERT_FILE, the CAs Go's TLS checks Redis's
+	// certificate against in place of the system's (a private CA,
+	// docs/deployment.md). Go reads it itself; Validate checks it can,
+	// since Go falls back to the system's CAs without a word.
+	CertFile string `env:"SSL_CERT_FILE"`
 }
 
 const (
@@ -130,7 +137,42 @@ func (c Config) Validate() error {
 	if c.PoolSize < 0 || c.PoolSize > MaxPoolSize {
 		errs = append(errs, fmt.Errorf("REDIS_POOL_SIZE must be 0 (go-redis's default) to %d", MaxPoolSize))
 	}
+	if c.CertFile != "" && c.verifiesTLS() {
+		if err := checkCertFile(c.CertFile); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return config.Join(errs...)
+}
+
+// verifiesTLS reports whether the functions speak TLS to Redis and check
+// its certificate: a cluster with REDIS_CLUSTER_TLS, or a rediss://
+// REDIS_URL without skip_verify.
+func (c Config) verifiesTLS() bool {
+	if c.ClusterAddrs != "" {
+		return c.ClusterTLS
+	}
+	o, err := parseURL(c.URL)
+	return err == nil && o.TLSConfig != nil && !o.TLSConfig.InsecureSkipVerify
+}
+
+// checkCertFile checks that the file SSL_CERT_FILE names can be read and
+// holds a PEM certificate. Go's loader reads the file once, at the first
+// TLS dial, and when it cannot be read, or holds none, trusts the
+// system's CAs instead, without a word: every dial then failed with
+// "certificate signed by unknown authority", which sent the operator to
+// the CA, not to the file (a CA under /etc/wsrelay, which the systemd
+// units' dynamic user cannot read). The path is no secret; the error
+// names it.
+func checkCertFile(path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("SSL_CERT_FILE, the CA Redis's certificate is checked against, cannot be read by the functions: %w", err)
+	}
+	if !x509.NewCertPool().AppendCertsFromPEM(data) {
+		return fmt.Errorf("SSL_CERT_FILE (%s) holds no PEM certificate: give the CA's certificate as PEM (-----BEGIN CERTIFICATE-----)", path)
+	}
+	return nil
 }
 
 // errInvalidURL is parseURL's error for a REDIS_URL that may hold a

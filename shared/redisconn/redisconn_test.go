@@ -3,6 +3,7 @@ package redisconn
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -575,5 +576,60 @@ func TestTimeoutBoundSaid(t *testing.T) {
 		if err == nil || err.Error() != "REDIS_TIMEOUT must be 1ms to 1m" {
 			t.Errorf("REDIS_TIMEOUT=%v: %v, want REDIS_TIMEOUT must be 1ms to 1m", d, err)
 		}
+	}
+}
+
+// TestValidateCertFile: SSL_CERT_FILE (the CA a private Redis's
+// certificate is checked against, docs/deployment.md) that the functions
+// cannot use is refused at start when they speak TLS to Redis. Go's own
+// loader falls back to the system's CAs without a word for a file it
+// cannot read or that holds no certificate, so the first sign was
+// "certificate signed by unknown authority" at every dial, which sent the
+// operator to the CA rather than to the file (a CA under /etc/wsrelay,
+// which the systemd units' dynamic user cannot read). Without TLS, or
+// with TLS that checks nothing (skip_verify), the file is not used and
+// not checked.
+func TestValidateCertFile(t *testing.T) {
+	t.Parallel()
+	ca := redistest.NewCA(t)
+	dir := t.TempDir()
+	notPEM := filepath.Join(dir, "ca.der")
+	if err := os.WriteFile(notPEM, []byte("not a certificate\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.pem")
+	for _, tc := range []struct {
+		name string
+		c    Config
+		want []string // substrings of the error; nil means valid
+	}{
+		{"tls, a CA file", Config{URL: "rediss://h:6380", CertFile: ca.CertFile}, nil},
+		{"cluster tls, a CA file", Config{ClusterAddrs: "a:1", ClusterTLS: true, CertFile: ca.CertFile}, nil},
+		{"tls, a file missing", Config{URL: "rediss://h:6380", CertFile: missing}, []string{"SSL_CERT_FILE", missing, "no such file"}},
+		{"cluster tls, a file missing", Config{ClusterAddrs: "a:1", ClusterTLS: true, CertFile: missing}, []string{"SSL_CERT_FILE", "no such file"}},
+		{"tls, a directory", Config{URL: "rediss://h:6380", CertFile: dir}, []string{"SSL_CERT_FILE", "is a directory"}},
+		{"tls, no certificate in it", Config{URL: "rediss://h:6380", CertFile: notPEM}, []string{"SSL_CERT_FILE", notPEM, "no PEM certificate"}},
+		{"no tls: not used", Config{URL: "redis://h:6379", CertFile: missing}, nil},
+		{"tls checking nothing: not used", Config{URL: "rediss://h:6380?skip_verify=true", CertFile: missing}, nil},
+		{"cluster without tls: not used", Config{ClusterAddrs: "a:1", CertFile: missing}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.c.Timeout = time.Second
+			err := tc.c.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate: %v, want nil", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Validate: nil, want an error with %q", tc.want)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("Validate: %v, want it to hold %q", err, w)
+				}
+			}
+		})
 	}
 }
