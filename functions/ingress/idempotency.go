@@ -160,6 +160,16 @@ func (s *Server) claim(c *gin.Context, rkey, bodyHash, pending string) (until ti
 	for attempt := 1; ; attempt++ {
 		until = time.Now().Add(s.pendingTTL())
 		ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
+		if resendable(ctx, err) {
+			// Its reply lost (the connection cut, or later than
+			// REDIS_TIMEOUT): the claim is sent once more, on another
+			// connection, as the Redis client does not resend (an
+			// append would run twice). Finding the key taken by its own
+			// first sending, it goes on as the claim (replay,
+			// claimOurs), not 503 and then 409 to the retry until the
+			// release below ran.
+			ok, err = s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
+		}
 		if redisconn.OutOfMemory(err) {
 			// Redis at its maxmemory refuses the claim whether or not the
 			// key is there, and sets nothing. A retry of a request that
@@ -198,6 +208,15 @@ func (s *Server) claim(c *gin.Context, rkey, bodyHash, pending string) (until ti
 		// request holding it failed and released it, or its claim
 		// expired): claim it again.
 	}
+}
+
+// resendable reports whether err, a command's, may be a lost reply that
+// a command safe to run twice is sent again for: the connection failed
+// (not a Redis error reply, an out-of-memory or a refusal), and the
+// request is not cancelled.
+func resendable(ctx context.Context, err error) bool {
+	var re redis.Error
+	return err != nil && !errors.As(err, &re) && ctx.Err() == nil
 }
 
 // claimOutcome is what replay found at a key whose claim failed.

@@ -770,8 +770,9 @@ func newClaimReplyDropper(t *testing.T, target string) *claimReplyDropper {
 }
 
 // TestIdempotencyClaimResent: the connection breaks after Redis has set a
-// request's claim but before its reply, and go-redis sends the claim
-// again on a new connection, where it finds the key taken (by itself).
+// request's claim but before its reply, and the ingress sends the claim
+// again on a new connection (resendable: the Redis client resends
+// nothing), where it finds the key taken (by itself).
 // The request goes on with its claim: it writes once and answers 202, and
 // its retry gets the replay; not 409 for a request that is not running,
 // and again to every retry until the claim expires.

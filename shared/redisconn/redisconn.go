@@ -55,6 +55,12 @@ type Config struct {
 	// docs/deployment.md). Go reads it itself; Validate checks it can,
 	// since Go falls back to the system's CAs without a word.
 	CertFile string `env:"SSL_CERT_FILE"`
+	// Resend lets a single node's client send a command again, once, when
+	// it did not get its reply (go-redis's retry): only for a process
+	// whose commands may all run twice (the egress: reads, its registry
+	// records, probes). Never for appends, which would then be written
+	// twice. Not from the environment.
+	Resend bool
 }
 
 const (
@@ -74,7 +80,7 @@ var urlOptions = map[string]string{
 	"dial_timeout":  "REDIS_TIMEOUT sets it",
 	"read_timeout":  "REDIS_TIMEOUT sets it",
 	"write_timeout": "REDIS_TIMEOUT sets it",
-	"max_retries":   "it is 1",
+	"max_retries":   "a command sent is never retried (an append would run twice)",
 	"pool_size":     "REDIS_POOL_SIZE sets it",
 	// Pipelines share the pool REDIS_POOL_SIZE sizes (noPipelinePool).
 	"pipeline_pool_size": "REDIS_POOL_SIZE bounds pipelines too",
@@ -328,7 +334,19 @@ func New(c Config) (redis.UniversalClient, error) {
 	o.ReadTimeout = c.Timeout
 	o.WriteTimeout = c.Timeout
 	o.ContextTimeoutEnabled = true
-	o.MaxRetries = 1
+	// No retry of a command sent, unless c.Resend: go-redis retried one
+	// whose reply was lost (the connection cut, or the reply later than
+	// Timeout) on a new connection, and an append ran twice, the message
+	// written and delivered twice under two ids; a rate-limit script
+	// charged twice. The caller's error (a 503) lets a publisher retry
+	// with its Idempotency-Key instead, as the node clients of a cluster,
+	// which go-redis never lets retry, always did. Over plain TCP a pooled
+	// connection Redis has closed is found before use (go-redis checks
+	// each one it takes); over TLS it is not, and its first command fails.
+	o.MaxRetries = -1
+	if c.Resend {
+		o.MaxRetries = 1
+	}
 	// One dial per attempt: go-redis's default (5 dials 100 ms apart, each
 	// up to Timeout) would hold a request for seconds before its 503.
 	o.DialerRetries = 1
