@@ -12,8 +12,9 @@ import (
 // TestClusterTargetedWhileInboxSlotMoves: while a resharding moves the
 // slot of an egress instance's inbox, sends to its connection and user
 // and disconnects of them are refused with 503 and Retry-After, nothing
-// written, logged as a slot being moved; a keyed send retried after the
-// move is written once.
+// written, logged as a slot being moved (the sends' messages name the
+// Idempotency-Key, the disconnects', which take none, do not); a keyed
+// send retried after the move is written once.
 func TestClusterTargetedWhileInboxSlotMoves(t *testing.T) {
 	c, e, logs := reshardEnv(t)
 	e.register("c1", "bob", "inst-a")
@@ -32,6 +33,11 @@ func TestClusterTargetedWhileInboxSlotMoves(t *testing.T) {
 		w := e.do(r.method, r.path, r.body, "Idempotency-Key", "k-"+r.method)
 		if w.Code != 503 || w.Header().Get("Retry-After") != "1" || !strings.Contains(w.Body.String(), "being moved") || strings.Contains(w.Body.String(), "channel") {
 			t.Errorf("%s %s while the inbox's slot moves: %d %q %s", r.method, r.path, w.Code, w.Header().Get("Retry-After"), w.Body)
+		}
+		// A disconnect takes no Idempotency-Key (repeating it is
+		// harmless); a send does.
+		if (r.method == "DELETE") == strings.Contains(w.Body.String(), "Idempotency-Key") {
+			t.Errorf("%s %s while the inbox's slot moves: %s, want the Idempotency-Key named for a send only", r.method, r.path, w.Body)
 		}
 		t.Logf("%s %s: %d %s", r.method, r.path, w.Code, strings.TrimSpace(w.Body.String()))
 	}

@@ -62,7 +62,11 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// A WAIT that Redis refused to the functions' ACL user (no +wait)
 		// is no replica being late: it falls to the refusals below.
 		s.unreplicated.Fail(err, "route", c.FullPath())
-		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key", RetryAfter: 1}
+		msg := "not confirmed by enough Redis replicas in time; it may have been written: retry with the same Idempotency-Key"
+		if !keyed(c) {
+			msg = "not confirmed by enough Redis replicas in time; it may have been written: retry"
+		}
+		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: 1}
 	case redis.HasErrorPrefix(err, "WRONGTYPE"):
 		// A key of another type where a stream (or a record) belongs: an
 		// operator's write or a key prefix shared with another
@@ -93,8 +97,10 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// them, is refused until the move is over. Not "cannot be
 		// reached", and no outage (docs/scaling.md).
 		s.slotMoving.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		msg := "the channel's Redis Cluster slot is being moved to another node (resharding): nothing was written; retry (with the same Idempotency-Key)"
+		msg := "the channel's Redis Cluster slot is being moved to another node (resharding): nothing was written; retry" + sameKey(c)
 		switch {
+		case multiAppend[c.FullPath()] && !keyed(c):
+			msg = "a Redis Cluster slot is being moved to another node (resharding): what it refused was not written, but other connections of the request may have been told; retry (telling them again is harmless)"
 		case multiAppend[c.FullPath()]:
 			msg = "a Redis Cluster slot is being moved to another node (resharding): what it refused was not written, but other messages of the request may have been; retry with the same Idempotency-Key"
 		case c.FullPath() == "/v1/connections/:id/messages":
@@ -110,8 +116,11 @@ func (s *Server) writeError(c *gin.Context, err error) {
 		// "cannot be reached", and not over in a second (keys expire,
 		// streams are trimmed, or an operator frees memory).
 		s.redisOOM.Fail(err, "method", c.Request.Method, "route", c.FullPath())
-		msg := "Redis is out of memory and refused the write: nothing was written; retry later (with the same Idempotency-Key)"
-		if multiAppend[c.FullPath()] {
+		msg := "Redis is out of memory and refused the write: nothing was written; retry later" + sameKey(c)
+		switch {
+		case multiAppend[c.FullPath()] && !keyed(c):
+			msg = "Redis is out of memory and refused the write: what it refused was not written, but other connections of the request may have been told; retry later (telling them again is harmless)"
+		case multiAppend[c.FullPath()]:
 			msg = "Redis is out of memory and refused the write: what it refused was not written, but other messages of the request may have been; retry later with the same Idempotency-Key"
 		}
 		ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: msg, RetryAfter: oomRetryAfter}
@@ -129,9 +138,9 @@ func (s *Server) writeError(c *gin.Context, err error) {
 			// operator fixes REDIS_URL or the user (a password rotated
 			// in Redis before the functions' setting, from the client's
 			// side, ends by itself).
-			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis refused this service's connection; retry later (with the same Idempotency-Key)", RetryAfter: loginRetryAfter}
+			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis refused this service's connection; retry later" + sameKey(c), RetryAfter: loginRetryAfter}
 		default:
-			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry (with the same Idempotency-Key)", RetryAfter: 1}
+			ae = &apiError{Status: http.StatusServiceUnavailable, Code: "unavailable", Message: "Redis cannot be reached; retry" + sameKey(c), RetryAfter: 1}
 		}
 	}
 	body.Error.Code = ae.Code
@@ -185,6 +194,21 @@ var multiAppend = map[string]bool{
 	"/v1/messages":                true,
 	"/v1/users/:user/messages":    true,
 	"/v1/users/:user/connections": true,
+}
+
+// keyed reports whether c's route takes an Idempotency-Key: the
+// publishes, every POST route (docs/api.md). The reads and the
+// disconnects take none (repeating a disconnect is harmless), so a 503
+// tells their clients to retry, not to send the same key.
+func keyed(c *gin.Context) bool { return c.Request.Method == http.MethodPost }
+
+// sameKey is what a 503's "retry" ends with for request c: "(with the
+// same Idempotency-Key)" where its route takes one, nothing elsewhere.
+func sameKey(c *gin.Context) string {
+	if keyed(c) {
+		return " (with the same Idempotency-Key)"
+	}
+	return ""
 }
 
 // hangUp closes c's connection without a response, where the connection
