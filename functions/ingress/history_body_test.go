@@ -42,13 +42,21 @@ func (e *testEnv) legacyHistory(ch, query string) (int, http.Header, []byte) {
 			e.t.Fatalf("bad cursor %q", after)
 		}
 		var b stream.Batch
-		entries, b, err = e.srv.historyAfter(e.t.Context(), key, id, limit)
+		var p *historyPage
+		p, b, err = e.srv.historyAfter(e.t.Context(), key, id, limit)
+		if p != nil {
+			entries = p.entries
+		}
 		resp["recovered"] = b.Continuous
 		if !b.Continuous && len(entries) == 0 {
 			next = b.From.String()
 		}
 	} else {
-		entries, err = e.srv.historyLatest(e.t.Context(), key, stream.Zero, false, limit)
+		var p *historyPage
+		p, err = e.srv.historyLatest(e.t.Context(), key, stream.Zero, false, limit)
+		if p != nil {
+			entries = p.entries
+		}
 	}
 	if err != nil {
 		e.t.Fatal(err)
@@ -60,9 +68,7 @@ func (e *testEnv) legacyHistory(ch, query string) (int, http.Header, []byte) {
 			continue
 		}
 		msgs = append(msgs, d)
-	}
-	if len(entries) > 0 {
-		next = entries[len(entries)-1].ID
+		next = entries[i].ID
 	}
 	resp["messages"], resp["next"] = msgs, next
 	w := httptest.NewRecorder()

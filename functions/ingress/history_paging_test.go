@@ -296,3 +296,55 @@ func TestQueryTooManyPairs(t *testing.T) {
 		t.Fatalf("10,000 unread pairs: %d messages, want 3", len(r.Messages))
 	}
 }
+
+// TestHistoryUndecodableNotEmpty: entries no message can be made of
+// (another release's format) are left out of a page without counting
+// toward its limit, so that a page is empty only when no message
+// follows: paging with after, or back with before, until an empty page
+// reads every message, and the newest page holds the newest message,
+// whatever the limit and however many such entries lie between (more
+// than a read's chunk). They were counted: a page of them was empty, and
+// a reader stopped there.
+func TestHistoryUndecodableNotEmpty(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.HistorySize = 0 })
+	junk := func(prev string, n int) string {
+		for range n {
+			prev = e.xaddRaw("h", prev, `{"type":"message","channel":"h","id":"`, `"`)
+		}
+		return prev
+	}
+	a := e.publishN(1)[0]
+	junk(a, 2*historyChunk+3)
+	c := e.publishN(1)[0]
+	want := fmt.Sprint([]string{a, c})
+	for _, limit := range []int{1, 2, 1000} {
+		if got, _ := e.pageAll("0", limit); fmt.Sprint(got) != want {
+			t.Errorf("limit %d: paged %v, want %v", limit, got, want)
+		}
+		if got := e.pageBack("", limit); fmt.Sprint(got) != want {
+			t.Errorf("limit %d: paged back %v, want %v", limit, got, want)
+		}
+	}
+	if r := e.history("?limit=1&after=" + a); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint([]string{c}) || !*r.Recovered {
+		t.Errorf("after %s: %v recovered %v, want [%s] true", a, idsOf(r.Messages), *r.Recovered, c)
+	}
+	if r := e.history("?limit=1&before=" + c); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint([]string{a}) {
+		t.Errorf("before %s: %v, want [%s]", c, idsOf(r.Messages), a)
+	}
+	last := junk(c, 3)
+	if r := e.history("?limit=1"); fmt.Sprint(idsOf(r.Messages)) != fmt.Sprint([]string{c}) {
+		t.Errorf("newest, behind undecodable entries: %v, want [%s]", idsOf(r.Messages), c)
+	}
+	// Past the last message, an empty page: the cursor back; trimmed past
+	// the cursor, the channel's last id.
+	if r := e.history("?after=" + c); len(r.Messages) != 0 || r.Next != c || !*r.Recovered {
+		t.Errorf("after the last message: %v next %s recovered %v, want none, %s, true", idsOf(r.Messages), r.Next, *r.Recovered, c)
+	}
+	if err := e.rdb.XTrimMaxLen(t.Context(), e.keys.Stream("h"), 2).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.history("?after=" + c); len(r.Messages) != 0 || r.Next != last || *r.Recovered {
+		t.Errorf("after %s, trimmed past it: %v next %s recovered %v, want none, the last id %s, false", c, idsOf(r.Messages), r.Next, *r.Recovered, last)
+	}
+}

@@ -401,8 +401,16 @@ type historyPage struct {
 	limit   int
 	chunk   int            // entries per read: historyChunk, fewer for large messages
 	entries []stream.Entry // in the order read (newest first for historyLatest)
-	bytes   int
-	full    bool // limit or budget reached
+	// json is each entry's message JSON (taken by take; zero for an
+	// entry left out), msgs how many entries are messages, left how many
+	// are not, and bad and badID the error and id of the first of those
+	// read.
+	json       []stream.MessageJSON
+	msgs, left int
+	bad        error
+	badID      string
+	bytes      int
+	full       bool // limit or budget reached
 	// mark and markBytes are len(entries) and bytes at the last next.
 	mark, markBytes int
 }
@@ -423,7 +431,7 @@ func (s *Server) newHistoryPage(limit int) *historyPage {
 // not the page's: after large entries, small ones would otherwise be read
 // a few at a time.)
 func (p *historyPage) next() int {
-	n := min(p.chunk, p.limit-len(p.entries))
+	n := min(p.chunk, p.limit-p.msgs)
 	if k := len(p.entries) - p.mark; k > 0 {
 		avg := max(1, (p.bytes-p.markBytes)/k)
 		n = min(n, max(0, historyPageBytes-p.bytes)/avg+1)
@@ -432,18 +440,48 @@ func (p *historyPage) next() int {
 	return n
 }
 
-// add appends e unless the page is full or e would take it over the
-// budget (the first entry goes in whatever its size); false when the
-// page is full.
+// take adds e, an entry read, as add does, with its message's JSON. An
+// entry no message can be made of is left out: it counts toward neither
+// limit nor budget, and is kept without its frame, for its id and
+// predecessor (the cursor, and the check between two reads). Counted, a
+// page of them was empty while messages followed it, and a reader paging
+// until an empty page stopped there.
+func (p *historyPage) take(e stream.Entry) bool {
+	if p.full {
+		return false
+	}
+	if p.json == nil {
+		p.json = make([]stream.MessageJSON, 0, min(p.limit, p.chunk))
+	}
+	m, err := e.JSON()
+	if err != nil {
+		if p.left++; p.bad == nil {
+			p.bad, p.badID = err, e.ID
+		}
+		p.entries = append(p.entries, stream.Entry{ID: e.ID, Prev: e.Prev})
+		p.json = append(p.json, stream.MessageJSON{})
+		return true
+	}
+	if !p.add(e) {
+		return false
+	}
+	p.json = append(p.json, m)
+	return true
+}
+
+// add appends e, a message, unless the page is full or e would take it
+// over the budget (the first message goes in whatever its size); false
+// when the page is full.
 func (p *historyPage) add(e stream.Entry) bool {
 	n := len(e.Head) + len(e.ID) + len(e.Tail)
-	if p.full || len(p.entries) > 0 && p.bytes+n > historyPageBytes {
+	if p.full || p.msgs > 0 && p.bytes+n > historyPageBytes {
 		p.full = true
 		return false
 	}
 	p.entries = append(p.entries, e)
+	p.msgs++
 	p.bytes += n
-	p.full = len(p.entries) >= p.limit
+	p.full = p.msgs >= p.limit
 	return true
 }
 
@@ -454,7 +492,7 @@ func (p *historyPage) add(e stream.Entry) bool {
 // two reads) is dropped and the page ends before it: the next page, after
 // the page's last id, then starts at the oldest message left and says
 // recovered false.
-func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, limit int) ([]stream.Entry, stream.Batch, error) {
+func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, limit int) (*historyPage, stream.Batch, error) {
 	p := s.newHistoryPage(limit)
 	var first stream.Batch
 	for pos := after; ; {
@@ -469,7 +507,7 @@ func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, 
 			break
 		}
 		for _, e := range b.Entries {
-			if !p.add(e) {
+			if !p.take(e) {
 				break
 			}
 		}
@@ -478,7 +516,7 @@ func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, 
 		}
 		pos = stream.MustParseID(p.entries[len(p.entries)-1].ID)
 	}
-	return p.entries, first, nil
+	return p, first, nil
 }
 
 // historyLatest reads the newest limit entries (below `before`, when
@@ -489,7 +527,7 @@ func (s *Server) historyAfter(ctx context.Context, key string, after stream.ID, 
 // page's oldest entry (entries lost between two reads, as a failover to a
 // replica that lagged loses them) is dropped, so that a page never has a
 // hole, as one read never had.
-func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID, bounded bool, limit int) ([]stream.Entry, error) {
+func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID, bounded bool, limit int) (*historyPage, error) {
 	p := s.newHistoryPage(limit)
 	for {
 		n := p.next()
@@ -512,7 +550,7 @@ func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID
 			return nil, err
 		}
 		for i := len(es) - 1; i >= 0; i-- { // newest first
-			if !p.add(es[i]) {
+			if !p.take(es[i]) {
 				break
 			}
 		}
@@ -521,7 +559,8 @@ func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID
 		}
 	}
 	slices.Reverse(p.entries)
-	return p.entries, nil
+	slices.Reverse(p.json)
+	return p, nil
 }
 
 // handleClearHistory: DELETE /v1/channels/{channel}/messages (admin and
@@ -556,9 +595,9 @@ func (s *Server) handleHistory(c *gin.Context) {
 		return
 	}
 	var (
-		entries []stream.Entry
-		err     error
-		page    historyBody
+		p    *historyPage
+		err  error
+		page historyBody
 	)
 	after, afterID, hasAfter, ae := parseCursor(c, "after")
 	if ae != nil {
@@ -576,50 +615,46 @@ func (s *Server) handleHistory(c *gin.Context) {
 		s.writeError(c, errf(400, "invalid_cursor", "after and before cannot be used together"))
 		return
 	case hasBefore:
-		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), beforeID, true, limit)
+		p, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), beforeID, true, limit)
 	case hasAfter:
 		// Read like a resume, so that the page says whether messages
 		// after the cursor were trimmed before it (recovered false).
 		var b stream.Batch
-		entries, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), afterID, limit)
+		p, b, err = s.historyAfter(c.Request.Context(), s.keys.Stream(ch), afterID, limit)
 		page.recovered = &b.Continuous
-		if !b.Continuous && len(entries) == 0 {
-			// Nothing after a cursor the stream does not go on from (one
-			// ahead of it, or one whose stream is gone): the next page
+		if !b.Continuous {
+			// No message after a cursor the stream does not go on from
+			// (one ahead of it, one whose stream is gone, or one trimmed
+			// and followed only by entries left out): the next page
 			// starts where the stream does.
 			page.next = b.From.String()
+			if p != nil && len(p.entries) > 0 {
+				page.next = p.entries[len(p.entries)-1].ID
+			}
 		}
 	default:
-		entries, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), stream.Zero, false, limit)
+		p, err = s.historyLatest(c.Request.Context(), s.keys.Stream(ch), stream.Zero, false, limit)
 	}
 	if err != nil {
 		s.writeError(c, err)
 		return
 	}
-	// Every message's JSON is settled before anything is written, so that
-	// the status is final: the body is then written out of the entries
-	// read from Redis, which are not copied (stream.Entry.JSON).
-	page.msgs = make([]stream.MessageJSON, 0, len(entries))
-	var bad error
-	badID, leftOut := "", 0
-	for i := range entries {
-		m, err := entries[i].JSON()
-		if err != nil {
-			if bad == nil {
-				bad, badID = err, entries[i].ID
-			}
-			leftOut++
-			continue
+	// Every message's JSON is settled (as the page was read) before
+	// anything is written, so that the status is final: the body is then
+	// written out of the entries read from Redis, which are not copied
+	// (stream.Entry.JSON).
+	page.msgs = p.json[:0] // the messages, in place
+	for i := range p.entries {
+		if p.entries[i].Head == "" && p.entries[i].Tail == "" {
+			continue // left out: no message has an empty frame
 		}
-		page.msgs = append(page.msgs, m)
+		page.msgs = append(page.msgs, p.json[i])
+		page.next = p.entries[i].ID
 	}
-	if bad != nil {
-		s.undecodable.Fail(bad, "channel", ch, "id", badID, "left_out", leftOut)
-	} else if len(entries) > 0 {
+	if p.bad != nil {
+		s.undecodable.Fail(p.bad, "channel", ch, "id", p.badID, "left_out", p.left)
+	} else if len(p.entries) > 0 {
 		s.undecodable.OK()
-	}
-	if len(entries) > 0 {
-		page.next = entries[len(entries)-1].ID
 	}
 	c.Render(200, &page)
 }
