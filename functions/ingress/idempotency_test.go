@@ -735,8 +735,8 @@ func TestCorruptIdempotencyRecord(t *testing.T) {
 // claimReplyDropper is a TCP proxy to a real Redis. Once armed, it lets
 // the next idempotency claim (the SET … NX of a "pending" record) reach
 // Redis and run there, then drops the reply and the connection: a
-// connection that breaks between a command and its reply, which go-redis
-// answers by sending the command again on a new connection.
+// connection that breaks between a command and its reply, which the
+// ingress answers by sending the claim again on a new connection.
 type claimReplyDropper struct {
 	addr    string
 	armed   atomic.Bool

@@ -3,8 +3,7 @@ package stream
 import (
 	"bytes"
 	"encoding/json"
-	"net"
-	"sync"
+	"io"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestAppendLostReplyNotWrittenTwice: an append whose reply is lost after
@@ -27,8 +27,30 @@ import (
 func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	relay := newReplyDropper(t, rs.Addr())
-	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.addr(), Timeout: time.Second})
+	// Once armed, the connection that sends the marker (the stream's
+	// key) has Redis's reply dropped and is cut: Redis ran the append.
+	var armed atomic.Pointer[[]byte]
+	var dropped atomic.Int32
+	addr := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
+		var drop atomic.Bool
+		up = func(b []byte, to io.Writer) bool {
+			if m := armed.Load(); m != nil && bytes.Contains(b, *m) && armed.CompareAndSwap(m, nil) {
+				drop.Store(true)
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		down = func(b []byte, to io.Writer) bool {
+			if drop.Load() {
+				dropped.Add(1)
+				return false
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		return up, down
+	})
+	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + addr, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,10 +66,11 @@ func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 	if err := appendTo("warm"); err != nil {
 		t.Fatal(err)
 	}
-	relay.dropAfter([]byte(ks.Stream("lost")))
+	marker := []byte(ks.Stream("lost"))
+	armed.Store(&marker)
 	err = appendTo("lost")
-	if relay.dropped.Load() != 1 {
-		t.Fatalf("%d replies dropped, want 1 (the append's)", relay.dropped.Load())
+	if dropped.Load() != 1 {
+		t.Fatalf("%d replies dropped, want 1 (the append's)", dropped.Load())
 	}
 	admin := redis.NewClient(rs.Options())
 	defer admin.Close()
@@ -58,108 +81,4 @@ func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 	if n != 1 || err == nil {
 		t.Fatalf("after its reply was lost the append returned %v, and its stream holds %d entries; want an error and 1 entry", err, n)
 	}
-}
-
-// replyDropper relays TCP connections to a Redis; once armed with a
-// marker, the connection that next sends it has Redis's reply dropped:
-// the connection is cut once Redis has had time to run the command.
-type replyDropper struct {
-	ln      net.Listener
-	target  string
-	mu      sync.Mutex
-	marker  []byte
-	dropped atomic.Int32
-	wg      sync.WaitGroup
-}
-
-func newReplyDropper(t *testing.T, target string) *replyDropper {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &replyDropper{ln: ln, target: target}
-	var conns sync.Map
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			conns.Store(c, up)
-			r.wg.Add(2)
-			var dropping atomic.Bool
-			go func() { // client to Redis
-				defer r.wg.Done()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						r.mu.Lock()
-						hit := r.marker != nil && bytes.Contains(buf[:n], r.marker)
-						if hit {
-							r.marker = nil
-							dropping.Store(true)
-						}
-						r.mu.Unlock()
-						if _, werr := up.Write(buf[:n]); werr != nil {
-							return
-						}
-						if hit {
-							time.Sleep(100 * time.Millisecond) // Redis runs it
-							r.dropped.Add(1)
-							c.Close()
-							up.Close()
-							return
-						}
-					}
-					if err != nil {
-						up.Close()
-						return
-					}
-				}
-			}()
-			go func() { // Redis to client, until dropping
-				defer r.wg.Done()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := up.Read(buf)
-					if n > 0 && !dropping.Load() {
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						c.Close()
-						return
-					}
-				}
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		conns.Range(func(k, v any) bool {
-			k.(net.Conn).Close()
-			v.(net.Conn).Close()
-			return true
-		})
-		r.wg.Wait()
-	})
-	return r
-}
-
-func (r *replyDropper) addr() string { return r.ln.Addr().String() }
-
-func (r *replyDropper) dropAfter(marker []byte) {
-	r.mu.Lock()
-	r.marker = marker
-	r.mu.Unlock()
 }
