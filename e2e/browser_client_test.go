@@ -976,6 +976,34 @@ const clientJSCases = `(async () => {
     results.stateReentrancy = wrong.length === 0 ? "ok" : wrong.join("; ");
   }
 
+  // drop() from a listener of any event, not only "state", ends that
+  // event's delivery and the rest of its step: the listeners after it
+  // heard "disconnected" already, so a welcome listener after one that
+  // drops hears no welcome of the socket dropped, and a gap listener's
+  // drop() leaves no onSubscribed for it (the reconnect's answer counts).
+  {
+    const wrong = [];
+    sockets.length = 0;
+    let c = newClient();
+    const heard = [];
+    c.on("welcome", () => { if (sockets.length === 1) c.drop(); });
+    c.on("welcome", () => heard.push("welcome at " + c.state));
+    await settle();
+    sockets[0].open();
+    sockets[0].recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    if (heard.length || c.state !== "disconnected") wrong.push("drop() from a welcome listener: the next one heard [" + heard + "], state " + c.state);
+    c.close();
+    let ws;
+    [c, ws] = await welcomed();
+    const answers = [];
+    c.subscribe("a", { after: "5-0", onSubscribed: (r) => answers.push(r + " at " + c.state) });
+    c.on("gap", () => { if (sockets.length === 1) c.drop(); });
+    ws.recv({ type: "subscribed", channel: "a", recovered: false, position: "9-0", ref: ws.sent.at(-1).ref });
+    if (answers.length || c.state !== "disconnected") wrong.push("drop() from a gap listener: onSubscribed [" + answers + "], state " + c.state);
+    c.close();
+    results.dropFromListener = wrong.length === 0 ? "ok" : wrong.join("; ");
+  }
+
   // What a socket no longer the client's delivers is ignored: a welcome
   // late on a socket dropped before its welcome (here, by a WebSocket
   // that still calls the handler it was given once the client let go of
@@ -1743,7 +1771,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "closeClearsTimers", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "dropFromListener", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "closeClearsTimers", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -285,13 +285,16 @@ export class WsRelay {
 
   /**
    * Calls name's listeners with args, until one of them closes the client
-   * (close(), from a listener, is the last thing it hears; the socket's
-   * own "close" after close() is still delivered, as it starts closed).
+   * or moves its state on (close(), from a listener, is the last thing it
+   * hears; the socket's own "close" after close() is still delivered, as
+   * it starts closed). After a drop() the listeners after it have heard
+   * "disconnected": a welcome, or a gap, of the socket dropped would come
+   * to them stale.
    */
   emit(name, ...args) {
-    const closed = this.closed;
+    const closed = this.closed, seq = this.stateSeq;
     for (const fn of this.listenersOf(name)) {
-      if (this.closed !== closed) return;
+      if (this.closed !== closed || this.stateSeq !== seq) return;
       call(fn, args);
     }
   }
@@ -728,9 +731,10 @@ export class WsRelay {
         // failed over): holding on to it would drop what follows.
         if (isId(f.position) && (!sub.last || !recovered)) sub.last = f.position;
         if (!recovered) this.emit("gap", { channel: f.channel });
-        // close(), or unsubscribe() of the channel, from a gap listener:
-        // the subscription no longer waits for this answer.
-        if (this.closed || this.subs.get(f.channel) !== sub) break;
+        // close(), drop(), or unsubscribe() of the channel, from a gap
+        // listener: the subscription no longer waits for this answer (a
+        // drop()'s reconnect subscribes it again, and that answer counts).
+        if (this.closed || this.ws !== ws || this.subs.get(f.channel) !== sub) break;
         call(sub.handlers.onSubscribed, [recovered]);
         break;
       }
