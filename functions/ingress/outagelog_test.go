@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -115,25 +114,19 @@ func TestReadyzReplica(t *testing.T) {
 }
 
 // TestReadyzSaysWhy: the ingress's 503 on /readyz names its cause in
-// "reason", in the egress's words (redisconn.Why), so that an operator
-// looking at a failing probe knows what to fix without the log: a Redis
-// that refuses the login (a real password-protected redis-server given
-// the wrong password), one that refuses the probe's command to the ACL
-// user (a user without +ping), one that does not answer (a port nothing
-// listens on), a replica, and one that answers the probe with an error of
-// its own (a replica cut from its master told not to serve stale data:
-// MASTERDOWN). Before, that last one said "down", as a Redis gone does:
-// the operator looked at the network, not at Redis.
+// "reason", in the egress's words (redisconn.Why, whose every cause the
+// egress's TestReadyzSaysWhy shows), so that an operator looking at a
+// failing probe knows what to fix without the log: here a Redis that
+// does not answer (a port nothing listens on), a replica, and one that
+// answers the probe with an error of its own (a replica cut from its
+// master told not to serve stale data: MASTERDOWN). Before, that last
+// one said "down", as a Redis gone does: the operator looked at the
+// network, not at Redis.
 func TestReadyzSaysWhy(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t, "--requirepass", "rightpw")
+	rs := redistest.Start(t)
 	dead, err := redistest.FreePort()
 	if err != nil {
-		t.Fatal(err)
-	}
-	admin := redis.NewClient(&redis.Options{Addr: rs.Addr(), Password: "rightpw", DisableIdentity: true})
-	defer admin.Close()
-	if err := admin.Do(t.Context(), "ACL", "SETUSER", "noping", "on", ">userpw", "~*", "&*", "+@all", "-ping").Err(); err != nil {
 		t.Fatal(err)
 	}
 	replica := redistest.Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(rs.Port))
@@ -143,10 +136,8 @@ func TestReadyzSaysWhy(t *testing.T) {
 		status        int
 		redis, reason string
 	}{
-		{"ready", strings.Replace(rs.URL(), "//", "//:rightpw@", 1), 200, "", ""},
-		{"login refused", strings.Replace(rs.URL(), "//", "//:wrongpw@", 1), 503, "refused", "Redis refuses the login"},
+		{"ready", rs.URL(), 200, "", ""},
 		{"redis down", "redis://127.0.0.1:" + strconv.Itoa(dead), 503, "down", "Redis does not answer"},
-		{"command refused", strings.Replace(rs.URL(), "//", "//noping:userpw@", 1), 503, "refused", "Redis refuses a command to the functions' ACL user"},
 		{"replica", replica.URL(), 503, "down", "Redis is a replica"},
 		{"error reply", stale.URL(), 503, "down", "Redis answers the probe with an error: MASTERDOWN"},
 	} {
@@ -163,11 +154,6 @@ func TestReadyzSaysWhy(t *testing.T) {
 			}
 			if tc.status == 200 && body.Reason != "" {
 				t.Errorf("ready, yet a reason: %s", w.Body)
-			}
-			for _, pw := range []string{"rightpw", "wrongpw", "userpw"} {
-				if strings.Contains(w.Body.String(), pw) {
-					t.Errorf("the answer holds the password: %s", w.Body)
-				}
 			}
 		})
 	}
