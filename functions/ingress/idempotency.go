@@ -95,7 +95,15 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	// The reply names the claim too, so that the save script knows its
 	// own reply from another request's (saveScript).
 	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Claim: claimID, Status: status, Response: resp})
-	saved, err := saveScript.Run(context.WithoutCancel(ctx), s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
+	save := func() (int, error) {
+		return saveScript.Run(context.WithoutCancel(ctx), s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
+	}
+	saved, err := save()
+	if resendable(context.WithoutCancel(ctx), err) {
+		// Its reply lost: sent once more, as the claim is (the script
+		// knows its own reply there, saveScript).
+		saved, err = save()
+	}
 	if err != nil {
 		// The write stands; free the claim, or a retry (its reply lost
 		// too) would get 409 until the claim expires. The retry runs
@@ -123,8 +131,8 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 // reply is not this one's to overwrite: with a different body, the later
 // request's retry would get 422 for a request that was accepted. A key
 // that already holds this very reply (it names the request's claim) is
-// this save's own, resent by go-redis after its answer was lost: 1, not
-// 0, which logged another request's claim that there never was.
+// this save's own, sent again after its answer was lost: 1, not 0, which
+// logged another request's claim that there never was.
 var saveScript = redis.NewScript(`local v = redis.call("GET", KEYS[1])
 if v == ARGV[2] then return 1 end
 if v == ARGV[1] or not v then

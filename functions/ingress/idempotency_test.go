@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -732,43 +731,6 @@ func TestCorruptIdempotencyRecord(t *testing.T) {
 	}
 }
 
-// claimReplyDropper is a TCP proxy to a real Redis. Once armed, it lets
-// the next idempotency claim (the SET … NX of a "pending" record) reach
-// Redis and run there, then drops the reply and the connection: a
-// connection that breaks between a command and its reply, which the
-// ingress answers by sending the claim again on a new connection.
-type claimReplyDropper struct {
-	addr    string
-	armed   atomic.Bool
-	dropped atomic.Int32
-}
-
-func newClaimReplyDropper(t *testing.T, target string) *claimReplyDropper {
-	t.Helper()
-	p := &claimReplyDropper{}
-	p.addr = testkit.Relay(t, target, func() (up, down testkit.Filter) {
-		var drop atomic.Bool
-		up = func(b []byte, to io.Writer) bool {
-			if bytes.Contains(b, []byte(`"state":"pending"`)) && p.armed.CompareAndSwap(true, false) {
-				drop.Store(true)
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		down = func(b []byte, to io.Writer) bool {
-			if drop.Load() {
-				// Redis ran the claim: its reply is lost.
-				p.dropped.Add(1)
-				return false
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		return up, down
-	})
-	return p
-}
-
 // TestIdempotencyClaimResent: the connection breaks after Redis has set a
 // request's claim but before its reply, and the ingress sends the claim
 // again on a new connection (resendable: the Redis client resends
@@ -779,14 +741,14 @@ func newClaimReplyDropper(t *testing.T, target string) *claimReplyDropper {
 func TestIdempotencyClaimResent(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	p := newClaimReplyDropper(t, rs.Addr())
-	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.addr + "/0", Timeout: time.Second}, nil, nil)
+	p := testkit.NewReplyDropper(t, rs.Addr())
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.Addr + "/0", Timeout: time.Second}, nil, nil)
 	t.Cleanup(e.srv.Close)
 
 	const body = `{"data":"resent"}`
-	p.armed.Store(true)
+	p.Arm(`"state":"pending"`) // the claim
 	w1 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
-	if p.dropped.Load() != 1 {
+	if p.Dropped() != 1 {
 		t.Fatal("the claim's reply was not dropped")
 	}
 	if w1.Code != 202 {
@@ -954,52 +916,34 @@ func TestIdempotencyClaimFreedPastRetries(t *testing.T) {
 }
 
 // TestIdempotencyReplySaveResent: the connection breaks after Redis has
-// stored a request's reply but before it answered, and go-redis sends
+// stored a request's reply but before it answered, and the ingress sends
 // the save again on a new connection, where it finds the key holding that
 // very reply. That is the request's own save, not another request having
-// claimed the key meanwhile: nothing is logged, and the retry gets the
-// replay.
+// claimed the key meanwhile, nor a record not saved: nothing is logged,
+// and the retry gets the replay.
 func TestIdempotencyReplySaveResent(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	var armed atomic.Bool
-	var dropped atomic.Int32
-	addr := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
-		var drop atomic.Bool
-		up = func(b []byte, to io.Writer) bool {
-			if bytes.Contains(b, []byte(`"state":"done"`)) && armed.CompareAndSwap(true, false) {
-				drop.Store(true)
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		down = func(b []byte, to io.Writer) bool {
-			if drop.Load() {
-				// Redis stored the reply: its answer is lost.
-				dropped.Add(1)
-				return false
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		return up, down
-	})
+	relay := testkit.NewReplyDropper(t, rs.Addr())
 	logs := &testkit.SyncBuffer{}
-	e := newEnvWith(t, redisconn.Config{URL: "redis://" + addr + "/0", Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + relay.Addr + "/0", Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
 	t.Cleanup(e.srv.Close)
 	// The save's script loaded, so that the save dropped is the one that
 	// runs (not an EVALSHA answered NOSCRIPT).
 	expectStatus(t, e.do("POST", "/v1/channels/other/messages", `{"data":0}`, "Idempotency-Key", "warm"), 202)
 
 	const body = `{"data":"saved"}`
-	armed.Store(true)
+	relay.Arm(`"state":"done"`) // the save
 	w1 := e.do("POST", "/v1/channels/saved/messages", body, "Idempotency-Key", "k")
-	if dropped.Load() != 1 {
+	if relay.Dropped() != 1 {
 		t.Fatal("the save's reply was not dropped")
 	}
 	expectStatus(t, w1, 202)
 	if l := logs.Lines(t, "idempotency key claimed again before the reply was saved"); len(l) != 0 {
 		t.Errorf("a save resent after its reply was lost logged another request's claim: %v", l)
+	}
+	if l := logs.Lines(t, "idempotency record not saved"); len(l) != 0 {
+		t.Errorf("a save whose reply was lost, and that was saved, logged it was not: %v", l)
 	}
 	w2 := e.do("POST", "/v1/channels/saved/messages", body, "Idempotency-Key", "k")
 	if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || w2.Body.String() != w1.Body.String() {

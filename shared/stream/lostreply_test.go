@@ -1,10 +1,7 @@
 package stream
 
 import (
-	"bytes"
 	"encoding/json"
-	"io"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,30 +24,8 @@ import (
 func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	// Once armed, the connection that sends the marker (the stream's
-	// key) has Redis's reply dropped and is cut: Redis ran the append.
-	var armed atomic.Pointer[[]byte]
-	var dropped atomic.Int32
-	addr := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
-		var drop atomic.Bool
-		up = func(b []byte, to io.Writer) bool {
-			if m := armed.Load(); m != nil && bytes.Contains(b, *m) && armed.CompareAndSwap(m, nil) {
-				drop.Store(true)
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		down = func(b []byte, to io.Writer) bool {
-			if drop.Load() {
-				dropped.Add(1)
-				return false
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-		return up, down
-	})
-	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + addr, Timeout: time.Second})
+	relay := testkit.NewReplyDropper(t, rs.Addr())
+	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,11 +41,10 @@ func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 	if err := appendTo("warm"); err != nil {
 		t.Fatal(err)
 	}
-	marker := []byte(ks.Stream("lost"))
-	armed.Store(&marker)
+	relay.Arm(ks.Stream("lost"))
 	err = appendTo("lost")
-	if dropped.Load() != 1 {
-		t.Fatalf("%d replies dropped, want 1 (the append's)", dropped.Load())
+	if relay.Dropped() != 1 {
+		t.Fatalf("%d replies dropped, want 1 (the append's)", relay.Dropped())
 	}
 	admin := redis.NewClient(rs.Options())
 	defer admin.Close()

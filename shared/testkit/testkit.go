@@ -155,6 +155,52 @@ func JSONDepth(b []byte) int {
 // returns false to cut the connection.
 type Filter func(chunk []byte, to io.Writer) bool
 
+// ReplyDropper is a Relay to a Redis that loses one reply on command:
+// once armed (Arm), the connection whose next chunk sent holds the
+// marker lets it reach Redis and run there, then has Redis's reply
+// dropped and is cut, as a connection that breaks between a command and
+// its reply (or a reply later than the client waits).
+type ReplyDropper struct {
+	Addr    string // the relay's host:port
+	marker  atomic.Pointer[[]byte]
+	dropped atomic.Int32
+}
+
+// NewReplyDropper starts a ReplyDropper to target for the test's length.
+func NewReplyDropper(t testing.TB, target string) *ReplyDropper {
+	t.Helper()
+	d := &ReplyDropper{}
+	d.Addr = Relay(t, target, func() (up, down Filter) {
+		var drop atomic.Bool
+		up = func(b []byte, to io.Writer) bool {
+			if m := d.marker.Load(); m != nil && bytes.Contains(b, *m) && d.marker.CompareAndSwap(m, nil) {
+				drop.Store(true)
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		down = func(b []byte, to io.Writer) bool {
+			if drop.Load() {
+				d.dropped.Add(1) // Redis ran the command: its reply is lost
+				return false
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+		return up, down
+	})
+	return d
+}
+
+// Arm makes the next chunk sent that holds marker have its reply dropped.
+func (d *ReplyDropper) Arm(marker string) {
+	m := []byte(marker)
+	d.marker.Store(&m)
+}
+
+// Dropped is how many replies were dropped.
+func (d *ReplyDropper) Dropped() int { return int(d.dropped.Load()) }
+
 // Relay starts a TCP proxy to target, for the test's length, and returns
 // its address. For each connection it accepts, conn (when not nil) gives
 // the filters of its two directions: up, from the client to target, and
