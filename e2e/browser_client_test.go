@@ -1093,6 +1093,25 @@ const clientJSCases = `(async () => {
     const last = sockets.at(-1)?.protocols.find((p) => p.startsWith("token."));
     if (last !== "token.t2" || tokens !== 2) wrong.push("after the constructor threw: " + tokens + " getToken calls, next dial with " + last);
     c2.close();
+    // A URL the browser blocks for this page (a ws:// one from an https://
+    // page: Chromium and Firefox throw a SecurityError) would throw at
+    // every dial, for ever: the client stops, closed, after the first.
+    sockets.length = 0;
+    let blocked = 0;
+    FakeWS.dialed = () => { blocked++; throw new DOMException("insecure", "SecurityError"); };
+    const c3 = newClient();
+    const errors3 = [], states3 = [];
+    c3.on("error", (e) => errors3.push(e?.name));
+    c3.on("state", (st) => states3.push(st));
+    for (let i = 0; i < 20; i++) await settle();
+    FakeWS.dialed = null;
+    if (blocked !== 1 || c3.state !== "closed" || errors3.join() !== "SecurityError") {
+      wrong.push("a dial the browser blocks: " + blocked + " dials, state " + c3.state + " (" + states3.join() + "), errors [" + errors3 + "]");
+    }
+    let refused3 = "";
+    try { c3.subscribe("a"); } catch (e) { refused3 = e.name; }
+    if (!refused3) wrong.push("a subscribe() after a dial the browser blocks was taken");
+    c3.close();
     // A static token that cannot be a subprotocol: refused at once.
     sockets.length = 0;
     for (const token of ["a b", "a,b", "t\u00f6k", "a\nb", "(x)", 42]) {

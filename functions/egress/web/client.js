@@ -13,7 +13,9 @@
 // to the last id it delivered (so nothing is lost or repeated), and tells
 // the application when a resume had a gap (recovered === false). It does not
 // reconnect after 4003 (disconnected by an operator), 1002, 1007, 1008 or 1009,
-// nor after 4004 (token expired) without getToken, and asks getToken() for
+// nor after 4004 (token expired) without getToken, nor after a dial the
+// browser refuses with a SecurityError (a ws:// URL from an https:// page,
+// which would be refused at every dial), and asks getToken() for
 // a fresh token after 4004 and after a connection refused before its
 // welcome (an expired token is refused at the upgrade, which a browser
 // reports only as a close).
@@ -591,8 +593,20 @@ export class WsRelay {
         ? new this.WS(this.dialUrl, ["wsrelay", "token." + this.token])
         : new this.WS(this.dialUrl);
     } catch (e) {
-      // A token the browser refuses, or a URL it blocks: a fresh token
-      // next, as after a dial refused before its welcome.
+      if (e?.name === "SecurityError") {
+        // A URL the browser blocks for this page (a ws:// one from an
+        // https:// page, a port it bars): every dial would throw, for
+        // ever. Final, as a close that retrying cannot mend.
+        this.final = true;
+        this.emit("error", e);
+        if (this.closed) return;
+        this.closed = true;
+        this.unlistenNetwork();
+        this.setState("closed", e);
+        return;
+      }
+      // A token the browser refuses: a fresh token next, as after a dial
+      // refused before its welcome.
       if (typeof this.opts.getToken === "function") this.needToken = true;
       this.emit("error", e);
       this.setState("disconnected", e);
