@@ -36,9 +36,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	warnSecurity(log, cfg)
 	// go-redis would print its own lines (failed dials) as plain text.
 	redis.SetLogger(&logging.RedisLogger{Log: log})
-	// Every command of the egress may run twice (reads, its registry
-	// records, probes): the client may resend one whose reply it lost.
-	cfg.Redis.Resend = true
 	rdb, err := redisconn.New(cfg.Redis)
 	if err != nil {
 		return err

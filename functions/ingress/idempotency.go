@@ -169,13 +169,13 @@ func (s *Server) claim(c *gin.Context, rkey, bodyHash, pending string) (until ti
 		until = time.Now().Add(s.pendingTTL())
 		ok, err := s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 		if resendable(ctx, err) {
-			// Its reply lost (the connection cut, or later than
-			// REDIS_TIMEOUT): the claim is sent once more, on another
-			// connection, as the Redis client does not resend (an
-			// append would run twice). Finding the key taken by its own
-			// first sending, it goes on as the claim (replay,
-			// claimOurs), not 503 and then 409 to the retry until the
-			// release below ran.
+			// Its reply lost (later than REDIS_TIMEOUT, or the
+			// connection cut): the claim is sent once more, on another
+			// connection, where the Redis client would not (it resends
+			// only what Redis cannot have run: an append would run
+			// twice). Finding the key taken by its own first sending, it
+			// goes on as the claim (replay, claimOurs), not 503 and then
+			// 409 to the retry until the release below ran.
 			ok, err = s.rdb.SetNX(ctx, rkey, pending, s.pendingTTL()).Result()
 		}
 		if redisconn.OutOfMemory(err) {

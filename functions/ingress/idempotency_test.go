@@ -732,34 +732,46 @@ func TestCorruptIdempotencyRecord(t *testing.T) {
 }
 
 // TestIdempotencyClaimResent: the connection breaks after Redis has set a
-// request's claim but before its reply, and the ingress sends the claim
-// again on a new connection (resendable: the Redis client resends
-// nothing), where it finds the key taken (by itself).
+// request's claim but before its reply (or its reply comes after
+// REDIS_TIMEOUT), and the claim is sent again on a new connection, where
+// it finds the key taken (by itself).
 // The request goes on with its claim: it writes once and answers 202, and
 // its retry gets the replay; not 409 for a request that is not running,
 // and again to every retry until the claim expires.
 func TestIdempotencyClaimResent(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	p := testkit.NewReplyDropper(t, rs.Addr())
-	e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.Addr + "/0", Timeout: time.Second}, nil, nil)
-	t.Cleanup(e.srv.Close)
+	for _, late := range []bool{false, true} {
+		t.Run(fmt.Sprintf("late=%v", late), func(t *testing.T) {
+			t.Parallel()
+			rs := redistest.Start(t)
+			p := testkit.NewReplyDropper(t, rs.Addr())
+			e := newEnvWith(t, redisconn.Config{URL: "redis://" + p.Addr + "/0", Timeout: 300 * time.Millisecond}, nil, nil)
+			t.Cleanup(e.srv.Close)
 
-	const body = `{"data":"resent"}`
-	p.Arm(`"state":"pending"`) // the claim
-	w1 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
-	if p.Dropped() != 1 {
-		t.Fatal("the claim's reply was not dropped")
-	}
-	if w1.Code != 202 {
-		t.Fatalf("publish whose claim was resent: %d %s, want 202", w1.Code, w1.Body)
-	}
-	w2 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
-	if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || decode[published](t, w2) != decode[published](t, w1) {
-		t.Fatalf("retry: %d %s %v, want the replay of %s", w2.Code, w2.Body, w2.Header(), w1.Body)
-	}
-	if n := e.xlen("resent"); n != 1 {
-		t.Fatalf("XLEN = %d, want 1", n)
+			const body = `{"data":"resent"}`
+			if late {
+				// Its reply after REDIS_TIMEOUT: the Redis client does not
+				// send it again (an append would run twice); the ingress
+				// does (resendable).
+				p.ArmHold(`"state":"pending"`, time.Second)
+			} else {
+				p.Arm(`"state":"pending"`) // the claim
+			}
+			w1 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
+			if p.Dropped() != 1 {
+				t.Fatal("the claim's reply was not dropped")
+			}
+			if w1.Code != 202 {
+				t.Fatalf("publish whose claim was resent: %d %s, want 202", w1.Code, w1.Body)
+			}
+			w2 := e.do("POST", "/v1/channels/resent/messages", body, "Idempotency-Key", "k")
+			if w2.Code != 202 || w2.Header().Get("Idempotent-Replayed") != "true" || decode[published](t, w2) != decode[published](t, w1) {
+				t.Fatalf("retry: %d %s %v, want the replay of %s", w2.Code, w2.Body, w2.Header(), w1.Body)
+			}
+			if n := e.xlen("resent"); n != 1 {
+				t.Fatalf("XLEN = %d, want 1", n)
+			}
+		})
 	}
 }
 

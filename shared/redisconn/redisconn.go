@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"math"
 	"net"
@@ -55,12 +56,6 @@ type Config struct {
 	// docs/deployment.md). Go reads it itself; Validate checks it can,
 	// since Go falls back to the system's CAs without a word.
 	CertFile string `env:"SSL_CERT_FILE"`
-	// Resend lets a single node's client send a command again, once, when
-	// it did not get its reply (go-redis's retry): only for a process
-	// whose commands may all run twice (the egress: reads, its registry
-	// records, probes). Never for appends, which would then be written
-	// twice. Not from the environment.
-	Resend bool
 }
 
 const (
@@ -80,7 +75,7 @@ var urlOptions = map[string]string{
 	"dial_timeout":  "REDIS_TIMEOUT sets it",
 	"read_timeout":  "REDIS_TIMEOUT sets it",
 	"write_timeout": "REDIS_TIMEOUT sets it",
-	"max_retries":   "a command sent is never retried (an append would run twice)",
+	"max_retries":   "a command is resent only when Redis closed its connection first (an append would run twice)",
 	"pool_size":     "REDIS_POOL_SIZE sets it",
 	// Pipelines share the pool REDIS_POOL_SIZE sizes (noPipelinePool).
 	"pipeline_pool_size": "REDIS_POOL_SIZE bounds pipelines too",
@@ -320,6 +315,7 @@ func New(c Config) (redis.UniversalClient, error) {
 		o.NewClient = func(no *redis.Options) *redis.Client {
 			n := redis.NewClient(no)
 			n.AddHook(maxClientsHook{})
+			n.AddHook(resendClosed{})
 			return n
 		}
 		cc := redis.NewClusterClient(o)
@@ -334,19 +330,12 @@ func New(c Config) (redis.UniversalClient, error) {
 	o.ReadTimeout = c.Timeout
 	o.WriteTimeout = c.Timeout
 	o.ContextTimeoutEnabled = true
-	// No retry of a command sent, unless c.Resend: go-redis retried one
-	// whose reply was lost (the connection cut, or the reply later than
-	// Timeout) on a new connection, and an append ran twice, the message
-	// written and delivered twice under two ids; a rate-limit script
-	// charged twice. The caller's error (a 503) lets a publisher retry
-	// with its Idempotency-Key instead, as the node clients of a cluster,
-	// which go-redis never lets retry, always did. Over plain TCP a pooled
-	// connection Redis has closed is found before use (go-redis checks
-	// each one it takes); over TLS it is not, and its first command fails.
+	// go-redis's retry is off: it resent a command whose reply timed out
+	// (a Redis stalled longer than Timeout, which ran it all the same),
+	// and an append ran twice, the message written and delivered twice
+	// under two ids. resendClosed resends only what Redis cannot have
+	// run.
 	o.MaxRetries = -1
-	if c.Resend {
-		o.MaxRetries = 1
-	}
 	// One dial per attempt: go-redis's default (5 dials 100 ms apart, each
 	// up to Timeout) would hold a request for seconds before its 503.
 	o.DialerRetries = 1
@@ -357,6 +346,7 @@ func New(c Config) (redis.UniversalClient, error) {
 	}
 	rdb := redis.NewClient(o)
 	rdb.AddHook(maxClientsHook{})
+	rdb.AddHook(resendClosed{})
 	return rdb, nil
 }
 
@@ -667,6 +657,55 @@ func MaxClients(err error) bool { return errors.Is(err, ErrMaxClients) }
 // number of clients reached" and closes it. It is not a Redis reply to
 // the command (nothing was carried out), so it counts as a NodeFailure.
 var ErrMaxClients = errors.New("redis refused a new connection: max number of clients reached (its maxclients)")
+
+// resendClosed is a go-redis hook that sends a command, or a pipeline,
+// once more on another connection when the connection it was sent on
+// turned out closed by Redis (EOF, reset, broken pipe) before any reply
+// came: a pooled connection Redis (its idle timeout, a restart, an error
+// it closes on) or a proxy had closed, which go-redis finds before use
+// only over plain TCP (not TLS), and only if the close has arrived. A
+// pipeline is sent again only when none of its commands got a reply:
+// those that did ran. A timeout is not resent: Redis, stalled, may have
+// run the command, and an append would be written twice (go-redis's own
+// retry, MaxRetries, did that). A command Redis ran before closing the
+// connection without answering (a CLIENT KILL at that instant) is sent
+// twice; the functions' commands other than an append without an
+// Idempotency-Key's once-key (docs/api.md) may run twice.
+type resendClosed struct{}
+
+func (resendClosed) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if closedByRedis(err) && ctx.Err() == nil {
+			err = next(ctx, cmd)
+		}
+		return err
+	}
+}
+
+func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if !closedByRedis(err) || ctx.Err() != nil {
+			return err
+		}
+		for _, c := range cmds {
+			if !closedByRedis(c.Err()) {
+				return err // it got a reply: it ran, and may not twice
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// closedByRedis reports whether err says the connection was closed by
+// the other side: EOF, a reset or a broken pipe (not a timeout).
+func closedByRedis(err error) bool {
+	return err != nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE))
+}
 
 // maxClientsHook makes a connection Redis refused for its maxclients fail
 // with ErrMaxClients. Redis sends that refusal before reading anything

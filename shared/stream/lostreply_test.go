@@ -13,23 +13,31 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
-// TestAppendLostReplyNotWrittenTwice: an append whose reply is lost after
-// Redis ran it (the connection cut then, or the reply later than
-// REDIS_TIMEOUT: a Redis busy forking, a slow network) fails, and the
-// message is in its stream once. go-redis retried it, on the client
-// redisconn.New made (MaxRetries 1), on a new connection: the script ran
-// again and the message was written twice, under two ids, and delivered
-// twice (a publisher without an Idempotency-Key, and the publisher never
-// knew). The caller's error is what lets a publisher retry with its key.
-func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
+// TestAppendResentOnlyIfNotRun: on the client redisconn.New makes, an
+// append is sent again only when Redis cannot have run it.
+//
+// Its reply later than REDIS_TIMEOUT (a Redis stalled by a fork, a slow
+// network; Redis ran it all the same): the append fails, and the message
+// is in its stream once. go-redis's retry (MaxRetries 1) sent it again on
+// a new connection, and it was written twice, under two ids, and
+// delivered twice, with no error (a publisher without an
+// Idempotency-Key never knew). The error is what lets a publisher retry
+// with its key.
+//
+// Its connection closed before it reached Redis (a pooled connection
+// Redis had closed, which go-redis does not see over TLS): it is sent
+// again on a new connection, written once, and succeeds.
+func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
 	relay := testkit.NewReplyDropper(t, rs.Addr())
-	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
+	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { rdb.Close() })
+	admin := redis.NewClient(rs.Options())
+	t.Cleanup(func() { admin.Close() })
 	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
 	s := NewStore(rdb)
 	appendTo := func(ch string) error {
@@ -37,22 +45,33 @@ func TestAppendLostReplyNotWrittenTwice(t *testing.T) {
 			Msg: Message{Channel: ch, TS: time.Now().UnixMilli(), Data: json.RawMessage(`{"n":1}`)}}})
 		return err
 	}
+	xlen := func(ch string) int64 {
+		n, err := admin.XLen(t.Context(), ks.Stream(ch)).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
 	// The script is loaded and the connection pooled first.
 	if err := appendTo("warm"); err != nil {
 		t.Fatal(err)
 	}
-	relay.Arm(ks.Stream("lost"))
-	err = appendTo("lost")
+
+	relay.ArmHold(ks.Stream("late"), time.Second)
+	err = appendTo("late")
 	if relay.Dropped() != 1 {
-		t.Fatalf("%d replies dropped, want 1 (the append's)", relay.Dropped())
+		t.Fatalf("%d replies held, want 1 (the append's)", relay.Dropped())
 	}
-	admin := redis.NewClient(rs.Options())
-	defer admin.Close()
-	n, xerr := admin.XLen(t.Context(), ks.Stream("lost")).Result()
-	if xerr != nil {
-		t.Fatal(xerr)
+	if n := xlen("late"); n != 1 || err == nil {
+		t.Fatalf("after its reply came too late the append returned %v, and its stream holds %d entries; want an error and 1 entry", err, n)
 	}
-	if n != 1 || err == nil {
-		t.Fatalf("after its reply was lost the append returned %v, and its stream holds %d entries; want an error and 1 entry", err, n)
+
+	relay.ArmCut(ks.Stream("cut"))
+	err = appendTo("cut")
+	if relay.Dropped() != 2 {
+		t.Fatalf("%d chunks acted on, want 2 (the cut append's too)", relay.Dropped())
+	}
+	if n := xlen("cut"); n != 1 || err != nil {
+		t.Fatalf("after its connection was cut before it reached Redis the append returned %v, and its stream holds %d entries; want no error and 1 entry", err, n)
 	}
 }

@@ -155,15 +155,21 @@ func JSONDepth(b []byte) int {
 // returns false to cut the connection.
 type Filter func(chunk []byte, to io.Writer) bool
 
-// ReplyDropper is a Relay to a Redis that loses one reply on command:
-// once armed (Arm), the connection whose next chunk sent holds the
-// marker lets it reach Redis and run there, then has Redis's reply
-// dropped and is cut, as a connection that breaks between a command and
-// its reply (or a reply later than the client waits).
+// ReplyDropper is a Relay to a Redis that loses one command's reply on
+// command: once armed, the connection whose next chunk sent holds the
+// marker has that chunk's fate decided by how it was armed (Arm: it
+// runs and its reply is dropped; ArmHold: it runs and its reply comes
+// late; ArmCut: it never reaches Redis).
 type ReplyDropper struct {
 	Addr    string // the relay's host:port
-	marker  atomic.Pointer[[]byte]
+	marker  atomic.Pointer[armed]
 	dropped atomic.Int32
+}
+
+type armed struct {
+	marker []byte
+	hold   time.Duration // ArmHold's
+	cut    bool          // ArmCut's
 }
 
 // NewReplyDropper starts a ReplyDropper to target for the test's length.
@@ -171,18 +177,27 @@ func NewReplyDropper(t testing.TB, target string) *ReplyDropper {
 	t.Helper()
 	d := &ReplyDropper{}
 	d.Addr = Relay(t, target, func() (up, down Filter) {
-		var drop atomic.Bool
+		var hit atomic.Pointer[armed]
 		up = func(b []byte, to io.Writer) bool {
-			if m := d.marker.Load(); m != nil && bytes.Contains(b, *m) && d.marker.CompareAndSwap(m, nil) {
-				drop.Store(true)
+			if a := d.marker.Load(); a != nil && bytes.Contains(b, a.marker) && d.marker.CompareAndSwap(a, nil) {
+				hit.Store(a)
+				if a.cut {
+					d.dropped.Add(1)
+					return false // the command never reaches Redis
+				}
 			}
 			_, err := to.Write(b)
 			return err == nil
 		}
 		down = func(b []byte, to io.Writer) bool {
-			if drop.Load() {
-				d.dropped.Add(1) // Redis ran the command: its reply is lost
-				return false
+			if a := hit.Load(); a != nil {
+				if a.hold == 0 {
+					d.dropped.Add(1) // Redis ran the command: its reply is lost
+					return false
+				}
+				hit.Store(nil)
+				d.dropped.Add(1)
+				time.Sleep(a.hold) // Redis ran it: its reply comes late
 			}
 			_, err := to.Write(b)
 			return err == nil
@@ -192,13 +207,24 @@ func NewReplyDropper(t testing.TB, target string) *ReplyDropper {
 	return d
 }
 
-// Arm makes the next chunk sent that holds marker have its reply dropped.
-func (d *ReplyDropper) Arm(marker string) {
-	m := []byte(marker)
-	d.marker.Store(&m)
+// Arm makes the next chunk sent that holds marker run in Redis, and its
+// reply be dropped with the connection: a reply lost.
+func (d *ReplyDropper) Arm(marker string) { d.marker.Store(&armed{marker: []byte(marker)}) }
+
+// ArmHold makes the next chunk sent that holds marker run in Redis, and
+// its reply reach the client hold later: past a client's timeout, a
+// reply that came too late.
+func (d *ReplyDropper) ArmHold(marker string, hold time.Duration) {
+	d.marker.Store(&armed{marker: []byte(marker), hold: hold})
 }
 
-// Dropped is how many replies were dropped.
+// ArmCut makes the next chunk sent that holds marker never reach Redis:
+// its connection is cut instead, as one Redis had closed.
+func (d *ReplyDropper) ArmCut(marker string) {
+	d.marker.Store(&armed{marker: []byte(marker), cut: true})
+}
+
+// Dropped is how many chunks it acted on.
 func (d *ReplyDropper) Dropped() int { return int(d.dropped.Load()) }
 
 // Relay starts a TCP proxy to target, for the test's length, and returns
