@@ -158,3 +158,38 @@ func TestReadyzSaysWhy(t *testing.T) {
 		})
 	}
 }
+
+// TestClosedConnectionResentNotCounted: a publish whose pooled connection
+// turns out closed by Redis before the append reached it (over TLS,
+// go-redis does not see such a connection before using it: Redis's idle
+// timeout, a proxy) is sent again on a new connection and answered 202,
+// written once, with nothing logged and no Redis error counted: else
+// every idle connection Redis closed counted one, and the Redis-errors
+// alert (for: 10m of a rate above 0) fired on a quiet deployment whose
+// Redis closes idle connections. A Redis that is gone still counts (its
+// dial fails: TestReadyzOutageLogs and the cluster metrics tests).
+func TestClosedConnectionResentNotCounted(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	relay := testkit.NewReplyDropper(t, rs.Addr())
+	logs := &testkit.SyncBuffer{}
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + relay.Addr, Timeout: time.Second}, slog.New(slog.NewJSONHandler(logs, nil)), nil)
+	if w := e.do("POST", "/v1/channels/warm/messages", `{"data":0}`); w.Code != 202 {
+		t.Fatalf("publish: %d %s", w.Code, w.Body)
+	}
+	before := e.redisErrors()
+	relay.ArmCut(e.keys.Stream("cut"))
+	w := e.do("POST", "/v1/channels/cut/messages", `{"data":1}`)
+	if relay.Dropped() != 1 {
+		t.Fatal("the append's connection was not cut")
+	}
+	if w.Code != 202 || e.xlen("cut") != 1 {
+		t.Fatalf("publish on a connection Redis had closed: %d %s, %d written; want 202 and 1", w.Code, w.Body, e.xlen("cut"))
+	}
+	if n := e.redisErrors() - before; n != 0 {
+		t.Errorf("wsrelay_ingress_redis_errors_total rose by %d for a connection closed and the append sent again, want 0", n)
+	}
+	if lines := logs.JSONLines(t); len(lines) != 0 {
+		t.Errorf("logged %v, want nothing", lines)
+	}
+}

@@ -420,9 +420,13 @@ func pingMaster(ctx context.Context, n *redis.Client) error {
 // that gave up, the connection handshake's optional commands, nor a ROLE
 // Redis answered with an error (refused to an ACL user without +role, or
 // renamed), which Ping takes for a master's: a user without it is
-// supported (docs/deployment.md), not a failure at every probe.
+// supported (docs/deployment.md), not a failure at every probe. Nor is
+// a connection Redis had closed (closedByRedis): resendClosed, outside
+// the hooks that count, sends the command again on a new connection,
+// whose dial or reply says whether Redis is there; counted, every idle
+// connection Redis or a proxy closed (unseen over TLS) was an error.
 func Failed(cmd redis.Cmder, err error) bool {
-	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") || closedByRedis(err) {
 		return false
 	}
 	switch cmd.Name() {
