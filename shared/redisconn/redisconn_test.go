@@ -633,3 +633,89 @@ func TestValidateCertFile(t *testing.T) {
 		})
 	}
 }
+
+// TestTLSClosedConnectionResent: over TLS go-redis cannot tell that a
+// pooled connection was closed by Redis (its check before use needs a
+// plain socket), so the next command on it finds it closed: it is sent
+// again on a new connection and succeeds, counted as no failure. Redis
+// closing idle connections (its timeout, a provider's proxy; here
+// CLIENT KILL) then costs nothing. Without the resend every such
+// connection failed one command (go-redis's own retry, which hid it,
+// also resent commands whose reply was only late: an append twice).
+func TestTLSClosedConnectionResent(t *testing.T) {
+	t.Parallel()
+	ca := redistest.NewCA(t)
+	rs := redistest.StartTLS(t, ca)
+	rdb, err := New(Config{URL: "rediss://" + rs.Addr() + "?skip_verify=true", Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	var failed atomic.Int32
+	rdb.AddHook(countFailures{&failed})
+	key := redistest.Prefix(t) + ":n"
+	if err := rdb.Incr(t.Context(), key).Err(); err != nil {
+		t.Fatal(err)
+	}
+	o := rs.Options()
+	o.TLSConfig = ca.ClientConfig()
+	admin := redis.NewClient(o)
+	t.Cleanup(func() { admin.Close() })
+	t.Cleanup(func() { admin.Del(context.Background(), key) })
+	for i := range 3 {
+		if err := admin.Do(t.Context(), "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+			t.Fatal(err)
+		}
+		n, err := rdb.Incr(t.Context(), key).Result()
+		if err != nil || n != int64(i+2) {
+			t.Fatalf("INCR on a pooled connection Redis closed: %d, %v; want %d, nil", n, err, i+2)
+		}
+		pipe := rdb.Pipeline()
+		pipe.Incr(t.Context(), key)
+		pipe.Decr(t.Context(), key)
+		if _, err := pipe.Exec(t.Context()); err != nil {
+			t.Fatalf("a pipeline after its connection was closed: %v", err)
+		}
+		if err := admin.Do(t.Context(), "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+			t.Fatal(err)
+		}
+		pipe = rdb.Pipeline()
+		pipe.Incr(t.Context(), key)
+		pipe.Decr(t.Context(), key)
+		if _, err := pipe.Exec(t.Context()); err != nil {
+			t.Fatalf("a pipeline on a pooled connection Redis closed: %v", err)
+		}
+	}
+	if n := failed.Load(); n != 0 {
+		t.Errorf("%d failures counted for connections Redis closed and the commands sent again", n)
+	}
+}
+
+// countFailures is a hook, added after New's, that counts what Failed
+// calls a failure, as the functions' error counters do.
+type countFailures struct{ n *atomic.Int32 }
+
+func (h countFailures) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h countFailures) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if Failed(cmd, err) {
+			h.n.Add(1)
+		}
+		return err
+	}
+}
+
+func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		for _, c := range cmds {
+			if Failed(c, c.Err()) {
+				h.n.Add(1)
+				break
+			}
+		}
+		return err
+	}
+}
