@@ -32,7 +32,7 @@ func (k redisHook) DialHook(next redis.DialHook) redis.DialHook {
 func (k redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if redisconn.Failed(cmd, err) && (!k.node || redisconn.MasterPing(ctx)) {
+		if redisconn.Failed(ctx, cmd, err) && (!k.node || redisconn.MasterPing(ctx)) {
 			k.h.redisErrors.Add(1)
 		}
 		return err
@@ -47,7 +47,7 @@ func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 		err := next(ctx, cmds)
 		if err != nil {
 			for _, c := range cmds {
-				if redisconn.Failed(c, c.Err()) {
+				if redisconn.Failed(ctx, c, c.Err()) {
 					k.h.redisErrors.Add(1)
 					break
 				}

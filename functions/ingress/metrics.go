@@ -204,7 +204,7 @@ func (r *refusals) note(cmd redis.Cmder, err error) {
 		delete(r.kinds, refusalKind(cmd))
 		r.n.Store(int64(len(r.kinds)))
 		r.mu.Unlock()
-	case redisconn.Refused(err) && redisconn.Failed(cmd, err):
+	case redisconn.Refused(err) && redisconn.Failed(context.Background(), cmd, err):
 		r.mu.Lock()
 		if r.kinds == nil {
 			r.kinds = make(map[string]struct{})
@@ -269,7 +269,7 @@ func (h redisHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		err := next(ctx, cmd)
 		h.refusals.note(cmd, err)
-		if redisconn.Failed(cmd, err) {
+		if redisconn.Failed(ctx, cmd, err) {
 			h.m.redisErrors.Inc()
 		} else if err == nil || errors.Is(err, redis.Nil) {
 			h.up()
@@ -292,7 +292,7 @@ func (h redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 			return nil
 		}
 		for _, c := range cmds {
-			if redisconn.Failed(c, c.Err()) {
+			if redisconn.Failed(ctx, c, c.Err()) {
 				h.m.redisErrors.Inc()
 				break
 			}

@@ -193,3 +193,26 @@ func TestClosedConnectionResentNotCounted(t *testing.T) {
 		t.Errorf("logged %v, want nothing", lines)
 	}
 }
+
+// TestRedisBehindClosingProxyCounted: a Redis that is down behind a proxy
+// (a TLS terminator, a TCP load balancer) is reached by every dial, and
+// each connection is closed before any reply. The publishes are answered
+// 503 and each failure counts in wsrelay_ingress_redis_errors_total: the
+// command sent again on a new connection, whose outcome counts, was
+// closed as well. Not counted, an outage behind a proxy left the counter,
+// and the alert on it, at zero.
+func TestRedisBehindClosingProxyCounted(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	proxy := testkit.Relay(t, rs.Addr(), nil)
+	e := newEnvWith(t, redisconn.Config{URL: "redis://" + proxy, Timeout: time.Second}, slog.New(slog.DiscardHandler), nil)
+	if w := e.do("POST", "/v1/channels/warm/messages", `{"data":0}`); w.Code != 202 {
+		t.Fatalf("publish: %d %s", w.Code, w.Body)
+	}
+	rs.Stop()
+	before := e.redisErrors()
+	expectError(t, e.do("POST", "/v1/channels/down/messages", `{"data":1}`), 503, "unavailable")
+	if n := e.redisErrors() - before; n < 1 {
+		t.Errorf("wsrelay_ingress_redis_errors_total rose by %d for a publish refused with Redis down behind a proxy, want at least 1", n)
+	}
+}

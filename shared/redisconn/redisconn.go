@@ -421,12 +421,16 @@ func pingMaster(ctx context.Context, n *redis.Client) error {
 // Redis answered with an error (refused to an ACL user without +role, or
 // renamed), which Ping takes for a master's: a user without it is
 // supported (docs/deployment.md), not a failure at every probe. Nor is
-// a connection Redis had closed (closedByRedis): resendClosed, outside
-// the hooks that count, sends the command again on a new connection,
-// whose dial or reply says whether Redis is there; counted, every idle
-// connection Redis or a proxy closed (unseen over TLS) was an error.
-func Failed(cmd redis.Cmder, err error) bool {
-	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") || closedByRedis(err) {
+// a connection Redis had closed (closedByRedis) on a first sending that
+// resendClosed, outside the hooks that count, will send again on a new
+// connection (ctx says so): that sending's dial or reply says whether
+// Redis is there; counted, every idle connection Redis or a proxy closed
+// (unseen over TLS) was an error. A sending again closed as well (Redis
+// down behind a proxy, which accepts and closes every connection), or
+// one the cluster client's hooks see at the end, counts.
+func Failed(ctx context.Context, cmd redis.Cmder, err error) bool {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") ||
+		closedByRedis(err) && ctx.Value(firstSendingKey{}) != nil {
 		return false
 	}
 	switch cmd.Name() {
@@ -681,7 +685,7 @@ func (resendClosed) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		err := next(ctx, cmd)
+		err := next(context.WithValue(ctx, firstSendingKey{}, true), cmd)
 		if closedByRedis(err) && ctx.Err() == nil {
 			err = next(ctx, cmd)
 		}
@@ -691,7 +695,7 @@ func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(ctx, cmds)
+		err := next(context.WithValue(ctx, firstSendingKey{}, true), cmds)
 		if !closedByRedis(err) || ctx.Err() != nil {
 			return err
 		}
@@ -703,6 +707,10 @@ func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 		return next(ctx, cmds)
 	}
 }
+
+// firstSendingKey marks the context of resendClosed's first sending,
+// for Failed: the hooks inside it see a command that it may send again.
+type firstSendingKey struct{}
 
 // closedByRedis reports whether err says the connection was closed by
 // the other side: EOF, a reset or a broken pipe (not a timeout).

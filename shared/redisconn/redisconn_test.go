@@ -700,7 +700,7 @@ func (h countFailures) DialHook(next redis.DialHook) redis.DialHook { return nex
 func (h countFailures) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if Failed(cmd, err) {
+		if Failed(ctx, cmd, err) {
 			h.n.Add(1)
 		}
 		return err
@@ -711,7 +711,7 @@ func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		err := next(ctx, cmds)
 		for _, c := range cmds {
-			if Failed(c, c.Err()) {
+			if Failed(ctx, c, c.Err()) {
 				h.n.Add(1)
 				break
 			}
