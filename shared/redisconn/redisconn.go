@@ -676,8 +676,8 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // those that did ran. A timeout is not resent: Redis, stalled, may have
 // run the command, and an append would be written twice (go-redis's own
 // retry, MaxRetries, did that). A command Redis ran before closing the
-// connection without answering (a CLIENT KILL at that instant) is sent
-// twice; the functions' commands other than an append without an
+// connection without answering, or with its answer cut short (a CLIENT
+// KILL at that instant), is sent twice; the functions' commands other than an append without an
 // Idempotency-Key's once-key (docs/api.md) may run twice.
 type resendClosed struct{}
 
