@@ -668,7 +668,7 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 
 // resendClosed is a go-redis hook that sends a command, or a pipeline,
 // once more on another connection when the connection it was sent on
-// turned out closed by Redis (EOF, reset, broken pipe) before any reply
+// turned out closed by Redis (EOF, reset, broken pipe) before its reply
 // came: a pooled connection Redis (its idle timeout, a restart, an error
 // it closes on) or a proxy had closed, which go-redis finds before use
 // only over plain TCP (not TLS), and only if the close has arrived. A
