@@ -75,7 +75,7 @@ var urlOptions = map[string]string{
 	"dial_timeout":  "REDIS_TIMEOUT sets it",
 	"read_timeout":  "REDIS_TIMEOUT sets it",
 	"write_timeout": "REDIS_TIMEOUT sets it",
-	"max_retries":   "a command is resent only when Redis closed its connection first (an append would run twice)",
+	"max_retries":   "a command is sent again only when Redis closed its connection before answering; resending a late reply's command would write an append twice",
 	"pool_size":     "REDIS_POOL_SIZE sets it",
 	// Pipelines share the pool REDIS_POOL_SIZE sizes (noPipelinePool).
 	"pipeline_pool_size": "REDIS_POOL_SIZE bounds pipelines too",
@@ -677,8 +677,9 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // run the command, and an append would be written twice (go-redis's own
 // retry, MaxRetries, did that). A command Redis ran before closing the
 // connection without answering, or with its answer cut short (a CLIENT
-// KILL at that instant), is sent twice; the functions' commands other than an append without an
-// Idempotency-Key's once-key (docs/api.md) may run twice.
+// KILL at that instant), is sent twice; the functions' commands other
+// than an append without an Idempotency-Key's once-key (docs/api.md) may
+// run twice.
 type resendClosed struct{}
 
 func (resendClosed) DialHook(next redis.DialHook) redis.DialHook { return next }
