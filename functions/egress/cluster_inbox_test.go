@@ -25,13 +25,7 @@ import (
 // Redis acknowledged reaches the user's socket once, in order, the
 // instance's readiness comes back, and nothing is logged as a failure.
 func TestClusterInboxSlotMoves(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test does not reshard a cluster it does not own")
 	rdb := c.Client(t)
 	e := startClusterEgressWith(t, rdb, c.AddrsEnv(), map[string]string{"PROBE_INTERVAL": "250ms"})
 	s := e.srv.Config.Handler.(*Server)

@@ -20,13 +20,7 @@ import (
 // resumes within seconds, and every acknowledged message arrives once, in
 // order.
 func TestClusterManualFailover(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 1)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not fail over a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 1, "the test does not fail over a cluster it does not own")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 1)
@@ -126,13 +120,7 @@ func replicaOf(t *testing.T, addr string) string {
 // own replica migration) none does, the subscription kept without a
 // word. Both must reach it, from the new master.
 func TestClusterManualFailoverThenReplicaMoved(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 1)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not fail over a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 1, "the test does not fail over a cluster it does not own")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	s := e.srv.Config.Handler.(*Server)

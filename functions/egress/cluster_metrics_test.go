@@ -24,13 +24,7 @@ import (
 // (docs/metrics.md: readiness pings are counted), or the
 // WsrelayRedisErrors alert never fires for an instance out of rotation.
 func TestClusterReadinessPingsCountRedisErrors(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	testkit.Eventually(t, 10*time.Second, func() error {

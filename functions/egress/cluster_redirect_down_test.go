@@ -16,13 +16,7 @@ import (
 // answered MOVED there, not logged). That master then stops: its
 // subscription's failure is logged as such at once, as for any node.
 func TestClusterDownAfterRedirect(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	ctx := context.Background()

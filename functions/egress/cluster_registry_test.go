@@ -27,13 +27,7 @@ import (
 // finding them. A refresh that stops at its first failing pipeline (a
 // batch holding any key of the master down) lets them expire.
 func TestClusterRefreshPastDownMaster(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	rdb := c.Client(t)
 	prefix := redistest.Prefix(t)
 	ks := keys.Scheme{Prefix: prefix}

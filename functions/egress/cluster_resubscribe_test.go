@@ -159,13 +159,7 @@ func TestClusterUnsubscribeIdleChannels(t *testing.T) {
 // that are up must keep their subscriptions, not be subscribed again and
 // caught up from their streams each time.
 func TestClusterInboxNodeDown(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	rdb := c.Client(t)
 	e := startClusterEgressWith(t, rdb, c.AddrsEnv(), map[string]string{"PROBE_INTERVAL": "250ms"})
 	s := e.srv.Config.Handler.(*Server)

@@ -707,13 +707,7 @@ func TestMeasureScaling(t *testing.T) {
 // subscriber resolves the channel again and subscribes on the new owner,
 // and every acknowledged message arrives exactly once, in order.
 func TestClusterReshard(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test does not reshard a cluster it does not own")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 1)
@@ -767,13 +761,7 @@ func publishAcross(t *testing.T, e *clusterEgress, chans []string, moved string,
 // node when its slot moves. The subscription follows the slot to the new
 // node and every acknowledged message arrives exactly once, in order.
 func TestClusterReshardToNewMaster(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not add a node to a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test does not add a node to a cluster it does not own")
 	rdb := c.Client(t)
 	e := startClusterEgress(t, rdb, c.AddrsEnv())
 	chans, owner := channelsOnEveryMaster(t, rdb, e.ks, 3, 1)

@@ -175,13 +175,7 @@ func TestClusterPublishWhileSlotMoves(t *testing.T) {
 // that an append that succeeds ends at once.
 func reshardEnv(t *testing.T) (*redistest.Cluster, *testEnv, *testkit.SyncBuffer) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test does not reshard a cluster it does not own")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test does not reshard a cluster it does not own")
 	logs := &testkit.SyncBuffer{}
 	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: redistest.Prefix(t)}
 	e := newEnvWith(t, rc, slog.New(slog.NewJSONHandler(logs, nil)), nil)

@@ -31,13 +31,7 @@ func (e *testEnv) redisErrors() int {
 // for every other command), and commands the cluster client routes must
 // not be counted twice.
 func TestClusterWaitReplicasCountsRedisErrors(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 1)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 1, "the test cannot stop its nodes")
 	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
 	e := newEnvWith(t, rc, nil, func(cfg *Config) {
 		cfg.PublishWaitReplicas = 1
@@ -89,13 +83,7 @@ func TestClusterWaitReplicasCountsRedisErrors(t *testing.T) {
 // as a failed ping does on a single Redis, or an ingress that only its
 // probe reaches is out of rotation with no Redis error counted.
 func TestClusterReadinessPingsCountRedisErrors(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	rc := redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: 300 * time.Millisecond, KeyPrefix: redistest.Prefix(t)}
 	e := newEnvWith(t, rc, nil, nil)
 	testkit.Eventually(t, 10*time.Second, func() error {

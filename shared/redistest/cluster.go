@@ -39,6 +39,22 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	return startCluster(t, masters, replicasPerMaster, nil)
 }
 
+// StartOwnedCluster is StartCluster for a test that changes the cluster
+// it runs on (stops, fails over, reshards or adds its nodes): it skips
+// under -short, and when REDIS_CLUSTER_ADDRS names a cluster the test
+// does not own, saying why (why) it needs its own.
+func StartOwnedCluster(t testing.TB, masters, replicasPerMaster int, why string) *Cluster {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts a Redis Cluster")
+	}
+	c := StartCluster(t, masters, replicasPerMaster)
+	if !c.Owned() {
+		t.Skip("REDIS_CLUSTER_ADDRS is set: " + why)
+	}
+	return c
+}
+
 // StartClusterTLS starts a Redis Cluster as StartCluster does, whose
 // nodes speak only TLS with the certificate of ca, to clients, to each
 // other (--tls-cluster) and to their replicas (--tls-replication). It

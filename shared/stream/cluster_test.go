@@ -222,13 +222,7 @@ func TestClusterWaitAfterSlotMoved(t *testing.T) {
 // reloaded, so that the appends after it reach the promoted replica,
 // instead of failing (503) until the periodic reload.
 func TestClusterAppendAfterFailover(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 1)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 1, "the test cannot stop its nodes")
 	rdb := c.Client(t) // its slot map is read by the first append below
 	ctx := context.Background()
 	ks := keys.Scheme{Prefix: redistest.Prefix(t)}

@@ -23,13 +23,7 @@ import (
 // not wait for the others' timeouts one after the other, past the
 // pipeline's deadline (the ingress's REDIS_TIMEOUT).
 func TestClusterWaitMastersIndependent(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 1)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 1, "the test cannot stop its nodes")
 	rdb := c.Client(t)
 	ctx := context.Background()
 	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
@@ -217,13 +211,7 @@ func (h spanHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proc
 // that while one master was down every publish on every master got 503
 // after a second (and was written all the same: retried, it was doubled).
 func TestClusterMasterDownOthersUnaffected(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a Redis Cluster")
-	}
-	c := redistest.StartCluster(t, 3, 0)
-	if !c.Owned() {
-		t.Skip("REDIS_CLUSTER_ADDRS is set: the test cannot stop its nodes")
-	}
+	c := redistest.StartOwnedCluster(t, 3, 0, "the test cannot stop its nodes")
 	// As redisconn configures it: one dial per attempt, 1 s timeouts.
 	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second, KeyPrefix: "x"})
 	if err != nil {
