@@ -95,11 +95,12 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 	// The reply names the claim too, so that the save script knows its
 	// own reply from another request's (saveScript).
 	done, _ := json.Marshal(idemRecord{State: "done", Body: bodyHash, Claim: claimID, Status: status, Response: resp})
+	sctx := context.WithoutCancel(ctx)
 	save := func() (int, error) {
-		return saveScript.Run(context.WithoutCancel(ctx), s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
+		return saveScript.Run(sctx, s.rdb, []string{rkey}, pending, done, s.cfg.IdempotencyWindow.Milliseconds()).Int()
 	}
 	saved, err := save()
-	if resendable(context.WithoutCancel(ctx), err) {
+	if resendable(sctx, err) {
 		// Its reply lost: sent once more, as the claim is (the script
 		// knows its own reply there, saveScript).
 		saved, err = save()
