@@ -133,9 +133,12 @@ type conn struct {
 	// connection alone (no pings, and no close again per tick for a cause
 	// that matches again while the close waits for the client's reply).
 	closeStarted atomic.Bool
-	closeCode    int
-	byServer     bool
-	reason       string
+	// pongOwed is set as the server pings: the client's first pong after
+	// it is free, others cost a MAX_FRAMES_PER_SECOND token (readLoop).
+	pongOwed  atomic.Bool
+	closeCode int
+	byServer  bool
+	reason    string
 
 	// Owned by the reader goroutine.
 	fr        frameReader
@@ -555,6 +558,7 @@ func (c *conn) ping() {
 		c.mu.Unlock()
 		return
 	}
+	c.pongOwed.Store(true)
 	if c.writing || c.ended || len(c.queue) > 0 || len(c.ctrl) > 0 {
 		c.ctrl = append(c.ctrl, pingFrame)
 		c.startWriterLocked()
@@ -699,7 +703,7 @@ func (c *conn) isClosing() bool {
 // read deadline: the reader's wait stays as shallow as it can be.
 func (c *conn) readLoop(ctx context.Context) {
 	for {
-		op, p, err := c.fr.next()
+		op, p, err := c.fr.nextPaced(c.throttleFragment)
 		if err != nil {
 			c.noteReadError(err)
 			return
@@ -712,12 +716,17 @@ func (c *conn) readLoop(ctx context.Context) {
 		case opPing:
 			// A ping costs a pong's write: counted as a request, or a
 			// client could keep a core busy answering a flood of them.
-			// Pongs are not (each idle socket answers the server's).
 			if c.throttle() {
 				c.pong(p)
 			}
 			continue
 		case opPong:
+			// The answer to the server's ping is free (each idle socket
+			// sends one, and a token bucket would cost it memory);
+			// a pong nobody asked for costs a token, as a ping does.
+			if !c.pongOwed.Swap(false) {
+				c.throttle()
+			}
 			continue
 		}
 		if c.isClosing() {
@@ -1112,6 +1121,11 @@ func (c *conn) throttle() bool {
 	time.Sleep(c.frames.Reserve().Delay())
 	return !c.isClosing()
 }
+
+// throttleFragment charges a continuation fragment to
+// MAX_FRAMES_PER_SECOND (frameReader.nextPaced), as throttle does a
+// request.
+func (c *conn) throttleFragment() { c.throttle() }
 
 // expired reports whether the connection's token has expired.
 func (c *conn) expired(now time.Time) bool {

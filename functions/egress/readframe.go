@@ -126,6 +126,15 @@ var errTooBig = errors.New("message over the read limit")
 // are returned as they come. A control frame's payload is valid until the
 // next call.
 func (r *frameReader) next() (op byte, payload []byte, err error) {
+	return r.nextPaced(nil)
+}
+
+// nextPaced is next, calling pace (unless nil) before it reads each
+// continuation fragment: the connection's reader charges those to the
+// client's MAX_FRAMES_PER_SECOND, so that a message sent as an endless
+// run of empty fragments, which never becomes a request, is read at
+// that pace and does not keep a core busy parsing headers.
+func (r *frameReader) nextPaced(pace func()) (op byte, payload []byte, err error) {
 	for {
 		h, err := r.header(2)
 		if err != nil {
@@ -187,6 +196,9 @@ func (r *frameReader) next() (op byte, payload []byte, err error) {
 		case fin && op != opContinuation:
 			p, err = r.readAppend(make([]byte, 0, min(int(n), max(r.w-r.r, readBufferSize))), int(n))
 		default:
+			if op == opContinuation && pace != nil {
+				pace()
+			}
 			start = len(r.frag)
 			r.frag, err = r.readAppend(r.frag, int(n))
 			p = r.frag

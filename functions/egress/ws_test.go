@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"io"
 	"net/url"
 	"slices"
@@ -293,5 +294,89 @@ func TestChannelsListThrottled(t *testing.T) {
 	// A burst of 20, then 20 a second: 40 more take 2 s.
 	if d := time.Since(start); d < 1500*time.Millisecond {
 		t.Fatalf("60 names answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
+	}
+}
+
+// TestUnaskedPongsThrottled: a pong the server did not ask for costs a
+// MAX_FRAMES_PER_SECOND token, as a ping does; the answer to the server's
+// own ping stays free. A flood of pongs cost nothing, so a client could
+// keep the server parsing frames as fast as it could send them. The
+// reader, held by the bucket, reads the ping that follows 60 pongs about
+// 2 s later at 20 a second.
+func TestUnaskedPongsThrottled(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "20"})
+	c := rawDial(t, e, nil)
+	start := time.Now()
+	for range 60 {
+		c.send(clientFrame(true, opPong, nil))
+	}
+	c.send(clientFrame(true, opPing, []byte("after")))
+	_ = c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if op, p := c.read(); op != opPong || string(p) != "after" {
+		t.Fatalf("got op %d %q, want the pong to the ping", op, p)
+	}
+	// A burst of 20, then 20 a second: 41 more take 2 s.
+	if d := time.Since(start); d < 1500*time.Millisecond {
+		t.Fatalf("the ping after 60 pongs was answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
+	}
+}
+
+// TestServerPingAnswerFree: the pong that answers the server's ping takes
+// no token (an idle socket sends one each PING_INTERVAL, and a token
+// bucket would cost it memory). Were they charged, a client answering 10
+// pings a second at MAX_FRAMES_PER_SECOND 1 would find its reader held
+// further behind each second, and its own ping unanswered for seconds.
+func TestServerPingAnswerFree(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "1", "PING_INTERVAL": "100ms"})
+	c := rawDial(t, e, nil)
+	pings := 0
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); {
+		if op, _ := c.read(); op != opPing {
+			t.Fatalf("got op %d, want the server's ping", op)
+		}
+		pings++
+		c.send(clientFrame(true, opPong, nil))
+	}
+	if pings < 8 {
+		t.Fatalf("%d server pings in 2 s at PING_INTERVAL 100ms", pings)
+	}
+	c.send(clientFrame(true, opPing, []byte("p")))
+	for { // read fails the test after 5 s
+		op, p := c.read()
+		if op == opPing {
+			c.send(clientFrame(true, opPong, nil))
+			continue
+		}
+		if op != opPong || string(p) != "p" {
+			t.Fatalf("got op %d %q, want the pong", op, p)
+		}
+		return
+	}
+}
+
+// TestFragmentsThrottled: each continuation fragment of a message costs a
+// MAX_FRAMES_PER_SECOND token. None did, so a message sent as an endless
+// run of empty fragments, which never becomes a request, kept the server
+// parsing frames as fast as the client could send them. At 20 a second,
+// a ping request in 62 fragments is answered about 2 s later.
+func TestFragmentsThrottled(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "20"})
+	c := rawDial(t, e, nil)
+	start := time.Now()
+	c.send(clientFrame(false, opText, []byte(`{"type":"ping"`)))
+	for range 60 {
+		c.send(clientFrame(false, opContinuation, nil))
+	}
+	c.send(clientFrame(true, opContinuation, []byte(`,"ref":7}`)))
+	_ = c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if op, p := c.read(); op != opText || !bytes.Contains(p, []byte(`"pong"`)) || !bytes.Contains(p, []byte(`7`)) {
+		t.Fatalf("got op %d %q, want the pong to ref 7", op, p)
+	}
+	// A burst of 20, then 20 a second: 42 more take 2 s.
+	if d := time.Since(start); d < 1500*time.Millisecond {
+		t.Fatalf("the fragmented ping was answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
 	}
 }
