@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/wsrelay/wsrelay/shared/debugserver"
+	"github.com/wsrelay/wsrelay/shared/logging"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
@@ -49,3 +50,16 @@ const metricsStatus = 404
 
 // checkEndMetrics: a lean build keeps no metrics.
 func checkEndMetrics(*testing.T, *secEgress, string, int) {}
+
+// TestLeanLogsNameNoMetrics: a lean build's log lines name no metric (it
+// keeps none); they told operators to watch counters /metrics does not
+// serve.
+func TestLeanLogsNameNoMetrics(t *testing.T) {
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true"})
+	h := e.s.hub
+	for _, ep := range []*logging.Episode{h.readFail, h.loginRefused, h.badNotify, h.badRoute, h.undecodable, h.pacing.spent} {
+		if strings.Contains(ep.Then, "wsrelay_") {
+			t.Errorf("%q names a metric: %s", ep.Msg, ep.Then)
+		}
+	}
+}
