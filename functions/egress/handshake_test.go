@@ -87,6 +87,14 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"empty subprotocol token", "GET /ws HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "Sec-WebSocket-Protocol: wsrelay, token.\r\n\r\n", 401, "unauthorized"},
 		{"token over 8 KiB", "GET /ws?token=" + strings.Repeat("a", 9000) + " HTTP/1.1\r\nHost: " + host + "\r\n" + up + key + v13 + "\r\n", 401, "invalid_token"},
 		{"channels with an empty item", get("&channels=a,,b", up+key+v13), 400, "invalid_channel"},
+		// A body with the upgrade, here in the same packet as its head,
+		// was closed without an answer (gorilla finds the bytes after its
+		// hijack); one that came later was read as WebSocket frames.
+		{"upgrade with a body", get("", up+key+v13+"Content-Length: 5\r\n") + "hello", 400, "bad_handshake"},
+		{"upgrade with an empty chunked body", get("", up+key+v13+"Transfer-Encoding: chunked\r\n") + "0\r\n\r\n", 400, "bad_handshake"},
+		// Expecting 100-continue, the client sends its body once told
+		// to: refused, it is never asked for it, nor upgraded.
+		{"upgrade expecting 100-continue", get("", up+key+v13+"Content-Length: 5\r\nExpect: 100-continue\r\n"), 400, "bad_handshake"},
 	} {
 		resp, body := rawHandshake(t, e, tc.req)
 		var b struct{ Error struct{ Code string } }

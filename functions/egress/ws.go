@@ -82,6 +82,18 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		s.refuseUpgrade(w, http.StatusServiceUnavailable, "too_many_connections", "instance is full; connect again (another instance may take you)")
 		return
 	}
+	// An upgrade request has no body: its client sends nothing more until
+	// the server's answer (RFC 6455 §4.1). Upgraded, a body that came
+	// with the head (gorilla finds its bytes buffered as it takes the
+	// socket over) had the connection closed without an answer, and one
+	// that came later (after Expect: 100-continue's wait) was read as
+	// WebSocket frames. Refused here, net/http deals with the body.
+	if r.ContentLength != 0 {
+		s.open.Add(-1)
+		w.Header().Set("Sec-WebSocket-Version", "13") // as the upgrader's refusals say (NewServer)
+		s.refuseUpgrade(w, http.StatusBadRequest, "bad_handshake", "an upgrade request has no body (a Content-Length other than 0, or Transfer-Encoding)")
+		return
+	}
 	ws, err := s.upgrader.Upgrade(w, r, id.responseHeader())
 	if err != nil {
 		s.open.Add(-1)
