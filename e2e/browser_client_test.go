@@ -168,6 +168,34 @@ const clientJSCases = `(async () => {
       ? "ok" : calls + " getToken calls for " + sockets.length + " dials, backoff attempt " + c.attempt + " (want 3 calls, attempt 2)";
     c.close();
   }
+  // stableAfter counts from the welcome, not the dial: a socket welcomed
+  // late (an upgrade that hung, a slow server) and cut at once lasted no
+  // time, and the backoff goes on growing. One that lived stableAfter
+  // after its welcome starts it over.
+  {
+    sockets.length = 0;
+    const c = newClient({ stableAfter: 200 });
+    await settle();
+    sockets[0].shut(1006); // refused twice: attempt 2
+    await until(() => sockets.length === 2, 1000);
+    sockets[1].shut(1006);
+    await until(() => sockets.length === 3, 1000);
+    const ws = sockets[2];
+    ws.open();
+    await new Promise((r) => setTimeout(r, 250));
+    ws.recv({ type: "welcome", connection_id: "c1", instance: "i" });
+    ws.shut(1006);
+    const late = c.attempt; // 3 not reset, 1 reset
+    await until(() => sockets.length === 4, 1000);
+    sockets[3].open();
+    sockets[3].recv({ type: "welcome", connection_id: "c2", instance: "i" });
+    await new Promise((r) => setTimeout(r, 250));
+    sockets[3].shut(1006);
+    const lived = c.attempt;
+    results.stableFromWelcome = late === 3 && lived === 1 ? "ok"
+      : "backoff attempt " + late + " after a late welcome cut at once (want 3), " + lived + " after a connection of 250 ms (want 1)";
+    c.close();
+  }
   // Nothing reaches a handler after close(), though the socket delivers
   // what it still had (Chromium drops it; WebSocket implementations
   // outside browsers, such as Node's ws, may not); the socket's own close
@@ -1790,7 +1818,7 @@ func TestBrowserClientJS(t *testing.T) {
 	began := time.Now()
 	results := evalWithin(t, tab, "client cases", 2*time.Minute, chromedp.Evaluate[map[string]string](clientJSCases, chromedp.EvalAwaitPromise))
 	t.Logf("the client cases took %v", time.Since(began).Round(time.Millisecond))
-	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "dropFromListener", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "closeClearsTimers", "probeDelay", "busyNotProbed", "dropRealSocket", "publish"} {
+	for _, name := range []string{"resubscribe", "subscribeBeforeWelcome", "resubscribeBatched", "resubscribeOlderServer", "resubscribeSmallFrames", "final1007", "tokenAfterRefusal", "dropBeforeWelcome", "nothingAfterClose", "unrecoveredPosition", "validation", "emptyAfter", "closeFromListener", "closeMidDispatch", "timeOptions", "silenceProbe", "connectTimeout", "expiredStaticToken", "networkEvents", "longTimers", "unsubscribeRefused", "subscribeAfterClose", "closeDuringGetToken", "getTokenTimeout", "urlQuery", "hostileMessages", "hostileSubscribed", "hostileFrames", "maxFrameBytes", "closeCodes", "noStorm", "throwingListeners", "stateReentrancy", "dropFromListener", "staleWelcome", "gapUnsubscribe", "badToken", "listenerChanges", "clockStep", "urlFragment", "staleSubscribed", "resumeAnswered", "backoffBounds", "onlineEndsWait", "subscribeUnavailable", "closeClearsTimers", "probeDelay", "busyNotProbed", "dropRealSocket", "publish", "stableFromWelcome"} {
 		if got, ok := results[name]; !ok || got != "ok" {
 			t.Errorf("%s: %q", name, got)
 		}

@@ -127,8 +127,8 @@ type Options struct {
 	// [0, min(MaxBackoff, MinBackoff·2ⁿ)]. Zero means the default
 	// (0.5 s and 20 s).
 	MinBackoff, MaxBackoff time.Duration
-	// StableAfter is how long a connection must have lasted for the
-	// backoff to start again from MinBackoff. Zero means 10 s. Planned
+	// StableAfter is how long a connection must have lasted after its
+	// welcome for the backoff to start again from MinBackoff. Zero means 10 s. Planned
 	// rotations (codes 1001, 4000, 4001) reset the backoff whatever the
 	// connection's age.
 	StableAfter time.Duration
@@ -765,8 +765,7 @@ func (c *Client) run() {
 			}
 			token, freshToken = t, false
 		}
-		started := time.Now()
-		code, welcomed, err := c.connect(token)
+		code, welcomedAt, err := c.connect(token)
 		if c.ctx.Err() != nil {
 			continue
 		}
@@ -779,7 +778,7 @@ func (c *Client) run() {
 		if code == protocol.CloseTokenExpired || code == http.StatusUnauthorized {
 			freshToken = c.opts.GetToken != nil
 		}
-		if welcomed && (planned(code) || time.Since(started) >= c.opts.StableAfter) {
+		if !welcomedAt.IsZero() && (planned(code) || time.Since(welcomedAt) >= c.opts.StableAfter) {
 			attempt = 0
 		}
 		c.setState(StateDisconnected, err)
@@ -1001,8 +1000,8 @@ func escapeQuery(raw string) string {
 // connect runs one connection to its end. code is the close code (1006
 // for a lost connection or a failed dial; an HTTP status for a refused
 // upgrade, with a *RefusedError: see finalRefusal for which end the
-// client).
-func (c *Client) connect(token string) (code int, welcomed bool, err error) {
+// client), and when the welcome came (zero: none did).
+func (c *Client) connect(token string) (code int, welcomedAt time.Time, err error) {
 	// The welcome is due ConnectTimeout after the dial: gorilla takes the
 	// context's deadline for the upgrade's reads and writes too.
 	welcomeBy := time.Now().Add(c.opts.ConnectTimeout)
@@ -1016,18 +1015,18 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	dialed()
 	if err != nil {
 		if resp != nil {
-			return resp.StatusCode, false, refused(resp)
+			return resp.StatusCode, time.Time{}, refused(resp)
 		}
 		if c.ctx.Err() == nil && !time.Now().Before(welcomeBy) {
-			return 1006, false, noWelcome(err)
+			return 1006, time.Time{}, noWelcome(err)
 		}
-		return 1006, false, fmt.Errorf("client: dial: %w", err)
+		return 1006, time.Time{}, fmt.Errorf("client: dial: %w", err)
 	}
 	// ReadTimeout runs while the client waits for the server, from each
 	// read (and each ping) on: not while a handler runs, however long.
 	// Until the welcome, the read ends at welcomeBy at the latest, pings
 	// or not, ReadTimeout or not. It runs on the reader goroutine only
-	// (the ping handler is called from ReadMessage), as welcomed is set.
+	// (the ping handler is called from ReadMessage), as welcomedAt is set.
 	alive := func() {
 		if c.closing.Load() {
 			return
@@ -1036,7 +1035,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 		if c.opts.ReadTimeout > 0 {
 			by = time.Now().Add(c.opts.ReadTimeout)
 		}
-		if !welcomed && (by.IsZero() || by.After(welcomeBy)) {
+		if welcomedAt.IsZero() && (by.IsZero() || by.After(welcomeBy)) {
 			by = welcomeBy
 		}
 		_ = ws.SetReadDeadline(by)
@@ -1059,7 +1058,7 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 	if c.ctx.Err() != nil { // Close ran before c.ws was set
 		c.mu.Unlock()
 		ws.Close()
-		return websocket.CloseNormalClosure, false, nil
+		return websocket.CloseNormalClosure, time.Time{}, nil
 	}
 	// The subscribes wait for the welcome (dispatch), which says whether
 	// the server takes several per frame; Close meanwhile closes ws, which
@@ -1081,29 +1080,29 @@ func (c *Client) connect(token string) (code int, welcomed bool, err error) {
 			var ce *websocket.CloseError
 			if errors.As(err, &ce) && ce.Code != websocket.CloseAbnormalClosure {
 				if !retryable(ce.Code) {
-					return ce.Code, welcomed, &CloseError{Code: ce.Code, Reason: ce.Text}
+					return ce.Code, welcomedAt, &CloseError{Code: ce.Code, Reason: ce.Text}
 				}
-				return ce.Code, welcomed, &DisconnectError{Code: ce.Code, Reason: ce.Text}
+				return ce.Code, welcomedAt, &DisconnectError{Code: ce.Code, Reason: ce.Text}
 			}
 			if errors.Is(err, websocket.ErrReadLimit) {
 				// Final, as the server's 1009: the resume would bring the
 				// same message again, and a server or proxy that sends
 				// such frames would have the client reconnect for ever.
-				return protocol.CloseTooBig, welcomed, &CloseError{Code: protocol.CloseTooBig, ByClient: true,
+				return protocol.CloseTooBig, welcomedAt, &CloseError{Code: protocol.CloseTooBig, ByClient: true,
 					Reason: fmt.Sprintf("the server sent a frame over ReadLimit (%d bytes); raise Options.ReadLimit if its messages can be that large", c.opts.ReadLimit)}
 			}
 			var ne net.Error
-			if !welcomed && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(welcomeBy) {
-				return 1006, false, noWelcome(err)
+			if welcomedAt.IsZero() && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(welcomeBy) {
+				return 1006, time.Time{}, noWelcome(err)
 			}
 			// Including gorilla's 1006 for a connection that ended without
 			// a close frame (a FIN; a reset is a plain error): no close
 			// frame carries 1006 (RFC 6455 §7.4.1), so it is no server
 			// close.
-			return 1006, welcomed, fmt.Errorf("client: connection lost: %w", err)
+			return 1006, welcomedAt, fmt.Errorf("client: connection lost: %w", err)
 		}
-		if c.dispatch(data) {
-			welcomed = true
+		if c.dispatch(data) && welcomedAt.IsZero() {
+			welcomedAt = time.Now()
 		}
 	}
 }

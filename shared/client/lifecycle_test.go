@@ -633,30 +633,34 @@ var smallWriteBufDialer = &websocket.Dialer{NetDialContext: func(ctx context.Con
 // planned rotation (4000, 4001, 1001) and after a connection that lasted StableAfter,
 // both only for a connection that got its welcome; a close before the
 // welcome, a planned one or one after StableAfter included, and an early
-// close after it let the backoff grow.
+// close after it let the backoff grow. StableAfter counts from the
+// welcome: a welcome that came late (a slow upgrade) followed by a close
+// at once let the backoff start over, as the dial was long enough ago.
 func TestBackoffStartsOver(t *testing.T) {
 	const stable = 500 * time.Millisecond
 	welcome := `{"type":"welcome","connection_id":"c1","instance":"i"}`
 	type step struct {
 		what    string
+		late    time.Duration // before the welcome
 		welcome bool
 		stay    time.Duration
 		code    int
 		attempt int // the backoff's attempt after this connection
 	}
 	steps := []step{
-		{"no welcome, 1011", false, 0, 1011, 0},
-		{"no welcome, 1011 again", false, 0, 1011, 1},
-		{"welcome, 4000", true, 0, 4000, 0},
-		{"no welcome, 4000", false, 0, 4000, 1},
-		{"welcome, 4001", true, 0, 4001, 0},
-		{"no welcome, 1011 after 4001", false, 0, 1011, 1},
-		{"welcome, 1001", true, 0, 1001, 0},
-		{"no welcome, 1011 after 1001", false, 0, 1011, 1},
-		{"welcome, 1011 at once", true, 0, 1011, 2},
-		{"welcome, 1011 after StableAfter", true, stable + 200*time.Millisecond, 1011, 0},
-		{"no welcome, 1011 after StableAfter", false, stable + 200*time.Millisecond, 1011, 1},
-		{"welcome, 4003 (final)", true, 0, 4003, -1},
+		{"no welcome, 1011", 0, false, 0, 1011, 0},
+		{"no welcome, 1011 again", 0, false, 0, 1011, 1},
+		{"welcome, 4000", 0, true, 0, 4000, 0},
+		{"no welcome, 4000", 0, false, 0, 4000, 1},
+		{"welcome, 4001", 0, true, 0, 4001, 0},
+		{"no welcome, 1011 after 4001", 0, false, 0, 1011, 1},
+		{"welcome, 1001", 0, true, 0, 1001, 0},
+		{"no welcome, 1011 after 1001", 0, false, 0, 1011, 1},
+		{"welcome, 1011 at once", 0, true, 0, 1011, 2},
+		{"welcome after StableAfter, 1011 at once", stable + 200*time.Millisecond, true, 0, 1011, 3},
+		{"welcome, 1011 after StableAfter", 0, true, stable + 200*time.Millisecond, 1011, 0},
+		{"no welcome, 1011 after StableAfter", 0, false, stable + 200*time.Millisecond, 1011, 1},
+		{"welcome, 4003 (final)", 0, true, 0, 4003, -1},
 	}
 	var n atomic.Int32
 	url, _ := scripted(t, func(t *testing.T, ws *websocket.Conn) {
@@ -665,6 +669,7 @@ func TestBackoffStartsOver(t *testing.T) {
 			return
 		}
 		s := steps[i]
+		time.Sleep(s.late)
 		if s.welcome {
 			write(t, ws, welcome)
 		}

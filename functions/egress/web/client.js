@@ -204,7 +204,7 @@ function dialUrl(url, opts) {
  * and is asked again after the backoff, its late answer ignored), user
  * (anonymous mode), minBackoff (ms, 500),
  * maxBackoff (ms, 20000), stableAfter (ms, 10000: a connection that lasted
- * this long resets the backoff; planned rotations 1001/4000/4001 always do),
+ * this long from its welcome resets the backoff; planned rotations 1001/4000/4001 always do),
  * activityTimeout (ms, 50000: a silence from the server after which the
  * client pings; negative: no probes), pongTimeout (ms, 10000: how long a
  * probe waits for any frame before the socket is dropped), connectTimeout
@@ -443,7 +443,7 @@ export class WsRelay {
     try { ws.close(4999, closeReason); } catch { /* ignore */ }
     // A socket not yet welcomed is dropped as a refused one closes: a
     // fresh token next, and no backoff reset.
-    this.lost({ code: 1006, reason }, ws.openedAt, ws.welcomed);
+    this.lost({ code: 1006, reason }, ws.welcomedAt, ws.welcomed);
   }
 
   detach(ws) {
@@ -616,6 +616,7 @@ export class WsRelay {
     this.ws = ws;
     ws.openedAt = clock();
     ws.welcomed = false;
+    ws.welcomedAt = 0;
     ws.lastRecv = ws.openedAt; // the silence timer runs from the dial
     ws.pingedAt = 0; // when the probe waiting for an answer was sent
     ws.idleTimeout = 0; // the server's, from its welcome
@@ -626,7 +627,7 @@ export class WsRelay {
     ws.onmessage = (ev) => this.dispatch(ws, ev.data);
     ws.onclose = (ev) => {
       this.detach(ws);
-      this.lost({ code: ev.code, reason: ev.reason }, ws.openedAt, ws.welcomed);
+      this.lost({ code: ev.code, reason: ev.reason }, ws.welcomedAt, ws.welcomed);
     };
     ws.onerror = () => { /* onclose follows */ };
   }
@@ -657,7 +658,7 @@ export class WsRelay {
     });
   }
 
-  lost(ev, openedAt, welcomed) {
+  lost(ev, welcomedAt, welcomed) {
     // Without getToken, a 4004 leaves the client with the expired token:
     // each dial would be refused at the upgrade, a close like any other
     // to a browser, for ever.
@@ -674,7 +675,7 @@ export class WsRelay {
       return;
     }
     if ((ev.code === TOKEN_EXPIRED || !welcomed) && typeof this.opts.getToken === "function") this.needToken = true;
-    if (welcomed && (PLANNED.has(ev.code) || clock() - openedAt >= this.stableAfter)) this.attempt = 0;
+    if (welcomed && (PLANNED.has(ev.code) || clock() - welcomedAt >= this.stableAfter)) this.attempt = 0;
     this.setState("disconnected", ev);
     this.schedule();
   }
@@ -708,6 +709,7 @@ export class WsRelay {
       case "welcome":
         if (ws.welcomed) break;
         ws.welcomed = true;
+        ws.welcomedAt = clock(); // stableAfter counts from here
         // An older server's welcome has no idle timeout: it closes no
         // idle connection, or does not say, and activityTimeout applies.
         if (Number.isSafeInteger(f.idle_timeout_ms) && f.idle_timeout_ms > 0) ws.idleTimeout = f.idle_timeout_ms;
