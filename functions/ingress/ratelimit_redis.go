@@ -14,6 +14,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // The values of PUBLISH_RATE_SCOPE.
@@ -31,8 +32,11 @@ type redisLimits struct {
 	keys keys.Scheme
 }
 
+// A charge whose reply came late is not sent again (NoResend: a cluster
+// client's loop did, and the publish was charged twice); the publish is
+// answered 503.
 func newRedisLimits(rdb redis.UniversalClient, ks keys.Scheme) *redisLimits {
-	return &redisLimits{lim: redis_rate.NewLimiter(ownKeys{rdb}), keys: ks}
+	return &redisLimits{lim: redis_rate.NewLimiter(ownKeys{redisconn.NoResend(rdb)}), keys: ks}
 }
 
 // reserve is limiterSet.reserve with ls's bucket named bucket kept in

@@ -10,8 +10,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/keys"
@@ -436,5 +439,45 @@ func TestRateLimitRefusalSpendsNothing(t *testing.T) {
 			expectStatus(t, publishAs(t, e, "key:"+chatKey, `{"data":1}`), 202)
 			expectError(t, publishAs(t, e, "key:"+chatKey, `{"data":1}`), 429, "rate_limited")
 		})
+	}
+}
+
+// TestGlobalRateLimitLateReplyChargedOnce: on a Redis Cluster, a global
+// rate limit's charge whose reply came later than REDIS_TIMEOUT (Redis ran
+// it) is not sent again: the publish is answered 503 (an error here) and
+// its tokens are taken once. The cluster client's loop sent it again, and
+// the caller lost twice the tokens: here, a burst of 5 with 1 taken and
+// then 2 by the late charge had nothing left for 2 more.
+func TestGlobalRateLimitLateReplyChargedOnce(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 0)
+	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	var armed atomic.Bool // the next EVALSHA runs, and its reply comes too late
+	rdb.(*redis.ClusterClient).OnNewNode(func(n *redis.Client) {
+		n.AddHook(redistest.Fail{Sent: true, Err: redistest.ErrReadTimeout,
+			Cmd: func(cmd redis.Cmder) bool { return cmd.Name() == "evalsha" && armed.CompareAndSwap(true, false) }})
+	})
+	prefix := redistest.Prefix(t)
+	defer redistest.Cleanup(rdb, prefix)
+	rl := newRedisLimits(rdb, keys.Scheme{Prefix: prefix})
+	ls := newLimiterSet(0.001, 5)
+	ctx := t.Context()
+	// The first charge loads the script on the bucket's node.
+	if wait, err := rl.reserve(ctx, ls, "user:a", 1); err != nil || wait != 0 {
+		t.Fatalf("first charge: wait %v, %v", wait, err)
+	}
+	armed.Store(true)
+	if wait, err := rl.reserve(ctx, ls, "user:a", 2); err == nil {
+		t.Fatalf("a charge whose reply came late: wait %v, no error", wait)
+	}
+	if armed.Load() {
+		t.Fatal("the late charge did not reach the node")
+	}
+	if wait, err := rl.reserve(ctx, ls, "user:a", 2); err != nil || wait != 0 {
+		t.Fatalf("2 of the 2 tokens left refused (wait %v, %v): the late charge was taken twice", wait, err)
 	}
 }

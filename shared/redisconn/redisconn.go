@@ -709,6 +709,58 @@ func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 	}
 }
 
+// NoResend is rdb for scripts that must not run twice (a rate limit's
+// charge, a history clear): their Eval and EvalSha are not sent again by
+// a cluster client's own loop, which resends a command whose reply came
+// later than Timeout (after running it once, Redis runs it again) as it
+// does one whose connection failed. A single node's client resends
+// neither (MaxRetries -1); rdb is returned as it is. What resendClosed
+// resends on the node's own client (a connection Redis closed before the
+// reply came) is still sent again, as on a single node.
+func NoResend(rdb redis.UniversalClient) redis.UniversalClient {
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		return noResend{cc}
+	}
+	return rdb
+}
+
+type noResend struct{ *redis.ClusterClient }
+
+// onceCmd is a command the cluster client's loop does not resend after
+// an error Redis may have run it before (go-redis's Cmder.NoRetry); it
+// still follows MOVED and ASK, which Redis answers without running it.
+type onceCmd struct{ *redis.Cmd }
+
+func (onceCmd) NoRetry() bool { return true }
+
+func (n noResend) run(ctx context.Context, name, script string, keys []string, args []any) *redis.Cmd {
+	a := make([]any, 0, 3+len(keys)+len(args))
+	a = append(a, name, script, len(keys))
+	for _, k := range keys {
+		a = append(a, k)
+	}
+	a = append(a, args...)
+	cmd := redis.NewCmd(ctx, a...)
+	_ = n.Process(ctx, onceCmd{cmd})
+	return cmd
+}
+
+func (n noResend) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return n.run(ctx, "eval", script, keys, args)
+}
+
+func (n noResend) EvalSha(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return n.run(ctx, "evalsha", sha1, keys, args)
+}
+
+func (n noResend) EvalRO(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	return n.run(ctx, "eval_ro", script, keys, args)
+}
+
+func (n noResend) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
+	return n.run(ctx, "evalsha_ro", sha1, keys, args)
+}
+
 // firstSendingKey marks the context of resendClosed's first sending,
 // for Failed: the hooks inside it see a command that it may send again.
 type firstSendingKey struct{}

@@ -3,6 +3,8 @@ package redistest
 import (
 	"context"
 	"errors"
+	"net"
+	"os"
 	"sync"
 
 	"github.com/redis/go-redis/v9"
@@ -85,6 +87,19 @@ type Fail struct {
 	Cmd      func(cmd redis.Cmder) bool
 	Pipeline func(cmds []redis.Cmder) bool
 	Sent     bool
+	Err      error // the error given; nil: ErrFailed
+}
+
+// ErrReadTimeout is the error go-redis gives a command whose reply did
+// not come within its ReadTimeout, as Fail's Err: go-redis's own retries
+// (a cluster client's loop) take it for one.
+var ErrReadTimeout error = &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+
+func (f Fail) err() error {
+	if f.Err != nil {
+		return f.Err
+	}
+	return ErrFailed
 }
 
 func (f Fail) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -97,8 +112,8 @@ func (f Fail) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		if f.Sent {
 			_ = next(ctx, cmd)
 		}
-		cmd.SetErr(ErrFailed)
-		return ErrFailed
+		cmd.SetErr(f.err())
+		return f.err()
 	}
 }
 
@@ -111,8 +126,8 @@ func (f Fail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessP
 			_ = next(ctx, cmds)
 		}
 		for _, c := range cmds {
-			c.SetErr(ErrFailed)
+			c.SetErr(f.err())
 		}
-		return ErrFailed
+		return f.err()
 	}
 }

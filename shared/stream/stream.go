@@ -28,6 +28,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 )
 
 // appendSrc: KEYS[1] stream, KEYS[2] notify channel, KEYS[3] the
@@ -694,7 +695,9 @@ var clearScript = redis.NewScript(clearSrc)
 // reader behind it finds its position gone and resumes with Continuous
 // false, as after trimming.
 func (s *Store) Clear(ctx context.Context, key string) (int64, error) {
-	n, err := clearScript.Run(ctx, s.rdb, []string{key, keys.Last(key)}).Int64()
+	// Not sent again after a late reply (NoResend): run twice, the clear
+	// would remove what was appended in between.
+	n, err := clearScript.Run(ctx, redisconn.NoResend(s.rdb), []string{key, keys.Last(key)}).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("clear %s: %w", key, err)
 	}
