@@ -45,13 +45,8 @@ func (k redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 	}
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		err := next(ctx, cmds)
-		if err != nil {
-			for _, c := range cmds {
-				if redisconn.Failed(ctx, c, c.Err()) {
-					k.h.redisErrors.Add(1)
-					break
-				}
-			}
+		if err != nil && redisconn.PipelineFailed(ctx, cmds) {
+			k.h.redisErrors.Add(1)
 		}
 		return err
 	}

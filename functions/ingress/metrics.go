@@ -291,11 +291,8 @@ func (h redisHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pro
 			h.up()
 			return nil
 		}
-		for _, c := range cmds {
-			if redisconn.Failed(ctx, c, c.Err()) {
-				h.m.redisErrors.Inc()
-				break
-			}
+		if redisconn.PipelineFailed(ctx, cmds) {
+			h.m.redisErrors.Inc()
 		}
 		return err
 	}

@@ -414,6 +414,17 @@ func pingMaster(ctx context.Context, n *redis.Client) error {
 	}
 }
 
+// PipelineFailed reports whether one of cmds, a pipeline's commands,
+// Failed: what a counter of failed pipelines counts.
+func PipelineFailed(ctx context.Context, cmds []redis.Cmder) bool {
+	for _, c := range cmds {
+		if Failed(ctx, c, c.Err()) {
+			return true
+		}
+	}
+	return false
+}
+
 // Failed reports whether err, cmd's outcome, is a Redis failure for the
 // functions' error counters: not a missing key (redis.Nil), a script not
 // yet cached (NOSCRIPT, which go-redis answers by loading it), a caller
@@ -430,7 +441,7 @@ func pingMaster(ctx context.Context, n *redis.Client) error {
 // one the cluster client's hooks see at the end, counts.
 func Failed(ctx context.Context, cmd redis.Cmder, err error) bool {
 	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) || redis.HasErrorPrefix(err, "NOSCRIPT") ||
-		closedByRedis(err) && ctx.Value(firstSendingKey{}) != nil {
+		resent(ctx, err) {
 		return false
 	}
 	switch cmd.Name() {
@@ -679,14 +690,14 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // connection without answering, or with its answer cut short (a CLIENT
 // KILL at that instant), is sent twice; the functions' commands other
 // than an append without an Idempotency-Key's once-key (docs/api.md) may
-// run twice.
+// run twice. So is a transaction (the functions' only one reads).
 type resendClosed struct{}
 
 func (resendClosed) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		err := next(context.WithValue(ctx, firstSendingKey{}, true), cmd)
+		err := next(context.WithValue(ctx, firstSendingKey{}, &sending{}), cmd)
 		if closedByRedis(err) && ctx.Err() == nil {
 			err = next(ctx, cmd)
 		}
@@ -696,17 +707,72 @@ func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		err := next(context.WithValue(ctx, firstSendingKey{}, true), cmds)
-		if !closedByRedis(err) || ctx.Err() != nil {
-			return err
+		s := &sending{}
+		sent := cmds
+		// The commands go out watched: go-redis gives a pipeline's
+		// error to every command its connection's end left without one,
+		// the ones it had read the replies of included, so their errors
+		// cannot tell which ran. Not a transaction's: go-redis takes its
+		// MULTI for the StatusCmd it made (they all run, or none, and
+		// the functions' only one reads).
+		if len(cmds) > 0 && cmds[0].Name() != "multi" {
+			sent = s.watch(cmds)
 		}
-		for _, c := range cmds {
-			if !closedByRedis(c.Err()) {
-				return err // it got a reply: it ran, and may not twice
-			}
+		err := next(context.WithValue(ctx, firstSendingKey{}, s), sent)
+		if !closedByRedis(err) || ctx.Err() != nil || s.answered {
+			return err
 		}
 		return next(ctx, cmds)
 	}
+}
+
+// sending is resendClosed's first sending of a command or pipeline: its
+// context carries it (firstSendingKey), for Failed.
+type sending struct {
+	// answered: a command of the pipeline got its reply (it ran): the
+	// pipeline is not sent again.
+	answered bool
+}
+
+// watch returns cmds, each wrapped to set s.answered when go-redis gives
+// it its reply.
+func (s *sending) watch(cmds []redis.Cmder) []redis.Cmder {
+	ws := make([]watched, len(cmds))
+	out := make([]redis.Cmder, len(cmds))
+	for i, c := range cmds {
+		ws[i] = watched{Cmder: c, s: s}
+		out[i] = &ws[i]
+	}
+	return out
+}
+
+// watched is a pipeline's command as resendClosed sends it the first
+// time: go-redis sets what it read for it with SetErr (nil, or Redis's
+// error reply); a connection's end sets another error.
+type watched struct {
+	redis.Cmder
+	s *sending
+}
+
+func (w *watched) SetErr(err error) {
+	var re redis.Error
+	if err == nil || errors.As(err, &re) {
+		w.s.answered = true
+	}
+	w.Cmder.SetErr(err)
+}
+
+// firstSendingKey marks the context of resendClosed's first sending,
+// for Failed: the hooks inside it see a command that it may send again.
+type firstSendingKey struct{}
+
+// resent reports whether resendClosed, outside the hooks that see ctx,
+// sends again what failed with err: err closed the connection, on a
+// first sending of a command, or of a pipeline none of whose commands
+// got a reply (the hooks run once the sending is over).
+func resent(ctx context.Context, err error) bool {
+	s, _ := ctx.Value(firstSendingKey{}).(*sending)
+	return s != nil && !s.answered && closedByRedis(err)
 }
 
 // NoResend is rdb for scripts that must not run twice (a rate limit's
@@ -760,10 +826,6 @@ func (n noResend) EvalRO(ctx context.Context, script string, keys []string, args
 func (n noResend) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
 	return n.run(ctx, "evalsha_ro", sha1, keys, args)
 }
-
-// firstSendingKey marks the context of resendClosed's first sending,
-// for Failed: the hooks inside it see a command that it may send again.
-type firstSendingKey struct{}
 
 // closedByRedis reports whether err says the connection was closed by
 // the other side: EOF, a reset or a broken pipe (not a timeout).

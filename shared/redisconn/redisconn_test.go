@@ -1,8 +1,10 @@
 package redisconn
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 func TestMain(m *testing.M) { redistest.Main(m) }
@@ -710,12 +713,65 @@ func (h countFailures) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		err := next(ctx, cmds)
-		for _, c := range cmds {
-			if Failed(ctx, c, c.Err()) {
-				h.n.Add(1)
-				break
-			}
+		if PipelineFailed(ctx, cmds) {
+			h.n.Add(1)
 		}
 		return err
+	}
+}
+
+// TestPipelinePartlyCutCounted: a pipeline whose connection Redis closed
+// after answering some of its commands is not sent again (those ran),
+// and fails, counted as a failure, as the request it serves fails. It
+// was sent again, and its answered commands ran twice: go-redis gives
+// the pipeline's error to every command it left without one, answered
+// ones included, so resendClosed took them all for unanswered (and the
+// counters, for a pipeline it would send again: nothing counted).
+func TestPipelinePartlyCutCounted(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	var cutAfterFirst atomic.Bool // the next reply chunk: its first reply passes, then the cut
+	relay := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
+		return nil, func(b []byte, to io.Writer) bool {
+			if cutAfterFirst.CompareAndSwap(true, false) {
+				if i := bytes.Index(b, []byte("\r\n")); i >= 0 {
+					_, _ = to.Write(b[:i+2])
+				}
+				return false
+			}
+			_, err := to.Write(b)
+			return err == nil
+		}
+	})
+	rdb, err := New(Config{URL: "redis://" + relay, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	var failed atomic.Int32
+	rdb.AddHook(countFailures{&failed})
+	key := redistest.Prefix(t) + ":n"
+	ctx := t.Context()
+	// The connection the pipeline takes is open first: its handshake's
+	// replies are not the ones cut.
+	if _, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error { return p.Ping(ctx).Err() }); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Ping(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	cutAfterFirst.Store(true)
+	pipe := rdb.Pipeline()
+	pipe.Incr(ctx, key)
+	pipe.Incr(ctx, key)
+	if _, err := pipe.Exec(ctx); err == nil {
+		t.Fatal("a pipeline cut after its first reply: no error")
+	}
+	// Redis ran both (its second reply was cut): once each.
+	if n, err := rdb.Get(ctx, key).Int(); err != nil || n != 2 {
+		t.Fatalf("INCRs run: %d, %v; want 2, once each (not sent again)", n, err)
+	}
+	if n := failed.Load(); n != 1 {
+		t.Errorf("%d failures counted for a pipeline cut after its first reply, want 1", n)
 	}
 }

@@ -27,6 +27,9 @@ import (
 // Its connection closed before it reached Redis (a pooled connection
 // Redis had closed, which go-redis does not see over TLS): it is sent
 // again on a new connection, written once, and succeeds.
+//
+// A pipeline of appends whose connection Redis closed after answering
+// some of them: not sent again (they ran); the appends fail.
 func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
@@ -73,5 +76,20 @@ func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	}
 	if n := xlen("cut"); n != 1 || err != nil {
 		t.Fatalf("after its connection was cut before it reached Redis the append returned %v, and its stream holds %d entries; want no error and 1 entry", err, n)
+	}
+
+	// Two appends in one pipeline, the connection cut after the first
+	// reply: both ran, and neither runs again. The pipeline was sent
+	// again (go-redis gives its error to the answered command too), and
+	// both messages were written twice.
+	relay.ArmFirstReply(ks.Stream("partial"))
+	a := Append{Stream: ks.Stream("partial"), Notify: ks.Notify("partial"),
+		Msg: Message{Channel: "partial", TS: time.Now().UnixMilli(), Data: json.RawMessage(`{"n":1}`)}}
+	_, err = s.Append(t.Context(), []Append{a, a})
+	if relay.Dropped() != 3 {
+		t.Fatalf("%d chunks acted on, want 3 (the partly answered pipeline's too)", relay.Dropped())
+	}
+	if n := xlen("partial"); n != 2 || err == nil {
+		t.Fatalf("after a pipeline of two appends was cut after its first reply, Append returned %v, and the stream holds %d entries; want an error and 2 entries", err, n)
 	}
 }

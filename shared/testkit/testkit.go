@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -170,6 +171,7 @@ type armed struct {
 	marker []byte
 	hold   time.Duration // ArmHold's
 	cut    bool          // ArmCut's
+	first  bool          // ArmFirstReply's
 }
 
 // NewReplyDropper starts a ReplyDropper to target for the test's length.
@@ -191,6 +193,13 @@ func NewReplyDropper(t testing.TB, target string) *ReplyDropper {
 		}
 		down = func(b []byte, to io.Writer) bool {
 			if a := hit.Load(); a != nil {
+				if a.first {
+					d.dropped.Add(1) // Redis ran the commands: the first reply passes
+					if n := respEnd(b); n > 0 {
+						_, _ = to.Write(b[:n])
+					}
+					return false
+				}
 				if a.hold == 0 {
 					d.dropped.Add(1) // Redis ran the command: its reply is lost
 					return false
@@ -222,6 +231,50 @@ func (d *ReplyDropper) ArmHold(marker string, hold time.Duration) {
 // its connection is cut instead, as one Redis had closed.
 func (d *ReplyDropper) ArmCut(marker string) {
 	d.marker.Store(&armed{marker: []byte(marker), cut: true})
+}
+
+// ArmFirstReply makes the next chunk sent that holds marker (a pipeline)
+// run in Redis, and only the first of its replies reach the client
+// before the connection is cut: a pipeline partly answered.
+func (d *ReplyDropper) ArmFirstReply(marker string) {
+	d.marker.Store(&armed{marker: []byte(marker), first: true})
+}
+
+// respEnd is the length of the first whole RESP reply in b, or 0.
+func respEnd(b []byte) int {
+	line := bytes.Index(b, []byte("\r\n"))
+	if line < 1 {
+		return 0
+	}
+	end := line + 2
+	switch b[0] {
+	case '$', '=', '!':
+		n, err := strconv.Atoi(string(b[1:line]))
+		if err != nil || n < 0 {
+			return end
+		}
+		if end+n+2 > len(b) {
+			return 0
+		}
+		return end + n + 2
+	case '*', '%', '~', '>':
+		n, err := strconv.Atoi(string(b[1:line]))
+		if err != nil || n < 0 {
+			return end
+		}
+		if b[0] == '%' {
+			n *= 2
+		}
+		for range n {
+			k := respEnd(b[end:])
+			if k == 0 {
+				return 0
+			}
+			end += k
+		}
+		return end
+	}
+	return end
 }
 
 // Dropped is how many chunks it acted on.
