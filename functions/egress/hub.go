@@ -885,19 +885,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 		return
 	}
 	if !cs.last.Less(n.ID) {
-		// Already delivered by a catch-up; unless it is the first entry
-		// of a chain that started again below the ids delivered: Redis
-		// lost its data with the connection up (FLUSHALL, eviction), and
-		// its clock is behind the ids it had given (stepped back while
-		// the stream went on at its last id). No reconnect catches up
-		// then, and every notification until the clock passes cs.last
-		// would be dropped here without a word. The stream tells (a
-		// catch-up: Resume finds the chain broken, gap), at the cost of
-		// a read for a chain's first entry whose catch-up came first.
-		if n.Prev.IsZero() && n.ID != cs.last {
-			h.catchUp(ctx, cs, stream.Max)
-		}
-		return
+		return // already delivered by a catch-up
 	}
 	if n.Prev != cs.last {
 		// A notification was lost (Redis reconnect): fill the gap from

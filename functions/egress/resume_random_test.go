@@ -72,9 +72,7 @@ func TestResumeRandomized(t *testing.T) {
 	e := startEgressTuned(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "0",
 		// Room for every message of a round in a replay's live buffer
 		// and a connection's queue: a 4002 here would be the test's.
-		"SEND_QUEUE": "8192",
-		// Only the round's own probes (hubHandled).
-		"PROBE_INTERVAL": "1h"}, io.Discard, func(s *Server) {
+		"SEND_QUEUE": "8192"}, io.Discard, func(s *Server) {
 		// A resume whose late notifications the round lost waits the
 		// whole of it; the ones the round lets arrive while it waits
 		// (armed) take milliseconds. TestResumeNotificationsLate
@@ -216,30 +214,7 @@ func (r *rsRound) releaseLate(ch *rsChan, n int) {
 		r.hubTold(ch, l.x)
 	}
 	ch.late = ch.late[n:]
-	r.hubHandled()
 	r.syncHub(ch)
-}
-
-// hubHandled waits until the hub has handled the notifications published
-// so far: a probe published after them comes back (on the same Pub/Sub
-// connection, after them). Some change nothing syncHub could wait for:
-// the chain's first entry, late, makes a hub already at the stream's end
-// read it again (onMessage), which must be over before the round goes on.
-func (r *rsRound) hubHandled() {
-	h := r.e.s.hub
-	before := h.lastRecv.Load()
-	if err := h.probe(context.Background()); err != nil {
-		r.fail("probe: %v", err)
-		return
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for h.lastRecv.Load() == before {
-		if time.Now().After(deadline) {
-			r.fail("the hub has not handled a probe in 5s")
-			return
-		}
-		time.Sleep(100 * time.Microsecond)
-	}
 }
 
 // rsPaused is a replay held in the hook.
@@ -520,13 +495,6 @@ func (r *rsRound) makeGap(ch *rsChan) {
 // the chain is a gap.
 func (r *rsRound) hubTold(ch *rsChan, x int) {
 	if ch.hub >= x {
-		if x == 0 && ch.hub != x && ch.hub < len(ch.ids)-1 {
-			// The chain's first entry (its predecessor 0-0) behind the
-			// hub's last id: for all the hub knows, a chain that started
-			// again below it, so it reads the stream from there to its
-			// end (onMessage).
-			r.hubTold(ch, len(ch.ids)-1)
-		}
 		return
 	}
 	if ch.hub == x-1 {
