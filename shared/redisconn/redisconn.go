@@ -697,7 +697,7 @@ func (resendClosed) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		err := next(context.WithValue(ctx, firstSendingKey{}, &sending{}), cmd)
+		err := next(context.WithValue(ctx, firstSendingKey{}, single), cmd)
 		if closedByRedis(err) && ctx.Err() == nil {
 			err = next(ctx, cmd)
 		}
@@ -733,6 +733,11 @@ type sending struct {
 	// pipeline is not sent again.
 	answered bool
 }
+
+// single is the first sending of every single command, shared: a
+// command has one reply, which came or did not (its error says), so
+// nothing marks it answered, and nothing writes to it.
+var single = &sending{}
 
 // watch returns cmds, each wrapped to set s.answered when go-redis gives
 // it its reply.
