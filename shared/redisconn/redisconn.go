@@ -684,7 +684,11 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // it closes on) or a proxy had closed, which go-redis finds before use
 // only over plain TCP (not TLS), and only if the close has arrived. A
 // pipeline is sent again only when none of its commands got a reply:
-// those that did ran. A timeout is not resent: Redis, stalled, may have
+// those that did ran. A pipeline that fails, cut or timed out, after
+// some of its commands got their replies leaves those commands with
+// their replies (go-redis gives them the pipeline's error), and the
+// others with the error: a shared pipeline's append that Redis answered
+// is its request's success. A timeout is not resent: Redis, stalled, may have
 // run the command, and an append would be written twice (go-redis's own
 // retry, MaxRetries, did that). A command Redis ran before closing the
 // connection without answering, or with its answer cut short (a CLIENT
@@ -719,11 +723,28 @@ func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 			sent = s.watch(cmds)
 		}
 		err := next(context.WithValue(ctx, firstSendingKey{}, s), sent)
-		if !closedByRedis(err) || ctx.Err() != nil || s.answered {
+		if err != nil && s.answered {
+			// The commands answered keep their replies (go-redis gave
+			// them the pipeline's error): an append answered ran, and its
+			// id is its request's, whatever became of the others.
+			for _, c := range sent {
+				if w, ok := c.(*watched); ok && w.ok && !isReply(w.Cmder.Err()) {
+					w.Cmder.SetErr(nil)
+				}
+			}
+			return err
+		}
+		if !closedByRedis(err) || ctx.Err() != nil {
 			return err
 		}
 		return next(ctx, cmds)
 	}
+}
+
+// isReply reports whether err is nil or an error reply of Redis.
+func isReply(err error) bool {
+	var re redis.Error
+	return err == nil || errors.As(err, &re)
 }
 
 // sending is resendClosed's first sending of a command or pipeline: its
@@ -753,16 +774,18 @@ func (s *sending) watch(cmds []redis.Cmder) []redis.Cmder {
 
 // watched is a pipeline's command as resendClosed sends it the first
 // time: go-redis sets what it read for it with SetErr (nil, or Redis's
-// error reply); a connection's end sets another error.
+// error reply); a connection's end sets another error, over a nil one
+// too.
 type watched struct {
 	redis.Cmder
-	s *sending
+	s  *sending
+	ok bool // its reply was read, and was no error
 }
 
 func (w *watched) SetErr(err error) {
-	var re redis.Error
-	if err == nil || errors.As(err, &re) {
+	if isReply(err) {
 		w.s.answered = true
+		w.ok = w.ok || err == nil
 	}
 	w.Cmder.SetErr(err)
 }

@@ -610,7 +610,10 @@ func (s *Store) LastID(ctx context.Context, key string) (ID, error) {
 // password: WRONGPASS): it returns that error and leaves every command
 // without a reply and without an error, which would read as an empty
 // stream (LastID 0-0) or an "unexpected reply". Otherwise err is the
-// first command's own error and every command keeps its own.
+// first command's own error, or the connection's, and every command
+// keeps its own: the connection's for those left unanswered, and (on
+// the client redisconn.New makes) its reply for one answered before the
+// connection failed.
 func failUnrun(err error, cmds ...redis.Cmder) {
 	if err == nil {
 		return

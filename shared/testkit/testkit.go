@@ -195,10 +195,17 @@ func NewReplyDropper(t testing.TB, target string) *ReplyDropper {
 			if a := hit.Load(); a != nil {
 				if a.first {
 					d.dropped.Add(1) // Redis ran the commands: the first reply passes
-					if n := respEnd(b); n > 0 {
+					n := respEnd(b)
+					if n > 0 {
 						_, _ = to.Write(b[:n])
 					}
-					return false
+					if a.hold == 0 {
+						return false
+					}
+					hit.Store(nil)
+					time.Sleep(a.hold) // the others come late
+					_, err := to.Write(b[n:])
+					return err == nil
 				}
 				if a.hold == 0 {
 					d.dropped.Add(1) // Redis ran the command: its reply is lost
@@ -238,6 +245,13 @@ func (d *ReplyDropper) ArmCut(marker string) {
 // before the connection is cut: a pipeline partly answered.
 func (d *ReplyDropper) ArmFirstReply(marker string) {
 	d.marker.Store(&armed{marker: []byte(marker), first: true})
+}
+
+// ArmFirstReplyHold makes the next chunk sent that holds marker (a
+// pipeline) run in Redis, its first reply reach the client at once and
+// the others hold later: a pipeline partly answered in time.
+func (d *ReplyDropper) ArmFirstReplyHold(marker string, hold time.Duration) {
+	d.marker.Store(&armed{marker: []byte(marker), first: true, hold: hold})
 }
 
 // respEnd is the length of the first whole RESP reply in b, or 0.
