@@ -685,8 +685,9 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // only over plain TCP (not TLS), and only if the close has arrived. A
 // pipeline is sent again only when none of its commands got a reply:
 // those that did ran. A pipeline that fails, cut or timed out, after
-// some of its commands got their replies leaves those commands with
-// their replies (go-redis gives them the pipeline's error), and the
+// some of its commands got their replies, on its first sending or the
+// one again, leaves those commands with their replies (go-redis gives
+// them the pipeline's error), and the
 // others with the error: a shared pipeline's append that Redis answered
 // is its request's success. A timeout is not resent: Redis, stalled, may have
 // run the command, and an append would be written twice (go-redis's own
@@ -712,33 +713,41 @@ func (resendClosed) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		s := &sending{}
-		sent := cmds
-		// The commands go out watched: go-redis gives a pipeline's
-		// error to every command its connection's end left without one,
-		// the ones it had read the replies of included, so their errors
-		// cannot tell which ran. Not a transaction's: go-redis takes its
-		// MULTI for the StatusCmd it made (they all run, or none, and
-		// the functions' only one reads).
-		if len(cmds) > 0 && cmds[0].Name() != "multi" {
-			sent = s.watch(cmds)
-		}
-		err := next(context.WithValue(ctx, firstSendingKey{}, s), sent)
-		if err != nil && s.answered {
-			// The commands answered keep their replies (go-redis gave
-			// them the pipeline's error): an append answered ran, and its
-			// id is its request's, whatever became of the others.
-			for _, c := range sent {
-				if w, ok := c.(*watched); ok && w.ok && !isReply(w.Cmder.Err()) {
-					w.Cmder.SetErr(nil)
-				}
-			}
+		err := s.send(context.WithValue(ctx, firstSendingKey{}, s), next, cmds)
+		if s.answered || !closedByRedis(err) || ctx.Err() != nil {
 			return err
 		}
-		if !closedByRedis(err) || ctx.Err() != nil {
-			return err
-		}
-		return next(ctx, cmds)
+		// The sending again is watched too: its connection may fail
+		// after some of its replies as well.
+		return (&sending{}).send(ctx, next, cmds)
 	}
+}
+
+// send sends cmds through next, and gives the commands answered before
+// the pipeline failed their replies back.
+func (s *sending) send(ctx context.Context, next redis.ProcessPipelineHook, cmds []redis.Cmder) error {
+	sent := cmds
+	// The commands go out watched: go-redis gives a pipeline's error to
+	// every command its connection's end left without one, the ones it
+	// had read the replies of included, so their errors cannot tell
+	// which ran. Not a transaction's: go-redis takes its MULTI for the
+	// StatusCmd it made (they all run, or none, and the functions' only
+	// one reads).
+	if len(cmds) > 0 && cmds[0].Name() != "multi" {
+		sent = s.watch(cmds)
+	}
+	err := next(ctx, sent)
+	if err != nil && s.answered {
+		// The commands answered keep their replies (go-redis gave them
+		// the pipeline's error): an append answered ran, and its id is
+		// its request's, whatever became of the others.
+		for _, c := range sent {
+			if w, ok := c.(*watched); ok && w.ok && !isReply(w.Cmder.Err()) {
+				w.Cmder.SetErr(nil)
+			}
+		}
+	}
+	return err
 }
 
 // isReply reports whether err is nil or an error reply of Redis.
@@ -747,8 +756,8 @@ func isReply(err error) bool {
 	return err == nil || errors.As(err, &re)
 }
 
-// sending is resendClosed's first sending of a command or pipeline: its
-// context carries it (firstSendingKey), for Failed.
+// sending is one of resendClosed's sendings of a command or pipeline:
+// the first's context carries it (firstSendingKey), for Failed.
 type sending struct {
 	// answered: a command of the pipeline got its reply (it ran): the
 	// pipeline is not sent again.
