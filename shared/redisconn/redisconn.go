@@ -714,7 +714,7 @@ func (resendClosed) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Pr
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		s := &sending{}
 		err := s.send(context.WithValue(ctx, firstSendingKey{}, s), next, cmds)
-		if s.answered || !closedByRedis(err) || ctx.Err() != nil {
+		if s.answered.Load() || !closedByRedis(err) || ctx.Err() != nil {
 			return err
 		}
 		// The sending again is watched too: its connection may fail
@@ -737,7 +737,7 @@ func (s *sending) send(ctx context.Context, next redis.ProcessPipelineHook, cmds
 		sent = s.watch(cmds)
 	}
 	err := next(ctx, sent)
-	if err != nil && s.answered {
+	if err != nil && s.answered.Load() {
 		// The commands answered keep their replies (go-redis gave them
 		// the pipeline's error): an append answered ran, and its id is
 		// its request's, whatever became of the others.
@@ -760,8 +760,10 @@ func isReply(err error) bool {
 // the first's context carries it (firstSendingKey), for Failed.
 type sending struct {
 	// answered: a command of the pipeline got its reply (it ran): the
-	// pipeline is not sent again.
-	answered bool
+	// pipeline is not sent again. Atomic: on a cluster, the cluster
+	// client's own loop may send a node's failed commands, still
+	// wrapped, to other nodes at once.
+	answered atomic.Bool
 }
 
 // single is the first sending of every single command, shared: a
@@ -793,7 +795,7 @@ type watched struct {
 
 func (w *watched) SetErr(err error) {
 	if isReply(err) {
-		w.s.answered = true
+		w.s.answered.Store(true)
 		w.ok = w.ok || err == nil
 	}
 	w.Cmder.SetErr(err)
@@ -809,7 +811,7 @@ type firstSendingKey struct{}
 // got a reply (the hooks run once the sending is over).
 func resent(ctx context.Context, err error) bool {
 	s, _ := ctx.Value(firstSendingKey{}).(*sending)
-	return s != nil && !s.answered && closedByRedis(err)
+	return s != nil && !s.answered.Load() && closedByRedis(err)
 }
 
 // NoResend is rdb for scripts that must not run twice (a rate limit's
