@@ -10,7 +10,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -456,11 +455,7 @@ func TestGlobalRateLimitLateReplyChargedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rdb.Close()
-	var armed atomic.Bool // the next EVALSHA runs, and its reply comes too late
-	rdb.(*redis.ClusterClient).OnNewNode(func(n *redis.Client) {
-		n.AddHook(redistest.Fail{Sent: true, Err: redistest.ErrReadTimeout,
-			Cmd: func(cmd redis.Cmder) bool { return cmd.Name() == "evalsha" && armed.CompareAndSwap(true, false) }})
-	})
+	arm, armed := redistest.LateReplies(rdb.(*redis.ClusterClient), "evalsha")
 	prefix := redistest.Prefix(t)
 	defer redistest.Cleanup(rdb, prefix)
 	rl := newRedisLimits(rdb, keys.Scheme{Prefix: prefix})
@@ -470,11 +465,11 @@ func TestGlobalRateLimitLateReplyChargedOnce(t *testing.T) {
 	if wait, err := rl.reserve(ctx, ls, "user:a", 1); err != nil || wait != 0 {
 		t.Fatalf("first charge: wait %v, %v", wait, err)
 	}
-	armed.Store(true)
+	arm()
 	if wait, err := rl.reserve(ctx, ls, "user:a", 2); err == nil {
 		t.Fatalf("a charge whose reply came late: wait %v, no error", wait)
 	}
-	if armed.Load() {
+	if armed() {
 		t.Fatal("the late charge did not reach the node")
 	}
 	if wait, err := rl.reserve(ctx, ls, "user:a", 2); err != nil || wait != 0 {

@@ -2,7 +2,6 @@ package redisconn
 
 import (
 	"context"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,10 +24,7 @@ func TestNoResendInCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rdb.Close()
-	var armed atomic.Bool // the next EVALSHA runs, and its reply comes too late
-	late := redistest.Fail{Sent: true, Err: redistest.ErrReadTimeout,
-		Cmd: func(cmd redis.Cmder) bool { return cmd.Name() == "evalsha" && armed.CompareAndSwap(true, false) }}
-	rdb.(*redis.ClusterClient).OnNewNode(func(n *redis.Client) { n.AddHook(late) })
+	arm, armed := redistest.LateReplies(rdb.(*redis.ClusterClient), "evalsha")
 	ctx := t.Context()
 	key := redistest.Prefix(t) + ":runs"
 	defer rdb.Del(context.Background(), key)
@@ -46,9 +42,9 @@ func TestNoResendInCluster(t *testing.T) {
 		{"the cluster client", rdb, 2, false},
 	} {
 		before, _ := rdb.Get(ctx, key).Int64()
-		armed.Store(true)
+		arm()
 		err := script.Run(ctx, tc.via, []string{key}).Err()
-		if armed.Load() {
+		if armed() {
 			t.Fatalf("%s: the script did not reach a node", tc.name)
 		}
 		if (err != nil) != tc.fail {

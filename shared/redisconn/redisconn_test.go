@@ -1,10 +1,8 @@
 package redisconn
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -730,20 +728,8 @@ func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 func TestPipelinePartlyCutCounted(t *testing.T) {
 	t.Parallel()
 	rs := redistest.Start(t)
-	var cutAfterFirst atomic.Bool // the next reply chunk: its first reply passes, then the cut
-	relay := testkit.Relay(t, rs.Addr(), func() (up, down testkit.Filter) {
-		return nil, func(b []byte, to io.Writer) bool {
-			if cutAfterFirst.CompareAndSwap(true, false) {
-				if i := bytes.Index(b, []byte("\r\n")); i >= 0 {
-					_, _ = to.Write(b[:i+2])
-				}
-				return false
-			}
-			_, err := to.Write(b)
-			return err == nil
-		}
-	})
-	rdb, err := New(Config{URL: "redis://" + relay, Timeout: time.Second})
+	relay := testkit.NewReplyDropper(t, rs.Addr())
+	rdb, err := New(Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -752,15 +738,7 @@ func TestPipelinePartlyCutCounted(t *testing.T) {
 	rdb.AddHook(countFailures{&failed})
 	key := redistest.Prefix(t) + ":n"
 	ctx := t.Context()
-	// The connection the pipeline takes is open first: its handshake's
-	// replies are not the ones cut.
-	if _, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error { return p.Ping(ctx).Err() }); err != nil {
-		t.Fatal(err)
-	}
-	if err := rdb.Ping(ctx).Err(); err != nil {
-		t.Fatal(err)
-	}
-	cutAfterFirst.Store(true)
+	relay.ArmFirstReply(key)
 	pipe := rdb.Pipeline()
 	pipe.Incr(ctx, key)
 	pipe.Incr(ctx, key)

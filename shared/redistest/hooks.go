@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -130,4 +131,18 @@ func (f Fail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessP
 		}
 		return f.err()
 	}
+}
+
+// LateReplies makes the next command named name (after each arm) that a
+// node of cc runs get its reply too late, as go-redis reports one
+// (ErrReadTimeout): Redis runs it, its caller hears the timeout. Call it
+// before cc sends anything: it hooks the node clients cc makes from then
+// on (ClusterClient.OnNewNode).
+func LateReplies(cc *redis.ClusterClient, name string) (arm func(), armed func() bool) {
+	var on atomic.Bool
+	cc.OnNewNode(func(n *redis.Client) {
+		n.AddHook(Fail{Sent: true, Err: ErrReadTimeout,
+			Cmd: func(cmd redis.Cmder) bool { return cmd.Name() == name && on.CompareAndSwap(true, false) }})
+	})
+	return func() { on.Store(true) }, on.Load
 }

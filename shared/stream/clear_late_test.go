@@ -1,7 +1,6 @@
 package stream
 
 import (
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,11 +25,7 @@ func TestClearLateReplyNotResent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rdb.Close()
-	var armed atomic.Bool // the next EVALSHA runs, and its reply comes too late
-	rdb.(*redis.ClusterClient).OnNewNode(func(n *redis.Client) {
-		n.AddHook(redistest.Fail{Sent: true, Err: redistest.ErrReadTimeout,
-			Cmd: func(cmd redis.Cmder) bool { return cmd.Name() == "evalsha" && armed.CompareAndSwap(true, false) }})
-	})
+	arm, armed := redistest.LateReplies(rdb.(*redis.ClusterClient), "evalsha")
 	prefix := redistest.Prefix(t)
 	defer redistest.Cleanup(rdb, prefix)
 	ks := keys.Scheme{Prefix: prefix}
@@ -49,11 +44,11 @@ func TestClearLateReplyNotResent(t *testing.T) {
 		t.Fatalf("Clear = %d, %v; want 2", n, err)
 	}
 	add()
-	armed.Store(true)
+	arm()
 	if n, err := s.Clear(ctx, ks.Stream("clr")); err == nil {
 		t.Fatalf("a clear whose reply came late: %d removed, no error (run again)", n)
 	}
-	if armed.Load() {
+	if armed() {
 		t.Fatal("the late clear did not reach the node")
 	}
 	if n, err := rdb.XLen(ctx, ks.Stream("clr")).Result(); err != nil || n != 0 {

@@ -32,17 +32,7 @@ import (
 // some of them: not sent again (they ran); the appends fail.
 func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	relay := testkit.NewReplyDropper(t, rs.Addr())
-	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	admin := redis.NewClient(rs.Options())
-	t.Cleanup(func() { admin.Close() })
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	s := NewStore(rdb)
+	relay, s, admin, ks := relayedStore(t)
 	appendTo := func(ch string) error {
 		_, err := s.Append(t.Context(), []Append{{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
 			Msg: Message{Channel: ch, TS: time.Now().UnixMilli(), Data: json.RawMessage(`{"n":1}`)}}})
@@ -61,7 +51,7 @@ func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	}
 
 	relay.ArmHold(ks.Stream("late"), time.Second)
-	err = appendTo("late")
+	err := appendTo("late")
 	if relay.Dropped() != 1 {
 		t.Fatalf("%d replies held, want 1 (the append's)", relay.Dropped())
 	}
@@ -92,4 +82,21 @@ func TestAppendResentOnlyIfNotRun(t *testing.T) {
 	if n := xlen("partial"); n != 2 || err == nil {
 		t.Fatalf("after a pipeline of two appends was cut after its first reply, Append returned %v, and the stream holds %d entries; want an error and 2 entries", err, n)
 	}
+}
+
+// relayedStore is a Store on a client redisconn.New makes (300 ms
+// REDIS_TIMEOUT) to a Redis of its own behind a ReplyDropper, a client
+// to that Redis that bypasses the relay, and a key scheme for the test.
+func relayedStore(t *testing.T) (*testkit.ReplyDropper, *Store, *redis.Client, keys.Scheme) {
+	t.Helper()
+	rs := redistest.Start(t)
+	relay := testkit.NewReplyDropper(t, rs.Addr())
+	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	admin := redis.NewClient(rs.Options())
+	t.Cleanup(func() { admin.Close() })
+	return relay, NewStore(rdb), admin, keys.Scheme{Prefix: redistest.Prefix(t)}
 }

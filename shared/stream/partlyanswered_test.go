@@ -4,13 +4,6 @@ import (
 	"encoding/json"
 	"testing"
 	"time"
-
-	"github.com/redis/go-redis/v9"
-
-	"github.com/wsrelay/wsrelay/shared/keys"
-	"github.com/wsrelay/wsrelay/shared/redisconn"
-	"github.com/wsrelay/wsrelay/shared/redistest"
-	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestPartlyAnsweredPipelineKeepsItsReplies: in a pipeline of appends
@@ -24,17 +17,7 @@ import (
 // Idempotency-Key wrote it twice). The append not answered fails.
 func TestPartlyAnsweredPipelineKeepsItsReplies(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	relay := testkit.NewReplyDropper(t, rs.Addr())
-	rdb, err := redisconn.New(redisconn.Config{URL: "redis://" + relay.Addr, Timeout: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	admin := redis.NewClient(rs.Options())
-	t.Cleanup(func() { admin.Close() })
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	s := NewStore(rdb)
+	relay, s, admin, ks := relayedStore(t)
 	msg := func(ch string) Append {
 		return Append{Stream: ks.Stream(ch), Notify: ks.Notify(ch),
 			Msg: Message{Channel: ch, TS: time.Now().UnixMilli(), Data: json.RawMessage(`{"n":1}`)}}
