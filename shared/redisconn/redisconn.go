@@ -685,13 +685,12 @@ var ErrMaxClients = errors.New("redis refused a new connection: max number of cl
 // only over plain TCP (not TLS), and only if the close has arrived. A
 // pipeline is sent again only when none of its commands got a reply:
 // those that did ran. A pipeline that fails, cut or timed out, after
-// some of its commands got their replies, on its first sending or the
-// one again, leaves those commands with their replies (go-redis gives
-// them the pipeline's error), and the
-// others with the error: a shared pipeline's append that Redis answered
-// is its request's success. A timeout is not resent: Redis, stalled, may have
-// run the command, and an append would be written twice (go-redis's own
-// retry, MaxRetries, did that). A command Redis ran before closing the
+// some of its commands got their replies (on either sending) leaves
+// those commands their replies, which go-redis replaces with the
+// pipeline's error, and the others the error: a shared pipeline's
+// append that Redis answered is its request's success. A timeout is not
+// resent: Redis, stalled, may have run the command, and an append would
+// be written twice (go-redis's own retry, MaxRetries, did that). A command Redis ran before closing the
 // connection without answering, or with its answer cut short (a CLIENT
 // KILL at that instant), is sent twice; the functions' commands other
 // than an append without an Idempotency-Key's once-key (docs/api.md) may
@@ -783,10 +782,9 @@ func (s *sending) watch(cmds []redis.Cmder) []redis.Cmder {
 	return out
 }
 
-// watched is a pipeline's command as resendClosed sends it the first
-// time: go-redis sets what it read for it with SetErr (nil, or Redis's
-// error reply); a connection's end sets another error, over a nil one
-// too.
+// watched is a pipeline's command as resendClosed sends it: go-redis
+// sets what it read for it with SetErr (nil, or Redis's error reply); a
+// connection's end sets another error, over a nil one too.
 type watched struct {
 	redis.Cmder
 	s  *sending
