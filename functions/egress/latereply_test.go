@@ -137,7 +137,7 @@ func TestLateReplyCatchUp(t *testing.T) {
 				}
 				g.waitData(5*time.Second, want...)
 			}
-			last = add(false)
+			add(false)
 			g.waitData(5*time.Second, want...)
 			g.neverCut()
 			loggedOp(t, le, "redis read path failing", "catch up from stream")
