@@ -238,6 +238,32 @@ func TestLateReplyClientResume(t *testing.T) {
 	}
 }
 
+// subscribeHeld connects to le subscribed to "room" with the relay
+// armed on a command of that subscription, waits for the held reply,
+// and publishes a message meanwhile: the socket is told the position of
+// that message (the last one before `after`, what the held reply waited
+// for), then gets each message published after it once, in order, on
+// the same socket.
+func subscribeHeld(t *testing.T, le *lossEnv, relay *testkit.ReplyDropper, after string) {
+	t.Helper()
+	ws, _, err := le.e.dial(t, url.Values{"channels": {"room"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held(t, relay, 1)
+	mid := le.publish("room", 1)
+	if sub := nextWithin(t, ws, "subscribed", 5*time.Second); sub.Position != mid {
+		t.Fatalf("subscribed at %s, want %s (the last message before %s)", sub.Position, mid, after)
+	}
+	var want []string
+	for i := 2; i <= 4; i++ {
+		want = append(want, le.publish("room", i))
+	}
+	if got, code := readThrough(ws, 5*time.Second, want[len(want)-1]); fmt.Sprint(got) != fmt.Sprint(want) || code != 0 {
+		t.Fatalf("got %v (close %d), want %v", got, code, want)
+	}
+}
+
 // TestLateReplyPositionRead: the read of a channel's position, when
 // Redis first confirms its subscription, gets its reply late. The
 // channel still goes live: the read is retried, the subscriber is told
@@ -247,22 +273,7 @@ func TestLateReplyPositionRead(t *testing.T) {
 	t.Parallel()
 	le, relay := startLateEnv(t, map[string]string{}, nil)
 	relay.ArmHold(respArgs("xrevrange", le.ks.Stream("room")), lateHold)
-	ws, _, err := le.e.dial(t, url.Values{"channels": {"room"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	held(t, relay, 1)
-	mid := le.publish("room", 1)
-	if sub := nextWithin(t, ws, "subscribed", 5*time.Second); sub.Position != mid {
-		t.Fatalf("subscribed at %s, want %s (the last message before the position was read again)", sub.Position, mid)
-	}
-	var want []string
-	for i := 2; i <= 4; i++ {
-		want = append(want, le.publish("room", i))
-	}
-	if got, code := readThrough(ws, 5*time.Second, want[len(want)-1]); fmt.Sprint(got) != fmt.Sprint(want) || code != 0 {
-		t.Fatalf("got %v (close %d), want %v", got, code, want)
-	}
+	subscribeHeld(t, le, relay, "the position was read again")
 	loggedOp(t, le, "redis read path failing", "read stream position")
 }
 
@@ -407,22 +418,7 @@ func TestLateReplySubscribe(t *testing.T) {
 			le, relay := startLateEnv(t, env("PROBE_INTERVAL", tc.probe), nil)
 			le.waitReadyz(5*time.Second, 200)
 			relay.ArmHold(respArgs("ssubscribe", le.ks.Notify("room")), tc.hold)
-			ws, _, err := le.e.dial(t, url.Values{"channels": {"room"}}, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			held(t, relay, 1)
-			mid := le.publish("room", 1)
-			if sub := nextWithin(t, ws, "subscribed", 5*time.Second); sub.Position != mid {
-				t.Fatalf("subscribed at %s, want %s (the last message before the confirmation came)", sub.Position, mid)
-			}
-			var want []string
-			for i := 2; i <= 4; i++ {
-				want = append(want, le.publish("room", i))
-			}
-			if got, code := readThrough(ws, 5*time.Second, want[len(want)-1]); fmt.Sprint(got) != fmt.Sprint(want) || code != 0 {
-				t.Fatalf("got %v (close %d), want %v", got, code, want)
-			}
+			subscribeHeld(t, le, relay, "the confirmation came")
 			forced(t, le, tc.forced)
 		})
 	}
