@@ -806,10 +806,13 @@ type firstSendingKey struct{}
 // resent reports whether resendClosed, outside the hooks that see ctx,
 // sends again what failed with err: err closed the connection, on a
 // first sending of a command, or of a pipeline none of whose commands
-// got a reply (the hooks run once the sending is over).
+// got a reply (the hooks run once the sending is over), while the
+// caller still waits: resendClosed sends nothing again for a context that
+// has ended, and such a close is counted here. (A context that ends
+// between this check and resendClosed's leaves the close uncounted.)
 func resent(ctx context.Context, err error) bool {
 	s, _ := ctx.Value(firstSendingKey{}).(*sending)
-	return s != nil && !s.answered.Load() && closedByRedis(err)
+	return s != nil && !s.answered.Load() && closedByRedis(err) && ctx.Err() == nil
 }
 
 // NoResend is rdb for scripts that must not run twice (a rate limit's

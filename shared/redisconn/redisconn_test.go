@@ -2,6 +2,7 @@ package redisconn
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -751,5 +752,58 @@ func TestPipelinePartlyCutCounted(t *testing.T) {
 	}
 	if n := failed.Load(); n != 1 {
 		t.Errorf("%d failures counted for a pipeline cut after its first reply, want 1", n)
+	}
+}
+
+// cancelOnClose cancels the command's context when its connection was
+// closed by Redis, as a request whose client went away at that instant.
+type cancelOnClose struct{ cancel context.CancelFunc }
+
+func (h cancelOnClose) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h cancelOnClose) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if closedByRedis(err) {
+			h.cancel()
+		}
+		return err
+	}
+}
+
+func (h cancelOnClose) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// A command whose connection Redis closed is not sent again once its
+// context has ended, so its failure is counted: before, Failed took it
+// for one resendClosed would send again, and it was counted nowhere.
+func TestClosedWithContextEndedCounted(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	relay := testkit.NewReplyDropper(t, rs.Addr())
+	rdb, err := New(Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	var failed atomic.Int32
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	rdb.AddHook(countFailures{&failed})
+	rdb.AddHook(cancelOnClose{cancel})
+	key := redistest.Prefix(t) + ":n"
+	if err := rdb.Ping(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	relay.ArmCut(key)
+	if err := rdb.Incr(ctx, key).Err(); !closedByRedis(err) {
+		t.Fatalf("INCR on a cut connection, its context ended: %v; want the close", err)
+	}
+	if n, err := rdb.Get(t.Context(), key).Int(); !errors.Is(err, redis.Nil) {
+		t.Fatalf("INCR run: %d, %v; want never sent again", n, err)
+	}
+	if n := failed.Load(); n != 1 {
+		t.Errorf("%d failures counted for a command closed as its context ended, want 1", n)
 	}
 }
