@@ -186,9 +186,9 @@ type hub struct {
 	// its read succeeded (stall).
 	recovered chan recovery
 	// readTimeout, when positive, bounds each stream read of the hub
-	// (2×REDIS_TIMEOUT): go-redis alone would wait on a node that stopped
-	// answering for as long as the context allows, and a cluster client
-	// retries a timed-out read several times, while the receive loop
+	// (2×REDIS_TIMEOUT): go-redis bounds each try by REDIS_TIMEOUT, but a
+	// cluster client sends a timed-out read again, up to MaxRedirects
+	// times, to a node that stopped answering, while the receive loop
 	// waits for its first try (see stall).
 	readTimeout time.Duration
 	// stalls are the goroutines retrying stalled reads: run waits for

@@ -320,8 +320,9 @@ func (s *subscriber) placeLocked(ctx context.Context, channel string) error {
 		delete(old.chans, channel)
 		old.unsent(channel)
 		// Best effort, and not under s.mu: go-redis holds a connection's
-		// lock through each of its reconnect attempts, which no context
-		// bounds, so on a node that stopped answering every placement
+		// lock through each of its reconnect attempts, which our context
+		// does not bound (only the dial timeout bounds each attempt), so
+		// on a node that stopped answering every placement
 		// (and every Subscribe) would wait seconds per moved channel.
 		// (Closing that node's connection, once it has no channel left,
 		// still waits for one attempt.) A late SUNSUBSCRIBE of a channel

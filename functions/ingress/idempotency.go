@@ -240,8 +240,10 @@ const (
 // replay answers a request whose claim on rkey found the key taken: with
 // the stored reply, 409 or 422 (claimAnswered). It reports instead,
 // answering nothing, that the claim there is this request's own
-// (claimOurs): the SET's reply was lost after Redis ran it and go-redis
-// sent it again on a new connection, which found the key taken. Without
+// (claimOurs): the SET's reply was lost after Redis ran it and it was
+// sent again on a new connection (by claim itself after a late reply or
+// a cut, or by redisconn's resend of a connection Redis had closed),
+// which found the key taken. Without
 // that check the request answered 409 "still being processed" for a
 // request no longer running, and so did every retry until the claim
 // expired (pendingTTL). A key found empty, freed since the SET, is

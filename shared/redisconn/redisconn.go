@@ -517,10 +517,10 @@ func (r *Readiness) Check(ctx context.Context) error {
 
 // reloadOnFailure reloads a cluster client's slot map when a command fails
 // for want of its node (a connection error or timeout, or a node that is
-// no longer a master). go-redis reloads it by itself only on MOVED and ASK
-// and every ClusterStateReloadInterval (60 s): after a master died, its
-// slots' commands went on to the dead node for up to a minute after its
-// replica had been promoted. The reload is lazy (in the background, one
+// no longer a master). go-redis reloads it by itself on MOVED, ASK and
+// READONLY and every ClusterStateReloadInterval (60 s), not on a
+// connection error: after a master died, its slots' commands went on to
+// the dead node for up to a minute after its replica had been promoted. The reload is lazy (in the background, one
 // at a time, 200 ms apart), so a burst of failures costs a few CLUSTER
 // SLOTS, not one each.
 type reloadOnFailure struct{ c *redis.ClusterClient }
