@@ -97,6 +97,9 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 	}
 	var p publishBody
 	b = bytes.Trim(b, jsonSpace)
+	if bytes.HasPrefix(b, utf8BOM) {
+		return p, errBOM()
+	}
 	if len(b) == 0 || b[0] != '{' {
 		if withChannel {
 			// A batch item: "message i: " goes before it.
@@ -139,6 +142,19 @@ func decodeMessage(b []byte, withChannel bool) (publishBody, *apiError) {
 		}
 	}
 	return p, nil
+}
+
+// utf8BOM is U+FEFF in UTF-8, the byte order mark some editors and
+// Windows tools (PowerShell 5's Out-File, .NET's UTF8Encoding(true)) put
+// before a text.
+var utf8BOM = []byte{0xEF, 0xBB, 0xBF}
+
+// errBOM answers a body that begins with a byte order mark: JSON text
+// sent over a network must not (RFC 8259 §8.1), and Go's decoder takes it
+// for a stray character, so that without this answer its sender was told
+// that a body which looks like an object "must be a JSON object".
+func errBOM() *apiError {
+	return errf(400, "invalid_json", "body begins with a byte order mark (U+FEFF), which JSON does not allow: send UTF-8 without one")
 }
 
 // errInvalidJSON answers a body encoding/json could not decode: not
@@ -222,6 +238,9 @@ func decodeBatch(b []byte, maxItems int, maxItemBytes int64, check func(p *publi
 		Messages batchItems `json:"messages"`
 	}{Messages: batchItems{max: maxItems}}
 	b = bytes.Trim(b, jsonSpace)
+	if bytes.HasPrefix(b, utf8BOM) {
+		return nil, errBOM()
+	}
 	if len(b) == 0 || b[0] != '{' {
 		return nil, errf(400, "invalid_json", "body must be a JSON object")
 	}

@@ -280,3 +280,31 @@ func TestBodyCutShort(t *testing.T) {
 		t.Fatalf("the key of a request cut short: %d %s %v", w.Code, w.Body, w.Header())
 	}
 }
+
+// TestByteOrderMark: a body that begins with a UTF-8 byte order mark is
+// refused on every route that takes a message (docs/api.md: 400
+// invalid_json), with a message that names the mark rather than saying
+// that a body which looks like an object must be one, and nothing is
+// written.
+func TestByteOrderMark(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const bom = "\xef\xbb\xbf"
+	for path, body := range map[string]string{
+		"/v1/channels/bom/messages":        `{"data":1}`,
+		"/v1/messages":                     `{"messages":[{"channel":"bom","data":1}]}`,
+		"/v1/connections/no-such/messages": `{"data":1}`,
+		"/v1/users/alice/messages":         `{"data":1}`,
+	} {
+		for _, b := range []string{bom + body, " \n" + bom + body} {
+			w := e.do("POST", path, b)
+			expectError(t, w, 400, "invalid_json")
+			if msg := decode[struct{ Error struct{ Message string } }](t, w).Error.Message; !strings.Contains(msg, "byte order mark") {
+				t.Errorf("POST %s with a BOM: %q, want it to name the byte order mark", path, msg)
+			}
+		}
+	}
+	if n := e.xlen("bom"); n != 0 {
+		t.Fatalf("%d entries written", n)
+	}
+}
