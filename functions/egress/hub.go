@@ -770,6 +770,44 @@ func (h *hub) restarted(cs *chanState) {
 	cs.mu.Unlock()
 }
 
+// checkStartedBelow is told of the first entry of a chain (its
+// predecessor 0-0) with an id below the last one delivered. As a rule it
+// is a late notification of the stream's own first entry, which a
+// catch-up delivered: the stream's position (LastID) is then at or past
+// cs.last, and nothing is done. Reading the stream from cs.last instead
+// could find a gap that the notifications still on their way would fill
+// (the hub behind the stream's end while it was trimmed).
+//
+// But Redis may have lost its data with the connection up (FLUSHALL, an
+// eviction of the stream and its last-id key) while its clock was behind
+// the ids it had given (stepped back while the stream went on at its
+// last id): the stream was created anew, its chain starting again at
+// 0-0 below the ids delivered. No reconnect catches up then, and every
+// notification until Redis's clock passes cs.last would be dropped as
+// delivered, without a word. A stream's position goes back only when it
+// lost data, so a position below cs.last tells that case: the chain
+// started again (restarted), and the stream is read from 0-0. Its
+// entries are all new (the first of them had no predecessor): the
+// channel's subscribers are closed with 1011 at the first of them
+// (floor, as after a Redis that restarted empty with its clock behind)
+// and resume, told recovered:false; the inbox's targeted messages are
+// delivered. A read of the position that fails stalls the channel, whose
+// retries read the stream from cs.last (a chain broken there is a gap).
+// Receive loop only.
+func (h *hub) checkStartedBelow(ctx context.Context, cs *chanState) {
+	pos, err := h.lastID(ctx, cs)
+	if err != nil {
+		h.stall(ctx, cs, "read stream position", err)
+		return
+	}
+	h.readFail.OK()
+	if !pos.Less(cs.last) {
+		return
+	}
+	h.restarted(cs)
+	h.catchUp(ctx, cs, stream.Max)
+}
+
 // gap handles messages after cs.last that are gone from the stream before
 // this instance delivered them. A subscriber here that lacks them cannot
 // get them, and delivering past them would hide the loss: it is closed
@@ -885,7 +923,13 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 		return
 	}
 	if !cs.last.Less(n.ID) {
-		return // already delivered by a catch-up
+		// Already delivered by a catch-up; unless it is the first entry
+		// of a chain (predecessor 0-0) that started again below the ids
+		// delivered, which only the stream's position tells.
+		if n.Prev.IsZero() && n.ID != cs.last {
+			h.checkStartedBelow(ctx, cs)
+		}
+		return
 	}
 	if n.Prev != cs.last {
 		// A notification was lost (Redis reconnect): fill the gap from

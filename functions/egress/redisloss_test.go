@@ -436,6 +436,74 @@ func TestGoClientAcrossRestartWithClockBehind(t *testing.T) {
 	b.waitData(5*time.Second, strs(7)...)
 }
 
+// TestGoClientAcrossFlushAllWithClockBehind: as
+// TestGoClientAcrossRestartWithClockBehind, but Redis loses its data with
+// the connection up (FLUSHALL, or eviction of a stream and its last-id
+// key): nothing reconnects, so no catch-up reads the stream, and the new
+// chain's notifications, with ids below the ones delivered, are all the
+// egress sees. The client must not be left without the new messages, and
+// without a word, until Redis's clock passes the old ids (an hour here):
+// it gets them or is told it missed them. Targeted messages, whose inbox
+// was lost too, reach it again.
+func TestGoClientAcrossFlushAllWithClockBehind(t *testing.T) {
+	le := startLossEnv(t, nil, map[string]string{})
+	a := newGoClient(t, le.wsURL(), "alice", "room", "")
+	le.publish("room", 1)
+	a.waitData(5*time.Second, strs(1)...)
+	if n, err := le.sendToUser("alice", 100); err != nil || n != 1 {
+		t.Fatalf("send: %d connections, %v", n, err)
+	}
+	a.waitTargeted(5*time.Second, strs(100)...)
+	ahead := fmt.Sprintf("%d-0", time.Now().Add(time.Hour).UnixMilli())
+	for _, k := range []string{le.ks.Stream("room"), le.ks.Inbox(le.e.s.instance)} {
+		if err := le.pub.Do(t.Context(), "XSETID", k, ahead).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	le.publish("room", 2)
+	if n, err := le.sendToUser("alice", 101); err != nil || n != 1 {
+		t.Fatalf("send: %d connections, %v", n, err)
+	}
+	a.waitData(5*time.Second, strs(1, 2)...)
+	a.waitTargeted(5*time.Second, strs(100, 101)...)
+
+	if err := le.pub.FlushAll(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	le.publish("room", 3)
+	le.publish("room", 4)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if got, r := a.data(), a.subscribed(); len(got) < 4 && fmt.Sprint(r) != "[true false]" {
+			return fmt.Errorf("received %v (subscribed %v): neither [1 2 3 4] nor told recovered:false", got, r)
+		}
+		return nil
+	})
+	le.publish("room", 5)
+	testkit.Eventually(t, 5*time.Second, func() error {
+		if got := a.data(); len(got) == 0 || got[len(got)-1] != "5" {
+			return fmt.Errorf("received %v (subscribed %v), want 5 last", got, a.subscribed())
+		}
+		return nil
+	})
+	// The registry is written again (the probe finds the record gone).
+	// Every targeted message sent once it lists the connection lands in
+	// a new inbox stream, below the ids delivered too, and arrives: the
+	// first of them (its predecessor 0-0) included.
+	var sent []string
+	testkit.Eventually(t, 5*time.Second, func() error {
+		n, err := le.sendToUser("alice", 102+len(sent))
+		if err != nil || n != 1 {
+			return fmt.Errorf("send to alice: %d connections, %v", n, err)
+		}
+		sent = append(sent, strconv.Itoa(102+len(sent)))
+		if len(sent) < 3 {
+			return fmt.Errorf("%d sent", len(sent))
+		}
+		return nil
+	})
+	a.waitTargeted(5*time.Second, append(strs(100, 101), sent...)...)
+}
+
 // TestGoClientAcrossLongPartition: the egress cannot reach Redis for
 // longer than REGISTRY_TTL (a partition: the ingress side still
 // publishes, and the registry records expire). Once it is back: the
