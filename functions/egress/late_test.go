@@ -276,3 +276,53 @@ func lingering(t *testing.T, e *secEgress, rdb redis.UniversalClient, ks keys.Sc
 	})
 	return cs
 }
+
+// TestLateFirstNotificationAfterTrim: the notification of a stream's
+// first entry (predecessor 0-0) arrives late, after a catch-up delivered
+// that entry and the next, and after the stream was trimmed to nothing
+// while the hub was still behind its end (the notification of its last
+// entry on its way too). It is no chain that started again below the ids
+// delivered (the stream's position is past them): the hub reads nothing,
+// finds no gap, and delivers the last entry from its notification; the
+// subscriber gets all three, and is not closed.
+func TestLateFirstNotificationAfterTrim(t *testing.T) {
+	t.Parallel()
+	e, rdb, ks, _ := pausedEgress(t, nil)
+	key, notify := ks.Stream("room"), ks.Notify("room")
+	ws, _ := subscribedTo(t, e, "room")
+	cs := e.s.hub.state(notify)
+	ps := rdb.SSubscribe(t.Context(), notify+"-late")
+	defer ps.Close()
+	if _, err := ps.Receive(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	var ids, late []string
+	for i := range 3 {
+		ids = append(ids, appendTo(t, rdb, ks, "room", notify+"-late", i))
+		m, err := ps.ReceiveMessage(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		late = append(late, m.Payload)
+	}
+	// The second's notification: the hub catches up on the first two.
+	if err := rdb.SPublish(t.Context(), notify, late[1]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	hubReaches(t, cs, ids[1])
+	if err := rdb.XTrimMaxLen(t.Context(), key, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []string{late[0], late[2]} {
+		if err := rdb.SPublish(t.Context(), notify, l).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, code := readThrough(ws, 5*time.Second, ids[2])
+	if code != 0 || !slices.Equal(got, ids) {
+		t.Fatalf("got %v (close %d), want %v once each and no close", got, code, ids)
+	}
+	if n := e.s.hub.gaps.Load(); n != 0 {
+		t.Fatalf("the hub found %d gaps, want none", n)
+	}
+}
