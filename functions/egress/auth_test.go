@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/hmac"
 	"crypto/sha512"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -23,7 +25,9 @@ import (
 
 	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 const testSecret = "test-secret-0123456789abcdef0123456789"
@@ -509,6 +513,81 @@ func TestRefreshAfterExpiry(t *testing.T) {
 	}
 	if code := closeCode(t, ws, 3*time.Second); code != protocol.CloseTokenExpired {
 		t.Fatalf("close %d, want %d", code, protocol.CloseTokenExpired)
+	}
+}
+
+// TestExpiredTokenGetsNoMessage: a connection whose token has expired,
+// and which the sweep has not closed yet (a process frozen past exp runs
+// its fan-out as soon as it runs again), is written none of the messages
+// queued for it, live, replayed or targeted, however long before exp
+// they were queued: its replies go, then the 4004 close, at once. No
+// sweep runs here (no Run): the writer does it.
+func TestExpiredTokenGetsNoMessage(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	cfg := Config{SendQueue: 16, WriteTimeout: time.Second, PingInterval: time.Hour, ShutdownGrace: time.Second,
+		Redis: redisconn.Config{KeyPrefix: prefix, Timeout: time.Second}}
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rdb)
+	server, client := tcpPair(t)
+	c := &conn{s: s, nc: server, id: "a", user: "alice", done: make(chan struct{}), openedAt: time.Now(),
+		exp: time.Now().Add(-time.Millisecond)}
+	c.fr.init(server, 1<<16)
+	t.Cleanup(func() {
+		_ = server.Close()
+		c.unlisting.Wait()
+		c.writers.Wait()
+	})
+	// Queued as one batch: the writer is held back (writing) until all
+	// of it is in the queue.
+	c.mu.Lock()
+	c.writing = true
+	c.mu.Unlock()
+	msg := func(data string) []byte {
+		return wsFrame(opText, []byte(`{"type":"message","channel":"a","id":"1-0","data":"`+data+`"}`))
+	}
+	c.enqueue(&queued{frame: msg("live"), id: stream.ID{MS: 1}, ts: 1})
+	c.enqueue(&queued{frame: msg("targeted"), id: stream.ID{MS: 2}, ts: 2, targeted: true})
+	if !c.enqueueIfRoom(&queued{frame: msg("replayed"), id: stream.ID{MS: 3}, ts: 3, replay: true}) {
+		t.Fatal("the replayed message was not queued")
+	}
+	c.sendError(protocol.CodeInvalidToken, "the connection's token has expired: reconnect with a fresh token", nil)
+	c.mu.Lock()
+	c.writing = false
+	c.startWriterLocked()
+	c.mu.Unlock()
+
+	ws := &rawWS{t: t, nc: client, br: bufio.NewReader(client)}
+	var texts []string
+	for {
+		op, p, err := ws.next()
+		if err != nil {
+			t.Errorf("no close frame: %v", err)
+			break
+		}
+		if op == opText {
+			texts = append(texts, string(p))
+			continue
+		}
+		if op != opClose {
+			continue
+		}
+		if code := int(binary.BigEndian.Uint16(p)); code != protocol.CloseTokenExpired {
+			t.Errorf("closed %d %q, want %d", code, p[2:], protocol.CloseTokenExpired)
+		}
+		break
+	}
+	if len(texts) != 1 || !strings.Contains(texts[0], protocol.CodeInvalidToken) {
+		t.Errorf("frames before the close: %q, want the error reply alone", texts)
+	}
+	c.writers.Wait()
+	c.mu.Lock()
+	replaying := c.replaying
+	c.mu.Unlock()
+	if replaying != 0 {
+		t.Errorf("%d bytes of replayed frames still counted (replayBudget)", replaying)
+	}
+	if n := s.hub.undelivered.Load(); n != 1 {
+		t.Errorf("%d targeted messages counted undelivered, want 1", n)
 	}
 }
 

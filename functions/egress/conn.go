@@ -324,6 +324,9 @@ func (c *conn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
+		// The clock is read once per batch, here, where c.exp (which
+		// a refresh moves, under mu) is read with it.
+		now := time.Now()
 		closeMsg := c.closeMsg
 		vec = append(vec[:0], c.ctrl...)
 		clear(c.ctrl)
@@ -334,15 +337,29 @@ func (c *conn) writeLoop() {
 		c.queue = c.spare[:0]
 		c.spare = nil
 		c.unpaced = false // it reads: catch-ups may wait for it again
+		expired := !c.exp.IsZero() && now.After(c.exp)
 		c.mu.Unlock()
+		replayed := 0
+		if expired {
+			// No message goes out once the token has expired, however
+			// long ago it was queued: a process frozen past exp reads
+			// what Redis held for it as it runs again, and the sweep
+			// need not have closed the connection first. The replies
+			// go (a refresh's refusal among them), and the 4004 close
+			// follows them (closeExpired drops what is still queued).
+			batch, replayed = c.dropMessages(batch)
+			c.closeExpired()
+		}
 		for i := range batch {
 			vec = append(vec, batch[i].frame)
 		}
 		if closeMsg != nil {
 			vec = append(vec, closeMsg)
 		}
-		now := time.Now()
-		err := c.write(nc, vec, batch, now)
+		var err error
+		if len(vec) > 0 { // not when only messages were queued, and dropped
+			err = c.write(nc, vec, batch, now)
+		}
 		clear(vec)
 		if closeMsg != nil {
 			// The socket is done with: c.writing stays true, so no
@@ -379,7 +396,6 @@ func (c *conn) writeLoop() {
 			_ = c.nc.Close()
 			return
 		}
-		replayed := 0
 		for _, q := range batch {
 			if q.replay {
 				replayed += len(q.frame)
@@ -393,6 +409,31 @@ func (c *conn) writeLoop() {
 		}
 		c.mu.Unlock()
 	}
+}
+
+// dropMessages takes the messages, live or replayed, out of batch, for
+// a connection whose token has expired (writeLoop), and returns what is
+// left, the replies, and the bytes of the replayed frames it dropped
+// (replayBudget). Targeted messages dropped are counted as undelivered,
+// as closeWith counts those it drops. Only the writer calls it.
+func (c *conn) dropMessages(batch []*queued) (replies []*queued, replayed int) {
+	replies = batch[:0]
+	targeted := 0
+	for _, q := range batch {
+		switch {
+		case q.id == (stream.ID{}):
+			replies = append(replies, q)
+		case q.replay:
+			replayed += len(q.frame)
+		case q.targeted:
+			targeted++
+		}
+	}
+	clear(batch[len(replies):])
+	if targeted > 0 {
+		c.s.hub.undelivered.Add(int64(targeted))
+	}
+	return replies, replayed
 }
 
 // keepQueue is the most room for frames an idle connection keeps in each
@@ -1138,7 +1179,8 @@ func (c *conn) expired(now time.Time) bool {
 // now, and reports whether it did: the sweep's check may have been
 // overtaken by a refresh. Once the expiry is seen here, no refresh
 // succeeds (refresh refuses one that comes after the expiry), so no
-// "refreshed" precedes the close.
+// "refreshed" precedes the close. The writer calls it too, as it finds
+// the token expired with something to write (writeLoop).
 func (c *conn) closeExpired() bool {
 	if !c.expired(time.Now()) {
 		return false
