@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/auth"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -89,4 +90,103 @@ func TestFrozenEgress(t *testing.T) {
 		t.Fatalf("send after the reconnect found %d connections", n)
 	}
 	again.waitFrame(func(f frame) bool { return f.Type == "message" && string(f.Data) == "3" })
+}
+
+// TestFrozenEgressExpiredToken: tokens whose exp passes while the
+// egress process does not run (SIGSTOP, as SCF freezing the instance
+// between invocations) get none of the messages published meanwhile,
+// after their exp, once the process runs again: the notifications
+// waiting in its Redis connection are read at once, and the sweep that
+// closes the connections 4004 need not have come first. Each connection
+// is closed 4004 with nothing after the message it had before. A
+// hundred connections, twice, so that the sweep, which closes them one
+// after another, runs alongside the fan-out: with one connection the
+// fan-out came first one time in four.
+func TestFrozenEgressExpiredToken(t *testing.T) {
+	t.Parallel()
+	const (
+		apiKey    = "key-freeze-0f9e8d7c6b5a49382716"
+		jwtSecret = "jwt-secret-freeze-a1b2c3d4e5f60718293a4b5c"
+		conns     = 100
+	)
+	_, prefix := redistest.Client(t)
+	e := env{"REDIS_URL": redistest.URL(t), "REDIS_KEY_PREFIX": prefix, "API_KEYS": apiKey, "JWT_SECRET": jwtSecret}
+	ing := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	publish := func(ch string, n int) {
+		t.Helper()
+		st, body := postVia(t, http.DefaultClient, ing.URL+"/v1/channels/"+ch+"/messages", fmt.Appendf(nil, `{"data":%d}`, n),
+			map[string]string{"Authorization": "Bearer " + apiKey})
+		if st != 202 {
+			t.Fatalf("publish %d to %s: %d %s", n, ch, st, body)
+		}
+	}
+	for round := range 2 {
+		ch := fmt.Sprintf("room-%d", round)
+		// exp is whole seconds; at least five of them left to connect in.
+		exp := time.Now().Truncate(time.Second).Add(6 * time.Second)
+		tok, err := auth.SignHS256(jwtSecret, auth.Claims{Subject: "alice", Channels: []string{"room-*"}, Expires: exp})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var clients []*wsClient
+		for range conns {
+			c := dial(t, eg.wsURL("token="+tok+"&channels="+ch))
+			c.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
+			clients = append(clients, c)
+		}
+		publish(ch, 1)
+		for _, c := range clients {
+			c.waitMessages(ch, 1)
+		}
+		if time.Until(exp) < 300*time.Millisecond {
+			t.Skipf("round %d: the machine is too slow: the token expired before the freeze", round)
+		}
+
+		if err := eg.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		frozen := true
+		thaw := func() {
+			if frozen {
+				_ = eg.cmd.Process.Signal(syscall.SIGCONT)
+				frozen = false
+			}
+		}
+		t.Cleanup(thaw)
+		time.Sleep(time.Until(exp) + 500*time.Millisecond)
+		for n := 2; n <= 11; n++ {
+			publish(ch, n) // after exp, by this machine's clock, the egress's too
+		}
+		time.Sleep(200 * time.Millisecond) // the notifications reach the egress's socket
+		thaw()
+
+		late := 0
+		for i, c := range clients {
+			select {
+			case <-c.closed:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("round %d: connection %d was not closed after the egress ran again", round, i)
+			}
+			c.mu.Lock()
+			code, text := c.closeCode, c.closeText
+			c.mu.Unlock()
+			if code != protocol.CloseTokenExpired {
+				t.Errorf("round %d: connection %d closed %d %q, want %d", round, i, code, text, protocol.CloseTokenExpired)
+			}
+			if got := c.messages(ch); len(got) != 1 {
+				late++
+				if late == 1 {
+					var data []string
+					for _, f := range got {
+						data = append(data, string(f.Data))
+					}
+					t.Errorf("round %d: connection %d got messages %v, want only 1: those published after its token's exp reached it", round, i, data)
+				}
+			}
+		}
+		if late > 0 {
+			t.Errorf("round %d: %d of %d connections got messages published after their token's exp", round, late, conns)
+		}
+	}
 }
