@@ -337,7 +337,7 @@ func (c *conn) writeLoop() {
 		c.queue = c.spare[:0]
 		c.spare = nil
 		c.unpaced = false // it reads: catch-ups may wait for it again
-		expired := !c.exp.IsZero() && now.After(c.exp)
+		expired := !c.exp.IsZero() && now.After(c.exp) // c.expired, under the mu held here
 		c.mu.Unlock()
 		replayed := 0
 		if expired {
@@ -346,9 +346,10 @@ func (c *conn) writeLoop() {
 			// what Redis held for it as it runs again, and the sweep
 			// need not have closed the connection first. The replies
 			// go (a refresh's refusal among them), and the 4004 close
-			// follows them (closeExpired drops what is still queued).
+			// follows them (closeTokenExpired drops what is still
+			// queued), whatever the clock says by then.
 			batch, replayed = c.dropMessages(batch)
-			c.closeExpired()
+			c.closeTokenExpired()
 		}
 		for i := range batch {
 			vec = append(vec, batch[i].frame)
@@ -1179,14 +1180,21 @@ func (c *conn) expired(now time.Time) bool {
 // now, and reports whether it did: the sweep's check may have been
 // overtaken by a refresh. Once the expiry is seen here, no refresh
 // succeeds (refresh refuses one that comes after the expiry), so no
-// "refreshed" precedes the close. The writer calls it too, as it finds
-// the token expired with something to write (writeLoop).
+// "refreshed" precedes the close.
 func (c *conn) closeExpired() bool {
 	if !c.expired(time.Now()) {
 		return false
 	}
-	c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
+	c.closeTokenExpired()
 	return true
+}
+
+// closeTokenExpired closes the connection 4004. The writer calls it
+// without a second look at the clock once it has dropped messages for
+// the expiry (writeLoop): a clock set back meanwhile must not leave the
+// connection open without them.
+func (c *conn) closeTokenExpired() {
+	c.closeWith(protocol.CloseTokenExpired, "token expired: reconnect with a fresh token", true)
 }
 
 // refresh handles a "refresh" frame: a fresh token for the same user
