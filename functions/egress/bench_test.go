@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
+	"log/slog"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
@@ -75,4 +78,36 @@ func TestFanOutAllocatesNothingPerSubscriber(t *testing.T) {
 		t.Fatalf("deliver allocates %.1f objects for 1 subscriber and %.1f for 1000: something is allocated per subscriber", one, many)
 	}
 	t.Logf("allocations per delivered message: %.1f (1 subscriber), %.1f (1000 subscribers)", one, many)
+}
+
+// BenchmarkOnMessage measures the whole live path of one notification:
+// parse (stream.ParseNotification), the checks of onMessage, and the
+// fan-out to N local subscribers. No Redis: the notification's
+// predecessor is the channel's position, so no catch-up runs; the
+// position is set back before each call so that the same notification
+// is delivered again.
+func BenchmarkOnMessage(b *testing.B) {
+	for _, n := range []int{1, 100, 1000} {
+		b.Run("subs="+strconv.Itoa(n), func(b *testing.B) {
+			f := newFanOut(n)
+			h := newHub(slog.New(slog.DiscardHandler), nil, keys.Scheme{Prefix: "bench"}, "i", 1024)
+			f.cs.notify, f.cs.confirmed = "n", true
+			h.chans[f.cs.notify] = f.cs
+			prev, id := stream.ID{MS: 1700000000000}, "1700000000000-1"
+			payload := prev.String() + "\n" + id + "\n1700000000000\n\n" + strings.Replace(string(f.frame), "1700000000000-0", id, 1)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				f.cs.last = prev
+				h.onMessage(ctx, f.cs.notify, payload)
+				for _, c := range f.conns {
+					c.queue = c.queue[:0]
+				}
+			}
+			if f.cs.last == prev {
+				b.Fatal("the notification was not delivered")
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/delivery")
+		})
+	}
 }
