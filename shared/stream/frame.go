@@ -176,19 +176,53 @@ func (e *Entry) Sendable() bool {
 	if _, ok := e.verbatimHead(); ok {
 		return true
 	}
-	f := e.Frame()
+	return jsonObject(e.Frame())
+}
+
+// Sendable reports of the notification's frame, as ParseNotification
+// read it, what Entry.Sendable reports of an entry's: whether it is a
+// frame as Message.Frame writes it, with the notification's id (checked
+// as Entry.JSON does, without copying the frame), or else at least a
+// JSON object. It allocates nothing.
+func (n *Notification) Sendable() bool {
+	f := n.frame
+	if f == "" {
+		f = string(n.Frame) // not from ParseNotification
+	}
+	// A head as Message.Frame writes it ends at the frame's first
+	// `"id":"` (the name before it has no quote), and the id follows.
+	if i := strings.Index(f, idField); i >= 0 {
+		head := f[:i+len(idField)]
+		if tail, ok := strings.CutPrefix(f[len(head):], n.IDStr); ok {
+			if _, ok := verbatimHead(head, n.IDStr, tail); ok {
+				return true
+			}
+		}
+	}
+	return jsonObject(n.Frame)
+}
+
+// idField is how a head written by Message.Frame ends.
+const idField = `"id":"`
+
+// jsonObject reports whether f is a JSON object.
+func jsonObject(f []byte) bool {
 	return len(f) > 0 && f[0] == '{' && json.Valid(f)
 }
 
 // verbatimHead returns the entry's head without its type field when the
 // entry's frame is its message's JSON (see JSON).
-func (e *Entry) verbatimHead() (string, bool) {
-	head, ok := strings.CutPrefix(e.Head, messageType)
-	if !ok || !PlainString(e.ID) {
+func (e *Entry) verbatimHead() (string, bool) { return verbatimHead(e.Head, e.ID, e.Tail) }
+
+// verbatimHead returns head without its type field when head + id + tail
+// is a frame as Message.Frame writes it, and so its message's JSON.
+func verbatimHead(head, id, tail string) (string, bool) {
+	head, ok := strings.CutPrefix(head, messageType)
+	if !ok || !PlainString(id) {
 		return "", false
 	}
 	// `"channel":"<name>",` or `"target":"<kind>",`, then `"id":"`.
-	rest, ok := strings.CutSuffix(head, `"id":"`)
+	rest, ok := strings.CutSuffix(head, idField)
 	if !ok {
 		return "", false
 	}
@@ -204,7 +238,7 @@ func (e *Entry) verbatimHead() (string, bool) {
 	}
 	// `"`, then `,"event":"<event>"` and `,"from":"<user>"` if any, then
 	// `,"ts":<ts>,"data":<data>}`.
-	t, ok := strings.CutPrefix(e.Tail, `"`)
+	t, ok := strings.CutPrefix(tail, `"`)
 	if !ok {
 		return "", false
 	}

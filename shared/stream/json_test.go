@@ -215,3 +215,73 @@ func TestEntrySendable(t *testing.T) {
 		}
 	}
 }
+
+// checkNotificationSendable: a notification's frame is sendable exactly
+// when the entry it announces is (Entry.Sendable): the same check, on
+// the frame the notification carries. The notification's id is the
+// entry's, or another when the entry's is none (the frame then holds an
+// id that is not the notification's).
+func checkNotificationSendable(t *testing.T, head, id, tail string) {
+	t.Helper()
+	nid := id
+	if _, ok := ParseID(id); !ok {
+		nid = "1-0"
+	}
+	n, err := ParseNotification("0-0\n" + nid + "\n1\n\n" + head + id + tail)
+	if err != nil {
+		t.Fatalf("%q %q %q: %v", head, id, tail, err)
+	}
+	e := Entry{ID: id, Head: head, Tail: tail}
+	if got, want := n.Sendable(), e.Sendable(); got != want {
+		t.Fatalf("%q %q %q: Notification.Sendable() = %v, Entry.Sendable() = %v", head, id, tail, got, want)
+	}
+	// A notification made by hand, not parsed, gets the same answer.
+	hand := Notification{IDStr: n.IDStr, Frame: n.Frame}
+	if got, want := hand.Sendable(), n.Sendable(); got != want {
+		t.Fatalf("%q %q %q: Sendable() = %v made by hand, %v parsed", head, id, tail, got, want)
+	}
+}
+
+// TestNotificationSendable: what the live path sends is what a catch-up
+// reading the same entry from the stream would send; and the check of a
+// frame as Message.Frame writes it allocates nothing (not parallel:
+// AllocsPerRun).
+func TestNotificationSendable(t *testing.T) {
+	m := Message{Channel: "room", Event: "say", From: "u1", TS: 1700000000000, Data: json.RawMessage(`{"a":1}`)}
+	head, tail := m.Frame()
+	x := Message{Route: Disconnect("c1"), TS: 1700000000000, Data: json.RawMessage("null")}
+	xHead, xTail := x.Frame()
+	for _, s := range append(entryJSONSeeds,
+		[3]string{head, "1700000000000-1", tail},
+		[3]string{xHead, "1-0", xTail},
+		[3]string{"", "1-0", ""},
+		[3]string{"hello", "1-0", ""},
+		[3]string{head, "1-0", ""},
+		[3]string{"", "1-0", tail},
+		[3]string{`"`, "1-0", `"`},
+		[3]string{`{"type":"message","id":"`, "1-0", `","data":[1]}`},
+		[3]string{`{"type":"message","channel":"room","id":"`, "1-0", `","ts":1,"data":{"id":"1-0"}}`},
+		[3]string{`{"type":"message","channel":"room","id":"`, "1-0", `","id":"1-0","ts":1,"data":1}`},
+	) {
+		checkNotificationSendable(t, s[0], s[1], s[2])
+	}
+	n, err := ParseNotification("1700000000000-0\n1700000000000-1\n1700000000000\n\n" + head + "1700000000000-1" + tail)
+	if err != nil || !n.Sendable() {
+		t.Fatalf("a frame as Message.Frame writes it: Sendable() false (%v)", err)
+	}
+	if a := testing.AllocsPerRun(100, func() { n.Sendable() }); a != 0 {
+		t.Fatalf("Sendable allocates %.1f objects for a frame as Message.Frame writes it", a)
+	}
+	if _, ok := verbatimHead(n.frame[:strings.Index(n.frame, idField)+len(idField)], n.IDStr, tail); !ok {
+		t.Fatal("the frame is not taken as Message.Frame's: the check fell back to json.Valid")
+	}
+}
+
+// FuzzNotificationSendable: for any frame, the notification's check
+// agrees with the entry's.
+func FuzzNotificationSendable(f *testing.F) {
+	for _, s := range entryJSONSeeds {
+		f.Add(s[0], s[1], s[2])
+	}
+	f.Fuzz(checkNotificationSendable)
+}

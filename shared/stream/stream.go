@@ -794,6 +794,8 @@ type Notification struct {
 	TS    int64
 	Route Route
 	Frame []byte
+	// frame is Frame as the payload holds it, for Sendable.
+	frame string
 }
 
 // ErrBadNotification is returned for a payload not written by Append.
@@ -825,6 +827,7 @@ func ParseNotification(payload string) (Notification, error) {
 	n.IDStr = parts[1]
 	n.Route = Route(parts[3])
 	n.Frame = []byte(rest)
+	n.frame = rest
 	return n, nil
 }
 
