@@ -684,3 +684,104 @@ func readThrough(ws *websocket.Conn, within time.Duration, last string) ([]strin
 	}
 	return got, code
 }
+
+// TestUndecodableNotificationSkipped: a notification whose frame no
+// client could read is not sent on the live path, as a catch-up reading
+// its entry would not send it (TestUndecodableEntrySkipped). One whose
+// entry is in the stream, next in the chain (another release's frame
+// format), is passed without a read: the next notification names it and
+// is delivered at once. Ones published by hand (their ids in no stream,
+// their predecessor 0-0) move the channel's position nowhere: the
+// messages after them arrive, in order, with no gap and no close. Before,
+// each such frame went out raw to every subscriber (the Go and the
+// JavaScript clients drop a frame that is not JSON, a plain WebSocket
+// gets it), and one with an id ahead of the stream's hid every message up
+// to that id.
+func TestUndecodableNotificationSkipped(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Start(t) // its own: its command counts are this test's
+	rdb := redis.NewClient(srv.Options())
+	defer rdb.Close()
+	prefix := redistest.Prefix(t)
+	ks := keys.Scheme{Prefix: prefix}
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	live, _ := subscribedTo(t, e, "room")
+	notify := ks.Notify("room")
+
+	// Every frame up to last, not only the messages readMessages can
+	// parse: a frame that is not a message is one too many.
+	frames := func(last string) []string {
+		var out []string
+		for {
+			_ = live.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, b, err := live.ReadMessage()
+			if err != nil {
+				return append(out, "error: "+err.Error())
+			}
+			var f struct{ Type, ID string }
+			if json.Unmarshal(b, &f) != nil || f.Type != "message" {
+				out = append(out, "not a message: "+string(b))
+				continue
+			}
+			if out = append(out, f.ID); f.ID == last {
+				return out
+			}
+		}
+	}
+	first := appendTo(t, rdb, ks, "room", notify, 1)
+	if got := frames(first); !slices.Equal(got, []string{first}) {
+		t.Fatalf("got %q, want [%s]", got, first)
+	}
+	reads := commandCalls(t, rdb)["xrange"]
+
+	// An entry in another release's frame format, appended after first
+	// and announced as the append script does.
+	key := ks.Stream("room")
+	head, tail := "message\troom\t", "\t1"
+	broken, err := rdb.XAdd(t.Context(), &redis.XAddArgs{Stream: key, Values: []any{"h", head, "t", tail, "g", "", "s", "1", "p", first}}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Set(t.Context(), keys.Last(key), broken, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.SPublish(t.Context(), notify, first+"\n"+broken+"\n1\n\n"+head+broken+tail).Err(); err != nil {
+		t.Fatal(err)
+	}
+	second := appendTo(t, rdb, ks, "room", notify, 2)
+	if got := frames(second); !slices.Equal(got, []string{second}) {
+		t.Errorf("after an entry of another format: got %q, want [%s]", got, second)
+	}
+	if n := commandCalls(t, rdb)["xrange"] - reads; n != 0 {
+		t.Errorf("%d stream reads for a notification of another format that follows the position, want none", n)
+	}
+
+	// By hand, as redis-cli SPUBLISH would: ids just past the stream's
+	// last and far ahead of it, frames that are no JSON object.
+	sid := stream.MustParseID(second)
+	for _, id := range []stream.ID{{MS: sid.MS, Seq: sid.Seq + 1}, {MS: uint64(time.Now().Add(time.Hour).UnixMilli())}} {
+		for _, frame := range []string{"hello", `["message"]`} {
+			if err := rdb.SPublish(t.Context(), notify, "0-0\n"+id.String()+"\n1\n\n"+frame).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	var want []string
+	for i := range 3 {
+		want = append(want, appendTo(t, rdb, ks, "room", notify, 3+i))
+	}
+	if got := frames(want[len(want)-1]); !slices.Equal(got, want) {
+		t.Errorf("after notifications published by hand: got %q, want %q", got, want)
+	}
+	if n := e.s.hub.gaps.Load(); n != 0 {
+		t.Errorf("%d gaps, want none", n)
+	}
+	if strings.Contains(logs.String(), `"stream gap"`) {
+		t.Errorf("a stream gap logged:\n%s", logs.String())
+	}
+	lines := logs.Lines(t, "undecodable stream entries")
+	if len(lines) != 1 || lines[0]["level"] != "WARN" || lines[0]["id"] != broken {
+		t.Errorf("the skipped frames logged %d warnings, want one naming %s:\n%s", len(lines), broken, logs.String())
+	}
+}

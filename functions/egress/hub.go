@@ -158,8 +158,8 @@ type hub struct {
 	// know (another release's, or a renamed field), which reach nobody.
 	badRoute *logging.Episode
 	// undecodable logs the stream entries read back (catch-up, resume)
-	// whose frame no client could read (Entry.Sendable), which are
-	// skipped.
+	// and the notifications whose frame no client could read
+	// (Entry.Sendable, Notification.Sendable), which are skipped.
 	undecodable *logging.Episode
 	// gaps counts breaks found in a stream's chain while catching up:
 	// messages trimmed or expired before this instance delivered them
@@ -238,7 +238,7 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 	h.badRoute = &logging.Episode{Log: log, Msg: "targeted messages with an unknown route", Back: "targeted messages routable again",
 		Then: "each is dropped" + counted(" and counted in wsrelay_egress_targeted_undelivered_total") + ": an ingress of another release writes routes this one does not know (docs/deployment.md, Upgrading), or something else writes to the instance's inbox stream; logged again every 30s while it lasts"}
 	h.undecodable = &logging.Episode{Log: log, Msg: "undecodable stream entries", Back: "stream entries decodable again",
-		Then: "entries read from a stream (a resume, a catch-up) that are no message frame a client could read are skipped, and their messages lost to the clients here: another release's format (docs/deployment.md, Upgrading), or another application writing under REDIS_KEY_PREFIX; logged again every 30s while reads find them"}
+		Then: "entries read from a stream (a resume, a catch-up) and notifications that are no message frame a client could read are skipped, and their messages lost to the clients here: another release's format (docs/deployment.md, Upgrading), or another application writing under REDIS_KEY_PREFIX or publishing on its channels; logged again every 30s while they come"}
 	h.pacing.spent = &logging.Episode{Log: log, Msg: "catch-ups delivering without waiting: wait budget spent", Back: "catch-ups paced again",
 		Then: "the channels' backlogs read from their streams (after lost notifications or a Redis reconnect) are delivered as live messages are, without waiting for subscribers whose queues are half full to read: a client that such a backlog longer than SEND_QUEUE reaches is closed 4002 however fast it reads" + counted(" (wsrelay_egress_slow_consumer_closes_total)") + " and resumes from its last id, losing nothing; the waits for clients that stopped reading, in each of many channels, spent the budget;" + counted(" counted in wsrelay_egress_catchup_waits_over_budget_total;") + " logged again every 30s while it lasts and once when the catch-ups are over"}
 	h.inbox = &chanState{stream: ks.Inbox(instance), notify: ks.InboxNotify(instance), ready: make(chan struct{}), refs: 1}
@@ -587,7 +587,7 @@ func (b *waitBudget) spend(d, grace time.Duration) {
 
 // sendable reports whether e, read from cs's stream, is a frame a client
 // can read (stream.Entry.Sendable), and logs the episode of those that
-// are not.
+// are not. onMessage checks a notification's frame the same way.
 func (h *hub) sendable(cs *chanState, e *stream.Entry) bool {
 	if !e.Sendable() {
 		h.undecodable.Fail(errUndecodable, "stream", cs.stream, "id", e.ID)
@@ -598,7 +598,7 @@ func (h *hub) sendable(cs *chanState, e *stream.Entry) bool {
 }
 
 // errUndecodable is the error of the undecodable episode.
-var errUndecodable = errors.New("a stream entry is no message frame this release can send")
+var errUndecodable = errors.New("a stream entry or notification is no message frame this release can send")
 
 // pass moves cs past an entry it skips (not sendable), as a delivery
 // would: the next notification names it as its predecessor. A targeted
@@ -938,6 +938,22 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 			return // shutting down, or delivered from the stream
 		}
 	}
+	if !n.Sendable() {
+		// No frame a client could read, as a catch-up would find the
+		// entry (sendable): skipped, and passed when it follows the
+		// position, so that the next notification names it and the
+		// chain goes on without a read. One that does not follow it
+		// even after the catch-up (published by hand, say, its id not
+		// in the stream) leaves the position alone: passing an id the
+		// stream does not hold would break the chain, or hide what is
+		// appended up to it.
+		h.undecodable.Fail(errUndecodable, "stream", cs.stream, "id", n.IDStr)
+		if n.Prev == cs.last {
+			h.pass(cs, n.ID)
+		}
+		return
+	}
+	h.undecodable.OK()
 	h.observeReadLag(n.TS)
 	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS, nil)
 }
