@@ -41,6 +41,33 @@ func BenchmarkParseNotification(b *testing.B) {
 	}
 }
 
+// BenchmarkNotificationSendable is the egress's check of a notification's
+// frame before it fans it out: a frame as Message.Frame writes it
+// ("verbatim"), and one it does not (its data not compact), which
+// json.Valid checks.
+func BenchmarkNotificationSendable(b *testing.B) {
+	m := Message{Channel: "chat.room-42", TS: 1700000000000, Data: benchData}
+	h, t := m.Frame()
+	for _, c := range []struct{ name, tail string }{
+		{"verbatim", t},
+		{"json", strings.Replace(t, `,"p"`, `, "p"`, 1)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			n, err := ParseNotification("1700000000000-0\n1700000000001-0\n1700000000000\n\n" + h + "1700000000001-0" + c.tail)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.SetBytes(int64(len(n.Frame)))
+			for b.Loop() {
+				if !n.Sendable() {
+					b.Fatal("not sendable")
+				}
+			}
+		})
+	}
+}
+
 // BenchmarkEntryFrame rebuilds a frame read back from a stream (replay).
 func BenchmarkEntryFrame(b *testing.B) {
 	m := Message{Channel: "chat.room-42", TS: 1700000000000, Data: benchData}

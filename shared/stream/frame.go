@@ -189,17 +189,35 @@ func (n *Notification) Sendable() bool {
 	if f == "" {
 		f = string(n.Frame) // not from ParseNotification
 	}
-	// A head as Message.Frame writes it ends at the frame's first
-	// `"id":"` (the name before it has no quote), and the id follows.
-	if i := strings.Index(f, idField); i >= 0 {
-		head := f[:i+len(idField)]
-		if tail, ok := strings.CutPrefix(f[len(head):], n.IDStr); ok {
-			if _, ok := verbatimHead(head, n.IDStr, tail); ok {
+	if i := headEnd(f); i >= 0 {
+		if tail, ok := strings.CutPrefix(f[i:], n.IDStr); ok {
+			if _, ok := verbatimHead(f[:i], n.IDStr, tail); ok {
 				return true
 			}
 		}
 	}
 	return jsonObject(n.Frame)
+}
+
+// headEnd returns the length of the head a frame as Message.Frame writes
+// it begins with (`"channel":"<name>",` or `"target":"<kind>",` after the
+// type, then `"id":"`), or -1 when f does not begin so. The name has no
+// quote: it ends at the first. verbatimHead checks the rest.
+func headEnd(f string) int {
+	rest, ok := strings.CutPrefix(f, messageType)
+	if !ok {
+		return -1
+	}
+	for _, field := range []string{`"channel":"`, `"target":"`} {
+		if r, ok := strings.CutPrefix(rest, field); ok {
+			i := strings.IndexByte(r, '"')
+			if i < 0 || !strings.HasPrefix(r[i:], `",`+idField) {
+				return -1
+			}
+			return len(f) - len(r) + i + len(`",`+idField)
+		}
+	}
+	return -1
 }
 
 // idField is how a head written by Message.Frame ends.

@@ -272,7 +272,10 @@ func TestNotificationSendable(t *testing.T) {
 	if a := testing.AllocsPerRun(100, func() { n.Sendable() }); a != 0 {
 		t.Fatalf("Sendable allocates %.1f objects for a frame as Message.Frame writes it", a)
 	}
-	if _, ok := verbatimHead(n.frame[:strings.Index(n.frame, idField)+len(idField)], n.IDStr, tail); !ok {
+	if i := headEnd(n.frame); i != len(head) {
+		t.Fatalf("headEnd = %d, want %d", i, len(head))
+	}
+	if _, ok := verbatimHead(head, n.IDStr, tail); !ok {
 		t.Fatal("the frame is not taken as Message.Frame's: the check fell back to json.Valid")
 	}
 }
