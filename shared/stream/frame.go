@@ -297,12 +297,39 @@ func PlainString(s string) bool {
 }
 
 // canonicalInt reports whether s is an int64 as strconv.FormatInt writes
-// it (so as encoding/json would write it back).
+// it (so as encoding/json would write it back): an optional minus, then
+// digits without a leading zero (or "0" alone), within int64's range.
+// Checked as it reads, without parsing and writing the number back,
+// which took as long as checking a message's data.
 func canonicalInt(s string) bool {
-	n, err := strconv.ParseInt(s, 10, 64)
-	var b [20]byte
-	return err == nil && string(strconv.AppendInt(b[:0], n, 10)) == s
+	digits := strings.TrimPrefix(s, "-")
+	switch {
+	case digits == "":
+		return false
+	case digits[0] == '0':
+		return s == "0"
+	case len(digits) > len(maxInt64):
+		return false
+	}
+	for i := 0; i < len(digits); i++ {
+		if c := digits[i]; c < '0' || c > '9' {
+			return false
+		}
+	}
+	if len(digits) < len(maxInt64) {
+		return true
+	}
+	if len(digits) < len(s) {
+		return digits <= minInt64Digits
+	}
+	return digits <= maxInt64
 }
+
+// int64's bounds, in digits.
+const (
+	maxInt64       = "9223372036854775807"
+	minInt64Digits = "9223372036854775808"
+)
 
 // compactJSON reports whether s is valid JSON that json.Compact leaves as
 // it is: no whitespace outside its strings. (encoding/json compacts a

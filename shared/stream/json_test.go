@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"encoding/json"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -287,4 +288,38 @@ func FuzzNotificationSendable(f *testing.F) {
 		f.Add(s[0], s[1], s[2])
 	}
 	f.Fuzz(checkNotificationSendable)
+}
+
+// canonicalIntSeeds are ts values, canonical or not.
+var canonicalIntSeeds = []string{
+	"0", "-0", "00", "01", "-01", "1", "-1", "+1", "", "-", "--1", "1-", " 1", "1 ", "1_0", "0x1", "1e3", "1.0",
+	"1700000000000", "-1700000000000", "123456789012345678", "1234567890123456789", "12345678901234567890",
+	"9223372036854775807", "9223372036854775808", "9223372036854775817", "9999999999999999999",
+	"-9223372036854775808", "-9223372036854775809", "-9223372036854775818", "-9999999999999999999",
+	"-1234567890123456789", "٣", "1\x00",
+}
+
+// checkCanonicalInt: canonicalInt is true exactly of what FormatInt
+// writes of the int64 ParseInt reads from it.
+func checkCanonicalInt(t *testing.T, s string) {
+	t.Helper()
+	n, err := strconv.ParseInt(s, 10, 64)
+	want := err == nil && strconv.FormatInt(n, 10) == s
+	if got := canonicalInt(s); got != want {
+		t.Fatalf("canonicalInt(%q) = %v, want %v", s, got, want)
+	}
+}
+
+func TestCanonicalInt(t *testing.T) {
+	t.Parallel()
+	for _, s := range canonicalIntSeeds {
+		checkCanonicalInt(t, s)
+	}
+}
+
+func FuzzCanonicalInt(f *testing.F) {
+	for _, s := range canonicalIntSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(checkCanonicalInt)
 }
