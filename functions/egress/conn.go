@@ -337,7 +337,8 @@ func (c *conn) writeLoop() {
 		c.queue = c.spare[:0]
 		c.spare = nil
 		c.unpaced = false // it reads: catch-ups may wait for it again
-		expired := !c.exp.IsZero() && now.After(c.exp) // c.expired, under the mu held here
+		// c.expired's check, under the mu held here.
+		expired := !c.exp.IsZero() && now.After(c.exp)
 		c.mu.Unlock()
 		replayed := 0
 		if expired {
