@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // Route says to whom an entry goes. Channel entries have the empty route;
@@ -170,9 +171,16 @@ func (e *Entry) JSON() (MessageJSON, error) {
 
 // Sendable reports whether the entry's frame is one a client can read: a
 // frame as Message.Frame writes it (checked as JSON does, without a
-// decode), or else at least a JSON object. An entry another release
-// wrote in a format this one does not know (a field renamed) is not.
+// decode), or else at least a JSON object; UTF-8 either way. An entry
+// another release wrote in a format this one does not know (a field
+// renamed) is not, nor one with bytes that are not UTF-8 (the ingress
+// refuses those, but another writer under the key prefix need not): a
+// browser drops a socket that gets such a text frame, and would drop
+// it again at each resume that replays the entry.
 func (e *Entry) Sendable() bool {
+	if !utf8.ValidString(e.Head) || !utf8.ValidString(e.Tail) {
+		return false
+	}
 	if _, ok := e.verbatimHead(); ok {
 		return true
 	}
@@ -188,6 +196,9 @@ func (n *Notification) Sendable() bool {
 	f := n.frame
 	if f == "" {
 		f = string(n.Frame) // not from ParseNotification
+	}
+	if !utf8.ValidString(f) {
+		return false
 	}
 	if i := headEnd(f); i >= 0 {
 		if tail, ok := strings.CutPrefix(f[i:], n.IDStr); ok {

@@ -210,6 +210,9 @@ func TestEntrySendable(t *testing.T) {
 		{"no head", Entry{ID: "1-0", Tail: tail}, false},
 		{"nothing", Entry{ID: "1-0"}, false},
 		{"not an object", Entry{ID: "1-0", Head: `"`, Tail: `"`}, false},
+		{"not UTF-8 in its data", Entry{ID: "1-0", Head: head, Tail: strings.Replace(tail, `{"a":1}`, "{\"a\":\"\xff\"}", 1)}, false},
+		{"not UTF-8 in its head", Entry{ID: "1-0", Head: strings.Replace(head, "room", "r\xc3m", 1), Tail: tail}, false},
+		{"not UTF-8, another object", Entry{ID: "1-0", Head: `{"type":"message","id":"`, Tail: "\",\"data\":\"\xed\xa0\x80\"}"}, false},
 	} {
 		if got := tc.e.Sendable(); got != tc.want {
 			t.Errorf("%s: Sendable() = %v, want %v", tc.name, got, tc.want)
@@ -263,6 +266,8 @@ func TestNotificationSendable(t *testing.T) {
 		[3]string{`{"type":"message","id":"`, "1-0", `","data":[1]}`},
 		[3]string{`{"type":"message","channel":"room","id":"`, "1-0", `","ts":1,"data":{"id":"1-0"}}`},
 		[3]string{`{"type":"message","channel":"room","id":"`, "1-0", `","id":"1-0","ts":1,"data":1}`},
+		[3]string{head, "1-0", strings.Replace(tail, `{"a":1}`, "\"\xff\"", 1)},
+		[3]string{`{"type":"message","id":"`, "1-0", "\",\"data\":\"\xed\xa0\x80\"}"},
 	) {
 		checkNotificationSendable(t, s[0], s[1], s[2])
 	}
