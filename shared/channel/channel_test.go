@@ -135,3 +135,32 @@ func TestPatterns(t *testing.T) {
 		t.Fatalf("bad pattern reported as %q", bad)
 	}
 }
+
+// TestNameBytes checks every byte value, first and later in a name, a
+// user and a pattern, against the documented sets: [A-Za-z0-9] to start a
+// channel name, [A-Za-z0-9_.:@-] after it and in a user id, and those or
+// '*' in a pattern. The table tests above pick examples; this pins each
+// range's ends.
+func TestNameBytes(t *testing.T) {
+	t.Parallel()
+	alnum := func(c byte) bool {
+		return strings.IndexByte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", c) >= 0
+	}
+	name := func(c byte) bool { return alnum(c) || strings.IndexByte("_.:@-", c) >= 0 }
+	for i := 0; i < 256; i++ {
+		c := byte(i)
+		s := string([]byte{c})
+		if got := ValidName(s); got != alnum(c) {
+			t.Errorf("ValidName(%q) = %v", s, got)
+		}
+		if got := ValidName("a" + s); got != name(c) {
+			t.Errorf("ValidName(%q) = %v", "a"+s, got)
+		}
+		if got := ValidUser("u" + s); got != name(c) {
+			t.Errorf("ValidUser(%q) = %v", "u"+s, got)
+		}
+		if got := ValidPattern("p" + s); got != (name(c) || c == '*') {
+			t.Errorf("ValidPattern(%q) = %v", "p"+s, got)
+		}
+	}
+}
