@@ -20,6 +20,10 @@ func TestScheme(t *testing.T) {
 		{Scheme{}.Stream("x"), "{c:x}:s"},
 		{Last(p.Stream("room-1")), "wsr:{c:room-1}:s:last"},
 		{Last(p.Inbox("i1")), "wsr:{i:i1}:s:last"},
+		{p.RegistryCheck("i1"), "wsr:{i:i1}:check"},
+		// Once keys outlive a deploy: an instance of the next version
+		// must find the keys this one wrote, or a retry writes twice.
+		{p.Once(p.Stream("room-1"), "ab12", 3), "wsr:{c:room-1}:s:once:ab12:3"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("key %q, want %q", tc.got, tc.want)
