@@ -621,6 +621,8 @@ func TestVerifyNumericDates(t *testing.T) {
 		{"exp an array", `"exp":[` + later + `]`, ErrInvalidToken, "exp must be a number", 0},
 		{"nbf a string", `"exp":` + later + `,"nbf":"` + earlier + `"`, ErrInvalidToken, "nbf must be a number", 0},
 		{"iat a string", `"exp":` + later + `,"iat":"` + earlier + `"`, ErrInvalidToken, "iat must be a number", 0},
+		// Several malformed: the first of exp, nbf, iat is named.
+		{"exp and nbf strings", `"nbf":"` + earlier + `","exp":"` + later + `"`, ErrInvalidToken, "exp must be a number", 0},
 		{"nbf and iat numbers", `"exp":` + later + `,"nbf":` + earlier + `,"iat":` + earlier, nil, "", now.Add(time.Hour).Unix()},
 		// A fraction is allowed and cut to the second.
 		{"exp fractional", `"exp":4102444800.999`, nil, "", 4102444800},
