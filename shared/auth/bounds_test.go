@@ -4,7 +4,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"slices"
@@ -101,5 +103,21 @@ func TestParseKeysBounds(t *testing.T) {
 	}
 	if _, err := ParseKeys(k32 + "=chat:*\r|news"); err == nil || !strings.Contains(err.Error(), "line break") {
 		t.Errorf("carriage return inside an item: %v", err)
+	}
+}
+
+// A key is named by "key:" and the first 12 hex digits of its SHA-256
+// (docs/security.md): rate-limit buckets in Redis carry the name, so it
+// must not change between versions.
+func TestKeyID(t *testing.T) {
+	t.Parallel()
+	k32 := strings.Repeat("l", 32)
+	ks, err := ParseKeys(k32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(k32))
+	if k, ok := ks.Lookup(k32); !ok || k.ID != "key:"+hex.EncodeToString(sum[:])[:12] {
+		t.Errorf("ID %+v", k)
 	}
 }
