@@ -522,9 +522,7 @@ func TestPositionAfterExpiry(t *testing.T) {
 	key := e.keys.Stream("exp")
 	lim := Limits{TTLMS: 1000, MaxAgeMS: 1000}
 	last := e.publish("exp", 1, lim)[0]
-	for e.rdb.Exists(ctx, key).Val() != 0 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitExpired(t, e.rdb, key)
 	pos, err := e.store.LastID(ctx, key)
 	if err != nil || pos.String() != last {
 		t.Fatalf("position of an expired stream = %v, %v; want the last id %s", pos, err, last)
@@ -681,9 +679,7 @@ func TestResumeFromZeroAfterExpiry(t *testing.T) {
 	}
 	lim := Limits{TTLMS: 1000, MaxAgeMS: 1000}
 	lost := e.publish("z", 2, lim)
-	for e.rdb.Exists(ctx, key).Val() != 0 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitExpired(t, e.rdb, key)
 	e.publish("z", 1, lim)
 	b, err := e.store.Resume(ctx, key, pos, 100)
 	if err != nil {
@@ -1011,5 +1007,19 @@ func TestMaxAgeBeyondEpoch(t *testing.T) {
 	}
 	if n := e.rdb.XLen(t.Context(), e.keys.Stream("forever")).Val(); n != 2 {
 		t.Fatalf("XLEN = %d, want 2", n)
+	}
+}
+
+// waitExpired waits for key, given a TTL of a second, to expire: for at
+// most 10 s, so that a stream left without a TTL fails the test instead
+// of hanging it (and the package's others) until go test's timeout.
+func waitExpired(t *testing.T, rdb redis.UniversalClient, key string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for rdb.Exists(t.Context(), key).Val() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has not expired after 10 s (PTTL %v)", key, rdb.PTTL(t.Context(), key).Val())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
