@@ -290,3 +290,17 @@ func TestNoUserNoUserSet(t *testing.T) {
 		t.Errorf("Channel(room) = %v, %v; want [anon]", ids(recs), err)
 	}
 }
+
+// Check writes the instance's check key, which lives a second: checks
+// repeated by an instance left without connections leave nothing behind.
+func TestCheckKeyExpires(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	r, ks := newRegistry(t, time.Minute)
+	if err := r.Check(ctx, "i1"); err != nil {
+		t.Fatal(err)
+	}
+	if pttl := r.rdb.PTTL(ctx, ks.RegistryCheck("i1")).Val(); pttl <= 0 || pttl > time.Second {
+		t.Errorf("check key PTTL %v, want at most 1s", pttl)
+	}
+}
