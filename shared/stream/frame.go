@@ -178,7 +178,7 @@ func (e *Entry) JSON() (MessageJSON, error) {
 // browser drops a socket that gets such a text frame, and would drop
 // it again at each resume that replays the entry.
 func (e *Entry) Sendable() bool {
-	if !utf8.ValidString(e.Head) || !utf8.ValidString(e.Tail) {
+	if !utf8.ValidString(e.Head) || !utf8.ValidString(e.ID) || !utf8.ValidString(e.Tail) {
 		return false
 	}
 	if _, ok := e.verbatimHead(); ok {
