@@ -333,13 +333,9 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 		// The subscription is live: read the stream's position. If that
 		// fails it is retried (stall): nothing else would confirm the
 		// channel again while the Pub/Sub connection stays up.
-		last, err := h.lastID(ctx, cs)
-		if err != nil {
-			h.stall(ctx, cs, "read stream position", err)
-			return
+		if last, ok := h.position(ctx, cs); ok {
+			h.confirm(cs, last)
 		}
-		h.readFail.OK()
-		h.confirm(cs, last)
 		return
 	}
 	h.reconnects.Add(1)
@@ -629,6 +625,18 @@ func (h *hub) lastID(ctx context.Context, cs *chanState) (stream.ID, error) {
 	return h.store.LastID(ctx, cs.stream)
 }
 
+// position reads cs's stream position on the receive loop: a read that
+// fails stalls the channel (ok false), to be retried there.
+func (h *hub) position(ctx context.Context, cs *chanState) (pos stream.ID, ok bool) {
+	pos, err := h.lastID(ctx, cs)
+	if err != nil {
+		h.stall(ctx, cs, "read stream position", err)
+		return pos, false
+	}
+	h.readFail.OK()
+	return pos, true
+}
+
 // stall hands a read of cs that failed (what, err) over to a goroutine of
 // its own, which retries it, waiting 50 ms doubling to 1 s between tries
 // (logged once per outage: readFail; redisHook counts them), and reads on
@@ -795,13 +803,8 @@ func (h *hub) restarted(cs *chanState) {
 // retries read the stream from cs.last (a chain broken there is a gap).
 // Receive loop only.
 func (h *hub) checkStartedBelow(ctx context.Context, cs *chanState) {
-	pos, err := h.lastID(ctx, cs)
-	if err != nil {
-		h.stall(ctx, cs, "read stream position", err)
-		return
-	}
-	h.readFail.OK()
-	if !pos.Less(cs.last) {
+	pos, ok := h.position(ctx, cs)
+	if !ok || !pos.Less(cs.last) {
 		return
 	}
 	h.restarted(cs)
