@@ -719,6 +719,22 @@ func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 	}
 }
 
+// relayedCounted is a client of New to a Redis of the test's own through
+// a ReplyDropper, whose failures (Failed) are counted in failed.
+func relayedCounted(t *testing.T) (rdb redis.UniversalClient, relay *testkit.ReplyDropper, failed *atomic.Int32) {
+	t.Helper()
+	rs := redistest.Start(t)
+	relay = testkit.NewReplyDropper(t, rs.Addr())
+	rdb, err := New(Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	failed = new(atomic.Int32)
+	rdb.AddHook(countFailures{failed})
+	return rdb, relay, failed
+}
+
 // TestPipelinePartlyCutCounted: a pipeline whose connection Redis closed
 // after answering some of its commands is not sent again (those ran),
 // and fails, counted as a failure, as the request it serves fails. It
@@ -728,15 +744,7 @@ func (h countFailures) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // counters, for a pipeline it would send again: nothing counted).
 func TestPipelinePartlyCutCounted(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	relay := testkit.NewReplyDropper(t, rs.Addr())
-	rdb, err := New(Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	var failed atomic.Int32
-	rdb.AddHook(countFailures{&failed})
+	rdb, relay, failed := relayedCounted(t)
 	key := redistest.Prefix(t) + ":n"
 	ctx := t.Context()
 	relay.ArmFirstReply(key)
@@ -780,17 +788,9 @@ func (h cancelOnClose) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 // for one resendClosed would send again, and it was counted nowhere.
 func TestClosedWithContextEndedCounted(t *testing.T) {
 	t.Parallel()
-	rs := redistest.Start(t)
-	relay := testkit.NewReplyDropper(t, rs.Addr())
-	rdb, err := New(Config{URL: "redis://" + relay.Addr, Timeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	var failed atomic.Int32
+	rdb, relay, failed := relayedCounted(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	rdb.AddHook(countFailures{&failed})
 	rdb.AddHook(cancelOnClose{cancel})
 	key := redistest.Prefix(t) + ":n"
 	if err := rdb.Ping(t.Context()).Err(); err != nil {
