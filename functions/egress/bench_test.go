@@ -42,7 +42,7 @@ func newFanOut(n int) *fanOutFixture {
 // deliver fans one message out, then empties the queues as a writer
 // would (keeping their capacity), so that the next call starts equal.
 func (f *fanOutFixture) deliver(seq uint64) {
-	f.h.deliver(f.cs, stream.ID{MS: 1700000000000, Seq: seq}, "", f.frame, 1700000000000, nil)
+	f.h.deliver(f.cs, stream.ID{MS: 1700000000000, Seq: seq}, "", wsFrame(opText, f.frame), 1700000000000, nil)
 	for _, c := range f.conns {
 		c.queue = c.queue[:0]
 	}
@@ -80,6 +80,27 @@ func TestFanOutAllocatesNothingPerSubscriber(t *testing.T) {
 	t.Logf("allocations per delivered message: %.1f (1 subscriber), %.1f (1000 subscribers)", one, many)
 }
 
+// onMessageFixture is the live path of one notification to n local
+// subscribers (see BenchmarkOnMessage): call delivers it once more and
+// empties the queues; delivered reports whether the last call did.
+func onMessageFixture(n int) (call func(), delivered func() bool) {
+	f := newFanOut(n)
+	h := newHub(slog.New(slog.DiscardHandler), nil, keys.Scheme{Prefix: "bench"}, "i", 1024)
+	f.cs.notify, f.cs.confirmed = "n", true
+	h.chans[f.cs.notify] = f.cs
+	prev, id := stream.ID{MS: 1700000000000}, "1700000000000-1"
+	payload := prev.String() + "\n" + id + "\n1700000000000\n\n" + strings.Replace(string(f.frame), "1700000000000-0", id, 1)
+	ctx := context.Background()
+	call = func() {
+		f.cs.last = prev
+		h.onMessage(ctx, f.cs.notify, payload)
+		for _, c := range f.conns {
+			c.queue = c.queue[:0]
+		}
+	}
+	return call, func() bool { return f.cs.last != prev }
+}
+
 // BenchmarkOnMessage measures the whole live path of one notification:
 // parse (stream.ParseNotification), the checks of onMessage, and the
 // fan-out to N local subscribers. No Redis: the notification's
@@ -89,25 +110,30 @@ func TestFanOutAllocatesNothingPerSubscriber(t *testing.T) {
 func BenchmarkOnMessage(b *testing.B) {
 	for _, n := range []int{1, 100, 1000} {
 		b.Run("subs="+strconv.Itoa(n), func(b *testing.B) {
-			f := newFanOut(n)
-			h := newHub(slog.New(slog.DiscardHandler), nil, keys.Scheme{Prefix: "bench"}, "i", 1024)
-			f.cs.notify, f.cs.confirmed = "n", true
-			h.chans[f.cs.notify] = f.cs
-			prev, id := stream.ID{MS: 1700000000000}, "1700000000000-1"
-			payload := prev.String() + "\n" + id + "\n1700000000000\n\n" + strings.Replace(string(f.frame), "1700000000000-0", id, 1)
-			ctx := context.Background()
+			call, delivered := onMessageFixture(n)
 			b.ReportAllocs()
 			for b.Loop() {
-				f.cs.last = prev
-				h.onMessage(ctx, f.cs.notify, payload)
-				for _, c := range f.conns {
-					c.queue = c.queue[:0]
-				}
+				call()
 			}
-			if f.cs.last == prev {
+			if !delivered() {
 				b.Fatal("the notification was not delivered")
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/delivery")
 		})
+	}
+}
+
+// TestLivePathAllocations: a notification that reaches its subscribers
+// costs two allocations whatever their number, its WebSocket frame and
+// its queue entry; the payload go-redis read is not copied on the way.
+func TestLivePathAllocations(t *testing.T) {
+	for _, n := range []int{1, 1000} {
+		call, delivered := onMessageFixture(n)
+		if a := testing.AllocsPerRun(200, call); a > 2 {
+			t.Errorf("%d subscribers: %.1f allocations per notification, want 2 (the frame, the queue entry)", n, a)
+		}
+		if !delivered() {
+			t.Fatal("the notification was not delivered")
+		}
 	}
 }

@@ -162,7 +162,7 @@ func TestClosesEndWithTheirCaller(t *testing.T) {
 		s := newServer(t)
 		c := stalled(t, s, "c1")
 		start := time.Now()
-		s.hub.deliver(s.hub.inbox, stream.ID{MS: 1}, stream.Disconnect(c.id), []byte(`{}`), 0, nil)
+		s.hub.deliver(s.hub.inbox, stream.ID{MS: 1}, stream.Disconnect(c.id), textFrame(`{}`), 0, nil)
 		closedBy(t, c, time.Since(start), 4003)
 	})
 

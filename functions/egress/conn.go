@@ -1067,7 +1067,7 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 				last = id // lost to this client too, but passed
 				continue
 			}
-			if !c.enqueueWait(ctx, &queued{frame: wsFrame(opText, b.Entries[i].Frame()), id: id}) {
+			if !c.enqueueWait(ctx, &queued{frame: entryFrame(&b.Entries[i]), id: id}) {
 				cs.remove(c)
 				return last, false
 			}

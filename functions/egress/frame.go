@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/binary"
 	"unicode/utf8"
+
+	"github.com/wsrelay/wsrelay/shared/stream"
 )
 
 // WebSocket opcodes of the frames the server writes itself.
@@ -18,7 +20,27 @@ const (
 // and the same bytes are written to every subscriber, many frames per
 // write (writev), instead of one write per frame.
 func wsFrame(op byte, payload []byte) []byte {
-	n := len(payload)
+	return append(frameHeader(op, len(payload)), payload...)
+}
+
+// textFrame is wsFrame of a text payload held as a string (a live
+// notification's, as go-redis read it), without copying it first.
+func textFrame(payload string) []byte {
+	return append(frameHeader(opText, len(payload)), payload...)
+}
+
+// entryFrame is the text frame of a stream entry's frame (its head, id and
+// tail), built in one allocation.
+func entryFrame(e *stream.Entry) []byte {
+	b := frameHeader(opText, len(e.Head)+len(e.ID)+len(e.Tail))
+	b = append(b, e.Head...)
+	b = append(b, e.ID...)
+	return append(b, e.Tail...)
+}
+
+// frameHeader returns the header of a final frame of type op whose
+// payload is n bytes long, with room after it for the payload.
+func frameHeader(op byte, n int) []byte {
 	var b []byte
 	switch {
 	case n < 126:
@@ -34,7 +56,7 @@ func wsFrame(op byte, payload []byte) []byte {
 		binary.BigEndian.PutUint64(b[2:], uint64(n))
 	}
 	b[0] = 0x80 | op
-	return append(b, payload...)
+	return b
 }
 
 // closePayload is a close frame's payload: the code, then the reason,

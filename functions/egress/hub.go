@@ -400,7 +400,7 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID, budge
 			}
 			p.full = p.full[:0]
 			h.observeReadLag(b.Entries[i].TS)
-			h.deliver(cs, id, b.Entries[i].Route, b.Entries[i].Frame(), b.Entries[i].TS, &p.full)
+			h.deliver(cs, id, b.Entries[i].Route, entryFrame(&b.Entries[i]), b.Entries[i].TS, &p.full)
 			p.wait(ctx)
 		}
 		if len(b.Entries) < replayBatch {
@@ -958,7 +958,7 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	}
 	h.undecodable.OK()
 	h.observeReadLag(n.TS)
-	h.deliver(cs, n.ID, n.Route, n.Frame, n.TS, nil)
+	h.deliver(cs, n.ID, n.Route, textFrame(n.Frame), n.TS, nil)
 }
 
 // observeReadLag records, when metrics are kept, how long after its
@@ -971,13 +971,13 @@ func (h *hub) observeReadLag(ts int64) {
 	}
 }
 
-// deliver fans one message out. It encodes the frame once; each
-// subscriber's queue gets a pointer to it. A catch-up passes backlog, to
+// deliver fans one message out: frame is its WebSocket frame, built once
+// (textFrame, entryFrame); each subscriber's queue gets a pointer to it. A catch-up passes backlog, to
 // which it appends the connections whose queue it left at least half
 // full, to wait on (pacer); the live path passes nil, and allocates
 // nothing per subscriber.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64, backlog *[]*conn) {
-	q := &queued{frame: wsFrame(opText, frame), id: id, ts: ts, targeted: cs == h.inbox}
+	q := &queued{frame: frame, id: id, ts: ts, targeted: cs == h.inbox}
 	if cs != h.inbox {
 		cs.mu.Lock()
 		if !cs.floor.IsZero() {

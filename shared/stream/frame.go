@@ -187,16 +187,13 @@ func (e *Entry) Sendable() bool {
 	return jsonObject(e.Frame())
 }
 
-// Sendable reports of the notification's frame, as ParseNotification
-// read it, what Entry.Sendable reports of an entry's: whether it is a
-// frame as Message.Frame writes it, with the notification's id (checked
-// as Entry.JSON does, without copying the frame), or else at least a
-// JSON object. It allocates nothing.
+// Sendable reports of the notification's frame what Entry.Sendable
+// reports of an entry's: whether it is a frame as Message.Frame writes
+// it, with the notification's id (checked as Entry.JSON does, without
+// copying the frame), or else at least a JSON object. It allocates
+// nothing for a frame Message.Frame wrote.
 func (n *Notification) Sendable() bool {
-	f := n.frame
-	if f == "" {
-		f = string(n.Frame) // not from ParseNotification
-	}
+	f := n.Frame
 	if !utf8.ValidString(f) {
 		return false
 	}
@@ -207,7 +204,7 @@ func (n *Notification) Sendable() bool {
 			}
 		}
 	}
-	return jsonObject(n.Frame)
+	return jsonObject([]byte(f))
 }
 
 // headEnd returns the length of the head a frame as Message.Frame writes

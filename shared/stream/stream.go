@@ -793,9 +793,9 @@ type Notification struct {
 	IDStr string
 	TS    int64
 	Route Route
-	Frame []byte
-	// frame is Frame as the payload holds it, for Sendable.
-	frame string
+	// Frame is the message's frame, a slice of the payload: the egress
+	// writes it to its sockets without another copy.
+	Frame string
 }
 
 // ErrBadNotification is returned for a payload not written by Append.
@@ -826,8 +826,7 @@ func ParseNotification(payload string) (Notification, error) {
 	}
 	n.IDStr = parts[1]
 	n.Route = Route(parts[3])
-	n.Frame = []byte(rest)
-	n.frame = rest
+	n.Frame = rest
 	return n, nil
 }
 

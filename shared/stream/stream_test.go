@@ -131,7 +131,7 @@ func TestNotification(t *testing.T) {
 			t.Fatalf("notification %d = %+v; want id %s prev %s ts %d", i, n, ids[i], prev, a.Msg.TS)
 		}
 		var d Decoded
-		if err := json.Unmarshal(n.Frame, &d); err != nil {
+		if err := json.Unmarshal([]byte(n.Frame), &d); err != nil {
 			t.Fatalf("frame %s: %v", n.Frame, err)
 		}
 		if d.Type != "message" || d.Channel != "n" || d.ID != ids[i] || d.Event != "ev" || d.From != "alice" || string(d.Data) != `{"x":[1,2]}` {
