@@ -456,3 +456,29 @@ func TestServerFrameLengths(t *testing.T) {
 		}
 	}
 }
+
+// TestFrameBuilders: the two builders that spare a copy, textFrame (a
+// live notification's payload) and entryFrame (a stream entry's head, id
+// and tail), write what wsFrame writes, whose lengths
+// TestServerFrameLengths checks over a socket, at each boundary of the
+// length's encoding.
+func TestFrameBuilders(t *testing.T) {
+	t.Parallel()
+	for _, n := range []int{0, 1, 125, 126, 127, 0xFFFF, 0x10000, 0x10001} {
+		payload := strings.Repeat("p", n)
+		want := wsFrame(opText, []byte(payload))
+		if got := textFrame(payload); !bytes.Equal(got, want) {
+			t.Errorf("textFrame of %d bytes: header %x, want %x", n, got[:min(len(got), 10)], want[:min(len(want), 10)])
+		}
+		// The id and tail split the payload anywhere, empty parts included.
+		for _, cut := range [][2]int{{0, 0}, {0, n}, {n / 3, 2 * n / 3}, {n, n}} {
+			e := stream.Entry{Head: payload[:cut[0]], ID: payload[cut[0]:cut[1]], Tail: payload[cut[1]:]}
+			if got := entryFrame(&e); !bytes.Equal(got, want) {
+				t.Errorf("entryFrame of %d bytes cut at %v: header %x, want %x", n, cut, got[:min(len(got), 10)], want[:min(len(want), 10)])
+			}
+			if got := wsFrame(opText, e.Frame()); !bytes.Equal(got, want) {
+				t.Fatalf("Entry.Frame of %d bytes cut at %v is not its head, id and tail", n, cut)
+			}
+		}
+	}
+}
