@@ -224,8 +224,7 @@ func (s *Server) claim(c *gin.Context, rkey, bodyHash, pending string) (until ti
 // (not a Redis error reply, an out-of-memory or a refusal), and the
 // request is not cancelled.
 func resendable(ctx context.Context, err error) bool {
-	var re redis.Error
-	return err != nil && !errors.As(err, &re) && ctx.Err() == nil
+	return !redisconn.IsReply(err) && ctx.Err() == nil
 }
 
 // claimOutcome is what replay found at a key whose claim failed.

@@ -741,7 +741,7 @@ func (s *sending) send(ctx context.Context, next redis.ProcessPipelineHook, cmds
 		// the pipeline's error): an append answered ran, and its id is
 		// its request's, whatever became of the others.
 		for _, c := range sent {
-			if w, ok := c.(*watched); ok && w.ok && !isReply(w.Cmder.Err()) {
+			if w, ok := c.(*watched); ok && w.ok && !IsReply(w.Cmder.Err()) {
 				w.Cmder.SetErr(nil)
 			}
 		}
@@ -749,8 +749,10 @@ func (s *sending) send(ctx context.Context, next redis.ProcessPipelineHook, cmds
 	return err
 }
 
-// isReply reports whether err is nil or an error reply of Redis.
-func isReply(err error) bool {
+// IsReply reports whether err is nil or an error reply of Redis: the
+// command reached Redis and its answer came back; any other error (the
+// connection's, a deadline's) may have lost a reply to a command that ran.
+func IsReply(err error) bool {
 	var re redis.Error
 	return err == nil || errors.As(err, &re)
 }
@@ -792,7 +794,7 @@ type watched struct {
 }
 
 func (w *watched) SetErr(err error) {
-	if isReply(err) {
+	if IsReply(err) {
 		w.s.answered.Store(true)
 		w.ok = w.ok || err == nil
 	}
