@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -141,7 +142,11 @@ func (m *MessageJSON) AppendTo(b []byte) []byte {
 const messageType = `{"type":"message",`
 
 // JSON returns the entry's message in the form history returns it, the
-// error being Decode's for an entry that is not a message frame.
+// error being ErrNotUTF8 for an entry whose stored bytes are not UTF-8,
+// and Decode's for one that is not a message frame. History leaves both
+// out, as the egress does (Sendable): a JSON text must be UTF-8 (RFC
+// 8259), and a client decoding the page strictly would fail on the whole
+// page for one such entry.
 //
 // A frame as Message.Frame writes it already is that JSON, less its type
 // field: names that need no escaping, a canonical ts, no empty optional
@@ -152,6 +157,9 @@ const messageType = `{"type":"message",`
 // another version, or by someone else) is decoded and re-encoded, so that
 // the result is the same either way.
 func (e *Entry) JSON() (MessageJSON, error) {
+	if !e.utf8() {
+		return MessageJSON{}, ErrNotUTF8
+	}
 	if head, ok := e.verbatimHead(); ok {
 		return MessageJSON{Head: head, ID: e.ID, Tail: e.Tail}, nil
 	}
@@ -178,13 +186,30 @@ func (e *Entry) JSON() (MessageJSON, error) {
 // browser drops a socket that gets such a text frame, and would drop
 // it again at each resume that replays the entry.
 func (e *Entry) Sendable() bool {
-	if !utf8.ValidString(e.Head) || !utf8.ValidString(e.ID) || !utf8.ValidString(e.Tail) {
+	if !e.utf8() {
 		return false
 	}
 	if _, ok := e.verbatimHead(); ok {
 		return true
 	}
 	return jsonObject(e.Frame())
+}
+
+// ErrNotUTF8 is Entry.JSON's error for an entry whose stored bytes are not
+// UTF-8: the ingress refuses such messages, but another writer under the
+// key prefix need not.
+var ErrNotUTF8 = errors.New("stream: entry is not UTF-8")
+
+// utf8 reports whether the entry's frame, its head, id and tail
+// together, is UTF-8. Pieces that are each UTF-8 make a frame that is;
+// one that is not may still end in the first bytes of a character the
+// next piece completes, which only the frame itself tells (a copy, made
+// only then).
+func (e *Entry) utf8() bool {
+	if utf8.ValidString(e.Head) && utf8.ValidString(e.ID) && utf8.ValidString(e.Tail) {
+		return true
+	}
+	return utf8.ValidString(e.Head + e.ID + e.Tail)
 }
 
 // Sendable reports of the notification's frame what Entry.Sendable
