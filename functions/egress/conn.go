@@ -10,6 +10,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/redis/go-redis/v9"
 	"golang.org/x/time/rate"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
@@ -982,7 +983,7 @@ func (c *conn) subscribe(ctx context.Context, ch string, after *stream.ID, ref j
 // replay reads on from the stream first.
 func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref json.RawMessage) bool {
 	r := cs.startResume(c)
-	b, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
+	b, err := c.readHistory(ctx, cs, after)
 	if err != nil {
 		cs.remove(c)
 		c.dropSub(ctx, cs.name)
@@ -1038,7 +1039,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last stream.ID, b *stream.Batch) (stream.ID, bool) {
 	for {
 		if b == nil {
-			nb, err := c.s.hub.store.Resume(ctx, cs.stream, last, replayBatch)
+			nb, err := c.readHistory(ctx, cs, last)
 			if err != nil {
 				cs.remove(c)
 				c.closeWith(protocol.CloseInternal, "history read failed: resume again", true)
@@ -1079,6 +1080,71 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 		b = nil
 	}
 }
+
+// readHistory reads a batch of the channel's stream after `after` for
+// c's resume. A read that found no connection of the egress's Redis pool
+// free in time (redis.ErrPoolTimeout: never sent, so Redis is not at
+// fault) is made again while c is open. In a reconnect storm, thousands
+// of clients of a lost instance resuming here at once, their replays,
+// registry writes and handshakes queue for the pool for seconds while
+// Redis answers each command in microseconds: taken for an outage, that
+// wait answered `unavailable` or closed 1011, and each client's
+// reconnect redid its handshake, registry writes and reads, adding to
+// the queue.
+//
+// At most half the pool's connections serve such reads at once
+// (hub.replayReads): the others wait here, as long as c is open, and a
+// closed c's read fails with errClosedDuringRead.
+func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) (stream.Batch, error) {
+	for {
+		if !c.replayReadTurn(ctx) {
+			return stream.Batch{}, errClosedDuringRead
+		}
+		b, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
+		if sem := c.s.hub.replayReads; sem != nil {
+			<-sem
+		}
+		if !errors.Is(err, redis.ErrPoolTimeout) || c.isClosing() || !c.pause(ctx) {
+			return b, err
+		}
+	}
+}
+
+// replayReadTurn waits for one of hub.replayReads's places, and reports
+// false if c closed first: nothing wakes a closing c's replay (its reader
+// waits for it), so the wait looks every 50 ms.
+func (c *conn) replayReadTurn(ctx context.Context) bool {
+	sem := c.s.hub.replayReads
+	if sem == nil {
+		return true
+	}
+	select {
+	case sem <- struct{}{}:
+		return true
+	default:
+	}
+	t := time.NewTimer(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case sem <- struct{}{}:
+			return true
+		case <-ctx.Done():
+			return false
+		case <-c.done:
+			return false
+		case <-t.C:
+			if c.isClosing() {
+				return false
+			}
+			t.Reset(50 * time.Millisecond)
+		}
+	}
+}
+
+// errClosedDuringRead is readHistory's error for a connection that
+// closed while its read waited its turn.
+var errClosedDuringRead = errors.New("connection closed while its history read waited")
 
 func (c *conn) unsubscribe(ctx context.Context, ch string, ref json.RawMessage) bool {
 	if !channel.ValidName(ch) {

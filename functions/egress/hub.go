@@ -201,6 +201,12 @@ type hub struct {
 	// it, so that each resume whose notifications they lost does not
 	// take a second.
 	lateWait time.Duration
+	// replayReads bounds the replays' stream reads in flight (readHistory)
+	// to half the Redis pool, so that in a reconnect storm they leave the
+	// other half to the handshakes' registry writes (bounded by
+	// REDIS_TIMEOUT, pool wait included: 1013 when it runs out) and to the
+	// receive loop's reads. Nil: unbounded (tests that build a hub).
+	replayReads chan struct{}
 	// pacing is what the receive loop's catch-ups may still wait for
 	// room in their subscribers' queues, all of them together
 	// (waitBudget). Receive loop only, but for its counters and log.
@@ -228,6 +234,7 @@ func newHub(log *slog.Logger, rdb redis.UniversalClient, ks keys.Scheme, instanc
 		recovered: make(chan recovery),
 		lateWait:  lateNotice,
 	}
+	h.replayReads = make(chan struct{}, max(1, poolSize(rdb)/2))
 	h.readFail = &logging.Episode{Log: log, Msg: "redis read path failing", Back: "redis reads back",
 		Then: "the channels' messages wait in their streams and are read once Redis answers (retried with backoff up to 1s, nothing is lost unless the history is trimmed meanwhile); logged again every 30s while it lasts and once when reads succeed again, or are given up because nobody here listens to those channels any more",
 		Gone: "redis reads abandoned"}
@@ -1129,6 +1136,18 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 }
 
 var errUnavailable = errors.New("redis subscription not live")
+
+// poolSize is rdb's pool size (per node on a cluster), go-redis's default
+// filled in when none was set.
+func poolSize(rdb redis.UniversalClient) int {
+	switch c := rdb.(type) {
+	case *redis.Client:
+		return c.Options().PoolSize
+	case *redis.ClusterClient:
+		return c.Options().PoolSize
+	}
+	return 10
+}
 
 // release drops one reference; the sweeper unsubscribes states that stay
 // unreferenced for linger.

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/stream"
 	"github.com/wsrelay/wsrelay/shared/testkit"
@@ -419,4 +420,142 @@ func TestReplayHeldBytesBounded(t *testing.T) {
 	if !slices.Equal(got, ids) {
 		t.Fatalf("read %d messages, want the %d replayed in order", len(got), n)
 	}
+}
+
+// TestResumeWaitsForBusyPool: a resume whose stream read finds every
+// connection of the egress's Redis pool taken for longer than the pool's
+// timeout waits for one, at its first read and at a later read of its
+// replay, and the client gets every message once. In a reconnect storm
+// (thousands of clients of a lost instance resuming on this one at once)
+// their replays, registry writes and handshakes queue for the pool for
+// seconds while Redis answers every command in microseconds; such a read
+// was answered `unavailable` (first read) or closed 1011 (later read),
+// and each reconnect that followed redid the handshake, the registry
+// writes and the reads, adding to the queue (2,000 clients on one
+// egress: a quarter of them cut so, bench/cmd/storm).
+func TestResumeWaitsForBusyPool(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		read int64 // the replay's read (1-based) that finds the pool busy
+	}{
+		{"first read", 1},
+		{"second read", 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			pub, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("busy")
+			ids := appendData(t, pub, ks, "busy", []byte("1"), replayBatch+10)
+			// The egress's own client: one pooled connection, and a short
+			// wait for it (go-redis's default is REDIS_TIMEOUT + 1 s).
+			o, err := redis.ParseURL(redistest.URL(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.PoolSize, o.PoolTimeout = 1, 100*time.Millisecond
+			rdb := redis.NewClient(o)
+			t.Cleanup(func() { rdb.Close() })
+			var reads atomic.Int64
+			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
+				if a := cmd.Args(); !strings.EqualFold(cmd.Name(), "xrange") || len(a) < 2 || a[1] != key || reads.Add(1) != tc.read {
+					return
+				}
+				// Another command takes the pool's connection for a
+				// second (go-redis gives up on the pool after about half
+				// a second here) before this read asks for it.
+				go func() { _ = rdb.Do(context.Background(), "blpop", prefix+"nothing", "1").Err() }()
+				for s := rdb.PoolStats(); s.TotalConns != 1 || s.IdleConns != 0; s = rdb.PoolStats() {
+					time.Sleep(time.Millisecond)
+				}
+			}})
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "1m"})
+
+			ws := resumeOn(t, e, "busy", ids[0])
+			_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+			var r protocol.Reply
+			if err := ws.ReadJSON(&r); err != nil || r.Type != "subscribed" || r.Recovered == nil || !*r.Recovered {
+				t.Fatalf("first frame %+v (%v), want subscribed, recovered", r, err)
+			}
+			last := appendTo(t, pub, ks, "busy", ks.Notify("busy"), -1) // live
+			want := append(slices.Clone(ids[1:]), last)
+			got, code := readThrough(ws, 5*time.Second, last)
+			if !slices.Equal(got, want) {
+				t.Fatalf("got %d messages (close %d), want %d once each in order", len(got), code, len(want))
+			}
+			if n := reads.Load(); n < tc.read {
+				t.Fatalf("the replay made %d reads, want at least %d", n, tc.read)
+			}
+		})
+	}
+}
+
+// TestReplayReadsLeaveHalfThePool: replays resuming at once ask the
+// egress's Redis pool for at most half its connections, however many
+// there are, and each client still gets every message once. In a
+// reconnect storm the handshakes' registry writes, which get
+// REDIS_TIMEOUT for the pool's wait and the write together and close the
+// socket 1013 when it runs out, share the pool with the replays: with
+// the pool all theirs, 2,000 clients resuming on one egress had a
+// quarter to a half of their sockets refused so (bench/cmd/storm), none
+// once the replays kept to half.
+func TestReplayReadsLeaveHalfThePool(t *testing.T) {
+	t.Parallel()
+	const clients, pool = 12, 4
+	pub, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("half")
+	ids := appendData(t, pub, ks, "half", []byte("1"), 2*replayBatch+50)
+	o, err := redis.ParseURL(redistest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.PoolSize = pool
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	var inFlight, most atomic.Int64
+	rdb.AddHook(aroundCmd{
+		before: func(cmd redis.Cmder) {
+			if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key {
+				n := inFlight.Add(1)
+				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+				}
+				time.Sleep(10 * time.Millisecond) // so that the replays' reads overlap
+			}
+		},
+		after: func(cmd redis.Cmder) {
+			if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key {
+				inFlight.Add(-1)
+			}
+		},
+	})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PROBE_INTERVAL": "1m"})
+	var wss []*websocket.Conn
+	for range clients {
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		next(t, ws, "welcome")
+		wss = append(wss, ws)
+	}
+	for _, ws := range wss {
+		send(t, ws, map[string]any{"type": "subscribe", "channel": "half", "after": ids[0]})
+	}
+	var wg sync.WaitGroup
+	for i, ws := range wss {
+		wg.Go(func() {
+			got, code := readThrough(ws, 10*time.Second, ids[len(ids)-1])
+			if !slices.Equal(got, ids[1:]) {
+				t.Errorf("client %d: got %d messages (close %d), want %d once each in order", i, len(got), code, len(ids)-1)
+			}
+		})
+	}
+	wg.Wait()
+	if m := most.Load(); m > pool/2 {
+		t.Fatalf("%d replay reads asked the pool of %d at once, want at most %d", m, pool, pool/2)
+	}
+	t.Logf("at most %d replay reads at once", most.Load())
 }
