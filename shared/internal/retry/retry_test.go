@@ -39,3 +39,26 @@ func TestBackoffHugeBounds(t *testing.T) {
 		t.Fatalf("Backoff(2⁴⁴, MaxInt64, 20) = %v", d)
 	}
 }
+
+// TestBackoffSpread: the waits are spread evenly over their range, so
+// that clients cut at the same instant (an egress lost, a platform's cut)
+// do not come back in step: 10,000 draws of the first wait (0–500 ms)
+// fill each tenth of it with 8–12 % of them, and draws repeat rarely.
+func TestBackoffSpread(t *testing.T) {
+	const n = 10000
+	var tenths [10]int
+	seen := make(map[time.Duration]bool, n)
+	for range n {
+		d := Backoff(500*time.Millisecond, 20*time.Second, 0)
+		tenths[min(9, int(d/(50*time.Millisecond)))]++
+		seen[d] = true
+	}
+	for i, c := range tenths {
+		if c < n*8/100 || c > n*12/100 {
+			t.Fatalf("tenth %d of the range holds %d of %d waits: %v", i, c, n, tenths)
+		}
+	}
+	if len(seen) < n*99/100 {
+		t.Fatalf("%d distinct waits in %d draws", len(seen), n)
+	}
+}
