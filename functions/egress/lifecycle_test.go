@@ -83,11 +83,19 @@ func TestServerLifecycleLeaksNothing(t *testing.T) {
 
 func readUntil(t *testing.T, ws *websocket.Conn, substr string) {
 	t.Helper()
-	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	readUntilWithin(t, ws, substr, 5*time.Second)
+}
+
+// readUntilWithin is readUntil, failing if no such frame has come within
+// the given time.
+func readUntilWithin(t *testing.T, ws *websocket.Conn, substr string, within time.Duration) {
+	t.Helper()
+	start := time.Now()
+	_ = ws.SetReadDeadline(start.Add(within))
 	for {
 		_, b, err := ws.ReadMessage()
 		if err != nil {
-			t.Fatalf("waiting for %s: %v", substr, err)
+			t.Fatalf("waiting for %s (%v): %v", substr, time.Since(start).Round(time.Millisecond), err)
 		}
 		if strings.Contains(string(b), substr) {
 			return

@@ -200,7 +200,11 @@ func TestResumeOverflowIsSlowConsumer(t *testing.T) {
 	defer ws.Close()
 	readUntil(t, ws, `"welcome"`)
 	send(t, ws, map[string]any{"type": "subscribe", "channel": "ro", "after": hist[0]})
-	readUntil(t, ws, `"message"`)
+	// The replay's first frame follows its first read: a batch of 100
+	// entries, 6.4 MB, from Redis. Under half a second on an idle machine,
+	// it took over 5 s under -race on a loaded one (the bound is on the
+	// replay getting under way, not on its speed).
+	readUntilWithin(t, ws, `"message"`, 30*time.Second)
 	// More live messages than SEND_QUEUE arrive meanwhile: the resume's
 	// buffer overflows.
 	testkit.Eventually(t, 5*time.Second, func() error {
