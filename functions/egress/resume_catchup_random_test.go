@@ -41,7 +41,10 @@ import (
 //   - a connection is closed only with 4002, and only when it deserved
 //     it: its client stopped reading at some point, or more than
 //     SEND_QUEUE live messages (not a catch-up's) were published while
-//     one of its replays ran.
+//     one of its replays ran, or the catch-ups' waiting budget ran out
+//     in the round (waitBudget: on a machine so loaded that the writers
+//     run late, catch-ups then deliver without waiting, and a client that
+//     reads as fast as it can may be closed 4002; counted, overBudget).
 //
 // Rounds run for WSRELAY_CATCHUP_BUDGET_MS milliseconds (default 3000; at
 // most 500 rounds). The seed is logged; WSRELAY_CATCHUP_SEED repeats a
@@ -84,6 +87,9 @@ func TestResumeCatchUpRandomized(t *testing.T) {
 // cuStats counts what the rounds made happen, to show what they covered.
 type cuStats struct {
 	resumes, live, paused, backlogs, longBacklogs, slow, slowClosed, liveClosed int
+	// overBudget: rounds in which the catch-ups' waiting budget ran out;
+	// budgetClosed: clients closed 4002 in them that deserved it only so.
+	overBudget, budgetClosed int
 	// acrossCatchUp: held replays across which the hub caught up a
 	// backlog longer than SEND_QUEUE; backedUp: steps after which a slow
 	// client's queue in the egress was at least half full.
@@ -91,8 +97,8 @@ type cuStats struct {
 }
 
 func (s cuStats) String() string {
-	return fmt.Sprintf("%d resumes (%d held, %d of them across a backlog longer than SEND_QUEUE), %d live subscribes, %d backlogs caught up (%d longer than SEND_QUEUE), %d clients slowed (%d steps left one's queue half full), closed 4002: %d slowed, %d for live messages during their replay",
-		s.resumes, s.paused, s.acrossCatchUp, s.live, s.backlogs, s.longBacklogs, s.slow, s.backedUp, s.slowClosed, s.liveClosed)
+	return fmt.Sprintf("%d resumes (%d held, %d of them across a backlog longer than SEND_QUEUE), %d live subscribes, %d backlogs caught up (%d longer than SEND_QUEUE), %d clients slowed (%d steps left one's queue half full), closed 4002: %d slowed, %d for live messages during their replay, %d in the %d rounds whose catch-ups ran out of waiting budget",
+		s.resumes, s.paused, s.acrossCatchUp, s.live, s.backlogs, s.longBacklogs, s.slow, s.backedUp, s.slowClosed, s.liveClosed, s.budgetClosed, s.overBudget)
 }
 
 // cuWorld is what the rounds share: one egress and its Redis.
@@ -120,6 +126,9 @@ type cuRound struct {
 	trace   []string
 	failed  bool
 	paused  *cuPaused
+	// overAt is the hub's count of catch-up waits over budget when the
+	// round began.
+	overAt int64
 }
 
 // cuPaused is a replay held in the hook.
@@ -155,6 +164,7 @@ func (r *cuRound) run() bool {
 	}()
 	r.name = fmt.Sprintf("cu%d", r.n)
 	r.key = r.ks.Stream(r.name)
+	r.overAt = r.e.s.hub.pacing.overBudget.Load()
 	// Held by the test for the round, so that the channel stays the same
 	// chanState whoever subscribes or is closed.
 	cs, err := r.e.s.hub.acquire(r.t.Context(), r.name)
@@ -472,14 +482,19 @@ func (r *cuRound) finish() bool {
 		})
 	}
 	r.noteReplays()
+	over := r.e.s.hub.pacing.overBudget.Load() > r.overAt
+	if over {
+		r.stats.overBudget++
+	}
 	for _, c := range r.clients {
-		r.check(c)
+		r.check(c, over)
 	}
 	return !r.failed
 }
 
-// check checks what c received against the model.
-func (r *cuRound) check(c *cuClient) {
+// check checks what c received against the model; over says the
+// catch-ups' waiting budget ran out in the round.
+func (r *cuRound) check(c *cuClient, over bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.strays) > 0 {
@@ -499,6 +514,8 @@ func (r *cuRound) check(c *cuClient) {
 		} else {
 			r.stats.liveClosed++
 		}
+	case c.code == protocol.CloseSlowConsumer && over:
+		r.stats.budgetClosed++
 	default:
 		r.fail("client %d: closed %d (%s); slowed %v, live messages while its replay ran %v (SEND_QUEUE %d)",
 			c.n, c.code, c.reason, c.slowEver, c.liveCounts(), r.sendQueue)
