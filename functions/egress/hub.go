@@ -979,10 +979,10 @@ func (h *hub) observeReadLag(ts int64) {
 }
 
 // deliver fans one message out: frame is its WebSocket frame, built once
-// (textFrame, entryFrame); each subscriber's queue gets a pointer to it. A catch-up passes backlog, to
-// which it appends the connections whose queue it left at least half
-// full, to wait on (pacer); the live path passes nil, and allocates
-// nothing per subscriber.
+// (textFrame, entryFrame), and each subscriber's queue gets a pointer to
+// it. A catch-up passes backlog, to which it appends the connections
+// whose queue it left at least half full, to wait on (pacer); the live
+// path passes nil, and allocates nothing per subscriber.
 func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []byte, ts int64, backlog *[]*conn) {
 	q := &queued{frame: frame, id: id, ts: ts, targeted: cs == h.inbox}
 	if cs != h.inbox {
