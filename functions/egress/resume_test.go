@@ -559,3 +559,55 @@ func TestReplayReadsLeaveHalfThePool(t *testing.T) {
 	}
 	t.Logf("at most %d replay reads at once", most.Load())
 }
+
+// TestReplayReadTurnEndsWithConn: a replay waiting for a place among the
+// replay reads (hub.replayReads, all taken) gives up once its connection
+// is closing, its reader has ended, or its context is done, without
+// taking a place: in a reconnect storm a closed connection does not wait
+// for its turn, nor read for a client that has gone. Nothing else wakes
+// a closing connection's reader in that wait: the close is seen by the
+// wait's own look every 50 ms.
+func TestReplayReadTurnEndsWithConn(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		end  func(c *conn, cancel context.CancelFunc)
+	}{
+		{"closing", func(c *conn, _ context.CancelFunc) {
+			c.mu.Lock()
+			c.closing = true
+			c.mu.Unlock()
+		}},
+		{"reader ended", func(c *conn, _ context.CancelFunc) { close(c.done) }},
+		{"context done", func(_ *conn, cancel context.CancelFunc) { cancel() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			h := &hub{replayReads: make(chan struct{}, 1)}
+			h.replayReads <- struct{}{} // the one place is taken
+			c := &conn{s: &Server{hub: h}, done: make(chan struct{})}
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			got := make(chan bool, 1)
+			go func() { got <- c.replayReadTurn(ctx) }()
+			tc.end(c, cancel)
+			select {
+			case ok := <-got:
+				if ok {
+					t.Fatal("replayReadTurn took a place that was not free")
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("replayReadTurn still waits for a place 5 s after its connection ended")
+			}
+			if n := len(h.replayReads); n != 1 {
+				t.Fatalf("%d places taken, want the 1 taken before", n)
+			}
+			// A free place is taken at once, and readHistory gives it back.
+			<-h.replayReads
+			c2 := &conn{s: &Server{hub: h}, done: make(chan struct{})}
+			if !c2.replayReadTurn(t.Context()) || len(h.replayReads) != 1 {
+				t.Fatalf("a free place was not taken (%d taken)", len(h.replayReads))
+			}
+		})
+	}
+}
