@@ -517,3 +517,22 @@ func TCPLocalPortsTo(pid, port int) ([]int, error) {
 	}
 	return out, nil
 }
+
+// CommandStats reads Redis's INFO commandstats as command → calls.
+func (e *Env) CommandStats(ctx context.Context) (map[string]int64, error) {
+	s, err := e.RDB.Info(ctx, "commandstats").Result()
+	if err != nil {
+		return nil, fmt.Errorf("INFO commandstats: %w", err)
+	}
+	out := map[string]int64{}
+	for line := range strings.SplitSeq(s, "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
+		name, found := strings.CutPrefix(name, "cmdstat_")
+		if !ok || !found {
+			continue
+		}
+		calls, _, _ := strings.Cut(strings.TrimPrefix(rest, "calls="), ",")
+		out[name], _ = strconv.ParseInt(calls, 10, 64)
+	}
+	return out, nil
+}

@@ -449,7 +449,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	if err := harness.SleepCtx(ctx, 500*time.Millisecond); err != nil {
 		return nil, err
 	}
-	stats0, err := commandStats(ctx, b.env)
+	stats0, err := b.env.CommandStats(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -464,7 +464,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	if err := harness.SleepCtx(ctx, 200*time.Millisecond); err != nil {
 		return nil, err
 	}
-	stats1, err := commandStats(ctx, b.env)
+	stats1, err := b.env.CommandStats(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -538,25 +538,6 @@ func published(name string, st pubStats) error {
 		return nil
 	}
 	return fmt.Errorf("%s: no publish succeeded (%d failed, first: %v)", name, st.failed, st.firstErr)
-}
-
-// commandStats reads INFO commandstats as command → calls.
-func commandStats(ctx context.Context, e *env) (map[string]int64, error) {
-	s, err := e.RDB.Info(ctx, "commandstats").Result()
-	if err != nil {
-		return nil, fmt.Errorf("INFO commandstats: %w", err)
-	}
-	out := map[string]int64{}
-	for line := range strings.SplitSeq(s, "\n") {
-		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
-		name, found := strings.CutPrefix(name, "cmdstat_")
-		if !ok || !found {
-			continue
-		}
-		calls, _, _ := strings.Cut(strings.TrimPrefix(rest, "calls="), ",")
-		out[name], _ = strconv.ParseInt(calls, 10, 64)
-	}
-	return out, nil
 }
 
 // goMetrics scrapes the egress's Go runtime gauges (none for other systems) from /metrics, to split

@@ -140,25 +140,6 @@ func publish(ctx context.Context, base, ch string, n int) ([]string, error) {
 	return ids, nil
 }
 
-func commandstats(ctx context.Context, e *harness.Env) map[string]int64 {
-	s, _ := e.RDB.Info(ctx, "commandstats").Result()
-	out := map[string]int64{}
-	for line := range strings.SplitSeq(s, "\n") {
-		line = strings.TrimSpace(line)
-		name, rest, ok := strings.Cut(line, ":")
-		if !ok || !strings.HasPrefix(name, "cmdstat_") {
-			continue
-		}
-		for kv := range strings.SplitSeq(rest, ",") {
-			if v, ok := strings.CutPrefix(kv, "calls="); ok {
-				n, _ := strconv.ParseInt(v, 10, 64)
-				out[strings.TrimPrefix(name, "cmdstat_")] = n
-			}
-		}
-	}
-	return out
-}
-
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("storm", flag.ContinueOnError)
 	n := fs.Int("clients", 2000, "clients")
@@ -352,7 +333,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	settled := time.Since(t0)
 	close(stopPoll)
 	pollWG.Wait()
-	after := commandstats(ctx, e)
+	after, err := e.CommandStats(ctx)
+	if err != nil {
+		return err
+	}
 	rssAfter, _ := harness.RSSKiB(b.Pid())
 	mAfter, _ := harness.Metrics(b.Base, mnames...)
 	time.Sleep(3 * time.Second)
