@@ -422,6 +422,21 @@ func TestReplayHeldBytesBounded(t *testing.T) {
 	}
 }
 
+// pooledClient is a client of the test Redis with a pool of size
+// connections, and a wait for one of timeout (go-redis's default when 0),
+// closed at cleanup.
+func pooledClient(t *testing.T, size int, timeout time.Duration) *redis.Client {
+	t.Helper()
+	o, err := redis.ParseURL(redistest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.PoolSize, o.PoolTimeout = size, timeout
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
 // TestResumeWaitsForBusyPool: a resume whose stream read finds every
 // connection of the egress's Redis pool taken for longer than the pool's
 // timeout waits for one, at its first read and at a later read of its
@@ -450,13 +465,7 @@ func TestResumeWaitsForBusyPool(t *testing.T) {
 			ids := appendData(t, pub, ks, "busy", []byte("1"), replayBatch+10)
 			// The egress's own client: one pooled connection, and a short
 			// wait for it (go-redis's default is REDIS_TIMEOUT + 1 s).
-			o, err := redis.ParseURL(redistest.URL(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			o.PoolSize, o.PoolTimeout = 1, 100*time.Millisecond
-			rdb := redis.NewClient(o)
-			t.Cleanup(func() { rdb.Close() })
+			rdb := pooledClient(t, 1, 100*time.Millisecond)
 			var reads atomic.Int64
 			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
 				if a := cmd.Args(); !strings.EqualFold(cmd.Name(), "xrange") || len(a) < 2 || a[1] != key || reads.Add(1) != tc.read {
@@ -507,13 +516,7 @@ func TestReplayReadsLeaveHalfThePool(t *testing.T) {
 	ks := keys.Scheme{Prefix: prefix}
 	key := ks.Stream("half")
 	ids := appendData(t, pub, ks, "half", []byte("1"), 2*replayBatch+50)
-	o, err := redis.ParseURL(redistest.URL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	o.PoolSize = pool
-	rdb := redis.NewClient(o)
-	t.Cleanup(func() { rdb.Close() })
+	rdb := pooledClient(t, pool, 0)
 	var inFlight, most atomic.Int64
 	rdb.AddHook(aroundCmd{
 		before: func(cmd redis.Cmder) {
