@@ -102,6 +102,10 @@ type Config struct {
 	ProbeInterval time.Duration `env:"PROBE_INTERVAL" envDefault:"5s"`
 	// ShutdownGrace bounds the drain on SIGTERM.
 	ShutdownGrace time.Duration `env:"SHUTDOWN_GRACE" envDefault:"10s"`
+	// DrainRate is how many sockets a second the drain closes: their
+	// clients reconnect spread out, not all at once (Server.drain). 0:
+	// all at once.
+	DrainRate int `env:"DRAIN_RATE" envDefault:"1000"`
 }
 
 // The upper bounds of the settings (docs: the README's table).
@@ -169,6 +173,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("SHUTDOWN_GRACE must not be negative"))
 	}
+	if c.DrainRate < 0 {
+		errs = append(errs, errors.New("DRAIN_RATE must not be negative (0: all at once)"))
+	}
 	// Upper bounds no deployment comes near, checked so that nothing
 	// derived from a value overflows: 2×PING_INTERVAL and 4×PROBE_INTERVAL
 	// wrapped negative above about a million hours (every socket dropped,
@@ -188,7 +195,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		config.AtMost("SEND_QUEUE", c.SendQueue, maxSendQueue),
 		config.AtMost("MAX_SUBSCRIPTIONS", c.MaxSubscriptions, maxSubscriptions),
 		config.AtMost("MAX_FRAMES_PER_SECOND", c.MaxFramesPerSecond, maxFramesPerSecond),
-		config.AtMost("MAX_CONNECTIONS", c.MaxConnections, maxConnections))
+		config.AtMost("MAX_CONNECTIONS", c.MaxConnections, maxConnections),
+		config.AtMost("DRAIN_RATE", c.DrainRate, maxConnections))
 	if c.IngressURL != "" && !validIngressURL(c.IngressURL) {
 		// Not quoted: a URL with user information holds a password.
 		errs = append(errs, errors.New("INGRESS_URL must be an http:// or https:// URL with a host (a port, if any, 1 to 65535) and no user name, password, query or fragment (e.g. https://api.example.com; empty: the demo page's own origin)"))

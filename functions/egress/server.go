@@ -250,29 +250,31 @@ func (s *Server) Run(ctx context.Context) {
 	loops.Wait()
 }
 
-// drain closes every socket with 1001 and waits (up to ShutdownGrace) for
-// their handlers to remove their registry records. Sockets whose client has
-// not answered by then are cut, and their handlers get up to REDIS_TIMEOUT
-// plus a second more to remove their records, so that none of them uses
-// the Redis client after run has closed it.
+// drain closes every socket with 1001 and waits (up to ShutdownGrace from
+// its start) for their handlers to remove their registry records. The
+// closes are spread over drainSpread, so that the clients, which
+// reconnect within half a second of their close, do not all land on
+// the other instances at once (a reconnect storm: docs/scaling.md);
+// sockets not closed yet get their messages meanwhile. Sockets whose
+// client has not answered by the end of the grace are cut, and their
+// handlers get up to REDIS_TIMEOUT plus a second more to remove their
+// records, so that none of them uses the Redis client after run has
+// closed it.
 func (s *Server) drain() {
 	s.drainMu.Lock()
 	s.draining.Store(true)
 	s.drainMu.Unlock()
+	start := time.Now()
 	conns := s.hub.snapshotConns()
-	s.log.Info("draining", "connections", len(conns))
-	// Closed here, one after the other: closeWith does not wait for the
-	// socket (the writer sends the close frame), so no goroutine is
-	// started for it that nothing would wait for.
-	for _, c := range conns {
-		c.closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
-	}
+	spread := drainSpread(len(conns), s.cfg.DrainRate, s.cfg.ShutdownGrace)
+	s.log.Info("draining", "connections", len(conns), "spread", spread.String())
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	s.closeSpread(conns, start, spread, done)
 	select {
 	case <-done:
 		return
-	case <-time.After(s.cfg.ShutdownGrace):
+	case <-time.After(time.Until(start.Add(s.cfg.ShutdownGrace))):
 	}
 	left := s.hub.snapshotConns()
 	s.log.Warn("drain grace period over: cutting the sockets left", "left", len(left))
@@ -285,6 +287,48 @@ func (s *Server) drain() {
 		s.log.Warn("connections still ending after the drain", "left", s.open.Load())
 	}
 }
+
+// drainSpread is how long the drain takes to close n sockets: one every
+// 1/rate of a second, and all of them within half of grace, which
+// leaves the other half for the last ones' clients to answer their
+// close. rate 0: all at once.
+func drainSpread(n, rate int, grace time.Duration) time.Duration {
+	if rate <= 0 || n <= 1 {
+		return 0
+	}
+	return min(time.Duration(float64(n-1)/float64(rate)*float64(time.Second)), grace/2)
+}
+
+// closeSpread closes conns with 1001, the i-th of n at start +
+// spread×i/(n-1), a batch every drainTick: a tick that comes late
+// closes what is due by then, so the whole takes spread. It ends
+// sooner when done is (every socket has ended). Closed here, one after
+// the other: closeWith does not wait for the socket (the writer sends
+// the close frame), so no goroutine is started for it that nothing
+// would wait for.
+func (s *Server) closeSpread(conns []*conn, start time.Time, spread time.Duration, done <-chan struct{}) {
+	n := len(conns)
+	for i := 0; i < n; {
+		due := n
+		if spread > 0 {
+			due = min(n, 1+int(float64(n-1)*float64(time.Since(start))/float64(spread)))
+		}
+		for ; i < due; i++ {
+			conns[i].closeWith(protocol.CloseGoingAway, "server shutting down: reconnect and resume", true)
+		}
+		if i == n {
+			return
+		}
+		select {
+		case <-done:
+			return
+		case <-time.After(drainTick):
+		}
+	}
+}
+
+// drainTick is how often a spread drain closes the sockets due.
+const drainTick = 10 * time.Millisecond
 
 // sweep runs the sockets' shared timers: pings, missed pongs, idle and
 // lifetime closes and token expiry. One loop for all connections instead
