@@ -10,6 +10,13 @@
 // B's memory and goroutines. Run from the repository:
 //
 //	go run ./bench/cmd/storm -clients 2000 -spread 500ms
+//
+// With -drain, A is stopped as a deploy stops it (SIGTERM): its drain
+// closes the clients 1001, DRAIN_RATE a second (-env DRAIN_RATE=0: all at
+// once), and each client reconnects to B a wait drawn from [0, 500 ms]
+// after its close, as the reference clients do, while messages are
+// published (-during; -gap and -spread do not apply). It reports the
+// most clients that reached B within any 100 ms.
 package main
 
 import (
@@ -20,6 +27,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"runtime"
@@ -147,6 +155,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	during := fs.Int("during", 200, "messages published during the storm")
 	spread := fs.Duration("spread", 0, "reconnects spread uniformly over this long (0: all at once)")
 	extra := fs.String("env", "", "extra egress env, comma-separated K=V")
+	drain := fs.Bool("drain", false, "stop A with SIGTERM (its drain's 1001s) instead of SIGKILL; each client reconnects 0-500 ms after its close")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -247,14 +256,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "%d clients live on A, %d messages each\n", *n, len(pre))
 	// Phase 2: kill A; publish while they are away.
-	harness.Kids.Stop(a.Cmd)
-	for _, c := range clients {
-		<-c.done
-		c.ws.Close()
-	}
-	gapIDs, err := publish(ctx, ing.Base, ch, *gap)
-	if err != nil {
-		return err
+	var gapIDs []string
+	if !*drain {
+		harness.Kids.Stop(a.Cmd)
+		for _, c := range clients {
+			<-c.done
+			c.ws.Close()
+		}
+		if gapIDs, err = publish(ctx, ing.Base, ch, *gap); err != nil {
+			return err
+		}
 	}
 	runtime.GC()
 	rssBefore, _ := harness.RSSKiB(b.Pid())
@@ -280,16 +291,30 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	start := make(chan struct{})
 	var failed atomic.Int64
 	var firstFail atomic.Value
+	var arrivals sync.Mutex
+	var dialedAt []time.Time // when each dial to B began
 	for i, c := range clients {
-		c.done = make(chan struct{})
-		c.ws = nil
+		closedA := c.done
+		if !*drain {
+			c.done = make(chan struct{})
+			c.ws = nil
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			<-start
-			if *spread > 0 {
+			if *drain {
+				<-closedA
+				c.ws.Close()
+				c.ws = nil
+				c.done = make(chan struct{})
+				time.Sleep(rand.N(500 * time.Millisecond))
+			} else if *spread > 0 {
 				time.Sleep(time.Duration(int64(*spread) * int64(i) / int64(len(clients))))
 			}
+			arrivals.Lock()
+			dialedAt = append(dialedAt, time.Now())
+			arrivals.Unlock()
 			c.mu.Lock()
 			after := c.last
 			c.mu.Unlock()
@@ -307,6 +332,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	t0 := time.Now()
 	close(start)
+	var termErr error
+	termDone := make(chan struct{})
+	go func() {
+		defer close(termDone)
+		if *drain {
+			_, termErr = harness.Kids.Term(a.Cmd, time.Minute)
+		}
+	}()
 	var duringIDs []string
 	var pubErr error
 	pubDone := make(chan struct{})
@@ -328,6 +361,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if pubErr != nil {
 		return pubErr
 	}
+	<-termDone
+	if termErr != nil {
+		return fmt.Errorf("egress A: %w", termErr)
+	}
 	want := slices.Concat(pre, gapIDs, duringIDs)
 	werr := waitAll("all messages after the storm", func(c *client) bool { return len(c.ids) >= len(want) }, 60*time.Second)
 	settled := time.Since(t0)
@@ -345,8 +382,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	// Check every client.
 	var lost, dup, disorder, notRecovered, errFrames, closed int
 	var ex []string
+	closesA := map[int]int{} // how each client's socket on A ended
 	for _, c := range clients {
 		c.mu.Lock()
+		if len(c.closeCodes) > 0 {
+			closesA[c.closeCodes[0]]++
+		}
 		seen := map[string]int{}
 		for _, id := range c.ids {
 			seen[id]++
@@ -386,6 +427,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "storm: %d clients resumed on B (dial+subscribe sent in %s, dial failures %d %v), all %d messages delivered: %v (in %s)\n",
 		*n, dialed.Round(time.Millisecond), failed.Load(), firstFail.Load(), len(want), werr == nil, settled.Round(time.Millisecond))
+	fmt.Fprintf(stdout, "sockets on A ended by close code: %v; most dials to B within 100 ms: %d\n", closesA, peakWithin(dialedAt, 100*time.Millisecond))
 	fmt.Fprintf(stdout, "lost %d, duplicated %d, out of order %d clients, recovered:false %d, error frames %d, closed during storm %d %v\n",
 		lost, dup, disorder, notRecovered, errFrames, closed, ex)
 	var names []string
@@ -411,4 +453,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	return nil
+}
+
+// peakWithin is the most of ts (in any order) within any window of d.
+func peakWithin(ts []time.Time, d time.Duration) int {
+	ts = slices.Clone(ts)
+	slices.SortFunc(ts, time.Time.Compare)
+	most := 0
+	for i, j := 0, 0; j < len(ts); j++ {
+		for ts[j].Sub(ts[i]) > d {
+			i++
+		}
+		most = max(most, j-i+1)
+	}
+	return most
 }
