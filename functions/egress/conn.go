@@ -1093,8 +1093,9 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 // the queue.
 //
 // At most half the pool's connections serve such reads at once
-// (hub.replayReads): the others wait here, as long as c is open, and a
-// closed c's read fails with errClosedDuringRead.
+// (hub.replayReads): the others wait here, as long as c is open and its
+// client has not gone, and a closed c's read fails with
+// errClosedDuringRead.
 func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) (stream.Batch, error) {
 	for {
 		if !c.replayReadTurn(ctx) {
@@ -1112,7 +1113,15 @@ func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) 
 
 // replayReadTurn waits for one of hub.replayReads's places, and reports
 // false if c closed first: nothing wakes a closing c's replay (its reader
-// waits for it), so the wait looks every 50 ms.
+// waits for it), so the wait looks every 50 ms. It also asks the kernel
+// then whether the client has hung up (frameReader.hungUp; Linux, plain
+// sockets): the reader, waiting for the replay, reads nothing, so a
+// client gone meanwhile was seen only when a ping's write failed, up to
+// PING_INTERVAL later, or when its turn came, its read then made for
+// nobody; in a reconnect storm, clients that give up and reconnect
+// while their replays wait added those reads to the queue. Such a
+// client's connection ends as the reader's read of the stream's end
+// would end it (noteReadError).
 func (c *conn) replayReadTurn(ctx context.Context) bool {
 	sem := c.s.hub.replayReads
 	if sem == nil {
@@ -1135,6 +1144,10 @@ func (c *conn) replayReadTurn(ctx context.Context) bool {
 			return false
 		case <-t.C:
 			if c.isClosing() {
+				return false
+			}
+			if c.fr.hungUp() {
+				c.closeWith(1006, "connection lost", false)
 				return false
 			}
 			t.Reset(50 * time.Millisecond)

@@ -78,3 +78,28 @@ func (r *frameReader) unsent() int {
 	})
 	return int(n)
 }
+
+// hungUp reports whether the client has hung up, for a reader that reads
+// nothing meanwhile (replayReadTurn): its FIN has come, even behind
+// bytes not read yet, which stay in the socket (poll(2)'s POLLRDHUP), or
+// a reset (POLLHUP, POLLERR). False when it cannot tell. One ppoll that
+// does not wait: epoll's EPOLLRDHUP, EPOLLHUP and EPOLLERR are poll's
+// bits under their epoll names, which package syscall has.
+func (r *frameReader) hungUp() bool {
+	if r.raw == nil {
+		return false
+	}
+	const gone = syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
+	pfd := struct {
+		fd              int32
+		events, revents int16
+	}{events: syscall.EPOLLRDHUP}
+	var now syscall.Timespec // a zero timeout: ppoll returns at once
+	hung := false
+	_ = r.raw.Control(func(fd uintptr) {
+		pfd.fd = int32(fd)
+		n, _, errno := syscall.RawSyscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&now)), 0, 0, 0)
+		hung = errno == 0 && n == 1 && pfd.revents&gone != 0
+	})
+	return hung
+}

@@ -10,3 +10,6 @@ func (r *frameReader) writeNow([]byte) int { return 0 }
 
 // unsent: elsewhere the send queue is not looked at (0).
 func (r *frameReader) unsent() int { return 0 }
+
+// hungUp: elsewhere a client's hang-up is seen when the reader reads.
+func (r *frameReader) hungUp() bool { return false }

@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -610,6 +613,98 @@ func TestReplayReadTurnEndsWithConn(t *testing.T) {
 			c2 := &conn{s: &Server{hub: h}, done: make(chan struct{})}
 			if !c2.replayReadTurn(t.Context()) || len(h.replayReads) != 1 {
 				t.Fatalf("a free place was not taken (%d taken)", len(h.replayReads))
+			}
+		})
+	}
+}
+
+// TestReplayTurnSeesClientGone: a client that goes away while its resume
+// waits for a place among the replay reads (hub.replayReads, all taken)
+// is seen by the wait's look every 50 ms: its FIN, even behind frames it
+// sent that the server has not read (the reader, handling the subscribe,
+// reads nothing meanwhile), or its reset. The connection ends as a read
+// of the end of the stream would end it (1006 by the client, SCF 456),
+// and no stream read is made for it. Before, such a client was seen only
+// when a ping's write failed, up to PING_INTERVAL later, or when its turn
+// came, and then its read was made for nobody: in a reconnect storm,
+// clients that give up and reconnect while their replays wait added
+// those reads to the queue.
+func TestReplayTurnSeesClientGone(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the hang-up is looked for on Linux only (readable_linux.go)")
+	}
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		reset bool
+	}{
+		{"FIN behind unread frames", false},
+		{"reset", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			pub, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("gone")
+			ids := appendData(t, pub, ks, "gone", []byte("1"), 3)
+			rdb := pooledClient(t, 2, 0) // one place among the replay reads
+			var reads atomic.Int64
+			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
+				if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 1 && a[1] == key {
+					reads.Add(1)
+				}
+			}})
+			logs := &testkit.SyncBuffer{}
+			e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"}, logs)
+			turns := e.s.hub.replayReads
+			turns <- struct{}{} // the one place is taken (the storm's other replays)
+
+			ws, c := e.dialConn(t, nil)
+			send(t, ws, map[string]any{"type": "subscribe", "channel": "gone", "after": ids[0]})
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if !c.handling.Load() {
+					return errors.New("the subscribe is not being handled yet")
+				}
+				return nil
+			})
+			// Frames the reader, waiting on the subscribe, leaves in the
+			// socket: the FIN comes behind them.
+			for range 20 {
+				send(t, ws, map[string]any{"type": "ping"})
+			}
+			tcp := ws.UnderlyingConn().(*net.TCPConn)
+			if tc.reset {
+				_ = tcp.SetLinger(0)
+			}
+			_ = tcp.Close()
+			left := time.Now()
+
+			var end struct {
+				Msg       string
+				CloseCode int    `json:"close_code"`
+				ClosedBy  string `json:"closed_by"`
+				SCFStatus int    `json:"scf_status"`
+			}
+			testkit.Eventually(t, 2*time.Second, func() error {
+				for l := range strings.Lines(logs.String()) {
+					if err := json.Unmarshal([]byte(l), &end); err != nil {
+						t.Fatalf("log line %q: %v", l, err)
+					}
+					if end.Msg == "connection closed" {
+						return nil
+					}
+				}
+				return errors.New("the connection has not ended")
+			})
+			t.Logf("the connection ended %v after its client left", time.Since(left).Round(time.Millisecond))
+			if end.CloseCode != 1006 || end.ClosedBy != "client" || end.SCFStatus != 456 {
+				t.Errorf("connection closed %+v, want 1006 by the client, SCF status 456 (a lost connection)", end)
+			}
+			if n := reads.Load(); n != 0 {
+				t.Errorf("%d stream reads made for a client that had gone, want none", n)
+			}
+			if n := len(turns); n != 1 {
+				t.Errorf("%d places taken, want the 1 taken before", n)
 			}
 		})
 	}
