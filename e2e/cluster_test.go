@@ -67,11 +67,11 @@ func TestOnRedisCluster(t *testing.T) {
 
 	t.Run("resume", func(t *testing.T) {
 		var first struct{ ID string }
-		post(t, c.ingress[0].URL+"/v1/channels/resume-me/messages", map[string]any{"data": 0}, &first)
+		postAccepted(t, c.ingress[0].URL+"/v1/channels/resume-me/messages", map[string]any{"data": 0}, &first)
 		var want []string
 		for i := 1; i <= 3; i++ {
 			var res struct{ ID string }
-			post(t, c.ingress[1].URL+"/v1/channels/resume-me/messages", map[string]any{"data": i}, &res)
+			postAccepted(t, c.ingress[1].URL+"/v1/channels/resume-me/messages", map[string]any{"data": i}, &res)
 			want = append(want, res.ID)
 		}
 		s := dial(t, c.egress[1].wsURL(""))

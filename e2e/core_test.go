@@ -204,7 +204,7 @@ func TestUnsubscribe(t *testing.T) {
 	y.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
 	x.send(map[string]any{"type": "unsubscribe", "channel": "news", "ref": "u1"})
 	x.waitFrame(func(f frame) bool { return f.Type == "unsubscribed" && f.Channel == "news" })
-	post(t, c.ingress[0].URL+"/v1/channels/news/messages", map[string]any{"data": 1}, nil)
+	postAccepted(t, c.ingress[0].URL+"/v1/channels/news/messages", map[string]any{"data": 1}, nil)
 	y.waitMessages("news", 1)
 	time.Sleep(100 * time.Millisecond)
 	if n := len(x.messages("news")); n != 0 {

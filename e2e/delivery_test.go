@@ -49,7 +49,7 @@ func testResumeSeam(t *testing.T, redisURL string, e env) {
 	ing := urls(c.ingress[:])
 	// History before anyone subscribes.
 	var first struct{ ID string }
-	post(t, ing[0]+"/v1/channels/seam/messages", map[string]any{"data": "zero"}, &first)
+	postAccepted(t, ing[0]+"/v1/channels/seam/messages", map[string]any{"data": "zero"}, &first)
 	pub := startPublisher(t, ing, "seam", time.Millisecond)
 	testkit.Eventually(t, 5*time.Second, func() error {
 		if pub.count() < 300 {
@@ -95,7 +95,7 @@ func TestRecoveredFalse(t *testing.T) {
 	var ids []string
 	for i := range 300 {
 		var res struct{ ID string }
-		post(t, in.URL+"/v1/channels/trim/messages", map[string]any{"data": i}, &res)
+		postAccepted(t, in.URL+"/v1/channels/trim/messages", map[string]any{"data": i}, &res)
 		ids = append(ids, res.ID)
 	}
 	check := func(after string, want bool) {
@@ -414,7 +414,7 @@ func TestRedisStall(t *testing.T) {
 func TestResumeFromPosition(t *testing.T) {
 	c := startCluster(t, redistest.URL(t), nil)
 	var before struct{ ID string }
-	post(t, c.ingress[0].URL+"/v1/channels/pos/messages", map[string]any{"data": "before"}, &before)
+	postAccepted(t, c.ingress[0].URL+"/v1/channels/pos/messages", map[string]any{"data": "before"}, &before)
 	w := dial(t, c.egress[0].wsURL("channels=pos"))
 	sub := w.waitFrame(func(f frame) bool { return f.Type == "subscribed" })
 	if sub.Position != before.ID {
@@ -424,7 +424,7 @@ func TestResumeFromPosition(t *testing.T) {
 	var ids []string
 	for i := range 3 {
 		var res struct{ ID string }
-		post(t, c.ingress[1].URL+"/v1/channels/pos/messages", map[string]any{"data": i}, &res)
+		postAccepted(t, c.ingress[1].URL+"/v1/channels/pos/messages", map[string]any{"data": i}, &res)
 		ids = append(ids, res.ID)
 	}
 	w2 := dial(t, c.egress[1].wsURL(""))

@@ -177,6 +177,35 @@ func httpStatus(url string, want int) error {
 // post sends a JSON body and decodes the JSON answer.
 func post(t testing.TB, url string, body any, out any) int {
 	t.Helper()
+	st, rb := postRaw(t, url, body)
+	if out != nil {
+		if err := json.Unmarshal(rb, out); err != nil {
+			t.Fatalf("POST %s: %d %s", url, st, rb)
+		}
+	}
+	return st
+}
+
+// postAccepted is post for a request the test needs answered 2xx (a
+// publish before the test waits for its delivery): any other answer
+// fails the test here, with its status and body, so that a 503 on a
+// loaded machine reads as a 503, not as a message that never arrived.
+func postAccepted(t testing.TB, url string, body any, out any) {
+	t.Helper()
+	st, rb := postRaw(t, url, body)
+	if st < 200 || st > 299 {
+		t.Fatalf("POST %s: %d %s, want 2xx", url, st, rb)
+	}
+	if out != nil {
+		if err := json.Unmarshal(rb, out); err != nil {
+			t.Fatalf("POST %s: %d %s", url, st, rb)
+		}
+	}
+}
+
+// postRaw sends a JSON body and returns the status and body of the answer.
+func postRaw(t testing.TB, url string, body any) (int, []byte) {
+	t.Helper()
 	b, _ := json.Marshal(body)
 	resp, err := http.Post(url, "application/json", bytes.NewReader(b))
 	if err != nil {
@@ -184,12 +213,7 @@ func post(t testing.TB, url string, body any, out any) int {
 	}
 	defer resp.Body.Close()
 	rb, _ := io.ReadAll(resp.Body)
-	if out != nil {
-		if err := json.Unmarshal(rb, out); err != nil {
-			t.Fatalf("POST %s: %d %s", url, resp.StatusCode, rb)
-		}
-	}
-	return resp.StatusCode
+	return resp.StatusCode, rb
 }
 
 // postQuiet is post for background goroutines: it reports failure as
