@@ -32,6 +32,7 @@ type Server struct {
 	rdb      redis.UniversalClient
 	hub      *hub
 	reg      *registry.Registry
+	regPut   *registry.Batcher // new connections' records (openConn), in shared pipelines
 	metrics  *metrics
 	instance string
 	upgrader websocket.Upgrader
@@ -101,6 +102,10 @@ func NewServer(cfg Config, log *slog.Logger, rdb redis.UniversalClient) *Server 
 		refreshBatch: 256,
 		lingerMax:    lingerMax,
 	}
+	// A reconnect storm's handshakes share pipelines instead of queueing
+	// one each for the pool: as the ingress's publishes, 4 at once, each
+	// of up to 256 records (a refresh's batch) within REDIS_TIMEOUT.
+	s.regPut = registry.NewBatcher(s.reg, cfg.Redis.Timeout, 4, 256)
 	s.sec = newSecurity(cfg, s.log)
 	s.regFail = &logging.Episode{Log: s.log, Msg: "registry write failed", Back: "registry writes back",
 		Then: "sends to this instance's connections may be refused (new sockets are closed with 1013) or reach ended ones until Redis answers; records left behind expire within REGISTRY_TTL; logged again every 30s while it lasts and once when writes succeed again"}

@@ -206,8 +206,9 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 	var err error
 	c.regMu.Lock()
 	if !c.closeStarted.Load() { // closed already (a drain): no record to write, and none for unlist to remove
+		// REDIS_TIMEOUT to wait for a pipeline, which has one of its own.
 		rctx, rcancel := context.WithTimeout(ctx, s.cfg.Redis.Timeout)
-		err = s.reg.Put(rctx, c.recordCopy())
+		err = s.regPut.Put(rctx, c.recordCopy())
 		rcancel()
 		at := s.clock()
 		c.regTry.Store(at)
