@@ -170,8 +170,9 @@ func (b *Batcher) write(batch []*putReq) []error {
 	start := 0
 	for i, end := range ends {
 		if errs[i] == nil {
-			for _, c := range cmds[start:end] {
-				if cerr := c.Err(); cerr != nil {
+			own := cmds[start:end]
+			for j, c := range own {
+				if cerr := c.Err(); cerr != nil && !answeredBeforeDeadline(own[j:], cerr) {
 					errs[i] = fmt.Errorf("registry put: %w", cerr)
 					break
 				}
@@ -183,6 +184,35 @@ func (b *Batcher) write(batch []*putReq) []error {
 		start = end
 	}
 	return errs
+}
+
+// answeredBeforeDeadline reports whether cmds[0], failed with cerr,
+// was in fact carried out: go-redis sets the pipeline's own deadline,
+// bare, on every command without an error of its own when it runs out
+// between its attempts (setCmdsErr after the retry backoff), those a
+// master that answered had carried out included (unreachable), so that
+// on a cluster with one master hung every Put of the pipeline failed,
+// and its socket was refused, though its record was written. A reply
+// read leaves its value, which a command never sent does not have: a
+// SET's OK, a PEXPIRE's true (its key exists), and for a ZADD (1 or 0,
+// whether its member is new) the PEXPIRE of its key that follows it
+// (addMember), answered after it on the same connection.
+func answeredBeforeDeadline(cmds []redis.Cmder, cerr error) bool {
+	if cerr != context.DeadlineExceeded {
+		return false
+	}
+	switch c := cmds[0].(type) {
+	case *redis.StatusCmd:
+		return c.Val() == "OK"
+	case *redis.BoolCmd:
+		return c.Val()
+	case *redis.IntCmd:
+		if len(cmds) > 1 && cmds[1].Name() == "pexpire" && fmt.Sprint(cmds[1].Args()[1]) == fmt.Sprint(c.Args()[1]) {
+			next, ok := cmds[1].(*redis.BoolCmd)
+			return ok && (next.Err() == nil || next.Err() == context.DeadlineExceeded) && next.Val()
+		}
+	}
+	return false
 }
 
 // passLocked hands a leadership on to the oldest pending request, or gives
