@@ -6,7 +6,11 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -161,6 +165,59 @@ func BenchmarkAppend(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/append")
 		})
+	}
+}
+
+// BenchmarkBatcher is one publish's append through the Batcher the
+// ingress uses (4 pipelines at once, 256 appends each): serially, a
+// pipeline per append, and from 8 callers per CPU, whose appends share
+// pipelines. It measures the leader handoff and request pooling on top of
+// BenchmarkAppend's round trip. A pipeline's own allocations are shared
+// by its appends, so allocs/op in parallel moves with appends/pipeline,
+// which timing decides.
+func BenchmarkBatcher(b *testing.B) {
+	rdb, prefix := redistest.Client(b)
+	pipelines := &pipelineCount{}
+	rdb.AddHook(pipelines)
+	ks := keys.Scheme{Prefix: prefix}
+	bt := NewBatcher(NewStore(rdb), 5*time.Second, 4, 256)
+	ctx := context.Background()
+	as := []Append{{Stream: ks.Stream("bench"), Notify: ks.Notify("bench"),
+		Limits: Limits{MaxLen: 1000, MaxAgeMS: 86400000, TTLMS: 86400000},
+		Msg:    Message{Channel: "bench", TS: 1700000000000, Data: benchData}}}
+	b.Run("serial", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := bt.Append(ctx, as); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("parallel", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetParallelism(8)
+		start := pipelines.n.Load()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if _, err := bt.Append(ctx, as); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.ReportMetric(float64(b.N)/float64(pipelines.n.Load()-start), "appends/pipeline")
+	})
+}
+
+// pipelineCount counts the pipelines its client sends.
+type pipelineCount struct{ n atomic.Int64 }
+
+func (h *pipelineCount) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *pipelineCount) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *pipelineCount) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmds)
 	}
 }
 
