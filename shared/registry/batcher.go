@@ -4,10 +4,11 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/internal/coalesce"
 )
 
 // Batcher coalesces the Puts of concurrent callers into shared
@@ -16,34 +17,27 @@ import (
 // trips instead of one each (5,000 sockets within 500 ms on 2 vCPU, a
 // pipeline each, queued for the pool until half of them had waited out
 // REDIS_TIMEOUT, and were closed 1013). It starts no goroutine, as
-// stream.Batcher: a caller that finds
-// fewer than maxInFlight pipelines running becomes a leader, sends what
-// is pending, and hands leadership to the oldest waiting caller if more
-// arrived meanwhile. An idle Batcher costs nothing and needs no Close.
+// stream.Batcher: a caller that finds fewer than maxInFlight pipelines
+// running becomes a leader, sends what is pending, and hands leadership
+// to the oldest waiting caller if more arrived meanwhile (coalesce.Queue).
+// An idle Batcher costs nothing and needs no Close.
 // It is safe for concurrent use.
 //
 // What a Put writes is what Registry.Put writes (the same commands, the
 // score as of the call); each caller gets its own result (Put).
 type Batcher struct {
-	r           *Registry
-	timeout     time.Duration
-	maxInFlight int
-	maxBatch    int
-
-	mu      sync.Mutex
-	pending []*putReq
-	leaders int
+	r        *Registry
+	timeout  time.Duration
+	maxBatch int
+	q        *coalesce.Queue[putReq]
 }
 
+// putReq is one Put call: its record and score, and its result once
+// sent.
 type putReq struct {
 	rec   *Record
 	score float64
-	wake  chan struct{} // capacity 1: finished or promoted
-
-	// guarded by Batcher.mu
-	err      error
-	finished bool
-	promoted int // leaderships handed to this request, not yet exercised
+	err   error
 }
 
 // NewBatcher returns a Batcher writing to r. Each pipeline is bounded by
@@ -51,7 +45,9 @@ type putReq struct {
 // maxInFlight pipelines run at once (below 1: 1), each with at most
 // maxBatch records (below 1: 1).
 func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *Batcher {
-	return &Batcher{r: r, timeout: timeout, maxInFlight: max(1, maxInFlight), maxBatch: max(1, maxBatch)}
+	b := &Batcher{r: r, timeout: timeout, maxBatch: max(1, maxBatch)}
+	b.q = coalesce.New(maxInFlight, b.take, b.send)
+	return b
 }
 
 // Put writes rec (creating or replacing it) and its set memberships, as
@@ -64,94 +60,35 @@ func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *
 // the pipeline's when none of its commands got one of its own (a hook
 // refused it whole). rec is not used once Put has returned.
 func (b *Batcher) Put(ctx context.Context, rec *Record) error {
-	req := &putReq{rec: rec, score: b.r.expiry(), wake: make(chan struct{}, 1)}
-	b.mu.Lock()
-	b.pending = append(b.pending, req)
-	lead := b.leaders < b.maxInFlight
-	if lead {
-		b.leaders++
+	req := &coalesce.Request[putReq]{V: putReq{rec: rec, score: b.r.expiry()}}
+	if err := b.q.Do(ctx, req); err != nil {
+		return fmt.Errorf("registry put: %w", err)
 	}
-	b.mu.Unlock()
-	done := ctx.Done()
-	for {
-		if lead {
-			b.flush()
-			lead = false
-		}
-		b.mu.Lock()
-		fin, pro := req.finished, req.promoted > 0
-		if pro {
-			req.promoted--
-		}
-		b.mu.Unlock()
-		if pro {
-			// Leadership was handed to us: exercise it even if another
-			// leader has already sent our record, or it would be lost.
-			lead = true
-			continue
-		}
-		if fin {
-			break
-		}
-		select {
-		case <-req.wake:
-		case <-done:
-			b.mu.Lock()
-			if i := slices.Index(b.pending, req); i >= 0 {
-				// No pipeline has taken it: withdraw, handing on any
-				// leadership it was given.
-				b.pending = slices.Delete(b.pending, i, i+1)
-				for ; req.promoted > 0; req.promoted-- {
-					b.passLocked()
-				}
-				b.mu.Unlock()
-				return fmt.Errorf("registry put: %w", ctx.Err())
-			}
-			b.mu.Unlock()
-			done = nil // taken: wait for its pipeline
-		}
-	}
-	b.mu.Lock()
-	err := req.err
-	b.mu.Unlock()
-	return err
+	return req.V.err
 }
 
-// flush sends one pipeline of pending requests, then passes leadership on
-// (or gives it up when nothing is pending).
-func (b *Batcher) flush() {
-	b.mu.Lock()
-	n := min(b.maxBatch, len(b.pending))
-	batch := slices.Clone(b.pending[:n])
-	b.pending = slices.Delete(b.pending, 0, n)
-	b.mu.Unlock()
+// take returns how many of the oldest pending requests the next pipeline
+// carries.
+func (b *Batcher) take(pending []*coalesce.Request[putReq]) int {
+	return min(b.maxBatch, len(pending))
+}
 
-	if len(batch) > 0 {
-		errs := b.write(batch)
-		b.mu.Lock()
-		for i, req := range batch {
-			req.err, req.finished = errs[i], true
-		}
-		b.mu.Unlock()
-		for _, req := range batch {
-			signal(req.wake)
-		}
+// send writes batch in one pipeline and gives each request its error.
+func (b *Batcher) send(batch []*coalesce.Request[putReq]) {
+	for i, err := range b.write(batch) {
+		batch[i].V.err = err
 	}
-
-	b.mu.Lock()
-	b.passLocked()
-	b.mu.Unlock()
 }
 
 // write writes batch in one pipeline and returns each request's error.
-func (b *Batcher) write(batch []*putReq) []error {
+func (b *Batcher) write(batch []*coalesce.Request[putReq]) []error {
 	errs := make([]error, len(batch))
 	ends := make([]int, len(batch)) // request i's commands end at ends[i]
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	defer cancel()
 	cmds, err := b.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, req := range batch {
-			if werr := b.r.write(ctx, p, req.rec, req.score, nil); werr != nil {
+			if werr := b.r.write(ctx, p, req.V.rec, req.V.score, nil); werr != nil {
 				errs[i] = fmt.Errorf("registry put: %w", werr) // nothing of it queued
 			}
 			ends[i] = p.Len()
@@ -213,23 +150,4 @@ func answeredBeforeDeadline(cmds []redis.Cmder, cerr error) bool {
 		}
 	}
 	return false
-}
-
-// passLocked hands a leadership on to the oldest pending request, or gives
-// it up when nothing is pending. b.mu is held.
-func (b *Batcher) passLocked() {
-	if len(b.pending) > 0 {
-		next := b.pending[0]
-		next.promoted++
-		signal(next.wake)
-	} else {
-		b.leaders--
-	}
-}
-
-func signal(c chan struct{}) {
-	select {
-	case c <- struct{}{}:
-	default:
-	}
 }

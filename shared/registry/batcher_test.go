@@ -67,9 +67,7 @@ func held(t *testing.T, maxInFlight int) (*Registry, *Batcher, *heldPipelines) {
 func waitQueued(t *testing.T, b *Batcher, h *heldPipelines, n, maxInFlight int) {
 	t.Helper()
 	testkit.Eventually(t, 10*time.Second, func() error {
-		b.mu.Lock()
-		p := len(b.pending)
-		b.mu.Unlock()
+		_, p := b.q.State()
 		if h.running.Load() != int64(maxInFlight) || int64(p)+h.set.Load() != int64(n) {
 			return fmt.Errorf("%d pipelines held with %d records, %d pending; want %d in all", h.running.Load(), h.set.Load(), p, n)
 		}
@@ -242,10 +240,8 @@ func TestBatcherWithdraw(t *testing.T) {
 	waitQueued(t, b, h, 3, 1)
 	cancel()
 	testkit.Eventually(t, 5*time.Second, func() error {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		if len(b.pending) != 1 {
-			return fmt.Errorf("%d pending, want 1 (the cancelled Put withdrawn)", len(b.pending))
+		if _, p := b.q.State(); p != 1 {
+			return fmt.Errorf("%d pending, want 1 (the cancelled Put withdrawn)", p)
 		}
 		return nil
 	})

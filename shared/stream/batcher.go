@@ -2,9 +2,10 @@ package stream
 
 import (
 	"context"
-	"slices"
 	"sync"
 	"time"
+
+	"github.com/wsrelay/wsrelay/shared/internal/coalesce"
 )
 
 // Batcher coalesces the appends of concurrent callers into shared
@@ -12,8 +13,8 @@ import (
 // side) carries many publishes instead of one. It starts no goroutine:
 // a caller that finds fewer than MaxInFlight pipelines running becomes a
 // leader, sends everything pending, and hands leadership to the oldest
-// waiting caller if more arrived meanwhile. An idle Batcher costs nothing
-// and needs no Close.
+// waiting caller if more arrived meanwhile (coalesce.Queue). An idle
+// Batcher costs nothing and needs no Close.
 //
 // Each append still runs as its own script, so results and errors are per
 // append; a pipeline's appends may interleave with others' in Redis, but
@@ -21,47 +22,31 @@ import (
 // and its first append to a stream it appends to again is sent with the
 // script's source: loadFirstOfRepeated).
 type Batcher struct {
-	store       *Store
-	timeout     time.Duration
-	maxInFlight int
-	maxBatch    int
-
-	mu      sync.Mutex
-	pending []*batchReq
-	leaders int
+	store    *Store
+	timeout  time.Duration
+	maxBatch int
+	q        *coalesce.Queue[batchReq]
 }
 
+// batchReq is one Append call: its appends, and their results once
+// sent.
 type batchReq struct {
 	as   []Append
-	wake chan struct{} // capacity 1: finished or promoted; never replaced
-
-	// guarded by Batcher.mu
-	ids      []string
-	errs     []error
-	finished bool
-	promoted int // leaderships handed to this request, not yet exercised
+	ids  []string
+	errs []error
 }
 
-// reqPool recycles batchReqs and their wake channels (two allocations per
-// append). A leader signals a finished request's channel after unlocking
-// b.mu, possibly after its caller has returned it here: a recycled
-// request can find a stale wake-up in its channel. That is harmless,
-// since a wake-up is only a hint to look again at the state under b.mu.
-var reqPool = sync.Pool{New: func() any { return &batchReq{wake: make(chan struct{}, 1)} }}
-
-// recycle returns req, which no Batcher holds any more, to reqPool. Its
-// wake is left as it is: a leader may still be reading the field.
-func recycle(req *batchReq) {
-	req.as, req.ids, req.errs = nil, nil, nil
-	req.finished, req.promoted = false, 0
-	reqPool.Put(req)
-}
+// reqPool recycles requests and their wake channels (two allocations per
+// append); coalesce.Request says why a leader's late wake-up is harmless.
+var reqPool = sync.Pool{New: func() any { return new(coalesce.Request[batchReq]) }}
 
 // NewBatcher returns a Batcher over store. Each pipeline is bounded by
 // timeout (the callers' contexts cannot bound a shared pipeline); at most
 // maxInFlight pipelines run at once, each with at most maxBatch appends.
 func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) *Batcher {
-	return &Batcher{store: store, timeout: timeout, maxInFlight: max(1, maxInFlight), maxBatch: max(1, maxBatch)}
+	b := &Batcher{store: store, timeout: timeout, maxBatch: max(1, maxBatch)}
+	b.q = coalesce.New(maxInFlight, b.take, b.send)
+	return b
 }
 
 // Append appends as (in order, in one pipeline) and returns their ids, or
@@ -71,57 +56,15 @@ func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) 
 // once a pipeline has taken them, it waits for that pipeline, which the
 // Batcher's timeout bounds.
 func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
-	req := reqPool.Get().(*batchReq)
-	req.as = as
-	b.mu.Lock()
-	b.pending = append(b.pending, req)
-	lead := b.leaders < b.maxInFlight
-	if lead {
-		b.leaders++
+	req := reqPool.Get().(*coalesce.Request[batchReq])
+	req.V.as = as
+	err := b.q.Do(ctx, req)
+	ids, errs := req.V.ids, req.V.errs
+	req.V = batchReq{}
+	reqPool.Put(req)
+	if err != nil {
+		return nil, err
 	}
-	b.mu.Unlock()
-	done := ctx.Done()
-	for {
-		if lead {
-			b.flush()
-			lead = false
-		}
-		b.mu.Lock()
-		fin, pro := req.finished, req.promoted > 0
-		if pro {
-			req.promoted--
-		}
-		b.mu.Unlock()
-		if pro {
-			// Leadership was handed to us: exercise it even if another
-			// leader has already sent our appends, or it would be lost.
-			lead = true
-			continue
-		}
-		if fin {
-			break
-		}
-		select {
-		case <-req.wake:
-		case <-done:
-			b.mu.Lock()
-			if i := slices.Index(b.pending, req); i >= 0 {
-				// No pipeline has taken it: withdraw, handing on any
-				// leadership it was given.
-				b.pending = slices.Delete(b.pending, i, i+1)
-				for ; req.promoted > 0; req.promoted-- {
-					b.passLocked()
-				}
-				b.mu.Unlock()
-				recycle(req)
-				return nil, ctx.Err()
-			}
-			b.mu.Unlock()
-			done = nil // taken: wait for its pipeline
-		}
-	}
-	ids, errs := req.ids, req.errs
-	recycle(req)
 	for _, err := range errs {
 		if err != nil {
 			return nil, err
@@ -130,73 +73,43 @@ func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
 	return ids, nil
 }
 
-// flush sends one pipeline of pending requests, then passes leadership on
-// (or gives it up when nothing is pending).
-func (b *Batcher) flush() {
-	b.mu.Lock()
-	var batch []*batchReq
-	n := 0
-	for len(batch) < len(b.pending) && (n == 0 || n+len(b.pending[len(batch)].as) <= b.maxBatch) {
-		r := b.pending[len(batch)]
-		batch = append(batch, r)
-		n += len(r.as)
+// take returns how many of the oldest pending requests the next pipeline
+// carries: as many as fit in maxBatch appends, and at least one.
+func (b *Batcher) take(pending []*coalesce.Request[batchReq]) int {
+	k, n := 0, 0
+	for k < len(pending) && (n == 0 || n+len(pending[k].V.as) <= b.maxBatch) {
+		n += len(pending[k].V.as)
+		k++
 	}
-	// Deleted in place (the rest moved down), so that pending keeps its
-	// array: taking from its front left no room at its back, and appends
-	// allocated a new one.
-	b.pending = slices.Delete(b.pending, 0, len(batch))
-	b.mu.Unlock()
-
-	if len(batch) > 0 {
-		all := batch[0].as // one request's appends need no copy
-		if len(batch) > 1 {
-			all = make([]Append, 0, n)
-			for _, r := range batch {
-				all = append(all, r.as...)
-			}
-		}
-		var load []bool // each request's appends to one stream stay in order
-		off := 0
-		for _, r := range batch {
-			load = loadFirstOfRepeated(load, all, off, off+len(r.as))
-			off += len(r.as)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
-		ids, errs := b.store.appendLoading(ctx, all, load)
-		cancel()
-		b.mu.Lock()
-		off = 0
-		for _, r := range batch {
-			r.ids, r.errs = ids[off:off+len(r.as)], errs[off:off+len(r.as)]
-			off += len(r.as)
-			r.finished = true
-		}
-		b.mu.Unlock()
-		for _, r := range batch {
-			signal(r.wake)
-		}
-	}
-
-	b.mu.Lock()
-	b.passLocked()
-	b.mu.Unlock()
+	return k
 }
 
-// passLocked hands a leadership on to the oldest pending request, or gives
-// it up when nothing is pending. b.mu is held.
-func (b *Batcher) passLocked() {
-	if len(b.pending) > 0 {
-		next := b.pending[0]
-		next.promoted++
-		signal(next.wake)
-	} else {
-		b.leaders--
+// send sends batch's appends in one pipeline and gives each request its
+// appends' results.
+func (b *Batcher) send(batch []*coalesce.Request[batchReq]) {
+	all := batch[0].V.as // one request's appends need no copy
+	if len(batch) > 1 {
+		n := 0
+		for _, r := range batch {
+			n += len(r.V.as)
+		}
+		all = make([]Append, 0, n)
+		for _, r := range batch {
+			all = append(all, r.V.as...)
+		}
 	}
-}
-
-func signal(c chan struct{}) {
-	select {
-	case c <- struct{}{}:
-	default:
+	var load []bool // each request's appends to one stream stay in order
+	off := 0
+	for _, r := range batch {
+		load = loadFirstOfRepeated(load, all, off, off+len(r.V.as))
+		off += len(r.V.as)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
+	ids, errs := b.store.appendLoading(ctx, all, load)
+	cancel()
+	off = 0
+	for _, r := range batch {
+		r.V.ids, r.V.errs = ids[off:off+len(r.V.as)], errs[off:off+len(r.V.as)]
+		off += len(r.V.as)
 	}
 }

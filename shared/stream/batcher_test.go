@@ -136,10 +136,8 @@ func TestBatcherErrorsStayPerAppend(t *testing.T) {
 		}()
 	}
 	testkit.Eventually(t, 5*time.Second, func() error {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		if len(b.pending) < 2 {
-			return fmt.Errorf("%d appends pending, want 2", len(b.pending))
+		if _, p := b.q.State(); p < 2 {
+			return fmt.Errorf("%d appends pending, want 2", p)
 		}
 		return nil
 	})
@@ -201,10 +199,8 @@ func TestBatcherCallerContext(t *testing.T) {
 	// and the caller below led its own pipeline instead, the test passing
 	// without anything ahead of it.
 	testkit.Eventually(t, 5*time.Second, func() error {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		if b.leaders != 1 || len(b.pending) != 2 {
-			return fmt.Errorf("%d leaders and %d appends pending, want 1 and 2", b.leaders, len(b.pending))
+		if l, p := b.q.State(); l != 1 || p != 2 {
+			return fmt.Errorf("%d leaders and %d appends pending, want 1 and 2", l, p)
 		}
 		return nil
 	})
@@ -272,10 +268,8 @@ func awaitHold(t *testing.T, h *redistest.Hold) {
 // Batcher must once its callers have returned.
 func assertIdle(t *testing.T, b *Batcher) {
 	t.Helper()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.leaders != 0 || len(b.pending) != 0 {
-		t.Fatalf("idle batcher has %d leaders and %d pending", b.leaders, len(b.pending))
+	if l, p := b.q.State(); l != 0 || p != 0 {
+		t.Fatalf("idle batcher has %d leaders and %d pending", l, p)
 	}
 }
 
@@ -408,10 +402,8 @@ func TestBatcherMaxBatch(t *testing.T) {
 	awaitHold(t, hold)
 	pending := func(n int) {
 		testkit.Eventually(t, 5*time.Second, func() error {
-			b.mu.Lock()
-			defer b.mu.Unlock()
-			if len(b.pending) != n {
-				return fmt.Errorf("%d callers pending, want %d", len(b.pending), n)
+			if _, p := b.q.State(); p != n {
+				return fmt.Errorf("%d callers pending, want %d", p, n)
 			}
 			return nil
 		})
