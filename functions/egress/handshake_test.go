@@ -19,6 +19,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/wsrelay/wsrelay/shared/auth"
+	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -228,5 +229,77 @@ func TestHandshakeStormSharesPipelines(t *testing.T) {
 	// Four pipelines at once (held), then the rest in one.
 	if got := h.n.Load(); got > 8 {
 		t.Fatalf("%d sockets' records written in %d pipelines, want a few shared ones", n, got)
+	}
+}
+
+// recordWrites is a go-redis hook that holds the pipelines writing
+// connection records (their first command a SET) until open is closed,
+// counting the records they carry, and counts the records' removals
+// (pipelines whose first command is a DEL).
+type recordWrites struct {
+	open            chan struct{}
+	taken, removals atomic.Int64
+}
+
+func (h *recordWrites) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *recordWrites) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *recordWrites) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		switch cmds[0].Name() {
+		case "set":
+			for _, c := range cmds {
+				if c.Name() == "set" {
+					h.taken.Add(1)
+				}
+			}
+			<-h.open
+		case "del":
+			h.removals.Add(1)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestRefusedUnwrittenNotRemoved: a socket whose registry write gave up
+// waiting for a shared pipeline (a storm's queue) is refused 1013
+// without a removal of its record, which was never written: in a storm
+// that removal is one more round trip for nothing. A socket whose write
+// a pipeline took, and failed, still gets one (the write may have been
+// made).
+func TestRefusedUnwrittenNotRemoved(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	h := &recordWrites{open: make(chan struct{})}
+	rdb.AddHook(h)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "300ms"})
+	<-e.s.hub.inbox.ready
+	const n = 10
+	var wss []*websocket.Conn
+	for i := range n {
+		ws, _, err := e.dial(t, url.Values{"user": {fmt.Sprintf("u%d", i)}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wss = append(wss, ws)
+	}
+	// The pipelines (4 at once) hold what they took; the sockets left
+	// waiting give up after REDIS_TIMEOUT and leave the hub.
+	testkit.Eventually(t, 10*time.Second, func() error {
+		e.s.hub.mu.Lock()
+		defer e.s.hub.mu.Unlock()
+		if taken := h.taken.Load(); int64(len(e.s.hub.conns)) != taken || taken == 0 || taken == n {
+			return fmt.Errorf("%d sockets in the hub, %d taken by pipelines", len(e.s.hub.conns), taken)
+		}
+		return nil
+	})
+	close(h.open) // their deadline has passed: they fail too
+	for _, ws := range wss {
+		if code := closeCode(t, ws, 10*time.Second); code != protocol.CloseTryAgainLater {
+			t.Fatalf("socket closed %d, want %d", code, protocol.CloseTryAgainLater)
+		}
+	}
+	e.stop() // every handler has returned, its removal made
+	if taken, removals := h.taken.Load(), h.removals.Load(); removals != taken {
+		t.Fatalf("%d of %d sockets refused 1013 had their records removed, want the %d whose write a pipeline took", removals, n, taken)
 	}
 }

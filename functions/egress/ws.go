@@ -221,13 +221,17 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		// Nothing was written to the socket: take the connection back.
 		// Closing done makes a registry refresh that saw it remove its
 		// record again, and the record is removed here too, in case the
-		// write that timed out was made.
+		// write that timed out was made; not when it never left (a
+		// storm's queue for the pipelines, where the removal would be
+		// one more round trip for nothing).
 		s.hub.removeConn(c)
 		close(c.done)
 		c.refuse(protocol.CloseTryAgainLater, "registry unavailable: retry", err)
-		rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
-		_ = s.reg.Remove(rctx, c.recordCopy())
-		rcancel()
+		if !errors.Is(err, registry.ErrNotWritten) {
+			rctx, rcancel := context.WithTimeout(context.Background(), s.cfg.Redis.Timeout)
+			_ = s.reg.Remove(rctx, c.recordCopy())
+			rcancel()
+		}
 		return false
 	}
 	c.framesOut.Add(1) // the welcome, sent now

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -53,7 +54,7 @@ func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *
 // Put writes rec (creating or replacing it) and its set memberships, as
 // Registry.Put does, in a pipeline shared with concurrent Puts. A caller
 // whose ctx ends while rec still waits for a pipeline withdraws it and
-// gets ctx's error: nothing was written. Once a pipeline has taken rec,
+// gets ctx's error, with ErrNotWritten: nothing was written. Once a pipeline has taken rec,
 // Put waits for that pipeline, which the Batcher's timeout bounds, and
 // returns the first error among rec's own commands (on a Redis Cluster a
 // master that failed does not fail the records kept on the others), or
@@ -62,10 +63,15 @@ func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *
 func (b *Batcher) Put(ctx context.Context, rec *Record) error {
 	req := &coalesce.Request[putReq]{V: putReq{rec: rec, score: b.r.expiry()}}
 	if err := b.q.Do(ctx, req); err != nil {
-		return fmt.Errorf("registry put: %w", err)
+		return fmt.Errorf("registry put: waiting for a pipeline: %w: %w", err, ErrNotWritten)
 	}
 	return req.V.err
 }
+
+// ErrNotWritten is in the error of a Put that gave up before a pipeline
+// took its record: nothing of it was written, so nothing is to be
+// removed either.
+var ErrNotWritten = errors.New("nothing written")
 
 // take returns how many of the oldest pending requests the next pipeline
 // carries.

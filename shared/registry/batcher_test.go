@@ -200,7 +200,7 @@ func TestBatcherFailedPipeline(t *testing.T) {
 			close(h.open)
 			wg.Wait()
 			for i, err := range errs {
-				if tc.bad(i) != errors.Is(err, redistest.ErrFailed) {
+				if tc.bad(i) != errors.Is(err, redistest.ErrFailed) || errors.Is(err, ErrNotWritten) {
 					t.Errorf("Put c%d (user u%d): %v", i, i%3, err)
 				}
 			}
@@ -247,8 +247,8 @@ func TestBatcherWithdraw(t *testing.T) {
 	})
 	close(h.open)
 	wg.Wait()
-	if errs[0] != nil || errs[2] != nil || !errors.Is(errs[1], context.Canceled) {
-		t.Fatalf("Puts = %v, want nil, context.Canceled, nil", errs)
+	if errs[0] != nil || errs[2] != nil || !errors.Is(errs[1], context.Canceled) || !errors.Is(errs[1], ErrNotWritten) {
+		t.Fatalf("Puts = %v, want nil, context.Canceled (ErrNotWritten), nil", errs)
 	}
 	for id, want := range map[string]int64{"first": 1, "gone": 0, "last": 1} {
 		if got := r.rdb.Exists(ctx, r.keys.Conn(id)).Val(); got != want {
