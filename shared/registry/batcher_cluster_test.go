@@ -7,9 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wsrelay/wsrelay/shared/keys"
-	"github.com/wsrelay/wsrelay/shared/redisconn"
-	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/registry"
 )
 
@@ -26,31 +23,14 @@ func TestClusterBatcherPastHungMaster(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a Redis Cluster")
 	}
-	c := redistest.StartCluster(t, 3, 0)
-	admin := c.Client(t)
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	t.Cleanup(func() { redistest.Cleanup(admin, ks.Prefix) })
 	const timeout = 200 * time.Millisecond
-	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: timeout, PoolSize: 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	reg := registry.New(rdb, ks, time.Minute)
-	ctx := context.Background()
-	master := func(key string) string {
-		m, err := admin.MasterForKey(ctx, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m.Options().Addr
-	}
-	hung := c.Addrs()[0]
+	h := startHungCluster(t, timeout)
+	ks, reg, admin, ctx := h.ks, h.reg, h.admin, context.Background()
 	var recs []*registry.Record
 	onHung := map[string]bool{}
 	for i := range 30 {
 		r := &registry.Record{ID: fmt.Sprintf("c%d", i), User: fmt.Sprintf("u%d", i), Instance: "i1"}
-		onHung[r.ID] = master(ks.Conn(r.ID)) == hung || master(ks.UserConns(r.User)) == hung
+		onHung[r.ID] = h.onHung(t, r)
 		recs = append(recs, r)
 	}
 	if err := reg.Refresh(ctx, recs); err != nil { // all warm, every node dialled
@@ -59,14 +39,7 @@ func TestClusterBatcherPastHungMaster(t *testing.T) {
 	for _, r := range recs {
 		admin.Del(ctx, ks.Conn(r.ID))
 	}
-	for _, nc := range c.NodeClients(t) {
-		if nc.Options().Addr == hung {
-			if err := nc.Do(ctx, "CLIENT", "PAUSE", "15000", "ALL").Err(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { nc.Do(context.Background(), "CLIENT", "UNPAUSE") })
-		}
-	}
+	h.pause(t)
 	// One pipeline in flight at a time: the first Put's, then the rest's.
 	b := registry.NewBatcher(reg, timeout, 1, 256)
 	errs := make([]error, len(recs))

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/redisconn"
 	"github.com/wsrelay/wsrelay/shared/redistest"
@@ -21,33 +23,16 @@ func TestClusterRefreshPastHungMaster(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a Redis Cluster")
 	}
-	c := redistest.StartCluster(t, 3, 0)
-	admin := c.Client(t)
-	ks := keys.Scheme{Prefix: redistest.Prefix(t)}
-	t.Cleanup(func() { redistest.Cleanup(admin, ks.Prefix) })
 	const timeout = 200 * time.Millisecond
-	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: timeout, PoolSize: 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Close() })
-	reg := registry.New(rdb, ks, time.Minute)
-	ctx := context.Background()
-	master := func(key string) string {
-		m, err := admin.MasterForKey(ctx, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m.Options().Addr
-	}
-	hung := c.Addrs()[0]
+	h := startHungCluster(t, timeout)
+	ks, reg, admin, ctx := h.ks, h.reg, h.admin, context.Background()
 	// First a record with a key on the hung master, then records whose
 	// record key and user set are both elsewhere.
 	var recs []*registry.Record
 	var up []*registry.Record
 	for i := 0; len(up) < 5; i++ {
 		r := &registry.Record{ID: fmt.Sprintf("c%d", i), User: fmt.Sprintf("u%d", i), Instance: "i1"}
-		onHung := master(ks.Conn(r.ID)) == hung || master(ks.UserConns(r.User)) == hung
+		onHung := h.onHung(t, r)
 		switch {
 		case len(recs) == 0 && onHung:
 			recs = append(recs, r)
@@ -62,14 +47,7 @@ func TestClusterRefreshPastHungMaster(t *testing.T) {
 	for _, r := range up {
 		admin.Del(ctx, ks.Conn(r.ID))
 	}
-	for _, nc := range c.NodeClients(t) {
-		if nc.Options().Addr == hung {
-			if err := nc.Do(ctx, "CLIENT", "PAUSE", "15000", "ALL").Err(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { nc.Do(context.Background(), "CLIENT", "UNPAUSE") })
-		}
-	}
+	h.pause(t)
 	ref := reg.Refresher()
 	start := time.Now()
 	for i, r := range recs {
@@ -86,7 +64,7 @@ func TestClusterRefreshPastHungMaster(t *testing.T) {
 	// says so (its keys count as failed writes).
 	bctx, cancel := context.WithTimeout(ctx, 5*timeout)
 	again := time.Now()
-	err = ref.Write(bctx, recs[:1])
+	err := ref.Write(bctx, recs[:1])
 	cancel()
 	if d := time.Since(again); err == nil || d > 4*timeout {
 		t.Errorf("batch 0 again: %v after %v; want an error, without waiting for the hung master", err, d)
@@ -94,6 +72,61 @@ func TestClusterRefreshPastHungMaster(t *testing.T) {
 	for _, r := range up {
 		if n := admin.Exists(ctx, ks.Conn(r.ID)).Val(); n != 1 {
 			t.Errorf("record %s, whose keys are all on masters that answer, not written by the refresh", r.ID)
+		}
+	}
+}
+
+// hungCluster is a cluster of 3 masters for the tests of one that does
+// not answer: a registry on a client whose REDIS_TIMEOUT is the tests',
+// and the master that pause hangs.
+type hungCluster struct {
+	c     *redistest.Cluster
+	admin *redis.ClusterClient
+	ks    keys.Scheme
+	reg   *registry.Registry
+	hung  string // the hung master's address
+}
+
+func startHungCluster(t *testing.T, timeout time.Duration) *hungCluster {
+	t.Helper()
+	c := redistest.StartCluster(t, 3, 0)
+	h := &hungCluster{c: c, admin: c.Client(t), ks: keys.Scheme{Prefix: redistest.Prefix(t)}, hung: c.Addrs()[0]}
+	t.Cleanup(func() { redistest.Cleanup(h.admin, h.ks.Prefix) })
+	rdb, err := redisconn.New(redisconn.Config{ClusterAddrs: c.AddrsEnv(), Timeout: timeout, PoolSize: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	h.reg = registry.New(rdb, h.ks, time.Minute)
+	return h
+}
+
+// onHung reports whether a key of r (its record, its user's set) lives on
+// the hung master.
+func (h *hungCluster) onHung(t *testing.T, r *registry.Record) bool {
+	t.Helper()
+	for _, key := range []string{h.ks.Conn(r.ID), h.ks.UserConns(r.User)} {
+		m, err := h.admin.MasterForKey(context.Background(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Options().Addr == h.hung {
+			return true
+		}
+	}
+	return false
+}
+
+// pause hangs the master (CLIENT PAUSE ALL for 15 s, undone at cleanup):
+// a hung process or a black-holed network, not a refused dial.
+func (h *hungCluster) pause(t *testing.T) {
+	t.Helper()
+	for _, nc := range h.c.NodeClients(t) {
+		if nc.Options().Addr == h.hung {
+			if err := nc.Do(context.Background(), "CLIENT", "PAUSE", "15000", "ALL").Err(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { nc.Do(context.Background(), "CLIENT", "UNPAUSE") })
 		}
 	}
 }
