@@ -1,13 +1,9 @@
 package main
 
 import (
-	"errors"
-	"net/url"
-	"strings"
+	"slices"
 	"testing"
 	"time"
-
-	"github.com/gorilla/websocket"
 
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
@@ -30,30 +26,14 @@ func TestDrainSpreadsCloses(t *testing.T) {
 	type closed struct {
 		at   time.Time
 		code int
-		got  bool // the message published during the drain came before the close
+		ids  []string // the messages read before the close
 	}
 	results := make(chan closed, n)
 	for range n {
-		ws, _ := e.dialConn(t, url.Values{"channels": {"spread"}})
-		next(t, ws, "subscribed")
+		ws, _ := subscribedTo(t, e, "spread")
 		go func() {
-			var r closed
-			_ = ws.SetReadDeadline(time.Now().Add(30 * time.Second))
-			for {
-				_, b, err := ws.ReadMessage()
-				if err != nil {
-					r.at = time.Now()
-					var ce *websocket.CloseError
-					if errors.As(err, &ce) {
-						r.code = ce.Code
-					}
-					results <- r
-					return
-				}
-				if strings.Contains(string(b), `"type":"message"`) && strings.Contains(string(b), `"data":"during"`) {
-					r.got = true
-				}
-			}
+			ids, code := readMessages(ws, 30*time.Second, nil)
+			results <- closed{at: time.Now(), code: code, ids: ids}
 		}()
 	}
 
@@ -61,9 +41,10 @@ func TestDrainSpreadsCloses(t *testing.T) {
 	stopped := make(chan struct{})
 	go func() { e.stop(); close(stopped) }()
 	first := <-results
-	appendData(t, rdb, ks, "spread", []byte(`"during"`), 1)
+	during := appendData(t, rdb, ks, "spread", []byte(`"during"`), 1)[0]
+	got := func(r closed) bool { return slices.Contains(r.ids, during) }
 	last := first
-	got := 0
+	reached := 0
 	for i := range n {
 		r := first
 		if i > 0 {
@@ -75,8 +56,8 @@ func TestDrainSpreadsCloses(t *testing.T) {
 		if r.at.After(last.at) {
 			last = r
 		}
-		if r.got {
-			got++
+		if got(r) {
+			reached++
 		}
 	}
 	<-stopped
@@ -85,14 +66,14 @@ func TestDrainSpreadsCloses(t *testing.T) {
 	if d := last.at.Sub(begin); d < spread-50*time.Millisecond {
 		t.Errorf("the last of %d sockets was closed %v after the shutdown began, want about %v (%d a second)", n, d, spread, rate)
 	}
-	if first.got {
+	if got(first) {
 		t.Error("the first socket closed got the message published after its close")
 	}
-	if !last.got {
-		t.Errorf("the last socket closed, %v after the shutdown began, did not get the message published after the first close (%d of %d did)", last.at.Sub(begin), got, n)
+	if !got(last) {
+		t.Errorf("the last socket closed, %v after the shutdown began, did not get the message published after the first close (%d of %d did)", last.at.Sub(begin), reached, n)
 	}
 	t.Logf("first close %v, last %v after the shutdown began; %d of %d sockets got the message published meanwhile",
-		first.at.Sub(begin), last.at.Sub(begin), got, n)
+		first.at.Sub(begin), last.at.Sub(begin), reached, n)
 }
 
 func TestDrainSpread(t *testing.T) {
