@@ -54,8 +54,8 @@ func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *
 // Put writes rec (creating or replacing it) and its set memberships, as
 // Registry.Put does, in a pipeline shared with concurrent Puts. A caller
 // whose ctx ends while rec still waits for a pipeline withdraws it and
-// gets ctx's error, with ErrNotWritten: nothing was written. Once a pipeline has taken rec,
-// Put waits for that pipeline, which the Batcher's timeout bounds, and
+// gets ctx's error, with ErrNotWritten: nothing was written. Once a
+// pipeline has taken rec, Put waits for that pipeline, which the Batcher's timeout bounds, and
 // returns the first error among rec's own commands (on a Redis Cluster a
 // master that failed does not fail the records kept on the others), or
 // the pipeline's when none of its commands got one of its own (a hook
@@ -81,28 +81,20 @@ func (b *Batcher) take(pending []*coalesce.Request[putReq]) int {
 
 // send writes batch in one pipeline and gives each request its error.
 func (b *Batcher) send(batch []*coalesce.Request[putReq]) {
-	for i, err := range b.write(batch) {
-		batch[i].V.err = err
-	}
-}
-
-// write writes batch in one pipeline and returns each request's error.
-func (b *Batcher) write(batch []*coalesce.Request[putReq]) []error {
-	errs := make([]error, len(batch))
 	ends := make([]int, len(batch)) // request i's commands end at ends[i]
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	defer cancel()
 	cmds, err := b.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, req := range batch {
 			if werr := b.r.write(ctx, p, req.V.rec, req.V.score, nil); werr != nil {
-				errs[i] = fmt.Errorf("registry put: %w", werr) // nothing of it queued
+				req.V.err = fmt.Errorf("registry put: %w", werr) // nothing of it queued
 			}
 			ends[i] = p.Len()
 		}
 		return nil
 	})
 	if err == nil {
-		return errs
+		return
 	}
 	// Each request's own commands say whether it was written: go-redis
 	// gives every command of a pipeline its own result, and on a cluster
@@ -112,21 +104,20 @@ func (b *Batcher) write(batch []*coalesce.Request[putReq]) []error {
 	whole := !slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Err() != nil })
 	start := 0
 	for i, end := range ends {
-		if errs[i] == nil {
+		if req := &batch[i].V; req.err == nil {
 			own := cmds[start:end]
 			for j, c := range own {
 				if cerr := c.Err(); cerr != nil && !answeredBeforeDeadline(own[j:], cerr) {
-					errs[i] = fmt.Errorf("registry put: %w", cerr)
+					req.err = fmt.Errorf("registry put: %w", cerr)
 					break
 				}
 			}
-			if errs[i] == nil && whole {
-				errs[i] = fmt.Errorf("registry put: %w", err)
+			if req.err == nil && whole {
+				req.err = fmt.Errorf("registry put: %w", err)
 			}
 		}
 		start = end
 	}
-	return errs
 }
 
 // answeredBeforeDeadline reports whether cmds[0], failed with cerr,
