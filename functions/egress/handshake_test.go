@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -180,8 +179,7 @@ func TestHandshakeAccepted(t *testing.T) {
 func TestHandshakeStormSharesPipelines(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	h := &recordWrites{open: make(chan struct{})}
-	rdb.AddHook(h)
+	h := newRecordWrites(rdb)
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "5s"})
 	<-e.s.hub.inbox.ready
 	const n = 60
@@ -202,43 +200,43 @@ func TestHandshakeStormSharesPipelines(t *testing.T) {
 		}
 		return nil
 	})
-	close(h.open)
+	h.Open()
 	for _, ws := range wss {
 		next(t, ws, "welcome")
 	}
 	// Four pipelines at once (held), then the rest in one.
-	if got := h.pipelines.Load(); got > 8 {
+	if got := h.All(); got > 8 {
 		t.Fatalf("%d sockets' records written in %d pipelines, want a few shared ones", n, got)
 	}
 }
 
-// recordWrites is a go-redis hook that holds the pipelines writing
-// connection records (their first command a SET) until open is closed,
-// counting them and the records they carry, and counts the records'
-// removals (pipelines whose first command is a DEL).
+// recordWrites holds the pipelines writing connection records (their
+// first command a SET) until opened (a Gate), counting the records they
+// carry, and counts the records' removals (pipelines whose first command
+// is a DEL).
 type recordWrites struct {
-	open                       chan struct{}
-	pipelines, taken, removals atomic.Int64
+	*redistest.Gate
+	taken, removals atomic.Int64
 }
 
-func (h *recordWrites) DialHook(next redis.DialHook) redis.DialHook          { return next }
-func (h *recordWrites) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
-func (h *recordWrites) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
+func newRecordWrites(rdb redis.UniversalClient) *recordWrites {
+	h := &recordWrites{}
+	h.Gate = redistest.NewGate(func(cmds []redis.Cmder) bool {
 		switch cmds[0].Name() {
 		case "set":
-			h.pipelines.Add(1)
 			for _, c := range cmds {
 				if c.Name() == "set" {
 					h.taken.Add(1)
 				}
 			}
-			<-h.open
+			return true
 		case "del":
 			h.removals.Add(1)
 		}
-		return next(ctx, cmds)
-	}
+		return false
+	})
+	rdb.AddHook(h.Gate)
+	return h
 }
 
 // TestRefusedUnwrittenNotRemoved: a socket whose registry write gave up
@@ -250,8 +248,7 @@ func (h *recordWrites) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 func TestRefusedUnwrittenNotRemoved(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := redistest.Client(t)
-	h := &recordWrites{open: make(chan struct{})}
-	rdb.AddHook(h)
+	h := newRecordWrites(rdb)
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "300ms"})
 	<-e.s.hub.inbox.ready
 	const n = 10
@@ -273,7 +270,7 @@ func TestRefusedUnwrittenNotRemoved(t *testing.T) {
 		}
 		return nil
 	})
-	close(h.open) // their deadline has passed: they fail too
+	h.Open() // their deadline has passed: they fail too
 	for _, ws := range wss {
 		if code := closeCode(t, ws, 10*time.Second); code != protocol.CloseTryAgainLater {
 			t.Fatalf("socket closed %d, want %d", code, protocol.CloseTryAgainLater)

@@ -74,6 +74,54 @@ func (h *Hold) hold(cmds []redis.Cmder) {
 	}
 }
 
+// Gate is a go-redis hook (Client.AddHook) that holds every pipeline
+// match accepts, before it reaches Redis, until Open: Redis slow to
+// answer, or a pool busy, for as long as a test needs, while it counts
+// what queued meanwhile. match sees every pipeline, so it can also count
+// their commands. Unlike Hold, which holds one pipeline, a Gate holds all
+// of them, and lets them all through at once.
+type Gate struct {
+	match              func(cmds []redis.Cmder) bool
+	open               chan struct{}
+	opened             sync.Once
+	all, running, most atomic.Int64
+}
+
+// NewGate returns a closed Gate for the pipelines match accepts.
+func NewGate(match func(cmds []redis.Cmder) bool) *Gate {
+	return &Gate{match: match, open: make(chan struct{})}
+}
+
+// Open lets every held pipeline, and every later one, through. It may be
+// called more than once.
+func (g *Gate) Open() { g.opened.Do(func() { close(g.open) }) }
+
+// All is how many pipelines match has accepted; Running, how many of
+// them are in the hook now (held, or on their way to Redis once open);
+// Most, the most that were at once.
+func (g *Gate) All() int64     { return g.all.Load() }
+func (g *Gate) Running() int64 { return g.running.Load() }
+func (g *Gate) Most() int64    { return g.most.Load() }
+
+func (g *Gate) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (g *Gate) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (g *Gate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if !g.match(cmds) {
+			return next(ctx, cmds)
+		}
+		g.all.Add(1)
+		n := g.running.Add(1)
+		defer g.running.Add(-1)
+		for m := g.most.Load(); n > m && !g.most.CompareAndSwap(m, n); m = g.most.Load() {
+		}
+		<-g.open
+		return next(ctx, cmds)
+	}
+}
+
 // ErrFailed is the error Fail gives the commands it fails: a timeout, as
 // a Redis gone away or partitioned gives.
 var ErrFailed = errors.New("i/o timeout (redistest.Fail)")

@@ -17,39 +17,11 @@ import (
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
-// heldPipelines is a go-redis hook that holds every pipeline of Puts
-// until open is closed, and counts them: all, running at once (at most),
-// and the records (SETs) they carry.
+// heldPipelines holds every pipeline of Puts until opened (a Gate), and
+// counts the records (SETs) they carry.
 type heldPipelines struct {
-	open                    chan struct{}
-	all, running, most, set atomic.Int64
-}
-
-func (h *heldPipelines) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *heldPipelines) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return next
-}
-
-func (h *heldPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		sets := int64(0)
-		for _, c := range cmds {
-			if c.Name() == "set" {
-				sets++
-			}
-		}
-		if sets == 0 {
-			return next(ctx, cmds) // not a Put's (a new connection's CLIENT SETINFO)
-		}
-		h.all.Add(1)
-		h.set.Add(sets)
-		n := h.running.Add(1)
-		defer h.running.Add(-1)
-		for m := h.most.Load(); n > m && !h.most.CompareAndSwap(m, n); m = h.most.Load() {
-		}
-		<-h.open
-		return next(ctx, cmds)
-	}
+	*redistest.Gate
+	set atomic.Int64
 }
 
 // held returns a Registry whose client holds its pipelines (h), and a
@@ -57,8 +29,18 @@ func (h *heldPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 func held(t *testing.T, maxInFlight int) (*Registry, *Batcher, *heldPipelines) {
 	t.Helper()
 	r, _ := newRegistry(t, time.Minute)
-	h := &heldPipelines{open: make(chan struct{})}
-	r.rdb.AddHook(h)
+	h := &heldPipelines{}
+	h.Gate = redistest.NewGate(func(cmds []redis.Cmder) bool {
+		sets := int64(0)
+		for _, c := range cmds {
+			if c.Name() == "set" {
+				sets++
+			}
+		}
+		h.set.Add(sets)
+		return sets > 0 // not a new connection's CLIENT SETINFO
+	})
+	r.rdb.AddHook(h.Gate)
 	return r, NewBatcher(r, 5*time.Second, maxInFlight, 256), h
 }
 
@@ -68,8 +50,8 @@ func waitQueued(t *testing.T, b *Batcher, h *heldPipelines, n, maxInFlight int) 
 	t.Helper()
 	testkit.Eventually(t, 10*time.Second, func() error {
 		_, p := b.q.State()
-		if h.running.Load() != int64(maxInFlight) || int64(p)+h.set.Load() != int64(n) {
-			return fmt.Errorf("%d pipelines held with %d records, %d pending; want %d in all", h.running.Load(), h.set.Load(), p, n)
+		if h.Running() != int64(maxInFlight) || int64(p)+h.set.Load() != int64(n) {
+			return fmt.Errorf("%d pipelines held with %d records, %d pending; want %d in all", h.Running(), h.set.Load(), p, n)
 		}
 		return nil
 	})
@@ -92,7 +74,7 @@ func TestBatcherSharesPipelines(t *testing.T) {
 		})
 	}
 	waitQueued(t, b, h, n, inFlight)
-	close(h.open)
+	h.Open()
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
@@ -101,7 +83,7 @@ func TestBatcherSharesPipelines(t *testing.T) {
 	}
 	// The two held, then the 298 that waited: 256 and 42, by one leader
 	// or two.
-	if all, most := h.all.Load(), h.most.Load(); all > 4 || most > inFlight {
+	if all, most := h.All(), h.Most(); all > 4 || most > inFlight {
 		t.Errorf("%d Puts made %d pipelines, %d at once; want at most 4, %d at once", n, all, most, inFlight)
 	}
 	for i := range n {
@@ -197,14 +179,14 @@ func TestBatcherFailedPipeline(t *testing.T) {
 			}
 			waitQueued(t, b, h, n, 1)
 			failOn.Store(true)
-			close(h.open)
+			h.Open()
 			wg.Wait()
 			for i, err := range errs {
 				if tc.bad(i) != errors.Is(err, redistest.ErrFailed) || errors.Is(err, ErrNotWritten) {
 					t.Errorf("Put c%d (user u%d): %v", i, i%3, err)
 				}
 			}
-			if all := h.all.Load(); all > 2 {
+			if all := h.All(); all > 2 {
 				t.Errorf("%d pipelines, want 2 (the one held and the rest)", all)
 			}
 		})
@@ -245,7 +227,7 @@ func TestBatcherWithdraw(t *testing.T) {
 		}
 		return nil
 	})
-	close(h.open)
+	h.Open()
 	wg.Wait()
 	if errs[0] != nil || errs[2] != nil || !errors.Is(errs[1], context.Canceled) || !errors.Is(errs[1], ErrNotWritten) {
 		t.Fatalf("Puts = %v, want nil, context.Canceled (ErrNotWritten), nil", errs)
