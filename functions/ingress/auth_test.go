@@ -727,3 +727,18 @@ func TestLimiterSetTinyRate(t *testing.T) {
 		}
 	}
 }
+
+// TestLimiterSetDefaultBurst: a burst of 0 is twice the rate rounded up
+// to whole messages, so a rate below 0.5 still lets one message through
+// (the README's and docs/security.md's PUBLISH_BURST_* rows).
+func TestLimiterSetDefaultBurst(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		rate float64
+		want int
+	}{{10, 20}, {2.3, 5}, {0.5, 1}, {0.2, 1}, {1e-9, 1}} {
+		if got := newLimiterSet(tc.rate, 0).burst; got != tc.want {
+			t.Errorf("rate %g, burst 0: burst %d, want %d", tc.rate, got, tc.want)
+		}
+	}
+}

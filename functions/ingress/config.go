@@ -78,16 +78,16 @@ type Config struct {
 
 	// PublishRatePerKey limits messages per second per API key; zero: off.
 	PublishRatePerKey float64 `env:"PUBLISH_RATE_PER_KEY" envDefault:"0"`
-	// PublishBurstPerKey is that limit's burst; zero: twice the rate.
+	// PublishBurstPerKey is that limit's burst; zero: twice the rate, rounded up (at least 1).
 	PublishBurstPerKey int `env:"PUBLISH_BURST_PER_KEY" envDefault:"0"`
 	// PublishRatePerIP limits messages per second per client IP; zero: off.
 	PublishRatePerIP float64 `env:"PUBLISH_RATE_PER_IP" envDefault:"0"`
-	// PublishBurstPerIP is that limit's burst; zero: twice the rate.
+	// PublishBurstPerIP is that limit's burst; zero: twice the rate, rounded up (at least 1).
 	PublishBurstPerIP int `env:"PUBLISH_BURST_PER_IP" envDefault:"0"`
 	// PublishRatePerUser limits messages per second per user token
 	// subject; zero: off. The default is SCF's per-connection figure.
 	PublishRatePerUser float64 `env:"PUBLISH_RATE_PER_USER" envDefault:"10"`
-	// PublishBurstPerUser is that limit's burst; zero: twice the rate.
+	// PublishBurstPerUser is that limit's burst; zero: twice the rate, rounded up (at least 1).
 	PublishBurstPerUser int `env:"PUBLISH_BURST_PER_USER" envDefault:"20"`
 	// PublishRateScope is where the publish rate limits' buckets live:
 	// "instance" (in each ingress process: a client spread over n
