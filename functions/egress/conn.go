@@ -1095,40 +1095,118 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 // At most half the pool's connections serve such reads at once
 // (hub.replayReads): the others wait here, as long as c is open and its
 // client has not gone, and a closed c's read fails with
-// errClosedDuringRead.
+// errClosedDuringRead. A read from the same position of the same
+// channel that is still waiting for its turn is joined instead of made
+// again (hub.reads): such a storm's clients resume from the same
+// message, the last the lost instance sent them, and read the same
+// batches. Only a read not yet made is joined: one made before c's
+// resume began may lack messages c's live buffer does not hold either
+// (resumer.live).
 func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) (stream.Batch, error) {
+	h := c.s.hub
+	key := readKey{stream: cs.stream, after: after}
 	for {
-		if !c.replayReadTurn(ctx) {
+		r, lead := h.joinRead(key)
+		if lead {
+			if !c.awaitReplay(ctx, h.replayReads, nil) {
+				h.settleRead(key, r, stream.Batch{}, errReadAbandoned)
+				return stream.Batch{}, errClosedDuringRead
+			}
+			h.startRead(key, r)
+			// The read is not c's alone: it is made whole even if c
+			// closes meanwhile (ctx is the connection's background).
+			b, err := h.store.Resume(ctx, cs.stream, after, replayBatch)
+			if sem := h.replayReads; sem != nil {
+				<-sem
+			}
+			h.settleRead(key, r, b, err)
+		} else if !c.awaitReplay(ctx, nil, r.done) {
 			return stream.Batch{}, errClosedDuringRead
 		}
-		b, err := c.s.hub.store.Resume(ctx, cs.stream, after, replayBatch)
-		if sem := c.s.hub.replayReads; sem != nil {
-			<-sem
+		if r.err == errReadAbandoned {
+			continue // its leader closed before its turn came: lead or join another
 		}
-		if !errors.Is(err, redis.ErrPoolTimeout) || c.isClosing() || !c.pause(ctx) {
-			return b, err
+		if !errors.Is(r.err, redis.ErrPoolTimeout) || c.isClosing() || !c.pause(ctx) {
+			return r.b, r.err
 		}
 	}
 }
 
-// replayReadTurn waits for one of hub.replayReads's places, and reports
-// false if c closed first: nothing wakes a closing c's replay (its reader
-// waits for it), so the wait looks every 50 ms. It also asks the kernel
-// then whether the client has hung up (frameReader.hungUp; Linux, plain
-// sockets): the reader, waiting for the replay, reads nothing, so a
-// client gone meanwhile was seen only when a ping's write failed, up to
-// PING_INTERVAL later, or when its turn came, its read then made for
-// nobody; in a reconnect storm, clients that give up and reconnect
-// while their replays wait added those reads to the queue. Such a
-// client's connection ends as the reader's read of the stream's end
-// would end it (noteReadError).
-func (c *conn) replayReadTurn(ctx context.Context) bool {
-	sem := c.s.hub.replayReads
-	if sem == nil {
+// readKey names a replay's stream read: the channel's stream and the
+// position it reads after (a batch of replayBatch).
+type readKey struct {
+	stream string
+	after  stream.ID
+}
+
+// sharedRead is a replay's stream read that other replays join
+// (readHistory). b and err are set before done is closed, and read-only
+// after: b's entries are shared by every replay that joined.
+type sharedRead struct {
+	done   chan struct{}
+	joined int // replays that joined it (guarded by hub.readsMu)
+	b      stream.Batch
+	err    error
+}
+
+// errReadAbandoned is a sharedRead's error when the connection that was
+// to make it closed before its turn came: whoever joined it reads again.
+var errReadAbandoned = errors.New("the replay read was abandoned before it was made")
+
+// joinRead returns the read of key waiting for its turn, or a new one
+// that the caller is to make (lead).
+func (h *hub) joinRead(key readKey) (r *sharedRead, lead bool) {
+	h.readsMu.Lock()
+	defer h.readsMu.Unlock()
+	if r := h.reads[key]; r != nil {
+		r.joined++
+		return r, false
+	}
+	if h.reads == nil {
+		h.reads = make(map[readKey]*sharedRead)
+	}
+	r = &sharedRead{done: make(chan struct{})}
+	h.reads[key] = r
+	return r, true
+}
+
+// startRead closes r to replays that have not joined it yet: it is about
+// to be made, and may miss what they need (readHistory).
+func (h *hub) startRead(key readKey, r *sharedRead) {
+	h.readsMu.Lock()
+	if h.reads[key] == r {
+		delete(h.reads, key)
+	}
+	h.readsMu.Unlock()
+}
+
+// settleRead gives r's result to whoever joined it.
+func (h *hub) settleRead(key readKey, r *sharedRead, b stream.Batch, err error) {
+	h.startRead(key, r)
+	r.b, r.err = b, err
+	close(r.done)
+}
+
+// awaitReplay waits for one of sem's places, or until ready is closed
+// (one of them is nil), and reports false if c closed first: nothing
+// wakes a closing c's replay (its reader waits for it), so the wait
+// looks every 50 ms. It also asks the kernel then whether the client has
+// hung up (frameReader.hungUp; Linux, plain sockets): the reader,
+// waiting for the replay, reads nothing, so a client gone meanwhile was
+// seen only when a ping's write failed, up to PING_INTERVAL later, or
+// when its turn came, its read then made for nobody; in a reconnect
+// storm, clients that give up and reconnect while their replays wait
+// added those reads to the queue. Such a client's connection ends as the
+// reader's read of the stream's end would end it (noteReadError). A nil
+// sem is a place always free (hubs that tests build).
+func (c *conn) awaitReplay(ctx context.Context, sem chan struct{}, ready <-chan struct{}) bool {
+	if sem == nil && ready == nil {
 		return true
 	}
 	select {
 	case sem <- struct{}{}:
+		return true
+	case <-ready:
 		return true
 	default:
 	}
@@ -1137,6 +1215,8 @@ func (c *conn) replayReadTurn(ctx context.Context) bool {
 	for {
 		select {
 		case sem <- struct{}{}:
+			return true
+		case <-ready:
 			return true
 		case <-ctx.Done():
 			return false

@@ -207,6 +207,12 @@ type hub struct {
 	// REDIS_TIMEOUT, pool wait included: 1013 when it runs out) and to the
 	// receive loop's reads. Nil: unbounded (tests that build a hub).
 	replayReads chan struct{}
+	// reads holds the replays' stream reads still waiting for their turn
+	// (readHistory), by stream and position: a replay from the same
+	// position of the same channel joins one instead of making its own.
+	// Guarded by readsMu; created on first use.
+	readsMu sync.Mutex
+	reads   map[readKey]*sharedRead
 	// pacing is what the receive loop's catch-ups may still wait for
 	// room in their subscribers' queues, all of them together
 	// (waitBudget). Receive loop only, but for its counters and log.

@@ -80,7 +80,7 @@ func (r *frameReader) unsent() int {
 }
 
 // hungUp reports whether the client has hung up, for a reader that reads
-// nothing meanwhile (replayReadTurn): its FIN has come, even behind
+// nothing meanwhile (awaitReplay): its FIN has come, even behind
 // bytes not read yet, which stay in the socket (poll(2)'s POLLRDHUP), or
 // a reset (POLLHUP, POLLERR). False when it cannot tell. One ppoll that
 // does not wait: epoll's EPOLLRDHUP, EPOLLHUP and EPOLLERR are poll's

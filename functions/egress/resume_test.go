@@ -566,6 +566,84 @@ func TestReplayReadsLeaveHalfThePool(t *testing.T) {
 	t.Logf("at most %d replay reads at once", most.Load())
 }
 
+// TestReplaysShareReads: resumes of one channel from the same position
+// whose first reads wait for their turn (hub.replayReads, all taken: a
+// reconnect storm, its clients resuming from the last message the lost
+// instance sent them) make that read once, not once each, and each client
+// still gets every message once, in order. When the client whose
+// connection was to make the read goes while it waits, another one
+// makes it.
+func TestReplaysShareReads(t *testing.T) {
+	t.Parallel()
+	for _, leaderLeaves := range []bool{false, true} {
+		t.Run(fmt.Sprintf("leader leaves %v", leaderLeaves), func(t *testing.T) {
+			t.Parallel()
+			const clients = 8
+			pub, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			key := ks.Stream("storm")
+			ids := appendData(t, pub, ks, "storm", []byte("1"), 2*replayBatch+50)
+			rdb := pooledClient(t, 2, 0) // one place among the replay reads
+			var first, all atomic.Int64
+			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
+				if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 2 && a[1] == key {
+					all.Add(1)
+					if a[2] == ids[0] {
+						first.Add(1)
+					}
+				}
+			}})
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
+			turns := e.s.hub.replayReads
+			turns <- struct{}{} // the one place is taken (the storm's other replays)
+			joined := func(n int) error {
+				h := e.s.hub
+				h.readsMu.Lock()
+				defer h.readsMu.Unlock()
+				r := h.reads[readKey{stream: key, after: stream.MustParseID(ids[0])}]
+				if r == nil || r.joined != n {
+					return fmt.Errorf("read waiting: %v; want one with %d joined", r != nil, n)
+				}
+				return nil
+			}
+			var wss []*websocket.Conn
+			for i := range clients {
+				ws, _, err := e.dial(t, nil, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { ws.Close() })
+				next(t, ws, "welcome")
+				send(t, ws, map[string]any{"type": "subscribe", "channel": "storm", "after": ids[0]})
+				testkit.Eventually(t, 5*time.Second, func() error { return joined(i) })
+				wss = append(wss, ws)
+			}
+			if leaderLeaves {
+				// The first client's connection leads the read: it goes,
+				// the others' read is still made.
+				_ = wss[0].UnderlyingConn().Close()
+				wss = wss[1:]
+				testkit.Eventually(t, 5*time.Second, func() error { return joined(clients - 2) })
+			}
+			<-turns
+			var wg sync.WaitGroup
+			for i, ws := range wss {
+				wg.Go(func() {
+					got, code := readThrough(ws, 10*time.Second, ids[len(ids)-1])
+					if !slices.Equal(got, ids[1:]) {
+						t.Errorf("client %d: got %d messages (close %d), want %d once each in order", i, len(got), code, len(ids)-1)
+					}
+				})
+			}
+			wg.Wait()
+			if n := first.Load(); n != 1 {
+				t.Errorf("%d clients resuming from one position read its first batch %d times, want once", len(wss), n)
+			}
+			t.Logf("%d stream reads for %d replays of 3 batches each", all.Load(), len(wss))
+		})
+	}
+}
+
 // TestReplayReadTurnEndsWithConn: a replay waiting for a place among the
 // replay reads (hub.replayReads, all taken) gives up once its connection
 // is closing, its reader has ended, or its context is done, without
@@ -595,15 +673,15 @@ func TestReplayReadTurnEndsWithConn(t *testing.T) {
 			ctx, cancel := context.WithCancel(t.Context())
 			defer cancel()
 			got := make(chan bool, 1)
-			go func() { got <- c.replayReadTurn(ctx) }()
+			go func() { got <- c.awaitReplay(ctx, h.replayReads, nil) }()
 			tc.end(c, cancel)
 			select {
 			case ok := <-got:
 				if ok {
-					t.Fatal("replayReadTurn took a place that was not free")
+					t.Fatal("awaitReplay took a place that was not free")
 				}
 			case <-time.After(5 * time.Second):
-				t.Fatal("replayReadTurn still waits for a place 5 s after its connection ended")
+				t.Fatal("awaitReplay still waits for a place 5 s after its connection ended")
 			}
 			if n := len(h.replayReads); n != 1 {
 				t.Fatalf("%d places taken, want the 1 taken before", n)
@@ -611,7 +689,7 @@ func TestReplayReadTurnEndsWithConn(t *testing.T) {
 			// A free place is taken at once, and readHistory gives it back.
 			<-h.replayReads
 			c2 := &conn{s: &Server{hub: h}, done: make(chan struct{})}
-			if !c2.replayReadTurn(t.Context()) || len(h.replayReads) != 1 {
+			if !c2.awaitReplay(t.Context(), h.replayReads, nil) || len(h.replayReads) != 1 {
 				t.Fatalf("a free place was not taken (%d taken)", len(h.replayReads))
 			}
 		})
