@@ -1615,6 +1615,21 @@ const clientJSCases = `(async () => {
       if (res.id !== "7-0" || !res.replayed || calls.length !== 2 || calls[0].init.headers["Idempotency-Key"] !== calls[1].init.headers["Idempotency-Key"]) wrong.push("cut 202: " + JSON.stringify(res) + " after " + calls.length + " calls");
     } catch (e) { wrong.push("cut 202: " + e + " after " + calls.length + " calls"); }
 
+    // So is a 2xx whose JSON the body itself ends early (an answer
+    // delimited by the connection's close, cut by it: fetch takes it for
+    // whole) or that has no body, as Go's publisher retries it; when the
+    // attempts run out it is a "network" error, outcome unknown.
+    for (const body of ['{"id":"7-0","chan', "", " \n"]) {
+      [f, calls] = scripted(() => new Response(body, { status: 202 }), ok);
+      try {
+        res = await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2 });
+        if (res.id !== "7-0" || calls.length !== 2 || calls[0].init.headers["Idempotency-Key"] !== calls[1].init.headers["Idempotency-Key"]) wrong.push("202 body " + JSON.stringify(body) + ": " + JSON.stringify(res) + " after " + calls.length + " calls");
+      } catch (e) { wrong.push("202 body " + JSON.stringify(body) + ": " + e + " after " + calls.length + " calls"); }
+    }
+    [f, calls] = scripted(() => new Response("", { status: 200 }));
+    try { await publish("", "room", 1, { fetch: f, minBackoff: 1, maxBackoff: 2, maxAttempts: 2 }); wrong.push("200 without a body for ever: resolved"); }
+    catch (e) { if (!(e instanceof PublishError) || e.code !== "network" || !e.outcomeUnknown || calls.length !== 2) wrong.push("200 without a body for ever: " + e + " (outcomeUnknown " + e.outcomeUnknown + ") after " + calls.length + " calls"); }
+
     // An abort while an answer's body is read (fetch rejects that read
     // with the signal's reason) ends the call at once, not after the
     // answer's Retry-After.

@@ -966,6 +966,12 @@ export async function publish(ingress, channel, data, opts = {}) {
       const text = await r.text();
       let json = null;
       try { json = JSON.parse(text); } catch { /* not JSON: a gateway's page */ }
+      // A 2xx without a body, or whose object ends before its JSON does
+      // (a reply delimited by the connection's close, cut by it, which
+      // fetch takes for whole): no answer, as Go's publisher takes it.
+      if (r.ok && json === null && /^\s*([{[]|$)/.test(text)) {
+        throw new Error(`the ${r.status} reply ${text.trim() ? "was cut short" : "has no body"}`);
+      }
       if (r.ok && json?.id) return { id: json.id, channel: json.channel, replayed: r.headers.get("Idempotent-Replayed") === "true" };
       const ra = retryAfterMs(r.headers);
       last = new PublishError(r.status, json?.error?.code ?? "", json?.error?.message ?? "", ra);
