@@ -28,13 +28,14 @@ type queued struct {
 	id       stream.ID // message id (zero for replies)
 	ts       int64     // publish time, unix ms (zero for replies)
 	targeted bool      // a message to a connection or a user: not history, so a dropped one is lost
-	replay   bool      // a resume's replay, whose frame is this connection's own (replayBudget)
+	replay   bool      // a resume's replay, whose frame counts against replayBudget
 }
 
 // replayBudget bounds the bytes of replayed frames a connection holds
 // queued or being written. A live message's frame is shared by every
 // queue it is in, so a queue of SEND_QUEUE frames costs only pointers;
-// a replay builds each connection's frames for it, and with 60 KB
+// a replay builds each connection's frames for it (unless replays share
+// its read, history; the budget counts them as its own), and with 60 KB
 // messages half a SEND_QUEUE of them was some 30 MB per connection that
 // resumed from far back and did not read, held until WRITE_TIMEOUT. A
 // frame larger than the budget is still sent, alone.
@@ -1000,7 +1001,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 		// late. If the hub delivers `after`, its buffer holds all that
 		// follows: the replay needs no stream.
 		if cs.awaitLive(ctx, r, after, c.s.hub.lateWait) {
-			rec, b = true, stream.Batch{From: after}
+			rec, b = true, history{Batch: stream.Batch{From: after}}
 		}
 	}
 	c.s.metrics.resumed(rec)
@@ -1036,7 +1037,7 @@ func (c *conn) resume(ctx context.Context, cs *chanState, after stream.ID, ref j
 // would not make it one less), and when the stream was trimmed past the
 // replay of messages the buffer holds. It reports false when it ended
 // the subscription instead (c closed, or closing).
-func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last stream.ID, b *stream.Batch) (stream.ID, bool) {
+func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last stream.ID, b *history) (stream.ID, bool) {
 	for {
 		if b == nil {
 			nb, err := c.readHistory(ctx, cs, last)
@@ -1064,11 +1065,12 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 		}
 		for i := range b.Entries {
 			id := stream.MustParseID(b.Entries[i].ID)
-			if !c.s.hub.sendable(cs, &b.Entries[i]) {
+			frame := b.frame(c.s.hub, cs, i)
+			if frame == nil {
 				last = id // lost to this client too, but passed
 				continue
 			}
-			if !c.enqueueWait(ctx, &queued{frame: entryFrame(&b.Entries[i]), id: id}) {
+			if !c.enqueueWait(ctx, &queued{frame: frame, id: id}) {
 				cs.remove(c)
 				return last, false
 			}
@@ -1102,32 +1104,36 @@ func (c *conn) replay(ctx context.Context, cs *chanState, r *resumer, last strea
 // batches. Only a read not yet made is joined: one made before c's
 // resume began may lack messages c's live buffer does not hold either
 // (resumer.live).
-func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) (stream.Batch, error) {
+func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) (history, error) {
 	h := c.s.hub
 	key := readKey{stream: cs.stream, after: after}
 	for {
 		r, lead := h.joinRead(key)
 		if lead {
 			if !c.awaitReplay(ctx, h.replayReads, nil) {
-				h.settleRead(key, r, stream.Batch{}, errReadAbandoned)
-				return stream.Batch{}, errClosedDuringRead
+				h.settleRead(key, r, nil, stream.Batch{}, errReadAbandoned)
+				return history{}, errClosedDuringRead
 			}
-			h.startRead(key, r)
+			shared := h.startRead(key, r)
 			// The read is not c's alone: it is made whole even if c
 			// closes meanwhile (ctx is the connection's background).
 			b, err := h.store.Resume(ctx, cs.stream, after, replayBatch)
 			if sem := h.replayReads; sem != nil {
 				<-sem
 			}
-			h.settleRead(key, r, b, err)
+			var framesOf *chanState // none shared: c builds its own as it goes
+			if shared {
+				framesOf = cs
+			}
+			h.settleRead(key, r, framesOf, b, err)
 		} else if !c.awaitReplay(ctx, nil, r.done) {
-			return stream.Batch{}, errClosedDuringRead
+			return history{}, errClosedDuringRead
 		}
 		if r.err == errReadAbandoned {
 			continue // its leader closed before its turn came: lead or join another
 		}
 		if !errors.Is(r.err, redis.ErrPoolTimeout) || c.isClosing() || !c.pause(ctx) {
-			return r.b, r.err
+			return r.h, r.err
 		}
 	}
 }
@@ -1140,13 +1146,35 @@ type readKey struct {
 }
 
 // sharedRead is a replay's stream read that other replays join
-// (readHistory). b and err are set before done is closed, and read-only
-// after: b's entries are shared by every replay that joined.
+// (readHistory). h and err are set before done is closed, and read-only
+// after: h's entries and frames are shared by every replay that joined.
 type sharedRead struct {
 	done   chan struct{}
 	joined int // replays that joined it (guarded by hub.readsMu)
-	b      stream.Batch
+	h      history
 	err    error
+}
+
+// history is a batch of a channel's stream read for replays, with its
+// entries' frames when replays share it (readHistory): built once
+// then, instead of once for each. A replay of its own builds each frame
+// as it queues it (frame): with large messages, a batch's frames built
+// at once would double what a slow client's replay holds.
+type history struct {
+	stream.Batch
+	frames [][]byte // by entry; nil for an entry that is not sendable
+}
+
+// frame returns the frame of entry i, nil if it cannot be sent
+// (hub.sendable).
+func (b *history) frame(h *hub, cs *chanState, i int) []byte {
+	if b.frames != nil {
+		return b.frames[i]
+	}
+	if !h.sendable(cs, &b.Entries[i]) {
+		return nil
+	}
+	return entryFrame(&b.Entries[i])
 }
 
 // errReadAbandoned is a sharedRead's error when the connection that was
@@ -1171,19 +1199,29 @@ func (h *hub) joinRead(key readKey) (r *sharedRead, lead bool) {
 }
 
 // startRead closes r to replays that have not joined it yet: it is about
-// to be made, and may miss what they need (readHistory).
-func (h *hub) startRead(key readKey, r *sharedRead) {
+// to be made, and may miss what they need (readHistory). It reports
+// whether any had joined it.
+func (h *hub) startRead(key readKey, r *sharedRead) (shared bool) {
 	h.readsMu.Lock()
+	defer h.readsMu.Unlock()
 	if h.reads[key] == r {
 		delete(h.reads, key)
 	}
-	h.readsMu.Unlock()
+	return r.joined > 0
 }
 
-// settleRead gives r's result to whoever joined it.
-func (h *hub) settleRead(key readKey, r *sharedRead, b stream.Batch, err error) {
+// settleRead gives r's result to whoever joined it, with the frames of
+// b's entries built when cs, their channel, is not nil.
+func (h *hub) settleRead(key readKey, r *sharedRead, cs *chanState, b stream.Batch, err error) {
 	h.startRead(key, r)
-	r.b, r.err = b, err
+	r.h.Batch, r.err = b, err
+	if cs != nil && err == nil {
+		frames := make([][]byte, len(b.Entries))
+		for i := range b.Entries {
+			frames[i] = r.h.frame(h, cs, i)
+		}
+		r.h.frames = frames
+	}
 	close(r.done)
 }
 

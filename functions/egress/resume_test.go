@@ -572,7 +572,8 @@ func TestReplayReadsLeaveHalfThePool(t *testing.T) {
 // instance sent them) make that read once, not once each, and each client
 // still gets every message once, in order. When the client whose
 // connection was to make the read goes while it waits, another one
-// makes it.
+// makes it. An entry no client could read (TestUndecodableEntrySkipped)
+// in the shared batch is skipped for each of them, and logged once.
 func TestReplaysShareReads(t *testing.T) {
 	t.Parallel()
 	for _, leaderLeaves := range []bool{false, true} {
@@ -582,7 +583,16 @@ func TestReplaysShareReads(t *testing.T) {
 			pub, prefix := redistest.Client(t)
 			ks := keys.Scheme{Prefix: prefix}
 			key := ks.Stream("storm")
-			ids := appendData(t, pub, ks, "storm", []byte("1"), 2*replayBatch+50)
+			ids := appendData(t, pub, ks, "storm", []byte("1"), 50)
+			head, _ := (&stream.Message{Channel: "storm"}).Frame()
+			broken, err := pub.XAdd(t.Context(), &redis.XAddArgs{Stream: key, Values: []any{"h", head, "T", `","ts":1,"data":2}`, "g", "", "s", "1", "p", ids[len(ids)-1]}}).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := pub.Set(t.Context(), keys.Last(key), broken, 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, appendData(t, pub, ks, "storm", []byte("1"), 2*replayBatch)...)
 			rdb := pooledClient(t, 2, 0) // one place among the replay reads
 			var first, all atomic.Int64
 			rdb.AddHook(aroundCmd{before: func(cmd redis.Cmder) {
@@ -593,7 +603,8 @@ func TestReplaysShareReads(t *testing.T) {
 					}
 				}
 			}})
-			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
+			logs := &testkit.SyncBuffer{}
+			e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"}, logs)
 			turns := e.s.hub.replayReads
 			turns <- struct{}{} // the one place is taken (the storm's other replays)
 			joined := func(n int) error {
@@ -638,6 +649,9 @@ func TestReplaysShareReads(t *testing.T) {
 			wg.Wait()
 			if n := first.Load(); n != 1 {
 				t.Errorf("%d clients resuming from one position read its first batch %d times, want once", len(wss), n)
+			}
+			if lines := logs.Lines(t, "undecodable stream entries"); len(lines) != 1 || lines[0]["id"] != broken {
+				t.Errorf("the skipped entry logged %d warnings, want one naming %s", len(lines), broken)
 			}
 			t.Logf("%d stream reads for %d replays of 3 batches each", all.Load(), len(wss))
 		})
