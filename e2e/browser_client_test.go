@@ -1521,6 +1521,11 @@ const clientJSCases = `(async () => {
     [f, calls] = scripted(fail(401, "token_expired"), ok);
     await publish("", "room", 1, { fetch: f, getToken: async () => "fresh" + ++tokens, minBackoff: 1 });
     if (calls.length !== 2 || calls[0].init.headers.Authorization !== "Bearer fresh1" || calls[1].init.headers.Authorization !== "Bearer fresh2") wrong.push("getToken after 401: " + calls.map((c) => c.init.headers.Authorization));
+    // An empty token is no token: getToken is asked before the first
+    // attempt, as WsRelay asks it, not after a 401 for nothing.
+    [f, calls] = scripted(ok);
+    await publish("", "room", 1, { fetch: f, token: "", getToken: async () => "given" });
+    if (calls.length !== 1 || calls[0].init.headers.Authorization !== "Bearer given") wrong.push("empty token with getToken: " + calls.map((c) => c.init.headers.Authorization));
 
     // A getToken that fails after a 401 ends the call with the 401 (its
     // error as cause); no attempt with the refused token follows. An

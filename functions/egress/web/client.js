@@ -935,7 +935,8 @@ export async function publish(ingress, channel, data, opts = {}) {
   const min = msOption(opts, "minBackoff", 100), max = Math.max(msOption(opts, "maxBackoff", 5000), min);
   const timeout = msOption(opts, "timeout", 10000);
   const url = `${String(ingress).replace(/\/+$/, "")}/v1/channels/${encodeURIComponent(channel)}/messages`;
-  let token = checkToken(opts.token ?? (opts.getToken ? await tokenWithin(opts, timeout) : undefined));
+  // An empty token is none: getToken is asked, as WsRelay asks it.
+  let token = checkToken((opts.token == null || opts.token === "") && opts.getToken ? await tokenWithin(opts, timeout) : opts.token);
   let last, unknown = false;
   for (let n = 0; ; n++) {
     opts.signal?.throwIfAborted();
