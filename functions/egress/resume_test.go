@@ -801,3 +801,64 @@ func TestReplayTurnSeesClientGone(t *testing.T) {
 		})
 	}
 }
+
+// TestReplayJoinsNoReadMade: a replay does not join a read of the same
+// position that is already made, only one still waiting its turn. Here
+// the first client's read has had Redis's answer when a message is
+// published and delivered, and then the second client resumes from the
+// same position: that read lacks the message, and the second's live
+// buffer does too (it began after the delivery), so a second read is
+// made for it, and each client gets the message once.
+func TestReplayJoinsNoReadMade(t *testing.T) {
+	t.Parallel()
+	pub, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("made")
+	ids := appendData(t, pub, ks, "made", []byte("1"), 3)
+	from := ids[len(ids)-1]
+	rdb := pooledClient(t, 2, 0) // one place among the replay reads
+	answered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	rdb.AddHook(aroundCmd{after: func(cmd redis.Cmder) {
+		if a := cmd.Args(); strings.EqualFold(cmd.Name(), "xrange") && len(a) > 2 && a[1] == key && a[2] == from {
+			once.Do(func() {
+				close(answered)
+				<-release
+			})
+		}
+	}})
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
+	first := resumeOn(t, e, "made", from)
+	<-answered // the first read is made, its answer on its way
+	msg := appendTo(t, pub, ks, "made", ks.Notify("made"), 1)
+	h := e.s.hub
+	h.mu.Lock()
+	cs := h.chans[ks.Notify("made")]
+	h.mu.Unlock()
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.last.String() != msg {
+			return fmt.Errorf("the hub delivered %s, want %s", cs.last, msg)
+		}
+		return nil
+	})
+	second, c := e.dialConn(t, nil)
+	send(t, second, map[string]any{"type": "subscribe", "channel": "made", "after": from})
+	testkit.Eventually(t, 5*time.Second, func() error {
+		cs.mu.Lock()
+		defer cs.mu.Unlock()
+		if cs.resuming[c] == nil {
+			return errors.New("the second resume has not begun")
+		}
+		return nil
+	})
+	time.Sleep(100 * time.Millisecond) // the second's read, joined or waiting its turn
+	close(release)
+	last := appendTo(t, pub, ks, "made", ks.Notify("made"), 2)
+	for i, ws := range []*websocket.Conn{first, second} {
+		if got, code := readThrough(ws, 5*time.Second, last); !slices.Equal(got, []string{msg, last}) {
+			t.Errorf("client %d: got %v (close %d), want %v", i, got, code, []string{msg, last})
+		}
+	}
+}
