@@ -1133,7 +1133,7 @@ func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) 
 			continue // its leader closed before its turn came: lead or join another
 		}
 		if !errors.Is(r.err, redis.ErrPoolTimeout) || c.isClosing() || !c.pause(ctx) {
-			return r.h, r.err
+			return r.hist, r.err
 		}
 	}
 }
@@ -1146,12 +1146,13 @@ type readKey struct {
 }
 
 // sharedRead is a replay's stream read that other replays join
-// (readHistory). h and err are set before done is closed, and read-only
-// after: h's entries and frames are shared by every replay that joined.
+// (readHistory). hist and err are set before done is closed, and
+// read-only after: hist's entries and frames are shared by every replay
+// that joined.
 type sharedRead struct {
 	done   chan struct{}
 	joined int // replays that joined it (guarded by hub.readsMu)
-	h      history
+	hist   history
 	err    error
 }
 
@@ -1214,13 +1215,13 @@ func (h *hub) startRead(key readKey, r *sharedRead) (shared bool) {
 // b's entries built when cs, their channel, is not nil.
 func (h *hub) settleRead(key readKey, r *sharedRead, cs *chanState, b stream.Batch, err error) {
 	h.startRead(key, r)
-	r.h.Batch, r.err = b, err
+	r.hist.Batch, r.err = b, err
 	if cs != nil && err == nil {
 		frames := make([][]byte, len(b.Entries))
 		for i := range b.Entries {
-			frames[i] = r.h.frame(h, cs, i)
+			frames[i] = r.hist.frame(h, cs, i)
 		}
-		r.h.frames = frames
+		r.hist.frames = frames
 	}
 	close(r.done)
 }
@@ -1235,8 +1236,8 @@ func (h *hub) settleRead(key readKey, r *sharedRead, cs *chanState, b stream.Bat
 // when its turn came, its read then made for nobody; in a reconnect
 // storm, clients that give up and reconnect while their replays wait
 // added those reads to the queue. Such a client's connection ends as the
-// reader's read of the stream's end would end it (noteReadError). A nil
-// sem is a place always free (hubs that tests build).
+// reader's read of the stream's end would end it (noteReadError). With
+// both nil it returns true at once (a hub that tests build has no sem).
 func (c *conn) awaitReplay(ctx context.Context, sem chan struct{}, ready <-chan struct{}) bool {
 	if sem == nil && ready == nil {
 		return true
