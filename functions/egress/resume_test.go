@@ -550,20 +550,28 @@ func TestReplayReadsLeaveHalfThePool(t *testing.T) {
 	for _, ws := range wss {
 		send(t, ws, map[string]any{"type": "subscribe", "channel": "half", "after": ids[0]})
 	}
-	var wg sync.WaitGroup
-	for i, ws := range wss {
-		wg.Go(func() {
-			got, code := readThrough(ws, 10*time.Second, ids[len(ids)-1])
-			if !slices.Equal(got, ids[1:]) {
-				t.Errorf("client %d: got %d messages (close %d), want %d once each in order", i, len(got), code, len(ids)-1)
-			}
-		})
-	}
-	wg.Wait()
+	readAllThrough(t, wss, ids[1:])
 	if m := most.Load(); m > pool/2 {
 		t.Fatalf("%d replay reads asked the pool of %d at once, want at most %d", m, pool, pool/2)
 	}
 	t.Logf("at most %d replay reads at once", most.Load())
+}
+
+// readAllThrough reads each of wss at once until want's last message
+// (readThrough), and reports each client that did not get want once
+// each, in order.
+func readAllThrough(t *testing.T, wss []*websocket.Conn, want []string) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for i, ws := range wss {
+		wg.Go(func() {
+			got, code := readThrough(ws, 10*time.Second, want[len(want)-1])
+			if !slices.Equal(got, want) {
+				t.Errorf("client %d: got %d messages (close %d), want %d once each in order", i, len(got), code, len(want))
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // TestReplaysShareReads: resumes of one channel from the same position
@@ -637,16 +645,7 @@ func TestReplaysShareReads(t *testing.T) {
 				testkit.Eventually(t, 5*time.Second, func() error { return joined(clients - 2) })
 			}
 			<-turns
-			var wg sync.WaitGroup
-			for i, ws := range wss {
-				wg.Go(func() {
-					got, code := readThrough(ws, 10*time.Second, ids[len(ids)-1])
-					if !slices.Equal(got, ids[1:]) {
-						t.Errorf("client %d: got %d messages (close %d), want %d once each in order", i, len(got), code, len(ids)-1)
-					}
-				})
-			}
-			wg.Wait()
+			readAllThrough(t, wss, ids[1:])
 			if n := first.Load(); n != 1 {
 				t.Errorf("%d clients resuming from one position read its first batch %d times, want once", len(wss), n)
 			}
