@@ -1111,10 +1111,11 @@ func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) 
 		r, lead := h.joinRead(key)
 		if lead {
 			if !c.awaitReplay(ctx, h.replayReads, nil) {
-				h.settleRead(key, r, nil, stream.Batch{}, errReadAbandoned)
+				h.closeRead(key, r)
+				h.settleRead(r, nil, stream.Batch{}, errReadAbandoned)
 				return history{}, errClosedDuringRead
 			}
-			shared := h.startRead(key, r)
+			shared := h.closeRead(key, r)
 			// The read is not c's alone: it is made whole even if c
 			// closes meanwhile (ctx is the connection's background).
 			b, err := h.store.Resume(ctx, cs.stream, after, replayBatch)
@@ -1125,7 +1126,7 @@ func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) 
 			if shared {
 				framesOf = cs
 			}
-			h.settleRead(key, r, framesOf, b, err)
+			h.settleRead(r, framesOf, b, err)
 		} else if !c.awaitReplay(ctx, nil, r.done) {
 			return history{}, errClosedDuringRead
 		}
@@ -1199,10 +1200,10 @@ func (h *hub) joinRead(key readKey) (r *sharedRead, lead bool) {
 	return r, true
 }
 
-// startRead closes r to replays that have not joined it yet: it is about
-// to be made, and may miss what they need (readHistory). It reports
-// whether any had joined it.
-func (h *hub) startRead(key readKey, r *sharedRead) (shared bool) {
+// closeRead closes r to replays that have not joined it yet: it is about
+// to be made, and may miss what they need (readHistory), or abandoned.
+// It reports whether any had joined it.
+func (h *hub) closeRead(key readKey, r *sharedRead) (shared bool) {
 	h.readsMu.Lock()
 	defer h.readsMu.Unlock()
 	if h.reads[key] == r {
@@ -1211,10 +1212,10 @@ func (h *hub) startRead(key readKey, r *sharedRead) (shared bool) {
 	return r.joined > 0
 }
 
-// settleRead gives r's result to whoever joined it, with the frames of
-// b's entries built when cs, their channel, is not nil.
-func (h *hub) settleRead(key readKey, r *sharedRead, cs *chanState, b stream.Batch, err error) {
-	h.startRead(key, r)
+// settleRead gives r, closed to joiners (closeRead), its result for
+// whoever joined it, with the frames of b's entries built when cs, their
+// channel, is not nil.
+func (h *hub) settleRead(r *sharedRead, cs *chanState, b stream.Batch, err error) {
 	r.hist.Batch, r.err = b, err
 	if cs != nil && err == nil {
 		frames := make([][]byte, len(b.Entries))
