@@ -178,20 +178,8 @@ func TestHandshakeAccepted(t *testing.T) {
 // every socket is upgraded, as a busy pool holds them.
 func TestHandshakeStormSharesPipelines(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	h := newRecordWrites(rdb)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "5s"})
-	<-e.s.hub.inbox.ready
 	const n = 60
-	var wss []*websocket.Conn
-	for i := range n {
-		ws, _, err := e.dial(t, url.Values{"user": {fmt.Sprintf("u%d", i)}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ws.Close() })
-		wss = append(wss, ws)
-	}
+	e, h, wss := dialHeld(t, "5s", n)
 	testkit.Eventually(t, 5*time.Second, func() error {
 		e.s.hub.mu.Lock()
 		defer e.s.hub.mu.Unlock()
@@ -208,6 +196,27 @@ func TestHandshakeStormSharesPipelines(t *testing.T) {
 	if got := h.All(); got > 8 {
 		t.Fatalf("%d sockets' records written in %d pipelines, want a few shared ones", n, got)
 	}
+}
+
+// dialHeld starts an egress with REDIS_TIMEOUT redisTimeout whose
+// connection records' pipelines are held (recordWrites), and dials n
+// sockets to it, users u0 to u<n-1>, without waiting for their welcomes.
+func dialHeld(t *testing.T, redisTimeout string, n int) (*secEgress, *recordWrites, []*websocket.Conn) {
+	t.Helper()
+	rdb, prefix := redistest.Client(t)
+	h := newRecordWrites(rdb)
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": redisTimeout})
+	<-e.s.hub.inbox.ready
+	var wss []*websocket.Conn
+	for i := range n {
+		ws, _, err := e.dial(t, url.Values{"user": {fmt.Sprintf("u%d", i)}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		wss = append(wss, ws)
+	}
+	return e, h, wss
 }
 
 // recordWrites holds the pipelines writing connection records (their
@@ -247,19 +256,8 @@ func newRecordWrites(rdb redis.UniversalClient) *recordWrites {
 // made).
 func TestRefusedUnwrittenNotRemoved(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	h := newRecordWrites(rdb)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "300ms"})
-	<-e.s.hub.inbox.ready
 	const n = 10
-	var wss []*websocket.Conn
-	for i := range n {
-		ws, _, err := e.dial(t, url.Values{"user": {fmt.Sprintf("u%d", i)}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		wss = append(wss, ws)
-	}
+	e, h, wss := dialHeld(t, "300ms", n)
 	// The pipelines (4 at once) hold what they took; the sockets left
 	// waiting give up after REDIS_TIMEOUT and leave the hub.
 	testkit.Eventually(t, 10*time.Second, func() error {
