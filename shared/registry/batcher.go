@@ -55,11 +55,12 @@ func NewBatcher(r *Registry, timeout time.Duration, maxInFlight, maxBatch int) *
 // Registry.Put does, in a pipeline shared with concurrent Puts. A caller
 // whose ctx ends while rec still waits for a pipeline withdraws it and
 // gets ctx's error, with ErrNotWritten: nothing was written. Once a
-// pipeline has taken rec, Put waits for that pipeline, which the Batcher's timeout bounds, and
-// returns the first error among rec's own commands (on a Redis Cluster a
-// master that failed does not fail the records kept on the others), or
-// the pipeline's when none of its commands got one of its own (a hook
-// refused it whole). rec is not used once Put has returned.
+// pipeline has taken rec, Put waits for that pipeline, which the
+// Batcher's timeout bounds, and returns the first error among rec's own
+// commands (on a Redis Cluster a master that failed does not fail the
+// records kept on the others), or the pipeline's when none of its
+// commands got one of its own (a hook refused it whole). rec is not used
+// once Put has returned.
 func (b *Batcher) Put(ctx context.Context, rec *Record) error {
 	req := &coalesce.Request[putReq]{V: putReq{rec: rec, score: b.r.expiry()}}
 	if err := b.q.Do(ctx, req); err != nil {
