@@ -1128,6 +1128,7 @@ func (c *conn) readHistory(ctx context.Context, cs *chanState, after stream.ID) 
 			}
 			h.settleRead(r, framesOf, b, err)
 		} else if !c.awaitReplay(ctx, nil, r.done) {
+			h.leaveRead(r)
 			return history{}, errClosedDuringRead
 		}
 		if r.err == errReadAbandoned {
@@ -1198,6 +1199,15 @@ func (h *hub) joinRead(key readKey) (r *sharedRead, lead bool) {
 	r = &sharedRead{done: make(chan struct{})}
 	h.reads[key] = r
 	return r, true
+}
+
+// leaveRead takes back a replay's joining of r (joinRead): its
+// connection closed before r was made, so r's leader need not build
+// frames for it.
+func (h *hub) leaveRead(r *sharedRead) {
+	h.readsMu.Lock()
+	defer h.readsMu.Unlock()
+	r.joined--
 }
 
 // closeRead closes r to replays that have not joined it yet: it is about

@@ -861,3 +861,50 @@ func TestReplayJoinsNoReadMade(t *testing.T) {
 		}
 	}
 }
+
+// TestReplayFollowerLeaves: a replay that joined another's read
+// (hub.reads) and whose connection goes before the read is made is
+// taken off it, so the read's maker, alone again, builds no shared
+// frames (history.frames) and its client still gets every message.
+func TestReplayFollowerLeaves(t *testing.T) {
+	t.Parallel()
+	pub, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	key := ks.Stream("left")
+	ids := appendData(t, pub, ks, "left", []byte("1"), 5)
+	rdb := pooledClient(t, 2, 0) // one place among the replay reads
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
+	turns := e.s.hub.replayReads
+	turns <- struct{}{} // the one place is taken
+	h := e.s.hub
+	waiting := func(n int) (*sharedRead, error) {
+		h.readsMu.Lock()
+		defer h.readsMu.Unlock()
+		r := h.reads[readKey{stream: key, after: stream.MustParseID(ids[0])}]
+		if r == nil || r.joined != n {
+			return nil, fmt.Errorf("read waiting: %v; want one with %d joined", r != nil, n)
+		}
+		return r, nil
+	}
+	var wss []*websocket.Conn
+	for i := range 2 {
+		ws, _, err := e.dial(t, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		next(t, ws, "welcome")
+		send(t, ws, map[string]any{"type": "subscribe", "channel": "left", "after": ids[0]})
+		testkit.Eventually(t, 5*time.Second, func() error { _, err := waiting(i); return err })
+		wss = append(wss, ws)
+	}
+	_ = wss[1].UnderlyingConn().Close() // the follower goes
+	var r *sharedRead
+	testkit.Eventually(t, 5*time.Second, func() (err error) { r, err = waiting(0); return err })
+	<-turns
+	readAllThrough(t, wss[:1], ids[1:])
+	<-r.done
+	if r.hist.frames != nil {
+		t.Errorf("the read's maker built %d shared frames for a follower that had left", len(r.hist.frames))
+	}
+}
