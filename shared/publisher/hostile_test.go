@@ -170,8 +170,8 @@ func TestOutcomeUnknown(t *testing.T) {
 			_, err := c.History(ctx, "c", "", 0)
 			return err
 		}, 0, false},
-		{"ctx ends waiting after a 503", []answer{failure(503, "unavailable", "Retry-After", "30")}, withTimeout(t, publish), 503, true},
-		{"ctx ends waiting after a 429", []answer{failure(429, "rate_limited", "Retry-After", "30")}, withTimeout(t, publish), 429, false},
+		{"ctx ends waiting after a 503", []answer{failure(503, "unavailable", "Retry-After", "30")}, canceledAfter(t, publish), 503, true},
+		{"ctx ends waiting after a 429", []answer{failure(429, "rate_limited", "Retry-After", "30")}, canceledAfter(t, publish), 429, false},
 		{"ctx ends waiting for the reply", []answer{{stall: true}}, withTimeout(t, publish), 0, true},
 		{"canceled before sending", nil, func(c *Client, ctx context.Context) error {
 			ctx, cancel := context.WithCancel(ctx)
@@ -222,6 +222,25 @@ func withTimeout(t *testing.T, call func(*Client, context.Context) error) func(*
 		err := call(c, ctx)
 		if d := time.Since(start); d > time.Second || !errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("returned after %v with %v, want context.DeadlineExceeded at once", d, err)
+		}
+		return err
+	}
+}
+
+// canceledAfter runs call with a ctx without a deadline that is
+// cancelled after 100 ms, and checks that it returns then, with ctx's
+// error. (A wait known to outlast a deadline is not begun: see
+// TestRetryPastDeadlineNotWaited.)
+func canceledAfter(t *testing.T, call func(*Client, context.Context) error) func(*Client, context.Context) error {
+	return func(c *Client, ctx context.Context) error {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		stop := time.AfterFunc(100*time.Millisecond, cancel)
+		defer stop.Stop()
+		start := time.Now()
+		err := call(c, ctx)
+		if d := time.Since(start); d > time.Second || !errors.Is(err, context.Canceled) {
+			t.Errorf("returned after %v with %v, want context.Canceled at once", d, err)
 		}
 		return err
 	}

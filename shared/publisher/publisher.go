@@ -44,7 +44,9 @@
 // The call's ctx bounds it all: when ctx ends, the call returns at once
 // with an error that wraps both ctx.Err() and the last attempt's error.
 // When the attempts run out, or an answer is final, the call returns the
-// last attempt's error. An answer of the ingress is an *Error (use
+// last attempt's error; so it does, at once, when the wait before the
+// next retry would end after ctx's deadline (that retry could never be
+// made), and that error does not wrap ctx.Err(), which has not ended. An answer of the ingress is an *Error (use
 // errors.As), with the HTTP status and the ingress's error code; a
 // redirect is not followed, and is an *Error too. Input the ingress
 // would refuse (a channel name outside its alphabet, nil Data, Data

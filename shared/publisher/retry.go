@@ -228,19 +228,29 @@ func (c *Client) do(ctx context.Context, r *request, out any) (*reply, error) {
 			return nil, stopped(ctx, r, last, maybe)
 		}
 		last = err
-		if n >= c.maxAttempts || !retryable(err) {
+		final := func() error {
 			if n > 1 {
 				err = fmt.Errorf("%w (after %d attempts)", err, n)
 			}
 			if maybe {
 				err = outcomeUnknown{err}
 			}
-			return nil, err
+			return err
+		}
+		if n >= c.maxAttempts || !retryable(err) {
+			return nil, final()
 		}
 		wait := retry.Backoff(c.minBackoff, c.maxBackoff, n-1)
 		var e *Error
 		if errors.As(err, &e) {
 			wait = max(wait, e.RetryAfter)
+		}
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) <= wait {
+			// The retry could never be made: waiting would only hold
+			// the caller until the deadline to return ctx's error, and
+			// hide this answer (a Retry-After the caller could act on)
+			// behind it. So it ends now, as if the attempts had run out.
+			return nil, final()
 		}
 		t := time.NewTimer(wait)
 		select {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -131,24 +132,95 @@ func TestBackoffBounds(t *testing.T) {
 }
 
 // TestCancelDuringBackoff: a call waiting out a Retry-After returns when
-// its ctx ends, with both ctx's error and the last answer.
+// its ctx is cancelled, with both ctx's error and the last answer.
 func TestCancelDuringBackoff(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var n atomic.Int32
 		c := inMemory(t, sequence(100, http.StatusServiceUnavailable, http.Header{"Retry-After": {"30"}}, &n))
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		// No deadline: the wait cannot be known to outlast ctx, so it is
+		// begun and ended by the cancel.
+		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
+		time.AfterFunc(2*time.Second, cancel)
 		start := time.Now()
 		_, err := c.Publish(ctx, "c", Message{Data: 1})
 		if d := time.Since(start); d != 2*time.Second {
-			t.Fatalf("returned after %v, want at the deadline, 2 s", d)
+			t.Fatalf("returned after %v, want at the cancel, 2 s", d)
 		}
 		var e *Error
-		if !errors.Is(err, context.DeadlineExceeded) || !errors.As(err, &e) || e.Status != 503 || e.RetryAfter != 30*time.Second {
+		if !errors.Is(err, context.Canceled) || !errors.As(err, &e) || e.Status != 503 || e.RetryAfter != 30*time.Second {
 			t.Fatalf("error %v", err)
 		}
 		if n.Load() != 1 {
 			t.Fatalf("%d requests", n.Load())
+		}
+	})
+}
+
+// TestRetryPastDeadlineNotWaited: a call whose next retry would come
+// after its ctx's deadline (a 429's Retry-After: 30 with 200 ms left)
+// returns at once with the last answer, as when the attempts run out,
+// instead of sitting until the deadline to return ctx's error.
+func TestRetryPastDeadlineNotWaited(t *testing.T) {
+	for _, tc := range []struct {
+		status  int
+		unknown bool // a 503 may have been written; a 429 was not
+	}{
+		{http.StatusTooManyRequests, false},
+		{http.StatusServiceUnavailable, true},
+	} {
+		t.Run(strconv.Itoa(tc.status), func(t *testing.T) {
+			var requests atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				requests.Add(1)
+				w.Header().Set("Retry-After", "30")
+				w.WriteHeader(tc.status)
+				_, _ = w.Write([]byte(`{"error":{"code":"rate_limited","message":"slow down"}}`))
+			}))
+			t.Cleanup(srv.Close)
+			tr := &http.Transport{}
+			t.Cleanup(tr.CloseIdleConnections)
+			c, err := New(Options{URL: srv.URL, HTTPClient: &http.Client{Transport: tr}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			defer cancel()
+			_, err = c.Publish(ctx, "c", Message{Data: 1})
+			// Not a duration (the machine may be slow): the call must
+			// have returned before the deadline fired.
+			if ctx.Err() != nil {
+				t.Fatalf("returned after the deadline: %v", err)
+			}
+			var e *Error
+			switch {
+			case !errors.As(err, &e) || e.Status != tc.status || e.RetryAfter != 30*time.Second:
+				t.Fatalf("error %v, want the %d with its Retry-After", err, tc.status)
+			case errors.Is(err, context.DeadlineExceeded):
+				t.Fatalf("error %v wraps ctx's, which had not ended", err)
+			case errors.Is(err, ErrOutcomeUnknown) != tc.unknown:
+				t.Fatalf("error %v: outcome unknown %v, want %v", err, !tc.unknown, tc.unknown)
+			case requests.Load() != 1:
+				t.Fatalf("%d requests, want 1", requests.Load())
+			}
+		})
+	}
+}
+
+// TestRetryBeforeDeadlineWaited: a wait that ends before ctx's deadline
+// is waited out and the retry made.
+func TestRetryBeforeDeadlineWaited(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var n atomic.Int32
+		c := inMemory(t, sequence(1, http.StatusTooManyRequests, http.Header{"Retry-After": {"30"}}, &n))
+		ctx, cancel := context.WithTimeout(context.Background(), 31*time.Second)
+		defer cancel()
+		start := time.Now()
+		if _, err := c.Publish(ctx, "c", Message{Data: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d < 30*time.Second || n.Load() != 2 {
+			t.Fatalf("%d requests in %v, want 2 after 30 s", n.Load(), d)
 		}
 	})
 }
