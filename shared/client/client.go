@@ -160,6 +160,9 @@ type Options struct {
 
 	// Dialer dials the socket; nil means websocket.DefaultDialer. A zero
 	// HandshakeTimeout means DefaultHandshakeTimeout here, not no limit.
+	// Prefer NetDialContext to NetDial, which takes no ctx: Close does not
+	// wait for a NetDial in flight (it finishes on a goroutine of its own,
+	// its connection then closed), but ConnectTimeout does not end it.
 	Dialer *websocket.Dialer
 	// Header is sent with every upgrade request (e.g. Origin).
 	Header http.Header
@@ -589,7 +592,8 @@ func (c *Client) Done() <-chan struct{} { return c.done }
 // idempotent. Handlers and OnState run on that goroutine: one that wants
 // the client closed calls go c.Close(), since Close would wait for
 // itself. A GetToken call in progress has its ctx cancelled, and is not
-// waited for.
+// waited for; nor is a Dialer's NetDial in progress, which takes no ctx
+// (the connection it returns is closed).
 func (c *Client) Close() error {
 	c.once.Do(func() {
 		c.cancel()
@@ -1135,7 +1139,7 @@ func (c *Client) dialer(token string) (d *websocket.Dialer, dialed func()) {
 	next := dt.NetDialContext
 	if next == nil {
 		if nd := dt.NetDial; nd != nil {
-			next = func(_ context.Context, network, addr string) (net.Conn, error) { return nd(network, addr) }
+			next = c.untilClose(nd)
 		} else {
 			next = (&net.Dialer{}).DialContext
 		}
@@ -1147,6 +1151,41 @@ func (c *Client) dialer(token string) (d *websocket.Dialer, dialed func()) {
 	return &dt, func() {
 		for _, stop := range stops {
 			stop()
+		}
+	}
+}
+
+// untilClose makes a NetDial, which takes no ctx and which nothing can
+// end, one that Close does not wait for: the dial runs on a goroutine of
+// its own, and when Close comes first it is left to finish there, the
+// connection it returns then closed. That goroutine has no owner to wait
+// for it (it ends when NetDial returns, and no later dial follows a
+// Close); a NetDialContext, which gorilla prefers when both are set, is
+// simply cancelled. ConnectTimeout still does not end a NetDial: the
+// dial it gave up on would run on beside the next one, a pile of them
+// for a dial that never returns.
+func (c *Client) untilClose(nd func(network, addr string) (net.Conn, error)) func(context.Context, string, string) (net.Conn, error) {
+	return func(_ context.Context, network, addr string) (net.Conn, error) {
+		type dialResult struct {
+			nc  net.Conn
+			err error
+		}
+		res := make(chan dialResult) // unbuffered: taken, or the dial was given up
+		go func() {
+			nc, err := nd(network, addr)
+			select {
+			case res <- dialResult{nc, err}:
+			case <-c.ctx.Done():
+				if nc != nil {
+					_ = nc.Close()
+				}
+			}
+		}()
+		select {
+		case r := <-res:
+			return r.nc, r.err
+		case <-c.ctx.Done():
+			return nil, c.ctx.Err()
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -104,6 +105,45 @@ func TestCloseDuringUpgrade(t *testing.T) {
 	}
 	closes(t, c, "upgrade in flight")
 	closedForGood(t, c, "upgrade in flight")
+}
+
+// TestCloseDuringNetDial: Close while a Dialer's NetDial (a dial func
+// without a ctx, so that nothing can end it) is in flight returns
+// without waiting for it, and the connection it returns late is closed.
+func TestCloseDuringNetDial(t *testing.T) {
+	noLeaks(t)
+	dialing := make(chan struct{})
+	release := make(chan struct{})
+	served := make(chan net.Conn, 1)
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) }) // a Close that waited is let go
+	d := &websocket.Dialer{NetDial: func(network, addr string) (net.Conn, error) {
+		close(dialing)
+		<-release
+		client, server := net.Pipe()
+		served <- server
+		return client, nil
+	}}
+	c, err := Dial(Options{URL: "ws://wsrelay.test/ws", Dialer: d, MinBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-dialing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no dial")
+	}
+	closes(t, c, "NetDial in flight")
+	closedForGood(t, c, "NetDial in flight")
+	once.Do(func() { close(release) })
+	server := <-served
+	defer server.Close()
+	// Nothing is written on the late connection, and it is closed: the
+	// other end's read ends.
+	_ = server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := server.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("late connection: read %d bytes, %v; want it closed (EOF)", n, err)
+	}
 }
 
 // TestCloseSendsNormalClosure: Close closes the connection with 1000, as
