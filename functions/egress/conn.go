@@ -1247,8 +1247,8 @@ func (h *hub) settleRead(r *sharedRead, cs *chanState, b stream.Batch, err error
 // when its turn came, its read then made for nobody; in a reconnect
 // storm, clients that give up and reconnect while their replays wait
 // added those reads to the queue. Such a client's connection ends as the
-// reader's read of the stream's end would end it (noteReadError). With
-// both nil it returns true at once (a hub that tests build has no sem).
+// reader's reads would end it (endHungUp). With both nil it returns true
+// at once (a hub that tests build has no sem).
 func (c *conn) awaitReplay(ctx context.Context, sem chan struct{}, ready <-chan struct{}) bool {
 	if sem == nil && ready == nil {
 		return true
@@ -1277,10 +1277,32 @@ func (c *conn) awaitReplay(ctx context.Context, sem chan struct{}, ready <-chan 
 				return false
 			}
 			if c.fr.hungUp() {
-				c.closeWith(1006, "connection lost", false)
+				c.endHungUp()
 				return false
 			}
 			t.Reset(50 * time.Millisecond)
+		}
+	}
+}
+
+// endHungUp ends the connection of a client that hung up while the reader
+// was not reading (awaitReplay) as the reader's reads would have ended it:
+// with the code of its close frame, if one came ahead of its FIN (a
+// client that closed properly and then its socket, logged and counted as
+// 1000, SCF 200, not as a lost connection), else as a lost connection
+// (noteReadError). What it sent up to its FIN is all in the socket by now
+// (a FIN is taken in order), so the frames are read, and dropped, without
+// waiting: their replies would go to nobody.
+func (c *conn) endHungUp() {
+	for {
+		op, p, err := c.fr.next()
+		switch {
+		case err != nil:
+			c.noteReadError(err)
+			return
+		case op == opClose:
+			c.onClientClose(p)
+			return
 		}
 	}
 }

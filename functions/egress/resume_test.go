@@ -20,6 +20,7 @@ import (
 	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
 	"github.com/wsrelay/wsrelay/shared/redistest"
+	"github.com/wsrelay/wsrelay/shared/registry"
 	"github.com/wsrelay/wsrelay/shared/stream"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
@@ -719,18 +720,23 @@ func TestReplayReadTurnEndsWithConn(t *testing.T) {
 // when a ping's write failed, up to PING_INTERVAL later, or when its turn
 // came, and then its read was made for nobody: in a reconnect storm,
 // clients that give up and reconnect while their replays wait added
-// those reads to the queue.
+// those reads to the queue. A client whose last frame before its FIN is
+// a close frame ends with that frame's code, as the reader's read of it
+// would record it (1000 by the client, SCF 200), not as a lost one.
 func TestReplayTurnSeesClientGone(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the hang-up is looked for on Linux only (readable_linux.go)")
 	}
 	t.Parallel()
 	for _, tc := range []struct {
-		name  string
-		reset bool
+		name       string
+		reset      bool
+		closeFrame bool // the client's close frame (1000) goes ahead of its FIN
+		code, scf  int  // the end logged
 	}{
-		{"FIN behind unread frames", false},
-		{"reset", true},
+		{"FIN behind unread frames", false, false, 1006, 456},
+		{"reset", true, false, 1006, 456},
+		{"close frame and FIN behind unread frames", false, true, 1000, 200},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -763,6 +769,11 @@ func TestReplayTurnSeesClientGone(t *testing.T) {
 			for range 20 {
 				send(t, ws, map[string]any{"type": "ping"})
 			}
+			if tc.closeFrame {
+				if err := ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(1000, "bye"), time.Now().Add(time.Second)); err != nil {
+					t.Fatal(err)
+				}
+			}
 			tcp := ws.UnderlyingConn().(*net.TCPConn)
 			if tc.reset {
 				_ = tcp.SetLinger(0)
@@ -788,8 +799,12 @@ func TestReplayTurnSeesClientGone(t *testing.T) {
 				return errors.New("the connection has not ended")
 			})
 			t.Logf("the connection ended %v after its client left", time.Since(left).Round(time.Millisecond))
-			if end.CloseCode != 1006 || end.ClosedBy != "client" || end.SCFStatus != 456 {
-				t.Errorf("connection closed %+v, want 1006 by the client, SCF status 456 (a lost connection)", end)
+			if end.CloseCode != tc.code || end.ClosedBy != "client" || end.SCFStatus != tc.scf {
+				t.Errorf("connection closed %+v, want %d by the client, SCF status %d", end, tc.code, tc.scf)
+			}
+			checkEndMetrics(t, e, logs.String(), 1) // counted under the status logged
+			if _, err := e.s.reg.Get(t.Context(), c.id); !errors.Is(err, registry.ErrNotFound) {
+				t.Errorf("the gone client's record: %v, want it removed", err)
 			}
 			if n := reads.Load(); n != 0 {
 				t.Errorf("%d stream reads made for a client that had gone, want none", n)
