@@ -1338,6 +1338,17 @@ func (c *conn) dropSub(ctx context.Context, ch string) {
 	}
 	c.regMu.Lock()
 	defer c.regMu.Unlock()
+	if c.closeStarted.Load() {
+		// The record is being removed, or is gone: leaving would write it
+		// back. ch stays in it, so that the close's own removal, which
+		// every end makes (unlist, as a server close begins, or finish),
+		// takes ch's membership too, whether it came before this (ch was
+		// in the record since subscribe) or comes after. A removal here
+		// as well was a second one for every connection that closed
+		// while its resume waited: in a reconnect storm, the one that
+		// fills the replay reads' queue, a round trip each.
+		return
+	}
 	c.mu.Lock()
 	chans := make([]string, 0, len(c.rec.Channels))
 	for _, x := range c.rec.Channels {
@@ -1349,15 +1360,6 @@ func (c *conn) dropSub(ctx context.Context, ch string) {
 	c.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, c.s.cfg.Redis.Timeout)
 	defer cancel()
-	if c.closeStarted.Load() {
-		// The record is being removed (unlist), or is gone: leaving would
-		// write it back. Remove it with ch's membership, which unlist,
-		// removing the record as it is now, would not.
-		rec := c.recordCopy()
-		rec.Channels = append(rec.Channels, ch)
-		c.s.regDone(c.s.reg.Remove(rctx, rec), "remove", c.id)
-		return
-	}
 	c.s.regDone(c.s.reg.LeaveChannel(rctx, c.recordCopy(), ch), "leave", c.id)
 }
 

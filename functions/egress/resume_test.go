@@ -816,6 +816,88 @@ func TestReplayTurnSeesClientGone(t *testing.T) {
 	}
 }
 
+// TestReplayWaitEndRemovesOnce: a connection that ends while its resume
+// waits for a place among the replay reads (hub.replayReads, all taken),
+// whichever way it ends (its client hangs up, an operator's disconnect,
+// the drain), has its registry record removed once, the channel's
+// membership with it, and nothing of it is left in the registry. The
+// resume's subscription, given up, made a removal of its own as well,
+// one more round trip per connection in the reconnect storm that fills
+// the replay reads' queue.
+func TestReplayWaitEndRemovesOnce(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the hang-up is looked for on Linux only (readable_linux.go)")
+	}
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		end  func(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, ws *websocket.Conn, c *conn)
+	}{
+		{"hang-up", func(t *testing.T, _ redis.UniversalClient, _ keys.Scheme, _ *secEgress, ws *websocket.Conn, _ *conn) {
+			_ = ws.UnderlyingConn().Close()
+		}},
+		{"operator's disconnect", func(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, ws *websocket.Conn, c *conn) {
+			toInbox(t, rdb, ks, e, nil, stream.Disconnect(c.id))
+			if code := closeCode(t, ws, 5*time.Second); code != 4003 {
+				t.Errorf("closed %d, want 4003", code)
+			}
+		}},
+		{"drain", func(t *testing.T, _ redis.UniversalClient, _ keys.Scheme, e *secEgress, ws *websocket.Conn, _ *conn) {
+			go e.stop()
+			if code := closeCode(t, ws, 5*time.Second); code != protocol.CloseGoingAway {
+				t.Errorf("closed %d, want %d", code, protocol.CloseGoingAway)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			pub, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			ids := appendData(t, pub, ks, "wait", []byte("1"), 3)
+			rdb := pooledClient(t, 2, 0) // one place among the replay reads
+			var removals atomic.Int64    // of connection records: pipelines that begin with their DEL
+			recKey := strings.TrimSuffix(ks.Conn(""), "}")
+			rdb.AddHook(redistest.NewGate(func(cmds []redis.Cmder) bool {
+				if a := cmds[0].Args(); cmds[0].Name() == "del" && len(a) > 1 && strings.HasPrefix(fmt.Sprint(a[1]), recKey) {
+					removals.Add(1)
+				}
+				return false
+			}))
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
+			turns := e.s.hub.replayReads
+			turns <- struct{}{} // the one place is taken (the storm's other replays)
+
+			ws, c := e.dialConn(t, nil)
+			send(t, ws, map[string]any{"type": "subscribe", "channel": "wait", "after": ids[0]})
+			testkit.Eventually(t, 5*time.Second, func() error {
+				e.s.hub.readsMu.Lock()
+				defer e.s.hub.readsMu.Unlock()
+				if len(e.s.hub.reads) == 0 {
+					return errors.New("the resume's read is not waiting for its turn yet")
+				}
+				return nil
+			})
+			tc.end(t, rdb, ks, e, ws, c)
+			testkit.Eventually(t, 5*time.Second, func() error {
+				if n := e.s.open.Load(); n != 0 {
+					return fmt.Errorf("%d sockets open", n)
+				}
+				return nil
+			})
+			e.stop() // every removal made
+			if n := removals.Load(); n != 1 {
+				t.Errorf("the record was removed %d times, want once", n)
+			}
+			if _, err := e.s.reg.Get(t.Context(), c.id); !errors.Is(err, registry.ErrNotFound) {
+				t.Errorf("the record: %v, want it removed", err)
+			}
+			if err := pub.ZScore(t.Context(), ks.ChannelConns("wait"), c.id).Err(); !errors.Is(err, redis.Nil) {
+				t.Errorf("the channel's membership: %v, want it removed", err)
+			}
+		})
+	}
+}
+
 // TestReplayJoinsNoReadMade: a replay does not join a read of the same
 // position that is already made, only one still waiting its turn. Here
 // the first client's read has had Redis's answer when a message is
