@@ -542,7 +542,7 @@ func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID
 		} else {
 			oldest := p.entries[len(p.entries)-1]
 			es, err = s.store.LatestBefore(ctx, key, stream.MustParseID(oldest.ID), int64(n))
-			if err == nil && len(es) > 0 && es[len(es)-1].ID != oldest.Prev {
+			if err == nil && !p.follows(es) {
 				break
 			}
 		}
@@ -561,6 +561,35 @@ func (s *Server) historyLatest(ctx context.Context, key string, before stream.ID
 	slices.Reverse(p.entries)
 	slices.Reverse(p.json)
 	return p, nil
+}
+
+// follows reports whether es, the read below a historyLatest page's
+// oldest entry (oldest first), holds no hole where it meets the page: the
+// newest of its entries at or below the predecessor that the page's oldest
+// message names is that predecessor. The entries above it are not in the
+// chain (another application's, which no append names: the message after
+// them names the message before them) and are passed over; a page whose
+// oldest entries are such, read after an entry no append wrote, can only
+// be checked past them. Compared with the newest entry read alone, such
+// an entry was taken for a hole: the page ended at it, empty when it was
+// the newest (?limit=1), and a reader paging back stopped there.
+func (p *historyPage) follows(es []stream.Entry) bool {
+	var want stream.ID
+	known := false
+	for i := len(p.entries) - 1; i >= 0 && !known; i-- { // oldest first
+		want, known = stream.ParseID(p.entries[i].Prev)
+	}
+	// Past want already (a hole inside one read, which a page keeps as
+	// one read did), nothing is left to check.
+	if !known || !want.Less(stream.MustParseID(p.entries[len(p.entries)-1].ID)) {
+		return true
+	}
+	for i := len(es) - 1; i >= 0; i-- {
+		if id := stream.MustParseID(es[i].ID); !want.Less(id) {
+			return id == want
+		}
+	}
+	return true
 }
 
 // handleClearHistory: DELETE /v1/channels/{channel}/messages (admin and
