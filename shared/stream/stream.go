@@ -732,7 +732,7 @@ type Batch struct {
 // Continuity is decided from the stream itself. Each entry records the id
 // of the entry before it (field p, written by the append script), so the
 // chain proves it: `after` is still in the stream, or the oldest entry
-// after it names `after` as its predecessor (`after` itself was the last
+// after it that names a predecessor names `after` (`after` itself was the last
 // entry trimmed), or nothing follows `after` and it is the last id
 // appended. A stream that lost data — trimmed past `after`, expired, or
 // recreated after Redis restarted without persistence or failed over to a
@@ -779,9 +779,17 @@ func (s *Store) Resume(ctx context.Context, key string, after ID, count int64) (
 		msgs = msgs[:count]
 	}
 	b := Batch{Entries: entriesOf(msgs), From: after}
-	if p, ok := ParseID(b.Entries[0].Prev); ok {
-		b.Continuous = p == after
-		b.From = p
+	// The first entry that names its predecessor decides. Those before it
+	// name none: another application wrote them under the key prefix (no
+	// append names them either, the next names the message before them),
+	// and the first entry alone decided, so that a reader who had missed
+	// nothing was told it had.
+	for _, e := range b.Entries {
+		if p, ok := ParseID(e.Prev); ok {
+			b.Continuous = p == after
+			b.From = p
+			break
+		}
 	}
 	return b, nil
 }

@@ -496,6 +496,47 @@ func TestResume(t *testing.T) {
 	}
 }
 
+// TestResumePastForeignEntries: entries another application wrote under
+// the key prefix name no predecessor, and the append after them names the
+// message before them. Resumed from a message trimmed since, the first
+// entry that names its predecessor decides: it names `after`, so nothing
+// is missing. The first entry read decided, and its predecessor does not
+// parse: a reader that missed nothing was told it had (Continuous false).
+func TestResumePastForeignEntries(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	key := e.keys.Stream("f")
+	ids := e.publish("f", 2, Limits{})
+	var foreign []string
+	for range 2 {
+		id, err := e.rdb.XAdd(t.Context(), &redis.XAddArgs{Stream: key, Values: []any{"x", "y"}}).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		foreign = append(foreign, id)
+	}
+	ids = append(ids, e.publish("f", 1, Limits{})...)
+	if err := e.rdb.XTrimMinID(t.Context(), key, foreign[0]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	after := MustParseID(ids[1])
+	b, err := e.store.Resume(t.Context(), key, after, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !b.Continuous || b.From != after || len(b.Entries) != 3 || b.Entries[2].ID != ids[2] {
+		t.Errorf("from %s, trimmed, before foreign entries: continuous %v from %s, %d entries; want true, %s, the 2 foreign and %s", after, b.Continuous, b.From, len(b.Entries), after, ids[2])
+	}
+	// From a message before it, the chain proves a loss.
+	b, err = e.store.Resume(t.Context(), key, MustParseID(ids[0]), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Continuous || b.From != after {
+		t.Errorf("from %s: continuous %v from %s; want false, %s", ids[0], b.Continuous, b.From, after)
+	}
+}
+
 // A channel nothing was published on gives position 0-0, and a resume from
 // it, with the channel still quiet, missed nothing.
 func TestResumeQuietChannel(t *testing.T) {
