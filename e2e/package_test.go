@@ -26,28 +26,41 @@ import (
 // their layout (exactly the binary and scf_bootstrap at the root, both
 // executable, the bootstrap a bash script with LF endings), then unzips
 // each and starts it through its scf_bootstrap as SCF would, on a free
-// port instead of 9000.
+// port instead of 9000. `make package LEAN=1`'s egress is checked the
+// same way, and is seen to be lean (/metrics not built).
 func TestPackage(t *testing.T) {
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Fatal("make is needed to test `make package`")
 	}
-	dist := t.TempDir()
-	cmd := exec.Command("make", "--no-print-directory", "package", "DIST="+dist)
-	cmd.Dir = repoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("make package: %v\n%s", err, out)
-	}
 	redisURL := redistest.URL(t)
-	for _, fn := range []string{"ingress", "egress"} {
-		t.Run(fn, func(t *testing.T) {
-			dir := t.TempDir()
-			unzip(t, filepath.Join(dist, fn+".zip"), dir, []string{fn, "scf_bootstrap"})
-			checkBuild(t, filepath.Join(dir, fn))
-			if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
-				t.Skipf("the package is linux/amd64; this is %s/%s", runtime.GOOS, runtime.GOARCH)
-			}
-			runBootstrap(t, dir, redisURL)
-		})
+	for _, lean := range []bool{false, true} {
+		dist := t.TempDir()
+		args := []string{"--no-print-directory", "package", "DIST=" + dist}
+		fns := []string{"ingress", "egress"}
+		if lean {
+			args = append(args, "LEAN=1")
+			fns = fns[1:] // its ingress is the default one's
+		}
+		cmd := exec.Command("make", args...)
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("make %s: %v\n%s", strings.Join(args[1:], " "), err, out)
+		}
+		for _, fn := range fns {
+			t.Run(fmt.Sprintf("%s lean=%v", fn, lean), func(t *testing.T) {
+				dir := t.TempDir()
+				unzip(t, filepath.Join(dist, fn+".zip"), dir, []string{fn, "scf_bootstrap"})
+				checkBuild(t, filepath.Join(dir, fn), lean)
+				if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+					t.Skipf("the package is linux/amd64; this is %s/%s", runtime.GOOS, runtime.GOARCH)
+				}
+				want := 200 // the egress's /metrics; the ingress's too
+				if lean {
+					want = 404 // not_built
+				}
+				runBootstrap(t, dir, redisURL, func(base string) error { return httpStatus(base+"/metrics", want) })
+			})
+		}
 	}
 }
 
@@ -56,8 +69,10 @@ func TestPackage(t *testing.T) {
 // bundled HTTP/2 (tag nethttpomithttp2), which plain HTTP/1.1 behind the
 // gateway never uses and which is 0.35 MB of each binary, and the ingress
 // also without gin's MessagePack codec (tag nomsgpack), which it does not
-// use and which costs 6 MB and 1.5 ms of start-up.
-func checkBuild(t *testing.T, bin string) {
+// use and which costs 6 MB and 1.5 ms of start-up. A lean egress also has
+// the tag wsrelay_lean, and no inlining (-gcflags=all=-l), which is
+// 0.7 MB of its binary and so of its memory (docs/deployment.md).
+func checkBuild(t *testing.T, bin string, lean bool) {
 	t.Helper()
 	bi, err := buildinfo.ReadFile(bin)
 	if err != nil {
@@ -83,8 +98,16 @@ func checkBuild(t *testing.T, bin string) {
 	if filepath.Base(bin) == "ingress" {
 		want = []string{"nethttpomithttp2", "nomsgpack"}
 	}
+	wantGC := ""
+	if lean {
+		want = append(want, "wsrelay_lean")
+		wantGC = "all=-l"
+	}
 	if !slices.Equal(tags, want) {
 		t.Errorf("%s built with tags %q, want %q", filepath.Base(bin), tags, want)
+	}
+	if settings["-gcflags"] != wantGC {
+		t.Errorf("%s built with -gcflags %q, want %q", filepath.Base(bin), settings["-gcflags"], wantGC)
 	}
 	if slices.ContainsFunc(bi.Deps, func(m *debug.Module) bool { return m.Path == "github.com/ugorji/go/codec" }) {
 		t.Errorf("%s links gin's MessagePack codec", filepath.Base(bin))
@@ -146,8 +169,9 @@ func unzip(t *testing.T, zipPath, dir string, want []string) {
 // working directory, waits for /healthz, then sends SIGTERM to the process
 // it started: through scf_bootstrap's exec, the function itself, which
 // must stop as it does on SIGTERM ("stopped", status 0). Without the exec,
-// bash would die of the signal and leave the function running.
-func runBootstrap(t *testing.T, dir, redisURL string) {
+// bash would die of the signal and leave the function running. check,
+// if not nil, is asked of the running function (its base URL) first.
+func runBootstrap(t *testing.T, dir, redisURL string, check func(base string) error) {
 	t.Helper()
 	port, err := redistest.FreePort()
 	if err != nil {
@@ -189,6 +213,11 @@ func runBootstrap(t *testing.T, dir, redisURL string) {
 		}
 		return httpStatus("http://127.0.0.1:"+strconv.Itoa(port)+"/healthz", 200)
 	})
+	if check != nil {
+		if err := check("http://127.0.0.1:" + strconv.Itoa(port)); err != nil {
+			t.Error(err)
+		}
+	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

@@ -152,20 +152,20 @@ type Binaries struct {
 // bin/bench/fastfloor (cmd/fastfloor, the same on fasthttp, for S4).
 func Build(root string, extras bool) (Binaries, error) {
 	bin := filepath.Join(root, "bin", "bench")
-	type target struct{ dir, pkg, out, tags string }
+	type target struct{ dir, pkg, out, tags, gcflags string }
 	targets := []target{
 		// The Makefile's TAGS_ingress and TAGS_egress (+ LEAN_TAG).
-		{"functions/ingress", ".", "ingress", "nomsgpack,nethttpomithttp2"},
-		{"functions/egress", ".", "egress", "nethttpomithttp2"},
+		{"functions/ingress", ".", "ingress", "nomsgpack,nethttpomithttp2", ""},
+		{"functions/egress", ".", "egress", "nethttpomithttp2", ""},
 	}
 	if extras {
 		targets = append(targets,
-			target{"functions/egress", ".", "egress-lean", "nethttpomithttp2,wsrelay_lean"},
-			target{"bench", "./cmd/floor", "floor", "nethttpomithttp2"},
-			target{"bench", "./cmd/fastfloor", "fastfloor", "nethttpomithttp2"})
+			target{"functions/egress", ".", "egress-lean", "nethttpomithttp2,wsrelay_lean", "all=-l"},
+			target{"bench", "./cmd/floor", "floor", "nethttpomithttp2", ""},
+			target{"bench", "./cmd/fastfloor", "fastfloor", "nethttpomithttp2", ""})
 	}
 	for _, b := range targets {
-		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-tags="+b.tags, "-o", filepath.Join(bin, b.out), b.pkg)
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-gcflags="+b.gcflags, "-tags="+b.tags, "-o", filepath.Join(bin, b.out), b.pkg)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		cmd.Dir = filepath.Join(root, filepath.FromSlash(b.dir))
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
