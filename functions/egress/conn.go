@@ -340,7 +340,7 @@ func (c *conn) writeLoop() {
 		c.spare = nil
 		c.unpaced = false // it reads: catch-ups may wait for it again
 		// c.expired's check, under the mu held here.
-		expired := !c.exp.IsZero() && now.After(c.exp)
+		expired := c.expiredLocked(now)
 		c.mu.Unlock()
 		replayed := 0
 		if expired {
@@ -1403,11 +1403,18 @@ func (c *conn) throttle() bool {
 // request.
 func (c *conn) throttleFragment() { c.throttle() }
 
-// expired reports whether the connection's token has expired.
+// expired reports whether the connection's token has expired: from its
+// exp on, the instant itself included, as the verifier refuses a token
+// at its exp (RFC 7519 §4.1.4, "on or after which").
 func (c *conn) expired(now time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return !c.exp.IsZero() && now.After(c.exp)
+	return c.expiredLocked(now)
+}
+
+// expiredLocked is expired with c.mu held.
+func (c *conn) expiredLocked(now time.Time) bool {
+	return !c.exp.IsZero() && !now.Before(c.exp)
 }
 
 // closeExpired closes the connection 4004 if its token has expired by
@@ -1460,7 +1467,7 @@ func (c *conn) refresh(req *protocol.Request) {
 	}
 	allow := sec.allowFor(claims)
 	c.mu.Lock()
-	if !c.exp.IsZero() && time.Now().After(c.exp) {
+	if c.expiredLocked(time.Now()) {
 		// Too late: the sweep closes the connection 4004, or has begun
 		// to (closeExpired), and a "refreshed" would precede that close.
 		c.mu.Unlock()
