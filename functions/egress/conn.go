@@ -1450,6 +1450,14 @@ func (c *conn) refresh(req *protocol.Request) {
 		c.sendError(protocol.CodeInvalidToken, "this server does not accept tokens", req.Ref)
 		return
 	}
+	// Too late, whatever the new token holds: looked at before the token,
+	// so that a late refresh is never counted as a bad request (its tenth
+	// closed the connection 1008, which clients do not reconnect after,
+	// instead of 4004) nor answered for its token (docs/security.md).
+	if c.expired(time.Now()) {
+		c.refuseLateRefresh(req)
+		return
+	}
 	claims, err := sec.verifier.Verify(req.Token)
 	if err != nil {
 		msg := err.Error()
@@ -1468,10 +1476,11 @@ func (c *conn) refresh(req *protocol.Request) {
 	allow := sec.allowFor(claims)
 	c.mu.Lock()
 	if c.expiredLocked(time.Now()) {
-		// Too late: the sweep closes the connection 4004, or has begun
-		// to (closeExpired), and a "refreshed" would precede that close.
+		// Too late after all (it expired while the token was checked):
+		// the sweep closes the connection 4004, or has begun to
+		// (closeExpired), and a "refreshed" would precede that close.
 		c.mu.Unlock()
-		c.sendError(protocol.CodeInvalidToken, "the connection's token has expired: reconnect with a fresh token", req.Ref)
+		c.refuseLateRefresh(req)
 		return
 	}
 	c.exp = claims.Expires
@@ -1486,4 +1495,10 @@ func (c *conn) refresh(req *protocol.Request) {
 		}
 	}
 	c.sendReply(&protocol.Reply{Type: protocol.TypeRefreshed, Ref: req.Ref})
+}
+
+// refuseLateRefresh answers a refresh handled once the connection's token
+// has expired; uncounted, as the client's only fault is its timing.
+func (c *conn) refuseLateRefresh(req *protocol.Request) {
+	c.sendError(protocol.CodeInvalidToken, "the connection's token has expired: reconnect with a fresh token", req.Ref)
 }
