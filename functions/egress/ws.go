@@ -235,6 +235,10 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		return false
 	}
 	c.framesOut.Add(1) // the welcome, sent now
+	// A data frame: the idle clock starts from it, not from the upgrade,
+	// which the inbox's confirmation and the record's write can precede
+	// by seconds (the sweep leaves a connection alone until then).
+	c.lastData.Store(monoNow())
 	c.mu.Lock()
 	c.writing = false
 	if len(c.queue) > 0 || len(c.ctrl) > 0 || c.closeMsg != nil {
