@@ -164,29 +164,18 @@ func TestCancelDuringBackoff(t *testing.T) {
 func TestRetryPastDeadlineNotWaited(t *testing.T) {
 	for _, tc := range []struct {
 		status  int
+		code    string
 		unknown bool // a 503 may have been written; a 429 was not
 	}{
-		{http.StatusTooManyRequests, false},
-		{http.StatusServiceUnavailable, true},
+		{http.StatusTooManyRequests, "rate_limited", false},
+		{http.StatusServiceUnavailable, "unavailable", true},
 	} {
 		t.Run(strconv.Itoa(tc.status), func(t *testing.T) {
-			var requests atomic.Int32
-			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				requests.Add(1)
-				w.Header().Set("Retry-After", "30")
-				w.WriteHeader(tc.status)
-				_, _ = w.Write([]byte(`{"error":{"code":"rate_limited","message":"slow down"}}`))
-			}))
-			t.Cleanup(srv.Close)
-			tr := &http.Transport{}
-			t.Cleanup(tr.CloseIdleConnections)
-			c, err := New(Options{URL: srv.URL, HTTPClient: &http.Client{Transport: tr}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			s := newStub(t, failure(tc.status, tc.code, "Retry-After", "30"))
+			c := s.client(t, Options{})
 			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 			defer cancel()
-			_, err = c.Publish(ctx, "c", Message{Data: 1})
+			_, err := c.Publish(ctx, "c", Message{Data: 1})
 			// Not a duration (the machine may be slow): the call must
 			// have returned before the deadline fired.
 			if ctx.Err() != nil {
@@ -200,8 +189,8 @@ func TestRetryPastDeadlineNotWaited(t *testing.T) {
 				t.Fatalf("error %v wraps ctx's, which had not ended", err)
 			case errors.Is(err, ErrOutcomeUnknown) != tc.unknown:
 				t.Fatalf("error %v: outcome unknown %v, want %v", err, !tc.unknown, tc.unknown)
-			case requests.Load() != 1:
-				t.Fatalf("%d requests, want 1", requests.Load())
+			case len(s.requests()) != 1:
+				t.Fatalf("%d requests, want 1", len(s.requests()))
 			}
 		})
 	}
