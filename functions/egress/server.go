@@ -563,9 +563,7 @@ func (s *Server) sweepConns(now time.Time) {
 		// ping would wait behind them: a connection being written to is
 		// neither idle nor silent, nor due a ping (conn.write).
 		busy := c.busyWrite()
-		// Not idle before its welcome (listed, the record written): a
-		// client cannot be idle on a connection not open to it yet.
-		if !busy && s.cfg.IdleTimeout > 0 && c.listed.Load() && time.Duration(mono(now)-c.lastData.Load()) >= s.cfg.IdleTimeout {
+		if !busy && s.cfg.IdleTimeout > 0 && time.Duration(mono(now)-c.lastData.Load()) >= s.cfg.IdleTimeout {
 			c.closeWith(protocol.CloseIdleTimeout, "idle timeout: reconnect and resume", true)
 			continue
 		}

@@ -151,6 +151,13 @@ func (s *Server) newConn(ws *websocket.Conn, id *identity) *conn {
 	c.lastData.Store(mono(now))
 	c.lastRead.Store(mono(now))
 	c.lastPing.Store(mono(now))
+	// Until openConn lets the welcome go (once the connection is
+	// registered, which may wait for Redis), the sweep counts the
+	// connection as being written to: neither idle nor silent, nor due
+	// a ping it could not answer (the ping would wait behind the
+	// welcome). Without it a registration longer than 2×PING_INTERVAL
+	// dropped the client as "missed pong" before its welcome.
+	c.writeSince.Store(now.UnixNano())
 	c.rec = registry.Record{ID: c.id, User: c.user, Instance: s.instance, Channels: []string{}, ConnectedAt: now.UTC().Truncate(time.Millisecond)}
 	return c
 }
@@ -235,10 +242,16 @@ func (s *Server) openConn(ctx context.Context, c *conn, initial []string) bool {
 		return false
 	}
 	c.framesOut.Add(1) // the welcome, sent now
-	// A data frame: the idle clock starts from it, not from the upgrade,
-	// which the inbox's confirmation and the record's write can precede
-	// by seconds (the sweep leaves a connection alone until then).
-	c.lastData.Store(monoNow())
+	// The welcome is the connection's first data frame: IDLE_TIMEOUT
+	// counts from it (docs/protocol.md), and the client's silence from
+	// here too, as after a write (conn.write). From newConn's time, a
+	// registration that waited on Redis was counted as idle time, and
+	// the client was closed 4000 that much less than IDLE_TIMEOUT after
+	// its welcome.
+	mnow := monoNow()
+	c.lastData.Store(mnow)
+	c.lastRead.Store(mnow)
+	c.writeSince.Store(0)
 	c.mu.Lock()
 	c.writing = false
 	if len(c.queue) > 0 || len(c.ctrl) > 0 || c.closeMsg != nil {
