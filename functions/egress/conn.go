@@ -131,6 +131,9 @@ type conn struct {
 	writeDeadline int64
 
 	closeOnce sync.Once
+	// writeLost is set when a write found the peer gone (lostOnWrite):
+	// the reader ends the connection, as the client's.
+	writeLost atomic.Bool
 	// closeStarted is set as closeWith starts: the sweep then leaves the
 	// connection alone (no pings, and no close again per tick for a cause
 	// that matches again while the close waits for the client's reply).
@@ -387,17 +390,17 @@ func (c *conn) writeLoop() {
 			// stopped reading; any other failure is the peer having ended
 			// the TCP connection (reset, or cut by the platform), which
 			// the writer happened to notice before the reader: the
-			// client's end, as the reader would have recorded it
-			// (docs/protocol.md, SCF status).
+			// client's end, which the reader records (lostOnWrite).
+			// c.writing stays true: the socket is dead to writes.
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
 				c.closeWith(1006, "write failed", true)
+				// closeWith may have run already, for the close owed:
+				// close the socket here too.
+				_ = c.nc.Close()
 			} else {
-				c.closeWith(1006, "connection lost", false)
+				c.lostOnWrite()
 			}
-			// closeWith may have run already, for the close owed: close
-			// the socket here too. c.writing stays true: it is dead.
-			_ = c.nc.Close()
 			return
 		}
 		for _, q := range batch {
@@ -649,26 +652,18 @@ func (c *conn) pingWritten(n int) {
 // the reader's end waits for. Every way the reader ends goes through it
 // first, so that removal is started, if at all, before finish waits.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
+	if byServer && c.writeLost.Load() {
+		// Nothing can reach the client any more: the end is its own,
+		// which the reader records (lostOnWrite).
+		return
+	}
 	c.closeOnce.Do(func() {
 		c.closeStarted.Store(true)
 		c.mu.Lock()
 		c.closing = true
 		c.closeCode, c.byServer, c.reason = code, byServer, reason
 		if !byServer || !keepsQueue(code) {
-			// Targeted messages dropped here are lost (no resume brings
-			// them back): counted as undelivered, as those that reach a
-			// connection already closing are.
-			n := 0
-			for _, q := range c.queue {
-				if q.targeted {
-					n++
-				}
-			}
-			if n > 0 {
-				c.s.hub.undelivered.Add(int64(n))
-			}
-			clear(c.queue)
-			c.queue = nil
+			c.dropQueueLocked()
 		}
 		if byServer && code != 1006 {
 			c.unlisting.Add(1)
@@ -691,6 +686,46 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 		}
 	})
+}
+
+// dropQueueLocked drops what is queued; c.mu is held. Targeted messages
+// dropped here are lost (no resume brings them back): counted as
+// undelivered, as those that reach a connection already closing are.
+func (c *conn) dropQueueLocked() {
+	n := 0
+	for _, q := range c.queue {
+		if q.targeted {
+			n++
+		}
+	}
+	if n > 0 {
+		c.s.hub.undelivered.Add(int64(n))
+	}
+	clear(c.queue)
+	c.queue = nil
+}
+
+// lostOnWrite ends, as the client's, a connection whose write failed
+// other than by timing out: the peer ended the TCP connection. What it
+// sent before that is still to be read, and the reader ends the
+// connection as if it had noticed first: with the code of the client's
+// close frame when one came ahead of the loss, else as a lost
+// connection (1006). A client that closed 1000 and then its socket
+// while its reader was busy (a replay being written to it) was logged
+// and counted as lost (SCF 456), not as the 1000 it sent (200). Until
+// the reader ends it, nothing more is queued (closing), the sweep
+// leaves it alone (closeStarted), no server close is begun (closeWith)
+// and its reads end within a second; the writer, which calls it, has
+// ended for good.
+func (c *conn) lostOnWrite() {
+	c.writeLost.Store(true)
+	c.closeStarted.Store(true)
+	c.mu.Lock()
+	c.closing = true
+	c.closeMsg, c.closeSent = nil, true
+	c.dropQueueLocked()
+	c.mu.Unlock()
+	_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
 }
 
 // unlist removes the record of a connection the server is closing from
@@ -897,7 +932,7 @@ func (c *conn) noteReadError(err error) {
 		c.closeWith(protocol.CloseProtocolError, err.Error(), true)
 	case errors.Is(err, errTooBig):
 		c.closeWith(protocol.CloseTooBig, "frame too large", true)
-	case errors.As(err, &ne) && ne.Timeout():
+	case errors.As(err, &ne) && ne.Timeout() && !c.writeLost.Load():
 		c.closeWith(1006, "missed pong", true)
 	default:
 		c.closeWith(1006, "connection lost", false)

@@ -2,14 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/wsrelay/wsrelay/shared/keys"
 	"github.com/wsrelay/wsrelay/shared/protocol"
+	"github.com/wsrelay/wsrelay/shared/redistest"
 	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
@@ -233,10 +237,45 @@ func TestWriteToResetPeer(t *testing.T) {
 		return errors.New("writes to the reset peer have not failed yet")
 	})
 	c.writers.Wait()
+	// The reader records the end (lostOnWrite): it reads the reset.
+	c.fr.init(server, 1<<16)
+	c.readLoop(context.Background())
 	c.mu.Lock()
 	code, byServer, reason := c.closeCode, c.byServer, c.reason
 	c.mu.Unlock()
 	if code != 1006 || byServer || scfStatus(code, byServer) != 456 {
 		t.Fatalf("closed with %d %q by server %v (SCF status %d), want 1006 by the client (456)", code, reason, byServer, scfStatus(code, byServer))
+	}
+}
+
+// TestClientCloseAheadOfReset: a client that closes with 1000 and then
+// its socket (with data unread, which resets it) while its reader is
+// busy (a replay being written to it) is logged as the 1000 it sent,
+// closed by the client, SCF status 200 (docs/protocol.md: its close frame
+// came first). The writer, finding the peer gone before the reader read
+// the close frame, had called it a lost connection (1006, 456).
+func TestClientCloseAheadOfReset(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	logs := &testkit.SyncBuffer{}
+	e := startEgressLogging(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"}, logs)
+	<-e.s.hub.inbox.ready
+	appendData(t, rdb, keys.Scheme{Prefix: prefix}, "big", []byte(`"`+strings.Repeat("x", 8000)+`"`), 400)
+	const n = 3
+	for range n {
+		c := rawDial(t, e, rcvBufDialer(4096))
+		c.send(clientFrame(true, opText, []byte(`{"type":"subscribe","channel":"big","after":"0-0"}`)), clientFrame(true, opClose, u16(1000)))
+		time.Sleep(50 * time.Millisecond) // the replay fills the socket
+		c.nc.Close()
+	}
+	testkit.Eventually(t, 10*time.Second, func() error { return openSockets(e.s, 0) })
+	ends := logs.Lines(t, "connection closed")
+	if len(ends) != n {
+		t.Fatalf("%d ends logged, want %d", len(ends), n)
+	}
+	for _, l := range ends {
+		if l["close_code"] != float64(1000) || l["closed_by"] != "client" || l["scf_status"] != float64(200) {
+			t.Errorf("logged close %v by %v (%v), SCF status %v; want 1000 by the client, 200", l["close_code"], l["closed_by"], l["reason"], l["scf_status"])
+		}
 	}
 }
