@@ -110,12 +110,21 @@ type nodeSub struct {
 	// forward had every node's connection replaced as silent at once, and
 	// one stepped back left a dead one in place for as long as the step.
 	lastRead, pingedAt atomic.Int64
-	// refused is set by the read loop when the node refused a
-	// SSUBSCRIBE with CROSSSLOT: go-redis subscribes a connection it
-	// replaced to all its channels in one SSUBSCRIBE, which a cluster
-	// refuses unless they share a slot, so that none of them is
-	// subscribed any more. regroup then sends each its own SSUBSCRIBE.
+	// refused is set by the read loop when the node refused
+	// go-redis's SSUBSCRIBE of a connection it replaced, which names all
+	// the connection's channels: with CROSSSLOT (a cluster refuses it
+	// unless they share a slot), or with any error that is the new
+	// connection's first reply (NOPERM while the node's ACL lacks the
+	// channels), so that none of them is subscribed any more. That
+	// SSUBSCRIBE is none of the subscriber's (sentAt does not know it),
+	// so nothing else would send them again: the node's next pong ended
+	// its failing, and its channels stayed unsubscribed for good.
+	// regroup then sends each its own SSUBSCRIBE.
 	refused atomic.Bool
+	// replaced is set by the read loop on an error of the connection
+	// (not a reply of Redis): the next reply read is the replacement's
+	// first, the answer to go-redis's SSUBSCRIBE. Cleared by any reply.
+	replaced atomic.Bool
 
 	// stalled is how long in all (ns) the read loop has waited to hand
 	// events to the hub, and blockedAt when the wait under way began
@@ -445,9 +454,12 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			if !redirected(err) && !n.downLogged.Swap(true) {
 				s.nodeDown(n.addr, err)
 			}
-			if redis.HasErrorPrefix(err, "CROSSSLOT") {
+			var re redis.Error
+			reply := errors.As(err, &re)
+			if redis.HasErrorPrefix(err, "CROSSSLOT") || reply && n.replaced.Load() {
 				n.refused.Store(true)
 			}
+			n.replaced.Store(!reply)
 			s.wake()
 			select {
 			case <-ctx.Done():
@@ -458,6 +470,7 @@ func (s *subscriber) read(ctx context.Context, n *nodeSub) {
 			continue
 		}
 		backoff = 50 * time.Millisecond
+		n.replaced.Store(false)
 		n.failing.Store(false)
 		n.downLogged.Store(false)
 		n.lastRead.Store(monoNow())
