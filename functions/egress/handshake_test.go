@@ -279,39 +279,3 @@ func TestRefusedUnwrittenNotRemoved(t *testing.T) {
 		t.Fatalf("%d of %d sockets refused 1013 had their records removed, want the %d whose write a pipeline took", removals, n, taken)
 	}
 }
-
-// TestIdleClockStartsAtWelcome: IDLE_TIMEOUT counts from the welcome, the
-// first data frame, not from the upgrade: a connection whose record's
-// write took longer than IDLE_TIMEOUT (a Redis slow to answer, within
-// REDIS_TIMEOUT) was closed 4000 as soon as it was welcomed.
-func TestIdleClockStartsAtWelcome(t *testing.T) {
-	t.Parallel()
-	rdb, prefix := redistest.Client(t)
-	h := newRecordWrites(rdb)
-	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "REDIS_TIMEOUT": "10s", "IDLE_TIMEOUT": "1s"})
-	<-e.s.hub.inbox.ready
-	ws, _, err := e.dial(t, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ws.Close() })
-	testkit.Eventually(t, 5*time.Second, func() error {
-		if h.taken.Load() != 1 {
-			return fmt.Errorf("%d record writes held, want 1", h.taken.Load())
-		}
-		return nil
-	})
-	// Past IDLE_TIMEOUT and a sweep (every second) with the write held.
-	time.Sleep(2500 * time.Millisecond)
-	h.Open()
-	next(t, ws, "welcome")
-	welcomed := time.Now()
-	if code := closeCode(t, ws, 10*time.Second); code != protocol.CloseIdleTimeout {
-		t.Fatalf("closed %d, want %d (idle)", code, protocol.CloseIdleTimeout)
-	}
-	// The close is due IDLE_TIMEOUT after the welcome, at the sweep's
-	// next tick; counted from the upgrade, it came with the welcome.
-	if d := time.Since(welcomed); d < 750*time.Millisecond {
-		t.Errorf("closed idle %v after the welcome, want about IDLE_TIMEOUT (1s)", d.Round(time.Millisecond))
-	}
-}
