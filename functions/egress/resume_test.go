@@ -617,14 +617,8 @@ func TestReplaysShareReads(t *testing.T) {
 			turns := e.s.hub.replayReads
 			turns <- struct{}{} // the one place is taken (the storm's other replays)
 			joined := func(n int) error {
-				h := e.s.hub
-				h.readsMu.Lock()
-				defer h.readsMu.Unlock()
-				r := h.reads[readKey{stream: key, after: stream.MustParseID(ids[0])}]
-				if r == nil || r.joined != n {
-					return fmt.Errorf("read waiting: %v; want one with %d joined", r != nil, n)
-				}
-				return nil
+				_, err := waitingRead(e.s.hub, key, ids[0], n)
+				return err
 			}
 			var wss []*websocket.Conn
 			for i := range clients {
@@ -973,16 +967,7 @@ func TestReplayFollowerLeaves(t *testing.T) {
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "PING_INTERVAL": "1m", "PROBE_INTERVAL": "1m"})
 	turns := e.s.hub.replayReads
 	turns <- struct{}{} // the one place is taken
-	h := e.s.hub
-	waiting := func(n int) (*sharedRead, error) {
-		h.readsMu.Lock()
-		defer h.readsMu.Unlock()
-		r := h.reads[readKey{stream: key, after: stream.MustParseID(ids[0])}]
-		if r == nil || r.joined != n {
-			return nil, fmt.Errorf("read waiting: %v; want one with %d joined", r != nil, n)
-		}
-		return r, nil
-	}
+	waiting := func(n int) (*sharedRead, error) { return waitingRead(e.s.hub, key, ids[0], n) }
 	var wss []*websocket.Conn
 	for i := range 2 {
 		ws, _, err := e.dial(t, nil, nil)
@@ -1004,4 +989,16 @@ func TestReplayFollowerLeaves(t *testing.T) {
 	if r.hist.frames != nil {
 		t.Errorf("the read's maker built %d shared frames for a follower that had left", len(r.hist.frames))
 	}
+}
+
+// waitingRead returns h's replay read of the stream key after `after`
+// that is waiting for its turn (hub.reads), if n replays have joined it.
+func waitingRead(h *hub, key, after string, n int) (*sharedRead, error) {
+	h.readsMu.Lock()
+	defer h.readsMu.Unlock()
+	r := h.reads[readKey{stream: key, after: stream.MustParseID(after)}]
+	if r == nil || r.joined != n {
+		return nil, fmt.Errorf("read waiting: %v; want one with %d joined", r != nil, n)
+	}
+	return r, nil
 }
