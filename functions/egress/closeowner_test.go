@@ -278,3 +278,75 @@ func TestSendQueueHoldsSendQueueFrames(t *testing.T) {
 	}
 	c.unlisting.Wait() // not listed: nothing to remove
 }
+
+// lossConn is a socket whose writes all go through and whose read
+// deadlines are recorded: what TestServerCloseMeetsLoss looks at.
+type lossConn struct {
+	net.Conn // nil: only the methods below are used
+	mu       sync.Mutex
+	last     time.Time
+}
+
+func (l *lossConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (l *lossConn) Close() error                     { return nil }
+func (l *lossConn) SetWriteDeadline(time.Time) error { return nil }
+func (l *lossConn) SetReadDeadline(t time.Time) error {
+	l.mu.Lock()
+	l.last = t
+	l.mu.Unlock()
+	return nil
+}
+
+// TestServerCloseMeetsLoss: a server close (here the idle timeout's) made
+// at the instant the writer finds the peer gone (lostOnWrite) leaves the
+// reader a second to read what the client sent, as the loss alone does,
+// and leaves the end to it unless the close came first. A close that
+// found no loss yet and then, past lostOnWrite, set its own bound, kept
+// a reader whose client had reset WRITE_TIMEOUT and a second (11 s)
+// instead of one, and logged the client's end as the server's close
+// (439). Each round races the two from a common start: the window is a
+// few instructions wide, so it takes many rounds to show.
+func TestServerCloseMeetsLoss(t *testing.T) {
+	t.Parallel()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := &Server{cfg: Config{SendQueue: 16, WriteTimeout: 10 * time.Second}, log: log}
+	const rounds = 20000
+	for i := range rounds {
+		lc := &lossConn{}
+		// writing: lostOnWrite's caller is the writer, which stays the
+		// socket's for good.
+		c := &conn{s: s, nc: lc, done: make(chan struct{}), writing: true}
+		var start, both sync.WaitGroup
+		start.Add(1)
+		both.Add(2)
+		go func() {
+			defer both.Done()
+			start.Wait()
+			c.closeWith(protocol.CloseIdleTimeout, "idle timeout", true)
+		}()
+		go func() {
+			defer both.Done()
+			start.Wait()
+			c.lostOnWrite()
+		}()
+		start.Done()
+		both.Wait()
+		c.writers.Wait()
+		c.unlisting.Wait()
+		lc.mu.Lock()
+		left := time.Until(lc.last)
+		lc.mu.Unlock()
+		if left > 2*time.Second {
+			t.Fatalf("round %d of %d: the peer gone, the read deadline is %v away; want a second", i+1, rounds, left.Round(time.Millisecond))
+		}
+		// The reader's end: the client's, unless the server's close came
+		// before the loss.
+		c.closeWith(1006, "connection lost", false)
+		c.mu.Lock()
+		byServer, code := c.byServer, c.closeCode
+		c.mu.Unlock()
+		if byServer && code != protocol.CloseIdleTimeout || !byServer && code != 1006 {
+			t.Fatalf("round %d: ended with %d (by the server: %v)", i+1, code, byServer)
+		}
+	}
+}

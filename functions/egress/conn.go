@@ -130,7 +130,13 @@ type conn struct {
 	// write failed at once (armWriteDeadline).
 	writeDeadline int64
 
-	closeOnce sync.Once
+	// closeMu makes closeWith and lostOnWrite one after the other, and
+	// closed says closeWith has closed the connection (once). A server
+	// close that found no loss and then set its own read bound past
+	// lostOnWrite's second kept a reader whose client had reset
+	// WRITE_TIMEOUT longer, and logged the client's end as its own.
+	closeMu sync.Mutex
+	closed  bool
 	// writeLost is set when a write found the peer gone (lostOnWrite):
 	// the reader ends the connection, as the client's.
 	writeLost atomic.Bool
@@ -652,40 +658,41 @@ func (c *conn) pingWritten(n int) {
 // the reader's end waits for. Every way the reader ends goes through it
 // first, so that removal is started, if at all, before finish waits.
 func (c *conn) closeWith(code int, reason string, byServer bool) {
-	if byServer && c.writeLost.Load() {
-		// Nothing can reach the client any more: the end is its own,
-		// which the reader records (lostOnWrite).
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	if c.closed || byServer && c.writeLost.Load() {
+		// Closed already; or nothing can reach the client any more, and
+		// the end is its own, which the reader records (lostOnWrite).
 		return
 	}
-	c.closeOnce.Do(func() {
-		c.closeStarted.Store(true)
-		c.mu.Lock()
-		c.closing = true
-		c.closeCode, c.byServer, c.reason = code, byServer, reason
-		if !byServer || !keepsQueue(code) {
-			c.dropQueueLocked()
-		}
-		if byServer && code != 1006 {
-			c.unlisting.Add(1)
-			go c.unlist()
-			c.closeMsg = wsFrame(opClose, closePayload(code, reason))
-			// The bound on the whole close (what is queued and the close
-			// frame written, then the client's answer awaited), set
-			// while mu keeps the writer from taking the close frame:
-			// once the frame is out the writer shortens it to a second,
-			// and setting it after that would undo it and keep the
-			// connection WRITE_TIMEOUT longer.
-			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
-			c.startWriterLocked()
-		}
-		c.mu.Unlock()
-		switch {
-		case code == 1006:
-			_ = c.nc.Close()
-		case !byServer:
-			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
-		}
-	})
+	c.closed = true
+	c.closeStarted.Store(true)
+	c.mu.Lock()
+	c.closing = true
+	c.closeCode, c.byServer, c.reason = code, byServer, reason
+	if !byServer || !keepsQueue(code) {
+		c.dropQueueLocked()
+	}
+	if byServer && code != 1006 {
+		c.unlisting.Add(1)
+		go c.unlist()
+		c.closeMsg = wsFrame(opClose, closePayload(code, reason))
+		// The bound on the whole close (what is queued and the close
+		// frame written, then the client's answer awaited), set
+		// while mu keeps the writer from taking the close frame:
+		// once the frame is out the writer shortens it to a second,
+		// and setting it after that would undo it and keep the
+		// connection WRITE_TIMEOUT longer.
+		_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.WriteTimeout + time.Second))
+		c.startWriterLocked()
+	}
+	c.mu.Unlock()
+	switch {
+	case code == 1006:
+		_ = c.nc.Close()
+	case !byServer:
+		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+	}
 }
 
 // dropQueueLocked drops what is queued; c.mu is held. Targeted messages
@@ -718,6 +725,8 @@ func (c *conn) dropQueueLocked() {
 // and its reads end within a second; the writer, which calls it, has
 // ended for good.
 func (c *conn) lostOnWrite() {
+	c.closeMu.Lock() // before or after a closeWith, not during it
+	defer c.closeMu.Unlock()
 	c.writeLost.Store(true)
 	c.closeStarted.Store(true)
 	c.mu.Lock()
