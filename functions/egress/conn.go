@@ -140,9 +140,10 @@ type conn struct {
 	// writeLost is set when a write found the peer gone (lostOnWrite):
 	// the reader ends the connection, as the client's.
 	writeLost atomic.Bool
-	// closeStarted is set as closeWith starts: the sweep then leaves the
-	// connection alone (no pings, and no close again per tick for a cause
-	// that matches again while the close waits for the client's reply).
+	// closeStarted is set as closeWith or lostOnWrite starts: the sweep
+	// then leaves the connection alone (no pings, and no close again per
+	// tick for a cause that matches again while the close waits for the
+	// client's reply).
 	closeStarted atomic.Bool
 	// pongOwed is set as the server pings: the client's first pong after
 	// it is free, others cost a MAX_FRAMES_PER_SECOND token (readLoop).
