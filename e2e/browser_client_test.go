@@ -691,6 +691,10 @@ const clientJSCases = `(async () => {
       [base + "?user=bob", {}, base + "?user=bob"],
       [base + "?x=1", { user: "ada" }, base + "?x=1&user=ada"],
       [base + "?token=tok", {}, base + "?token=tok"],
+      // An empty token= is no token (docs/protocol.md): the server takes
+      // the options' token, from the subprotocol.
+      [base + "?token=", { token: "t" }, base + "?token="],
+      [base + "?token=", { getToken: async () => "t" }, base + "?token="],
       [base + "?z=1;2&y=%", {}, base + "?z=1;2&y=%"],
       [base + "?z=1;2&y=%", { user: "a@b" }, base + "?z=1;2&y=%&user=a%40b"],
       [base + "?", { user: "ada" }, base + "?user=ada"],

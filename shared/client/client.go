@@ -928,7 +928,9 @@ func checkQuery(rawQuery string, q url.Values, opts Options) error {
 			return fmt.Errorf("client: the URL has %d %s parameters: the egress refuses a repeated %s (400)", n, name, name)
 		}
 	}
-	if q.Has("token") && (opts.Token != "" || opts.GetToken != nil) {
+	// An empty token= is no token (docs/protocol.md): the server takes
+	// Token's or GetToken's from the subprotocol then.
+	if q.Get("token") != "" && (opts.Token != "" || opts.GetToken != nil) {
 		return errors.New("client: the URL has a token parameter and Token or GetToken is set: the server would use the URL's token; " +
 			"remove it from the URL (Token and GetToken travel as a subprotocol, out of the URLs proxies log)")
 	}

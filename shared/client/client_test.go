@@ -1086,6 +1086,10 @@ func TestURLQuery(t *testing.T) {
 		{"a space and non-ASCII", "?app=my app&n=é", Options{}, "app=my%20app&n=%C3%A9", ""},
 		{"a space beside User", "?app=my app", Options{User: "ada"}, "app=my%20app&user=ada", ""},
 		{"token alone", "?token=tok", Options{}, "token=tok", ""},
+		// An empty token= is no token (docs/protocol.md): the server
+		// takes Token's subprotocol, so nothing conflicts.
+		{"empty token beside Token", "?token=", Options{Token: "tok"}, "token=", ""},
+		{"empty token beside GetToken", "?token=", Options{GetToken: getToken}, "token=", ""},
 		{"user beside Token", "?user=bob", Options{Token: "tok"}, "user=bob", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

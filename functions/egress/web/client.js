@@ -179,7 +179,9 @@ function dialUrl(url, opts) {
     const n = q.getAll(name).length;
     if (n > 1) throw new TypeError(`the URL has ${n} ${name} parameters: the egress refuses a repeated ${name} (400)`);
   }
-  if (q.has("token") && (opts.token || typeof opts.getToken === "function")) {
+  // An empty token= is no token (docs/protocol.md): the server takes the
+  // options' token from the subprotocol then.
+  if (q.get("token") && (opts.token || typeof opts.getToken === "function")) {
     throw new TypeError("the URL has a token parameter and the token or getToken option is set: the server would use the URL's token; " +
       "remove it from the URL (the options' token travels as a subprotocol, out of the URLs proxies log)");
   }
