@@ -47,6 +47,12 @@ type chanState struct {
 	// channel to it until it reports back, and notes in missed that it
 	// set a notification or confirmation aside meanwhile.
 	stalled, missed bool
+	// notified (receive loop only) is the id of the last notification
+	// received for the channel. Notifications arrive in the order of
+	// their appends (one script, one Pub/Sub connection at a time), so
+	// one at or below it means the stream went back: Redis lost its
+	// last writes with the connection up (onMessage).
+	notified stream.ID
 	// floor, when not zero, is the last id delivered before the stream
 	// started again at 0-0 (restarted), until the next delivery: the
 	// subscribers hold it as their position. Guarded by mu.
@@ -398,7 +404,7 @@ func (h *hub) readUpTo(ctx context.Context, cs *chanState, upto stream.ID, budge
 		switch {
 		case b.Continuous:
 		case b.From.IsZero():
-			h.restarted(cs)
+			h.restarted(cs, stream.Zero)
 		default:
 			h.gap(cs, b.From)
 		}
@@ -766,7 +772,8 @@ func (h *hub) onRecovered(ctx context.Context, r recovery) {
 	}
 }
 
-// restarted handles a chain that starts again at 0-0: the stream and its
+// restarted handles a chain that starts again at from (0-0, or an older
+// id than the ones delivered: see checkStartedBelow): the stream and its
 // last-id key were both gone, after a silence of twice their TTL (nothing
 // was published: any append would have renewed the key) or after Redis
 // lost its data. The first is routine for quiet channels and inboxes, and
@@ -781,20 +788,22 @@ func (h *hub) onRecovered(ctx context.Context, r recovery) {
 // delivery checks that (floor) and, if so, closes them with 1011 instead,
 // so that each resumes and is told recovered:false with a position the
 // stream goes on from.
-func (h *hub) restarted(cs *chanState) {
-	h.log.Info("stream starts again", "stream", cs.stream, "after", cs.last.String())
+func (h *hub) restarted(cs *chanState, from stream.ID) {
+	h.log.Info("stream starts again", "stream", cs.stream, "after", cs.last.String(), "from", from.String())
 	cs.mu.Lock()
 	if cs != h.inbox && cs.floor.Less(cs.last) {
 		cs.floor = cs.last
 	}
-	cs.last = stream.Zero
+	cs.last = from
 	cs.mu.Unlock()
 }
 
-// checkStartedBelow is told of the first entry of a chain (its
-// predecessor 0-0) with an id below the last one delivered. As a rule it
-// is a late notification of the stream's own first entry, which a
-// catch-up delivered: the stream's position (LastID) is then at or past
+// checkStartedBelow is told of an entry whose predecessor is from, with
+// an id below the last one delivered, that is the first entry of a chain
+// (from is 0-0) or follows a notification with a greater id. As a rule
+// it is a late notification of an entry a catch-up delivered (the
+// second kind only when notifications came over two connections, as
+// across a resharding): the stream's position (LastID) is then at or past
 // cs.last, and nothing is done. Reading the stream from cs.last instead
 // could find a gap that the notifications still on their way would fill
 // (the hub behind the stream's end while it was trimmed).
@@ -812,15 +821,20 @@ func (h *hub) restarted(cs *chanState) {
 // channel's subscribers are closed with 1011 at the first of them
 // (floor, as after a Redis that restarted empty with its clock behind)
 // and resume, told recovered:false; the inbox's targeted messages are
-// delivered. A read of the position that fails stalls the channel, whose
-// retries read the stream from cs.last (a chain broken there is a gap).
-// Receive loop only.
-func (h *hub) checkStartedBelow(ctx context.Context, cs *chanState) {
+// delivered. So it is when Redis went back to an older copy of its data
+// with the connection up (a full resync from a replica that lacked the
+// last writes, then promoted: REPLICAOF keeps clients connected) while
+// its clock was behind the ids lost: the stream goes on from an older
+// entry (from), below the ids delivered; it is read from there, the
+// entries after from being the new ones. A read of the position that
+// fails stalls the channel, whose retries read the stream from cs.last
+// (a chain broken there is a gap). Receive loop only.
+func (h *hub) checkStartedBelow(ctx context.Context, cs *chanState, from stream.ID) {
 	pos, ok := h.position(ctx, cs)
 	if !ok || !pos.Less(cs.last) {
 		return
 	}
-	h.restarted(cs)
+	h.restarted(cs, from)
 	h.catchUp(ctx, cs, stream.Max)
 }
 
@@ -931,6 +945,8 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 		h.lastRecv.Store(monoNow())
 		return
 	}
+	back := !cs.notified.Less(n.ID)
+	cs.notified = n.ID
 	if cs.stalled {
 		cs.missed = true // in the stream: read once the channel is back
 		return
@@ -941,9 +957,12 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	if !cs.last.Less(n.ID) {
 		// Already delivered by a catch-up; unless it is the first entry
 		// of a chain (predecessor 0-0) that started again below the ids
-		// delivered, which only the stream's position tells.
-		if n.Prev.IsZero() && n.ID != cs.last {
-			h.checkStartedBelow(ctx, cs)
+		// delivered, or comes after a notification with a greater id
+		// (the stream went back to an older chain: Redis resynced from
+		// a replica that lacked the last writes, with the connection
+		// up), which only the stream's position tells.
+		if back || n.Prev.IsZero() && n.ID != cs.last {
+			h.checkStartedBelow(ctx, cs, n.Prev)
 		}
 		return
 	}
