@@ -79,7 +79,7 @@ var (
 // dialSubscriber opens a socket to the system under test, subscribed to
 // ch, and waits for the subscription's confirmation. total is the number
 // of publishes in the scenario.
-func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *atomic.Int64) (*subscriber, error) {
+func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *tally) (*subscriber, error) {
 	url := "ws://127.0.0.1:" + strconv.Itoa(sys.sub.Port) + sys.kind.wsPath(ch)
 	ws, resp, err := dialer.DialContext(ctx, url, nil)
 	if err != nil {
@@ -103,7 +103,7 @@ func dialSubscriber(ctx context.Context, sys *sut, ch string, total int, rcvd *a
 
 // read consumes frames until the socket closes. It reads each frame into
 // one reused buffer and parses only what it needs.
-func (s *subscriber) read(rcvd *atomic.Int64) {
+func (s *subscriber) read(rcvd *tally) {
 	defer close(s.done)
 	buf := make([]byte, 0, 512)
 	for {
@@ -146,7 +146,8 @@ func (s *subscriber) read(rcvd *atomic.Int64) {
 }
 
 // record counts one received message.
-func (s *subscriber) record(seq, sent, t int64, rcvd *atomic.Int64) {
+func (s *subscriber) record(seq, sent, t int64, rcvd *tally) {
+	rcvd.any.Add(1)
 	if seq < 0 || seq >= s.total || s.accept != nil && !s.accept(seq) {
 		s.stray++
 		return
@@ -160,7 +161,7 @@ func (s *subscriber) record(seq, sent, t int64, rcvd *atomic.Int64) {
 	s.lats = append(s.lats, uint32(max(0, (t-sent)/1000)))
 	s.seqs = append(s.seqs, uint32(seq))
 	atomic.StoreInt64(&s.last, t)
-	rcvd.Add(1)
+	rcvd.delivered.Add(1)
 }
 
 // nextData finds the first message in frame with one scan (three scans
@@ -206,7 +207,7 @@ func (s *subscriber) close() {
 
 // dialMany opens n subscribers, chOf(i) naming each one's channel, with
 // bounded parallelism.
-func dialMany(ctx context.Context, sys *sut, n int, chOf func(int) string, total int, rcvd *atomic.Int64) ([]*subscriber, error) {
+func dialMany(ctx context.Context, sys *sut, n int, chOf func(int) string, total int, rcvd *tally) ([]*subscriber, error) {
 	subs := make([]*subscriber, n)
 	var (
 		next  atomic.Int64
@@ -489,14 +490,26 @@ func (p *publisher) publishUntil(ctx context.Context, n, workers int, deadline t
 	return st
 }
 
-// waitDelivered waits until rcvd reaches want, or nothing arrives for
-// quiet.
-func waitDelivered(ctx context.Context, rcvd *atomic.Int64, want int64, quiet time.Duration) {
-	last, lastChange := rcvd.Load(), time.Now()
+// tally is what a run's subscribers have received so far, counted as
+// their readers record it.
+type tally struct {
+	delivered atomic.Int64 // messages where they belong, each once
+	any       atomic.Int64 // every message, duplicates and strays too
+}
+
+// settle is how long a run keeps reading once every expected message has
+// arrived, until no message at all has come for that long: a duplicate or
+// a misrouted message sent after the last expected one still counts.
+const settle = 250 * time.Millisecond
+
+// waitDelivered waits until rcvd.delivered reaches want and then nothing
+// more arrives for settle, or until nothing expected arrives for quiet.
+func waitDelivered(ctx context.Context, rcvd *tally, want int64, quiet time.Duration) {
+	last, lastChange := rcvd.delivered.Load(), time.Now()
 	for ctx.Err() == nil {
-		cur := rcvd.Load()
+		cur := rcvd.delivered.Load()
 		if cur >= want {
-			return
+			break
 		}
 		if cur != last {
 			last, lastChange = cur, time.Now()
@@ -504,6 +517,13 @@ func waitDelivered(ctx context.Context, rcvd *atomic.Int64, want int64, quiet ti
 			return
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	last, lastChange = rcvd.any.Load(), time.Now()
+	for ctx.Err() == nil && time.Since(lastChange) < settle {
+		time.Sleep(5 * time.Millisecond)
+		if cur := rcvd.any.Load(); cur != last {
+			last, lastChange = cur, time.Now()
+		}
 	}
 }
 

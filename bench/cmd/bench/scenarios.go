@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/wsrelay/wsrelay/bench/harness"
@@ -83,7 +82,7 @@ func (b *bench) fanOut(ctx context.Context, k kind, name string, nChans, subsTot
 	defer sys.stop()
 
 	ch := func(i int) string { return "ch" + strconv.Itoa(i%nChans) }
-	var rcvd atomic.Int64
+	var rcvd tally
 	subs, err := dialMany(ctx, sys, subsTotal, ch, nPubs, &rcvd)
 	if err != nil {
 		return nil, err
@@ -197,7 +196,7 @@ func (b *bench) s3(ctx context.Context, k kind) (result, error) {
 	}
 	defer sys.stop()
 	pid := sys.sub.Pid()
-	var rcvd atomic.Int64
+	var rcvd tally
 	ch := func(i int) string { return "idle" + strconv.Itoa(i/10) }
 	warm, err := dialMany(ctx, sys, 10, ch, 1, &rcvd)
 	if err != nil {
@@ -413,7 +412,7 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	n := b.sz.s6Procs + 1 // the last one is the default build
 	egs := make([]*harness.Proc, n)
 	subs := make([]*subscriber, n)
-	var rcvd atomic.Int64
+	var rcvd tally
 	defer func() {
 		closeAll(subs)
 		for _, p := range egs {
