@@ -406,10 +406,19 @@ func CPUTicks(pid int) (int64, error) {
 	if i < 0 {
 		return 0, errors.New("bad stat")
 	}
-	f := strings.Fields(s[i+2:])
+	f := strings.Fields(s[i+1:])
 	// After "pid (comm)": state is field 3; utime 14, stime 15 (1-based).
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
+	if len(f) < 13 {
+		return 0, errors.New("bad stat")
+	}
+	ut, err := strconv.ParseInt(f[11], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("stat utime: %w", err)
+	}
+	st, err := strconv.ParseInt(f[12], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("stat stime: %w", err)
+	}
 	return ut + st, nil
 }
 

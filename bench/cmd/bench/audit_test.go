@@ -1,8 +1,12 @@
 package main
 
 import (
+	"os"
+	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // p50 is the median as the docs define it: over an even number of
@@ -94,5 +98,44 @@ func TestTimeline(t *testing.T) {
 	}
 	if got, want := timeline(subs, 8, 1), "7/60"; got != want {
 		t.Errorf("one part: timeline = %q, want %q", got, want)
+	}
+}
+
+// An egress that has exited by the time S6 reads its figures fails the
+// run: its RSS can no longer be read (an exited child not yet waited for
+// has no VmRSS), and leaving it out would report the most of the others,
+// or 0 MiB for the default build, as if it had been measured.
+func TestS6UsageOfExitedProcess(t *testing.T) {
+	gone := exec.Command("true")
+	if err := gone.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = gone.Wait() }()
+	// A zombie until it is waited for.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(gone.Process.Pid) + "/stat")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, after, _ := strings.Cut(string(b), ") "); strings.HasPrefix(after, "Z") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the child has not exited")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	self := os.Getpid()
+	for _, pids := range [][]int{
+		{self, gone.Process.Pid, self}, // a lean one
+		{self, self, gone.Process.Pid}, // the default build
+	} {
+		cpu0 := make([]int64, len(pids))
+		if u, err := readS6Usage(pids, cpu0); err == nil {
+			t.Errorf("readS6Usage(%v) = %+v with no error, an exited process among them", pids, u)
+		}
+	}
+	if u, err := readS6Usage([]int{self, self}, []int64{0, 0}); err != nil || u.maxRSS == 0 || u.maxAnon == 0 || u.defaultRSS == 0 {
+		t.Errorf("readS6Usage of live processes = %+v, %v", u, err)
 	}
 }

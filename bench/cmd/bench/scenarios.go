@@ -454,7 +454,9 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	}
 	cpu0 := make([]int64, n)
 	for i, p := range egs {
-		cpu0[i], _ = harness.CPUTicks(p.Pid())
+		if cpu0[i], err = harness.CPUTicks(p.Pid()); err != nil {
+			return nil, fmt.Errorf("s6: egress %d: CPU: %w", i, err)
+		}
 	}
 	st := pub.publishAll(ctx, b.sz.s6Pubs, b.sz.publishers, func(i int) string { return "other" + strconv.Itoa(i%b.sz.s6Chans) })
 	if err := published("s6", st); err != nil {
@@ -467,20 +469,13 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	if err != nil {
 		return nil, err
 	}
-	var maxCPU, maxRSS, maxAnon, defaultRSS int64
+	pids := make([]int, n)
 	for i, p := range egs {
-		c, _ := harness.CPUTicks(p.Pid())
-		maxCPU = max(maxCPU, c-cpu0[i])
-		rss, _ := harness.RSSKiB(p.Pid())
-		if i == n-1 {
-			defaultRSS = rss
-			continue
-		}
-		maxRSS = max(maxRSS, rss)
-		// Private memory: RSS minus the binary's file-backed pages, which
-		// every process of the same binary shares.
-		anon, _ := harness.StatusKiB(p.Pid(), "RssAnon:")
-		maxAnon = max(maxAnon, anon)
+		pids[i] = p.Pid()
+	}
+	use, err := readS6Usage(pids, cpu0)
+	if err != nil {
+		return nil, err
 	}
 	egressCmds, detail := egressCommands(stats0, stats1)
 	b.logf("s6: %d publishes in %.2fs; non-publish Redis commands meanwhile: %s", st.ok, float64(st.end-st.start)/1e9, detail)
@@ -495,16 +490,54 @@ func (b *bench) s6(ctx context.Context, _ kind) (result, error) {
 	d := collect(subs, b.sz.s6Pubs+n)
 	subs = nil
 	return result{
-		"lean RSS MiB":    float64(maxRSS) / 1024,
-		"anon MiB":        float64(maxAnon) / 1024,
-		"default RSS MiB": float64(defaultRSS) / 1024,
-		"CPU ms":          float64(maxCPU) * 10,
+		"lean RSS MiB":    float64(use.maxRSS) / 1024,
+		"anon MiB":        float64(use.maxAnon) / 1024,
+		"default RSS MiB": float64(use.defaultRSS) / 1024,
+		"CPU ms":          float64(use.maxCPU) * 10,
 		"cmds":            float64(egressCmds) / float64(n),
 		"lost":            float64(d.lost),
 		"dup":             float64(d.dups),
 		"stray":           float64(d.stray),
 		"pub fail":        float64(st.failed),
 	}, nil
+}
+
+// s6Usage is what S6 reads of its egress processes after the window: the
+// most CPU ticks any used in it, the most VmRSS and RssAnon (KiB) of the
+// lean ones, and the default build's VmRSS.
+type s6Usage struct{ maxCPU, maxRSS, maxAnon, defaultRSS int64 }
+
+// readS6Usage reads S6's figures of the processes pids, the last of which
+// is the default build, cpu0 being their CPU ticks before the window. A
+// figure it cannot read is an error: an egress that has exited has no
+// VmRSS, and leaving it out would print the others' figures, or 0 MiB for
+// the default build, as if every process had been measured.
+func readS6Usage(pids []int, cpu0 []int64) (s6Usage, error) {
+	var u s6Usage
+	for i, pid := range pids {
+		c, err := harness.CPUTicks(pid)
+		if err != nil {
+			return u, fmt.Errorf("s6: egress %d (pid %d): CPU: %w", i, pid, err)
+		}
+		u.maxCPU = max(u.maxCPU, c-cpu0[i])
+		rss, err := harness.RSSKiB(pid)
+		if err != nil {
+			return u, fmt.Errorf("s6: egress %d (pid %d) has exited or cannot be read: %w", i, pid, err)
+		}
+		if i == len(pids)-1 {
+			u.defaultRSS = rss
+			continue
+		}
+		u.maxRSS = max(u.maxRSS, rss)
+		// Private memory: RSS minus the binary's file-backed pages, which
+		// every process of the same binary shares.
+		anon, err := harness.StatusKiB(pid, "RssAnon:")
+		if err != nil {
+			return u, fmt.Errorf("s6: egress %d (pid %d) has exited or cannot be read: %w", i, pid, err)
+		}
+		u.maxAnon = max(u.maxAnon, anon)
+	}
+	return u, nil
 }
 
 // egressCommands returns how many commands of the window between the
