@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -137,5 +139,29 @@ func TestS6UsageOfExitedProcess(t *testing.T) {
 	}
 	if u, err := readS6Usage([]int{self, self}, []int64{0, 0}); err != nil || u.maxRSS == 0 || u.maxAnon == 0 || u.defaultRSS == 0 {
 		t.Errorf("readS6Usage of live processes = %+v, %v", u, err)
+	}
+}
+
+// -only names scenarios the bench has, and -runs at least one run: a name
+// it does not know (a typo, "S3" as the table spells it, a space after a
+// comma) or no run at all would leave figures out of the table, or print
+// an empty one, and exit 0 as if they had been measured.
+func TestParseOnly(t *testing.T) {
+	got, err := parseOnly("s1,s3")
+	if err != nil || len(got) != 2 || !got["s1"] || !got["s3"] {
+		t.Fatalf("parseOnly(s1,s3) = %v, %v", got, err)
+	}
+	if all, err := parseOnly(""); err != nil || len(all) != len(scenarioNames) {
+		t.Fatalf("parseOnly(\"\") = %v, %v; want every scenario", all, err)
+	}
+	for _, bad := range []string{"s7", "S3", "s1, s3", "s1,", ","} {
+		if sel, err := parseOnly(bad); err == nil {
+			t.Errorf("parseOnly(%q) = %v, accepted", bad, sel)
+		}
+	}
+	for _, runs := range []string{"0", "-1"} {
+		if err := run(context.Background(), []string{"-runs", runs, "-only", "s5"}, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "-runs") {
+			t.Errorf("-runs %s: %v, want an error about -runs", runs, err)
+		}
 	}
 }

@@ -101,6 +101,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	if err != nil {
 		return err
 	}
+	selected, err := parseOnly(*only)
+	if err != nil {
+		return err
+	}
+	if *runs < 1 {
+		return fmt.Errorf("-runs: %d, want at least 1", *runs)
+	}
 	if *timeline < 0 || *timeline > 100 {
 		return fmt.Errorf("-timeline: %d is not between 0 (off) and 100 parts", *timeline)
 	}
@@ -175,7 +182,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	start := time.Now()
 	for _, s := range scen {
-		if *only != "" && !slices.Contains(strings.Split(*only, ","), s.name) {
+		if !selected[s.name] {
 			continue
 		}
 		for i := range *runs {
@@ -211,6 +218,29 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	printTable(stdout, results, *runs, sz, time.Since(start))
 	return nil
+}
+
+// scenarioNames are the scenarios, in the order they run.
+var scenarioNames = []string{"s1", "s1r", "s2", "s3", "s4", "s5", "s6"}
+
+// parseOnly reads -only: the scenarios to run, comma-separated; empty: all.
+// A name it does not know is an error: the run would leave that scenario
+// out of the table without a word (or print an empty table), and exit 0.
+func parseOnly(list string) (map[string]bool, error) {
+	out := map[string]bool{}
+	if list == "" {
+		for _, n := range scenarioNames {
+			out[n] = true
+		}
+		return out, nil
+	}
+	for _, n := range strings.Split(list, ",") {
+		if !slices.Contains(scenarioNames, n) {
+			return nil, fmt.Errorf("-only: %q is not one of %s", n, strings.Join(scenarioNames, ","))
+		}
+		out[n] = true
+	}
+	return out, nil
 }
 
 func isFlagSet(fs *flag.FlagSet, name string) bool {
