@@ -444,13 +444,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	for _, k := range mnames {
 		fmt.Fprintf(stdout, "  %s: before %.0f, settled %.0f, 3 s later %.0f\n", k, mBefore[k], mAfter[k], mLater[k])
 	}
-	if werr != nil {
-		return werr
-	}
 	for _, c := range clients {
 		if c.ws != nil {
 			c.ws.Close()
 		}
+	}
+	if werr != nil {
+		return werr
+	}
+	// Every client having as many messages as were sent is not every
+	// message delivered once, in order: a duplicate makes up for a loss.
+	if lost+dup+disorder > 0 {
+		return fmt.Errorf("lost %d, duplicated %d, out of order at %d clients", lost, dup, disorder)
 	}
 	return nil
 }
