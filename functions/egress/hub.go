@@ -53,6 +53,18 @@ type chanState struct {
 	// one at or below it means the stream went back: Redis lost its
 	// last writes with the connection up (onMessage).
 	notified stream.ID
+	// caught (receive loop only) tells that a read of the stream (the
+	// first position, a catch-up) took last past notified, and that no
+	// notification came since. The next one, if at or below last, is as
+	// a rule a late notification of an entry the read delivered, but
+	// may be a new entry of a stream that went back to an older copy of
+	// its data, its lost writes known here only from the read (their
+	// notifications lost with a Pub/Sub connection): its id is then
+	// above notified and its predecessor an entry delivered, and only
+	// the stream's position tells (onMessage). The notifications after
+	// it arrive in the order of their appends: a routine late one
+	// follows the one before it up to last, a new one is not above it.
+	caught bool
 	// floor, when not zero, is the last id delivered before the stream
 	// started again at 0-0 (restarted), until the next delivery: the
 	// subscribers hold it as their position. Guarded by mu.
@@ -366,6 +378,7 @@ func (h *hub) onConfirmed(ctx context.Context, notify string) {
 // waiting for it. Receive loop only.
 func (h *hub) confirm(cs *chanState, last stream.ID) {
 	cs.last = last
+	cs.caught = cs.notified.Less(last)
 	cs.confirmed = true
 	close(cs.ready)
 }
@@ -380,6 +393,7 @@ func (h *hub) confirm(cs *chanState, last stream.ID) {
 func (h *hub) catchUp(ctx context.Context, cs *chanState, upto stream.ID) bool {
 	err := h.readUpTo(ctx, cs, upto, &h.pacing)
 	h.pacing.spent.OK() // its waits are over (a stall's are not budgeted)
+	cs.caught = cs.notified.Less(cs.last)
 	if err != nil {
 		h.stall(ctx, cs, "catch up from stream", err)
 		return false
@@ -763,6 +777,7 @@ func (h *hub) onRecovered(ctx context.Context, r recovery) {
 		return
 	}
 	cs.stalled = false
+	cs.caught = cs.notified.Less(cs.last) // the stalled read moved last
 	if !cs.confirmed {
 		h.confirm(cs, r.position)
 	}
@@ -800,8 +815,9 @@ func (h *hub) restarted(cs *chanState, from stream.ID) {
 
 // checkStartedBelow is told of an entry whose predecessor is from, with
 // an id below the last one delivered, that is the first entry of a chain
-// (from is 0-0) or follows a notification with a greater id. As a rule
-// it is a late notification of an entry a catch-up delivered (the
+// (from is 0-0), follows a notification with a greater id, or is the
+// first notification after a read that went past them (caught). As a
+// rule it is a late notification of an entry a catch-up delivered (the
 // second kind only when notifications came over two connections, as
 // across a resharding): the stream's position (LastID) is then at or past
 // cs.last, and nothing is done. Reading the stream from cs.last instead
@@ -826,7 +842,10 @@ func (h *hub) restarted(cs *chanState, from stream.ID) {
 // last writes, then promoted: REPLICAOF keeps clients connected) while
 // its clock was behind the ids lost: the stream goes on from an older
 // entry (from), below the ids delivered; it is read from there, the
-// entries after from being the new ones. A read of the position that
+// entries after from being the new ones. The first new notification is
+// above the one before it when the lost writes reached the hub only
+// through a catch-up (their notifications lost with a Pub/Sub
+// connection): caught tells that case. A read of the position that
 // fails stalls the channel, whose retries read the stream from cs.last
 // (a chain broken there is a gap). Receive loop only.
 func (h *hub) checkStartedBelow(ctx context.Context, cs *chanState, from stream.ID) {
@@ -954,14 +973,17 @@ func (h *hub) onMessage(ctx context.Context, notify, payload string) {
 	if !cs.confirmed {
 		return
 	}
+	caught := cs.caught
+	cs.caught = false
 	if !cs.last.Less(n.ID) {
 		// Already delivered by a catch-up; unless it is the first entry
 		// of a chain (predecessor 0-0) that started again below the ids
-		// delivered, or comes after a notification with a greater id
+		// delivered, or comes after a notification with a greater id or
+		// is the first after a read that went past the notifications
 		// (the stream went back to an older chain: Redis resynced from
 		// a replica that lacked the last writes, with the connection
 		// up), which only the stream's position tells.
-		if back || n.Prev.IsZero() && n.ID != cs.last {
+		if back || caught || n.Prev.IsZero() && n.ID != cs.last {
 			h.checkStartedBelow(ctx, cs, n.Prev)
 		}
 		return

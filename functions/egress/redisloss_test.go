@@ -515,22 +515,29 @@ func TestGoClientAcrossFlushAllWithClockBehind(t *testing.T) {
 // lost ids; the client must get them or be told it missed them, and
 // targeted messages reach it again.
 func TestGoClientAcrossRewindWithClockBehind(t *testing.T) {
+	testRewindWithClockBehind(t, false)
+}
+
+// TestGoClientAcrossRewindAfterCatchUp: as
+// TestGoClientAcrossRewindWithClockBehind, but the writes Redis loses
+// reached the egress only through the catch-up of a Pub/Sub reconnect,
+// their notifications lost with the connection. The first notification
+// after the rewind is then above the last one received, not below it,
+// though at or below the ids delivered, and follows an entry the egress
+// delivered: the egress took it for a late notification of an entry the
+// catch-up had delivered, and dropped it and the ones after it, without
+// a word, until Redis's clock passed the lost ids.
+func TestGoClientAcrossRewindAfterCatchUp(t *testing.T) {
+	testRewindWithClockBehind(t, true)
+}
+
+func testRewindWithClockBehind(t *testing.T, caughtUp bool) {
 	a := redistest.Start(t, "--repl-diskless-sync-delay", "0")
 	b := redistest.Start(t, "--repl-diskless-sync-delay", "0")
 	le := startLossEnv(t, a, map[string]string{})
 	ctx := t.Context()
 	bc := redis.NewClient(&redis.Options{Addr: b.Addr()})
 	t.Cleanup(func() { bc.Close() })
-	synced := func(c redis.UniversalClient) {
-		t.Helper()
-		testkit.Eventually(t, 5*time.Second, func() error {
-			info, err := c.Info(ctx, "replication").Result()
-			if err != nil || !strings.Contains(info, "master_link_status:up") {
-				return fmt.Errorf("not synced: %v", err)
-			}
-			return nil
-		})
-	}
 	alice := newGoClient(t, le.wsURL(), "alice", "room", "")
 	le.publish("room", 1)
 	alice.waitData(5*time.Second, strs(1)...)
@@ -539,36 +546,41 @@ func TestGoClientAcrossRewindWithClockBehind(t *testing.T) {
 	}
 	alice.waitTargeted(5*time.Second, strs(100)...)
 	// b copies a as it is now, then goes its own way: the replica that lags.
-	if err := bc.SlaveOf(ctx, "127.0.0.1", fmt.Sprint(a.Port)).Err(); err != nil {
-		t.Fatal(err)
-	}
-	synced(bc)
-	if err := bc.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
-		t.Fatal(err)
-	}
+	takeDataOf(t, bc, a)
 	// a's ids run ahead of b's clock (XSETID stands for it).
 	ahead := fmt.Sprintf("%d-0", time.Now().Add(time.Hour).UnixMilli())
-	for _, k := range []string{le.ks.Stream("room"), le.ks.Inbox(le.e.s.instance)} {
+	inbox := le.ks.Inbox(le.e.s.instance)
+	for _, k := range []string{le.ks.Stream("room"), inbox} {
 		if err := le.pub.Do(ctx, "XSETID", k, ahead).Err(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	le.publish("room", 2)
-	le.publish("room", 3)
-	if n, err := le.sendToUser("alice", 101); err != nil || n != 1 {
-		t.Fatalf("send: %d connections, %v", n, err)
+	if caughtUp {
+		// Their notifications go nowhere, as if lost with the Pub/Sub
+		// connection, which then reconnects and catches up.
+		appendTo(t, le.pub, le.ks, "room", le.ks.Notify("room")+"-lost", 2)
+		appendTo(t, le.pub, le.ks, "room", le.ks.Notify("room")+"-lost", 3)
+		if _, err := stream.NewStore(le.pub).Append(ctx, []stream.Append{{
+			Stream: inbox, Notify: le.ks.InboxNotify(le.e.s.instance) + "-lost",
+			Msg: stream.Message{Route: stream.ToUser("alice"), TS: time.Now().UnixMilli(), Data: []byte("101")},
+		}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := le.pub.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		le.publish("room", 2)
+		le.publish("room", 3)
+		if n, err := le.sendToUser("alice", 101); err != nil || n != 1 {
+			t.Fatalf("send: %d connections, %v", n, err)
+		}
 	}
 	alice.waitData(5*time.Second, strs(1, 2, 3)...)
 	alice.waitTargeted(5*time.Second, strs(100, 101)...)
 	// a takes b's data (a full resync: 2, 3 and 101 are gone) and is
 	// master again, its clients connected all along.
-	if err := le.pub.SlaveOf(ctx, "127.0.0.1", fmt.Sprint(b.Port)).Err(); err != nil {
-		t.Fatal(err)
-	}
-	synced(le.pub)
-	if err := le.pub.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
-		t.Fatal(err)
-	}
+	takeDataOf(t, le.pub, b)
 	le.publish("room", 4)
 	le.publish("room", 5)
 	testkit.Eventually(t, 5*time.Second, func() error {
@@ -597,6 +609,26 @@ func TestGoClientAcrossRewindWithClockBehind(t *testing.T) {
 		return nil
 	})
 	alice.waitTargeted(5*time.Second, append(strs(100, 101), sent...)...)
+}
+
+// takeDataOf makes c's Redis a replica of src until it holds src's data
+// (a full resync), then a master again, its clients connected all along.
+func takeDataOf(t *testing.T, c redis.UniversalClient, src *redistest.Server) {
+	t.Helper()
+	ctx := t.Context()
+	if err := c.SlaveOf(ctx, "127.0.0.1", fmt.Sprint(src.Port)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 5*time.Second, func() error {
+		info, err := c.Info(ctx, "replication").Result()
+		if err != nil || !strings.Contains(info, "master_link_status:up") {
+			return fmt.Errorf("not synced: %v", err)
+		}
+		return nil
+	})
+	if err := c.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestGoClientAcrossLongPartition: the egress cannot reach Redis for
