@@ -119,7 +119,7 @@ func (s *Server) idempotent(c *gin.Context, who *principal, body []byte, write f
 			// the key (its own retry, or another body) claimed it since:
 			// the key is that one's now. This reply stands; a retry of
 			// it is answered by what the key holds.
-			s.log.Warn("idempotency key claimed again before the reply was saved", "route", c.FullPath(), "key", rkey, "claim_ttl", s.pendingTTL())
+			s.log.Warn("idempotency key claimed again before the reply was saved", "route", c.FullPath(), "key", rkey, "claim_ttl", s.pendingTTL().String())
 		}
 	}
 	writeJSON(c, status, resp)

@@ -863,6 +863,12 @@ func TestIdempotencyClaimOutlived(t *testing.T) {
 			if len(l) != 1 || l[0]["level"] != "WARN" || l[0]["key"] != claims[0] {
 				t.Errorf("want one WARN naming the key %s, got %v", claims[0], l)
 			}
+			// A duration as every other line writes one ("15s"), not
+			// slog's JSON default for a time.Duration: a bare count of
+			// nanoseconds.
+			if len(l) == 1 && l[0]["claim_ttl"] != e.srv.pendingTTL().String() {
+				t.Errorf("claim_ttl %v (%T), want %q", l[0]["claim_ttl"], l[0]["claim_ttl"], e.srv.pendingTTL().String())
+			}
 		})
 	}
 }
