@@ -29,6 +29,44 @@ type queued struct {
 	ts       int64     // publish time, unix ms (zero for replies)
 	targeted bool      // a message to a connection or a user: not history, so a dropped one is lost
 	replay   bool      // a resume's replay, whose frame counts against replayBudget
+	// A targeted message to a user is one queued value in the queue of
+	// each of the user's connections here: holders is how many queues
+	// (or writers' batches) hold it, and it is lost (undelivered) only
+	// if none of them wrote it and one dropped it (letGo). Not a count
+	// per queue: a message the user's other connection read went
+	// somewhere, and one dropped by two connections is one message.
+	holders       atomic.Int32
+	sent, dropped atomic.Bool
+}
+
+// letGo records that one holder of targeted message q is done with it:
+// it wrote q (written), dropped it unwritten (dropped: a close, an
+// expired token), or neither (its write failed: the message may or may
+// not have reached the client, and is not counted for that alone). It
+// reports whether q is now lost: the last holder let go of it, none
+// wrote it and one dropped it; the caller counts it undelivered.
+func (q *queued) letGo(written, dropped bool) bool {
+	if written {
+		q.sent.Store(true)
+	}
+	if dropped {
+		q.dropped.Store(true)
+	}
+	// At or below 0: one queued by hand, which no offer held (tests),
+	// is its queue's alone.
+	return q.holders.Add(-1) <= 0 && !q.sent.Load() && q.dropped.Load()
+}
+
+// lostOf lets go, as dropped, of the targeted messages of qs, and
+// returns how many of them that left lost (letGo).
+func lostOf(qs []*queued) int64 {
+	var n int64
+	for _, q := range qs {
+		if q.targeted && q.letGo(false, true) {
+			n++
+		}
+	}
+	return n
 }
 
 // replayBudget bounds the bytes of replayed frames a connection holds
@@ -374,6 +412,18 @@ func (c *conn) writeLoop() {
 		if len(vec) > 0 { // not when only messages were queued, and dropped
 			err = c.write(nc, vec, batch, now)
 		}
+		if err != nil {
+			// Not written, nor dropped: lost only if a holder dropped it.
+			var lost int64
+			for _, q := range batch {
+				if q.targeted && q.letGo(false, false) {
+					lost++
+				}
+			}
+			if lost > 0 {
+				c.s.hub.undelivered.Add(lost)
+			}
+		}
 		clear(vec)
 		if closeMsg != nil {
 			// The socket is done with: c.writing stays true, so no
@@ -432,20 +482,20 @@ func (c *conn) writeLoop() {
 // as closeWith counts those it drops. Only the writer calls it.
 func (c *conn) dropMessages(batch []*queued) (replies []*queued, replayed int) {
 	replies = batch[:0]
-	targeted := 0
+	var lost int64
 	for _, q := range batch {
 		switch {
 		case q.id == (stream.ID{}):
 			replies = append(replies, q)
 		case q.replay:
 			replayed += len(q.frame)
-		case q.targeted:
-			targeted++
+		case q.targeted && q.letGo(false, true):
+			lost++
 		}
 	}
 	clear(batch[len(replies):])
-	if targeted > 0 {
-		c.s.hub.undelivered.Add(int64(targeted))
+	if lost > 0 {
+		c.s.hub.undelivered.Add(lost)
 	}
 	return replies, replayed
 }
@@ -510,6 +560,9 @@ func (c *conn) wrote(batch []*queued, now time.Time) {
 	for i := range batch {
 		if batch[i].id != (stream.ID{}) { // a message, live or replayed
 			c.s.metrics.observeDelivery(now, batch[i].ts)
+			if batch[i].targeted {
+				batch[i].letGo(true, false)
+			}
 		}
 	}
 	c.framesOut.Add(int64(len(batch)))
@@ -700,14 +753,8 @@ func (c *conn) closeWith(code int, reason string, byServer bool) {
 // dropped here are lost (no resume brings them back): counted as
 // undelivered, as those that reach a connection already closing are.
 func (c *conn) dropQueueLocked() {
-	n := 0
-	for _, q := range c.queue {
-		if q.targeted {
-			n++
-		}
-	}
-	if n > 0 {
-		c.s.hub.undelivered.Add(int64(n))
+	if n := lostOf(c.queue); n > 0 {
+		c.s.hub.undelivered.Add(n)
 	}
 	clear(c.queue)
 	c.queue = nil

@@ -1090,9 +1090,12 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 		// lifetime, a drain) is held until its client answers the
 		// close, though its record went as the close began (unlist):
 		// what the ingress routed to it before that and reaches it
-		// meanwhile is not delivered, and counted so.
+		// meanwhile is not delivered, and counted so. Held before it
+		// is offered: its writer may let go of it at once.
+		q.holders.Add(1)
 		queued, backlogged := c.offer(q)
 		if !queued {
+			q.holders.Add(-1)
 			h.undelivered.Add(1)
 		}
 		if backlogged && backlog != nil {
@@ -1105,15 +1108,25 @@ func (h *hub) deliver(cs *chanState, id stream.ID, route stream.Route, frame []b
 			targets = append(targets, c)
 		}
 		h.mu.Unlock()
+		// One message, however many of the user's queues take it: it is
+		// counted undelivered once, when none does, or when each that
+		// did dropped it unwritten (queued.letGo). The loop holds it
+		// too, so that a connection dropping it before the next is
+		// offered it does not count it lost.
+		q.holders.Add(1)
 		delivered := false
 		for _, c := range targets {
+			q.holders.Add(1)
 			queued, backlogged := c.offer(q)
+			if !queued {
+				q.holders.Add(-1)
+			}
 			delivered = delivered || queued
 			if backlogged && backlog != nil {
 				*backlog = append(*backlog, c)
 			}
 		}
-		if !delivered {
+		if q.letGo(false, false) || !delivered {
 			h.undelivered.Add(1)
 		}
 	case stream.RouteDisconnect:

@@ -604,6 +604,95 @@ func TestTargetedDroppedAtCloseCounted(t *testing.T) {
 	}
 }
 
+// TestUserMessageDroppedAtCloseDeliveredElsewhere: a message to a user
+// is one message, whatever number of the user's connections it is queued
+// for. Still queued for one of them when the server closes it (here an
+// operator's disconnect, 4003, to a client that had stopped reading),
+// it is dropped there, but it did not go nowhere: the user's other
+// connection read it. wsrelay_egress_targeted_undelivered_total counts
+// the messages that went nowhere (docs/metrics.md), as the delivery
+// counts a user's message only when none of the user's connections took
+// it (TestTargetedToClosingCounted); with both connections closed before
+// writing it, it counts once.
+func TestUserMessageDroppedAtCloseDeliveredElsewhere(t *testing.T) {
+	t.Parallel()
+	for _, otherReads := range []bool{true, false} {
+		t.Run(fmt.Sprintf("otherReads=%v", otherReads), func(t *testing.T) {
+			t.Parallel()
+			rdb, prefix := redistest.Client(t)
+			ks := keys.Scheme{Prefix: prefix}
+			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
+			<-e.s.hub.inbox.ready
+			// Both of bob's connections read nothing at first; each gets
+			// a message larger than the socket buffers hold, which blocks
+			// its writer once taken, so that what comes next waits queued
+			// (TestTargetedDroppedAtCloseCounted).
+			ws1, c1 := smallBuffers(t, e, url.Values{"user": {"bob"}})
+			ws2, c2 := smallBuffers(t, e, url.Values{"user": {"bob"}})
+			big := []byte(`"` + strings.Repeat("x", 320<<10) + `"`)
+			toInbox(t, rdb, ks, e, big, stream.ToConnection(c1.id), stream.ToConnection(c2.id))
+			testkit.Eventually(t, 10*time.Second, func() error {
+				for _, c := range []*conn{c1, c2} {
+					c.mu.Lock()
+					n := len(c.queue)
+					c.mu.Unlock()
+					if n > 0 || !c.busyWrite() {
+						return fmt.Errorf("a writer is not held in its first message yet")
+					}
+				}
+				return nil
+			})
+			const n = 5
+			routes := make([]stream.Route, n)
+			for i := range routes {
+				routes[i] = stream.ToUser("bob")
+			}
+			toInbox(t, rdb, ks, e, []byte(`1`), routes...)
+			testkit.Eventually(t, 10*time.Second, func() error {
+				for _, c := range []*conn{c1, c2} {
+					c.mu.Lock()
+					k := len(c.queue)
+					c.mu.Unlock()
+					if k != n {
+						return fmt.Errorf("%d of bob's messages queued for %s , want %d", k, c.id, n)
+					}
+				}
+				return nil
+			})
+			disconnect := []stream.Route{stream.Disconnect(c1.id)}
+			if !otherReads {
+				disconnect = append(disconnect, stream.Disconnect(c2.id))
+			}
+			toInbox(t, rdb, ks, e, []byte(`1`), disconnect...)
+			waitClosing(t, e, c1.id)
+			if got, code := readMessages(ws1, 10*time.Second, nil); code != 4003 {
+				t.Fatalf("first connection closed %d after %d messages, want 4003", code, len(got))
+			}
+			want := "0"
+			if otherReads {
+				// The other connection reads: the big message, then bob's n.
+				k := 0
+				if got, _ := readMessages(ws2, 10*time.Second, func(string) bool { k++; return k == n+1 }); len(got) != n+1 {
+					t.Fatalf("the other connection read %d messages, want %d", len(got), n+1)
+				}
+			} else {
+				waitClosing(t, e, c2.id)
+				if got, code := readMessages(ws2, 10*time.Second, nil); code != 4003 {
+					t.Fatalf("second connection closed %d after %d messages, want 4003", code, len(got))
+				}
+				want = fmt.Sprint(n)
+			}
+			m, err := scrape(e.srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != want {
+				t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want %s", v, want)
+			}
+		})
+	}
+}
+
 // goneAndLive starts an egress with two anonymous sockets, of the users
 // "gone" and "live", each past its welcome.
 func goneAndLive(t *testing.T) (rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, gone *websocket.Conn, goneID string, live *websocket.Conn, liveID string) {
