@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +19,8 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+
+	"github.com/wsrelay/wsrelay/shared/testkit"
 )
 
 // TestMakeRun is the README's quick start as a user follows it: `make run`
@@ -267,4 +271,154 @@ func TestRunWithoutRedisServer(t *testing.T) {
 			t.Errorf("port %d is served after run.sh failed", p)
 		}
 	}
+}
+
+// TestRunStopsWhileBuilding: `make run`'s script stopped while it builds
+// the functions (minutes on a fresh clone's cold build cache), by a
+// SIGTERM to the script alone (`kill <pid>`, or to make, which passes it
+// on) or by Ctrl-C (SIGINT to its process group, as a terminal sends it;
+// and from a real terminal, set to `stty tostop`, in which a build that
+// writes to it must go on), exits at once and leaves nothing behind: not
+// the build, not the throwaway Redis, not its temp dir. The build is a
+// stand-in GO that prints a line as go does when it downloads a module,
+// then never ends on its own, with a child of its own as go build has
+// its compilers.
+func TestRunStopsWhileBuilding(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		group bool // the signal to the script's process group, not to it alone
+		tty   bool // in a terminal (script(1)), stopped by typing Ctrl-C
+		sig   syscall.Signal
+	}{
+		{"SIGTERM to the script", false, false, syscall.SIGTERM},
+		{"Ctrl-C", true, false, syscall.SIGINT},
+		{"Ctrl-C in a terminal with tostop", false, true, syscall.SIGINT},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			tmp := filepath.Join(dir, "tmp")
+			if err := os.Mkdir(tmp, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			pidFile := filepath.Join(dir, "build.pids")
+			fakeGo := filepath.Join(dir, "go")
+			// A go build that runs until it is stopped, its child (a
+			// compiler) included; both pids written once it has started.
+			// The child takes SIGINT as go's compilers do (bash would
+			// start it with SIGINT ignored).
+			if err := os.WriteFile(fakeGo, []byte("#!/bin/bash\necho 'go: downloading example.com/m v1.0.0' >&2\n(trap - INT; exec sleep 600) &\necho \"$$ $!\" >>"+pidFile+"\nwait\n"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			ip, ep := quietPort(t), quietPort(t)
+			cmd := exec.Command("bash", filepath.Join(repoRoot(t), "scripts", "run.sh"))
+			var tty io.WriteCloser
+			if tc.tty {
+				if _, err := exec.LookPath("script"); err != nil {
+					t.Skip("script(1) not found (util-linux)")
+				}
+				cmd = exec.Command("script", "-qfec", "stty tostop; exec bash scripts/run.sh", "/dev/null")
+				var err error
+				if tty, err = cmd.StdinPipe(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cmd.Dir = repoRoot(t)
+			for _, kv := range os.Environ() {
+				if !strings.HasPrefix(kv, "REDIS_URL=") && !strings.HasPrefix(kv, "TMPDIR=") {
+					cmd.Env = append(cmd.Env, kv)
+				}
+			}
+			cmd.Env = append(cmd.Env, "GO="+fakeGo, "TMPDIR="+tmp,
+				"INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep))
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			var out testkit.SyncBuffer
+			cmd.Stdout, cmd.Stderr = &out, &out
+			// Exited is the script's exit, not the end of its output,
+			// which a process it left behind would hold open.
+			cmd.WaitDelay = time.Second
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(exited) }()
+			var pids []int // the build's: the stand-in go and its child
+			t.Cleanup(func() {
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+				for _, p := range pids {
+					_ = syscall.Kill(p, syscall.SIGKILL)
+				}
+				select {
+				case <-exited:
+				case <-time.After(15 * time.Second):
+				}
+			})
+			testkit.Eventually(t, time.Minute, func() error {
+				b, _ := os.ReadFile(pidFile)
+				if len(strings.Fields(string(b))) < 2 {
+					return fmt.Errorf("the build has not started; run.sh printed:\n%s", out.String())
+				}
+				return nil
+			})
+			b, _ := os.ReadFile(pidFile)
+			for _, f := range strings.Fields(string(b)) {
+				p, err := strconv.Atoi(f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				pids = append(pids, p)
+			}
+			redisPort := ""
+			if _, after, ok := strings.Cut(out.String(), "throwaway Redis at redis://127.0.0.1:"); ok {
+				redisPort, _, _ = strings.Cut(after, "/")
+			}
+			if redisPort == "" {
+				t.Fatalf("no throwaway Redis before the build; run.sh printed:\n%s", out.String())
+			}
+
+			if tc.tty {
+				if _, err := tty.Write([]byte{3}); err != nil { // Ctrl-C
+					t.Fatal(err)
+				}
+			} else {
+				target := cmd.Process.Pid
+				if tc.group {
+					target = -target
+				}
+				if err := syscall.Kill(target, tc.sig); err != nil {
+					t.Fatal(err)
+				}
+			}
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("run.sh still running 10 s after %v during its build; it printed:\n%s", tc.sig, out.String())
+			}
+			testkit.Eventually(t, 10*time.Second, func() error {
+				for _, p := range pids {
+					if alive(p) {
+						return fmt.Errorf("build process %d still running after run.sh exited", p)
+					}
+				}
+				if c, err := net.DialTimeout("tcp", "127.0.0.1:"+redisPort, time.Second); err == nil {
+					c.Close()
+					return fmt.Errorf("the throwaway Redis on %s still answers", redisPort)
+				}
+				if left, _ := filepath.Glob(filepath.Join(tmp, "wsrelay-run.*")); len(left) > 0 {
+					return fmt.Errorf("temp dir left behind: %v", left)
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// alive reports whether process pid exists and is not a zombie (one
+// reparented to a PID 1 that does not reap is done all the same).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, after, ok := strings.Cut(string(b), ") ")
+	return ok && !strings.HasPrefix(after, "Z")
 }

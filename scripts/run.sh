@@ -4,8 +4,8 @@
 # Without REDIS_URL it starts a throwaway redis-server (installed with apt
 # if missing) on a free port, without persistence, in a temp dir. Ingress
 # listens on $INGRESS_PORT (8080), egress on $EGRESS_PORT (8081). Anonymous
-# access is on: this is for trying it out, not for production. Ctrl-C stops
-# everything this script started.
+# access is on: this is for trying it out, not for production. Ctrl-C or
+# a SIGTERM stops everything this script started, the build included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +15,14 @@ GO=${GO:-go}
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/wsrelay-run.XXXXXX")
 pids=()
+build="" # the build's process group while it runs
 cleanup() {
 	trap - INT TERM EXIT
+	if [[ -n $build ]]; then
+		kill -TERM -- "-$build" 2>/dev/null || true
+		kill -CONT -- "-$build" 2>/dev/null || true # should it have been stopped
+		wait "$build" 2>/dev/null || true # make, once go has stopped writing to $tmp
+	fi
 	for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 	for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 	rm -rf "$tmp"
@@ -117,8 +123,24 @@ else
 fi
 
 echo "== building"
-# The way make build builds them (with each function's build tags).
-make --no-print-directory build BIN="$tmp/bin" GO="$GO" >/dev/null
+# The way make build builds them (with each function's build tags). In
+# the background, waited for, so that a SIGTERM to this script (or to
+# make, which passes it on) is acted on at once: bash runs a trap only
+# when the command in the foreground has ended, and a first build takes
+# minutes on a cold cache. In a process group of its own (set -m), which
+# cleanup ends whole, go's compilers included, on SIGTERM and on Ctrl-C
+# alike (the terminal's SIGINT does not reach that group). That group
+# never touches the terminal, which would stop it (SIGTTIN, and SIGTTOU
+# under `stty tostop`): no stdin, and its errors (and go's "downloading"
+# lines) reach the terminal through a cat of this script's own group.
+exec 3> >(trap '' INT; exec cat >&2)
+set -m
+make --no-print-directory build BIN="$tmp/bin" GO="$GO" </dev/null >/dev/null 2>&3 &
+build=$!
+set +m
+exec 3>&-
+wait "$build"
+build=""
 
 export ALLOW_ANONYMOUS=${ALLOW_ANONYMOUS:-true}
 export LOG_FORMAT=${LOG_FORMAT:-text}
