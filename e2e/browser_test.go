@@ -40,8 +40,9 @@ func newBrowser(t *testing.T) context.Context {
 }
 
 // newBrowserWithPrefs is newBrowser with prefs (JSON, as a profile's
-// Default/Preferences file holds them: a user's settings) in its profile.
-func newBrowserWithPrefs(t *testing.T, prefs string) context.Context {
+// Default/Preferences file holds them: a user's settings) in its profile,
+// and the extra options (flags) given.
+func newBrowserWithPrefs(t *testing.T, prefs string, extra ...chromedp.ExecAllocatorOption) context.Context {
 	t.Helper()
 	profile := t.TempDir()
 	if prefs != "" {
@@ -66,6 +67,7 @@ func newBrowserWithPrefs(t *testing.T, prefs string) context.Context {
 		chromedp.UserDataDir(profile),
 		chromedp.WindowSize(1100, 720),
 	}
+	opts = append(opts, extra...)
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
 	bctx, cancelBrowser := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
 	t.Cleanup(func() { cancelBrowser(); cancelAlloc() })

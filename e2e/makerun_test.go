@@ -422,3 +422,69 @@ func alive(pid int) bool {
 	_, after, ok := strings.Cut(string(b), ") ")
 	return ok && !strings.HasPrefix(after, "Z")
 }
+
+// TestRunOneLinerRemote: `make run` on a remote machine, the README's
+// second way: ALLOWED_ORIGINS and INGRESS_URL exported with the address
+// the browser uses. The browser one-liner it prints, pasted as printed
+// into the console of the demo page opened at that address, subscribes.
+// The browser is elsewhere: its localhost is not the machine make run
+// runs on (Chromium's own localhost resolves to nothing here, and the
+// machine is "wsrelay.test").
+func TestRunOneLinerRemote(t *testing.T) {
+	tab := newBrowserWithPrefs(t, "", chromedp.Flag("host-resolver-rules", "MAP localhost ~NOTFOUND, MAP wsrelay.test 127.0.0.1"))
+	ip, ep := quietPort(t), quietPort(t)
+	cmd := exec.Command("bash", filepath.Join(repoRoot(t), "scripts", "run.sh"))
+	cmd.Dir = repoRoot(t)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "REDIS_URL=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, "INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep),
+		"ALLOWED_ORIGINS=http://wsrelay.test:"+strconv.Itoa(ep), "INGRESS_URL=http://wsrelay.test:"+strconv.Itoa(ip))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var out testkit.SyncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.WaitDelay = time.Second
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
+		select {
+		case <-exited:
+		case <-time.After(30 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+	})
+	var wsLine string
+	testkit.Eventually(t, 3*time.Minute, func() error {
+		select {
+		case <-exited:
+			t.Fatalf("run.sh exited before printing its commands:\n%s", out.String())
+		default:
+		}
+		for _, l := range strings.Split(out.String(), "\n") {
+			if l = strings.TrimSpace(l); strings.HasPrefix(l, "ws = new WebSocket(") {
+				wsLine = l
+				return nil
+			}
+		}
+		return fmt.Errorf("no one-liner printed yet")
+	})
+	runIn(t, tab, "open the demo page", chromedp.Navigate("http://wsrelay.test:"+strconv.Itoa(ep)+"/"))
+	evalIn(t, tab, "the printed one-liner", chromedp.Evaluate[any](wsLine+`; window.got = []; ws.addEventListener("message", (e) => got.push(e.data)); true`))
+	testkit.Eventually(t, 20*time.Second, func() error {
+		for _, r := range evalIn(t, tab, "frames", chromedp.Evaluate[[]string](`got`)) {
+			var f map[string]any
+			if json.Unmarshal([]byte(r), &f) == nil && f["type"] == "subscribed" && f["channel"] == "demo" {
+				return nil
+			}
+		}
+		state := evalIn(t, tab, "socket", chromedp.Evaluate[string](`ws.url + " readyState " + ws.readyState`))
+		return fmt.Errorf("the printed one-liner %q did not subscribe on the demo page at wsrelay.test (%s)", wsLine, state)
+	})
+}

@@ -159,6 +159,9 @@ pids+=($!)
 wait_for "ingress" port_open "$INGRESS_PORT"
 wait_for "egress" port_open "$EGRESS_PORT"
 
+# The one-liner runs in the demo page, so it takes the egress's address
+# from the page: the one the browser uses, which is not localhost for a
+# browser on another machine (ALLOWED_ORIGINS and INGRESS_URL exported).
 cat <<MSG
 
 wsrelay is running (Ctrl-C stops it).
@@ -169,7 +172,7 @@ wsrelay is running (Ctrl-C stops it).
 
 Subscribe from a browser console on the demo page:
 
-  ws = new WebSocket("ws://localhost:$EGRESS_PORT/ws"); ws.onmessage = e => console.log(e.data); ws.onopen = () => ws.send(JSON.stringify({type: "subscribe", channel: "demo"}))
+  ws = new WebSocket("ws://" + location.host + "/ws"); ws.onmessage = e => console.log(e.data); ws.onopen = () => ws.send(JSON.stringify({type: "subscribe", channel: "demo"}))
 
 Publish from a shell:
 
