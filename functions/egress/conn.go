@@ -1492,8 +1492,16 @@ func (c *conn) throttle() bool {
 
 // throttleFragment charges a continuation fragment to
 // MAX_FRAMES_PER_SECOND (frameReader.nextPaced), as throttle does a
-// request.
-func (c *conn) throttleFragment() { c.throttle() }
+// request. While it waits the reader reads nothing, the client's pongs
+// included, which wait behind the message's fragments: the client
+// counts as busy, as while its requests are held (handling), and as read
+// once the wait is over. Without it, the sweep dropped a client whose
+// message the limit held for 2×PING_INTERVAL as "missed pong".
+func (c *conn) throttleFragment() {
+	c.handling.Store(true)
+	c.throttle()
+	c.doneHandling()
+}
 
 // expired reports whether the connection's token has expired: from its
 // exp on, the instant itself included, as the verifier refuses a token

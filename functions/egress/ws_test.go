@@ -380,3 +380,44 @@ func TestFragmentsThrottled(t *testing.T) {
 		t.Fatalf("the fragmented ping was answered in %v, want about 2 s at MAX_FRAMES_PER_SECOND 20", d)
 	}
 }
+
+// TestFragmentsThrottledNotSilent: while MAX_FRAMES_PER_SECOND holds the
+// fragments of a message, the server is not reading, and the client's
+// answers to its pings wait behind the fragments in the socket: the
+// client is not silent, the server is slow, as when it holds a frame's
+// requests (docs/protocol.md, Timeouts). The reader charged the
+// fragments inside the frame reader, where neither lastRead nor
+// handling moved, and the sweep dropped such a client as "missed pong"
+// (1006, no close frame) two PING_INTERVALs into the message.
+func TestFragmentsThrottledNotSilent(t *testing.T) {
+	t.Parallel()
+	e := startSecEgress(t, map[string]string{"ALLOW_ANONYMOUS": "true", "MAX_FRAMES_PER_SECOND": "10", "PING_INTERVAL": "300ms"})
+	c := rawDial(t, e, nil)
+	start := time.Now()
+	// A burst of 10, then 10 a second: 30 more fragments take 3 s, five
+	// times 2×PING_INTERVAL.
+	frames := [][]byte{clientFrame(false, opText, []byte(`{"type":"ping"`))}
+	for range 39 {
+		frames = append(frames, clientFrame(false, opContinuation, nil))
+	}
+	c.send(append(frames, clientFrame(true, opContinuation, []byte(`,"ref":7}`)))...)
+	for {
+		op, p, err := c.next()
+		if err != nil {
+			t.Fatalf("after %v: %v, want the pong to ref 7", time.Since(start), err)
+		}
+		switch {
+		case op == opPing:
+			c.send(clientFrame(true, opPong, p))
+			continue
+		case op == opClose:
+			t.Fatalf("after %v: close %x, want the pong to ref 7", time.Since(start), p)
+		case op != opText || !bytes.Contains(p, []byte(`"pong"`)) || !bytes.Contains(p, []byte(`7`)):
+			t.Fatalf("got op %d %q, want the pong to ref 7", op, p)
+		}
+		if d := time.Since(start); d < 2*time.Second {
+			t.Fatalf("answered in %v: the test's fragments were not held", d)
+		}
+		return
+	}
+}
