@@ -352,6 +352,27 @@ func TestRedisACLUser(t *testing.T) {
 	noPermission(t, admin, in, eg)
 }
 
+// TestRedisACLUserHistoryKeptForever is TestRedisACLUser with
+// HISTORY_TTL=0, which makes the append script take a stream's expiry off
+// (PERSIST) instead of setting it: the ACL line must allow that too.
+// Without +persist every publish that created a stream was written
+// (XADD), then refused inside the script, and answered 500.
+func TestRedisACLUserHistoryKeptForever(t *testing.T) {
+	const password = "acl-pw-forever-8a4c2e6b1d"
+	srv := redistest.Start(t)
+	admin := redis.NewClient(srv.Options())
+	t.Cleanup(func() { admin.Close() })
+	prefix := redistest.Prefix(t)
+	setACLUser(t, admin, aclRules(t, prefix, password))
+	e := pathEnv(prefix)
+	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/0"
+	e["HISTORY_TTL"] = "0"
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	redisPath(t, in, eg, admin, prefix)
+	noPermission(t, admin, in, eg)
+}
+
 // TestRedisACLRuleMissing: the check of TestRedisACLUser sees a rule
 // missing. Without the channel pattern, the egress cannot subscribe nor
 // probe, is not ready, and Redis's ACL LOG says which channel it refused.

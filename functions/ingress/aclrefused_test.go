@@ -306,7 +306,7 @@ func TestRefusedCommandEndsOnlyWhenCarriedOut(t *testing.T) {
 	t.Parallel()
 	// docs/deployment.md's line, but for +role and the rules each case
 	// takes away.
-	const line = "+ping +evalsha +eval +time +get +set +del +exists +pexpire +pttl +xadd +xtrim +xdel +xsetid +xinfo|stream +xrange +xrevrange +zadd +zrem +zrevrangebyscore +zremrangebyscore +multi +exec +wait +spublish"
+	const line = "+ping +evalsha +eval +time +get +set +del +exists +pexpire +pttl +persist +xadd +xtrim +xdel +xsetid +xinfo|stream +xrange +xrevrange +zadd +zrem +zrevrangebyscore +zremrangebyscore +multi +exec +wait +spublish"
 	publish := [3]string{"POST", "/v1/channels/a/messages", `{"data":1}`}
 	history := [3]string{"GET", "/v1/channels/a/messages", ""}
 	for _, tc := range []struct {
