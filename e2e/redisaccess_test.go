@@ -373,6 +373,47 @@ func TestRedisACLUserHistoryKeptForever(t *testing.T) {
 	noPermission(t, admin, in, eg)
 }
 
+// clientNameRule returns the rule docs/deployment.md ("TLS and ACL
+// users") says a REDIS_URL with ?client_name= needs on top of the ACL
+// SETUSER line, as the page gives it.
+func clientNameRule(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "deployment.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("`\\?client_name=[^`]*` also needs\\s+`([^`]+)`").FindSubmatch(b)
+	if m == nil {
+		t.Fatal("docs/deployment.md does not say what a REDIS_URL with ?client_name= needs")
+	}
+	return string(m[1])
+}
+
+// TestRedisACLUserClientName runs both functions with a REDIS_URL that
+// names their connections (?client_name=, a go-redis option the README
+// lets through) as a user with the ACL line of docs/deployment.md and the
+// rule it gives for that option, over every path that uses Redis: go-redis
+// names each connection in its HELLO, which needs no rule, and then again
+// with CLIENT SETNAME, which does. With the line alone, Redis refused
+// every connection of both functions.
+func TestRedisACLUserClientName(t *testing.T) {
+	const password = "acl-pw-name-2f7c9e1b04"
+	srv := redistest.Start(t)
+	admin := redis.NewClient(srv.Options())
+	t.Cleanup(func() { admin.Close() })
+	prefix := redistest.Prefix(t)
+	setACLUser(t, admin, append(aclRules(t, prefix, password), clientNameRule(t)))
+	e := pathEnv(prefix)
+	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/0?client_name=wsrelay-" + prefix
+	in := start(t, "ingress", e)
+	eg := start(t, "egress", e)
+	redisPath(t, in, eg, admin, prefix)
+	noPermission(t, admin, in, eg)
+	if l := admin.ClientList(context.Background()).Val(); !strings.Contains(l, "name=wsrelay-"+prefix+" ") {
+		t.Errorf("no connection named wsrelay-%s:\n%s", prefix, l)
+	}
+}
+
 // TestRedisACLRuleMissing: the check of TestRedisACLUser sees a rule
 // missing. Without the channel pattern, the egress cannot subscribe nor
 // probe, is not ready, and Redis's ACL LOG says which channel it refused.
