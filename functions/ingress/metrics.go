@@ -148,10 +148,14 @@ func (m *metrics) middleware(c *gin.Context) {
 }
 
 // appendStreams appends through the batcher (concurrent publishes share
-// Redis pipelines), timed and counted.
+// Redis pipelines), timed and counted. The entries counted are those
+// Redis wrote, whether or not the others failed: not an append of a
+// retry with the same Idempotency-Key that found its once-key set (an
+// earlier attempt wrote it, and counted it if its reply came back).
 func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]string, error) {
 	start := time.Now()
-	ids, err := s.batcher.Append(ctx, as)
+	ids, appended, err := s.batcher.AppendCount(ctx, as)
+	s.metrics.messages.Add(appended)
 	// A request withdrawn before any pipeline took it (its client went
 	// away: the batcher returns the request's context error, and its
 	// pipelines never do) made no round trip to Redis.
@@ -159,7 +163,6 @@ func (s *Server) appendStreams(ctx context.Context, as []stream.Append) ([]strin
 		s.metrics.appendLatency.UpdateDuration(start)
 	}
 	if err == nil {
-		s.metrics.messages.Add(len(ids))
 		// The appends of a cluster waiting for replicas run outside the
 		// client's hooks (redisHook), which see the other successes.
 		s.redisUp()

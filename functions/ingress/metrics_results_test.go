@@ -5,14 +5,18 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/wsrelay/wsrelay/shared/redistest"
 )
 
 // TestPublishResultsMatchAnswers sends publishes of every kind through a
@@ -180,4 +184,79 @@ func TestAppendLatencyCountsRoundTrips(t *testing.T) {
 			t.Errorf("no %q in\n%s", want, grepLines(m, "wsrelay_ingress_"))
 		}
 	}
+}
+
+// TestMessagesAppendedCountsEachEntryOnce: docs/metrics.md,
+// wsrelay_ingress_messages_appended_total counts stream entries
+// appended. A retry with the same Idempotency-Key that its record does
+// not answer runs again, and its appends find their once-keys set and
+// write nothing: they count nothing either. Before, the retry counted
+// them again, once more than the stream held: after a 202 whose record
+// was not saved, and when a request outlived its claim and its retry
+// ran alongside it. The appends of a batch answered with an error that
+// Redis wrote count as they are written, and its retry counts the
+// others: each entry once.
+func TestMessagesAppendedCountsEachEntryOnce(t *testing.T) {
+	t.Parallel()
+	appended := func(e *testEnv) string {
+		m := e.do("GET", "/metrics", "").Body.String()
+		return strings.TrimSuffix(grepLines(m, "wsrelay_ingress_messages_appended_total "), "\n")
+	}
+	t.Run("record lost", func(t *testing.T) {
+		t.Parallel()
+		e, failing := newEnvRecordsFail(t, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		failing.Store(true)
+		expectStatus(t, e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k"), 202)
+		failing.Store(false)
+		expectStatus(t, e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k"), 202)
+		if n, got := e.xlen("r"), appended(e); n != 1 || got != "wsrelay_ingress_messages_appended_total 1" {
+			t.Errorf("XLEN %d, %q: want 1 entry counted once", n, got)
+		}
+	})
+	t.Run("claim outlived", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		// The first attempt's reply from Redis is held once its append
+		// has run; its claim expires meanwhile and its retry runs.
+		hold := redistest.NewHold(func(cmds []redis.Cmder) bool {
+			return slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == "evalsha" || c.Name() == "eval" })
+		})
+		e.rdb.AddHook(hold)
+		t.Cleanup(hold.Release)
+		first := make(chan *httptest.ResponseRecorder, 1)
+		go func() { first <- e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k") }()
+		select {
+		case <-hold.Hit():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the append never reached Redis")
+		}
+		claims, err := e.rdb.Keys(t.Context(), e.keys.Prefix+":{k:*").Result()
+		if err != nil || len(claims) != 1 {
+			t.Fatalf("claim keys %v, %v: want one", claims, err)
+		}
+		e.rdb.Del(t.Context(), claims[0])
+		expectStatus(t, e.do("POST", "/v1/channels/r/messages", `{"data":1}`, "Idempotency-Key", "k"), 202)
+		hold.Release()
+		expectStatus(t, <-first, 202)
+		if n, got := e.xlen("r"), appended(e); n != 1 || got != "wsrelay_ingress_messages_appended_total 1" {
+			t.Errorf("XLEN %d, %q: want 1 entry counted once", n, got)
+		}
+	})
+	t.Run("batch partly written", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		// b's stream key holds a string: its append fails, a's is written.
+		if err := e.rdb.Set(t.Context(), e.keys.Stream("b"), "x", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		const batch = `{"messages":[{"channel":"a","data":1},{"channel":"b","data":1}]}`
+		if w := e.do("POST", "/v1/messages", batch, "Idempotency-Key", "k"); w.Code == 202 {
+			t.Fatalf("batch with b's key taken: %d %s, want an error", w.Code, w.Body)
+		}
+		e.rdb.Del(t.Context(), e.keys.Stream("b"))
+		expectStatus(t, e.do("POST", "/v1/messages", batch, "Idempotency-Key", "k"), 202)
+		if na, nb, got := e.xlen("a"), e.xlen("b"), appended(e); na != 1 || nb != 1 || got != "wsrelay_ingress_messages_appended_total 2" {
+			t.Errorf("XLEN a %d, b %d, %q: want 2 entries, each counted once", na, nb, got)
+		}
+	})
 }

@@ -2,6 +2,7 @@ package stream
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -34,6 +35,7 @@ type batchReq struct {
 	as   []Append
 	ids  []string
 	errs []error
+	made []bool // those that found their once-key set; nil: none has one
 }
 
 // reqPool recycles requests and their wake channels (two allocations per
@@ -56,21 +58,38 @@ func NewBatcher(store *Store, timeout time.Duration, maxInFlight, maxBatch int) 
 // once a pipeline has taken them, it waits for that pipeline, which the
 // Batcher's timeout bounds.
 func (b *Batcher) Append(ctx context.Context, as []Append) ([]string, error) {
+	ids, _, err := b.AppendCount(ctx, as)
+	return ids, err
+}
+
+// AppendCount is Append that also returns how many of as it appended,
+// on error too: those that Redis wrote (acknowledged by too few replicas,
+// ErrNotReplicated, included), not those that failed or found their
+// once-key set (Append.Once: made before, they wrote nothing). An
+// append whose reply was lost is not counted, though Redis may have run
+// it.
+func (b *Batcher) AppendCount(ctx context.Context, as []Append) (ids []string, appended int, err error) {
 	req := reqPool.Get().(*coalesce.Request[batchReq])
 	req.V.as = as
-	err := b.q.Do(ctx, req)
-	ids, errs := req.V.ids, req.V.errs
+	err = b.q.Do(ctx, req)
+	ids, errs, made := req.V.ids, req.V.errs, req.V.made
 	req.V = batchReq{}
 	reqPool.Put(req)
 	if err != nil {
-		return nil, err
+		return nil, 0, err // withdrawn: nothing was sent
 	}
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
+	for i, e := range errs {
+		if e != nil && err == nil {
+			err = e
+		}
+		if (e == nil || errors.Is(e, ErrNotReplicated)) && (made == nil || !made[i]) {
+			appended++
 		}
 	}
-	return ids, nil
+	if err != nil {
+		return nil, appended, err
+	}
+	return ids, appended, nil
 }
 
 // take returns how many of the oldest pending requests the next pipeline
@@ -105,11 +124,15 @@ func (b *Batcher) send(batch []*coalesce.Request[batchReq]) {
 		off += len(r.V.as)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
-	ids, errs := b.store.appendLoading(ctx, all, load)
+	ids, errs, made := b.store.appendLoading(ctx, all, load)
 	cancel()
 	off = 0
 	for _, r := range batch {
-		r.V.ids, r.V.errs = ids[off:off+len(r.V.as)], errs[off:off+len(r.V.as)]
-		off += len(r.V.as)
+		end := off + len(r.V.as)
+		r.V.ids, r.V.errs = ids[off:end], errs[off:end]
+		if made != nil {
+			r.V.made = made[off:end]
+		}
+		off = end
 	}
 }

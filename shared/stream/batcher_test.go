@@ -447,3 +447,56 @@ func TestBatcherZeroBounds(t *testing.T) {
 		t.Fatalf("Append through a Batcher with zero bounds = %v, %v", ids, err)
 	}
 }
+
+// TestAppendCount: AppendCount counts the appends it wrote, not those
+// that found their once-key set (written before: an Idempotency-Key
+// retry whose first attempt's reply was not kept), and on error those
+// Redis wrote all the same: one acknowledged by too few replicas
+// (ErrNotReplicated), or one beside an append that failed. Every entry
+// is so counted once (wsrelay_ingress_messages_appended_total).
+func TestAppendCount(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := t.Context()
+	b := NewBatcher(e.store, 2*time.Second, 2, 64)
+	once := func(ch string, n int) Append {
+		a := e.appendOf(ch, "1", Limits{TTLMS: 60000})
+		a.Once, a.OnceTTLMS = e.keys.Once(a.Stream, "d", n), 60000
+		return a
+	}
+	ids, n, err := b.AppendCount(ctx, []Append{once("a", 0), e.appendOf("a", "2", Limits{})})
+	if err != nil || n != 2 {
+		t.Fatalf("two appends = %v, %d, %v; want 2 appended", ids, n, err)
+	}
+	// Again: the first finds its once-key (the same id), the second,
+	// without one, writes again.
+	again, n, err := b.AppendCount(ctx, []Append{once("a", 0), e.appendOf("a", "2", Limits{})})
+	if err != nil || n != 1 || again[0] != ids[0] || again[1] == ids[1] {
+		t.Fatalf("the same again = %v, %d, %v; want %s found and 1 appended", again, n, err, ids[0])
+	}
+	if l := e.rdb.XLen(ctx, e.keys.Stream("a")).Val(); l != 3 {
+		t.Fatalf("XLEN = %d, want 3", l)
+	}
+	// b's stream key holds a string: its append fails, c's is written
+	// and counted; the retry counts b only.
+	if err := e.rdb.Set(ctx, e.keys.Stream("b"), "x", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, n, err = b.AppendCount(ctx, []Append{once("c", 0), once("b", 0)}); err == nil || n != 1 {
+		t.Fatalf("an append beside one that fails = %d, %v; want an error, 1 appended", n, err)
+	}
+	e.rdb.Del(ctx, e.keys.Stream("b"))
+	if _, n, err = b.AppendCount(ctx, []Append{once("c", 0), once("b", 0)}); err != nil || n != 1 {
+		t.Fatalf("its retry = %d, %v; want 1 appended", n, err)
+	}
+	// Acknowledged by too few replicas: written, and counted; its retry
+	// finds it.
+	w := NewStore(e.rdb)
+	w.WaitForReplicas(1, 50*time.Millisecond)
+	wb := NewBatcher(w, 2*time.Second, 2, 64)
+	for i, want := range []int{1, 0} {
+		if _, n, err := wb.AppendCount(ctx, []Append{once("d", 0)}); n != want || err != nil && !errors.Is(err, ErrNotReplicated) {
+			t.Fatalf("append %d waiting for a replica = %d, %v; want %d appended", i, n, err, want)
+		}
+	}
+}

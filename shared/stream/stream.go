@@ -34,8 +34,11 @@ import (
 // appendSrc: KEYS[1] stream, KEYS[2] notify channel, KEYS[3] the
 // stream's last-id key (keys.Last), optional KEYS[4] once-key (all in one
 // slot). ARGV: head, tail, route, ts, maxlen, maxage ms, ttl ms, once-key
-// ttl ms. With a once-key, an append already made under that key returns
-// its id and writes nothing.
+// ttl ms. Returns the new entry's id; with a once-key, an append already
+// made under that key writes nothing and returns its id in an array of
+// one ({id}), so that the caller can tell an entry it appended from one
+// found made (wsrelay_ingress_messages_appended_total counts the former
+// only) at no cost to the appends that write: their reply stays the id.
 //
 // The notify channel is passed as a key although it never is one: proxy
 // clusters that check scripts (Alibaba Cloud's) refuse a command on a
@@ -58,7 +61,7 @@ if KEYS[4] then
     -- the first append too (Redis 7.2+ advances a connection's WAIT
     -- offset only for commands that propagate).
     redis.call('PEXPIRE', KEYS[4], ARGV[8])
-    return done
+    return {done}
   end
 end
 local prev = redis.call('GET', KEYS[3])
@@ -215,8 +218,9 @@ type Append struct {
 	// Once, when set, is a key (same hash tag as Stream) that makes the
 	// append happen at most once: the script records the id there for
 	// OnceTTLMS and a later append with the same Once returns that id
-	// without writing. Idempotency-Key retries rely on it, so that a retry
-	// after a lost reply cannot write twice.
+	// without writing (and Batcher.AppendCount does not count it).
+	// Idempotency-Key retries rely on it, so that a retry after a lost
+	// reply cannot write twice.
 	Once      string
 	OnceTTLMS int64
 }
@@ -263,7 +267,8 @@ func (s *Store) Append(ctx context.Context, as []Append) ([]string, error) {
 // appendEach is Append with one result per append: in a pipeline, one
 // append failing does not fail the others. as are one caller's appends.
 func (s *Store) appendEach(ctx context.Context, as []Append) ([]string, []error) {
-	return s.appendLoading(ctx, as, loadFirstOfRepeated(nil, as, 0, len(as)))
+	ids, errs, _ := s.appendLoading(ctx, as, loadFirstOfRepeated(nil, as, 0, len(as)))
+	return ids, errs
 }
 
 // loadFirstOfRepeated marks in load (allocated, len(as), when nil) the
@@ -297,14 +302,18 @@ func loadFirstOfRepeated(load []bool, as []Append, lo, hi int) []bool {
 }
 
 // appendLoading is appendEach for appends of several callers, sending as
-// EVAL the appends load marks (nil: none).
-func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]string, []error) {
+// EVAL the appends load marks (nil: none). Its third result marks the
+// appends that found their once-key set (made before: they wrote
+// nothing); nil when none of as has a once-key. (Results not named: the
+// goroutines below, capturing them, would move them to the heap.)
+func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]string, []error, []bool) {
 	ids := make([]string, len(as))
 	errs := make([]error, len(as))
+	made := madeFor(as)
 	cc, ok := s.rdb.(*redis.ClusterClient)
 	if !ok {
-		s.appendOn(ctx, s.rdb, as, load, allIndexes(len(as)), ids, errs)
-		return ids, errs
+		s.appendOn(ctx, s.rdb, as, load, allIndexes(len(as)), ids, errs, made)
+		return ids, errs, made
 	}
 	// On a cluster, each master's appends run in their own pipeline on
 	// that master, all at once: a master that is down (before its
@@ -335,7 +344,7 @@ func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]
 	// own indexes.
 	var wg sync.WaitGroup
 	for node, idx := range groups {
-		wg.Go(func() { s.appendOn(nctx, node, as, load, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, node, as, load, idx, ids, errs, made) })
 	}
 	wg.Wait()
 	// These appends ran on node clients, outside the cluster client's
@@ -383,7 +392,7 @@ func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]
 		failed[as[i].Stream] = true
 	}
 	if len(moved) == 0 {
-		return ids, errs
+		return ids, errs, made
 	}
 	var mu sync.Mutex
 	found := make(map[string][]*redis.Client)
@@ -405,10 +414,24 @@ func (s *Store) appendLoading(ctx context.Context, as []Append, load []bool) ([]
 		for _, i := range idx {
 			errs[i] = nil
 		}
-		wg.Go(func() { s.appendOn(nctx, nodes[0], as, load, idx, ids, errs) })
+		wg.Go(func() { s.appendOn(nctx, nodes[0], as, load, idx, ids, errs, made) })
 	}
 	wg.Wait()
-	return ids, errs
+	return ids, errs, made
+}
+
+// madeFor returns the slice in which appendLoading marks those of as
+// found made before, allocated only for appends with once-keys
+// (Idempotency-Key publishes): without one, an append always writes.
+// (A function, so that made is assigned once: the goroutines that
+// capture it then copy it instead of moving it to the heap.)
+func madeFor(as []Append) []bool {
+	for i := range as {
+		if as[i].Once != "" {
+			return make([]bool, len(as))
+		}
+	}
+	return nil
 }
 
 type onNodeKey struct{}
@@ -462,9 +485,10 @@ type pipeliner interface {
 }
 
 // appendOn runs the appends as[idx] in one pipeline on c (followed by WAIT
-// when the Store waits for replicas), filling ids and errs at idx. The
-// appends load marks are sent with the script's source.
-func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []bool, idx []int, ids []string, errs []error) {
+// when the Store waits for replicas), filling ids and errs at idx, and
+// made (nil when no append has a once-key) for those that found their
+// once-key set. The appends load marks are sent with the script's source.
+func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []bool, idx []int, ids []string, errs []error, made []bool) {
 	cmds := make(map[int]*redis.Cmd, len(idx))
 	run := func(idx []int, all bool) *redis.Cmd {
 		var wait *redis.Cmd
@@ -511,10 +535,13 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []b
 			errs[i] = fmt.Errorf("append to %s: %w", as[i].Stream, c.Err())
 			continue
 		}
-		id, ok := c.Val().(string)
+		id, before, ok := appendReply(c.Val())
 		if !ok {
 			errs[i] = fmt.Errorf("append to %s: unexpected reply %T", as[i].Stream, c.Val())
 			continue
+		}
+		if before && made != nil { // nil: no once-key, never made before
+			made[i] = true
 		}
 		if !replicated {
 			if waitErr != nil {
@@ -526,6 +553,22 @@ func (s *Store) appendOn(ctx context.Context, c pipeliner, as []Append, load []b
 		}
 		ids[i] = id
 	}
+}
+
+// appendReply reads the append script's reply v: the id of the entry it
+// appended, or that of the one made before under its once-key ({id}),
+// which before reports.
+func appendReply(v any) (id string, before, ok bool) {
+	switch v := v.(type) {
+	case string:
+		return v, false, true
+	case []any:
+		if len(v) == 1 {
+			id, ok = v[0].(string)
+			return id, true, ok
+		}
+	}
+	return "", false, false
 }
 
 // Entry is one stream entry read back.
