@@ -159,6 +159,37 @@ func TestHalfPingBeforeClose(t *testing.T) {
 	}
 }
 
+// TestIdlePingAfterWriteDeadline: the sweep's ping to an idle socket is
+// its own non-blocking write, with no writer goroutine (docs/design.md,
+// Liveness), also once the write deadline the writer armed for its last
+// write has passed, as with the defaults (WRITE_TIMEOUT 10s,
+// PING_INTERVAL 25s) it always has by the next ping. The write went
+// through RawConn.Write, which fails without writing once the deadline
+// has passed: every ping to an idle socket started a writer.
+func TestIdlePingAfterWriteDeadline(t *testing.T) {
+	t.Parallel()
+	const timeout = 100 * time.Millisecond
+	server, client := tcpPair(t)
+	c := &conn{s: &Server{cfg: Config{SendQueue: 16, WriteTimeout: timeout}}, nc: server, done: make(chan struct{})}
+	c.fr.init(server, 1<<16)
+	frame := wsFrame(opText, []byte(`{"type":"welcome"}`))
+	c.enqueue(&queued{frame: frame})
+	c.writers.Wait()
+	armed := c.writeDeadline
+	time.Sleep(2 * timeout) // idle: the deadline passes
+	c.ping()
+	c.writers.Wait()
+	if c.writeDeadline != armed {
+		t.Fatal("the ping to an idle socket started the writer, which armed a deadline: the sweep's own write wrote nothing")
+	}
+	want := append(slices.Clone(frame), pingFrame...)
+	got := make([]byte, len(want))
+	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, got); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the client read %x, %v; want the frame then a ping, %x", got, err, want)
+	}
+}
+
 // TestReplayToSteadyReader: a client reading a long replay steadily, a
 // little slower than the socket could go, and sending a pong every 50 ms
 // (a heartbeat RFC 6455 §5.5.3 allows), is not dropped as silent: the

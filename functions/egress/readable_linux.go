@@ -47,18 +47,23 @@ func (r *frameReader) readFD(fd uintptr) bool {
 
 // writeNow writes what of b fits in the socket's send buffer now, without
 // waiting, and returns how many bytes that was (0 on any error: the writer
-// goroutine then meets the error itself).
+// goroutine then meets the error itself). The caller holds the writer's
+// place (ping), so no other write runs. Through Control, not
+// RawConn.Write: that one fails at once, without writing, once the write
+// deadline the writer armed for its last write has passed, which on an
+// idle socket it always has by the next ping (WRITE_TIMEOUT 10s,
+// PING_INTERVAL 25s), and every ping started a writer goroutine. The
+// socket is non-blocking, so the write never waits, deadline or not.
 func (r *frameReader) writeNow(b []byte) int {
 	if r.raw == nil {
 		return 0
 	}
 	n := 0
-	_ = r.raw.Write(func(fd uintptr) bool {
+	_ = r.raw.Control(func(fd uintptr) {
 		w, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
 		if errno == 0 {
 			n = int(w)
 		}
-		return true // never wait
 	})
 	return n
 }
