@@ -439,9 +439,16 @@ func (c *conn) writeLoop() {
 			// The socket is dead, or a frame on it is cut off mid-way:
 			// nothing more may go out on it, not even a close frame still
 			// owed (a server close begun before this write), which the
-			// peer would read as the cut frame's payload.
+			// peer would read as the cut frame's payload. What is
+			// queued never goes either, and is dropped here: a close
+			// the client's frames caused (keepsQueue) left it for this
+			// writer, and no close drops it now (closeWith has run),
+			// so its targeted messages were neither counted nor let
+			// go of, and a message to the user that the user's other
+			// connections dropped went uncounted (letGo).
 			c.mu.Lock()
 			c.closeMsg, c.closeSent = nil, true
+			c.dropQueueLocked()
 			c.mu.Unlock()
 			// A write that timed out is the server dropping a peer that
 			// stopped reading; any other failure is the peer having ended

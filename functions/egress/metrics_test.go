@@ -693,6 +693,81 @@ func TestUserMessageDroppedAtCloseDeliveredElsewhere(t *testing.T) {
 	}
 }
 
+// TestUserMessageLeftInDeadWritersQueueCounted: a connection the server
+// closes for the client's own frame (here a text frame that is not
+// UTF-8, 1007) keeps its queue for its writer (keepsQueue); a client
+// that reads nothing has that writer time out (WRITE_TIMEOUT), and the
+// connection ends with the queue never written. Messages to the user
+// queued there went nowhere if the user's other connection dropped them
+// too (an operator's disconnect): each counts once, as when both
+// connections drop them at their close. The dead writer's queue held on
+// to them, and they were not counted at all.
+func TestUserMessageLeftInDeadWritersQueueCounted(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := redistest.Client(t)
+	ks := keys.Scheme{Prefix: prefix}
+	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "1s"})
+	<-e.s.hub.inbox.ready
+	ws1, c1 := smallBuffers(t, e, url.Values{"user": {"bob"}})
+	ws2, c2 := smallBuffers(t, e, url.Values{"user": {"bob"}})
+	big := []byte(`"` + strings.Repeat("x", 320<<10) + `"`)
+	toInbox(t, rdb, ks, e, big, stream.ToConnection(c1.id), stream.ToConnection(c2.id))
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, c := range []*conn{c1, c2} {
+			c.mu.Lock()
+			n := len(c.queue)
+			c.mu.Unlock()
+			if n > 0 || !c.busyWrite() {
+				return fmt.Errorf("a writer is not held in its first message yet")
+			}
+		}
+		return nil
+	})
+	const n = 5
+	routes := make([]stream.Route, n)
+	for i := range routes {
+		routes[i] = stream.ToUser("bob")
+	}
+	toInbox(t, rdb, ks, e, []byte(`1`), routes...)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, c := range []*conn{c1, c2} {
+			c.mu.Lock()
+			k := len(c.queue)
+			c.mu.Unlock()
+			if k != n {
+				return fmt.Errorf("%d of bob's messages queued for %s , want %d", k, c.id, n)
+			}
+		}
+		return nil
+	})
+	// The second client sends a frame that closes it 1007, and reads
+	// nothing: its writer times out with bob's messages still queued.
+	if err := ws2.WriteMessage(websocket.TextMessage, []byte{0xff, 0xfe}); err != nil {
+		t.Fatal(err)
+	}
+	waitClosing(t, e, c2.id)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, c := range e.s.hub.snapshotConns() {
+			if c == c2 {
+				return fmt.Errorf("the second connection has not ended")
+			}
+		}
+		return nil
+	})
+	toInbox(t, rdb, ks, e, []byte(`1`), stream.Disconnect(c1.id))
+	waitClosing(t, e, c1.id)
+	if got, code := readMessages(ws1, 10*time.Second, nil); code != 4003 {
+		t.Fatalf("first connection closed %d after %d messages, want 4003", code, len(got))
+	}
+	m, err := scrape(e.srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := metricValue(t, m, "wsrelay_egress_targeted_undelivered_total"); v != fmt.Sprint(n) {
+		t.Fatalf("wsrelay_egress_targeted_undelivered_total %s, want %d", v, n)
+	}
+}
+
 // goneAndLive starts an egress with two anonymous sockets, of the users
 // "gone" and "live", each past its welcome.
 func goneAndLive(t *testing.T) (rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, gone *websocket.Conn, goneID string, live *websocket.Conn, liveID string) {
