@@ -87,7 +87,7 @@ func (b *Batcher) send(batch []*coalesce.Request[putReq]) {
 	defer cancel()
 	cmds, err := b.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, req := range batch {
-			if werr := b.r.write(ctx, p, req.V.rec, req.V.score, nil); werr != nil {
+			if werr := b.r.write(ctx, p, req.V.rec, req.V.score, nil, true); werr != nil {
 				req.V.err = fmt.Errorf("registry put: %w", werr) // nothing of it queued
 			}
 			ends[i] = p.Len()
@@ -108,6 +108,9 @@ func (b *Batcher) send(batch []*coalesce.Request[putReq]) {
 		if req := &batch[i].V; req.err == nil {
 			own := cmds[start:end]
 			for j, c := range own {
+				if c.Name() == pruneCmd {
+					continue // best effort (pruneCmd)
+				}
 				if cerr := c.Err(); cerr != nil && !answeredBeforeDeadline(own[j:], cerr) {
 					req.err = fmt.Errorf("registry put: %w", cerr)
 					break

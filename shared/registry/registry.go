@@ -6,8 +6,9 @@
 // scored by the unix-ms time its registration expires. The owning egress
 // instance refreshes all of them every TTL/3; when an instance dies, its
 // records expire within TTL and its set members are skipped from then on
-// and removed by a reader once their score is a TTL past (each set also
-// carries a TTL, so a set nobody refreshes disappears whole).
+// and removed, once their score is a TTL past, by a reader or by the next
+// connection to join the set (each set also carries a TTL, so a set
+// nobody refreshes disappears whole).
 //
 // Whether a member is live is its record key's to say: Redis expires it,
 // by Redis's clock. The scores are written by the egress's clock and read
@@ -87,15 +88,43 @@ func (r *Registry) writeRecord(ctx context.Context, p redis.Pipeliner, rec *Reco
 }
 
 // addMember queues rec's membership of the sorted set at key, scored by
-// when it expires, and the set's own TTL.
-func (r *Registry) addMember(ctx context.Context, p redis.Pipeliner, key string, rec *Record, score float64) {
+// when it expires, and the set's own TTL; with prune, then the removal
+// of the set's members a TTL past their expiry (pruneCmd).
+func (r *Registry) addMember(ctx context.Context, p redis.Pipeliner, key string, rec *Record, score float64, prune bool) {
 	p.ZAdd(ctx, key, redis.Z{Score: score, Member: rec.ID})
 	p.PExpire(ctx, key, r.ttl)
+	if prune {
+		p.ZRemRangeByScore(ctx, key, "-inf", r.cutoff())
+	}
+}
+
+// pruneCmd names the command that removes dead members from a set as a
+// connection joins it. A set that a live connection keeps refreshing
+// never expires, and the members of connections that ended without their
+// ZREM (their instance killed, SIGKILL or a platform reclaiming it; a
+// ZREM that failed) were removed only by a reader of the set, which a
+// channel or user nobody lists or sends to never has: on a platform
+// whose instances come and go by the thousand a day (SCF), a busy
+// channel's set grew by each of them, for good. Removing them as a
+// member joins bounds a set by its connections of the last two TTLs
+// (dead members only come in by joins, and each join removes those a
+// TTL past their expiry), at one command per join, not per refresh.
+// Best effort, as a reader's: a handshake's Put (Batcher) does not fail
+// by its error alone, and it is on the key of the ZADD before it, whose
+// node and fate it shares.
+const pruneCmd = "zremrangebyscore"
+
+// cutoff is the score at or below which a member is a TTL past its
+// expiry: dead, whatever the clocks of its writer and this process
+// (within the grace the package comment gives), and removed.
+func (r *Registry) cutoff() string {
+	return strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
 }
 
 // write queues rec's record and memberships, each key for which keep
-// (when not nil) is true.
-func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64, keep func(key string) bool) error {
+// (when not nil) is true; with prune (a connection's first write), each
+// set's dead members are removed too (pruneCmd).
+func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, score float64, keep func(key string) bool, prune bool) error {
 	if keep == nil || keep(r.keys.Conn(rec.ID)) {
 		if err := r.writeRecord(ctx, p, rec); err != nil {
 			return err
@@ -103,20 +132,23 @@ func (r *Registry) write(ctx context.Context, p redis.Pipeliner, rec *Record, sc
 	}
 	if rec.User != "" {
 		if key := r.keys.UserConns(rec.User); keep == nil || keep(key) {
-			r.addMember(ctx, p, key, rec, score)
+			r.addMember(ctx, p, key, rec, score, prune)
 		}
 	}
 	for _, ch := range rec.Channels {
 		if key := r.keys.ChannelConns(ch); keep == nil || keep(key) {
-			r.addMember(ctx, p, key, rec, score)
+			r.addMember(ctx, p, key, rec, score, prune)
 		}
 	}
 	return nil
 }
 
-// Put writes rec (creating or replacing it) and its set memberships.
+// Put writes rec (creating or replacing it) and its set memberships, and
+// removes the dead members of those sets (pruneCmd).
 func (r *Registry) Put(ctx context.Context, rec *Record) error {
-	return r.Refresh(ctx, []*Record{rec})
+	f := r.Refresher()
+	f.prune = true
+	return f.Write(ctx, []*Record{rec})
 }
 
 // Refresh rewrites every record in recs with a fresh TTL, in pipelined
@@ -141,6 +173,8 @@ type Refresher struct {
 	// down holds the masters (by address) that failed a write of this
 	// refresh.
 	down map[string]error
+	// prune: the write is a Put's (pruneCmd).
+	prune bool
 }
 
 // Refresher starts a refresh.
@@ -206,7 +240,7 @@ func (f *Refresher) batch(ctx context.Context, recs []*Record, score float64) er
 	}
 	cmds, err := f.r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, rec := range recs {
-			if err := f.r.write(ctx, p, rec, score, keep); err != nil {
+			if err := f.r.write(ctx, p, rec, score, keep, f.prune); err != nil {
 				return err
 			}
 		}
@@ -248,7 +282,7 @@ func (r *Registry) JoinChannel(ctx context.Context, rec *Record, channel string)
 		if err := r.writeRecord(ctx, p, rec); err != nil {
 			return err
 		}
-		r.addMember(ctx, p, r.keys.ChannelConns(channel), rec, r.expiry())
+		r.addMember(ctx, p, r.keys.ChannelConns(channel), rec, r.expiry(), true)
 		return nil
 	})
 	if err != nil {
@@ -369,7 +403,7 @@ const (
 // written yet"; removing it would hide a live connection from targeted
 // sends until its next refresh.
 func (r *Registry) members(ctx context.Context, key string, limit int64, keep func(*Record) bool) ([]*Record, error) {
-	cutoff := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
+	cutoff := r.cutoff()
 	out := []*Record{}
 	// Each read is of the set's first upto members as it is then, not
 	// of the ones after an offset into it as it was at the read before:
