@@ -1166,8 +1166,22 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 	// scan of the early channels, after it set the subscriber, finds
 	// the channel, or this finds the subscriber.
 	sub := h.liveSub()
+	subscribing := fresh && sub != nil
+	if subscribing {
+		// The subscribe below holds the channel until it is made, so
+		// that the sweep cannot drop it first. Made after the channel
+		// was confirmed by another subscribe (sweepIdle's, for a
+		// channel acquired while it dropped the one before), then left
+		// and dropped, it subscribed the channel again in Redis with no
+		// state here: the sweep never unsubscribed it, and the next
+		// subscribe of the channel waited for a confirmation that never
+		// came (the subscriber held the channel as wanted and sent
+		// nothing), answered unavailable until the Pub/Sub connection
+		// was replaced.
+		cs.refs++
+	}
 	h.mu.Unlock()
-	if fresh && sub != nil {
+	if subscribing {
 		// Not waited for: the subscriber places channels one at a time,
 		// and on a Redis that does not answer each placement waits a
 		// dial timeout, so that a subscribe could wait far longer than
@@ -1176,6 +1190,7 @@ func (h *hub) acquire(ctx context.Context, channel string) (*chanState, error) {
 		// closed subscriber (the hub has stopped) is no Redis failure:
 		// the wait below ends unavailable.
 		go func() {
+			defer h.release(cs)
 			err := sub.Subscribe(context.WithoutCancel(ctx), notify)
 			if err != nil && !errors.Is(err, errClosedSubscriber) {
 				h.redisErrors.Add(1)
