@@ -623,42 +623,8 @@ func TestUserMessageDroppedAtCloseDeliveredElsewhere(t *testing.T) {
 			ks := keys.Scheme{Prefix: prefix}
 			e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true"})
 			<-e.s.hub.inbox.ready
-			// Both of bob's connections read nothing at first; each gets
-			// a message larger than the socket buffers hold, which blocks
-			// its writer once taken, so that what comes next waits queued
-			// (TestTargetedDroppedAtCloseCounted).
-			ws1, c1 := smallBuffers(t, e, url.Values{"user": {"bob"}})
-			ws2, c2 := smallBuffers(t, e, url.Values{"user": {"bob"}})
-			big := []byte(`"` + strings.Repeat("x", 320<<10) + `"`)
-			toInbox(t, rdb, ks, e, big, stream.ToConnection(c1.id), stream.ToConnection(c2.id))
-			testkit.Eventually(t, 10*time.Second, func() error {
-				for _, c := range []*conn{c1, c2} {
-					c.mu.Lock()
-					n := len(c.queue)
-					c.mu.Unlock()
-					if n > 0 || !c.busyWrite() {
-						return fmt.Errorf("a writer is not held in its first message yet")
-					}
-				}
-				return nil
-			})
 			const n = 5
-			routes := make([]stream.Route, n)
-			for i := range routes {
-				routes[i] = stream.ToUser("bob")
-			}
-			toInbox(t, rdb, ks, e, []byte(`1`), routes...)
-			testkit.Eventually(t, 10*time.Second, func() error {
-				for _, c := range []*conn{c1, c2} {
-					c.mu.Lock()
-					k := len(c.queue)
-					c.mu.Unlock()
-					if k != n {
-						return fmt.Errorf("%d of bob's messages queued for %s , want %d", k, c.id, n)
-					}
-				}
-				return nil
-			})
+			ws1, c1, ws2, c2 := bobHeld(t, rdb, ks, e, n)
 			disconnect := []stream.Route{stream.Disconnect(c1.id)}
 			if !otherReads {
 				disconnect = append(disconnect, stream.Disconnect(c2.id))
@@ -708,38 +674,8 @@ func TestUserMessageLeftInDeadWritersQueueCounted(t *testing.T) {
 	ks := keys.Scheme{Prefix: prefix}
 	e := startEgressOn(t, rdb, prefix, map[string]string{"ALLOW_ANONYMOUS": "true", "WRITE_TIMEOUT": "1s"})
 	<-e.s.hub.inbox.ready
-	ws1, c1 := smallBuffers(t, e, url.Values{"user": {"bob"}})
-	ws2, c2 := smallBuffers(t, e, url.Values{"user": {"bob"}})
-	big := []byte(`"` + strings.Repeat("x", 320<<10) + `"`)
-	toInbox(t, rdb, ks, e, big, stream.ToConnection(c1.id), stream.ToConnection(c2.id))
-	testkit.Eventually(t, 10*time.Second, func() error {
-		for _, c := range []*conn{c1, c2} {
-			c.mu.Lock()
-			n := len(c.queue)
-			c.mu.Unlock()
-			if n > 0 || !c.busyWrite() {
-				return fmt.Errorf("a writer is not held in its first message yet")
-			}
-		}
-		return nil
-	})
 	const n = 5
-	routes := make([]stream.Route, n)
-	for i := range routes {
-		routes[i] = stream.ToUser("bob")
-	}
-	toInbox(t, rdb, ks, e, []byte(`1`), routes...)
-	testkit.Eventually(t, 10*time.Second, func() error {
-		for _, c := range []*conn{c1, c2} {
-			c.mu.Lock()
-			k := len(c.queue)
-			c.mu.Unlock()
-			if k != n {
-				return fmt.Errorf("%d of bob's messages queued for %s , want %d", k, c.id, n)
-			}
-		}
-		return nil
-	})
+	ws1, c1, ws2, c2 := bobHeld(t, rdb, ks, e, n)
 	// The second client sends a frame that closes it 1007, and reads
 	// nothing: its writer times out with bob's messages still queued.
 	if err := ws2.WriteMessage(websocket.TextMessage, []byte{0xff, 0xfe}); err != nil {
@@ -987,4 +923,44 @@ func TestReadLagCountsCatchUps(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// bobHeld opens two connections of user bob that read nothing: each gets
+// a message larger than the socket buffers hold, which blocks its writer
+// once taken (TestTargetedDroppedAtCloseCounted), and then n messages to
+// bob, which wait queued for both.
+func bobHeld(t *testing.T, rdb redis.UniversalClient, ks keys.Scheme, e *secEgress, n int) (ws1 *websocket.Conn, c1 *conn, ws2 *websocket.Conn, c2 *conn) {
+	t.Helper()
+	ws1, c1 = smallBuffers(t, e, url.Values{"user": {"bob"}})
+	ws2, c2 = smallBuffers(t, e, url.Values{"user": {"bob"}})
+	big := []byte(`"` + strings.Repeat("x", 320<<10) + `"`)
+	toInbox(t, rdb, ks, e, big, stream.ToConnection(c1.id), stream.ToConnection(c2.id))
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, c := range []*conn{c1, c2} {
+			c.mu.Lock()
+			k := len(c.queue)
+			c.mu.Unlock()
+			if k > 0 || !c.busyWrite() {
+				return fmt.Errorf("a writer is not held in its first message yet")
+			}
+		}
+		return nil
+	})
+	routes := make([]stream.Route, n)
+	for i := range routes {
+		routes[i] = stream.ToUser("bob")
+	}
+	toInbox(t, rdb, ks, e, []byte(`1`), routes...)
+	testkit.Eventually(t, 10*time.Second, func() error {
+		for _, c := range []*conn{c1, c2} {
+			c.mu.Lock()
+			k := len(c.queue)
+			c.mu.Unlock()
+			if k != n {
+				return fmt.Errorf("%d of bob's messages queued for %s, want %d", k, c.id, n)
+			}
+		}
+		return nil
+	})
+	return ws1, c1, ws2, c2
 }
