@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -358,33 +359,44 @@ func TestRedisACLUser(t *testing.T) {
 // Without +persist every publish that created a stream was written
 // (XADD), then refused inside the script, and answered 500.
 func TestRedisACLUserHistoryKeptForever(t *testing.T) {
-	const password = "acl-pw-forever-8a4c2e6b1d"
+	aclUserPath(t, nil, "", map[string]string{"HISTORY_TTL": "0"})
+}
+
+// aclUserPath runs both functions, with env's settings, as a user with
+// the ACL line of docs/deployment.md and rules, on database 0 of a Redis
+// of its own (query appended to REDIS_URL), over every path that uses
+// Redis, and fails on anything Redis refused them. It returns the admin
+// client and the key prefix.
+func aclUserPath(t *testing.T, rules []string, query string, env map[string]string) (redis.UniversalClient, string) {
+	t.Helper()
+	const password = "acl-pw-path-8a4c2e6b1d"
 	srv := redistest.Start(t)
 	admin := redis.NewClient(srv.Options())
 	t.Cleanup(func() { admin.Close() })
 	prefix := redistest.Prefix(t)
-	setACLUser(t, admin, aclRules(t, prefix, password))
+	setACLUser(t, admin, append(aclRules(t, prefix, password), rules...))
 	e := pathEnv(prefix)
-	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/0"
-	e["HISTORY_TTL"] = "0"
+	maps.Copy(e, env)
+	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/0" + query
 	in := start(t, "ingress", e)
 	eg := start(t, "egress", e)
 	redisPath(t, in, eg, admin, prefix)
 	noPermission(t, admin, in, eg)
+	return admin, prefix
 }
 
-// clientNameRule returns the rule docs/deployment.md ("TLS and ACL
-// users") says a REDIS_URL with ?client_name= needs on top of the ACL
-// SETUSER line, as the page gives it.
-func clientNameRule(t *testing.T) string {
+// docRule returns the rule docs/deployment.md ("TLS and ACL users") says
+// a case (what) needs on top of the ACL SETUSER line, as the page gives
+// it: re's first group.
+func docRule(t *testing.T, re, what string) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "deployment.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile("`\\?client_name=[^`]*` also needs\\s+`([^`]+)`").FindSubmatch(b)
+	m := regexp.MustCompile(re).FindSubmatch(b)
 	if m == nil {
-		t.Fatal("docs/deployment.md does not say what a REDIS_URL with ?client_name= needs")
+		t.Fatalf("docs/deployment.md does not say what %s needs", what)
 	}
 	return string(m[1])
 }
@@ -397,20 +409,11 @@ func clientNameRule(t *testing.T) string {
 // with CLIENT SETNAME, which does. With the line alone, Redis refused
 // every connection of both functions.
 func TestRedisACLUserClientName(t *testing.T) {
-	const password = "acl-pw-name-2f7c9e1b04"
-	srv := redistest.Start(t)
-	admin := redis.NewClient(srv.Options())
-	t.Cleanup(func() { admin.Close() })
-	prefix := redistest.Prefix(t)
-	setACLUser(t, admin, append(aclRules(t, prefix, password), clientNameRule(t)))
-	e := pathEnv(prefix)
-	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/0?client_name=wsrelay-" + prefix
-	in := start(t, "ingress", e)
-	eg := start(t, "egress", e)
-	redisPath(t, in, eg, admin, prefix)
-	noPermission(t, admin, in, eg)
-	if l := admin.ClientList(context.Background()).Val(); !strings.Contains(l, "name=wsrelay-"+prefix+" ") {
-		t.Errorf("no connection named wsrelay-%s:\n%s", prefix, l)
+	rule := docRule(t, "`\\?client_name=[^`]*` also needs\\s+`([^`]+)`", "a REDIS_URL with ?client_name=")
+	name := "wsrelay-" + redistest.Prefix(t)
+	admin, _ := aclUserPath(t, []string{rule}, "?client_name="+name, nil)
+	if l := admin.ClientList(context.Background()).Val(); !strings.Contains(l, "name="+name+" ") {
+		t.Errorf("no connection named %s:\n%s", name, l)
 	}
 }
 
@@ -440,22 +443,6 @@ func TestRedisACLRuleMissing(t *testing.T) {
 	t.Logf("refused, as it should be: %s", strings.Join(permissionErrors(admin, eg), "; "))
 }
 
-// selectRule returns the rule docs/deployment.md ("TLS and ACL users")
-// says a REDIS_URL with a database other than 0 needs on top of the ACL
-// SETUSER line, as the page gives it.
-func selectRule(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "deployment.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile("database other than 0 also needs\\s+`([^`]+)`").FindSubmatch(b)
-	if m == nil {
-		t.Fatal("docs/deployment.md does not say what a database other than 0 needs")
-	}
-	return string(m[1])
-}
-
 // TestRedisACLUserOtherDB runs both functions on database 3 of a Redis
 // (REDIS_URL's /3) as a user with the ACL line of docs/deployment.md and
 // the rule it gives for a database other than 0, over every path that
@@ -471,7 +458,7 @@ func TestRedisACLUserOtherDB(t *testing.T) {
 	admin3 := redis.NewClient(o)
 	t.Cleanup(func() { admin3.Close() })
 	prefix := redistest.Prefix(t)
-	setACLUser(t, admin, append(aclRules(t, prefix, password), selectRule(t)))
+	setACLUser(t, admin, append(aclRules(t, prefix, password), docRule(t, "database other than 0 also needs\\s+`([^`]+)`", "a database other than 0")))
 	e := pathEnv(prefix)
 	e["REDIS_URL"] = "redis://wsrelay:" + password + "@" + srv.Addr() + "/3"
 	in := start(t, "ingress", e)
