@@ -33,7 +33,7 @@ type queued struct {
 	// each of the user's connections here: holders is how many queues
 	// (or writers' batches) hold it, and it is lost (undelivered) only
 	// if none of them wrote it and one dropped it (letGo). Not a count
-	// per queue: a message the user's other connection read went
+	// per queue: a message the user's other connection wrote went
 	// somewhere, and one dropped by two connections is one message.
 	holders       atomic.Int32
 	sent, dropped atomic.Bool
