@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,12 +40,7 @@ func TestMakeRun(t *testing.T) {
 	ip, ep := quietPort(t), quietPort(t)
 	cmd := exec.Command("make", "--no-print-directory", "run")
 	cmd.Dir = root
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "REDIS_URL=") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, "INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep))
+	cmd.Env = append(environWithout("REDIS_URL"), "INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -323,12 +319,7 @@ func TestRunStopsWhileBuilding(t *testing.T) {
 				}
 			}
 			cmd.Dir = repoRoot(t)
-			for _, kv := range os.Environ() {
-				if !strings.HasPrefix(kv, "REDIS_URL=") && !strings.HasPrefix(kv, "TMPDIR=") {
-					cmd.Env = append(cmd.Env, kv)
-				}
-			}
-			cmd.Env = append(cmd.Env, "GO="+fakeGo, "TMPDIR="+tmp,
+			cmd.Env = append(environWithout("REDIS_URL", "TMPDIR"), "GO="+fakeGo, "TMPDIR="+tmp,
 				"INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep))
 			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 			var out testkit.SyncBuffer
@@ -435,12 +426,7 @@ func TestRunOneLinerRemote(t *testing.T) {
 	ip, ep := quietPort(t), quietPort(t)
 	cmd := exec.Command("bash", filepath.Join(repoRoot(t), "scripts", "run.sh"))
 	cmd.Dir = repoRoot(t)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "REDIS_URL=") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, "INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep),
+	cmd.Env = append(environWithout("REDIS_URL"), "INGRESS_PORT="+strconv.Itoa(ip), "EGRESS_PORT="+strconv.Itoa(ep),
 		"ALLOWED_ORIGINS=http://wsrelay.test:"+strconv.Itoa(ep), "INGRESS_URL=http://wsrelay.test:"+strconv.Itoa(ip))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	var out testkit.SyncBuffer
@@ -487,4 +473,17 @@ func TestRunOneLinerRemote(t *testing.T) {
 		state := evalIn(t, tab, "socket", chromedp.Evaluate[string](`ws.url + " readyState " + ws.readyState`))
 		return fmt.Errorf("the printed one-liner %q did not subscribe on the demo page at wsrelay.test (%s)", wsLine, state)
 	})
+}
+
+// environWithout is this process's environment less the variables names
+// (make run's own settings, which the test sets itself or leaves unset).
+func environWithout(names ...string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if !slices.Contains(names, name) {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
